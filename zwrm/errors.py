@@ -1,0 +1,95 @@
+"""
+The errors zwrm reports to its clients.
+
+Every error a WAMP client can see is an ``autobahn.wamp.exception.ApplicationError``
+whose URI is under ``zwrm.error.`` and whose first argument is one readable sentence.
+Raise these from procedures; the router sends them to the caller as WAMP ERROR messages,
+and the CLI prints the message (never a traceback) and exits non-zero.
+
+Add a new class here only for a new *kind* of failure a client can act on.
+"""
+
+from autobahn.wamp.exception import ApplicationError
+
+
+class ZwrmError(ApplicationError):
+    """
+    Base class of every error zwrm reports.
+
+    @ivar uri: the WAMP error URI, ``zwrm.error.<kind>``.
+    """
+
+    uri = "zwrm.error.internal"
+
+    def __init__(self, message, **details):
+        ApplicationError.__init__(self, self.uri, message, **details)
+
+    @property
+    def message(self):
+        return self.args[0] if self.args else ""
+
+    def __str__(self):
+        return f"{self.uri}: {self.message}"
+
+
+class NotFound(ZwrmError):
+    """A named object (host, app, machine, volume, image, drain) does not exist."""
+
+    uri = "zwrm.error.not_found"
+
+
+class InvalidArgument(ZwrmError):
+    """An argument is missing, of the wrong type or out of range."""
+
+    uri = "zwrm.error.invalid_argument"
+
+
+class Conflict(ZwrmError):
+    """The request contradicts the current state (e.g. draining a drained host)."""
+
+    uri = "zwrm.error.conflict"
+
+
+class Unplaceable(ZwrmError):
+    """The scheduler found no host; details say how many hosts each filter removed."""
+
+    uri = "zwrm.error.unplaceable"
+
+
+class NotAuthorized(ZwrmError):
+    """The caller's role may not do this."""
+
+    uri = "zwrm.error.not_authorized"
+
+
+class AuthenticationFailed(ZwrmError):
+    """A token, secret or signature was not accepted."""
+
+    uri = "zwrm.error.authentication_failed"
+
+
+class Unavailable(ZwrmError):
+    """A host or service that is needed is not reachable right now; retry later."""
+
+    uri = "zwrm.error.unavailable"
+
+
+class ResourceExhausted(ZwrmError):
+    """A disk is full, a cache or a limit is exhausted."""
+
+    uri = "zwrm.error.resource_exhausted"
+
+
+class Corrupt(ZwrmError):
+    """Data failed verification (a digest, a checksum, a malformed stream)."""
+
+    uri = "zwrm.error.corrupt"
+
+
+class Internal(ZwrmError):
+    """A bug: logged with its traceback on the server, reported without it."""
+
+    uri = "zwrm.error.internal"
+
+
+ALL = {cls.uri: cls for cls in ZwrmError.__subclasses__()}
