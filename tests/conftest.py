@@ -10,26 +10,33 @@ import os
 import pytest
 
 STRICT_MARKERS = ("qemu", "multihost")
+_strict = set()
+_skipped = []
 
 
 def pytest_collection_modifyitems(config, items):
-    config._zwrm_strict_items = {
+    _strict.update(
         item.nodeid for item in items if any(item.get_closest_marker(m) for m in STRICT_MARKERS)
-    }
+    )
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    skipped = terminalreporter.stats.get("skipped", [])
-    strict = getattr(config, "_zwrm_strict_items", set())
-    bad = [r for r in skipped if r.nodeid in strict]
-    terminalreporter.write_line(f"zwrm: {len(skipped)} skipped, {len(bad)} of them in qemu/multihost suites")
-    if bad and os.environ.get("CI"):
-        for r in bad:
-            terminalreporter.write_line(f"  not allowed under CI: {r.nodeid}")
-        config._zwrm_strict_failed = True
+def pytest_runtest_logreport(report):
+    if report.skipped:
+        _skipped.append(report.nodeid)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session, exitstatus):
-    if getattr(session.config, "_zwrm_strict_failed", False) and exitstatus == 0:
+    bad = [n for n in _skipped if n in _strict]
+    if bad and os.environ.get("CI") and exitstatus == 0:
         session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    bad = [n for n in _skipped if n in _strict]
+    terminalreporter.write_line(
+        f"zwrm: {len(_skipped)} skipped, {len(bad)} of them in the qemu/multihost suites"
+    )
+    if bad and os.environ.get("CI"):
+        for n in bad:
+            terminalreporter.write_line(f"  skipped, not allowed under CI: {n}")
