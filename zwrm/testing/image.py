@@ -1,0 +1,341 @@
+"""
+The bootable test image: a Debian kernel plus a busybox-static initramfs.
+
+The integration tests and the local-cluster demo boot this image. It is built from what the
+host has installed (``linux-image-amd64`` and ``busybox-static``) into a cache directory,
+keyed by the kernel version and a hash of this file, so it is built once and reused.
+
+What the guest does (its ``/init``):
+
+ 1. mounts ``/proc``, ``/sys`` and ``devtmpfs``, and sends its output to the serial console;
+ 2. ``insmod``s the virtio, virtio-blk, virtio-net, ext4, ACPI button and evdev modules copied
+    from ``/lib/modules/<kver>`` (their order is the one ``modprobe --show-depends`` gives);
+ 3. mounts each volume named on the kernel command line: ``zwrm.vol=vda:/data,vdb:/logs``
+    (ext4; the mount point is created), and appends one line per boot to
+    ``<mount>/boots.log`` (the first volume only), then C{sync}s;
+ 4. configures user-mode networking (10.0.2.15/24 via 10.0.2.2);
+ 5. serves ``busybox httpd -f -p 8080`` from ``/www``:
+
+    - ``GET /`` (``/cgi-bin/index.cgi``): an HTML page that includes the file
+      ``index.txt`` of the first volume (or says there is none) and the boot count;
+    - ``GET /cgi-bin/read?NAME``: the file NAME of the first volume, 404 if absent;
+    - ``POST /cgi-bin/write?NAME`` with a body: writes the body to file NAME of the first
+      volume and C{sync}s before answering ``ok``;
+
+ 6. powers off when the ACPI power button is pressed (QMP ``system_powerdown``), after
+    unmounting the volumes, so a clean stop leaves a clean file system.
+
+The line ``zwrm: ready`` on the console means the HTTP server is running.
+
+Building is blocking file work (a few MB): call L{build} from a thread
+(C{deferToThread}) in reactor code; tests call it before they start anything.
+"""
+
+import gzip
+import hashlib
+import io
+import os
+import platform
+import shutil
+import stat
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+from zwrm.errors import NotFound
+
+#: Modules whose dependencies (in load order) go into the initramfs.
+MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "ext4", "button", "evdev")
+
+#: The kernel command line the image wants; volumes are added as ``zwrm.vol=...``.
+BASE_CMDLINE = "console=ttyS0 quiet panic=-1"
+
+READY_LINE = "zwrm: ready"
+
+INIT = r"""#!/bin/sh
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+exec </dev/console >/dev/console 2>&1
+echo "zwrm: init starting"
+for m in $(cat /etc/modules); do insmod "/lib/modules/$m" 2>/dev/null; done
+FIRST=""
+VOLS=""
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    zwrm.vol=*) VOLS=$(echo "${arg#zwrm.vol=}" | tr ',' ' ');;
+  esac
+done
+for v in $VOLS; do
+  dev="/dev/${v%%:*}"
+  mnt="${v#*:}"
+  n=0
+  while [ ! -b "$dev" ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done
+  mkdir -p "$mnt"
+  if mount -t ext4 "$dev" "$mnt"; then
+    echo "zwrm: mounted $dev at $mnt"
+    echo "$mnt" >> /etc/mounts.zwrm
+    [ -z "$FIRST" ] && FIRST="$mnt"
+  else
+    echo "zwrm: cannot mount $dev at $mnt"
+  fi
+done
+[ -z "$FIRST" ] && FIRST=/tmp/novolume && mkdir -p "$FIRST"
+echo "$FIRST" > /etc/volume
+echo "boot $(cat /proc/uptime)" >> "$FIRST/boots.log"
+sync
+ip link set lo up
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+ip route add default via 10.0.2.2
+powerbutton() {
+  for d in /sys/class/input/event*; do
+    if grep -q "Power Button" "$d/device/name" 2>/dev/null; then
+      head -c 1 "/dev/input/${d##*/}" >/dev/null
+      echo "zwrm: power button pressed, powering off"
+      kill $(pidof httpd) 2>/dev/null
+      sync
+      for m in $(cat /etc/mounts.zwrm 2>/dev/null); do umount "$m"; done
+      poweroff -f
+    fi
+  done
+}
+powerbutton &
+busybox httpd -p 8080 -h /www
+echo "zwrm: ready"
+while true; do sleep 3600; done
+"""
+
+CGI_INDEX = r"""#!/bin/sh
+V=$(cat /etc/volume)
+echo "Content-Type: text/html"
+echo ""
+echo "<html><body><h1>zwrm test image</h1>"
+echo "<p>boots: $(wc -l < "$V/boots.log")</p>"
+if [ -f "$V/index.txt" ]; then
+  echo "<pre>"; cat "$V/index.txt"; echo "</pre>"
+else
+  echo "<p>no index.txt on the volume</p>"
+fi
+echo "</body></html>"
+"""
+
+CGI_READ = r"""#!/bin/sh
+V=$(cat /etc/volume)
+NAME="$QUERY_STRING"
+case "$NAME" in */*|""|.*) echo "Status: 400 Bad Request"; echo ""; echo "bad name"; exit 0;; esac
+if [ -f "$V/$NAME" ]; then
+  echo "Content-Type: application/octet-stream"
+  echo ""
+  cat "$V/$NAME"
+else
+  echo "Status: 404 Not Found"
+  echo ""
+  echo "no such file"
+fi
+"""
+
+CGI_WRITE = r"""#!/bin/sh
+V=$(cat /etc/volume)
+NAME="$QUERY_STRING"
+case "$NAME" in */*|""|.*) echo "Status: 400 Bad Request"; echo ""; echo "bad name"; exit 0;; esac
+head -c "${CONTENT_LENGTH:-0}" > "$V/$NAME.tmp" && mv "$V/$NAME.tmp" "$V/$NAME" && sync
+echo "Content-Type: text/plain"
+echo ""
+echo "ok"
+"""
+
+
+@dataclass(frozen=True)
+class TestImage:
+    """
+    A built test image.
+
+    @ivar kernel: path of the kernel.
+    @ivar initrd: path of the initramfs.
+    @ivar cmdline: the base kernel command line.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    kernel: str
+    initrd: str
+    cmdline: str = BASE_CMDLINE
+
+    def spec(self):
+        """The image part of a machine spec: C{{kernel, initrd, disk, cmdline}}."""
+        return {"kernel": self.kernel, "initrd": self.initrd, "disk": None, "cmdline": self.cmdline}
+
+
+def volume_cmdline(volumes):
+    """
+    The kernel command line argument that tells the image where to mount its volumes.
+
+    @param volumes: C{[(device, mount)]}, e.g. C{[("vda", "/data")]}.
+    """
+    if not volumes:
+        return ""
+    return "zwrm.vol=" + ",".join(f"{dev}:{mnt}" for dev, mnt in volumes)
+
+
+def _kernel_version():
+    mods = "/lib/modules"
+    running = platform.release()
+    if os.path.exists(f"/boot/vmlinuz-{running}") and os.path.isdir(f"{mods}/{running}"):
+        return running
+    if os.path.isdir(mods):
+        for kver in sorted(os.listdir(mods), reverse=True):
+            if os.path.exists(f"/boot/vmlinuz-{kver}"):
+                return kver
+    raise NotFound("no kernel found: install linux-image-amd64 (/boot/vmlinuz-* and /lib/modules)")
+
+
+def _module_paths(kver):
+    """The module files for L{MODULES} with their dependencies, in load order, relative."""
+    base = f"/lib/modules/{kver}/"
+    order = []
+    for name in MODULES:
+        try:
+            out = subprocess.run(
+                ["/sbin/modprobe", "-S", kver, "--show-depends", name],
+                capture_output=True, text=True, check=True, timeout=30,
+            ).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            raise NotFound(f"cannot list the dependencies of kernel module {name}: {e}") from None
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == "insmod" and parts[1].startswith(base):
+                rel = parts[1][len(base):]
+                if rel not in order:
+                    order.append(rel)
+    return order
+
+
+class _Cpio:
+    """A writer of ``newc`` cpio archives, so the initramfs needs neither root nor cpio."""
+
+    def __init__(self):
+        self.buf = io.BytesIO()
+        self.ino = 1
+
+    def _entry(self, name, mode, data=b"", rdev=(0, 0)):
+        name_b = name.encode() + b"\0"
+        hdr = "070701" + "".join(
+            f"{v:08x}"
+            for v in (self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1],
+                      len(name_b), 0)
+        )
+        self.ino += 1
+        self.buf.write(hdr.encode() + name_b)
+        self.buf.write(b"\0" * (-(110 + len(name_b)) % 4))
+        self.buf.write(data)
+        self.buf.write(b"\0" * (-len(data) % 4))
+
+    def dir(self, name):
+        self._entry(name, stat.S_IFDIR | 0o755)
+
+    def file(self, name, data, mode=0o644):
+        self._entry(name, stat.S_IFREG | mode, data)
+
+    def symlink(self, name, target):
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
+    def chardev(self, name, major, minor):
+        self._entry(name, stat.S_IFCHR | 0o600, rdev=(major, minor))
+
+    def finish(self):
+        self._entry("TRAILER!!!", 0)
+        return self.buf.getvalue()
+
+
+def _busybox():
+    for p in ("/bin/busybox", "/usr/bin/busybox"):
+        if os.path.exists(p):
+            return p
+    raise NotFound("busybox not found: install busybox-static")
+
+
+def _initramfs(kver):
+    cp = _Cpio()
+    for d in ("bin", "sbin", "dev", "proc", "sys", "etc", "tmp", "www", "www/cgi-bin", "lib",
+              "lib/modules", "mnt"):
+        cp.dir(d)
+    cp.chardev("dev/console", 5, 1)
+    cp.chardev("dev/null", 1, 3)
+    with open(_busybox(), "rb") as f:
+        cp.file("bin/busybox", f.read(), 0o755)
+    applets = subprocess.run(
+        [_busybox(), "--list"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.split()
+    for a in applets:
+        if a != "busybox":
+            cp.symlink(f"bin/{a}", "busybox")
+    mods = _module_paths(kver)
+    made = set()
+    for rel in mods:
+        parts = rel.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "lib/modules/" + "/".join(parts[:i])
+            if d not in made:
+                cp.dir(d)
+                made.add(d)
+        with open(f"/lib/modules/{kver}/{rel}", "rb") as f:
+            cp.file(f"lib/modules/{rel}", f.read())
+    cp.file("etc/modules", ("\n".join(mods) + "\n").encode())
+    cp.file("init", INIT.encode(), 0o755)
+    cp.file("www/cgi-bin/index.cgi", CGI_INDEX.encode(), 0o755)
+    cp.file("www/cgi-bin/read", CGI_READ.encode(), 0o755)
+    cp.file("www/cgi-bin/write", CGI_WRITE.encode(), 0o755)
+    return cp.finish()
+
+
+def _source_hash():
+    with open(__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def default_cache_dir():
+    """C{$ZWRM_IMAGE_CACHE}, else C{~/.cache/zwrm/test-image}."""
+    return os.environ.get("ZWRM_IMAGE_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "zwrm", "test-image"
+    )
+
+
+def build(cache_dir=None):
+    """
+    Build the test image into C{cache_dir} (or reuse the one built there already).
+
+    Blocking: run it in a thread from reactor code.
+
+    @return: a L{TestImage}.
+    @raise NotFound: if the kernel, its modules or busybox are not installed.
+    """
+    cache_dir = cache_dir or default_cache_dir()
+    kver = _kernel_version()
+    key = f"{kver}-{_source_hash()}"
+    out = os.path.join(cache_dir, key)
+    kernel = os.path.join(out, "vmlinuz")
+    initrd = os.path.join(out, "initrd.gz")
+    if os.path.exists(kernel) and os.path.exists(initrd):
+        return TestImage(kernel, initrd)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".build-", dir=cache_dir)
+    try:
+        shutil.copyfile(f"/boot/vmlinuz-{kver}", os.path.join(tmp, "vmlinuz"))
+        with gzip.open(os.path.join(tmp, "initrd.gz"), "wb", compresslevel=1) as f:
+            f.write(_initramfs(kver))
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            # Another builder got there first; theirs is as good as ours.
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return TestImage(kernel, initrd)
+
+
+if __name__ == "__main__":
+    img = build()
+    print(f"kernel {img.kernel}\ninitrd {img.initrd}\ncmdline {img.cmdline}")
