@@ -1,0 +1,523 @@
+"""
+The QEMU hypervisor driver: one C{qemu-system-x86_64} process per machine, controlled
+through QMP over a UNIX socket.
+
+Each machine has a directory C{<root>/<id>/} holding:
+ - C{spec.json}: the spec it was started with;
+ - C{state.json}: its last known state and reason (so a new agent knows a machine it
+   stopped from one that died);
+ - C{qemu.pid}: written by QEMU (C{-pidfile});
+ - C{qmp.sock}: the QMP socket;
+ - C{console.log}: the serial console (appended to across starts);
+ - C{qemu.log}: QEMU's own stdout and stderr.
+
+QEMU processes are started in their own session (C{setsid}), with no pipes to the agent, so
+they outlive an agent restart; L{QemuDriver.recover} finds them again by their pid file,
+checks the pid still is that QEMU (its command line names the machine directory) and
+reconnects QMP. A machine started by this process is watched through its process (exit code
+or signal at once); a recovered one through its QMP connection, whose end means QEMU ended.
+"""
+
+import errno
+import json
+import os
+import shutil
+import signal
+
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.error import ProcessDone
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from zwrm.drivers import accel as _accel
+from zwrm.drivers import qmp as _qmp
+from zwrm.drivers import spec as _spec
+from zwrm.errors import Conflict, InvalidArgument, NotFound, Unavailable
+from zwrm.interfaces import IHypervisorDriver
+
+log = Logger()
+
+#: The longest path a UNIX socket may have (Linux C{sun_path} less the NUL).
+MAX_SOCKET_PATH = 107
+
+
+def _disk_format(path):
+    try:
+        with open(path, "rb") as f:
+            return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
+    except OSError as e:
+        raise InvalidArgument(f"boot disk {path} cannot be read: {e.strerror}") from None
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie has exited already.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _pid_cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
+
+
+class _Machine:
+    def __init__(self, machine_id, directory):
+        self.id = machine_id
+        self.dir = directory
+        self.spec = None
+        self.state = "stopped"
+        self.reason = ""
+        self.pid = None
+        self.transport = None  # IProcessTransport if we started it
+        self.qmp = None
+        self.stop_requested = False
+        self.guest_shutdown = False
+        self.waiters = []
+        self.watch = None
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+
+class _QemuProcess(ProcessProtocol):
+    def __init__(self, driver, machine):
+        self.driver = driver
+        self.machine = machine
+
+    def processEnded(self, reason):
+        if reason.check(ProcessDone):
+            how = "exited with code 0"
+        elif reason.value.signal is not None:
+            how = f"was killed by signal {reason.value.signal}"
+        else:
+            how = f"exited with code {reason.value.exitCode}"
+        self.driver._ended(self.machine, how, reason.value.exitCode == 0)
+
+
+@implementer(IHypervisorDriver)
+class QemuDriver:
+    """
+    Runs machines as QEMU processes. See L{zwrm.interfaces.IHypervisorDriver}.
+
+    @param reactor: provides process, time and UNIX-socket interfaces.
+    @param root: the directory under which each machine gets its own.
+    @param accel: C{"auto"}, C{"kvm"} or C{"tcg"}.
+    @param qemu_binary: the QEMU program.
+    @param stop_timeout: default seconds between the ACPI power-down and the hard stop.
+    @param probe_timeout: seconds the KVM probe guest may take.
+    """
+
+    name = "qemu"
+
+    def __init__(self, reactor, root, accel="auto", qemu_binary="qemu-system-x86_64",
+                 stop_timeout=30.0, probe_timeout=10.0):
+        if accel not in _accel.ACCELS:
+            raise InvalidArgument(f"accel must be one of {', '.join(_accel.ACCELS)}, not {accel!r}")
+        if len(os.path.join(os.path.abspath(root), "x" * 64, "qmp.sock")) > MAX_SOCKET_PATH:
+            raise InvalidArgument(
+                f"the machine directory {root} is too long for QMP sockets "
+                f"(at most {MAX_SOCKET_PATH - 74} characters)"
+            )
+        self.reactor = reactor
+        self.root = os.path.abspath(root)
+        self.requested_accel = accel
+        self.accel = None
+        self.qemu_binary = shutil.which(qemu_binary) or qemu_binary
+        self.stop_timeout = stop_timeout
+        self.probe_timeout = probe_timeout
+        self.setsid = shutil.which("setsid")
+        self._machines = {}
+        self._listeners = []
+        os.makedirs(self.root, exist_ok=True)
+
+    # --- public -------------------------------------------------------------------------
+
+    def start(self, spec):
+        return ensureDeferred(self._start(spec))
+
+    def stop(self, machine_id, timeout=None):
+        m = self._get(machine_id)
+        if m.state != "running":
+            return succeed(self._status(m))
+        m.stop_requested = True
+        timeout = self.stop_timeout if timeout is None else timeout
+        d = self._wait_end(m)
+        if m.qmp is not None:
+            m.qmp.execute("system_powerdown").addErrback(
+                lambda f: log.info("machine {id}: power-down request failed: {e}", id=m.id,
+                                   e=f.getErrorMessage())
+            )
+        else:
+            self._kill(m)
+        hard = self.reactor.callLater(timeout, self._hard_stop, m)
+        d.addBoth(lambda r: (hard.cancel() if hard.active() else None, r)[1])
+        return d.addCallback(lambda _: self._status(m))
+
+    def destroy(self, machine_id):
+        _spec.check_id(machine_id)
+        m = self._machines.get(machine_id)
+        if m is None:
+            d = os.path.join(self.root, machine_id)
+            shutil.rmtree(d, ignore_errors=True)
+            return succeed(None)
+        d = succeed(None)
+        if m.state == "running":
+            m.stop_requested = True
+            d = self._wait_end(m)
+            self._kill(m)
+
+        def forget(_):
+            self._machines.pop(machine_id, None)
+            shutil.rmtree(m.dir, ignore_errors=True)
+
+        return d.addCallback(forget)
+
+    def status(self, machine_id):
+        return self._status(self._get(machine_id))
+
+    def list(self):
+        return sorted(self._machines)
+
+    def recover(self):
+        return ensureDeferred(self._recover())
+
+    def console(self, machine_id, max_bytes=65536):
+        m = self._get(machine_id)
+        try:
+            with open(m.path("console.log"), "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - max_bytes))
+                data = f.read(max_bytes)
+        except FileNotFoundError:
+            data = b""
+        return succeed(data.decode("utf-8", "replace"))
+
+    def subscribe(self, listener):
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def facts(self):
+        return {"driver": self.name, "accel": self.accel, "accel_requested": self.requested_accel,
+                "qemu": self.qemu_binary}
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _get(self, machine_id):
+        _spec.check_id(machine_id)
+        try:
+            return self._machines[machine_id]
+        except KeyError:
+            raise NotFound(f"no machine {machine_id!r} on this host") from None
+
+    def _status(self, m):
+        return {
+            "id": m.id,
+            "state": m.state,
+            "pid": m.pid if m.state == "running" else None,
+            "reason": m.reason,
+            "console": m.path("console.log"),
+            "forwards": list((m.spec or {}).get("forwards", [])),
+        }
+
+    def _set(self, m, state, reason):
+        m.state, m.reason = state, reason
+        try:
+            with open(m.path("state.json.tmp"), "w") as f:
+                json.dump({"state": state, "reason": reason}, f)
+            os.replace(m.path("state.json.tmp"), m.path("state.json"))
+        except OSError as e:
+            log.warn("machine {id}: cannot record its state: {e}", id=m.id, e=e)
+        status = self._status(m)
+        for listener in list(self._listeners):
+            try:
+                listener(dict(status))
+            except Exception:
+                log.failure("machine listener failed")
+
+    def _wait_end(self, m):
+        d = Deferred()
+        if m.state != "running":
+            d.callback(None)
+        else:
+            m.waiters.append(d)
+        return d
+
+    def _argv(self, m, spec, accel):
+        argv = [
+            self.qemu_binary,
+            "-name", f"zwrm-{m.id}",
+            "-accel", accel,
+            "-smp", str(spec["vcpus"]),
+            "-m", str(spec["memory_mb"]),
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-chardev", f"file,id=ser0,path={m.path('console.log')},append=on",
+            "-serial", "chardev:ser0",
+            "-qmp", f"unix:{m.path('qmp.sock')},server=on,wait=off",
+            "-pidfile", m.path("qemu.pid"),
+        ]
+        if accel == "kvm":
+            argv += ["-cpu", "host"]
+        cmdline = spec["cmdline"]
+        if spec["kernel"]:
+            argv += ["-kernel", spec["kernel"], "-append", cmdline]
+        if spec["initrd"]:
+            argv += ["-initrd", spec["initrd"]]
+        for i, v in enumerate(spec["volumes"]):
+            argv += [
+                "-drive", f"file={v['path']},format=raw,if=none,id=vol{i},cache=writeback",
+                "-device", f"virtio-blk-pci,drive=vol{i},serial={v['id'][:20]}",
+            ]
+        if spec["disk"]:
+            # The boot disk comes from the image cache: never write to it.
+            argv += [
+                "-drive",
+                f"file={spec['disk']},format={_disk_format(spec['disk'])},if=none,id=boot,snapshot=on",
+                "-device", "virtio-blk-pci,drive=boot,bootindex=0",
+            ]
+        fwd = "".join(f",hostfwd=tcp:127.0.0.1:{f['host']}-:{f['guest']}" for f in spec["forwards"])
+        argv += ["-netdev", f"user,id=n0{fwd}", "-device", "virtio-net-pci,netdev=n0"]
+        return argv
+
+    async def _start(self, spec):
+        spec = _spec.validate(spec)
+        for key in ("kernel", "initrd", "disk"):
+            if spec[key] and not os.path.isfile(spec[key]):
+                raise InvalidArgument(f"{key} {spec[key]} does not exist")
+        for v in spec["volumes"]:
+            if not os.path.isfile(v["path"]):
+                raise InvalidArgument(f"volume {v['id']}: {v['path']} does not exist")
+        m = self._machines.get(spec["id"])
+        if m is not None and m.state == "running":
+            raise Conflict(f"machine {spec['id']!r} is running already")
+        if m is None:
+            m = _Machine(spec["id"], os.path.join(self.root, spec["id"]))
+        if self.accel is None:
+            self.accel = await _accel.choose(self.reactor, self.requested_accel,
+                                             self.qemu_binary, self.probe_timeout)
+        os.makedirs(m.dir, exist_ok=True)
+        for name in ("qmp.sock", "qemu.pid"):
+            try:
+                os.unlink(m.path(name))
+            except FileNotFoundError:
+                pass
+        with open(m.path("spec.json"), "w") as f:
+            json.dump(spec, f)
+        argv = self._argv(m, spec, self.accel)
+        m.spec = spec
+        m.stop_requested = m.guest_shutdown = False
+        m.reason = ""
+        self._machines[m.id] = m
+        out = os.open(m.path("qemu.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        exe, args = argv[0], argv
+        if self.setsid:
+            exe, args = self.setsid, [self.setsid] + argv
+        try:
+            m.transport = self.reactor.spawnProcess(
+                _QemuProcess(self, m), exe, args, env=dict(os.environ, LC_ALL="C"),
+                path=m.dir, childFDs={0: null, 1: out, 2: out},
+            )
+        except OSError as e:
+            self._set(m, "failed", f"QEMU could not be started: {e}")
+            raise Unavailable(f"machine {m.id}: QEMU could not be started: {e}") from None
+        finally:
+            os.close(out)
+            os.close(null)
+        m.pid = m.transport.pid
+        m.state = "running"  # without notifying: it is not controllable yet
+        ended = self._wait_end(m)
+        connecting = ensureDeferred(_qmp.connect(
+            self.reactor, m.path("qmp.sock"),
+            on_event=lambda name, data, ts: self._event(m, name, data),
+            on_disconnect=lambda reason: self._qmp_lost(m),
+        ))
+        first = Deferred()
+
+        def settle(what, value):
+            if first.called:
+                if what == "qmp":
+                    value.close()
+            else:
+                first.callback((what, value))
+
+        ended.addCallback(lambda _: settle("ended", None))
+        connecting.addCallbacks(lambda p: settle("qmp", p), lambda f: settle("qmp-failed", f))
+        what, value = await first
+        if what == "ended":
+            connecting.cancel()
+            connecting.addErrback(lambda f: None)
+            raise Unavailable(f"machine {m.id}: QEMU {m.reason}")
+        if what == "qmp-failed":
+            m.stop_requested = False
+            self._kill(m)
+            await self._wait_end(m)
+            raise Unavailable(f"machine {m.id}: QEMU did not answer on QMP: {value.getErrorMessage()}")
+        m.qmp = value
+        if m.state != "running":
+            raise Unavailable(f"machine {m.id}: QEMU {m.reason}")
+        self._set(m, "running", f"started (accel {self.accel})")
+        return self._status(m)
+
+    def _event(self, m, name, data):
+        log.debug("machine {id}: QMP event {name} {data}", id=m.id, name=name, data=data)
+        if name == "SHUTDOWN":
+            if data.get("guest"):
+                m.guest_shutdown = True
+        elif name == "RESET":
+            log.info("machine {id}: the guest reset", id=m.id)
+        elif name == "STOP":
+            log.info("machine {id}: the guest paused", id=m.id)
+
+    def _qmp_lost(self, m):
+        m.qmp = None
+        if m.transport is None and m.state == "running":
+            # A recovered machine: the end of QMP is the end of QEMU. Wait for the pid to go.
+            self._watch_pid(m, 0)
+
+    def _watch_pid(self, m, n):
+        if m.state != "running":
+            return
+        if m.pid is None or not _pid_alive(m.pid):
+            self._ended(m, "ended (exit status unknown: it was started by an earlier agent)",
+                        clean=m.guest_shutdown or m.stop_requested)
+            return
+        delay = 0.05 if n < 40 else 1.0
+        m.watch = self.reactor.callLater(delay, self._watch_pid, m, n + 1)
+
+    def _ended(self, m, how, clean):
+        if m.state != "running":
+            return
+        m.transport = None
+        if m.qmp is not None:
+            m.qmp.close()
+            m.qmp = None
+        if m.guest_shutdown and not m.stop_requested:
+            state, reason = "stopped", "the guest powered off"
+        elif m.stop_requested:
+            state, reason = "stopped", "stopped on request"
+        else:
+            tail = self._qemu_log_tail(m)
+            state, reason = "failed", f"QEMU {how}" + (f": {tail}" if tail else "")
+        for name in ("qmp.sock", "qemu.pid"):
+            try:
+                os.unlink(m.path(name))
+            except OSError:
+                pass
+        self._set(m, state, reason)
+        m.pid = None
+        waiters, m.waiters = m.waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _qemu_log_tail(self, m):
+        try:
+            with open(m.path("qemu.log"), "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 4096))
+                lines = [x.strip() for x in f.read().decode("utf-8", "replace").splitlines()]
+        except OSError:
+            return ""
+        lines = [x for x in lines if x and "warning:" not in x]
+        return lines[-1] if lines else ""
+
+    def _hard_stop(self, m):
+        if m.state == "running":
+            log.info("machine {id}: did not power off in time; stopping it hard", id=m.id)
+            self._kill(m)
+
+    def _kill(self, m):
+        if m.transport is not None:
+            try:
+                m.transport.signalProcess("KILL")
+            except Exception:
+                pass
+        elif m.pid is not None and self._is_ours(m, m.pid):
+            try:
+                os.kill(m.pid, signal.SIGKILL)
+            except OSError as e:
+                if e.errno != errno.ESRCH:
+                    raise
+            self._watch_pid(m, 0)
+        else:
+            self._ended(m, "is gone", clean=True)
+
+    def _is_ours(self, m, pid):
+        args = _pid_cmdline(pid)
+        return any(a == m.path("qemu.pid").encode() for a in args) and any(
+            b"qemu" in a for a in args[:2]
+        )
+
+    async def _recover(self):
+        found = []
+        try:
+            names = sorted(os.listdir(self.root))
+        except FileNotFoundError:
+            return found
+        for name in names:
+            d = os.path.join(self.root, name)
+            if name in self._machines or not os.path.isfile(os.path.join(d, "spec.json")):
+                continue
+            try:
+                _spec.check_id(name)
+            except InvalidArgument:
+                continue
+            m = _Machine(name, d)
+            try:
+                with open(m.path("spec.json")) as f:
+                    m.spec = json.load(f)
+                with open(m.path("state.json")) as f:
+                    last = json.load(f)
+            except (OSError, ValueError):
+                last = {"state": "failed", "reason": "its state was not recorded"}
+            pid = None
+            try:
+                with open(m.path("qemu.pid")) as f:
+                    pid = int(f.read().strip())
+            except (OSError, ValueError):
+                pass
+            self._machines[name] = m
+            if pid is not None and _pid_alive(pid) and self._is_ours(m, pid):
+                m.pid = pid
+                m.state = "running"
+                try:
+                    m.qmp = await _qmp.connect(
+                        self.reactor, m.path("qmp.sock"),
+                        on_event=lambda n, data, ts, m=m: self._event(m, n, data),
+                        on_disconnect=lambda reason, m=m: self._qmp_lost(m),
+                        timeout=5.0,
+                    )
+                except Exception as e:
+                    log.warn("machine {id}: running but QMP does not answer ({e}); killing it",
+                             id=name, e=e)
+                    self._kill(m)
+                    m.reason = "it was running but could not be controlled after an agent restart"
+                    await self._wait_end(m)
+                    self._set(m, "failed", m.reason)
+                else:
+                    self._set(m, "running", "recovered after an agent restart")
+                    if not _pid_alive(pid):
+                        self._watch_pid(m, 0)
+            elif last.get("state") == "running":
+                m.state = "running"
+                self._set(m, "failed", "it ended while the agent was not running")
+            else:
+                m.state, m.reason = last.get("state", "failed"), last.get("reason", "")
+                if m.state not in ("stopped", "failed"):
+                    m.state = "failed"
+            found.append(self._status(m))
+        return found
+

@@ -1,0 +1,81 @@
+"""
+Checking the driver-level machine spec that every L{zwrm.interfaces.IHypervisorDriver} takes.
+
+Drivers call L{validate} first, so every driver rejects the same bad input with the same
+C{zwrm.error.invalid_argument} message.
+"""
+
+import re
+
+from zwrm.errors import InvalidArgument
+
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_id(machine_id, what="machine id"):
+    """@raise InvalidArgument: unless C{machine_id} is a valid id."""
+    if not isinstance(machine_id, str) or not ID_RE.match(machine_id):
+        raise InvalidArgument(
+            f"{what} {machine_id!r} is not valid: use 1-64 letters, digits, '-', '_' or '.', "
+            "starting with a letter or digit"
+        )
+    return machine_id
+
+
+def _int(spec, key, low, high):
+    v = spec.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+        raise InvalidArgument(f"{key} must be an integer from {low} to {high}, not {v!r}")
+    return v
+
+
+def _port(v, what):
+    if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 65535:
+        raise InvalidArgument(f"{what} must be a TCP port (1-65535), not {v!r}")
+    return v
+
+
+def validate(spec):
+    """
+    Check a machine spec and return a normalized copy.
+
+    @raise InvalidArgument: naming the first bad field and why.
+    """
+    if not isinstance(spec, dict):
+        raise InvalidArgument(f"a machine spec must be a dict, not {type(spec).__name__}")
+    out = {"id": check_id(spec.get("id"))}
+    for key in ("kernel", "initrd", "disk"):
+        v = spec.get(key)
+        if v is not None and (not isinstance(v, str) or not v):
+            raise InvalidArgument(f"{key} must be a file path or null, not {v!r}")
+        out[key] = v
+    if not out["kernel"] and not out["disk"]:
+        raise InvalidArgument("a machine needs a kernel or a boot disk; the spec has neither")
+    if out["initrd"] and not out["kernel"]:
+        raise InvalidArgument("an initrd needs a kernel")
+    cmdline = spec.get("cmdline") or ""
+    if not isinstance(cmdline, str) or "\n" in cmdline:
+        raise InvalidArgument(f"cmdline must be one line of text, not {cmdline!r}")
+    out["cmdline"] = cmdline
+    out["vcpus"] = _int(spec, "vcpus", 1, 256)
+    out["memory_mb"] = _int(spec, "memory_mb", 32, 1024 * 1024)
+    vols = spec.get("volumes") or []
+    if not isinstance(vols, list) or len(vols) > 20:
+        raise InvalidArgument("volumes must be a list of at most 20 {id, path}")
+    out["volumes"] = []
+    for v in vols:
+        if not isinstance(v, dict) or not isinstance(v.get("path"), str) or not v["path"]:
+            raise InvalidArgument(f"each volume needs an id and a path, not {v!r}")
+        out["volumes"].append({"id": check_id(v.get("id"), "volume id"), "path": v["path"]})
+    fwds = spec.get("forwards") or []
+    if not isinstance(fwds, list):
+        raise InvalidArgument("forwards must be a list of {guest, host}")
+    out["forwards"] = []
+    for f in fwds:
+        if not isinstance(f, dict):
+            raise InvalidArgument(f"each forward must be {{guest, host}}, not {f!r}")
+        out["forwards"].append(
+            {"guest": _port(f.get("guest"), "forward guest port"),
+             "host": _port(f.get("host"), "forward host port")}
+        )
+    return out
