@@ -1,0 +1,451 @@
+"""
+The registry's on-disk storage: a content-addressed blob store, upload sessions, and the
+per-repository index of blob links, manifests and tags.
+
+Layout under C{root}::
+
+    blobs/<algorithm>/<hex>                 content, named by its digest (blobs and manifests)
+    uploads/<uuid>                          bytes of an upload in progress
+    repositories/<name>/_blobs/<alg>/<hex>  empty file: the repository may serve that blob
+    repositories/<name>/_manifests/<alg>/<hex>
+                                            the manifest's media type: the repository holds it
+    repositories/<name>/_tags/<tag>         the digest the tag points at
+
+Everything that reads or writes bulk bytes (copying an upload chunk, hashing, fsync) runs in
+the reactor's thread pool; the rest is a handful of small metadata syscalls done on the
+reactor thread. Content only becomes visible under C{blobs/} by an atomic C{rename} after it
+was hashed, compared with the digest it claims, and fsynced, so a reader never sees a partial
+or unverified blob.
+
+Upload sessions keep their running hash in memory; a restart of the control plane forgets
+them (their files are removed at start-up) and clients start the upload again.
+"""
+
+import hashlib
+import os
+import re
+import uuid as uuidlib
+
+from twisted.internet import threads
+
+ALGORITHMS = {"sha256": 64, "sha512": 128}
+DIGEST_RE = re.compile(r"^(sha256|sha512):([a-f0-9]+)$")
+NAME_RE = re.compile(
+    r"^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$"
+)
+TAG_RE = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
+COPY_CHUNK = 1024 * 1024
+
+
+class StoreError(Exception):
+    """
+    A request the store refuses; C{code} is the OCI distribution error code.
+
+    @ivar code: e.g. C{"DIGEST_INVALID"}.
+    @ivar message: one readable sentence.
+    @ivar detail: optional JSON-serialisable detail.
+    """
+
+    def __init__(self, code, message, detail=None):
+        Exception.__init__(self, code, message)
+        self.code = code
+        self.message = message
+        self.detail = detail
+
+
+def parse_digest(digest):
+    """
+    Split and check a digest string.
+
+    @return: C{(algorithm, hex)}.
+    @raise StoreError: C{DIGEST_INVALID} for a malformed or unsupported digest.
+    """
+    m = DIGEST_RE.match(digest or "")
+    if m is None or len(m.group(2)) != ALGORITHMS[m.group(1)]:
+        raise StoreError("DIGEST_INVALID", f"not a valid sha256/sha512 digest: {digest!r}")
+    return m.group(1), m.group(2)
+
+
+def check_name(name):
+    """
+    @raise StoreError: C{NAME_INVALID} unless C{name} is a valid repository name.
+    """
+    if not name or len(name) > 255 or NAME_RE.match(name) is None:
+        raise StoreError("NAME_INVALID", f"invalid repository name: {name!r}")
+
+
+def check_tag(tag):
+    """
+    @raise StoreError: C{TAG_INVALID} unless C{tag} is a valid tag.
+    """
+    if TAG_RE.match(tag or "") is None:
+        raise StoreError("TAG_INVALID", f"invalid tag: {tag!r}")
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _hash_file(path, algorithm):
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while block := f.read(COPY_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Upload:
+    """
+    One blob upload in progress.
+
+    @ivar uuid: the session id used in the upload URL.
+    @ivar name: the repository the upload belongs to.
+    @ivar path: where its bytes are collected.
+    @ivar size: how many bytes were received so far.
+    @ivar busy: a chunk is being appended (a second concurrent chunk is refused).
+    """
+
+    def __init__(self, uuid, name, path):
+        self.uuid = uuid
+        self.name = name
+        self.path = path
+        self.size = 0
+        self.busy = False
+        self.hashers = {"sha256": hashlib.sha256()}
+
+
+class RegistryStore:
+    """
+    Blobs, uploads, manifests and tags on disk.
+
+    @param reactor: provides C{callInThread} (used through C{deferToThreadPool}).
+    @param root: directory that holds the store; created if missing.
+    """
+
+    def __init__(self, reactor, root):
+        self._reactor = reactor
+        self.root = os.path.abspath(root)
+        self._uploads = {}
+        for sub in ("blobs", "uploads", "repositories"):
+            os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+        # Upload sessions do not survive a restart: their hash state is in memory.
+        updir = os.path.join(self.root, "uploads")
+        for entry in os.listdir(updir):
+            os.unlink(os.path.join(updir, entry))
+
+    def _in_thread(self, f, *args):
+        return threads.deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), f, *args
+        )
+
+    # --- blobs ---------------------------------------------------------------------
+
+    def blob_path(self, digest):
+        """The path content with C{digest} has (or would have) on disk."""
+        alg, hexd = parse_digest(digest)
+        return os.path.join(self.root, "blobs", alg, hexd)
+
+    def _repo(self, name, *parts):
+        return os.path.join(self.root, "repositories", *name.split("/"), *parts)
+
+    def _link_path(self, name, digest):
+        alg, hexd = parse_digest(digest)
+        return self._repo(name, "_blobs", alg, hexd)
+
+    def has_blob(self, name, digest):
+        """
+        @return: the blob's size if repository C{name} may serve it, else L{None}.
+        """
+        path = self.blob_path(digest)
+        if not os.path.exists(self._link_path(name, digest)):
+            return None
+        try:
+            return os.stat(path).st_size
+        except FileNotFoundError:
+            return None
+
+    def _link(self, name, digest):
+        link = self._link_path(name, digest)
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        with open(link, "wb"):
+            pass
+
+    def mount(self, name, digest, from_name):
+        """
+        Cross-repository mount: link a blob that C{from_name} holds into C{name}.
+
+        @return: the blob's size, or L{None} if C{from_name} does not hold it (the caller
+            then starts an ordinary upload, as the spec says).
+        """
+        size = self.has_blob(from_name, digest)
+        if size is not None:
+            self._link(name, digest)
+        return size
+
+    def delete_blob(self, name, digest):
+        """
+        Unlink a blob from a repository; the content goes when no repository links it.
+
+        @raise StoreError: C{BLOB_UNKNOWN}.
+        """
+        link = self._link_path(name, digest)
+        try:
+            os.unlink(link)
+        except FileNotFoundError:
+            raise StoreError("BLOB_UNKNOWN", f"blob {digest} is not in {name}") from None
+        if not self._linked_anywhere(digest):
+            try:
+                os.unlink(self.blob_path(digest))
+            except FileNotFoundError:
+                pass
+
+    def _linked_anywhere(self, digest):
+        alg, hexd = parse_digest(digest)
+        for name in self.repositories():
+            for kind in ("_blobs", "_manifests"):
+                if os.path.exists(self._repo(name, kind, alg, hexd)):
+                    return True
+        return False
+
+    async def _commit(self, src, digest, expected):
+        """
+        Move verified content at C{src} to its place in the blob store (fsynced, atomic).
+        """
+        if expected is not None and expected != digest:
+            raise StoreError(
+                "DIGEST_INVALID",
+                f"content has digest {expected}, not the {digest} it was uploaded as",
+            )
+        dest = self.blob_path(digest)
+
+        def move():
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with open(src, "rb+") as f:
+                os.fsync(f.fileno())
+            os.rename(src, dest)
+            _fsync_dir(os.path.dirname(dest))
+
+        await self._in_thread(move)
+
+    # --- uploads -------------------------------------------------------------------
+
+    def start_upload(self, name):
+        """
+        @return: a new L{Upload} for repository C{name}.
+        """
+        uid = str(uuidlib.uuid4())
+        path = os.path.join(self.root, "uploads", uid)
+        with open(path, "wb"):
+            pass
+        upload = Upload(uid, name, path)
+        self._uploads[uid] = upload
+        return upload
+
+    def get_upload(self, name, uid):
+        """
+        @raise StoreError: C{BLOB_UPLOAD_UNKNOWN} if there is no such session in C{name}.
+        """
+        upload = self._uploads.get(uid)
+        if upload is None or upload.name != name:
+            raise StoreError("BLOB_UPLOAD_UNKNOWN", f"no upload {uid} in {name}")
+        return upload
+
+    def cancel_upload(self, upload):
+        """Forget an upload and remove its bytes."""
+        self._uploads.pop(upload.uuid, None)
+        try:
+            os.unlink(upload.path)
+        except FileNotFoundError:
+            pass
+
+    async def append(self, upload, source, length=None):
+        """
+        Append the bytes of file-like C{source} (from its current position) to C{upload},
+        hashing them on the way, in a thread.
+
+        @param length: if given, exactly this many bytes must be read, else the upload is
+            refused with C{BLOB_UPLOAD_INVALID} and nothing is appended.
+        @return: the number of bytes appended.
+        """
+        if upload.busy:
+            raise StoreError("BLOB_UPLOAD_INVALID", "another chunk of this upload is in progress")
+        upload.busy = True
+        try:
+            return await self._in_thread(self._append_sync, upload, source, length)
+        finally:
+            upload.busy = False
+
+    def _append_sync(self, upload, source, length):
+        # Copy to the end of the upload file, but only count (and hash) the chunk once
+        # it is complete: a short chunk is truncated away again.
+        start = upload.size
+        pending = [h.copy() for h in upload.hashers.values()]
+        n = 0
+        with open(upload.path, "r+b") as out:
+            out.seek(start)
+            while True:
+                block = source.read(COPY_CHUNK)
+                if not block:
+                    break
+                out.write(block)
+                for h in pending:
+                    h.update(block)
+                n += len(block)
+            if length is not None and n != length:
+                out.truncate(start)
+                raise StoreError(
+                    "BLOB_UPLOAD_INVALID",
+                    f"chunk declared {length} bytes but {n} arrived",
+                )
+        upload.hashers = dict(zip(upload.hashers, pending, strict=True))
+        upload.size = start + n
+        return n
+
+    async def finish_upload(self, upload, digest):
+        """
+        Verify the upload against C{digest} and commit it as a blob of its repository.
+
+        On a digest mismatch the upload is discarded (nothing is committed) and
+        C{DIGEST_INVALID} is raised.
+
+        @return: the blob's size.
+        """
+        alg, _ = parse_digest(digest)
+        if upload.busy:
+            raise StoreError("BLOB_UPLOAD_INVALID", "a chunk of this upload is in progress")
+        self._uploads.pop(upload.uuid, None)
+        if alg in upload.hashers:
+            actual = f"{alg}:{upload.hashers[alg].hexdigest()}"
+        else:
+            actual = f"{alg}:{await self._in_thread(_hash_file, upload.path, alg)}"
+        try:
+            await self._commit(upload.path, digest, actual)
+        except BaseException:
+            try:
+                os.unlink(upload.path)
+            except FileNotFoundError:
+                pass
+            raise
+        self._link(upload.name, digest)
+        return upload.size
+
+    async def put_bytes(self, name, data, algorithm="sha256"):
+        """
+        Store small content (a manifest) given in memory.
+
+        @return: its digest with C{algorithm}.
+        """
+        digest = f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+        if os.path.exists(self.blob_path(digest)):
+            return digest
+        tmp = os.path.join(self.root, "uploads", "m-" + str(uuidlib.uuid4()))
+        with open(tmp, "wb") as f:
+            f.write(data)
+        await self._commit(tmp, digest, digest)
+        return digest
+
+    # --- manifests and tags --------------------------------------------------------
+
+    def _manifest_link(self, name, digest):
+        alg, hexd = parse_digest(digest)
+        return self._repo(name, "_manifests", alg, hexd)
+
+    def repository_exists(self, name):
+        return os.path.isdir(self._repo(name, "_manifests")) or os.path.isdir(
+            self._repo(name, "_blobs")
+        )
+
+    def link_manifest(self, name, digest, media_type, tag=None):
+        """Record that C{name} holds manifest C{digest}; point C{tag} at it."""
+        path = self._manifest_link(name, digest)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(media_type)
+        if tag is not None:
+            tags = self._repo(name, "_tags")
+            os.makedirs(tags, exist_ok=True)
+            tmp = os.path.join(tags, "." + tag + ".tmp")
+            with open(tmp, "w") as f:
+                f.write(digest)
+            os.rename(tmp, os.path.join(tags, tag))
+
+    def resolve(self, name, reference):
+        """
+        @param reference: a tag or a digest.
+        @return: C{(digest, media_type, path)} of the manifest.
+        @raise StoreError: C{MANIFEST_UNKNOWN}.
+        """
+        if DIGEST_RE.match(reference):
+            digest = reference
+        else:
+            check_tag(reference)
+            try:
+                with open(self._repo(name, "_tags", reference)) as f:
+                    digest = f.read().strip()
+            except FileNotFoundError:
+                raise StoreError(
+                    "MANIFEST_UNKNOWN", f"no manifest tagged {reference} in {name}"
+                ) from None
+        try:
+            with open(self._manifest_link(name, digest)) as f:
+                media_type = f.read().strip()
+        except (FileNotFoundError, StoreError):
+            raise StoreError("MANIFEST_UNKNOWN", f"no manifest {reference} in {name}") from None
+        return digest, media_type, self.blob_path(digest)
+
+    def delete_manifest(self, name, reference):
+        """
+        Delete a tag (reference is a tag) or a manifest and every tag pointing at it
+        (reference is a digest).
+
+        @raise StoreError: C{MANIFEST_UNKNOWN}.
+        """
+        if not DIGEST_RE.match(reference):
+            check_tag(reference)
+            try:
+                os.unlink(self._repo(name, "_tags", reference))
+            except FileNotFoundError:
+                raise StoreError(
+                    "MANIFEST_UNKNOWN", f"no manifest tagged {reference} in {name}"
+                ) from None
+            return
+        digest, _, _ = self.resolve(name, reference)
+        for tag in self.tags(name):
+            with open(self._repo(name, "_tags", tag)) as f:
+                if f.read().strip() == digest:
+                    os.unlink(self._repo(name, "_tags", tag))
+        os.unlink(self._manifest_link(name, digest))
+        if not self._linked_anywhere(digest):
+            try:
+                os.unlink(self.blob_path(digest))
+            except FileNotFoundError:
+                pass
+
+    def tags(self, name):
+        """@return: the sorted tags of C{name}."""
+        try:
+            return sorted(t for t in os.listdir(self._repo(name, "_tags")) if not t.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    def repositories(self):
+        """@return: the sorted names of all repositories."""
+        base = os.path.join(self.root, "repositories")
+        names = []
+        for dirpath, dirnames, _ in os.walk(base):
+            if "_blobs" in dirnames or "_manifests" in dirnames or "_tags" in dirnames:
+                names.append(os.path.relpath(dirpath, base).replace(os.sep, "/"))
+            dirnames[:] = [d for d in dirnames if not d.startswith("_")]
+        return sorted(names)
+
+    def disk_usage(self):
+        """@return: total bytes of stored blobs (for status pages)."""
+        total = 0
+        for dirpath, _, files in os.walk(os.path.join(self.root, "blobs")):
+            for f in files:
+                total += os.stat(os.path.join(dirpath, f)).st_size
+        return total
