@@ -73,6 +73,87 @@ class IAuthorizer(Interface):
 
 # --- Placement -------------------------------------------------------------------------
 
+
+class IPlacementStrategy(Interface):
+    """
+    Ranks the hosts a machine could run on.  The contract for strategy plugin authors.
+
+    A strategy never decides whether a host I{can} take a machine: the scheduler core
+    (L{zwrm.scheduler.Scheduler}) has already removed every host that is not ready,
+    is in the wrong region or datacenter, lacks a required label, lacks the vCPUs, memory
+    or disk, is excluded, or is not the host a volume pins the machine to.  The strategy
+    only orders what is left; the core takes the first host in that order, and breaks
+    ties by host id (so equal keys give a deterministic choice).
+
+    A strategy is an object providing this interface and C{twisted.plugin.IPlugin}, bound
+    to a name in a module of a plugin directory (see docs/plugins.md)::
+
+        @implementer(IPlugin, IPlacementStrategy)
+        class LeastRecentlyUsed:
+            name = "least-recently-used"
+            description = "the host that received a machine longest ago first"
+            def key(self, host):
+                return host.last_placed
+
+        least_recently_used = LeastRecentlyUsed()
+
+    Speed: L{key} depends on the host alone, so the core keeps every host sorted by it
+    and updates only the one host a placement changes; a placement then costs about
+    O(log n) instead of a scan of all n hosts.  A strategy whose order depends on the
+    request too provides L{IRequestAwarePlacementStrategy} and is scanned exhaustively.
+    """
+
+    name = Attribute(
+        "The name operators write in the configuration (C{[scheduler] strategy = ...}): "
+        "lower case, digits and dashes.  Unique among the installed strategies."
+    )
+
+    description = Attribute("One line for operators, shown when they list strategies.")
+
+    def key(host):
+        """
+        The rank of C{host}: hosts with smaller keys are chosen first.
+
+        Called by the core whenever the host's state, capacity, labels or allocation
+        change (never during a placement's search), so it must be a pure function of the
+        host's attributes, cheap, and never raise.  Keys of all hosts must be mutually
+        comparable (numbers, or tuples of numbers and strings of the same shape).
+
+        @param host: a read-only view of one host (L{zwrm.scheduler.Host}) with:
+            C{id}, C{region}, C{datacenter}, C{labels} (a dict of str to str);
+            capacity C{vcpus}, C{memory_mb}, C{disk_mb}; in use C{used_vcpus},
+            C{used_memory_mb}, C{used_disk_mb}; free C{free_vcpus}, C{free_memory_mb},
+            C{free_disk_mb}; C{machines}, the number of machines placed there;
+            C{utilization}, the largest of the used/capacity fractions (0.0 to 1.0);
+            C{last_placed}, a counter that grows with every placement anywhere, as it
+            was at this host's latest placement (0 if none).
+        @return: a value comparable with every other host's key.
+        """
+
+
+class IRequestAwarePlacementStrategy(IPlacementStrategy):
+    """
+    A strategy whose ranking depends on what is being placed (e.g. a machine's soft
+    label preferences).  Simpler to write, slower to run: for every placement the core
+    calls L{score} on every host that passed the filters, which is O(n) in the number
+    of hosts.  Prefer L{IPlacementStrategy.key} when the order can do without the
+    request.
+    """
+
+    def score(host, request):
+        """
+        The rank of C{host} for C{request}: smaller first; ties are broken by
+        L{IPlacementStrategy.key}, then by host id.
+
+        @param host: as for L{IPlacementStrategy.key}; it already fits C{request}.
+        @param request: the L{zwrm.scheduler.PlacementRequest}: C{vcpus},
+            C{memory_mb}, C{disk_mb}, C{region}, C{datacenter}, C{pinned_host},
+            C{constraints} (labels the host must have) and C{preferences} (labels it
+            should have).
+        @return: a value comparable with the other hosts' scores for this request.
+        """
+
+
 # --- Hypervisor drivers ----------------------------------------------------------------
 
 #: The states a hypervisor driver reports for a machine.

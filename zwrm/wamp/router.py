@@ -1,0 +1,1123 @@
+"""
+The embedded WAMP router: one realm, sessions, a broker and a dealer.
+
+The router speaks WAMP v2 (basic profile plus the advanced features it announces in
+WELCOME) over any autobahn transport: the WebSocket and RawSocket factories in
+L{zwrm.wamp.transport} and the in-memory pair used by L{Router.attach} and the unit
+tests.  A transport calls the handler made by L{Router.session_factory}
+(L{RouterSession}) with parsed C{autobahn.wamp.message} objects; the handler sends
+its replies through C{transport.send}.
+
+Policies:
+ - Authentication is done by an L{IAuthenticator}; anonymous sessions are refused
+   unless it offers C{"anonymous"}.
+ - Every CALL, REGISTER, PUBLISH and SUBSCRIBE is checked with the L{IAuthorizer}.
+ - Callers and publishers are always disclosed to callees and subscribers
+   (C{caller}, C{caller_authid}, C{caller_authrole}; the same for publishers).
+ - Slow consumers: when more than C{RouterLimits.max_outgoing_queue} bytes wait
+   unsent toward a session, EVENTs to it are dropped (counted in
+   L{RouterSession.dropped_events}); when four times that much waits (RESULTs and
+   INVOCATIONs are never dropped), the session is disconnected.
+ - Protocol violations (a malformed or unknown message, a message out of order, a
+   router-to-client message sent by a client) end that session with ABORT
+   C{wamp.error.protocol_violation}; other sessions are not affected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from autobahn.wamp import message
+from autobahn.wamp.exception import ApplicationError, ProtocolError
+from autobahn.wamp.role import RoleBrokerFeatures, RoleDealerFeatures
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from zwrm.errors import AuthenticationFailed
+from zwrm.wamp.auth import Principal, verify_cryptosign, wampcra_signature, wildcard_match
+
+log = Logger()
+
+PROTOCOL_VIOLATION = "wamp.error.protocol_violation"
+_MAX_ID = 2**53
+
+
+def _random_id():
+    return random.randint(1, _MAX_ID)
+
+
+@dataclass(frozen=True)
+class RouterLimits:
+    """
+    Limits that protect the router from one session.
+
+    @ivar max_message_size: largest message (bytes) a client may send; larger ones
+        end its connection (WebSocket close 1009 / RawSocket length limit).
+    @ivar max_pending_calls_per_session: CALLs one session may have in flight;
+        more are answered with ERROR C{zwrm.error.resource_exhausted}.
+    @ivar max_outgoing_queue: bytes that may wait unsent toward one session before
+        EVENTs to it are dropped; four times this disconnects it.
+    @ivar call_timeout: seconds after which a call with no result is canceled with
+        ERROR C{wamp.error.timeout} (0: none, unless the caller gives a timeout).
+    """
+
+    max_message_size: int = 4 * 1024 * 1024
+    max_pending_calls_per_session: int = 1000
+    max_outgoing_queue: int = 4 * 1024 * 1024
+    call_timeout: float = 0
+
+
+BROKER_FEATURES = dict(
+    publisher_identification=True,
+    publisher_exclusion=True,
+    subscriber_blackwhite_listing=True,
+    pattern_based_subscription=True,
+    session_meta_api=True,
+)
+DEALER_FEATURES = dict(
+    caller_identification=True,
+    progressive_call_results=True,
+    call_canceling=True,
+    call_timeout=True,
+    pattern_based_registration=True,
+    session_meta_api=True,
+)
+
+
+def router_roles():
+    """The roles and features the router announces in WELCOME."""
+    return {
+        "broker": RoleBrokerFeatures(**BROKER_FEATURES),
+        "dealer": RoleDealerFeatures(**DEALER_FEATURES),
+    }
+
+
+def _unsent_bytes(transport):
+    """
+    Bytes written to a Twisted transport (or a stack of wrapping transports, e.g.
+    TLS) and not yet sent to the network.
+    """
+    n = 0
+    t = transport
+    for _ in range(4):
+        if t is None:
+            break
+        buf = getattr(t, "dataBuffer", None)
+        if buf is not None:
+            try:
+                n += len(buf) - getattr(t, "offset", 0) + getattr(t, "_tempDataLen", 0)
+            except TypeError:
+                pass
+        t = getattr(t, "transport", None)
+    return n
+
+
+# --- broker / dealer bookkeeping ---------------------------------------------------------
+
+
+class _Subscription:
+    __slots__ = ("id", "uri", "match", "subscribers")
+
+    def __init__(self, id, uri, match):
+        self.id = id
+        self.uri = uri
+        self.match = match
+        self.subscribers = OrderedDict()  # session_id -> RouterSession
+
+
+class _Registration:
+    __slots__ = ("id", "uri", "match", "callee", "handler")
+
+    def __init__(self, id, uri, match, callee=None, handler=None):
+        self.id = id
+        self.uri = uri
+        self.match = match
+        self.callee = callee  # RouterSession, or None for a router procedure
+        self.handler = handler  # callable(caller, args, kwargs) for router procedures
+
+
+class _PendingCall:
+    __slots__ = (
+        "caller",
+        "call_request",
+        "callee",
+        "invocation_request",
+        "receive_progress",
+        "timer",
+        "canceled",
+    )
+
+    def __init__(self, caller, call_request, callee, invocation_request, receive_progress):
+        self.caller = caller
+        self.call_request = call_request
+        self.callee = callee
+        self.invocation_request = invocation_request
+        self.receive_progress = receive_progress
+        self.timer = None
+        self.canceled = False
+
+
+class _PatternTable:
+    """
+    Exact, prefix and wildcard lookup of URIs to items with C{.uri} and C{.match}.
+    """
+
+    def __init__(self):
+        self.exact = {}
+        self.prefix = {}
+        self.wildcard = {}  # number of components -> {pattern: item}
+
+    def get(self, uri, match):
+        if match == "exact":
+            return self.exact.get(uri)
+        if match == "prefix":
+            return self.prefix.get(uri)
+        return self.wildcard.get(uri.count(".") + 1, {}).get(uri)
+
+    def add(self, item):
+        if item.match == "exact":
+            self.exact[item.uri] = item
+        elif item.match == "prefix":
+            self.prefix[item.uri] = item
+        else:
+            self.wildcard.setdefault(item.uri.count(".") + 1, {})[item.uri] = item
+
+    def remove(self, item):
+        if item.match == "exact":
+            self.exact.pop(item.uri, None)
+        elif item.match == "prefix":
+            self.prefix.pop(item.uri, None)
+        else:
+            bucket = self.wildcard.get(item.uri.count(".") + 1)
+            if bucket is not None:
+                bucket.pop(item.uri, None)
+                if not bucket:
+                    del self.wildcard[item.uri.count(".") + 1]
+
+    def all_matches(self, uri):
+        """Every item matching C{uri} (broker semantics)."""
+        found = []
+        item = self.exact.get(uri)
+        if item is not None:
+            found.append(item)
+        if self.prefix:
+            if len(self.prefix) < len(uri):
+                for p, item in self.prefix.items():
+                    if uri.startswith(p):
+                        found.append(item)
+            else:
+                for i in range(1, len(uri) + 1):
+                    item = self.prefix.get(uri[:i])
+                    if item is not None:
+                        found.append(item)
+        if self.wildcard:
+            bucket = self.wildcard.get(uri.count(".") + 1)
+            if bucket:
+                for p, item in bucket.items():
+                    if wildcard_match(p, uri):
+                        found.append(item)
+        return found
+
+    def best_match(self, uri):
+        """The single best item for C{uri} (dealer semantics): exact, then the
+        longest prefix, then the wildcard with the most literal components."""
+        item = self.exact.get(uri)
+        if item is not None:
+            return item
+        if self.prefix:
+            for i in range(len(uri), 0, -1):
+                item = self.prefix.get(uri[:i])
+                if item is not None:
+                    return item
+        if self.wildcard:
+            bucket = self.wildcard.get(uri.count(".") + 1)
+            if bucket:
+                best, score = None, -1
+                for p, item in bucket.items():
+                    if wildcard_match(p, uri):
+                        s = sum(1 for c in p.split(".") if c)
+                        if s > score:
+                            best, score = item, s
+                return best
+        return None
+
+
+# --- the per-connection session handler ---------------------------------------------------
+
+
+_STATE_NEW = "new"
+_STATE_CHALLENGED = "challenged"
+_STATE_JOINED = "joined"
+_STATE_CLOSING = "closing"  # we sent GOODBYE, waiting for the reply
+_STATE_CLOSED = "closed"
+
+
+class RouterSession:
+    """
+    The router's side of one client connection (an autobahn ITransportHandler).
+
+    @ivar session_id: the WAMP session id once joined, else C{None}.
+    @ivar authid / authrole / authextra / authmethod: the joined identity.
+    @ivar dropped_events: EVENTs not delivered because the session was too slow.
+    """
+
+    def __init__(self, router, principal=None):
+        self._router = router
+        self._transport = None
+        self._trusted_principal = principal
+        self._state = _STATE_NEW
+        self._challenge = None  # (method, data) while challenged
+        self.session_id = None
+        self.authid = None
+        self.authrole = None
+        self.authextra = {}
+        self.authmethod = None
+        self.authprovider = None
+        self.client_roles = {}
+        self.dropped_events = 0
+        self.subscriptions = set()
+        self.registrations = set()
+        self.calls = {}  # caller request id -> _PendingCall (as caller)
+        self.invocations = {}  # invocation request id -> _PendingCall (as callee)
+        self._next_request = 0
+        self.joined_at = None
+
+    # autobahn's transports log these two
+    @property
+    def _session_id(self):
+        return self.session_id
+
+    @property
+    def _authid(self):
+        return self.authid
+
+    # ITransportHandler ---------------------------------------------------------------
+
+    @property
+    def transport(self):
+        return self._transport
+
+    def onOpen(self, transport):
+        self._transport = transport
+
+    def onClose(self, wasClean):
+        state, self._state = self._state, _STATE_CLOSED
+        self._challenge = None
+        if state in (_STATE_JOINED, _STATE_CLOSING) and self.session_id is not None:
+            self._router._detach(self)
+        self._transport = None
+
+    def onMessage(self, msg):
+        try:
+            self._dispatch(msg)
+        except ProtocolError as e:
+            self.protocol_violation(str(e))
+        except Exception:
+            log.failure("router: internal error handling {msg!r}", msg=type(msg).__name__)
+            self.protocol_violation("internal router error")
+
+    # sending -------------------------------------------------------------------------
+
+    def send(self, msg):
+        t = self._transport
+        if t is None:
+            return False
+        try:
+            t.send(msg)
+        except Exception as e:
+            log.info("router: could not send to session {sid}: {e}", sid=self.session_id, e=e)
+            self._close_transport(abort=True)
+            return False
+        if self._router.limits.max_outgoing_queue and not isinstance(msg, message.Event):
+            self._check_backlog(hard_only=True)
+        return True
+
+    def send_event(self, msg):
+        """Send an EVENT, or drop it if the session is too slow."""
+        if self._check_backlog():
+            self.dropped_events += 1
+            return False
+        return self.send(msg)
+
+    def unsent_bytes(self):
+        """Bytes sent to this session's transport and not yet on the network."""
+        t = self._transport
+        own = getattr(t, "unsent_bytes", None)
+        if own is not None:
+            return own()
+        return _unsent_bytes(getattr(t, "transport", None))
+
+    def _check_backlog(self, hard_only=False):
+        """True if events should be dropped; disconnects a hopelessly slow session."""
+        limit = self._router.limits.max_outgoing_queue
+        if not limit:
+            return False
+        pending = self.unsent_bytes()
+        if pending > 4 * limit:
+            log.warn(
+                "router: session {sid} ({authid}) has {n} bytes unsent; disconnecting it",
+                sid=self.session_id,
+                authid=self.authid,
+                n=pending,
+            )
+            self._close_transport(abort=True)
+            return True
+        return (not hard_only) and pending > limit
+
+    def _close_transport(self, abort=False):
+        t = self._transport
+        if t is None:
+            return
+        try:
+            if abort:
+                t.abort()
+            else:
+                t.close()
+        except Exception:
+            pass
+
+    def abort(self, reason, text):
+        """Send ABORT and close the transport; leave the realm if joined."""
+        self.send(message.Abort(reason, text))
+        was = self._state
+        self._state = _STATE_CLOSED
+        if was in (_STATE_JOINED, _STATE_CLOSING) and self.session_id is not None:
+            self._router._detach(self)
+        self._close_transport()
+
+    def protocol_violation(self, text):
+        log.info(
+            "router: protocol violation by session {sid} ({authid}): {text}",
+            sid=self.session_id,
+            authid=self.authid,
+            text=text,
+        )
+        self.abort(PROTOCOL_VIOLATION, text)
+
+    def kill(self, reason_text, reason="wamp.close.killed"):
+        """End a joined session: GOODBYE with C{reason}, leave, close."""
+        if self._state != _STATE_JOINED:
+            self._close_transport()
+            return
+        self.send(message.Goodbye(reason, reason_text))
+        self._state = _STATE_CLOSED
+        self._router._detach(self)
+        self._close_transport()
+
+    def new_request_id(self):
+        self._next_request = self._next_request % (_MAX_ID - 1) + 1
+        return self._next_request
+
+    # dispatch ------------------------------------------------------------------------
+
+    def _dispatch(self, msg):
+        state = self._state
+        if state == _STATE_JOINED:
+            handler = self._router._handlers.get(type(msg))
+            if handler is not None:
+                handler(self, msg)
+            elif isinstance(msg, message.Goodbye):
+                self.send(message.Goodbye("wamp.close.goodbye_and_out"))
+                self._state = _STATE_NEW
+                self._router._detach(self)
+            elif isinstance(msg, message.Abort):
+                self._state = _STATE_CLOSED
+                self._router._detach(self)
+                self._close_transport()
+            else:
+                raise ProtocolError(f"unexpected {type(msg).__name__} in an established session")
+        elif state == _STATE_NEW:
+            if isinstance(msg, message.Hello):
+                self._on_hello(msg)
+            elif isinstance(msg, message.Abort):
+                self._state = _STATE_CLOSED
+                self._close_transport()
+            else:
+                raise ProtocolError(f"{type(msg).__name__} before HELLO")
+        elif state == _STATE_CHALLENGED:
+            if isinstance(msg, message.Authenticate) and self._challenge is not None:
+                self._on_authenticate(msg)
+            elif isinstance(msg, message.Abort):
+                self._state = _STATE_CLOSED
+                self._close_transport()
+            else:
+                raise ProtocolError(f"{type(msg).__name__} while waiting for AUTHENTICATE")
+        elif state == _STATE_CLOSING:
+            if isinstance(msg, (message.Goodbye, message.Abort)):
+                self._state = _STATE_CLOSED
+                self._close_transport()
+            # anything else after we said GOODBYE is ignored
+        # _STATE_CLOSED: ignore everything
+
+    # authentication ------------------------------------------------------------------
+
+    def _on_hello(self, msg):
+        router = self._router
+        self.client_roles = msg.roles or {}
+        if self._trusted_principal is not None:
+            self._welcome(self._trusted_principal, "trusted")
+            return
+        if msg.realm != router.realm:
+            self.abort("wamp.error.no_such_realm", f"no realm {msg.realm!r} on this router")
+            return
+        offered = router.authenticator.authmethods()
+        wanted = msg.authmethods or ["anonymous"]
+        method = next((m for m in wanted if m in offered), None)
+        if method is None:
+            self.abort(
+                "wamp.error.no_auth_method",
+                f"none of the authmethods {wanted} is accepted (offered: {list(offered)})",
+            )
+            return
+        authid = msg.authid
+        if method == "anonymous":
+            self._welcome(Principal(authid=f"anonymous-{_random_id()}", authrole="anonymous"), method)
+        elif method == "ticket":
+            if not authid:
+                self.abort("wamp.error.authentication_failed", "ticket authentication needs an authid")
+                return
+            self._challenge = ("ticket", authid)
+            self._state = _STATE_CHALLENGED
+            self.send(message.Challenge("ticket", {}))
+        elif method == "wampcra":
+            if not authid:
+                self.abort("wamp.error.authentication_failed", "WAMP-CRA needs an authid")
+                return
+            self._state = _STATE_CHALLENGED
+            self._challenge = ("pending", None)
+            d = defer.maybeDeferred(router.authenticator.wampcra_secret, router.realm, authid)
+            d.addCallbacks(self._wampcra_challenge, self._auth_failed, callbackArgs=(authid,))
+            d.addErrback(self._auth_internal_error)
+        elif method == "cryptosign":
+            extra = msg.authextra or {}
+            pubkey = extra.get("pubkey")
+            if not isinstance(pubkey, str) or len(pubkey) != 64:
+                self.abort("wamp.error.authentication_failed", "cryptosign needs authextra.pubkey (64 hex digits)")
+                return
+            self._state = _STATE_CHALLENGED
+            self._challenge = ("pending", None)
+            d = defer.maybeDeferred(router.authenticator.cryptosign_principal, router.realm, authid, pubkey)
+            d.addCallbacks(self._cryptosign_challenge, self._auth_failed, callbackArgs=(pubkey,))
+            d.addErrback(self._auth_internal_error)
+        else:  # pragma: no cover - authmethods() returned something we do not know
+            self.abort("wamp.error.no_auth_method", f"authmethod {method!r} is not implemented")
+
+    def _wampcra_challenge(self, result, authid):
+        if self._state != _STATE_CHALLENGED:
+            return
+        secret, principal = result
+        challenge = json.dumps(
+            {
+                "authid": principal.authid,
+                "authrole": principal.authrole,
+                "authmethod": "wampcra",
+                "authprovider": "zwrm",
+                "nonce": os.urandom(16).hex(),
+                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
+                "session": _random_id(),
+            },
+            separators=(",", ":"),
+        )
+        self._challenge = ("wampcra", (wampcra_signature(secret, challenge), principal))
+        self.send(message.Challenge("wampcra", {"challenge": challenge}))
+
+    def _cryptosign_challenge(self, principal, pubkey):
+        if self._state != _STATE_CHALLENGED:
+            return
+        challenge = os.urandom(32).hex()
+        self._challenge = ("cryptosign", (pubkey, challenge, principal))
+        self.send(message.Challenge("cryptosign", {"challenge": challenge, "channel_binding": None}))
+
+    def _on_authenticate(self, msg):
+        method, data = self._challenge
+        router = self._router
+        if method == "ticket":
+            self._challenge = ("pending", None)
+            d = defer.maybeDeferred(router.authenticator.authenticate_ticket, router.realm, data, msg.signature)
+            d.addCallbacks(lambda p: self._welcome(p, "ticket"), self._auth_failed)
+            d.addErrback(self._auth_internal_error)
+        elif method == "wampcra":
+            expected, principal = data
+            if isinstance(msg.signature, str) and msg.signature == expected:
+                self._welcome(principal, "wampcra")
+            else:
+                self.abort("wamp.error.authentication_failed", "WAMP-CRA signature not accepted")
+        elif method == "cryptosign":
+            pubkey, challenge, principal = data
+            if isinstance(msg.signature, str) and verify_cryptosign(pubkey, challenge, msg.signature):
+                self._welcome(principal, "cryptosign")
+            else:
+                self.abort("wamp.error.authentication_failed", "cryptosign signature not accepted")
+        else:
+            raise ProtocolError("AUTHENTICATE before the CHALLENGE was sent")
+
+    def _auth_failed(self, failure):
+        if self._state not in (_STATE_CHALLENGED, _STATE_NEW):
+            return
+        if failure.check(AuthenticationFailed):
+            text = failure.value.message
+        elif failure.check(ApplicationError):
+            text = str(failure.value.args[0]) if failure.value.args else failure.value.error
+        else:
+            log.failure("router: authenticator failed", failure)
+            text = "authentication failed (internal error)"
+        self.abort("wamp.error.authentication_failed", text)
+
+    def _auth_internal_error(self, failure):
+        log.failure("router: error while authenticating", failure)
+        if self._state != _STATE_CLOSED:
+            self.abort("wamp.error.authentication_failed", "authentication failed (internal error)")
+
+    def _welcome(self, principal, authmethod):
+        if self._state == _STATE_CLOSED or self._transport is None:
+            return
+        if not isinstance(principal, Principal):
+            raise TypeError(f"authenticator returned {principal!r}, not a Principal")
+        self._challenge = None
+        self.authid = principal.authid
+        self.authrole = principal.authrole
+        self.authextra = dict(principal.authextra or {})
+        self.authmethod = authmethod
+        self.authprovider = "zwrm"
+        self.session_id = self._router._new_session_id()
+        self._state = _STATE_JOINED
+        self.joined_at = time.time()
+        self.send(
+            message.Welcome(
+                self.session_id,
+                router_roles(),
+                realm=self._router.realm,
+                authid=self.authid,
+                authrole=self.authrole,
+                authmethod=authmethod,
+                authprovider="zwrm",
+                authextra=self.authextra,
+            )
+        )
+        self._router._join(self)
+
+    # details -------------------------------------------------------------------------
+
+    def details(self):
+        """The session's details as the meta API reports them."""
+        t = getattr(self._transport, "transport_details", None)
+        transport = {}
+        if t is not None:
+            try:
+                transport = {"type": t.channel_type_str if hasattr(t, "channel_type_str") else None,
+                             "peer": t.peer}
+            except Exception:
+                transport = {}
+        return {
+            "session": self.session_id,
+            "authid": self.authid,
+            "authrole": self.authrole,
+            "authmethod": self.authmethod,
+            "authprovider": self.authprovider,
+            "authextra": self.authextra,
+            "transport": transport,
+        }
+
+    def callee_feature(self, name):
+        callee = self.client_roles.get("callee")
+        return bool(callee is not None and getattr(callee, name, None))
+
+
+# --- the router ---------------------------------------------------------------------------
+
+
+@dataclass
+class RouterStats:
+    messages: int = 0
+    calls: int = 0
+    publications: int = 0
+    events_sent: int = 0
+    events_dropped: int = 0
+    errors: dict = field(default_factory=dict)
+
+
+class Router:
+    """
+    A WAMP router for one realm.
+
+    @param reactor: provides C{callLater} (L{twisted.internet.interfaces.IReactorTime}).
+    @param authenticator: an L{IAuthenticator}.
+    @param authorizer: an L{IAuthorizer}.
+    @param realm: the only realm this router serves.
+    @param limits: L{RouterLimits}.
+    """
+
+    def __init__(self, reactor, authenticator, authorizer, realm="zwrm", limits=RouterLimits()):
+        self.reactor = reactor
+        self.authenticator = authenticator
+        self.authorizer = authorizer
+        self.realm = realm
+        self.limits = limits
+        self._authorize_pattern = getattr(authorizer, "authorize_pattern", None)
+        self._sessions = {}
+        self._subscriptions = _PatternTable()
+        self._subscriptions_by_id = {}
+        self._registrations = _PatternTable()
+        self._registrations_by_id = {}
+        self._next_sub_id = 0
+        self._next_reg_id = 0
+        self.stats = RouterStats()
+        self._handlers = {
+            message.Subscribe: Router._on_subscribe,
+            message.Unsubscribe: Router._on_unsubscribe,
+            message.Publish: Router._on_publish,
+            message.Register: Router._on_register,
+            message.Unregister: Router._on_unregister,
+            message.Call: Router._on_call,
+            message.Cancel: Router._on_cancel,
+            message.Yield: Router._on_yield,
+            message.Error: Router._on_error,
+        }
+        self._handlers = {k: (lambda f: (lambda s, m: f(self, s, m)))(v) for k, v in self._handlers.items()}
+        self._add_meta_procedures()
+
+    # sessions --------------------------------------------------------------------------
+
+    def session_factory(self):
+        """A new L{RouterSession}: pass this to a transport factory."""
+        return RouterSession(self)
+
+    def attach(self, session, authid, authrole, authextra=None):
+        """
+        Attach an in-process autobahn C{ApplicationSession} with that identity,
+        bypassing authentication.  Messages between it and the router are delivered
+        through the reactor (never reentrantly).
+
+        @return: a Deferred that fires with C{session} once it has joined and its
+            C{onJoin} has run, or fails if it could not join.
+        """
+        from zwrm.wamp.transport import MemoryTransportPair
+
+        rs = RouterSession(self, principal=Principal(authid, authrole, dict(authextra or {})))
+        pair = MemoryTransportPair(self.reactor)
+        d = defer.Deferred()
+
+        def ready(s):
+            if not d.called:
+                d.callback(session)
+
+        def left(s, details):
+            if not d.called:
+                d.errback(ApplicationError(details.reason or "wamp.error.canceled", details.message or "left before joining"))
+
+        session.on("ready", ready)
+        session.on("leave", left)
+        pair.connect(rs, session)
+        return d
+
+    def session_count(self):
+        """The number of joined sessions."""
+        return len(self._sessions)
+
+    def sessions(self):
+        return list(self._sessions.values())
+
+    def get_session(self, session_id):
+        return self._sessions.get(session_id)
+
+    def kill_by_authid(self, authid, reason):
+        """
+        End every session with C{authid} (GOODBYE C{wamp.close.killed} with
+        C{reason} as its message).
+
+        @return: the number of sessions ended.
+        """
+        victims = [s for s in self._sessions.values() if s.authid == authid]
+        for s in victims:
+            s.kill(reason)
+        return len(victims)
+
+    def _new_session_id(self):
+        while True:
+            sid = _random_id()
+            if sid not in self._sessions:
+                return sid
+
+    def _join(self, session):
+        self._sessions[session.session_id] = session
+        self.publish_internal("wamp.session.on_join", [session.details()])
+
+    def _detach(self, session):
+        sid = session.session_id
+        if self._sessions.get(sid) is not session:
+            return
+        del self._sessions[sid]
+        # subscriptions
+        for sub in list(session.subscriptions):
+            self._drop_subscriber(sub, session)
+        session.subscriptions.clear()
+        # registrations and calls waiting on this callee
+        for reg in list(session.registrations):
+            self._remove_registration(reg)
+        session.registrations.clear()
+        for pc in list(session.invocations.values()):
+            self._finish(pc)
+            self._send_call_error(pc, ApplicationError.CANCELED, ["the callee left the realm"])
+        session.invocations.clear()
+        # calls this session made
+        for pc in list(session.calls.values()):
+            self._finish(pc)
+            if pc.callee is not None and pc.callee.callee_feature("call_canceling"):
+                pc.callee.send(message.Interrupt(pc.invocation_request, "killnowait", reason=ApplicationError.CANCELED))
+        session.calls.clear()
+        self.publish_internal("wamp.session.on_leave", [sid, session.authid, session.authrole])
+
+    # authorization ---------------------------------------------------------------------
+
+    def _allowed(self, session, uri, action, match="exact"):
+        try:
+            if match == "exact":
+                return bool(self.authorizer.authorize(session, uri, action))
+            if self._authorize_pattern is None:
+                return False
+            return bool(self._authorize_pattern(session, uri, action, match))
+        except Exception:
+            log.failure("router: authorizer failed on {action} {uri}", action=action, uri=uri)
+            return False
+
+    def _error(self, session, request_type, request, uri, text):
+        session.send(message.Error(request_type, request, uri, args=[text]))
+
+    # broker ----------------------------------------------------------------------------
+
+    def _on_subscribe(self, session, msg):
+        match = msg.match or "exact"
+        if not self._allowed(session, msg.topic, "subscribe", match):
+            self._error(session, message.Subscribe.MESSAGE_TYPE, msg.request, ApplicationError.NOT_AUTHORIZED,
+                        f"{session.authrole!r} may not subscribe to {msg.topic!r}")
+            return
+        sub = self._subscriptions.get(msg.topic, match)
+        if sub is None:
+            self._next_sub_id += 1
+            sub = _Subscription(self._next_sub_id, msg.topic, match)
+            self._subscriptions.add(sub)
+            self._subscriptions_by_id[sub.id] = sub
+        sub.subscribers[session.session_id] = session
+        session.subscriptions.add(sub)
+        session.send(message.Subscribed(msg.request, sub.id))
+
+    def _drop_subscriber(self, sub, session):
+        sub.subscribers.pop(session.session_id, None)
+        if not sub.subscribers:
+            self._subscriptions.remove(sub)
+            self._subscriptions_by_id.pop(sub.id, None)
+
+    def _on_unsubscribe(self, session, msg):
+        sub = self._subscriptions_by_id.get(msg.subscription)
+        if sub is None or sub not in session.subscriptions:
+            self._error(session, message.Unsubscribe.MESSAGE_TYPE, msg.request, ApplicationError.NO_SUCH_SUBSCRIPTION,
+                        f"no subscription {msg.subscription}")
+            return
+        session.subscriptions.discard(sub)
+        self._drop_subscriber(sub, session)
+        session.send(message.Unsubscribed(msg.request))
+
+    def _on_publish(self, session, msg):
+        if not self._allowed(session, msg.topic, "publish"):
+            if msg.acknowledge:
+                self._error(session, message.Publish.MESSAGE_TYPE, msg.request, ApplicationError.NOT_AUTHORIZED,
+                            f"{session.authrole!r} may not publish to {msg.topic!r}")
+            return
+        publication = self._deliver(msg, session)
+        if msg.acknowledge:
+            session.send(message.Published(msg.request, publication))
+
+    def publish_internal(self, topic, args=None, kwargs=None):
+        """Publish an event from the router itself (meta events)."""
+        msg = message.Publish(0, topic, args=args, kwargs=kwargs)
+        return self._deliver(msg, None)
+
+    def _deliver(self, msg, publisher):
+        publication = _random_id()
+        self.stats.publications += 1
+        subs = self._subscriptions.all_matches(msg.topic)
+        if not subs:
+            return publication
+        exclude = set(msg.exclude or ())
+        if publisher is not None and (msg.exclude_me is None or msg.exclude_me):
+            exclude.add(publisher.session_id)
+        exclude_authid = set(msg.exclude_authid or ())
+        exclude_authrole = set(msg.exclude_authrole or ())
+        eligible = set(msg.eligible) if msg.eligible is not None else None
+        eligible_authid = set(msg.eligible_authid) if msg.eligible_authid is not None else None
+        eligible_authrole = set(msg.eligible_authrole) if msg.eligible_authrole is not None else None
+        filtered = bool(exclude_authid or exclude_authrole or eligible is not None
+                        or eligible_authid is not None or eligible_authrole is not None)
+        stats = self.stats
+        for sub in subs:
+            ev = message.Event(
+                sub.id,
+                publication,
+                args=msg.args,
+                kwargs=msg.kwargs,
+                payload=msg.payload,
+                publisher=publisher.session_id if publisher is not None else None,
+                publisher_authid=publisher.authid if publisher is not None else None,
+                publisher_authrole=publisher.authrole if publisher is not None else None,
+                topic=msg.topic if sub.match != "exact" else None,
+                enc_algo=msg.enc_algo,
+                enc_key=msg.enc_key,
+                enc_serializer=msg.enc_serializer,
+            )
+            for sid, receiver in list(sub.subscribers.items()):
+                if sid in exclude:
+                    continue
+                if filtered:
+                    if receiver.authid in exclude_authid or receiver.authrole in exclude_authrole:
+                        continue
+                    if eligible is not None and sid not in eligible:
+                        continue
+                    if eligible_authid is not None and receiver.authid not in eligible_authid:
+                        continue
+                    if eligible_authrole is not None and receiver.authrole not in eligible_authrole:
+                        continue
+                if receiver.send_event(ev):
+                    stats.events_sent += 1
+                else:
+                    stats.events_dropped += 1
+        return publication
+
+    # dealer ----------------------------------------------------------------------------
+
+    def _on_register(self, session, msg):
+        match = msg.match or "exact"
+        rtype = message.Register.MESSAGE_TYPE
+        if msg.invoke not in (None, "single"):
+            self._error(session, rtype, msg.request, ApplicationError.INVALID_ARGUMENT,
+                        f"invocation policy {msg.invoke!r} is not supported (only 'single')")
+            return
+        if not self._allowed(session, msg.procedure, "register", match):
+            self._error(session, rtype, msg.request, ApplicationError.NOT_AUTHORIZED,
+                        f"{session.authrole!r} may not register {msg.procedure!r}")
+            return
+        if msg.procedure.startswith("wamp."):
+            self._error(session, rtype, msg.request, ApplicationError.INVALID_URI,
+                        "procedures under 'wamp.' are reserved for the router")
+            return
+        existing = self._registrations.get(msg.procedure, match)
+        if existing is not None:
+            if msg.force_reregister and existing.callee is not None:
+                self._remove_registration(existing)
+                existing.callee.registrations.discard(existing)
+            else:
+                self._error(session, rtype, msg.request, ApplicationError.PROCEDURE_ALREADY_EXISTS,
+                            f"{msg.procedure!r} is already registered")
+                return
+        self._next_reg_id += 1
+        reg = _Registration(self._next_reg_id, msg.procedure, match, callee=session)
+        self._registrations.add(reg)
+        self._registrations_by_id[reg.id] = reg
+        session.registrations.add(reg)
+        session.send(message.Registered(msg.request, reg.id))
+
+    def _remove_registration(self, reg):
+        self._registrations.remove(reg)
+        self._registrations_by_id.pop(reg.id, None)
+        if reg.callee is not None:
+            # calls already invoked keep running; they end when the callee answers or leaves
+            pass
+
+    def _on_unregister(self, session, msg):
+        reg = self._registrations_by_id.get(msg.registration)
+        if reg is None or reg.callee is not session:
+            self._error(session, message.Unregister.MESSAGE_TYPE, msg.request, ApplicationError.NO_SUCH_REGISTRATION,
+                        f"no registration {msg.registration}")
+            return
+        self._remove_registration(reg)
+        session.registrations.discard(reg)
+        session.send(message.Unregistered(msg.request))
+
+    def _on_call(self, session, msg):
+        ctype = message.Call.MESSAGE_TYPE
+        self.stats.calls += 1
+        if msg.request in session.calls:
+            raise ProtocolError(f"CALL request id {msg.request} is already in use")
+        if not self._allowed(session, msg.procedure, "call"):
+            self._error(session, ctype, msg.request, ApplicationError.NOT_AUTHORIZED,
+                        f"{session.authrole!r} may not call {msg.procedure!r}")
+            return
+        reg = self._registrations.best_match(msg.procedure)
+        if reg is None:
+            self._error(session, ctype, msg.request, ApplicationError.NO_SUCH_PROCEDURE,
+                        f"no procedure {msg.procedure!r} is registered")
+            return
+        if reg.handler is not None:
+            self._call_router_procedure(session, msg, reg)
+            return
+        limit = self.limits.max_pending_calls_per_session
+        if limit and len(session.calls) >= limit:
+            self._error(session, ctype, msg.request, "zwrm.error.resource_exhausted",
+                        f"too many calls in flight (limit {limit})")
+            return
+        callee = reg.callee
+        inv_request = callee.new_request_id()
+        receive_progress = bool(msg.receive_progress)
+        pc = _PendingCall(session, msg.request, callee, inv_request, receive_progress)
+        session.calls[msg.request] = pc
+        callee.invocations[inv_request] = pc
+        timeout = self.limits.call_timeout or 0
+        if msg.timeout:
+            t = msg.timeout / 1000.0
+            timeout = min(timeout, t) if timeout else t
+        if timeout:
+            pc.timer = self.reactor.callLater(timeout, self._timeout, pc)
+        callee.send(
+            message.Invocation(
+                inv_request,
+                reg.id,
+                args=msg.args,
+                kwargs=msg.kwargs,
+                payload=msg.payload,
+                receive_progress=receive_progress or None,
+                caller=session.session_id,
+                caller_authid=session.authid,
+                caller_authrole=session.authrole,
+                procedure=msg.procedure if reg.match != "exact" else None,
+                enc_algo=msg.enc_algo,
+                enc_key=msg.enc_key,
+                enc_serializer=msg.enc_serializer,
+            )
+        )
+
+    def _finish(self, pc):
+        """Forget a pending call on both sides."""
+        pc.caller.calls.pop(pc.call_request, None)
+        if pc.callee is not None:
+            pc.callee.invocations.pop(pc.invocation_request, None)
+        if pc.timer is not None and pc.timer.active():
+            pc.timer.cancel()
+        pc.timer = None
+
+    def _send_call_error(self, pc, uri, args=None, kwargs=None):
+        pc.caller.send(message.Error(message.Call.MESSAGE_TYPE, pc.call_request, uri, args=args, kwargs=kwargs))
+
+    def _timeout(self, pc):
+        pc.timer = None
+        if pc.caller.calls.get(pc.call_request) is not pc:
+            return
+        self._finish(pc)
+        if pc.callee.callee_feature("call_canceling"):
+            pc.callee.send(message.Interrupt(pc.invocation_request, "killnowait", reason=ApplicationError.TIMEOUT))
+        self._send_call_error(pc, ApplicationError.TIMEOUT, ["the call timed out"])
+
+    def _on_cancel(self, session, msg):
+        pc = session.calls.get(msg.request)
+        if pc is None:
+            return  # already answered: nothing to cancel
+        mode = msg.mode or "killnowait"
+        can_interrupt = pc.callee.callee_feature("call_canceling")
+        if mode == "kill" and can_interrupt:
+            # the caller gets its ERROR when the callee answers the INTERRUPT
+            pc.canceled = True
+            pc.callee.send(message.Interrupt(pc.invocation_request, "kill", reason=ApplicationError.CANCELED))
+            return
+        self._finish(pc)
+        if mode != "skip" and can_interrupt:
+            pc.callee.send(message.Interrupt(pc.invocation_request, "killnowait", reason=ApplicationError.CANCELED))
+        self._send_call_error(pc, ApplicationError.CANCELED, ["the call was canceled"])
+
+    def _on_yield(self, session, msg):
+        pc = session.invocations.get(msg.request)
+        if pc is None:
+            return  # canceled or timed out: late results are dropped
+        if msg.progress:
+            if pc.receive_progress and not pc.canceled:
+                pc.caller.send(
+                    message.Result(pc.call_request, args=msg.args, kwargs=msg.kwargs, payload=msg.payload,
+                                   progress=True, enc_algo=msg.enc_algo, enc_key=msg.enc_key,
+                                   enc_serializer=msg.enc_serializer)
+                )
+            return
+        self._finish(pc)
+        if pc.canceled:
+            self._send_call_error(pc, ApplicationError.CANCELED, ["the call was canceled"])
+            return
+        pc.caller.send(
+            message.Result(pc.call_request, args=msg.args, kwargs=msg.kwargs, payload=msg.payload,
+                           enc_algo=msg.enc_algo, enc_key=msg.enc_key, enc_serializer=msg.enc_serializer)
+        )
+
+    def _on_error(self, session, msg):
+        if msg.request_type != message.Invocation.MESSAGE_TYPE:
+            raise ProtocolError(f"ERROR for message type {msg.request_type} sent to the router")
+        pc = session.invocations.get(msg.request)
+        if pc is None:
+            return
+        self._finish(pc)
+        if pc.canceled:
+            self._send_call_error(pc, ApplicationError.CANCELED, ["the call was canceled"])
+            return
+        pc.caller.send(
+            message.Error(message.Call.MESSAGE_TYPE, pc.call_request, msg.error, args=msg.args,
+                          kwargs=msg.kwargs, payload=msg.payload, enc_algo=msg.enc_algo,
+                          enc_key=msg.enc_key, enc_serializer=msg.enc_serializer)
+        )
+
+    # router procedures (session meta API) ---------------------------------------------
+
+    def register_internal(self, uri, handler):
+        """
+        Register C{handler(caller_session, args, kwargs)} as procedure C{uri},
+        answered by the router itself.  It returns a C{list} of result args or
+        raises C{ApplicationError}.
+        """
+        self._next_reg_id += 1
+        reg = _Registration(self._next_reg_id, uri, "exact", handler=handler)
+        self._registrations.add(reg)
+        self._registrations_by_id[reg.id] = reg
+
+    def _call_router_procedure(self, session, msg, reg):
+        try:
+            result = reg.handler(session, list(msg.args or ()), dict(msg.kwargs or {}))
+        except ApplicationError as e:
+            session.send(message.Error(message.Call.MESSAGE_TYPE, msg.request, e.error,
+                                       args=list(e.args), kwargs=e.kwargs))
+            return
+        except Exception as e:
+            self._error(session, message.Call.MESSAGE_TYPE, msg.request, ApplicationError.INVALID_ARGUMENT,
+                        f"{msg.procedure}: {e}")
+            return
+        session.send(message.Result(msg.request, args=result))
+
+    def _add_meta_procedures(self):
+        def _roles_filter(args, kwargs):
+            roles = kwargs.get("filter_authroles", args[0] if args else None)
+            if roles is not None and not (isinstance(roles, list) and all(isinstance(r, str) for r in roles)):
+                raise ApplicationError(ApplicationError.INVALID_ARGUMENT, "filter_authroles must be a list of strings")
+            return roles
+
+        def count(caller, args, kwargs):
+            roles = _roles_filter(args, kwargs)
+            if roles is None:
+                return [len(self._sessions)]
+            return [sum(1 for s in self._sessions.values() if s.authrole in roles)]
+
+        def list_(caller, args, kwargs):
+            roles = _roles_filter(args, kwargs)
+            return [[sid for sid, s in self._sessions.items() if roles is None or s.authrole in roles]]
+
+        def get(caller, args, kwargs):
+            sid = args[0] if args else kwargs.get("session_id")
+            if not isinstance(sid, int) or isinstance(sid, bool):
+                raise ApplicationError(ApplicationError.INVALID_ARGUMENT, "wamp.session.get needs a session id")
+            s = self._sessions.get(sid)
+            if s is None:
+                raise ApplicationError(ApplicationError.NO_SUCH_SESSION, f"no session {sid}")
+            return [s.details()]
+
+        self.register_internal("wamp.session.count", count)
+        self.register_internal("wamp.session.list", list_)
+        self.register_internal("wamp.session.get", get)
+
+
+__all__ = ["Router", "RouterLimits", "RouterSession", "router_roles", "BROKER_FEATURES", "DEALER_FEATURES"]

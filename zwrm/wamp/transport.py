@@ -1,0 +1,330 @@
+"""
+Transports for the router: WebSocket and RawSocket listeners (plain or TLS, any
+Twisted endpoint string) and an in-memory transport pair for in-process sessions and
+unit tests.
+
+A WebSocket listener serves WAMP at C{ws[s]://host:port/ws} with the subprotocols
+C{wamp.2.json}, C{wamp.2.msgpack} and C{wamp.2.cbor}; a RawSocket listener speaks
+WAMP-over-RawSocket with the same serializers.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import txaio
+from autobahn.twisted import rawsocket as _rawsocket
+from autobahn.twisted import websocket as _websocket
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.wamp.exception import TransportLost
+from autobahn.wamp.interfaces import ITransport
+from autobahn.wamp.serializer import CBORSerializer, JsonSerializer, MsgPackSerializer
+from autobahn.wamp.types import TransportDetails
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+log = Logger()
+
+SERIALIZERS = {"json": JsonSerializer, "msgpack": MsgPackSerializer, "cbor": CBORSerializer}
+
+
+def make_serializers(names):
+    """Autobahn serializer instances for C{names} (C{"json"}, C{"msgpack"}, C{"cbor"})."""
+    out = []
+    for name in names:
+        if name not in SERIALIZERS:
+            raise ValueError(f"unknown WAMP serializer {name!r}; known: {sorted(SERIALIZERS)}")
+        out.append(SERIALIZERS[name]())
+    return out
+
+
+def _malformed(session, e):
+    if session is not None and hasattr(session, "protocol_violation"):
+        session.protocol_violation(f"malformed message: {e}")
+        return True
+    return False
+
+
+class WampWebSocketServerProtocol(_websocket.WampWebSocketServerProtocol):
+    """
+    Autobahn's WAMP-over-WebSocket server protocol, except that a message that does
+    not parse ends the session with ABORT C{wamp.error.protocol_violation} instead
+    of a bare close.
+    """
+
+    def onMessage(self, payload, isBinary):
+        session = self._session
+        if session is None:
+            return
+        try:
+            msgs = self._serializer.unserialize(payload, isBinary)
+        except Exception as e:
+            if not _malformed(session, e):
+                self._bailout(1002, f"WAMP Protocol Error ({e})")
+            return
+        for msg in msgs:
+            if self._session is None:
+                break
+            self._session.onMessage(msg)
+
+
+class WampWebSocketServerFactory(_websocket.WampWebSocketServerFactory):
+    protocol = WampWebSocketServerProtocol
+
+
+class WampRawSocketServerProtocol(_rawsocket.WampRawSocketServerProtocol):
+    """
+    Autobahn's WAMP-over-RawSocket server protocol with the same ABORT on a
+    malformed message.
+    """
+
+    def stringReceived(self, payload):
+        session = self._session
+        if session is None:
+            return
+        try:
+            msgs = self._serializer.unserialize(payload)
+        except Exception as e:
+            if not _malformed(session, e):
+                self.abort()
+            return
+        for msg in msgs:
+            if self._session is None:
+                break
+            self._session.onMessage(msg)
+
+
+class WampRawSocketServerFactory(_rawsocket.WampRawSocketServerFactory):
+    protocol = WampRawSocketServerProtocol
+
+
+def websocket_factory(router, url=None, serializers=("json", "msgpack", "cbor")):
+    """
+    A WAMP-over-WebSocket server factory for C{router}.  Mount it as a
+    C{twisted.web} resource with C{autobahn.twisted.resource.WebSocketResource},
+    or listen with it directly.
+    """
+    factory = WampWebSocketServerFactory(
+        router.session_factory,
+        url=url,
+        serializers=make_serializers(serializers),
+        reactor=router.reactor,
+    )
+    size = router.limits.max_message_size
+    factory.setProtocolOptions(
+        maxFramePayloadSize=size,
+        maxMessagePayloadSize=size,
+        openHandshakeTimeout=30,
+        autoPingInterval=30,
+        autoPingTimeout=30,
+        failByDrop=False,
+    )
+    return factory
+
+
+def rawsocket_factory(router, serializers=("json", "msgpack", "cbor")):
+    """A WAMP-over-RawSocket server factory for C{router}."""
+    factory = WampRawSocketServerFactory(router.session_factory, serializers=make_serializers(serializers))
+    factory.setProtocolOptions(maxMessagePayloadSize=max(512, min(router.limits.max_message_size, 2**24)))
+    return factory
+
+
+def websocket_site(router, path="/ws", serializers=("json", "msgpack", "cbor")):
+    """A C{twisted.web} Site serving the router's WebSocket at C{path}."""
+    root = Resource()
+    root.putChild(path.strip("/").encode("ascii"), WebSocketResource(websocket_factory(router, serializers=serializers)))
+    return Site(root)
+
+
+def listen(reactor, router, description, kind="websocket", path="/ws"):
+    """
+    Listen for WAMP clients on the Twisted server endpoint C{description}
+    (e.g. C{"tcp:8080:interface=127.0.0.1"} or
+    C{"ssl:8443:privateKey=key.pem:certKey=cert.pem:interface=127.0.0.1"}).
+
+    @param kind: C{"websocket"} (served at C{path}, or at any path if C{path} is
+        C{None}) or C{"rawsocket"}.
+    @return: Deferred firing with the C{IListeningPort}.
+    """
+    if kind == "websocket":
+        factory = websocket_site(router, path) if path and path.strip("/") else websocket_factory(router)
+    elif kind == "rawsocket":
+        factory = rawsocket_factory(router)
+    else:
+        return defer.fail(ValueError(f"unknown transport kind {kind!r}: use 'websocket' or 'rawsocket'"))
+    try:
+        endpoint = serverFromString(reactor, description)
+    except Exception as e:
+        return defer.fail(ValueError(f"bad listener endpoint {description!r}: {e}"))
+    return endpoint.listen(factory)
+
+
+# --- in-memory transports -----------------------------------------------------------------
+
+
+class _LocalSerializer:
+    SERIALIZER_ID = "local"
+    RAWSOCKET_SERIALIZER_ID = 0
+    MIME_TYPE = "application/x-python-objects"
+
+
+class MemoryTransport:
+    """
+    One end of a L{MemoryTransportPair}: the transport a handler sends through.
+    """
+
+    def __init__(self, pair, side):
+        self._pair = pair
+        self._side = side  # 0: router side, 1: client side
+        self.handler = None
+        self.is_closed = txaio.create_future()
+        self.paused = False  # for tests: hold messages to this end's handler
+        self._serializer = pair.serializer or _LocalSerializer()
+        self._transport_details = TransportDetails(
+            channel_type=TransportDetails.CHANNEL_TYPE_FUNCTION,
+            channel_framing=TransportDetails.CHANNEL_FRAMING_NATIVE,
+            channel_serializer=TransportDetails.CHANNEL_SERIALIZER_NONE,
+            peer="memory",
+            is_server=side == 0,
+        )
+        self.transport = None
+
+    @property
+    def transport_details(self):
+        return self._transport_details
+
+    def isOpen(self):
+        return not self._pair.closed
+
+    def send(self, msg):
+        if self._pair.closed:
+            raise TransportLost()
+        self._pair._send(1 - self._side, msg)
+
+    def send_bytes(self, payload, is_binary=False):
+        """Deliver raw serialized bytes to the other end (for tests)."""
+        self._pair._enqueue(1 - self._side, ("bytes", (payload, is_binary)))
+
+    def unsent_bytes(self):
+        """Bytes (or message count, unserialized) waiting for the other end."""
+        return self._pair.backlog(1 - self._side)
+
+    def close(self):
+        if self._pair.closed:
+            raise TransportLost()
+        self._pair.close()
+
+    def abort(self):
+        if not self._pair.closed:
+            self._pair.close()
+
+
+ITransport.register(MemoryTransport)
+
+
+class MemoryTransportPair:
+    """
+    Two connected L{MemoryTransport}s.  Every message is delivered later, from the
+    reactor (C{callLater(0, ...)}), in order, so neither side is ever re-entered.
+
+    @param serializer: if given (an autobahn serializer), messages are serialized
+        and parsed on the way, as on a real connection.
+    """
+
+    def __init__(self, reactor, serializer=None):
+        self.reactor = reactor
+        self.serializer = serializer
+        self.closed = False
+        self.ends = (MemoryTransport(self, 0), MemoryTransport(self, 1))
+        self._queue = deque()
+        self._held = (deque(), deque())
+        self._scheduled = None
+
+    def connect(self, server_handler, client_handler):
+        """Open both handlers (the server's first)."""
+        self.ends[0].handler = server_handler
+        self.ends[1].handler = client_handler
+        server_handler.onOpen(self.ends[0])
+        client_handler.onOpen(self.ends[1])
+
+    def _send(self, side, msg):
+        if self.serializer is not None:
+            payload, is_binary = self.serializer.serialize(msg)
+            self._enqueue(side, ("bytes", (payload, is_binary)))
+        else:
+            self._enqueue(side, ("msg", msg))
+
+    def _enqueue(self, side, item):
+        end = self.ends[side]
+        if end.paused:
+            self._held[side].append(item)
+            return
+        self._queue.append((side, item))
+        self._schedule()
+
+    def _schedule(self):
+        if self._scheduled is None or not self._scheduled.active():
+            self._scheduled = self.reactor.callLater(0, self._flush)
+
+    def backlog(self, side):
+        n = 0
+        for kind, value in self._held[side]:
+            n += len(value[0]) if kind == "bytes" else 1
+        return n
+
+    def resume(self, side):
+        """Release messages held for a paused end."""
+        end = self.ends[side]
+        end.paused = False
+        held = self._held[side]
+        while held:
+            self._queue.append((side, held.popleft()))
+        self._schedule()
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        for side in (0, 1):
+            self._queue.append((side, ("close", None)))
+        self._schedule()
+
+    def _flush(self):
+        self._scheduled = None
+        n = len(self._queue)
+        for _ in range(n):
+            side, (kind, value) = self._queue.popleft()
+            handler = self.ends[side].handler
+            if handler is None:
+                continue
+            try:
+                if kind == "close":
+                    self.ends[side].handler = None
+                    if not self.ends[side].is_closed.called:
+                        self.ends[side].is_closed.callback(None)
+                    handler.onClose(True)
+                elif kind == "msg":
+                    handler.onMessage(value)
+                else:
+                    self._deliver_bytes(side, handler, value)
+            except Exception:
+                log.failure("memory transport: handler failed")
+        if self._queue:
+            self._schedule()
+
+    def _deliver_bytes(self, side, handler, value):
+        payload, is_binary = value
+        serializer = self.serializer or JsonSerializer()
+        try:
+            msgs = serializer.unserialize(payload, is_binary)
+        except Exception as e:
+            if not _malformed(handler, e):
+                self.close()
+            return
+        for msg in msgs:
+            if self.ends[side].handler is None:
+                break
+            handler.onMessage(msg)
