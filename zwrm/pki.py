@@ -276,8 +276,19 @@ def _split_names(names):
     return dns, ips
 
 
-def _to_openssl(cert_pem, key_pem):
-    return ssl.PrivateCertificate.loadPEM(key_pem + b"\n" + cert_pem)
+def _load_pair(cert_pem, key_pem):
+    """
+    Load a certificate and its key (as C{cryptography} objects, which pyOpenSSL's contexts
+    take directly); refuse a key that does not belong to the certificate.
+    """
+    try:
+        cert = _as_cryptography(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as e:
+        raise InvalidArgument(f"unusable certificate or key: {e}") from None
+    if cert.public_key().public_numbers() != key.public_key().public_numbers():
+        raise InvalidArgument("the private key does not belong to the certificate")
+    return cert, key
 
 
 class CertificateAuthority:
@@ -585,14 +596,14 @@ def server_options(cert_pem, key_pem, ca_pem, require_client_certificate=False):
 
     @rtype: L{twisted.internet.ssl.CertificateOptions}
     """
-    own = _to_openssl(cert_pem, key_pem)
-    ca = ssl.Certificate.loadPEM(ca_pem)
+    cert, key = _load_pair(cert_pem, key_pem)
+    ca = _as_cryptography(ca_pem)
     return ssl.CertificateOptions(
-        privateKey=own.privateKey.original,
-        certificate=own.original,
-        extraCertChain=[ca.original],
+        privateKey=key,
+        certificate=cert,
+        extraCertChain=[ca],
         verify=True,
-        caCerts=[ca.original],
+        caCerts=[crypto.X509.from_cryptography(ca)],
         requireCertificate=require_client_certificate,
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )
@@ -681,9 +692,9 @@ class PinnedClientTLSOptions:
             ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(ca))
         if client_certificate is not None:
             cert_pem, key_pem = client_certificate
-            own = _to_openssl(cert_pem, key_pem)
-            ctx.use_certificate(own.original)
-            ctx.use_privatekey(own.privateKey.original)
+            cert, key = _load_pair(cert_pem, key_pem)
+            ctx.use_certificate(cert)
+            ctx.use_privatekey(key)
             ctx.check_privatekey()
         ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
         self._context = ctx
