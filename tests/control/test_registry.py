@@ -1,0 +1,246 @@
+"""The host registry and the health monitor, driven by a Clock."""
+
+from twisted.internet.defer import ensureDeferred, succeed
+from twisted.trial.unittest import TestCase
+
+from tests.control.helpers import FACTS, make_registry
+from zwrm import errors
+from zwrm.control.monitor import HealthMonitor
+from zwrm.control.registry import HOST_TOPIC, MACHINE_TOPIC
+from zwrm.control.store import hash_secret
+
+
+def d(f):
+    def wrapper(self):
+        return ensureDeferred(f(self))
+
+    wrapper.__name__ = f.__name__
+    return wrapper
+
+
+async def add_machine(store, mid, host_id, state="running"):
+    await store.insert(
+        "machines",
+        {"id": mid, "app_id": "a1", "host_id": host_id, "state": state, "spec": {},
+         "health": {}, "created_at": 0.0, "updated_at": 0.0},
+    )
+
+
+class RegistryTests(TestCase):
+    @d
+    async def test_join_stores_hashed_credential(self):
+        clock, store, reg, published = await make_registry(self)
+        result = await reg.join("h-one", FACTS)
+        self.assertEqual(result["host_id"], "h-one")
+        self.assertEqual(result["heartbeat_interval"], reg.heartbeat_interval)
+        row = await store.get("hosts", "h-one")
+        self.assertEqual(row["credential_hash"], hash_secret(result["credential"]))
+        self.assertEqual((row["region"], row["vcpus"], row["state"]), ("eu-central", 8, "ready"))
+        self.assertEqual(row["labels"], {"disk": "ssd"})
+        self.assertEqual(published[0][0], HOST_TOPIC)
+        # joining again keeps the host and changes the credential
+        again = await reg.join("h-one", FACTS)
+        self.assertNotEqual(again["credential"], result["credential"])
+        self.assertEqual(len(reg), 1)
+        self.assertEqual(reg.credential_hash("h-one"), hash_secret(again["credential"]))
+
+    @d
+    async def test_join_assigns_id_and_checks_input(self):
+        clock, store, reg, published = await make_registry(self)
+        result = await reg.join(None, {})
+        self.assertTrue(result["host_id"].startswith("h-"))
+        with self.assertRaises(errors.InvalidArgument):
+            await reg.join("bad id!", {})
+        with self.assertRaises(errors.InvalidArgument):
+            await reg.join("h-x", {"vcpus": "many"})
+        with self.assertRaises(errors.NotFound):
+            await reg.register("h-nobody", {})
+        self.assertRaises(errors.NotFound, reg.heartbeat, "h-nobody")
+
+    @d
+    async def test_register_updates_facts_and_enables_executor(self):
+        clock, store, reg, published = await make_registry(self)
+        await reg.join("h1", FACTS)
+        self.assertFalse(reg.executor_available("h1"))
+        self.assertEqual(reg.schedulable(), [])
+        result = await reg.register("h1", {"vcpus": 4, "agent_version": "0.2"})
+        self.assertEqual(result["state"], "ready")
+        self.assertTrue(reg.executor_available("h1"))
+        self.assertEqual([h["id"] for h in reg.schedulable()], ["h1"])
+        row = await store.get("hosts", "h1")
+        self.assertEqual((row["vcpus"], row["agent_version"], row["memory_mb"]), (4, "0.2", 16384))
+
+    @d
+    async def test_heartbeats_are_batched(self):
+        clock, store, reg, published = await make_registry(self)
+        await reg.join("h1", FACTS)
+        clock.advance(10)
+        reg.heartbeat("h1")
+        self.assertEqual(reg.last_heartbeat("h1"), 10)
+        self.assertEqual((await store.get("hosts", "h1"))["last_heartbeat"], 0)
+        await reg.flush_heartbeats()
+        self.assertEqual((await store.get("hosts", "h1"))["last_heartbeat"], 10)
+
+    @d
+    async def test_list_and_status(self):
+        clock, store, reg, published = await make_registry(self)
+        await reg.join("h1", FACTS)
+        await reg.join("h2", dict(FACTS, name="worker-0"))
+        await add_machine(store, "m1", "h1")
+        clock.advance(3)
+        hosts = await reg.list()
+        self.assertEqual([h["name"] for h in hosts], ["worker-0", "worker-1"])
+        self.assertEqual(hosts[1]["machines"], 1)
+        self.assertEqual(hosts[1]["heartbeat_age"], 3)
+        status = await reg.status("h1")
+        self.assertEqual([m["id"] for m in status["machine_list"]], ["m1"])
+        self.assertEqual(status["events"][0]["kind"], "joined")
+        with self.assertRaises(errors.NotFound):
+            await reg.status("h9")
+
+    @d
+    async def test_transition_stores_then_publishes(self):
+        clock, store, reg, published = await make_registry(self)
+        await reg.join("h1", FACTS)
+        seen = []
+        orig = reg._publish
+
+        def publish(topic, event):
+            # by the time of publishing, the store has the new state
+            seen.append(store.get("hosts", "h1"))
+            orig(topic, event)
+
+        reg._publish = publish
+        self.assertEqual(await reg.transition("h1", "drain_requested"), "draining")
+        row = await seen[0]
+        self.assertEqual(row["state"], "draining")
+        self.assertEqual(published[-1][1]["payload"]["state"], "draining")
+        with self.assertRaises(errors.Conflict):
+            await reg.transition("h1", "drain_requested")
+        with self.assertRaises(errors.InvalidArgument):
+            await reg.transition("h1", "explode")
+
+
+class MonitorTests(TestCase):
+    async def cluster(self, check_interval=5, offline_after=10, grace=None, **kw):
+        clock, store, reg, published = await make_registry(self, **kw)
+        for hid in ("h1", "h2"):
+            await reg.join(hid, dict(FACTS, name=hid))
+            await reg.register(hid, {})
+        clock.advance(0)  # reconciliation callLaters
+        monitor = HealthMonitor(clock, reg, check_interval, offline_after, grace)
+        return clock, store, reg, published, monitor
+
+    @d
+    async def test_marks_silent_host_offline(self):
+        clock, store, reg, published, monitor = await self.cluster(grace=0)
+        await add_machine(store, "m1", "h2", "running")
+        await add_machine(store, "m2", "h2", "stopped")
+        monitor.startService()
+        self.addCleanup(monitor.stopService)
+        for _t in range(1, 16):
+            clock.advance(1)
+            reg.heartbeat("h1")
+            await monitor.check()
+        self.assertEqual(reg.state("h1"), "ready")
+        self.assertEqual(reg.state("h2"), "offline")
+        self.assertFalse(reg.executor_available("h2"))
+        self.assertEqual([h["id"] for h in reg.schedulable()], ["h1"])
+        self.assertEqual((await store.get("hosts", "h2"))["state"], "offline")
+        self.assertEqual((await store.get("machines", "m1"))["state"], "failed")
+        self.assertEqual((await store.get("machines", "m2"))["state"], "stopped")
+        topics = [(t, e["payload"].get("state")) for t, e in published[-2:]]
+        self.assertEqual(topics, [(HOST_TOPIC, "offline"), (MACHINE_TOPIC, "failed")])
+        with self.assertRaises(errors.Unavailable):
+            await reg.call_executor("h2", "machine.list")
+
+    @d
+    async def test_not_before_offline_after(self):
+        """At exactly offline_after the host is still fine; one check later it is not."""
+        clock, store, reg, published, monitor = await self.cluster(
+            check_interval=1, offline_after=10, grace=0
+        )
+        monitor.startService()
+        self.addCleanup(monitor.stopService)
+        clock.advance(10)
+        self.assertEqual(await monitor.check(), [])
+        clock.advance(1)
+        self.assertEqual(sorted(await monitor.check()), ["h1", "h2"])
+        self.assertEqual(await monitor.check(), [])
+
+    @d
+    async def test_grace_period_after_start(self):
+        """Stored heartbeats are old after a restart; the hosts get a grace period."""
+        clock, store, reg, published, monitor = await self.cluster(grace=20)
+        clock.advance(1000)  # the control plane was down for a long time
+        monitor.startService()
+        self.addCleanup(monitor.stopService)
+        clock.advance(19)
+        self.assertEqual(await monitor.check(), [])
+        clock.advance(2)
+        self.assertEqual(sorted(await monitor.check()), ["h1", "h2"])
+
+    @d
+    async def test_heartbeat_brings_host_back_and_reconciles(self):
+        calls = []
+
+        def call(proc, *args):
+            calls.append((proc, args))
+            if proc.endswith("machine.list"):
+                return succeed([{"id": "m1", "state": "running"},
+                                {"id": "m3", "state": "running"},
+                                {"id": "m4", "state": "running"}])
+            return succeed(None)
+
+        clock, store, reg, published, monitor = await self.cluster(grace=0, call=call)
+        await add_machine(store, "m1", "h2", "running")   # will be failed, then restored
+        await add_machine(store, "m2", "h2", "running")   # will be failed, not reported
+        await add_machine(store, "m3", "h1", "running")   # rescheduled elsewhere: duplicate
+        monitor.startService()
+        self.addCleanup(monitor.stopService)
+        clock.advance(11)
+        await monitor.check()
+        self.assertEqual(reg.state("h2"), "offline")
+        reg.heartbeat("h2")
+        self.assertEqual(reg.state("h2"), "offline")  # re-registration is eventual
+        clock.advance(0)  # re-register
+        await store.run(lambda db: None)
+        for _ in range(20):
+            clock.advance(0)
+            await store.run(lambda db: None)
+        self.assertEqual(reg.state("h2"), "ready")
+        self.assertTrue(reg.executor_available("h2"))
+        self.assertEqual((await store.get("machines", "m1"))["state"], "running")
+        self.assertEqual((await store.get("machines", "m2"))["state"], "failed")
+        self.assertIn(("zwrm.agent.h2.machine.stop", ("m3",)), calls)
+        kinds = [e["kind"] for t, e in published if t == MACHINE_TOPIC]
+        self.assertIn("unknown_machine", kinds)
+        self.assertIn("duplicate_machine", kinds)
+
+    @d
+    async def test_reconcile_results(self):
+        clock, store, reg, published = await make_registry(self)
+        await reg.join("h1", FACTS)
+        await add_machine(store, "m1", "h1", "failed")
+        await add_machine(store, "m2", "h1", "running")
+        result = await reg.reconcile("h1", [{"id": "m1", "state": "running"},
+                                            {"id": "mx", "state": "running"}])
+        self.assertEqual(result, {"restored": ["m1"], "failed": ["m2"], "duplicate": [],
+                                  "unknown": ["mx"]})
+        with self.assertRaises(errors.InvalidArgument):
+            await reg.reconcile("h1", "nonsense")
+
+    @d
+    async def test_restart_keeps_state(self):
+        path = self.mktemp()
+        clock, store, reg, published = await make_registry(self, path=path)
+        await reg.join("h1", FACTS)
+        await reg.transition("h1", "drain_requested")
+        await reg.mark_offline("h1")
+        await store.stop()
+        self.addCleanup(lambda: None)
+        clock2, store2, reg2, _ = await make_registry(self, path=path)
+        self.assertEqual(reg2.state("h1"), "offline")
+        self.assertEqual(reg2.entry("h1").machine.state_before_offline, "draining")
+        await reg2.register("h1", {})
+        self.assertEqual(reg2.state("h1"), "draining")

@@ -1,0 +1,104 @@
+"""
+The health monitor: marks hosts offline when their heartbeats stop.
+"""
+
+from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+
+def _observe(d):
+    """A new Deferred with C{d}'s result, leaving C{d}'s own chain untouched."""
+    out = Deferred()
+
+    def fire(result):
+        out.callback(result)
+        return result
+
+    d.addBoth(fire)
+    return out
+
+
+class HealthMonitor(TimerService):
+    """
+    Every C{check_interval} seconds, marks offline each host whose last heartbeat is
+    older than C{offline_after} seconds.
+
+    After the monitor starts (the control plane started or restarted) no host is marked
+    offline for C{grace} seconds, and a host's heartbeat age is counted from the start
+    at the earliest: agents need time to reconnect to a control plane that was away.
+
+    @ivar started_at: the clock time the monitor started.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock, registry, check_interval=15.0, offline_after=30.0, grace=None):
+        """
+        @param clock: an L{IReactorTime}.
+        @param registry: a L{zwrm.control.registry.HostRegistry}.
+        @param check_interval: seconds between checks.
+        @param offline_after: seconds without a heartbeat after which a host is offline.
+        @param grace: seconds after start during which nobody is marked offline
+            (default C{offline_after}).
+        """
+        TimerService.__init__(self, check_interval, self.check)
+        self.clock = clock
+        self.registry = registry
+        self.check_interval = check_interval
+        self.offline_after = offline_after
+        self.grace = offline_after if grace is None else grace
+        self.started_at = None
+        self._checking = None
+
+    def startService(self):
+        self.started_at = self.clock.seconds()
+        TimerService.startService(self)
+
+    def stale_hosts(self):
+        """The ids of hosts that are not offline and have missed heartbeats too long."""
+        now = self.clock.seconds()
+        if self.started_at is None or now - self.started_at < self.grace:
+            return []
+        stale = []
+        for host_id in self.registry.host_ids():
+            if self.registry.state(host_id) == "offline":
+                continue
+            last = max(self.registry.last_heartbeat(host_id) or 0.0, self.started_at)
+            if now - last > self.offline_after:
+                stale.append(host_id)
+        return stale
+
+    def check(self):
+        """
+        Mark every stale host offline.
+
+        @return: a Deferred firing with the list of host ids marked offline (a check
+            that is still running from the last tick is not started twice).
+        """
+        if self._checking is None:
+            d = Deferred.fromCoroutine(self._check())
+
+            def done(result):
+                self._checking = None
+                return result
+
+            d.addBoth(done)
+            if d.called:
+                return d
+            self._checking = d
+        return _observe(self._checking)
+
+    async def _check(self):
+        marked = []
+        for host_id in self.stale_hosts():
+            try:
+                await self.registry.mark_offline(host_id)
+                marked.append(host_id)
+            except Exception:
+                self.log.failure("marking {host_id} offline", host_id=host_id)
+        if marked:
+            self.log.info(
+                "marked {n} host(s) offline: {hosts}", n=len(marked), hosts=", ".join(marked)
+            )
+        return marked

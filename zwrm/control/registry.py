@@ -1,0 +1,544 @@
+"""
+The host registry: every host the control plane knows, its L{Host} machine, its last
+heartbeat and whether its executor may be called.
+
+Writes go to the store first and are published afterwards (C{zwrm.event.host},
+C{zwrm.event.machine}).
+
+Heartbeats: at 10,000 hosts and a 5 s interval the control plane receives 2,000
+heartbeats a second.  A heartbeat only updates the host's entry in memory; the
+registry writes the changed last-heartbeat times to SQLite in one transaction every
+C{flush_interval} seconds (L{HostRegistry.flush_heartbeats}).  A crash loses at most
+that many seconds of heartbeat times, which the restart grace period covers: after a
+restart the monitor counts every host's heartbeat age from the restart, not from the
+stored time.
+"""
+
+import secrets
+import uuid
+
+from twisted.logger import Logger
+
+from zwrm import errors
+from zwrm.control.host import INPUTS, Host
+
+HOST_TOPIC = "zwrm.event.host"
+MACHINE_TOPIC = "zwrm.event.machine"
+LIVE_MACHINE_STATES = ("running", "starting")
+"""Machine states that mean "should be running on its host now"."""
+
+FACT_FIELDS = ("name", "region", "datacenter", "address", "vcpus", "memory_mb", "disk_mb")
+
+
+def new_host_id():
+    """A fresh host id."""
+    return "h-" + uuid.uuid4().hex[:16]
+
+
+def valid_host_id(host_id):
+    """Whether C{host_id} is a syntactically valid host id."""
+    return (
+        isinstance(host_id, str)
+        and 1 <= len(host_id) <= 64
+        and all(c.isalnum() or c in "-_" for c in host_id)
+    )
+
+
+def _check_facts(facts):
+    if not isinstance(facts, dict):
+        raise errors.InvalidArgument("host facts must be a mapping")
+    for key in ("vcpus", "memory_mb", "disk_mb"):
+        if key in facts and (not isinstance(facts[key], int) or facts[key] < 0):
+            raise errors.InvalidArgument(f"host fact {key} must be a non-negative integer")
+    for key in ("name", "region", "datacenter", "address", "agent_version"):
+        if key in facts and not isinstance(facts[key], str):
+            raise errors.InvalidArgument(f"host fact {key} must be a string")
+    if "labels" in facts and not isinstance(facts["labels"], dict):
+        raise errors.InvalidArgument("host fact labels must be a mapping")
+    if "machines" in facts and not isinstance(facts["machines"], list):
+        raise errors.InvalidArgument("host fact machines must be a list")
+
+
+class HostEntry:
+    """
+    What the registry holds about one host.
+
+    @ivar record: the host's row (a dict, as stored).
+    @ivar machine: its L{Host} machine.
+    @ivar last_heartbeat: the clock time of its last heartbeat.
+    @ivar executor: whether its executor may be called (registered and not offline).
+    """
+
+    def __init__(self, record, machine, last_heartbeat):
+        self.record = record
+        self.machine = machine
+        self.last_heartbeat = last_heartbeat
+        self.executor = False
+        self.reregistering = False
+
+
+class HostRegistry:
+    """
+    The control plane's hosts.
+
+    @ivar heartbeat_interval: the interval agents are told to heartbeat at (seconds).
+    """
+
+    log = Logger()
+
+    def __init__(self, clock, store, publish, call=None, heartbeat_interval=5.0,
+                 on_offline=None):
+        """
+        @param clock: an L{IReactorTime}; its C{seconds()} is the time of every record.
+        @param store: a L{zwrm.control.store.Store}.
+        @param publish: C{publish(topic, payload)}, called after each stored change.
+        @param call: C{call(procedure, *args, **kwargs) -> Deferred}, to call agents'
+            executor procedures; L{None} when there is no WAMP session (tests).
+        @param heartbeat_interval: what agents are told.
+        @param on_offline: called with a host id after it was marked offline (the
+            control plane uses it to drop the host's WAMP session).
+        """
+        self._clock = clock
+        self._store = store
+        self._publish = publish
+        self._call = call
+        self._on_offline = on_offline
+        self.heartbeat_interval = heartbeat_interval
+        self._hosts = {}
+        self._dirty = {}
+
+    # -- loading and persistence -----------------------------------------------------
+
+    async def load(self):
+        """Read every host from the store; executors start deregistered."""
+        for record in await self._store.select("hosts"):
+            machine = Host.restore(record["id"], record["state"], record["state_before_offline"])
+            self._hosts[record["id"]] = HostEntry(
+                record, machine, record["last_heartbeat"] or 0.0
+            )
+        return len(self._hosts)
+
+    def flush_heartbeats(self):
+        """
+        Write the heartbeat times that changed since the last flush, in one transaction.
+
+        @return: a Deferred firing when they are stored.
+        """
+        beats, self._dirty = self._dirty, {}
+        for hid, ts in beats.items():
+            self._hosts[hid].record["last_heartbeat"] = ts
+        return self._store.save_heartbeats(beats)
+
+    # -- queries ----------------------------------------------------------------------
+
+    def __contains__(self, host_id):
+        return host_id in self._hosts
+
+    def __len__(self):
+        return len(self._hosts)
+
+    def host_ids(self):
+        """Every known host id."""
+        return list(self._hosts)
+
+    def entry(self, host_id):
+        """
+        The L{HostEntry} of C{host_id}.
+
+        @raise zwrm.errors.NotFound: if there is no such host.
+        """
+        try:
+            return self._hosts[host_id]
+        except KeyError:
+            raise errors.NotFound(f"no host {host_id!r}") from None
+
+    def state(self, host_id):
+        """The public state of C{host_id}."""
+        return self.entry(host_id).machine.state
+
+    def last_heartbeat(self, host_id):
+        """The clock time of C{host_id}'s last heartbeat."""
+        return self.entry(host_id).last_heartbeat
+
+    def credential_hash(self, host_id):
+        """The stored hash of C{host_id}'s credential, or L{None} if no such host."""
+        entry = self._hosts.get(host_id)
+        return entry.record.get("credential_hash") if entry else None
+
+    def executor_available(self, host_id):
+        """Whether the control plane may call C{host_id}'s executor now."""
+        entry = self._hosts.get(host_id)
+        return bool(entry and entry.executor and entry.machine.state != "offline")
+
+    def schedulable(self):
+        """The records of hosts the scheduler may place on: ready, executor registered."""
+        return [
+            dict(e.record, state=e.machine.state)
+            for e in self._hosts.values()
+            if e.machine.state == "ready" and e.executor
+        ]
+
+    def call_executor(self, host_id, verb, *args, **kwargs):
+        """
+        Call C{zwrm.agent.<host_id>.<verb>}.
+
+        @raise zwrm.errors.Unavailable: (as a failed Deferred) if the host is offline or
+            its executor is not registered.
+        """
+        from twisted.internet.defer import fail
+
+        if not self.executor_available(host_id) or self._call is None:
+            return fail(errors.Unavailable(f"host {host_id} is not available"))
+        return self._call(f"zwrm.agent.{host_id}.{verb}", *args, **kwargs)
+
+    def _summary(self, entry, now, machine_counts):
+        r = entry.record
+        last = entry.last_heartbeat
+        return {
+            "id": r["id"],
+            "name": r["name"],
+            "region": r["region"],
+            "datacenter": r["datacenter"],
+            "address": r["address"],
+            "labels": r["labels"] or {},
+            "state": entry.machine.state,
+            "state_before_offline": entry.machine.state_before_offline,
+            "vcpus": r["vcpus"],
+            "memory_mb": r["memory_mb"],
+            "disk_mb": r["disk_mb"],
+            "alloc_vcpus": r["alloc_vcpus"] or 0,
+            "alloc_memory_mb": r["alloc_memory_mb"] or 0,
+            "alloc_disk_mb": r["alloc_disk_mb"] or 0,
+            "machines": machine_counts.get(r["id"], 0),
+            "last_heartbeat": last,
+            "heartbeat_age": (now - last) if last is not None else None,
+            "agent_version": r["agent_version"],
+            "joined_at": r["joined_at"],
+            "executor": entry.executor,
+        }
+
+    async def _machine_counts(self):
+        def count(db):
+            if "machines" not in db.table_names():
+                return {}
+            rows = db.execute(
+                "SELECT host_id, count(*) FROM machines"
+                " WHERE state NOT IN ('destroyed', 'deleted') GROUP BY host_id"
+            ).fetchall()
+            return dict(rows)
+
+        return await self._store.run(count)
+
+    async def list(self):
+        """Every host, summarised (as C{zwrm.host.list} returns them), sorted by name."""
+        counts = await self._machine_counts()
+        now = self._clock.seconds()
+        hosts = [self._summary(e, now, counts) for e in self._hosts.values()]
+        return sorted(hosts, key=lambda h: (h["name"] or "", h["id"]))
+
+    async def status(self, host_id, events=20):
+        """Everything known about one host, with its machines and recent events."""
+        entry = self.entry(host_id)
+        machines = await self._store.select("machines", "host_id = ?", [host_id], order_by="id")
+        result = self._summary(entry, self._clock.seconds(), {host_id: len(machines)})
+        result["machine_list"] = machines
+        result["events"] = await self._store.recent_events(host_id, events)
+        return result
+
+    # -- membership -------------------------------------------------------------------
+
+    async def join(self, host_id, facts, credential=None):
+        """
+        Admit a host (new, or an existing one whose agent lost its credential).
+
+        @param host_id: the id the agent chose, or L{None} to have one assigned.
+        @param facts: what the agent reports (see L{register}).
+        @param credential: the credential to issue (default: a fresh random one).
+        @return: C{{"host_id", "credential", "heartbeat_interval"}}.
+        """
+        _check_facts(facts)
+        if host_id is None:
+            host_id = new_host_id()
+        elif not valid_host_id(host_id):
+            raise errors.InvalidArgument(
+                "a host id is 1 to 64 letters, digits, '-' or '_'"
+            )
+        credential = credential or secrets.token_urlsafe(32)
+        from zwrm.control.store import hash_secret
+
+        now = self._clock.seconds()
+        entry = self._hosts.get(host_id)
+        if entry is None:
+            record = {
+                "id": host_id,
+                "name": facts.get("name") or host_id,
+                "region": facts.get("region", ""),
+                "datacenter": facts.get("datacenter", ""),
+                "address": facts.get("address", ""),
+                "labels": facts.get("labels", {}),
+                "vcpus": facts.get("vcpus", 0),
+                "memory_mb": facts.get("memory_mb", 0),
+                "disk_mb": facts.get("disk_mb", 0),
+                "alloc_vcpus": 0,
+                "alloc_memory_mb": 0,
+                "alloc_disk_mb": 0,
+                "state": "ready",
+                "state_before_offline": None,
+                "last_heartbeat": now,
+                "agent_version": facts.get("agent_version", ""),
+                "credential_hash": hash_secret(credential),
+                "joined_at": now,
+            }
+            await self._store.insert("hosts", record)
+            entry = HostEntry(record, Host(host_id), now)
+            self._hosts[host_id] = entry
+            event = await self._store.add_event(
+                HOST_TOPIC, "joined", host_id, {"host_id": host_id, "state": "ready"}
+            )
+            self._announce(HOST_TOPIC, event)
+            self.log.info("host {host_id} ({name}) joined", host_id=host_id, name=record["name"])
+        else:
+            entry.record["credential_hash"] = hash_secret(credential)
+            await self._store.update("hosts", host_id, {"credential_hash": hash_secret(credential)})
+            self.log.info("host {host_id} joined again; new credential", host_id=host_id)
+        return {
+            "host_id": host_id,
+            "credential": credential,
+            "heartbeat_interval": self.heartbeat_interval,
+        }
+
+    async def register(self, host_id, facts):
+        """
+        The agent of C{host_id} connected with its credential and reports its facts.
+
+        Its executor becomes callable; if the host was offline it returns to the state
+        it had; what it runs is reconciled with what the store recorded.
+
+        @param facts: a mapping with any of C{name, region, datacenter, address, labels,
+            vcpus, memory_mb, disk_mb, agent_version} and optionally C{machines}
+            (C{[{"id", "state"}, ...]}, what the agent runs).
+        @return: C{{"host_id", "state", "heartbeat_interval"}}.
+        """
+        _check_facts(facts)
+        entry = self.entry(host_id)
+        update = {k: facts[k] for k in FACT_FIELDS if facts.get(k) not in (None, "")}
+        if "labels" in facts:
+            update["labels"] = facts["labels"]
+        if "agent_version" in facts:
+            update["agent_version"] = facts["agent_version"]
+        now = self._clock.seconds()
+        entry.last_heartbeat = now
+        self._dirty.pop(host_id, None)
+        update["last_heartbeat"] = now
+        entry.record.update(update)
+        await self._store.update("hosts", host_id, update)
+        await self._host_input(entry, "agent_registered")
+        entry.executor = True
+        entry.reregistering = False
+        self._clock.callLater(0, self._reconcile_soon, host_id, facts.get("machines"))
+        return {
+            "host_id": host_id,
+            "state": entry.machine.state,
+            "heartbeat_interval": self.heartbeat_interval,
+        }
+
+    def heartbeat(self, host_id, stats=None):
+        """
+        Note a heartbeat from C{host_id}.
+
+        Cheap: it only updates memory (see the module docstring).  A heartbeat from a
+        host marked offline registers it again.
+
+        @return: C{{"state", "heartbeat_interval"}}.
+        """
+        entry = self.entry(host_id)
+        now = self._clock.seconds()
+        entry.last_heartbeat = now
+        self._dirty[host_id] = now
+        if entry.machine.state == "offline" and not entry.reregistering:
+            entry.reregistering = True
+            self._clock.callLater(0, self._reregister, host_id)
+        return {"state": entry.machine.state, "heartbeat_interval": self.heartbeat_interval}
+
+    def _reregister(self, host_id):
+        d = self._deferred(self.register(host_id, {}))
+        d.addErrback(lambda f: self.log.failure("re-registering {host_id}", f, host_id=host_id))
+
+    @staticmethod
+    def _deferred(coro):
+        from twisted.internet.defer import Deferred
+
+        return Deferred.fromCoroutine(coro)
+
+    async def transition(self, host_id, input_name):
+        """
+        Feed C{input_name} to C{host_id}'s machine; store, then publish, any change.
+
+        @return: the host's public state afterwards.
+        @raise zwrm.errors.NotFound: no such host.
+        @raise zwrm.errors.Conflict: the input contradicts the state.
+        """
+        if input_name not in INPUTS:
+            raise errors.InvalidArgument(f"unknown host input {input_name!r}")
+        entry = self.entry(host_id)
+        await self._host_input(entry, input_name)
+        return entry.machine.state
+
+    async def _host_input(self, entry, input_name):
+        change = entry.machine.handle(input_name)
+        if change is None:
+            return None
+        host_id = entry.record["id"]
+        fields = {"state": change.new, "state_before_offline": change.state_before_offline}
+        entry.record.update(fields)
+        await self._store.update("hosts", host_id, fields)
+        payload = {
+            "host_id": host_id,
+            "old": change.old,
+            "state": change.new,
+            "state_before_offline": change.state_before_offline,
+            "reason": change.reason,
+        }
+        event = await self._store.add_event(HOST_TOPIC, "state", host_id, payload)
+        self._announce(HOST_TOPIC, event)
+        self.log.info(
+            "host {host_id}: {old} -> {new} ({reason})",
+            host_id=host_id,
+            old=change.old,
+            new=change.new,
+            reason=change.reason,
+        )
+        return change
+
+    def _announce(self, topic, event):
+        try:
+            self._publish(topic, event)
+        except Exception:
+            self.log.failure("publishing on {topic}", topic=topic)
+
+    # -- health -----------------------------------------------------------------------
+
+    async def mark_offline(self, host_id):
+        """
+        Mark C{host_id} offline: store and publish the change, deregister its executor,
+        and mark its live machines failed (each stored, then published).
+
+        @return: the ids of the machines marked failed.
+        """
+        entry = self.entry(host_id)
+        change = await self._host_input(entry, "heartbeat_lost")
+        entry.executor = False
+        if change is None:
+            return []
+        failed = await self._set_machines(
+            host_id,
+            "host_id = ? AND state IN ('running', 'starting')",
+            [host_id],
+            "failed",
+            "host offline",
+        )
+        if self._on_offline is not None:
+            try:
+                self._on_offline(host_id)
+            except Exception:
+                self.log.failure("after marking {host_id} offline", host_id=host_id)
+        return failed
+
+    async def _set_machines(self, host_id, where, args, state, reason):
+        rows = await self._store.select("machines", where, args)
+        return [await self._set_machine(host_id, r, state, reason) for r in rows]
+
+    async def _set_machine(self, host_id, row, state, reason):
+        now = self._clock.seconds()
+        await self._store.update("machines", row["id"], {"state": state, "updated_at": now})
+        payload = {
+            "machine_id": row["id"],
+            "app_id": row.get("app_id"),
+            "host_id": host_id,
+            "old": row.get("state"),
+            "state": state,
+            "reason": reason,
+        }
+        event = await self._store.add_event(MACHINE_TOPIC, "state", row["id"], payload)
+        self._announce(MACHINE_TOPIC, event)
+        return row["id"]
+
+    # -- reconciliation ---------------------------------------------------------------
+
+    def _reconcile_soon(self, host_id, reported):
+        d = self._deferred(self._fetch_and_reconcile(host_id, reported))
+        d.addErrback(lambda f: self.log.failure("reconciling {host_id}", f, host_id=host_id))
+
+    async def _fetch_and_reconcile(self, host_id, reported):
+        if reported is None and self._call is not None and self.executor_available(host_id):
+            try:
+                reported = await self.call_executor(host_id, "machine.list")
+            except Exception as e:
+                if "no_such_procedure" not in str(getattr(e, "error", e)):
+                    self.log.warn(
+                        "host {host_id}: could not list its machines: {e}", host_id=host_id, e=e
+                    )
+                return None
+        if reported is None:
+            return None
+        return await self.reconcile(host_id, reported)
+
+    async def reconcile(self, host_id, reported):
+        """
+        Reconcile what C{host_id}'s agent says it runs with what the store recorded.
+
+         - recorded on this host as failed (it was marked failed while the host was
+           offline), reported running: restored to running;
+         - recorded live on this host, not reported: failed (nothing is forgotten);
+         - reported running but recorded elsewhere, or stopped/destroyed: a duplicate;
+           the agent is told to stop it (nothing runs twice);
+         - reported but unknown: recorded as an event (C{kind} C{unknown_machine}).
+
+        @param reported: C{[{"id", "state", ...}, ...]}.
+        @return: a dict of lists of machine ids: C{restored, failed, duplicate, unknown}.
+        """
+        if not isinstance(reported, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("id"), str) for m in reported
+        ):
+            raise errors.InvalidArgument("reported machines must be a list of {id, state}")
+        result = {"restored": [], "failed": [], "duplicate": [], "unknown": []}
+        running = {m["id"]: m for m in reported if m.get("state") in LIVE_MACHINE_STATES}
+        recorded = {}
+        if running:
+            marks = ",".join("?" * len(running))
+            for row in await self._store.select("machines", f"id IN ({marks})", list(running)):
+                recorded[row["id"]] = row
+        for mid in running:
+            row = recorded.get(mid)
+            if row is None:
+                event = await self._store.add_event(
+                    MACHINE_TOPIC, "unknown_machine", mid, {"machine_id": mid, "host_id": host_id}
+                )
+                self._announce(MACHINE_TOPIC, event)
+                self.log.warn("host {host_id} runs unknown machine {mid}", host_id=host_id, mid=mid)
+                result["unknown"].append(mid)
+            elif row["host_id"] == host_id and row["state"] == "failed":
+                await self._set_machine(host_id, row, "running", "host back")
+                result["restored"].append(mid)
+            elif row["host_id"] != host_id or row["state"] not in LIVE_MACHINE_STATES:
+                result["duplicate"].append(mid)
+                self.log.warn(
+                    "host {host_id} runs machine {mid}, recorded {state} on {other}: stopping it",
+                    host_id=host_id, mid=mid, state=row["state"], other=row["host_id"],
+                )
+                event = await self._store.add_event(
+                    MACHINE_TOPIC, "duplicate_machine", mid, {"machine_id": mid, "host_id": host_id}
+                )
+                self._announce(MACHINE_TOPIC, event)
+                try:
+                    await self.call_executor(host_id, "machine.stop", mid)
+                except Exception as e:
+                    self.log.warn("could not stop {mid} on {host_id}: {e}",
+                                  mid=mid, host_id=host_id, e=e)
+        for row in await self._store.select(
+            "machines", "host_id = ? AND state IN ('running', 'starting')", [host_id]
+        ):
+            if row["id"] not in running:
+                await self._set_machine(host_id, row, "failed", "not running on its host")
+                result["failed"].append(row["id"])
+        return result

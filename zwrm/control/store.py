@@ -1,0 +1,396 @@
+"""
+The control plane's store: one SQLite database, reached through sqlite-utils.
+
+Every call into SQLite runs on one dedicated thread (a one-thread
+L{twisted.python.threadpool.ThreadPool}, as Buildbot's database pool does), so the
+reactor thread never waits for the disk, and all writes are ordered: they run in the
+order they were submitted, and their Deferreds fire in that order.
+
+The database is in WAL mode.  Its schema is versioned: L{MIGRATIONS} is a list of
+functions, each taking a L{sqlite_utils.Database}; the table C{schema_version} records
+how many have run.  Other parts append migrations; they never edit an earlier one.
+
+Heartbeats are not written one by one: the host registry keeps each host's last
+heartbeat in memory and calls L{Store.save_heartbeats} with a batch (see
+L{zwrm.control.registry}).
+"""
+
+import hashlib
+import json
+import sqlite3
+import time
+
+import sqlite_utils
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+
+def hash_secret(secret):
+    """
+    The stored form of a token or credential.
+
+    @param secret: the secret as given to a client.
+    @type secret: L{str}
+    @return: its SHA-256, hex.
+    """
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def _v1(db):
+    """Schema version 1: every domain's tables."""
+    db["hosts"].create(
+        {
+            "id": str,
+            "name": str,
+            "region": str,
+            "datacenter": str,
+            "address": str,
+            "labels": str,
+            "vcpus": int,
+            "memory_mb": int,
+            "disk_mb": int,
+            "alloc_vcpus": int,
+            "alloc_memory_mb": int,
+            "alloc_disk_mb": int,
+            "state": str,
+            "state_before_offline": str,
+            "last_heartbeat": float,
+            "agent_version": str,
+            "credential_hash": str,
+            "joined_at": float,
+        },
+        pk="id",
+        defaults={"alloc_vcpus": 0, "alloc_memory_mb": 0, "alloc_disk_mb": 0, "labels": "{}"},
+    )
+    db["apps"].create(
+        {"id": str, "name": str, "spec": str, "created_at": float}, pk="id"
+    )
+    db["apps"].create_index(["name"], unique=True)
+    db["machines"].create(
+        {
+            "id": str,
+            "app_id": str,
+            "host_id": str,
+            "state": str,
+            "spec": str,
+            "health": str,
+            "created_at": float,
+            "updated_at": float,
+        },
+        pk="id",
+    )
+    db["machines"].create_index(["host_id"])
+    db["machines"].create_index(["app_id"])
+    db["volumes"].create(
+        {
+            "id": str,
+            "app_id": str,
+            "host_id": str,
+            "name": str,
+            "size_mb": int,
+            "mount": str,
+            "state": str,
+            "created_at": float,
+        },
+        pk="id",
+    )
+    db["drains"].create(
+        {
+            "id": str,
+            "host_id": str,
+            "state": str,
+            "options": str,
+            "created_at": float,
+            "updated_at": float,
+        },
+        pk="id",
+    )
+    db["migrations"].create(
+        {
+            "id": str,
+            "drain_id": str,
+            "machine_id": str,
+            "source_host": str,
+            "target_host": str,
+            "phase": str,
+            "bytes_sent": int,
+            "bytes_total": int,
+            "error": str,
+            "updated_at": float,
+        },
+        pk="id",
+    )
+    db["tokens"].create(
+        {
+            "id": str,
+            "kind": str,
+            "secret_hash": str,
+            "expires_at": float,
+            "revoked": int,
+            "created_at": float,
+        },
+        pk="id",
+        defaults={"revoked": 0},
+    )
+    db["tokens"].create_index(["secret_hash"])
+    db.execute(
+        "CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, ts FLOAT, topic TEXT,"
+        " kind TEXT, subject TEXT, payload TEXT)"
+    )
+    db["events"].create_index(["subject"])
+
+
+MIGRATIONS = [_v1]
+"""Schema migrations, in order; append, never edit."""
+
+JSON_COLUMNS = {
+    "hosts": ("labels",),
+    "apps": ("spec",),
+    "machines": ("spec", "health"),
+    "drains": ("options",),
+    "events": ("payload",),
+}
+
+
+def migrate(db, migrations=None):
+    """
+    Bring C{db} to the newest schema version.
+
+    @param db: a L{sqlite_utils.Database}.
+    @param migrations: the migrations (default L{MIGRATIONS}).
+    @return: the schema version now in force.
+    """
+    migrations = MIGRATIONS if migrations is None else migrations
+    if "schema_version" not in db.table_names():
+        db["schema_version"].create({"version": int})
+        db["schema_version"].insert({"version": 0})
+    version = db.execute("SELECT version FROM schema_version").fetchone()[0]
+    if version > len(migrations):
+        raise RuntimeError(
+            f"the database has schema version {version}, newer than this zwrm knows"
+            f" ({len(migrations)})"
+        )
+    for n in range(version, len(migrations)):
+        with db.conn:
+            db.conn.execute("BEGIN")
+            migrations[n](db)
+            db.conn.execute("UPDATE schema_version SET version = ?", [n + 1])
+    return len(migrations)
+
+
+def _decode(table, row):
+    if row is None:
+        return None
+    row = dict(row)
+    for col in JSON_COLUMNS.get(table, ()):
+        if isinstance(row.get(col), str):
+            row[col] = json.loads(row[col])
+    return row
+
+
+def _encode(table, row):
+    row = dict(row)
+    for col in JSON_COLUMNS.get(table, ()):
+        if col in row and not isinstance(row[col], str | type(None)):
+            row[col] = json.dumps(row[col], sort_keys=True)
+    return row
+
+
+class Store:
+    """
+    The control plane's SQLite database, used from the reactor thread.
+
+    Every method returns a L{Deferred}; the work runs on the store's own thread.
+
+    @ivar path: the database file, or C{":memory:"}.
+    """
+
+    def __init__(self, reactor, path, now=time.time):
+        """
+        @param reactor: the reactor whose thread the results come back to.
+        @param path: the database file (created if missing) or C{":memory:"}.
+        @param now: the wall clock used for timestamps (seconds since the epoch).
+        """
+        self._reactor = reactor
+        self.path = str(path)
+        self._now = now
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="zwrm-store")
+        self._db = None
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def start(self):
+        """
+        Start the store's thread, open the database and migrate it.
+
+        @return: a Deferred that fires with the schema version.
+        """
+        self._pool.start()
+        return self.run(self._open)
+
+    def stop(self):
+        """
+        Close the database and stop the thread.
+
+        @return: a Deferred that fires when the thread has stopped.
+        """
+
+        if not self._pool.started:
+            from twisted.internet.defer import succeed
+
+            return succeed(None)
+
+        def close(db):
+            db.conn.close()
+
+        d = self.run(close)
+
+        def stop(result):
+            self._pool.stop()
+            return result
+
+        return d.addBoth(stop)
+
+    def _open(self, _):
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db = sqlite_utils.Database(conn)
+        if self.path != ":memory:":
+            db.enable_wal()
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute("PRAGMA foreign_keys = ON")
+        self._db = db
+        return migrate(db)
+
+    def run(self, fn, *args, **kwargs):
+        """
+        Run C{fn(db, *args, **kwargs)} on the store's thread.
+
+        This is the way other parts add their own queries.
+
+        @param fn: a callable taking a L{sqlite_utils.Database} first.
+        @return: a Deferred firing with C{fn}'s result.
+        """
+        return deferToThreadPool(self._reactor, self._pool, lambda: fn(self._db, *args, **kwargs))
+
+    # -- generic rows -----------------------------------------------------------------
+
+    def get(self, table, pk):
+        """The row of C{table} with primary key C{pk} (JSON decoded), or L{None}."""
+
+        def get(db):
+            rows = list(db[table].rows_where("id = ?", [pk]))
+            return _decode(table, rows[0]) if rows else None
+
+        return self.run(get)
+
+    def select(self, table, where=None, args=(), order_by=None, limit=None):
+        """The rows of C{table} matching C{where} (JSON decoded), as a list of dicts."""
+
+        def select(db):
+            if table not in db.table_names():
+                return []
+            return [
+                _decode(table, r)
+                for r in db[table].rows_where(where, list(args), order_by=order_by, limit=limit)
+            ]
+
+        return self.run(select)
+
+    def insert(self, table, row):
+        """Insert C{row} into C{table} (JSON columns encoded)."""
+
+        def insert(db):
+            db[table].insert(_encode(table, row))
+
+        return self.run(insert)
+
+    def upsert(self, table, row):
+        """Insert or update C{row} of C{table} by its C{id}."""
+
+        def upsert(db):
+            db[table].upsert(_encode(table, row), pk="id")
+
+        return self.run(upsert)
+
+    def update(self, table, pk, fields):
+        """Update the given C{fields} of the row C{pk} of C{table}."""
+
+        def update(db):
+            db[table].update(pk, _encode(table, fields))
+
+        return self.run(update)
+
+    # -- domain helpers ----------------------------------------------------------------
+
+    def save_heartbeats(self, beats):
+        """
+        Persist many hosts' last heartbeats in one transaction.
+
+        @param beats: a dict mapping host id to wall-clock time of its last heartbeat.
+        """
+        items = [(ts, hid) for hid, ts in beats.items()]
+
+        def save(db):
+            with db.conn:
+                db.conn.execute("BEGIN")
+                db.conn.executemany("UPDATE hosts SET last_heartbeat = ? WHERE id = ?", items)
+
+        return self.run(save) if items else self.run(lambda db: None)
+
+    def add_event(self, topic, kind, subject, payload):
+        """
+        Append an event to the event log.
+
+        @return: a Deferred firing with the event as a dict (with its C{id} and C{ts}).
+        """
+        event = {
+            "ts": self._now(),
+            "topic": topic,
+            "kind": kind,
+            "subject": subject,
+            "payload": payload,
+        }
+
+        def add(db):
+            row = db["events"].insert(_encode("events", event))
+            return dict(event, id=row.last_pk)
+
+        return self.run(add)
+
+    def recent_events(self, subject, limit=20):
+        """The last C{limit} events about C{subject}, newest first."""
+        return self.select(
+            "events", "subject = ?", [subject], order_by="id desc", limit=limit
+        )
+
+    def add_token(self, token_id, kind, secret, expires_at=None):
+        """Store a token's hash under C{token_id} with C{kind} (operator, viewer, join)."""
+        return self.upsert(
+            "tokens",
+            {
+                "id": token_id,
+                "kind": kind,
+                "secret_hash": hash_secret(secret),
+                "expires_at": expires_at,
+                "revoked": 0,
+                "created_at": self._now(),
+            },
+        )
+
+    def find_token(self, kind, secret):
+        """
+        The unrevoked, unexpired token of C{kind} whose secret is C{secret}, or L{None}.
+        """
+        now = self._now()
+
+        def find(db):
+            rows = list(
+                db["tokens"].rows_where(
+                    "kind = ? AND secret_hash = ? AND revoked = 0"
+                    " AND (expires_at IS NULL OR expires_at > ?)",
+                    [kind, hash_secret(secret), now],
+                )
+            )
+            return rows[0] if rows else None
+
+        return self.run(find)
