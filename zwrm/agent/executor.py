@@ -1,0 +1,565 @@
+"""
+The agent's executor: the procedures the control plane calls on one host.
+
+The agent service registers an L{Executor} with
+C{session.register(executor, prefix=f"zwrm.agent.{host_id}.")}, so each method decorated
+with C{@wamp.register("machine.start")} becomes C{zwrm.agent.<host_id>.machine.start}.
+
+Every change of a machine's state or health is passed to C{report(event)} (the agent wires it
+to C{zwrm.agent.report} on the control plane) as::
+
+    {"kind": "machine", "host_id", "machine_id", "state", "health", "reason", "host_port"}
+
+States: C{pending} (accepted), C{starting} (its volumes and image are being prepared and its
+hypervisor process started), C{running} (the hypervisor runs; C{health} says whether its
+service answers), C{stopping}, C{stopped}, C{failed}. Health: C{none} (no check), C{starting}
+(within the grace period), C{passing}, C{failing}. A destroyed machine is reported once more
+with state C{stopped}, C{"destroyed": True}, and then forgotten.
+
+The machine spec a caller passes to L{Executor.start_machine}::
+
+    {"id", "app", "image": {"kernel", "initrd", "disk", "cmdline"} | "name:tag",
+     "vcpus", "memory_mb", "volumes": [{"id", "mount", "size_mb"}], "service_port",
+     "health": {"type": "http"|"tcp", "path", "interval", "timeout", "grace"} | None}
+
+Volumes that do not exist are created (empty ext4, C{size_mb}); they are attached in order as
+C{vda}, C{vdb}, ... and the kernel command line gets C{zwrm.vol=vda:/mount,...} so the image
+can mount them. The service port is forwarded from a free port on 127.0.0.1 (C{host_port}).
+
+Each machine's spec and bookkeeping is kept in C{<data_dir>/executor/<id>.json}; the driver
+keeps its own files in C{<data_dir>/machines/<id>/}. L{Executor.recover} (called by the agent
+at start-up) puts both together again after an agent restart.
+"""
+
+import json
+import os
+import socket
+
+from autobahn import wamp
+from twisted.internet.defer import ensureDeferred, maybeDeferred
+from twisted.logger import Logger
+
+from zwrm.agent import health as _health
+from zwrm.drivers.spec import check_id
+from zwrm.errors import Conflict, InvalidArgument, NotFound, ZwrmError
+
+log = Logger()
+
+STATES = ("pending", "starting", "running", "stopping", "stopped", "failed")
+
+
+def free_port(host="127.0.0.1"):
+    """A TCP port on C{host} that nothing listens on now."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def _check_int(spec, key, low, high, default=None):
+    v = spec.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+        raise InvalidArgument(f"{key} must be an integer from {low} to {high}, not {v!r}")
+    return v
+
+
+def validate_machine(spec):
+    """
+    Check a machine spec as the control plane sends it; return a normalized copy.
+
+    @raise InvalidArgument: naming the bad field.
+    """
+    if not isinstance(spec, dict):
+        raise InvalidArgument(f"a machine spec must be a dict, not {type(spec).__name__}")
+    out = {"id": check_id(spec.get("id")), "app": spec.get("app")}
+    image = spec.get("image")
+    if isinstance(image, dict):
+        img = {}
+        for key in ("kernel", "initrd", "disk"):
+            v = image.get(key)
+            if v is not None and (not isinstance(v, str) or not os.path.isabs(v)):
+                raise InvalidArgument(f"image {key} must be an absolute path or null, not {v!r}")
+            img[key] = v
+        if not img["kernel"] and not img["disk"]:
+            raise InvalidArgument("the image needs a kernel or a disk")
+        cmdline = image.get("cmdline") or ""
+        if not isinstance(cmdline, str):
+            raise InvalidArgument(f"image cmdline must be a string, not {cmdline!r}")
+        img["cmdline"] = cmdline
+        out["image"] = img
+    elif isinstance(image, str) and image:
+        out["image"] = image
+    else:
+        raise InvalidArgument(
+            "image must be {kernel, initrd, disk, cmdline} or an image reference (name:tag)"
+        )
+    out["vcpus"] = _check_int(spec, "vcpus", 1, 256, 1)
+    out["memory_mb"] = _check_int(spec, "memory_mb", 32, 1024 * 1024, 256)
+    vols = spec.get("volumes") or []
+    if not isinstance(vols, list):
+        raise InvalidArgument("volumes must be a list of {id, mount, size_mb}")
+    out["volumes"] = []
+    seen = set()
+    for v in vols:
+        if not isinstance(v, dict):
+            raise InvalidArgument(f"each volume must be {{id, mount, size_mb}}, not {v!r}")
+        vid = check_id(v.get("id"), "volume id")
+        if vid in seen:
+            raise InvalidArgument(f"volume {vid!r} is listed twice")
+        seen.add(vid)
+        mount = v.get("mount")
+        if (not isinstance(mount, str) or not mount.startswith("/") or mount == "/"
+                or any(c in mount for c in " ,:\t\n")):
+            raise InvalidArgument(
+                f"volume {vid!r}: mount must be an absolute path other than / without spaces, "
+                f"commas or colons, not {mount!r}"
+            )
+        size = v.get("size_mb", 64)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 2:
+            raise InvalidArgument(f"volume {vid!r}: size_mb must be an integer >= 2, not {size!r}")
+        out["volumes"].append({"id": vid, "mount": mount, "size_mb": size})
+    port = spec.get("service_port")
+    if port is not None and (not isinstance(port, int) or isinstance(port, bool)
+                             or not 1 <= port <= 65535):
+        raise InvalidArgument(f"service_port must be a TCP port (1-65535) or null, not {port!r}")
+    out["service_port"] = port
+    out["health"] = _health.validate(spec.get("health"))
+    if out["health"] is not None and port is None:
+        raise InvalidArgument("a health check needs a service_port")
+    return out
+
+
+class _Record:
+    def __init__(self, spec):
+        self.spec = spec
+        self.state = "pending"
+        self.health = "none"
+        self.reason = ""
+        self.host_port = None
+        self.check = None
+        self.image_digests = []
+
+    def to_json(self):
+        return {"spec": self.spec, "host_port": self.host_port, "state": self.state,
+                "reason": self.reason, "image_digests": self.image_digests}
+
+
+class Executor:
+    """
+    The executor procedures of one agent.
+
+    @param reactor: the reactor (time, processes, TCP) the health checks use.
+    @param host_id: this host's id, for reports and facts.
+    @param driver: an L{zwrm.interfaces.IHypervisorDriver}.
+    @param volumes: a L{zwrm.agent.volumes.VolumeStore}.
+    @param report: C{report(event) -> Deferred}, called for every machine state change.
+    @param images: an object with C{async resolve(ref, pin=True)} and C{unpin(digest)}
+        (the agent's image cache), or C{None} when images are local paths only.
+    @param data_dir: the agent's data directory.
+    """
+
+    def __init__(self, reactor, host_id, driver, volumes, report, images=None, data_dir="."):
+        self.reactor = reactor
+        self.host_id = host_id
+        self.driver = driver
+        self.volumes = volumes
+        self.report = report
+        self.images = images
+        self.data_dir = os.path.abspath(data_dir)
+        self.records_dir = os.path.join(self.data_dir, "executor")
+        os.makedirs(self.records_dir, exist_ok=True)
+        self._machines = {}
+        self._unsubscribe = driver.subscribe(self._driver_changed)
+
+    # --- machine procedures -------------------------------------------------------------
+
+    @wamp.register("machine.start")
+    def start_machine(self, spec):
+        """
+        Start a machine (or start again a stopped one, with this spec).
+
+        @return: (a Deferred of) its status once its hypervisor process runs.
+        @raise InvalidArgument: bad spec. @raise Conflict: it is not stopped or failed, or a
+            volume is used by another machine. @raise ResourceExhausted: no disk for a new
+            volume. @raise NotFound: unknown image. @raise Unavailable: the hypervisor failed.
+        """
+        return ensureDeferred(self._start(spec))
+
+    async def _start(self, spec):
+        spec = validate_machine(spec)
+        mid = spec["id"]
+        rec = self._machines.get(mid)
+        if rec is not None and rec.state not in ("stopped", "failed"):
+            raise Conflict(f"machine {mid!r} is {rec.state}; stop it first")
+        for v in spec["volumes"]:
+            owner = self.volumes.in_use(v["id"])
+            if owner is not None and owner != mid:
+                raise Conflict(f"volume {v['id']!r} is used by machine {owner!r}")
+        old_digests = rec.image_digests if rec is not None else []
+        rec = _Record(spec)
+        rec.image_digests = old_digests
+        self._machines[mid] = rec
+        self._change(rec, "pending", "accepted")
+        try:
+            self._change(rec, "starting", "preparing volumes and image")
+            image = await self._resolve_image(rec)
+            vols = []
+            for v in spec["volumes"]:
+                if not self.volumes.exists(v["id"]):
+                    await self.volumes.create(v["id"], v["size_mb"])
+                self.volumes.claim(v["id"], mid)
+                vols.append({"id": v["id"], "path": self.volumes.existing_path(v["id"])})
+            cmdline = image.get("cmdline") or ""
+            if spec["volumes"]:
+                mounts = ",".join(
+                    f"vd{chr(ord('a') + i)}:{v['mount']}" for i, v in enumerate(spec["volumes"])
+                )
+                cmdline = f"{cmdline} zwrm.vol={mounts}".strip()
+            forwards = []
+            if spec["service_port"] is not None:
+                rec.host_port = free_port()
+                forwards.append({"guest": spec["service_port"], "host": rec.host_port})
+            self._save(rec)
+            status = await self.driver.start({
+                "id": mid, "kernel": image.get("kernel"), "initrd": image.get("initrd"),
+                "disk": image.get("disk"), "cmdline": cmdline, "vcpus": spec["vcpus"],
+                "memory_mb": spec["memory_mb"], "volumes": vols, "forwards": forwards,
+            })
+        except Exception as e:
+            if rec.state not in ("failed",):
+                msg = e.message if isinstance(e, ZwrmError) else f"{e.__class__.__name__}: {e}"
+                self._change(rec, "failed", f"could not start: {msg}")
+            if not isinstance(e, ZwrmError):
+                log.failure("machine {id}: start failed", id=mid)
+            raise
+        # The driver's "running" notification may have come first; make sure it is reported.
+        if status["state"] == "running" and rec.state != "running":
+            self._running(rec)
+        return self._status(rec)
+
+    async def _resolve_image(self, rec):
+        image = rec.spec["image"]
+        if isinstance(image, dict):
+            return image
+        if self.images is None:
+            raise InvalidArgument(
+                f"image {image!r} is a reference, but this agent has no image cache; "
+                "give local paths {kernel, initrd, disk, cmdline}"
+            )
+        resolved = await self.images.resolve(image, pin=True)
+        for d in rec.image_digests:
+            self.images.unpin(d)
+        rec.image_digests = list(resolved.get("digests", []))
+        return resolved
+
+    @wamp.register("machine.stop")
+    def stop_machine(self, machine_id, timeout=None):
+        """
+        Stop a machine: ACPI power-down, then a hard stop after C{timeout} seconds.
+        Stopping a stopped machine is not an error.
+
+        @return: (a Deferred of) its status once stopped.
+        @raise NotFound: unknown machine. @raise Conflict: it is still starting.
+        """
+        rec = self._get(machine_id)
+        if timeout is not None and (not isinstance(timeout, int | float)
+                                    or isinstance(timeout, bool) or not 0 <= timeout <= 3600):
+            raise InvalidArgument(f"timeout must be seconds from 0 to 3600, not {timeout!r}")
+        if rec.state in ("pending", "starting"):
+            raise Conflict(f"machine {machine_id!r} is {rec.state}; wait until it runs")
+        if rec.state in ("stopped", "failed"):
+            return self._status(rec)
+        if rec.state != "stopping":
+            self._stop_check(rec)
+            self._change(rec, "stopping", "stop requested")
+        d = self.driver.stop(machine_id, timeout)
+        return d.addCallback(lambda _: self._status(rec))
+
+    @wamp.register("machine.destroy")
+    def destroy_machine(self, machine_id):
+        """
+        Stop a machine at once and forget it. Its volumes stay (released).
+
+        @raise NotFound: unknown machine.
+        """
+        rec = self._get(machine_id)
+        self._stop_check(rec)
+        d = self.driver.destroy(machine_id)
+
+        def forget(_):
+            for v in rec.spec["volumes"]:
+                self.volumes.release(v["id"], machine_id)
+            if self.images is not None:
+                for dg in rec.image_digests:
+                    self.images.unpin(dg)
+            self._machines.pop(machine_id, None)
+            try:
+                os.unlink(self._record_path(machine_id))
+            except FileNotFoundError:
+                pass
+            rec.state, rec.reason = "stopped", "destroyed"
+            self._report(rec, destroyed=True)
+            return {"machine_id": machine_id, "destroyed": True}
+
+        return d.addCallback(forget)
+
+    @wamp.register("machine.status")
+    def machine_status(self, machine_id):
+        """@return: the machine's status. @raise NotFound: unknown machine."""
+        return self._status(self._get(machine_id))
+
+    @wamp.register("machine.list")
+    def list_machines(self):
+        """@return: the status of every machine on this host."""
+        return [self._status(r) for _, r in sorted(self._machines.items())]
+
+    @wamp.register("machine.logs")
+    def machine_logs(self, machine_id, max_bytes=65536):
+        """
+        @return: (a Deferred of) the tail of the machine's serial console, a str.
+        @raise NotFound: unknown machine.
+        """
+        self._get(machine_id)
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or not (
+            1 <= max_bytes <= 16 * 1024 * 1024
+        ):
+            raise InvalidArgument(f"max_bytes must be from 1 to 16777216, not {max_bytes!r}")
+        return self.driver.console(machine_id, max_bytes)
+
+    # --- volume procedures --------------------------------------------------------------
+
+    @wamp.register("volume.create")
+    def create_volume(self, volume_id, size_mb):
+        """@return: (a Deferred of) the new volume's info. See L{VolumeStore.create}."""
+        return maybeDeferred(self.volumes.create, volume_id, size_mb)
+
+    @wamp.register("volume.delete")
+    def delete_volume(self, volume_id):
+        """
+        Delete a volume. @raise Conflict: a machine uses it. @raise NotFound: no such volume.
+        """
+        for mid, rec in self._machines.items():
+            if any(v["id"] == volume_id for v in rec.spec["volumes"]):
+                raise Conflict(
+                    f"volume {volume_id!r} belongs to machine {mid!r} ({rec.state}); "
+                    "destroy the machine first"
+                )
+        self.volumes.delete(volume_id)
+        return {"volume_id": volume_id, "deleted": True}
+
+    @wamp.register("volume.list")
+    def list_volumes(self):
+        """@return: the info of every volume on this host."""
+        return self.volumes.list()
+
+    @wamp.register("volume.info")
+    def volume_info(self, volume_id):
+        """@return: C{{id, size_mb, size_bytes, allocated_bytes, in_use_by, path}}."""
+        return self.volumes.info(volume_id)
+
+    # --- host ---------------------------------------------------------------------------
+
+    @wamp.register("host.facts")
+    def host_facts(self):
+        """
+        @return: C{{host_id, cpus, memory_mb, disk_free_mb, driver, accel, machines,
+            running}}.
+        """
+        memory_mb = None
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemTotal:"):
+                        memory_mb = int(line.split()[1]) // 1024
+        except OSError:
+            pass
+        facts = {
+            "host_id": self.host_id,
+            "cpus": os.cpu_count(),
+            "memory_mb": memory_mb,
+            "disk_free_mb": self.volumes.free_mb(),
+            "machines": len(self._machines),
+            "running": sum(1 for r in self._machines.values() if r.state == "running"),
+        }
+        facts.update(self.driver.facts())
+        return facts
+
+    # --- restart ------------------------------------------------------------------------
+
+    def recover(self):
+        """
+        After an agent restart: find the machines the previous agent process left, take
+        control of the running ones (claim their volumes, restart health checks) and report
+        every one of them (those that died meanwhile as C{failed}).
+
+        @return: a Deferred firing with their statuses.
+        """
+        return ensureDeferred(self._recover())
+
+    async def _recover(self):
+        found = {s["id"]: s for s in await self.driver.recover()}
+        for mid in self.driver.list():
+            if mid not in found and mid not in self._machines:
+                found[mid] = self.driver.status(mid)
+        out = []
+        for name in sorted(os.listdir(self.records_dir)):
+            if not name.endswith(".json"):
+                continue
+            mid = name[:-5]
+            if mid in self._machines:
+                continue
+            try:
+                with open(os.path.join(self.records_dir, name)) as f:
+                    saved = json.load(f)
+                rec = _Record(saved["spec"])
+            except (OSError, ValueError, KeyError) as e:
+                log.warn("machine record {name} is unreadable ({e}); ignored", name=name, e=e)
+                continue
+            rec.host_port = saved.get("host_port")
+            rec.image_digests = saved.get("image_digests", [])
+            self._machines[mid] = rec
+            if self.images is not None:
+                for dg in rec.image_digests:
+                    self.images.pin(dg)
+            for v in rec.spec["volumes"]:
+                try:
+                    self.volumes.claim(v["id"], mid)
+                except ZwrmError as e:
+                    log.warn("machine {id}: cannot claim volume {v}: {e}", id=mid, v=v["id"], e=e)
+            st = found.get(mid)
+            if st is None:
+                self._change(rec, "failed", "its hypervisor files are gone")
+            elif st["state"] == "running":
+                rec.state = "starting"
+                self._running(rec, "recovered after an agent restart")
+            elif saved.get("state") in ("stopped",) and st["state"] == "stopped":
+                self._change(rec, "stopped", saved.get("reason") or st["reason"])
+            else:
+                self._change(rec, st["state"], st["reason"])
+            out.append(self._status(rec))
+        return out
+
+    def close(self):
+        """Stop health checks and listening to the driver (the machines keep running)."""
+        for rec in self._machines.values():
+            self._stop_check(rec)
+        self._unsubscribe()
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _get(self, machine_id):
+        check_id(machine_id)
+        try:
+            return self._machines[machine_id]
+        except KeyError:
+            raise NotFound(f"no machine {machine_id!r} on host {self.host_id}") from None
+
+    def _record_path(self, mid):
+        return os.path.join(self.records_dir, f"{mid}.json")
+
+    def _save(self, rec):
+        p = self._record_path(rec.spec["id"])
+        try:
+            with open(p + ".tmp", "w") as f:
+                json.dump(rec.to_json(), f)
+            os.replace(p + ".tmp", p)
+        except OSError as e:
+            log.warn("machine {id}: cannot save its record: {e}", id=rec.spec["id"], e=e)
+
+    def _status(self, rec):
+        mid = rec.spec["id"]
+        st = {
+            "machine_id": mid,
+            "id": mid,
+            "app": rec.spec.get("app"),
+            "host_id": self.host_id,
+            "state": rec.state,
+            "health": rec.health,
+            "reason": rec.reason,
+            "host_port": rec.host_port,
+            "service_port": rec.spec["service_port"],
+            "volumes": [dict(v) for v in rec.spec["volumes"]],
+            "pid": None,
+        }
+        if rec.check is not None:
+            st["health_detail"] = rec.check.detail
+        try:
+            st["pid"] = self.driver.status(mid).get("pid")
+        except NotFound:
+            pass
+        return st
+
+    def _change(self, rec, state, reason):
+        if state == rec.state and reason == rec.reason:
+            return
+        rec.state, rec.reason = state, reason
+        if state in ("stopped", "failed", "stopping"):
+            self._stop_check(rec)
+            if state != "stopping":
+                rec.health = "none" if rec.spec["health"] is None else rec.health
+        self._save(rec)
+        self._report(rec)
+
+    def _report(self, rec, **extra):
+        event = {
+            "kind": "machine",
+            "host_id": self.host_id,
+            "machine_id": rec.spec["id"],
+            "state": rec.state,
+            "health": rec.health,
+            "reason": rec.reason,
+            "host_port": rec.host_port,
+        }
+        event.update(extra)
+        try:
+            d = maybeDeferred(self.report, event)
+        except Exception:
+            log.failure("reporting a machine event failed")
+            return
+        d.addErrback(lambda f: log.warn(
+            "could not report machine {id} {state}: {e}", id=rec.spec["id"], state=rec.state,
+            e=f.getErrorMessage()))
+
+    def _running(self, rec, reason="running"):
+        spec = rec.spec
+        if spec["health"] is not None and rec.host_port is not None:
+            rec.health = "starting"
+            self._stop_check(rec)
+            hc = spec["health"]
+            rec.check = _health.HealthCheck(
+                self.reactor,
+                _health.probe_for(self.reactor, hc, rec.host_port),
+                hc["interval"], hc["grace"],
+                lambda health, detail, rec=rec: self._health_changed(rec, health, detail),
+            )
+        else:
+            rec.health = "none"
+        self._change(rec, "running", reason)
+        if rec.check is not None:
+            rec.check.start()
+
+    def _health_changed(self, rec, health, detail):
+        if rec.state != "running":
+            return
+        rec.health = health
+        rec.reason = f"health {health}: {detail}"
+        self._report(rec)
+
+    def _stop_check(self, rec):
+        if rec.check is not None:
+            rec.check.stop()
+            rec.check = None
+
+    def _driver_changed(self, status):
+        rec = self._machines.get(status["id"])
+        if rec is None:
+            return
+        state = status["state"]
+        if state == "running":
+            if rec.state == "starting":
+                self._running(rec, status["reason"] or "running")
+        elif state in ("stopped", "failed"):
+            if rec.state in ("running", "stopping", "starting"):
+                self._change(rec, state, status["reason"])

@@ -1,0 +1,183 @@
+"""
+An in-memory L{IHypervisorDriver} for unit tests.
+
+It passes the same contract tests as the QEMU driver (tests/drivers/test_contract.py).
+Machines "run" in a L{FakeHost}, which plays the part of the host's process table: it
+outlives a driver instance, so a second driver on the same host can L{FakeDriver.recover}
+what the first one started. Nothing here is registered as a plugin; agents never use it.
+"""
+
+import os
+
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from zwrm.drivers import spec as _spec
+from zwrm.errors import Conflict, InvalidArgument, NotFound
+from zwrm.interfaces import IHypervisorDriver
+
+
+class FakeHost:
+    """
+    The "processes" of fake machines: machine id -> C{{"alive": bool, "spec": dict}}.
+
+    @ivar boot_delay: seconds (on the driver's clock) a start takes.
+    @ivar powerdown_delay: seconds the guest takes to power off after the ACPI request, or
+        C{None} for a guest that ignores it (so only the hard stop ends it).
+    """
+
+    def __init__(self, boot_delay=0.0, powerdown_delay=0.5):
+        self.machines = {}
+        self.boot_delay = boot_delay
+        self.powerdown_delay = powerdown_delay
+        self.console = {}
+
+
+@implementer(IHypervisorDriver)
+class FakeDriver:
+    """
+    @param reactor: provides C{IReactorTime} (a C{task.Clock} in tests).
+    @param root: the directory the driver may keep files in (it writes nothing there but
+        checks it exists, as a real driver would).
+    @param host: the L{FakeHost}; a new one if C{None}.
+    """
+
+    name = "fake"
+
+    def __init__(self, reactor, root, host=None, stop_timeout=30.0):
+        self.reactor = reactor
+        self.root = root
+        self.host = host or FakeHost()
+        self.stop_timeout = stop_timeout
+        self._status = {}
+        self._waiters = {}
+        self._listeners = []
+        os.makedirs(root, exist_ok=True)
+
+    # helpers for tests ----------------------------------------------------------------
+
+    def crash(self, machine_id, how="was killed by signal 9"):
+        """Make a running machine's "process" die, as kill -9 would."""
+        self.host.machines[machine_id]["alive"] = False
+        self._end(machine_id, "failed", f"QEMU {how}")
+
+    def guest_write(self, machine_id, text):
+        """Append C{text} to the machine's console, as its guest would."""
+        self.host.console[machine_id] = self.host.console.get(machine_id, "") + text
+
+    # IHypervisorDriver ----------------------------------------------------------------
+
+    def start(self, spec):
+        try:
+            spec = _spec.validate(spec)
+            for key in ("kernel", "initrd", "disk"):
+                if spec[key] and not os.path.isfile(spec[key]):
+                    raise InvalidArgument(f"{key} {spec[key]} does not exist")
+            for v in spec["volumes"]:
+                if not os.path.isfile(v["path"]):
+                    raise InvalidArgument(f"volume {v['id']}: {v['path']} does not exist")
+            mid = spec["id"]
+            if self._status.get(mid, {}).get("state") == "running":
+                raise Conflict(f"machine {mid!r} is running already")
+        except Exception as e:
+            return fail(e)
+        d = Deferred()
+
+        def boot():
+            self.host.machines[mid] = {"alive": True, "spec": spec}
+            self.guest_write(mid, "fake: booted\n")
+            self._set(mid, spec, "running", "started (accel fake)")
+            d.callback(self.status(mid))
+
+        self.reactor.callLater(self.host.boot_delay, boot)
+        return d
+
+    def stop(self, machine_id, timeout=None):
+        st = self._get(machine_id)
+        if st["state"] != "running":
+            return succeed(dict(st))
+        timeout = self.stop_timeout if timeout is None else timeout
+        d = Deferred()
+        self._waiters.setdefault(machine_id, []).append(d)
+        pd = self.host.powerdown_delay
+        if pd is not None and pd < timeout:
+            self.reactor.callLater(pd, self._end, machine_id, "stopped", "stopped on request")
+        else:
+            self.reactor.callLater(timeout, self._end, machine_id, "stopped", "stopped on request")
+        return d.addCallback(lambda _: self.status(machine_id))
+
+    def destroy(self, machine_id):
+        _spec.check_id(machine_id)
+        if machine_id in self._status:
+            if self._status[machine_id]["state"] == "running":
+                self._end(machine_id, "stopped", "stopped on request")
+            del self._status[machine_id]
+        self.host.machines.pop(machine_id, None)
+        self.host.console.pop(machine_id, None)
+        return succeed(None)
+
+    def status(self, machine_id):
+        return dict(self._get(machine_id))
+
+    def list(self):
+        return sorted(self._status)
+
+    def recover(self):
+        found = []
+        for mid, proc in sorted(self.host.machines.items()):
+            if mid in self._status:
+                continue
+            if proc["alive"]:
+                self._set(mid, proc["spec"], "running", "recovered after an agent restart")
+            elif proc.get("state", "running") == "running":
+                self._set(mid, proc["spec"], "failed", "it ended while the agent was not running")
+            else:
+                self._set(mid, proc["spec"], proc["state"], proc.get("reason", ""))
+            found.append(self.status(mid))
+        return succeed(found)
+
+    def console(self, machine_id, max_bytes=65536):
+        self._get(machine_id)
+        data = self.host.console.get(machine_id, "").encode()[-max_bytes:]
+        return succeed(data.decode("utf-8", "replace"))
+
+    def subscribe(self, listener):
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def facts(self):
+        return {"driver": self.name, "accel": "fake"}
+
+    # internals ------------------------------------------------------------------------
+
+    def _get(self, machine_id):
+        _spec.check_id(machine_id)
+        try:
+            return self._status[machine_id]
+        except KeyError:
+            raise NotFound(f"no machine {machine_id!r} on this host") from None
+
+    def _set(self, mid, spec, state, reason):
+        self._status[mid] = {
+            "id": mid, "state": state, "reason": reason,
+            "pid": 4242 if state == "running" else None,
+            "console": os.path.join(self.root, mid, "console.log"),
+            "forwards": list(spec.get("forwards", [])),
+        }
+        if mid in self.host.machines:
+            self.host.machines[mid].update(state=state, reason=reason)
+        for listener in list(self._listeners):
+            listener(dict(self._status[mid]))
+
+    def _end(self, mid, state, reason):
+        st = self._status.get(mid)
+        if st is None or st["state"] != "running":
+            return
+        proc = self.host.machines.get(mid)
+        if proc:
+            proc["alive"] = False
+            if state == "stopped":
+                self.guest_write(mid, "fake: power down\n")
+            self._set(mid, proc["spec"], state, reason)
+        for d in self._waiters.pop(mid, []):
+            d.callback(None)
