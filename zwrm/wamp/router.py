@@ -285,6 +285,7 @@ class RouterSession:
         self.calls = {}  # caller request id -> _PendingCall (as caller)
         self.invocations = {}  # invocation request id -> _PendingCall (as callee)
         self._next_request = 0
+        self._close_timer = None
         self.joined_at = None
 
     # autobahn's transports log these two
@@ -306,6 +307,7 @@ class RouterSession:
         self._transport = transport
 
     def onClose(self, wasClean):
+        self._cancel_close_timer()
         state, self._state = self._state, _STATE_CLOSED
         self._challenge = None
         if state in (_STATE_JOINED, _STATE_CLOSING) and self.session_id is not None:
@@ -369,7 +371,13 @@ class RouterSession:
             return True
         return (not hard_only) and pending > limit
 
+    def _cancel_close_timer(self):
+        timer, self._close_timer = self._close_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
     def _close_transport(self, abort=False):
+        self._cancel_close_timer()
         t = self._transport
         if t is None:
             return
@@ -405,9 +413,10 @@ class RouterSession:
             self._close_transport()
             return
         self.send(message.Goodbye(reason, reason_text))
-        self._state = _STATE_CLOSED
+        self._state = _STATE_CLOSING
         self._router._detach(self)
-        self._close_transport()
+        # the client answers GOODBYE; close the connection then, or after a grace period
+        self._close_timer = self._router.reactor.callLater(5, self._close_transport, True)
 
     def new_request_id(self):
         self._next_request = self._next_request % (_MAX_ID - 1) + 1

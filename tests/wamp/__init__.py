@@ -1,0 +1,3 @@
+import txaio
+
+txaio.use_twisted()

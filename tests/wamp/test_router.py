@@ -1,0 +1,630 @@
+"""
+Every message path of the router, over the in-memory transport (no sockets).
+"""
+
+import binascii
+import json
+
+from autobahn.wamp import message
+from autobahn.wamp.auth import compute_wcs
+from autobahn.wamp.exception import ApplicationError
+from autobahn.wamp.serializer import JsonSerializer, MsgPackSerializer
+from nacl.signing import SigningKey
+from twisted.trial import unittest
+
+from tests.wamp.helpers import CLIENT_ROLES, RouterTestMixin
+from zwrm.wamp.auth import Principal, StaticAuthenticator
+from zwrm.wamp.router import BROKER_FEATURES, DEALER_FEATURES, RouterLimits
+
+CALL = message.Call.MESSAGE_TYPE
+
+
+class SessionTests(RouterTestMixin, unittest.SynchronousTestCase):
+    def test_ticket_welcome_announces_exactly_the_implemented_features(self):
+        c = self.connect()
+        c.send(message.Hello("zwrm", CLIENT_ROLES, authmethods=["ticket"], authid="op"))
+        self.pump()
+        self.assertEqual(c.take()[0].method, "ticket")
+        c.send(message.Authenticate("op-ticket"))
+        self.pump()
+        [w] = c.take()
+        self.assertIsInstance(w, message.Welcome)
+        self.assertEqual((w.authid, w.authrole, w.authmethod), ("op", "operator", "ticket"))
+        self.assertEqual(set(w.roles), {"broker", "dealer"})
+        for role, features in (("broker", BROKER_FEATURES), ("dealer", DEALER_FEATURES)):
+            announced = {k for k, v in vars(w.roles[role]).items() if v}
+            self.assertEqual(announced, set(features))
+        self.assertEqual(self.router.session_count(), 1)
+
+    def test_welcome_survives_serialization(self):
+        c = self.join("op", serializer=JsonSerializer())
+        self.assertTrue(c.session_id)
+        self.assertEqual(self.router.session_count(), 1)
+
+    def test_bad_ticket_aborts(self):
+        c = self.connect()
+        c.send(message.Hello("zwrm", CLIENT_ROLES, authmethods=["ticket"], authid="op"))
+        self.pump()
+        c.send(message.Authenticate("wrong"))
+        self.pump()
+        abort = c.last(message.Abort)
+        self.assertEqual(abort.reason, "wamp.error.authentication_failed")
+        self.assertIn("op", abort.message)
+        self.assertTrue(c.closed)
+        self.assertEqual(self.router.session_count(), 0)
+
+    def test_unknown_authid_aborts(self):
+        c = self.connect()
+        c.send(message.Hello("zwrm", CLIENT_ROLES, authmethods=["ticket"], authid="nobody"))
+        self.pump()
+        c.send(message.Authenticate("x"))
+        self.pump()
+        self.assertEqual(c.last(message.Abort).reason, "wamp.error.authentication_failed")
+
+    def test_wrong_realm_aborts(self):
+        c = self.connect()
+        c.send(message.Hello("other", CLIENT_ROLES, authmethods=["ticket"], authid="op"))
+        self.pump()
+        self.assertEqual(c.last(message.Abort).reason, "wamp.error.no_such_realm")
+
+    def test_anonymous_refused_unless_configured(self):
+        c = self.connect()
+        c.send(message.Hello("zwrm", CLIENT_ROLES))
+        self.pump()
+        self.assertEqual(c.last(message.Abort).reason, "wamp.error.no_auth_method")
+        self.assertEqual(self.router.session_count(), 0)
+
+    def test_anonymous_when_configured(self):
+        self.router.authenticator = StaticAuthenticator(anonymous=True)
+        c = self.connect()
+        c.send(message.Hello("zwrm", CLIENT_ROLES))
+        self.pump()
+        w = c.last(message.Welcome)
+        self.assertEqual((w.authrole, w.authmethod), ("anonymous", "anonymous"))
+
+    def test_wampcra(self):
+        secret = b"s3cret"
+        self.router.authenticator = StaticAuthenticator(secrets={"cra": (secret, Principal("cra", "operator"))})
+        c = self.connect(JsonSerializer())
+        c.send(message.Hello("zwrm", CLIENT_ROLES, authmethods=["wampcra"], authid="cra"))
+        self.pump()
+        ch = c.last(message.Challenge)
+        self.assertEqual(ch.method, "wampcra")
+        self.assertEqual(json.loads(ch.extra["challenge"])["authid"], "cra")
+        c.send(message.Authenticate(compute_wcs(secret, ch.extra["challenge"].encode()).decode()))
+        self.pump()
+        self.assertEqual(c.last(message.Welcome).authmethod, "wampcra")
+
+    def test_wampcra_bad_signature(self):
+        self.router.authenticator = StaticAuthenticator(secrets={"cra": (b"s", Principal("cra", "operator"))})
+        c = self.connect()
+        c.send(message.Hello("zwrm", CLIENT_ROLES, authmethods=["wampcra"], authid="cra"))
+        self.pump()
+        c.send(message.Authenticate("AAAA"))
+        self.pump()
+        self.assertEqual(c.last(message.Abort).reason, "wamp.error.authentication_failed")
+
+    def _cryptosign(self, key, sign_with):
+        pub = key.verify_key.encode().hex()
+        self.router.authenticator = StaticAuthenticator(pubkeys={pub: Principal("k1", "agent")})
+        c = self.connect(MsgPackSerializer())
+        c.send(message.Hello("zwrm", CLIENT_ROLES, authmethods=["cryptosign"], authextra={"pubkey": pub}))
+        self.pump()
+        ch = c.last(message.Challenge)
+        self.assertEqual(ch.method, "cryptosign")
+        data = binascii.unhexlify(ch.extra["challenge"])
+        sig = sign_with.sign(data).signature
+        c.send(message.Authenticate(sig.hex() + data.hex()))
+        self.pump()
+        return c
+
+    def test_cryptosign(self):
+        key = SigningKey.generate()
+        c = self._cryptosign(key, key)
+        w = c.last(message.Welcome)
+        self.assertEqual((w.authid, w.authrole, w.authmethod), ("k1", "agent", "cryptosign"))
+
+    def test_cryptosign_wrong_key(self):
+        c = self._cryptosign(SigningKey.generate(), SigningKey.generate())
+        self.assertEqual(c.last(message.Abort).reason, "wamp.error.authentication_failed")
+
+    def test_goodbye(self):
+        c = self.join("op")
+        c.send(message.Goodbye())
+        self.pump()
+        self.assertEqual(c.last(message.Goodbye).reason, "wamp.close.goodbye_and_out")
+        self.assertEqual(self.router.session_count(), 0)
+
+    def test_kill_by_authid(self):
+        a, a2, b = self.join("host1"), self.join("host1"), self.join("op")
+        self.assertEqual(self.router.kill_by_authid("host1", "credential revoked"), 2)
+        self.pump()
+        self.assertEqual(self.router.session_count(), 1)
+        for c in (a, a2):
+            g = c.last(message.Goodbye)
+            self.assertEqual((g.reason, g.message), ("wamp.close.killed", "credential revoked"))
+        # a client that answers GOODBYE is disconnected at once, one that does not after 5 s
+        a.send(message.Goodbye("wamp.close.goodbye_and_out"))
+        self.pump()
+        self.assertTrue(a.closed)
+        self.assertFalse(a2.closed)
+        self.clock.advance(5)
+        self.pump()
+        self.assertTrue(a2.closed)
+        self.assertFalse(b.closed)
+
+    def test_transport_loss_leaves(self):
+        c = self.join("op")
+        c.transport.close()
+        self.pump()
+        self.assertEqual(self.router.session_count(), 0)
+
+
+class ProtocolViolationTests(RouterTestMixin, unittest.SynchronousTestCase):
+    def assertViolation(self, c):
+        self.assertEqual(c.last(message.Abort).reason, "wamp.error.protocol_violation")
+        self.assertTrue(c.closed)
+
+    def test_message_before_hello(self):
+        c = self.connect()
+        c.send(message.Call(1, "zwrm.x"))
+        self.pump()
+        self.assertViolation(c)
+
+    def test_second_hello(self):
+        c = self.join("op")
+        other = self.join("op2")
+        c.send(message.Hello("zwrm", CLIENT_ROLES, authmethods=["ticket"], authid="op"))
+        self.pump()
+        self.assertViolation(c)
+        self.assertEqual(self.router.session_count(), 1)
+        # the other session still works
+        other.send(message.Call(1, "wamp.session.count"))
+        self.pump()
+        self.assertEqual(other.last(message.Result).args, [1])
+
+    def test_router_only_message_from_client(self):
+        c = self.join("op")
+        c.send(message.Event(1, 2))
+        self.pump()
+        self.assertViolation(c)
+
+    def test_malformed_bytes(self):
+        c = self.join("op", serializer=JsonSerializer())
+        c.transport.send_bytes(b"[1, 2, {")
+        self.pump()
+        self.assertViolation(c)
+        self.assertEqual(self.router.session_count(), 0)
+
+    def test_unknown_message_type(self):
+        c = self.join("op", serializer=JsonSerializer())
+        c.transport.send_bytes(b"[99, 1, {}]")
+        self.pump()
+        self.assertViolation(c)
+
+    def test_authenticate_without_challenge(self):
+        c = self.connect()
+        c.send(message.Authenticate("x"))
+        self.pump()
+        self.assertViolation(c)
+
+    def test_reused_call_request_id(self):
+        caller, callee = self.join("op"), self.join("host1")
+        self.register(callee, "zwrm.agent.host1.x")
+        caller.send(message.Call(7, "zwrm.agent.host1.x"))
+        caller.send(message.Call(7, "zwrm.agent.host1.x"))
+        self.pump()
+        self.assertViolation(caller)
+
+
+class DealerTests(RouterTestMixin, unittest.SynchronousTestCase):
+    def setUp(self):
+        super().setUp()
+        self.caller = self.join("op")
+        self.callee = self.join("host1")
+
+    def call(self, procedure, args=None, kwargs=None, **kw):
+        r = self.caller.req()
+        self.caller.send(message.Call(r, procedure, args=args, kwargs=kwargs, **kw))
+        self.pump()
+        return r
+
+    def test_call_result_with_caller_disclosure(self):
+        reg = self.register(self.callee, "zwrm.agent.host1.start")
+        r = self.call("zwrm.agent.host1.start", [1, 2], {"k": "v"})
+        inv = self.callee.last(message.Invocation)
+        self.assertEqual((inv.registration, inv.args, inv.kwargs), (reg, [1, 2], {"k": "v"}))
+        self.assertEqual((inv.caller, inv.caller_authid, inv.caller_authrole),
+                         (self.caller.session_id, "op", "operator"))
+        self.callee.send(message.Yield(inv.request, args=["ok"], kwargs={"a": 1}))
+        self.pump()
+        res = self.caller.last(message.Result)
+        self.assertEqual((res.request, res.args, res.kwargs), (r, ["ok"], {"a": 1}))
+
+    def test_no_such_procedure(self):
+        r = self.call("zwrm.nothing")
+        err = self.caller.last(message.Error)
+        self.assertEqual((err.request_type, err.request, err.error), (CALL, r, "wamp.error.no_such_procedure"))
+
+    def test_call_not_authorized(self):
+        self.register(self.callee, "zwrm.agent.host1.start")
+        v = self.join("view")
+        v.send(message.Call(1, "zwrm.agent.host1.start"))
+        self.pump()
+        self.assertEqual(v.last(message.Error).error, "wamp.error.not_authorized")
+        self.assertEqual(self.callee.received, [])
+
+    def test_agent_may_only_register_its_own_procedures(self):
+        self.callee.send(message.Register(1, "zwrm.agent.host2.start"))
+        self.callee.send(message.Register(2, "zwrm.agent.host1x.start"))
+        self.callee.send(message.Register(3, "zwrm.host.list"))
+        self.pump()
+        errs = self.callee.take(message.Error)
+        self.assertEqual([(e.request, e.error) for e in errs],
+                         [(i, "wamp.error.not_authorized") for i in (1, 2, 3)])
+        self.register(self.callee, "zwrm.agent.host1.start")
+
+    def test_pattern_registration_authorization(self):
+        # a prefix registration is allowed only inside the agent's own prefix
+        self.callee.send(message.Register(1, "zwrm.agent.", match="prefix"))
+        self.callee.send(message.Register(2, "zwrm.agent..start", match="wildcard"))
+        self.pump()
+        self.assertEqual([e.error for e in self.callee.take(message.Error)], ["wamp.error.not_authorized"] * 2)
+        self.register(self.callee, "zwrm.agent.host1.", match="prefix")
+
+    def test_already_registered(self):
+        self.register(self.callee, "test.proc")
+        other = self.join("host2")
+        other.send(message.Register(1, "test.proc"))
+        self.pump()
+        self.assertEqual(other.last(message.Error).error, "wamp.error.procedure_already_exists")
+
+    def test_unregister(self):
+        reg = self.register(self.callee, "test.proc")
+        self.callee.send(message.Unregister(5, reg))
+        self.pump()
+        self.assertEqual(self.callee.last(message.Unregistered).request, 5)
+        self.call("test.proc")
+        self.assertEqual(self.caller.last(message.Error).error, "wamp.error.no_such_procedure")
+
+    def test_unregister_someone_elses(self):
+        reg = self.register(self.callee, "test.proc")
+        self.caller.send(message.Unregister(5, reg))
+        self.pump()
+        self.assertEqual(self.caller.last(message.Error).error, "wamp.error.no_such_registration")
+
+    def test_callee_error_reaches_caller(self):
+        self.register(self.callee, "test.proc")
+        r = self.call("test.proc")
+        inv = self.callee.last(message.Invocation)
+        self.callee.send(message.Error(message.Invocation.MESSAGE_TYPE, inv.request, "zwrm.error.not_found",
+                                       args=["no such host"], kwargs={"host": "h9"}))
+        self.pump()
+        err = self.caller.last(message.Error)
+        self.assertEqual((err.request, err.error, err.args, err.kwargs),
+                         (r, "zwrm.error.not_found", ["no such host"], {"host": "h9"}))
+
+    def test_callee_leaves_pending_callers_get_errors(self):
+        self.register(self.callee, "test.proc")
+        r = self.call("test.proc")
+        self.callee.transport.close()
+        self.pump()
+        err = self.caller.last(message.Error)
+        self.assertEqual((err.request, err.error), (r, "wamp.error.canceled"))
+        self.call("test.proc")
+        self.assertEqual(self.caller.last(message.Error).error, "wamp.error.no_such_procedure")
+
+    def test_caller_leaves_callee_interrupted(self):
+        self.register(self.callee, "test.proc")
+        self.call("test.proc")
+        inv = self.callee.last(message.Invocation)
+        self.caller.transport.close()
+        self.pump()
+        intr = self.callee.last(message.Interrupt)
+        self.assertEqual(intr.request, inv.request)
+        # a late YIELD goes nowhere and breaks nothing
+        self.callee.send(message.Yield(inv.request))
+        self.pump()
+        self.assertFalse(self.callee.closed)
+
+    def test_progressive_results(self):
+        self.register(self.callee, "test.proc")
+        r = self.call("test.proc", receive_progress=True)
+        inv = self.callee.last(message.Invocation)
+        self.assertTrue(inv.receive_progress)
+        for i in range(3):
+            self.callee.send(message.Yield(inv.request, args=[i], progress=True))
+        self.callee.send(message.Yield(inv.request, args=["done"]))
+        self.pump()
+        results = self.caller.take(message.Result)
+        self.assertEqual([(x.request, x.args, bool(x.progress)) for x in results],
+                         [(r, [0], True), (r, [1], True), (r, [2], True), (r, ["done"], False)])
+
+    def test_progress_not_forwarded_unless_asked(self):
+        self.register(self.callee, "test.proc")
+        self.call("test.proc")
+        inv = self.callee.last(message.Invocation)
+        self.callee.send(message.Yield(inv.request, args=[0], progress=True))
+        self.callee.send(message.Yield(inv.request, args=["done"]))
+        self.pump()
+        self.assertEqual([x.args for x in self.caller.take(message.Result)], [["done"]])
+
+    def test_cancel_killnowait(self):
+        self.register(self.callee, "test.proc")
+        r = self.call("test.proc")
+        inv = self.callee.last(message.Invocation)
+        self.caller.send(message.Cancel(r, mode="killnowait"))
+        self.pump()
+        self.assertEqual(self.caller.last(message.Error).error, "wamp.error.canceled")
+        self.assertEqual(self.callee.last(message.Interrupt).request, inv.request)
+        self.callee.send(message.Yield(inv.request, args=["late"]))
+        self.pump()
+        self.assertEqual(self.caller.take(message.Result), [])
+
+    def test_cancel_kill_waits_for_callee(self):
+        self.register(self.callee, "test.proc")
+        r = self.call("test.proc")
+        inv = self.callee.last(message.Invocation)
+        self.caller.send(message.Cancel(r, mode="kill"))
+        self.pump()
+        self.assertEqual(self.callee.last(message.Interrupt).mode, "kill")
+        self.assertEqual(self.caller.take(message.Error), [])
+        self.callee.send(message.Error(message.Invocation.MESSAGE_TYPE, inv.request, "wamp.error.canceled"))
+        self.pump()
+        self.assertEqual(self.caller.last(message.Error).error, "wamp.error.canceled")
+
+    def test_cancel_skip(self):
+        self.register(self.callee, "test.proc")
+        r = self.call("test.proc")
+        self.caller.send(message.Cancel(r, mode="skip"))
+        self.pump()
+        self.assertEqual(self.caller.last(message.Error).error, "wamp.error.canceled")
+        self.assertEqual(self.callee.take(message.Interrupt), [])
+
+    def test_call_timeout_from_caller(self):
+        self.register(self.callee, "test.proc")
+        r = self.call("test.proc", timeout=500)
+        self.clock.advance(0.4)
+        self.pump()
+        self.assertEqual(self.caller.take(message.Error), [])
+        self.clock.advance(0.2)
+        self.pump()
+        err = self.caller.last(message.Error)
+        self.assertEqual((err.request, err.error), (r, "wamp.error.timeout"))
+        self.assertEqual(self.callee.last(message.Interrupt).reason, "wamp.error.timeout")
+
+    def test_router_call_timeout(self):
+        self.router.limits = RouterLimits(call_timeout=2)
+        self.register(self.callee, "test.proc")
+        self.call("test.proc")
+        self.clock.advance(2)
+        self.pump()
+        self.assertEqual(self.caller.last(message.Error).error, "wamp.error.timeout")
+
+    def test_answered_call_leaves_no_timer(self):
+        self.register(self.callee, "test.proc")
+        self.call("test.proc", timeout=1000)
+        inv = self.callee.last(message.Invocation)
+        self.callee.send(message.Yield(inv.request))
+        self.pump()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_pending_call_limit(self):
+        self.router.limits = RouterLimits(max_pending_calls_per_session=2)
+        self.register(self.callee, "test.proc")
+        for _ in range(3):
+            self.call("test.proc")
+        self.assertEqual(len(self.callee.take(message.Invocation)), 2)
+        self.assertEqual(self.caller.last(message.Error).error, "zwrm.error.resource_exhausted")
+
+    def test_prefix_and_wildcard_registration(self):
+        self.register(self.callee, "test.", match="prefix")
+        self.register(self.callee, "test..echo", match="wildcard")
+        exact = self.register(self.callee, "test.a.echo")
+        self.call("test.a.echo")
+        self.assertEqual(self.callee.last(message.Invocation).registration, exact)
+        self.callee.take()
+        self.call("test.b.echo")
+        inv = self.callee.last(message.Invocation)
+        self.assertEqual(inv.procedure, "test.b.echo")
+        self.callee.take()
+        self.call("test.zzz")
+        self.assertEqual(self.callee.last(message.Invocation).procedure, "test.zzz")
+
+    def test_registration_reserved_wamp_namespace(self):
+        ctl = self.join("ctl")
+        self.router.authorizer._roles["trusted"] += (self.router.authorizer._roles["operator"][1],)
+        ctl.send(message.Register(1, "wamp.session.count"))
+        self.pump()
+        self.assertTrue(ctl.last(message.Error).error in ("wamp.error.not_authorized", "wamp.error.invalid_uri"))
+
+
+class BrokerTests(RouterTestMixin, unittest.SynchronousTestCase):
+    def setUp(self):
+        super().setUp()
+        self.pub = self.join("host1")
+        self.sub = self.join("op")
+
+    def publish(self, topic, args=None, **kw):
+        r = self.pub.req()
+        self.pub.send(message.Publish(r, topic, args=args, **kw))
+        self.pump()
+        return r
+
+    def test_exact_subscription_and_publisher_disclosure(self):
+        sid = self.subscribe(self.sub, "test.topic")
+        self.publish("test.topic", [1])
+        self.publish("test.other", [2])
+        [ev] = self.sub.take(message.Event)
+        self.assertEqual((ev.subscription, ev.args), (sid, [1]))
+        self.assertEqual((ev.publisher, ev.publisher_authid, ev.publisher_authrole),
+                         (self.pub.session_id, "host1", "agent"))
+        self.assertIsNone(ev.topic)
+
+    def test_prefix_and_wildcard(self):
+        p = self.subscribe(self.sub, "test.a.", match="prefix")
+        w = self.subscribe(self.sub, "test..x", match="wildcard")
+        self.publish("test.a.x", ["both"])
+        self.publish("test.a.y.z", ["prefix"])
+        self.publish("test.b.x", ["wild"])
+        self.publish("test.b.y", ["none"])
+        got = sorted((e.subscription, e.args[0], e.topic) for e in self.sub.take(message.Event))
+        self.assertEqual(got, sorted([(p, "both", "test.a.x"), (w, "both", "test.a.x"),
+                                      (p, "prefix", "test.a.y.z"), (w, "wild", "test.b.x")]))
+
+    def test_same_topic_shares_subscription(self):
+        other = self.join("op2")
+        a = self.subscribe(self.sub, "test.t")
+        b = self.subscribe(other, "test.t")
+        self.assertEqual(a, b)
+        self.sub.send(message.Unsubscribe(9, a))
+        self.pump()
+        self.assertEqual(self.sub.last(message.Unsubscribed).request, 9)
+        self.publish("test.t")
+        self.assertEqual(len(other.take(message.Event)), 1)
+        self.assertEqual(self.sub.take(message.Event), [])
+
+    def test_unsubscribe_unknown(self):
+        self.sub.send(message.Unsubscribe(9, 12345))
+        self.pump()
+        self.assertEqual(self.sub.last(message.Error).error, "wamp.error.no_such_subscription")
+
+    def test_publisher_exclusion(self):
+        self.subscribe(self.pub, "test.t")
+        self.publish("test.t")
+        self.assertEqual(self.pub.take(message.Event), [])
+        self.publish("test.t", exclude_me=False)
+        self.assertEqual(len(self.pub.take(message.Event)), 1)
+
+    def test_acknowledge(self):
+        r = self.publish("test.t", acknowledge=True)
+        self.assertEqual(self.pub.last(message.Published).request, r)
+
+    def test_publish_not_authorized(self):
+        v = self.join("view")
+        v.send(message.Publish(1, "zwrm.event.host", acknowledge=True))
+        v.send(message.Publish(2, "zwrm.event.host"))
+        self.pump()
+        [err] = v.take(message.Error)
+        self.assertEqual((err.request, err.error), (1, "wamp.error.not_authorized"))
+
+    def test_subscribe_not_authorized(self):
+        v = self.join("view")
+        v.send(message.Subscribe(1, "test.t"))
+        v.send(message.Subscribe(2, "zwrm.", match="prefix"))
+        self.pump()
+        self.assertEqual([e.error for e in v.take(message.Error)], ["wamp.error.not_authorized"] * 2)
+        self.subscribe(v, "zwrm.event.", match="prefix")
+
+    def test_exclude_and_eligible(self):
+        s2, s3 = self.join("op2"), self.join("host2")
+        for c in (self.sub, s2, s3):
+            self.subscribe(c, "test.t")
+
+        def receivers(**kw):
+            self.publish("test.t", **kw)
+            return {c.session_id for c in (self.sub, s2, s3) if c.take(message.Event)}
+
+        everyone = {self.sub.session_id, s2.session_id, s3.session_id}
+        self.assertEqual(receivers(), everyone)
+        self.assertEqual(receivers(exclude=[s2.session_id]), everyone - {s2.session_id})
+        self.assertEqual(receivers(eligible=[s2.session_id]), {s2.session_id})
+        self.assertEqual(receivers(exclude_authid=["op"]), {s2.session_id, s3.session_id})
+        self.assertEqual(receivers(eligible_authid=["op"]), {self.sub.session_id})
+        self.assertEqual(receivers(exclude_authrole=["operator"]), {s3.session_id})
+        self.assertEqual(receivers(eligible_authrole=["operator"]), {self.sub.session_id, s2.session_id})
+        self.assertEqual(receivers(eligible_authrole=["operator"], exclude=[s2.session_id]),
+                         {self.sub.session_id})
+
+    def test_subscriber_leaving_is_forgotten(self):
+        self.subscribe(self.sub, "test.t")
+        self.sub.transport.close()
+        self.pump()
+        self.publish("test.t")
+        self.assertEqual(self.router.stats.events_sent, 0)
+        self.assertEqual(self.router._subscriptions.exact, {})
+
+
+class SlowSubscriberTests(RouterTestMixin, unittest.SynchronousTestCase):
+    limits = RouterLimits(max_outgoing_queue=1000)
+
+    def test_events_dropped_then_disconnected(self):
+        pub = self.join("host1")
+        slow = self.join("op", serializer=JsonSerializer())
+        fast = self.join("op2", serializer=JsonSerializer())
+        for c in (slow, fast):
+            self.subscribe(c, "test.t")
+        slow.pair.ends[1].paused = True  # the slow client stops reading
+        session = self.router.get_session(slow.session_id)
+        for i in range(40):
+            pub.send(message.Publish(i + 1, "test.t", args=["x" * 90]))
+        self.pump()
+        self.assertEqual(len(fast.take(message.Event)), 40)
+        self.assertGreater(session.dropped_events, 0)
+        held = session.unsent_bytes()
+        self.assertLessEqual(held, 1000 + 200)
+        self.assertFalse(slow.closed)
+        # results are never dropped: a flood of them disconnects the session
+        ctl = self.join("ctl")
+        self.register(ctl, "zwrm.big")
+        for i in range(60):
+            slow.transport.send(message.Call(100 + i, "zwrm.big"))
+        self.pump()
+        for inv in ctl.take(message.Invocation):
+            ctl.send(message.Yield(inv.request, args=["y" * 100]))
+        self.pump()
+        self.assertIsNone(self.router.get_session(slow.session_id))
+        self.assertEqual(len(fast.take()), 0)
+        pub.send(message.Publish(999, "test.t", args=["after"]))
+        self.pump()
+        self.assertEqual(len(fast.take(message.Event)), 1)
+
+
+class MetaApiTests(RouterTestMixin, unittest.SynchronousTestCase):
+    def test_on_join_on_leave(self):
+        watcher = self.join("op")
+        j = self.subscribe(watcher, "wamp.session.on_join")
+        lv = self.subscribe(watcher, "wamp.session.on_leave")
+        c = self.join("host1")
+        [ev] = watcher.take(message.Event)
+        self.assertEqual(ev.subscription, j)
+        details = ev.args[0]
+        self.assertEqual((details["session"], details["authid"], details["authrole"]),
+                         (c.session_id, "host1", "agent"))
+        c.transport.close()
+        self.pump()
+        [ev] = watcher.take(message.Event)
+        self.assertEqual((ev.subscription, ev.args), (lv, [c.session_id, "host1", "agent"]))
+
+    def test_count_list_get(self):
+        a = self.join("op")
+        b = self.join("host1")
+        a.send(message.Call(1, "wamp.session.count"))
+        a.send(message.Call(2, "wamp.session.count", args=[["agent"]]))
+        a.send(message.Call(3, "wamp.session.list"))
+        a.send(message.Call(4, "wamp.session.get", args=[b.session_id]))
+        a.send(message.Call(5, "wamp.session.get", args=[12345]))
+        a.send(message.Call(6, "wamp.session.list", kwargs={"filter_authroles": "bad"}))
+        self.pump()
+        results = {m.request: m for m in a.take()}
+        self.assertEqual(results[1].args, [2])
+        self.assertEqual(results[2].args, [1])
+        self.assertEqual(sorted(results[3].args[0]), sorted([a.session_id, b.session_id]))
+        self.assertEqual(results[4].args[0]["authid"], "host1")
+        self.assertEqual(results[5].error, "wamp.error.no_such_session")
+        self.assertEqual(results[6].error, "wamp.error.invalid_argument")
+
+    def test_meta_procedures_are_authorized(self):
+        v = self.join("view")
+        v.send(message.Call(1, "wamp.session.list"))
+        self.pump()
+        self.assertEqual(v.last(message.Error).error, "wamp.error.not_authorized")
+
+
+class ErrorPassThroughTests(unittest.SynchronousTestCase):
+    def test_application_error_uri(self):
+        from zwrm.errors import NotFound
+
+        e = NotFound("gone")
+        self.assertIsInstance(e, ApplicationError)
+        self.assertEqual((e.error, e.args), ("zwrm.error.not_found", ("gone",)))
