@@ -467,7 +467,7 @@ class JoinTokensTests(SynchronousTestCase):
         self.assertEqual(row["state"], "valid")
         self.assertEqual(row["used"], 1)
         self.assertEqual(row["description"], "rack 4")
-        self.assertEqual(row["expires"], 1_800_003_600)
+        self.assertEqual(row["expires_at"], 1_800_003_600)
 
     def test_only_the_hash_of_the_secret_is_stored(self):
         token = self.tokens.create()
@@ -521,6 +521,29 @@ class JoinTokensTests(SynchronousTestCase):
         moved = pki.JoinToken(token.id, token.secret, "01" * 32)
         e = self.assertRaises(AuthenticationFailed, self.tokens.check, moved)
         self.assertIn("names CA 0101010101010101..., not this control plane's CA", e.message)
+
+    def test_check_against_another_store_record(self):
+        # The control plane may keep tokens in its own table; the check is the same.
+        token = pki.JoinToken.generate(self.fingerprint, expires=None)
+        record = {"secret_hash": token.secret_hash, "expires_at": 100.0, "revoked": 0}
+        self.assertEqual(pki.check_join_token(str(token), record, self.fingerprint, 99.0), token)
+        e = self.assertRaises(
+            AuthenticationFailed,
+            pki.check_join_token,
+            token,
+            dict(record, revoked=1),
+            self.fingerprint,
+            99.0,
+        )
+        self.assertEqual(e.message, f"join token {token.id} was revoked")
+        e = self.assertRaises(
+            AuthenticationFailed, pki.check_join_token, token, record, self.fingerprint, 100.0
+        )
+        self.assertIn("expired at 1970-01-01 00:01:40 UTC", e.message)
+        e = self.assertRaises(
+            AuthenticationFailed, pki.check_join_token, token, None, self.fingerprint, 0
+        )
+        self.assertIn("is not known", e.message)
 
     def test_bad_ttl(self):
         for ttl in (0, -5, "1h", True, None):

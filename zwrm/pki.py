@@ -73,6 +73,7 @@ __all__ = [
     "JoinTokens",
     "PinnedClientTLSOptions",
     "check_host_certificate",
+    "check_join_token",
     "check_plain_url",
     "fingerprint_of",
     "hash_secret",
@@ -80,6 +81,7 @@ __all__ = [
     "is_loopback_host",
     "make_host_request",
     "pinned_client_context",
+    "token_state",
     "server_options",
 ]
 
@@ -947,13 +949,72 @@ class JoinToken:
         return hash_secret(self.secret)
 
 
+def token_state(record, now):
+    """
+    C{"revoked"}, C{"expired"} or C{"valid"} for a stored token record at time C{now}.
+
+    @param record: a mapping with C{expires_at} (POSIX time) and C{revoked} (falsy, or the
+        time or flag of revocation).
+    """
+    if record.get("revoked"):
+        return "revoked"
+    if now >= record["expires_at"]:
+        return "expired"
+    return "valid"
+
+
+def check_join_token(token, record, ca_fingerprint, now):
+    """
+    Accept a presented join token against its stored record, or refuse it saying why.
+
+    Independent of where tokens are stored: the control plane looks the record up by
+    C{JoinToken.parse(text).id} and passes it here (or C{None} when there is none).
+
+    @param token: the token's text or a L{JoinToken}.
+    @param record: a mapping with C{secret_hash}, C{expires_at} and C{revoked}, or C{None}.
+    @param ca_fingerprint: this control plane's CA fingerprint.
+    @param now: POSIX time (from the injected clock).
+    @raise InvalidArgument: the token is malformed.
+    @raise AuthenticationFailed: unknown, wrong secret, made for another CA, expired or revoked.
+    @return: the L{JoinToken}.
+    """
+    if not isinstance(token, JoinToken):
+        token = JoinToken.parse(token)
+    if record is None or not hmac.compare_digest(record["secret_hash"], token.secret_hash):
+        raise AuthenticationFailed(
+            f"join token {token.id} is not known to this control plane;"
+            " create one with `zwrm tokens create`"
+        )
+    fingerprint = normalize_fingerprint(ca_fingerprint)
+    if token.ca_fingerprint != fingerprint:
+        raise AuthenticationFailed(
+            f"join token {token.id} names CA {token.ca_fingerprint[:16]}..., not this"
+            f" control plane's CA {fingerprint[:16]}..."
+        )
+    state = token_state(record, now)
+    if state == "revoked":
+        revoked = record["revoked"]
+        when = (
+            f" at {_iso(revoked)}"
+            if isinstance(revoked, (int, float)) and not isinstance(revoked, bool) and revoked > 1
+            else ""
+        )
+        raise AuthenticationFailed(f"join token {token.id} was revoked{when}")
+    if state == "expired":
+        raise AuthenticationFailed(
+            f"join token {token.id} expired at {_iso(record['expires_at'])};"
+            " create a new one with `zwrm tokens create`"
+        )
+    return token
+
+
 class JoinTokens:
     """
     The control plane's join tokens, in a table of its SQLite store (C{sqlite_utils}).
 
     Stores the id, the SHA-256 of the secret, creation and expiry times, a description and
-    the revocation time; never the secret. Calls are short single-row queries (the store's
-    owner decides whether they run in a thread).
+    the revocation time; never the secret. Calls are short single-row queries: run them where
+    the store runs its queries (e.g. its database thread).
 
     @param db: a C{sqlite_utils.Database}.
     @param ca_fingerprint: the current CA's fingerprint, put into every token made.
@@ -973,13 +1034,13 @@ class JoinTokens:
                     "id": str,
                     "secret_hash": str,
                     "description": str,
-                    "created": float,
-                    "expires": float,
+                    "created_at": float,
+                    "expires_at": float,
                     "revoked": float,
                     "used": int,
                 },
                 pk="id",
-                not_null={"secret_hash", "created", "expires"},
+                not_null={"secret_hash", "created_at", "expires_at"},
                 defaults={"used": 0},
             )
 
@@ -1002,38 +1063,32 @@ class JoinTokens:
                 "id": token.id,
                 "secret_hash": token.secret_hash,
                 "description": str(description),
-                "created": now,
-                "expires": now + ttl,
+                "created_at": now,
+                "expires_at": now + ttl,
                 "revoked": None,
                 "used": 0,
             }
         )
         return token
 
-    def _state(self, row, now):
-        if row["revoked"] is not None:
-            return "revoked"
-        if now >= row["expires"]:
-            return "expired"
-        return "valid"
-
     def list(self):
         """
         All tokens, oldest first, without secrets: dicts with C{id}, C{description},
-        C{created}, C{expires}, C{revoked}, C{used} and C{state} (valid, expired or revoked).
+        C{created_at}, C{expires_at}, C{revoked}, C{used} and C{state} (valid, expired or
+        revoked).
         """
         now = self._clock.seconds()
         out = []
-        for row in self._table.rows_where(order_by="created, id"):
+        for row in self._table.rows_where(order_by="created_at, id"):
             row = dict(row)
             del row["secret_hash"]
-            row["state"] = self._state(row, now)
+            row["state"] = token_state(row, now)
             out.append(row)
         return out
 
     def revoke(self, token_id):
         """
-        Revoke a token; revoking a revoked token is a no-op.
+        Revoke a token (by id, or by its whole text); revoking a revoked token is a no-op.
 
         @raise NotFound: no token has this id.
         """
@@ -1046,46 +1101,24 @@ class JoinTokens:
 
     def check(self, token):
         """
-        Accept a joining agent's token, or refuse it with a message that says why.
+        Accept a joining agent's token, or refuse it with a message that says why
+        (see L{check_join_token}); counts its uses.
 
-        @param token: the token's text or a L{JoinToken}.
-        @raise InvalidArgument: malformed.
-        @raise AuthenticationFailed: unknown, wrong secret, made for another CA, expired or
-            revoked.
         @return: the token's id.
         """
         if not isinstance(token, JoinToken):
             token = JoinToken.parse(token)
         rows = list(self._table.rows_where("id = ?", [token.id]))
-        if not rows or not hmac.compare_digest(rows[0]["secret_hash"], token.secret_hash):
-            raise AuthenticationFailed(
-                f"join token {token.id} is not known to this control plane;"
-                " create one with `zwrm tokens create`"
-            )
-        row = rows[0]
-        if token.ca_fingerprint != self._fingerprint:
-            raise AuthenticationFailed(
-                f"join token {token.id} names CA {token.ca_fingerprint[:16]}..., not this"
-                f" control plane's CA {self._fingerprint[:16]}..."
-            )
-        state = self._state(row, self._clock.seconds())
-        if state == "revoked":
-            raise AuthenticationFailed(
-                f"join token {token.id} was revoked at {_iso(row['revoked'])}"
-            )
-        if state == "expired":
-            raise AuthenticationFailed(
-                f"join token {token.id} expired at {_iso(row['expires'])};"
-                " create a new one with `zwrm tokens create`"
-            )
-        self._table.update(token.id, {"used": row["used"] + 1})
+        record = rows[0] if rows else None
+        check_join_token(token, record, self._fingerprint, self._clock.seconds())
+        self._table.update(token.id, {"used": record["used"] + 1})
         return token.id
 
     def prune(self, older_than=7 * 24 * 3600):
         """Delete tokens that expired or were revoked more than C{older_than} seconds ago."""
         limit = self._clock.seconds() - older_than
         self._table.delete_where(
-            "expires < ? or (revoked is not null and revoked < ?)", [limit, limit]
+            "expires_at < ? or (revoked is not null and revoked < ?)", [limit, limit]
         )
 
 
