@@ -259,7 +259,7 @@ class HostRegistry:
         _check_facts(facts)
         if host_id is None:
             host_id = new_host_id()
-        elif not valid_host_id(host_id):
+        elif not valid_host_id(host_id) or host_id in ("join", "operator", "viewer", "control"):
             raise errors.InvalidArgument(
                 "a host id is 1 to 64 letters, digits, '-' or '_'"
             )

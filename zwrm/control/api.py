@@ -1,0 +1,106 @@
+"""
+The control component: an ordinary WAMP session (role C{trusted}) that offers the
+control plane's procedures and publishes its events.
+
+It is attached to the embedded router in-process
+(C{router.attach(session, authid="control", authrole="trusted")}) but depends on nothing
+in the router, so it can run against an external router too.
+
+Procedures (realm C{zwrm}):
+
+ - C{zwrm.agent.join(host_id, facts)} (role C{joining}): admits a host;
+   returns C{{host_id, credential, heartbeat_interval}}.
+ - C{zwrm.agent.register(facts)} (role C{agent}; the host is the caller's authid):
+   returns C{{host_id, state, heartbeat_interval}}.
+ - C{zwrm.agent.heartbeat(stats=None)} (role C{agent}): returns
+   C{{state, heartbeat_interval}}.
+ - C{zwrm.agent.report(machines)} (role C{agent}): reconciles the reported machines.
+ - C{zwrm.host.list()}: every host, summarised.
+ - C{zwrm.host.status(host_id)}: one host with its machines and recent events.
+"""
+
+from autobahn import wamp
+from autobahn.twisted.wamp import ApplicationSession
+from autobahn.wamp.types import ComponentConfig, RegisterOptions
+from twisted.logger import Logger
+
+from zwrm import errors
+
+DETAILS = RegisterOptions(details_arg="details")
+
+
+def _caller(details):
+    authid = getattr(details, "caller_authid", None)
+    if not authid:
+        raise errors.NotAuthorized("the caller is not identified")
+    return authid
+
+
+class AgentAPI:
+    """The procedures agents call."""
+
+    def __init__(self, registry):
+        self.registry = registry
+
+    @wamp.register("zwrm.agent.join")
+    async def join(self, host_id=None, facts=None):
+        return await self.registry.join(host_id, facts or {})
+
+    @wamp.register("zwrm.agent.register", options=DETAILS)
+    async def register(self, facts=None, details=None):
+        return await self.registry.register(_caller(details), facts or {})
+
+    @wamp.register("zwrm.agent.heartbeat", options=DETAILS)
+    def heartbeat(self, stats=None, details=None):
+        return self.registry.heartbeat(_caller(details), stats)
+
+    @wamp.register("zwrm.agent.report", options=DETAILS)
+    async def report(self, machines=None, details=None):
+        return await self.registry.reconcile(_caller(details), machines or [])
+
+
+class HostAPI:
+    """The operator's C{zwrm.host.*} procedures (the parts of issue 3)."""
+
+    def __init__(self, registry):
+        self.registry = registry
+
+    @wamp.register("zwrm.host.list")
+    async def list(self):
+        return await self.registry.list()
+
+    @wamp.register("zwrm.host.status")
+    async def status(self, host_id=None):
+        if not isinstance(host_id, str) or not host_id:
+            raise errors.InvalidArgument("zwrm.host.status needs a host id")
+        return await self.registry.status(host_id)
+
+
+class ControlSession(ApplicationSession):
+    """
+    The control component's session.
+
+    @ivar apis: the objects whose C{@wamp.register} methods it registers on join.
+    """
+
+    log = Logger()
+
+    def __init__(self, apis, realm="zwrm"):
+        ApplicationSession.__init__(self, ComponentConfig(realm=realm))
+        self.apis = list(apis)
+
+    async def onJoin(self, details):
+        for api in self.apis:
+            for reg in await self.register(api):
+                if not hasattr(reg, "id"):
+                    raise RuntimeError(f"could not register a procedure of {api!r}: {reg}")
+        self.log.info("control component joined; {n} API objects registered", n=len(self.apis))
+
+    def publish_event(self, topic, event):
+        """Publish a stored event (called by the registry after storing it)."""
+        if self.is_attached():
+            self.publish(topic, event)
+
+    def call_procedure(self, procedure, *args, **kwargs):
+        """Call a procedure (an agent's executor) through the router."""
+        return self.call(procedure, *args, **kwargs)

@@ -1,0 +1,246 @@
+"""
+The control plane as a Twisted service: store, host registry, embedded WAMP router,
+control component, health monitor and the HTTP site (C{/ws}, C{/healthz}, C{/metrics}).
+"""
+
+import json
+import os
+import secrets
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.application import service
+from twisted.internet import defer, endpoints, task
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from zwrm.control.api import AgentAPI, ControlSession, HostAPI
+from zwrm.control.auth import ControlAuthenticator
+from zwrm.control.monitor import HealthMonitor
+from zwrm.control.registry import HostRegistry
+from zwrm.control.roles import roles
+from zwrm.control.store import Store
+from zwrm.wamp.auth import RoleBasedAuthorizer
+from zwrm.wamp.router import Router
+from zwrm.wamp.transport import websocket_factory
+
+TOKEN_FILES = {"operator": "operator.token", "join": "join.token"}
+URL_FILE = "control.url"
+
+
+def write_private(path, text):
+    """Write C{text} to C{path} with mode 0600 (created so, never world-readable)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)
+
+
+class HealthResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, plane):
+        resource.Resource.__init__(self)
+        self.plane = plane
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"application/json")
+        ok = self.plane.ready
+        request.setResponseCode(200 if ok else 503)
+        return json.dumps({"ok": ok, "hosts": len(self.plane.registry or ())}).encode()
+
+
+class MetricsResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, plane):
+        resource.Resource.__init__(self)
+        self.plane = plane
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4")
+        lines = ["# TYPE zwrm_hosts gauge"]
+        counts = {}
+        reg = self.plane.registry
+        for hid in reg.host_ids() if reg else ():
+            s = reg.state(hid)
+            counts[s] = counts.get(s, 0) + 1
+        for state in ("ready", "draining", "drained", "offline"):
+            lines.append(f'zwrm_hosts{{state="{state}"}} {counts.get(state, 0)}')
+        router = self.plane.router
+        if router is not None:
+            lines.append("# TYPE zwrm_wamp_sessions gauge")
+            lines.append(f"zwrm_wamp_sessions {router.session_count()}")
+            lines.append("# TYPE zwrm_wamp_calls_total counter")
+            lines.append(f"zwrm_wamp_calls_total {router.stats.calls}")
+        return ("\n".join(lines) + "\n").encode()
+
+
+class ControlPlane(service.MultiService):
+    """
+    The zwrm control plane.
+
+    @ivar root: the HTTP root resource; other parts add children (e.g. C{v2}) to it.
+    @ivar store: the L{Store} (once started).
+    @ivar registry: the L{HostRegistry} (once started).
+    @ivar router: the L{Router} (once started).
+    @ivar session: the control component's L{ControlSession} (once started).
+    @ivar apis: objects with C{@wamp.register} procedures; others append theirs before
+        the service starts (each is given nothing; wire what it needs yourself).
+    @ivar started: a Deferred that fires when everything listens.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, config):
+        """
+        @param reactor: the reactor (time, threads, listening).
+        @param config: a L{zwrm.control.tap.Config}.
+        """
+        service.MultiService.__init__(self)
+        self.reactor = reactor
+        self.config = config
+        self.store = None
+        self.registry = None
+        self.router = None
+        self.session = None
+        self.monitor = None
+        self.ports = []
+        self.apis = []
+        self.ready = False
+        self.root = resource.Resource()
+        self.root.putChild(b"healthz", HealthResource(self))
+        self.root.putChild(b"metrics", MetricsResource(self))
+        self.started = defer.Deferred()
+        self._flusher = None
+
+    def startService(self):
+        service.MultiService.startService(self)
+        d = defer.Deferred.fromCoroutine(self._start())
+
+        def failed(f):
+            self.log.error("zwrm-control could not start: {why}", why=_why(f))
+            if not self.started.called:
+                self.started.errback(f)
+            if self.reactor.running:
+                self.reactor.stop()
+
+        d.addErrback(failed)
+
+    async def _start(self):
+        cfg = self.config
+        data_dir = cfg.data_dir
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        self.store = Store(self.reactor, os.path.join(data_dir, "zwrm.db"), now=self.reactor.seconds)
+        version = await self.store.start()
+        tokens = await self._ensure_tokens(data_dir)
+        self.registry = HostRegistry(
+            self.reactor,
+            self.store,
+            self._publish,
+            call=self._call,
+            heartbeat_interval=cfg.heartbeat_interval,
+            on_offline=self._drop_host_session,
+        )
+        n = await self.registry.load()
+        self.router = Router(
+            self.reactor, ControlAuthenticator(self.store, self.registry), RoleBasedAuthorizer(roles())
+        )
+        self.session = ControlSession(
+            [AgentAPI(self.registry), HostAPI(self.registry)] + self.apis
+        )
+        await self.router.attach(self.session, authid="control", authrole="trusted")
+        self.monitor = HealthMonitor(
+            self.reactor, self.registry, cfg.check_interval, cfg.offline_after, cfg.grace
+        )
+        self.monitor.setServiceParent(self)
+        self._flusher = task.LoopingCall(self._flush)
+        self._flusher.clock = self.reactor
+        self._flusher.start(cfg.flush_interval, now=False)
+        self.root.putChild(b"ws", WebSocketResource(websocket_factory(self.router)))
+        site = server.Site(self.root)
+        site.noisy = False
+        urls = []
+        for description in cfg.listen:
+            ep = endpoints.serverFromString(self.reactor, description)
+            port = await ep.listen(site)
+            self.ports.append(port)
+            urls.append(_url_of(description, port))
+        write_private(os.path.join(data_dir, URL_FILE), "\n".join(urls) + "\n")
+        self.ready = True
+        self.log.info(
+            "zwrm-control ready: {urls}; database {db} (schema v{version}, {n} hosts);"
+            " operator token in {op}; join token in {join}",
+            urls=", ".join(urls),
+            db=self.store.path,
+            version=version,
+            n=n,
+            op=tokens["operator"],
+            join=tokens["join"],
+        )
+        self.started.callback(self)
+
+    async def _ensure_tokens(self, data_dir):
+        paths = {}
+        for kind, name in TOKEN_FILES.items():
+            path = os.path.join(data_dir, name)
+            if os.path.exists(path):
+                with open(path) as f:
+                    secret = f.read().strip()
+            else:
+                secret = secrets.token_urlsafe(32)
+                write_private(path, secret + "\n")
+                self.log.info("created the {kind} token in {path}", kind=kind, path=path)
+            await self.store.add_token(f"{kind}-default", kind, secret)
+            paths[kind] = path
+        return paths
+
+    def _publish(self, topic, event):
+        if self.session is not None:
+            self.session.publish_event(topic, event)
+
+    def _call(self, procedure, *args, **kwargs):
+        return self.session.call_procedure(procedure, *args, **kwargs)
+
+    def _drop_host_session(self, host_id):
+        if self.router is not None:
+            self.router.kill_by_authid(host_id, "host marked offline; register again")
+
+    def _flush(self):
+        d = self.registry.flush_heartbeats()
+        d.addErrback(lambda f: self.log.failure("saving heartbeats", f))
+        return d
+
+    async def _stop(self):
+        for port in self.ports:
+            await port.stopListening()
+        self.ports = []
+        if self._flusher is not None and self._flusher.running:
+            self._flusher.stop()
+        if self.registry is not None:
+            await self._flush()
+        if self.session is not None and self.session.is_attached():
+            self.session.leave()
+        if self.store is not None:
+            await self.store.stop()
+
+    def stopService(self):
+        d = defer.maybeDeferred(service.MultiService.stopService, self)
+        d.addCallback(lambda _: defer.Deferred.fromCoroutine(self._stop()))
+        d.addErrback(lambda f: self.log.failure("stopping zwrm-control", f))
+        return d
+
+
+def _why(failure):
+    v = failure.value
+    return getattr(v, "message", None) or str(v) or repr(v)
+
+
+def _url_of(description, port):
+    addr = port.getHost()
+    scheme = "wss" if description.startswith("ssl:") else "ws"
+    host = addr.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{addr.port}/ws"
