@@ -1,0 +1,203 @@
+"""
+The router on real loopback sockets, with autobahn-python clients: WebSocket and
+RawSocket, JSON / MsgPack / CBOR, with and without TLS.
+"""
+
+import datetime
+
+from autobahn.twisted.rawsocket import WampRawSocketClientFactory
+from autobahn.twisted.wamp import ApplicationSession
+from autobahn.twisted.websocket import WampWebSocketClientFactory
+from autobahn.wamp.exception import ApplicationError
+from autobahn.wamp.types import ComponentConfig, PublishOptions, SubscribeOptions
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import defer, reactor, ssl
+from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint
+from twisted.python.filepath import FilePath
+from twisted.trial import unittest
+
+from tests.wamp.helpers import make_authenticator, make_authorizer
+from zwrm.errors import NotFound
+from zwrm.wamp.router import Router
+from zwrm.wamp.transport import listen, make_serializers
+
+TIMEOUT = 15
+
+
+def make_cert(directory):
+    """A self-signed certificate for 127.0.0.1 / localhost; returns (key path, cert path, PEM)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    kp = directory.child("key.pem")
+    cp = directory.child("cert.pem")
+    kp.setContent(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    cp.setContent(pem)
+    return kp.path, cp.path, pem
+
+
+class Client(ApplicationSession):
+    """Joins with ticket auth and exercises CALL, REGISTER, PUBLISH, SUBSCRIBE."""
+
+    def __init__(self, authid, ticket, done):
+        ApplicationSession.__init__(self, ComponentConfig(realm="zwrm"))
+        self.my_authid, self.ticket, self.done = authid, ticket, done
+
+    def onConnect(self):
+        self.join("zwrm", authmethods=["ticket"], authid=self.my_authid)
+
+    def onChallenge(self, challenge):
+        return self.ticket
+
+    def onLeave(self, details):
+        if not self.done.called:
+            self.done.errback(ApplicationError(details.reason, details.message))
+        ApplicationSession.onLeave(self, details)
+
+    async def onJoin(self, details):
+        try:
+            out = {"authrole": details.authrole}
+
+            def echo(*args, **kwargs):
+                return [args, kwargs]
+
+            def fail():
+                raise NotFound("nothing here")
+
+            await self.register(echo, "test.echo")
+            await self.register(fail, "test.fail")
+            out["echo"] = await self.call("test.echo", 1, "two", {"three": 3.0}, k=[b"\x00\x01".hex()])
+            try:
+                await self.call("test.fail")
+            except ApplicationError as e:
+                out["error"] = (e.error, e.args)
+            got = defer.Deferred()
+            await self.subscribe(lambda *a, **kw: got.callback((a, kw)), "test.",
+                                 options=SubscribeOptions(match="prefix"))
+            await self.publish("test.topic", "ev", n=1, options=PublishOptions(acknowledge=True, exclude_me=False))
+            out["event"] = await got.addTimeout(TIMEOUT, reactor)
+            out["count"] = await self.call("wamp.session.count")
+            self.done.callback(out)
+        except Exception as e:
+            self.done.errback(e)
+        self.leave()
+
+
+class _SocketBase(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.router = Router(reactor, make_authenticator(), make_authorizer())
+        tmp = FilePath(self.mktemp())
+        tmp.makedirs()
+        self.key, self.cert, self.pem = make_cert(tmp)
+        self.ports = {}
+        for kind in ("websocket", "rawsocket"):
+            p = yield listen(reactor, self.router, "tcp:0:interface=127.0.0.1", kind=kind)
+            self.ports[(kind, False)] = p
+            p = yield listen(reactor, self.router,
+                             f"ssl:0:privateKey={self.key}:certKey={self.cert}:interface=127.0.0.1", kind=kind)
+            self.ports[(kind, True)] = p
+        for p in self.ports.values():
+            self.addCleanup(p.stopListening)
+
+    @defer.inlineCallbacks
+    def run_client(self, kind, tls, serializer, authid="op", ticket="op-ticket"):
+        port = self.ports[(kind, tls)].getHost().port
+        done = defer.Deferred()
+        session = Client(authid, ticket, done)
+        ser = make_serializers([serializer])
+        if kind == "websocket":
+            scheme = "wss" if tls else "ws"
+            factory = WampWebSocketClientFactory(lambda: session, url=f"{scheme}://localhost:{port}/ws",
+                                                 serializers=ser)
+        else:
+            factory = WampRawSocketClientFactory(lambda: session, serializer=ser[0])
+        if tls:
+            trust = ssl.Certificate.loadPEM(self.pem)
+            ep = SSL4ClientEndpoint(reactor, "127.0.0.1", port, ssl.optionsForClientTLS("localhost", trust))
+        else:
+            ep = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        proto = yield ep.connect(factory)
+        try:
+            result = yield done.addTimeout(TIMEOUT, reactor)
+        finally:
+            yield self._closed(proto)
+        return result
+
+    def _closed(self, proto):
+        d = defer.Deferred()
+        if not getattr(proto, "transport", None) or not proto.transport.connected:
+            return defer.succeed(None)
+        orig = proto.connectionLost
+
+        def lost(reason):
+            orig(reason)
+            if not d.called:
+                d.callback(None)
+
+        proto.connectionLost = lost
+        proto.transport.loseConnection()
+        return d.addTimeout(TIMEOUT, reactor)
+
+    def check(self, out):
+        self.assertEqual(out["authrole"], "operator")
+        self.assertEqual(out["echo"], [[1, "two", {"three": 3.0}], {"k": ["0001"]}])
+        self.assertEqual(out["error"], ("zwrm.error.not_found", ("nothing here",)))
+        self.assertEqual(out["event"], (("ev",), {"n": 1}))
+        self.assertGreaterEqual(out["count"], 1)
+
+
+class SocketTests(_SocketBase):
+    """Generated below: one test per transport x TLS x serializer."""
+
+
+def _make(kind, tls, serializer):
+    @defer.inlineCallbacks
+    def test(self):
+        out = yield self.run_client(kind, tls, serializer)
+        self.check(out)
+
+    test.__name__ = f"test_{kind}_{'tls' if tls else 'plain'}_{serializer}"
+    return test
+
+
+for _kind in ("websocket", "rawsocket"):
+    for _tls in (False, True):
+        for _ser in ("json", "msgpack", "cbor"):
+            _t = _make(_kind, _tls, _ser)
+            setattr(SocketTests, _t.__name__, _t)
+
+
+class SocketFailureTests(_SocketBase):
+    """Bad credentials over a real socket get a readable ABORT, and the router keeps serving."""
+
+    @defer.inlineCallbacks
+    def test_bad_ticket_then_good(self):
+        try:
+            yield self.run_client("websocket", False, "json", ticket="wrong")
+        except ApplicationError as e:
+            self.assertEqual(e.error, "wamp.error.authentication_failed")
+            self.assertIn("op", e.args[0])
+        else:
+            self.fail("a wrong ticket was accepted")
+        out = yield self.run_client("rawsocket", True, "msgpack")
+        self.check(out)
