@@ -300,4 +300,53 @@ class IHypervisorDriver(Interface):
             C{"kvm"} or C{"tcg"}, once known, else C{None}).
         """
 
+    def close():
+        """
+        Let go of every machine without stopping it (the agent is shutting down): close
+        control connections, stop watching processes, report nothing more. The machines keep
+        running; a new driver's L{recover} takes them over.
+
+        @return: a Deferred firing with C{None}.
+        """
+
 # --- Images ----------------------------------------------------------------------------
+
+
+class IImageCache(Interface):
+    """
+    An agent's local cache of zwrm VM images (see docs/images.md), filled from the control
+    plane's registry. Implemented by L{zwrm.agent.images.ImageCache}; the executor uses it
+    to turn an image reference into local files before starting a machine.
+
+    Blobs are content-addressed (C{sha256:<hex>}). A blob is only ever used after its
+    bytes were verified against its digest. Pinned blobs are never evicted.
+    """
+
+    def resolve(ref, pin=False):
+        """
+        Make image C{ref} (C{NAME[:TAG]} or C{NAME@sha256:<hex>}) available locally,
+        pulling its manifest, config and layers as needed.
+
+        @param pin: keep every blob of the image pinned after returning (the caller then
+            calls L{unpin} once for each digest in C{digests}, e.g. when the machine is
+            destroyed); without it the blobs are only pinned while this runs.
+        @return: a Deferred (or coroutine) firing with a dict: C{kernel}, C{initrd}, C{disk}
+            (local paths or C{None}), C{cmdline} (str), C{service_port} (int or C{None}),
+            C{manifest} (the manifest digest), C{digests} (list of every blob digest).
+            Fails with C{zwrm.errors}: C{InvalidArgument} (bad reference, not a zwrm image),
+            C{NotFound}, C{Corrupt} (verification failed repeatedly), C{Unavailable}
+            (registry unreachable), C{ResourceExhausted} (cache full of pinned/young blobs),
+            C{AuthenticationFailed} / C{NotAuthorized} (credentials refused).
+        """
+
+    def pin(digest):
+        """Protect C{digest} from eviction until a matching L{unpin} (pins count)."""
+
+    def unpin(digest):
+        """Release one pin; the blob counts as used now (kept at least C{min_age} more)."""
+
+    def stats():
+        """
+        @return: a dict with at least C{size} and C{limit} (bytes), C{hits} and C{misses}
+            (blob lookups served locally / downloaded), for C{zwrm host status}.
+        """

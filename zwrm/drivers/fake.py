@@ -52,6 +52,7 @@ class FakeDriver:
         self._status = {}
         self._waiters = {}
         self._listeners = []
+        self._closed = False
         os.makedirs(root, exist_ok=True)
 
     # helpers for tests ----------------------------------------------------------------
@@ -59,7 +60,8 @@ class FakeDriver:
     def crash(self, machine_id, how="was killed by signal 9"):
         """Make a running machine's "process" die, as kill -9 would."""
         self.host.machines[machine_id]["alive"] = False
-        self._end(machine_id, "failed", f"QEMU {how}")
+        if not self._closed:
+            self._end(machine_id, "failed", f"QEMU {how}")
 
     def guest_write(self, machine_id, text):
         """Append C{text} to the machine's console, as its guest would."""
@@ -145,6 +147,12 @@ class FakeDriver:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
+    def close(self):
+        self._closed = True
+        self._status = {}
+        self._listeners = []
+        return succeed(None)
+
     def facts(self):
         return {"driver": self.name, "accel": "fake"}
 
@@ -170,6 +178,8 @@ class FakeDriver:
             listener(dict(self._status[mid]))
 
     def _end(self, mid, state, reason):
+        if self._closed:
+            return
         st = self._status.get(mid)
         if st is None or st["state"] != "running":
             return

@@ -141,11 +141,14 @@ class QemuDriver:
         self.setsid = shutil.which("setsid")
         self._machines = {}
         self._listeners = []
+        self._closed = False
         os.makedirs(self.root, exist_ok=True)
 
     # --- public -------------------------------------------------------------------------
 
     def start(self, spec):
+        if self._closed:
+            raise Conflict("this driver has been closed")
         return ensureDeferred(self._start(spec))
 
     def stop(self, machine_id, timeout=None):
@@ -209,6 +212,18 @@ class QemuDriver:
     def subscribe(self, listener):
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def close(self):
+        self._closed = True
+        for m in self._machines.values():
+            if m.watch is not None and m.watch.active():
+                m.watch.cancel()
+            if m.qmp is not None:
+                m.qmp.close()
+                m.qmp = None
+            m.transport = None
+        self._machines = {}
+        return succeed(None)
 
     def facts(self):
         return {"driver": self.name, "accel": self.accel, "accel_requested": self.requested_accel,
@@ -383,13 +398,15 @@ class QemuDriver:
             log.info("machine {id}: the guest paused", id=m.id)
 
     def _qmp_lost(self, m):
+        if self._closed:
+            return
         m.qmp = None
         if m.transport is None and m.state == "running":
             # A recovered machine: the end of QMP is the end of QEMU. Wait for the pid to go.
             self._watch_pid(m, 0)
 
     def _watch_pid(self, m, n):
-        if m.state != "running":
+        if m.state != "running" or self._closed:
             return
         if m.pid is None or not _pid_alive(m.pid):
             self._ended(m, "ended (exit status unknown: it was started by an earlier agent)",
@@ -399,7 +416,7 @@ class QemuDriver:
         m.watch = self.reactor.callLater(delay, self._watch_pid, m, n + 1)
 
     def _ended(self, m, how, clean):
-        if m.state != "running":
+        if m.state != "running" or self._closed:
             return
         m.transport = None
         if m.qmp is not None:

@@ -1,0 +1,197 @@
+"""
+The contract test suite of L{zwrm.interfaces.IHypervisorDriver}.
+
+L{make_driver_tests} builds a TestCase class from a fixture describing one implementation;
+tests/drivers/test_contract.py runs it against the QEMU driver (real VMs) and the fake.
+
+A fixture provides:
+ - C{make(testcase, root)}: a new driver whose machines live under C{root}; a second call with
+   the same C{root} is "the same host after an agent restart";
+ - C{spec(testcase, machine_id)}: a valid machine spec;
+ - C{kill(driver, machine_id, pid)}: end the machine's process as C{kill -9} would;
+ - C{boot_output}: a str the console shows once the guest is up.
+"""
+
+import os
+import shutil
+import tempfile
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+from zope.interface.verify import verifyObject
+
+from zwrm.errors import Conflict, InvalidArgument, NotFound
+from zwrm.interfaces import MACHINE_STATES, IHypervisorDriver
+
+
+async def poll(predicate, timeout=30.0, interval=0.05, what="condition"):
+    """Wait until C{predicate()} is true, for at most C{timeout} seconds."""
+    waited = 0.0
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if waited >= timeout:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        await deferLater(reactor, interval, lambda: None)
+        waited += interval
+
+
+def make_driver_tests(fixture):
+    class DriverContractTests(TestCase):
+        timeout = 120
+
+        def setUp(self):
+            self.root = tempfile.mkdtemp(prefix="zwrm-drv-", dir="/tmp")
+            self.drivers = []
+            self.addCleanup(shutil.rmtree, self.root, True)
+
+        async def _cleanup(self):
+            for drv in self.drivers:
+                for mid in list(drv.list()):
+                    await drv.destroy(mid)
+
+        def driver(self):
+            drv = fixture.make(self, self.root)
+            if not self.drivers:
+                self.addCleanup(lambda: Deferred.fromCoroutine(self._cleanup()))
+            self.drivers.append(drv)
+            return drv
+
+        def test_provides_interface(self):
+            drv = self.driver()
+            self.assertTrue(verifyObject(IHypervisorDriver, drv))
+            self.assertEqual(drv.list(), [])
+            facts = drv.facts()
+            self.assertEqual(facts["driver"], drv.name)
+            self.assertIn("accel", facts)
+
+        async def test_start_status_list_console(self):
+            drv = self.driver()
+            seen = []
+            drv.subscribe(seen.append)
+            st = await drv.start(fixture.spec(self, "m1"))
+            self.assertEqual(st["state"], "running")
+            self.assertIsInstance(st["pid"], int)
+            self.assertEqual(drv.status("m1")["state"], "running")
+            self.assertEqual(drv.list(), ["m1"])
+            self.assertEqual([s["state"] for s in seen], ["running"])
+            self.assertEqual(st["forwards"], fixture.spec(self, "m1")["forwards"])
+
+            async def has_output():
+                return fixture.boot_output in await drv.console("m1")
+
+            done = False
+            for _ in range(600):
+                if await has_output():
+                    done = True
+                    break
+                await deferLater(reactor, 0.1, lambda: None)
+            self.assertTrue(done, "the console never showed the guest booting")
+            tail = await drv.console("m1", max_bytes=5)
+            self.assertLessEqual(len(tail.encode()), 5)
+
+        async def test_start_twice_conflicts(self):
+            drv = self.driver()
+            await drv.start(fixture.spec(self, "m1"))
+            with self.assertRaises(Conflict):
+                await drv.start(fixture.spec(self, "m1"))
+            self.assertEqual(drv.status("m1")["state"], "running")
+
+        async def test_bad_specs(self):
+            drv = self.driver()
+            good = fixture.spec(self, "m1")
+            bad = [
+                "not a dict",
+                dict(good, id="bad id!"),
+                dict(good, id=""),
+                dict(good, kernel=None, disk=None),
+                dict(good, vcpus=0),
+                dict(good, vcpus="2"),
+                dict(good, memory_mb=1),
+                dict(good, kernel="/nonexistent/vmlinuz"),
+                dict(good, volumes=[{"id": "v1", "path": "/nonexistent/v1.img"}]),
+                dict(good, forwards=[{"guest": 8080, "host": 70000}]),
+                dict(good, cmdline="two\nlines"),
+            ]
+            for spec in bad:
+                with self.assertRaises(InvalidArgument, msg=repr(spec)) as cm:
+                    await drv.start(spec)
+                self.assertTrue(cm.exception.message)
+            self.assertEqual(drv.list(), [])
+
+        def test_unknown_machine(self):
+            drv = self.driver()
+            self.assertRaises(NotFound, drv.status, "nope")
+            self.assertRaises(NotFound, drv.stop, "nope")
+            self.assertRaises(NotFound, drv.console, "nope")
+            self.assertRaises(InvalidArgument, drv.status, "../etc")
+            return drv.destroy("nope")  # not an error
+
+        async def test_kill_is_noticed_as_failed(self):
+            drv = self.driver()
+            seen = []
+            drv.subscribe(seen.append)
+            st = await drv.start(fixture.spec(self, "m1"))
+            fixture.kill(drv, "m1", st["pid"])
+            await poll(lambda: drv.status("m1")["state"] == "failed", 10, what="failed")
+            self.assertEqual([s["state"] for s in seen], ["running", "failed"])
+            self.assertIn("signal 9", drv.status("m1")["reason"])
+            self.assertIsNone(drv.status("m1")["pid"])
+
+        async def test_stop_then_start_again(self):
+            drv = self.driver()
+            seen = []
+            unsubscribe = drv.subscribe(seen.append)
+            await drv.start(fixture.spec(self, "m1"))
+            # The guest may not have booted: then the hard stop after the timeout ends it.
+            st = await drv.stop("m1", timeout=1.0)
+            self.assertEqual(st["state"], "stopped")
+            self.assertEqual(st["reason"], "stopped on request")
+            self.assertEqual((await drv.stop("m1"))["state"], "stopped")  # no-op
+            st = await drv.start(fixture.spec(self, "m1"))
+            self.assertEqual(st["state"], "running")
+            self.assertEqual([s["state"] for s in seen], ["running", "stopped", "running"])
+            unsubscribe()
+            await drv.destroy("m1")
+            self.assertEqual(len(seen), 3)
+            self.assertEqual(drv.list(), [])
+            self.assertRaises(NotFound, drv.status, "m1")
+            self.assertFalse(os.path.exists(os.path.join(self.root, "m1")))
+
+        async def test_recover_running_and_dead_machines(self):
+            first = self.driver()
+            a = await first.start(fixture.spec(self, "alive"))
+            b = await first.start(fixture.spec(self, "dies"))
+            await first.start(fixture.spec(self, "stops"))
+            await first.stop("stops", timeout=0.5)
+            await first.close()
+            fixture.kill(first, "dies", b["pid"])
+            await deferLater(reactor, 0.2, lambda: None)
+
+            second = self.driver()
+            seen = []
+            second.subscribe(seen.append)
+            found = {s["id"]: s for s in await second.recover()}
+            self.assertEqual(sorted(found), ["alive", "dies", "stops"])
+            self.assertEqual(found["alive"]["state"], "running")
+            self.assertEqual(found["alive"]["pid"], a["pid"])
+            self.assertEqual(found["dies"]["state"], "failed")
+            self.assertIn("agent was not running", found["dies"]["reason"])
+            self.assertEqual(found["stops"]["state"], "stopped")
+            self.assertEqual(second.list(), ["alive", "dies", "stops"])
+            for s in found.values():
+                self.assertIn(s["state"], MACHINE_STATES)
+            self.assertEqual(await second.recover(), [])  # nothing new
+
+            # The recovered machine is under control: a kill is noticed.
+            fixture.kill(second, "alive", a["pid"])
+            await poll(lambda: second.status("alive")["state"] == "failed", 10, what="failed")
+            self.assertEqual(seen[-1]["id"], "alive")
+            self.assertEqual(seen[-1]["state"], "failed")
+
+    DriverContractTests.__name__ = fixture.__name__ + "ContractTests"
+    DriverContractTests.__qualname__ = DriverContractTests.__name__
+    return DriverContractTests
