@@ -593,3 +593,23 @@ class PlainUrlTests(SynchronousTestCase):
     def test_other_schemes(self):
         e = self.assertRaises(InvalidArgument, pki.check_plain_url, "ftp://x/")
         self.assertIn("unsupported URL scheme 'ftp'", e.message)
+
+
+class CommandLineTests(SynchronousTestCase):
+    def test_init_and_fingerprint(self):
+        import io
+
+        d = os.path.join(self.mktemp(), "pki")
+        out = io.StringIO()
+        self.assertEqual(pki.main(["init", d, "cp.example.com", "192.0.2.1"], out=out), 0)
+        ca = pki.CertificateAuthority.load(d)
+        self.assertEqual(out.getvalue(), ca.fingerprint + "\n")
+        cert = x509.load_pem_x509_certificate(open(os.path.join(d, "server.pem"), "rb").read())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertEqual(san.get_values_for_type(x509.DNSName), ["cp.example.com"])
+        out = io.StringIO()
+        self.assertEqual(pki.main(["fingerprint", d], out=out), 0)
+        self.assertEqual(out.getvalue(), ca.fingerprint + "\n")
+
+    def test_missing_ca(self):
+        self.assertEqual(pki.main(["fingerprint", self.mktemp()]), 1)
