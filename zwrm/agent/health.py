@@ -21,7 +21,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.client import Agent, readBody
+from twisted.web.client import Agent, ResponseNeverReceived, readBody
 
 from zwrm.errors import InvalidArgument
 
@@ -110,6 +110,10 @@ def http_probe(reactor, host, port, path, timeout):
             await body
         except (TimeoutError, CancelledError):
             return f"GET {path} on port {port} timed out after {timeout} s"
+        except ResponseNeverReceived as e:
+            if any(r.check(CancelledError) for r in e.reasons):
+                return f"GET {path} on port {port} timed out after {timeout} s"
+            return f"GET {path} on port {port}: the connection closed without an answer"
         except Exception as e:
             return f"GET {path} on port {port} failed: {e.__class__.__name__}"
         if not 200 <= response.code < 400:

@@ -1,0 +1,124 @@
+"""
+VolumeStore: real ext4 images made by a real mkfs.ext4.
+"""
+
+import os
+import shutil
+import stat
+import tempfile
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from zwrm.agent.volumes import VolumeStore
+from zwrm.drivers import process
+from zwrm.errors import Conflict, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+
+
+class VolumeStoreTests(TestCase):
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix="zwrm-vol-")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.store = VolumeStore(reactor, self.root)
+
+    def fake_mkfs(self, script):
+        path = os.path.join(self.root, "..", os.path.basename(self.root) + "-mkfs")
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\n" + script + "\n")
+        os.chmod(path, stat.S_IRWXU)
+        self.addCleanup(os.unlink, path)
+        return path
+
+    async def test_create_makes_sparse_ext4(self):
+        info = await self.store.create("v1", 32)
+        self.assertEqual(info["id"], "v1")
+        self.assertEqual(info["size_mb"], 32)
+        self.assertEqual(info["size_bytes"], 32 * 1024 * 1024)
+        self.assertLess(info["allocated_bytes"], info["size_bytes"])  # sparse
+        self.assertGreater(info["allocated_bytes"], 0)
+        self.assertIsNone(info["in_use_by"])
+        self.assertEqual(info["path"], os.path.join(self.root, "v1.img"))
+        result = await process.run(reactor, ["dumpe2fs", "-h", info["path"]], timeout=30)
+        self.assertEqual(result.code, 0, result.output)
+        self.assertIn(b"Filesystem volume name:   v1", result.output)
+        self.assertIn(b"clean", result.output)
+        self.assertEqual([v["id"] for v in self.store.list()], ["v1"])
+        self.assertEqual(self.store.info("v1"), info)
+        self.assertEqual(os.listdir(self.root), ["v1.img"])  # no temporaries left
+
+    async def test_create_twice_conflicts(self):
+        await self.store.create("v1", 8)
+        with self.assertRaises(Conflict):
+            await self.store.create("v1", 8)
+
+    async def test_bad_arguments(self):
+        for vid, size in (("v1", 0), ("v1", 1), ("v1", "8"), ("v1", True), ("v1", 2**40),
+                          ("../x", 8), ("", 8), ("a b", 8)):
+            with self.assertRaises(InvalidArgument, msg=(vid, size)):
+                await self.store.create(vid, size)
+        self.assertEqual(self.store.list(), [])
+
+    async def test_not_enough_disk(self):
+        store = VolumeStore(reactor, self.root, reserve_mb=10**12)
+        with self.assertRaises(ResourceExhausted) as cm:
+            await store.create("v1", 8)
+        self.assertIn("MiB free", cm.exception.message)
+        self.assertEqual(os.listdir(self.root), [])
+
+    async def test_mkfs_reports_full_disk(self):
+        mkfs = self.fake_mkfs('echo "$5: No space left on device while writing" >&2; exit 1')
+        store = VolumeStore(reactor, self.root, mkfs=mkfs)
+        with self.assertRaises(ResourceExhausted):
+            await store.create("v1", 8)
+        self.assertEqual(os.listdir(self.root), [])
+
+    async def test_mkfs_failure_is_clear(self):
+        mkfs = self.fake_mkfs('echo "mkfs.ext4: Device size reported to be zero." >&2; exit 1')
+        store = VolumeStore(reactor, self.root, mkfs=mkfs)
+        with self.assertRaises(Unavailable) as cm:
+            await store.create("v1", 8)
+        self.assertIn("Device size reported to be zero", cm.exception.message)
+        self.assertEqual(os.listdir(self.root), [])
+        store = VolumeStore(reactor, self.root, mkfs="/nonexistent/mkfs.ext4")
+        with self.assertRaises(Unavailable):
+            await store.create("v1", 8)
+
+    async def test_claimed_volume_is_never_deleted(self):
+        await self.store.create("v1", 8)
+        self.store.claim("v1", "m1")
+        self.assertEqual(self.store.in_use("v1"), "m1")
+        self.assertEqual(self.store.info("v1")["in_use_by"], "m1")
+        self.assertRaises(Conflict, self.store.delete, "v1")
+        self.assertRaises(Conflict, self.store.claim, "v1", "m2")
+        self.store.claim("v1", "m1")  # idempotent
+        self.store.release("v1", "m2")  # not the holder: no effect
+        self.assertEqual(self.store.in_use("v1"), "m1")
+        self.assertTrue(os.path.exists(self.store.path("v1")))
+        self.store.release("v1", "m1")
+        self.assertIsNone(self.store.in_use("v1"))
+        self.store.delete("v1")
+        self.assertFalse(os.path.exists(self.store.path("v1")))
+        self.assertRaises(NotFound, self.store.delete, "v1")
+        self.assertRaises(NotFound, self.store.info, "v1")
+        self.assertRaises(NotFound, self.store.claim, "v1", "m1")
+
+    def test_path_and_adopt(self):
+        p = self.store.path("v9")
+        self.assertEqual(p, os.path.join(self.root, "v9.img"))  # even before it exists
+        self.assertFalse(self.store.exists("v9"))
+        tmp = self.store.temporary_path("v9")
+        with open(tmp, "wb") as f:
+            f.write(b"x" * 4096)
+        info = self.store.adopt("v9", tmp)
+        self.assertEqual(info["size_bytes"], 4096)
+        self.assertFalse(os.path.exists(tmp))
+        tmp2 = self.store.temporary_path("v9")
+        with open(tmp2, "wb") as f:
+            f.write(b"y")
+        self.assertRaises(Conflict, self.store.adopt, "v9", tmp2)
+        with open(p, "rb") as f:
+            self.assertEqual(f.read(1), b"x")  # not overwritten
+        self.assertRaises(InvalidArgument, self.store.adopt, "v8", "/nonexistent")
+        # Temporaries never adopted are removed when the store starts again.
+        VolumeStore(reactor, self.root)
+        self.assertEqual(os.listdir(self.root), ["v9.img"])
