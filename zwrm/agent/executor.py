@@ -36,7 +36,7 @@ import os
 import socket
 
 from autobahn import wamp
-from twisted.internet.defer import ensureDeferred, maybeDeferred
+from twisted.internet.defer import ensureDeferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from zwrm.agent import health as _health
@@ -158,10 +158,14 @@ class Executor:
     @param images: an object with C{async resolve(ref, pin=True)} and C{unpin(digest)}
         (the agent's image cache), or C{None} when images are local paths only.
     @param data_dir: the agent's data directory.
+    @param health_probe: C{health_probe(reactor, health_spec, host_port)} makes a machine's
+        health probe (L{zwrm.agent.health.probe_for}; tests may pass another).
     """
 
-    def __init__(self, reactor, host_id, driver, volumes, report, images=None, data_dir="."):
+    def __init__(self, reactor, host_id, driver, volumes, report, images=None, data_dir=".",
+                 health_probe=_health.probe_for):
         self.reactor = reactor
+        self.health_probe = health_probe
         self.host_id = host_id
         self.driver = driver
         self.volumes = volumes
@@ -270,7 +274,7 @@ class Executor:
         if rec.state in ("pending", "starting"):
             raise Conflict(f"machine {machine_id!r} is {rec.state}; wait until it runs")
         if rec.state in ("stopped", "failed"):
-            return self._status(rec)
+            return succeed(self._status(rec))
         if rec.state != "stopping":
             self._stop_check(rec)
             self._change(rec, "stopping", "stop requested")
@@ -530,7 +534,7 @@ class Executor:
             hc = spec["health"]
             rec.check = _health.HealthCheck(
                 self.reactor,
-                _health.probe_for(self.reactor, hc, rec.host_port),
+                self.health_probe(self.reactor, hc, rec.host_port),
                 hc["interval"], hc["grace"],
                 lambda health, detail, rec=rec: self._health_changed(rec, health, detail),
             )

@@ -1,0 +1,276 @@
+"""
+The executor with the fake driver (which passes the driver contract) and a real VolumeStore.
+The QEMU end-to-end path is in tests/integration/test_qemu.py.
+"""
+
+import os
+import shutil
+import tempfile
+
+from twisted.internet import reactor
+from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from zwrm.agent.executor import Executor
+from zwrm.agent.volumes import VolumeStore
+from zwrm.drivers.fake import FakeDriver, FakeHost
+from zwrm.errors import Conflict, InvalidArgument, NotFound
+
+EXPECTED = {
+    "machine.start", "machine.stop", "machine.destroy", "machine.status", "machine.list",
+    "machine.logs", "volume.create", "volume.delete", "volume.list", "volume.info", "host.facts",
+}
+
+
+class FakeImages:
+    """Stands in for the image cache: resolve() and pin counting."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.pins = {}
+
+    async def resolve(self, ref, pin=False):
+        if ref != "demo:1":
+            raise NotFound(f"no image {ref}")
+        for d in ("sha256:k", "sha256:m"):
+            self.pins[d] = self.pins.get(d, 0) + 1
+        return {"kernel": self.kernel, "initrd": None, "disk": None, "cmdline": "console=ttyS0",
+                "digests": ["sha256:k", "sha256:m"]}
+
+    def pin(self, d):
+        self.pins[d] = self.pins.get(d, 0) + 1
+
+    def unpin(self, d):
+        self.pins[d] -= 1
+
+
+class ExecutorTests(TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="zwrm-ex-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.kernel = os.path.join(self.dir, "vmlinuz")
+        with open(self.kernel, "wb") as f:
+            f.write(b"kernel")
+        self.host = FakeHost(powerdown_delay=0.01)
+        self.store = VolumeStore(reactor, os.path.join(self.dir, "volumes"))
+        self.events = []
+        self.images = FakeImages(self.kernel)
+        self.executor = self.make()
+
+    def make(self, clock=None, probe=None):
+        driver = FakeDriver(reactor, os.path.join(self.dir, "machines"), host=self.host)
+        kw = {"health_probe": probe} if probe else {}
+        ex = Executor(clock or reactor, "h1", driver, self.store, self.report,
+                      images=self.images, data_dir=self.dir, **kw)
+        self.addCleanup(ex.close)
+        return ex
+
+    def report(self, event):
+        self.events.append(event)
+        return succeed(None)
+
+    def states(self, mid):
+        return [e["state"] for e in self.events if e["machine_id"] == mid]
+
+    def spec(self, mid="m1", **kw):
+        spec = {"id": mid, "app": "web",
+                "image": {"kernel": self.kernel, "initrd": None, "disk": None,
+                          "cmdline": "console=ttyS0"},
+                "vcpus": 1, "memory_mb": 128,
+                "volumes": [{"id": f"{mid}-data", "mount": "/data", "size_mb": 8}],
+                "service_port": 8080, "health": None}
+        spec.update(kw)
+        return spec
+
+    def test_procedure_names(self):
+        names = set()
+        for attr in dir(Executor):
+            for uri in getattr(getattr(Executor, attr), "_wampuris", []):
+                names.add(uri.uri())
+        self.assertEqual(names, EXPECTED)
+
+    async def test_start_creates_volume_and_forwards_port(self):
+        st = await self.executor.start_machine(self.spec())
+        self.assertEqual(st["state"], "running")
+        self.assertEqual(st["health"], "none")
+        self.assertIsInstance(st["host_port"], int)
+        self.assertEqual(self.states("m1"), ["pending", "starting", "running"])
+        ev = self.events[-1]
+        self.assertEqual((ev["kind"], ev["host_id"], ev["host_port"]), ("machine", "h1", st["host_port"]))
+        info = self.store.info("m1-data")
+        self.assertEqual((info["size_mb"], info["in_use_by"]), (8, "m1"))
+        driver_spec = self.host.machines["m1"]["spec"]
+        self.assertEqual(driver_spec["cmdline"], "console=ttyS0 zwrm.vol=vda:/data")
+        self.assertEqual(driver_spec["forwards"], [{"guest": 8080, "host": st["host_port"]}])
+        self.assertEqual(driver_spec["volumes"], [{"id": "m1-data", "path": info["path"]}])
+        self.assertEqual(self.executor.machine_status("m1")["pid"], 4242)
+        self.assertEqual([m["id"] for m in self.executor.list_machines()], ["m1"])
+        self.assertIn("fake: booted", await self.executor.machine_logs("m1"))
+        facts = self.executor.host_facts()
+        self.assertEqual((facts["host_id"], facts["driver"], facts["running"]), ("h1", "fake", 1))
+        self.assertGreater(facts["disk_free_mb"], 0)
+
+    async def test_bad_input(self):
+        bad = [
+            "x", self.spec(id="a b"), self.spec(image=None), self.spec(image={"kernel": "rel"}),
+            self.spec(vcpus=0), self.spec(memory_mb="1G"), self.spec(service_port=0),
+            self.spec(volumes=[{"id": "v", "mount": "data"}]),
+            self.spec(volumes=[{"id": "v", "mount": "/a,b"}]),
+            self.spec(volumes=[{"id": "v", "mount": "/d"}, {"id": "v", "mount": "/e"}]),
+            self.spec(volumes=[{"id": "v", "mount": "/d", "size_mb": 1}]),
+            self.spec(health={"type": "ping"}),
+            self.spec(service_port=None, health={"type": "tcp"}),
+        ]
+        for spec in bad:
+            with self.assertRaises(InvalidArgument, msg=repr(spec)):
+                await self.executor.start_machine(spec)
+        self.assertEqual(self.events, [])
+        self.assertRaises(NotFound, self.executor.machine_status, "nope")
+        self.assertRaises(NotFound, self.executor.stop_machine, "nope")
+        self.assertRaises(InvalidArgument, self.executor.machine_status, "../x")
+        self.assertEqual(self.store.list(), [])
+
+    async def test_conflicts(self):
+        await self.executor.start_machine(self.spec())
+        with self.assertRaises(Conflict):
+            await self.executor.start_machine(self.spec())
+        other = self.spec("m2", volumes=[{"id": "m1-data", "mount": "/data"}])
+        with self.assertRaises(Conflict):
+            await self.executor.start_machine(other)
+        self.assertRaises(Conflict, self.executor.delete_volume, "m1-data")
+        self.assertTrue(self.store.exists("m1-data"))
+
+    async def test_crash_is_reported_failed(self):
+        await self.executor.start_machine(self.spec())
+        self.executor.driver.crash("m1")
+        self.assertEqual(self.states("m1")[-1], "failed")
+        self.assertIn("signal 9", self.events[-1]["reason"])
+        self.assertEqual(self.executor.machine_status("m1")["state"], "failed")
+        # A failed machine can be started again, with its volume.
+        st = await self.executor.start_machine(self.spec())
+        self.assertEqual(st["state"], "running")
+
+    async def test_stop_start_destroy(self):
+        await self.executor.start_machine(self.spec())
+        st = await self.executor.stop_machine("m1", timeout=5)
+        self.assertEqual((st["state"], st["reason"]), ("stopped", "stopped on request"))
+        self.assertEqual(self.states("m1")[-2:], ["stopping", "stopped"])
+        self.assertEqual((await self.executor.stop_machine("m1"))["state"], "stopped")
+        self.assertRaises(InvalidArgument, self.executor.stop_machine, "m1", timeout=-1)
+        self.assertEqual(self.store.in_use("m1-data"), "m1")  # still its volume
+        await self.executor.start_machine(self.spec())
+        result = await self.executor.destroy_machine("m1")
+        self.assertEqual(result, {"machine_id": "m1", "destroyed": True})
+        self.assertTrue(self.events[-1]["destroyed"])
+        self.assertRaises(NotFound, self.executor.machine_status, "m1")
+        self.assertTrue(self.store.exists("m1-data"))  # volumes outlive machines
+        self.assertIsNone(self.store.in_use("m1-data"))
+        self.assertEqual(self.executor.delete_volume("m1-data"), {"volume_id": "m1-data", "deleted": True})
+        self.assertEqual(self.executor.list_volumes(), [])
+
+    async def test_volume_procedures(self):
+        info = await self.executor.create_volume("v1", 4)
+        self.assertEqual(info["size_mb"], 4)
+        self.assertEqual(self.executor.volume_info("v1")["id"], "v1")
+        self.assertEqual([v["id"] for v in self.executor.list_volumes()], ["v1"])
+        with self.assertRaises(Conflict):
+            await self.executor.create_volume("v1", 4)
+        with self.assertRaises(InvalidArgument):
+            await self.executor.create_volume("v2", -4)
+        self.assertRaises(NotFound, self.executor.volume_info, "v2")
+
+    async def test_image_reference_uses_cache_and_pins(self):
+        st = await self.executor.start_machine(self.spec(image="demo:1"))
+        self.assertEqual(st["state"], "running")
+        self.assertEqual(self.host.machines["m1"]["spec"]["kernel"], self.kernel)
+        self.assertEqual(self.images.pins, {"sha256:k": 1, "sha256:m": 1})
+        with self.assertRaises(NotFound):
+            await self.executor.start_machine(self.spec("m2", image="nope:1", volumes=[]))
+        self.assertEqual(self.states("m2")[-1], "failed")
+        await self.executor.destroy_machine("m1")
+        self.assertEqual(self.images.pins, {"sha256:k": 0, "sha256:m": 0})
+        ex = Executor(reactor, "h1", FakeDriver(reactor, os.path.join(self.dir, "m2")), self.store,
+                      self.report, images=None, data_dir=os.path.join(self.dir, "d2"))
+        self.addCleanup(ex.close)
+        with self.assertRaises(InvalidArgument):
+            await ex.start_machine(self.spec("m3", image="demo:1", volumes=[]))
+
+    async def test_recover_after_agent_restart(self):
+        await self.executor.start_machine(self.spec("m1"))
+        await self.executor.start_machine(self.spec("m2"))
+        await self.executor.start_machine(self.spec("m3"))
+        await self.executor.stop_machine("m3")
+        self.executor.close()
+        await self.executor.driver.close()
+        self.host.machines["m2"]["alive"] = False  # dies while no agent runs
+        # The new agent process has a new volume store too (claims are in memory).
+        self.store = VolumeStore(reactor, os.path.join(self.dir, "volumes"))
+        self.events = []
+        ex = self.make()
+        found = {s["id"]: s for s in await ex.recover()}
+        self.assertEqual(found["m1"]["state"], "running")
+        self.assertEqual(found["m2"]["state"], "failed")
+        self.assertIn("agent was not running", found["m2"]["reason"])
+        self.assertEqual(found["m3"]["state"], "stopped")
+        self.assertEqual({e["machine_id"]: e["state"] for e in self.events},
+                         {"m1": "running", "m2": "failed", "m3": "stopped"})
+        self.assertEqual(found["m1"]["host_port"],
+                         self.host.machines["m1"]["spec"]["forwards"][0]["host"])
+        for m in ("m1", "m2", "m3"):
+            self.assertEqual(self.store.in_use(f"{m}-data"), m)
+        ex.driver.crash("m1")
+        self.assertEqual(self.states("m1")[-1], "failed")
+
+    async def test_report_failure_does_not_break_start(self):
+        def broken(event):
+            raise RuntimeError("control plane gone")
+
+        self.executor.report = broken
+        st = await self.executor.start_machine(self.spec(volumes=[]))
+        self.assertEqual(st["state"], "running")
+
+
+class ExecutorHealthTests(TestCase):
+    """Health reporting, with a scripted probe on a Clock."""
+
+    async def test_health_changes_are_reported(self):
+        tmp = tempfile.mkdtemp(prefix="zwrm-exh-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        kernel = os.path.join(tmp, "vmlinuz")
+        open(kernel, "wb").close()
+        clock = Clock()
+        results = ["refused", "refused", None, "500"]
+        probes = []
+
+        def probe_factory(r, spec, port):
+            probes.append((r, spec["type"], port))
+            return lambda: succeed(results.pop(0) if results else None)
+
+        events = []
+        driver = FakeDriver(reactor, os.path.join(tmp, "machines"))
+        ex = Executor(clock, "h1", driver, VolumeStore(reactor, os.path.join(tmp, "v")),
+                      lambda e: events.append(e), data_dir=tmp, health_probe=probe_factory)
+        self.addCleanup(ex.close)
+        spec = {"id": "m1", "image": {"kernel": kernel, "cmdline": ""}, "vcpus": 1,
+                "memory_mb": 64, "volumes": [], "service_port": 8080,
+                "health": {"type": "http", "interval": 1, "timeout": 1, "grace": 5}}
+        st = await ex.start_machine(spec)
+        self.assertEqual((st["state"], st["health"]), ("running", "starting"))
+        self.assertEqual(probes, [(clock, "http", st["host_port"])])
+        clock.advance(1)
+        self.assertEqual(ex.machine_status("m1")["health"], "starting")
+        clock.advance(1)
+        self.assertEqual(ex.machine_status("m1")["health"], "passing")
+        clock.advance(1)
+        self.assertEqual(ex.machine_status("m1")["health"], "failing")
+        self.assertEqual([(e["state"], e["health"]) for e in events],
+                         [("pending", "none"), ("starting", "none"), ("running", "starting"),
+                          ("running", "passing"), ("running", "failing")])
+        self.assertIn("500", events[-1]["reason"])
+        d = ex.stop_machine("m1", timeout=5)
+        self.assertEqual(clock.getDelayedCalls(), [])  # the check stopped
+        await d
+        self.assertEqual(events[-1]["state"], "stopped")
+
+
