@@ -1,0 +1,337 @@
+#!/usr/bin/env bash
+# Installs zwrm on this host as a worker (agent) or as the control plane, from the Debian
+# packages, writes its configuration, enables and starts the service. Safe to run again:
+# an unchanged configuration is left alone, a changed one is written and the service restarted.
+#
+#   curl -fsSL https://releases.zwrm.eu/zwrmd/install.sh | sudo bash -s -- \
+#       --agent --control-plane-url=https://cp.example.com:8080 --region=eu-central \
+#       --datacenter=dc1 --join-token=zwrm1.<id>.<secret>.<ca-fingerprint>
+#
+# See docs/install.md.
+set -euo pipefail
+
+PROG=install.sh
+ZWRM_ETC=${ZWRM_ETC:-/etc/zwrm}
+ZWRM_LIB=${ZWRM_LIB:-/var/lib/zwrm}
+VENV=/opt/zwrm/venv
+
+usage() {
+    cat <<EOF
+Usage: $PROG (--agent | --control-plane) [options]
+
+Role (exactly one):
+  --agent                     install zwrm-agent: join a control plane and run VMs here
+  --control-plane             install zwrm-control: the control plane
+
+Options:
+  --control-plane-url=URL     agent: where the control plane is (https://cp.example.com:8080,
+                              or wss://cp.example.com:8080/ws); required.
+                              control plane: the URL agents will use; its host name goes into
+                              the TLS certificate and the control plane listens with TLS.
+  --region=NAME               agent: the host's region (required), e.g. eu-central
+  --datacenter=NAME           agent: the host's datacenter (required), e.g. dc1
+  --join-token=TOKEN          agent: a token from \`zwrm tokens create\` (required)
+  --listen=ENDPOINT           control plane: a Twisted endpoint to listen on instead of the
+                              one derived from --control-plane-url (repeatable)
+  --deb=PATH                  install from this .deb file or directory of .deb files
+  --apt-repo=URL              install from this APT repository (adds it to sources.list.d)
+  --allow-insecure            allow a plain ws:// / http:// URL to a non-loopback host
+  --no-start                  write the configuration but do not enable or start the service
+  --dry-run                   check the arguments and print what would be done
+  -h, --help                  show this help
+EOF
+}
+
+die() {
+    echo "$PROG: $*" >&2
+    exit 1
+}
+
+bad_usage() {
+    echo "$PROG: $*" >&2
+    echo "Try '$PROG --help'." >&2
+    exit 2
+}
+
+role=""
+url=""
+region=""
+datacenter=""
+token=""
+listen=()
+debs=()
+apt_repo=""
+allow_insecure=0
+start=1
+dry_run=0
+
+need_value() {
+    # $1 = flag, $2 = value
+    [ -n "$2" ] || bad_usage "$1 needs a value ($1=VALUE)"
+}
+
+while [ $# -gt 0 ]; do
+    arg=$1
+    shift
+    case "$arg" in
+        --agent | --control-plane)
+            r=${arg#--}
+            [ -z "$role" ] || [ "$role" = "$r" ] || bad_usage "give either --agent or --control-plane, not both"
+            role=$r
+            ;;
+        --control-plane-url=* | --region=* | --datacenter=* | --join-token=* | --listen=* | --deb=* | --apt-repo=*)
+            name=${arg%%=*}
+            value=${arg#*=}
+            need_value "$name" "$value"
+            case "$name" in
+                --control-plane-url) url=$value ;;
+                --region) region=$value ;;
+                --datacenter) datacenter=$value ;;
+                --join-token) token=$value ;;
+                --listen) listen+=("$value") ;;
+                --deb) debs+=("$value") ;;
+                --apt-repo) apt_repo=$value ;;
+            esac
+            ;;
+        --control-plane-url | --region | --datacenter | --join-token | --listen | --deb | --apt-repo)
+            [ $# -gt 0 ] && [ "${1#--}" = "$1" ] || bad_usage "$arg needs a value ($arg=VALUE)"
+            set -- "$arg=$1" "${@:2}"
+            ;;
+        --allow-insecure) allow_insecure=1 ;;
+        --no-start) start=0 ;;
+        --dry-run) dry_run=1 ;;
+        -h | --help)
+            usage
+            exit 0
+            ;;
+        *) bad_usage "unknown option '$arg'" ;;
+    esac
+done
+
+[ -n "$role" ] || bad_usage "give --agent or --control-plane"
+
+# --- checking the arguments -------------------------------------------------------------
+
+name_re='^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$'
+token_re='^zwrm1\.[a-z0-9]{6}\.[a-z0-9]{32}\.[0-9a-f]{64}$'
+url_re='^(https?|wss?)://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$'
+
+url_host=""
+url_port=""
+url_scheme=""
+if [ -n "$url" ]; then
+    [[ $url =~ $url_re ]] || bad_usage "--control-plane-url: '$url' is not a URL like https://cp.example.com:8080"
+    url_scheme=${BASH_REMATCH[1]}
+    url_host=${BASH_REMATCH[2]}
+    url_port=${BASH_REMATCH[3]#:}
+    url_path=${BASH_REMATCH[4]}
+    if [ -n "$url_port" ] && { [ "$url_port" -lt 1 ] || [ "$url_port" -gt 65535 ]; }; then
+        bad_usage "--control-plane-url: port $url_port is out of range"
+    fi
+fi
+
+is_loopback() {
+    case "$1" in
+        localhost | 127.* | "[::1]" | ::1) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+if [ "$role" = agent ]; then
+    [ ${#listen[@]} -eq 0 ] || bad_usage "--listen is only for --control-plane"
+    [ -n "$url" ] || bad_usage "--agent needs --control-plane-url=URL"
+    [ -n "$region" ] || bad_usage "--agent needs --region=NAME"
+    [ -n "$datacenter" ] || bad_usage "--agent needs --datacenter=NAME"
+    [ -n "$token" ] || bad_usage "--agent needs --join-token=TOKEN (create one with 'zwrm tokens create' on the control plane)"
+    [[ $region =~ $name_re ]] || bad_usage "--region: '$region' must be letters, digits, '-' or '_'"
+    [[ $datacenter =~ $name_re ]] || bad_usage "--datacenter: '$datacenter' must be letters, digits, '-' or '_'"
+    [[ $token =~ $token_re ]] || bad_usage "--join-token: not a zwrm join token (expected zwrm1.<id>.<secret>.<ca-fingerprint>, as printed by 'zwrm tokens create')"
+    # The agent speaks WebSocket: https -> wss, http -> ws, and /ws unless a path is given.
+    case "$url_scheme" in
+        https) ws_scheme=wss ;;
+        http) ws_scheme=ws ;;
+        *) ws_scheme=$url_scheme ;;
+    esac
+    if [ "$ws_scheme" = ws ] && ! is_loopback "$url_host" && [ $allow_insecure -eq 0 ]; then
+        bad_usage "--control-plane-url: $url is not encrypted; use https:// or wss:// (or --allow-insecure)"
+    fi
+    [ -n "$url_path" ] && [ "$url_path" != / ] || url_path=/ws
+    agent_url="$ws_scheme://$url_host${url_port:+:$url_port}$url_path"
+    package=zwrm-agent
+    unit=zwrm-agent.service
+    config="$ZWRM_ETC/agent.toml"
+else
+    [ -z "$region" ] || bad_usage "--region is only for --agent"
+    [ -z "$datacenter" ] || bad_usage "--datacenter is only for --agent"
+    [ -z "$token" ] || bad_usage "--join-token is only for --agent"
+    package=zwrm-control
+    unit=zwrm-control.service
+    config="$ZWRM_ETC/control.toml"
+    pki_dir="$ZWRM_LIB/control/pki"
+    port=${url_port:-8080}
+    if [ ${#listen[@]} -eq 0 ]; then
+        if [ -z "$url" ]; then
+            listen=("tcp:8080:interface=127.0.0.1")
+        elif [ "$url_scheme" = https ] || [ "$url_scheme" = wss ]; then
+            listen=("ssl:$port:privateKey=$pki_dir/server.key:certKey=$pki_dir/server.pem:extraCertChain=$pki_dir/ca.pem")
+        elif is_loopback "$url_host"; then
+            listen=("tcp:$port:interface=127.0.0.1")
+        elif [ $allow_insecure -eq 1 ]; then
+            listen=("tcp:$port")
+        else
+            bad_usage "--control-plane-url: $url is not encrypted; use https:// (or --allow-insecure)"
+        fi
+    fi
+    for l in "${listen[@]}"; do
+        [[ $l != *\"* && $l != *\\* ]] || bad_usage "--listen: '$l' must not contain quotes or backslashes"
+    done
+fi
+
+[ ${#debs[@]} -eq 0 ] || [ -z "$apt_repo" ] || bad_usage "give --deb or --apt-repo, not both"
+
+# --- the configuration ------------------------------------------------------------------
+
+render_config() {
+    if [ "$role" = agent ]; then
+        cat <<EOF
+# Written by install.sh; see docs/install.md. Holds the join token: keep it private.
+[agent]
+control_plane_url = "$agent_url"
+region = "$region"
+datacenter = "$datacenter"
+join_token = "$token"
+data_dir = "$ZWRM_LIB/agent"
+EOF
+        [ $allow_insecure -eq 0 ] || echo "allow_insecure = true"
+    else
+        echo "# Written by install.sh; see docs/install.md."
+        echo "[control]"
+        printf 'listen = ['
+        local sep=""
+        for l in "${listen[@]}"; do
+            printf '%s"%s"' "$sep" "$l"
+            sep=", "
+        done
+        printf ']\n'
+        echo "data_dir = \"$ZWRM_LIB/control\""
+        [ $allow_insecure -eq 0 ] || echo "insecure_listen = true"
+        cat <<EOF
+
+[health]
+check_interval = 15
+offline_after = 30
+
+[scheduler]
+strategy = "spread"
+EOF
+    fi
+}
+
+new_config=$(render_config)
+
+if [ $dry_run -eq 1 ]; then
+    source_note=""
+    [ ${#debs[@]} -eq 0 ] || source_note=" (from ${debs[*]})"
+    [ -z "$apt_repo" ] || source_note=" (from $apt_repo)"
+    echo "would install: zwrm $package$source_note"
+    echo "would write $config:"
+    echo "$new_config" | sed -e 's/^/    /' -e 's/\(zwrm1\.[a-z0-9]*\.\)[a-z0-9]*\./\1<secret>./'
+    if [ "$role" = control-plane ] && [ -n "$url_host" ] && [[ ${listen[0]} == ssl:* ]]; then
+        echo "would create the CA and a server certificate for ${url_host} in $pki_dir"
+    fi
+    [ $start -eq 0 ] || echo "would enable and start $unit"
+    exit 0
+fi
+
+# --- doing it ---------------------------------------------------------------------------
+
+[ "$(id -u)" -eq 0 ] || die "must run as root (sudo bash -s -- ...)"
+[ -r /etc/os-release ] && . /etc/os-release
+[ "${ID:-}" = debian ] || [ "${ID_LIKE:-}" = debian ] || echo "$PROG: warning: made for Debian 12, this is ${PRETTY_NAME:-unknown}" >&2
+
+installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"
+}
+
+export DEBIAN_FRONTEND=noninteractive
+if [ ${#debs[@]} -gt 0 ]; then
+    files=()
+    for d in "${debs[@]}"; do
+        if [ -d "$d" ]; then
+            for f in "$d"/zwrm_*.deb "$d"/"$package"_*.deb; do
+                [ -e "$f" ] && files+=("$(realpath "$f")")
+            done
+        elif [ -f "$d" ]; then
+            files+=("$(realpath "$d")")
+        else
+            die "--deb: $d does not exist"
+        fi
+    done
+    [ ${#files[@]} -gt 0 ] || die "--deb: no zwrm .deb files in ${debs[*]}"
+    echo "$PROG: installing ${files[*]##*/}"
+    apt-get install -y -qq --no-install-recommends "${files[@]}" >/dev/null \
+        || die "installing the packages failed (see apt-get's messages above)"
+elif [ -n "$apt_repo" ]; then
+    echo "deb [trusted=yes] $apt_repo ${VERSION_CODENAME:-bookworm} main" >/etc/apt/sources.list.d/zwrm.list
+    apt-get update -qq || die "apt-get update failed for $apt_repo"
+    apt-get install -y -qq --no-install-recommends zwrm "$package" >/dev/null \
+        || die "installing $package from $apt_repo failed"
+elif ! installed "$package"; then
+    apt-get install -y -qq --no-install-recommends zwrm "$package" >/dev/null 2>&1 \
+        || die "$package is not installed and no APT source has it: give --deb=PATH or --apt-repo=URL"
+fi
+installed "$package" || die "$package did not install"
+getent group zwrm >/dev/null || die "the zwrm group is missing (the zwrm package's postinst did not run?)"
+
+install -d -o root -g zwrm -m 0750 "$ZWRM_ETC"
+
+if [ "$role" = control-plane ] && [[ ${listen[0]} == ssl:* ]]; then
+    install -d -o zwrm -g zwrm -m 0750 "$ZWRM_LIB/control"
+    names=("$url_host" localhost 127.0.0.1)
+    fingerprint=$(runuser -u zwrm -- "$VENV/bin/python3" -m zwrm.pki init "$pki_dir" "${names[@]}") \
+        || die "could not create the CA in $pki_dir"
+fi
+
+changed=0
+if [ -f "$config" ] && [ "$(cat "$config")" = "$new_config" ]; then
+    echo "$PROG: $config is unchanged"
+else
+    tmp=$(mktemp "$ZWRM_ETC/.install.XXXXXX")
+    printf '%s\n' "$new_config" >"$tmp"
+    chown root:zwrm "$tmp"
+    chmod 0640 "$tmp"
+    mv -f "$tmp" "$config"
+    echo "$PROG: wrote $config"
+    changed=1
+fi
+
+if [ $start -eq 1 ]; then
+    if [ -d /run/systemd/system ]; then
+        systemctl daemon-reload
+        systemctl enable --quiet "$unit"
+        if systemctl is-active --quiet "$unit"; then
+            [ $changed -eq 0 ] || systemctl restart "$unit"
+        else
+            systemctl start "$unit"
+        fi
+        echo "$PROG: $unit is enabled and $(systemctl is-active "$unit")"
+    else
+        echo "$PROG: systemd is not running here; start the service by hand: systemctl enable --now $unit" >&2
+    fi
+fi
+
+echo
+if [ "$role" = agent ]; then
+    cat <<EOF
+The agent joins $agent_url (region $region, datacenter $datacenter).
+Verify on the control plane:   zwrm host list
+Follow the agent's log:        journalctl -u $unit -f
+EOF
+else
+    [ -z "${fingerprint:-}" ] || echo "Control plane CA fingerprint: $fingerprint"
+    cat <<EOF
+Create a join token for agents:   zwrm tokens create
+Verify:                           zwrm host list
+Follow the log:                   journalctl -u $unit -f
+EOF
+fi
