@@ -93,3 +93,24 @@ class Internal(ZwrmError):
 
 
 ALL = {cls.uri: cls for cls in ZwrmError.__subclasses__()}
+
+
+def from_wire(error):
+    """
+    The L{ZwrmError} subclass instance for an C{ApplicationError} received over WAMP.
+
+    A callee's L{NotFound} reaches its caller as a plain C{ApplicationError} whose C{error}
+    is C{zwrm.error.not_found}; this rebuilds the L{NotFound} so callers can catch it by
+    class. Errors that are not zwrm's (e.g. C{wamp.error.no_such_procedure}) become
+    L{Unavailable} when they mean the callee is gone, and are returned unchanged otherwise.
+    """
+    if isinstance(error, ZwrmError) or not isinstance(error, ApplicationError):
+        return error
+    cls = ALL.get(error.error)
+    message = error.args[0] if error.args else error.error
+    if cls is not None:
+        return cls(message, **(error.kwargs or {}))
+    if error.error in (ApplicationError.NO_SUCH_PROCEDURE, ApplicationError.CANCELED,
+                       "wamp.error.timeout"):
+        return Unavailable(f"{error.error}: {message}")
+    return error

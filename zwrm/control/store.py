@@ -140,7 +140,13 @@ def _v1(db):
     db["events"].create_index(["subject"])
 
 
-MIGRATIONS = [_v1]
+def _v2(db):
+    """Schema version 2: a volume belongs to one replica of its app (the replica it pins)."""
+    db["volumes"].add_column("replica", int, not_null_default=0)
+    db["volumes"].create_index(["app_id", "name", "replica"], unique=True)
+
+
+MIGRATIONS = [_v1, _v2]
 """Schema migrations, in order; append, never edit."""
 
 JSON_COLUMNS = {

@@ -1,0 +1,673 @@
+"""
+Apps, their machines and their volumes: the operator's C{zwrm.app.*}, C{zwrm.machine.*}
+and C{zwrm.volume.*} procedures, and what agents report about machines.
+
+An app is a name and a deployed spec::
+
+    {"image": "name:tag" | {"kernel", "initrd", "disk", "cmdline"},
+     "vcpus", "memory_mb", "replicas", "region", "datacenter",
+     "service_port", "health": {"type", "path", "interval", "timeout", "grace"},
+     "volumes": [{"name", "size_mb", "mount"}]}
+
+Replica I{i} of an app is a machine; each volume of the spec gives replica I{i} its own
+local volume (named C{<name>} with C{replica} I{i}), created on the host the scheduler
+chose for that replica. From then on that volume pins the replica to its host, whatever the
+strategy (a drain moves the volume, and with it the pin). Scaling down stops and destroys the
+highest replicas but keeps their volumes: nothing is deleted unless the operator asks
+(C{zwrm.volume.destroy}, or C{zwrm.app.destroy} with C{volumes=True}).
+
+Every change is stored, then published on C{zwrm.event.machine} (machines and volumes)
+or C{zwrm.event.app}.
+"""
+
+import re
+import uuid
+
+from autobahn import wamp
+from autobahn.wamp.types import RegisterOptions
+from twisted.internet.defer import DeferredLock
+from twisted.logger import Logger
+
+from zwrm import errors
+from zwrm.scheduler import PlacementRequest
+
+MACHINE_TOPIC = "zwrm.event.machine"
+APP_TOPIC = "zwrm.event.app"
+LIVE = ("pending", "starting", "running", "stopping")
+MACHINE_STATES = ("pending", "starting", "running", "stopping", "stopped", "failed")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+DETAILS = RegisterOptions(details_arg="details")
+
+
+def _check_name(name, what):
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise errors.InvalidArgument(
+            f"{what} {name!r} is not valid: use 1-63 lower-case letters, digits and '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def _int(spec, key, low, high, default):
+    v = spec.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+        raise errors.InvalidArgument(f"{key} must be a whole number from {low} to {high}, not {v!r}")
+    return v
+
+
+def validate_spec(spec):
+    """
+    Check a deployment spec; return a normalized copy.
+
+    @raise zwrm.errors.InvalidArgument: naming the field that is wrong.
+    """
+    if not isinstance(spec, dict):
+        raise errors.InvalidArgument("a deployment spec must be a mapping")
+    known = {"image", "vcpus", "memory_mb", "replicas", "region", "datacenter",
+             "service_port", "health", "volumes", "constraints"}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise errors.InvalidArgument(f"unknown deployment field(s): {', '.join(unknown)}")
+    image = spec.get("image")
+    if not (isinstance(image, str) and image) and not isinstance(image, dict):
+        raise errors.InvalidArgument("image must be an image reference (name:tag) or local paths")
+    out = {
+        "image": image,
+        "vcpus": _int(spec, "vcpus", 1, 256, 1),
+        "memory_mb": _int(spec, "memory_mb", 32, 1024 * 1024, 256),
+        "replicas": _int(spec, "replicas", 0, 1000, 1),
+        "region": spec.get("region"),
+        "datacenter": spec.get("datacenter"),
+        "service_port": spec.get("service_port"),
+        "health": spec.get("health"),
+        "constraints": spec.get("constraints") or {},
+        "volumes": [],
+    }
+    for key in ("region", "datacenter"):
+        if out[key] is not None and (not isinstance(out[key], str) or not out[key]):
+            raise errors.InvalidArgument(f"{key} must be a name or null, not {out[key]!r}")
+    port = out["service_port"]
+    if port is not None and (not isinstance(port, int) or isinstance(port, bool)
+                             or not 1 <= port <= 65535):
+        raise errors.InvalidArgument(f"service_port must be a TCP port or null, not {port!r}")
+    if out["health"] is not None and port is None:
+        raise errors.InvalidArgument("a health check needs a service_port")
+    vols = spec.get("volumes") or []
+    if not isinstance(vols, list):
+        raise errors.InvalidArgument("volumes must be a list of {name, size_mb, mount}")
+    seen = set()
+    for v in vols:
+        if not isinstance(v, dict):
+            raise errors.InvalidArgument(f"each volume must be {{name, size_mb, mount}}, not {v!r}")
+        name = _check_name(v.get("name"), "volume name")
+        if name in seen:
+            raise errors.InvalidArgument(f"volume {name!r} is listed twice")
+        seen.add(name)
+        mount = v.get("mount")
+        if not isinstance(mount, str) or not mount.startswith("/") or mount == "/":
+            raise errors.InvalidArgument(
+                f"volume {name!r}: mount must be an absolute path other than /, not {mount!r}")
+        out["volumes"].append({
+            "name": name, "mount": mount, "size_mb": _int(v, "size_mb", 2, 16 * 1024 * 1024, 64),
+        })
+    # Placement-side checks (labels) are the scheduler's; fail now, not per replica.
+    PlacementRequest(vcpus=out["vcpus"], memory_mb=out["memory_mb"], region=out["region"],
+                     datacenter=out["datacenter"], constraints=out["constraints"])
+    return out
+
+
+def _new_id(prefix):
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+class Apps:
+    """
+    The apps, machines and volumes of the cluster, and their placement.
+
+    @ivar scheduler: the L{zwrm.scheduler.Scheduler}; kept in step with the host registry
+        before each placement.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock, store, hosts, scheduler, publish):
+        """
+        @param clock: an L{IReactorTime}.
+        @param store: the L{zwrm.control.store.Store}.
+        @param hosts: the L{zwrm.control.registry.HostRegistry} (host states, executors).
+        @param scheduler: a L{zwrm.scheduler.Scheduler}.
+        @param publish: C{publish(topic, event)}, called after each stored change.
+        """
+        self._clock = clock
+        self._store = store
+        self._hosts = hosts
+        self.scheduler = scheduler
+        self._publish = publish
+        self._placements = {}  # machine id -> Placement
+        self._lock = DeferredLock()  # deploys, scales and destroys of apps run one at a time
+        self._machine_locks = {}  # machine id -> DeferredLock: its changes apply in order
+
+    # -- start-up ---------------------------------------------------------------------
+
+    async def load(self):
+        """
+        After a control plane start: account in the scheduler for every live machine.
+
+        @return: how many placements were restored.
+        """
+        self.sync_hosts()
+        n = 0
+        for row in await self._store.select("machines", f"state IN {LIVE}"):
+            try:
+                self._placements[row["id"]] = self.scheduler.restore(
+                    row["host_id"], self._request(row["spec"], pinned=None))
+                n += 1
+            except errors.ZwrmError as e:
+                self.log.warn("machine {id}: capacity not restored: {e}", id=row["id"], e=e)
+        return n
+
+    def sync_hosts(self):
+        """
+        Give the scheduler every known host with its current state; a host is C{ready} for
+        the scheduler only while its executor can be called.
+        """
+        for host_id in self._hosts.host_ids():
+            entry = self._hosts.entry(host_id)
+            state = entry.machine.state
+            if state == "ready" and not self._hosts.executor_available(host_id):
+                state = "unreachable"
+            record = dict(entry.record, state=state,
+                          alloc_vcpus=0, alloc_memory_mb=0, alloc_disk_mb=0)
+            try:
+                self.scheduler.update_host(record)
+            except errors.InvalidArgument as e:
+                self.log.warn("host {id} not schedulable: {e}", id=host_id, e=e)
+
+    # -- stored changes, then events --------------------------------------------------
+
+    async def _event(self, topic, kind, subject, payload):
+        event = await self._store.add_event(topic, kind, subject, payload)
+        try:
+            self._publish(topic, event)
+        except Exception:
+            self.log.failure("publishing on {topic}", topic=topic)
+        return event
+
+    async def _set_machine(self, row, reason, **fields):
+        fields["updated_at"] = self._clock.seconds()
+        await self._store.update("machines", row["id"], fields)
+        old = row.get("state")
+        row.update(fields)
+        await self._event(MACHINE_TOPIC, "state", row["id"], {
+            "machine_id": row["id"], "app_id": row["app_id"], "host_id": row["host_id"],
+            "old": old, "state": row["state"], "health": (row.get("health") or {}).get("status"),
+            "reason": reason,
+        })
+        if row["state"] in ("stopped", "failed"):
+            self._release(row["id"])
+        elif row["state"] == "running":
+            p = self._placements.get(row["id"])
+            if p is not None and not self.scheduler.is_committed(p):
+                self.scheduler.commit(p)
+        return row
+
+    def _release(self, machine_id):
+        p = self._placements.pop(machine_id, None)
+        if p is not None:
+            self.scheduler.release(p)
+
+    async def _call(self, host_id, verb, *args, **kwargs):
+        """Call a host's executor; its errors come back as L{zwrm.errors} classes."""
+        try:
+            return await self._hosts.call_executor(host_id, verb, *args, **kwargs)
+        except Exception as e:
+            raise errors.from_wire(e) from None
+
+    # -- lookups ----------------------------------------------------------------------
+
+    async def _app(self, name):
+        _check_name(name, "app name")
+        rows = await self._store.select("apps", "name = ?", [name])
+        if not rows:
+            raise errors.NotFound(f"no app {name!r}")
+        return rows[0]
+
+    async def _machine(self, machine_id):
+        if not isinstance(machine_id, str) or not machine_id:
+            raise errors.InvalidArgument("a machine id is needed")
+        row = await self._store.get("machines", machine_id)
+        if row is None:
+            raise errors.NotFound(f"no machine {machine_id!r}")
+        return row
+
+    def _request(self, mspec, pinned, new_disk_mb=0):
+        return PlacementRequest(
+            vcpus=mspec["vcpus"], memory_mb=mspec["memory_mb"], disk_mb=new_disk_mb,
+            region=mspec.get("region"), datacenter=mspec.get("datacenter"),
+            pinned_host=pinned, constraints=mspec.get("constraints") or {},
+        )
+
+    # -- apps -------------------------------------------------------------------------
+
+    @wamp.register("zwrm.app.create")
+    async def create_app(self, name):
+        """Create an empty app. @raise Conflict: if the name is taken."""
+        _check_name(name, "app name")
+        if await self._store.select("apps", "name = ?", [name]):
+            raise errors.Conflict(f"app {name!r} exists")
+        row = {"id": _new_id("a"), "name": name, "spec": None, "created_at": self._clock.seconds()}
+        await self._store.insert("apps", row)
+        await self._event(APP_TOPIC, "created", row["id"], {"app": name, "app_id": row["id"]})
+        return {"id": row["id"], "name": name}
+
+    @wamp.register("zwrm.app.list")
+    async def list_apps(self):
+        """Every app with its replica count and machine counts by state."""
+        apps = await self._store.select("apps", order_by="name")
+        machines = await self._store.select("machines")
+        out = []
+        for a in apps:
+            counts = {}
+            for m in machines:
+                if m["app_id"] == a["id"]:
+                    counts[m["state"]] = counts.get(m["state"], 0) + 1
+            spec = a["spec"] or {}
+            out.append({"id": a["id"], "name": a["name"], "image": spec.get("image"),
+                        "replicas": spec.get("replicas", 0), "machines": counts})
+        return out
+
+    @wamp.register("zwrm.app.status")
+    async def app_status(self, name):
+        """An app's spec, machines and volumes."""
+        app = await self._app(name)
+        machines = await self._store.select("machines", "app_id = ?", [app["id"]],
+                                            order_by="created_at")
+        volumes = await self._store.select("volumes", "app_id = ?", [app["id"]], order_by="name")
+        return {"id": app["id"], "name": app["name"], "spec": app["spec"],
+                "machines": [self._machine_view(m) for m in machines],
+                "volumes": volumes}
+
+    @wamp.register("zwrm.app.deploy")
+    async def deploy(self, name, spec):
+        """
+        Store C{spec} as the app's spec and converge its machines to it: machines of an
+        older spec are replaced, missing replicas placed and started, extra ones removed.
+
+        @return: the app's status after the machines were started (not yet healthy: follow
+            C{zwrm.event.machine} or poll C{zwrm.app.status}).
+        @raise zwrm.errors.Unplaceable: if a replica fits nowhere; nothing was started.
+        """
+        spec = validate_spec(spec)
+        await self._lock.acquire()
+        try:
+            app = await self._app(name)
+            await self._store.update("apps", app["id"], {"spec": spec})
+            await self._event(APP_TOPIC, "deployed", app["id"], {"app": name, "spec": spec})
+            app["spec"] = spec
+            await self._converge(app, replace=True)
+        finally:
+            self._lock.release()
+        return await self.app_status(name)
+
+    @wamp.register("zwrm.app.scale")
+    async def scale(self, name, replicas):
+        """Change an app's replica count and converge. @raise InvalidArgument, NotFound."""
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or not 0 <= replicas <= 1000:
+            raise errors.InvalidArgument(f"replicas must be from 0 to 1000, not {replicas!r}")
+        await self._lock.acquire()
+        try:
+            app = await self._app(name)
+            if app["spec"] is None:
+                raise errors.Conflict(f"app {name!r} was never deployed")
+            spec = dict(app["spec"], replicas=replicas)
+            await self._store.update("apps", app["id"], {"spec": spec})
+            await self._event(APP_TOPIC, "scaled", app["id"], {"app": name, "replicas": replicas})
+            app["spec"] = spec
+            await self._converge(app, replace=False)
+        finally:
+            self._lock.release()
+        return await self.app_status(name)
+
+    @wamp.register("zwrm.app.destroy")
+    async def destroy_app(self, name, volumes=False):
+        """
+        Destroy every machine of an app and the app; its volumes too only if C{volumes}.
+
+        @return: C{{"machines": [...], "volumes": [...]}} destroyed.
+        """
+        await self._lock.acquire()
+        try:
+            app = await self._app(name)
+            machines = await self._store.select("machines", "app_id = ?", [app["id"]])
+            gone = [await self._destroy_machine(m) for m in machines]
+            vols = []
+            if volumes:
+                for v in await self._store.select("volumes", "app_id = ?", [app["id"]]):
+                    await self._destroy_volume(v)
+                    vols.append(v["id"])
+            elif await self._store.select("volumes", "app_id = ?", [app["id"]]):
+                # The app stays, without a spec, so its volumes keep an owner.
+                await self._store.update("apps", app["id"], {"spec": None})
+                await self._event(APP_TOPIC, "destroyed", app["id"],
+                                  {"app": name, "volumes_kept": True})
+                return {"machines": gone, "volumes": [], "app_kept_for_volumes": True}
+            await self._store.run(lambda db: db["apps"].delete(app["id"]))
+            await self._event(APP_TOPIC, "destroyed", app["id"], {"app": name})
+            return {"machines": gone, "volumes": vols}
+        finally:
+            self._lock.release()
+
+    async def _converge(self, app, replace):
+        spec = app["spec"]
+        rows = await self._store.select("machines", "app_id = ?", [app["id"]])
+        current = {}
+        for m in rows:
+            if m["state"] in LIVE or m["state"] == "failed":
+                current.setdefault(m["spec"]["replica"], []).append(m)
+        # Extra replicas and (on deploy) machines of an older spec go.
+        for replica, ms in sorted(current.items()):
+            for m in ms:
+                stale = replace and m["spec"].get("app_spec") != spec
+                if replica >= spec["replicas"] or stale or m["state"] == "failed":
+                    await self._destroy_machine(m)
+        rows = await self._store.select("machines", "app_id = ?", [app["id"]])
+        have = {m["spec"]["replica"] for m in rows if m["state"] in LIVE}
+        missing = [i for i in range(spec["replicas"]) if i not in have]
+        if not missing:
+            return
+        self.sync_hosts()
+        # Place every missing replica first (all or nothing), then start them.
+        planned = []
+        try:
+            for replica in missing:
+                planned.append(await self._plan(app, replica))
+        except errors.Unplaceable as e:
+            for _, placement, _ in planned:
+                self.scheduler.release(placement)
+            raise errors.Unplaceable(
+                f"replica {missing[len(planned)]} of {app['name']}: {e.message}", **e.kwargs
+            ) from None
+        for replica, placement, volumes in planned:
+            await self._start_replica(app, replica, placement, volumes)
+
+    async def _plan(self, app, replica):
+        spec = app["spec"]
+        existing = {
+            v["name"]: v for v in await self._store.select(
+                "volumes", "app_id = ? AND replica = ?", [app["id"], replica])
+        } if spec["volumes"] else {}
+        pins = {v["host_id"] for v in existing.values()}
+        if len(pins) > 1:
+            raise errors.Unplaceable(
+                f"its volumes live on different hosts ({', '.join(sorted(pins))})")
+        new_disk = sum(v["size_mb"] for v in spec["volumes"] if v["name"] not in existing)
+        request = self._request(spec, pinned=pins.pop() if pins else None, new_disk_mb=new_disk)
+        placement = self.scheduler.place(request)
+        return replica, placement, existing
+
+    async def _start_replica(self, app, replica, placement, existing):
+        spec = app["spec"]
+        host_id = placement.host_id
+        now = self._clock.seconds()
+        vols = []
+        for v in spec["volumes"]:
+            row = existing.get(v["name"])
+            if row is None:
+                row = {"id": _new_id("v"), "app_id": app["id"], "host_id": host_id,
+                       "name": v["name"], "replica": replica, "size_mb": v["size_mb"],
+                       "mount": v["mount"], "state": "creating", "created_at": now}
+                await self._store.insert("volumes", row)
+                await self._event(MACHINE_TOPIC, "volume", row["id"], dict(row))
+            vols.append({"id": row["id"], "mount": v["mount"], "size_mb": row["size_mb"]})
+        mid = _new_id("m")
+        mspec = {
+            "id": mid, "app": app["name"], "replica": replica, "image": spec["image"],
+            "vcpus": spec["vcpus"], "memory_mb": spec["memory_mb"],
+            "region": spec["region"], "datacenter": spec["datacenter"],
+            "constraints": spec["constraints"], "volumes": vols,
+            "service_port": spec["service_port"], "health": spec["health"], "app_spec": spec,
+        }
+        row = {"id": mid, "app_id": app["id"], "host_id": host_id, "state": "pending",
+               "spec": mspec, "health": {"status": "none"}, "created_at": now,
+               "updated_at": now}
+        await self._store.insert("machines", row)
+        self._placements[mid] = placement
+        await self._event(MACHINE_TOPIC, "state", mid, {
+            "machine_id": mid, "app_id": app["id"], "host_id": host_id, "old": None,
+            "state": "pending", "reason": "placed"})
+        await self._start_on_host(row)
+
+    def _agent_spec(self, mspec):
+        return {k: mspec[k] for k in ("id", "app", "image", "vcpus", "memory_mb", "volumes",
+                                      "service_port", "health")}
+
+    async def _start_on_host(self, row):
+        try:
+            status = await self._call(row["host_id"], "machine.start", self._agent_spec(row["spec"]))
+        except Exception as e:
+            reason = getattr(e, "args", [None])[0] if isinstance(e, errors.ZwrmError) else None
+            reason = reason or _error_text(e)
+            await self._set_machine(row, f"could not start: {reason}", state="failed")
+            return row
+        await self._volumes_ready(row)
+        await self._apply_status(row, status)
+        return row
+
+    async def _volumes_ready(self, row):
+        for v in row["spec"]["volumes"]:
+            vrow = await self._store.get("volumes", v["id"])
+            if vrow is not None and vrow["state"] == "creating":
+                await self._store.update("volumes", v["id"], {"state": "ready"})
+
+    async def _in_order(self, machine_id, fn, *args):
+        """
+        Run C{fn(*args)} after every change already under way for C{machine_id}: reports
+        arrive in order, and applying them must keep it. Take the lock before any await.
+        """
+        lock = self._machine_locks.setdefault(machine_id, DeferredLock())
+        await lock.acquire()
+        try:
+            return await fn(*args)
+        finally:
+            lock.release()
+            if not lock.locked and not lock.waiting:
+                self._machine_locks.pop(machine_id, None)
+
+    def _apply_status(self, row, status):
+        """Apply an executor status or report to a stored machine (in order)."""
+        return self._in_order(row["id"], self._apply_fresh, row, status)
+
+    async def _apply_fresh(self, row, status):
+        fresh = await self._store.get("machines", row["id"])
+        if fresh is None:
+            return row
+        row.update(fresh)
+        return await self._apply_locked(row, status)
+
+    async def _apply_locked(self, row, status):
+        state = status.get("state")
+        if state not in MACHINE_STATES:
+            return row
+        health = dict(row.get("health") or {})
+        if status.get("health") is not None:
+            health["status"] = status["health"]
+        if status.get("host_port") is not None:
+            health["host_port"] = status["host_port"]
+        if state == row["state"] and health == row.get("health"):
+            return row
+        return await self._set_machine(row, status.get("reason") or state,
+                                       state=state, health=health)
+
+    # -- machines ---------------------------------------------------------------------
+
+    def _machine_view(self, m):
+        health = m.get("health") or {}
+        spec = m["spec"] or {}
+        return {"id": m["id"], "app_id": m["app_id"], "app": spec.get("app"),
+                "replica": spec.get("replica"), "host_id": m["host_id"], "state": m["state"],
+                "health": health.get("status"), "host_port": health.get("host_port"),
+                "volumes": [v["id"] for v in spec.get("volumes", [])],
+                "created_at": m["created_at"], "updated_at": m["updated_at"]}
+
+    @wamp.register("zwrm.machine.list")
+    async def list_machines(self, app=None, host_id=None):
+        """Machines, optionally of one app or on one host."""
+        where, args = [], []
+        if app is not None:
+            where.append("app_id = ?")
+            args.append((await self._app(app))["id"])
+        if host_id is not None:
+            where.append("host_id = ?")
+            args.append(host_id)
+        rows = await self._store.select("machines", " AND ".join(where) or None, args,
+                                        order_by="created_at")
+        return [self._machine_view(m) for m in rows]
+
+    @wamp.register("zwrm.machine.status")
+    async def machine_status(self, machine_id):
+        """One machine with its recent events."""
+        m = await self._machine(machine_id)
+        view = self._machine_view(m)
+        view["spec"] = self._agent_spec(m["spec"])
+        view["events"] = await self._store.recent_events(machine_id)
+        return view
+
+    @wamp.register("zwrm.machine.logs")
+    async def machine_logs(self, machine_id, max_bytes=65536):
+        """The tail of a machine's serial console, from its host."""
+        m = await self._machine(machine_id)
+        return await self._call(m["host_id"], "machine.logs", machine_id, max_bytes=max_bytes)
+
+    @wamp.register("zwrm.machine.destroy")
+    async def destroy_machine(self, machine_id):
+        """
+        Destroy one machine (its app's next converge replaces it: to remove it for good,
+        scale the app down). Its volumes are kept.
+        """
+        m = await self._machine(machine_id)
+        return await self._destroy_machine(m)
+
+    async def _destroy_machine(self, m):
+        if m["state"] not in ("stopped", "failed") or self._hosts.executor_available(m["host_id"]):
+            try:
+                await self._call(m["host_id"], "machine.destroy", m["id"])
+            except errors.NotFound:
+                pass  # the agent no longer knows it: it is gone
+            except errors.Unavailable:
+                if m["state"] in LIVE:
+                    raise errors.Unavailable(
+                        f"machine {m['id']} is on host {m['host_id']}, which is not reachable; "
+                        "it is destroyed when the host returns") from None
+        await self._store.run(lambda db: db["machines"].delete(m["id"]))
+        self._release(m["id"])
+        await self._event(MACHINE_TOPIC, "destroyed", m["id"], {
+            "machine_id": m["id"], "app_id": m["app_id"], "host_id": m["host_id"],
+            "old": m["state"], "state": "destroyed", "reason": "destroyed"})
+        return m["id"]
+
+    # -- reports from agents ----------------------------------------------------------
+
+    @wamp.register("zwrm.agent.machine_event", options=DETAILS)
+    async def machine_event(self, event=None, details=None):
+        """
+        An agent reports a change of one of its machines (the executor's report).
+
+        Only the agent of the machine's host may report it: C{details.caller_authid}
+        must be the host the machine is recorded on.
+        """
+        if not isinstance(event, dict) or not isinstance(event.get("machine_id"), str):
+            raise errors.InvalidArgument("a machine event needs machine_id and state")
+        host_id = getattr(details, "caller_authid", None)
+        return await self._in_order(event["machine_id"], self._machine_event, host_id, event)
+
+    async def _machine_event(self, host_id, event):
+        row = await self._store.get("machines", event["machine_id"])
+        if row is None:
+            if event.get("destroyed"):
+                return None
+            raise errors.NotFound(f"no machine {event['machine_id']!r}")
+        if host_id is not None and row["host_id"] != host_id:
+            raise errors.NotAuthorized(
+                f"machine {row['id']} is recorded on {row['host_id']}, not {host_id}")
+        if not event.get("destroyed"):
+            await self._apply_locked(row, event)
+        return None
+
+    # -- volumes ----------------------------------------------------------------------
+
+    @wamp.register("zwrm.volume.create")
+    async def create_volume(self, app, name, size_mb, mount, replica=0,
+                            region=None, datacenter=None, host_id=None):
+        """
+        Create a volume for replica C{replica} of C{app} before its first deploy: the
+        scheduler picks its host (by disk), or C{host_id} if given; the app's machine for
+        that replica is then pinned there.
+        """
+        a = await self._app(app)
+        _check_name(name, "volume name")
+        size_mb = _int({"size_mb": size_mb}, "size_mb", 2, 16 * 1024 * 1024, 64)
+        if not isinstance(mount, str) or not mount.startswith("/") or mount == "/":
+            raise errors.InvalidArgument(f"mount must be an absolute path other than /, not {mount!r}")
+        if await self._store.select("volumes", "app_id = ? AND name = ? AND replica = ?",
+                                    [a["id"], name, replica]):
+            raise errors.Conflict(f"app {app!r} has a volume {name!r} for replica {replica}")
+        self.sync_hosts()
+        request = PlacementRequest(vcpus=1, memory_mb=1, disk_mb=size_mb, region=region,
+                                   datacenter=datacenter, pinned_host=host_id)
+        placement = self.scheduler.place(request)
+        self.scheduler.release(placement)  # only the host was wanted; machines reserve later
+        row = {"id": _new_id("v"), "app_id": a["id"], "host_id": placement.host_id,
+               "name": name, "replica": replica, "size_mb": size_mb, "mount": mount,
+               "state": "creating", "created_at": self._clock.seconds()}
+        await self._store.insert("volumes", row)
+        await self._event(MACHINE_TOPIC, "volume", row["id"], dict(row))
+        try:
+            await self._call(row["host_id"], "volume.create", row["id"], size_mb)
+        except Exception as e:
+            await self._store.run(lambda db: db["volumes"].delete(row["id"]))
+            await self._event(MACHINE_TOPIC, "volume_failed", row["id"],
+                              {"volume_id": row["id"], "reason": _error_text(e)})
+            raise
+        await self._store.update("volumes", row["id"], {"state": "ready"})
+        row["state"] = "ready"
+        return row
+
+    @wamp.register("zwrm.volume.list")
+    async def list_volumes(self, app=None):
+        """Volumes, optionally of one app."""
+        if app is None:
+            return await self._store.select("volumes", order_by="created_at")
+        a = await self._app(app)
+        return await self._store.select("volumes", "app_id = ?", [a["id"]], order_by="name")
+
+    @wamp.register("zwrm.volume.destroy")
+    async def destroy_volume(self, volume_id):
+        """
+        Delete a volume and its data. @raise Conflict: while a live machine uses it.
+        """
+        if not isinstance(volume_id, str) or not volume_id:
+            raise errors.InvalidArgument("a volume id is needed")
+        row = await self._store.get("volumes", volume_id)
+        if row is None:
+            raise errors.NotFound(f"no volume {volume_id!r}")
+        await self._destroy_volume(row)
+        return row["id"]
+
+    async def _destroy_volume(self, row):
+        for m in await self._store.select("machines", "app_id = ?", [row["app_id"]]):
+            if m["state"] in LIVE and any(v["id"] == row["id"] for v in m["spec"]["volumes"]):
+                raise errors.Conflict(f"volume {row['id']} is used by machine {m['id']}")
+        try:
+            await self._call(row["host_id"], "volume.delete", row["id"])
+        except errors.NotFound:
+            pass
+        await self._store.run(lambda db: db["volumes"].delete(row["id"]))
+        await self._event(MACHINE_TOPIC, "volume_destroyed", row["id"],
+                          {"volume_id": row["id"], "host_id": row["host_id"]})
+
+
+def _error_text(e):
+    if isinstance(e, errors.ZwrmError):
+        return e.message
+    args = getattr(e, "args", ())
+    return str(args[0]) if args else e.__class__.__name__
