@@ -1,0 +1,712 @@
+"""
+Tests for L{zwrm.agent.transfer} and L{zwrm.agent.blockmap}: real TLS sockets on loopback,
+the real volume store, a L{Clock} for every timeout and retry delay.
+"""
+
+import errno
+import hashlib
+import json
+import os
+import struct
+import subprocess
+
+from twisted.internet import defer, endpoints, reactor, task
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols import portforward
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from zwrm import errors, pki
+from zwrm.agent import blockmap, transfer
+from zwrm.agent.blockmap import BLOCK_SIZE
+from zwrm.agent.transfer import VolumeReceiver, VolumeSender, mint_token
+from zwrm.agent.volumes import VolumeStore
+
+MiB = 1 << 20
+
+
+def write_image(path, size, blocks):
+    """
+    Write a sparse image of C{size} bytes holding C{blocks} ({offset: bytes}).
+    """
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, data in blocks.items():
+            f.seek(offset)
+            f.write(data)
+
+
+def pattern(seed, length=BLOCK_SIZE):
+    """
+    @return: C{length} pseudo-random bytes, different for every seed.
+    """
+    out = bytearray()
+    counter = 0
+    while len(out) < length:
+        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest() * 32
+        counter += 1
+    return bytes(out[:length])
+
+
+def allocated(path):
+    return os.stat(path).st_blocks * 512
+
+
+def wait_for(predicate, timeout=20.0, interval=0.01):
+    """
+    Poll C{predicate} on the real reactor, for at most C{timeout} seconds.
+    """
+    start = reactor.seconds()
+
+    def check():
+        if predicate():
+            return True
+        if reactor.seconds() - start > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
+        return task.deferLater(reactor, interval, check)
+
+    return defer.maybeDeferred(check)
+
+
+class BlockmapTests(SynchronousTestCase):
+    """
+    The image digest and the sparse-file helpers.
+    """
+
+    def setUp(self):
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+
+    def test_digest_ignores_layout(self):
+        """
+        A sparse image and a fully allocated one with the same bytes have the same digest;
+        changing one byte changes it; so does the size.
+        """
+        size = 5 * BLOCK_SIZE + 123
+        blocks = {BLOCK_SIZE: pattern(1), 3 * BLOCK_SIZE + 7: b"hello"}
+        sparse = os.path.join(self.dir, "sparse")
+        write_image(sparse, size, blocks)
+        dense = os.path.join(self.dir, "dense")
+        with open(sparse, "rb") as f, open(dense, "wb") as g:
+            g.write(f.read())
+        self.assertLess(allocated(sparse), allocated(dense))
+        digest = blockmap.file_digest(sparse)
+        self.assertTrue(digest.startswith("sha256-blocks:"))
+        self.assertEqual(digest, blockmap.file_digest(dense))
+        with open(dense, "r+b") as g:
+            g.seek(3 * BLOCK_SIZE + 8)
+            g.write(b"E")
+        self.assertNotEqual(digest, blockmap.file_digest(dense))
+        longer = os.path.join(self.dir, "longer")
+        write_image(longer, size + 1, blocks)
+        self.assertNotEqual(digest, blockmap.file_digest(longer))
+
+    def test_digest_definition(self):
+        """
+        The digest is SHA-256 over the header, the size and block size, and every block hash.
+        """
+        size = 2 * BLOCK_SIZE + 10
+        path = os.path.join(self.dir, "img")
+        write_image(path, size, {0: b"abc"})
+        with open(path, "rb") as f:
+            content = f.read()
+        hashes = [
+            hashlib.sha256(content[i : i + BLOCK_SIZE]).digest()
+            for i in range(0, size, BLOCK_SIZE)
+        ]
+        expected = hashlib.sha256(
+            b"zwrm-volume-v1\0" + struct.pack(">QI", size, BLOCK_SIZE) + b"".join(hashes)
+        ).hexdigest()
+        self.assertEqual(blockmap.file_digest(path), "sha256-blocks:" + expected)
+
+    def test_extents_and_blocks(self):
+        """
+        The data extents of a sparse file are found and mapped to the blocks they touch.
+        """
+        size = 64 * BLOCK_SIZE
+        path = os.path.join(self.dir, "img")
+        write_image(path, size, {2 * BLOCK_SIZE: pattern(1), 40 * BLOCK_SIZE - 1: b"xy"})
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            extents = blockmap.data_extents(fd, size)
+        finally:
+            os.close(fd)
+        blocks = blockmap.data_blocks(extents, size)
+        self.assertEqual(blocks, [2, 39, 40])
+
+    def test_punch_hole(self):
+        """
+        A punched block reads as zeros and no longer takes space.
+        """
+        path = os.path.join(self.dir, "img")
+        write_image(path, 4 * BLOCK_SIZE, {0: pattern(1, 4 * BLOCK_SIZE)})
+        before = allocated(path)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            blockmap.punch_hole(fd, BLOCK_SIZE, BLOCK_SIZE)
+            self.assertEqual(os.pread(fd, BLOCK_SIZE, BLOCK_SIZE), bytes(BLOCK_SIZE))
+            self.assertEqual(os.pread(fd, 10, 0), pattern(1)[:10])
+        finally:
+            os.close(fd)
+        self.assertLessEqual(allocated(path), before - BLOCK_SIZE)
+
+
+class Corrupting(transfer._SenderProtocol):
+    """
+    A sender that flips one bit of the third block it puts on the wire.
+    """
+
+    def frameData(self, offset, data):
+        self._count = getattr(self, "_count", 0) + 1
+        if self._count == 3:
+            data = bytes([data[0] ^ 1]) + data[1:]
+        return data
+
+
+class PauseRecorder(transfer._SenderProtocol):
+    """
+    A sender that records how often the transport paused it, and fails if it writes a block
+    while paused.
+    """
+
+    pauses = 0
+    written_while_paused = 0
+
+    def pauseProducing(self):
+        PauseRecorder.pauses += 1
+        transfer._SenderProtocol.pauseProducing(self)
+
+    def frameData(self, offset, data):
+        if self._paused:
+            PauseRecorder.written_while_paused += 1
+        return data
+
+
+class CuttingProxy(portforward.ProxyFactory):
+    """
+    A TCP proxy that aborts both sides once, after C{cut_at} bytes came from the client.
+    """
+
+    def __init__(self, host, port, cut_at):
+        portforward.ProxyFactory.__init__(self, host, port)
+        self.cut_at = cut_at
+        self.seen = 0
+        self.cuts = 0
+        self.connections = 0
+        outer = self
+
+        class Server(portforward.ProxyServer):
+            def connectionMade(self):
+                outer.connections += 1
+                portforward.ProxyServer.connectionMade(self)
+
+            def dataReceived(self, data):
+                outer.seen += len(data)
+                if outer.cut_at is not None and outer.seen > outer.cut_at:
+                    outer.cut_at = None
+                    outer.cuts += 1
+                    self.transport.abortConnection()
+                    if self.peer is not None:
+                        self.peer.transport.abortConnection()
+                    return
+                portforward.ProxyServer.dataReceived(self, data)
+
+        self.protocol = Server
+
+
+class StreamTests(TestCase):
+    """
+    Volume streams between a sender and a receiver over real TLS on loopback.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.clock = task.Clock()
+        self.ca = ca = pki.CertificateAuthority.create()
+
+        def host(name):
+            cert, key = ca.issue_host(name, names=("127.0.0.1",))
+            return pki.HostCredentials(ca.certificate_pem, cert, key)
+
+        self.src_creds = host("host-src")
+        self.dst_creds = host("host-dst")
+        self.store = VolumeStore(reactor, os.path.join(self.dir, "dst"))
+        self.receiver = VolumeReceiver(
+            reactor, self.store, self.dst_creds.server_context(), clock=self.clock
+        )
+        port = yield self.receiver.listen()
+        self.port = port.getHost().port
+        self.addCleanup(self._stopReceiver)
+        self.sender = VolumeSender(reactor, self.src_creds.peer_client_context, clock=self.clock)
+        self.src = os.path.join(self.dir, "src.img")
+
+    @defer.inlineCallbacks
+    def _stopReceiver(self):
+        yield self.receiver.stopService()
+        yield wait_for(lambda: not self.receiver._connections)
+
+    def temporaries(self):
+        return [n for n in os.listdir(self.store.root) if n.startswith(".tmp-")]
+
+    def assertSameBytes(self, a, b):
+        with open(a, "rb") as f, open(b, "rb") as g:
+            self.assertEqual(hashlib.sha256(f.read()).digest(), hashlib.sha256(g.read()).digest())
+
+    @defer.inlineCallbacks
+    def test_bulk_copy_sends_only_allocated_blocks(self):
+        """
+        A bulk copy sends exactly the allocated, non-zero blocks, reports progress, and leaves a
+        byte-identical, still sparse volume in the store; the token is used up.
+        """
+        size = 256 * MiB
+        blocks = {i * BLOCK_SIZE: pattern(i) for i in (0, 1, 2, 100, 101, 255)}
+        blocks[50 * BLOCK_SIZE] = bytes(BLOCK_SIZE)  # allocated, but zeros: not sent
+        write_image(self.src, size, blocks)
+        token = mint_token()
+        incoming = self.receiver.expect(token, "vol-1", size, peer="host-src")
+        done = incoming.when_done()
+        seen = []
+        result = yield self.sender.send(
+            "127.0.0.1", self.port, token, self.src, "host-dst", progress=seen.append
+        )
+        self.assertEqual(result["sent"], 6 * BLOCK_SIZE)
+        self.assertEqual(result["blocks_sent"], 6)
+        self.assertEqual(result["allocated"], 7 * BLOCK_SIZE)
+        self.assertTrue(result["committed"])
+        self.assertEqual(result["attempts"], 1)
+        self.assertEqual(result["digest"], blockmap.file_digest(self.src))
+        self.assertEqual(seen[-1], {"sent": 6 * BLOCK_SIZE, "done": 7 * BLOCK_SIZE,
+                                    "total": 7 * BLOCK_SIZE})
+        stored = yield done
+        self.assertEqual(stored["digest"], result["digest"])
+        path = self.store.path("vol-1")
+        self.assertSameBytes(self.src, path)
+        self.assertLess(allocated(path), 8 * BLOCK_SIZE)
+        self.assertEqual(self.temporaries(), [])
+        # The token was used up.
+        with self.assertRaises(errors.NotFound):
+            self.receiver.transfer(token)
+        f = yield self.assertFailure(
+            self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst"), errors.AuthenticationFailed
+        )
+        self.assertIn("token", f.message)
+
+    @defer.inlineCallbacks
+    def test_ext4_image(self):
+        """
+        A real ext4 image made by mkfs.ext4 arrives byte-identical and passes e2fsck.
+        """
+        content = os.path.join(self.dir, "content")
+        os.makedirs(content)
+        with open(os.path.join(content, "data.bin"), "wb") as f:
+            f.write(pattern("ext4", 3 * MiB + 5))
+        with open(os.path.join(content, "hello.txt"), "w") as f:
+            f.write("hello volume\n")
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-d", content, self.src, "64M"], check=True, timeout=60
+        )
+        token = mint_token()
+        self.receiver.expect(token, "vol-ext4", os.path.getsize(self.src))
+        result = yield self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst")
+        self.assertLess(result["sent"], 16 * MiB)
+        path = self.store.path("vol-ext4")
+        self.assertSameBytes(self.src, path)
+        check = subprocess.run(["e2fsck", "-fn", path], capture_output=True, timeout=60)
+        self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
+        out = subprocess.run(
+            ["debugfs", "-R", "cat /hello.txt", path], capture_output=True, timeout=60
+        )
+        self.assertEqual(out.stdout, b"hello volume\n")
+
+    @defer.inlineCallbacks
+    def test_wrong_token(self):
+        """
+        A wrong token is refused with AuthenticationFailed; nothing is written and the real
+        token still works.
+        """
+        write_image(self.src, 8 * MiB, {0: pattern(0)})
+        token = mint_token()
+        self.receiver.expect(token, "vol-1", 8 * MiB)
+        f = yield self.assertFailure(
+            self.sender.send("127.0.0.1", self.port, mint_token(), self.src, "host-dst"),
+            errors.AuthenticationFailed,
+        )
+        self.assertEqual(f.message, "unknown or expired transfer token")
+        self.assertEqual(self.temporaries(), [])
+        self.assertFalse(self.store.exists("vol-1"))
+        yield self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst")
+        self.assertSameBytes(self.src, self.store.path("vol-1"))
+
+    @defer.inlineCallbacks
+    def test_wrong_peer(self):
+        """
+        A token bound to one host is refused to a sender with another host's certificate.
+        """
+        write_image(self.src, 8 * MiB, {0: pattern(0)})
+        token = mint_token()
+        self.receiver.expect(token, "vol-1", 8 * MiB, peer="host-other")
+        f = yield self.assertFailure(
+            self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst"), errors.AuthenticationFailed
+        )
+        self.assertIn("host-other", f.message)
+        self.assertFalse(self.store.exists("vol-1"))
+
+    @defer.inlineCallbacks
+    def test_foreign_certificates(self):
+        """
+        A sender whose certificate another CA issued is refused in the TLS handshake, and a
+        sender that does not trust the receiver's CA refuses it: neither retries.
+        """
+        write_image(self.src, 8 * MiB, {0: pattern(0)})
+        token = mint_token()
+        self.receiver.expect(token, "vol-1", 8 * MiB)
+        other = pki.CertificateAuthority.create()
+        cert, key = other.issue_host("host-src", names=("127.0.0.1",))
+        foreign = pki.HostCredentials(other.certificate_pem, cert, key)
+        for sender, target in [
+            # A sender from another cluster: the receiver refuses its certificate.
+            (VolumeSender(reactor, foreign.peer_client_context, clock=self.clock), "host-dst"),
+            # A sender that expects another host: it refuses the receiver's certificate.
+            (VolumeSender(reactor, self.src_creds.peer_client_context, clock=self.clock),
+             "host-elsewhere"),
+        ]:
+            f = yield self.assertFailure(
+                sender.send("127.0.0.1", self.port, token, self.src, target),
+                errors.AuthenticationFailed,
+            )
+            self.assertIn("TLS handshake", f.message)
+        self.assertFalse(self.store.exists("vol-1"))
+        self.assertEqual(self.receiver.transfer(token).state, "new")
+
+    @defer.inlineCallbacks
+    def test_resume_after_dropped_connection(self):
+        """
+        A connection cut mid-stream is retried after the backoff delay and resumes at the
+        offset the receiver reports: the volume arrives intact, with far less than twice
+        its data sent.
+        """
+        size = 64 * MiB
+        write_image(self.src, size, {i * BLOCK_SIZE: pattern(i) for i in range(0, 64, 2)})
+        proxy = CuttingProxy("127.0.0.1", self.port, cut_at=12 * MiB)
+        listening = yield endpoints.TCP4ServerEndpoint(
+            reactor, 0, interface="127.0.0.1"
+        ).listen(proxy)
+        self.addCleanup(listening.stopListening)
+        token = mint_token()
+        incoming = self.receiver.expect(token, "vol-1", size)
+        d = self.sender.send("127.0.0.1", listening.getHost().port, token, self.src, "host-dst")
+        yield wait_for(lambda: any(c.func.__name__ == "attempt" for c in self.clock.getDelayedCalls()))
+        self.assertEqual(proxy.cuts, 1)
+        self.clock.advance(self.sender.backoff[0])
+        result = yield d
+        self.assertEqual(result["attempts"], 2)
+        self.assertEqual(result["resumed_at"][0], 0)
+        self.assertGreater(result["resumed_at"][1], 0)
+        self.assertEqual(incoming.resumed_at, result["resumed_at"])
+        self.assertLess(result["sent"], 32 * MiB + 16 * MiB)
+        self.assertSameBytes(self.src, self.store.path("vol-1"))
+        self.assertEqual(self.temporaries(), [])
+
+    @defer.inlineCallbacks
+    def test_gives_up_after_retries(self):
+        """
+        When the receiver cannot be reached, the sender retries C{retries} times with its
+        backoff, then fails with Unavailable naming the cause.
+        """
+        write_image(self.src, 8 * MiB, {0: pattern(0)})
+        port = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(Protocol)
+        )
+        dead = port.getHost().port
+        yield port.stopListening()
+        sender = VolumeSender(reactor, self.src_creds.peer_client_context, clock=self.clock, retries=2)
+        d = sender.send("127.0.0.1", dead, mint_token(), self.src, "host-dst")
+        for _ in range(2):
+            yield wait_for(lambda: any(c.func.__name__ == "attempt" for c in self.clock.getDelayedCalls()))
+            self.clock.advance(sender.backoff[1])
+        f = yield self.assertFailure(d, errors.Unavailable)
+        self.assertIn("after 3 attempts", f.message)
+
+    @defer.inlineCallbacks
+    def test_corrupt_block_in_flight(self):
+        """
+        A block changed in flight fails verification: Corrupt, the partial copy is deleted,
+        nothing is stored; a clean retry with the same token then succeeds.
+        """
+        write_image(self.src, 16 * MiB, {i * BLOCK_SIZE: pattern(i) for i in range(8)})
+        token = mint_token()
+        self.receiver.expect(token, "vol-1", 16 * MiB)
+        corrupting = VolumeSender(reactor, self.src_creds.peer_client_context, clock=self.clock)
+        corrupting.protocol = Corrupting
+        f = yield self.assertFailure(
+            corrupting.send("127.0.0.1", self.port, token, self.src, "host-dst"), errors.Corrupt
+        )
+        self.assertIn("failed verification", f.message)
+        yield wait_for(lambda: self.temporaries() == [])
+        self.assertFalse(self.store.exists("vol-1"))
+        yield self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst")
+        self.assertSameBytes(self.src, self.store.path("vol-1"))
+
+    @defer.inlineCallbacks
+    def test_delta_sends_only_changed_blocks(self):
+        """
+        After a staged bulk copy, the source changes (blocks rewritten, a block punched to a
+        hole, a hole filled); the delta sends only those blocks, then the volume is
+        committed byte-identical.
+        """
+        size = 128 * MiB
+        write_image(self.src, size, {i * BLOCK_SIZE: pattern(i) for i in range(0, 64)})
+        token = mint_token()
+        incoming = self.receiver.expect(token, "vol-1", size)
+        bulk = yield self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst", commit=False)
+        self.assertFalse(bulk["committed"])
+        self.assertEqual(bulk["sent"], 64 * BLOCK_SIZE)
+        self.assertEqual(incoming.state, "staged")
+        self.assertFalse(self.store.exists("vol-1"))
+        # The VM writes on, then stops.
+        with open(self.src, "r+b") as f:
+            for i in (3, 40):
+                f.seek(i * BLOCK_SIZE + 100)
+                f.write(b"changed")
+            f.seek(100 * BLOCK_SIZE)
+            f.write(pattern("new"))
+        fd = os.open(self.src, os.O_RDWR)
+        blockmap.punch_hole(fd, 10 * BLOCK_SIZE, BLOCK_SIZE)
+        os.close(fd)
+        delta = yield self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst", mode="delta")
+        self.assertTrue(delta["committed"])
+        self.assertEqual(delta["blocks_sent"], 3)
+        self.assertEqual(delta["sent"], 3 * BLOCK_SIZE)
+        self.assertEqual(delta["zeroed"], BLOCK_SIZE)
+        self.assertEqual(delta["digest"], blockmap.file_digest(self.src))
+        self.assertSameBytes(self.src, self.store.path("vol-1"))
+        self.assertEqual(self.temporaries(), [])
+
+    @defer.inlineCallbacks
+    def test_delta_without_bulk(self):
+        """
+        A delta with no verified bulk copy to apply to is refused with Conflict.
+        """
+        write_image(self.src, 8 * MiB, {0: pattern(0)})
+        token = mint_token()
+        self.receiver.expect(token, "vol-1", 8 * MiB)
+        f = yield self.assertFailure(
+            self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst", mode="delta"),
+            errors.Conflict,
+        )
+        self.assertIn("send it in bulk", f.message)
+
+    @defer.inlineCallbacks
+    def test_size_mismatch(self):
+        """
+        An image whose size differs from the expected size is refused; nothing is written.
+        """
+        write_image(self.src, 8 * MiB, {0: pattern(0)})
+        token = mint_token()
+        self.receiver.expect(token, "vol-1", 16 * MiB)
+        f = yield self.assertFailure(
+            self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst"), errors.InvalidArgument
+        )
+        self.assertIn("16777216 bytes", f.message)
+        self.assertEqual(self.temporaries(), [])
+
+    @defer.inlineCallbacks
+    def test_disk_full(self):
+        """
+        ENOSPC while writing: ResourceExhausted with a readable message, the partial copy is
+        deleted, the sender does not retry.
+        """
+        write_image(self.src, 16 * MiB, {i * BLOCK_SIZE: pattern(i) for i in range(8)})
+        calls = []
+
+        def full(fd, data, offset):
+            calls.append(offset)
+            if len(calls) >= 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return os.pwrite(fd, data, offset)
+
+        self.patch(transfer, "_pwrite", full)
+        token = mint_token()
+        self.receiver.expect(token, "vol-1", 16 * MiB)
+        f = yield self.assertFailure(
+            self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst"), errors.ResourceExhausted
+        )
+        self.assertIn("disk is full", f.message)
+        yield wait_for(lambda: self.temporaries() == [])
+        self.assertFalse(self.store.exists("vol-1"))
+
+    @defer.inlineCallbacks
+    def test_missing_source(self):
+        """
+        A source image that does not exist is NotFound, before any connection.
+        """
+        f = yield self.assertFailure(
+            self.sender.send("127.0.0.1", self.port, mint_token(), self.src, "host-dst"), errors.NotFound
+        )
+        self.assertIn(self.src, f.message)
+
+    @defer.inlineCallbacks
+    def test_backpressure(self):
+        """
+        When the receiver falls behind, the transport pauses the sender, which then writes
+        nothing until resumed; the copy completes intact.
+        """
+        size = 96 * MiB
+        write_image(self.src, size, {0: pattern("big", size)})
+        slow = []
+
+        def slow_write(fd, data, offset):
+            slow.append(offset)
+            return os.pwrite(fd, data, offset)
+
+        self.patch(transfer, "_pwrite", slow_write)
+        PauseRecorder.pauses = PauseRecorder.written_while_paused = 0
+        sender = VolumeSender(reactor, self.src_creds.peer_client_context, clock=self.clock)
+        sender.protocol = PauseRecorder
+        token = mint_token()
+        self.receiver.expect(token, "vol-1", size)
+        yield sender.send("127.0.0.1", self.port, token, self.src, "host-dst")
+        self.assertGreater(PauseRecorder.pauses, 0)
+        self.assertEqual(PauseRecorder.written_while_paused, 0)
+        self.assertEqual(len(slow), 96)
+        self.assertSameBytes(self.src, self.store.path("vol-1"))
+
+    @defer.inlineCallbacks
+    def test_cancel(self):
+        """
+        Cancelling a transfer mid-stream closes it, deletes the partial copy, fails its
+        observers and voids the token.
+        """
+        size = 64 * MiB
+        write_image(self.src, size, {0: pattern("c", size)})
+        token = mint_token()
+        incoming = self.receiver.expect(token, "vol-1", size)
+        done = incoming.when_done()
+        d = self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst")
+        yield wait_for(lambda: incoming.received > 0)
+        yield self.receiver.cancel(token)
+        yield self.assertFailure(done, errors.Conflict)
+        self.assertEqual(self.temporaries(), [])
+        # The sender's reconnection is refused: the token is gone.
+        yield wait_for(lambda: any(c.func.__name__ == "attempt" for c in self.clock.getDelayedCalls()))
+        self.clock.advance(self.sender.backoff[0])
+        yield self.assertFailure(d, errors.AuthenticationFailed)
+        self.assertFalse(self.store.exists("vol-1"))
+
+    @defer.inlineCallbacks
+    def test_token_expires(self):
+        """
+        A token not used within its time to live expires: its observers fail with
+        Unavailable and a sender is then refused.
+        """
+        write_image(self.src, 8 * MiB, {0: pattern(0)})
+        token = mint_token()
+        incoming = self.receiver.expect(token, "vol-1", 8 * MiB, ttl=30)
+        done = incoming.when_done()
+        self.clock.advance(29)
+        self.assertNoResult(done)
+        self.clock.advance(2)
+        f = yield self.assertFailure(done, errors.Unavailable)
+        self.assertIn("expired", f.message)
+        yield self.assertFailure(
+            self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst"), errors.AuthenticationFailed
+        )
+
+    @defer.inlineCallbacks
+    def test_idle_connection_closed(self):
+        """
+        A connection that sends nothing is closed after the idle timeout.
+        """
+        proto = yield self._rawConnection()
+        yield wait_for(lambda: len(self.receiver._connections) == 1)
+        self.clock.advance(self.receiver.idle_timeout + 1)
+        yield wait_for(lambda: proto.lost)
+        self.assertEqual(self.receiver._connections, set())
+
+    @defer.inlineCallbacks
+    def test_malformed_frames(self):
+        """
+        A frame that is not part of the protocol gets a Corrupt error frame and the
+        connection is closed.
+        """
+        for garbage in [b"GET / HTTP/1.1\r\n\r\n", b"H\x00\x00\x00\x05notjs"]:
+            proto = yield self._rawConnection()
+            proto.transport.write(garbage)
+            yield wait_for(lambda p=proto: p.lost)
+            kind, n = struct.unpack(">cI", proto.received[:5])
+            self.assertEqual(kind, b"X")
+            msg = json.loads(proto.received[5 : 5 + n])
+            self.assertEqual(msg["uri"], errors.Corrupt.uri)
+            self.assertIn("malformed volume stream", msg["message"])
+
+    def _rawConnection(self):
+        class Raw(Protocol):
+            lost = False
+            received = b""
+
+            def dataReceived(self, data):
+                self.received += data
+
+            def connectionLost(self, reason):
+                self.lost = True
+
+        ep = endpoints.wrapClientTLS(
+            self.src_creds.peer_client_context("host-dst", "127.0.0.1"),
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port),
+        )
+        d = endpoints.connectProtocol(ep, Raw())
+
+        def connected(proto):
+            self.addCleanup(lambda: wait_for(lambda: proto.lost))
+            self.addCleanup(lambda: proto.lost or proto.transport.abortConnection())
+            return proto
+
+        return d.addCallback(connected)
+
+
+class ExpectTests(SynchronousTestCase):
+    """
+    L{VolumeReceiver.expect} rejects bad requests with readable errors.
+    """
+
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        ca = pki.CertificateAuthority.create()
+        cert, key = ca.issue_host("host-dst", names=("127.0.0.1",))
+        creds = pki.HostCredentials(ca.certificate_pem, cert, key)
+        self.store = VolumeStore(reactor, os.path.join(self.dir, "dst"))
+        self.clock = task.Clock()
+        self.receiver = VolumeReceiver(
+            reactor, self.store, creds.server_context(), clock=self.clock, threadpool=object()
+        )
+
+    def test_bad_arguments(self):
+        for args in [("short", "v", 10), (mint_token(), "../etc", 10), (mint_token(), "v", 0),
+                     (mint_token(), "v", "10"), (mint_token(), "v", True)]:
+            self.assertRaises(errors.InvalidArgument, self.receiver.expect, *args)
+
+    def test_duplicates(self):
+        token = mint_token()
+        self.receiver.expect(token, "v", 10)
+        self.assertRaises(errors.Conflict, self.receiver.expect, token, "w", 10)
+        self.assertRaises(errors.Conflict, self.receiver.expect, mint_token(), "v", 10)
+
+    def test_existing_volume(self):
+        """
+        A volume that exists on the host is never overwritten: expecting it is a Conflict.
+        """
+        with open(os.path.join(self.store.root, "v.img"), "wb") as f:
+            f.write(b"x")
+        e = self.assertRaises(errors.Conflict, self.receiver.expect, mint_token(), "v", 10)
+        self.assertIn("already exists", e.message)
+
+    def test_tokens_are_random(self):
+        tokens = {mint_token() for _ in range(100)}
+        self.assertEqual(len(tokens), 100)
+        self.assertTrue(all(len(t) >= 43 for t in tokens))
+
+

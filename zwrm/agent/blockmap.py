@@ -1,0 +1,195 @@
+"""
+Block maps of sparse volume images: which blocks hold data, and their hashes.
+
+A volume image is a sparse raw file of C{size} bytes.  It is cut into blocks of
+L{BLOCK_SIZE} bytes (the last one may be shorter).  Each block has a hash: the SHA-256 of its
+contents, holes read as zeros.  The B{image digest} is the SHA-256 of a short header
+(C{b"zwrm-volume-v1\\0"}, the size and the block size, big-endian) followed by every block
+hash in order, written C{"sha256-blocks:<hex>"}.  Two images have the same digest exactly when
+they have the same size and the same bytes, however their holes are laid out, and a block that
+is a hole hashes to a constant without being read, so a 4 GiB image holding 1 GiB of data costs
+1 GiB of hashing.
+
+Everything here is blocking file work: call it from a thread, never from the reactor thread.
+"""
+
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import os
+import struct
+from functools import lru_cache
+
+#: Bytes per block: the unit of hashing, of the stream's data frames and of the delta.
+BLOCK_SIZE = 1 << 20
+
+_HEADER = b"zwrm-volume-v1\0"
+DIGEST_PREFIX = "sha256-blocks:"
+
+
+@lru_cache(maxsize=8)
+def zeros(length):
+    """
+    @return: C{length} zero bytes (cached: the common lengths are one block and the last block).
+    """
+    return bytes(length)
+
+
+@lru_cache(maxsize=8)
+def zero_hash(length):
+    """
+    @return: the hash of a block of C{length} zero bytes (a hole).
+    """
+    return hashlib.sha256(zeros(length)).digest()
+
+
+def block_count(size, block_size=BLOCK_SIZE):
+    """
+    @return: the number of blocks of an image of C{size} bytes.
+    """
+    return (size + block_size - 1) // block_size
+
+
+def block_length(index, size, block_size=BLOCK_SIZE):
+    """
+    @return: the length of block C{index} of an image of C{size} bytes.
+    """
+    return min(block_size, size - index * block_size)
+
+
+def hole_hashes(size, block_size=BLOCK_SIZE):
+    """
+    @return: the list of block hashes of an image of C{size} bytes that is all holes.
+    """
+    n = block_count(size, block_size)
+    hashes = [zero_hash(block_size)] * n
+    if n and size % block_size:
+        hashes[-1] = zero_hash(size % block_size)
+    return hashes
+
+
+def image_digest(size, hashes, block_size=BLOCK_SIZE):
+    """
+    The digest of a whole image from its block hashes.
+
+    @param size: the image's size in bytes.
+    @param hashes: the hash of every block, in order (32 bytes each).
+    @return: C{"sha256-blocks:<64 hex digits>"}.
+    """
+    if len(hashes) != block_count(size, block_size):
+        raise ValueError(f"{len(hashes)} block hashes for {block_count(size, block_size)} blocks")
+    h = hashlib.sha256(_HEADER + struct.pack(">QI", size, block_size))
+    for b in hashes:
+        h.update(b)
+    return DIGEST_PREFIX + h.hexdigest()
+
+
+def data_extents(fd, size):
+    """
+    The allocated extents of an open file, found with C{SEEK_DATA}/C{SEEK_HOLE}.
+
+    On a file system without hole reporting the whole file is one extent, which is correct,
+    only slower.
+
+    @return: a list of C{(start, end)} byte ranges, sorted, within C{[0, size)}.
+    """
+    extents = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                break
+            raise
+        if start >= size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        extents.append((start, end))
+        pos = end
+    return extents
+
+
+def data_blocks(extents, size, block_size=BLOCK_SIZE):
+    """
+    @return: the sorted indexes of the blocks that any of C{extents} touches.
+    """
+    blocks = []
+    last = -1
+    for start, end in extents:
+        first = max(start // block_size, last + 1)
+        stop = (min(end, size) - 1) // block_size
+        blocks.extend(range(first, stop + 1))
+        if stop > last:
+            last = stop
+    return blocks
+
+
+def read_block(fd, index, size, block_size=BLOCK_SIZE):
+    """
+    Read one block and hash it.
+
+    @return: C{(data, digest, is_zero)}; C{data} is C{None} when the block is all zeros.
+    """
+    length = block_length(index, size, block_size)
+    offset = index * block_size
+    data = os.pread(fd, length, offset)
+    if len(data) < length:
+        # The file is shorter than the announced size: the rest reads as zeros.
+        data = data + zeros(length - len(data))
+    if data == zeros(length):
+        return None, zero_hash(length), True
+    return data, hashlib.sha256(data).digest(), False
+
+
+def file_blockmap(path, block_size=BLOCK_SIZE):
+    """
+    The size and block hashes of an image file (reads its data extents only).
+
+    @return: C{(size, hashes)}.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        hashes = hole_hashes(size, block_size)
+        for index in data_blocks(data_extents(fd, size), size, block_size):
+            hashes[index] = read_block(fd, index, size, block_size)[1]
+        return size, hashes
+    finally:
+        os.close(fd)
+
+
+def file_digest(path, block_size=BLOCK_SIZE):
+    """
+    @return: the image digest of the file at C{path} (see the module docstring).
+    """
+    size, hashes = file_blockmap(path, block_size)
+    return image_digest(size, hashes, block_size)
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = None
+
+
+def _fallocate():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    return _libc.fallocate
+
+
+def punch_hole(fd, offset, length):
+    """
+    Make C{[offset, offset + length)} of an open file read as zeros, freeing its space where
+    the file system can (C{FALLOC_FL_PUNCH_HOLE}), writing zeros where it cannot.
+    """
+    rc = _fallocate()(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    if rc == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+        raise OSError(err, os.strerror(err))
+    os.pwrite(fd, zeros(length), offset)
