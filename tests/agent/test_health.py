@@ -121,6 +121,15 @@ class _Page(Resource):
         return b"hello"
 
 
+class _NoLength(Protocol):
+    """Answers like busybox httpd's CGI: no Content-Length, the body ends at close."""
+
+    def dataReceived(self, data):
+        if b"\r\n\r\n" in data:
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n<p>hi</p>")
+            self.transport.loseConnection()
+
+
 class _Closer(Protocol):
     def connectionMade(self):
         self.transport.loseConnection()
@@ -142,6 +151,8 @@ class ProbeTests(TestCase):
         ok = self.listen(Site(_Page(200)))
         bad = self.listen(Site(_Page(500)))
         self.assertIsNone(await health.http_probe(reactor, "127.0.0.1", ok, "/", 2)())
+        nolength = self.listen(Factory.forProtocol(_NoLength))
+        self.assertIsNone(await health.http_probe(reactor, "127.0.0.1", nolength, "/", 2)())
         problem = await health.http_probe(reactor, "127.0.0.1", bad, "/x", 2)()
         self.assertIn("answered 500", problem)
         problem = await health.http_probe(reactor, "127.0.0.1", self.free_port(), "/", 2)()
