@@ -1,0 +1,146 @@
+"""
+install.sh's argument handling: a wrong flag is one clear line (plus a hint) and exit status 2,
+and --dry-run shows the configuration it would write. Runs without root and changes nothing.
+"""
+
+import os
+import subprocess
+
+from twisted.trial.unittest import SynchronousTestCase
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+INSTALL_SH = os.path.join(ROOT, "install.sh")
+TOKEN = "zwrm1.abc123." + "s" * 32 + "." + "f" * 64
+AGENT = [
+    "--agent",
+    "--control-plane-url=https://cp.example.com:8080",
+    "--region=eu-central",
+    "--datacenter=dc1",
+    f"--join-token={TOKEN}",
+]
+
+
+def run(*args):
+    return subprocess.run(
+        ["bash", INSTALL_SH, *args], capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+class BadArgumentsTests(SynchronousTestCase):
+    def assertBadUsage(self, args, message):
+        result = run(*args)
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertEqual(
+            result.stderr.splitlines(), [f"install.sh: {message}", "Try 'install.sh --help'."]
+        )
+        self.assertEqual(result.stdout, "")
+
+    def test_no_role(self):
+        self.assertBadUsage([], "give --agent or --control-plane")
+
+    def test_unknown_flag(self):
+        self.assertBadUsage(["--agent", "--regoin=eu"], "unknown option '--regoin=eu'")
+
+    def test_both_roles(self):
+        self.assertBadUsage(
+            ["--agent", "--control-plane"], "give either --agent or --control-plane, not both"
+        )
+
+    def test_missing_value(self):
+        self.assertBadUsage(["--agent", "--region"], "--region needs a value (--region=VALUE)")
+        self.assertBadUsage(["--agent", "--region="], "--region needs a value (--region=VALUE)")
+
+    def test_agent_needs_everything(self):
+        for missing, message in [
+            ("--control-plane-url", "--agent needs --control-plane-url=URL"),
+            ("--region", "--agent needs --region=NAME"),
+            ("--datacenter", "--agent needs --datacenter=NAME"),
+            (
+                "--join-token",
+                "--agent needs --join-token=TOKEN (create one with 'zwrm tokens create' on the"
+                " control plane)",
+            ),
+        ]:
+            args = [a for a in AGENT if not a.startswith(missing + "=")]
+            self.assertBadUsage(args, message)
+
+    def test_malformed_token(self):
+        args = AGENT[:-1] + ["--join-token=zwrm1.abc123.short." + "f" * 64]
+        self.assertBadUsage(
+            args,
+            "--join-token: not a zwrm join token (expected zwrm1.<id>.<secret>.<ca-fingerprint>,"
+            " as printed by 'zwrm tokens create')",
+        )
+
+    def test_bad_url(self):
+        args = ["--agent", "--control-plane-url=cp.example.com:8080"] + AGENT[2:]
+        self.assertBadUsage(
+            args,
+            "--control-plane-url: 'cp.example.com:8080' is not a URL like https://cp.example.com:8080",
+        )
+
+    def test_plain_url_beyond_loopback(self):
+        args = ["--agent", "--control-plane-url=http://cp.example.com:8080"] + AGENT[2:]
+        self.assertBadUsage(
+            args,
+            "--control-plane-url: http://cp.example.com:8080 is not encrypted; use https:// or"
+            " wss:// (or --allow-insecure)",
+        )
+
+    def test_agent_flags_on_control_plane(self):
+        self.assertBadUsage(
+            ["--control-plane", f"--join-token={TOKEN}"], "--join-token is only for --agent"
+        )
+        self.assertBadUsage(AGENT + ["--listen=tcp:8080"], "--listen is only for --control-plane")
+
+    def test_bad_region(self):
+        args = AGENT[:2] + ["--region=eu central"] + AGENT[3:]
+        self.assertBadUsage(args, "--region: 'eu central' must be letters, digits, '-' or '_'")
+
+
+class DryRunTests(SynchronousTestCase):
+    def test_agent(self):
+        result = run(*AGENT, "--dry-run")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn('control_plane_url = "wss://cp.example.com:8080/ws"', result.stdout)
+        self.assertIn('region = "eu-central"', result.stdout)
+        self.assertIn('datacenter = "dc1"', result.stdout)
+        self.assertIn('join_token = "zwrm1.abc123.<secret>.' + "f" * 64 + '"', result.stdout)
+        self.assertNotIn("s" * 32, result.stdout)
+        self.assertIn("would enable and start zwrm-agent.service", result.stdout)
+
+    def test_agent_url_forms(self):
+        for given, used in [
+            ("wss://cp.example.com:8443/ws", "wss://cp.example.com:8443/ws"),
+            ("https://cp.example.com/", "wss://cp.example.com/ws"),
+            ("http://127.0.0.1:8080", "ws://127.0.0.1:8080/ws"),
+        ]:
+            result = run("--agent", f"--control-plane-url={given}", *AGENT[2:], "--dry-run")
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertIn(f'control_plane_url = "{used}"', result.stdout)
+
+    def test_control_plane_with_tls(self):
+        result = run(
+            "--control-plane", "--control-plane-url=https://cp.example.com:8443", "--dry-run"
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        pki = "/var/lib/zwrm/control/pki"
+        self.assertIn(
+            f'listen = ["ssl:8443:privateKey={pki}/server.key:certKey={pki}/server.pem:'
+            f'extraCertChain={pki}/ca.pem"]',
+            result.stdout,
+        )
+        self.assertIn(
+            "would create the CA and a server certificate for cp.example.com", result.stdout
+        )
+
+    def test_control_plane_loopback_by_default(self):
+        result = run("--control-plane", "--dry-run", "--no-start")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn('listen = ["tcp:8080:interface=127.0.0.1"]', result.stdout)
+        self.assertNotIn("would enable", result.stdout)
+
+    def test_help(self):
+        result = run("--help")
+        self.assertEqual(result.returncode, 0)
+        self.assertIn("Usage: install.sh (--agent | --control-plane) [options]", result.stdout)
