@@ -202,7 +202,7 @@ datacenter = "$datacenter"
 join_token = "$token"
 data_dir = "$ZWRM_LIB/agent"
 EOF
-        [ $allow_insecure -eq 0 ] || echo "allow_insecure = true"
+        [ $allow_insecure -eq 0 ] || echo "insecure = true"
     else
         echo "# Written by install.sh; see docs/install.md."
         echo "[control]"

@@ -586,7 +586,7 @@ class PlainUrlTests(SynchronousTestCase):
         self.assertEqual(
             e.message,
             "ws://10.1.2.3:8080/ws is not encrypted: plain ws:// is only allowed to loopback"
-            " addresses; use wss:// or set allow_insecure = true",
+            " addresses; use wss:// or allow plain connections in the configuration",
         )
         self.assertFalse(pki.check_plain_url("ws://10.1.2.3:8080/ws", allow_plain=True))
 

@@ -1162,7 +1162,7 @@ def check_plain_url(url, allow_plain=False):
         return False
     raise InvalidArgument(
         f"{url} is not encrypted: plain {scheme}:// is only allowed to loopback addresses;"
-        f" use {'wss' if scheme == 'ws' else 'https'}:// or set allow_insecure = true"
+        f" use {'wss' if scheme == 'ws' else 'https'}:// or allow plain connections in the configuration"
     )
 
 
