@@ -8,14 +8,14 @@ import shutil
 import tempfile
 
 from twisted.internet import reactor
-from twisted.internet.defer import succeed
+from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from zwrm.agent.executor import Executor
 from zwrm.agent.volumes import VolumeStore
 from zwrm.drivers.fake import FakeDriver, FakeHost
-from zwrm.errors import Conflict, InvalidArgument, NotFound
+from zwrm.errors import Conflict, InvalidArgument, NotFound, Unavailable
 
 EXPECTED = {
     "machine.start", "machine.stop", "machine.destroy", "machine.status", "machine.list",
@@ -221,6 +221,25 @@ class ExecutorTests(TestCase):
             self.assertEqual(self.store.in_use(f"{m}-data"), m)
         ex.driver.crash("m1")
         self.assertEqual(self.states("m1")[-1], "failed")
+
+    async def test_taken_port_is_retried(self):
+        driver = self.executor.driver
+        real_start = driver.start
+        ports = []
+
+        def start(spec):
+            ports.append(spec["forwards"][0]["host"])
+            if len(ports) == 1:
+                return fail(Unavailable("machine m1: QEMU exited with code 1: Could not set up "
+                                        "host forwarding rule"))
+            return real_start(spec)
+
+        driver.start = start
+        st = await self.executor.start_machine(self.spec())
+        self.assertEqual(st["state"], "running")
+        self.assertEqual(len(ports), 2)
+        self.assertEqual(st["host_port"], ports[1])
+        self.assertEqual(self.states("m1"), ["pending", "starting", "running"])
 
     async def test_report_failure_does_not_break_start(self):
         def broken(event):

@@ -14,7 +14,7 @@ import tempfile
 import pytest
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
@@ -75,8 +75,7 @@ class QemuExecutorIntegrationTests(TestCase):
                 await ex.driver.destroy(mid)
 
     async def test_machine_lifecycle(self):
-        self.addCleanup(lambda: __import__("twisted.internet.defer").internet.defer
-                        .Deferred.fromCoroutine(self._cleanup()))
+        self.addCleanup(lambda: Deferred.fromCoroutine(self._cleanup()))
         ex = self.agent()
         spec = {
             "id": "m1", "app": "web", "image": self.img.spec(), "vcpus": 1, "memory_mb": 256,

@@ -41,7 +41,7 @@ from twisted.logger import Logger
 
 from zwrm.agent import health as _health
 from zwrm.drivers.spec import check_id
-from zwrm.errors import Conflict, InvalidArgument, NotFound, ZwrmError
+from zwrm.errors import Conflict, InvalidArgument, NotFound, Unavailable, ZwrmError
 
 log = Logger()
 
@@ -221,16 +221,26 @@ class Executor:
                     f"vd{chr(ord('a') + i)}:{v['mount']}" for i, v in enumerate(spec["volumes"])
                 )
                 cmdline = f"{cmdline} zwrm.vol={mounts}".strip()
-            forwards = []
-            if spec["service_port"] is not None:
-                rec.host_port = free_port()
-                forwards.append({"guest": spec["service_port"], "host": rec.host_port})
-            self._save(rec)
-            status = await self.driver.start({
-                "id": mid, "kernel": image.get("kernel"), "initrd": image.get("initrd"),
-                "disk": image.get("disk"), "cmdline": cmdline, "vcpus": spec["vcpus"],
-                "memory_mb": spec["memory_mb"], "volumes": vols, "forwards": forwards,
-            })
+            for attempt in range(3):
+                forwards = []
+                if spec["service_port"] is not None:
+                    rec.host_port = free_port()
+                    forwards.append({"guest": spec["service_port"], "host": rec.host_port})
+                self._save(rec)
+                try:
+                    status = await self.driver.start({
+                        "id": mid, "kernel": image.get("kernel"), "initrd": image.get("initrd"),
+                        "disk": image.get("disk"), "cmdline": cmdline, "vcpus": spec["vcpus"],
+                        "memory_mb": spec["memory_mb"], "volumes": vols, "forwards": forwards,
+                    })
+                    break
+                except Unavailable as e:
+                    # Another process took the free port between our check and QEMU's bind.
+                    if attempt == 2 or not forwards or "forwarding" not in e.message:
+                        raise
+                    log.info("machine {id}: port {p} was taken; trying another", id=mid,
+                             p=rec.host_port)
+                    rec.state = "starting"
         except Exception as e:
             if rec.state not in ("failed",):
                 msg = e.message if isinstance(e, ZwrmError) else f"{e.__class__.__name__}: {e}"
@@ -565,5 +575,6 @@ class Executor:
             if rec.state == "starting":
                 self._running(rec, status["reason"] or "running")
         elif state in ("stopped", "failed"):
-            if rec.state in ("running", "stopping", "starting"):
+            # While starting, a failure is reported by the start itself (which may retry).
+            if rec.state in ("running", "stopping"):
                 self._change(rec, state, status["reason"])

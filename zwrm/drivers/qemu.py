@@ -391,7 +391,7 @@ class QemuDriver:
         log.debug("machine {id}: QMP event {name} {data}", id=m.id, name=name, data=data)
         if name == "SHUTDOWN":
             if data.get("guest"):
-                m.guest_shutdown = True
+                m.guest_shutdown = data.get("reason") or "guest-shutdown"
         elif name == "RESET":
             log.info("machine {id}: the guest reset", id=m.id)
         elif name == "STOP":
@@ -423,7 +423,11 @@ class QemuDriver:
             m.qmp.close()
             m.qmp = None
         if m.guest_shutdown and not m.stop_requested:
-            state, reason = "stopped", "the guest powered off"
+            if m.guest_shutdown == "guest-shutdown":
+                state, reason = "stopped", "the guest powered off"
+            else:
+                # With -no-reboot a guest reboot (a kernel panic with panic=-1, too) ends QEMU.
+                state, reason = "failed", f"the guest ended itself ({m.guest_shutdown})"
         elif m.stop_requested:
             state, reason = "stopped", "stopped on request"
         else:

@@ -321,6 +321,7 @@ def build(cache_dir=None):
         return TestImage(kernel, initrd)
     os.makedirs(cache_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".build-", dir=cache_dir)
+    os.chmod(tmp, 0o755)
     try:
         shutil.copyfile(f"/boot/vmlinuz-{kver}", os.path.join(tmp, "vmlinuz"))
         with gzip.open(os.path.join(tmp, "initrd.gz"), "wb", compresslevel=1) as f:

@@ -1,0 +1,102 @@
+"""
+What is particular to the QEMU driver: accelerator choice, configuration errors, QEMU's own
+start-up errors, and the plugin.
+"""
+
+import os
+import shutil
+import socket
+import tempfile
+
+import pytest
+from twisted.internet import reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from zwrm import plugins
+from zwrm.drivers import accel
+from zwrm.drivers.qemu import QemuDriver
+from zwrm.errors import InvalidArgument, Unavailable
+from zwrm.interfaces import IHypervisorDriver, IHypervisorDriverPlugin
+from zwrm.testing import image
+
+
+class AccelTests(TestCase):
+    def setUp(self):
+        self.saved = dict(accel._cache)
+        self.addCleanup(lambda: (accel._cache.clear(), accel._cache.update(self.saved)))
+
+    async def test_tcg_needs_no_probe(self):
+        self.assertEqual(await accel.choose(reactor, "tcg", "/nonexistent/qemu"), "tcg")
+
+    async def test_bad_choice(self):
+        with self.assertRaises(InvalidArgument):
+            await accel.choose(reactor, "xen", "qemu-system-x86_64")
+
+    async def test_auto_falls_back_with_reason_and_kvm_fails(self):
+        accel._cache["/q"] = "the CPU does not expose hardware virtualization"
+        from twisted.logger import globalLogPublisher
+
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        self.assertEqual(await accel.choose(reactor, "auto", "/q"), "tcg")
+        self.assertTrue(any("hardware virtualization" in str(e.get("reason")) for e in logged))
+        with self.assertRaises(Unavailable) as cm:
+            await accel.choose(reactor, "kvm", "/q")
+        self.assertIn("hardware virtualization", cm.exception.message)
+        accel._cache["/q"] = None
+        self.assertEqual(await accel.choose(reactor, "auto", "/q"), "kvm")
+
+    def test_preconditions(self):
+        self.assertIn("cannot be opened", accel._kvm_preconditions(dev="/nonexistent/kvm"))
+        tmp = self.mktemp()
+        with open(tmp, "w") as f:
+            f.write("flags\t\t: fpu sse2\n")
+        self.assertIn("no vmx or svm", accel._kvm_preconditions(dev="/dev/null", cpuinfo=tmp))
+        with open(tmp, "w") as f:
+            f.write("flags\t\t: fpu vmx\n")
+        self.assertIsNone(accel._kvm_preconditions(dev="/dev/null", cpuinfo=tmp))
+
+
+class ConfigTests(SynchronousTestCase):
+    def test_bad_config(self):
+        self.assertRaises(InvalidArgument, QemuDriver, reactor, "/tmp/x", accel="fast")
+        self.assertRaises(InvalidArgument, QemuDriver, reactor, "/tmp/" + "x" * 80)
+
+    def test_plugin(self):
+        plugin = plugins.find(IHypervisorDriverPlugin, "qemu", kind="hypervisor driver")
+        root = tempfile.mkdtemp(prefix="zwrm-pl-")
+        self.addCleanup(shutil.rmtree, root)
+        drv = plugin.create(reactor, {"root": root, "accel": "tcg", "stop_timeout": 5})
+        self.assertTrue(IHypervisorDriver.providedBy(drv))
+        self.assertEqual((drv.requested_accel, drv.stop_timeout), ("tcg", 5))
+        with self.assertRaises(InvalidArgument) as cm:
+            plugin.create(reactor, {"root": root, "acel": "tcg"})
+        self.assertIn("acel", cm.exception.message)
+        self.assertRaises(InvalidArgument, plugin.create, reactor, {})
+        self.assertRaises(InvalidArgument, plugin.create, reactor, {"root": root, "stop_timeout": -1})
+        with self.assertRaises(plugins.PluginError):
+            plugins.find(IHypervisorDriverPlugin, "xen", kind="hypervisor driver")
+
+
+@pytest.mark.qemu
+class QemuStartErrorTests(TestCase):
+    async def test_taken_port_is_a_clear_error(self):
+        root = tempfile.mkdtemp(prefix="zwrm-q-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, root, True)
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        self.addCleanup(s.close)
+        img = image.build()
+        drv = QemuDriver(reactor, root, accel="tcg")
+        seen = []
+        drv.subscribe(seen.append)
+        with self.assertRaises(Unavailable) as cm:
+            await drv.start({"id": "m1", "kernel": img.kernel, "initrd": img.initrd,
+                             "cmdline": "", "vcpus": 1, "memory_mb": 64,
+                             "forwards": [{"guest": 8080, "host": s.getsockname()[1]}]})
+        self.assertIn("Could not set up host forwarding rule", cm.exception.message)
+        self.assertEqual(drv.status("m1")["state"], "failed")
+        self.assertEqual([x["state"] for x in seen], ["failed"])
+        self.assertFalse(os.path.exists(os.path.join(root, "m1", "qemu.pid")))
