@@ -7,7 +7,7 @@ import hashlib
 import json
 
 import treq
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -35,6 +35,39 @@ def default_authorizer(anonymous=()):
     )
 
 
+class TrackingSite(Site):
+    """A Site that can drop every open connection (for clean test teardown)."""
+
+    def __init__(self, *a, **kw):
+        Site.__init__(self, *a, **kw)
+        self.open = {}
+
+    def buildProtocol(self, addr):
+        p = Site.buildProtocol(self, addr)
+        lost = self.open[p] = defer.Deferred()
+        original = p.connectionLost
+
+        def connectionLost(reason):
+            self.open.pop(p, None)
+            try:
+                return original(reason)
+            finally:
+                lost.callback(None)
+
+        p.connectionLost = connectionLost
+        return p
+
+    def close_connections(self):
+        waits = list(self.open.values())
+        for p in list(self.open):
+            transport = getattr(p, "transport", None) or getattr(
+                getattr(p, "_channel", None), "transport", None
+            )
+            if transport is not None:
+                transport.abortConnection()
+        return defer.gatherResults(waits)
+
+
 class RunningRegistry:
     """
     A registry served by a real Site on 127.0.0.1, torn down by the test's cleanups.
@@ -47,11 +80,12 @@ class RunningRegistry:
         )
         site_root = Resource()
         site_root.putChild(b"v2", self.resource)
-        self.site = Site(site_root)
+        self.site = TrackingSite(site_root)
         self.site.displayTracebacks = False
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port.getHost().port}"
         self.pool = HTTPConnectionPool(reactor, persistent=True)
+        testcase.addCleanup(self.site.close_connections)
         testcase.addCleanup(self.port.stopListening)
         testcase.addCleanup(self.pool.closeCachedConnections)
 
