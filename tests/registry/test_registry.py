@@ -496,3 +496,32 @@ class ListingTests(RegistryTestsMixin, unittest.TestCase):
         resp, body = await self.reg.request("GET", "/v2/_catalog?n=1&last=app/api")
         self.assertEqual(json.loads(body), {"repositories": ["app/web"]})
         self.assertIn("last=app/web", header(resp, "Link"))
+
+
+class TicketAuthorizerTests(unittest.TestCase):
+    """The registry with the same credentials as WAMP ticket auth."""
+
+    def setUp(self):
+        from zwrm.registry import TicketAuthorizer
+        from zwrm.wamp.auth import Principal, StaticAuthenticator
+
+        authn = StaticAuthenticator(tickets={
+            "operator": ("op-token", Principal("operator", "operator")),
+            "host-1": ("host-secret", Principal("host-1", "agent")),
+            "join": ("join-token", Principal("join", "joining")),
+        })
+        self.reg = RunningRegistry(self, self.mktemp(), TicketAuthorizer(authn))
+
+    @aio
+    async def test_roles(self):
+        d = await self.reg.push_blob("a/b", b"data")  # Bearer: an operator token
+        resp, body = await self.reg.request("GET", f"/v2/a/b/blobs/{d}", auth=basic("host-1", "host-secret"))
+        self.assertEqual((resp.code, body), (200, b"data"))
+        resp, body = await self.reg.request("POST", "/v2/a/b/blobs/uploads/", auth=basic("host-1", "host-secret"))
+        self.assertEqual(error_codes(body), ["DENIED"])
+        resp, body = await self.reg.request("GET", "/v2/", auth=basic("join", "join-token"))
+        self.assertEqual(error_codes(body), ["DENIED"])
+        resp, body = await self.reg.request("GET", "/v2/", auth=basic("host-1", "wrong"))
+        self.assertEqual(resp.code, 401)
+        resp, body = await self.reg.request("GET", "/v2/", auth=basic("operator", "op-token"))
+        self.assertEqual(resp.code, 200)

@@ -6,7 +6,7 @@ zwrm's OCI image registry: the OCI Distribution API served by the control plane 
  - L{zwrm.registry.image}: the zwrm VM image format (an OCI artifact).
 """
 
-from zwrm.registry.auth import TokenAuthorizer, parse_credentials
+from zwrm.registry.auth import TicketAuthorizer, TokenAuthorizer, parse_credentials
 from zwrm.registry.resource import RegistryResource, make_registry_resource
 from zwrm.registry.store import RegistryStore, StoreError
 
@@ -14,6 +14,7 @@ __all__ = [
     "RegistryResource",
     "RegistryStore",
     "StoreError",
+    "TicketAuthorizer",
     "TokenAuthorizer",
     "make_registry_resource",
     "parse_credentials",

@@ -87,3 +87,56 @@ class TokenAuthorizer:
         if action not in actions:
             raise NotAuthorized(f"{principal} may not {action}")
         return principal
+
+
+ROLE_ACTIONS = {
+    "operator": frozenset(ACTIONS),
+    "trusted": frozenset(ACTIONS),
+    "viewer": frozenset({"pull"}),
+    "agent": frozenset({"pull"}),
+}
+"""What each WAMP role may do in the registry (other roles, e.g. C{joining}: nothing)."""
+
+
+class TicketAuthorizer:
+    """
+    Authorizes registry requests with the same credentials as WAMP ticket auth, through
+    an L{zwrm.interfaces.IAuthenticator} (the control plane's):
+
+     - Basic auth: user = the WAMP authid (C{operator}, C{viewer}, or a host id), password =
+       the ticket (operator/viewer token, or the host's credential);
+     - Bearer token: taken as an operator token (authid C{operator}).
+
+    The principal's role is mapped to actions by C{role_actions} (default L{ROLE_ACTIONS}):
+    operators push, pull and delete; agents and viewers pull.
+
+    @param authenticator: provides C{authenticate_ticket(realm, authid, ticket)}.
+    @param realm: the WAMP realm passed to it.
+    @param anonymous: actions allowed without credentials (default: none).
+    """
+
+    def __init__(self, authenticator, realm="zwrm", role_actions=None, anonymous=()):
+        self._authenticator = authenticator
+        self._realm = realm
+        self._roles = dict(role_actions or ROLE_ACTIONS)
+        self.anonymous = frozenset(anonymous)
+
+    def __call__(self, request, action):
+        """
+        @return: a Deferred firing with the L{Principal}, or failing with
+            L{AuthenticationFailed} or L{NotAuthorized}.
+        """
+        return defer.Deferred.fromCoroutine(self._check(request, action))
+
+    async def _check(self, request, action):
+        authid, token = parse_credentials(request)
+        if token is None:
+            if action in self.anonymous:
+                return None
+            raise AuthenticationFailed("authentication required")
+        principal = await self._authenticator.authenticate_ticket(
+            self._realm, authid or "operator", token
+        )
+        if action not in self._roles.get(principal.authrole, ()):
+            raise NotAuthorized(f"{principal.authid} ({principal.authrole}) may not {action}")
+        return principal
