@@ -1,0 +1,143 @@
+"""
+C{zwrm images push|list|rm} against a real registry on loopback.
+"""
+
+import argparse
+import io
+import json
+import os
+import sys
+
+from twisted.internet import defer, reactor, task, utils
+from twisted.trial import unittest
+
+from tests.registry.helpers import OPERATOR, RunningRegistry
+from zwrm.cli import images as cli
+from zwrm.errors import InvalidArgument, NotFound
+from zwrm.registry.image import DISK_TYPE, INITRD_TYPE, KERNEL_TYPE
+
+
+def aio(f):
+    def wrapper(self, *a, **kw):
+        return defer.Deferred.fromCoroutine(f(self, *a, **kw))
+
+    wrapper.__name__ = f.__name__
+    return wrapper
+
+
+class ImagesCommandTests(unittest.TestCase):
+    timeout = 60
+
+    def setUp(self):
+        self.reg = RunningRegistry(self, self.mktemp())
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        parser = argparse.ArgumentParser(prog="zwrm")
+        cli.register(parser.add_subparsers(dest="command"))
+        self.parser = parser
+
+    def file(self, name, data):
+        path = os.path.join(self.dir, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    async def zwrm(self, *argv):
+        args = self.parser.parse_args(
+            ["images", *argv[:1], "--url", self.reg.url.replace("http", "ws") + "/ws",
+             "--token", OPERATOR, *argv[1:]]
+        )
+        out = io.StringIO()
+        code = await args.func(reactor, args, out)
+        return code, out.getvalue()
+
+    @aio
+    async def test_push_list_rm(self):
+        k = self.file("vmlinuz", os.urandom(300_000))
+        i = self.file("initrd", os.urandom(100_000))
+        d = self.file("disk.raw", os.urandom(2_000_000))
+        code, out = await self.zwrm("push", "apps/web:v1", "--kernel", k, "--initrd", i,
+                                   "--disk", d, "--cmdline", "console=ttyS0 quiet", "--port",
+                                   "8080", "-q")
+        self.assertEqual(code, 0)
+        self.assertTrue(out.startswith("apps/web:v1 sha256:"), out)
+        resp, body = await self.reg.request("GET", "/v2/apps/web/manifests/v1")
+        manifest = json.loads(body)
+        self.assertEqual([layer["mediaType"] for layer in manifest["layers"]],
+                         [KERNEL_TYPE, INITRD_TYPE, DISK_TYPE])
+        cfg = manifest["config"]["digest"]
+        resp, body = await self.reg.request("GET", f"/v2/apps/web/blobs/{cfg}")
+        self.assertEqual(json.loads(body), {"cmdline": "console=ttyS0 quiet", "service_port": 8080})
+
+        # Pushing again uploads nothing new and gives the same digest.
+        code, out2 = await self.zwrm("push", "apps/web:v2", "--kernel", k, "--initrd", i,
+                                    "--disk", d, "--cmdline", "console=ttyS0 quiet", "--port",
+                                    "8080", "-q")
+        self.assertEqual(out2.split()[1], out.split()[1])
+
+        code, listing = await self.zwrm("list")
+        lines = listing.splitlines()
+        self.assertEqual(lines[0].split(), ["IMAGE", "DIGEST", "SIZE", "LAYERS"])
+        self.assertEqual([line.split()[0] for line in lines[1:]], ["apps/web:v1", "apps/web:v2"])
+        self.assertIn("kernel+initrd+disk", lines[1])
+        self.assertIn("2.3 MiB", lines[1])
+
+        code, out = await self.zwrm("rm", "apps/web:v1")
+        self.assertEqual((code, out), (0, "removed apps/web:v1\n"))
+        code, listing = await self.zwrm("list", "apps/web")
+        self.assertEqual([line.split()[0] for line in listing.splitlines()[1:]], ["apps/web:v2"])
+        with self.assertRaises(NotFound):
+            await self.zwrm("rm", "apps/web:v1")
+        with self.assertRaises(InvalidArgument):
+            await self.zwrm("rm", "apps/web")
+
+    @aio
+    async def test_bad_input(self):
+        with self.assertRaises(InvalidArgument):
+            await self.zwrm("push", "apps/web:v1", "--kernel", os.path.join(self.dir, "missing"))
+        with self.assertRaises(InvalidArgument):
+            await self.zwrm("push", "Apps/Web:v1", "--kernel", self.file("k", b"k"))
+        with self.assertRaises(InvalidArgument):
+            await self.zwrm("push", "apps/web:v1", "--initrd", self.file("i", b"i"))
+        self.assertEqual((await self.reg.request("GET", "/v2/_catalog"))[1], b'{"repositories": []}')
+
+    def test_progress_bar(self):
+        clock = task.Clock()
+        stream = io.StringIO()
+        bar = cli.ProgressBar(clock, stream, width=10)
+        bar.update(0, 4 * 2**20)
+        clock.advance(1)
+        bar.update(2 * 2**20, 4 * 2**20)
+        bar.update(3 * 2**20, 4 * 2**20)  # within the redraw interval: skipped
+        clock.advance(1)
+        bar.update(4 * 2**20, 4 * 2**20)
+        bar.finish()
+        frames = stream.getvalue().split("\r")[1:]
+        self.assertEqual(len(frames), 3)
+        self.assertIn("[#####.....]  50.0%  2.0/4.0 MiB  2.0 MiB/s", frames[1])
+        self.assertTrue(frames[2].startswith("[##########] 100.0%"))
+        self.assertTrue(frames[2].endswith("\n"))
+
+    def test_registry_url(self):
+        self.assertEqual(cli.registry_url("wss://cp.example:8080/ws"), "https://cp.example:8080")
+        self.assertEqual(cli.registry_url("ws://127.0.0.1:9/ws"), "http://127.0.0.1:9")
+        self.assertRaises(InvalidArgument, cli.registry_url, "ftp://x")
+
+    @aio
+    async def test_process_exit_codes(self):
+        k = self.file("vmlinuz", os.urandom(3_000_000))
+        env = {"PATH": os.environ.get("PATH", ""), "ZWRM_URL": self.reg.url, "ZWRM_TOKEN": OPERATOR}
+        out, err, code = await utils.getProcessOutputAndValue(
+            sys.executable, ["-m", "zwrm.cli.images", "images", "push", "apps/x:v1", "--kernel", k],
+            env=env, path=os.getcwd(),
+        )
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"100.0%", err)  # the progress bar
+        self.assertTrue(out.startswith(b"apps/x:v1 sha256:"))
+        env["ZWRM_TOKEN"] = "wrong"
+        out, err, code = await utils.getProcessOutputAndValue(
+            sys.executable, ["-m", "zwrm.cli.images", "images", "list"], env=env, path=os.getcwd(),
+        )
+        self.assertEqual(code, 1)
+        self.assertEqual(len(err.decode().strip().splitlines()), 1, err)
+        self.assertTrue(err.startswith(b"zwrm: the registry refused the credentials"), err)

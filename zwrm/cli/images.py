@@ -1,0 +1,281 @@
+"""
+C{zwrm images}: push, list and remove VM images in the control plane's registry.
+
+    zwrm images push NAME[:TAG] --kernel FILE [--initrd FILE] [--disk FILE]
+                     [--cmdline TEXT] [--port N]
+    zwrm images list [NAME]
+    zwrm images rm NAME:TAG | NAME@sha256:DIGEST
+
+The registry is the control plane's HTTP listener (the same host and port as its WAMP
+C{/ws} URL), path C{/v2/}. Bulk bytes go over HTTP, never through WAMP.
+
+Connection options (each also read from the environment): C{--url} (C{ZWRM_URL}: the
+control plane's C{wss://host:port/ws} or C{https://host:port} URL), C{--token}
+(C{ZWRM_TOKEN}: an operator token), C{--ca} (C{ZWRM_CA}: a PEM file of the cluster CA, for
+https). When the CLI framework (L{zwrm.cli.main}) gives the same options globally, they are
+used.
+
+This module follows the CLI framework's shape: L{register} adds the sub-command, whose
+C{func(reactor, args)} returns a Deferred firing with the exit code. It can also run on its
+own: C{python -m zwrm.cli.images ...}.
+"""
+
+import argparse
+import os
+import sys
+from urllib.parse import urlsplit
+
+from twisted.internet import defer, ssl
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from zwrm.errors import InvalidArgument, ZwrmError
+from zwrm.registry import image
+from zwrm.registry.client import RegistryClient, push_image
+
+
+def registry_url(url):
+    """
+    The registry's base URL for a control plane URL (C{wss://h:p/ws} -> C{https://h:p}).
+
+    @raise InvalidArgument: for anything that is not a ws/wss/http/https URL.
+    """
+    parts = urlsplit(url or "")
+    scheme = {"ws": "http", "wss": "https", "http": "http", "https": "https"}.get(parts.scheme)
+    if scheme is None or not parts.netloc:
+        raise InvalidArgument(
+            f"control plane URL {url!r} is not a ws://, wss://, http:// or https:// URL"
+        )
+    return f"{scheme}://{parts.netloc}"
+
+
+@implementer(IPolicyForHTTPS)
+class _TrustCA:
+    def __init__(self, ca_pem):
+        self._root = ssl.Certificate.loadPEM(ca_pem)
+
+    def creatorForNetloc(self, hostname, port):
+        return ssl.optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._root)
+
+
+def _client(reactor, args):
+    url = getattr(args, "url", None) or os.environ.get("ZWRM_URL")
+    if not url:
+        raise InvalidArgument("no control plane URL: give --url or set ZWRM_URL")
+    token = getattr(args, "token", None) or os.environ.get("ZWRM_TOKEN")
+    if not token:
+        raise InvalidArgument("no operator token: give --token or set ZWRM_TOKEN")
+    base = registry_url(url)
+    ca = getattr(args, "ca", None) or os.environ.get("ZWRM_CA")
+    http_client = None
+    if ca and base.startswith("https:"):
+        try:
+            with open(ca, "rb") as f:
+                policy = _TrustCA(f.read())
+        except (OSError, ssl.SSL.Error, ValueError) as e:
+            raise InvalidArgument(f"cannot read the CA certificate {ca}: {e}") from None
+        from treq.client import HTTPClient
+
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        http_client = HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
+    return RegistryClient(reactor, base, ("operator", token), http_client=http_client)
+
+
+class ProgressBar:
+    """
+    A progress bar on a terminal stream: C{[#####.....]  52%  520.0/1000.0 MiB  80.5 MiB/s}.
+
+    @param clock: for the rate and to redraw at most every C{interval} seconds.
+    """
+
+    def __init__(self, clock, stream, width=30, interval=0.2):
+        self._clock = clock
+        self._stream = stream
+        self._width = width
+        self._interval = interval
+        self._start = clock.seconds()
+        self._last = None
+        self._done = False
+
+    def update(self, done, total):
+        now = self._clock.seconds()
+        if done < total and self._last is not None and now - self._last < self._interval:
+            return
+        self._last = now
+        frac = done / total if total else 1.0
+        filled = int(self._width * frac)
+        elapsed = max(now - self._start, 1e-6)
+        rate = done / elapsed / 2**20
+        self._stream.write(
+            f"\r[{'#' * filled}{'.' * (self._width - filled)}] {frac * 100:5.1f}%  "
+            f"{done / 2**20:.1f}/{total / 2**20:.1f} MiB  {rate:.1f} MiB/s"
+        )
+        self._stream.flush()
+
+    def finish(self):
+        if not self._done and self._last is not None:
+            self._stream.write("\n")
+            self._stream.flush()
+        self._done = True
+
+
+async def _push(reactor, args, out):
+    client = _client(reactor, args)
+    try:
+        bar = ProgressBar(reactor, sys.stderr) if not args.quiet else None
+        try:
+            digest = await push_image(
+                client,
+                args.ref,
+                kernel=args.kernel,
+                initrd=args.initrd,
+                disk=args.disk,
+                cmdline=args.cmdline,
+                service_port=args.port,
+                progress=bar.update if bar else None,
+            )
+        finally:
+            if bar:
+                bar.finish()
+        name, tag = image.parse_reference(args.ref)
+        out.write(f"{name}:{tag} {digest}\n")
+        return 0
+    finally:
+        await client.close()
+
+
+def _size(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+async def _list(reactor, args, out):
+    client = _client(reactor, args)
+    try:
+        names = [args.name] if args.name else await client.repositories()
+        rows = []
+        for name in names:
+            for tag in await client.tags(name):
+                digest, media, body = await client.get_manifest(name, tag)
+                try:
+                    info = image.parse_manifest(body)
+                    size = sum(info[r]["size"] for r in ("kernel", "initrd", "disk") if info[r])
+                    kind = "+".join(r for r in ("kernel", "initrd", "disk") if info[r])
+                except InvalidArgument:
+                    size, kind = None, "other"
+                rows.append((f"{name}:{tag}", digest[:19], _size(size) if size is not None else "-", kind))
+        header = ("IMAGE", "DIGEST", "SIZE", "LAYERS")
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+        for row in [header, *rows]:
+            out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
+        return 0
+    finally:
+        await client.close()
+
+
+async def _rm(reactor, args, out):
+    client = _client(reactor, args)
+    try:
+        for ref in args.refs:
+            name, reference = image.parse_reference(ref)
+            if ":" not in ref.split("/")[-1] and "@" not in ref:
+                raise InvalidArgument(f"say which tag or digest to remove: {ref}:TAG")
+            await client.delete(name, reference)
+            out.write(f"removed {name}{'@' if reference.startswith('sha256:') else ':'}{reference}\n")
+        return 0
+    finally:
+        await client.close()
+
+
+def _wrap(coro_fn):
+    def run(reactor, args, out=None):
+        return defer.Deferred.fromCoroutine(coro_fn(reactor, args, out or sys.stdout))
+
+    return run
+
+
+def _connection_options(parser):
+    parser.add_argument("--url", default=argparse.SUPPRESS,
+                        help="control plane URL (wss://host:port/ws); env ZWRM_URL")
+    parser.add_argument("--token", default=argparse.SUPPRESS,
+                        help="operator token; env ZWRM_TOKEN")
+    parser.add_argument("--ca", default=argparse.SUPPRESS,
+                        help="PEM file of the cluster CA (https); env ZWRM_CA")
+
+
+def _port(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"port must be 1-65535, not {value}")
+    return value
+
+
+def register(subparsers):
+    """Add C{images} (push, list, rm) to the CLI's sub-commands."""
+    p = subparsers.add_parser("images", help="push, list and remove VM images")
+    sub = p.add_subparsers(dest="images_command", metavar="COMMAND")
+    sub.required = True
+
+    push = sub.add_parser("push", help="push a VM image (kernel, initrd, disk) to the registry")
+    push.add_argument("ref", metavar="NAME[:TAG]")
+    push.add_argument("--kernel", help="the kernel (bzImage)")
+    push.add_argument("--initrd", help="the initrd / initramfs")
+    push.add_argument("--disk", help="a raw disk image")
+    push.add_argument("--cmdline", default="", help="the kernel command line")
+    push.add_argument("--port", type=_port, default=None, help="the default service port")
+    push.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _connection_options(push)
+    push.set_defaults(func=_wrap(_push))
+
+    ls = sub.add_parser("list", help="list images (all repositories, or one)")
+    ls.add_argument("name", nargs="?", metavar="NAME")
+    _connection_options(ls)
+    ls.set_defaults(func=_wrap(_list))
+
+    rm = sub.add_parser("rm", help="remove a tag (NAME:TAG) or an image (NAME@sha256:...)")
+    rm.add_argument("refs", nargs="+", metavar="REF")
+    _connection_options(rm)
+    rm.set_defaults(func=_wrap(_rm))
+    return p
+
+
+def run(argv, reactor=None, out=None):
+    """
+    Run C{zwrm images ...} on its own (without the CLI framework).
+
+    Exits the process with 0 on success, 1 for an error (reported in one line on
+    stderr), 2 for a usage error.
+    """
+    from twisted.internet import task
+
+    parser = argparse.ArgumentParser(prog="zwrm")
+    subparsers = parser.add_subparsers(dest="command")
+    register(subparsers)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.error("say what to do: zwrm images push|list|rm")
+
+    async def main(reactor):
+        try:
+            code = await args.func(reactor, args, out)
+        except ZwrmError as e:
+            sys.stderr.write(f"zwrm: {e.message}\n")
+            code = 1
+        except Exception as e:  # a bug: one line, not a traceback
+            sys.stderr.write(f"zwrm: internal error: {e!r}\n")
+            code = 1
+        if code:
+            raise SystemExit(code)
+
+    task.react(lambda r: defer.Deferred.fromCoroutine(main(r)))
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])
