@@ -61,7 +61,6 @@ class AccelTests(TestCase):
 class ConfigTests(SynchronousTestCase):
     def test_bad_config(self):
         self.assertRaises(InvalidArgument, QemuDriver, reactor, "/tmp/x", accel="fast")
-        self.assertRaises(InvalidArgument, QemuDriver, reactor, "/tmp/" + "x" * 80)
 
     def test_plugin(self):
         plugin = plugins.find(IHypervisorDriverPlugin, "qemu", kind="hypervisor driver")
@@ -80,7 +79,29 @@ class ConfigTests(SynchronousTestCase):
 
 
 @pytest.mark.qemu
-class QemuStartErrorTests(TestCase):
+class QemuStartTests(TestCase):
+    async def test_long_paths_with_commas(self):
+        # The machine directory is too long for a UNIX socket path, and has a comma.
+        root = tempfile.mkdtemp(prefix="zwrm-q,", dir="/tmp")
+        self.addCleanup(shutil.rmtree, root, True)
+        root = os.path.join(root, "d" * 90)
+        img = image.build()
+        vol = os.path.join(root, "a,b.img")
+        os.makedirs(root)
+        with open(vol, "wb") as f:
+            f.truncate(1024 * 1024)
+        drv = QemuDriver(reactor, root, accel="tcg")
+        st = await drv.start({"id": "m" * 64, "kernel": img.kernel, "initrd": img.initrd,
+                              "cmdline": "", "vcpus": 1, "memory_mb": 64,
+                              "volumes": [{"id": "v1", "path": vol}]})
+        self.assertEqual(st["state"], "running")
+        await drv.close()
+        second = QemuDriver(reactor, root, accel="tcg")
+        [found] = await second.recover()
+        self.assertEqual((found["state"], found["pid"]), ("running", st["pid"]))
+        await second.destroy("m" * 64)
+        self.assertEqual(second.list(), [])
+
     async def test_taken_port_is_a_clear_error(self):
         root = tempfile.mkdtemp(prefix="zwrm-q-", dir="/tmp")
         self.addCleanup(shutil.rmtree, root, True)

@@ -7,7 +7,8 @@ Each machine has a directory C{<root>/<id>/} holding:
  - C{state.json}: its last known state and reason (so a new agent knows a machine it
    stopped from one that died);
  - C{qemu.pid}: written by QEMU (C{-pidfile});
- - C{qmp.sock}: the QMP socket;
+ - C{qmp.sock}: the QMP socket (in the temporary directory instead if the path would be
+   too long for a UNIX socket);
  - C{console.log}: the serial console (appended to across starts);
  - C{qemu.log}: QEMU's own stdout and stderr.
 
@@ -19,10 +20,12 @@ or signal at once); a recovered one through its QMP connection, whose end means 
 """
 
 import errno
+import hashlib
 import json
 import os
 import shutil
 import signal
+import tempfile
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.error import ProcessDone
@@ -40,6 +43,11 @@ log = Logger()
 
 #: The longest path a UNIX socket may have (Linux C{sun_path} less the NUL).
 MAX_SOCKET_PATH = 107
+
+
+def _opt(path):
+    """A path inside a QEMU option string, where a comma must be doubled."""
+    return path.replace(",", ",,")
 
 
 def _disk_format(path):
@@ -91,6 +99,18 @@ class _Machine:
     def path(self, name):
         return os.path.join(self.dir, name)
 
+    @property
+    def qmp_path(self):
+        """
+        C{<dir>/qmp.sock}, or, where that is too long for a UNIX socket, a path in the
+        temporary directory derived from the machine directory (so a new agent finds it).
+        """
+        p = self.path("qmp.sock")
+        if len(p.encode()) <= MAX_SOCKET_PATH:
+            return p
+        digest = hashlib.sha256(self.dir.encode()).hexdigest()[:24]
+        return os.path.join(tempfile.gettempdir(), f"zwrm-qmp-{digest}.sock")
+
 
 class _QemuProcess(ProcessProtocol):
     def __init__(self, driver, machine):
@@ -126,11 +146,6 @@ class QemuDriver:
                  stop_timeout=30.0, probe_timeout=10.0):
         if accel not in _accel.ACCELS:
             raise InvalidArgument(f"accel must be one of {', '.join(_accel.ACCELS)}, not {accel!r}")
-        if len(os.path.join(os.path.abspath(root), "x" * 64, "qmp.sock")) > MAX_SOCKET_PATH:
-            raise InvalidArgument(
-                f"the machine directory {root} is too long for QMP sockets "
-                f"(at most {MAX_SOCKET_PATH - 74} characters)"
-            )
         self.reactor = reactor
         self.root = os.path.abspath(root)
         self.requested_accel = accel
@@ -279,9 +294,9 @@ class QemuDriver:
             "-smp", str(spec["vcpus"]),
             "-m", str(spec["memory_mb"]),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-chardev", f"file,id=ser0,path={m.path('console.log')},append=on",
+            "-chardev", f"file,id=ser0,path={_opt(m.path('console.log'))},append=on",
             "-serial", "chardev:ser0",
-            "-qmp", f"unix:{m.path('qmp.sock')},server=on,wait=off",
+            "-qmp", f"unix:{_opt(m.qmp_path)},server=on,wait=off",
             "-pidfile", m.path("qemu.pid"),
         ]
         if accel == "kvm":
@@ -293,14 +308,15 @@ class QemuDriver:
             argv += ["-initrd", spec["initrd"]]
         for i, v in enumerate(spec["volumes"]):
             argv += [
-                "-drive", f"file={v['path']},format=raw,if=none,id=vol{i},cache=writeback",
+                "-drive", f"file={_opt(v['path'])},format=raw,if=none,id=vol{i},cache=writeback",
                 "-device", f"virtio-blk-pci,drive=vol{i},serial={v['id'][:20]}",
             ]
         if spec["disk"]:
             # The boot disk comes from the image cache: never write to it.
             argv += [
                 "-drive",
-                f"file={spec['disk']},format={_disk_format(spec['disk'])},if=none,id=boot,snapshot=on",
+                f"file={_opt(spec['disk'])},format={_disk_format(spec['disk'])},if=none,id=boot,"
+                "snapshot=on",
                 "-device", "virtio-blk-pci,drive=boot,bootindex=0",
             ]
         fwd = "".join(f",hostfwd=tcp:127.0.0.1:{f['host']}-:{f['guest']}" for f in spec["forwards"])
@@ -324,9 +340,9 @@ class QemuDriver:
             self.accel = await _accel.choose(self.reactor, self.requested_accel,
                                              self.qemu_binary, self.probe_timeout)
         os.makedirs(m.dir, exist_ok=True)
-        for name in ("qmp.sock", "qemu.pid"):
+        for p in (m.qmp_path, m.path("qemu.pid")):
             try:
-                os.unlink(m.path(name))
+                os.unlink(p)
             except FileNotFoundError:
                 pass
         with open(m.path("spec.json"), "w") as f:
@@ -356,7 +372,7 @@ class QemuDriver:
         m.state = "running"  # without notifying: it is not controllable yet
         ended = self._wait_end(m)
         connecting = ensureDeferred(_qmp.connect(
-            self.reactor, m.path("qmp.sock"),
+            self.reactor, m.qmp_path,
             on_event=lambda name, data, ts: self._event(m, name, data),
             on_disconnect=lambda reason: self._qmp_lost(m),
         ))
@@ -413,12 +429,17 @@ class QemuDriver:
                         clean=m.guest_shutdown or m.stop_requested)
             return
         delay = 0.05 if n < 40 else 1.0
+        if m.watch is not None and m.watch.active():
+            m.watch.cancel()
         m.watch = self.reactor.callLater(delay, self._watch_pid, m, n + 1)
 
     def _ended(self, m, how, clean):
         if m.state != "running" or self._closed:
             return
         m.transport = None
+        if m.watch is not None and m.watch.active():
+            m.watch.cancel()
+        m.watch = None
         if m.qmp is not None:
             m.qmp.close()
             m.qmp = None
@@ -433,9 +454,9 @@ class QemuDriver:
         else:
             tail = self._qemu_log_tail(m)
             state, reason = "failed", f"QEMU {how}" + (f": {tail}" if tail else "")
-        for name in ("qmp.sock", "qemu.pid"):
+        for p in (m.qmp_path, m.path("qemu.pid")):
             try:
-                os.unlink(m.path(name))
+                os.unlink(p)
             except OSError:
                 pass
         self._set(m, state, reason)
@@ -516,7 +537,7 @@ class QemuDriver:
                 m.state = "running"
                 try:
                     m.qmp = await _qmp.connect(
-                        self.reactor, m.path("qmp.sock"),
+                        self.reactor, m.qmp_path,
                         on_event=lambda n, data, ts, m=m: self._event(m, n, data),
                         on_disconnect=lambda reason, m=m: self._qmp_lost(m),
                         timeout=5.0,
