@@ -532,13 +532,13 @@ class StreamTests(TestCase):
         write_image(self.src, 16 * MiB, {i * BLOCK_SIZE: pattern(i) for i in range(8)})
         calls = []
 
-        def full(fd, data, offset):
+        def full(fd, parts, offset):
             calls.append(offset)
             if len(calls) >= 3:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return os.pwrite(fd, data, offset)
+            return os.pwritev(fd, parts, offset)
 
-        self.patch(transfer, "_pwrite", full)
+        self.patch(transfer, "_pwritev", full)
         token = mint_token()
         self.receiver.expect(token, "vol-1", 16 * MiB)
         f = yield self.assertFailure(
@@ -566,13 +566,13 @@ class StreamTests(TestCase):
         """
         size = 96 * MiB
         write_image(self.src, size, {0: pattern("big", size)})
-        slow = []
+        slow = []  # offsets written
 
-        def slow_write(fd, data, offset):
+        def counting_write(fd, parts, offset):
             slow.append(offset)
-            return os.pwrite(fd, data, offset)
+            return os.pwritev(fd, parts, offset)
 
-        self.patch(transfer, "_pwrite", slow_write)
+        self.patch(transfer, "_pwritev", counting_write)
         PauseRecorder.pauses = PauseRecorder.written_while_paused = 0
         sender = VolumeSender(reactor, self.src_creds.peer_client_context, clock=self.clock)
         sender.protocol = PauseRecorder
@@ -720,3 +720,27 @@ class ExpectTests(SynchronousTestCase):
         self.assertTrue(all(len(t) >= 43 for t in tokens))
 
 
+
+
+class WritePartsTests(SynchronousTestCase):
+    """
+    L{transfer._write_parts} writes a block received in pieces, even after a short write.
+    """
+
+    def test_short_write(self):
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.truncate(4 * MiB)
+        parts = [pattern(1, 1000), pattern(2, 5000), pattern(3, 300)]
+
+        def short(fd, parts, offset):
+            return os.pwrite(fd, parts[0][:700], offset)
+
+        self.patch(transfer, "_pwritev", short)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            digest = transfer._write_parts(fd, parts, MiB, 6300)
+            self.assertEqual(os.pread(fd, 6300, MiB), b"".join(parts))
+        finally:
+            os.close(fd)
+        self.assertEqual(digest, hashlib.sha256(b"".join(parts)).digest())
