@@ -34,6 +34,7 @@ Building is blocking file work (a few MB): call L{build} from a thread
 import gzip
 import hashlib
 import io
+import lzma
 import os
 import platform
 import shutil
@@ -271,9 +272,9 @@ def _initramfs(kver):
     for a in applets:
         if a != "busybox":
             cp.symlink(f"bin/{a}", "busybox")
-    mods = _module_paths(kver)
+    mods = []
     made = set()
-    for rel in mods:
+    for rel in _module_paths(kver):
         parts = rel.split("/")[:-1]
         for i in range(1, len(parts) + 1):
             d = "lib/modules/" + "/".join(parts[:i])
@@ -281,7 +282,16 @@ def _initramfs(kver):
                 cp.dir(d)
                 made.add(d)
         with open(f"/lib/modules/{kver}/{rel}", "rb") as f:
-            cp.file(f"lib/modules/{rel}", f.read())
+            data = f.read()
+        # Newer Debian kernels compress modules; busybox insmod wants them plain.
+        for ext, unpack in ((".xz", lzma.decompress), (".zst", None), (".gz", gzip.decompress)):
+            if rel.endswith(ext):
+                if unpack is None:
+                    raise NotFound(f"kernel module {rel} is zstd-compressed, which this builder "
+                                   "cannot unpack")
+                data, rel = unpack(data), rel[: -len(ext)]
+        cp.file(f"lib/modules/{rel}", data)
+        mods.append(rel)
     cp.file("etc/modules", ("\n".join(mods) + "\n").encode())
     cp.file("init", INIT.encode(), 0o755)
     cp.file("www/cgi-bin/index.cgi", CGI_INDEX.encode(), 0o755)
