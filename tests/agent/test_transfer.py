@@ -13,6 +13,7 @@ import subprocess
 from twisted.internet import defer, endpoints, reactor, task
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols import portforward
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from zwrm import errors, pki
@@ -439,6 +440,37 @@ class StreamTests(TestCase):
             self.clock.advance(sender.backoff[1])
         f = yield self.assertFailure(d, errors.Unavailable)
         self.assertIn("after 3 attempts", f.message)
+
+    @defer.inlineCallbacks
+    def test_silent_receiver(self):
+        """
+        A receiver that accepts the connection but never answers is given up after the
+        sender's idle timeout (then retried; here no retries are left): Unavailable.
+        """
+        write_image(self.src, 8 * MiB, {0: pattern(0)})
+        silent = []
+
+        class Silent(Protocol):
+            def connectionMade(self):
+                silent.append(self)
+
+        factory = TLSMemoryBIOFactory(
+            self.dst_creds.server_context(), False, Factory.forProtocol(Silent)
+        )
+        port = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            factory
+        )
+        self.addCleanup(port.stopListening)
+        sender = VolumeSender(
+            reactor, self.src_creds.peer_client_context, clock=self.clock, retries=0
+        )
+        d = sender.send("127.0.0.1", port.getHost().port, mint_token(), self.src, "host-dst")
+        yield wait_for(lambda: silent)
+        self.clock.advance(sender.idle_timeout - 1)
+        self.assertNoResult(d)
+        self.clock.advance(2)
+        f = yield self.assertFailure(d, errors.Unavailable)
+        self.assertIn("stopped answering", f.message)
 
     @defer.inlineCallbacks
     def test_corrupt_block_in_flight(self):

@@ -654,6 +654,9 @@ class _ReceiverProtocol(_Framed):
         elif kind == ZERO:
             self._transfer.zero(*_ZERO.unpack(payload))
         elif kind == END:
+            if self._idle is not None and self._idle.active():
+                # Verifying and fsyncing take as long as they take.
+                self._idle.cancel()
             d = self._transfer.end(self._json(payload))
             d.addCallbacks(self._done, self._failedAsync)
         else:
@@ -898,9 +901,28 @@ class _SenderProtocol(_Framed):
         self._remote = None
         self._expectBlockmap = False
         self._finished = False
+        self._timer = None
+
+    def _touch(self, timeout=None):
+        """
+        Progress was made: the connection is given up (and retried) only if none is made for
+        the sender's C{idle_timeout}, or C{timeout}.
+        """
+        if timeout is None:
+            timeout = self._send.sender.idle_timeout
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(timeout)
+        elif not self._stopped:
+            self._timer = self._send.sender.clock.callLater(timeout, self._timedOut)
+
+    def _timedOut(self):
+        self._timer = None
+        self._send.cause = "the receiver stopped answering"
+        self.transport.abortConnection()
 
     def connectionMade(self):
         _Framed.connectionMade(self)
+        self._touch()
         s = self._send
         hello = {"v": PROTOCOL_VERSION, "token": s.token, "mode": s.mode, "size": s.size,
                  "commit": s.commit}
@@ -911,6 +933,8 @@ class _SenderProtocol(_Framed):
 
     def frameReceived(self, kind, payload):
         s = self._send
+        if not self._finished:
+            self._touch()
         if kind == ERROR:
             self._closing = True
             self.transport.loseConnection()
@@ -957,6 +981,7 @@ class _SenderProtocol(_Framed):
 
     def resumeProducing(self):
         self._paused = False
+        self._touch()
         self._pump()
 
     def stopProducing(self):
@@ -1026,8 +1051,8 @@ class _SenderProtocol(_Framed):
                     self._writeData(offset, data)
             if item.read:
                 s.advance(length)
-        else:
-            if item.send and not is_zero:
+        elif item.send:
+            if not is_zero:
                 self._writeData(offset, data)
             s.advance(length)
 
@@ -1039,6 +1064,7 @@ class _SenderProtocol(_Framed):
         self.transport.write(data)
         self._send.sent += len(data)
         self._send.blocks_sent += 1
+        self._touch()
 
     def frameData(self, offset, data):
         """
@@ -1052,9 +1078,14 @@ class _SenderProtocol(_Framed):
         s.end_digest = blockmap.image_digest(s.size, s.hashes)
         self.sendFrame(END, {"digest": s.end_digest, "commit": s.commit})
         self.transport.unregisterProducer()
+        # The receiver now verifies and fsyncs the whole copy before it answers.
+        self._touch(s.sender.verify_timeout)
 
     def connectionLost(self, reason):
         self._stopped = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
         self._send.disconnected(self, reason)
 
 
@@ -1089,6 +1120,7 @@ class _Send:
         self.finished = False
         self.outcome = None
         self.last_error = None
+        self.cause = None
 
     def start(self):
         d = deferToThreadPool(self.reactor, self.threadpool, self._scan)
@@ -1191,11 +1223,13 @@ class _Send:
                 f" {detail}"
             ))
             return
-        self.last_error = reason.getErrorMessage()
+        self.last_error = self.cause or reason.getErrorMessage()
+        self.cause = None
         if self.attempts > self.sender.retries:
+            plural = "s" if self.attempts != 1 else ""
             self._fail(errors.Unavailable(
                 f"the volume stream to {self.host}:{self.port} failed after {self.attempts}"
-                f" attempts: {self.last_error}"
+                f" attempt{plural}: {self.last_error}"
             ))
             return
         low, high = self.sender.backoff
@@ -1206,7 +1240,7 @@ class _Send:
         if isinstance(err, errors.Unavailable):
             # The receiver is busy or had a transient failure: the connection closes and the
             # stream is retried like any broken connection.
-            self.last_error = err.message
+            self.cause = err.message
             return
         self._fail(err)
 
@@ -1288,6 +1322,8 @@ class VolumeSender:
         retries=5,
         backoff=(0.5, 10.0),
         connect_timeout=30,
+        idle_timeout=60.0,
+        verify_timeout=900.0,
     ):
         """
         @param tls: C{tls(target_host_id, hostname)} returns the client TLS options for a
@@ -1297,6 +1333,10 @@ class VolumeSender:
         @param clock: the time source for retry delays (defaults to C{reactor}).
         @param retries: how many times a broken stream is reconnected before giving up.
         @param backoff: C{(first, longest)} delay in seconds between attempts, doubling.
+        @param idle_timeout: seconds without progress after which a connection is dropped and
+            retried.
+        @param verify_timeout: seconds to wait for the receiver's answer after the last block
+            (it verifies and fsyncs the whole copy first).
         """
         self.reactor = reactor
         self.tls = tls
@@ -1305,6 +1345,8 @@ class VolumeSender:
         self.retries = retries
         self.backoff = backoff
         self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.verify_timeout = verify_timeout
 
     def send(self, host, port, token, path, target, mode="bulk", commit=True, progress=None):
         """
