@@ -1,0 +1,179 @@
+"""
+C{twistd zwrm-agent}: options and service.
+
+    twistd -n zwrm-agent --control-plane-url=wss://cp.example.com:8080/ws \\
+        --region=eu-central --datacenter=dc1 --join-token=...
+
+Every option can also be set in a TOML file (C{--config}), section C{[agent]}, with the
+option's name spelled with underscores (C{control_plane_url = "..."}); a flag wins.
+"""
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from ipaddress import ip_address
+
+from autobahn.websocket.util import parse_url
+from twisted.python import usage
+
+
+@dataclass
+class AgentConfig:
+    """The agent's settings."""
+
+    url: str
+    region: str = ""
+    datacenter: str = ""
+    join_token: str | None = None
+    data_dir: str = "/var/lib/zwrm/agent"
+    name: str = field(default_factory=socket.gethostname)
+    address: str | None = None
+    labels: dict = field(default_factory=dict)
+    vcpus: int | None = None
+    memory_mb: int | None = None
+    disk_mb: int | None = None
+    ca_file: str | None = None
+    insecure: bool = False
+    retry_initial: float = 1.0
+    retry_max: float = 60.0
+
+
+def _is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url(url, insecure=False):
+    """
+    Check a control-plane URL.
+
+    @raise usage.UsageError: if it is not a ws:// or wss:// URL, or plain beyond
+        loopback without C{insecure}.
+    """
+    try:
+        secure, host, _port, _r, _p, _q = parse_url(url)
+    except Exception as e:
+        raise usage.UsageError(f"bad --control-plane-url {url!r}: {e}") from None
+    if not secure and not insecure and not _is_loopback(host):
+        raise usage.UsageError(
+            f"--control-plane-url {url!r} is plain ws:// beyond loopback; use wss:// or --insecure"
+        )
+
+
+class Options(usage.Options):
+    """Command-line options of C{twistd zwrm-agent}."""
+
+    synopsis = "--control-plane-url=URL [options]"
+    optParameters = [
+        ["config", "c", None, "TOML configuration file ([agent] section)."],
+        ["control-plane-url", "u", None, "The control plane's WebSocket URL (ws:// or wss://)."],
+        ["region", None, None, "This host's region."],
+        ["datacenter", None, None, "This host's datacenter."],
+        ["join-token", None, None, "The join token (needed only until the host has joined)."],
+        ["join-token-file", None, None, "Read the join token from this file."],
+        ["data-dir", "d", None, "Data directory (host id, credential, ...)."],
+        ["name", None, None, "The host's name (default: the hostname)."],
+        ["address", None, None, "The address other hosts reach this host at."],
+        ["vcpus", None, None, "Override the vCPU count."],
+        ["memory-mb", None, None, "Override the memory (MiB)."],
+        ["disk-mb", None, None, "Override the disk (MiB)."],
+        ["ca-file", None, None, "PEM CA certificate to trust for wss://."],
+        ["retry-initial", None, None, "First reconnection delay, seconds (default 1)."],
+        ["retry-max", None, None, "Longest reconnection delay, seconds (default 60)."],
+    ]
+    optFlags = [["insecure", None, "Allow plain ws:// to a non-loopback control plane."]]
+
+    def __init__(self):
+        usage.Options.__init__(self)
+        self["label"] = {}
+
+    def opt_label(self, text):
+        """A label key=value (repeatable)."""
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise usage.UsageError(f"--label {text!r}: use key=value")
+        self["label"][key] = value
+
+    def postOptions(self):
+        values = {}
+        if self["config"]:
+            values = _load(self["config"])
+        for key in ("control-plane-url", "region", "datacenter", "join-token", "join-token-file",
+                    "data-dir", "name", "address", "vcpus", "memory-mb", "disk-mb", "ca-file",
+                    "retry-initial", "retry-max"):
+            if self[key] is not None:
+                values[key.replace("-", "_")] = self[key]
+        if self["label"]:
+            values.setdefault("labels", {}).update(self["label"])
+        if self["insecure"]:
+            values["insecure"] = True
+        url = values.pop("control_plane_url", None)
+        if not url:
+            raise usage.UsageError("--control-plane-url is required")
+        token_file = values.pop("join_token_file", None)
+        if token_file:
+            try:
+                with open(token_file) as f:
+                    values["join_token"] = f.read().strip()
+            except OSError as e:
+                raise usage.UsageError(f"cannot read {token_file}: {e.strerror}") from None
+        for key in ("vcpus", "memory_mb", "disk_mb"):
+            if key in values:
+                try:
+                    values[key] = int(values[key])
+                    assert values[key] >= 0
+                except (ValueError, TypeError, AssertionError):
+                    raise usage.UsageError(f"{key} must be a non-negative integer") from None
+        for key in ("retry_initial", "retry_max"):
+            if key in values:
+                try:
+                    values[key] = float(values[key])
+                    assert values[key] > 0
+                except (ValueError, TypeError, AssertionError):
+                    raise usage.UsageError(f"{key} must be a positive number") from None
+        if not isinstance(values.get("labels", {}), dict):
+            raise usage.UsageError("labels must be a table of strings")
+        config = AgentConfig(url=url, **values)
+        config.data_dir = os.path.abspath(os.path.expanduser(config.data_dir))
+        if config.ca_file and not os.path.exists(config.ca_file):
+            raise usage.UsageError(f"CA file {config.ca_file} does not exist")
+        check_url(config.url, config.insecure)
+        self.config = config
+
+
+KEYS = {"control_plane_url", "region", "datacenter", "join_token", "join_token_file", "data_dir",
+        "name", "address", "labels", "vcpus", "memory_mb", "disk_mb", "ca_file", "insecure",
+        "retry_initial", "retry_max"}
+
+
+def _load(path):
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise usage.UsageError(f"configuration file {path} does not exist") from None
+    except OSError as e:
+        raise usage.UsageError(f"cannot read configuration file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise usage.UsageError(f"configuration file {path} is not valid TOML: {e}") from None
+    agent = data.get("agent", {})
+    if set(data) - {"agent"} or not isinstance(agent, dict):
+        raise usage.UsageError(f"{path}: only an [agent] section is understood")
+    unknown = set(agent) - KEYS
+    if unknown:
+        raise usage.UsageError(f"{path}: unknown setting [agent] {sorted(unknown)[0]}")
+    return dict(agent)
+
+
+def makeService(options):
+    """The agent service; the only place that touches the global reactor."""
+    from twisted.internet import reactor
+
+    from zwrm.agent.service import AgentService
+
+    return AgentService(reactor, options.config)
