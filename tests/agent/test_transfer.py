@@ -163,6 +163,20 @@ class Corrupting(transfer._SenderProtocol):
         return data
 
 
+class DropsAfterEnd(transfer._SenderProtocol):
+    """
+    A sender whose first connection closes right after the end frame, before the answer.
+    """
+
+    dropped = 0
+
+    def _finish(self):
+        transfer._SenderProtocol._finish(self)
+        if not DropsAfterEnd.dropped:
+            DropsAfterEnd.dropped += 1
+            self.transport.loseConnection()
+
+
 class PauseRecorder(transfer._SenderProtocol):
     """
     A sender that records how often the transport paused it, and fails if it writes a block
@@ -298,12 +312,15 @@ class StreamTests(TestCase):
         self.assertLess(allocated(path), 8 * BLOCK_SIZE)
         self.assertEqual(self.temporaries(), [])
         # The token was used up.
-        with self.assertRaises(errors.NotFound):
-            self.receiver.transfer(token)
+        self.assertEqual(self.receiver.transfer(token).state, "committed")
         f = yield self.assertFailure(
-            self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst"), errors.AuthenticationFailed
+            self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst"),
+            errors.AuthenticationFailed,
         )
-        self.assertIn("token", f.message)
+        self.assertEqual(f.message, "this transfer token was already used")
+        # It is forgotten after its time to live.
+        self.clock.advance(self.receiver.ttl)
+        self.assertRaises(errors.NotFound, self.receiver.transfer, token)
 
     @defer.inlineCallbacks
     def test_ext4_image(self):
@@ -420,6 +437,32 @@ class StreamTests(TestCase):
         self.assertLess(result["sent"], 32 * MiB + 16 * MiB)
         self.assertSameBytes(self.src, self.store.path("vol-1"))
         self.assertEqual(self.temporaries(), [])
+
+    @defer.inlineCallbacks
+    def test_answer_lost_after_end(self):
+        """
+        When the connection closes after the end frame, before the receiver's answer, the
+        retry's hello carries the digest and the receiver answers with the outcome (staged or
+        committed) without anything being sent again.
+        """
+        write_image(self.src, 16 * MiB, {i * BLOCK_SIZE: pattern(i) for i in range(8)})
+        sender = VolumeSender(reactor, self.src_creds.peer_client_context, clock=self.clock)
+        sender.protocol = DropsAfterEnd
+        for commit in (False, True):
+            DropsAfterEnd.dropped = 0
+            token = mint_token()
+            volume = f"vol-{commit}"
+            incoming = self.receiver.expect(token, volume, 16 * MiB)
+            d = sender.send("127.0.0.1", self.port, token, self.src, "host-dst", commit=commit)
+            yield wait_for(lambda: any(c.func.__name__ == "attempt" for c in self.clock.getDelayedCalls()))
+            yield wait_for(lambda i=incoming: i.state in ("staged", "committed"))
+            self.clock.advance(sender.backoff[0])
+            result = yield d
+            self.assertEqual(result["attempts"], 2)
+            self.assertEqual(result["sent"], 8 * BLOCK_SIZE)
+            self.assertEqual(result["committed"], commit)
+            self.assertEqual(self.store.exists(volume), commit)
+        self.assertSameBytes(self.src, self.store.path("vol-True"))
 
     @defer.inlineCallbacks
     def test_gives_up_after_retries(self):

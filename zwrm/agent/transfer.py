@@ -321,8 +321,13 @@ class IncomingTransfer:
         """
         A sender presented this transfer's token; check its request and answer it.
         """
-        if self.state in ("committed", "cancelled"):
-            raise errors.Conflict(f"the transfer of volume {self.volume_id} is already {self.state}")
+        if self.state == "committed":
+            if hello.get("digest") == self.digest:
+                # The sender committed this copy but never saw our answer.
+                return ("done", {"digest": self.digest, "committed": True})
+            raise errors.AuthenticationFailed("this transfer token was already used")
+        if self.state == "cancelled":
+            raise errors.AuthenticationFailed("unknown or expired transfer token")
         mode = hello.get("mode")
         if mode not in ("bulk", "delta"):
             raise errors.InvalidArgument(f"unknown transfer mode {mode!r}")
@@ -681,6 +686,8 @@ class _ReceiverProtocol(_Framed):
         self._transfer = transfer
         if what == "finish":
             transfer.finish(arg).addCallbacks(self._done, self._failedAsync)
+        elif what == "done":
+            self._done(arg)
         elif what == "ready":
             self.sendFrame(READY, arg)
         else:
@@ -866,7 +873,8 @@ class VolumeReceiver(service.Service):
         self._ttls.pop(key, None)
 
     def _committed(self, transfer):
-        self._forget(transfer)
+        # Remembered a while, so that a sender that lost our answer learns the outcome.
+        self.clock.callLater(self.ttl_for(transfer), self._forget, transfer)
 
 
 # --- sender -----------------------------------------------------------------------------
