@@ -1,0 +1,125 @@
+"""
+C{zwrm host list} and C{zwrm host status <host-id>}.
+"""
+
+import json
+import sys
+import time
+
+from zwrm.cli.client import call, close, connect, load_settings
+
+
+def register(subparsers):
+    host = subparsers.add_parser("host", help="hosts of the cluster")
+    hsub = host.add_subparsers(dest="host_command", metavar="SUBCOMMAND")
+    hsub.required = True
+    ls = hsub.add_parser("list", help="every host, as a table")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.set_defaults(func=host_list)
+    st = hsub.add_parser("status", help="everything known about one host")
+    st.add_argument("host_id")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.add_argument("--events", type=int, default=20, help="how many recent events")
+    st.set_defaults(func=host_status)
+
+
+async def _with_session(reactor, args, procedure, *cargs):
+    session = await connect(reactor, load_settings(args.api_url))
+    try:
+        return await call(session, procedure, *cargs)
+    finally:
+        await close(session)
+
+
+def _age(seconds):
+    if seconds is None:
+        return "-"
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h"
+
+
+def _table(headers, rows, out):
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=True)]
+    for row in [headers, *rows]:
+        out.write("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() + "\n")
+
+
+def format_hosts(hosts, out):
+    """Write the C{zwrm host list} table."""
+    headers = ["ID", "NAME", "REGION", "DATACENTER", "STATE", "VCPU", "MEMORY(MiB)", "MACHINES",
+               "HEARTBEAT"]
+    rows = [
+        [
+            h["id"],
+            h["name"],
+            h["region"] or "-",
+            h["datacenter"] or "-",
+            h["state"],
+            f"{h['alloc_vcpus']}/{h['vcpus']}",
+            f"{h['alloc_memory_mb']}/{h['memory_mb']}",
+            h["machines"],
+            _age(h["heartbeat_age"]),
+        ]
+        for h in hosts
+    ]
+    _table(headers, rows, out)
+
+
+def format_status(h, out):
+    """Write the C{zwrm host status} report."""
+    fields = [
+        ("id", h["id"]), ("name", h["name"]), ("state", h["state"]),
+        ("state before offline", h.get("state_before_offline") or "-"),
+        ("region", h["region"] or "-"), ("datacenter", h["datacenter"] or "-"),
+        ("address", h["address"] or "-"),
+        ("labels", ", ".join(f"{k}={v}" for k, v in sorted((h["labels"] or {}).items())) or "-"),
+        ("vcpus", f"{h['alloc_vcpus']} of {h['vcpus']} allocated"),
+        ("memory", f"{h['alloc_memory_mb']} of {h['memory_mb']} MiB allocated"),
+        ("disk", f"{h['alloc_disk_mb']} of {h['disk_mb']} MiB allocated"),
+        ("agent version", h["agent_version"] or "-"),
+        ("last heartbeat", f"{_age(h['heartbeat_age'])} ago"),
+        ("executor", "registered" if h.get("executor") else "not registered"),
+    ]
+    width = max(len(k) for k, _ in fields)
+    for k, v in fields:
+        out.write(f"{k.ljust(width)}  {v}\n")
+    out.write(f"\nmachines ({len(h['machine_list'])}):\n")
+    if h["machine_list"]:
+        _table(["ID", "APP", "STATE"],
+               [[m["id"], m.get("app_id") or "-", m["state"]] for m in h["machine_list"]], out)
+    out.write(f"\nrecent events ({len(h['events'])}):\n")
+    if h["events"]:
+        rows = []
+        for e in h["events"]:
+            p = e.get("payload") or {}
+            what = p.get("state") or ""
+            if p.get("reason"):
+                what += f" ({p['reason']})"
+            rows.append([time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["ts"])), e["kind"], what])
+        _table(["TIME (UTC)", "KIND", "DETAIL"], rows, out)
+
+
+async def host_list(reactor, args, out=None):
+    out = out or sys.stdout
+    hosts = await _with_session(reactor, args, "zwrm.host.list")
+    if args.json:
+        json.dump(hosts, out, indent=2, sort_keys=True)
+        out.write("\n")
+    else:
+        format_hosts(hosts, out)
+    return 0
+
+
+async def host_status(reactor, args, out=None):
+    out = out or sys.stdout
+    host = await _with_session(reactor, args, "zwrm.host.status", args.host_id)
+    if args.json:
+        json.dump(host, out, indent=2, sort_keys=True)
+        out.write("\n")
+    else:
+        format_status(host, out)
+    return 0
