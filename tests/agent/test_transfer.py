@@ -9,6 +9,7 @@ import json
 import os
 import struct
 import subprocess
+import threading
 
 from twisted.internet import defer, endpoints, reactor, task
 from twisted.internet.protocol import Factory, Protocol
@@ -657,6 +658,39 @@ class StreamTests(TestCase):
         self.assertGreater(PauseRecorder.pauses, 0)
         self.assertEqual(PauseRecorder.written_while_paused, 0)
         self.assertEqual(len(slow), 96)
+        self.assertSameBytes(self.src, self.store.path("vol-1"))
+
+    @defer.inlineCallbacks
+    def test_receiver_backpressure(self):
+        """
+        While the disk does not keep up, the receiver stops reading from the socket once
+        RECEIVE_HIGH_WATER writes are queued, so memory stays bounded; when the disk
+        catches up the copy completes intact.
+        """
+        size = 64 * MiB
+        write_image(self.src, size, {0: pattern("bp", size)})
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+
+        def stuck(fd, parts, offset):
+            gate.wait(30)
+            return os.pwritev(fd, parts, offset)
+
+        self.patch(transfer, "_pwritev", stuck)
+        token = mint_token()
+        incoming = self.receiver.expect(token, "vol-1", size)
+        d = self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst")
+        yield wait_for(lambda: incoming._paused_reading)
+        queued = incoming._pending
+        self.assertGreaterEqual(queued, transfer.RECEIVE_HIGH_WATER)
+        self.assertLessEqual(queued, transfer.RECEIVE_HIGH_WATER + 1)
+        # The socket is no longer read from.
+        tcp = incoming._proto.transport.transport
+        self.assertNotIn(tcp, reactor.getReaders())
+        self.assertNoResult(d)
+        gate.set()
+        yield d
+        self.assertFalse(incoming._paused_reading)
         self.assertSameBytes(self.src, self.store.path("vol-1"))
 
     @defer.inlineCallbacks
