@@ -413,8 +413,18 @@ class IncomingTransfer:
         """
         self._discard()
         self.tmp_path = self._receiver.store.temporary_path(self.volume_id)
-        self._fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        os.ftruncate(self._fd, self.size)
+        try:
+            self._fd = os.open(
+                self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
+            )
+            os.ftruncate(self._fd, self.size)
+        except OSError as e:
+            self._discard()
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise errors.ResourceExhausted(
+                    f"cannot store volume {self.volume_id}: {e.strerror}"
+                ) from None
+            raise errors.Unavailable(f"cannot store volume {self.volume_id}: {e.strerror}") from None
         self.hashes = blockmap.hole_hashes(self.size)
         self.offset = 0
         self.digest = None
@@ -562,13 +572,28 @@ class IncomingTransfer:
         self.state = "verifying"
         d = self._after_writes().addCallback(lambda _: self._verify(expected))
         d.addCallback(lambda _: self.finish(commit))
-        return d
+
+        def failed(f):
+            if self.state == "verifying":
+                # The copy cannot be trusted any more: start over at the next bulk.
+                self._discard()
+            if f.check(OSError):
+                raise errors.Unavailable(
+                    f"cannot store volume {self.volume_id}: {f.value.strerror or f.value}"
+                )
+            return f
+
+        return d.addErrback(failed)
 
     def _verify(self, expected):
+        if self.state != "verifying" or self._fd is None:
+            raise errors.Conflict(f"the transfer of volume {self.volume_id} was cancelled")
         if self._write_error is not None:
             raise self._write_error
         digest = blockmap.image_digest(self.size, self.hashes)
-        if not isinstance(expected, str) or not hmac.compare_digest(digest, expected):
+        if not isinstance(expected, str) or not hmac.compare_digest(
+            digest.encode("ascii"), expected.encode("utf-8")
+        ):
             self._discard()
             raise errors.Corrupt(
                 f"volume {self.volume_id} failed verification: the copy's digest {digest}"
@@ -579,6 +604,8 @@ class IncomingTransfer:
         return deferToThreadPool(self._receiver.reactor, self._receiver.threadpool, os.fsync, fd)
 
     def finish(self, commit):
+        if self._fd is None:
+            return defer.fail(errors.Conflict(f"the transfer of volume {self.volume_id} was cancelled"))
         self.state = "staged"
         if not commit:
             return defer.succeed({"digest": self.digest, "committed": False})
