@@ -47,6 +47,25 @@ class AccelTests(TestCase):
         accel._cache["/q"] = None
         self.assertEqual(await accel.choose(reactor, "auto", "/q"), "kvm")
 
+    async def test_driver_with_kvm_that_does_not_work(self):
+        root = tempfile.mkdtemp(prefix="zwrm-k-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, root, True)
+        drv = QemuDriver(reactor, root, accel="kvm")
+        accel._cache[drv.qemu_binary] = "the CPU does not expose hardware virtualization"
+        img = image.build()
+
+        def spec(mid):
+            return {"id": mid, "kernel": img.kernel, "initrd": img.initrd, "cmdline": "",
+                    "vcpus": 1, "memory_mb": 64}
+
+        d1, d2 = drv.start(spec("a")), drv.start(spec("b"))
+        for d in (d1, d2):
+            with self.assertRaises(Unavailable) as cm:
+                await d
+            self.assertIn("hardware virtualization", cm.exception.message)
+        self.assertEqual(drv.list(), [])
+        self.assertIsNone(drv.facts()["accel"])
+
     def test_preconditions(self):
         self.assertIn("cannot be opened", accel._kvm_preconditions(dev="/nonexistent/kvm"))
         tmp = self.mktemp()

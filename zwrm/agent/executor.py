@@ -340,7 +340,10 @@ class Executor:
             1 <= max_bytes <= 16 * 1024 * 1024
         ):
             raise InvalidArgument(f"max_bytes must be from 1 to 16777216, not {max_bytes!r}")
-        return self.driver.console(machine_id, max_bytes)
+        try:
+            return self.driver.console(machine_id, max_bytes)
+        except NotFound:
+            return succeed("")  # it failed before its hypervisor ever started
 
     # --- volume procedures --------------------------------------------------------------
 

@@ -157,6 +157,7 @@ class QemuDriver:
         self._machines = {}
         self._listeners = []
         self._closed = False
+        self._choosing = None
         os.makedirs(self.root, exist_ok=True)
 
     # --- public -------------------------------------------------------------------------
@@ -337,8 +338,7 @@ class QemuDriver:
         if m is None:
             m = _Machine(spec["id"], os.path.join(self.root, spec["id"]))
         if self.accel is None:
-            self.accel = await _accel.choose(self.reactor, self.requested_accel,
-                                             self.qemu_binary, self.probe_timeout)
+            await self._choose_accel()
         os.makedirs(m.dir, exist_ok=True)
         for p in (m.qmp_path, m.path("qemu.pid")):
             try:
@@ -402,6 +402,26 @@ class QemuDriver:
             raise Unavailable(f"machine {m.id}: QEMU {m.reason}")
         self._set(m, "running", f"started (accel {self.accel})")
         return self._status(m)
+
+    async def _choose_accel(self):
+        # One probe, however many machines start at once.
+        if self._choosing is not None:
+            waiting = Deferred()
+            self._choosing.append(waiting)
+            await waiting
+            return
+        self._choosing = []
+        try:
+            self.accel = await _accel.choose(self.reactor, self.requested_accel,
+                                             self.qemu_binary, self.probe_timeout)
+        except Exception as e:
+            waiters, self._choosing = self._choosing, None
+            for d in waiters:
+                d.errback(e)
+            raise
+        waiters, self._choosing = self._choosing, None
+        for d in waiters:
+            d.callback(self.accel)
 
     def _event(self, m, name, data):
         log.debug("machine {id}: QMP event {name} {data}", id=m.id, name=name, data=data)
