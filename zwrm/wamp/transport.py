@@ -13,13 +13,15 @@ from __future__ import annotations
 from collections import deque
 
 import txaio
+from autobahn.exception import PayloadExceededError
 from autobahn.twisted import rawsocket as _rawsocket
 from autobahn.twisted import websocket as _websocket
 from autobahn.twisted.resource import WebSocketResource
-from autobahn.wamp.exception import TransportLost
+from autobahn.wamp.exception import ProtocolError, SerializationError, TransportLost
 from autobahn.wamp.interfaces import ITransport
 from autobahn.wamp.serializer import CBORSerializer, JsonSerializer, MsgPackSerializer
 from autobahn.wamp.types import TransportDetails
+from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -48,12 +50,31 @@ def _malformed(session, e):
     return False
 
 
-class WampWebSocketServerProtocol(_websocket.WampWebSocketServerProtocol):
+class _QuietWebSocketMixin:
     """
-    Autobahn's WAMP-over-WebSocket server protocol, except that a message that does
-    not parse ends the session with ABORT C{wamp.error.protocol_violation} instead
-    of a bare close.
+    autobahn's WebSocket protocols format a log line (with terminal colours) for
+    every read, write and WAMP message even when that log level is off; that costs
+    more than routing the message.  These overrides do the same work without it.
     """
+
+    def dataReceived(self, data):
+        self._dataReceived(data)
+
+    def sendData(self, data, sync=False, chopsize=None):
+        if sync or chopsize or self.send_queue or self.state != WebSocketProtocol.STATE_OPEN:
+            return super().sendData(data, sync, chopsize)
+        self.transport.write(data)
+        if self.logOctets:
+            self.logTxOctets(data, False)
+
+    def send(self, msg):
+        if self._session is None:
+            raise TransportLost()
+        try:
+            payload, is_binary = self._serializer.serialize(msg)
+        except Exception as e:
+            raise SerializationError(f"WAMP message serialization error: {e}") from e
+        self.sendMessage(payload, is_binary)
 
     def onMessage(self, payload, isBinary):
         session = self._session
@@ -68,7 +89,32 @@ class WampWebSocketServerProtocol(_websocket.WampWebSocketServerProtocol):
         for msg in msgs:
             if self._session is None:
                 break
-            self._session.onMessage(msg)
+            try:
+                self._session.onMessage(msg)
+            except ProtocolError as e:
+                self._bailout(1002, f"WAMP Protocol Error ({e})")
+                return
+
+
+class WampWebSocketServerProtocol(_QuietWebSocketMixin, _websocket.WampWebSocketServerProtocol):
+    """
+    Autobahn's WAMP-over-WebSocket server protocol, except that a message that does
+    not parse ends the session with ABORT C{wamp.error.protocol_violation} instead
+    of a bare close.
+    """
+
+
+class WampWebSocketClientProtocol(_QuietWebSocketMixin, _websocket.WampWebSocketClientProtocol):
+    """autobahn's WAMP-over-WebSocket client protocol without the per-message log formatting."""
+
+
+class WampWebSocketClientFactory(_websocket.WampWebSocketClientFactory):
+    """
+    A WAMP-over-WebSocket client factory (for agents, the CLI and benchmarks):
+    C{WampWebSocketClientFactory(session_factory, url=..., serializers=[...])}.
+    """
+
+    protocol = WampWebSocketClientProtocol
 
 
 class WampWebSocketServerFactory(_websocket.WampWebSocketServerFactory):
@@ -95,6 +141,19 @@ class WampRawSocketServerProtocol(_rawsocket.WampRawSocketServerProtocol):
             if self._session is None:
                 break
             self._session.onMessage(msg)
+
+
+    def send(self, msg):
+        if self._session is None:
+            raise TransportLost()
+        try:
+            payload, _ = self._serializer.serialize(msg)
+        except Exception as e:
+            raise SerializationError(f"WAMP message serialization error: {e}") from e
+        if 0 < (self._max_len_send or 0) < len(payload):
+            raise PayloadExceededError(
+                f"message of {len(payload)} bytes exceeds the peer's limit of {self._max_len_send}")
+        self.sendString(payload)
 
 
 class WampRawSocketServerFactory(_rawsocket.WampRawSocketServerFactory):

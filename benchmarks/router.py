@@ -1,0 +1,394 @@
+#!/usr/bin/env python3
+"""
+Benchmark of zwrm's embedded WAMP router, beside Crossbar.io when it is installed.
+
+Workload (loopback WebSocket, JSON and MsgPack; every router and client in its own process):
+ - RPC, one caller and one callee: calls/s sequentially and with 64 calls in flight,
+   and the latency p50 / p99 of the sequential calls;
+ - pub/sub, one publisher: events delivered per second to 1 and to 10 subscribers.
+
+Usage:
+    .venv/bin/python benchmarks/router.py [--quick] [--crossbar /opt/crossbar-venv/bin/crossbar]
+
+Crossbar.io is never a dependency of zwrm: install it in its own virtualenv
+(``python3 -m venv /opt/crossbar-venv && /opt/crossbar-venv/bin/pip install crossbar``).
+Without it the script prints zwrm's figures and says Crossbar is absent.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+# autobahn tries the optional UBJSON serializer (bjdata); a bjdata built against another
+# NumPy prints a long traceback on import.  The benchmark does not use UBJSON: skip it.
+sys.modules.setdefault("bjdata", None)
+
+import txaio  # noqa: E402
+
+txaio.use_twisted()
+
+from autobahn.twisted.wamp import ApplicationSession  # noqa: E402
+from autobahn.wamp.exception import ApplicationError  # noqa: E402
+from autobahn.wamp.types import ComponentConfig, PublishOptions  # noqa: E402
+from twisted.internet import defer, task  # noqa: E402
+from twisted.internet.endpoints import TCP4ClientEndpoint  # noqa: E402
+
+HERE = os.path.abspath(__file__)
+DEFAULT_CROSSBAR = "/opt/crossbar-venv/bin/crossbar"
+ALL = {"call", "register", "publish", "subscribe"}
+
+
+# --- processes -------------------------------------------------------------------------
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+def serve_zwrm(port):
+    """Run zwrm's router alone in this process (a child of the benchmark)."""
+    from twisted.internet import reactor
+
+    from zwrm.wamp.auth import RoleBasedAuthorizer, Rule, StaticAuthenticator
+    from zwrm.wamp.router import Router
+    from zwrm.wamp.transport import listen
+
+    router = Router(reactor, StaticAuthenticator(anonymous=True),
+                    RoleBasedAuthorizer({"anonymous": [Rule("bench.", "prefix", ALL)]}))
+    listen(reactor, router, f"tcp:{port}:interface=127.0.0.1")
+    reactor.run()
+
+
+def crossbar_config(port):
+    perm = {"uri": "bench.", "match": "prefix",
+            "allow": {"call": True, "register": True, "publish": True, "subscribe": True},
+            "disclose": {"caller": True, "publisher": True}, "cache": True}
+    return {
+        "version": 2,
+        "controller": {},
+        "workers": [{
+            "type": "router",
+            "realms": [{"name": "zwrm", "roles": [{"name": "anonymous", "permissions": [perm]}]}],
+            "transports": [{
+                "type": "websocket",
+                "endpoint": {"type": "tcp", "port": port, "interface": "127.0.0.1"},
+                "serializers": ["json", "msgpack"],
+                "auth": {"anonymous": {"type": "static", "role": "anonymous"}},
+            }],
+        }],
+    }
+
+
+class RouterProcess:
+    def __init__(self, kind, crossbar=None):
+        self.kind = kind
+        self.port = free_port()
+        self.tmp = tempfile.mkdtemp(prefix=f"bench-{kind}-")
+        log = open(os.path.join(self.tmp, "router.log"), "wb")
+        if kind == "zwrm":
+            cmd = [sys.executable, HERE, "--serve-zwrm", str(self.port)]
+            self.url = f"ws://127.0.0.1:{self.port}/ws"
+        else:
+            cbdir = os.path.join(self.tmp, ".crossbar")
+            os.makedirs(cbdir)
+            with open(os.path.join(cbdir, "config.json"), "w") as f:
+                json.dump(crossbar_config(self.port), f)
+            cmd = [crossbar, "start", "--cbdir", cbdir, "--loglevel", "warn"]
+            self.url = f"ws://127.0.0.1:{self.port}/"
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp)
+        wait_port(self.port, 90)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# --- client sessions -------------------------------------------------------------------
+
+
+class Session(ApplicationSession):
+    def __init__(self, joined):
+        ApplicationSession.__init__(self, ComponentConfig(realm="zwrm"))
+        self._joined = joined
+
+    def onJoin(self, details):
+        if not self._joined.called:
+            self._joined.callback(self)
+
+
+@defer.inlineCallbacks
+def connect(reactor, url, serializer):
+    from zwrm.wamp.transport import WampWebSocketClientFactory, make_serializers
+
+    joined = defer.Deferred()
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    factory = WampWebSocketClientFactory(lambda: Session(joined), url=url,
+                                         serializers=make_serializers([serializer]))
+    yield TCP4ClientEndpoint(reactor, host, int(port)).connect(factory)
+    session = yield joined.addTimeout(30, reactor)
+    return session
+
+
+def worker(reactor, role, url, serializer, n):
+    """Child process: a callee, or n subscribers that report what they got."""
+
+    @defer.inlineCallbacks
+    def main():
+        if role == "callee":
+            s = yield connect(reactor, url, serializer)
+            yield s.register(lambda *a, **kw: a[0] if a else None, "bench.echo")
+            yield s.publish("bench.ready", "callee")
+        else:
+            for _ in range(n):
+                s = yield connect(reactor, url, serializer)
+                state = {"count": 0}
+
+                def on_event(seq, total, payload, s=s, state=state):
+                    state["count"] += 1
+                    if seq == total - 1:
+                        s.publish("bench.report", state["count"])
+                        state["count"] = 0
+
+                yield s.subscribe(on_event, "bench.events")
+                yield s.publish("bench.ready", "subscriber")
+        yield defer.Deferred()  # run until killed
+
+    return main()
+
+
+def spawn_worker(role, url, serializer, n=1):
+    return subprocess.Popen([sys.executable, HERE, "--worker", role, url, serializer, str(n)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class Collector:
+    def __init__(self):
+        self.items = []
+        self.waiters = []
+
+    def __call__(self, *args):
+        self.items.append(args[0] if args else None)
+        waiters, self.waiters = self.waiters, []
+        for n, d in waiters:
+            if len(self.items) >= n:
+                d.callback(None)
+            else:
+                self.waiters.append((n, d))
+
+    def wait_for(self, n, reactor, timeout=60):
+        d = defer.Deferred()
+        if len(self.items) >= n:
+            d.callback(None)
+        else:
+            self.waiters.append((n, d))
+        return d.addTimeout(timeout, reactor)
+
+
+# --- the workload ----------------------------------------------------------------------
+
+
+def pct(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+@defer.inlineCallbacks
+def measure(reactor, url, serializer, sizes):
+    results = {}
+    driver = yield connect(reactor, url, serializer)
+    ready = Collector()
+    reports = Collector()
+    yield driver.subscribe(ready, "bench.ready")
+    yield driver.subscribe(reports, "bench.report")
+    procs = [spawn_worker("callee", url, serializer)]
+    try:
+        yield ready.wait_for(1, reactor)
+        for _ in range(50):
+            try:
+                yield driver.call("bench.echo", 0)
+                break
+            except ApplicationError:
+                yield task.deferLater(reactor, 0.1, lambda: None)
+
+        # sequential calls and their latency
+        lat = []
+        t0 = time.perf_counter()
+        for i in range(sizes["seq"]):
+            t = time.perf_counter()
+            yield driver.call("bench.echo", i)
+            lat.append(time.perf_counter() - t)
+        results["rpc_seq"] = sizes["seq"] / (time.perf_counter() - t0)
+        results["p50_ms"] = pct(lat, 50) * 1000
+        results["p99_ms"] = pct(lat, 99) * 1000
+
+        # 64 calls in flight
+        total = sizes["par"]
+        sent = [0]
+        done = defer.Deferred()
+        finished = [0]
+
+        def one(_=None):
+            if sent[0] >= total:
+                return
+            sent[0] += 1
+            driver.call("bench.echo", sent[0]).addBoth(back)
+
+        def back(r):
+            finished[0] += 1
+            if finished[0] == total:
+                done.callback(None)
+            else:
+                one()
+
+        t0 = time.perf_counter()
+        for _ in range(64):
+            one()
+        yield done.addTimeout(120, reactor)
+        results["rpc_64"] = total / (time.perf_counter() - t0)
+
+        # events, 1 and 10 subscribers
+        for nsubs, nevents in ((1, sizes["ev1"]), (10, sizes["ev10"])):
+            ready.items.clear()
+            reports.items.clear()
+            per_proc = [nsubs] if nsubs == 1 else [nsubs // 2, nsubs - nsubs // 2]
+            subs = [spawn_worker("subscriber", url, serializer, k) for k in per_proc]
+            procs.extend(subs)
+            yield ready.wait_for(nsubs, reactor)
+            payload = "x" * 32
+            window = []
+            opts = PublishOptions(acknowledge=True)
+            t0 = time.perf_counter()
+            for seq in range(nevents):
+                window.append(driver.publish("bench.events", seq, nevents, payload, options=opts))
+                if len(window) >= 128:
+                    yield defer.gatherResults(window)
+                    window = []
+            yield defer.gatherResults(window)
+            yield reports.wait_for(nsubs, reactor, timeout=120)
+            elapsed = time.perf_counter() - t0
+            delivered = sum(reports.items[:nsubs])
+            results[f"ev_{nsubs}"] = delivered / elapsed
+            results[f"ev_{nsubs}_lost"] = nsubs * nevents - delivered
+            for p in subs:
+                p.kill()
+                p.wait()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        driver.leave()
+    return results
+
+
+ROWS = [
+    ("rpc_seq", "RPC calls/s, sequential", True),
+    ("rpc_64", "RPC calls/s, 64 in flight", True),
+    ("p50_ms", "RPC latency p50 (ms)", False),
+    ("p99_ms", "RPC latency p99 (ms)", False),
+    ("ev_1", "events/s delivered, 1 subscriber", True),
+    ("ev_10", "events/s delivered, 10 subscribers", True),
+]
+
+
+def fmt(v):
+    return f"{v:,.0f}" if v >= 100 else f"{v:.2f}"
+
+
+def report(all_results, have_crossbar):
+    for serializer in ("json", "msgpack"):
+        z = all_results.get(("zwrm", serializer))
+        c = all_results.get(("crossbar", serializer))
+        print(f"\nWebSocket + {serializer}")
+        if c:
+            print(f"  {'':38} {'zwrm':>12} {'crossbar':>12} {'zwrm/crossbar':>14}")
+        for key, label, higher in ROWS:
+            line = f"  {label:38} {fmt(z[key]):>12}"
+            if c:
+                ratio = z[key] / c[key] if higher else c[key] / z[key]
+                line += f" {fmt(c[key]):>12} {ratio:>13.2f}x"
+            print(line)
+        lost = {k: v for k, v in z.items() if k.endswith("_lost") and v}
+        if lost:
+            print(f"  zwrm events not delivered: {lost}")
+        if c:
+            lost = {k: v for k, v in c.items() if k.endswith("_lost") and v}
+            if lost:
+                print(f"  crossbar events not delivered: {lost}")
+    if have_crossbar:
+        print("\nratios: higher is better for zwrm (latency ratios are crossbar/zwrm)")
+    else:
+        print("\nCrossbar.io is absent (no baseline router): install it in its own virtualenv, "
+              "e.g. python3 -m venv /opt/crossbar-venv && /opt/crossbar-venv/bin/pip install crossbar")
+
+
+def main(reactor, args):
+    sizes = {"seq": 2000, "par": 20000, "ev1": 20000, "ev10": 5000}
+    if args.quick:
+        sizes = {k: v // 10 for k, v in sizes.items()}
+    have_crossbar = bool(args.crossbar and os.access(args.crossbar, os.X_OK))
+    kinds = ["zwrm"] + (["crossbar"] if have_crossbar else [])
+
+    @defer.inlineCallbacks
+    def run():
+        results = {}
+        # rounds interleave the routers, so a burst of load elsewhere on the machine
+        # hits both; each row keeps its best round
+        for rnd in range(args.rounds):
+            for serializer in ("json", "msgpack"):
+                for kind in kinds:
+                    router = RouterProcess(kind, args.crossbar)
+                    try:
+                        print(f"round {rnd + 1}: measuring {kind} / {serializer} ...", file=sys.stderr)
+                        r = yield measure(reactor, router.url, serializer, sizes)
+                    finally:
+                        router.stop()
+                    best = results.setdefault((kind, serializer), r)
+                    for key, _, higher in ROWS:
+                        best[key] = max(best[key], r[key]) if higher else min(best[key], r[key])
+        report(results, have_crossbar)
+        print(f"(best of {args.rounds} interleaved rounds; sizes: {sizes})")
+
+    return run()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--serve-zwrm":
+        serve_zwrm(int(sys.argv[2]))
+        sys.exit(0)
+    if len(sys.argv) > 5 and sys.argv[1] == "--worker":
+        role, url, ser, n = sys.argv[2:6]
+        task.react(lambda reactor: worker(reactor, role, url, ser, int(n)))
+        sys.exit(0)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a tenth of the work (a smoke run)")
+    parser.add_argument("--crossbar", default=DEFAULT_CROSSBAR, help="the crossbar executable")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; rows keep the best")
+    args = parser.parse_args()
+    task.react(lambda reactor: main(reactor, args))
