@@ -98,6 +98,17 @@ class ConfigTests(SynchronousTestCase):
 
 
 @pytest.mark.qemu
+class ProbeGuestTests(TestCase):
+    async def test_probe_guest_runs_under_tcg(self):
+        # The same probe the KVM check runs, under TCG (KVM is not usable here).
+        self.assertIsNone(await accel.probe_guest(reactor, "qemu-system-x86_64", "tcg", 30))
+        problem = await accel.probe_guest(reactor, "qemu-system-x86_64", "nonsense", 30)
+        self.assertIn("failed", problem)
+        problem = await accel.probe_guest(reactor, "/nonexistent/qemu", "tcg", 30)
+        self.assertIn("cannot run", problem)
+
+
+@pytest.mark.qemu
 class QemuStartTests(TestCase):
     async def test_long_paths_with_commas(self):
         # The machine directory is too long for a UNIX socket path, and has a comma.

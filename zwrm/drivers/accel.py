@@ -59,14 +59,23 @@ async def probe_kvm(reactor, qemu_binary, timeout=10.0):
     reason = _kvm_preconditions()
     if reason:
         return reason
-    with tempfile.TemporaryDirectory(prefix="zwrm-kvm-probe-") as tmp:
+    return await probe_guest(reactor, qemu_binary, "kvm", timeout)
+
+
+async def probe_guest(reactor, qemu_binary, accel, timeout=10.0):
+    """
+    Run the probe guest under C{-accel accel}.
+
+    @return: C{None} if it ran and exited as expected within C{timeout} seconds, else why not.
+    """
+    with tempfile.TemporaryDirectory(prefix="zwrm-accel-probe-") as tmp:
         img = os.path.join(tmp, "probe.img")
         with open(img, "wb") as f:
             f.write(_BOOT_SECTOR + bytes(510 - len(_BOOT_SECTOR)) + b"\x55\xaa")
         try:
             result = await process.run(
                 reactor,
-                [qemu_binary, "-accel", "kvm", "-nodefaults", "-no-user-config", "-display",
+                [qemu_binary, "-accel", accel, "-nodefaults", "-no-user-config", "-display",
                  "none", "-no-reboot", "-m", "16", "-device",
                  "isa-debug-exit,iobase=0xf4,iosize=0x04", "-drive",
                  f"file={img},format=raw,if=ide"],
@@ -75,9 +84,9 @@ async def probe_kvm(reactor, qemu_binary, timeout=10.0):
         except OSError as e:
             return f"{qemu_binary} cannot run ({e})"
     if result.timed_out:
-        return f"a KVM probe guest did not finish within {timeout} s"
+        return f"a probe guest under {accel} did not finish within {timeout} s"
     if result.code != _PROBE_EXIT:
-        return f"a KVM probe guest failed: {result.last_line() or result}"
+        return f"a probe guest under {accel} failed: {result.last_line() or result}"
     return None
 
 
