@@ -572,6 +572,40 @@ class StreamTests(TestCase):
         self.assertEqual(self.temporaries(), [])
 
     @defer.inlineCallbacks
+    def test_delta_resumes(self):
+        """
+        A delta cut mid-stream resumes from the receiver's block map: the blocks it already
+        wrote are not sent again.
+        """
+        size = 64 * MiB
+        write_image(self.src, size, {i * BLOCK_SIZE: pattern(i) for i in range(48)})
+        token = mint_token()
+        incoming = self.receiver.expect(token, "vol-1", size)
+        yield self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst", commit=False)
+        bulk = incoming.received
+        with open(self.src, "r+b") as f:
+            for i in range(0, 48, 2):  # 24 blocks change
+                f.seek(i * BLOCK_SIZE)
+                f.write(b"changed")
+        proxy = CuttingProxy("127.0.0.1", self.port, cut_at=12 * MiB)
+        listening = yield endpoints.TCP4ServerEndpoint(
+            reactor, 0, interface="127.0.0.1"
+        ).listen(proxy)
+        self.addCleanup(listening.stopListening)
+        d = self.sender.send(
+            "127.0.0.1", listening.getHost().port, token, self.src, "host-dst", mode="delta"
+        )
+        yield wait_for(lambda: any(c.func.__name__ == "attempt" for c in self.clock.getDelayedCalls()))
+        self.clock.advance(self.sender.backoff[0])
+        result = yield d
+        self.assertEqual(proxy.cuts, 1)
+        self.assertEqual(result["attempts"], 2)
+        # About 11 blocks got through before the cut; without a resume they would be written
+        # twice.
+        self.assertLessEqual(incoming.received - bulk, 24 * BLOCK_SIZE + 2 * BLOCK_SIZE)
+        self.assertSameBytes(self.src, self.store.path("vol-1"))
+
+    @defer.inlineCallbacks
     def test_delta_without_bulk(self):
         """
         A delta with no verified bulk copy to apply to is refused with Conflict.
