@@ -525,3 +525,11 @@ class TicketAuthorizerTests(unittest.TestCase):
         self.assertEqual(resp.code, 401)
         resp, body = await self.reg.request("GET", "/v2/", auth=basic("operator", "op-token"))
         self.assertEqual(resp.code, 200)
+
+
+class StoreTests(RegistryTestsMixin, unittest.TestCase):
+    @aio
+    async def test_disk_usage(self):
+        await self.reg.push_blob("a/b", b"x" * 1000)
+        await self.reg.push_blob("a/c", b"y" * 500)
+        self.assertEqual(await self.reg.resource.store.disk_usage(), 1500)

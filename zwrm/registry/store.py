@@ -443,9 +443,16 @@ class RegistryStore:
         return sorted(names)
 
     def disk_usage(self):
-        """@return: total bytes of stored blobs (for status pages)."""
-        total = 0
-        for dirpath, _, files in os.walk(os.path.join(self.root, "blobs")):
-            for f in files:
-                total += os.stat(os.path.join(dirpath, f)).st_size
-        return total
+        """
+        @return: a Deferred firing with the total bytes of stored blobs (for status
+            pages); the tree is walked in a thread.
+        """
+
+        def walk():
+            total = 0
+            for dirpath, _, files in os.walk(os.path.join(self.root, "blobs")):
+                for f in files:
+                    total += os.stat(os.path.join(dirpath, f)).st_size
+            return total
+
+        return self._in_thread(walk)
