@@ -459,16 +459,22 @@ class IncomingTransfer:
         if self.state not in ("committed", "cancelled"):
             self.state = "new"
 
-        def cleanup(_):
+        def cleanup():
             if fd is not None:
                 os.close(fd)
             if path is not None:
                 try:
-                    os.unlink(path)
+                    os.unlink(path)  # freeing a large file's extents takes a while
                 except FileNotFoundError:
                     pass
 
-        return self._after_writes().addCallback(cleanup)
+        def inThread(_):
+            r = self._receiver
+            return deferToThreadPool(r.reactor, r.threadpool, cleanup).addErrback(
+                lambda f: log.failure("cannot delete {path}", f, path=path)
+            )
+
+        return self._after_writes().addCallback(inThread)
 
     def _after_writes(self):
         """
