@@ -26,6 +26,16 @@ async def add_machine(store, mid, host_id, state="running"):
     )
 
 
+def tmpdir(testcase):
+    """A fresh directory outside the checkout, removed after the test."""
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="zwrm-test-")
+    testcase.addCleanup(shutil.rmtree, path, True)
+    return path + "/db"
+
+
 class RegistryTests(TestCase):
     @d
     async def test_join_stores_hashed_credential(self):
@@ -232,7 +242,7 @@ class MonitorTests(TestCase):
 
     @d
     async def test_restart_keeps_state(self):
-        path = self.mktemp()
+        path = tmpdir(self)
         clock, store, reg, published = await make_registry(self, path=path)
         await reg.join("h1", FACTS)
         await reg.transition("h1", "drain_requested")

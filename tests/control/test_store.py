@@ -16,6 +16,16 @@ def d(f):
     return wrapper
 
 
+def tmpdir(testcase):
+    """A fresh directory outside the checkout, removed after the test."""
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="zwrm-test-")
+    testcase.addCleanup(shutil.rmtree, path, True)
+    return path + "/db"
+
+
 class MigrateTests(SynchronousTestCase):
     def test_creates_every_table(self):
         db = sqlite_utils.Database(memory=True)
@@ -45,7 +55,7 @@ class MigrateTests(SynchronousTestCase):
 class StoreTests(TestCase):
     @d
     async def test_file_wal_and_rows(self):
-        path = self.mktemp()
+        path = tmpdir(self)
         store = Store(reactor, path)
         self.assertEqual(await store.start(), len(MIGRATIONS))
         self.addCleanup(store.stop)
