@@ -52,7 +52,8 @@ def build_image(work, size_gib, data_gib):
     image = os.path.join(work, "volume.img")
     subprocess.run(
         ["mkfs.ext4", "-q", "-F", "-d", content, image, f"{int(size_gib * 1024)}M"],
-        check=True, stdout=subprocess.DEVNULL,
+        check=True,
+        stdout=subprocess.DEVNULL,
     )
     shutil.rmtree(content)
     return image
@@ -80,9 +81,18 @@ def wait_port(port, proc, timeout=30.0):
 def baseline(work, image):
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port),
-         "--directory", os.path.dirname(image)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            str(port),
+            "--directory",
+            os.path.dirname(image),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     out = os.path.join(work, "baseline.img")
     try:
@@ -144,9 +154,21 @@ def serve(args):
 def start_receiver(work, creds, token, size):
     store = os.path.join(work, "store")
     child = subprocess.Popen(
-        [sys.executable, __file__, "--serve", "--creds", creds["host-dst"], "--store", store,
-         "--token", token, "--expect-size", str(size)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            __file__,
+            "--serve",
+            "--creds",
+            creds["host-dst"],
+            "--store",
+            store,
+            "--token",
+            token,
+            "--expect-size",
+            str(size),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     line = child.stdout.readline()
     if not line.strip().isdigit():
@@ -190,7 +212,9 @@ async def measure(reactor, args):
 
     work = tempfile.mkdtemp(prefix="zwrm-bench-volumes-", dir=args.dir)
     try:
-        print(f"building a {args.size_gib:g} GiB ext4 image holding {args.data_gib:g} GiB of data...")
+        print(
+            f"building a {args.size_gib:g} GiB ext4 image holding {args.data_gib:g} GiB of data..."
+        )
         image = await deferToThread(build_image, work, args.size_gib, args.data_gib)
         st = os.stat(image)
         allocated = st.st_blocks * 512
@@ -210,14 +234,20 @@ async def measure(reactor, args):
             )
         b, s = statistics.median(baselines), statistics.median(streams)
         print()
-        print(f"baseline (http.server -> curl | tee >(sha256sum) > file; sync), median of"
-              f" {args.runs}: {allocated / b / MiB:.0f} MiB/s allocated ({b:.2f} s)")
-        print(f"volume stream (TLS, sparse extents, SHA-256 verified, fsync), median of"
-              f" {args.runs}: {allocated / s / MiB:.0f} MiB/s allocated ({s:.2f} s)")
+        print(
+            f"baseline (http.server -> curl | tee >(sha256sum) > file; sync), median of"
+            f" {args.runs}: {allocated / b / MiB:.0f} MiB/s allocated ({b:.2f} s)"
+        )
+        print(
+            f"volume stream (TLS, sparse extents, SHA-256 verified, fsync), median of"
+            f" {args.runs}: {allocated / s / MiB:.0f} MiB/s allocated ({s:.2f} s)"
+        )
         print(f"ratio stream/baseline: {b / s:.2f}x (goal >= 0.8x)")
         print()
-        print("downtime per migrated VM vs raw boot-to-healthy: not measured - it needs the"
-              " drain (issue 7), which is not built yet")
+        print(
+            "downtime per migrated VM vs raw boot-to-healthy: not measured - it needs the"
+            " drain (issue 7), which is not built yet"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -112,8 +112,7 @@ class BlockmapTests(SynchronousTestCase):
         with open(path, "rb") as f:
             content = f.read()
         hashes = [
-            hashlib.sha256(content[i : i + BLOCK_SIZE]).digest()
-            for i in range(0, size, BLOCK_SIZE)
+            hashlib.sha256(content[i : i + BLOCK_SIZE]).digest() for i in range(0, size, BLOCK_SIZE)
         ]
         expected = hashlib.sha256(
             b"zwrm-volume-v1\0" + struct.pack(">QI", size, BLOCK_SIZE) + b"".join(hashes)
@@ -304,8 +303,9 @@ class StreamTests(TestCase):
         self.assertTrue(result["committed"])
         self.assertEqual(result["attempts"], 1)
         self.assertEqual(result["digest"], blockmap.file_digest(self.src))
-        self.assertEqual(seen[-1], {"sent": 6 * BLOCK_SIZE, "done": 7 * BLOCK_SIZE,
-                                    "total": 7 * BLOCK_SIZE})
+        self.assertEqual(
+            seen[-1], {"sent": 6 * BLOCK_SIZE, "done": 7 * BLOCK_SIZE, "total": 7 * BLOCK_SIZE}
+        )
         stored = yield done
         self.assertEqual(stored["digest"], result["digest"])
         path = self.store.path("vol-1")
@@ -378,7 +378,8 @@ class StreamTests(TestCase):
         token = mint_token()
         self.receiver.expect(token, "vol-1", 8 * MiB, peer="host-other")
         f = yield self.assertFailure(
-            self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst"), errors.AuthenticationFailed
+            self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst"),
+            errors.AuthenticationFailed,
         )
         self.assertIn("host-other", f.message)
         self.assertFalse(self.store.exists("vol-1"))
@@ -399,8 +400,10 @@ class StreamTests(TestCase):
             # A sender from another cluster: the receiver refuses its certificate.
             (VolumeSender(reactor, foreign.peer_client_context, clock=self.clock), "host-dst"),
             # A sender that expects another host: it refuses the receiver's certificate.
-            (VolumeSender(reactor, self.src_creds.peer_client_context, clock=self.clock),
-             "host-elsewhere"),
+            (
+                VolumeSender(reactor, self.src_creds.peer_client_context, clock=self.clock),
+                "host-elsewhere",
+            ),
         ]:
             f = yield self.assertFailure(
                 sender.send("127.0.0.1", self.port, token, self.src, target),
@@ -420,14 +423,16 @@ class StreamTests(TestCase):
         size = 64 * MiB
         write_image(self.src, size, {i * BLOCK_SIZE: pattern(i) for i in range(0, 64, 2)})
         proxy = CuttingProxy("127.0.0.1", self.port, cut_at=12 * MiB)
-        listening = yield endpoints.TCP4ServerEndpoint(
-            reactor, 0, interface="127.0.0.1"
-        ).listen(proxy)
+        listening = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            proxy
+        )
         self.addCleanup(listening.stopListening)
         token = mint_token()
         incoming = self.receiver.expect(token, "vol-1", size)
         d = self.sender.send("127.0.0.1", listening.getHost().port, token, self.src, "host-dst")
-        yield wait_for(lambda: any(c.func.__name__ == "attempt" for c in self.clock.getDelayedCalls()))
+        yield wait_for(
+            lambda: any(c.func.__name__ == "attempt" for c in self.clock.getDelayedCalls())
+        )
         self.assertEqual(proxy.cuts, 1)
         self.clock.advance(self.sender.backoff[0])
         result = yield d
@@ -455,7 +460,9 @@ class StreamTests(TestCase):
             volume = f"vol-{commit}"
             incoming = self.receiver.expect(token, volume, 16 * MiB)
             d = sender.send("127.0.0.1", self.port, token, self.src, "host-dst", commit=commit)
-            yield wait_for(lambda: any(c.func.__name__ == "attempt" for c in self.clock.getDelayedCalls()))
+            yield wait_for(
+                lambda: any(c.func.__name__ == "attempt" for c in self.clock.getDelayedCalls())
+            )
             yield wait_for(lambda i=incoming: i.state in ("staged", "committed"))
             self.clock.advance(sender.backoff[0])
             result = yield d
@@ -477,10 +484,14 @@ class StreamTests(TestCase):
         )
         dead = port.getHost().port
         yield port.stopListening()
-        sender = VolumeSender(reactor, self.src_creds.peer_client_context, clock=self.clock, retries=2)
+        sender = VolumeSender(
+            reactor, self.src_creds.peer_client_context, clock=self.clock, retries=2
+        )
         d = sender.send("127.0.0.1", dead, mint_token(), self.src, "host-dst")
         for _ in range(2):
-            yield wait_for(lambda: any(c.func.__name__ == "attempt" for c in self.clock.getDelayedCalls()))
+            yield wait_for(
+                lambda: any(c.func.__name__ == "attempt" for c in self.clock.getDelayedCalls())
+            )
             self.clock.advance(sender.backoff[1])
         f = yield self.assertFailure(d, errors.Unavailable)
         self.assertIn("after 3 attempts", f.message)
@@ -501,9 +512,7 @@ class StreamTests(TestCase):
         factory = TLSMemoryBIOFactory(
             self.dst_creds.server_context(), False, Factory.forProtocol(Silent)
         )
-        port = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            factory
-        )
+        port = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
         self.addCleanup(port.stopListening)
         sender = VolumeSender(
             reactor, self.src_creds.peer_client_context, clock=self.clock, retries=0
@@ -547,7 +556,9 @@ class StreamTests(TestCase):
         write_image(self.src, size, {i * BLOCK_SIZE: pattern(i) for i in range(0, 64)})
         token = mint_token()
         incoming = self.receiver.expect(token, "vol-1", size)
-        bulk = yield self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst", commit=False)
+        bulk = yield self.sender.send(
+            "127.0.0.1", self.port, token, self.src, "host-dst", commit=False
+        )
         self.assertFalse(bulk["committed"])
         self.assertEqual(bulk["sent"], 64 * BLOCK_SIZE)
         self.assertEqual(incoming.state, "staged")
@@ -562,7 +573,9 @@ class StreamTests(TestCase):
         fd = os.open(self.src, os.O_RDWR)
         blockmap.punch_hole(fd, 10 * BLOCK_SIZE, BLOCK_SIZE)
         os.close(fd)
-        delta = yield self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst", mode="delta")
+        delta = yield self.sender.send(
+            "127.0.0.1", self.port, token, self.src, "host-dst", mode="delta"
+        )
         self.assertTrue(delta["committed"])
         self.assertEqual(delta["blocks_sent"], 3)
         self.assertEqual(delta["sent"], 3 * BLOCK_SIZE)
@@ -588,14 +601,16 @@ class StreamTests(TestCase):
                 f.seek(i * BLOCK_SIZE)
                 f.write(b"changed")
         proxy = CuttingProxy("127.0.0.1", self.port, cut_at=12 * MiB)
-        listening = yield endpoints.TCP4ServerEndpoint(
-            reactor, 0, interface="127.0.0.1"
-        ).listen(proxy)
+        listening = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            proxy
+        )
         self.addCleanup(listening.stopListening)
         d = self.sender.send(
             "127.0.0.1", listening.getHost().port, token, self.src, "host-dst", mode="delta"
         )
-        yield wait_for(lambda: any(c.func.__name__ == "attempt" for c in self.clock.getDelayedCalls()))
+        yield wait_for(
+            lambda: any(c.func.__name__ == "attempt" for c in self.clock.getDelayedCalls())
+        )
         self.clock.advance(self.sender.backoff[0])
         result = yield d
         self.assertEqual(proxy.cuts, 1)
@@ -628,7 +643,8 @@ class StreamTests(TestCase):
         token = mint_token()
         self.receiver.expect(token, "vol-1", 16 * MiB)
         f = yield self.assertFailure(
-            self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst"), errors.InvalidArgument
+            self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst"),
+            errors.InvalidArgument,
         )
         self.assertIn("16777216 bytes", f.message)
         self.assertEqual(self.temporaries(), [])
@@ -652,7 +668,8 @@ class StreamTests(TestCase):
         token = mint_token()
         self.receiver.expect(token, "vol-1", 16 * MiB)
         f = yield self.assertFailure(
-            self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst"), errors.ResourceExhausted
+            self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst"),
+            errors.ResourceExhausted,
         )
         self.assertIn("disk is full", f.message)
         yield wait_for(lambda: self.temporaries() == [])
@@ -664,7 +681,8 @@ class StreamTests(TestCase):
         A source image that does not exist is NotFound, before any connection.
         """
         f = yield self.assertFailure(
-            self.sender.send("127.0.0.1", self.port, mint_token(), self.src, "host-dst"), errors.NotFound
+            self.sender.send("127.0.0.1", self.port, mint_token(), self.src, "host-dst"),
+            errors.NotFound,
         )
         self.assertIn(self.src, f.message)
 
@@ -744,7 +762,9 @@ class StreamTests(TestCase):
         yield self.assertFailure(done, errors.Conflict)
         self.assertEqual(self.temporaries(), [])
         # The sender's reconnection is refused: the token is gone.
-        yield wait_for(lambda: any(c.func.__name__ == "attempt" for c in self.clock.getDelayedCalls()))
+        yield wait_for(
+            lambda: any(c.func.__name__ == "attempt" for c in self.clock.getDelayedCalls())
+        )
         self.clock.advance(self.sender.backoff[0])
         yield self.assertFailure(d, errors.AuthenticationFailed)
         self.assertFalse(self.store.exists("vol-1"))
@@ -765,7 +785,8 @@ class StreamTests(TestCase):
         f = yield self.assertFailure(done, errors.Unavailable)
         self.assertIn("expired", f.message)
         yield self.assertFailure(
-            self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst"), errors.AuthenticationFailed
+            self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst"),
+            errors.AuthenticationFailed,
         )
 
     @defer.inlineCallbacks
@@ -838,8 +859,13 @@ class ExpectTests(SynchronousTestCase):
         )
 
     def test_bad_arguments(self):
-        for args in [("short", "v", 10), (mint_token(), "../etc", 10), (mint_token(), "v", 0),
-                     (mint_token(), "v", "10"), (mint_token(), "v", True)]:
+        for args in [
+            ("short", "v", 10),
+            (mint_token(), "../etc", 10),
+            (mint_token(), "v", 0),
+            (mint_token(), "v", "10"),
+            (mint_token(), "v", True),
+        ]:
             self.assertRaises(errors.InvalidArgument, self.receiver.expect, *args)
 
     def test_duplicates(self):
@@ -861,8 +887,6 @@ class ExpectTests(SynchronousTestCase):
         tokens = {mint_token() for _ in range(100)}
         self.assertEqual(len(tokens), 100)
         self.assertTrue(all(len(t) >= 43 for t in tokens))
-
-
 
 
 class WritePartsTests(SynchronousTestCase):

@@ -168,7 +168,9 @@ class _Framed(Protocol):
             head = self.heads.get(kind, 0)
             if limit is None or n > limit or n < head:
                 self.protocolError(
-                    errors.Corrupt(f"malformed volume stream: unexpected frame {kind!r} of {n} bytes")
+                    errors.Corrupt(
+                        f"malformed volume stream: unexpected frame {kind!r} of {n} bytes"
+                    )
                 )
                 return
             if head:
@@ -377,7 +379,10 @@ class IncomingTransfer:
                 self._restart()
                 self.state = "bulk"
             self.resumed_at.append(self.offset)
-            return ("ready", {"offset": self.offset, "block_size": BLOCK_SIZE, "blocks": len(self.hashes)})
+            return (
+                "ready",
+                {"offset": self.offset, "block_size": BLOCK_SIZE, "blocks": len(self.hashes)},
+            )
         if self.state not in ("staged", "delta"):
             raise errors.Conflict(
                 f"no verified bulk copy of volume {self.volume_id} to apply a delta to; send it in bulk"
@@ -407,9 +412,13 @@ class IncomingTransfer:
         self._receiver._forget(self)
         self.state = "cancelled"
         self._discard()
-        self._notify(Failure(errors.Unavailable(
-            f"the token for volume {self.volume_id} expired before the transfer completed"
-        )))
+        self._notify(
+            Failure(
+                errors.Unavailable(
+                    f"the token for volume {self.volume_id} expired before the transfer completed"
+                )
+            )
+        )
 
     def cancel(self):
         self._cancel_expiry()
@@ -419,7 +428,9 @@ class IncomingTransfer:
             proto.detached()
             proto.transport.abortConnection()
         d = self._discard()
-        self._notify(Failure(errors.Conflict(f"the transfer of volume {self.volume_id} was cancelled")))
+        self._notify(
+            Failure(errors.Conflict(f"the transfer of volume {self.volume_id} was cancelled"))
+        )
         return d
 
     # the temporary file
@@ -441,7 +452,9 @@ class IncomingTransfer:
                 raise errors.ResourceExhausted(
                     f"cannot store volume {self.volume_id}: {e.strerror}"
                 ) from None
-            raise errors.Unavailable(f"cannot store volume {self.volume_id}: {e.strerror}") from None
+            raise errors.Unavailable(
+                f"cannot store volume {self.volume_id}: {e.strerror}"
+            ) from None
         self.hashes = blockmap.hole_hashes(self.size)
         self.offset = 0
         self.digest = None
@@ -492,7 +505,11 @@ class IncomingTransfer:
     def _queue(self, work, done):
         fd = self._fd
         self._pending += 1
-        if self._pending >= RECEIVE_HIGH_WATER and self._proto is not None and not self._paused_reading:
+        if (
+            self._pending >= RECEIVE_HIGH_WATER
+            and self._proto is not None
+            and not self._paused_reading
+        ):
             self._paused_reading = True
             self._proto.transport.pauseProducing()
 
@@ -541,9 +558,7 @@ class IncomingTransfer:
             raise errors.Corrupt(f"malformed volume stream: bad block offset {offset}")
         index = offset // BLOCK_SIZE
         if length != blockmap.block_length(index, self.size):
-            raise errors.Corrupt(
-                f"malformed volume stream: block at {offset} has {length} bytes"
-            )
+            raise errors.Corrupt(f"malformed volume stream: block at {offset} has {length} bytes")
         return index
 
     def data(self, offset, parts, length):
@@ -636,15 +651,19 @@ class IncomingTransfer:
 
     def finish(self, commit):
         if self._fd is None:
-            return defer.fail(errors.Conflict(f"the transfer of volume {self.volume_id} was cancelled"))
+            return defer.fail(
+                errors.Conflict(f"the transfer of volume {self.volume_id} was cancelled")
+            )
         self.state = "staged"
         if not commit:
             return defer.succeed({"digest": self.digest, "committed": False})
         store = self._receiver.store
         if store.exists(self.volume_id):
-            return defer.fail(errors.Conflict(
-                f"volume {self.volume_id} already exists on this host; it was not overwritten"
-            ))
+            return defer.fail(
+                errors.Conflict(
+                    f"volume {self.volume_id} already exists on this host; it was not overwritten"
+                )
+            )
         fd, path = self._fd, self.tmp_path
 
         def adopt(_):
@@ -878,15 +897,21 @@ class VolumeReceiver(service.Service):
         @raise errors.Conflict: the token is already expected, or the volume exists.
         """
         if not isinstance(token, str) or len(token) < 16:
-            raise errors.InvalidArgument("a transfer token must be a string of at least 16 characters")
+            raise errors.InvalidArgument(
+                "a transfer token must be a string of at least 16 characters"
+            )
         if not isinstance(volume_id, str) or not _VOLUME_ID.match(volume_id):
             raise errors.InvalidArgument(f"invalid volume id {volume_id!r}")
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-            raise errors.InvalidArgument(f"invalid volume size {size!r}: a positive number of bytes")
+            raise errors.InvalidArgument(
+                f"invalid volume size {size!r}: a positive number of bytes"
+            )
         key = _token_key(token)
         if key in self._transfers:
             raise errors.Conflict("this transfer token is already in use")
-        if any(t.volume_id == volume_id and t.state != "committed" for t in self._transfers.values()):
+        if any(
+            t.volume_id == volume_id and t.state != "committed" for t in self._transfers.values()
+        ):
             raise errors.Conflict(f"volume {volume_id} is already being received")
         if self.store.exists(volume_id) or self.store.in_use(volume_id):
             raise errors.Conflict(f"volume {volume_id} already exists on this host")
@@ -990,8 +1015,13 @@ class _SenderProtocol(_Framed):
         _Framed.connectionMade(self)
         self._touch()
         s = self._send
-        hello = {"v": PROTOCOL_VERSION, "token": s.token, "mode": s.mode, "size": s.size,
-                 "commit": s.commit}
+        hello = {
+            "v": PROTOCOL_VERSION,
+            "token": s.token,
+            "mode": s.mode,
+            "size": s.size,
+            "commit": s.commit,
+        }
         if s.end_digest is not None:
             hello["digest"] = s.end_digest
         self.sendFrame(HELLO, hello)
@@ -1012,7 +1042,9 @@ class _SenderProtocol(_Framed):
         elif kind == READY and self._plan is None and not self._expectBlockmap:
             msg = self._json(payload)
             if msg.get("block_size") != BLOCK_SIZE:
-                raise errors.InvalidArgument(f"the receiver uses blocks of {msg.get('block_size')!r} bytes")
+                raise errors.InvalidArgument(
+                    f"the receiver uses blocks of {msg.get('block_size')!r} bytes"
+                )
             if s.mode == "bulk":
                 offset = msg.get("offset")
                 if not isinstance(offset, int) or offset < 0 or offset % BLOCK_SIZE:
@@ -1065,10 +1097,16 @@ class _SenderProtocol(_Framed):
             self._inflight.append(item)
             if item.read:
                 self._reads += 1
-                d = deferToThreadPool(s.reactor, s.threadpool, blockmap.read_block, s.fd, item.index, s.size)
+                d = deferToThreadPool(
+                    s.reactor, s.threadpool, blockmap.read_block, s.fd, item.index, s.size
+                )
                 d.addCallbacks(self._read, self._readFailed, callbackArgs=(item,))
             else:
-                item.result = (None, blockmap.zero_hash(blockmap.block_length(item.index, s.size)), True)
+                item.result = (
+                    None,
+                    blockmap.zero_hash(blockmap.block_length(item.index, s.size)),
+                    True,
+                )
 
     def _read(self, result, item):
         self._reads -= 1
@@ -1078,7 +1116,9 @@ class _SenderProtocol(_Framed):
     def _readFailed(self, f):
         self._reads -= 1
         self._stopped = True
-        err = errors.Unavailable(f"cannot read volume image {self._send.path}: {f.getErrorMessage()}")
+        err = errors.Unavailable(
+            f"cannot read volume image {self._send.path}: {f.getErrorMessage()}"
+        )
         self._send.localError(err)
         self.transport.abortConnection()
 
@@ -1111,7 +1151,9 @@ class _SenderProtocol(_Framed):
         if s.mode == "delta":
             if digest != self._remote[item.index]:
                 if is_zero:
-                    self.transport.write(_HEADER.pack(ZERO, _ZERO.size) + _ZERO.pack(offset, length))
+                    self.transport.write(
+                        _HEADER.pack(ZERO, _ZERO.size) + _ZERO.pack(offset, length)
+                    )
                     s.zeroed += length
                 else:
                     self._writeData(offset, data)
@@ -1284,19 +1326,23 @@ class _Send:
             detail = getattr(reason.value, "message", None)
             if not isinstance(detail, str):
                 detail = "the certificates were refused"
-            self._fail(errors.AuthenticationFailed(
-                f"the TLS handshake with host {self.target} ({self.host}:{self.port}) failed:"
-                f" {detail}"
-            ))
+            self._fail(
+                errors.AuthenticationFailed(
+                    f"the TLS handshake with host {self.target} ({self.host}:{self.port}) failed:"
+                    f" {detail}"
+                )
+            )
             return
         self.last_error = self.cause or reason.getErrorMessage()
         self.cause = None
         if self.attempts > self.sender.retries:
             plural = "s" if self.attempts != 1 else ""
-            self._fail(errors.Unavailable(
-                f"the volume stream to {self.host}:{self.port} failed after {self.attempts}"
-                f" attempt{plural}: {self.last_error}"
-            ))
+            self._fail(
+                errors.Unavailable(
+                    f"the volume stream to {self.host}:{self.port} failed after {self.attempts}"
+                    f" attempt{plural}: {self.last_error}"
+                )
+            )
             return
         low, high = self.sender.backoff
         delay = min(high, low * 2 ** (self.attempts - 1))
@@ -1319,17 +1365,19 @@ class _Send:
         if msg.get("digest") != self.end_digest:
             self._fail(errors.Corrupt("the receiver acknowledged a different digest"))
             return
-        self._close({
-            "digest": self.end_digest,
-            "committed": bool(msg.get("committed")),
-            "size": self.size,
-            "allocated": self.allocated,
-            "sent": self.sent,
-            "zeroed": self.zeroed,
-            "blocks_sent": self.blocks_sent,
-            "attempts": self.attempts,
-            "resumed_at": list(self.resumed_at),
-        })
+        self._close(
+            {
+                "digest": self.end_digest,
+                "committed": bool(msg.get("committed")),
+                "size": self.size,
+                "allocated": self.allocated,
+                "sent": self.sent,
+                "zeroed": self.zeroed,
+                "blocks_sent": self.blocks_sent,
+                "attempts": self.attempts,
+                "resumed_at": list(self.resumed_at),
+            }
+        )
 
     def _fail(self, err):
         if self.finished:
@@ -1435,7 +1483,9 @@ class VolumeSender:
             C{NotFound}, C{Conflict}, C{InvalidArgument}.
         """
         if mode not in ("bulk", "delta"):
-            return defer.fail(errors.InvalidArgument(f"unknown transfer mode {mode!r}: bulk or delta"))
+            return defer.fail(
+                errors.InvalidArgument(f"unknown transfer mode {mode!r}: bulk or delta")
+            )
         return _Send(self, host, port, token, path, target, mode, commit, progress).start()
 
 
