@@ -14,14 +14,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet import defer, reactor, ssl
+from twisted.internet import defer, reactor, ssl, task
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint
 from twisted.python.filepath import FilePath
 from twisted.trial import unittest
 
 from tests.wamp.helpers import make_authenticator, make_authorizer
 from zwrm.errors import NotFound
-from zwrm.wamp.router import Router
+from zwrm.wamp.router import Router, RouterLimits
+from zwrm.wamp.transport import WampWebSocketClientFactory as QuietClientFactory
 from zwrm.wamp.transport import listen, make_serializers
 
 TIMEOUT = 15
@@ -102,10 +103,11 @@ class Client(ApplicationSession):
 
 class _SocketBase(unittest.TestCase):
     timeout = 60
+    limits = RouterLimits()
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.router = Router(reactor, make_authenticator(), make_authorizer())
+        self.router = Router(reactor, make_authenticator(), make_authorizer(), limits=self.limits)
         tmp = FilePath(self.mktemp())
         tmp.makedirs()
         self.key, self.cert, self.pem = make_cert(tmp)
@@ -201,3 +203,90 @@ class SocketFailureTests(_SocketBase):
             self.fail("a wrong ticket was accepted")
         out = yield self.run_client("rawsocket", True, "msgpack")
         self.check(out)
+
+
+class Joined(ApplicationSession):
+    """A ticket-authenticated session that just joins."""
+
+    def __init__(self, authid, ticket, joined):
+        ApplicationSession.__init__(self, ComponentConfig(realm="zwrm"))
+        self.my_authid, self.ticket, self.joined = authid, ticket, joined
+
+    def onConnect(self):
+        self.join("zwrm", authmethods=["ticket"], authid=self.my_authid)
+
+    def onChallenge(self, challenge):
+        return self.ticket
+
+    def onJoin(self, details):
+        self.joined.callback(self)
+
+    def onLeave(self, details):
+        if not self.joined.called:
+            self.joined.errback(ApplicationError(details.reason, details.message))
+        ApplicationSession.onLeave(self, details)
+
+
+class SocketLimitTests(_SocketBase):
+    limits = RouterLimits(max_message_size=64 * 1024, max_outgoing_queue=64 * 1024)
+
+    @defer.inlineCallbacks
+    def join(self, authid="op", ticket="op-ticket", serializer="json"):
+        port = self.ports[("websocket", False)].getHost().port
+        joined = defer.Deferred()
+        factory = QuietClientFactory(lambda: Joined(authid, ticket, joined),
+                                     url=f"ws://127.0.0.1:{port}/ws", serializers=make_serializers([serializer]))
+        proto = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+        session = yield joined.addTimeout(TIMEOUT, reactor)
+        self.addCleanup(self._closed, proto)
+        return session, proto
+
+    @defer.inlineCallbacks
+    def poll(self, condition, timeout=TIMEOUT):
+        deadline = reactor.seconds() + timeout
+        while not condition():
+            if reactor.seconds() > deadline:
+                self.fail("condition not reached in time")
+            yield task.deferLater(reactor, 0.02, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_session_details_over_tcp(self):
+        s, _ = yield self.join()
+        details = yield s.call("wamp.session.get", s._session_id)
+        self.assertEqual(details["authid"], "op")
+        self.assertEqual(details["transport"]["type"], "tcp")
+        self.assertEqual(details["transport"]["framing"], "websocket")
+        self.assertEqual(details["transport"]["serializer"], "json")
+        self.assertTrue(details["transport"]["peer"].startswith("tcp4:127.0.0.1:"))
+
+    @defer.inlineCallbacks
+    def test_oversized_message_closes_only_that_session(self):
+        big, big_proto = yield self.join("op")
+        other, _ = yield self.join("op2", "op2-ticket")
+        self.assertEqual(self.router.session_count(), 2)
+        big.publish("test.t", "x" * (128 * 1024))
+        yield self.poll(lambda: self.router.session_count() == 1)
+        self.assertEqual((yield other.call("wamp.session.count")), 1)
+
+    @defer.inlineCallbacks
+    def test_slow_subscriber_events_dropped_memory_bounded(self):
+        slow, slow_proto = yield self.join("op", serializer="msgpack")
+        yield slow.subscribe(lambda *a: None, "test.flood")
+        pub, _ = yield self.join("host1", "h1-ticket", serializer="msgpack")
+        rs = self.router.get_session(slow._session_id)
+        slow_proto.transport.pauseProducing()  # the subscriber stops reading
+        payload = "y" * 8000
+        worst = 0
+        for i in range(2000):
+            pub.publish("test.flood", i, payload)
+            if i % 50 == 0:
+                yield task.deferLater(reactor, 0, lambda: None)
+                worst = max(worst, rs.unsent_bytes())
+        yield self.poll(lambda: self.router.stats.publications >= 2000)
+        worst = max(worst, rs.unsent_bytes())
+        self.assertGreater(rs.dropped_events, 0)
+        self.assertLessEqual(worst, 64 * 1024 + 20000)
+        # the router still serves everyone, and the slow session is still joined
+        self.assertIsNotNone(self.router.get_session(slow._session_id))
+        yield pub.publish("test.flood", "last", options=PublishOptions(acknowledge=True))
+        slow_proto.transport.resumeProducing()

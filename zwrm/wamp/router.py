@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from autobahn.wamp import message
 from autobahn.wamp.exception import ApplicationError, ProtocolError
 from autobahn.wamp.role import RoleBrokerFeatures, RoleDealerFeatures
+from autobahn.wamp.types import TransportDetails
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -618,8 +619,13 @@ class RouterSession:
         transport = {}
         if t is not None:
             try:
-                transport = {"type": t.channel_type_str if hasattr(t, "channel_type_str") else None,
-                             "peer": t.peer}
+                transport = {
+                    "type": TransportDetails.CHANNEL_TYPE_TO_STR.get(t.channel_type),
+                    "framing": TransportDetails.CHANNEL_FRAMING_TO_STR.get(t.channel_framing),
+                    "peer": t.peer,
+                    "is_secure": bool(t.is_secure),
+                    "serializer": getattr(getattr(self._transport, "_serializer", None), "SERIALIZER_ID", None),
+                }
             except Exception:
                 transport = {}
         return {
