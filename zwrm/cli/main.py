@@ -15,6 +15,7 @@ from zwrm.cli.client import EXIT_USAGE, CliError
 
 COMMAND_MODULES = [
     "zwrm.cli.host",
+    "zwrm.cli.apps",
     "zwrm.cli.tokens",
 ]
 

@@ -1,0 +1,334 @@
+"""
+C{zwrm apps create|list}, C{zwrm deploy}, C{zwrm scale}, C{zwrm status}, C{zwrm destroy},
+C{zwrm machines list}, C{zwrm logs} and C{zwrm volumes create|list|destroy}.
+"""
+
+import json
+import os
+import sys
+
+from twisted.internet import task
+
+from zwrm.cli.client import EXIT_REMOTE, EXIT_USAGE, CliError, call, close, connect, load_settings
+from zwrm.cli.host import _table, _with_session
+
+
+def _json(value, out):
+    json.dump(value, out, indent=2, sort_keys=True)
+    out.write("\n")
+
+
+def register(subparsers):
+    apps = subparsers.add_parser("apps", help="apps of the cluster")
+    asub = apps.add_subparsers(dest="apps_command", metavar="SUBCOMMAND")
+    asub.required = True
+    p = asub.add_parser("create", help="create an app (then deploy it)")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=apps_create)
+    p = asub.add_parser("list", help="every app with its machines by state")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=apps_list)
+
+    p = subparsers.add_parser(
+        "deploy", help="deploy an app: place and start its machines",
+        description="Deploy APP with an image from the registry (--image NAME:TAG) or, for "
+                    "development, a kernel and initrd that exist at the same paths on every "
+                    "host (--kernel, --initrd).")
+    p.add_argument("app")
+    p.add_argument("--image", help="image reference NAME:TAG in the control plane's registry")
+    p.add_argument("--kernel", help="local kernel path on the hosts (instead of --image)")
+    p.add_argument("--initrd", help="local initrd path on the hosts")
+    p.add_argument("--disk", help="local raw disk image path on the hosts")
+    p.add_argument("--cmdline", default="", help="kernel command line (with --kernel)")
+    p.add_argument("--vcpus", type=int, default=1)
+    p.add_argument("--memory", type=int, default=256, metavar="MiB")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--region")
+    p.add_argument("--datacenter")
+    p.add_argument("--constraint", action="append", default=[], metavar="LABEL=VALUE",
+                   help="only hosts with this label (repeatable)")
+    p.add_argument("--port", type=int, help="the service port inside the VM")
+    p.add_argument("--health-http", metavar="PATH", help="HTTP GET health check on the port")
+    p.add_argument("--health-tcp", action="store_true", help="TCP connect health check")
+    p.add_argument("--health-interval", type=float, default=2.0)
+    p.add_argument("--health-timeout", type=float, default=2.0)
+    p.add_argument("--health-grace", type=float, default=60.0)
+    p.add_argument("--volume", action="append", default=[], metavar="NAME:SIZE_MB:/MOUNT",
+                   help="a local volume per replica (repeatable)")
+    p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                   help="wait until every machine runs (and is healthy) or SECONDS pass")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=deploy)
+
+    p = subparsers.add_parser("scale", help="change an app's replica count")
+    p.add_argument("app")
+    p.add_argument("replicas", type=int)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=scale)
+
+    p = subparsers.add_parser("status", help="an app's machines and volumes")
+    p.add_argument("app")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=status)
+
+    p = subparsers.add_parser("destroy", help="destroy an app, or one machine")
+    p.add_argument("app", nargs="?")
+    p.add_argument("--machine", help="destroy this machine instead of an app")
+    p.add_argument("--volumes", action="store_true",
+                   help="also delete the app's volumes and their data")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=destroy)
+
+    machines = subparsers.add_parser("machines", help="machines of the cluster")
+    msub = machines.add_subparsers(dest="machines_command", metavar="SUBCOMMAND")
+    msub.required = True
+    p = msub.add_parser("list", help="machines, optionally of one app or host")
+    p.add_argument("--app")
+    p.add_argument("--host")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=machines_list)
+    p = msub.add_parser("status", help="one machine with its recent events")
+    p.add_argument("machine_id")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=machine_status)
+
+    p = subparsers.add_parser("logs", help="a machine's serial console")
+    p.add_argument("machine_id")
+    p.add_argument("--bytes", type=int, default=65536, help="at most this many (the tail)")
+    p.set_defaults(func=logs)
+
+    volumes = subparsers.add_parser("volumes", help="local volumes of apps")
+    vsub = volumes.add_subparsers(dest="volumes_command", metavar="SUBCOMMAND")
+    vsub.required = True
+    p = vsub.add_parser("create", help="create a volume for an app's replica before deploying")
+    p.add_argument("app")
+    p.add_argument("name")
+    p.add_argument("--size", type=int, required=True, metavar="MiB")
+    p.add_argument("--mount", required=True)
+    p.add_argument("--replica", type=int, default=0)
+    p.add_argument("--region")
+    p.add_argument("--datacenter")
+    p.add_argument("--host", help="create it on this host")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=volumes_create)
+    p = vsub.add_parser("list", help="volumes, optionally of one app")
+    p.add_argument("--app")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=volumes_list)
+    p = vsub.add_parser("destroy", help="delete a volume and its data")
+    p.add_argument("volume_id")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=volumes_destroy)
+
+
+def _spec(args):
+    if bool(args.image) == bool(args.kernel or args.disk):
+        raise CliError("give either --image NAME:TAG or --kernel/--disk paths", EXIT_USAGE)
+    if args.image:
+        image = args.image
+    else:
+        image = {"kernel": _abs(args.kernel), "initrd": _abs(args.initrd),
+                 "disk": _abs(args.disk), "cmdline": args.cmdline}
+    health = None
+    if args.health_http or args.health_tcp:
+        if args.health_http and args.health_tcp:
+            raise CliError("give --health-http or --health-tcp, not both", EXIT_USAGE)
+        health = {"type": "http" if args.health_http else "tcp",
+                  "interval": args.health_interval, "timeout": args.health_timeout,
+                  "grace": args.health_grace}
+        if args.health_http:
+            health["path"] = args.health_http
+    constraints = {}
+    for c in args.constraint:
+        k, sep, v = c.partition("=")
+        if not sep or not k:
+            raise CliError(f"--constraint {c!r} is not LABEL=VALUE", EXIT_USAGE)
+        constraints[k] = v
+    volumes = []
+    for v in args.volume:
+        parts = v.split(":", 2)
+        if len(parts) != 3 or not parts[1].isdigit():
+            raise CliError(f"--volume {v!r} is not NAME:SIZE_MB:/MOUNT", EXIT_USAGE)
+        volumes.append({"name": parts[0], "size_mb": int(parts[1]), "mount": parts[2]})
+    spec = {"image": image, "vcpus": args.vcpus, "memory_mb": args.memory,
+            "replicas": args.replicas, "region": args.region, "datacenter": args.datacenter,
+            "service_port": args.port, "health": health, "volumes": volumes}
+    if constraints:
+        spec["constraints"] = constraints
+    return spec
+
+
+def _abs(path):
+    return os.path.abspath(path) if path else None
+
+
+def format_app(app, out):
+    spec = app["spec"] or {}
+    image = spec.get("image")
+    if isinstance(image, dict):
+        image = image.get("kernel") or image.get("disk")
+    out.write(f"app       {app['name']} ({app['id']})\n")
+    out.write(f"image     {image or '-'}\n")
+    out.write(f"replicas  {spec.get('replicas', 0)}\n\n")
+    out.write(f"machines ({len(app['machines'])}):\n")
+    if app["machines"]:
+        _table(["ID", "REPLICA", "HOST", "STATE", "HEALTH", "PORT"],
+               [[m["id"], m["replica"], m["host_id"], m["state"], m["health"] or "-",
+                 m["host_port"] or "-"] for m in app["machines"]], out)
+    out.write(f"\nvolumes ({len(app['volumes'])}):\n")
+    if app["volumes"]:
+        format_volumes(app["volumes"], out)
+
+
+def format_volumes(volumes, out):
+    _table(["ID", "NAME", "REPLICA", "HOST", "SIZE(MiB)", "MOUNT", "STATE"],
+           [[v["id"], v["name"], v.get("replica", 0), v["host_id"], v["size_mb"], v["mount"],
+             v["state"]] for v in volumes], out)
+
+
+async def apps_create(reactor, args, out=None):
+    out = out or sys.stdout
+    app = await _with_session(reactor, args, "zwrm.app.create", args.name)
+    _json(app, out) if args.json else out.write(f"created app {app['name']} ({app['id']})\n")
+
+
+async def apps_list(reactor, args, out=None):
+    out = out or sys.stdout
+    apps = await _with_session(reactor, args, "zwrm.app.list")
+    if args.json:
+        return _json(apps, out)
+    _table(["NAME", "ID", "REPLICAS", "MACHINES"],
+           [[a["name"], a["id"], a["replicas"],
+             ", ".join(f"{n} {s}" for s, n in sorted(a["machines"].items())) or "-"]
+            for a in apps], out)
+
+
+def _settled(app):
+    want = (app["spec"] or {}).get("replicas", 0)
+    ms = app["machines"]
+    if any(m["state"] == "failed" for m in ms):
+        return "failed"
+    ok = [m for m in ms if m["state"] == "running" and m["health"] in ("passing", "none", None)]
+    return "ok" if len(ok) == want == len(ms) else None
+
+
+async def deploy(reactor, args, out=None):
+    out = out or sys.stdout
+    spec = _spec(args)
+    session = await connect(reactor, load_settings(args.api_url))
+    try:
+        app = await call(session, "zwrm.app.deploy", args.app, spec)
+        if args.wait:
+            deadline = reactor.seconds() + args.wait
+            while True:
+                state = _settled(app)
+                if state == "failed":
+                    format_app(app, sys.stderr)
+                    raise CliError(f"a machine of {args.app} failed (see zwrm logs <machine-id>)",
+                                   EXIT_REMOTE)
+                if state == "ok":
+                    break
+                if reactor.seconds() >= deadline:
+                    raise CliError(f"{args.app} did not become healthy within {args.wait:g} s "
+                                   "(see zwrm status and zwrm logs)", EXIT_REMOTE)
+                await task.deferLater(reactor, 0.5, lambda: None)
+                app = await call(session, "zwrm.app.status", args.app)
+    finally:
+        await close(session)
+    _json(app, out) if args.json else format_app(app, out)
+
+
+async def scale(reactor, args, out=None):
+    out = out or sys.stdout
+    app = await _with_session(reactor, args, "zwrm.app.scale", args.app, args.replicas)
+    _json(app, out) if args.json else format_app(app, out)
+
+
+async def status(reactor, args, out=None):
+    out = out or sys.stdout
+    app = await _with_session(reactor, args, "zwrm.app.status", args.app)
+    _json(app, out) if args.json else format_app(app, out)
+
+
+async def destroy(reactor, args, out=None):
+    out = out or sys.stdout
+    if bool(args.app) == bool(args.machine):
+        raise CliError("give an app name or --machine ID", EXIT_USAGE)
+    if args.machine:
+        gone = await _with_session(reactor, args, "zwrm.machine.destroy", args.machine)
+        return _json({"machine": gone}, out) if args.json else out.write(f"destroyed {gone}\n")
+    session = await connect(reactor, load_settings(args.api_url))
+    try:
+        result = await call(session, "zwrm.app.destroy", args.app, volumes=args.volumes)
+    finally:
+        await close(session)
+    if args.json:
+        return _json(result, out)
+    out.write(f"destroyed {len(result['machines'])} machine(s) and "
+              f"{len(result['volumes'])} volume(s) of {args.app}\n")
+    if result.get("app_kept_for_volumes"):
+        out.write(f"{args.app} keeps its volumes; `zwrm destroy {args.app} --volumes` deletes them\n")
+
+
+async def machines_list(reactor, args, out=None):
+    out = out or sys.stdout
+    session = await connect(reactor, load_settings(args.api_url))
+    try:
+        ms = await call(session, "zwrm.machine.list", app=args.app, host_id=args.host)
+    finally:
+        await close(session)
+    if args.json:
+        return _json(ms, out)
+    _table(["ID", "APP", "REPLICA", "HOST", "STATE", "HEALTH", "PORT"],
+           [[m["id"], m["app"] or "-", m["replica"], m["host_id"], m["state"],
+             m["health"] or "-", m["host_port"] or "-"] for m in ms], out)
+
+
+async def machine_status(reactor, args, out=None):
+    out = out or sys.stdout
+    m = await _with_session(reactor, args, "zwrm.machine.status", args.machine_id)
+    if args.json:
+        return _json(m, out)
+    for k in ("id", "app", "replica", "host_id", "state", "health", "host_port"):
+        out.write(f"{k.ljust(10)}  {m.get(k) if m.get(k) is not None else '-'}\n")
+    out.write(f"\nrecent events ({len(m['events'])}):\n")
+    for e in m["events"]:
+        p = e.get("payload") or {}
+        out.write(f"  {e['kind']}: {p.get('state', '')} {p.get('reason') or ''}\n")
+
+
+async def logs(reactor, args, out=None):
+    out = out or sys.stdout
+    if args.bytes < 1:
+        raise CliError("--bytes must be at least 1", EXIT_USAGE)
+    text = await _with_session(reactor, args, "zwrm.machine.logs", args.machine_id, args.bytes)
+    out.write(text if isinstance(text, str) else json.dumps(text))
+
+
+async def volumes_create(reactor, args, out=None):
+    out = out or sys.stdout
+    session = await connect(reactor, load_settings(args.api_url))
+    try:
+        v = await call(session, "zwrm.volume.create", args.app, args.name, args.size, args.mount,
+                       replica=args.replica, region=args.region, datacenter=args.datacenter,
+                       host_id=args.host)
+    finally:
+        await close(session)
+    _json(v, out) if args.json else out.write(f"created volume {v['id']} on {v['host_id']}\n")
+
+
+async def volumes_list(reactor, args, out=None):
+    out = out or sys.stdout
+    session = await connect(reactor, load_settings(args.api_url))
+    try:
+        vs = await call(session, "zwrm.volume.list", app=args.app)
+    finally:
+        await close(session)
+    _json(vs, out) if args.json else format_volumes(vs, out)
+
+
+async def volumes_destroy(reactor, args, out=None):
+    out = out or sys.stdout
+    gone = await _with_session(reactor, args, "zwrm.volume.destroy", args.volume_id)
+    _json({"volume": gone}, out) if args.json else out.write(f"destroyed volume {gone}\n")
