@@ -10,6 +10,7 @@ import tempfile
 
 import pytest
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from zwrm import plugins
@@ -131,6 +132,34 @@ class QemuStartTests(TestCase):
         self.assertEqual((found["state"], found["pid"]), ("running", st["pid"]))
         await second.destroy("m" * 64)
         self.assertEqual(second.list(), [])
+
+    async def _run_until_end(self, cmdline):
+        root = tempfile.mkdtemp(prefix="zwrm-q-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, root, True)
+        img = image.build()
+        drv = QemuDriver(reactor, root, accel="tcg")
+        seen = []
+        drv.subscribe(seen.append)
+        await drv.start({"id": "m1", "kernel": img.kernel, "initrd": img.initrd,
+                         "cmdline": f"{img.cmdline} {cmdline}", "vcpus": 1, "memory_mb": 128})
+        for _ in range(1200):
+            if drv.status("m1")["state"] != "running":
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual([s["state"] for s in seen][:1], ["running"])
+        self.assertEqual(len(seen), 2)
+        return drv.status("m1"), await drv.console("m1")
+
+    async def test_guest_power_off_is_stopped(self):
+        st, console = await self._run_until_end("zwrm.selftest=poweroff")
+        self.assertIn("zwrm: selftest: powering off", console)
+        self.assertEqual((st["state"], st["reason"]), ("stopped", "the guest powered off"))
+
+    async def test_guest_panic_is_failed(self):
+        # No such init: the kernel panics, and with panic=-1 and -no-reboot QEMU ends.
+        st, console = await self._run_until_end("rdinit=/nonexistent root=/dev/nonexistent")
+        self.assertEqual(st["state"], "failed")
+        self.assertIn("the guest ended itself", st["reason"])
 
     async def test_taken_port_is_a_clear_error(self):
         root = tempfile.mkdtemp(prefix="zwrm-q-", dir="/tmp")

@@ -25,6 +25,9 @@ What the guest does (its ``/init``):
  6. powers off when the ACPI power button is pressed (QMP ``system_powerdown``), after
     unmounting the volumes, so a clean stop leaves a clean file system.
 
+With ``zwrm.selftest=poweroff`` on the command line it powers itself off right after step 3
+(tests use it to see a guest-initiated power-off).
+
 The line ``zwrm: ready`` on the console means the HTTP server is running.
 
 Building is blocking file work (a few MB): call L{build} from a thread
@@ -86,6 +89,11 @@ done
 echo "$FIRST" > /etc/volume
 echo "boot $(cat /proc/uptime)" >> "$FIRST/boots.log"
 sync
+if grep -q "zwrm.selftest=poweroff" /proc/cmdline; then
+  echo "zwrm: selftest: powering off"
+  for m in $(cat /etc/mounts.zwrm 2>/dev/null); do umount "$m"; done
+  poweroff -f
+fi
 ip link set lo up
 ip link set eth0 up
 ip addr add 10.0.2.15/24 dev eth0
