@@ -8,6 +8,12 @@ import os
 import stat
 
 import sqlite_utils
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
@@ -613,3 +619,77 @@ class CommandLineTests(SynchronousTestCase):
 
     def test_missing_ca(self):
         self.assertEqual(pki.main(["fingerprint", self.mktemp()]), 1)
+
+
+class _EchoServer(WebSocketServerProtocol):
+    def onMessage(self, payload, isBinary):
+        self.factory.received.append(payload)
+        self.sendMessage(payload, isBinary)
+
+
+class _EchoClient(WebSocketClientProtocol):
+    def onOpen(self):
+        self.sendMessage(b"ping")
+
+    def onMessage(self, payload, isBinary):
+        self.factory.result.callback(payload)
+        self.sendClose()
+
+    def onClose(self, wasClean, code, reason):
+        if not self.factory.result.called:
+            self.factory.result.errback(Exception(f"closed: {reason}"))
+
+
+class WebSocketTests(TestCase):
+    """The pinned options with autobahn's WebSocket client, as an agent uses them."""
+
+    @defer.inlineCallbacks
+    def connect(self, ca, fingerprint):
+        server = WebSocketServerFactory()
+        server.protocol = _EchoServer
+        server.received = []
+        # No handshake timers: they would outlive the test as txaio's batched calls.
+        server.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+        port = yield SSL4ServerEndpoint(
+            reactor, 0, ca.server_context(), interface="127.0.0.1"
+        ).listen(server)
+        self.addCleanup(port.stopListening)
+        url = f"wss://127.0.0.1:{port.getHost().port}/ws"
+        client = WebSocketClientFactory(url)
+        client.protocol = _EchoClient
+        client.result = defer.Deferred()
+        client.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+        endpoint = pki.websocket_endpoint(
+            reactor, url, pki.pinned_client_context("127.0.0.1", fingerprint)
+        )
+        proto = yield endpoint.connect(client)
+        try:
+            result = yield client.result
+        finally:
+            if proto.transport is not None:
+                proto.transport.loseConnection()
+            yield deferLater(reactor, 0.05, lambda: None)
+        return result, server.received
+
+    @defer.inlineCallbacks
+    def test_pinned_websocket(self):
+        ca = pki.CertificateAuthority.create(os.path.join(self.mktemp(), "ca"))
+        result, received = yield self.connect(ca, ca.fingerprint)
+        self.assertEqual((result, received), (b"ping", [b"ping"]))
+
+    @defer.inlineCallbacks
+    def test_pinned_websocket_wrong_ca(self):
+        ca = pki.CertificateAuthority.create(os.path.join(self.mktemp(), "ca"))
+        other = pki.CertificateAuthority.create()
+        with self.assertRaises(Exception) as caught:
+            yield self.connect(ca, other.fingerprint)
+        self.assertIn("the server's CA has fingerprint", str(caught.exception))
+
+    def test_endpoint_rules(self):
+        e = self.assertRaises(InvalidArgument, pki.websocket_endpoint, reactor, "wss://cp:8080/ws")
+        self.assertIn("needs TLS options", e.message)
+        e = self.assertRaises(
+            InvalidArgument, pki.websocket_endpoint, reactor, "ws://cp.example.com:8080/ws"
+        )
+        self.assertIn("is not encrypted", e.message)
+        pki.websocket_endpoint(reactor, "ws://127.0.0.1:8080/ws")

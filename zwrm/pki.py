@@ -82,6 +82,7 @@ __all__ = [
     "make_host_request",
     "pinned_client_context",
     "token_state",
+    "websocket_endpoint",
     "server_options",
 ]
 
@@ -1164,6 +1165,32 @@ def check_plain_url(url, allow_plain=False):
         f"{url} is not encrypted: plain {scheme}:// is only allowed to loopback addresses;"
         f" use {'wss' if scheme == 'ws' else 'https'}:// or allow plain connections in the configuration"
     )
+
+
+def websocket_endpoint(reactor, url, tls_options=None, allow_plain=False):
+    """
+    The client endpoint for a C{ws://} or C{wss://} URL: TCP, wrapped in TLS with
+    C{tls_options} for C{wss://} (e.g. L{pinned_client_context} or
+    L{HostCredentials.control_client_context}). Autobahn's WebSocket client factories connect
+    over it, and autobahn's C{Component} takes it as a transport's C{endpoint}.
+
+    @raise InvalidArgument: a C{wss://} URL without TLS options, or plain C{ws://} beyond
+        loopback without C{allow_plain} (see L{check_plain_url}).
+    """
+    from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+
+    secure = check_plain_url(url, allow_plain)
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if secure else 80)
+    except ValueError:
+        raise InvalidArgument(f"bad port in {url!r}") from None
+    endpoint = HostnameEndpoint(reactor, parts.hostname, port)
+    if not secure:
+        return endpoint
+    if tls_options is None:
+        raise InvalidArgument(f"{url} needs TLS options (a CA fingerprint or certificate)")
+    return wrapClientTLS(tls_options, endpoint)
 
 
 # --- command line (used by install.sh) -------------------------------------------------
