@@ -66,6 +66,17 @@ class AccelTests(TestCase):
             self.assertIn("hardware virtualization", cm.exception.message)
         self.assertEqual(drv.list(), [])
         self.assertIsNone(drv.facts()["accel"])
+        self.assertEqual(await drv.recover(), [])  # logs the reason, does not fail
+        self.flushLoggedErrors()
+
+    async def test_recover_chooses_the_accelerator(self):
+        root = tempfile.mkdtemp(prefix="zwrm-k-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, root, True)
+        drv = QemuDriver(reactor, root, accel="auto")
+        accel._cache[drv.qemu_binary] = "no vmx or svm"
+        self.assertIsNone(drv.facts()["accel"])
+        await drv.recover()
+        self.assertEqual(drv.facts()["accel"], "tcg")
 
     def test_preconditions(self):
         self.assertIn("cannot be opened", accel._kvm_preconditions(dev="/nonexistent/kvm"))

@@ -525,6 +525,13 @@ class QemuDriver:
 
     async def _recover(self):
         found = []
+        if self.accel is None:
+            # The agent calls recover at start-up: choose the accelerator now, so facts()
+            # reports it from the start (a failure is reported again by every start).
+            try:
+                await self._choose_accel()
+            except Exception as e:
+                log.error("no usable accelerator: {e}", e=e)
         try:
             names = sorted(os.listdir(self.root))
         except FileNotFoundError:
