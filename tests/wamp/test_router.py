@@ -13,7 +13,7 @@ from nacl.signing import SigningKey
 from twisted.trial import unittest
 
 from tests.wamp.helpers import CLIENT_ROLES, RouterTestMixin
-from zwrm.wamp.auth import Principal, StaticAuthenticator
+from zwrm.wamp.auth import Principal, Rule, StaticAuthenticator
 from zwrm.wamp.router import BROKER_FEATURES, DEALER_FEATURES, RouterLimits
 
 CALL = message.Call.MESSAGE_TYPE
@@ -613,6 +613,18 @@ class MetaApiTests(RouterTestMixin, unittest.SynchronousTestCase):
         self.assertEqual(results[4].args[0]["authid"], "host1")
         self.assertEqual(results[5].error, "wamp.error.no_such_session")
         self.assertEqual(results[6].error, "wamp.error.invalid_argument")
+
+    def test_clients_cannot_publish_meta_events(self):
+        watcher = self.join("op")
+        self.subscribe(watcher, "wamp.session.on_join")
+        ctl = self.join("ctl")
+        watcher.take()
+        # even a role whose rules allow it
+        self.router.authorizer._roles["trusted"] += (Rule("wamp.", "prefix", {"publish"}),)
+        ctl.send(message.Publish(1, "wamp.session.on_join", args=[{"session": 1}], acknowledge=True))
+        self.pump()
+        self.assertEqual(ctl.last(message.Error).error, "wamp.error.not_authorized")
+        self.assertEqual(watcher.take(message.Event), [])
 
     def test_meta_procedures_are_authorized(self):
         v = self.join("view")

@@ -838,7 +838,8 @@ class Router:
         session.send(message.Unsubscribed(msg.request))
 
     def _on_publish(self, session, msg):
-        if not self._allowed(session, msg.topic, "publish"):
+        # topics under "wamp." are the router's own (meta events): nobody else publishes there
+        if msg.topic.startswith("wamp.") or not self._allowed(session, msg.topic, "publish"):
             if msg.acknowledge:
                 self._error(session, message.Publish.MESSAGE_TYPE, msg.request, ApplicationError.NOT_AUTHORIZED,
                             f"{session.authrole!r} may not publish to {msg.topic!r}")
