@@ -17,6 +17,7 @@ rejected credential with a join token at hand makes the next attempt join again.
 """
 
 import random
+from ipaddress import ip_address
 
 from autobahn import wamp
 from autobahn.twisted.wamp import ApplicationSession
@@ -95,6 +96,15 @@ class _AgentSession(ApplicationSession):
             self.ended.callback(exc)
 
 
+def _tcp_endpoint(reactor, host, port, timeout):
+    try:
+        ip = ip_address(host.strip("[]"))
+    except ValueError:
+        return endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
+    cls = endpoints.TCP6ClientEndpoint if ip.version == 6 else endpoints.TCP4ClientEndpoint
+    return cls(reactor, str(ip), port, timeout=timeout)
+
+
 def client_endpoint(reactor, url, ca_file=None, timeout=10):
     """
     A client endpoint for the WebSocket C{url}.
@@ -102,7 +112,7 @@ def client_endpoint(reactor, url, ca_file=None, timeout=10):
     @param ca_file: PEM file of the CA to trust for C{wss://} (default: the platform's).
     """
     secure, host, port, _resource, _path, _params = parse_url(url)
-    tcp = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
+    tcp = _tcp_endpoint(reactor, host, port, timeout)
     if not secure:
         return tcp
     from twisted.internet import ssl
@@ -143,11 +153,15 @@ class AgentService(service.Service):
         self.executors = [MembershipExecutor(self)]
         self.heartbeat_interval = 5.0
         self.heartbeats_sent = 0
+        self.attempts = 0
+        self.last_error = None
         self.registered = defer.Deferred()
         self._loop = None
         self._sleep = None
         self._hb_call = None
         self._running = False
+        self._connecting = None
+        self._pending = None
 
     # -- facts ------------------------------------------------------------------------
 
@@ -191,6 +205,12 @@ class AgentService(service.Service):
         self._stop_heartbeats()
         if self._sleep is not None and self._sleep.active():
             self._sleep.cancel()
+        if self._connecting is not None and not self._connecting.called:
+            self._connecting.cancel()
+        pending = self._pending
+        if pending is not None and pending._transport is not None:
+            pending._transport.dropConnection() if hasattr(
+                pending._transport, "dropConnection") else pending._transport.close()
         session = self.session
         if session is None or not session.is_attached():
             return None
@@ -234,7 +254,8 @@ class AgentService(service.Service):
                 failures = 0
             failures += 1
             delay = self._backoff(failures)
-            self.log.warn("{why}; retrying in {delay:.1f}s", why=self._explain(outcome), delay=delay)
+            self.last_error = self._explain(outcome)
+            self.log.warn("{why}; retrying in {delay:.1f}s", why=self.last_error, delay=delay)
             await self._wait(delay)
         self.state = "stopped"
 
@@ -275,13 +296,20 @@ class AgentService(service.Service):
         factory.noisy = False
         factory.setProtocolOptions(autoPingInterval=10, autoPingTimeout=10, openHandshakeTimeout=10)
         endpoint = client_endpoint(self.reactor, c.url, c.ca_file)
-        await endpoint.connect(factory)
-        await session.joined
+        self._connecting = endpoint.connect(factory)
+        self._pending = session
+        try:
+            await self._connecting
+            await session.joined
+        finally:
+            self._connecting = None
+            self._pending = None
         return session
 
     async def _attempt(self):
         """One connection; returns or raises what ended it."""
         ident = self.identity
+        self.attempts += 1
         self.state = "connecting"
         if ident.credential:
             try:

@@ -1,0 +1,167 @@
+"""
+Agents and the control plane over real loopback sockets, in one process: join,
+credentials, register, heartbeats, roles, wrong tokens.
+"""
+
+import json
+import os
+import stat
+
+from autobahn.wamp.exception import ApplicationError
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
+from twisted.trial.unittest import TestCase
+
+from zwrm.agent.service import AgentService
+from zwrm.agent.tap import AgentConfig
+from zwrm.cli.client import CliError, close, connect
+from zwrm.control.service import ControlPlane
+from zwrm.control.tap import Config
+from zwrm.testing.processes import poll, temp_dir
+
+
+def d(f):
+    def wrapper(self):
+        return ensureDeferred(f(self))
+
+    wrapper.__name__ = f.__name__
+    return wrapper
+
+
+async def start_plane(testcase, **kw):
+    tmp = temp_dir(testcase)
+    config = Config(listen=["tcp:0:interface=127.0.0.1"], data_dir=os.path.join(tmp, "cp"),
+                    heartbeat_interval=0.2, flush_interval=0.2, **kw)
+    plane = ControlPlane(reactor, config)
+    plane.startService()
+    testcase.addCleanup(plane.stopService)
+    await plane.started
+    port = plane.ports[0].getHost().port
+    plane.url = f"ws://127.0.0.1:{port}/ws"
+    with open(os.path.join(config.data_dir, "join.token")) as f:
+        plane.join_token = f.read().strip()
+    with open(os.path.join(config.data_dir, "operator.token")) as f:
+        plane.operator_token = f.read().strip()
+    return plane, tmp
+
+
+def make_agent(testcase, plane, data_dir, token=None, name="a1"):
+    config = AgentConfig(url=plane.url, join_token=token or plane.join_token, data_dir=data_dir,
+                         name=name, region="eu", datacenter="dc1", labels={"k": "v"},
+                         vcpus=3, retry_initial=0.05, retry_max=0.2)
+    agent = AgentService(reactor, config)
+    agent.startService()
+    testcase.addCleanup(agent.stopService)
+    return agent
+
+
+class MembershipTests(TestCase):
+    timeout = 60
+
+    @d
+    async def test_join_register_heartbeat_restart(self):
+        plane, tmp = await start_plane(self)
+        data_dir = os.path.join(tmp, "a1")
+        agent = make_agent(self, plane, data_dir)
+        result = await agent.registered
+        host_id = agent.identity.host_id
+        self.assertEqual(result["host_id"], host_id)
+        # credential stored privately; only its hash on the control plane
+        path = os.path.join(data_dir, "host.json")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        with open(path) as f:
+            credential = json.load(f)["credential"]
+        self.assertTrue(credential)
+        row = await plane.store.get("hosts", host_id)
+        self.assertNotIn(credential, json.dumps(row))
+        self.assertEqual((row["name"], row["region"], row["vcpus"]), ("a1", "eu", 3))
+        self.assertEqual(row["labels"], {"k": "v"})
+        # heartbeats arrive
+        first = plane.registry.last_heartbeat(host_id)
+        await poll(reactor, lambda: agent.heartbeats_sent >= 2, 10, 0.05, what="heartbeats")
+        self.assertGreater(plane.registry.last_heartbeat(host_id), first)
+        # the executor is callable through the router
+        info = await plane.registry.call_executor(host_id, "agent.info")
+        self.assertEqual(info["name"], "a1")
+        # a restart is the same host, using its credential (no new join)
+        await agent.stopService()
+        agent2 = make_agent(self, plane, data_dir, token="not-needed-any-more")
+        await agent2.registered
+        self.assertEqual(agent2.identity.host_id, host_id)
+        self.assertEqual(plane.registry.host_ids(), [host_id])
+
+    @d
+    async def test_wrong_token_retries_with_one_line(self):
+        plane, tmp = await start_plane(self)
+        agent = make_agent(self, plane, os.path.join(tmp, "a1"), token="wrong")
+        await poll(reactor, lambda: agent.attempts >= 3, 10, 0.05, what="retries")
+        self.assertFalse(agent.registered.called)
+        self.assertIn("rejected our join token", agent.last_error)
+        self.assertEqual(len(plane.registry), 0)
+
+    @d
+    async def test_unreachable_retries(self):
+        plane, tmp = await start_plane(self)
+        port = plane.ports[0]
+        await port.stopListening()
+        plane.ports = []
+        agent = make_agent(self, plane, os.path.join(tmp, "a1"))
+        await poll(reactor, lambda: agent.attempts >= 2, 10, 0.05, what="retries")
+        self.assertIn("connection refused", agent.last_error)
+
+    @d
+    async def test_lost_credential_joins_again(self):
+        plane, tmp = await start_plane(self)
+        data_dir = os.path.join(tmp, "a1")
+        agent = make_agent(self, plane, data_dir)
+        await agent.registered
+        await agent.stopService()
+        host_id = agent.identity.host_id
+        with open(os.path.join(data_dir, "host.json"), "w") as f:
+            json.dump({"host_id": host_id, "credential": "forged"}, f)
+        agent2 = make_agent(self, plane, data_dir)
+        await agent2.registered
+        self.assertEqual(agent2.identity.host_id, host_id)
+        self.assertNotEqual(agent2.identity.credential, "forged")
+
+
+class RoleTests(TestCase):
+    timeout = 60
+
+    async def session(self, plane, authid, token):
+        s = await connect(reactor, {"url": plane.url, "token": token, "authid": authid})
+        self.addCleanup(lambda: ensureDeferred(close(s)))
+        return s
+
+    @d
+    async def test_roles(self):
+        plane, tmp = await start_plane(self)
+        agent = make_agent(self, plane, os.path.join(tmp, "a1"))
+        await agent.registered
+        host_id, credential = agent.identity.host_id, agent.identity.credential
+        op = await self.session(plane, "operator", plane.operator_token)
+        hosts = await op.call("zwrm.host.list")
+        self.assertEqual([h["id"] for h in hosts], [host_id])
+        for proc in ("zwrm.agent.register", f"zwrm.agent.{host_id}.agent.info"):
+            with self.assertRaises(ApplicationError) as e:
+                await op.call(proc)
+            self.assertEqual(e.exception.error, "wamp.error.not_authorized")
+        ag = await self.session(plane, host_id, credential)
+        with self.assertRaises(ApplicationError) as e:
+            await ag.call("zwrm.host.list")
+        self.assertEqual(e.exception.error, "wamp.error.not_authorized")
+        with self.assertRaises(ApplicationError):
+            await ag.register(lambda: 1, "zwrm.agent.h-other.machine.start")
+        await ag.register(lambda: 1, f"zwrm.agent.{host_id}.test.extra")
+        joining = await self.session(plane, "join", plane.join_token)
+        with self.assertRaises(ApplicationError) as e:
+            await joining.call("zwrm.agent.heartbeat")
+        self.assertEqual(e.exception.error, "wamp.error.not_authorized")
+        with self.assertRaises(CliError) as e:
+            await connect(reactor, {"url": plane.url, "token": "x", "authid": "operator"})
+        self.assertIn("rejected the token", e.exception.message)
+        with self.assertRaises(CliError):
+            await connect(reactor, {"url": plane.url, "token": credential, "authid": "h-other"})
+        with self.assertRaises(ApplicationError) as e:
+            await op.call("zwrm.host.status", "h-nobody")
+        self.assertEqual(e.exception.error, "zwrm.error.not_found")

@@ -1,0 +1,156 @@
+"""The zwrm command: settings, parsing, output, one-line errors, against a real control plane."""
+
+import io
+import json
+import os
+
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.agent.test_membership import make_agent, start_plane
+from zwrm.cli import client, host, main
+from zwrm.cli.client import CliError
+from zwrm.testing.processes import temp_dir
+
+
+def d(f):
+    def wrapper(self):
+        return ensureDeferred(f(self))
+
+    wrapper.__name__ = f.__name__
+    return wrapper
+
+
+HOST = {
+    "id": "h-1", "name": "w1", "region": "eu", "datacenter": "dc1", "address": "10.0.0.1",
+    "labels": {"a": "b"}, "state": "ready", "state_before_offline": None, "vcpus": 8,
+    "memory_mb": 16384, "disk_mb": 1000, "alloc_vcpus": 2, "alloc_memory_mb": 512,
+    "alloc_disk_mb": 0, "machines": 1, "heartbeat_age": 3.2, "last_heartbeat": 1.0,
+    "agent_version": "0.1.0", "joined_at": 0.0, "executor": True,
+}
+
+
+class SettingsTests(SynchronousTestCase):
+    def test_precedence(self):
+        path = os.path.join(temp_dir(self), "config.toml")
+        with open(path, "w") as f:
+            f.write('api_url = "ws://file:1/ws"\ntoken = "file-token"\n')
+        s = client.load_settings(None, {}, path)
+        self.assertEqual((s["url"], s["token"], s["authid"]), ("ws://file:1/ws", "file-token", "operator"))
+        s = client.load_settings(None, {"ZWRM_API_URL": "ws://env:2/ws", "ZWRM_TOKEN": "t"}, path)
+        self.assertEqual((s["url"], s["token"]), ("ws://env:2/ws", "t"))
+        s = client.load_settings("ws://flag:3/ws", {"ZWRM_API_URL": "ws://env:2/ws"}, path)
+        self.assertEqual(s["url"], "ws://flag:3/ws")
+
+    def test_no_token_and_bad_file(self):
+        e = self.assertRaises(CliError, client.load_settings, None, {}, "/nonexistent")
+        self.assertEqual(e.code, client.EXIT_USAGE)
+        self.assertIn("ZWRM_TOKEN", e.message)
+        path = os.path.join(temp_dir(self), "bad.toml")
+        with open(path, "w") as f:
+            f.write("this is = = not toml")
+        e = self.assertRaises(CliError, client.load_settings, None, {}, path)
+        self.assertEqual(e.code, client.EXIT_USAGE)
+
+
+class ParserTests(SynchronousTestCase):
+    def test_commands(self):
+        parser = main.build_parser()
+        args = parser.parse_args(["--api-url", "ws://x:1/ws", "host", "list", "--json"])
+        self.assertEqual((args.api_url, args.json, args.func), ("ws://x:1/ws", True, host.host_list))
+        args = parser.parse_args(["host", "status", "h-1"])
+        self.assertEqual((args.host_id, args.func), ("h-1", host.host_status))
+
+    def test_usage_error_is_one_line(self):
+        err = io.StringIO()
+        self.patch(main.sys, "stderr", err)
+        import sys
+
+        self.patch(sys, "stderr", err)
+        e = self.assertRaises(SystemExit, main.build_parser().parse_args, ["host"])
+        self.assertEqual(e.code, client.EXIT_USAGE)
+        self.assertEqual(len(err.getvalue().strip().splitlines()), 1)
+
+
+class FormatTests(SynchronousTestCase):
+    def test_list_table(self):
+        out = io.StringIO()
+        host.format_hosts([HOST], out)
+        lines = out.getvalue().splitlines()
+        self.assertEqual(lines[0].split(), ["ID", "NAME", "REGION", "DATACENTER", "STATE", "VCPU",
+                                            "MEMORY(MiB)", "MACHINES", "HEARTBEAT"])
+        self.assertEqual(lines[1].split(), ["h-1", "w1", "eu", "dc1", "ready", "2/8", "512/16384",
+                                            "1", "3s"])
+
+    def test_status(self):
+        out = io.StringIO()
+        status = dict(HOST, machine_list=[{"id": "m1", "app_id": "a", "state": "running"}],
+                      events=[{"ts": 0, "kind": "state", "payload": {"state": "offline",
+                                                                      "reason": "heartbeat_lost"}}])
+        host.format_status(status, out)
+        text = out.getvalue()
+        self.assertIn("labels                a=b", text)
+        self.assertIn("m1", text)
+        self.assertIn("offline (heartbeat_lost)", text)
+
+
+class Args:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class LiveTests(TestCase):
+    """The host commands against an in-process control plane over a real socket."""
+
+    timeout = 60
+
+    @d
+    async def test_list_and_status(self):
+        plane, tmp = await start_plane(self)
+        agent = make_agent(self, plane, os.path.join(tmp, "a1"))
+        await agent.registered
+        env = {"ZWRM_TOKEN": plane.operator_token}
+        self.patch(client.os, "environ", env)
+        out = io.StringIO()
+        await host.host_list(reactor, Args(api_url=plane.url, json=True), out)
+        hosts = json.loads(out.getvalue())
+        self.assertEqual([(h["name"], h["state"]) for h in hosts], [("a1", "ready")])
+        out = io.StringIO()
+        await host.host_status(reactor, Args(api_url=plane.url, json=False, host_id=hosts[0]["id"]), out)
+        self.assertIn("joined", out.getvalue())
+        with self.assertRaises(CliError) as e:
+            await host.host_status(reactor, Args(api_url=plane.url, json=False, host_id="h-x"), out)
+        self.assertEqual((e.exception.code, e.exception.message), (1, "no host 'h-x'"))
+        env["ZWRM_TOKEN"] = "bad"
+        with self.assertRaises(CliError) as e:
+            await host.host_list(reactor, Args(api_url=plane.url, json=True), out)
+        self.assertEqual(e.exception.code, client.EXIT_AUTH)
+        env["ZWRM_TOKEN"] = plane.operator_token
+        with self.assertRaises(CliError) as e:
+            await host.host_list(reactor, Args(api_url="ws://127.0.0.1:1/ws", json=True), out)
+        self.assertEqual(e.exception.code, client.EXIT_UNREACHABLE)
+        self.assertIn("connection refused", e.exception.message)
+        with self.assertRaises(CliError) as e:
+            await host.host_list(reactor, Args(api_url="http//nope", json=True), out)
+        self.assertEqual(e.exception.code, client.EXIT_USAGE)
+
+    @d
+    async def test_run_reports_one_line(self):
+        err = io.StringIO()
+        self.patch(main.sys, "stderr", err)
+
+        async def boom(reactor, args):
+            raise CliError("it broke", 3)
+
+        with self.assertRaises(SystemExit) as e:
+            await main._run(reactor, Args(func=boom))
+        self.assertEqual((e.exception.code, err.getvalue()), (3, "zwrm: it broke\n"))
+
+        async def bug(reactor, args):
+            raise KeyError("x")
+
+        with self.assertRaises(SystemExit) as e:
+            await main._run(reactor, Args(func=bug))
+        self.assertEqual(e.exception.code, 70)
+        self.assertNotIn("Traceback", err.getvalue())
