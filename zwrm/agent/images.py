@@ -99,6 +99,8 @@ class _BlobSink(protocol.Protocol):
         self._paused = False
         self._ended = None
         self._watchdog = None
+        self._received = 0
+        self._seen = 0
         self.written = 0
         self.error = None
         self.done = defer.Deferred()
@@ -107,24 +109,26 @@ class _BlobSink(protocol.Protocol):
         self._arm()
 
     def _arm(self):
-        if self._idle_timeout:
-            if self._watchdog is not None and self._watchdog.active():
-                self._watchdog.reset(self._idle_timeout)
-            else:
-                self._watchdog = self._clock.callLater(self._idle_timeout, self._idle)
+        # One timer per idle_timeout, not one reset per chunk: when it fires, the transfer
+        # counts as stalled only if no byte arrived since it was armed.
+        if self._idle_timeout and self._ended is None:
+            self._seen = self._received
+            self._watchdog = self._clock.callLater(self._idle_timeout, self._idle)
 
     def _idle(self):
         self._watchdog = None
-        if self._ended is None and self.transport is not None:
+        if self._ended is not None or self.transport is None:
+            return
+        if self._paused or self._received != self._seen:
+            self._arm()  # paused for our own writes, or bytes arrived: not stalled
+        else:
             self.transport.stopProducing()
 
     def dataReceived(self, data):
         self._buf.append(data)
         self._buffered += len(data)
-        if self._paused:
-            return  # paused while a batch is written; do not re-arm the watchdog
-        self._arm()
-        if self._buffered >= BATCH:
+        self._received += len(data)
+        if self._buffered >= BATCH and not self._paused:
             self._flush()
 
     def _flush(self):
@@ -149,7 +153,6 @@ class _BlobSink(protocol.Protocol):
         self.written += n
         if self._paused and self._ended is None:
             self._paused = False
-            self._arm()
             self.transport.resumeProducing()
         if self._buffered and (self._buffered >= BATCH or self._ended is not None):
             self._flush()
