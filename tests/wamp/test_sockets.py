@@ -290,3 +290,28 @@ class SocketLimitTests(_SocketBase):
         self.assertIsNotNone(self.router.get_session(slow._session_id))
         yield pub.publish("test.flood", "last", options=PublishOptions(acknowledge=True))
         slow_proto.transport.resumeProducing()
+
+
+class ListenerServiceTests(unittest.TestCase):
+    def test_bad_endpoint_is_a_readable_error(self):
+        from zwrm.wamp.transport import listener_service
+
+        router = Router(reactor, make_authenticator(), make_authorizer())
+        with self.assertRaises(ValueError) as cm:
+            listener_service(reactor, router, "bogus:1234")
+        self.assertIn("bogus:1234", str(cm.exception))
+        with self.assertRaises(ValueError):
+            listener_service(reactor, router, "tcp:0", kind="carrier-pigeon")
+
+    @defer.inlineCallbacks
+    def test_service_listens_while_running(self):
+        from zwrm.wamp.transport import listener_service
+
+        router = Router(reactor, make_authenticator(), make_authorizer())
+        svc = listener_service(reactor, router, "tcp:0:interface=127.0.0.1", kind="rawsocket")
+        svc.startService()
+        ports = []
+        svc._waitingForPort.addCallback(lambda p: ports.append(p) or p)
+        yield task.deferLater(reactor, 0, lambda: None)
+        self.assertEqual(ports[0].getHost().host, "127.0.0.1")
+        yield svc.stopService()

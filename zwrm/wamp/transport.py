@@ -221,6 +221,29 @@ def listen(reactor, router, description, kind="websocket", path="/ws"):
     return endpoint.listen(factory)
 
 
+def listener_service(reactor, router, description, kind="websocket", path="/ws"):
+    """
+    A C{twisted.application} service that listens like L{listen} while it runs (for
+    C{makeService}); the endpoint string is checked now, so a bad one is an error at
+    configuration time.
+    """
+    from twisted.application.internet import StreamServerEndpointService
+
+    if kind == "websocket":
+        factory = websocket_site(router, path) if path and path.strip("/") else websocket_factory(router)
+    elif kind == "rawsocket":
+        factory = rawsocket_factory(router)
+    else:
+        raise ValueError(f"unknown transport kind {kind!r}: use 'websocket' or 'rawsocket'")
+    try:
+        endpoint = serverFromString(reactor, description)
+    except Exception as e:
+        raise ValueError(f"bad listener endpoint {description!r}: {e}") from e
+    service = StreamServerEndpointService(endpoint, factory)
+    service._raiseSynchronously = True
+    return service
+
+
 # --- in-memory transports -----------------------------------------------------------------
 
 
