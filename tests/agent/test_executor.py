@@ -159,7 +159,12 @@ class ExecutorTests(TestCase):
         self.assertEqual((await self.executor.stop_machine("m1"))["state"], "stopped")
         self.assertRaises(InvalidArgument, self.executor.stop_machine, "m1", timeout=-1)
         self.assertEqual(self.store.in_use("m1-data"), "m1")  # still its volume
+        # Started again without it: the volume is free again.
+        await self.executor.start_machine(self.spec(volumes=[]))
+        self.assertIsNone(self.store.in_use("m1-data"))
+        await self.executor.stop_machine("m1")
         await self.executor.start_machine(self.spec())
+        self.assertEqual(self.store.in_use("m1-data"), "m1")
         result = await self.executor.destroy_machine("m1")
         self.assertEqual(result, {"machine_id": "m1", "destroyed": True})
         self.assertTrue(self.events[-1]["destroyed"])

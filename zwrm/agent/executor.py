@@ -202,6 +202,12 @@ class Executor:
             if owner is not None and owner != mid:
                 raise Conflict(f"volume {v['id']!r} is used by machine {owner!r}")
         old_digests = rec.image_digests if rec is not None else []
+        if rec is not None:
+            # Started again with another spec: volumes it no longer lists are free again.
+            keep = {v["id"] for v in spec["volumes"]}
+            for v in rec.spec["volumes"]:
+                if v["id"] not in keep:
+                    self.volumes.release(v["id"], mid)
         rec = _Record(spec)
         rec.image_digests = old_digests
         self._machines[mid] = rec
