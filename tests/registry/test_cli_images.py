@@ -2,7 +2,6 @@
 C{zwrm images push|list|rm} against a real registry on loopback.
 """
 
-import argparse
 import io
 import json
 import os
@@ -13,7 +12,9 @@ from twisted.trial import unittest
 
 from tests.registry.helpers import OPERATOR, RunningRegistry
 from zwrm.cli import images as cli
-from zwrm.errors import InvalidArgument, NotFound
+from zwrm.cli.client import EXIT_AUTH, EXIT_REMOTE, EXIT_USAGE, CliError
+from zwrm.cli.main import build_parser
+from zwrm.errors import InvalidArgument
 from zwrm.registry.image import DISK_TYPE, INITRD_TYPE, KERNEL_TYPE
 
 
@@ -32,9 +33,9 @@ class ImagesCommandTests(unittest.TestCase):
         self.reg = RunningRegistry(self, self.mktemp())
         self.dir = self.mktemp()
         os.makedirs(self.dir)
-        parser = argparse.ArgumentParser(prog="zwrm")
-        cli.register(parser.add_subparsers(dest="command"))
-        self.parser = parser
+        self.patch(os, "environ", {"ZWRM_TOKEN": OPERATOR, "HOME": self.dir,
+                                   "PATH": os.environ.get("PATH", "")})
+        self.parser = build_parser()
 
     def file(self, name, data):
         path = os.path.join(self.dir, name)
@@ -44,8 +45,7 @@ class ImagesCommandTests(unittest.TestCase):
 
     async def zwrm(self, *argv):
         args = self.parser.parse_args(
-            ["images", *argv[:1], "--url", self.reg.url.replace("http", "ws") + "/ws",
-             "--token", OPERATOR, *argv[1:]]
+            ["--api-url", self.reg.url.replace("http", "ws") + "/ws", "images", *argv]
         )
         out = io.StringIO()
         code = await args.func(reactor, args, out)
@@ -86,19 +86,30 @@ class ImagesCommandTests(unittest.TestCase):
         self.assertEqual((code, out), (0, "removed apps/web:v1\n"))
         code, listing = await self.zwrm("list", "apps/web")
         self.assertEqual([line.split()[0] for line in listing.splitlines()[1:]], ["apps/web:v2"])
-        with self.assertRaises(NotFound):
-            await self.zwrm("rm", "apps/web:v1")
-        with self.assertRaises(InvalidArgument):
-            await self.zwrm("rm", "apps/web")
+        e = await self.assertFailsWith(self.zwrm("rm", "apps/web:v1"))
+        self.assertEqual(e.code, EXIT_REMOTE)
+        self.assertIn("MANIFEST_UNKNOWN", e.message)
+        e = await self.assertFailsWith(self.zwrm("rm", "apps/web"))
+        self.assertEqual(e.code, EXIT_USAGE)
+
+    async def assertFailsWith(self, coro):
+        try:
+            await coro
+        except CliError as e:
+            return e
+        self.fail("no CliError")
 
     @aio
     async def test_bad_input(self):
-        with self.assertRaises(InvalidArgument):
-            await self.zwrm("push", "apps/web:v1", "--kernel", os.path.join(self.dir, "missing"))
-        with self.assertRaises(InvalidArgument):
-            await self.zwrm("push", "Apps/Web:v1", "--kernel", self.file("k", b"k"))
-        with self.assertRaises(InvalidArgument):
-            await self.zwrm("push", "apps/web:v1", "--initrd", self.file("i", b"i"))
+        for argv in (("push", "apps/web:v1", "--kernel", os.path.join(self.dir, "missing")),
+                     ("push", "Apps/Web:v1", "--kernel", self.file("k", b"k")),
+                     ("push", "apps/web:v1", "--initrd", self.file("i", b"i"))):
+            e = await self.assertFailsWith(self.zwrm(*argv))
+            self.assertEqual(e.code, EXIT_USAGE, argv)
+        os.environ["ZWRM_TOKEN"] = "wrong"
+        e = await self.assertFailsWith(self.zwrm("list"))
+        self.assertEqual(e.code, EXIT_AUTH)
+        os.environ["ZWRM_TOKEN"] = OPERATOR
         self.assertEqual((await self.reg.request("GET", "/v2/_catalog"))[1], b'{"repositories": []}')
 
     def test_progress_bar(self):
@@ -126,9 +137,10 @@ class ImagesCommandTests(unittest.TestCase):
     @aio
     async def test_process_exit_codes(self):
         k = self.file("vmlinuz", os.urandom(3_000_000))
-        env = {"PATH": os.environ.get("PATH", ""), "ZWRM_URL": self.reg.url, "ZWRM_TOKEN": OPERATOR}
+        env = dict(os.environ, ZWRM_API_URL=self.reg.url)
+        main = ["-c", "from zwrm.cli.main import main; main()"]
         out, err, code = await utils.getProcessOutputAndValue(
-            sys.executable, ["-m", "zwrm.cli.images", "images", "push", "apps/x:v1", "--kernel", k],
+            sys.executable, [*main, "images", "push", "apps/x:v1", "--kernel", k],
             env=env, path=os.getcwd(),
         )
         self.assertEqual(code, 0, err)
@@ -136,8 +148,8 @@ class ImagesCommandTests(unittest.TestCase):
         self.assertTrue(out.startswith(b"apps/x:v1 sha256:"))
         env["ZWRM_TOKEN"] = "wrong"
         out, err, code = await utils.getProcessOutputAndValue(
-            sys.executable, ["-m", "zwrm.cli.images", "images", "list"], env=env, path=os.getcwd(),
+            sys.executable, [*main, "images", "list"], env=env, path=os.getcwd(),
         )
-        self.assertEqual(code, 1)
+        self.assertEqual(code, EXIT_AUTH)
         self.assertEqual(len(err.decode().strip().splitlines()), 1, err)
         self.assertTrue(err.startswith(b"zwrm: the registry refused the credentials"), err)

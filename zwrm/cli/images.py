@@ -2,35 +2,38 @@
 C{zwrm images}: push, list and remove VM images in the control plane's registry.
 
     zwrm images push NAME[:TAG] --kernel FILE [--initrd FILE] [--disk FILE]
-                     [--cmdline TEXT] [--port N]
+                     [--cmdline TEXT] [--port N] [-q]
     zwrm images list [NAME]
-    zwrm images rm NAME:TAG | NAME@sha256:DIGEST
+    zwrm images rm NAME:TAG ... | NAME@sha256:DIGEST ...
 
 The registry is the control plane's HTTP listener (the same host and port as its WAMP
 C{/ws} URL), path C{/v2/}. Bulk bytes go over HTTP, never through WAMP.
 
-Connection options (each also read from the environment): C{--url} (C{ZWRM_URL}: the
-control plane's C{wss://host:port/ws} or C{https://host:port} URL), C{--token}
-(C{ZWRM_TOKEN}: an operator token), C{--ca} (C{ZWRM_CA}: a PEM file of the cluster CA, for
-https). When the CLI framework (L{zwrm.cli.main}) gives the same options globally, they are
-used.
-
-This module follows the CLI framework's shape: L{register} adds the sub-command, whose
-C{func(reactor, args)} returns a Deferred firing with the exit code. It can also run on its
-own: C{python -m zwrm.cli.images ...}.
+The connection settings are the CLI's (L{zwrm.cli.client.load_settings}): C{--api-url} /
+C{$ZWRM_API_URL} (C{ws://host:port/ws} means C{http://host:port/v2/}, C{wss://} https),
+the token and authid (sent as HTTP Basic auth, user = authid, password = token), and the
+CA file for https.
 """
 
 import argparse
-import os
 import sys
 from urllib.parse import urlsplit
 
-from twisted.internet import defer, ssl
+from treq.client import HTTPClient
+from twisted.internet import ssl
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from zwrm.errors import InvalidArgument, ZwrmError
+from zwrm.cli.client import (
+    EXIT_AUTH,
+    EXIT_REMOTE,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    CliError,
+    load_settings,
+)
+from zwrm.errors import AuthenticationFailed, InvalidArgument, NotAuthorized, Unavailable, ZwrmError
 from zwrm.registry import image
 from zwrm.registry.client import RegistryClient, push_image
 
@@ -60,26 +63,42 @@ class _TrustCA:
 
 
 def _client(reactor, args):
-    url = getattr(args, "url", None) or os.environ.get("ZWRM_URL")
-    if not url:
-        raise InvalidArgument("no control plane URL: give --url or set ZWRM_URL")
-    token = getattr(args, "token", None) or os.environ.get("ZWRM_TOKEN")
-    if not token:
-        raise InvalidArgument("no operator token: give --token or set ZWRM_TOKEN")
-    base = registry_url(url)
-    ca = getattr(args, "ca", None) or os.environ.get("ZWRM_CA")
+    settings = load_settings(getattr(args, "api_url", None))
+    try:
+        base = registry_url(settings["url"])
+    except InvalidArgument as e:
+        raise CliError(e.message, EXIT_USAGE) from None
+    ca = settings.get("ca_file")
     http_client = None
     if ca and base.startswith("https:"):
         try:
             with open(ca, "rb") as f:
                 policy = _TrustCA(f.read())
         except (OSError, ssl.SSL.Error, ValueError) as e:
-            raise InvalidArgument(f"cannot read the CA certificate {ca}: {e}") from None
-        from treq.client import HTTPClient
-
+            raise CliError(f"cannot read the CA certificate {ca}: {e}", EXIT_USAGE) from None
         pool = HTTPConnectionPool(reactor, persistent=False)
         http_client = HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
-    return RegistryClient(reactor, base, ("operator", token), http_client=http_client)
+    return RegistryClient(
+        reactor, base, (settings["authid"], settings["token"]), http_client=http_client
+    )
+
+
+def _cli_errors(coro_fn):
+    """Run a command; a C{zwrm.errors} failure becomes a one-line L{CliError}."""
+
+    async def run(reactor, args, out=None):
+        try:
+            return await coro_fn(reactor, args, out or sys.stdout)
+        except (AuthenticationFailed, NotAuthorized) as e:
+            raise CliError(e.message, EXIT_AUTH) from None
+        except Unavailable as e:
+            raise CliError(e.message, EXIT_UNREACHABLE) from None
+        except InvalidArgument as e:
+            raise CliError(e.message, EXIT_USAGE) from None
+        except ZwrmError as e:
+            raise CliError(e.message, EXIT_REMOTE) from None
+
+    return run
 
 
 class ProgressBar:
@@ -191,22 +210,6 @@ async def _rm(reactor, args, out):
         await client.close()
 
 
-def _wrap(coro_fn):
-    def run(reactor, args, out=None):
-        return defer.Deferred.fromCoroutine(coro_fn(reactor, args, out or sys.stdout))
-
-    return run
-
-
-def _connection_options(parser):
-    parser.add_argument("--url", default=argparse.SUPPRESS,
-                        help="control plane URL (wss://host:port/ws); env ZWRM_URL")
-    parser.add_argument("--token", default=argparse.SUPPRESS,
-                        help="operator token; env ZWRM_TOKEN")
-    parser.add_argument("--ca", default=argparse.SUPPRESS,
-                        help="PEM file of the cluster CA (https); env ZWRM_CA")
-
-
 def _port(text):
     try:
         value = int(text)
@@ -231,51 +234,13 @@ def register(subparsers):
     push.add_argument("--cmdline", default="", help="the kernel command line")
     push.add_argument("--port", type=_port, default=None, help="the default service port")
     push.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    _connection_options(push)
-    push.set_defaults(func=_wrap(_push))
+    push.set_defaults(func=_cli_errors(_push))
 
     ls = sub.add_parser("list", help="list images (all repositories, or one)")
     ls.add_argument("name", nargs="?", metavar="NAME")
-    _connection_options(ls)
-    ls.set_defaults(func=_wrap(_list))
+    ls.set_defaults(func=_cli_errors(_list))
 
     rm = sub.add_parser("rm", help="remove a tag (NAME:TAG) or an image (NAME@sha256:...)")
     rm.add_argument("refs", nargs="+", metavar="REF")
-    _connection_options(rm)
-    rm.set_defaults(func=_wrap(_rm))
+    rm.set_defaults(func=_cli_errors(_rm))
     return p
-
-
-def run(argv, reactor=None, out=None):
-    """
-    Run C{zwrm images ...} on its own (without the CLI framework).
-
-    Exits the process with 0 on success, 1 for an error (reported in one line on
-    stderr), 2 for a usage error.
-    """
-    from twisted.internet import task
-
-    parser = argparse.ArgumentParser(prog="zwrm")
-    subparsers = parser.add_subparsers(dest="command")
-    register(subparsers)
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.error("say what to do: zwrm images push|list|rm")
-
-    async def main(reactor):
-        try:
-            code = await args.func(reactor, args, out)
-        except ZwrmError as e:
-            sys.stderr.write(f"zwrm: {e.message}\n")
-            code = 1
-        except Exception as e:  # a bug: one line, not a traceback
-            sys.stderr.write(f"zwrm: internal error: {e!r}\n")
-            code = 1
-        if code:
-            raise SystemExit(code)
-
-    task.react(lambda r: defer.Deferred.fromCoroutine(main(r)))
-
-
-if __name__ == "__main__":
-    run(sys.argv[1:])

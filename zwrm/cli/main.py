@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "zwrm.cli.host",
     "zwrm.cli.apps",
     "zwrm.cli.tokens",
+    "zwrm.cli.images",
 ]
 
 
