@@ -11,8 +11,11 @@ import struct
 import subprocess
 import threading
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, endpoints, reactor, task
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
 from twisted.protocols import portforward
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -911,3 +914,66 @@ class WritePartsTests(SynchronousTestCase):
         finally:
             os.close(fd)
         self.assertEqual(digest, hashlib.sha256(b"".join(parts)).digest())
+
+
+class Recorder(transfer._Framed):
+    """
+    A framed protocol that records what it parses.
+    """
+
+    limits = {transfer.HELLO: 1000, transfer.DATA: 8 + 5000, transfer.END: 1000}
+
+    def __init__(self):
+        self.frames = []
+
+    def frameReceived(self, kind, payload):
+        self.frames.append((kind, payload))
+
+    def bodyReceived(self, kind, head, parts, length):
+        body = b"".join(parts)
+        assert len(body) == length
+        self.frames.append((kind, head + body))
+
+
+class FramingTests(SynchronousTestCase):
+    """
+    Frames are reassembled whatever the pieces the transport delivers them in.
+    """
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.lists(
+            st.one_of(
+                st.tuples(st.just(transfer.HELLO), st.binary(max_size=1000)),
+                st.tuples(st.just(transfer.DATA), st.binary(min_size=8, max_size=5008)),
+                st.tuples(st.just(transfer.END), st.binary(max_size=50)),
+            ),
+            max_size=8,
+        ),
+        st.lists(st.integers(min_value=1, max_value=7000), max_size=30),
+    )
+    def test_any_split(self, frames, cuts):
+        wire = b"".join(struct.pack(">cI", k, len(p)) + p for k, p in frames)
+        proto = Recorder()
+        proto.makeConnection(StringTransport())
+        pos = 0
+        for cut in cuts:
+            proto.dataReceived(wire[pos : pos + cut])
+            pos += cut
+        proto.dataReceived(wire[pos:])
+        self.assertEqual(proto.frames, frames)
+
+    def test_oversized_frame(self):
+        """
+        A frame longer than its kind allows is refused with an error frame; the connection
+        is closed.
+        """
+        proto = Recorder()
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(struct.pack(">cI", transfer.HELLO, 1001))
+        self.assertTrue(transport.disconnecting)
+        kind, n = struct.unpack(">cI", transport.value()[:5])
+        self.assertEqual(kind, transfer.ERROR)
+        self.assertEqual(json.loads(transport.value()[5 : 5 + n])["uri"], errors.Corrupt.uri)
+        self.assertEqual(proto.frames, [])
