@@ -1,0 +1,290 @@
+"""
+How many hosts one control plane sustains at a 5 s heartbeat.
+
+    .venv/bin/python benchmarks/heartbeats.py [--steps 500,1000,2000,4000,7000,10000]
+        [--per-worker 500] [--interval 5] [--duration 20] [--budget 1.0]
+
+It seeds a fresh control plane's database with the largest host count (known
+credentials; joining is not what is measured), starts a real C{twistd zwrm-control},
+and then, for each step, starts worker processes that each open C{--per-worker} real WAMP
+sessions over loopback (ticket auth as a host, role C{agent}), register, and heartbeat
+every C{--interval} seconds with a random phase, timing every C{zwrm.agent.heartbeat}
+round trip.  A step passes when every heartbeat sent in the measuring window was
+answered within C{--budget} seconds.  It prints, per step, the heartbeat latencies, the
+control plane's CPU use (utime+stime of its process over the window, from /proc), and
+finally the largest passing host count.
+
+Baseline from the same run: the first step is small (100 hosts); its latency and CPU are
+the floor the other steps compare with.
+
+Note: the workers run on the same machine as the control plane, so on a small machine
+they compete with it for CPU; the latency they measure includes their own delays.
+"""
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+
+# --- worker: many simulated agents in one process ------------------------------------
+
+
+def worker(args):
+    from autobahn.twisted.wamp import ApplicationSession
+    from autobahn.twisted.websocket import WampWebSocketClientFactory
+    from autobahn.wamp.serializer import MsgPackSerializer
+    from autobahn.wamp.types import ComponentConfig
+    from twisted.internet import defer, endpoints, reactor, task
+
+    creds = json.loads(sys.stdin.readline())
+    latencies = []
+    failures = [0]
+    state = {"measuring": False, "registered": 0}
+    host, port = args.host, args.port
+
+    class Sim(ApplicationSession):
+        def __init__(self, authid, ticket):
+            ApplicationSession.__init__(self, ComponentConfig(realm="zwrm"))
+            self._authid, self._ticket = authid, ticket
+            self.ready = defer.Deferred()
+
+        def onConnect(self):
+            self.join("zwrm", authmethods=["ticket"], authid=self._authid)
+
+        def onChallenge(self, challenge):
+            return self._ticket
+
+        async def onJoin(self, details):
+            await self.call("zwrm.agent.register", {"agent_version": "bench"})
+            state["registered"] += 1
+            self.ready.callback(None)
+            phase = random.uniform(0, args.interval)
+            reactor.callLater(phase, self._start)
+
+        def _start(self):
+            self._loop = task.LoopingCall(self.beat)
+            self._loop.start(args.interval, now=True)
+
+        def beat(self):
+            t0 = time.monotonic()
+            measuring = state["measuring"]
+            d = self.call("zwrm.agent.heartbeat", {})
+
+            def ok(_):
+                if measuring and state["measuring"]:
+                    latencies.append(time.monotonic() - t0)
+
+            def bad(f):
+                if measuring:
+                    failures[0] += 1
+
+            d.addCallbacks(ok, bad)
+
+        def onLeave(self, details):
+            failures[0] += 1
+            self.disconnect()
+
+    async def run():
+        sem = defer.DeferredSemaphore(50)
+        url = f"ws://{host}:{port}/ws"
+
+        async def one(hid, cred):
+            s = Sim(hid, cred)
+            f = WampWebSocketClientFactory(lambda: s, url=url, serializers=[MsgPackSerializer()])
+            f.noisy = False
+            await endpoints.TCP4ClientEndpoint(reactor, host, port, timeout=60).connect(f)
+            await s.ready
+
+        ds = [sem.run(lambda h=h, c=c: defer.Deferred.fromCoroutine(one(h, c))) for h, c in creds]
+        await defer.gatherResults(ds, consumeErrors=True)
+        print("READY", flush=True)
+        # one full round so phases spread, then measure
+        await task.deferLater(reactor, args.interval, lambda: None)
+        state["measuring"] = True
+        await task.deferLater(reactor, args.duration, lambda: None)
+        state["measuring"] = False
+        # let the last calls of the window come back (they count if within budget)
+        await task.deferLater(reactor, 2 * args.budget, lambda: None)
+        latencies.sort()
+        print("RESULT " + json.dumps({"n": len(creds), "latencies": latencies,
+                                      "failures": failures[0]}), flush=True)
+
+    def main(reactor):
+        return defer.Deferred.fromCoroutine(run())
+
+    task.react(main)
+
+
+# --- the driver ----------------------------------------------------------------------
+
+
+def cpu_seconds(pid):
+    """utime + stime of C{pid}, seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def seed(data_dir, n):
+    """A control-plane database with C{n} hosts whose credentials are known."""
+    import sqlite_utils
+
+    from zwrm.control.store import hash_secret, migrate
+
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    db = sqlite_utils.Database(os.path.join(data_dir, "zwrm.db"))
+    db.enable_wal()
+    migrate(db)
+    creds = []
+    rows = []
+    now = time.time()
+    for i in range(n):
+        hid, cred = f"h-bench{i:06d}", f"cred-{i}-{random.getrandbits(64):x}"
+        creds.append((hid, cred))
+        rows.append({"id": hid, "name": f"bench{i}", "region": "r", "datacenter": "d",
+                     "address": "127.0.0.1", "labels": "{}", "vcpus": 8, "memory_mb": 16384,
+                     "disk_mb": 100000, "alloc_vcpus": 0, "alloc_memory_mb": 0,
+                     "alloc_disk_mb": 0, "state": "ready", "last_heartbeat": now,
+                     "agent_version": "bench", "credential_hash": hash_secret(cred),
+                     "joined_at": now})
+    db["hosts"].insert_all(rows, batch_size=1000)
+    db.conn.close()
+    return creds
+
+
+def percentile(sorted_values, p):
+    if not sorted_values:
+        return float("nan")
+    i = min(len(sorted_values) - 1, int(p / 100 * len(sorted_values)))
+    return sorted_values[i]
+
+
+def run_step(args, cp_pid, port, creds):
+    workers = []
+    for i in range(0, len(creds), args.per_worker):
+        chunk = creds[i:i + args.per_worker]
+        p = subprocess.Popen(
+            [sys.executable, __file__, "--worker", "--port", str(port),
+             "--interval", str(args.interval), "--duration", str(args.duration),
+             "--budget", str(args.budget)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        p.stdin.write(json.dumps(chunk) + "\n")
+        p.stdin.flush()
+        workers.append(p)
+    t_start = time.monotonic()
+    for p in workers:
+        line = p.stdout.readline()
+        if not line.startswith("READY"):
+            raise RuntimeError("a worker failed to connect its sessions")
+    connect_s = time.monotonic() - t_start
+    time.sleep(args.interval)
+    cpu0, t0 = cpu_seconds(cp_pid), time.monotonic()
+    time.sleep(args.duration)
+    cpu1, t1 = cpu_seconds(cp_pid), time.monotonic()
+    latencies, failures = [], 0
+    for p in workers:
+        for line in p.stdout:
+            if line.startswith("RESULT "):
+                r = json.loads(line[7:])
+                latencies += r["latencies"]
+                failures += r["failures"]
+                break
+        p.wait(timeout=60)
+    latencies.sort()
+    expected = len(creds) * args.duration / args.interval
+    return {
+        "hosts": len(creds),
+        "workers": len(workers),
+        "connect_s": connect_s,
+        "heartbeats": len(latencies),
+        "expected": expected,
+        "failures": failures,
+        "p50_ms": 1000 * percentile(latencies, 50),
+        "p99_ms": 1000 * percentile(latencies, 99),
+        "max_ms": 1000 * (latencies[-1] if latencies else float("nan")),
+        "cpu": (cpu1 - cpu0) / (t1 - t0),
+        "ok": bool(latencies) and failures == 0 and latencies[-1] <= args.budget
+        and len(latencies) >= 0.9 * expected,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--steps", default="100,500,1000,2000,4000,7000,10000")
+    ap.add_argument("--per-worker", type=int, default=500)
+    ap.add_argument("--interval", type=float, default=5.0)
+    ap.add_argument("--duration", type=float, default=20.0)
+    ap.add_argument("--budget", type=float, default=1.0)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+
+    import tempfile
+
+    from zwrm.testing.processes import TWISTD, free_port
+
+    steps = [int(s) for s in args.steps.split(",")]
+    tmp = tempfile.mkdtemp(prefix="zwrm-bench-")
+    data_dir = os.path.join(tmp, "cp")
+    creds = seed(data_dir, max(steps))
+    port = free_port()
+    log = open(os.path.join(tmp, "cp.log"), "wb")  # noqa: SIM115
+    cp = subprocess.Popen(
+        TWISTD + ["-n", "--pidfile=", "zwrm-control", "--data-dir", data_dir,
+                  "--listen", f"tcp:{port}:interface=127.0.0.1",
+                  "--heartbeat-interval", str(args.interval), "--check-interval", "15",
+                  "--offline-after", "600"],
+        stdout=log, stderr=log,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(os.path.join(data_dir, "control.url")):
+            if cp.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("zwrm-control did not start; see " + log.name)
+            time.sleep(0.2)
+        time.sleep(1)
+        idle0, t0 = cpu_seconds(cp.pid), time.monotonic()
+        time.sleep(3)
+        idle = (cpu_seconds(cp.pid) - idle0) / (time.monotonic() - t0)
+        print(f"zwrm-control pid {cp.pid}, {max(steps)} hosts seeded; idle CPU {100 * idle:.1f}%"
+              f"; machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+        print(f"heartbeat every {args.interval}s, window {args.duration}s, budget {args.budget}s")
+        print(f"{'hosts':>6} {'hb/s':>6} {'answered':>9} {'fail':>5} {'p50 ms':>8} {'p99 ms':>8}"
+              f" {'max ms':>8} {'cp CPU':>7}  result")
+        best, baseline = 0, None
+        for n in steps:
+            r = run_step(args, cp.pid, port, creds[:n])
+            baseline = baseline or r
+            print(f"{r['hosts']:>6} {r['hosts'] / args.interval:>6.0f} "
+                  f"{r['heartbeats']:>5}/{r['expected']:<4.0f}"
+                  f"{r['failures']:>5} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['max_ms']:>8.1f}"
+                  f" {100 * r['cpu']:>6.1f}%  {'ok' if r['ok'] else 'FAIL'}", flush=True)
+            if not r["ok"]:
+                break
+            best = n
+        print(f"baseline ({baseline['hosts']} hosts): p50 {baseline['p50_ms']:.1f} ms,"
+              f" control-plane CPU {100 * baseline['cpu']:.1f}%")
+        print(f"largest host count sustained at {args.interval}s heartbeats, every heartbeat"
+              f" answered within {args.budget}s: {best}")
+    finally:
+        cp.send_signal(signal.SIGTERM)
+        try:
+            cp.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            cp.kill()
+
+
+if __name__ == "__main__":
+    main()
