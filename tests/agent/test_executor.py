@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 from zwrm.agent.executor import Executor
 from zwrm.agent.volumes import VolumeStore
 from zwrm.drivers.fake import FakeDriver, FakeHost
-from zwrm.errors import Conflict, InvalidArgument, NotFound, Unavailable
+from zwrm.errors import Conflict, Internal, InvalidArgument, NotFound, Unavailable
 
 EXPECTED = {
     "machine.start", "machine.stop", "machine.destroy", "machine.status", "machine.list",
@@ -245,6 +245,17 @@ class ExecutorTests(TestCase):
         self.assertEqual(len(ports), 2)
         self.assertEqual(st["host_port"], ports[1])
         self.assertEqual(self.states("m1"), ["pending", "starting", "running"])
+
+    async def test_unexpected_error_is_internal_without_traceback(self):
+        def start(spec):
+            return fail(OSError(28, "No space left on device"))
+
+        self.executor.driver.start = start
+        with self.assertRaises(Internal) as cm:
+            await self.executor.start_machine(self.spec(volumes=[]))
+        self.assertIn("No space left on device", cm.exception.message)
+        self.assertEqual(self.states("m1")[-1], "failed")
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)  # logged on the agent
 
     async def test_report_failure_does_not_break_start(self):
         def broken(event):

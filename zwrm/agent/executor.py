@@ -41,7 +41,7 @@ from twisted.logger import Logger
 
 from zwrm.agent import health as _health
 from zwrm.drivers.spec import check_id
-from zwrm.errors import Conflict, InvalidArgument, NotFound, Unavailable, ZwrmError
+from zwrm.errors import Conflict, Internal, InvalidArgument, NotFound, Unavailable, ZwrmError
 
 log = Logger()
 
@@ -248,11 +248,12 @@ class Executor:
                              p=rec.host_port)
                     rec.state = "starting"
         except Exception as e:
-            if rec.state not in ("failed",):
-                msg = e.message if isinstance(e, ZwrmError) else f"{e.__class__.__name__}: {e}"
+            msg = e.message if isinstance(e, ZwrmError) else f"{e.__class__.__name__}: {e}"
+            if rec.state != "failed":
                 self._change(rec, "failed", f"could not start: {msg}")
             if not isinstance(e, ZwrmError):
                 log.failure("machine {id}: start failed", id=mid)
+                raise Internal(f"machine {mid!r} could not start: {msg}") from None
             raise
         # The driver's "running" notification may have come first; make sure it is reported.
         if status["state"] == "running" and rec.state != "running":
