@@ -23,6 +23,7 @@ class Control(ApplicationSession):
         self.events = []
         await self.register(self.add, "zwrm.add")
         await self.register(self.lookup, "zwrm.lookup")
+        await self.register(lambda: object(), "zwrm.weird")
         await self.subscribe(self.events.append, "zwrm.event.test")
         self.joined = True
 
@@ -101,3 +102,16 @@ class AttachTests(RouterTestMixin, unittest.TestCase):
         self.router.kill_by_authid("control", "bye")
         self.pump()
         self.assertEqual(self.successResultOf(left), "wamp.close.killed")
+
+    def test_unserializable_result_becomes_an_error(self):
+        from autobahn.wamp.serializer import JsonSerializer
+
+        self.attach()
+        op = self.join("op", serializer=JsonSerializer())
+        op.send(message.Call(1, "zwrm.weird"))
+        op.send(message.Call(2, "zwrm.add", args=[1, 2]))
+        self.pump()
+        res = {m.request: m for m in op.take()}
+        self.assertEqual(res[1].error, "wamp.error.invalid_payload")
+        self.assertEqual(res[2].args, [3])
+        self.assertFalse(op.closed)

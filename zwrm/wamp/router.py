@@ -33,7 +33,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from autobahn.wamp import message
-from autobahn.wamp.exception import ApplicationError, ProtocolError
+from autobahn.wamp.exception import ApplicationError, ProtocolError, SerializationError
 from autobahn.wamp.role import RoleBrokerFeatures, RoleDealerFeatures
 from autobahn.wamp.types import TransportDetails
 from twisted.internet import defer
@@ -332,9 +332,18 @@ class RouterSession:
             return False
         try:
             t.send(msg)
+        except SerializationError as e:
+            # e.g. an in-process callee returned something this client's serializer
+            # cannot carry: the caller gets an error, the connection stays
+            log.info("router: cannot serialize {kind} for session {sid}: {e}",
+                     kind=type(msg).__name__, sid=self.session_id, e=e)
+            if isinstance(msg, message.Result):
+                self.send(message.Error(message.Call.MESSAGE_TYPE, msg.request, ApplicationError.INVALID_PAYLOAD,
+                                        args=[f"the result could not be serialized: {e}"]))
+            return False
         except Exception as e:
             log.info("router: could not send to session {sid}: {e}", sid=self.session_id, e=e)
-            self._close_transport(abort=True)
+            self._drop(f"send failed: {e}")
             return False
         if self._router.limits.max_outgoing_queue and not isinstance(msg, message.Event):
             self._check_backlog(hard_only=True)
@@ -368,9 +377,16 @@ class RouterSession:
                 authid=self.authid,
                 n=pending,
             )
-            self._close_transport(abort=True)
+            self._drop("too slow")
             return True
         return (not hard_only) and pending > limit
+
+    def _drop(self, why):
+        """Leave the realm now and cut the connection without a closing handshake."""
+        was, self._state = self._state, _STATE_CLOSED
+        if was in (_STATE_JOINED, _STATE_CLOSING) and self.session_id is not None:
+            self._router._detach(self)
+        self._close_transport(abort=True)
 
     def _cancel_close_timer(self):
         timer, self._close_timer = self._close_timer, None
@@ -384,7 +400,11 @@ class RouterSession:
             return
         try:
             if abort:
-                t.abort()
+                tcp = getattr(t, "transport", None)
+                if tcp is not None and hasattr(tcp, "abortConnection"):
+                    tcp.abortConnection()
+                else:
+                    t.abort()
             else:
                 t.close()
         except Exception:

@@ -334,7 +334,10 @@ class MemoryTransportPair:
 
     def _send(self, side, msg):
         if self.serializer is not None:
-            payload, is_binary = self.serializer.serialize(msg)
+            try:
+                payload, is_binary = self.serializer.serialize(msg)
+            except Exception as e:
+                raise SerializationError(f"WAMP message serialization error: {e}") from e
             self._enqueue(side, ("bytes", (payload, is_binary)))
         else:
             self._enqueue(side, ("msg", msg))
