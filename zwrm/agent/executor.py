@@ -344,9 +344,9 @@ class Executor:
         """
         self._get(machine_id)
         if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or not (
-            1 <= max_bytes <= 16 * 1024 * 1024
+            1 <= max_bytes <= 1024 * 1024
         ):
-            raise InvalidArgument(f"max_bytes must be from 1 to 16777216, not {max_bytes!r}")
+            raise InvalidArgument(f"max_bytes must be from 1 to 1048576 (1 MiB), not {max_bytes!r}")
         try:
             return self.driver.console(machine_id, max_bytes)
         except NotFound:
