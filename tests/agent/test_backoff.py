@@ -1,0 +1,35 @@
+"""The agent's reconnection backoff and heartbeat jitter, with a Clock."""
+
+import random
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from zwrm.agent.service import AgentService
+from zwrm.agent.tap import AgentConfig
+from zwrm.testing.processes import temp_dir
+
+
+class BackoffTests(SynchronousTestCase):
+    def agent(self, **kw):
+        config = AgentConfig(url="ws://127.0.0.1:1/ws", data_dir=temp_dir(self), **kw)
+        return AgentService(Clock(), config, rng=random.Random(1))
+
+    def test_exponential_with_jitter_and_cap(self):
+        agent = self.agent(retry_initial=1, retry_max=8)
+        for failures, ceiling in [(1, 1), (2, 2), (3, 4), (4, 8), (5, 8), (30, 8)]:
+            delays = {agent._backoff(failures) for _ in range(50)}
+            self.assertTrue(all(ceiling / 2 <= x <= ceiling for x in delays), (failures, delays))
+            self.assertGreater(len(delays), 1)  # jittered
+
+    def test_heartbeat_jitter(self):
+        agent = self.agent()
+        agent.heartbeat_interval = 10
+        times = []
+        for _ in range(50):
+            agent._schedule_heartbeat()
+            times.append(agent._hb_call.getTime())
+            agent._stop_heartbeats()
+        self.assertTrue(all(9 <= t <= 11 for t in times))
+        self.assertGreater(len(set(times)), 1)
+        self.assertEqual(agent.reactor.getDelayedCalls(), [])

@@ -1,0 +1,108 @@
+"""zwrm-control and zwrm-agent options: TOML + flags, readable errors."""
+
+import os
+
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from zwrm.agent import capacity
+from zwrm.agent.tap import Options as AgentOptions
+from zwrm.control.tap import Options
+from zwrm.testing.processes import temp_dir
+
+
+class ControlOptionsTests(SynchronousTestCase):
+    def write(self, text):
+        path = os.path.join(temp_dir(self), "control.toml")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def parse(self, *argv):
+        o = Options()
+        o.parseOptions(list(argv))
+        return o.config
+
+    def test_file_then_flags(self):
+        path = self.write(
+            '[control]\nlisten = "tcp:9000:interface=127.0.0.1"\ndata_dir = "/tmp/d"\n'
+            "[health]\ncheck_interval = 15\noffline_after = 30\n[scheduler]\nstrategy = \"pack\"\n"
+        )
+        c = self.parse("--config", path)
+        self.assertEqual((c.listen, c.data_dir, c.check_interval, c.offline_after, c.strategy),
+                         (["tcp:9000:interface=127.0.0.1"], "/tmp/d", 15.0, 30.0, "pack"))
+        c = self.parse("--config", path, "--offline-after", "7", "--listen",
+                       "tcp:1:interface=127.0.0.1", "--strategy", "spread")
+        self.assertEqual((c.offline_after, c.listen, c.strategy),
+                         (7.0, ["tcp:1:interface=127.0.0.1"], "spread"))
+
+    def test_defaults(self):
+        c = self.parse()
+        self.assertEqual((c.check_interval, c.offline_after, c.grace), (15.0, 30.0, None))
+        self.assertEqual(c.listen, ["tcp:8080:interface=127.0.0.1"])
+
+    def test_readable_errors(self):
+        cases = [
+            (["--config", "/nonexistent.toml"], "does not exist"),
+            (["--config", self.write("[health\n")], "not valid TOML"),
+            (["--config", self.write("[health]\nofline_after = 3\n")], "unknown setting"),
+            (["--config", self.write('[health]\noffline_after = "soon"\n')], "must be a number"),
+            (["--check-interval", "-1"], "must be positive"),
+            (["--strategy", "nope"], "unknown scheduler strategy"),
+            (["--listen", "tcp:8080"], "not on loopback"),
+            (["--listen", "udp:1"], "use tcp:, ssl: or unix:"),
+        ]
+        for argv, text in cases:
+            e = self.assertRaises(usage.UsageError, self.parse, *argv)
+            self.assertIn(text, str(e), argv)
+            self.assertEqual(len(str(e).splitlines()), 1)
+
+    def test_plain_beyond_loopback_when_allowed(self):
+        c = self.parse("--listen", "tcp:8080", "--insecure-listen")
+        self.assertEqual(c.listen, ["tcp:8080"])
+        self.parse("--listen", "ssl:8443:privateKey=k.pem:certKey=c.pem")
+
+
+class AgentOptionsTests(SynchronousTestCase):
+    def parse(self, *argv):
+        o = AgentOptions()
+        o.parseOptions(list(argv))
+        return o.config
+
+    def test_flags(self):
+        c = self.parse("--control-plane-url", "ws://127.0.0.1:8080/ws", "--region", "eu",
+                       "--datacenter", "dc1", "--join-token", "t", "--label", "a=b",
+                       "--vcpus", "4", "--memory-mb", "1024")
+        self.assertEqual((c.region, c.datacenter, c.join_token, c.labels, c.vcpus, c.memory_mb),
+                         ("eu", "dc1", "t", {"a": "b"}, 4, 1024))
+
+    def test_toml(self):
+        path = os.path.join(temp_dir(self), "agent.toml")
+        with open(path, "w") as f:
+            f.write('[agent]\ncontrol_plane_url = "wss://cp.example.com:8443/ws"\n'
+                    'region = "eu"\nlabels = {disk = "ssd"}\n')
+        c = self.parse("--config", path, "--region", "us")
+        self.assertEqual((c.url, c.region, c.labels), ("wss://cp.example.com:8443/ws", "us",
+                                                       {"disk": "ssd"}))
+
+    def test_errors(self):
+        cases = [
+            ([], "--control-plane-url is required"),
+            (["--control-plane-url", "http://x/"], "bad --control-plane-url"),
+            (["--control-plane-url", "ws://cp.example.com/ws"], "beyond loopback"),
+            (["--control-plane-url", "ws://127.0.0.1/ws", "--vcpus", "many"], "non-negative"),
+            (["--control-plane-url", "ws://127.0.0.1/ws", "--label", "novalue"], "key=value"),
+            (["--control-plane-url", "wss://x/ws", "--ca-file", "/nonexistent"], "does not exist"),
+        ]
+        for argv, text in cases:
+            e = self.assertRaises(usage.UsageError, self.parse, *argv)
+            self.assertIn(text, str(e), argv)
+
+    def test_capacity(self):
+        found = capacity.detect("/")
+        self.assertGreater(found["vcpus"], 0)
+        self.assertGreater(found["memory_mb"], 0)
+        self.assertGreater(found["disk_mb"], 0)
+        self.assertEqual(capacity.detect("/", vcpus=3, memory_mb=5, disk=7),
+                         {"vcpus": 3, "memory_mb": 5, "disk_mb": 7})
+        self.assertEqual(capacity.meminfo_mb("/nonexistent"), 0)
