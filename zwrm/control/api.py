@@ -14,7 +14,8 @@ Procedures (realm C{zwrm}):
    returns C{{host_id, state, heartbeat_interval}}.
  - C{zwrm.agent.heartbeat(stats=None)} (role C{agent}): returns
    C{{state, heartbeat_interval}}.
- - C{zwrm.agent.report(machines)} (role C{agent}): reconciles the reported machines.
+ - C{zwrm.agent.report(machines_or_event)} (role C{agent}): reconciles a list of
+   machines, or stores one machine event from the executor.
  - C{zwrm.host.list()}: every host, summarised.
  - C{zwrm.host.status(host_id)}: one host with its machines and recent events.
 """
@@ -55,8 +56,16 @@ class AgentAPI:
         return self.registry.heartbeat(_caller(details), stats)
 
     @wamp.register("zwrm.agent.report", options=DETAILS)
-    async def report(self, machines=None, details=None):
-        return await self.registry.reconcile(_caller(details), machines or [])
+    async def report(self, report=None, details=None):
+        """
+        A list of machines (C{[{id or machine_id, state}]}): reconcile it.  One machine
+        event (C{{"kind": "machine", "machine_id", "state", ...}}, as the executor's
+        C{report} callback gives): store and publish it.
+        """
+        host_id = _caller(details)
+        if isinstance(report, dict):
+            return await self.registry.machine_report(host_id, report)
+        return await self.registry.reconcile(host_id, report or [])
 
 
 class HostAPI:

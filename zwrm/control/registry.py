@@ -463,6 +463,41 @@ class HostRegistry:
         self._announce(MACHINE_TOPIC, event)
         return row["id"]
 
+    # -- reports ----------------------------------------------------------------------
+
+    async def machine_report(self, host_id, event):
+        """
+        One machine's change of state or health, as the agent's executor reports it
+        (C{{"kind": "machine", "machine_id", "state", "health", "reason", ...}}, with
+        C{"destroyed": true} once destroyed).  Stored, then published on
+        C{zwrm.event.machine}.
+
+        @return: C{True} if the machine is known here, else C{False} (recorded as an
+            C{unknown_machine} event).
+        """
+        self.entry(host_id)
+        mid = event.get("machine_id")
+        if not isinstance(mid, str) or not isinstance(event.get("state"), str):
+            raise errors.InvalidArgument("a machine report needs machine_id and state")
+        row = await self._store.get("machines", mid)
+        if row is None or row["host_id"] != host_id:
+            stored = await self._store.add_event(
+                MACHINE_TOPIC, "unknown_machine", mid, {"machine_id": mid, "host_id": host_id}
+            )
+            self._announce(MACHINE_TOPIC, stored)
+            return False
+        state = "destroyed" if event.get("destroyed") else event["state"]
+        fields = {"state": state, "updated_at": self._clock.seconds()}
+        if "health" in event:
+            fields["health"] = {"state": event["health"], "reason": event.get("reason")}
+        await self._store.update("machines", mid, fields)
+        payload = {"machine_id": mid, "app_id": row.get("app_id"), "host_id": host_id,
+                   "old": row.get("state"), "state": state, "health": event.get("health"),
+                   "reason": event.get("reason")}
+        stored = await self._store.add_event(MACHINE_TOPIC, "state", mid, payload)
+        self._announce(MACHINE_TOPIC, stored)
+        return True
+
     # -- reconciliation ---------------------------------------------------------------
 
     def _reconcile_soon(self, host_id, reported):
@@ -498,11 +533,16 @@ class HostRegistry:
         @return: a dict of lists of machine ids: C{restored, failed, duplicate, unknown}.
         """
         if not isinstance(reported, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("id"), str) for m in reported
+            isinstance(m, dict) and isinstance(m.get("id", m.get("machine_id")), str)
+            for m in reported
         ):
             raise errors.InvalidArgument("reported machines must be a list of {id, state}")
         result = {"restored": [], "failed": [], "duplicate": [], "unknown": []}
-        running = {m["id"]: m for m in reported if m.get("state") in LIVE_MACHINE_STATES}
+        running = {
+            m.get("id", m.get("machine_id")): m
+            for m in reported
+            if m.get("state") in LIVE_MACHINE_STATES
+        }
         recorded = {}
         if running:
             marks = ",".join("?" * len(running))
