@@ -315,3 +315,60 @@ class ListenerServiceTests(unittest.TestCase):
         yield task.deferLater(reactor, 0, lambda: None)
         self.assertEqual(ports[0].getHost().host, "127.0.0.1")
         yield svc.stopService()
+
+
+class ComponentTests(_SocketBase):
+    """The way agents and the CLI connect: autobahn's Component, ticket auth, TLS."""
+
+    @defer.inlineCallbacks
+    def test_component_over_tls(self):
+        from autobahn.twisted.component import Component
+
+        port = self.ports[("websocket", True)].getHost().port
+        tls = ssl.optionsForClientTLS("localhost", ssl.Certificate.loadPEM(self.pem))
+        comp = Component(
+            transports=[{
+                "url": f"wss://localhost:{port}/ws",
+                "endpoint": {"type": "tcp", "host": "127.0.0.1", "port": port, "tls": tls},
+                "serializers": ["msgpack"],
+                "max_retries": 0,
+            }],
+            realm="zwrm",
+            authentication={"ticket": {"authid": "host1", "ticket": "h1-ticket"}},
+        )
+        seen = {}
+
+        @comp.on_join
+        async def joined(session, details):
+            seen["role"] = details.authrole
+            await session.register(lambda: "pong", "zwrm.agent.host1.ping")
+            try:
+                await session.register(lambda: "x", "zwrm.agent.host2.ping")
+            except ApplicationError as e:
+                seen["denied"] = e.error
+            await session.leave()
+
+        yield comp.start(reactor).addTimeout(TIMEOUT, reactor)
+        self.assertEqual(seen["role"], "agent")
+        self.assertEqual(seen["denied"], "wamp.error.not_authorized")
+        # wait (bounded) until the router's side of the connection is gone too
+        listening = self.ports[("websocket", True)]
+
+        def server_side_open():
+            for sel in reactor.getReaders() + reactor.getWriters():
+                if sel is not listening and getattr(sel, "getHost", None):
+                    try:
+                        if sel.getHost().port == port:
+                            return True
+                    except Exception:
+                        pass
+            return False
+
+        for _ in range(250):
+            if not server_side_open() and self.router.session_count() == 0:
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+        # autobahn's Component leaves a batched txaio timer behind
+        for call in reactor.getDelayedCalls():
+            if "_notify_bucket" in repr(call.func):
+                call.cancel()
