@@ -165,3 +165,23 @@ class RoleTests(TestCase):
         with self.assertRaises(ApplicationError) as e:
             await op.call("zwrm.host.status", "h-nobody")
         self.assertEqual(e.exception.error, "zwrm.error.not_found")
+
+
+class StartFailureTests(TestCase):
+    @d
+    async def test_port_in_use_fails_started(self):
+        import socket
+
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        self.addCleanup(s.close)
+        config = Config(listen=[f"tcp:{s.getsockname()[1]}:interface=127.0.0.1"],
+                        data_dir=os.path.join(temp_dir(self), "cp"))
+        plane = ControlPlane(reactor, config)
+        plane.startService()
+        self.addCleanup(plane.stopService)
+        with self.assertRaises(Exception) as e:
+            await plane.started
+        self.assertIn("Address already in use", str(e.exception))
+        self.assertFalse(plane.ready)

@@ -86,7 +86,9 @@ class ControlPlane(service.MultiService):
     @ivar session: the control component's L{ControlSession} (once started).
     @ivar apis: objects with C{@wamp.register} procedures; others append theirs before
         the service starts (each is given nothing; wire what it needs yourself).
-    @ivar started: a Deferred that fires when everything listens.
+    @ivar started: a Deferred that fires when everything listens, or fails.
+    @ivar stop_reactor_on_failure: stop the reactor, exit status 1, if start-up fails
+        (set by C{makeService}: a control plane that cannot start must not linger).
     """
 
     log = Logger()
@@ -112,6 +114,7 @@ class ControlPlane(service.MultiService):
         self.root.putChild(b"metrics", MetricsResource(self))
         self.started = defer.Deferred()
         self._flusher = None
+        self.stop_reactor_on_failure = False
 
     def startService(self):
         service.MultiService.startService(self)
@@ -121,7 +124,9 @@ class ControlPlane(service.MultiService):
             self.log.error("zwrm-control could not start: {why}", why=_why(f))
             if not self.started.called:
                 self.started.errback(f)
-            if self.reactor.running:
+            if self.stop_reactor_on_failure and self.reactor.running:
+                # twistd has no exit status of its own: make a failed start non-zero
+                self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
                 self.reactor.stop()
 
         d.addErrback(failed)

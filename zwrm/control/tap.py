@@ -226,4 +226,6 @@ def makeService(options):
 
     from zwrm.control.service import ControlPlane
 
-    return ControlPlane(reactor, options.config)
+    plane = ControlPlane(reactor, options.config)
+    plane.stop_reactor_on_failure = True
+    return plane
