@@ -15,6 +15,7 @@ from zwrm.cli import images as cli
 from zwrm.cli.client import EXIT_AUTH, EXIT_REMOTE, EXIT_USAGE, CliError
 from zwrm.cli.main import build_parser
 from zwrm.errors import InvalidArgument
+from zwrm.registry.client import registry_url
 from zwrm.registry.image import DISK_TYPE, INITRD_TYPE, KERNEL_TYPE
 
 
@@ -130,9 +131,9 @@ class ImagesCommandTests(unittest.TestCase):
         self.assertTrue(frames[2].endswith("\n"))
 
     def test_registry_url(self):
-        self.assertEqual(cli.registry_url("wss://cp.example:8080/ws"), "https://cp.example:8080")
-        self.assertEqual(cli.registry_url("ws://127.0.0.1:9/ws"), "http://127.0.0.1:9")
-        self.assertRaises(InvalidArgument, cli.registry_url, "ftp://x")
+        self.assertEqual(registry_url("wss://cp.example:8080/ws"), "https://cp.example:8080")
+        self.assertEqual(registry_url("ws://127.0.0.1:9/ws"), "http://127.0.0.1:9")
+        self.assertRaises(InvalidArgument, registry_url, "ftp://x")
 
     @aio
     async def test_process_exit_codes(self):

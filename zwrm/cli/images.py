@@ -17,7 +17,6 @@ CA file for https.
 
 import argparse
 import sys
-from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
 from twisted.internet import ssl
@@ -35,22 +34,7 @@ from zwrm.cli.client import (
 )
 from zwrm.errors import AuthenticationFailed, InvalidArgument, NotAuthorized, Unavailable, ZwrmError
 from zwrm.registry import image
-from zwrm.registry.client import RegistryClient, push_image
-
-
-def registry_url(url):
-    """
-    The registry's base URL for a control plane URL (C{wss://h:p/ws} -> C{https://h:p}).
-
-    @raise InvalidArgument: for anything that is not a ws/wss/http/https URL.
-    """
-    parts = urlsplit(url or "")
-    scheme = {"ws": "http", "wss": "https", "http": "http", "https": "https"}.get(parts.scheme)
-    if scheme is None or not parts.netloc:
-        raise InvalidArgument(
-            f"control plane URL {url!r} is not a ws://, wss://, http:// or https:// URL"
-        )
-    return f"{scheme}://{parts.netloc}"
+from zwrm.registry.client import RegistryClient, push_image, registry_url
 
 
 @implementer(IPolicyForHTTPS)

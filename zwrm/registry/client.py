@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import os
+from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
 from twisted.internet import defer, threads
@@ -23,6 +24,23 @@ from zwrm.errors import (
 from zwrm.registry import image
 
 HASH_CHUNK = 1024 * 1024
+
+
+def registry_url(url):
+    """
+    The registry's base URL for a control plane URL: the same host and port, HTTP(S) for
+    WS(S) (C{wss://h:p/ws} -> C{https://h:p}; an http(s) URL keeps its scheme). Agents and
+    the CLI use it to find C{/v2/}.
+
+    @raise InvalidArgument: for anything that is not a ws/wss/http/https URL.
+    """
+    parts = urlsplit(url or "")
+    scheme = {"ws": "http", "wss": "https", "http": "http", "https": "https"}.get(parts.scheme)
+    if scheme is None or not parts.netloc:
+        raise InvalidArgument(
+            f"control plane URL {url!r} is not a ws://, wss://, http:// or https:// URL"
+        )
+    return f"{scheme}://{parts.netloc}"
 
 
 def auth_header(credentials):
