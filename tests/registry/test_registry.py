@@ -533,3 +533,25 @@ class StoreTests(RegistryTestsMixin, unittest.TestCase):
         await self.reg.push_blob("a/b", b"x" * 1000)
         await self.reg.push_blob("a/c", b"y" * 500)
         self.assertEqual(await self.reg.resource.store.disk_usage(), 1500)
+
+
+class UploadExpiryTests(unittest.TestCase):
+    @aio
+    async def test_idle_sessions_expire(self):
+        clock = task.Clock()
+        reg = RunningRegistry(self, self.mktemp(), clock=clock, upload_ttl=100)
+        resp, _ = await reg.request("POST", "/v2/app/web/blobs/uploads/")
+        old = header(resp, "Location")
+        clock.advance(60)
+        resp, _ = await reg.request("POST", "/v2/app/web/blobs/uploads/")
+        young = header(resp, "Location")
+        clock.advance(50)
+        resp, _ = await reg.request("PATCH", young, b"more")  # touched: stays
+        self.assertEqual(resp.code, 202)
+        clock.advance(60)
+        resp, _ = await reg.request("POST", "/v2/app/web/blobs/uploads/")  # expires `old`
+        resp, body = await reg.request("GET", old)
+        self.assertEqual(error_codes(body), ["BLOB_UPLOAD_UNKNOWN"])
+        resp, _ = await reg.request("GET", young)
+        self.assertEqual(resp.code, 204)
+        self.assertEqual(len(os.listdir(os.path.join(reg.root, "uploads"))), 2)

@@ -115,15 +115,18 @@ class RegistryResource(resource.Resource):
         with L{NotAuthorized} 403 DENIED.
     @param realm: the realm named in the Basic challenge.
     @param delete_enabled: whether DELETE of manifests, tags and blobs is allowed.
+    @param clock: C{IReactorTime} for upload session ages (default: C{reactor}).
+    @param upload_ttl: seconds an untouched upload session is kept (default one day).
     """
 
     isLeaf = True
     log = Logger()
 
-    def __init__(self, reactor, root_dir, authorize, realm="zwrm", delete_enabled=True):
+    def __init__(self, reactor, root_dir, authorize, realm="zwrm", delete_enabled=True,
+                 clock=None, upload_ttl=24 * 3600.0):
         resource.Resource.__init__(self)
         self._reactor = reactor
-        self.store = RegistryStore(reactor, root_dir)
+        self.store = RegistryStore(reactor, root_dir, clock=clock, upload_ttl=upload_ttl)
         self._authorize = authorize
         self._realm = realm
         self._delete_enabled = delete_enabled

@@ -109,8 +109,9 @@ class Upload:
     @ivar busy: a chunk is being appended (a second concurrent chunk is refused).
     """
 
-    def __init__(self, uuid, name, path):
+    def __init__(self, uuid, name, path, now=0.0):
         self.uuid = uuid
+        self.last_active = now
         self.name = name
         self.path = path
         self.size = 0
@@ -124,10 +125,15 @@ class RegistryStore:
 
     @param reactor: provides C{callInThread} (used through C{deferToThreadPool}).
     @param root: directory that holds the store; created if missing.
+    @param clock: C{IReactorTime} for upload session ages (default: C{reactor}).
+    @param upload_ttl: seconds after which an upload session nobody touched is dropped
+        (checked whenever an upload starts).
     """
 
-    def __init__(self, reactor, root):
+    def __init__(self, reactor, root, clock=None, upload_ttl=24 * 3600.0):
         self._reactor = reactor
+        self._clock = clock if clock is not None else reactor
+        self.upload_ttl = upload_ttl
         self.root = os.path.abspath(root)
         self._uploads = {}
         for sub in ("blobs", "uploads", "repositories"):
@@ -241,9 +247,18 @@ class RegistryStore:
         path = os.path.join(self.root, "uploads", uid)
         with open(path, "wb"):
             pass
-        upload = Upload(uid, name, path)
+        self.expire_uploads()
+        upload = Upload(uid, name, path, self._clock.seconds())
         self._uploads[uid] = upload
         return upload
+
+    def expire_uploads(self):
+        """Drop upload sessions idle for longer than C{upload_ttl}; @return: how many."""
+        limit = self._clock.seconds() - self.upload_ttl
+        stale = [u for u in self._uploads.values() if not u.busy and u.last_active < limit]
+        for upload in stale:
+            self.cancel_upload(upload)
+        return len(stale)
 
     def get_upload(self, name, uid):
         """
@@ -252,6 +267,7 @@ class RegistryStore:
         upload = self._uploads.get(uid)
         if upload is None or upload.name != name:
             raise StoreError("BLOB_UPLOAD_UNKNOWN", f"no upload {uid} in {name}")
+        upload.last_active = self._clock.seconds()
         return upload
 
     def cancel_upload(self, upload):
