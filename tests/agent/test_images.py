@@ -5,6 +5,7 @@ The agent's image cache against a real registry (and misbehaving servers) on loo
 import hashlib
 import os
 
+import pytest
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from twisted.web import server
@@ -405,3 +406,52 @@ class EvictionTests(unittest.TestCase):
         # Sanity of the format module used by resolve.
         with self.assertRaises(InvalidArgument):
             parse_manifest(b"{}")
+
+
+@pytest.mark.qemu
+class ExecutorWithImageCacheTests(unittest.TestCase):
+    """
+    The real executor and QEMU driver start a machine from an image reference through the
+    cache, and the machine's pins are held while it exists.
+    """
+
+    timeout = 120
+
+    @aio
+    async def test_start_from_registry_image(self):
+        from twisted.internet import threads
+
+        from zwrm.agent.executor import Executor
+        from zwrm.agent.volumes import VolumeStore
+        from zwrm.drivers.qemu import QemuDriver
+        from zwrm.testing import image as test_image
+
+        img = await threads.deferToThread(test_image.build)
+        reg = RunningRegistry(self, self.mktemp())
+        client = RegistryClient(reactor, reg.url, OPERATOR)
+        self.addCleanup(client.close)
+        await push_image(client, "apps/vm:v1", kernel=img.kernel, initrd=img.initrd,
+                         cmdline=img.cmdline)
+        work = os.path.abspath(self.mktemp())
+        cache = ImageCache(reactor, os.path.join(work, "images"), reg.url, (AGENT_ID, AGENT_TOKEN),
+                           1 << 30)
+        self.addCleanup(cache.close)
+        driver = QemuDriver(reactor, os.path.join(work, "machines"), accel="tcg", stop_timeout=5)
+        ex = Executor(reactor, AGENT_ID, driver, VolumeStore(reactor, os.path.join(work, "v")),
+                      lambda event: defer.succeed(None), images=cache, data_dir=work)
+        self.addCleanup(ex.close)
+        spec = {"id": "m1", "app": "a", "image": "apps/vm:v1", "vcpus": 1, "memory_mb": 128,
+                "volumes": [], "service_port": None, "health": None}
+        try:
+            status = await ex.start_machine(spec)
+            self.assertEqual(status["state"], "running")
+            self.assertEqual(cache.stats()["pinned"], 4)  # manifest, config, kernel, initrd
+            with open(img.kernel, "rb") as f:
+                kernel_path = cache.path(sha(f.read()))
+            with open(f"/proc/{driver.status('m1')['pid']}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            self.assertIn(kernel_path.encode(), argv)  # QEMU boots the cached blob
+        finally:
+            await ex.destroy_machine("m1")
+        self.assertEqual(cache.stats()["pinned"], 0)
+        self.assertEqual(cache.stats()["misses"], 4)
