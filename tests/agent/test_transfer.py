@@ -137,6 +137,32 @@ class BlockmapTests(SynchronousTestCase):
         blocks = blockmap.data_blocks(extents, size)
         self.assertEqual(blocks, [2, 39, 40])
 
+    def test_read_block_into(self):
+        """
+        Reading into a reused buffer gives the same blocks and hashes as reading afresh,
+        for whole blocks, the shorter last block, zero blocks, and past the end of a file
+        shorter than the announced size.
+        """
+        size = 3 * BLOCK_SIZE + 100
+        path = os.path.join(self.dir, "img")
+        write_image(path, size - 50, {0: pattern(1), 3 * BLOCK_SIZE: b"z" * 30})
+        fd = os.open(path, os.O_RDONLY)
+        buf = bytearray(b"\xff" * BLOCK_SIZE)
+        try:
+            for index in range(4):
+                got = blockmap.read_block_into(fd, index, size, buf)
+                want = blockmap.read_block(fd, index, size)
+                self.assertEqual(got[1:], want[1:])
+                self.assertEqual(got[0] if got[0] is None else bytes(got[0]), want[0])
+        finally:
+            os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self.assertTrue(blockmap.read_block(fd, 1, size)[2])
+            self.assertEqual(blockmap.read_block(fd, 3, size)[0], b"z" * 30 + bytes(70))
+        finally:
+            os.close(fd)
+
     def test_punch_hole(self):
         """
         A punched block reads as zeros and no longer takes space.

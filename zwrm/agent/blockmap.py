@@ -143,6 +143,26 @@ def read_block(fd, index, size, block_size=BLOCK_SIZE):
     return data, hashlib.sha256(data).digest(), False
 
 
+def read_block_into(fd, index, size, buf, block_size=BLOCK_SIZE):
+    """
+    Like L{read_block}, but read into C{buf} (a C{bytearray} of C{block_size} bytes, reused
+    from block to block so that streaming allocates nothing per block).
+
+    @return: C{(data, digest, is_zero)}; C{data} is C{buf} itself for a whole block, a copy
+        for the last, shorter block, C{None} when the block is all zeros.
+    """
+    length = block_length(index, size, block_size)
+    view = memoryview(buf)[:length]
+    n = os.preadv(fd, [view], index * block_size)
+    if n < length:
+        # The file is shorter than the announced size: the rest reads as zeros.
+        view[n:] = zeros(length - n)
+    data = buf if length == len(buf) else bytes(view)
+    if data == zeros(length):
+        return None, zero_hash(length), True
+    return data, hashlib.sha256(data).digest(), False
+
+
 def file_blockmap(path, block_size=BLOCK_SIZE):
     """
     The size and block hashes of an image file (reads its data extents only).

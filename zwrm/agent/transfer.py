@@ -964,13 +964,14 @@ class VolumeReceiver(service.Service):
 
 
 class _Item:
-    __slots__ = ("index", "read", "send", "result")
+    __slots__ = ("index", "read", "send", "result", "buf")
 
     def __init__(self, index, read, send):
         self.index = index
         self.read = read
         self.send = send
         self.result = None
+        self.buf = None
 
 
 @implementer(IPushProducer)
@@ -1097,10 +1098,19 @@ class _SenderProtocol(_Framed):
             self._inflight.append(item)
             if item.read:
                 self._reads += 1
+                item.buf = s.takeBuffer()
                 d = deferToThreadPool(
-                    s.reactor, s.threadpool, blockmap.read_block, s.fd, item.index, s.size
+                    s.reactor,
+                    s.threadpool,
+                    blockmap.read_block_into,
+                    s.fd,
+                    item.index,
+                    s.size,
+                    item.buf,
                 )
-                d.addCallbacks(self._read, self._readFailed, callbackArgs=(item,))
+                d.addCallbacks(
+                    self._read, self._readFailed, callbackArgs=(item,), errbackArgs=(item,)
+                )
             else:
                 item.result = (
                     None,
@@ -1111,10 +1121,19 @@ class _SenderProtocol(_Framed):
     def _read(self, result, item):
         self._reads -= 1
         item.result = result
+        if self._stopped:
+            self._release(item)
+            return
         self._pump()
 
-    def _readFailed(self, f):
+    def _release(self, item):
+        if item.buf is not None:
+            self._send.putBuffer(item.buf)
+            item.buf = None
+
+    def _readFailed(self, f, item):
         self._reads -= 1
+        self._release(item)
         self._stopped = True
         err = errors.Unavailable(
             f"cannot read volume image {self._send.path}: {f.getErrorMessage()}"
@@ -1163,6 +1182,8 @@ class _SenderProtocol(_Framed):
             if not is_zero:
                 self._writeData(offset, data)
             s.advance(length)
+        # The TLS transport has copied the block (into records) by now: the buffer is free.
+        self._release(item)
 
     def _writeData(self, offset, data):
         data = self.frameData(offset, data)
@@ -1191,6 +1212,10 @@ class _SenderProtocol(_Framed):
 
     def connectionLost(self, reason):
         self._stopped = True
+        for item in self._inflight:
+            if item.result is not None:
+                self._release(item)
+        self._inflight.clear()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -1222,6 +1247,7 @@ class _Send:
         self.attempts = 0
         self.resumed_at = []
         self.end_digest = None
+        self.buffers = []
         self.proto = None
         self.delayed = None
         self.result = defer.Deferred(self._cancel)
@@ -1256,6 +1282,15 @@ class _Send:
             err = errors.Internal(f"cannot read volume image {self.path}")
             log.failure("volume scan failed", f)
         self._fail(err)
+
+    def takeBuffer(self):
+        """
+        @return: a block buffer from the pool (a new one if it is empty).
+        """
+        return self.buffers.pop() if self.buffers else bytearray(BLOCK_SIZE)
+
+    def putBuffer(self, buf):
+        self.buffers.append(buf)
 
     def bulkPlan(self, offset):
         """
