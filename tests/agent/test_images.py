@@ -62,8 +62,9 @@ class Flaky(Resource):
 
     isLeaf = True
 
-    def __init__(self, blobs, drops=0, corrupt=0, stall=0):
+    def __init__(self, blobs, drops=0, corrupt=0, stall=0, overclaim=0):
         Resource.__init__(self)
+        self.overclaim = overclaim
         self.blobs = blobs
         self.drops = drops
         self.corrupt = corrupt
@@ -77,6 +78,9 @@ class Flaky(Resource):
         start = 0
         if rng:
             start = int(rng.split(b"=")[1].split(b"-")[0])
+            if start >= len(data):
+                request.setResponseCode(416)
+                return b""
             request.setResponseCode(206)
             request.setHeader(b"content-range", f"bytes {start}-{len(data) - 1}/{len(data)}".encode())
         body = data[start:]
@@ -84,6 +88,15 @@ class Flaky(Resource):
             self.corrupt -= 1
             body = bytes([body[0] ^ 0xFF]) + body[1:]
         request.setHeader(b"content-length", str(len(body)).encode())
+        if self.overclaim:
+            # Claim more than is sent, send it all, then close: the client has every byte
+            # but cannot know it.
+            self.overclaim -= 1
+            request.setHeader(b"content-length", str(len(body) + 10).encode())
+            request.write(body)
+            request.channel.transport.unregisterProducer()
+            request.channel.transport.loseConnection()
+            return server.NOT_DONE_YET
         if self.drops or self.stall:
             request.write(body[: len(body) // 2])
             if self.drops:
@@ -252,6 +265,33 @@ class ImageCacheTests(unittest.TestCase):
         self.assertEqual(len(flaky.ranges), 3)
         offsets = [int(r.split(b"=")[1].rstrip(b"-")) for r in flaky.ranges[1:]]
         self.assertTrue(0 < offsets[0] < offsets[1] < len(data), offsets)
+
+    @aio
+    async def test_write_failure(self):
+        import errno
+
+        from zwrm.agent import images as module
+
+        def full(self, chunk):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(module._BlobSink, "_write_sync", full)
+        data = os.urandom(5_000_000)
+        cache = self.cache(url=serve(self, Flaky({sha(data): data})))
+        with self.assertRaises(ResourceExhausted):
+            await cache.fetch_blob("app/web", sha(data), len(data))
+        self.assertEqual(os.listdir(os.path.join(cache.root, "tmp")), [])
+        self.assertFalse(cache.has(sha(data)))
+
+    @aio
+    async def test_drop_after_last_byte(self):
+        data = os.urandom(100_000)
+        flaky = Flaky({sha(data): data}, overclaim=1)
+        cache = self.cache(url=serve(self, flaky))
+        path = await cache.fetch_blob("app/web", sha(data), len(data))
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), data)
+        self.assertEqual(flaky.ranges, [None, f"bytes={len(data)}-".encode()])
 
     @aio
     async def test_stalled_connection_resumes(self):

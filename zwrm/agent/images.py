@@ -554,6 +554,11 @@ class ImageCache:
                         if not crange.startswith(f"bytes {offset}-".encode()):
                             await resp.content()
                             raise Unavailable(f"the registry resumed {what} at the wrong offset")
+                    elif resp.code == 416 and offset:
+                        # Everything had arrived when the connection dropped; the digest
+                        # check decides.
+                        await resp.content()
+                        break
                     elif resp.code != 200:
                         await resp.content()
                         raise self._http_error(resp.code, what)
@@ -565,7 +570,9 @@ class ImageCache:
                         break
                     except Exception as e:
                         if sink.error is not None:
-                            raise sink.error.value from None
+                            raise ResourceExhausted(
+                                f"cannot write {what} to the image cache: {sink.error.value}"
+                            ) from None
                         offset += sink.written
                         error = e
                 resumes += 1
