@@ -877,7 +877,14 @@ class VolumeReceiver(service.Service):
         service.Service.stopService(self)
         for proto in list(self._connections):
             proto.transport.abortConnection()
-        ds = [t.cancel() for t in list(self._transfers.values())]
+        ds = []
+        for t in list(self._transfers.values()):
+            if t.state == "committed":
+                t._cancel_expiry()
+            else:
+                ds.append(t.cancel())
+        self._transfers.clear()
+        self._ttls.clear()
         if self.port is not None:
             ds.append(defer.maybeDeferred(self.port.stopListening))
             self.port = None
@@ -891,7 +898,8 @@ class VolumeReceiver(service.Service):
             committed, the transfer is cancelled, or C{ttl} seconds pass without a connection.
         @param volume_id: the volume; it must not exist on this host.
         @param size: the image's size in bytes.
-        @param peer: if given, the common name the sender's certificate must carry.
+        @param peer: if given, the host id of the only sender accepted (its certificate
+            must be that host's).
         @return: the L{IncomingTransfer}; its C{when_done()} fires when the volume is stored.
         @raise errors.InvalidArgument: a bad token, volume id or size.
         @raise errors.Conflict: the token is already expected, or the volume exists.
@@ -957,7 +965,7 @@ class VolumeReceiver(service.Service):
 
     def _committed(self, transfer):
         # Remembered a while, so that a sender that lost our answer learns the outcome.
-        self.clock.callLater(self.ttl_for(transfer), self._forget, transfer)
+        transfer._expiry = self.clock.callLater(self.ttl_for(transfer), self._forget, transfer)
 
 
 # --- sender -----------------------------------------------------------------------------
