@@ -212,6 +212,8 @@ class Host:
         "last_placed",
         "_entry",
         "_base",
+        "_indexes",
+        "_gen",
     )
 
     def __init__(self, host_id):
@@ -225,6 +227,8 @@ class Host:
         self.last_placed = 0
         self._entry = None
         self._base = (0, 0, 0)
+        self._indexes = ()
+        self._gen = -1
         self._recompute()
 
     def _recompute(self):
@@ -337,7 +341,9 @@ class _Index:
 
     def remove(self, host):
         entry = host._entry
-        b = bisect_left(self._last, entry)
+        last = self._last
+        # A placement usually takes a host from the first block (the first fit).
+        b = 0 if entry <= last[0] else bisect_left(last, entry, 1)
         entries = self._entries[b]
         i = bisect_left(entries, entry)
         if entries[i] != entry:  # pragma: no cover (a bug)
@@ -432,6 +438,7 @@ class Scheduler:
         self._committed = set()
         self._ids = itertools.count(1)
         self._clock = 0
+        self._gen = 0
 
     # --- the host inventory -----------------------------------------------------------
 
@@ -474,6 +481,7 @@ class Scheduler:
         base = host._base
         placed = (host.used_vcpus - base[0], host.used_memory_mb - base[1], host.used_disk_mb - base[2])
         host.region, host.datacenter, host.state, host.labels = region, datacenter, state, labels
+        host._gen = -1
         host.vcpus, host.memory_mb, host.disk_mb = vcpus, memory_mb, disk_mb
         host.used_vcpus = alloc[0] + placed[0]
         host.used_memory_mb = alloc[1] + placed[1]
@@ -622,33 +630,38 @@ class Scheduler:
         except KeyError:
             raise NotFound(f"no host {host_id!r}") from None
 
-    def _scopes_of(self, host):
-        r, d = host.region, host.datacenter
-        return ((None, None), (r, None), (None, d), (r, d))
+    def _indexes_of(self, host):
+        """The indexes of the scopes C{host} belongs to (cached until a scope is added)."""
+        if host._gen != self._gen:
+            r, d = host.region, host.datacenter
+            scopes = self._scopes
+            host._indexes = tuple(
+                scopes[s] for s in ((None, None), (r, None), (None, d), (r, d)) if s in scopes
+            )
+            host._gen = self._gen
+        return host._indexes
 
     def _index(self, host):
-        host._entry = (self._key(host), host.id)
+        key = self._key(host)
+        # Flat entries (key..., id) compare faster than nested ones and sort the same
+        # for keys of one shape.
+        host._entry = (*key, host.id) if type(key) is tuple else (key, host.id)
         if host.state != READY:
             return
-        scopes = self._scopes
-        for s in self._scopes_of(host):
-            index = scopes.get(s)
-            if index is not None:
-                index.insert(host)
+        for index in self._indexes_of(host):
+            index.insert(host)
 
     def _unindex(self, host):
         if host.state != READY:
             return
-        scopes = self._scopes
-        for s in self._scopes_of(host):
-            index = scopes.get(s)
-            if index is not None:
-                index.remove(host)
+        for index in self._indexes_of(host):
+            index.remove(host)
 
     def _scope(self, region, datacenter):
         s = (region, datacenter)
         index = self._scopes.get(s)
         if index is None:
+            self._gen += 1
             index = self._scopes[s] = _Index(
                 h
                 for h in self._hosts.values()
