@@ -799,6 +799,28 @@ class StreamTests(TestCase):
         self.assertFalse(self.store.exists("vol-1"))
 
     @defer.inlineCallbacks
+    def test_receiver_stops(self):
+        """
+        Stopping the receiver mid-stream closes the connection, deletes the partial copy and
+        fails the transfer's observers; the sender, out of retries, fails with Unavailable.
+        """
+        size = 64 * MiB
+        write_image(self.src, size, {0: pattern("s", size)})
+        token = mint_token()
+        incoming = self.receiver.expect(token, "vol-1", size)
+        done = incoming.when_done()
+        sender = VolumeSender(
+            reactor, self.src_creds.peer_client_context, clock=self.clock, retries=0
+        )
+        d = sender.send("127.0.0.1", self.port, token, self.src, "host-dst")
+        yield wait_for(lambda: incoming.received > 0)
+        yield self.receiver.stopService()
+        yield self.assertFailure(done, errors.Conflict)
+        yield self.assertFailure(d, errors.Unavailable)
+        self.assertEqual(self.temporaries(), [])
+        self.assertFalse(self.store.exists("vol-1"))
+
+    @defer.inlineCallbacks
     def test_token_expires(self):
         """
         A token not used within its time to live expires: its observers fail with
