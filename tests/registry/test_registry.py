@@ -98,6 +98,22 @@ class AuthTests(RegistryTestsMixin, unittest.TestCase):
         self.assertEqual(resp.code, 401)
 
 
+    @aio
+    async def test_synchronous_authorizer(self):
+        from zwrm.errors import NotAuthorized
+
+        def authorize(request, action):
+            if action != "pull":
+                raise NotAuthorized("read-only registry")
+            return "reader"
+
+        reg = RunningRegistry(self, self.mktemp(), authorize)
+        resp, _ = await reg.request("GET", "/v2/", auth=None)
+        self.assertEqual(resp.code, 200)
+        resp, body = await reg.request("POST", "/v2/x/blobs/uploads/", auth=None)
+        self.assertEqual((resp.code, error_codes(body)), (403, ["DENIED"]))
+
+
 class BlobTests(RegistryTestsMixin, unittest.TestCase):
     @aio
     async def test_monolithic_post(self):

@@ -110,7 +110,8 @@ class RegistryResource(resource.Resource):
 
     @param reactor: the reactor (thread pool for hashing and fsync).
     @param root_dir: directory of the on-disk store (see L{zwrm.registry.store}).
-    @param authorize: C{authorize(request, action) -> Deferred(principal)}; failing with
+    @param authorize: C{authorize(request, action)} returning the principal, a Deferred or
+        a coroutine of it (or raising); failing with
         L{AuthenticationFailed} gives 401 UNAUTHORIZED with a C{WWW-Authenticate} challenge,
         with L{NotAuthorized} 403 DENIED.
     @param realm: the realm named in the Basic challenge.
@@ -154,7 +155,7 @@ class RegistryResource(resource.Resource):
             if action == "delete" and not self._delete_enabled:
                 raise _Error("UNSUPPORTED", "deletes are disabled on this registry")
             try:
-                await self._authorize(request, action)
+                await defer.maybeDeferred(self._authorize, request, action)
             except AuthenticationFailed as e:
                 raise _Error(
                     "UNAUTHORIZED",
@@ -314,7 +315,7 @@ class RegistryResource(resource.Resource):
     async def _authorize_pull_from(self, request, source):
         # A mount reads from another repository: the caller must be allowed to pull.
         try:
-            await self._authorize(request, "pull")
+            await defer.maybeDeferred(self._authorize, request, "pull")
         except (AuthenticationFailed, NotAuthorized):
             raise _Error("DENIED", f"may not read {source}") from None
 
