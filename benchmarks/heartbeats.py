@@ -109,13 +109,15 @@ def worker(args):
         # one full round so phases spread, then measure
         await task.deferLater(reactor, args.interval, lambda: None)
         state["measuring"] = True
+        c0, w0 = sum(os.times()[:2]), time.monotonic()
         await task.deferLater(reactor, args.duration, lambda: None)
         state["measuring"] = False
+        cpu = (sum(os.times()[:2]) - c0) / (time.monotonic() - w0)
         # let the last calls of the window come back (they count if within budget)
         await task.deferLater(reactor, 2 * args.budget, lambda: None)
         latencies.sort()
         print("RESULT " + json.dumps({"n": len(creds), "latencies": latencies,
-                                      "failures": failures[0]}), flush=True)
+                                      "failures": failures[0], "cpu": cpu}), flush=True)
 
     def main(reactor):
         return defer.Deferred.fromCoroutine(run())
@@ -190,13 +192,14 @@ def run_step(args, cp_pid, port, creds):
     cpu0, t0 = cpu_seconds(cp_pid), time.monotonic()
     time.sleep(args.duration)
     cpu1, t1 = cpu_seconds(cp_pid), time.monotonic()
-    latencies, failures = [], 0
+    latencies, failures, worker_cpu = [], 0, 0.0
     for p in workers:
         for line in p.stdout:
             if line.startswith("RESULT "):
                 r = json.loads(line[7:])
                 latencies += r["latencies"]
                 failures += r["failures"]
+                worker_cpu += r["cpu"]
                 break
         p.wait(timeout=60)
     latencies.sort()
@@ -212,6 +215,8 @@ def run_step(args, cp_pid, port, creds):
         "p99_ms": 1000 * percentile(latencies, 99),
         "max_ms": 1000 * (latencies[-1] if latencies else float("nan")),
         "cpu": (cpu1 - cpu0) / (t1 - t0),
+        "worker_cpu": worker_cpu,
+        "load": os.getloadavg()[0],
         "ok": bool(latencies) and failures == 0 and latencies[-1] <= args.budget
         and len(latencies) >= 0.9 * expected,
     }
@@ -227,6 +232,7 @@ def main():
     ap.add_argument("--interval", type=float, default=5.0)
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--budget", type=float, default=1.0)
+    ap.add_argument("--keep-going", action="store_true", help="run every step even after a failure")
     args = ap.parse_args()
     if args.worker:
         return worker(args)
@@ -262,18 +268,21 @@ def main():
               f"; machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
         print(f"heartbeat every {args.interval}s, window {args.duration}s, budget {args.budget}s")
         print(f"{'hosts':>6} {'hb/s':>6} {'answered':>9} {'fail':>5} {'p50 ms':>8} {'p99 ms':>8}"
-              f" {'max ms':>8} {'cp CPU':>7}  result")
-        best, baseline = 0, None
+              f" {'max ms':>8} {'cp CPU':>7} {'agents CPU':>10} {'load':>5}  result")
+        best, baseline, all_ok = 0, None, True
         for n in steps:
             r = run_step(args, cp.pid, port, creds[:n])
             baseline = baseline or r
             print(f"{r['hosts']:>6} {r['hosts'] / args.interval:>6.0f} "
                   f"{r['heartbeats']:>5}/{r['expected']:<4.0f}"
                   f"{r['failures']:>5} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['max_ms']:>8.1f}"
-                  f" {100 * r['cpu']:>6.1f}%  {'ok' if r['ok'] else 'FAIL'}", flush=True)
-            if not r["ok"]:
+                  f" {100 * r['cpu']:>6.1f}% {100 * r['worker_cpu']:>9.1f}% {r['load']:>5.1f}"
+                  f"  {'ok' if r['ok'] else 'FAIL'}", flush=True)
+            if not r["ok"] and not args.keep_going:
                 break
-            best = n
+            all_ok = all_ok and r["ok"]
+            if all_ok:
+                best = n
         print(f"baseline ({baseline['hosts']} hosts): p50 {baseline['p50_ms']:.1f} ms,"
               f" control-plane CPU {100 * baseline['cpu']:.1f}%")
         print(f"largest host count sustained at {args.interval}s heartbeats, every heartbeat"
