@@ -10,6 +10,10 @@
 # See docs/install.md.
 set -euo pipefail
 
+# The whole script is one block, read entirely before it runs: piped into `bash -s`, nothing it
+# runs (apt-get, dpkg) can read the rest of the script from standard input.
+{
+
 PROG=install.sh
 ZWRM_ETC=${ZWRM_ETC:-/etc/zwrm}
 ZWRM_LIB=${ZWRM_LIB:-/var/lib/zwrm}
@@ -269,15 +273,15 @@ if [ ${#debs[@]} -gt 0 ]; then
     done
     [ ${#files[@]} -gt 0 ] || die "--deb: no zwrm .deb files in ${debs[*]}"
     echo "$PROG: installing ${files[*]##*/}"
-    apt-get install -y -qq --no-install-recommends "${files[@]}" >/dev/null \
+    apt-get install -y -qq --no-install-recommends "${files[@]}" </dev/null >/dev/null \
         || die "installing the packages failed (see apt-get's messages above)"
 elif [ -n "$apt_repo" ]; then
     echo "deb [trusted=yes] $apt_repo ${VERSION_CODENAME:-bookworm} main" >/etc/apt/sources.list.d/zwrm.list
-    apt-get update -qq || die "apt-get update failed for $apt_repo"
-    apt-get install -y -qq --no-install-recommends zwrm "$package" >/dev/null \
+    apt-get update -qq </dev/null || die "apt-get update failed for $apt_repo"
+    apt-get install -y -qq --no-install-recommends zwrm "$package" </dev/null >/dev/null \
         || die "installing $package from $apt_repo failed"
 elif ! installed "$package"; then
-    apt-get install -y -qq --no-install-recommends zwrm "$package" >/dev/null 2>&1 \
+    apt-get install -y -qq --no-install-recommends zwrm "$package" </dev/null >/dev/null 2>&1 \
         || die "$package is not installed and no APT source has it: give --deb=PATH or --apt-repo=URL"
 fi
 installed "$package" || die "$package did not install"
@@ -335,3 +339,5 @@ Verify:                           zwrm host list
 Follow the log:                   journalctl -u $unit -f
 EOF
 fi
+exit 0
+}
