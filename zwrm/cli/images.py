@@ -18,12 +18,6 @@ CA file for https.
 import argparse
 import sys
 
-from treq.client import HTTPClient
-from twisted.internet import ssl
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import IPolicyForHTTPS
-from zope.interface import implementer
-
 from zwrm.cli.client import (
     EXIT_AUTH,
     EXIT_REMOTE,
@@ -34,16 +28,7 @@ from zwrm.cli.client import (
 )
 from zwrm.errors import AuthenticationFailed, InvalidArgument, NotAuthorized, Unavailable, ZwrmError
 from zwrm.registry import image
-from zwrm.registry.client import RegistryClient, push_image, registry_url
-
-
-@implementer(IPolicyForHTTPS)
-class _TrustCA:
-    def __init__(self, ca_pem):
-        self._root = ssl.Certificate.loadPEM(ca_pem)
-
-    def creatorForNetloc(self, hostname, port):
-        return ssl.optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._root)
+from zwrm.registry.client import RegistryClient, make_http_client, push_image, registry_url
 
 
 def _client(reactor, args):
@@ -52,18 +37,14 @@ def _client(reactor, args):
         base = registry_url(settings["url"])
     except InvalidArgument as e:
         raise CliError(e.message, EXIT_USAGE) from None
-    ca = settings.get("ca_file")
-    http_client = None
-    if ca and base.startswith("https:"):
+    client = None
+    if base.startswith("https:"):
         try:
-            with open(ca, "rb") as f:
-                policy = _TrustCA(f.read())
-        except (OSError, ssl.SSL.Error, ValueError) as e:
-            raise CliError(f"cannot read the CA certificate {ca}: {e}", EXIT_USAGE) from None
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        http_client = HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
+            client, _ = make_http_client(reactor, settings.get("ca_file"), persistent=False)
+        except InvalidArgument as e:
+            raise CliError(e.message, EXIT_USAGE) from None
     return RegistryClient(
-        reactor, base, (settings["authid"], settings["token"]), http_client=http_client
+        reactor, base, (settings["authid"], settings["token"]), http_client=client
     )
 
 

@@ -10,8 +10,10 @@ import os
 from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
-from twisted.internet import defer, threads
+from twisted.internet import defer, ssl, threads
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
 
 from zwrm.errors import (
     AuthenticationFailed,
@@ -41,6 +43,44 @@ def registry_url(url):
             f"control plane URL {url!r} is not a ws://, wss://, http:// or https:// URL"
         )
     return f"{scheme}://{parts.netloc}"
+
+
+@implementer(IPolicyForHTTPS)
+class TrustCA:
+    """
+    HTTPS policy trusting one CA (the cluster CA), as the agent's C{wss://} connection does.
+
+    @param ca_pem: the CA certificate, PEM bytes.
+    """
+
+    def __init__(self, ca_pem):
+        self._root = ssl.Certificate.loadPEM(ca_pem)
+
+    def creatorForNetloc(self, hostname, port):
+        return ssl.optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._root)
+
+
+def make_http_client(reactor, ca_file=None, persistent=True):
+    """
+    A C{treq.HTTPClient} for talking to the control plane's registry: over https it trusts
+    C{ca_file} (PEM of the cluster CA) if given, else the platform's trust store.
+
+    Use it for L{zwrm.agent.images.ImageCache} (C{http_client=}) and L{RegistryClient}.
+
+    @return: C{(client, pool)}; close idle connections with C{pool.closeCachedConnections()}.
+    @raise InvalidArgument: if C{ca_file} cannot be read as a PEM certificate.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    if ca_file:
+        try:
+            with open(ca_file, "rb") as f:
+                policy = TrustCA(f.read())
+        except (OSError, ssl.SSL.Error, ValueError) as e:
+            raise InvalidArgument(f"cannot read the CA certificate {ca_file}: {e}") from None
+        agent = Agent(reactor, contextFactory=policy, pool=pool)
+    else:
+        agent = Agent(reactor, pool=pool)
+    return HTTPClient(agent), pool
 
 
 def auth_header(credentials):
@@ -106,8 +146,7 @@ class RegistryClient:
         self._auth = auth_header(credentials)
         self._pool = None
         if http_client is None:
-            self._pool = HTTPConnectionPool(reactor, persistent=True)
-            http_client = HTTPClient(Agent(reactor, pool=self._pool))
+            http_client, self._pool = make_http_client(reactor)
         self._http = http_client
 
     def close(self):
