@@ -174,6 +174,7 @@ class BuiltPackagesTests(SynchronousTestCase):
             self.assertEqual(service["PrivateTmp"], ["yes"])
         self.assertEqual(agent[("[Service]", "DeviceAllow")], ["/dev/kvm rw"])
         self.assertEqual(agent[("[Service]", "SupplementaryGroups")], ["kvm"])
+        self.assertEqual(agent[("[Service]", "KillMode")], ["process"])
         self.assertEqual(control[("[Service]", "PrivateDevices")], ["yes"])
 
 
