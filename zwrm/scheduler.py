@@ -476,6 +476,12 @@ class Scheduler:
         host = self._hosts.get(host_id)
         if host is None:
             host = self._hosts[host_id] = Host(host_id)
+        elif (
+            (host.region, host.datacenter, host.state, host.labels) == (region, datacenter, state, labels)
+            and (host.vcpus, host.memory_mb, host.disk_mb) == (vcpus, memory_mb, disk_mb)
+            and host._base == alloc
+        ):
+            return host  # nothing changed: keep the indexes as they are
         else:
             self._unindex(host)
         base = host._base
