@@ -99,7 +99,7 @@ class CertificateAuthorityTests(SynchronousTestCase):
 
     def test_invalid_host_id(self):
         ca = pki.CertificateAuthority.create()
-        for bad in ("", "a.b", "-x", "x" * 64, "a b", 7):
+        for bad in ("", "a.b", "-x", "x" * 64, "a b", "a\n", 7):
             e = self.assertRaises(InvalidArgument, ca.issue_host, bad)
             self.assertIn("invalid host id", e.message)
 

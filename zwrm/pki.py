@@ -46,10 +46,12 @@ import os
 import re
 import secrets
 import string
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -95,9 +97,9 @@ RENEW_BEFORE = datetime.timedelta(days=30)
 CLOCK_SKEW = datetime.timedelta(minutes=5)
 DEFAULT_TOKEN_TTL = 24 * 3600
 
-_HOST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
-_TOKEN = re.compile(r"^zwrm1\.([a-z0-9]{6})\.([a-z0-9]{32})\.([0-9a-f]{64})$")
-_FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+_HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+_TOKEN = re.compile(r"zwrm1\.([a-z0-9]{6})\.([a-z0-9]{32})\.([0-9a-f]{64})")
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 _ALPHABET = string.ascii_lowercase + string.digits
 
 
@@ -105,8 +107,6 @@ class _WallClock:
     """The system's time, for callers that pass no clock."""
 
     def seconds(self):
-        import time
-
         return time.time()
 
 
@@ -126,7 +126,7 @@ def check_host_id(host_id):
 
     @raise InvalidArgument: it cannot.
     """
-    if not isinstance(host_id, str) or not _HOST_ID.match(host_id):
+    if not isinstance(host_id, str) or not _HOST_ID.fullmatch(host_id):
         raise InvalidArgument(
             f"invalid host id {host_id!r}: use 1 to 63 letters, digits, '-' or '_',"
             " starting with a letter or digit"
@@ -201,7 +201,7 @@ def normalize_fingerprint(text):
     if value.startswith("sha256:"):
         value = value[len("sha256:") :]
     value = value.replace(":", "")
-    if not _FINGERPRINT.match(value):
+    if not _FINGERPRINT.fullmatch(value):
         raise InvalidArgument(
             "a CA fingerprint is the SHA-256 of the CA certificate: 64 hex digits"
         )
@@ -230,7 +230,7 @@ def host_id_of(certificate):
         for uri in san.get_values_for_type(x509.UniformResourceIdentifier)
         if uri.startswith(HOST_URI_PREFIX)
     ]
-    if len(ids) != 1 or not _HOST_ID.match(ids[0]):
+    if len(ids) != 1 or not _HOST_ID.fullmatch(ids[0]):
         return None
     return ids[0]
 
@@ -586,7 +586,7 @@ def _canonical(names):
 def _signed_by(cert, ca_cert):
     try:
         cert.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, Exception):  # InvalidSignature is not a ValueError
+    except (ValueError, TypeError, InvalidSignature):
         return False
     return True
 
@@ -920,7 +920,7 @@ class JoinToken:
         if not isinstance(text, str):
             raise InvalidArgument("a join token is a string")
         text = text.strip()
-        m = _TOKEN.match(text)
+        m = _TOKEN.fullmatch(text)
         if m is None:
             parts = text.split(".")
             if parts[0] != TOKEN_PREFIX:
