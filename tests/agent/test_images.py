@@ -284,6 +284,26 @@ class ImageCacheTests(unittest.TestCase):
         self.assertFalse(cache.has(sha(data)))
 
     @aio
+    async def test_oversize_blob_cut_short(self):
+        """A server sending more than the manifest's size is cut off, not stored."""
+        data = os.urandom(20_000_000)
+        cache = self.cache(url=serve(self, Flaky({sha(data): data})), max_attempts=2)
+        sizes = []
+        original = cache._transfer
+
+        async def transfer(*a):
+            result = await original(*a)
+            sizes.append(result[0])
+            return result
+
+        cache._transfer = transfer
+        with self.assertRaises(Corrupt):
+            await cache.fetch_blob("app/web", sha(data), 1_000_000)
+        self.assertEqual(len(sizes), 2)
+        self.assertTrue(all(n <= 1_000_001 for n in sizes), sizes)
+        self.assertEqual(os.listdir(os.path.join(cache.root, "tmp")), [])
+
+    @aio
     async def test_drop_after_last_byte(self):
         data = os.urandom(100_000)
         flaky = Flaky({sha(data): data}, overclaim=1)

@@ -87,7 +87,7 @@ class _BlobSink(protocol.Protocol):
     body ended early (bytes received before that are written and hashed).
     """
 
-    def __init__(self, in_thread, fileobj, hasher, clock, idle_timeout):
+    def __init__(self, in_thread, fileobj, hasher, clock, idle_timeout, max_bytes=None):
         self._in_thread = in_thread
         self._file = fileobj
         self._hasher = hasher
@@ -101,6 +101,8 @@ class _BlobSink(protocol.Protocol):
         self._watchdog = None
         self._received = 0
         self._seen = 0
+        self._max = max_bytes
+        self.oversize = False
         self.written = 0
         self.error = None
         self.done = defer.Deferred()
@@ -128,6 +130,14 @@ class _BlobSink(protocol.Protocol):
         self._buf.append(data)
         self._buffered += len(data)
         self._received += len(data)
+        if self._max is not None and self._received > self._max:
+            # More than the manifest says: it cannot verify; stop instead of filling the disk.
+            self.oversize = True
+            self._buf = []
+            self._buffered = 0
+            if self.transport is not None and self._ended is None:
+                self.transport.stopProducing()
+            return
         if self._buffered >= BATCH and not self._paused:
             self._flush()
 
@@ -154,7 +164,9 @@ class _BlobSink(protocol.Protocol):
         if self._paused and self._ended is None:
             self._paused = False
             self.transport.resumeProducing()
-        if self._buffered and (self._buffered >= BATCH or self._ended is not None):
+        if self._buffered and not self.oversize and (
+            self._buffered >= BATCH or self._ended is not None
+        ):
             self._flush()
         elif self._ended is not None:
             self._finish()
@@ -174,7 +186,7 @@ class _BlobSink(protocol.Protocol):
         self._watchdog = None
         if self._writing:
             return
-        if self._buffered and self.error is None:
+        if self._buffered and self.error is None and not self.oversize:
             self._flush()
         else:
             self._finish()
@@ -486,7 +498,7 @@ class ImageCache:
             for attempt in range(1, self.max_attempts + 1):
                 tmp = os.path.join(self.root, "tmp", f"{hexd}.{next(self._seq)}")
                 try:
-                    got_size, actual = await self._transfer(url, tmp, digest)
+                    got_size, actual = await self._transfer(url, tmp, digest, size)
                 except BaseException:
                     await self._in_thread(_unlink, tmp)
                     raise
@@ -525,7 +537,7 @@ class ImageCache:
         self._maybe_evict()
         return dest
 
-    async def _transfer(self, url, tmp, what):
+    async def _transfer(self, url, tmp, what, size=None):
         """
         Download C{url} into C{tmp}, resuming dropped connections with Range.
 
@@ -562,13 +574,18 @@ class ImageCache:
                     elif resp.code != 200:
                         await resp.content()
                         raise self._http_error(resp.code, what)
-                    sink = _BlobSink(self._in_thread, f, hasher, self._clock, self.idle_timeout)
+                    sink = _BlobSink(
+                        self._in_thread, f, hasher, self._clock, self.idle_timeout,
+                        None if size is None else size - offset,
+                    )
                     resp.deliverBody(sink)
                     try:
                         await sink.done
                         offset += sink.written
                         break
                     except Exception as e:
+                        if sink.oversize:
+                            return offset + sink.written + 1, "oversize"
                         if sink.error is not None:
                             raise ResourceExhausted(
                                 f"cannot write {what} to the image cache: {sink.error.value}"
