@@ -23,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zwrm import errors, pki
 from zwrm.agent import blockmap, transfer
 from zwrm.agent.blockmap import BLOCK_SIZE
-from zwrm.agent.transfer import VolumeReceiver, VolumeSender, mint_token
+from zwrm.agent.transfer import VolumeReceiver, VolumeSender, VolumeTransfers, mint_token
 from zwrm.agent.volumes import VolumeStore
 
 MiB = 1 << 20
@@ -1025,3 +1025,83 @@ class FramingTests(SynchronousTestCase):
         self.assertEqual(kind, transfer.ERROR)
         self.assertEqual(json.loads(transport.value()[5 : 5 + n])["uri"], errors.Corrupt.uri)
         self.assertEqual(proto.frames, [])
+
+
+class VolumeTransfersTests(TestCase):
+    """
+    L{VolumeTransfers}: two agents' stores, volumes addressed by id.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.clock = task.Clock()
+        ca = pki.CertificateAuthority.create()
+        self.agents = {}
+        for name in ("host-a", "host-b"):
+            cert, key = ca.issue_host(name, names=("127.0.0.1",))
+            store = VolumeStore(reactor, os.path.join(self.dir, name))
+            self.agents[name] = VolumeTransfers(
+                reactor,
+                store,
+                pki.HostCredentials(ca.certificate_pem, cert, key),
+                clock=self.clock,
+                retries=1,
+            )
+        self.addCleanup(self._stop)
+        yield self.agents["host-b"].listen()
+
+    @defer.inlineCallbacks
+    def _stop(self):
+        for agent in self.agents.values():
+            yield agent.receiver.stopService()
+        yield wait_for(lambda: not any(a.receiver._connections for a in self.agents.values()))
+
+    @defer.inlineCallbacks
+    def test_move_volume(self):
+        """
+        A volume made by the source's store arrives in the target's store, byte-identical,
+        and passes e2fsck; the target reports the transfer committed.
+        """
+        a, b = self.agents["host-a"], self.agents["host-b"]
+        yield a.store.create("data-1", 16)
+        size = os.path.getsize(a.store.path("data-1"))
+        token = mint_token()
+        where = b.receive(token, "data-1", size, source="host-a")
+        self.assertEqual(b.status(token)["state"], "new")
+        result = yield a.send("data-1", "127.0.0.1", where["port"], token, "host-b")
+        self.assertTrue(result["committed"])
+        self.assertEqual(b.status(token)["state"], "committed")
+        with open(a.store.path("data-1"), "rb") as f, open(b.store.path("data-1"), "rb") as g:
+            self.assertEqual(f.read(), g.read())
+        check = subprocess.run(["e2fsck", "-fn", b.store.path("data-1")], capture_output=True)
+        self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
+        # It is never overwritten.
+        self.assertRaises(errors.Conflict, b.receive, mint_token(), "data-1", size)
+
+    def test_unknown_volume(self):
+        """
+        Sending a volume the source does not have is NotFound.
+        """
+        e = self.assertRaises(
+            errors.NotFound,
+            self.agents["host-a"].send,
+            "nope",
+            "127.0.0.1",
+            1,
+            mint_token(),
+            "host-b",
+        )
+        self.assertIn("nope", e.message)
+
+    def test_not_listening(self):
+        """
+        Expecting a volume before the receiver listens is Unavailable.
+        """
+        self.assertRaises(errors.Unavailable, self.agents["host-a"].receive, mint_token(), "v", 10)
+
+    def test_unknown_options(self):
+        self.assertRaises(TypeError, VolumeTransfers, reactor, None, None, retry=3)
