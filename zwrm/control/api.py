@@ -40,8 +40,14 @@ def _caller(details):
 class AgentAPI:
     """The procedures agents call."""
 
-    def __init__(self, registry):
+    def __init__(self, registry, machines=None):
+        """
+        @param registry: the L{HostRegistry}.
+        @param machines: the L{zwrm.control.apps.Apps} that applies machine events (in
+            order, releasing capacity); without it the registry stores them as they come.
+        """
         self.registry = registry
+        self.machines = machines
 
     @wamp.register("zwrm.agent.join")
     async def join(self, host_id=None, facts=None):
@@ -64,6 +70,8 @@ class AgentAPI:
         """
         host_id = _caller(details)
         if isinstance(report, dict):
+            if self.machines is not None:
+                return await self.machines.machine_event(report, details=details)
             return await self.registry.machine_report(host_id, report)
         return await self.registry.reconcile(host_id, report or [])
 

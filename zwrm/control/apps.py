@@ -24,7 +24,6 @@ import re
 import uuid
 
 from autobahn import wamp
-from autobahn.wamp.types import RegisterOptions
 from twisted.internet.defer import DeferredLock
 from twisted.logger import Logger
 
@@ -36,7 +35,6 @@ APP_TOPIC = "zwrm.event.app"
 LIVE = ("pending", "starting", "running", "stopping")
 MACHINE_STATES = ("pending", "starting", "running", "stopping", "stopped", "failed")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-DETAILS = RegisterOptions(details_arg="details")
 
 
 def _check_name(name, what):
@@ -567,10 +565,10 @@ class Apps:
 
     # -- reports from agents ----------------------------------------------------------
 
-    @wamp.register("zwrm.agent.machine_event", options=DETAILS)
     async def machine_event(self, event=None, details=None):
         """
-        An agent reports a change of one of its machines (the executor's report).
+        An agent reports a change of one of its machines (the executor's report, which
+        reaches the control plane as C{zwrm.agent.report(event)}).
 
         Only the agent of the machine's host may report it: C{details.caller_authid}
         must be the host the machine is recorded on.

@@ -14,11 +14,14 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from zwrm.control.api import AgentAPI, ControlSession, HostAPI
+from zwrm.control.apps import Apps
 from zwrm.control.auth import ControlAuthenticator
 from zwrm.control.monitor import HealthMonitor
 from zwrm.control.registry import HostRegistry
 from zwrm.control.roles import roles
 from zwrm.control.store import Store
+from zwrm.registry import TicketAuthorizer, make_registry_resource
+from zwrm.scheduler import Scheduler, load_strategy
 from zwrm.wamp.auth import RoleBasedAuthorizer
 from zwrm.wamp.router import Router
 from zwrm.wamp.transport import websocket_factory
@@ -106,6 +109,8 @@ class ControlPlane(service.MultiService):
         self.router = None
         self.session = None
         self.monitor = None
+        self.scheduler = None
+        self.apps = None
         self.ports = []
         self.apis = []
         self.ready = False
@@ -147,11 +152,14 @@ class ControlPlane(service.MultiService):
             on_offline=self._drop_host_session,
         )
         n = await self.registry.load()
-        self.router = Router(
-            self.reactor, ControlAuthenticator(self.store, self.registry), RoleBasedAuthorizer(roles())
-        )
+        authenticator = ControlAuthenticator(self.store, self.registry)
+        self.router = Router(self.reactor, authenticator, RoleBasedAuthorizer(roles()))
+        self.scheduler = Scheduler(load_strategy(cfg.strategy, cfg.plugin_dirs))
+        self.apps = Apps(self.reactor, self.store, self.registry, self.scheduler, self._publish)
+        restored = await self.apps.load()
         self.session = ControlSession(
-            [AgentAPI(self.registry), HostAPI(self.registry)] + self.apis
+            [AgentAPI(self.registry, machines=self.apps), HostAPI(self.registry), self.apps]
+            + self.apis
         )
         await self.router.attach(self.session, authid="control", authrole="trusted")
         self.monitor = HealthMonitor(
@@ -162,6 +170,8 @@ class ControlPlane(service.MultiService):
         self._flusher.clock = self.reactor
         self._flusher.start(cfg.flush_interval, now=False)
         self.root.putChild(b"ws", WebSocketResource(websocket_factory(self.router)))
+        self.root.putChild(b"v2", make_registry_resource(
+            self.reactor, os.path.join(data_dir, "registry"), TicketAuthorizer(authenticator)))
         site = server.Site(self.root)
         site.noisy = False
         urls = []
@@ -173,12 +183,15 @@ class ControlPlane(service.MultiService):
         write_private(os.path.join(data_dir, URL_FILE), "\n".join(urls) + "\n")
         self.ready = True
         self.log.info(
-            "zwrm-control ready: {urls}; database {db} (schema v{version}, {n} hosts);"
+            "zwrm-control ready: {urls}; database {db} (schema v{version}, {n} hosts,"
+            " {restored} live machines); scheduler strategy {strategy};"
             " operator token in {op}; join token in {join}",
             urls=", ".join(urls),
             db=self.store.path,
             version=version,
             n=n,
+            restored=restored,
+            strategy=cfg.strategy,
             op=tokens["operator"],
             join=tokens["join"],
         )
