@@ -380,6 +380,28 @@ class StreamTests(TestCase):
         self.assertEqual(out.stdout, b"hello volume\n")
 
     @defer.inlineCallbacks
+    def test_empty_image(self):
+        """
+        An image that is all holes sends no data and arrives as all holes; so does an
+        empty delta.
+        """
+        write_image(self.src, 32 * MiB + 5, {})
+        token = mint_token()
+        self.receiver.expect(token, "vol-1", 32 * MiB + 5)
+        result = yield self.sender.send(
+            "127.0.0.1", self.port, token, self.src, "host-dst", commit=False
+        )
+        self.assertEqual((result["sent"], result["allocated"]), (0, 0))
+        result = yield self.sender.send(
+            "127.0.0.1", self.port, token, self.src, "host-dst", mode="delta"
+        )
+        self.assertEqual((result["sent"], result["zeroed"]), (0, 0))
+        path = self.store.path("vol-1")
+        self.assertEqual(os.path.getsize(path), 32 * MiB + 5)
+        self.assertEqual(allocated(path), 0)
+        self.assertEqual(result["digest"], blockmap.file_digest(self.src))
+
+    @defer.inlineCallbacks
     def test_wrong_token(self):
         """
         A wrong token is refused with AuthenticationFailed; nothing is written and the real
