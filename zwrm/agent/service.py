@@ -138,12 +138,15 @@ class AgentService(service.Service):
 
     log = Logger()
 
-    def __init__(self, reactor, config, rng=None):
+    def __init__(self, reactor, config, rng=None, runtime=None):
         """
         @param reactor: the reactor (time and TCP).
         @param config: a L{zwrm.agent.tap.AgentConfig}.
         @param rng: a L{random.Random} for the jitter.
+        @param runtime: the L{zwrm.agent.runtime.HostRuntime} whose executor runs this
+            host's machines, or L{None} for membership only (tests, benchmarks).
         """
+        self.runtime = runtime
         self.reactor = reactor
         self.config = config
         self.rng = rng or random.Random()
@@ -211,9 +214,11 @@ class AgentService(service.Service):
         if pending is not None and pending._transport is not None:
             pending._transport.dropConnection() if hasattr(
                 pending._transport, "dropConnection") else pending._transport.close()
+        closing = (defer.Deferred.fromCoroutine(self.runtime.close())
+                   if self.runtime is not None else defer.succeed(None))
         session = self.session
         if session is None or not session.is_attached():
-            return None
+            return closing
         session.leave("wamp.close.normal", "agent stopping")
         # wait (briefly) for the GOODBYE to go out; never for a hanging attempt
         done = defer.Deferred()
@@ -226,7 +231,7 @@ class AgentService(service.Service):
                 done.callback(None)
 
         session.ended.addBoth(ended)
-        return done
+        return defer.gatherResults([done, closing])
 
     def _backoff(self, failures):
         c = self.config
@@ -343,7 +348,11 @@ class AgentService(service.Service):
         self.session = session
         host_id = self.identity.host_id
         try:
-            for executor in self.executors:
+            executors = list(self.executors)
+            if self.runtime is not None:
+                executors.append(
+                    await self.runtime.attach(host_id, self.identity.credential, session))
+            for executor in executors:
                 await session.register(executor, prefix=f"zwrm.agent.{host_id}.")
             result = await session.call("zwrm.agent.register", self.facts())
         except Exception:

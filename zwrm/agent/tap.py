@@ -37,6 +37,10 @@ class AgentConfig:
     insecure: bool = False
     retry_initial: float = 1.0
     retry_max: float = 60.0
+    driver: str = "qemu"
+    accel: str = "auto"
+    image_cache_mb: int = 10240
+    plugin_dirs: list = field(default_factory=list)
 
 
 def _is_loopback(host):
@@ -85,12 +89,20 @@ class Options(usage.Options):
         ["ca-file", None, None, "PEM CA certificate to trust for wss://."],
         ["retry-initial", None, None, "First reconnection delay, seconds (default 1)."],
         ["retry-max", None, None, "Longest reconnection delay, seconds (default 60)."],
+        ["driver", None, None, "Hypervisor driver plugin (default qemu)."],
+        ["accel", None, None, "QEMU accelerator: auto, kvm or tcg (default auto)."],
+        ["image-cache-mb", None, None, "Image cache size limit in MiB (default 10240)."],
     ]
     optFlags = [["insecure", None, "Allow plain ws:// to a non-loopback control plane."]]
 
     def __init__(self):
         usage.Options.__init__(self)
         self["label"] = {}
+        self["plugin-dir"] = []
+
+    def opt_plugin_dir(self, path):
+        """A directory of third-party plugins (drivers) (repeatable)."""
+        self["plugin-dir"].append(path)
 
     def opt_label(self, text):
         """A label key=value (repeatable)."""
@@ -105,7 +117,7 @@ class Options(usage.Options):
             values = _load(self["config"])
         for key in ("control-plane-url", "region", "datacenter", "join-token", "join-token-file",
                     "data-dir", "name", "address", "vcpus", "memory-mb", "disk-mb", "ca-file",
-                    "retry-initial", "retry-max"):
+                    "retry-initial", "retry-max", "driver", "accel", "image-cache-mb"):
             if self[key] is not None:
                 values[key.replace("-", "_")] = self[key]
         if self["label"]:
@@ -122,7 +134,11 @@ class Options(usage.Options):
                     values["join_token"] = f.read().strip()
             except OSError as e:
                 raise usage.UsageError(f"cannot read {token_file}: {e.strerror}") from None
-        for key in ("vcpus", "memory_mb", "disk_mb"):
+        if self["plugin-dir"]:
+            values["plugin_dirs"] = list(values.get("plugin_dirs", [])) + self["plugin-dir"]
+        if values.get("accel", "auto") not in ("auto", "kvm", "tcg"):
+            raise usage.UsageError(f"accel must be auto, kvm or tcg, not {values['accel']!r}")
+        for key in ("vcpus", "memory_mb", "disk_mb", "image_cache_mb"):
             if key in values:
                 try:
                     values[key] = int(values[key])
@@ -143,12 +159,25 @@ class Options(usage.Options):
         if config.ca_file and not os.path.exists(config.ca_file):
             raise usage.UsageError(f"CA file {config.ca_file} does not exist")
         check_url(config.url, config.insecure)
+        _check_driver(config)
         self.config = config
+
+
+def _check_driver(config):
+    """@raise usage.UsageError: unless the configured driver plugin exists."""
+    from zwrm import plugins
+    from zwrm.interfaces import IHypervisorDriverPlugin
+
+    try:
+        plugins.find(IHypervisorDriverPlugin, config.driver, config.plugin_dirs,
+                     kind="hypervisor driver")
+    except plugins.PluginError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 KEYS = {"control_plane_url", "region", "datacenter", "join_token", "join_token_file", "data_dir",
         "name", "address", "labels", "vcpus", "memory_mb", "disk_mb", "ca_file", "insecure",
-        "retry_initial", "retry_max"}
+        "retry_initial", "retry_max", "driver", "accel", "image_cache_mb", "plugin_dirs"}
 
 
 def _load(path):
@@ -174,6 +203,7 @@ def makeService(options):
     """The agent service; the only place that touches the global reactor."""
     from twisted.internet import reactor
 
+    from zwrm.agent.runtime import HostRuntime
     from zwrm.agent.service import AgentService
 
-    return AgentService(reactor, options.config)
+    return AgentService(reactor, options.config, runtime=HostRuntime(reactor, options.config))

@@ -1,0 +1,95 @@
+"""
+What an agent runs on its host: the hypervisor driver, the volume store, the image cache
+and the executor that the control plane calls.
+
+The executor is created once the host id is known (after the first join) and then kept
+across reconnections; each new session registers it again under C{zwrm.agent.<host_id>.}.
+"""
+
+import os
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from zwrm import plugins
+from zwrm.agent.executor import Executor
+from zwrm.agent.images import ImageCache
+from zwrm.agent.volumes import VolumeStore
+from zwrm.errors import Unavailable
+from zwrm.interfaces import IHypervisorDriverPlugin
+from zwrm.registry.client import make_http_client, registry_url
+
+MiB = 1024 * 1024
+
+
+class HostRuntime:
+    """
+    The driver, volumes, image cache and executor of one agent.
+
+    @ivar executor: the L{Executor}, or L{None} before the host id is known.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, config):
+        """
+        @param reactor: the reactor.
+        @param config: the agent's L{zwrm.agent.tap.AgentConfig}.
+        @raise zwrm.plugins.PluginError: for an unknown driver (named, with the ones there are).
+        @raise zwrm.errors.InvalidArgument: for a bad driver setting.
+        """
+        self.reactor = reactor
+        self.config = config
+        self.executor = None
+        self.cache = None
+        self._pool = None
+        self._session = None
+        root = config.data_dir
+        plugin = plugins.find(IHypervisorDriverPlugin, config.driver, config.plugin_dirs,
+                              kind="hypervisor driver")
+        self.driver = plugin.create(reactor, {"root": os.path.join(root, "machines"),
+                                              "accel": config.accel})
+        self.volumes = VolumeStore(reactor, os.path.join(root, "volumes"))
+
+    async def attach(self, host_id, credential, session):
+        """
+        A session joined as C{host_id}: make the executor if this is the first, and send
+        its reports through C{session} from now on.
+
+        @return: the executor, to register.
+        """
+        self._session = session
+        if self.executor is None:
+            client, self._pool = make_http_client(self.reactor, self.config.ca_file)
+            self.cache = ImageCache(
+                self.reactor, os.path.join(self.config.data_dir, "images"),
+                registry_url(self.config.url), (host_id, credential),
+                limit_bytes=self.config.image_cache_mb * MiB, http_client=client)
+            self.executor = Executor(self.reactor, host_id, self.driver, self.volumes,
+                                     self.report, images=self.cache,
+                                     data_dir=self.config.data_dir)
+            recovered = await self.executor.recover()
+            self.log.info("executor ready for host {host_id}; recovered {n} machine(s)",
+                          host_id=host_id, n=len(recovered or ()))
+        return self.executor
+
+    def report(self, event):
+        """Send one machine event to the control plane (C{zwrm.agent.report})."""
+        session = self._session
+        if session is None or not session.is_attached():
+            # The control plane reconciles with machine.list when we register again.
+            return defer.fail(Unavailable("not connected to the control plane"))
+        return session.call("zwrm.agent.report", event)
+
+    async def close(self):
+        """Stop watching machines (they keep running) and close connections."""
+        for closer in (self.executor, self.driver):
+            if closer is not None:
+                try:
+                    await defer.maybeDeferred(closer.close)
+                except Exception:
+                    self.log.failure("closing {what}", what=closer)
+        if self.cache is not None:
+            await self.cache.close()
+        if self._pool is not None:
+            await self._pool.closeCachedConnections()
