@@ -157,6 +157,12 @@ class AppTests(TestCase):
         self.assertEqual(states[-1], "running")
         apps = await c.apps.list_apps()
         self.assertEqual(apps[0]["machines"], {"running": 2})
+        # the hosts' allocation is stored (what `zwrm host list` shows)
+        hosts = {h["id"]: h for h in await c.registry.list()}
+        self.assertEqual([hosts[h]["alloc_vcpus"] for h in ("h-a", "h-b")], [1, 1])
+        self.assertEqual((await c.store.get("hosts", "h-a"))["alloc_memory_mb"], 256)
+        await c.apps.scale("web", 1)
+        self.assertEqual(sum(h["alloc_vcpus"] for h in await c.registry.list()), 1)
 
     @d
     async def test_create_conflict_and_unknown_app(self):

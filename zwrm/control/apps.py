@@ -159,6 +159,7 @@ class Apps:
             try:
                 self._placements[row["id"]] = self.scheduler.restore(
                     row["host_id"], self._request(row["spec"], pinned=None))
+                self._alloc_changed(row["host_id"])
                 n += 1
             except errors.ZwrmError as e:
                 self.log.warn("machine {id}: capacity not restored: {e}", id=row["id"], e=e)
@@ -213,6 +214,23 @@ class Apps:
         p = self._placements.pop(machine_id, None)
         if p is not None:
             self.scheduler.release(p)
+            self._alloc_changed(p.host_id)
+
+    def _alloc_changed(self, host_id):
+        """
+        Store what the scheduler has placed on C{host_id} as the host's allocation (what
+        C{zwrm host list} shows). Written behind the change, in the store's order.
+        """
+        try:
+            h = self.scheduler.host(host_id)
+        except errors.NotFound:
+            return
+        alloc = {"alloc_vcpus": h.used_vcpus, "alloc_memory_mb": h.used_memory_mb,
+                 "alloc_disk_mb": h.used_disk_mb}
+        if host_id in self._hosts:
+            self._hosts.entry(host_id).record.update(alloc)
+        self._store.update("hosts", host_id, alloc).addErrback(
+            lambda f: self.log.failure("storing the allocation of {h}", f, h=host_id))
 
     async def _call(self, host_id, verb, *args, **kwargs):
         """Call a host's executor; its errors come back as L{zwrm.errors} classes."""
@@ -430,6 +448,7 @@ class Apps:
                "updated_at": now}
         await self._store.insert("machines", row)
         self._placements[mid] = placement
+        self._alloc_changed(host_id)
         await self._event(MACHINE_TOPIC, "state", mid, {
             "machine_id": mid, "app_id": app["id"], "host_id": host_id, "old": None,
             "state": "pending", "reason": "placed"})
