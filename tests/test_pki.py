@@ -693,3 +693,58 @@ class WebSocketTests(TestCase):
         )
         self.assertIn("is not encrypted", e.message)
         pki.websocket_endpoint(reactor, "ws://127.0.0.1:8080/ws")
+
+
+class AgentClientOptionsTests(TestCase):
+    """The agent's choice of trust, checked with real handshakes against the control plane."""
+
+    def setUp(self):
+        self.ca = pki.CertificateAuthority.create(os.path.join(self.mktemp(), "ca"))
+        self.dir = os.path.join(self.mktemp(), "tls")
+
+    @defer.inlineCallbacks
+    def handshake(self, options):
+        return (yield HandshakeTests.exchange(self, self.ca.server_context(), options))
+
+    def test_nothing_known(self):
+        self.assertIsNone(pki.agent_client_options("127.0.0.1", self.dir))
+        self.assertIsNone(pki.agent_client_options("127.0.0.1", self.dir, "opaque-token"))
+
+    @defer.inlineCallbacks
+    def test_join_then_saved_ca_then_credentials(self):
+        token = pki.JoinToken.generate(self.ca.fingerprint, None)
+        options = pki.agent_client_options("127.0.0.1", self.dir, str(token))
+        outcome, _, host_ids = yield self.handshake(options)
+        self.assertEqual((outcome, host_ids), (b"echo:hello", [None]))
+        pki.save_ca(self.dir, options.verified_ca_pem, token.ca_fingerprint)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.dir, "ca.pem")).st_mode), 0o600)
+        # The saved CA is trusted from now on, whatever token is configured.
+        options = pki.agent_client_options("127.0.0.1", self.dir, None)
+        outcome, _, _ = yield self.handshake(options)
+        self.assertEqual(outcome, b"echo:hello")
+        # With host credentials the agent also presents its certificate.
+        pki.HostCredentials(self.ca.certificate_pem, *self.ca.issue_host("w9")).save(self.dir)
+        outcome, _, host_ids = yield self.handshake(pki.agent_client_options("127.0.0.1", self.dir))
+        self.assertEqual((outcome, host_ids), (b"echo:hello", ["w9"]))
+
+    @defer.inlineCallbacks
+    def test_saved_ca_refuses_another_control_plane(self):
+        other = pki.CertificateAuthority.create()
+        pki.save_ca(self.dir, other.certificate_pem, other.fingerprint)
+        outcome, received, _ = yield self.handshake(pki.agent_client_options("127.0.0.1", self.dir))
+        self.assertIsInstance(outcome, pki.CertificateRejected)
+        self.assertEqual(received, b"")
+
+    def test_save_ca_checks_the_fingerprint(self):
+        other = pki.CertificateAuthority.create()
+        e = self.assertRaises(
+            InvalidArgument, pki.save_ca, self.dir, other.certificate_pem, self.ca.fingerprint
+        )
+        self.assertEqual(e.message, "the CA certificate does not have the expected fingerprint")
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "ca.pem")))
+
+    def test_malformed_zwrm1_token(self):
+        e = self.assertRaises(
+            InvalidArgument, pki.agent_client_options, "127.0.0.1", self.dir, "zwrm1.x.y.z"
+        )
+        self.assertIn("malformed join token", e.message)

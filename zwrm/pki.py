@@ -74,6 +74,7 @@ __all__ = [
     "JoinToken",
     "JoinTokens",
     "PinnedClientTLSOptions",
+    "agent_client_options",
     "check_host_certificate",
     "check_join_token",
     "check_plain_url",
@@ -83,6 +84,7 @@ __all__ = [
     "is_loopback_host",
     "make_host_request",
     "pinned_client_context",
+    "save_ca",
     "token_state",
     "websocket_endpoint",
     "server_options",
@@ -836,8 +838,8 @@ class HostCredentials:
         @raise InvalidArgument: they are there but unusable.
         """
         paths = [os.path.join(directory, n) for n in ("ca.pem", "host.pem", "host.key")]
-        if not any(os.path.exists(p) for p in paths):
-            return None
+        if not any(os.path.exists(p) for p in paths[1:]):
+            return None  # not joined yet (a ca.pem alone is the CA an agent has pinned)
         try:
             return cls(*(_read(p) for p in paths))
         except OSError as e:
@@ -874,6 +876,56 @@ class HostCredentials:
         L{host_id_of}C{(transport.getPeerCertificate())} to learn (and check) who connected.
         """
         return server_options(self.cert_pem, self.key_pem, self.ca_pem, True)
+
+
+AGENT_TLS_DIR = "tls"
+"""Where an agent keeps its TLS files, under its data directory: C{ca.pem}, C{host.pem},
+C{host.key}."""
+
+
+def save_ca(directory, ca_pem, expected_fingerprint):
+    """
+    Keep the CA certificate an agent verified (e.g. C{PinnedClientTLSOptions.verified_ca_pem})
+    in C{directory}/C{ca.pem} (mode 0600), after checking it has the expected fingerprint.
+
+    @raise InvalidArgument: it does not.
+    """
+    if fingerprint_of(ca_pem) != normalize_fingerprint(expected_fingerprint):
+        raise InvalidArgument("the CA certificate does not have the expected fingerprint")
+    _ensure_directory(directory)
+    _write_private(os.path.join(directory, "ca.pem"), _cert_pem(_as_cryptography(ca_pem)))
+
+
+def agent_client_options(hostname, directory, join_token=None):
+    """
+    The TLS options an agent uses to reach the control plane at C{hostname}, from what it has:
+
+      1. host credentials in C{directory} (L{HostCredentials.load}): present the host
+         certificate and trust only the saved CA;
+      2. else a saved CA certificate (C{directory}/C{ca.pem}, see L{save_ca}): trust only it;
+      3. else a join token in zwrm1 form: trust only the CA whose fingerprint it carries (after
+         a successful handshake the options' C{verified_ca_pem} holds the CA certificate: keep
+         it with L{save_ca});
+      4. else C{None}: the caller decides (a configured CA file, or the platform's trust).
+
+    @param directory: the agent's TLS directory (C{<data_dir>/}L{AGENT_TLS_DIR}).
+    @param join_token: the configured join token text, if any.
+    @raise InvalidArgument: saved files are unusable, or the token is a malformed zwrm1 token.
+    """
+    credentials = HostCredentials.load(directory)
+    if credentials is not None:
+        return credentials.control_client_context(hostname)
+    ca_path = os.path.join(directory, "ca.pem")
+    if os.path.exists(ca_path):
+        try:
+            ca_pem = _read(ca_path)
+        except OSError as e:
+            raise InvalidArgument(f"cannot read {ca_path}: {e.strerror}") from None
+        return pinned_client_context(hostname, fingerprint_of(ca_pem), ca_certificate=ca_pem)
+    if join_token and join_token.strip().startswith(TOKEN_PREFIX + "."):
+        token = JoinToken.parse(join_token)
+        return pinned_client_context(hostname, token.ca_fingerprint)
+    return None
 
 
 # --- join tokens -----------------------------------------------------------------------
