@@ -1,0 +1,95 @@
+"""
+zwrm's main job, end to end: a real C{zwrm-control} and two real C{zwrm-agent} processes on
+loopback; the test image pushed to the control plane's registry with C{zwrm images push};
+an app with a volume deployed with C{zwrm deploy} as two QEMU (TCG) machines that the agents
+pull, boot and health-check; data written through a VM's HTTP service; C{zwrm host list}
+showing the allocation; C{zwrm destroy} cleaning up.
+"""
+
+import json
+
+import pytest
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from zwrm.testing import image
+from zwrm.testing.processes import AgentProcess, ControlPlaneProcess, host_list, poll, run_cli, temp_dir
+
+
+@pytest.mark.qemu
+@pytest.mark.multihost
+class DeployTests(TestCase):
+    timeout = 420
+
+    def test_push_deploy_write_destroy(self):
+        return ensureDeferred(self._scenario())
+
+    async def cli(self, cp, *args, timeout=60):
+        code, out, err = await run_cli(reactor, list(args), cp.url, cp.operator_token,
+                                       timeout=timeout)
+        self.assertEqual(code, 0, f"zwrm {' '.join(args)} failed ({code}): {err}")
+        self.assertNotIn("Traceback", err)
+        return out
+
+    async def _scenario(self):
+        img = await deferToThread(image.build)
+        tmp = temp_dir(self)
+        cp = ControlPlaneProcess(reactor, f"{tmp}/cp", heartbeat_interval=1.0, check_interval=2.0,
+                                 offline_after=10.0, grace=10.0)
+        self.addCleanup(cp.stop)
+        await cp.start()
+        agents = [AgentProcess(reactor, f"{tmp}/a{i}", cp.url, cp.join_token, name=f"a{i}",
+                               extra_args=["--accel", "tcg"]) for i in (1, 2)]
+        for a in agents:
+            self.addCleanup(a.stop)
+            await a.start()
+        ids = sorted(a.host_id for a in agents)
+
+        async def ready():
+            hosts = await host_list(reactor, cp)
+            return len(hosts) == 2 and all(h["state"] == "ready" for h in hosts)
+
+        await poll(reactor, ready, 60, what="both agents ready")
+
+        await self.cli(cp, "images", "push", "demo:1", "--kernel", img.kernel,
+                       "--initrd", img.initrd, "--cmdline", img.cmdline, "--port", "8080", "-q")
+        await self.cli(cp, "apps", "create", "web")
+        out = await self.cli(
+            cp, "deploy", "web", "--image", "demo:1", "--replicas", "2", "--memory", "256",
+            "--port", "8080", "--health-http", "/", "--health-grace", "240",
+            "--volume", "data:16:/data", "--wait", "300", "--json", timeout=330)
+        app = json.loads(out)
+        machines = app["machines"]
+        self.assertEqual(sorted(m["host_id"] for m in machines), ids)  # spread
+        self.assertEqual({(m["state"], m["health"]) for m in machines}, {("running", "passing")})
+        self.assertEqual(sorted(v["host_id"] for v in app["volumes"]), ids)
+
+        # Write through one VM's HTTP service onto its volume, read it back in its page.
+        m = machines[0]
+        base = f"http://127.0.0.1:{m['host_port']}"
+        r = await treq.post(f"{base}/cgi-bin/write?index.txt", b"hello from zwrm")
+        self.assertEqual(r.code, 200, await r.text())
+        page = await (await treq.get(f"{base}/")).text()
+        self.assertIn("hello from zwrm", page)
+
+        hosts = {h["id"]: h for h in await host_list(reactor, cp)}
+        for hid in ids:
+            self.assertEqual(hosts[hid]["machines"], 1)
+            self.assertEqual(hosts[hid]["alloc_vcpus"], 1)
+            self.assertEqual(hosts[hid]["alloc_memory_mb"], 256)
+        table = await self.cli(cp, "host", "list")
+        self.assertIn("1/", table)
+
+        logs = await self.cli(cp, "logs", m["id"])
+        self.assertIn("zwrm: ready", logs)
+
+        out = await self.cli(cp, "destroy", "web", "--volumes", "--json", timeout=120)
+        gone = json.loads(out)
+        self.assertEqual(len(gone["machines"]), 2)
+        self.assertEqual(len(gone["volumes"]), 2)
+        hosts = await host_list(reactor, cp)
+        self.assertEqual([h["machines"] for h in hosts], [0, 0])
+        self.assertEqual([h["alloc_vcpus"] for h in hosts], [0, 0])
