@@ -878,6 +878,10 @@ class HostCredentials:
         return server_options(self.cert_pem, self.key_pem, self.ca_pem, True)
 
 
+CONTROL_PKI_DIR = "pki"
+"""Where the control plane keeps its CA and server certificate, under its data directory
+(install.sh creates them there: C{/var/lib/zwrm/control/pki})."""
+
 AGENT_TLS_DIR = "tls"
 """Where an agent keeps its TLS files, under its data directory: C{ca.pem}, C{host.pem},
 C{host.key}."""
