@@ -260,29 +260,31 @@ class Host:
 class _Index:
     """
     Hosts sorted by C{(strategy key, host id)}, in blocks of about L{LOAD}, with the
-    largest free vCPUs, memory and disk per block, so that a search skips every block
-    where no host can fit.
+    largest free vCPUs, memory and disk per block and per group of L{GROUP} blocks, so
+    that a search skips every group and every block where no host can fit.
 
     The free figures stored per host are those it had when it was inserted: the
     scheduler removes a host before changing it and inserts it again after.
     """
 
     LOAD = 48
+    GROUP = 16
 
     def __init__(self, hosts=()):
         hosts = sorted(hosts, key=lambda h: h._entry)
         self._entries, self._hosts = [], []
         self._fv, self._fm, self._fd = [], [], []
         self._mv, self._mm, self._md = [], [], []
+        self._gv, self._gm, self._gd = [], [], []
         self._last = []
         for i in range(0, len(hosts), self.LOAD):
-            self._append_block(hosts[i : i + self.LOAD])
+            self._add_block(hosts[i : i + self.LOAD], len(self._entries))
+        self._regroup()
 
     def __len__(self):
         return sum(len(b) for b in self._entries)
 
-    def _append_block(self, hosts, at=None):
-        at = len(self._entries) if at is None else at
+    def _add_block(self, hosts, at):
         fv = [h.free_vcpus for h in hosts]
         fm = [h.free_memory_mb for h in hosts]
         fd = [h.free_disk_mb for h in hosts]
@@ -295,35 +297,6 @@ class _Index:
         self._mm.insert(at, max(fm))
         self._md.insert(at, max(fd))
         self._last.insert(at, hosts[-1]._entry)
-
-    def insert(self, host):
-        entry = host._entry
-        if not self._entries:
-            self._append_block([host])
-            return
-        b = bisect_left(self._last, entry)
-        if b == len(self._last):
-            b -= 1
-        entries = self._entries[b]
-        i = bisect_left(entries, entry)
-        entries.insert(i, entry)
-        self._hosts[b].insert(i, host)
-        self._fv[b].insert(i, host.free_vcpus)
-        self._fm[b].insert(i, host.free_memory_mb)
-        self._fd[b].insert(i, host.free_disk_mb)
-        if host.free_vcpus > self._mv[b]:
-            self._mv[b] = host.free_vcpus
-        if host.free_memory_mb > self._mm[b]:
-            self._mm[b] = host.free_memory_mb
-        if host.free_disk_mb > self._md[b]:
-            self._md[b] = host.free_disk_mb
-        self._last[b] = entries[-1]
-        if len(entries) > 2 * self.LOAD:
-            hosts = self._hosts[b]
-            self._delete_block(b)
-            half = len(hosts) // 2
-            self._append_block(hosts[:half], b)
-            self._append_block(hosts[half:], b + 1)
 
     def _delete_block(self, b):
         for lst in (
@@ -339,6 +312,62 @@ class _Index:
         ):
             del lst[b]
 
+    def _regroup(self):
+        """Recompute every group's maxima (after blocks were added or deleted)."""
+        G, mv, mm, md = self.GROUP, self._mv, self._mm, self._md
+        starts = range(0, len(mv), G)
+        self._gv = [max(mv[s : s + G]) for s in starts]
+        self._gm = [max(mm[s : s + G]) for s in starts]
+        self._gd = [max(md[s : s + G]) for s in starts]
+
+    def _regroup_one(self, b, block_max, group_max):
+        """Block C{b}'s maximum in one resource went down: recompute its group's."""
+        G = self.GROUP
+        g = b // G
+        group_max[g] = max(block_max[g * G : g * G + G])
+
+    def insert(self, host):
+        entry = host._entry
+        if not self._entries:
+            self._add_block([host], 0)
+            self._regroup()
+            return
+        last = self._last
+        b = bisect_left(last, entry)
+        if b == len(last):
+            b -= 1
+        entries = self._entries[b]
+        i = bisect_left(entries, entry)
+        entries.insert(i, entry)
+        self._hosts[b].insert(i, host)
+        v, m, d = host.free_vcpus, host.free_memory_mb, host.free_disk_mb
+        self._fv[b].insert(i, v)
+        self._fm[b].insert(i, m)
+        self._fd[b].insert(i, d)
+        if v > self._mv[b]:
+            self._mv[b] = v
+            g = b // self.GROUP
+            if v > self._gv[g]:
+                self._gv[g] = v
+        if m > self._mm[b]:
+            self._mm[b] = m
+            g = b // self.GROUP
+            if m > self._gm[g]:
+                self._gm[g] = m
+        if d > self._md[b]:
+            self._md[b] = d
+            g = b // self.GROUP
+            if d > self._gd[g]:
+                self._gd[g] = d
+        last[b] = entries[-1]
+        if len(entries) > 2 * self.LOAD:
+            hosts = self._hosts[b]
+            self._delete_block(b)
+            half = len(hosts) // 2
+            self._add_block(hosts[:half], b)
+            self._add_block(hosts[half:], b + 1)
+            self._regroup()
+
     def remove(self, host):
         entry = host._entry
         last = self._last
@@ -350,6 +379,7 @@ class _Index:
             raise AssertionError(f"{host!r} is not in this index")
         if len(entries) == 1:
             self._delete_block(b)
+            self._regroup()
             return
         del entries[i]
         del self._hosts[b][i]
@@ -357,21 +387,36 @@ class _Index:
         m = self._fm[b].pop(i)
         d = self._fd[b].pop(i)
         if v == self._mv[b]:
-            self._mv[b] = max(self._fv[b])
+            self._mv[b] = new = max(self._fv[b])
+            if new < v:
+                self._regroup_one(b, self._mv, self._gv)
         if m == self._mm[b]:
-            self._mm[b] = max(self._fm[b])
+            self._mm[b] = new = max(self._fm[b])
+            if new < m:
+                self._regroup_one(b, self._mm, self._gm)
         if d == self._md[b]:
-            self._md[b] = max(self._fd[b])
-        self._last[b] = entries[-1]
+            self._md[b] = new = max(self._fd[b])
+            if new < d:
+                self._regroup_one(b, self._md, self._gd)
+        last[b] = entries[-1]
 
     def first_fit(self, vcpus, memory_mb, disk_mb, exclude, constraints):
         """
         The first host in order with at least this much free that is not in
         C{exclude} and has every label in C{constraints}, or L{None}.
         """
+        G = self.GROUP
+        gv, gm, gd = self._gv, self._gm, self._gd
         mv, mm, md = self._mv, self._mm, self._md
-        for b in range(len(mv)):
+        b, nblocks = 0, len(mv)
+        while b < nblocks:
+            if not b % G:
+                g = b // G
+                if gv[g] < vcpus or gm[g] < memory_mb or gd[g] < disk_mb:
+                    b += G
+                    continue
             if mv[b] < vcpus or mm[b] < memory_mb or md[b] < disk_mb:
+                b += 1
                 continue
             fv, fm, fd = self._fv[b], self._fm[b], self._fd[b]
             hosts = self._hosts[b]
@@ -384,6 +429,7 @@ class _Index:
                 if constraints and not _has_labels(host, constraints):
                     continue
                 return host
+            b += 1
         return None
 
     def hosts(self):
@@ -404,6 +450,11 @@ class _Index:
             assert self._mm[b] == max(self._fm[b])
             assert self._md[b] == max(self._fd[b])
             assert self._last[b] == self._entries[b][-1]
+        G = self.GROUP
+        starts = range(0, len(self._mv), G)
+        assert self._gv == [max(self._mv[s : s + G]) for s in starts]
+        assert self._gm == [max(self._mm[s : s + G]) for s in starts]
+        assert self._gd == [max(self._md[s : s + G]) for s in starts]
 
 
 def _has_labels(host, constraints):

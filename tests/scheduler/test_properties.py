@@ -141,6 +141,7 @@ class ExactnessTests(SynchronousTestCase):
         from zwrm.scheduler import _Index
 
         self.patch(_Index, "LOAD", 2)
+        self.patch(_Index, "GROUP", 2)
 
         @settings(max_examples=100, deadline=None)
         @given(hosts_st, st.lists(op_st, max_size=40), st.sampled_from([Spread(), Pack()]))

@@ -238,6 +238,19 @@ class ReservationTests(SynchronousTestCase):
         self.assertEqual(s.place(R(1, 1, constraints={"ssd": "true"})).host_id, "a")
         check_indexes(s)
 
+    def test_update_host_unchanged(self):
+        """Feeding the same record again (as a registry sync does) changes nothing."""
+        s = scheduler(Pack(), [record("a", vcpus=4, alloc_vcpus=1), record("b", vcpus=4)])
+        s.place(R(1, 1))
+        s.place(R(1, 1, region="eu"))
+        before = [(h.id, h.used_vcpus, h.machines, h._entry) for h in s.hosts()]
+        for _ in range(3):
+            s.update_host(record("a", vcpus=4, alloc_vcpus=1))
+            s.update_host(record("b", vcpus=4))
+        self.assertEqual([(h.id, h.used_vcpus, h.machines, h._entry) for h in s.hosts()], before)
+        self.assertEqual(s.place(R(1, 1)).host_id, "a")
+        check_indexes(s)
+
     def test_update_host_moves_scopes(self):
         s = scheduler(Spread(), [record("a", region="eu"), record("b", region="us")])
         self.assertEqual(s.place(R(1, 1, region="us")).host_id, "b")
