@@ -37,9 +37,11 @@ import socket
 
 from autobahn import wamp
 from twisted.internet.defer import ensureDeferred, maybeDeferred, succeed
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from zwrm.agent import health as _health
+from zwrm.agent.blockmap import file_digest
 from zwrm.drivers.spec import check_id
 from zwrm.errors import Conflict, Internal, InvalidArgument, NotFound, Unavailable, ZwrmError
 
@@ -163,8 +165,11 @@ class Executor:
     """
 
     def __init__(self, reactor, host_id, driver, volumes, report, images=None, data_dir=".",
-                 health_probe=_health.probe_for):
+                 health_probe=_health.probe_for, transfers=None, transfer_host="127.0.0.1"):
         self.reactor = reactor
+        self.transfers = transfers
+        self.transfer_host = transfer_host
+        self._outgoing = {}  # volume id -> progress of the send under way (or last)
         self.health_probe = health_probe
         self.host_id = host_id
         self.driver = driver
@@ -382,6 +387,99 @@ class Executor:
     def volume_info(self, volume_id):
         """@return: C{{id, size_mb, size_bytes, allocated_bytes, in_use_by, path}}."""
         return self.volumes.info(volume_id)
+
+    # --- volume moves (host drains; see docs/volume-streams.md and docs/drain.md) --------
+
+    def _transfers(self):
+        if self.transfers is None:
+            raise Unavailable(
+                f"host {self.host_id} cannot move volumes: it has no host certificate yet"
+            )
+        return self.transfers
+
+    @wamp.register("volume.receive")
+    def receive_volume(self, token, volume_id, size, source=None):
+        """
+        Expect volume C{volume_id} (C{size} bytes) from host C{source}, for the one-time
+        C{token} the control plane minted.
+
+        @return: C{{"host", "port"}}: where the source agent sends it.
+        @raise Conflict: the volume is here already or being received.
+        @raise Unavailable: this agent has no volume endpoint.
+        """
+        check_id(volume_id, "volume id")
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise InvalidArgument(f"size must be a positive number of bytes, not {size!r}")
+        got = self._transfers().receive(token, volume_id, size, source=source)
+        return {"host": self.transfer_host, "port": got["port"]}
+
+    @wamp.register("volume.send")
+    def send_volume(self, volume_id, host, port, token, target, mode="bulk", commit=True):
+        """
+        Stream local volume C{volume_id} to host C{target} at C{host}:C{port}.
+
+        @param mode: C{"bulk"} (every allocated block) or C{"delta"} (only the blocks that
+            differ from the copy the target holds for C{token}).
+        @return: a Deferred of the sender's result C{{"digest", "committed", "size",
+            "allocated", "sent", ...}}; L{volume_progress} tells how far it is meanwhile.
+        @raise NotFound: no such volume here.
+        """
+        check_id(volume_id, "volume id")
+        if mode not in ("bulk", "delta"):
+            raise InvalidArgument(f"mode must be bulk or delta, not {mode!r}")
+        progress = {"volume_id": volume_id, "mode": mode, "sent": 0, "done": 0, "total": None,
+                    "finished": False, "started_at": self.reactor.seconds()}
+        self._outgoing[volume_id] = progress
+
+        def update(p):
+            progress.update(sent=p["sent"], done=p["done"], total=p["total"])
+
+        d = self._transfers().send(volume_id, host, port, token, target, mode=mode,
+                                   commit=commit, progress=update)
+
+        def finished(result):
+            progress["finished"] = True
+            if isinstance(result, dict):
+                progress.update(sent=result.get("sent", progress["sent"]),
+                                total=result.get("allocated", progress["total"]))
+                progress["done"] = progress["total"]
+            return result
+
+        return d.addBoth(finished)
+
+    @wamp.register("volume.progress")
+    def volume_progress(self, volume_id):
+        """
+        @return: the progress of the latest send of C{volume_id} from here: C{{"sent",
+            "done", "total", "mode", "finished", "started_at"}}.
+        @raise NotFound: no send of it since this agent started.
+        """
+        try:
+            return dict(self._outgoing[volume_id])
+        except KeyError:
+            raise NotFound(f"no volume {volume_id!r} is being sent from {self.host_id}") from None
+
+    @wamp.register("volume.cancel_receive")
+    def cancel_receive(self, token):
+        """
+        Cancel an incoming transfer and delete its partial copy.
+
+        @return: a Deferred firing once the partial copy is deleted.
+        @raise NotFound: no transfer for this token.
+        """
+        return self._transfers().cancel(token).addCallback(lambda _: {"cancelled": True})
+
+    @wamp.register("volume.digest")
+    def volume_digest(self, volume_id):
+        """
+        @return: a Deferred of the volume's image digest (C{sha256-blocks:...}, see
+            docs/volume-streams.md), computed in a thread.
+        @raise NotFound: no such volume here.
+        """
+        if not self.volumes.exists(volume_id):
+            raise NotFound(f"no volume {volume_id!r} on host {self.host_id}")
+        path = self.volumes.path(volume_id)
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), file_digest, path)
 
     # --- host ---------------------------------------------------------------------------
 
