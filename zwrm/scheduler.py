@@ -25,16 +25,17 @@ removed, as Nomad reports placement failures::
 Cost.  For a strategy with a host-only L{IPlacementStrategy.key} the scheduler keeps the
 ready hosts of every constraint scope it has been asked about (all hosts, one region,
 one datacenter, one region and datacenter) sorted by C{(key, host id)} in a blocked
-list (L{_Index}) that records, per block of about L{_Index.LOAD} hosts, the most free
-vCPUs, memory and disk of any host in it.  A placement walks that order, skipping whole
-blocks in which no host can have enough of some resource, and checks hosts one by one
-only inside blocks that may fit; the first host that passes every filter is the
-strategy's choice among I{all} eligible hosts (exact, no sampling).  Reserving then
-moves one host in each scope it belongs to: O(log n + LOAD).  In the common case a
-placement costs O(n / LOAD) cheap block tests plus O(log n + LOAD); it degrades towards
-a scan only when many hosts ahead in the order pass the block test but fail in detail
-(fragmented free resources, an exclusion list, or a rare required label).  An
-L{IRequestAwarePlacementStrategy} is scored on every eligible host: O(n).
+list (L{_Index}) that records the most free vCPUs, memory and disk of any host per block
+of about L{_Index.LOAD} hosts and per group of L{_Index.GROUP} blocks.  A placement walks
+that order, skipping every group and block in which no host can have enough of some
+resource, and checks hosts one by one only inside blocks that may fit; the first host
+that passes every filter is the strategy's choice among I{all} eligible hosts (exact,
+no sampling).  Reserving then moves one host in each scope it belongs to (bisection,
+O(log n + LOAD)).  A placement thus costs O(log n + LOAD) plus n / (LOAD x GROUP) group
+tests and up to GROUP block tests per group that may fit, and degrades towards a scan only when many hosts ahead
+in the order pass the block test but fail in detail (fragmented free resources, a long
+exclusion list, or a rare required label).  An L{IRequestAwarePlacementStrategy} is
+scored on every eligible host: O(n).
 """
 
 import itertools
