@@ -106,14 +106,19 @@ class FindTests(SynchronousTestCase):
     def test_unknown(self):
         """An unknown name is an error that lists what exists."""
         e = self.assertRaises(PluginError, load_strategy, "nearest")
-        self.assertEqual(str(e), "unknown placement strategy 'nearest'; available: pack, spread")
+        # Other suites may have added plugin directories to this process.
+        names = sorted(zwrm.plugins.available(IPlacementStrategy))
+        self.assertIn("pack", names)
+        self.assertIn("spread", names)
+        self.assertEqual(
+            str(e), "unknown placement strategy 'nearest'; available: " + ", ".join(names))
 
     def test_unknown_lists_plugin_dir(self):
         e = self.assertRaises(PluginError, load_strategy, "nearest", [use_plugin_dir(self)])
-        self.assertEqual(
-            str(e),
-            "unknown placement strategy 'nearest'; available: label-affinity, "
-            "least-recently-used, pack, spread")
+        self.assertTrue(str(e).startswith("unknown placement strategy 'nearest'; available: "))
+        listed = str(e).split("available: ")[1].split(", ")
+        for name in ("label-affinity", "least-recently-used", "pack", "spread"):
+            self.assertIn(name, listed)
 
     def test_missing_dir(self):
         e = self.assertRaises(PluginError, load_strategy, "spread", ["/nonexistent/zwrm"])
