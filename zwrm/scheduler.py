@@ -458,6 +458,14 @@ class _Index:
         assert self._gd == [max(self._md[s : s + G]) for s in starts]
 
 
+def _exclusions(exclude):
+    if not exclude:
+        return frozenset()
+    if isinstance(exclude, str) or not all(isinstance(h, str) for h in exclude):
+        raise InvalidArgument("exclude must be a list of host ids")
+    return frozenset(exclude)
+
+
 def _has_labels(host, constraints):
     labels = host.labels
     for k, v in constraints.items():
@@ -599,7 +607,7 @@ class Scheduler:
         @raise zwrm.errors.Unplaceable: if no host passes the filters; the message and
             the C{hosts} and C{filtered} details say how many each filter removed.
         """
-        exclude = frozenset(exclude) if exclude else frozenset()
+        exclude = _exclusions(exclude)
         host = self._choose(request, exclude)
         if host is None:
             raise self._unplaceable(request, exclude)
@@ -615,6 +623,7 @@ class Scheduler:
             it are released, and the message says how many were placed.
         """
         _count(replicas, "replicas", 1)
+        exclude = _exclusions(exclude)
         placed = []
         try:
             for _ in range(replicas):

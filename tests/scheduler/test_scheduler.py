@@ -312,3 +312,11 @@ class ValidationTests(SynchronousTestCase):
     def test_replicas(self):
         s = scheduler(Spread(), ["a"])
         self.assertRaises(InvalidArgument, s.place_many, R(1, 1), 0)
+
+    def test_exclude(self):
+        """A bare string is not taken for a list of one-letter host ids."""
+        s = scheduler(Spread(), ["a"])
+        e = self.assertRaises(InvalidArgument, s.place, R(1, 1), "a")
+        self.assertEqual(e.message, "exclude must be a list of host ids")
+        self.assertRaises(InvalidArgument, s.place_many, R(1, 1), 2, [1])
+        self.assertEqual(s.placements(), [])
