@@ -6,7 +6,7 @@ and the other sessions keep working.
 import json
 
 from autobahn.wamp import message
-from autobahn.wamp.serializer import JsonSerializer, MsgPackSerializer
+from autobahn.wamp.serializer import CBORSerializer, MsgPackSerializer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.logger import Logger
@@ -14,6 +14,7 @@ from twisted.trial import unittest
 
 import zwrm.wamp.router as router_module
 from tests.wamp.helpers import RouterTestMixin
+from zwrm.wamp.transport import FastJsonSerializer
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-(2**60), max_value=2**60) | st.text(max_size=20)
@@ -75,7 +76,7 @@ class FuzzTests(RouterTestMixin, unittest.SynchronousTestCase):
             self.failures.append(event["log_failure"])
 
     def scenario(self, frames, join_attacker=True, serializer=None):
-        serializer = serializer or JsonSerializer()
+        serializer = serializer or FastJsonSerializer()
         # fresh router each example
         RouterTestMixin.setUp(self)
         self.failures[:] = []
@@ -157,3 +158,8 @@ class FuzzTests(RouterTestMixin, unittest.SynchronousTestCase):
     @given(st.lists(st.binary(max_size=64), min_size=1, max_size=3))
     def test_random_msgpack(self, frames):
         self.scenario(frames, serializer=MsgPackSerializer())
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.binary(max_size=64), min_size=1, max_size=3))
+    def test_random_cbor(self, frames):
+        self.scenario(frames, serializer=CBORSerializer())

@@ -15,6 +15,7 @@ from twisted.trial import unittest
 from tests.wamp.helpers import CLIENT_ROLES, RouterTestMixin
 from zwrm.wamp.auth import Principal, Rule, StaticAuthenticator
 from zwrm.wamp.router import BROKER_FEATURES, DEALER_FEATURES, RouterLimits
+from zwrm.wamp.transport import FastJsonSerializer
 
 CALL = message.Call.MESSAGE_TYPE
 
@@ -201,6 +202,21 @@ class ProtocolViolationTests(RouterTestMixin, unittest.SynchronousTestCase):
         c.transport.send_bytes(b"[99, 1, {}]")
         self.pump()
         self.assertViolation(c)
+
+    def test_bad_binary_string_in_json(self):
+        c = self.join("op", serializer=FastJsonSerializer())
+        c.transport.send_bytes(b'[16,1,{},"test.t",["\\u0000not base64!"]]')
+        self.pump()
+        self.assertViolation(c)
+
+    def test_binary_crosses_serializers(self):
+        pub = self.join("host1", serializer=FastJsonSerializer())
+        sub = self.join("op", serializer=MsgPackSerializer())
+        self.subscribe(sub, "test.bin")
+        pub.send(message.Publish(1, "test.bin", args=[b"\x00\xffraw", "text"], kwargs={"k": b"v"}))
+        self.pump()
+        ev = sub.last(message.Event)
+        self.assertEqual((ev.args, ev.kwargs), ([b"\x00\xffraw", "text"], {"k": b"v"}))
 
     def test_authenticate_without_challenge(self):
         c = self.connect()

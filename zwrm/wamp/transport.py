@@ -10,6 +10,9 @@ WAMP-over-RawSocket with the same serializers.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from collections import deque
 
 import txaio
@@ -19,7 +22,13 @@ from autobahn.twisted import websocket as _websocket
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.wamp.exception import ProtocolError, SerializationError, TransportLost
 from autobahn.wamp.interfaces import ITransport
-from autobahn.wamp.serializer import CBORSerializer, JsonSerializer, MsgPackSerializer
+from autobahn.wamp.serializer import (
+    CBORSerializer,
+    JsonObjectSerializer,
+    JsonSerializer,
+    MsgPackSerializer,
+    Serializer,
+)
 from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import defer
@@ -30,7 +39,49 @@ from twisted.web.server import Site
 
 log = Logger()
 
-SERIALIZERS = {"json": JsonSerializer, "msgpack": MsgPackSerializer, "cbor": CBORSerializer}
+def _debinary(obj):
+    """autobahn's JSON convention: a string that starts with NUL is base64 of bytes."""
+    if isinstance(obj, str):
+        if obj[:1] == "\x00":
+            return base64.b64decode(obj[1:], validate=True)
+        return obj
+    if isinstance(obj, list):
+        return [_debinary(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _debinary(v) for k, v in obj.items()}
+    return obj
+
+
+class FastJsonObjectSerializer(JsonObjectSerializer):
+    """
+    autobahn's JSON object serializer, but parsing with the C scanner.  autobahn's
+    decoder swaps in the pure-Python scanner to spot binary strings, which makes
+    parsing about four times slower; here binary strings (NUL + base64) are converted
+    after parsing, and only when the payload contains one.
+    """
+
+    def unserialize(self, payload):
+        if self._batched:
+            return JsonObjectSerializer.unserialize(self, payload)
+        try:
+            obj = json.loads(payload)
+            if b"\\u0000" in payload:
+                obj = _debinary(obj)
+        except (ValueError, UnicodeDecodeError, binascii.Error) as e:
+            raise ProtocolError(f"invalid JSON: {e}") from e
+        return [obj]
+
+
+class FastJsonSerializer(JsonSerializer):
+    """L{JsonSerializer} with L{FastJsonObjectSerializer} (same wire format)."""
+
+    def __init__(self, batched=False):
+        Serializer.__init__(self, FastJsonObjectSerializer(batched=batched))
+        if batched:
+            self.SERIALIZER_ID = "json.batched"
+
+
+SERIALIZERS = {"json": FastJsonSerializer, "msgpack": MsgPackSerializer, "cbor": CBORSerializer}
 
 
 def make_serializers(names):
@@ -126,6 +177,14 @@ class WampRawSocketServerProtocol(_rawsocket.WampRawSocketServerProtocol):
     Autobahn's WAMP-over-RawSocket server protocol with the same ABORT on a
     malformed message.
     """
+
+    def connectionMade(self):
+        _rawsocket.WampRawSocketServerProtocol.connectionMade(self)
+        if hasattr(self.transport, "setTcpNoDelay"):
+            try:
+                self.transport.setTcpNoDelay(True)
+            except Exception:
+                pass
 
     def stringReceived(self, payload):
         session = self._session
