@@ -146,7 +146,15 @@ def _v2(db):
     db["volumes"].create_index(["app_id", "name", "replica"], unique=True)
 
 
-MIGRATIONS = [_v1, _v2]
+def _v3(db):
+    """
+    Schema version 3: what a drain's migration must remember to resume after a restart
+    (replacement machine, transfer tokens, timings), as JSON text (L{zwrm.control.drain}).
+    """
+    db["migrations"].add_column("detail", str)
+
+
+MIGRATIONS = [_v1, _v2, _v3]
 """Schema migrations, in order; append, never edit."""
 
 JSON_COLUMNS = {
