@@ -517,8 +517,10 @@ class Scheduler:
         """
         try:
             host_id = _name(record["id"], "host id")
-            region = _name(record["region"], "region")
-            datacenter = _name(record["datacenter"], "datacenter")
+            # A host without a region or datacenter ("" or None) only matches requests
+            # that do not ask for one.
+            region = _name(record["region"] or None, "region")
+            datacenter = _name(record["datacenter"] or None, "datacenter")
             state = _name(record.get("state", READY), "state")
             vcpus = _count(record["vcpus"], "vcpus", 0)
             memory_mb = _count(record["memory_mb"], "memory_mb", 0)
@@ -702,8 +704,10 @@ class Scheduler:
         if host._gen != self._gen:
             r, d = host.region, host.datacenter
             scopes = self._scopes
+            # dict.fromkeys: without a region or datacenter some scopes coincide.
             host._indexes = tuple(
-                scopes[s] for s in ((None, None), (r, None), (None, d), (r, d)) if s in scopes
+                scopes[s] for s in dict.fromkeys(((None, None), (r, None), (None, d), (r, d)))
+                if s in scopes
             )
             host._gen = self._gen
         return host._indexes

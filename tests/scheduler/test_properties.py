@@ -29,8 +29,8 @@ STATES = ["ready", "ready", "ready", "draining", "offline"]
 
 hosts_st = st.lists(
     st.fixed_dictionaries({
-        "region": st.sampled_from(REGIONS),
-        "datacenter": st.sampled_from(DCS),
+        "region": st.sampled_from(REGIONS + [""]),
+        "datacenter": st.sampled_from(DCS + [None]),
         "state": st.sampled_from(STATES),
         "vcpus": st.integers(0, 8),
         "memory_mb": st.integers(0, 4) .map(lambda n: n * 1024),

@@ -260,6 +260,19 @@ class ReservationTests(SynchronousTestCase):
         self.assertRaises(Unplaceable, s.place, R(1, 1, region="eu"))
         check_indexes(s)
 
+    def test_host_without_region(self):
+        """A host with no region or datacenter serves only unconstrained requests."""
+        s = scheduler(Pack(), [record("a", region="", datacenter=None), record("b", vcpus=1)])
+        self.assertEqual(s.place(R(1, 1, region="eu")).host_id, "b")
+        self.assertEqual(s.place(R(1, 1)).host_id, "a")
+        self.assertEqual(s.place(R(1, 1)).host_id, "a")
+        check_indexes(s)
+        e = self.assertRaises(Unplaceable, s.place, R(1, 1, region="eu"))
+        self.assertEqual(e.message, "0/2 hosts fit: 1 wrong region, 1 insufficient vcpus")
+        s.set_state("a", "drained")
+        s.set_state("a", "ready")
+        check_indexes(s)
+
     def test_remove_host(self):
         s = scheduler(Spread(), ["a", "b"])
         p = s.place(R(1, 1))
