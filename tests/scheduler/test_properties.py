@@ -60,6 +60,7 @@ op_st = st.one_of(
     st.tuples(st.just("release"), st.integers(0, 1000)),
     st.tuples(st.just("state"), st.integers(0, 11), st.sampled_from(STATES)),
     st.tuples(st.just("grow"), st.integers(0, 11), st.integers(0, 4)),
+    st.tuples(st.just("remove"), st.integers(0, 11)),
 )
 
 
@@ -111,7 +112,13 @@ class ExactnessTests(SynchronousTestCase):
             elif hosts and op[0] == "state":
                 h = hosts[op[1] % len(hosts)]
                 for s in (fast, slow):
-                    s.set_state(h["id"], op[2])
+                    if h["id"] in {x.id for x in s.hosts()}:
+                        s.set_state(h["id"], op[2])
+            elif hosts and op[0] == "remove":
+                h = hosts[op[1] % len(hosts)]
+                for s in (fast, slow):
+                    if h["id"] in {x.id for x in s.hosts()}:
+                        s.remove_host(h["id"])
             elif hosts and op[0] == "grow":
                 h = dict(hosts[op[1] % len(hosts)])
                 h["vcpus"] += op[2]
