@@ -100,12 +100,18 @@ def worker(args):
             s = Sim(hid, cred)
             f = WampWebSocketClientFactory(lambda: s, url=url, serializers=[MsgPackSerializer()])
             f.noisy = False
-            await endpoints.TCP4ClientEndpoint(reactor, host, port, timeout=60).connect(f)
-            await s.ready
+            try:
+                await endpoints.TCP4ClientEndpoint(reactor, host, port, timeout=60).connect(f)
+                await s.ready.addTimeout(120, reactor)
+                return True
+            except Exception:
+                return False
 
         ds = [sem.run(lambda h=h, c=c: defer.Deferred.fromCoroutine(one(h, c))) for h, c in creds]
-        await defer.gatherResults(ds, consumeErrors=True)
-        print("READY", flush=True)
+        joined = await defer.gatherResults(ds)
+        lost = joined.count(False)
+        failures[0] += lost
+        print(f"READY {lost}", flush=True)
         # one full round so phases spread, then measure
         await task.deferLater(reactor, args.interval, lambda: None)
         state["measuring"] = True
@@ -186,7 +192,7 @@ def run_step(args, cp_pid, port, creds):
     for p in workers:
         line = p.stdout.readline()
         if not line.startswith("READY"):
-            raise RuntimeError("a worker failed to connect its sessions")
+            raise RuntimeError("a worker failed to start")
     connect_s = time.monotonic() - t_start
     time.sleep(args.interval)
     cpu0, t0 = cpu_seconds(cp_pid), time.monotonic()
@@ -251,7 +257,7 @@ def main():
         TWISTD + ["-n", "--pidfile=", "zwrm-control", "--data-dir", data_dir,
                   "--listen", f"tcp:{port}:interface=127.0.0.1",
                   "--heartbeat-interval", str(args.interval), "--check-interval", "15",
-                  "--offline-after", "600"],
+                  "--offline-after", "86400"],
         stdout=log, stderr=log,
     )
     try:

@@ -113,6 +113,14 @@ class ControlSession(ApplicationSession):
                     raise RuntimeError(f"could not register a procedure of {api!r}: {reg}")
         self.log.info("control component joined; {n} API objects registered", n=len(self.apis))
 
+    def onLeave(self, details):
+        transport = self._transport
+        if transport is not None and transport.isOpen():
+            try:
+                self.disconnect()
+            except Exception:
+                pass  # the in-memory transport is already gone at shutdown
+
     def publish_event(self, topic, event):
         """Publish a stored event (called by the registry after storing it)."""
         if self.is_attached():

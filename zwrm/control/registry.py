@@ -95,8 +95,9 @@ class HostRegistry:
         @param call: C{call(procedure, *args, **kwargs) -> Deferred}, to call agents'
             executor procedures; L{None} when there is no WAMP session (tests).
         @param heartbeat_interval: what agents are told.
-        @param on_offline: called with a host id after it was marked offline (the
-            control plane uses it to drop the host's WAMP session).
+        @param on_offline: called with a host id after it was marked offline, if it had
+            registered since the control plane started (the control plane uses it to
+            drop the host's WAMP session).
         """
         self._clock = clock
         self._store = store
@@ -426,6 +427,7 @@ class HostRegistry:
         @return: the ids of the machines marked failed.
         """
         entry = self.entry(host_id)
+        had_session = entry.executor
         change = await self._host_input(entry, "heartbeat_lost")
         entry.executor = False
         if change is None:
@@ -437,7 +439,7 @@ class HostRegistry:
             "failed",
             "host offline",
         )
-        if self._on_offline is not None:
+        if self._on_offline is not None and had_session:
             try:
                 self._on_offline(host_id)
             except Exception:
