@@ -8,8 +8,10 @@ in the router, so it can run against an external router too.
 
 Procedures (realm C{zwrm}):
 
- - C{zwrm.agent.join(host_id, facts)} (role C{joining}): admits a host;
-   returns C{{host_id, credential, heartbeat_interval}}.
+ - C{zwrm.agent.join(host_id, facts, csr=None)} (role C{joining}): admits a host;
+   returns C{{host_id, credential, heartbeat_interval}}; with C{csr} (a PEM certificate
+   request from L{zwrm.pki.make_host_request} for the host id) also C{certificate} (the
+   host certificate, PEM) and C{ca} (the cluster CA certificate, PEM).
  - C{zwrm.agent.register(facts)} (role C{agent}; the host is the caller's authid):
    returns C{{host_id, state, heartbeat_interval}}.
  - C{zwrm.agent.heartbeat(stats=None)} (role C{agent}): returns
@@ -40,18 +42,33 @@ def _caller(details):
 class AgentAPI:
     """The procedures agents call."""
 
-    def __init__(self, registry, machines=None):
+    def __init__(self, registry, machines=None, pki=None):
         """
         @param registry: the L{HostRegistry}.
         @param machines: the L{zwrm.control.apps.Apps} that applies machine events (in
             order, releasing capacity); without it the registry stores them as they come.
+        @param pki: the L{zwrm.control.tokens.ControlPKI} that signs joining hosts'
+            certificate requests, or L{None} (then C{csr} is refused).
         """
         self.registry = registry
         self.machines = machines
+        self.pki = pki
 
     @wamp.register("zwrm.agent.join")
-    async def join(self, host_id=None, facts=None):
-        return await self.registry.join(host_id, facts or {})
+    async def join(self, host_id=None, facts=None, csr=None):
+        if csr is not None:
+            if self.pki is None:
+                raise errors.InvalidArgument("this control plane has no CA to sign certificates")
+            if not isinstance(csr, str):
+                raise errors.InvalidArgument("csr must be a PEM certificate request (a string)")
+            if isinstance(host_id, str) and host_id:
+                signed = self.pki.sign(csr, host_id)  # refuse a bad request before admitting
+        result = await self.registry.join(host_id, facts or {})
+        if csr is not None:
+            if result["host_id"] != host_id:
+                signed = self.pki.sign(csr, result["host_id"])
+            result = dict(result, **signed)
+        return result
 
     @wamp.register("zwrm.agent.register", options=DETAILS)
     async def register(self, facts=None, details=None):

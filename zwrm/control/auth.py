@@ -3,7 +3,9 @@ Who may join the realm: the control plane's L{IAuthenticator}.
 
 Every client uses ticket authentication:
 
- - authid C{join}, ticket = a join token: role C{joining}.
+ - authid C{join}, ticket = a join token: role C{joining}.  A C{zwrm1.} token
+   (L{zwrm.pki.JoinToken}) is checked by the control plane's L{zwrm.control.tokens.ControlPKI}
+   (unknown, expired, revoked or made for another CA: refused, saying which).
  - authid C{operator} (or C{viewer}), ticket = an operator (viewer) token: that role.
  - authid = a host id, ticket = that host's credential (issued by C{zwrm.agent.join}):
    role C{agent}.
@@ -17,7 +19,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from zwrm.control.store import hash_secret
-from zwrm.errors import AuthenticationFailed
+from zwrm.errors import AuthenticationFailed, InvalidArgument
 from zwrm.interfaces import IAuthenticator
 from zwrm.wamp.auth import Principal
 
@@ -53,18 +55,35 @@ class ControlAuthenticator:
     Authenticates against the store's tokens and the registry's host credentials.
     """
 
-    def __init__(self, store, registry):
+    def __init__(self, store, registry, join_tokens=None):
         """
         @param store: a L{zwrm.control.store.Store} (tokens).
         @param registry: a L{zwrm.control.registry.HostRegistry} (host credentials).
+        @param join_tokens: checks C{zwrm1.} join tokens: an object with C{check(text)}
+            returning a Deferred (L{zwrm.control.tokens.ControlPKI}), or L{None}.
         """
         self._store = store
         self._registry = registry
+        self._join_tokens = join_tokens
 
     def authmethods(self):
         return ["ticket"]
 
     def authenticate_ticket(self, realm, authid, ticket):
+        if (
+            authid == "join"
+            and self._join_tokens is not None
+            and isinstance(ticket, str)
+            and ticket.strip().startswith("zwrm1.")
+        ):
+            d = defer.maybeDeferred(self._join_tokens.check, ticket)
+
+            def refused(f):
+                f.trap(AuthenticationFailed, InvalidArgument)
+                raise AuthenticationFailed(f.value.message)
+
+            d.addCallbacks(lambda token_id: Principal("join", "joining", {"token": token_id}), refused)
+            return d
         try:
             secret = parse_token(ticket)
         except AuthenticationFailed as e:

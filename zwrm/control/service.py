@@ -11,6 +11,7 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.application import service
 from twisted.internet import defer, endpoints, task
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import resource, server
 
 from zwrm.control.api import AgentAPI, ControlSession, HostAPI
@@ -20,6 +21,7 @@ from zwrm.control.monitor import HealthMonitor
 from zwrm.control.registry import HostRegistry
 from zwrm.control.roles import roles
 from zwrm.control.store import Store
+from zwrm.control.tokens import ControlPKI, TokenAPI
 from zwrm.registry import TicketAuthorizer, make_registry_resource
 from zwrm.scheduler import Scheduler, load_strategy
 from zwrm.wamp.auth import RoleBasedAuthorizer
@@ -84,6 +86,8 @@ class ControlPlane(service.MultiService):
 
     @ivar root: the HTTP root resource; other parts add children (e.g. C{v2}) to it.
     @ivar store: the L{Store} (once started).
+    @ivar pki: the L{zwrm.control.tokens.ControlPKI} (CA, server certificate, join tokens;
+        once started).
     @ivar registry: the L{HostRegistry} (once started).
     @ivar router: the L{Router} (once started).
     @ivar session: the control component's L{ControlSession} (once started).
@@ -111,6 +115,7 @@ class ControlPlane(service.MultiService):
         self.monitor = None
         self.scheduler = None
         self.apps = None
+        self.pki = None
         self.ports = []
         self.apis = []
         self.ready = False
@@ -142,6 +147,8 @@ class ControlPlane(service.MultiService):
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         self.store = Store(self.reactor, os.path.join(data_dir, "zwrm.db"), now=self.reactor.seconds)
         version = await self.store.start()
+        self.pki = ControlPKI(self.reactor, self.store, data_dir, cfg.listen)
+        await self.pki.start()
         tokens = await self._ensure_tokens(data_dir)
         self.registry = HostRegistry(
             self.reactor,
@@ -152,13 +159,18 @@ class ControlPlane(service.MultiService):
             on_offline=self._drop_host_session,
         )
         n = await self.registry.load()
-        authenticator = ControlAuthenticator(self.store, self.registry)
+        authenticator = ControlAuthenticator(self.store, self.registry, join_tokens=self.pki)
         self.router = Router(self.reactor, authenticator, RoleBasedAuthorizer(roles()))
         self.scheduler = Scheduler(load_strategy(cfg.strategy, cfg.plugin_dirs))
         self.apps = Apps(self.reactor, self.store, self.registry, self.scheduler, self._publish)
         restored = await self.apps.load()
         self.session = ControlSession(
-            [AgentAPI(self.registry, machines=self.apps), HostAPI(self.registry), self.apps]
+            [
+                AgentAPI(self.registry, machines=self.apps, pki=self.pki),
+                HostAPI(self.registry),
+                self.apps,
+                TokenAPI(self.pki),
+            ]
             + self.apis
         )
         await self.router.attach(self.session, authid="control", authrole="trusted")
@@ -176,8 +188,7 @@ class ControlPlane(service.MultiService):
         site.noisy = False
         urls = []
         for description in cfg.listen:
-            ep = endpoints.serverFromString(self.reactor, description)
-            port = await ep.listen(site)
+            port = await self._listen(description, site)
             self.ports.append(port)
             urls.append(_url_of(description, port))
         write_private(os.path.join(data_dir, URL_FILE), "\n".join(urls) + "\n")
@@ -185,7 +196,7 @@ class ControlPlane(service.MultiService):
         self.log.info(
             "zwrm-control ready: {urls}; database {db} (schema v{version}, {n} hosts,"
             " {restored} live machines); scheduler strategy {strategy};"
-            " operator token in {op}; join token in {join}",
+            " operator token in {op}; join token in {join}; CA fingerprint sha256:{fp}",
             urls=", ".join(urls),
             db=self.store.path,
             version=version,
@@ -194,13 +205,34 @@ class ControlPlane(service.MultiService):
             strategy=cfg.strategy,
             op=tokens["operator"],
             join=tokens["join"],
+            fp=self.pki.fingerprint,
         )
         self.started.callback(self)
 
+    def _listen(self, description, site):
+        """
+        Listen on one endpoint. An C{ssl:} endpoint without certificate files of its own
+        (C{privateKey=}/C{certKey=}) uses the server certificate issued by the cluster CA.
+        """
+        if description.startswith("ssl:") and not any(
+            p.startswith(("privateKey=", "certKey=")) for p in description.split(":")
+        ):
+            tcp = endpoints.serverFromString(self.reactor, "tcp:" + description[len("ssl:"):])
+            return tcp.listen(TLSMemoryBIOFactory(self.pki.server_context(), False, site))
+        return endpoints.serverFromString(self.reactor, description).listen(site)
+
     async def _ensure_tokens(self, data_dir):
+        """
+        The operator token (plain, in C{operator.token}) and a valid C{zwrm1.} join token
+        (in C{join.token}, for the local tools); both files mode 0600.
+        """
         paths = {}
         for kind, name in TOKEN_FILES.items():
             path = os.path.join(data_dir, name)
+            if kind == "join":
+                await self.pki.ensure_join_token(path)
+                paths[kind] = path
+                continue
             if os.path.exists(path):
                 with open(path) as f:
                     secret = f.read().strip()
