@@ -1,0 +1,475 @@
+"""
+Host drains: the two Automat machines (every state x every input, a restart in each state),
+and the drain runner over real executors (fake hypervisor driver, real volume stores and
+real volume streams over TLS on loopback), with the control plane's time on a Clock.
+"""
+
+import hashlib
+import os
+from itertools import product
+
+from twisted.internet import reactor
+from twisted.internet.defer import succeed
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.control.test_apps import Cluster, d, procedures
+from zwrm import errors, pki
+from zwrm.agent.executor import Executor
+from zwrm.agent.transfer import VolumeTransfers
+from zwrm.agent.volumes import VolumeStore
+from zwrm.control.drain import DRAIN_TOPIC, Drains
+from zwrm.control.migration import (
+    DRAIN_INPUTS,
+    DRAIN_STATES,
+    DRAIN_TERMINAL,
+    MIGRATION_INPUTS,
+    MIGRATION_PHASES,
+    MIGRATION_TERMINAL,
+    Drain,
+    Migration,
+)
+from zwrm.drivers.fake import FakeDriver, FakeHost
+
+MiB = 1024 * 1024
+
+
+def feed(machine, name):
+    fn = getattr(machine, name)
+    if name in ("step_failed", "give_up"):
+        return fn("why")
+    return fn()
+
+
+class MigrationMachineTests(SynchronousTestCase):
+    def test_every_phase_handles_every_input(self):
+        for phase, name in product(MIGRATION_PHASES, MIGRATION_INPUTS):
+            m = Migration.restore(phase)
+            feed(m, name)  # never raises: every state handles every input
+            self.assertIn(m.phase, MIGRATION_PHASES)
+            if phase in MIGRATION_TERMINAL:
+                self.assertEqual((m.phase, m.outbox), (phase, []), (phase, name))
+
+    def test_restart_in_each_phase_runs_its_step_again(self):
+        for phase in MIGRATION_PHASES:
+            m = Migration.restore(phase)
+            m.restart()
+            self.assertEqual(m.phase, phase)
+            if phase in MIGRATION_TERMINAL or phase == "planned":
+                self.assertEqual(m.outbox, [])
+            else:
+                self.assertEqual([(a, p) for a, p, _ in m.outbox], [("enter", phase)])
+
+    def test_volume_path(self):
+        m = Migration()
+        m.start_copy()
+        for _ in range(7):
+            m.step_done()
+        self.assertEqual([p for _, p, _ in m.outbox], [
+            "bulk_copying", "stopping_source", "delta_copying", "starting_replacement",
+            "waiting_healthy", "committing", "cleaning", "done"])
+
+    def test_no_volume_path_starts_the_replacement_first(self):
+        m = Migration()
+        m.start_replacement()
+        self.assertEqual(m.phase, "starting_replacement")
+
+    def test_failure_before_commit_rolls_back_after_commit_does_not(self):
+        for phase in ("bulk_copying", "stopping_source", "delta_copying",
+                      "starting_replacement", "waiting_healthy", "committing"):
+            m = Migration.restore(phase)
+            m.step_failed("boom")
+            self.assertEqual(m.phase, "rolling_back")
+            self.assertEqual(m.outbox, [("enter", "rolling_back", "boom")])
+            m.step_done()
+            self.assertEqual(m.phase, "rolled_back")
+        m = Migration.restore("cleaning")
+        m.step_failed("agent gone")
+        self.assertEqual(m.phase, "done")
+        self.assertIn("agent gone", m.outbox[0][2])
+        m = Migration.restore("rolling_back")
+        m.step_failed("worse")
+        self.assertEqual(m.phase, "failed")
+
+    def test_cancel(self):
+        expect = {"planned": "not_moved", "bulk_copying": "rolling_back",
+                  "stopping_source": "stopping_source", "waiting_healthy": "waiting_healthy"}
+        for phase, after in expect.items():
+            m = Migration.restore(phase)
+            m.cancel()
+            self.assertEqual(m.phase, after)
+
+    def test_give_up_only_before_start(self):
+        m = Migration()
+        m.give_up("deadline")
+        self.assertEqual((m.phase, m.outbox), ("not_moved", [("enter", "not_moved", "deadline")]))
+        m = Migration.restore("bulk_copying")
+        m.give_up("deadline")
+        self.assertEqual((m.phase, m.outbox), ("bulk_copying", []))
+
+    def test_unknown_phase(self):
+        self.assertRaises(ValueError, Migration.restore, "flying")
+
+
+class DrainMachineTests(SynchronousTestCase):
+    def test_every_state_handles_every_input(self):
+        for state, name in product(DRAIN_STATES, DRAIN_INPUTS):
+            m = Drain.restore(state)
+            getattr(m, name)()
+            self.assertIn(m.state, DRAIN_STATES)
+
+    def test_restart_in_each_state(self):
+        outs = {}
+        for state in DRAIN_STATES:
+            m = Drain.restore(state)
+            m.restart()
+            self.assertEqual(m.state, state)
+            outs[state] = [a for a, _ in m.outbox]
+        self.assertEqual(outs, {"running": ["launch"], "cancelling": ["cancel_all", "launch"],
+                                "completed": [], "incomplete": [], "cancelled": []})
+
+    def test_paths(self):
+        m = Drain()
+        m.start()
+        m.migration_ended()
+        m.all_moved()
+        self.assertEqual(m.state, "completed")
+        m = Drain()
+        m.some_not_moved()
+        self.assertEqual(m.state, "incomplete")
+        m.cancel()
+        self.assertEqual(m.state, "cancelled")
+        m = Drain()
+        m.deadline()
+        self.assertEqual([a for a, _ in m.outbox], ["expire", "launch"])
+        m.cancel()
+        m.all_moved()
+        self.assertEqual(m.state, "cancelled")
+        for state in DRAIN_TERMINAL:
+            self.assertIn(state, DRAIN_STATES)
+
+
+class DrainCluster(Cluster):
+    """L{Cluster} whose executors can move volumes, and a L{Drains} on the Clock."""
+
+    ca = None
+
+    async def start(self, hosts=("h-a", "h-b"), **facts):
+        self.ca = pki.CertificateAuthority.create()
+        self.transfers = {}
+        self.probes = {}
+        await Cluster.start(self, hosts, **facts)
+        self.drains = Drains(self.clock, self.store, self.registry, self.apps, self.publish)
+        return self
+
+    async def add_host(self, host_id, **facts):
+        await self.registry.join(host_id, dict(facts or {}, name=host_id) | _facts())
+        await self.registry.register(host_id, dict(_facts(), name=host_id))
+        root = os.path.join(self.dir, host_id)
+        cert, key = self.ca.issue_host(host_id, names=("127.0.0.1",))
+        creds = pki.HostCredentials(self.ca.certificate_pem, cert, key)
+        store = VolumeStore(reactor, os.path.join(root, "vols"))
+        transfers = VolumeTransfers(reactor, store, creds, retries=1, backoff=(0.01, 0.01))
+        await transfers.listen()
+        self.t.addCleanup(transfers.receiver.stopService)
+        self.transfers[host_id] = transfers
+        driver = FakeDriver(reactor, os.path.join(root, "machines"),
+                            host=FakeHost(powerdown_delay=0.01))
+
+        def probe(r, spec, port, host_id=host_id):
+            return lambda: succeed(self.probes.get(host_id))  # None: passing
+
+        ex = Executor(reactor, host_id, driver, store,
+                      lambda event, h=host_id: self.report(h, event), data_dir=root,
+                      transfers=transfers, health_probe=probe)
+        self.t.addCleanup(ex.close)
+        self.executors[host_id] = (ex, procedures(ex))
+
+    def store_of(self, host_id):
+        return self.executors[host_id][0].volumes
+
+    async def settle(self, d, limit=3000):
+        """Advance the control plane's Clock until C{d} fires (real I/O runs between)."""
+        for _ in range(limit):
+            if d.called:
+                return
+            self.clock.advance(0.5)
+            await deferLater(reactor, 0.002, lambda: None)
+        raise AssertionError("did not settle")
+
+
+def _facts():
+    from tests.control.helpers import FACTS
+    return dict(FACTS)
+
+
+def write_known(path, seed, offsets=(0, 5 * MiB, 17 * MiB)):
+    """Write recognizable blocks into a volume image; @return: its SHA-256."""
+    with open(path, "r+b") as f:
+        for off in offsets:
+            f.seek(off)
+            f.write(hashlib.sha256(f"{seed}-{off}".encode()).digest() * 4096)
+    return sha(path)
+
+
+def sha(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(MiB), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class DrainRunTests(TestCase):
+    timeout = 120
+
+    async def deploy(self, c, name="db", volumes=True, **kw):
+        await c.apps.create_app(name)
+        spec = c.spec(**kw)
+        if volumes:
+            spec["volumes"] = [{"name": "data", "size_mb": 32, "mount": "/data"}]
+        status = await c.apps.deploy(name, spec)
+        return status["machines"][0]
+
+    async def drain(self, c, host, **kw):
+        kw.setdefault("min_healthy", 2)
+        kw.setdefault("healthy_deadline", 30)
+        kw.setdefault("stop_timeout", 5)
+        result = await c.drains.drain(host, **kw)
+        run = c.drains.active.get(host)
+        if run is not None:
+            await c.settle(run.done)
+        return result, await c.drains.drain_status(host)
+
+    @d
+    async def test_dry_run_plans_and_changes_nothing(self):
+        c = await DrainCluster(self).start()
+        m = await self.deploy(c, volumes=False)
+        await self.deploy(c, "big", volumes=False, memory_mb=15000, replicas=1)
+        src = m["host_id"]
+        plan = await c.drains.drain(src, dry_run=True)
+        self.assertEqual(plan["state"], "dry_run")
+        by_machine = {p["machine_id"]: p for p in plan["plan"]}
+        other = "h-b" if src == "h-a" else "h-a"
+        self.assertEqual(by_machine[m["id"]]["target"], other)
+        self.assertEqual(c.registry.entry(src).machine.state, "ready")
+        self.assertEqual(await c.store.select("drains"), [])
+
+    @d
+    async def test_drain_moves_a_volume_byte_identical(self):
+        c = await DrainCluster(self).start()
+        m = await self.deploy(c)
+        src = m["host_id"]
+        dst = "h-b" if src == "h-a" else "h-a"
+        vid = m["volumes"][0]
+        before = write_known(c.store_of(src).path(vid), "v1")
+        # The "VM" writes until it is stopped: a block changes after the bulk copy.
+        ex, procs = c.executors[src]
+        stop = procs["machine.stop"]
+        expected = []
+
+        def stop_after_a_write(mid, timeout=None):
+            expected.append(write_known(c.store_of(src).path(vid), "late", offsets=(9 * MiB,)))
+            return stop(mid, timeout)
+
+        procs["machine.stop"] = stop_after_a_write
+        result, status = await self.drain(c, src)
+        self.assertEqual(result["plan"][0]["target"], dst)
+        self.assertEqual(status["state"], "completed")
+        mg = status["migrations"][0]
+        self.assertEqual((mg["phase"], mg["error"]), ("done", None))
+        self.assertGreater(mg["bytes_sent"], 0)
+        self.assertIsNotNone(mg["downtime"])
+        # the copy is byte-identical to the final image, including the late write
+        self.assertNotEqual(expected[0], before)
+        self.assertEqual(sha(c.store_of(dst).path(vid)), expected[0])
+        # source empty; the machine and the volume (and its pin) are on the target
+        self.assertFalse(c.store_of(src).exists(vid))
+        self.assertEqual(ex.list_machines(), [])
+        machines = await c.apps.list_machines()
+        self.assertEqual([(x["host_id"], x["state"]) for x in machines], [(dst, "running")])
+        self.assertEqual((await c.store.get("volumes", vid))["host_id"], dst)
+        self.assertEqual(c.registry.entry(src).machine.state, "drained")
+        phases = [e["payload"].get("phase") for t, e in c.published if t == DRAIN_TOPIC]
+        self.assertIn("delta_copying", phases)
+        # later deploys pin to the target
+        c.registry.entry(src)  # still known
+        await c.drains.activate(src)
+        await c.apps.scale("db", 0)
+        await c.apps.scale("db", 1)
+        self.assertEqual([x["host_id"] for x in await c.apps.list_machines()], [dst])
+
+    @d
+    async def test_machine_without_volume_replacement_first(self):
+        c = await DrainCluster(self).start()
+        m = await self.deploy(c, volumes=False)
+        src = m["host_id"]
+        _, status = await self.drain(c, src)
+        self.assertEqual(status["state"], "completed")
+        machines = await c.apps.list_machines()
+        self.assertEqual(len(machines), 1)
+        self.assertNotEqual(machines[0]["host_id"], src)
+        self.assertNotEqual(machines[0]["id"], m["id"])
+        # the replacement ran before the original stopped
+        states = [(e["subject"], e["payload"]["state"]) for t, e in c.published
+                  if t == "zwrm.event.machine" and e["kind"] in ("state", "destroyed")]
+        running = states.index((machines[0]["id"], "running"))
+        stopping = states.index((m["id"], "stopping"))
+        self.assertLess(running, stopping)
+
+    @d
+    async def test_no_target_is_reported_others_go_on(self):
+        c = await DrainCluster(self).start()
+        await c.apps.create_app("b")
+        await c.apps.deploy("b", c.spec(constraints={"disk": "ssd"}))
+        b = (await c.apps.app_status("b"))["machines"][0]
+        src = b["host_id"]
+        await c.apps.create_app("a")
+        await c.apps.deploy("a", c.spec(replicas=2))
+        a = next(x for x in await c.machines("a") if x["host_id"] == src)
+        other = "h-b" if src == "h-a" else "h-a"
+        c.registry.entry(other).record["labels"] = {}  # b can go nowhere else now
+        _, status = await self.drain(c, src)
+        by = {x["machine_id"]: x for x in status["migrations"]}
+        self.assertEqual(by[a["id"]]["phase"], "done")
+        self.assertEqual(by[b["id"]]["phase"], "not_moved")
+        self.assertIn("no target", by[b["id"]]["error"])
+        self.assertEqual(status["state"], "incomplete")
+        self.assertEqual(c.registry.entry(src).machine.state, "draining")
+
+    @d
+    async def test_replacement_never_healthy_rolls_back(self):
+        c = await DrainCluster(self).start()
+        m = await self.deploy(c, service_port=8080,
+                              health={"type": "tcp", "interval": 0.1, "grace": 0})
+        src = m["host_id"]
+        dst = "h-b" if src == "h-a" else "h-a"
+        vid = m["volumes"][0]
+        before = write_known(c.store_of(src).path(vid), "v1")
+        c.probes[dst] = "connection refused"
+        _, status = await self.drain(c, src, healthy_deadline=5)
+        mg = status["migrations"][0]
+        self.assertEqual(mg["phase"], "rolled_back")
+        self.assertIn("not healthy", mg["error"])
+        self.assertEqual(status["state"], "incomplete")
+        # the original runs again on the source with its data; nothing left on the target
+        machines = await c.apps.list_machines()
+        self.assertEqual([(x["id"], x["host_id"], x["state"]) for x in machines],
+                         [(m["id"], src, "running")])
+        self.assertEqual(sha(c.store_of(src).path(vid)), before)
+        self.assertFalse(c.store_of(dst).exists(vid))
+        self.assertEqual((await c.store.get("volumes", vid))["host_id"], src)
+        self.assertEqual(c.registry.entry(src).machine.state, "draining")
+        # the operator retries once the target is fixed
+        del c.probes[dst]
+        _, status = await self.drain(c, src)
+        self.assertEqual(status["state"], "completed")
+        self.assertEqual(sha(c.store_of(dst).path(vid)), before)
+
+    @d
+    async def test_corrupt_copy_rolls_back(self):
+        c = await DrainCluster(self).start()
+        m = await self.deploy(c)
+        src = m["host_id"]
+        dst = "h-b" if src == "h-a" else "h-a"
+        vid = m["volumes"][0]
+        before = write_known(c.store_of(src).path(vid), "v1")
+        # corrupt a block in flight: the sender's data frames for offset 0 are altered
+        sender = c.transfers[src].sender
+        real_send = sender.send
+
+        def corrupting(host, port, token, path, target, **kw):
+            from zwrm.agent import transfer
+
+            orig = transfer._SenderProtocol.frameData
+
+            def bad(proto, offset, data):
+                if offset == 0:
+                    data = b"\xff" + bytes(data)[1:]
+                return orig(proto, offset, data)
+
+            transfer._SenderProtocol.frameData = bad
+            d = real_send(host, port, token, path, target, **kw)
+
+            def restore(r):
+                transfer._SenderProtocol.frameData = orig
+                return r
+
+            return d.addBoth(restore)
+
+        sender.send = corrupting
+        _, status = await self.drain(c, src)
+        mg = status["migrations"][0]
+        self.assertEqual(mg["phase"], "rolled_back")
+        self.assertIn("bulk_copying", mg["error"])
+        self.assertEqual(sha(c.store_of(src).path(vid)), before)
+        self.assertFalse(c.store_of(dst).exists(vid))
+        machines = await c.apps.list_machines()
+        self.assertEqual([(x["host_id"], x["state"]) for x in machines], [(src, "running")])
+
+    @d
+    async def test_undrain_mid_drain(self):
+        c = await DrainCluster(self).start()
+        m1 = await self.deploy(c, "a", volumes=False)
+        src = m1["host_id"]
+        await c.apps.create_app("b")
+        await c.apps.deploy("b", c.spec())
+        await c.drains.drain(src, min_healthy=5)
+        run = c.drains.active[src]
+        undone = await c.drains.undrain(src)
+        self.assertEqual(undone["state"], "cancelling")
+        await c.settle(run.done)
+        status = await c.drains.drain_status(src)
+        self.assertEqual(status["state"], "cancelled")
+        self.assertEqual(c.registry.entry(src).machine.state, "ready")
+        # every machine runs somewhere
+        machines = await c.apps.list_machines()
+        self.assertEqual({x["state"] for x in machines}, {"running"})
+        self.assertEqual(len(machines), 2)
+
+    @d
+    async def test_restart_mid_drain_resumes(self):
+        c = await DrainCluster(self).start()
+        m = await self.deploy(c)
+        src = m["host_id"]
+        dst = "h-b" if src == "h-a" else "h-a"
+        vid = m["volumes"][0]
+        before = write_known(c.store_of(src).path(vid), "v1")
+        await c.drains.drain(src, min_healthy=30, healthy_deadline=120, stop_timeout=5)
+        run = c.drains.active[src]
+        mig = next(iter(run.migrations.values()))
+        for _ in range(3000):
+            if mig.machine.phase == "waiting_healthy":
+                break
+            c.clock.advance(0.1)
+            await deferLater(reactor, 0.002, lambda: None)
+        self.assertEqual(mig.machine.phase, "waiting_healthy")
+        # the control plane "dies": its drains object goes away (timers stopped)
+        c.drains.stop()
+        stored = (await c.store.select("migrations"))[0]
+        self.assertEqual(stored["phase"], "waiting_healthy")
+        c.drains = Drains(c.clock, c.store, c.registry, c.apps, c.publish)
+        self.assertEqual(await c.drains.resume(), 1)
+        await c.settle(c.drains.active[src].done)
+        status = await c.drains.drain_status(src)
+        self.assertEqual(status["state"], "completed")
+        self.assertEqual(sha(c.store_of(dst).path(vid)), before)
+        self.assertFalse(c.store_of(src).exists(vid))
+
+    @d
+    async def test_errors(self):
+        c = await DrainCluster(self).start()
+        with self.assertRaises(errors.NotFound):
+            await c.drains.drain("h-zz")
+        with self.assertRaises(errors.InvalidArgument):
+            await c.drains.drain("h-a", max_parallel=0)
+        with self.assertRaises(errors.NotFound):
+            await c.drains.drain_status("h-a")
+        with self.assertRaises(errors.Conflict):
+            await c.drains.undrain("h-a")
+        _, status = await self.drain(c, "h-a")  # an empty host drains at once
+        self.assertEqual(status["state"], "completed")
+        with self.assertRaises(errors.Conflict):
+            await c.drains.drain("h-a")
+        self.assertEqual((await c.drains.activate("h-a"))["state"], "ready")
+

@@ -1,0 +1,749 @@
+"""
+Host drains: the operator's C{zwrm.host.drain}, C{zwrm.host.drain_status},
+C{zwrm.host.undrain} and C{zwrm.host.activate}, and the runner that moves every machine of a
+draining host elsewhere (see docs/drain.md and L{zwrm.control.migration} for the machines).
+
+Each drain is a row of C{drains}; each machine it moves a row of C{migrations} whose C{phase}
+is the L{Migration} machine's state and whose C{detail} (JSON) holds what its steps need to
+be run again after a restart: the replacement's machine id, the transfer tokens, the
+receiver's address, timings. A phase is stored before its step runs; every step is
+idempotent, so after a control-plane restart L{Drains.resume} feeds C{restart} to every
+migration in flight, which runs its stored phase's step again (or rolls back).
+
+The replacement is a new machine (a new machine id) with the same spec; the volumes keep
+their ids. Progress events go to C{zwrm.event.drain}.
+"""
+
+import json
+import uuid
+
+from autobahn import wamp
+from twisted.internet import task
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.logger import Logger
+
+from zwrm import errors
+from zwrm.agent.transfer import mint_token
+from zwrm.control.apps import LIVE
+from zwrm.control.migration import (
+    DRAIN_TERMINAL,
+    MIGRATION_TERMINAL,
+    Drain,
+    Migration,
+)
+from zwrm.scheduler import PlacementRequest
+
+DRAIN_TOPIC = "zwrm.event.drain"
+DEFAULTS = {"deadline": 3600.0, "max_parallel": 1, "healthy_deadline": 300.0,
+            "min_healthy": 10.0, "stop_timeout": 30.0, "poll": 1.0}
+
+
+def _number(options, key, low, high):
+    v = options.get(key, DEFAULTS[key])
+    if not isinstance(v, int | float) or isinstance(v, bool) or not low <= v <= high:
+        raise errors.InvalidArgument(f"{key} must be a number from {low} to {high}, not {v!r}")
+    return v
+
+
+def _text(e):
+    if isinstance(e, errors.ZwrmError):
+        return e.message
+    args = getattr(e, "args", ())
+    return str(args[0]) if args else e.__class__.__name__
+
+
+class _Run:
+    """One migration in memory: its row, its machine and its outbox."""
+
+    def __init__(self, row):
+        self.row = row
+        self.detail = row.get("detail") or {}
+        self.outbox = []
+        self.machine = Migration.restore(row["phase"], self.outbox)
+        self.working = False
+        self.placement = None
+        self.step = None  # the Deferred of the step under way
+
+
+class _DrainRun:
+    def __init__(self, row, migrations):
+        self.row = row
+        self.outbox = []
+        self.machine = Drain.restore(row["state"], self.outbox)
+        self.migrations = migrations  # machine id -> _Run, in plan order
+        self.working = False
+        self.deadline_call = None
+        self.done = Deferred()
+
+
+class Drains:
+    """
+    Drains of hosts, run by the control plane.
+
+    @ivar active: host id -> the drain under way there.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock, store, hosts, apps, publish):
+        """
+        @param clock: an L{IReactorTime} (all waits and polls use it).
+        @param store: the L{zwrm.control.store.Store}.
+        @param hosts: the L{zwrm.control.registry.HostRegistry}.
+        @param apps: the L{zwrm.control.apps.Apps} (machines, volumes, scheduler).
+        @param publish: C{publish(topic, event)}.
+        """
+        self._clock = clock
+        self._store = store
+        self._hosts = hosts
+        self._apps = apps
+        self._publish = publish
+        self.active = {}
+
+    # -- stored changes, then events ---------------------------------------------------
+
+    async def _event(self, kind, subject, payload):
+        event = await self._store.add_event(DRAIN_TOPIC, kind, subject, payload)
+        try:
+            self._publish(DRAIN_TOPIC, event)
+        except Exception:
+            self.log.failure("publishing a drain event")
+
+    async def _save_migration(self, run, **fields):
+        fields["updated_at"] = self._clock.seconds()
+        run.row.update(fields)
+        if "detail" in fields:
+            fields["detail"] = json.dumps(fields["detail"])
+        await self._store.update("migrations", run.row["id"], fields)
+
+    async def _save_detail(self, run, **items):
+        run.detail.update(items)
+        await self._save_migration(run, detail=run.detail)
+
+    async def _call(self, host_id, verb, *args, **kwargs):
+        try:
+            return await self._hosts.call_executor(host_id, verb, *args, **kwargs)
+        except Exception as e:
+            raise errors.from_wire(e) from None
+
+    def _sleep(self, seconds):
+        return task.deferLater(self._clock, seconds, lambda: None)
+
+    # -- operator procedures -----------------------------------------------------------
+
+    def _host(self, host_id):
+        if not isinstance(host_id, str) or not host_id:
+            raise errors.InvalidArgument("a host id is needed")
+        if host_id not in self._hosts:
+            raise errors.NotFound(f"no host {host_id!r}")
+        return self._hosts.entry(host_id)
+
+    @wamp.register("zwrm.host.drain")
+    async def drain(self, host_id, deadline=None, max_parallel=None, dry_run=False,
+                    healthy_deadline=None, min_healthy=None, stop_timeout=None):
+        """
+        Start draining C{host_id}: mark it draining and move each of its machines to a host the
+        scheduler picks (region and datacenter kept).
+
+        @param deadline: seconds (default 3600); migrations not started by then are not moved.
+        @param max_parallel: migrations at a time (default 1).
+        @param dry_run: only return the plan; change nothing.
+        @param healthy_deadline: seconds a replacement has to pass its health check (300).
+        @param min_healthy: seconds it must keep passing before the move commits (10).
+        @param stop_timeout: seconds of ACPI power-down before a hard stop (30).
+        @return: C{{"drain_id", "host_id", "state", "plan": [{"machine_id", "app",
+            "volumes", "target", "reason"}]}} (C{drain_id} is C{None} for a dry run).
+        @raise NotFound: no such host. @raise Conflict: a drain is under way there, or the
+            host is offline or drained.
+        """
+        entry = self._host(host_id)
+        given = {"deadline": deadline, "max_parallel": max_parallel,
+                 "healthy_deadline": healthy_deadline, "min_healthy": min_healthy,
+                 "stop_timeout": stop_timeout}
+        options = {k: v for k, v in given.items() if v is not None}
+        options = {
+            "deadline": _number(options, "deadline", 1, 7 * 86400),
+            "max_parallel": int(_number(options, "max_parallel", 1, 64)),
+            "healthy_deadline": _number(options, "healthy_deadline", 1, 86400),
+            "min_healthy": _number(options, "min_healthy", 0, 3600),
+            "stop_timeout": _number(options, "stop_timeout", 0, 3600),
+            "poll": DEFAULTS["poll"],
+        }
+        if host_id in self.active:
+            raise errors.Conflict(f"host {host_id} is already being drained "
+                                  f"({self.active[host_id].row['id']}); see drain-status")
+        state = entry.machine.state
+        if state == "offline":
+            raise errors.Conflict(f"host {host_id} is offline; its machines cannot be copied")
+        if state == "drained":
+            raise errors.Conflict(f"host {host_id} is already drained; activate it first")
+        machines = await self._store.select(
+            "machines", "host_id = ?", [host_id], order_by="created_at")
+        machines = [m for m in machines if m["state"] in LIVE]
+        if dry_run:
+            plan = self._plan(host_id, machines, keep=False)
+            return {"drain_id": None, "host_id": host_id, "state": "dry_run",
+                    "plan": [p for p, _ in plan]}
+        if state == "ready":
+            await self._hosts.transition(host_id, "drain_requested")
+        # else: draining already, after an incomplete drain: this is the operator's retry.
+        plan = self._plan(host_id, machines, keep=True)
+        now = self._clock.seconds()
+        row = {"id": f"d-{uuid.uuid4().hex[:12]}", "host_id": host_id, "state": "running",
+               "options": options, "created_at": now, "updated_at": now}
+        await self._store.insert("drains", row)
+        runs = {}
+        for p, placement in plan:
+            m = {"id": f"mg-{uuid.uuid4().hex[:12]}", "drain_id": row["id"],
+                 "machine_id": p["machine_id"], "source_host": host_id,
+                 "target_host": p["target"], "phase": "planned", "bytes_sent": 0,
+                 "bytes_total": 0, "error": None, "updated_at": now,
+                 "detail": {"app": p["app"], "volumes": p["volumes"]}}
+            await self._store.insert("migrations", dict(m, detail=json.dumps(m["detail"])))
+            run = _Run(m)
+            run.placement = placement
+            runs[p["machine_id"]] = run
+        drain = _DrainRun(row, runs)
+        self.active[host_id] = drain
+        await self._event("started", row["id"], {"drain_id": row["id"], "host_id": host_id,
+                                                  "options": options, "plan": [p for p, _ in plan]})
+        self._arm_deadline(drain)
+        for p, _ in plan:
+            if p["target"] is None:
+                runs[p["machine_id"]].machine.give_up(f"no target: {p['reason']}")
+                self._kick(drain, runs[p["machine_id"]])
+        drain.machine.start()
+        self._kick_drain(drain)
+        return {"drain_id": row["id"], "host_id": host_id, "state": "running",
+                "plan": [p for p, _ in plan]}
+
+    def _plan(self, host_id, machines, keep):
+        """
+        Choose a target for each machine (all placed first, so each accounts for the ones
+        before it). @return: C{[(plan_item, placement or None)]}.
+        """
+        self._apps.sync_hosts()
+        sched = self._apps.scheduler
+        out = []
+        for m in machines:
+            spec = m["spec"]
+            vols = [v["id"] for v in spec.get("volumes", [])]
+            request = PlacementRequest(
+                vcpus=spec["vcpus"], memory_mb=spec["memory_mb"],
+                disk_mb=sum(v.get("size_mb", 0) for v in spec.get("volumes", [])),
+                region=spec.get("region"), datacenter=spec.get("datacenter"),
+                constraints=spec.get("constraints") or {})
+            item = {"machine_id": m["id"], "app": spec.get("app"), "volumes": vols,
+                    "target": None, "reason": None}
+            try:
+                placement = sched.place(request, exclude={host_id})
+                item["target"] = placement.host_id
+            except errors.Unplaceable as e:
+                placement = None
+                item["reason"] = e.message
+            out.append((item, placement))
+        if not keep:
+            for _, p in out:
+                if p is not None:
+                    sched.release(p)
+        return out
+
+    @wamp.register("zwrm.host.drain_status")
+    async def drain_status(self, host_id):
+        """
+        The latest drain of C{host_id}: its state and, per machine, the phase, bytes sent
+        of total, rate (bytes/s), ETA (s) and any error.
+
+        @raise NotFound: no such host, or it was never drained.
+        """
+        self._host(host_id)
+        rows = await self._store.select("drains", "host_id = ?", [host_id],
+                                        order_by="created_at DESC", limit=1)
+        if not rows:
+            raise errors.NotFound(f"host {host_id} was never drained")
+        d = rows[0]
+        now = self._clock.seconds()
+        active = self.active.get(host_id)
+        migrations = []
+        for m in await self._store.select("migrations", "drain_id = ?", [d["id"]]):
+            run = active.migrations.get(m["machine_id"]) if active is not None else None
+            if run is not None:
+                m = dict(run.row)
+            elif isinstance(m.get("detail"), str):
+                m["detail"] = json.loads(m["detail"])
+            detail = m.get("detail") or {}
+            rate = eta = None
+            started = detail.get("copy_started_at")
+            if started is not None and m["bytes_sent"]:
+                elapsed = (detail.get("copy_finished_at") or now) - started
+                if elapsed > 0:
+                    rate = m["bytes_sent"] / elapsed
+                    left = max(0, (m["bytes_total"] or 0) - (detail.get("bytes_done") or 0))
+                    eta = left / rate if rate else None
+            migrations.append({
+                "machine_id": m["machine_id"], "app": detail.get("app"),
+                "source": m["source_host"], "target": m["target_host"], "phase": m["phase"],
+                "replacement": detail.get("replacement"), "volumes": detail.get("volumes", []),
+                "bytes_sent": m["bytes_sent"], "bytes_total": m["bytes_total"],
+                "rate": rate, "eta": eta, "error": m["error"],
+                "downtime": detail.get("downtime"),
+            })
+        return {"drain_id": d["id"], "host_id": host_id, "state": d["state"],
+                "host_state": self._hosts.entry(host_id).machine.state,
+                "options": d["options"], "created_at": d["created_at"],
+                "updated_at": d["updated_at"], "migrations": migrations}
+
+    @wamp.register("zwrm.host.undrain")
+    async def undrain(self, host_id):
+        """
+        Cancel a drain: nothing new starts, migrations in flight finish or roll back, then the
+        host is ready again.
+
+        @return: C{{"host_id", "state"}} (C{cancelling} while migrations finish).
+        @raise Conflict: the host is not draining.
+        """
+        entry = self._host(host_id)
+        drain = self.active.get(host_id)
+        if drain is None:
+            state = await self._hosts.transition(host_id, "undrain_requested")
+            self._apps.sync_hosts()
+            rows = await self._store.select("drains", "host_id = ? AND state = ?",
+                                            [host_id, "incomplete"])
+            for r in rows:
+                await self._store.update("drains", r["id"], {"state": "cancelled",
+                                                              "updated_at": self._clock.seconds()})
+            return {"host_id": host_id, "state": state}
+        drain.machine.cancel()
+        self._kick_drain(drain)
+        return {"host_id": host_id, "state": "cancelling",
+                "host_state": entry.machine.state}
+
+    @wamp.register("zwrm.host.activate")
+    async def activate(self, host_id):
+        """
+        Return a drained host to service. @raise Conflict: it is draining (undrain it).
+        """
+        self._host(host_id)
+        state = await self._hosts.transition(host_id, "activate_requested")
+        self._apps.sync_hosts()
+        return {"host_id": host_id, "state": state}
+
+    # -- restart -----------------------------------------------------------------------
+
+    async def resume(self):
+        """
+        After a control-plane start: take up every drain that was running or cancelling;
+        each migration in flight runs its stored phase's step again.
+
+        @return: how many drains were resumed.
+        """
+        n = 0
+        for row in await self._store.select("drains", "state IN ('running', 'cancelling')"):
+            runs = {}
+            for m in await self._store.select("migrations", "drain_id = ?", [row["id"]],
+                                              order_by="rowid"):
+                m["detail"] = json.loads(m["detail"]) if m.get("detail") else {}
+                runs[m["machine_id"]] = _Run(m)
+            drain = _DrainRun(row, runs)
+            self.active[row["host_id"]] = drain
+            self._arm_deadline(drain)
+            for run in runs.values():
+                if run.row["phase"] not in MIGRATION_TERMINAL + ("planned",):
+                    run.machine.restart()
+                    self._kick(drain, run)
+            drain.machine.restart()
+            self._kick_drain(drain)
+            n += 1
+        return n
+
+    def stop(self):
+        """Stop timers (the control plane stops; drains resume at its next start)."""
+        for drain in self.active.values():
+            if drain.deadline_call is not None and drain.deadline_call.active():
+                drain.deadline_call.cancel()
+            for run in drain.migrations.values():
+                if run.step is not None:
+                    run.step.cancel()
+
+    # -- the drain's outbox ------------------------------------------------------------
+
+    def _arm_deadline(self, drain):
+        options = drain.row["options"]
+        left = drain.row["created_at"] + options["deadline"] - self._clock.seconds()
+
+        def expired():
+            drain.deadline_call = None
+            drain.machine.deadline()
+            self._kick_drain(drain)
+
+        drain.deadline_call = self._clock.callLater(max(0, left), expired)
+
+    def _kick_drain(self, drain):
+        if not drain.working:
+            ensureDeferred(self._work_drain(drain)).addErrback(
+                lambda f: self.log.failure("drain {id}", f, id=drain.row["id"]))
+
+    async def _work_drain(self, drain):
+        drain.working = True
+        try:
+            while drain.outbox:
+                action, state = drain.outbox.pop(0)
+                await self._drain_action(drain, action, state)
+        finally:
+            drain.working = False
+
+    async def _drain_action(self, drain, action, state):
+        host_id = drain.row["host_id"]
+        runs = list(drain.migrations.values())
+        if action == "launch":
+            phases = [r.machine.phase for r in runs]
+            in_flight = [p for p in phases if p not in MIGRATION_TERMINAL and p != "planned"]
+            if state == "running":
+                waiting = [r for r in runs if r.machine.phase == "planned"]
+                room = drain.row["options"]["max_parallel"] - len(in_flight)
+                for run in waiting[:max(0, room)]:
+                    if run.detail.get("volumes"):
+                        run.machine.start_copy()
+                    else:
+                        run.machine.start_replacement()
+                    self._kick(drain, run)
+                if waiting or in_flight:
+                    return
+            elif in_flight:
+                return
+            if all(r.machine.phase == "done" for r in runs):
+                drain.machine.all_moved()
+            else:
+                drain.machine.some_not_moved()
+            return
+        if action == "cancel_all":
+            for run in runs:
+                run.machine.cancel()
+                self._kick(drain, run)
+            # With nothing in flight, no migration will end to finish the drain: check now.
+            await self._drain_action(drain, "launch", "cancelling")
+            return
+        if action == "expire":
+            for run in runs:
+                run.machine.give_up("the drain's deadline passed before it started")
+                self._kick(drain, run)
+            return
+        # "enter": store the drain's new state, then act on the host.
+        drain.row.update(state=state, updated_at=self._clock.seconds())
+        await self._store.update("drains", drain.row["id"],
+                                 {"state": state, "updated_at": drain.row["updated_at"]})
+        await self._event("state", drain.row["id"], {"drain_id": drain.row["id"],
+                                                      "host_id": host_id, "state": state})
+        if state in DRAIN_TERMINAL:
+            try:
+                if state == "completed":
+                    await self._hosts.transition(host_id, "drain_finished")
+                elif state == "cancelled":
+                    await self._hosts.transition(host_id, "undrain_requested")
+            except errors.ZwrmError as e:
+                self.log.warn("host {h}: {e}", h=host_id, e=e.message)
+            self._apps.sync_hosts()
+            if drain.deadline_call is not None and drain.deadline_call.active():
+                drain.deadline_call.cancel()
+            if self.active.get(host_id) is drain:
+                del self.active[host_id]
+            drain.done.callback(state)
+
+    # -- each migration's outbox -------------------------------------------------------
+
+    def _kick(self, drain, run):
+        if not run.working:
+            ensureDeferred(self._work(drain, run)).addErrback(
+                lambda f: self.log.failure("migration {id}", f, id=run.row["id"]))
+
+    async def _work(self, drain, run):
+        run.working = True
+        try:
+            while run.outbox:
+                action, phase, reason = run.outbox.pop(0)
+                if action == "note":
+                    await self._save_migration(run, error=reason)
+                    continue
+                fields = {"phase": phase}
+                if reason is not None and phase in ("rolling_back", "failed", "not_moved"):
+                    fields["error"] = reason
+                await self._save_migration(run, **fields)
+                await self._event("migration", run.row["id"], {
+                    "drain_id": drain.row["id"], "machine_id": run.row["machine_id"],
+                    "target": run.row["target_host"], "phase": phase, "reason": reason})
+                if phase in MIGRATION_TERMINAL:
+                    if run.placement is not None and phase != "done":
+                        self._release(run)
+                    drain.machine.migration_ended()
+                    self._kick_drain(drain)
+                    continue
+                step = getattr(self, "_step_" + phase)
+                run.step = ensureDeferred(step(drain, run))
+                try:
+                    await run.step
+                except CancelledError:
+                    return  # the control plane is stopping; resumed at its next start
+                except Exception as e:
+                    if not isinstance(e, errors.ZwrmError):
+                        self.log.failure("migration {id}: step {phase}", id=run.row["id"],
+                                         phase=phase)
+                    run.machine.step_failed(f"{phase}: {_text(e)}")
+                else:
+                    run.machine.step_done()
+                finally:
+                    run.step = None
+        finally:
+            run.working = False
+
+    def _release(self, run):
+        try:
+            self._apps.scheduler.release(run.placement)
+        except Exception:
+            pass
+        run.placement = None
+
+    # -- the steps (each idempotent: a restart runs the stored phase's step again) -------
+
+    async def _original(self, run):
+        row = await self._store.get("machines", run.row["machine_id"])
+        if row is None:
+            raise errors.NotFound(f"machine {run.row['machine_id']} is gone")
+        return row
+
+    async def _target_has(self, target, volume_id):
+        try:
+            await self._call(target, "volume.info", volume_id)
+            return True
+        except errors.NotFound:
+            return False
+
+    async def _step_bulk_copying(self, drain, run):
+        source, target = run.row["source_host"], run.row["target_host"]
+        total = 0
+        sizes = {}
+        for vid in run.detail["volumes"]:
+            info = await self._call(source, "volume.info", vid)
+            sizes[vid] = info["size_bytes"]
+            total += info.get("allocated_bytes") or 0
+        await self._save_detail(run, copy_started_at=self._clock.seconds(), bytes_done=0)
+        await self._save_migration(run, bytes_total=total, bytes_sent=0)
+        sent_before = 0
+        done_before = 0
+        endpoints = {}
+        for vid in run.detail["volumes"]:
+            old = (run.detail.get("tokens") or {}).get(vid)
+            if old is not None:
+                try:
+                    await self._call(target, "volume.cancel_receive", old)
+                except errors.ZwrmError:
+                    pass
+            token = mint_token()
+            tokens = dict(run.detail.get("tokens") or {}, **{vid: token})
+            await self._save_detail(run, tokens=tokens)  # stored before it is acted on
+            where = await self._call(target, "volume.receive", token, vid, sizes[vid],
+                                     source=source)
+            endpoints[vid] = [where["host"], where["port"]]
+            await self._save_detail(run, endpoints=dict(run.detail.get("endpoints") or {},
+                                                        **{vid: endpoints[vid]}))
+            result = await self._send_watching(
+                run, source, vid, where["host"], where["port"], token, target, "bulk",
+                sent_before, done_before, drain.row["options"]["poll"])
+            sent_before += result.get("sent", 0)
+            done_before += result.get("allocated", 0)
+        await self._save_detail(run, copy_finished_at=self._clock.seconds(),
+                                bytes_done=done_before)
+        await self._save_migration(run, bytes_sent=sent_before)
+
+    async def _send_watching(self, run, source, vid, host, port, token, target, mode,
+                             sent_before, done_before, poll_every):
+        """Send one volume, polling the source's progress into the migration row."""
+        d = ensureDeferred(self._call(source, "volume.send", vid, host, port, token, target,
+                                      mode=mode, commit=(mode == "delta")))
+
+        async def poll():
+            try:
+                p = await self._call(source, "volume.progress", vid)
+            except errors.ZwrmError:
+                return
+            run.detail["bytes_done"] = done_before + (p.get("done") or 0)
+            run.row["bytes_sent"] = sent_before + (p.get("sent") or 0)
+
+        loop = task.LoopingCall(lambda: ensureDeferred(poll()))
+        loop.clock = self._clock
+        loop.start(poll_every, now=False)
+        try:
+            return await d
+        finally:
+            loop.stop()
+
+    async def _step_stopping_source(self, drain, run):
+        row = await self._original(run)
+        if row["state"] in ("stopped", "failed"):
+            return
+        self._apps.log.info("drain: stopping machine {id}", id=row["id"])
+        if run.detail.get("stopped_at") is None:
+            await self._save_detail(run, stopped_at=self._clock.seconds())
+        await self._call(run.row["source_host"], "machine.stop", row["id"],
+                         timeout=drain.row["options"]["stop_timeout"])
+
+    async def _step_delta_copying(self, drain, run):
+        source, target = run.row["source_host"], run.row["target_host"]
+        sent = run.row["bytes_sent"]
+        for vid in run.detail["volumes"]:
+            if await self._target_has(target, vid):
+                continue  # committed by an earlier run of this step
+            token = run.detail["tokens"][vid]
+            host, port = run.detail["endpoints"][vid]
+            result = await self._send_watching(run, source, vid, host, port, token, target,
+                                               "delta", sent, run.detail.get("bytes_done", 0),
+                                               drain.row["options"]["poll"])
+            sent += result.get("sent", 0)
+            if not result.get("committed"):
+                raise errors.Corrupt(f"volume {vid}: the target did not commit its copy")
+            digests = dict(run.detail.get("digests") or {}, **{vid: result.get("digest")})
+            await self._save_detail(run, digests=digests)
+        await self._save_migration(run, bytes_sent=sent)
+
+    async def _step_starting_replacement(self, drain, run):
+        original = await self._original(run)
+        target = run.row["target_host"]
+        new_id = run.detail.get("replacement")
+        if new_id is None:
+            new_id = f"m-{uuid.uuid4().hex[:12]}"
+            await self._save_detail(run, replacement=new_id)  # stored before it is acted on
+        for vid in run.detail["volumes"]:
+            if not await self._target_has(target, vid):
+                raise errors.NotFound(f"volume {vid} is not on {target}; not starting there")
+        existing = await self._store.get("machines", new_id)
+        if existing is not None:
+            if existing["state"] in LIVE:
+                return
+            if existing["state"] == "failed":
+                raise errors.Unavailable(f"replacement {new_id} failed on {target}")
+            row = existing
+        else:
+            now = self._clock.seconds()
+            spec = dict(original["spec"], id=new_id)
+            row = {"id": new_id, "app_id": original["app_id"], "host_id": target,
+                   "state": "pending", "spec": spec, "health": {"status": "none"},
+                   "created_at": now, "updated_at": now}
+            await self._store.insert("machines", row)
+        sched = self._apps.scheduler
+        if run.placement is None:
+            run.placement = sched.restore(target, self._apps._request(row["spec"], None))
+        self._apps._placements[new_id] = run.placement
+        run.placement = None  # the apps layer releases it with the machine from now on
+        await self._apps._event("zwrm.event.machine", "state", new_id, {
+            "machine_id": new_id, "app_id": row["app_id"], "host_id": target, "old": None,
+            "state": "pending", "reason": f"replacement of {original['id']} (drain)"})
+        await self._apps._start_on_host(row)
+        if row["state"] == "failed":
+            raise errors.Unavailable(f"the replacement could not start on {target}")
+
+    async def _wait_healthy(self, machine_id, deadline, min_healthy, poll):
+        """
+        Wait until C{machine_id} is running with a passing health check (or running, when it
+        has none) for C{min_healthy} seconds on end. @return: when it first passed.
+        @raise Unavailable: not so by C{deadline} seconds, or it failed.
+        """
+        start = self._clock.seconds()
+        since = None
+        first = None
+        while True:
+            row = await self._store.get("machines", machine_id)
+            if row is None:
+                raise errors.NotFound(f"machine {machine_id} is gone")
+            health = (row.get("health") or {}).get("status")
+            has_check = bool(row["spec"].get("health"))
+            if row["state"] == "failed":
+                raise errors.Unavailable(f"machine {machine_id} failed")
+            ok = row["state"] == "running" and (health == "passing" or not has_check)
+            now = self._clock.seconds()
+            if ok:
+                since = now if since is None else since
+                first = now if first is None else first
+                if now - since >= min_healthy:
+                    return first
+            else:
+                since = None
+            if now - start >= deadline:
+                raise errors.Unavailable(
+                    f"machine {machine_id} was not healthy within {deadline:g}s "
+                    f"(state {row['state']}, health {health})")
+            await self._sleep(poll)
+
+    async def _step_waiting_healthy(self, drain, run):
+        opts = drain.row["options"]
+        first = await self._wait_healthy(run.detail["replacement"], opts["healthy_deadline"],
+                                         opts["min_healthy"], opts["poll"])
+        stopped = run.detail.get("stopped_at")
+        if stopped is not None:
+            await self._save_detail(run, downtime=max(0.0, first - stopped))
+
+    async def _step_committing(self, drain, run):
+        target = run.row["target_host"]
+        vids = list(run.detail["volumes"])
+
+        def commit(db):
+            with db.conn:
+                for vid in vids:
+                    db["volumes"].update(vid, {"host_id": target})
+                db["migrations"].update(run.row["id"], {"phase": "committing"})
+
+        await self._store.run(commit)
+        for vid in vids:
+            await self._apps._event("zwrm.event.machine", "volume_moved", vid, {
+                "volume_id": vid, "host_id": target, "from": run.row["source_host"]})
+
+    async def _step_cleaning(self, drain, run):
+        source = run.row["source_host"]
+        row = await self._store.get("machines", run.row["machine_id"])
+        if row is not None:
+            if row["state"] in LIVE and row["state"] != "stopping":
+                try:  # no volumes: it still runs; power it down cleanly first
+                    await self._call(source, "machine.stop", row["id"],
+                                     timeout=drain.row["options"]["stop_timeout"])
+                except errors.ZwrmError as e:
+                    self.log.warn("stopping {id}: {e}", id=row["id"], e=e.message)
+            await self._apps._destroy_machine(row)
+        for vid in run.detail["volumes"]:
+            try:
+                await self._call(source, "volume.delete", vid)
+            except errors.NotFound:
+                pass
+
+    async def _step_rolling_back(self, drain, run):
+        source, target = run.row["source_host"], run.row["target_host"]
+        for token in (run.detail.get("tokens") or {}).values():
+            try:
+                await self._call(target, "volume.cancel_receive", token)
+            except errors.ZwrmError:
+                pass
+        new_id = run.detail.get("replacement")
+        if new_id is not None:
+            rep = await self._store.get("machines", new_id)
+            if rep is not None:
+                await self._apps._destroy_machine(rep)
+        if run.placement is not None:
+            self._release(run)
+        for vid in run.detail.get("volumes", []):
+            vrow = await self._store.get("volumes", vid)
+            if vrow is not None and vrow["host_id"] == source and target is not None:
+                try:
+                    if await self._target_has(target, vid):
+                        await self._call(target, "volume.delete", vid)
+                except errors.NotFound:
+                    pass
+        original = await self._original(run)
+        try:
+            st = await self._call(source, "machine.status", original["id"])
+            on_host = st["state"]
+        except errors.NotFound:
+            on_host = "stopped"
+        if on_host in ("stopped", "failed"):
+            await self._apps._start_on_host(original)
+        opts = drain.row["options"]
+        await self._wait_healthy(original["id"], opts["healthy_deadline"], 0, opts["poll"])
+
+
+__all__ = ["Drains", "DRAIN_TOPIC"]
