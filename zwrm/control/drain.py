@@ -346,15 +346,28 @@ class Drains:
                 runs[m["machine_id"]] = _Run(m)
             drain = _DrainRun(row, runs)
             self.active[row["host_id"]] = drain
-            self._arm_deadline(drain)
-            for run in runs.values():
-                if run.row["phase"] not in MIGRATION_TERMINAL + ("planned",):
-                    run.machine.restart()
-                    self._kick(drain, run)
-            drain.machine.restart()
-            self._kick_drain(drain)
+            ensureDeferred(self._resume(drain)).addErrback(
+                lambda f, i=row["id"]: self.log.failure("resuming drain {id}", f, id=i))
             n += 1
         return n
+
+    async def _resume(self, drain, wait=120.0):
+        # Agents reconnect after a control-plane restart: give the hosts involved time to
+        # come back before running steps that call them (else every step would fail).
+        hosts = {drain.row["host_id"]} | {
+            r.row["target_host"] for r in drain.migrations.values() if r.row["target_host"]}
+        waited = 0.0
+        while waited < wait and not all(
+                h in self._hosts and self._hosts.executor_available(h) for h in hosts):
+            await self._sleep(1.0)
+            waited += 1.0
+        self._arm_deadline(drain)
+        for run in drain.migrations.values():
+            if run.row["phase"] not in MIGRATION_TERMINAL + ("planned",):
+                run.machine.restart()
+                self._kick(drain, run)
+        drain.machine.restart()
+        self._kick_drain(drain)
 
     def stop(self):
         """Stop timers (the control plane stops; drains resume at its next start)."""

@@ -17,6 +17,7 @@ from twisted.web import resource, server
 from zwrm.control.api import AgentAPI, ControlSession, HostAPI
 from zwrm.control.apps import Apps
 from zwrm.control.auth import ControlAuthenticator
+from zwrm.control.drain import Drains
 from zwrm.control.monitor import HealthMonitor
 from zwrm.control.registry import HostRegistry
 from zwrm.control.roles import roles
@@ -115,6 +116,7 @@ class ControlPlane(service.MultiService):
         self.monitor = None
         self.scheduler = None
         self.apps = None
+        self.drains = None
         self.pki = None
         self.ports = []
         self.apis = []
@@ -164,16 +166,19 @@ class ControlPlane(service.MultiService):
         self.scheduler = Scheduler(load_strategy(cfg.strategy, cfg.plugin_dirs))
         self.apps = Apps(self.reactor, self.store, self.registry, self.scheduler, self._publish)
         restored = await self.apps.load()
+        self.drains = Drains(self.reactor, self.store, self.registry, self.apps, self._publish)
         self.session = ControlSession(
             [
                 AgentAPI(self.registry, machines=self.apps, pki=self.pki),
                 HostAPI(self.registry),
                 self.apps,
                 TokenAPI(self.pki),
+                self.drains,
             ]
             + self.apis
         )
         await self.router.attach(self.session, authid="control", authrole="trusted")
+        await self.drains.resume()  # drains under way go on once their hosts are back
         self.monitor = HealthMonitor(
             self.reactor, self.registry, cfg.check_interval, cfg.offline_after, cfg.grace
         )
@@ -261,6 +266,8 @@ class ControlPlane(service.MultiService):
         return d
 
     async def _stop(self):
+        if self.drains is not None:
+            self.drains.stop()
         for port in self.ports:
             await port.stopListening()
         self.ports = []
