@@ -11,9 +11,10 @@ import os
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from zwrm import plugins
+from zwrm import pki, plugins
 from zwrm.agent.executor import Executor
 from zwrm.agent.images import ImageCache
+from zwrm.agent.transfer import VolumeTransfers
 from zwrm.agent.volumes import VolumeStore
 from zwrm.errors import Unavailable
 from zwrm.interfaces import IHypervisorDriverPlugin
@@ -41,6 +42,7 @@ class HostRuntime:
         self.reactor = reactor
         self.config = config
         self.executor = None
+        self.transfers = None
         self.cache = None
         self._pool = None
         self._session = None
@@ -71,7 +73,33 @@ class HostRuntime:
             recovered = await self.executor.recover()
             self.log.info("executor ready for host {host_id}; recovered {n} machine(s)",
                           host_id=host_id, n=len(recovered or ()))
+        if self.transfers is None:
+            await self._start_transfers()
         return self.executor
+
+    async def _start_transfers(self):
+        """
+        Start the volume endpoint (host drains stream volumes to it, TLS with the host
+        certificate in C{<data_dir>/tls}); without a host certificate yet, try again at the
+        next session.
+        """
+        directory = os.path.join(self.config.data_dir, pki.AGENT_TLS_DIR)
+        try:
+            creds = pki.HostCredentials.load(directory)
+        except Exception as e:
+            self.log.warn("no volume endpoint: {e}", e=getattr(e, "message", e))
+            return
+        if creds is None:
+            self.log.info("no volume endpoint yet: no host certificate in {d}", d=directory)
+            return
+        endpoint = getattr(self.config, "volume_endpoint", None) or "tcp:0:interface=127.0.0.1"
+        transfers = VolumeTransfers(self.reactor, self.volumes, creds, endpoint=endpoint)
+        port = await transfers.listen()
+        self.transfers = transfers
+        self.executor.transfers = transfers
+        self.executor.transfer_host = _advertised(endpoint, port)
+        self.log.info("volume endpoint on {h}:{p}", h=self.executor.transfer_host,
+                      p=port.getHost().port)
 
     def report(self, event):
         """Send one machine event to the control plane (C{zwrm.agent.report})."""
@@ -89,7 +117,20 @@ class HostRuntime:
                     await defer.maybeDeferred(closer.close)
                 except Exception:
                     self.log.failure("closing {what}", what=closer)
+        if self.transfers is not None:
+            await defer.maybeDeferred(self.transfers.receiver.stopService)
         if self.cache is not None:
             await self.cache.close()
         if self._pool is not None:
             await self._pool.closeCachedConnections()
+
+
+def _advertised(endpoint, port):
+    """The address other agents reach the volume endpoint at (its interface, else loopback)."""
+    for part in endpoint.split(":"):
+        if part.startswith("interface="):
+            host = part[len("interface="):]
+            if host not in ("", "0.0.0.0", "::"):
+                return host
+    host = port.getHost().host
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
