@@ -7,6 +7,7 @@ import sys
 import time
 
 from zwrm.cli.client import call, close, connect, load_settings
+from zwrm.cli.drain import register_host_commands
 
 
 def register(subparsers):
@@ -21,6 +22,7 @@ def register(subparsers):
     st.add_argument("--json", action="store_true", help="print JSON")
     st.add_argument("--events", type=int, default=20, help="how many recent events")
     st.set_defaults(func=host_status)
+    register_host_commands(hsub)
 
 
 async def _with_session(reactor, args, procedure, *cargs):

@@ -1,0 +1,164 @@
+"""
+C{zwrm host drain|drain-status|undrain|activate <host-id>} (see docs/drain.md).
+"""
+
+import json
+import sys
+
+from twisted.internet import task
+
+from zwrm.cli.client import EXIT_USAGE, CliError, call, close, connect, load_settings
+
+TERMINAL = ("completed", "incomplete", "cancelled")
+
+
+def _duration(text):
+    """C{90}, C{90s}, C{15m}, C{2h} -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    t = str(text).strip().lower()
+    try:
+        if t and t[-1] in units:
+            return float(t[:-1]) * units[t[-1]]
+        return float(t)
+    except ValueError:
+        raise CliError(f"bad duration {text!r}: use e.g. 90s, 15m or 1h", EXIT_USAGE) from None
+
+
+def register_host_commands(hsub):
+    """Add the drain commands to C{zwrm host}'s subparsers."""
+    dr = hsub.add_parser("drain", help="move every machine off a host (then maintenance)")
+    dr.add_argument("host_id")
+    dr.add_argument("--deadline", default="1h",
+                    help="migrations not started by then are not moved (default 1h)")
+    dr.add_argument("--max-parallel", type=int, default=1, help="migrations at a time (1)")
+    dr.add_argument("--healthy-deadline", default="5m",
+                    help="time a replacement has to become healthy (default 5m)")
+    dr.add_argument("--min-healthy", default="10s",
+                    help="how long it must stay healthy before the move commits (10s)")
+    dr.add_argument("--dry-run", action="store_true",
+                    help="print the plan (each machine, its target or why none); change nothing")
+    dr.add_argument("--detach", action="store_true", help="start it and return")
+    dr.add_argument("--json", action="store_true", help="print JSON")
+    dr.set_defaults(func=host_drain)
+    st = hsub.add_parser("drain-status", help="progress of a host's drain")
+    st.add_argument("host_id")
+    st.add_argument("--watch", action="store_true", help="refresh until the drain ends")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.set_defaults(func=host_drain_status)
+    un = hsub.add_parser("undrain", help="cancel a drain; the host returns to ready")
+    un.add_argument("host_id")
+    un.set_defaults(func=host_undrain)
+    ac = hsub.add_parser("activate", help="return a drained host to ready")
+    ac.add_argument("host_id")
+    ac.set_defaults(func=host_activate)
+
+
+def _size(n):
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+
+
+def format_plan(result, out):
+    out.write(f"drain of {result['host_id']}"
+              f"{' (dry run)' if result['drain_id'] is None else ': ' + result['drain_id']}\n")
+    for p in result["plan"]:
+        where = p["target"] or f"no target: {p['reason']}"
+        vols = f" ({len(p['volumes'])} volume(s))" if p["volumes"] else ""
+        out.write(f"  {p['machine_id']}  {p['app'] or '-'}{vols}  -> {where}\n")
+    if not result["plan"]:
+        out.write("  no machines to move\n")
+
+
+def format_status(s, out):
+    out.write(f"drain {s['drain_id']} of {s['host_id']}: {s['state']} "
+              f"(host {s['host_state']})\n")
+    for m in s["migrations"]:
+        rate = f"{_size(m['rate'])}/s" if m["rate"] else "-"
+        eta = f"{m['eta']:.0f}s" if m["eta"] is not None else "-"
+        line = (f"  {m['machine_id']}  {m['app'] or '-'}  {m['phase']}  -> "
+                f"{m['target'] or '-'}  {_size(m['bytes_sent'])} of {_size(m['bytes_total'])}"
+                f"  {rate}  eta {eta}")
+        if m.get("downtime") is not None:
+            line += f"  downtime {m['downtime']:.1f}s"
+        if m["error"]:
+            line += f"  error: {m['error']}"
+        out.write(line + "\n")
+
+
+async def _follow(reactor, session, host_id, out, as_json, interval=1.0):
+    last = None
+    while True:
+        s = await call(session, "zwrm.host.drain_status", host_id)
+        if not as_json:
+            key = [(m["phase"], m["error"]) for m in s["migrations"]] + [s["state"]]
+            if key != last:
+                format_status(s, out)
+                last = key
+        if s["state"] in TERMINAL:
+            if as_json:
+                json.dump(s, out, indent=2, sort_keys=True)
+                out.write("\n")
+            return 0 if s["state"] == "completed" else 1
+        await task.deferLater(reactor, interval, lambda: None)
+
+
+async def host_drain(reactor, args, out=None):
+    out = out or sys.stdout
+    kw = {"deadline": _duration(args.deadline), "max_parallel": args.max_parallel,
+          "healthy_deadline": _duration(args.healthy_deadline),
+          "min_healthy": _duration(args.min_healthy), "dry_run": args.dry_run}
+    session = await connect(reactor, load_settings(args.api_url))
+    try:
+        result = await call(session, "zwrm.host.drain", args.host_id, **kw)
+        if args.json and (args.dry_run or args.detach):
+            json.dump(result, out, indent=2, sort_keys=True)
+            out.write("\n")
+            return 0
+        if not args.json:
+            format_plan(result, out)
+        if args.dry_run or args.detach:
+            return 0
+        return await _follow(reactor, session, args.host_id, out, args.json)
+    finally:
+        await close(session)
+
+
+async def host_drain_status(reactor, args, out=None):
+    out = out or sys.stdout
+    session = await connect(reactor, load_settings(args.api_url))
+    try:
+        if args.watch:
+            await _follow(reactor, session, args.host_id, out, args.json)
+            return 0
+        s = await call(session, "zwrm.host.drain_status", args.host_id)
+        if args.json:
+            json.dump(s, out, indent=2, sort_keys=True)
+            out.write("\n")
+        else:
+            format_status(s, out)
+        return 0
+    finally:
+        await close(session)
+
+
+async def _simple(reactor, args, procedure, out):
+    out = out or sys.stdout
+    session = await connect(reactor, load_settings(args.api_url))
+    try:
+        r = await call(session, procedure, args.host_id)
+    finally:
+        await close(session)
+    out.write(f"{r['host_id']}: {r['state']}\n")
+    return 0
+
+
+def host_undrain(reactor, args, out=None):
+    return _simple(reactor, args, "zwrm.host.undrain", out)
+
+
+def host_activate(reactor, args, out=None):
+    return _simple(reactor, args, "zwrm.host.activate", out)
