@@ -402,10 +402,39 @@ class DrainRunTests(TestCase):
         mg = status["migrations"][0]
         self.assertEqual(mg["phase"], "rolled_back")
         self.assertIn("bulk_copying", mg["error"])
+        self.assertIn("verification", mg["error"])
         self.assertEqual(sha(c.store_of(src).path(vid)), before)
         self.assertFalse(c.store_of(dst).exists(vid))
         machines = await c.apps.list_machines()
         self.assertEqual([(x["host_id"], x["state"]) for x in machines], [(src, "running")])
+
+    @d
+    async def test_target_agent_dies_mid_stream_rolls_back(self):
+        c = await DrainCluster(self).start()
+        m = await self.deploy(c)
+        src = m["host_id"]
+        dst = "h-b" if src == "h-a" else "h-a"
+        vid = m["volumes"][0]
+        before = write_known(c.store_of(src).path(vid), "v1")
+        _, procs = c.executors[src]
+        send = procs["volume.send"]
+
+        def send_then_kill_target(*a, **kw):
+            result = send(*a, **kw)
+            c.transfers[dst].receiver.stopService()  # its endpoint goes away mid-stream
+            return result
+
+        procs["volume.send"] = send_then_kill_target
+        _, status = await self.drain(c, src)
+        mg = status["migrations"][0]
+        self.assertEqual(mg["phase"], "rolled_back")
+        self.assertIn("bulk_copying", mg["error"])
+        machines = await c.apps.list_machines()
+        self.assertEqual([(x["id"], x["host_id"], x["state"]) for x in machines],
+                         [(m["id"], src, "running")])
+        self.assertEqual(sha(c.store_of(src).path(vid)), before)
+        self.assertFalse(c.store_of(dst).exists(vid))
+        self.assertEqual(status["state"], "incomplete")
 
     @d
     async def test_undrain_mid_drain(self):
