@@ -1,0 +1,108 @@
+"""
+A host drain end to end: a real C{zwrm-control}, two real C{zwrm-agent} processes, a QEMU
+(TCG) machine with a volume holding known data; C{zwrm host drain} moves it to the other
+host (bulk copy while it runs, ACPI stop, delta, verified commit, replacement healthy), and
+the data is there, the source host empty and drained.
+"""
+
+import json
+import os
+
+import pytest
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from zwrm.testing import image
+from zwrm.testing.processes import (
+    AgentProcess,
+    ControlPlaneProcess,
+    host_list,
+    poll,
+    run_cli,
+    temp_dir,
+)
+
+
+@pytest.mark.qemu
+@pytest.mark.multihost
+class DrainTests(TestCase):
+    timeout = 600
+
+    def test_drain_a_host_with_a_volume(self):
+        return ensureDeferred(self._scenario())
+
+    async def cli(self, cp, *args, timeout=60, ok=(0,)):
+        code, out, err = await run_cli(reactor, list(args), cp.url, cp.operator_token,
+                                       timeout=timeout)
+        self.assertIn(code, ok, f"zwrm {' '.join(args)} failed ({code}): {out} {err}")
+        self.assertNotIn("Traceback", err)
+        return out
+
+    async def _scenario(self):
+        img = await deferToThread(image.build)
+        tmp = temp_dir(self)
+        cp = ControlPlaneProcess(reactor, f"{tmp}/cp", heartbeat_interval=1.0, check_interval=2.0,
+                                 offline_after=10.0, grace=10.0)
+        self.addCleanup(cp.stop)
+        await cp.start()
+        agents = [AgentProcess(reactor, f"{tmp}/a{i}", cp.url, cp.join_token, name=f"a{i}",
+                               extra_args=["--accel", "tcg"]) for i in (1, 2)]
+        for a in agents:
+            self.addCleanup(a.stop)
+            await a.start()
+
+        async def ready():
+            hosts = await host_list(reactor, cp)
+            return len(hosts) == 2 and all(h["state"] == "ready" for h in hosts)
+
+        await poll(reactor, ready, 60, what="both agents ready")
+        by_id = {a.host_id: a for a in agents}
+
+        await self.cli(cp, "images", "push", "demo:1", "--kernel", img.kernel,
+                       "--initrd", img.initrd, "--cmdline", img.cmdline, "--port", "8080", "-q")
+        await self.cli(cp, "apps", "create", "web")
+        out = await self.cli(
+            cp, "deploy", "web", "--image", "demo:1", "--replicas", "1", "--memory", "256",
+            "--port", "8080", "--health-http", "/", "--health-grace", "240",
+            "--volume", "data:16:/data", "--wait", "300", "--json", timeout=330)
+        app = json.loads(out)
+        m = app["machines"][0]
+        vid = app["volumes"][0]["id"]
+        src = m["host_id"]
+        dst = next(h for h in by_id if h != src)
+        base = f"http://127.0.0.1:{m['host_port']}"
+        known = b"known data before the drain " * 8
+        r = await treq.post(f"{base}/cgi-bin/write?index.txt", known)
+        self.assertEqual(r.code, 200, await r.text())
+
+        plan = json.loads(await self.cli(cp, "host", "drain", src, "--dry-run", "--json"))
+        self.assertEqual([p["target"] for p in plan["plan"]], [dst])
+
+        out = await self.cli(cp, "host", "drain", src, "--min-healthy", "3s",
+                             "--healthy-deadline", "300s", "--json", timeout=500)
+        status = json.loads(out)
+        self.assertEqual(status["state"], "completed", status)
+        mg = status["migrations"][0]
+        self.assertEqual((mg["phase"], mg["target"], mg["error"]), ("done", dst, None))
+        self.assertGreater(mg["bytes_total"], 0)
+
+        app = json.loads(await self.cli(cp, "status", "web", "--json"))
+        [new] = app["machines"]
+        self.assertEqual((new["host_id"], new["state"], new["health"]), (dst, "running", "passing"))
+        self.assertEqual([v["host_id"] for v in app["volumes"]], [dst])
+        page = await (await treq.get(f"http://127.0.0.1:{new['host_port']}/")).text()
+        self.assertIn(known.decode(), page)
+
+        # the source is empty and drained; the volume lives only on the target
+        src_vols = os.path.join(by_id[src].data_dir, "volumes")
+        self.assertEqual([n for n in os.listdir(src_vols) if vid in n], [])
+        dst_vols = os.path.join(by_id[dst].data_dir, "volumes")
+        self.assertTrue([n for n in os.listdir(dst_vols) if vid in n])
+        hosts = {h["id"]: h for h in await host_list(reactor, cp)}
+        self.assertEqual((hosts[src]["state"], hosts[src]["machines"]), ("drained", 0))
+        text = await self.cli(cp, "host", "drain-status", src)
+        self.assertIn("done", text)
+        self.assertIn("ready", await self.cli(cp, "host", "activate", src))
