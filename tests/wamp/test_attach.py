@@ -85,9 +85,11 @@ class AttachTests(RouterTestMixin, unittest.TestCase):
 
         d = self.router.attach(Bad(ComponentConfig(realm="zwrm")), "x", "viewer")
         self.pump()
-        # autobahn logs the failed onJoin; the session is joined but registered nothing
-        self.successResultOf(d)
+        # the failed onJoin fails the attach; nothing was registered
+        f = self.failureResultOf(d, ApplicationError)
+        self.assertEqual(f.value.error, "wamp.error.not_authorized")
         self.assertIsNone(self.router._registrations.best_match("zwrm.secret"))
+        self.flushLoggedErrors(ApplicationError)
 
     def test_leave_is_seen_by_router(self):
         s = self.attach()

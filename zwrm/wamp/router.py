@@ -32,6 +32,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import txaio
 from autobahn.wamp import message
 from autobahn.wamp.exception import ApplicationError, ProtocolError, SerializationError
 from autobahn.wamp.role import RoleBrokerFeatures, RoleDealerFeatures
@@ -729,7 +730,9 @@ class Router:
         through the reactor (never reentrantly).
 
         @return: a Deferred that fires with C{session} once it has joined and its
-            C{onJoin} has run, or fails if it could not join.
+            C{onJoin} has run, or fails if it could not join or its C{onJoin} failed
+            (with that failure; the session stays joined, so the caller decides
+            whether to C{leave()}).
         """
         from zwrm.wamp.transport import MemoryTransportPair
 
@@ -737,9 +740,22 @@ class Router:
         pair = MemoryTransportPair(self.reactor)
         d = defer.Deferred()
 
+        failures = []
+        on_join = session.onJoin
+
+        def checked_on_join(details):
+            result = txaio.as_future(on_join, details)
+            result.addErrback(lambda f: failures.append(f) or f)
+            return result
+
+        session.onJoin = checked_on_join
+
         def ready(s):
             if not d.called:
-                d.callback(session)
+                if failures:
+                    d.errback(failures[0])
+                else:
+                    d.callback(session)
 
         def left(s, details):
             if not d.called:
