@@ -7,6 +7,7 @@ the data is there, the source host empty and drained.
 
 import json
 import os
+import signal
 
 import pytest
 import treq
@@ -106,3 +107,80 @@ class DrainTests(TestCase):
         text = await self.cli(cp, "host", "drain-status", src)
         self.assertIn("done", text)
         self.assertIn("ready", await self.cli(cp, "host", "activate", src))
+
+    def test_two_vms_control_plane_killed_mid_drain(self):
+        return ensureDeferred(self._killed())
+
+    async def _killed(self):
+        img = await deferToThread(image.build)
+        tmp = temp_dir(self)
+        cp = ControlPlaneProcess(reactor, f"{tmp}/cp", heartbeat_interval=1.0, check_interval=2.0,
+                                 offline_after=20.0, grace=20.0)
+        self.addCleanup(cp.stop)
+        await cp.start()
+        agents = [AgentProcess(reactor, f"{tmp}/a{i}", cp.url, cp.join_token, name=f"a{i}",
+                               extra_args=["--accel", "tcg"]) for i in (1, 2)]
+        for a in agents:
+            self.addCleanup(a.stop)
+            await a.start()
+
+        async def ready():
+            hosts = await host_list(reactor, cp)
+            return len(hosts) == 2 and all(h["state"] == "ready" for h in hosts)
+
+        await poll(reactor, ready, 60, what="both agents ready")
+        src, dst = agents[0].host_id, agents[1].host_id
+        await self.cli(cp, "images", "push", "demo:1", "--kernel", img.kernel,
+                       "--initrd", img.initrd, "--cmdline", img.cmdline, "--port", "8080", "-q")
+        known = {}
+        for name in ("web", "db"):
+            await self.cli(cp, "apps", "create", name)
+            # the volume pins both VMs to the source host
+            await self.cli(cp, "volumes", "create", name, "data", "--size", "16",
+                           "--mount", "/data", "--host", src)
+        for name in ("web", "db"):
+            out = await self.cli(
+                cp, "deploy", name, "--image", "demo:1", "--replicas", "1", "--memory", "256",
+                "--port", "8080", "--health-http", "/", "--health-grace", "240",
+                "--volume", "data:16:/data", "--wait", "300", "--json", timeout=330)
+            m = json.loads(out)["machines"][0]
+            self.assertEqual(m["host_id"], src)
+            known[name] = f"{name} data before the drain ".encode() * 8
+            r = await treq.post(f"http://127.0.0.1:{m['host_port']}/cgi-bin/write?index.txt",
+                                known[name])
+            self.assertEqual(r.code, 200, await r.text())
+
+        await self.cli(cp, "host", "drain", src, "--detach", "--min-healthy", "15s",
+                       "--healthy-deadline", "300s")
+
+        async def status():
+            return json.loads(await self.cli(cp, "host", "drain-status", src, "--json"))
+
+        async def first_waiting():
+            s = await status()
+            return s["migrations"][0]["phase"] in ("waiting_healthy", "committing", "cleaning")
+
+        await poll(reactor, first_waiting, 300, interval=1.0, what="first replacement started")
+        cp.signal(signal.SIGKILL)
+        await poll(reactor, lambda: not cp.running, 20, what="control plane dead")
+        await cp.start()
+
+        async def finished():
+            try:
+                return (await status())["state"] in ("completed", "incomplete", "cancelled")
+            except AssertionError:
+                return False
+
+        await poll(reactor, finished, 400, interval=2.0, what="drain finished after the restart")
+        s = await status()
+        self.assertEqual(s["state"], "completed", s)
+        self.assertEqual([m["phase"] for m in s["migrations"]], ["done", "done"])
+        for name in ("web", "db"):
+            app = json.loads(await self.cli(cp, "status", name, "--json"))
+            [m] = app["machines"]
+            self.assertEqual((m["host_id"], m["state"]), (dst, "running"))
+            self.assertEqual([v["host_id"] for v in app["volumes"]], [dst])
+            page = await (await treq.get(f"http://127.0.0.1:{m['host_port']}/")).text()
+            self.assertIn(known[name].decode(), page)
+        src_vols = os.path.join(agents[0].data_dir, "volumes")
+        self.assertEqual([n for n in os.listdir(src_vols) if n.startswith("v-")], [])
