@@ -3,10 +3,16 @@ The agent's membership: join, register, heartbeat, reconnect forever.
 
 One connection attempt (L{AgentService._attempt}):
 
- 1. connect to the control plane's WebSocket (TLS for C{wss://});
+ 1. connect to the control plane's WebSocket. For C{wss://} the server is verified
+    before anything is sent (L{zwrm.pki.PinnedClientTLSOptions}): when joining, against
+    the CA fingerprint the C{zwrm1.} join token carries; once joined, against the CA saved
+    in C{<data_dir>/tls/}, presenting the host certificate; else against C{ca_file} (or
+    the platform's trust);
  2. without a credential: join the realm as C{join} with the join token, call
-    C{zwrm.agent.join(host_id, facts)}, store the credential (mode 0600), and start
-    again at 1 with it;
+    C{zwrm.agent.join(host_id, facts, csr=...)} with a certificate request for the host
+    id, store the credential (mode 0600) and the returned host certificate and CA in
+    C{<data_dir>/tls/} (after checking they are for this host and the pinned CA), and
+    start again at 1 with them;
  3. with a credential: join as the host id, register the executors under
     C{zwrm.agent.<host_id>.}, call C{zwrm.agent.register(facts)}, then heartbeat at
     the interval the control plane gives (with +-10% jitter) until the connection ends.
@@ -16,6 +22,7 @@ agent logs one line and tries again after an exponential backoff with jitter.  A
 rejected credential with a join token at hand makes the next attempt join again.
 """
 
+import os
 import random
 from ipaddress import ip_address
 
@@ -31,12 +38,30 @@ from twisted.internet import defer, endpoints, error
 from twisted.logger import Logger
 
 import zwrm
+from zwrm import errors, pki
 from zwrm.agent import capacity
 from zwrm.agent.identity import Identity
 
 
 class AuthRejected(Exception):
     """The control plane did not accept our token or credential."""
+
+
+class ServerRejected(Exception):
+    """We did not accept the control plane (its certificate, or what it issued us)."""
+
+
+class _PinnedOptions(pki.PinnedClientTLSOptions):
+    """L{pki.PinnedClientTLSOptions} that remember why they refused a server."""
+
+    rejected = None
+
+    def _verify(self, connection, cert, errno, depth, ok):
+        try:
+            return pki.PinnedClientTLSOptions._verify(self, connection, cert, errno, depth, ok)
+        except pki.CertificateRejected as e:
+            self.rejected = e.message
+            raise
 
 
 class SessionClosed(Exception):
@@ -125,6 +150,29 @@ def client_endpoint(reactor, url, ca_file=None, timeout=10):
     return endpoints.wrapClientTLS(ssl.optionsForClientTLS(host, trustRoot=trust), tcp)
 
 
+def _watch_connection(protocol, session, options):
+    """
+    Fail C{session.joined} when the connection ends before the session could open (a TLS
+    handshake we refused, a failed WebSocket upgrade): autobahn then never tells the
+    session, which would wait for ever.
+    """
+    lost = protocol.connectionLost
+
+    def connection_lost(reason):
+        try:
+            lost(reason)
+        finally:
+            if not session.joined.called:
+                rejected = getattr(options, "rejected", None)
+                session.joined.errback(
+                    ServerRejected(rejected)
+                    if rejected
+                    else SessionClosed(f"the connection was lost: {reason.getErrorMessage()}")
+                )
+
+    protocol.connectionLost = connection_lost
+
+
 class AgentService(service.Service):
     """
     Keeps this host a member of the cluster.
@@ -165,6 +213,7 @@ class AgentService(service.Service):
         self._running = False
         self._connecting = None
         self._pending = None
+        self._tls = None
 
     # -- facts ------------------------------------------------------------------------
 
@@ -270,6 +319,10 @@ class AgentService(service.Service):
             if outcome == "was-registered":
                 return f"lost the connection to the control plane at {url}"
             return outcome
+        if isinstance(outcome, ServerRejected):
+            return f"refusing the control plane at {url}: {outcome}"
+        if isinstance(outcome, errors.ZwrmError):
+            return f"cannot join the control plane at {url}: {outcome.message}"
         if isinstance(outcome, AuthRejected):
             what = "credential" if self.identity.credential else "join token"
             return f"the control plane at {url} rejected our {what}: {outcome}"
@@ -300,16 +353,74 @@ class AgentService(service.Service):
         )
         factory.noisy = False
         factory.setProtocolOptions(autoPingInterval=10, autoPingTimeout=10, openHandshakeTimeout=10)
-        endpoint = client_endpoint(self.reactor, c.url, c.ca_file)
+        options = self._tls_options(joining=authid == "join")
+        if options is None:
+            endpoint = client_endpoint(self.reactor, c.url, c.ca_file)
+        else:
+            _secure, host, port, _r, _p, _q = parse_url(c.url)
+            endpoint = endpoints.wrapClientTLS(options, _tcp_endpoint(self.reactor, host, port, 10))
         self._connecting = endpoint.connect(factory)
         self._pending = session
         try:
-            await self._connecting
+            protocol = await self._connecting
+            _watch_connection(protocol, session, options)
             await session.joined
+        except Exception:
+            if getattr(options, "rejected", None):
+                raise ServerRejected(options.rejected) from None
+            raise
         finally:
             self._connecting = None
             self._pending = None
+        self._tls = options
         return session
+
+    @property
+    def tls_dir(self):
+        """Where this agent keeps its CA and host certificate (L{pki.AGENT_TLS_DIR})."""
+        return os.path.join(self.config.data_dir, pki.AGENT_TLS_DIR)
+
+    def _tls_options(self, joining=False):
+        """
+        The pinned TLS options for a C{wss://} control plane (see the module docstring), or
+        L{None} for C{ws://} or when only C{ca_file} / the platform's trust applies.
+
+        @raise ServerRejected: the saved credentials are unusable or for another host.
+        @raise zwrm.errors.InvalidArgument: a malformed C{zwrm1.} join token.
+        """
+        secure, host, _port, _r, _p, _q = parse_url(self.config.url)
+        if not secure:
+            return None
+        if not joining:
+            try:
+                credentials = pki.HostCredentials.load(self.tls_dir)
+            except errors.InvalidArgument as e:
+                raise ServerRejected(
+                    f"{e.message}; remove {self.tls_dir} to join again with a join token"
+                ) from None
+            if credentials is not None:
+                if credentials.host_id != self.identity.host_id:
+                    raise ServerRejected(
+                        f"the host certificate in {self.tls_dir} is for host"
+                        f" {credentials.host_id!r}, not this host {self.identity.host_id!r};"
+                        f" remove {self.tls_dir} to join again with a join token"
+                    )
+                return _PinnedOptions(
+                    host,
+                    credentials.fingerprint,
+                    client_certificate=(credentials.cert_pem, credentials.key_pem),
+                    ca_certificate=credentials.ca_pem,
+                )
+        token = self.config.join_token
+        if joining and token and token.strip().startswith(pki.TOKEN_PREFIX + "."):
+            # the token names the CA to trust; it wins over what an earlier cluster left
+            return _PinnedOptions(host, pki.JoinToken.parse(token).ca_fingerprint)
+        ca_path = os.path.join(self.tls_dir, "ca.pem")
+        if os.path.exists(ca_path):
+            with open(ca_path, "rb") as f:
+                ca_pem = f.read()
+            return _PinnedOptions(host, pki.fingerprint_of(ca_pem), ca_certificate=ca_pem)
+        return None
 
     async def _attempt(self):
         """One connection; returns or raises what ended it."""
@@ -333,16 +444,60 @@ class AgentService(service.Service):
             return "no credential and no join token: start the agent with --join-token"
         self.state = "joining"
         session = await self._connect("join", self.config.join_token)
+        pinned = self._tls
+        key_pem, csr_pem = pki.make_host_request(ident.host_id)
         try:
-            result = await session.call("zwrm.agent.join", ident.host_id, self.facts())
+            result = await session.call(
+                "zwrm.agent.join", ident.host_id, self.facts(), csr=csr_pem.decode("ascii")
+            )
         finally:
             if session.is_attached():
                 session.leave()
+        if result.get("certificate"):
+            self._save_credentials(result, key_pem, pinned)
         ident.host_id = result["host_id"]
         ident.credential = result["credential"]
         ident.save()
         self.log.info("joined the cluster as host {host_id}", host_id=ident.host_id)
         return "joined"
+
+    def _save_credentials(self, result, key_pem, pinned):
+        """
+        Keep the host certificate and CA the control plane returned from C{zwrm.agent.join},
+        after checking that the certificate is for our host id and the CA is the one we
+        verified (or the join token names).
+
+        @raise ServerRejected: they are not.
+        """
+        try:
+            ca_pem = result["ca"].encode("ascii")
+            cert_pem = result["certificate"].encode("ascii")
+            credentials = pki.HostCredentials(ca_pem, cert_pem, key_pem)
+            pki.check_host_certificate(cert_pem, self.identity.host_id)
+        except (errors.InvalidArgument, errors.AuthenticationFailed) as e:
+            raise ServerRejected(
+                f"the certificate the control plane issued is unusable: {e.message}"
+            ) from None
+        except (KeyError, AttributeError, ValueError) as e:
+            raise ServerRejected(f"the control plane returned no usable certificate: {e}") from None
+        token = (self.config.join_token or "").strip()
+        expected = None
+        if isinstance(pinned, pki.PinnedClientTLSOptions):
+            expected = pinned._fingerprint
+        elif token.startswith(pki.TOKEN_PREFIX + "."):
+            expected = pki.JoinToken.parse(token).ca_fingerprint
+        if expected is not None and credentials.fingerprint != expected:
+            raise ServerRejected(
+                f"the control plane returned CA {credentials.fingerprint[:16]}..., not the CA"
+                f" {expected[:16]}... the join token names"
+            )
+        credentials.save(self.tls_dir)
+        self.log.info(
+            "host certificate for {host_id} saved in {dir} (CA sha256:{fp})",
+            host_id=credentials.host_id,
+            dir=self.tls_dir,
+            fp=credentials.fingerprint,
+        )
 
     async def _member(self, session):
         self.session = session
@@ -393,7 +548,7 @@ class AgentService(service.Service):
         session = self.session
         if session is None or not session.is_attached():
             return
-        d = session.call("zwrm.agent.heartbeat", {})
+        d = session.call("zwrm.agent.heartbeat", self.runtime.stats() if self.runtime else {})
         timeout = self.reactor.callLater(3 * self.heartbeat_interval, self._heartbeat_timeout, session)
 
         def ok(result):

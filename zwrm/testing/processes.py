@@ -263,14 +263,15 @@ class AgentProcess(ZwrmProcess):
         return self
 
 
-async def run_cli(reactor, args, url, token, timeout=60):
+async def run_cli(reactor, args, url, token, timeout=60, env=None):
     """
     Run C{zwrm <args>} against C{url} with operator C{token}.
 
+    @param env: more environment variables (e.g. C{ZWRM_CA_FILE} for C{wss://}).
     @return: C{(exit code, stdout text, stderr text)}.
     """
     proto = _Collect()
-    env = dict(os.environ, ZWRM_API_URL=url, ZWRM_TOKEN=token)
+    env = dict(os.environ, ZWRM_API_URL=url, ZWRM_TOKEN=token, **(env or {}))
     argv = ZWRM + list(args)
     transport = reactor.spawnProcess(proto, argv[0], argv, env=env)
     timer = reactor.callLater(timeout, lambda: transport.signalProcess("KILL"))

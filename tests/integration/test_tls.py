@@ -1,0 +1,154 @@
+"""
+TLS from the first join, with real processes: a C{twistd zwrm-control} listening on
+C{wss://} with the certificate its own CA issued, C{twistd zwrm-agent}s joining with
+C{zwrm1.} join tokens, and the C{zwrm} CLI over C{wss://} with C{ZWRM_CA_FILE}.
+"""
+
+import json
+import os
+
+import pytest
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
+from twisted.trial.unittest import TestCase
+
+from zwrm import pki
+from zwrm.testing.processes import (
+    AgentProcess,
+    ControlPlaneProcess,
+    PollTimeout,
+    free_port,
+    poll,
+    run_cli,
+    temp_dir,
+)
+
+
+def _log(process):
+    try:
+        with open(process.log_path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+async def _await_log(process, text, timeout=60):
+    try:
+        await poll(reactor, lambda: text in _log(process), timeout, what=repr(text))
+    except PollTimeout as e:
+        raise AssertionError(f"{e}; log of {process.name}:\n{process.log_tail()}") from None
+
+
+@pytest.mark.multihost
+class TLSJoinTests(TestCase):
+    timeout = 180
+
+    async def _control_plane(self, tmp):
+        self.tls_port = free_port()
+        cp = ControlPlaneProcess(
+            reactor, os.path.join(tmp, "cp"),
+            extra_args=["--listen", f"ssl:{self.tls_port}:interface=127.0.0.1"])
+        self.addCleanup(lambda: ensureDeferred(cp.stop()))
+        await cp.start()
+        self.wss = f"wss://127.0.0.1:{self.tls_port}/ws"
+        self.ca_file = os.path.join(cp.data_dir, "pki", "ca.pem")
+        return cp
+
+    async def _cli(self, cp, *args):
+        code, out, err = await run_cli(
+            reactor, list(args), self.wss, cp.operator_token, env={"ZWRM_CA_FILE": self.ca_file})
+        if code != 0:
+            raise AssertionError(f"zwrm {' '.join(args)} failed ({code}): {err.strip()}")
+        return out
+
+    async def _agent(self, cp, tmp, name, token):
+        agent = AgentProcess(reactor, os.path.join(tmp, name), self.wss, token, name=name)
+        self.addCleanup(lambda: ensureDeferred(agent.stop()))
+        await agent.start()
+        return agent
+
+    def test_join_over_tls(self):
+        """
+        An agent joins over wss:// with the zwrm1 token (verifying the control plane by the
+        token's CA fingerprint), receives a host certificate for its host id, reconnects
+        with it and is ready in `zwrm host list` run over wss:// with ZWRM_CA_FILE.
+        """
+        return ensureDeferred(self._join())
+
+    async def _join(self):
+        tmp = temp_dir(self)
+        cp = await self._control_plane(tmp)
+        token = pki.JoinToken.parse(cp.join_token)
+        with open(self.ca_file, "rb") as f:
+            self.assertEqual(token.ca_fingerprint, pki.fingerprint_of(f.read()))
+        agent = await self._agent(cp, tmp, "a1", cp.join_token)
+
+        async def ready():
+            hosts = json.loads(await self._cli(cp, "host", "list", "--json"))
+            return [h for h in hosts if h["id"] == agent.host_id and h["state"] == "ready"]
+
+        await poll(reactor, ready, 60, interval=0.5, what="agent ready over wss://")
+        credentials = pki.HostCredentials.load(os.path.join(agent.data_dir, pki.AGENT_TLS_DIR))
+        self.assertEqual(credentials.host_id, agent.host_id)
+        self.assertEqual(credentials.fingerprint, token.ca_fingerprint)
+        listed = json.loads(await self._cli(cp, "tokens", "list", "--json"))
+        used = {t["id"]: t["used"] for t in listed}
+        self.assertGreaterEqual(used[token.id], 1)
+
+    def test_refused(self):
+        """
+        Agents holding a token with the wrong CA fingerprint, a revoked token or an expired
+        token are refused, each with one clear log line and no traceback, and never appear
+        in `zwrm host list`; an agent whose saved host certificate names another host id
+        refuses to use it.
+        """
+        return ensureDeferred(self._refused())
+
+    async def _refused(self):
+        tmp = temp_dir(self)
+        cp = await self._control_plane(tmp)
+        good = pki.JoinToken.parse(cp.join_token)
+        wrong = f"zwrm1.{good.id}.{good.secret}.{'0' * 64}"
+        revoked = (await self._cli(cp, "tokens", "create", "--description", "to revoke")).strip()
+        await self._cli(cp, "tokens", "revoke", pki.JoinToken.parse(revoked).id)
+        expired = (await self._cli(cp, "tokens", "create", "--ttl", "1")).strip()
+
+        async def is_expired():
+            listed = json.loads(await self._cli(cp, "tokens", "list", "--json"))
+            states = {t["id"]: t["state"] for t in listed}
+            return states[pki.JoinToken.parse(expired).id] == "expired"
+
+        await poll(reactor, is_expired, 30, interval=0.5, what="token expired")
+
+        # a joined agent whose certificate is then swapped for another host's
+        a1 = await self._agent(cp, tmp, "a1", cp.join_token)
+        await poll(reactor, lambda: "saved in" in _log(a1), 60, what="a1 host certificate")
+
+        agents = {
+            "wrong": await self._agent(cp, tmp, "wrong", wrong),
+            "revoked": await self._agent(cp, tmp, "revoked", revoked),
+            "expired": await self._agent(cp, tmp, "expired", expired),
+        }
+        expect = {
+            "wrong": f"refusing the control plane at {self.wss}: the server's CA has fingerprint"
+            f" {good.ca_fingerprint}, not the expected {'0' * 64}",
+            "revoked": f"join token {pki.JoinToken.parse(revoked).id} was revoked",
+            "expired": f"join token {pki.JoinToken.parse(expired).id} expired at",
+        }
+        for name, agent in agents.items():
+            await _await_log(agent, expect[name])
+
+        a1_id = a1.host_id
+        await a1.stop()
+        with open(os.path.join(a1.data_dir, "host.json")) as f:
+            ident = json.load(f)
+        ident["host_id"] = "h-someoneelse"
+        with open(os.path.join(a1.data_dir, "host.json"), "w") as f:
+            json.dump(ident, f)
+        a1.spawn()
+        await _await_log(a1, f"is for host {a1_id!r}, not this host 'h-someoneelse'")
+
+        hosts = json.loads(await self._cli(cp, "host", "list", "--json"))
+        self.assertEqual([h["name"] for h in hosts], ["a1"])
+        for agent in list(agents.values()) + [a1]:
+            self.assertNotIn("Traceback", _log(agent))
