@@ -129,6 +129,22 @@ class SessionTests(RouterTestMixin, unittest.SynchronousTestCase):
         c = self._cryptosign(SigningKey.generate(), SigningKey.generate())
         self.assertEqual(c.last(message.Abort).reason, "wamp.error.authentication_failed")
 
+    def test_join_timeout(self):
+        silent = self.connect()
+        slow_auth = self.connect()
+        slow_auth.send(message.Hello("zwrm", CLIENT_ROLES, authmethods=["ticket"], authid="op"))
+        joined = self.join("op2")
+        self.clock.advance(29)
+        self.pump()
+        self.assertFalse(silent.closed or slow_auth.closed)
+        self.clock.advance(1)
+        self.pump()
+        for c in (silent, slow_auth):
+            self.assertEqual(c.last(message.Abort).reason, "wamp.error.timeout")
+            self.assertTrue(c.closed)
+        self.assertFalse(joined.closed)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_goodbye(self):
         c = self.join("op")
         c.send(message.Goodbye())

@@ -66,12 +66,16 @@ class RouterLimits:
         EVENTs to it are dropped; four times this disconnects it.
     @ivar call_timeout: seconds after which a call with no result is canceled with
         ERROR C{wamp.error.timeout} (0: none, unless the caller gives a timeout).
+    @ivar join_timeout: seconds a new connection has to complete HELLO (and
+        authentication) before it is dropped with ABORT C{wamp.error.timeout} (0: no
+        limit).
     """
 
     max_message_size: int = 4 * 1024 * 1024
     max_pending_calls_per_session: int = 1000
     max_outgoing_queue: int = 4 * 1024 * 1024
     call_timeout: float = 0
+    join_timeout: float = 30
 
 
 BROKER_FEATURES = dict(
@@ -288,6 +292,7 @@ class RouterSession:
         self.invocations = {}  # invocation request id -> _PendingCall (as callee)
         self._next_request = 0
         self._close_timer = None
+        self._join_timer = None
         self.joined_at = None
 
     # autobahn's transports log these two
@@ -307,9 +312,23 @@ class RouterSession:
 
     def onOpen(self, transport):
         self._transport = transport
+        timeout = self._router.limits.join_timeout
+        if timeout and self._trusted_principal is None:
+            self._join_timer = self._router.reactor.callLater(timeout, self._join_timed_out)
+
+    def _join_timed_out(self):
+        self._join_timer = None
+        if self._state in (_STATE_NEW, _STATE_CHALLENGED) and self._transport is not None:
+            self.abort("wamp.error.timeout", "the session did not join in time")
+
+    def _cancel_join_timer(self):
+        timer, self._join_timer = self._join_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def onClose(self, wasClean):
         self._cancel_close_timer()
+        self._cancel_join_timer()
         state, self._state = self._state, _STATE_CLOSED
         self._challenge = None
         if state in (_STATE_JOINED, _STATE_CLOSING) and self.session_id is not None:
@@ -413,6 +432,7 @@ class RouterSession:
 
     def abort(self, reason, text):
         """Send ABORT and close the transport; leave the realm if joined."""
+        self._cancel_join_timer()
         self.send(message.Abort(reason, text))
         was = self._state
         self._state = _STATE_CLOSED
@@ -610,6 +630,7 @@ class RouterSession:
         if not isinstance(principal, Principal):
             raise TypeError(f"authenticator returned {principal!r}, not a Principal")
         self._challenge = None
+        self._cancel_join_timer()
         self.authid = principal.authid
         self.authrole = principal.authrole
         self.authextra = dict(principal.authextra or {})
