@@ -140,7 +140,7 @@ class Drains:
 
     @wamp.register("zwrm.host.drain")
     async def drain(self, host_id, deadline=None, max_parallel=None, dry_run=False,
-                    healthy_deadline=None, min_healthy=None, stop_timeout=None):
+                    healthy_deadline=None, min_healthy=None, stop_timeout=None, poll=None):
         """
         Start draining C{host_id}: mark it draining and move each of its machines to a host the
         scheduler picks (region and datacenter kept).
@@ -151,6 +151,7 @@ class Drains:
         @param healthy_deadline: seconds a replacement has to pass its health check (300).
         @param min_healthy: seconds it must keep passing before the move commits (10).
         @param stop_timeout: seconds of ACPI power-down before a hard stop (30).
+        @param poll: seconds between checks of a replacement's health and of copy progress (1).
         @return: C{{"drain_id", "host_id", "state", "plan": [{"machine_id", "app",
             "volumes", "target", "reason"}]}} (C{drain_id} is C{None} for a dry run).
         @raise NotFound: no such host. @raise Conflict: a drain is under way there, or the
@@ -159,7 +160,7 @@ class Drains:
         entry = self._host(host_id)
         given = {"deadline": deadline, "max_parallel": max_parallel,
                  "healthy_deadline": healthy_deadline, "min_healthy": min_healthy,
-                 "stop_timeout": stop_timeout}
+                 "stop_timeout": stop_timeout, "poll": poll}
         options = {k: v for k, v in given.items() if v is not None}
         options = {
             "deadline": _number(options, "deadline", 1, 7 * 86400),
@@ -167,7 +168,7 @@ class Drains:
             "healthy_deadline": _number(options, "healthy_deadline", 1, 86400),
             "min_healthy": _number(options, "min_healthy", 0, 3600),
             "stop_timeout": _number(options, "stop_timeout", 0, 3600),
-            "poll": DEFAULTS["poll"],
+            "poll": _number(options, "poll", 0.05, 60),
         }
         if host_id in self.active:
             raise errors.Conflict(f"host {host_id} is already being drained "
