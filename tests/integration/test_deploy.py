@@ -83,6 +83,17 @@ class DeployTests(TestCase):
         table = await self.cli(cp, "host", "list")
         self.assertIn("1/", table)
 
+        # Each agent pulled the image (kernel, initrd) into its cache; heartbeats report it.
+        async def cache_stats():
+            status = json.loads(await self.cli(cp, "host", "status", ids[0], "--json"))
+            return status["stats"].get("image_cache")
+
+        cache = await poll(reactor, cache_stats, 30, what="image cache stats in host status")
+        self.assertGreaterEqual(cache["misses"], 2)
+        self.assertGreater(cache["size"], 1024 * 1024)
+        text = await self.cli(cp, "host", "status", ids[0])
+        self.assertIn("misses", text)
+
         logs = await self.cli(cp, "logs", m["id"])
         self.assertIn("zwrm: ready", logs)
 

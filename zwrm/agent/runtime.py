@@ -101,6 +101,10 @@ class HostRuntime:
         self.log.info("volume endpoint on {h}:{p}", h=self.executor.transfer_host,
                       p=port.getHost().port)
 
+    def stats(self):
+        """What heartbeats carry: the image cache's figures (C{zwrm host status} shows them)."""
+        return {"image_cache": self.cache.stats()} if self.cache is not None else {}
+
     def report(self, event):
         """Send one machine event to the control plane (C{zwrm.agent.report})."""
         session = self._session

@@ -71,6 +71,17 @@ def format_hosts(hosts, out):
     _table(headers, rows, out)
 
 
+def _mib(n):
+    return f"{(n or 0) / (1024 * 1024):.1f} MiB"
+
+
+def _cache(c):
+    if not c:
+        return "-"
+    return (f"{_mib(c.get('size'))} of {_mib(c.get('limit'))}, {c.get('hits', 0)} hits, "
+            f"{c.get('misses', 0)} misses, {c.get('blobs', 0)} blobs")
+
+
 def format_status(h, out):
     """Write the C{zwrm host status} report."""
     fields = [
@@ -85,6 +96,7 @@ def format_status(h, out):
         ("agent version", h["agent_version"] or "-"),
         ("last heartbeat", f"{_age(h['heartbeat_age'])} ago"),
         ("executor", "registered" if h.get("executor") else "not registered"),
+        ("image cache", _cache(h.get("stats", {}).get("image_cache"))),
     ]
     width = max(len(k) for k, _ in fields)
     for k, v in fields:

@@ -59,6 +59,30 @@ def _check_facts(facts):
         raise errors.InvalidArgument("host fact machines must be a list")
 
 
+MAX_STATS = 16
+"""How many top-level entries of an agent's heartbeat stats are kept (in memory only)."""
+
+
+def _bounded_stats(stats):
+    """
+    What the registry keeps of a heartbeat's C{stats}: at most L{MAX_STATS} entries whose
+    values are numbers, strings or flat mappings of them (e.g. C{image_cache}).
+    """
+    def plain(v):
+        return isinstance(v, (int, float, str, bool)) or v is None
+
+    kept = {}
+    for k, v in list(stats.items())[:MAX_STATS]:
+        if not isinstance(k, str):
+            continue
+        if plain(v):
+            kept[k] = v
+        elif isinstance(v, dict):
+            kept[k] = {ik: iv for ik, iv in list(v.items())[:MAX_STATS]
+                       if isinstance(ik, str) and plain(iv)}
+    return kept
+
+
 class HostEntry:
     """
     What the registry holds about one host.
@@ -75,6 +99,7 @@ class HostEntry:
         self.last_heartbeat = last_heartbeat
         self.executor = False
         self.reregistering = False
+        self.stats = {}
 
 
 class HostRegistry:
@@ -243,6 +268,7 @@ class HostRegistry:
         machines = await self._store.select("machines", "host_id = ?", [host_id], order_by="id")
         result = self._summary(entry, self._clock.seconds(), {host_id: len(machines)})
         result["machine_list"] = machines
+        result["stats"] = entry.stats
         result["events"] = await self._store.recent_events(host_id, events)
         return result
 
@@ -356,6 +382,8 @@ class HostRegistry:
         now = self._clock.seconds()
         entry.last_heartbeat = now
         self._dirty[host_id] = now
+        if isinstance(stats, dict) and stats:
+            entry.stats = _bounded_stats(stats)
         if entry.machine.state == "offline" and not entry.reregistering:
             entry.reregistering = True
             self._clock.callLater(0, self._reregister, host_id)
