@@ -35,6 +35,8 @@ def register_host_commands(hsub):
                     help="time a replacement has to become healthy (default 5m)")
     dr.add_argument("--min-healthy", default="10s",
                     help="how long it must stay healthy before the move commits (10s)")
+    dr.add_argument("--poll", default="1s",
+                    help="how often the control plane checks health and progress (1s)")
     dr.add_argument("--dry-run", action="store_true",
                     help="print the plan (each machine, its target or why none); change nothing")
     dr.add_argument("--detach", action="store_true", help="start it and return")
@@ -110,7 +112,8 @@ async def host_drain(reactor, args, out=None):
     out = out or sys.stdout
     kw = {"deadline": _duration(args.deadline), "max_parallel": args.max_parallel,
           "healthy_deadline": _duration(args.healthy_deadline),
-          "min_healthy": _duration(args.min_healthy), "dry_run": args.dry_run}
+          "min_healthy": _duration(args.min_healthy), "dry_run": args.dry_run,
+          "poll": _duration(args.poll)}
     session = await connect(reactor, load_settings(args.api_url))
     try:
         result = await call(session, "zwrm.host.drain", args.host_id, **kw)
