@@ -180,11 +180,13 @@ class WampRawSocketServerProtocol(_rawsocket.WampRawSocketServerProtocol):
 
     def connectionMade(self):
         _rawsocket.WampRawSocketServerProtocol.connectionMade(self)
-        if hasattr(self.transport, "setTcpNoDelay"):
-            try:
-                self.transport.setTcpNoDelay(True)
-            except Exception:
-                pass
+        # RawSocket has no ping: let TCP keepalive find dead peers
+        for option in ("setTcpNoDelay", "setTcpKeepAlive"):
+            if hasattr(self.transport, option):
+                try:
+                    getattr(self.transport, option)(True)
+                except Exception:
+                    pass
 
     def stringReceived(self, payload):
         session = self._session
