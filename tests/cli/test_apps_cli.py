@@ -1,0 +1,57 @@
+"""The app, machine and volume commands: arguments become specs, mistakes become one line."""
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from zwrm.cli.apps import _settled, _spec
+from zwrm.cli.client import EXIT_USAGE, CliError
+from zwrm.cli.main import build_parser
+
+
+def parse(*argv):
+    return build_parser().parse_args(list(argv))
+
+
+class DeploySpecTests(SynchronousTestCase):
+    def test_full_spec(self):
+        spec = _spec(parse(
+            "deploy", "web", "--image", "demo:1", "--vcpus", "2", "--memory", "512",
+            "--replicas", "3", "--region", "eu", "--datacenter", "dc1", "--port", "8080",
+            "--health-http", "/", "--volume", "data:64:/data", "--constraint", "disk=ssd"))
+        self.assertEqual(spec["image"], "demo:1")
+        self.assertEqual((spec["vcpus"], spec["memory_mb"], spec["replicas"]), (2, 512, 3))
+        self.assertEqual((spec["region"], spec["datacenter"]), ("eu", "dc1"))
+        self.assertEqual(spec["health"]["type"], "http")
+        self.assertEqual(spec["health"]["path"], "/")
+        self.assertEqual(spec["volumes"], [{"name": "data", "size_mb": 64, "mount": "/data"}])
+        self.assertEqual(spec["constraints"], {"disk": "ssd"})
+
+    def test_local_paths_are_absolute(self):
+        spec = _spec(parse("deploy", "web", "--kernel", "vmlinuz", "--initrd", "initrd.gz"))
+        self.assertTrue(spec["image"]["kernel"].startswith("/"))
+        self.assertIsNone(spec["image"]["disk"])
+
+    def test_mistakes_are_usage_errors(self):
+        for argv, word in [
+            (("deploy", "web"), "--image"),
+            (("deploy", "web", "--image", "x:1", "--kernel", "k"), "--image"),
+            (("deploy", "web", "--image", "x:1", "--volume", "data"), "NAME:SIZE_MB:/MOUNT"),
+            (("deploy", "web", "--image", "x:1", "--volume", "d:big:/d"), "NAME:SIZE_MB:/MOUNT"),
+            (("deploy", "web", "--image", "x:1", "--constraint", "ssd"), "LABEL=VALUE"),
+            (("deploy", "web", "--image", "x:1", "--health-tcp", "--health-http", "/"), "not both"),
+        ]:
+            e = self.assertRaises(CliError, _spec, parse(*argv))
+            self.assertEqual(e.code, EXIT_USAGE)
+            self.assertIn(word, e.message)
+
+
+class SettledTests(SynchronousTestCase):
+    def app(self, replicas, *machines):
+        return {"spec": {"replicas": replicas},
+                "machines": [{"state": s, "health": h} for s, h in machines]}
+
+    def test_settled(self):
+        self.assertEqual(_settled(self.app(2, ("running", "passing"), ("running", "none"))), "ok")
+        self.assertIsNone(_settled(self.app(2, ("running", "passing"), ("starting", None))))
+        self.assertIsNone(_settled(self.app(2, ("running", "passing"), ("running", "failing"))))
+        self.assertIsNone(_settled(self.app(2, ("running", "passing"))))
+        self.assertEqual(_settled(self.app(1, ("failed", None))), "failed")
