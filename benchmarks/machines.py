@@ -23,7 +23,6 @@ volume creation; the guest's boot dominates both.
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,18 +35,13 @@ from twisted.internet.defer import succeed
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from zwrm.agent.executor import Executor  # noqa: E402
+from zwrm.agent.executor import (
+    Executor,  # noqa: E402
+    free_port,  # noqa: E402
+)
 from zwrm.agent.volumes import VolumeStore  # noqa: E402
 from zwrm.drivers.qemu import QemuDriver  # noqa: E402
 from zwrm.testing import image  # noqa: E402
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 async def sleep(reactor, seconds):
