@@ -437,6 +437,33 @@ class DrainRunTests(TestCase):
         self.assertEqual(status["state"], "incomplete")
 
     @d
+    async def test_target_agent_unreachable_after_the_bulk_rolls_back(self):
+        c = await DrainCluster(self).start()
+        m = await self.deploy(c)
+        src = m["host_id"]
+        dst = "h-b" if src == "h-a" else "h-a"
+        vid = m["volumes"][0]
+        before = write_known(c.store_of(src).path(vid), "v1")
+        _, procs = c.executors[src]
+        stop = procs["machine.stop"]
+
+        def stop_and_lose_target(mid, timeout=None):
+            c.registry.entry(dst).executor = False  # its agent's session is gone
+            return stop(mid, timeout)
+
+        procs["machine.stop"] = stop_and_lose_target
+        _, status = await self.drain(c, src)
+        mg = status["migrations"][0]
+        self.assertEqual(mg["phase"], "rolled_back")
+        self.assertIn("delta_copying", mg["error"])
+        self.assertIn("not available", mg["error"])
+        # the original runs again on the source, with its data
+        row = await c.store.get("machines", m["id"])
+        self.assertEqual((row["host_id"], row["state"]), (src, "running"))
+        self.assertEqual(sha(c.store_of(src).path(vid)), before)
+        self.assertEqual((await c.store.get("volumes", vid))["host_id"], src)
+
+    @d
     async def test_undrain_mid_drain(self):
         c = await DrainCluster(self).start()
         m1 = await self.deploy(c, "a", volumes=False)

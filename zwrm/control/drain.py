@@ -733,11 +733,17 @@ class Drains:
                 await self._call(target, "volume.cancel_receive", token)
             except errors.ZwrmError:
                 pass
+        # The target may be the reason for the rollback (dead, unreachable): what cannot be
+        # cleaned there is left behind and logged; the original on the source matters.
         new_id = run.detail.get("replacement")
         if new_id is not None:
             rep = await self._store.get("machines", new_id)
             if rep is not None:
-                await self._apps._destroy_machine(rep)
+                try:
+                    await self._apps._destroy_machine(rep)
+                except errors.Unavailable as e:
+                    self.log.warn("rollback: replacement {id} left on {t}: {e}", id=new_id,
+                                  t=target, e=e.message)
         if run.placement is not None:
             self._release(run)
         for vid in run.detail.get("volumes", []):
@@ -748,6 +754,9 @@ class Drains:
                         await self._call(target, "volume.delete", vid)
                 except errors.NotFound:
                     pass
+                except errors.ZwrmError as e:
+                    self.log.warn("rollback: copy of {v} left on {t}: {e}", v=vid, t=target,
+                                  e=e.message)
         original = await self._original(run)
         try:
             st = await self._call(source, "machine.status", original["id"])
