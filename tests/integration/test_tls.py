@@ -8,11 +8,15 @@ import json
 import os
 
 import pytest
+from autobahn.twisted.websocket import WampWebSocketClientFactory
+from autobahn.wamp.serializer import JsonSerializer
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.trial.unittest import TestCase
 
 from zwrm import pki
+from zwrm.agent.service import AuthRejected, _AgentSession, _PinnedOptions
 from zwrm.testing.processes import (
     AgentProcess,
     ControlPlaneProcess,
@@ -94,6 +98,24 @@ class TLSJoinTests(TestCase):
         listed = json.loads(await self._cli(cp, "tokens", "list", "--json"))
         used = {t["id"]: t["used"] for t in listed}
         self.assertGreaterEqual(used[token.id], 1)
+
+        # a client presenting a1's host certificate cannot authenticate as another host
+        with open(os.path.join(agent.data_dir, "host.json")) as f:
+            credential = json.load(f)["credential"]
+        options = _PinnedOptions(
+            "127.0.0.1", credentials.fingerprint,
+            client_certificate=(credentials.cert_pem, credentials.key_pem),
+            ca_certificate=credentials.ca_pem)
+        session = _AgentSession("zwrm", "h-other", credential)
+        factory = WampWebSocketClientFactory(
+            lambda: session, url=self.wss, serializers=[JsonSerializer()], reactor=reactor)
+        endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", self.tls_port))
+        await endpoint.connect(factory)
+        with self.assertRaises(AuthRejected) as c:
+            await session.joined
+        self.assertIn(
+            f"the TLS client certificate is for host {agent.host_id!r}, not for 'h-other'",
+            str(c.exception))
 
     def test_refused(self):
         """

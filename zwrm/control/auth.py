@@ -8,16 +8,19 @@ Every client uses ticket authentication:
    (unknown, expired, revoked or made for another CA: refused, saying which).
  - authid C{operator} (or C{viewer}), ticket = an operator (viewer) token: that role.
  - authid = a host id, ticket = that host's credential (issued by C{zwrm.agent.join}):
-   role C{agent}.
+   role C{agent}.  A host that connects over TLS with a client certificate (its host
+   certificate from the cluster CA) must present the certificate of that same host id.
 
 Tokens and credentials are stored only as SHA-256 hashes.
 """
 
 import hmac
+from contextvars import ContextVar
 
 from twisted.internet import defer
 from zope.interface import implementer
 
+from zwrm import pki
 from zwrm.control.store import hash_secret
 from zwrm.errors import AuthenticationFailed, InvalidArgument
 from zwrm.interfaces import IAuthenticator
@@ -26,6 +29,10 @@ from zwrm.wamp.auth import Principal
 TOKEN_ROLES = {"join": ("join", "joining"), "operator": ("operator", "operator"),
                "viewer": ("viewer", "viewer")}
 """authid -> (token kind, role) for token-holding clients."""
+
+PEER_CERTIFICATE = ContextVar("zwrm_peer_certificate", default=None)
+"""The TLS client certificate of the connection whose message is being handled, if any
+(set by the control plane's WebSocket protocol around each message)."""
 
 RESERVED_AUTHIDS = frozenset(TOKEN_ROLES) | {"control"}
 """authids that can never be host ids."""
@@ -98,6 +105,14 @@ class ControlAuthenticator:
                 return Principal(authid, role, {})
 
             return d.addCallback(found)
+        peer = PEER_CERTIFICATE.get()
+        if peer is not None:
+            certified = pki.host_id_of(peer)
+            if certified != authid:
+                return defer.fail(AuthenticationFailed(
+                    f"the TLS client certificate is for host {certified!r}, not for {authid!r}"
+                    if certified else
+                    f"the TLS client certificate is not a zwrm host certificate for {authid!r}"))
         stored = self._registry.credential_hash(authid)
         if stored is None:
             return defer.fail(AuthenticationFailed(f"unknown host {authid!r}; join it with a join token"))

@@ -16,7 +16,7 @@ from twisted.web import resource, server
 
 from zwrm.control.api import AgentAPI, ControlSession, HostAPI
 from zwrm.control.apps import Apps
-from zwrm.control.auth import ControlAuthenticator
+from zwrm.control.auth import PEER_CERTIFICATE, ControlAuthenticator
 from zwrm.control.drain import Drains
 from zwrm.control.monitor import HealthMonitor
 from zwrm.control.registry import HostRegistry
@@ -186,7 +186,9 @@ class ControlPlane(service.MultiService):
         self._flusher = task.LoopingCall(self._flush)
         self._flusher.clock = self.reactor
         self._flusher.start(cfg.flush_interval, now=False)
-        self.root.putChild(b"ws", WebSocketResource(websocket_factory(self.router)))
+        ws_factory = websocket_factory(self.router)
+        ws_factory.protocol = _with_peer_certificate(ws_factory.protocol)
+        self.root.putChild(b"ws", WebSocketResource(ws_factory))
         self.root.putChild(b"v2", make_registry_resource(
             self.reactor, os.path.join(data_dir, "registry"), TicketAuthorizer(authenticator)))
         site = server.Site(self.root)
@@ -285,6 +287,26 @@ class ControlPlane(service.MultiService):
         d.addCallback(lambda _: defer.Deferred.fromCoroutine(self._stop()))
         d.addErrback(lambda f: self.log.failure("stopping zwrm-control", f))
         return d
+
+
+def _with_peer_certificate(protocol_class):
+    """
+    A subclass of the WAMP-over-WebSocket server protocol that makes the connection's TLS
+    client certificate known to the authenticator while each message is handled
+    (L{zwrm.control.auth.PEER_CERTIFICATE}), so that a host cannot authenticate as another
+    host id than its certificate's.
+    """
+
+    class PeerCertificateProtocol(protocol_class):
+        def onMessage(self, payload, isBinary):
+            get = getattr(self.transport, "getPeerCertificate", None)
+            token = PEER_CERTIFICATE.set(get() if get is not None else None)
+            try:
+                return protocol_class.onMessage(self, payload, isBinary)
+            finally:
+                PEER_CERTIFICATE.reset(token)
+
+    return PeerCertificateProtocol
 
 
 def _why(failure):
