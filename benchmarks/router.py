@@ -39,20 +39,14 @@ from autobahn.wamp.types import ComponentConfig, PublishOptions  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 from twisted.internet.endpoints import TCP4ClientEndpoint  # noqa: E402
 
+from zwrm.agent.executor import free_port  # noqa: E402
+
 HERE = os.path.abspath(__file__)
 DEFAULT_CROSSBAR = "/opt/crossbar-venv/bin/crossbar"
 ALL = {"call", "register", "publish", "subscribe"}
 
 
 # --- processes -------------------------------------------------------------------------
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def wait_port(port, timeout=60):
