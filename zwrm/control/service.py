@@ -29,6 +29,7 @@ from zwrm.wamp.auth import RoleBasedAuthorizer
 from zwrm.wamp.router import Router
 from zwrm.wamp.transport import websocket_factory
 
+_CERT_KEYS = ("privateKey=", "certKey=", "extraCertChain=", "caCertsDir=")
 TOKEN_FILES = {"operator": "operator.token", "join": "join.token"}
 URL_FILE = "control.url"
 
@@ -219,13 +220,20 @@ class ControlPlane(service.MultiService):
     def _listen(self, description, site):
         """
         Listen on one endpoint. An C{ssl:} endpoint without certificate files of its own
-        (C{privateKey=}/C{certKey=}) uses the server certificate issued by the cluster CA.
+        (C{privateKey=}, C{certKey=}, C{extraCertChain=}), or with the files of the cluster
+        CA's directory, uses the server certificate the cluster CA issued
+        (L{zwrm.control.tokens.ControlPKI.server_context}).
         """
-        if description.startswith("ssl:") and not any(
-            p.startswith(("privateKey=", "certKey=")) for p in description.split(":")
-        ):
-            tcp = endpoints.serverFromString(self.reactor, "tcp:" + description[len("ssl:"):])
-            return tcp.listen(TLSMemoryBIOFactory(self.pki.server_context(), False, site))
+        if description.startswith("ssl:"):
+            parts = description.split(":")
+            files = [p.split("=", 1)[1] for p in parts if p.startswith(_CERT_KEYS)]
+            pki_dir = os.path.realpath(self.pki.directory)
+            if all(os.path.dirname(os.path.realpath(f)) == pki_dir for f in files):
+                # no certificate files, or the CA's own (as install.sh writes them): use the
+                # CA's server context, which also checks agents' host certificates
+                rest = [p for p in parts[1:] if not p.startswith(_CERT_KEYS)]
+                tcp = endpoints.serverFromString(self.reactor, ":".join(["tcp"] + rest))
+                return tcp.listen(TLSMemoryBIOFactory(self.pki.server_context(), False, site))
         return endpoints.serverFromString(self.reactor, description).listen(site)
 
     async def _ensure_tokens(self, data_dir):
