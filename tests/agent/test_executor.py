@@ -20,6 +20,8 @@ from zwrm.errors import Conflict, Internal, InvalidArgument, NotFound, Unavailab
 EXPECTED = {
     "machine.start", "machine.stop", "machine.destroy", "machine.status", "machine.list",
     "machine.logs", "volume.create", "volume.delete", "volume.list", "volume.info", "host.facts",
+    # volume moves (host drains; tests/agent/test_executor_volumes.py)
+    "volume.receive", "volume.send", "volume.progress", "volume.cancel_receive", "volume.digest",
 }
 
 
