@@ -3,6 +3,7 @@ A real cluster on loopback: one C{twistd zwrm-control}, two C{twistd zwrm-agent}
 processes, observed through the real C{zwrm host list --json}.
 """
 
+import json
 import time
 
 import pytest
@@ -69,6 +70,7 @@ class ClusterTests(TestCase):
         # freeze a1: offline within offline_after + check_interval (+ CLI time)
         a1.freeze()
         frozen_at = time.monotonic()
+        frozen_wall = time.time()
         await poll(reactor, lambda: in_states({a1.host_id: "offline", a2.host_id: "ready"}),
                    OFFLINE_AFTER + CHECK_INTERVAL + CLI_SLACK, interval=0.1,
                    what="frozen agent offline")
@@ -78,6 +80,12 @@ class ClusterTests(TestCase):
                                        cp.operator_token)
         self.assertEqual(code, 0, err)
         self.assertIn("heartbeat_lost", out)
+        # the control plane's own record: marked offline within offline_after + check_interval
+        code, out, err = await run_cli(reactor, ["host", "status", "--json", a1.host_id],
+                                       cp.url, cp.operator_token)
+        offline = [e for e in json.loads(out)["events"] if e["payload"].get("state") == "offline"]
+        self.assertEqual(len(offline), 1)
+        self.assertLessEqual(offline[0]["ts"] - frozen_wall, OFFLINE_AFTER + CHECK_INTERVAL + 1.0)
 
         # thaw it: ready again, same host
         a1.thaw()
