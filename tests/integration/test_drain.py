@@ -108,6 +108,35 @@ class DrainTests(TestCase):
         self.assertIn("done", text)
         self.assertIn("ready", await self.cli(cp, "host", "activate", src))
 
+        # Undrain mid-drain: drain the target back; cancel while the replacement is waiting
+        # to be healthy (its original already stopped): that migration finishes, the drain is
+        # cancelled and the host is ready again.
+        await self.cli(cp, "host", "drain", dst, "--detach", "--min-healthy", "30s",
+                       "--healthy-deadline", "300s")
+
+        async def drain_status():
+            return json.loads(await self.cli(cp, "host", "drain-status", dst, "--json"))
+
+        async def waiting():
+            return (await drain_status())["migrations"][0]["phase"] == "waiting_healthy"
+
+        await poll(reactor, waiting, 300, interval=1.0, what="replacement waiting to be healthy")
+        self.assertIn("cancelling", await self.cli(cp, "host", "undrain", dst))
+
+        async def cancelled():
+            return (await drain_status())["state"] == "cancelled"
+
+        await poll(reactor, cancelled, 300, interval=1.0, what="drain cancelled")
+        status = await drain_status()
+        self.assertEqual(status["host_state"], "ready")
+        self.assertEqual(status["migrations"][0]["phase"], "done")
+        app = json.loads(await self.cli(cp, "status", "web", "--json"))
+        [back] = app["machines"]
+        self.assertEqual((back["host_id"], back["state"], back["health"]),
+                         (src, "running", "passing"))
+        page = await (await treq.get(f"http://127.0.0.1:{back['host_port']}/")).text()
+        self.assertIn(known.decode(), page)
+
     def test_two_vms_control_plane_killed_mid_drain(self):
         return ensureDeferred(self._killed())
 
