@@ -464,6 +464,22 @@ class DrainRunTests(TestCase):
         self.assertEqual((await c.store.get("volumes", vid))["host_id"], src)
 
     @d
+    async def test_deadline_leaves_unstarted_migrations_not_moved(self):
+        c = await DrainCluster(self).start()
+        await c.apps.create_app("a")
+        await c.apps.deploy("a", c.spec(replicas=4))  # two on each host
+        src = "h-a"
+        _, status = await self.drain(c, src, deadline=1, min_healthy=5, max_parallel=1)
+        phases = sorted(m["phase"] for m in status["migrations"])
+        self.assertEqual(phases, ["done", "not_moved"])
+        left = next(m for m in status["migrations"] if m["phase"] == "not_moved")
+        self.assertIn("deadline", left["error"])
+        self.assertEqual(status["state"], "incomplete")
+        machines = await c.apps.list_machines()
+        self.assertEqual({x["state"] for x in machines}, {"running"})
+        self.assertEqual(sum(x["host_id"] == src for x in machines), 1)
+
+    @d
     async def test_undrain_mid_drain(self):
         c = await DrainCluster(self).start()
         m1 = await self.deploy(c, "a", volumes=False)
