@@ -13,10 +13,18 @@ from autobahn.wamp.serializer import JsonSerializer
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
-from twisted.trial.unittest import TestCase
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from zwrm import pki
-from zwrm.agent.service import AuthRejected, _AgentSession, _PinnedOptions
+from zwrm import errors, pki
+from zwrm.agent.service import (
+    AgentService,
+    AuthRejected,
+    ServerRejected,
+    _AgentSession,
+    _PinnedOptions,
+)
+from zwrm.agent.tap import AgentConfig
 from zwrm.testing.processes import (
     AgentProcess,
     ControlPlaneProcess,
@@ -174,3 +182,74 @@ class TLSJoinTests(TestCase):
         self.assertEqual([h["name"] for h in hosts], ["a1"])
         for agent in list(agents.values()) + [a1]:
             self.assertNotIn("Traceback", _log(agent))
+
+
+class AgentCredentialTests(SynchronousTestCase):
+    """
+    What a joining agent accepts from the control plane, and which TLS options it uses
+    (no processes; a real CA in a temporary directory).
+    """
+
+    def setUp(self):
+        self.ca = pki.CertificateAuthority.create()
+        self.other_ca = pki.CertificateAuthority.create()
+        self.data_dir = self.mktemp()
+        os.makedirs(self.data_dir)
+        self.token = f"zwrm1.abc123.{'s' * 32}.{self.ca.fingerprint}"
+        self.agent = AgentService(
+            Clock(),
+            AgentConfig(url="wss://127.0.0.1:8443/ws", join_token=self.token,
+                        data_dir=self.data_dir))
+        self.agent.identity.load()
+        self.host_id = self.agent.identity.host_id
+
+    def _result(self, ca, host_id):
+        key_pem, csr_pem = pki.make_host_request(host_id)
+        cert = ca.sign_host_request(csr_pem, host_id)
+        return {"certificate": cert.decode(), "ca": ca.certificate_pem.decode()}, key_pem
+
+    def test_options(self):
+        """
+        Joining trusts only the token's CA; once the credentials are saved the agent presents
+        its host certificate; plain ws:// uses no TLS options.
+        """
+        joining = self.agent._tls_options(joining=True)
+        self.assertIsInstance(joining, pki.PinnedClientTLSOptions)
+        self.assertEqual(joining._fingerprint, self.ca.fingerprint)
+        self.assertIsNone(self.agent._tls_options(joining=False))  # nothing saved yet
+        result, key_pem = self._result(self.ca, self.host_id)
+        self.agent._save_credentials(result, key_pem, joining)
+        member = self.agent._tls_options(joining=False)
+        self.assertEqual(member._fingerprint, self.ca.fingerprint)
+        self.assertEqual(pki.HostCredentials.load(self.agent.tls_dir).host_id, self.host_id)
+        self.agent.config.url = "ws://127.0.0.1:8080/ws"
+        self.assertIsNone(self.agent._tls_options(joining=False))
+
+    def test_certificate_for_another_host(self):
+        result, key_pem = self._result(self.ca, "h-someoneelse")
+        with self.assertRaises(ServerRejected) as c:
+            self.agent._save_credentials(result, key_pem, None)
+        self.assertIn("not for host", str(c.exception))
+        self.assertIsNone(pki.HostCredentials.load(self.agent.tls_dir))
+
+    def test_ca_other_than_the_tokens(self):
+        result, key_pem = self._result(self.other_ca, self.host_id)
+        with self.assertRaises(ServerRejected) as c:
+            self.agent._save_credentials(result, key_pem, None)
+        self.assertIn("the join token names", str(c.exception))
+        self.assertIsNone(pki.HostCredentials.load(self.agent.tls_dir))
+
+    def test_saved_certificate_for_another_host(self):
+        result, key_pem = self._result(self.ca, self.host_id)
+        self.agent._save_credentials(result, key_pem, None)
+        self.agent.identity.host_id = "h-else"
+        with self.assertRaises(ServerRejected) as c:
+            self.agent._tls_options(joining=False)
+        self.assertIn(f"is for host {self.host_id!r}, not this host 'h-else'", str(c.exception))
+
+    def test_malformed_token(self):
+        self.agent.config.join_token = "zwrm1.abc"
+        with self.assertRaises(errors.InvalidArgument) as c:
+            self.agent._tls_options(joining=True)
+        self.assertIn("malformed join token", c.exception.message)
+        self.assertIn("malformed join token", self.agent._explain(c.exception))
