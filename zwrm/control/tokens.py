@@ -95,7 +95,9 @@ class ControlPKI:
                 if n not in names:
                     names.append(n)
             ca.server_credentials(names)
-            return ca, names, pki.JoinTokens(db, ca.fingerprint, self.reactor)
+            tokens = pki.JoinTokens(db, ca.fingerprint, self.reactor)
+            tokens.prune()  # expired or revoked for more than a week
+            return ca, names, tokens
 
         self.ca, self.names, self._tokens = await self.store.run(load)
         self.fingerprint = self.ca.fingerprint
