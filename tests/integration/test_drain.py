@@ -179,11 +179,47 @@ class DrainTests(TestCase):
                                 known[name])
             self.assertEqual(r.code, 200, await r.text())
 
-        await self.cli(cp, "host", "drain", src, "--detach", "--min-healthy", "15s",
-                       "--healthy-deadline", "300s")
-
         async def status():
             return json.loads(await self.cli(cp, "host", "drain-status", src, "--json"))
+
+        async def ended():
+            try:
+                return (await status())["state"] in ("completed", "incomplete", "cancelled")
+            except AssertionError:
+                return False
+
+        # The target agent dies (kill -9) as the drain starts: each migration rolls back, the
+        # VMs run on the source with their data, the host stays draining.
+        await self.cli(cp, "host", "drain", src, "--detach", "--min-healthy", "15s",
+                       "--healthy-deadline", "300s")
+        agents[1].signal(signal.SIGKILL)
+        await poll(reactor, ended, 300, interval=1.0, what="drain ended without its target")
+        s = await status()
+        self.assertEqual(s["state"], "incomplete", s)
+        self.assertEqual({m["phase"] for m in s["migrations"]} - {"rolled_back", "not_moved"},
+                         set(), s)
+        for name in ("web", "db"):
+            [m] = json.loads(await self.cli(cp, "status", name, "--json"))["machines"]
+            self.assertEqual((m["host_id"], m["state"]), (src, "running"))
+            page = await (await treq.get(f"http://127.0.0.1:{m['host_port']}/")).text()
+            self.assertIn(known[name].decode(), page)
+        hosts = {h["id"]: h for h in await host_list(reactor, cp)}
+        self.assertEqual(hosts[src]["state"], "draining")
+        await poll(reactor, lambda: not agents[1].running, 20, what="target agent dead")
+        await agents[1].start()
+
+        async def target_ready():
+            return {h["id"]: h for h in await host_list(reactor, cp)}[dst]["state"] == "ready"
+
+        try:
+            await poll(reactor, target_ready, 120, interval=1.0, what="target agent back")
+        except AssertionError as e:
+            self.fail(f"{e}\nhosts: {await host_list(reactor, cp)}\n"
+                      f"agent log:\n{agents[1].log_tail(60)}\ncontrol log:\n{cp.log_tail(60)}")
+
+        # The operator retries; the control plane is killed (-9) in the middle of it.
+        await self.cli(cp, "host", "drain", src, "--detach", "--min-healthy", "15s",
+                       "--healthy-deadline", "300s")
 
         async def first_waiting():
             s = await status()
@@ -194,13 +230,7 @@ class DrainTests(TestCase):
         await poll(reactor, lambda: not cp.running, 20, what="control plane dead")
         await cp.start()
 
-        async def finished():
-            try:
-                return (await status())["state"] in ("completed", "incomplete", "cancelled")
-            except AssertionError:
-                return False
-
-        await poll(reactor, finished, 400, interval=2.0, what="drain finished after the restart")
+        await poll(reactor, ended, 400, interval=2.0, what="drain finished after the restart")
         s = await status()
         self.assertEqual(s["state"], "completed", s)
         self.assertEqual([m["phase"] for m in s["migrations"]], ["done", "done"])
