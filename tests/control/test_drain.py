@@ -545,3 +545,42 @@ class DrainRunTests(TestCase):
             await c.drains.drain("h-a")
         self.assertEqual((await c.drains.activate("h-a"))["state"], "ready")
 
+
+
+class CliFormatTests(SynchronousTestCase):
+    def test_durations(self):
+        from zwrm.cli.client import CliError
+        from zwrm.cli.drain import _duration
+
+        self.assertEqual([_duration(x) for x in ("90", "90s", "15m", "1h")],
+                         [90, 90, 900, 3600])
+        e = self.assertRaises(CliError, _duration, "5x")
+        self.assertIn("bad duration", e.message)
+
+    def test_status_and_plan_lines(self):
+        import io
+
+        from zwrm.cli.drain import format_plan, format_status
+
+        out = io.StringIO()
+        format_plan({"host_id": "h-a", "drain_id": None, "plan": [
+            {"machine_id": "m-1", "app": "db", "volumes": ["v-1"], "target": "h-b",
+             "reason": None},
+            {"machine_id": "m-2", "app": "big", "volumes": [], "target": None,
+             "reason": "no host has 900 GiB of memory"}]}, out)
+        text = out.getvalue()
+        self.assertIn("(dry run)", text)
+        self.assertIn("m-1  db (1 volume(s))  -> h-b", text)
+        self.assertIn("no target: no host has 900 GiB", text)
+        out = io.StringIO()
+        format_status({"drain_id": "d-1", "host_id": "h-a", "state": "running",
+                       "host_state": "draining", "migrations": [
+                           {"machine_id": "m-1", "app": "db", "phase": "bulk_copying",
+                            "target": "h-b", "bytes_sent": 512 * MiB,
+                            "bytes_total": 1024 * MiB, "rate": 100 * MiB, "eta": 5.0,
+                            "error": None, "downtime": None}]}, out)
+        line = out.getvalue().splitlines()[1]
+        self.assertIn("bulk_copying", line)
+        self.assertIn("512.0MiB of 1.0GiB", line)
+        self.assertIn("100.0MiB/s", line)
+        self.assertIn("eta 5s", line)
