@@ -529,6 +529,55 @@ class DrainRunTests(TestCase):
         self.assertFalse(c.store_of(src).exists(vid))
 
     @d
+    async def test_crash_in_each_phase_resumes(self):
+        """
+        The control plane dies right after storing each phase (before its step acts), and
+        right after each step acted (before the next phase is stored): a new control plane
+        resumes, and the move completes with the data intact.
+        """
+        from twisted.internet.defer import CancelledError
+
+        phases = ("bulk_copying", "stopping_source", "delta_copying", "starting_replacement",
+                  "waiting_healthy", "committing", "cleaning")
+        for phase, after in product(phases, (False, True)):
+            c = await DrainCluster(self).start()
+            m = await self.deploy(c)
+            src = m["host_id"]
+            dst = "h-b" if src == "h-a" else "h-a"
+            vid = m["volumes"][0]
+            before = write_known(c.store_of(src).path(vid), "v1")
+            step = getattr(c.drains, "_step_" + phase)
+
+            crashed = []
+
+            async def crash(drain, run, step=step, after=after, crashed=crashed):
+                if after:
+                    await step(drain, run)
+                crashed.append(True)
+                raise CancelledError()
+
+            setattr(c.drains, "_step_" + phase, crash)
+            await c.drains.drain(src, min_healthy=1, healthy_deadline=30, stop_timeout=5)
+            for _ in range(3000):
+                if crashed:
+                    break
+                c.clock.advance(0.1)
+                await deferLater(reactor, 0.002, lambda: None)
+            self.assertEqual((await c.store.select("migrations"))[0]["phase"], phase)
+            c.drains.stop()
+            c.drains = Drains(c.clock, c.store, c.registry, c.apps, c.publish)
+            self.assertEqual(await c.drains.resume(), 1)
+            await c.settle(c.drains.active[src].done)
+            status = await c.drains.drain_status(src)
+            where = f"crash {'after' if after else 'before'} {phase}"
+            self.assertEqual(status["state"], "completed", (where, status["migrations"][0]["error"]))
+            self.assertEqual(sha(c.store_of(dst).path(vid)), before, where)
+            self.assertFalse(c.store_of(src).exists(vid), where)
+            machines = await c.apps.list_machines()
+            self.assertEqual([(x["host_id"], x["state"]) for x in machines],
+                             [(dst, "running")], where)
+
+    @d
     async def test_errors(self):
         c = await DrainCluster(self).start()
         with self.assertRaises(errors.NotFound):

@@ -99,6 +99,7 @@ class Drains:
         self._apps = apps
         self._publish = publish
         self.active = {}
+        self._stopped = False
 
     # -- stored changes, then events ---------------------------------------------------
 
@@ -362,6 +363,8 @@ class Drains:
                 h in self._hosts and self._hosts.executor_available(h) for h in hosts):
             await self._sleep(1.0)
             waited += 1.0
+        if self._stopped:
+            return
         self._arm_deadline(drain)
         for run in drain.migrations.values():
             if run.row["phase"] not in MIGRATION_TERMINAL + ("planned",):
@@ -371,7 +374,11 @@ class Drains:
         self._kick_drain(drain)
 
     def stop(self):
-        """Stop timers (the control plane stops; drains resume at its next start)."""
+        """
+        Stop acting (the control plane stops; drains resume at its next start): timers are
+        cancelled, steps under way are cancelled, and nothing more is taken from an outbox.
+        """
+        self._stopped = True
         for drain in self.active.values():
             if drain.deadline_call is not None and drain.deadline_call.active():
                 drain.deadline_call.cancel()
@@ -400,7 +407,7 @@ class Drains:
     async def _work_drain(self, drain):
         drain.working = True
         try:
-            while drain.outbox:
+            while drain.outbox and not self._stopped:
                 action, state = drain.outbox.pop(0)
                 await self._drain_action(drain, action, state)
         finally:
@@ -473,7 +480,7 @@ class Drains:
     async def _work(self, drain, run):
         run.working = True
         try:
-            while run.outbox:
+            while run.outbox and not self._stopped:
                 action, phase, reason = run.outbox.pop(0)
                 if action == "note":
                     await self._save_migration(run, error=reason)
@@ -485,6 +492,8 @@ class Drains:
                 await self._event("migration", run.row["id"], {
                     "drain_id": drain.row["id"], "machine_id": run.row["machine_id"],
                     "target": run.row["target_host"], "phase": phase, "reason": reason})
+                if self._stopped:
+                    return  # stored; its step runs after the next start
                 if phase in MIGRATION_TERMINAL:
                     if run.placement is not None and phase != "done":
                         self._release(run)
