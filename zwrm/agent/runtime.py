@@ -92,12 +92,12 @@ class HostRuntime:
         if creds is None:
             self.log.info("no volume endpoint yet: no host certificate in {d}", d=directory)
             return
-        endpoint = getattr(self.config, "volume_endpoint", None) or "tcp:0:interface=127.0.0.1"
+        endpoint = self.config.volume_endpoint
         transfers = VolumeTransfers(self.reactor, self.volumes, creds, endpoint=endpoint)
         port = await transfers.listen()
         self.transfers = transfers
         self.executor.transfers = transfers
-        self.executor.transfer_host = _advertised(endpoint, port)
+        self.executor.transfer_host = _advertised(endpoint, port, self.config.address)
         self.log.info("volume endpoint on {h}:{p}", h=self.executor.transfer_host,
                       p=port.getHost().port)
 
@@ -129,12 +129,17 @@ class HostRuntime:
             await self._pool.closeCachedConnections()
 
 
-def _advertised(endpoint, port):
-    """The address other agents reach the volume endpoint at (its interface, else loopback)."""
+def _advertised(endpoint, port, address=None):
+    """
+    The address other agents reach the volume endpoint at: its interface; for a wildcard
+    interface, the host's configured C{address}; else loopback.
+    """
     for part in endpoint.split(":"):
         if part.startswith("interface="):
             host = part[len("interface="):]
             if host not in ("", "0.0.0.0", "::"):
                 return host
     host = port.getHost().host
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    if host in ("0.0.0.0", "::", ""):
+        return address or "127.0.0.1"
+    return host

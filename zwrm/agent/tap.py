@@ -41,6 +41,7 @@ class AgentConfig:
     accel: str = "auto"
     image_cache_mb: int = 10240
     plugin_dirs: list = field(default_factory=list)
+    volume_endpoint: str = "tcp:0:interface=127.0.0.1"
 
 
 def _is_loopback(host):
@@ -92,6 +93,9 @@ class Options(usage.Options):
         ["driver", None, None, "Hypervisor driver plugin (default qemu)."],
         ["accel", None, None, "QEMU accelerator: auto, kvm or tcg (default auto)."],
         ["image-cache-mb", None, None, "Image cache size limit in MiB (default 10240)."],
+        ["volume-endpoint", None, None,
+         "Where other agents stream volumes to this host (TLS with host certificates), an "
+         "endpoint string; default tcp:0:interface=127.0.0.1 (loopback only)."],
     ]
     optFlags = [["insecure", None, "Allow plain ws:// to a non-loopback control plane."]]
 
@@ -117,7 +121,8 @@ class Options(usage.Options):
             values = _load(self["config"])
         for key in ("control-plane-url", "region", "datacenter", "join-token", "join-token-file",
                     "data-dir", "name", "address", "vcpus", "memory-mb", "disk-mb", "ca-file",
-                    "retry-initial", "retry-max", "driver", "accel", "image-cache-mb"):
+                    "retry-initial", "retry-max", "driver", "accel", "image-cache-mb",
+                    "volume-endpoint"):
             if self[key] is not None:
                 values[key.replace("-", "_")] = self[key]
         if self["label"]:
@@ -160,7 +165,21 @@ class Options(usage.Options):
             raise usage.UsageError(f"CA file {config.ca_file} does not exist")
         check_url(config.url, config.insecure)
         _check_driver(config)
+        _check_volume_endpoint(config.volume_endpoint)
         self.config = config
+
+
+def _check_volume_endpoint(description):
+    """@raise usage.UsageError: unless C{description} is a TCP server endpoint string."""
+    from twisted.internet import endpoints, reactor
+
+    if not isinstance(description, str) or not description.startswith("tcp:"):
+        raise usage.UsageError(
+            f"volume_endpoint must be a tcp: endpoint string (TLS is added), not {description!r}")
+    try:
+        endpoints.serverFromString(reactor, description)
+    except (ValueError, TypeError) as e:
+        raise usage.UsageError(f"bad volume_endpoint {description!r}: {e}") from None
 
 
 def _check_driver(config):
@@ -177,7 +196,7 @@ def _check_driver(config):
 
 KEYS = {"control_plane_url", "region", "datacenter", "join_token", "join_token_file", "data_dir",
         "name", "address", "labels", "vcpus", "memory_mb", "disk_mb", "ca_file", "insecure",
-        "retry_initial", "retry_max", "driver", "accel", "image_cache_mb", "plugin_dirs"}
+        "retry_initial", "retry_max", "driver", "accel", "image_cache_mb", "plugin_dirs", "volume_endpoint"}
 
 
 def _load(path):
