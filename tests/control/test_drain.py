@@ -290,6 +290,10 @@ class DrainRunTests(TestCase):
         self.assertEqual([(x["host_id"], x["state"]) for x in machines], [(dst, "running")])
         self.assertEqual((await c.store.get("volumes", vid))["host_id"], dst)
         self.assertEqual(c.registry.entry(src).machine.state, "drained")
+        # capacity moved with the machine: what `zwrm host list` shows, and what is stored
+        hosts = {h["id"]: h for h in await c.registry.list()}
+        self.assertEqual((hosts[src]["alloc_vcpus"], hosts[dst]["alloc_vcpus"]), (0, 1))
+        self.assertEqual((await c.store.get("hosts", dst))["alloc_vcpus"], 1)
         phases = [e["payload"].get("phase") for t, e in c.published if t == DRAIN_TOPIC]
         self.assertIn("delta_copying", phases)
         # later deploys pin to the target

@@ -216,6 +216,19 @@ class Apps:
             self.scheduler.release(p)
             self._alloc_changed(p.host_id)
 
+    def adopt_placement(self, machine_id, placement):
+        """
+        Account for C{machine_id} with a placement made elsewhere (a drain's target): it is
+        released with the machine from now on, and the host's stored allocation includes it.
+        """
+        self._placements[machine_id] = placement
+        self._alloc_changed(placement.host_id)
+
+    def release_placement(self, placement):
+        """Give back a placement that never became a machine (e.g. a drain's plan)."""
+        if self.scheduler.release(placement):
+            self._alloc_changed(placement.host_id)
+
     def _alloc_changed(self, host_id):
         """
         Store what the scheduler has placed on C{host_id} as the host's allocation (what

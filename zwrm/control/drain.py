@@ -520,9 +520,9 @@ class Drains:
 
     def _release(self, run):
         try:
-            self._apps.scheduler.release(run.placement)
+            self._apps.release_placement(run.placement)
         except Exception:
-            pass
+            self.log.failure("releasing the placement of {m}", m=run.row["machine_id"])
         run.placement = None
 
     # -- the steps (each idempotent: a restart runs the stored phase's step again) -------
@@ -654,7 +654,7 @@ class Drains:
         sched = self._apps.scheduler
         if run.placement is None:
             run.placement = sched.restore(target, self._apps._request(row["spec"], None))
-        self._apps._placements[new_id] = run.placement
+        self._apps.adopt_placement(new_id, run.placement)
         run.placement = None  # the apps layer releases it with the machine from now on
         await self._apps._event("zwrm.event.machine", "state", new_id, {
             "machine_id": new_id, "app_id": row["app_id"], "host_id": target, "old": None,
