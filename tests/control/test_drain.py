@@ -634,6 +634,6 @@ class CliFormatTests(SynchronousTestCase):
                             "error": None, "downtime": None}]}, out)
         line = out.getvalue().splitlines()[1]
         self.assertIn("bulk_copying", line)
-        self.assertIn("512.0MiB of 1.0GiB", line)
+        self.assertIn("sent 512.0MiB (image 1.0GiB)", line)
         self.assertIn("100.0MiB/s", line)
         self.assertIn("eta 5s", line)

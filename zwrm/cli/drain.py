@@ -82,7 +82,8 @@ def format_status(s, out):
         rate = f"{_size(m['rate'])}/s" if m["rate"] else "-"
         eta = f"{m['eta']:.0f}s" if m["eta"] is not None else "-"
         line = (f"  {m['machine_id']}  {m['app'] or '-'}  {m['phase']}  -> "
-                f"{m['target'] or '-'}  {_size(m['bytes_sent'])} of {_size(m['bytes_total'])}"
+                f"{m['target'] or '-'}  sent {_size(m['bytes_sent'])}"
+                f" (image {_size(m['bytes_total'])})"
                 f"  {rate}  eta {eta}")
         if m.get("downtime") is not None:
             line += f"  downtime {m['downtime']:.1f}s"
