@@ -94,7 +94,8 @@ class MembershipTests(TestCase):
     async def test_wrong_token_retries_with_one_line(self):
         plane, tmp = await start_plane(self)
         agent = make_agent(self, plane, os.path.join(tmp, "a1"), token="wrong")
-        await poll(reactor, lambda: agent.attempts >= 3, 10, 0.05, what="retries")
+        await poll(reactor, lambda: agent.attempts >= 3 and agent.last_error, 30, 0.05,
+                   what="retries")
         self.assertFalse(agent.registered.called)
         self.assertIn("rejected our join token", agent.last_error)
         self.assertEqual(len(plane.registry), 0)

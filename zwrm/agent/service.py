@@ -213,6 +213,7 @@ class AgentService(service.Service):
         self._running = False
         self._connecting = None
         self._pending = None
+        self._pending_proto = None
         self._tls = None
 
     # -- facts ------------------------------------------------------------------------
@@ -259,10 +260,10 @@ class AgentService(service.Service):
             self._sleep.cancel()
         if self._connecting is not None and not self._connecting.called:
             self._connecting.cancel()
-        pending = self._pending
-        if pending is not None and pending._transport is not None:
-            pending._transport.dropConnection() if hasattr(
-                pending._transport, "dropConnection") else pending._transport.close()
+        proto = self._pending_proto
+        if proto is not None and getattr(proto, "transport", None) is not None:
+            # connected but not joined yet (e.g. waiting for an authentication answer)
+            proto.transport.abortConnection()
         closing = (defer.Deferred.fromCoroutine(self.runtime.close())
                    if self.runtime is not None else defer.succeed(None))
         session = self.session
@@ -362,7 +363,7 @@ class AgentService(service.Service):
         self._connecting = endpoint.connect(factory)
         self._pending = session
         try:
-            protocol = await self._connecting
+            protocol = self._pending_proto = await self._connecting
             _watch_connection(protocol, session, options)
             await session.joined
         except Exception:
@@ -372,6 +373,7 @@ class AgentService(service.Service):
         finally:
             self._connecting = None
             self._pending = None
+            self._pending_proto = None
         self._tls = options
         return session
 
