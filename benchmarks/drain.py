@@ -38,6 +38,7 @@ from zwrm.testing.processes import (  # noqa: E402
     AgentProcess,
     ControlPlaneProcess,
     host_list,
+    kill_machines_under,
     poll,
     run_cli,
 )
@@ -118,6 +119,7 @@ async def main(reactor, runs):
     finally:
         for p in reversed(procs):
             await p.stop()
+        kill_machines_under(tmp)
         shutil.rmtree(tmp, True)
 
 
