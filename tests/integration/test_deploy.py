@@ -12,11 +12,9 @@ import pytest
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from zwrm.testing import image
-from zwrm.testing.processes import AgentProcess, ControlPlaneProcess, host_list, poll, run_cli, temp_dir
+from zwrm.testing.processes import host_list, poll, run_cli, start_vm_cluster
 
 
 @pytest.mark.qemu
@@ -35,27 +33,9 @@ class DeployTests(TestCase):
         return out
 
     async def _scenario(self):
-        img = await deferToThread(image.build)
-        tmp = temp_dir(self)
-        cp = ControlPlaneProcess(reactor, f"{tmp}/cp", heartbeat_interval=1.0, check_interval=2.0,
-                                 offline_after=10.0, grace=10.0)
-        self.addCleanup(cp.stop)
-        await cp.start()
-        agents = [AgentProcess(reactor, f"{tmp}/a{i}", cp.url, cp.join_token, name=f"a{i}",
-                               extra_args=["--accel", "tcg"]) for i in (1, 2)]
-        for a in agents:
-            self.addCleanup(a.stop)
-            await a.start()
+        cp, agents = await start_vm_cluster(reactor, self)
         ids = sorted(a.host_id for a in agents)
 
-        async def ready():
-            hosts = await host_list(reactor, cp)
-            return len(hosts) == 2 and all(h["state"] == "ready" for h in hosts)
-
-        await poll(reactor, ready, 60, what="both agents ready")
-
-        await self.cli(cp, "images", "push", "demo:1", "--kernel", img.kernel,
-                       "--initrd", img.initrd, "--cmdline", img.cmdline, "--port", "8080", "-q")
         await self.cli(cp, "apps", "create", "web")
         out = await self.cli(
             cp, "deploy", "web", "--image", "demo:1", "--replicas", "2", "--memory", "256",

@@ -13,17 +13,13 @@ import pytest
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from zwrm.testing import image
 from zwrm.testing.processes import (
-    AgentProcess,
-    ControlPlaneProcess,
     host_list,
     poll,
     run_cli,
-    temp_dir,
+    start_vm_cluster,
 )
 
 
@@ -43,27 +39,9 @@ class DrainTests(TestCase):
         return out
 
     async def _scenario(self):
-        img = await deferToThread(image.build)
-        tmp = temp_dir(self)
-        cp = ControlPlaneProcess(reactor, f"{tmp}/cp", heartbeat_interval=1.0, check_interval=2.0,
-                                 offline_after=10.0, grace=10.0)
-        self.addCleanup(cp.stop)
-        await cp.start()
-        agents = [AgentProcess(reactor, f"{tmp}/a{i}", cp.url, cp.join_token, name=f"a{i}",
-                               extra_args=["--accel", "tcg"]) for i in (1, 2)]
-        for a in agents:
-            self.addCleanup(a.stop)
-            await a.start()
-
-        async def ready():
-            hosts = await host_list(reactor, cp)
-            return len(hosts) == 2 and all(h["state"] == "ready" for h in hosts)
-
-        await poll(reactor, ready, 60, what="both agents ready")
+        cp, agents = await start_vm_cluster(reactor, self)
         by_id = {a.host_id: a for a in agents}
 
-        await self.cli(cp, "images", "push", "demo:1", "--kernel", img.kernel,
-                       "--initrd", img.initrd, "--cmdline", img.cmdline, "--port", "8080", "-q")
         await self.cli(cp, "apps", "create", "web")
         out = await self.cli(
             cp, "deploy", "web", "--image", "demo:1", "--replicas", "1", "--memory", "256",
@@ -141,26 +119,8 @@ class DrainTests(TestCase):
         return ensureDeferred(self._killed())
 
     async def _killed(self):
-        img = await deferToThread(image.build)
-        tmp = temp_dir(self)
-        cp = ControlPlaneProcess(reactor, f"{tmp}/cp", heartbeat_interval=1.0, check_interval=2.0,
-                                 offline_after=20.0, grace=20.0)
-        self.addCleanup(cp.stop)
-        await cp.start()
-        agents = [AgentProcess(reactor, f"{tmp}/a{i}", cp.url, cp.join_token, name=f"a{i}",
-                               extra_args=["--accel", "tcg"]) for i in (1, 2)]
-        for a in agents:
-            self.addCleanup(a.stop)
-            await a.start()
-
-        async def ready():
-            hosts = await host_list(reactor, cp)
-            return len(hosts) == 2 and all(h["state"] == "ready" for h in hosts)
-
-        await poll(reactor, ready, 60, what="both agents ready")
+        cp, agents = await start_vm_cluster(reactor, self, offline_after=20.0)
         src, dst = agents[0].host_id, agents[1].host_id
-        await self.cli(cp, "images", "push", "demo:1", "--kernel", img.kernel,
-                       "--initrd", img.initrd, "--cmdline", img.cmdline, "--port", "8080", "-q")
         known = {}
         for name in ("web", "db"):
             await self.cli(cp, "apps", "create", name)

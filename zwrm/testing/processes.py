@@ -336,3 +336,40 @@ def temp_dir(testcase):
 
     testcase.addCleanup(cleanup)
     return path
+
+
+async def start_vm_cluster(reactor, testcase, agents=2, offline_after=10.0, image_ref="demo:1"):
+    """
+    A real control plane and C{agents} real agents (QEMU under TCG) in a temporary directory,
+    every agent ready, and the test image pushed to the control plane's registry as
+    C{image_ref}.  Everything is stopped (and the VMs killed) after C{testcase}.
+
+    @return: C{(control plane, [agents])}.
+    """
+    from twisted.internet.threads import deferToThread
+
+    from zwrm.testing import image
+
+    img = await deferToThread(image.build)
+    tmp = temp_dir(testcase)
+    cp = ControlPlaneProcess(reactor, f"{tmp}/cp", heartbeat_interval=1.0, check_interval=2.0,
+                             offline_after=offline_after, grace=offline_after)
+    testcase.addCleanup(cp.stop)
+    await cp.start()
+    started = [AgentProcess(reactor, f"{tmp}/a{i}", cp.url, cp.join_token, name=f"a{i}",
+                            extra_args=["--accel", "tcg"]) for i in range(1, agents + 1)]
+    for a in started:
+        testcase.addCleanup(a.stop)
+        await a.start()
+
+    async def ready():
+        hosts = await host_list(reactor, cp)
+        return len(hosts) == agents and all(h["state"] == "ready" for h in hosts)
+
+    await poll(reactor, ready, 60, what=f"{agents} agents ready")
+    code, _out, err = await run_cli(
+        reactor, ["images", "push", image_ref, "--kernel", img.kernel, "--initrd", img.initrd,
+                  "--cmdline", img.cmdline, "--port", "8080", "-q"], cp.url, cp.operator_token)
+    if code != 0:
+        raise RuntimeError(f"zwrm images push failed ({code}): {err.strip()}")
+    return cp, started
