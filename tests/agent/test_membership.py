@@ -7,6 +7,7 @@ import json
 import os
 import stat
 
+import pytest
 from autobahn.wamp.exception import ApplicationError
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
@@ -90,6 +91,8 @@ class MembershipTests(TestCase):
         self.assertEqual(agent2.identity.host_id, host_id)
         self.assertEqual(plane.registry.host_ids(), [host_id])
 
+    # Known timing-sensitive (see the issue notes); one rerun, shown as RERUN in the output.
+    @pytest.mark.flaky(reruns=1, reruns_delay=2)
     @d
     async def test_wrong_token_retries_with_one_line(self):
         plane, tmp = await start_plane(self)

@@ -172,6 +172,8 @@ class QemuStartTests(TestCase):
         self.assertEqual(st["state"], "failed")
         self.assertIn("the guest ended itself", st["reason"])
 
+    # Known timing-sensitive (see the issue notes); one rerun, shown as RERUN in the output.
+    @pytest.mark.flaky(reruns=1, reruns_delay=2)
     async def test_taken_port_is_a_clear_error(self):
         root = tempfile.mkdtemp(prefix="zwrm-q-", dir="/tmp")
         self.addCleanup(shutil.rmtree, root, True)

@@ -115,6 +115,8 @@ class DrainTests(TestCase):
         page = await (await treq.get(f"http://127.0.0.1:{back['host_port']}/")).text()
         self.assertIn(known.decode(), page)
 
+    # Known timing-sensitive (see the issue notes); one rerun, shown as RERUN in the output.
+    @pytest.mark.flaky(reruns=1, reruns_delay=2)
     def test_two_vms_control_plane_killed_mid_drain(self):
         return ensureDeferred(self._killed())
 
