@@ -24,7 +24,6 @@ The last-use times live in memory; after a restart every blob counts as just use
 protected for C{min_age}), ordered among themselves by file modification time.
 """
 
-import base64
 import hashlib
 import itertools
 import os
@@ -47,6 +46,7 @@ from zwrm.errors import (
     Unavailable,
 )
 from zwrm.interfaces import IImageCache
+from zwrm.registry.client import auth_header
 from zwrm.registry.image import MANIFEST_TYPE, parse_config, parse_manifest, parse_reference
 
 BATCH = 4 * 1024 * 1024
@@ -266,7 +266,7 @@ class ImageCache:
         if base.endswith("/v2"):
             base = base[:-3]
         self._base = base
-        self._auth = self._auth_header(credentials)
+        self._auth = auth_header(credentials)
         self.limit = int(limit_bytes)
         self.high = int(limit_bytes * high_watermark)
         self.low = int(limit_bytes * low_watermark)
@@ -293,15 +293,6 @@ class ImageCache:
         self.misses = 0
         self.evictions = 0
         self._scan()
-
-    @staticmethod
-    def _auth_header(credentials):
-        if credentials is None:
-            return None
-        if isinstance(credentials, str):
-            return b"Bearer " + credentials.encode()
-        user, token = credentials
-        return b"Basic " + base64.b64encode(f"{user}:{token}".encode())
 
     def _scan(self):
         blobdir = os.path.join(self.root, "blobs", "sha256")
