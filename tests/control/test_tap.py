@@ -48,7 +48,7 @@ class ControlOptionsTests(SynchronousTestCase):
             (["--config", self.write("[health]\nofline_after = 3\n")], "unknown setting"),
             (["--config", self.write('[health]\noffline_after = "soon"\n')], "must be a number"),
             (["--check-interval", "-1"], "must be positive"),
-            (["--strategy", "nope"], "unknown scheduler strategy"),
+            (["--strategy", "nope"], "unknown placement strategy 'nope'; available: pack, spread"),
             (["--listen", "tcp:8080"], "not on loopback"),
             (["--listen", "udp:1"], "use tcp:, ssl: or unix:"),
         ]

@@ -145,20 +145,15 @@ def check_config(config):
                 f"listen endpoint {description!r} is plain (not TLS) and not on loopback;"
                 " add interface=127.0.0.1, use an ssl: endpoint, or set insecure_listen"
             )
-    if config.offline_after < config.check_interval:
-        pass  # allowed: detection then takes up to check_interval + offline_after
-    try:
-        from zwrm import plugins
-        from zwrm.interfaces import IPlacementStrategy
+    # The strategy is loaded as the control plane will load it: an unknown name (or a
+    # broken plugin) stops it here, with the names there are.
+    from zwrm.plugins import PluginError
+    from zwrm.scheduler import load_strategy
 
-        plugins.add_plugin_dirs(config.plugin_dirs)
-        names = plugins.available(IPlacementStrategy)
-    except Exception as e:
-        raise usage.UsageError(f"cannot load scheduler plugins: {e}") from None
-    if names and config.strategy not in names:
-        raise usage.UsageError(
-            f"unknown scheduler strategy {config.strategy!r}; available: {', '.join(sorted(names))}"
-        )
+    try:
+        load_strategy(config.strategy, config.plugin_dirs)
+    except PluginError as e:
+        raise usage.UsageError(f"scheduler: {e}") from None
 
 
 class Options(usage.Options):
