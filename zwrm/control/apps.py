@@ -18,13 +18,28 @@ highest replicas but keeps their volumes: nothing is deleted unless the operator
 
 Every change is stored, then published on C{zwrm.event.machine} (machines and volumes)
 or C{zwrm.event.app}.
+
+Concurrency.  The deploys, scales and destroys of one app run one at a time, in the order
+they were called (a lock per app, held for the whole converge, starts included).  Those of
+different apps overlap: a converge holds the one placement lock of the control plane only
+while it places its missing replicas (all or nothing) and stores them as C{pending}
+machines with their reservations; the agents' C{machine.start} calls run after it let go,
+so a slow host delays only the app that has a machine there.  Every placement reserves its
+capacity in the scheduler before the lock is released, so concurrent converges see each
+other's reservations and never oversubscribe a host; a start that fails releases its
+reservation, a machine that runs commits it.
+
+A control plane that stops between storing a C{pending} machine and its agent's first
+report leaves that machine C{pending}; after a restart its capacity stays reserved
+(L{Apps.load}) and the app's next converge rolls it back (failed, destroyed, placed again)
+unless its agent has reported it since (then it goes on as any other machine).
 """
 
 import re
 import uuid
 
 from autobahn import wamp
-from twisted.internet.defer import DeferredLock
+from twisted.internet.defer import DeferredList, DeferredLock, ensureDeferred
 from twisted.logger import Logger
 
 from zwrm import errors
@@ -142,8 +157,10 @@ class Apps:
         self.scheduler = scheduler
         self._publish = publish
         self._placements = {}  # machine id -> Placement
-        self._lock = DeferredLock()  # deploys, scales and destroys of apps run one at a time
+        self._placing = DeferredLock()  # converges place and store their replicas one at a time
+        self._app_locks = {}  # app name -> DeferredLock: its deploys, scales, destroys in order
         self._machine_locks = {}  # machine id -> DeferredLock: its changes apply in order
+        self._unconfirmed = set()  # ids of machines found pending at load
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -156,6 +173,9 @@ class Apps:
         self.sync_hosts()
         n = 0
         for row in await self._store.select("machines", f"state IN {LIVE}"):
+            if row["state"] == "pending":
+                # Stored by a converge whose start may never have reached the agent.
+                self._unconfirmed.add(row["id"])
             try:
                 self._placements[row["id"]] = self.scheduler.restore(
                     row["host_id"], self._request(row["spec"], pinned=None))
@@ -202,6 +222,8 @@ class Apps:
             "old": old, "state": row["state"], "health": (row.get("health") or {}).get("status"),
             "reason": reason,
         })
+        if row["state"] != "pending":
+            self._unconfirmed.discard(row["id"])
         if row["state"] in ("stopped", "failed"):
             self._release(row["id"])
         elif row["state"] == "running":
@@ -327,35 +349,35 @@ class Apps:
         @raise zwrm.errors.Unplaceable: if a replica fits nowhere; nothing was started.
         """
         spec = validate_spec(spec)
-        await self._lock.acquire()
-        try:
-            app = await self._app(name)
-            await self._store.update("apps", app["id"], {"spec": spec})
-            await self._event(APP_TOPIC, "deployed", app["id"], {"app": name, "spec": spec})
-            app["spec"] = spec
-            await self._converge(app, replace=True)
-        finally:
-            self._lock.release()
+        _check_name(name, "app name")
+        await self._in_app_order(name, self._deploy, name, spec)
         return await self.app_status(name)
+
+    async def _deploy(self, name, spec):
+        app = await self._app(name)
+        await self._store.update("apps", app["id"], {"spec": spec})
+        await self._event(APP_TOPIC, "deployed", app["id"], {"app": name, "spec": spec})
+        app["spec"] = spec
+        await self._converge(app, replace=True)
 
     @wamp.register("zwrm.app.scale")
     async def scale(self, name, replicas):
         """Change an app's replica count and converge. @raise InvalidArgument, NotFound."""
         if not isinstance(replicas, int) or isinstance(replicas, bool) or not 0 <= replicas <= 1000:
             raise errors.InvalidArgument(f"replicas must be from 0 to 1000, not {replicas!r}")
-        await self._lock.acquire()
-        try:
-            app = await self._app(name)
-            if app["spec"] is None:
-                raise errors.Conflict(f"app {name!r} was never deployed")
-            spec = dict(app["spec"], replicas=replicas)
-            await self._store.update("apps", app["id"], {"spec": spec})
-            await self._event(APP_TOPIC, "scaled", app["id"], {"app": name, "replicas": replicas})
-            app["spec"] = spec
-            await self._converge(app, replace=False)
-        finally:
-            self._lock.release()
+        _check_name(name, "app name")
+        await self._in_app_order(name, self._scale, name, replicas)
         return await self.app_status(name)
+
+    async def _scale(self, name, replicas):
+        app = await self._app(name)
+        if app["spec"] is None:
+            raise errors.Conflict(f"app {name!r} was never deployed")
+        spec = dict(app["spec"], replicas=replicas)
+        await self._store.update("apps", app["id"], {"spec": spec})
+        await self._event(APP_TOPIC, "scaled", app["id"], {"app": name, "replicas": replicas})
+        app["spec"] = spec
+        await self._converge(app, replace=False)
 
     @wamp.register("zwrm.app.destroy")
     async def destroy_app(self, name, volumes=False):
@@ -364,48 +386,87 @@ class Apps:
 
         @return: C{{"machines": [...], "volumes": [...]}} destroyed.
         """
-        await self._lock.acquire()
+        _check_name(name, "app name")
+        return await self._in_app_order(name, self._destroy_app, name, volumes)
+
+    async def _destroy_app(self, name, volumes):
+        app = await self._app(name)
+        machines = await self._store.select("machines", "app_id = ?", [app["id"]])
+        gone = [await self._destroy_machine(m) for m in machines]
+        vols = []
+        if volumes:
+            for v in await self._store.select("volumes", "app_id = ?", [app["id"]]):
+                await self._destroy_volume(v)
+                vols.append(v["id"])
+        elif await self._store.select("volumes", "app_id = ?", [app["id"]]):
+            # The app stays, without a spec, so its volumes keep an owner.
+            await self._store.update("apps", app["id"], {"spec": None})
+            await self._event(APP_TOPIC, "destroyed", app["id"],
+                              {"app": name, "volumes_kept": True})
+            return {"machines": gone, "volumes": [], "app_kept_for_volumes": True}
+        await self._store.run(lambda db: db["apps"].delete(app["id"]))
+        await self._event(APP_TOPIC, "destroyed", app["id"], {"app": name})
+        return {"machines": gone, "volumes": vols}
+
+    async def _in_app_order(self, name, fn, *args):
+        """
+        Run C{fn(*args)} after every deploy, scale or destroy already under way for the
+        app called C{name}. Take the lock before any await, so calls keep their order.
+        """
+        lock = self._app_locks.setdefault(name, DeferredLock())
+        await lock.acquire()
         try:
-            app = await self._app(name)
-            machines = await self._store.select("machines", "app_id = ?", [app["id"]])
-            gone = [await self._destroy_machine(m) for m in machines]
-            vols = []
-            if volumes:
-                for v in await self._store.select("volumes", "app_id = ?", [app["id"]]):
-                    await self._destroy_volume(v)
-                    vols.append(v["id"])
-            elif await self._store.select("volumes", "app_id = ?", [app["id"]]):
-                # The app stays, without a spec, so its volumes keep an owner.
-                await self._store.update("apps", app["id"], {"spec": None})
-                await self._event(APP_TOPIC, "destroyed", app["id"],
-                                  {"app": name, "volumes_kept": True})
-                return {"machines": gone, "volumes": [], "app_kept_for_volumes": True}
-            await self._store.run(lambda db: db["apps"].delete(app["id"]))
-            await self._event(APP_TOPIC, "destroyed", app["id"], {"app": name})
-            return {"machines": gone, "volumes": vols}
+            return await fn(*args)
         finally:
-            self._lock.release()
+            lock.release()
+            if not lock.locked and not lock.waiting:
+                self._app_locks.pop(name, None)
 
     async def _converge(self, app, replace):
+        """
+        Converge C{app}'s machines to its spec (the caller holds the app's lock): remove
+        extra, stale and failed machines, place and store the missing replicas under the
+        placement lock, then start them on their hosts outside it.
+        """
         spec = app["spec"]
         rows = await self._store.select("machines", "app_id = ?", [app["id"]])
         current = {}
         for m in rows:
             if m["state"] in LIVE or m["state"] == "failed":
                 current.setdefault(m["spec"]["replica"], []).append(m)
-        # Extra replicas and (on deploy) machines of an older spec go.
+        # Extra replicas and (on deploy) machines of an older spec go; so do machines a
+        # control plane before a restart stored but whose start no agent ever confirmed.
         for replica, ms in sorted(current.items()):
             for m in ms:
+                if m["state"] == "pending" and m["id"] in self._unconfirmed:
+                    await self._set_machine(
+                        m, "the control plane restarted before its start was confirmed",
+                        state="failed")
                 stale = replace and m["spec"].get("app_spec") != spec
                 if replica >= spec["replicas"] or stale or m["state"] == "failed":
                     await self._destroy_machine(m)
+        await self._placing.acquire()
+        try:
+            placed = await self._place_missing(app)
+        finally:
+            self._placing.release()
+        await self._start_all(placed)
+
+    async def _place_missing(self, app):
+        """
+        Place every missing replica of C{app} (all or nothing) and store each as a
+        C{pending} machine holding its reservation; the caller holds the placement lock.
+
+        @return: the stored machine rows, to start.
+        @raise zwrm.errors.Unplaceable: if one does not fit; nothing was reserved or stored.
+        """
+        spec = app["spec"]
         rows = await self._store.select("machines", "app_id = ?", [app["id"]])
         have = {m["spec"]["replica"] for m in rows if m["state"] in LIVE}
         missing = [i for i in range(spec["replicas"]) if i not in have]
         if not missing:
-            return
+            return []
         self.sync_hosts()
-        # Place every missing replica first (all or nothing), then start them.
         planned = []
         try:
             for replica in missing:
@@ -416,8 +477,32 @@ class Apps:
             raise errors.Unplaceable(
                 f"replica {missing[len(planned)]} of {app['name']}: {e.message}", **e.kwargs
             ) from None
-        for replica, placement, volumes in planned:
-            await self._start_replica(app, replica, placement, volumes)
+        except BaseException:
+            for _, placement, _ in planned:
+                self.scheduler.release(placement)
+            raise
+        stored = []
+        try:
+            for replica, placement, volumes in planned:
+                stored.append(await self._store_replica(app, replica, placement, volumes))
+        except BaseException:
+            for _, placement, _ in planned[len(stored):]:
+                self.release_placement(placement)
+            raise
+        return stored
+
+    async def _start_all(self, rows):
+        """
+        Start every stored machine in C{rows} on its host, all at once; wait for all.
+        A start that fails marks its machine failed (releasing its reservation).
+        """
+        if not rows:
+            return
+        results = await DeferredList(
+            [ensureDeferred(self._start_on_host(row)) for row in rows], consumeErrors=True)
+        for ok, result in results:
+            if not ok:
+                result.raiseException()
 
     async def _plan(self, app, replica):
         spec = app["spec"]
@@ -434,7 +519,7 @@ class Apps:
         placement = self.scheduler.place(request)
         return replica, placement, existing
 
-    async def _start_replica(self, app, replica, placement, existing):
+    async def _store_replica(self, app, replica, placement, existing):
         spec = app["spec"]
         host_id = placement.host_id
         now = self._clock.seconds()
@@ -465,7 +550,7 @@ class Apps:
         await self._event(MACHINE_TOPIC, "state", mid, {
             "machine_id": mid, "app_id": app["id"], "host_id": host_id, "old": None,
             "state": "pending", "reason": "placed"})
-        await self._start_on_host(row)
+        return row
 
     def _agent_spec(self, mspec):
         return {k: mspec[k] for k in ("id", "app", "image", "vcpus", "memory_mb", "volumes",
