@@ -161,6 +161,7 @@ class Apps:
         self._app_locks = {}  # app name -> DeferredLock: its deploys, scales, destroys in order
         self._machine_locks = {}  # machine id -> DeferredLock: its changes apply in order
         self._unconfirmed = set()  # ids of machines found pending at load
+        self._synced = {}  # host id -> what sync_hosts last gave the scheduler
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -189,18 +190,32 @@ class Apps:
         """
         Give the scheduler every known host with its current state; a host is C{ready} for
         the scheduler only while its executor can be called.
+
+        Still one pass over the registry (the registry does not announce its changes), but
+        a host whose state and placement facts are those last given is skipped before any
+        copy or validation: the scheduler would keep it as it is.
         """
+        synced = self._synced
         for host_id in self._hosts.host_ids():
             entry = self._hosts.entry(host_id)
             state = entry.machine.state
             if state == "ready" and not self._hosts.executor_available(host_id):
                 state = "unreachable"
-            record = dict(entry.record, state=state,
-                          alloc_vcpus=0, alloc_memory_mb=0, alloc_disk_mb=0)
+            r = entry.record
+            labels = r.get("labels")
+            seen = (state, r.get("region"), r.get("datacenter"), r.get("vcpus"),
+                    r.get("memory_mb"), r.get("disk_mb"),
+                    tuple(labels.items()) if isinstance(labels, dict) else labels)
+            if synced.get(host_id) == seen:
+                continue
+            record = dict(r, state=state, alloc_vcpus=0, alloc_memory_mb=0, alloc_disk_mb=0)
             try:
                 self.scheduler.update_host(record)
             except errors.InvalidArgument as e:
+                synced.pop(host_id, None)
                 self.log.warn("host {id} not schedulable: {e}", id=host_id, e=e)
+            else:
+                synced[host_id] = seen
 
     # -- stored changes, then events --------------------------------------------------
 
