@@ -96,7 +96,13 @@ class _AgentSession(ApplicationSession):
     def onConnect(self):
         self.join(self.config.realm, authmethods=["ticket"], authid=self._authid)
 
+    #: set when the agent closes this connection before the session opened
+    closing = False
+
     def onChallenge(self, challenge):
+        if self.closing:
+            # The WebSocket is closing: autobahn could not send the answer.  Never answer.
+            return defer.Deferred()
         return self._ticket
 
     def onJoin(self, details):
@@ -108,6 +114,9 @@ class _AgentSession(ApplicationSession):
         self.disconnect()
 
     def onDisconnect(self):
+        # Fail every call, registration, ... still waiting for an answer (TransportLost):
+        # without this, an attempt that loses its connection mid-call would wait for ever.
+        ApplicationSession.onDisconnect(self)
         d = self.leave_details
         if d is not None and d.reason == "wamp.error.authentication_failed":
             exc = AuthRejected(d.message or d.reason)
@@ -150,27 +159,72 @@ def client_endpoint(reactor, url, ca_file=None, timeout=10):
     return endpoints.wrapClientTLS(ssl.optionsForClientTLS(host, trustRoot=trust), tcp)
 
 
-def _watch_connection(protocol, session, options):
-    """
-    Fail C{session.joined} when the connection ends before the session could open (a TLS
-    handshake we refused, a failed WebSocket upgrade): autobahn then never tells the
-    session, which would wait for ever.
-    """
-    lost = protocol.connectionLost
+# autobahn's WebSocket states (autobahn.websocket.protocol.WebSocketProtocol.STATE_*)
+_WS_CLOSED, _WS_CONNECTING, _WS_CLOSING, _WS_OPEN = 0, 1, 2, 3
 
-    def connection_lost(reason):
-        try:
-            lost(reason)
-        finally:
-            if not session.joined.called:
-                rejected = getattr(options, "rejected", None)
-                session.joined.errback(
-                    ServerRejected(rejected)
-                    if rejected
-                    else SessionClosed(f"the connection was lost: {reason.getErrorMessage()}")
-                )
 
-    protocol.connectionLost = connection_lost
+class _Connection:
+    """
+    One connection to the control plane, from TCP connect to connection lost.
+
+    @ivar protocol: the WAMP-over-WebSocket client protocol.
+    @ivar session: its L{_AgentSession}.
+    @ivar lost: fires (with L{None}) once the connection is gone and every timer autobahn
+        set for it is cancelled.
+    """
+
+    def __init__(self, protocol, session, options):
+        self.protocol = protocol
+        self.session = session
+        self.lost = defer.Deferred()
+        lost = protocol.connectionLost
+
+        def connection_lost(reason):
+            try:
+                lost(reason)
+            finally:
+                # autobahn cancels its opening handshake, ping and drop timers when the
+                # connection ends, but not the closing handshake timer: cancel it here.
+                timer = getattr(protocol, "closeHandshakeTimeoutCall", None)
+                if timer is not None:
+                    protocol.closeHandshakeTimeoutCall = None
+                    timer.cancel()
+                # autobahn never tells a session whose connection ended before it opened (a
+                # TLS handshake we refused, a failed WebSocket upgrade): it would wait for ever
+                if not session.joined.called:
+                    rejected = getattr(options, "rejected", None)
+                    session.joined.errback(
+                        ServerRejected(rejected)
+                        if rejected
+                        else SessionClosed(f"the connection was lost: {reason.getErrorMessage()}")
+                    )
+                self.lost.callback(None)
+
+        protocol.connectionLost = connection_lost
+
+    def close(self):
+        """
+        End the connection as cleanly as its state allows: leave a joined session
+        (GOODBYE), close an open WebSocket (close handshake), let a closing one finish,
+        and abort one still in its TLS or WebSocket opening handshake.
+        """
+        if self.lost.called:
+            return
+        state = getattr(self.protocol, "state", None)
+        if self.session.is_attached():
+            if not getattr(self.session, "_goodbye_sent", False):
+                self.session.leave("wamp.close.normal", "agent stopping")
+        elif state == _WS_OPEN:
+            self.session.closing = True
+            self.protocol.sendClose(1000)
+        elif state != _WS_CLOSING:
+            self.abort()
+
+    def abort(self):
+        """Drop the connection now (its C{lost} fires at the next reactor turn)."""
+        transport = getattr(self.protocol, "transport", None)
+        if not self.lost.called and transport is not None:
+            transport.abortConnection()
 
 
 class AgentService(service.Service):
@@ -209,11 +263,12 @@ class AgentService(service.Service):
         self.registered = defer.Deferred()
         self._loop = None
         self._sleep = None
+        self._sleeping = None
         self._hb_call = None
+        self._hb_timeout = None
         self._running = False
         self._connecting = None
-        self._pending = None
-        self._pending_proto = None
+        self._connections = set()
         self._tls = None
 
     # -- facts ------------------------------------------------------------------------
@@ -252,36 +307,61 @@ class AgentService(service.Service):
         self._loop = defer.Deferred.fromCoroutine(self._run_forever())
         self._loop.addErrback(lambda f: self.log.failure("zwrm-agent stopped unexpectedly", f))
 
+    #: How long L{stopService} lets connections close cleanly before aborting them.
+    stop_timeout = 2.0
+
     def stopService(self):
+        """
+        Stop: no more attempts or heartbeats; every connection to the control plane ends
+        (a joined session leaves, an open WebSocket closes, one still in its TLS or
+        WebSocket handshake is aborted; after L{stop_timeout} seconds, whatever is left is
+        aborted); the runtime closes (its machines keep running).
+
+        @return: a Deferred that fires once all of that is done and no timer of this
+            service or of its connections is left in the reactor.
+        """
         service.Service.stopService(self)
         self._running = False
         self._stop_heartbeats()
         if self._sleep is not None and self._sleep.active():
             self._sleep.cancel()
+        if self._sleeping is not None and not self._sleeping.called:
+            self._sleeping.callback(None)  # the loop sees _running is false and ends
         if self._connecting is not None and not self._connecting.called:
             self._connecting.cancel()
-        proto = self._pending_proto
-        if proto is not None and getattr(proto, "transport", None) is not None:
-            # connected but not joined yet (e.g. waiting for an authentication answer)
-            proto.transport.abortConnection()
+        connections = list(self._connections)
+        for connection in connections:
+            connection.close()
         closing = (defer.Deferred.fromCoroutine(self.runtime.close())
                    if self.runtime is not None else defer.succeed(None))
-        session = self.session
-        if session is None or not session.is_attached():
-            return closing
-        session.leave("wamp.close.normal", "agent stopping")
-        # wait (briefly) for the GOODBYE to go out; never for a hanging attempt
-        done = defer.Deferred()
-        timer = self.reactor.callLater(2, lambda: done.called or done.callback(None))
+        return defer.gatherResults([self._all_lost(connections), closing, self._loop_ended()])
 
-        def ended(_):
+    def _all_lost(self, connections):
+        """Fires once every one of C{connections} is lost, aborting them after a while."""
+        lost = [c.lost for c in connections if not c.lost.called]
+        if not lost:
+            return defer.succeed(None)
+
+        def abort():
+            for c in connections:
+                c.abort()
+
+        timer = self.reactor.callLater(self.stop_timeout, abort)
+
+        def done(result):
             if timer.active():
                 timer.cancel()
-            if not done.called:
-                done.callback(None)
+            return result
 
-        session.ended.addBoth(ended)
-        return defer.gatherResults([done, closing])
+        return defer.gatherResults(lost).addBoth(done)
+
+    def _loop_ended(self):
+        loop = self._loop
+        if loop is None or loop.called:
+            return defer.succeed(None)
+        ended = defer.Deferred()
+        loop.addBoth(lambda result: (ended.callback(None), result)[1])
+        return ended
 
     def _backoff(self, failures):
         c = self.config
@@ -289,7 +369,7 @@ class AgentService(service.Service):
         return delay * self.rng.uniform(0.5, 1.0)
 
     def _wait(self, seconds):
-        d = defer.Deferred()
+        d = self._sleeping = defer.Deferred()
         self._sleep = self.reactor.callLater(seconds, d.callback, None)
         return d
 
@@ -361,10 +441,14 @@ class AgentService(service.Service):
             _secure, host, port, _r, _p, _q = parse_url(c.url)
             endpoint = endpoints.wrapClientTLS(options, _tcp_endpoint(self.reactor, host, port, 10))
         self._connecting = endpoint.connect(factory)
-        self._pending = session
         try:
-            protocol = self._pending_proto = await self._connecting
-            _watch_connection(protocol, session, options)
+            protocol = await self._connecting
+            self._connecting = None
+            connection = _Connection(protocol, session, options)
+            self._connections.add(connection)
+            connection.lost.addCallback(lambda _: self._connections.discard(connection))
+            if not self._running:
+                connection.abort()  # stopService came while connecting
             await session.joined
         except Exception:
             if getattr(options, "rejected", None):
@@ -372,8 +456,6 @@ class AgentService(service.Service):
             raise
         finally:
             self._connecting = None
-            self._pending = None
-            self._pending_proto = None
         self._tls = options
         return session
 
@@ -432,6 +514,8 @@ class AgentService(service.Service):
         if ident.credential:
             try:
                 session = await self._connect(ident.host_id, ident.credential)
+                if not self._running:
+                    return "stopped"
             except AuthRejected:
                 if self.config.join_token:
                     self.log.warn(
@@ -446,6 +530,8 @@ class AgentService(service.Service):
             return "no credential and no join token: start the agent with --join-token"
         self.state = "joining"
         session = await self._connect("join", self.config.join_token)
+        if not self._running:
+            return "stopped"
         pinned = self._tls
         key_pem, csr_pem = pki.make_host_request(ident.host_id)
         try:
@@ -542,16 +628,19 @@ class AgentService(service.Service):
         self._hb_call = self.reactor.callLater(delay, self._heartbeat)
 
     def _stop_heartbeats(self):
-        if self._hb_call is not None and self._hb_call.active():
-            self._hb_call.cancel()
-        self._hb_call = None
+        for call in (self._hb_call, self._hb_timeout):
+            if call is not None and call.active():
+                call.cancel()
+        self._hb_call = self._hb_timeout = None
 
     def _heartbeat(self):
         session = self.session
         if session is None or not session.is_attached():
             return
-        d = session.call("zwrm.agent.heartbeat", self.runtime.stats() if self.runtime else {})
-        timeout = self.reactor.callLater(3 * self.heartbeat_interval, self._heartbeat_timeout, session)
+        d = defer.maybeDeferred(session.call, "zwrm.agent.heartbeat",
+                                self.runtime.stats() if self.runtime else {})
+        timeout = self._hb_timeout = self.reactor.callLater(
+            3 * self.heartbeat_interval, self._heartbeat_timeout, session)
 
         def ok(result):
             self.heartbeats_sent += 1
@@ -565,7 +654,9 @@ class AgentService(service.Service):
         def done(_):
             if timeout.active():
                 timeout.cancel()
-            if self.session is session and session.is_attached():
+            if self._hb_timeout is timeout:
+                self._hb_timeout = None
+            if self._running and self.session is session and session.is_attached():
                 self._schedule_heartbeat()
 
         d.addCallbacks(ok, failed)
