@@ -22,6 +22,20 @@ class BackoffTests(SynchronousTestCase):
             self.assertTrue(all(ceiling / 2 <= x <= ceiling for x in delays), (failures, delays))
             self.assertGreater(len(delays), 1)  # jittered
 
+    def test_default_cap_is_within_the_control_planes_grace(self):
+        """
+        However long the control plane was down, an agent with the default settings tries
+        again within half the control plane's default grace (= offline_after) of its
+        return, so a restarted control plane does not mark live hosts offline.
+        """
+        from zwrm.control.tap import Config
+
+        agent = self.agent()
+        longest = max(agent._backoff(failures) for failures in range(1, 200))
+        plane = Config()
+        self.assertLessEqual(longest, agent.config.retry_max)
+        self.assertLessEqual(agent.config.retry_max, (plane.grace or plane.offline_after) / 2)
+
     def test_heartbeat_jitter(self):
         agent = self.agent()
         agent.heartbeat_interval = 10

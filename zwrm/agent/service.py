@@ -18,8 +18,12 @@ One connection attempt (L{AgentService._attempt}):
     the interval the control plane gives (with +-10% jitter) until the connection ends.
 
 Whatever ends an attempt (refused connection, rejected token, lost connection), the
-agent logs one line and tries again after an exponential backoff with jitter.  A
-rejected credential with a join token at hand makes the next attempt join again.
+agent logs one line and tries again after an exponential backoff with jitter, from
+C{retry_initial} doubling up to C{retry_max} (15 s by default, well inside the control
+plane's default grace and offline_after of 30 s: a control plane back from an outage of any
+length sees its agents again before it would mark them offline).  The backoff starts again
+from C{retry_initial} after each registered session.  A rejected credential with a join
+token at hand makes the next attempt join again.
 """
 
 import os

@@ -36,7 +36,12 @@ class AgentConfig:
     ca_file: str | None = None
     insecure: bool = False
     retry_initial: float = 1.0
-    retry_max: float = 60.0
+    #: The longest reconnection delay.  While the control plane is down the delay doubles
+    #: up to this; once it is back, an agent may sleep this long (jittered to 50-100%)
+    #: before it notices.  Keep it well below the control plane's C{grace} and
+    #: C{offline_after} (30 s by default), or a control-plane restart after a long outage
+    #: marks hosts offline (and fails their machines) before their agents try again.
+    retry_max: float = 15.0
     driver: str = "qemu"
     accel: str = "auto"
     image_cache_mb: int = 10240
@@ -89,7 +94,8 @@ class Options(usage.Options):
         ["disk-mb", None, None, "Override the disk (MiB)."],
         ["ca-file", None, None, "PEM CA certificate to trust for wss://."],
         ["retry-initial", None, None, "First reconnection delay, seconds (default 1)."],
-        ["retry-max", None, None, "Longest reconnection delay, seconds (default 60)."],
+        ["retry-max", None, None, "Longest reconnection delay, seconds (default 15); keep it below half the "
+         "control plane's --offline-after."],
         ["driver", None, None, "Hypervisor driver plugin (default qemu)."],
         ["accel", None, None, "QEMU accelerator: auto, kvm or tcg (default auto)."],
         ["image-cache-mb", None, None, "Image cache size limit in MiB (default 10240)."],
