@@ -193,6 +193,32 @@ class MembershipTests(TestCase):
         self.assertEqual(agent2.identity.host_id, host_id)
         self.assertNotEqual(agent2.identity.credential, "forged")
 
+    @d
+    async def test_session_killed_while_registering(self):
+        """
+        The control plane kills the host's session (as when its health monitor marks the
+        host offline) while the agent's C{zwrm.agent.register} call is outstanding: the
+        call fails, and the agent connects and registers again.  (It used to wait for the
+        answer for ever: the host stayed offline until the agent was restarted.)
+        """
+        plane, tmp = await start_plane(self)
+        agent = make_agent(self, plane, os.path.join(tmp, "a1"))
+        await agent.registered
+        attempts, register, killed = agent.attempts, plane.registry.register, []
+
+        async def killing_register(host_id, facts):
+            if not killed:
+                killed.append(plane.router.kill_by_authid(host_id, "host marked offline"))
+            return await register(host_id, facts)
+
+        self.patch(plane.registry, "register", killing_register)
+        agent.session._transport.transport.abortConnection()  # connect and register again
+        await poll(reactor, lambda: killed and agent.state == "registered"
+                   and agent.attempts == attempts + 2, 20, 0.05, what="registered again")
+        self.assertEqual(killed, [1])
+        sent = agent.heartbeats_sent
+        await poll(reactor, lambda: agent.heartbeats_sent > sent, 10, 0.05, what="heartbeats")
+
 
 class RoleTests(TestCase):
     timeout = 60
