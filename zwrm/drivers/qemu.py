@@ -95,6 +95,11 @@ class _Machine:
         self.guest_shutdown = False
         self.waiters = []
         self.watch = None
+        # While a start kills a QEMU that did not answer on QMP: why (the state's reason if
+        # the kill is what ended it).
+        self.kill_reason = None
+        # The signal that ended the QEMU this process started (None: it exited, or unknown).
+        self.end_signal = None
 
     def path(self, name):
         return os.path.join(self.dir, name)
@@ -118,6 +123,7 @@ class _QemuProcess(ProcessProtocol):
         self.machine = machine
 
     def processEnded(self, reason):
+        self.machine.end_signal = reason.value.signal
         if reason.check(ProcessDone):
             how = "exited with code 0"
         elif reason.value.signal is not None:
@@ -351,25 +357,37 @@ class QemuDriver:
         m.spec = spec
         m.stop_requested = m.guest_shutdown = False
         m.reason = ""
+        m.kill_reason = m.end_signal = None
         self._machines[m.id] = m
         out = os.open(m.path("qemu.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         exe, args = argv[0], argv
         if self.setsid:
             exe, args = self.setsid, [self.setsid] + argv
+        # "running" (without notifying: it is not controllable yet) before the spawn: if QEMU
+        # has exited already when spawnProcess registers it (the agent was descheduled after
+        # the fork, and QEMU failed fast), Twisted calls processEnded from inside
+        # spawnProcess, and _ended must take that end.
+        m.transport = m.pid = None
+        m.state = "running"
         try:
-            m.transport = self.reactor.spawnProcess(
+            transport = self.reactor.spawnProcess(
                 _QemuProcess(self, m), exe, args, env=dict(os.environ, LC_ALL="C"),
                 path=m.dir, childFDs={0: null, 1: out, 2: out},
             )
         except OSError as e:
             self._set(m, "failed", f"QEMU could not be started: {e}")
             raise Unavailable(f"machine {m.id}: QEMU could not be started: {e}") from None
+        except BaseException as e:
+            self._set(m, "failed", f"QEMU could not be started: {e}")
+            raise
         finally:
             os.close(out)
             os.close(null)
-        m.pid = m.transport.pid
-        m.state = "running"  # without notifying: it is not controllable yet
+        if m.state != "running":
+            # It ended already (see above).
+            raise Unavailable(f"machine {m.id}: {m.reason}")
+        m.transport, m.pid = transport, transport.pid
         ended = self._wait_end(m)
         connecting = ensureDeferred(_qmp.connect(
             self.reactor, m.qmp_path,
@@ -391,15 +409,23 @@ class QemuDriver:
         if what == "ended":
             connecting.cancel()
             connecting.addErrback(lambda f: None)
-            raise Unavailable(f"machine {m.id}: QEMU {m.reason}")
+            raise Unavailable(f"machine {m.id}: {m.reason}")
         if what == "qmp-failed":
+            # QEMU listens on its QMP socket before it sets up the rest of the machine (a
+            # host forward, a drive...), so a QEMU that fails at start-up can accept our
+            # connection and then exit; the end of that connection can reach us before the
+            # end of the process does. The process decides: kill it (a no-op if it is
+            # exiting already) and wait for its end. If QEMU exited by itself, its exit and
+            # its last words are the error; only if our kill ended it is QMP to blame.
             m.stop_requested = False
+            m.kill_reason = f"QEMU did not answer on QMP: {value.getErrorMessage()}"
             self._kill(m)
             await self._wait_end(m)
-            raise Unavailable(f"machine {m.id}: QEMU did not answer on QMP: {value.getErrorMessage()}")
+            m.kill_reason = None
+            raise Unavailable(f"machine {m.id}: {m.reason}")
         m.qmp = value
         if m.state != "running":
-            raise Unavailable(f"machine {m.id}: QEMU {m.reason}")
+            raise Unavailable(f"machine {m.id}: {m.reason}")
         self._set(m, "running", f"started (accel {self.accel})")
         return self._status(m)
 
@@ -471,6 +497,8 @@ class QemuDriver:
                 state, reason = "failed", f"the guest ended itself ({m.guest_shutdown})"
         elif m.stop_requested:
             state, reason = "stopped", "stopped on request"
+        elif m.kill_reason is not None and m.end_signal == signal.SIGKILL:
+            state, reason = "failed", m.kill_reason
         else:
             tail = self._qemu_log_tail(m)
             state, reason = "failed", f"QEMU {how}" + (f": {tail}" if tail else "")

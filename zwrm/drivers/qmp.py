@@ -11,6 +11,7 @@ a command and its reply.
 
 import json
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionDone
@@ -154,7 +155,9 @@ async def connect(reactor, path, on_event=None, on_disconnect=None, timeout=10.0
     @param reactor: provides C{IReactorUNIX} and C{IReactorTime}.
     @param timeout: seconds to keep retrying.
     @return: (a coroutine of) the ready L{QMPProtocol}.
-    @raise QMPError: C{Timeout} if no connection could be made within C{timeout}.
+    @raise QMPError: C{Timeout} if no connection could be made, or no negotiation finished,
+        within C{timeout}; C{Disconnected} (or QMP's own error class) if the server ended the
+        connection, or refused C{qmp_capabilities}, before negotiation finished.
     """
     tries = max(1, int(timeout / interval))
     last = None
@@ -170,8 +173,16 @@ async def connect(reactor, path, on_event=None, on_disconnect=None, timeout=10.0
             continue
         try:
             await proto.ready.addTimeout(timeout, reactor)
-        except Exception:
+        except QMPError as e:
+            # The server closed the connection (e.g. QEMU exited: it listens on QMP before it
+            # sets up the rest of the machine, and may then fail). Say so: it is no timeout.
+            proto.close()
+            raise QMPError(e.error_class, f"QMP at {path} failed to negotiate: {e.desc}") from None
+        except defer.TimeoutError:
             proto.close()
             raise QMPError("Timeout", f"QMP at {path} did not negotiate within {timeout} s") from None
+        except BaseException:
+            proto.close()
+            raise
         return proto
     raise QMPError("Timeout", f"no QMP server at {path} after {timeout} s: {last}")
