@@ -2,10 +2,11 @@
 
 import random
 
+from twisted.internet import error
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from zwrm.agent.service import AgentService
+from zwrm.agent.service import AgentService, SessionEnded
 from zwrm.agent.tap import AgentConfig
 from zwrm.testing.processes import temp_dir
 
@@ -35,6 +36,40 @@ class BackoffTests(SynchronousTestCase):
         plane = Config()
         self.assertLessEqual(longest, agent.config.retry_max)
         self.assertLessEqual(agent.config.retry_max, (plane.grace or plane.offline_after) / 2)
+
+    def test_backoff_starts_again_after_a_registered_session(self):
+        """
+        Failures while the control plane is unreachable grow the delay to the cap; a
+        registered session that ends, even when the control plane ended it (as when it marks
+        the host offline), starts the backoff again from C{retry_initial}.
+        """
+        agent = self.agent(retry_initial=1, retry_max=8)
+        clock = agent.reactor
+        outcomes = [error.ConnectionRefusedError()] * 6 + [
+            SessionEnded("wamp.close.killed: host marked offline"),
+            error.ConnectionRefusedError()]
+
+        async def attempt():
+            outcome = outcomes.pop(0)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+
+        agent._attempt = attempt
+        agent.startService()
+        delays, why = [], []
+        while True:
+            delays.append(agent._sleep.getTime() - clock.seconds())
+            why.append(agent.last_error)
+            if not outcomes:
+                break
+            clock.advance(delays[-1])
+        self.assertGreaterEqual(min(delays[3:6]), 4)  # capped at 8, jittered to 4..8
+        self.assertLessEqual(delays[6], 1)  # after the registered session: retry_initial
+        self.assertLessEqual(delays[7], 2)
+        self.assertIn("closed our session (wamp.close.killed", why[6])
+        self.successResultOf(agent.stopService())
+        self.assertEqual((agent.state, clock.getDelayedCalls()), ("stopped", []))
 
     def test_heartbeat_jitter(self):
         agent = self.agent()

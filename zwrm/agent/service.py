@@ -72,6 +72,16 @@ class SessionClosed(Exception):
     """The session ended (message says why)."""
 
 
+class SessionEnded:
+    """
+    What ends an attempt whose session was registered: the connection was lost, or the
+    control plane ended the session (C{why}, e.g. when it marked the host offline).
+    """
+
+    def __init__(self, why=None):
+        self.why = why
+
+
 class MembershipExecutor:
     """
     The membership part of a host's executor: C{zwrm.agent.<host_id>.agent.info}.
@@ -389,8 +399,8 @@ class AgentService(service.Service):
             if outcome == "joined":
                 failures = 0
                 continue
-            if outcome == "was-registered":
-                failures = 0
+            if isinstance(outcome, SessionEnded):
+                failures = 0  # it was registered: start the backoff again
             failures += 1
             delay = self._backoff(failures)
             self.last_error = self._explain(outcome)
@@ -400,9 +410,11 @@ class AgentService(service.Service):
 
     def _explain(self, outcome):
         url = self.config.url
+        if isinstance(outcome, SessionEnded):
+            if outcome.why:
+                return f"the control plane closed our session ({outcome.why})"
+            return f"lost the connection to the control plane at {url}"
         if isinstance(outcome, str):
-            if outcome == "was-registered":
-                return f"lost the connection to the control plane at {url}"
             return outcome
         if isinstance(outcome, ServerRejected):
             return f"refusing the control plane at {url}: {outcome}"
@@ -622,8 +634,8 @@ class AgentService(service.Service):
         self._stop_heartbeats()
         self.session = None
         if isinstance(outcome, SessionClosed) and "killed" in str(outcome):
-            return f"the control plane closed our session ({outcome})"
-        return "was-registered"
+            return SessionEnded(str(outcome))
+        return SessionEnded()
 
     # -- heartbeats -------------------------------------------------------------------
 
