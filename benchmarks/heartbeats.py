@@ -175,6 +175,20 @@ def percentile(sorted_values, p):
     return sorted_values[i]
 
 
+def gc_metrics(port):
+    """The control plane's C{zwrm_gc_*} figures from C{/metrics} (empty without a policy)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("zwrm_gc_"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
 def run_step(args, cp_pid, port, creds):
     workers = []
     for i in range(0, len(creds), args.per_worker):
@@ -195,9 +209,11 @@ def run_step(args, cp_pid, port, creds):
             raise RuntimeError("a worker failed to start")
     connect_s = time.monotonic() - t_start
     time.sleep(args.interval)
+    gc0 = gc_metrics(port)
     cpu0, t0 = cpu_seconds(cp_pid), time.monotonic()
     time.sleep(args.duration)
     cpu1, t1 = cpu_seconds(cp_pid), time.monotonic()
+    gc1 = gc_metrics(port)
     latencies, failures, worker_cpu = [], 0, 0.0
     for p in workers:
         for line in p.stdout:
@@ -223,6 +239,11 @@ def run_step(args, cp_pid, port, creds):
         "cpu": (cpu1 - cpu0) / (t1 - t0),
         "worker_cpu": worker_cpu,
         "load": os.getloadavg()[0],
+        "gc_full": gc1.get("zwrm_gc_full_collections_total", 0)
+        - gc0.get("zwrm_gc_full_collections_total", 0),
+        "gc_frozen": gc1.get("zwrm_gc_frozen_objects", 0),
+        "gc_max_ms": 1000 * max((v for k, v in gc1.items()
+                                 if k.startswith("zwrm_gc_pause_max_seconds")), default=0),
         "ok": bool(latencies) and failures == 0 and latencies[-1] <= args.budget
         and len(latencies) >= 0.9 * expected,
     }
@@ -238,6 +259,8 @@ def main():
     ap.add_argument("--interval", type=float, default=5.0)
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--budget", type=float, default=1.0)
+    ap.add_argument("--gc-policy", default="freeze", choices=["freeze", "python"],
+                    help="the control plane's garbage-collection policy (default freeze)")
     ap.add_argument("--keep-going", action="store_true", help="run every step even after a failure")
     args = ap.parse_args()
     if args.worker:
@@ -257,7 +280,7 @@ def main():
         TWISTD + ["-n", "--pidfile=", "zwrm-control", "--data-dir", data_dir,
                   "--listen", f"tcp:{port}:interface=127.0.0.1",
                   "--heartbeat-interval", str(args.interval), "--check-interval", "15",
-                  "--offline-after", "86400"],
+                  "--offline-after", "86400", "--gc-policy", args.gc_policy],
         stdout=log, stderr=log,
     )
     try:
@@ -272,9 +295,12 @@ def main():
         idle = (cpu_seconds(cp.pid) - idle0) / (time.monotonic() - t0)
         print(f"zwrm-control pid {cp.pid}, {max(steps)} hosts seeded; idle CPU {100 * idle:.1f}%"
               f"; machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
-        print(f"heartbeat every {args.interval}s, window {args.duration}s, budget {args.budget}s")
+        print(f"heartbeat every {args.interval}s, window {args.duration}s, budget {args.budget}s;"
+              f" gc policy {args.gc_policy} (gc max ms: the longest collection since start;"
+              " full gc: full collections by the policy in the window)")
         print(f"{'hosts':>6} {'hb/s':>6} {'answered':>9} {'fail':>5} {'p50 ms':>8} {'p99 ms':>8}"
-              f" {'max ms':>8} {'cp CPU':>7} {'agents CPU':>10} {'load':>5}  result")
+              f" {'max ms':>8} {'cp CPU':>7} {'agents CPU':>10} {'load':>5} {'gc max ms':>9}"
+              f" {'full gc':>7} {'frozen':>8}  result")
         best, baseline, all_ok = 0, None, True
         for n in steps:
             r = run_step(args, cp.pid, port, creds[:n])
@@ -283,6 +309,7 @@ def main():
                   f"{r['heartbeats']:>5}/{r['expected']:<4.0f}"
                   f"{r['failures']:>5} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['max_ms']:>8.1f}"
                   f" {100 * r['cpu']:>6.1f}% {100 * r['worker_cpu']:>9.1f}% {r['load']:>5.1f}"
+                  f" {r['gc_max_ms']:>9.1f} {r['gc_full']:>7.0f} {r['gc_frozen']:>8.0f}"
                   f"  {'ok' if r['ok'] else 'FAIL'}", flush=True)
             if not r["ok"] and not args.keep_going:
                 break

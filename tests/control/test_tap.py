@@ -51,11 +51,36 @@ class ControlOptionsTests(SynchronousTestCase):
             (["--strategy", "nope"], "unknown placement strategy 'nope'; available: pack, spread"),
             (["--listen", "tcp:8080"], "not on loopback"),
             (["--listen", "udp:1"], "use tcp:, ssl: or unix:"),
+            (["--gc-policy", "never"], "[gc] policy must be one of freeze, python, not 'never'"),
+            (["--config", self.write("[gc]\ngrowth = 0\n")], "must be positive"),
         ]
         for argv, text in cases:
             e = self.assertRaises(usage.UsageError, self.parse, *argv)
             self.assertIn(text, str(e), argv)
             self.assertEqual(len(str(e).splitlines()), 1)
+
+    def test_gc_policy(self):
+        """
+        The garbage-collection policy: C{freeze} by default, set up by makeService as a
+        child service of the control plane; C{python} leaves the collector alone.
+        """
+        from zwrm.control.tap import makeService
+        from zwrm.gcpolicy import CollectionPolicy
+
+        c = self.parse()
+        self.assertEqual((c.gc_policy, c.gc_interval, c.gc_growth), ("freeze", 10.0, 0.25))
+        c = self.parse("--config", self.write('[gc]\npolicy = "python"\ninterval = 2\n'
+                                              "growth = 0.5\n"))
+        self.assertEqual((c.gc_policy, c.gc_interval, c.gc_growth), ("python", 2.0, 0.5))
+        o = Options()
+        o.parseOptions(["--data-dir", temp_dir(self)])
+        plane = makeService(o)
+        self.assertIsInstance(plane.gc_policy, CollectionPolicy)
+        self.assertIn(plane.gc_policy, list(plane))
+        self.assertEqual((plane.gc_policy.interval, plane.gc_policy.growth), (10.0, 0.25))
+        o = Options()
+        o.parseOptions(["--data-dir", temp_dir(self), "--gc-policy", "python"])
+        self.assertIsNone(makeService(o).gc_policy)
 
     def test_plain_beyond_loopback_when_allowed(self):
         c = self.parse("--listen", "tcp:8080", "--insecure-listen")

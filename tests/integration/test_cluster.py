@@ -114,6 +114,16 @@ class ClusterTests(TestCase):
         self.assertIn("rejected the token", err.strip().splitlines()[-1])
         self.assertNotIn("Traceback (most recent call last)", _without_numpy_noise(err))
 
+        # the real process runs the garbage-collection policy and reports it in /metrics
+        import treq
+
+        response = await treq.get(f"http://127.0.0.1:{cp.port}/metrics", persistent=False)
+        metrics = dict(line.rsplit(" ", 1) for line in (await response.text()).splitlines()
+                       if line and not line.startswith("#"))
+        self.assertGreaterEqual(float(metrics["zwrm_gc_full_collections_total"]), 1)
+        self.assertGreater(float(metrics["zwrm_gc_frozen_objects"]), 10_000)
+        self.assertEqual(metrics['zwrm_hosts{state="ready"}'], "2")
+
 
 def _without_numpy_noise(text):
     """Drop the NumPy/bjdata import warning that this environment prints on import."""

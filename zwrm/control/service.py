@@ -79,6 +79,8 @@ class MetricsResource(resource.Resource):
             lines.append(f"zwrm_wamp_sessions {router.session_count()}")
             lines.append("# TYPE zwrm_wamp_calls_total counter")
             lines.append(f"zwrm_wamp_calls_total {router.stats.calls}")
+        if self.plane.gc_policy is not None:
+            lines += self.plane.gc_policy.metrics()
         return ("\n".join(lines) + "\n").encode()
 
 
@@ -96,6 +98,8 @@ class ControlPlane(service.MultiService):
     @ivar apis: objects with C{@wamp.register} procedures; others append theirs before
         the service starts (each is given nothing; wire what it needs yourself).
     @ivar started: a Deferred that fires when everything listens, or fails.
+    @ivar gc_policy: the process's L{zwrm.gcpolicy.CollectionPolicy}, if
+        C{makeService} gave it one (it is also a child service).
     @ivar stop_reactor_on_failure: stop the reactor, exit status 1, if start-up fails
         (set by C{makeService}: a control plane that cannot start must not linger).
     """
@@ -119,6 +123,7 @@ class ControlPlane(service.MultiService):
         self.apps = None
         self.drains = None
         self.pki = None
+        self.gc_policy = None
         self.ports = []
         self.apis = []
         self.ready = False

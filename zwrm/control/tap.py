@@ -18,6 +18,11 @@ flag wins.  Example::
     strategy = "spread"
     plugin_dirs = []
 
+    [gc]
+    policy = "freeze"   # or "python": CPython's collector as it comes
+    interval = 10       # seconds between collections of the new (unfrozen) objects
+    growth = 0.25       # a full collection once the frozen heap grew by this fraction
+
 A bad file or value is one readable line from twistd, not a traceback.
 """
 
@@ -44,6 +49,9 @@ class Config:
     strategy: str = "spread"
     plugin_dirs: list = field(default_factory=list)
     insecure_listen: bool = False
+    gc_policy: str = "freeze"
+    gc_interval: float = 10.0
+    gc_growth: float = 0.25
 
 
 # (section, key) -> (Config attribute, type)
@@ -58,7 +66,12 @@ FILE_KEYS = {
     ("health", "grace"): ("grace", float),
     ("scheduler", "strategy"): ("strategy", str),
     ("scheduler", "plugin_dirs"): ("plugin_dirs", list),
+    ("gc", "policy"): ("gc_policy", str),
+    ("gc", "interval"): ("gc_interval", float),
+    ("gc", "growth"): ("gc_growth", float),
 }
+
+GC_POLICIES = ("freeze", "python")
 
 
 def _coerce(name, kind, value):
@@ -145,6 +158,10 @@ def check_config(config):
                 f"listen endpoint {description!r} is plain (not TLS) and not on loopback;"
                 " add interface=127.0.0.1, use an ssl: endpoint, or set insecure_listen"
             )
+    if config.gc_policy not in GC_POLICIES:
+        raise usage.UsageError(
+            f"[gc] policy must be one of {', '.join(GC_POLICIES)}, not {config.gc_policy!r}"
+        )
     # The strategy is loaded as the control plane will load it: an unknown name (or a
     # broken plugin) stops it here, with the names there are.
     from zwrm.plugins import PluginError
@@ -171,6 +188,7 @@ class Options(usage.Options):
         ["offline-after", None, None, "Seconds without heartbeat before offline (default 30)."],
         ["grace", None, None, "Seconds after start before any host is marked offline."],
         ["strategy", None, None, "Scheduler strategy plugin (default spread)."],
+        ["gc-policy", None, None, "Garbage collection: freeze (default) or python."],
     ]
     optFlags = [
         ["insecure-listen", None, "Allow plain listeners beyond loopback."],
@@ -199,6 +217,7 @@ class Options(usage.Options):
             "offline-after": ("offline_after", float),
             "grace": ("grace", float),
             "strategy": ("strategy", str),
+            "gc-policy": ("gc_policy", str),
         }
         for flag, (attr, kind) in flags.items():
             if self[flag] is not None:
@@ -221,6 +240,14 @@ def makeService(options):
 
     from zwrm.control.service import ControlPlane
 
-    plane = ControlPlane(reactor, options.config)
+    config = options.config
+    plane = ControlPlane(reactor, config)
     plane.stop_reactor_on_failure = True
+    if config.gc_policy == "freeze":
+        # process-wide, so set up here and not by ControlPlane (tests run several of
+        # those in one process)
+        from zwrm.gcpolicy import CollectionPolicy
+
+        plane.gc_policy = CollectionPolicy(reactor, config.gc_interval, config.gc_growth)
+        plane.gc_policy.setServiceParent(plane)
     return plane

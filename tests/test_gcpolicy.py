@@ -1,0 +1,139 @@
+"""
+Tests for L{zwrm.gcpolicy}, against the real garbage collector (the policy's whole job
+is what it does to the collector, so there is nothing to fake); time from a Clock.
+"""
+
+import gc
+import weakref
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from zwrm.gcpolicy import CollectionPolicy, CollectionStats
+
+
+class Node:
+    """An object that can be part of a reference cycle."""
+
+    def __init__(self):
+        self.other = None
+
+
+def cycle():
+    """Two objects in a cycle; a weak reference to one of them."""
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    return a, weakref.ref(a)
+
+
+class CollectionPolicyTests(SynchronousTestCase):
+    def start(self, **kw):
+        clock = Clock()
+        policy = CollectionPolicy(clock, **kw)
+        policy.startService()
+        self.addCleanup(lambda: policy.running and policy.stopService())
+        return clock, policy
+
+    def test_start_freezes_and_stop_unfreezes(self):
+        """
+        Starting collects everything and freezes the survivors, and installs the timing
+        callback; stopping unfreezes and removes it.
+        """
+        clock, policy = self.start()
+        self.assertGreater(gc.get_freeze_count(), 0)
+        self.assertEqual(policy.frozen, gc.get_freeze_count())
+        self.assertEqual(policy.full_collections, 1)
+        self.assertIn(policy.stats, gc.callbacks)
+        policy.stopService()
+        self.assertEqual(gc.get_freeze_count(), 0)
+        self.assertNotIn(policy.stats, gc.callbacks)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_tick_collects_new_garbage_and_freezes_survivors(self):
+        """
+        A tick frees cycles made since the last one and freezes the objects that are
+        still alive, so automatic collections no longer walk them.
+        """
+        clock, policy = self.start(interval=10)
+        frozen = gc.get_freeze_count()
+        garbage, ref = cycle()
+        del garbage
+        alive = [Node() for _ in range(1000)]
+        clock.advance(10)
+        self.assertIsNone(ref())
+        self.assertEqual(policy.young_collections, 1)
+        self.assertGreaterEqual(gc.get_freeze_count(), frozen + 1000)
+        young = {id(o) for g in range(3) for o in gc.get_objects(g)}
+        self.assertFalse([o for o in alive if id(o) in young])
+
+    def test_frozen_cycles_wait_for_a_full_collection(self):
+        """
+        A cycle that dies after it was frozen survives young ticks (they do not walk
+        the frozen heap); once the frozen heap has grown by C{growth}, the next tick
+        is a full collection, which frees it.
+        """
+        clock, policy = self.start(interval=10, growth=0.5, minimum=0)
+        garbage, ref = cycle()
+        clock.advance(10)  # now frozen
+        del garbage
+        clock.advance(10)
+        self.assertIsNotNone(ref())
+        self.assertEqual(policy.full_collections, 1)
+        grow = [Node() for _ in range(policy.frozen_after_full)]
+        clock.advance(10)  # freezes the growth; the frozen heap is now 1.5x or more
+        self.assertTrue(policy.full_due())
+        clock.advance(10)
+        self.assertEqual(policy.full_collections, 2)
+        self.assertIsNone(ref())
+        self.assertGreater(policy.last_full_seconds, 0)
+        del grow
+
+    def test_full_due(self):
+        """
+        A full collection is due when the frozen heap grew by more than C{growth} and by
+        at least C{minimum} objects since the last full collection.
+        """
+        policy = CollectionPolicy(Clock(), growth=0.25, minimum=100)
+        policy.frozen_after_full = 1000
+        for frozen, due in [(1000, False), (1250, False), (1251, True), (900, False)]:
+            policy.frozen = frozen
+            self.assertEqual(policy.full_due(), due, frozen)
+        policy.frozen_after_full, policy.frozen = 10, 90
+        self.assertFalse(policy.full_due())  # 8x, but fewer than the minimum
+
+    def test_bad_settings(self):
+        self.assertRaises(ValueError, CollectionPolicy, Clock(), interval=0)
+        self.assertRaises(ValueError, CollectionPolicy, Clock(), growth=0)
+
+    def test_metrics(self):
+        """The figures are Prometheus lines, one per generation where it applies."""
+        clock, policy = self.start()
+        gc.collect(0)
+        text = "\n".join(policy.metrics())
+        for name in ("zwrm_gc_collections_total", "zwrm_gc_pause_seconds_total",
+                     "zwrm_gc_pause_max_seconds", "zwrm_gc_collected_total"):
+            for g in range(3):
+                self.assertIn(f'{name}{{generation="{g}"}} ', text)
+        self.assertIn(f"zwrm_gc_frozen_objects {policy.frozen}\n", text)
+        self.assertIn("zwrm_gc_full_collections_total 1\n", text)
+        self.assertGreaterEqual(policy.stats.collections[0], 1)
+
+
+class CollectionStatsTests(SynchronousTestCase):
+    def test_times_each_collection(self):
+        now = [0.0]
+        stats = CollectionStats(timer=lambda: now[0])
+        for gen, took, freed in [(0, 0.001, 3), (2, 0.5, 10), (2, 0.2, 0)]:
+            stats("start", {"generation": gen})
+            now[0] += took
+            stats("stop", {"generation": gen, "collected": freed, "uncollectable": 0})
+        self.assertEqual(stats.collections, [1, 0, 2])
+        self.assertAlmostEqual(stats.pause_seconds[2], 0.7)
+        self.assertAlmostEqual(stats.max_pause_seconds[2], 0.5)
+        self.assertEqual(stats.collected, [3, 0, 10])
+
+    def test_stop_without_start_is_ignored(self):
+        """A callback installed mid-collection sees a stop first; it is not counted."""
+        stats = CollectionStats(timer=lambda: 1.0)
+        stats("stop", {"generation": 1, "collected": 5, "uncollectable": 0})
+        self.assertEqual(stats.collections, [0, 0, 0])
