@@ -6,8 +6,11 @@ The executor is created once the host id is known (after the first join) and the
 across reconnections; each new session registers it again under C{zwrm.agent.<host_id>.}.
 """
 
+import itertools
 import os
 
+from autobahn.exception import Disconnected
+from autobahn.wamp.exception import TransportLost
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -46,6 +49,9 @@ class HostRuntime:
         self.cache = None
         self._pool = None
         self._session = None
+        self._unsent = {}  # machine id -> (seq, the latest event that could not be sent)
+        self._sent = {}  # machine id -> seq of the latest event the control plane got
+        self._seq = itertools.count()
         root = config.data_dir
         plugin = plugins.find(IHypervisorDriverPlugin, config.driver, config.plugin_dirs,
                               kind="hypervisor driver")
@@ -106,12 +112,67 @@ class HostRuntime:
         return {"image_cache": self.cache.stats()} if self.cache is not None else {}
 
     def report(self, event):
-        """Send one machine event to the control plane (C{zwrm.agent.report})."""
+        """
+        Send one machine event to the control plane (C{zwrm.agent.report}).
+
+        An event that cannot be sent because the agent is not connected (or the connection
+        goes while it is sent) is kept, the latest per machine, and sent by
+        L{registered}: the control plane's reconciliation after a registration restores
+        machine states but not their health, and a drain waits for a replacement's health.
+        Events carry a machine's whole status, so a newer one replaces a kept one.
+
+        @return: a Deferred firing with the control plane's answer.
+        """
+        mid = event.get("machine_id")
+        self._unsent.pop(mid, None)
+        seq = next(self._seq)
         session = self._session
         if session is None or not session.is_attached():
-            # The control plane reconciles with machine.list when we register again.
-            return defer.fail(Unavailable("not connected to the control plane"))
-        return session.call("zwrm.agent.report", event)
+            self._keep(seq, event)
+            return defer.fail(Unavailable(
+                "not connected to the control plane (sent again once registered)"))
+        d = defer.maybeDeferred(session.call, "zwrm.agent.report", event)
+
+        def sent(result):
+            self._sent[mid] = max(seq, self._sent.get(mid, -1))
+            return result
+
+        def failed(f):
+            if f.check(TransportLost, Disconnected):
+                self._keep(seq, event)
+            return f
+
+        return d.addCallbacks(sent, failed)
+
+    def _keep(self, seq, event):
+        """Keep C{event} (the C{seq}th reported) unless a later one is kept or was sent."""
+        mid = event.get("machine_id")
+        kept = self._unsent.get(mid)
+        if (kept is None or kept[0] < seq) and self._sent.get(mid, -1) < seq:
+            self._unsent[mid] = (seq, event)
+
+    def registered(self):
+        """
+        The agent registered (again): send the events L{report} kept, oldest first.
+
+        @return: a Deferred that fires when they are sent (failures are logged).
+        """
+        return defer.Deferred.fromCoroutine(self._send_unsent())
+
+    async def _send_unsent(self):
+        while self._unsent:
+            session = self._session
+            if session is None or not session.is_attached():
+                return  # kept for the next registration
+            mid, (_seq, event) = next(iter(self._unsent.items()))
+            try:
+                await self.report(event)  # if a newer event is reported meanwhile, it wins
+            except Exception as e:
+                if mid in self._unsent:
+                    return  # the connection went again: kept
+                self.log.warn("could not report machine {id} {state} again: {e}",
+                              id=mid, state=event.get("state"),
+                              e=getattr(e, "message", None) or e)
 
     async def close(self):
         """Stop watching machines (they keep running) and close connections."""

@@ -630,6 +630,8 @@ class AgentService(service.Service):
         if not self.registered.called:
             self.registered.callback(result)
         self._schedule_heartbeat()
+        if self.runtime is not None:
+            self.runtime.registered()
         outcome = await session.ended
         self._stop_heartbeats()
         self.session = None
