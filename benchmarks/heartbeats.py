@@ -3,6 +3,7 @@ How many hosts one control plane sustains at a 5 s heartbeat.
 
     .venv/bin/python benchmarks/heartbeats.py [--steps 500,1000,2000,4000,7000,10000]
         [--per-worker 500] [--interval 5] [--duration 20] [--budget 1.0]
+        [--gc-policy freeze|python] [--keep-going]
 
 It seeds a fresh control plane's database with the largest host count (known
 credentials; joining is not what is measured), starts a real C{twistd zwrm-control},
@@ -13,6 +14,11 @@ round trip.  A step passes when every heartbeat sent in the measuring window was
 answered within C{--budget} seconds.  It prints, per step, the heartbeat latencies, the
 control plane's CPU use (utime+stime of its process over the window, from /proc), and
 finally the largest passing host count.
+
+It also reads the control plane's C{/metrics} around each window and prints what its
+garbage-collection policy did (L{zwrm.gcpolicy}): the longest collection since it
+started, the full collections in the window, the frozen objects.  C{--gc-policy python}
+runs the control plane with CPython's collector as it comes, for comparison.
 
 Baseline from the same run: the first step is small (100 hosts); its latency and CPU are
 the floor the other steps compare with.
@@ -239,6 +245,7 @@ def run_step(args, cp_pid, port, creds):
         "cpu": (cpu1 - cpu0) / (t1 - t0),
         "worker_cpu": worker_cpu,
         "load": os.getloadavg()[0],
+        "gc": bool(gc1),
         "gc_full": gc1.get("zwrm_gc_full_collections_total", 0)
         - gc0.get("zwrm_gc_full_collections_total", 0),
         "gc_frozen": gc1.get("zwrm_gc_frozen_objects", 0),
@@ -309,7 +316,8 @@ def main():
                   f"{r['heartbeats']:>5}/{r['expected']:<4.0f}"
                   f"{r['failures']:>5} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['max_ms']:>8.1f}"
                   f" {100 * r['cpu']:>6.1f}% {100 * r['worker_cpu']:>9.1f}% {r['load']:>5.1f}"
-                  f" {r['gc_max_ms']:>9.1f} {r['gc_full']:>7.0f} {r['gc_frozen']:>8.0f}"
+                  + (f" {r['gc_max_ms']:>9.1f} {r['gc_full']:>7.0f} {r['gc_frozen']:>8.0f}"
+                     if r["gc"] else f" {'-':>9} {'-':>7} {'-':>8}") +
                   f"  {'ok' if r['ok'] else 'FAIL'}", flush=True)
             if not r["ok"] and not args.keep_going:
                 break

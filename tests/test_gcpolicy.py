@@ -97,13 +97,40 @@ class CollectionPolicyTests(SynchronousTestCase):
         policy.frozen_after_full = 1000
         for frozen, due in [(1000, False), (1250, False), (1251, True), (900, False)]:
             policy.frozen = frozen
-            self.assertEqual(policy.full_due(), due, frozen)
+            self.assertEqual(bool(policy.full_due()), due, frozen)
+        self.assertEqual(policy.full_due(), None)
+        policy.frozen = 1251
+        self.assertEqual(policy.full_due(), "frozen heap grew from 1000 to 1251 objects")
         policy.frozen_after_full, policy.frozen = 10, 90
-        self.assertFalse(policy.full_due())  # 8x, but fewer than the minimum
+        self.assertIsNone(policy.full_due())  # 8x, but fewer than the minimum
+
+    def test_churn(self):
+        """
+        With sessions watched, a full collection is due once C{churn} of the open
+        sessions (and at least C{min_closed}) have closed since the last one; the full
+        collection starts the count again.
+        """
+        clock, policy = self.start(churn=0.25, min_closed=100, growth=1000)
+        counts = {"closed": 7, "open": 1000}
+        policy.watch_sessions(lambda: counts["closed"], lambda: counts["open"])
+        counts["closed"] += 250
+        self.assertIsNone(policy.full_due())
+        counts["closed"] += 1
+        self.assertEqual(policy.full_due(), "251 sessions closed")
+        clock.advance(policy.interval)
+        self.assertEqual((policy.full_collections, policy.last_full_reason),
+                         (2, "251 sessions closed"))
+        self.assertIsNone(policy.full_due())
+        counts["open"] = 10  # few sessions: min_closed holds
+        counts["closed"] += 99
+        self.assertIsNone(policy.full_due())
+        counts["closed"] += 1
+        self.assertEqual(policy.full_due(), "100 sessions closed")
 
     def test_bad_settings(self):
         self.assertRaises(ValueError, CollectionPolicy, Clock(), interval=0)
         self.assertRaises(ValueError, CollectionPolicy, Clock(), growth=0)
+        self.assertRaises(ValueError, CollectionPolicy, Clock(), churn=-1)
 
     def test_metrics(self):
         """The figures are Prometheus lines, one per generation where it applies."""

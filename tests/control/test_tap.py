@@ -68,16 +68,19 @@ class ControlOptionsTests(SynchronousTestCase):
         from zwrm.gcpolicy import CollectionPolicy
 
         c = self.parse()
-        self.assertEqual((c.gc_policy, c.gc_interval, c.gc_growth), ("freeze", 10.0, 0.25))
+        self.assertEqual((c.gc_policy, c.gc_interval, c.gc_churn, c.gc_growth),
+                         ("freeze", 5.0, 0.25, 1.0))
         c = self.parse("--config", self.write('[gc]\npolicy = "python"\ninterval = 2\n'
-                                              "growth = 0.5\n"))
-        self.assertEqual((c.gc_policy, c.gc_interval, c.gc_growth), ("python", 2.0, 0.5))
+                                              "growth = 0.5\nchurn = 0.1\n"))
+        self.assertEqual((c.gc_policy, c.gc_interval, c.gc_churn, c.gc_growth),
+                         ("python", 2.0, 0.1, 0.5))
         o = Options()
         o.parseOptions(["--data-dir", temp_dir(self)])
         plane = makeService(o)
         self.assertIsInstance(plane.gc_policy, CollectionPolicy)
         self.assertIn(plane.gc_policy, list(plane))
-        self.assertEqual((plane.gc_policy.interval, plane.gc_policy.growth), (10.0, 0.25))
+        p = plane.gc_policy
+        self.assertEqual((p.interval, p.churn, p.growth), (5.0, 0.25, 1.0))
         o = Options()
         o.parseOptions(["--data-dir", temp_dir(self), "--gc-policy", "python"])
         self.assertIsNone(makeService(o).gc_policy)

@@ -176,6 +176,24 @@ class SessionTests(RouterTestMixin, unittest.SynchronousTestCase):
         self.pump()
         self.assertEqual(self.router.session_count(), 0)
 
+    def test_closed_sessions_are_counted(self):
+        """
+        stats.sessions_closed counts every joined session that left, however it left
+        (the control plane's garbage-collection policy watches it).
+        """
+        a, b, c = self.join("op"), self.join("op2"), self.join("host1")
+        self.assertEqual(self.router.stats.sessions_closed, 0)
+        a.send(message.Goodbye())
+        b.transport.close()
+        self.router.kill_by_authid("host1", "gone")
+        c.send(message.Goodbye("wamp.close.goodbye_and_out"))
+        self.pump()
+        self.assertEqual(self.router.stats.sessions_closed, 3)
+        refused = self.connect()
+        refused.send(message.Hello("zwrm", CLIENT_ROLES))
+        self.pump()
+        self.assertEqual(self.router.stats.sessions_closed, 3)  # never joined
+
 
 class ProtocolViolationTests(RouterTestMixin, unittest.SynchronousTestCase):
     def assertViolation(self, c):

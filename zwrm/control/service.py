@@ -79,6 +79,8 @@ class MetricsResource(resource.Resource):
             lines.append(f"zwrm_wamp_sessions {router.session_count()}")
             lines.append("# TYPE zwrm_wamp_calls_total counter")
             lines.append(f"zwrm_wamp_calls_total {router.stats.calls}")
+            lines.append("# TYPE zwrm_wamp_sessions_closed_total counter")
+            lines.append(f"zwrm_wamp_sessions_closed_total {router.stats.sessions_closed}")
         if self.plane.gc_policy is not None:
             lines += self.plane.gc_policy.metrics()
         return ("\n".join(lines) + "\n").encode()
@@ -169,6 +171,9 @@ class ControlPlane(service.MultiService):
         n = await self.registry.load()
         authenticator = ControlAuthenticator(self.store, self.registry, join_tokens=self.pki)
         self.router = Router(self.reactor, authenticator, RoleBasedAuthorizer(roles()))
+        if self.gc_policy is not None:
+            stats = self.router.stats
+            self.gc_policy.watch_sessions(lambda: stats.sessions_closed, self.router.session_count)
         self.scheduler = Scheduler(load_strategy(cfg.strategy, cfg.plugin_dirs))
         self.apps = Apps(self.reactor, self.store, self.registry, self.scheduler, self._publish)
         restored = await self.apps.load()

@@ -20,8 +20,9 @@ flag wins.  Example::
 
     [gc]
     policy = "freeze"   # or "python": CPython's collector as it comes
-    interval = 10       # seconds between collections of the new (unfrozen) objects
-    growth = 0.25       # a full collection once the frozen heap grew by this fraction
+    interval = 5        # seconds between collections of the new (unfrozen) objects
+    churn = 0.25        # a full collection once this fraction of the sessions closed
+    growth = 1.0        # ... or once the frozen heap grew by this fraction
 
 A bad file or value is one readable line from twistd, not a traceback.
 """
@@ -50,8 +51,9 @@ class Config:
     plugin_dirs: list = field(default_factory=list)
     insecure_listen: bool = False
     gc_policy: str = "freeze"
-    gc_interval: float = 10.0
-    gc_growth: float = 0.25
+    gc_interval: float = 5.0
+    gc_churn: float = 0.25
+    gc_growth: float = 1.0
 
 
 # (section, key) -> (Config attribute, type)
@@ -68,6 +70,7 @@ FILE_KEYS = {
     ("scheduler", "plugin_dirs"): ("plugin_dirs", list),
     ("gc", "policy"): ("gc_policy", str),
     ("gc", "interval"): ("gc_interval", float),
+    ("gc", "churn"): ("gc_churn", float),
     ("gc", "growth"): ("gc_growth", float),
 }
 
@@ -248,6 +251,8 @@ def makeService(options):
         # those in one process)
         from zwrm.gcpolicy import CollectionPolicy
 
-        plane.gc_policy = CollectionPolicy(reactor, config.gc_interval, config.gc_growth)
+        plane.gc_policy = CollectionPolicy(
+            reactor, config.gc_interval, growth=config.gc_growth, churn=config.gc_churn
+        )
         plane.gc_policy.setServiceParent(plane)
     return plane

@@ -695,6 +695,7 @@ class RouterStats:
     publications: int = 0
     events_sent: int = 0
     events_dropped: int = 0
+    sessions_closed: int = 0
     errors: dict = field(default_factory=dict)
 
 
@@ -824,6 +825,7 @@ class Router:
         if self._sessions.get(sid) is not session:
             return
         del self._sessions[sid]
+        self.stats.sessions_closed += 1
         # subscriptions
         for sub in list(session.subscriptions):
             self._drop_subscriber(sub, session)
