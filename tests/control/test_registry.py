@@ -241,6 +241,24 @@ class MonitorTests(TestCase):
             await reg.reconcile("h1", "nonsense")
 
     @d
+    async def test_reconcile_leaves_starts_and_stops_under_way(self):
+        """
+        A machine recorded on this host as pending (its start call is under way) or
+        stopping, and reported running, is neither a duplicate nor stopped; one recorded
+        stopped is.
+        """
+        clock, store, reg, published = await make_registry(self)
+        await reg.join("h1", FACTS)
+        await add_machine(store, "m1", "h1", "pending")
+        await add_machine(store, "m2", "h1", "stopping")
+        await add_machine(store, "m3", "h1", "stopped")
+        result = await reg.reconcile("h1", [{"id": m, "state": "running"}
+                                            for m in ("m1", "m2", "m3")])
+        self.assertEqual(result, {"restored": [], "failed": [], "duplicate": ["m3"],
+                                  "unknown": []})
+        self.assertEqual((await store.get("machines", "m1"))["state"], "pending")
+
+    @d
     async def test_restart_keeps_state(self):
         path = tmpdir(self)
         clock, store, reg, published = await make_registry(self, path=path)

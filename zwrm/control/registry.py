@@ -25,6 +25,10 @@ from zwrm.control.host import INPUTS, Host
 HOST_TOPIC = "zwrm.event.host"
 MACHINE_TOPIC = "zwrm.event.machine"
 LIVE_MACHINE_STATES = ("running", "starting")
+# recorded states in which a machine may rightly be running on its host: also "pending"
+# (its start call may be under way: the apps layer starts machines outside its placement
+# lock) and "stopping"
+MAY_RUN_STATES = ("pending", "starting", "running", "stopping")
 """Machine states that mean "should be running on its host now"."""
 
 FACT_FIELDS = ("name", "region", "datacenter", "address", "vcpus", "memory_mb", "disk_mb")
@@ -556,7 +560,8 @@ class HostRegistry:
            offline), reported running: restored to running;
          - recorded live on this host, not reported: failed (nothing is forgotten);
          - reported running but recorded elsewhere, or stopped/destroyed: a duplicate;
-           the agent is told to stop it (nothing runs twice);
+           the agent is told to stop it (nothing runs twice); recorded here as pending
+           (its start is under way) or stopping, it is left alone;
          - reported but unknown: recorded as an event (C{kind} C{unknown_machine}).
 
         @param reported: C{[{"id", "state", ...}, ...]}.
@@ -590,7 +595,7 @@ class HostRegistry:
             elif row["host_id"] == host_id and row["state"] == "failed":
                 await self._set_machine(host_id, row, "running", "host back")
                 result["restored"].append(mid)
-            elif row["host_id"] != host_id or row["state"] not in LIVE_MACHINE_STATES:
+            elif row["host_id"] != host_id or row["state"] not in MAY_RUN_STATES:
                 result["duplicate"].append(mid)
                 self.log.warn(
                     "host {host_id} runs machine {mid}, recorded {state} on {other}: stopping it",
