@@ -3,6 +3,7 @@ What is particular to the QEMU driver: accelerator choice, configuration errors,
 start-up errors, and the plugin.
 """
 
+import json
 import os
 import shutil
 import socket
@@ -10,14 +11,15 @@ import tempfile
 
 import pytest
 from twisted.internet import reactor
-from twisted.internet.error import ConnectionDone, ProcessTerminated
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectError, ConnectionDone, ProcessTerminated
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from zwrm import plugins
-from zwrm.drivers import accel
+from zwrm.drivers import accel, qemu
 from zwrm.drivers.qemu import QemuDriver
 from zwrm.errors import InvalidArgument, Unavailable
 from zwrm.interfaces import IHypervisorDriver, IHypervisorDriverPlugin
@@ -251,6 +253,152 @@ class StartOrderTests(SynchronousTestCase):
         self.exits(process, code=1)
         self.assertEqual(self.driver.status("m1")["state"], "failed")
         self.assertIn("Could not set up host forwarding rule", self.driver.status("m1")["reason"])
+
+
+class CloseDuringStartTests(SynchronousTestCase):
+    """
+    L{QemuDriver.close} while a start is under way, at each of its stages: the start fails
+    with "the agent is shutting down" and its QEMU is killed (a half-started QEMU is not
+    reliably adoptable, and its start was reported failed); close fires once that QEMU's end
+    is seen, or C{close_timeout} seconds after the kill; nothing (QMP connection or attempt,
+    timer) is left behind. A start that completed stays running.
+    """
+
+    KILLED = "QEMU was killed before it was ready: the agent is shutting down"
+
+    setUp = StartOrderTests.setUp
+    start = StartOrderTests.start
+    qmp_connects = StartOrderTests.qmp_connects
+    exits = StartOrderTests.exits
+
+    def recorded(self):
+        with open(os.path.join(self.root, "machines", "m1", "state.json")) as f:
+            return json.load(f)
+
+    def assert_killed_for_shutdown(self, d, closing, process):
+        self.assertEqual(process.signals, ["KILL"])
+        self.assertNoResult(d)  # until the end of the QEMU is seen
+        self.assertNoResult(closing)
+        self.exits(process, signal=9)
+        message = self.failureResultOf(d, Unavailable).value.message
+        self.assertEqual(message, f"machine m1: {self.KILLED}")
+        self.assertIsNone(self.successResultOf(closing))
+        self.assertEqual([(x["state"], x["reason"]) for x in self.seen],
+                         [("failed", self.KILLED)])
+        self.assertEqual(self.recorded(), {"state": "failed", "reason": self.KILLED})
+        self.assertFalse(os.path.exists(os.path.join(self.root, "machines", "m1", "qemu.pid")))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_close_while_the_accelerator_is_chosen(self):
+        # Before the spawn: the start waits for the KVM probe. No QEMU may start after close.
+        probe = Deferred()
+        self.patch(qemu._accel, "choose", lambda *a: probe)
+        self.driver = QemuDriver(self.reactor, os.path.join(self.root, "machines"), accel="auto")
+        d = self.driver.start({"id": "m1", "kernel": self.kernel, "cmdline": "", "vcpus": 1,
+                               "memory_mb": 64})
+        self.assertNoResult(d)
+        self.assertIsNone(self.successResultOf(self.driver.close()))
+        message = self.failureResultOf(d, Unavailable).value.message
+        self.assertEqual(message, "machine m1: not started: the agent is shutting down")
+        probe.callback("tcg")
+        self.assertEqual(self.reactor.processes, [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_close_while_the_probe_fails(self):
+        # The probe's own failure, after close, is nobody's unhandled error.
+        probe = Deferred()
+        self.patch(qemu._accel, "choose", lambda *a: probe)
+        self.driver = QemuDriver(self.reactor, os.path.join(self.root, "machines"), accel="kvm")
+        d = self.driver.start({"id": "m1", "kernel": self.kernel, "cmdline": "", "vcpus": 1,
+                               "memory_mb": 64})
+        self.successResultOf(self.driver.close())
+        self.failureResultOf(d, Unavailable)
+        probe.errback(Unavailable("KVM does not work here"))
+        self.assertEqual(self.reactor.processes, [])
+
+    def test_close_before_spawn_returns(self):
+        closing = []
+        self.reactor.during_spawn = lambda process: closing.append(self.driver.close())
+        d, process = self.start()
+        self.assertEqual(self.reactor.unixClients, [])  # no QMP connection attempt
+        self.assert_killed_for_shutdown(d, closing[0], process)
+
+    def test_close_while_connecting_to_qmp(self):
+        d, process = self.start()
+        [connector] = self.reactor.connectors
+        closing = self.driver.close()
+        self.assertTrue(connector.stoppedConnecting)
+        self.assert_killed_for_shutdown(d, closing, process)
+
+    def test_close_while_waiting_for_the_qmp_socket(self):
+        d, process = self.start()
+        # QEMU has not created its socket yet: the driver tries again a little later.
+        factory = self.reactor.unixClients[-1][1]
+        factory.clientConnectionFailed(self.reactor.connectors[-1],
+                                       Failure(ConnectError("No such file or directory")))
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+        closing = self.driver.close()
+        self.assert_killed_for_shutdown(d, closing, process)
+        self.reactor.advance(20)
+        self.assertEqual(len(self.reactor.unixClients), 1)  # no attempt after the close
+
+    def test_close_while_qmp_negotiates(self):
+        d, process = self.start()
+        proto, transport = self.qmp_connects()
+        proto.dataReceived(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
+        self.assertIn(b'"qmp_capabilities"', transport.value())
+        closing = self.driver.close()
+        self.assertTrue(transport.disconnecting)
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assert_killed_for_shutdown(d, closing, process)
+        # A late answer to qmp_capabilities changes nothing.
+        proto.dataReceived(b'{"return": {}, "id": 1}\r\n')
+        self.assertEqual(len(self.seen), 1)
+
+    def test_close_while_a_failed_start_waits_for_its_kill(self):
+        # QMP stayed silent: the start killed QEMU and waits for its end as the driver closes.
+        d, process = self.start()
+        self.qmp_connects()
+        self.reactor.advance(10)
+        self.assertEqual(process.signals, ["KILL"])
+        closing = self.driver.close()
+        self.assertNoResult(closing)
+        self.exits(process, signal=9)
+        self.assertIn("did not answer on QMP", self.failureResultOf(d, Unavailable).value.message)
+        self.successResultOf(closing)
+        self.assertEqual(self.recorded()["state"], "failed")
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_close_gives_up_on_a_qemu_that_does_not_end(self):
+        d, process = self.start()
+        self.qmp_connects()
+        closing = self.driver.close()
+        self.assertEqual(process.signals, ["KILL"])
+        self.reactor.advance(4.9)
+        self.assertNoResult(closing)
+        self.assertNoResult(d)
+        self.reactor.advance(0.1)
+        self.successResultOf(closing)
+        reason = f"{self.KILLED}; it had not ended 5.0 s later"
+        self.assertEqual(self.failureResultOf(d, Unavailable).value.message, f"machine m1: {reason}")
+        self.assertEqual(self.recorded(), {"state": "failed", "reason": reason})
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.exits(process, signal=9)  # seen late: nothing changes
+        self.assertEqual(len(self.seen), 1)
+
+    def test_close_after_the_start_leaves_qemu_running(self):
+        d, process = self.start()
+        proto, transport = self.qmp_connects()
+        proto.dataReceived(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
+        proto.dataReceived(b'{"return": {}, "id": 1}\r\n')
+        self.assertEqual(self.successResultOf(d)["state"], "running")
+        self.successResultOf(self.driver.close())
+        self.assertEqual(process.signals, [])
+        self.assertTrue(transport.disconnecting)
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.exits(process, signal=9)  # an agent that closed sees no more of it
+        self.assertEqual(self.recorded()["state"], "running")
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
 
 
 class ConfigTests(SynchronousTestCase):

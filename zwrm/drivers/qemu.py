@@ -17,6 +17,13 @@ they outlive an agent restart; L{QemuDriver.recover} finds them again by their p
 checks the pid still is that QEMU (its command line names the machine directory) and
 reconnects QMP. A machine started by this process is watched through its process (exit code
 or signal at once); a recovered one through its QMP connection, whose end means QEMU ended.
+
+L{QemuDriver.close} lets go of running machines (they keep running, for the next agent to
+adopt) but not of a start under way: that QEMU is killed, and its start fails with
+L{Unavailable} ("the agent is shutting down"). A start records C{running} in C{state.json}
+only once QMP answers, and QEMU writes its pid file and QMP socket at moments of its own,
+so a half-started QEMU is not reliably adoptable; and its start has been reported failed,
+so nobody would expect it to be running. See L{QemuDriver.close}.
 """
 
 import errno
@@ -27,10 +34,11 @@ import shutil
 import signal
 import tempfile
 
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults, succeed
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from zwrm.drivers import accel as _accel
@@ -43,6 +51,9 @@ log = Logger()
 
 #: The longest path a UNIX socket may have (Linux C{sun_path} less the NUL).
 MAX_SOCKET_PATH = 107
+
+#: Why a start under way when the driver closes fails.
+SHUTTING_DOWN = "the agent is shutting down"
 
 
 def _opt(path):
@@ -100,6 +111,8 @@ class _Machine:
         self.kill_reason = None
         # The signal that ended the QEMU this process started (None: it exited, or unknown).
         self.end_signal = None
+        # A start is under way (from just before the spawn until the start's result).
+        self.starting = False
 
     def path(self, name):
         return os.path.join(self.dir, name)
@@ -115,6 +128,10 @@ class _Machine:
             return p
         digest = hashlib.sha256(self.dir.encode()).hexdigest()[:24]
         return os.path.join(tempfile.gettempdir(), f"zwrm-qmp-{digest}.sock")
+
+
+class _Closed(Exception):
+    """The driver closed while a start was waiting."""
 
 
 class _QemuProcess(ProcessProtocol):
@@ -144,12 +161,14 @@ class QemuDriver:
     @param qemu_binary: the QEMU program.
     @param stop_timeout: default seconds between the ACPI power-down and the hard stop.
     @param probe_timeout: seconds the KVM probe guest may take.
+    @param close_timeout: seconds L{close} waits for the end of a QEMU it killed because its
+        start was under way.
     """
 
     name = "qemu"
 
     def __init__(self, reactor, root, accel="auto", qemu_binary="qemu-system-x86_64",
-                 stop_timeout=30.0, probe_timeout=10.0):
+                 stop_timeout=30.0, probe_timeout=10.0, close_timeout=5.0):
         if accel not in _accel.ACCELS:
             raise InvalidArgument(f"accel must be one of {', '.join(_accel.ACCELS)}, not {accel!r}")
         self.reactor = reactor
@@ -159,11 +178,16 @@ class QemuDriver:
         self.qemu_binary = shutil.which(qemu_binary) or qemu_binary
         self.stop_timeout = stop_timeout
         self.probe_timeout = probe_timeout
+        self.close_timeout = close_timeout
         self.setsid = shutil.which("setsid")
         self._machines = {}
         self._listeners = []
         self._closed = False
         self._choosing = None
+        # Called (without arguments) by close(): how each start under way learns of it.
+        self._close_hooks = set()
+        # Fire (with None) when a start under way has its result.
+        self._starts = set()
         os.makedirs(self.root, exist_ok=True)
 
     # --- public -------------------------------------------------------------------------
@@ -171,7 +195,15 @@ class QemuDriver:
     def start(self, spec):
         if self._closed:
             raise Conflict("this driver has been closed")
-        return ensureDeferred(self._start(spec))
+        finished = Deferred()
+        self._starts.add(finished)
+
+        def done(result):
+            self._starts.discard(finished)
+            finished.callback(None)
+            return result
+
+        return ensureDeferred(self._start(spec)).addBoth(done)
 
     def stop(self, machine_id, timeout=None):
         m = self._get(machine_id)
@@ -236,16 +268,43 @@ class QemuDriver:
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
     def close(self):
+        """
+        Let go of the machines: running ones keep running (a new driver adopts them with
+        L{recover}); no QMP connection, timer or process watcher of theirs is left.
+
+        A start under way is ended instead: its start fails with L{Unavailable}
+        (C{"the agent is shutting down"}). Before the spawn, no QEMU is started; after it,
+        the QMP connection (or the attempt) is dropped, the QEMU is killed and its state
+        recorded as C{failed} once its end is seen; one that ended by itself in the meantime
+        keeps its own reason. A start that completed already succeeds.
+
+        @return: a Deferred that fires once every start under way has its result: at most
+            C{close_timeout} seconds later (a killed QEMU whose end is not seen by then is
+            recorded as failed anyway, without waiting further).
+        """
         self._closed = True
         for m in self._machines.values():
+            if m.starting:
+                continue
             if m.watch is not None and m.watch.active():
                 m.watch.cancel()
             if m.qmp is not None:
                 m.qmp.close()
                 m.qmp = None
             m.transport = None
+        starting = [m for m in self._machines.values() if m.starting]
         self._machines = {}
-        return succeed(None)
+        for hook in list(self._close_hooks):
+            hook()
+        if not self._starts:
+            return succeed(None)
+        give_up = self.reactor.callLater(self.close_timeout, self._give_up, starting)
+
+        def finished(_):
+            if give_up.active():
+                give_up.cancel()
+
+        return gatherResults(list(self._starts)).addCallback(finished)
 
     def facts(self):
         return {"driver": self.name, "accel": self.accel, "accel_requested": self.requested_accel,
@@ -284,6 +343,46 @@ class QemuDriver:
                 listener(dict(status))
             except Exception:
                 log.failure("machine listener failed")
+
+    def _give_up(self, machines):
+        for m in machines:
+            if m.state != "running":
+                continue
+            log.warn("machine {id}: QEMU (pid {pid}) was killed but did not end within {t} s",
+                     id=m.id, pid=m.pid, t=self.close_timeout)
+            m.transport = None
+            if m.qmp is not None:
+                m.qmp.close()
+                m.qmp = None
+            # The pid file stays: a new agent finds a QEMU still there, fails to reach it on
+            # QMP and kills it again.
+            self._set(m, "failed", f"{m.kill_reason or 'QEMU was killed'}; it had not ended "
+                                   f"{self.close_timeout} s later")
+            waiters, m.waiters = m.waiters, []
+            for d in waiters:
+                if not d.called:
+                    d.callback(None)
+
+    def _unless_closed(self, d):
+        """
+        C{d}'s result, or a failure with L{_Closed} if the driver closes first (C{d} goes on,
+        and its result is then ignored).
+        """
+        out = Deferred()
+
+        def closed():
+            self._close_hooks.discard(closed)
+            if not out.called:
+                out.errback(_Closed())
+
+        def result(r):
+            self._close_hooks.discard(closed)
+            if not out.called:
+                (out.errback if isinstance(r, Failure) else out.callback)(r)
+
+        self._close_hooks.add(closed)
+        d.addBoth(result)
+        return out
 
     def _wait_end(self, m):
         d = Deferred()
@@ -344,7 +443,12 @@ class QemuDriver:
         if m is None:
             m = _Machine(spec["id"], os.path.join(self.root, spec["id"]))
         if self.accel is None:
-            await self._choose_accel()
+            try:
+                await self._unless_closed(ensureDeferred(self._choose_accel()))
+            except _Closed:
+                raise Unavailable(f"machine {spec['id']}: not started: {SHUTTING_DOWN}") from None
+        if self._closed:
+            raise Unavailable(f"machine {spec['id']}: not started: {SHUTTING_DOWN}")
         os.makedirs(m.dir, exist_ok=True)
         for p in (m.qmp_path, m.path("qemu.pid")):
             try:
@@ -370,6 +474,13 @@ class QemuDriver:
         # spawnProcess, and _ended must take that end.
         m.transport = m.pid = None
         m.state = "running"
+        m.starting = True
+        try:
+            return await self._spawn(m, exe, args, out, null)
+        finally:
+            m.starting = False
+
+    async def _spawn(self, m, exe, args, out, null):
         try:
             transport = self.reactor.spawnProcess(
                 _QemuProcess(self, m), exe, args, env=dict(os.environ, LC_ALL="C"),
@@ -388,6 +499,9 @@ class QemuDriver:
             # It ended already (see above).
             raise Unavailable(f"machine {m.id}: {m.reason}")
         m.transport, m.pid = transport, transport.pid
+        if self._closed:
+            # The driver closed while QEMU was being spawned.
+            return await self._abandon(m)
         ended = self._wait_end(m)
         connecting = ensureDeferred(_qmp.connect(
             self.reactor, m.qmp_path,
@@ -403,9 +517,19 @@ class QemuDriver:
             else:
                 first.callback((what, value))
 
+        def closed():
+            settle("closed", None)
+
+        self._close_hooks.add(closed)
         ended.addCallback(lambda _: settle("ended", None))
         connecting.addCallbacks(lambda p: settle("qmp", p), lambda f: settle("qmp-failed", f))
         what, value = await first
+        self._close_hooks.discard(closed)
+        if what == "closed":
+            # Dropping the connection (attempt) cancels its timers; a connection made closes.
+            connecting.cancel()
+            connecting.addErrback(lambda f: None)
+            return await self._abandon(m)
         if what == "ended":
             connecting.cancel()
             connecting.addErrback(lambda f: None)
@@ -428,6 +552,15 @@ class QemuDriver:
             raise Unavailable(f"machine {m.id}: {m.reason}")
         self._set(m, "running", f"started (accel {self.accel})")
         return self._status(m)
+
+    async def _abandon(self, m):
+        """Kill a QEMU whose start is under way as the driver closes; wait for its end."""
+        m.stop_requested = False
+        m.kill_reason = f"QEMU was killed before it was ready: {SHUTTING_DOWN}"
+        self._kill(m)
+        await self._wait_end(m)
+        m.kill_reason = None
+        raise Unavailable(f"machine {m.id}: {m.reason}")
 
     async def _choose_accel(self):
         # One probe, however many machines start at once.
@@ -480,7 +613,7 @@ class QemuDriver:
         m.watch = self.reactor.callLater(delay, self._watch_pid, m, n + 1)
 
     def _ended(self, m, how, clean):
-        if m.state != "running" or self._closed:
+        if m.state != "running" or (self._closed and not m.starting):
             return
         m.transport = None
         if m.watch is not None and m.watch.active():
@@ -511,7 +644,8 @@ class QemuDriver:
         m.pid = None
         waiters, m.waiters = m.waiters, []
         for d in waiters:
-            d.callback(None)
+            if not d.called:
+                d.callback(None)
 
     def _qemu_log_tail(self, m):
         try:
