@@ -635,6 +635,7 @@ class AgentService(service.Service):
         outcome = await session.ended
         self._stop_heartbeats()
         self.session = None
+        self.state = "connecting"  # (again, after the backoff)
         if isinstance(outcome, SessionClosed) and "killed" in str(outcome):
             return SessionEnded(str(outcome))
         return SessionEnded()
