@@ -484,6 +484,29 @@ class QemuStartTests(TestCase):
         self.assertEqual(st["state"], "failed")
         self.assertIn("the guest ended itself", st["reason"])
 
+    async def test_close_during_a_start_kills_that_qemu(self):
+        # A real QEMU, closed while its start waits for QMP (CloseDuringStartTests has every
+        # stage): the start fails, the QEMU is gone, and nothing is left for a new agent.
+        root = tempfile.mkdtemp(prefix="zwrm-q-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, root, True)
+        img = image.build()
+        drv = QemuDriver(reactor, root, accel="tcg")
+        d = drv.start({"id": "m1", "kernel": img.kernel, "initrd": img.initrd, "cmdline": "",
+                       "vcpus": 1, "memory_mb": 64})
+        pid = drv.status("m1")["pid"]
+        self.assertIsNotNone(pid)
+        await drv.close()
+        with self.assertRaises(Unavailable) as cm:
+            await d
+        self.assertEqual(cm.exception.message,
+                         "machine m1: QEMU was killed before it was ready: the agent is "
+                         "shutting down")
+        self.assertFalse(qemu._pid_alive(pid))
+        self.assertFalse(os.path.exists(os.path.join(root, "m1", "qemu.pid")))
+        [found] = await QemuDriver(reactor, root, accel="tcg").recover()
+        self.assertEqual((found["state"], found["pid"]), ("failed", None))
+        self.assertIn("agent is shutting down", found["reason"])
+
     async def test_taken_port_is_a_clear_error(self):
         # QEMU accepts QMP connections before it fails on the host forward; that the process's
         # exit wins over that connection's end in every order is StartOrderTests' subject.

@@ -197,13 +197,16 @@ class QemuDriver:
             raise Conflict("this driver has been closed")
         finished = Deferred()
         self._starts.add(finished)
+        started = Deferred()
 
         def done(result):
+            # The start's result first (its callbacks run to their end), then close()'s.
             self._starts.discard(finished)
+            (started.errback if isinstance(result, Failure) else started.callback)(result)
             finished.callback(None)
-            return result
 
-        return ensureDeferred(self._start(spec)).addBoth(done)
+        ensureDeferred(self._start(spec)).addBoth(done)
+        return started
 
     def stop(self, machine_id, timeout=None):
         m = self._get(machine_id)
