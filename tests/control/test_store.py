@@ -5,6 +5,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from zwrm import errors
 from zwrm.control.store import MIGRATIONS, Store, hash_secret, migrate
 
 
@@ -66,6 +67,10 @@ class StoreTests(TestCase):
         await store.update("apps", "a1", {"spec": {"x": 2}})
         self.assertEqual((await store.select("apps"))[0]["spec"], {"x": 2})
         self.assertIsNone(await store.get("apps", "nope"))
+        # a row deleted since it was read: a zwrm error, not sqlite_utils' (a traceback)
+        with self.assertRaises(errors.NotFound) as cm:
+            await store.update("machines", "m-gone", {"state": "running"})
+        self.assertEqual(cm.exception.args[0], "no machine 'm-gone'")
 
     @d
     async def test_events_and_tokens(self):

@@ -24,6 +24,8 @@ import sqlite_utils
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from zwrm import errors
+
 
 def hash_secret(secret):
     """
@@ -327,10 +329,18 @@ class Store:
         return self.run(upsert)
 
     def update(self, table, pk, fields):
-        """Update the given C{fields} of the row C{pk} of C{table}."""
+        """
+        Update the given C{fields} of the row C{pk} of C{table}.
+
+        @raise zwrm.errors.NotFound: (as a failed Deferred) if there is no such row (it
+            may have been deleted since it was read).
+        """
 
         def update(db):
-            db[table].update(pk, _encode(table, fields))
+            try:
+                db[table].update(pk, _encode(table, fields))
+            except sqlite_utils.db.NotFoundError:
+                raise errors.NotFound(f"no {table[:-1]} {pk!r}") from None
 
         return self.run(update)
 

@@ -111,6 +111,20 @@ class _QuietWebSocketMixin:
     def dataReceived(self, data):
         self._dataReceived(data)
 
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        # autobahn cancels its other timers when the connection is lost, but not the
+        # closing-handshake timer (nor a client's wait for the server to drop TCP): a
+        # peer that goes away mid-close would leave them pending
+        for name in ("closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall"):
+            call = getattr(self, name, None)
+            if call is not None:
+                setattr(self, name, None)
+                try:
+                    call.cancel()
+                except Exception:
+                    pass  # already fired or cancelled
+
     def sendData(self, data, sync=False, chopsize=None):
         if sync or chopsize or self.send_queue or self.state != WebSocketProtocol.STATE_OPEN:
             return super().sendData(data, sync, chopsize)
