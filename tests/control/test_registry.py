@@ -223,6 +223,8 @@ class MonitorTests(TestCase):
         self.assertEqual((await store.get("machines", "m1"))["state"], "running")
         self.assertEqual((await store.get("machines", "m2"))["state"], "failed")
         self.assertIn(("zwrm.agent.h2.machine.stop", ("m3",)), calls)
+        # m4 has no record (destroyed while h2 was unreachable): stopped too
+        self.assertIn(("zwrm.agent.h2.machine.stop", ("m4",)), calls)
         kinds = [e["kind"] for t, e in published if t == MACHINE_TOPIC]
         self.assertIn("unknown_machine", kinds)
         self.assertIn("duplicate_machine", kinds)

@@ -552,6 +552,12 @@ class HostRegistry:
             return None
         return await self.reconcile(host_id, reported)
 
+    async def _stop_on(self, host_id, mid):
+        try:
+            await self.call_executor(host_id, "machine.stop", mid)
+        except Exception as e:
+            self.log.warn("could not stop {mid} on {host_id}: {e}", mid=mid, host_id=host_id, e=e)
+
     async def reconcile(self, host_id, reported):
         """
         Reconcile what C{host_id}'s agent says it runs with what the store recorded.
@@ -562,7 +568,9 @@ class HostRegistry:
          - reported running but recorded elsewhere, or stopped/destroyed: a duplicate;
            the agent is told to stop it (nothing runs twice); recorded here as pending
            (its start is under way) or stopping, it is left alone;
-         - reported but unknown: recorded as an event (C{kind} C{unknown_machine}).
+         - reported but unknown (destroyed while its host was unreachable): stopped,
+           its disk and volumes kept, and recorded as an event (C{kind}
+           C{unknown_machine}).
 
         @param reported: C{[{"id", "state", ...}, ...]}.
         @return: a dict of lists of machine ids: C{restored, failed, duplicate, unknown}.
@@ -586,12 +594,18 @@ class HostRegistry:
         for mid in running:
             row = recorded.get(mid)
             if row is None:
+                # no record: it was destroyed while its host was unreachable (only the row
+                # could go). Stop it, so that its app does not run twice; its disk and
+                # volumes stay on the host, nothing is deleted.
                 event = await self._store.add_event(
-                    MACHINE_TOPIC, "unknown_machine", mid, {"machine_id": mid, "host_id": host_id}
+                    MACHINE_TOPIC, "unknown_machine", mid,
+                    {"machine_id": mid, "host_id": host_id, "action": "stopped"},
                 )
                 self._announce(MACHINE_TOPIC, event)
-                self.log.warn("host {host_id} runs unknown machine {mid}", host_id=host_id, mid=mid)
+                self.log.warn("host {host_id} runs machine {mid}, which has no record:"
+                              " stopping it", host_id=host_id, mid=mid)
                 result["unknown"].append(mid)
+                await self._stop_on(host_id, mid)
             elif row["host_id"] == host_id and row["state"] == "failed":
                 await self._set_machine(host_id, row, "running", "host back")
                 result["restored"].append(mid)
@@ -605,11 +619,7 @@ class HostRegistry:
                     MACHINE_TOPIC, "duplicate_machine", mid, {"machine_id": mid, "host_id": host_id}
                 )
                 self._announce(MACHINE_TOPIC, event)
-                try:
-                    await self.call_executor(host_id, "machine.stop", mid)
-                except Exception as e:
-                    self.log.warn("could not stop {mid} on {host_id}: {e}",
-                                  mid=mid, host_id=host_id, e=e)
+                await self._stop_on(host_id, mid)
         for row in await self._store.select(
             "machines", "host_id = ? AND state IN ('running', 'starting')", [host_id]
         ):
