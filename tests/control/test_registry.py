@@ -179,6 +179,29 @@ class MonitorTests(TestCase):
         self.assertEqual(await monitor.check(), [])
 
     @d
+    async def test_host_that_heartbeats_during_a_check_stays(self):
+        """
+        Marking one host offline waits on the store; a host that heartbeats meanwhile is
+        not marked offline (nor its session killed) on the strength of the older list.
+        """
+        clock, store, reg, published, monitor = await self.cluster(grace=0)
+        monitor.startService()
+        self.addCleanup(monitor.stopService)
+        clock.advance(10)  # the timer's check: nobody stale yet
+        clock.advance(0.5)  # both stale now; the timer's next check is at 15
+        first, other = reg.host_ids()[0], reg.host_ids()[1]
+        mark = reg.mark_offline
+
+        async def slow_mark(host_id):
+            if host_id == first:
+                reg.heartbeat(other)  # arrives while the first is being stored
+            return await mark(host_id)
+
+        reg.mark_offline = slow_mark
+        self.assertEqual(await monitor.check(), [first])
+        self.assertEqual((reg.state(first), reg.state(other)), ("offline", "ready"))
+
+    @d
     async def test_grace_period_after_start(self):
         """Stored heartbeats are old after a restart; the hosts get a grace period."""
         clock, store, reg, published, monitor = await self.cluster(grace=20)

@@ -60,14 +60,13 @@ class HealthMonitor(TimerService):
         now = self.clock.seconds()
         if self.started_at is None or now - self.started_at < self.grace:
             return []
-        stale = []
-        for host_id in self.registry.host_ids():
-            if self.registry.state(host_id) == "offline":
-                continue
-            last = max(self.registry.last_heartbeat(host_id) or 0.0, self.started_at)
-            if now - last > self.offline_after:
-                stale.append(host_id)
-        return stale
+        return [host_id for host_id in self.registry.host_ids() if self._stale(host_id, now)]
+
+    def _stale(self, host_id, now):
+        if self.registry.state(host_id) == "offline":
+            return False
+        last = max(self.registry.last_heartbeat(host_id) or 0.0, self.started_at)
+        return now - last > self.offline_after
 
     def check(self):
         """
@@ -92,6 +91,10 @@ class HealthMonitor(TimerService):
     async def _check(self):
         marked = []
         for host_id in self.stale_hosts():
+            # marking one host offline waits on the store: a host later in the list may
+            # have heartbeated (or registered again) in the meantime
+            if not self._stale(host_id, self.clock.seconds()):
+                continue
             try:
                 await self.registry.mark_offline(host_id)
                 marked.append(host_id)
