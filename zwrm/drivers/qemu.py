@@ -544,22 +544,25 @@ class QemuDriver:
             # end of the process does. The process decides: kill it (a no-op if it is
             # exiting already) and wait for its end. If QEMU exited by itself, its exit and
             # its last words are the error; only if our kill ended it is QMP to blame.
-            m.stop_requested = False
-            m.kill_reason = f"QEMU did not answer on QMP: {value.getErrorMessage()}"
-            self._kill(m)
-            await self._wait_end(m)
-            m.kill_reason = None
-            raise Unavailable(f"machine {m.id}: {m.reason}")
+            await self._kill_starting(m, f"QEMU did not answer on QMP: {value.getErrorMessage()}")
         m.qmp = value
         if m.state != "running":
             raise Unavailable(f"machine {m.id}: {m.reason}")
         self._set(m, "running", f"started (accel {self.accel})")
         return self._status(m)
 
-    async def _abandon(self, m):
+    def _abandon(self, m):
         """Kill a QEMU whose start is under way as the driver closes; wait for its end."""
+        return self._kill_starting(m, f"QEMU was killed before it was ready: {SHUTTING_DOWN}")
+
+    async def _kill_starting(self, m, reason):
+        """
+        Kill a QEMU whose start is under way, for C{reason}; wait for its end and fail the
+        start with the reason that end gives (QEMU's own exit and error if it ended by
+        itself first, else C{reason}).
+        """
         m.stop_requested = False
-        m.kill_reason = f"QEMU was killed before it was ready: {SHUTTING_DOWN}"
+        m.kill_reason = reason
         self._kill(m)
         await self._wait_end(m)
         m.kill_reason = None
