@@ -5,7 +5,7 @@ objects: the control plane with thousands of WAMP sessions.
 CPython's cyclic collector runs a full (generation 2) collection whenever the objects
 that survived into generation 2 since the last one exceed a quarter of those it found
 there.  A full collection walks every tracked object.  A control plane with 10,000 agent
-sessions holds about 700,000 of them (69 per session, measured), and a full collection
+sessions holds about 800,000 of them (69 per session, measured), and a full collection
 stops the reactor for up to a second, so heartbeats queue behind it.
 
 L{CollectionPolicy} keeps the settled heap out of the collector's way:

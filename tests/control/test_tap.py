@@ -74,6 +74,8 @@ class ControlOptionsTests(SynchronousTestCase):
                                               "growth = 0.5\nchurn = 0.1\n"))
         self.assertEqual((c.gc_policy, c.gc_interval, c.gc_churn, c.gc_growth),
                          ("python", 2.0, 0.1, 0.5))
+        c = self.parse("--gc-interval", "3", "--gc-churn", "0.5", "--gc-growth", "2")
+        self.assertEqual((c.gc_interval, c.gc_churn, c.gc_growth), (3.0, 0.5, 2.0))
         o = Options()
         o.parseOptions(["--data-dir", temp_dir(self)])
         plane = makeService(o)

@@ -192,6 +192,11 @@ class Options(usage.Options):
         ["grace", None, None, "Seconds after start before any host is marked offline."],
         ["strategy", None, None, "Scheduler strategy plugin (default spread)."],
         ["gc-policy", None, None, "Garbage collection: freeze (default) or python."],
+        ["gc-interval", None, None, "Seconds between collections of new objects (default 5)."],
+        ["gc-churn", None, None,
+         "Full collection once this fraction of the sessions closed (default 0.25)."],
+        ["gc-growth", None, None,
+         "... or once the frozen heap grew by this fraction (default 1.0)."],
     ]
     optFlags = [
         ["insecure-listen", None, "Allow plain listeners beyond loopback."],
@@ -221,6 +226,9 @@ class Options(usage.Options):
             "grace": ("grace", float),
             "strategy": ("strategy", str),
             "gc-policy": ("gc_policy", str),
+            "gc-interval": ("gc_interval", float),
+            "gc-churn": ("gc_churn", float),
+            "gc-growth": ("gc_growth", float),
         }
         for flag, (attr, kind) in flags.items():
             if self[flag] is not None:
