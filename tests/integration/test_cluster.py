@@ -7,6 +7,7 @@ import json
 import time
 
 import pytest
+from autobahn.wamp.exception import ApplicationError
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
@@ -123,6 +124,20 @@ class ClusterTests(TestCase):
         self.assertGreaterEqual(float(metrics["zwrm_gc_full_collections_total"]), 1)
         self.assertGreater(float(metrics["zwrm_gc_frozen_objects"]), 10_000)
         self.assertEqual(metrics['zwrm_hosts{state="ready"}'], "2")
+
+        # zwrm.image.* over WAMP, as an operator's client sees it
+        from zwrm.cli.client import connect
+
+        session = await connect(reactor, {"url": cp.url, "token": cp.operator_token,
+                                          "authid": "operator", "ca_file": None})
+        try:
+            self.assertEqual(await session.call("zwrm.image.list"), [])
+            with self.assertRaises(ApplicationError) as cm:
+                await session.call("zwrm.image.info", "demo:1")
+            self.assertEqual(cm.exception.error, "zwrm.error.not_found")
+        finally:
+            session.leave()
+            await session.ended
 
 
 def _without_numpy_noise(text):

@@ -18,6 +18,7 @@ from zwrm.control.api import AgentAPI, ControlSession, HostAPI
 from zwrm.control.apps import Apps
 from zwrm.control.auth import PEER_CERTIFICATE, ControlAuthenticator
 from zwrm.control.drain import Drains
+from zwrm.control.images import ImageAPI
 from zwrm.control.monitor import HealthMonitor
 from zwrm.control.registry import HostRegistry
 from zwrm.control.roles import roles
@@ -178,6 +179,8 @@ class ControlPlane(service.MultiService):
         self.apps = Apps(self.reactor, self.store, self.registry, self.scheduler, self._publish)
         restored = await self.apps.load()
         self.drains = Drains(self.reactor, self.store, self.registry, self.apps, self._publish)
+        images = make_registry_resource(
+            self.reactor, os.path.join(data_dir, "registry"), TicketAuthorizer(authenticator))
         self.session = ControlSession(
             [
                 AgentAPI(self.registry, machines=self.apps, pki=self.pki),
@@ -185,6 +188,7 @@ class ControlPlane(service.MultiService):
                 self.apps,
                 TokenAPI(self.pki),
                 self.drains,
+                ImageAPI(self.reactor, images.store, delete_enabled=images.delete_enabled),
             ]
             + self.apis
         )
@@ -200,8 +204,7 @@ class ControlPlane(service.MultiService):
         ws_factory = websocket_factory(self.router)
         ws_factory.protocol = _with_peer_certificate(ws_factory.protocol)
         self.root.putChild(b"ws", WebSocketResource(ws_factory))
-        self.root.putChild(b"v2", make_registry_resource(
-            self.reactor, os.path.join(data_dir, "registry"), TicketAuthorizer(authenticator)))
+        self.root.putChild(b"v2", images)
         site = server.Site(self.root)
         site.noisy = False
         urls = []

@@ -130,7 +130,7 @@ class RegistryResource(resource.Resource):
         self.store = RegistryStore(reactor, root_dir, clock=clock, upload_ttl=upload_ttl)
         self._authorize = authorize
         self._realm = realm
-        self._delete_enabled = delete_enabled
+        self.delete_enabled = delete_enabled
 
     def render(self, request):
         request.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
@@ -152,7 +152,7 @@ class RegistryResource(resource.Resource):
                     f"{request.method.decode()} is not supported on this endpoint",
                     headers={"Allow": ", ".join(m.decode() for r, m in DISPATCH if r == route)},
                 ) from None
-            if action == "delete" and not self._delete_enabled:
+            if action == "delete" and not self.delete_enabled:
                 raise _Error("UNSUPPORTED", "deletes are disabled on this registry")
             try:
                 await defer.maybeDeferred(self._authorize, request, action)

@@ -1,0 +1,115 @@
+"""
+C{zwrm.image.*}: the built-in registry's images over WAMP, so that a WAMP client can see
+and remove what C{zwrm images push} (or any OCI client) stored, without speaking the OCI
+Distribution API. Pushing stays HTTP (C{/v2/}): images are large and streamed.
+
+The registry's files are read in the reactor's thread pool, never on the reactor thread.
+"""
+
+from autobahn import wamp
+from twisted.internet.defer import fail
+from twisted.internet.threads import deferToThreadPool
+
+from zwrm import errors
+from zwrm.registry import image
+from zwrm.registry.store import StoreError
+
+ROLES = ("kernel", "initrd", "disk")
+
+
+class ImageAPI:
+    """
+    @param reactor: the reactor (its thread pool runs the file work).
+    @param store: the registry's L{zwrm.registry.store.RegistryStore}.
+    @param delete_enabled: whether images may be deleted (as the registry's own setting).
+    """
+
+    def __init__(self, reactor, store, delete_enabled=True):
+        self._reactor = reactor
+        self._store = store
+        self._delete_enabled = delete_enabled
+
+    def _in_thread(self, fn, *args):
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn, *args)
+
+    def _describe(self, name, reference):
+        try:
+            digest, media_type, path = self._store.resolve(name, reference)
+        except StoreError:
+            raise errors.NotFound(f"no image {name}:{reference}") from None
+        with open(path, "rb") as f:
+            body = f.read()
+        info = {"name": name, "digest": digest, "media_type": media_type,
+                "tags": [], "size": None, "layers": {}}
+        try:
+            parsed = image.parse_manifest(body)
+        except errors.InvalidArgument:
+            info["kind"] = "other"  # an OCI artifact that is not a zwrm image
+            return info
+        info["kind"] = "zwrm"
+        info["layers"] = {r: parsed[r] for r in ROLES if parsed[r]}
+        info["size"] = sum(d["size"] for d in info["layers"].values())
+        return info
+
+    def _list(self, name):
+        names = [name] if name is not None else self._store.repositories()
+        out = []
+        for n in names:
+            for tag in self._store.tags(n):
+                try:
+                    info = self._describe(n, tag)
+                except errors.NotFound:
+                    continue  # removed meanwhile
+                info["tag"] = tag
+                out.append(info)
+        return out
+
+    def _info(self, ref):
+        name, reference = image.parse_reference(ref)
+        info = self._describe(name, reference)
+        info["tags"] = [t for t in self._store.tags(name)
+                        if self._store.resolve(name, t)[0] == info["digest"]]
+        return info
+
+    def _delete(self, ref):
+        name, reference = image.parse_reference(ref)
+        if ":" not in ref.split("/")[-1] and "@" not in ref:
+            raise errors.InvalidArgument(f"say which tag or digest to delete: {ref}:TAG")
+        try:
+            self._store.delete_manifest(name, reference)
+        except StoreError:
+            raise errors.NotFound(f"no image {name}:{reference}") from None
+        return {"image": ref, "deleted": True}
+
+    @wamp.register("zwrm.image.list")
+    def list(self, name=None):
+        """
+        Every tagged image, or those of repository C{name}: C{[{name, tag, digest,
+        media_type, kind ("zwrm" or "other"), size, layers: {kernel, initrd, disk}}]}.
+        """
+        if name is not None:
+            image.parse_reference(name)  # a readable error for a malformed name
+        return self._in_thread(self._list, name)
+
+    @wamp.register("zwrm.image.info")
+    def info(self, ref):
+        """
+        One image by C{NAME[:TAG][@DIGEST]}: as in L{list}, with C{tags}, the tags that
+        point at its manifest.
+
+        @raise zwrm.errors.NotFound: no such image.
+        """
+        return self._in_thread(self._info, ref)
+
+    @wamp.register("zwrm.image.delete")
+    def delete(self, ref):
+        """
+        Delete a tag (C{NAME:TAG}), or a manifest and every tag that points at it
+        (C{NAME@sha256:...}); blobs no manifest uses are removed.
+
+        @raise zwrm.errors.NotFound: no such image.
+        @raise zwrm.errors.NotAuthorized: deleting is turned off.
+        """
+        if not self._delete_enabled:
+            return fail(errors.NotAuthorized("deleting images is turned off on this registry"))
+        return self._in_thread(self._delete, ref)
