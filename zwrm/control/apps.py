@@ -423,19 +423,12 @@ class Apps:
         await self._event(APP_TOPIC, "destroyed", app["id"], {"app": name})
         return {"machines": gone, "volumes": vols}
 
-    async def _in_app_order(self, name, fn, *args):
+    def _in_app_order(self, name, fn, *args):
         """
         Run C{fn(*args)} after every deploy, scale or destroy already under way for the
-        app called C{name}. Take the lock before any await, so calls keep their order.
+        app called C{name}.
         """
-        lock = self._app_locks.setdefault(name, DeferredLock())
-        await lock.acquire()
-        try:
-            return await fn(*args)
-        finally:
-            lock.release()
-            if not lock.locked and not lock.waiting:
-                self._app_locks.pop(name, None)
+        return _in_key_order(self._app_locks, name, fn, *args)
 
     async def _converge(self, app, replace):
         """
@@ -589,19 +582,12 @@ class Apps:
             if vrow is not None and vrow["state"] == "creating":
                 await self._store.update("volumes", v["id"], {"state": "ready"})
 
-    async def _in_order(self, machine_id, fn, *args):
+    def _in_order(self, machine_id, fn, *args):
         """
         Run C{fn(*args)} after every change already under way for C{machine_id}: reports
-        arrive in order, and applying them must keep it. Take the lock before any await.
+        arrive in order, and applying them must keep it.
         """
-        lock = self._machine_locks.setdefault(machine_id, DeferredLock())
-        await lock.acquire()
-        try:
-            return await fn(*args)
-        finally:
-            lock.release()
-            if not lock.locked and not lock.waiting:
-                self._machine_locks.pop(machine_id, None)
+        return _in_key_order(self._machine_locks, machine_id, fn, *args)
 
     def _apply_status(self, row, status):
         """Apply an executor status or report to a stored machine (in order)."""
@@ -801,3 +787,19 @@ def _error_text(e):
         return e.message
     args = getattr(e, "args", ())
     return str(args[0]) if args else e.__class__.__name__
+
+
+async def _in_key_order(locks, key, fn, *args):
+    """
+    Run C{fn(*args)} under the lock of C{key} in C{locks} (a dict of L{DeferredLock}s,
+    made on first use and dropped when nobody waits), after every call already under way
+    for C{key}.  The lock is taken before any await, so calls keep their order.
+    """
+    lock = locks.setdefault(key, DeferredLock())
+    await lock.acquire()
+    try:
+        return await fn(*args)
+    finally:
+        lock.release()
+        if not lock.locked and not lock.waiting:
+            locks.pop(key, None)
