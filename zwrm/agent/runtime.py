@@ -68,7 +68,7 @@ class HostRuntime:
         """
         self._session = session
         if self.executor is None:
-            client, self._pool = make_http_client(self.reactor, self.config.ca_file)
+            client, self._pool = make_http_client(self.reactor, registry_ca_file(self.config))
             self.cache = ImageCache(
                 self.reactor, os.path.join(self.config.data_dir, "images"),
                 registry_url(self.config.url), (host_id, credential),
@@ -188,6 +188,19 @@ class HostRuntime:
             await self.cache.close()
         if self._pool is not None:
             await self._pool.closeCachedConnections()
+
+
+def registry_ca_file(config):
+    """
+    The CA the agent trusts for the control plane's registry (C{https://}): the cluster CA
+    it received at join (C{<data_dir>/tls/ca.pem}), as its WAMP connection does; before a
+    join (or for a control plane without a cluster CA) C{ca_file} from its configuration,
+    else L{None} (the platform's trust).
+    """
+    joined = os.path.join(config.data_dir, pki.AGENT_TLS_DIR, "ca.pem")
+    if os.path.exists(joined):
+        return joined
+    return config.ca_file
 
 
 def _advertised(endpoint, port, address=None):
