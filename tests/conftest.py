@@ -2,14 +2,14 @@
 Test-wide rules.
 
 Skips are counted. Under CI (the CI environment variable set), a skipped test in the
-QEMU or multi-host suites fails the run: those suites must really run there.
+QEMU, multi-host or acceptance suites fails the run: those suites must really run there.
 """
 
 import os
 
 import pytest
 
-STRICT_MARKERS = ("qemu", "multihost")
+STRICT_MARKERS = ("qemu", "multihost", "acceptance")
 _strict = set()
 _skipped = []
 
