@@ -156,7 +156,21 @@ def _v3(db):
     db["migrations"].add_column("detail", str)
 
 
-MIGRATIONS = [_v1, _v2, _v3]
+def _v4(db):
+    """
+    Schema version 4: the cluster network (L{zwrm.control.network}): a subnet of the
+    cluster CIDR per host, an address per machine.
+    """
+    db["net_subnets"].create({"id": str, "host_id": str, "created_at": float}, pk="id")
+    db["net_subnets"].create_index(["host_id"], unique=True)
+    db["net_addresses"].create(
+        {"id": str, "machine_id": str, "host_id": str, "app_id": str, "created_at": float},
+        pk="id",
+    )
+    db["net_addresses"].create_index(["machine_id"], unique=True)
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4]
 """Schema migrations, in order; append, never edit."""
 
 JSON_COLUMNS = {
