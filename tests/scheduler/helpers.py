@@ -3,8 +3,8 @@
 import os
 
 from zwrm.scheduler import Scheduler
-from zwrm.strategies.pack import Pack
-from zwrm.strategies.spread import Spread
+from zwrm.scheduler.strategies.pack import Pack
+from zwrm.scheduler.strategies.spread import Spread
 
 PLUGIN_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "plugins")
 

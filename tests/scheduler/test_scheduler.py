@@ -9,8 +9,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from zwrm.errors import InvalidArgument, NotFound, Unplaceable
 from zwrm.scheduler import PlacementRequest, Scheduler
-from zwrm.strategies.pack import Pack
-from zwrm.strategies.spread import Spread
+from zwrm.scheduler.strategies.pack import Pack
+from zwrm.scheduler.strategies.spread import Spread
 
 from .helpers import check_indexes, record, scheduler
 

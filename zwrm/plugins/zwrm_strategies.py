@@ -2,8 +2,8 @@
 The built-in placement strategies, as plugins (found by L{zwrm.scheduler.load_strategy}).
 """
 
-from zwrm.strategies.pack import Pack
-from zwrm.strategies.spread import Spread
+from zwrm.scheduler.strategies.pack import Pack
+from zwrm.scheduler.strategies.spread import Spread
 
 spread = Spread()
 pack = Pack()
