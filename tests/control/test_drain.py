@@ -582,6 +582,53 @@ class DrainRunTests(TestCase):
                              [(dst, "running")], where)
 
     @d
+    async def test_second_drain_of_a_draining_host_is_refused(self):
+        c = await DrainCluster(self).start()
+        m = await self.deploy(c, volumes=False)
+        src = m["host_id"]
+        first = await c.drains.drain(src, min_healthy=5)
+        with self.assertRaises(errors.Conflict) as caught:
+            await c.drains.drain(src)
+        self.assertIn(first["drain_id"], caught.exception.message)
+        self.assertEqual(len(await c.store.select("drains")), 1)
+        self.assertEqual(len(await c.store.select("migrations")), 1)
+        await c.settle(c.drains.active[src].done)
+        self.assertEqual((await c.drains.drain_status(src))["state"], "completed")
+
+    @d
+    async def test_drain_of_an_offline_host_is_refused(self):
+        c = await DrainCluster(self).start()
+        m = await self.deploy(c, volumes=False)
+        src = m["host_id"]
+        await c.registry.mark_offline(src)
+        with self.assertRaises(errors.Conflict) as caught:
+            await c.drains.drain(src)
+        self.assertIn("offline", caught.exception.message)
+        self.assertEqual(await c.store.select("drains"), [])
+        self.assertEqual(c.registry.entry(src).machine.state, "offline")
+        self.assertNotIn(src, c.drains.active)
+
+    @d
+    async def test_min_healthy_is_kept_before_the_commit(self):
+        """
+        The move commits only once the replacement has been healthy for C{min_healthy}
+        seconds of the control plane's Clock (event times are the Clock's).
+        """
+        c = await DrainCluster(self).start()
+        m = await self.deploy(c, volumes=False)
+        src = m["host_id"]
+        _, status = await self.drain(c, src, min_healthy=40, healthy_deadline=300, poll=1)
+        self.assertEqual(status["state"], "completed")
+        new = status["migrations"][0]["replacement"]
+        running = [e["ts"] for t, e in c.published if t == "zwrm.event.machine"
+                   and e["subject"] == new and e["payload"].get("state") == "running"]
+        committing = [e["ts"] for t, e in c.published if t == DRAIN_TOPIC
+                      and e["payload"].get("phase") == "committing"]
+        self.assertEqual(len(committing), 1)
+        self.assertGreaterEqual(committing[0] - running[0], 40)
+        self.assertLess(committing[0] - running[0], 40 + 5)
+
+    @d
     async def test_errors(self):
         c = await DrainCluster(self).start()
         with self.assertRaises(errors.NotFound):
