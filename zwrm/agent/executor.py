@@ -241,7 +241,8 @@ class Executor:
                 try:
                     status = await self.driver.start({
                         "id": mid, "kernel": image.get("kernel"), "initrd": image.get("initrd"),
-                        "disk": image.get("disk"), "cmdline": cmdline, "vcpus": spec["vcpus"],
+                        "disk": image.get("disk"), "disk_format": image.get("disk_format"),
+                        "cmdline": cmdline, "vcpus": spec["vcpus"],
                         "memory_mb": spec["memory_mb"], "volumes": vols, "forwards": forwards,
                     })
                     break

@@ -693,7 +693,9 @@ class ImageCache:
         the machine using them is destroyed).
 
         @return: a Deferred (this is a coroutine) firing with C{{"kernel", "initrd", "disk"}}
-            (local paths or L{None}), C{"cmdline"}, C{"service_port"}, C{"manifest"} (the
+            (local paths or L{None}), C{"disk_format"} (C{"raw"}, C{"qcow2"}: the disk
+            layer's media type; the driver checks it with qemu-img before QEMU sees it),
+            C{"firmware"}, C{"cmdline"}, C{"service_port"}, C{"manifest"} (the
             manifest digest) and C{"digests"} (every blob of the image).
         @raise InvalidArgument: bad reference or not a zwrm image.
         @raise NotFound: unknown image. @raise Corrupt: verification kept failing.
@@ -730,6 +732,8 @@ class ImageCache:
                 "kernel": paths.get("kernel"),
                 "initrd": paths.get("initrd"),
                 "disk": paths.get("disk"),
+                "disk_format": info["disk"]["format"] if info["disk"] else None,
+                "firmware": config["firmware"],
                 "cmdline": config["cmdline"],
                 "service_port": config["service_port"],
                 "manifest": mdigest,

@@ -118,6 +118,8 @@ async def _push(reactor, args, out):
                 cmdline=args.cmdline,
                 service_port=args.port,
                 progress=bar.update if bar else None,
+                firmware=args.firmware,
+                reactor=reactor,
             )
         finally:
             if bar:
@@ -195,7 +197,9 @@ def register(subparsers):
     push.add_argument("ref", metavar="NAME[:TAG]")
     push.add_argument("--kernel", help="the kernel (bzImage)")
     push.add_argument("--initrd", help="the initrd / initramfs")
-    push.add_argument("--disk", help="a raw disk image")
+    push.add_argument("--disk", help="a disk image, raw or qcow2 (self-contained: no backing file)")
+    push.add_argument("--firmware", choices=("bios", "uefi"), default=None,
+                      help="how a self-booting disk boots (default bios)")
     push.add_argument("--cmdline", default="", help="the kernel command line")
     push.add_argument("--port", type=_port, default=None, help="the default service port")
     push.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

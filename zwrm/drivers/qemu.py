@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from zwrm.drivers import accel as _accel
+from zwrm.drivers import diskimage
 from zwrm.drivers import qmp as _qmp
 from zwrm.drivers import spec as _spec
 from zwrm.errors import Conflict, InvalidArgument, NotFound, Unavailable
@@ -61,12 +62,22 @@ def _opt(path):
     return path.replace(",", ",,")
 
 
-def _disk_format(path):
-    try:
-        with open(path, "rb") as f:
-            return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
-    except OSError as e:
-        raise InvalidArgument(f"boot disk {path} cannot be read: {e.strerror}") from None
+def _nic_argv(spec):
+    """
+    The network device of a machine.
+
+    With C{spec["nic"]} (C{{"tap", "mac"}}): a virtio NIC on that TAP device, which the
+    agent created and owns (C{script=no}: QEMU needs no privilege to use it).  Without:
+    QEMU user-mode networking with C{restrict=on}, so the guest reaches nothing of the host
+    (not even its loopback through 10.0.2.2) and only the explicit C{forwards} from
+    127.0.0.1 reach the guest.
+    """
+    nic = spec.get("nic")
+    if nic:
+        return ["-netdev", f"tap,id=n0,ifname={_opt(nic['tap'])},script=no,downscript=no",
+                "-device", f"virtio-net-pci,netdev=n0,mac={nic['mac']}"]
+    fwd = "".join(f",hostfwd=tcp:127.0.0.1:{f['host']}-:{f['guest']}" for f in spec["forwards"])
+    return ["-netdev", f"user,id=n0,restrict=on{fwd}", "-device", "virtio-net-pci,netdev=n0"]
 
 
 def _pid_alive(pid):
@@ -424,12 +435,11 @@ class QemuDriver:
             # The boot disk comes from the image cache: never write to it.
             argv += [
                 "-drive",
-                f"file={_opt(spec['disk'])},format={_disk_format(spec['disk'])},if=none,id=boot,"
+                f"file={_opt(spec['disk'])},format={spec['disk_format']},if=none,id=boot,"
                 "snapshot=on",
                 "-device", "virtio-blk-pci,drive=boot,bootindex=0",
             ]
-        fwd = "".join(f",hostfwd=tcp:127.0.0.1:{f['host']}-:{f['guest']}" for f in spec["forwards"])
-        argv += ["-netdev", f"user,id=n0{fwd}", "-device", "virtio-net-pci,netdev=n0"]
+        argv += _nic_argv(spec)
         return argv
 
     async def _start(self, spec):
@@ -440,6 +450,12 @@ class QemuDriver:
         for v in spec["volumes"]:
             if not os.path.isfile(v["path"]):
                 raise InvalidArgument(f"volume {v['id']}: {v['path']} does not exist")
+        if spec["disk"]:
+            # Before QEMU sees it: qemu-img decides the format and refuses a qcow2 that
+            # refers to anything outside itself (backing file, external data file).
+            info = await diskimage.inspect(self.reactor, spec["disk"], spec["disk_format"],
+                                           what=f"boot disk {spec['disk']}")
+            spec["disk_format"] = info["format"]
         m = self._machines.get(spec["id"])
         if m is not None and m.state == "running":
             raise Conflict(f"machine {spec['id']!r} is running already")

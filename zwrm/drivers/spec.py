@@ -53,6 +53,10 @@ def validate(spec):
         raise InvalidArgument("a machine needs a kernel or a boot disk; the spec has neither")
     if out["initrd"] and not out["kernel"]:
         raise InvalidArgument("an initrd needs a kernel")
+    fmt = spec.get("disk_format")
+    if fmt is not None and fmt not in ("raw", "qcow2"):
+        raise InvalidArgument(f"disk_format must be raw, qcow2 or null, not {fmt!r}")
+    out["disk_format"] = fmt
     cmdline = spec.get("cmdline") or ""
     if not isinstance(cmdline, str) or "\n" in cmdline:
         raise InvalidArgument(f"cmdline must be one line of text, not {cmdline!r}")
@@ -78,4 +82,21 @@ def validate(spec):
             {"guest": _port(f.get("guest"), "forward guest port"),
              "host": _port(f.get("host"), "forward host port")}
         )
+    out["nic"] = _nic(spec.get("nic"))
     return out
+
+
+_TAP_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+def _nic(nic):
+    """C{None} (user-mode networking) or C{{"tap", "mac"}} (a TAP device the agent made)."""
+    if nic is None:
+        return None
+    if (not isinstance(nic, dict) or not isinstance(nic.get("tap"), str)
+            or not _TAP_RE.match(nic["tap"]) or not isinstance(nic.get("mac"), str)
+            or not _MAC_RE.match(nic["mac"])):
+        raise InvalidArgument(
+            f"nic must be null or {{tap: an interface name, mac: aa:bb:cc:dd:ee:ff}}, not {nic!r}")
+    return {"tap": nic["tap"], "mac": nic["mac"]}

@@ -15,6 +15,7 @@ from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from zwrm.drivers import diskimage
 from zwrm.errors import (
     AuthenticationFailed,
     Conflict,
@@ -304,14 +305,20 @@ class RegistryClient:
 
 async def push_image(
     client, ref, kernel=None, initrd=None, disk=None, cmdline="", service_port=None,
-    progress=None,
+    progress=None, firmware=None, reactor=None,
 ):
     """
     Push a zwrm VM image (see docs/images.md).
 
+    A disk is checked with C{qemu-img info} first (L{zwrm.drivers.diskimage.inspect}): its
+    format (raw or qcow2) decides the layer's media type, and a qcow2 with a backing file
+    or an external data file is refused before anything is sent.
+
     @param client: a L{RegistryClient}.
     @param ref: C{NAME[:TAG]}.
     @param progress: C{progress(done_bytes, total_bytes)}, called as bytes are sent.
+    @param firmware: C{"bios"} or C{"uefi"} for a self-booting disk (default bios).
+    @param reactor: runs C{qemu-img} (default: the client's reactor).
     @return: the manifest digest.
     """
     name, tag = image.parse_reference(ref)
@@ -323,7 +330,10 @@ async def push_image(
     for role, p in files:
         if not os.path.isfile(p):
             raise InvalidArgument(f"--{role} {p}: no such file")
-    config = image.make_config(cmdline, service_port)
+    config = image.make_config(cmdline, service_port, firmware)
+    if disk:
+        info = await diskimage.inspect(reactor or client._reactor, disk, what=f"--disk {disk}")
+        files = [(f"disk:{info['format']}" if r == "disk" else r, p) for r, p in files]
     total = sum(os.path.getsize(p) for _, p in files) + len(config)
     done_before = [0]
 

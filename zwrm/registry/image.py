@@ -14,8 +14,14 @@ CONFIG_TYPE = "application/vnd.zwrm.image.config.v1+json"
 KERNEL_TYPE = "application/vnd.zwrm.kernel.v1"
 INITRD_TYPE = "application/vnd.zwrm.initrd.v1"
 DISK_TYPE = "application/vnd.zwrm.disk.raw.v1"
-LAYER_ROLES = {KERNEL_TYPE: "kernel", INITRD_TYPE: "initrd", DISK_TYPE: "disk"}
-ROLE_TYPES = {v: k for k, v in LAYER_ROLES.items()}
+QCOW2_TYPE = "application/vnd.zwrm.disk.qcow2.v1"
+#: The disk layer's media type for each disk format.
+DISK_TYPES = {"raw": DISK_TYPE, "qcow2": QCOW2_TYPE}
+DISK_FORMATS = {v: k for k, v in DISK_TYPES.items()}
+LAYER_ROLES = {KERNEL_TYPE: "kernel", INITRD_TYPE: "initrd", DISK_TYPE: "disk",
+               QCOW2_TYPE: "disk"}
+ROLE_TYPES = {"kernel": KERNEL_TYPE, "initrd": INITRD_TYPE, "disk": DISK_TYPE}
+FIRMWARES = ("bios", "uefi")
 
 _REF_RE = re.compile(
     r"^(?P<name>[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*)"
@@ -40,20 +46,26 @@ def parse_reference(ref):
     return m.group("name"), m.group("digest") or m.group("tag") or "latest"
 
 
-def make_config(cmdline="", service_port=None):
+def make_config(cmdline="", service_port=None, firmware=None):
     """
+    @param firmware: C{"bios"} (default) or C{"uefi"}: how a self-booting disk boots.
     @return: the config blob's bytes (canonical JSON).
     """
     if service_port is not None and not (isinstance(service_port, int) and 0 < service_port < 65536):
         raise InvalidArgument(f"service port must be 1-65535, not {service_port!r}")
+    if firmware is not None and firmware not in FIRMWARES:
+        raise InvalidArgument(f"firmware must be bios or uefi, not {firmware!r}")
     doc = {"cmdline": cmdline or "", "service_port": service_port}
+    if firmware is not None:
+        doc["firmware"] = firmware
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
 def make_manifest(config, layers, annotations=None):
     """
     @param config: C{(digest, size)} of the config blob.
-    @param layers: C{[(role, digest, size, filename)]}, role in kernel/initrd/disk.
+    @param layers: C{[(role, digest, size, filename)]}, role in kernel/initrd/disk; a
+        disk's role may name its format: C{"disk"} or C{"disk:raw"} (raw), C{"disk:qcow2"}.
     @return: the manifest's bytes.
     """
     doc = {
@@ -63,7 +75,7 @@ def make_manifest(config, layers, annotations=None):
         "config": {"mediaType": CONFIG_TYPE, "digest": config[0], "size": config[1]},
         "layers": [
             {
-                "mediaType": ROLE_TYPES[role],
+                "mediaType": _layer_type(role),
                 "digest": digest,
                 "size": size,
                 "annotations": {"org.opencontainers.image.title": filename},
@@ -76,12 +88,22 @@ def make_manifest(config, layers, annotations=None):
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
+def _layer_type(role):
+    if role.startswith("disk:"):
+        fmt = role[5:]
+        if fmt not in DISK_TYPES:
+            raise InvalidArgument(f"disk format must be raw or qcow2, not {fmt!r}")
+        return DISK_TYPES[fmt]
+    return ROLE_TYPES[role]
+
+
 def parse_manifest(body):
     """
     Read a zwrm image manifest.
 
     @return: C{{"config": descriptor, "kernel": descriptor, "initrd": descriptor or None,
-        "disk": descriptor or None}} where a descriptor is C{{"digest", "size"}}.
+        "disk": descriptor or None}} where a descriptor is C{{"digest", "size"}}; the disk's
+        also has C{"format"} (C{"raw"} or C{"qcow2"}, from its media type).
     @raise InvalidArgument: if it is not a zwrm image (no kernel layer, wrong config type,
         a role given twice).
     """
@@ -101,6 +123,8 @@ def parse_manifest(body):
         if out[role] is not None:
             raise InvalidArgument(f"image has more than one {role} layer")
         out[role] = _desc(layer)
+        if role == "disk":
+            out[role]["format"] = DISK_FORMATS[layer["mediaType"]]
     if out["kernel"] is None and out["disk"] is None:
         raise InvalidArgument("image has neither a kernel nor a disk layer")
     return out
@@ -115,15 +139,18 @@ def _desc(d):
 
 def parse_config(body):
     """
-    @return: C{{"cmdline": str, "service_port": int or None}}.
+    @return: C{{"cmdline": str, "service_port": int or None, "firmware": "bios"|"uefi"}}.
     @raise InvalidArgument: for malformed config.
     """
     try:
         doc = json.loads(body)
         cmdline = doc.get("cmdline", "") or ""
         port = doc.get("service_port")
+        firmware = doc.get("firmware") or "bios"
     except (ValueError, AttributeError):
         raise InvalidArgument("malformed zwrm image config") from None
     if not isinstance(cmdline, str) or not (port is None or isinstance(port, int)):
         raise InvalidArgument("malformed zwrm image config")
-    return {"cmdline": cmdline, "service_port": port}
+    if firmware not in FIRMWARES:
+        raise InvalidArgument(f"zwrm image config: firmware must be bios or uefi, not {firmware!r}")
+    return {"cmdline": cmdline, "service_port": port, "firmware": firmware}

@@ -18,7 +18,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server, static
 
-from zwrm.errors import AuthenticationFailed, NotAuthorized
+from zwrm.drivers import diskimage
+from zwrm.errors import AuthenticationFailed, InvalidArgument, NotAuthorized, Unavailable
+from zwrm.registry.image import QCOW2_TYPE
 from zwrm.registry.store import (
     DIGEST_RE,
     RegistryStore,
@@ -118,15 +120,19 @@ class RegistryResource(resource.Resource):
     @param delete_enabled: whether DELETE of manifests, tags and blobs is allowed.
     @param clock: C{IReactorTime} for upload session ages (default: C{reactor}).
     @param upload_ttl: seconds an untouched upload session is kept (default one day).
+    @param check_disk: C{check_disk(reactor, path, fmt, what)} (a coroutine) checks a qcow2
+        disk layer named by a pushed manifest (default L{zwrm.drivers.diskimage.inspect});
+        it raises L{InvalidArgument} to refuse the manifest.
     """
 
     isLeaf = True
     log = Logger()
 
     def __init__(self, reactor, root_dir, authorize, realm="zwrm", delete_enabled=True,
-                 clock=None, upload_ttl=24 * 3600.0):
+                 clock=None, upload_ttl=24 * 3600.0, check_disk=None):
         resource.Resource.__init__(self)
         self._reactor = reactor
+        self._check_disk = check_disk or diskimage.inspect
         self.store = RegistryStore(reactor, root_dir, clock=clock, upload_ttl=upload_ttl)
         self._authorize = authorize
         self._realm = realm
@@ -414,6 +420,7 @@ class RegistryResource(resource.Resource):
         if len(body) > MAX_MANIFEST:
             raise _Error("MANIFEST_INVALID", "manifest larger than 4 MiB", status=413)
         self._validate_manifest(name, body, content_type)
+        await self._check_disks(body)
         alg = "sha256"
         if tag is None:
             alg, _ = parse_digest(reference)
@@ -429,6 +436,23 @@ class RegistryResource(resource.Resource):
             201,
             headers={"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": digest},
         )
+
+    async def _check_disks(self, body):
+        # A qcow2 disk layer must be self-contained: no backing file, no external data file
+        # (see zwrm.drivers.diskimage). Checked here, before anything can pull the image.
+        doc = json.loads(body)
+        for desc in doc.get("layers") or ():
+            if desc.get("mediaType") != QCOW2_TYPE:
+                continue
+            digest = desc["digest"]
+            try:
+                await self._check_disk(self._reactor, self.store.blob_path(digest), "qcow2",
+                                       f"disk layer {digest}")
+            except InvalidArgument as e:
+                raise _Error("MANIFEST_INVALID", e.message, detail={"digest": digest}) from None
+            except Unavailable as e:
+                raise _Error("UNKNOWN", f"cannot check disk layer {digest}: {e.message}",
+                             status=503) from None
 
     def _validate_manifest(self, name, body, content_type):
         try:
