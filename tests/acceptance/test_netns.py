@@ -63,6 +63,12 @@ def test_tcp_between_hosts(net):
         server.wait()
 
 
+def test_hostname_is_the_host_name(net):
+    assert net.run("a", ["hostname"]).stdout.strip() == "a"
+    assert net.run("b", ["hostname"]).stdout.strip() == "b"
+    assert subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip() != "a"
+
+
 def test_addresses_only_inside(net):
     outside = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
     assert net.address("a") not in outside

@@ -25,8 +25,8 @@ API (all of it):
   - C{hostname(name)}: C{"<name>.zwrm.test"}; every host's C{/etc/hosts} lists every host
     under that name and the short one (through C{/etc/netns/<ns>/hosts}, which
     C{ip netns exec} mounts over C{/etc/hosts}).
-  - C{argv(name, argv)}: C{argv} wrapped to run in the host (C{ip netns exec ...}, with
-    the host's bind mounts); C{run(name, argv, **kw)} is C{subprocess.run} of it
+  - C{argv(name, argv)}: C{argv} wrapped to run in the host (C{ip netns exec ...}, in
+    its own UTS namespace with hostname C{name}, with the host's bind mounts); C{run(name, argv, **kw)} is C{subprocess.run} of it
     (C{check=True}, output captured as text unless told otherwise); C{spawn(name, argv, **kw)}
     is C{subprocess.Popen} of it.
   - C{close()}: kill every process left in the namespaces, delete them and the
@@ -217,15 +217,14 @@ class TestNetwork:
         return f"{name}.{DOMAIN}"
 
     def argv(self, name, argv):
-        """C{argv} wrapped to run inside host C{name}, with its bind mounts."""
+        """C{argv} wrapped to run inside host C{name}: its network, hostname and bind mounts."""
         ns, _, binds = self._hosts[name]
         argv = [str(a) for a in argv]
-        if not binds:
-            return ["ip", "netns", "exec", ns, *argv]
-        mounts = " && ".join(
+        setup = [f"hostname {shlex.quote(name)}"] + [
             f"mount --bind {shlex.quote(src)} {shlex.quote(dst)}" for dst, src in binds.items()
-        )
-        return ["ip", "netns", "exec", ns, "sh", "-c", f'{mounts} && exec "$@"', "sh", *argv]
+        ]
+        script = " && ".join(setup) + ' && exec "$@"'
+        return ["ip", "netns", "exec", ns, "unshare", "--uts", "sh", "-c", script, "sh", *argv]
 
     def run(self, name, argv, check=True, capture_output=True, text=True, **kw):
         """C{subprocess.run} of C{argv} inside host C{name}."""
