@@ -189,7 +189,17 @@ class MembershipTests(TestCase):
         host_id = agent.identity.host_id
         with open(os.path.join(data_dir, "host.json"), "w") as f:
             json.dump({"host_id": host_id, "credential": "forged"}, f)
+        # a join token admits only new hosts: it joins again only after `zwrm host reset`
         agent2 = make_agent(self, plane, data_dir)
+        await poll(reactor, lambda: "zwrm host reset" in (agent2.last_error or ""), 20, 0.05,
+                   what="the join refused")
+        self.assertFalse(agent2.registered.called)
+        op = await connect(reactor, {"url": plane.url, "token": plane.operator_token,
+                                     "authid": "operator"})
+        try:
+            await op.call("zwrm.host.reset", host_id)
+        finally:
+            await close(op)
         await agent2.registered
         self.assertEqual(agent2.identity.host_id, host_id)
         self.assertNotEqual(agent2.identity.credential, "forged")

@@ -101,10 +101,10 @@ class AgentOptionsTests(SynchronousTestCase):
 
     def test_flags(self):
         c = self.parse("--control-plane-url", "ws://127.0.0.1:8080/ws", "--region", "eu",
-                       "--datacenter", "dc1", "--join-token", "t", "--label", "a=b",
+                       "--datacenter", "dc1", "--label", "a=b",
                        "--vcpus", "4", "--memory-mb", "1024")
-        self.assertEqual((c.region, c.datacenter, c.join_token, c.labels, c.vcpus, c.memory_mb),
-                         ("eu", "dc1", "t", {"a": "b"}, 4, 1024))
+        self.assertEqual((c.region, c.datacenter, c.labels, c.vcpus, c.memory_mb),
+                         ("eu", "dc1", {"a": "b"}, 4, 1024))
 
     def test_toml(self):
         path = os.path.join(temp_dir(self), "agent.toml")

@@ -163,3 +163,69 @@ class TokenTests(TestCase):
             for who in (Principal("h-1", "agent"), Principal("join", "joining"),
                         Principal("viewer", "viewer")):
                 self.assertFalse(authorizer.authorize(who, procedure, "call"), (who, procedure))
+
+
+class JoinExistingHostTests(TestCase):
+    """A join token admits only new hosts (issue 14, item 3)."""
+
+    async def _setup(self):
+        self.clock = Clock()
+        self.clock.advance(time.time())
+        _, self.store, self.registry, _ = await make_registry(self, clock=self.clock)
+        data_dir = self.mktemp()
+        os.makedirs(data_dir)
+        self.pki = ControlPKI(self.clock, self.store, data_dir)
+        await self.pki.start()
+        self.api = AgentAPI(self.registry, pki=self.pki)
+        self.first = await self.api.join("h-one", dict(FACTS))
+
+    async def test_existing_host_refused(self):
+        """Anyone with a join token cannot take over a joined host's id: refused, nothing changes."""
+        await self._setup()
+        before = self.registry.credential_hash("h-one")
+        _, csr = pki.make_host_request("h-one")
+        for credential in (None, "wrong", ""):
+            with self.assertRaises(errors.NotAuthorized) as c:
+                await self.api.join("h-one", dict(FACTS), csr=csr.decode(), credential=credential)
+            self.assertIn("zwrm host reset h-one", c.exception.message)
+        self.assertEqual(self.registry.credential_hash("h-one"), before)
+
+    async def test_with_credential(self):
+        """The host's own credential proves it: a new credential (and certificate) is issued."""
+        await self._setup()
+        again = await self.api.join("h-one", dict(FACTS), credential=self.first["credential"])
+        self.assertNotEqual(again["credential"], self.first["credential"])
+        with self.assertRaises(errors.NotAuthorized):
+            await self.api.join("h-one", dict(FACTS), credential=self.first["credential"])
+
+    async def test_after_reset(self):
+        """After zwrm.host.reset one join goes through, within the ttl only."""
+        await self._setup()
+        result = await self.api.reset("h-one", ttl=60)
+        self.assertEqual(result["expires_at"], self.clock.seconds() + 60)
+        again = await self.api.join("h-one", dict(FACTS))
+        self.assertNotEqual(again["credential"], self.first["credential"])
+        with self.assertRaises(errors.NotAuthorized):  # used up
+            await self.api.join("h-one", dict(FACTS))
+        await self.api.reset("h-one", ttl=60)
+        self.clock.advance(61)
+        with self.assertRaises(errors.NotAuthorized):  # expired
+            await self.api.join("h-one", dict(FACTS))
+        with self.assertRaises(errors.NotFound):
+            await self.api.reset("h-nobody")
+
+    async def test_concurrent_joins_of_one_id(self):
+        """Two joins of one new id at once: the second is a conflict, not a second credential."""
+        await self._setup()
+        from twisted.internet import defer
+
+        first = defer.ensureDeferred(self.api.join("h-two", dict(FACTS)))
+        with self.assertRaises(errors.Conflict):
+            await self.api.join("h-two", dict(FACTS))
+        await first
+
+    def test_only_operators_reset(self):
+        authorizer = RoleBasedAuthorizer(roles())
+        self.assertTrue(authorizer.authorize(Principal("operator", "operator"), "zwrm.host.reset", "call"))
+        for who in (Principal("h-1", "agent"), Principal("join", "joining"), Principal("viewer", "viewer")):
+            self.assertFalse(authorizer.authorize(who, "zwrm.host.reset", "call"), who)

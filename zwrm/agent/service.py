@@ -543,7 +543,8 @@ class AgentService(service.Service):
                 raise
             return await self._member(session)
         if not self.config.join_token:
-            return "no credential and no join token: start the agent with --join-token"
+            return ("no credential and no join token: give the agent one with --join-token-file"
+                    " (join_token_file) or $ZWRM_JOIN_TOKEN")
         self.state = "joining"
         session = await self._connect("join", self.config.join_token)
         if not self._running:

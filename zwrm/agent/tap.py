@@ -2,10 +2,16 @@
 C{twistd zwrm-agent}: options and service.
 
     twistd -n zwrm-agent --control-plane-url=wss://cp.example.com:8080/ws \\
-        --region=eu-central --datacenter=dc1 --join-token=...
+        --region=eu-central --datacenter=dc1 --join-token-file=/etc/zwrm/join-token
 
 Every option can also be set in a TOML file (C{--config}), section C{[agent]}, with the
 option's name spelled with underscores (C{control_plane_url = "..."}); a flag wins.
+
+The join token never comes from the command line (every local user can read a process's
+arguments in /proc): it comes from the file C{--join-token-file} / C{join_token_file}
+names, else from the environment variable C{ZWRM_JOIN_TOKEN}, else from C{join_token} in
+the configuration file.  A token file, or a configuration file holding C{join_token}, that
+every user may read is refused.  C{--join-token=...} is refused with a message naming these.
 """
 
 import os
@@ -84,8 +90,10 @@ class Options(usage.Options):
         ["control-plane-url", "u", None, "The control plane's WebSocket URL (ws:// or wss://)."],
         ["region", None, None, "This host's region."],
         ["datacenter", None, None, "This host's datacenter."],
-        ["join-token", None, None, "The join token (needed only until the host has joined)."],
-        ["join-token-file", None, None, "Read the join token from this file."],
+        ["join-token", None, None, "Refused: use --join-token-file or $ZWRM_JOIN_TOKEN."],
+        ["join-token-file", None, None,
+         "Read the join token (needed only until the host has joined) from this file; "
+         "else $ZWRM_JOIN_TOKEN."],
         ["data-dir", "d", None, "Data directory (host id, credential, ...)."],
         ["name", None, None, "The host's name (default: the hostname)."],
         ["address", None, None, "The address other hosts reach this host at."],
@@ -122,10 +130,12 @@ class Options(usage.Options):
         self["label"][key] = value
 
     def postOptions(self):
+        if self["join-token"] is not None:
+            raise usage.UsageError(JOIN_TOKEN_FLAG_REFUSED)
         values = {}
         if self["config"]:
             values = _load(self["config"])
-        for key in ("control-plane-url", "region", "datacenter", "join-token", "join-token-file",
+        for key in ("control-plane-url", "region", "datacenter", "join-token-file",
                     "data-dir", "name", "address", "vcpus", "memory-mb", "disk-mb", "ca-file",
                     "retry-initial", "retry-max", "driver", "accel", "image-cache-mb",
                     "volume-endpoint"):
@@ -138,13 +148,10 @@ class Options(usage.Options):
         url = values.pop("control_plane_url", None)
         if not url:
             raise usage.UsageError("--control-plane-url is required")
-        token_file = values.pop("join_token_file", None)
-        if token_file:
-            try:
-                with open(token_file) as f:
-                    values["join_token"] = f.read().strip()
-            except OSError as e:
-                raise usage.UsageError(f"cannot read {token_file}: {e.strerror}") from None
+        token = join_token(values.pop("join_token_file", None), values.pop("join_token", None),
+                           os.environ)
+        if token:
+            values["join_token"] = token
         if self["plugin-dir"]:
             values["plugin_dirs"] = list(values.get("plugin_dirs", [])) + self["plugin-dir"]
         if values.get("accel", "auto") not in ("auto", "kvm", "tcg"):
@@ -173,6 +180,42 @@ class Options(usage.Options):
         _check_driver(config)
         _check_volume_endpoint(config.volume_endpoint)
         self.config = config
+
+
+JOIN_TOKEN_ENV = "ZWRM_JOIN_TOKEN"
+"""The environment variable an agent reads its join token from (when no file is named)."""
+
+JOIN_TOKEN_FLAG_REFUSED = (
+    "--join-token is not accepted: a process's command line is readable by every local user;"
+    " put the token in a file only root can read and pass --join-token-file=PATH"
+    " (join_token_file in the [agent] section), or set $" + JOIN_TOKEN_ENV)
+
+
+def join_token(path=None, inline=None, environ=None):
+    """
+    The agent's join token: from the file C{path}, else the environment, else the value
+    C{inline} (from a private configuration file); L{None} if there is none.
+
+    @raise usage.UsageError: the file cannot be read or is empty.
+    """
+    if path:
+        try:
+            with open(path) as f:
+                mode = os.fstat(f.fileno()).st_mode
+                text = f.read().strip()
+        except OSError as e:
+            raise usage.UsageError(f"cannot read the join token file {path}: {e.strerror}") from None
+        if mode & 0o004:
+            raise usage.UsageError(
+                f"the join token file {path} is readable by every user (mode {mode & 0o777:o}):"
+                f" chmod 600 {path}")
+        if not text:
+            raise usage.UsageError(f"the join token file {path} is empty")
+        return text
+    text = (environ or {}).get(JOIN_TOKEN_ENV, "").strip()
+    if text:
+        return text
+    return inline.strip() if isinstance(inline, str) and inline.strip() else None
 
 
 def _check_volume_endpoint(description):
@@ -221,6 +264,13 @@ def _load(path):
     unknown = set(agent) - KEYS
     if unknown:
         raise usage.UsageError(f"{path}: unknown setting [agent] {sorted(unknown)[0]}")
+    if "join_token" in agent:
+        mode = os.stat(path).st_mode
+        if mode & 0o004:
+            raise usage.UsageError(
+                f"{path} holds join_token but every user can read it (mode {mode & 0o777:o}):"
+                f" move the token to a file only root can read and name it with join_token_file,"
+                f" or chmod 600 {path}")
     return dict(agent)
 
 

@@ -8,6 +8,7 @@ import time
 
 from zwrm.cli.client import call, close, connect, load_settings
 from zwrm.cli.drain import register_host_commands
+from zwrm.cli.host_reset import register_reset
 
 
 def register(subparsers):
@@ -23,6 +24,7 @@ def register(subparsers):
     st.add_argument("--events", type=int, default=20, help="how many recent events")
     st.set_defaults(func=host_status)
     register_host_commands(hsub)
+    register_reset(hsub)
 
 
 async def _with_session(reactor, args, procedure, *cargs):

@@ -8,10 +8,12 @@ in the router, so it can run against an external router too.
 
 Procedures (realm C{zwrm}):
 
- - C{zwrm.agent.join(host_id, facts, csr=None)} (role C{joining}): admits a host;
-   returns C{{host_id, credential, heartbeat_interval}}; with C{csr} (a PEM certificate
-   request from L{zwrm.pki.make_host_request} for the host id) also C{certificate} (the
-   host certificate, PEM) and C{ca} (the cluster CA certificate, PEM).
+ - C{zwrm.agent.join(host_id, facts, csr=None, credential=None)} (role C{joining}):
+   admits a new host; returns C{{host_id, credential, heartbeat_interval}}; with C{csr} (a
+   PEM certificate request from L{zwrm.pki.make_host_request} for the host id) also
+   C{certificate} (the host certificate, PEM) and C{ca} (the cluster CA certificate, PEM).
+   A host id that already joined needs that host's C{credential}, or a C{zwrm.host.reset}.
+ - C{zwrm.host.reset(host_id, ttl=3600)} (operator): lets an existing host join again once.
  - C{zwrm.agent.register(facts)} (role C{agent}; the host is the caller's authid):
    returns C{{host_id, state, heartbeat_interval}}.
  - C{zwrm.agent.heartbeat(stats=None)} (role C{agent}): returns
@@ -22,12 +24,16 @@ Procedures (realm C{zwrm}):
  - C{zwrm.host.status(host_id)}: one host with its machines and recent events.
 """
 
+import hmac
+
 from autobahn import wamp
 from autobahn.twisted.wamp import ApplicationSession
 from autobahn.wamp.types import ComponentConfig, RegisterOptions
 from twisted.logger import Logger
 
 from zwrm import errors
+from zwrm.control.store import hash_secret
+from zwrm.control.tokens import RESET_TTL
 
 DETAILS = RegisterOptions(details_arg="details")
 
@@ -40,7 +46,12 @@ def _caller(details):
 
 
 class AgentAPI:
-    """The procedures agents call."""
+    """
+    The procedures agents call, and the operator's C{zwrm.host.reset} (the other half of
+    admission).
+    """
+
+    log = Logger()
 
     def __init__(self, registry, machines=None, pki=None):
         """
@@ -53,9 +64,59 @@ class AgentAPI:
         self.registry = registry
         self.machines = machines
         self.pki = pki
+        self._joining = set()
 
     @wamp.register("zwrm.agent.join")
-    async def join(self, host_id=None, facts=None, csr=None):
+    async def join(self, host_id=None, facts=None, csr=None, credential=None):
+        """
+        Admit a new host.  A host id that has already joined is refused unless the caller
+        proves that host's C{credential}, or an operator ran C{zwrm host reset} for it
+        (which lets one join through).
+        """
+        if isinstance(host_id, str) and host_id in self._joining:
+            raise errors.Conflict(f"host {host_id!r} is already joining")
+        if isinstance(host_id, str):
+            self._joining.add(host_id)
+        try:
+            if isinstance(host_id, str) and self.registry.credential_hash(host_id) is not None:
+                await self._admit_existing(host_id, credential)
+            return await self._join(host_id, facts, csr)
+        finally:
+            self._joining.discard(host_id)
+
+    async def _admit_existing(self, host_id, credential):
+        """@raise errors.NotAuthorized: unless the caller may take over C{host_id}."""
+        stored = self.registry.credential_hash(host_id)
+        if isinstance(credential, str) and credential and hmac.compare_digest(
+                stored, hash_secret(credential)):
+            return
+        if self.pki is not None and await self.pki.take_rejoin(host_id):
+            self.log.info("host {host_id} joins again after a reset", host_id=host_id)
+            return
+        raise errors.NotAuthorized(
+            f"host {host_id!r} has already joined; a join token admits only new hosts."
+            f" If its agent lost its credential, run `zwrm host reset {host_id}` first")
+
+    @wamp.register("zwrm.host.reset")
+    async def reset(self, host_id, ttl=RESET_TTL):
+        """
+        (Operator.) Let host C{host_id} join again once in the coming C{ttl} seconds with a
+        join token, without its credential (its agent lost it).  Its current credential stays
+        valid until then.
+
+        @return: C{{"host_id", "expires_at"}}.
+        @raise errors.NotFound: no such host.
+        """
+        if self.registry.credential_hash(host_id) is None:
+            raise errors.NotFound(f"no host {host_id!r}")
+        if self.pki is None:
+            raise errors.Unavailable("this control plane keeps no join tokens")
+        expires = await self.pki.allow_rejoin(host_id, ttl)
+        self.log.info("host {host_id} reset: it may join again until {t}", host_id=host_id,
+                      t=expires)
+        return {"host_id": host_id, "expires_at": expires}
+
+    async def _join(self, host_id, facts, csr):
         if csr is not None:
             if self.pki is None:
                 raise errors.InvalidArgument("this control plane has no CA to sign certificates")

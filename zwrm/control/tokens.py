@@ -20,6 +20,12 @@ STARTUP_TOKEN_TTL = pki.DEFAULT_TOKEN_TTL
 
 MAX_TOKEN_TTL = 365 * 24 * 3600.0
 
+RESETS_TABLE = "host_resets"
+"""Hosts an operator reset (C{zwrm host reset}): each may join again once, until it expires."""
+
+RESET_TTL = 3600.0
+"""How long a host reset lets the host join again."""
+
 
 def server_names(listen=()):
     """
@@ -100,6 +106,7 @@ class ControlPKI:
             return ca, names, tokens
 
         self.ca, self.names, self._tokens = await self.store.run(load)
+        await self.store.run(_create_resets)
         self.fingerprint = self.ca.fingerprint
         self.log.info(
             "{what} the cluster CA in {dir}; CA fingerprint sha256:{fp}",
@@ -165,6 +172,40 @@ class ControlPKI:
     def revoke(self, token_id):
         return self.store.run(lambda db: self._tokens.revoke(token_id))
 
+    # -- host resets ------------------------------------------------------------------
+
+    def allow_rejoin(self, host_id, ttl=RESET_TTL):
+        """
+        Let the next C{zwrm.agent.join} for the existing host C{host_id} in the coming
+        C{ttl} seconds through without that host's credential (C{zwrm host reset}).
+
+        @return: a Deferred firing with the time the permission expires.
+        """
+        expires = self.reactor.seconds() + ttl
+
+        def allow(db):
+            db[RESETS_TABLE].upsert({"host_id": host_id, "expires_at": expires}, pk="host_id")
+            return expires
+
+        return self.store.run(allow)
+
+    def take_rejoin(self, host_id):
+        """
+        Use up the permission L{allow_rejoin} gave C{host_id}, if it has one still valid.
+
+        @return: a Deferred firing with L{True} if it had one.
+        """
+        now = self.reactor.seconds()
+
+        def take(db):
+            rows = list(db[RESETS_TABLE].rows_where("host_id = ?", [host_id]))
+            if not rows:
+                return False
+            db[RESETS_TABLE].delete(host_id)
+            return rows[0]["expires_at"] > now
+
+        return self.store.run(take)
+
     def sign(self, csr_pem, host_id):
         """
         Sign a joining agent's certificate request for C{host_id}.
@@ -174,6 +215,11 @@ class ControlPKI:
         """
         cert = self.ca.sign_host_request(csr_pem, host_id)
         return {"certificate": cert.decode("ascii"), "ca": self.ca.certificate_pem.decode("ascii")}
+
+
+def _create_resets(db):
+    if not db[RESETS_TABLE].exists():
+        db[RESETS_TABLE].create({"host_id": str, "expires_at": float}, pk="host_id")
 
 
 def _write_private(path, text):

@@ -240,9 +240,14 @@ class AgentProcess(ZwrmProcess):
         self.extra_args = list(extra_args)
 
     def argv(self):
+        # the token goes in a private file, never on the command line
+        token_file = self.data_dir.rstrip("/") + ".join-token"
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.join_token + "\n")
         return TWISTD + [
             "-n", "--pidfile=", "zwrm-agent", "--control-plane-url", self.url,
-            "--join-token", self.join_token, "--data-dir", self.data_dir, "--name", self.name,
+            "--join-token-file", token_file, "--data-dir", self.data_dir, "--name", self.name,
             "--region", self.region, "--datacenter", self.datacenter,
             "--retry-initial", "0.2", "--retry-max", "2",
         ] + self.extra_args
