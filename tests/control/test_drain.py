@@ -628,6 +628,172 @@ class DrainRunTests(TestCase):
         self.assertGreaterEqual(committing[0] - running[0], 40)
         self.assertLess(committing[0] - running[0], 40 + 5)
 
+    # -- fencing: at most one copy runs, whatever the target does (issue 14) -------------
+
+    async def until(self, c, predicate, what, limit=3000):
+        for _ in range(limit):
+            if await predicate():
+                return
+            c.clock.advance(0.1)
+            await deferLater(reactor, 0.002, lambda: None)
+        raise AssertionError(f"never: {what}")
+
+    def copies(self, c, app="db"):
+        """Where a machine of C{app} runs (or starts, or stops), by what the hosts say."""
+        return sorted((h, m["machine_id"]) for h, (ex, _) in c.executors.items()
+                      for m in ex.list_machines()
+                      if m["app"] == app and m["state"] not in ("stopped", "failed"))
+
+    async def outage(self, c, ticks=400):
+        """200 s of the control plane's time; @return: the most copies seen running."""
+        most = 0
+        for _ in range(ticks):
+            c.clock.advance(0.5)
+            await deferLater(reactor, 0.002, lambda: None)
+            most = max(most, len(self.copies(c)))
+        return most
+
+    async def back(self, c, host_id):
+        await c.registry.register(host_id, dict(_facts(), name=host_id))
+
+    @d
+    async def test_target_lost_while_the_replacement_waits_keeps_one_copy(self):
+        """
+        Case 1 of issue 14: the target's agent is lost while the replacement waits to be
+        healthy; its hypervisor runs on. The original is not started again (no second
+        copy, for as long as the target is away, past the healthy deadline); drain-status
+        says what it waits for; once the target is back the move completes with what the
+        replacement wrote meanwhile.
+        """
+        c = await DrainCluster(self).start()
+        m = await self.deploy(c, service_port=8080,
+                              health={"type": "tcp", "interval": 0.1, "grace": 0})
+        src, vid = m["host_id"], m["volumes"][0]
+        dst = "h-b" if src == "h-a" else "h-a"
+        write_known(c.store_of(src).path(vid), "v1")
+        await c.drains.drain(src, min_healthy=30, healthy_deadline=60, stop_timeout=5)
+        run = c.drains.active[src]
+        mig = next(iter(run.migrations.values()))
+
+        async def replacement_runs():
+            return (mig.machine.phase == "waiting_healthy"
+                    and [h for h, _ in self.copies(c)] == [dst])
+
+        await self.until(c, replacement_runs, "replacement running")
+        new = mig.detail["replacement"]
+        await c.registry.mark_offline(dst)  # its agent is gone; the hypervisor is not
+        self.assertEqual(await self.outage(c), 1)
+        self.assertEqual(self.copies(c), [(dst, new)])
+        status = await c.drains.drain_status(src)
+        mg = status["migrations"][0]
+        self.assertEqual((status["state"], mg["phase"], mg["waiting_for"]),
+                         ("running", "waiting_healthy", dst))
+        self.assertIn(f"waiting for {dst}", mg["error"])
+        self.assertEqual(mg["original_state"]["state"], "stopped")
+        # the replacement accepted a write while its agent was away
+        written = write_known(c.store_of(dst).path(vid), "during the outage",
+                              offsets=(3 * MiB,))
+        await self.back(c, dst)
+        await c.settle(run.done)
+        status = await c.drains.drain_status(src)
+        mg = status["migrations"][0]
+        self.assertEqual((status["state"], mg["phase"], mg["waiting_for"]),
+                         ("completed", "done", None))
+        self.assertEqual(self.copies(c), [(dst, new)])
+        self.assertEqual(sha(c.store_of(dst).path(vid)), written)
+        self.assertFalse(c.store_of(src).exists(vid))
+
+    @d
+    async def test_rollback_waits_until_the_target_confirms_the_replacement_is_gone(self):
+        c = await DrainCluster(self).start()
+        m = await self.deploy(c)
+        src, vid = m["host_id"], m["volumes"][0]
+        dst = "h-b" if src == "h-a" else "h-a"
+        before = write_known(c.store_of(src).path(vid), "v1")
+        _, procs = c.executors[dst]
+        start = procs["machine.start"]
+
+        def start_then_lost(spec):
+            def lost(_):
+                c.registry.entry(dst).executor = False  # the answer is lost with the agent
+                raise errors.Unavailable("the agent's session is gone")
+
+            return start(spec).addCallback(lost)
+
+        procs["machine.start"] = start_then_lost
+        await c.drains.drain(src, min_healthy=1, healthy_deadline=30, stop_timeout=5)
+        run = c.drains.active[src]
+        mig = next(iter(run.migrations.values()))
+
+        async def rolling_back():
+            return mig.machine.phase == "rolling_back" and mig.detail.get("waiting")
+
+        await self.until(c, rolling_back, "rollback waiting")
+        self.assertEqual(await self.outage(c), 1)
+        self.assertEqual([h for h, _ in self.copies(c)], [dst])  # only the replacement
+        status = await c.drains.drain_status(src)
+        mg = status["migrations"][0]
+        self.assertEqual((status["state"], mg["phase"], mg["waiting_for"]),
+                         ("running", "rollback_pending", dst))
+        self.assertIn("is gone before the original starts again", mg["error"])
+        await self.back(c, dst)
+        await c.settle(run.done)
+        status = await c.drains.drain_status(src)
+        mg = status["migrations"][0]
+        self.assertEqual((status["state"], mg["phase"], mg["waiting_for"], mg["leftovers"]),
+                         ("incomplete", "rolled_back", None, []))
+        self.assertEqual(self.copies(c), [(src, m["id"])])
+        self.assertEqual(sha(c.store_of(src).path(vid)), before)
+        self.assertFalse(c.store_of(dst).exists(vid))
+        self.assertIsNone(await c.store.get("machines", mg["replacement"]))
+
+    @d
+    async def test_copy_left_on_an_unreachable_target_is_deleted_when_it_returns(self):
+        """
+        The target is lost after the verified copy was committed there: the rollback starts
+        the original again at once (no replacement was started), records the copy, and
+        deletes it when the target returns, even after the app and its volumes were
+        destroyed meanwhile.
+        """
+        c = await DrainCluster(self).start()
+        m = await self.deploy(c)
+        src, vid = m["host_id"], m["volumes"][0]
+        dst = "h-b" if src == "h-a" else "h-a"
+        _, procs = c.executors[src]
+        send = procs["volume.send"]
+
+        def send_then_lose_target(*a, **kw):
+            result = send(*a, **kw)
+            if kw.get("mode") == "delta":
+                def lose(r):
+                    c.registry.entry(dst).executor = False
+                    return r
+                result.addCallback(lose)
+            return result
+
+        procs["volume.send"] = send_then_lose_target
+        _, status = await self.drain(c, src)
+        mg = status["migrations"][0]
+        self.assertEqual((status["state"], mg["phase"], mg["replacement"]),
+                         ("incomplete", "rolled_back", None))
+        self.assertEqual(mg["leftovers"], [{"host": dst, "volume_id": vid}])
+        self.assertIn(f"a copy of {vid} on {dst}", mg["error"])
+        self.assertTrue(c.store_of(dst).exists(vid))
+        self.assertEqual(self.copies(c), [(src, m["id"])])
+        await c.apps.destroy_app("db", volumes=True)
+        self.assertFalse(c.store_of(src).exists(vid))
+        await self.outage(c, ticks=20)
+        self.assertTrue(c.store_of(dst).exists(vid))  # the target is still away
+        await self.back(c, dst)
+
+        async def cleaned():
+            return not c.store_of(dst).exists(vid)
+
+        await self.until(c, cleaned, "copy deleted")
+        status = await c.drains.drain_status(src)
+        self.assertEqual(status["migrations"][0]["leftovers"], [])
+        c.drains.stop()
+
     @d
     async def test_errors(self):
         c = await DrainCluster(self).start()

@@ -100,6 +100,10 @@ class Drains:
         self._publish = publish
         self.active = {}
         self._stopped = False
+        self._sweeper = None  # the LoopingCall cleaning leftovers, while there are some
+
+    def _reachable(self, host_id):
+        return host_id in self._hosts and self._hosts.executor_available(host_id)
 
     # -- stored changes, then events ---------------------------------------------------
 
@@ -282,18 +286,48 @@ class Drains:
                     rate = m["bytes_sent"] / elapsed
                     left = max(0, (m["bytes_total"] or 0) - (detail.get("bytes_done") or 0))
                     eta = left / rate if rate else None
+            phase, error = m["phase"], m["error"]
+            waiting = detail.get("waiting")
+            original = await self._where(m["machine_id"])
+            replacement = await self._where(detail.get("replacement"))
+            leftovers = detail.get("leftovers") or []
+            if waiting is not None and phase not in MIGRATION_TERMINAL:
+                if phase == "rolling_back":
+                    phase = "rollback_pending"
+                note = f"waiting for {waiting['host']} (unreachable) {waiting['why']}"
+                error = f"{error}; {note}" if error else note
+            if phase == "failed" and original is not None:
+                error = (f"{error}; machine {m['machine_id']} is {original['state']} on "
+                         f"{original['host_id']}")
+            if leftovers:
+                note = ", ".join(f"a copy of {x['volume_id']} on {x['host']}" for x in leftovers)
+                note = f"left behind (deleted when its host is back): {note}"
+                error = f"{error}; {note}" if error else note
             migrations.append({
                 "machine_id": m["machine_id"], "app": detail.get("app"),
-                "source": m["source_host"], "target": m["target_host"], "phase": m["phase"],
+                "source": m["source_host"], "target": m["target_host"], "phase": phase,
                 "replacement": detail.get("replacement"), "volumes": detail.get("volumes", []),
                 "bytes_sent": m["bytes_sent"], "bytes_total": m["bytes_total"],
-                "rate": rate, "eta": eta, "error": m["error"],
+                "rate": rate, "eta": eta, "error": error,
                 "downtime": detail.get("downtime"),
+                "waiting_for": waiting["host"] if waiting is not None else None,
+                "original_state": original, "replacement_state": replacement,
+                "leftovers": leftovers,
             })
         return {"drain_id": d["id"], "host_id": host_id, "state": d["state"],
                 "host_state": self._hosts.entry(host_id).machine.state,
                 "options": d["options"], "created_at": d["created_at"],
                 "updated_at": d["updated_at"], "migrations": migrations}
+
+    async def _where(self, machine_id):
+        """C{{"host_id", "state", "health"}} of a stored machine, or C{None}."""
+        if machine_id is None:
+            return None
+        row = await self._store.get("machines", machine_id)
+        if row is None:
+            return None
+        return {"host_id": row["host_id"], "state": row["state"],
+                "health": (row.get("health") or {}).get("status")}
 
     @wamp.register("zwrm.host.undrain")
     async def undrain(self, host_id):
@@ -351,6 +385,8 @@ class Drains:
             ensureDeferred(self._resume(drain)).addErrback(
                 lambda f, i=row["id"]: self.log.failure("resuming drain {id}", f, id=i))
             n += 1
+        if await self._leftover_rows():
+            self._sweep_soon()
         return n
 
     async def _resume(self, drain, wait=120.0):
@@ -379,6 +415,9 @@ class Drains:
         cancelled, steps under way are cancelled, and nothing more is taken from an outbox.
         """
         self._stopped = True
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        self._sweeper = None
         for drain in self.active.values():
             if drain.deadline_call is not None and drain.deadline_call.active():
                 drain.deadline_call.cancel()
@@ -554,6 +593,7 @@ class Drains:
         done_before = 0
         endpoints = {}
         for vid in run.detail["volumes"]:
+            await self._clean_copy(target, vid)  # a copy an earlier rollback left there
             old = (run.detail.get("tokens") or {}).get(vid)
             if old is not None:
                 try:
@@ -630,13 +670,15 @@ class Drains:
     async def _step_starting_replacement(self, drain, run):
         original = await self._original(run)
         target = run.row["target_host"]
-        new_id = run.detail.get("replacement")
-        if new_id is None:
-            new_id = f"m-{uuid.uuid4().hex[:12]}"
-            await self._save_detail(run, replacement=new_id)  # stored before it is acted on
         for vid in run.detail["volumes"]:
             if not await self._target_has(target, vid):
                 raise errors.NotFound(f"volume {vid} is not on {target}; not starting there")
+        new_id = run.detail.get("replacement")
+        if new_id is None:
+            # Stored before it is acted on: from now on a rollback must have the target
+            # confirm that this machine is gone before the original starts again.
+            new_id = f"m-{uuid.uuid4().hex[:12]}"
+            await self._save_detail(run, replacement=new_id)
         existing = await self._store.get("machines", new_id)
         if existing is not None:
             if existing["state"] in LIVE:
@@ -663,11 +705,22 @@ class Drains:
         if row["state"] == "failed":
             raise errors.Unavailable(f"the replacement could not start on {target}")
 
-    async def _wait_healthy(self, machine_id, deadline, min_healthy, poll):
+    async def _wait_healthy(self, machine_id, deadline, min_healthy, poll, host=None,
+                            run=None):
         """
         Wait until C{machine_id} is running with a passing health check (or running, when it
         has none) for C{min_healthy} seconds on end. @return: when it first passed.
+
+        With C{host} (a replacement's target), what counts is what that host's agent says
+        (L{Executor.machine_status}), not the stored row, which is stale while the host is
+        unreachable (marked failed once it is offline; still passing before that). While
+        the host is unreachable the wait is paused, not failed: the replacement may still
+        run there (its hypervisor outlives its agent), so the original must not start again
+        (docs/drain.md, "Fencing"); the time does not count toward C{deadline}, and the
+        migration records that it waits for C{host}.
+
         @raise Unavailable: not so by C{deadline} seconds, or it failed.
+        @raise NotFound: it is gone.
         """
         start = self._clock.seconds()
         since = None
@@ -676,12 +729,30 @@ class Drains:
             row = await self._store.get("machines", machine_id)
             if row is None:
                 raise errors.NotFound(f"machine {machine_id} is gone")
-            health = (row.get("health") or {}).get("status")
             has_check = bool(row["spec"].get("health"))
-            if row["state"] == "failed":
-                raise errors.Unavailable(f"machine {machine_id} failed")
-            ok = row["state"] == "running" and (health == "passing" or not has_check)
+            state, health = row["state"], (row.get("health") or {}).get("status")
             now = self._clock.seconds()
+            if host is not None:
+                try:
+                    st = await self._call(host, "machine.status", machine_id)
+                except errors.NotFound:
+                    raise errors.NotFound(
+                        f"machine {machine_id} is not on {host} any more") from None
+                except errors.Unavailable:
+                    since = None
+                    await self._set_waiting(
+                        run, host, f"replacement {machine_id} may still run there; the "
+                        "original stays stopped until it answers")
+                    before = self._clock.seconds()
+                    await self._sleep(poll)
+                    start += self._clock.seconds() - before  # paused: not toward the deadline
+                    continue
+                await self._set_waiting(run, None)
+                state, health = st["state"], st.get("health")
+                now = self._clock.seconds()
+            if state == "failed":
+                raise errors.Unavailable(f"machine {machine_id} failed")
+            ok = state == "running" and (health == "passing" or not has_check)
             if ok:
                 since = now if since is None else since
                 first = now if first is None else first
@@ -692,13 +763,28 @@ class Drains:
             if now - start >= deadline:
                 raise errors.Unavailable(
                     f"machine {machine_id} was not healthy within {deadline:g}s "
-                    f"(state {row['state']}, health {health})")
+                    f"(state {state}, health {health})")
             await self._sleep(poll)
+
+    async def _set_waiting(self, run, host, why=None):
+        """Record (or clear, with C{host=None}) that C{run} waits for an unreachable host."""
+        if run is None:
+            return
+        now = self._clock.seconds()
+        old = run.detail.get("waiting")
+        if host is None:
+            if old is not None:
+                await self._save_detail(run, waiting=None)
+            return
+        if old is None or old.get("host") != host or old.get("why") != why:
+            since = old["since"] if old is not None and old.get("host") == host else now
+            await self._save_detail(run, waiting={"host": host, "since": since, "why": why})
 
     async def _step_waiting_healthy(self, drain, run):
         opts = drain.row["options"]
         first = await self._wait_healthy(run.detail["replacement"], opts["healthy_deadline"],
-                                         opts["min_healthy"], opts["poll"])
+                                         opts["min_healthy"], opts["poll"],
+                                         host=run.row["target_host"], run=run)
         stopped = run.detail.get("stopped_at")
         if stopped is not None:
             await self._save_detail(run, downtime=max(0.0, first - stopped))
@@ -736,36 +822,40 @@ class Drains:
                 pass
 
     async def _step_rolling_back(self, drain, run):
+        """
+        Undo a migration that did not commit. The original is started again on the source
+        only once no replacement can run: if a replacement was ever started (its id is
+        stored before its start is asked), the target must confirm that it is gone
+        (destroyed, or unknown there); while the target is unreachable this step waits for
+        it (C{rollback_pending} in drain-status). Copies of the volumes the target cannot
+        delete now are recorded as leftovers and deleted when it is back.
+        """
         source, target = run.row["source_host"], run.row["target_host"]
-        for token in (run.detail.get("tokens") or {}).values():
-            try:
-                await self._call(target, "volume.cancel_receive", token)
-            except errors.ZwrmError:
-                pass
-        # The target may be the reason for the rollback (dead, unreachable): what cannot be
-        # cleaned there is left behind and logged; the original on the source matters.
+        opts = drain.row["options"]
         new_id = run.detail.get("replacement")
-        if new_id is not None:
-            rep = await self._store.get("machines", new_id)
-            if rep is not None:
-                try:
-                    await self._apps._destroy_machine(rep)
-                except errors.Unavailable as e:
-                    self.log.warn("rollback: replacement {id} left on {t}: {e}", id=new_id,
-                                  t=target, e=e.message)
+        if new_id is not None and target is not None:
+            await self._fence_replacement(run, target, new_id, opts["poll"])
         if run.placement is not None:
             self._release(run)
-        for vid in run.detail.get("volumes", []):
-            vrow = await self._store.get("volumes", vid)
-            if vrow is not None and vrow["host_id"] == source and target is not None:
+        if target is not None and self._reachable(target):
+            for token in (run.detail.get("tokens") or {}).values():
                 try:
-                    if await self._target_has(target, vid):
-                        await self._call(target, "volume.delete", vid)
-                except errors.NotFound:
-                    pass
-                except errors.ZwrmError as e:
-                    self.log.warn("rollback: copy of {v} left on {t}: {e}", v=vid, t=target,
-                                  e=e.message)
+                    await self._call(target, "volume.cancel_receive", token)
+                except errors.ZwrmError:
+                    pass  # done or expired; a staged copy dies with its token or its agent
+        leftovers = []
+        for vid in run.detail.get("volumes", []) if target is not None else []:
+            vrow = await self._store.get("volumes", vid)
+            if vrow is not None and vrow["host_id"] == target:
+                continue  # committed: that copy is the volume
+            if not await self._clean_copy(target, vid):
+                leftovers.append({"host": target, "volume_id": vid})
+        old = [x for x in run.detail.get("leftovers") or [] if x not in leftovers]
+        await self._save_detail(run, leftovers=old + leftovers)
+        if leftovers:
+            self.log.warn("rollback: copies of {v} left on {t} (unreachable) are deleted when "
+                          "it is back", v=", ".join(x["volume_id"] for x in leftovers), t=target)
+            self._sweep_soon()
         original = await self._original(run)
         try:
             st = await self._call(source, "machine.status", original["id"])
@@ -774,8 +864,112 @@ class Drains:
             on_host = "stopped"
         if on_host in ("stopped", "failed"):
             await self._apps._start_on_host(original)
-        opts = drain.row["options"]
         await self._wait_healthy(original["id"], opts["healthy_deadline"], 0, opts["poll"])
+
+    async def _fence_replacement(self, run, target, new_id, poll):
+        """
+        Return only once C{target} confirmed that replacement C{new_id} does not run there
+        (its agent destroyed it, or never had it); until then wait for the target, however
+        long it stays away. Then its row goes (with its reservation).
+        """
+        why = (f"to confirm that replacement {new_id} is gone before the original starts "
+               f"again on {run.row['source_host']}")
+        while True:
+            if self._stopped:
+                raise CancelledError()
+            try:
+                if not self._reachable(target):
+                    raise errors.Unavailable(f"host {target} is not available")
+                try:
+                    await self._call(target, "machine.destroy", new_id)
+                except errors.NotFound:
+                    pass  # its agent does not know it: it does not run there
+                rep = await self._store.get("machines", new_id)
+                if rep is not None:
+                    await self._apps._destroy_machine(rep)
+                await self._set_waiting(run, None)
+                return
+            except errors.Unavailable:
+                await self._set_waiting(run, target, why)
+                await self._sleep(poll)
+
+    async def _clean_copy(self, host, vid):
+        """
+        Delete the copy of volume C{vid} on C{host} unless it is the volume (recorded on
+        C{host}) or a migration under way is copying it there.
+
+        @return: C{True} if no such copy is left there, C{False} if C{host} could not say.
+        """
+        vrow = await self._store.get("volumes", vid)
+        if vrow is not None and vrow["host_id"] == host:
+            return True
+        try:
+            if await self._target_has(host, vid):
+                await self._call(host, "volume.delete", vid)
+                self.log.info("deleted the copy of volume {v} left on {h}", v=vid, h=host)
+            return True
+        except errors.NotFound:
+            return True
+        except errors.ZwrmError as e:
+            self.log.warn("copy of {v} on {h} not deleted yet: {e}", v=vid, h=host, e=e.message)
+            return False
+
+    # -- leftovers of rollbacks whose target was unreachable -------------------------
+
+    async def _leftover_rows(self):
+        rows = await self._store.select("migrations", "detail LIKE ?", ['%"leftovers": [{%'])
+        for r in rows:
+            if isinstance(r.get("detail"), str):
+                r["detail"] = json.loads(r["detail"])
+        return [r for r in rows if r["detail"].get("leftovers")]
+
+    def _sweep_soon(self, interval=5.0):
+        """Clean recorded leftovers now and every C{interval} seconds while there are some."""
+        if self._stopped or (self._sweeper is not None and self._sweeper.running):
+            return
+        self._sweeper = task.LoopingCall(lambda: ensureDeferred(self._sweep()))
+        self._sweeper.clock = self._clock
+        self._sweeper.start(interval, now=True).addErrback(
+            lambda f: self.log.failure("cleaning leftovers", f))
+
+    async def sweep_leftovers(self):
+        """Clean the recorded leftovers on every reachable host. @return: how many are left."""
+        left = 0
+        for row in await self._leftover_rows():
+            busy = {(r.row["target_host"], v) for d in self.active.values()
+                    for r in d.migrations.values()
+                    if r.machine.phase not in MIGRATION_TERMINAL and r.row["id"] != row["id"]
+                    for v in r.detail.get("volumes", [])}
+            keep = []
+            for x in row["detail"]["leftovers"]:
+                if (x["host"], x["volume_id"]) in busy:
+                    continue  # a migration under way there cleans (or needs) it itself
+                if not self._reachable(x["host"]) or not await self._clean_copy(
+                        x["host"], x["volume_id"]):
+                    keep.append(x)
+            if keep != row["detail"]["leftovers"]:
+                detail = dict(row["detail"], leftovers=keep)
+                run = self._run_of(row["id"])
+                if run is not None:
+                    await self._save_detail(run, leftovers=keep)
+                else:
+                    await self._store.update("migrations", row["id"], {
+                        "detail": json.dumps(detail), "updated_at": self._clock.seconds()})
+            left += len(keep)
+        return left
+
+    def _run_of(self, migration_id):
+        for d in self.active.values():
+            for r in d.migrations.values():
+                if r.row["id"] == migration_id:
+                    return r
+        return None
+
+    async def _sweep(self):
+        if await self.sweep_leftovers() == 0 and self._sweeper is not None:
+            if self._sweeper.running:
+                self._sweeper.stop()
+            self._sweeper = None
 
 
 __all__ = ["Drains", "DRAIN_TOPIC"]
