@@ -26,6 +26,7 @@ def hostile_images(d):
     @return: C{{case: path}} of qcow2 images that refer to something outside themselves,
         plus C{"ok"}: a self-contained one and C{"raw"}: a raw one.
     """
+    os.makedirs(d, exist_ok=True)
     secret = os.path.join(d, "host.json")
     with open(secret, "w") as f:
         f.write('{"token": "secret"}')

@@ -22,9 +22,11 @@ The machine spec a caller passes to L{Executor.start_machine}::
      "vcpus", "memory_mb", "volumes": [{"id", "mount", "size_mb"}], "service_port",
      "health": {"type": "http"|"tcp", "path", "interval", "timeout", "grace"} | None}
 
-Volumes that do not exist are created (empty ext4, C{size_mb}); they are attached in order as
-C{vda}, C{vdb}, ... and the kernel command line gets C{zwrm.vol=vda:/mount,...} so the image
-can mount them. The service port is forwarded from a free port on 127.0.0.1 (C{host_port}).
+Volumes that do not exist are created (empty ext4, C{size_mb}); each is attached with its
+virtio serial (L{zwrm.drivers.spec.volume_serial}, the guest sees
+C{/dev/disk/by-id/virtio-<serial>}), after the root disk, and the kernel command line gets
+C{zwrm.vol=<serial>:/mount,...} so an initramfs image can mount them (a cloud image mounts
+them through its cloud-init seed). The service port is forwarded from a free port on 127.0.0.1 (C{host_port}).
 
 Each machine's spec and bookkeeping is kept in C{<data_dir>/executor/<id>.json}; the driver
 keeps its own files in C{<data_dir>/machines/<id>/}. L{Executor.recover} (called by the agent
@@ -42,7 +44,7 @@ from twisted.logger import Logger
 
 from zwrm.agent import health as _health
 from zwrm.agent.blockmap import file_digest
-from zwrm.drivers.spec import check_id
+from zwrm.drivers.spec import check_id, volume_serial
 from zwrm.errors import Conflict, Internal, InvalidArgument, NotFound, Unavailable, ZwrmError
 
 log = Logger()
@@ -228,9 +230,8 @@ class Executor:
                 vols.append({"id": v["id"], "path": self.volumes.existing_path(v["id"])})
             cmdline = image.get("cmdline") or ""
             if spec["volumes"]:
-                mounts = ",".join(
-                    f"vd{chr(ord('a') + i)}:{v['mount']}" for i, v in enumerate(spec["volumes"])
-                )
+                # By virtio serial, never by device order (a root disk comes first).
+                mounts = ",".join(f"{volume_serial(v['id'])}:{v['mount']}" for v in spec["volumes"])
                 cmdline = f"{cmdline} zwrm.vol={mounts}".strip()
             for attempt in range(3):
                 forwards = []
@@ -242,6 +243,7 @@ class Executor:
                     status = await self.driver.start({
                         "id": mid, "kernel": image.get("kernel"), "initrd": image.get("initrd"),
                         "disk": image.get("disk"), "disk_format": image.get("disk_format"),
+                        "firmware": image.get("firmware"),
                         "cmdline": cmdline, "vcpus": spec["vcpus"],
                         "memory_mb": spec["memory_mb"], "volumes": vols, "forwards": forwards,
                     })

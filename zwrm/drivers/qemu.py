@@ -34,6 +34,7 @@ import shutil
 import signal
 import tempfile
 
+from twisted.internet import utils
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults, succeed
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
@@ -52,6 +53,16 @@ log = Logger()
 
 #: The longest path a UNIX socket may have (Linux C{sun_path} less the NUL).
 MAX_SOCKET_PATH = 107
+
+#: The machine's writable root disk (qcow2 over the cached base) and the record of its base.
+ROOT_OVERLAY = "root.qcow2"
+ROOT_BASE = "root.base.json"
+
+#: The cloud-init NoCloud seed disk.
+SEED = "seed.iso"
+
+#: UEFI firmware (Debian package ovmf), for self-booting disks whose image says uefi.
+OVMF = "/usr/share/ovmf/OVMF.fd"
 
 #: Why a start under way when the driver closes fails.
 SHUTTING_DOWN = "the agent is shutting down"
@@ -78,6 +89,14 @@ def _nic_argv(spec):
                 "-device", f"virtio-net-pci,netdev=n0,mac={nic['mac']}"]
     fwd = "".join(f",hostfwd=tcp:127.0.0.1:{f['host']}-:{f['guest']}" for f in spec["forwards"])
     return ["-netdev", f"user,id=n0,restrict=on{fwd}", "-device", "virtio-net-pci,netdev=n0"]
+
+
+def _write_json(path, doc):
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f)
+    os.replace(tmp, path)
 
 
 def _pid_alive(pid):
@@ -128,17 +147,25 @@ class _Machine:
     def path(self, name):
         return os.path.join(self.dir, name)
 
+    def _socket(self, name):
+        p = self.path(f"{name}.sock")
+        if len(p.encode()) <= MAX_SOCKET_PATH:
+            return p
+        digest = hashlib.sha256(self.dir.encode()).hexdigest()[:24]
+        return os.path.join(tempfile.gettempdir(), f"zwrm-{name}-{digest}.sock")
+
     @property
     def qmp_path(self):
         """
         C{<dir>/qmp.sock}, or, where that is too long for a UNIX socket, a path in the
         temporary directory derived from the machine directory (so a new agent finds it).
         """
-        p = self.path("qmp.sock")
-        if len(p.encode()) <= MAX_SOCKET_PATH:
-            return p
-        digest = hashlib.sha256(self.dir.encode()).hexdigest()[:24]
-        return os.path.join(tempfile.gettempdir(), f"zwrm-qmp-{digest}.sock")
+        return self._socket("qmp")
+
+    @property
+    def console_path(self):
+        """The serial console's socket: C{<dir>/console.sock} (or as L{qmp_path})."""
+        return self._socket("console")
 
 
 class _Closed(Exception):
@@ -174,12 +201,13 @@ class QemuDriver:
     @param probe_timeout: seconds the KVM probe guest may take.
     @param close_timeout: seconds L{close} waits for the end of a QEMU it killed because its
         start was under way.
+    @param ovmf: the UEFI firmware image for disks whose image says C{uefi}.
     """
 
     name = "qemu"
 
     def __init__(self, reactor, root, accel="auto", qemu_binary="qemu-system-x86_64",
-                 stop_timeout=30.0, probe_timeout=10.0, close_timeout=5.0):
+                 stop_timeout=30.0, probe_timeout=10.0, close_timeout=5.0, ovmf=OVMF):
         if accel not in _accel.ACCELS:
             raise InvalidArgument(f"accel must be one of {', '.join(_accel.ACCELS)}, not {accel!r}")
         self.reactor = reactor
@@ -191,6 +219,7 @@ class QemuDriver:
         self.probe_timeout = probe_timeout
         self.close_timeout = close_timeout
         self.setsid = shutil.which("setsid")
+        self.ovmf = ovmf
         self._machines = {}
         self._listeners = []
         self._closed = False
@@ -414,7 +443,10 @@ class QemuDriver:
             "-smp", str(spec["vcpus"]),
             "-m", str(spec["memory_mb"]),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-chardev", f"file,id=ser0,path={_opt(m.path('console.log'))},append=on",
+            # The serial console: a socket the agent relays (zwrm console) and a log of
+            # everything the guest wrote (zwrm logs), appended to across starts.
+            "-chardev", f"socket,id=ser0,path={_opt(m.console_path)},server=on,wait=off,"
+            f"logfile={_opt(m.path('console.log'))},logappend=on",
             "-serial", "chardev:ser0",
             "-qmp", f"unix:{_opt(m.qmp_path)},server=on,wait=off",
             "-pidfile", m.path("qemu.pid"),
@@ -423,24 +455,73 @@ class QemuDriver:
             argv += ["-cpu", "host"]
         cmdline = spec["cmdline"]
         if spec["kernel"]:
+            if spec["disk"] and not any(a.startswith("root=") for a in cmdline.split()):
+                # The root disk is always the first disk.
+                cmdline = f"{cmdline} root=/dev/vda".strip()
             argv += ["-kernel", spec["kernel"], "-append", cmdline]
+        elif spec["firmware"] == "uefi":
+            argv += ["-bios", self.ovmf]
         if spec["initrd"]:
             argv += ["-initrd", spec["initrd"]]
+        # Disks in this order, so the guest enumerates them so: the root disk (vda), the
+        # volumes (found by their virtio serial, never by order), the cloud-init seed.
+        if spec["disk"]:
+            # The machine's own writable overlay over the cached, read-only base.
+            boot = "" if spec["kernel"] else ",bootindex=0"
+            argv += [
+                "-drive", f"file={_opt(m.path(ROOT_OVERLAY))},format=qcow2,if=none,id=root,"
+                "cache=writeback,discard=unmap",
+                "-device", f"virtio-blk-pci,drive=root{boot}",
+            ]
         for i, v in enumerate(spec["volumes"]):
             argv += [
                 "-drive", f"file={_opt(v['path'])},format=raw,if=none,id=vol{i},cache=writeback",
-                "-device", f"virtio-blk-pci,drive=vol{i},serial={v['id'][:20]}",
+                "-device", f"virtio-blk-pci,drive=vol{i},serial={v['serial']}",
             ]
-        if spec["disk"]:
-            # The boot disk comes from the image cache: never write to it.
+        if os.path.exists(m.path(SEED)):
             argv += [
-                "-drive",
-                f"file={_opt(spec['disk'])},format={spec['disk_format']},if=none,id=boot,"
-                "snapshot=on",
-                "-device", "virtio-blk-pci,drive=boot,bootindex=0",
+                "-drive", f"file={_opt(m.path(SEED))},format=raw,if=none,id=seed,readonly=on",
+                "-device", "virtio-blk-pci,drive=seed,serial=cidata",
             ]
-        argv += _nic_argv(spec)
+        argv += self._netdev_args(spec)
         return argv
+
+    def _netdev_args(self, spec):
+        """The machine's network: its QEMU arguments (one place, for network backends)."""
+        fwd = "".join(f",hostfwd=tcp:127.0.0.1:{f['host']}-:{f['guest']}" for f in spec["forwards"])
+        return ["-netdev", f"user,id=n0,restrict=on{fwd}", "-device", "virtio-net-pci,netdev=n0"]
+
+    async def _root_overlay(self, m, base, fmt):
+        """
+        Make sure the machine has its writable root overlay (qcow2 over C{base}, which QEMU
+        opens read-only): kept across stops, starts and agent restarts while its base is the
+        same; made again (empty) when the machine starts from another image.
+        """
+        overlay, record = m.path(ROOT_OVERLAY), m.path(ROOT_BASE)
+        want = {"base": os.path.abspath(base), "format": fmt}
+        try:
+            with open(record) as f:
+                have = json.load(f)
+        except (OSError, ValueError):
+            have = None
+        if have == want and os.path.isfile(overlay):
+            return overlay
+        tmp = overlay + ".tmp"
+        try:
+            out, err, code = await utils.getProcessOutputAndValue(
+                diskimage.qemu_img(),
+                ["create", "-q", "-f", "qcow2", "-F", fmt, "-b", want["base"], tmp],
+                env={"LC_ALL": "C", "PATH": os.environ.get("PATH", "")}, reactor=self.reactor,
+            )
+        except OSError as e:
+            raise Unavailable(f"machine {m.id}: qemu-img could not be run: {e}") from None
+        if code != 0:
+            raise Unavailable(f"machine {m.id}: cannot create its root overlay: "
+                              f"{err.decode('utf-8', 'replace').strip()}")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, overlay)
+        _write_json(record, want)
+        return overlay
 
     async def _start(self, spec):
         spec = _spec.validate(spec)
@@ -456,6 +537,9 @@ class QemuDriver:
             info = await diskimage.inspect(self.reactor, spec["disk"], spec["disk_format"],
                                            what=f"boot disk {spec['disk']}")
             spec["disk_format"] = info["format"]
+        if spec["firmware"] == "uefi" and not spec["kernel"] and not os.path.isfile(self.ovmf):
+            raise Unavailable(f"machine {spec['id']}: the image boots with UEFI, but this host "
+                              f"has no OVMF firmware at {self.ovmf} (install the ovmf package)")
         m = self._machines.get(spec["id"])
         if m is not None and m.state == "running":
             raise Conflict(f"machine {spec['id']!r} is running already")
@@ -468,8 +552,10 @@ class QemuDriver:
                 raise Unavailable(f"machine {spec['id']}: not started: {SHUTTING_DOWN}") from None
         if self._closed:
             raise Unavailable(f"machine {spec['id']}: not started: {SHUTTING_DOWN}")
-        os.makedirs(m.dir, exist_ok=True)
-        for p in (m.qmp_path, m.path("qemu.pid")):
+        os.makedirs(m.dir, mode=0o700, exist_ok=True)
+        if spec["disk"]:
+            await self._root_overlay(m, spec["disk"], spec["disk_format"])
+        for p in (m.qmp_path, m.console_path, m.path("qemu.pid")):
             try:
                 os.unlink(p)
             except FileNotFoundError:

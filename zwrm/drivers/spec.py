@@ -5,6 +5,7 @@ Drivers call L{validate} first, so every driver rejects the same bad input with 
 C{zwrm.error.invalid_argument} message.
 """
 
+import hashlib
 import re
 
 from zwrm.errors import InvalidArgument
@@ -20,6 +21,18 @@ def check_id(machine_id, what="machine id"):
             "starting with a letter or digit"
         )
     return machine_id
+
+
+def volume_serial(volume_id):
+    """
+    The virtio serial a volume is attached with (at most 20 bytes, as virtio-blk allows):
+    the id itself, or for a longer id its first 11 characters, '-' and 8 hex digits of its
+    SHA-256. A guest finds the volume at C{/dev/disk/by-id/virtio-<serial>}, whatever the
+    order of the disks.
+    """
+    if len(volume_id) <= 20:
+        return volume_id
+    return volume_id[:11] + "-" + hashlib.sha256(volume_id.encode()).hexdigest()[:8]
 
 
 def _int(spec, key, low, high):
@@ -57,6 +70,10 @@ def validate(spec):
     if fmt is not None and fmt not in ("raw", "qcow2"):
         raise InvalidArgument(f"disk_format must be raw, qcow2 or null, not {fmt!r}")
     out["disk_format"] = fmt
+    firmware = spec.get("firmware") or "bios"
+    if firmware not in ("bios", "uefi"):
+        raise InvalidArgument(f"firmware must be bios or uefi, not {firmware!r}")
+    out["firmware"] = firmware
     cmdline = spec.get("cmdline") or ""
     if not isinstance(cmdline, str) or "\n" in cmdline:
         raise InvalidArgument(f"cmdline must be one line of text, not {cmdline!r}")
@@ -70,7 +87,11 @@ def validate(spec):
     for v in vols:
         if not isinstance(v, dict) or not isinstance(v.get("path"), str) or not v["path"]:
             raise InvalidArgument(f"each volume needs an id and a path, not {v!r}")
-        out["volumes"].append({"id": check_id(v.get("id"), "volume id"), "path": v["path"]})
+        vid = check_id(v.get("id"), "volume id")
+        out["volumes"].append({"id": vid, "path": v["path"], "serial": volume_serial(vid)})
+    serials = [v["serial"] for v in out["volumes"]]
+    if len(set(serials)) != len(serials):
+        raise InvalidArgument("two volumes of the machine have the same id (or virtio serial)")
     fwds = spec.get("forwards") or []
     if not isinstance(fwds, list):
         raise InvalidArgument("forwards must be a list of {guest, host}")

@@ -10,8 +10,10 @@ What the guest does (its ``/init``):
  1. mounts ``/proc``, ``/sys`` and ``devtmpfs``, and sends its output to the serial console;
  2. ``insmod``s the virtio, virtio-blk, virtio-net, ext4, ACPI button and evdev modules copied
     from ``/lib/modules/<kver>`` (their order is the one ``modprobe --show-depends`` gives);
- 3. mounts each volume named on the kernel command line: ``zwrm.vol=vda:/data,vdb:/logs``
-    (ext4; the mount point is created), and appends one line per boot to
+ 3. mounts each volume named on the kernel command line by its virtio serial:
+    ``zwrm.vol=data:/data,logs:/logs`` (the disk whose ``/sys/block/vd*/serial`` is ``data``;
+    a device name such as ``vdb`` works too), ext4, the mount point is created; appends one
+    line per boot to
     ``<mount>/boots.log`` (the first volume only), then C{sync}s;
  4. configures user-mode networking (10.0.2.15/24 via 10.0.2.2);
  5. serves ``busybox httpd -f -p 8080`` from ``/www``:
@@ -71,11 +73,20 @@ for arg in $(cat /proc/cmdline); do
     zwrm.vol=*) VOLS=$(echo "${arg#zwrm.vol=}" | tr ',' ' ');;
   esac
 done
+finddev() {
+  # A volume is named by its virtio serial (or, from older agents, by its device name).
+  [ -b "/dev/$1" ] && { echo "/dev/$1"; return; }
+  for s in /sys/block/vd*/serial; do
+    [ -f "$s" ] && [ "$(cat "$s")" = "$1" ] && { d="${s%/serial}"; echo "/dev/${d##*/}"; return; }
+  done
+}
 for v in $VOLS; do
-  dev="/dev/${v%%:*}"
+  key="${v%%:*}"
   mnt="${v#*:}"
   n=0
-  while [ ! -b "$dev" ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done
+  dev=$(finddev "$key")
+  while [ -z "$dev" ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); dev=$(finddev "$key"); done
+  [ -z "$dev" ] && dev="/dev/$key"
   mkdir -p "$mnt"
   if mount -t ext4 "$dev" "$mnt"; then
     echo "zwrm: mounted $dev at $mnt"
