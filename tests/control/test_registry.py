@@ -301,25 +301,6 @@ class MonitorTests(TestCase):
 
 class MachineReportTests(TestCase):
     @d
-    async def test_report_updates_and_publishes(self):
-        clock, store, reg, published = await make_registry(self)
-        await reg.join("h1", FACTS)
-        await add_machine(store, "m1", "h1", "starting")
-        known = await reg.machine_report(
-            "h1", {"kind": "machine", "machine_id": "m1", "state": "running", "health": "passing"}
-        )
-        self.assertTrue(known)
-        row = await store.get("machines", "m1")
-        self.assertEqual((row["state"], row["health"]["state"]), ("running", "passing"))
-        self.assertEqual(published[-1][1]["payload"]["state"], "running")
-        await reg.machine_report("h1", {"machine_id": "m1", "state": "stopped", "destroyed": True})
-        self.assertEqual((await store.get("machines", "m1"))["state"], "destroyed")
-        self.assertFalse(await reg.machine_report("h1", {"machine_id": "m9", "state": "running"}))
-        self.assertEqual(published[-1][1]["kind"], "unknown_machine")
-        with self.assertRaises(errors.InvalidArgument):
-            await reg.machine_report("h1", {"state": "running"})
-
-    @d
     async def test_reconcile_accepts_executor_statuses(self):
         clock, store, reg, published = await make_registry(self)
         await reg.join("h1", FACTS)

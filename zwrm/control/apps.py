@@ -16,8 +16,18 @@ strategy (a drain moves the volume, and with it the pin). Scaling down stops and
 highest replicas but keeps their volumes: nothing is deleted unless the operator asks
 (C{zwrm.volume.destroy}, or C{zwrm.app.destroy} with C{volumes=True}).
 
-Every change is stored, then published on C{zwrm.event.machine} (machines and volumes)
-or C{zwrm.event.app}.
+Every change goes through an update method of the resource layer
+(L{zwrm.control.resources}: apps, machines, volumes), which stores it, then publishes one
+canonical event on C{zwrm.event.machine} (machines and volumes) or C{zwrm.event.app}.
+The scheduler learns about hosts from the hosts resource's events (L{Apps._host_event}),
+not by being re-synced.
+
+A request that fails changes nothing that was there.  A converge places every missing
+replica (all or nothing) I{before} it removes a machine or stores the new spec: the
+capacity of the machines it will remove is lent to the placement and given back if the
+placement fails.  So a scale or deploy refused because a volume's host is unreachable
+leaves the app's spec and its machines' records as they were, and when the host returns
+its machines are restored to running (not stopped as unknown).
 
 Concurrency.  The deploys, scales and destroys of one app run one at a time, in the order
 they were called (a lock per app, held for the whole converge, starts included).  Those of
@@ -43,12 +53,15 @@ from twisted.internet.defer import DeferredList, DeferredLock, ensureDeferred
 from twisted.logger import Logger
 
 from zwrm import errors
+from zwrm.control.resources.apps import TOPIC as APP_TOPIC
+from zwrm.control.resources.machines import LIVE, placement_request
+from zwrm.control.resources.machines import STATES as MACHINE_STATES
+from zwrm.control.resources.machines import TOPIC as MACHINE_TOPIC
+from zwrm.control.resources.machines import wire as machine_wire
 from zwrm.scheduler import PlacementRequest
 
-MACHINE_TOPIC = "zwrm.event.machine"
-APP_TOPIC = "zwrm.event.app"
-LIVE = ("pending", "starting", "running", "stopping")
-MACHINE_STATES = ("pending", "starting", "running", "stopping", "stopped", "failed")
+__all__ = ["APP_TOPIC", "MACHINE_TOPIC", "LIVE", "MACHINE_STATES", "Apps", "validate_spec",
+           "placement_request"]
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
@@ -137,8 +150,8 @@ class Apps:
     """
     The apps, machines and volumes of the cluster, and their placement.
 
-    @ivar scheduler: the L{zwrm.scheduler.Scheduler}; kept in step with the host registry
-        before each placement.
+    @ivar scheduler: the L{zwrm.scheduler.Scheduler}; fed by the hosts resource's events.
+    @ivar data: the L{zwrm.control.resources.Data} it works on (the host registry's).
     """
 
     log = Logger()
@@ -147,21 +160,71 @@ class Apps:
         """
         @param clock: an L{IReactorTime}.
         @param store: the L{zwrm.control.store.Store}.
-        @param hosts: the L{zwrm.control.registry.HostRegistry} (host states, executors).
+        @param hosts: the L{zwrm.control.registry.HostRegistry} (host states, executors,
+            and the resource layer, C{hosts.data}).
         @param scheduler: a L{zwrm.scheduler.Scheduler}.
-        @param publish: C{publish(topic, event)}, called after each stored change.
+        @param publish: C{publish(topic, event)}: unused when C{hosts} has a resource layer
+            (its events are published by it); kept for callers that pass it.
         """
         self._clock = clock
         self._store = store
         self._hosts = hosts
         self.scheduler = scheduler
         self._publish = publish
+        self.data = hosts.data
         self._placements = {}  # machine id -> Placement
         self._placing = DeferredLock()  # converges place and store their replicas one at a time
         self._app_locks = {}  # app name -> DeferredLock: its deploys, scales, destroys in order
         self._machine_locks = {}  # machine id -> DeferredLock: its changes apply in order
         self._unconfirmed = set()  # ids of machines found pending at load
-        self._synced = {}  # host id -> what sync_hosts last gave the scheduler
+        self._synced = {}  # host id -> what the scheduler was last given of it
+        # Get, then subscribe: the scheduler's host index follows the hosts resource.
+        for host_id in self.data.hosts.ids():
+            self._give_host(host_id)
+        self._unsubscribe = self.data.hosts.subscribe(self._host_event)
+
+    # -- the scheduler's host index, fed by host events --------------------------------
+
+    def _host_event(self, event):
+        """A host event: give the scheduler what changed of that host."""
+        self._give_host(event["subject"])
+
+    def _give_host(self, host_id):
+        """
+        Give the scheduler C{host_id} as the hosts resource has it; a host is C{ready} for
+        the scheduler only while its executor can be called.  A host whose state and
+        placement facts are those last given is skipped before any copy or validation.
+        """
+        entry = self.data.hosts.get(host_id)
+        if entry is None:
+            return
+        state = entry.schedulable_state
+        r = entry.record
+        labels = r.get("labels")
+        seen = (state, r.get("region"), r.get("datacenter"), r.get("vcpus"),
+                r.get("memory_mb"), r.get("disk_mb"),
+                tuple(labels.items()) if isinstance(labels, dict) else labels)
+        if self._synced.get(host_id) == seen:
+            return
+        record = dict(r, state=state, alloc_vcpus=0, alloc_memory_mb=0, alloc_disk_mb=0)
+        try:
+            self.scheduler.update_host(record)
+        except errors.InvalidArgument as e:
+            self._synced.pop(host_id, None)
+            self.log.warn("host {id} not schedulable: {e}", id=host_id, e=e)
+        else:
+            self._synced[host_id] = seen
+
+    def sync_hosts(self):
+        """
+        Give the scheduler every known host again.
+
+        Not needed by anything here any more (the scheduler follows the hosts resource's
+        events); kept for L{zwrm.control.drain} until it relies on the events too.  Hosts
+        that did not change since they were last given are skipped.
+        """
+        for host_id in self.data.hosts.ids():
+            self._give_host(host_id)
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -171,72 +234,29 @@ class Apps:
 
         @return: how many placements were restored.
         """
-        self.sync_hosts()
+        self.sync_hosts()  # hosts loaded after this object was made
         n = 0
-        for row in await self._store.select("machines", f"state IN {LIVE}"):
+        for row in await self.data.machines.find(states=LIVE):
             if row["state"] == "pending":
                 # Stored by a converge whose start may never have reached the agent.
                 self._unconfirmed.add(row["id"])
             try:
                 self._placements[row["id"]] = self.scheduler.restore(
-                    row["host_id"], self._request(row["spec"], pinned=None))
+                    row["host_id"], placement_request(row["spec"]))
                 self._alloc_changed(row["host_id"])
                 n += 1
             except errors.ZwrmError as e:
                 self.log.warn("machine {id}: capacity not restored: {e}", id=row["id"], e=e)
         return n
 
-    def sync_hosts(self):
-        """
-        Give the scheduler every known host with its current state; a host is C{ready} for
-        the scheduler only while its executor can be called.
-
-        Still one pass over the registry (the registry does not announce its changes), but
-        a host whose state and placement facts are those last given is skipped before any
-        copy or validation: the scheduler would keep it as it is.
-        """
-        synced = self._synced
-        for host_id in self._hosts.host_ids():
-            entry = self._hosts.entry(host_id)
-            state = entry.machine.state
-            if state == "ready" and not self._hosts.executor_available(host_id):
-                state = "unreachable"
-            r = entry.record
-            labels = r.get("labels")
-            seen = (state, r.get("region"), r.get("datacenter"), r.get("vcpus"),
-                    r.get("memory_mb"), r.get("disk_mb"),
-                    tuple(labels.items()) if isinstance(labels, dict) else labels)
-            if synced.get(host_id) == seen:
-                continue
-            record = dict(r, state=state, alloc_vcpus=0, alloc_memory_mb=0, alloc_disk_mb=0)
-            try:
-                self.scheduler.update_host(record)
-            except errors.InvalidArgument as e:
-                synced.pop(host_id, None)
-                self.log.warn("host {id} not schedulable: {e}", id=host_id, e=e)
-            else:
-                synced[host_id] = seen
-
     # -- stored changes, then events --------------------------------------------------
 
-    async def _event(self, topic, kind, subject, payload):
-        event = await self._store.add_event(topic, kind, subject, payload)
-        try:
-            self._publish(topic, event)
-        except Exception:
-            self.log.failure("publishing on {topic}", topic=topic)
-        return event
-
-    async def _set_machine(self, row, reason, **fields):
-        fields["updated_at"] = self._clock.seconds()
-        await self._store.update("machines", row["id"], fields)
-        old = row.get("state")
-        row.update(fields)
-        await self._event(MACHINE_TOPIC, "state", row["id"], {
-            "machine_id": row["id"], "app_id": row["app_id"], "host_id": row["host_id"],
-            "old": old, "state": row["state"], "health": (row.get("health") or {}).get("status"),
-            "reason": reason,
-        })
+    async def set_machine(self, row, reason, **fields):
+        """
+        Store C{fields} of a machine through the machines resource (one event), and keep
+        its reservation in step: released when it stopped or failed, committed when it runs.
+        """
+        await self.data.machines.set(row, reason, **fields)
         if row["state"] != "pending":
             self._unconfirmed.discard(row["id"])
         if row["state"] in ("stopped", "failed"):
@@ -246,6 +266,34 @@ class Apps:
             if p is not None and not self.scheduler.is_committed(p):
                 self.scheduler.commit(p)
         return row
+
+    _set_machine = set_machine
+
+    async def add_machine(self, row, reason, placement=None):
+        """
+        Store a new machine row (state C{pending}) through the machines resource (one
+        event); with C{placement}, the machine holds that reservation from now on.
+        """
+        await self.data.machines.add(row, reason)
+        if placement is not None:
+            self.adopt_placement(row["id"], placement)
+        return row
+
+    async def _event(self, topic, kind, subject, payload):
+        """
+        Kept for L{zwrm.control.drain} until it uses L{add_machine} and the volumes
+        resource: publish C{kind} about C{subject} through the resource that owns it, in
+        that resource's canonical shape where there is one.
+        """
+        if topic == MACHINE_TOPIC and kind == "state":
+            row = await self.data.machines.get(subject)
+            if row is not None:
+                return await self.data.machines._produce(
+                    "state", row, payload.get("old"), payload.get("reason"))
+        if topic == MACHINE_TOPIC and kind == "volume_moved":
+            return await self.data.volumes.moved(subject, payload.get("from"))
+        resource = self.data.apps if topic == APP_TOPIC else self.data.machines
+        return await resource.produce_event(kind, subject, payload)
 
     def _release(self, machine_id):
         p = self._placements.pop(machine_id, None)
@@ -275,12 +323,9 @@ class Apps:
             h = self.scheduler.host(host_id)
         except errors.NotFound:
             return
-        alloc = {"alloc_vcpus": h.used_vcpus, "alloc_memory_mb": h.used_memory_mb,
-                 "alloc_disk_mb": h.used_disk_mb}
-        if host_id in self._hosts:
-            self._hosts.entry(host_id).record.update(alloc)
-        self._store.update("hosts", host_id, alloc).addErrback(
-            lambda f: self.log.failure("storing the allocation of {h}", f, h=host_id))
+        self.data.hosts.set_allocation(host_id, {
+            "alloc_vcpus": h.used_vcpus, "alloc_memory_mb": h.used_memory_mb,
+            "alloc_disk_mb": h.used_disk_mb})
 
     async def _call(self, host_id, verb, *args, **kwargs):
         """Call a host's executor; its errors come back as L{zwrm.errors} classes."""
@@ -293,25 +338,19 @@ class Apps:
 
     async def _app(self, name):
         _check_name(name, "app name")
-        rows = await self._store.select("apps", "name = ?", [name])
-        if not rows:
-            raise errors.NotFound(f"no app {name!r}")
-        return rows[0]
+        return await self.data.apps.by_name(name)
 
     async def _machine(self, machine_id):
         if not isinstance(machine_id, str) or not machine_id:
             raise errors.InvalidArgument("a machine id is needed")
-        row = await self._store.get("machines", machine_id)
+        row = await self.data.machines.get(machine_id)
         if row is None:
             raise errors.NotFound(f"no machine {machine_id!r}")
         return row
 
     def _request(self, mspec, pinned, new_disk_mb=0):
-        return PlacementRequest(
-            vcpus=mspec["vcpus"], memory_mb=mspec["memory_mb"], disk_mb=new_disk_mb,
-            region=mspec.get("region"), datacenter=mspec.get("datacenter"),
-            pinned_host=pinned, constraints=mspec.get("constraints") or {},
-        )
+        """Kept for L{zwrm.control.drain}: see L{placement_request}."""
+        return placement_request(mspec, pinned_host=pinned, disk_mb=new_disk_mb)
 
     # -- apps -------------------------------------------------------------------------
 
@@ -319,18 +358,17 @@ class Apps:
     async def create_app(self, name):
         """Create an empty app. @raise Conflict: if the name is taken."""
         _check_name(name, "app name")
-        if await self._store.select("apps", "name = ?", [name]):
+        if await self.data.apps.exists(name):
             raise errors.Conflict(f"app {name!r} exists")
         row = {"id": _new_id("a"), "name": name, "spec": None, "created_at": self._clock.seconds()}
-        await self._store.insert("apps", row)
-        await self._event(APP_TOPIC, "created", row["id"], {"app": name, "app_id": row["id"]})
+        await self.data.apps.add(row)
         return {"id": row["id"], "name": name}
 
     @wamp.register("zwrm.app.list")
     async def list_apps(self):
         """Every app with its replica count and machine counts by state."""
-        apps = await self._store.select("apps", order_by="name")
-        machines = await self._store.select("machines")
+        apps = await self.data.apps.all()
+        machines = await self.data.machines.find()
         out = []
         for a in apps:
             counts = {}
@@ -346,11 +384,10 @@ class Apps:
     async def app_status(self, name):
         """An app's spec, machines and volumes."""
         app = await self._app(name)
-        machines = await self._store.select("machines", "app_id = ?", [app["id"]],
-                                            order_by="created_at")
-        volumes = await self._store.select("volumes", "app_id = ?", [app["id"]], order_by="name")
+        machines = await self.data.machines.find(app_id=app["id"], order_by="created_at")
+        volumes = await self.data.volumes.find(app_id=app["id"], order_by="name")
         return {"id": app["id"], "name": app["name"], "spec": app["spec"],
-                "machines": [self._machine_view(m) for m in machines],
+                "machines": [machine_wire(m) for m in machines],
                 "volumes": volumes}
 
     @wamp.register("zwrm.app.deploy")
@@ -361,7 +398,8 @@ class Apps:
 
         @return: the app's status after the machines were started (not yet healthy: follow
             C{zwrm.event.machine} or poll C{zwrm.app.status}).
-        @raise zwrm.errors.Unplaceable: if a replica fits nowhere; nothing was started.
+        @raise zwrm.errors.Unplaceable: if a replica fits nowhere; nothing was changed
+            (the spec and the machines are as they were).
         """
         spec = validate_spec(spec)
         _check_name(name, "app name")
@@ -370,14 +408,18 @@ class Apps:
 
     async def _deploy(self, name, spec):
         app = await self._app(name)
-        await self._store.update("apps", app["id"], {"spec": spec})
-        await self._event(APP_TOPIC, "deployed", app["id"], {"app": name, "spec": spec})
-        app["spec"] = spec
-        await self._converge(app, replace=True)
+
+        async def store_spec():
+            await self.data.apps.set_spec(app, spec, "deployed")
+
+        await self._converge(app, spec, replace=True, store_spec=store_spec)
 
     @wamp.register("zwrm.app.scale")
     async def scale(self, name, replicas):
-        """Change an app's replica count and converge. @raise InvalidArgument, NotFound."""
+        """
+        Change an app's replica count and converge. @raise InvalidArgument, NotFound.
+        @raise zwrm.errors.Unplaceable: a replica fits nowhere; nothing was changed.
+        """
         if not isinstance(replicas, int) or isinstance(replicas, bool) or not 0 <= replicas <= 1000:
             raise errors.InvalidArgument(f"replicas must be from 0 to 1000, not {replicas!r}")
         _check_name(name, "app name")
@@ -389,10 +431,11 @@ class Apps:
         if app["spec"] is None:
             raise errors.Conflict(f"app {name!r} was never deployed")
         spec = dict(app["spec"], replicas=replicas)
-        await self._store.update("apps", app["id"], {"spec": spec})
-        await self._event(APP_TOPIC, "scaled", app["id"], {"app": name, "replicas": replicas})
-        app["spec"] = spec
-        await self._converge(app, replace=False)
+
+        async def store_spec():
+            await self.data.apps.set_spec(app, spec, "scaled", replicas=replicas)
+
+        await self._converge(app, spec, replace=False, store_spec=store_spec)
 
     @wamp.register("zwrm.app.destroy")
     async def destroy_app(self, name, volumes=False):
@@ -406,21 +449,18 @@ class Apps:
 
     async def _destroy_app(self, name, volumes):
         app = await self._app(name)
-        machines = await self._store.select("machines", "app_id = ?", [app["id"]])
-        gone = [await self._destroy_machine(m) for m in machines]
+        machines = await self.data.machines.find(app_id=app["id"])
+        gone = [await self.remove_machine(m) for m in machines]
         vols = []
         if volumes:
-            for v in await self._store.select("volumes", "app_id = ?", [app["id"]]):
+            for v in await self.data.volumes.find(app_id=app["id"]):
                 await self._destroy_volume(v)
                 vols.append(v["id"])
-        elif await self._store.select("volumes", "app_id = ?", [app["id"]]):
+        elif await self.data.volumes.find(app_id=app["id"]):
             # The app stays, without a spec, so its volumes keep an owner.
-            await self._store.update("apps", app["id"], {"spec": None})
-            await self._event(APP_TOPIC, "destroyed", app["id"],
-                              {"app": name, "volumes_kept": True})
+            await self.data.apps.set_spec(app, None, "destroyed", volumes_kept=True)
             return {"machines": gone, "volumes": [], "app_kept_for_volumes": True}
-        await self._store.run(lambda db: db["apps"].delete(app["id"]))
-        await self._event(APP_TOPIC, "destroyed", app["id"], {"app": name})
+        await self.data.apps.delete(app)
         return {"machines": gone, "volumes": vols}
 
     def _in_app_order(self, name, fn, *args):
@@ -430,55 +470,104 @@ class Apps:
         """
         return _in_key_order(self._app_locks, name, fn, *args)
 
-    async def _converge(self, app, replace):
+    async def _converge(self, app, spec, replace, store_spec=None):
         """
-        Converge C{app}'s machines to its spec (the caller holds the app's lock): remove
-        extra, stale and failed machines, place and store the missing replicas under the
-        placement lock, then start them on their hosts outside it.
+        Converge C{app}'s machines to C{spec} (the caller holds the app's lock).
+
+        First, under the placement lock, place every missing replica (all or nothing),
+        lending it the capacity of the machines that will go (extra, stale, failed, or
+        stored by a control plane that restarted before their start was confirmed).  If
+        that fails, the capacity is given back and nothing has changed.  Then remove the
+        machines that go, call C{store_spec} (it stores the new spec), store the placed
+        replicas as C{pending} machines holding their reservations, and start them on their
+        hosts outside the placement lock.
         """
-        spec = app["spec"]
-        rows = await self._store.select("machines", "app_id = ?", [app["id"]])
-        current = {}
+        rows = await self.data.machines.find(app_id=app["id"])
+        going, kept = [], set()
         for m in rows:
-            if m["state"] in LIVE or m["state"] == "failed":
-                current.setdefault(m["spec"]["replica"], []).append(m)
-        # Extra replicas and (on deploy) machines of an older spec go; so do machines a
-        # control plane before a restart stored but whose start no agent ever confirmed.
-        for replica, ms in sorted(current.items()):
-            for m in ms:
-                if m["state"] == "pending" and m["id"] in self._unconfirmed:
-                    await self._set_machine(
-                        m, "the control plane restarted before its start was confirmed",
-                        state="failed")
-                stale = replace and m["spec"].get("app_spec") != spec
-                if replica >= spec["replicas"] or stale or m["state"] == "failed":
-                    await self._destroy_machine(m)
+            if m["state"] not in LIVE and m["state"] != "failed":
+                continue
+            replica = m["spec"]["replica"]
+            unconfirmed = m["state"] == "pending" and m["id"] in self._unconfirmed
+            stale = replace and m["spec"].get("app_spec") != spec
+            if replica >= spec["replicas"] or stale or m["state"] == "failed" or unconfirmed:
+                going.append((m, unconfirmed))
+            else:
+                kept.add(replica)
+        missing = [i for i in range(spec["replicas"]) if i not in kept]
         await self._placing.acquire()
         try:
-            placed = await self._place_missing(app)
+            lent = self._lend([m for m, _ in going])
+            try:
+                planned = await self._plan_all(app, spec, missing)
+            except BaseException:
+                self._give_back(lent)
+                raise
         finally:
             self._placing.release()
-        await self._start_all(placed)
+        try:
+            for m, unconfirmed in going:
+                if unconfirmed:
+                    await self.set_machine(
+                        m, "the control plane restarted before its start was confirmed",
+                        state="failed")
+                await self.remove_machine(m)
+                lent.pop(m["id"], None)
+        except BaseException:
+            for _, placement, _ in planned:
+                self.release_placement(placement)
+            self._give_back(lent)
+            raise
+        if store_spec is not None:
+            await store_spec()
+        stored = []
+        try:
+            for replica, placement, volumes in planned:
+                stored.append(await self._store_replica(app, spec, replica, placement, volumes))
+        except BaseException:
+            for _, placement, _ in planned[len(stored):]:
+                self.release_placement(placement)
+            raise
+        await self._start_all(stored)
 
-    async def _place_missing(self, app):
+    def _lend(self, machines):
         """
-        Place every missing replica of C{app} (all or nothing) and store each as a
-        C{pending} machine holding its reservation; the caller holds the placement lock.
+        Take the reservations of C{machines} (which a converge will remove) out of the
+        scheduler, so that their replacements may use the capacity.
 
-        @return: the stored machine rows, to start.
-        @raise zwrm.errors.Unplaceable: if one does not fit; nothing was reserved or stored.
+        @return: C{{machine_id: placement}}, for L{_give_back}.
         """
-        spec = app["spec"]
-        rows = await self._store.select("machines", "app_id = ?", [app["id"]])
-        have = {m["spec"]["replica"] for m in rows if m["state"] in LIVE}
-        missing = [i for i in range(spec["replicas"]) if i not in have]
-        if not missing:
-            return []
-        self.sync_hosts()
+        lent = {}
+        for m in machines:
+            p = self._placements.pop(m["id"], None)
+            if p is not None:
+                self.scheduler.release(p)
+                self._alloc_changed(p.host_id)
+                lent[m["id"]] = p
+        return lent
+
+    def _give_back(self, lent):
+        """Reserve again what L{_lend} took, for the machines that were not removed."""
+        for machine_id, p in lent.items():
+            request = PlacementRequest(vcpus=p.vcpus, memory_mb=p.memory_mb, disk_mb=p.disk_mb)
+            try:
+                self._placements[machine_id] = self.scheduler.restore(p.host_id, request)
+            except errors.ZwrmError as e:
+                self.log.warn("machine {id}: capacity not given back: {e}", id=machine_id, e=e)
+            self._alloc_changed(p.host_id)
+
+    async def _plan_all(self, app, spec, missing):
+        """
+        Place every replica in C{missing} (all or nothing); the caller holds the placement
+        lock.
+
+        @return: C{[(replica, placement, existing volumes)]}.
+        @raise zwrm.errors.Unplaceable: if one does not fit; nothing stays reserved.
+        """
         planned = []
         try:
             for replica in missing:
-                planned.append(await self._plan(app, replica))
+                planned.append(await self._plan(app, spec, replica))
         except errors.Unplaceable as e:
             for _, placement, _ in planned:
                 self.scheduler.release(placement)
@@ -489,15 +578,7 @@ class Apps:
             for _, placement, _ in planned:
                 self.scheduler.release(placement)
             raise
-        stored = []
-        try:
-            for replica, placement, volumes in planned:
-                stored.append(await self._store_replica(app, replica, placement, volumes))
-        except BaseException:
-            for _, placement, _ in planned[len(stored):]:
-                self.release_placement(placement)
-            raise
-        return stored
+        return planned
 
     async def _start_all(self, rows):
         """
@@ -507,28 +588,26 @@ class Apps:
         if not rows:
             return
         results = await DeferredList(
-            [ensureDeferred(self._start_on_host(row)) for row in rows], consumeErrors=True)
+            [ensureDeferred(self.start_machine(row)) for row in rows], consumeErrors=True)
         for ok, result in results:
             if not ok:
                 result.raiseException()
 
-    async def _plan(self, app, replica):
-        spec = app["spec"]
+    async def _plan(self, app, spec, replica):
         existing = {
-            v["name"]: v for v in await self._store.select(
-                "volumes", "app_id = ? AND replica = ?", [app["id"], replica])
+            v["name"]: v for v in await self.data.volumes.find(app_id=app["id"], replica=replica)
         } if spec["volumes"] else {}
         pins = {v["host_id"] for v in existing.values()}
         if len(pins) > 1:
             raise errors.Unplaceable(
                 f"its volumes live on different hosts ({', '.join(sorted(pins))})")
         new_disk = sum(v["size_mb"] for v in spec["volumes"] if v["name"] not in existing)
-        request = self._request(spec, pinned=pins.pop() if pins else None, new_disk_mb=new_disk)
+        request = placement_request(spec, pinned_host=pins.pop() if pins else None,
+                                    disk_mb=new_disk)
         placement = self.scheduler.place(request)
         return replica, placement, existing
 
-    async def _store_replica(self, app, replica, placement, existing):
-        spec = app["spec"]
+    async def _store_replica(self, app, spec, replica, placement, existing):
         host_id = placement.host_id
         now = self._clock.seconds()
         vols = []
@@ -538,8 +617,7 @@ class Apps:
                 row = {"id": _new_id("v"), "app_id": app["id"], "host_id": host_id,
                        "name": v["name"], "replica": replica, "size_mb": v["size_mb"],
                        "mount": v["mount"], "state": "creating", "created_at": now}
-                await self._store.insert("volumes", row)
-                await self._event(MACHINE_TOPIC, "volume", row["id"], dict(row))
+                await self.data.volumes.add(row)
             vols.append({"id": row["id"], "mount": v["mount"], "size_mb": row["size_mb"]})
         mid = _new_id("m")
         mspec = {
@@ -552,35 +630,35 @@ class Apps:
         row = {"id": mid, "app_id": app["id"], "host_id": host_id, "state": "pending",
                "spec": mspec, "health": {"status": "none"}, "created_at": now,
                "updated_at": now}
-        await self._store.insert("machines", row)
-        self._placements[mid] = placement
-        self._alloc_changed(host_id)
-        await self._event(MACHINE_TOPIC, "state", mid, {
-            "machine_id": mid, "app_id": app["id"], "host_id": host_id, "old": None,
-            "state": "pending", "reason": "placed"})
-        return row
+        return await self.add_machine(row, "placed", placement=placement)
 
     def _agent_spec(self, mspec):
         return {k: mspec[k] for k in ("id", "app", "image", "vcpus", "memory_mb", "volumes",
                                       "service_port", "health")}
 
-    async def _start_on_host(self, row):
+    async def start_machine(self, row):
+        """
+        Start the stored machine C{row} on its host (C{machine.start}) and apply the status
+        its agent answers; a start that fails marks it failed (releasing its reservation).
+        """
         try:
             status = await self._call(row["host_id"], "machine.start", self._agent_spec(row["spec"]))
         except Exception as e:
             reason = getattr(e, "args", [None])[0] if isinstance(e, errors.ZwrmError) else None
             reason = reason or _error_text(e)
-            await self._set_machine(row, f"could not start: {reason}", state="failed")
+            await self.set_machine(row, f"could not start: {reason}", state="failed")
             return row
         await self._volumes_ready(row)
         await self._apply_status(row, status)
         return row
 
+    _start_on_host = start_machine
+
     async def _volumes_ready(self, row):
         for v in row["spec"]["volumes"]:
-            vrow = await self._store.get("volumes", v["id"])
+            vrow = await self.data.volumes.get(v["id"])
             if vrow is not None and vrow["state"] == "creating":
-                await self._store.update("volumes", v["id"], {"state": "ready"})
+                await self.data.volumes.set_state(vrow, "ready")
 
     def _in_order(self, machine_id, fn, *args):
         """
@@ -594,7 +672,7 @@ class Apps:
         return self._in_order(row["id"], self._apply_fresh, row, status)
 
     async def _apply_fresh(self, row, status):
-        fresh = await self._store.get("machines", row["id"])
+        fresh = await self.data.machines.get(row["id"])
         if fresh is None:
             return row
         row.update(fresh)
@@ -611,39 +689,27 @@ class Apps:
             health["host_port"] = status["host_port"]
         if state == row["state"] and health == row.get("health"):
             return row
-        return await self._set_machine(row, status.get("reason") or state,
-                                       state=state, health=health)
+        return await self.set_machine(row, status.get("reason") or state,
+                                      state=state, health=health)
 
     # -- machines ---------------------------------------------------------------------
 
     def _machine_view(self, m):
-        health = m.get("health") or {}
-        spec = m["spec"] or {}
-        return {"id": m["id"], "app_id": m["app_id"], "app": spec.get("app"),
-                "replica": spec.get("replica"), "host_id": m["host_id"], "state": m["state"],
-                "health": health.get("status"), "host_port": health.get("host_port"),
-                "volumes": [v["id"] for v in spec.get("volumes", [])],
-                "created_at": m["created_at"], "updated_at": m["updated_at"]}
+        return machine_wire(m)
 
     @wamp.register("zwrm.machine.list")
     async def list_machines(self, app=None, host_id=None):
         """Machines, optionally of one app or on one host."""
-        where, args = [], []
-        if app is not None:
-            where.append("app_id = ?")
-            args.append((await self._app(app))["id"])
-        if host_id is not None:
-            where.append("host_id = ?")
-            args.append(host_id)
-        rows = await self._store.select("machines", " AND ".join(where) or None, args,
-                                        order_by="created_at")
-        return [self._machine_view(m) for m in rows]
+        app_id = (await self._app(app))["id"] if app is not None else None
+        rows = await self.data.machines.find(app_id=app_id, host_id=host_id,
+                                             order_by="created_at")
+        return [machine_wire(m) for m in rows]
 
     @wamp.register("zwrm.machine.status")
     async def machine_status(self, machine_id):
         """One machine with its recent events."""
         m = await self._machine(machine_id)
-        view = self._machine_view(m)
+        view = machine_wire(m)
         view["spec"] = self._agent_spec(m["spec"])
         view["events"] = await self._store.recent_events(machine_id)
         return view
@@ -661,9 +727,16 @@ class Apps:
         scale the app down). Its volumes are kept.
         """
         m = await self._machine(machine_id)
-        return await self._destroy_machine(m)
+        return await self.remove_machine(m)
 
-    async def _destroy_machine(self, m):
+    async def remove_machine(self, m):
+        """
+        Destroy the machine of row C{m} on its host, then delete its row (one event) and
+        release its reservation.  A machine that is stopped or failed on a host that cannot
+        be reached loses only its row (its host stops it when it returns: reconciliation).
+
+        @raise zwrm.errors.Unavailable: it is live on a host that cannot be reached.
+        """
         if m["state"] not in ("stopped", "failed") or self._hosts.executor_available(m["host_id"]):
             try:
                 await self._call(m["host_id"], "machine.destroy", m["id"])
@@ -674,12 +747,11 @@ class Apps:
                     raise errors.Unavailable(
                         f"machine {m['id']} is on host {m['host_id']}, which is not reachable; "
                         "it is destroyed when the host returns") from None
-        await self._store.run(lambda db: db["machines"].delete(m["id"]))
+        await self.data.machines.delete(m)
         self._release(m["id"])
-        await self._event(MACHINE_TOPIC, "destroyed", m["id"], {
-            "machine_id": m["id"], "app_id": m["app_id"], "host_id": m["host_id"],
-            "old": m["state"], "state": "destroyed", "reason": "destroyed"})
         return m["id"]
+
+    _destroy_machine = remove_machine
 
     # -- reports from agents ----------------------------------------------------------
 
@@ -697,7 +769,7 @@ class Apps:
         return await self._in_order(event["machine_id"], self._machine_event, host_id, event)
 
     async def _machine_event(self, host_id, event):
-        row = await self._store.get("machines", event["machine_id"])
+        row = await self.data.machines.get(event["machine_id"])
         if row is None:
             if event.get("destroyed"):
                 return None
@@ -724,37 +796,33 @@ class Apps:
         size_mb = _int({"size_mb": size_mb}, "size_mb", 2, 16 * 1024 * 1024, 64)
         if not isinstance(mount, str) or not mount.startswith("/") or mount == "/":
             raise errors.InvalidArgument(f"mount must be an absolute path other than /, not {mount!r}")
-        if await self._store.select("volumes", "app_id = ? AND name = ? AND replica = ?",
-                                    [a["id"], name, replica]):
+        if await self.data.volumes.find(app_id=a["id"], name=name, replica=replica):
             raise errors.Conflict(f"app {app!r} has a volume {name!r} for replica {replica}")
-        self.sync_hosts()
-        request = PlacementRequest(vcpus=1, memory_mb=1, disk_mb=size_mb, region=region,
-                                   datacenter=datacenter, pinned_host=host_id)
+        # only a host with the disk is wanted: machines reserve their vCPUs and memory later
+        request = placement_request({"vcpus": 1, "memory_mb": 1, "region": region,
+                                     "datacenter": datacenter},
+                                    pinned_host=host_id, disk_mb=size_mb)
         placement = self.scheduler.place(request)
-        self.scheduler.release(placement)  # only the host was wanted; machines reserve later
+        self.scheduler.release(placement)
         row = {"id": _new_id("v"), "app_id": a["id"], "host_id": placement.host_id,
                "name": name, "replica": replica, "size_mb": size_mb, "mount": mount,
                "state": "creating", "created_at": self._clock.seconds()}
-        await self._store.insert("volumes", row)
-        await self._event(MACHINE_TOPIC, "volume", row["id"], dict(row))
+        await self.data.volumes.add(row)
         try:
             await self._call(row["host_id"], "volume.create", row["id"], size_mb)
         except Exception as e:
-            await self._store.run(lambda db: db["volumes"].delete(row["id"]))
-            await self._event(MACHINE_TOPIC, "volume_failed", row["id"],
-                              {"volume_id": row["id"], "reason": _error_text(e)})
+            await self.data.volumes.creation_failed(row, _error_text(e))
             raise
-        await self._store.update("volumes", row["id"], {"state": "ready"})
-        row["state"] = "ready"
+        await self.data.volumes.set_state(row, "ready")
         return row
 
     @wamp.register("zwrm.volume.list")
     async def list_volumes(self, app=None):
         """Volumes, optionally of one app."""
         if app is None:
-            return await self._store.select("volumes", order_by="created_at")
+            return await self.data.volumes.find(order_by="created_at")
         a = await self._app(app)
-        return await self._store.select("volumes", "app_id = ?", [a["id"]], order_by="name")
+        return await self.data.volumes.find(app_id=a["id"], order_by="name")
 
     @wamp.register("zwrm.volume.destroy")
     async def destroy_volume(self, volume_id):
@@ -763,23 +831,21 @@ class Apps:
         """
         if not isinstance(volume_id, str) or not volume_id:
             raise errors.InvalidArgument("a volume id is needed")
-        row = await self._store.get("volumes", volume_id)
+        row = await self.data.volumes.get(volume_id)
         if row is None:
             raise errors.NotFound(f"no volume {volume_id!r}")
         await self._destroy_volume(row)
         return row["id"]
 
     async def _destroy_volume(self, row):
-        for m in await self._store.select("machines", "app_id = ?", [row["app_id"]]):
+        for m in await self.data.machines.find(app_id=row["app_id"]):
             if m["state"] in LIVE and any(v["id"] == row["id"] for v in m["spec"]["volumes"]):
                 raise errors.Conflict(f"volume {row['id']} is used by machine {m['id']}")
         try:
             await self._call(row["host_id"], "volume.delete", row["id"])
         except errors.NotFound:
             pass
-        await self._store.run(lambda db: db["volumes"].delete(row["id"]))
-        await self._event(MACHINE_TOPIC, "volume_destroyed", row["id"],
-                          {"volume_id": row["id"], "host_id": row["host_id"]})
+        await self.data.volumes.delete(row)
 
 
 def _error_text(e):

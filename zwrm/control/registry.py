@@ -1,9 +1,11 @@
 """
-The host registry: every host the control plane knows, its L{Host} machine, its last
-heartbeat and whether its executor may be called.
+The host registry: host membership as a service over the resource layer.
 
-Writes go to the store first and are published afterwards (C{zwrm.event.host},
-C{zwrm.event.machine}).
+Joins, registrations, heartbeats, operator transitions, marking hosts offline and
+reconciling what a returning agent runs.  It writes nothing itself: every change goes
+through an update method of the hosts resource (L{zwrm.control.resources.hosts}) or the
+machines resource (L{zwrm.control.resources.machines}), which stores it, then publishes
+one event (C{zwrm.event.host}, C{zwrm.event.machine}).
 
 Heartbeats: at 10,000 hosts and a 5 s interval the control plane receives 2,000
 heartbeats a second.  A heartbeat only updates the host's entry in memory; the
@@ -20,10 +22,13 @@ import uuid
 from twisted.logger import Logger
 
 from zwrm import errors
-from zwrm.control.host import INPUTS, Host
+from zwrm.control.host import INPUTS
+from zwrm.control.resources import Data
+from zwrm.control.resources.hosts import TOPIC as HOST_TOPIC
+from zwrm.control.resources.hosts import HostEntry
+from zwrm.control.resources.machines import TOPIC as MACHINE_TOPIC
 
-HOST_TOPIC = "zwrm.event.host"
-MACHINE_TOPIC = "zwrm.event.machine"
+__all__ = ["HOST_TOPIC", "MACHINE_TOPIC", "HostEntry", "HostRegistry"]
 LIVE_MACHINE_STATES = ("running", "starting")
 # recorded states in which a machine may rightly be running on its host: also "pending"
 # (its start call may be under way: the apps layer starts machines outside its placement
@@ -87,25 +92,6 @@ def _bounded_stats(stats):
     return kept
 
 
-class HostEntry:
-    """
-    What the registry holds about one host.
-
-    @ivar record: the host's row (a dict, as stored).
-    @ivar machine: its L{Host} machine.
-    @ivar last_heartbeat: the clock time of its last heartbeat.
-    @ivar executor: whether its executor may be called (registered and not offline).
-    """
-
-    def __init__(self, record, machine, last_heartbeat):
-        self.record = record
-        self.machine = machine
-        self.last_heartbeat = last_heartbeat
-        self.executor = False
-        self.reregistering = False
-        self.stats = {}
-
-
 class HostRegistry:
     """
     The control plane's hosts.
@@ -116,7 +102,7 @@ class HostRegistry:
     log = Logger()
 
     def __init__(self, clock, store, publish, call=None, heartbeat_interval=5.0,
-                 on_offline=None):
+                 on_offline=None, data=None):
         """
         @param clock: an L{IReactorTime}; its C{seconds()} is the time of every record.
         @param store: a L{zwrm.control.store.Store}.
@@ -127,6 +113,8 @@ class HostRegistry:
         @param on_offline: called with a host id after it was marked offline, if it had
             registered since the control plane started (the control plane uses it to
             drop the host's WAMP session).
+        @param data: the L{zwrm.control.resources.Data} to work on (default: a new one
+            over C{store} that publishes with C{publish}).
         """
         self._clock = clock
         self._store = store
@@ -134,19 +122,16 @@ class HostRegistry:
         self._call = call
         self._on_offline = on_offline
         self.heartbeat_interval = heartbeat_interval
-        self._hosts = {}
-        self._dirty = {}
+        self.data = data if data is not None else Data(
+            clock, store, lambda topic, event: self._publish(topic, event))
+        self.hosts = self.data.hosts
+        self.machines = self.data.machines
 
     # -- loading and persistence -----------------------------------------------------
 
-    async def load(self):
+    def load(self):
         """Read every host from the store; executors start deregistered."""
-        for record in await self._store.select("hosts"):
-            machine = Host.restore(record["id"], record["state"], record["state_before_offline"])
-            self._hosts[record["id"]] = HostEntry(
-                record, machine, record["last_heartbeat"] or 0.0
-            )
-        return len(self._hosts)
+        return self.hosts.load()
 
     def flush_heartbeats(self):
         """
@@ -154,22 +139,19 @@ class HostRegistry:
 
         @return: a Deferred firing when they are stored.
         """
-        beats, self._dirty = self._dirty, {}
-        for hid, ts in beats.items():
-            self._hosts[hid].record["last_heartbeat"] = ts
-        return self._store.save_heartbeats(beats)
+        return self.hosts.flush_heartbeats()
 
     # -- queries ----------------------------------------------------------------------
 
     def __contains__(self, host_id):
-        return host_id in self._hosts
+        return host_id in self.hosts
 
     def __len__(self):
-        return len(self._hosts)
+        return len(self.hosts)
 
     def host_ids(self):
         """Every known host id."""
-        return list(self._hosts)
+        return self.hosts.ids()
 
     def entry(self, host_id):
         """
@@ -177,10 +159,7 @@ class HostRegistry:
 
         @raise zwrm.errors.NotFound: if there is no such host.
         """
-        try:
-            return self._hosts[host_id]
-        except KeyError:
-            raise errors.NotFound(f"no host {host_id!r}") from None
+        return self.hosts.entry(host_id)
 
     def state(self, host_id):
         """The public state of C{host_id}."""
@@ -192,19 +171,19 @@ class HostRegistry:
 
     def credential_hash(self, host_id):
         """The stored hash of C{host_id}'s credential, or L{None} if no such host."""
-        entry = self._hosts.get(host_id)
+        entry = self.hosts.get(host_id)
         return entry.record.get("credential_hash") if entry else None
 
     def executor_available(self, host_id):
         """Whether the control plane may call C{host_id}'s executor now."""
-        entry = self._hosts.get(host_id)
+        entry = self.hosts.get(host_id)
         return bool(entry and entry.executor and entry.machine.state != "offline")
 
     def schedulable(self):
         """The records of hosts the scheduler may place on: ready, executor registered."""
         return [
             dict(e.record, state=e.machine.state)
-            for e in self._hosts.values()
+            for e in self.hosts.entries()
             if e.machine.state == "ready" and e.executor
         ]
 
@@ -247,29 +226,17 @@ class HostRegistry:
             "executor": entry.executor,
         }
 
-    async def _machine_counts(self):
-        def count(db):
-            if "machines" not in db.table_names():
-                return {}
-            rows = db.execute(
-                "SELECT host_id, count(*) FROM machines"
-                " WHERE state NOT IN ('destroyed', 'deleted') GROUP BY host_id"
-            ).fetchall()
-            return dict(rows)
-
-        return await self._store.run(count)
-
     async def list(self):
         """Every host, summarised (as C{zwrm.host.list} returns them), sorted by name."""
-        counts = await self._machine_counts()
+        counts = await self.machines.count_by_host()
         now = self._clock.seconds()
-        hosts = [self._summary(e, now, counts) for e in self._hosts.values()]
+        hosts = [self._summary(e, now, counts) for e in self.hosts.entries()]
         return sorted(hosts, key=lambda h: (h["name"] or "", h["id"]))
 
     async def status(self, host_id, events=20):
         """Everything known about one host, with its machines and recent events."""
         entry = self.entry(host_id)
-        machines = await self._store.select("machines", "host_id = ?", [host_id], order_by="id")
+        machines = await self.machines.find(host_id=host_id, order_by="id")
         result = self._summary(entry, self._clock.seconds(), {host_id: len(machines)})
         result["machine_list"] = machines
         result["stats"] = entry.stats
@@ -298,8 +265,7 @@ class HostRegistry:
         from zwrm.control.store import hash_secret
 
         now = self._clock.seconds()
-        entry = self._hosts.get(host_id)
-        if entry is None:
+        if host_id not in self.hosts:
             record = {
                 "id": host_id,
                 "name": facts.get("name") or host_id,
@@ -320,17 +286,10 @@ class HostRegistry:
                 "credential_hash": hash_secret(credential),
                 "joined_at": now,
             }
-            await self._store.insert("hosts", record)
-            entry = HostEntry(record, Host(host_id), now)
-            self._hosts[host_id] = entry
-            event = await self._store.add_event(
-                HOST_TOPIC, "joined", host_id, {"host_id": host_id, "state": "ready"}
-            )
-            self._announce(HOST_TOPIC, event)
+            await self.hosts.add(record)
             self.log.info("host {host_id} ({name}) joined", host_id=host_id, name=record["name"])
         else:
-            entry.record["credential_hash"] = hash_secret(credential)
-            await self._store.update("hosts", host_id, {"credential_hash": hash_secret(credential)})
+            await self.hosts.set_credential(host_id, hash_secret(credential))
             self.log.info("host {host_id} joined again; new credential", host_id=host_id)
         return {
             "host_id": host_id,
@@ -357,15 +316,7 @@ class HostRegistry:
             update["labels"] = facts["labels"]
         if "agent_version" in facts:
             update["agent_version"] = facts["agent_version"]
-        now = self._clock.seconds()
-        entry.last_heartbeat = now
-        self._dirty.pop(host_id, None)
-        update["last_heartbeat"] = now
-        entry.record.update(update)
-        await self._store.update("hosts", host_id, update)
-        await self._host_input(entry, "agent_registered")
-        entry.executor = True
-        entry.reregistering = False
+        await self.hosts.registered(host_id, update)
         self._clock.callLater(0, self._reconcile_soon, host_id, facts.get("machines"))
         return {
             "host_id": host_id,
@@ -382,10 +333,7 @@ class HostRegistry:
 
         @return: C{{"state", "heartbeat_interval"}}.
         """
-        entry = self.entry(host_id)
-        now = self._clock.seconds()
-        entry.last_heartbeat = now
-        self._dirty[host_id] = now
+        entry = self.hosts.note_heartbeat(host_id)
         if isinstance(stats, dict) and stats:
             entry.stats = _bounded_stats(stats)
         if entry.machine.state == "offline" and not entry.reregistering:
@@ -414,40 +362,8 @@ class HostRegistry:
         if input_name not in INPUTS:
             raise errors.InvalidArgument(f"unknown host input {input_name!r}")
         entry = self.entry(host_id)
-        await self._host_input(entry, input_name)
+        await self.hosts.apply_input(host_id, input_name)
         return entry.machine.state
-
-    async def _host_input(self, entry, input_name):
-        change = entry.machine.handle(input_name)
-        if change is None:
-            return None
-        host_id = entry.record["id"]
-        fields = {"state": change.new, "state_before_offline": change.state_before_offline}
-        entry.record.update(fields)
-        await self._store.update("hosts", host_id, fields)
-        payload = {
-            "host_id": host_id,
-            "old": change.old,
-            "state": change.new,
-            "state_before_offline": change.state_before_offline,
-            "reason": change.reason,
-        }
-        event = await self._store.add_event(HOST_TOPIC, "state", host_id, payload)
-        self._announce(HOST_TOPIC, event)
-        self.log.info(
-            "host {host_id}: {old} -> {new} ({reason})",
-            host_id=host_id,
-            old=change.old,
-            new=change.new,
-            reason=change.reason,
-        )
-        return change
-
-    def _announce(self, topic, event):
-        try:
-            self._publish(topic, event)
-        except Exception:
-            self.log.failure("publishing on {topic}", topic=topic)
 
     # -- health -----------------------------------------------------------------------
 
@@ -460,77 +376,19 @@ class HostRegistry:
         """
         entry = self.entry(host_id)
         had_session = entry.executor
-        change = await self._host_input(entry, "heartbeat_lost")
-        entry.executor = False
+        change = await self.hosts.apply_input(host_id, "heartbeat_lost", executor=False)
         if change is None:
             return []
-        failed = await self._set_machines(
-            host_id,
-            "host_id = ? AND state IN ('running', 'starting')",
-            [host_id],
-            "failed",
-            "host offline",
-        )
+        failed = []
+        for row in await self.machines.find(host_id=host_id, states=LIVE_MACHINE_STATES):
+            await self.machines.set(row, "host offline", state="failed")
+            failed.append(row["id"])
         if self._on_offline is not None and had_session:
             try:
                 self._on_offline(host_id)
             except Exception:
                 self.log.failure("after marking {host_id} offline", host_id=host_id)
         return failed
-
-    async def _set_machines(self, host_id, where, args, state, reason):
-        rows = await self._store.select("machines", where, args)
-        return [await self._set_machine(host_id, r, state, reason) for r in rows]
-
-    async def _set_machine(self, host_id, row, state, reason):
-        now = self._clock.seconds()
-        await self._store.update("machines", row["id"], {"state": state, "updated_at": now})
-        payload = {
-            "machine_id": row["id"],
-            "app_id": row.get("app_id"),
-            "host_id": host_id,
-            "old": row.get("state"),
-            "state": state,
-            "reason": reason,
-        }
-        event = await self._store.add_event(MACHINE_TOPIC, "state", row["id"], payload)
-        self._announce(MACHINE_TOPIC, event)
-        return row["id"]
-
-    # -- reports ----------------------------------------------------------------------
-
-    async def machine_report(self, host_id, event):
-        """
-        One machine's change of state or health, as the agent's executor reports it
-        (C{{"kind": "machine", "machine_id", "state", "health", "reason", ...}}, with
-        C{"destroyed": true} once destroyed).  Stored, then published on
-        C{zwrm.event.machine}.
-
-        @return: C{True} if the machine is known here, else C{False} (recorded as an
-            C{unknown_machine} event).
-        """
-        self.entry(host_id)
-        mid = event.get("machine_id")
-        if not isinstance(mid, str) or not isinstance(event.get("state"), str):
-            raise errors.InvalidArgument("a machine report needs machine_id and state")
-        row = await self._store.get("machines", mid)
-        if row is None or row["host_id"] != host_id:
-            stored = await self._store.add_event(
-                MACHINE_TOPIC, "unknown_machine", mid, {"machine_id": mid, "host_id": host_id}
-            )
-            self._announce(MACHINE_TOPIC, stored)
-            return False
-        state = "destroyed" if event.get("destroyed") else event["state"]
-        fields = {"state": state, "updated_at": self._clock.seconds()}
-        if "health" in event:
-            fields["health"] = {"state": event["health"], "reason": event.get("reason")}
-        await self._store.update("machines", mid, fields)
-        payload = {"machine_id": mid, "app_id": row.get("app_id"), "host_id": host_id,
-                   "old": row.get("state"), "state": state, "health": event.get("health"),
-                   "reason": event.get("reason")}
-        stored = await self._store.add_event(MACHINE_TOPIC, "state", mid, payload)
-        self._announce(MACHINE_TOPIC, stored)
-        return True
 
     # -- reconciliation ---------------------------------------------------------------
 
@@ -568,9 +426,9 @@ class HostRegistry:
          - reported running but recorded elsewhere, or stopped/destroyed: a duplicate;
            the agent is told to stop it (nothing runs twice); recorded here as pending
            (its start is under way) or stopping, it is left alone;
-         - reported but unknown (destroyed while its host was unreachable): stopped,
-           its disk and volumes kept, and recorded as an event (C{kind}
-           C{unknown_machine}).
+         - reported but unknown (destroyed while its host was unreachable, by a request
+           that succeeded: a request that fails removes no record): stopped, its disk and
+           volumes kept, and recorded as an event (C{kind} C{unknown_machine}).
 
         @param reported: C{[{"id", "state", ...}, ...]}.
         @return: a dict of lists of machine ids: C{restored, failed, duplicate, unknown}.
@@ -586,28 +444,20 @@ class HostRegistry:
             for m in reported
             if m.get("state") in LIVE_MACHINE_STATES
         }
-        recorded = {}
-        if running:
-            marks = ",".join("?" * len(running))
-            for row in await self._store.select("machines", f"id IN ({marks})", list(running)):
-                recorded[row["id"]] = row
+        recorded = {row["id"]: row for row in await self.machines.find(ids=list(running))}
         for mid in running:
             row = recorded.get(mid)
             if row is None:
                 # no record: it was destroyed while its host was unreachable (only the row
                 # could go). Stop it, so that its app does not run twice; its disk and
                 # volumes stay on the host, nothing is deleted.
-                event = await self._store.add_event(
-                    MACHINE_TOPIC, "unknown_machine", mid,
-                    {"machine_id": mid, "host_id": host_id, "action": "stopped"},
-                )
-                self._announce(MACHINE_TOPIC, event)
+                await self.machines.note_stray("unknown_machine", mid, host_id)
                 self.log.warn("host {host_id} runs machine {mid}, which has no record:"
                               " stopping it", host_id=host_id, mid=mid)
                 result["unknown"].append(mid)
                 await self._stop_on(host_id, mid)
             elif row["host_id"] == host_id and row["state"] == "failed":
-                await self._set_machine(host_id, row, "running", "host back")
+                await self.machines.set(row, "host back", state="running")
                 result["restored"].append(mid)
             elif row["host_id"] != host_id or row["state"] not in MAY_RUN_STATES:
                 result["duplicate"].append(mid)
@@ -615,15 +465,10 @@ class HostRegistry:
                     "host {host_id} runs machine {mid}, recorded {state} on {other}: stopping it",
                     host_id=host_id, mid=mid, state=row["state"], other=row["host_id"],
                 )
-                event = await self._store.add_event(
-                    MACHINE_TOPIC, "duplicate_machine", mid, {"machine_id": mid, "host_id": host_id}
-                )
-                self._announce(MACHINE_TOPIC, event)
+                await self.machines.note_stray("duplicate_machine", mid, host_id, row=row)
                 await self._stop_on(host_id, mid)
-        for row in await self._store.select(
-            "machines", "host_id = ? AND state IN ('running', 'starting')", [host_id]
-        ):
+        for row in await self.machines.find(host_id=host_id, states=LIVE_MACHINE_STATES):
             if row["id"] not in running:
-                await self._set_machine(host_id, row, "failed", "not running on its host")
+                await self.machines.set(row, "not running on its host", state="failed")
                 result["failed"].append(row["id"])
         return result

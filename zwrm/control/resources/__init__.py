@@ -1,0 +1,124 @@
+"""
+The control plane's resource layer, in the style of Buildbot's data API
+(C{master/buildbot/data/base.py}: C{ResourceType}, C{updateMethod}, C{produceEvent}).
+
+One module per resource (L{hosts}, L{apps}, L{machines}, L{volumes}) owns:
+
+ - its rows in the store (nobody else writes them);
+ - the one translation between a row and the dict that goes on the wire (C{wire});
+ - its update methods (marked L{update_method}): each stores the change, then produces
+   one event whose payload is the resource's wire form (plus C{old} and C{reason} where a
+   state changed), on the resource's topic.
+
+An event is appended to the store's event log, then given to every local subscriber
+(L{Resource.subscribe}: the scheduler's host index, waits on a machine's health), then
+published over WAMP.  Subscribers are called synchronously, in subscription order, after
+the change is stored: a cache fed by them is never behind the store when the update
+method returns.  A subscriber that raises is logged and does not stop the others.
+
+The services over this layer (the host registry, apps, drains) change state only through
+these update methods and learn about changes only from these events.
+"""
+
+from twisted.logger import Logger
+
+
+def update_method(fn):
+    """
+    Mark C{fn} as an update method of its resource: it stores a change, then produces one
+    event (see L{Resource.produce_event}).
+    """
+    fn.is_update_method = True
+    return fn
+
+
+class Resource:
+    """
+    The base of every resource: its topic, its subscribers and how it produces events.
+
+    @cvar topic: the WAMP topic its events are published on.
+    """
+
+    topic = None
+    log = Logger()
+
+    def __init__(self, clock, store, publish):
+        """
+        @param clock: an L{IReactorTime}; its C{seconds()} is the time of every record.
+        @param store: the L{zwrm.control.store.Store}.
+        @param publish: C{publish(topic, event)}, called after each stored event.
+        """
+        self._clock = clock
+        self._store = store
+        self._publish = publish
+        self._subscribers = []
+
+    def subscribe(self, callback):
+        """
+        Call C{callback(event)} with every event of this resource from now on.
+
+        @return: a function of no arguments that ends the subscription.
+        """
+        self._subscribers.append(callback)
+
+        def unsubscribe():
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def deliver(self, event):
+        """Give a stored event to the local subscribers, then publish it."""
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:
+                self.log.failure("an event subscriber of {topic} failed", topic=self.topic)
+        try:
+            self._publish(self.topic, event)
+        except Exception:
+            self.log.failure("publishing on {topic}", topic=self.topic)
+
+    async def produce_event(self, kind, subject, payload):
+        """
+        Append an event to the store's log, then deliver it (L{deliver}).
+
+        @return: the stored event (C{{id, ts, topic, kind, subject, payload}}).
+        """
+        event = await self._store.add_event(self.topic, kind, subject, payload)
+        self.deliver(event)
+        return event
+
+
+def update_methods(resource):
+    """The names of C{resource}'s update methods (for docs and tests)."""
+    return sorted(
+        name for name in dir(type(resource))
+        if getattr(getattr(type(resource), name, None), "is_update_method", False)
+    )
+
+
+class Data:
+    """
+    Every resource of one control plane, over one store (Buildbot's C{DataConnector}).
+
+    @ivar hosts: the L{zwrm.control.resources.hosts.Hosts}.
+    @ivar machines: the L{zwrm.control.resources.machines.Machines}.
+    @ivar volumes: the L{zwrm.control.resources.volumes.Volumes}.
+    @ivar apps: the L{zwrm.control.resources.apps.Apps}.
+    """
+
+    def __init__(self, clock, store, publish):
+        """
+        @param publish: C{publish(topic, event)}, called after each stored event.
+        """
+        from zwrm.control.resources.apps import Apps
+        from zwrm.control.resources.hosts import Hosts
+        from zwrm.control.resources.machines import Machines
+        from zwrm.control.resources.volumes import Volumes
+
+        self.store = store
+        self.hosts = Hosts(clock, store, publish)
+        self.machines = Machines(clock, store, publish)
+        self.volumes = Volumes(clock, store, publish)
+        self.apps = Apps(clock, store, publish)

@@ -1,0 +1,255 @@
+"""
+The hosts resource: the C{hosts} table, each host's L{Host} machine and what is kept of
+it in memory (L{HostEntry}), its wire form, and the update methods of host membership.
+
+Events (C{zwrm.event.host}); the payload is always the host's wire form (L{wire}) with
+C{host_id}, C{old} (the state before, or L{None}) and C{reason}:
+
+ - C{joined}: a new host was admitted;
+ - C{state}: its state changed (an input of its L{Host} machine: C{heartbeat_lost},
+   C{agent_registered}, C{drain_requested}, ...), the executor flag with it;
+ - C{registered}: its agent registered again without a state change (facts and the
+   executor flag may have changed);
+ - C{executor}: only whether its executor may be called changed.
+
+Not announced (they are not part of the wire form's meaning): the credential hash, the
+heartbeat times (in memory, flushed in batches: L{Hosts.flush_heartbeats}) and the
+allocation, which is the scheduler's figure written back for C{zwrm host list}
+(L{Hosts.set_allocation}).
+"""
+
+from zwrm import errors
+from zwrm.control.host import INPUTS, Host
+from zwrm.control.resources import Resource, update_method
+
+TOPIC = "zwrm.event.host"
+
+WIRE_FIELDS = ("name", "region", "datacenter", "address", "labels", "vcpus", "memory_mb",
+               "disk_mb", "alloc_vcpus", "alloc_memory_mb", "alloc_disk_mb",
+               "agent_version", "joined_at")
+
+
+class HostEntry:
+    """
+    What the control plane holds about one host.
+
+    @ivar record: the host's row (a dict, as stored).
+    @ivar machine: its L{Host} machine.
+    @ivar last_heartbeat: the clock time of its last heartbeat.
+    @ivar executor: whether its executor may be called (registered and not offline).
+    """
+
+    def __init__(self, record, machine, last_heartbeat):
+        self.record = record
+        self.machine = machine
+        self.last_heartbeat = last_heartbeat
+        self.executor = False
+        self.reregistering = False
+        self.stats = {}
+
+    @property
+    def schedulable_state(self):
+        """
+        The state the scheduler is given: the host's state, but C{unreachable} for a
+        C{ready} host whose executor cannot be called.
+        """
+        state = self.machine.state
+        if state == "ready" and not self.executor:
+            return "unreachable"
+        return state
+
+
+def wire(entry):
+    """
+    The wire form of a host: C{id}, the facts and allocation of its row, C{state},
+    C{state_before_offline} and C{executor}.
+    """
+    r = entry.record
+    out = {"id": r["id"]}
+    for k in WIRE_FIELDS:
+        out[k] = r.get(k)
+    out["labels"] = out["labels"] or {}
+    for k in ("alloc_vcpus", "alloc_memory_mb", "alloc_disk_mb"):
+        out[k] = out[k] or 0
+    out["state"] = entry.machine.state
+    out["state_before_offline"] = entry.machine.state_before_offline
+    out["executor"] = entry.executor
+    return out
+
+
+class Hosts(Resource):
+    """
+    Every host the control plane knows.
+
+    Reads are from memory (the entries); every update method stores first, then produces
+    one event.
+    """
+
+    topic = TOPIC
+
+    def __init__(self, clock, store, publish):
+        Resource.__init__(self, clock, store, publish)
+        self._entries = {}
+        self._dirty = {}
+
+    # -- loading ----------------------------------------------------------------------
+
+    async def load(self):
+        """Read every host from the store; executors start deregistered."""
+        for record in await self._store.select("hosts"):
+            machine = Host.restore(record["id"], record["state"], record["state_before_offline"])
+            self._entries[record["id"]] = HostEntry(
+                record, machine, record["last_heartbeat"] or 0.0)
+        return len(self._entries)
+
+    # -- reads ------------------------------------------------------------------------
+
+    def __contains__(self, host_id):
+        return host_id in self._entries
+
+    def __len__(self):
+        return len(self._entries)
+
+    def ids(self):
+        """Every known host id."""
+        return list(self._entries)
+
+    def entries(self):
+        """Every L{HostEntry}."""
+        return list(self._entries.values())
+
+    def get(self, host_id):
+        """The L{HostEntry} of C{host_id}, or L{None}."""
+        return self._entries.get(host_id)
+
+    def entry(self, host_id):
+        """
+        The L{HostEntry} of C{host_id}.
+
+        @raise zwrm.errors.NotFound: if there is no such host.
+        """
+        try:
+            return self._entries[host_id]
+        except KeyError:
+            raise errors.NotFound(f"no host {host_id!r}") from None
+
+    def wire(self, host_id):
+        """The wire form of C{host_id} (L{wire})."""
+        return wire(self.entry(host_id))
+
+    # -- update methods ---------------------------------------------------------------
+
+    async def _produce(self, kind, entry, old, reason):
+        payload = dict(wire(entry), host_id=entry.record["id"], old=old, reason=reason)
+        return await self.produce_event(kind, entry.record["id"], payload)
+
+    @update_method
+    async def add(self, record):
+        """Store a new host's row (C{state} C{ready}); event C{joined}."""
+        await self._store.insert("hosts", record)
+        entry = HostEntry(record, Host(record["id"]), record["last_heartbeat"] or 0.0)
+        self._entries[record["id"]] = entry
+        await self._produce("joined", entry, None, "joined")
+        return entry
+
+    @update_method
+    async def set_credential(self, host_id, credential_hash):
+        """Store a host's new credential hash (not announced: a secret's hash)."""
+        entry = self.entry(host_id)
+        entry.record["credential_hash"] = credential_hash
+        await self._store.update("hosts", host_id, {"credential_hash": credential_hash})
+
+    @update_method
+    async def registered(self, host_id, facts):
+        """
+        The agent of C{host_id} registered: store its C{facts} (row fields) and its
+        heartbeat time, feed C{agent_registered} to its machine, mark its executor
+        callable; one event (C{state} if the state changed, else C{registered}).
+        """
+        entry = self.entry(host_id)
+        now = self._clock.seconds()
+        entry.last_heartbeat = now
+        self._dirty.pop(host_id, None)
+        fields = dict(facts, last_heartbeat=now)
+        change = entry.machine.handle("agent_registered")
+        if change is not None:
+            fields.update(state=change.new, state_before_offline=change.state_before_offline)
+        entry.record.update(fields)
+        await self._store.update("hosts", host_id, fields)
+        entry.executor = True
+        entry.reregistering = False
+        if change is not None:
+            self._log_change(host_id, change)
+            await self._produce("state", entry, change.old, change.reason)
+        else:
+            await self._produce("registered", entry, entry.machine.state, "agent_registered")
+        return change
+
+    @update_method
+    async def apply_input(self, host_id, input_name, executor=None):
+        """
+        Feed C{input_name} to C{host_id}'s L{Host} machine; store, then announce (C{state})
+        any change.  With C{executor} given, the executor flag is set with it (and a change
+        of the flag alone is announced as C{executor}).
+
+        @return: the L{zwrm.control.host.Change}, or L{None}.
+        @raise zwrm.errors.NotFound: no such host.
+        @raise zwrm.errors.Conflict: the input contradicts the state (nothing changes).
+        """
+        if input_name not in INPUTS:
+            raise errors.InvalidArgument(f"unknown host input {input_name!r}")
+        entry = self.entry(host_id)
+        change = entry.machine.handle(input_name)
+        flag_changed = executor is not None and entry.executor != executor
+        if change is None:
+            if flag_changed:
+                entry.executor = executor
+                await self._produce("executor", entry, entry.machine.state, input_name)
+            return None
+        fields = {"state": change.new, "state_before_offline": change.state_before_offline}
+        entry.record.update(fields)
+        await self._store.update("hosts", host_id, fields)
+        if executor is not None:
+            entry.executor = executor
+        self._log_change(host_id, change)
+        await self._produce("state", entry, change.old, change.reason)
+        return change
+
+    def set_allocation(self, host_id, alloc):
+        """
+        Store what the scheduler placed on C{host_id} (C{alloc_vcpus, alloc_memory_mb,
+        alloc_disk_mb}), behind the change, in the store's order; not announced (the
+        scheduler's own figure, shown by C{zwrm host list}).
+        """
+        entry = self._entries.get(host_id)
+        if entry is None:
+            return
+        entry.record.update(alloc)
+        self._store.update("hosts", host_id, alloc).addErrback(
+            lambda f: self.log.failure("storing the allocation of {h}", f, h=host_id))
+
+    # -- heartbeats (memory, then batches) --------------------------------------------
+
+    def note_heartbeat(self, host_id):
+        """Note a heartbeat in memory (written by L{flush_heartbeats}). @return: the entry."""
+        entry = self.entry(host_id)
+        now = self._clock.seconds()
+        entry.last_heartbeat = now
+        self._dirty[host_id] = now
+        return entry
+
+    def flush_heartbeats(self):
+        """
+        Write the heartbeat times that changed since the last flush, in one transaction.
+
+        @return: a Deferred firing when they are stored.
+        """
+        beats, self._dirty = self._dirty, {}
+        for hid, ts in beats.items():
+            if hid in self._entries:
+                self._entries[hid].record["last_heartbeat"] = ts
+        return self._store.save_heartbeats(beats)
+
+    def _log_change(self, host_id, change):
+        self.log.info("host {host_id}: {old} -> {new} ({reason})", host_id=host_id,
+                      old=change.old, new=change.new, reason=change.reason)

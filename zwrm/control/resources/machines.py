@@ -1,0 +1,245 @@
+"""
+The machines resource: the C{machines} table, a machine's wire form, its update methods,
+the one translation of a machine (or app) spec into a L{PlacementRequest}, and waits on
+a machine's events.
+
+A machine row: C{id, app_id, host_id, state, spec, health, created_at, updated_at}.
+C{health} is one schema everywhere: C{{"status": "none" | "passing" | "failing" | ...,
+"host_port": int (optional)}}.
+
+Events (C{zwrm.event.machine}); the payload is always the machine's wire form
+(L{wire}) with C{machine_id}, C{old} (the state before, or L{None}) and C{reason}:
+
+ - C{state}: stored for the first time (C{old} L{None}) or its state or health changed;
+ - C{destroyed}: its row was deleted (C{state} C{destroyed});
+ - C{unknown_machine}, C{duplicate_machine}: an agent runs a machine that has no record,
+   or that is recorded elsewhere or stopped (the control plane stops it); the payload
+   has the same keys, with what is known (C{action}: what was done).
+"""
+
+from twisted.internet.defer import Deferred
+
+from zwrm import errors
+from zwrm.control.resources import Resource, update_method
+from zwrm.scheduler import PlacementRequest
+
+TOPIC = "zwrm.event.machine"
+LIVE = ("pending", "starting", "running", "stopping")
+STATES = ("pending", "starting", "running", "stopping", "stopped", "failed")
+
+
+def wire(row):
+    """
+    The wire form of a machine row: C{id, app_id, app, replica, host_id, state, health
+    (the status), host_port, volumes (ids), created_at, updated_at}.
+    """
+    health = row.get("health") or {}
+    spec = row.get("spec") or {}
+    return {"id": row["id"], "app_id": row.get("app_id"), "app": spec.get("app"),
+            "replica": spec.get("replica"), "host_id": row.get("host_id"),
+            "state": row.get("state"), "health": health.get("status"),
+            "host_port": health.get("host_port"),
+            "volumes": [v["id"] for v in spec.get("volumes", [])],
+            "created_at": row.get("created_at"), "updated_at": row.get("updated_at")}
+
+
+def volumes_size(spec):
+    """The disk, in MiB, of all the volumes of a machine spec."""
+    return sum(v.get("size_mb", 0) for v in spec.get("volumes") or [])
+
+
+def placement_request(spec, pinned_host=None, disk_mb=0):
+    """
+    The one translation of a machine spec (or an app's deployed spec: the same keys) into
+    a L{PlacementRequest}: its vCPUs, memory, region, datacenter and constraints.
+
+    @param pinned_host: the host its volumes pin it to, if any.
+    @param disk_mb: the disk the placement reserves: the volumes still to be created
+        there (a converge), all its volumes (a drain's target: L{volumes_size}), or 0 (a
+        machine that runs already, whose volumes exist).
+    @raise zwrm.errors.InvalidArgument: a field is out of range.
+    """
+    return PlacementRequest(
+        vcpus=spec["vcpus"], memory_mb=spec["memory_mb"], disk_mb=disk_mb,
+        region=spec.get("region"), datacenter=spec.get("datacenter"),
+        pinned_host=pinned_host, constraints=spec.get("constraints") or {},
+    )
+
+
+class Machines(Resource):
+    """The machines of the cluster: rows, update methods, events."""
+
+    topic = TOPIC
+
+    # -- reads ------------------------------------------------------------------------
+
+    def get(self, machine_id):
+        """The row of C{machine_id}, or L{None} (a Deferred)."""
+        return self._store.get("machines", machine_id)
+
+    async def find(self, app_id=None, host_id=None, states=None, ids=None, order_by=None):
+        """The rows matching every criterion given."""
+        where, args = [], []
+        if app_id is not None:
+            where.append("app_id = ?")
+            args.append(app_id)
+        if host_id is not None:
+            where.append("host_id = ?")
+            args.append(host_id)
+        if states is not None:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args.extend(states)
+        if ids is not None:
+            if not ids:
+                return []
+            where.append(f"id IN ({','.join('?' * len(ids))})")
+            args.extend(ids)
+        return await self._store.select("machines", " AND ".join(where) or None, args,
+                                        order_by=order_by)
+
+    def count_by_host(self):
+        """How many machines each host has, as C{{host_id: n}} (a Deferred)."""
+
+        def count(db):
+            if "machines" not in db.table_names():
+                return {}
+            rows = db.execute(
+                "SELECT host_id, count(*) FROM machines"
+                " WHERE state NOT IN ('destroyed', 'deleted') GROUP BY host_id"
+            ).fetchall()
+            return dict(rows)
+
+        return self._store.run(count)
+
+    # -- update methods ---------------------------------------------------------------
+
+    async def _produce(self, kind, row, old, reason, **extra):
+        payload = dict(wire(row), machine_id=row["id"], old=old, reason=reason, **extra)
+        return await self.produce_event(kind, row["id"], payload)
+
+    @update_method
+    async def add(self, row, reason):
+        """Store a new machine row; event C{state} (C{old} L{None})."""
+        await self._store.insert("machines", row)
+        await self._produce("state", row, None, reason)
+        return row
+
+    @update_method
+    async def set(self, row, reason, **fields):
+        """
+        Store C{fields} of the machine C{row} (C{updated_at} too) and update C{row} in place;
+        event C{state}.
+
+        @raise zwrm.errors.NotFound: the row was deleted meanwhile.
+        """
+        fields["updated_at"] = self._clock.seconds()
+        await self._store.update("machines", row["id"], fields)
+        old = row.get("state")
+        row.update(fields)
+        await self._produce("state", row, old, reason)
+        return row
+
+    @update_method
+    async def delete(self, row, reason="destroyed"):
+        """Delete the machine's row; event C{destroyed}."""
+        await self._store.run(lambda db: db["machines"].delete_where("id = ?", [row["id"]]))
+        gone = dict(row, state="destroyed", updated_at=self._clock.seconds())
+        await self._produce("destroyed", gone, row.get("state"), reason)
+        return row["id"]
+
+    @update_method
+    async def note_stray(self, kind, machine_id, host_id, row=None, action="stopped"):
+        """
+        Record that C{host_id} runs C{machine_id}, which has no record (C{kind}
+        C{unknown_machine}) or is recorded elsewhere or stopped (C{duplicate_machine}).
+        """
+        if row is None:
+            row = {"id": machine_id, "host_id": host_id}
+        base = dict(row, host_id=host_id)
+        return await self._produce(kind, base, row.get("state"), kind, action=action)
+
+    # -- waits ------------------------------------------------------------------------
+
+    async def wait_healthy(self, machine_id, deadline, min_healthy=0.0):
+        """
+        Wait until C{machine_id} is running with a passing health check (or running, when
+        its spec has none) for C{min_healthy} seconds on end, following its events (no
+        polling of the store).
+
+        @return: the clock time it first passed.
+        @raise zwrm.errors.NotFound: it is gone (now or meanwhile).
+        @raise zwrm.errors.Unavailable: it failed, or was not so by C{deadline} seconds.
+        """
+        clock = self._clock
+        done = Deferred()
+        seen = {"state": None, "health": None, "since": None, "first": None, "timer": None,
+                "evented": False, "has_check": False}
+
+        def finish(result):
+            if not done.called:
+                done.callback(result)
+
+        def fail(exc):
+            if not done.called:
+                done.errback(exc)
+
+        def healthy_long_enough():
+            seen["timer"] = None
+            finish(seen["first"])
+
+        def look():
+            state, health = seen["state"], seen["health"]
+            if state == "destroyed":
+                return fail(errors.NotFound(f"machine {machine_id} is gone"))
+            if state == "failed":
+                return fail(errors.Unavailable(f"machine {machine_id} failed"))
+            ok = state == "running" and (health == "passing" or not seen["has_check"])
+            now = clock.seconds()
+            if ok:
+                if seen["since"] is None:
+                    seen["since"] = now
+                    seen["first"] = seen["first"] if seen["first"] is not None else now
+                    if min_healthy <= 0:
+                        return finish(seen["first"])
+                    seen["timer"] = clock.callLater(min_healthy, healthy_long_enough)
+            else:
+                seen["since"] = None
+                if seen["timer"] is not None and seen["timer"].active():
+                    seen["timer"].cancel()
+                seen["timer"] = None
+
+        def on_event(event):
+            if event["subject"] != machine_id or event["kind"] not in ("state", "destroyed"):
+                return
+            p = event["payload"]
+            seen["state"], seen["health"] = p.get("state"), p.get("health")
+            seen["evented"] = True
+            if seen["read"]:
+                look()
+
+        def too_late():
+            fail(errors.Unavailable(
+                f"machine {machine_id} was not healthy within {deadline:g}s "
+                f"(state {seen['state']}, health {seen['health']})"))
+
+        seen["read"] = False
+        unsubscribe = self.subscribe(on_event)  # before the read: nothing is missed
+        overall = None
+        try:
+            row = await self.get(machine_id)
+            if row is None:
+                raise errors.NotFound(f"machine {machine_id} is gone")
+            seen["has_check"] = bool((row.get("spec") or {}).get("health"))
+            if not seen["evented"]:  # an event delivered meanwhile is newer than the row
+                seen["state"] = row["state"]
+                seen["health"] = (row.get("health") or {}).get("status")
+            seen["read"] = True
+            overall = clock.callLater(deadline, too_late)
+            look()
+            return await done
+        finally:
+            unsubscribe()
+            if overall is not None and overall.active():
+                overall.cancel()
+            if seen["timer"] is not None and seen["timer"].active():
+                seen["timer"].cancel()

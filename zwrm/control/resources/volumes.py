@@ -1,0 +1,91 @@
+"""
+The volumes resource: the C{volumes} table (C{id, app_id, host_id, name, replica,
+size_mb, mount, state, created_at}), whose rows are also their wire form, and its update
+methods.
+
+Events (on C{zwrm.event.machine}, where clients have always found them); the payload is
+always the volume's row with C{volume_id} and C{reason}:
+
+ - C{volume}: stored for the first time, or its state changed (C{creating} -> C{ready});
+ - C{volume_failed}: its creation failed on its host and the row was removed;
+ - C{volume_moved}: a drain committed it on another host (C{from}: the host before);
+ - C{volume_destroyed}: deleted with its data.
+"""
+
+from zwrm.control.resources import Resource, update_method
+
+TOPIC = "zwrm.event.machine"
+
+
+def wire(row):
+    """The wire form of a volume: its row."""
+    return dict(row)
+
+
+class Volumes(Resource):
+    """The volumes of the cluster: rows, update methods, events."""
+
+    topic = TOPIC
+
+    # -- reads ------------------------------------------------------------------------
+
+    def get(self, volume_id):
+        """The row of C{volume_id}, or L{None} (a Deferred)."""
+        return self._store.get("volumes", volume_id)
+
+    async def find(self, app_id=None, name=None, replica=None, order_by=None):
+        """The rows matching every criterion given."""
+        where, args = [], []
+        for col, value in (("app_id", app_id), ("name", name), ("replica", replica)):
+            if value is not None:
+                where.append(f"{col} = ?")
+                args.append(value)
+        return await self._store.select("volumes", " AND ".join(where) or None, args,
+                                        order_by=order_by)
+
+    # -- update methods ---------------------------------------------------------------
+
+    async def _produce(self, kind, row, reason, **extra):
+        payload = dict(wire(row), volume_id=row["id"], reason=reason, **extra)
+        return await self.produce_event(kind, row["id"], payload)
+
+    @update_method
+    async def add(self, row):
+        """Store a new volume row; event C{volume}."""
+        await self._store.insert("volumes", row)
+        await self._produce("volume", row, "created")
+        return row
+
+    @update_method
+    async def set_state(self, row, state, reason=None):
+        """Store the volume's new C{state} (C{row} is updated in place); event C{volume}."""
+        if row.get("state") == state:
+            return row
+        await self._store.update("volumes", row["id"], {"state": state})
+        row["state"] = state
+        await self._produce("volume", row, reason or state)
+        return row
+
+    @update_method
+    async def creation_failed(self, row, reason):
+        """Remove the row of a volume its host could not create; event C{volume_failed}."""
+        await self._store.run(lambda db: db["volumes"].delete_where("id = ?", [row["id"]]))
+        await self._produce("volume_failed", dict(row, state="failed"), reason)
+
+    @update_method
+    async def delete(self, row, reason="destroyed"):
+        """Delete the volume's row (its data is gone); event C{volume_destroyed}."""
+        await self._store.run(lambda db: db["volumes"].delete_where("id = ?", [row["id"]]))
+        await self._produce("volume_destroyed", dict(row, state="destroyed"), reason)
+
+    @update_method
+    async def moved(self, volume_id, source_host, reason="drain"):
+        """
+        Announce that C{volume_id} now lives on another host (a drain stored the move,
+        with its migration's phase, in one transaction); event C{volume_moved}.
+        """
+        row = await self.get(volume_id)
+        if row is None:
+            return None
+        await self._produce("volume_moved", row, reason, **{"from": source_host})
+        return row
