@@ -180,6 +180,41 @@ class ImageCacheTests(unittest.TestCase):
         self.assertEqual(cache.stats()["misses"], 5)
 
     @aio
+    async def test_sparse_disk_stored_and_cached_sparse(self):
+        # 64 MiB of disk with 1 MiB of data in the middle and 3 bytes at the very end.
+        path = os.path.join(self.files, "sparse.raw")
+        data = os.urandom(1 << 20)
+        with open(path, "wb") as f:
+            f.seek(10 << 20)
+            f.write(data)
+            f.seek((64 << 20) - 3)
+            f.write(b"end")
+        await push_image(self.client, "os/sparse:v1", disk=path)
+        out = await self.cache().resolve("os/sparse:v1")
+        self.assertEqual(out["disk_format"], "raw")
+        st = os.stat(out["disk"])
+        self.assertEqual(st.st_size, 64 << 20)
+        self.assertLessEqual(st.st_blocks * 512, (1 << 20) + (256 << 10))
+        with open(out["disk"], "rb") as f:
+            f.seek(10 << 20)
+            self.assertEqual(f.read(1 << 20), data)
+            f.seek(-3, os.SEEK_END)
+            self.assertEqual(f.read(), b"end")
+        stored = os.stat(self.reg.resource.store.blob_path(sha(open(path, "rb").read())))
+        self.assertEqual(stored.st_size, 64 << 20)
+        self.assertLessEqual(stored.st_blocks * 512, (1 << 20) + (256 << 10))
+
+    @aio
+    async def test_qcow2_disk_layer(self):
+        import subprocess
+
+        path = os.path.join(self.files, "disk.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, "8M"], check=True)
+        await push_image(self.client, "os/q:v1", kernel=self.file("k", b"K"), disk=path)
+        out = await self.cache().resolve("os/q:v1")
+        self.assertEqual((out["disk_format"], out["firmware"]), ("qcow2", "bios"))
+
+    @aio
     async def test_resolve_by_digest_offline(self):
         mdigest = await self.push(initrd=None)
         cache = self.cache()

@@ -9,7 +9,8 @@ Layout under C{root}::
 
 A download streams the response body to a temporary file while hashing it, in batches
 handed to a thread (so neither hashing nor disk writes run on the reactor thread; the
-connection is paused while a batch is outstanding). Only a file whose SHA-256 equals its
+connection is paused while a batch is outstanding). Blocks of zeros are left as holes, so a
+sparse raw disk is cached sparse. Only a file whose SHA-256 equals its
 digest is fsynced and renamed into C{blobs/}; a mismatch discards it and fetches again, up to
 C{max_attempts}. A connection that drops mid-body is resumed with an HTTP Range request
 from the last byte received (up to C{max_resumes} times), continuing the same hash.
@@ -48,6 +49,7 @@ from zwrm.errors import (
 from zwrm.interfaces import IImageCache
 from zwrm.registry.client import auth_header
 from zwrm.registry.image import MANIFEST_TYPE, parse_config, parse_manifest, parse_reference
+from zwrm.registry.store import write_sparse
 
 BATCH = 4 * 1024 * 1024
 MANIFEST_ACCEPT = ", ".join(
@@ -154,7 +156,7 @@ class _BlobSink(protocol.Protocol):
         self._in_thread(self._write_sync, chunk).addCallbacks(self._written, self._failed)
 
     def _write_sync(self, chunk):
-        self._file.write(chunk)
+        write_sparse(self._file, chunk)
         self._hasher.update(chunk)
         return len(chunk)
 
@@ -513,6 +515,7 @@ class ImageCache:
 
             def commit():
                 with open(tmp, "rb+") as f:
+                    f.truncate(got_size)  # trailing zeros were left as a hole
                     os.fsync(f.fileno())
                 os.rename(tmp, dest)
                 fd = os.open(os.path.dirname(dest), os.O_RDONLY)

@@ -13,7 +13,8 @@ Layout under C{root}::
 
 Everything that reads or writes bulk bytes (copying an upload chunk, hashing, fsync) runs in
 the reactor's thread pool; the rest is a handful of small metadata syscalls done on the
-reactor thread. Content only becomes visible under C{blobs/} by an atomic C{rename} after it
+reactor thread. Blocks of zeros are not written but left as holes, so a sparse raw disk
+takes on disk what its data takes. Content only becomes visible under C{blobs/} by an atomic C{rename} after it
 was hashed, compared with the digest it claims, and fsynced, so a reader never sees a partial
 or unverified blob.
 
@@ -35,6 +36,24 @@ NAME_RE = re.compile(
 )
 TAG_RE = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
 COPY_CHUNK = 1024 * 1024
+#: Blocks of this many zero bytes are left as holes (raw disks are stored sparse).
+SPARSE_BLOCK = 64 * 1024
+_ZEROS = bytes(SPARSE_BLOCK)
+
+
+def write_sparse(f, data):
+    """
+    Write C{data} at C{f}'s position, seeking over every all-zero L{SPARSE_BLOCK} instead
+    of writing it, so the file keeps holes there. The caller sets the file's final size
+    (C{truncate}) once everything is written: trailing holes do not extend it.
+    """
+    view = memoryview(data)
+    for i in range(0, len(view), SPARSE_BLOCK):
+        block = view[i:i + SPARSE_BLOCK]
+        if block == _ZEROS[:len(block)]:
+            f.seek(len(block), os.SEEK_CUR)
+        else:
+            f.write(block)
 
 
 class StoreError(Exception):
@@ -307,7 +326,7 @@ class RegistryStore:
                 block = source.read(COPY_CHUNK)
                 if not block:
                     break
-                out.write(block)
+                write_sparse(out, block)
                 for h in pending:
                     h.update(block)
                 n += len(block)
@@ -317,6 +336,7 @@ class RegistryStore:
                     "BLOB_UPLOAD_INVALID",
                     f"chunk declared {length} bytes but {n} arrived",
                 )
+            out.truncate(start + n)
         upload.hashers = dict(zip(upload.hashers, pending, strict=True))
         upload.size = start + n
         return n
