@@ -1,0 +1,216 @@
+"""
+The resource layer (L{zwrm.control.resources}): every update method stores its change, then
+produces one event whose payload is the resource's wire form; local subscribers see each
+event after it is stored; L{Machines.wait_healthy} follows events, with time from a Clock.
+
+Real SQLite store (in memory).
+"""
+
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from zwrm import errors
+from zwrm.control.resources import Data, update_methods
+from zwrm.control.resources import hosts as hosts_mod
+from zwrm.control.resources import machines as machines_mod
+from zwrm.control.resources.machines import placement_request, volumes_size
+from zwrm.control.store import Store
+
+
+def d(f):
+    def wrapper(self):
+        return ensureDeferred(f(self))
+
+    wrapper.__name__ = f.__name__
+    return wrapper
+
+
+async def make_data(testcase):
+    clock = Clock()
+    store = Store(reactor, ":memory:", now=clock.seconds)
+    await store.start()
+    testcase.addCleanup(store.stop)
+    published = []
+    data = Data(clock, store, lambda topic, event: published.append((topic, event)))
+    return clock, store, data, published
+
+
+def machine_row(mid="m1", state="pending", health=None, spec=None):
+    spec = spec if spec is not None else {
+        "app": "web", "replica": 0, "vcpus": 1, "memory_mb": 64, "volumes": [{"id": "v1"}]}
+    return {"id": mid, "app_id": "a1", "host_id": "h1", "state": state, "spec": spec,
+            "health": health or {"status": "none"}, "created_at": 0.0, "updated_at": 0.0}
+
+
+class StoredThenPublished:
+    """A subscriber that reads the subject's row from the store when an event arrives."""
+
+    def __init__(self, store, table):
+        self.store, self.table, self.rows = store, table, []
+
+    def __call__(self, event):
+        self.rows.append(self.store.get(self.table, event["subject"]))
+
+
+class MachineResourceTests(TestCase):
+    @d
+    async def test_one_event_shape_for_every_change(self):
+        clock, store, data, published = await make_data(self)
+        seen = StoredThenPublished(store, "machines")
+        data.machines.subscribe(seen)
+        row = machine_row()
+        await data.machines.add(row, "placed")
+        clock.advance(5)
+        await data.machines.set(row, "started", state="running",
+                                health={"status": "passing", "host_port": 8080})
+        await data.machines.delete(row)
+        await data.machines.note_stray("unknown_machine", "m9", "h1")
+        events = [e for _, e in published]
+        self.assertEqual([e["kind"] for e in events],
+                         ["state", "state", "destroyed", "unknown_machine"])
+        keys = set(machines_mod.wire(row)) | {"machine_id", "old", "reason"}
+        for e in events[:3]:
+            self.assertEqual(set(e["payload"]), keys)
+        self.assertEqual(set(events[3]["payload"]), keys | {"action"})
+        self.assertEqual([(e["payload"]["old"], e["payload"]["state"]) for e in events[:3]],
+                         [(None, "pending"), ("pending", "running"), ("running", "destroyed")])
+        self.assertEqual(events[1]["payload"]["health"], "passing")  # the status, one schema
+        self.assertEqual(events[1]["payload"]["host_port"], 8080)
+        # each change was stored before the subscribers heard of it
+        stored = [await r for r in seen.rows]
+        self.assertEqual([r and r["state"] for r in stored[:3]], ["pending", "running", None])
+        logged = {e["id"] for e in await store.select("events")}
+        self.assertTrue(all(e["id"] in logged for e in events))
+
+    @d
+    async def test_a_failing_subscriber_stops_nothing(self):
+        clock, store, data, published = await make_data(self)
+        seen = []
+
+        def broken(event):
+            raise RuntimeError("boom")
+
+        data.machines.subscribe(broken)
+        unsubscribe = data.machines.subscribe(seen.append)
+        await data.machines.add(machine_row(), "placed")
+        self.assertEqual(len(seen), 1)
+        self.assertEqual(len(published), 1)
+        unsubscribe()
+        await data.machines.add(machine_row("m2"), "placed")
+        self.assertEqual(len(seen), 1)
+        self.assertEqual(len(published), 2)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
+    def test_update_methods_are_marked(self):
+        data = Data(Clock(), None, lambda t, e: None)
+        self.assertEqual(update_methods(data.machines), ["add", "delete", "note_stray", "set"])
+        self.assertEqual(update_methods(data.hosts),
+                         ["add", "apply_input", "registered", "set_credential"])
+        self.assertIn("set_spec", update_methods(data.apps))
+        self.assertIn("moved", update_methods(data.volumes))
+
+
+class PlacementRequestTests(TestCase):
+    def test_one_translation(self):
+        spec = {"vcpus": 2, "memory_mb": 512, "region": "eu", "datacenter": None,
+                "constraints": {"disk": "ssd"},
+                "volumes": [{"id": "v1", "size_mb": 8}, {"id": "v2", "size_mb": 4}]}
+        r = placement_request(spec, pinned_host="h1", disk_mb=volumes_size(spec))
+        self.assertEqual((r.vcpus, r.memory_mb, r.disk_mb, r.region, r.datacenter,
+                          r.pinned_host, r.constraints),
+                         (2, 512, 12, "eu", None, "h1", {"disk": "ssd"}))
+        self.assertEqual(placement_request(spec).disk_mb, 0)
+        with self.assertRaises(errors.InvalidArgument):
+            placement_request(dict(spec, vcpus=0))
+
+
+class WaitHealthyTests(TestCase):
+    async def waiting(self, deadline=60, min_healthy=10, health_check=True):
+        clock, store, data, published = await make_data(self)
+        spec = {"app": "web", "replica": 0, "volumes": [],
+                "health": {"type": "tcp"} if health_check else None}
+        row = machine_row(spec=spec, state="starting")
+        await data.machines.add(row, "placed")
+        waiting = ensureDeferred(data.machines.wait_healthy("m1", deadline, min_healthy))
+        await store.run(lambda db: None)  # its read of the row
+        return clock, data, row, waiting
+
+    @d
+    async def test_healthy_for_min_healthy_on_end(self):
+        clock, data, row, waiting = await self.waiting()
+        clock.advance(1)
+        await data.machines.set(row, "up", state="running", health={"status": "passing"})
+        clock.advance(9)
+        await data.machines.set(row, "check", health={"status": "failing"})
+        clock.advance(5)
+        await data.machines.set(row, "check", health={"status": "passing"})  # at 15
+        clock.advance(9.9)
+        self.assertFalse(waiting.called)
+        clock.advance(0.1)
+        self.assertEqual(self.successResultOf(waiting), 1)  # when it first passed
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    @d
+    async def test_running_without_a_check_is_enough(self):
+        clock, data, row, waiting = await self.waiting(min_healthy=0, health_check=False)
+        self.assertFalse(waiting.called)
+        clock.advance(2)
+        await data.machines.set(row, "up", state="running")
+        self.assertEqual(self.successResultOf(waiting), 2)
+
+    @d
+    async def test_failed_gone_or_too_late(self):
+        clock, data, row, waiting = await self.waiting()
+        await data.machines.set(row, "crashed", state="failed")
+        self.failureResultOf(waiting, errors.Unavailable)
+
+        clock, data, row, waiting = await self.waiting()
+        await data.machines.delete(row)
+        self.failureResultOf(waiting, errors.NotFound)
+
+        clock, data, row, waiting = await self.waiting(deadline=30)
+        clock.advance(29)
+        self.assertFalse(waiting.called)
+        clock.advance(1)
+        f = self.failureResultOf(waiting, errors.Unavailable)
+        self.assertIn("within 30s", f.value.message)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    @d
+    async def test_no_such_machine(self):
+        clock, store, data, published = await make_data(self)
+        with self.assertRaises(errors.NotFound):
+            await data.machines.wait_healthy("m-none", 10, 0)
+        self.assertEqual(data.machines._subscribers, [])
+
+
+class HostResourceTests(TestCase):
+    @d
+    async def test_host_events_carry_the_wire_form(self):
+        clock, store, data, published = await make_data(self)
+        record = {"id": "h1", "name": "w1", "region": "eu", "datacenter": "dc1",
+                  "address": "", "labels": {}, "vcpus": 4, "memory_mb": 1024, "disk_mb": 10,
+                  "alloc_vcpus": 0, "alloc_memory_mb": 0, "alloc_disk_mb": 0,
+                  "state": "ready", "state_before_offline": None, "last_heartbeat": 0.0,
+                  "agent_version": "1", "credential_hash": "x", "joined_at": 0.0}
+        seen = StoredThenPublished(store, "hosts")
+        data.hosts.subscribe(seen)
+        await data.hosts.add(record)
+        await data.hosts.registered("h1", {"vcpus": 8})
+        await data.hosts.apply_input("h1", "heartbeat_lost", executor=False)
+        await data.hosts.apply_input("h1", "heartbeat_lost")  # no change: no event
+        await data.hosts.set_credential("h1", "y")  # a secret's hash: no event
+        events = [e for _, e in published]
+        self.assertEqual([e["kind"] for e in events], ["joined", "registered", "state"])
+        keys = set(hosts_mod.wire(data.hosts.entry("h1"))) | {"host_id", "old", "reason"}
+        for e in events:
+            self.assertEqual(set(e["payload"]), keys)
+            self.assertNotIn("credential_hash", e["payload"])
+        self.assertEqual([(e["payload"]["state"], e["payload"]["executor"]) for e in events],
+                         [("ready", False), ("ready", True), ("offline", False)])
+        self.assertEqual(events[1]["payload"]["vcpus"], 8)
+        stored = [await r for r in seen.rows]
+        self.assertEqual([(r["state"], r["vcpus"]) for r in stored],
+                         [("ready", 4), ("ready", 8), ("offline", 8)])
