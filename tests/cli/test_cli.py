@@ -9,6 +9,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.agent.test_membership import make_agent, start_plane
+from zwrm import pki
 from zwrm.cli import client, host, main
 from zwrm.cli.client import CliError
 from zwrm.testing.processes import temp_dir
@@ -32,10 +33,18 @@ HOST = {
 
 
 class SettingsTests(SynchronousTestCase):
-    def test_precedence(self):
-        path = os.path.join(temp_dir(self), "config.toml")
+    def write(self, name, text, mode=0o600):
+        path = os.path.join(self.dir, name)
         with open(path, "w") as f:
-            f.write('api_url = "ws://file:1/ws"\ntoken = "file-token"\n')
+            f.write(text)
+        os.chmod(path, mode)
+        return path
+
+    def setUp(self):
+        self.dir = temp_dir(self)
+
+    def test_precedence(self):
+        path = self.write("config.toml", 'api_url = "ws://file:1/ws"\ntoken = "file-token"\n')
         s = client.load_settings(None, {}, path)
         self.assertEqual((s["url"], s["token"], s["authid"]), ("ws://file:1/ws", "file-token", "operator"))
         s = client.load_settings(None, {"ZWRM_API_URL": "ws://env:2/ws", "ZWRM_TOKEN": "t"}, path)
@@ -43,15 +52,83 @@ class SettingsTests(SynchronousTestCase):
         s = client.load_settings("ws://flag:3/ws", {"ZWRM_API_URL": "ws://env:2/ws"}, path)
         self.assertEqual(s["url"], "ws://flag:3/ws")
 
+    def test_system_then_user_file(self):
+        """/etc/zwrm/cli.toml, then ~/.zwrm/config.toml, a key in the user's file winning."""
+        token = self.write("op.token", "secret-from-file\n")
+        ca = self.write("ca.pem", pki.CertificateAuthority.create().certificate_pem.decode())
+        system = self.write("cli.toml", f'url = "https://cp.example:8080"\nca_file = "{ca}"\n'
+                                        f'token_file = "{token}"\ntimeout = 5\n')
+        user = self.write("user.toml", 'token = "user-token"\n')
+        self.patch(client, "SYSTEM_CONFIG", system)
+        self.patch(client, "config_path", lambda: user)
+        s = client.load_settings(None, {})
+        self.assertEqual((s["url"], s["token"], s["ca_file"], s["timeout"]),
+                         ("wss://cp.example:8080/ws", "user-token", ca, 5.0))
+        os.remove(user)
+        s = client.load_settings(None, {})
+        self.assertEqual(s["token"], "secret-from-file")
+        self.assertTrue(s["ca_pem"].startswith(b"-----BEGIN CERTIFICATE"))
+        # $ZWRM_CONFIG names the one file to read
+        other = self.write("other.toml", 'url = "http://10.0.0.1:9"\ntoken = "o"\n')
+        s = client.load_settings(None, {"ZWRM_CONFIG": other})
+        self.assertEqual((s["url"], s["token"], s["ca_file"]), ("ws://10.0.0.1:9/ws", "o", None))
+        e = self.assertRaises(CliError, client.load_settings, None,
+                              {"ZWRM_CONFIG": os.path.join(self.dir, "none.toml")})
+        self.assertEqual(e.code, client.EXIT_CONFIG)
+        self.assertIn("none.toml ($ZWRM_CONFIG) does not exist", e.message)
+
+    def test_urls(self):
+        for given, ws in [("https://cp.example:8080", "wss://cp.example:8080/ws"),
+                          ("https://cp.example:8080/", "wss://cp.example:8080/ws"),
+                          ("http://127.0.0.1:8080", "ws://127.0.0.1:8080/ws"),
+                          ("wss://[::1]:8443/ws", "wss://[::1]:8443/ws"),
+                          ("ws://h:1", "ws://h:1/ws"), ("HTTPS://h:2/ws", "wss://h:2/ws")]:
+            self.assertEqual(client.normalize_url(given), ws, given)
+        for bad, text in [("ftp://h:1", "scheme 'ftp'"), ("cp.example:8080", "scheme 'cp.example'"),
+                          ("http//nope", "no scheme"), ("https://", "no host"),
+                          ("https://h:port", "bad port")]:
+            e = self.assertRaises(CliError, client.normalize_url, bad)
+            self.assertEqual(e.code, client.EXIT_URL, bad)
+            self.assertIn(text, e.message)
+        e = self.assertRaises(CliError, client.load_settings, "ftp://x:1", {"ZWRM_TOKEN": "t"}, "/none")
+        self.assertEqual(e.code, client.EXIT_URL)
+
+    def test_missing_files_name_the_path_and_setting(self):
+        path = self.write("c.toml", f'url = "https://h:1"\ntoken_file = "{self.dir}/gone.token"\n')
+        e = self.assertRaises(CliError, client.load_settings, None, {}, path)
+        self.assertEqual((e.code, e.message), (
+            client.EXIT_CONFIG,
+            f"token file {self.dir}/gone.token (token_file, set in {path}) does not exist"))
+        e = self.assertRaises(CliError, client.load_settings, None,
+                              {"ZWRM_TOKEN": "t", "ZWRM_CA_FILE": f"{self.dir}/gone.pem"}, path)
+        self.assertEqual((e.code, e.message), (
+            client.EXIT_CONFIG,
+            f"CA file {self.dir}/gone.pem (ca_file, from $ZWRM_CA_FILE) does not exist"))
+        garbage = self.write("garbage.pem", "not a certificate")
+        e = self.assertRaises(CliError, client.load_settings, None,
+                              {"ZWRM_TOKEN": "t", "ZWRM_CA_FILE": garbage}, path)
+        self.assertEqual(e.code, client.EXIT_CONFIG)
+        self.assertIn("is not a PEM certificate", e.message)
+        if os.geteuid() != 0:
+            locked = self.write("locked.token", "x", mode=0)
+            path = self.write("d.toml", f'token_file = "{locked}"\n')
+            e = self.assertRaises(CliError, client.load_settings, None, {}, path)
+            self.assertEqual(e.code, client.EXIT_CONFIG)
+            self.assertIn(f"cannot read token file {locked} (token_file, set in {path})", e.message)
+
     def test_no_token_and_bad_file(self):
         e = self.assertRaises(CliError, client.load_settings, None, {}, "/nonexistent")
-        self.assertEqual(e.code, client.EXIT_USAGE)
+        self.assertEqual(e.code, client.EXIT_CONFIG)
         self.assertIn("ZWRM_TOKEN", e.message)
-        path = os.path.join(temp_dir(self), "bad.toml")
-        with open(path, "w") as f:
-            f.write("this is = = not toml")
+        path = self.write("bad.toml", "this is = = not toml")
         e = self.assertRaises(CliError, client.load_settings, None, {}, path)
-        self.assertEqual(e.code, client.EXIT_USAGE)
+        self.assertEqual(e.code, client.EXIT_CONFIG)
+        path = self.write("typo.toml", 'ca-file = "x"\n')
+        e = self.assertRaises(CliError, client.load_settings, None, {}, path)
+        self.assertIn("unknown setting 'ca-file'", e.message)
+        path = self.write("t.toml", 'token = "t"\ntimeout = -1\n')
+        e = self.assertRaises(CliError, client.load_settings, None, {}, path)
+        self.assertIn("timeout must be a positive number", e.message)
 
 
 class ParserTests(SynchronousTestCase):
@@ -133,7 +210,7 @@ class LiveTests(TestCase):
         self.assertIn("connection refused", e.exception.message)
         with self.assertRaises(CliError) as e:
             await host.host_list(reactor, Args(api_url="http//nope", json=True), out)
-        self.assertEqual(e.exception.code, client.EXIT_USAGE)
+        self.assertEqual(e.exception.code, client.EXIT_URL)
 
     @d
     async def test_run_reports_one_line(self):

@@ -1,37 +1,91 @@
 """
 The CLI's connection to the control plane.
 
-Where things come from, first hit wins:
+Configuration files (TOML, top-level keys): C{/etc/zwrm/cli.toml}, then
+C{~/.zwrm/config.toml} (a key in the user's file wins); C{$ZWRM_CONFIG} names one file to
+read instead of both.  Keys:
 
- - URL: C{--api-url}, C{$ZWRM_API_URL}, C{api_url} in C{~/.zwrm/config.toml},
-   C{ws://127.0.0.1:8080/ws}.
- - token: C{$ZWRM_TOKEN}, C{token} (or C{token_file}) in C{~/.zwrm/config.toml}.
- - authid: C{$ZWRM_AUTHID}, C{authid} in the file, C{operator}.
- - CA for C{wss://}: C{$ZWRM_CA_FILE}, C{ca_file} in the file, the platform's.
+ - C{url}: the control plane, C{https://host:port} (meaning C{wss://host:port/ws}),
+   C{http://host:port} (C{ws://host:port/ws}), or a C{wss://} / C{ws://} URL (a URL
+   without a path gets C{/ws}).  C{api_url} is an older name for it.
+ - C{ca_file}: PEM file of the CA to trust for C{https://} / C{wss://} (default: the
+   platform's trust store).
+ - C{token_file}: path of a file holding the operator token; or C{token}: the token itself.
+ - C{authid}: default C{operator}.
+ - C{timeout}: seconds a command may take (L{DEFAULT_TIMEOUT}).
 
-Every failure is a L{CliError}: one readable line and an exit code.
+Where each setting comes from, first hit wins: the flag (C{--api-url}, C{--timeout}), the
+environment (C{$ZWRM_API_URL}, C{$ZWRM_TOKEN}, C{$ZWRM_CA_FILE}, C{$ZWRM_AUTHID},
+C{$ZWRM_TIMEOUT}), the user's file, the system file, the default
+(C{ws://127.0.0.1:8080/ws}).
+
+Every failure is a L{CliError}: one readable line and an exit code (the C{EXIT_*}
+constants; docs/operators.md lists them).  A connection that drops fails every call in
+flight at once (L{EXIT_UNREACHABLE}); every call is bounded by the timeout
+(L{EXIT_TIMEOUT}).
 """
 
 import os
 import tomllib
+from urllib.parse import urlsplit, urlunsplit
 
 from autobahn.twisted.wamp import ApplicationSession
-from autobahn.twisted.websocket import WampWebSocketClientFactory
-from autobahn.wamp.exception import ApplicationError
+from autobahn.twisted.websocket import WampWebSocketClientFactory, WampWebSocketClientProtocol
+from autobahn.wamp.exception import ApplicationError, TransportLost
 from autobahn.wamp.serializer import JsonSerializer
 from autobahn.wamp.types import ComponentConfig
 from autobahn.websocket.util import parse_url
-from twisted.internet import defer, error
+from twisted.internet import defer, endpoints, error
 
 DEFAULT_URL = "ws://127.0.0.1:8080/ws"
+DEFAULT_TIMEOUT = 60.0
+"""Seconds a command may take unless C{--timeout} / C{timeout} say otherwise."""
+SYSTEM_CONFIG = "/etc/zwrm/cli.toml"
+
 EXIT_REMOTE = 1
 """The control plane answered with a zwrm.error.* (not found, conflict, ...)."""
 EXIT_USAGE = 2
-"""Bad arguments, bad URL, missing token or bad config file."""
+"""Bad arguments."""
 EXIT_UNREACHABLE = 3
-"""The control plane could not be reached."""
+"""The control plane could not be reached (refused, unknown host), or the connection
+dropped while the command ran."""
 EXIT_AUTH = 4
-"""The control plane rejected the token."""
+"""The control plane rejected the token, or the operator may not do this."""
+EXIT_CONFIG = 5
+"""A configuration, CA or token file is missing, unreadable or malformed; or no token."""
+EXIT_URL = 6
+"""The control plane URL is malformed or has a scheme other than https, http, wss, ws."""
+EXIT_TLS = 7
+"""The control plane's certificate is not trusted (or the TLS handshake failed)."""
+EXIT_TIMEOUT = 8
+"""The command did not finish within its timeout."""
+EXIT_INTERNAL = 70
+"""A bug in zwrm (still one line, never a traceback)."""
+
+EXIT_CODES = [
+    (0, "success"),
+    (EXIT_REMOTE, "the control plane refused the request (not found, conflict, ...)"),
+    (EXIT_USAGE, "bad arguments"),
+    (EXIT_UNREACHABLE, "cannot reach the control plane, or the connection dropped"),
+    (EXIT_AUTH, "token rejected or not allowed"),
+    (EXIT_CONFIG, "a configuration, CA or token file is missing or unreadable; no token"),
+    (EXIT_URL, "bad control plane URL (use https://, http://, wss:// or ws://)"),
+    (EXIT_TLS, "the control plane's certificate is not trusted"),
+    (EXIT_TIMEOUT, "no answer within the timeout (--timeout)"),
+    (EXIT_INTERNAL, "internal error (a bug: please report it)"),
+]
+
+_SCHEMES = {"https": "wss", "http": "ws", "wss": "wss", "ws": "ws"}
+_KEYS = ("url", "api_url", "ca_file", "token", "token_file", "authid", "timeout")
+
+# set by the zwrm command from its flags (zwrm.cli.main), read by load_settings
+_flags = {}
+
+
+def set_flags(**flags):
+    """Settings from the C{zwrm} command's global flags (e.g. C{timeout}); they win."""
+    _flags.clear()
+    _flags.update({k: v for k, v in flags.items() if v is not None})
 
 
 class CliError(Exception):
@@ -53,47 +107,247 @@ def config_path():
     return os.path.join(os.path.expanduser("~"), ".zwrm", "config.toml")
 
 
+def config_paths(environ=None):
+    """The configuration files to read, system first: C{$ZWRM_CONFIG} or the two defaults."""
+    environ = os.environ if environ is None else environ
+    if environ.get("ZWRM_CONFIG"):
+        return [environ["ZWRM_CONFIG"]]
+    return [SYSTEM_CONFIG, config_path()]
+
+
+def _read_config(path, required):
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if required:
+            raise CliError(f"configuration file {path} ($ZWRM_CONFIG) does not exist",
+                           EXIT_CONFIG) from None
+        return {}
+    except OSError as e:
+        raise CliError(f"cannot read configuration file {path}: {e.strerror}", EXIT_CONFIG) from None
+    except tomllib.TOMLDecodeError as e:
+        raise CliError(f"configuration file {path} is not valid TOML: {e}", EXIT_CONFIG) from None
+    for key, value in data.items():
+        if key not in _KEYS:
+            raise CliError(f"{path}: unknown setting {key!r} (known: url, ca_file, token_file,"
+                           " token, authid, timeout)", EXIT_CONFIG)
+        if key == "timeout":
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise CliError(f"{path}: timeout must be a positive number of seconds",
+                               EXIT_CONFIG)
+        elif not isinstance(value, str) or not value.strip():
+            raise CliError(f"{path}: {key} must be a non-empty string", EXIT_CONFIG)
+    return data
+
+
+def _layered(paths, required):
+    """
+    The settings of the files in C{paths}, a later file's key winning, each with where it
+    came from: C{{key: (value, "set in <path>")}}.  C{token} and C{token_file} go together:
+    a file that sets either replaces both.
+    """
+    merged = {}
+    for path in paths:
+        data = _read_config(path, required)
+        if "token" in data or "token_file" in data:
+            merged.pop("token", None)
+            merged.pop("token_file", None)
+        if "api_url" in data and "url" not in data:
+            data["url"] = data.pop("api_url")
+        data.pop("api_url", None)
+        for key, value in data.items():
+            merged[key] = (value, f"set in {path}")
+    return merged
+
+
+def normalize_url(url):
+    """
+    The WebSocket URL for what an operator may write: C{https://h:p} -> C{wss://h:p/ws},
+    C{http://h:p} -> C{ws://h:p/ws}; C{wss://} and C{ws://} stay; an empty path becomes
+    C{/ws}.
+
+    @raise CliError: (L{EXIT_URL}) for another scheme or a malformed URL.
+    """
+    text = str(url).strip()
+    parts = urlsplit(text)
+    scheme = _SCHEMES.get(parts.scheme.lower())
+    if scheme is None:
+        given = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"
+        raise CliError(f"control plane URL {text!r} has {given}: use https://HOST:PORT"
+                       " (or http://, wss://, ws://)", EXIT_URL)
+    if not parts.hostname:
+        raise CliError(f"control plane URL {text!r} has no host", EXIT_URL)
+    try:
+        parts.port  # noqa: B018 -- raises for a bad port
+    except ValueError:
+        raise CliError(f"control plane URL {text!r} has a bad port", EXIT_URL) from None
+    path = parts.path if parts.path not in ("", "/") else "/ws"
+    result = urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+    try:
+        parse_url(result)
+    except Exception as e:
+        raise CliError(f"control plane URL {text!r}: {e}", EXIT_URL) from None
+    return result
+
+
+def _read_file(path, setting, origin, what):
+    path = os.path.expanduser(path)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise CliError(f"{what} {path} ({setting}, {origin}) does not exist", EXIT_CONFIG) from None
+    except IsADirectoryError:
+        raise CliError(f"{what} {path} ({setting}, {origin}) is a directory", EXIT_CONFIG) from None
+    except OSError as e:
+        raise CliError(f"cannot read {what} {path} ({setting}, {origin}): {e.strerror}",
+                       EXIT_CONFIG) from None
+
+
 def load_settings(api_url=None, environ=None, path=None):
     """
-    The connection settings: C{{"url", "token", "authid", "ca_file"}}.
+    The connection settings: C{{"url", "token", "authid", "ca_file", "ca_pem", "timeout"}}
+    (C{url} normalized by L{normalize_url}; C{ca_pem} the bytes of C{ca_file}, read and
+    checked here for a secure URL).
 
-    @raise CliError: for an unreadable config file or no token.
+    @param path: read only this configuration file (tests); default L{config_paths}.
+    @raise CliError: for a bad or unreadable configuration, CA or token file, a bad URL,
+        or no token.
     """
     environ = os.environ if environ is None else environ
-    path = path or config_path()
-    data = {}
-    if os.path.exists(path):
+    if path is not None:
+        files = _layered([path], required=False)
+    else:
+        files = _layered(config_paths(environ), required=bool(environ.get("ZWRM_CONFIG")))
+    where = " or ".join(config_paths(environ)) if path is None else path
+
+    def pick(flag, env, key, default=None):
+        if flag is not None:
+            return flag, "from the command line"
+        if env and environ.get(env):
+            return environ[env], f"from ${env}"
+        if key in files:
+            return files[key]
+        return default, "the default"
+
+    url, _ = pick(api_url, "ZWRM_API_URL", "url", DEFAULT_URL)
+    url = normalize_url(url)
+
+    if environ.get("ZWRM_TOKEN"):
+        token = environ["ZWRM_TOKEN"]
+    elif "token" in files:
+        token = files["token"][0]
+    elif "token_file" in files:
+        token_file, origin = files["token_file"]
+        token = _read_file(token_file, "token_file", origin, "token file").decode(
+            "utf-8", "replace")
+        if not token.strip():
+            raise CliError(f"token file {token_file} (token_file, {origin}) is empty", EXIT_CONFIG)
+    else:
+        raise CliError(f"no token: set ZWRM_TOKEN, or token_file = \"...\" in {where}",
+                       EXIT_CONFIG)
+
+    timeout, origin = pick(_flags.get("timeout"), "ZWRM_TIMEOUT", "timeout", DEFAULT_TIMEOUT)
+    try:
+        timeout = float(timeout)
+        if timeout <= 0:
+            raise ValueError(timeout)
+    except ValueError:
+        raise CliError(f"timeout {timeout!r} ({origin}) must be a positive number of seconds",
+                       EXIT_CONFIG) from None
+
+    ca_file, ca_origin = pick(None, "ZWRM_CA_FILE", "ca_file")
+    ca_pem = None
+    if ca_file and url.startswith("wss:"):
+        ca_file = os.path.expanduser(ca_file)
+        ca_pem = _read_file(ca_file, "ca_file", ca_origin, "CA file")
+        from twisted.internet import ssl
+
         try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise CliError(f"cannot read {path}: {e}", EXIT_USAGE) from None
-    token = environ.get("ZWRM_TOKEN") or data.get("token")
-    if not token and data.get("token_file"):
-        try:
-            with open(os.path.expanduser(data["token_file"])) as f:
-                token = f.read().strip()
-        except OSError as e:
-            raise CliError(f"cannot read token file {data['token_file']}: {e.strerror}", EXIT_USAGE) from None
-    if not token:
-        raise CliError(
-            f"no token: set ZWRM_TOKEN or token = \"...\" in {path}", EXIT_USAGE
-        )
+            ssl.Certificate.loadPEM(ca_pem)
+        except Exception:
+            raise CliError(f"CA file {ca_file} (ca_file, {ca_origin}) is not a PEM certificate",
+                           EXIT_CONFIG) from None
     return {
-        "url": api_url or environ.get("ZWRM_API_URL") or data.get("api_url") or DEFAULT_URL,
+        "url": url,
         "token": token.strip(),
-        "authid": environ.get("ZWRM_AUTHID") or data.get("authid") or "operator",
-        "ca_file": environ.get("ZWRM_CA_FILE") or data.get("ca_file"),
+        "authid": environ.get("ZWRM_AUTHID") or files.get("authid", ("operator",))[0],
+        "ca_file": ca_file or None,
+        "ca_pem": ca_pem,
+        "timeout": timeout,
     }
 
 
+def configured_timeout(environ=None):
+    """
+    The command timeout from the flag, environment or configuration files, without
+    reading anything else (L{DEFAULT_TIMEOUT} if none, or if they are unreadable: the
+    command itself then reports that).
+    """
+    environ = os.environ if environ is None else environ
+    try:
+        if _flags.get("timeout") is not None:
+            return float(_flags["timeout"])
+        if environ.get("ZWRM_TIMEOUT"):
+            return float(environ["ZWRM_TIMEOUT"])
+        files = _layered(config_paths(environ), required=False)
+        return float(files.get("timeout", (DEFAULT_TIMEOUT,))[0])
+    except (CliError, ValueError):
+        return DEFAULT_TIMEOUT
+
+
+def _describe_lost(url, ca_file, reason):
+    """The L{CliError} for a connection lost before the session joined."""
+    from OpenSSL import SSL
+
+    value = getattr(reason, "value", None)
+    trust = f"ca_file={ca_file}" if ca_file else "no ca_file: the platform's trust store"
+    if isinstance(value, SSL.Error):
+        text = "; ".join(e[-1] for e in value.args[0] if isinstance(e, tuple)) if (
+            value.args and isinstance(value.args[0], list)) else str(value)
+        if "certificate verify failed" in text:
+            return CliError(f"the control plane's certificate is not trusted: {text} ({trust})",
+                            EXIT_TLS)
+        return CliError(f"TLS with the control plane at {url} failed: {text or 'no handshake'}"
+                        " (is it a TLS listener? for a plain one use http://)", EXIT_TLS)
+    if value is not None and value.__class__.__name__ == "VerificationError":
+        return CliError(f"the control plane's certificate is not trusted: it is not for"
+                        f" {urlsplit(url).hostname} ({trust})", EXIT_TLS)
+    why = f": {value}" if value is not None and str(value) else ""
+    return CliError(f"the control plane at {url} closed the connection{why}", EXIT_UNREACHABLE)
+
+
+class _Protocol(WampWebSocketClientProtocol):
+    """Keeps why the connection ended (a TLS failure shows only here)."""
+
+    def connectionLost(self, reason):
+        session = self.factory._zwrm_session
+        if session is not None and session.lost_reason is None:
+            session.lost_reason = reason
+        WampWebSocketClientProtocol.connectionLost(self, reason)
+        if session is not None:
+            # lost before the WebSocket opened (TLS, HTTP): autobahn tells no session
+            session.connection_lost()
+
+
 class _Session(ApplicationSession):
-    def __init__(self, authid, ticket):
+    """
+    The CLI's session: joins with a ticket; when the connection ends, every pending call
+    fails with a L{CliError} (L{EXIT_UNREACHABLE}) and C{ended} fires.
+    """
+
+    def __init__(self, authid, ticket, reactor=None, url=None, ca_file=None, timeout=None):
         ApplicationSession.__init__(self, ComponentConfig(realm="zwrm"))
         self._authid = authid
         self._ticket = ticket
+        self.reactor = reactor
+        self.url = url
+        self.ca_file = ca_file
+        self.timeout = timeout
         self.joined = defer.Deferred()
         self.ended = defer.Deferred()
+        self.lost_reason = None
         self._leave = None
 
     def onConnect(self):
@@ -105,8 +359,20 @@ class _Session(ApplicationSession):
     def onJoin(self, details):
         self.joined.callback(self)
 
+    def _lost(self):
+        d = self._leave
+        if d is not None and d.reason not in ("wamp.close.transport_lost", "wamp.close.normal",
+                                               "wamp.close.goodbye_and_out"):
+            return CliError(f"the control plane ended the session: {d.reason}: {d.message}",
+                            EXIT_UNREACHABLE)
+        return CliError(f"lost the connection to the control plane at {self.url}",
+                        EXIT_UNREACHABLE)
+
     def onLeave(self, details):
+        # autobahn's onLeave fails the pending calls; do so with a readable error
         self._leave = details
+        if self.joined.called:
+            self._errback_outstanding_requests(self._lost())
         self.disconnect()
 
     def onDisconnect(self):
@@ -114,50 +380,93 @@ class _Session(ApplicationSession):
             d = self._leave
             if d is not None and d.reason == "wamp.error.authentication_failed":
                 exc = CliError(f"the control plane rejected the token: {d.message}", EXIT_AUTH)
-            elif d is not None:
+            elif d is not None and d.reason != "wamp.close.transport_lost":
                 exc = CliError(f"the control plane refused the session: {d.reason}: {d.message}",
                                EXIT_UNREACHABLE)
             else:
-                exc = CliError("the control plane closed the connection", EXIT_UNREACHABLE)
+                exc = _describe_lost(self.url, self.ca_file, self.lost_reason)
             self.joined.errback(exc)
+        else:
+            self._errback_outstanding_requests(self._lost())
         if not self.ended.called:
             self.ended.callback(None)
 
+    def connection_lost(self):
+        """The connection is gone, whether or not autobahn told this session."""
+        if not self.joined.called:
+            self.joined.errback(_describe_lost(self.url, self.ca_file, self.lost_reason))
+        if not self.ended.called:
+            self.ended.callback(None)
 
-async def connect(reactor, settings, timeout=10):
+    def abort(self):
+        """Drop the connection now (no goodbye)."""
+        proto = self._transport
+        transport = getattr(proto, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+
+
+def _endpoint(reactor, url, ca_pem, timeout):
+    secure, host, port, _resource, _path, _params = parse_url(url)
+    tcp = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if not secure:
+        return tcp
+    from twisted.internet import ssl
+
+    trust = ssl.Certificate.loadPEM(ca_pem) if ca_pem else ssl.platformTrust()
+    return endpoints.wrapClientTLS(ssl.optionsForClientTLS(host, trustRoot=trust), tcp)
+
+
+async def connect(reactor, settings, timeout=None):
     """
     A joined WAMP session to the control plane.
 
-    @param settings: from L{load_settings}.
-    @raise CliError: bad URL, unreachable, rejected token.
+    @param settings: from L{load_settings} (or a dict with at least C{url}, C{token},
+        C{authid}).
+    @param timeout: seconds to connect and join (default: C{settings["timeout"]}).
+    @raise CliError: bad URL, unreachable, untrusted certificate, rejected token, timeout.
     """
-    from zwrm.agent.service import client_endpoint
-
-    url = settings["url"]
-    try:
-        parse_url(url)
-    except Exception as e:
-        raise CliError(f"bad API URL {url!r}: {e}", EXIT_USAGE) from None
-    session = _Session(settings["authid"], settings["token"])
+    url = normalize_url(settings["url"])
+    timeout = timeout or settings.get("timeout") or DEFAULT_TIMEOUT
+    ca_file = settings.get("ca_file")
+    ca_pem = settings.get("ca_pem")
+    if ca_file and ca_pem is None and url.startswith("wss:"):
+        ca_pem = _read_file(ca_file, "ca_file", "given", "CA file")
+    session = _Session(settings["authid"], settings["token"], reactor, url, ca_file, timeout)
     factory = WampWebSocketClientFactory(
         lambda: session, url=url, serializers=[JsonSerializer()], reactor=reactor
     )
+    factory.protocol = _Protocol
+    factory._zwrm_session = session
     factory.noisy = False
+    # our own timer (below) reports a handshake that does not finish; autobahn's only after
+    factory.setProtocolOptions(openHandshakeTimeout=timeout + 5)
     try:
-        endpoint = client_endpoint(reactor, url, settings.get("ca_file"), timeout=timeout)
-        await endpoint.connect(factory)
+        await _endpoint(reactor, url, ca_pem, timeout).connect(factory)
     except error.ConnectionRefusedError:
         raise CliError(f"cannot reach the control plane at {url}: connection refused",
                        EXIT_UNREACHABLE) from None
     except error.DNSLookupError:
-        raise CliError(f"cannot reach the control plane at {url}: unknown host",
+        raise CliError(f"cannot reach the control plane at {url}: cannot resolve its host name",
                        EXIT_UNREACHABLE) from None
+    except error.TimeoutError:
+        raise CliError(f"cannot reach the control plane at {url}: no connection within"
+                       f" {timeout:g} s", EXIT_TIMEOUT) from None
     except (error.ConnectError, OSError) as e:
         raise CliError(f"cannot reach the control plane at {url}: {e}", EXIT_UNREACHABLE) from None
-    timer = reactor.callLater(timeout, lambda: session.joined.called or session.joined.errback(
-        CliError(f"the control plane at {url} did not answer in {timeout}s", EXIT_UNREACHABLE)))
+
+    def expire():
+        if not session.joined.called:
+            session.joined.errback(CliError(
+                f"the control plane at {url} did not answer within {timeout:g} s", EXIT_TIMEOUT))
+            session.abort()
+
+    timer = reactor.callLater(timeout, expire)
     try:
         await session.joined
+    except BaseException:
+        session.abort()
+        raise
     finally:
         if timer.active():
             timer.cancel()
@@ -166,21 +475,67 @@ async def connect(reactor, settings, timeout=10):
 
 async def call(session, procedure, *args, **kwargs):
     """
-    Call C{procedure}; a WAMP error becomes a L{CliError} with its readable message.
+    Call C{procedure}; a WAMP error becomes a L{CliError} with its readable message; a lost
+    connection one with L{EXIT_UNREACHABLE}; no answer within the session's timeout one with
+    L{EXIT_TIMEOUT}.
     """
+    d = defer.maybeDeferred(session.call, procedure, *args, **kwargs)
+    result = defer.Deferred()
+    reactor = getattr(session, "reactor", None)
+    timeout = getattr(session, "timeout", None)
+
+    def done(value):
+        # once timed out, a late answer or failure is dropped (nothing to log)
+        if not result.called:
+            result.callback(value)
+
+    d.addBoth(done)
+    timer = None
+    if reactor is not None and timeout:
+        def expire():
+            if not result.called:
+                result.errback(CliError(
+                    f"the control plane did not answer {procedure} within {timeout:g} s",
+                    EXIT_TIMEOUT))
+
+        timer = reactor.callLater(timeout, expire)
     try:
-        return await session.call(procedure, *args, **kwargs)
+        return await result
     except ApplicationError as e:
         text = e.args[0] if e.args else e.error
         if e.error == "wamp.error.not_authorized":
             raise CliError(f"not allowed: {text}", EXIT_AUTH) from None
         if e.error == "wamp.error.no_such_procedure":
             raise CliError(f"the control plane does not offer {procedure}", EXIT_REMOTE) from None
+        if e.error.startswith("wamp.close."):
+            raise CliError(f"lost the connection to the control plane ({e.error})",
+                           EXIT_UNREACHABLE) from None
         raise CliError(str(text), EXIT_REMOTE) from None
+    except TransportLost:
+        url = getattr(session, "url", None) or "the control plane"
+        raise CliError(f"lost the connection to the control plane at {url}",
+                       EXIT_UNREACHABLE) from None
+    finally:
+        if timer is not None and timer.active():
+            timer.cancel()
 
 
-async def close(session):
-    """Leave and wait (briefly) for the connection to end."""
+async def close(session, timeout=2.0):
+    """Leave and wait (at most C{timeout} seconds, then drop the connection) for the end."""
     if session.is_attached():
-        session.leave()
+        try:
+            session.leave()
+        except Exception:
+            session.abort()
+    if session.ended.called:
+        return
+    reactor = getattr(session, "reactor", None)
+    if reactor is None:
         await session.ended
+        return
+    timer = reactor.callLater(timeout, session.abort)
+    try:
+        await session.ended
+    finally:
+        if timer.active():
+            timer.cancel()

@@ -5,13 +5,20 @@ Each subcommand module in L{COMMAND_MODULES} has C{register(subparsers)}, which 
 its parsers and sets C{func} on each: C{async func(reactor, args)} returning an exit code
 (or None for 0).  Raise L{zwrm.cli.client.CliError} for a readable failure.  Add your
 module with one line to L{COMMAND_MODULES}.
+
+Every command ends within its timeout (C{--timeout}, C{timeout} in the configuration,
+L{zwrm.cli.client.DEFAULT_TIMEOUT}): a command that waits on purpose extends it (see
+L{budget}).
 """
 
 import argparse
 import importlib
 import sys
 
-from zwrm.cli.client import EXIT_USAGE, CliError
+from twisted.internet import defer
+
+from zwrm.cli import client
+from zwrm.cli.client import EXIT_CODES, EXIT_INTERNAL, EXIT_TIMEOUT, EXIT_USAGE, CliError
 
 COMMAND_MODULES = [
     "zwrm.cli.host",
@@ -28,10 +35,17 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser():
     """The argument parser with every command module's subcommands."""
-    parser = _Parser(prog="zwrm", description="Operate a zwrm cluster.")
+    parser = _Parser(
+        prog="zwrm", description="Operate a zwrm cluster.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--api-url", help="the control plane's WebSocket URL (default: $ZWRM_API_URL)"
-    )
+        "--api-url", metavar="URL",
+        help="the control plane: https://HOST:PORT (or http://, wss://, ws://);"
+             " default $ZWRM_API_URL, then url in the configuration")
+    parser.add_argument(
+        "--timeout", type=_seconds, metavar="SECONDS",
+        help="give up after this long (default $ZWRM_TIMEOUT, then timeout in the"
+             f" configuration, then {client.DEFAULT_TIMEOUT:g}); --wait extends it")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name in COMMAND_MODULES:
@@ -39,22 +53,79 @@ def build_parser():
     return parser
 
 
-async def _run(reactor, args):
+def _seconds(text):
     try:
-        code = await args.func(reactor, args)
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    return value
+
+
+def _following(args):
+    """Whether the command follows progress until the control plane says it ended."""
+    name = getattr(args.func, "__name__", "")
+    if name == "host_drain":
+        return not (getattr(args, "detach", False) or getattr(args, "dry_run", False))
+    if name == "host_drain_status":
+        return bool(getattr(args, "watch", False))
+    return getattr(args, "images_command", None) == "push"
+
+
+def budget(args, timeout):
+    """
+    How long the whole command may take: C{timeout} (and a second), plus C{--wait} for a command that waits
+    (C{zwrm deploy --wait}); L{None} (no overall limit) for one that follows progress until
+    the control plane says it ended (C{host drain} without C{--detach}, C{host drain-status
+    --watch}, C{images push}): each of their requests is still bounded by C{timeout} and a
+    lost connection still ends them (exit 3).
+    """
+    if _following(args):
+        return None
+    # plus a second, so that a single request's own limit (a more precise message) comes first
+    return timeout + (getattr(args, "wait", 0) or 0) + 1
+
+
+async def _run(reactor, args):
+    client.set_flags(timeout=getattr(args, "timeout", None))
+    limit = budget(args, client.configured_timeout())
+    d = defer.Deferred.fromCoroutine(args.func(reactor, args))
+    expired = []
+
+    def expire():
+        expired.append(True)
+        d.cancel()
+
+    timer = reactor.callLater(limit, expire) if limit else None
+    try:
+        code = await d
     except CliError as e:
         sys.stderr.write(f"zwrm: {e.message}\n")
         code = e.code
+    except defer.CancelledError:
+        if not expired:
+            raise
+        sys.stderr.write(f"zwrm: no answer within {limit:g} s (--timeout)\n")
+        code = EXIT_TIMEOUT
     except Exception as e:  # a bug: still one line, never a traceback
         sys.stderr.write(f"zwrm: internal error: {e.__class__.__name__}: {e}\n")
-        code = 70
+        code = EXIT_INTERNAL
+    finally:
+        if timer is not None and timer.active():
+            timer.cancel()
     if code:
         raise SystemExit(code)
 
 
+EPILOG = "configuration: /etc/zwrm/cli.toml, then ~/.zwrm/config.toml (or $ZWRM_CONFIG):\n" \
+    "  url = \"https://HOST:PORT\", ca_file = \"PATH\", token_file = \"PATH\", timeout = SECONDS\n" \
+    "\nexit codes:\n" + "".join(f"  {code:<3} {text}\n" for code, text in EXIT_CODES)
+
+
 def main(argv=None):
     """Entry point of the C{zwrm} console script."""
-    from twisted.internet import defer, task
+    from twisted.internet import task
 
     args = build_parser().parse_args(argv)
     task.react(lambda reactor: defer.Deferred.fromCoroutine(_run(reactor, args)))

@@ -11,6 +11,7 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.application import service
 from twisted.internet import defer, endpoints, task
 from twisted.logger import Logger
+from twisted.protocols import policies
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import resource, server
 
@@ -247,7 +248,7 @@ class ControlPlane(service.MultiService):
                 rest = [p for p in parts[1:] if not p.startswith(_CERT_KEYS)]
                 tcp = endpoints.serverFromString(self.reactor, ":".join(["tcp"] + rest))
                 return tcp.listen(TLSMemoryBIOFactory(self.pki.server_context(), False, site))
-        return endpoints.serverFromString(self.reactor, description).listen(site)
+        return endpoints.serverFromString(self.reactor, description).listen(PlainOnlyFactory(site))
 
     async def _ensure_tokens(self, data_dir):
         """
@@ -308,6 +309,39 @@ class ControlPlane(service.MultiService):
         d.addCallback(lambda _: defer.Deferred.fromCoroutine(self._stop()))
         d.addErrback(lambda f: self.log.failure("stopping zwrm-control", f))
         return d
+
+
+_TLS_ANSWER = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+    b"Content-Length: 61\r\n\r\nthis is a plain HTTP listener: use http:// or ws://, not TLS\n"
+)
+
+
+class _PlainOnly(policies.ProtocolWrapper):
+    """
+    Looks at a plain listener's first bytes: a TLS ClientHello (a handshake record, first
+    byte 0x16, which no HTTP request starts with) is answered with an HTTP 400 and the
+    connection closed at once, so a client that tries https first (as OCI clients do) fails
+    fast instead of waiting for a timeout.
+    """
+
+    _checked = False
+
+    def dataReceived(self, data):
+        if not self._checked:
+            self._checked = True
+            if data[:1] == b"\x16":
+                self.transport.write(_TLS_ANSWER)
+                self.transport.loseConnection()
+                return
+        self.wrappedProtocol.dataReceived(data)
+
+
+class PlainOnlyFactory(policies.WrappingFactory):
+    """Wraps a plain (not TLS) listener's factory in L{_PlainOnly}."""
+
+    protocol = _PlainOnly
+    noisy = False
 
 
 def _with_peer_certificate(protocol_class):
