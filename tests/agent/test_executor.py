@@ -105,7 +105,7 @@ class ExecutorTests(TestCase):
         driver_spec = self.host.machines["m1"]["spec"]
         self.assertEqual(driver_spec["cmdline"], "console=ttyS0 zwrm.vol=m1-data:/data")
         self.assertEqual(driver_spec["forwards"], [{"guest": 8080, "host": st["host_port"]}])
-        self.assertEqual(driver_spec["volumes"], [{"id": "m1-data", "path": info["path"], "serial": "m1-data"}])
+        self.assertEqual(driver_spec["volumes"], [{"id": "m1-data", "path": info["path"], "serial": "m1-data", "mount": "/data"}])
         self.assertEqual(self.executor.machine_status("m1")["pid"], 4242)
         self.assertEqual([m["id"] for m in self.executor.list_machines()], ["m1"])
         self.assertIn("fake: booted", await self.executor.machine_logs("m1"))

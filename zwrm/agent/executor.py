@@ -20,7 +20,11 @@ The machine spec a caller passes to L{Executor.start_machine}::
 
     {"id", "app", "image": {"kernel", "initrd", "disk", "cmdline"} | "name:tag",
      "vcpus", "memory_mb", "volumes": [{"id", "mount", "size_mb"}], "service_port",
-     "health": {"type": "http"|"tcp", "path", "interval", "timeout", "grace"} | None}
+     "health": {"type": "http"|"tcp", "path", "interval", "timeout", "grace"} | None,
+     "cloud_init": {"ssh_keys", "user_data", "env"} | None}
+
+A machine booted from a disk gets a cloud-init NoCloud seed (L{zwrm.drivers.cloudinit}) built
+from C{cloud_init}: its SSH keys, user-data and environment, and its volumes' mounts.
 
 Volumes that do not exist are created (empty ext4, C{size_mb}); each is attached with its
 virtio serial (L{zwrm.drivers.spec.volume_serial}, the guest sees
@@ -44,6 +48,7 @@ from twisted.logger import Logger
 
 from zwrm.agent import health as _health
 from zwrm.agent.blockmap import file_digest
+from zwrm.drivers import cloudinit as _cloudinit
 from zwrm.drivers.spec import check_id, volume_serial
 from zwrm.errors import Conflict, Internal, InvalidArgument, NotFound, Unavailable, ZwrmError
 
@@ -130,6 +135,7 @@ def validate_machine(spec):
         raise InvalidArgument(f"service_port must be a TCP port (1-65535) or null, not {port!r}")
     out["service_port"] = port
     out["health"] = _health.validate(spec.get("health"))
+    out["cloud_init"] = _cloudinit.validate(spec.get("cloud_init"))
     if out["health"] is not None and port is None:
         raise InvalidArgument("a health check needs a service_port")
     return out
@@ -227,7 +233,8 @@ class Executor:
                 if not self.volumes.exists(v["id"]):
                     await self.volumes.create(v["id"], v["size_mb"])
                 self.volumes.claim(v["id"], mid)
-                vols.append({"id": v["id"], "path": self.volumes.existing_path(v["id"])})
+                vols.append({"id": v["id"], "path": self.volumes.existing_path(v["id"]),
+                             "mount": v["mount"]})
             cmdline = image.get("cmdline") or ""
             if spec["volumes"]:
                 # By virtio serial, never by device order (a root disk comes first).
@@ -244,6 +251,9 @@ class Executor:
                         "id": mid, "kernel": image.get("kernel"), "initrd": image.get("initrd"),
                         "disk": image.get("disk"), "disk_format": image.get("disk_format"),
                         "firmware": image.get("firmware"),
+                        # A disk image gets a cloud-init seed (it mounts the volumes).
+                        "cloud_init": spec["cloud_init"] or (
+                            _cloudinit.validate({}) if image.get("disk") else None),
                         "cmdline": cmdline, "vcpus": spec["vcpus"],
                         "memory_mb": spec["memory_mb"], "volumes": vols, "forwards": forwards,
                     })

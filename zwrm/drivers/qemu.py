@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from zwrm.drivers import accel as _accel
+from zwrm.drivers import cloudinit as _cloudinit
 from zwrm.drivers import diskimage
 from zwrm.drivers import qmp as _qmp
 from zwrm.drivers import spec as _spec
@@ -88,7 +89,8 @@ def _nic_argv(spec):
         return ["-netdev", f"tap,id=n0,ifname={_opt(nic['tap'])},script=no,downscript=no",
                 "-device", f"virtio-net-pci,netdev=n0,mac={nic['mac']}"]
     fwd = "".join(f",hostfwd=tcp:127.0.0.1:{f['host']}-:{f['guest']}" for f in spec["forwards"])
-    return ["-netdev", f"user,id=n0,restrict=on{fwd}", "-device", "virtio-net-pci,netdev=n0"]
+    mac = f",mac={spec['mac']}" if spec.get("mac") else ""
+    return ["-netdev", f"user,id=n0,restrict=on{fwd}", "-device", f"virtio-net-pci,netdev=n0{mac}"]
 
 
 def _write_json(path, doc):
@@ -487,9 +489,8 @@ class QemuDriver:
         return argv
 
     def _netdev_args(self, spec):
-        """The machine's network: its QEMU arguments (one place, for network backends)."""
-        fwd = "".join(f",hostfwd=tcp:127.0.0.1:{f['host']}-:{f['guest']}" for f in spec["forwards"])
-        return ["-netdev", f"user,id=n0,restrict=on{fwd}", "-device", "virtio-net-pci,netdev=n0"]
+        """The machine's network: its QEMU arguments (L{_nic_argv}, the one place)."""
+        return _nic_argv(spec)
 
     async def _root_overlay(self, m, base, fmt):
         """
@@ -555,6 +556,15 @@ class QemuDriver:
         os.makedirs(m.dir, mode=0o700, exist_ok=True)
         if spec["disk"]:
             await self._root_overlay(m, spec["disk"], spec["disk_format"])
+        if spec["cloud_init"] is not None:
+            mac = spec["nic"]["mac"] if spec.get("nic") else spec["mac"]
+            docs = _cloudinit.documents(m.id, spec["cloud_init"], spec["volumes"], mac)
+            await _cloudinit.build_seed(self.reactor, m.path(SEED), docs)
+        else:
+            try:
+                os.unlink(m.path(SEED))
+            except FileNotFoundError:
+                pass
         for p in (m.qmp_path, m.console_path, m.path("qemu.pid")):
             try:
                 os.unlink(p)

@@ -8,6 +8,7 @@ C{zwrm.error.invalid_argument} message.
 import hashlib
 import re
 
+from zwrm.drivers import cloudinit as _cloudinit
 from zwrm.errors import InvalidArgument
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -33,6 +34,12 @@ def volume_serial(volume_id):
     if len(volume_id) <= 20:
         return volume_id
     return volume_id[:11] + "-" + hashlib.sha256(volume_id.encode()).hexdigest()[:8]
+
+
+def machine_mac(machine_id):
+    """The machine's MAC address: fixed for its id (QEMU's 52:54:00 prefix)."""
+    h = hashlib.sha256(machine_id.encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in h[:3])
 
 
 def _int(spec, key, low, high):
@@ -88,10 +95,20 @@ def validate(spec):
         if not isinstance(v, dict) or not isinstance(v.get("path"), str) or not v["path"]:
             raise InvalidArgument(f"each volume needs an id and a path, not {v!r}")
         vid = check_id(v.get("id"), "volume id")
-        out["volumes"].append({"id": vid, "path": v["path"], "serial": volume_serial(vid)})
+        vol = {"id": vid, "path": v["path"], "serial": volume_serial(vid)}
+        mount = v.get("mount")
+        if mount is not None:
+            if (not isinstance(mount, str) or not mount.startswith("/") or mount == "/"
+                    or len(mount) > 255 or any(c in mount for c in " \t\n\0,:")):
+                raise InvalidArgument(f"volume {vid}: mount must be an absolute path other "
+                                      f"than /, not {mount!r}")
+            vol["mount"] = mount
+        out["volumes"].append(vol)
     serials = [v["serial"] for v in out["volumes"]]
     if len(set(serials)) != len(serials):
         raise InvalidArgument("two volumes of the machine have the same id (or virtio serial)")
+    out["cloud_init"] = _cloudinit.validate(spec.get("cloud_init"))
+    out["mac"] = machine_mac(out["id"])
     fwds = spec.get("forwards") or []
     if not isinstance(fwds, list):
         raise InvalidArgument("forwards must be a list of {guest, host}")

@@ -1,0 +1,139 @@
+"""
+The cloud-init NoCloud seed: what goes into meta-data, user-data and network-config, its
+validation, and a real seed ISO built with genisoimage and read back with isoinfo; the QEMU
+driver attaches it after the root disk and the volumes.
+"""
+
+import email
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+
+from twisted.internet import reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from zwrm.drivers import cloudinit, qemu
+from zwrm.drivers import spec as _spec
+from zwrm.errors import InvalidArgument
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKz0cUjYjpbRDxCw7lV7Sxvz4JwfE3XQz+rQpvzYd9zE op@laptop"
+
+
+def cloud_config(text):
+    assert text.startswith("#cloud-config\n"), text[:40]
+    return json.loads(text.split("\n", 1)[1])
+
+
+class DocumentTests(SynchronousTestCase):
+    def docs(self, **cfg):
+        return cloudinit.documents(
+            "web-1_a", cloudinit.validate(cfg),
+            [{"serial": "v-data", "mount": "/srv/data"}, {"serial": "v-raw"}],
+            "52:54:00:aa:bb:cc",
+        )
+
+    def test_meta_data(self):
+        meta = json.loads(self.docs()["meta-data"])
+        self.assertEqual(meta, {"instance-id": "web-1_a", "local-hostname": "web-1-a"})
+
+    def test_keys_mounts_env(self):
+        d = self.docs(ssh_keys=[KEY + "\n"], env={"GREETING": 'hi "there" $HOME'})
+        cfg = cloud_config(d["user-data"].decode())
+        self.assertEqual(cfg["ssh_authorized_keys"], [KEY])
+        self.assertEqual(cfg["mounts"], [[
+            "/dev/disk/by-id/virtio-v-data", "/srv/data", "ext4",
+            "defaults,nofail,x-systemd.device-timeout=30s", "0", "2"]])
+        self.assertEqual(cfg["bootcmd"], [["mkdir", "-p", "/srv/data"]])
+        env = {f["path"]: f for f in cfg["write_files"]}
+        self.assertEqual(env["/etc/zwrm/env"]["content"], 'GREETING="hi \\"there\\" \\$HOME"\n')
+        self.assertEqual(env["/etc/zwrm/env"]["permissions"], "0600")
+        self.assertTrue(env["/etc/environment"]["append"])
+        self.assertEqual(cfg["hostname"], "web-1-a")
+
+    def test_user_data_is_a_second_part(self):
+        d = self.docs(ssh_keys=[KEY], user_data="#!/bin/sh\necho hello > /root/hello\n")
+        msg = email.message_from_bytes(d["user-data"])
+        parts = [p for p in msg.walk() if not p.is_multipart()]
+        self.assertEqual([p.get_content_type() for p in parts],
+                         ["text/cloud-config", "text/x-shellscript"])
+        self.assertEqual(cloud_config(parts[0].get_payload(decode=True).decode())
+                         ["ssh_authorized_keys"], [KEY])
+        self.assertIn("echo hello", parts[1].get_payload(decode=True).decode())
+
+    def test_network_config(self):
+        net = json.loads(self.docs()["network-config"])
+        self.assertEqual(net["version"], 1)
+        self.assertEqual(net["config"][0]["mac_address"], "52:54:00:aa:bb:cc")
+        self.assertEqual(net["config"][0]["subnets"], [{"type": "dhcp"}])
+
+    def test_validation(self):
+        bad = [
+            "nope",
+            {"ssh_keys": ["not a key"]},
+            {"ssh_keys": [KEY + "\nssh-rsa AAAA injected"]},
+            {"ssh_keys": [KEY] * 33},
+            {"user_data": "x" * (64 * 1024 + 1)},
+            {"env": {"1BAD": "x"}},
+            {"env": {"OK": "two\nlines"}},
+            {"env": {"OK": 5}},
+            {"hostname": "Not_Valid"},
+            {"other": 1},
+        ]
+        for cfg in bad:
+            with self.assertRaises(InvalidArgument, msg=repr(cfg)):
+                cloudinit.validate(cfg)
+        self.assertIsNone(cloudinit.validate(None))
+
+    def test_hostnames(self):
+        self.assertEqual(cloudinit.hostname_for("M1.example_x"), "m1-example-x")
+        self.assertEqual(cloudinit.hostname_for("_._"), "zwrm")
+        self.assertEqual(len(cloudinit.hostname_for("a" * 64)), 63)
+
+
+class SeedTests(TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="zwrm-ci-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+
+    async def test_real_seed_iso(self):
+        docs = cloudinit.documents("m1", cloudinit.validate({"ssh_keys": [KEY]}), [], None)
+        path = await cloudinit.build_seed(reactor, os.path.join(self.dir, "seed.iso"), docs)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.assertEqual(os.listdir(self.dir), ["seed.iso"])
+        pvd = subprocess.run(["isoinfo", "-d", "-i", path], capture_output=True, text=True,
+                             check=True).stdout
+        self.assertIn("Volume id: cidata", pvd)
+        for name, body in docs.items():
+            got = subprocess.run(["isoinfo", "-J", "-i", path, "-x", f"/{name}"],
+                                 capture_output=True, check=True).stdout
+            self.assertEqual(got, body, name)
+
+    async def test_missing_tool_is_a_clear_error(self):
+        from zwrm.errors import Unavailable
+
+        with self.assertRaises(Unavailable) as cm:
+            await cloudinit.build_seed(reactor, os.path.join(self.dir, "s.iso"),
+                                       {"meta-data": b"{}"}, program="/nonexistent/genisoimage")
+        self.assertIn("cloud-init seed", cm.exception.message)
+
+    async def test_driver_attaches_the_seed_last(self):
+        drv = qemu.QemuDriver(reactor, self.dir, accel="tcg")
+        spec = _spec.validate({
+            "id": "m1", "disk": "/d", "disk_format": "raw", "vcpus": 1, "memory_mb": 64,
+            "volumes": [{"id": "data", "path": "/v", "mount": "/data"}],
+            "cloud_init": {"ssh_keys": [KEY]},
+        })
+        m = qemu._Machine("m1", os.path.join(self.dir, "m1"))
+        os.makedirs(m.dir)
+        docs = cloudinit.documents("m1", spec["cloud_init"], spec["volumes"], spec["mac"])
+        await cloudinit.build_seed(reactor, m.path(qemu.SEED), docs)
+        argv = drv._argv(m, spec, "tcg")
+        devs = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+        self.assertEqual(devs[:3], ["virtio-blk-pci,drive=root,bootindex=0",
+                                    "virtio-blk-pci,drive=vol0,serial=data",
+                                    "virtio-blk-pci,drive=seed,serial=cidata"])
+        self.assertIn(f"mac={spec['mac']}", devs[3])
+        cfg = cloud_config(docs["user-data"].decode())
+        self.assertEqual(cfg["mounts"][0][:2], ["/dev/disk/by-id/virtio-data", "/data"])
