@@ -137,3 +137,41 @@ class SeedTests(TestCase):
         self.assertIn(f"mac={spec['mac']}", devs[3])
         cfg = cloud_config(docs["user-data"].decode())
         self.assertEqual(cfg["mounts"][0][:2], ["/dev/disk/by-id/virtio-data", "/data"])
+
+
+class DeployOptionTests(SynchronousTestCase):
+    """zwrm deploy --ssh-key/--user-data/--env reach the deploy spec, checked by the control plane."""
+
+    def test_cli_options(self):
+        import argparse
+
+        from zwrm.cli import apps as cli_apps
+
+        d = tempfile.mkdtemp(prefix="zwrm-cio-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, d, True)
+        keyfile = os.path.join(d, "id.pub")
+        with open(keyfile, "w") as f:
+            f.write("# mine\n" + KEY + "\n")
+        ud = os.path.join(d, "ud")
+        with open(ud, "w") as f:
+            f.write("#cloud-config\n{}\n")
+        args = argparse.Namespace(ssh_key=[keyfile, keyfile], user_data=ud,
+                                  env=["A=1", "B=x=y"])
+        self.assertEqual(cli_apps._cloud_init(args), {
+            "ssh_keys": [KEY, KEY], "user_data": "#cloud-config\n{}\n",
+            "env": {"A": "1", "B": "x=y"}})
+        self.assertIsNone(cli_apps._cloud_init(argparse.Namespace(ssh_key=[], user_data=None,
+                                                                  env=[])))
+        with self.assertRaises(cli_apps.CliError):
+            cli_apps._cloud_init(argparse.Namespace(ssh_key=[], user_data=None, env=["NOEQ"]))
+        with self.assertRaises(cli_apps.CliError):
+            cli_apps._cloud_init(argparse.Namespace(ssh_key=[os.path.join(d, "missing")],
+                                                    user_data=None, env=[]))
+
+    def test_control_plane_checks_it(self):
+        from zwrm.control.apps import validate_spec
+
+        out = validate_spec({"image": "os/deb:12", "cloud_init": {"ssh_keys": [KEY]}})
+        self.assertEqual(out["cloud_init"]["ssh_keys"], [KEY])
+        with self.assertRaises(InvalidArgument):
+            validate_spec({"image": "os/deb:12", "cloud_init": {"ssh_keys": ["nope"]}})

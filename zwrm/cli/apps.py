@@ -56,6 +56,11 @@ def register(subparsers):
     p.add_argument("--health-grace", type=float, default=60.0)
     p.add_argument("--volume", action="append", default=[], metavar="NAME:SIZE_MB:/MOUNT",
                    help="a local volume per replica (repeatable)")
+    p.add_argument("--ssh-key", action="append", default=[], metavar="FILE",
+                   help="an OpenSSH public key file for the guest (cloud-init); repeatable")
+    p.add_argument("--user-data", metavar="FILE", help="cloud-init user-data for the guest")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment variable for the guest (cloud-init); repeatable")
     p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
                    help="wait until every machine runs (and is healthy) or SECONDS pass")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -156,7 +161,44 @@ def _spec(args):
             "service_port": args.port, "health": health, "volumes": volumes}
     if constraints:
         spec["constraints"] = constraints
+    cloud_init = _cloud_init(args)
+    if cloud_init:
+        spec["cloud_init"] = cloud_init
     return spec
+
+
+def _read_text(path, what, limit=64 * 1024):
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise CliError(f"{what} {path}: {e.strerror}", EXIT_USAGE) from None
+    if len(data) > limit:
+        raise CliError(f"{what} {path} is larger than {limit // 1024} KiB", EXIT_USAGE)
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise CliError(f"{what} {path} is not UTF-8 text", EXIT_USAGE) from None
+
+
+def _cloud_init(args):
+    """The deploy's cloud-init part from --ssh-key, --user-data, --env (or None)."""
+    keys = []
+    for path in getattr(args, "ssh_key", None) or []:
+        keys += [x.strip() for x in _read_text(path, "--ssh-key").splitlines()
+                 if x.strip() and not x.startswith("#")]
+    env = {}
+    for e in getattr(args, "env", None) or []:
+        k, sep, v = e.partition("=")
+        if not sep or not k:
+            raise CliError(f"--env {e!r} is not KEY=VALUE", EXIT_USAGE)
+        env[k] = v
+    user_data = None
+    if getattr(args, "user_data", None):
+        user_data = _read_text(args.user_data, "--user-data")
+    if not keys and not env and user_data is None:
+        return None
+    return {"ssh_keys": keys, "user_data": user_data, "env": env}
 
 
 def _abs(path):

@@ -58,6 +58,7 @@ from zwrm.control.resources.machines import LIVE, placement_request
 from zwrm.control.resources.machines import STATES as MACHINE_STATES
 from zwrm.control.resources.machines import TOPIC as MACHINE_TOPIC
 from zwrm.control.resources.machines import wire as machine_wire
+from zwrm.drivers import cloudinit
 from zwrm.scheduler import PlacementRequest
 
 __all__ = ["APP_TOPIC", "MACHINE_TOPIC", "LIVE", "MACHINE_STATES", "Apps", "validate_spec",
@@ -90,7 +91,7 @@ def validate_spec(spec):
     if not isinstance(spec, dict):
         raise errors.InvalidArgument("a deployment spec must be a mapping")
     known = {"image", "vcpus", "memory_mb", "replicas", "region", "datacenter",
-             "service_port", "health", "volumes", "constraints"}
+             "service_port", "health", "volumes", "constraints", "cloud_init"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise errors.InvalidArgument(f"unknown deployment field(s): {', '.join(unknown)}")
@@ -108,6 +109,7 @@ def validate_spec(spec):
         "health": spec.get("health"),
         "constraints": spec.get("constraints") or {},
         "volumes": [],
+        "cloud_init": cloudinit.validate(spec.get("cloud_init")),
     }
     for key in ("region", "datacenter"):
         if out[key] is not None and (not isinstance(out[key], str) or not out[key]):
@@ -626,6 +628,7 @@ class Apps:
             "region": spec["region"], "datacenter": spec["datacenter"],
             "constraints": spec["constraints"], "volumes": vols,
             "service_port": spec["service_port"], "health": spec["health"], "app_spec": spec,
+            "cloud_init": spec.get("cloud_init"),
         }
         row = {"id": mid, "app_id": app["id"], "host_id": host_id, "state": "pending",
                "spec": mspec, "health": {"status": "none"}, "created_at": now,
@@ -633,8 +636,10 @@ class Apps:
         return await self.add_machine(row, "placed", placement=placement)
 
     def _agent_spec(self, mspec):
-        return {k: mspec[k] for k in ("id", "app", "image", "vcpus", "memory_mb", "volumes",
-                                      "service_port", "health")}
+        out = {k: mspec[k] for k in ("id", "app", "image", "vcpus", "memory_mb", "volumes",
+                                     "service_port", "health")}
+        out["cloud_init"] = mspec.get("cloud_init")
+        return out
 
     async def start_machine(self, row):
         """
@@ -693,9 +698,6 @@ class Apps:
                                       state=state, health=health)
 
     # -- machines ---------------------------------------------------------------------
-
-    def _machine_view(self, m):
-        return machine_wire(m)
 
     @wamp.register("zwrm.machine.list")
     async def list_machines(self, app=None, host_id=None):
