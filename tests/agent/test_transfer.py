@@ -889,6 +889,149 @@ class StreamTests(TestCase):
             self.assertEqual(msg["uri"], errors.Corrupt.uri)
             self.assertIn("malformed volume stream", msg["message"])
 
+    # -- protocol violations each side refuses (issue 14) -----------------------------
+
+    def _frame(self, kind, payload):
+        if isinstance(payload, dict):
+            payload = json.dumps(payload).encode()
+        return struct.pack(">cI", kind, len(payload)) + payload
+
+    def _frames(self, data):
+        out = []
+        while len(data) >= 5:
+            kind, n = struct.unpack(">cI", data[:5])
+            if len(data) < 5 + n:
+                break
+            out.append((kind, data[5 : 5 + n]))
+            data = data[5 + n :]
+        return out
+
+    @defer.inlineCallbacks
+    def _refused_blocks(self, offsets):
+        """Send blocks at C{offsets} in one bulk stream; @return: the answer frames."""
+        size = 16 * MiB
+        token = mint_token()
+        incoming = self.receiver.expect(token, "vol-1", size, peer="host-src")
+        proto = yield self._rawConnection()
+        proto.transport.write(self._frame(transfer.HELLO, {
+            "v": transfer.PROTOCOL_VERSION, "token": token, "mode": "bulk", "size": size,
+            "commit": True}))
+        yield wait_for(lambda: proto.received)
+        for off in offsets:
+            proto.transport.write(self._frame(
+                transfer.DATA, struct.pack(">Q", off) + pattern(off)))
+        yield wait_for(lambda: proto.lost)
+        frames = self._frames(proto.received)
+        self.assertEqual(frames[0][0], transfer.READY)
+        self.assertFalse(self.store.exists("vol-1"))
+        self.assertNotEqual(incoming.state, "committed")
+        return frames[1:]
+
+    @defer.inlineCallbacks
+    def test_duplicate_block_refused(self):
+        frames = yield self._refused_blocks([0, 0])
+        self.assertEqual(frames[-1][0], transfer.ERROR)
+        msg = json.loads(frames[-1][1])
+        self.assertEqual(msg["uri"], errors.Corrupt.uri)
+        self.assertIn("sent twice", msg["message"])
+
+    @defer.inlineCallbacks
+    def test_out_of_order_block_refused(self):
+        frames = yield self._refused_blocks([2 * BLOCK_SIZE, BLOCK_SIZE])
+        self.assertEqual(frames[-1][0], transfer.ERROR)
+        msg = json.loads(frames[-1][1])
+        self.assertEqual(msg["uri"], errors.Corrupt.uri)
+        self.assertIn(f"block at {BLOCK_SIZE} sent twice", msg["message"])
+
+    @defer.inlineCallbacks
+    def test_staged_copy_is_not_finished_for_another_digest(self):
+        """
+        A sender that reconnects to a staged copy with another image digest (its image
+        changed) is told to send again from the start, never that its copy is done.
+        """
+        size = 16 * MiB
+        write_image(self.src, size, {0: pattern(0)})
+        token = mint_token()
+        incoming = self.receiver.expect(token, "vol-1", size, peer="host-src")
+        bulk = yield self.sender.send(
+            "127.0.0.1", self.port, token, self.src, "host-dst", commit=False)
+        self.assertEqual(incoming.state, "staged")
+        proto = yield self._rawConnection()
+        other = "sha256-blocks:" + "0" * 64
+        self.assertNotEqual(other, bulk["digest"])
+        proto.transport.write(self._frame(transfer.HELLO, {
+            "v": transfer.PROTOCOL_VERSION, "token": token, "mode": "bulk", "size": size,
+            "commit": True, "digest": other}))
+        yield wait_for(lambda: self._frames(proto.received))
+        kind, payload = self._frames(proto.received)[0]
+        self.assertEqual(kind, transfer.READY)
+        self.assertEqual(json.loads(payload)["offset"], 0)
+        self.assertFalse(self.store.exists("vol-1"))
+        proto.transport.abortConnection()
+
+    @defer.inlineCallbacks
+    def _fake_receiver(self, answer):
+        """
+        A TLS endpoint that speaks as the receiver: C{answer(kind, payload)} returns the
+        frames to send back. @return: its port number.
+        """
+        test = self
+
+        class Fake(Protocol):
+            buf = b""
+
+            def dataReceived(self, data):
+                self.buf += data
+                frames = test._frames(self.buf)
+                for kind, payload in frames:
+                    self.buf = self.buf[5 + len(payload):]
+                    for k, p in answer(kind, payload):
+                        self.transport.write(test._frame(k, p))
+
+        factory = TLSMemoryBIOFactory(self.dst_creds.server_context(), False,
+                                      Factory.forProtocol(Fake))
+        port = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            factory)
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    @defer.inlineCallbacks
+    def test_sender_refuses_a_bad_resume_offset(self):
+        size = 16 * MiB
+        write_image(self.src, size, {0: pattern(0), BLOCK_SIZE: pattern(1)})
+        for offset in (-BLOCK_SIZE, 100, BLOCK_SIZE + 1, "0", None):
+            def answer(kind, payload, offset=offset):
+                if kind == transfer.HELLO:
+                    return [(transfer.READY, {"offset": offset, "block_size": BLOCK_SIZE,
+                                              "blocks": size // BLOCK_SIZE})]
+                return []
+
+            port = yield self._fake_receiver(answer)
+            e = yield self.assertFailure(
+                self.sender.send("127.0.0.1", port, mint_token(), self.src, "host-dst"),
+                errors.Corrupt)
+            self.assertIn("bad resume offset", e.message, offset)
+
+    @defer.inlineCallbacks
+    def test_sender_refuses_a_done_with_another_digest(self):
+        size = 16 * MiB
+        write_image(self.src, size, {0: pattern(0)})
+
+        def answer(kind, payload):
+            if kind == transfer.HELLO:
+                return [(transfer.READY, {"offset": 0, "block_size": BLOCK_SIZE,
+                                          "blocks": size // BLOCK_SIZE})]
+            if kind == transfer.END:
+                return [(transfer.DONE, {"digest": "sha256-blocks:" + "0" * 64,
+                                         "committed": True})]
+            return []
+
+        port = yield self._fake_receiver(answer)
+        e = yield self.assertFailure(
+            self.sender.send("127.0.0.1", port, mint_token(), self.src, "host-dst"),
+            errors.Corrupt)
+        self.assertIn("different digest", e.message)
+
     def _rawConnection(self):
         class Raw(Protocol):
             lost = False
