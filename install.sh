@@ -5,7 +5,7 @@
 #
 #   curl -fsSL https://releases.zwrm.eu/zwrmd/install.sh | sudo bash -s -- \
 #       --agent --control-plane-url=https://cp.example.com:8080 --region=eu-central \
-#       --datacenter=dc1 --join-token=zwrm1.<id>.<secret>.<ca-fingerprint>
+#       --datacenter=dc1 --join-token-file=/root/join-token
 #
 # See docs/install.md.
 set -euo pipefail
@@ -34,11 +34,19 @@ Options:
                               the TLS certificate and the control plane listens with TLS.
   --region=NAME               agent: the host's region (required), e.g. eu-central
   --datacenter=NAME           agent: the host's datacenter (required), e.g. dc1
-  --join-token=TOKEN          agent: a token from \`zwrm tokens create\` (required)
+  --join-token-file=FILE      agent: a file holding a token from \`zwrm tokens create\`
+                              (or the token in \$ZWRM_JOIN_TOKEN, or --join-token=TOKEN);
+                              written to $ZWRM_ETC/join-token (0640 root:zwrm)
+  --join-token=TOKEN          agent: the token itself (visible in the process list while
+                              this script runs: prefer the file or \$ZWRM_JOIN_TOKEN)
+  --address=IP                agent: the address other hosts reach this one at; volumes
+                              are streamed to it there (drains between hosts need it)
   --listen=ENDPOINT           control plane: a Twisted endpoint to listen on instead of the
                               one derived from --control-plane-url (repeatable)
   --deb=PATH                  install from this .deb file or directory of .deb files
   --apt-repo=URL              install from this APT repository (adds it to sources.list.d)
+  --apt-key=FILE              the repository's signing key (OpenPGP, armored or binary):
+                              needed with --apt-repo; written to /etc/apt/keyrings
   --allow-insecure            allow a plain ws:// / http:// URL to a non-loopback host
   --no-start                  write the configuration but do not enable or start the service
   --dry-run                   check the arguments and print what would be done
@@ -62,6 +70,9 @@ url=""
 region=""
 datacenter=""
 token=""
+token_file=""
+address=""
+apt_key=""
 listen=()
 debs=()
 apt_repo=""
@@ -83,7 +94,7 @@ while [ $# -gt 0 ]; do
             [ -z "$role" ] || [ "$role" = "$r" ] || bad_usage "give either --agent or --control-plane, not both"
             role=$r
             ;;
-        --control-plane-url=* | --region=* | --datacenter=* | --join-token=* | --listen=* | --deb=* | --apt-repo=*)
+        --control-plane-url=* | --region=* | --datacenter=* | --join-token=* | --join-token-file=* | --address=* | --listen=* | --deb=* | --apt-repo=* | --apt-key=*)
             name=${arg%%=*}
             value=${arg#*=}
             need_value "$name" "$value"
@@ -92,12 +103,15 @@ while [ $# -gt 0 ]; do
                 --region) region=$value ;;
                 --datacenter) datacenter=$value ;;
                 --join-token) token=$value ;;
+                --join-token-file) token_file=$value ;;
+                --address) address=$value ;;
+                --apt-key) apt_key=$value ;;
                 --listen) listen+=("$value") ;;
                 --deb) debs+=("$value") ;;
                 --apt-repo) apt_repo=$value ;;
             esac
             ;;
-        --control-plane-url | --region | --datacenter | --join-token | --listen | --deb | --apt-repo)
+        --control-plane-url | --region | --datacenter | --join-token | --join-token-file | --address | --listen | --deb | --apt-repo | --apt-key)
             [ $# -gt 0 ] && [ "${1#--}" = "$1" ] || bad_usage "$arg needs a value ($arg=VALUE)"
             set -- "$arg=$1" "${@:2}"
             ;;
@@ -143,12 +157,24 @@ is_loopback() {
 
 if [ "$role" = agent ]; then
     [ ${#listen[@]} -eq 0 ] || bad_usage "--listen is only for --control-plane"
+    # The token: --join-token-file, else --join-token, else $ZWRM_JOIN_TOKEN.
+    if [ -n "$token_file" ]; then
+        [ -z "$token" ] || bad_usage "give --join-token-file or --join-token, not both"
+        [ -r "$token_file" ] || bad_usage "--join-token-file: cannot read $token_file"
+        token=$(tr -d ' \t\r\n' <"$token_file")
+        [ -n "$token" ] || bad_usage "--join-token-file: $token_file is empty"
+    elif [ -z "$token" ]; then
+        token=${ZWRM_JOIN_TOKEN:-}
+    fi
     [ -n "$url" ] || bad_usage "--agent needs --control-plane-url=URL"
     [ -n "$region" ] || bad_usage "--agent needs --region=NAME"
     [ -n "$datacenter" ] || bad_usage "--agent needs --datacenter=NAME"
-    [ -n "$token" ] || bad_usage "--agent needs --join-token=TOKEN (create one with 'zwrm tokens create' on the control plane)"
+    [ -n "$token" ] || bad_usage "--agent needs --join-token-file=FILE, \$ZWRM_JOIN_TOKEN or --join-token=TOKEN (create one with 'zwrm tokens create' on the control plane)"
     [[ $region =~ $name_re ]] || bad_usage "--region: '$region' must be letters, digits, '-' or '_'"
     [[ $datacenter =~ $name_re ]] || bad_usage "--datacenter: '$datacenter' must be letters, digits, '-' or '_'"
+    if [ -n "$address" ]; then
+        [[ $address =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ ]] || bad_usage "--address: '$address' is not an IPv4 address"
+    fi
     [[ $token =~ $token_re ]] || bad_usage "--join-token: not a zwrm join token (expected zwrm1.<id>.<secret>.<ca-fingerprint>, as printed by 'zwrm tokens create')"
     # The agent speaks WebSocket: https -> wss, http -> ws, and /ws unless a path is given.
     case "$url_scheme" in
@@ -168,6 +194,8 @@ else
     [ -z "$region" ] || bad_usage "--region is only for --agent"
     [ -z "$datacenter" ] || bad_usage "--datacenter is only for --agent"
     [ -z "$token" ] || bad_usage "--join-token is only for --agent"
+    [ -z "$token_file" ] || bad_usage "--join-token-file is only for --agent"
+    [ -z "$address" ] || bad_usage "--address is only for --agent"
     package=zwrm-control
     unit=zwrm-control.service
     config="$ZWRM_ETC/control.toml"
@@ -192,20 +220,30 @@ else
 fi
 
 [ ${#debs[@]} -eq 0 ] || [ -z "$apt_repo" ] || bad_usage "give --deb or --apt-repo, not both"
+if [ -n "$apt_repo" ]; then
+    [ -n "$apt_key" ] || bad_usage "--apt-repo needs --apt-key=FILE (the repository's signing key)"
+    [ -r "$apt_key" ] || bad_usage "--apt-key: cannot read $apt_key"
+else
+    [ -z "$apt_key" ] || bad_usage "--apt-key is only for --apt-repo"
+fi
 
 # --- the configuration ------------------------------------------------------------------
 
 render_config() {
     if [ "$role" = agent ]; then
         cat <<EOF
-# Written by install.sh; see docs/install.md. Holds the join token: keep it private.
+# Written by install.sh; see docs/install.md. The join token is in $token_path.
 [agent]
 control_plane_url = "$agent_url"
 region = "$region"
 datacenter = "$datacenter"
-join_token = "$token"
+join_token_file = "$token_path"
 data_dir = "$ZWRM_LIB/agent"
 EOF
+        if [ -n "$address" ]; then
+            echo "address = \"$address\""
+            echo "volume_endpoint = \"tcp:7443:interface=$address\""
+        fi
         [ $allow_insecure -eq 0 ] || echo "insecure = true"
     else
         echo "# Written by install.sh; see docs/install.md."
@@ -231,7 +269,28 @@ EOF
     fi
 }
 
+# The CLI's settings on the control-plane host, so that `zwrm host list` works as printed.
+render_cli_config() {
+    local cli_url
+    if [ -n "$url" ]; then
+        cli_url=$url
+    else
+        cli_url="ws://127.0.0.1:$port/ws"
+    fi
+    cat <<EOF
+# Written by install.sh: the zwrm CLI's settings for root on this host (docs/install.md).
+# A user's ~/.zwrm/config.toml wins over this file.
+url = "$cli_url"
+ca_file = "$pki_dir/ca.pem"
+token_file = "$ZWRM_LIB/control/operator.token"
+EOF
+}
+
+token_path="$ZWRM_ETC/join-token"
+cli_config="$ZWRM_ETC/cli.toml"
 new_config=$(render_config)
+new_cli_config=""
+[ "$role" != control-plane ] || new_cli_config=$(render_cli_config)
 
 if [ $dry_run -eq 1 ]; then
     source_note=""
@@ -239,7 +298,12 @@ if [ $dry_run -eq 1 ]; then
     [ -z "$apt_repo" ] || source_note=" (from $apt_repo)"
     echo "would install: zwrm $package$source_note"
     echo "would write $config:"
-    echo "$new_config" | sed -e 's/^/    /' -e 's/\(zwrm1\.[a-z0-9]*\.\)[a-z0-9]*\./\1<secret>./'
+    echo "$new_config" | sed -e 's/^/    /'
+    [ "$role" != agent ] || echo "would write the join token (zwrm1.${token:6:6}.<secret>.${token: -64}) to $token_path"
+    if [ -n "$new_cli_config" ]; then
+        echo "would write $cli_config:"
+        echo "$new_cli_config" | sed -e 's/^/    /'
+    fi
     if [ "$role" = control-plane ] && [ -n "$url_host" ] && [[ ${listen[0]} == ssl:* ]]; then
         echo "would create the CA and a server certificate for ${url_host} in $pki_dir"
     fi
@@ -276,7 +340,15 @@ if [ ${#debs[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${files[@]}" </dev/null >/dev/null \
         || die "installing the packages failed (see apt-get's messages above)"
 elif [ -n "$apt_repo" ]; then
-    echo "deb [trusted=yes] $apt_repo ${VERSION_CODENAME:-bookworm} main" >/etc/apt/sources.list.d/zwrm.list
+    # The repository's key goes to /etc/apt/keyrings and only this source trusts it.
+    install -d -m 0755 /etc/apt/keyrings
+    if grep -q -- '-----BEGIN PGP PUBLIC KEY BLOCK-----' "$apt_key"; then
+        keyring=/etc/apt/keyrings/zwrm.asc
+    else
+        keyring=/etc/apt/keyrings/zwrm.gpg
+    fi
+    install -m 0644 "$apt_key" "$keyring"
+    echo "deb [signed-by=$keyring] $apt_repo ${VERSION_CODENAME:-bookworm} main" >/etc/apt/sources.list.d/zwrm.list
     apt-get update -qq </dev/null || die "apt-get update failed for $apt_repo"
     apt-get install -y -qq --no-install-recommends zwrm "$package" </dev/null >/dev/null \
         || die "installing $package from $apt_repo failed"
@@ -297,16 +369,27 @@ if [ "$role" = control-plane ] && [[ ${listen[0]} == ssl:* ]]; then
 fi
 
 changed=0
-if [ -f "$config" ] && [ "$(cat "$config")" = "$new_config" ]; then
-    echo "$PROG: $config is unchanged"
-else
-    tmp=$(mktemp "$ZWRM_ETC/.install.XXXXXX")
-    printf '%s\n' "$new_config" >"$tmp"
-    chown root:zwrm "$tmp"
-    chmod 0640 "$tmp"
-    mv -f "$tmp" "$config"
-    echo "$PROG: wrote $config"
-    changed=1
+# write_file PATH TEXT: PATH (0640 root:zwrm) holds TEXT; sets changed=1 if it did not.
+write_file() {
+    if [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; then
+        echo "$PROG: $1 is unchanged"
+    else
+        tmp=$(mktemp "$ZWRM_ETC/.install.XXXXXX")
+        printf '%s\n' "$2" >"$tmp"
+        chown root:zwrm "$tmp"
+        chmod 0640 "$tmp"
+        mv -f "$tmp" "$1"
+        echo "$PROG: wrote $1"
+        changed=1
+    fi
+}
+[ "$role" != agent ] || write_file "$token_path" "$token"
+write_file "$config" "$new_config"
+if [ -n "$new_cli_config" ]; then
+    # The CLI's settings do not change what the service runs: no restart for them.
+    service_changed=$changed
+    write_file "$cli_config" "$new_cli_config"
+    changed=$service_changed
 fi
 
 if [ $start -eq 1 ]; then
@@ -334,6 +417,7 @@ EOF
 else
     [ -z "${fingerprint:-}" ] || echo "Control plane CA fingerprint: $fingerprint"
     cat <<EOF
+The zwrm command's settings:      $cli_config (root; see docs/install.md for other users)
 Create a join token for agents:   zwrm tokens create
 Verify:                           zwrm host list
 Follow the log:                   journalctl -u $unit -f

@@ -3,7 +3,8 @@ The Debian packages: they build with dpkg-buildpackage (scripts/build-debs), the
 `systemd-analyze verify`, and, installed, both services start from the installed files.
 
 The packages come from $ZWRM_DEBS (a directory of .deb files, e.g. what CI built with
-scripts/build-debs) or are built once per run. Building is skipped outside CI only when
+scripts/build-debs) or are built once per source tree (tests/packaging/debs.py caches them by
+a hash of the sources under /var/cache/zwrm-ci/debs). Building is skipped outside CI only when
 dpkg-buildpackage is missing. The install tests change the machine (packages, the zwrm user,
 /etc/zwrm): they run as root under CI, or elsewhere with ZWRM_TEST_INSTALL=1.
 """
@@ -29,6 +30,7 @@ from twisted.web.client import Agent
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from tests.packaging import debs
 from zwrm import pki
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,34 +38,11 @@ PACKAGES = ("zwrm", "zwrm-control", "zwrm-agent")
 UNITS = ("zwrm-control.service", "zwrm-agent.service")
 VENV = "/opt/zwrm/venv"
 
-_built = {}
-
-
 def debs_dir():
-    """The directory holding the three .deb files, building them on first use."""
-    if "dir" in _built:
-        return _built["dir"]
-    given = os.environ.get("ZWRM_DEBS")
-    if given:
-        directory = given
-    else:
-        if not shutil.which("dpkg-buildpackage") and not os.environ.get("CI"):
-            raise SkipTest("dpkg-buildpackage is missing (apt-get install dpkg-dev debhelper)")
-        directory = tempfile.mkdtemp(prefix="zwrm-debs-")
-        result = subprocess.run(
-            [os.path.join(ROOT, "scripts", "build-debs"), directory],
-            capture_output=True,
-            text=True,
-            timeout=1200,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise AssertionError(f"scripts/build-debs failed:\n{result.stderr[-4000:]}")
-    for package in PACKAGES:
-        if not glob.glob(os.path.join(directory, f"{package}_*.deb")):
-            raise AssertionError(f"no {package}_*.deb in {directory}")
-    _built["dir"] = directory
-    return directory
+    """The directory holding the three .deb files (tests/packaging/debs.py: cached by source hash)."""
+    if not os.environ.get("ZWRM_DEBS") and not shutil.which("dpkg-buildpackage") and not os.environ.get("CI"):
+        raise SkipTest("dpkg-buildpackage is missing (apt-get install dpkg-dev debhelper)")
+    return debs.debs_dir()
 
 
 def deb(package):
@@ -144,7 +123,43 @@ class BuiltPackagesTests(SynchronousTestCase):
     def test_examples(self):
         self.assertTrue(os.path.exists(self.path("usr/share/zwrm/control.toml.example")))
         self.assertTrue(os.path.exists(self.path("usr/share/zwrm/agent.toml.example")))
-        self.assertTrue(os.path.exists(self.path("usr/share/doc/zwrm/install.md.gz")))
+        self.assertTrue(os.path.exists(self.path("usr/share/doc/zwrm/install.md")))
+
+    def test_units_documentation_exists(self):
+        # Every Documentation= of each unit names a file the packages ship (not, say, a
+        # name that dh_compress turned into .gz).
+        for unit in UNITS:
+            settings = unit_settings(self.path("lib/systemd/system", unit))
+            urls = " ".join(settings[("[Unit]", "Documentation")]).split()
+            self.assertTrue(urls, unit)
+            for url in urls:
+                self.assertTrue(url.startswith("file:///"), (unit, url))
+                self.assertTrue(os.path.isfile(self.path(url[len("file:///"):])), (unit, url))
+
+    def test_copyright_covers_every_bundled_distribution(self):
+        from importlib.metadata import distributions
+
+        with open(self.path("usr/share/doc/zwrm/copyright")) as f:
+            text = f.read()
+        self.assertTrue(text.startswith("Format: https://www.debian.org/doc/packaging-manuals/"))
+        paragraphs = {}
+        for para in text.split("\n\n"):
+            fields = dict(
+                line.split(": ", 1) for line in para.splitlines() if ": " in line and not line.startswith(" ")
+            )
+            if "Files" in fields:
+                paragraphs[fields["Files"]] = fields
+        site = self.path("opt/zwrm/venv/lib/python3.11/site-packages")
+        dists = [d for d in distributions(path=[site]) if d.metadata["Name"] != "zwrm"]
+        self.assertGreater(len(dists), 20)
+        for dist in dists:
+            info = next(f.parts[0] for f in dist.files if f.parts[0].endswith(".dist-info"))
+            key = f"{VENV}/lib/python3.11/site-packages/{info}/*"
+            self.assertIn(key, paragraphs, f"{dist.metadata['Name']} is not in the copyright file")
+            licence = paragraphs[key].get("License", "")
+            self.assertTrue(licence and licence.upper() not in ("UNKNOWN", "LICENSE"), (info, licence))
+        for package in ("zwrm-control", "zwrm-agent"):
+            self.assertTrue(os.path.exists(self.path("usr/share/doc", package, "copyright")))
 
     def test_units_verify(self):
         # Offline, before installing: point ExecStart at the unpacked twistd (verify checks that

@@ -5,6 +5,7 @@ and --dry-run shows the configuration it would write. Runs without root and chan
 
 import os
 import subprocess
+import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -20,9 +21,10 @@ AGENT = [
 ]
 
 
-def run(*args):
+def run(*args, env=None):
     return subprocess.run(
-        ["bash", INSTALL_SH, *args], capture_output=True, text=True, timeout=30, check=False
+        ["bash", INSTALL_SH, *args], capture_output=True, text=True, timeout=30, check=False,
+        env=dict({k: v for k, v in os.environ.items() if k != "ZWRM_JOIN_TOKEN"}, **(env or {})),
     )
 
 
@@ -57,8 +59,8 @@ class BadArgumentsTests(SynchronousTestCase):
             ("--datacenter", "--agent needs --datacenter=NAME"),
             (
                 "--join-token",
-                "--agent needs --join-token=TOKEN (create one with 'zwrm tokens create' on the"
-                " control plane)",
+                "--agent needs --join-token-file=FILE, $ZWRM_JOIN_TOKEN or --join-token=TOKEN"
+                " (create one with 'zwrm tokens create' on the control plane)",
             ),
         ]:
             args = [a for a in AGENT if not a.startswith(missing + "=")]
@@ -93,6 +95,30 @@ class BadArgumentsTests(SynchronousTestCase):
         )
         self.assertBadUsage(AGENT + ["--listen=tcp:8080"], "--listen is only for --control-plane")
 
+    def test_token_file_problems(self):
+        base = [a for a in AGENT if not a.startswith("--join-token=")]
+        self.assertBadUsage(base + ["--join-token-file=/nonexistent/token"],
+                            "--join-token-file: cannot read /nonexistent/token")
+        self.assertBadUsage(AGENT + ["--join-token-file=/dev/null"],
+                            "give --join-token-file or --join-token, not both")
+        self.assertBadUsage(base + ["--join-token-file=/dev/null"],
+                            "--join-token-file: /dev/null is empty")
+        self.assertBadUsage(["--control-plane", "--join-token-file=/dev/null"],
+                            "--join-token-file is only for --agent")
+
+    def test_bad_address(self):
+        self.assertBadUsage(AGENT + ["--address=cp.example.com"],
+                            "--address: 'cp.example.com' is not an IPv4 address")
+        self.assertBadUsage(["--control-plane", "--address=10.0.0.1"],
+                            "--address is only for --agent")
+
+    def test_apt_repo_needs_a_key(self):
+        self.assertBadUsage(AGENT + ["--apt-repo=https://apt.example.com"],
+                            "--apt-repo needs --apt-key=FILE (the repository's signing key)")
+        self.assertBadUsage(AGENT + ["--apt-repo=https://apt.example.com", "--apt-key=/nonexistent"],
+                            "--apt-key: cannot read /nonexistent")
+        self.assertBadUsage(AGENT + ["--apt-key=/dev/null"], "--apt-key is only for --apt-repo")
+
     def test_bad_region(self):
         args = AGENT[:2] + ["--region=eu central"] + AGENT[3:]
         self.assertBadUsage(args, "--region: 'eu central' must be letters, digits, '-' or '_'")
@@ -105,9 +131,33 @@ class DryRunTests(SynchronousTestCase):
         self.assertIn('control_plane_url = "wss://cp.example.com:8080/ws"', result.stdout)
         self.assertIn('region = "eu-central"', result.stdout)
         self.assertIn('datacenter = "dc1"', result.stdout)
-        self.assertIn('join_token = "zwrm1.abc123.<secret>.' + "f" * 64 + '"', result.stdout)
+        self.assertIn('join_token_file = "/etc/zwrm/join-token"', result.stdout)
+        self.assertIn("would write the join token (zwrm1.abc123.<secret>." + "f" * 64
+                      + ") to /etc/zwrm/join-token", result.stdout)
+        self.assertNotIn("join_token =", result.stdout)
         self.assertNotIn("s" * 32, result.stdout)
         self.assertIn("would enable and start zwrm-agent.service", result.stdout)
+
+    def test_token_from_a_file_or_the_environment(self):
+        base = [a for a in AGENT if not a.startswith("--join-token=")]
+        with tempfile.NamedTemporaryFile("w", suffix=".token") as f:
+            f.write(TOKEN + "\n")
+            f.flush()
+            from_file = run(*base, f"--join-token-file={f.name}", "--dry-run")
+        from_env = run(*base, "--dry-run", env={"ZWRM_JOIN_TOKEN": TOKEN})
+        from_flag = run(*AGENT, "--dry-run")
+        for result in (from_file, from_env):
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertEqual(result.stdout, from_flag.stdout)
+        bad = run(*base, "--dry-run", env={"ZWRM_JOIN_TOKEN": "zwrm1.nope"})
+        self.assertEqual(bad.returncode, 2)
+        self.assertIn("--join-token: not a zwrm join token", bad.stderr)
+
+    def test_agent_address(self):
+        result = run(*AGENT, "--address=192.0.2.21", "--dry-run")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn('address = "192.0.2.21"', result.stdout)
+        self.assertIn('volume_endpoint = "tcp:7443:interface=192.0.2.21"', result.stdout)
 
     def test_agent_url_forms(self):
         for given, used in [
@@ -133,11 +183,17 @@ class DryRunTests(SynchronousTestCase):
         self.assertIn(
             "would create the CA and a server certificate for cp.example.com", result.stdout
         )
+        # the CLI's settings for root on the control-plane host
+        self.assertIn("would write /etc/zwrm/cli.toml:", result.stdout)
+        self.assertIn('    url = "https://cp.example.com:8443"', result.stdout)
+        self.assertIn(f'    ca_file = "{pki}/ca.pem"', result.stdout)
+        self.assertIn('    token_file = "/var/lib/zwrm/control/operator.token"', result.stdout)
 
     def test_control_plane_loopback_by_default(self):
         result = run("--control-plane", "--dry-run", "--no-start")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn('listen = ["tcp:8080:interface=127.0.0.1"]', result.stdout)
+        self.assertIn('    url = "ws://127.0.0.1:8080/ws"', result.stdout)
         self.assertNotIn("would enable", result.stdout)
 
     def test_help(self):
