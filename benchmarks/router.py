@@ -7,8 +7,16 @@ Workload (loopback WebSocket, JSON and MsgPack; every router and client in its o
    and the latency p50 / p99 of the sequential calls;
  - pub/sub, one publisher: events delivered per second to 1 and to 10 subscribers.
 
+Beside each rate the router's own CPU time per call or per delivered event is printed
+(user + system time of the router process and its children, from /proc), which does
+not depend on how loaded the machine is as much as the rates do.
+
 Usage:
-    .venv/bin/python benchmarks/router.py [--quick] [--crossbar /opt/crossbar-venv/bin/crossbar]
+    .venv/bin/python benchmarks/router.py [--quick] [--rounds 3] [--crossbar /opt/crossbar-venv/bin/crossbar]
+
+Rows are the medians of interleaved rounds (zwrm and Crossbar alternate, so load elsewhere
+on the machine hits both); the load average is printed before and after.  Final figures
+need a quiet machine.
 
 Crossbar.io is never a dependency of zwrm: install it in its own virtualenv
 (``python3 -m venv /opt/crossbar-venv && /opt/crossbar-venv/bin/pip install crossbar``).
@@ -20,6 +28,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,7 +80,16 @@ def serve_zwrm(port):
     router = Router(reactor, StaticAuthenticator(anonymous=True),
                     RoleBasedAuthorizer({"anonymous": [Rule("bench.", "prefix", ALL)]}))
     listen(reactor, router, f"tcp:{port}:interface=127.0.0.1")
-    reactor.run()
+    profile = os.environ.get("ZWRM_BENCH_PROFILE")
+    if not profile:
+        reactor.run()
+        return
+    # ZWRM_BENCH_PROFILE=out.prof: profile the router (cProfile) and write the stats on exit
+    import cProfile
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(reactor.stop))
+    cProfile.runctx("reactor.run(installSignalHandlers=False)", globals(), {"reactor": reactor}, profile)
 
 
 def crossbar_config(port):
@@ -94,13 +112,43 @@ def crossbar_config(port):
     }
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid):
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(c) for c in f.read().split())
+    except OSError:
+        pass
+    return out
+
+
+def process_tree_cpu(pid):
+    """User + system CPU seconds of C{pid} and all its live descendants (from /proc)."""
+    total = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+        todo.extend(_children(p))
+    return total / _TICK
+
+
 class RouterProcess:
-    def __init__(self, kind, crossbar=None):
+    def __init__(self, kind, crossbar=None, source=None):
         self.kind = kind
         self.port = free_port()
         self.tmp = tempfile.mkdtemp(prefix=f"bench-{kind}-")
         log = open(os.path.join(self.tmp, "router.log"), "wb")
-        if kind == "zwrm":
+        if kind.startswith("zwrm"):
             cmd = [sys.executable, HERE, "--serve-zwrm", str(self.port)]
             self.url = f"ws://127.0.0.1:{self.port}/ws"
         else:
@@ -110,8 +158,16 @@ class RouterProcess:
                 json.dump(crossbar_config(self.port), f)
             cmd = [crossbar, "start", "--cbdir", cbdir, "--loglevel", "warn"]
             self.url = f"ws://127.0.0.1:{self.port}/"
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp)
+        env = dict(os.environ)
+        if source:
+            # another checkout's zwrm package (e.g. the previous commit), to measure a change
+            env["PYTHONPATH"] = source + os.pathsep + env.get("PYTHONPATH", "")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp, env=env)
         wait_port(self.port, 90)
+
+    def cpu(self):
+        """CPU seconds (user + system) used so far by the router and its descendants."""
+        return process_tree_cpu(self.proc.pid)
 
     def stop(self):
         self.proc.terminate()
@@ -213,7 +269,7 @@ def pct(values, p):
 
 
 @defer.inlineCallbacks
-def measure(reactor, url, serializer, sizes):
+def measure(reactor, url, serializer, sizes, cpu=lambda: 0.0):
     results = {}
     driver = yield connect(reactor, url, serializer)
     ready = Collector()
@@ -232,12 +288,14 @@ def measure(reactor, url, serializer, sizes):
 
         # sequential calls and their latency
         lat = []
+        c0 = cpu()
         t0 = time.perf_counter()
         for i in range(sizes["seq"]):
             t = time.perf_counter()
             yield driver.call("bench.echo", i)
             lat.append(time.perf_counter() - t)
         results["rpc_seq"] = sizes["seq"] / (time.perf_counter() - t0)
+        results["cpu_seq_us"] = (cpu() - c0) / sizes["seq"] * 1e6
         results["p50_ms"] = pct(lat, 50) * 1000
         results["p99_ms"] = pct(lat, 99) * 1000
 
@@ -260,11 +318,13 @@ def measure(reactor, url, serializer, sizes):
             else:
                 one()
 
+        c0 = cpu()
         t0 = time.perf_counter()
         for _ in range(64):
             one()
         yield done.addTimeout(120, reactor)
         results["rpc_64"] = total / (time.perf_counter() - t0)
+        results["cpu_64_us"] = (cpu() - c0) / total * 1e6
 
         # events, 1 and 10 subscribers
         for nsubs, nevents in ((1, sizes["ev1"]), (10, sizes["ev10"])):
@@ -277,6 +337,7 @@ def measure(reactor, url, serializer, sizes):
             payload = "x" * 32
             window = []
             opts = PublishOptions(acknowledge=True)
+            c0 = cpu()
             t0 = time.perf_counter()
             for seq in range(nevents):
                 window.append(driver.publish("bench.events", seq, nevents, payload, options=opts))
@@ -286,8 +347,10 @@ def measure(reactor, url, serializer, sizes):
             yield defer.gatherResults(window)
             yield reports.wait_for(nsubs, reactor, timeout=120)
             elapsed = time.perf_counter() - t0
+            used = cpu() - c0
             delivered = sum(reports.items[:nsubs])
             results[f"ev_{nsubs}"] = delivered / elapsed
+            results[f"cpu_ev_{nsubs}_us"] = used / max(1, delivered) * 1e6
             results[f"ev_{nsubs}_lost"] = nsubs * nevents - delivered
             for p in subs:
                 p.kill()
@@ -308,6 +371,10 @@ ROWS = [
     ("p99_ms", "RPC latency p99 (ms)", False),
     ("ev_1", "events/s delivered, 1 subscriber", True),
     ("ev_10", "events/s delivered, 10 subscribers", True),
+    ("cpu_seq_us", "router CPU µs per call, sequential", False),
+    ("cpu_64_us", "router CPU µs per call, 64 in flight", False),
+    ("cpu_ev_1_us", "router CPU µs per event, 1 subscriber", False),
+    ("cpu_ev_10_us", "router CPU µs per event, 10 subscribers", False),
 ]
 
 
@@ -315,30 +382,29 @@ def fmt(v):
     return f"{v:,.0f}" if v >= 100 else f"{v:.2f}"
 
 
-def report(all_results, have_crossbar):
+def report(all_results, kinds, have_crossbar):
+    others = [k for k in kinds if k != "zwrm"]
     for serializer in ("json", "msgpack"):
-        z = all_results.get(("zwrm", serializer))
-        c = all_results.get(("crossbar", serializer))
+        z = all_results[("zwrm", serializer)]
         print(f"\nWebSocket + {serializer}")
-        if c:
-            print(f"  {'':38} {'zwrm':>12} {'crossbar':>12} {'zwrm/crossbar':>14}")
+        header = f"  {'':40} {'zwrm':>10}"
+        for k in others:
+            header += f" {k:>11} {'zwrm/' + k:>14}"
+        print(header)
         for key, label, higher in ROWS:
-            line = f"  {label:38} {fmt(z[key]):>12}"
-            if c:
-                ratio = z[key] / c[key] if higher else c[key] / z[key]
-                line += f" {fmt(c[key]):>12} {ratio:>13.2f}x"
+            line = f"  {label:40} {fmt(z[key]):>10}"
+            for k in others:
+                c = all_results[(k, serializer)]
+                ratio = z[key] / c[key] if higher else c[key] / max(z[key], 1e-9)
+                line += f" {fmt(c[key]):>11} {ratio:>13.2f}x"
             print(line)
-        lost = {k: v for k, v in z.items() if k.endswith("_lost") and v}
-        if lost:
-            print(f"  zwrm events not delivered: {lost}")
-        if c:
-            lost = {k: v for k, v in c.items() if k.endswith("_lost") and v}
+        for k in kinds:
+            lost = {n: v for n, v in all_results[(k, serializer)].items() if n.endswith("_lost") and v}
             if lost:
-                print(f"  crossbar events not delivered: {lost}")
-    if have_crossbar:
-        print("\nratios: higher is better for zwrm (latency ratios are crossbar/zwrm)")
-    else:
-        print("\nCrossbar.io is absent (no baseline router): install it in its own virtualenv, "
+                print(f"  {k} events not delivered: {lost}")
+    print("\nratios: higher is better for zwrm (latency and CPU ratios are other/zwrm)")
+    if not have_crossbar:
+        print("Crossbar.io is absent (no baseline router): install it in its own virtualenv, "
               "e.g. python3 -m venv /opt/crossbar-venv && /opt/crossbar-venv/bin/pip install crossbar")
 
 
@@ -347,27 +413,31 @@ def main(reactor, args):
     if args.quick:
         sizes = {k: v // 10 for k, v in sizes.items()}
     have_crossbar = bool(args.crossbar and os.access(args.crossbar, os.X_OK))
-    kinds = ["zwrm"] + (["crossbar"] if have_crossbar else [])
+    kinds = ["zwrm"] + (["zwrm-other"] if args.other else []) + (["crossbar"] if have_crossbar else [])
 
     @defer.inlineCallbacks
     def run():
-        results = {}
+        rounds = {}
+        load0 = os.getloadavg()
         # rounds interleave the routers, so a burst of load elsewhere on the machine
-        # hits both; each row keeps its best round
+        # hits both; each row is the median of the rounds
         for rnd in range(args.rounds):
             for serializer in ("json", "msgpack"):
                 for kind in kinds:
-                    router = RouterProcess(kind, args.crossbar)
+                    router = RouterProcess(kind, args.crossbar, args.other if kind == "zwrm-other" else None)
                     try:
                         print(f"round {rnd + 1}: measuring {kind} / {serializer} ...", file=sys.stderr)
-                        r = yield measure(reactor, router.url, serializer, sizes)
+                        r = yield measure(reactor, router.url, serializer, sizes, router.cpu)
                     finally:
                         router.stop()
-                    best = results.setdefault((kind, serializer), r)
-                    for key, _, higher in ROWS:
-                        best[key] = max(best[key], r[key]) if higher else min(best[key], r[key])
-        report(results, have_crossbar)
-        print(f"(best of {args.rounds} interleaved rounds; sizes: {sizes})")
+                    rounds.setdefault((kind, serializer), []).append(r)
+        results = {}
+        for key, rs in rounds.items():
+            results[key] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        report(results, kinds, have_crossbar)
+        load1 = os.getloadavg()
+        print(f"(medians of {args.rounds} interleaved rounds; sizes: {sizes}; load average "
+              f"{load0[0]:.2f} before, {load1[0]:.2f} after, on {os.cpu_count()} cores)")
 
     return run()
 
@@ -383,6 +453,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a tenth of the work (a smoke run)")
     parser.add_argument("--crossbar", default=DEFAULT_CROSSBAR, help="the crossbar executable")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; rows keep the best")
+    parser.add_argument("--other", metavar="DIR",
+                        help="also measure the zwrm package found in DIR (e.g. an export of the previous commit)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; rows are their medians")
     args = parser.parse_args()
     task.react(lambda reactor: main(reactor, args))

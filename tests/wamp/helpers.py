@@ -107,6 +107,8 @@ class RouterTestMixin:
 
     limits = RouterLimits()
     authenticator_kw = {}
+    # clients' serializer when a test names none (None: message objects, no bytes)
+    serializer = None
 
     def setUp(self):
         self.clock = Clock()
@@ -122,7 +124,7 @@ class RouterTestMixin:
         raise AssertionError("the router did not go quiet")
 
     def connect(self, serializer=None):
-        pair = MemoryTransportPair(self.clock, serializer)
+        pair = MemoryTransportPair(self.clock, serializer if serializer is not None else self.serializer)
         client = RawClient()
         client.pair = pair
         pair.connect(self.router.session_factory(), client)

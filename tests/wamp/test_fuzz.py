@@ -129,10 +129,17 @@ class FuzzTests(RouterTestMixin, unittest.SynchronousTestCase):
         self.pump()
         self.assertEqual(caller.last(message.Result).args, ["pong"])
         self.assertEqual(sub.last(message.Event).args, ["still"])
-        # the attacker is either still joined or was told why it was dropped
-        if attacker.closed and join_attacker:
-            self.assertTrue(any(isinstance(m, (message.Abort, message.Goodbye)) for m in attacker.received)
-                            or not any(isinstance(m, message.Abort) for m in attacker.received))
+        # the attacker was told why whenever the router dropped it: its last message is
+        # an ABORT (or the GOODBYE of a kill), unless it sent an ABORT itself, which the
+        # router answers by closing; and an ABORT always comes with a close
+        aborts = [m for m in attacker.received if isinstance(m, message.Abort)]
+        if attacker.closed:
+            sent_abort = any(isinstance(f, list) and f[:1] == [3] for f in frames)
+            last = attacker.received[-1] if attacker.received else None
+            self.assertTrue(isinstance(last, (message.Abort, message.Goodbye)) or sent_abort,
+                            f"dropped without a reason; last message {last!r}")
+        else:
+            self.assertEqual(aborts, [])
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.lists(st.binary(max_size=64), min_size=1, max_size=4))

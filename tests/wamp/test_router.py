@@ -258,13 +258,34 @@ class ProtocolViolationTests(RouterTestMixin, unittest.SynchronousTestCase):
         self.pump()
         self.assertViolation(c)
 
-    def test_reused_call_request_id(self):
+    def test_reused_call_request_id_is_an_error_not_a_lost_session(self):
         caller, callee = self.join("op"), self.join("host1")
         self.register(callee, "zwrm.agent.host1.x")
         caller.send(message.Call(7, "zwrm.agent.host1.x"))
         caller.send(message.Call(7, "zwrm.agent.host1.x"))
         self.pump()
-        self.assertViolation(caller)
+        err = caller.last(message.Error)
+        self.assertEqual((err.request_type, err.request, err.error),
+                         (message.Call.MESSAGE_TYPE, 7, "zwrm.error.invalid_argument"))
+        self.assertIn("request id 7", err.args[0])
+        self.assertFalse(caller.closed)
+        self.assertEqual(caller.take(message.Abort), [])
+        # the first call is still served
+        [inv] = callee.take(message.Invocation)
+        callee.send(message.Yield(inv.request, args=["first"]))
+        self.pump()
+        self.assertEqual(caller.last(message.Result).args, ["first"])
+
+    def test_request_id_zero_is_a_protocol_violation(self):
+        for msg in (message.Call(0, "test.proc"), message.Publish(0, "test.topic"),
+                    message.Subscribe(0, "test.topic"), message.Register(0, "test.mine")):
+            for serializer in (None, FastJsonSerializer()):
+                with self.subTest(msg=type(msg).__name__, serializer=serializer):
+                    c = self.join("op", serializer=serializer)
+                    c.send(msg)
+                    self.pump()
+                    self.assertViolation(c)
+                    self.assertIn("request id 0", c.last(message.Abort).message)
 
 
 class DealerTests(RouterTestMixin, unittest.SynchronousTestCase):
@@ -482,11 +503,31 @@ class DealerTests(RouterTestMixin, unittest.SynchronousTestCase):
         self.assertEqual(self.callee.last(message.Invocation).procedure, "test.zzz")
 
     def test_registration_reserved_wamp_namespace(self):
+        # a role whose rules allow registering anything: only the reserved-namespace
+        # guard stands between it and the router's own procedures
+        self.router.authorizer._roles["trusted"] += (Rule("", "prefix", {"register"}),)
         ctl = self.join("ctl")
-        self.router.authorizer._roles["trusted"] += (self.router.authorizer._roles["operator"][1],)
-        ctl.send(message.Register(1, "wamp.session.count"))
+        self.assertTrue(self.router.authorizer.authorize_pattern(
+            self.router.get_session(ctl.session_id), "wamp.", "register", "prefix"))
+        self.register(ctl, "test.free")  # the rule does let it register
+        cases = [("wamp.session.count", None), ("wamp.zwrm.mine", None), ("wamp.", "prefix"),
+                 ("wam", "prefix"), ("", "prefix"), (".session.count", "wildcard"), ("wamp..count", "wildcard")]
+        for procedure, match in cases:
+            with self.subTest(procedure=procedure, match=match):
+                r = ctl.req()
+                ctl.send(message.Register(r, procedure, match=match))
+                self.pump()
+                err = ctl.last(message.Error)
+                self.assertEqual((err.request, err.error), (r, "wamp.error.invalid_uri"))
+                self.assertEqual(ctl.take(message.Registered), [])
+                ctl.take()
+        # the router still answers its own procedures, and nobody took a wamp. URI
+        ctl.send(message.Call(100, "wamp.session.count"))
         self.pump()
-        self.assertTrue(ctl.last(message.Error).error in ("wamp.error.not_authorized", "wamp.error.invalid_uri"))
+        self.assertEqual(ctl.last(message.Result).request, 100)
+        for uri in ("wamp.zwrm.mine", "wamp.x.count", "wamp.session.count"):
+            reg = self.router._registrations.best_match(uri)
+            self.assertTrue(reg is None or reg.handler is not None, uri)
 
 
 class BrokerTests(RouterTestMixin, unittest.SynchronousTestCase):
@@ -510,6 +551,18 @@ class BrokerTests(RouterTestMixin, unittest.SynchronousTestCase):
         self.assertEqual((ev.publisher, ev.publisher_authid, ev.publisher_authrole),
                          (self.pub.session_id, "host1", "agent"))
         self.assertIsNone(ev.topic)
+
+    def test_prefix_subscription_with_or_without_trailing_dot(self):
+        viewer = self.join("view")  # may subscribe to the prefix zwrm.event. only
+        a = self.subscribe(viewer, "zwrm.event", match="prefix")
+        b = self.subscribe(viewer, "zwrm.event.", match="prefix")
+        self.assertEqual(a, b)
+        ctl = self.join("ctl")
+        for topic in ("zwrm.event.host.updated", "zwrm.events.x", "zwrm.eventually"):
+            ctl.send(message.Publish(ctl.req(), topic, args=[topic]))
+        self.pump()
+        got = [(e.subscription, e.topic) for e in viewer.take(message.Event)]
+        self.assertEqual(got, [(a, "zwrm.event.host.updated")])
 
     def test_prefix_and_wildcard(self):
         p = self.subscribe(self.sub, "test.a.", match="prefix")
@@ -683,6 +736,69 @@ class MetaApiTests(RouterTestMixin, unittest.SynchronousTestCase):
         self.assertEqual(v.last(message.Error).error, "wamp.error.not_authorized")
 
 
+class _RaisingAuthorizer:
+    """An authorizer that fails on every question."""
+
+    def authorize(self, session, uri, action):
+        raise RuntimeError("authorizer broken")
+
+    def authorize_pattern(self, session, uri, action, match):
+        raise RuntimeError("authorizer broken")
+
+
+class _ExactOnlyAuthorizer:
+    """An authorizer that allows every exact URI and knows nothing of patterns."""
+
+    def authorize(self, session, uri, action):
+        return True
+
+
+class AuthorizerFailureTests(RouterTestMixin, unittest.SynchronousTestCase):
+    """The router fails closed: an authorizer that raises, or lacks pattern support, denies."""
+
+    def setUp(self):
+        super().setUp()
+        self.caller = self.join("op")
+        self.callee = self.join("host1")
+        self.registration = self.register(self.callee, "test.proc")
+        self.subscription = self.subscribe(self.callee, "test.topic")
+
+    def assertRefused(self, client, request, error="wamp.error.not_authorized"):
+        err = client.last(message.Error)
+        self.assertEqual((err.request, err.error), (request, error))
+        client.take()
+
+    def test_raising_authorizer_denies_everything(self):
+        self.router.authorizer = _RaisingAuthorizer()
+        self.router._authorize_pattern = self.router.authorizer.authorize_pattern
+        c = self.caller
+        c.send(message.Call(1, "test.proc"))
+        c.send(message.Publish(2, "test.topic", args=["x"], acknowledge=True))
+        c.send(message.Subscribe(3, "test.topic"))
+        c.send(message.Subscribe(4, "test.", match="prefix"))
+        c.send(message.Register(5, "test.other"))
+        c.send(message.Register(6, "test.pre.", match="prefix"))
+        self.pump()
+        errors = {m.request: m.error for m in c.take() if isinstance(m, message.Error)}
+        self.assertEqual(errors, {r: "wamp.error.not_authorized" for r in range(1, 7)})
+        self.assertEqual(self.callee.take(), [])  # no INVOCATION, no EVENT
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 6)
+
+    def test_authorizer_without_pattern_support_denies_patterns(self):
+        self.router.authorizer = _ExactOnlyAuthorizer()
+        self.router._authorize_pattern = None
+        c = self.caller
+        c.send(message.Subscribe(1, "test.", match="prefix"))
+        c.send(message.Subscribe(2, "test..x", match="wildcard"))
+        c.send(message.Register(3, "test.pre.", match="prefix"))
+        c.send(message.Register(4, "test..x", match="wildcard"))
+        c.send(message.Subscribe(5, "test.topic"))
+        self.pump()
+        errors = {m.request: m.error for m in c.take(message.Error)}
+        self.assertEqual(errors, {r: "wamp.error.not_authorized" for r in range(1, 5)})
+        self.assertEqual(c.last(message.Subscribed).request, 5)  # exact URIs are still allowed
+
+
 class ErrorPassThroughTests(unittest.SynchronousTestCase):
     def test_application_error_uri(self):
         from zwrm.errors import NotFound
@@ -690,3 +806,24 @@ class ErrorPassThroughTests(unittest.SynchronousTestCase):
         e = NotFound("gone")
         self.assertIsInstance(e, ApplicationError)
         self.assertEqual((e.error, e.args), ("zwrm.error.not_found", ("gone",)))
+
+
+# the same dealer and broker tests with clients that send bytes: the router then parses
+# CALL, YIELD and PUBLISH straight from the decoded list (its hot path) and sends
+# INVOCATION, RESULT and EVENT as lists
+
+
+class DealerTestsJson(DealerTests):
+    serializer = FastJsonSerializer()
+
+
+class DealerTestsMsgPack(DealerTests):
+    serializer = MsgPackSerializer()
+
+
+class BrokerTestsJson(BrokerTests):
+    serializer = FastJsonSerializer()
+
+
+class BrokerTestsMsgPack(BrokerTests):
+    serializer = MsgPackSerializer()

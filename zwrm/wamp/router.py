@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -42,11 +43,86 @@ from twisted.logger import Logger
 
 from zwrm.errors import AuthenticationFailed
 from zwrm.wamp.auth import Principal, verify_cryptosign, wampcra_signature, wildcard_match
+from zwrm.wamp.wire import to_message
 
 log = Logger()
 
 PROTOCOL_VIOLATION = "wamp.error.protocol_violation"
+DUPLICATE_REQUEST = "zwrm.error.invalid_argument"
 _MAX_ID = 2**53
+
+# message type codes on the hot path
+_ERROR, _PUBLISH, _PUBLISHED, _EVENT = 8, 16, 17, 36
+_CALL, _RESULT, _INVOCATION, _YIELD = 48, 50, 68, 70
+
+# messages a client sends with a request id; 0 is not a request id (they start at 1)
+_CLIENT_REQUESTS = (
+    message.Publish, message.Subscribe, message.Unsubscribe, message.Call, message.Cancel,
+    message.Register, message.Unregister, message.Yield, message.Error,
+)
+
+# loose URI rule (autobahn's, non-empty components), cached for URIs seen before
+_LOOSE_URI = re.compile(r"^([^\s\.#]+\.)*([^\s\.#]+)$")
+_uri_ok_cache = {}
+
+
+def _uri_ok(uri):
+    """C{True} if C{uri} (a str) is a valid WAMP URI for CALL and PUBLISH (loose rule)."""
+    ok = _uri_ok_cache.get(uri)
+    if ok is None:
+        ok = _LOOSE_URI.match(uri) is not None
+        if len(_uri_ok_cache) >= 4096:
+            _uri_ok_cache.clear()
+        _uri_ok_cache[uri] = ok
+    return ok
+
+
+def _with_payload(m, args, kwargs):
+    """Append C{args} / C{kwargs} to message list C{m} as autobahn marshals them."""
+    if kwargs:
+        m.append(args)
+        m.append(kwargs)
+    elif args:
+        m.append(args)
+    return m
+
+
+def _add_enc(details, enc):
+    if enc is not None:
+        algo, key, ser = enc
+        if algo is not None:
+            details["enc_algo"] = algo
+        if key is not None:
+            details["enc_key"] = key
+        if ser is not None:
+            details["enc_serializer"] = ser
+
+
+def _result_list(request, args, kwargs, payload, enc, progress):
+    details = {"progress": True} if progress else {}
+    if payload:
+        _add_enc(details, enc)
+        return [_RESULT, request, details, payload]
+    return _with_payload([_RESULT, request, details], args, kwargs)
+
+
+def _reserved_pattern(uri, match):
+    """C{True} if a registration of C{uri} with C{match} could match a C{wamp.} URI."""
+    if match == "prefix":
+        return uri.startswith("wamp.") or "wamp.".startswith(uri)
+    if match == "wildcard":
+        return uri.split(".", 1)[0] in ("", "wamp")
+    return uri.startswith("wamp.")
+
+
+def _args_of(msg):
+    """A message object's args as a list (in-process sessions may give a tuple)."""
+    args = msg.args
+    return list(args) if type(args) is tuple else args
+
+
+def _enc_of(msg):
+    return (msg.enc_algo, msg.enc_key, msg.enc_serializer) if msg.payload else None
 
 
 def _random_id():
@@ -344,6 +420,34 @@ class RouterSession:
             log.failure("router: internal error handling {msg!r}", msg=type(msg).__name__)
             self.protocol_violation("internal router error")
 
+    def on_list(self, m):
+        """
+        A decoded message (a list) from a transport that parses messages itself.  CALL,
+        YIELD and PUBLISH with plain options are routed straight from the list; every
+        other message is checked and parsed by autobahn (L{to_message}) first.
+        """
+        if self._state == _STATE_JOINED and type(m) is list and m:
+            kind = m[0]
+            if type(kind) is int:
+                fast = self._router._fast.get(kind)
+                if fast is not None:
+                    try:
+                        if fast(self, m):
+                            return
+                    except ProtocolError as e:
+                        self.protocol_violation(str(e))
+                        return
+                    except Exception:
+                        log.failure("router: internal error handling message type {kind}", kind=kind)
+                        self.protocol_violation("internal router error")
+                        return
+        try:
+            msg = to_message(m)
+        except Exception as e:
+            self.protocol_violation(f"malformed message: {e}")
+            return
+        self.onMessage(msg)
+
     # sending -------------------------------------------------------------------------
 
     def send(self, msg):
@@ -369,12 +473,38 @@ class RouterSession:
             self._check_backlog(hard_only=True)
         return True
 
-    def send_event(self, msg):
-        """Send an EVENT, or drop it if the session is too slow."""
+    def send_list(self, m, cache=None):
+        """
+        Send the message list C{m} (serialized by the transport without building a
+        message object).  C{cache}, a dict shared by the sends of one message to many
+        sessions, lets transports with the same serializer reuse the bytes.
+        """
+        t = self._transport
+        if t is None:
+            return False
+        try:
+            t.send_list(m, cache)
+        except SerializationError as e:
+            log.info("router: cannot serialize message type {kind} for session {sid}: {e}",
+                     kind=m[0], sid=self.session_id, e=e)
+            if m[0] == _RESULT:
+                self.send_list([_ERROR, _CALL, m[1], {}, ApplicationError.INVALID_PAYLOAD,
+                                [f"the result could not be serialized: {e}"]])
+            return False
+        except Exception as e:
+            log.info("router: could not send to session {sid}: {e}", sid=self.session_id, e=e)
+            self._drop(f"send failed: {e}")
+            return False
+        if m[0] != _EVENT and self._router.limits.max_outgoing_queue:
+            self._check_backlog(hard_only=True)
+        return True
+
+    def send_event(self, ev, cache=None):
+        """Send an EVENT (a message list), or drop it if the session is too slow."""
         if self._check_backlog():
             self.dropped_events += 1
             return False
-        return self.send(msg)
+        return self.send_list(ev, cache)
 
     def unsent_bytes(self):
         """Bytes sent to this session's transport and not yet on the network."""
@@ -471,6 +601,8 @@ class RouterSession:
         if state == _STATE_JOINED:
             handler = self._router._handlers.get(type(msg))
             if handler is not None:
+                if msg.request == 0 and isinstance(msg, _CLIENT_REQUESTS):
+                    raise ProtocolError(f"request id 0 in {type(msg).__name__.upper()} (request ids start at 1)")
                 handler(self, msg)
             elif isinstance(msg, message.Goodbye):
                 self.send(message.Goodbye("wamp.close.goodbye_and_out"))
@@ -737,6 +869,8 @@ class Router:
             message.Error: Router._on_error,
         }
         self._handlers = {k: (lambda f: (lambda s, m: f(self, s, m)))(v) for k, v in self._handlers.items()}
+        # message type code -> handler of the plain case straight from the list (see RouterSession.on_list)
+        self._fast = {_CALL: self._fast_call, _YIELD: self._fast_yield, _PUBLISH: self._fast_publish}
         self._add_meta_procedures()
 
     # sessions --------------------------------------------------------------------------
@@ -866,14 +1000,19 @@ class Router:
 
     def _on_subscribe(self, session, msg):
         match = msg.match or "exact"
-        if not self._allowed(session, msg.topic, "subscribe", match):
+        topic = msg.topic
+        if match == "prefix" and topic and not topic.endswith("."):
+            # "zwrm.event" and "zwrm.event." are the same prefix subscription: every
+            # topic below zwrm.event (components, not characters: not zwrm.events.x)
+            topic += "."
+        if not self._allowed(session, topic, "subscribe", match):
             self._error(session, message.Subscribe.MESSAGE_TYPE, msg.request, ApplicationError.NOT_AUTHORIZED,
                         f"{session.authrole!r} may not subscribe to {msg.topic!r}")
             return
-        sub = self._subscriptions.get(msg.topic, match)
+        sub = self._subscriptions.get(topic, match)
         if sub is None:
             self._next_sub_id += 1
-            sub = _Subscription(self._next_sub_id, msg.topic, match)
+            sub = _Subscription(self._next_sub_id, topic, match)
             self._subscriptions.add(sub)
             self._subscriptions_by_id[sub.id] = sub
         sub.subscribers[session.session_id] = session
@@ -897,57 +1036,102 @@ class Router:
         session.send(message.Unsubscribed(msg.request))
 
     def _on_publish(self, session, msg):
+        filters = None
+        if (msg.exclude or msg.exclude_authid or msg.exclude_authrole or msg.eligible is not None
+                or msg.eligible_authid is not None or msg.eligible_authrole is not None):
+            filters = (
+                set(msg.exclude or ()),
+                set(msg.exclude_authid or ()),
+                set(msg.exclude_authrole or ()),
+                set(msg.eligible) if msg.eligible is not None else None,
+                set(msg.eligible_authid) if msg.eligible_authid is not None else None,
+                set(msg.eligible_authrole) if msg.eligible_authrole is not None else None,
+            )
+        self._publish(session, msg.request, msg.topic, _args_of(msg), msg.kwargs, msg.payload, _enc_of(msg),
+                      bool(msg.acknowledge), msg.exclude_me, filters)
+
+    _PUBLISH_OPTIONS = frozenset({"acknowledge", "exclude_me"})
+
+    def _fast_publish(self, session, m):
+        """PUBLISH straight from the list when its options are plain; else C{False}."""
+        n = len(m)
+        if n < 4 or n > 6:
+            return False
+        request, options, topic = m[1], m[2], m[3]
+        if type(request) is not int or not 0 < request <= _MAX_ID or type(options) is not dict:
+            return False
+        acknowledge = exclude_me = None
+        if options:
+            if not options.keys() <= self._PUBLISH_OPTIONS:
+                return False
+            acknowledge = options.get("acknowledge")
+            exclude_me = options.get("exclude_me")
+            if (acknowledge is not None and type(acknowledge) is not bool) or (
+                    exclude_me is not None and type(exclude_me) is not bool):
+                return False
+        if type(topic) is not str or not _uri_ok(topic):
+            return False
+        args = m[4] if n > 4 else None
+        kwargs = m[5] if n > 5 else None
+        if (args is not None and type(args) is not list) or (n > 5 and type(kwargs) is not dict):
+            return False
+        self._publish(session, request, topic, args, kwargs, None, None, bool(acknowledge), exclude_me, None)
+        return True
+
+    def _publish(self, session, request, topic, args, kwargs, payload, enc, acknowledge, exclude_me, filters):
         # topics under "wamp." are the router's own (meta events): nobody else publishes there
-        if msg.topic.startswith("wamp.") or not self._allowed(session, msg.topic, "publish"):
-            if msg.acknowledge:
-                self._error(session, message.Publish.MESSAGE_TYPE, msg.request, ApplicationError.NOT_AUTHORIZED,
-                            f"{session.authrole!r} may not publish to {msg.topic!r}")
+        if topic.startswith("wamp.") or not self._allowed(session, topic, "publish"):
+            if acknowledge:
+                self._error(session, message.Publish.MESSAGE_TYPE, request, ApplicationError.NOT_AUTHORIZED,
+                            f"{session.authrole!r} may not publish to {topic!r}")
             return
-        publication = self._deliver(msg, session)
-        if msg.acknowledge:
-            session.send(message.Published(msg.request, publication))
+        publication = self._deliver(topic, args, kwargs, payload, enc, session, exclude_me, filters)
+        if acknowledge:
+            session.send_list([_PUBLISHED, request, publication])
 
     def publish_internal(self, topic, args=None, kwargs=None):
         """Publish an event from the router itself (meta events)."""
-        msg = message.Publish(0, topic, args=args, kwargs=kwargs)
-        return self._deliver(msg, None)
+        return self._deliver(topic, list(args) if type(args) is tuple else args, kwargs, None, None, None)
 
-    def _deliver(self, msg, publisher):
+    def _deliver(self, topic, args, kwargs, payload, enc, publisher, exclude_me=None, filters=None):
+        """
+        Send EVENTs for a publication to every matching subscriber.  C{filters} is
+        C{None} or (exclude, exclude_authid, exclude_authrole, eligible,
+        eligible_authid, eligible_authrole), sets or C{None} for the eligible ones.
+        """
         publication = _random_id()
         self.stats.publications += 1
-        subs = self._subscriptions.all_matches(msg.topic)
+        subs = self._subscriptions.all_matches(topic)
         if not subs:
             return publication
-        exclude = set(msg.exclude or ())
-        if publisher is not None and (msg.exclude_me is None or msg.exclude_me):
-            exclude.add(publisher.session_id)
-        exclude_authid = set(msg.exclude_authid or ())
-        exclude_authrole = set(msg.exclude_authrole or ())
-        eligible = set(msg.eligible) if msg.eligible is not None else None
-        eligible_authid = set(msg.eligible_authid) if msg.eligible_authid is not None else None
-        eligible_authrole = set(msg.eligible_authrole) if msg.eligible_authrole is not None else None
-        filtered = bool(exclude_authid or exclude_authrole or eligible is not None
-                        or eligible_authid is not None or eligible_authrole is not None)
+        own = None
+        if publisher is not None and (exclude_me is None or exclude_me):
+            own = publisher.session_id
+        if filters is not None:
+            exclude, exclude_authid, exclude_authrole, eligible, eligible_authid, eligible_authrole = filters
         stats = self.stats
+        base = {}
+        if publisher is not None:
+            base = {"publisher": publisher.session_id, "publisher_authid": publisher.authid,
+                    "publisher_authrole": publisher.authrole}
         for sub in subs:
-            ev = message.Event(
-                sub.id,
-                publication,
-                args=msg.args,
-                kwargs=msg.kwargs,
-                payload=msg.payload,
-                publisher=publisher.session_id if publisher is not None else None,
-                publisher_authid=publisher.authid if publisher is not None else None,
-                publisher_authrole=publisher.authrole if publisher is not None else None,
-                topic=msg.topic if sub.match != "exact" else None,
-                enc_algo=msg.enc_algo,
-                enc_key=msg.enc_key,
-                enc_serializer=msg.enc_serializer,
-            )
+            details = base
+            if sub.match != "exact":
+                details = dict(base)
+                details["topic"] = topic
+            if payload:
+                details = dict(details)
+                _add_enc(details, enc)
+                ev = [_EVENT, sub.id, publication, details, payload]
+            else:
+                ev = _with_payload([_EVENT, sub.id, publication, details], args, kwargs)
+            cache = {}
             for sid, receiver in list(sub.subscribers.items()):
-                if sid in exclude:
+                if sid == own:
                     continue
-                if filtered:
+                if filters is not None:
+                    if sid in exclude:
+                        continue
                     if receiver.authid in exclude_authid or receiver.authrole in exclude_authrole:
                         continue
                     if eligible is not None and sid not in eligible:
@@ -956,7 +1140,7 @@ class Router:
                         continue
                     if eligible_authrole is not None and receiver.authrole not in eligible_authrole:
                         continue
-                if receiver.send_event(ev):
+                if receiver.send_event(ev, cache):
                     stats.events_sent += 1
                 else:
                     stats.events_dropped += 1
@@ -971,13 +1155,14 @@ class Router:
             self._error(session, rtype, msg.request, ApplicationError.INVALID_ARGUMENT,
                         f"invocation policy {msg.invoke!r} is not supported (only 'single')")
             return
+        if _reserved_pattern(msg.procedure, match):
+            # checked before the authorizer, so no role can take them, whatever its rules
+            self._error(session, rtype, msg.request, ApplicationError.INVALID_URI,
+                        "procedures under 'wamp.' are reserved for the router")
+            return
         if not self._allowed(session, msg.procedure, "register", match):
             self._error(session, rtype, msg.request, ApplicationError.NOT_AUTHORIZED,
                         f"{session.authrole!r} may not register {msg.procedure!r}")
-            return
-        if msg.procedure.startswith("wamp."):
-            self._error(session, rtype, msg.request, ApplicationError.INVALID_URI,
-                        "procedures under 'wamp.' are reserved for the router")
             return
         existing = self._registrations.get(msg.procedure, match)
         if existing is not None:
@@ -1013,56 +1198,72 @@ class Router:
         session.send(message.Unregistered(msg.request))
 
     def _on_call(self, session, msg):
-        ctype = message.Call.MESSAGE_TYPE
+        self._call(session, msg.request, msg.procedure, _args_of(msg), msg.kwargs, msg.payload, _enc_of(msg),
+                   bool(msg.receive_progress), msg.timeout)
+
+    def _fast_call(self, session, m):
+        """CALL straight from the list when its options are empty; else C{False}."""
+        n = len(m)
+        if n < 4 or n > 6:
+            return False
+        request, options, procedure = m[1], m[2], m[3]
+        if (type(request) is not int or not 0 < request <= _MAX_ID or type(options) is not dict or options
+                or type(procedure) is not str or not _uri_ok(procedure)):
+            return False
+        args = m[4] if n > 4 else None
+        kwargs = m[5] if n > 5 else None
+        if (args is not None and type(args) is not list) or (n > 5 and type(kwargs) is not dict):
+            return False
+        self._call(session, request, procedure, args, kwargs, None, None, False, None)
+        return True
+
+    def _call(self, session, request, procedure, args, kwargs, payload, enc, receive_progress, timeout_ms):
+        ctype = _CALL
         self.stats.calls += 1
-        if msg.request in session.calls:
-            raise ProtocolError(f"CALL request id {msg.request} is already in use")
-        if not self._allowed(session, msg.procedure, "call"):
-            self._error(session, ctype, msg.request, ApplicationError.NOT_AUTHORIZED,
-                        f"{session.authrole!r} may not call {msg.procedure!r}")
+        if request in session.calls:
+            # the request id of a call still in flight: refuse this one, keep the session
+            self._error(session, ctype, request, DUPLICATE_REQUEST,
+                        f"request id {request} is already used by a call in flight")
             return
-        reg = self._registrations.best_match(msg.procedure)
+        if not self._allowed(session, procedure, "call"):
+            self._error(session, ctype, request, ApplicationError.NOT_AUTHORIZED,
+                        f"{session.authrole!r} may not call {procedure!r}")
+            return
+        reg = self._registrations.best_match(procedure)
         if reg is None:
-            self._error(session, ctype, msg.request, ApplicationError.NO_SUCH_PROCEDURE,
-                        f"no procedure {msg.procedure!r} is registered")
+            self._error(session, ctype, request, ApplicationError.NO_SUCH_PROCEDURE,
+                        f"no procedure {procedure!r} is registered")
             return
         if reg.handler is not None:
-            self._call_router_procedure(session, msg, reg)
+            self._call_router_procedure(session, request, procedure, args, kwargs, reg)
             return
         limit = self.limits.max_pending_calls_per_session
         if limit and len(session.calls) >= limit:
-            self._error(session, ctype, msg.request, "zwrm.error.resource_exhausted",
+            self._error(session, ctype, request, "zwrm.error.resource_exhausted",
                         f"too many calls in flight (limit {limit})")
             return
         callee = reg.callee
         inv_request = callee.new_request_id()
-        receive_progress = bool(msg.receive_progress)
-        pc = _PendingCall(session, msg.request, callee, inv_request, receive_progress)
-        session.calls[msg.request] = pc
+        pc = _PendingCall(session, request, callee, inv_request, receive_progress)
+        session.calls[request] = pc
         callee.invocations[inv_request] = pc
         timeout = self.limits.call_timeout or 0
-        if msg.timeout:
-            t = msg.timeout / 1000.0
+        if timeout_ms:
+            t = timeout_ms / 1000.0
             timeout = min(timeout, t) if timeout else t
         if timeout:
             pc.timer = self.reactor.callLater(timeout, self._timeout, pc)
-        callee.send(
-            message.Invocation(
-                inv_request,
-                reg.id,
-                args=msg.args,
-                kwargs=msg.kwargs,
-                payload=msg.payload,
-                receive_progress=receive_progress or None,
-                caller=session.session_id,
-                caller_authid=session.authid,
-                caller_authrole=session.authrole,
-                procedure=msg.procedure if reg.match != "exact" else None,
-                enc_algo=msg.enc_algo,
-                enc_key=msg.enc_key,
-                enc_serializer=msg.enc_serializer,
-            )
-        )
+        details = {"receive_progress": True} if receive_progress else {}
+        details["caller"] = session.session_id
+        details["caller_authid"] = session.authid
+        details["caller_authrole"] = session.authrole
+        if reg.match != "exact":
+            details["procedure"] = procedure
+        if payload:
+            _add_enc(details, enc)
+            callee.send_list([_INVOCATION, inv_request, reg.id, details, payload])
+        else:
+            callee.send_list(_with_payload([_INVOCATION, inv_request, reg.id, details], args, kwargs))
 
     def _finish(self, pc):
         """Forget a pending call on both sides."""
@@ -1102,25 +1303,36 @@ class Router:
         self._send_call_error(pc, ApplicationError.CANCELED, ["the call was canceled"])
 
     def _on_yield(self, session, msg):
-        pc = session.invocations.get(msg.request)
+        self._yield(session, msg.request, _args_of(msg), msg.kwargs, msg.payload, _enc_of(msg), bool(msg.progress))
+
+    def _fast_yield(self, session, m):
+        """YIELD straight from the list when its options are empty; else C{False}."""
+        n = len(m)
+        if n < 3 or n > 5:
+            return False
+        request, options = m[1], m[2]
+        if type(request) is not int or not 0 < request <= _MAX_ID or type(options) is not dict or options:
+            return False
+        args = m[3] if n > 3 else None
+        kwargs = m[4] if n > 4 else None
+        if (args is not None and type(args) is not list) or (n > 4 and type(kwargs) is not dict):
+            return False
+        self._yield(session, request, args, kwargs, None, None, False)
+        return True
+
+    def _yield(self, session, request, args, kwargs, payload, enc, progress):
+        pc = session.invocations.get(request)
         if pc is None:
             return  # canceled or timed out: late results are dropped
-        if msg.progress:
+        if progress:
             if pc.receive_progress and not pc.canceled:
-                pc.caller.send(
-                    message.Result(pc.call_request, args=msg.args, kwargs=msg.kwargs, payload=msg.payload,
-                                   progress=True, enc_algo=msg.enc_algo, enc_key=msg.enc_key,
-                                   enc_serializer=msg.enc_serializer)
-                )
+                pc.caller.send_list(_result_list(pc.call_request, args, kwargs, payload, enc, True))
             return
         self._finish(pc)
         if pc.canceled:
             self._send_call_error(pc, ApplicationError.CANCELED, ["the call was canceled"])
             return
-        pc.caller.send(
-            message.Result(pc.call_request, args=msg.args, kwargs=msg.kwargs, payload=msg.payload,
-                           enc_algo=msg.enc_algo, enc_key=msg.enc_key, enc_serializer=msg.enc_serializer)
-        )
+        pc.caller.send_list(_result_list(pc.call_request, args, kwargs, payload, enc, False))
 
     def _on_error(self, session, msg):
         if msg.request_type != message.Invocation.MESSAGE_TYPE:
@@ -1151,18 +1363,18 @@ class Router:
         self._registrations.add(reg)
         self._registrations_by_id[reg.id] = reg
 
-    def _call_router_procedure(self, session, msg, reg):
+    def _call_router_procedure(self, session, request, procedure, args, kwargs, reg):
         try:
-            result = reg.handler(session, list(msg.args or ()), dict(msg.kwargs or {}))
+            result = reg.handler(session, list(args or ()), dict(kwargs or {}))
         except ApplicationError as e:
-            session.send(message.Error(message.Call.MESSAGE_TYPE, msg.request, e.error,
+            session.send(message.Error(message.Call.MESSAGE_TYPE, request, e.error,
                                        args=list(e.args), kwargs=e.kwargs))
             return
         except Exception as e:
-            self._error(session, message.Call.MESSAGE_TYPE, msg.request, ApplicationError.INVALID_ARGUMENT,
-                        f"{msg.procedure}: {e}")
+            self._error(session, message.Call.MESSAGE_TYPE, request, ApplicationError.INVALID_ARGUMENT,
+                        f"{procedure}: {e}")
             return
-        session.send(message.Result(msg.request, args=result))
+        session.send_list(_with_payload([_RESULT, request, {}], result, None))
 
     def _add_meta_procedures(self):
         def _roles_filter(args, kwargs):

@@ -31,11 +31,13 @@ from autobahn.wamp.serializer import (
 )
 from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.protocol import WebSocketProtocol
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+
+from zwrm.wamp.wire import codec_for, to_message, unmask, ws_frame
 
 log = Logger()
 
@@ -92,6 +94,28 @@ def make_serializers(names):
             raise ValueError(f"unknown WAMP serializer {name!r}; known: {sorted(SERIALIZERS)}")
         out.append(SERIALIZERS[name]())
     return out
+
+
+def unsent_bytes(transport):
+    """
+    Bytes written to a Twisted transport (or a stack of wrapping transports, e.g.
+    TLS) and not yet sent to the network.
+    """
+    if type(transport) is tcp.Server and not transport.TLS:
+        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    n = 0
+    t = transport
+    for _ in range(4):
+        if t is None:
+            break
+        buf = getattr(t, "dataBuffer", None)
+        if buf is not None:
+            try:
+                n += len(buf) - getattr(t, "offset", 0) + getattr(t, "_tempDataLen", 0)
+            except TypeError:
+                pass
+        t = getattr(t, "transport", None)
+    return n
 
 
 def _malformed(session, e):
@@ -161,12 +185,152 @@ class _QuietWebSocketMixin:
                 return
 
 
+_OPEN = WebSocketProtocol.STATE_OPEN
+
+
 class WampWebSocketServerProtocol(_QuietWebSocketMixin, _websocket.WampWebSocketServerProtocol):
     """
     Autobahn's WAMP-over-WebSocket server protocol, except that a message that does
     not parse ends the session with ABORT C{wamp.error.protocol_violation} instead
-    of a bare close.
+    of a bare close, and with a lean path for the common case:
+
+     - incoming: whole, masked, unfragmented text or binary frames (of the
+       negotiated kind, with a 7- or 16-bit length) are cut out of the received bytes,
+       unmasked with one integer XOR and decoded to a list that goes to the router's
+       L{RouterSession.on_list}, with no per-frame objects.  Anything else (control
+       frames, fragments, partial frames, large or invalid frames) goes to autobahn's
+       frame parser from that byte on, so its checks and close codes are unchanged;
+     - outgoing: message lists (L{send_list}) are serialized once (shared between
+       the subscribers of one event) and written as one unmasked frame.
+
+    Writes are batched per reactor turn by Twisted's transport (one C{send()} system
+    call for all the frames written while handling what one read delivered).
     """
+
+    _codec = None
+
+    def onOpen(self):
+        self._codec = codec_for(self._serializer)
+        super().onOpen()
+
+    def dataReceived(self, data):
+        if (self._codec is not None and self.state == _OPEN and self.current_frame is None
+                and not self.inside_message and not self.data):
+            data = self._fast_frames(data)
+            if not data:
+                return
+        self._dataReceived(data)
+
+    def _fast_frames(self, data):
+        """Handle the leading plain frames of C{data}; return the bytes left for autobahn."""
+        codec = self._codec
+        first = 0x82 if codec.binary else 0x81
+        limit = self.maxMessagePayloadSize or 0
+        frame_limit = self.maxFramePayloadSize or 0
+        if frame_limit and (not limit or frame_limit < limit):
+            limit = frame_limit
+        pos = 0
+        n = len(data)
+        while pos + 6 <= n:
+            if data[pos] != first:
+                break
+            b1 = data[pos + 1]
+            if not b1 & 0x80:
+                break  # unmasked: autobahn fails the connection
+            length = b1 & 0x7F
+            if length < 126:
+                head = pos + 6
+            elif length == 126:
+                if pos + 8 > n:
+                    break
+                length = (data[pos + 2] << 8) | data[pos + 3]
+                if length < 126:
+                    break
+                head = pos + 8
+            else:
+                break
+            end = head + length
+            if end > n or (limit and length > limit):
+                break
+            payload = unmask(data[head:end], data[head - 4:head])
+            if not codec.binary:
+                try:
+                    payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    break  # autobahn closes with 1007
+            pos = end
+            self._wamp_payload(payload)
+            if self.state != _OPEN:
+                break
+        return data[pos:] if pos else data
+
+    def _wamp_payload(self, payload):
+        session = self._session
+        if session is None:
+            return
+        try:
+            m = self._codec.loads(payload)
+        except Exception as e:
+            if not _malformed(session, e):
+                self._bailout(1002, f"WAMP Protocol Error ({e})")
+            return
+        on_list = getattr(session, "on_list", None)
+        if on_list is not None:
+            on_list(m)
+            return
+        try:
+            msg = to_message(m)
+        except Exception as e:
+            if not _malformed(session, e):
+                self._bailout(1002, f"WAMP Protocol Error ({e})")
+            return
+        session.onMessage(msg)
+
+    def onMessage(self, payload, isBinary):
+        codec = self._codec
+        if codec is None:
+            return super().onMessage(payload, isBinary)
+        if self._session is None:
+            return
+        if isBinary != codec.binary:
+            e = ProtocolError(f"invalid serialization of WAMP message (binary {isBinary}, "
+                              f"but expected {codec.binary})")
+            if not _malformed(self._session, e):
+                self._bailout(1002, f"WAMP Protocol Error ({e})")
+            return
+        self._wamp_payload(payload)
+
+    def send(self, msg):
+        if self._codec is None:
+            return super().send(msg)
+        self.send_list(msg.marshal())
+
+    def send_list(self, m, cache=None):
+        """Send the WAMP message list C{m}; C{cache} shares the frame between sessions."""
+        if self._session is None:
+            raise TransportLost()
+        codec = self._codec
+        plain = self.state == _OPEN and not self.send_queue and self._perMessageCompress is None
+        if plain and cache is not None:
+            frame = cache.get(codec)
+            if frame is not None:
+                self.transport.write(frame)
+                return
+        try:
+            payload = codec.dumps(m)
+        except Exception as e:
+            raise SerializationError(f"WAMP message serialization error: {e}") from e
+        if not plain:
+            self.sendMessage(payload, codec.binary)
+            return
+        frame = ws_frame(payload, codec.binary)
+        if cache is not None:
+            cache[codec] = frame
+        self.transport.write(frame)
+
+    def unsent_bytes(self):
+        """Bytes written to this connection and not yet on the network."""
+        return unsent_bytes(self.transport)
 
 
 class WampWebSocketClientProtocol(_QuietWebSocketMixin, _websocket.WampWebSocketClientProtocol):
@@ -202,20 +366,61 @@ class WampRawSocketServerProtocol(_rawsocket.WampRawSocketServerProtocol):
                 except Exception:
                     pass
 
+    _codec = None
+
     def stringReceived(self, payload):
         session = self._session
         if session is None:
             return
+        codec = self._codec
+        if codec is None:
+            codec = self._codec = codec_for(self._serializer)
+        on_list = getattr(session, "on_list", None)
+        if codec is None or on_list is None:
+            try:
+                msgs = self._serializer.unserialize(payload)
+            except Exception as e:
+                if not _malformed(session, e):
+                    self.abort()
+                return
+            for msg in msgs:
+                if self._session is None:
+                    break
+                self._session.onMessage(msg)
+            return
         try:
-            msgs = self._serializer.unserialize(payload)
+            m = codec.loads(payload)
         except Exception as e:
             if not _malformed(session, e):
                 self.abort()
             return
-        for msg in msgs:
-            if self._session is None:
-                break
-            self._session.onMessage(msg)
+        on_list(m)
+
+    def send_list(self, m, cache=None):
+        """Send the WAMP message list C{m} (serialized without a message object)."""
+        if self._session is None:
+            raise TransportLost()
+        codec = self._codec
+        if codec is None:
+            codec = self._codec = codec_for(self._serializer)
+            if codec is None:
+                return self.send(to_message(m))
+        payload = cache.get(codec) if cache is not None else None
+        if payload is None:
+            try:
+                payload = codec.dumps(m)
+            except Exception as e:
+                raise SerializationError(f"WAMP message serialization error: {e}") from e
+            if cache is not None:
+                cache[codec] = payload
+        if 0 < (self._max_len_send or 0) < len(payload):
+            raise PayloadExceededError(
+                f"message of {len(payload)} bytes exceeds the peer's limit of {self._max_len_send}")
+        self.sendString(payload)
+
+    def unsent_bytes(self):
+        """Bytes written to this connection and not yet on the network."""
+        return unsent_bytes(self.transport)
 
 
     def send(self, msg):
@@ -361,6 +566,12 @@ class MemoryTransport:
             raise TransportLost()
         self._pair._send(1 - self._side, msg)
 
+    def send_list(self, m, cache=None):
+        """Send a WAMP message given as a list (see L{RouterSession.send_list})."""
+        if self._pair.closed:
+            raise TransportLost()
+        self._pair._send_list(1 - self._side, m)
+
     def send_bytes(self, payload, is_binary=False):
         """Deliver raw serialized bytes to the other end (for tests)."""
         self._pair._enqueue(1 - self._side, ("bytes", (payload, is_binary)))
@@ -416,6 +627,17 @@ class MemoryTransportPair:
             self._enqueue(side, ("bytes", (payload, is_binary)))
         else:
             self._enqueue(side, ("msg", msg))
+
+    def _send_list(self, side, m):
+        codec = codec_for(self.serializer) if self.serializer is not None else None
+        if codec is None:
+            self._send(side, to_message(m))
+            return
+        try:
+            payload = codec.dumps(m)
+        except Exception as e:
+            raise SerializationError(f"WAMP message serialization error: {e}") from e
+        self._enqueue(side, ("bytes", (payload, codec.binary)))
 
     def _enqueue(self, side, item):
         end = self.ends[side]
@@ -478,6 +700,21 @@ class MemoryTransportPair:
     def _deliver_bytes(self, side, handler, value):
         payload, is_binary = value
         serializer = self.serializer or JsonSerializer()
+        codec = codec_for(serializer)
+        on_list = getattr(handler, "on_list", None)
+        if codec is not None and on_list is not None:
+            # as the WebSocket and RawSocket transports do: decode to a list for the router
+            try:
+                if is_binary != codec.binary:
+                    raise ProtocolError(f"invalid serialization of WAMP message (binary {is_binary}, "
+                                        f"but expected {codec.binary})")
+                m = codec.loads(payload)
+            except Exception as e:
+                if not _malformed(handler, e):
+                    self.close()
+                return
+            on_list(m)
+            return
         try:
             msgs = serializer.unserialize(payload, is_binary)
         except Exception as e:

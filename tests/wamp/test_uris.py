@@ -1,0 +1,114 @@
+"""
+Every URI zwrm registers, calls, publishes or documents is a strict WAMP URI (the
+specification's strict rule: lowercase letters, digits and C{_} between single dots),
+so clients that validate URIs strictly accept them all.
+
+Known exception, checked separately: the per-host agent procedures
+C{zwrm.agent.<host_id>.*}.  Host ids are C{"h-" + 16 hex digits}, and C{-} is not
+allowed in a strict URI; changing host ids (with a migration of stored ids) belongs to
+the host-id issue, not to the router.  L{StrictUriTests.test_host_id_family_is_not_strict_yet}
+pins that exception down and fails once host ids become strict, so the exclusion is
+removed then.
+"""
+
+import ast
+import os
+import re
+
+from twisted.trial import unittest
+
+import zwrm
+from zwrm.wamp import is_strict_uri
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(zwrm.__file__)))
+PLACEHOLDER = re.compile(r"\{[^{}]*\}|<[^<>]*>")
+# how a host id appears in source (f-string fields) and docs (placeholders, examples)
+HOST_ID_FIELD = re.compile(r"^zwrm\.agent\.(\{[^{}]*(host|authid|ident)[^{}]*\}|<[^<>]*(host|authid)[^<>]*>|h-)")
+DOC_URI = re.compile(r"`((?:zwrm|wamp)\.[^`\s]*)`")
+# dotted Python module names (zwrm.wamp.router) that docs and sources mention are not URIs
+MODULES = {"zwrm." + name.split(".")[0] for name in os.listdir(os.path.join(ROOT, "zwrm"))}
+
+
+def _source_uris():
+    """(uri, where) for every string constant or f-string in zwrm/ that starts with zwrm. or wamp."""
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "zwrm")):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(dirpath, name)
+            with open(path) as f:
+                tree = ast.parse(f.read(), path)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    text = node.value
+                elif isinstance(node, ast.JoinedStr):
+                    text = "".join(v.value if isinstance(v, ast.Constant) else "{" + ast.unparse(v.value) + "}"
+                                   for v in node.values)
+                else:
+                    continue
+                if re.match(r"^(zwrm|wamp)\.", text) and " " not in text:
+                    yield text, f"{os.path.relpath(path, ROOT)}:{node.lineno}"
+
+
+def _doc_uris():
+    docs = os.path.join(ROOT, "docs")
+    for name in sorted(os.listdir(docs)):
+        if name.endswith(".md"):
+            with open(os.path.join(docs, name)) as f:
+                for lineno, line in enumerate(f, 1):
+                    for uri in DOC_URI.findall(line):
+                        uri = uri.split("(")[0]  # zwrm.host.drain(host_id): the procedure
+                        head, _, last = uri.rpartition(".")
+                        for alt in last.split("|"):  # zwrm.app.create|list: several procedures
+                            yield f"{head}.{alt}" if head else alt, f"docs/{name}:{lineno}"
+
+
+def _check(uri):
+    """None if strict (or not a URI), else the reason it is not."""
+    if ".".join(uri.split(".")[:2]) in MODULES:
+        return None  # a Python module path
+    if uri.endswith(".py") or "=" in uri:
+        return None  # a file name, or a key=value setting such as the zwrm.vol= kernel argument
+    concrete = PLACEHOLDER.sub("x", uri)
+    if concrete.endswith(".*"):
+        concrete = concrete[:-1]  # "zwrm.image.*" documents the prefix zwrm.image.
+    match = "prefix" if concrete.endswith(".") else ("wildcard" if ".." in concrete else "exact")
+    return None if is_strict_uri(concrete, match) else f"not strict as {match}: {concrete!r}"
+
+
+class StrictUriTests(unittest.SynchronousTestCase):
+    def test_the_rule(self):
+        for uri in ("zwrm.host.list", "wamp.session.on_join", "a1_b.c", "x"):
+            self.assertTrue(is_strict_uri(uri), uri)
+        for uri in ("zwrm.agent.h-1.start", "Zwrm.host", "zwrm..x", "zwrm.host.", "zwrm host", "", "zwrm.#", None):
+            self.assertFalse(is_strict_uri(uri), uri)
+        self.assertTrue(is_strict_uri("zwrm.event.", "prefix"))
+        self.assertTrue(is_strict_uri("zwrm.agent..heartbeat", "wildcard"))
+        self.assertFalse(is_strict_uri("zwrm.Event.", "prefix"))
+
+    def test_every_uri_in_sources_and_docs_is_strict(self):
+        found = list(_source_uris()) + list(_doc_uris())
+        checked = [(u, w) for u, w in found if not HOST_ID_FIELD.match(u)]
+        # the scan sees the URIs the control plane registers and the topics it publishes
+        names = {u for u, _ in checked}
+        for expected in ("zwrm.host.list", "zwrm.agent.register", "zwrm.agent.heartbeat", "wamp.session.on_join"):
+            self.assertIn(expected, names)
+        self.assertTrue(any(u.startswith("zwrm.event.") for u in names))
+        bad = [f"{where}: {uri} ({why})" for uri, where in checked if (why := _check(uri))]
+        self.assertEqual(bad, [], "\n".join(bad))
+
+    def test_host_id_family_is_not_strict_yet(self):
+        """
+        The one known exception: per-host procedures carry the host id, which has a
+        '-'.  When host ids become strict this test fails: then delete it and the
+        HOST_ID_FIELD exclusion above.
+        """
+        import tempfile
+
+        from zwrm.agent.identity import Identity
+
+        excluded = [u for u, _ in list(_source_uris()) + list(_doc_uris()) if HOST_ID_FIELD.match(u)]
+        self.assertTrue(excluded, "the scan no longer sees the zwrm.agent.<host_id>. family")
+        with tempfile.TemporaryDirectory() as d:
+            host_id = Identity(d).load().host_id  # a host id as an agent makes one
+        self.assertFalse(is_strict_uri(f"zwrm.agent.{host_id}.start"), host_id)
