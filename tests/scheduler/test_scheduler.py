@@ -304,15 +304,6 @@ class ValidationTests(SynchronousTestCase):
             e = self.assertRaises(InvalidArgument, R, **kw)
             self.assertEqual(e.uri, "zwrm.error.invalid_argument")
 
-    def test_from_dict(self):
-        self.assertEqual(R.from_dict({"vcpus": 2, "memory_mb": 3, "region": "eu"}),
-                         R(2, 3, region="eu"))
-        e = self.assertRaises(InvalidArgument, R.from_dict, {"vcpus": 2, "memory_mb": 3, "cpu": 1})
-        self.assertEqual(e.message, "unknown placement field(s): cpu")
-        e = self.assertRaises(InvalidArgument, R.from_dict, {"vcpus": 2})
-        self.assertEqual(e.message, "missing placement field(s): memory_mb")
-        self.assertRaises(InvalidArgument, R.from_dict, [1])
-
     def test_host_record(self):
         s = Scheduler(Spread())
         e = self.assertRaises(InvalidArgument, s.update_host, {"id": "a"})

@@ -179,14 +179,6 @@ class HostRegistry:
         entry = self.hosts.get(host_id)
         return bool(entry and entry.executor and entry.machine.state != "offline")
 
-    def schedulable(self):
-        """The records of hosts the scheduler may place on: ready, executor registered."""
-        return [
-            dict(e.record, state=e.machine.state)
-            for e in self.hosts.entries()
-            if e.machine.state == "ready" and e.executor
-        ]
-
     def call_executor(self, host_id, verb, *args, **kwargs):
         """
         Call C{zwrm.agent.<host_id>.<verb>}.

@@ -147,24 +147,6 @@ class PlacementRequest:
         object.__setattr__(self, "constraints", _label_map(self.constraints, "constraints"))
         object.__setattr__(self, "preferences", _label_map(self.preferences, "preferences"))
 
-    @classmethod
-    def from_dict(cls, d):
-        """
-        A request from a WAMP/JSON mapping with the same field names.
-
-        @raise zwrm.errors.InvalidArgument: for unknown fields or bad values.
-        """
-        if not isinstance(d, dict):
-            raise InvalidArgument("a placement request must be a mapping")
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InvalidArgument(f"unknown placement field(s): {', '.join(unknown)}")
-        missing = sorted({"vcpus", "memory_mb"} - set(d))
-        if missing:
-            raise InvalidArgument(f"missing placement field(s): {', '.join(missing)}")
-        return cls(**d)
-
 
 @dataclass(frozen=True)
 class Placement:
