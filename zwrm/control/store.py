@@ -25,6 +25,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from zwrm import errors
+from zwrm.control.resources import apps, hosts, machines, volumes
 
 
 def hash_secret(secret):
@@ -39,63 +40,14 @@ def hash_secret(secret):
 
 
 def _v1(db):
-    """Schema version 1: every domain's tables."""
-    db["hosts"].create(
-        {
-            "id": str,
-            "name": str,
-            "region": str,
-            "datacenter": str,
-            "address": str,
-            "labels": str,
-            "vcpus": int,
-            "memory_mb": int,
-            "disk_mb": int,
-            "alloc_vcpus": int,
-            "alloc_memory_mb": int,
-            "alloc_disk_mb": int,
-            "state": str,
-            "state_before_offline": str,
-            "last_heartbeat": float,
-            "agent_version": str,
-            "credential_hash": str,
-            "joined_at": float,
-        },
-        pk="id",
-        defaults={"alloc_vcpus": 0, "alloc_memory_mb": 0, "alloc_disk_mb": 0, "labels": "{}"},
-    )
-    db["apps"].create(
-        {"id": str, "name": str, "spec": str, "created_at": float}, pk="id"
-    )
-    db["apps"].create_index(["name"], unique=True)
-    db["machines"].create(
-        {
-            "id": str,
-            "app_id": str,
-            "host_id": str,
-            "state": str,
-            "spec": str,
-            "health": str,
-            "created_at": float,
-            "updated_at": float,
-        },
-        pk="id",
-    )
-    db["machines"].create_index(["host_id"])
-    db["machines"].create_index(["app_id"])
-    db["volumes"].create(
-        {
-            "id": str,
-            "app_id": str,
-            "host_id": str,
-            "name": str,
-            "size_mb": int,
-            "mount": str,
-            "state": str,
-            "created_at": float,
-        },
-        pk="id",
-    )
+    """
+    Schema version 1: every domain's tables.  Those of a resource are made by its module
+    (L{zwrm.control.resources}), which owns them.
+    """
+    hosts.schema_v1(db)
+    apps.schema_v1(db)
+    machines.schema_v1(db)
+    volumes.schema_v1(db)
     db["drains"].create(
         {
             "id": str,
@@ -144,8 +96,7 @@ def _v1(db):
 
 def _v2(db):
     """Schema version 2: a volume belongs to one replica of its app (the replica it pins)."""
-    db["volumes"].add_column("replica", int, not_null_default=0)
-    db["volumes"].create_index(["app_id", "name", "replica"], unique=True)
+    volumes.schema_v2(db)
 
 
 def _v3(db):
@@ -174,9 +125,9 @@ MIGRATIONS = [_v1, _v2, _v3, _v4]
 """Schema migrations, in order; append, never edit."""
 
 JSON_COLUMNS = {
-    "hosts": ("labels",),
-    "apps": ("spec",),
-    "machines": ("spec", "health"),
+    hosts.TABLE: hosts.JSON_COLUMNS,
+    apps.TABLE: apps.JSON_COLUMNS,
+    machines.TABLE: machines.JSON_COLUMNS,
     "drains": ("options",),
     "events": ("payload",),
 }

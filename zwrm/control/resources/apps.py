@@ -20,6 +20,19 @@ from zwrm.control.resources import Resource, update_method
 TOPIC = "zwrm.event.app"
 
 
+TABLE = "apps"
+JSON_COLUMNS = ("spec",)
+"""Columns stored as JSON text (the store encodes and decodes them)."""
+
+
+def schema_v1(db):
+    """The C{apps} table, as schema version 1 of L{zwrm.control.store} made it."""
+    db["apps"].create(
+        {"id": str, "name": str, "spec": str, "created_at": float}, pk="id"
+    )
+    db["apps"].create_index(["name"], unique=True)
+
+
 def wire(row):
     """The wire form of an app: C{id, name, spec, created_at}."""
     return {"id": row["id"], "name": row["name"], "spec": row.get("spec"),

@@ -29,6 +29,39 @@ WIRE_FIELDS = ("name", "region", "datacenter", "address", "labels", "vcpus", "me
                "agent_version", "joined_at")
 
 
+TABLE = "hosts"
+JSON_COLUMNS = ("labels",)
+"""Columns stored as JSON text (the store encodes and decodes them)."""
+
+
+def schema_v1(db):
+    """The C{hosts} table, as schema version 1 of L{zwrm.control.store} made it."""
+    db["hosts"].create(
+        {
+            "id": str,
+            "name": str,
+            "region": str,
+            "datacenter": str,
+            "address": str,
+            "labels": str,
+            "vcpus": int,
+            "memory_mb": int,
+            "disk_mb": int,
+            "alloc_vcpus": int,
+            "alloc_memory_mb": int,
+            "alloc_disk_mb": int,
+            "state": str,
+            "state_before_offline": str,
+            "last_heartbeat": float,
+            "agent_version": str,
+            "credential_hash": str,
+            "joined_at": float,
+        },
+        pk="id",
+        defaults={"alloc_vcpus": 0, "alloc_memory_mb": 0, "alloc_disk_mb": 0, "labels": "{}"},
+    )
+
+
 class HostEntry:
     """
     What the control plane holds about one host.

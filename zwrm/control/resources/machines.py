@@ -28,6 +28,30 @@ LIVE = ("pending", "starting", "running", "stopping")
 STATES = ("pending", "starting", "running", "stopping", "stopped", "failed")
 
 
+TABLE = "machines"
+JSON_COLUMNS = ("spec", "health")
+"""Columns stored as JSON text (the store encodes and decodes them)."""
+
+
+def schema_v1(db):
+    """The C{machines} table, as schema version 1 of L{zwrm.control.store} made it."""
+    db["machines"].create(
+        {
+            "id": str,
+            "app_id": str,
+            "host_id": str,
+            "state": str,
+            "spec": str,
+            "health": str,
+            "created_at": float,
+            "updated_at": float,
+        },
+        pk="id",
+    )
+    db["machines"].create_index(["host_id"])
+    db["machines"].create_index(["app_id"])
+
+
 def wire(row):
     """
     The wire form of a machine row: C{id, app_id, app, replica, host_id, state, health

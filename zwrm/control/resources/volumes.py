@@ -17,6 +17,34 @@ from zwrm.control.resources import Resource, update_method
 TOPIC = "zwrm.event.machine"
 
 
+TABLE = "volumes"
+JSON_COLUMNS = ()
+"""Columns stored as JSON text (none)."""
+
+
+def schema_v1(db):
+    """The C{volumes} table, as schema version 1 of L{zwrm.control.store} made it."""
+    db["volumes"].create(
+        {
+            "id": str,
+            "app_id": str,
+            "host_id": str,
+            "name": str,
+            "size_mb": int,
+            "mount": str,
+            "state": str,
+            "created_at": float,
+        },
+        pk="id",
+    )
+
+
+def schema_v2(db):
+    """Schema version 2: a volume belongs to one replica of its app (the replica it pins)."""
+    db["volumes"].add_column("replica", int, not_null_default=0)
+    db["volumes"].create_index(["app_id", "name", "replica"], unique=True)
+
+
 def wire(row):
     """The wire form of a volume: its row."""
     return dict(row)
