@@ -8,7 +8,8 @@ The replacement is the image's own init with its fixed user-mode address replace
  - C{ip=<address>::<gateway>:<netmask>:<hostname>:eth0:off:<dns>} on the kernel command
    line (the kernel's own syntax, which zwrm's agent passes; Debian's kernel has no
    C{CONFIG_IP_PNP}, so init applies it): the address, default route and resolver;
-   without it, user-mode networking's 10.0.2.15/24 via 10.0.2.2 as before;
+   without it, user-mode networking's 10.0.2.15/24 via 10.0.2.2 as before; and
+   C{zwrm.mtu=N}, the NIC's MTU;
  - C{zwrm.run=<base64 of a shell script>}: run once the network is up, in the background,
    every output line prefixed with C{zwrm-run: } on the console.
 
@@ -37,6 +38,7 @@ for arg in $(cat /proc/cmdline); do
   case "$arg" in
     ip=*) NET="${arg#ip=}";;
     zwrm.run=*) RUN="${arg#zwrm.run=}";;
+    zwrm.mtu=*) ip link set eth0 mtu "${arg#zwrm.mtu=}";;
   esac
 done
 if [ -n "$NET" ]; then
@@ -88,3 +90,29 @@ def build(cache_dir=None):
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     return image.TestImage(base.kernel, out)
+
+
+def probe_script(targets, tries=1, delay=1):
+    """
+    A guest script that tries a TCP connection to each C{(label, host, port)} and prints
+    C{probe LABEL reached} or C{probe LABEL blocked}, then C{probe done}.  Each target is
+    tried up to C{tries} times (C{delay} seconds apart) until it is reached.
+    """
+    lines = [f"sleep {delay}"]
+    for label, host, port in targets:
+        lines.append(
+            f'r=blocked; n=0; while [ $n -lt {tries} ]; do '
+            f'if echo | nc -w 3 {host} {port} >/dev/null 2>&1; then r=reached; break; fi; '
+            f'n=$((n+1)); sleep {delay}; done; echo "probe {label} $r"')
+    lines.append('echo "probe done"')
+    return "\n".join(lines) + "\n"
+
+
+def probe_results(console):
+    """C{{label: "reached"|"blocked"}} from a guest console."""
+    out = {}
+    for line in console.splitlines():
+        parts = line.strip().split()
+        if len(parts) == 4 and parts[:2] == ["zwrm-run:", "probe"]:
+            out[parts[2]] = parts[3]
+    return out

@@ -1,0 +1,69 @@
+"""
+Names and addresses of a VM's network, as pure functions (every agent computes the same).
+
+A VM's network, as the control plane gives it in the machine spec (C{spec["network"]})::
+
+    {"address": "10.80.3.7", "prefix": 16, "gateway": "10.80.3.1", "dns": "10.80.3.1",
+     "mtu": 1450, "domain": "zwrm.internal", "hostname": "web-0"}
+"""
+
+import hashlib
+import ipaddress
+import zlib
+
+#: The MTU guests get: the overlay's VXLAN header takes 50 bytes of a 1500-byte underlay.
+GUEST_MTU = 1450
+
+
+def tap_name(machine_id):
+    """The TAP device of a machine: C{zt} and 12 hex digits (Linux allows 15 characters)."""
+    return "zt" + hashlib.sha256(machine_id.encode()).hexdigest()[:12]
+
+
+def mac_for(address):
+    """
+    The MAC address of the VM at C{address}: locally administered, C{0a:58} and the four
+    bytes of the IPv4 address, so every agent knows a remote VM's MAC from its address.
+    """
+    b = ipaddress.IPv4Address(address).packed
+    return "0a:58:" + ":".join(f"{x:02x}" for x in b)
+
+
+def app_mark(app):
+    """A non-zero 31-bit number for an app, the packet mark its VMs' packets carry."""
+    return (zlib.crc32(str(app).encode()) & 0x7FFFFFFF) or 1
+
+
+def netmask(prefix):
+    return str(ipaddress.IPv4Network(f"0.0.0.0/{prefix}").netmask)
+
+
+def kernel_ip_arg(net):
+    """
+    The kernel command line arguments giving a kernel-image guest its address: the kernel's
+    own C{ip=<client>::<gateway>:<netmask>:<hostname>:eth0:off:<dns>} and C{zwrm.mtu=}.
+    """
+    return (f"ip={net['address']}::{net['gateway']}:{netmask(net['prefix'])}:"
+            f"{net.get('hostname') or ''}:eth0:off:{net.get('dns') or ''} "
+            f"zwrm.mtu={net.get('mtu') or GUEST_MTU}")
+
+
+def cloud_init_network_config(net):
+    """
+    The cloud-init network-config (version 2) for a disk-image guest: its NIC (matched by
+    MAC address), static address, default route, resolver and MTU.  The seed builder
+    writes it as C{network-config} next to C{meta-data} and C{user-data}.
+    """
+    nameservers = {"addresses": [net["dns"]]} if net.get("dns") else {}
+    if nameservers and net.get("domain"):
+        nameservers["search"] = [net["domain"]]
+    eth = {
+        "match": {"macaddress": mac_for(net["address"])},
+        "set-name": "eth0",
+        "addresses": [f"{net['address']}/{net['prefix']}"],
+        "routes": [{"to": "default", "via": net["gateway"]}],
+        "mtu": net.get("mtu") or GUEST_MTU,
+    }
+    if nameservers:
+        eth["nameservers"] = nameservers
+    return {"version": 2, "ethernets": {"eth0": eth}}

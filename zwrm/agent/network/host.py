@@ -1,0 +1,341 @@
+"""
+A host's VM network: a bridge, a TAP per VM, the VXLAN overlay, nftables isolation and NAT.
+
+Layout (see docs/networking.md)::
+
+    guest eth0 ── TAP zt<hash> ─┐
+    guest eth0 ── TAP zt<hash> ─┼── bridge zwbr0 (gateway 10.80.H.1/16) ── routing + NAT ── uplink
+                                └── vxlan zwvx0 (VNI, UDP 4789, local = host address)
+                                       │ unicast to every other host (FDB entries)
+
+All VMs of the cluster share one layer-2 segment (the cluster CIDR), stretched across hosts
+by VXLAN with head-end replication: an all-zero FDB entry per peer host carries broadcasts
+(ARP), and a unicast entry per remote VM (its MAC is derived from its address) sends its
+frames straight to its host.  Nothing is learned from the wire (C{nolearning}).
+
+Isolation, in two nftables tables, rewritten whole and atomically on every change:
+
+ - C{bridge zwrm}: frames from a TAP must carry that VM's own address (no spoofing); a guest
+   may send IP only to VMs of its own app, to ports other apps' specs open, and to hosts'
+   bridge addresses (where the host's own rules apply).
+ - C{inet zwrm}: from the bridge, the host accepts only replies and DNS to its bridge address
+   (so a guest reaches neither the host's loopback nor its services); routed traffic from
+   guests may not go to other hosts' management addresses, the control plane, or back into
+   the cluster network; it leaves NATed (masquerade).  Nothing is routed into the bridge
+   except replies.
+"""
+
+import ipaddress
+import os
+import tempfile
+
+from twisted.internet.defer import DeferredLock
+from twisted.logger import Logger
+
+from zwrm.agent.network import addressing
+from zwrm.agent.network.commands import CommandFailed, Runner
+from zwrm.errors import InvalidArgument
+
+BRIDGE = "zwbr0"
+VXLAN = "zwvx0"
+DEFAULT_VNI = 8080
+DEFAULT_PORT = 4789
+
+
+def _ip(text, what):
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except (ValueError, TypeError):
+        raise InvalidArgument(f"{what} must be an IPv4 address, not {text!r}") from None
+
+
+def check_network(net):
+    """
+    Check a machine's network spec (L{addressing}); return a normalized copy.
+
+    @raise InvalidArgument: naming the bad field.
+    """
+    if not isinstance(net, dict):
+        raise InvalidArgument(f"network must be a dict, not {type(net).__name__}")
+    prefix = net.get("prefix")
+    if not isinstance(prefix, int) or isinstance(prefix, bool) or not 8 <= prefix <= 30:
+        raise InvalidArgument(f"network prefix must be an integer from 8 to 30, not {prefix!r}")
+    out = {"address": _ip(net.get("address"), "network address"), "prefix": prefix,
+           "gateway": _ip(net.get("gateway"), "network gateway")}
+    out["dns"] = _ip(net["dns"], "network dns") if net.get("dns") else None
+    mtu = net.get("mtu", addressing.GUEST_MTU)
+    if not isinstance(mtu, int) or isinstance(mtu, bool) or not 576 <= mtu <= 9000:
+        raise InvalidArgument(f"network mtu must be an integer from 576 to 9000, not {mtu!r}")
+    out["mtu"] = mtu
+    for key in ("domain", "hostname"):
+        v = net.get(key)
+        if v is not None and (not isinstance(v, str) or not v or any(c in v for c in " :,\t\n")):
+            raise InvalidArgument(f"network {key} must be a name without spaces, not {v!r}")
+        out[key] = v
+    cidr = ipaddress.IPv4Network(f"{out['gateway']}/{prefix}", strict=False)
+    if ipaddress.IPv4Address(out["address"]) not in cidr:
+        raise InvalidArgument(f"network address {out['address']} is not in {cidr}")
+    ports = net.get("open_ports") or []
+    if not isinstance(ports, list) or not all(
+            isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535 for p in ports):
+        raise InvalidArgument(f"network open_ports must be a list of TCP ports, not {ports!r}")
+    out["open_ports"] = sorted(set(ports))
+    return out
+
+
+class HostNetwork:
+    """
+    The VM network of one host.
+
+    @param reactor: the reactor (processes).
+    @param local_address: this host's address on the underlay (VXLAN's source), or L{None}
+        for a single host without the overlay.
+    @param run: a L{commands.Runner} (tests give one acting inside a network namespace).
+    @param state_dir: where the ruleset file is written before C{nft -f} reads it (private).
+    @param deny: more addresses or CIDRs that guests may never reach (e.g. the control
+        plane's address, a metadata service).
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, local_address=None, run=None, state_dir=None, vni=DEFAULT_VNI,
+                 port=DEFAULT_PORT, deny=(), uid=None, gid=None):
+        self.reactor = reactor
+        self.local_address = local_address
+        self.run = run or Runner(reactor)
+        self.state_dir = state_dir or tempfile.mkdtemp(prefix="zwrm-net-")
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        self.vni = vni
+        self.port = port
+        self.deny = list(deny)
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self.gateway = None
+        self.prefix = None
+        self.cidr = None
+        self.machines = {}  # machine id -> {"tap", "address", "app", "open_ports"}
+        self.peers = {}  # host id -> {"address", "gateway"}
+        self.members = {}  # address -> {"app", "host_id", "open_ports"} (other hosts' VMs)
+        self._fdb = set()  # (mac, dst) entries on the vxlan device
+        self._lock = DeferredLock()
+        self._ready = False
+
+    # -- public ---------------------------------------------------------------------
+
+    async def add_machine(self, machine_id, app, net):
+        """
+        Make machine C{machine_id}'s TAP on the bridge (creating the bridge for this host's
+        subnet first) and let its address through the rules.
+
+        @param net: its network spec (L{check_network}).
+        @return: C{{"tap", "mac"}} for the driver.
+        """
+        net = check_network(net)
+        return await self._locked(self._add_machine, machine_id, app, net)
+
+    async def remove_machine(self, machine_id):
+        """Delete machine C{machine_id}'s TAP and its rules; unknown machines are ignored."""
+        return await self._locked(self._remove_machine, machine_id)
+
+    async def set_cluster(self, hosts, members):
+        """
+        The rest of the cluster, as the control plane last described it.
+
+        @param hosts: C{[{"host_id", "address", "gateway"}]}: every other host's underlay
+            address and bridge address.
+        @param members: C{[{"address", "app", "host_id", "open_ports"}]}: every VM of the
+            cluster (this host's included; they are taken from L{add_machine}).
+        """
+        return await self._locked(self._set_cluster, hosts, members)
+
+    async def close(self):
+        """Remove the bridge, the overlay, the TAPs and the rules (the host leaves)."""
+        return await self._locked(self._teardown)
+
+    def nic(self, machine_id):
+        m = self.machines.get(machine_id)
+        return None if m is None else {"tap": m["tap"], "mac": addressing.mac_for(m["address"])}
+
+    # -- internals ------------------------------------------------------------------
+
+    async def _locked(self, fn, *args):
+        await self._lock.acquire()
+        try:
+            return await fn(*args)
+        finally:
+            self._lock.release()
+
+    async def _setup(self, net):
+        gw, prefix = net["gateway"], net["prefix"]
+        if self._ready and (gw, prefix) == (self.gateway, self.prefix):
+            return
+        self.gateway, self.prefix = gw, prefix
+        self.cidr = str(ipaddress.IPv4Network(f"{gw}/{prefix}", strict=False))
+        run = self.run
+        if not await self._exists(BRIDGE):
+            await run("ip", "link", "add", BRIDGE, "type", "bridge")
+        await run("ip", "addr", "replace", f"{gw}/{prefix}", "dev", BRIDGE)
+        await run("ip", "link", "set", BRIDGE, "up")
+        await run("sysctl", "-q", "-w", "net.ipv4.ip_forward=1", check=False)
+        # Bridged frames are filtered by the bridge table only (br_netfilter off in here).
+        await run("sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=0", check=False)
+        forwarding = (await run("sysctl", "-n", "net.ipv4.ip_forward", check=False)).strip()
+        if forwarding != "1":
+            self.log.warn("net.ipv4.ip_forward is not 1 and cannot be set by the agent: guests "
+                          "have no egress (set it in /etc/sysctl.d)")
+        if self.local_address is not None:
+            if not await self._exists(VXLAN):
+                await run("ip", "link", "add", VXLAN, "type", "vxlan", "id", self.vni,
+                          "dstport", self.port, "local", self.local_address, "nolearning")
+            await run("ip", "link", "set", VXLAN, "master", BRIDGE, "up")
+        self._ready = True
+        await self._apply_rules()
+
+    async def _exists(self, dev):
+        out = await self.run("ip", "-o", "link", "show", "dev", dev, check=False)
+        return bool(out.strip())
+
+    async def _add_machine(self, machine_id, app, net):
+        await self._setup(net)
+        tap = addressing.tap_name(machine_id)
+        if await self._exists(tap):
+            await self.run("ip", "link", "del", tap, check=False)
+        await self.run("ip", "tuntap", "add", "dev", tap, "mode", "tap", "user", self.uid,
+                       "group", self.gid)
+        await self.run("ip", "link", "set", tap, "mtu", net["mtu"], "master", BRIDGE, "up")
+        self.machines[machine_id] = {"tap": tap, "address": net["address"], "app": app,
+                                     "open_ports": net["open_ports"]}
+        await self._apply_rules()
+        return {"tap": tap, "mac": addressing.mac_for(net["address"])}
+
+    async def _remove_machine(self, machine_id):
+        m = self.machines.pop(machine_id, None)
+        tap = addressing.tap_name(machine_id)
+        await self.run("ip", "link", "del", tap, check=False)
+        if m is not None and self._ready:
+            await self._apply_rules()
+
+    async def _set_cluster(self, hosts, members):
+        self.peers = {h["host_id"]: {"address": _ip(h["address"], "host address"),
+                                     "gateway": _ip(h["gateway"], "host gateway")
+                                     if h.get("gateway") else None}
+                      for h in hosts if h.get("address") and h["address"] != self.local_address}
+        local = {m["address"] for m in self.machines.values()}
+        self.members = {}
+        for m in members:
+            addr = _ip(m["address"], "member address")
+            if addr not in local:
+                self.members[addr] = {"app": m["app"], "host_id": m.get("host_id"),
+                                      "open_ports": list(m.get("open_ports") or [])}
+        if self._ready:
+            await self._sync_fdb()
+            await self._apply_rules()
+
+    async def _sync_fdb(self):
+        if self.local_address is None:
+            return
+        want = {("00:00:00:00:00:00", p["address"]) for p in self.peers.values()}
+        for addr, m in self.members.items():
+            peer = self.peers.get(m["host_id"])
+            if peer is not None:
+                want.add((addressing.mac_for(addr), peer["address"]))
+        for mac, dst in sorted(self._fdb - want):
+            await self.run("bridge", "fdb", "del", mac, "dev", VXLAN, "dst", dst, check=False)
+        for mac, dst in sorted(want - self._fdb):
+            verb = "append" if mac == "00:00:00:00:00:00" else "replace"
+            await self.run("bridge", "fdb", verb, mac, "dev", VXLAN, "dst", dst)
+        self._fdb = want
+
+    def ruleset(self):
+        """The nftables ruleset for the current state (text for C{nft -f})."""
+        gw, cidr = self.gateway, self.cidr
+        local = {m["address"]: m for m in self.machines.values()}
+        every = dict(self.members)
+        every.update(local)
+        deny = sorted({p["address"] for p in self.peers.values()} | set(self.deny))
+        gateways = sorted({gw} | {p["gateway"] for p in self.peers.values() if p["gateway"]})
+
+        def elements(items):
+            return f"elements = {{ {', '.join(items)} }}" if items else ""
+
+        guests = [f'"{m["tap"]}" . {a}' for a, m in sorted(local.items())]
+        appid = [f"{a} : {addressing.app_mark(m['app'])}" for a, m in sorted(every.items())]
+        members = [f"{a} . {addressing.app_mark(m['app'])}" for a, m in sorted(every.items())]
+        opened = [f"{a} . tcp . {p}" for a, m in sorted(every.items())
+                  for p in m.get("open_ports") or []]
+        return f"""table bridge zwrm
+delete table bridge zwrm
+table bridge zwrm {{
+  set guests {{ type ifname . ipv4_addr; {elements(guests)} }}
+  map appid {{ type ipv4_addr : mark; {elements(appid)} }}
+  set members {{ type ipv4_addr . mark; {elements(members)} }}
+  set gateways {{ type ipv4_addr; {elements(gateways)} }}
+  set opened {{ type ipv4_addr . inet_proto . inet_service; {elements(opened)} }}
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    iifname "zt*" ether type ip iifname . ip saddr != @guests drop
+    iifname "zt*" ether type != {{ ip, arp }} drop
+  }}
+  chain forward {{
+    type filter hook forward priority 0; policy accept;
+    iifname "zt*" jump guest_out
+  }}
+  chain guest_out {{
+    ether type arp accept
+    ether type != ip drop
+    iifname . ip saddr != @guests drop
+    ip daddr @gateways accept
+    meta mark set ip saddr map @appid
+    ip daddr . meta mark @members accept
+    ip daddr . ip protocol . th dport @opened accept
+    ip saddr . ip protocol . th sport @opened accept
+    drop
+  }}
+}}
+table inet zwrm
+delete table inet zwrm
+table inet zwrm {{
+  set deny {{ type ipv4_addr; flags interval; {elements(deny)} }}
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    iifname "{BRIDGE}" ct state established,related accept
+    iifname "{BRIDGE}" ip daddr {gw} udp dport 53 accept
+    iifname "{BRIDGE}" ip daddr {gw} tcp dport 53 accept
+    iifname "{BRIDGE}" drop
+  }}
+  chain forward {{
+    type filter hook forward priority 0; policy accept;
+    oifname "{BRIDGE}" ct state established,related accept
+    oifname "{BRIDGE}" drop
+    iifname "{BRIDGE}" ip daddr @deny drop
+    iifname "{BRIDGE}" ip daddr {cidr} drop
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority 100; policy accept;
+    ip saddr {cidr} ip daddr != {cidr} oifname != "{BRIDGE}" masquerade
+  }}
+}}
+"""
+
+    async def _apply_rules(self):
+        if not self._ready:
+            return
+        path = os.path.join(self.state_dir, "nftables.conf")
+        with open(path + ".tmp", "w") as f:
+            f.write(self.ruleset())
+        os.replace(path + ".tmp", path)
+        try:
+            await self.run("nft", "-f", path)
+        except CommandFailed as e:
+            self.log.error("nftables rejected the ruleset {path}: {e}", path=path, e=e.message)
+            raise
+
+    async def _teardown(self):
+        for mid in list(self.machines):
+            await self._remove_machine(mid)
+        await self.run("nft", "delete", "table", "bridge", "zwrm", check=False)
+        await self.run("nft", "delete", "table", "inet", "zwrm", check=False)
+        await self.run("ip", "link", "del", VXLAN, check=False)
+        await self.run("ip", "link", "del", BRIDGE, check=False)
+        self._fdb = set()
+        self._ready = False
