@@ -88,6 +88,7 @@ def test_binds_are_per_host(tmp_path):
         assert (tmp_path / "b" / "f").read_text() == "B\n"
         assert not (target / "f").exists()
         assert n.run("a", ["cat", f"{target}/f"]).stdout == "A\n"
+    assert not target.exists()  # made for the binds, removed again
 
 
 def test_close_leaves_nothing():

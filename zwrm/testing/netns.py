@@ -37,7 +37,8 @@ Bind mounts: C{binds={"/etc/zwrm": "/tmp/x/cp/etc"}} gives the host its own view
 directory (the hosts share one filesystem).  Each C{argv()} mounts them in the private
 mount namespace that C{ip netns exec} already creates for its command (propagation is
 slave, so nothing leaks to the test's namespace).  Missing targets and sources are
-created (empty directories) when the host is added.
+created (empty directories) when the host is added; C{close()} removes the targets it
+created if they are still empty.
 
 Requires root, C{ip} (iproute2) and C{mount}.
 """
@@ -133,6 +134,7 @@ class TestNetwork:
         import fcntl
 
         self._hosts = {}  # name -> (namespace, address, binds)
+        self._made = []  # bind targets this network created (removed again if empty)
         self._closed = False
         self._pid = os.getpid()
         with open(_LOCK, "a") as lock:
@@ -177,7 +179,9 @@ class TestNetwork:
         address = str(ipaddress.ip_network(self.subnet)[index])
         binds = {str(k): str(v) for k, v in (binds or {}).items()}
         for target, source in binds.items():
-            os.makedirs(target, exist_ok=True)
+            if not os.path.isdir(target):
+                os.makedirs(target)
+                self._made.append(target)
             os.makedirs(source, exist_ok=True)
         self._hosts[name] = (ns, address, binds)
         _ip("netns", "add", ns)
@@ -243,6 +247,11 @@ class TestNetwork:
         for ns, _, _ in self._hosts.values():
             _delete(ns)
         _delete(self._switch)
+        for target in reversed(self._made):
+            try:
+                os.rmdir(target)
+            except OSError:
+                pass
         try:
             atexit.unregister(self.close)
         except Exception:  # pragma: no cover - interpreter shutting down
