@@ -30,10 +30,17 @@ MACHINES = [
      ["The Host machine (zwrm/control/host.py). Generated from its transitions",
       "by scripts/state_diagrams.py; do not edit.",
       "Dashed self-loops are explicit no-ops or Conflict errors."]),
-    # To come with their owner's next change of zwrm/control/migration.py (the transitions
-    # of the checked-in drain.dot and migration.dot are these already, in another order):
-    # ("migration", "zwrm.control.migration:Migration", [...]),
-    # ("drain", "zwrm.control.migration:Drain", [...]),
+    ("migration", "zwrm.control.migration:Migration",
+     ["The Migration machine (zwrm/control/migration.py). Generated from its transitions",
+      "by scripts/state_diagrams.py; do not edit.",
+      "Dashed self-loops do nothing (the input does not apply in that state).",
+      "Fencing (docs/drain.md): the step of waiting_healthy pauses while the target is",
+      "unreachable; the step of rolling_back waits (rollback_pending) until the target",
+      "confirms the replacement is gone before it starts the original again."]),
+    ("drain", "zwrm.control.migration:Drain",
+     ["The Drain machine (zwrm/control/migration.py). Generated from its transitions",
+      "by scripts/state_diagrams.py; do not edit.",
+      "Dashed self-loops do nothing (the input does not apply in that state)."]),
 ]
 """(diagram name, "module:Class" with a MethodicalMachine in C{_machine}, comment lines)."""
 
