@@ -8,11 +8,13 @@ the data is there, the source host empty and drained.
 import json
 import os
 import signal
+import time
 
 import pytest
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from zwrm.testing.processes import (
@@ -222,3 +224,146 @@ class DrainTests(TestCase):
             self.assertIn(known[name].decode(), page)
         src_vols = os.path.join(agents[0].data_dir, "volumes")
         self.assertEqual([n for n in os.listdir(src_vols) if n.startswith("v-")], [])
+
+    def test_target_agent_killed_while_the_replacement_waits(self):
+        return ensureDeferred(self._with_logs(self._split_brain))
+
+    test_target_agent_killed_while_the_replacement_waits.timeout = 900
+
+    async def _split_brain(self):
+        """
+        Case 1 of issue 14 with real QEMU: the target's agent is killed (-9) while the
+        replacement waits to be healthy; the replacement's QEMU outlives it. Throughout,
+        every known endpoint of the app on both hosts is probed and written to, and the
+        QEMU processes using the volume are counted: never two. The original is not started
+        again while the target is away; once its agent is back the move completes, with
+        every write that was acknowledged (on either copy).
+        """
+        cp, agents = await start_vm_cluster(reactor, self, offline_after=10.0)
+        self.processes = [cp, *agents]
+        by_id = {a.host_id: a for a in agents}
+        await self.cli(cp, "apps", "create", "web")
+        out = await self.cli(
+            cp, "deploy", "web", "--image", "demo:1", "--replicas", "1", "--memory", "256",
+            "--port", "8080", "--health-http", "/", "--health-grace", "240",
+            "--volume", "data:16:/data", "--wait", "300", "--json", timeout=330)
+        app = json.loads(out)
+        m, vid = app["machines"][0], app["volumes"][0]["id"]
+        src = m["host_id"]
+        dst = next(h for h in by_id if h != src)
+        target = by_id[dst]
+        r = await treq.post(f"http://127.0.0.1:{m['host_port']}/cgi-bin/write?w-0", b"write 0")
+        self.assertEqual(r.code, 200, await r.text())
+
+        ports = {m["host_port"]}
+        acked = {0: m["host_port"]}
+        rounds = []  # (time, endpoints serving, QEMU processes using the volume)
+        stop = []
+
+        def qemus():
+            n = 0
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        args = f.read().split(b"\0")
+                except OSError:
+                    continue
+                if args and b"qemu-system" in args[0] and any(vid.encode() in a for a in args):
+                    n += 1
+            return n
+
+        async def refresh_ports():
+            code, out, _ = await run_cli(reactor, ["status", "web", "--json"], cp.url,
+                                         cp.operator_token, timeout=20)
+            if code == 0:
+                for x in json.loads(out)["machines"]:
+                    if x.get("host_port"):
+                        ports.add(x["host_port"])
+
+        async def probe():
+            n = 1
+            while not stop:
+                serving = []
+                for port in sorted(ports):
+                    try:
+                        r = await treq.get(f"http://127.0.0.1:{port}/cgi-bin/read?w-0",
+                                           timeout=5)
+                        if r.code == 200 and (await r.content()) == b"write 0":
+                            serving.append(port)
+                    except Exception:
+                        pass
+                rounds.append((time.monotonic(), serving, qemus()))
+                for port in serving:
+                    try:
+                        r = await treq.post(f"http://127.0.0.1:{port}/cgi-bin/write?w-{n}",
+                                            f"write {n}".encode(), timeout=5)
+                        if r.code == 200 and (await r.text()).strip() == "ok":
+                            acked[n] = port
+                    except Exception:
+                        pass
+                    n += 1
+                if len(rounds) % 3 == 0:
+                    await refresh_ports()
+                await deferLater(reactor, 0.5, lambda: None)
+
+        prober = ensureDeferred(probe())
+
+        async def status():
+            return json.loads(await self.cli(cp, "host", "drain-status", src, "--json"))
+
+        try:
+            await self.cli(cp, "host", "drain", src, "--detach", "--min-healthy", "20s",
+                           "--healthy-deadline", "400s")
+
+            async def waiting():
+                return (await status())["migrations"][0]["phase"] == "waiting_healthy"
+
+            await poll(reactor, waiting, 400, interval=0.5, what="replacement started")
+            await refresh_ports()
+            target.signal(signal.SIGKILL)
+            killed_at = time.monotonic()
+            await poll(reactor, lambda: not target.running, 20, what="target agent dead")
+
+            async def offline():
+                return {h["id"]: h for h in await host_list(reactor, cp)}[dst]["state"] == \
+                    "offline"
+
+            await poll(reactor, offline, 120, interval=1.0, what="target marked offline")
+            # Long enough for a rollback to have started the original again and for it to
+            # serve (it did, before issue 14).
+            await deferLater(reactor, 90, lambda: None)
+            s = await status()
+            mg = s["migrations"][0]
+            self.assertEqual((s["state"], mg["phase"], mg["waiting_for"]),
+                             ("running", "waiting_healthy", dst), s)
+            self.assertEqual(mg["original_state"]["state"], "stopped", s)
+            during = [r for r in rounds if r[0] > killed_at]
+            self.assertTrue(any(r[1] for r in during), "the replacement stopped serving")
+            await target.start()
+
+            async def ended():
+                return (await status())["state"] in ("completed", "incomplete", "cancelled")
+
+            await poll(reactor, ended, 400, interval=2.0, what="drain ended")
+        finally:
+            stop.append(True)
+            await prober
+        s = await status()
+        self.assertEqual((s["state"], s["migrations"][0]["phase"]), ("completed", "done"), s)
+        self.assertEqual([r for r in rounds if len(r[1]) > 1 or r[2] > 1], [],
+                         "two copies of the machine ran at once")
+        app = json.loads(await self.cli(cp, "status", "web", "--json"))
+        [new] = app["machines"]
+        self.assertEqual((new["host_id"], new["state"]), (dst, "running"))
+        self.assertEqual([v["host_id"] for v in app["volumes"]], [dst])
+        self.assertGreater(len(acked), 3)
+        for n in sorted(acked):
+            r = await treq.get(f"http://127.0.0.1:{new['host_port']}/cgi-bin/read?w-{n}",
+                               timeout=10)
+            self.assertEqual((r.code, await r.content()), (200, f"write {n}".encode()),
+                             f"acknowledged write {n} (by port {acked[n]}) lost")
+        src_vols = os.path.join(by_id[src].data_dir, "volumes")
+        self.assertEqual([n for n in os.listdir(src_vols) if vid in n], [])
+        self.assertEqual(qemus(), 1)
