@@ -25,13 +25,17 @@ Procedures (realm C{zwrm}):
 """
 
 import hmac
+import inspect
 
 from autobahn import wamp
 from autobahn.twisted.wamp import ApplicationSession
+from autobahn.wamp.exception import ApplicationError
 from autobahn.wamp.types import ComponentConfig, RegisterOptions
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from zwrm import errors
+from zwrm.control import schema
 from zwrm.control.store import hash_secret
 from zwrm.control.tokens import RESET_TTL
 
@@ -171,9 +175,57 @@ class HostAPI:
         return await self.registry.status(host_id)
 
 
+def procedures_of(api):
+    """
+    C{(uri, bound method, RegisterOptions or None)} for each C{@wamp.register} method of
+    C{api}, as autobahn's C{register(api)} would register them.
+    """
+    for _name, fn in inspect.getmembers(type(api), inspect.isfunction):
+        for pattern in fn.__dict__.get("_wampuris", ()):
+            if pattern.is_endpoint():
+                yield pattern.uri(), getattr(api, fn.__name__), pattern.options
+
+
+def guarded(uri, endpoint, options, log):
+    """
+    C{endpoint} behind its schema (L{zwrm.control.schema}): a call whose arguments do not fit
+    is answered with C{zwrm.error.invalid_argument} naming the argument, and the endpoint does
+    not run.  An exception that is not a L{errors.ZwrmError} is a bug: logged once with its
+    traceback, answered as C{zwrm.error.internal} without it.
+
+    A procedure without a schema (a bug: tests/control/test_schema.py fails) is logged and
+    gets L{schema.unknown}: bounded JSON arguments only.
+    """
+    try:
+        procedure = schema.schema(uri)
+    except KeyError:
+        log.error("{uri} has no schema: add one to zwrm/control/schema.py", uri=uri)
+        procedure = schema.unknown(uri)
+    details_arg = getattr(options, "details_arg", None)
+
+    def internal(failure):
+        if isinstance(failure.value, ApplicationError | defer.CancelledError):
+            return failure  # an answer, or the caller went away
+        log.failure("{uri} failed", failure, uri=uri)
+        raise errors.Internal(f"{uri} failed: an internal error (see the control plane's log)")
+
+    def call(*args, **kwargs):
+        details = kwargs.pop(details_arg, None) if details_arg else None
+        procedure.check(args, kwargs)
+        if details_arg:
+            kwargs[details_arg] = details
+        d = defer.maybeDeferred(endpoint, *args, **kwargs)
+        return d.addErrback(internal)
+
+    call.__name__ = getattr(endpoint, "__name__", "procedure")
+    call.__doc__ = endpoint.__doc__
+    return call
+
+
 class ControlSession(ApplicationSession):
     """
-    The control component's session.
+    The control component's session.  Every procedure it registers is checked against its
+    schema in L{zwrm.control.schema} first (see L{guarded}).
 
     @ivar apis: the objects whose C{@wamp.register} methods it registers on join.
     """
@@ -186,9 +238,11 @@ class ControlSession(ApplicationSession):
 
     async def onJoin(self, details):
         for api in self.apis:
-            for reg in await self.register(api):
+            for uri, endpoint, options in procedures_of(api):
+                reg = await self.register(guarded(uri, endpoint, options, self.log), uri,
+                                          options=options)
                 if not hasattr(reg, "id"):
-                    raise RuntimeError(f"could not register a procedure of {api!r}: {reg}")
+                    raise RuntimeError(f"could not register {uri} of {api!r}: {reg}")
         self.log.info("control component joined; {n} API objects registered", n=len(self.apis))
 
     def onLeave(self, details):

@@ -1,0 +1,628 @@
+"""
+The arguments of every WAMP procedure the control plane registers, in one place.
+
+Each procedure has a L{Procedure}: its URI, the roles that may call it, its arguments in
+order (name, type, required or default, what it is), what it returns and the errors it
+raises.  L{zwrm.control.api.ControlSession} checks every call against its procedure's schema
+before the procedure runs: a wrong number of arguments, an unknown keyword, a missing
+required argument, a value of the wrong type, an oversize string, list or mapping, or a
+number out of range is answered with C{zwrm.error.invalid_argument}, whose message names the
+argument (and whose C{argument} keyword carries its name), and nothing runs.  The
+procedures themselves still check what only they can (an app name that is taken, a host
+that does not exist).
+
+C{scripts/gen-wamp-docs} writes docs/wamp-procedures.md from L{PROCEDURES}; a test fails if
+the checked-in file differs.
+
+Bounds worth knowing: ids are at most 128 characters of C{A-Z a-z 0-9 . _ : -}; app and
+volume names are DNS labels (1-63 lower-case letters, digits and C{-}); lists and mappings
+are bounded; numbers are finite and within the stated range; an agent's capacity is at most
+4096 vCPUs, 64 TiB of memory and 1 EiB of disk.
+"""
+
+import math
+import re
+
+from zwrm import errors
+
+# -- types -------------------------------------------------------------------------------
+
+
+def _show(value, secret=False):
+    """A short description of a value for an error message (never the value if secret)."""
+    if secret:
+        return f"a {_kind(value)}"
+    text = repr(value)
+    if len(text) <= 40:
+        return text
+    if isinstance(value, str):
+        return f"a string of {len(value)} characters"
+    if isinstance(value, (list, tuple, dict)):
+        return f"a {_kind(value)} of {len(value)} items"
+    return f"a {_kind(value)}"
+
+
+def _kind(value):
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list",
+            tuple: "list", dict: "mapping", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+class Invalid(Exception):
+    """Raised by a type's C{check}: C{path} (e.g. C{facts.labels}) and a phrase."""
+
+    def __init__(self, path, phrase):
+        Exception.__init__(self, path, phrase)
+        self.path = path
+        self.phrase = phrase
+
+
+class Type:
+    """A type of argument value: C{check(value, path, secret)} and C{describe()}."""
+
+    def check(self, value, path, secret=False):
+        raise NotImplementedError
+
+    def describe(self):
+        raise NotImplementedError
+
+    def _wrong(self, value, path, secret):
+        raise Invalid(path, f"must be {self.describe()}, not {_show(value, secret)}")
+
+
+class Str(Type):
+    def __init__(self, max_len, pattern=None, what=None, min_len=0):
+        self.max_len = max_len
+        self.min_len = min_len
+        self.pattern = re.compile(pattern) if pattern else None
+        self.what = what
+
+    def check(self, value, path, secret=False):
+        if not isinstance(value, str):
+            self._wrong(value, path, secret)
+        if len(value) > self.max_len:
+            raise Invalid(path, f"is at most {self.max_len} characters, not {len(value)}")
+        if len(value) < self.min_len or (self.pattern and not self.pattern.fullmatch(value)):
+            self._wrong(value, path, secret)
+
+    def describe(self):
+        if self.what:
+            return self.what
+        least = "a non-empty" if self.min_len else "a"
+        return f"{least} string of at most {self.max_len} characters"
+
+
+class Int(Type):
+    def __init__(self, low, high):
+        self.low, self.high = low, high
+
+    def check(self, value, path, secret=False):
+        if isinstance(value, bool) or not isinstance(value, int) or not self.low <= value <= self.high:
+            self._wrong(value, path, secret)
+
+    def describe(self):
+        return f"an integer from {self.low} to {self.high}"
+
+
+class Number(Type):
+    def __init__(self, low, high):
+        self.low, self.high = low, high
+
+    def check(self, value, path, secret=False):
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or (isinstance(value, float) and not math.isfinite(value))
+                or not self.low <= value <= self.high):
+            self._wrong(value, path, secret)
+
+    def describe(self):
+        return f"a number from {self.low:g} to {self.high:g}"
+
+
+class Bool(Type):
+    def check(self, value, path, secret=False):
+        if not isinstance(value, bool):
+            self._wrong(value, path, secret)
+
+    def describe(self):
+        return "true or false"
+
+
+class Nullable(Type):
+    def __init__(self, inner):
+        self.inner = inner
+
+    def check(self, value, path, secret=False):
+        if value is not None:
+            self.inner.check(value, path, secret)
+
+    def describe(self):
+        return f"{self.inner.describe()}, or null"
+
+
+class List(Type):
+    def __init__(self, item, max_items):
+        self.item, self.max_items = item, max_items
+
+    def check(self, value, path, secret=False):
+        if not isinstance(value, (list, tuple)):
+            self._wrong(value, path, secret)
+        if len(value) > self.max_items:
+            raise Invalid(path, f"has at most {self.max_items} items, not {len(value)}")
+        for i, v in enumerate(value):
+            self.item.check(v, f"{path}[{i}]", secret)
+
+    def describe(self):
+        return f"a list of at most {self.max_items} items, each {self.item.describe()}"
+
+
+class Map(Type):
+    """A mapping of string keys (bounded) to values of one type."""
+
+    def __init__(self, value, max_items, key=None):
+        self.value, self.max_items = value, max_items
+        self.key = key or Str(128, min_len=1)
+
+    def check(self, value, path, secret=False):
+        if not isinstance(value, dict):
+            self._wrong(value, path, secret)
+        if len(value) > self.max_items:
+            raise Invalid(path, f"has at most {self.max_items} entries, not {len(value)}")
+        for k, v in value.items():
+            try:
+                self.key.check(k, f"{path} key", secret)
+            except Invalid as e:
+                raise Invalid(f"{path} key", f"{e.phrase} (keys are {self.key.describe()})") from None
+            self.value.check(v, f"{path}.{k}", secret)
+
+    def describe(self):
+        return f"a mapping of at most {self.max_items} entries to {self.value.describe()}"
+
+
+class Record(Type):
+    """A mapping with known fields (each typed, some required) and, if allowed, others."""
+
+    def __init__(self, fields, required=(), others=None, max_items=64, what=None):
+        self.fields = dict(fields)
+        self.required = tuple(required)
+        self.others = others
+        self.max_items = max_items
+        self.what = what
+
+    def check(self, value, path, secret=False):
+        if not isinstance(value, dict):
+            self._wrong(value, path, secret)
+        if len(value) > self.max_items:
+            raise Invalid(path, f"has at most {self.max_items} entries, not {len(value)}")
+        for name in self.required:
+            if name not in value:
+                raise Invalid(path, f"needs {name!r}")
+        for k, v in value.items():
+            if not isinstance(k, str) or len(k) > 128:
+                raise Invalid(f"{path} key", f"must be a string of at most 128 characters, not {_show(k)}")
+            t = self.fields.get(k, self.others)
+            if t is None:
+                raise Invalid(path, f"has no field {_show(k)} (fields: {', '.join(self.fields)})")
+            t.check(v, f"{path}.{k}", secret)
+
+    def describe(self):
+        if self.what:
+            return self.what
+        return "a mapping with " + ", ".join(
+            f"{k}{'' if k in self.required else ' (optional)'}" for k in self.fields)
+
+
+class OneOf(Type):
+    def __init__(self, *choices):
+        self.choices = choices
+
+    def check(self, value, path, secret=False):
+        errs = []
+        for t in self.choices:
+            try:
+                t.check(value, path, secret)
+                return
+            except Invalid as e:
+                errs.append(e)
+        # report the error of the choice of the value's own kind, if any
+        for t, e in zip(self.choices, errs, strict=True):
+            if (isinstance(t, List) and isinstance(value, (list, tuple))) or (
+                    isinstance(t, (Record, Map)) and isinstance(value, dict)):
+                raise e
+        self._wrong(value, path, secret)
+
+    def describe(self):
+        return " or ".join(t.describe() for t in self.choices)
+
+
+class Json(Type):
+    """Any JSON value, bounded: depth, items per list or mapping, string length, total items."""
+
+    def __init__(self, max_depth=8, max_items=1000, max_string=65536, max_total=20000, what=None):
+        self.max_depth, self.max_items = max_depth, max_items
+        self.max_string, self.max_total = max_string, max_total
+        self.what = what
+
+    def check(self, value, path, secret=False):
+        budget = [self.max_total]
+        self._walk(value, path, 0, budget)
+
+    def _walk(self, value, path, depth, budget):
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise Invalid(path, f"holds more than {self.max_total} values in all")
+        if value is None or isinstance(value, bool | int):
+            return
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise Invalid(path, "must be a finite number")
+            return
+        if isinstance(value, str):
+            if len(value) > self.max_string:
+                raise Invalid(path, f"is at most {self.max_string} characters, not {len(value)}")
+            return
+        if isinstance(value, (list, tuple, dict)):
+            if depth >= self.max_depth:
+                raise Invalid(path, f"is nested deeper than {self.max_depth} levels")
+            if len(value) > self.max_items:
+                raise Invalid(path, f"has at most {self.max_items} items, not {len(value)}")
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    if not isinstance(k, str) or len(k) > 128:
+                        raise Invalid(f"{path} key", "must be a string of at most 128 characters")
+                    self._walk(v, f"{path}.{k}", depth + 1, budget)
+            else:
+                for i, v in enumerate(value):
+                    self._walk(v, f"{path}[{i}]", depth + 1, budget)
+            return
+        raise Invalid(path, f"must be JSON data, not a {_kind(value)}")
+
+    def describe(self):
+        return self.what or (f"JSON data (nested at most {self.max_depth} deep, at most"
+                             f" {self.max_items} items per list or mapping)")
+
+
+# -- the argument types of zwrm ---------------------------------------------------------
+
+ID_ALPHABET = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}"
+ID = Str(128, ID_ALPHABET, "an id (1-128 characters of A-Z a-z 0-9 . _ : -, starting with a"
+                           " letter or digit)")
+NAME = Str(63, r"[a-z0-9][a-z0-9-]{0,62}",
+           "a name (1-63 lower-case letters, digits and -, starting with a letter or digit)")
+PLACE = Str(63, r"[A-Za-z0-9._-]{0,63}", "a region or datacenter name (at most 63 characters of"
+                                         " A-Z a-z 0-9 . _ -)")
+LABEL_KEY = Str(63, r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}", "a label key (1-63 characters of"
+                                                          " A-Z a-z 0-9 . _ / -)")
+TEXT = Str(255)
+IMAGE_NAME = Str(255, r"[a-z0-9][a-z0-9._/-]{0,254}", "an image repository name (at most 255"
+                                                       " characters of a-z 0-9 . _ / -)")
+IMAGE_REF = Str(512, r"[a-z0-9][a-z0-9._/-]*(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?"
+                     r"(@[a-z0-9]+:[a-f0-9]{32,128})?",
+                "an image reference NAME[:TAG][@DIGEST] (at most 512 characters)")
+TOKEN_ID = Str(256, r"[A-Za-z0-9._-]{1,256}", "a token id (or the token's text)")
+SECONDS_MAX = 365 * 24 * 3600
+
+MAX_VCPUS = 4096
+MAX_MEMORY_MB = 64 * 1024 * 1024  # 64 TiB
+MAX_DISK_MB = 1024 ** 4  # 1 EiB
+MAX_MACHINES_PER_HOST = 10000
+
+MACHINE_STATE = Str(32, r"[a-z_]{1,32}", "a machine state")
+
+MACHINE_REPORT = Record(
+    {"id": ID, "machine_id": ID, "state": MACHINE_STATE, "health": Nullable(Str(32)),
+     "reason": Nullable(Str(4096)), "host_port": Nullable(Int(0, 65535)),
+     "app": Nullable(Str(63)), "spec_id": Nullable(ID), "destroyed": Bool(),
+     "host_id": Nullable(ID), "kind": Str(32)},
+    others=Json(max_depth=4, max_items=64, max_string=4096, max_total=256),
+    max_items=32, what="a machine report {id or machine_id, state, ...}")
+
+MACHINE_EVENT = Record(
+    dict(MACHINE_REPORT.fields), required=("machine_id",),
+    others=MACHINE_REPORT.others, max_items=32,
+    what="a machine event {kind: \"machine\", machine_id, state, health, reason, host_port, ...}")
+
+FACTS = Record(
+    {
+        "name": Str(253), "region": PLACE, "datacenter": PLACE, "address": Str(255),
+        "labels": Map(Str(255), 64, key=LABEL_KEY),
+        "vcpus": Int(0, MAX_VCPUS), "memory_mb": Int(0, MAX_MEMORY_MB),
+        "disk_mb": Int(0, MAX_DISK_MB), "agent_version": Str(64),
+        "machines": List(MACHINE_REPORT, MAX_MACHINES_PER_HOST),
+    },
+    others=Json(max_depth=4, max_items=64, max_string=4096, max_total=256),
+    max_items=32,
+    what=("a mapping of host facts: name, region, datacenter, address, labels (at most 64),"
+          f" vcpus (0-{MAX_VCPUS}), memory_mb (at most 64 TiB), disk_mb (at most 1 EiB),"
+          f" agent_version, machines (at most {MAX_MACHINES_PER_HOST})"))
+
+STATS = Json(max_depth=4, max_items=64, max_string=4096, max_total=1024,
+             what="a mapping of heartbeat figures (at most 64 entries, nested at most 4 deep)")
+
+SPEC = Json(max_depth=8, max_items=256, max_string=16384, max_total=4096,
+            what="an app spec (see zwrm.app.deploy; at most 4096 values, nested at most 8 deep)")
+
+
+# -- procedures ------------------------------------------------------------------------
+
+REQUIRED = object()
+
+
+class Arg:
+    """
+    One argument: C{name}, C{type}, C{default} (L{REQUIRED} if it must be given), C{doc},
+    and C{secret} (its value is never repeated in an error message).
+    """
+
+    def __init__(self, name, type, default=REQUIRED, doc="", secret=False):
+        self.name, self.type, self.default, self.doc, self.secret = name, type, default, doc, secret
+
+    @property
+    def required(self):
+        return self.default is REQUIRED
+
+
+class Procedure:
+    """The schema of one WAMP procedure."""
+
+    def __init__(self, uri, roles, doc, args=(), returns="", errors=()):
+        self.uri, self.roles, self.doc = uri, tuple(roles), doc
+        self.args = list(args)
+        self.returns = returns
+        self.errors = tuple(errors)
+        self._by_name = {a.name: a for a in self.args}
+
+    def check(self, args, kwargs):
+        """
+        Check one call's positional C{args} and keyword C{kwargs}.
+
+        @raise errors.InvalidArgument: naming the argument at fault (keyword C{argument}).
+        """
+        names = ", ".join(a.name for a in self.args) or "none"
+        if len(args) > len(self.args):
+            raise errors.InvalidArgument(
+                f"{self.uri} takes at most {len(self.args)} argument"
+                f"{'' if len(self.args) == 1 else 's'} ({names}), not {len(args)}",
+                argument=None)
+        given = {}
+        for a, v in zip(self.args, args, strict=False):
+            given[a.name] = v
+        for k, v in kwargs.items():
+            if k not in self._by_name:
+                shown = k if isinstance(k, str) and len(k) <= 40 else "(a long name)"
+                raise errors.InvalidArgument(
+                    f"{self.uri} has no argument {shown!r} (its arguments: {names})",
+                    argument=shown)
+            if k in given:
+                raise errors.InvalidArgument(f"{self.uri}: {k} is given twice", argument=k)
+            given[k] = v
+        for a in self.args:
+            if a.name not in given:
+                if a.required:
+                    raise errors.InvalidArgument(f"{self.uri} needs {a.name}", argument=a.name)
+                continue
+            try:
+                a.type.check(given[a.name], a.name, a.secret)
+            except Invalid as e:
+                raise errors.InvalidArgument(f"{self.uri}: {e.path} {e.phrase}",
+                                             argument=a.name) from None
+
+
+OPERATOR = ("operator",)
+READ = ("operator", "viewer")
+AGENT = ("agent",)
+
+_HOST = Arg("host_id", ID, doc="the host's id")
+_APP = Arg("name", NAME, doc="the app's name")
+_MACHINE = Arg("machine_id", ID, doc="the machine's id")
+
+PROCEDURES = {p.uri: p for p in [
+    # -- agents ------------------------------------------------------------------------
+    Procedure(
+        "zwrm.agent.join", ("joining",),
+        "Admit a new host. A host id that already joined needs that host's credential, or an"
+        " operator's zwrm.host.reset.",
+        [Arg("host_id", Nullable(ID), None, "the id the agent chose (null: one is assigned)"),
+         Arg("facts", Nullable(FACTS), None, "what the agent reports about its host"),
+         Arg("csr", Nullable(Str(16384)), None,
+             "a PEM certificate request for the host id (then the answer has a certificate)"),
+         Arg("credential", Nullable(Str(256)), None,
+             "the host's credential, to join an existing host id again", secret=True)],
+        "{host_id, credential, heartbeat_interval}, with csr also {certificate, ca} (PEM)",
+        ["invalid_argument", "not_authorized (a host id that already joined)",
+         "conflict (a join of this id is under way)"]),
+    Procedure(
+        "zwrm.agent.register", AGENT,
+        "The agent of the calling host (its authid) connected with its credential; report"
+        " its facts.",
+        [Arg("facts", Nullable(FACTS), None, "what the agent reports about its host")],
+        "{host_id, state, heartbeat_interval}", ["invalid_argument", "not_found"]),
+    Procedure(
+        "zwrm.agent.heartbeat", AGENT, "The calling host is alive.",
+        [Arg("stats", Nullable(STATS), None, "figures such as image_cache {size, limit, ...}")],
+        "{state, heartbeat_interval}", ["invalid_argument", "not_found"]),
+    Procedure(
+        "zwrm.agent.report", AGENT,
+        "A list of the calling host's machines (reconciled), or one machine event (stored"
+        " and published).",
+        [Arg("report", Nullable(OneOf(List(MACHINE_REPORT, MAX_MACHINES_PER_HOST), MACHINE_EVENT)),
+             None, "the machines, or one machine event")],
+        "{restored, failed, duplicate, unknown} for a list; the machine for an event",
+        ["invalid_argument", "not_found", "not_authorized (a machine of another host)"]),
+    # -- hosts -------------------------------------------------------------------------
+    Procedure("zwrm.host.list", READ, "Every host, summarised.", [], "a list of hosts"),
+    Procedure("zwrm.host.status", READ, "One host with its machines and recent events.",
+              [_HOST], "the host with machine_list and events", ["invalid_argument", "not_found"]),
+    Procedure(
+        "zwrm.host.reset", OPERATOR,
+        "Let a host whose agent lost its credential join again once (with a join token)"
+        " within ttl seconds.",
+        [_HOST, Arg("ttl", Number(1, 30 * 86400), 3600.0, "seconds the permission lasts")],
+        "{host_id, expires_at}", ["invalid_argument", "not_found"]),
+    Procedure(
+        "zwrm.host.drain", OPERATOR,
+        "Start draining a host: move each of its machines to a host the scheduler picks.",
+        [_HOST,
+         Arg("deadline", Nullable(Number(1, 7 * 86400)), None,
+             "seconds; migrations not started by then are not moved (3600)"),
+         Arg("max_parallel", Nullable(Int(1, 64)), None, "migrations at a time (1)"),
+         Arg("dry_run", Bool(), False, "only return the plan"),
+         Arg("healthy_deadline", Nullable(Number(1, 86400)), None,
+             "seconds a replacement has to pass its health check (300)"),
+         Arg("min_healthy", Nullable(Number(0, 3600)), None,
+             "seconds it must keep passing before the move commits (10)"),
+         Arg("stop_timeout", Nullable(Number(0, 3600)), None,
+             "seconds of ACPI power-down before a hard stop (30)"),
+         Arg("poll", Nullable(Number(0.05, 60)), None, "seconds between checks (1)")],
+        "{drain_id, host_id, state, plan: [{machine_id, app, volumes, target, reason}]}",
+        ["invalid_argument", "not_found", "conflict", "unplaceable"]),
+    Procedure("zwrm.host.drain_status", READ, "The latest drain of a host.", [_HOST],
+              "{drain_id, host_id, state, machines: [...]}", ["invalid_argument", "not_found"]),
+    Procedure("zwrm.host.undrain", OPERATOR, "Cancel a drain.", [_HOST],
+              "the drain's status", ["invalid_argument", "not_found", "conflict"]),
+    Procedure("zwrm.host.activate", OPERATOR, "Return a drained host to service.", [_HOST],
+              "the host's state", ["invalid_argument", "not_found", "conflict"]),
+    # -- apps --------------------------------------------------------------------------
+    Procedure("zwrm.app.create", OPERATOR, "Create an empty app.", [_APP], "{id, name}",
+              ["invalid_argument", "conflict"]),
+    Procedure("zwrm.app.list", READ, "Every app with its replica and machine counts.", [],
+              "[{id, name, image, replicas, machines}]"),
+    Procedure("zwrm.app.status", READ, "An app's spec, machines and volumes.", [_APP],
+              "{id, name, spec, machines, volumes}", ["invalid_argument", "not_found"]),
+    Procedure(
+        "zwrm.app.deploy", OPERATOR,
+        "Store a spec as the app's spec and converge its machines to it.",
+        [_APP, Arg("spec", SPEC, doc="{image, vcpus, memory_mb, replicas, region, datacenter,"
+                                     " service_port, health, volumes}")],
+        "the app's status", ["invalid_argument", "not_found", "unplaceable", "unavailable"]),
+    Procedure("zwrm.app.scale", OPERATOR, "Change an app's replica count and converge.",
+              [_APP, Arg("replicas", Int(0, 1000), doc="the number of machines")],
+              "the app's status", ["invalid_argument", "not_found", "unplaceable", "unavailable"]),
+    Procedure("zwrm.app.destroy", OPERATOR,
+              "Destroy every machine of an app and the app; its volumes too if asked.",
+              [_APP, Arg("volumes", Bool(), False, "also delete its volumes")],
+              "what was destroyed", ["invalid_argument", "not_found", "unavailable"]),
+    # -- machines ----------------------------------------------------------------------
+    Procedure("zwrm.machine.list", READ, "Machines, optionally of one app or on one host.",
+              [Arg("app", Nullable(NAME), None, "only this app's"),
+               Arg("host_id", Nullable(ID), None, "only this host's")],
+              "a list of machines", ["invalid_argument", "not_found"]),
+    Procedure("zwrm.machine.status", READ, "One machine with its recent events.", [_MACHINE],
+              "the machine with spec and events", ["invalid_argument", "not_found"]),
+    Procedure("zwrm.machine.logs", OPERATOR, "The tail of a machine's serial console.",
+              [_MACHINE, Arg("max_bytes", Int(1, 1024 * 1024), 65536, "at most this many bytes")],
+              "the console text", ["invalid_argument", "not_found", "unavailable"]),
+    Procedure("zwrm.machine.destroy", OPERATOR,
+              "Destroy one machine (its app's next converge replaces it).", [_MACHINE],
+              "the machine's id", ["invalid_argument", "not_found", "unavailable"]),
+    # -- volumes -----------------------------------------------------------------------
+    Procedure(
+        "zwrm.volume.create", OPERATOR, "Create a volume of an app for one replica.",
+        [Arg("app", NAME, doc="the app's name"), Arg("name", NAME, doc="the volume's name"),
+         Arg("size_mb", Int(2, 16 * 1024 * 1024), doc="its size in MiB"),
+         Arg("mount", Str(4096, r"/.+", "an absolute path other than /"),
+             doc="where the guest mounts it"),
+         Arg("replica", Int(0, 999), 0, "the replica it belongs to"),
+         Arg("region", Nullable(PLACE), None, "place it in this region"),
+         Arg("datacenter", Nullable(PLACE), None, "place it in this datacenter"),
+         Arg("host_id", Nullable(ID), None, "place it on this host")],
+        "the volume", ["invalid_argument", "not_found", "conflict", "unplaceable", "unavailable"]),
+    Procedure("zwrm.volume.list", READ, "Volumes, optionally of one app.",
+              [Arg("app", Nullable(NAME), None, "only this app's")], "a list of volumes",
+              ["invalid_argument", "not_found"]),
+    Procedure("zwrm.volume.destroy", OPERATOR, "Delete a volume and its data.",
+              [Arg("volume_id", ID, doc="the volume's id")], "the volume's id",
+              ["invalid_argument", "not_found", "conflict (a live machine uses it)",
+               "unavailable"]),
+    # -- images ------------------------------------------------------------------------
+    Procedure("zwrm.image.list", READ, "Every tagged image, or those of one repository.",
+              [Arg("name", Nullable(IMAGE_NAME), None, "only this repository's")],
+              "[{name, tag, digest, media_type, kind, size, layers}]", ["invalid_argument"]),
+    Procedure("zwrm.image.info", OPERATOR, "One image.",
+              [Arg("ref", IMAGE_REF, doc="NAME[:TAG][@DIGEST]")], "the image with its tags",
+              ["invalid_argument", "not_found"]),
+    Procedure("zwrm.image.delete", OPERATOR,
+              "Delete a tag, or a manifest and every tag that points at it.",
+              [Arg("ref", IMAGE_REF, doc="NAME:TAG or NAME@DIGEST")], "{image, deleted}",
+              ["invalid_argument", "not_found", "not_authorized (deleting is turned off)"]),
+    # -- join tokens -------------------------------------------------------------------
+    Procedure("zwrm.token.create", OPERATOR, "Make a join token.",
+              [Arg("ttl", Number(1, SECONDS_MAX), 86400, "seconds it is valid"),
+               Arg("description", Str(200), "", "a note")],
+              "{token (shown only here), id, expires_at}", ["invalid_argument"]),
+    Procedure("zwrm.token.list", OPERATOR, "Every join token, without its secret.", [],
+              "[{id, description, created_at, expires_at, revoked, used, state}]"),
+    Procedure("zwrm.token.revoke", OPERATOR, "Revoke a join token.",
+              [Arg("token_id", TOKEN_ID, doc="the token's id (or its whole text)", secret=True)],
+              "null", ["invalid_argument", "not_found"]),
+]}
+"""Every procedure the control plane registers, by URI."""
+
+def schema(uri):
+    """
+    The L{Procedure} of C{uri}.
+
+    @raise KeyError: it has none (add one to L{PROCEDURES}).
+    """
+    return PROCEDURES[uri]
+
+
+class _Unknown(Procedure):
+    """The schema of a procedure that has none: up to 16 bounded JSON arguments."""
+
+    def __init__(self, uri):
+        Procedure.__init__(self, uri, (), "", [Arg(f"#{i}", Json(), None) for i in range(16)])
+
+    def check(self, args, kwargs):
+        Procedure.check(self, args, {})
+        for k, v in kwargs.items():
+            if not isinstance(k, str) or len(k) > 64:
+                raise errors.InvalidArgument(f"{self.uri}: a keyword is at most 64 characters")
+            try:
+                Json().check(v, k)
+            except Invalid as e:
+                raise errors.InvalidArgument(f"{self.uri}: {e.path} {e.phrase}", argument=k) from None
+
+
+def unknown(uri):
+    """A L{Procedure} for C{uri}, which has no schema (a bug): bounded JSON arguments only."""
+    return _Unknown(uri)
+
+
+def markdown():
+    """The procedure reference (docs/wamp-procedures.md) generated from L{PROCEDURES}."""
+    out = [
+        "# WAMP procedures of the control plane (realm `zwrm`)",
+        "",
+        "<!-- Generated by scripts/gen-wamp-docs from zwrm/control/schema.py; do not edit. -->",
+        "",
+        "Every call is checked against the schema below before the procedure runs. A wrong",
+        "number of arguments, an unknown keyword, a missing required argument, a value of the",
+        "wrong type, an oversize string, list or mapping, or a number out of range is answered",
+        "with `zwrm.error.invalid_argument`; its message names the argument and its `argument`",
+        "keyword holds the argument's name. Arguments may be given by position (in the order",
+        "below) or by keyword. Every error URI is `zwrm.error.<kind>`.",
+        "",
+    ]
+    for p in sorted(PROCEDURES.values(), key=lambda p: p.uri):
+        out += [f"## `{p.uri}`", "", p.doc, "", f"Roles: {', '.join(p.roles)}.", ""]
+        if p.args:
+            out += ["| argument | what | default |", "|---|---|---|"]
+            for a in p.args:
+                default = "required" if a.required else f"`{_json(a.default)}`"
+                what = a.type.describe().replace("|", "\\|")
+                doc = f"{a.doc}: " if a.doc else ""
+                out.append(f"| `{a.name}` | {doc}{what} | {default} |")
+            out.append("")
+        else:
+            out += ["No arguments.", ""]
+        out += [f"Returns: {p.returns}.", ""]
+        if p.errors:
+            out += ["Errors: " + ", ".join(f"`zwrm.error.{e.split(' ')[0]}`"
+                                            + (" " + e.split(" ", 1)[1] if " " in e else "")
+                                            for e in p.errors) + ".", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _json(value):
+    import json
+
+    return json.dumps(value)
