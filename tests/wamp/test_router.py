@@ -3,7 +3,9 @@ Every message path of the router, over the in-memory transport (no sockets).
 """
 
 import binascii
+import gc
 import json
+import weakref
 
 from autobahn.wamp import message
 from autobahn.wamp.auth import compute_wcs
@@ -797,6 +799,70 @@ class AuthorizerFailureTests(RouterTestMixin, unittest.SynchronousTestCase):
         errors = {m.request: m.error for m in c.take(message.Error)}
         self.assertEqual(errors, {r: "wamp.error.not_authorized" for r in range(1, 5)})
         self.assertEqual(c.last(message.Subscribed).request, 5)  # exact URIs are still allowed
+
+
+class SessionLifetimeTests(RouterTestMixin, unittest.SynchronousTestCase):
+    """
+    A closed session is freed by reference counting alone: it is in no reference
+    cycle, so session churn leaves nothing for the cycle collector (whose full
+    collections stop the world for seconds with many hosts).
+    """
+
+    def busy_session(self, serializer, close):
+        callee = self.join("host1", serializer=serializer)
+        self.register(callee, "test.echo")
+        c = self.join("op", serializer=serializer)
+        self.subscribe(c, "test.topic")
+        self.subscribe(c, "test.", match="prefix")
+        self.register(c, "test.mine")
+        c.send(message.Call(1, "test.echo", args=[1]))  # answered
+        c.send(message.Call(2, "test.echo", args=[2], timeout=60000))  # still in flight, with a timer
+        c.send(message.Publish(3, "test.topic", args=["x"], acknowledge=True))
+        self.pump()
+        invs = callee.take(message.Invocation)
+        callee.send(message.Yield(invs[0].request, args=[1]))
+        self.pump()
+        ref = weakref.ref(self.router.get_session(c.session_id))
+        close(c)
+        self.pump()
+        self.assertEqual(self.router.session_count(), 1)
+        return ref, callee
+
+    def check_freed(self, close):
+        for serializer in (None, FastJsonSerializer()):
+            with self.subTest(serializer=serializer):
+                gc.collect()
+                gc.disable()
+                try:
+                    ref, callee = self.busy_session(serializer, close)
+                    self.assertIsNone(ref(), "the closed RouterSession is still referenced")
+                    self.assertEqual(gc.collect(), 0)
+                finally:
+                    gc.enable()
+                callee.transport.close()
+                self.pump()
+
+    def test_transport_lost(self):
+        self.check_freed(lambda c: c.transport.close())
+
+    def test_goodbye(self):
+        def goodbye(c):
+            c.send(message.Goodbye())
+            self.pump()
+            c.transport.close()
+
+        self.check_freed(goodbye)
+
+    def test_killed(self):
+        def kill(c):
+            self.router.kill_by_authid("op", "bye")
+            self.pump()
+            c.send(message.Goodbye("wamp.close.goodbye_and_out"))
+
+        self.check_freed(kill)
+
+    def test_protocol_violation(self):
+        self.check_freed(lambda c: c.send(message.Call(0, "test.echo")))
 
 
 class ErrorPassThroughTests(unittest.SynchronousTestCase):

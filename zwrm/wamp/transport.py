@@ -593,6 +593,24 @@ class MemoryTransport:
 ITransport.register(MemoryTransport)
 
 
+class _ClosedPair:
+    """What the ends of a closed L{MemoryTransportPair} point to (see C{_flush})."""
+
+    closed = True
+
+    def _enqueue(self, side, item):
+        pass
+
+    def backlog(self, side):
+        return 0
+
+    def close(self):
+        pass
+
+
+_CLOSED_PAIR = _ClosedPair()
+
+
 class MemoryTransportPair:
     """
     Two connected L{MemoryTransport}s.  Every message is delivered later, from the
@@ -696,6 +714,11 @@ class MemoryTransportPair:
                 log.failure("memory transport: handler failed")
         if self._queue:
             self._schedule()
+        elif self.closed and self.ends[0].handler is None and self.ends[1].handler is None:
+            # both ends are told: let go of each other, so that nothing of a closed
+            # connection waits for the cycle collector
+            for end in self.ends:
+                end._pair = _CLOSED_PAIR
 
     def _deliver_bytes(self, side, handler, value):
         payload, is_binary = value
