@@ -34,6 +34,40 @@ from zwrm.wamp.transport import websocket_factory
 _CERT_KEYS = ("privateKey=", "certKey=", "extraCertChain=", "caCertsDir=")
 TOKEN_FILES = {"operator": "operator.token", "join": "join.token"}
 URL_FILE = "control.url"
+LOCK_FILE = "control.lock"
+"""Held (C{flock}) by a running control plane in its data directory; C{zwrm-control restore}
+refuses while it is held."""
+
+
+class DataDirInUse(Exception):
+    """Another control plane (or a restore) holds the data directory's lock."""
+
+    def __init__(self, message):
+        Exception.__init__(self, message)
+        self.message = message
+
+
+def lock_data_dir(data_dir):
+    """
+    Take the data directory's lock (L{LOCK_FILE}, mode 0600) for as long as the returned file
+    descriptor stays open.
+
+    @raise DataDirInUse: someone else holds it.
+    """
+    import fcntl
+
+    path = os.path.join(data_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DataDirInUse(
+            f"another zwrm-control (or a restore) is using {data_dir} (it holds {path})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def write_private(path, text):
@@ -136,6 +170,7 @@ class ControlPlane(service.MultiService):
         self.root.putChild(b"metrics", MetricsResource(self))
         self.started = defer.Deferred()
         self._flusher = None
+        self._lock = None
         self.stop_reactor_on_failure = False
 
     def startService(self):
@@ -143,6 +178,7 @@ class ControlPlane(service.MultiService):
         d = defer.Deferred.fromCoroutine(self._start())
 
         def failed(f):
+            self._unlock()
             self.log.error("zwrm-control could not start: {why}", why=_why(f))
             if not self.started.called:
                 self.started.errback(f)
@@ -157,6 +193,7 @@ class ControlPlane(service.MultiService):
         cfg = self.config
         data_dir = cfg.data_dir
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        self._lock = lock_data_dir(data_dir)
         self.store = Store(self.reactor, os.path.join(data_dir, "zwrm.db"), now=self.reactor.seconds)
         version = await self.store.start()
         self.pki = ControlPKI(self.reactor, self.store, data_dir, cfg.listen)
@@ -303,6 +340,12 @@ class ControlPlane(service.MultiService):
             self.session.leave()
         if self.store is not None:
             await self.store.stop()
+        self._unlock()
+
+    def _unlock(self):
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def stopService(self):
         d = defer.maybeDeferred(service.MultiService.stopService, self)
