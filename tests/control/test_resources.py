@@ -214,3 +214,42 @@ class HostResourceTests(TestCase):
         stored = [await r for r in seen.rows]
         self.assertEqual([(r["state"], r["vcpus"]) for r in stored],
                          [("ready", 4), ("ready", 8), ("offline", 8)])
+
+
+class AppSpecVersionTests(TestCase):
+    @d
+    async def test_every_spec_is_kept_as_a_version(self):
+        clock, store, data, published = await make_data(self)
+        row = {"id": "a1", "name": "web", "spec": None, "created_at": 0.0}
+        await data.apps.add(row)
+        self.assertEqual(published[-1][1]["payload"]["spec_version"], 0)
+        await data.apps.set_spec(row, {"replicas": 1}, "deployed")
+        clock.advance(1)
+        await data.apps.set_spec(row, {"replicas": 3}, "scaled", replicas=3)
+        await data.apps.set_spec(row, None, "destroyed", volumes_kept=True)
+        self.assertEqual([e["payload"]["spec_version"] for _, e in published], [0, 1, 2, 2])
+        self.assertEqual([(v["version"], v["spec"], v["created_at"])
+                          for v in await data.apps.spec_versions("a1")],
+                         [(1, {"replicas": 1}, 0.0), (2, {"replicas": 3}, 1.0)])
+        stored = await data.apps.by_name("web")
+        self.assertEqual((stored["spec"], stored["spec_version"]), (None, 2))
+
+    def test_the_migration_keeps_deployed_specs_as_version_1(self):
+        import sqlite3
+
+        import sqlite_utils
+
+        from zwrm.control.store import MIGRATIONS, migrate
+
+        db = sqlite_utils.Database(sqlite3.connect(":memory:", isolation_level=None))
+        migrate(db, MIGRATIONS[:4])
+        db["apps"].insert({"id": "a1", "name": "web", "spec": '{"replicas": 2}',
+                           "created_at": 5.0})
+        db["apps"].insert({"id": "a2", "name": "new", "spec": None, "created_at": 6.0})
+        migrate(db)
+        self.assertEqual(
+            [(r["id"], r["spec_version"]) for r in db["apps"].rows_where(order_by="id")],
+            [("a1", 1), ("a2", 0)])
+        self.assertEqual(list(db["app_specs"].rows),
+                         [{"app_id": "a1", "version": 1, "spec": '{"replicas": 2}',
+                           "created_at": 5.0}])

@@ -384,11 +384,12 @@ class Apps:
 
     @wamp.register("zwrm.app.status")
     async def app_status(self, name):
-        """An app's spec, machines and volumes."""
+        """An app's spec (and its C{spec_version}), machines and volumes."""
         app = await self._app(name)
         machines = await self.data.machines.find(app_id=app["id"], order_by="created_at")
         volumes = await self.data.volumes.find(app_id=app["id"], order_by="name")
         return {"id": app["id"], "name": app["name"], "spec": app["spec"],
+                "spec_version": app.get("spec_version") or 0,
                 "machines": [machine_wire(m) for m in machines],
                 "volumes": volumes}
 

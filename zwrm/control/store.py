@@ -121,12 +121,18 @@ def _v4(db):
     db["net_addresses"].create_index(["machine_id"], unique=True)
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4]
+def _v5(db):
+    """Schema version 5: apps keep every spec they were given (L{apps.schema_v5})."""
+    apps.schema_v5(db)
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5]
 """Schema migrations, in order; append, never edit."""
 
 JSON_COLUMNS = {
     hosts.TABLE: hosts.JSON_COLUMNS,
     apps.TABLE: apps.JSON_COLUMNS,
+    apps.SPECS_TABLE: apps.SPECS_JSON_COLUMNS,
     machines.TABLE: machines.JSON_COLUMNS,
     "drains": ("options",),
     "events": ("payload",),

@@ -1,6 +1,6 @@
 """
-The apps resource: the C{apps} table (C{id, name, spec, created_at}), an app's wire form
-and its update methods.
+The apps resource: the C{apps} table (C{id, name, spec, spec_version, created_at}) and
+its spec versions (C{app_specs}), an app's wire form and its update methods.
 
 C{spec} is the deployed spec (L{zwrm.control.apps.validate_spec}'s normal form), or
 L{None} for an app never deployed, or destroyed while its volumes are kept.
@@ -9,10 +9,12 @@ Events (C{zwrm.event.app}); the payload is always the app's wire form (L{wire}) 
 C{app_id}, C{app} (its name) and C{reason}:
 
  - C{created}: a new, empty app;
- - C{deployed}: a new spec was stored;
- - C{scaled}: its replica count changed (C{replicas});
+ - C{deployed}: a new spec was stored (its next C{spec_version});
+ - C{scaled}: its replica count changed (C{replicas}; a new spec version too);
  - C{destroyed}: its row was deleted, or its spec cleared (C{volumes_kept} true).
 """
+
+import json
 
 from zwrm import errors
 from zwrm.control.resources import Resource, update_method
@@ -23,6 +25,8 @@ TOPIC = "zwrm.event.app"
 TABLE = "apps"
 JSON_COLUMNS = ("spec",)
 """Columns stored as JSON text (the store encodes and decodes them)."""
+SPECS_TABLE = "app_specs"
+SPECS_JSON_COLUMNS = ("spec",)
 
 
 def schema_v1(db):
@@ -33,10 +37,31 @@ def schema_v1(db):
     db["apps"].create_index(["name"], unique=True)
 
 
+def schema_v5(db):
+    """
+    Spec versions: every spec an app was given is kept in C{app_specs} (C{app_id, version,
+    spec, created_at}), and C{apps.spec_version} is the version in force (0: none yet).
+    An app deployed before has its spec as version 1.
+    """
+    db[SPECS_TABLE].create(
+        {"app_id": str, "version": int, "spec": str, "created_at": float},
+        pk=("app_id", "version"),
+    )
+    db["apps"].add_column("spec_version", int, not_null_default=0)
+    db.execute("UPDATE apps SET spec_version = 1 WHERE spec IS NOT NULL")
+    db.execute(
+        "INSERT INTO app_specs (app_id, version, spec, created_at)"
+        " SELECT id, 1, spec, created_at FROM apps WHERE spec IS NOT NULL"
+    )
+
+
 def wire(row):
-    """The wire form of an app: C{id, name, spec, created_at}."""
+    """
+    The wire form of an app: C{id, name, spec, spec_version, created_at}
+    (C{spec_version} counts the specs it was given: 0 before its first deploy).
+    """
     return {"id": row["id"], "name": row["name"], "spec": row.get("spec"),
-            "created_at": row.get("created_at")}
+            "spec_version": row.get("spec_version") or 0, "created_at": row.get("created_at")}
 
 
 class Apps(Resource):
@@ -61,6 +86,10 @@ class Apps(Resource):
         """Every app row, by name (a Deferred)."""
         return self._store.select("apps", order_by="name")
 
+    def spec_versions(self, app_id):
+        """Every spec C{app_id} was given, oldest first: C{[{version, spec, created_at}]}."""
+        return self._store.select(SPECS_TABLE, "app_id = ?", [app_id], order_by="version")
+
     # -- update methods ---------------------------------------------------------------
 
     async def _produce(self, kind, row, reason, **extra):
@@ -77,10 +106,30 @@ class Apps(Resource):
     @update_method
     async def set_spec(self, row, spec, kind="deployed", **extra):
         """
-        Store C{spec} as the app's spec (C{row} is updated in place); event C{kind}
-        (C{deployed}, C{scaled}, or C{destroyed} when C{spec} is L{None}).
+        Store C{spec} as the app's spec (C{row} is updated in place), as its next spec
+        version (kept in C{app_specs}); event C{kind} (C{deployed}, C{scaled}, or
+        C{destroyed} when C{spec} is L{None}: no version is added then).
         """
-        await self._store.update("apps", row["id"], {"spec": spec})
+        now = self._clock.seconds()
+        app_id = row["id"]
+
+        def store(db):
+            with db.conn:
+                db.conn.execute("BEGIN")
+                version = db.execute("SELECT spec_version FROM apps WHERE id = ?",
+                                     [app_id]).fetchone()
+                if version is None:
+                    raise errors.NotFound(f"no app {row['name']!r}")
+                version = version[0] or 0
+                encoded = json.dumps(spec, sort_keys=True) if spec is not None else None
+                if spec is not None:
+                    version += 1
+                    db[SPECS_TABLE].insert({"app_id": app_id, "version": version,
+                                            "spec": encoded, "created_at": now})
+                db["apps"].update(app_id, {"spec": encoded, "spec_version": version})
+                return version
+
+        row["spec_version"] = await self._store.run(store)
         row["spec"] = spec
         await self._produce(kind, row, kind, **extra)
         return row
