@@ -21,13 +21,13 @@ class _Fetch(protocol.Protocol):
         self.done.callback(self.data)
 
 
-async def http_get(reactor, host, port, path="/", headers=None, timeout=10):
+async def http_get(reactor, host, port, path="/", headers=None, timeout=10, host_header=None):
     """
     C{GET path} over HTTP/1.0 (the server closes when done); the whole response as bytes.
 
     @raise Exception: if it cannot connect, or no answer within C{timeout} seconds.
     """
-    head = f"GET {path} HTTP/1.0\r\nHost: {host}\r\n"
+    head = f"GET {path} HTTP/1.0\r\nHost: {host_header or host}\r\n"
     for k, v in (headers or {}).items():
         head += f"{k}: {v}\r\n"
     p = _Fetch((head + "\r\n").encode())
