@@ -4,6 +4,8 @@ RawSocket, JSON / MsgPack / CBOR, with and without TLS.
 """
 
 import datetime
+import gc
+import weakref
 
 from autobahn.twisted.rawsocket import WampRawSocketClientFactory
 from autobahn.twisted.wamp import ApplicationSession
@@ -290,6 +292,31 @@ class SocketLimitTests(_SocketBase):
         self.assertIsNotNone(self.router.get_session(slow._session_id))
         yield pub.publish("test.flood", "last", options=PublishOptions(acknowledge=True))
         slow_proto.transport.resumeProducing()
+
+
+    @defer.inlineCallbacks
+    def test_closed_websocket_session_is_freed_by_reference_counting(self):
+        for serializer in ("json", "msgpack"):
+            s, proto = yield self.join("op", serializer=serializer)
+            yield s.subscribe(lambda *a: None, "test.t")
+            yield s.register(lambda x: x, "test.echo")
+            self.assertEqual((yield s.call("test.echo", 5)), 5)
+            rs = self.router.get_session(s._session_id)
+            session_ref, protocol_ref = weakref.ref(rs), weakref.ref(rs.transport)
+            del rs
+            gc.collect()
+            gc.disable()
+            try:
+                yield self._closed(proto)
+                yield self.poll(lambda: self.router.session_count() == 0)
+                yield task.deferLater(reactor, 0, lambda: None)
+                # freed without the cycle collector: the router's session and the
+                # server's WebSocket protocol
+                self.assertIsNone(session_ref())
+                self.assertIsNone(protocol_ref())
+            finally:
+                gc.enable()
+            del s, proto
 
 
 class ListenerServiceTests(unittest.TestCase):

@@ -213,6 +213,13 @@ class WampWebSocketServerProtocol(_QuietWebSocketMixin, _websocket.WampWebSocket
         self._codec = codec_for(self._serializer)
         super().onOpen()
 
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        # autobahn resolves is_closed with the protocol itself: a reference cycle that
+        # would keep every closed connection for the cycle collector
+        if self.is_closed.called:
+            self.is_closed = defer.succeed(None)
+
     def dataReceived(self, data):
         if (self._codec is not None and self.state == _OPEN and self.current_frame is None
                 and not self.inside_message and not self.data):
