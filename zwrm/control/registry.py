@@ -26,6 +26,7 @@ from zwrm.control.host import INPUTS
 from zwrm.control.resources import Data
 from zwrm.control.resources.hosts import TOPIC as HOST_TOPIC
 from zwrm.control.resources.hosts import HostEntry
+from zwrm.control.resources.hosts import wire as host_wire
 from zwrm.control.resources.machines import TOPIC as MACHINE_TOPIC
 
 __all__ = ["HOST_TOPIC", "MACHINE_TOPIC", "HostEntry", "HostRegistry"]
@@ -193,30 +194,14 @@ class HostRegistry:
         return self._call(f"zwrm.agent.{host_id}.{verb}", *args, **kwargs)
 
     def _summary(self, entry, now, machine_counts):
-        r = entry.record
+        """The host's wire form with its machine count and heartbeat (C{zwrm.host.list})."""
         last = entry.last_heartbeat
-        return {
-            "id": r["id"],
-            "name": r["name"],
-            "region": r["region"],
-            "datacenter": r["datacenter"],
-            "address": r["address"],
-            "labels": r["labels"] or {},
-            "state": entry.machine.state,
-            "state_before_offline": entry.machine.state_before_offline,
-            "vcpus": r["vcpus"],
-            "memory_mb": r["memory_mb"],
-            "disk_mb": r["disk_mb"],
-            "alloc_vcpus": r["alloc_vcpus"] or 0,
-            "alloc_memory_mb": r["alloc_memory_mb"] or 0,
-            "alloc_disk_mb": r["alloc_disk_mb"] or 0,
-            "machines": machine_counts.get(r["id"], 0),
-            "last_heartbeat": last,
-            "heartbeat_age": (now - last) if last is not None else None,
-            "agent_version": r["agent_version"],
-            "joined_at": r["joined_at"],
-            "executor": entry.executor,
-        }
+        return dict(
+            host_wire(entry),
+            machines=machine_counts.get(entry.record["id"], 0),
+            last_heartbeat=last,
+            heartbeat_age=(now - last) if last is not None else None,
+        )
 
     async def list(self):
         """Every host, summarised (as C{zwrm.host.list} returns them), sorted by name."""
