@@ -48,6 +48,7 @@ from twisted.logger import Logger
 
 from zwrm.agent import health as _health
 from zwrm.agent.blockmap import file_digest
+from zwrm.agent.network.host import check_network
 from zwrm.drivers import cloudinit as _cloudinit
 from zwrm.drivers.spec import check_id, volume_serial
 from zwrm.errors import Conflict, Internal, InvalidArgument, NotFound, Unavailable, ZwrmError
@@ -136,6 +137,8 @@ def validate_machine(spec):
     out["service_port"] = port
     out["health"] = _health.validate(spec.get("health"))
     out["cloud_init"] = _cloudinit.validate(spec.get("cloud_init"))
+    # Its address on the cluster network (bridge networking; see docs/networking.md).
+    out["network"] = check_network(spec["network"]) if spec.get("network") is not None else None
     if out["health"] is not None and port is None:
         raise InvalidArgument("a health check needs a service_port")
     return out
@@ -170,11 +173,15 @@ class Executor:
     @param data_dir: the agent's data directory.
     @param health_probe: C{health_probe(reactor, health_spec, host_port)} makes a machine's
         health probe (L{zwrm.agent.health.probe_for}; tests may pass another).
+    @param network: an L{zwrm.agent.network.agent.AgentNetwork} (bridge networking), or
+        L{None} for user-mode networking.
     """
 
     def __init__(self, reactor, host_id, driver, volumes, report, images=None, data_dir=".",
-                 health_probe=_health.probe_for, transfers=None, transfer_host="127.0.0.1"):
+                 health_probe=_health.probe_for, transfers=None, transfer_host="127.0.0.1",
+                 network=None):
         self.reactor = reactor
+        self.network = network
         self.transfers = transfers
         self.transfer_host = transfer_host
         self._outgoing = {}  # volume id -> progress of the send under way (or last)
@@ -240,9 +247,16 @@ class Executor:
                 # By virtio serial, never by device order (a root disk comes first).
                 mounts = ",".join(f"{volume_serial(v['id'])}:{v['mount']}" for v in spec["volumes"])
                 cmdline = f"{cmdline} zwrm.vol={mounts}".strip()
+            net = None
+            if spec["network"] is not None and self.network is not None:
+                # A TAP on the host's bridge; host_port forwards to the guest's address.
+                net = await self.network.prepare(mid, spec["app"], spec["network"],
+                                                 spec["service_port"], bool(image.get("kernel")))
+                cmdline = f"{cmdline} {net['cmdline']}".strip()
+                rec.host_port = net["host_port"]
             for attempt in range(3):
                 forwards = []
-                if spec["service_port"] is not None:
+                if spec["service_port"] is not None and net is None:
                     rec.host_port = free_port()
                     forwards.append({"guest": spec["service_port"], "host": rec.host_port})
                 self._save(rec)
@@ -256,6 +270,7 @@ class Executor:
                             _cloudinit.validate({}) if image.get("disk") else None),
                         "cmdline": cmdline, "vcpus": spec["vcpus"],
                         "memory_mb": spec["memory_mb"], "volumes": vols, "forwards": forwards,
+                        "nic": net["nic"] if net else None,
                     })
                     break
                 except Unavailable as e:
@@ -328,6 +343,10 @@ class Executor:
         d = self.driver.destroy(machine_id)
 
         def forget(_):
+            if self.network is not None and rec.spec.get("network") is not None:
+                ensureDeferred(self.network.release(machine_id)).addErrback(
+                    lambda f: log.warn("machine {id}: its network was not removed: {e}",
+                                       id=machine_id, e=f.getErrorMessage()))
             for v in rec.spec["volumes"]:
                 self.volumes.release(v["id"], machine_id)
             if self.images is not None:
@@ -564,6 +583,14 @@ class Executor:
                 except ZwrmError as e:
                     log.warn("machine {id}: cannot claim volume {v}: {e}", id=mid, v=v["id"], e=e)
             st = found.get(mid)
+            if (st is not None and st["state"] == "running" and self.network is not None
+                    and rec.spec.get("network") is not None):
+                try:
+                    await self.network.prepare(mid, rec.spec["app"], rec.spec["network"],
+                                               rec.spec["service_port"], host_port=rec.host_port,
+                                               adopt=True)
+                except ZwrmError as e:
+                    log.warn("machine {id}: its network was not restored: {e}", id=mid, e=e)
             if st is None:
                 self._change(rec, "failed", "its hypervisor files are gone")
             elif st["state"] == "running":

@@ -122,16 +122,18 @@ class HostNetwork:
 
     # -- public ---------------------------------------------------------------------
 
-    async def add_machine(self, machine_id, app, net):
+    async def add_machine(self, machine_id, app, net, recreate=True):
         """
         Make machine C{machine_id}'s TAP on the bridge (creating the bridge for this host's
         subnet first) and let its address through the rules.
 
         @param net: its network spec (L{check_network}).
+        @param recreate: make the TAP again if it exists (a new start); false to keep a
+            running machine's TAP (after an agent restart).
         @return: C{{"tap", "mac"}} for the driver.
         """
         net = check_network(net)
-        return await self._locked(self._add_machine, machine_id, app, net)
+        return await self._locked(self._add_machine, machine_id, app, net, recreate)
 
     async def remove_machine(self, machine_id):
         """Delete machine C{machine_id}'s TAP and its rules; unknown machines are ignored."""
@@ -195,13 +197,15 @@ class HostNetwork:
         out = await self.run("ip", "-o", "link", "show", "dev", dev, check=False)
         return bool(out.strip())
 
-    async def _add_machine(self, machine_id, app, net):
+    async def _add_machine(self, machine_id, app, net, recreate=True):
         await self._setup(net)
         tap = addressing.tap_name(machine_id)
-        if await self._exists(tap):
+        exists = await self._exists(tap)
+        if exists and recreate:
             await self.run("ip", "link", "del", tap, check=False)
-        await self.run("ip", "tuntap", "add", "dev", tap, "mode", "tap", "user", self.uid,
-                       "group", self.gid)
+        if recreate or not exists:
+            await self.run("ip", "tuntap", "add", "dev", tap, "mode", "tap", "user", self.uid,
+                           "group", self.gid)
         await self.run("ip", "link", "set", tap, "mtu", net["mtu"], "master", BRIDGE, "up")
         self.machines[machine_id] = {"tap": tap, "address": net["address"], "app": app,
                                      "open_ports": net["open_ports"]}

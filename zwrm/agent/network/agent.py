@@ -1,0 +1,136 @@
+"""
+An agent's side of the cluster network: what the executor calls for each machine, and the
+view of the cluster the control plane pushes (C{zwrm.agent.<host_id>.network.update}).
+
+L{AgentNetwork} owns the host's L{host.HostNetwork} (bridge, TAPs, overlay, rules), its
+L{dns.ClusterDNS} (started on the bridge address once the host has its subnet), its
+L{proxy.Ingress} (the published ports, on the host's public address) and the loopback
+forwards that give each bridged VM a C{host_port} as user-mode networking did.
+"""
+
+from autobahn import wamp
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from zwrm.agent.network import addressing
+from zwrm.agent.network.dns import ClusterDNS
+from zwrm.agent.network.host import HostNetwork, check_network
+from zwrm.agent.network.proxy import Ingress, forward_loopback
+from zwrm.errors import InvalidArgument
+
+
+class AgentNetwork:
+    """
+    @param reactor: the reactor.
+    @param host_id: this host's id (its own VMs are local in the view).
+    @param public_address: where published ports listen (the agent's C{--address}); also
+        the VXLAN source address.
+    @param host_network: a L{HostNetwork} (tests give one acting in a namespace).
+    @param dns_port: 53 in production; tests may use another.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, host_id, public_address, host_network=None, state_dir=None,
+                 dns_port=53, drain_timeout=30.0, deny=()):
+        self.reactor = reactor
+        self.host_id = host_id
+        self.public_address = public_address
+        self.host = host_network or HostNetwork(reactor, local_address=public_address,
+                                                state_dir=state_dir, deny=deny)
+        self.dns_port = dns_port
+        self.dns = None
+        self.ingress = Ingress(reactor, interface=public_address or "127.0.0.1",
+                               drain_timeout=drain_timeout)
+        self._forwards = {}  # machine id -> listening port
+        self._view = None
+
+    async def prepare(self, machine_id, app, net, service_port=None, kernel=True,
+                      host_port=None, adopt=False):
+        """
+        Network a machine about to start (or found running after an agent restart, with
+        C{adopt}): its TAP, its rules, its loopback forward.
+
+        @return: C{{"nic", "cmdline", "host_port"}}: the driver's NIC, kernel arguments to
+            add (kernel images only) and the loopback port that reaches its service port.
+        """
+        net = check_network(net)
+        nic = await self.host.add_machine(machine_id, app, net, recreate=not adopt)
+        self._start_dns(net)
+        if self._view is not None:
+            await self._apply(self._view)
+        self._close_forward(machine_id)
+        if service_port is not None:
+            try:
+                lp = forward_loopback(self.reactor, net["address"], service_port,
+                                      listen_port=host_port or 0)
+            except Exception:
+                lp = forward_loopback(self.reactor, net["address"], service_port)
+            self._forwards[machine_id] = lp
+            host_port = lp.getHost().port
+        return {"nic": nic, "cmdline": addressing.kernel_ip_arg(net) if kernel else "",
+                "host_port": host_port}
+
+    async def release(self, machine_id):
+        """The machine was destroyed: its TAP, rules and forward go."""
+        self._close_forward(machine_id)
+        await self.host.remove_machine(machine_id)
+
+    def _close_forward(self, machine_id):
+        lp = self._forwards.pop(machine_id, None)
+        if lp is not None:
+            lp.stopListening()
+
+    def _start_dns(self, net):
+        if self.dns is not None:
+            return
+        self.dns = ClusterDNS(self.reactor, net["gateway"], port=self.dns_port,
+                              domain=net.get("domain") or "zwrm.internal")
+        try:
+            self.dns.start()
+        except Exception as e:
+            self.log.warn("cluster DNS cannot listen on {gw}:{port}: {e}", gw=net["gateway"],
+                          port=self.dns_port, e=e)
+            self.dns = None
+
+    @wamp.register("network.update")
+    def update(self, view):
+        """
+        The cluster as the control plane sees it now (pushed on every change)::
+
+            {"hosts": [{"host_id", "address", "gateway"}],
+             "members": [{"machine_id", "app", "replica", "address", "host_id", "healthy",
+                          "open_ports"}],
+             "published": {"PORT": {"mode": "tcp"|"http", "routes": {"DOMAIN"|"": [
+                 {"key", "host", "port", "healthy"}]}}}}
+        """
+        if not isinstance(view, dict):
+            raise InvalidArgument(f"a network view must be a dict, not {type(view).__name__}")
+        self._view = view
+        return defer.ensureDeferred(self._apply(view))
+
+    async def _apply(self, view):
+        hosts = [h for h in view.get("hosts", []) if h.get("host_id") != self.host_id]
+        members = view.get("members", [])
+        await self.host.set_cluster(hosts, members)
+        if self.dns is not None:
+            apps = {}
+            for m in members:
+                names = [str(m.get("replica")), m.get("machine_id")]
+                apps.setdefault(m["app"], []).append(
+                    {"names": [n for n in names if n not in (None, "None")],
+                     "address": m["address"], "healthy": m.get("healthy", False)})
+            self.dns.resolver.set_records(apps)
+        table = {}
+        for port, entry in (view.get("published") or {}).items():
+            table[int(port)] = {"mode": entry["mode"],
+                                "routes": {(d or None): rs for d, rs in entry["routes"].items()}}
+        self.ingress.set_routes(table)
+        return {"members": len(members), "published": sorted(table)}
+
+    async def close(self):
+        for mid in list(self._forwards):
+            self._close_forward(mid)
+        self.ingress.close()
+        if self.dns is not None:
+            await self.dns.stop()
