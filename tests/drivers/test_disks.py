@@ -111,7 +111,7 @@ class ArgvTests(SynchronousTestCase):
 
     def test_bad_firmware_and_format(self):
         base = {"id": "m", "disk": "/d", "vcpus": 1, "memory_mb": 64}
-        for extra in ({"firmware": "coreboot"}, {"disk_format": "vmdk"}):
+        for extra in ({"firmware": "coreboot"}, {"disk_format": "vmdk"}, {"id": "m\n"}):
             with self.assertRaises(InvalidArgument):
                 _spec.validate({**base, **extra})
 

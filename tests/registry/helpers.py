@@ -13,6 +13,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from zwrm.registry import TokenAuthorizer, make_registry_resource
+from zwrm.registry.guard import registry_request_factory
 
 OPERATOR = "op-token"
 AGENT_ID = "host-1"
@@ -73,14 +74,20 @@ class RunningRegistry:
     A registry served by a real Site on 127.0.0.1, torn down by the test's cleanups.
     """
 
-    def __init__(self, testcase, root, authorize=None, **kwargs):
+    def __init__(self, testcase, root, authorize=None, guard=None, **kwargs):
+        """
+        @param guard: keyword arguments of L{registry_request_factory} (C{reactor} is the
+            clock of its timeouts); the site always has the registry's guard.
+        """
         self.root = root
         self.resource = make_registry_resource(
             reactor, root, authorize or default_authorizer(), **kwargs
         )
         site_root = Resource()
         site_root.putChild(b"v2", self.resource)
-        self.site = TrackingSite(site_root)
+        guard = dict(guard or {})
+        self.site = TrackingSite(site_root, requestFactory=registry_request_factory(
+            guard.pop("reactor", reactor), self.resource, **guard))
         self.site.displayTracebacks = False
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port.getHost().port}"

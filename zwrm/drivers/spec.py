@@ -11,7 +11,7 @@ import re
 from zwrm.drivers import cloudinit as _cloudinit
 from zwrm.errors import InvalidArgument
 
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
 def check_id(machine_id, what="machine id"):

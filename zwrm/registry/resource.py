@@ -14,7 +14,8 @@ import os
 import re
 from urllib.parse import quote
 
-from twisted.internet import defer
+from twisted.application.internet import TimerService
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.web import resource, server, static
 
@@ -45,6 +46,12 @@ INDEX_TYPES = frozenset(
     }
 )
 MAX_MANIFEST = 4 * 1024 * 1024
+#: How deep a manifest's JSON may nest (real ones nest 4 levels).
+MAX_MANIFEST_DEPTH = 32
+#: The most ranges one Range header may ask for (more is refused with 416).
+MAX_RANGES = 8
+MAX_RANGE_HEADER = 512
+_RANGE_RE = re.compile(r"^bytes=\s*(\d*-\d*)(\s*,\s*\d*-\d*)*\s*\Z")
 MEDIA_TYPE_RE = re.compile(
     r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
     r"(\s*;.*)?$"
@@ -66,6 +73,7 @@ STATUS = {
     "DENIED": 403,
     "UNSUPPORTED": 405,
     "TOOMANYREQUESTS": 429,
+    "RANGE_INVALID": 416,
 }
 
 _NAME = r"(?P<name>[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*)"
@@ -119,7 +127,8 @@ class RegistryResource(resource.Resource):
     @param realm: the realm named in the Basic challenge.
     @param delete_enabled: whether DELETE of manifests, tags and blobs is allowed.
     @param clock: C{IReactorTime} for upload session ages (default: C{reactor}).
-    @param upload_ttl: seconds an untouched upload session is kept (default one day).
+    @param upload_ttl: seconds an untouched upload session is kept (default 15 minutes;
+        sessions are dropped at every request and by L{expiry_service}).
     @param check_disk: C{check_disk(reactor, path, fmt, what)} (a coroutine) checks a qcow2
         disk layer named by a pushed manifest (default L{zwrm.drivers.diskimage.inspect});
         it raises L{InvalidArgument} to refuse the manifest.
@@ -129,14 +138,52 @@ class RegistryResource(resource.Resource):
     log = Logger()
 
     def __init__(self, reactor, root_dir, authorize, realm="zwrm", delete_enabled=True,
-                 clock=None, upload_ttl=24 * 3600.0, check_disk=None):
+                 clock=None, upload_ttl=900.0, check_disk=None):
         resource.Resource.__init__(self)
         self._reactor = reactor
+        self._clock = clock if clock is not None else reactor
         self._check_disk = check_disk or diskimage.inspect
         self.store = RegistryStore(reactor, root_dir, clock=clock, upload_ttl=upload_ttl)
         self._authorize = authorize
         self._realm = realm
         self.delete_enabled = delete_enabled
+
+    @property
+    def realm(self):
+        """The realm of the Basic challenge."""
+        return self._realm
+
+    def authorize(self, request, action):
+        """
+        Authorize C{request} for C{action} from its headers alone.
+
+        @return: a Deferred firing with the principal, or failing with
+            L{AuthenticationFailed} or L{NotAuthorized}.
+        """
+        return defer.maybeDeferred(self._authorize, request, action)
+
+    def action_for(self, method, path):
+        """
+        The action (C{"pull"}, C{"push"}, C{"delete"}) a request needs, from its method and
+        its path below C{/v2/} (bytes); L{None} if no endpoint takes it (the request then
+        gets its error from the resource).
+        """
+        try:
+            route, _ = self._route(path.decode("utf-8"))
+        except (StoreError, UnicodeDecodeError):
+            return None
+        entry = DISPATCH.get((route, method))
+        return entry[0] if entry is not None else None
+
+    def expiry_service(self, interval=300.0):
+        """
+        A service that drops upload sessions idle for longer than the store's C{upload_ttl}
+        every C{interval} seconds (so abandoned uploads go within C{upload_ttl + interval}
+        even when nobody uploads); the control plane adds it to its services.
+        """
+        svc = TimerService(interval, self.store.expire_uploads)
+        svc.clock = self._clock
+        return svc
 
     def render(self, request):
         request.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
@@ -158,6 +205,7 @@ class RegistryResource(resource.Resource):
                     f"{request.method.decode()} is not supported on this endpoint",
                     headers={"Allow": ", ".join(m.decode() for r, m in DISPATCH if r == route)},
                 ) from None
+            self.store.expire_uploads()
             if action == "delete" and not self.delete_enabled:
                 raise _Error("UNSUPPORTED", "deletes are disabled on this registry")
             try:
@@ -271,8 +319,24 @@ class RegistryResource(resource.Resource):
             request, self.store.tags(name), f"/v2/{name}/tags/list", "tags", {"name": name}
         )
 
+    @staticmethod
+    def _check_range(request):
+        value = request.getHeader(b"range")
+        if value is None:
+            return
+        value = value.decode("latin-1")
+        if (len(value) > MAX_RANGE_HEADER or value.count(",") >= MAX_RANGES
+                or not _RANGE_RE.match(value)):
+            raise _Error(
+                "RANGE_INVALID",
+                f"Range must be bytes=FIRST-LAST with at most {MAX_RANGES} ranges "
+                f"({MAX_RANGE_HEADER} characters)",
+                headers={"Content-Range": "bytes */*"},
+            )
+
     async def _get_blob(self, request, name, digest):
         parse_digest(digest)
+        self._check_range(request)
         if self.store.has_blob(name, digest) is None:
             raise _Error("BLOB_UNKNOWN", f"blob {digest} is not in {name}")
         request.setHeader(b"Docker-Content-Digest", digest.encode())
@@ -419,6 +483,10 @@ class RegistryResource(resource.Resource):
         body = request.content.read(MAX_MANIFEST + 1)
         if len(body) > MAX_MANIFEST:
             raise _Error("MANIFEST_INVALID", "manifest larger than 4 MiB", status=413)
+        if body.count(b"[") + body.count(b"{") > MAX_MANIFEST_DEPTH:
+            # Maybe deep: scan it in a thread (a few MiB of brackets take a while).
+            await threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
+                                            _check_depth, body)
         self._validate_manifest(name, body, content_type)
         await self._check_disks(body)
         alg = "sha256"
@@ -459,6 +527,8 @@ class RegistryResource(resource.Resource):
             doc = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise _Error("MANIFEST_INVALID", "manifest is not valid JSON") from None
+        except RecursionError:
+            raise _Error("MANIFEST_INVALID", "manifest is nested too deep") from None
         if not isinstance(doc, dict) or doc.get("schemaVersion") != 2:
             raise _Error("MANIFEST_INVALID", "manifest must be a JSON object with schemaVersion 2")
         declared = doc.get("mediaType")
@@ -516,6 +586,32 @@ class RegistryResource(resource.Resource):
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise _Error("MANIFEST_INVALID", f"descriptor size {size!r} is invalid")
         return digest, size
+
+
+def _check_depth(body, limit=MAX_MANIFEST_DEPTH):
+    """
+    @raise _Error: C{MANIFEST_INVALID} if the JSON in C{body} nests arrays or objects more
+        than C{limit} deep (checked on the bytes, before any parser recurses).
+    """
+    depth = 0
+    in_string = escaped = False
+    for c in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:  # backslash
+                escaped = True
+            elif c == 0x22:  # quote
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                raise _Error("MANIFEST_INVALID",
+                             f"manifest is nested more than {limit} levels deep")
+        elif c in (0x5D, 0x7D):
+            depth -= 1
 
 
 def make_registry_resource(reactor, root_dir, authorize, **kwargs):

@@ -30,11 +30,12 @@ import uuid as uuidlib
 from twisted.internet import threads
 
 ALGORITHMS = {"sha256": 64, "sha512": 128}
-DIGEST_RE = re.compile(r"^(sha256|sha512):([a-f0-9]+)$")
+DIGEST_RE = re.compile(r"^(sha256|sha512):([a-f0-9]+)\Z")
 NAME_RE = re.compile(
-    r"^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$"
+    r"^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*\Z"
 )
-TAG_RE = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
+# \Z, not $: "$" also matches before a trailing newline ("v1\n" is not a tag).
+TAG_RE = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}\Z")
 COPY_CHUNK = 1024 * 1024
 #: Blocks of this many zero bytes are left as holes (raw disks are stored sparse).
 SPARSE_BLOCK = 64 * 1024
@@ -149,7 +150,7 @@ class RegistryStore:
         (checked whenever an upload starts).
     """
 
-    def __init__(self, reactor, root, clock=None, upload_ttl=24 * 3600.0):
+    def __init__(self, reactor, root, clock=None, upload_ttl=900.0):
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
         self.upload_ttl = upload_ttl
