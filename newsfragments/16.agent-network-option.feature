@@ -1,0 +1,1 @@
+`twistd zwrm-agent --network bridge` (with `--address`) puts this host's VMs on the cluster network (docs/networking.md); `--network user` (the default) keeps QEMU user-mode networking, now always isolated from the host. `--dns-port` moves the cluster DNS server off port 53 (tests).
