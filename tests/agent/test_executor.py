@@ -22,6 +22,7 @@ EXPECTED = {
     "machine.logs", "volume.create", "volume.delete", "volume.list", "volume.info", "host.facts",
     # volume moves (host drains; tests/agent/test_executor_volumes.py)
     "volume.receive", "volume.send", "volume.progress", "volume.cancel_receive", "volume.digest",
+    "network.update",  # the cluster network view (zwrm/agent/network/agent.py)
 }
 
 

@@ -513,6 +513,18 @@ class Executor:
         path = self.volumes.path(volume_id)
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), file_digest, path)
 
+    # --- network ------------------------------------------------------------------------
+
+    @wamp.register("network.update")
+    def network_update(self, view):
+        """
+        The cluster network as the control plane sees it (see
+        L{zwrm.agent.network.agent.AgentNetwork.update}); ignored in user-mode networking.
+        """
+        if self.network is None:
+            return {"network": "user"}
+        return self.network.update(view)
+
     # --- host ---------------------------------------------------------------------------
 
     @wamp.register("host.facts")

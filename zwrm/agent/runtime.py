@@ -75,7 +75,8 @@ class HostRuntime:
                 limit_bytes=self.config.image_cache_mb * MiB, http_client=client)
             self.executor = Executor(self.reactor, host_id, self.driver, self.volumes,
                                      self.report, images=self.cache,
-                                     data_dir=self.config.data_dir)
+                                     data_dir=self.config.data_dir,
+                                     network=_network(self.reactor, host_id, self.config))
             recovered = await self.executor.recover()
             self.log.info("executor ready for host {host_id}; recovered {n} machine(s)",
                           host_id=host_id, n=len(recovered or ()))
@@ -217,3 +218,13 @@ def _advertised(endpoint, port, address=None):
     if host in ("0.0.0.0", "::", ""):
         return address or "127.0.0.1"
     return host
+
+
+def _network(reactor, host_id, config):
+    """The agent's bridge networking (L{zwrm.agent.network.agent}), or None in user mode."""
+    if getattr(config, "network", "user") != "bridge":
+        return None
+    from zwrm.agent.network.agent import AgentNetwork
+
+    return AgentNetwork(reactor, host_id, config.address, dns_port=config.dns_port,
+                        state_dir=os.path.join(config.data_dir, "network"))

@@ -53,6 +53,9 @@ class AgentConfig:
     image_cache_mb: int = 10240
     plugin_dirs: list = field(default_factory=list)
     volume_endpoint: str = "tcp:0:interface=127.0.0.1"
+    #: VM networking: "user" (QEMU user mode, restrict=on) or "bridge" (docs/networking.md).
+    network: str = "user"
+    dns_port: int = 53
 
 
 def _is_loopback(host):
@@ -107,6 +110,10 @@ class Options(usage.Options):
         ["driver", None, None, "Hypervisor driver plugin (default qemu)."],
         ["accel", None, None, "QEMU accelerator: auto, kvm or tcg (default auto)."],
         ["image-cache-mb", None, None, "Image cache size limit in MiB (default 10240)."],
+        ["network", None, None, "VM networking: user (default; QEMU user mode, guests reach "
+         "nothing of the host) or bridge (cluster network: bridge, TAPs, VXLAN overlay, "
+         "needs CAP_NET_ADMIN and /dev/net/tun; see docs/networking.md)."],
+        ["dns-port", None, None, "Port of the cluster DNS server on the bridge (default 53)."],
         ["volume-endpoint", None, None,
          "Where other agents stream volumes to this host (TLS with host certificates), an "
          "endpoint string; default tcp:0:interface=127.0.0.1 (loopback only)."],
@@ -138,7 +145,7 @@ class Options(usage.Options):
         for key in ("control-plane-url", "region", "datacenter", "join-token-file",
                     "data-dir", "name", "address", "vcpus", "memory-mb", "disk-mb", "ca-file",
                     "retry-initial", "retry-max", "driver", "accel", "image-cache-mb",
-                    "volume-endpoint"):
+                    "volume-endpoint", "network", "dns-port"):
             if self[key] is not None:
                 values[key.replace("-", "_")] = self[key]
         if self["label"]:
@@ -179,6 +186,16 @@ class Options(usage.Options):
         check_url(config.url, config.insecure)
         _check_driver(config)
         _check_volume_endpoint(config.volume_endpoint)
+        if config.network not in ("user", "bridge"):
+            raise usage.UsageError(f"network must be user or bridge, not {config.network!r}")
+        if config.network == "bridge" and not config.address:
+            raise usage.UsageError("--network bridge needs --address (the VXLAN source and "
+                                   "where published ports listen)")
+        try:
+            config.dns_port = int(config.dns_port)
+            assert 1 <= config.dns_port <= 65535
+        except (ValueError, TypeError, AssertionError):
+            raise usage.UsageError("dns_port must be a port number (1-65535)") from None
         self.config = config
 
 
@@ -245,7 +262,8 @@ def _check_driver(config):
 
 KEYS = {"control_plane_url", "region", "datacenter", "join_token", "join_token_file", "data_dir",
         "name", "address", "labels", "vcpus", "memory_mb", "disk_mb", "ca_file", "insecure",
-        "retry_initial", "retry_max", "driver", "accel", "image_cache_mb", "plugin_dirs", "volume_endpoint"}
+        "retry_initial", "retry_max", "driver", "accel", "image_cache_mb", "plugin_dirs", "volume_endpoint",
+        "network", "dns_port"}
 
 
 def _load(path):
