@@ -29,11 +29,13 @@ from zwrm.registry import TicketAuthorizer, make_registry_resource
 from zwrm.scheduler import Scheduler, load_strategy
 from zwrm.wamp.auth import RoleBasedAuthorizer
 from zwrm.wamp.router import Router
-from zwrm.wamp.transport import websocket_factory
+from zwrm.wamp.transport import rawsocket_factory, websocket_factory
 
 _CERT_KEYS = ("privateKey=", "certKey=", "extraCertChain=", "caCertsDir=")
 TOKEN_FILES = {"operator": "operator.token", "join": "join.token"}
 URL_FILE = "control.url"
+RAWSOCKET_PREFIX = "rawsocket:"
+"""A listen description C{rawsocket:<endpoint>} serves WAMP over RawSocket on C{<endpoint>}."""
 LOCK_FILE = "control.lock"
 """Held (C{flock}) by a running control plane in its data directory; C{zwrm-control restore}
 refuses while it is held."""
@@ -270,11 +272,19 @@ class ControlPlane(service.MultiService):
 
     def _listen(self, description, site):
         """
-        Listen on one endpoint. An C{ssl:} endpoint without certificate files of its own
-        (C{privateKey=}, C{certKey=}, C{extraCertChain=}), or with the files of the cluster
-        CA's directory, uses the server certificate the cluster CA issued
-        (L{zwrm.control.tokens.ControlPKI.server_context}).
+        Listen on one endpoint: the HTTP site (WebSocket at C{/ws}, registry, health), or
+        for C{rawsocket:<endpoint>} WAMP over RawSocket.  An C{ssl:} endpoint without
+        certificate files of its own (C{privateKey=}, C{certKey=}, C{extraCertChain=}), or
+        with the files of the cluster CA's directory, uses the server certificate the
+        cluster CA issued (L{zwrm.control.tokens.ControlPKI.server_context}).  A plain
+        HTTP listener answers a TLS ClientHello at once (L{PlainOnlyFactory}).
         """
+        if description.startswith(RAWSOCKET_PREFIX):
+            description = description[len(RAWSOCKET_PREFIX):]
+            factory = rawsocket_factory(self.router)
+            factory.protocol = _with_peer_certificate(factory.protocol)
+        else:
+            factory = site
         if description.startswith("ssl:"):
             parts = description.split(":")
             files = [p.split("=", 1)[1] for p in parts if p.startswith(_CERT_KEYS)]
@@ -284,8 +294,11 @@ class ControlPlane(service.MultiService):
                 # CA's server context, which also checks agents' host certificates
                 rest = [p for p in parts[1:] if not p.startswith(_CERT_KEYS)]
                 tcp = endpoints.serverFromString(self.reactor, ":".join(["tcp"] + rest))
-                return tcp.listen(TLSMemoryBIOFactory(self.pki.server_context(), False, site))
-        return endpoints.serverFromString(self.reactor, description).listen(PlainOnlyFactory(site))
+                return tcp.listen(TLSMemoryBIOFactory(self.pki.server_context(), False, factory))
+            return endpoints.serverFromString(self.reactor, description).listen(factory)
+        if factory is site:
+            factory = PlainOnlyFactory(site)
+        return endpoints.serverFromString(self.reactor, description).listen(factory)
 
     async def _ensure_tokens(self, data_dir):
         """
@@ -389,22 +402,27 @@ class PlainOnlyFactory(policies.WrappingFactory):
 
 def _with_peer_certificate(protocol_class):
     """
-    A subclass of the WAMP-over-WebSocket server protocol that makes the connection's TLS
-    client certificate known to the authenticator while each message is handled
-    (L{zwrm.control.auth.PEER_CERTIFICATE}), so that a host cannot authenticate as another
-    host id than its certificate's.
+    A subclass of a WAMP server protocol (WebSocket or RawSocket) that makes the
+    connection's TLS client certificate known to the authenticator while the bytes it
+    receives are handled (L{zwrm.control.auth.PEER_CERTIFICATE}), so that a host cannot
+    authenticate as another host id than its certificate's.  It wraps C{dataReceived}, which
+    every message passes through whichever way the protocol then parses it (the WebSocket
+    protocol's fast path never calls C{onMessage}).
     """
+    receive = protocol_class.dataReceived
 
-    class PeerCertificateProtocol(protocol_class):
-        def onMessage(self, payload, isBinary):
+    def dataReceived(self, data):
+        peer = self.__dict__.get("_zwrm_peer")
+        if peer is None:  # known once the handshake is done; it does not change after
             get = getattr(self.transport, "getPeerCertificate", None)
-            token = PEER_CERTIFICATE.set(get() if get is not None else None)
-            try:
-                return protocol_class.onMessage(self, payload, isBinary)
-            finally:
-                PEER_CERTIFICATE.reset(token)
+            peer = self._zwrm_peer = get() if get is not None else None
+        token = PEER_CERTIFICATE.set(peer)
+        try:
+            return receive(self, data)
+        finally:
+            PEER_CERTIFICATE.reset(token)
 
-    return PeerCertificateProtocol
+    return type("PeerCertificateProtocol", (protocol_class,), {"dataReceived": dataReceived})
 
 
 def _why(failure):
@@ -414,10 +432,14 @@ def _why(failure):
 
 def _url_of(description, port):
     addr = port.getHost()
-    scheme = "wss" if description.startswith("ssl:") else "ws"
+    if description.startswith(RAWSOCKET_PREFIX):
+        tls = description[len(RAWSOCKET_PREFIX):].startswith("ssl:")
+        scheme, path = ("rss" if tls else "rs"), ""
+    else:
+        scheme, path = ("wss" if description.startswith("ssl:") else "ws"), "/ws"
     host = addr.host
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
-    return f"{scheme}://{host}:{addr.port}/ws"
+    return f"{scheme}://{host}:{addr.port}{path}"

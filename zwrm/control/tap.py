@@ -6,6 +6,7 @@ flag wins.  Example::
 
     [control]
     listen = ["tcp:8080:interface=127.0.0.1"]
+    # WAMP over RawSocket too: "rawsocket:tcp:8081:interface=127.0.0.1" (or rawsocket:ssl:...)
     data_dir = "/var/lib/zwrm/control"
     heartbeat_interval = 5
 
@@ -151,12 +152,14 @@ def check_config(config):
     if not config.listen:
         raise usage.UsageError("at least one listen endpoint is needed")
     for description in config.listen:
-        kind = description.split(":", 1)[0]
+        endpoint = description.removeprefix("rawsocket:")  # WAMP over RawSocket on it
+        kind = endpoint.split(":", 1)[0]
         if kind not in ("tcp", "tcp6", "ssl", "unix"):
             raise usage.UsageError(
                 f"listen endpoint {description!r}: use tcp:, ssl: or unix: endpoints"
+                " (rawsocket:<endpoint> for WAMP over RawSocket)"
             )
-        if kind != "ssl" and not _loopback(description) and not config.insecure_listen:
+        if kind != "ssl" and not _loopback(endpoint) and not config.insecure_listen:
             raise usage.UsageError(
                 f"listen endpoint {description!r} is plain (not TLS) and not on loopback;"
                 " add interface=127.0.0.1, use an ssl: endpoint, or set insecure_listen"
@@ -208,7 +211,8 @@ class Options(usage.Options):
         self["plugin-dir"] = []
 
     def opt_listen(self, description):
-        """Listen on this endpoint, e.g. tcp:8080:interface=127.0.0.1 (repeatable)."""
+        """Listen on this endpoint, e.g. tcp:8080:interface=127.0.0.1 (repeatable);
+        rawsocket:<endpoint> serves WAMP over RawSocket there."""
         self["listen"].append(description)
 
     def opt_plugin_dir(self, path):

@@ -1,0 +1,1 @@
+The control plane serves WAMP over RawSocket where configured: `--listen rawsocket:tcp:8081:interface=127.0.0.1` (or `rawsocket:ssl:...` with the cluster CA's certificate; `listen = [...]` in the TOML file), listed in `control.url` as `rs://` / `rss://`.
