@@ -6,6 +6,7 @@ WebSocket, with each serializer and each authentication method.
 import json
 import os
 import shutil
+import subprocess
 
 from autobahn.twisted.wamp import ApplicationSession
 from autobahn.wamp.types import CallOptions, ComponentConfig, PublishOptions, RegisterOptions
@@ -65,14 +66,37 @@ class NodeProcess(protocol.ProcessProtocol):
         self.ended.callback(reason.value.exitCode)
 
 
+def _install_node_modules():
+    """
+    Install tests/js's npm packages (as scripts/test does) if they are missing: a missing
+    package is installed, not skipped.  Fails the tests with npm's last lines if it cannot.
+    """
+    if NODE is None or JS_DIR.child("node_modules").child("autobahn").exists():
+        return
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RuntimeError("tests/js/node_modules is missing and npm is not installed"
+                           " (scripts/install-system-deps installs it)")
+    try:
+        done = subprocess.run([npm, "install", "--no-audit", "--no-fund"], cwd=JS_DIR.path,
+                              capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError("npm install in tests/js did not finish in 600 s") from None
+    if done.returncode != 0 or not JS_DIR.child("node_modules").child("autobahn").exists():
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-10:])
+        raise RuntimeError(f"npm install in tests/js failed ({done.returncode}):\n{tail}")
+
+
 class JavaScriptInteropTests(unittest.TestCase):
     timeout = 90
 
+    @classmethod
+    def setUpClass(cls):
+        _install_node_modules()
+
     def setUp(self):
         if NODE is None:
-            raise unittest.SkipTest("node is not installed")
-        if not JS_DIR.child("node_modules").child("autobahn").exists():
-            raise unittest.SkipTest("tests/js/node_modules missing: run `npm install` in tests/js")
+            raise unittest.SkipTest("node is not installed (scripts/install-system-deps installs it)")
         pub = SigningKey(SEED).verify_key.encode().hex()
         authn = StaticAuthenticator(
             tickets={"op": ("op-ticket", Principal("op", "operator"))},
