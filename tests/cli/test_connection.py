@@ -116,6 +116,7 @@ class TLSTests(TestCase):
         e = await self._fails(self._list(f"http://127.0.0.1:{self.tls_port}"))
         self.assertEqual(e.code, client.EXIT_UNREACHABLE)
         self.assertIn("closed the connection", e.message)
+        self.assertIn("if it is a TLS listener, use https://", e.message)
 
 
 class DropTests(TestCase):

@@ -15,6 +15,9 @@ from twisted.internet.defer import ensureDeferred
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from zwrm import pki
+from zwrm.agent.service import AgentService, _PinnedOptions
+from zwrm.agent.tap import AgentConfig
 from zwrm.control.service import ControlPlane
 from zwrm.control.tap import Config, Options
 from zwrm.testing.processes import temp_dir
@@ -98,6 +101,47 @@ class RawSocketListenerTests(TestCase):
         with self.assertRaises(RuntimeError) as c:
             await session.joined
         self.assertIn("authentication_failed", str(c.exception))
+        await session.left
+
+
+class HostCertificateTests(TestCase):
+    """Over RawSocket with TLS, a host certificate only authenticates its own host id."""
+
+    timeout = 60
+
+    def test_certificate_for_another_host(self):
+        return ensureDeferred(self._scenario())
+
+    async def _scenario(self):
+        tmp = temp_dir(self)
+        config = Config(listen=["ssl:0:interface=127.0.0.1", "rawsocket:ssl:0:interface=127.0.0.1"],
+                        data_dir=os.path.join(tmp, "cp"), heartbeat_interval=0.2,
+                        flush_interval=0.2)
+        plane = ControlPlane(reactor, config)
+        plane.startService()
+        self.addCleanup(plane.stopService)
+        await plane.started
+        wss, raw = (p.getHost().port for p in plane.ports)
+        with open(os.path.join(config.data_dir, "join.token")) as f:
+            join_token = f.read().strip()
+        agent = AgentService(reactor, AgentConfig(
+            url=f"wss://127.0.0.1:{wss}/ws", join_token=join_token, name="a1",
+            data_dir=os.path.join(tmp, "a1"), retry_initial=0.05, retry_max=0.2))
+        agent.startService()
+        self.addCleanup(agent.stopService)
+        await agent.registered
+        creds = pki.HostCredentials.load(os.path.join(tmp, "a1", pki.AGENT_TLS_DIR))
+        options = _PinnedOptions("127.0.0.1", creds.fingerprint,
+                                 client_certificate=(creds.cert_pem, creds.key_pem),
+                                 ca_certificate=creds.ca_pem)
+        session = _Client("h-other", agent.identity.credential)
+        factory = WampRawSocketClientFactory(lambda: session, serializer=JsonSerializer())
+        await endpoints.wrapClientTLS(
+            options, endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", raw)).connect(factory)
+        with self.assertRaises(RuntimeError) as c:
+            await session.joined
+        self.assertIn(f"the TLS client certificate is for host {creds.host_id!r}, not for"
+                      " 'h-other'", str(c.exception))
         await session.left
 
 

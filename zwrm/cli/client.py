@@ -315,7 +315,9 @@ def _describe_lost(url, ca_file, reason):
         return CliError(f"the control plane's certificate is not trusted: it is not for"
                         f" {urlsplit(url).hostname} ({trust})", EXIT_TLS)
     why = f": {value}" if value is not None and str(value) else ""
-    return CliError(f"the control plane at {url} closed the connection{why}", EXIT_UNREACHABLE)
+    hint = "" if url.startswith("wss:") else " (if it is a TLS listener, use https://)"
+    return CliError(f"the control plane at {url} closed the connection{why}{hint}",
+                    EXIT_UNREACHABLE)
 
 
 class _Protocol(WampWebSocketClientProtocol):
