@@ -360,3 +360,28 @@ class DeclaredChunkLengthTests(unittest.TestCase):
         self.assertEqual(error_codes(body), ["BLOB_UPLOAD_INVALID"])
         uuid = location.rsplit("/", 1)[1]
         self.assertEqual(reg.resource.store._uploads[uuid].size, 0)
+
+
+class ControlPlaneGuardTests(unittest.TestCase):
+    """The control plane's own site has the guard (a real zwrm-control process)."""
+
+    timeout = 90
+
+    @aio
+    async def test_anonymous_upload_refused_before_its_body(self):
+        from urllib.parse import urlsplit
+
+        from zwrm.testing.processes import ControlPlaneProcess, temp_dir
+
+        cp = ControlPlaneProcess(reactor, os.path.join(temp_dir(self), "cp"))
+        self.addCleanup(cp.stop)
+        await cp.start()
+        parts = urlsplit(cp.url)
+        p = _Raw()
+        await endpoints.connectProtocol(
+            endpoints.TCP4ClientEndpoint(reactor, parts.hostname, parts.port), p)
+        p.transport.write(
+            b"POST /v2/app/web/blobs/uploads/ HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: 314572800\r\n\r\n" + b"x" * 65536)
+        data = await defer.Deferred.addTimeout(p.ended, 20, reactor)
+        self.assertTrue(data.startswith(b"HTTP/1.1 401 "), data[:200])

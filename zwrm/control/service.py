@@ -26,6 +26,7 @@ from zwrm.control.roles import roles
 from zwrm.control.store import Store
 from zwrm.control.tokens import ControlPKI, TokenAPI
 from zwrm.registry import TicketAuthorizer, make_registry_resource
+from zwrm.registry.guard import registry_request_factory
 from zwrm.scheduler import Scheduler, load_strategy
 from zwrm.wamp.auth import RoleBasedAuthorizer
 from zwrm.wamp.router import Router
@@ -238,6 +239,7 @@ class ControlPlane(service.MultiService):
             self.reactor, self.registry, cfg.check_interval, cfg.offline_after, cfg.grace
         )
         self.monitor.setServiceParent(self)
+        images.expiry_service().setServiceParent(self)  # abandoned uploads go within 20 min
         self._flusher = task.LoopingCall(self._flush)
         self._flusher.clock = self.reactor
         self._flusher.start(cfg.flush_interval, now=False)
@@ -245,7 +247,8 @@ class ControlPlane(service.MultiService):
         ws_factory.protocol = _with_peer_certificate(ws_factory.protocol)
         self.root.putChild(b"ws", WebSocketResource(ws_factory))
         self.root.putChild(b"v2", images)
-        site = server.Site(self.root)
+        # The registry's guard: credentials before bodies, bounded header and body times.
+        site = server.Site(self.root, requestFactory=registry_request_factory(self.reactor, images))
         site.noisy = False
         urls = []
         for description in cfg.listen:
