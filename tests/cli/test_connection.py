@@ -255,3 +255,10 @@ class OverallTimeoutTests(SynchronousTestCase):
         client.set_flags()
         s = client.load_settings(None, {"ZWRM_TOKEN": "t", "ZWRM_TIMEOUT": "9"}, "/nonexistent")
         self.assertEqual(s["timeout"], 9.0)
+        # deploy --wait 100: each request may take the timeout plus the wait
+        client.set_flags(timeout=7.0, extra=100.0)
+        s = client.load_settings(None, {"ZWRM_TOKEN": "t"}, "/nonexistent")
+        self.assertEqual(s["timeout"], 107.0)
+        client.set_flags()
+        s = client.load_settings(None, {"ZWRM_TOKEN": "t"}, "/nonexistent")
+        self.assertEqual(s["timeout"], client.DEFAULT_TIMEOUT)

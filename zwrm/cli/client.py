@@ -38,8 +38,11 @@ from autobahn.websocket.util import parse_url
 from twisted.internet import defer, endpoints, error
 
 DEFAULT_URL = "ws://127.0.0.1:8080/ws"
-DEFAULT_TIMEOUT = 60.0
-"""Seconds a command may take unless C{--timeout} / C{timeout} say otherwise."""
+DEFAULT_TIMEOUT = 120.0
+"""Seconds a command (and each of its requests) may take unless C{--timeout} / C{timeout}
+say otherwise: long enough for a deploy that pulls a large image to its hosts."""
+CONNECT_TIMEOUT = 30.0
+"""At most this long (or the timeout, if shorter) to connect, shake hands and join."""
 SYSTEM_CONFIG = "/etc/zwrm/cli.toml"
 
 EXIT_REMOTE = 1
@@ -86,6 +89,11 @@ def set_flags(**flags):
     """Settings from the C{zwrm} command's global flags (e.g. C{timeout}); they win."""
     _flags.clear()
     _flags.update({k: v for k, v in flags.items() if v is not None})
+
+
+def _extra():
+    """Seconds the command adds to the timeout (C{deploy --wait}), from L{set_flags}."""
+    return float(_flags.get("extra") or 0)
 
 
 class CliError(Exception):
@@ -275,7 +283,7 @@ def load_settings(api_url=None, environ=None, path=None):
         "authid": environ.get("ZWRM_AUTHID") or files.get("authid", ("operator",))[0],
         "ca_file": ca_file or None,
         "ca_pem": ca_pem,
-        "timeout": timeout,
+        "timeout": timeout + _extra(),
     }
 
 
@@ -425,16 +433,18 @@ async def connect(reactor, settings, timeout=None):
 
     @param settings: from L{load_settings} (or a dict with at least C{url}, C{token},
         C{authid}).
-    @param timeout: seconds to connect and join (default: C{settings["timeout"]}).
+    @param timeout: seconds to connect and join (default: C{settings["timeout"]}, at most
+        L{CONNECT_TIMEOUT}); each call on the session is bounded by C{settings["timeout"]}.
     @raise CliError: bad URL, unreachable, untrusted certificate, rejected token, timeout.
     """
     url = normalize_url(settings["url"])
-    timeout = timeout or settings.get("timeout") or DEFAULT_TIMEOUT
+    call_timeout = settings.get("timeout") or DEFAULT_TIMEOUT
+    timeout = timeout or min(call_timeout, CONNECT_TIMEOUT)
     ca_file = settings.get("ca_file")
     ca_pem = settings.get("ca_pem")
     if ca_file and ca_pem is None and url.startswith("wss:"):
         ca_pem = _read_file(ca_file, "ca_file", "given", "CA file")
-    session = _Session(settings["authid"], settings["token"], reactor, url, ca_file, timeout)
+    session = _Session(settings["authid"], settings["token"], reactor, url, ca_file, call_timeout)
     factory = WampWebSocketClientFactory(
         lambda: session, url=url, serializers=[JsonSerializer()], reactor=reactor
     )

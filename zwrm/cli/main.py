@@ -88,7 +88,8 @@ def budget(args, timeout):
 
 
 async def _run(reactor, args):
-    client.set_flags(timeout=getattr(args, "timeout", None))
+    # a request may take the timeout plus what the command waits on purpose (deploy --wait)
+    client.set_flags(timeout=getattr(args, "timeout", None), extra=getattr(args, "wait", None))
     limit = budget(args, client.configured_timeout())
     d = defer.Deferred.fromCoroutine(args.func(reactor, args))
     expired = []
