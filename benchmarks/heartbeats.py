@@ -243,6 +243,8 @@ def run_step(args, cp_pid, port, creds):
         "p99_ms": 1000 * percentile(latencies, 99),
         "max_ms": 1000 * (latencies[-1] if latencies else float("nan")),
         "cpu": (cpu1 - cpu0) / (t1 - t0),
+        # over the heartbeats answered (the workers time theirs over the same window)
+        "cpu_per_hb_ms": 1000 * (cpu1 - cpu0) / max(1, len(latencies)) * args.duration / (t1 - t0),
         "worker_cpu": worker_cpu,
         "load": os.getloadavg()[0],
         "gc": bool(gc1),
@@ -305,17 +307,22 @@ def main():
         print(f"heartbeat every {args.interval}s, window {args.duration}s, budget {args.budget}s;"
               f" gc policy {args.gc_policy} (gc max ms: the longest collection since start;"
               " full gc: full collections by the policy in the window)")
+        print("cp ms/hb: the control plane's CPU per heartbeat answered (its CPU in the window, idle"
+              " included, over the heartbeats answered in it); max ms bounds its longest pause")
         print(f"{'hosts':>6} {'hb/s':>6} {'answered':>9} {'fail':>5} {'p50 ms':>8} {'p99 ms':>8}"
-              f" {'max ms':>8} {'cp CPU':>7} {'agents CPU':>10} {'load':>5} {'gc max ms':>9}"
+              f" {'max ms':>8} {'cp CPU':>7} {'cp ms/hb':>8} {'agents CPU':>10} {'load':>5} {'gc max ms':>9}"
               f" {'full gc':>7} {'frozen':>8}  result")
-        best, baseline, all_ok = 0, None, True
+        best, baseline, all_ok, last = 0, None, True, None
         for n in steps:
             r = run_step(args, cp.pid, port, creds[:n])
             baseline = baseline or r
+            if r["ok"]:
+                last = r
             print(f"{r['hosts']:>6} {r['hosts'] / args.interval:>6.0f} "
                   f"{r['heartbeats']:>5}/{r['expected']:<4.0f}"
                   f"{r['failures']:>5} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['max_ms']:>8.1f}"
-                  f" {100 * r['cpu']:>6.1f}% {100 * r['worker_cpu']:>9.1f}% {r['load']:>5.1f}"
+                  f" {100 * r['cpu']:>6.1f}% {r['cpu_per_hb_ms']:>8.3f}"
+                  f" {100 * r['worker_cpu']:>9.1f}% {r['load']:>5.1f}"
                   + (f" {r['gc_max_ms']:>9.1f} {r['gc_full']:>7.0f} {r['gc_frozen']:>8.0f}"
                      if r["gc"] else f" {'-':>9} {'-':>7} {'-':>8}") +
                   f"  {'ok' if r['ok'] else 'FAIL'}", flush=True)
@@ -326,6 +333,11 @@ def main():
                 best = n
         print(f"baseline ({baseline['hosts']} hosts): p50 {baseline['p50_ms']:.1f} ms,"
               f" control-plane CPU {100 * baseline['cpu']:.1f}%")
+        if last:
+            per_hb = last["cpu_per_hb_ms"] / 1000
+            print(f"at {last['hosts']} hosts: {1000 * per_hb:.3f} ms of control-plane CPU per heartbeat, so one"
+                  f" core answers at most {1 / per_hb:,.0f} heartbeats/s = {args.interval / per_hb:,.0f} hosts"
+                  f" at a {args.interval:g} s heartbeat (at 100%; keep headroom for pauses)")
         print(f"largest host count sustained at {args.interval}s heartbeats, every heartbeat"
               f" answered within {args.budget}s: {best}")
     finally:
