@@ -59,6 +59,10 @@ def register(subparsers):
     p.add_argument("--ssh-key", action="append", default=[], metavar="FILE",
                    help="an OpenSSH public key file for the guest (cloud-init); repeatable")
     p.add_argument("--user-data", metavar="FILE", help="cloud-init user-data for the guest")
+    p.add_argument("--publish", action="append", default=[], metavar="PORT[:GUESTPORT][/tcp|/http]",
+                   help="serve the app on PORT of every agent's address (bridge networking; "
+                        "repeatable)")
+    p.add_argument("--domain", help="the app's host name for --publish .../http routing")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="an environment variable for the guest (cloud-init); repeatable")
     p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
@@ -164,6 +168,9 @@ def _spec(args):
     cloud_init = _cloud_init(args)
     if cloud_init:
         spec["cloud_init"] = cloud_init
+    if args.publish or args.domain:
+        spec["publish"] = args.publish  # checked by the control plane (zwrm.control.network)
+        spec["domain"] = args.domain
     return spec
 
 

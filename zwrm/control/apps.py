@@ -53,6 +53,7 @@ from twisted.internet.defer import DeferredList, DeferredLock, ensureDeferred
 from twisted.logger import Logger
 
 from zwrm import errors
+from zwrm.control import network
 from zwrm.control.resources.apps import TOPIC as APP_TOPIC
 from zwrm.control.resources.machines import LIVE, placement_request
 from zwrm.control.resources.machines import STATES as MACHINE_STATES
@@ -91,7 +92,7 @@ def validate_spec(spec):
     if not isinstance(spec, dict):
         raise errors.InvalidArgument("a deployment spec must be a mapping")
     known = {"image", "vcpus", "memory_mb", "replicas", "region", "datacenter",
-             "service_port", "health", "volumes", "constraints", "cloud_init"}
+             "service_port", "health", "volumes", "constraints", "cloud_init", "publish", "domain"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise errors.InvalidArgument(f"unknown deployment field(s): {', '.join(unknown)}")
@@ -111,6 +112,9 @@ def validate_spec(spec):
         "volumes": [],
         "cloud_init": cloudinit.validate(spec.get("cloud_init")),
     }
+    if spec.get("publish") or spec.get("domain"):  # the ingress (zwrm.control.network)
+        out["publish"] = network.check_publish(spec.get("publish"), spec.get("domain"))
+        out["domain"] = spec.get("domain")
     for key in ("region", "datacenter"):
         if out[key] is not None and (not isinstance(out[key], str) or not out[key]):
             raise errors.InvalidArgument(f"{key} must be a name or null, not {out[key]!r}")
@@ -174,6 +178,8 @@ class Apps:
         self.scheduler = scheduler
         self._publish = publish
         self.data = hosts.data
+        self.network = network.ClusterNetwork(store, clock)  # addresses; docs/networking.md
+        self.network_view = network.ViewPublisher(clock, self.network, self.data, self._call)
         self._placements = {}  # machine id -> Placement
         self._placing = DeferredLock()  # converges place and store their replicas one at a time
         self._app_locks = {}  # app name -> DeferredLock: its deploys, scales, destroys in order
@@ -630,6 +636,9 @@ class Apps:
             "constraints": spec["constraints"], "volumes": vols,
             "service_port": spec["service_port"], "health": spec["health"], "app_spec": spec,
             "cloud_init": spec.get("cloud_init"),
+            "network": await self.network.attach(
+                mid, app["id"], host_id, hostname=f"{app['name']}-{replica}",
+                open_ports=[p["guest_port"] for p in spec.get("publish") or []]),
         }
         row = {"id": mid, "app_id": app["id"], "host_id": host_id, "state": "pending",
                "spec": mspec, "health": {"status": "none"}, "created_at": now,
@@ -640,6 +649,7 @@ class Apps:
         out = {k: mspec[k] for k in ("id", "app", "image", "vcpus", "memory_mb", "volumes",
                                      "service_port", "health")}
         out["cloud_init"] = mspec.get("cloud_init")
+        out["network"] = mspec.get("network")
         return out
 
     async def start_machine(self, row):
@@ -752,6 +762,7 @@ class Apps:
                         "it is destroyed when the host returns") from None
         await self.data.machines.delete(m)
         self._release(m["id"])
+        await self.network.release(m["id"])
         return m["id"]
 
     _destroy_machine = remove_machine

@@ -159,3 +159,140 @@ class ClusterNetwork:
             "members": [{"address": a["id"], "machine_id": a["machine_id"],
                          "app_id": a["app_id"], "host_id": a["host_id"]} for a in addresses],
         }
+
+
+# -- published ports -----------------------------------------------------------------
+
+def check_publish(publish, domain=None):
+    """
+    Check an app spec's published ports (C{--publish PORT[:GUESTPORT][/tcp|/http]}).
+
+    @param publish: a list of C{"PORT[:GUESTPORT][/MODE]"} strings or of
+        C{{"port", "guest_port", "mode"}} dicts, or L{None}.
+    @param domain: the app's domain (C{--domain}), which HTTP mode routes by.
+    @return: C{[{"port", "guest_port", "mode"}]}.
+    @raise errors.InvalidArgument: naming the bad entry.
+    """
+    if publish is None:
+        return []
+    if not isinstance(publish, list) or len(publish) > 16:
+        raise errors.InvalidArgument("publish must be a list of at most 16 PORT[:GUESTPORT][/tcp|/http]")
+    out = []
+    for p in publish:
+        if isinstance(p, str):
+            text, _, mode = p.partition("/")
+            port, _, guest = text.partition(":")
+            p = {"port": port, "guest_port": guest or port, "mode": mode or "tcp"}
+        if not isinstance(p, dict):
+            raise errors.InvalidArgument(f"publish entry {p!r}: use PORT[:GUESTPORT][/tcp|/http]")
+        entry = {}
+        for key in ("port", "guest_port"):
+            try:
+                v = int(p.get(key) if p.get(key) is not None else p.get("port"))
+                assert 1 <= v <= 65535
+            except (TypeError, ValueError, AssertionError):
+                raise errors.InvalidArgument(
+                    f"publish {key} must be a TCP port (1-65535), not {p.get(key)!r}") from None
+            entry[key] = v
+        entry["mode"] = p.get("mode") or "tcp"
+        if entry["mode"] not in ("tcp", "http"):
+            raise errors.InvalidArgument(f"publish mode must be tcp or http, not {entry['mode']!r}")
+        if any(o["port"] == entry["port"] for o in out):
+            raise errors.InvalidArgument(f"port {entry['port']} is published twice")
+        out.append(entry)
+    if domain is not None and (not isinstance(domain, str) or not domain
+                               or any(c in domain for c in " /:\t\n")):
+        raise errors.InvalidArgument(f"domain must be a DNS name, not {domain!r}")
+    return out
+
+
+# -- the cluster view, pushed to agents ---------------------------------------------
+
+LIVE = ("pending", "starting", "running", "stopping")
+
+
+class ViewPublisher:
+    """
+    Keeps every agent's picture of the cluster network current: on each host or machine
+    event it computes the view (L{zwrm.agent.network.agent.AgentNetwork.update}) once per
+    reactor turn and calls C{network.update} on every reachable host.
+
+    @param data: the control plane's resource layer (C{hosts}, C{machines}).
+    @param call: C{call(host_id, verb, *args)}, an executor call.
+    """
+
+    def __init__(self, clock, network, data, call, log=None):
+        self._clock = clock
+        self._network = network
+        self._data = data
+        self._call = call
+        self._pending = None
+        self.pushes = 0
+        from twisted.logger import Logger
+
+        self.log = log or Logger()
+        self._unsubscribe = [data.machines.subscribe(self._changed),
+                             data.hosts.subscribe(self._changed)]
+
+    def close(self):
+        for u in self._unsubscribe:
+            u()
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+
+    def _changed(self, event):
+        if self._pending is None or not self._pending.active():
+            self._pending = self._clock.callLater(0, self._push)
+
+    def _push(self):
+        from twisted.internet.defer import ensureDeferred
+
+        ensureDeferred(self.push()).addErrback(
+            lambda f: self.log.warn("cluster network view not pushed: {e}", e=f.getErrorMessage()))
+
+    async def view(self):
+        """The view every agent gets (see the agent's C{network.update})."""
+        net = await self._network.view()
+        gateways = {h["host_id"]: h["gateway"] for h in net["hosts"]}
+        hosts = []
+        for host_id in self._data.hosts.ids():
+            entry = self._data.hosts.get(host_id)
+            address = entry.record.get("address") if entry is not None else None
+            if address:
+                hosts.append({"host_id": host_id, "address": address,
+                              "gateway": gateways.get(host_id)})
+        rows = await self._data.machines.find(states=list(LIVE))
+        members, published = [], {}
+        for row in rows:
+            spec = row.get("spec") or {}
+            netspec = spec.get("network")
+            if not netspec:
+                continue
+            status = (row.get("health") or {}).get("status")
+            healthy = row["state"] == "running" and status in ("passing", "none", None)
+            app_spec = spec.get("app_spec") or {}
+            members.append({"machine_id": row["id"], "app": spec.get("app"),
+                            "replica": spec.get("replica"), "address": netspec["address"],
+                            "host_id": row["host_id"], "healthy": healthy,
+                            "open_ports": netspec.get("open_ports") or []})
+            for p in app_spec.get("publish") or []:
+                entry = published.setdefault(str(p["port"]), {"mode": p["mode"], "routes": {}})
+                domain = app_spec.get("domain") or "" if p["mode"] == "http" else ""
+                entry["routes"].setdefault(domain, []).append(
+                    {"key": row["id"], "host": netspec["address"], "port": p["guest_port"],
+                     "healthy": healthy})
+        return {"hosts": hosts, "members": members, "published": published}
+
+    async def push(self):
+        """Compute the view and give it to every host whose executor can be called."""
+        view = await self.view()
+        self.pushes += 1
+        for host_id in self._data.hosts.ids():
+            entry = self._data.hosts.get(host_id)
+            if entry is None or not entry.executor:
+                continue
+            try:
+                await self._call(host_id, "network.update", view)
+            except Exception as e:
+                self.log.info("host {h}: network view not delivered: {e}", h=host_id, e=e)
+        return view

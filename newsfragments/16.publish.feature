@@ -1,0 +1,1 @@
+`zwrm deploy --publish PORT[:GUESTPORT][/tcp|/http] [--domain NAME]` serves an app on PORT of every bridge-networked agent's address through a health-aware ingress (least connections, failover, draining); every machine gets an address on the cluster network, and agents are kept up to date with the cluster's hosts, addresses and published ports (`network.update`).
