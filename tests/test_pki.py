@@ -361,6 +361,9 @@ class _JoinServer(LineReceiver):
             reply = {"error": e.uri, "message": e.message}
         self.sendLine(json.dumps(reply).encode())
 
+    def connectionLost(self, reason):
+        self.factory.closed.callback(None)
+
 
 class _JoinClient(LineReceiver):
     def connectionMade(self):
@@ -380,6 +383,7 @@ class JoinTests(TestCase):
     def join(self, ca, tokens, token_text, host_id):
         factory = protocol.Factory.forProtocol(_JoinServer)
         factory.ca, factory.tokens = ca, tokens
+        factory.closed = defer.Deferred()
         port = yield SSL4ServerEndpoint(
             reactor, 0, ca.server_context(), interface="127.0.0.1"
         ).listen(factory)
@@ -394,7 +398,7 @@ class JoinTests(TestCase):
             client_options, TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
         ).connect(client)
         reply = yield client.result
-        yield deferLater(reactor, 0.05, lambda: None)  # let the server side close
+        yield factory.closed  # the server side has closed too (no timer: an event)
         return reply, key_pem, client_options
 
     @defer.inlineCallbacks
@@ -626,6 +630,10 @@ class _EchoServer(WebSocketServerProtocol):
         self.factory.received.append(payload)
         self.sendMessage(payload, isBinary)
 
+    def connectionLost(self, reason):
+        WebSocketServerProtocol.connectionLost(self, reason)
+        self.factory.lost.callback(None)
+
 
 class _EchoClient(WebSocketClientProtocol):
     def onOpen(self):
@@ -639,6 +647,10 @@ class _EchoClient(WebSocketClientProtocol):
         if not self.factory.result.called:
             self.factory.result.errback(Exception(f"closed: {reason}"))
 
+    def connectionLost(self, reason):
+        WebSocketClientProtocol.connectionLost(self, reason)
+        self.factory.lost.callback(None)
+
 
 class WebSocketTests(TestCase):
     """The pinned options with autobahn's WebSocket client, as an agent uses them."""
@@ -648,6 +660,7 @@ class WebSocketTests(TestCase):
         server = WebSocketServerFactory()
         server.protocol = _EchoServer
         server.received = []
+        server.lost = defer.Deferred()
         # No handshake timers: they would outlive the test as txaio's batched calls.
         server.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
         port = yield SSL4ServerEndpoint(
@@ -658,6 +671,7 @@ class WebSocketTests(TestCase):
         client = WebSocketClientFactory(url)
         client.protocol = _EchoClient
         client.result = defer.Deferred()
+        client.lost = defer.Deferred()
         client.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
         endpoint = pki.websocket_endpoint(
             reactor, url, pki.pinned_client_context("127.0.0.1", fingerprint)
@@ -668,7 +682,8 @@ class WebSocketTests(TestCase):
         finally:
             if proto.transport is not None:
                 proto.transport.loseConnection()
-            yield deferLater(reactor, 0.05, lambda: None)
+            # both ends closed (events, bounded: no sleeping)
+            yield defer.gatherResults([client.lost, server.lost]).addTimeout(10, reactor)
         return result, server.received
 
     @defer.inlineCallbacks

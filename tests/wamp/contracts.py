@@ -6,8 +6,10 @@ Use: subclass with C{twisted.trial.unittest.SynchronousTestCase} and define
 C{make_authenticator()} returning C{(authenticator, creds)} where C{creds} has the keys
 C{"ticket"}: C{(authid, ticket, Principal)}, C{"wampcra"}: C{(authid, secret bytes,
 Principal)} and C{"cryptosign"}: C{(authid or None, pubkey hex, Principal)}; a method the
-implementation does not offer maps to C{None}.  Deferreds must have fired by the time
-the method returns or after C{self.settle()} (override it to pump a clock).
+implementation does not offer maps to C{None}, and the contract then checks that the
+method refuses every caller.  Deferreds must have fired by the time the method returns or
+after C{self.settle(d)} (override it to pump a clock, or to wait a bounded time for a real
+store's thread).  Every test asserts something in every branch.
 """
 
 from zope.interface.verify import verifyObject
@@ -23,16 +25,18 @@ class AuthenticatorContract:
     def make_authenticator(self):
         raise NotImplementedError
 
-    def settle(self):
-        """Let the authenticator's Deferreds fire (override to advance a clock)."""
+    def settle(self, d):
+        """Let the authenticator's Deferred C{d} fire (override to advance a clock)."""
 
     def _result(self, d):
-        self.settle()
+        self.settle(d)
         return self.successResultOf(d)
 
     def _failure(self, d):
-        self.settle()
-        return self.failureResultOf(d, AuthenticationFailed)
+        self.settle(d)
+        f = self.failureResultOf(d, AuthenticationFailed)
+        self.assertTrue(f.value.message)
+        return f
 
     def setUp(self):
         self.authn, self.creds = self.make_authenticator()
@@ -49,6 +53,7 @@ class AuthenticatorContract:
 
     def test_ticket(self):
         if self.creds.get("ticket") is None:
+            self._failure(self.authn.authenticate_ticket(self.realm, "anyone", "anything"))
             return
         authid, ticket, principal = self.creds["ticket"]
         got = self._result(self.authn.authenticate_ticket(self.realm, authid, ticket))
@@ -56,9 +61,7 @@ class AuthenticatorContract:
         self.assertEqual(got, principal)
 
     def test_ticket_wrong(self):
-        if self.creds.get("ticket") is None:
-            return
-        authid, ticket, _ = self.creds["ticket"]
+        authid, ticket, _ = self.creds.get("ticket") or ("anyone", "anything", None)
         f = self._failure(self.authn.authenticate_ticket(self.realm, authid, ticket + "x"))
         self.assertTrue(f.value.message)
         self._failure(self.authn.authenticate_ticket(self.realm, authid + "-nobody", ticket))
@@ -66,6 +69,7 @@ class AuthenticatorContract:
 
     def test_wampcra(self):
         if self.creds.get("wampcra") is None:
+            self._failure(self.authn.wampcra_secret(self.realm, "anyone"))
             return
         authid, secret, principal = self.creds["wampcra"]
         got_secret, got = self._result(self.authn.wampcra_secret(self.realm, authid))
@@ -76,6 +80,8 @@ class AuthenticatorContract:
 
     def test_cryptosign(self):
         if self.creds.get("cryptosign") is None:
+            self._failure(self.authn.cryptosign_principal(self.realm, None, "ab" * 32))
+            self._failure(self.authn.cryptosign_principal(self.realm, "anyone", "ab" * 32))
             return
         authid, pubkey, principal = self.creds["cryptosign"]
         self.assertEqual(self._result(self.authn.cryptosign_principal(self.realm, authid, pubkey)), principal)
