@@ -185,9 +185,14 @@ class BuiltPackagesTests(SynchronousTestCase):
             self.assertEqual(service["User"], ["zwrm"])
             self.assertEqual(service["NoNewPrivileges"], ["yes"])
             self.assertEqual(service["ProtectSystem"], ["strict"])
-            self.assertEqual(service["CapabilityBoundingSet"], [""])
             self.assertEqual(service["PrivateTmp"], ["yes"])
-        self.assertEqual(agent[("[Service]", "DeviceAllow")], ["/dev/kvm rw"])
+        self.assertEqual(control[("[Service]", "CapabilityBoundingSet")], [""])
+        # Bridge networking (docs/networking.md): exactly these, nothing more.
+        self.assertEqual(agent[("[Service]", "CapabilityBoundingSet")],
+                         ["CAP_NET_ADMIN CAP_NET_BIND_SERVICE"])
+        self.assertEqual(agent[("[Service]", "AmbientCapabilities")],
+                         ["CAP_NET_ADMIN CAP_NET_BIND_SERVICE"])
+        self.assertEqual(agent[("[Service]", "DeviceAllow")], ["/dev/kvm rw", "/dev/net/tun rw"])
         self.assertEqual(agent[("[Service]", "SupplementaryGroups")], ["kvm"])
         self.assertEqual(agent[("[Service]", "KillMode")], ["process"])
         self.assertEqual(control[("[Service]", "PrivateDevices")], ["yes"])
