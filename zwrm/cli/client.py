@@ -323,7 +323,8 @@ def _describe_lost(url, ca_file, reason):
         return CliError(f"the control plane's certificate is not trusted: it is not for"
                         f" {urlsplit(url).hostname} ({trust})", EXIT_TLS)
     why = f": {value}" if value is not None and str(value) else ""
-    hint = "" if url.startswith("wss:") else " (if it is a TLS listener, use https://)"
+    clean = isinstance(value, error.ConnectionDone)  # as a TLS listener closes on plain text
+    hint = " (if it is a TLS listener, use https://)" if clean and url.startswith("ws:") else ""
     return CliError(f"the control plane at {url} closed the connection{why}{hint}",
                     EXIT_UNREACHABLE)
 
