@@ -1,0 +1,395 @@
+"""
+The production path, as an operator runs it, on hosts made of network namespaces.
+
+One cluster per test session (the C{cluster} fixture in conftest.py):
+
+ - the .debs, built once per source tree (tests/packaging/debs.py; cached by hash);
+ - a test network (L{zwrm.testing.netns.TestNetwork}) with hosts C{cp} (control plane),
+   C{a1}, C{a2} (agents) and C{client} (the operator's machine: the CLI, the apps' users),
+   each with its own address and host name, resolvable as C{<name>.zwrm.test};
+ - the hosts share one filesystem, so each gets its own C{/etc/zwrm} and C{/var/lib/zwrm}:
+   bind mounts, made in the private mount namespace every command in the host runs in
+   (C{TestNetwork(binds=...)}), of C{<run>/<host>/etc} and C{<run>/<host>/lib}.  The
+   packages themselves (C{/opt/zwrm}, C{/usr/bin/zwrm}, the units, the C{zwrm} user) are
+   installed once into the shared filesystem by the first C{install.sh}: as on identical
+   hosts.  Any zwrm packages installed before are purged first;
+ - C{install.sh} as docs/install.md says: the control plane with
+   C{--control-plane-url=https://cp.zwrm.test:8443}; then C{zwrm host list} and
+   C{zwrm tokens create} on the control-plane host (as root: /etc/zwrm/cli.toml, written by
+   install.sh, tells the CLI where and how); the agents with the seed's flags plus
+   C{--join-token-file} (a1) or C{$ZWRM_JOIN_TOKEN} (a2) and C{--address};
+ - no systemd runs here: each service is started from its installed unit (L{Unit}): the
+   C{ExecStart} line run as its C{User} (C{setpriv}, with C{SupplementaryGroups},
+   C{NoNewPrivileges}), its C{WorkingDirectory}, C{UMask}, C{Environment}, and its
+   C{StateDirectory}s created as systemd would, inside the host;
+ - the client gets the CA certificate and the operator token from the control plane (as an
+   operator copies them) and its own C{~/.zwrm/config.toml}; from then on everything goes
+   through the installed C{/usr/bin/zwrm}.
+
+Each service's output goes to C{<run>/logs/<host>-<unit>.log}; a failing acceptance test
+shows the end of every log (conftest.py).
+"""
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+
+from tests.packaging import debs
+from zwrm.testing.netns import TestNetwork
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+INSTALL_SH = os.path.join(ROOT, "install.sh")
+PORT = 8443
+HOSTS = ("cp", "a1", "a2", "client")
+AGENTS = ("a1", "a2")
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class StepFailed(AssertionError):
+    """A command of the acceptance run failed; the message has its output."""
+
+
+def poll(check, timeout, interval=0.5, what="condition"):
+    """Call C{check()} until it returns something true (and return it), at most C{timeout} s."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            last = check()
+        except StepFailed as e:
+            last = e
+        else:
+            if last:
+                return last
+        if time.monotonic() >= deadline:
+            raise StepFailed(f"{what}: not within {timeout}s (last: {last})")
+        time.sleep(interval)
+
+
+class Unit:
+    """The settings of an installed systemd unit that matter to run it by hand."""
+
+    def __init__(self, name, path=None):
+        self.name = name
+        self.settings = {}
+        section = None
+        with open(path or f"/lib/systemd/system/{name}") as f:
+            for line in f:
+                line = line.strip()
+                if not line or line.startswith(("#", ";")):
+                    continue
+                if line.startswith("["):
+                    section = line.strip("[]")
+                    continue
+                key, _, value = line.partition("=")
+                self.settings.setdefault((section, key), []).append(value)
+
+    def get(self, key, default=None, section="Service"):
+        values = self.settings.get((section, key))
+        return values[-1] if values else default
+
+    def all(self, key, section="Service"):
+        return self.settings.get((section, key), [])
+
+    @property
+    def exec_start(self):
+        return shlex.split(self.get("ExecStart"))
+
+    @property
+    def environment(self):
+        env = {}
+        for line in self.all("Environment"):
+            for item in shlex.split(line):
+                k, _, v = item.partition("=")
+                env[k] = v
+        return env
+
+    def state_directories(self):
+        return [f"/var/lib/{d}" for line in self.all("StateDirectory") for d in line.split()]
+
+
+class Service:
+    """One service started from its unit inside a host (see L{Cluster.start})."""
+
+    def __init__(self, host, unit, process, log_path):
+        self.host = host
+        self.unit = unit
+        self.process = process
+        self.log_path = log_path
+
+    @property
+    def running(self):
+        return self.process.poll() is None
+
+    def stop(self, timeout=30):
+        """SIGTERM (as systemctl stop), then SIGKILL after C{timeout} seconds."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def log(self):
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+
+class Cluster:
+    """
+    The hosts, their services and the operator's CLI; see the module docstring.
+
+    @ivar state: what steps leave for later steps (e.g. the app's data), by step name.
+    @ivar timings: seconds per phase, reported at the end of the session.
+    """
+
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
+        self.logs = os.path.join(run_dir, "logs")
+        os.makedirs(self.logs, exist_ok=True)
+        self.services = {}  # (host, unit name) -> Service
+        self.state = {}
+        self.timings = {}
+        self.net = None
+        self.debs = None
+        self.host_ids = {}  # agent host name -> host id
+
+    # --- building it --------------------------------------------------------------------
+
+    def phase(self, name):
+        cluster = self
+
+        class _Timer:
+            def __enter__(self):
+                self.start = time.monotonic()
+
+            def __exit__(self, *exc):
+                cluster.timings[name] = round(time.monotonic() - self.start, 1)
+
+        return _Timer()
+
+    def host_dir(self, host, *parts):
+        return os.path.join(self.run_dir, host, *parts)
+
+    def setup(self):
+        with self.phase("build the .debs (cached by source hash)"):
+            self.debs = debs.debs_dir()
+        with self.phase("build the test image"):
+            from zwrm.testing import image
+
+            self.image = image.build()
+        with self.phase("purge zwrm packages installed before"):
+            self._purge()
+        binds = {h: {"/etc/zwrm": self.host_dir(h, "etc"), "/var/lib/zwrm": self.host_dir(h, "lib")}
+                 for h in HOSTS}
+        self.net = TestNetwork(HOSTS, binds=binds)
+        with self.phase("install and start the control plane"):
+            self._install_control_plane()
+        with self.phase("install and start two agents"):
+            self._install_agents()
+        with self.phase("configure the client"):
+            self._configure_client()
+
+    def _purge(self):
+        installed = [p for p in debs.PACKAGES
+                     if subprocess.run(["dpkg-query", "-W", "-f=${Status}", p], capture_output=True,
+                                       text=True).stdout.startswith("install ok")]
+        if installed:
+            r = subprocess.run(["apt-get", "purge", "-y", "-qq", *installed], capture_output=True,
+                               text=True, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+            if r.returncode != 0:
+                raise StepFailed(f"apt-get purge {installed}: {r.stdout}{r.stderr}")
+
+    def sh(self, host, argv, env=None, input=None, timeout=600, ok=(0,)):
+        """Run C{argv} in C{host} as root; return its output; L{StepFailed} unless exit in C{ok}."""
+        full_env = {"PATH": SYSTEM_PATH, "HOME": "/root", "LANG": "C.UTF-8"}
+        full_env.update(env or {})
+        r = self.net.run(host, argv, check=False, env=full_env, input=input, timeout=timeout)
+        if r.returncode not in ok:
+            raise StepFailed(
+                f"on {host}: {' '.join(map(str, argv))} exited {r.returncode}\n"
+                f"--- stdout:\n{r.stdout[-3000:]}\n--- stderr:\n{r.stderr[-3000:]}")
+        self._check_no_traceback(host, argv, r.stderr)
+        return r
+
+    @staticmethod
+    def _check_no_traceback(host, argv, text):
+        if "Traceback (most recent call last)" in text:
+            raise StepFailed(f"on {host}: {' '.join(map(str, argv))} printed a traceback:\n{text}")
+
+    def install(self, host, *args, env=None):
+        """C{bash install.sh ARGS --deb=<debs>} in C{host}, as docs/install.md says."""
+        return self.sh(host, ["bash", INSTALL_SH, *args, f"--deb={self.debs}"], env=env)
+
+    def start(self, host, unit_name):
+        """Start C{unit_name} in C{host} the way systemd would run its unit."""
+        unit = Unit(unit_name)
+        user = unit.get("User")
+        group = unit.get("Group", user)
+        for d in unit.state_directories():
+            mode = unit.get("StateDirectoryMode", "0755")
+            self.sh(host, ["install", "-d", "-o", user, "-g", group, "-m", mode, d])
+        priv = ["setpriv", f"--reuid={user}", f"--regid={group}"]
+        groups = " ".join(unit.all("SupplementaryGroups")).split()
+        priv += [f"--groups={','.join(groups)}"] if groups else ["--clear-groups"]
+        if unit.get("NoNewPrivileges") == "yes":
+            priv.append("--no-new-privs")
+        umask = unit.get("UMask", "0022")
+        workdir = unit.get("WorkingDirectory", "/")
+        inner = f"umask {umask} && cd {shlex.quote(workdir)} && exec \"$@\""
+        argv = ["sh", "-c", inner, "sh", *priv, *unit.exec_start]
+        env = {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8", "HOME": "/var/lib/zwrm", "USER": user,
+               "LOGNAME": user, **unit.environment}
+        log_path = os.path.join(self.logs, f"{host}-{unit_name}.log")
+        log = open(log_path, "ab")  # noqa: SIM115 - kept open for the process
+        log.write(f"--- started {time.strftime('%H:%M:%S')}: {' '.join(argv)}\n".encode())
+        log.flush()
+        process = self.net.spawn(host, argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                 stdin=subprocess.DEVNULL)
+        log.close()
+        service = Service(host, unit, process, log_path)
+        self.services[(host, unit_name)] = service
+        return service
+
+    def _install_control_plane(self):
+        url = f"https://{self.net.hostname('cp')}:{PORT}"
+        out = self.install("cp", "--control-plane", f"--control-plane-url={url}").stdout
+        self.install_output = {"cp": out}
+        self.control = self.start("cp", "zwrm-control.service")
+        token = self.host_dir("cp", "lib", "control", "operator.token")
+
+        def listening():
+            if not self.control.running:
+                raise StepFailed(f"zwrm-control exited ({self.control.process.returncode})")
+            return os.path.exists(token) and self.cli_on_cp("host", "list", ok=(0, 3, 8)).returncode == 0
+
+        poll(listening, 90, what="the control plane answers `zwrm host list` on its host")
+
+    def cli_on_cp(self, *args, ok=(0,), timeout=120):
+        """C{zwrm ARGS} on the control-plane host as root (configured by install.sh)."""
+        return self.sh("cp", ["zwrm", *args], ok=ok, timeout=timeout)
+
+    def _install_agents(self):
+        token = self.cli_on_cp("tokens", "create", "--description", "acceptance").stdout.strip()
+        token = token.split()[-1]
+        token_file = self.host_dir("client", "join-token")
+        os.makedirs(os.path.dirname(token_file), exist_ok=True)
+        with open(token_file, "w") as f:
+            f.write(token + "\n")
+        os.chmod(token_file, 0o600)
+        url = f"https://{self.net.hostname('cp')}:{PORT}"
+        self.agents = {}
+        for host in AGENTS:
+            args = ["--agent", f"--control-plane-url={url}", "--region=eu-central",
+                    "--datacenter=dc1", f"--address={self.net.address(host)}"]
+            env = None
+            if host == "a1":
+                args.append(f"--join-token-file={token_file}")
+            else:
+                env = {"ZWRM_JOIN_TOKEN": token}
+            self.install_output[host] = self.install(host, *args, env=env).stdout
+            self.agents[host] = self.start(host, "zwrm-agent.service")
+
+        def ready():
+            for service in self.agents.values():
+                if not service.running:
+                    raise StepFailed(f"{service.unit.name} on {service.host} exited")
+            hosts = self.host_list()
+            by_name = {h["name"]: h for h in hosts}
+            if all(by_name.get(a, {}).get("state") == "ready" for a in AGENTS):
+                self.host_ids = {a: by_name[a]["id"] for a in AGENTS}
+                return True
+            return False
+
+        poll(ready, 120, interval=1.0, what="both agents joined and ready")
+
+    def host_list(self):
+        return json.loads(self.cli_on_cp("host", "list", "--json").stdout)
+
+    def _configure_client(self):
+        """The operator's machine: the CA and the operator token, copied from the control plane."""
+        home = self.host_dir("client", "home")
+        cfg = os.path.join(home, ".zwrm")
+        os.makedirs(cfg, exist_ok=True)
+        shutil.copy(self.host_dir("cp", "lib", "control", "pki", "ca.pem"), f"{cfg}/ca.pem")
+        shutil.copy(self.host_dir("cp", "lib", "control", "operator.token"), f"{cfg}/token")
+        os.chmod(f"{cfg}/token", 0o600)
+        with open(f"{cfg}/config.toml", "w") as f:
+            f.write(f'url = "https://{self.net.hostname("cp")}:{PORT}"\n'
+                    f'ca_file = "{cfg}/ca.pem"\n'
+                    f'token_file = "{cfg}/token"\n')
+        self.client_home = home
+
+    # --- using it -----------------------------------------------------------------------
+
+    def zwrm(self, *args, ok=(0,), timeout=600, input=None):
+        """The installed C{zwrm ARGS} on the client (its ~/.zwrm/config.toml); its stdout."""
+        return self.sh("client", ["zwrm", *args], env={"HOME": self.client_home}, ok=ok,
+                       timeout=timeout, input=input).stdout
+
+    def zwrm_json(self, *args, **kw):
+        return json.loads(self.zwrm(*args, "--json", **kw))
+
+    def host_of(self, host_id):
+        """The test host (namespace) name of the agent with id C{host_id}."""
+        return {v: k for k, v in self.host_ids.items()}[host_id]
+
+    def app_request(self, machine, path, data=None):
+        """
+        An HTTP request to a machine's service port.  The port is forwarded on the agent
+        host's loopback only (the qemu driver's hostfwd), so the request is made on that
+        host; returns the body.
+        """
+        host = self.host_of(machine["host_id"])
+        argv = ["curl", "-fsS", "--max-time", "30", f"http://127.0.0.1:{machine['host_port']}{path}"]
+        if data is not None:
+            argv[1:1] = ["--data-binary", "@-", "-H", "Content-Type: application/octet-stream"]
+        return self.sh(host, argv, input=None if data is None else data.decode()).stdout
+
+    def restart(self, host, unit_name):
+        """Stop (SIGTERM) and start again a service, as systemctl restart does."""
+        self.services[(host, unit_name)].stop()
+        service = self.start(host, unit_name)
+        if unit_name == "zwrm-control.service":
+            self.control = service
+        return service
+
+    # --- reporting ----------------------------------------------------------------------
+
+    NOISE = ("_HTTP11ClientFactory", '"GET /v2/', '"HEAD /v2/', '"PUT /v2/', '"POST /v2/',
+             "QMP event", "Starting factory", "Stopping factory")
+
+    def log_report(self, lines=80):
+        """The end of every service's log (without per-request noise), for a failure report."""
+        out = []
+        for (host, unit), service in self.services.items():
+            text = [ln for ln in service.log().splitlines()
+                    if not any(n in ln for n in self.NOISE)][-lines:]
+            state = "running" if service.running else f"exited {service.process.returncode}"
+            out.append(f"--- {host} {unit} ({state}), {service.log_path}:\n" + "\n".join(text))
+        return "\n".join(out)
+
+    def close(self):
+        for service in self.services.values():
+            service.stop(timeout=20)
+        if self.net is not None:
+            self.net.close()  # also kills what the agents left running (QEMU)
+            # Leave the machine without zwrm packages, as the purge before found it or
+            # better: their postinst ran in the hosts' views, not in the shared one.
+            self._purge()
+
+
+def make_run_dir():
+    base = os.environ.get("ZWRM_ACCEPTANCE_DIR", "/var/tmp")
+    os.makedirs(base, exist_ok=True)
+    return tempfile.mkdtemp(prefix="zwrm-acceptance-", dir=base)

@@ -1,0 +1,48 @@
+"""
+The acceptance suite's shared, session-scoped cluster (tests/acceptance/cluster.py).
+
+Steps are modules run in name order (test_10_install.py, test_20_deploy.py, ...), each
+using the one C{cluster}; a later issue adds its own module (and may read what earlier
+steps left in C{cluster.state}).  A failing step's report carries the end of every
+service's log; the session ends with the time of each phase.
+"""
+
+import os
+
+import pytest
+
+from tests.acceptance.cluster import Cluster, make_run_dir
+
+_cluster = {}
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    if os.geteuid() != 0:
+        pytest.skip("the acceptance suite needs root (network namespaces, packages)")
+    c = Cluster(make_run_dir())
+    _cluster["c"] = c
+    try:
+        c.setup()
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    c = _cluster.get("c")
+    if report.failed and c is not None and "cluster" in getattr(item, "fixturenames", ()):
+        report.sections.append(("zwrm service logs", c.log_report()))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    c = _cluster.get("c")
+    if c is None:
+        return
+    terminalreporter.write_line("zwrm acceptance: seconds per phase")
+    for name, seconds in c.timings.items():
+        terminalreporter.write_line(f"  {seconds:7.1f}  {name}")
+    terminalreporter.write_line(f"  run directory (logs): {c.run_dir}")

@@ -1,0 +1,40 @@
+"""
+Step: C{zwrm host drain} moves the app and its volume to the other host; the data is
+there; C{zwrm host activate} makes the drained host ready again.
+"""
+
+import pytest
+
+pytestmark = pytest.mark.acceptance
+
+
+def _app(cluster):
+    if "app" not in cluster.state:
+        pytest.fail("needs the deploy step (test_20_deploy.py) to have passed")
+    return cluster.state["app"]
+
+
+def test_drain_moves_the_data(cluster):
+    app = _app(cluster)
+    src = app["machine"]["host_id"]
+    [dst] = [h for h in cluster.host_ids.values() if h != src]
+    with cluster.phase("drain a host with the app and its volume"):
+        status = cluster.zwrm_json("host", "drain", src, "--min-healthy", "3s",
+                                   "--healthy-deadline", "300s", timeout=600)
+    assert status["state"] == "completed", status
+    [machine] = cluster.zwrm_json("status", app["name"])["machines"]
+    assert (machine["host_id"], machine["state"]) == (dst, "running"), machine
+    assert cluster.app_request(machine, "/cgi-bin/read?index.txt").encode() == app["data"]
+    hosts = {h["id"]: h for h in cluster.host_list()}
+    assert (hosts[src]["state"], hosts[src]["machines"]) == ("drained", 0)
+    app["machine"] = machine
+    app["drained"] = src
+
+
+def test_activate(cluster):
+    app = _app(cluster)
+    if "drained" not in app:
+        pytest.fail("needs test_drain_moves_the_data to have passed")
+    assert "ready" in cluster.zwrm("host", "activate", app["drained"])
+    hosts = {h["id"]: h for h in cluster.host_list()}
+    assert hosts[app["drained"]]["state"] == "ready"

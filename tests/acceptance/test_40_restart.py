@@ -1,0 +1,42 @@
+"""
+Step: the control plane restarts (SIGTERM, started again from its unit); nothing is lost:
+the hosts come back ready, the app's machine and volume are where they were, the data is
+there, and the CLI works as before.
+"""
+
+import pytest
+
+from tests.acceptance.cluster import AGENTS, poll
+
+pytestmark = pytest.mark.acceptance
+
+
+def test_control_plane_restart_loses_nothing(cluster):
+    if "app" not in cluster.state:
+        pytest.fail("needs the deploy step (test_20_deploy.py) to have passed")
+    app = cluster.state["app"]
+    before = cluster.zwrm_json("status", app["name"])
+    hosts_before = {h["id"]: h["state"] for h in cluster.host_list()}
+
+    with cluster.phase("control-plane restart until both agents are ready"):
+        cluster.restart("cp", "zwrm-control.service")
+
+        def ready():
+            r = cluster.cli_on_cp("host", "list", "--json", ok=(0, 3, 8))
+            if r.returncode != 0:
+                return False
+            import json
+
+            hosts = json.loads(r.stdout)
+            return len([h for h in hosts if h["state"] == "ready"]) == len(AGENTS) and hosts
+
+        hosts = poll(ready, 120, interval=1.0, what="both agents ready after the restart")
+
+    assert {h["id"]: h["state"] for h in hosts} == hosts_before
+    after = cluster.zwrm_json("status", app["name"])
+    assert [(m["id"], m["host_id"], m["state"]) for m in after["machines"]] == [
+        (m["id"], m["host_id"], m["state"]) for m in before["machines"]]
+    assert [v["id"] for v in after["volumes"]] == [v["id"] for v in before["volumes"]]
+    [machine] = after["machines"]
+    assert cluster.app_request(machine, "/cgi-bin/read?index.txt").encode() == app["data"]
+    assert "demo" in cluster.zwrm("images", "list")
