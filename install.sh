@@ -322,6 +322,10 @@ installed() {
 }
 
 export DEBIAN_FRONTEND=noninteractive
+# Wait (bounded) for another apt or dpkg run to finish, e.g. unattended-upgrades at boot.
+apt_get() {
+    apt-get -o DPkg::Lock::Timeout=300 "$@"
+}
 if [ ${#debs[@]} -gt 0 ]; then
     files=()
     for d in "${debs[@]}"; do
@@ -337,7 +341,7 @@ if [ ${#debs[@]} -gt 0 ]; then
     done
     [ ${#files[@]} -gt 0 ] || die "--deb: no zwrm .deb files in ${debs[*]}"
     echo "$PROG: installing ${files[*]##*/}"
-    apt-get install -y -qq --no-install-recommends "${files[@]}" </dev/null >/dev/null \
+    apt_get install -y -qq --no-install-recommends "${files[@]}" </dev/null >/dev/null \
         || die "installing the packages failed (see apt-get's messages above)"
 elif [ -n "$apt_repo" ]; then
     # The repository's key goes to /etc/apt/keyrings and only this source trusts it.
@@ -349,11 +353,11 @@ elif [ -n "$apt_repo" ]; then
     fi
     install -m 0644 "$apt_key" "$keyring"
     echo "deb [signed-by=$keyring] $apt_repo ${VERSION_CODENAME:-bookworm} main" >/etc/apt/sources.list.d/zwrm.list
-    apt-get update -qq </dev/null || die "apt-get update failed for $apt_repo"
-    apt-get install -y -qq --no-install-recommends zwrm "$package" </dev/null >/dev/null \
+    apt_get update -qq </dev/null || die "apt-get update failed for $apt_repo"
+    apt_get install -y -qq --no-install-recommends zwrm "$package" </dev/null >/dev/null \
         || die "installing $package from $apt_repo failed"
 elif ! installed "$package"; then
-    apt-get install -y -qq --no-install-recommends zwrm "$package" </dev/null >/dev/null 2>&1 \
+    apt_get install -y -qq --no-install-recommends zwrm "$package" </dev/null >/dev/null 2>&1 \
         || die "$package is not installed and no APT source has it: give --deb=PATH or --apt-repo=URL"
 fi
 installed "$package" || die "$package did not install"
