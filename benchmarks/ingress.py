@@ -1,0 +1,250 @@
+"""
+The ingress against going direct, and the overlay against the same namespaces without zwrm.
+
+    .venv/bin/python benchmarks/ingress.py [--requests 3000] [--concurrency 8] [--seconds 5]
+
+1. B{Ingress}: a small HTTP server (Twisted, its own process) stands in for a replica on
+   127.0.0.1; an L{zwrm.agent.network.proxy.Ingress} (its own process) publishes it.  The
+   same load (C{--requests} HTTP/1.0 GETs, C{--concurrency} clients, a new connection each,
+   as a load balancer's clients do) goes direct and through the ingress, alternating, in
+   the same run.  Printed: requests/s, p50 and p99 latency of each, the throughput ratio
+   (goal >= 0.8x) and the p99 added (goal <= 1 ms on loopback-class links).
+
+2. B{Overlay}: two host namespaces on a test switch (L{zwrm.testing.netns}), each with a
+   zwrm L{zwrm.agent.network.host.HostNetwork} (bridge, VXLAN overlay, nftables rules), and
+   a "guest" namespace on each bridge (a veth where a VM's TAP would be: TCG would measure
+   the emulator, not the network).  TCP throughput guest-to-guest over the overlay, against
+   the same two host namespaces talking directly over the switch, same run.  Needs root.
+"""
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SERVER = r"""
+import sys
+from twisted.internet import reactor
+from twisted.web import resource, server
+class P(resource.Resource):
+    isLeaf = True
+    def render_GET(self, request):
+        return b"x" * 512
+p = reactor.listenTCP(0, server.Site(P()), interface="127.0.0.1")
+print(p.getHost().port, flush=True)
+reactor.run()
+"""
+
+INGRESS = r"""
+import sys
+from twisted.internet import reactor
+from zwrm.agent.network.proxy import Ingress
+ing = Ingress(reactor, interface="127.0.0.1")
+port, backend = int(sys.argv[1]), int(sys.argv[2])
+ing.set_routes({port: {"mode": "tcp", "routes": {None: [
+    {"key": "a", "host": "127.0.0.1", "port": backend, "healthy": True}]}}})
+print("ready", flush=True)
+reactor.run()
+"""
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def one_request(port):
+    t = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    if b" 200 " not in data.split(b"\r\n", 1)[0]:
+        raise RuntimeError(f"bad answer: {data[:80]!r}")
+    return time.perf_counter() - t
+
+
+def load(port, requests, concurrency):
+    lat = []
+    lock = threading.Lock()
+    left = [requests]
+
+    def worker():
+        while True:
+            with lock:
+                if left[0] <= 0:
+                    return
+                left[0] -= 1
+            d = one_request(port)
+            with lock:
+                lat.append(d)
+
+    start = time.perf_counter()
+    ts = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    took = time.perf_counter() - start
+    lat.sort()
+    return {"rps": len(lat) / took, "p50": lat[len(lat) // 2] * 1000,
+            "p99": lat[int(len(lat) * 0.99)] * 1000}
+
+
+def ingress_bench(requests, concurrency, rounds=3):
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    srv = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
+    backend = int(srv.stdout.readline())
+    port = free_port()
+    ing = subprocess.Popen([sys.executable, "-c", INGRESS, str(port), str(backend)],
+                           stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert ing.stdout.readline().strip() == "ready"
+        load(backend, 200, concurrency)  # warm up both
+        load(port, 200, concurrency)
+        direct, proxied = [], []
+        for _ in range(rounds):
+            direct.append(load(backend, requests, concurrency))
+            proxied.append(load(port, requests, concurrency))
+    finally:
+        for p in (srv, ing):
+            p.terminate()
+            p.wait()
+
+    def med(rs, k):
+        return statistics.median(r[k] for r in rs)
+
+    print("1. ingress (HTTP/1.0, new connection per request, "
+          f"{requests} requests x {rounds} rounds, concurrency {concurrency}, medians)")
+    for name, rs in (("direct", direct), ("ingress", proxied)):
+        print(f"   {name:8} {med(rs, 'rps'):8.0f} req/s   p50 {med(rs, 'p50'):6.2f} ms   "
+              f"p99 {med(rs, 'p99'):6.2f} ms")
+    print(f"   throughput ratio {med(proxied, 'rps') / med(direct, 'rps'):.2f}x (goal >= 0.8x); "
+          f"p99 added {med(proxied, 'p99') - med(direct, 'p99'):+.2f} ms (goal <= 1 ms)")
+
+
+def _throughput(net, server_host, client_host, address, seconds, server_argv_prefix=None,
+                client_argv_prefix=None):
+    """MB/s of one TCP stream from client to server (python sockets, 64 KiB writes)."""
+    port = 5201
+    srv_code = (f"import socket,time\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,"
+                f"socket.SO_REUSEADDR,1);s.bind(('{address}',{port}));s.listen(1)\n"
+                "c,_=s.accept();n=0;t=time.time()\nwhile True:\n d=c.recv(1<<20)\n"
+                " if not d: break\n n+=len(d)\nprint(n/(time.time()-t)/1e6)\n")
+    cli_code = (f"import socket,time\ns=socket.create_connection(('{address}',{port}),timeout=10)\n"
+                f"b=b'x'*65536;e=time.time()+{seconds}\nwhile time.time()<e: s.sendall(b)\n"
+                "s.close()\n")
+    srv = subprocess.Popen(server_argv_prefix + [sys.executable, "-c", srv_code],
+                           stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    subprocess.run(client_argv_prefix + [sys.executable, "-c", cli_code], check=True)
+    out = srv.communicate(timeout=seconds + 30)[0]
+    return float(out.strip())
+
+
+async def _overlay_setup(net, root):
+    from twisted.internet import reactor
+
+    from zwrm.agent.network.commands import Runner
+    from zwrm.agent.network.host import HostNetwork
+
+    hosts = {}
+    for i, h in enumerate(("h1", "h2"), 1):
+        run = Runner(reactor, ["ip", "netns", "exec", net.namespace(h)])
+        hn = HostNetwork(reactor, local_address=net.address(h), run=run,
+                         state_dir=os.path.join(root, h))
+        spec = {"address": f"10.80.{i}.2", "prefix": 16, "gateway": f"10.80.{i}.1", "mtu": 1450}
+        nic = await hn.add_machine(f"g{i}", "bench", spec)
+        hosts[h] = (hn, run, nic, spec)
+    members = [{"address": s["address"], "app": "bench", "host_id": h}
+               for h, (_, _, _, s) in hosts.items()]
+    views = [{"host_id": h, "address": net.address(h), "gateway": s["gateway"]}
+             for h, (_, _, _, s) in hosts.items()]
+    for hn, _run, _nic, _spec in hosts.values():
+        await hn.set_cluster(views, members)
+    return hosts
+
+
+def overlay_bench(seconds):
+    from twisted.internet import defer, task
+
+    from zwrm.testing.netns import TestNetwork
+
+    root = tempfile.mkdtemp(prefix="zwrm-bench-net-")
+    net = TestNetwork(["h1", "h2"])
+    guests = {}
+    try:
+        result = {}
+
+        async def main(reactor):
+            hosts = await _overlay_setup(net, root)
+            # A guest namespace per host on the TAP's place: the TAP is replaced by a veth.
+            for h, (_hn, run, nic, spec) in hosts.items():
+                g = f"{net.namespace(h)}-g"
+                subprocess.run(["ip", "netns", "add", g], check=True)
+                guests[h] = g
+                await run("ip", "link", "del", nic["tap"])
+                await run("ip", "link", "add", nic["tap"], "mtu", "1450", "type", "veth",
+                          "peer", "name", "eth0", "netns", g)
+                await run("ip", "link", "set", nic["tap"], "master", "zwbr0", "up")
+                gx = ["ip", "netns", "exec", g]
+                subprocess.run(gx + ["ip", "link", "set", "eth0", "address", nic["mac"], "mtu",
+                                     "1450", "up"], check=True)
+                subprocess.run(gx + ["ip", "addr", "add", f"{spec['address']}/16", "dev", "eth0"],
+                               check=True)
+                subprocess.run(gx + ["ip", "link", "set", "lo", "up"], check=True)
+            result["hosts"] = hosts
+
+        task.react(lambda r: defer.ensureDeferred(main(r)))
+    except SystemExit:
+        pass
+    try:
+        g1 = ["ip", "netns", "exec", guests["h1"]]
+        g2 = ["ip", "netns", "exec", guests["h2"]]
+        n1 = ["ip", "netns", "exec", net.namespace("h1")]
+        n2 = ["ip", "netns", "exec", net.namespace("h2")]
+        over, direct = [], []
+        for _ in range(3):
+            over.append(_throughput(net, "g2", "g1", "10.80.2.2", seconds, g2, g1))
+            direct.append(_throughput(net, "h2", "h1", net.address("h2"), seconds, n2, n1))
+        o, d = statistics.median(over), statistics.median(direct)
+        print(f"2. overlay (one TCP stream, {seconds} s x 3, medians)")
+        print(f"   guest-to-guest over zwrm's overlay {o:8.0f} MB/s")
+        print(f"   the two hosts directly             {d:8.0f} MB/s")
+        print(f"   ratio {o / d:.2f}x")
+    finally:
+        for g in guests.values():
+            subprocess.run(["ip", "netns", "delete", g])
+        net.close()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--skip-overlay", action="store_true")
+    args = ap.parse_args()
+    ingress_bench(args.requests, args.concurrency)
+    if not args.skip_overlay:
+        overlay_bench(args.seconds)
+
+
+if __name__ == "__main__":
+    _ = asyncio
+    main()
