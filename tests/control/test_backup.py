@@ -186,3 +186,17 @@ class RefusalTests(SynchronousTestCase):
         conn.close()
         self.assertNotIn(backup.FILES_TABLE, tables)
         self.assertEqual(_mode(self.db), 0o600)
+
+    def test_restored_files_belong_to_the_directory_owner(self):
+        """As root (the usual `sudo zwrm-control restore`), files go to the directory's owner."""
+        good = os.path.join(self.tmp, "good.db")
+        backup.backup_sync(self.data_dir, good)
+        owner = os.getuid()
+        if owner == 0:
+            owner = 65534  # nobody: the control plane's own user in this test
+            os.chown(self.data_dir, owner, owner)
+        _version, restored, kept = backup.restore_sync(self.data_dir, good, stamp="T")
+        for path in [*restored, os.path.join(self.data_dir, "control.lock")]:
+            self.assertEqual(os.stat(path).st_uid, owner, path)
+        self.assertEqual(set(os.listdir(self.data_dir)),
+                         {"zwrm.db", "zwrm.db.before-restore-T", "control.lock"})

@@ -253,6 +253,8 @@ def restore_sync(data_dir, source, listen=(), stamp=None):
     except OSError as e:
         raise BackupError(f"cannot lock {data_dir}: {e.strerror or e}") from None
     try:
+        # a restore run as root must not leave a lock file the control plane's user cannot open
+        _chown(os.path.join(data_dir, "control.lock"), _owner(data_dir))
         busy = _listening(listen)
         if busy:
             raise BackupError(f"refusing to restore: something answers on {busy}, a listener of"
