@@ -303,6 +303,7 @@ class SocketLimitTests(_SocketBase):
             self.assertEqual((yield s.call("test.echo", 5)), 5)
             rs = self.router.get_session(s._session_id)
             session_ref, protocol_ref = weakref.ref(rs), weakref.ref(rs.transport)
+            tcp_ref = weakref.ref(rs.transport.transport)  # also held by the HTTP request it came in
             del rs
             gc.collect()
             gc.disable()
@@ -310,10 +311,11 @@ class SocketLimitTests(_SocketBase):
                 yield self._closed(proto)
                 yield self.poll(lambda: self.router.session_count() == 0)
                 yield task.deferLater(reactor, 0, lambda: None)
-                # freed without the cycle collector: the router's session and the
-                # server's WebSocket protocol
+                # freed without the cycle collector: the router's session, the server's
+                # WebSocket protocol, and the connection with the HTTP objects it came in
                 self.assertIsNone(session_ref())
                 self.assertIsNone(protocol_ref())
+                self.assertIsNone(tcp_ref())
             finally:
                 gc.enable()
             del s, proto

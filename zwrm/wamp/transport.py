@@ -478,10 +478,27 @@ def rawsocket_factory(router, serializers=("json", "msgpack", "cbor")):
     return factory
 
 
+class _WebSocketResource(WebSocketResource):
+    """
+    autobahn's resource, except that once the WebSocket protocol has taken the connection
+    over, the HTTP channel lets go of the request it came in: the channel and the
+    request point at each other (C{channel.requests}, C{request.channel}) and nothing else
+    ever will, so without this every closed connection would wait for the cycle collector.
+    """
+
+    def render(self, request):
+        result = super().render(request)
+        channel = request.channel
+        if channel is not None and channel.transport is None:  # taken over
+            channel.requests = []
+        return result
+
+
 def websocket_site(router, path="/ws", serializers=("json", "msgpack", "cbor")):
     """A C{twisted.web} Site serving the router's WebSocket at C{path}."""
     root = Resource()
-    root.putChild(path.strip("/").encode("ascii"), WebSocketResource(websocket_factory(router, serializers=serializers)))
+    root.putChild(path.strip("/").encode("ascii"),
+                  _WebSocketResource(websocket_factory(router, serializers=serializers)))
     return Site(root)
 
 
