@@ -292,9 +292,17 @@ def _load(path):
     return dict(agent)
 
 
+PRIVATE_UMASK = 0o077
+"""The agents' and control plane's umask: everything under their data directories (volumes,
+console logs, machine specs and state, the image cache, the store, keys), and what the QEMU
+processes they start create, is private to their user (files 0600, directories 0700)."""
+
+
 def makeService(options):
-    """The agent service; the only place that touches the global reactor."""
+    """The agent service; the only place that touches the global reactor (and umask)."""
     from twisted.internet import reactor
+
+    os.umask(PRIVATE_UMASK)  # inherited by QEMU and every other child
 
     from zwrm.agent.runtime import HostRuntime
     from zwrm.agent.service import AgentService

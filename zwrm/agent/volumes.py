@@ -42,7 +42,7 @@ class VolumeStore:
         self.mkfs_timeout = mkfs_timeout
         self._claims = {}
         self._creating = set()
-        os.makedirs(self.root, exist_ok=True)
+        os.makedirs(self.root, mode=0o700, exist_ok=True)  # volumes are private to the agent
         self._clean_temporaries()
 
     def _clean_temporaries(self):
@@ -141,7 +141,8 @@ class VolumeStore:
         tmp = os.path.join(self.root, f".tmp-{volume_id}-{uuid.uuid4().hex[:8]}.img")
         try:
             try:
-                with open(tmp, "wb") as f:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                with os.fdopen(fd, "wb") as f:
                     f.truncate(size_mb * 1024 * 1024)
             except OSError as e:
                 raise self._disk_error(volume_id, e) from None

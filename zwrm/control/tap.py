@@ -253,8 +253,10 @@ def makeService(options):
     """The control plane service; the only place that touches the global reactor."""
     from twisted.internet import reactor
 
+    from zwrm.agent.tap import PRIVATE_UMASK
     from zwrm.control.service import ControlPlane
 
+    os.umask(PRIVATE_UMASK)  # the store, keys, tokens and registry blobs: private
     config = options.config
     plane = ControlPlane(reactor, config)
     plane.stop_reactor_on_failure = True

@@ -570,7 +570,11 @@ class QemuDriver:
                 os.unlink(p)
             except FileNotFoundError:
                 pass
-        with open(m.path("spec.json"), "w") as f:
+        # private before QEMU opens the console log (it keeps an existing file's mode)
+        fd = os.open(m.path("console.log"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.fchmod(fd, 0o600)
+        os.close(fd)
+        with open(os.open(m.path("spec.json"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             json.dump(spec, f)
         argv = self._argv(m, spec, self.accel)
         m.spec = spec
@@ -578,7 +582,7 @@ class QemuDriver:
         m.reason = ""
         m.kill_reason = m.end_signal = None
         self._machines[m.id] = m
-        out = os.open(m.path("qemu.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        out = os.open(m.path("qemu.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         exe, args = argv[0], argv
         if self.setsid:
