@@ -74,7 +74,7 @@ class DocumentTests(SynchronousTestCase):
             {"ssh_keys": ["not a key"]},
             {"ssh_keys": [KEY + "\nssh-rsa AAAA injected"]},
             {"ssh_keys": [KEY] * 33},
-            {"user_data": "x" * (64 * 1024 + 1)},
+            {"user_data": "x" * (16 * 1024 + 1)},
             {"env": {"1BAD": "x"}},
             {"env": {"OK": "two\nlines"}},
             {"env": {"OK": 5}},

@@ -202,7 +202,7 @@ def _cloud_init(args):
         env[k] = v
     user_data = None
     if getattr(args, "user_data", None):
-        user_data = _read_text(args.user_data, "--user-data")
+        user_data = _read_text(args.user_data, "--user-data", 16 * 1024)
     if not keys and not env and user_data is None:
         return None
     return {"ssh_keys": keys, "user_data": user_data, "env": env}

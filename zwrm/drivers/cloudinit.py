@@ -33,7 +33,7 @@ from zwrm.errors import InvalidArgument, Unavailable
 
 MAX_KEYS = 32
 MAX_KEY = 16 * 1024
-MAX_USER_DATA = 64 * 1024
+MAX_USER_DATA = 16 * 1024  # the deploy schema bounds strings at 16 KiB
 MAX_ENV = 64
 MAX_ENV_VALUE = 4096
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
