@@ -224,7 +224,11 @@ def _network(reactor, host_id, config):
     """The agent's bridge networking (L{zwrm.agent.network.agent}), or None in user mode."""
     if getattr(config, "network", "user") != "bridge":
         return None
+    from autobahn.websocket.util import parse_url
+
     from zwrm.agent.network.agent import AgentNetwork
 
+    control_plane = parse_url(config.url)[1]  # guests may not reach the control plane
     return AgentNetwork(reactor, host_id, config.address, dns_port=config.dns_port,
-                        state_dir=os.path.join(config.data_dir, "network"))
+                        state_dir=os.path.join(config.data_dir, "network"),
+                        deny_names=[control_plane])

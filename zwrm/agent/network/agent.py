@@ -32,7 +32,7 @@ class AgentNetwork:
     log = Logger()
 
     def __init__(self, reactor, host_id, public_address, host_network=None, state_dir=None,
-                 dns_port=53, drain_timeout=30.0, deny=()):
+                 dns_port=53, drain_timeout=30.0, deny=(), deny_names=()):
         self.reactor = reactor
         self.host_id = host_id
         self.public_address = public_address
@@ -44,6 +44,8 @@ class AgentNetwork:
                                drain_timeout=drain_timeout)
         self._forwards = {}  # machine id -> listening port
         self._view = None
+        #: host names (e.g. the control plane's) guests may not reach, resolved on first use
+        self._deny_names = [n for n in deny_names if n]
 
     async def prepare(self, machine_id, app, net, service_port=None, kernel=True,
                       host_port=None, adopt=False):
@@ -55,6 +57,7 @@ class AgentNetwork:
             add (kernel images only) and the loopback port that reaches its service port.
         """
         net = check_network(net)
+        await self._resolve_deny()
         nic = await self.host.add_machine(machine_id, app, net, recreate=not adopt)
         self._start_dns(net)
         if self._view is not None:
@@ -70,6 +73,17 @@ class AgentNetwork:
             host_port = lp.getHost().port
         return {"nic": nic, "cmdline": addressing.kernel_ip_arg(net) if kernel else "",
                 "host_port": host_port}
+
+    async def _resolve_deny(self):
+        names, self._deny_names = self._deny_names, []
+        for name in names:
+            try:
+                address = await self.reactor.resolve(name)
+            except Exception as e:
+                self.log.warn("cannot resolve {name} to keep guests from it: {e}", name=name, e=e)
+                continue
+            if address not in self.host.deny:
+                self.host.deny.append(address)
 
     async def release(self, machine_id):
         """The machine was destroyed: its TAP, rules and forward go."""
