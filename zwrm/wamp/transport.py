@@ -209,6 +209,16 @@ class WampWebSocketServerProtocol(_QuietWebSocketMixin, _websocket.WampWebSocket
 
     _codec = None
 
+    def _connectionMade(self):
+        # autobahn copies the factory's options onto the protocol and pretty-prints them
+        # all for a debug line that is never emitted: about 2 ms per connection, 20 s of
+        # CPU when 10,000 agents reconnect.  Copy them here and let it print nothing.
+        for name in type(self).CONFIG_ATTRS:
+            if not hasattr(self, name):
+                setattr(self, name, getattr(self.factory, name))
+        self.CONFIG_ATTRS = ()
+        super()._connectionMade()
+
     def onOpen(self):
         self._codec = codec_for(self._serializer)
         super().onOpen()
