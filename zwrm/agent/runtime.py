@@ -21,7 +21,8 @@ from zwrm.agent.transfer import VolumeTransfers
 from zwrm.agent.volumes import VolumeStore
 from zwrm.errors import Unavailable
 from zwrm.interfaces import IHypervisorDriverPlugin
-from zwrm.registry.client import make_http_client, registry_url
+from zwrm.registry.client import make_http_client
+from zwrm.registry.client import registry_url as derived_registry_url
 
 MiB = 1024 * 1024
 
@@ -59,10 +60,14 @@ class HostRuntime:
                                               "accel": config.accel})
         self.volumes = VolumeStore(reactor, os.path.join(root, "volumes"))
 
-    async def attach(self, host_id, credential, session):
+    async def attach(self, host_id, credential, session, registry_url=None):
         """
         A session joined as C{host_id}: make the executor if this is the first, and send
         its reports through C{session} from now on.
+
+        @param registry_url: the registry's URL the control plane gave
+            (C{zwrm.cluster.info}), or L{None}: the host and port of the agent's
+            control-plane URL.  The image cache keeps the first it is given.
 
         @return: the executor, to register.
         """
@@ -71,7 +76,7 @@ class HostRuntime:
             client, self._pool = make_http_client(self.reactor, registry_ca_file(self.config))
             self.cache = ImageCache(
                 self.reactor, os.path.join(self.config.data_dir, "images"),
-                registry_url(self.config.url), (host_id, credential),
+                registry_url or derived_registry_url(self.config.url), (host_id, credential),
                 limit_bytes=self.config.image_cache_mb * MiB, http_client=client)
             self.executor = Executor(self.reactor, host_id, self.driver, self.volumes,
                                      self.report, images=self.cache,

@@ -610,8 +610,10 @@ class AgentService(service.Service):
         try:
             executors = list(self.executors)
             if self.runtime is not None:
+                info = await self._cluster_info(session)
                 executors.append(
-                    await self.runtime.attach(host_id, self.identity.credential, session))
+                    await self.runtime.attach(host_id, self.identity.credential, session,
+                                              registry_url=info.get("registry_url")))
             for executor in executors:
                 await session.register(executor, prefix=f"zwrm.agent.{host_id}.")
             result = await session.call("zwrm.agent.register", self.facts())
@@ -640,6 +642,19 @@ class AgentService(service.Service):
         if isinstance(outcome, SessionClosed) and "killed" in str(outcome):
             return SessionEnded(str(outcome))
         return SessionEnded()
+
+    async def _cluster_info(self, session):
+        """
+        What the control plane says about the cluster (C{zwrm.cluster.info}: where its
+        registry is); C{{}} from a control plane that does not have the procedure yet.
+        """
+        try:
+            info = await session.call("zwrm.cluster.info")
+        except ApplicationError as e:
+            if e.error in (ApplicationError.NO_SUCH_PROCEDURE, ApplicationError.NOT_AUTHORIZED):
+                return {}
+            raise
+        return info if isinstance(info, dict) else {}
 
     # -- heartbeats -------------------------------------------------------------------
 

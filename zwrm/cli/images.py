@@ -6,8 +6,10 @@ C{zwrm images}: push, list and remove VM images in the control plane's registry.
     zwrm images list [NAME]
     zwrm images rm NAME:TAG ... | NAME@sha256:DIGEST ...
 
-The registry is the control plane's HTTP listener (the same host and port as its WAMP
-C{/ws} URL), path C{/v2/}. Bulk bytes go over HTTP, never through WAMP.
+The registry is the control plane's HTTP listener, path C{/v2/}: at the address the control
+plane gives (C{zwrm.cluster.info}, its C{[control] registry_url}; needed behind an external
+router), else at the same host and port as its WAMP C{/ws} URL. Bulk bytes go over HTTP,
+never through WAMP.
 
 The connection settings are the CLI's (L{zwrm.cli.client.load_settings}): C{--api-url} /
 C{$ZWRM_API_URL} (C{ws://host:port/ws} means C{http://host:port/v2/}, C{wss://} https),
@@ -31,10 +33,32 @@ from zwrm.registry import image
 from zwrm.registry.client import RegistryClient, make_http_client, push_image, registry_url
 
 
-def _client(reactor, args):
+async def learn_registry_url(reactor, settings):
+    """
+    The registry's URL as the control plane gives it (C{zwrm.cluster.info}), or L{None}
+    when it gives none, does not have the procedure, or cannot be asked (then the caller
+    uses the WAMP URL's host and port, and the registry's own answer says what is wrong).
+    """
+    from zwrm.cli import client
+
+    try:
+        session = await client.connect(reactor, settings)
+    except CliError:
+        return None
+    try:
+        info = await client.call(session, "zwrm.cluster.info")
+    except CliError:
+        return None
+    finally:
+        await client.close(session)
+    url = info.get("registry_url") if isinstance(info, dict) else None
+    return url if isinstance(url, str) and url else None
+
+
+async def _client(reactor, args):
     settings = load_settings(getattr(args, "api_url", None))
     try:
-        base = registry_url(settings["url"])
+        base = await learn_registry_url(reactor, settings) or registry_url(settings["url"])
     except InvalidArgument as e:
         raise CliError(e.message, EXIT_USAGE) from None
     client = None
@@ -105,7 +129,7 @@ class ProgressBar:
 
 
 async def _push(reactor, args, out):
-    client = _client(reactor, args)
+    client = await _client(reactor, args)
     try:
         bar = ProgressBar(reactor, sys.stderr) if not args.quiet else None
         try:
@@ -140,7 +164,7 @@ def _size(n):
 
 
 async def _list(reactor, args, out):
-    client = _client(reactor, args)
+    client = await _client(reactor, args)
     try:
         names = [args.name] if args.name else await client.repositories()
         rows = []
@@ -164,7 +188,7 @@ async def _list(reactor, args, out):
 
 
 async def _rm(reactor, args, out):
-    client = _client(reactor, args)
+    client = await _client(reactor, args)
     try:
         for ref in args.refs:
             name, reference = image.parse_reference(ref)

@@ -17,6 +17,7 @@ OPERATOR_PREFIXES = [
     "zwrm.volume.",
     "zwrm.image.",
     "zwrm.token.",
+    "zwrm.cluster.",
 ]
 """Procedure prefixes an operator may call."""
 
@@ -30,10 +31,12 @@ VIEWER_PROCEDURES = [
     "zwrm.machine.status",
     "zwrm.volume.list",
     "zwrm.image.list",
+    "zwrm.cluster.info",
 ]
 """Read-only procedures a viewer may call."""
 
-AGENT_PROCEDURES = ["zwrm.agent.register", "zwrm.agent.heartbeat", "zwrm.agent.report"]
+AGENT_PROCEDURES = ["zwrm.agent.register", "zwrm.agent.heartbeat", "zwrm.agent.report",
+                    "zwrm.cluster.info"]
 """Control-plane procedures an agent (authid = its host id) may call."""
 
 
@@ -41,7 +44,8 @@ def roles():
     """
     The role table for L{zwrm.wamp.auth.RoleBasedAuthorizer}.
 
-     - C{trusted}: the control component; everything under C{zwrm.} (not C{wamp.}).
+     - C{trusted}: the control component; everything under C{zwrm.}, and of the router's
+       meta API only C{wamp.session.kill_by_authid} (to end an offline host's session).
      - C{joining}: an agent holding the join token; may only call C{zwrm.agent.join}.
      - C{agent}: may call L{AGENT_PROCEDURES} and register only C{zwrm.agent.<its id>.*}.
      - C{operator}: may call L{OPERATOR_PREFIXES}, subscribe to C{zwrm.event.*}.
@@ -49,7 +53,8 @@ def roles():
     """
     events = Rule("zwrm.event.", "prefix", {"subscribe"})
     return {
-        "trusted": [Rule("zwrm.", "prefix", ALL)],
+        "trusted": [Rule("zwrm.", "prefix", ALL),
+                    Rule("wamp.session.kill_by_authid", "exact", CALL)],
         "joining": [Rule("zwrm.agent.join", "exact", CALL)],
         "agent": [Rule(p, "exact", CALL) for p in AGENT_PROCEDURES]
         + [Rule("zwrm.agent.{authid}.", "prefix", {"register"})],

@@ -343,6 +343,9 @@ SPEC = Json(max_depth=8, max_items=256, max_string=16384, max_total=4096,
 
 # -- procedures ------------------------------------------------------------------------
 
+ROUTER_DETAILS = Json(max_depth=8, max_items=256, max_string=65536, max_total=4096,
+                      what="a mapping of details from the router")
+
 REQUIRED = object()
 
 
@@ -553,6 +556,30 @@ PROCEDURES = {p.uri: p for p in [
     Procedure("zwrm.token.revoke", OPERATOR, "Revoke a join token.",
               [Arg("token_id", TOKEN_ID, doc="the token's id (or its whole text)", secret=True)],
               "null", ["invalid_argument", "not_found"]),
+    # -- the cluster -------------------------------------------------------------------
+    Procedure("zwrm.cluster.info", ("operator", "viewer", "agent"),
+              "Where the registry and the console are (null: the registry is at the host and"
+              " port of the caller's WAMP URL).", [],
+              "{registry_url, console_url, realm, version}"),
+    # -- an external router (Crossbar.io) calls these; see docs/scaling.md ---------------
+    Procedure("zwrm.crossbar.authenticate", ("trusted",),
+              "Crossbar.io's dynamic ticket authenticator: the same checks as the embedded"
+              " router's (join, operator and viewer tokens, host credentials; a host's TLS"
+              " client certificate from details.transport.peer_cert must be its own).",
+              [Arg("realm", Str(255), doc="the realm"),
+               Arg("authid", Str(255), doc="who the client says it is"),
+               Arg("details", ROUTER_DETAILS, doc="ticket, authmethod, transport", secret=True)],
+              "{authid, role, extra}",
+              ["wamp.error.authentication_failed (saying why)", "invalid_argument"]),
+    Procedure("zwrm.crossbar.authorize", ("trusted",),
+              "Crossbar.io's dynamic authorizer for the roles joining, agent, operator and"
+              " viewer: zwrm's role table decides; calls are disclosed; a decision that"
+              " depends on the authid is not cached.",
+              [Arg("session", ROUTER_DETAILS, doc="the session (authid, authrole, ...)"),
+               Arg("uri", Str(255), doc="the URI"),
+               Arg("action", Str(32), doc="call, register, publish or subscribe"),
+               Arg("options", Nullable(ROUTER_DETAILS), None, "match (for register, subscribe)")],
+              "{allow, cache, disclose}", ["invalid_argument"]),
 ]}
 """Every procedure the control plane registers, by URI."""
 

@@ -1,6 +1,11 @@
 """
 The control plane as a Twisted service: store, host registry, embedded WAMP router,
 control component, health monitor and the HTTP site (C{/ws}, C{/healthz}, C{/metrics}).
+
+With C{[control] router_url} there is no embedded router: the control component connects to
+that external router (L{zwrm.control.crossbar.ExternalRouter}) and registers the dynamic
+authenticator and authorizer it calls, and the HTTP site has no C{/ws} (registry,
+C{/healthz}, C{/metrics} only).
 """
 
 import json
@@ -18,6 +23,7 @@ from twisted.web import resource, server
 from zwrm.control.api import AgentAPI, ControlSession, HostAPI
 from zwrm.control.apps import Apps
 from zwrm.control.auth import PEER_CERTIFICATE, ControlAuthenticator
+from zwrm.control.cluster import ClusterAPI
 from zwrm.control.drain import Drains
 from zwrm.control.images import ImageAPI
 from zwrm.control.monitor import HealthMonitor
@@ -174,6 +180,7 @@ class ControlPlane(service.MultiService):
         self.started = defer.Deferred()
         self._flusher = None
         self._lock = None
+        self.external = None
         self.stop_reactor_on_failure = False
 
     def startService(self):
@@ -212,8 +219,10 @@ class ControlPlane(service.MultiService):
         )
         n = await self.registry.load()
         authenticator = ControlAuthenticator(self.store, self.registry, join_tokens=self.pki)
-        self.router = Router(self.reactor, authenticator, RoleBasedAuthorizer(roles()))
-        if self.gc_policy is not None:
+        if not cfg.router_url:
+            self.router = Router(self.reactor, authenticator, RoleBasedAuthorizer(roles()))
+            _add_kill_by_authid(self.router)
+        if self.gc_policy is not None and self.router is not None:
             stats = self.router.stats
             self.gc_policy.watch_sessions(lambda: stats.sessions_closed, self.router.session_count)
         self.scheduler = Scheduler(load_strategy(cfg.strategy, cfg.plugin_dirs))
@@ -222,18 +231,20 @@ class ControlPlane(service.MultiService):
         self.drains = Drains(self.reactor, self.store, self.registry, self.apps, self._publish)
         images = make_registry_resource(
             self.reactor, os.path.join(data_dir, "registry"), TicketAuthorizer(authenticator))
-        self.session = ControlSession(
-            [
-                AgentAPI(self.registry, machines=self.apps, pki=self.pki),
-                HostAPI(self.registry),
-                self.apps,
-                TokenAPI(self.pki),
-                self.drains,
-                ImageAPI(self.reactor, images.store, delete_enabled=images.delete_enabled),
-            ]
-            + self.apis
-        )
-        await self.router.attach(self.session, authid="control", authrole="trusted")
+        apis = [
+            AgentAPI(self.registry, machines=self.apps, pki=self.pki),
+            HostAPI(self.registry),
+            self.apps,
+            TokenAPI(self.pki),
+            self.drains,
+            ImageAPI(self.reactor, images.store, delete_enabled=images.delete_enabled),
+            ClusterAPI(cfg.registry_url, cfg.console_url, cfg.router_realm),
+        ] + self.apis
+        if cfg.router_url:
+            await self._connect_router(apis, authenticator)
+        else:
+            self.session = ControlSession(apis)
+            await self.router.attach(self.session, authid="control", authrole="trusted")
         await self.drains.resume()  # drains under way go on once their hosts are back
         self.monitor = HealthMonitor(
             self.reactor, self.registry, cfg.check_interval, cfg.offline_after, cfg.grace
@@ -243,9 +254,10 @@ class ControlPlane(service.MultiService):
         self._flusher = task.LoopingCall(self._flush)
         self._flusher.clock = self.reactor
         self._flusher.start(cfg.flush_interval, now=False)
-        ws_factory = websocket_factory(self.router)
-        ws_factory.protocol = _with_peer_certificate(ws_factory.protocol)
-        self.root.putChild(b"ws", WebSocketResource(ws_factory))
+        if self.router is not None:
+            ws_factory = websocket_factory(self.router)
+            ws_factory.protocol = _with_peer_certificate(ws_factory.protocol)
+            self.root.putChild(b"ws", WebSocketResource(ws_factory))
         self.root.putChild(b"v2", images)
         # The registry's guard: credentials before bodies, bounded header and body times.
         site = server.Site(self.root, requestFactory=registry_request_factory(self.reactor, images))
@@ -272,6 +284,26 @@ class ControlPlane(service.MultiService):
             fp=self.pki.fingerprint,
         )
         self.started.callback(self)
+
+    async def _connect_router(self, apis, authenticator):
+        """
+        Connect the control component to the external router C{router_url} (reconnecting
+        for ever) and wait for its first session.
+        """
+        from zwrm.control.crossbar import CrossbarAPI, ExternalRouter
+
+        cfg = self.config
+        self.external = ExternalRouter(
+            self.reactor, cfg.router_url, cfg.router_realm, cfg.router_authid,
+            cfg.router_secret(), apis + [CrossbarAPI(authenticator, roles())],
+            ca_file=cfg.router_ca_file, on_session=self._router_session)
+        self.external.setServiceParent(self)
+        self.log.info("connecting the control component to the router at {url}",
+                      url=cfg.router_url)
+        await self.external.joined()
+
+    def _router_session(self, session):
+        self.session = session
 
     def _listen(self, description, site):
         """
@@ -334,8 +366,19 @@ class ControlPlane(service.MultiService):
         return self.session.call_procedure(procedure, *args, **kwargs)
 
     def _drop_host_session(self, host_id):
-        if self.router is not None:
-            self.router.kill_by_authid(host_id, "host marked offline; register again")
+        """
+        End the sessions of a host marked offline, through the WAMP meta API
+        (C{wamp.session.kill_by_authid}), which the embedded router and Crossbar.io both
+        offer: its agent registers again.
+        """
+        session = self.session
+        if session is None or not session.is_attached():
+            return None
+        d = session.call("wamp.session.kill_by_authid", host_id, reason="wamp.close.killed",
+                         message="host marked offline; register again")
+        d.addErrback(lambda f: self.log.warn("could not end host {host_id}'s session: {why}",
+                                             host_id=host_id, why=f.getErrorMessage()))
+        return d
 
     def _flush(self):
         d = self.registry.flush_heartbeats()
@@ -426,6 +469,27 @@ def _with_peer_certificate(protocol_class):
             PEER_CERTIFICATE.reset(token)
 
     return type("PeerCertificateProtocol", (protocol_class,), {"dataReceived": dataReceived})
+
+
+def _add_kill_by_authid(router):
+    """
+    The meta procedure C{wamp.session.kill_by_authid(authid, reason=None, message=None)},
+    as Crossbar.io offers it (returns the ids of the sessions it ended), on the embedded
+    router.
+    """
+    from autobahn.wamp.exception import ApplicationError
+
+    def kill(caller, args, kwargs):
+        authid = args[0] if args else kwargs.get("authid")
+        message = kwargs.get("message", args[2] if len(args) > 2 else None)
+        if not isinstance(authid, str) or not isinstance(message, str | None):
+            raise ApplicationError(ApplicationError.INVALID_ARGUMENT,
+                                   "wamp.session.kill_by_authid needs an authid (and a message)")
+        victims = [s.session_id for s in router.sessions() if s.authid == authid]
+        router.kill_by_authid(authid, message or "killed")
+        return [victims]
+
+    router.register_internal("wamp.session.kill_by_authid", kill)
 
 
 def _why(failure):

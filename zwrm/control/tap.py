@@ -10,6 +10,20 @@ flag wins.  Example::
     data_dir = "/var/lib/zwrm/control"
     heartbeat_interval = 5
 
+    # The addresses agents and the CLI learn from the control plane (zwrm.cluster.info);
+    # without registry_url they use the host and port of the WAMP URL they were given.
+    # registry_url = "https://cp.example.com:8080"
+    # console_url = "https://console.example.com"
+
+    # Behind an external WAMP router (Crossbar.io, see docs/scaling.md): the control
+    # component connects to it with ticket authentication; listen is then HTTP only
+    # (registry, /healthz, /metrics) and registry_url is required.
+    # router_url = "ws://127.0.0.1:8081/ws"
+    # router_authid = "control"
+    # router_ticket_file = "/etc/zwrm/router.ticket"   (or router_ticket = "...")
+    # router_ca_file = "/etc/zwrm/router-ca.pem"       (for a wss:// router_url)
+    # router_realm = "zwrm"
+
     [health]
     check_interval = 15
     offline_after = 30
@@ -55,6 +69,33 @@ class Config:
     gc_interval: float = 5.0
     gc_churn: float = 0.25
     gc_growth: float = 1.0
+    registry_url: str | None = None
+    console_url: str | None = None
+    router_url: str | None = None
+    router_realm: str = "zwrm"
+    router_authid: str = "control"
+    router_ticket: str | None = None
+    router_ticket_file: str | None = None
+    router_ca_file: str | None = None
+
+    def router_secret(self):
+        """
+        The ticket the control component presents to the external router: C{router_ticket},
+        or the first line of C{router_ticket_file}.
+
+        @raise usage.UsageError: the file cannot be read or is empty.
+        """
+        if self.router_ticket:
+            return self.router_ticket
+        try:
+            with open(self.router_ticket_file) as f:
+                secret = f.read().strip()
+        except OSError as e:
+            raise usage.UsageError(
+                f"[control] router_ticket_file {self.router_ticket_file}: {e.strerror}") from None
+        if not secret:
+            raise usage.UsageError(f"[control] router_ticket_file {self.router_ticket_file} is empty")
+        return secret
 
 
 # (section, key) -> (Config attribute, type)
@@ -64,6 +105,14 @@ FILE_KEYS = {
     ("control", "heartbeat_interval"): ("heartbeat_interval", float),
     ("control", "flush_interval"): ("flush_interval", float),
     ("control", "insecure_listen"): ("insecure_listen", bool),
+    ("control", "registry_url"): ("registry_url", str),
+    ("control", "console_url"): ("console_url", str),
+    ("control", "router_url"): ("router_url", str),
+    ("control", "router_realm"): ("router_realm", str),
+    ("control", "router_authid"): ("router_authid", str),
+    ("control", "router_ticket"): ("router_ticket", str),
+    ("control", "router_ticket_file"): ("router_ticket_file", str),
+    ("control", "router_ca_file"): ("router_ca_file", str),
     ("health", "check_interval"): ("check_interval", float),
     ("health", "offline_after"): ("offline_after", float),
     ("health", "grace"): ("grace", float),
@@ -164,6 +213,7 @@ def check_config(config):
                 f"listen endpoint {description!r} is plain (not TLS) and not on loopback;"
                 " add interface=127.0.0.1, use an ssl: endpoint, or set insecure_listen"
             )
+    _check_urls(config)
     if config.gc_policy not in GC_POLICIES:
         raise usage.UsageError(
             f"[gc] policy must be one of {', '.join(GC_POLICIES)}, not {config.gc_policy!r}"
@@ -177,6 +227,60 @@ def check_config(config):
         load_strategy(config.strategy, config.plugin_dirs)
     except PluginError as e:
         raise usage.UsageError(f"scheduler: {e}") from None
+
+
+def _http_url(name, url):
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+        raise usage.UsageError(f"[control] {name} must be an http:// or https:// URL with no"
+                               f" path (e.g. https://cp.example.com:8080), not {url!r}")
+
+
+def _check_urls(config):
+    """The registry, console and external router settings (see the module docstring)."""
+    from urllib.parse import urlsplit
+
+    if config.registry_url is not None:
+        _http_url("registry_url", config.registry_url)
+    if config.console_url is not None:
+        if urlsplit(config.console_url).scheme not in ("http", "https"):
+            raise usage.UsageError(
+                f"[control] console_url must be an http:// or https:// URL, not {config.console_url!r}")
+    if config.router_url is None:
+        for name in ("router_ticket", "router_ticket_file", "router_ca_file"):
+            if getattr(config, name) is not None:
+                raise usage.UsageError(f"[control] {name} needs router_url")
+        return
+    parts = urlsplit(config.router_url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise usage.UsageError(
+            f"[control] router_url must be a ws:// or wss:// URL, not {config.router_url!r}")
+    if parts.scheme == "ws" and not config.insecure_listen and not (
+            parts.hostname in ("localhost", "::1") or parts.hostname.startswith("127.")):
+        raise usage.UsageError(
+            f"[control] router_url {config.router_url!r} is plain ws:// beyond loopback;"
+            " use wss:// (with router_ca_file) or set insecure_listen")
+    if (config.router_ticket is None) == (config.router_ticket_file is None):
+        raise usage.UsageError(
+            "[control] router_url needs exactly one of router_ticket and router_ticket_file"
+            " (the ticket of the control component's principal in the router's config)")
+    if config.registry_url is None:
+        raise usage.UsageError(
+            "[control] router_url needs registry_url: agents and the CLI cannot find the"
+            " registry (this control plane's HTTP listener) from the router's URL")
+    for description in config.listen:
+        if description.startswith(RAWSOCKET_PREFIX):
+            raise usage.UsageError(
+                f"listen endpoint {description!r}: with router_url WAMP goes through the"
+                " router; listen serves HTTP only (registry, /healthz, /metrics)")
+    if config.router_ca_file is not None and not os.path.isfile(config.router_ca_file):
+        raise usage.UsageError(f"[control] router_ca_file {config.router_ca_file} does not exist")
+    config.router_secret()  # a missing or empty ticket file: said now, not at start-up
+
+
+RAWSOCKET_PREFIX = "rawsocket:"
 
 
 class Options(usage.Options):
@@ -195,6 +299,12 @@ class Options(usage.Options):
         ["grace", None, None, "Seconds after start before any host is marked offline."],
         ["strategy", None, None, "Scheduler strategy plugin (default spread)."],
         ["gc-policy", None, None, "Garbage collection: freeze (default) or python."],
+        ["registry-url", None, None,
+         "The registry's URL agents and the CLI are told (default: that of their WAMP URL)."],
+        ["console-url", None, None, "The web console's URL agents and the CLI are told."],
+        ["router-url", None, None,
+         "Connect the control component to this external WAMP router (ws:// or wss://)."],
+        ["router-ticket-file", None, None, "File with the ticket for --router-url."],
         ["gc-interval", None, None, "Seconds between collections of new objects (default 5)."],
         ["gc-churn", None, None,
          "Full collection once this fraction of the sessions closed (default 0.25)."],
@@ -233,6 +343,10 @@ class Options(usage.Options):
             "gc-interval": ("gc_interval", float),
             "gc-churn": ("gc_churn", float),
             "gc-growth": ("gc_growth", float),
+            "registry-url": ("registry_url", str),
+            "console-url": ("console_url", str),
+            "router-url": ("router_url", str),
+            "router-ticket-file": ("router_ticket_file", str),
         }
         for flag, (attr, kind) in flags.items():
             if self[flag] is not None:

@@ -1,0 +1,1 @@
+`[control] registry_url` and `console_url`: agents and `zwrm images` learn where the registry is from the control plane (the new `zwrm.cluster.info` procedure) instead of assuming the host and port of the WAMP URL; without registry_url they still do.
