@@ -5,8 +5,10 @@ never the command line; a configuration file holding the token must not be world
 
 import os
 
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
 from twisted.python import usage
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from zwrm.agent import tap
 
@@ -76,3 +78,32 @@ class JoinTokenOptionTests(SynchronousTestCase):
         e = self.assertRaises(usage.UsageError, self.parse, "--config", public)
         self.assertIn("join_token_file", str(e))
         self.assertIn("every user can read it", str(e))
+
+
+class HostResetCommandTests(TestCase):
+    """`zwrm host reset` (the real command) against a control plane on a loopback socket."""
+
+    timeout = 120
+
+    def test_reset(self):
+        return ensureDeferred(self._reset())
+
+    async def _reset(self):
+        from tests.agent.test_membership import make_agent, start_plane
+        from zwrm.testing.processes import run_cli
+
+        plane, tmp = await start_plane(self)
+        agent = make_agent(self, plane, os.path.join(tmp, "a1"))
+        await agent.registered
+        host_id = agent.identity.host_id
+        code, out, err = await run_cli(reactor, ["host", "reset", host_id, "--ttl", "10m"],
+                                       plane.url, plane.operator_token)
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"host {host_id} may join again with a join token until", out)
+        code, out, err = await run_cli(reactor, ["host", "reset", "h-nobody"], plane.url,
+                                       plane.operator_token)
+        self.assertEqual((code, err.strip()), (1, "zwrm: no host 'h-nobody'"))
+        code, out, err = await run_cli(reactor, ["host", "reset", "bad id!"],
+                                       plane.url, plane.operator_token)
+        self.assertEqual(code, 1, err)
+        self.assertIn("host_id", err)
