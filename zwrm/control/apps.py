@@ -658,7 +658,14 @@ class Apps:
         its agent answers; a start that fails marks it failed (releasing its reservation).
         """
         try:
-            status = await self._call(row["host_id"], "machine.start", self._agent_spec(row["spec"]))
+            spec = self._agent_spec(row["spec"])
+            # Its own address on its host (a drain's replacement gets one of its target's).
+            spec["network"] = await self.network.attach(
+                row["id"], row["app_id"], row["host_id"],
+                hostname=f"{spec['app']}-{row['spec'].get('replica')}",
+                open_ports=[p["guest_port"] for p in
+                            (row["spec"].get("app_spec") or {}).get("publish") or []])
+            status = await self._call(row["host_id"], "machine.start", spec)
         except Exception as e:
             reason = getattr(e, "args", [None])[0] if isinstance(e, errors.ZwrmError) else None
             reason = reason or _error_text(e)

@@ -262,15 +262,17 @@ class ViewPublisher:
                 hosts.append({"host_id": host_id, "address": address,
                               "gateway": gateways.get(host_id)})
         rows = await self._data.machines.find(states=list(LIVE))
+        addresses = {m["machine_id"]: m["address"] for m in net["members"]}
         members, published = [], {}
         for row in rows:
             spec = row.get("spec") or {}
-            netspec = spec.get("network")
-            if not netspec:
+            if row["id"] not in addresses:
                 continue
+            app_spec = spec.get("app_spec") or {}
+            netspec = {"address": addresses[row["id"]],
+                       "open_ports": [p["guest_port"] for p in app_spec.get("publish") or []]}
             status = (row.get("health") or {}).get("status")
             healthy = row["state"] == "running" and status in ("passing", "none", None)
-            app_spec = spec.get("app_spec") or {}
             members.append({"machine_id": row["id"], "app": spec.get("app"),
                             "replica": spec.get("replica"), "address": netspec["address"],
                             "host_id": row["host_id"], "healthy": healthy,
