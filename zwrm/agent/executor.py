@@ -42,12 +42,14 @@ import os
 import socket
 
 from autobahn import wamp
+from autobahn.wamp.types import RegisterOptions
 from twisted.internet.defer import ensureDeferred, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from zwrm.agent import health as _health
 from zwrm.agent.blockmap import file_digest
+from zwrm.agent.console import ConsoleRelay
 from zwrm.agent.network.host import check_network
 from zwrm.drivers import cloudinit as _cloudinit
 from zwrm.drivers.spec import check_id, volume_serial
@@ -388,6 +390,34 @@ class Executor:
             return self.driver.console(machine_id, max_bytes)
         except NotFound:
             return succeed("")  # it failed before its hypervisor ever started
+
+    @wamp.register("machine.console.attach", options=RegisterOptions(details_arg="details"))
+    async def console_attach(self, machine_id, details=None):
+        """
+        Attach to a machine's serial console: what the guest writes comes as progressive
+        results (base64 text) until the caller cancels (detach) or the console closes.
+
+        @return: C{{"machine_id", "ended"}}. @raise NotFound: unknown machine.
+        @raise Unavailable: it is not running, or its driver has no interactive console.
+        """
+        self._get(machine_id)
+        progress = getattr(details, "progress", None) or (lambda text: None)
+        return await self._console_relay().attach(machine_id, progress)
+
+    @wamp.register("machine.console.write")
+    async def console_write(self, machine_id, data):
+        """Send keystrokes (base64 text, at most 4 KiB) to a machine's serial console."""
+        self._get(machine_id)
+        return await self._console_relay().write(machine_id, data)
+
+    def _console_relay(self):
+        if getattr(self, "_consoles", None) is None:
+            socket_path = getattr(self.driver, "console_socket", None)
+            if socket_path is None:
+                raise Unavailable(f"the {getattr(self.driver, 'name', '')} driver has no "
+                                  "interactive console")
+            self._consoles = ConsoleRelay(self.reactor, socket_path)
+        return self._consoles
 
     # --- volume procedures --------------------------------------------------------------
 

@@ -308,6 +308,18 @@ class QemuDriver:
             data = b""
         return succeed(data.decode("utf-8", "replace"))
 
+    def console_socket(self, machine_id):
+        """
+        The UNIX socket of a running machine's serial console (QEMU serves it; one client at
+        a time: L{zwrm.agent.console.ConsoleRelay} shares it).
+
+        @raise NotFound: unknown machine. @raise Unavailable: it is not running.
+        """
+        m = self._get(machine_id)
+        if m.state != "running" or m.starting:
+            raise Unavailable(f"machine {machine_id} is {m.state}: its console is closed")
+        return m.console_path
+
     def subscribe(self, listener):
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
