@@ -34,6 +34,7 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import defer, tcp
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.protocols import policies
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -101,8 +102,11 @@ def unsent_bytes(transport):
     Bytes written to a Twisted transport (or a stack of wrapping transports, e.g.
     TLS) and not yet sent to the network.
     """
-    if type(transport) is tcp.Server and not transport.TLS:
-        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    t = transport
+    while isinstance(t, policies.ProtocolWrapper):  # e.g. the control plane's plain-only listener
+        t = t.transport
+    if type(t) is tcp.Server and not t.TLS:
+        return len(t.dataBuffer) - t.offset + t._tempDataLen
     n = 0
     t = transport
     for _ in range(4):
