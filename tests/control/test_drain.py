@@ -796,6 +796,40 @@ class DrainRunTests(TestCase):
         self.assertIsNone(await c.store.get("machines", mg["replacement"]))
 
     @d
+    async def test_machine_without_volumes_does_not_wait_for_its_target(self):
+        """
+        Without volumes two copies may run (the replacement starts first, by design): a
+        rollback whose target is lost does not wait for it; the replacement is stopped when
+        its host returns.
+        """
+        c = await DrainCluster(self).start()
+        m = await self.deploy(c, volumes=False)
+        src = m["host_id"]
+        dst = "h-b" if src == "h-a" else "h-a"
+        _, procs = c.executors[dst]
+        start = procs["machine.start"]
+
+        def start_then_lost(spec):
+            def lost(_):
+                c.registry.entry(dst).executor = False
+                raise errors.Unavailable("the agent's session is gone")
+
+            return start(spec).addCallback(lost)
+
+        procs["machine.start"] = start_then_lost
+        _, status = await self.drain(c, src)
+        mg = status["migrations"][0]
+        self.assertEqual((status["state"], mg["phase"], mg["waiting_for"]),
+                         ("incomplete", "rolled_back", None))
+        self.assertEqual(mg["original_state"]["state"], "running")
+        await self.back(c, dst)
+
+        async def one_copy():
+            return self.copies(c) == [(src, m["id"])]
+
+        await self.until(c, one_copy, "the replacement stopped on its host's return")
+
+    @d
     async def test_copy_left_on_an_unreachable_target_is_deleted_when_it_returns(self):
         """
         The target is lost after the verified copy was committed there: the rollback starts

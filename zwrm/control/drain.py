@@ -706,7 +706,7 @@ class Drains:
             raise errors.Unavailable(f"the replacement could not start on {target}")
 
     async def _wait_healthy(self, machine_id, deadline, min_healthy, poll, host=None,
-                            run=None):
+                            run=None, pause=True):
         """
         Wait until C{machine_id} is running with a passing health check (or running, when it
         has none) for C{min_healthy} seconds on end. @return: when it first passed.
@@ -714,10 +714,11 @@ class Drains:
         With C{host} (a replacement's target), what counts is what that host's agent says
         (L{Executor.machine_status}), not the stored row, which is stale while the host is
         unreachable (marked failed once it is offline; still passing before that). While
-        the host is unreachable the wait is paused, not failed: the replacement may still
-        run there (its hypervisor outlives its agent), so the original must not start again
-        (docs/drain.md, "Fencing"); the time does not count toward C{deadline}, and the
-        migration records that it waits for C{host}.
+        the host is unreachable the wait is paused (with C{pause}; for a machine with
+        volumes), not failed: the replacement may still run there (its hypervisor outlives
+        its agent), so the original must not start again (docs/drain.md, "Fencing"); the
+        time does not count toward C{deadline}, and the migration records that it waits
+        for C{host}. Without C{pause} an unreachable host fails the wait.
 
         @raise Unavailable: not so by C{deadline} seconds, or it failed.
         @raise NotFound: it is gone.
@@ -739,6 +740,8 @@ class Drains:
                     raise errors.NotFound(
                         f"machine {machine_id} is not on {host} any more") from None
                 except errors.Unavailable:
+                    if not pause:
+                        raise
                     since = None
                     await self._set_waiting(
                         run, host, f"replacement {machine_id} may still run there; the "
@@ -784,7 +787,8 @@ class Drains:
         opts = drain.row["options"]
         first = await self._wait_healthy(run.detail["replacement"], opts["healthy_deadline"],
                                          opts["min_healthy"], opts["poll"],
-                                         host=run.row["target_host"], run=run)
+                                         host=run.row["target_host"], run=run,
+                                         pause=bool(run.detail.get("volumes")))
         stopped = run.detail.get("stopped_at")
         if stopped is not None:
             await self._save_detail(run, downtime=max(0.0, first - stopped))
@@ -834,7 +838,10 @@ class Drains:
         opts = drain.row["options"]
         new_id = run.detail.get("replacement")
         if new_id is not None and target is not None:
-            await self._fence_replacement(run, target, new_id, opts["poll"])
+            if run.detail.get("volumes"):
+                await self._fence_replacement(run, target, new_id, opts["poll"])
+            else:
+                await self._drop_replacement(new_id, target)
         if run.placement is not None:
             self._release(run)
         if target is not None and self._reachable(target):
@@ -892,6 +899,23 @@ class Drains:
             except errors.Unavailable:
                 await self._set_waiting(run, target, why)
                 await self._sleep(poll)
+
+    async def _drop_replacement(self, new_id, target):
+        """
+        A replacement without volumes may run beside its original (it starts first, by
+        design): destroy it if its target answers; else forget it, so that its host stops
+        it as unknown when it returns.
+        """
+        rep = await self._store.get("machines", new_id)
+        if rep is None:
+            return
+        try:
+            await self._apps._destroy_machine(rep)
+        except errors.Unavailable:
+            self.log.warn("rollback: replacement {id} on {t} is stopped when its host returns",
+                          id=new_id, t=target)
+            await self._store.update("machines", new_id, {"state": "failed"})
+            await self._apps._destroy_machine(dict(rep, state="failed"))
 
     async def _clean_copy(self, host, vid):
         """
