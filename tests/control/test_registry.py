@@ -104,6 +104,9 @@ class RegistryTests(TestCase):
         self.assertEqual(hosts[1]["heartbeat_age"], 3)
         status = await reg.status("h1")
         self.assertEqual([m["id"] for m in status["machine_list"]], ["m1"])
+        # the machines' wire form: no spec (it may hold user-data and environment)
+        self.assertNotIn("spec", status["machine_list"][0])
+        self.assertEqual(status["machine_list"][0]["state"], "running")
         self.assertEqual(status["events"][0]["kind"], "joined")
         with self.assertRaises(errors.NotFound):
             await reg.status("h9")

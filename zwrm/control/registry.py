@@ -28,6 +28,7 @@ from zwrm.control.resources.hosts import TOPIC as HOST_TOPIC
 from zwrm.control.resources.hosts import HostEntry
 from zwrm.control.resources.hosts import wire as host_wire
 from zwrm.control.resources.machines import TOPIC as MACHINE_TOPIC
+from zwrm.control.resources.machines import wire as machine_wire
 
 __all__ = ["HOST_TOPIC", "MACHINE_TOPIC", "HostEntry", "HostRegistry"]
 LIVE_MACHINE_STATES = ("running", "starting")
@@ -215,7 +216,7 @@ class HostRegistry:
         entry = self.entry(host_id)
         machines = await self.machines.find(host_id=host_id, order_by="id")
         result = self._summary(entry, self._clock.seconds(), {host_id: len(machines)})
-        result["machine_list"] = machines
+        result["machine_list"] = [machine_wire(m) for m in machines]
         result["stats"] = entry.stats
         result["events"] = await self._store.recent_events(host_id, events)
         return result
