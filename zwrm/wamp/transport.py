@@ -38,7 +38,7 @@ from twisted.protocols import policies
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from zwrm.wamp.wire import codec_for, to_message, unmask, ws_frame
+from zwrm.wamp.wire import codec_for, router_message, to_message, unmask, ws_frame
 
 log = Logger()
 
@@ -687,7 +687,7 @@ class MemoryTransportPair:
     def _send_list(self, side, m):
         codec = codec_for(self.serializer) if self.serializer is not None else None
         if codec is None:
-            self._send(side, to_message(m))
+            self._send(side, router_message(m))
             return
         try:
             payload = codec.dumps(m)

@@ -50,6 +50,41 @@ def to_message(m):
     return klass.parse(m)
 
 
+def _app_payload(rest):
+    """(args, kwargs, payload) from what follows a message's details."""
+    if not rest:
+        return None, None, None
+    first = rest[0]
+    if type(first) in (str, bytes):
+        return None, None, first
+    return first, (rest[1] if len(rest) > 1 else None), None
+
+
+def router_message(m):
+    """
+    The autobahn message object for a list the router built itself (in-process sessions
+    take objects): INVOCATION, RESULT, EVENT and PUBLISHED are made directly from their
+    fields, without re-checking what the router just wrote; others go through
+    L{to_message}.
+    """
+    kind = m[0]
+    if kind == 68:
+        args, kwargs, payload = _app_payload(m[4:])
+        return _Invocation(m[1], m[2], args, kwargs, payload, **m[3])
+    if kind == 50:
+        args, kwargs, payload = _app_payload(m[3:])
+        return _Result(m[1], args, kwargs, payload, **m[2])
+    if kind == 36:
+        args, kwargs, payload = _app_payload(m[4:])
+        return _Event(m[1], m[2], args, kwargs, payload, **m[3])
+    if kind == 17:
+        return _Published(m[1], m[2])
+    return to_message(m)
+
+
+_Invocation, _Result, _Event, _Published = (MESSAGE_CLASSES[k] for k in (68, 50, 36, 17))
+
+
 # --- JSON ----------------------------------------------------------------------------------
 
 
@@ -189,5 +224,5 @@ def unmask(payload, mask):
     return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
 
 
-__all__ = ["CODECS", "Codec", "MESSAGE_CLASSES", "codec_for", "json_dumps", "json_loads", "to_message",
-           "unmask", "ws_frame"]
+__all__ = ["CODECS", "Codec", "MESSAGE_CLASSES", "codec_for", "json_dumps", "json_loads", "router_message",
+           "to_message", "unmask", "ws_frame"]
