@@ -113,3 +113,18 @@ class FailedRequestTests(TestCase):
         status = await c.apps.scale("web", 1)
         self.assertEqual([x["state"] for x in status["machines"]], ["running"])
         self.assertNotEqual(status["machines"][0]["host_id"], m["host_id"])
+
+    @d
+    async def test_a_spec_that_cannot_be_stored_keeps_no_reservation(self):
+        c = await Cluster(self).start(hosts=("h-a",))
+        await c.apps.create_app("web")
+
+        async def broken(*args, **kwargs):
+            raise errors.Unavailable("the disk is full")
+
+        c.apps.data.apps.set_spec = broken
+        with self.assertRaises(errors.Unavailable):
+            await c.apps.deploy("web", c.spec(replicas=2))
+        self.assertEqual(c.apps.scheduler.placements(), [])
+        self.assertEqual(c.apps.scheduler.host("h-a").used_vcpus, 0)
+        self.assertEqual(await c.machines("web"), [])

@@ -527,10 +527,10 @@ class Apps:
                 self.release_placement(placement)
             self._give_back(lent)
             raise
-        if store_spec is not None:
-            await store_spec()
         stored = []
         try:
+            if store_spec is not None:
+                await store_spec()
             for replica, placement, volumes in planned:
                 stored.append(await self._store_replica(app, spec, replica, placement, volumes))
         except BaseException:
