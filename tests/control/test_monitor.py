@@ -48,3 +48,32 @@ class MonitorSurvivesFailuresTests(TestCase):
         await self._tick(clock, monitor, 5)
         self.assertEqual(reg.state("h1"), "offline")
         self.assertTrue(monitor._loop.running)
+
+    def test_a_failing_check_does_not_stop_the_monitor(self):
+        return ensureDeferred(self._failing_check())
+
+    async def _failing_check(self):
+        clock, store, reg, published = await make_registry(self)
+        await reg.join("h1", dict(FACTS, name="h1"))
+        await reg.register("h1", {})
+        clock.advance(0)
+        monitor = HealthMonitor(clock, reg, check_interval=5, offline_after=10, grace=0)
+        host_ids = reg.host_ids
+        failures = []
+
+        def flaky():
+            if clock.seconds() >= 15 and not failures:
+                failures.append(True)
+                raise RuntimeError("the registry is busy")
+            return host_ids()
+
+        reg.host_ids = flaky
+        monitor.startService()
+        self.addCleanup(monitor.stopService)
+        await self._tick(clock, monitor, 10)
+        await self._tick(clock, monitor, 5)  # stale; listing the hosts fails
+        self.assertEqual((failures, reg.state("h1")), ([True], "ready"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        await self._tick(clock, monitor, 5)
+        self.assertEqual(reg.state("h1"), "offline")
+        self.assertTrue(monitor._loop.running)

@@ -72,11 +72,16 @@ class HealthMonitor(TimerService):
         """
         Mark every stale host offline.
 
+        A check never fails: whatever goes wrong is logged and the check marks what it can
+        (a failed Deferred would stop the timer for good, and no host would ever be marked
+        offline again).
+
         @return: a Deferred firing with the list of host ids marked offline (a check
             that is still running from the last tick is not started twice).
         """
         if self._checking is None:
             d = Deferred.fromCoroutine(self._check())
+            d.addErrback(self._check_failed)
 
             def done(result):
                 self._checking = None
@@ -88,14 +93,18 @@ class HealthMonitor(TimerService):
             self._checking = d
         return _observe(self._checking)
 
+    def _check_failed(self, f):
+        self.log.failure("checking hosts' heartbeats", f)
+        return []
+
     async def _check(self):
         marked = []
         for host_id in self.stale_hosts():
-            # marking one host offline waits on the store: a host later in the list may
-            # have heartbeated (or registered again) in the meantime
-            if not self._stale(host_id, self.clock.seconds()):
-                continue
             try:
+                # marking one host offline waits on the store: a host later in the list may
+                # have heartbeated (or registered again, or gone) in the meantime
+                if not self._stale(host_id, self.clock.seconds()):
+                    continue
                 await self.registry.mark_offline(host_id)
                 marked.append(host_id)
             except Exception:
