@@ -24,6 +24,7 @@ from zwrm.control.api import AgentAPI, ControlSession, HostAPI
 from zwrm.control.apps import Apps
 from zwrm.control.auth import PEER_CERTIFICATE, ControlAuthenticator
 from zwrm.control.cluster import ClusterAPI
+from zwrm.control.console import ConsoleAPI
 from zwrm.control.drain import Drains
 from zwrm.control.images import ImageAPI
 from zwrm.control.monitor import HealthMonitor
@@ -96,7 +97,7 @@ class HealthResource(resource.Resource):
 
     def render_GET(self, request):
         request.setHeader(b"content-type", b"application/json")
-        ok = self.plane.ready
+        ok = self.plane.ready and self.plane.wamp_connected()
         request.setResponseCode(200 if ok else 503)
         return json.dumps({"ok": ok, "hosts": len(self.plane.registry or ())}).encode()
 
@@ -126,6 +127,9 @@ class MetricsResource(resource.Resource):
             lines.append(f"zwrm_wamp_calls_total {router.stats.calls}")
             lines.append("# TYPE zwrm_wamp_sessions_closed_total counter")
             lines.append(f"zwrm_wamp_sessions_closed_total {router.stats.sessions_closed}")
+        elif self.plane.external is not None:
+            lines.append("# TYPE zwrm_router_connected gauge")
+            lines.append(f"zwrm_router_connected {int(self.plane.wamp_connected())}")
         if self.plane.gc_policy is not None:
             lines += self.plane.gc_policy.metrics()
         return ("\n".join(lines) + "\n").encode()
@@ -238,6 +242,7 @@ class ControlPlane(service.MultiService):
             TokenAPI(self.pki),
             self.drains,
             ImageAPI(self.reactor, images.store, delete_enabled=images.delete_enabled),
+            ConsoleAPI(self.apps, self.registry),
             ClusterAPI(cfg.registry_url, cfg.console_url, cfg.router_realm),
         ] + self.apis
         if cfg.router_url:
@@ -266,7 +271,7 @@ class ControlPlane(service.MultiService):
         for description in cfg.listen:
             port = await self._listen(description, site)
             self.ports.append(port)
-            urls.append(_url_of(description, port))
+            urls.append(_url_of(description, port, http_only=self.router is None))
         write_private(os.path.join(data_dir, URL_FILE), "\n".join(urls) + "\n")
         self.ready = True
         self.log.info(
@@ -304,6 +309,12 @@ class ControlPlane(service.MultiService):
 
     def _router_session(self, session):
         self.session = session
+
+    def wamp_connected(self):
+        """Whether the control component is on its router (always, for the embedded one)."""
+        if self.router is not None:
+            return True
+        return self.session is not None and self.session.is_attached()
 
     def _listen(self, description, site):
         """
@@ -497,9 +508,15 @@ def _why(failure):
     return getattr(v, "message", None) or str(v) or repr(v)
 
 
-def _url_of(description, port):
+def _url_of(description, port, http_only=False):
+    """
+    The URL of a listener: C{ws(s)://.../ws}, C{rs(s)://...}; with C{http_only} (behind an
+    external router: no WAMP here) C{http(s)://...}.
+    """
     addr = port.getHost()
-    if description.startswith(RAWSOCKET_PREFIX):
+    if http_only:
+        scheme, path = ("https" if description.startswith("ssl:") else "http"), ""
+    elif description.startswith(RAWSOCKET_PREFIX):
         tls = description[len(RAWSOCKET_PREFIX):].startswith("ssl:")
         scheme, path = ("rss" if tls else "rs"), ""
     else:
