@@ -110,6 +110,8 @@ class MachineResourceTests(TestCase):
                          ["add", "apply_input", "registered", "set_credential"])
         self.assertIn("set_spec", update_methods(data.apps))
         self.assertIn("moved", update_methods(data.volumes))
+        self.assertEqual(update_methods(data.drains),
+                         ["add", "commit_volumes", "save_migration", "set_state"])
 
 
 class PlacementRequestTests(TestCase):
@@ -253,3 +255,69 @@ class AppSpecVersionTests(TestCase):
         self.assertEqual(list(db["app_specs"].rows),
                          [{"app_id": "a1", "version": 1, "spec": '{"replicas": 2}',
                            "created_at": 5.0}])
+
+
+class DrainResourceTests(TestCase):
+    async def started(self):
+        clock, store, data, published = await make_data(self)
+        await store.insert("volumes", {"id": "v1", "app_id": "a1", "host_id": "h-src",
+                                       "name": "data", "replica": 0, "size_mb": 8,
+                                       "mount": "/data", "state": "ready", "created_at": 0.0})
+        drain = {"id": "d1", "host_id": "h-src", "state": "running",
+                 "options": {"max_parallel": 1}, "created_at": 0.0, "updated_at": 0.0}
+        mg = {"id": "mg1", "drain_id": "d1", "machine_id": "m1", "source_host": "h-src",
+              "target_host": "h-dst", "phase": "planned", "bytes_sent": 0, "bytes_total": 0,
+              "error": None, "updated_at": 0.0, "detail": {"volumes": ["v1"]}}
+        await data.drains.add(drain, [mg], plan=[{"machine_id": "m1", "target": "h-dst"}])
+        return clock, store, data, published, drain, mg
+
+    @d
+    async def test_stored_then_announced(self):
+        clock, store, data, published, drain, mg = await self.started()
+        self.assertEqual(published[-1][1]["kind"], "started")
+        self.assertEqual(published[-1][1]["payload"]["plan"][0]["target"], "h-dst")
+        self.assertEqual((await data.drains.get("d1"))["options"], {"max_parallel": 1})
+        [stored] = await data.drains.migrations("d1")
+        self.assertEqual(stored["detail"], {"volumes": ["v1"]})
+
+        clock.advance(1)
+        await data.drains.save_migration(mg, phase="bulk_copying")
+        await data.drains.save_migration(mg, bytes_sent=10, detail={"volumes": ["v1"], "x": 1})
+        kinds = [e["kind"] for _, e in published]
+        self.assertEqual(kinds, ["started", "migration"])  # progress is not announced
+        e = published[-1][1]
+        self.assertEqual((e["payload"]["old"], e["payload"]["phase"], e["payload"]["target"]),
+                         ("planned", "bulk_copying", "h-dst"))
+        self.assertNotIn("detail", e["payload"])
+        [stored] = await data.drains.migrations("d1")
+        self.assertEqual((stored["bytes_sent"], stored["detail"]["x"]), (10, 1))
+
+        await data.drains.set_state(drain, "completed")
+        e = published[-1][1]
+        self.assertEqual((e["kind"], e["payload"]["old"], e["payload"]["state"]),
+                         ("state", "running", "completed"))
+        self.assertEqual((await data.drains.find(host_id="h-src"))[0]["state"], "completed")
+
+    @d
+    async def test_commit_moves_the_volumes_and_the_phase_together(self):
+        clock, store, data, published, drain, mg = await self.started()
+        seen = StoredThenPublished(store, "volumes")
+        data.volumes.subscribe(seen)
+        await data.drains.commit_volumes(mg, ["v1"])
+        self.assertEqual((await store.get("volumes", "v1"))["host_id"], "h-dst")
+        self.assertEqual((await data.drains.migrations("d1"))[0]["phase"], "committing")
+        kinds = [(t, e["kind"]) for t, e in published]
+        self.assertEqual(kinds[-2:], [("zwrm.event.drain", "migration"),
+                                      ("zwrm.event.machine", "volume_moved")])
+        self.assertEqual(published[-1][1]["payload"]["from"], "h-src")
+        self.assertEqual((await seen.rows[0])["host_id"], "h-dst")
+
+    @d
+    async def test_a_commit_that_fails_moves_nothing(self):
+        clock, store, data, published, drain, mg = await self.started()
+        with self.assertRaises(errors.NotFound):
+            await data.drains.commit_volumes(mg, ["v1", "v-gone"])
+        self.assertEqual((await store.get("volumes", "v1"))["host_id"], "h-src")
+        self.assertEqual((await data.drains.migrations("d1"))[0]["phase"], "planned")
+        self.assertEqual(mg["phase"], "planned")
+        self.assertEqual([e["kind"] for _, e in published], ["started"])

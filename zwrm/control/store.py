@@ -25,7 +25,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from zwrm import errors
-from zwrm.control.resources import apps, hosts, machines, volumes
+from zwrm.control.resources import apps, drains, hosts, machines, volumes
 
 
 def hash_secret(secret):
@@ -48,32 +48,7 @@ def _v1(db):
     apps.schema_v1(db)
     machines.schema_v1(db)
     volumes.schema_v1(db)
-    db["drains"].create(
-        {
-            "id": str,
-            "host_id": str,
-            "state": str,
-            "options": str,
-            "created_at": float,
-            "updated_at": float,
-        },
-        pk="id",
-    )
-    db["migrations"].create(
-        {
-            "id": str,
-            "drain_id": str,
-            "machine_id": str,
-            "source_host": str,
-            "target_host": str,
-            "phase": str,
-            "bytes_sent": int,
-            "bytes_total": int,
-            "error": str,
-            "updated_at": float,
-        },
-        pk="id",
-    )
+    drains.schema_v1(db)
     db["tokens"].create(
         {
             "id": str,
@@ -104,7 +79,7 @@ def _v3(db):
     Schema version 3: what a drain's migration must remember to resume after a restart
     (replacement machine, transfer tokens, timings), as JSON text (L{zwrm.control.drain}).
     """
-    db["migrations"].add_column("detail", str)
+    drains.schema_v3(db)
 
 
 def _v4(db):
@@ -134,7 +109,7 @@ JSON_COLUMNS = {
     apps.TABLE: apps.JSON_COLUMNS,
     apps.SPECS_TABLE: apps.SPECS_JSON_COLUMNS,
     machines.TABLE: machines.JSON_COLUMNS,
-    "drains": ("options",),
+    drains.TABLE: drains.JSON_COLUMNS,
     "events": ("payload",),
 }
 

@@ -2,7 +2,7 @@
 The control plane's resource layer, in the style of Buildbot's data API
 (C{master/buildbot/data/base.py}: C{ResourceType}, C{updateMethod}, C{produceEvent}).
 
-One module per resource (L{hosts}, L{apps}, L{machines}, L{volumes}) owns:
+One module per resource (L{hosts}, L{apps}, L{machines}, L{volumes}, L{drains}) owns:
 
  - its rows in the store (nobody else writes them);
  - the one translation between a row and the dict that goes on the wire (C{wire});
@@ -106,6 +106,7 @@ class Data:
     @ivar machines: the L{zwrm.control.resources.machines.Machines}.
     @ivar volumes: the L{zwrm.control.resources.volumes.Volumes}.
     @ivar apps: the L{zwrm.control.resources.apps.Apps}.
+    @ivar drains: the L{zwrm.control.resources.drains.Drains} (drains and migrations).
     """
 
     def __init__(self, clock, store, publish):
@@ -113,6 +114,7 @@ class Data:
         @param publish: C{publish(topic, event)}, called after each stored event.
         """
         from zwrm.control.resources.apps import Apps
+        from zwrm.control.resources.drains import Drains
         from zwrm.control.resources.hosts import Hosts
         from zwrm.control.resources.machines import Machines
         from zwrm.control.resources.volumes import Volumes
@@ -122,3 +124,4 @@ class Data:
         self.machines = Machines(clock, store, publish)
         self.volumes = Volumes(clock, store, publish)
         self.apps = Apps(clock, store, publish)
+        self.drains = Drains(clock, store, publish, volumes=self.volumes)

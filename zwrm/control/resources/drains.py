@@ -1,0 +1,223 @@
+"""
+The drains resource: the C{drains} and C{migrations} tables, their wire forms and their
+update methods, for the drain runner (L{zwrm.control.drain}).
+
+A drain row: C{id, host_id, state, options (JSON), created_at, updated_at}.  A migration
+row: C{id, drain_id, machine_id, source_host, target_host, phase, bytes_sent, bytes_total,
+error, updated_at, detail} where C{detail} is JSON text of what the migration must remember
+to resume (the runner's own keys: replacement, tokens, volumes, leftovers, ...).
+
+Events (C{zwrm.event.drain}):
+
+ - C{started}: a drain and its planned migrations were stored; the payload is the drain's
+   wire form with C{drain_id}, C{reason} and C{plan};
+ - C{state}: the drain's state changed; the drain's wire form with C{drain_id}, C{old},
+   C{reason};
+ - C{migration}: a migration's phase changed; the migration's wire form (without its
+   detail) with C{migration_id}, C{old} (the phase before), C{reason}, and C{target}.
+
+Committing a migration moves its volumes to the target and stores its phase in one
+transaction (L{Drains.commit_volumes}); the volumes resource then announces each move
+(C{volume_moved} on C{zwrm.event.machine}).
+
+Not yet used by L{zwrm.control.drain}, which still writes these rows itself: its owner
+switches to these update methods (see docs/architecture.md).
+"""
+
+import json
+
+from zwrm import errors
+from zwrm.control.resources import Resource, update_method
+
+TOPIC = "zwrm.event.drain"
+TABLE = "drains"
+JSON_COLUMNS = ("options",)
+"""Columns of C{drains} stored as JSON text (the store encodes and decodes them)."""
+MIGRATIONS_TABLE = "migrations"
+
+MIGRATION_FIELDS = ("id", "drain_id", "machine_id", "source_host", "target_host", "phase",
+                    "bytes_sent", "bytes_total", "error", "updated_at")
+
+
+def schema_v1(db):
+    """The C{drains} and C{migrations} tables, as schema version 1 made them."""
+    db["drains"].create(
+        {
+            "id": str,
+            "host_id": str,
+            "state": str,
+            "options": str,
+            "created_at": float,
+            "updated_at": float,
+        },
+        pk="id",
+    )
+    db["migrations"].create(
+        {
+            "id": str,
+            "drain_id": str,
+            "machine_id": str,
+            "source_host": str,
+            "target_host": str,
+            "phase": str,
+            "bytes_sent": int,
+            "bytes_total": int,
+            "error": str,
+            "updated_at": float,
+        },
+        pk="id",
+    )
+
+
+def schema_v3(db):
+    """
+    Schema version 3: what a drain's migration must remember to resume after a restart
+    (replacement machine, transfer tokens, timings), as JSON text.
+    """
+    db["migrations"].add_column("detail", str)
+
+
+def wire(row):
+    """The wire form of a drain: C{id, host_id, state, options, created_at, updated_at}."""
+    return {"id": row["id"], "host_id": row.get("host_id"), "state": row.get("state"),
+            "options": row.get("options") or {}, "created_at": row.get("created_at"),
+            "updated_at": row.get("updated_at")}
+
+
+def migration_wire(row):
+    """The wire form of a migration: its row without C{detail}."""
+    return {k: row.get(k) for k in MIGRATION_FIELDS}
+
+
+def _decoded(row):
+    row = dict(row)
+    detail = row.get("detail")
+    row["detail"] = json.loads(detail) if isinstance(detail, str) and detail else (detail or {})
+    return row
+
+
+class Drains(Resource):
+    """Drains and their migrations: rows, update methods, events."""
+
+    topic = TOPIC
+
+    def __init__(self, clock, store, publish, volumes=None):
+        """
+        @param volumes: the L{zwrm.control.resources.volumes.Volumes} that announces the
+            volumes a commit moved.
+        """
+        Resource.__init__(self, clock, store, publish)
+        self._volumes = volumes
+
+    # -- reads ------------------------------------------------------------------------
+
+    def get(self, drain_id):
+        """The drain row C{drain_id}, or L{None} (a Deferred)."""
+        return self._store.get(TABLE, drain_id)
+
+    def find(self, host_id=None, states=None, order_by=None):
+        """The drain rows matching every criterion given (a Deferred)."""
+        where, args = [], []
+        if host_id is not None:
+            where.append("host_id = ?")
+            args.append(host_id)
+        if states is not None:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args.extend(states)
+        return self._store.select(TABLE, " AND ".join(where) or None, args, order_by=order_by)
+
+    async def migrations(self, drain_id):
+        """The migrations of C{drain_id}, their C{detail} decoded."""
+        rows = await self._store.select(MIGRATIONS_TABLE, "drain_id = ?", [drain_id],
+                                        order_by="rowid")
+        return [_decoded(r) for r in rows]
+
+    # -- update methods ---------------------------------------------------------------
+
+    @update_method
+    async def add(self, row, migrations, plan=()):
+        """
+        Store a new drain and its migrations (C{detail} a dict) in one transaction; event
+        C{started} (with the C{plan}).
+        """
+        drain = dict(row, options=json.dumps(row.get("options") or {}, sort_keys=True))
+        rows = [dict(m, detail=json.dumps(m.get("detail") or {}, sort_keys=True))
+                for m in migrations]
+
+        def store(db):
+            with db.conn:
+                db.conn.execute("BEGIN")
+                db[TABLE].insert(drain)
+                for m in rows:
+                    db[MIGRATIONS_TABLE].insert(m)
+
+        await self._store.run(store)
+        payload = dict(wire(row), drain_id=row["id"], reason="started", plan=list(plan))
+        await self.produce_event("started", row["id"], payload)
+        return row
+
+    @update_method
+    async def set_state(self, row, state, reason=None):
+        """Store the drain's new C{state} (C{row} is updated in place); event C{state}."""
+        old = row.get("state")
+        fields = {"state": state, "updated_at": self._clock.seconds()}
+        await self._store.update(TABLE, row["id"], fields)
+        row.update(fields)
+        payload = dict(wire(row), drain_id=row["id"], old=old, reason=reason or state)
+        await self.produce_event("state", row["id"], payload)
+        return row
+
+    @update_method
+    async def save_migration(self, row, reason=None, **fields):
+        """
+        Store C{fields} of the migration C{row} (C{detail} as a dict; C{row} is updated in
+        place).  A change of C{phase} is announced (event C{migration}); progress, errors
+        and detail are not.
+        """
+        old = row.get("phase")
+        fields["updated_at"] = self._clock.seconds()
+        stored = dict(fields)
+        if "detail" in stored:
+            stored["detail"] = json.dumps(stored["detail"] or {}, sort_keys=True)
+        await self._store.update(MIGRATIONS_TABLE, row["id"], stored)
+        row.update(fields)
+        if "phase" in fields and fields["phase"] != old:
+            await self._announce_phase(row, old, reason)
+        return row
+
+    @update_method
+    async def commit_volumes(self, row, volume_ids, reason="committed"):
+        """
+        Move C{volume_ids} to the migration's target and store its phase C{committing},
+        in one transaction; then announce the phase (C{migration}) and each volume's move
+        (C{volume_moved}, by the volumes resource).
+
+        @raise zwrm.errors.NotFound: a volume has no row.
+        """
+        target, source = row["target_host"], row["source_host"]
+        now = self._clock.seconds()
+
+        def commit(db):
+            with db.conn:
+                db.conn.execute("BEGIN")
+                for vid in volume_ids:
+                    if db.execute("SELECT 1 FROM volumes WHERE id = ?", [vid]).fetchone() is None:
+                        raise errors.NotFound(f"no volume {vid!r}")
+                    db["volumes"].update(vid, {"host_id": target})
+                db[MIGRATIONS_TABLE].update(row["id"], {"phase": "committing",
+                                                        "updated_at": now})
+
+        old = row.get("phase")
+        await self._store.run(commit)
+        row.update(phase="committing", updated_at=now)
+        if old != "committing":
+            await self._announce_phase(row, old, reason)
+        if self._volumes is not None:
+            for vid in volume_ids:
+                await self._volumes.moved(vid, source)
+        return row
+
+    async def _announce_phase(self, row, old, reason):
+        payload = dict(migration_wire(row), migration_id=row["id"], old=old,
+                       reason=reason, target=row.get("target_host"))
+        return await self.produce_event("migration", row["id"], payload)
