@@ -45,10 +45,13 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 def worker(args):
     from autobahn.twisted.wamp import ApplicationSession
-    from autobahn.twisted.websocket import WampWebSocketClientFactory
     from autobahn.wamp.serializer import MsgPackSerializer
     from autobahn.wamp.types import ComponentConfig
     from twisted.internet import defer, endpoints, reactor, task
+
+    # zwrm's client factory: autobahn's, without its per-message log formatting, so that the
+    # simulated agents cost less of the machine the control plane shares with them
+    from zwrm.wamp.transport import WampWebSocketClientFactory
 
     creds = json.loads(sys.stdin.readline())
     latencies = []
