@@ -91,6 +91,9 @@ class BuiltPackagesTests(SynchronousTestCase):
 
     def test_cli_and_services(self):
         self.assertEqual(os.readlink(self.path("usr/bin/zwrm")), f"{VENV}/bin/zwrm")
+        # zwrm-control backup / restore (docs/install.md, "Back up the control plane")
+        self.assertEqual(os.readlink(self.path("usr/bin/zwrm-control")), f"{VENV}/bin/zwrm-control")
+        self.assertTrue(os.path.exists(self.path("opt/zwrm/venv/bin/zwrm-control")))
         with open(self.path("opt/zwrm/venv/bin/zwrm")) as f:
             self.assertEqual(f.readline().strip(), f"#!{VENV}/bin/python")
         for unit in UNITS:
