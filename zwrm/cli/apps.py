@@ -105,6 +105,8 @@ def register(subparsers):
     p = subparsers.add_parser("logs", help="a machine's serial console")
     p.add_argument("machine_id")
     p.add_argument("--bytes", type=int, default=65536, help="at most this many (the tail)")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="then follow the console as the guest writes (until Ctrl-C)")
     p.set_defaults(func=logs)
 
     volumes = subparsers.add_parser("volumes", help="local volumes of apps")
@@ -351,6 +353,10 @@ async def logs(reactor, args, out=None):
     out = out or sys.stdout
     if args.bytes < 1:
         raise CliError("--bytes must be at least 1", EXIT_USAGE)
+    if getattr(args, "follow", False):
+        from zwrm.cli.console import follow
+
+        return await follow(reactor, args, out)
     text = await _with_session(reactor, args, "zwrm.machine.logs", args.machine_id, args.bytes)
     out.write(text if isinstance(text, str) else json.dumps(text))
 

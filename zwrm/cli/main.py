@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "zwrm.cli.apps",
     "zwrm.cli.tokens",
     "zwrm.cli.images",
+    "zwrm.cli.console",
 ]
 
 
@@ -70,6 +71,8 @@ def _following(args):
         return not (getattr(args, "detach", False) or getattr(args, "dry_run", False))
     if name == "host_drain_status":
         return bool(getattr(args, "watch", False))
+    if name == "console" or (name == "logs" and getattr(args, "follow", False)):
+        return True  # until detached, or the console closes
     return getattr(args, "images_command", None) == "push"
 
 
