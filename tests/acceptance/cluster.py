@@ -59,13 +59,9 @@ def poll(check, timeout, interval=0.5, what="condition"):
     deadline = time.monotonic() + timeout
     last = None
     while True:
-        try:
-            last = check()
-        except StepFailed as e:
-            last = e
-        else:
-            if last:
-                return last
+        last = check()
+        if last:
+            return last
         if time.monotonic() >= deadline:
             raise StepFailed(f"{what}: not within {timeout}s (last: {last})")
         time.sleep(interval)
@@ -116,15 +112,27 @@ class Unit:
 class Service:
     """One service started from its unit inside a host (see L{Cluster.start})."""
 
-    def __init__(self, host, unit, process, log_path):
+    def __init__(self, host, unit, process, log_path, log_offset=0):
         self.host = host
         self.unit = unit
         self.process = process
         self.log_path = log_path
+        self.log_offset = log_offset  # where this start's output begins in the log
 
     @property
     def running(self):
         return self.process.poll() is None
+
+    def check(self):
+        """L{StepFailed} if the service exited or logged that it could not start."""
+        if not self.running:
+            raise StepFailed(f"{self.unit.name} on {self.host} exited "
+                             f"({self.process.returncode})")
+        with open(self.log_path, "rb") as f:
+            f.seek(self.log_offset)
+            for line in f.read().decode(errors="replace").splitlines():
+                if "could not start" in line:
+                    raise StepFailed(f"{self.unit.name} on {self.host}: {line}")
 
     def stop(self, timeout=30):
         """SIGTERM (as systemctl stop), then SIGKILL after C{timeout} seconds."""
@@ -205,7 +213,7 @@ class Cluster:
                      if subprocess.run(["dpkg-query", "-W", "-f=${Status}", p], capture_output=True,
                                        text=True).stdout.startswith("install ok")]
         if installed:
-            r = subprocess.run(["apt-get", "purge", "-y", "-qq", *installed], capture_output=True,
+            r = subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=300", "purge", "-y", "-qq", *installed], capture_output=True,
                                text=True, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
             if r.returncode != 0:
                 raise StepFailed(f"apt-get purge {installed}: {r.stdout}{r.stderr}")
@@ -252,12 +260,13 @@ class Cluster:
                "LOGNAME": user, **unit.environment}
         log_path = os.path.join(self.logs, f"{host}-{unit_name}.log")
         log = open(log_path, "ab")  # noqa: SIM115 - kept open for the process
+        offset = log.tell()
         log.write(f"--- started {time.strftime('%H:%M:%S')}: {' '.join(argv)}\n".encode())
         log.flush()
         process = self.net.spawn(host, argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                  stdin=subprocess.DEVNULL)
         log.close()
-        service = Service(host, unit, process, log_path)
+        service = Service(host, unit, process, log_path, offset)
         self.services[(host, unit_name)] = service
         return service
 
@@ -269,8 +278,7 @@ class Cluster:
         token = self.host_dir("cp", "lib", "control", "operator.token")
 
         def listening():
-            if not self.control.running:
-                raise StepFailed(f"zwrm-control exited ({self.control.process.returncode})")
+            self.control.check()
             return os.path.exists(token) and self.cli_on_cp("host", "list", ok=(0, 3, 8)).returncode == 0
 
         poll(listening, 90, what="the control plane answers `zwrm host list` on its host")
@@ -302,8 +310,7 @@ class Cluster:
 
         def ready():
             for service in self.agents.values():
-                if not service.running:
-                    raise StepFailed(f"{service.unit.name} on {service.host} exited")
+                service.check()
             hosts = self.host_list()
             by_name = {h["name"]: h for h in hosts}
             if all(by_name.get(a, {}).get("state") == "ready" for a in AGENTS):

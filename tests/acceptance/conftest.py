@@ -1,5 +1,5 @@
 """
-The acceptance suite's shared, session-scoped cluster (tests/acceptance/cluster.py).
+The acceptance suite's shared cluster (one per run of this package) (tests/acceptance/cluster.py).
 
 Steps are modules run in name order (test_10_install.py, test_20_deploy.py, ...), each
 using the one C{cluster}; a later issue adds its own module (and may read what earlier
@@ -16,8 +16,10 @@ from tests.acceptance.cluster import Cluster, make_run_dir
 _cluster = {}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cluster():
+    # Package scope: torn down (services stopped, namespaces removed, packages purged) as soon
+    # as the acceptance steps are done, before tests/packaging installs the packages itself.
     if os.geteuid() != 0:
         pytest.skip("the acceptance suite needs root (network namespaces, packages)")
     c = Cluster(make_run_dir())

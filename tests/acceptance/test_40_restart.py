@@ -22,6 +22,7 @@ def test_control_plane_restart_loses_nothing(cluster):
         cluster.restart("cp", "zwrm-control.service")
 
         def ready():
+            cluster.control.check()
             r = cluster.cli_on_cp("host", "list", "--json", ok=(0, 3, 8))
             if r.returncode != 0:
                 return False
