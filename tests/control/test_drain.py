@@ -830,6 +830,35 @@ class DrainRunTests(TestCase):
         await self.until(c, one_copy, "the replacement stopped on its host's return")
 
     @d
+    async def test_failed_says_where_the_machine_runs(self):
+        """
+        A rollback that fails is C{failed}; drain-status then says where the machine is
+        and in what state (here: running fine on the source), and that the host stays
+        draining.
+        """
+        c = await DrainCluster(self).start()
+        m = await self.deploy(c)
+        src = m["host_id"]
+        _, procs = c.executors[src]
+
+        def stream_breaks(*a, **kw):
+            raise errors.Unavailable("the stream broke")
+
+        def status_fails(*a, **kw):
+            raise errors.Internal("the agent could not say")
+
+        procs["volume.send"] = stream_breaks
+        procs["machine.status"] = status_fails
+        _, status = await self.drain(c, src)
+        mg = status["migrations"][0]
+        self.assertEqual((status["state"], status["host_state"], mg["phase"]),
+                         ("incomplete", "draining", "failed"))
+        self.assertIn("the agent could not say", mg["error"])
+        self.assertIn(f"machine {m['id']} is running on {src}", mg["error"])
+        self.assertEqual(mg["original_state"], {"host_id": src, "state": "running",
+                                                "health": mg["original_state"]["health"]})
+
+    @d
     async def test_copy_left_on_an_unreachable_target_is_deleted_when_it_returns(self):
         """
         The target is lost after the verified copy was committed there: the rollback starts
