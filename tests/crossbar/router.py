@@ -63,7 +63,7 @@ def ensure_crossbar(log=sys.stderr, timeout=900):
     if _installed(venv) == CROSSBAR_VERSION:
         return exe
     log.write(f"installing Crossbar.io {CROSSBAR_VERSION} in {venv} (once; cached)\n")
-    steps = [[sys.executable if sys.version_info >= (3, 11) else "python3", "-m", "venv", venv],
+    steps = [[_base_python(), "-m", "venv", venv],
              [os.path.join(venv, "bin", "pip"), "install", "-q", "--upgrade", "pip"],
              [os.path.join(venv, "bin", "pip"), "install", "-q", f"crossbar=={CROSSBAR_VERSION}"]]
     if os.path.exists(os.path.join(venv, "bin", "pip")):
@@ -71,8 +71,6 @@ def ensure_crossbar(log=sys.stderr, timeout=900):
     for argv in steps:
         # the virtualenv must not inherit ours (a test run's sys.executable is .venv's python)
         env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-        if argv[0] == sys.executable:
-            argv = [_base_python()] + argv[1:]
         r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
         if r.returncode != 0:
             tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
@@ -83,7 +81,7 @@ def ensure_crossbar(log=sys.stderr, timeout=900):
 
 
 def _base_python():
-    """The interpreter our virtualenv was made from (a venv is made from a real python)."""
+    """The interpreter ours was made from, if ours is a virtualenv's (a venv needs a real one)."""
     return getattr(sys, "_base_executable", None) or sys.executable
 
 

@@ -1,0 +1,204 @@
+"""
+zwrm behind Crossbar.io, end to end, every part a real process: Crossbar.io 26.10.1 (in its
+own cached virtualenv, tests/crossbar/router.py) running the sample configuration of
+docs/wamp-clients.md as it is written (only its ports changed); a C{zwrm-control} with
+C{router_url} (no WAMP listener of its own: HTTP only, for the registry); two
+C{zwrm-agent}s and the C{zwrm} CLI connected to Crossbar only.
+
+The acceptance path through it: join, host list, image push and list (the CLI learns the
+registry's address from C{zwrm.cluster.info}), deploy with a volume (the agent pulls the
+image from the registry_url it learnt: Crossbar's port serves no registry), a host going
+offline (SIGSTOP) and coming back (its session ended by C{wamp.session.kill_by_authid}
+through Crossbar), a drain that moves the machine and its volume to the other host.
+"""
+
+import json
+import os
+
+import pytest
+import treq
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from tests.crossbar.router import CONTROL_TICKET_ENV, configure, ensure_crossbar, sample_config
+from zwrm.testing.processes import (
+    AgentProcess,
+    ControlPlaneProcess,
+    ZwrmProcess,
+    _Collect,
+    free_port,
+    poll,
+    run_cli,
+    temp_dir,
+)
+
+TICKET = "the-control-components-ticket"
+
+
+class CrossbarProcess(ZwrmProcess):
+    """C{crossbar start} with the docs' configuration on two free loopback ports."""
+
+    def __init__(self, reactor, data_dir, executable):
+        ZwrmProcess.__init__(self, reactor, data_dir)
+        self.executable = executable
+        self.client_port, self.control_port = free_port(), free_port()
+        self.client_url = f"ws://127.0.0.1:{self.client_port}/ws"
+        self.control_url = f"ws://127.0.0.1:{self.control_port}/ws"
+
+    def argv(self):
+        cbdir = os.path.join(self.data_dir, ".crossbar")
+        os.makedirs(cbdir, exist_ok=True)
+        with open(os.path.join(cbdir, "config.json"), "w") as f:
+            json.dump(configure(sample_config(), self.client_port, self.control_port), f)
+        return [self.executable, "start", "--cbdir", cbdir, "--loglevel", "info"]
+
+    def spawn(self):
+        os.makedirs(self.data_dir, exist_ok=True)
+        self._proto = _Collect(self.log_path)
+        argv = self.argv()
+        env = dict(os.environ, **{CONTROL_TICKET_ENV: TICKET})
+        self._transport = self.reactor.spawnProcess(self._proto, argv[0], argv, env=env,
+                                                    path=self.data_dir)
+
+    async def start(self, timeout=240):
+        """Start and wait (Crossbar starts slowly on a loaded machine) until both ports listen."""
+        self.spawn()
+        for port in (self.client_port, self.control_port):
+            async def listening(port=port):
+                if not self.running:
+                    raise RuntimeError(f"crossbar exited:\n{self.log_tail()}")
+                return await _connects(port)
+
+            await poll(self.reactor, listening, timeout, interval=0.5,
+                       what=f"crossbar listening on {port}")
+        return self
+
+
+async def _connects(port):
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+
+    try:
+        p = await TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=2).connect(
+            protocol.Factory.forProtocol(protocol.Protocol))
+    except Exception:
+        return False
+    p.transport.loseConnection()
+    return True
+
+
+@pytest.mark.qemu
+@pytest.mark.multihost
+class BehindCrossbarTests(TestCase):
+    timeout = 900
+
+    def test_acceptance_path(self):
+        return defer.ensureDeferred(self._scenario())
+
+    async def cli(self, *args, timeout=60, ok=(0,)):
+        code, out, err = await run_cli(reactor, list(args), self.url, self.token,
+                                       timeout=timeout)
+        self.assertIn(code, ok, f"zwrm {' '.join(args)} failed ({code}): {out} {err}")
+        self.assertNotIn("Traceback", err)
+        return out
+
+    async def hosts(self):
+        return {h["id"]: h for h in json.loads(await self.cli("host", "list", "--json"))}
+
+    async def _scenario(self):
+        from zwrm.testing import image
+
+        executable = await deferToThread(ensure_crossbar)
+        img = await deferToThread(image.build)
+        tmp = temp_dir(self)
+
+        cb = CrossbarProcess(reactor, f"{tmp}/crossbar", executable)
+        self.addCleanup(cb.stop)
+        await cb.start()
+
+        http_port = free_port()
+        with open(f"{tmp}/router.ticket", "w") as f:
+            f.write(TICKET + "\n")
+        with open(f"{tmp}/control.toml", "w") as f:
+            f.write(f'[control]\nrouter_url = "{cb.control_url}"\n'
+                    f'router_ticket_file = "{tmp}/router.ticket"\n'
+                    f'registry_url = "http://127.0.0.1:{http_port}"\n')
+        cp = ControlPlaneProcess(reactor, f"{tmp}/cp", port=http_port, heartbeat_interval=1.0,
+                                 check_interval=1.0, offline_after=4.0, grace=4.0,
+                                 extra_args=["--config", f"{tmp}/control.toml"])
+        self.addCleanup(cp.stop)
+        await cp.start(timeout=120)
+        with open(f"{tmp}/cp/control.url") as f:
+            self.assertEqual(f.read().split(), [f"http://127.0.0.1:{http_port}"])
+        # no WAMP here: the HTTP listener has no /ws
+        r = await treq.get(f"http://127.0.0.1:{http_port}/ws", persistent=False)
+        self.assertEqual(r.code, 404)
+        await r.content()
+        self.url, self.token = cb.client_url, cp.operator_token
+
+        # join: two agents that know only Crossbar's URL
+        agents = [AgentProcess(reactor, f"{tmp}/a{i}", cb.client_url, cp.join_token,
+                               name=f"a{i}", extra_args=["--accel", "tcg"]) for i in (1, 2)]
+        for a in agents:
+            self.addCleanup(a.stop)
+            await a.start()
+        by_id = {a.host_id: a for a in agents}
+
+        async def all_ready():
+            hosts = await self.hosts()
+            return sorted(hosts) == sorted(by_id) and all(
+                h["state"] == "ready" for h in hosts.values())
+
+        await poll(reactor, all_ready, 90, interval=1.0, what="both agents ready via Crossbar")
+
+        # image push and list (bulk bytes to registry_url, learnt from zwrm.cluster.info)
+        await self.cli("images", "push", "demo:1", "--kernel", img.kernel, "--initrd",
+                       img.initrd, "--cmdline", img.cmdline, "--port", "8080", "-q",
+                       timeout=180)
+        self.assertIn("demo:1", await self.cli("images", "list"))
+
+        # deploy (the agent pulls the image from registry_url)
+        await self.cli("apps", "create", "web")
+        app = json.loads(await self.cli(
+            "deploy", "web", "--image", "demo:1", "--replicas", "1", "--memory", "256",
+            "--port", "8080", "--health-http", "/", "--health-grace", "240",
+            "--volume", "data:16:/data", "--wait", "300", "--json", timeout=330))
+        [m] = app["machines"]
+        self.assertEqual((m["state"], m["health"]), ("running", "passing"))
+        src = m["host_id"]
+        dst = next(h for h in by_id if h != src)
+        known = b"written before the drain " * 8
+        r = await treq.post(f"http://127.0.0.1:{m['host_port']}/cgi-bin/write?index.txt", known,
+                            persistent=False)
+        self.assertEqual(r.code, 200, await r.text())
+
+        # a host goes offline (frozen) and comes back; its session is ended through Crossbar
+        by_id[dst].freeze()
+        try:
+            async def offline():
+                return (await self.hosts())[dst]["state"] == "offline"
+
+            await poll(reactor, offline, 60, interval=1.0, what=f"{dst} offline")
+        finally:
+            by_id[dst].thaw()
+
+        async def back():
+            return (await self.hosts())[dst]["state"] == "ready"
+
+        await poll(reactor, back, 60, interval=1.0, what=f"{dst} ready again")
+        self.assertIn("wamp.close.killed", by_id[dst].log_tail(400))
+
+        # a drain: the machine and its volume move to the other host
+        out = await self.cli("host", "drain", src, "--min-healthy", "3s",
+                             "--healthy-deadline", "300s", "--json", timeout=500)
+        status = json.loads(out)
+        self.assertEqual(status["state"], "completed", status)
+        app = json.loads(await self.cli("status", "web", "--json"))
+        [new] = app["machines"]
+        self.assertEqual((new["host_id"], new["state"], new["health"]),
+                         (dst, "running", "passing"))
+        page = await (await treq.get(f"http://127.0.0.1:{new['host_port']}/", persistent=False)).text()
+        self.assertIn(known.decode(), page)
+        hosts = await self.hosts()
+        self.assertEqual((hosts[src]["state"], hosts[src]["machines"]), ("drained", 0))
+        self.assertNotIn("Traceback", cp.log_tail(2000))
