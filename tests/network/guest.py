@@ -96,16 +96,16 @@ def probe_script(targets, tries=1, delay=1):
     """
     A guest script that tries a TCP connection to each C{(label, host, port)} and prints
     C{probe LABEL reached} or C{probe LABEL blocked}, then C{probe done}.  Each target is
-    tried up to C{tries} times (C{delay} seconds apart) until it is reached.
+    tried up to C{tries} times (C{delay} seconds apart) until it is reached.  Compact: the
+    kernel command line holds at most 2048 bytes.
     """
-    lines = [f"sleep {delay}"]
-    for label, host, port in targets:
-        lines.append(
-            f'r=blocked; n=0; while [ $n -lt {tries} ]; do '
-            f'if echo | nc -w 3 {host} {port} >/dev/null 2>&1; then r=reached; break; fi; '
-            f'n=$((n+1)); sleep {delay}; done; echo "probe {label} $r"')
-    lines.append('echo "probe done"')
-    return "\n".join(lines) + "\n"
+    items = " ".join(f"{label}:{host}:{port}" for label, host, port in targets)
+    return (f"sleep {delay}\n"
+            f"for t in {items}; do l=${{t%%:*}}; r=${{t#*:}}; h=${{r%:*}}; p=${{r#*:}}; "
+            f"x=blocked; n=0; while [ $n -lt {tries} ]; do "
+            f"if echo | nc -w 3 $h $p >/dev/null 2>&1; then x=reached; break; fi; "
+            f"n=$((n+1)); sleep {delay}; done; echo \"probe $l $x\"; done\n"
+            "echo \"probe done\"\n")
 
 
 def probe_results(console):

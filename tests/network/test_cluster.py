@@ -1,0 +1,272 @@
+"""
+The cluster network end to end: a control plane and two agents with C{--network bridge},
+each in its own network namespace, real guests, the CLI and the apps' users in a fourth.
+
+ - two replicas of one app, one per host, find each other by DNS and talk over the overlay;
+ - a VM of another app reaches neither of them, nor any host's services or loopback;
+ - a client reaches the app through either host's published port, and keeps getting
+   answers (failed requests counted: goal zero) while one replica is killed.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+
+import pytest
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from tests.network import guest
+from zwrm.testing.netns import TestNetwork
+from zwrm.testing.processes import (
+    ZWRM,
+    AgentProcess,
+    ControlPlaneProcess,
+    free_port,
+    kill_machines_under,
+    poll,
+)
+
+SERVICE = 8999  # a service listening on every address of each agent's host
+
+WEB_PROBE = """nc -ll -p 9090 -e echo web-private </dev/null >/dev/null 2>&1 &
+sleep 2
+n=0
+while [ $n -lt 120 ]; do
+  A=$(nslookup web.zwrm.internal 2>/dev/null | grep -A9 '^Name:' | grep '^Address' | awk '{print $NF}' | sort | tr '\\n' ' ')
+  [ $(echo $A | wc -w) -ge 2 ] && break
+  n=$((n+1)); sleep 1
+done
+echo "probe dns $(echo $A | wc -w)"
+for a in $A; do
+  if echo | nc -w 3 $a 9090 >/dev/null 2>&1; then echo "probe peer-$a reached"; else echo "probe peer-$a blocked"; fi
+done
+echo "probe done"
+"""
+
+
+class _InNamespace:
+    """Mix-in: the process runs inside test host C{self.host} of C{self.net}."""
+
+    def argv(self):
+        return self.net.argv(self.host, super().argv())
+
+
+class _ControlPlane(_InNamespace, ControlPlaneProcess):
+    def __init__(self, net, data_dir, **kw):
+        self.net, self.host = net, "cp"
+        address = net.address("cp")
+        port = free_port()
+        super().__init__(reactor, data_dir, port=port, extra_args=[
+            "--insecure-listen"], **kw)
+        self.address = address
+        self.url = f"ws://{address}:{port}/ws"
+
+    def argv(self):
+        argv = ControlPlaneProcess.argv(self)
+        i = argv.index("--listen")
+        argv[i + 1] = f"tcp:{self.port}:interface={self.address}"
+        return self.net.argv(self.host, argv)
+
+
+class _Agent(_InNamespace, AgentProcess):
+    def __init__(self, net, host, data_dir, url, token):
+        self.net, self.host = net, host
+        super().__init__(reactor, data_dir, url, token, name=host, extra_args=[
+            "--insecure", "--network", "bridge", "--address", net.address(host),
+            "--accel", "tcg"])
+
+
+@pytest.mark.qemu
+@pytest.mark.multihost
+class ClusterNetworkTests(TestCase):
+    timeout = 900
+
+    async def cli(self, *args, check=True):
+        out = await _run_env(self.net, "client", ZWRM + list(args),
+                             {"ZWRM_API_URL": self.cp.url, "ZWRM_TOKEN": self.cp.operator_token},
+                             check=check)
+        return out
+
+    async def machines(self, app):
+        return json.loads(await self.cli("machines", "list", "--app", app, "--json"))
+
+    async def console(self, mid):
+        return await self.cli("logs", mid, check=False)
+
+    async def test_overlay_dns_isolation_and_ingress(self):
+        root = tempfile.mkdtemp(prefix="zwrm-netcl-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, root, True)
+        self.addCleanup(kill_machines_under, root)
+        img = await deferToThread(guest.build)
+        self.net = net = TestNetwork(["cp", "a1", "a2", "client"])
+        self.addCleanup(net.close)
+        self.cp = cp = _ControlPlane(net, os.path.join(root, "cp"))
+        await cp.start()
+        self.addCleanup(cp.stop)
+        agents = []
+        for h in ("a1", "a2"):
+            a = _Agent(net, h, os.path.join(root, h), cp.url, cp.join_token)
+            await a.start()
+            self.addCleanup(a.stop)
+            agents.append(a)
+
+        async def ready():
+            hosts = json.loads(await self.cli("host", "list", "--json"))
+            return len([h for h in hosts if h["state"] == "ready"]) == 2
+
+        await poll(reactor, ready, 60, 1, "two ready hosts")
+        base = ["--kernel", img.kernel, "--initrd", img.initrd, "--memory", "96",
+                "--port", "8080", "--health-http", "/", "--health-interval", "1",
+                "--health-grace", "240"]
+        await self.cli("apps", "create", "web")
+        await self.cli("deploy", "web", *base, "--replicas", "2", "--publish", "80:8080",
+                       "--cmdline", f"{img.cmdline} {guest.script_arg(WEB_PROBE)}")
+
+        async def web_passing():
+            ms = await self.machines("web")
+            return len([m for m in ms if m["health"] == "passing"]) == 2 and ms
+
+        try:
+            ms = await poll(reactor, web_passing, 400, 2, "two passing web replicas")
+        except Exception:
+            for a in agents:
+                print(a.log_tail(60))
+            raise
+        self.assertEqual(len({m["host_id"] for m in ms}), 2)
+        # Both replicas found both by DNS and reached the other over the overlay.
+        for m in ms:
+            try:
+                await poll(reactor, lambda m=m: self.console_has(m["id"], "probe done"), 180, 2,
+                           f"{m['id']}'s probe")
+            except Exception:
+                print((await self.console(m["id"]))[-3000:])
+                raise
+            res = guest.probe_results(await self.console(m["id"]))
+            self.assertEqual(res.pop("dns"), "2", res)
+            self.assertEqual(sorted(set(res.values())), ["reached"], res)
+            self.assertEqual(len(res), 2, res)
+        web_addrs = sorted(k[len("peer-"):] for k in res)
+
+        # The app through either host's published port, from the client's namespace.
+        for h in ("a1", "a2"):
+            body = await self.fetch(f"http://{net.address(h)}:80/")
+            self.assertIn("zwrm test image", body or "", h)
+
+        # Another app: reaches no web VM (but the port web publishes), no host service
+        # (a service listening on every address of each agent's host, the control plane,
+        # the ingress), only DNS on the gateways.
+        for h in ("a1", "a2"):
+            svc = net.spawn(h, [sys.executable, "-m", "http.server", str(SERVICE), "--bind",
+                                "0.0.0.0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.addCleanup(_end, svc)
+        targets = [(f"web-{i}", a, 9090) for i, a in enumerate(web_addrs)]
+        targets += [(f"web-open-{i}", a, 8080) for i, a in enumerate(web_addrs)]
+        targets += [("cp", cp.address, cp.port), ("a1-ingress", net.address("a1"), 80),
+                    ("a2-ingress", net.address("a2"), 80),
+                    ("a1-service", net.address("a1"), SERVICE),
+                    ("a2-service", net.address("a2"), SERVICE),
+                    ("gw1-service", "10.80.1.1", SERVICE), ("gw2-service", "10.80.2.1", SERVICE),
+                    ("gw1-dns", "10.80.1.1", 53), ("gw2-dns", "10.80.2.1", 53)]
+        await self.cli("apps", "create", "other")
+        await self.cli("deploy", "other", *base, "--cmdline",
+                       f"{img.cmdline} {guest.script_arg(guest.probe_script(targets))}")
+
+        async def other_done():
+            ms = await self.machines("other")
+            return ms and await self.console_has(ms[0]["id"], "probe done") and ms[0]
+
+        other = await poll(reactor, other_done, 400, 2, "the other app's probe")
+        res = guest.probe_results(await self.console(other["id"]))
+        want = {t[0]: "blocked" for t in targets}
+        want.update({k: "reached" for k in want if k.startswith(("web-open-", "gw1-dns",
+                                                                   "gw2-dns"))})
+        self.assertEqual(res, want)
+
+        # A client keeps getting answers through a1's port while one replica is killed.
+        results = {"ok": 0, "failed": 0}
+        stop = []
+
+        async def load():
+            while not stop:
+                body = await self.fetch(f"http://{net.address('a1')}:80/", timeout=10)
+                results["ok" if body and "zwrm test image" in body else "failed"] += 1
+                await deferLater(reactor, 0.2, lambda: None)
+
+        from twisted.internet.defer import ensureDeferred
+
+        loop = ensureDeferred(load())
+        await poll(reactor, lambda: results["ok"] >= 3, 60, 0.5, "requests before the kill")
+        victim = ms[0]
+        pidfile = _pidfile(root, victim["id"])
+        with open(pidfile) as f:
+            os.kill(int(f.read().strip()), signal.SIGKILL)
+        before = results["ok"]
+
+        async def gone():
+            m = [x for x in await self.machines("web") if x["id"] == victim["id"]]
+            return not m or m[0]["state"] != "running" or m[0]["health"] != "passing"
+
+        await poll(reactor, gone, 60, 1, "the killed replica noticed")
+        await poll(reactor, lambda: results["ok"] >= before + 10, 120, 0.5,
+                   "requests after the kill")
+        stop.append(True)
+        await loop
+        self.assertEqual(results["failed"], 0, results)
+
+    async def console_has(self, mid, text):
+        return text in (await self.console(mid) or "")
+
+    async def fetch(self, url, timeout=5):
+        try:
+            return await _run_env(self.net, "client", ["curl", "-sS", "-m", str(timeout), url], {})
+        except Exception:
+            return None
+
+
+def _end(p):
+    p.terminate()
+    p.wait(10)
+
+
+def _pidfile(root, mid):
+    for dirpath, _dirs, files in os.walk(root):
+        if "qemu.pid" in files and os.path.basename(dirpath) == mid:
+            return os.path.join(dirpath, "qemu.pid")
+    raise AssertionError(f"no qemu.pid for {mid} under {root}")
+
+
+async def _run_env(net, host, argv, env, check=True):
+    from twisted.internet import protocol
+    from twisted.internet.defer import Deferred
+
+    class P(protocol.ProcessProtocol):
+        def __init__(self):
+            self.out, self.err, self.done = [], [], Deferred()
+
+        def outReceived(self, d):
+            self.out.append(d)
+
+        def errReceived(self, d):
+            self.err.append(d)
+
+        def processEnded(self, reason):
+            self.done.callback(reason.value.exitCode)
+
+    p = P()
+    full = net.argv(host, argv)
+    reactor.spawnProcess(p, full[0], full, env=dict(os.environ, **env))
+    timer = reactor.callLater(120, lambda: p.transport.signalProcess("KILL"))
+    code = await p.done
+    if timer.active():
+        timer.cancel()
+    out = b"".join(p.out).decode(errors="replace")
+    if code and check:
+        raise RuntimeError(f"{argv[-3:]} exited {code}: {b''.join(p.err).decode()[-500:]}")
+    return out
