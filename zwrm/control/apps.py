@@ -53,7 +53,8 @@ from twisted.internet.defer import DeferredList, DeferredLock, ensureDeferred
 from twisted.logger import Logger
 
 from zwrm import errors
-from zwrm.control import network
+from zwrm.agent import health as agent_health
+from zwrm.control import healing, network
 from zwrm.control.resources.apps import TOPIC as APP_TOPIC
 from zwrm.control.resources.machines import LIVE, placement_request
 from zwrm.control.resources.machines import STATES as MACHINE_STATES
@@ -92,7 +93,8 @@ def validate_spec(spec):
     if not isinstance(spec, dict):
         raise errors.InvalidArgument("a deployment spec must be a mapping")
     known = {"image", "vcpus", "memory_mb", "replicas", "region", "datacenter",
-             "service_port", "health", "volumes", "constraints", "cloud_init", "publish", "domain"}
+             "service_port", "health", "volumes", "constraints", "cloud_init", "publish", "domain",
+             "restart"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise errors.InvalidArgument(f"unknown deployment field(s): {', '.join(unknown)}")
@@ -122,8 +124,12 @@ def validate_spec(spec):
     if port is not None and (not isinstance(port, int) or isinstance(port, bool)
                              or not 1 <= port <= 65535):
         raise errors.InvalidArgument(f"service_port must be a TCP port or null, not {port!r}")
+    if out["health"] is not None:
+        out["health"] = _check_health(out["health"])
     if out["health"] is not None and port is None:
         raise errors.InvalidArgument("a health check needs a service_port")
+    if spec.get("restart") is not None:  # the restart policy (zwrm.control.healing)
+        out["restart"] = healing.validate_restart(spec["restart"])
     vols = spec.get("volumes") or []
     if not isinstance(vols, list):
         raise errors.InvalidArgument("volumes must be a list of {name, size_mb, mount}")
@@ -145,6 +151,25 @@ def validate_spec(spec):
     # Placement-side checks (labels) are the scheduler's; fail now, not per replica.
     PlacementRequest(vcpus=out["vcpus"], memory_mb=out["memory_mb"], region=out["region"],
                      datacenter=out["datacenter"], constraints=out["constraints"])
+    return out
+
+
+def _check_health(health):
+    """
+    The health check of a spec, checked as its agent will check it, plus the control
+    plane's C{unhealthy_threshold} (checks failing in a row before a restart, default 3).
+    """
+    threshold = health.get("unhealthy_threshold") if isinstance(health, dict) else None
+    rest = {k: v for k, v in health.items() if k != "unhealthy_threshold"} \
+        if isinstance(health, dict) else health
+    out = agent_health.validate(rest)
+    if threshold is not None:
+        if not isinstance(threshold, int) or isinstance(threshold, bool) \
+                or not 1 <= threshold <= 1000:
+            raise errors.InvalidArgument(
+                f"health unhealthy_threshold must be a whole number from 1 to 1000, "
+                f"not {threshold!r}")
+        out["unhealthy_threshold"] = threshold
     return out
 
 
@@ -479,7 +504,34 @@ class Apps:
         """
         return _in_key_order(self._app_locks, name, fn, *args)
 
-    async def _converge(self, app, spec, replace, store_spec=None):
+    async def reschedule(self, app_id, replicas, only_host=None):
+        """
+        Place replicas C{replicas} of the app C{app_id} again (their machines failed: their
+        host was lost), elsewhere if need be, leaving its other replicas alone; in the
+        app's order.  Replicas whose machine is no longer failed (on C{only_host}, if
+        given) are skipped.
+
+        @raise zwrm.errors.Unplaceable: one does not fit; nothing was changed.
+        """
+        apps = [a for a in await self.data.apps.all() if a["id"] == app_id]
+        if not apps:
+            return
+        return await self._in_app_order(apps[0]["name"], self._reschedule, apps[0]["name"],
+                                        set(replicas), only_host)
+
+    async def _reschedule(self, name, replicas, only_host):
+        app = await self._app(name)
+        spec = app["spec"]
+        if spec is None:
+            return
+        rows = await self.data.machines.find(app_id=app["id"], states=("failed",))
+        only = {m["spec"]["replica"] for m in rows
+                if m["spec"]["replica"] in replicas and m["spec"]["replica"] < spec["replicas"]
+                and (only_host is None or m["host_id"] == only_host)}
+        if only:
+            await self._converge(app, spec, replace=False, only=only)
+
+    async def _converge(self, app, spec, replace, store_spec=None, only=None):
         """
         Converge C{app}'s machines to C{spec} (the caller holds the app's lock).
 
@@ -489,21 +541,26 @@ class Apps:
         that fails, the capacity is given back and nothing has changed.  Then remove the
         machines that go, call C{store_spec} (it stores the new spec), store the placed
         replicas as C{pending} machines holding their reservations, and start them on their
-        hosts outside the placement lock.
+        hosts outside the placement lock.  With C{only} (a set of replica numbers), only
+        those replicas are looked at.
         """
         rows = await self.data.machines.find(app_id=app["id"])
         going, kept = [], set()
         for m in rows:
-            if m["state"] not in LIVE and m["state"] != "failed":
+            if m["state"] not in LIVE and m["state"] not in ("failed", "stopped"):
                 continue
             replica = m["spec"]["replica"]
+            if only is not None and replica not in only:
+                continue
             unconfirmed = m["state"] == "pending" and m["id"] in self._unconfirmed
             stale = replace and m["spec"].get("app_spec") != spec
-            if replica >= spec["replicas"] or stale or m["state"] == "failed" or unconfirmed:
+            down = m["state"] in ("failed", "stopped")  # replaced (a guest that powered off)
+            if replica >= spec["replicas"] or stale or down or unconfirmed:
                 going.append((m, unconfirmed))
             else:
                 kept.add(replica)
-        missing = [i for i in range(spec["replicas"]) if i not in kept]
+        missing = [i for i in range(spec["replicas"])
+                   if i not in kept and (only is None or i in only)]
         await self._placing.acquire()
         try:
             lent = self._lend([m for m, _ in going])
@@ -689,6 +746,16 @@ class Apps:
         arrive in order, and applying them must keep it.
         """
         return _in_key_order(self._machine_locks, machine_id, fn, *args)
+
+    async def update_machine(self, machine_id, fn):
+        """
+        Run C{await fn(row)} with the fresh row of C{machine_id} (L{None} if it is gone),
+        in order with the machine's reports and other changes.
+        """
+        async def fresh():
+            return await fn(await self.data.machines.get(machine_id))
+
+        return await self._in_order(machine_id, fresh)
 
     def _apply_status(self, row, status):
         """Apply an executor status or report to a stored machine (in order)."""

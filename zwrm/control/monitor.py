@@ -50,6 +50,7 @@ class HealthMonitor(TimerService):
         self.grace = offline_after if grace is None else grace
         self.started_at = None
         self._checking = None
+        self.after_check = []  # callables given the hosts each check marked offline
 
     def startService(self):
         self.started_at = self.clock.seconds()
@@ -113,4 +114,9 @@ class HealthMonitor(TimerService):
             self.log.info(
                 "marked {n} host(s) offline: {hosts}", n=len(marked), hosts=", ".join(marked)
             )
+        for hook in self.after_check:  # e.g. the healer's host-loss decisions
+            try:
+                hook(marked)
+            except Exception:
+                self.log.failure("after a check of hosts' heartbeats")
         return marked

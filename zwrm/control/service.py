@@ -26,6 +26,7 @@ from zwrm.control.auth import PEER_CERTIFICATE, ControlAuthenticator
 from zwrm.control.cluster import ClusterAPI
 from zwrm.control.console import ConsoleAPI
 from zwrm.control.drain import Drains
+from zwrm.control.healing import Healer
 from zwrm.control.images import ImageAPI
 from zwrm.control.monitor import HealthMonitor
 from zwrm.control.registry import HostRegistry
@@ -255,6 +256,13 @@ class ControlPlane(service.MultiService):
             self.reactor, self.registry, cfg.check_interval, cfg.offline_after, cfg.grace
         )
         self.monitor.setServiceParent(self)
+        # restart policies, rescheduling after host loss, the partition guard
+        self.healer = Healer(
+            self.reactor, self.apps,
+            reschedule_after=getattr(cfg, "reschedule_after", 0.0),
+            partition_threshold=getattr(cfg, "partition_threshold", 0.55),
+            eviction_interval=getattr(cfg, "eviction_interval", 10.0))
+        self.monitor.after_check.append(self.healer.check_done)
         images.expiry_service().setServiceParent(self)  # abandoned uploads go within 20 min
         self._flusher = task.LoopingCall(self._flush)
         self._flusher.clock = self.reactor
@@ -399,6 +407,8 @@ class ControlPlane(service.MultiService):
     async def _stop(self):
         if self.drains is not None:
             self.drains.stop()
+        if getattr(self, "healer", None) is not None:
+            self.healer.stop()
         for port in self.ports:
             await port.stopListening()
         self.ports = []

@@ -5,7 +5,13 @@ a machine's events.
 
 A machine row: C{id, app_id, host_id, state, spec, health, created_at, updated_at}.
 C{health} is one schema everywhere: C{{"status": "none" | "passing" | "failing" | ...,
-"host_port": int (optional)}}.
+"host_port": int (optional), "restart": {...} (optional)}}.  A machine that is not
+running has no health: storing it C{stopped} or C{failed} sets its status to C{none} (a
+dead machine is never C{passing}).  C{restart} is what the restart policy
+(L{zwrm.control.healing}) keeps of the machine: C{count} (restarts so far), C{reason}
+(of the last exit or restart), C{next_at} (clock time of the next attempt, or L{None}),
+C{times} (recent restart times), C{step} (the backoff step).  It is kept in the health
+column so that no schema change is needed; the wire form flattens it.
 
 Events (C{zwrm.event.machine}); the payload is always the machine's wire form
 (L{wire}) with C{machine_id}, C{old} (the state before, or L{None}) and C{reason}:
@@ -55,15 +61,19 @@ def schema_v1(db):
 def wire(row):
     """
     The wire form of a machine row: C{id, app_id, app, replica, host_id, state, health
-    (the status), host_port, volumes (ids), created_at, updated_at}.
+    (the status), host_port, volumes (ids), restarts, restart_reason, next_restart_at,
+    created_at, updated_at}.
     """
     health = row.get("health") or {}
     spec = row.get("spec") or {}
+    restart = health.get("restart") or {}
     return {"id": row["id"], "app_id": row.get("app_id"), "app": spec.get("app"),
             "replica": spec.get("replica"), "host_id": row.get("host_id"),
             "state": row.get("state"), "health": health.get("status"),
             "host_port": health.get("host_port"),
             "volumes": [v["id"] for v in spec.get("volumes", [])],
+            "restarts": restart.get("count", 0), "restart_reason": restart.get("reason"),
+            "next_restart_at": restart.get("next_at"),
             "created_at": row.get("created_at"), "updated_at": row.get("updated_at")}
 
 
@@ -157,6 +167,11 @@ class Machines(Resource):
         @raise zwrm.errors.NotFound: the row was deleted meanwhile.
         """
         fields["updated_at"] = self._clock.seconds()
+        if fields.get("state", row.get("state")) in ("stopped", "failed"):
+            health = dict(fields.get("health", row.get("health")) or {})
+            if health.get("status", "none") != "none":
+                health["status"] = "none"  # never stale: a dead machine is not passing
+                fields["health"] = health
         await self._store.update("machines", row["id"], fields)
         old = row.get("state")
         row.update(fields)

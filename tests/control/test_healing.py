@@ -1,0 +1,363 @@
+"""
+Apps that stay up (L{zwrm.control.healing}): restart policies and their backoff, liveness,
+rescheduling after host loss, the partition guard.
+
+Time is the Cluster's L{task.Clock} (the control side's); the hosts' executors run the fake
+hypervisor driver on the real reactor (it boots at once), over a real store.
+"""
+
+from twisted.internet import reactor, task
+from twisted.trial.unittest import TestCase
+
+from tests.control.helpers import FACTS
+from tests.control.test_apps import Cluster, caller, d
+from zwrm import errors
+from zwrm.control import healing
+from zwrm.control.apps import validate_spec
+from zwrm.control.monitor import HealthMonitor
+
+POLICY = healing.validate_restart(None)
+
+
+async def poll(predicate, timeout=10.0, what="a condition"):
+    """Wait (on the real reactor, bounded) until C{await predicate()} is true."""
+    start = reactor.seconds()
+    while True:
+        if await predicate():
+            return
+        if reactor.seconds() - start > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
+async def healer_for(c, **kw):
+    h = healing.Healer(c.clock, c.apps, **kw)
+    c.t.addCleanup(h.stop)
+    return h
+
+
+def driver(c, host_id):
+    return c.executors[host_id][0].driver
+
+
+async def settle(c, h):
+    """Let the healer's work and the agents' reports (real reactor) finish."""
+    for _ in range(3):
+        await h.idle()
+        await task.deferLater(reactor, 0.02, lambda: None)
+    await h.idle()
+
+
+class PolicyTests(TestCase):
+    """The pure policy: backoff, its reset, the restart limit, the policies."""
+
+    def test_backoff_doubles_up_to_the_max(self):
+        delays = [healing.backoff(POLICY, step) for step in range(9)]
+        self.assertEqual(delays, [5, 10, 20, 40, 80, 160, 300, 300, 300])
+
+    def test_decide_counts_and_gives_up(self):
+        policy = healing.validate_restart({"max_restarts": 2, "interval": 60})
+        delay, rec = healing.decide(policy, "failed", None, 100.0)
+        self.assertEqual((delay, rec["next_at"]), (5.0, 105.0))
+        rec = dict(rec, times=[105.0, 120.0], step=2)
+        delay, rec2 = healing.decide(policy, "failed", rec, 130.0)
+        self.assertIsNone(delay)
+        self.assertIn("2 restarts within 60s", rec2["reason"])
+        self.assertIsNone(rec2["next_at"])
+        # the window slides: an old restart no longer counts
+        delay, rec3 = healing.decide(policy, "failed", rec, 170.0)
+        self.assertEqual(delay, 20.0)
+        self.assertEqual(rec3["times"], [120.0])
+
+    def test_backoff_resets_after_ten_healthy_minutes(self):
+        rec = {"count": 5, "times": [], "step": 5}
+        delay, _ = healing.decide(POLICY, "failed", rec, 1000.0, healthy_since=500.0)
+        self.assertEqual(delay, 160.0)
+        delay, out = healing.decide(POLICY, "failed", rec, 1100.0, healthy_since=500.0)
+        self.assertEqual((delay, out["step"]), (5.0, 0))
+
+    def test_policies(self):
+        never = healing.validate_restart("never")
+        on_failure = healing.validate_restart({"policy": "on-failure"})
+        self.assertIsNone(healing.decide(never, "failed", None, 0)[0])
+        self.assertIsNone(healing.decide(on_failure, "stopped", None, 0)[0])
+        self.assertEqual(healing.decide(on_failure, "failed", None, 0)[0], 5.0)
+        self.assertEqual(healing.decide(POLICY, "stopped", None, 0)[0], 5.0)
+
+    def test_validation_names_the_field(self):
+        for bad, word in [("sometimes", "policy"), ({"max_restarts": -1}, "max_restarts"),
+                          ({"initial_backoff": 10, "max_backoff": 1}, "max_backoff"),
+                          ({"bogus": 1}, "bogus"), (3, "policy name")]:
+            e = self.assertRaises(errors.InvalidArgument, healing.validate_restart, bad)
+            self.assertIn(word, e.message)
+        e = self.assertRaises(errors.InvalidArgument, validate_spec,
+                              {"image": "x:1", "restart": {"policy": "no"}})
+        self.assertIn("restart policy", e.message)
+        spec = validate_spec({"image": "x:1", "service_port": 80,
+                              "health": {"type": "http", "unhealthy_threshold": 4}})
+        self.assertEqual(spec["health"]["unhealthy_threshold"], 4)
+        self.assertEqual(spec["health"]["interval"], 5)
+        for health in ({"interval": -1}, {"unhealthy_threshold": 0}):
+            self.assertRaises(errors.InvalidArgument, validate_spec,
+                              {"image": "x:1", "service_port": 80, "health": health})
+
+
+class RestartTests(TestCase):
+    """A machine that dies is restarted on its host, after its backoff."""
+
+    async def one(self, **spec):
+        c = await Cluster(self).start(hosts=("h-a",))
+        h = await healer_for(c)
+        await c.apps.create_app("web")
+        await c.apps.deploy("web", c.spec(**spec))
+        (m,) = await c.machines("web")
+        return c, h, m
+
+    @d
+    async def test_crash_is_restarted_after_the_backoff(self):
+        c, h, m = await self.one()
+        driver(c, "h-a").crash(m["id"])
+        await settle(c, h)
+        (m1,) = await c.machines("web")
+        self.assertEqual(m1["state"], "failed")
+        self.assertEqual(m1["health"], "none")
+        self.assertEqual(m1["next_restart_at"], c.clock.seconds() + 5)
+        self.assertIn("signal 9", m1["restart_reason"])
+        c.clock.advance(4.9)
+        await settle(c, h)
+        self.assertEqual((await c.machines("web"))[0]["state"], "failed")
+        c.clock.advance(0.2)
+        await settle(c, h)
+        await poll(lambda: self._running(c), what="the restart")
+        (m2,) = await c.machines("web")
+        self.assertEqual((m2["id"], m2["host_id"], m2["restarts"]), (m["id"], "h-a", 1))
+        self.assertIsNone(m2["next_restart_at"])
+        # the restart is announced in the machine's events
+        events = [e["payload"] for t, e in c.published
+                  if t == "zwrm.event.machine" and e["subject"] == m["id"]]
+        self.assertTrue(any(p["next_restart_at"] == 5 for p in events))
+        self.assertTrue(any(p["restarts"] == 1 for p in events))
+        # a second crash waits twice as long
+        driver(c, "h-a").crash(m["id"])
+        await settle(c, h)
+        (m3,) = await c.machines("web")
+        self.assertEqual(m3["next_restart_at"], c.clock.seconds() + 10)
+
+    async def _running(self, c):
+        ms = await c.machines("web")
+        return bool(ms) and all(m["state"] == "running" for m in ms)
+
+    @d
+    async def test_never_and_on_failure(self):
+        c, h, m = await self.one(restart="never")
+        driver(c, "h-a").crash(m["id"])
+        await settle(c, h)
+        c.clock.advance(600)
+        await settle(c, h)
+        (m1,) = await c.machines("web")
+        self.assertEqual((m1["state"], m1["restarts"], m1["next_restart_at"]), ("failed", 0, None))
+        self.assertIn("never", m1["restart_reason"])
+
+    @d
+    async def test_guest_power_off_restarts_under_always_only(self):
+        c, h, m = await self.one(restart={"policy": "on-failure"})
+        driver(c, "h-a")._end(m["id"], "stopped", "the guest powered off")
+        await settle(c, h)
+        (m1,) = await c.machines("web")
+        self.assertEqual((m1["state"], m1["next_restart_at"]), ("stopped", None))
+        await c.apps.deploy("web", c.spec(restart="always"))
+        (m,) = await c.machines("web")
+        driver(c, "h-a")._end(m["id"], "stopped", "the guest powered off")
+        await settle(c, h)
+        (m2,) = await c.machines("web")
+        self.assertEqual(m2["next_restart_at"], c.clock.seconds() + 5)
+
+    @d
+    async def test_stopped_by_the_control_plane_is_not_restarted(self):
+        c, h, m = await self.one()
+        await c.call("zwrm.agent.h-a.machine.stop", m["id"])
+        await poll(lambda: self._state(c, "stopped"), what="the stop")
+        await settle(c, h)
+        c.clock.advance(600)
+        await settle(c, h)
+        (m1,) = await c.machines("web")
+        self.assertEqual((m1["state"], m1["restarts"], m1["next_restart_at"]),
+                         ("stopped", 0, None))
+
+    async def _state(self, c, state):
+        ms = await c.machines("web")
+        return bool(ms) and ms[0]["state"] == state
+
+    @d
+    async def test_restart_limit(self):
+        c, h, m = await self.one(restart={"max_restarts": 1, "interval": 3600})
+        for _ in range(2):
+            await poll(lambda: self._running(c), what="running")
+            driver(c, "h-a").crash(m["id"])
+            await settle(c, h)
+            c.clock.advance(300)
+            await settle(c, h)
+        (m1,) = await c.machines("web")
+        self.assertEqual((m1["state"], m1["restarts"], m1["next_restart_at"]), ("failed", 1, None))
+        self.assertIn("max_restarts 1", m1["restart_reason"])
+
+    @d
+    async def test_unhealthy_machine_is_restarted(self):
+        c, h, m = await self.one(service_port=80,
+                                 health={"type": "tcp", "interval": 2, "unhealthy_threshold": 3})
+
+        async def report(health):
+            await c.apps.machine_event({"machine_id": m["id"], "state": "running",
+                                        "health": health, "reason": f"health {health}"},
+                                       details=caller("h-a"))
+            await settle(c, h)
+
+        await report("passing")
+        await report("failing")
+        c.clock.advance(5.9)
+        await settle(c, h)
+        self.assertEqual((await c.machines("web"))[0]["state"], "running")
+        await report("passing")  # it recovered: the count starts again
+        await report("failing")
+        c.clock.advance(5.9)
+        await settle(c, h)
+        self.assertEqual((await c.machines("web"))[0]["state"], "running")
+        c.clock.advance(0.2)
+        await settle(c, h)
+        await poll(lambda: self._state(c, "stopped"), what="the liveness stop")
+        await settle(c, h)
+        (m1,) = await c.machines("web")
+        self.assertEqual(m1["health"], "none")  # never stale
+        self.assertIn("health check failing for 6s", m1["restart_reason"])
+        self.assertEqual(m1["next_restart_at"], c.clock.seconds() + 5)
+        c.clock.advance(5)
+        await settle(c, h)
+        await poll(lambda: self._running(c), what="the restart")
+        self.assertEqual((await c.machines("web"))[0]["restarts"], 1)
+
+
+class HostLossTests(TestCase):
+    """Stateless replicas of a lost host go elsewhere; volume replicas wait; partitions."""
+
+    async def cluster(self, hosts=("h-a", "h-b", "h-c"), **kw):
+        c = await Cluster(self).start(hosts=hosts)
+        h = await healer_for(c, **kw)
+        return c, h
+
+    async def lose(self, c, h, *hosts):
+        for host_id in hosts:
+            await c.registry.mark_offline(host_id)
+        h.check_done(list(hosts))
+        c.clock.advance(0)
+        await settle(c, h)
+
+    async def back(self, c, h, host_id):
+        ex = c.executors[host_id][0]
+        await c.registry.register(host_id, dict(FACTS, name=host_id))
+        await c.registry.reconcile(host_id, ex.list_machines())
+        await settle(c, h)
+
+    @d
+    async def test_stateless_replica_moves_stateful_waits(self):
+        c, h = await self.cluster(hosts=("h-a", "h-b"))
+        await c.apps.create_app("web")
+        await c.apps.create_app("db")
+        await c.apps.deploy("web", c.spec(replicas=2))
+        ms = await c.machines("web")
+        lost = next(m for m in ms if m["host_id"] == "h-a")
+        await self.lose(c, h, "h-a")
+        await poll(lambda: self._all_running(c, "web", 2), what="the rescheduled replica")
+        ms = await c.machines("web")
+        self.assertEqual(sorted(m["host_id"] for m in ms), ["h-b", "h-b"])
+        self.assertNotIn(lost["id"], [m["id"] for m in ms])
+        # the host returns: its stale copy is stopped, the app keeps two replicas
+        await self.back(c, h, "h-a")
+        running = [mid for host in ("h-a", "h-b")
+                   for mid, st in self._on(c, host).items() if st == "running"]
+        self.assertEqual(len(running), 2)
+        self.assertNotIn(lost["id"], running)
+
+    def _on(self, c, host_id):
+        return {m["id"]: m["state"] for m in c.executors[host_id][0].list_machines()}
+
+    async def _all_running(self, c, app, n):
+        ms = await c.machines(app)
+        return len(ms) == n and all(m["state"] == "running" for m in ms)
+
+    @d
+    async def test_volume_replica_waits_for_its_host(self):
+        c, h = await self.cluster(hosts=("h-a", "h-b"))
+        await c.apps.create_app("db")
+        await c.apps.deploy("db", c.spec(volumes=[{"name": "data", "mount": "/data"}]))
+        (m,) = await c.machines("db")
+        await self.lose(c, h, m["host_id"])
+        (m1,) = await c.machines("db")
+        self.assertEqual((m1["id"], m1["state"], m1["health"]), (m["id"], "failed", "none"))
+        self.assertIn(f"waiting for host {m['host_id']}", m1["restart_reason"])
+        await self.back(c, h, m["host_id"])
+        (m2,) = await c.machines("db")
+        self.assertEqual((m2["id"], m2["state"]), (m["id"], "running"))
+
+    @d
+    async def test_reschedule_after(self):
+        c, h = await self.cluster(hosts=("h-a", "h-b"), reschedule_after=30)
+        await c.apps.create_app("web")
+        await c.apps.deploy("web", c.spec(replicas=2))
+        await self.lose(c, h, "h-a")
+        c.clock.advance(29)
+        await settle(c, h)
+        self.assertIn("failed", [m["state"] for m in await c.machines("web")])
+        c.clock.advance(1)
+        await settle(c, h)
+        await poll(lambda: self._all_running(c, "web", 2), what="the rescheduled replica")
+
+    @d
+    async def test_partition_guard(self):
+        c, h = await self.cluster(hosts=("h-a", "h-b", "h-c"))
+        await c.apps.create_app("web")
+        await c.apps.deploy("web", c.spec(replicas=3))
+        await self.lose(c, h, "h-a", "h-b")  # 2 of 3 hosts of dc1: 67 % > 55 %
+        c.clock.advance(60)
+        await settle(c, h)
+        states = sorted(m["state"] for m in await c.machines("web"))
+        self.assertEqual(states, ["failed", "failed", "running"])
+        self.assertEqual(sorted(h.partitioned["dc1"]), ["h-a", "h-b"])
+        partitions = [e["payload"] for t, e in c.published
+                      if t == "zwrm.event.host" and e["kind"] == "partition"]
+        self.assertEqual([p["state"] for p in partitions], ["partitioned"])
+        # h-c gets more room: capacity is not what holds the replicas back
+        # h-a returns: 1/3 offline, rescheduling resumes one host per eviction_interval
+        await self.back(c, h, "h-a")
+        self.assertEqual(sorted(m["state"] for m in await c.machines("web")),
+                         ["failed", "running", "running"])
+        c.clock.advance(9.9)
+        await settle(c, h)
+        self.assertIn("failed", [m["state"] for m in await c.machines("web")])
+        c.clock.advance(0.1)
+        await settle(c, h)
+        await poll(lambda: self._all_running(c, "web", 3), what="the evicted replica")
+        self.assertNotIn("dc1", h.partitioned)
+        self.assertNotIn("h-b", {m["host_id"] for m in await c.machines("web")})
+
+    @d
+    async def test_monitor_hook(self):
+        """The health monitor tells the healer after each check."""
+        c, h = await self.cluster(hosts=("h-a", "h-b"))
+        await c.apps.create_app("web")
+        await c.apps.deploy("web", c.spec(replicas=2))
+        monitor = HealthMonitor(c.clock, c.registry, check_interval=5, offline_after=10)
+        monitor.after_check.append(h.check_done)
+        monitor.startService()
+        self.addCleanup(monitor.stopService)
+        for _ in range(4):
+            c.registry.heartbeat("h-b")
+            c.clock.advance(5)
+            await settle(c, h)
+        self.assertEqual(c.registry.state("h-a"), "offline")
+        c.clock.advance(0)  # reschedule_after
+        await settle(c, h)
+        await poll(lambda: self._hosts_of(c, {"h-b"}), what="the replica on h-b")
+
+    async def _hosts_of(self, c, hosts):
+        ms = await c.machines("web")
+        return {m["host_id"] for m in ms} == hosts and all(m["state"] == "running" for m in ms)

@@ -1,0 +1,555 @@
+"""
+Apps that stay up: restart policies, rescheduling after host loss, and the partition guard.
+
+The L{Healer} follows the machines and hosts resources' events (it never polls) and acts
+through the apps layer (L{zwrm.control.apps.Apps}): every change it makes is stored, then
+announced, by the machines resource like any other.
+
+Restart policy (an app spec's C{restart}, see L{validate_restart})::
+
+    {"policy": "always" | "on-failure" | "never", "max_restarts": 10, "interval": 1800,
+     "initial_backoff": 5, "max_backoff": 300, "reset_after": 600}
+
+ - A machine that stops on its own (its guest powered off: C{stopped}) or dies (its QEMU
+   crashed or was killed: C{failed}) while its host is reachable is started again on its
+   host after a backoff: C{initial_backoff} doubled at each restart up to C{max_backoff}.
+   The backoff starts again from C{initial_backoff} after the machine ran healthy for
+   C{reset_after} seconds.  C{on-failure} restarts only C{failed} machines (and unhealthy
+   ones), C{never} none.  At most C{max_restarts} restarts within C{interval} seconds:
+   then the machine stays down and says why.
+ - Liveness: a running machine whose health check stays C{failing} for
+   C{unhealthy_threshold} (a key of the app's C{health}, default 3) check intervals is
+   stopped, then restarted under the same policy.
+ - A machine stopped by the control plane (it went through C{stopping}: a drain, a
+   scale-down, a converge) is never restarted by the policy.
+
+What the policy did is stored on the machine (its health's C{restart}: count, reason, next
+attempt time; see L{zwrm.control.resources.machines}) and so shows in C{zwrm.event.machine}
+and C{zwrm status}.
+
+Host loss.  When the health monitor has marked hosts offline (L{Healer.check_done}, called
+after each check), the replicas without volumes of each lost host are placed and started
+elsewhere after C{reschedule_after} seconds; replicas with volumes wait for their host
+(they are pinned to their data) and say so.  The stale copies of rescheduled replicas have
+no record any more: when their host returns, its reconciliation stops them
+(L{zwrm.control.registry.HostRegistry.reconcile}), so an app never has more records than
+replicas.
+
+Partition guard.  When more than C{partition_threshold} of the hosts of a datacenter are
+offline at the end of a check that lost at least two of them, nothing is rescheduled there:
+the guard publishes a C{partition} event on C{zwrm.event.host} (subject C{dc:<name>}) and
+logs it.  Once hosts return and the share is at or below the threshold again, the held
+hosts are rescheduled one per C{eviction_interval} seconds (the Kubernetes node-lifecycle
+numbers: 55 %, 10 s); a held host that returned meanwhile is simply dropped.
+"""
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from zwrm import errors
+from zwrm.control.resources.machines import placement_request
+
+POLICIES = ("always", "on-failure", "never")
+RESTART_DEFAULTS = {"policy": "always", "max_restarts": 10, "interval": 1800.0,
+                    "initial_backoff": 5.0, "max_backoff": 300.0, "reset_after": 600.0}
+UNHEALTHY_THRESHOLD = 3
+EXITS_FROM = ("pending", "starting", "running")
+"""A machine that goes C{stopped}/C{failed} from one of these exited on its own."""
+
+
+def _seconds(value, key, low, high):
+    if not isinstance(value, int | float) or isinstance(value, bool) or not low <= value <= high:
+        raise errors.InvalidArgument(
+            f"restart {key} must be a number of seconds from {low} to {high}, not {value!r}")
+    return float(value)
+
+
+def validate_restart(spec):
+    """
+    Check an app's restart policy (or L{None}: the defaults); return it with every key.
+
+    @raise zwrm.errors.InvalidArgument: naming the field that is wrong.
+    """
+    if spec is None:
+        return dict(RESTART_DEFAULTS)
+    if isinstance(spec, str):
+        spec = {"policy": spec}
+    if not isinstance(spec, dict):
+        raise errors.InvalidArgument("restart must be a policy name or a mapping")
+    unknown = sorted(set(spec) - set(RESTART_DEFAULTS))
+    if unknown:
+        raise errors.InvalidArgument(f"unknown restart field(s): {', '.join(unknown)}")
+    out = dict(RESTART_DEFAULTS, **{k: v for k, v in spec.items() if v is not None})
+    if out["policy"] not in POLICIES:
+        raise errors.InvalidArgument(
+            f"restart policy must be one of {', '.join(POLICIES)}, not {out['policy']!r}")
+    n = out["max_restarts"]
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 10000:
+        raise errors.InvalidArgument(f"restart max_restarts must be from 0 to 10000, not {n!r}")
+    out["interval"] = _seconds(out["interval"], "interval", 1, 7 * 86400)
+    out["initial_backoff"] = _seconds(out["initial_backoff"], "initial_backoff", 0, 3600)
+    out["max_backoff"] = _seconds(out["max_backoff"], "max_backoff", 0, 86400)
+    out["reset_after"] = _seconds(out["reset_after"], "reset_after", 0, 86400)
+    if out["max_backoff"] < out["initial_backoff"]:
+        raise errors.InvalidArgument("restart max_backoff must not be below initial_backoff")
+    return out
+
+
+def backoff(policy, step):
+    """The delay before restart number C{step} (0 first) under C{policy}."""
+    return min(policy["initial_backoff"] * (2 ** min(step, 32)), policy["max_backoff"])
+
+
+def unhealthy_after(health):
+    """Seconds a check must keep failing before its machine is restarted, or L{None}."""
+    if not health:
+        return None
+    n = health.get("unhealthy_threshold", UNHEALTHY_THRESHOLD)
+    return n * health.get("interval", 5)
+
+
+def decide(policy, state, restart, now, healthy_since=None):
+    """
+    What the policy does about a machine that just went C{state} (C{stopped} or
+    C{failed}, or C{unhealthy}): a pure function, for the tests and the L{Healer}.
+
+    @param restart: the machine's stored restart record (C{count, times, step, ...}).
+    @param healthy_since: when it last became healthy, if it still was until now.
+    @return: C{(delay, record)}: C{delay} in seconds, or L{None} (no restart), and the
+        restart record to store (C{next_at} set when a restart is due).
+    """
+    record = dict(restart or {})
+    record.setdefault("count", 0)
+    times = [t for t in record.get("times", []) if now - t < policy["interval"]]
+    record["times"] = times
+    step = record.get("step", 0)
+    if healthy_since is not None and now - healthy_since >= policy["reset_after"]:
+        step = 0
+    record["step"] = step
+    if policy["policy"] == "never" or (policy["policy"] == "on-failure" and state == "stopped"):
+        record["next_at"] = None
+        record["reason"] = f"not restarted (restart policy {policy['policy']})"
+        return None, record
+    if len(times) >= policy["max_restarts"]:
+        record["next_at"] = None
+        record["reason"] = (f"not restarted: {len(times)} restarts within "
+                            f"{policy['interval']:g}s (max_restarts {policy['max_restarts']})")
+        return None, record
+    delay = backoff(policy, step)
+    record["next_at"] = now + delay
+    return delay, record
+
+
+class Healer:
+    """
+    Restart policies, rescheduling after host loss and the partition guard, for one
+    control plane's L{zwrm.control.apps.Apps}.
+
+    @ivar partitioned: C{{datacenter: [held host ids]}} while a partition holds there.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock, apps, reschedule_after=0.0, partition_threshold=0.55,
+                 eviction_interval=10.0):
+        self._clock = clock
+        self._apps = apps
+        self._data = apps.data
+        self.reschedule_after = reschedule_after
+        self.partition_threshold = partition_threshold
+        self.eviction_interval = eviction_interval
+        self._timers = {}  # machine id -> DelayedCall of its restart
+        self._liveness = {}  # machine id -> DelayedCall of its liveness verdict
+        self._healthy_since = {}  # machine id -> clock time it became healthy
+        self._deciding = set()  # machine ids whose exit is being decided
+        self._last_healthy = {}  # machine id -> when it became healthy, before it exited
+        self._lost = []  # hosts marked offline since the last check_done
+        self._waiting = {}  # host id -> DelayedCall of its rescheduling
+        self._retry = set()  # hosts whose replicas could not all be placed
+        self.partitioned = {}
+        self._evicting = {}  # datacenter -> DelayedCall of the next eviction
+        self._tasks = set()
+        self._unsubscribe = [self._data.machines.subscribe(self._machine_event),
+                             self._data.hosts.subscribe(self._host_event)]
+
+    def stop(self):
+        """Stop following events and cancel every timer."""
+        for u in self._unsubscribe:
+            u()
+        for calls in (self._timers, self._liveness, self._waiting, self._evicting):
+            for call in calls.values():
+                if call.active():
+                    call.cancel()
+            calls.clear()
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    def _spawn(self, coro, what):
+        d = Deferred.fromCoroutine(coro)
+        self._tasks.add(d)
+
+        def done(result):
+            self._tasks.discard(d)
+            return result
+
+        d.addBoth(done)
+        d.addErrback(lambda f: self.log.failure("healing: {what}", f, what=what))
+        return d
+
+    async def idle(self):
+        """Wait until no work started by an event or a timer is under way (for tests)."""
+        while self._tasks:
+            for d in list(self._tasks):
+                await _observe(d)
+
+    def _later(self, table, key, delay, fn, *args):
+        old = table.pop(key, None)
+        if old is not None and old.active():
+            old.cancel()
+
+        def fire():
+            table.pop(key, None)
+            self._spawn(fn(*args), f"{fn.__name__} {key}")
+
+        table[key] = self._clock.callLater(delay, fire)
+
+    def _cancel(self, table, key):
+        call = table.pop(key, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    # -- machine events: the restart policy -------------------------------------------
+
+    def _machine_event(self, event):
+        p = event["payload"]
+        mid = event["subject"]
+        if event["kind"] == "destroyed":
+            self._cancel(self._timers, mid)
+            self._cancel(self._liveness, mid)
+            self._healthy_since.pop(mid, None)
+            return
+        if event["kind"] != "state":
+            return
+        state = p.get("state")
+        if state == "running":
+            if p.get("health") in ("passing", "none", None):
+                self._healthy_since.setdefault(mid, self._clock.seconds())
+            else:
+                self._healthy_since.pop(mid, None)
+            if p.get("health") == "failing":
+                if mid not in self._liveness:
+                    self._spawn(self._watch_liveness(mid), f"liveness of {mid}")
+            else:
+                self._cancel(self._liveness, mid)
+            return
+        self._cancel(self._liveness, mid)
+        since = self._healthy_since.pop(mid, None)
+        if state in ("stopped", "failed") and p.get("old") in EXITS_FROM:
+            if since is not None:
+                self._last_healthy[mid] = since
+            if mid not in self._timers and mid not in self._deciding:
+                self._deciding.add(mid)
+                self._spawn(self._exited(mid, state, p.get("reason") or state),
+                            f"restart policy of {mid}")
+
+    async def _wanted(self, row):
+        """
+        The app row and its restart policy if C{row}'s app still wants this machine (its
+        replica is in the spec, and it is not stale), else L{None}.
+        """
+        spec = row.get("spec") or {}
+        try:
+            app = await self._data.apps.by_name(spec.get("app"))
+        except errors.NotFound:
+            return None
+        aspec = app.get("spec")
+        if aspec is None or spec.get("replica", 0) >= aspec["replicas"]:
+            return None
+        if spec.get("app_spec") != aspec:
+            return None
+        try:
+            return app, validate_restart(aspec.get("restart"))
+        except errors.InvalidArgument:
+            return app, dict(RESTART_DEFAULTS)
+
+    async def _exited(self, mid, state, reason):
+        try:
+            await self._exited_once(mid, state, reason)
+        finally:
+            self._deciding.discard(mid)
+
+    async def _exited_once(self, mid, state, reason):
+        row = await self._data.machines.get(mid)
+        if row is None or row["state"] not in ("stopped", "failed"):
+            return
+        if not self._apps._hosts.executor_available(row["host_id"]):
+            return  # its host is gone: rescheduling (or the host's return) handles it
+        wanted = await self._wanted(row)
+        if wanted is None:
+            return
+        _, policy = wanted
+        await self._schedule(row, policy, state, reason)
+
+    async def _schedule(self, row, policy, state, reason):
+        """Decide on C{row}'s exit (in order with its reports) and set its restart timer."""
+        mid = row["id"]
+        since = self._last_healthy.pop(mid, None)
+
+        async def store(row):
+            if row is None:
+                return None
+            now = self._clock.seconds()
+            health = dict(row.get("health") or {})
+            delay, record = decide(policy, state, health.get("restart"), now, since)
+            if delay is not None:
+                record["reason"] = reason
+            health["restart"] = record
+            note = (f"{reason}; restart in {delay:g}s" if delay is not None else
+                    f"{reason}; {record['reason']}")
+            await self._apps.set_machine(row, note, health=health)
+            return delay
+
+        delay = await self._apps.update_machine(mid, store)
+        if delay is not None:
+            self._later(self._timers, mid, delay, self._restart, mid)
+
+    async def _note(self, mid, reason, **record):
+        """Store C{reason} (and C{record}'s keys) in C{mid}'s restart record, in order."""
+        async def store(row):
+            if row is None:
+                return None
+            health = dict(row.get("health") or {})
+            rec = dict(health.get("restart") or {}, reason=reason, **record)
+            if rec == health.get("restart"):
+                return row
+            health["restart"] = rec
+            return await self._apps.set_machine(row, reason, health=health)
+
+        return await self._apps.update_machine(mid, store)
+
+    async def _restart(self, mid):
+        row = await self._data.machines.get(mid)
+        if row is None:
+            return
+        app_name = (row.get("spec") or {}).get("app")
+        await self._apps._in_app_order(app_name, self._restart_locked, mid)
+
+    async def _restart_locked(self, mid):
+        row = await self._data.machines.get(mid)
+        if row is None or row["state"] not in ("stopped", "failed"):
+            return
+        if not self._apps._hosts.executor_available(row["host_id"]):
+            return
+        if await self._wanted(row) is None:
+            return
+        apps = self._apps
+        await apps._placing.acquire()
+        try:
+            placement = apps.scheduler.place(
+                placement_request(row["spec"], pinned_host=row["host_id"]))
+        except errors.ZwrmError as e:
+            placement = None
+            no_room = e.message
+        finally:
+            apps._placing.release()
+        if placement is None:
+            await self._note(mid, f"no room on its host to restart: {no_room}", next_at=None)
+            if not row["spec"].get("volumes"):
+                # a replica without volumes may go elsewhere
+                await apps.reschedule(row["app_id"], [row["spec"]["replica"]])
+            return
+
+        async def count(row):
+            if row is None or row["state"] not in ("stopped", "failed"):
+                return None
+            now = self._clock.seconds()
+            health = dict(row.get("health") or {})
+            record = dict(health.get("restart") or {})
+            record["count"] = record.get("count", 0) + 1
+            record["times"] = list(record.get("times", [])) + [now]
+            record["step"] = record.get("step", 0) + 1
+            record["next_at"] = None
+            record["last_at"] = now
+            health["restart"] = record
+            return await apps.set_machine(
+                row, f"restarting ({record['count']}): {record.get('reason')}", health=health)
+
+        row = await apps.update_machine(mid, count)
+        if row is None:
+            apps.release_placement(placement)
+            return
+        apps.adopt_placement(mid, placement)
+        await apps.start_machine(row)
+
+    async def _watch_liveness(self, mid):
+        row = await self._data.machines.get(mid)
+        if row is None:
+            return
+        after = unhealthy_after((row.get("spec") or {}).get("health"))
+        if after is None or mid in self._liveness:
+            return
+        self._later(self._liveness, mid, after, self._unhealthy, mid, after)
+
+    async def _unhealthy(self, mid, after):
+        row = await self._data.machines.get(mid)
+        if row is None or row["state"] != "running" or (row.get("health") or {}).get(
+                "status") != "failing":
+            return
+        wanted = await self._wanted(row)
+        if wanted is None:
+            return
+        _, policy = wanted
+        if policy["policy"] == "never":
+            return
+        reason = f"health check failing for {after:g}s"
+        try:
+            await self._apps._call(row["host_id"], "machine.stop", mid)
+        except errors.ZwrmError as e:
+            self.log.warn("machine {id} unhealthy; could not stop it: {e}", id=mid, e=e)
+            return
+        row = await self._data.machines.get(mid)
+        if row is not None:
+            await self._schedule(row, policy, "failed", reason)
+
+    # -- host events: rescheduling and the partition guard ----------------------------
+
+    def _host_event(self, event):
+        if event["kind"] != "state":
+            return
+        p = event["payload"]
+        host_id = event["subject"]
+        if p.get("state") == "offline" and p.get("old") != "offline":
+            self._lost.append(host_id)
+        elif p.get("old") == "offline" and p.get("state") != "offline":
+            self._cancel(self._waiting, host_id)
+            self._retry.discard(host_id)
+            self._check_partitions()
+            # machines that stayed down on it (their QEMU died with the host) restart
+            self._later(self._waiting, f"back:{host_id}", 1.0, self._host_back, host_id)
+
+    def _offline(self, host_id):
+        entry = self._data.hosts.get(host_id)
+        return entry is None or entry.machine.state == "offline"
+
+    def _datacenter(self, host_id):
+        entry = self._data.hosts.get(host_id)
+        return (entry.record.get("datacenter") or "") if entry is not None else ""
+
+    def _share_offline(self, dc):
+        hosts = [e for e in self._data.hosts.entries() if (e.record.get("datacenter") or "") == dc]
+        if not hosts:
+            return 0.0
+        return sum(1 for e in hosts if e.machine.state == "offline") / len(hosts)
+
+    def check_done(self, marked=None):
+        """
+        The health monitor finished a check (C{marked}: the hosts it marked offline; the
+        hosts' own events say the same).  Decide, per datacenter, between rescheduling
+        the lost hosts' replicas and holding them (a partition).
+        """
+        lost, self._lost = self._lost, []
+        for host_id in sorted(self._retry):
+            if host_id not in lost:
+                lost.append(host_id)
+        self._retry.clear()
+        by_dc = {}
+        for host_id in lost:
+            if self._offline(host_id):
+                by_dc.setdefault(self._datacenter(host_id), []).append(host_id)
+        for dc, hosts in sorted(by_dc.items()):
+            share = self._share_offline(dc)
+            if dc in self.partitioned or (len(hosts) >= 2 and share > self.partition_threshold):
+                self._hold(dc, hosts, share)
+                continue
+            for host_id in hosts:
+                self._later(self._waiting, host_id, self.reschedule_after,
+                            self._reschedule_host, host_id)
+
+    def _hold(self, dc, hosts, share):
+        new = dc not in self.partitioned
+        held = self.partitioned.setdefault(dc, [])
+        for h in hosts:
+            if h not in held:
+                held.append(h)
+            self._cancel(self._waiting, h)
+        if new:
+            self.log.warn(
+                "partition: {share:.0%} of the hosts of datacenter {dc!r} are offline;"
+                " nothing is rescheduled there until they return", share=share, dc=dc)
+            self._spawn(self._data.hosts.produce_event(
+                "partition", f"dc:{dc}",
+                {"datacenter": dc, "state": "partitioned", "offline_share": share,
+                 "held_hosts": sorted(held), "threshold": self.partition_threshold}),
+                "publishing a partition")
+
+    def _check_partitions(self):
+        for dc in list(self.partitioned):
+            if dc in self._evicting:
+                continue
+            if self._share_offline(dc) <= self.partition_threshold:
+                self._evicting[dc] = self._clock.callLater(
+                    self.eviction_interval, self._evict_one, dc)
+
+    def _evict_one(self, dc):
+        self._evicting.pop(dc, None)
+        held = self.partitioned.get(dc, [])
+        if self._share_offline(dc) > self.partition_threshold:
+            return  # partitioned again: wait for the next return
+        while held and not self._offline(held[0]):
+            held.pop(0)  # it came back: its machines were restored
+        if held:
+            self._spawn(self._reschedule_host(held.pop(0)), f"evicting from {dc}")
+        if held:
+            self._evicting[dc] = self._clock.callLater(
+                self.eviction_interval, self._evict_one, dc)
+        else:
+            del self.partitioned[dc]
+            self.log.info("partition of datacenter {dc!r} over", dc=dc)
+            self._spawn(self._data.hosts.produce_event(
+                "partition", f"dc:{dc}", {"datacenter": dc, "state": "over",
+                                          "held_hosts": [], "threshold": self.partition_threshold}),
+                "publishing the end of a partition")
+
+    async def _reschedule_host(self, host_id):
+        """Place the stateless replicas of the lost C{host_id} elsewhere."""
+        if not self._offline(host_id):
+            return
+        rows = await self._data.machines.find(host_id=host_id, states=("failed",))
+        by_app = {}
+        for row in rows:
+            if row["spec"].get("volumes"):
+                await self._note(row["id"], f"waiting for host {host_id}: its volumes live there",
+                                 next_at=None)
+                continue
+            by_app.setdefault(row["app_id"], []).append(row["spec"]["replica"])
+        for app_id, replicas in sorted(by_app.items()):
+            try:
+                await self._apps.reschedule(app_id, replicas, only_host=host_id)
+            except errors.Unplaceable as e:
+                self.log.warn("host {host} lost: replicas {r} of {app} not placed: {e}",
+                              host=host_id, r=replicas, app=app_id, e=e.message)
+                self._retry.add(host_id)
+
+    async def _host_back(self, host_id):
+        if self._offline(host_id) or not self._apps._hosts.executor_available(host_id):
+            return
+        for row in await self._data.machines.find(host_id=host_id, states=("failed",)):
+            if row["id"] in self._timers:
+                continue
+            if (row.get("health") or {}).get("restart", {}).get("next_at") is not None:
+                continue
+            wanted = await self._wanted(row)
+            if wanted is None:
+                continue
+            await self._schedule(row, wanted[1], row["state"], f"its host {host_id} came back")
+
+
+def _observe(d):
+    out = Deferred()
+
+    def fire(result):
+        out.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return out
