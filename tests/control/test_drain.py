@@ -784,6 +784,15 @@ class DrainRunTests(TestCase):
         self.assertEqual((status["state"], mg["phase"], mg["waiting_for"]),
                          ("running", "rollback_pending", dst))
         self.assertIn("is gone before the original starts again", mg["error"])
+        # the control plane restarts meanwhile: the new one waits as well
+        c.drains.stop()
+        c.drains = Drains(c.clock, c.store, c.registry, c.apps, c.publish)
+        self.assertEqual(await c.drains.resume(), 1)
+        run = c.drains.active[src]
+        self.assertEqual(await self.outage(c), 1)
+        self.assertEqual([h for h, _ in self.copies(c)], [dst])
+        self.assertEqual((await c.drains.drain_status(src))["migrations"][0]["phase"],
+                         "rollback_pending")
         await self.back(c, dst)
         await c.settle(run.done)
         status = await c.drains.drain_status(src)
