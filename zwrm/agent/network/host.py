@@ -246,8 +246,12 @@ class HostNetwork:
         for mac, dst in sorted(self._fdb - want):
             await self.run("bridge", "fdb", "del", mac, "dev", VXLAN, "dst", dst, check=False)
         for mac, dst in sorted(want - self._fdb):
-            verb = "append" if mac == "00:00:00:00:00:00" else "replace"
-            await self.run("bridge", "fdb", verb, mac, "dev", VXLAN, "dst", dst)
+            if mac == "00:00:00:00:00:00":
+                # After an agent restart the entry may be there already ("File exists").
+                await self.run("bridge", "fdb", "append", mac, "dev", VXLAN, "dst", dst,
+                               check=False)
+            else:
+                await self.run("bridge", "fdb", "replace", mac, "dev", VXLAN, "dst", dst)
         self._fdb = want
 
     def ruleset(self):

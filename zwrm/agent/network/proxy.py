@@ -41,6 +41,14 @@ class _Pipe(protocol.Protocol):
             self.peer = None
 
 
+def _nodelay(transport):
+    """Small writes go out at once (a proxy must not add Nagle's delay to each hop)."""
+    try:
+        transport.setTcpNoDelay(True)
+    except Exception:
+        pass
+
+
 class Backend:
     """A replica behind a published port: its address and port, and its open connections."""
 
@@ -81,6 +89,7 @@ class _Client(protocol.Protocol):
         self.closed = False
 
     def connectionMade(self):
+        _nodelay(self.transport)
         if self.listener.mode == "tcp":
             self.transport.pauseProducing()  # until the replica is connected
             self._choose(self.listener.route_for(None))
@@ -143,6 +152,7 @@ class _Client(protocol.Protocol):
                 up.transport.loseConnection()
                 return
             self.backend, self.upstream = backend, up
+            _nodelay(up.transport)
             up.peer = self
             self.transport.registerProducer(up.transport, True)
             up.transport.registerProducer(self.transport, True)
