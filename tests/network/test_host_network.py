@@ -1,0 +1,63 @@
+"""
+L{HostNetwork} in network namespaces, without guests: what an agent restart finds, and
+what leaving removes.
+"""
+
+import os
+import shutil
+import tempfile
+
+import pytest
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from zwrm.agent.network.commands import Runner
+from zwrm.agent.network.host import HostNetwork
+from zwrm.testing.netns import TestNetwork
+
+NET = {"address": "10.80.1.2", "prefix": 16, "gateway": "10.80.1.1", "mtu": 1450}
+
+
+@pytest.mark.multihost
+class HostNetworkTests(TestCase):
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix="zwrm-hn-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.net = TestNetwork(["h1"])
+        self.addCleanup(self.net.close)
+        self.run = Runner(reactor, ["ip", "netns", "exec", self.net.namespace("h1")])
+
+    def host(self, name):
+        return HostNetwork(reactor, local_address=self.net.address("h1"), run=self.run,
+                           state_dir=os.path.join(self.root, name))
+
+    async def ifindex(self, dev):
+        out = await self.run("ip", "-o", "link", "show", "dev", dev)
+        return out.split(":")[0]
+
+    async def test_restart_adopts_and_close_removes(self):
+        cluster = ([{"host_id": "h2", "address": "10.99.250.2", "gateway": "10.80.2.1"}],
+                   [{"address": "10.80.2.2", "app": "web", "host_id": "h2"}])
+        first = self.host("a")
+        nic = await first.add_machine("m1", "web", NET)
+        await first.set_cluster(*cluster)
+        before = await self.ifindex(nic["tap"])
+        # A new agent process: the running machine keeps its TAP; nothing fails on what
+        # is there already (bridge, overlay, FDB entries, rules).
+        second = self.host("b")
+        self.assertEqual(await second.add_machine("m1", "web", NET, recreate=False), nic)
+        await second.set_cluster(*cluster)
+        self.assertEqual(await self.ifindex(nic["tap"]), before)
+        fdb = await self.run("bridge", "fdb", "show", "dev", "zwvx0")
+        self.assertEqual(fdb.count("00:00:00:00:00:00 dst 10.99.250.2"), 1, fdb)
+        self.assertIn("0a:58:0a:50:02:02 dst 10.99.250.2", fdb)
+        rules = await self.run("nft", "list", "ruleset")
+        self.assertIn('"' + nic["tap"] + '" . 10.80.1.2', rules)
+        # A new start of the machine makes its TAP again.
+        await second.add_machine("m1", "web", NET)
+        self.assertNotEqual(await self.ifindex(nic["tap"]), before)
+        await second.close()
+        links = await self.run("ip", "-o", "link")
+        for dev in ("zwbr0", "zwvx0", nic["tap"]):
+            self.assertNotIn(dev, links)
+        self.assertNotIn("zwrm", await self.run("nft", "list", "tables"))
