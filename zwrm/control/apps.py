@@ -56,6 +56,7 @@ from zwrm import errors
 from zwrm.agent import health as agent_health
 from zwrm.control import healing, network
 from zwrm.control.resources.apps import TOPIC as APP_TOPIC
+from zwrm.control.resources.apps import public_spec
 from zwrm.control.resources.machines import LIVE, placement_request
 from zwrm.control.resources.machines import STATES as MACHINE_STATES
 from zwrm.control.resources.machines import TOPIC as MACHINE_TOPIC
@@ -419,7 +420,7 @@ class Apps:
         app = await self._app(name)
         machines = await self.data.machines.find(app_id=app["id"], order_by="created_at")
         volumes = await self.data.volumes.find(app_id=app["id"], order_by="name")
-        return {"id": app["id"], "name": app["name"], "spec": app["spec"],
+        return {"id": app["id"], "name": app["name"], "spec": public_spec(app["spec"]),
                 "spec_version": app.get("spec_version") or 0,
                 "machines": [machine_wire(m) for m in machines],
                 "volumes": volumes}
@@ -797,7 +798,7 @@ class Apps:
         """One machine with its recent events."""
         m = await self._machine(machine_id)
         view = machine_wire(m)
-        view["spec"] = self._agent_spec(m["spec"])
+        view["spec"] = public_spec(self._agent_spec(m["spec"]))  # secrets: its agent only
         view["events"] = await self._store.recent_events(machine_id)
         return view
 

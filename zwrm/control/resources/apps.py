@@ -14,6 +14,7 @@ C{app_id}, C{app} (its name) and C{reason}:
  - C{destroyed}: its row was deleted, or its spec cleared (C{volumes_kept} true).
 """
 
+import hashlib
 import json
 
 from zwrm import errors
@@ -55,12 +56,42 @@ def schema_v5(db):
     )
 
 
+def _digest(value):
+    """C{{sha256, size}} of a secret (a str, or a mapping as canonical JSON), or L{None}."""
+    if value is None or value == {} or value == "":
+        return None
+    data = (value if isinstance(value, str) else json.dumps(value, sort_keys=True)).encode()
+    return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
+def public_spec(spec):
+    """
+    What viewers may see of a spec (an app's, or a machine's agent spec): its cloud-init
+    C{user_data} and C{env} are replaced by their SHA-256 and size (only the agent that
+    runs a machine gets them); public SSH keys stay.
+    """
+    if not isinstance(spec, dict):
+        return spec
+    out = dict(spec)
+    ci = out.get("cloud_init")
+    if isinstance(ci, dict):
+        ci = dict(ci)
+        for key in ("user_data", "env"):
+            if key in ci:
+                ci[key] = _digest(ci[key])
+        out["cloud_init"] = ci
+    if isinstance(out.get("app_spec"), dict):
+        out["app_spec"] = public_spec(out["app_spec"])
+    return out
+
+
 def wire(row):
     """
     The wire form of an app: C{id, name, spec, spec_version, created_at}
-    (C{spec_version} counts the specs it was given: 0 before its first deploy).
+    (C{spec_version} counts the specs it was given: 0 before its first deploy; C{spec}
+    without its secrets: L{public_spec}).
     """
-    return {"id": row["id"], "name": row["name"], "spec": row.get("spec"),
+    return {"id": row["id"], "name": row["name"], "spec": public_spec(row.get("spec")),
             "spec_version": row.get("spec_version") or 0, "created_at": row.get("created_at")}
 
 
