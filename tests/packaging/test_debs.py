@@ -278,6 +278,9 @@ class InstalledTests(TestCase):
         config = os.path.join(self.zwrm_dir(), "config.toml")
         with open(config, "w") as f:
             f.write(config_text)
+        # as install.sh writes it: readable by the service's group only
+        os.chown(config, 0, pwd.getpwnam(user).pw_gid)
+        os.chmod(config, 0o640)
         argv[argv.index("--config") + 1] = config
         log = open(os.path.join(os.path.dirname(config), "log"), "w+")
         self.addCleanup(log.close)
@@ -358,12 +361,18 @@ class InstalledTests(TestCase):
         )
         with open(token_file) as f:
             token = f.read().strip()
+        # The token in a file of its own (0640 root:zwrm), as install.sh writes it.
+        agent_token = os.path.join(self.zwrm_dir(), "join-token")
+        with open(agent_token, "w") as f:
+            f.write(token + "\n")
+        os.chown(agent_token, 0, pwd.getpwnam("zwrm").pw_gid)
+        os.chmod(agent_token, 0o640)
         agent = self.start_unit(
             "zwrm-agent.service",
             "[agent]\n"
             f'control_plane_url = "ws://127.0.0.1:{port}/ws"\n'
             'region = "eu-central"\ndatacenter = "dc1"\n'
-            f'join_token = "{token}"\ndata_dir = "{data}/agent"\n',
+            f'join_token_file = "{agent_token}"\ndata_dir = "{data}/agent"\n',
         )
 
         @defer.inlineCallbacks
