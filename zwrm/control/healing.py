@@ -265,8 +265,8 @@ class Healer:
         aspec = app.get("spec")
         if aspec is None or spec.get("replica", 0) >= aspec["replicas"]:
             return None
-        if spec.get("app_spec") != aspec:
-            return None
+        if _same_version(spec.get("app_spec")) != _same_version(aspec):
+            return None  # stale: the app's next converge replaces it
         try:
             return app, validate_restart(aspec.get("restart"))
         except errors.InvalidArgument:
@@ -542,6 +542,11 @@ class Healer:
             if wanted is None:
                 continue
             await self._schedule(row, wanted[1], row["state"], f"its host {host_id} came back")
+
+
+def _same_version(spec):
+    """A spec without its replica count (a scale does not make machines stale)."""
+    return {k: v for k, v in (spec or {}).items() if k != "replicas"}
 
 
 def _observe(d):

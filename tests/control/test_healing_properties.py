@@ -1,0 +1,124 @@
+"""
+Property tests of self-healing (hypothesis): over random sequences of host losses and
+returns, machine crashes, scales and clock ticks, an app never has more machines running
+on reachable hosts than its replica count, never more records than replicas, and once
+every host is back it converges to exactly its replica count, all running.
+
+The sequences are drawn by hypothesis (generation phase); each runs against the real apps
+layer and healer over a real store and real executors (fake hypervisor), with the control
+plane's time on a L{task.Clock}.  (Trial runs the Deferreds; hypothesis cannot await, so
+the drawn examples are collected first, then played: there is no shrinking, and a failure
+prints the sequence.)
+"""
+
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import TestCase
+
+from tests.control.helpers import FACTS
+from tests.control.test_apps import Cluster, d
+from tests.control.test_healing import driver, healer_for, settle
+from zwrm import errors
+
+HOSTS = ("h-a", "h-b", "h-c")
+OPS = st.one_of(
+    st.tuples(st.just("lose"), st.sampled_from(HOSTS)),
+    st.tuples(st.just("back"), st.sampled_from(HOSTS)),
+    st.tuples(st.just("crash"), st.integers(0, 3)),
+    st.tuples(st.just("scale"), st.integers(0, 4)),
+    st.tuples(st.just("tick"), st.sampled_from([1, 5, 10, 60])),
+)
+
+
+def drawn(strategy, n):
+    """C{n} examples of C{strategy}, drawn by hypothesis's generator."""
+    out = []
+
+    @settings(max_examples=n, database=None, phases=[Phase.generate], deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(strategy)
+    def collect(x):
+        out.append(x)
+
+    collect()
+    return out
+
+
+class Model:
+    def __init__(self, c, h):
+        self.c, self.h = c, h
+        self.replicas = 2
+
+    def running_on_reachable(self):
+        n = 0
+        for host_id in HOSTS:
+            if self.c.registry.state(host_id) == "offline":
+                continue
+            n += sum(1 for m in self.c.executors[host_id][0].list_machines()
+                     if m["state"] == "running")
+        return n
+
+    async def apply(self, op):
+        c, h = self.c, self.h
+        kind, arg = op
+        if kind == "lose" and c.registry.state(arg) != "offline":
+            await c.registry.mark_offline(arg)
+            h.check_done([arg])
+            c.clock.advance(0)
+        elif kind == "back" and c.registry.state(arg) == "offline":
+            await c.registry.register(arg, dict(FACTS, name=arg))
+            await c.registry.reconcile(arg, c.executors[arg][0].list_machines())
+        elif kind == "crash":
+            for m in await c.machines("web"):
+                if m["replica"] == arg and m["state"] == "running" \
+                        and c.registry.state(m["host_id"]) != "offline":
+                    driver(c, m["host_id"]).crash(m["id"])
+        elif kind == "scale":
+            try:
+                await c.apps.scale("web", arg)
+                self.replicas = arg
+            except errors.ZwrmError:
+                pass
+            self.replicas = (await c.apps.app_status("web"))["spec"]["replicas"]
+        elif kind == "tick":
+            c.clock.advance(arg)
+            h.check_done([])
+            c.clock.advance(0)
+        await settle(c, h)
+
+    async def check(self, trace):
+        records = await self.c.machines("web")
+        assert len(records) <= self.replicas, (trace, records)
+        assert len({m["replica"] for m in records}) == len(records), (trace, records)
+        assert self.running_on_reachable() <= self.replicas, trace
+
+
+class PropertyTests(TestCase):
+    timeout = 600
+
+    @d
+    async def test_never_more_than_replicas_and_converges(self):
+        for ops in drawn(st.lists(OPS, max_size=10), 20):
+            c = await Cluster(self).start(hosts=HOSTS)
+            h = await healer_for(c)
+            await c.apps.create_app("web")
+            await c.apps.deploy("web", c.spec(replicas=2))
+            model = Model(c, h)
+            trace = []
+            for op in ops:
+                trace.append(op)
+                await model.apply(op)
+                await model.check(trace)
+            # every host back, time passes: exactly the replica count runs
+            for host_id in HOSTS:
+                await model.apply(("back", host_id))
+            for _ in range(12):
+                await model.apply(("tick", 60))
+                ms = await c.machines("web")
+                if (len(ms) == model.replicas and all(m["state"] == "running" for m in ms)
+                        and model.running_on_reachable() == model.replicas):
+                    break
+            ms = await c.machines("web")
+            self.assertEqual(([m["state"] for m in ms], model.running_on_reachable()),
+                             (["running"] * model.replicas, model.replicas), trace)
+            h.stop()
