@@ -86,7 +86,8 @@ class AgentAPI:
                 await self._admit_existing(host_id, credential)
             return await self._join(host_id, facts, csr)
         finally:
-            self._joining.discard(host_id)
+            if isinstance(host_id, str):
+                self._joining.discard(host_id)
 
     async def _admit_existing(self, host_id, credential):
         """@raise errors.NotAuthorized: unless the caller may take over C{host_id}."""
