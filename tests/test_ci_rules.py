@@ -55,3 +55,16 @@ class CIRulesTests(SynchronousTestCase):
         self.assertIn("ran past its deadline of 3s", out)
         self.assertIn("test_hangs", out)
         self.assertLess(took, 60)
+
+    def test_hypothesis_under_ci(self):
+        """Under CI Hypothesis has no example database (no stale replays) and is derandomized."""
+        source = (
+            "from hypothesis import settings\n"
+            "def test_profile():\n"
+            "    assert settings.default.database is None\n"
+            "    assert settings.default.derandomize\n"
+        )
+        code, out, _ = self.pytest(source, CI="true")
+        self.assertEqual(code, 0, out)
+        code, out, _ = self.pytest(source)
+        self.assertEqual(code, 1, out)  # locally the database replays failures, as usual
