@@ -6,6 +6,7 @@ C{zwrm machines list}, C{zwrm logs} and C{zwrm volumes create|list|destroy}.
 import json
 import os
 import sys
+import time
 
 from twisted.internet import task
 
@@ -41,9 +42,11 @@ def register(subparsers):
     p.add_argument("--initrd", help="local initrd path on the hosts")
     p.add_argument("--disk", help="local raw disk image path on the hosts")
     p.add_argument("--cmdline", default="", help="kernel command line (with --kernel)")
-    p.add_argument("--vcpus", type=int, default=1)
-    p.add_argument("--memory", type=int, default=256, metavar="MiB")
-    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--vcpus", type=int, help="default 1 (a redeploy keeps the current value)")
+    p.add_argument("--memory", type=int, metavar="MiB",
+                   help="default 256 (a redeploy keeps the current value)")
+    p.add_argument("--replicas", type=int,
+                   help="default 1 (a redeploy keeps the current count)")
     p.add_argument("--region")
     p.add_argument("--datacenter")
     p.add_argument("--constraint", action="append", default=[], metavar="LABEL=VALUE",
@@ -54,8 +57,21 @@ def register(subparsers):
     p.add_argument("--health-interval", type=float, default=2.0)
     p.add_argument("--health-timeout", type=float, default=2.0)
     p.add_argument("--health-grace", type=float, default=60.0)
+    p.add_argument("--unhealthy-threshold", type=int, metavar="N",
+                   help="restart a machine whose check failed for N intervals (default 3)")
+    p.add_argument("--restart", choices=["always", "on-failure", "never"],
+                   help="restart policy (default always)")
+    p.add_argument("--max-restarts", type=int, metavar="N",
+                   help="at most N restarts within --restart-interval (default 10)")
+    p.add_argument("--restart-interval", type=float, metavar="SECONDS",
+                   help="the window of --max-restarts (default 1800)")
+    p.add_argument("--clear", action="append", default=[], metavar="FIELD",
+                   choices=sorted(CLEARABLE),
+                   help="reset a field of the current version to its default (repeatable); "
+                        "a redeploy keeps every field it does not give")
     p.add_argument("--volume", action="append", default=[], metavar="NAME:SIZE_MB:/MOUNT",
-                   help="a local volume per replica (repeatable)")
+                   help="a local volume per replica (repeatable; a redeploy without "
+                        "--volume keeps the current volumes)")
     p.add_argument("--ssh-key", action="append", default=[], metavar="FILE",
                    help="an OpenSSH public key file for the guest (cloud-init); repeatable")
     p.add_argument("--user-data", metavar="FILE", help="cloud-init user-data for the guest")
@@ -133,6 +149,13 @@ def register(subparsers):
     p.set_defaults(func=volumes_destroy)
 
 
+CLEARABLE = {"region": "region", "datacenter": "datacenter", "port": "service_port",
+             "health": "health", "volumes": "volumes", "constraints": "constraints",
+             "cloud-init": "cloud_init", "publish": "publish", "domain": "domain",
+             "restart": "restart"}
+"""C{zwrm deploy --clear FIELD}: the spec field it resets."""
+
+
 def _spec(args):
     if bool(args.image) == bool(args.kernel or args.disk):
         raise CliError("give either --image NAME:TAG or --kernel/--disk paths", EXIT_USAGE)
@@ -162,9 +185,26 @@ def _spec(args):
         if len(parts) != 3 or not parts[1].isdigit():
             raise CliError(f"--volume {v!r} is not NAME:SIZE_MB:/MOUNT", EXIT_USAGE)
         volumes.append({"name": parts[0], "size_mb": int(parts[1]), "mount": parts[2]})
-    spec = {"image": image, "vcpus": args.vcpus, "memory_mb": args.memory,
-            "replicas": args.replicas, "region": args.region, "datacenter": args.datacenter,
-            "service_port": args.port, "health": health, "volumes": volumes}
+    # Only what was given: a redeploy keeps the current version's other fields.
+    spec = {"image": image}
+    for key, value in (("vcpus", args.vcpus), ("memory_mb", args.memory),
+                       ("replicas", args.replicas), ("region", args.region),
+                       ("datacenter", args.datacenter), ("service_port", args.port),
+                       ("health", health)):
+        if value is not None:
+            spec[key] = value
+    if volumes:
+        spec["volumes"] = volumes
+    if health is not None and getattr(args, "unhealthy_threshold", None) is not None:
+        health["unhealthy_threshold"] = args.unhealthy_threshold
+    restart = {k: v for k, v in (("policy", getattr(args, "restart", None)),
+                                 ("max_restarts", getattr(args, "max_restarts", None)),
+                                 ("interval", getattr(args, "restart_interval", None)))
+               if v is not None}
+    if restart:
+        spec["restart"] = restart
+    for field in getattr(args, "clear", None) or []:
+        spec[CLEARABLE[field]] = None
     if constraints:
         spec["constraints"] = constraints
     cloud_init = _cloud_init(args)
@@ -224,9 +264,15 @@ def format_app(app, out):
     out.write(f"replicas  {spec.get('replicas', 0)}\n\n")
     out.write(f"machines ({len(app['machines'])}):\n")
     if app["machines"]:
-        _table(["ID", "REPLICA", "HOST", "STATE", "HEALTH", "PORT"],
+        _table(["ID", "REPLICA", "HOST", "STATE", "HEALTH", "PORT", "RESTARTS"],
                [[m["id"], m["replica"], m["host_id"], m["state"], m["health"] or "-",
-                 m["host_port"] or "-"] for m in app["machines"]], out)
+                 m["host_port"] or "-", m.get("restarts") or 0] for m in app["machines"]], out)
+        for m in app["machines"]:
+            if m.get("restart_reason") and m["state"] != "running":
+                nxt = m.get("next_restart_at")
+                when = (time.strftime(" (next attempt %H:%M:%S UTC)", time.gmtime(nxt))
+                        if nxt else "")
+                out.write(f"  {m['id']}: {m['restart_reason']}{when}\n")
     out.write(f"\nvolumes ({len(app['volumes'])}):\n")
     if app["volumes"]:
         format_volumes(app["volumes"], out)

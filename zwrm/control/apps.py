@@ -62,6 +62,7 @@ from zwrm.control.resources.machines import STATES as MACHINE_STATES
 from zwrm.control.resources.machines import TOPIC as MACHINE_TOPIC
 from zwrm.control.resources.machines import wire as machine_wire
 from zwrm.drivers import cloudinit
+from zwrm.registry.image import parse_reference as parse_image_reference
 from zwrm.scheduler import PlacementRequest
 
 __all__ = ["APP_TOPIC", "MACHINE_TOPIC", "LIVE", "MACHINE_STATES", "Apps", "validate_spec",
@@ -174,6 +175,20 @@ def _check_health(health):
     return out
 
 
+def merge_spec(current, given):
+    """
+    A redeploy's spec: C{given}'s fields over the C{current} version's; a field C{given}
+    as L{None} is cleared (back to its default), a field left out keeps its value.
+    """
+    out = dict(current or {})
+    for key, value in given.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
+
+
 def _new_id(prefix):
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
@@ -204,6 +219,7 @@ class Apps:
         self.scheduler = scheduler
         self._publish = publish
         self.data = hosts.data
+        self.images = None  # the registry's ImageAPI (info(ref)), to check deploys' images
         self.network = network.ClusterNetwork(store, clock)  # addresses; docs/networking.md
         self.network_view = network.ViewPublisher(clock, self.network, self.data, self._call)
         self._placements = {}  # machine id -> Placement
@@ -436,13 +452,48 @@ class Apps:
         @raise zwrm.errors.Unplaceable: if a replica fits nowhere; nothing was changed
             (the spec and the machines are as they were).
         """
-        spec = validate_spec(spec)
+        if not isinstance(spec, dict):
+            raise errors.InvalidArgument("a deployment spec must be a mapping")
         _check_name(name, "app name")
         await self._in_app_order(name, self._deploy, name, spec)
         return await self.app_status(name)
 
-    async def _deploy(self, name, spec):
+    async def check_image(self, spec):
+        """
+        Check that the image a spec boots from is there: a registry reference must name an
+        image of the control plane's registry with a kernel or a disk; local paths must be
+        absolute, with a kernel or a disk.
+
+        @raise zwrm.errors.InvalidArgument: saying what is missing.
+        """
+        image = spec["image"]
+        if isinstance(image, dict):
+            unknown = sorted(set(image) - {"kernel", "initrd", "disk", "cmdline"})
+            if unknown:
+                raise errors.InvalidArgument(f"image: unknown field(s) {', '.join(unknown)}")
+            for key in ("kernel", "initrd", "disk"):
+                path = image.get(key)
+                if path is not None and (not isinstance(path, str) or not path.startswith("/")):
+                    raise errors.InvalidArgument(f"image {key} must be an absolute path, not {path!r}")
+            if not image.get("kernel") and not image.get("disk"):
+                raise errors.InvalidArgument("image needs a kernel or a disk")
+            return
+        parse_image_reference(image)
+        if self.images is None:
+            return
+        try:
+            info = await self.images.info(image)
+        except errors.NotFound:
+            raise errors.InvalidArgument(f"image {image} is not in the registry") from None
+        layers = info.get("layers") or {}
+        if info.get("kind") != "zwrm" or not (layers.get("kernel") or layers.get("disk")):
+            raise errors.InvalidArgument(
+                f"image {image} is not a bootable zwrm image (it has no kernel or disk)")
+
+    async def _deploy(self, name, given):
         app = await self._app(name)
+        spec = validate_spec(merge_spec(app["spec"], given))
+        await self.check_image(spec)
 
         async def store_spec():
             await self.data.apps.set_spec(app, spec, "deployed")

@@ -236,13 +236,15 @@ class ControlPlane(service.MultiService):
         self.drains = Drains(self.reactor, self.store, self.registry, self.apps, self._publish)
         images = make_registry_resource(
             self.reactor, os.path.join(data_dir, "registry"), TicketAuthorizer(authenticator))
+        image_api = ImageAPI(self.reactor, images.store, delete_enabled=images.delete_enabled)
+        self.apps.images = image_api  # deploys are checked against the registry
         apis = [
             AgentAPI(self.registry, machines=self.apps, pki=self.pki),
             HostAPI(self.registry),
             self.apps,
             TokenAPI(self.pki),
             self.drains,
-            ImageAPI(self.reactor, images.store, delete_enabled=images.delete_enabled),
+            image_api,
             ConsoleAPI(self.apps, self.registry),
             ClusterAPI(cfg.registry_url, cfg.console_url, cfg.router_realm),
         ] + self.apis

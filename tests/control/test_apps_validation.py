@@ -1,0 +1,74 @@
+"""
+Validated deploys: every deploy is checked on the control plane (image reference syntax,
+the image in the registry, resource shape, health, restart policy) before a machine is
+touched; a rejected one changes nothing.  A redeploy keeps the fields it leaves out.
+
+The registry is the real one (L{RegistryStore} in a temporary directory, read through the
+control plane's L{ImageAPI}).
+"""
+
+import os
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from tests.control.test_apps import Cluster, d
+from zwrm import errors
+from zwrm.control.images import ImageAPI
+from zwrm.registry.store import RegistryStore
+
+
+class ValidationTests(TestCase):
+    async def cluster(self):
+        c = await Cluster(self).start()
+        c.apps.images = ImageAPI(reactor, RegistryStore(reactor, os.path.join(c.dir, "reg")))
+        await c.apps.create_app("web")
+        await c.apps.deploy("web", c.spec(replicas=2))
+        return c
+
+    async def unchanged(self, c, before):
+        after = await c.apps.app_status("web")
+        self.assertEqual(after["spec_version"], before["spec_version"])
+        self.assertEqual(after["spec"], before["spec"])
+        self.assertEqual([(m["id"], m["state"]) for m in after["machines"]],
+                         [(m["id"], "running") for m in before["machines"]])
+
+    @d
+    async def test_bad_deploys_change_nothing(self):
+        c = await self.cluster()
+        before = await c.apps.app_status("web")
+        starts = len([v for _, v in c.calls if v == "machine.start"])
+        for spec, word in [
+            ({"image": "demo:2"}, "not in the registry"),
+            ({"image": "Demo::bad"}, "invalid image reference"),
+            ({"image": {"kernel": "relative/vmlinuz"}}, "absolute"),
+            ({"image": {"initrd": "/x"}}, "kernel or a disk"),
+            ({"service_port": 80, "health": {"type": "http", "interval": -1}}, "interval"),
+            ({"vcpus": 0}, "vcpus"),
+            ({"restart": {"policy": "sometimes"}}, "restart policy"),
+            ({"volumes": [{"name": "d", "mount": "d"}]}, "mount"),
+        ]:
+            with self.assertRaises(errors.InvalidArgument) as cm:
+                await c.apps.deploy("web", spec)
+            self.assertIn(word, cm.exception.message)
+            await self.unchanged(c, before)
+        with self.assertRaises(errors.Unplaceable):
+            await c.apps.deploy("web", {"memory_mb": 10 ** 6})
+        await self.unchanged(c, before)
+        self.assertEqual(len([v for _, v in c.calls if v == "machine.start"]), starts)
+
+    @d
+    async def test_redeploy_keeps_what_it_leaves_out(self):
+        c = await self.cluster()
+        await c.apps.deploy("web", c.spec(replicas=2, constraints={"disk": "ssd"},
+                                          volumes=[{"name": "data", "mount": "/data"}]))
+        status = await c.apps.deploy("web", {"memory_mb": 512})
+        spec = status["spec"]
+        self.assertEqual((spec["replicas"], spec["memory_mb"]), (2, 512))
+        self.assertEqual([v["name"] for v in spec["volumes"]], ["data"])
+        self.assertEqual(spec["constraints"], {"disk": "ssd"})
+        # clearing is explicit
+        status = await c.apps.deploy("web", {"constraints": None, "replicas": None})
+        self.assertEqual((status["spec"]["constraints"], status["spec"]["replicas"]), ({}, 1))
+        self.assertEqual(status["spec"]["memory_mb"], 512)
+        self.assertEqual(len(status["machines"]), 1)
