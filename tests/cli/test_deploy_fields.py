@@ -37,3 +37,11 @@ class DeployFieldsTests(SynchronousTestCase):
         text = out.getvalue()
         self.assertIn("RESTARTS", text)
         self.assertIn("m-1: QEMU was killed by signal 9", text)
+
+
+class RollbackArgsTests(SynchronousTestCase):
+    def test_parse(self):
+        args = parse("rollback", "web", "3")
+        self.assertEqual((args.app, args.version), ("web", 3))
+        self.assertIsNone(parse("rollback", "web").version)
+        self.assertEqual(parse("apps", "history", "web").name, "web")

@@ -72,3 +72,28 @@ class ValidationTests(TestCase):
         self.assertEqual((status["spec"]["constraints"], status["spec"]["replicas"]), ({}, 1))
         self.assertEqual(status["spec"]["memory_mb"], 512)
         self.assertEqual(len(status["machines"]), 1)
+
+
+class HistoryTests(TestCase):
+    @d
+    async def test_history_and_rollback(self):
+        c = await Cluster(self).start()
+        await c.apps.create_app("web")
+        await c.apps.deploy("web", c.spec(replicas=2, memory_mb=256))
+        await c.apps.deploy("web", {"memory_mb": 512})
+        await c.apps.scale("web", 1)
+        versions = await c.apps.history("web")
+        self.assertEqual([(v["version"], v["spec"]["memory_mb"], v["spec"]["replicas"],
+                           v["current"]) for v in versions],
+                         [(1, 256, 2, False), (2, 512, 2, False), (3, 512, 1, True)])
+        status = await c.apps.rollback("web", 1)
+        self.assertEqual((status["spec_version"], status["spec"]["memory_mb"],
+                          status["spec"]["replicas"]), (4, 256, 2))
+        self.assertEqual(len(status["machines"]), 2)
+        status = await c.apps.rollback("web")  # the one before: version 3
+        self.assertEqual((status["spec_version"], status["spec"]["replicas"]), (5, 1))
+        with self.assertRaises(errors.NotFound):
+            await c.apps.rollback("web", 99)
+        with self.assertRaises(errors.InvalidArgument):
+            await c.apps.rollback("web", 0)
+        self.assertEqual((await c.apps.app_status("web"))["spec_version"], 5)

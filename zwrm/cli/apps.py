@@ -30,6 +30,17 @@ def register(subparsers):
     p = asub.add_parser("list", help="every app with its machines by state")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=apps_list)
+    p = asub.add_parser("history", help="an app's spec versions")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=apps_history)
+
+    p = subparsers.add_parser("rollback", help="deploy an earlier spec version of an app again")
+    p.add_argument("app")
+    p.add_argument("version", type=int, nargs="?",
+                   help="the version (default: the one before the current one)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=rollback)
 
     p = subparsers.add_parser(
         "deploy", help="deploy an app: place and start its machines",
@@ -299,6 +310,30 @@ async def apps_list(reactor, args, out=None):
            [[a["name"], a["id"], a["replicas"],
              ", ".join(f"{n} {s}" for s, n in sorted(a["machines"].items())) or "-"]
             for a in apps], out)
+
+
+async def apps_history(reactor, args, out=None):
+    out = out or sys.stdout
+    versions = await _with_session(reactor, args, "zwrm.app.history", args.name)
+    if args.json:
+        return _json(versions, out)
+
+    def image(spec):
+        img = (spec or {}).get("image")
+        return (img.get("kernel") or img.get("disk")) if isinstance(img, dict) else img
+
+    _table(["VERSION", "CREATED (UTC)", "IMAGE", "REPLICAS", ""],
+           [[v["version"], time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v["created_at"])),
+             image(v["spec"]) or "-", (v["spec"] or {}).get("replicas", "-"),
+             "current" if v["current"] else ""] for v in versions], out)
+
+
+async def rollback(reactor, args, out=None):
+    out = out or sys.stdout
+    if args.version is not None and args.version < 1:
+        raise CliError("version must be 1 or more", EXIT_USAGE)
+    app = await _with_session(reactor, args, "zwrm.app.rollback", args.app, args.version)
+    _json(app, out) if args.json else format_app(app, out)
 
 
 def _settled(app):

@@ -490,15 +490,54 @@ class Apps:
             raise errors.InvalidArgument(
                 f"image {image} is not a bootable zwrm image (it has no kernel or disk)")
 
-    async def _deploy(self, name, given):
+    async def _deploy(self, name, given, merge=True, reason="deployed", **extra):
         app = await self._app(name)
-        spec = validate_spec(merge_spec(app["spec"], given))
+        spec = validate_spec(merge_spec(app["spec"], given) if merge else given)
         await self.check_image(spec)
 
         async def store_spec():
-            await self.data.apps.set_spec(app, spec, "deployed")
+            await self.data.apps.set_spec(app, spec, "deployed", **extra)
 
         await self._converge(app, spec, replace=True, store_spec=store_spec)
+
+    @wamp.register("zwrm.app.history")
+    async def history(self, name):
+        """
+        Every spec version of an app, oldest first: C{[{version, spec, created_at,
+        current}]} (specs without their secrets).
+        """
+        app = await self._app(name)
+        current = app.get("spec_version") or 0
+        return [{"version": v["version"], "spec": public_spec(v["spec"]),
+                 "created_at": v["created_at"],
+                 "current": v["version"] == current and app["spec"] is not None}
+                for v in await self.data.apps.spec_versions(app["id"])]
+
+    @wamp.register("zwrm.app.rollback")
+    async def rollback(self, name, version=None):
+        """
+        Deploy spec version C{version} of an app again (default: the one before the
+        current one), as a new version; checked and converged as any deploy.
+
+        @raise zwrm.errors.NotFound: no such app or version.
+        """
+        _check_name(name, "app name")
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)
+                                    or version < 1):
+            raise errors.InvalidArgument(f"version must be a spec version (1 or more), not {version!r}")
+        await self._in_app_order(name, self._rollback, name, version)
+        return await self.app_status(name)
+
+    async def _rollback(self, name, version):
+        app = await self._app(name)
+        versions = {v["version"]: v["spec"] for v in await self.data.apps.spec_versions(app["id"])}
+        if version is None:
+            version = (app.get("spec_version") or 0) - 1
+            if app["spec"] is not None and version < 1:
+                raise errors.NotFound(f"app {name!r} has no version before its current one")
+        if version not in versions:
+            raise errors.NotFound(f"app {name!r} has no spec version {version}")
+        await self._deploy(name, versions[version], merge=False, rolled_back_to=version)
 
     @wamp.register("zwrm.app.scale")
     async def scale(self, name, replicas):

@@ -494,8 +494,18 @@ PROCEDURES = {p.uri: p for p in [
         "zwrm.app.deploy", OPERATOR,
         "Store a spec as the app's spec and converge its machines to it.",
         [_APP, Arg("spec", SPEC, doc="{image, vcpus, memory_mb, replicas, region, datacenter,"
-                                     " service_port, health, volumes}")],
+                                     " service_port, health, volumes, restart, ...}: a field"
+                                     " left out keeps the current version's value, a field"
+                                     " given as null is reset to its default")],
         "the app's status", ["invalid_argument", "not_found", "unplaceable", "unavailable"]),
+    Procedure("zwrm.app.history", OPERATOR, "Every spec version of an app, oldest first.", [_APP],
+              "[{version, spec, created_at, current}]", ["invalid_argument", "not_found"]),
+    Procedure("zwrm.app.rollback", OPERATOR,
+              "Deploy an earlier spec version again (as a new version), checked as a deploy.",
+              [_APP, Arg("version", Nullable(Int(1, 2 ** 31)), None,
+                         "the version (default: the one before the current one)")],
+              "the app's status",
+              ["invalid_argument", "not_found", "unplaceable", "unavailable"]),
     Procedure("zwrm.app.scale", OPERATOR, "Change an app's replica count and converge.",
               [_APP, Arg("replicas", Int(0, 1000), doc="the number of machines")],
               "the app's status", ["invalid_argument", "not_found", "unplaceable", "unavailable"]),

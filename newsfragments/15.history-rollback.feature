@@ -1,0 +1,1 @@
+`zwrm apps history <app>` (`zwrm.app.history`) lists an app's spec versions; `zwrm rollback <app> [version]` (`zwrm.app.rollback`) deploys an earlier version again as a new version, checked as any deploy (default: the version before the current one).
