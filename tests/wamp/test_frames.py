@@ -1,0 +1,174 @@
+"""
+The WebSocket server's lean frame path (L{zwrm.wamp.transport.WampWebSocketServerProtocol}):
+whole plain frames are cut out of each read; everything else (partial frames, control
+frames, fragments, large or invalid frames) is handed to autobahn's parser from that byte
+on.  Driven byte by byte over a StringTransport, on a Clock.
+"""
+
+import json
+import os
+import struct
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from zwrm.wamp.auth import RoleBasedAuthorizer, Rule, StaticAuthenticator
+from zwrm.wamp.router import Router
+from zwrm.wamp.transport import websocket_factory
+
+HANDSHAKE = (
+    b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Protocol: wamp.2.json\r\n\r\n"
+)
+
+
+def frame(payload, opcode=1, fin=True, mask=None):
+    """A client frame (masked)."""
+    if isinstance(payload, (list, dict)):
+        payload = json.dumps(payload).encode()
+    mask = mask or os.urandom(4)
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def server_frames(data):
+    """Parse the server's (unmasked) frames: [(opcode, payload)]."""
+    out, pos = [], 0
+    while pos < len(data):
+        b0, b1 = data[pos], data[pos + 1]
+        n, pos = b1 & 0x7F, pos + 2
+        if n == 126:
+            n, pos = struct.unpack("!H", data[pos:pos + 2])[0], pos + 2
+        elif n == 127:
+            n, pos = struct.unpack("!Q", data[pos:pos + 8])[0], pos + 8
+        out.append((b0 & 0x0F, data[pos:pos + n]))
+        pos += n
+    return out
+
+
+class _Transport(StringTransport):
+    def unregisterProducer(self):
+        self.producer = None
+
+
+class FramePathTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.router = Router(self.clock, StaticAuthenticator(anonymous=True),
+                             RoleBasedAuthorizer({"anonymous": [Rule("t.", "prefix", {"call", "register",
+                                                                                         "publish", "subscribe"})]}))
+        self.proto = websocket_factory(self.router).buildProtocol(None)
+        self.transport = _Transport()
+        self.proto.makeConnection(self.transport)
+        self.proto.dataReceived(HANDSHAKE)
+        response = self.transport.value()
+        self.assertIn(b"101 Switching Protocols", response)
+        self.transport.clear()
+        self.send(frame([1, "zwrm", {"roles": {"caller": {}, "callee": {}, "publisher": {}, "subscriber": {}}}]))
+        [welcome] = self.messages()
+        self.assertEqual(welcome[0], 2)
+
+    def tearDown(self):
+        self.lose()
+        for call in self.clock.getDelayedCalls():
+            call.cancel()
+
+    def lose(self):
+        if not getattr(self, "_lost", False):
+            self._lost = True
+            self.proto.connectionLost(Failure(ConnectionDone()))
+
+    def send(self, data, chunk=None):
+        if chunk is None:
+            self.proto.dataReceived(data)
+        else:
+            for i in range(0, len(data), chunk):
+                self.proto.dataReceived(data[i:i + chunk])
+
+    def frames(self):
+        out = server_frames(self.transport.value())
+        self.transport.clear()
+        return out
+
+    def messages(self):
+        frames = self.frames()
+        self.assertTrue(all(op == 1 for op, _ in frames), frames)
+        return [json.loads(p) for _, p in frames]
+
+    def test_many_frames_in_one_read_and_one_frame_over_many_reads(self):
+        self.send(frame([64, 1, {}, "t.echo"]) + frame([32, 2, {}, "t.topic"]) + frame([48, 3, {}, "t.echo", [5]]))
+        registered, subscribed, invocation = self.messages()
+        self.assertEqual((registered[0], registered[1]), (65, 1))
+        self.assertEqual((subscribed[0], subscribed[1]), (33, 2))
+        self.assertEqual((invocation[0], invocation[4]), (68, [5]))
+        # the YIELD arrives one byte per read (autobahn buffers it, then the lean path resumes)
+        self.send(frame([70, invocation[1], {}, [6]]), chunk=1)
+        [result] = self.messages()
+        self.assertEqual(result, [50, 3, {}, [6]])
+        self.send(frame([16, 4, {"acknowledge": True, "exclude_me": False}, "t.topic", ["x"]]))
+        event, published = self.messages()
+        self.assertEqual((event[0], event[4]), (36, ["x"]))
+        self.assertEqual((published[0], published[1]), (17, 4))
+
+    def test_control_frames_and_fragments_between_plain_frames(self):
+        self.send(frame([64, 1, {}, "t.echo"]))
+        self.messages()
+        call = json.dumps([48, 2, {}, "t.echo", ["frag"]]).encode()
+        data = (frame(b"ping!", opcode=9)
+                + frame(call[:7], opcode=1, fin=False) + frame(call[7:], opcode=0)
+                + frame([48, 3, {}, "t.echo", ["plain"]]))
+        self.send(data)
+        frames = self.frames()
+        self.assertEqual(frames[0], (10, b"ping!"))  # the pong
+        invocations = [json.loads(p) for _, p in frames[1:]]
+        self.assertEqual([i[4] for i in invocations], [["frag"], ["plain"]])
+
+    def test_sixteen_bit_length_and_shared_event_frame(self):
+        self.send(frame([32, 1, {}, "t.big"]))
+        self.messages()
+        payload = "y" * 1000
+        self.send(frame([16, 2, {"acknowledge": True, "exclude_me": False}, "t.big", [payload]]))
+        event, published = self.messages()
+        self.assertEqual(event[4], [payload])
+        self.assertEqual(published[0], 17)
+
+    def test_invalid_utf8_is_closed_by_autobahn_with_1007(self):
+        self.send(frame(b'[48, 2, {}, "t.\xff"]'))
+        [(op, payload)] = self.frames()
+        self.assertEqual(op, 8)
+        self.assertEqual(struct.unpack("!H", payload[:2])[0], 1007)
+
+    def test_unmasked_frame_fails_the_connection(self):
+        self.send(b"\x81\x05hello")
+        [(op, payload)] = self.frames()
+        self.assertEqual((op, struct.unpack("!H", payload[:2])[0]), (8, 1002))  # autobahn's close
+        self.lose()
+        self.assertEqual(self.router.session_count(), 0)
+
+    def test_malformed_wamp_in_a_plain_frame_is_a_protocol_violation(self):
+        self.send(frame(b"[48, 0, {}, \"t.echo\"]") + frame(b"[48, 5, {}, \"t.echo\"]"))
+        frames = self.frames()
+        abort = json.loads(frames[0][1])
+        self.assertEqual((abort[0], abort[2]), (3, "wamp.error.protocol_violation"))
+        self.assertEqual(self.router.session_count(), 0)
+        self.assertEqual(len([f for f in frames if f[0] == 1]), 1)  # nothing after the ABORT
+
+    def test_non_minimal_length_is_left_to_autobahn(self):
+        payload = json.dumps([48, 2, {}, "t.echo"]).encode()
+        mask = b"abcd"
+        data = (bytes([0x81, 0x80 | 126]) + struct.pack("!H", len(payload)) + mask
+                + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        self.send(data)
+        [(op, body)] = self.frames()
+        self.assertEqual((op, struct.unpack("!H", body[:2])[0]), (8, 1002))
