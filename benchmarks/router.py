@@ -163,7 +163,11 @@ class RouterProcess:
             # another checkout's zwrm package (e.g. the previous commit), to measure a change
             env["PYTHONPATH"] = source + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp, env=env)
-        wait_port(self.port, 300)  # Crossbar takes long to start on a loaded machine
+        try:
+            wait_port(self.port, 300)  # Crossbar takes long to start on a loaded machine
+        except BaseException:
+            self.stop()  # never leave a router behind
+            raise
 
     def cpu(self):
         """CPU seconds (user + system) used so far by the router and its descendants."""
