@@ -45,3 +45,23 @@ class RollbackArgsTests(SynchronousTestCase):
         self.assertEqual((args.app, args.version), ("web", 3))
         self.assertIsNone(parse("rollback", "web").version)
         self.assertEqual(parse("apps", "history", "web").name, "web")
+
+
+class PlanFormatTests(SynchronousTestCase):
+    def test_format(self):
+        import io
+
+        from zwrm.cli.apps import format_plan
+
+        out = io.StringIO()
+        format_plan({"app": "web", "version": 2, "changed": True,
+                     "diff": {"memory_mb": {"old": 256, "new": 512}},
+                     "create": [{"replica": 2, "host_id": "h-b"}],
+                     "replace": [{"machine_id": "m-1", "replica": 0, "host_id": "h-a",
+                                  "state": "running", "to_host": "h-b"}],
+                     "destroy": [], "keep": [], "unplaceable": None}, out)
+        text = out.getvalue()
+        self.assertIn("memory_mb: 256 -> 512", text)
+        self.assertIn("move     m-1 (replica 0, running) on h-a -> h-b", text)
+        self.assertIn("create   replica 2 on h-b", text)
+        self.assertTrue(parse("deploy", "web", "--image", "x:1", "--plan").plan)

@@ -97,3 +97,35 @@ class HistoryTests(TestCase):
         with self.assertRaises(errors.InvalidArgument):
             await c.apps.rollback("web", 0)
         self.assertEqual((await c.apps.app_status("web"))["spec_version"], 5)
+
+
+class PlanTests(TestCase):
+    @d
+    async def test_plan_changes_nothing_and_says_what_would(self):
+        c = await Cluster(self).start()
+        await c.apps.create_app("web")
+        await c.apps.deploy("web", c.spec(replicas=2))
+        before = await c.apps.app_status("web")
+        alloc = [h["alloc_memory_mb"] for h in await c.registry.list()]
+        events = len(c.published)
+        plan = await c.apps.plan("web", {"memory_mb": 512, "replicas": 3})
+        self.assertEqual(plan["diff"], {"memory_mb": {"old": 256, "new": 512},
+                                        "replicas": {"old": 2, "new": 3}})
+        self.assertEqual((plan["version"], plan["changed"]), (2, True))
+        self.assertEqual([r["machine_id"] for r in plan["replace"]],
+                         [m["id"] for m in before["machines"]])
+        self.assertTrue(all(r["to_host"] for r in plan["replace"]))
+        self.assertEqual([x["replica"] for x in plan["create"]], [2])
+        self.assertIsNone(plan["unplaceable"])
+        plan = await c.apps.plan("web", {"replicas": 1})
+        self.assertEqual([r["replica"] for r in plan["destroy"]], [1])
+        self.assertEqual([r["replica"] for r in plan["keep"]], [0])
+        plan = await c.apps.plan("web", {"memory_mb": 10 ** 6})
+        self.assertIn("memory", plan["unplaceable"])
+        with self.assertRaises(errors.InvalidArgument):
+            await c.apps.plan("web", {"vcpus": 0})
+        # nothing changed: spec, machines, reservations, no event
+        self.assertEqual(await c.apps.app_status("web"), before)
+        self.assertEqual([h["alloc_memory_mb"] for h in await c.registry.list()], alloc)
+        self.assertEqual(len(c.published), events)
+        await c.apps.deploy("web", {"replicas": 3, "memory_mb": 512})  # and it fits as planned

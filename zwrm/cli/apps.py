@@ -92,6 +92,9 @@ def register(subparsers):
     p.add_argument("--domain", help="the app's host name for --publish .../http routing")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="an environment variable for the guest (cloud-init); repeatable")
+    p.add_argument("--plan", action="store_true",
+                   help="only show what the deploy would change (the diff against the current "
+                        "version; replicas created, replaced, moved, destroyed); change nothing")
     p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
                    help="wait until every machine runs (and is healthy) or SECONDS pass")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -345,9 +348,35 @@ def _settled(app):
     return "ok" if len(ok) == want == len(ms) else None
 
 
+def format_plan(plan, out):
+    version = plan["version"]
+    out.write(f"{plan['app']}: " + (f"new version {version}\n" if plan["changed"]
+                                    else f"no change to version {version}\n"))
+    for key, d in plan["diff"].items():
+        out.write(f"  {key}: {json.dumps(d['old'])} -> {json.dumps(d['new'])}\n")
+    for c in plan["create"]:
+        out.write(f"create   replica {c['replica']} on {c['host_id'] or '?'}\n")
+    for r in plan["replace"]:
+        verb = "move   " if r["to_host"] and r["to_host"] != r["host_id"] else "replace"
+        out.write(f"{verb}  {r['machine_id']} (replica {r['replica']}, {r['state']}) on "
+                  f"{r['host_id']} -> {r['to_host'] or '?'}\n")
+    for r in plan["destroy"]:
+        out.write(f"destroy  {r['machine_id']} (replica {r['replica']}) on {r['host_id']}\n")
+    for r in plan["keep"]:
+        out.write(f"keep     {r['machine_id']} (replica {r['replica']}) on {r['host_id']}\n")
+    if plan["unplaceable"]:
+        out.write(f"unplaceable: {plan['unplaceable']}\n")
+
+
 async def deploy(reactor, args, out=None):
     out = out or sys.stdout
     spec = _spec(args)
+    if getattr(args, "plan", False):
+        plan = await _with_session(reactor, args, "zwrm.app.plan", args.app, spec)
+        _json(plan, out) if args.json else format_plan(plan, out)
+        if plan["unplaceable"]:
+            raise CliError(f"the deploy would fail: {plan['unplaceable']}", EXIT_REMOTE)
+        return
     session = await connect(reactor, load_settings(args.api_url))
     try:
         app = await call(session, "zwrm.app.deploy", args.app, spec)

@@ -189,6 +189,13 @@ def merge_spec(current, given):
     return out
 
 
+def same_version(a, b):
+    """Whether a machine of spec C{a} may stay under spec C{b}: they differ at most in
+    their replica count."""
+    return {k: v for k, v in (a or {}).items() if k != "replicas"} == \
+        {k: v for k, v in (b or {}).items() if k != "replicas"}
+
+
 def _new_id(prefix):
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
@@ -500,6 +507,74 @@ class Apps:
 
         await self._converge(app, spec, replace=True, store_spec=store_spec)
 
+    @wamp.register("zwrm.app.plan")
+    async def plan(self, name, spec):
+        """
+        What C{zwrm.app.deploy(name, spec)} would do, changing nothing (as C{nomad job
+        plan}): the checked spec's C{diff} against the current version (C{{field: {old,
+        new}}}, secrets as digests), the replicas it would C{create}, the machines it would
+        C{replace} (with C{to_host}: a different host is a move), C{destroy} or C{keep},
+        and C{unplaceable} (the reason, or L{None}).
+
+        @raise zwrm.errors.InvalidArgument: the spec is refused (as deploy would).
+        """
+        if not isinstance(spec, dict):
+            raise errors.InvalidArgument("a deployment spec must be a mapping")
+        _check_name(name, "app name")
+        return await self._in_app_order(name, self._plan_deploy, name, spec)
+
+    async def _plan_deploy(self, name, given):
+        app = await self._app(name)
+        new = validate_spec(merge_spec(app["spec"], given))
+        await self.check_image(new)
+        old_pub, new_pub = public_spec(app["spec"] or {}), public_spec(new)
+        diff = {k: {"old": old_pub.get(k), "new": new_pub.get(k)}
+                for k in sorted(set(old_pub) | set(new_pub)) if old_pub.get(k) != new_pub.get(k)}
+        rows = await self.data.machines.find(app_id=app["id"], order_by="created_at")
+        going, kept, keep, destroy = [], set(), [], []
+        for m in rows:
+            if m["state"] not in LIVE and m["state"] not in ("failed", "stopped"):
+                continue
+            replica = m["spec"]["replica"]
+            entry = {"machine_id": m["id"], "replica": replica, "host_id": m["host_id"],
+                     "state": m["state"]}
+            if replica >= new["replicas"]:
+                destroy.append(entry)
+                going.append(m)
+            elif not same_version(m["spec"].get("app_spec"), new) \
+                    or m["state"] in ("failed", "stopped"):
+                going.append(m)
+            else:
+                kept.add(replica)
+                keep.append(entry)
+        missing = [i for i in range(new["replicas"]) if i not in kept]
+        unplaceable, placed = None, {}
+        await self._placing.acquire()
+        try:
+            lent = self._lend(going)
+            try:
+                planned = await self._plan_all(app, new, missing)
+                placed = {replica: p.host_id for replica, p, _ in planned}
+                for _, p, _ in planned:
+                    self.scheduler.release(p)
+            except errors.Unplaceable as e:
+                unplaceable = e.message
+            finally:
+                self._give_back(lent)
+        finally:
+            self._placing.release()
+        replace, by_replica = [], {}
+        for m in going:
+            if m["spec"]["replica"] < new["replicas"]:
+                by_replica[m["spec"]["replica"]] = m
+                replace.append({"machine_id": m["id"], "replica": m["spec"]["replica"],
+                                "host_id": m["host_id"], "state": m["state"],
+                                "to_host": placed.get(m["spec"]["replica"])})
+        create = [{"replica": i, "host_id": placed.get(i)} for i in missing if i not in by_replica]
+        return {"app": name, "version": (app.get("spec_version") or 0) + (1 if diff else 0),
+                "changed": bool(diff), "diff": diff, "create": create, "replace": replace,
+                "destroy": destroy, "keep": keep, "unplaceable": unplaceable}
+
     @wamp.register("zwrm.app.history")
     async def history(self, name):
         """
@@ -644,7 +719,7 @@ class Apps:
             if only is not None and replica not in only:
                 continue
             unconfirmed = m["state"] == "pending" and m["id"] in self._unconfirmed
-            stale = replace and m["spec"].get("app_spec") != spec
+            stale = replace and not same_version(m["spec"].get("app_spec"), spec)
             down = m["state"] in ("failed", "stopped")  # replaced (a guest that powered off)
             if replica >= spec["replicas"] or stale or down or unconfirmed:
                 going.append((m, unconfirmed))

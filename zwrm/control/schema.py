@@ -498,6 +498,13 @@ PROCEDURES = {p.uri: p for p in [
                                      " left out keeps the current version's value, a field"
                                      " given as null is reset to its default")],
         "the app's status", ["invalid_argument", "not_found", "unplaceable", "unavailable"]),
+    Procedure("zwrm.app.plan", OPERATOR,
+              "What a deploy of this spec would do, changing nothing: the diff against the "
+              "current version and the replicas it would create, replace (and move), "
+              "destroy or keep.",
+              [_APP, Arg("spec", SPEC, doc="as zwrm.app.deploy's")],
+              "{app, version, changed, diff, create, replace, destroy, keep, unplaceable}",
+              ["invalid_argument", "not_found"]),
     Procedure("zwrm.app.history", OPERATOR, "Every spec version of an app, oldest first.", [_APP],
               "[{version, spec, created_at, current}]", ["invalid_argument", "not_found"]),
     Procedure("zwrm.app.rollback", OPERATOR,

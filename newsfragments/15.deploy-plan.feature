@@ -1,0 +1,1 @@
+`zwrm deploy --plan` (`zwrm.app.plan`) shows what a deploy would do without changing anything: the diff against the current version and the replicas it would create, replace, move, destroy or keep, or why it would not fit (then it exits 1). A redeploy that changes only the replica count no longer replaces the running machines.
