@@ -14,6 +14,10 @@ not depend on how loaded the machine is as much as the rates do.
 Usage:
     .venv/bin/python benchmarks/router.py [--quick] [--rounds 3] [--crossbar /opt/crossbar-venv/bin/crossbar]
 
+``--micro`` measures only the router's CPU per message without sockets (a caller, a callee and
+ten subscribers on StringTransports, one frame per read), which load elsewhere on the machine
+barely moves; with ``--other DIR`` beside another checkout's zwrm package.
+
 Rows are the medians of interleaved rounds (zwrm and Crossbar alternate, so load elsewhere
 on the machine hits both); the load average is printed before and after.  Final figures
 need a quiet machine.
@@ -368,6 +372,94 @@ def measure(reactor, url, serializer, sizes, cpu=lambda: 0.0):
     return results
 
 
+def micro_child(n):
+    """
+    Router CPU per message without sockets (printed as JSON): a caller and a callee
+    WebSocket connection on StringTransports, fed N CALL and YIELD frames (one frame per
+    read), then N/4 PUBLISHes to 10 subscribers; process CPU time per call (CALL in,
+    INVOCATION out, YIELD in, RESULT out) and per delivered event.  Load elsewhere on the
+    machine barely moves these figures.
+    """
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from zwrm.wamp.auth import RoleBasedAuthorizer, Rule, StaticAuthenticator
+    from zwrm.wamp.router import Router
+    from zwrm.wamp.transport import websocket_factory
+
+    def frame(obj, mask=b"abcd"):
+        p = json.dumps(obj, separators=(",", ":")).encode()
+        return bytes([0x81, 0x80 | len(p)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(p))
+
+    class T(StringTransport):
+        def unregisterProducer(self):
+            self.producer = None
+
+    router = Router(Clock(), StaticAuthenticator(anonymous=True),
+                    RoleBasedAuthorizer({"anonymous": [Rule("t.", "prefix", ALL)]}))
+    factory = websocket_factory(router)
+
+    def conn():
+        p, t = factory.buildProtocol(None), T()
+        p.makeConnection(t)
+        p.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                       b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                       b"Sec-WebSocket-Protocol: wamp.2.json\r\n\r\n")
+        p.dataReceived(frame([1, "zwrm", {"roles": {"caller": {}, "callee": {}, "publisher": {},
+                                                    "subscriber": {}}}]))
+        t.clear()
+        return p, t
+
+    caller, ct = conn()
+    callee, et = conn()
+    callee.dataReceived(frame([64, 1, {}, "t.echo"]))
+    et.clear()
+    calls = [frame([48, i, {}, "t.echo", [i]]) for i in range(1, n + 1)]
+    yields = [frame([70, i, {}, [i]]) for i in range(1, n + 1)]  # the callee's invocation ids are 1..n
+    t0 = time.process_time()
+    for i in range(n):
+        caller.dataReceived(calls[i])
+        callee.dataReceived(yields[i])
+        if i % 256 == 0:
+            ct.clear()
+            et.clear()
+    per_call = (time.process_time() - t0) / n * 1e6
+    subs = [conn() for _ in range(10)]
+    for p, t in subs:
+        p.dataReceived(frame([32, 1, {}, "t.topic"]))
+        t.clear()
+    pubs = [frame([16, i, {}, "t.topic", [i]]) for i in range(1, n // 4 + 1)]
+    t0 = time.process_time()
+    for i, fr in enumerate(pubs):
+        caller.dataReceived(fr)
+        if i % 64 == 0:
+            for _, t in subs:
+                t.clear()
+    per_event = (time.process_time() - t0) / (len(pubs) * 10) * 1e6
+    print(json.dumps({"call_us": per_call, "event10_us": per_event}))
+
+
+def micro(args):
+    """--micro: L{micro_child} for zwrm (and --other), interleaved rounds, medians."""
+    kinds = [("zwrm", None)] + ([("zwrm-other", args.other)] if args.other else [])
+    got = {k: [] for k, _ in kinds}
+    for _ in range(args.rounds):
+        for kind, source in kinds:
+            env = dict(os.environ)
+            if source:
+                env["PYTHONPATH"] = source + os.pathsep + env.get("PYTHONPATH", "")
+            out = subprocess.run([sys.executable, HERE, "--micro-child", "20000"], env=env,
+                                 capture_output=True, text=True, check=True).stdout
+            got[kind].append(json.loads(out.strip().splitlines()[-1]))
+    print("router CPU per message without sockets (JSON, StringTransport; medians of "
+          f"{args.rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f})")
+    print(f"  {'':44} " + " ".join(f"{k:>11}" for k, _ in kinds))
+    for key, label in (("call_us", "µs per call (CALL, INVOCATION, YIELD, RESULT)"),
+                       ("event10_us", "µs per event delivered (10 subscribers)")):
+        print(f"  {label:44} " + " ".join(f"{statistics.median(r[key] for r in got[k]):>11.1f}"
+                                          for k, _ in kinds))
+
+
 ROWS = [
     ("rpc_seq", "RPC calls/s, sequential", True),
     ("rpc_64", "RPC calls/s, 64 in flight", True),
@@ -450,6 +542,9 @@ if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--serve-zwrm":
         serve_zwrm(int(sys.argv[2]))
         sys.exit(0)
+    if len(sys.argv) > 2 and sys.argv[1] == "--micro-child":
+        micro_child(int(sys.argv[2]))
+        sys.exit(0)
     if len(sys.argv) > 5 and sys.argv[1] == "--worker":
         role, url, ser, n = sys.argv[2:6]
         task.react(lambda reactor: worker(reactor, role, url, ser, int(n)))
@@ -460,5 +555,10 @@ if __name__ == "__main__":
     parser.add_argument("--other", metavar="DIR",
                         help="also measure the zwrm package found in DIR (e.g. an export of the previous commit)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; rows are their medians")
+    parser.add_argument("--micro", action="store_true",
+                        help="only the router's CPU per message without sockets (see micro_child)")
     args = parser.parse_args()
+    if args.micro:
+        micro(args)
+        sys.exit(0)
     task.react(lambda reactor: main(reactor, args))
