@@ -8,12 +8,14 @@ service's log; the session ends with the time of each phase.
 """
 
 import os
+import shutil
 
 import pytest
 
 from tests.acceptance.cluster import Cluster, make_run_dir
 
 _cluster = {}
+_failed = []
 
 
 @pytest.fixture(scope="package")
@@ -25,16 +27,24 @@ def cluster():
     c = Cluster(make_run_dir())
     _cluster["c"] = c
     try:
-        c.setup()
+        try:
+            c.setup()
+        except BaseException:
+            _failed.append("cluster setup")
+            raise
         yield c
     finally:
         c.close()
+        if not _failed:
+            shutil.rmtree(c.run_dir, ignore_errors=True)  # kept (logs, data) after a failure
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
+    if report.failed:
+        _failed.append(item.nodeid)
     c = _cluster.get("c")
     if report.failed and c is not None and "cluster" in getattr(item, "fixturenames", ()):
         report.sections.append(("zwrm service logs", c.log_report()))
@@ -47,4 +57,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line("zwrm acceptance: seconds per phase")
     for name, seconds in c.timings.items():
         terminalreporter.write_line(f"  {seconds:7.1f}  {name}")
-    terminalreporter.write_line(f"  run directory (logs): {c.run_dir}")
+    if os.path.exists(c.run_dir):
+        terminalreporter.write_line(f"  run directory (logs): {c.run_dir}")
