@@ -189,36 +189,67 @@ class ClusterNetworkTests(TestCase):
                                                                    "gw2-dns"))})
         self.assertEqual(res, want)
 
-        # A client keeps getting answers through a1's port while one replica is killed.
+        # A client keeps getting answers through a2's port while host a1 is drained (its
+        # web replica moves to a2, with a new address), then through a1's port while one
+        # replica is killed.  Failed requests are counted: goal zero.
+        hosts = {h["name"]: h["id"] for h in json.loads(await self.cli("host", "list", "--json"))}
+
+        await self.cli("destroy", "other")  # a2 has room for both web replicas only
+
+        async def drain():
+            out = await self.cli("host", "drain", hosts["a1"], "--min-healthy", "2s",
+                                 "--healthy-deadline", "6m", "--deadline", "12m", "--json")
+            self.assertEqual(json.loads(out)["state"], "completed", out)
+
+            async def moved():
+                ms = await self.machines("web")
+                return (len(ms) == 2 and all(m["host_id"] == hosts["a2"] for m in ms)
+                        and all(m["health"] == "passing" for m in ms) and ms)
+
+            return await poll(reactor, moved, 600, 2, "web drained to a2")
+
+        results, ms = await self.under_load(net.address("a2"), drain)
+        self.assertEqual(results["failed"], 0, results)
+        self.assertGreater(results["ok"], 10, results)
+
+        async def kill():
+            victim = ms[0]
+            with open(_pidfile(root, victim["id"])) as f:
+                os.kill(int(f.read().strip()), signal.SIGKILL)
+
+            async def gone():
+                m = [x for x in await self.machines("web") if x["id"] == victim["id"]]
+                return not m or m[0]["state"] != "running" or m[0]["health"] != "passing"
+
+            await poll(reactor, gone, 60, 1, "the killed replica noticed")
+
+        results, _ = await self.under_load(net.address("a1"), kill)
+        self.assertEqual(results["failed"], 0, results)
+
+    async def under_load(self, address, action, after=10):
+        """Requests to C{address}:80 in a loop while C{action()} runs, and C{after} more."""
+        from twisted.internet.defer import ensureDeferred
+
         results = {"ok": 0, "failed": 0}
         stop = []
 
         async def load():
             while not stop:
-                body = await self.fetch(f"http://{net.address('a1')}:80/", timeout=10)
+                body = await self.fetch(f"http://{address}:80/", timeout=10)
                 results["ok" if body and "zwrm test image" in body else "failed"] += 1
                 await deferLater(reactor, 0.2, lambda: None)
 
-        from twisted.internet.defer import ensureDeferred
-
         loop = ensureDeferred(load())
-        await poll(reactor, lambda: results["ok"] >= 3, 60, 0.5, "requests before the kill")
-        victim = ms[0]
-        pidfile = _pidfile(root, victim["id"])
-        with open(pidfile) as f:
-            os.kill(int(f.read().strip()), signal.SIGKILL)
-        before = results["ok"]
-
-        async def gone():
-            m = [x for x in await self.machines("web") if x["id"] == victim["id"]]
-            return not m or m[0]["state"] != "running" or m[0]["health"] != "passing"
-
-        await poll(reactor, gone, 60, 1, "the killed replica noticed")
-        await poll(reactor, lambda: results["ok"] >= before + 10, 120, 0.5,
-                   "requests after the kill")
-        stop.append(True)
-        await loop
-        self.assertEqual(results["failed"], 0, results)
+        try:
+            await poll(reactor, lambda: results["ok"] >= 3, 60, 0.5, "requests before")
+            out = await action()
+            before = results["ok"]
+            await poll(reactor, lambda: results["ok"] >= before + after, 120, 0.5,
+                       "requests after")
+        finally:
+            stop.append(True)
+            await loop
+        return dict(results), out
 
     async def console_has(self, mid, text):
         return text in (await self.console(mid) or "")
@@ -268,5 +299,6 @@ async def _run_env(net, host, argv, env, check=True):
         timer.cancel()
     out = b"".join(p.out).decode(errors="replace")
     if code and check:
-        raise RuntimeError(f"{argv[-3:]} exited {code}: {b''.join(p.err).decode()[-500:]}")
+        raise RuntimeError(f"{argv[-3:]} exited {code}: {b''.join(p.err).decode()[-500:]}"
+                           f"{out[-1500:]}")
     return out
