@@ -19,7 +19,7 @@ stays with that replica).
 import itertools
 
 from twisted.internet import protocol
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 log = Logger()
@@ -31,6 +31,12 @@ class _Pipe(protocol.Protocol):
     """One side of a proxied connection; writes what it receives to its C{peer}."""
 
     peer = None
+    connected_d = None
+
+    def connectionMade(self):
+        d, self.connected_d = self.connected_d, None
+        if d is not None:
+            d.callback(self)
 
     def dataReceived(self, data):
         self.peer.transport.write(data)
@@ -75,6 +81,26 @@ class Route:
         start = next(self._rr) % len(live)
         ordered = live[start:] + live[:start]
         return sorted(ordered, key=lambda b: len(b.conns))  # stable: ties stay round robin
+
+
+class _UpFactory(protocol.ClientFactory):
+    """Connects one L{_Pipe} to a replica; C{d} fires when connected, fails if not."""
+
+    noisy = False
+
+    def __init__(self, pipe, d):
+        self.pipe = pipe
+        self.d = d
+
+    def buildProtocol(self, addr):
+        return self.pipe
+
+    def startedConnecting(self, connector):
+        pass
+
+    def clientConnectionFailed(self, connector, reason):
+        if not self.d.called:
+            self.d.errback(reason)
 
 
 class _Client(protocol.Protocol):
@@ -140,11 +166,11 @@ class _Client(protocol.Protocol):
             self._refuse(b"503 Service Unavailable")
             return
         backend = options[0]
-        ep = TCP4ClientEndpoint(self.listener.reactor, backend.host, backend.port,
-                                timeout=self.listener.connect_timeout)
         up = _Pipe()
         backend.conns.add(self)  # counted while connecting too (least connections)
-        d = connectProtocol(ep, up)
+        d = up.connected_d = Deferred()
+        self.listener.reactor.connectTCP(backend.host, backend.port, _UpFactory(up, d),
+                                         timeout=self.listener.connect_timeout)
 
         def connected(_):
             if self.closed:
