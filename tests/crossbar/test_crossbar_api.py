@@ -261,3 +261,27 @@ class ConfigTests(SynchronousTestCase):
         open(empty, "w").close()
         self.refused("is empty", **dict(good, router_ticket_file=empty))
         self.refused("No such file", **dict(good, router_ticket_file=empty + ".missing"))
+
+
+class LearnRegistryTests(TestCase):
+    async def test_cli_learns_registry_url(self):
+        """
+        The CLI takes the registry's address from zwrm.cluster.info when the control plane
+        gives one, and falls back to its WAMP URL's host and port when it gives none or
+        cannot be asked.
+        """
+        from zwrm.cli.images import learn_registry_url
+
+        elsewhere = "http://127.0.0.1:9"
+        plane = await start_plane(self, registry_url=elsewhere, console_url="http://c.example")
+        settings = {"url": plane.url, "token": plane.operator_token, "authid": "operator",
+                    "timeout": 30}
+        self.assertEqual(await learn_registry_url(reactor, settings), elsewhere)
+        info = await plane.session.call("zwrm.cluster.info")
+        self.assertEqual((info["registry_url"], info["console_url"]),
+                         (elsewhere, "http://c.example"))
+        plain = await start_plane(self)
+        self.assertIsNone(await learn_registry_url(
+            reactor, dict(settings, url=plain.url, token=plain.operator_token)))
+        self.assertIsNone(await learn_registry_url(
+            reactor, dict(settings, url=plane.url, token="wrong")))
