@@ -3,7 +3,7 @@ Control-plane time from a host going offline to its stateless replicas placed el
 and their start calls issued.
 
     .venv/bin/python benchmarks/recovery.py [--hosts 1000] [--machines 10000]
-        [--on-host 100] [--goal 1.0] [--db file|memory]
+        [--on-host 100] [--goal 1.0] [--db file|memory] [--without-view]
 
 It seeds a fresh store (SQLite in a temporary directory) with C{--hosts} hosts and
 C{--machines} running machines (100 apps; replica 0..C{--on-host}-1 of the apps are on the
@@ -112,6 +112,8 @@ async def main(reactor, args):
         for entry in registry.hosts.entries():
             entry.executor = True  # as if every agent had registered
         apps = Apps(reactor, store, registry, Scheduler(load_strategy("spread")), None)
+        if args.without_view:
+            apps.network_view.close()  # no cluster network view pushed to the agents
         t = time.perf_counter()
         restored = await apps.load()
         print(f"loaded: {restored} placements restored in {time.perf_counter() - t:.1f} s")
@@ -152,6 +154,9 @@ if __name__ == "__main__":
     parser.add_argument("--machines", type=int, default=10000)
     parser.add_argument("--on-host", type=int, default=100)
     parser.add_argument("--goal", type=float, default=1.0)
+    parser.add_argument("--without-view", action="store_true",
+                        help="do not push the cluster network view (zwrm.control.network) to "
+                             "every agent after each change: only the healing path")
     parser.add_argument("--db", choices=["file", "memory"], default="file",
                         help="the store on disk (as deployed) or in memory (no fsync: the "
                              "control plane's own work)")

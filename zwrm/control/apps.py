@@ -679,7 +679,7 @@ class Apps:
 
         @raise zwrm.errors.Unplaceable: one does not fit; nothing was changed.
         """
-        apps = [a for a in await self.data.apps.all() if a["id"] == app_id]
+        apps = await self._store.select("apps", "id = ?", [app_id])
         if not apps:
             return
         return await self._in_app_order(apps[0]["name"], self._reschedule, apps[0]["name"],
