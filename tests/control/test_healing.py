@@ -148,6 +148,21 @@ class RestartTests(TestCase):
         return bool(ms) and all(m["state"] == "running" for m in ms)
 
     @d
+    async def test_due_restart_survives_a_control_plane_restart(self):
+        c, h, m = await self.one()
+        driver(c, "h-a").crash(m["id"])
+        await settle(c, h)
+        h.stop()  # the control plane stops: its timers are gone
+        c.clock.advance(60)
+        self.assertEqual((await c.machines("web"))[0]["state"], "failed")
+        h2 = await healer_for(c)
+        self.assertEqual(await h2.resume(), 1)
+        c.clock.advance(0)  # it is late: at once
+        await settle(c, h2)
+        await poll(lambda: self._running(c), what="the restart after resume")
+        self.assertEqual((await c.machines("web"))[0]["restarts"], 1)
+
+    @d
     async def test_never_and_on_failure(self):
         c, h, m = await self.one(restart="never")
         driver(c, "h-a").crash(m["id"])

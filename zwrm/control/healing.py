@@ -172,6 +172,24 @@ class Healer:
         self._unsubscribe = [self._data.machines.subscribe(self._machine_event),
                              self._data.hosts.subscribe(self._host_event)]
 
+    async def resume(self):
+        """
+        After a control plane start: set the timers of the restarts that were due (their
+        C{next_at} is stored on the machine); one already late runs at once.
+
+        @return: how many restarts were scheduled.
+        """
+        n = 0
+        now = self._clock.seconds()
+        for row in await self._data.machines.find(states=("failed", "stopped")):
+            next_at = ((row.get("health") or {}).get("restart") or {}).get("next_at")
+            if next_at is None or row["id"] in self._timers:
+                continue
+            self._later(self._timers, row["id"], max(0.0, next_at - now), self._restart,
+                        row["id"])
+            n += 1
+        return n
+
     def stop(self):
         """Stop following events and cancel every timer."""
         for u in self._unsubscribe:
@@ -339,8 +357,12 @@ class Healer:
         if row is None or row["state"] not in ("stopped", "failed"):
             return
         if not self._apps._hosts.executor_available(row["host_id"]):
+            # its host went away meanwhile: host loss (or its return) takes it from here
+            await self._note(mid, f"not restarted: host {row['host_id']} is unreachable",
+                             next_at=None)
             return
         if await self._wanted(row) is None:
+            await self._note(mid, "not restarted: its app no longer wants it", next_at=None)
             return
         apps = self._apps
         await apps._placing.acquire()

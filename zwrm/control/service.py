@@ -265,6 +265,7 @@ class ControlPlane(service.MultiService):
             partition_threshold=getattr(cfg, "partition_threshold", 0.55),
             eviction_interval=getattr(cfg, "eviction_interval", 10.0))
         self.monitor.after_check.append(self.healer.check_done)
+        await self.healer.resume()  # restarts that were due before a restart of ours
         images.expiry_service().setServiceParent(self)  # abandoned uploads go within 20 min
         self._flusher = task.LoopingCall(self._flush)
         self._flusher.clock = self.reactor
