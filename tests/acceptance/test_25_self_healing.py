@@ -1,0 +1,55 @@
+"""
+Step: apps that stay up.  A redeploy with an image tag that is not in the registry exits 1
+and leaves the serving machine as it was; a C{kill -9} of the machine's QEMU is restarted on
+its host (same machine, same volume, the data still there).  Updates
+C{cluster.state["app"]["machine"]} (its service port may change with the restart).
+"""
+
+import glob
+import os
+import signal
+
+import pytest
+
+from tests.acceptance.cluster import poll
+
+pytestmark = pytest.mark.acceptance
+
+
+def test_bad_redeploy_changes_nothing(cluster):
+    if "app" not in cluster.state:
+        pytest.fail("needs the deploy step (test_20_deploy.py) to have passed")
+    app = cluster.state["app"]
+    before = cluster.zwrm_json("status", app["name"])
+    out = cluster.sh("client", ["zwrm", "deploy", app["name"], "--image", "demo:no-such-tag"],
+                     env={"HOME": cluster.client_home}, ok=(1,))
+    assert "not in the registry" in out.stderr
+    after = cluster.zwrm_json("status", app["name"])
+    assert after["spec_version"] == before["spec_version"]
+    assert [(m["id"], m["state"]) for m in after["machines"]] == [
+        (m["id"], "running") for m in before["machines"]]
+    assert app["data"].decode() in cluster.app_request(after["machines"][0], "/")
+
+
+def test_killed_qemu_is_restarted_on_its_host(cluster):
+    if "app" not in cluster.state:
+        pytest.fail("needs the deploy step (test_20_deploy.py) to have passed")
+    app = cluster.state["app"]
+    [machine] = cluster.zwrm_json("status", app["name"])["machines"]
+    host = cluster.host_of(machine["host_id"])
+    [pidfile] = glob.glob(os.path.join(cluster.host_dir(host), "**", machine["id"], "qemu.pid"),
+                          recursive=True)
+    with open(pidfile) as f:
+        os.kill(int(f.read().strip()), signal.SIGKILL)
+
+    with cluster.phase("kill -9 of QEMU until restarted and healthy"):
+        def healthy_again():
+            [m] = cluster.zwrm_json("status", app["name"])["machines"]
+            return m["restarts"] >= 1 and m["state"] == "running" and m["health"] == "passing" \
+                and m
+
+        m = poll(healthy_again, 300, interval=1.0, what="the machine restarted and healthy")
+    assert (m["id"], m["host_id"]) == (machine["id"], machine["host_id"])
+    assert "RESTARTS" in cluster.zwrm("status", app["name"])
+    assert app["data"].decode() in cluster.app_request(m, "/")
+    app["machine"] = m
