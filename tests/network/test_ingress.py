@@ -1,6 +1,7 @@
 """The ingress proxy over real loopback sockets (replicas are small web servers)."""
 
 from twisted.internet import reactor
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
@@ -117,3 +118,27 @@ class IngressTests(TestCase):
         self.assertEqual(lp.getHost().host, "127.0.0.1")
         self.assertEqual(await self.get(lp.getHost().port), "replica a")
 
+
+
+class _Dies(Protocol):
+    """A replica whose service is going away: it accepts, then closes without a word."""
+
+    def dataReceived(self, data):
+        self.transport.loseConnection()
+
+
+class ReplayTests(TestCase):
+    async def test_a_replica_that_closes_before_answering_gets_no_request_lost(self):
+        good = reactor.listenTCP(0, server.Site(_Page("good")), interface="127.0.0.1")
+        self.addCleanup(good.stopListening)
+        dying = reactor.listenTCP(0, Factory.forProtocol(_Dies), interface="127.0.0.1")
+        self.addCleanup(dying.stopListening)
+        ing = Ingress(reactor, interface="127.0.0.1")
+        self.addCleanup(ing.close)
+        port = free_port()
+        ing.set_routes({port: {"mode": "tcp", "routes": {None: [
+            {"key": "dying", "host": "127.0.0.1", "port": dying.getHost().port},
+            {"key": "good", "host": "127.0.0.1", "port": good.getHost().port}]}}})
+        for _ in range(6):
+            raw = await http_get(reactor, "127.0.0.1", port)
+            self.assertTrue(raw.endswith(b"replica good"), raw)

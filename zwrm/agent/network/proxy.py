@@ -47,6 +47,32 @@ class _Pipe(protocol.Protocol):
             self.peer = None
 
 
+class _Upstream(_Pipe):
+    """
+    The connection to a replica.  Until the replica sends its first byte, the client's
+    bytes are kept (up to C{MAX_HEAD}); a replica that closes before answering (it was
+    stopping, its service died) gets the connection replayed to another replica.
+    """
+
+    client = None
+
+    def dataReceived(self, data):
+        c = self.client
+        if not c.replied:
+            c.replied = True
+            c.couple()
+        _Pipe.dataReceived(self, data)
+
+    def connectionLost(self, reason):
+        c = self.client
+        if (c is not None and self.peer is c and not c.replied and c.sent is not None
+                and not c.closed):
+            self.peer = None
+            c.retry()
+            return
+        _Pipe.connectionLost(self, reason)
+
+
 def _nodelay(transport):
     """Small writes go out at once (a proxy must not add Nagle's delay to each hop)."""
     try:
@@ -113,6 +139,10 @@ class _Client(protocol.Protocol):
         self.backend = None
         self.upstream = None
         self.closed = False
+        self.replied = False
+        self.sent = b""  # what the replica got before it answered (None: too much to replay)
+        self.route = None
+        self.tried = ()
 
     def connectionMade(self):
         _nodelay(self.transport)
@@ -120,8 +150,38 @@ class _Client(protocol.Protocol):
             self.transport.pauseProducing()  # until the replica is connected
             self._choose(self.listener.route_for(None))
 
+    def _remember(self, data):
+        if self.sent is not None and not self.replied:
+            self.sent += data
+            if len(self.sent) > MAX_HEAD:
+                self.couple()
+
+    def couple(self):
+        """
+        No replay from now on: the client's bytes are no longer kept, and the replica's
+        connection paces the client (backpressure).  Not before: a replica connection
+        that ends stops its producer, which would end the client's connection too.
+        """
+        self.sent = None
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.registerProducer(self.transport, True)
+
+    def retry(self):
+        """The replica closed without answering: replay what it got to another one."""
+        backend, self.upstream = self.backend, None
+        if isinstance(backend, Backend):
+            backend.conns.discard(self)
+            self.tried = tuple(self.tried) + (backend.key,)
+        self.transport.unregisterProducer()
+        self.transport.pauseProducing()
+        self.buffer, self.sent = self.sent + self.buffer, b""
+        log.info("ingress: {b} closed before answering; trying another",
+                 b=getattr(backend, "host", "?"))
+        self._choose(self.route, self.tried)
+
     def dataReceived(self, data):
         if self.upstream is not None:
+            self._remember(data)
             self.upstream.transport.write(data)
             return
         self.buffer += data
@@ -160,13 +220,15 @@ class _Client(protocol.Protocol):
     def _choose(self, route, tried=()):
         if self.closed:
             return
+        self.route, self.tried = route, tuple(tried)
         options = [b for b in (route.candidates() if route else []) if b.key not in tried]
         if not options:
             self.listener.failed += 1
             self._refuse(b"503 Service Unavailable")
             return
         backend = options[0]
-        up = _Pipe()
+        up = _Upstream()
+        up.client = self
         backend.conns.add(self)  # counted while connecting too (least connections)
         d = up.connected_d = Deferred()
         self.listener.reactor.connectTCP(backend.host, backend.port, _UpFactory(up, d),
@@ -181,8 +243,8 @@ class _Client(protocol.Protocol):
             _nodelay(up.transport)
             up.peer = self
             self.transport.registerProducer(up.transport, True)
-            up.transport.registerProducer(self.transport, True)
             if self.buffer:
+                self._remember(self.buffer)
                 up.transport.write(self.buffer)
                 self.buffer = b""
             self.transport.resumeProducing()
