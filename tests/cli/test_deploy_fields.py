@@ -65,3 +65,14 @@ class PlanFormatTests(SynchronousTestCase):
         self.assertIn("move     m-1 (replica 0, running) on h-a -> h-b", text)
         self.assertIn("create   replica 2 on h-b", text)
         self.assertTrue(parse("deploy", "web", "--image", "x:1", "--plan").plan)
+
+
+class RollingArgsTests(SynchronousTestCase):
+    def test_update_settings(self):
+        spec = _spec(parse("deploy", "web", "--image", "x:1", "--rolling"))
+        self.assertEqual(spec["update"], {})
+        spec = _spec(parse("deploy", "web", "--image", "x:1", "--max-parallel", "2",
+                           "--no-auto-revert"))
+        self.assertEqual(spec["update"], {"max_parallel": 2, "auto_revert": False})
+        self.assertIsNone(_spec(parse("deploy", "web", "--image", "x:1", "--clear",
+                                      "rolling"))["update"])

@@ -76,6 +76,16 @@ def register(subparsers):
                    help="at most N restarts within --restart-interval (default 10)")
     p.add_argument("--restart-interval", type=float, metavar="SECONDS",
                    help="the window of --max-restarts (default 1800)")
+    p.add_argument("--rolling", action="store_true",
+                   help="replace running machines one batch at a time (a rolling update)")
+    p.add_argument("--max-parallel", type=int, metavar="N",
+                   help="rolling update: machines replaced at a time (default 1)")
+    p.add_argument("--min-healthy-time", type=float, metavar="SECONDS",
+                   help="rolling update: how long a new machine must stay healthy (default 10)")
+    p.add_argument("--healthy-deadline", type=float, metavar="SECONDS",
+                   help="rolling update: how long a new machine may take (default 300)")
+    p.add_argument("--no-auto-revert", action="store_true",
+                   help="rolling update: stop on failure, do not go back to the previous version")
     p.add_argument("--clear", action="append", default=[], metavar="FIELD",
                    choices=sorted(CLEARABLE),
                    help="reset a field of the current version to its default (repeatable); "
@@ -166,7 +176,7 @@ def register(subparsers):
 CLEARABLE = {"region": "region", "datacenter": "datacenter", "port": "service_port",
              "health": "health", "volumes": "volumes", "constraints": "constraints",
              "cloud-init": "cloud_init", "publish": "publish", "domain": "domain",
-             "restart": "restart"}
+             "restart": "restart", "rolling": "update"}
 """C{zwrm deploy --clear FIELD}: the spec field it resets."""
 
 
@@ -217,6 +227,14 @@ def _spec(args):
                if v is not None}
     if restart:
         spec["restart"] = restart
+    update = {k: v for k, v in (("max_parallel", getattr(args, "max_parallel", None)),
+                                ("min_healthy_time", getattr(args, "min_healthy_time", None)),
+                                ("healthy_deadline", getattr(args, "healthy_deadline", None)))
+              if v is not None}
+    if getattr(args, "no_auto_revert", False):
+        update["auto_revert"] = False
+    if update or getattr(args, "rolling", False):
+        spec["update"] = update
     for field in getattr(args, "clear", None) or []:
         spec[CLEARABLE[field]] = None
     if constraints:

@@ -96,7 +96,7 @@ def validate_spec(spec):
         raise errors.InvalidArgument("a deployment spec must be a mapping")
     known = {"image", "vcpus", "memory_mb", "replicas", "region", "datacenter",
              "service_port", "health", "volumes", "constraints", "cloud_init", "publish", "domain",
-             "restart"}
+             "restart", "update"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise errors.InvalidArgument(f"unknown deployment field(s): {', '.join(unknown)}")
@@ -132,6 +132,8 @@ def validate_spec(spec):
         raise errors.InvalidArgument("a health check needs a service_port")
     if spec.get("restart") is not None:  # the restart policy (zwrm.control.healing)
         out["restart"] = healing.validate_restart(spec["restart"])
+    if spec.get("update") is not None:  # a rolling update (Apps._rolling)
+        out["update"] = _check_update(spec["update"])
     vols = spec.get("volumes") or []
     if not isinstance(vols, list):
         raise errors.InvalidArgument("volumes must be a list of {name, size_mb, mount}")
@@ -172,6 +174,31 @@ def _check_health(health):
                 f"health unhealthy_threshold must be a whole number from 1 to 1000, "
                 f"not {threshold!r}")
         out["unhealthy_threshold"] = threshold
+    return out
+
+
+UPDATE_DEFAULTS = {"max_parallel": 1, "min_healthy_time": 10.0, "healthy_deadline": 300.0,
+                   "auto_revert": True}
+
+
+def _check_update(update):
+    """A spec's rolling-update settings, with every key (see L{Apps._rolling})."""
+    if not isinstance(update, dict):
+        raise errors.InvalidArgument("update must be a mapping")
+    unknown = sorted(set(update) - set(UPDATE_DEFAULTS))
+    if unknown:
+        raise errors.InvalidArgument(f"unknown update field(s): {', '.join(unknown)}")
+    out = dict(UPDATE_DEFAULTS, **{k: v for k, v in update.items() if v is not None})
+    out["max_parallel"] = _int(out, "max_parallel", 1, 1000, 1)
+    for key, high in (("min_healthy_time", 3600), ("healthy_deadline", 86400)):
+        v = out[key]
+        if not isinstance(v, int | float) or isinstance(v, bool) or not 0 <= v <= high:
+            raise errors.InvalidArgument(f"update {key} must be seconds from 0 to {high}, not {v!r}")
+        out[key] = float(v)
+    if out["healthy_deadline"] < out["min_healthy_time"]:
+        raise errors.InvalidArgument("update healthy_deadline must not be below min_healthy_time")
+    if not isinstance(out["auto_revert"], bool):
+        raise errors.InvalidArgument("update auto_revert must be true or false")
     return out
 
 
@@ -505,7 +532,89 @@ class Apps:
         async def store_spec():
             await self.data.apps.set_spec(app, spec, "deployed", **extra)
 
+        if spec.get("update") is not None and app["spec"] is not None:
+            stale = [m for m in await self.data.machines.find(app_id=app["id"], states=("running",))
+                     if m["spec"]["replica"] < spec["replicas"]
+                     and not same_version(m["spec"].get("app_spec"), spec)]
+            if stale:
+                return await self._rolling(app, dict(app["spec"]), spec, stale, store_spec)
         await self._converge(app, spec, replace=True, store_spec=store_spec)
+
+    async def _rolling(self, app, old_spec, spec, stale, store_spec):
+        """
+        A rolling update (the spec's C{update}: C{max_parallel}, C{min_healthy_time},
+        C{healthy_deadline}, C{auto_revert}): the new spec is stored, the replicas that do
+        not run an old version are converged at once, then the running old ones are
+        replaced C{max_parallel} at a time.  A replica without volumes gets its new machine
+        first (on any host) and loses the old one only once the new one has been healthy
+        for C{min_healthy_time} within C{healthy_deadline}; one with volumes is replaced in
+        place (its volumes pin it).  If a new machine does not become healthy, the update
+        stops: its new machines are removed and, with C{auto_revert}, the previous version
+        is deployed again (the old machines not yet replaced never stopped).
+
+        @raise zwrm.errors.Unavailable: the update failed (saying whether it was reverted).
+        """
+        update = spec["update"]
+        stale.sort(key=lambda m: m["spec"]["replica"])
+        old_replicas = {m["spec"]["replica"] for m in stale}
+        await store_spec()
+        rest = set(range(max(spec["replicas"], old_spec["replicas"]))) - old_replicas
+        if rest:
+            await self._converge(app, spec, replace=True, only=rest)
+        n = update["max_parallel"]
+        for start in range(0, len(stale), n):
+            batch = stale[start:start + n]
+            try:
+                await self._replace_batch(app, spec, batch, update)
+            except errors.ZwrmError as e:
+                reason = e.message
+                if update["auto_revert"]:
+                    revert = dict(old_spec)
+                    await self.data.apps.set_spec(app, revert, "deployed", reverted=True,
+                                                  reason_detail=reason)
+                    await self._converge(app, revert, replace=True)
+                    raise errors.Unavailable(
+                        f"the update of {app['name']} failed ({reason}); reverted to the "
+                        f"previous version (now version {app['spec_version']})") from None
+                raise errors.Unavailable(
+                    f"the update of {app['name']} stopped ({reason})") from None
+
+    async def _replace_batch(self, app, spec, batch, update):
+        """Replace the old machines of C{batch} (see L{_rolling})."""
+        surge = [m for m in batch if not m["spec"]["volumes"]]
+        in_place = [m for m in batch if m["spec"]["volumes"]]
+        new_rows = []
+        if surge:
+            await self._placing.acquire()
+            try:
+                planned = await self._plan_all(app, spec, [m["spec"]["replica"] for m in surge])
+            finally:
+                self._placing.release()
+            for replica, placement, volumes in planned:
+                new_rows.append(await self._store_replica(app, spec, replica, placement, volumes))
+        if in_place:
+            for m in in_place:
+                await self._converge(app, spec, replace=True, only={m["spec"]["replica"]})
+            replicas = {m["spec"]["replica"] for m in in_place}
+            new_rows += [r for r in await self.data.machines.find(app_id=app["id"])
+                         if r["spec"]["replica"] in replicas and r["id"] not in
+                         {m["id"] for m in in_place}]
+        if surge:
+            await self._start_all(new_rows[:len(surge)])
+        try:
+            for row in new_rows:
+                await self.data.machines.wait_healthy(
+                    row["id"], update["healthy_deadline"], update["min_healthy_time"])
+        except errors.ZwrmError:
+            for row in new_rows:
+                fresh = await self.data.machines.get(row["id"])
+                if fresh is not None:
+                    await self.remove_machine(fresh)
+            raise
+        for m in surge:
+            fresh = await self.data.machines.get(m["id"])
+            if fresh is not None:
+                await self.remove_machine(fresh)
 
     @wamp.register("zwrm.app.plan")
     async def plan(self, name, spec):
