@@ -494,7 +494,8 @@ PROCEDURES = {p.uri: p for p in [
         "zwrm.app.deploy", OPERATOR,
         "Store a spec as the app's spec and converge its machines to it.",
         [_APP, Arg("spec", SPEC, doc="{image, vcpus, memory_mb, replicas, region, datacenter,"
-                                     " service_port, health, volumes, restart, ...}: a field"
+                                     " service_port, health, volumes, restart, update, ...}:"
+                                     " a field"
                                      " left out keeps the current version's value, a field"
                                      " given as null is reset to its default")],
         "the app's status", ["invalid_argument", "not_found", "unplaceable", "unavailable"]),
