@@ -385,3 +385,20 @@ class ControlPlaneGuardTests(unittest.TestCase):
             b"Content-Length: 314572800\r\n\r\n" + b"x" * 65536)
         data = await defer.Deferred.addTimeout(p.ended, 20, reactor)
         self.assertTrue(data.startswith(b"HTTP/1.1 401 "), data[:200])
+
+
+class GuardConfigTests(unittest.SynchronousTestCase):
+    def test_flags(self):
+        from twisted.python import usage
+
+        from zwrm.control.tap import Options
+
+        o = Options()
+        o.parseOptions(["--data-dir", self.mktemp(), "--registry-header-timeout", "3",
+                        "--registry-body-timeout", "60", "--registry-idle-timeout", "5",
+                        "--registry-upload-ttl", "120"])
+        c = o.config
+        self.assertEqual((c.registry_header_timeout, c.registry_body_timeout,
+                          c.registry_idle_timeout, c.registry_upload_ttl), (3, 60, 5, 120))
+        with self.assertRaises(usage.UsageError):
+            Options().parseOptions(["--data-dir", self.mktemp(), "--registry-idle-timeout", "0"])

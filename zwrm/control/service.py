@@ -235,7 +235,8 @@ class ControlPlane(service.MultiService):
         restored = await self.apps.load()
         self.drains = Drains(self.reactor, self.store, self.registry, self.apps, self._publish)
         images = make_registry_resource(
-            self.reactor, os.path.join(data_dir, "registry"), TicketAuthorizer(authenticator))
+            self.reactor, os.path.join(data_dir, "registry"), TicketAuthorizer(authenticator),
+            upload_ttl=cfg.registry_upload_ttl)
         image_api = ImageAPI(self.reactor, images.store, delete_enabled=images.delete_enabled)
         self.apps.images = image_api  # deploys are checked against the registry
         apis = [
@@ -276,7 +277,9 @@ class ControlPlane(service.MultiService):
             self.root.putChild(b"ws", WebSocketResource(ws_factory))
         self.root.putChild(b"v2", images)
         # The registry's guard: credentials before bodies, bounded header and body times.
-        site = server.Site(self.root, requestFactory=registry_request_factory(self.reactor, images))
+        site = server.Site(self.root, requestFactory=registry_request_factory(
+            self.reactor, images, header_timeout=cfg.registry_header_timeout,
+            body_timeout=cfg.registry_body_timeout, body_idle_timeout=cfg.registry_idle_timeout))
         site.noisy = False
         urls = []
         for description in cfg.listen:

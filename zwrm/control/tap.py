@@ -69,6 +69,10 @@ class Config:
     gc_interval: float = 5.0
     gc_churn: float = 0.25
     gc_growth: float = 1.0
+    registry_header_timeout: float = 10.0
+    registry_body_timeout: float = 3600.0
+    registry_idle_timeout: float = 30.0
+    registry_upload_ttl: float = 900.0
     registry_url: str | None = None
     console_url: str | None = None
     router_url: str | None = None
@@ -122,6 +126,10 @@ FILE_KEYS = {
     ("gc", "interval"): ("gc_interval", float),
     ("gc", "churn"): ("gc_churn", float),
     ("gc", "growth"): ("gc_growth", float),
+    ("registry", "header_timeout"): ("registry_header_timeout", float),
+    ("registry", "body_timeout"): ("registry_body_timeout", float),
+    ("registry", "idle_timeout"): ("registry_idle_timeout", float),
+    ("registry", "upload_ttl"): ("registry_upload_ttl", float),
 }
 
 GC_POLICIES = ("freeze", "python")
@@ -310,6 +318,14 @@ class Options(usage.Options):
          "Full collection once this fraction of the sessions closed (default 0.25)."],
         ["gc-growth", None, None,
          "... or once the frozen heap grew by this fraction (default 1.0)."],
+        ["registry-header-timeout", None, None,
+         "Seconds a registry request may take to send its headers (default 10)."],
+        ["registry-body-timeout", None, None,
+         "Seconds a registry upload body may take in all (default 3600)."],
+        ["registry-idle-timeout", None, None,
+         "Seconds a registry upload body may stall (default 30)."],
+        ["registry-upload-ttl", None, None,
+         "Seconds an untouched upload session is kept (default 900)."],
     ]
     optFlags = [
         ["insecure-listen", None, "Allow plain listeners beyond loopback."],
@@ -343,6 +359,10 @@ class Options(usage.Options):
             "gc-interval": ("gc_interval", float),
             "gc-churn": ("gc_churn", float),
             "gc-growth": ("gc_growth", float),
+            "registry-header-timeout": ("registry_header_timeout", float),
+            "registry-body-timeout": ("registry_body_timeout", float),
+            "registry-idle-timeout": ("registry_idle_timeout", float),
+            "registry-upload-ttl": ("registry_upload_ttl", float),
             "registry-url": ("registry_url", str),
             "console-url": ("console_url", str),
             "router-url": ("router_url", str),
