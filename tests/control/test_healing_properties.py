@@ -1,6 +1,6 @@
 """
 Property tests of self-healing (hypothesis): over random sequences of host losses and
-returns, machine crashes, scales and clock ticks, an app never has more machines running
+returns, machine crashes, scales, redeploys and clock ticks, an app never has more machines running
 on reachable hosts than its replica count, never more records than replicas, and once
 every host is back it converges to exactly its replica count, all running.
 
@@ -26,6 +26,7 @@ OPS = st.one_of(
     st.tuples(st.just("back"), st.sampled_from(HOSTS)),
     st.tuples(st.just("crash"), st.integers(0, 3)),
     st.tuples(st.just("scale"), st.integers(0, 4)),
+    st.tuples(st.just("deploy"), st.sampled_from([256, 300])),
     st.tuples(st.just("tick"), st.sampled_from([1, 5, 10, 60])),
 )
 
@@ -80,6 +81,11 @@ class Model:
             except errors.ZwrmError:
                 pass
             self.replicas = (await c.apps.app_status("web"))["spec"]["replicas"]
+        elif kind == "deploy":
+            try:
+                await c.apps.deploy("web", {"memory_mb": arg})
+            except errors.ZwrmError:
+                pass
         elif kind == "tick":
             c.clock.advance(arg)
             h.check_done([])
