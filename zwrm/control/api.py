@@ -61,7 +61,7 @@ class AgentAPI:
         """
         @param registry: the L{HostRegistry}.
         @param machines: the L{zwrm.control.apps.Apps} that applies machine events (in
-            order, releasing capacity); without it the registry stores them as they come.
+            order, releasing capacity); needed for C{zwrm.agent.report} of one event.
         @param pki: the L{zwrm.control.tokens.ControlPKI} that signs joining hosts'
             certificate requests, or L{None} (then C{csr} is refused).
         """
@@ -153,9 +153,7 @@ class AgentAPI:
         """
         host_id = _caller(details)
         if isinstance(report, dict):
-            if self.machines is not None:
-                return await self.machines.machine_event(report, details=details)
-            return await self.registry.machine_report(host_id, report)
+            return await self.machines.machine_event(report, details=details)
         return await self.registry.reconcile(host_id, report or [])
 
 
