@@ -25,6 +25,7 @@ OPS = st.one_of(
     st.tuples(st.just("lose"), st.sampled_from(HOSTS)),
     st.tuples(st.just("back"), st.sampled_from(HOSTS)),
     st.tuples(st.just("crash"), st.integers(0, 3)),
+    st.tuples(st.just("crash_db"), st.just(0)),
     st.tuples(st.just("scale"), st.integers(0, 4)),
     st.tuples(st.just("deploy"), st.sampled_from([256, 300])),
     st.tuples(st.just("tick"), st.sampled_from([1, 5, 10, 60])),
@@ -49,14 +50,16 @@ class Model:
     def __init__(self, c, h):
         self.c, self.h = c, h
         self.replicas = 2
+        self.db_id = None  # the volume replica's machine (never moves)
 
-    def running_on_reachable(self):
+    def running_on_reachable(self, db=False):
+        """Copies of web's (or db's) machines running on hosts that are not offline."""
         n = 0
         for host_id in HOSTS:
             if self.c.registry.state(host_id) == "offline":
                 continue
             n += sum(1 for m in self.c.executors[host_id][0].list_machines()
-                     if m["state"] == "running")
+                     if m["state"] == "running" and (m["id"] == self.db_id) == db)
         return n
 
     async def apply(self, op):
@@ -69,6 +72,10 @@ class Model:
         elif kind == "back" and c.registry.state(arg) == "offline":
             await c.registry.register(arg, dict(FACTS, name=arg))
             await c.registry.reconcile(arg, c.executors[arg][0].list_machines())
+        elif kind == "crash_db":
+            for m in await c.machines("db"):
+                if m["state"] == "running" and c.registry.state(m["host_id"]) != "offline":
+                    driver(c, m["host_id"]).crash(m["id"])
         elif kind == "crash":
             for m in await c.machines("web"):
                 if m["replica"] == arg and m["state"] == "running" \
@@ -93,10 +100,13 @@ class Model:
         await settle(c, h)
 
     async def check(self, trace):
+        db = await self.c.machines("db")
+        assert len(db) <= 1, (trace, db)  # a replica with a volume: never two copies
         records = await self.c.machines("web")
         assert len(records) <= self.replicas, (trace, records)
         assert len({m["replica"] for m in records}) == len(records), (trace, records)
         assert self.running_on_reachable() <= self.replicas, trace
+        assert self.running_on_reachable(db=True) <= 1, trace
 
 
 class PropertyTests(TestCase):
@@ -109,7 +119,11 @@ class PropertyTests(TestCase):
             h = await healer_for(c)
             await c.apps.create_app("web")
             await c.apps.deploy("web", c.spec(replicas=2))
+            await c.apps.create_app("db")
+            await c.apps.deploy("db", c.spec(volumes=[{"name": "data", "mount": "/data"}]))
+            [db] = await c.machines("db")
             model = Model(c, h)
+            model.db_id = db["id"]
             trace = []
             for op in ops:
                 trace.append(op)
@@ -121,10 +135,16 @@ class PropertyTests(TestCase):
             for _ in range(12):
                 await model.apply(("tick", 60))
                 ms = await c.machines("web")
+                dbs = await c.machines("db")
                 if (len(ms) == model.replicas and all(m["state"] == "running" for m in ms)
-                        and model.running_on_reachable() == model.replicas):
+                        and [m["state"] for m in dbs] == ["running"]
+                        and model.running_on_reachable() == model.replicas
+                        and model.running_on_reachable(db=True) == 1):
                     break
             ms = await c.machines("web")
+            dbs = await c.machines("db")
+            self.assertEqual([(m["id"], m["host_id"], m["state"]) for m in dbs],
+                             [(db["id"], db["host_id"], "running")], trace)
             self.assertEqual(([m["state"] for m in ms], model.running_on_reachable()),
                              (["running"] * model.replicas, model.replicas), trace)
             h.stop()
