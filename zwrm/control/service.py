@@ -197,10 +197,15 @@ class ControlPlane(service.MultiService):
             self.log.error("zwrm-control could not start: {why}", why=_why(f))
             if not self.started.called:
                 self.started.errback(f)
-            if self.stop_reactor_on_failure and self.reactor.running:
-                # twistd has no exit status of its own: make a failed start non-zero
+            if self.stop_reactor_on_failure:
+                # twistd has no exit status of its own: make a failed start non-zero.  A
+                # start that fails at once (a held lock) fails before the reactor runs:
+                # stop it as soon as it does, or the process would stay up doing nothing.
                 self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
-                self.reactor.stop()
+                if self.reactor.running:
+                    self.reactor.stop()
+                else:
+                    self.reactor.callWhenRunning(self.reactor.stop)
 
         d.addErrback(failed)
 
