@@ -12,6 +12,7 @@ from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
+from tests.agent.fakes import FakeImages
 from zwrm.agent.executor import Executor
 from zwrm.agent.volumes import VolumeStore
 from zwrm.drivers.fake import FakeDriver, FakeHost
@@ -25,28 +26,6 @@ EXPECTED = {
     "network.update",  # the cluster network view (zwrm/agent/network/agent.py)
     "machine.console.attach", "machine.console.write",  # zwrm/agent/console.py
 }
-
-
-class FakeImages:
-    """Stands in for the image cache: resolve() and pin counting."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-        self.pins = {}
-
-    async def resolve(self, ref, pin=False):
-        if ref != "demo:1":
-            raise NotFound(f"no image {ref}")
-        for d in ("sha256:k", "sha256:m"):
-            self.pins[d] = self.pins.get(d, 0) + 1
-        return {"kernel": self.kernel, "initrd": None, "disk": None, "cmdline": "console=ttyS0",
-                "digests": ["sha256:k", "sha256:m"]}
-
-    def pin(self, d):
-        self.pins[d] = self.pins.get(d, 0) + 1
-
-    def unpin(self, d):
-        self.pins[d] -= 1
 
 
 class ExecutorTests(TestCase):
@@ -193,12 +172,12 @@ class ExecutorTests(TestCase):
         st = await self.executor.start_machine(self.spec(image="demo:1"))
         self.assertEqual(st["state"], "running")
         self.assertEqual(self.host.machines["m1"]["spec"]["kernel"], self.kernel)
-        self.assertEqual(self.images.pins, {"sha256:k": 1, "sha256:m": 1})
+        self.assertEqual(self.images.pins, dict.fromkeys(FakeImages.DIGESTS, 1))
         with self.assertRaises(NotFound):
             await self.executor.start_machine(self.spec("m2", image="nope:1", volumes=[]))
         self.assertEqual(self.states("m2")[-1], "failed")
         await self.executor.destroy_machine("m1")
-        self.assertEqual(self.images.pins, {"sha256:k": 0, "sha256:m": 0})
+        self.assertEqual(self.images.pins, dict.fromkeys(FakeImages.DIGESTS, 0))
         ex = Executor(reactor, "h1", FakeDriver(reactor, os.path.join(self.dir, "m2")), self.store,
                       self.report, images=None, data_dir=os.path.join(self.dir, "d2"))
         self.addCleanup(ex.close)
