@@ -36,6 +36,15 @@ class ControlOptionsTests(SynchronousTestCase):
         self.assertEqual((c.offline_after, c.listen, c.strategy),
                          (7.0, ["tcp:1:interface=127.0.0.1"], "spread"))
 
+    def test_healing_settings(self):
+        path = self.write("[health]\nreschedule_after = 0\npartition_threshold = 0.7\n"
+                          "eviction_interval = 20\n")
+        c = self.parse("--config", path)
+        self.assertEqual((c.reschedule_after, c.partition_threshold, c.eviction_interval),
+                         (0.0, 0.7, 20.0))
+        c = self.parse("--config", path, "--reschedule-after", "30")
+        self.assertEqual(c.reschedule_after, 30.0)
+
     def test_defaults(self):
         c = self.parse()
         self.assertEqual((c.check_interval, c.offline_after, c.grace), (15.0, 30.0, None))
@@ -53,6 +62,9 @@ class ControlOptionsTests(SynchronousTestCase):
             (["--listen", "udp:1"], "use tcp:, ssl: or unix:"),
             (["--gc-policy", "never"], "[gc] policy must be one of freeze, python, not 'never'"),
             (["--config", self.write("[gc]\ngrowth = 0\n")], "must be positive"),
+            (["--partition-threshold", "1.5"], "partition_threshold must be a fraction"),
+            (["--eviction-interval", "0"], "must be positive"),
+            (["--reschedule-after", "-1"], "must not be negative"),
         ]
         for argv, text in cases:
             e = self.assertRaises(usage.UsageError, self.parse, *argv)

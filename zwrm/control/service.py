@@ -267,9 +267,9 @@ class ControlPlane(service.MultiService):
         # restart policies, rescheduling after host loss, the partition guard
         self.healer = Healer(
             self.reactor, self.apps,
-            reschedule_after=getattr(cfg, "reschedule_after", 0.0),
-            partition_threshold=getattr(cfg, "partition_threshold", 0.55),
-            eviction_interval=getattr(cfg, "eviction_interval", 10.0))
+            reschedule_after=cfg.reschedule_after,
+            partition_threshold=cfg.partition_threshold,
+            eviction_interval=cfg.eviction_interval)
         self.monitor.after_check.append(self.healer.check_done)
         await self.healer.resume()  # restarts that were due before a restart of ours
         images.expiry_service().setServiceParent(self)  # abandoned uploads go within 20 min

@@ -28,6 +28,9 @@ flag wins.  Example::
     check_interval = 15
     offline_after = 30
     # grace = 30   (after a start, no host is marked offline for this long)
+    reschedule_after = 0        # seconds before an offline host's stateless replicas move
+    partition_threshold = 0.55  # more than this fraction of a datacenter offline: hold
+    eviction_interval = 10      # then move one returned-partition host per this many seconds
 
     [scheduler]
     strategy = "spread"
@@ -62,6 +65,9 @@ class Config:
     check_interval: float = 15.0
     offline_after: float = 30.0
     grace: float | None = None
+    reschedule_after: float = 0.0
+    partition_threshold: float = 0.55
+    eviction_interval: float = 10.0
     strategy: str = "spread"
     plugin_dirs: list = field(default_factory=list)
     insecure_listen: bool = False
@@ -120,6 +126,9 @@ FILE_KEYS = {
     ("health", "check_interval"): ("check_interval", float),
     ("health", "offline_after"): ("offline_after", float),
     ("health", "grace"): ("grace", float),
+    ("health", "reschedule_after"): ("reschedule_after", float),
+    ("health", "partition_threshold"): ("partition_threshold", float),
+    ("health", "eviction_interval"): ("eviction_interval", float),
     ("scheduler", "strategy"): ("strategy", str),
     ("scheduler", "plugin_dirs"): ("plugin_dirs", list),
     ("gc", "policy"): ("gc_policy", str),
@@ -135,6 +144,10 @@ FILE_KEYS = {
 GC_POLICIES = ("freeze", "python")
 
 
+# settings (flag or file key names end so) for which 0 is a meaningful value
+_ZERO_ALLOWED = ("grace", "reschedule_after", "reschedule-after")
+
+
 def _coerce(name, kind, value):
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
@@ -143,7 +156,7 @@ def _coerce(name, kind, value):
             value = float(value)
         except ValueError:
             raise usage.UsageError(f"{name} must be a number, not {value!r}") from None
-        if value <= 0 and name != "grace":
+        if value <= 0 and not name.endswith(_ZERO_ALLOWED):
             raise usage.UsageError(f"{name} must be positive, not {value}")
         if value < 0:
             raise usage.UsageError(f"{name} must not be negative")
@@ -222,6 +235,9 @@ def check_config(config):
                 " add interface=127.0.0.1, use an ssl: endpoint, or set insecure_listen"
             )
     _check_urls(config)
+    if not 0 < config.partition_threshold <= 1:
+        raise usage.UsageError(
+            f"[health] partition_threshold must be a fraction in (0, 1], not {config.partition_threshold}")
     if config.gc_policy not in GC_POLICIES:
         raise usage.UsageError(
             f"[gc] policy must be one of {', '.join(GC_POLICIES)}, not {config.gc_policy!r}"
@@ -305,6 +321,12 @@ class Options(usage.Options):
         ["check-interval", None, None, "Seconds between host health checks (default 15)."],
         ["offline-after", None, None, "Seconds without heartbeat before offline (default 30)."],
         ["grace", None, None, "Seconds after start before any host is marked offline."],
+        ["reschedule-after", None, None,
+         "Seconds before an offline host's stateless replicas are placed elsewhere (default 0)."],
+        ["partition-threshold", None, None,
+         "Fraction of a datacenter's hosts offline at once that holds rescheduling (default 0.55)."],
+        ["eviction-interval", None, None,
+         "Seconds between hosts rescheduled after a partition (default 10)."],
         ["strategy", None, None, "Scheduler strategy plugin (default spread)."],
         ["gc-policy", None, None, "Garbage collection: freeze (default) or python."],
         ["registry-url", None, None,
@@ -354,6 +376,9 @@ class Options(usage.Options):
             "check-interval": ("check_interval", float),
             "offline-after": ("offline_after", float),
             "grace": ("grace", float),
+            "reschedule-after": ("reschedule_after", float),
+            "partition-threshold": ("partition_threshold", float),
+            "eviction-interval": ("eviction_interval", float),
             "strategy": ("strategy", str),
             "gc-policy": ("gc_policy", str),
             "gc-interval": ("gc_interval", float),
