@@ -15,7 +15,7 @@ from zwrm.testing.processes import ControlPlaneProcess, poll, temp_dir
 
 
 class FailedStartTests(TestCase):
-    timeout = 120
+    timeout = 240
 
     def test_locked_data_dir_exits_1(self):
         return ensureDeferred(self._locked())
@@ -28,7 +28,7 @@ class FailedStartTests(TestCase):
         plane = ControlPlaneProcess(reactor, data_dir)
         self.addCleanup(plane.stop)
         plane.spawn()
-        await poll(reactor, lambda: not plane.running, 60, what="zwrm-control to exit")
+        await poll(reactor, lambda: not plane.running, 180, what="zwrm-control to exit")
         code = await plane._proto.ended
         self.assertEqual(code, 1, plane.log_tail())
         self.assertIn("could not start", plane.log_tail())
