@@ -4,8 +4,9 @@ openssh-server, a small HTTP service), built with mmdebstrap and cached by its r
 (L{zwrm.testing.debian}), pushed as kernel + initrd + qcow2 disk, deployed with a volume, an
 SSH key and an environment variable through a real control plane and agent (QEMU under TCG).
 The health check passes, cloud-init installed the key and mounted the volume where the spec
-says (by its virtio serial), data written over HTTP survives the machine being replaced, and
-the console shows a login prompt. Hostile qcow2 disks are refused at push.
+says (by its virtio serial), data written over HTTP survives the machine being replaced and
+the console shows a login prompt, and a drain moves it to the other host with its volume.
+Hostile qcow2 disks are refused at push.
 """
 
 import json
@@ -56,7 +57,7 @@ class DebianImageTests(TestCase):
 
     async def _scenario(self):
         img = await deferToThread(debian.build)
-        cp, [agent] = await start_vm_cluster(reactor, self, agents=1)
+        cp, agents = await start_vm_cluster(reactor, self, agents=2)
         tmp = temp_dir(self)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "zwrm-test",
                         "-f", os.path.join(tmp, "id")], check=True)
@@ -108,11 +109,22 @@ class DebianImageTests(TestCase):
         code, body = await self.get(m2["host_port"], "/data/note.txt")
         self.assertEqual((code, body), (200, "kept across machines"))
 
+        # A drain: the machine is replaced on the other host, from a fresh root overlay; the
+        # volume moves with it, and the data with the volume.
+        await self.cli(cp, "host", "drain", m2["host_id"], "--healthy-deadline", "1500",
+                       timeout=1800)
+        [m3] = [x for x in json.loads(await self.cli(cp, "status", "web", "--json"))
+                ["machines"] if x["state"] == "running"]
+        self.assertNotEqual(m3["host_id"], m2["host_id"])
+        code, body = await self.get(m3["host_port"], "/data/note.txt")
+        self.assertEqual((code, body), (200, "kept across machines"))
+
         out = await self.cli(cp, "destroy", "web", "--volumes", "--json", timeout=300)
         self.assertEqual(len(json.loads(out)["machines"]), 1)
-        machines_dir = os.path.join(agent.data_dir, "machines")
-        leftovers = [d for d in os.listdir(machines_dir)] if os.path.isdir(machines_dir) else []
-        self.assertEqual(leftovers, [])
+        for agent in agents:
+            machines_dir = os.path.join(agent.data_dir, "machines")
+            leftovers = os.listdir(machines_dir) if os.path.isdir(machines_dir) else []
+            self.assertEqual(leftovers, [], agent.host_id)
 
     async def write(self, cp, m, port, name, body):
         """POST a file onto the volume (the service may still be settling: bounded retries)."""
