@@ -43,7 +43,7 @@ from twisted.logger import Logger
 
 from zwrm.errors import AuthenticationFailed
 from zwrm.wamp.auth import Principal, verify_cryptosign, wampcra_signature, wildcard_match
-from zwrm.wamp.wire import to_message
+from zwrm.wamp.wire import stacked_unsent_bytes, to_message
 
 log = Logger()
 
@@ -177,26 +177,6 @@ def router_roles():
         "broker": RoleBrokerFeatures(**BROKER_FEATURES),
         "dealer": RoleDealerFeatures(**DEALER_FEATURES),
     }
-
-
-def _unsent_bytes(transport):
-    """
-    Bytes written to a Twisted transport (or a stack of wrapping transports, e.g.
-    TLS) and not yet sent to the network.
-    """
-    n = 0
-    t = transport
-    for _ in range(4):
-        if t is None:
-            break
-        buf = getattr(t, "dataBuffer", None)
-        if buf is not None:
-            try:
-                n += len(buf) - getattr(t, "offset", 0) + getattr(t, "_tempDataLen", 0)
-            except TypeError:
-                pass
-        t = getattr(t, "transport", None)
-    return n
 
 
 # --- broker / dealer bookkeeping ---------------------------------------------------------
@@ -512,7 +492,7 @@ class RouterSession:
         own = getattr(t, "unsent_bytes", None)
         if own is not None:
             return own()
-        return _unsent_bytes(getattr(t, "transport", None))
+        return stacked_unsent_bytes(getattr(t, "transport", None))
 
     def _check_backlog(self, hard_only=False):
         """True if events should be dropped; disconnects a hopelessly slow session."""

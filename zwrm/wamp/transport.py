@@ -10,7 +10,6 @@ WAMP-over-RawSocket with the same serializers.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 from collections import deque
@@ -38,21 +37,17 @@ from twisted.protocols import policies
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from zwrm.wamp.wire import codec_for, router_message, to_message, unmask, ws_frame
+from zwrm.wamp.wire import (
+    codec_for,
+    debinary,
+    router_message,
+    stacked_unsent_bytes,
+    to_message,
+    unmask,
+    ws_frame,
+)
 
 log = Logger()
-
-def _debinary(obj):
-    """autobahn's JSON convention: a string that starts with NUL is base64 of bytes."""
-    if isinstance(obj, str):
-        if obj[:1] == "\x00":
-            return base64.b64decode(obj[1:], validate=True)
-        return obj
-    if isinstance(obj, list):
-        return [_debinary(x) for x in obj]
-    if isinstance(obj, dict):
-        return {k: _debinary(v) for k, v in obj.items()}
-    return obj
 
 
 class FastJsonObjectSerializer(JsonObjectSerializer):
@@ -69,7 +64,7 @@ class FastJsonObjectSerializer(JsonObjectSerializer):
         try:
             obj = json.loads(payload)
             if b"\\u0000" in payload:
-                obj = _debinary(obj)
+                obj = debinary(obj)
         except (ValueError, UnicodeDecodeError, binascii.Error) as e:
             raise ProtocolError(f"invalid JSON: {e}") from e
         return [obj]
@@ -107,19 +102,7 @@ def unsent_bytes(transport):
         t = t.transport
     if type(t) is tcp.Server and not t.TLS:
         return len(t.dataBuffer) - t.offset + t._tempDataLen
-    n = 0
-    t = transport
-    for _ in range(4):
-        if t is None:
-            break
-        buf = getattr(t, "dataBuffer", None)
-        if buf is not None:
-            try:
-                n += len(buf) - getattr(t, "offset", 0) + getattr(t, "_tempDataLen", 0)
-            except TypeError:
-                pass
-        t = getattr(t, "transport", None)
-    return n
+    return stacked_unsent_bytes(transport)
 
 
 def _malformed(session, e):

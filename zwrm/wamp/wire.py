@@ -112,16 +112,36 @@ def json_dumps(obj):
         return _stdlib_dumps(obj).encode("utf-8")
 
 
-def _debinary(obj):
+def stacked_unsent_bytes(transport):
+    """
+    Bytes written to a Twisted transport (or a stack of wrapping transports, e.g.
+    TLS) and not yet sent to the network.
+    """
+    n = 0
+    t = transport
+    for _ in range(4):
+        if t is None:
+            break
+        buf = getattr(t, "dataBuffer", None)
+        if buf is not None:
+            try:
+                n += len(buf) - getattr(t, "offset", 0) + getattr(t, "_tempDataLen", 0)
+            except TypeError:
+                pass
+        t = getattr(t, "transport", None)
+    return n
+
+
+def debinary(obj):
     """autobahn's JSON convention: a string that starts with NUL is base64 of bytes."""
     if isinstance(obj, str):
         if obj[:1] == "\x00":
             return base64.b64decode(obj[1:], validate=True)
         return obj
     if isinstance(obj, list):
-        return [_debinary(x) for x in obj]
+        return [debinary(x) for x in obj]
     if isinstance(obj, dict):
-        return {k: _debinary(v) for k, v in obj.items()}
+        return {k: debinary(v) for k, v in obj.items()}
     return obj
 
 
@@ -137,7 +157,7 @@ def json_loads(payload):
         except orjson.JSONDecodeError:
             obj = json.loads(payload)  # what orjson refuses but the standard library reads
         if b"\\u0000" in payload:
-            obj = _debinary(obj)
+            obj = debinary(obj)
     except (ValueError, UnicodeDecodeError, binascii.Error, TypeError, RecursionError) as e:
         raise ProtocolError(f"invalid serialization of WAMP message: {type(e).__name__} {e}") from e
     return obj
