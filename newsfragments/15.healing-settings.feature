@@ -1,0 +1,1 @@
+The self-healing settings `reschedule_after`, `partition_threshold` and `eviction_interval` are read from `[health]` in the control plane's configuration file and from `--reschedule-after`, `--partition-threshold` and `--eviction-interval`.
