@@ -117,6 +117,7 @@ powerbutton() {
       kill $(pidof httpd) 2>/dev/null
       sync
       for m in $(cat /etc/mounts.zwrm 2>/dev/null); do umount "$m"; done
+      sync
       poweroff -f
     fi
   done
@@ -160,7 +161,13 @@ CGI_WRITE = r"""#!/bin/sh
 V=$(cat /etc/volume)
 NAME="$QUERY_STRING"
 case "$NAME" in */*|""|.*) echo "Status: 400 Bad Request"; echo ""; echo "bad name"; exit 0;; esac
-head -c "${CONTENT_LENGTH:-0}" > "$V/$NAME.tmp" && mv "$V/$NAME.tmp" "$V/$NAME" && sync
+# Hold the volume (a busy file system cannot be unmounted) and check that it is still
+# mounted: during a power-down a request can slip in after the volume was unmounted, and a
+# write that went to the initramfs must not be acknowledged.
+if ! cd "$V" 2>/dev/null || { [ "$V" != /tmp/novolume ] && ! grep -q " $V ext4 " /proc/mounts; }; then
+  echo "Status: 503 Service Unavailable"; echo ""; echo "volume not mounted"; exit 0
+fi
+head -c "${CONTENT_LENGTH:-0}" > "$NAME.tmp" && mv "$NAME.tmp" "$NAME" && sync
 echo "Content-Type: text/plain"
 echo ""
 echo "ok"
