@@ -14,10 +14,13 @@ import tempfile
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from zwrm.agent.network import addressing
 from zwrm.drivers import cloudinit, qemu
 from zwrm.drivers import spec as _spec
 from zwrm.errors import InvalidArgument
 
+BRIDGE_NET = {"address": "10.80.3.7", "prefix": 16, "gateway": "10.80.3.1", "dns": "10.80.3.1",
+              "mtu": 1450, "domain": "zwrm.internal", "hostname": "web-0"}
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKz0cUjYjpbRDxCw7lV7Sxvz4JwfE3XQz+rQpvzYd9zE op@laptop"
 
 
@@ -67,6 +70,32 @@ class DocumentTests(SynchronousTestCase):
         self.assertEqual(net["version"], 1)
         self.assertEqual(net["config"][0]["mac_address"], "52:54:00:aa:bb:cc")
         self.assertEqual(net["config"][0]["subnets"], [{"type": "dhcp"}])
+
+    def test_static_network_config(self):
+        # A machine with an address on the cluster network (bridge mode) gets its static
+        # configuration, byte for byte what the agent computed; no DHCP.
+        cfg = addressing.cloud_init_network_config(BRIDGE_NET)
+        d = cloudinit.documents("web-1_a", cloudinit.validate({}), [], "0a:58:0a:50:03:07", cfg)
+        net = json.loads(d["network-config"])
+        self.assertEqual(net, {"version": 2, "ethernets": {"eth0": {
+            "match": {"macaddress": "0a:58:0a:50:03:07"}, "set-name": "eth0",
+            "addresses": ["10.80.3.7/16"], "routes": [{"to": "default", "via": "10.80.3.1"}],
+            "mtu": 1450,
+            "nameservers": {"addresses": ["10.80.3.1"], "search": ["zwrm.internal"]}}}})
+        self.assertNotIn(b"dhcp", d["network-config"])
+
+    def test_driver_spec_carries_the_network_config(self):
+        cfg = addressing.cloud_init_network_config(BRIDGE_NET)
+        base = {"id": "m1", "disk": "/d", "vcpus": 1, "memory_mb": 64}
+        nic = {"tap": "zt0123456789ab", "mac": "0a:58:0a:50:03:07"}
+        self.assertEqual(_spec.validate(dict(base, nic=dict(nic, network_config=cfg)))["nic"],
+                         dict(nic, network_config=cfg))
+        self.assertEqual(_spec.validate(dict(base, nic=nic))["nic"], nic)
+        for bad in ({"version": 1, "config": []}, "eth0", {"version": 2},
+                    {"version": 2, "ethernets": {"x": "y" * 17000}}):
+            with self.assertRaises(InvalidArgument) as cm:
+                _spec.validate(dict(base, nic=dict(nic, network_config=bad)))
+            self.assertIn("network_config", cm.exception.message)
 
     def test_validation(self):
         bad = [
@@ -137,6 +166,41 @@ class SeedTests(TestCase):
         self.assertIn(f"mac={spec['mac']}", devs[3])
         cfg = cloud_config(docs["user-data"].decode())
         self.assertEqual(cfg["mounts"][0][:2], ["/dev/disk/by-id/virtio-data", "/data"])
+
+
+    async def seed_of_a_start(self, nic):
+        """Start a disk machine through the QEMU driver (its QEMU a stand-in that exits at
+        once) and return the network-config of the seed the driver built."""
+        disk = os.path.join(self.dir, "disk.raw")
+        with open(disk, "wb") as f:
+            f.truncate(1024 * 1024)
+        fake = os.path.join(self.dir, "qemu")
+        with open(fake, "w") as f:
+            f.write("#!/bin/sh\nexit 1\n")
+        os.chmod(fake, 0o700)
+        drv = qemu.QemuDriver(reactor, os.path.join(self.dir, "machines"), accel="tcg",
+                              qemu_binary=fake)
+        self.addCleanup(drv.close)
+        try:
+            await drv.start({"id": "m1", "disk": disk, "disk_format": "raw", "vcpus": 1,
+                             "memory_mb": 64, "cloud_init": {}, "nic": nic})
+        except Exception:
+            pass  # the stand-in QEMU exits; the seed was written before it ran
+        seed = os.path.join(self.dir, "machines", "m1", qemu.SEED)
+        return json.loads(subprocess.run(["isoinfo", "-J", "-i", seed, "-x", "/network-config"],
+                                         capture_output=True, check=True).stdout)
+
+    async def test_driver_writes_the_static_address_for_a_bridged_machine(self):
+        cfg = addressing.cloud_init_network_config(BRIDGE_NET)
+        net = await self.seed_of_a_start({"tap": "zt0123456789ab", "mac": "0a:58:0a:50:03:07",
+                                          "network_config": cfg})
+        self.assertEqual(net, cfg)
+
+    async def test_driver_writes_dhcp_in_user_mode(self):
+        net = await self.seed_of_a_start(None)
+        self.assertEqual(net["version"], 1)
+        self.assertEqual(net["config"][0]["subnets"], [{"type": "dhcp"}])
+        self.assertEqual(net["config"][0]["mac_address"], _spec.machine_mac("m1"))
 
 
 class DeployOptionTests(SynchronousTestCase):

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 
 import pytest
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
 from zwrm.agent.network.commands import Runner
@@ -61,3 +61,20 @@ class HostNetworkTests(TestCase):
         for dev in ("zwbr0", "zwvx0", nic["tap"]):
             self.assertNotIn(dev, links)
         self.assertNotIn("zwrm", await self.run("nft", "list", "tables"))
+
+    async def test_prepare_gives_a_disk_image_its_static_network_config(self):
+        # The driver's NIC carries the cloud-init network-config the seed of a disk image
+        # gets (docs/networking.md); a kernel image gets ip= on its command line instead.
+        from zwrm.agent.network import addressing
+        from zwrm.agent.network.agent import AgentNetwork
+
+        agent = AgentNetwork(reactor, "h1", None, host_network=self.host("p"), dns_port=0)
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(agent.close()))
+        disk = await agent.prepare("m1", "web", NET, kernel=False)
+        self.assertEqual(disk["cmdline"], "")
+        self.assertEqual(disk["nic"]["network_config"],
+                         addressing.cloud_init_network_config(NET))
+        self.assertEqual(disk["nic"]["network_config"]["ethernets"]["eth0"]["addresses"],
+                         ["10.80.1.2/16"])
+        kernel = await agent.prepare("m1", "web", NET, kernel=True)
+        self.assertIn("ip=10.80.1.2::10.80.1.1:255.255.0.0:", kernel["cmdline"])

@@ -6,7 +6,11 @@ three files that cloud-init (in the guest) reads at boot:
 
  - C{meta-data}: C{instance-id} (the machine id: stable across stops, starts and agent
    restarts, so per-instance steps run once) and C{local-hostname};
- - C{network-config} (version 1): DHCP on the machine's one NIC, found by its MAC address;
+ - C{network-config}: for a machine with an address on the cluster network (bridge
+   networking), the static configuration the agent gives (version 2: address, route, resolver,
+   search domain, MTU, the NIC matched by MAC; see
+   L{zwrm.agent.network.addressing.cloud_init_network_config}); otherwise (user-mode
+   networking) version 1, DHCP on the machine's one NIC, found by its MAC address;
  - C{user-data}: a C{#cloud-config} zwrm writes from the deploy (the SSH keys of
    C{zwrm deploy --ssh-key FILE}, the volume mounts, the environment of C{--env KEY=VALUE} in
    C{/etc/zwrm/env} and C{/etc/environment}), followed, when the operator gave
@@ -101,7 +105,7 @@ def _quote_env(v):
     return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
 
 
-def documents(machine_id, cfg, volumes=(), mac=None):
+def documents(machine_id, cfg, volumes=(), mac=None, network_config=None):
     """
     The seed's files.
 
@@ -109,6 +113,8 @@ def documents(machine_id, cfg, volumes=(), mac=None):
     @param volumes: C{[{"serial", "mount"}]}: volumes to mount (those without a mount are
         left alone).
     @param mac: the NIC's MAC address (for network-config).
+    @param network_config: the static network-config (a version 2 mapping) of a machine with
+        an allocated address, or L{None} for DHCP.
     @return: C{{"meta-data": bytes, "user-data": bytes, "network-config": bytes}}.
     """
     hostname = cfg.get("hostname") or hostname_for(machine_id)
@@ -144,11 +150,14 @@ def documents(machine_id, cfg, volumes=(), mac=None):
         user_data = msg.as_string()
     else:
         user_data = ours
-    net = {"version": 1, "config": [{
-        "type": "physical", "name": "eth0", "subnets": [{"type": "dhcp"}],
-    }]}
-    if mac:
-        net["config"][0]["mac_address"] = mac
+    if network_config is not None:
+        net = network_config
+    else:
+        net = {"version": 1, "config": [{
+            "type": "physical", "name": "eth0", "subnets": [{"type": "dhcp"}],
+        }]}
+        if mac:
+            net["config"][0]["mac_address"] = mac
     return {
         "meta-data": (json.dumps(meta, indent=1) + "\n").encode(),
         "user-data": user_data.encode(),

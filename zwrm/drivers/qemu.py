@@ -570,7 +570,8 @@ class QemuDriver:
             await self._root_overlay(m, spec["disk"], spec["disk_format"])
         if spec["cloud_init"] is not None:
             mac = spec["nic"]["mac"] if spec.get("nic") else spec["mac"]
-            docs = _cloudinit.documents(m.id, spec["cloud_init"], spec["volumes"], mac)
+            docs = _cloudinit.documents(m.id, spec["cloud_init"], spec["volumes"], mac,
+                                        (spec.get("nic") or {}).get("network_config"))
             await _cloudinit.build_seed(self.reactor, m.path(SEED), docs)
         else:
             try:

@@ -6,6 +6,7 @@ C{zwrm.error.invalid_argument} message.
 """
 
 import hashlib
+import json
 import re
 
 from zwrm.drivers import cloudinit as _cloudinit
@@ -129,7 +130,11 @@ _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
 def _nic(nic):
-    """C{None} (user-mode networking) or C{{"tap", "mac"}} (a TAP device the agent made)."""
+    """
+    C{None} (user-mode networking) or C{{"tap", "mac", "network_config"}} (a TAP device the
+    agent made; C{network_config}, optional, is the guest's static cloud-init network-config,
+    version 2, that a disk image's seed carries).
+    """
     if nic is None:
         return None
     if (not isinstance(nic, dict) or not isinstance(nic.get("tap"), str)
@@ -137,4 +142,13 @@ def _nic(nic):
             or not _MAC_RE.match(nic["mac"])):
         raise InvalidArgument(
             f"nic must be null or {{tap: an interface name, mac: aa:bb:cc:dd:ee:ff}}, not {nic!r}")
-    return {"tap": nic["tap"], "mac": nic["mac"]}
+    out = {"tap": nic["tap"], "mac": nic["mac"]}
+    cfg = nic.get("network_config")
+    if cfg is not None:
+        if (not isinstance(cfg, dict) or cfg.get("version") != 2
+                or not isinstance(cfg.get("ethernets"), dict)
+                or len(json.dumps(cfg)) > 16 * 1024):
+            raise InvalidArgument("nic network_config must be a cloud-init network-config "
+                                  "version 2 mapping (with ethernets) of at most 16 KiB")
+        out["network_config"] = cfg
+    return out

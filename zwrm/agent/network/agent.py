@@ -53,8 +53,9 @@ class AgentNetwork:
         Network a machine about to start (or found running after an agent restart, with
         C{adopt}): its TAP, its rules, its loopback forward.
 
-        @return: C{{"nic", "cmdline", "host_port"}}: the driver's NIC, kernel arguments to
-            add (kernel images only) and the loopback port that reaches its service port.
+        @return: C{{"nic", "cmdline", "host_port"}}: the driver's NIC (with the guest's
+            cloud-init C{network_config}, for disk images), kernel arguments to add (kernel
+            images only) and the loopback port that reaches its service port.
         """
         net = check_network(net)
         await self._resolve_deny()
@@ -71,6 +72,8 @@ class AgentNetwork:
                 lp = forward_loopback(self.reactor, net["address"], service_port)
             self._forwards[machine_id] = lp
             host_port = lp.getHost().port
+        # A disk image learns its address from its cloud-init seed's network-config.
+        nic = dict(nic, network_config=addressing.cloud_init_network_config(net))
         return {"nic": nic, "cmdline": addressing.kernel_ip_arg(net) if kernel else "",
                 "host_port": host_port}
 
@@ -105,6 +108,7 @@ class AgentNetwork:
         except Exception as e:
             self.log.warn("cluster DNS cannot listen on {gw}:{port}: {e}", gw=net["gateway"],
                           port=self.dns_port, e=e)
+            self.dns.stop()
             self.dns = None
 
     @wamp.register("network.update")

@@ -102,4 +102,9 @@ class ClusterDNS:
 
     def stop(self):
         ports, self._ports = self._ports, []
+        for c in self.factory.resolver.resolvers:
+            # client.Resolver re-reads resolv.conf every minute: stop that timer too.
+            call = getattr(c, "_parseCall", None)
+            if call is not None and call.active():
+                call.cancel()
         return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
