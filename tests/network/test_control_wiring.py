@@ -41,6 +41,9 @@ class WiringTests(TestCase):
         nets = sorted(r["spec"]["network"]["address"] for r in rows)
         self.assertEqual(nets, ["10.80.1.2", "10.80.2.2"])
         self.assertTrue(all(r["spec"]["network"]["open_ports"] == [8080] for r in rows))
+        # The machines' wire forms (zwrm.app.status, zwrm.machine.list) carry it.
+        status = await c.apps.app_status("web")
+        self.assertEqual(sorted(m["address"] for m in status["machines"]), nets)
         # The view every agent gets.
         view = await c.apps.network_view.view()
         self.assertEqual(sorted(h["address"] for h in view["hosts"]), ["10.0.0.1", "10.0.0.1"])
@@ -60,3 +63,25 @@ class WiringTests(TestCase):
         # Destroyed: its address is free again.
         await c.apps.destroy_app("web")
         self.assertEqual((await c.apps.network.view())["members"], [])
+
+
+class StatusShowsTheAddressTests(SynchronousTestCase):
+    def test_app_status_table(self):
+        import io
+
+        from zwrm.cli.apps import format_app
+
+        out = io.StringIO()
+        format_app({"id": "a-1", "name": "web", "spec": {"image": "demo:1", "replicas": 2},
+                    "volumes": [], "machines": [
+                        {"id": "m-1", "replica": 0, "host_id": "h-a", "state": "running",
+                         "health": "passing", "host_port": 41000, "address": "10.80.1.2"},
+                        {"id": "m-2", "replica": 1, "host_id": "h-b", "state": "running",
+                         "health": "passing", "host_port": 41001, "address": None}]}, out)
+        lines = out.getvalue().splitlines()
+        header = next(line for line in lines if line.startswith("ID"))
+        self.assertIn("ADDRESS", header.split())
+        row = next(line for line in lines if line.startswith("m-1"))
+        self.assertEqual(row.split()[header.split().index("ADDRESS")], "10.80.1.2")
+        row = next(line for line in lines if line.startswith("m-2"))
+        self.assertEqual(row.split()[header.split().index("ADDRESS")], "-")

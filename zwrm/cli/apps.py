@@ -296,9 +296,10 @@ def format_app(app, out):
     out.write(f"replicas  {spec.get('replicas', 0)}\n\n")
     out.write(f"machines ({len(app['machines'])}):\n")
     if app["machines"]:
-        _table(["ID", "REPLICA", "HOST", "STATE", "HEALTH", "PORT", "RESTARTS"],
+        _table(["ID", "REPLICA", "HOST", "STATE", "HEALTH", "ADDRESS", "PORT", "RESTARTS"],
                [[m["id"], m["replica"], m["host_id"], m["state"], m["health"] or "-",
-                 m["host_port"] or "-", m.get("restarts") or 0] for m in app["machines"]], out)
+                 m.get("address") or "-", m["host_port"] or "-", m.get("restarts") or 0]
+                for m in app["machines"]], out)
         for m in app["machines"]:
             if m.get("restart_reason") and m["state"] != "running":
                 nxt = m.get("next_restart_at")
@@ -459,9 +460,9 @@ async def machines_list(reactor, args, out=None):
         await close(session)
     if args.json:
         return _json(ms, out)
-    _table(["ID", "APP", "REPLICA", "HOST", "STATE", "HEALTH", "PORT"],
+    _table(["ID", "APP", "REPLICA", "HOST", "STATE", "HEALTH", "ADDRESS", "PORT"],
            [[m["id"], m["app"] or "-", m["replica"], m["host_id"], m["state"],
-             m["health"] or "-", m["host_port"] or "-"] for m in ms], out)
+             m["health"] or "-", m.get("address") or "-", m["host_port"] or "-"] for m in ms], out)
 
 
 async def machine_status(reactor, args, out=None):
@@ -469,7 +470,7 @@ async def machine_status(reactor, args, out=None):
     m = await _with_session(reactor, args, "zwrm.machine.status", args.machine_id)
     if args.json:
         return _json(m, out)
-    for k in ("id", "app", "replica", "host_id", "state", "health", "host_port"):
+    for k in ("id", "app", "replica", "host_id", "state", "health", "address", "host_port"):
         out.write(f"{k.ljust(10)}  {m.get(k) if m.get(k) is not None else '-'}\n")
     out.write(f"\nrecent events ({len(m['events'])}):\n")
     for e in m["events"]:

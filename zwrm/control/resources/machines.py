@@ -61,8 +61,9 @@ def schema_v1(db):
 def wire(row):
     """
     The wire form of a machine row: C{id, app_id, app, replica, host_id, state, health
-    (the status), host_port, volumes (ids), restarts, restart_reason, next_restart_at,
-    created_at, updated_at}.
+    (the status), host_port, address (on the cluster network, bridge networking; else
+    null), volumes (ids), restarts, restart_reason, next_restart_at, created_at,
+    updated_at}.
     """
     health = row.get("health") or {}
     spec = row.get("spec") or {}
@@ -71,6 +72,7 @@ def wire(row):
             "replica": spec.get("replica"), "host_id": row.get("host_id"),
             "state": row.get("state"), "health": health.get("status"),
             "host_port": health.get("host_port"),
+            "address": (spec.get("network") or {}).get("address"),
             "volumes": [v["id"] for v in spec.get("volumes", [])],
             "restarts": restart.get("count", 0), "restart_reason": restart.get("reason"),
             "next_restart_at": restart.get("next_at"),
