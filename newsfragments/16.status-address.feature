@@ -1,1 +1,1 @@
-`zwrm status`, `zwrm machines` and `zwrm machine status` show each VM's address on the cluster network (column ADDRESS; `address` in `--json` and in the machine wire form of `zwrm.app.status`, `zwrm.machine.list` and machine events).
+`zwrm status`, `zwrm machines list` and `zwrm machines status` show each VM's address on the cluster network (column ADDRESS; `address` in `--json` and in the machine wire form of `zwrm.app.status`, `zwrm.machine.list` and machine events).
