@@ -17,6 +17,9 @@ set -euo pipefail
 PROG=install.sh
 ZWRM_ETC=${ZWRM_ETC:-/etc/zwrm}
 ZWRM_LIB=${ZWRM_LIB:-/var/lib/zwrm}
+# The kernel settings bridge networking needs, which the agent's unit may not change itself
+# (ProtectKernelTunables=yes): applied now and at every boot by systemd-sysctl.
+SYSCTL_CONF=/etc/sysctl.d/60-zwrm-agent.conf
 VENV=/opt/zwrm/venv
 
 usage() {
@@ -41,6 +44,11 @@ Options:
                               this script runs: prefer the file or \$ZWRM_JOIN_TOKEN)
   --address=IP                agent: the address other hosts reach this one at; volumes
                               are streamed to it there (drains between hosts need it)
+  --network=user|bridge       agent: the VMs' networking (docs/networking.md): user (the
+                              agent's default: QEMU user mode, each service port forwarded
+                              on this host's 127.0.0.1) or bridge (the cluster network, the
+                              overlay between hosts, published ports on --address; needs
+                              --address; writes $SYSCTL_CONF)
   --listen=ENDPOINT           control plane: a Twisted endpoint to listen on instead of the
                               one derived from --control-plane-url (repeatable)
   --deb=PATH                  install from this .deb file or directory of .deb files
@@ -72,6 +80,7 @@ datacenter=""
 token=""
 token_file=""
 address=""
+network=""
 apt_key=""
 listen=()
 debs=()
@@ -94,7 +103,7 @@ while [ $# -gt 0 ]; do
             [ -z "$role" ] || [ "$role" = "$r" ] || bad_usage "give either --agent or --control-plane, not both"
             role=$r
             ;;
-        --control-plane-url=* | --region=* | --datacenter=* | --join-token=* | --join-token-file=* | --address=* | --listen=* | --deb=* | --apt-repo=* | --apt-key=*)
+        --control-plane-url=* | --region=* | --datacenter=* | --join-token=* | --join-token-file=* | --address=* | --network=* | --listen=* | --deb=* | --apt-repo=* | --apt-key=*)
             name=${arg%%=*}
             value=${arg#*=}
             need_value "$name" "$value"
@@ -105,13 +114,14 @@ while [ $# -gt 0 ]; do
                 --join-token) token=$value ;;
                 --join-token-file) token_file=$value ;;
                 --address) address=$value ;;
+                --network) network=$value ;;
                 --apt-key) apt_key=$value ;;
                 --listen) listen+=("$value") ;;
                 --deb) debs+=("$value") ;;
                 --apt-repo) apt_repo=$value ;;
             esac
             ;;
-        --control-plane-url | --region | --datacenter | --join-token | --join-token-file | --address | --listen | --deb | --apt-repo | --apt-key)
+        --control-plane-url | --region | --datacenter | --join-token | --join-token-file | --address | --network | --listen | --deb | --apt-repo | --apt-key)
             [ $# -gt 0 ] && [ "${1#--}" = "$1" ] || bad_usage "$arg needs a value ($arg=VALUE)"
             set -- "$arg=$1" "${@:2}"
             ;;
@@ -175,6 +185,11 @@ if [ "$role" = agent ]; then
     if [ -n "$address" ]; then
         [[ $address =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ ]] || bad_usage "--address: '$address' is not an IPv4 address"
     fi
+    case "$network" in
+        "" | user) ;;
+        bridge) [ -n "$address" ] || bad_usage "--network=bridge needs --address=IP (the overlay's source address, where published ports listen)" ;;
+        *) bad_usage "--network: '$network' must be user or bridge" ;;
+    esac
     [[ $token =~ $token_re ]] || bad_usage "--join-token: not a zwrm join token (expected zwrm1.<id>.<secret>.<ca-fingerprint>, as printed by 'zwrm tokens create')"
     # The agent speaks WebSocket: https -> wss, http -> ws, and /ws unless a path is given.
     case "$url_scheme" in
@@ -196,6 +211,7 @@ else
     [ -z "$token" ] || bad_usage "--join-token is only for --agent"
     [ -z "$token_file" ] || bad_usage "--join-token-file is only for --agent"
     [ -z "$address" ] || bad_usage "--address is only for --agent"
+    [ -z "$network" ] || bad_usage "--network is only for --agent"
     package=zwrm-control
     unit=zwrm-control.service
     config="$ZWRM_ETC/control.toml"
@@ -244,6 +260,7 @@ EOF
             echo "address = \"$address\""
             echo "volume_endpoint = \"tcp:7443:interface=$address\""
         fi
+        [ -z "$network" ] || echo "network = \"$network\""
         [ $allow_insecure -eq 0 ] || echo "insecure = true"
     else
         echo "# Written by install.sh; see docs/install.md."
@@ -286,11 +303,27 @@ token_file = "$ZWRM_LIB/control/operator.token"
 EOF
 }
 
+# The kernel settings of --network=bridge (docs/networking.md, "What the agent needs").
+render_sysctl() {
+    cat <<EOF
+# Written by install.sh for zwrm-agent with --network=bridge (docs/networking.md). The
+# agent's unit may not change kernel settings (ProtectKernelTunables=yes), so they are here.
+# Guests' traffic to the outside is routed (and NATed) by this host.
+net.ipv4.ip_forward = 1
+# Bridged guest frames are filtered by the agent's bridge rules only: with br_netfilter's
+# default (1) they would also pass the IP forward hooks, where the agent's rules drop new
+# connections into the cluster network (the overlay and the ingress between hosts).
+net.bridge.bridge-nf-call-iptables = 0
+EOF
+}
+
 token_path="$ZWRM_ETC/join-token"
 cli_config="$ZWRM_ETC/cli.toml"
 new_config=$(render_config)
 new_cli_config=""
 [ "$role" != control-plane ] || new_cli_config=$(render_cli_config)
+new_sysctl=""
+[ "$network" != bridge ] || new_sysctl=$(render_sysctl)
 
 if [ $dry_run -eq 1 ]; then
     source_note=""
@@ -303,6 +336,10 @@ if [ $dry_run -eq 1 ]; then
     if [ -n "$new_cli_config" ]; then
         echo "would write $cli_config:"
         echo "$new_cli_config" | sed -e 's/^/    /'
+    fi
+    if [ -n "$new_sysctl" ]; then
+        echo "would write $SYSCTL_CONF and apply it:"
+        echo "$new_sysctl" | sed -e 's/^/    /'
     fi
     if [ "$role" = control-plane ] && [ -n "$url_host" ] && [[ ${listen[0]} == ssl:* ]]; then
         echo "would create the CA and a server certificate for ${url_host} in $pki_dir"
@@ -373,15 +410,16 @@ if [ "$role" = control-plane ] && [[ ${listen[0]} == ssl:* ]]; then
 fi
 
 changed=0
-# write_file PATH TEXT: PATH (0640 root:zwrm) holds TEXT; sets changed=1 if it did not.
+# write_file PATH TEXT [MODE OWNER]: PATH (0640 root:zwrm unless told) holds TEXT; sets
+# changed=1 if it did not.
 write_file() {
     if [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; then
         echo "$PROG: $1 is unchanged"
     else
-        tmp=$(mktemp "$ZWRM_ETC/.install.XXXXXX")
+        tmp=$(mktemp "$(dirname "$1")/.install.XXXXXX")
         printf '%s\n' "$2" >"$tmp"
-        chown root:zwrm "$tmp"
-        chmod 0640 "$tmp"
+        chown "${4:-root:zwrm}" "$tmp"
+        chmod "${3:-0640}" "$tmp"
         mv -f "$tmp" "$1"
         echo "$PROG: wrote $1"
         changed=1
@@ -394,6 +432,17 @@ if [ -n "$new_cli_config" ]; then
     service_changed=$changed
     write_file "$cli_config" "$new_cli_config"
     changed=$service_changed
+fi
+if [ -n "$new_sysctl" ]; then
+    # Kernel settings, applied here at once: no restart for them either.
+    service_changed=$changed
+    install -d -m 0755 "$(dirname "$SYSCTL_CONF")"
+    write_file "$SYSCTL_CONF" "$new_sysctl" 0644 root:root
+    changed=$service_changed
+    # -e: a key the kernel lacks (br_netfilter not loaded: nothing to turn off) is no error.
+    sysctl -q -e -p "$SYSCTL_CONF" >/dev/null || die "could not apply $SYSCTL_CONF (sysctl -p)"
+    [ "$(sysctl -n net.ipv4.ip_forward)" = 1 ] \
+        || die "net.ipv4.ip_forward is still 0 after applying $SYSCTL_CONF"
 fi
 
 if [ $start -eq 1 ]; then

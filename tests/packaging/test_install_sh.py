@@ -112,6 +112,16 @@ class BadArgumentsTests(SynchronousTestCase):
         self.assertBadUsage(["--control-plane", "--address=10.0.0.1"],
                             "--address is only for --agent")
 
+    def test_bad_network(self):
+        self.assertBadUsage(AGENT + ["--address=10.0.0.1", "--network=bridged"],
+                            "--network: 'bridged' must be user or bridge")
+        self.assertBadUsage(AGENT + ["--network=bridge"],
+                            "--network=bridge needs --address=IP (the overlay's source address,"
+                            " where published ports listen)")
+        self.assertBadUsage(["--control-plane", "--network=bridge"],
+                            "--network is only for --agent")
+        self.assertBadUsage(AGENT + ["--network"], "--network needs a value (--network=VALUE)")
+
     def test_apt_repo_needs_a_key(self):
         self.assertBadUsage(AGENT + ["--apt-repo=https://apt.example.com"],
                             "--apt-repo needs --apt-key=FILE (the repository's signing key)")
@@ -158,6 +168,19 @@ class DryRunTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn('address = "192.0.2.21"', result.stdout)
         self.assertIn('volume_endpoint = "tcp:7443:interface=192.0.2.21"', result.stdout)
+
+    def test_agent_network(self):
+        bridge = run(*AGENT, "--address=192.0.2.21", "--network", "bridge", "--dry-run")
+        self.assertEqual(bridge.returncode, 0, bridge.stderr)
+        self.assertIn('network = "bridge"', bridge.stdout)
+        self.assertIn("would write /etc/sysctl.d/60-zwrm-agent.conf and apply it:", bridge.stdout)
+        self.assertIn("    net.ipv4.ip_forward = 1", bridge.stdout)
+        self.assertIn("    net.bridge.bridge-nf-call-iptables = 0", bridge.stdout)
+        user = run(*AGENT, "--network=user", "--dry-run")
+        self.assertEqual(user.returncode, 0, user.stderr)
+        self.assertIn('network = "user"', user.stdout)
+        self.assertNotIn("sysctl", user.stdout)
+        self.assertNotIn("network =", run(*AGENT, "--dry-run").stdout)  # the agent's default
 
     def test_agent_url_forms(self):
         for given, used in [
