@@ -378,7 +378,9 @@ class DrainRunTests(TestCase):
         await c.apps.deploy("a", c.spec(replicas=2))
         a = next(x for x in await c.machines("a") if x["host_id"] == src)
         other = "h-b" if src == "h-a" else "h-a"
-        c.registry.entry(other).record["labels"] = {}  # b can go nowhere else now
+        # b can go nowhere else now: the other host's agent registers without the label
+        # (the scheduler learns it from the host's event, as from any change of a host)
+        await c.registry.register(other, dict(_facts(), name=other, labels={}))
         _, status = await self.drain(c, src)
         by = {x["machine_id"]: x for x in status["migrations"]}
         self.assertEqual(by[a["id"]]["phase"], "done")

@@ -12,9 +12,15 @@ migration in flight, which runs its stored phase's step again (or rolls back).
 
 The replacement is a new machine (a new machine id) with the same spec; the volumes keep
 their ids. Progress events go to C{zwrm.event.drain}.
+
+This is a service over the resource layer (L{zwrm.control.resources}): it reads and changes
+drains, migrations, machines and volumes only through their resources' reads and update
+methods (each change stored, then announced once), and machines' lives (placement, start,
+removal) only through the public methods of L{zwrm.control.apps.Apps}.  It learns about
+hosts and machines from their events: the scheduler follows the hosts resource, and a
+replacement's health is waited for on the machines resource's events.
 """
 
-import json
 import uuid
 
 from autobahn import wamp
@@ -24,16 +30,19 @@ from twisted.logger import Logger
 
 from zwrm import errors
 from zwrm.agent.transfer import mint_token
-from zwrm.control.apps import LIVE
-from zwrm.control.migration import (
+from zwrm.control.migration import Drain, Migration
+from zwrm.control.resources.drains import TOPIC as DRAIN_TOPIC
+from zwrm.control.resources.machines import LIVE, placement_request, volumes_size
+from zwrm.drain_phases import (
     DRAIN_TERMINAL,
+    MIGRATION_ERROR_PHASES,
+    MIGRATION_STEPPED,
     MIGRATION_TERMINAL,
-    Drain,
-    Migration,
+    ROLLBACK_PENDING,
 )
-from zwrm.scheduler import PlacementRequest
 
-DRAIN_TOPIC = "zwrm.event.drain"
+STEPS = {phase: f"_step_{phase}" for phase in MIGRATION_STEPPED}
+"""The runner's step of each phase that has one (a method of L{Drains}; see docs/drain.md)."""
 DEFAULTS = {"deadline": 3600.0, "max_parallel": 1, "healthy_deadline": 300.0,
             "min_healthy": 10.0, "stop_timeout": 30.0, "poll": 1.0}
 
@@ -90,14 +99,19 @@ class Drains:
         @param clock: an L{IReactorTime} (all waits and polls use it).
         @param store: the L{zwrm.control.store.Store}.
         @param hosts: the L{zwrm.control.registry.HostRegistry}.
-        @param apps: the L{zwrm.control.apps.Apps} (machines, volumes, scheduler).
-        @param publish: C{publish(topic, event)}.
+        @param apps: the L{zwrm.control.apps.Apps} (machines' placement, start and
+            removal; its resource layer, C{apps.data}, holds every row this service reads
+            or changes).
+        @param publish: unused: events are published by the resource layer (kept for
+            callers that pass it).
         """
         self._clock = clock
-        self._store = store
         self._hosts = hosts
         self._apps = apps
-        self._publish = publish
+        self._data = apps.data
+        self._drains = self._data.drains
+        self._machines = self._data.machines
+        self._volumes = self._data.volumes
         self.active = {}
         self._stopped = False
         self._sweeper = None  # the LoopingCall cleaning leftovers, while there are some
@@ -107,19 +121,9 @@ class Drains:
 
     # -- stored changes, then events ---------------------------------------------------
 
-    async def _event(self, kind, subject, payload):
-        event = await self._store.add_event(DRAIN_TOPIC, kind, subject, payload)
-        try:
-            self._publish(DRAIN_TOPIC, event)
-        except Exception:
-            self.log.failure("publishing a drain event")
-
-    async def _save_migration(self, run, **fields):
-        fields["updated_at"] = self._clock.seconds()
-        run.row.update(fields)
-        if "detail" in fields:
-            fields["detail"] = json.dumps(fields["detail"])
-        await self._store.update("migrations", run.row["id"], fields)
+    async def _save_migration(self, run, reason=None, **fields):
+        """Store C{fields} of C{run}'s migration (the drains resource announces a phase)."""
+        await self._drains.save_migration(run.row, reason=reason, **fields)
 
     async def _save_detail(self, run, **items):
         run.detail.update(items)
@@ -183,9 +187,8 @@ class Drains:
             raise errors.Conflict(f"host {host_id} is offline; its machines cannot be copied")
         if state == "drained":
             raise errors.Conflict(f"host {host_id} is already drained; activate it first")
-        machines = await self._store.select(
-            "machines", "host_id = ?", [host_id], order_by="created_at")
-        machines = [m for m in machines if m["state"] in LIVE]
+        machines = await self._machines.find(host_id=host_id, states=LIVE,
+                                             order_by="created_at")
         if dry_run:
             plan = self._plan(host_id, machines, keep=False)
             return {"drain_id": None, "host_id": host_id, "state": "dry_run",
@@ -197,7 +200,6 @@ class Drains:
         now = self._clock.seconds()
         row = {"id": f"d-{uuid.uuid4().hex[:12]}", "host_id": host_id, "state": "running",
                "options": options, "created_at": now, "updated_at": now}
-        await self._store.insert("drains", row)
         runs = {}
         for p, placement in plan:
             m = {"id": f"mg-{uuid.uuid4().hex[:12]}", "drain_id": row["id"],
@@ -205,14 +207,13 @@ class Drains:
                  "target_host": p["target"], "phase": "planned", "bytes_sent": 0,
                  "bytes_total": 0, "error": None, "updated_at": now,
                  "detail": {"app": p["app"], "volumes": p["volumes"]}}
-            await self._store.insert("migrations", dict(m, detail=json.dumps(m["detail"])))
             run = _Run(m)
             run.placement = placement
             runs[p["machine_id"]] = run
         drain = _DrainRun(row, runs)
         self.active[host_id] = drain
-        await self._event("started", row["id"], {"drain_id": row["id"], "host_id": host_id,
-                                                  "options": options, "plan": [p for p, _ in plan]})
+        # The drain and its migrations in one transaction, then one event (started).
+        await self._drains.add(row, [r.row for r in runs.values()], plan=[p for p, _ in plan])
         self._arm_deadline(drain)
         for p, _ in plan:
             if p["target"] is None:
@@ -228,17 +229,13 @@ class Drains:
         Choose a target for each machine (all placed first, so each accounts for the ones
         before it). @return: C{[(plan_item, placement or None)]}.
         """
-        self._apps.sync_hosts()
-        sched = self._apps.scheduler
+        sched = self._apps.scheduler  # its host index follows the hosts resource's events
         out = []
         for m in machines:
             spec = m["spec"]
             vols = [v["id"] for v in spec.get("volumes", [])]
-            request = PlacementRequest(
-                vcpus=spec["vcpus"], memory_mb=spec["memory_mb"],
-                disk_mb=sum(v.get("size_mb", 0) for v in spec.get("volumes", [])),
-                region=spec.get("region"), datacenter=spec.get("datacenter"),
-                constraints=spec.get("constraints") or {})
+            # The target holds all its volumes (copied there): their disk is reserved.
+            request = placement_request(spec, disk_mb=volumes_size(spec))
             item = {"machine_id": m["id"], "app": spec.get("app"), "volumes": vols,
                     "target": None, "reason": None}
             try:
@@ -263,20 +260,16 @@ class Drains:
         @raise NotFound: no such host, or it was never drained.
         """
         self._host(host_id)
-        rows = await self._store.select("drains", "host_id = ?", [host_id],
-                                        order_by="created_at DESC", limit=1)
-        if not rows:
+        d = await self._drains.latest(host_id)
+        if d is None:
             raise errors.NotFound(f"host {host_id} was never drained")
-        d = rows[0]
         now = self._clock.seconds()
         active = self.active.get(host_id)
         migrations = []
-        for m in await self._store.select("migrations", "drain_id = ?", [d["id"]]):
+        for m in await self._drains.migrations(d["id"]):
             run = active.migrations.get(m["machine_id"]) if active is not None else None
             if run is not None:
                 m = dict(run.row)
-            elif isinstance(m.get("detail"), str):
-                m["detail"] = json.loads(m["detail"])
             detail = m.get("detail") or {}
             rate = eta = None
             started = detail.get("copy_started_at")
@@ -293,7 +286,7 @@ class Drains:
             leftovers = detail.get("leftovers") or []
             if waiting is not None and phase not in MIGRATION_TERMINAL:
                 if phase == "rolling_back":
-                    phase = "rollback_pending"
+                    phase = ROLLBACK_PENDING
                 note = f"waiting for {waiting['host']} (unreachable) {waiting['why']}"
                 error = f"{error}; {note}" if error else note
             if phase == "failed" and original is not None:
@@ -323,7 +316,7 @@ class Drains:
         """C{{"host_id", "state", "health"}} of a stored machine, or C{None}."""
         if machine_id is None:
             return None
-        row = await self._store.get("machines", machine_id)
+        row = await self._machines.get(machine_id)
         if row is None:
             return None
         return {"host_id": row["host_id"], "state": row["state"],
@@ -342,12 +335,8 @@ class Drains:
         drain = self.active.get(host_id)
         if drain is None:
             state = await self._hosts.transition(host_id, "undrain_requested")
-            self._apps.sync_hosts()
-            rows = await self._store.select("drains", "host_id = ? AND state = ?",
-                                            [host_id, "incomplete"])
-            for r in rows:
-                await self._store.update("drains", r["id"], {"state": "cancelled",
-                                                              "updated_at": self._clock.seconds()})
+            for r in await self._drains.find(host_id=host_id, states=("incomplete",)):
+                await self._drains.set_state(r, "cancelled", reason="undrained")
             return {"host_id": host_id, "state": state}
         drain.machine.cancel()
         self._kick_drain(drain)
@@ -361,7 +350,6 @@ class Drains:
         """
         self._host(host_id)
         state = await self._hosts.transition(host_id, "activate_requested")
-        self._apps.sync_hosts()
         return {"host_id": host_id, "state": state}
 
     # -- restart -----------------------------------------------------------------------
@@ -374,18 +362,16 @@ class Drains:
         @return: how many drains were resumed.
         """
         n = 0
-        for row in await self._store.select("drains", "state IN ('running', 'cancelling')"):
+        for row in await self._drains.find(states=("running", "cancelling")):
             runs = {}
-            for m in await self._store.select("migrations", "drain_id = ?", [row["id"]],
-                                              order_by="rowid"):
-                m["detail"] = json.loads(m["detail"]) if m.get("detail") else {}
+            for m in await self._drains.migrations(row["id"]):
                 runs[m["machine_id"]] = _Run(m)
             drain = _DrainRun(row, runs)
             self.active[row["host_id"]] = drain
             ensureDeferred(self._resume(drain)).addErrback(
                 lambda f, i=row["id"]: self.log.failure("resuming drain {id}", f, id=i))
             n += 1
-        if await self._leftover_rows():
+        if await self._drains.with_leftovers():
             self._sweep_soon()
         return n
 
@@ -403,7 +389,7 @@ class Drains:
             return
         self._arm_deadline(drain)
         for run in drain.migrations.values():
-            if run.row["phase"] not in MIGRATION_TERMINAL + ("planned",):
+            if run.row["phase"] in MIGRATION_STEPPED:
                 run.machine.restart()
                 self._kick(drain, run)
         drain.machine.restart()
@@ -488,12 +474,8 @@ class Drains:
                 run.machine.give_up("the drain's deadline passed before it started")
                 self._kick(drain, run)
             return
-        # "enter": store the drain's new state, then act on the host.
-        drain.row.update(state=state, updated_at=self._clock.seconds())
-        await self._store.update("drains", drain.row["id"],
-                                 {"state": state, "updated_at": drain.row["updated_at"]})
-        await self._event("state", drain.row["id"], {"drain_id": drain.row["id"],
-                                                      "host_id": host_id, "state": state})
+        # "enter": store the drain's new state (announced), then act on the host.
+        await self._drains.set_state(drain.row, state)
         if state in DRAIN_TERMINAL:
             try:
                 if state == "completed":
@@ -502,7 +484,6 @@ class Drains:
                     await self._hosts.transition(host_id, "undrain_requested")
             except errors.ZwrmError as e:
                 self.log.warn("host {h}: {e}", h=host_id, e=e.message)
-            self._apps.sync_hosts()
             if drain.deadline_call is not None and drain.deadline_call.active():
                 drain.deadline_call.cancel()
             if self.active.get(host_id) is drain:
@@ -525,12 +506,10 @@ class Drains:
                     await self._save_migration(run, error=reason)
                     continue
                 fields = {"phase": phase}
-                if reason is not None and phase in ("rolling_back", "failed", "not_moved"):
+                if reason is not None and phase in MIGRATION_ERROR_PHASES:
                     fields["error"] = reason
-                await self._save_migration(run, **fields)
-                await self._event("migration", run.row["id"], {
-                    "drain_id": drain.row["id"], "machine_id": run.row["machine_id"],
-                    "target": run.row["target_host"], "phase": phase, "reason": reason})
+                # Stored, then announced (event migration), before its step acts.
+                await self._save_migration(run, reason=reason, **fields)
                 if self._stopped:
                     return  # stored; its step runs after the next start
                 if phase in MIGRATION_TERMINAL:
@@ -539,7 +518,7 @@ class Drains:
                     drain.machine.migration_ended()
                     self._kick_drain(drain)
                     continue
-                step = getattr(self, "_step_" + phase)
+                step = getattr(self, STEPS[phase])
                 run.step = ensureDeferred(step(drain, run))
                 try:
                     await run.step
@@ -567,7 +546,7 @@ class Drains:
     # -- the steps (each idempotent: a restart runs the stored phase's step again) -------
 
     async def _original(self, run):
-        row = await self._store.get("machines", run.row["machine_id"])
+        row = await self._machines.get(run.row["machine_id"])
         if row is None:
             raise errors.NotFound(f"machine {run.row['machine_id']} is gone")
         return row
@@ -643,7 +622,7 @@ class Drains:
         row = await self._original(run)
         if row["state"] in ("stopped", "failed"):
             return
-        self._apps.log.info("drain: stopping machine {id}", id=row["id"])
+        self.log.info("drain: stopping machine {id}", id=row["id"])
         if run.detail.get("stopped_at") is None:
             await self._save_detail(run, stopped_at=self._clock.seconds())
         await self._call(run.row["source_host"], "machine.stop", row["id"],
@@ -679,29 +658,28 @@ class Drains:
             # confirm that this machine is gone before the original starts again.
             new_id = f"m-{uuid.uuid4().hex[:12]}"
             await self._save_detail(run, replacement=new_id)
-        existing = await self._store.get("machines", new_id)
-        if existing is not None:
-            if existing["state"] in LIVE:
-                return
-            if existing["state"] == "failed":
-                raise errors.Unavailable(f"replacement {new_id} failed on {target}")
-            row = existing
-        else:
+        existing = await self._machines.get(new_id)
+        if existing is not None and existing["state"] in LIVE:
+            return
+        if existing is not None and existing["state"] == "failed":
+            raise errors.Unavailable(f"replacement {new_id} failed on {target}")
+        if run.placement is None:  # after a restart: account for it on the target again
+            run.placement = self._apps.scheduler.restore(
+                target, placement_request(original["spec"]))
+        if existing is None:
             now = self._clock.seconds()
             spec = dict(original["spec"], id=new_id)
             row = {"id": new_id, "app_id": original["app_id"], "host_id": target,
                    "state": "pending", "spec": spec, "health": {"status": "none"},
                    "created_at": now, "updated_at": now}
-            await self._store.insert("machines", row)
-        sched = self._apps.scheduler
-        if run.placement is None:
-            run.placement = sched.restore(target, self._apps._request(row["spec"], None))
-        self._apps.adopt_placement(new_id, run.placement)
+            # Stored (event state, pending) with its reservation, then started.
+            await self._apps.add_machine(row, f"replacement of {original['id']} (drain)",
+                                         placement=run.placement)
+        else:
+            row = existing
+            self._apps.adopt_placement(new_id, run.placement)
         run.placement = None  # the apps layer releases it with the machine from now on
-        await self._apps._event("zwrm.event.machine", "state", new_id, {
-            "machine_id": new_id, "app_id": row["app_id"], "host_id": target, "old": None,
-            "state": "pending", "reason": f"replacement of {original['id']} (drain)"})
-        await self._apps._start_on_host(row)
+        await self._apps.start_machine(row)
         if row["state"] == "failed":
             raise errors.Unavailable(f"the replacement could not start on {target}")
 
@@ -711,63 +689,25 @@ class Drains:
         Wait until C{machine_id} is running with a passing health check (or running, when it
         has none) for C{min_healthy} seconds on end. @return: when it first passed.
 
-        With C{host} (a replacement's target), what counts is what that host's agent says
-        (L{Executor.machine_status}), not the stored row, which is stale while the host is
-        unreachable (marked failed once it is offline; still passing before that). While
-        the host is unreachable the wait is paused (with C{pause}; for a machine with
-        volumes), not failed: the replacement may still run there (its hypervisor outlives
-        its agent), so the original must not start again (docs/drain.md, "Fencing"); the
-        time does not count toward C{deadline}, and the migration records that it waits
-        for C{host}. Without C{pause} an unreachable host fails the wait.
+        It waits on the machines resource's events (L{Machines.wait_healthy}), never polls
+        the store.  With C{host} (a replacement's target), what counts is what that host's
+        agent says (L{Executor.machine_status}), not the stored row, which is stale while
+        the host is unreachable (marked failed once it is offline; still passing before
+        that): each event of the machine or of C{host} has the agent asked again
+        (L{_HealthWait}).  While the host is unreachable the wait is paused (with C{pause};
+        for a machine with volumes), not failed: the replacement may still run there (its
+        hypervisor outlives its agent), so the original must not start again
+        (docs/drain.md, "Fencing"); the time does not count toward C{deadline}, and the
+        migration records that it waits for C{host}. Without C{pause} an unreachable host
+        fails the wait.  Time is the service's clock's.
 
         @raise Unavailable: not so by C{deadline} seconds, or it failed.
         @raise NotFound: it is gone.
         """
-        start = self._clock.seconds()
-        since = None
-        first = None
-        while True:
-            row = await self._store.get("machines", machine_id)
-            if row is None:
-                raise errors.NotFound(f"machine {machine_id} is gone")
-            has_check = bool(row["spec"].get("health"))
-            state, health = row["state"], (row.get("health") or {}).get("status")
-            now = self._clock.seconds()
-            if host is not None:
-                try:
-                    st = await self._call(host, "machine.status", machine_id)
-                except errors.NotFound:
-                    raise errors.NotFound(
-                        f"machine {machine_id} is not on {host} any more") from None
-                except errors.Unavailable:
-                    if not pause:
-                        raise
-                    since = None
-                    await self._set_waiting(
-                        run, host, f"replacement {machine_id} may still run there; the "
-                        "original stays stopped until it answers")
-                    before = self._clock.seconds()
-                    await self._sleep(poll)
-                    start += self._clock.seconds() - before  # paused: not toward the deadline
-                    continue
-                await self._set_waiting(run, None)
-                state, health = st["state"], st.get("health")
-                now = self._clock.seconds()
-            if state == "failed":
-                raise errors.Unavailable(f"machine {machine_id} failed")
-            ok = state == "running" and (health == "passing" or not has_check)
-            if ok:
-                since = now if since is None else since
-                first = now if first is None else first
-                if now - since >= min_healthy:
-                    return first
-            else:
-                since = None
-            if now - start >= deadline:
-                raise errors.Unavailable(
-                    f"machine {machine_id} was not healthy within {deadline:g}s "
-                    f"(state {state}, health {health})")
-            await self._sleep(poll)
+        if host is None:
+            return await self._machines.wait_healthy(machine_id, deadline, min_healthy)
+        wait = _HealthWait(self, machine_id, host, deadline, min_healthy, poll, run, pause)
+        return await wait.run()
 
     async def _set_waiting(self, run, host, why=None):
         """Record (or clear, with C{host=None}) that C{run} waits for an unreachable host."""
@@ -794,23 +734,13 @@ class Drains:
             await self._save_detail(run, downtime=max(0.0, first - stopped))
 
     async def _step_committing(self, drain, run):
-        target = run.row["target_host"]
-        vids = list(run.detail["volumes"])
-
-        def commit(db):
-            with db.conn:
-                for vid in vids:
-                    db["volumes"].update(vid, {"host_id": target})
-                db["migrations"].update(run.row["id"], {"phase": "committing"})
-
-        await self._store.run(commit)
-        for vid in vids:
-            await self._apps._event("zwrm.event.machine", "volume_moved", vid, {
-                "volume_id": vid, "host_id": target, "from": run.row["source_host"]})
+        # The volumes move to the target (and with them the pin) with the migration's
+        # phase, in one transaction; then each move is announced (volume_moved).
+        await self._drains.commit_volumes(run.row, list(run.detail["volumes"]))
 
     async def _step_cleaning(self, drain, run):
         source = run.row["source_host"]
-        row = await self._store.get("machines", run.row["machine_id"])
+        row = await self._machines.get(run.row["machine_id"])
         if row is not None:
             if row["state"] in LIVE and row["state"] != "stopping":
                 try:  # no volumes: it still runs; power it down cleanly first
@@ -818,7 +748,7 @@ class Drains:
                                      timeout=drain.row["options"]["stop_timeout"])
                 except errors.ZwrmError as e:
                     self.log.warn("stopping {id}: {e}", id=row["id"], e=e.message)
-            await self._apps._destroy_machine(row)
+            await self._apps.remove_machine(row)
         for vid in run.detail["volumes"]:
             try:
                 await self._call(source, "volume.delete", vid)
@@ -852,7 +782,7 @@ class Drains:
                     pass  # done or expired; a staged copy dies with its token or its agent
         leftovers = []
         for vid in run.detail.get("volumes", []) if target is not None else []:
-            vrow = await self._store.get("volumes", vid)
+            vrow = await self._volumes.get(vid)
             if vrow is not None and vrow["host_id"] == target:
                 continue  # committed: that copy is the volume
             if not await self._clean_copy(target, vid):
@@ -870,7 +800,7 @@ class Drains:
         except errors.NotFound:
             on_host = "stopped"
         if on_host in ("stopped", "failed"):
-            await self._apps._start_on_host(original)
+            await self._apps.start_machine(original)
         await self._wait_healthy(original["id"], opts["healthy_deadline"], 0, opts["poll"])
 
     async def _fence_replacement(self, run, target, new_id, poll):
@@ -891,9 +821,9 @@ class Drains:
                     await self._call(target, "machine.destroy", new_id)
                 except errors.NotFound:
                     pass  # its agent does not know it: it does not run there
-                rep = await self._store.get("machines", new_id)
+                rep = await self._machines.get(new_id)
                 if rep is not None:
-                    await self._apps._destroy_machine(rep)
+                    await self._apps.remove_machine(rep)
                 await self._set_waiting(run, None)
                 return
             except errors.Unavailable:
@@ -906,16 +836,19 @@ class Drains:
         design): destroy it if its target answers; else forget it, so that its host stops
         it as unknown when it returns.
         """
-        rep = await self._store.get("machines", new_id)
+        rep = await self._machines.get(new_id)
         if rep is None:
             return
         try:
-            await self._apps._destroy_machine(rep)
+            await self._apps.remove_machine(rep)
         except errors.Unavailable:
             self.log.warn("rollback: replacement {id} on {t} is stopped when its host returns",
                           id=new_id, t=target)
-            await self._store.update("machines", new_id, {"state": "failed"})
-            await self._apps._destroy_machine(dict(rep, state="failed"))
+            # Stored and announced (failed, its reservation released), then forgotten.
+            await self._apps.set_machine(
+                rep, f"rollback: host {target} unreachable; stopped when it returns",
+                state="failed")
+            await self._apps.remove_machine(rep)
 
     async def _clean_copy(self, host, vid):
         """
@@ -924,7 +857,7 @@ class Drains:
 
         @return: C{True} if no such copy is left there, C{False} if C{host} could not say.
         """
-        vrow = await self._store.get("volumes", vid)
+        vrow = await self._volumes.get(vid)
         if vrow is not None and vrow["host_id"] == host:
             return True
         try:
@@ -940,13 +873,6 @@ class Drains:
 
     # -- leftovers of rollbacks whose target was unreachable -------------------------
 
-    async def _leftover_rows(self):
-        rows = await self._store.select("migrations", "detail LIKE ?", ['%"leftovers": [{%'])
-        for r in rows:
-            if isinstance(r.get("detail"), str):
-                r["detail"] = json.loads(r["detail"])
-        return [r for r in rows if r["detail"].get("leftovers")]
-
     def _sweep_soon(self, interval=5.0):
         """Clean recorded leftovers now and every C{interval} seconds while there are some."""
         if self._stopped or (self._sweeper is not None and self._sweeper.running):
@@ -959,7 +885,7 @@ class Drains:
     async def sweep_leftovers(self):
         """Clean the recorded leftovers on every reachable host. @return: how many are left."""
         left = 0
-        for row in await self._leftover_rows():
+        for row in await self._drains.with_leftovers():
             busy = {(r.row["target_host"], v) for d in self.active.values()
                     for r in d.migrations.values()
                     if r.machine.phase not in MIGRATION_TERMINAL and r.row["id"] != row["id"]
@@ -972,13 +898,12 @@ class Drains:
                         x["host"], x["volume_id"]):
                     keep.append(x)
             if keep != row["detail"]["leftovers"]:
-                detail = dict(row["detail"], leftovers=keep)
                 run = self._run_of(row["id"])
                 if run is not None:
                     await self._save_detail(run, leftovers=keep)
                 else:
-                    await self._store.update("migrations", row["id"], {
-                        "detail": json.dumps(detail), "updated_at": self._clock.seconds()})
+                    await self._drains.save_migration(
+                        row, detail=dict(row["detail"], leftovers=keep))
             left += len(keep)
         return left
 
@@ -994,6 +919,163 @@ class Drains:
             if self._sweeper.running:
                 self._sweeper.stop()
             self._sweeper = None
+
+
+class _HealthWait:
+    """
+    The wait of L{Drains._wait_healthy} for a replacement on C{host}: the target's agent is
+    asked (C{machine.status}) at the start, on every event of the machine (its agent's
+    reports: state and health changes) and of C{host} (it went away, came back), and when
+    the machine has been healthy for C{min_healthy}; what it answers is the truth.  While
+    C{host} cannot be reached the wait is paused: its deadline stops; the agent is asked
+    again on the host's next event, or after C{poll} seconds if the host still counts as
+    reachable (a call that failed on its way).
+    """
+
+    def __init__(self, drains, machine_id, host, deadline, min_healthy, poll, run, pause):
+        self._drains = drains
+        self._clock = drains._clock
+        self.machine_id, self.host, self.run_ = machine_id, host, run
+        self.deadline, self.min_healthy, self.poll, self.pause = (
+            deadline, min_healthy, poll, pause)
+        self.done = Deferred()
+        self.left = deadline  # of the deadline: paused time does not count
+        self.armed_at = None
+        self.expired = False
+        self.since = self.first = None
+        self.last = (None, None)  # (state, health) of the agent's last answer
+        self.has_check = False
+        self.timers = {}  # "deadline", "healthy", "retry" -> IDelayedCall
+        self.checking = self.again = False
+
+    async def run(self):
+        drains = self._drains
+        unsubscribe = [drains._machines.subscribe(self._machine_event),
+                       drains._data.hosts.subscribe(self._host_event)]
+        try:
+            row = await drains._machines.get(self.machine_id)
+            if row is None:
+                raise errors.NotFound(f"machine {self.machine_id} is gone")
+            self.has_check = bool(row["spec"].get("health"))
+            self._arm_deadline()
+            self._check()
+            return await self.done
+        finally:
+            for u in unsubscribe:
+                u()
+            for name in list(self.timers):
+                self._cancel(name)
+
+    # -- triggers ---------------------------------------------------------------------
+
+    def _machine_event(self, event):
+        if event["subject"] != self.machine_id:
+            return
+        if event["kind"] == "destroyed":
+            return self._fail(errors.NotFound(f"machine {self.machine_id} is gone"))
+        self._check()
+
+    def _host_event(self, event):
+        if event["subject"] == self.host:
+            self._check()
+
+    def _later(self, name, seconds, fn):
+        self._cancel(name)
+
+        def fire():
+            self.timers.pop(name, None)
+            fn()
+
+        self.timers[name] = self._clock.callLater(max(0.0, seconds), fire)
+
+    def _cancel(self, name):
+        call = self.timers.pop(name, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _arm_deadline(self):
+        if "deadline" not in self.timers and not self.expired and not self.done.called:
+            self.armed_at = self._clock.seconds()
+            self._later("deadline", self.left, self._expire)
+
+    def _stop_deadline(self):
+        if "deadline" in self.timers:
+            self.left -= self._clock.seconds() - self.armed_at
+            self._cancel("deadline")
+
+    def _expire(self):
+        self.expired, self.left = True, 0.0
+        self._check()  # healthy long enough at this very moment still counts
+
+    def _fail(self, exc):
+        if not self.done.called:
+            self.done.errback(exc)
+
+    # -- asking the agent -------------------------------------------------------------
+
+    def _check(self):
+        """Ask the agent (again, once the question under way is answered)."""
+        if self.done.called:
+            return
+        if self.checking:
+            self.again = True
+            return
+        self.checking = True
+        ensureDeferred(self._checks()).addErrback(lambda f: self._fail(f.value))
+
+    async def _checks(self):
+        try:
+            while not self.done.called:
+                self.again = False
+                await self._check_once()
+                if not self.again:
+                    break
+        finally:
+            self.checking = False
+
+    async def _check_once(self):
+        drains, mid, host = self._drains, self.machine_id, self.host
+        try:
+            st = await drains._call(host, "machine.status", mid)
+        except errors.NotFound:
+            return self._fail(errors.NotFound(f"machine {mid} is not on {host} any more"))
+        except errors.Unavailable as e:
+            if not self.pause:
+                return self._fail(e)
+            self.since = None
+            self._cancel("healthy")
+            self._stop_deadline()
+            await drains._set_waiting(
+                self.run_, host, f"replacement {mid} may still run there; the "
+                "original stays stopped until it answers")
+            if drains._reachable(host):  # else: asked again on the host's next event
+                self._later("retry", self.poll, self._check)
+            return None
+        self._cancel("retry")
+        self._arm_deadline()
+        await drains._set_waiting(self.run_, None)
+        state, health = self.last = (st["state"], st.get("health"))
+        if state == "failed":
+            return self._fail(errors.Unavailable(f"machine {mid} failed"))
+        now = self._clock.seconds()
+        if state == "running" and (health == "passing" or not self.has_check):
+            if self.since is None:
+                self.since = now
+                self.first = now if self.first is None else self.first
+            if now - self.since >= self.min_healthy:
+                if not self.done.called:
+                    self.done.callback(self.first)
+                return None
+            if "healthy" not in self.timers:
+                self._later("healthy", self.since + self.min_healthy - now, self._check)
+        else:
+            self.since = None
+            self._cancel("healthy")
+        if self.expired:
+            self._fail(errors.Unavailable(
+                f"machine {mid} was not healthy within {self.deadline:g}s "
+                f"(state {state}, health {health})"))
+        return None
 
 
 __all__ = ["Drains", "DRAIN_TOPIC"]

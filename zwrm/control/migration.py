@@ -27,17 +27,16 @@ and lets one whose machine already stopped finish. Terminal phases ignore every 
 
 from automat import MethodicalMachine
 
-MIGRATION_PHASES = (
-    "planned", "bulk_copying", "stopping_source", "delta_copying", "starting_replacement",
-    "waiting_healthy", "committing", "cleaning", "done", "rolling_back", "rolled_back",
-    "not_moved", "failed",
+from zwrm.drain_phases import (  # the phase list, defined once
+    DRAIN_STATES,
+    DRAIN_TERMINAL,
+    MIGRATION_PHASES,
+    MIGRATION_TERMINAL,
 )
-MIGRATION_TERMINAL = ("done", "rolled_back", "not_moved", "failed")
+
 MIGRATION_INPUTS = ("start_copy", "start_replacement", "step_done", "step_failed", "cancel",
                     "give_up", "restart")
 
-DRAIN_STATES = ("running", "cancelling", "completed", "incomplete", "cancelled")
-DRAIN_TERMINAL = ("completed", "incomplete", "cancelled")
 DRAIN_INPUTS = ("start", "migration_ended", "all_moved", "some_not_moved", "cancel",
                 "deadline", "restart")
 
@@ -422,3 +421,7 @@ class Drain:
             if _name != _skip:
                 _state.upon(locals()[_name], enter=_state, outputs=[_nothing])
     del _state, _skip, _name
+
+
+__all__ = ["DRAIN_INPUTS", "DRAIN_STATES", "DRAIN_TERMINAL", "MIGRATION_INPUTS",
+           "MIGRATION_PHASES", "MIGRATION_TERMINAL", "Drain", "Migration"]

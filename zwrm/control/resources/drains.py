@@ -20,14 +20,15 @@ Committing a migration moves its volumes to the target and stores its phase in o
 transaction (L{Drains.commit_volumes}); the volumes resource then announces each move
 (C{volume_moved} on C{zwrm.event.machine}).
 
-Not yet used by L{zwrm.control.drain}, which still writes these rows itself: its owner
-switches to these update methods (see docs/architecture.md).
+The drain runner (L{zwrm.control.drain}) changes these rows only through these update
+methods.  The phases and states are those of L{zwrm.drain_phases}; an unknown one is refused.
 """
 
 import json
 
 from zwrm import errors
 from zwrm.control.resources import Resource, update_method
+from zwrm.drain_phases import DRAIN_STATES, MIGRATION_PHASES
 
 TOPIC = "zwrm.event.drain"
 TABLE = "drains"
@@ -126,11 +127,26 @@ class Drains(Resource):
             args.extend(states)
         return self._store.select(TABLE, " AND ".join(where) or None, args, order_by=order_by)
 
+    async def latest(self, host_id):
+        """The newest drain row of C{host_id}, or L{None}."""
+        rows = await self._store.select(TABLE, "host_id = ?", [host_id],
+                                        order_by="created_at DESC", limit=1)
+        return rows[0] if rows else None
+
     async def migrations(self, drain_id):
         """The migrations of C{drain_id}, their C{detail} decoded."""
         rows = await self._store.select(MIGRATIONS_TABLE, "drain_id = ?", [drain_id],
                                         order_by="rowid")
         return [_decoded(r) for r in rows]
+
+    async def with_leftovers(self):
+        """
+        The migrations whose C{detail} records C{leftovers} (copies of volumes a rollback
+        could not delete on an unreachable target), their C{detail} decoded.
+        """
+        rows = await self._store.select(MIGRATIONS_TABLE, "detail LIKE ?",
+                                        ['%"leftovers": [{%'])
+        return [r for r in map(_decoded, rows) if r["detail"].get("leftovers")]
 
     # -- update methods ---------------------------------------------------------------
 
@@ -159,6 +175,8 @@ class Drains(Resource):
     @update_method
     async def set_state(self, row, state, reason=None):
         """Store the drain's new C{state} (C{row} is updated in place); event C{state}."""
+        if state not in DRAIN_STATES:
+            raise errors.InvalidArgument(f"unknown drain state {state!r}")
         old = row.get("state")
         fields = {"state": state, "updated_at": self._clock.seconds()}
         await self._store.update(TABLE, row["id"], fields)
@@ -171,9 +189,12 @@ class Drains(Resource):
     async def save_migration(self, row, reason=None, **fields):
         """
         Store C{fields} of the migration C{row} (C{detail} as a dict; C{row} is updated in
-        place).  A change of C{phase} is announced (event C{migration}); progress, errors
-        and detail are not.
+        place).  A change of C{phase}, or a phase entered again for a C{reason} (a step run
+        again after a restart), is announced (event C{migration}); progress, errors and
+        detail are not.
         """
+        if "phase" in fields and fields["phase"] not in MIGRATION_PHASES:
+            raise errors.InvalidArgument(f"unknown migration phase {fields['phase']!r}")
         old = row.get("phase")
         fields["updated_at"] = self._clock.seconds()
         stored = dict(fields)
@@ -181,7 +202,7 @@ class Drains(Resource):
             stored["detail"] = json.dumps(stored["detail"] or {}, sort_keys=True)
         await self._store.update(MIGRATIONS_TABLE, row["id"], stored)
         row.update(fields)
-        if "phase" in fields and fields["phase"] != old:
+        if "phase" in fields and (fields["phase"] != old or reason is not None):
             await self._announce_phase(row, old, reason)
         return row
 
