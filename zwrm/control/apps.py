@@ -303,9 +303,9 @@ class Apps:
         """
         Give the scheduler every known host again.
 
-        Not needed by anything here any more (the scheduler follows the hosts resource's
-        events); kept for L{zwrm.control.drain} until it relies on the events too.  Hosts
-        that did not change since they were last given are skipped.
+        Only at start-up (L{load}: hosts loaded after this object was made); from then on
+        the scheduler follows the hosts resource's events.  Hosts that did not change
+        since they were last given are skipped.
         """
         for host_id in self.data.hosts.ids():
             self._give_host(host_id)
@@ -351,8 +351,6 @@ class Apps:
                 self.scheduler.commit(p)
         return row
 
-    _set_machine = set_machine
-
     async def add_machine(self, row, reason, placement=None):
         """
         Store a new machine row (state C{pending}) through the machines resource (one
@@ -362,22 +360,6 @@ class Apps:
         if placement is not None:
             self.adopt_placement(row["id"], placement)
         return row
-
-    async def _event(self, topic, kind, subject, payload):
-        """
-        Kept for L{zwrm.control.drain} until it uses L{add_machine} and the volumes
-        resource: publish C{kind} about C{subject} through the resource that owns it, in
-        that resource's canonical shape where there is one.
-        """
-        if topic == MACHINE_TOPIC and kind == "state":
-            row = await self.data.machines.get(subject)
-            if row is not None:
-                return await self.data.machines._produce(
-                    "state", row, payload.get("old"), payload.get("reason"))
-        if topic == MACHINE_TOPIC and kind == "volume_moved":
-            return await self.data.volumes.moved(subject, payload.get("from"))
-        resource = self.data.apps if topic == APP_TOPIC else self.data.machines
-        return await resource.produce_event(kind, subject, payload)
 
     def _release(self, machine_id):
         p = self._placements.pop(machine_id, None)
@@ -431,10 +413,6 @@ class Apps:
         if row is None:
             raise errors.NotFound(f"no machine {machine_id!r}")
         return row
-
-    def _request(self, mspec, pinned, new_disk_mb=0):
-        """Kept for L{zwrm.control.drain}: see L{placement_request}."""
-        return placement_request(mspec, pinned_host=pinned, disk_mb=new_disk_mb)
 
     # -- apps -------------------------------------------------------------------------
 
@@ -1007,8 +985,6 @@ class Apps:
         await self._apply_status(row, status)
         return row
 
-    _start_on_host = start_machine
-
     async def _volumes_ready(self, row):
         for v in row["spec"]["volumes"]:
             vrow = await self.data.volumes.get(v["id"])
@@ -1113,8 +1089,6 @@ class Apps:
         self._release(m["id"])
         await self.network.release(m["id"])
         return m["id"]
-
-    _destroy_machine = remove_machine
 
     # -- reports from agents ----------------------------------------------------------
 
