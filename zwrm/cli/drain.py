@@ -8,8 +8,7 @@ import sys
 from twisted.internet import task
 
 from zwrm.cli.client import EXIT_USAGE, CliError, call, close, connect, load_settings
-
-TERMINAL = ("completed", "incomplete", "cancelled")
+from zwrm.drain_phases import DRAIN_TERMINAL as TERMINAL  # the states a drain ends in
 
 
 def _duration(text):
