@@ -39,7 +39,6 @@ The expiry is not in the text: the control plane holds it with the token's hash.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import hmac
 import ipaddress
 import os
@@ -66,6 +65,7 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
 from zwrm.errors import AuthenticationFailed, InvalidArgument, NotFound
+from zwrm.tokens import hash_secret
 
 __all__ = [
     "CertificateAuthority",
@@ -933,11 +933,6 @@ def agent_client_options(hostname, directory, join_token=None):
 
 
 # --- join tokens -----------------------------------------------------------------------
-
-
-def hash_secret(secret):
-    """The stored form of a token secret: SHA-256, hex (the secret is 165 random bits)."""
-    return hashlib.sha256(secret.encode("ascii")).hexdigest()
 
 
 def _random(n):

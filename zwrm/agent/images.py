@@ -49,7 +49,7 @@ from zwrm.errors import (
 from zwrm.interfaces import IImageCache
 from zwrm.registry.client import auth_header
 from zwrm.registry.image import MANIFEST_TYPE, parse_config, parse_manifest, parse_reference
-from zwrm.registry.store import write_sparse
+from zwrm.sparse import write_sparse
 
 BATCH = 4 * 1024 * 1024
 MANIFEST_ACCEPT = ", ".join(

@@ -28,7 +28,6 @@ token at hand makes the next attempt join again.
 
 import os
 import random
-from ipaddress import ip_address
 
 from autobahn import wamp
 from autobahn.twisted.wamp import ApplicationSession
@@ -45,6 +44,7 @@ import zwrm
 from zwrm import errors, pki
 from zwrm.agent import capacity
 from zwrm.agent.identity import Identity
+from zwrm.endpoints import client_endpoint, tcp_endpoint
 
 
 class AuthRejected(Exception):
@@ -142,35 +142,6 @@ class _AgentSession(ApplicationSession):
             self.joined.errback(exc)
         if not self.ended.called:
             self.ended.callback(exc)
-
-
-def _tcp_endpoint(reactor, host, port, timeout):
-    try:
-        ip = ip_address(host.strip("[]"))
-    except ValueError:
-        return endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
-    cls = endpoints.TCP6ClientEndpoint if ip.version == 6 else endpoints.TCP4ClientEndpoint
-    return cls(reactor, str(ip), port, timeout=timeout)
-
-
-def client_endpoint(reactor, url, ca_file=None, timeout=10):
-    """
-    A client endpoint for the WebSocket C{url}.
-
-    @param ca_file: PEM file of the CA to trust for C{wss://} (default: the platform's).
-    """
-    secure, host, port, _resource, _path, _params = parse_url(url)
-    tcp = _tcp_endpoint(reactor, host, port, timeout)
-    if not secure:
-        return tcp
-    from twisted.internet import ssl
-
-    if ca_file:
-        with open(ca_file, "rb") as f:
-            trust = ssl.Certificate.loadPEM(f.read())
-    else:
-        trust = ssl.platformTrust()
-    return endpoints.wrapClientTLS(ssl.optionsForClientTLS(host, trustRoot=trust), tcp)
 
 
 # autobahn's WebSocket states (autobahn.websocket.protocol.WebSocketProtocol.STATE_*)
@@ -455,7 +426,7 @@ class AgentService(service.Service):
             endpoint = client_endpoint(self.reactor, c.url, c.ca_file)
         else:
             _secure, host, port, _r, _p, _q = parse_url(c.url)
-            endpoint = endpoints.wrapClientTLS(options, _tcp_endpoint(self.reactor, host, port, 10))
+            endpoint = endpoints.wrapClientTLS(options, tcp_endpoint(self.reactor, host, port, 10))
         self._connecting = endpoint.connect(factory)
         try:
             protocol = await self._connecting

@@ -2,7 +2,7 @@
 Volume streams: copy a sparse volume image from one agent to another over TLS.
 
 The target agent runs a L{VolumeReceiver} (a TLS endpoint, loopback unless configured).
-The control plane mints a one-time token (L{mint_token}) for a volume and gives it to both
+The control plane mints a one-time token (L{zwrm.tokens.mint_token}) for a volume and gives it to both
 agents: the target calls L{VolumeReceiver.expect}, the source calls L{VolumeSender.send}.
 Only the allocated blocks of the image travel (C{SEEK_DATA}/C{SEEK_HOLE}), framed as
 (offset, data), produced by a push producer that honours the transport's backpressure and
@@ -22,7 +22,6 @@ import hmac
 import json
 import os
 import re
-import secrets
 import struct
 from collections import deque
 
@@ -40,6 +39,7 @@ from zope.interface import implementer
 from zwrm import errors, pki
 from zwrm.agent import blockmap
 from zwrm.agent.blockmap import BLOCK_SIZE
+from zwrm.tokens import mint_token
 
 log = Logger()
 
@@ -107,13 +107,6 @@ def _write_parts(fd, parts, offset, length):
     for part in parts:
         h.update(part)
     return h.digest()
-
-
-def mint_token():
-    """
-    @return: a new one-time transfer token (URL-safe text, 256 bits of randomness).
-    """
-    return secrets.token_urlsafe(32)
 
 
 def _token_key(token):

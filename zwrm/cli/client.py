@@ -35,7 +35,9 @@ from autobahn.wamp.exception import ApplicationError, TransportLost
 from autobahn.wamp.serializer import JsonSerializer
 from autobahn.wamp.types import ComponentConfig
 from autobahn.websocket.util import parse_url
-from twisted.internet import defer, endpoints, error
+from twisted.internet import defer, error
+
+from zwrm.endpoints import client_endpoint
 
 DEFAULT_URL = "ws://127.0.0.1:8080/ws"
 DEFAULT_TIMEOUT = 120.0
@@ -417,17 +419,6 @@ class _Session(ApplicationSession):
             transport.abortConnection()
 
 
-def _endpoint(reactor, url, ca_pem, timeout):
-    secure, host, port, _resource, _path, _params = parse_url(url)
-    tcp = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
-    if not secure:
-        return tcp
-    from twisted.internet import ssl
-
-    trust = ssl.Certificate.loadPEM(ca_pem) if ca_pem else ssl.platformTrust()
-    return endpoints.wrapClientTLS(ssl.optionsForClientTLS(host, trustRoot=trust), tcp)
-
-
 async def connect(reactor, settings, timeout=None):
     """
     A joined WAMP session to the control plane.
@@ -455,7 +446,7 @@ async def connect(reactor, settings, timeout=None):
     # our own timer (below) reports a handshake that does not finish; autobahn's only after
     factory.setProtocolOptions(openHandshakeTimeout=timeout + 5)
     try:
-        await _endpoint(reactor, url, ca_pem, timeout).connect(factory)
+        await client_endpoint(reactor, url, timeout=timeout, ca_pem=ca_pem).connect(factory)
     except error.ConnectionRefusedError:
         raise CliError(f"cannot reach the control plane at {url}: connection refused",
                        EXIT_UNREACHABLE) from None

@@ -185,7 +185,7 @@ class ExternalRouter(service.MultiService):
         @param apis: objects with C{@wamp.register} procedures, registered at each join.
         @param on_session: called with each joined session.
         """
-        from zwrm.agent.service import client_endpoint
+        from zwrm.endpoints import client_endpoint
 
         service.MultiService.__init__(self)
         self.url = url

@@ -15,7 +15,6 @@ heartbeat in memory and calls L{Store.save_heartbeats} with a batch (see
 L{zwrm.control.registry}).
 """
 
-import hashlib
 import json
 import sqlite3
 import time
@@ -25,18 +24,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from zwrm import errors
-from zwrm.control.resources import apps, drains, hosts, machines, volumes
-
-
-def hash_secret(secret):
-    """
-    The stored form of a token or credential.
-
-    @param secret: the secret as given to a client.
-    @type secret: L{str}
-    @return: its SHA-256, hex.
-    """
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+from zwrm.control.resources import apps, certs, drains, hosts, machines, volumes
+from zwrm.tokens import hash_secret
 
 
 def _v1(db):
@@ -101,7 +90,12 @@ def _v5(db):
     apps.schema_v5(db)
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5]
+def _v6(db):
+    """Schema version 6: the ingress's TLS certificates (L{certs.schema_v6})."""
+    certs.schema_v6(db)
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6]
 """Schema migrations, in order; append, never edit."""
 
 JSON_COLUMNS = {

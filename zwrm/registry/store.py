@@ -29,6 +29,8 @@ import uuid as uuidlib
 
 from twisted.internet import threads
 
+from zwrm.sparse import SPARSE_BLOCK, write_sparse  # noqa: F401 (SPARSE_BLOCK: re-exported)
+
 ALGORITHMS = {"sha256": 64, "sha512": 128}
 DIGEST_RE = re.compile(r"^(sha256|sha512):([a-f0-9]+)\Z")
 NAME_RE = re.compile(
@@ -37,26 +39,6 @@ NAME_RE = re.compile(
 # \Z, not $: "$" also matches before a trailing newline ("v1\n" is not a tag).
 TAG_RE = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}\Z")
 COPY_CHUNK = 1024 * 1024
-#: Blocks of this many zero bytes are left as holes (raw disks are stored sparse).
-SPARSE_BLOCK = 64 * 1024
-_ZEROS = bytes(SPARSE_BLOCK)
-
-
-def write_sparse(f, data):
-    """
-    Write C{data} at C{f}'s position, seeking over every all-zero L{SPARSE_BLOCK} instead
-    of writing it, so the file keeps holes there. The caller sets the file's final size
-    (C{truncate}) once everything is written: trailing holes do not extend it.
-    """
-    view = memoryview(data)
-    for i in range(0, len(view), SPARSE_BLOCK):
-        block = view[i:i + SPARSE_BLOCK]
-        if block == _ZEROS[:len(block)]:
-            f.seek(len(block), os.SEEK_CUR)
-        else:
-            f.write(block)
-
-
 class StoreError(Exception):
     """
     A request the store refuses; C{code} is the OCI distribution error code.

@@ -1,0 +1,48 @@
+"""
+Client endpoints for the control plane's WebSocket URL, shared by the agent, the control
+component behind an external router and the CLI (it imports nothing of theirs).
+"""
+
+from ipaddress import ip_address
+
+from autobahn.websocket.util import parse_url
+from twisted.internet import endpoints
+
+
+def tcp_endpoint(reactor, host, port, timeout):
+    """
+    A TCP client endpoint: an IP literal (IPv6 with or without brackets) is connected to
+    directly, a name through L{endpoints.HostnameEndpoint}.
+    """
+    try:
+        ip = ip_address(host.strip("[]"))
+    except ValueError:
+        return endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
+    cls = endpoints.TCP6ClientEndpoint if ip.version == 6 else endpoints.TCP4ClientEndpoint
+    return cls(reactor, str(ip), port, timeout=timeout)
+
+
+def client_endpoint(reactor, url, ca_file=None, timeout=10, ca_pem=None):
+    """
+    A client endpoint for the WebSocket C{url}.
+
+    @param ca_file: PEM file of the CA to trust for C{wss://}.
+    @param ca_pem: that CA's PEM bytes, already read (instead of C{ca_file}).
+    @return: a TCP endpoint for C{ws://}; for C{wss://} one wrapped in TLS that checks the
+        server's certificate for the URL's host against the CA given, or against the
+        platform's trust store if none is.
+    """
+    secure, host, port, _resource, _path, _params = parse_url(url)
+    tcp = tcp_endpoint(reactor, host, port, timeout)
+    if not secure:
+        return tcp
+    from twisted.internet import ssl
+
+    if ca_pem is None and ca_file:
+        with open(ca_file, "rb") as f:
+            ca_pem = f.read()
+    trust = ssl.Certificate.loadPEM(ca_pem) if ca_pem else ssl.platformTrust()
+    return endpoints.wrapClientTLS(ssl.optionsForClientTLS(host, trustRoot=trust), tcp)
+
+
+__all__ = ["client_endpoint", "tcp_endpoint"]
