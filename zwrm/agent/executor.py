@@ -555,6 +555,16 @@ class Executor:
             return {"network": "user"}
         return self.network.update(view)
 
+    @wamp.register("ingress.certs")
+    def ingress_certs(self, certs):
+        """
+        The ingress certificates (see L{zwrm.agent.network.agent.AgentNetwork.set_certs});
+        ignored in user-mode networking (no ingress).
+        """
+        if self.network is None:
+            return {"network": "user"}
+        return self.network.set_certs(certs)
+
     # --- host ---------------------------------------------------------------------------
 
     @wamp.register("host.facts")

@@ -18,6 +18,7 @@ OPERATOR_PREFIXES = [
     "zwrm.image.",
     "zwrm.token.",
     "zwrm.cluster.",
+    "zwrm.cert.",
 ]
 """Procedure prefixes an operator may call."""
 
@@ -32,6 +33,7 @@ VIEWER_PROCEDURES = [
     "zwrm.volume.list",
     "zwrm.image.list",
     "zwrm.cluster.info",
+    "zwrm.cert.list",
 ]
 """Read-only procedures a viewer may call."""
 

@@ -572,6 +572,24 @@ PROCEDURES = {p.uri: p for p in [
               "Delete a tag, or a manifest and every tag that points at it.",
               [Arg("ref", IMAGE_REF, doc="NAME:TAG or NAME@DIGEST")], "{image, deleted}",
               ["invalid_argument", "not_found", "not_authorized (deleting is turned off)"]),
+    # -- ingress certificates (zwrm/control/resources/certs.py) ----------------------------
+    Procedure("zwrm.cert.add", OPERATOR,
+              "Store (or replace) the TLS certificate and key the ingress serves for a domain"
+              " (published ports in https mode); checked: PEM, the key matches, not expired,"
+              " its names cover the domain. Every agent gets it.",
+              [Arg("domain", Str(253, min_len=1), doc="www.example.com or *.example.com"),
+               Arg("cert", Str(65536, min_len=1), doc="the certificate, then its chain (PEM)"),
+               Arg("key", Str(16384, min_len=1), doc="its private key (PEM, unencrypted)",
+                   secret=True)],
+              "{domain, names, subject, issuer, not_before, not_after, fingerprint, "
+              "created_at, updated_at} (never the key)",
+              ["invalid_argument (naming domain, cert or key)"]),
+    Procedure("zwrm.cert.list", READ, "Every ingress certificate, without its key.", [],
+              "[{domain, names, subject, issuer, not_before, not_after, fingerprint, "
+              "created_at, updated_at}]"),
+    Procedure("zwrm.cert.remove", OPERATOR, "Remove the ingress certificate of a domain.",
+              [Arg("domain", Str(253, min_len=1), doc="the domain it was added for")],
+              "{domain, removed}", ["invalid_argument", "not_found"]),
     # -- join tokens -------------------------------------------------------------------
     Procedure("zwrm.token.create", OPERATOR, "Make a join token.",
               [Arg("ttl", Number(1, SECONDS_MAX), 86400, "seconds it is valid"),

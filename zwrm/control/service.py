@@ -30,6 +30,7 @@ from zwrm.control.healing import Healer
 from zwrm.control.images import ImageAPI
 from zwrm.control.monitor import HealthMonitor
 from zwrm.control.registry import HostRegistry
+from zwrm.control.resources.certs import CertAPI, CertPublisher, Certs
 from zwrm.control.roles import roles
 from zwrm.control.store import Store
 from zwrm.control.tokens import ControlPKI, TokenAPI
@@ -244,6 +245,11 @@ class ControlPlane(service.MultiService):
             upload_ttl=cfg.registry_upload_ttl)
         image_api = ImageAPI(self.reactor, images.store, delete_enabled=images.delete_enabled)
         self.apps.images = image_api  # deploys are checked against the registry
+        # The ingress's TLS certificates (zwrm certs add), given to every agent.
+        self.certs = Certs(self.reactor, self.store, self._publish)
+        self.cert_publisher = CertPublisher(self.certs, self.registry.hosts,
+                                            self.registry.call_executor,
+                                            available=self.registry.executor_available)
         apis = [
             AgentAPI(self.registry, machines=self.apps, pki=self.pki),
             HostAPI(self.registry),
@@ -253,6 +259,7 @@ class ControlPlane(service.MultiService):
             image_api,
             ConsoleAPI(self.apps, self.registry),
             ClusterAPI(cfg.registry_url, cfg.console_url, cfg.router_realm),
+            CertAPI(self.reactor, self.certs),
         ] + self.apis
         if cfg.router_url:
             await self._connect_router(apis, authenticator)
@@ -416,6 +423,8 @@ class ControlPlane(service.MultiService):
         return d
 
     async def _stop(self):
+        if getattr(self, "cert_publisher", None) is not None:
+            self.cert_publisher.close()
         if self.drains is not None:
             self.drains.stop()
         if getattr(self, "healer", None) is not None:

@@ -24,7 +24,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from zwrm import errors
-from zwrm.control.resources import apps, drains, hosts, machines, volumes
+from zwrm.control.resources import apps, certs, drains, hosts, machines, volumes
 from zwrm.tokens import hash_secret
 
 
@@ -90,7 +90,12 @@ def _v5(db):
     apps.schema_v5(db)
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5]
+def _v6(db):
+    """Schema version 6: the ingress's TLS certificates (L{certs.schema_v6})."""
+    certs.schema_v6(db)
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6]
 """Schema migrations, in order; append, never edit."""
 
 JSON_COLUMNS = {

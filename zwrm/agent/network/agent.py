@@ -8,6 +8,10 @@ L{proxy.Ingress} (the published ports, on the host's public address) and the loo
 forwards that give each bridged VM a C{host_port} as user-mode networking did.
 """
 
+import json
+import os
+import re
+
 from autobahn import wamp
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -17,6 +21,8 @@ from zwrm.agent.network.dns import ClusterDNS
 from zwrm.agent.network.host import HostNetwork, check_network
 from zwrm.agent.network.proxy import Ingress, forward_loopback
 from zwrm.errors import InvalidArgument
+
+CERT_DOMAIN_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 
 
 class AgentNetwork:
@@ -44,6 +50,10 @@ class AgentNetwork:
                                drain_timeout=drain_timeout)
         self._forwards = {}  # machine id -> listening port
         self._view = None
+        #: where the ingress certificates are kept (0600 files in a 0700 directory), so an
+        #: agent restart serves TLS before the control plane gives them again
+        self.certs_dir = os.path.join(state_dir, "certs") if state_dir else None
+        self._load_certs()
         #: host names (e.g. the control plane's) guests may not reach, resolved on first use
         self._deny_names = [n for n in deny_names if n]
 
@@ -110,6 +120,65 @@ class AgentNetwork:
                           port=self.dns_port, e=e)
             self.dns.stop()
             self.dns = None
+
+    # -- ingress certificates ----------------------------------------------------------
+
+    def set_certs(self, doc):
+        """
+        The ingress certificates, the whole set (C{zwrm.agent.<host>.ingress.certs}, from
+        the control plane's L{zwrm.control.resources.certs.CertPublisher})::
+
+            {"certs": [{"domain", "cert" (PEM, with its chain), "key" (PEM), "fingerprint"}]}
+
+        Kept in L{certs_dir} and served by C{https} ports from the next handshake.
+
+        @return: C{{"certs": [domains served], "refused": {domain: why}}}.
+        @raise InvalidArgument: C{doc} is not of that form (nothing changes).
+        """
+        certs = doc.get("certs") if isinstance(doc, dict) else None
+        if not isinstance(certs, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("domain"), str)
+                and isinstance(c.get("cert"), str) and isinstance(c.get("key"), str)
+                and CERT_DOMAIN_RE.match(c["domain"]) for c in certs):
+            raise InvalidArgument('ingress certificates must be {"certs": [{"domain", "cert", '
+                                  '"key"}]}')
+        result = self.ingress.set_certs(certs)
+        self._save_certs([c for c in certs if c["domain"].lower() in result["certs"]])
+        return result
+
+    def _save_certs(self, certs):
+        if self.certs_dir is None:
+            return
+        os.makedirs(self.certs_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.certs_dir, 0o700)
+        keep = set()
+        for c in certs:
+            name = c["domain"].lower().replace("*", "_wildcard_") + ".pem"
+            keep.add(name)
+            path = os.path.join(self.certs_dir, name)
+            tmp = path + ".tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"domain": c["domain"].lower(), "cert": c["cert"], "key": c["key"]}, f)
+            os.replace(tmp, path)
+        for name in os.listdir(self.certs_dir):
+            if name not in keep:
+                os.unlink(os.path.join(self.certs_dir, name))
+
+    def _load_certs(self):
+        if self.certs_dir is None or not os.path.isdir(self.certs_dir):
+            return
+        certs = []
+        for name in sorted(os.listdir(self.certs_dir)):
+            if not name.endswith(".pem"):
+                continue
+            try:
+                with open(os.path.join(self.certs_dir, name)) as f:
+                    certs.append(json.load(f))
+            except (OSError, ValueError) as e:
+                self.log.warn("ingress certificate {name} not read: {e}", name=name, e=e)
+        if certs:
+            self.ingress.set_certs(certs)
 
     @wamp.register("network.update")
     def update(self, view):

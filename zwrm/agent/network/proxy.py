@@ -14,13 +14,22 @@ In C{http} mode a port can carry several apps, chosen by the request's C{Host} h
 (C{--domain}); the proxy adds C{X-Forwarded-For}, C{X-Forwarded-Proto} and
 C{X-Forwarded-Host} to the first request of each connection (and the connection then
 stays with that replica).
+
+C{https} mode is C{http} behind TLS that the ingress terminates: the certificate is chosen
+by the name the client asks for (SNI) among those the control plane gave
+(L{Ingress.set_certs}, from C{zwrm certs add}), exactly or by a wildcard certificate of
+its parent domain; a name without a certificate fails the handshake.  Replicas get plain
+HTTP with C{X-Forwarded-Proto: https}.
 """
 
 import itertools
 
-from twisted.internet import protocol
+from twisted.internet import protocol, ssl
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
 log = Logger()
 
@@ -146,7 +155,7 @@ class _Client(protocol.Protocol):
 
     def connectionMade(self):
         _nodelay(self.transport)
-        if self.listener.mode == "tcp":
+        if not self.listener.http:
             self.transport.pauseProducing()  # until the replica is connected
             self._choose(self.listener.route_for(None))
 
@@ -185,7 +194,7 @@ class _Client(protocol.Protocol):
             self.upstream.transport.write(data)
             return
         self.buffer += data
-        if self.listener.mode != "http" or self.backend is not None:
+        if not self.listener.http or self.backend is not None:
             return
         end = self.buffer.find(b"\r\n\r\n")
         if end < 0:
@@ -203,7 +212,8 @@ class _Client(protocol.Protocol):
         if route is None:
             self._refuse(b"404 Not Found")
             return
-        extra = (f"X-Forwarded-For: {self.peer_addr}\r\nX-Forwarded-Proto: http\r\n"
+        proto = "https" if self.listener.mode == "https" else "http"
+        extra = (f"X-Forwarded-For: {self.peer_addr}\r\nX-Forwarded-Proto: {proto}\r\n"
                  f"X-Forwarded-Host: {host}\r\n")
         lines = [ln for ln in lines if not ln.lower().startswith(("x-forwarded-",))]
         self.buffer = ("\r\n".join(lines) + "\r\n" + extra).encode("latin-1") + \
@@ -212,7 +222,7 @@ class _Client(protocol.Protocol):
         self._choose(route)
 
     def _refuse(self, status):
-        if self.listener.mode == "http":
+        if self.listener.http:
             self.transport.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n"
                                  b"Connection: close\r\n\r\n")
         self.transport.loseConnection()
@@ -275,18 +285,98 @@ class _Listener(protocol.Factory):
         self.reactor = ingress.reactor
         self.port = port
         self.mode = mode
+        self.http = mode in ("http", "https")
         self.connect_timeout = ingress.connect_timeout
         self.routes = {}  # domain (or None for tcp / default) -> Route
         self.failed = 0
         self.listening = None
 
     def route_for(self, host):
-        if self.mode == "tcp":
+        if not self.http:
             return self.routes.get(None)
         return self.routes.get(host) or self.routes.get(None)
 
     def buildProtocol(self, addr):
         return _Client(self, getattr(addr, "host", ""))
+
+
+def _server_context(cert_pem, key_pem):
+    """
+    A server TLS context (Twisted's defaults: TLS 1.2 and later, its cipher list) serving
+    the certificate (with its chain) and key in PEM.
+
+    @raise ValueError: a PEM does not parse, or the key is not the certificate's.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    chain = x509.load_pem_x509_certificates(cert_pem.encode())
+    key = serialization.load_pem_private_key(key_pem.encode(), password=None)
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if key.public_key().public_bytes(*spki) != chain[0].public_key().public_bytes(*spki):
+        raise ValueError("the key is not the certificate's")
+    ctx = ssl.CertificateOptions().getContext()
+    ctx.use_certificate(chain[0])
+    ctx.use_privatekey(key)
+    for c in chain[1:]:
+        ctx.add_extra_chain_cert(c)
+    ctx.check_privatekey()
+    return ctx
+
+
+@implementer(IOpenSSLContextFactory)
+class SNIContextFactory:
+    """
+    The server TLS contexts of the ingress: one per domain; each handshake takes the
+    context of the name the client sent (SNI), exact or C{*.<parent>}.  Without a match
+    the handshake fails (the default context has no certificate).
+    """
+
+    def __init__(self):
+        self.contexts = {}  # domain -> OpenSSL.SSL.Context
+        self._default = None
+
+    def set(self, certs):
+        """
+        Serve C{certs} (C{[{"domain", "cert", "key"}]}, PEM) from now on (handshakes under
+        way keep theirs).
+
+        @return: C{(domains served, {domain: why it was refused})}.
+        """
+        contexts, refused = {}, {}
+        for c in certs:
+            domain = str(c.get("domain") or "").lower()
+            try:
+                contexts[domain] = _server_context(c["cert"], c["key"])
+            except Exception as e:
+                refused[domain] = str(e) or e.__class__.__name__
+        self.contexts = contexts
+        return sorted(contexts), refused
+
+    def lookup(self, name):
+        """The context for server name C{name}, or L{None}."""
+        if not name:
+            return None
+        name = name.lower().rstrip(".")
+        ctx = self.contexts.get(name)
+        if ctx is None:
+            head, _, parent = name.partition(".")
+            if head and parent:
+                ctx = self.contexts.get("*." + parent)
+        return ctx
+
+    def _servername(self, conn):
+        raw = conn.get_servername()
+        ctx = self.lookup(raw.decode("ascii", "replace") if raw else None)
+        if ctx is not None:
+            conn.set_context(ctx)
+
+    def getContext(self):
+        if self._default is None:
+            ctx = ssl.CertificateOptions().getContext()
+            ctx.set_tlsext_servername_callback(self._servername)
+            self._default = ctx
+        return self._default
 
 
 class Ingress:
@@ -303,6 +393,19 @@ class Ingress:
         self.connect_timeout = connect_timeout
         self.drain_timeout = drain_timeout
         self._listeners = {}  # port -> _Listener
+        self.tls = SNIContextFactory()
+
+    def set_certs(self, certs):
+        """
+        The certificates C{https} ports serve, replacing the ones before (see
+        L{SNIContextFactory.set}).
+
+        @return: C{{"certs": [domains served], "refused": {domain: why}}}.
+        """
+        served, refused = self.tls.set(certs)
+        for domain, why in refused.items():
+            log.warn("ingress: the certificate of {d} cannot be used: {why}", d=domain, why=why)
+        return {"certs": served, "refused": refused}
 
     def ports(self):
         return sorted(self._listeners)
@@ -314,7 +417,7 @@ class Ingress:
         """
         What every published port serves now.
 
-        @param table: C{{port: {"mode": "tcp"|"http", "routes": {domain|None:
+        @param table: C{{port: {"mode": "tcp"|"http"|"https", "routes": {domain|None:
             [{"key", "host", "port", "healthy"}]}}}}.  A replica that is no longer
             listed, or is not healthy, is drained.
         """
@@ -328,7 +431,11 @@ class Ingress:
                 lst = None
             if lst is None:
                 lst = _Listener(self, port, entry["mode"])
-                lst.listening = self.reactor.listenTCP(port, lst, interface=self.interface)
+                factory = lst
+                if lst.mode == "https":
+                    factory = TLSMemoryBIOFactory(self.tls, False, lst)
+                    factory.noisy = False
+                lst.listening = self.reactor.listenTCP(port, factory, interface=self.interface)
                 self._listeners[port] = lst
             for domain in list(lst.routes):
                 if domain not in entry["routes"]:
