@@ -99,3 +99,19 @@ class ResourcePhaseTests(TestCase):
         self.assertEqual([(p["old"], p["phase"], p["reason"]) for p in events],
                          [("planned", "bulk_copying", None),
                           ("bulk_copying", "bulk_copying", "resumed")])
+
+
+class ImportTests(SynchronousTestCase):
+    def test_the_drain_service_loads_no_agent_code(self):
+        """It mints transfer tokens with L{zwrm.tokens}, not the agent's transfer module."""
+        import json
+        import subprocess
+        import sys
+
+        code = ("import json, sys, zwrm.control.drain\n"
+                "print(json.dumps(sorted(m for m in sys.modules if m.startswith('zwrm'))))")
+        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                             text=True, timeout=120, cwd=ROOT)
+        loaded = json.loads(out.stdout)
+        self.assertIn("zwrm.tokens", loaded)
+        self.assertEqual([m for m in loaded if m.startswith(("zwrm.agent", "zwrm.cli"))], [])

@@ -29,7 +29,6 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
 
 from zwrm import errors
-from zwrm.agent.transfer import mint_token
 from zwrm.control.migration import Drain, Migration
 from zwrm.control.resources.drains import TOPIC as DRAIN_TOPIC
 from zwrm.control.resources.machines import LIVE, placement_request, volumes_size
@@ -40,6 +39,7 @@ from zwrm.drain_phases import (
     MIGRATION_TERMINAL,
     ROLLBACK_PENDING,
 )
+from zwrm.tokens import mint_token
 
 STEPS = {phase: f"_step_{phase}" for phase in MIGRATION_STEPPED}
 """The runner's step of each phase that has one (a method of L{Drains}; see docs/drain.md)."""
