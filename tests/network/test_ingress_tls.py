@@ -423,3 +423,124 @@ class CertResourceTests(TestCase):
                 return
             await deferLater(reactor, 0.01, lambda: None)
         self.fail("not within 2 s")
+
+
+class EndToEndTests(TestCase):
+    """
+    C{zwrm certs add|list|remove} against a real control plane over a real socket; an agent
+    (its executor with an L{AgentNetwork}) gets the certificate through the router, its
+    ingress serves it, and gets it again when it registers after a restart.
+    """
+
+    timeout = 60
+
+    def write(self, name, text):
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def agent(self, plane, data_dir):
+        from twisted.internet import defer
+
+        from zwrm.agent.executor import Executor
+        from zwrm.agent.service import AgentService
+        from zwrm.agent.tap import AgentConfig
+        from zwrm.agent.volumes import VolumeStore
+        from zwrm.drivers.fake import FakeDriver
+
+        net = AgentNetwork(reactor, "a1", "127.0.0.1", state_dir=os.path.join(data_dir, "network"))
+        self.addCleanup(lambda: Deferred.fromCoroutine(net.close()))
+        executor = Executor(reactor, "a1", FakeDriver(reactor, os.path.join(data_dir, "m")),
+                            VolumeStore(reactor, os.path.join(data_dir, "v")),
+                            lambda e: defer.succeed(None), data_dir=data_dir, network=net)
+        config = AgentConfig(url=plane.url, join_token=plane.join_token, data_dir=data_dir,
+                             name="a1", region="eu", datacenter="dc1", vcpus=2,
+                             retry_initial=0.05, retry_max=0.2)
+        agent = AgentService(reactor, config)
+        agent.executors.append(executor)
+        agent.startService()
+        self.addCleanup(agent.stopService)
+        return agent, net
+
+    async def test_add_list_remove_through_the_cli_and_the_agents_ingress(self):
+        from tests.agent.test_membership import start_plane
+        from zwrm.cli import certs as cli
+        from zwrm.cli import client
+        from zwrm.cli.client import EXIT_CONFIG, EXIT_REMOTE, CliError
+        from zwrm.testing.processes import poll
+
+        class Args:
+            def __init__(self, **kw):
+                self.__dict__.update(kw)
+
+        plane, tmp = await start_plane(self)
+        self.dir = tmp
+        agent, net = self.agent(plane, os.path.join(tmp, "a1"))
+        await agent.registered
+        self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
+        ca = CA()
+        pem, key = ca.issue(["shop.example.test"])
+        cert_file, key_file = self.write("shop.pem", pem), self.write("shop.key", key)
+        import io
+
+        out = io.StringIO()
+        await cli.certs_add(reactor, Args(api_url=plane.url, domain="shop.example.test",
+                                          cert=cert_file, key=key_file, json=False), out)
+        self.assertIn("shop.example.test: certificate", out.getvalue())
+        # The agent got it through the router; its https port serves it.
+        await poll(reactor, lambda: "shop.example.test" in net.ingress.tls.contexts, 10, 0.05,
+                   what="the certificate on the agent")
+        page = _Page("shop")
+        rport = reactor.listenTCP(0, server.Site(page), interface="127.0.0.1")
+        self.addCleanup(rport.stopListening)
+        port = free_port()
+        net.ingress.set_routes({port: {"mode": "https", "routes": {"shop.example.test": [
+            {"key": "m1", "host": "127.0.0.1", "port": rport.getHost().port}]}}})
+        got = await https_get(port, "shop.example.test", ca.pem)
+        self.assertTrue(got.data.endswith(b"replica shop"))
+        self.assertEqual(page.seen[-1]["x-forwarded-proto"], "https")
+        # list: no key anywhere in what the CLI prints
+        out = io.StringIO()
+        await cli.certs_list(reactor, Args(api_url=plane.url, json=True), out)
+        listed = json.loads(out.getvalue())
+        self.assertEqual([c["domain"] for c in listed], ["shop.example.test"])
+        self.assertNotIn("PRIVATE KEY", out.getvalue())
+        out = io.StringIO()
+        await cli.certs_list(reactor, Args(api_url=plane.url, json=False), out)
+        self.assertIn("shop.example.test", out.getvalue())
+        # Bad input: one line naming the argument, exit 1; nothing changes.
+        _, other_key = ca.issue(["shop.example.test"])
+        with self.assertRaises(CliError) as cm:
+            await cli.certs_add(reactor, Args(api_url=plane.url, domain="shop.example.test",
+                                              cert=cert_file, key=self.write("o.key", other_key),
+                                              json=False), out)
+        self.assertEqual(cm.exception.code, EXIT_REMOTE)
+        self.assertIn("key does not belong to the certificate", cm.exception.message)
+        with self.assertRaises(CliError) as cm:
+            await cli.certs_add(reactor, Args(api_url=plane.url, domain="shop.example.test",
+                                              cert=os.path.join(tmp, "none.pem"), key=key_file,
+                                              json=False), out)
+        self.assertEqual(cm.exception.code, EXIT_CONFIG)
+        self.assertIn("--cert", cm.exception.message)
+        self.assertEqual(len(await plane.certs.all()), 1)
+        # A restarted agent gets the set when it registers (and serves its kept copy at once).
+        await agent.stopService()
+        with open(os.path.join(tmp, "a1", "network", "certs", "shop.example.test.pem")) as f:
+            self.assertEqual(json.load(f)["cert"], pem)
+        net.ingress.set_certs([])
+        agent2, net2 = self.agent(plane, os.path.join(tmp, "a1"))
+        self.assertIn("shop.example.test", net2.ingress.tls.contexts)  # from its files
+        net2.ingress.set_certs([])
+        await agent2.registered
+        await poll(reactor, lambda: "shop.example.test" in net2.ingress.tls.contexts, 10, 0.05,
+                   what="the certificate given again after registration")
+        # remove: gone from the agent too
+        out = io.StringIO()
+        await cli.certs_remove(reactor, Args(api_url=plane.url, domain="shop.example.test"), out)
+        await poll(reactor, lambda: not net2.ingress.tls.contexts, 10, 0.05,
+                   what="the certificate removed from the agent")
+        with self.assertRaises(CliError) as cm:
+            await cli.certs_remove(reactor, Args(api_url=plane.url, domain="shop.example.test"),
+                                   out)
+        self.assertEqual(cm.exception.code, EXIT_REMOTE)

@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "zwrm.cli.tokens",
     "zwrm.cli.images",
     "zwrm.cli.console",
+    "zwrm.cli.certs",
 ]
 
 
