@@ -101,3 +101,56 @@ class HealthWaitTests(TestCase):
         # applies it) and its agent asked on those reports and once min_healthy passed.
         self.assertLessEqual(len([r for r in reads if r == ("machines", new)]), 20, reads)
         self.assertLessEqual(len([s for s in statuses if s == (dst, new)]), 20, statuses)
+
+
+class ResumeTests(TestCase):
+    timeout = 120
+
+    @d
+    async def test_a_resumed_drain_waits_for_its_hosts_events(self):
+        """
+        After a restart, a drain whose target has not reconnected yet runs no step; it goes
+        on as soon as the target registers (its event), not after a fixed wait.
+        """
+        from zwrm.control.drain import Drains
+
+        c = await DrainCluster(self).start()
+        await c.apps.create_app("db")
+        spec = c.spec()
+        spec["volumes"] = [{"name": "data", "size_mb": 32, "mount": "/data"}]
+        m = (await c.apps.deploy("db", spec))["machines"][0]
+        src = m["host_id"]
+        dst = "h-b" if src == "h-a" else "h-a"
+        await c.drains.drain(src, min_healthy=5, healthy_deadline=120, stop_timeout=5)
+        mig = next(iter(c.drains.active[src].migrations.values()))
+        for _ in range(3000):
+            if mig.machine.phase == "waiting_healthy":
+                break
+            await c.step()
+        c.drains.stop()
+        await c.registry.mark_offline(dst)  # not reconnected yet after the "restart"
+        c.drains = Drains(c.clock, c.store, c.registry, c.apps, c.publish)
+        self.assertEqual(await c.drains.resume(), 1)
+        seen = len(c.published)
+        for _ in range(30):
+            await c.step(most=1)
+        self.assertEqual([e for t, e in c.published[seen:] if t == DRAIN_TOPIC], [])
+        back_at = c.clock.seconds()
+        await c.registry.register(dst, dict(_facts(), name=dst))
+        for _ in range(3000):
+            if any(t == DRAIN_TOPIC and e["kind"] == "migration"
+                   for t, e in c.published[seen:]):
+                break
+            await c.step()
+        resumed = [e for t, e in c.published[seen:] if t == DRAIN_TOPIC
+                   and e["kind"] == "migration"]
+        self.assertEqual(resumed[0]["payload"]["reason"],
+                         "resumed after a control-plane restart")
+        self.assertEqual(resumed[0]["ts"], back_at)  # at its event, by the Clock
+        await c.settle(c.drains.active[src].done)
+        self.assertEqual((await c.drains.drain_status(src))["state"], "completed")
+
+
+def _facts():
+    from tests.control.helpers import FACTS
+    return dict(FACTS)

@@ -115,6 +115,7 @@ class Drains:
         self.active = {}
         self._stopped = False
         self._sweeper = None  # the LoopingCall cleaning leftovers, while there are some
+        self._host_waits = set()  # Deferreds of _next_host_event under way
 
     def _reachable(self, host_id):
         return host_id in self._hosts and self._hosts.executor_available(host_id)
@@ -137,6 +138,35 @@ class Drains:
 
     def _sleep(self, seconds):
         return task.deferLater(self._clock, seconds, lambda: None)
+
+    def _next_host_event(self, host_ids, timeout=None):
+        """
+        A Deferred that fires with C{True} at the next event of the hosts resource about
+        one of C{host_ids} (it joined, registered, went offline, its executor came or
+        went), or with C{False} after C{timeout} seconds (never, if L{None}).  Cancelling
+        it (L{stop}) ends the wait.
+        """
+        host_ids = {host_ids} if isinstance(host_ids, str) else set(host_ids)
+        timer = []
+
+        def end():
+            unsubscribe()
+            self._host_waits.discard(d)
+            if timer and timer[0].active():
+                timer[0].cancel()
+
+        def fire(result):
+            if not d.called:
+                end()
+                d.callback(result)
+
+        d = Deferred(lambda _: end())
+        unsubscribe = self._data.hosts.subscribe(
+            lambda event: fire(True) if event["subject"] in host_ids else None)
+        self._host_waits.add(d)
+        if timeout is not None:
+            timer.append(self._clock.callLater(max(0.0, timeout), fire, False))
+        return d
 
     # -- operator procedures -----------------------------------------------------------
 
@@ -380,11 +410,15 @@ class Drains:
         # come back before running steps that call them (else every step would fail).
         hosts = {drain.row["host_id"]} | {
             r.row["target_host"] for r in drain.migrations.values() if r.row["target_host"]}
-        waited = 0.0
-        while waited < wait and not all(
-                h in self._hosts and self._hosts.executor_available(h) for h in hosts):
-            await self._sleep(1.0)
-            waited += 1.0
+        end = self._clock.seconds() + wait
+        while not all(self._reachable(h) for h in hosts) and not self._stopped:
+            left = end - self._clock.seconds()
+            if left <= 0:
+                break
+            try:
+                await self._next_host_event(hosts, left)
+            except CancelledError:
+                return  # stopped
         if self._stopped:
             return
         self._arm_deadline(drain)
@@ -404,6 +438,8 @@ class Drains:
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
         self._sweeper = None
+        for wait in list(self._host_waits):
+            wait.cancel()
         for drain in self.active.values():
             if drain.deadline_call is not None and drain.deadline_call.active():
                 drain.deadline_call.cancel()
@@ -828,7 +864,10 @@ class Drains:
                 return
             except errors.Unavailable:
                 await self._set_waiting(run, target, why)
-                await self._sleep(poll)
+                if self._reachable(target):
+                    await self._sleep(poll)  # it counts as reachable; a call failed: again
+                else:
+                    await self._next_host_event(target)  # back, or another change of it
 
     async def _drop_replacement(self, new_id, target):
         """
