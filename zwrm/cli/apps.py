@@ -96,10 +96,12 @@ def register(subparsers):
     p.add_argument("--ssh-key", action="append", default=[], metavar="FILE",
                    help="an OpenSSH public key file for the guest (cloud-init); repeatable")
     p.add_argument("--user-data", metavar="FILE", help="cloud-init user-data for the guest")
-    p.add_argument("--publish", action="append", default=[], metavar="PORT[:GUESTPORT][/tcp|/http]",
+    p.add_argument("--publish", action="append", default=[],
+                   metavar="PORT[:GUESTPORT][/tcp|/http|/https]",
                    help="serve the app on PORT of every agent's address (bridge networking; "
                         "repeatable)")
-    p.add_argument("--domain", help="the app's host name for --publish .../http routing")
+    p.add_argument("--domain", help="the app's host name for --publish .../http and .../https "
+                                    "routing (https: the certificate of `zwrm certs add`)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="an environment variable for the guest (cloud-init); repeatable")
     p.add_argument("--plan", action="store_true",
