@@ -56,6 +56,19 @@ class CA:
             .sign(self.key, hashes.SHA256()))
         self.pem = self.cert.public_bytes(serialization.Encoding.PEM).decode()
 
+    def intermediate(self):
+        """A CA signed by this one (its C{pem}: its own certificate only)."""
+        sub = CA("zwrm test intermediate")
+        sub.cert = (
+            x509.CertificateBuilder().subject_name(sub.name).issuer_name(self.name)
+            .public_key(sub.key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - datetime.timedelta(days=1))
+            .not_valid_after(NOW + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(self.key, hashes.SHA256()))
+        sub.pem = sub.cert.public_bytes(serialization.Encoding.PEM).decode()
+        return sub
+
     def issue(self, names, days=10, expired=False, san=True, key=None):
         """C{(cert PEM with the CA after it, key PEM)} for DNS C{names}."""
         key = key or ec.generate_private_key(ec.SECP256R1())
@@ -204,6 +217,26 @@ class IngressTLSTests(TestCase):
         ing.set_certs([])
         with self.assertRaises(HANDSHAKE_FAILED):
             await https_get(port, "web.apps.example.test", self.ca.pem)
+
+    async def test_the_chain_is_served(self):
+        # The client trusts only the root; the leaf is signed by an intermediate that the
+        # cert file carries after it.
+        (_, pa) = self.replica("a")
+        sub = self.ca.intermediate()
+        pem, key = sub.issue(["a.example.test"])
+        ing = self.ingress()
+        self.assertEqual(ing.set_certs([{"domain": "a.example.test", "cert": pem,
+                                         "key": key}])["certs"], ["a.example.test"])
+        port = free_port()
+        ing.set_routes({port: {"mode": "https", "routes": {
+            "a.example.test": [{"key": "a", "host": "127.0.0.1", "port": pa}]}}})
+        got = await https_get(port, "a.example.test", self.ca.pem)
+        self.assertTrue(got.data.endswith(b"replica a"))
+        # Without the intermediate in the file the root alone cannot verify it.
+        leaf_only = pem.split(sub.pem)[0]
+        ing.set_certs([{"domain": "a.example.test", "cert": leaf_only, "key": key}])
+        with self.assertRaises(HANDSHAKE_FAILED):
+            await https_get(port, "a.example.test", self.ca.pem)
 
     async def test_plain_http_on_an_https_port_is_not_proxied(self):
         (a, pa) = self.replica("a")
