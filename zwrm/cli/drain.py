@@ -35,7 +35,7 @@ def register_host_commands(hsub):
     dr.add_argument("--min-healthy", default="10s",
                     help="how long it must stay healthy before the move commits (10s)")
     dr.add_argument("--poll", default="1s",
-                    help="how often the control plane checks health and progress (1s)")
+                    help="how often the control plane reads copy progress (1s)")
     dr.add_argument("--dry-run", action="store_true",
                     help="print the plan (each machine, its target or why none); change nothing")
     dr.add_argument("--detach", action="store_true", help="start it and return")

@@ -190,7 +190,9 @@ class Drains:
         @param healthy_deadline: seconds a replacement has to pass its health check (300).
         @param min_healthy: seconds it must keep passing before the move commits (10).
         @param stop_timeout: seconds of ACPI power-down before a hard stop (30).
-        @param poll: seconds between checks of a replacement's health and of copy progress (1).
+        @param poll: seconds between reads of copy progress, and before asking again a
+            target that counts as reachable but did not answer (1); a replacement's health
+            is followed on its events.
         @return: C{{"drain_id", "host_id", "state", "plan": [{"machine_id", "app",
             "volumes", "target", "reason"}]}} (C{drain_id} is C{None} for a dry run).
         @raise NotFound: no such host. @raise Conflict: a drain is under way there, or the
