@@ -26,6 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from zwrm import pki
 from zwrm.errors import AuthenticationFailed, InvalidArgument, NotFound
+from zwrm.pki import ca as pki_ca
 
 # A time well in the past, for certificates that have expired by now.
 LONG_AGO = 1_000_000_000.0  # 2001-09-09
@@ -61,7 +62,7 @@ class CertificateAuthorityTests(SynchronousTestCase):
         second = pki.CertificateAuthority.load_or_create(self.dir)
         self.assertEqual(first.fingerprint, second.fingerprint)
         cert_pem, _ = second.issue_host("h1")
-        self.assertTrue(pki._signed_by(x509.load_pem_x509_certificate(cert_pem), first.certificate))
+        self.assertTrue(pki_ca._signed_by(x509.load_pem_x509_certificate(cert_pem), first.certificate))
 
     def test_key_of_another_ca_is_refused(self):
         pki.CertificateAuthority.load_or_create(self.dir)
@@ -577,34 +578,6 @@ class JoinTokensTests(SynchronousTestCase):
         self.assertNotEqual(old.id, keep.id)
 
 
-class PlainUrlTests(SynchronousTestCase):
-    def test_tls_urls(self):
-        self.assertTrue(pki.check_plain_url("wss://cp.example.com:8080/ws"))
-        self.assertTrue(pki.check_plain_url("https://cp.example.com:8080"))
-
-    def test_plain_on_loopback(self):
-        for url in (
-            "ws://127.0.0.1:8080/ws",
-            "ws://localhost/ws",
-            "http://[::1]:8080",
-            "ws://127.3.4.5/",
-        ):
-            self.assertFalse(pki.check_plain_url(url))
-
-    def test_plain_elsewhere_refused_unless_configured(self):
-        e = self.assertRaises(InvalidArgument, pki.check_plain_url, "ws://10.1.2.3:8080/ws")
-        self.assertEqual(
-            e.message,
-            "ws://10.1.2.3:8080/ws is not encrypted: plain ws:// is only allowed to loopback"
-            " addresses; use wss:// or allow plain connections in the configuration",
-        )
-        self.assertFalse(pki.check_plain_url("ws://10.1.2.3:8080/ws", allow_plain=True))
-
-    def test_other_schemes(self):
-        e = self.assertRaises(InvalidArgument, pki.check_plain_url, "ftp://x/")
-        self.assertIn("unsupported URL scheme 'ftp'", e.message)
-
-
 class CommandLineTests(SynchronousTestCase):
     def test_init_and_fingerprint(self):
         import io
@@ -673,8 +646,9 @@ class WebSocketTests(TestCase):
         client.result = defer.Deferred()
         client.lost = defer.Deferred()
         client.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
-        endpoint = pki.websocket_endpoint(
-            reactor, url, pki.pinned_client_context("127.0.0.1", fingerprint)
+        endpoint = wrapClientTLS(
+            pki.pinned_client_context("127.0.0.1", fingerprint),
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
         )
         proto = yield endpoint.connect(client)
         try:
@@ -699,15 +673,6 @@ class WebSocketTests(TestCase):
         with self.assertRaises(Exception) as caught:
             yield self.connect(ca, other.fingerprint)
         self.assertIn("the server's CA has fingerprint", str(caught.exception))
-
-    def test_endpoint_rules(self):
-        e = self.assertRaises(InvalidArgument, pki.websocket_endpoint, reactor, "wss://cp:8080/ws")
-        self.assertIn("needs TLS options", e.message)
-        e = self.assertRaises(
-            InvalidArgument, pki.websocket_endpoint, reactor, "ws://cp.example.com:8080/ws"
-        )
-        self.assertIn("is not encrypted", e.message)
-        pki.websocket_endpoint(reactor, "ws://127.0.0.1:8080/ws")
 
 
 class AgentClientOptionsTests(TestCase):
