@@ -797,7 +797,12 @@ class Apps:
         hosts outside the placement lock.  With C{only} (a set of replica numbers), only
         those replicas are looked at.
         """
-        rows = await self.data.machines.find(app_id=app["id"])
+        if only is None:
+            rows = await self.data.machines.find(app_id=app["id"])
+        else:  # those replicas' rows only (an app may have thousands)
+            rows = await self._store.select(
+                "machines", "app_id = ? AND json_extract(spec, '$.replica') IN "
+                f"({','.join('?' * len(only))})", [app["id"], *sorted(only)])
         going, kept = [], set()
         for m in rows:
             if m["state"] not in LIVE and m["state"] not in ("failed", "stopped"):
