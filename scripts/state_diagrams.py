@@ -41,6 +41,11 @@ MACHINES = [
      ["The Drain machine (zwrm/control/migration.py). Generated from its transitions",
       "by scripts/state_diagrams.py; do not edit.",
       "Dashed self-loops do nothing (the input does not apply in that state)."]),
+    ("runner", "zwrm.control.migration:Runner",
+     ["The Runner machine (zwrm/control/migration.py): how zwrm/control/drain.py works",
+      "through one migration's outbox (store the phase, then run its step). Generated",
+      "from its transitions by scripts/state_diagrams.py; do not edit.",
+      "Dashed self-loops do nothing (the input does not apply in that state)."]),
 ]
 """(diagram name, "module:Class" with a MethodicalMachine in C{_machine}, comment lines)."""
 

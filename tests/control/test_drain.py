@@ -26,8 +26,11 @@ from zwrm.control.migration import (
     MIGRATION_INPUTS,
     MIGRATION_PHASES,
     MIGRATION_TERMINAL,
+    RUNNER_INPUTS,
+    RUNNER_STATES,
     Drain,
     Migration,
+    Runner,
 )
 from zwrm.drivers.fake import FakeDriver, FakeHost
 
@@ -147,6 +150,48 @@ class DrainMachineTests(SynchronousTestCase):
         self.assertEqual(m.state, "cancelled")
         for state in DRAIN_TERMINAL:
             self.assertIn(state, DRAIN_STATES)
+
+
+class RunnerMachineTests(SynchronousTestCase):
+    """The runner of one migration's outbox: its whole table, state x input."""
+
+    # state -> input -> (new state, what it says to do)
+    TABLE = {
+        "idle": {"work": ("storing", "take"), "stop": ("stopped", "halt")},
+        "storing": {"work": ("storing", "busy"), "stored_note": ("idle", "next"),
+                    "stored_end": ("idle", "migration_ended"),
+                    "stored_phase": ("stepping", "run_step"), "stop": ("stopped", "halt")},
+        "stepping": {"work": ("stepping", "busy"), "step_succeeded": ("idle", "step_done"),
+                     "step_failed": ("idle", "step_failed"),
+                     "step_cancelled": ("stopped", "halt"),
+                     "stop": ("stopped", "cancel_step")},
+        "stopped": {name: ("stopped", "halt") for name in RUNNER_INPUTS},
+    }
+
+    def runner_in(self, state):
+        r = Runner()
+        path = {"idle": [], "storing": ["work"], "stepping": ["work", "stored_phase"],
+                "stopped": ["stop"]}[state]
+        for name in path:
+            getattr(r, name)()
+        self.assertEqual(r.state, state)
+        return r
+
+    def test_every_state_handles_every_input_as_the_table_says(self):
+        self.assertEqual(set(self.TABLE), set(RUNNER_STATES))
+        for state, name in product(RUNNER_STATES, RUNNER_INPUTS):
+            r = self.runner_in(state)
+            said = getattr(r, name)()
+            expected = self.TABLE[state].get(name, (state, None))  # else: a no-op
+            self.assertEqual((r.state, said), (expected[0], [expected[1]]), (state, name))
+
+    def test_a_migration_worked_through(self):
+        r = Runner()
+        said = [r.work(), r.stored_phase(), r.work(), r.step_failed(), r.work(),
+                r.stored_end(), r.work(), r.stored_note()]
+        self.assertEqual([x for [x] in said], ["take", "run_step", "busy", "step_failed",
+                                               "take", "migration_ended", "take", "next"])
+        self.assertEqual(r.state, "idle")
 
 
 class DrainCluster(Cluster):

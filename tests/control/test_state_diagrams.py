@@ -51,3 +51,20 @@ class DiagramTests(TestCase):
             edges = [line for line in f if "->" in line]
         # every state (offline split by the state it returns to) x every input
         self.assertEqual(len(edges), (len(STATES) - 1 + 3) * len(INPUTS))
+
+    def test_the_drain_machines_are_drawn_with_every_transition(self):
+        from zwrm.control.migration import (
+            DRAIN_INPUTS,
+            DRAIN_STATES,
+            MIGRATION_INPUTS,
+            MIGRATION_PHASES,
+            RUNNER_INPUTS,
+            RUNNER_STATES,
+        )
+
+        for name, states, inputs in (("migration", MIGRATION_PHASES, MIGRATION_INPUTS),
+                                     ("drain", DRAIN_STATES, DRAIN_INPUTS),
+                                     ("runner", RUNNER_STATES, RUNNER_INPUTS)):
+            with open(os.path.join(DIAGRAMS, f"{name}.dot")) as f:
+                edges = [line for line in f if "->" in line]
+            self.assertEqual(len(edges), len(states) * len(inputs), name)

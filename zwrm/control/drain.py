@@ -29,7 +29,7 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
 
 from zwrm import errors
-from zwrm.control.migration import Drain, Migration
+from zwrm.control.migration import Drain, Migration, Runner
 from zwrm.control.resources.drains import TOPIC as DRAIN_TOPIC
 from zwrm.control.resources.machines import LIVE, placement_request, volumes_size
 from zwrm.drain_phases import (
@@ -54,6 +54,11 @@ def _number(options, key, low, high):
     return v
 
 
+def _do(results):
+    """What a L{Runner} input says to do (its one output's result)."""
+    return results[0] if results else None
+
+
 def _text(e):
     if isinstance(e, errors.ZwrmError):
         return e.message
@@ -62,14 +67,14 @@ def _text(e):
 
 
 class _Run:
-    """One migration in memory: its row, its machine and its outbox."""
+    """One migration in memory: its row, its machine, its outbox and its runner."""
 
     def __init__(self, row):
         self.row = row
         self.detail = row.get("detail") or {}
         self.outbox = []
         self.machine = Migration.restore(row["phase"], self.outbox)
-        self.working = False
+        self.runner = Runner()  # how its outbox is worked through (idle, storing, ...)
         self.placement = None
         self.step = None  # the Deferred of the step under way
 
@@ -446,7 +451,7 @@ class Drains:
             if drain.deadline_call is not None and drain.deadline_call.active():
                 drain.deadline_call.cancel()
             for run in drain.migrations.values():
-                if run.step is not None:
+                if _do(run.runner.stop()) == "cancel_step" and run.step is not None:
                     run.step.cancel()
 
     # -- the drain's outbox ------------------------------------------------------------
@@ -531,48 +536,63 @@ class Drains:
     # -- each migration's outbox -------------------------------------------------------
 
     def _kick(self, drain, run):
-        if not run.working:
+        if run.runner.state == "idle" and run.outbox:
             ensureDeferred(self._work(drain, run)).addErrback(
                 lambda f: self.log.failure("migration {id}", f, id=run.row["id"]))
 
     async def _work(self, drain, run):
-        run.working = True
-        try:
-            while run.outbox and not self._stopped:
-                action, phase, reason = run.outbox.pop(0)
+        """
+        Work through C{run}'s outbox, one item at a time, as its L{Runner} says: store the
+        item (a phase is stored, then announced), then run the phase's step (L{STEPS}) and
+        feed its result to the migration's machine.
+        """
+        runner = run.runner
+        while run.outbox:
+            if _do(runner.work()) != "take":
+                return  # busy (that loop takes it) or stopped
+            action, phase, reason = run.outbox.pop(0)
+            try:
                 if action == "note":
                     await self._save_migration(run, error=reason)
-                    continue
-                fields = {"phase": phase}
-                if reason is not None and phase in MIGRATION_ERROR_PHASES:
-                    fields["error"] = reason
-                # Stored, then announced (event migration), before its step acts.
-                await self._save_migration(run, reason=reason, **fields)
-                if self._stopped:
-                    return  # stored; its step runs after the next start
-                if phase in MIGRATION_TERMINAL:
-                    if run.placement is not None and phase != "done":
-                        self._release(run)
-                    drain.machine.migration_ended()
-                    self._kick_drain(drain)
-                    continue
-                step = getattr(self, STEPS[phase])
-                run.step = ensureDeferred(step(drain, run))
-                try:
-                    await run.step
-                except CancelledError:
-                    return  # the control plane is stopping; resumed at its next start
-                except Exception as e:
-                    if not isinstance(e, errors.ZwrmError):
-                        self.log.failure("migration {id}: step {phase}", id=run.row["id"],
-                                         phase=phase)
-                    run.machine.step_failed(f"{phase}: {_text(e)}")
                 else:
+                    fields = {"phase": phase}
+                    if reason is not None and phase in MIGRATION_ERROR_PHASES:
+                        fields["error"] = reason
+                    # Stored, then announced (event migration), before its step acts.
+                    await self._save_migration(run, reason=reason, **fields)
+            except BaseException:
+                runner.stop()  # nothing more is acted on (resumed at the next start)
+                raise
+            if action == "note":
+                runner.stored_note()
+                continue
+            if phase in MIGRATION_TERMINAL:
+                if _do(runner.stored_end()) != "migration_ended":
+                    return  # stopped: stored; the drain goes on after the next start
+                if run.placement is not None and phase != "done":
+                    self._release(run)
+                drain.machine.migration_ended()
+                self._kick_drain(drain)
+                continue
+            if _do(runner.stored_phase()) != "run_step":
+                return  # stopped: stored; its step runs after the next start
+            run.step = ensureDeferred(getattr(self, STEPS[phase])(drain, run))
+            try:
+                await run.step
+            except CancelledError:
+                runner.step_cancelled()
+                return  # the control plane is stopping; resumed at its next start
+            except Exception as e:
+                if not isinstance(e, errors.ZwrmError):
+                    self.log.failure("migration {id}: step {phase}", id=run.row["id"],
+                                     phase=phase)
+                if _do(runner.step_failed()) == "step_failed":
+                    run.machine.step_failed(f"{phase}: {_text(e)}")
+            else:
+                if _do(runner.step_succeeded()) == "step_done":
                     run.machine.step_done()
-                finally:
-                    run.step = None
-        finally:
-            run.working = False
+            finally:
+                run.step = None
 
     def _release(self, run):
         try:

@@ -423,5 +423,132 @@ class Drain:
     del _state, _skip, _name
 
 
-__all__ = ["DRAIN_INPUTS", "DRAIN_STATES", "DRAIN_TERMINAL", "MIGRATION_INPUTS",
+RUNNER_STATES = ("idle", "storing", "stepping", "stopped")
+RUNNER_INPUTS = ("work", "stored_note", "stored_end", "stored_phase", "step_succeeded",
+                 "step_failed", "step_cancelled", "stop")
+
+
+class Runner:
+    """
+    How the drain runner (L{zwrm.control.drain}) works through one migration's outbox: one
+    item at a time, it stores the item (a phase is stored, then announced), then runs the
+    stored phase's step and feeds its result to the L{Migration}; once the control plane
+    stops, nothing more is taken (the stored phase runs again at the next start).
+
+    Each input returns, as its outputs' results, what the runner is to do now:
+    C{["take"]} (take the next outbox item), C{["busy"]} (an item is under way: the loop
+    acting on it takes the next one), C{["next"]}, C{["migration_ended"]} (tell the
+    drain), C{["run_step"]}, C{["step_done"]} / C{["step_failed"]} (feed the migration),
+    C{["cancel_step"]}, C{["halt"]} (stop acting), or C{[None]} (the input does not apply).
+    A store that fails stops the runner too (nothing unstored is acted on; the stored
+    phase runs again at the next start).  Not stored: a restarted control plane makes a
+    new runner per migration.
+    """
+
+    _machine = MethodicalMachine()
+
+    @property
+    def state(self):
+        return self._save()
+
+    @_machine.serializer()
+    def _save(self, state):
+        return state
+
+    @_machine.input()
+    def work(self):
+        "The outbox has an item to act on."
+
+    @_machine.input()
+    def stored_note(self):
+        "A note (a cleanup that failed after the commit) was stored."
+
+    @_machine.input()
+    def stored_end(self):
+        "A terminal phase was stored and announced."
+
+    @_machine.input()
+    def stored_phase(self):
+        "A phase with a step was stored and announced."
+
+    @_machine.input()
+    def step_succeeded(self):
+        "The phase's step returned."
+
+    @_machine.input()
+    def step_failed(self):
+        "The phase's step raised."
+
+    @_machine.input()
+    def step_cancelled(self):
+        "The phase's step was cancelled (the control plane stops)."
+
+    @_machine.input()
+    def stop(self):
+        "The control plane stops."
+
+    @_machine.state(initial=True, serialized="idle")
+    def idle(self):
+        "Nothing under way: the next outbox item may be taken."
+
+    @_machine.state(serialized="storing")
+    def storing(self):
+        "An outbox item is being stored (a phase: stored, then announced)."
+
+    @_machine.state(serialized="stepping")
+    def stepping(self):
+        "The stored phase's step runs."
+
+    @_machine.state(serialized="stopped")
+    def stopped(self):
+        "The control plane stops: nothing more is taken or run."
+
+    def _say(what, _machine=_machine):  # noqa: N805 (class-body helper)
+        def out(self):
+            return what
+        out.__name__ = f"_{what}"
+        return _machine.output()(out)
+
+    _take = _say("take")
+    _busy = _say("busy")
+    _next = _say("next")
+    _migration_ended = _say("migration_ended")
+    _run_step = _say("run_step")
+    _step_done = _say("step_done")
+    _step_failed = _say("step_failed")
+    _cancel_step = _say("cancel_step")
+    _halt = _say("halt")
+    del _say
+
+    @_machine.output()
+    def _nothing(self):
+        return None
+
+    idle.upon(work, enter=storing, outputs=[_take])
+    storing.upon(work, enter=storing, outputs=[_busy])
+    stepping.upon(work, enter=stepping, outputs=[_busy])
+    storing.upon(stored_note, enter=idle, outputs=[_next])
+    storing.upon(stored_end, enter=idle, outputs=[_migration_ended])
+    storing.upon(stored_phase, enter=stepping, outputs=[_run_step])
+    stepping.upon(step_succeeded, enter=idle, outputs=[_step_done])
+    stepping.upon(step_failed, enter=idle, outputs=[_step_failed])
+    stepping.upon(step_cancelled, enter=stopped, outputs=[_halt])
+    idle.upon(stop, enter=stopped, outputs=[_halt])
+    storing.upon(stop, enter=stopped, outputs=[_halt])
+    stepping.upon(stop, enter=stopped, outputs=[_cancel_step])
+    # Inputs that do not apply in a state: explicit no-ops.
+    for _state, _names in (
+        (idle, ("stored_note", "stored_end", "stored_phase", "step_succeeded", "step_failed",
+                "step_cancelled")),
+        (storing, ("step_succeeded", "step_failed", "step_cancelled")),
+        (stepping, ("stored_note", "stored_end", "stored_phase")),
+    ):
+        for _name in _names:
+            _state.upon(locals()[_name], enter=_state, outputs=[_nothing])
+    for _name in RUNNER_INPUTS:
+        stopped.upon(locals()[_name], enter=stopped, outputs=[_halt])
+    del _state, _names, _name
+
+
+__all__ = ["RUNNER_INPUTS", "RUNNER_STATES", "Runner", "DRAIN_INPUTS", "DRAIN_STATES", "DRAIN_TERMINAL", "MIGRATION_INPUTS",
            "MIGRATION_PHASES", "MIGRATION_TERMINAL", "Drain", "Migration"]
