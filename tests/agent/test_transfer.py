@@ -23,7 +23,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zwrm import errors, pki
 from zwrm.agent import blockmap, transfer
 from zwrm.agent.blockmap import BLOCK_SIZE
-from zwrm.agent.transfer import VolumeReceiver, VolumeSender, VolumeTransfers, mint_token
+from zwrm.agent.transfer import VolumeReceiver, VolumeSender, VolumeTransfers, mint_token, wire
+from zwrm.agent.transfer import receiver as receiving
+from zwrm.agent.transfer import sender as sending
 from zwrm.agent.volumes import VolumeStore
 
 MiB = 1 << 20
@@ -180,7 +182,7 @@ class BlockmapTests(SynchronousTestCase):
         self.assertLessEqual(allocated(path), before - BLOCK_SIZE)
 
 
-class Corrupting(transfer._SenderProtocol):
+class Corrupting(sending._SenderProtocol):
     """
     A sender that flips one bit of the third block it puts on the wire.
     """
@@ -192,7 +194,7 @@ class Corrupting(transfer._SenderProtocol):
         return data
 
 
-class DropsAfterEnd(transfer._SenderProtocol):
+class DropsAfterEnd(sending._SenderProtocol):
     """
     A sender whose first connection closes right after the end frame, before the answer.
     """
@@ -200,13 +202,13 @@ class DropsAfterEnd(transfer._SenderProtocol):
     dropped = 0
 
     def _finish(self):
-        transfer._SenderProtocol._finish(self)
+        sending._SenderProtocol._finish(self)
         if not DropsAfterEnd.dropped:
             DropsAfterEnd.dropped += 1
             self.transport.loseConnection()
 
 
-class PauseRecorder(transfer._SenderProtocol):
+class PauseRecorder(sending._SenderProtocol):
     """
     A sender that records how often the transport paused it, and fails if it writes a block
     while paused.
@@ -217,7 +219,7 @@ class PauseRecorder(transfer._SenderProtocol):
 
     def pauseProducing(self):
         PauseRecorder.pauses += 1
-        transfer._SenderProtocol.pauseProducing(self)
+        sending._SenderProtocol.pauseProducing(self)
 
     def frameData(self, offset, data):
         if self._paused:
@@ -715,7 +717,7 @@ class StreamTests(TestCase):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             return os.pwritev(fd, parts, offset)
 
-        self.patch(transfer, "_pwritev", full)
+        self.patch(receiving, "_pwritev", full)
         token = mint_token()
         self.receiver.expect(token, "vol-1", 16 * MiB)
         f = yield self.assertFailure(
@@ -751,7 +753,7 @@ class StreamTests(TestCase):
             slow.append(offset)
             return os.pwritev(fd, parts, offset)
 
-        self.patch(transfer, "_pwritev", counting_write)
+        self.patch(receiving, "_pwritev", counting_write)
         PauseRecorder.pauses = PauseRecorder.written_while_paused = 0
         sender = VolumeSender(reactor, self.src_creds.peer_client_context, clock=self.clock)
         sender.protocol = PauseRecorder
@@ -779,7 +781,7 @@ class StreamTests(TestCase):
             gate.wait(30)
             return os.pwritev(fd, parts, offset)
 
-        self.patch(transfer, "_pwritev", stuck)
+        self.patch(receiving, "_pwritev", stuck)
         token = mint_token()
         incoming = self.receiver.expect(token, "vol-1", size)
         d = self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst")
@@ -1107,7 +1109,7 @@ class ExpectTests(SynchronousTestCase):
 
 class WritePartsTests(SynchronousTestCase):
     """
-    L{transfer._write_parts} writes a block received in pieces, even after a short write.
+    L{receiving._write_parts} writes a block received in pieces, even after a short write.
     """
 
     def test_short_write(self):
@@ -1119,17 +1121,17 @@ class WritePartsTests(SynchronousTestCase):
         def short(fd, parts, offset):
             return os.pwrite(fd, parts[0][:700], offset)
 
-        self.patch(transfer, "_pwritev", short)
+        self.patch(receiving, "_pwritev", short)
         fd = os.open(path, os.O_RDWR)
         try:
-            digest = transfer._write_parts(fd, parts, MiB, 6300)
+            digest = receiving._write_parts(fd, parts, MiB, 6300)
             self.assertEqual(os.pread(fd, 6300, MiB), b"".join(parts))
         finally:
             os.close(fd)
         self.assertEqual(digest, hashlib.sha256(b"".join(parts)).digest())
 
 
-class Recorder(transfer._Framed):
+class Recorder(wire._Framed):
     """
     A framed protocol that records what it parses.
     """
