@@ -79,7 +79,7 @@ class DocumentTests(SynchronousTestCase):
         net = json.loads(d["network-config"])
         self.assertEqual(net, {"version": 2, "ethernets": {"eth0": {
             "match": {"macaddress": "0a:58:0a:50:03:07"}, "set-name": "eth0",
-            "addresses": ["10.80.3.7/16"], "routes": [{"to": "default", "via": "10.80.3.1"}],
+            "addresses": ["10.80.3.7/16"], "routes": [{"to": "0.0.0.0/0", "via": "10.80.3.1"}],
             "mtu": 1450,
             "nameservers": {"addresses": ["10.80.3.1"], "search": ["zwrm.internal"]}}}})
         self.assertNotIn(b"dhcp", d["network-config"])

@@ -61,7 +61,8 @@ def cloud_init_network_config(net):
         "match": {"macaddress": mac_for(net["address"])},
         "set-name": "eth0",
         "addresses": [f"{net['address']}/{net['prefix']}"],
-        "routes": [{"to": "default", "via": net["gateway"]}],
+        # Not "to: default": cloud-init 22.4 (Debian 12) refuses it and leaves eth0 down.
+        "routes": [{"to": "0.0.0.0/0", "via": net["gateway"]}],
         "mtu": net.get("mtu") or GUEST_MTU,
     }
     if nameservers:
