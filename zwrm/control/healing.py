@@ -43,7 +43,7 @@ hosts are rescheduled one per C{eviction_interval} seconds (the Kubernetes node-
 numbers: 55 %, 10 s); a held host that returned meanwhile is simply dropped.
 """
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, ensureDeferred
 from twisted.logger import Logger
 
 from zwrm import errors
@@ -53,6 +53,7 @@ POLICIES = ("always", "on-failure", "never")
 RESTART_DEFAULTS = {"policy": "always", "max_restarts": 10, "interval": 1800.0,
                     "initial_backoff": 5.0, "max_backoff": 300.0, "reset_after": 600.0}
 UNHEALTHY_THRESHOLD = 3
+RESCHEDULE_CONCURRENCY = 4  # apps rescheduled at once after a host loss
 EXITS_FROM = ("pending", "starting", "running")
 """A machine that goes C{stopped}/C{failed} from one of these exited on its own."""
 
@@ -544,13 +545,24 @@ class Healer:
                                  next_at=None)
                 continue
             by_app.setdefault(row["app_id"], []).append(row["spec"]["replica"])
-        for app_id, replicas in sorted(by_app.items()):
+
+        async def one(app_id, replicas):
             try:
                 await self._apps.reschedule(app_id, replicas, only_host=host_id)
             except errors.Unplaceable as e:
                 self.log.warn("host {host} lost: replicas {r} of {app} not placed: {e}",
                               host=host_id, r=replicas, app=app_id, e=e.message)
                 self._retry.add(host_id)
+
+        # A few apps at a time: one app's store round trips overlap another's work (the
+        # apps layer keeps each app's changes in order and places under one lock).
+        limit = DeferredSemaphore(RESCHEDULE_CONCURRENCY)
+        results = await DeferredList(
+            [limit.run(lambda a=a, r=r: ensureDeferred(one(a, r)))
+             for a, r in sorted(by_app.items())], consumeErrors=True)
+        for ok, result in results:
+            if not ok:
+                result.raiseException()
 
     async def _host_back(self, host_id):
         if self._offline(host_id) or not self._apps._hosts.executor_available(host_id):

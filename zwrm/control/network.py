@@ -13,7 +13,11 @@ Every allocation runs as one function on the store's thread (L{Store.run}), so t
 allocations never hand out the same subnet or address.
 """
 
+import inspect
 import ipaddress
+import time
+
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 
 from zwrm import errors
 from zwrm.agent.network.addressing import GUEST_MTU
@@ -64,14 +68,17 @@ def _allocate_address(db, cidr, host_prefix, machine_id, app_id, host_id, now):
             return rows[0]["id"]
         db["net_addresses"].delete(rows[0]["id"])  # moved to another host: a new address
     subnet = ipaddress.IPv4Network(_allocate_subnet(db, cidr, host_prefix, host_id, now))
-    used = {r["id"] for r in db["net_addresses"].rows_where("host_id = ?", [host_id])}
-    hosts = list(subnet.hosts())
-    for addr in hosts[1:]:  # hosts[0] is the bridge (gateway)
-        if str(addr) not in used:
-            db["net_addresses"].insert({"id": str(addr), "machine_id": machine_id,
-                                        "host_id": host_id, "app_id": app_id,
-                                        "created_at": now})
-            return str(addr)
+    hosts = [str(a) for a in subnet.hosts()][1:]  # the first is the bridge (gateway)
+    for i in range(0, len(hosts), 500):  # by primary key: no scan of every address
+        chunk = hosts[i:i + 500]
+        used = {r[0] for r in db.execute(
+            f"SELECT id FROM net_addresses WHERE id IN ({','.join('?' * len(chunk))})", chunk)}
+        for addr in chunk:
+            if addr not in used:
+                db["net_addresses"].insert({"id": addr, "machine_id": machine_id,
+                                            "host_id": host_id, "app_id": app_id,
+                                            "created_at": now})
+                return addr
     raise errors.ResourceExhausted(f"host {host_id}'s subnet {subnet} has no free address")
 
 
@@ -91,6 +98,48 @@ class ClusterNetwork:
         self.host_prefix = host_prefix
         self.domain = domain
         self.mtu = mtu
+        # What is stored, in memory once loaded (L{load}): host id -> subnet and
+        # machine id -> (address, host id, app id); kept by every change made here.
+        self.subnets = None
+        self.addresses = None
+        self._listeners = []
+
+    async def load(self):
+        """Read the stored subnets and addresses into L{subnets} and L{addresses}."""
+
+        def read(db):
+            return ([(r["host_id"], r["id"]) for r in db["net_subnets"].rows],
+                    [(r["machine_id"], (r["id"], r["host_id"], r["app_id"]))
+                     for r in db["net_addresses"].rows])
+
+        subnets, addresses = await self._store.run(read)
+        if self.subnets is None:
+            self.subnets, self.addresses = dict(subnets), dict(addresses)
+
+    def subscribe(self, listener):
+        """
+        Call C{listener(kind, key)} after each change: C{("address", machine_id)} or
+        C{("subnet", host_id)}.
+
+        @return: a function of no arguments that ends the subscription.
+        """
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def _notify(self, kind, key):
+        for listener in list(self._listeners):
+            listener(kind, key)
+
+    def _noted_address(self, machine_id, address, host_id, app_id):
+        if self.addresses is None:
+            return
+        subnet = str(ipaddress.IPv4Network(f"{address}/{self.host_prefix}", strict=False))
+        if self.subnets.get(host_id) != subnet:
+            self.subnets[host_id] = subnet
+            self._notify("subnet", host_id)
+        if self.addresses.get(machine_id) != (address, host_id, app_id):
+            self.addresses[machine_id] = (address, host_id, app_id)
+            self._notify("address", machine_id)
 
     def gateway(self, subnet):
         """The bridge address (gateway, DNS server) of a host's subnet."""
@@ -98,8 +147,12 @@ class ClusterNetwork:
 
     async def host_subnet(self, host_id):
         """Host C{host_id}'s subnet (allocated and stored on first use), e.g. C{10.80.1.0/24}."""
-        return await self._store.run(_allocate_subnet, self.cidr, self.host_prefix, host_id,
-                                     self._clock.seconds())
+        subnet = await self._store.run(_allocate_subnet, self.cidr, self.host_prefix, host_id,
+                                       self._clock.seconds())
+        if self.subnets is not None and self.subnets.get(host_id) != subnet:
+            self.subnets[host_id] = subnet
+            self._notify("subnet", host_id)
+        return subnet
 
     async def attach(self, machine_id, app_id, host_id, hostname=None, open_ports=()):
         """
@@ -109,8 +162,13 @@ class ClusterNetwork:
         @return: its network spec for the agent (see L{zwrm.agent.network.addressing}).
         @raise errors.ResourceExhausted: no subnet or address left.
         """
-        address = await self._store.run(_allocate_address, self.cidr, self.host_prefix,
-                                        machine_id, app_id, host_id, self._clock.seconds())
+        known = self.addresses.get(machine_id) if self.addresses is not None else None
+        if known is not None and known[1] == host_id:
+            address = known[0]  # stored already (a start after its placement)
+        else:
+            address = await self._store.run(_allocate_address, self.cidr, self.host_prefix,
+                                            machine_id, app_id, host_id, self._clock.seconds())
+            self._noted_address(machine_id, address, host_id, app_id)
         subnet = ipaddress.IPv4Network(f"{address}/{self.host_prefix}", strict=False)
         gw = self.gateway(subnet)
         spec = {"address": address, "prefix": self.cidr.prefixlen, "gateway": gw, "dns": gw,
@@ -127,6 +185,8 @@ class ClusterNetwork:
             db.conn.commit()
 
         await self._store.run(release)
+        if self.addresses is not None and self.addresses.pop(machine_id, None) is not None:
+            self._notify("address", machine_id)
 
     async def forget_host(self, host_id):
         """Free host C{host_id}'s subnet (the host was removed from the cluster)."""
@@ -137,6 +197,12 @@ class ClusterNetwork:
             db.conn.commit()
 
         await self._store.run(forget)
+        if self.subnets is not None:
+            self.subnets.pop(host_id, None)
+            for mid in [m for m, a in self.addresses.items() if a[1] == host_id]:
+                del self.addresses[mid]
+                self._notify("address", mid)
+            self._notify("subnet", host_id)
 
     async def address(self, machine_id):
         """Machine C{machine_id}'s address, or L{None}."""
@@ -206,95 +272,367 @@ def check_publish(publish, domain=None):
     return out
 
 
+
 # -- the cluster view, pushed to agents ---------------------------------------------
 
 LIVE = ("pending", "starting", "running", "stopping")
+PAUSE_RATIO = 4  # after a push that took t seconds, none for PAUSE_RATIO * t (<= 20% busy)
+
+
+class _App:
+    """One app's part of the view: its members, the hosts they are on, its published ports."""
+
+    __slots__ = ("members", "hosts", "publish", "domain", "listed")
+
+    def __init__(self):
+        self.members = {}  # machine id -> member (the view's form)
+        self.hosts = {}  # host id -> how many of its members are there
+        self.publish = []  # [{"port", "guest_port", "mode"}] of its members' specs
+        self.domain = ""
+        self.listed = None  # list(members.values()), built when asked for
+
+    def list(self):
+        if self.listed is None:
+            self.listed = list(self.members.values())
+        return self.listed
+
+    @property
+    def reachable(self):
+        """Members other apps may reach (an open port): every agent needs them."""
+        return bool(self.publish)
 
 
 class ViewPublisher:
     """
-    Keeps every agent's picture of the cluster network current: on each host or machine
-    event it computes the view (L{zwrm.agent.network.agent.AgentNetwork.update}) once per
-    reactor turn and calls C{network.update} on every reachable host.
+    Keeps every agent's picture of the cluster network current (what
+    L{zwrm.agent.network.agent.AgentNetwork.update} takes).
+
+    The view is kept in memory: read from the store once (the first push), then changed by
+    each host and machine event and each address change of the L{ClusterNetwork}; a
+    machine's app, replica and published ports (its spec, which never changes) are read
+    the first time it is seen, in one query per push.  Once per reactor turn with a
+    change, each host whose part changed gets its view (C{network.update}), with at most
+    one call in flight per host (a change meanwhile sends the latest view when it answers).
+    A push that took C{t} seconds is followed by none for C{pause_ratio * t}: changes
+    meanwhile go together in the next one.  Sending views never takes more than
+    1 / (1 + C{pause_ratio}) of the control plane's time, so a burst of changes in a large
+    cluster (a host lost, a redeploy) costs each host a few views rather than one per
+    machine, while a small cluster still gets every change in the next reactor turn.
+
+    What a host needs: every host's underlay and bridge addresses (the overlay); the
+    members of the apps that have a machine on it (same-app traffic, DNS) and of every
+    app with an open port (reachable from all); the published ports' routes if it serves
+    them (L{serves_ingress}; default every host).  A change elsewhere is not sent to it.
 
     @param data: the control plane's resource layer (C{hosts}, C{machines}).
     @param call: C{call(host_id, verb, *args)}, an executor call.
+    @param serves_ingress: C{serves_ingress(host_entry)} -> bool: whether a host serves
+        published ports (gets their routes); L{None}: every host does.
     """
 
-    def __init__(self, clock, network, data, call, log=None):
+    def __init__(self, clock, network, data, call, log=None, serves_ingress=None,
+                 pause_ratio=PAUSE_RATIO):
+        from twisted.logger import Logger
+
         self._clock = clock
         self._network = network
         self._data = data
         self._call = call
-        self._pending = None
-        self.pushes = 0
-        from twisted.logger import Logger
-
+        self._serves = serves_ingress or (lambda entry: True)
         self.log = log or Logger()
-        self._unsubscribe = [data.machines.subscribe(self._changed),
-                             data.hosts.subscribe(self._changed)]
+        self._pending = None
+        self._pushing = None  # the Deferred of the push running now
+        self._again = False
+        self.pushes = 0  # pushes that sent at least one view
+        self.sent = 0  # views sent
+        self._loaded = False
+        self._machines = {}  # machine id -> {"app", "replica", "state", "health", "host_id"}
+        self._unknown = set()  # machine ids to read (first seen, or seen while loading)
+        self._apps = {}  # app name -> _App
+        self._host_apps = {}  # host id -> names of the apps with members on it
+        self._reachable = set()  # names of the apps with an open port
+        self._hosts = {}  # host id -> {"host_id", "address", "gateway"}
+        self._host_list = []
+        self._published = {}
+        self._all_dirty = True  # every host needs a view (first push, hosts list changed)
+        self._dirty_apps = set()
+        self._dirty_hosts = set()
+        self._inflight = {}  # host id -> Deferred of its call
+        self._resend = set()  # hosts that changed while their call was in flight
+        self._next_at = 0.0  # no push starts before this time (see pause_ratio)
+        self.pause_ratio = pause_ratio
+        self._unsubscribe = [data.machines.subscribe(self._machine_event),
+                             data.hosts.subscribe(self._host_event),
+                             network.subscribe(self._network_event)]
 
     def close(self):
         for u in self._unsubscribe:
             u()
+        self._unsubscribe = []
         if self._pending is not None and self._pending.active():
             self._pending.cancel()
 
-    def _changed(self, event):
+    # -- events ---------------------------------------------------------------------
+
+    def _soon(self):
         if self._pending is None or not self._pending.active():
-            self._pending = self._clock.callLater(0, self._push)
+            delay = max(0.0, self._next_at - self._clock.seconds())
+            self._pending = self._clock.callLater(delay, self._push)
+
+    def _machine_event(self, event):
+        p = event.get("payload") or {}
+        mid = p.get("machine_id") or event.get("subject")
+        if event.get("kind") not in ("state", "destroyed") or mid is None:
+            return
+        m = self._machines.get(mid)
+        if not self._loaded or (m is None and event["kind"] != "destroyed"):
+            self._unknown.add(mid)
+        elif m is not None:
+            m.update(state=p.get("state"), health=p.get("health"), host_id=p.get("host_id"))
+            if event["kind"] == "destroyed":
+                del self._machines[mid]
+            self._refresh(mid, m)
+        self._soon()
+
+    def _host_event(self, event):
+        host_id = event.get("subject")
+        self._dirty_hosts.add(host_id)  # it may have (re)registered: it needs a view
+        if self._loaded:
+            self._refresh_host(host_id)
+        self._soon()
+
+    def _network_event(self, kind, key):
+        if not self._loaded:
+            return
+        if kind == "subnet":
+            self._refresh_host(key)
+        elif key in self._machines:
+            self._refresh(key, self._machines[key])
+        self._soon()
+
+    # -- the view, kept ---------------------------------------------------------------
+
+    def _refresh_host(self, host_id):
+        entry = self._data.hosts.get(host_id)
+        address = entry.record.get("address") if entry is not None else None
+        subnet = (self._network.subnets or {}).get(host_id)
+        new = ({"host_id": host_id, "address": address,
+                "gateway": self._network.gateway(subnet) if subnet else None}
+               if address else None)
+        if self._hosts.get(host_id) != new:
+            if new is None:
+                del self._hosts[host_id]
+            else:
+                self._hosts[host_id] = new
+            self._host_list = [self._hosts[h] for h in sorted(self._hosts)]
+            self._all_dirty = True
+
+    def _refresh(self, mid, m):
+        """Machine C{mid} changed (or went, when not in C{_machines}): update its member."""
+        addr = (self._network.addresses or {}).get(mid)
+        app = self._apps.get(m["app"])
+        if app is None:
+            app = self._apps[m["app"]] = _App()
+            app.publish, app.domain = m["publish"], m["domain"]
+        old = app.members.get(mid)
+        new = None
+        if mid in self._machines and addr is not None and m["state"] in LIVE:
+            healthy = m["state"] == "running" and m["health"] in ("passing", "none", None)
+            new = {"machine_id": mid, "app": m["app"], "replica": m["replica"],
+                   "address": addr[0], "host_id": m["host_id"], "healthy": healthy,
+                   "open_ports": m["open_ports"]}
+        if old == new:
+            return
+        if m["publish"] != app.publish or m["domain"] != app.domain:
+            # A new version's ports: the app's routes follow its newest machines.
+            if new is not None:
+                app.publish, app.domain = m["publish"], m["domain"]
+            self._all_dirty = True
+        if old is not None:
+            del app.members[mid]
+            n = app.hosts[old["host_id"]] - 1
+            if n:
+                app.hosts[old["host_id"]] = n
+            else:
+                del app.hosts[old["host_id"]]
+                self._host_apps[old["host_id"]].discard(m["app"])
+                self._dirty_hosts.add(old["host_id"])  # no longer needs this app
+        if new is not None:
+            app.members[mid] = new
+            app.hosts[new["host_id"]] = app.hosts.get(new["host_id"], 0) + 1
+            self._host_apps.setdefault(new["host_id"], set()).add(m["app"])
+        if app.reachable:
+            self._reachable.add(m["app"])
+        else:
+            self._reachable.discard(m["app"])
+        app.listed = None
+        self._dirty_apps.add(m["app"])
+        if not app.members:
+            if app.reachable:
+                self._all_dirty = True  # every host had its members
+            self._reachable.discard(m["app"])
+            del self._apps[m["app"]]
+
+    def _known(self, row):
+        spec = row.get("spec") or {}
+        app_spec = spec.get("app_spec") or {}
+        publish = [dict(p) for p in app_spec.get("publish") or []]
+        return {"app": spec.get("app"), "replica": spec.get("replica"),
+                "state": row.get("state"), "health": (row.get("health") or {}).get("status"),
+                "host_id": row.get("host_id"), "publish": publish,
+                "domain": app_spec.get("domain") or "",
+                "open_ports": [p["guest_port"] for p in publish]}
+
+    async def _read(self):
+        """Read what is not known yet: everything the first time, then new machines."""
+        if not self._loaded:
+            await self._network.load()
+            rows = await self._data.machines.find(states=list(LIVE))
+            self._loaded = True
+            for host_id in self._data.hosts.ids():
+                self._refresh_host(host_id)
+            for row in rows:
+                self._unknown.discard(row["id"])
+                self._machines[row["id"]] = m = self._known(row)
+                self._refresh(row["id"], m)
+            self._all_dirty = True
+        while self._unknown:
+            ids, self._unknown = sorted(self._unknown), set()
+            rows = {r["id"]: r for r in await self._data.machines.find(ids=ids)}
+            for mid in ids:
+                if mid in self._unknown:
+                    continue  # an event came while reading: read it again
+                row = rows.get(mid)
+                m = self._machines.get(mid)
+                if row is not None:
+                    self._machines[mid] = m = self._known(row)
+                elif m is not None:
+                    del self._machines[mid]
+                if m is not None:
+                    self._refresh(mid, m)
+
+    def _rebuild_published(self):
+        published = {}
+        for name in sorted(self._apps):
+            app = self._apps[name]
+            for p in app.publish:
+                entry = published.setdefault(str(p["port"]), {"mode": p["mode"], "routes": {}})
+                domain = app.domain if p["mode"] == "http" else ""
+                routes = entry["routes"].setdefault(domain, [])
+                for mem in app.list():
+                    routes.append({"key": mem["machine_id"], "host": mem["address"],
+                                   "port": p["guest_port"], "healthy": mem["healthy"]})
+        self._published = published
+
+    def view_for(self, host_id):
+        """The view host C{host_id} gets (after a push has read the store)."""
+        members = []
+        apps = self._apps
+        for name in self._host_apps.get(host_id, ()):
+            if name not in self._reachable:
+                members.extend(apps[name].list())
+        for name in self._reachable:
+            members.extend(apps[name].list())
+        entry = self._data.hosts.get(host_id)
+        serves = entry is not None and self._serves(entry)
+        return {"hosts": self._host_list, "members": members,
+                "published": self._published if serves else {}}
+
+    async def view(self, host_id=None):
+        """
+        The view as a host gets it (see the agent's C{network.update}), or with
+        C{host_id} L{None} the whole cluster's: every member and route.
+        """
+        await self._read()
+        self._rebuild_published()
+        if host_id is not None:
+            return self.view_for(host_id)
+        members = [mem for name in sorted(self._apps) for mem in self._apps[name].list()]
+        return {"hosts": self._host_list, "members": members, "published": self._published}
+
+    # -- pushes ---------------------------------------------------------------------
+
+    def busy(self):
+        """Whether a push is due or running, or a view is still being delivered."""
+        return bool((self._pending is not None and self._pending.active())
+                    or self._pushing is not None or self._inflight)
 
     def _push(self):
         from twisted.internet.defer import ensureDeferred
 
-        ensureDeferred(self.push()).addErrback(
-            lambda f: self.log.warn("cluster network view not pushed: {e}", e=f.getErrorMessage()))
+        if self._pushing is not None:
+            self._again = True
+            return
 
-    async def view(self):
-        """The view every agent gets (see the agent's C{network.update})."""
-        net = await self._network.view()
-        gateways = {h["host_id"]: h["gateway"] for h in net["hosts"]}
-        hosts = []
-        for host_id in self._data.hosts.ids():
-            entry = self._data.hosts.get(host_id)
-            address = entry.record.get("address") if entry is not None else None
-            if address:
-                hosts.append({"host_id": host_id, "address": address,
-                              "gateway": gateways.get(host_id)})
-        rows = await self._data.machines.find(states=list(LIVE))
-        addresses = {m["machine_id"]: m["address"] for m in net["members"]}
-        members, published = [], {}
-        for row in rows:
-            spec = row.get("spec") or {}
-            if row["id"] not in addresses:
-                continue
-            app_spec = spec.get("app_spec") or {}
-            netspec = {"address": addresses[row["id"]],
-                       "open_ports": [p["guest_port"] for p in app_spec.get("publish") or []]}
-            status = (row.get("health") or {}).get("status")
-            healthy = row["state"] == "running" and status in ("passing", "none", None)
-            members.append({"machine_id": row["id"], "app": spec.get("app"),
-                            "replica": spec.get("replica"), "address": netspec["address"],
-                            "host_id": row["host_id"], "healthy": healthy,
-                            "open_ports": netspec.get("open_ports") or []})
-            for p in app_spec.get("publish") or []:
-                entry = published.setdefault(str(p["port"]), {"mode": p["mode"], "routes": {}})
-                domain = app_spec.get("domain") or "" if p["mode"] == "http" else ""
-                entry["routes"].setdefault(domain, []).append(
-                    {"key": row["id"], "host": netspec["address"], "port": p["guest_port"],
-                     "healthy": healthy})
-        return {"hosts": hosts, "members": members, "published": published}
+        def done(result):
+            self._pushing = None
+            if self._again:
+                self._again = False
+                self._soon()
+            return result
+
+        self._pushing = ensureDeferred(self.push())
+        self._pushing.addErrback(
+            lambda f: self.log.warn("cluster network view not pushed: {e}", e=f.getErrorMessage()))
+        self._pushing.addBoth(done)
+
+    def _targets(self):
+        """The hosts whose part of the view changed since the last push (and clears that)."""
+        reachable_changed = not self._reachable.isdisjoint(self._dirty_apps)
+        if self._all_dirty or reachable_changed:
+            targets = set(self._data.hosts.ids())
+        else:
+            targets = set(self._dirty_hosts)
+            for name in self._dirty_apps:
+                if name in self._apps:  # else its hosts are in _dirty_hosts
+                    targets.update(self._apps[name].hosts)
+        if self._all_dirty or reachable_changed:
+            self._rebuild_published()
+        self._all_dirty = False
+        self._dirty_apps = set()
+        self._dirty_hosts = set()
+        return targets
 
     async def push(self):
-        """Compute the view and give it to every host whose executor can be called."""
-        view = await self.view()
-        self.pushes += 1
-        for host_id in self._data.hosts.ids():
+        """Read what is new, then send each reachable host whose part changed its view."""
+        await self._read()
+        targets = self._targets()
+        n = 0
+        started = time.perf_counter()
+        for host_id in sorted(targets):
             entry = self._data.hosts.get(host_id)
             if entry is None or not entry.executor:
                 continue
-            try:
-                await self._call(host_id, "network.update", view)
-            except Exception as e:
-                self.log.info("host {h}: network view not delivered: {e}", h=host_id, e=e)
-        return view
+            if host_id in self._inflight:
+                self._resend.add(host_id)
+                continue
+            self._send(host_id)
+            n += 1
+        if n:
+            self.pushes += 1
+            cost = time.perf_counter() - started
+            self._next_at = self._clock.seconds() + cost * self.pause_ratio
+        return n
+
+    def _send(self, host_id):
+        self.sent += 1
+        try:
+            d = self._call(host_id, "network.update", self.view_for(host_id))
+            d = Deferred.fromCoroutine(d) if inspect.iscoroutine(d) else maybeDeferred(lambda: d)
+        except Exception:
+            d = fail()
+        self._inflight[host_id] = d
+
+        def failed(f):
+            self.log.info("host {h}: network view not delivered: {e}", h=host_id,
+                          e=f.getErrorMessage())
+
+        def answered(_):
+            self._inflight.pop(host_id, None)
+            if host_id in self._resend:
+                self._resend.discard(host_id)
+                self._dirty_hosts.add(host_id)
+                self._soon()
+
+        d.addErrback(failed)
+        d.addBoth(answered)
