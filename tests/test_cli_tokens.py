@@ -14,6 +14,7 @@ from zwrm import pki
 from zwrm.cli import main as cli_main
 from zwrm.cli import tokens as cli
 from zwrm.cli.client import EXIT_USAGE, CliError
+from zwrm.pki import join_tokens
 
 
 class Procedures:
@@ -43,7 +44,9 @@ class TokensCommandTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
-        self.tokens = pki.JoinTokens(sqlite_utils.Database(memory=True), "ab" * 32, self.clock)
+        db = sqlite_utils.Database(memory=True)
+        join_tokens.schema_v7(db)
+        self.tokens = pki.JoinTokens(db, "ab" * 32, self.clock)
         self.procedures = Procedures(self.tokens)
         self.parser = cli_main.build_parser()
 

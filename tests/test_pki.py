@@ -27,9 +27,17 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zwrm import pki
 from zwrm.errors import AuthenticationFailed, InvalidArgument, NotFound
 from zwrm.pki import ca as pki_ca
+from zwrm.pki import join_tokens as pki_join_tokens
 
 # A time well in the past, for certificates that have expired by now.
 LONG_AGO = 1_000_000_000.0  # 2001-09-09
+
+
+def token_db():
+    """An in-memory database with the join tokens' table, as the store's migration makes it."""
+    db = sqlite_utils.Database(memory=True)
+    pki_join_tokens.schema_v7(db)
+    return db
 
 
 def clock_at(seconds):
@@ -405,7 +413,7 @@ class JoinTests(TestCase):
     @defer.inlineCallbacks
     def test_join_with_a_valid_token(self):
         ca = pki.CertificateAuthority.create()
-        tokens = pki.JoinTokens(sqlite_utils.Database(memory=True), ca.fingerprint, Clock())
+        tokens = pki.JoinTokens(token_db(), ca.fingerprint, Clock())
         token = tokens.create(ttl=600)
         reply, key_pem, options = yield self.join(ca, tokens, str(token), "w1")
         creds = pki.HostCredentials(options.verified_ca_pem, reply["cert"].encode(), key_pem)
@@ -416,7 +424,7 @@ class JoinTests(TestCase):
     def test_join_with_an_expired_token_refused(self):
         ca = pki.CertificateAuthority.create()
         clock = Clock()
-        tokens = pki.JoinTokens(sqlite_utils.Database(memory=True), ca.fingerprint, clock)
+        tokens = pki.JoinTokens(token_db(), ca.fingerprint, clock)
         token = tokens.create(ttl=600)
         clock.advance(601)
         reply, _, _ = yield self.join(ca, tokens, str(token), "w1")
@@ -466,7 +474,7 @@ class JoinTokenTextTests(SynchronousTestCase):
 class JoinTokensTests(SynchronousTestCase):
     def setUp(self):
         self.clock = clock_at(1_800_000_000)
-        self.db = sqlite_utils.Database(memory=True)
+        self.db = token_db()
         self.fingerprint = "ef" * 32
         self.tokens = pki.JoinTokens(self.db, self.fingerprint, self.clock)
 

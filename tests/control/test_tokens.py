@@ -7,14 +7,16 @@ import os
 import stat
 import time
 
+import sqlite_utils
 from twisted.internet.task import Clock
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.control.helpers import FACTS, make_registry
 from zwrm import errors, pki
 from zwrm.control.api import AgentAPI
 from zwrm.control.auth import ControlAuthenticator
 from zwrm.control.roles import roles
+from zwrm.control.store import MIGRATIONS, migrate
 from zwrm.control.tokens import ControlPKI, TokenAPI, server_names
 from zwrm.wamp.auth import Principal, RoleBasedAuthorizer
 
@@ -229,3 +231,49 @@ class JoinExistingHostTests(TestCase):
         self.assertTrue(authorizer.authorize(Principal("operator", "operator"), "zwrm.host.reset", "call"))
         for who in (Principal("h-1", "agent"), Principal("join", "joining"), Principal("viewer", "viewer")):
             self.assertFalse(authorizer.authorize(who, "zwrm.host.reset", "call"), who)
+
+
+class JoinTokenTableMigrationTests(SynchronousTestCase):
+    """The join tokens' table is made by the store's migrations (schema version 7)."""
+
+    def test_a_new_database_gets_the_table(self):
+        db = sqlite_utils.Database(memory=True)
+        self.assertEqual(migrate(db), len(MIGRATIONS))
+        self.assertEqual(
+            set(db[pki.JoinTokens.table_name].columns_dict),
+            {"id", "secret_hash", "description", "created_at", "expires_at", "revoked", "used"},
+        )
+        self.assertEqual(db[pki.JoinTokens.table_name].pks, ["id"])
+        tokens = pki.JoinTokens(db, "ab" * 32, Clock())
+        token = tokens.create(ttl=60, description="rack 1")
+        self.assertEqual(tokens.check(str(token)), token.id)
+
+    def test_a_version_6_database_keeps_its_tokens(self):
+        """
+        A database of schema version 6 has the table already (JoinTokens made it, with the
+        same columns): the migration keeps it and its tokens.
+        """
+        db = sqlite_utils.Database(memory=True)
+        self.assertEqual(migrate(db, MIGRATIONS[:6]), 6)
+        self.assertNotIn(pki.JoinTokens.table_name, db.table_names())
+        db[pki.JoinTokens.table_name].create(
+            {"id": str, "secret_hash": str, "description": str, "created_at": float,
+             "expires_at": float, "revoked": float, "used": int},
+            pk="id", not_null={"secret_hash", "created_at", "expires_at"}, defaults={"used": 0})
+        clock = Clock()
+        clock.advance(1000)
+        made = pki.JoinToken.generate("ab" * 32, 2000.0)
+        db[pki.JoinTokens.table_name].insert(
+            {"id": made.id, "secret_hash": made.secret_hash, "description": "old",
+             "created_at": 900.0, "expires_at": 2000.0, "revoked": None, "used": 0})
+        self.assertEqual(migrate(db), 7)
+        tokens = pki.JoinTokens(db, "ab" * 32, clock)
+        self.assertEqual([t["id"] for t in tokens.list()], [made.id])
+        self.assertEqual(tokens.check(str(made)), made.id)
+
+    def test_no_table_without_the_migration(self):
+        """JoinTokens no longer makes its table: without the store's migrations it says so."""
+        db = sqlite_utils.Database(memory=True)
+        e = self.assertRaises(RuntimeError, pki.JoinTokens, db, "ab" * 32, Clock())
+        self.assertIn("migrations", str(e))
+        self.assertNotIn(pki.JoinTokens.table_name, db.table_names())

@@ -25,6 +25,7 @@ from twisted.python.threadpool import ThreadPool
 
 from zwrm import errors
 from zwrm.control.resources import apps, certs, drains, hosts, machines, volumes
+from zwrm.pki import join_tokens
 from zwrm.tokens import hash_secret
 
 
@@ -95,7 +96,15 @@ def _v6(db):
     certs.schema_v6(db)
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6]
+def _v7(db):
+    """
+    Schema version 7: the join tokens' table (L{join_tokens.schema_v7}), until then made
+    outside the migrations by L{zwrm.pki.JoinTokens}.
+    """
+    join_tokens.schema_v7(db)
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
 """Schema migrations, in order; append, never edit."""
 
 JSON_COLUMNS = {

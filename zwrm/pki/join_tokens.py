@@ -164,9 +164,37 @@ def check_join_token(token, record, ca_fingerprint, now):
     return token
 
 
+def schema_v7(db):
+    """
+    The C{join_tokens} table (the store's schema version 7). A database older than that
+    already has it, made the same way by L{JoinTokens} itself before the table moved into the
+    store's migrations: then it is kept as it is.
+
+    @param db: a C{sqlite_utils.Database}.
+    """
+    table = db[JoinTokens.table_name]
+    if table.exists():
+        return
+    table.create(
+        {
+            "id": str,
+            "secret_hash": str,
+            "description": str,
+            "created_at": float,
+            "expires_at": float,
+            "revoked": float,
+            "used": int,
+        },
+        pk="id",
+        not_null={"secret_hash", "created_at", "expires_at"},
+        defaults={"used": 0},
+    )
+
+
 class JoinTokens:
     """
-    The control plane's join tokens, in a table of its SQLite store (C{sqlite_utils}).
+    The control plane's join tokens, in a table of its SQLite store (C{sqlite_utils}), made
+    by the store's migrations (L{schema_v7}).
 
     Stores the id, the SHA-256 of the secret, creation and expiry times, a description and
     the revocation time; never the secret. Calls are short single-row queries: run them where
@@ -185,19 +213,9 @@ class JoinTokens:
         self._clock = clock
         self._table = db[self.table_name]
         if not self._table.exists():
-            self._table.create(
-                {
-                    "id": str,
-                    "secret_hash": str,
-                    "description": str,
-                    "created_at": float,
-                    "expires_at": float,
-                    "revoked": float,
-                    "used": int,
-                },
-                pk="id",
-                not_null={"secret_hash", "created_at", "expires_at"},
-                defaults={"used": 0},
+            raise RuntimeError(
+                f"no {self.table_name} table: the store's migrations make it"
+                " (zwrm.control.store.migrate)"
             )
 
     def create(self, ttl=DEFAULT_TOKEN_TTL, description=""):
