@@ -1101,6 +1101,8 @@ class _HealthWait:
         except errors.NotFound:
             return self._fail(errors.NotFound(f"machine {mid} is not on {host} any more"))
         except errors.Unavailable as e:
+            if self.done.called:
+                return None  # over (cancelled: the control plane stops) meanwhile
             if not self.pause:
                 return self._fail(e)
             self.since = None
@@ -1112,6 +1114,8 @@ class _HealthWait:
             if drains._reachable(host):  # else: asked again on the host's next event
                 self._later("retry", self.poll, self._check)
             return None
+        if self.done.called:
+            return None  # over (cancelled: the control plane stops) meanwhile
         self._cancel("retry")
         self._arm_deadline()
         await drains._set_waiting(self.run_, None)
