@@ -248,9 +248,9 @@ class Drains:
             run.placement = placement
             runs[p["machine_id"]] = run
         drain = _DrainRun(row, runs)
-        self.active[host_id] = drain
         # The drain and its migrations in one transaction, then one event (started).
         await self._drains.add(row, [r.row for r in runs.values()], plan=[p for p, _ in plan])
+        self.active[host_id] = drain
         self._arm_deadline(drain)
         for p, _ in plan:
             if p["target"] is None:
