@@ -200,6 +200,13 @@ class BuiltPackagesTests(SynchronousTestCase):
         self.assertEqual(agent[("[Service]", "KillMode")], ["process"])
         self.assertEqual(control[("[Service]", "PrivateDevices")], ["yes"])
 
+    def test_agent_depends_on_its_network_tools(self):
+        # --network bridge runs ip, bridge (iproute2), nft (nftables) and sysctl (procps).
+        result = run("dpkg-deb", "-f", deb("zwrm-agent"), "Depends")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        depends = {d.strip().split()[0] for d in result.stdout.split(",")}
+        self.assertLessEqual({"iproute2", "nftables", "procps", "qemu-system-x86"}, depends)
+
 
 def _free_port():
     s = socket.socket()
