@@ -785,6 +785,13 @@ class DrainRunTests(TestCase):
                          ("running", "waiting_healthy", dst))
         self.assertIn(f"waiting for {dst}", mg["error"])
         self.assertEqual(mg["original_state"]["state"], "stopped")
+
+        def waits():  # announced: what the migration waits for is part of its state
+            return [e["payload"]["reason"] for t, e in c.published
+                    if t == DRAIN_TOPIC and e["kind"] == "migration"
+                    and e["payload"]["old"] == e["payload"]["phase"] == "waiting_healthy"]
+
+        self.assertEqual([r.split(" (")[0] for r in waits()], [f"waiting for {dst}"])
         # the replacement accepted a write while its agent was away
         written = write_known(c.store_of(dst).path(vid), "during the outage",
                               offsets=(3 * MiB,))
@@ -794,6 +801,7 @@ class DrainRunTests(TestCase):
         mg = status["migrations"][0]
         self.assertEqual((status["state"], mg["phase"], mg["waiting_for"]),
                          ("completed", "done", None))
+        self.assertEqual(waits()[1:], [f"{dst} answered again"])
         self.assertEqual(self.copies(c), [(dst, new)])
         self.assertEqual(sha(c.store_of(dst).path(vid)), written)
         self.assertFalse(c.store_of(src).exists(vid))

@@ -111,7 +111,7 @@ class MachineResourceTests(TestCase):
         self.assertIn("set_spec", update_methods(data.apps))
         self.assertIn("moved", update_methods(data.volumes))
         self.assertEqual(update_methods(data.drains),
-                         ["add", "commit_volumes", "save_migration", "set_state"])
+                         ["add", "commit_volumes", "save_migration", "set_state", "set_waiting"])
 
 
 class PlacementRequestTests(TestCase):

@@ -775,11 +775,15 @@ class Drains:
         old = run.detail.get("waiting")
         if host is None:
             if old is not None:
-                await self._save_detail(run, waiting=None)
+                run.detail["waiting"] = None
+                await self._drains.set_waiting(run.row, run.detail,
+                                               f"{old['host']} answered again")
             return
         if old is None or old.get("host") != host or old.get("why") != why:
             since = old["since"] if old is not None and old.get("host") == host else now
-            await self._save_detail(run, waiting={"host": host, "since": since, "why": why})
+            run.detail["waiting"] = {"host": host, "since": since, "why": why}
+            await self._drains.set_waiting(run.row, run.detail,
+                                           f"waiting for {host} (unreachable) {why}")
 
     async def _step_waiting_healthy(self, drain, run):
         opts = drain.row["options"]

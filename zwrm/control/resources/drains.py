@@ -13,8 +13,10 @@ Events (C{zwrm.event.drain}):
    wire form with C{drain_id}, C{reason} and C{plan};
  - C{state}: the drain's state changed; the drain's wire form with C{drain_id}, C{old},
    C{reason};
- - C{migration}: a migration's phase changed; the migration's wire form (without its
-   detail) with C{migration_id}, C{old} (the phase before), C{reason}, and C{target}.
+ - C{migration}: a migration's phase changed, or it was entered again after a restart, or
+   what the migration waits for changed (an unreachable host; C{old} is then its phase and
+   C{reason} says what it waits for); the migration's wire form (without its detail) with
+   C{migration_id}, C{old} (the phase before), C{reason}, and C{target}.
 
 Committing a migration moves its volumes to the target and stores its phase in one
 transaction (L{Drains.commit_volumes}); the volumes resource then announces each move
@@ -204,6 +206,21 @@ class Drains(Resource):
         row.update(fields)
         if "phase" in fields and (fields["phase"] != old or reason is not None):
             await self._announce_phase(row, old, reason)
+        return row
+
+    @update_method
+    async def set_waiting(self, row, detail, reason):
+        """
+        Store the migration's C{detail} whose C{waiting} (C{{host, since, why}}: the
+        unreachable host it waits for, or L{None}) changed; event C{migration}, its phase
+        unchanged (C{old} is the phase), with C{reason} (what it waits for, or that the
+        host answered again).
+        """
+        now = self._clock.seconds()
+        await self._store.update(MIGRATIONS_TABLE, row["id"], {
+            "detail": json.dumps(detail or {}, sort_keys=True), "updated_at": now})
+        row.update(detail=detail, updated_at=now)
+        await self._announce_phase(row, row.get("phase"), reason)
         return row
 
     @update_method
