@@ -46,6 +46,10 @@ MACHINES = [
       "through one migration's outbox (store the phase, then run its step). Generated",
       "from its transitions by scripts/state_diagrams.py; do not edit.",
       "Dashed self-loops do nothing (the input does not apply in that state)."]),
+    ("agent_connection", "zwrm.agent.connection:ConnectionLife",
+     ["The agent's connection to the control plane (zwrm/agent/connection.py). Generated",
+      "from its transitions by scripts/state_diagrams.py; do not edit.",
+      "Dashed self-loops do nothing (the input does not apply in that state)."]),
 ]
 """(diagram name, "module:Class" with a MethodicalMachine in C{_machine}, comment lines)."""
 

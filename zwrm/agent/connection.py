@@ -12,7 +12,7 @@ and attempts again, for ever, until it is stopped:
   - any other end (refused, rejected, lost before registering) grows the backoff.
 
 Stopping while an attempt runs aborts it (C{stopping}) and is done once the attempt ended;
-stopping while waiting cancels the timer.  The diagram is docs/state-machines/agent-connection.dot,
+stopping while waiting cancels the timer.  The diagram is docs/state-machines/agent_connection.dot,
 generated from this class by scripts/state_diagrams.py.
 """
 
