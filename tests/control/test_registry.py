@@ -58,7 +58,10 @@ class RegistryTests(TestCase):
     async def test_join_assigns_id_and_checks_input(self):
         clock, store, reg, published = await make_registry(self)
         result = await reg.join(None, {})
-        self.assertTrue(result["host_id"].startswith("h-"))
+        self.assertRegex(result["host_id"], r"^h_[0-9a-f]{16}$")  # a strict URI component
+        # an older agent's fresh h-<16 hex> id is admitted as h_<16 hex>
+        old = await reg.join("h-0123456789abcdef", {})
+        self.assertEqual(old["host_id"], "h_0123456789abcdef")
         with self.assertRaises(errors.InvalidArgument):
             await reg.join("bad id!", {})
         with self.assertRaises(errors.InvalidArgument):

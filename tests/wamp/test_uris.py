@@ -1,14 +1,9 @@
 """
 Every URI zwrm registers, calls, publishes or documents is a strict WAMP URI (the
 specification's strict rule: lowercase letters, digits and C{_} between single dots),
-so clients that validate URIs strictly accept them all.
-
-Known exception, checked separately: the per-host agent procedures
-C{zwrm.agent.<host_id>.*}.  Host ids are C{"h-" + 16 hex digits}, and C{-} is not
-allowed in a strict URI; changing host ids (with a migration of stored ids) belongs to
-the host-id issue, not to the router.  L{StrictUriTests.test_host_id_family_is_not_strict_yet}
-pins that exception down and fails once host ids become strict, so the exclusion is
-removed then.
+so clients that validate URIs strictly accept them all, the per-host agent procedures
+C{zwrm.agent.<host_id>.*} included: a host id is one strict component (C{h_} and 16 hex
+digits, L{zwrm.hostid}), checked with the ids agents and the control plane really make.
 """
 
 import ast
@@ -23,7 +18,7 @@ from zwrm.wamp import is_strict_uri
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(zwrm.__file__)))
 PLACEHOLDER = re.compile(r"\{[^{}]*\}|<[^<>]*>")
 # how a host id appears in source (f-string fields) and docs (placeholders, examples)
-HOST_ID_FIELD = re.compile(r"^zwrm\.agent\.(\{[^{}]*(host|authid|ident)[^{}]*\}|<[^<>]*(host|authid)[^<>]*>|h-)")
+HOST_ID_FIELD = re.compile(r"^zwrm\.agent\.(\{[^{}]*(host|authid|ident)[^{}]*\}|<[^<>]*(host|authid)[^<>]*>)")
 DOC_URI = re.compile(r"`((?:zwrm|wamp)\.[^`\s]*)`")
 # dotted Python module names (zwrm.wamp.router) that docs and sources mention are not URIs
 MODULES = {"zwrm." + name.split(".")[0] for name in os.listdir(os.path.join(ROOT, "zwrm"))}
@@ -94,7 +89,7 @@ class StrictUriTests(unittest.SynchronousTestCase):
         namespaces = {u.split(".")[1] for u, _ in sources if u.startswith("zwrm.") and u.count(".") >= 2}
         docs = [(u, w) for u, w in _doc_uris() if u.startswith("wamp.") or u.split(".")[1] in namespaces]
         found = sources + docs
-        checked = [(u, w) for u, w in found if not HOST_ID_FIELD.match(u)]
+        checked = found
         # the scan sees the URIs the control plane registers and the topics it publishes
         names = {u for u, _ in checked}
         for expected in ("zwrm.host.list", "zwrm.agent.register", "zwrm.agent.heartbeat", "wamp.session.on_join"):
@@ -103,18 +98,23 @@ class StrictUriTests(unittest.SynchronousTestCase):
         bad = [f"{where}: {uri} ({why})" for uri, where in checked if (why := _check(uri))]
         self.assertEqual(bad, [], "\n".join(bad))
 
-    def test_host_id_family_is_not_strict_yet(self):
+    def test_host_ids_are_strict_components(self):
         """
-        The one known exception: per-host procedures carry the host id, which has a
-        '-'.  When host ids become strict this test fails: then delete it and the
-        HOST_ID_FIELD exclusion above.
+        The per-host procedures carry the host id: the ids an agent, the control plane
+        and the store's migration make are one strict URI component each.
         """
         import tempfile
 
         from zwrm.agent.identity import Identity
+        from zwrm.control.registry import new_host_id
+        from zwrm.hostid import current_host_id, strict_host_id
 
-        excluded = [u for u, _ in list(_source_uris()) + list(_doc_uris()) if HOST_ID_FIELD.match(u)]
-        self.assertTrue(excluded, "the scan no longer sees the zwrm.agent.<host_id>. family")
+        family = [u for u, _ in list(_source_uris()) + list(_doc_uris()) if HOST_ID_FIELD.match(u)]
+        self.assertTrue(family, "the scan no longer sees the zwrm.agent.<host_id>. family")
         with tempfile.TemporaryDirectory() as d:
-            host_id = Identity(d).load().host_id  # a host id as an agent makes one
-        self.assertFalse(is_strict_uri(f"zwrm.agent.{host_id}.start"), host_id)
+            made = [Identity(d).load().host_id, new_host_id(),
+                    current_host_id("h-0123456789abcdef"), strict_host_id("H-Old.Host:1")]
+        for host_id in made:
+            self.assertRegex(host_id, r"^[0-9a-z_]{1,64}$")
+            self.assertTrue(is_strict_uri(f"zwrm.agent.{host_id}.machine.start"), host_id)
+            self.assertTrue(is_strict_uri(f"zwrm.agent.{host_id}.", "prefix"), host_id)

@@ -2,13 +2,16 @@
 The agent's identity on disk: a stable host id and the credential it was issued.
 
 C{<data_dir>/host.json} (mode 0600): C{{"host_id": ..., "credential": ... or null}}.
-The host id is made on first start and never changes, so a restarted agent is the same
-host; the credential comes from C{zwrm.agent.join}.
+The host id is made on first start (C{h_} and 16 hex digits, L{zwrm.hostid.new_host_id})
+and changes only when the control plane renames the host (an id of an older zwrm,
+C{h-<hex>}, becomes C{h_<hex>}: the agent takes the authid WELCOME gives it), so a
+restarted agent is the same host; the credential comes from C{zwrm.agent.join}.
 """
 
 import json
 import os
-import uuid
+
+from zwrm.hostid import new_host_id, strict_host_id
 
 FILE = "host.json"
 
@@ -32,8 +35,12 @@ class Identity:
                 data = json.load(f)
             self.host_id = data["host_id"]
             self.credential = data.get("credential")
+            if self.credential is None and strict_host_id(self.host_id) != self.host_id:
+                # never joined under its old-style id: nothing refers to it yet
+                self.host_id = strict_host_id(self.host_id)
+                self.save()
         else:
-            self.host_id = "h-" + uuid.uuid4().hex[:16]
+            self.host_id = new_host_id()
             self.credential = None
             self.save()
         return self

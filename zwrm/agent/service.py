@@ -41,7 +41,7 @@ from twisted.internet import defer, endpoints, error
 from twisted.logger import Logger
 
 import zwrm
-from zwrm import errors, pki
+from zwrm import errors, hostid, pki
 from zwrm.agent import capacity
 from zwrm.agent.identity import Identity
 from zwrm.endpoints import client_endpoint, tcp_endpoint
@@ -470,7 +470,7 @@ class AgentService(service.Service):
                     f"{e.message}; remove {self.tls_dir} to join again with a join token"
                 ) from None
             if credentials is not None:
-                if credentials.host_id != self.identity.host_id:
+                if credentials.host_id != hostid.current_host_id(self.identity.host_id):
                     raise ServerRejected(
                         f"the host certificate in {self.tls_dir} is for host"
                         f" {credentials.host_id!r}, not this host {self.identity.host_id!r};"
@@ -503,6 +503,7 @@ class AgentService(service.Service):
                 session = await self._connect(ident.host_id, ident.credential)
                 if not self._running:
                     return "stopped"
+                self._adopt_authid(session)
             except AuthRejected:
                 if self.config.join_token:
                     self.log.warn(
@@ -536,6 +537,20 @@ class AgentService(service.Service):
         ident.save()
         self.log.info("joined the cluster as host {host_id}", host_id=ident.host_id)
         return "joined"
+
+    def _adopt_authid(self, session):
+        """
+        The control plane renamed this host (an older zwrm's C{h-<hex>} id is C{h_<hex>}
+        now): WELCOME's authid is the new id.  Take it and keep it in the identity file,
+        before anything is registered under it.
+        """
+        ident = self.identity
+        authid = session.authid
+        if isinstance(authid, str) and authid and authid != ident.host_id:
+            self.log.info("the control plane knows host {old} as {new} now; taking that id",
+                          old=ident.host_id, new=authid)
+            ident.host_id = authid
+            ident.save()
 
     def _save_credentials(self, result, key_pem, pinned):
         """

@@ -38,6 +38,7 @@ from zwrm import errors
 from zwrm.control import schema
 from zwrm.control.store import hash_secret
 from zwrm.control.tokens import RESET_TTL
+from zwrm.hostid import current_host_id
 
 DETAILS = RegisterOptions(details_arg="details")
 
@@ -75,8 +76,10 @@ class AgentAPI:
         """
         Admit a new host.  A host id that has already joined is refused unless the caller
         proves that host's C{credential}, or an operator ran C{zwrm host reset} for it
-        (which lets one join through).
+        (which lets one join through).  An older agent's C{h-<16 hex>} id is checked and
+        admitted as C{h_<16 hex>} (L{zwrm.hostid.current_host_id}).
         """
+        host_id = current_host_id(host_id)
         if isinstance(host_id, str) and host_id in self._joining:
             raise errors.Conflict(f"host {host_id!r} is already joining")
         if isinstance(host_id, str):

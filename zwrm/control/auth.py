@@ -8,7 +8,9 @@ Every client uses ticket authentication:
    (unknown, expired, revoked or made for another CA: refused, saying which).
  - authid C{operator} (or C{viewer}), ticket = an operator (viewer) token: that role.
  - authid = a host id, ticket = that host's credential (issued by C{zwrm.agent.join}):
-   role C{agent}.  A host that connects over TLS with a client certificate (its host
+   role C{agent}.  An older zwrm's host id (C{h-<hex>}) is accepted for the host it was
+   renamed to (C{h_<hex>}, L{zwrm.hostid.strict_host_id}); the session's authid (in
+   WELCOME) is the new id, which the agent takes.  A host that connects over TLS with a client certificate (its host
    certificate from the cluster CA) must present the certificate of that same host id.
 
 Tokens and credentials are stored only as SHA-256 hashes.
@@ -23,6 +25,7 @@ from zope.interface import implementer
 from zwrm import pki
 from zwrm.control.store import hash_secret
 from zwrm.errors import AuthenticationFailed, InvalidArgument
+from zwrm.hostid import strict_host_id
 from zwrm.interfaces import IAuthenticator
 from zwrm.wamp.auth import Principal
 
@@ -105,20 +108,25 @@ class ControlAuthenticator:
                 return Principal(authid, role, {})
 
             return d.addCallback(found)
+        # a host renamed by the store's migration (h-<hex> is h_<hex> now) joins under its
+        # new id, which the agent takes from WELCOME's authid
+        host_id = authid
+        if self._registry.credential_hash(authid) is None:
+            host_id = strict_host_id(authid)
         peer = PEER_CERTIFICATE.get()
         if peer is not None:
             certified = pki.host_id_of(peer)
-            if certified != authid:
+            if certified is None or strict_host_id(certified) != strict_host_id(host_id):
                 return defer.fail(AuthenticationFailed(
                     f"the TLS client certificate is for host {certified!r}, not for {authid!r}"
                     if certified else
                     f"the TLS client certificate is not a zwrm host certificate for {authid!r}"))
-        stored = self._registry.credential_hash(authid)
+        stored = self._registry.credential_hash(host_id) if host_id else None
         if stored is None:
             return defer.fail(AuthenticationFailed(f"unknown host {authid!r}; join it with a join token"))
         if not hmac.compare_digest(stored, hash_secret(secret)):
             return defer.fail(AuthenticationFailed(f"the credential of host {authid!r} was not accepted"))
-        return defer.succeed(Principal(authid, "agent", {}))
+        return defer.succeed(Principal(host_id, "agent", {}))
 
     def wampcra_secret(self, realm, authid):
         return defer.fail(AuthenticationFailed("WAMP-CRA is not offered; use ticket"))

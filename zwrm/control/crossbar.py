@@ -36,6 +36,7 @@ from twisted.logger import Logger
 
 from zwrm import errors, pki
 from zwrm.control.api import ControlSession
+from zwrm.hostid import strict_host_id
 from zwrm.wamp.auth import RoleBasedAuthorizer
 
 ROUTER_ROLES = ("joining", "agent", "operator", "viewer")
@@ -111,7 +112,7 @@ class CrossbarAPI:
             peer = transport.get("peer_cert") or transport.get("client_cert")
             if peer:
                 certified = certified_host_id(peer)
-                if certified != principal.authid:
+                if certified is None or strict_host_id(certified) != strict_host_id(principal.authid):
                     raise _denied(
                         f"the TLS client certificate is for host {certified!r}, not for {authid!r}"
                         if certified else

@@ -17,7 +17,6 @@ stored time.
 """
 
 import secrets
-import uuid
 
 from twisted.logger import Logger
 
@@ -29,6 +28,7 @@ from zwrm.control.resources.hosts import HostEntry
 from zwrm.control.resources.hosts import wire as host_wire
 from zwrm.control.resources.machines import TOPIC as MACHINE_TOPIC
 from zwrm.control.resources.machines import wire as machine_wire
+from zwrm.hostid import current_host_id, new_host_id
 
 __all__ = ["HOST_TOPIC", "MACHINE_TOPIC", "HostEntry", "HostRegistry"]
 LIVE_MACHINE_STATES = ("running", "starting")
@@ -41,13 +41,16 @@ MAY_RUN_STATES = ("pending", "starting", "running", "stopping")
 FACT_FIELDS = ("name", "region", "datacenter", "address", "vcpus", "memory_mb", "disk_mb")
 
 
-def new_host_id():
-    """A fresh host id."""
-    return "h-" + uuid.uuid4().hex[:16]
+RESERVED = ("join", "operator", "viewer", "control")
+"""authids that are never host ids."""
 
 
 def valid_host_id(host_id):
-    """Whether C{host_id} is a syntactically valid host id."""
+    """
+    Whether C{host_id} is an id a host may join with: 1 to 64 letters, digits, C{-} or
+    C{_} (new agents make strict ones, L{zwrm.hostid.new_host_id}; an older agent's
+    C{h-<16 hex>} is admitted as C{h_<16 hex>}, L{zwrm.hostid.current_host_id}).
+    """
     return (
         isinstance(host_id, str)
         and 1 <= len(host_id) <= 64
@@ -235,10 +238,12 @@ class HostRegistry:
         _check_facts(facts)
         if host_id is None:
             host_id = new_host_id()
-        elif not valid_host_id(host_id) or host_id in ("join", "operator", "viewer", "control"):
+        elif not valid_host_id(host_id) or host_id in RESERVED:
             raise errors.InvalidArgument(
                 "a host id is 1 to 64 letters, digits, '-' or '_'"
             )
+        else:
+            host_id = current_host_id(host_id)  # an older agent's h-<hex> joins as h_<hex>
         credential = credential or secrets.token_urlsafe(32)
         from zwrm.control.store import hash_secret
 

@@ -104,7 +104,15 @@ def _v7(db):
     join_tokens.schema_v7(db)
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
+def _v8(db):
+    """
+    Schema version 8: host ids are strict WAMP URI components (C{h-<hex>} becomes
+    C{h_<hex>}, in the hosts table and every stored reference: L{hosts.schema_strict_ids}).
+    """
+    hosts.schema_strict_ids(db)
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
 """Schema migrations, in order; append, never edit."""
 
 JSON_COLUMNS = {

@@ -30,6 +30,7 @@ from OpenSSL import crypto
 from twisted.internet import ssl
 
 from zwrm.errors import AuthenticationFailed, InvalidArgument
+from zwrm.hostid import current_host_id
 
 HOST_URI_PREFIX = "zwrm:host:"
 CA_LIFETIME = datetime.timedelta(days=3650)
@@ -149,7 +150,9 @@ def normalize_fingerprint(text):
 
 def host_id_of(certificate):
     """
-    The zwrm host id a certificate was issued for, or C{None} if it names none.
+    The zwrm host id a certificate was issued for, or C{None} if it names none.  A
+    certificate of an older zwrm's C{h-<16 hex>} id names today's C{h_<16 hex>}
+    (L{zwrm.hostid.current_host_id}).
 
     Only meaningful for a certificate whose chain was verified against the cluster CA (the TLS
     contexts of this module do that before any application data flows).
@@ -171,7 +174,7 @@ def host_id_of(certificate):
     ]
     if len(ids) != 1 or not _HOST_ID.fullmatch(ids[0]):
         return None
-    return ids[0]
+    return current_host_id(ids[0])  # an older zwrm's h-<hex> id is h_<hex> now
 
 
 def check_host_certificate(certificate, expected_host_id):
@@ -185,7 +188,7 @@ def check_host_certificate(certificate, expected_host_id):
         raise AuthenticationFailed(
             f"the peer presented no zwrm host certificate (expected one for host {expected_host_id!r})"
         )
-    if actual != expected_host_id:
+    if actual != current_host_id(expected_host_id):
         raise AuthenticationFailed(
             f"the peer's certificate is for host {actual!r}, not for host {expected_host_id!r}"
         )

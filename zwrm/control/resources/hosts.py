@@ -18,9 +18,14 @@ allocation, which is the scheduler's figure written back for C{zwrm host list}
 (L{Hosts.set_allocation}).
 """
 
+import hashlib
+import json
+import re
+
 from zwrm import errors
 from zwrm.control.host import INPUTS, Host
 from zwrm.control.resources import Resource, update_method
+from zwrm.hostid import is_strict_host_id, strict_host_id
 
 TOPIC = "zwrm.event.host"
 
@@ -108,6 +113,79 @@ def wire(entry):
     out["state_before_offline"] = entry.machine.state_before_offline
     out["executor"] = entry.executor
     return out
+
+
+_QUOTED = re.compile(r'"([^"\\]*)"')
+"""The strings in a JSON text (without escapes): where a host id can be."""
+
+
+def schema_strict_ids(db):
+    """
+    Rename every host id that is not a strict WAMP URI component (C{h-0123...}, the form
+    of older zwrm) to L{zwrm.hostid.strict_host_id} of it (C{h_0123...}), in the C{hosts}
+    table and in every stored reference to it: any column of any table whose value is the
+    old id (C{machines.host_id}, C{volumes.host_id}, C{drains.host_id},
+    C{migrations.source_host|target_host}, C{net_subnets}, C{net_addresses},
+    C{host_resets}, C{events.subject}, a host's default name, ...), and any string or key
+    inside a JSON column (machine specs and health, app specs, drain options, migration
+    details, event payloads) that is the old id.  Runs inside the store's migration
+    transaction, so it happens whole or not at all.
+
+    An old id whose strict form is taken (by another host, or by a second old id) gets the
+    strict form with C{_} and 8 hex digits of the old id's SHA-256 appended.
+
+    @return: C{{old: new}}.
+    """
+    if TABLE not in db.table_names():
+        return {}
+    ids = [r[0] for r in db.execute(f"SELECT id FROM {TABLE}").fetchall()]
+    taken = {i for i in ids if is_strict_host_id(i)}
+    renames = {}
+    for old in sorted(i for i in ids if not is_strict_host_id(i)):
+        new = strict_host_id(old) or "h"
+        if new in taken:
+            new = f"{new[:55]}_{hashlib.sha256(old.encode()).hexdigest()[:8]}"
+        taken.add(new)
+        renames[old] = new
+    if not renames:
+        return renames
+
+    def walk(value):
+        if isinstance(value, str):
+            return renames.get(value, value)
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if isinstance(value, dict):
+            return {renames.get(k, k): walk(v) for k, v in value.items()}
+        return value
+
+    for table in db.table_names():
+        if table == "schema_version" or table.startswith("sqlite_"):
+            continue
+        columns = [c.name for c in db[table].columns if c.type.upper() in ("TEXT", "STR", "")]
+        if not columns:
+            continue
+        select = ", ".join(f'"{c}"' for c in columns)
+        for row in db.execute(f'SELECT rowid, {select} FROM "{table}"').fetchall():
+            changed = {}
+            for col, value in zip(columns, row[1:], strict=True):
+                if not isinstance(value, str):
+                    continue
+                if value in renames:
+                    changed[col] = renames[value]
+                elif value[:1] in "[{" and any(t in renames for t in _QUOTED.findall(value)):
+                    try:
+                        decoded = json.loads(value)
+                    except ValueError:
+                        continue
+                    walked = walk(decoded)
+                    if walked != decoded:
+                        changed[col] = json.dumps(walked, sort_keys=True)
+            if changed:
+                sets = ", ".join(f'"{c}" = ?' for c in changed)
+                db.execute(f'UPDATE "{table}" SET {sets} WHERE rowid = ?',
+                           [*changed.values(), row[0]])
+    return renames
 
 
 class Hosts(Resource):
