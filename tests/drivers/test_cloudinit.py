@@ -79,10 +79,21 @@ class DocumentTests(SynchronousTestCase):
         net = json.loads(d["network-config"])
         self.assertEqual(net, {"version": 2, "ethernets": {"eth0": {
             "match": {"macaddress": "0a:58:0a:50:03:07"}, "set-name": "eth0",
-            "addresses": ["10.80.3.7/16"], "routes": [{"to": "0.0.0.0/0", "via": "10.80.3.1"}],
+            "addresses": ["10.80.3.7/16"], "gateway4": "10.80.3.1",
             "mtu": 1450,
             "nameservers": {"addresses": ["10.80.3.1"], "search": ["zwrm.internal"]}}}})
         self.assertNotIn(b"dhcp", d["network-config"])
+        # The resolver, for images where nothing renders the nameservers (a plain file).
+        boot = cloud_config(d["user-data"].decode())["bootcmd"]
+        self.assertEqual(boot, [["sh", "-c", '[ -L /etc/resolv.conf ] || printf "%s\\n" "$@"'
+                                 ' > /etc/resolv.conf', "sh", "nameserver 10.80.3.1",
+                                 "search zwrm.internal"]])
+        out = subprocess.run(boot[0][:2] + ['printf "%s\\n" "$@"'] + boot[0][3:],
+                             capture_output=True, text=True, check=True).stdout
+        self.assertEqual(out, "nameserver 10.80.3.1\nsearch zwrm.internal\n")
+        # User mode: none.
+        self.assertEqual(cloud_config(self.docs()["user-data"].decode())["bootcmd"],
+                         [["mkdir", "-p", "/srv/data"]])
 
     def test_driver_spec_carries_the_network_config(self):
         cfg = addressing.cloud_init_network_config(BRIDGE_NET)

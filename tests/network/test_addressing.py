@@ -30,7 +30,8 @@ class AddressingTests(SynchronousTestCase):
         self.assertEqual(cfg["version"], 2)
         self.assertEqual(eth["match"], {"macaddress": "0a:58:0a:50:03:07"})
         self.assertEqual(eth["addresses"], ["10.80.3.7/16"])
-        self.assertEqual(eth["routes"], [{"to": "0.0.0.0/0", "via": "10.80.3.1"}])
+        self.assertEqual(eth["gateway4"], "10.80.3.1")
+        self.assertNotIn("routes", eth)
         self.assertEqual(eth["nameservers"], {"addresses": ["10.80.3.1"],
                                               "search": ["zwrm.internal"]})
         self.assertEqual(eth["mtu"], 1450)

@@ -9,7 +9,8 @@ three files that cloud-init (in the guest) reads at boot:
  - C{network-config}: for a machine with an address on the cluster network (bridge
    networking), the static configuration the agent gives (version 2: address, route, resolver,
    search domain, MTU, the NIC matched by MAC; see
-   L{zwrm.agent.network.addressing.cloud_init_network_config}); otherwise (user-mode
+   L{zwrm.agent.network.addressing.cloud_init_network_config}; the user-data then also
+   writes the resolver to C{/etc/resolv.conf} at boot where no manager owns it); otherwise (user-mode
    networking) version 1, DHCP on the machine's one NIC, found by its MAC address;
  - C{user-data}: a C{#cloud-config} zwrm writes from the deploy (the SSH keys of
    C{zwrm deploy --ssh-key FILE}, the volume mounts, the environment of C{--env KEY=VALUE} in
@@ -131,6 +132,14 @@ def documents(machine_id, cfg, volumes=(), mac=None, network_config=None):
         ]
         # cloud-init writes the fstab lines and runs mount -a; make the points first.
         config["bootcmd"] = [["mkdir", "-p", *[v["mount"] for v in mounts]]]
+    resolver = _resolver(network_config)
+    if resolver:
+        # Images whose /etc/resolv.conf is a plain file (no resolvconf, no systemd-resolved:
+        # ifupdown ignores the network-config's nameservers there) get it written at every
+        # boot; a managed one (a symlink) is left to its manager.
+        config.setdefault("bootcmd", []).append(
+            ["sh", "-c", '[ -L /etc/resolv.conf ] || printf "%s\\n" "$@" > /etc/resolv.conf',
+             "sh", *resolver])
     if cfg["env"]:
         lines = "".join(f"{k}={_quote_env(v)}\n" for k, v in sorted(cfg["env"].items()))
         config["write_files"] = [
@@ -163,6 +172,19 @@ def documents(machine_id, cfg, volumes=(), mac=None, network_config=None):
         "user-data": user_data.encode(),
         "network-config": (json.dumps(net, indent=1) + "\n").encode(),
     }
+
+
+def _resolver(network_config):
+    """The C{resolv.conf} lines of a static network-config's nameservers (or [])."""
+    servers, search = [], []
+    for eth in ((network_config or {}).get("ethernets") or {}).values():
+        ns = eth.get("nameservers") or {} if isinstance(eth, dict) else {}
+        servers += [a for a in ns.get("addresses") or [] if a not in servers]
+        search += [d for d in ns.get("search") or [] if d not in search]
+    lines = [f"nameserver {a}" for a in servers]
+    if lines and search:
+        lines.append("search " + " ".join(search))
+    return lines
 
 
 def genisoimage():

@@ -61,8 +61,11 @@ def cloud_init_network_config(net):
         "match": {"macaddress": mac_for(net["address"])},
         "set-name": "eth0",
         "addresses": [f"{net['address']}/{net['prefix']}"],
-        # Not "to: default": cloud-init 22.4 (Debian 12) refuses it and leaves eth0 down.
-        "routes": [{"to": "0.0.0.0/0", "via": net["gateway"]}],
+        # The default route as gateway4, which every renderer applies (ifupdown's own
+        # "gateway"); not routes: cloud-init 22.4 (Debian 12) refuses "to: default" and
+        # leaves eth0 down, and renders other routes for ifupdown with net-tools' route,
+        # which images without net-tools lack.
+        "gateway4": net["gateway"],
         "mtu": net.get("mtu") or GUEST_MTU,
     }
     if nameservers:
