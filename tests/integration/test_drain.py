@@ -333,7 +333,7 @@ class DrainTests(TestCase):
             await poll(reactor, offline, 120, interval=1.0, what="target marked offline")
             # Long enough for a rollback to have started the original again and for it to
             # serve (it did, before issue 14).
-            await deferLater(reactor, 90, lambda: None)
+            await deferLater(reactor, 60, lambda: None)
             self.assertEqual([r for r in rounds if len(r[1]) > 1 or r[2] > 1], [],
                              "two copies of the machine ran at once")
             s = await status()
