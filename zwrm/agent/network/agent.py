@@ -188,7 +188,7 @@ class AgentNetwork:
             {"hosts": [{"host_id", "address", "gateway"}],
              "members": [{"machine_id", "app", "replica", "address", "host_id", "healthy",
                           "open_ports"}],
-             "published": {"PORT": {"mode": "tcp"|"http", "routes": {"DOMAIN"|"": [
+             "published": {"PORT": {"mode": "tcp"|"http"|"https", "routes": {"DOMAIN"|"": [
                  {"key", "host", "port", "healthy"}]}}}}
         """
         if not isinstance(view, dict):
