@@ -5,7 +5,7 @@ C{zwrm host drain|drain-status|undrain|activate <host-id>} (see docs/drain.md).
 import json
 import sys
 
-from twisted.internet import task
+from twisted.internet import defer, task
 
 from zwrm.cli.client import EXIT_USAGE, CliError, call, close, connect, load_settings
 from zwrm.drain_phases import DRAIN_TERMINAL as TERMINAL  # the states a drain ends in
@@ -91,21 +91,86 @@ def format_status(s, out):
         out.write(line + "\n")
 
 
-async def _follow(reactor, session, host_id, out, as_json, interval=1.0):
-    last = None
-    while True:
-        s = await call(session, "zwrm.host.drain_status", host_id)
-        if not as_json:
-            key = [(m["phase"], m["error"]) for m in s["migrations"]] + [s["state"]]
-            if key != last:
-                format_status(s, out)
-                last = key
-        if s["state"] in TERMINAL:
-            if as_json:
-                json.dump(s, out, indent=2, sort_keys=True)
-                out.write("\n")
-            return 0 if s["state"] == "completed" else 1
-        await task.deferLater(reactor, interval, lambda: None)
+DRAIN_TOPIC = "zwrm.event.drain"
+REFRESH = 60.0
+"""Seconds without an event of the drain after which its status is read anyway."""
+POLL_INTERVAL = 1.0
+"""Seconds between reads of the status for a session that may not subscribe."""
+
+
+async def _follow(reactor, session, host_id, out, as_json, interval=None, refresh=None):
+    """
+    Print the drain's status each time its state, or a migration's phase or error, changed,
+    until the drain ends.  The status is read again on each event of the drain
+    (C{zwrm.event.drain}: every change of its state, phases and of what a migration waits
+    for is announced), or after C{refresh} seconds without one; a session that may not
+    subscribe reads it every C{interval} seconds instead.
+    """
+    interval = POLL_INTERVAL if interval is None else interval
+    refresh = REFRESH if refresh is None else refresh
+    wake = [defer.Deferred()]
+    drain_id = [None]
+
+    def on_event(event=None, *args, **kwargs):
+        payload = event.get("payload") if isinstance(event, dict) else None
+        if isinstance(payload, dict) and payload.get("host_id") != host_id \
+                and payload.get("drain_id") not in (None, drain_id[0]):
+            return  # another host's drain
+        if not wake[0].called:
+            wake[0].callback(None)
+
+    def ended(result):  # a lost connection: the next read says so (exit 3)
+        if not wake[0].called:
+            wake[0].callback(None)
+        return result
+
+    if isinstance(getattr(session, "ended", None), defer.Deferred):
+        session.ended.addBoth(ended)
+    try:
+        subscription = await session.subscribe(on_event, DRAIN_TOPIC)
+    except Exception:
+        subscription = None  # not allowed to subscribe: read the status every interval
+    try:
+        last = None
+        while True:
+            wake[0] = defer.Deferred()  # before the read: an event meanwhile is not missed
+            s = await call(session, "zwrm.host.drain_status", host_id)
+            drain_id[0] = s["drain_id"]
+            if not as_json:
+                key = [(m["phase"], m["error"]) for m in s["migrations"]] + [s["state"]]
+                if key != last:
+                    format_status(s, out)
+                    last = key
+            if s["state"] in TERMINAL:
+                if as_json:
+                    json.dump(s, out, indent=2, sort_keys=True)
+                    out.write("\n")
+                return 0 if s["state"] == "completed" else 1
+            if subscription is None:
+                await task.deferLater(reactor, interval, lambda: None)
+            else:
+                await _first(reactor, wake[0], refresh)
+    finally:
+        if subscription is not None:
+            try:
+                await subscription.unsubscribe()
+            except Exception:
+                pass  # the session is closing
+
+
+def _first(reactor, d, seconds):
+    """A Deferred firing when C{d} fires or after C{seconds}, whichever comes first."""
+    done = defer.Deferred()
+    timer = reactor.callLater(seconds, lambda: done.called or done.callback(None))
+
+    def fired(result):
+        if timer.active():
+            timer.cancel()
+        if not done.called:
+            done.callback(None)
+
+    d.addBoth(fired)
+    return done
 
 
 async def host_drain(reactor, args, out=None):
