@@ -102,7 +102,8 @@ class Drains:
     def __init__(self, clock, store, hosts, apps, publish):
         """
         @param clock: an L{IReactorTime} (all waits and polls use it).
-        @param store: the L{zwrm.control.store.Store}.
+        @param store: unused: every row is read and changed through the resource layer
+            (kept for callers that pass it).
         @param hosts: the L{zwrm.control.registry.HostRegistry}.
         @param apps: the L{zwrm.control.apps.Apps} (machines' placement, start and
             removal; its resource layer, C{apps.data}, holds every row this service reads
