@@ -57,6 +57,27 @@ class HostCredentialContractTests(_RealStore, AuthenticatorContract, Synchronous
         return ControlAuthenticator(self.store, self.registry), creds
 
 
+class HostWampcraContractTests(_RealStore, AuthenticatorContract, SynchronousTestCase):
+    """With C{[wamp] auth_methods = ["ticket", "wampcra"]}: hosts may use WAMP-CRA, whose
+    secret is the hex SHA-256 of their credential."""
+
+    def make_authenticator(self):
+        from zwrm.tokens import hash_secret
+
+        self.build()
+        joined = self.successResultOf(self.wait(self.registry.join("h_one", {})))
+        principal = Principal("h_one", "agent", {})
+        creds = {"ticket": ("h_one", joined["credential"], principal),
+                 "wampcra": ("h_one", hash_secret(joined["credential"]).encode(), principal),
+                 "cryptosign": None}
+        return ControlAuthenticator(self.store, self.registry,
+                                    authmethods=["ticket", "wampcra"]), creds
+
+    def test_only_hosts(self):
+        for authid in ("operator", "viewer", "join", "control"):
+            self._failure(self.authn.wampcra_secret(self.realm, authid))
+
+
 class OperatorTokenContractTests(_RealStore, AuthenticatorContract, SynchronousTestCase):
     def make_authenticator(self):
         self.build()

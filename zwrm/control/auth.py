@@ -40,6 +40,36 @@ PEER_CERTIFICATE = ContextVar("zwrm_peer_certificate", default=None)
 RESERVED_AUTHIDS = frozenset(TOKEN_ROLES) | {"control"}
 """authids that can never be host ids."""
 
+AUTH_METHODS = ("ticket", "wampcra")
+"""The authmethods the control plane can offer: ticket (every principal) and WAMP-CRA
+(hosts).  The embedded router implements cryptosign and anonymous too, but the control plane
+has no principals for them."""
+
+DEFAULT_AUTH_METHODS = ("ticket",)
+"""What it offers unless C{[wamp] auth_methods} says otherwise."""
+
+
+def check_auth_methods(methods):
+    """
+    The authmethods to offer, as a tuple, checked.
+
+    @raise InvalidArgument: a method the control plane cannot offer (naming it and those it
+        can), a repeated one, or none.
+    """
+    if isinstance(methods, str) or not isinstance(methods, (list, tuple)):
+        raise InvalidArgument(f"auth_methods must be a list of methods, not {methods!r}")
+    methods = tuple(methods)
+    if not methods:
+        raise InvalidArgument(f"auth_methods is empty: offer at least one of {', '.join(AUTH_METHODS)}")
+    for m in methods:
+        if m not in AUTH_METHODS:
+            raise InvalidArgument(
+                f"auth_methods: the control plane cannot offer {m!r}; it offers"
+                f" {', '.join(AUTH_METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise InvalidArgument(f"auth_methods lists a method twice: {list(methods)}")
+    return methods
+
 
 def parse_token(text):
     """
@@ -59,25 +89,46 @@ def parse_token(text):
     return text
 
 
+def _certificate_refused(authid, host_id):
+    """
+    Why the TLS client certificate of the connection (if any) does not let C{authid} join
+    as host C{host_id} (an L{AuthenticationFailed}), or L{None}.
+    """
+    peer = PEER_CERTIFICATE.get()
+    if peer is None:
+        return None
+    certified = pki.host_id_of(peer)
+    if certified is not None and strict_host_id(certified) == strict_host_id(host_id):
+        return None
+    return AuthenticationFailed(
+        f"the TLS client certificate is for host {certified!r}, not for {authid!r}"
+        if certified else
+        f"the TLS client certificate is not a zwrm host certificate for {authid!r}")
+
+
 @implementer(IAuthenticator)
 class ControlAuthenticator:
     """
     Authenticates against the store's tokens and the registry's host credentials.
     """
 
-    def __init__(self, store, registry, join_tokens=None):
+    def __init__(self, store, registry, join_tokens=None, authmethods=DEFAULT_AUTH_METHODS):
         """
         @param store: a L{zwrm.control.store.Store} (tokens).
         @param registry: a L{zwrm.control.registry.HostRegistry} (host credentials).
         @param join_tokens: checks C{zwrm1.} join tokens: an object with C{check(text)}
             returning a Deferred (L{zwrm.control.tokens.ControlPKI}), or L{None}.
+        @param authmethods: the methods offered, in preference order (a non-empty subset
+            of L{AUTH_METHODS}; C{[wamp] auth_methods}).
+        @raise InvalidArgument: an unknown method, or none.
         """
         self._store = store
         self._registry = registry
         self._join_tokens = join_tokens
+        self._methods = check_auth_methods(authmethods)
 
     def authmethods(self):
-        return ["ticket"]
+        return list(self._methods)
 
     def authenticate_ticket(self, realm, authid, ticket):
         if (
@@ -113,14 +164,9 @@ class ControlAuthenticator:
         host_id = authid
         if self._registry.credential_hash(authid) is None:
             host_id = strict_host_id(authid)
-        peer = PEER_CERTIFICATE.get()
-        if peer is not None:
-            certified = pki.host_id_of(peer)
-            if certified is None or strict_host_id(certified) != strict_host_id(host_id):
-                return defer.fail(AuthenticationFailed(
-                    f"the TLS client certificate is for host {certified!r}, not for {authid!r}"
-                    if certified else
-                    f"the TLS client certificate is not a zwrm host certificate for {authid!r}"))
+        refused = _certificate_refused(authid, host_id)
+        if refused is not None:
+            return defer.fail(refused)
         stored = self._registry.credential_hash(host_id) if host_id else None
         if stored is None:
             return defer.fail(AuthenticationFailed(f"unknown host {authid!r}; join it with a join token"))
@@ -129,7 +175,25 @@ class ControlAuthenticator:
         return defer.succeed(Principal(host_id, "agent", {}))
 
     def wampcra_secret(self, realm, authid):
-        return defer.fail(AuthenticationFailed("WAMP-CRA is not offered; use ticket"))
+        """
+        WAMP-CRA, for hosts only: the secret is the hex SHA-256 of the host's credential
+        (the form the control plane keeps, L{zwrm.tokens.hash_secret}).
+        """
+        if "wampcra" not in self._methods:
+            return defer.fail(AuthenticationFailed("WAMP-CRA is not offered"))
+        if not isinstance(authid, str) or authid in RESERVED_AUTHIDS:
+            return defer.fail(AuthenticationFailed(
+                "WAMP-CRA is offered to hosts only (authid = the host id); use ticket"))
+        host_id = authid
+        if self._registry.credential_hash(authid) is None:
+            host_id = strict_host_id(authid)
+        stored = self._registry.credential_hash(host_id) if host_id else None
+        if stored is None:
+            return defer.fail(AuthenticationFailed(f"unknown host {authid!r}; join it with a join token"))
+        refused = _certificate_refused(authid, host_id)
+        if refused is not None:
+            return defer.fail(refused)
+        return defer.succeed((stored.encode("ascii"), Principal(host_id, "agent", {})))
 
     def cryptosign_principal(self, realm, authid, pubkey_hex):
         return defer.fail(AuthenticationFailed("cryptosign is not offered; use ticket"))

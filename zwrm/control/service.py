@@ -229,7 +229,8 @@ class ControlPlane(service.MultiService):
             on_offline=self._drop_host_session,
         )
         n = await self.registry.load()
-        authenticator = ControlAuthenticator(self.store, self.registry, join_tokens=self.pki)
+        authenticator = ControlAuthenticator(self.store, self.registry, join_tokens=self.pki,
+                                             authmethods=cfg.auth_methods)
         if not cfg.router_url:
             self.router = Router(self.reactor, authenticator, RoleBasedAuthorizer(roles()))
             _add_kill_by_authid(self.router)

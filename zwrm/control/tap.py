@@ -24,6 +24,9 @@ flag wins.  Example::
     # router_ca_file = "/etc/zwrm/router-ca.pem"       (for a wss:// router_url)
     # router_realm = "zwrm"
 
+    [wamp]
+    auth_methods = ["ticket"]   # what the embedded router offers clients: ticket, wampcra
+
     [health]
     check_interval = 15
     offline_after = 30
@@ -87,6 +90,7 @@ class Config:
     router_ticket: str | None = None
     router_ticket_file: str | None = None
     router_ca_file: str | None = None
+    auth_methods: list = field(default_factory=lambda: ["ticket"])
 
     def router_secret(self):
         """
@@ -123,6 +127,7 @@ FILE_KEYS = {
     ("control", "router_ticket"): ("router_ticket", str),
     ("control", "router_ticket_file"): ("router_ticket_file", str),
     ("control", "router_ca_file"): ("router_ca_file", str),
+    ("wamp", "auth_methods"): ("auth_methods", list),
     ("health", "check_interval"): ("check_interval", float),
     ("health", "offline_after"): ("offline_after", float),
     ("health", "grace"): ("grace", float),
@@ -235,6 +240,7 @@ def check_config(config):
                 " add interface=127.0.0.1, use an ssl: endpoint, or set insecure_listen"
             )
     _check_urls(config)
+    _check_auth_methods(config)
     if not 0 < config.partition_threshold <= 1:
         raise usage.UsageError(
             f"[health] partition_threshold must be a fraction in (0, 1], not {config.partition_threshold}")
@@ -251,6 +257,20 @@ def check_config(config):
         load_strategy(config.strategy, config.plugin_dirs)
     except PluginError as e:
         raise usage.UsageError(f"scheduler: {e}") from None
+
+
+def _check_auth_methods(config):
+    from zwrm.control.auth import DEFAULT_AUTH_METHODS, check_auth_methods
+    from zwrm.errors import InvalidArgument
+
+    try:
+        methods = check_auth_methods(config.auth_methods)
+    except InvalidArgument as e:
+        raise usage.UsageError(f"[wamp] {e.message}") from None
+    if config.router_url and methods != DEFAULT_AUTH_METHODS:
+        raise usage.UsageError(
+            "[wamp] auth_methods is what the embedded router offers; with router_url the"
+            " external router's transports decide (zwrm's dynamic authenticator takes ticket)")
 
 
 def _http_url(name, url):
@@ -335,6 +355,8 @@ class Options(usage.Options):
         ["router-url", None, None,
          "Connect the control component to this external WAMP router (ws:// or wss://)."],
         ["router-ticket-file", None, None, "File with the ticket for --router-url."],
+        ["auth-methods", None, None,
+         "WAMP authmethods offered to clients, comma-separated: ticket, wampcra (default ticket)."],
         ["gc-interval", None, None, "Seconds between collections of new objects (default 5)."],
         ["gc-churn", None, None,
          "Full collection once this fraction of the sessions closed (default 0.25)."],
@@ -400,6 +422,9 @@ class Options(usage.Options):
             values["listen"] = list(self["listen"])
         if self["plugin-dir"]:
             values["plugin_dirs"] = list(self["plugin-dir"])
+        if self["auth-methods"] is not None:
+            values["auth_methods"] = [m.strip() for m in self["auth-methods"].split(",")
+                                      if m.strip()]
         if self["insecure-listen"]:
             values["insecure_listen"] = True
         config = Config(**values)
