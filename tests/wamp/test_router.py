@@ -734,8 +734,46 @@ class MetaApiTests(RouterTestMixin, unittest.SynchronousTestCase):
     def test_meta_procedures_are_authorized(self):
         v = self.join("view")
         v.send(message.Call(1, "wamp.session.list"))
+        v.send(message.Call(2, "wamp.session.kill_by_authid", args=["host1"]))
         self.pump()
-        self.assertEqual(v.last(message.Error).error, "wamp.error.not_authorized")
+        self.assertEqual([e.error for e in v.take(message.Error)], ["wamp.error.not_authorized"] * 2)
+
+    def test_kill_by_authid(self):
+        """
+        wamp.session.kill_by_authid(authid, reason=None, message=None), as Crossbar.io has it:
+        ends every session of authid but the caller's own, answers their ids.
+        """
+        op, op2 = self.join("op"), self.join("op")
+        a, a2, other = self.join("host1"), self.join("host1"), self.join("host2")
+        op.send(message.Call(1, "wamp.session.kill_by_authid", args=["host1"],
+                             kwargs={"message": "host marked offline"}))
+        self.pump()
+        self.assertEqual(sorted(op.last(message.Result).args[0]), sorted([a.session_id, a2.session_id]))
+        for c in (a, a2):
+            g = c.last(message.Goodbye)
+            self.assertEqual((g.reason, g.message), ("wamp.close.killed", "host marked offline"))
+        self.assertEqual(other.take(message.Goodbye), [])
+        # a reason of the caller's choosing; the caller itself is spared
+        op.send(message.Call(2, "wamp.session.kill_by_authid", args=["op", "zwrm.close.revoked"]))
+        self.pump()
+        self.assertEqual(op.last(message.Result).args, [[op2.session_id]])
+        self.assertEqual(op2.last(message.Goodbye).reason, "zwrm.close.revoked")
+        self.assertEqual(op.take(message.Goodbye), [])
+        # no such sessions: nothing ended; bad arguments: invalid_argument, nothing ended
+        calls = [message.Call(3, "wamp.session.kill_by_authid", args=["nobody"]),
+                 message.Call(4, "wamp.session.kill_by_authid"),
+                 message.Call(5, "wamp.session.kill_by_authid", args=[7]),
+                 message.Call(6, "wamp.session.kill_by_authid", args=["host2", "not a uri"]),
+                 message.Call(7, "wamp.session.kill_by_authid", args=["host2"], kwargs={"message": 1})]
+        for call in calls:
+            op.send(call)
+        self.pump()
+        answers = {m.request: m for m in op.take() if isinstance(m, (message.Result, message.Error))}
+        self.assertEqual(answers[3].args, [[]])
+        for request in (4, 5, 6, 7):
+            self.assertEqual(answers[request].error, "wamp.error.invalid_argument", request)
+            self.assertIn("kill_by_authid", answers[request].args[0])
+        self.assertEqual(other.take(message.Goodbye), [])
 
 
 class _RaisingAuthorizer:

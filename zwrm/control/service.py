@@ -233,7 +233,6 @@ class ControlPlane(service.MultiService):
                                              authmethods=cfg.auth_methods)
         if not cfg.router_url:
             self.router = Router(self.reactor, authenticator, RoleBasedAuthorizer(roles()))
-            _add_kill_by_authid(self.router)
         if self.gc_policy is not None and self.router is not None:
             stats = self.router.stats
             self.gc_policy.watch_sessions(lambda: stats.sessions_closed, self.router.session_count)
@@ -511,27 +510,6 @@ def _with_peer_certificate(protocol_class):
             PEER_CERTIFICATE.reset(token)
 
     return type("PeerCertificateProtocol", (protocol_class,), {"dataReceived": dataReceived})
-
-
-def _add_kill_by_authid(router):
-    """
-    The meta procedure C{wamp.session.kill_by_authid(authid, reason=None, message=None)},
-    as Crossbar.io offers it (returns the ids of the sessions it ended), on the embedded
-    router.
-    """
-    from autobahn.wamp.exception import ApplicationError
-
-    def kill(caller, args, kwargs):
-        authid = args[0] if args else kwargs.get("authid")
-        message = kwargs.get("message", args[2] if len(args) > 2 else None)
-        if not isinstance(authid, str) or not isinstance(message, str | None):
-            raise ApplicationError(ApplicationError.INVALID_ARGUMENT,
-                                   "wamp.session.kill_by_authid needs an authid (and a message)")
-        victims = [s.session_id for s in router.sessions() if s.authid == authid]
-        router.kill_by_authid(authid, message or "killed")
-        return [victims]
-
-    router.register_internal("wamp.session.kill_by_authid", kill)
 
 
 def _why(failure):

@@ -914,15 +914,20 @@ class Router:
 
     def kill_by_authid(self, authid, reason):
         """
-        End every session with C{authid} (GOODBYE C{wamp.close.killed} with
-        C{reason} as its message).
+        End every session with C{authid} (GOODBYE C{wamp.close.killed} with C{reason} as
+        its message).  Clients do the same through the meta procedure
+        C{wamp.session.kill_by_authid}.
 
         @return: the number of sessions ended.
         """
-        victims = [s for s in self._sessions.values() if s.authid == authid]
+        return len(self._kill_by_authid(authid, reason))
+
+    def _kill_by_authid(self, authid, reason, close_reason="wamp.close.killed", but=None):
+        """End the sessions of C{authid} but C{but}; return their ids."""
+        victims = [s for s in self._sessions.values() if s.authid == authid and s is not but]
         for s in victims:
-            s.kill(reason)
-        return len(victims)
+            s.kill(reason, close_reason)
+        return [s.session_id for s in victims]
 
     def _new_session_id(self):
         while True:
@@ -1382,9 +1387,28 @@ class Router:
                 raise ApplicationError(ApplicationError.NO_SUCH_SESSION, f"no session {sid}")
             return [s.details()]
 
+        def kill_by_authid(caller, args, kwargs):
+            # as Crossbar.io: (authid, reason=None, message=None) -> [session ids]; the
+            # caller's own session is spared
+            authid = args[0] if args else kwargs.get("authid")
+            reason = kwargs.get("reason", args[1] if len(args) > 1 else None)
+            text = kwargs.get("message", args[2] if len(args) > 2 else None)
+            if not isinstance(authid, str) or not authid:
+                raise ApplicationError(ApplicationError.INVALID_ARGUMENT,
+                                       "wamp.session.kill_by_authid needs an authid (a string)")
+            if reason is not None and not (isinstance(reason, str) and _uri_ok(reason)):
+                raise ApplicationError(ApplicationError.INVALID_ARGUMENT,
+                                       f"wamp.session.kill_by_authid: reason must be a URI, not {reason!r}")
+            if text is not None and not isinstance(text, str):
+                raise ApplicationError(ApplicationError.INVALID_ARGUMENT,
+                                       "wamp.session.kill_by_authid: message must be a string")
+            return [self._kill_by_authid(authid, text or "killed", reason or "wamp.close.killed",
+                                         but=caller)]
+
         self.register_internal("wamp.session.count", count)
         self.register_internal("wamp.session.list", list_)
         self.register_internal("wamp.session.get", get)
+        self.register_internal("wamp.session.kill_by_authid", kill_by_authid)
 
 
 __all__ = ["Router", "RouterLimits", "RouterSession", "router_roles", "BROKER_FEATURES", "DEALER_FEATURES"]
