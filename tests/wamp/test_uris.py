@@ -10,6 +10,8 @@ import ast
 import os
 import re
 
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
 from twisted.trial import unittest
 
 import zwrm
@@ -118,3 +120,58 @@ class StrictUriTests(unittest.SynchronousTestCase):
             self.assertRegex(host_id, r"^[0-9a-z_]{1,64}$")
             self.assertTrue(is_strict_uri(f"zwrm.agent.{host_id}.machine.start"), host_id)
             self.assertTrue(is_strict_uri(f"zwrm.agent.{host_id}.", "prefix"), host_id)
+
+
+class RuntimeUriTests(unittest.TestCase):
+    """
+    What a running control plane and agent really register and publish (over real sockets):
+    every registration and every published topic is strict, the agent's per-host
+    procedures included.
+    """
+
+    timeout = 60
+
+    def test_registered_and_published(self):
+        return ensureDeferred(self._scenario())
+
+    async def _scenario(self):
+        from zwrm.agent.service import AgentService
+        from zwrm.agent.tap import AgentConfig
+        from zwrm.control.service import ControlPlane
+        from zwrm.control.tap import Config
+        from zwrm.testing.processes import poll, temp_dir
+
+        tmp = temp_dir(self)
+        plane = ControlPlane(reactor, Config(listen=["tcp:0:interface=127.0.0.1"],
+                                             data_dir=os.path.join(tmp, "cp"),
+                                             heartbeat_interval=0.2, flush_interval=0.2))
+        plane.startService()
+        self.addCleanup(plane.stopService)
+        await plane.started
+        published = []
+        deliver = plane.router._deliver
+
+        def recording(topic, *args, **kwargs):
+            published.append(topic)
+            return deliver(topic, *args, **kwargs)
+
+        plane.router._deliver = recording
+        with open(os.path.join(tmp, "cp", "join.token")) as f:
+            token = f.read().strip()
+        agent = AgentService(reactor, AgentConfig(
+            url=f"ws://127.0.0.1:{plane.ports[0].getHost().port}/ws", join_token=token,
+            data_dir=os.path.join(tmp, "agent"), name="a1", retry_initial=0.05, retry_max=0.2))
+        agent.startService()
+        self.addCleanup(agent.stopService)
+        await agent.registered
+        await poll(reactor, lambda: agent.heartbeats_sent >= 2, 10, 0.05, what="heartbeats")
+        host_id = agent.identity.host_id
+        registered = [(r.uri, r.match) for r in plane.router._registrations_by_id.values()]
+        uris = {uri for uri, _ in registered}
+        for expected in ("zwrm.host.list", "zwrm.agent.register", f"zwrm.agent.{host_id}.agent.info",
+                         "wamp.session.kill_by_authid"):
+            self.assertIn(expected, uris)
+        self.assertIn("zwrm.event.host", published)
+        bad = [f"{uri} ({match})" for uri, match in registered if not is_strict_uri(uri, match)]
+        bad += [f"published {topic}" for topic in published if not is_strict_uri(topic)]
+        self.assertEqual(bad, [], "\n".join(bad))
