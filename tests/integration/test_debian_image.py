@@ -4,8 +4,8 @@ openssh-server, a small HTTP service), built with mmdebstrap and cached by its r
 (L{zwrm.testing.debian}), pushed as kernel + initrd + qcow2 disk, deployed with a volume, an
 SSH key and an environment variable through a real control plane and agent (QEMU under TCG).
 The health check passes, cloud-init installed the key and mounted the volume where the spec
-says (by its virtio serial), the console shows a login prompt, and a drain replaces the machine on the other host (a new
-machine from a fresh root overlay) with its volume, and the data written over HTTP with it.
+says (by its virtio serial), data written over HTTP survives the machine being replaced and
+the console shows a login prompt, and a drain moves it to the other host with its volume.
 Hostile qcow2 disks are refused at push.
 """
 
@@ -97,13 +97,25 @@ class DebianImageTests(TestCase):
 
         await poll(reactor, login_prompt, 1200, interval=5, what="a login prompt on the console")
 
+        # Stop and start: the machine goes (its overlay with it), the volume stays and a new
+        # machine mounts it again.
+        await self.cli(cp, "scale", "web", "0", timeout=300)
+        m2 = json.loads(await self.cli(cp, "scale", "web", "1", "--json", timeout=300))
+        await poll(reactor, lambda: self._healthy(cp), 1200, interval=5,
+                   what="the new machine healthy")
+        [m2] = [x for x in json.loads(await self.cli(cp, "status", "web", "--json"))
+                ["machines"] if x["state"] == "running"]
+        self.assertNotEqual(m2["id"], m["id"])
+        code, body = await self.get(m2["host_port"], "/data/note.txt")
+        self.assertEqual((code, body), (200, "kept across machines"))
+
         # A drain: the machine is replaced on the other host, from a fresh root overlay; the
         # volume moves with it, and the data with the volume.
-        await self.cli(cp, "host", "drain", m["host_id"], "--healthy-deadline", "1500",
+        await self.cli(cp, "host", "drain", m2["host_id"], "--healthy-deadline", "1500",
                        timeout=1800)
         [m3] = [x for x in json.loads(await self.cli(cp, "status", "web", "--json"))
                 ["machines"] if x["state"] == "running"]
-        self.assertNotEqual((m3["id"], m3["host_id"]), (m["id"], m["host_id"]))
+        self.assertNotEqual(m3["host_id"], m2["host_id"])
         code, body = await self.get(m3["host_port"], "/data/note.txt")
         self.assertEqual((code, body), (200, "kept across machines"))
 
