@@ -59,7 +59,7 @@ class BackoffTests(SynchronousTestCase):
         agent.startService()
         delays, why = [], []
         while True:
-            delays.append(agent._sleep.getTime() - clock.seconds())
+            delays.append(agent.life._retry.getTime() - clock.seconds())
             why.append(agent.last_error)
             if not outcomes:
                 break

@@ -23,7 +23,8 @@ C{retry_initial} doubling up to C{retry_max} (15 s by default, well inside the c
 plane's default grace and offline_after of 30 s: a control plane back from an outage of any
 length sees its agents again before it would mark them offline).  The backoff starts again
 from C{retry_initial} after each registered session.  A rejected credential with a join
-token at hand makes the next attempt join again.
+token at hand makes the next attempt join again.  Attempts, the backoff and stopping are one
+machine, L{zwrm.agent.connection.ConnectionLife} (docs/state-machines/agent_connection.dot).
 """
 
 import os
@@ -43,6 +44,7 @@ from twisted.logger import Logger
 import zwrm
 from zwrm import errors, hostid, pki
 from zwrm.agent import capacity
+from zwrm.agent.connection import ConnectionLife
 from zwrm.agent.identity import Identity
 from zwrm.endpoints import client_endpoint, tcp_endpoint
 
@@ -218,7 +220,7 @@ class AgentService(service.Service):
 
     @ivar identity: the L{Identity} (host id, credential).
     @ivar session: the current joined session, or L{None}.
-    @ivar state: C{"connecting"}, C{"joining"}, C{"registered"} or C{"stopped"}.
+    @ivar life: the L{ConnectionLife} machine: attempts, backoff, stop.
     @ivar executors: objects whose C{@wamp.register} procedures (relative names) are
         registered under C{zwrm.agent.<host_id>.}; add more before the service starts.
     """
@@ -239,22 +241,37 @@ class AgentService(service.Service):
         self.rng = rng or random.Random()
         self.identity = Identity(config.data_dir)
         self.session = None
-        self.state = "stopped"
         self.executors = [MembershipExecutor(self)]
         self.heartbeat_interval = 5.0
         self.heartbeats_sent = 0
         self.attempts = 0
         self.last_error = None
         self.registered = defer.Deferred()
-        self._loop = None
-        self._sleep = None
-        self._sleeping = None
         self._hb_call = None
         self._hb_timeout = None
-        self._running = False
+        self._phase = "connecting"  # what the attempt in flight is doing: or "joining"
         self._connecting = None
         self._connections = set()
         self._tls = None
+        self.life = ConnectionLife(
+            reactor, self._start_attempt, self._backoff, self._retrying, self._abort_attempt,
+            session_ended=lambda outcome: isinstance(outcome, SessionEnded))
+
+    @property
+    def state(self):
+        """
+        C{"connecting"} or C{"joining"} (an attempt runs), C{"registered"}, C{"waiting"} (to
+        attempt again), C{"stopping"} or C{"stopped"}: from L{ConnectionLife}.
+        """
+        life = self.life.state
+        if life == "attempting":
+            return self._phase
+        return "registered" if life == "connected" else life
+
+    @property
+    def _running(self):
+        """Started and not stopping."""
+        return self.life.state in ("attempting", "connected", "waiting")
 
     # -- facts ------------------------------------------------------------------------
 
@@ -288,9 +305,7 @@ class AgentService(service.Service):
             host_id=self.identity.host_id,
             url=self.config.url,
         )
-        self._running = True
-        self._loop = defer.Deferred.fromCoroutine(self._run_forever())
-        self._loop.addErrback(lambda f: self.log.failure("zwrm-agent stopped unexpectedly", f))
+        self.life.start()
 
     #: How long L{stopService} lets connections close cleanly before aborting them.
     stop_timeout = 2.0
@@ -306,20 +321,14 @@ class AgentService(service.Service):
             service or of its connections is left in the reactor.
         """
         service.Service.stopService(self)
-        self._running = False
         self._stop_heartbeats()
-        if self._sleep is not None and self._sleep.active():
-            self._sleep.cancel()
-        if self._sleeping is not None and not self._sleeping.called:
-            self._sleeping.callback(None)  # the loop sees _running is false and ends
-        if self._connecting is not None and not self._connecting.called:
-            self._connecting.cancel()
+        ended = self.life.stop()  # cancels the backoff, or aborts the attempt's connect
         connections = list(self._connections)
         for connection in connections:
             connection.close()
         closing = (defer.Deferred.fromCoroutine(self.runtime.close())
                    if self.runtime is not None else defer.succeed(None))
-        return defer.gatherResults([self._all_lost(connections), closing, self._loop_ended()])
+        return defer.gatherResults([self._all_lost(connections), closing, ended])
 
     def _all_lost(self, connections):
         """Fires once every one of C{connections} is lost, aborting them after a while."""
@@ -340,44 +349,24 @@ class AgentService(service.Service):
 
         return defer.gatherResults(lost).addBoth(done)
 
-    def _loop_ended(self):
-        loop = self._loop
-        if loop is None or loop.called:
-            return defer.succeed(None)
-        ended = defer.Deferred()
-        loop.addBoth(lambda result: (ended.callback(None), result)[1])
-        return ended
-
     def _backoff(self, failures):
         c = self.config
         delay = min(c.retry_max, c.retry_initial * (2 ** max(failures - 1, 0)))
         return delay * self.rng.uniform(0.5, 1.0)
 
-    def _wait(self, seconds):
-        d = self._sleeping = defer.Deferred()
-        self._sleep = self.reactor.callLater(seconds, d.callback, None)
-        return d
+    # -- the connection machine's hooks (L{ConnectionLife}) ------------------------------
 
-    async def _run_forever(self):
-        failures = 0
-        while self._running:
-            try:
-                outcome = await self._attempt()
-            except Exception as e:
-                outcome = e
-            if not self._running:
-                break
-            if outcome == "joined":
-                failures = 0
-                continue
-            if isinstance(outcome, SessionEnded):
-                failures = 0  # it was registered: start the backoff again
-            failures += 1
-            delay = self._backoff(failures)
-            self.last_error = self._explain(outcome)
-            self.log.warn("{why}; retrying in {delay:.1f}s", why=self.last_error, delay=delay)
-            await self._wait(delay)
-        self.state = "stopped"
+    def _start_attempt(self):
+        return defer.Deferred.fromCoroutine(self._attempt())
+
+    def _retrying(self, outcome, delay):
+        self.last_error = self._explain(outcome)
+        self.log.warn("{why}; retrying in {delay:.1f}s", why=self.last_error, delay=delay)
+
+    def _abort_attempt(self):
+        """Stopping: a connect in flight is cancelled (a connection is closed by stopService)."""
+        if self._connecting is not None and not self._connecting.called:
+            self._connecting.cancel()
 
     def _explain(self, outcome):
         url = self.config.url
@@ -497,7 +486,7 @@ class AgentService(service.Service):
         """One connection; returns or raises what ended it."""
         ident = self.identity
         self.attempts += 1
-        self.state = "connecting"
+        self._phase = "connecting"
         if ident.credential:
             try:
                 session = await self._connect(ident.host_id, ident.credential)
@@ -517,7 +506,7 @@ class AgentService(service.Service):
         if not self.config.join_token:
             return ("no credential and no join token: give the agent one with --join-token-file"
                     " (join_token_file) or $ZWRM_JOIN_TOKEN")
-        self.state = "joining"
+        self._phase = "joining"
         session = await self._connect("join", self.config.join_token)
         if not self._running:
             return "stopped"
@@ -609,7 +598,7 @@ class AgentService(service.Service):
             self.session = None
             raise
         self.heartbeat_interval = float(result.get("heartbeat_interval") or 5.0)
-        self.state = "registered"
+        self.life.registered()
         self.log.info(
             "registered as host {host_id} (state {state}); heartbeat every {i}s",
             host_id=host_id,
@@ -624,7 +613,6 @@ class AgentService(service.Service):
         outcome = await session.ended
         self._stop_heartbeats()
         self.session = None
-        self.state = "connecting"  # (again, after the backoff)
         if isinstance(outcome, SessionClosed) and "killed" in str(outcome):
             return SessionEnded(str(outcome))
         return SessionEnded()
