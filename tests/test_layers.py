@@ -45,6 +45,19 @@ class LayerTests(unittest.TestCase):
                          [])
 
     def test_shared_modules_load_no_part(self):
-        loaded = _loaded("zwrm.tokens", "zwrm.endpoints", "zwrm.sparse")
+        loaded = _loaded("zwrm.tokens", "zwrm.endpoints", "zwrm.sparse", "zwrm.healthspec")
         self.assertEqual(_offending(loaded, ("zwrm.agent", "zwrm.control", "zwrm.cli",
                                              "zwrm.registry")), [])
+
+    def test_control_plane_loads_no_more_agent_code(self):
+        """
+        The control plane loads neither the CLI nor agent code beyond what it still imports
+        from there: the guest MTU (zwrm.agent.network.addressing) and, until apps.py imports
+        zwrm.healthspec, the health spec's check. Nothing may be added to that list.
+        """
+        loaded = _loaded("zwrm.control.service", "zwrm.control.tap")
+        self.assertIn("zwrm.control.drain", loaded)
+        known = {"zwrm.agent", "zwrm.agent.health", "zwrm.agent.network",
+                 "zwrm.agent.network.addressing"}
+        self.assertEqual(_offending(loaded, ("zwrm.cli",)), [])
+        self.assertEqual(sorted(set(_offending(loaded, ("zwrm.agent",))) - known), [])
