@@ -212,7 +212,7 @@ class ConnectionLife:
     connected.upon(registered, enter=connected, outputs=[_nothing])
     connected.upon(attempt_joined, enter=attempting, outputs=[_reset_failures, _begin])
     connected.upon(attempt_failed, enter=waiting, outputs=[_schedule_retry])
-    connected.upon(session_ended, enter=waiting, outputs=[_reset_failures, _schedule_retry])
+    connected.upon(session_ended, enter=waiting, outputs=[_schedule_retry])
     connected.upon(retry_due, enter=connected, outputs=[_nothing])
 
     waiting.upon(start, enter=waiting, outputs=[_nothing])
