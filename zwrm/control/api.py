@@ -234,15 +234,22 @@ class ControlSession(ApplicationSession):
 
     log = Logger()
 
-    def __init__(self, apis, realm="zwrm"):
+    audit = None
+    """The L{zwrm.control.audit.AuditLog} that stores operators' calls, or L{None}."""
+
+    def __init__(self, apis, realm="zwrm", audit=None):
         ApplicationSession.__init__(self, ComponentConfig(realm=realm))
         self.apis = list(apis)
+        if audit is not None:
+            self.audit = audit
 
     async def onJoin(self, details):
         for api in self.apis:
             for uri, endpoint, options in procedures_of(api):
-                reg = await self.register(guarded(uri, endpoint, options, self.log), uri,
-                                          options=options)
+                fn = guarded(uri, endpoint, options, self.log)
+                if self.audit is not None:  # around the schema check: refusals are stored too
+                    fn, options = self.audit.wrap(uri, fn, options)
+                reg = await self.register(fn, uri, options=options)
                 if not hasattr(reg, "id"):
                     raise RuntimeError(f"could not register {uri} of {api!r}: {reg}")
         self.log.info("control component joined; {n} API objects registered", n=len(self.apis))

@@ -19,6 +19,8 @@ OPERATOR_PREFIXES = [
     "zwrm.token.",
     "zwrm.cluster.",
     "zwrm.cert.",
+    "zwrm.event.history",
+    "zwrm.audit.",
 ]
 """Procedure prefixes an operator may call."""
 
@@ -34,8 +36,9 @@ VIEWER_PROCEDURES = [
     "zwrm.image.list",
     "zwrm.cluster.info",
     "zwrm.cert.list",
+    "zwrm.event.history",
 ]
-"""Read-only procedures a viewer may call."""
+"""Read-only procedures a viewer may call (not zwrm.audit.list: see zwrm.control.audit)."""
 
 AGENT_PROCEDURES = ["zwrm.agent.register", "zwrm.agent.heartbeat", "zwrm.agent.report",
                     "zwrm.cluster.info"]

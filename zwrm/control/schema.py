@@ -600,6 +600,31 @@ PROCEDURES = {p.uri: p for p in [
     Procedure("zwrm.token.revoke", OPERATOR, "Revoke a join token.",
               [Arg("token_id", TOKEN_ID, doc="the token's id (or its whole text)", secret=True)],
               "null", ["invalid_argument", "not_found"]),
+    # -- the event history and the audit trail (resources/events.py, audit.py) ---------
+    Procedure("zwrm.event.history", READ,
+              "The stored events after an id, oldest first (without after: the newest"
+              " limit); every published event carries its id. Resume from cursor while more"
+              " is true.",
+              [Arg("after", Nullable(Int(0, 2 ** 53)), None,
+                   "the last event id the client saw"),
+               Arg("topics", Nullable(OneOf(Str(64, min_len=1), List(Str(64, min_len=1), 8))),
+                   None, "only this topic, or these: host, machine, drain, app, cert (or"
+                         " zwrm.event.<that>)"),
+               Arg("limit", Int(1, 10000), 1000, "at most this many events")],
+              "{events: [{id, ts, topic, kind, subject, payload}], cursor, more, first_id,"
+              " last_id}",
+              ["invalid_argument", "history_gone (after is older than the kept history, or"
+               " newer than its newest id: read the state again, resume from last_id)"]),
+    Procedure("zwrm.audit.list", OPERATOR,
+              "The audit trail: operator actions with actor, time, arguments (secrets"
+              " redacted) and result, oldest first (the newest limit).",
+              [Arg("since", Nullable(Number(0, 2 ** 40)), None, "only entries at or after this"
+                                                                 " POSIX time"),
+               Arg("limit", Int(1, 10000), 1000, "at most this many entries"),
+               Arg("uri", Nullable(Str(255)), None, "only calls of this procedure"),
+               Arg("authid", Nullable(Str(255)), None, "only calls by this authid")],
+              "[{id, ts, authid, role, procedure, args, result, message}]",
+              ["invalid_argument"]),
     # -- the cluster -------------------------------------------------------------------
     Procedure("zwrm.cluster.info", ("operator", "viewer", "agent"),
               "Where the registry and the console are (null: the registry is at the host and"

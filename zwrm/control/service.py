@@ -22,6 +22,7 @@ from twisted.web import resource, server
 
 from zwrm.control.api import AgentAPI, ControlSession, HostAPI
 from zwrm.control.apps import Apps
+from zwrm.control.audit import AuditAPI, AuditLog
 from zwrm.control.auth import PEER_CERTIFICATE, ControlAuthenticator
 from zwrm.control.cluster import ClusterAPI
 from zwrm.control.console import ConsoleAPI
@@ -31,6 +32,12 @@ from zwrm.control.images import ImageAPI
 from zwrm.control.monitor import HealthMonitor
 from zwrm.control.registry import HostRegistry
 from zwrm.control.resources.certs import CertAPI, CertPublisher, Certs
+from zwrm.control.resources.events import (
+    DEFAULT_MAX_AGE,
+    DEFAULT_MAX_EVENTS,
+    EventAPI,
+    EventHistory,
+)
 from zwrm.control.roles import roles
 from zwrm.control.store import Store
 from zwrm.control.tokens import ControlPKI, TokenAPI
@@ -176,6 +183,8 @@ class ControlPlane(service.MultiService):
         self.apps = None
         self.drains = None
         self.pki = None
+        self.events = None
+        self.audit = None
         self.gc_policy = None
         self.ports = []
         self.apis = []
@@ -247,6 +256,14 @@ class ControlPlane(service.MultiService):
         self.apps.images = image_api  # deploys are checked against the registry
         # The ingress's TLS certificates (zwrm certs add), given to every agent.
         self.certs = Certs(self.reactor, self.store, self._publish)
+        # The stored event history (zwrm.event.history) and the audit trail, both bounded.
+        self.events = EventHistory(
+            self.reactor, self.store,
+            max_events=getattr(cfg, "event_max_events", DEFAULT_MAX_EVENTS),
+            max_age=getattr(cfg, "event_max_age", DEFAULT_MAX_AGE))
+        self.audit = AuditLog(self.reactor, self.store)
+        self.events.service().setServiceParent(self)
+        self.audit.service().setServiceParent(self)
         self.cert_publisher = CertPublisher(self.certs, self.registry.hosts,
                                             self.registry.call_executor,
                                             available=self.registry.executor_available)
@@ -260,11 +277,13 @@ class ControlPlane(service.MultiService):
             ConsoleAPI(self.apps, self.registry),
             ClusterAPI(cfg.registry_url, cfg.console_url, cfg.router_realm),
             CertAPI(self.reactor, self.certs),
+            EventAPI(self.events),
+            AuditAPI(self.audit),
         ] + self.apis
         if cfg.router_url:
             await self._connect_router(apis, authenticator)
         else:
-            self.session = ControlSession(apis)
+            self.session = ControlSession(apis, audit=self.audit)
             await self.router.attach(self.session, authid="control", authrole="trusted")
         await self.drains.resume()  # drains under way go on once their hosts are back
         self.monitor = HealthMonitor(

@@ -112,7 +112,14 @@ def _v8(db):
     hosts.schema_strict_ids(db)
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
+def _v9(db):
+    """Schema version 9: the audit trail of operators' calls (L{audit.schema_v9})."""
+    from zwrm.control import audit
+
+    audit.schema_v9(db)
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
 """Schema migrations, in order; append, never edit."""
 
 JSON_COLUMNS = {
