@@ -148,9 +148,10 @@ class AuditLog:
 
         return self._store.run(insert)
 
-    def list(self, since=None, limit=DEFAULT_LIMIT, procedure=None, authid=None):
+    def list(self, since=None, limit=DEFAULT_LIMIT, uri=None, authid=None):
         """
-        The newest C{limit} entries at or after C{since} (POSIX time), oldest first.
+        The newest C{limit} entries at or after C{since} (POSIX time), oldest first; only
+        calls of procedure C{uri}, by C{authid}, if given.
 
         @return: a Deferred firing with C{[{id, ts, authid, role, procedure, args, result,
             message}]}.
@@ -159,9 +160,9 @@ class AuditLog:
         if since is not None:
             where.append("ts >= ?")
             params.append(since)
-        if procedure is not None:
+        if uri is not None:
             where.append("procedure = ?")
-            params.append(procedure)
+            params.append(uri)
         if authid is not None:
             where.append("authid = ?")
             params.append(authid)

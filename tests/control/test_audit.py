@@ -1,0 +1,149 @@
+"""
+The audit trail (L{zwrm.control.audit}): which calls are stored, how their arguments are
+redacted, and, over real WAMP sessions to a real control plane, that operators' actions are
+stored with actor and result while reads, viewers and agents leave no entry.
+"""
+
+import time
+
+from autobahn.wamp.exception import ApplicationError
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.agent.test_membership import start_plane
+from tests.cli.test_cli import d
+from zwrm.cli import client
+from zwrm.control import audit
+from zwrm.control.audit import REDACTED, AuditLog, audited, redact
+from zwrm.control.store import Store
+
+
+class ClassifyTests(SynchronousTestCase):
+    def test_state_changing_operator_calls_are_audited(self):
+        for uri in ("zwrm.app.deploy", "zwrm.app.scale", "zwrm.app.destroy", "zwrm.host.drain",
+                    "zwrm.host.undrain", "zwrm.host.activate", "zwrm.host.reset",
+                    "zwrm.image.delete", "zwrm.token.create", "zwrm.token.revoke",
+                    "zwrm.cert.add", "zwrm.cert.remove", "zwrm.volume.destroy",
+                    "zwrm.machine.destroy", "zwrm.machine.console_write"):
+            self.assertTrue(audited(uri), uri)
+
+    def test_reads_and_agents_are_not(self):
+        for uri in ("zwrm.host.list", "zwrm.app.status", "zwrm.app.plan", "zwrm.app.history",
+                    "zwrm.machine.logs", "zwrm.token.list", "zwrm.audit.list",
+                    "zwrm.event.history", "zwrm.agent.report", "zwrm.agent.heartbeat",
+                    "zwrm.crossbar.authenticate", "zwrm.cluster.info"):
+            self.assertFalse(audited(uri), uri)
+
+
+class RedactTests(SynchronousTestCase):
+    def test_secret_arguments(self):
+        """A schema-secret argument is never stored; positional ones get their names."""
+        out = redact("zwrm.cert.add", ["www.example.com", "CERT"], {"key": "PRIVATE KEY"})
+        self.assertEqual(out, {"domain": "www.example.com", "cert": "CERT", "key": REDACTED})
+        self.assertEqual(redact("zwrm.token.revoke", ["zwrm1.abc123.s3cret.ff"], {}),
+                         {"token_id": REDACTED})
+        self.assertEqual(redact("zwrm.token.revoke", ["abc123"], {}), {"token_id": "abc123"})
+
+    def test_spec_secrets_and_keystrokes(self):
+        spec = {"image": "web:1", "cloud_init": {"user_data": "password: x", "env": {"A": "b"}}}
+        out = redact("zwrm.app.deploy", ["web", spec], {})
+        self.assertEqual(out["spec"]["image"], "web:1")
+        self.assertNotIn("password", repr(out))
+        self.assertEqual(set(out["spec"]["cloud_init"]["user_data"]), {"sha256", "size"})
+        self.assertEqual(redact("zwrm.machine.console_write", ["m1", "cGFzc3dvcmQK"], {}),
+                         {"machine_id": "m1", "data": {"size": 12}})
+
+    def test_long_strings_cut(self):
+        out = redact("zwrm.cert.add", ["d", "x" * 5000, "k"], {})
+        self.assertLess(len(out["cert"]), 600)
+        self.assertIn("5000 characters", out["cert"])
+
+
+class LogTests(TestCase):
+    async def _log(self, **kw):
+        clock = Clock()
+        clock.advance(time.time())
+        store = Store(reactor, ":memory:", now=clock.seconds)
+        await store.start()
+        self.addCleanup(store.stop)
+        return clock, AuditLog(clock, store, **kw)
+
+    @d
+    async def test_list_filters_and_prune(self):
+        clock, log = await self._log(max_entries=3, max_age=100)
+        for i in range(5):
+            await log.record("operator", "operator", "zwrm.app.scale", {"replicas": i}, "ok")
+            clock.advance(10)
+        rows = await log.list()
+        self.assertEqual([r["args"]["replicas"] for r in rows], [0, 1, 2, 3, 4])
+        self.assertEqual([r["args"]["replicas"] for r in await log.list(limit=2)], [3, 4])
+        self.assertEqual(len(await log.list(since=clock.seconds() - 25)), 2)
+        self.assertEqual(await log.list(uri="zwrm.app.deploy"), [])
+        self.assertEqual(await log.prune(), 2)  # beyond the newest 3
+        clock.advance(75)  # the entry of replicas=2 is now 105 s old
+        self.assertEqual(await log.prune(), 1)
+        self.assertEqual([r["args"]["replicas"] for r in await log.list()], [3, 4])
+
+
+class SessionTests(TestCase):
+    """Real control plane, real sockets, sessions of each role."""
+
+    timeout = 60
+
+    @d
+    async def test_operator_actions_stored_reads_and_viewers_not(self):
+        plane, _ = await start_plane(self)
+        op = await client.connect(reactor, {"url": plane.url, "token": plane.operator_token,
+                                            "authid": "operator", "timeout": 10})
+        self.addCleanup(client.close, op)
+        await plane.store.add_token("viewer-test", "viewer", "viewer-secret")
+        viewer = await client.connect(reactor, {"url": plane.url, "token": "viewer-secret",
+                                                "authid": "viewer", "timeout": 10})
+        self.addCleanup(client.close, viewer)
+
+        await op.call("zwrm.app.create", "web")
+        with self.assertRaises(ApplicationError):
+            await op.call("zwrm.app.create", "web")  # taken: refused, still stored
+        with self.assertRaises(ApplicationError):
+            await op.call("zwrm.cert.add", "www.example.com", "not a certificate",
+                          key="-----BEGIN PRIVATE KEY----- secret")
+        with self.assertRaises(ApplicationError):
+            await op.call("zwrm.app.scale", "Bad Name!", 1)  # refused by the schema
+        await op.call("zwrm.host.list")  # a read: not stored
+        await viewer.call("zwrm.host.list")
+        with self.assertRaises(ApplicationError):
+            await viewer.call("zwrm.host.drain", "h_1")  # refused by the router: never arrives
+
+        entries = await op.call("zwrm.audit.list")
+        self.assertEqual([(e["procedure"], e["result"]) for e in entries], [
+            ("zwrm.app.create", "ok"),
+            ("zwrm.app.create", "zwrm.error.conflict"),
+            ("zwrm.cert.add", "zwrm.error.invalid_argument"),
+            ("zwrm.app.scale", "zwrm.error.invalid_argument"),
+        ])
+        first = entries[0]
+        self.assertEqual((first["authid"], first["role"], first["args"]),
+                         ("operator", "operator", {"name": "web"}))
+        self.assertLessEqual(abs(first["ts"] - time.time()), 60)
+        self.assertIn("exists", entries[1]["message"])
+        self.assertEqual(entries[2]["args"]["key"], REDACTED)
+        self.assertNotIn("secret", repr(entries))
+        # filters, and the audit trail is for operators only
+        self.assertEqual(len(await op.call("zwrm.audit.list", uri="zwrm.cert.add")), 1)
+        with self.assertRaises(ApplicationError) as c:
+            await viewer.call("zwrm.audit.list")
+        self.assertEqual(c.exception.error, "wamp.error.not_authorized")
+
+    def test_unaudited_calls_pass_through(self):
+        """Reads are registered as they are; a call by no audited role runs as it is."""
+        sentinel = object()
+
+        def fn():
+            return sentinel
+
+        self.assertEqual(AuditLog(Clock(), None).wrap("zwrm.host.list", fn, None), (fn, None))
+        wrapped, options = AuditLog(Clock(), None).wrap("zwrm.app.create", fn, None)
+        self.assertEqual(options.details_arg, audit._DETAILS_ARG)
+        # a call whose details name no audited role runs as it is, storing nothing
+        self.assertIs(wrapped(**{audit._DETAILS_ARG: None}), sentinel)
