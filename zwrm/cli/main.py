@@ -27,6 +27,8 @@ COMMAND_MODULES = [
     "zwrm.cli.images",
     "zwrm.cli.console",
     "zwrm.cli.certs",
+    "zwrm.cli.events",
+    "zwrm.cli.audit",
 ]
 
 
@@ -74,6 +76,8 @@ def _following(args):
         return bool(getattr(args, "watch", False))
     if name == "console" or (name == "logs" and getattr(args, "follow", False)):
         return True  # until detached, or the console closes
+    if name == "events":
+        return bool(getattr(args, "follow", False))  # until interrupted
     return getattr(args, "images_command", None) == "push"
 
 
