@@ -109,7 +109,10 @@ class Cluster:
 
     def spec(self, **kw):
         spec = {"image": {"kernel": self.kernel, "initrd": None, "disk": None, "cmdline": ""},
-                "vcpus": 1, "memory_mb": 256, "replicas": 1}
+                "vcpus": 1, "memory_mb": 256, "replicas": 1,
+                # Redeploys replace every machine at once (the clock is a Clock); rolling
+                # updates, the default, are tested in test_apps_rolling.
+                "update": {"max_parallel": 0}}
         spec.update(kw)
         return spec
 

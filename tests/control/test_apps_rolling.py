@@ -68,9 +68,83 @@ class RollingTests(TestCase):
         self.assertEqual(after["spec_version"], before["spec_version"] + 2)
 
     def test_update_settings_are_checked(self):
-        for bad, word in [({"max_parallel": 0}, "max_parallel"),
+        for bad, word in [({"max_parallel": -1}, "max_parallel"),
                           ({"min_healthy_time": -1}, "min_healthy_time"),
                           ({"auto_revert": "yes"}, "auto_revert"), ({"x": 1}, "x")]:
             e = self.assertRaises(errors.InvalidArgument, validate_spec,
                                   {"image": "x:1", "update": bad})
             self.assertIn(word, e.message)
+
+
+class DefaultRollingTests(TestCase):
+    """Every update rolls (issue 15): no C{update} in the spec means the defaults."""
+
+    async def cluster(self, **facts):
+        c = await Cluster(self).start(**facts)
+        await c.apps.create_app("web")
+        spec = c.spec(replicas=2)
+        del spec["update"]  # the product's default, not the test cluster's
+        await c.apps.deploy("web", spec)
+        return c
+
+    @d
+    async def test_an_update_without_settings_rolls_one_at_a_time_after_10s(self):
+        c = await self.cluster()
+        old = {m["id"] for m in await c.machines("web")}
+        done = ensureDeferred(c.apps.deploy("web", {"memory_mb": 300}))
+
+        async def fresh_running(n):
+            ms = await c.machines("web")
+            return len([m for m in ms if m["id"] not in old and m["state"] == "running"]) == n
+
+        await poll(lambda: fresh_running(1), what="the first new machine")
+        self.assertEqual(len(await c.machines("web")), 3)  # one more, never one less
+        c.clock.advance(9.5)  # min_healthy_time defaults to 10 s
+        self.assertEqual(len(await c.machines("web")), 3)
+        self.assertFalse(done.called)
+        c.clock.advance(0.5)
+        await poll(lambda: fresh_running(2), what="the second new machine")
+        self.assertFalse(done.called)
+        c.clock.advance(10)
+        status = await done
+        self.assertEqual(sorted(m["state"] for m in status["machines"]), ["running"] * 2)
+        self.assertTrue(all(m["id"] not in old for m in status["machines"]))
+        self.assertEqual((await c.apps.app_status("web"))["spec"].get("update"), None)
+
+    @d
+    async def test_max_parallel_0_replaces_every_machine_at_once(self):
+        c = await self.cluster()
+        old = {m["id"] for m in await c.machines("web")}
+        status = await c.apps.deploy("web", {"memory_mb": 300, "update": {"max_parallel": 0}})
+        self.assertEqual(len(status["machines"]), 2)
+        self.assertTrue(all(m["id"] not in old for m in status["machines"]))
+
+    @d
+    async def test_a_new_state_that_does_not_fit_changes_nothing(self):
+        c = await self.cluster()
+        before = await c.apps.app_status("web")
+        with self.assertRaises(errors.Unplaceable):
+            await c.apps.deploy("web", {"memory_mb": 10 ** 6})
+        after = await c.apps.app_status("web")
+        self.assertEqual(after["spec_version"], before["spec_version"])
+        self.assertEqual([(m["id"], m["state"]) for m in after["machines"]],
+                         [(m["id"], m["state"]) for m in before["machines"]])
+
+    @d
+    async def test_no_room_beside_the_old_machine_replaces_it_in_place(self):
+        # Each host has room for one machine of 3000 MiB (FACTS: 16 GiB... 4 vCPUs each).
+        c = await self.cluster(vcpus=1)
+        old = {m["id"] for m in await c.machines("web")}
+        done = ensureDeferred(c.apps.deploy("web", {"memory_mb": 300}))
+
+        async def fresh_running(n):
+            ms = await c.machines("web")
+            return len([m for m in ms if m["id"] not in old and m["state"] == "running"]) == n
+
+        await poll(lambda: fresh_running(1), what="the first machine replaced in place")
+        self.assertEqual(len(await c.machines("web")), 2)  # the old one went first
+        c.clock.advance(10)
+        await poll(lambda: fresh_running(2), what="the second machine replaced in place")
+        c.clock.advance(10)
+        status = await done
+        self.assertTrue(all(m["id"] not in old for m in status["machines"]))

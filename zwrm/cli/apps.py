@@ -77,9 +77,11 @@ def register(subparsers):
     p.add_argument("--restart-interval", type=float, metavar="SECONDS",
                    help="the window of --max-restarts (default 1800)")
     p.add_argument("--rolling", action="store_true",
-                   help="replace running machines one batch at a time (a rolling update)")
+                   help="roll with the default settings (every update rolls: the running "
+                        "machines are replaced --max-parallel at a time)")
     p.add_argument("--max-parallel", type=int, metavar="N",
-                   help="rolling update: machines replaced at a time (default 1)")
+                   help="rolling update: machines replaced at a time (default 1; 0 replaces "
+                        "them all at once, stopping the old ones first)")
     p.add_argument("--min-healthy-time", type=float, metavar="SECONDS",
                    help="rolling update: how long a new machine must stay healthy (default 10)")
     p.add_argument("--healthy-deadline", type=float, metavar="SECONDS",

@@ -189,7 +189,7 @@ def _check_update(update):
     if unknown:
         raise errors.InvalidArgument(f"unknown update field(s): {', '.join(unknown)}")
     out = dict(UPDATE_DEFAULTS, **{k: v for k, v in update.items() if v is not None})
-    out["max_parallel"] = _int(out, "max_parallel", 1, 1000, 1)
+    out["max_parallel"] = _int(out, "max_parallel", 0, 1000, 1)  # 0: all at once
     for key, high in (("min_healthy_time", 3600), ("healthy_deadline", 86400)):
         v = out[key]
         if not isinstance(v, int | float) or isinstance(v, bool) or not 0 <= v <= high:
@@ -218,9 +218,9 @@ def merge_spec(current, given):
 
 def same_version(a, b):
     """Whether a machine of spec C{a} may stay under spec C{b}: they differ at most in
-    their replica count."""
-    return {k: v for k, v in (a or {}).items() if k != "replicas"} == \
-        {k: v for k, v in (b or {}).items() if k != "replicas"}
+    their replica count and how they are updated."""
+    return {k: v for k, v in (a or {}).items() if k not in ("replicas", "update")} == \
+        {k: v for k, v in (b or {}).items() if k not in ("replicas", "update")}
 
 
 def _new_id(prefix):
@@ -510,7 +510,10 @@ class Apps:
         async def store_spec():
             await self.data.apps.set_spec(app, spec, "deployed", **extra)
 
-        if spec.get("update") is not None and app["spec"] is not None:
+        # Every update rolls (issue 15), with the defaults unless the spec says otherwise;
+        # max_parallel 0 replaces every machine at once.
+        update = spec.get("update") or UPDATE_DEFAULTS
+        if update["max_parallel"] and app["spec"] is not None:
             stale = [m for m in await self.data.machines.find(app_id=app["id"], states=("running",))
                      if m["spec"]["replica"] < spec["replicas"]
                      and not same_version(m["spec"].get("app_spec"), spec)]
@@ -532,9 +535,20 @@ class Apps:
 
         @raise zwrm.errors.Unavailable: the update failed (saying whether it was reverted).
         """
-        update = spec["update"]
+        update = spec.get("update") or UPDATE_DEFAULTS
         stale.sort(key=lambda m: m["spec"]["replica"])
         old_replicas = {m["spec"]["replica"] for m in stale}
+        # The whole new state must fit (as a converge checks) before anything changes.
+        await self._placing.acquire()
+        try:
+            lent = self._lend(stale)
+            try:
+                for _, placement, _ in await self._plan_all(app, spec, sorted(old_replicas)):
+                    self.scheduler.release(placement)
+            finally:
+                self._give_back(lent)
+        finally:
+            self._placing.release()
         await store_spec()
         rest = set(range(max(spec["replicas"], old_spec["replicas"]))) - old_replicas
         if rest:
@@ -566,8 +580,13 @@ class Apps:
             await self._placing.acquire()
             try:
                 planned = await self._plan_all(app, spec, [m["spec"]["replica"] for m in surge])
+            except errors.Unplaceable:
+                planned = None  # no room beside the old machines: replaced in place
             finally:
                 self._placing.release()
+            if planned is None:
+                surge, in_place = [], batch
+                planned = []
             for replica, placement, volumes in planned:
                 new_rows.append(await self._store_replica(app, spec, replica, placement, volumes))
         if in_place:

@@ -1,0 +1,1 @@
+Every update now rolls: `zwrm deploy` replaces the running machines one at a time (max_parallel 1), each new one healthy for 10 s before the next old one stops, reverted on failure; the whole new version must fit first (else unplaceable, nothing changed). `--max-parallel 0` replaces them all at once (the old behaviour).
