@@ -1,0 +1,1 @@
+After a host loss the control plane places its stateless replicas faster (a reschedule reads only the replicas it replaces, four apps at a time), and the cluster network view is kept in memory and sent to each agent only when its part changed (the recovery benchmark: 1.3 s -> about 0.7 s with the view on, was 120 s).
