@@ -37,11 +37,17 @@ def parse_ttl(text):
 
 
 def register(subparsers):
-    tokens = subparsers.add_parser("tokens", help="join tokens for adding hosts")
+    tokens = subparsers.add_parser(
+        "tokens", help="join tokens for adding hosts; operator and viewer tokens")
     tsub = tokens.add_subparsers(dest="tokens_command", metavar="SUBCOMMAND")
     tsub.required = True
-    create = tsub.add_parser("create", help="create a join token and print it (once)")
-    create.add_argument("--ttl", default="24h", help="how long it is valid (default 24h)")
+    create = tsub.add_parser("create", help="create a token and print it (once)")
+    create.add_argument("--role", choices=("join", "operator", "viewer"), default="join",
+                        help="join (an agent joins with it; the default), operator (may change"
+                             " the cluster) or viewer (may only read it): the ticket of"
+                             " authid operator or viewer")
+    create.add_argument("--ttl", "--expires", dest="ttl", default="24h", metavar="DURATION",
+                        help="how long it is valid: 3600, 30m, 24h, 7d (default 24h)")
     create.add_argument("--description", default="", help="a note, e.g. the rack it is for")
     create.add_argument("--json", action="store_true", help="print JSON")
     create.set_defaults(func=tokens_create)
@@ -69,15 +75,18 @@ def _when(seconds):
 
 def format_tokens(tokens, out):
     """Write the C{zwrm tokens list} table."""
-    rows = [["ID", "STATE", "EXPIRES (UTC)", "CREATED (UTC)", "USED", "DESCRIPTION"]]
+    roles = any((t.get("role") or "join") != "join" for t in tokens)
+    rows = [["ID"] + (["ROLE"] if roles else [])
+            + ["STATE", "EXPIRES (UTC)", "CREATED (UTC)", "USED", "DESCRIPTION"]]
     for t in tokens:
         rows.append(
             [
                 t["id"],
+            ] + ([t.get("role") or "join"] if roles else []) + [
                 t["state"],
                 _when(t["expires_at"]),
                 _when(t.get("created_at")),
-                str(t.get("used", 0)),
+                "-" if "used" in t and t["used"] is None else str(t.get("used", 0)),
                 t.get("description") or "-",
             ]
         )
@@ -90,17 +99,21 @@ async def tokens_create(reactor, args, out=None, session_call=None):
     out = out or sys.stdout
     ttl = parse_ttl(args.ttl)
     session_call = session_call or _with_session
+    role = getattr(args, "role", "join") or "join"
+    kw = {"role": role} if role != "join" else {}
     result = await session_call(
-        reactor, args, "zwrm.token.create", ttl=ttl, description=args.description
+        reactor, args, "zwrm.token.create", ttl=ttl, description=args.description, **kw
     )
     if args.json:
         json.dump(result, out, indent=2, sort_keys=True)
         out.write("\n")
     else:
         out.write(result["token"] + "\n")
+        use = f" (use it as the ticket of authid {role}: ZWRM_AUTHID={role})" \
+            if role != "join" else ""
         sys.stderr.write(
-            f"zwrm: token {result['id']} is valid until {_when(result['expires_at'])} UTC;"
-            " it is shown only now\n"
+            f"zwrm: {role} token {result['id']} is valid until {_when(result['expires_at'])}"
+            f" UTC; it is shown only now{use}\n"
         )
     return 0
 
@@ -122,7 +135,9 @@ async def tokens_revoke(reactor, args, out=None, session_call=None):
     token_id = args.token_id.strip()
     if token_id.startswith("zwrm1."):
         token_id = token_id.split(".")[1]
-    if not re.fullmatch(r"[a-z0-9]{6}", token_id):
+    elif re.match(r"(operator|viewer)-", token_id):
+        token_id = token_id.split(".")[0]  # an operator or viewer token, by id or text
+    if not re.fullmatch(r"[a-z0-9]{6}|(operator|viewer)-[a-z0-9]{1,32}", token_id):
         raise CliError(f"{args.token_id!r} is not a token id (6 characters a-z, 0-9)", EXIT_USAGE)
     session_call = session_call or _with_session
     await session_call(reactor, args, "zwrm.token.revoke", token_id)

@@ -20,6 +20,7 @@ from twisted.protocols import policies
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import resource, server
 
+from zwrm.control.access_tokens import AccessTokenAPI
 from zwrm.control.api import AgentAPI, ControlSession, HostAPI
 from zwrm.control.apps import Apps
 from zwrm.control.audit import AuditAPI, AuditLog
@@ -40,7 +41,7 @@ from zwrm.control.resources.events import (
 )
 from zwrm.control.roles import roles
 from zwrm.control.store import Store
-from zwrm.control.tokens import ControlPKI, TokenAPI
+from zwrm.control.tokens import ControlPKI
 from zwrm.registry import TicketAuthorizer, make_registry_resource
 from zwrm.registry.guard import registry_request_factory
 from zwrm.scheduler import Scheduler, load_strategy
@@ -271,7 +272,7 @@ class ControlPlane(service.MultiService):
             AgentAPI(self.registry, machines=self.apps, pki=self.pki),
             HostAPI(self.registry),
             self.apps,
-            TokenAPI(self.pki),
+            AccessTokenAPI(self.pki, self.store, self.reactor),
             self.drains,
             image_api,
             ConsoleAPI(self.apps, self.registry),
