@@ -17,14 +17,20 @@ One cluster per test session (the C{cluster} fixture in conftest.py):
    C{--control-plane-url=https://cp.zwrm.test:8443}; then C{zwrm host list} and
    C{zwrm tokens create} on the control-plane host (as root: /etc/zwrm/cli.toml, written by
    install.sh, tells the CLI where and how); the agents with the seed's flags plus
-   C{--join-token-file} (a1) or C{$ZWRM_JOIN_TOKEN} (a2) and C{--address};
+   C{--join-token-file} (a1) or C{$ZWRM_JOIN_TOKEN} (a2), C{--address} and
+   C{--network=bridge} (the cluster network and the ingress, docs/networking.md; install.sh
+   writes the kernel settings into the host's own C{/etc/sysctl.d}, a bind mount too);
  - no systemd runs here: each service is started from its installed unit (L{Unit}): the
    C{ExecStart} line run as its C{User} (C{setpriv}, with C{SupplementaryGroups},
-   C{NoNewPrivileges}), its C{WorkingDirectory}, C{UMask}, C{Environment}, and its
-   C{StateDirectory}s created as systemd would, inside the host;
+   C{NoNewPrivileges}, and exactly the unit's C{AmbientCapabilities} and
+   C{CapabilityBoundingSet}), its C{WorkingDirectory}, C{UMask}, C{Environment}, its
+   C{StateDirectory}s created as systemd would, and C{/proc/sys} and C{/sys} read-only
+   under C{ProtectKernelTunables=yes}, inside the host;
  - the client gets the CA certificate and the operator token from the control plane (as an
    operator copies them) and its own C{~/.zwrm/config.toml}; from then on everything goes
-   through the installed C{/usr/bin/zwrm}.
+   through the installed C{/usr/bin/zwrm}, and the apps are reached from there too, as
+   their users reach them: through the ingress, on an agent's address and the published
+   port (L{Cluster.app_request}).
 
 Each service's output goes to C{<run>/logs/<host>-<unit>.log}; a failing acceptance test
 shows the end of every log (conftest.py).
@@ -47,6 +53,7 @@ INSTALL_SH = os.path.join(ROOT, "install.sh")
 PORT = 8443
 HOSTS = ("cp", "a1", "a2", "client")
 AGENTS = ("a1", "a2")
+PUBLISHED = 80  # the app's published port (below 1024: the agent's CAP_NET_BIND_SERVICE)
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -107,6 +114,36 @@ class Unit:
 
     def state_directories(self):
         return [f"/var/lib/{d}" for line in self.all("StateDirectory") for d in line.split()]
+
+    def capabilities(self, key):
+        """
+        The capabilities a setting names (C{AmbientCapabilities}, C{CapabilityBoundingSet}),
+        as setpriv spells them (C{["net_admin", ...]}); L{None} if the unit does not set it.
+        Later lines add to earlier ones; an empty assignment clears them, as in systemd.
+        """
+        values = self.all(key)
+        if not values:
+            return None
+        caps = []
+        for line in values:
+            if not line.strip():
+                caps = []
+                continue
+            if line.startswith("~"):
+                raise ValueError(f"{self.name}: {key}=~... is not understood by the harness")
+            caps += [c.lower().removeprefix("cap_") for c in line.split()]
+        return caps
+
+    def privileges(self):
+        """setpriv's capability flags for what the unit grants: nothing more, nothing less."""
+        out = []
+        ambient = self.capabilities("AmbientCapabilities") or []
+        flags = "-all" + "".join(f",+{c}" for c in ambient)
+        out += [f"--inh-caps={flags}", f"--ambient-caps={flags}"]
+        bounding = self.capabilities("CapabilityBoundingSet")
+        if bounding is not None:
+            out.append("--bounding-set=-all" + "".join(f",+{c}" for c in bounding))
+        return out
 
 
 class Service:
@@ -193,12 +230,15 @@ class Cluster:
         with self.phase("build the .debs (cached by source hash)"):
             self.debs = debs.debs_dir()
         with self.phase("build the test image"):
-            from zwrm.testing import image
+            # The test image with an /init that takes its address from the kernel command
+            # line (ip=...), as the agent gives it under --network=bridge.
+            from tests.network import guest
 
-            self.image = image.build()
+            self.image = guest.build()
         with self.phase("purge zwrm packages installed before"):
             self._purge()
-        binds = {h: {"/etc/zwrm": self.host_dir(h, "etc"), "/var/lib/zwrm": self.host_dir(h, "lib")}
+        binds = {h: {"/etc/zwrm": self.host_dir(h, "etc"), "/var/lib/zwrm": self.host_dir(h, "lib"),
+                     "/etc/sysctl.d": self.host_dir(h, "sysctl.d")}
                  for h in HOSTS}
         self.net = TestNetwork(HOSTS, binds=binds)
         with self.phase("install and start the control plane"):
@@ -252,9 +292,16 @@ class Cluster:
         priv += [f"--groups={','.join(groups)}"] if groups else ["--clear-groups"]
         if unit.get("NoNewPrivileges") == "yes":
             priv.append("--no-new-privs")
+        priv += unit.privileges()
         umask = unit.get("UMask", "0022")
         workdir = unit.get("WorkingDirectory", "/")
         inner = f"umask {umask} && cd {shlex.quote(workdir)} && exec \"$@\""
+        if unit.get("ProtectKernelTunables") == "yes":
+            # As systemd does: kernel settings are read-only for the service (its own
+            # mount namespace: `ip netns exec` made one for this command).
+            inner = ("mount --bind -o ro /proc/sys /proc/sys && "
+                     "mount -o remount,bind,ro /proc/sys && "
+                     "mount -o remount,bind,ro /sys && " + inner)
         argv = ["sh", "-c", inner, "sh", *priv, *unit.exec_start]
         env = {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8", "HOME": "/var/lib/zwrm", "USER": user,
                "LOGNAME": user, **unit.environment}
@@ -299,7 +346,8 @@ class Cluster:
         self.agents = {}
         for host in AGENTS:
             args = ["--agent", f"--control-plane-url={url}", "--region=eu-central",
-                    "--datacenter=dc1", f"--address={self.net.address(host)}"]
+                    "--datacenter=dc1", f"--address={self.net.address(host)}",
+                    "--network=bridge"]
             env = None
             if host == "a1":
                 args.append(f"--join-token-file={token_file}")
@@ -351,17 +399,34 @@ class Cluster:
         """The test host (namespace) name of the agent with id C{host_id}."""
         return {v: k for k, v in self.host_ids.items()}[host_id]
 
-    def app_request(self, machine, path, data=None):
+    def app_request(self, path, data=None, via="a1", wait=30):
         """
-        An HTTP request to a machine's service port.  The port is forwarded on the agent
-        host's loopback only (the qemu driver's hostfwd), so the request is made on that
-        host; returns the body.
+        An HTTP request to the app, as its users make it: from the client host to the
+        ingress of agent C{via} (its C{--address} and the published port), wherever the
+        replica runs.  Returns the body.  A read (C{data} None) is tried again for up to
+        C{wait} seconds while the ingress answers with an error or not at all (it follows
+        the cluster's health events); a write is made once.
         """
-        host = self.host_of(machine["host_id"])
-        argv = ["curl", "-fsS", "--max-time", "30", f"http://127.0.0.1:{machine['host_port']}{path}"]
+        url = f"http://{self.net.address(via)}:{PUBLISHED}{path}"
+        argv = ["curl", "-fsS", "--max-time", "20", url]
         if data is not None:
             argv[1:1] = ["--data-binary", "@-", "-H", "Content-Type: application/octet-stream"]
-        return self.sh(host, argv, input=None if data is None else data.decode()).stdout
+            return self.sh("client", argv, input=data.decode()).stdout
+        last = []
+
+        def answered():
+            r = self.sh("client", argv, ok=range(256))
+            last[:] = [r.returncode, r.stderr.strip()]
+            return r.stdout if r.returncode == 0 else None
+
+        try:
+            return poll(answered, wait, interval=1.0, what=f"{url} from the client")
+        except StepFailed as e:
+            raise StepFailed(f"{e}: curl exited {last[0]}: {last[1]}") from None
+
+    def app_everywhere(self, path, wait=30):
+        """C{{agent: body}}: L{app_request} of C{path} through every agent's ingress."""
+        return {a: self.app_request(path, via=a, wait=wait) for a in AGENTS}
 
     def restart(self, host, unit_name):
         """Stop (SIGTERM) and start again a service, as systemctl restart does."""

@@ -43,6 +43,11 @@ def test_install_sh_files(cluster):
             config = f.read()
         assert 'join_token_file = "/etc/zwrm/join-token"' in config
         assert "zwrm1." not in config
+        assert 'network = "bridge"' in config
+        # The kernel settings of bridge mode (the unit may not change them), applied.
+        with open(os.path.join(cluster.host_dir(agent, "sysctl.d"), "60-zwrm-agent.conf")) as f:
+            assert "net.ipv4.ip_forward = 1" in f.read()
+        assert cluster.sh(agent, ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() == "1"
 
 
 def test_join_token_on_no_command_line(cluster):
@@ -62,3 +67,32 @@ def test_services_run_as_the_units_user(cluster):
         with open(f"/proc/{service.process.pid}/status") as f:
             uid = next(line for line in f if line.startswith("Uid:")).split()[1:]
         assert {int(u) for u in uid} == {zwrm}, (service.unit.name, uid)
+
+
+CAPS = {"CAP_NET_BIND_SERVICE": 10, "CAP_NET_ADMIN": 12}
+
+
+def test_services_have_exactly_the_units_capabilities(cluster):
+    # The agent: CAP_NET_ADMIN and CAP_NET_BIND_SERVICE (bridge, TAPs, VXLAN, nftables;
+    # the published port 80), ambient as the unit grants them; the control plane: none.
+    for service in (cluster.control, *cluster.agents.values()):
+        granted = " ".join(service.unit.all("AmbientCapabilities")).split()
+        want = sum(1 << CAPS[c] for c in granted)
+        with open(f"/proc/{service.process.pid}/status") as f:
+            caps = {k: int(v, 16) for k, _, v in (line.partition(":\t") for line in f)
+                    if k.startswith("Cap")}
+        assert (caps["CapEff"], caps["CapAmb"], caps["CapBnd"]) == (want, want, want), (
+            service.unit.name, caps)
+    assert all(" ".join(s.unit.all("AmbientCapabilities")).split() ==
+               ["CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"] for s in cluster.agents.values())
+
+
+def test_kernel_settings_read_only_for_the_agent(cluster):
+    # ProtectKernelTunables=yes, as systemd applies it: /proc/sys is read-only for the
+    # agent (so install.sh's sysctl.d file is what sets ip_forward, not the agent).
+    for service in cluster.agents.values():
+        assert service.unit.get("ProtectKernelTunables") == "yes"
+        with open(f"/proc/{service.process.pid}/mountinfo") as f:
+            mounts = [line.split() for line in f]
+        [proc_sys] = [m for m in mounts if m[4] == "/proc/sys"]
+        assert "ro" in proc_sys[5].split(","), proc_sys

@@ -1,10 +1,14 @@
 """
-Step: an image pushed from the client, an app deployed with a volume, data written and read
-back through the app.  Leaves C{cluster.state["app"]} = {"name", "data", "machine",
-"volume"} for later steps.
+Step: an image pushed from the client, an app deployed with a volume and a published port
+(the agents run --network=bridge), data written and read back through the app from the
+client host, through the ingress: on the agent the replica runs on, then on every agent (the
+other one reaches the replica over the overlay).  Leaves C{cluster.state["app"]} =
+{"name", "data", "machine", "volume"} for later steps.
 """
 
 import pytest
+
+from tests.acceptance.cluster import PUBLISHED
 
 pytestmark = pytest.mark.acceptance
 
@@ -24,12 +28,26 @@ def test_deploy_with_a_volume(cluster):
         app = cluster.zwrm_json(
             "deploy", "web", "--image", "demo:1", "--replicas", "1", "--memory", "256",
             "--port", "8080", "--health-http", "/", "--health-grace", "240",
-            "--volume", "data:16:/data", "--wait", "300", timeout=360)
+            "--publish", f"{PUBLISHED}:8080", "--volume", "data:16:/data", "--wait", "300",
+            timeout=360)
     [machine] = app["machines"]
     assert machine["state"] == "running", machine
     assert machine["host_id"] in cluster.host_ids.values()
-    assert cluster.app_request(machine, "/cgi-bin/write?index.txt", DATA).strip() == "ok"
-    assert cluster.app_request(machine, "/cgi-bin/read?index.txt").encode() == DATA
-    assert DATA.decode() in cluster.app_request(machine, "/")
+    here = cluster.host_of(machine["host_id"])
+    assert cluster.app_request("/cgi-bin/write?index.txt", DATA, via=here).strip() == "ok"
+    assert cluster.app_request("/cgi-bin/read?index.txt", via=here).encode() == DATA
+    assert DATA.decode() in cluster.app_request("/", via=here)
     cluster.state["app"] = {"name": "web", "data": DATA, "machine": machine,
                             "volume": app["volumes"][0]["id"]}
+
+
+def test_published_port_on_every_agent(cluster):
+    # Also on the agent that has no VM at all: its ingress reaches the replica on the
+    # other host over the overlay (its bridge is there before any VM of its own).
+    if "app" not in cluster.state:
+        pytest.fail("needs test_deploy_with_a_volume to have passed")
+    data = cluster.state["app"]["data"]
+    for body in cluster.app_everywhere("/cgi-bin/read?index.txt").values():
+        assert body.encode() == data
+    for body in cluster.app_everywhere("/").values():
+        assert data.decode() in body

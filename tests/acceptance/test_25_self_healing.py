@@ -1,8 +1,8 @@
 """
 Step: apps that stay up.  A redeploy with an image tag that is not in the registry exits 1
 and leaves the serving machine as it was; a C{kill -9} of the machine's QEMU is restarted on
-its host (same machine, same volume, the data still there).  Updates
-C{cluster.state["app"]["machine"]} (its service port may change with the restart).
+its host (same machine, same volume, the data still there), and the ingress of both agents
+follows it.  Updates C{cluster.state["app"]["machine"]}.
 """
 
 import glob
@@ -28,7 +28,8 @@ def test_bad_redeploy_changes_nothing(cluster):
     assert after["spec_version"] == before["spec_version"]
     assert [(m["id"], m["state"]) for m in after["machines"]] == [
         (m["id"], "running") for m in before["machines"]]
-    assert app["data"].decode() in cluster.app_request(after["machines"][0], "/")
+    here = cluster.host_of(after["machines"][0]["host_id"])
+    assert app["data"].decode() in cluster.app_request("/", via=here)
 
 
 def test_killed_qemu_is_restarted_on_its_host(cluster):
@@ -51,5 +52,14 @@ def test_killed_qemu_is_restarted_on_its_host(cluster):
         m = poll(healthy_again, 300, interval=1.0, what="the machine restarted and healthy")
     assert (m["id"], m["host_id"]) == (machine["id"], machine["host_id"])
     assert "RESTARTS" in cluster.zwrm("status", app["name"])
-    assert app["data"].decode() in cluster.app_request(m, "/")
     app["machine"] = m
+    assert app["data"].decode() in cluster.app_request("/", via=host)
+    app["restarted"] = True
+
+
+def test_ingress_follows_the_restart(cluster):
+    app = cluster.state.get("app", {})
+    if not app.get("restarted"):
+        pytest.fail("needs test_killed_qemu_is_restarted_on_its_host to have passed")
+    for body in cluster.app_everywhere("/").values():
+        assert app["data"].decode() in body

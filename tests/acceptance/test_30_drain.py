@@ -1,6 +1,8 @@
 """
 Step: C{zwrm host drain} moves the app and its volume to the other host; the data is
-there; C{zwrm host activate} makes the drained host ready again.
+there, and the ingress follows: the published port answers from the client host on both
+agents' addresses before and after the replica moved.  C{zwrm host activate} makes the
+drained host ready again.
 """
 
 import pytest
@@ -14,6 +16,12 @@ def _app(cluster):
     return cluster.state["app"]
 
 
+def test_ingress_before_the_drain(cluster):
+    app = _app(cluster)
+    before = cluster.app_everywhere("/cgi-bin/read?index.txt")
+    assert {a: b.encode() for a, b in before.items()} == {a: app["data"] for a in before}
+
+
 def test_drain_moves_the_data(cluster):
     app = _app(cluster)
     src = app["machine"]["host_id"]
@@ -24,7 +32,8 @@ def test_drain_moves_the_data(cluster):
     assert status["state"] == "completed", status
     [machine] = cluster.zwrm_json("status", app["name"])["machines"]
     assert (machine["host_id"], machine["state"]) == (dst, "running"), machine
-    assert cluster.app_request(machine, "/cgi-bin/read?index.txt").encode() == app["data"]
+    after = cluster.app_everywhere("/cgi-bin/read?index.txt")
+    assert {a: b.encode() for a, b in after.items()} == {a: app["data"] for a in after}
     hosts = {h["id"]: h for h in cluster.host_list()}
     assert (hosts[src]["state"], hosts[src]["machines"]) == ("drained", 0)
     app["machine"] = machine

@@ -1,0 +1,56 @@
+"""
+Step: the ingress (issue 16).  The app's published port answers from the client host on
+every agent's address, wherever the replica runs (test_20 wrote through the agent without
+the replica, test_25 and test_30 read through both before and after a restart and a drain);
+here the agent of the replica's host restarts (SIGTERM, started again from its unit, as
+C{systemctl restart zwrm-agent} does): the VM keeps running (C{KillMode=process}), the agent
+finds it again, listens on the published port again, and both agents' ingress answers.
+"""
+
+import pytest
+
+from tests.acceptance.cluster import AGENTS, PUBLISHED, poll
+
+pytestmark = pytest.mark.acceptance
+
+
+def _app(cluster):
+    if "app" not in cluster.state:
+        pytest.fail("needs the deploy step (test_20_deploy.py) to have passed")
+    return cluster.state["app"]
+
+
+def test_published_port_on_every_agent(cluster):
+    app = _app(cluster)
+    for agent in AGENTS:
+        out = cluster.sh(agent, ["ss", "-Htln", f"sport = :{PUBLISHED}"]).stdout
+        assert f"{cluster.net.address(agent)}:{PUBLISHED}" in out, (agent, out)
+    for body in cluster.app_everywhere("/cgi-bin/read?index.txt").values():
+        assert body.encode() == app["data"]
+
+
+def test_ingress_follows_an_agent_restart(cluster):
+    app = _app(cluster)
+    [machine] = cluster.zwrm_json("status", app["name"])["machines"]
+    host = cluster.host_of(machine["host_id"])
+
+    with cluster.phase("agent restart until ready, the app through both ingresses"):
+        service = cluster.restart(host, "zwrm-agent.service")
+        cluster.agents[host] = service
+
+        def ready():
+            service.check()
+            hosts = {h["name"]: h for h in cluster.host_list()}
+            [m] = cluster.zwrm_json("status", app["name"])["machines"]
+            return (hosts[host]["state"] == "ready" and m["state"] == "running"
+                    and m["health"] == "passing" and m)
+
+        m = poll(ready, 120, interval=1.0, what=f"{host}'s agent ready again, the app passing")
+        bodies = cluster.app_everywhere("/cgi-bin/read?index.txt")
+
+    # The same machine, not restarted: the VM outlived its agent.
+    assert (m["id"], m["host_id"], m["restarts"]) == (
+        machine["id"], machine["host_id"], machine["restarts"])
+    assert {a: b.encode() for a, b in bodies.items()} == {a: app["data"] for a in bodies}
+    out = cluster.sh(host, ["ss", "-Htln", f"sport = :{PUBLISHED}"]).stdout
+    assert f"{cluster.net.address(host)}:{PUBLISHED}" in out, out
