@@ -237,3 +237,25 @@ async def _until(predicate, timeout=10.0):
     from zwrm.testing.processes import poll
 
     await poll(reactor, predicate, timeout, 0.01, what="condition")
+
+
+class SettingTests(TestCase):
+    def test_config_file_keys(self):
+        import os
+
+        from zwrm.control.tap import load_config
+
+        path = os.path.join(self.mktemp())
+        with open(path, "w") as f:
+            f.write("[events]\nmax_events = 500\nmax_age = 3600\n"
+                    "[audit]\nmax_entries = 50\nmax_age = 86400\n")
+        self.assertEqual(load_config(path), {
+            "event_max_events": 500.0, "event_max_age": 3600.0,
+            "audit_max_entries": 50.0, "audit_max_age": 86400.0})
+
+    @d
+    async def test_plane_uses_the_settings(self):
+        plane, _ = await start_plane(self, event_max_events=7, event_max_age=60,
+                                     audit_max_entries=5)
+        self.assertEqual((plane.events.max_events, plane.events.max_age), (7, 60.0))
+        self.assertEqual(plane.audit.max_entries, 5)

@@ -129,6 +129,10 @@ class AuditLog:
     log = Logger()
 
     def __init__(self, clock, store, max_entries=DEFAULT_MAX_ENTRIES, max_age=DEFAULT_MAX_AGE):
+        if not (isinstance(max_entries, int) and max_entries >= 1):
+            raise ValueError(f"[audit] max_entries must be a positive integer, not {max_entries!r}")
+        if not max_age > 0:
+            raise ValueError(f"[audit] max_age must be a positive number of seconds, not {max_age!r}")
         self._clock = clock
         self._store = store
         self.max_entries = max_entries

@@ -20,6 +20,7 @@ from twisted.protocols import policies
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import resource, server
 
+from zwrm.control import audit
 from zwrm.control.access_tokens import AccessTokenAPI
 from zwrm.control.api import AgentAPI, ControlSession, HostAPI
 from zwrm.control.apps import Apps
@@ -260,9 +261,12 @@ class ControlPlane(service.MultiService):
         # The stored event history (zwrm.event.history) and the audit trail, both bounded.
         self.events = EventHistory(
             self.reactor, self.store,
-            max_events=getattr(cfg, "event_max_events", DEFAULT_MAX_EVENTS),
+            max_events=int(getattr(cfg, "event_max_events", DEFAULT_MAX_EVENTS)),
             max_age=getattr(cfg, "event_max_age", DEFAULT_MAX_AGE))
-        self.audit = AuditLog(self.reactor, self.store)
+        self.audit = AuditLog(
+            self.reactor, self.store,
+            max_entries=int(getattr(cfg, "audit_max_entries", audit.DEFAULT_MAX_ENTRIES)),
+            max_age=getattr(cfg, "audit_max_age", audit.DEFAULT_MAX_AGE))
         self.events.service().setServiceParent(self)
         self.audit.service().setServiceParent(self)
         self.cert_publisher = CertPublisher(self.certs, self.registry.hosts,

@@ -35,9 +35,21 @@ flag wins.  Example::
     partition_threshold = 0.55  # more than this fraction of a datacenter offline: hold
     eviction_interval = 10      # then move one returned-partition host per this many seconds
 
+    [network]
+    cidr = "10.80.0.0/16"   # the cluster network: a private /8-/20, a /24 per host; it
+                            # cannot change once addresses are allocated
+
     [scheduler]
     strategy = "spread"
     plugin_dirs = []
+
+    [events]
+    max_events = 100000   # the stored event history (zwrm events) keeps at most this many
+    max_age = 604800      # ... and none older than this many seconds (a week)
+
+    [audit]
+    max_entries = 100000  # the audit trail (zwrm audit) keeps at most this many entries
+    max_age = 31536000    # ... and none older than this many seconds (a year)
 
     [gc]
     policy = "freeze"   # or "python": CPython's collector as it comes
@@ -71,6 +83,7 @@ class Config:
     reschedule_after: float = 0.0
     partition_threshold: float = 0.55
     eviction_interval: float = 10.0
+    network_cidr: str = "10.80.0.0/16"
     strategy: str = "spread"
     plugin_dirs: list = field(default_factory=list)
     insecure_listen: bool = False
@@ -91,6 +104,10 @@ class Config:
     router_ticket_file: str | None = None
     router_ca_file: str | None = None
     auth_methods: list = field(default_factory=lambda: ["ticket"])
+    event_max_events: float = 100000
+    event_max_age: float = 7 * 86400.0
+    audit_max_entries: float = 100000
+    audit_max_age: float = 365 * 86400.0
 
     def router_secret(self):
         """
@@ -134,8 +151,13 @@ FILE_KEYS = {
     ("health", "reschedule_after"): ("reschedule_after", float),
     ("health", "partition_threshold"): ("partition_threshold", float),
     ("health", "eviction_interval"): ("eviction_interval", float),
+    ("network", "cidr"): ("network_cidr", str),
     ("scheduler", "strategy"): ("strategy", str),
     ("scheduler", "plugin_dirs"): ("plugin_dirs", list),
+    ("events", "max_events"): ("event_max_events", float),
+    ("events", "max_age"): ("event_max_age", float),
+    ("audit", "max_entries"): ("audit_max_entries", float),
+    ("audit", "max_age"): ("audit_max_age", float),
     ("gc", "policy"): ("gc_policy", str),
     ("gc", "interval"): ("gc_interval", float),
     ("gc", "churn"): ("gc_churn", float),
@@ -244,6 +266,13 @@ def check_config(config):
     if not 0 < config.partition_threshold <= 1:
         raise usage.UsageError(
             f"[health] partition_threshold must be a fraction in (0, 1], not {config.partition_threshold}")
+    from zwrm.control.network import check_cluster_cidr
+    from zwrm.errors import InvalidArgument
+
+    try:
+        check_cluster_cidr(config.network_cidr)
+    except InvalidArgument as e:
+        raise usage.UsageError(f"[network] cidr: {e.message}") from None
     if config.gc_policy not in GC_POLICIES:
         raise usage.UsageError(
             f"[gc] policy must be one of {', '.join(GC_POLICIES)}, not {config.gc_policy!r}"
@@ -347,6 +376,9 @@ class Options(usage.Options):
          "Fraction of a datacenter's hosts offline at once that holds rescheduling (default 0.55)."],
         ["eviction-interval", None, None,
          "Seconds between hosts rescheduled after a partition (default 10)."],
+        ["cluster-cidr", None, None,
+         "The cluster network, a private /8 to /20 (default 10.80.0.0/16; fixed once "
+         "addresses are allocated)."],
         ["strategy", None, None, "Scheduler strategy plugin (default spread)."],
         ["gc-policy", None, None, "Garbage collection: freeze (default) or python."],
         ["registry-url", None, None,
@@ -401,6 +433,7 @@ class Options(usage.Options):
             "reschedule-after": ("reschedule_after", float),
             "partition-threshold": ("partition_threshold", float),
             "eviction-interval": ("eviction_interval", float),
+            "cluster-cidr": ("network_cidr", str),
             "strategy": ("strategy", str),
             "gc-policy": ("gc_policy", str),
             "gc-interval": ("gc_interval", float),
