@@ -19,6 +19,7 @@ from zope.interface import implementer
 from zwrm import errors
 from zwrm.agent import blockmap
 from zwrm.agent.blockmap import BLOCK_SIZE
+from zwrm.agent.transfer.attempts import SendAttempts
 from zwrm.agent.transfer.wire import (
     _HEADER,
     _MAX_CONTROL,
@@ -331,14 +332,14 @@ class _Send:
         self.proto = None
         self.delayed = None
         self.result = defer.Deferred(self._cancel)
-        self.finished = False
         self.outcome = None
         self.last_error = None
         self.cause = None
+        self.machine = SendAttempts(self)
 
     def start(self):
         d = deferToThreadPool(self.reactor, self.threadpool, self._scan)
-        d.addCallbacks(lambda _: self.attempt(), self._scanFailed)
+        d.addCallbacks(lambda _: self.machine.scanned(), self._scanFailed)
         return self.result
 
     def _scan(self):
@@ -361,7 +362,7 @@ class _Send:
         else:
             err = errors.Internal(f"cannot read volume image {self.path}")
             log.failure("volume scan failed", f)
-        self._fail(err)
+        self.machine.scan_failed(err)
 
     def takeBuffer(self):
         """
@@ -406,10 +407,10 @@ class _Send:
             except Exception:
                 log.failure("volume stream progress callback failed")
 
-    def attempt(self):
+    # -- the attempts (L{SendAttempts}) and their hooks ----------------------------------
+
+    def _connect(self):
         self.delayed = None
-        if self.finished:
-            return
         self.attempts += 1
         ep = endpoints.wrapClientTLS(
             self.sender.tls(self.target, self.host),
@@ -418,50 +419,58 @@ class _Send:
             ),
         )
         d = endpoints.connectProtocol(ep, self.sender.protocol(self))
-        d.addErrback(self._connectFailed)
-
-    def _connectFailed(self, f):
-        self.retry(f)
+        d.addErrback(self._lost)
 
     def connected(self, proto):
-        self.proto = proto
+        self.machine.connected(proto)
 
     def disconnected(self, proto, reason):
-        if self.proto is proto:
-            self.proto = None
-        if self.outcome is not None:
-            self._fire()
-        elif not self.finished:
-            self.retry(reason)
+        self._lost(reason)
 
-    def retry(self, reason):
-        if self.finished:
-            return
+    def _lost(self, reason):
+        """A connection failed or was lost: it is tried again, or the stream gives up."""
+        err = self._why_not_again(reason)
+        if err is None:
+            self.machine.broke()
+        else:
+            self.machine.gave_up(err)
+
+    def _why_not_again(self, reason):
+        """
+        @return: the error to give up with (a refused TLS handshake, no retries left), or
+            L{None} to try again.
+        """
         if reason.check(SSL.Error):
             detail = getattr(reason.value, "message", None)
             if not isinstance(detail, str):
                 detail = "the certificates were refused"
-            self._fail(
-                errors.AuthenticationFailed(
-                    f"the TLS handshake with host {self.target} ({self.host}:{self.port}) failed:"
-                    f" {detail}"
-                )
+            return errors.AuthenticationFailed(
+                f"the TLS handshake with host {self.target} ({self.host}:{self.port}) failed:"
+                f" {detail}"
             )
-            return
         self.last_error = self.cause or reason.getErrorMessage()
         self.cause = None
         if self.attempts > self.sender.retries:
             plural = "s" if self.attempts != 1 else ""
-            self._fail(
-                errors.Unavailable(
-                    f"the volume stream to {self.host}:{self.port} failed after {self.attempts}"
-                    f" attempt{plural}: {self.last_error}"
-                )
+            return errors.Unavailable(
+                f"the volume stream to {self.host}:{self.port} failed after {self.attempts}"
+                f" attempt{plural}: {self.last_error}"
             )
-            return
+        return None
+
+    def _schedule_retry(self):
         low, high = self.sender.backoff
         delay = min(high, low * 2 ** (self.attempts - 1))
         self.delayed = self.sender.clock.callLater(delay, self.attempt)
+
+    def attempt(self):
+        """The backoff is over (what the retry timer calls)."""
+        self.machine.retry_due()
+
+    def _cancel_retry(self):
+        if self.delayed is not None and self.delayed.active():
+            self.delayed.cancel()
+        self.delayed = None
 
     def remoteError(self, err):
         if isinstance(err, errors.Unavailable):
@@ -469,18 +478,17 @@ class _Send:
             # stream is retried like any broken connection.
             self.cause = err.message
             return
-        self._fail(err)
+        self.machine.finish(Failure(err))
 
     def localError(self, err):
-        self._fail(err)
+        self.machine.finish(Failure(err))
 
     def completed(self, msg):
-        if self.finished:
-            return
         if msg.get("digest") != self.end_digest:
-            self._fail(errors.Corrupt("the receiver acknowledged a different digest"))
+            self.machine.finish(Failure(errors.Corrupt(
+                "the receiver acknowledged a different digest")))
             return
-        self._close(
+        self.machine.finish(
             {
                 "digest": self.end_digest,
                 "committed": bool(msg.get("committed")),
@@ -494,30 +502,19 @@ class _Send:
             }
         )
 
-    def _fail(self, err):
-        if self.finished:
-            return
-        self._close(Failure(err))
-
-    def _close(self, outcome):
+    def _stop(self, outcome):
         """
-        Stop everything; fire the result with C{outcome} once the connection is closed, so a
-        caller never sees its result while a socket of this transfer is still open.
+        Keep the outcome (given to the caller once no connection of this stream is open,
+        L{_fire}) and close the file.
         """
-        self.finished = True
         self.outcome = outcome
-        if self.delayed is not None and self.delayed.active():
-            self.delayed.cancel()
-        self.delayed = None
-        if self.proto is not None:
-            self.proto._stopped = True
-            self.proto.transport.abortConnection()
+        self._close_file()
+
+    def _close_file(self):
         if self.fd is not None:
             fd, self.fd = self.fd, None
             # Reads still in flight hold the number; close after them.
             self.reactor.callLater(0, self.threadpool.callInThread, os.close, fd)
-        if self.proto is None:
-            self._fire()
 
     def _fire(self):
         outcome, self.outcome = self.outcome, None
@@ -529,8 +526,7 @@ class _Send:
             self.result.callback(outcome)
 
     def _cancel(self, d):
-        if not self.finished:
-            self._close(None)
+        self.machine.finish(None)
 
 
 class VolumeSender:
