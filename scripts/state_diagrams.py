@@ -50,6 +50,11 @@ MACHINES = [
      ["The agent's connection to the control plane (zwrm/agent/connection.py). Generated",
       "from its transitions by scripts/state_diagrams.py; do not edit.",
       "Dashed self-loops do nothing (the input does not apply in that state)."]),
+    ("send_attempts", "zwrm.agent.transfer.attempts:SendAttempts",
+     ["The attempts of one volume stream on the sending side",
+      "(zwrm/agent/transfer/attempts.py). Generated from its transitions by",
+      "scripts/state_diagrams.py; do not edit.",
+      "Dashed self-loops do nothing (the input does not apply in that state)."]),
 ]
 """(diagram name, "module:Class" with a MethodicalMachine in C{_machine}, comment lines)."""
 
