@@ -1,0 +1,1 @@
+`zwrm tokens create --role viewer|operator --expires 7d` makes a viewer or operator token (the ticket of authid `viewer` or `operator`), with an expiry; `zwrm tokens list` shows each token's role and `zwrm tokens revoke` revokes them too. A viewer token reads everything and changes nothing.
