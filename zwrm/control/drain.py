@@ -120,7 +120,11 @@ class Drains:
         self._volumes = self._data.volumes
         self.active = {}
         self._stopped = False
-        self._sweeper = None  # the LoopingCall cleaning leftovers, while there are some
+        # Cleaning leftovers (copies a rollback could not delete on an unreachable target):
+        self._sweep_unsubscribe = None  # ends the hosts subscription, while there are some
+        self._sweep_retry = None  # a retry, while a reachable host kept one (a failed call)
+        self._sweeping = self._sweep_again = False
+        self._leftover_hosts = set()
         self._host_waits = set()  # Deferreds of _next_host_event under way
 
     def _reachable(self, host_id):
@@ -443,9 +447,7 @@ class Drains:
         cancelled, steps under way are cancelled, and nothing more is taken from an outbox.
         """
         self._stopped = True
-        if self._sweeper is not None and self._sweeper.running:
-            self._sweeper.stop()
-        self._sweeper = None
+        self._stop_sweeping()
         for wait in list(self._host_waits):
             wait.cancel()
         for drain in self.active.values():
@@ -939,18 +941,42 @@ class Drains:
 
     # -- leftovers of rollbacks whose target was unreachable -------------------------
 
-    def _sweep_soon(self, interval=5.0):
-        """Clean recorded leftovers now and every C{interval} seconds while there are some."""
-        if self._stopped or (self._sweeper is not None and self._sweeper.running):
+    SWEEP_RETRY = 5.0
+    """Seconds before trying again a leftover whose host is reachable but did not delete it."""
+
+    def _sweep_soon(self):
+        """
+        Clean recorded leftovers now, then again at each event of a host that holds one (it
+        came back), and after L{SWEEP_RETRY} seconds while a reachable host kept one (a
+        call that failed, or a copy a migration under way still used); until none is left.
+        """
+        if self._stopped:
             return
-        self._sweeper = task.LoopingCall(lambda: ensureDeferred(self._sweep()))
-        self._sweeper.clock = self._clock
-        self._sweeper.start(interval, now=True).addErrback(
+        if self._sweep_unsubscribe is None:
+            self._sweep_unsubscribe = self._data.hosts.subscribe(self._leftover_host_event)
+        if self._sweeping:
+            self._sweep_again = True
+            return
+        self._sweeping = True
+        ensureDeferred(self._sweep()).addErrback(
             lambda f: self.log.failure("cleaning leftovers", f))
+
+    def _leftover_host_event(self, event):
+        if event["subject"] in self._leftover_hosts and self._reachable(event["subject"]):
+            self._sweep_soon()
+
+    def _stop_sweeping(self):
+        if self._sweep_unsubscribe is not None:
+            self._sweep_unsubscribe()
+            self._sweep_unsubscribe = None
+        if self._sweep_retry is not None and self._sweep_retry.active():
+            self._sweep_retry.cancel()
+        self._sweep_retry = None
 
     async def sweep_leftovers(self):
         """Clean the recorded leftovers on every reachable host. @return: how many are left."""
         left = 0
+        hosts = set()
         for row in await self._drains.with_leftovers():
             busy = {(r.row["target_host"], v) for d in self.active.values()
                     for r in d.migrations.values()
@@ -963,6 +989,7 @@ class Drains:
                 if not self._reachable(x["host"]) or not await self._clean_copy(
                         x["host"], x["volume_id"]):
                     keep.append(x)
+                    hosts.add(x["host"])
             if keep != row["detail"]["leftovers"]:
                 run = self._run_of(row["id"])
                 if run is not None:
@@ -971,6 +998,7 @@ class Drains:
                     await self._drains.save_migration(
                         row, detail=dict(row["detail"], leftovers=keep))
             left += len(keep)
+        self._leftover_hosts = hosts
         return left
 
     def _run_of(self, migration_id):
@@ -981,10 +1009,21 @@ class Drains:
         return None
 
     async def _sweep(self):
-        if await self.sweep_leftovers() == 0 and self._sweeper is not None:
-            if self._sweeper.running:
-                self._sweeper.stop()
-            self._sweeper = None
+        try:
+            while True:
+                self._sweep_again = False
+                left = await self.sweep_leftovers()
+                if not self._sweep_again or self._stopped:
+                    break
+        finally:
+            self._sweeping = False
+        if self._stopped:
+            return
+        if left == 0:
+            self._stop_sweeping()
+        elif any(self._reachable(h) for h in self._leftover_hosts) and (
+                self._sweep_retry is None or not self._sweep_retry.active()):
+            self._sweep_retry = self._clock.callLater(self.SWEEP_RETRY, self._sweep_soon)
 
 
 class _HealthWait:
