@@ -14,6 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from zwrm import errors
 from zwrm.agent.service import AgentService
 from zwrm.agent.tap import AgentConfig
 from zwrm.control.resources.hosts import schema_strict_ids
@@ -172,6 +173,10 @@ class ComingBackTests(TestCase):
         self.addCleanup(plane.stopService)
         await plane.started
         self.assertEqual(sorted(plane.registry.host_ids()), sorted([NEW, OTHER_NEW, KEPT]))
+        # an operator who asks for the old id is told the new one
+        with self.assertRaises(errors.NotFound) as c:
+            await plane.registry.status(OLD)
+        self.assertIn(f"it is {NEW!r}", c.exception.message)
 
         data_dir = os.path.join(tmp, "agent")
         os.makedirs(data_dir, mode=0o700)

@@ -540,6 +540,11 @@ class AgentService(service.Service):
                           old=ident.host_id, new=authid)
             ident.host_id = authid
             ident.save()
+            executor = getattr(self.runtime, "executor", None)
+            if executor is not None:  # renamed while running (the control plane upgraded)
+                executor.host_id = authid
+                if getattr(executor, "network", None) is not None:
+                    executor.network.host_id = authid
 
     def _save_credentials(self, result, key_pem, pinned):
         """

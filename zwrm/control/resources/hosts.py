@@ -242,6 +242,10 @@ class Hosts(Resource):
         try:
             return self._entries[host_id]
         except KeyError:
+            renamed = strict_host_id(host_id)
+            if renamed != host_id and renamed in self._entries:  # an id of an older zwrm
+                raise errors.NotFound(
+                    f"no host {host_id!r}: host ids are strict now, it is {renamed!r}") from None
             raise errors.NotFound(f"no host {host_id!r}") from None
 
     def wire(self, host_id):
