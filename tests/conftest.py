@@ -6,10 +6,16 @@ Test-wide rules.
    installed by the setup scripts, not skipped.
  - Hypothesis under CI runs derandomized without its example database, so a failure found
    once on a machine is never replayed there as a stale failure (locally it is, as usual).
- - A session deadline: after C{ZWRM_TEST_DEADLINE} seconds (under CI by default 3000, 50
-   minutes: about twice what a quiet run takes, and inside CI's 90-minute limit with setup) a watchdog prints every thread's stack and ends the
+ - A session deadline: after C{ZWRM_TEST_DEADLINE} seconds (under CI by default 1560, 26
+   minutes: a hung run fails inside the 30-minute CI budget with a warm setup; a quiet run
+   takes about 13 minutes on two workers) a watchdog prints every thread's stack and ends the
    run with exit status 2.  Each test also has a default timeout (pytest-timeout, see
    pyproject.toml); the deadline bounds their sum.
+ - Two workers (pytest-xdist, C{scripts/test} passes C{-n 2 --dist loadgroup}): the tests
+   that install the .debs system-wide (tests/acceptance, tests/packaging) share one worker
+   and keep their order; the slow suites (QEMU, several processes) are handed out first, so
+   the quick unit tests fill the gaps instead of leaving one worker alone with a long test
+   at the end.
 """
 
 import faulthandler
@@ -25,7 +31,10 @@ _strict = set()
 _skipped = []
 
 DEADLINE_ENV = "ZWRM_TEST_DEADLINE"
-CI_DEADLINE = 50 * 60  # twice a quiet run; CI's 90-minute limit less a cold setup
+CI_DEADLINE = 26 * 60  # inside the 30-minute CI budget with a warm setup (.ci/run caches)
+
+#: Tests that install the packages system-wide (/opt/zwrm, the units): one worker, in order.
+SYSTEM_WIDE = ("tests/acceptance/", "tests/packaging/")
 
 if os.environ.get("CI"):
     settings.register_profile("zwrm-ci", database=None, derandomize=True, deadline=None)
@@ -64,15 +73,24 @@ def _deadline_passed(config, deadline):
     os._exit(2)
 
 
+def _slow(item):
+    return any(item.get_closest_marker(m) for m in STRICT_MARKERS)
+
+
 def pytest_collection_modifyitems(config, items):
-    _strict.update(
-        item.nodeid for item in items if any(item.get_closest_marker(m) for m in STRICT_MARKERS)
-    )
+    _strict.update(item.nodeid for item in items if _slow(item))
+    for item in items:
+        if item.nodeid.startswith(SYSTEM_WIDE):
+            item.add_marker(pytest.mark.xdist_group("system-wide"))
+    # The slow suites first (a stable sort: each keeps its order); see the module docstring.
+    items.sort(key=lambda item: not _slow(item))
 
 
 def pytest_runtest_logreport(report):
     if report.skipped and not hasattr(report, "wasxfail"):
         _skipped.append(report.nodeid)
+        if any(m in report.keywords for m in STRICT_MARKERS):
+            _strict.add(report.nodeid)  # with workers, the controller collects nothing
 
 
 @pytest.hookimpl(tryfirst=True)

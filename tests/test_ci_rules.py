@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class CIRulesTests(SynchronousTestCase):
-    def pytest(self, source, **env):
+    def pytest(self, source, *args, **env):
         directory = self.mktemp()
         os.makedirs(directory)
         with open(os.path.join(directory, "test_sample.py"), "w") as f:
@@ -25,7 +25,7 @@ class CIRulesTests(SynchronousTestCase):
         started = time.monotonic()
         done = subprocess.run(
             [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider",
-             "-q", "--rootdir", directory, directory],
+             "-q", *args, "--rootdir", directory, directory],
             cwd=ROOT, env=environ, capture_output=True, text=True, timeout=120)
         return done.returncode, done.stdout + done.stderr, time.monotonic() - started
 
@@ -39,6 +39,17 @@ class CIRulesTests(SynchronousTestCase):
         code, out, _ = self.pytest(self.SKIPS, CI="true")
         self.assertEqual(code, 1, out)
         self.assertIn("skipped, not allowed under CI: test_sample.py::test_skipped", out)
+
+    def test_any_skip_fails_under_ci_with_workers(self):
+        """With pytest-xdist's workers (as scripts/test runs), the controller still counts."""
+        code, out, _ = self.pytest(
+            "import pytest\n"
+            "@pytest.mark.qemu\n"
+            "def test_skipped():\n    pytest.skip('a missing tool')\n"
+            "def test_ok():\n    pass\n", "-n", "2", "--dist", "loadgroup", CI="true")
+        self.assertEqual(code, 1, out)
+        self.assertIn("skipped, not allowed under CI: test_sample.py::test_skipped", out)
+        self.assertIn("zwrm: 1 skipped, 1 of them in the qemu/multihost suites", out)
 
     def test_skips_allowed_outside_ci(self):
         code, out, _ = self.pytest(self.SKIPS)
