@@ -16,7 +16,9 @@ from zwrm.control.network import ClusterNetwork, ViewPublisher
 HOSTS = ("h-a", "h-b", "h-c")
 
 
-class ViewTests(TestCase):
+class ViewHelpers:
+    """A store, a registry of three hosts, the IPAM and a publisher whose calls are kept."""
+
     async def start(self, serves_ingress=None, hosts=HOSTS):
         self.clock, self.store, self.registry, _ = await make_registry(self)
         for i, host_id in enumerate(hosts):
@@ -77,6 +79,9 @@ class ViewTests(TestCase):
     @staticmethod
     def members(view):
         return sorted(m["machine_id"] for m in view["members"])
+
+
+class ViewTests(ViewHelpers, TestCase):
 
     async def test_first_push_and_what_each_host_needs(self):
         await self.start()

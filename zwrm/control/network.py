@@ -46,6 +46,44 @@ def check_cidr(cidr, host_prefix):
     return net
 
 
+CIDR_PREFIXES = (8, 20)  # a cluster CIDR's prefix length: from /8 to /20 (16+ host /24s)
+
+
+def check_cluster_cidr(cidr):
+    """
+    Check the cluster CIDR setting (C{[network] cidr}, C{--cluster-cidr}).
+
+    @return: the network as an L{ipaddress.IPv4Network}.
+    @raise errors.InvalidArgument: unless C{cidr} is a private IPv4 network (RFC 1918 and
+        the like) of prefix length /8 to /20, with room for a /24 per host.
+    """
+    net = check_cidr(cidr, DEFAULT_HOST_PREFIX)
+    low, high = CIDR_PREFIXES
+    if not low <= net.prefixlen <= high:
+        raise errors.InvalidArgument(
+            f"cluster CIDR {cidr} must be a /{low} to /{high} network (a /24 per host)")
+    return net
+
+
+def _configure(db, cidr, host_prefix):
+    """Record C{cidr} as the cluster network, unless subnets of another one are stored."""
+    row = None
+    if "net_cluster" in db.table_names():
+        rows = list(db["net_cluster"].rows_where("id = 1"))
+        row = rows[0] if rows else None
+    # Subnets stored before the setting was recorded came from the default network.
+    current = row["cidr"] if row else DEFAULT_CIDR
+    subnets = db["net_subnets"].count
+    if current != cidr and subnets:
+        raise errors.Conflict(
+            f"the cluster network is {current} ({subnets} host subnets and "
+            f"{db['net_addresses'].count} machine addresses allocated); it cannot change to "
+            f"{cidr} while addresses are allocated: set [network] cidr back to {current}")
+    # Made here on first use (it holds one row), not by a schema migration.
+    db["net_cluster"].upsert({"id": 1, "cidr": cidr, "host_prefix": host_prefix}, pk="id")
+    db.conn.commit()
+
+
 def _allocate_subnet(db, cidr, host_prefix, host_id, now):
     rows = list(db["net_subnets"].rows_where("host_id = ?", [host_id]))
     if rows:
@@ -103,6 +141,18 @@ class ClusterNetwork:
         self.subnets = None
         self.addresses = None
         self._listeners = []
+
+    async def configure(self, cidr):
+        """
+        Use C{cidr} as the cluster network (the C{[network] cidr} setting) and record it.
+
+        @raise errors.InvalidArgument: it is not a private /8-/20 IPv4 network.
+        @raise errors.Conflict: another network's subnets are allocated (a change of the
+            cluster network would leave every guest's address outside it).
+        """
+        net = check_cluster_cidr(cidr)
+        await self._store.run(_configure, str(net), self.host_prefix)
+        self.cidr = net
 
     async def load(self):
         """Read the stored subnets and addresses into L{subnets} and L{addresses}."""
@@ -275,6 +325,16 @@ def check_publish(publish, domain=None):
 
 # -- the cluster view, pushed to agents ---------------------------------------------
 
+EDGE_LABEL = "edge"
+
+
+def is_edge(host_record):
+    """Whether a host is labelled as an edge host (C{edge=true}): it serves published ports."""
+    labels = host_record.get("labels")
+    return isinstance(labels, dict) and str(labels.get(EDGE_LABEL, "")).lower() in (
+        "true", "yes", "1")
+
+
 LIVE = ("pending", "starting", "running", "stopping")
 PAUSE_RATIO = 4  # after a push that took t seconds, none for PAUSE_RATIO * t (<= 20% busy)
 
@@ -322,12 +382,14 @@ class ViewPublisher:
     What a host needs: every host's underlay and bridge addresses (the overlay); the
     members of the apps that have a machine on it (same-app traffic, DNS) and of every
     app with an open port (reachable from all); the published ports' routes if it serves
-    them (L{serves_ingress}; default every host).  A change elsewhere is not sent to it.
+    them (L{serves_ingress}; default: the edge hosts, or every host).  A change elsewhere
+    is not sent to it.
 
     @param data: the control plane's resource layer (C{hosts}, C{machines}).
     @param call: C{call(host_id, verb, *args)}, an executor call.
     @param serves_ingress: C{serves_ingress(host_entry)} -> bool: whether a host serves
-        published ports (gets their routes); L{None}: every host does.
+        published ports (gets their routes); L{None}: the hosts labelled C{edge=true}
+        (C{zwrm-agent --label edge=true}), or every host while none is.
     """
 
     def __init__(self, clock, network, data, call, log=None, serves_ingress=None,
@@ -338,7 +400,8 @@ class ViewPublisher:
         self._network = network
         self._data = data
         self._call = call
-        self._serves = serves_ingress or (lambda entry: True)
+        self._serves = serves_ingress
+        self._edges = set()  # hosts labelled edge=true (see is_edge)
         self.log = log or Logger()
         self._pending = None
         self._pushing = None  # the Deferred of the push running now
@@ -415,6 +478,10 @@ class ViewPublisher:
     def _refresh_host(self, host_id):
         entry = self._data.hosts.get(host_id)
         address = entry.record.get("address") if entry is not None else None
+        edge = entry is not None and is_edge(entry.record)
+        if edge != (host_id in self._edges):
+            (self._edges.add if edge else self._edges.discard)(host_id)
+            self._all_dirty = True  # who serves the published ports changed
         subnet = (self._network.subnets or {}).get(host_id)
         new = ({"host_id": host_id, "address": address,
                 "gateway": self._network.gateway(subnet) if subnet else None}
@@ -534,7 +601,10 @@ class ViewPublisher:
         for name in self._reachable:
             members.extend(apps[name].list())
         entry = self._data.hosts.get(host_id)
-        serves = entry is not None and self._serves(entry)
+        if self._serves is not None:
+            serves = entry is not None and self._serves(entry)
+        else:  # the edge hosts if any host is labelled edge=true, else every host
+            serves = host_id in self._edges or not self._edges
         return {"hosts": self._host_list, "members": members,
                 "published": self._published if serves else {}}
 

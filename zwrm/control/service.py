@@ -249,6 +249,7 @@ class ControlPlane(service.MultiService):
             self.gc_policy.watch_sessions(lambda: stats.sessions_closed, self.router.session_count)
         self.scheduler = Scheduler(load_strategy(cfg.strategy, cfg.plugin_dirs))
         self.apps = Apps(self.reactor, self.store, self.registry, self.scheduler, self._publish)
+        await self.apps.network.configure(cfg.network_cidr)  # refused if changed under use
         restored = await self.apps.load()
         self.drains = Drains(self.reactor, self.store, self.registry, self.apps, self._publish)
         images = make_registry_resource(

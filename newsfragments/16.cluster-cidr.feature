@@ -1,0 +1,1 @@
+The cluster network is a setting: `[network] cidr` in the control plane's configuration (or `--cluster-cidr`), a private /8-/20 IPv4 network (default 10.80.0.0/16); a change while addresses are allocated stops the start with a readable error.
