@@ -8,10 +8,11 @@ recorder.
 import copy
 
 from twisted.internet import defer
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.control.helpers import FACTS, make_registry
-from zwrm.control.network import ClusterNetwork, ViewPublisher
+from zwrm import errors
+from zwrm.control.network import ClusterNetwork, ViewPublisher, check_publish
 
 HOSTS = ("h-a", "h-b", "h-c")
 
@@ -56,12 +57,13 @@ class ViewHelpers:
                 return
         self.fail("the view publisher never went idle")
 
-    async def add(self, mid, app, host_id, state="running", publish=(), health="passing"):
+    async def add(self, mid, app, host_id, state="running", publish=(), health="passing",
+                  domain=None):
         await self.network.attach(mid, f"a-{app}", host_id,
                                   open_ports=[p["guest_port"] for p in publish])
         spec = {"id": mid, "app": app, "replica": len([r for r in self.rows.values()
                                                        if r["spec"]["app"] == app]),
-                "app_spec": {"publish": list(publish)}}
+                "app_spec": {"publish": list(publish), "domain": domain}}
         row = {"id": mid, "app_id": f"a-{app}", "host_id": host_id, "state": state,
                "spec": spec, "health": {"status": health}, "created_at": 0,
                "updated_at": 0}
@@ -222,3 +224,24 @@ class ViewTests(ViewHelpers, TestCase):
         sent = self.sent()
         self.assertEqual(sorted(sent), ["h-c"])
         self.assertEqual(len(sent["h-c"][0]["hosts"]), 3)
+
+    async def test_https_routes_by_domain(self):
+        await self.start()
+        await self.add("m-w1", "web", "h-a", domain="shop.example.com",
+                       publish=check_publish(["443:8080/https"], "shop.example.com"))
+        await self.settle()
+        route = self.sent()["h-b"][0]["published"]["443"]
+        self.assertEqual(route["mode"], "https")
+        self.assertEqual(list(route["routes"]), ["shop.example.com"])
+
+
+class PublishTests(SynchronousTestCase):
+    def test_https_needs_a_domain(self):
+        self.assertEqual(check_publish(["443:8080/https"], "shop.example.com"),
+                         [{"port": 443, "guest_port": 8080, "mode": "https"}])
+        with self.assertRaises(errors.InvalidArgument) as cm:
+            check_publish(["443:8080/https"])
+        self.assertIn("443/https needs a domain", cm.exception.message)
+        with self.assertRaises(errors.InvalidArgument) as cm:
+            check_publish(["443/tls"], "shop.example.com")
+        self.assertIn("tcp or http", cm.exception.message)

@@ -279,13 +279,16 @@ class ClusterNetwork:
 
 # -- published ports -----------------------------------------------------------------
 
+PUBLISH_MODES = ("tcp", "http", "https")
+
 def check_publish(publish, domain=None):
     """
-    Check an app spec's published ports (C{--publish PORT[:GUESTPORT][/tcp|/http]}).
+    Check an app spec's published ports (C{--publish PORT[:GUESTPORT][/tcp|/http|/https]};
+    C{https} is C{http} behind TLS that the ingress terminates, and needs a domain).
 
     @param publish: a list of C{"PORT[:GUESTPORT][/MODE]"} strings or of
         C{{"port", "guest_port", "mode"}} dicts, or L{None}.
-    @param domain: the app's domain (C{--domain}), which HTTP mode routes by.
+    @param domain: the app's domain (C{--domain}), which HTTP and HTTPS modes route by.
     @return: C{[{"port", "guest_port", "mode"}]}.
     @raise errors.InvalidArgument: naming the bad entry.
     """
@@ -311,8 +314,13 @@ def check_publish(publish, domain=None):
                     f"publish {key} must be a TCP port (1-65535), not {p.get(key)!r}") from None
             entry[key] = v
         entry["mode"] = p.get("mode") or "tcp"
-        if entry["mode"] not in ("tcp", "http"):
-            raise errors.InvalidArgument(f"publish mode must be tcp or http, not {entry['mode']!r}")
+        if entry["mode"] not in PUBLISH_MODES:
+            raise errors.InvalidArgument(
+                f"publish mode must be tcp or http (or https), not {entry['mode']!r}")
+        if entry["mode"] == "https" and not domain:
+            raise errors.InvalidArgument(
+                f"publish {entry['port']}/https needs a domain (--domain: the name of the "
+                "certificate the ingress serves, see zwrm certs add)")
         if any(o["port"] == entry["port"] for o in out):
             raise errors.InvalidArgument(f"port {entry['port']} is published twice")
         out.append(entry)
@@ -584,7 +592,7 @@ class ViewPublisher:
             app = self._apps[name]
             for p in app.publish:
                 entry = published.setdefault(str(p["port"]), {"mode": p["mode"], "routes": {}})
-                domain = app.domain if p["mode"] == "http" else ""
+                domain = app.domain if p["mode"] in ("http", "https") else ""
                 routes = entry["routes"].setdefault(domain, [])
                 for mem in app.list():
                     routes.append({"key": mem["machine_id"], "host": mem["address"],
