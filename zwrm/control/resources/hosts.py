@@ -19,7 +19,6 @@ allocation, which is the scheduler's figure written back for C{zwrm host list}
 """
 
 import hashlib
-import json
 import re
 
 from zwrm import errors
@@ -116,7 +115,7 @@ def wire(entry):
 
 
 _QUOTED = re.compile(r'"([^"\\]*)"')
-"""The strings in a JSON text (without escapes): where a host id can be."""
+"""A string in a JSON text (one without escapes: a host id has none)."""
 
 
 def schema_strict_ids(db):
@@ -150,41 +149,32 @@ def schema_strict_ids(db):
     if not renames:
         return renames
 
-    def walk(value):
-        if isinstance(value, str):
-            return renames.get(value, value)
-        if isinstance(value, list):
-            return [walk(v) for v in value]
-        if isinstance(value, dict):
-            return {renames.get(k, k): walk(v) for k, v in value.items()}
-        return value
+    db.execute("CREATE TEMP TABLE _host_renames (old TEXT PRIMARY KEY, new TEXT)")
+    db.conn.executemany("INSERT INTO _host_renames VALUES (?, ?)", list(renames.items()))
+
+    def renamed(match):
+        token = match.group(1)
+        new = renames.get(token)
+        return match.group(0) if new is None else f'"{new}"'
 
     for table in db.table_names():
-        if table == "schema_version" or table.startswith("sqlite_"):
+        if table == "schema_version" or table.startswith("sqlite_") or table == "_host_renames":
             continue
         columns = [c.name for c in db[table].columns if c.type.upper() in ("TEXT", "STR", "")]
-        if not columns:
-            continue
-        select = ", ".join(f'"{c}"' for c in columns)
-        for row in db.execute(f'SELECT rowid, {select} FROM "{table}"').fetchall():
-            changed = {}
-            for col, value in zip(columns, row[1:], strict=True):
-                if not isinstance(value, str):
-                    continue
-                if value in renames:
-                    changed[col] = renames[value]
-                elif value[:1] in "[{" and any(t in renames for t in _QUOTED.findall(value)):
-                    try:
-                        decoded = json.loads(value)
-                    except ValueError:
-                        continue
-                    walked = walk(decoded)
-                    if walked != decoded:
-                        changed[col] = json.dumps(walked, sort_keys=True)
-            if changed:
-                sets = ", ".join(f'"{c}" = ?' for c in changed)
-                db.execute(f'UPDATE "{table}" SET {sets} WHERE rowid = ?',
-                           [*changed.values(), row[0]])
+        for col in columns:
+            # a column whose value is an old id
+            db.execute(
+                f'UPDATE "{table}" SET "{col}" = (SELECT new FROM _host_renames WHERE old = "{col}")'
+                f' WHERE "{col}" IN (SELECT old FROM _host_renames)')
+            # JSON text: every string (value or key) that is an old id; nothing else changes
+            changes = []
+            for rowid, value in db.execute(
+                    f'SELECT rowid, "{col}" FROM "{table}" WHERE substr("{col}", 1, 1) IN (\'{{\', \'[\')'):
+                text = _QUOTED.sub(renamed, value)
+                if text != value:
+                    changes.append((text, rowid))
+            db.conn.executemany(f'UPDATE "{table}" SET "{col}" = ? WHERE rowid = ?', changes)
+    db.execute("DROP TABLE _host_renames")
     return renames
 
 
