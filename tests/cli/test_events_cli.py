@@ -102,6 +102,41 @@ class EventsTests(TestCase):
         self.assertEqual(len(sessions), 3)
         self.assertEqual(err.getvalue().count("reconnecting"), 2)
 
+    @d
+    async def test_follow_fills_a_gap_in_the_ids(self):
+        """
+        An event stored but not published to the follower (the control component was off
+        an external router) is read from the history when the next event's id skips it.
+        """
+        plane = await self._plane()
+        sessions = []
+        connect = cli_events.connect
+
+        async def recording_connect(reactor, settings, timeout=None):
+            s = await connect(reactor, settings, timeout)
+            sessions.append(s)
+            return s
+
+        self.patch(cli_events, "connect", recording_connect)
+        hosts = plane.registry.data.hosts
+        first = await hosts.produce_event("state", "h_x", {"n": 0})
+        out = io.StringIO()
+        follower = defer.Deferred.fromCoroutine(cli_events.events(
+            reactor, _args(plane, follow=True, after=first["id"] - 1), out, io.StringIO()))
+        follower.addErrback(lambda f: f.trap(defer.CancelledError))
+
+        def printed():
+            return [json.loads(line)["id"] for line in out.getvalue().splitlines()]
+
+        await poll(reactor, lambda: printed() == [first["id"]], 20, 0.01, what="first event")
+        unpublished = await plane.store.add_event("zwrm.event.host", "state", "h_x", {"n": 1})
+        last = await hosts.produce_event("state", "h_x", {"n": 2})
+        await poll(reactor, lambda: printed()[-1:] == [last["id"]], 20, 0.01, what="last event")
+        follower.cancel()
+        await follower
+        self.assertEqual(printed(), [first["id"], unpublished["id"], last["id"]])
+        self.assertEqual(len(sessions), 1)
+
     def test_follow_has_no_overall_time_limit(self):
         args = build_parser().parse_args(["events", "--follow"])
         self.assertIsNone(budget(args, 10))

@@ -197,17 +197,38 @@ async def follow_once(reactor, session, printer, topics, limit=None, err=None):
     Follow on one session until its connection ends: subscribe, catch up from
     C{printer.last}, then print events as they come.  A history that no longer holds the
     events after C{printer.last} is said on C{err}, and the follower goes on from the newest.
+
+    Without a topic filter the ids a follower sees are consecutive; an event whose id skips
+    some (they were stored but not published to this session: the control component was off
+    an external router for a while) has the follower catch up again from its last id first.
     """
     err = err or sys.stderr
     session = _GoneAware(session)
     buffered = []
-    live = [False]
+    state = {"live": False, "signal": None, "ended": False}
+
+    def wake():
+        signal = state["signal"]
+        if signal is not None and not signal.called:
+            signal.callback(None)
 
     def on_event(event=None, *args, **kwargs):
-        if live[0]:
+        if state["live"]:
+            event_id = event.get("id") if isinstance(event, dict) else None
+            if (topics is None and isinstance(event_id, int) and printer.last is not None
+                    and event_id > printer.last + 1):
+                state["live"] = False  # a gap: read the history first
+                buffered.append(event)
+                wake()
+                return
             printer.emit(event)
         else:
             buffered.append(event)
+
+    def ended(result):
+        state["ended"] = True
+        wake()
+        return result
 
     for name in topics or TOPICS:
         try:
@@ -217,20 +238,25 @@ async def follow_once(reactor, session, printer, topics, limit=None, err=None):
         except ApplicationError as e:
             raise CliError(f"not allowed to follow zwrm.event.{name}: {e.error}",
                            EXIT_AUTH) from None
-    try:
-        cursor = await _catch_up(session, printer, topics, limit=limit)
-    except Gone as e:
-        err.write(f"zwrm: events were lost: {e.message}\n")
-        printer.last = e.last_id
-        cursor = await _catch_up(session, printer, topics)
-    if cursor is not None and (printer.last is None or cursor > printer.last):
-        printer.last = cursor  # every event up to it that matches was printed
-    for event in sorted((e for e in buffered if isinstance(e, dict)
-                         and isinstance(e.get("id"), int)), key=lambda e: e["id"]):
-        printer.emit(event)
-    buffered.clear()
-    live[0] = True
-    await session.ended
+    session.ended.addBoth(ended)
+    while not state["ended"]:
+        try:
+            cursor = await _catch_up(session, printer, topics, limit=limit)
+        except Gone as e:
+            err.write(f"zwrm: events were lost: {e.message}\n")
+            printer.last = e.last_id
+            cursor = await _catch_up(session, printer, topics)
+        limit = None
+        if cursor is not None and (printer.last is None or cursor > printer.last):
+            printer.last = cursor  # every event up to it that matches was printed
+        for event in sorted((e for e in buffered if isinstance(e, dict)
+                             and isinstance(e.get("id"), int)), key=lambda e: e["id"]):
+            printer.emit(event)
+        buffered.clear()
+        state["signal"] = defer.Deferred()
+        state["live"] = True
+        if not state["ended"]:
+            await state["signal"]
 
 
 async def events(reactor, args, out=None, err=None, settings=None):
