@@ -86,6 +86,38 @@ class LogTests(TestCase):
         self.assertEqual([r["args"]["replicas"] for r in await log.list()], [3, 4])
 
 
+    @d
+    async def test_procedure_with_its_own_details(self):
+        """
+        A procedure that takes the call's details itself (zwrm.machine.console) gets them,
+        keeps its register options, and its call is stored; a cancelled call as cancelled.
+        """
+        from autobahn.wamp.types import CallDetails, RegisterOptions
+        from twisted.internet import defer
+
+        _, log = await self._log()
+        options = RegisterOptions(details_arg="details")
+        seen = []
+
+        def console(machine_id, details=None):
+            seen.append(details)
+            return defer.Deferred()  # attached until the caller detaches
+
+        wrapped, opts = log.wrap("zwrm.machine.console", console, options)
+        self.assertIs(opts, options)
+        from autobahn.wamp.request import Registration
+
+        details = CallDetails(Registration(None, 1, "zwrm.machine.console", None), caller=1,
+                              caller_authid="operator", caller_authrole="operator")
+        d = wrapped("m-1", details=details)
+        self.assertEqual(seen, [details])
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        rows = await log.list()
+        self.assertEqual([(r["procedure"], r["args"], r["result"]) for r in rows],
+                         [("zwrm.machine.console", {"machine_id": "m-1"}, "cancelled")])
+
+
 class SessionTests(TestCase):
     """Real control plane, real sockets, sessions of each role."""
 
