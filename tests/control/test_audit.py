@@ -179,3 +179,16 @@ class SessionTests(TestCase):
         self.assertEqual(options.details_arg, audit._DETAILS_ARG)
         # a call whose details name no audited role runs as it is, storing nothing
         self.assertIs(wrapped(**{audit._DETAILS_ARG: None}), sentinel)
+
+
+class ExternalRouterTests(SynchronousTestCase):
+    def test_session_on_an_external_router_audits(self):
+        """The control component's session on Crossbar.io takes the AuditAPI's log."""
+        from zwrm.control.audit import AuditAPI
+        from zwrm.control.crossbar import RouterControlSession
+
+        log = AuditLog(Clock(), None)
+        session = RouterControlSession([object(), AuditAPI(log)], "zwrm", "control", "t",
+                                       lambda s: None)
+        self.assertIs(session.audit, log)
+        self.assertIsNone(RouterControlSession([], "zwrm", "control", "t", None).audit)

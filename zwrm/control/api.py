@@ -238,8 +238,17 @@ class ControlSession(ApplicationSession):
     """The L{zwrm.control.audit.AuditLog} that stores operators' calls, or L{None}."""
 
     def __init__(self, apis, realm="zwrm", audit=None):
+        """
+        @param audit: the L{zwrm.control.audit.AuditLog}; by default that of the
+            L{zwrm.control.audit.AuditAPI} among C{apis}, if any (so a session on an
+            external router audits too).
+        """
+        from zwrm.control.audit import AuditAPI
+
         ApplicationSession.__init__(self, ComponentConfig(realm=realm))
         self.apis = list(apis)
+        if audit is None:
+            audit = next((a.audit for a in self.apis if isinstance(a, AuditAPI)), None)
         if audit is not None:
             self.audit = audit
 
