@@ -573,7 +573,9 @@ class ViewPublisher:
             self._all_dirty = True
         while self._unknown:
             ids, self._unknown = sorted(self._unknown), set()
-            rows = {r["id"]: r for r in await self._data.machines.find(ids=ids)}
+            rows = {}
+            for i in range(0, len(ids), 500):  # SQLite bounds the parameters of a query
+                rows.update((r["id"], r) for r in await self._data.machines.find(ids=ids[i:i + 500]))
             for mid in ids:
                 if mid in self._unknown:
                     continue  # an event came while reading: read it again
