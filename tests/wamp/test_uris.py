@@ -121,6 +121,31 @@ class StrictUriTests(unittest.SynchronousTestCase):
             self.assertTrue(is_strict_uri(f"zwrm.agent.{host_id}.machine.start"), host_id)
             self.assertTrue(is_strict_uri(f"zwrm.agent.{host_id}.", "prefix"), host_id)
 
+    def test_agent_procedures(self):
+        """
+        Every procedure of the agent's executors (registered under C{zwrm.agent.<host_id>.},
+        so the source scan sees only their last components), under a real host id.
+        """
+        import importlib
+        import inspect
+        import pkgutil
+
+        import zwrm.agent
+        from zwrm.hostid import new_host_id
+
+        found = []
+        for info in pkgutil.walk_packages(zwrm.agent.__path__, "zwrm.agent."):
+            module = importlib.import_module(info.name)
+            for _, cls in inspect.getmembers(module, inspect.isclass):
+                if cls.__module__ != module.__name__:
+                    continue
+                for _, fn in inspect.getmembers(cls, inspect.isfunction):
+                    found += [(f"zwrm.agent.{new_host_id()}.{p.uri()}", cls.__qualname__)
+                              for p in getattr(fn, "_wampuris", ())]
+        self.assertIn("machine.start", {uri.split(".", 3)[3] for uri, _ in found})
+        bad = [f"{where}: {uri}" for uri, where in found if not is_strict_uri(uri)]
+        self.assertEqual(bad, [], "\n".join(bad))
+
 
 class RuntimeUriTests(unittest.TestCase):
     """
