@@ -99,3 +99,18 @@ class RoleTokenTests(TestCase):
     def test_bad_role(self):
         with self.assertRaises(SystemExit):
             build_parser().parse_args(["tokens", "create", "--role", "admin"])
+
+
+class ActorTests(TestCase):
+    timeout = 60
+
+    @d
+    async def test_audit_names_the_token(self):
+        plane, _ = await start_plane(self)
+        self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
+        token = await RoleTokenTests._create(self, plane, "operator")
+        op = await _session(plane, "operator", token)
+        self.addCleanup(client.close, op)
+        await op.call("zwrm.app.create", "web")
+        entries = await op.call("zwrm.audit.list")
+        self.assertEqual(entries[-1]["authid"], role_token_id(token))
