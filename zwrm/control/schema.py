@@ -474,7 +474,9 @@ PROCEDURES = {p.uri: p for p in [
              "seconds it must keep passing before the move commits (10)"),
          Arg("stop_timeout", Nullable(Number(0, 3600)), None,
              "seconds of ACPI power-down before a hard stop (30)"),
-         Arg("poll", Nullable(Number(0.05, 60)), None, "seconds between checks (1)")],
+         Arg("poll", Nullable(Number(0.05, 60)), None,
+             "seconds before a failed call to a host is tried again, and between reads of "
+             "copy progress from an agent that does not announce it (1)")],
         "{drain_id, host_id, state, plan: [{machine_id, app, volumes, target, reason}]}",
         ["invalid_argument", "not_found", "conflict", "unplaceable"]),
     Procedure("zwrm.host.drain_status", READ, "The latest drain of a host.", [_HOST],
