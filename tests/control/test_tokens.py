@@ -17,7 +17,7 @@ from zwrm.control.api import AgentAPI
 from zwrm.control.auth import ControlAuthenticator
 from zwrm.control.roles import roles
 from zwrm.control.store import MIGRATIONS, migrate
-from zwrm.control.tokens import ControlPKI, TokenAPI, server_names
+from zwrm.control.tokens import RESETS_TABLE, ControlPKI, TokenAPI, server_names
 from zwrm.wamp.auth import Principal, RoleBasedAuthorizer
 
 
@@ -277,3 +277,27 @@ class JoinTokenTableMigrationTests(SynchronousTestCase):
         e = self.assertRaises(RuntimeError, pki.JoinTokens, db, "ab" * 32, Clock())
         self.assertIn("migrations", str(e))
         self.assertNotIn(pki.JoinTokens.table_name, db.table_names())
+
+
+class HostResetsTableMigrationTests(SynchronousTestCase):
+    """The host resets' table is made by the store's migrations (schema version 10)."""
+
+    def test_a_new_database_gets_the_table(self):
+        db = sqlite_utils.Database(memory=True)
+        self.assertEqual(migrate(db), len(MIGRATIONS))
+        self.assertEqual(db[RESETS_TABLE].columns_dict, {"host_id": str, "expires_at": float})
+        self.assertEqual(db[RESETS_TABLE].pks, ["host_id"])
+
+    def test_a_version_9_database_keeps_its_resets(self):
+        """
+        A database of schema version 9 has the table already (ControlPKI.start made it, with
+        the same columns): the migration keeps it and its rows.
+        """
+        db = sqlite_utils.Database(memory=True)
+        self.assertEqual(migrate(db, MIGRATIONS[:9]), 9)
+        self.assertNotIn(RESETS_TABLE, db.table_names())
+        db[RESETS_TABLE].create({"host_id": str, "expires_at": float}, pk="host_id")
+        db[RESETS_TABLE].insert({"host_id": "h_" + "a" * 16, "expires_at": 1234.0})
+        self.assertEqual(migrate(db), len(MIGRATIONS))
+        self.assertEqual(list(db[RESETS_TABLE].rows),
+                         [{"host_id": "h_" + "a" * 16, "expires_at": 1234.0}])

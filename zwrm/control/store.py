@@ -119,7 +119,17 @@ def _v9(db):
     audit.schema_v9(db)
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
+def _v10(db):
+    """
+    Schema version 10: the host resets' table (L{tokens.schema_host_resets}), until then
+    made outside the migrations by L{zwrm.control.tokens.ControlPKI.start}.
+    """
+    from zwrm.control import tokens
+
+    tokens.schema_host_resets(db)
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10]
 """Schema migrations, in order; append, never edit."""
 
 JSON_COLUMNS = {

@@ -106,7 +106,6 @@ class ControlPKI:
             return ca, names, tokens
 
         self.ca, self.names, self._tokens = await self.store.run(load)
-        await self.store.run(_create_resets)
         self.fingerprint = self.ca.fingerprint
         self.log.info(
             "{what} the cluster CA in {dir}; CA fingerprint sha256:{fp}",
@@ -217,7 +216,14 @@ class ControlPKI:
         return {"certificate": cert.decode("ascii"), "ca": self.ca.certificate_pem.decode("ascii")}
 
 
-def _create_resets(db):
+def schema_host_resets(db):
+    """
+    The C{host_resets} table (a store migration, L{zwrm.control.store}). A database older
+    than that already has it, made the same way by L{ControlPKI.start} before the table
+    moved into the store's migrations: then it is kept as it is.
+
+    @param db: a C{sqlite_utils.Database}.
+    """
     if not db[RESETS_TABLE].exists():
         db[RESETS_TABLE].create({"host_id": str, "expires_at": float}, pk="host_id")
 
