@@ -5,11 +5,15 @@ real volume streams over TLS on loopback), with the control plane's time on a Cl
 """
 
 import hashlib
+import inspect
+import json
 import os
+import types
 from itertools import product
 
+from autobahn.wamp.exception import ApplicationError
 from twisted.internet import reactor
-from twisted.internet.defer import succeed
+from twisted.internet.defer import maybeDeferred, succeed
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -229,6 +233,35 @@ class DrainCluster(Cluster):
                       transfers=transfers, health_probe=probe)
         self.t.addCleanup(ex.close)
         self.executors[host_id] = (ex, procedures(ex))
+
+    #: whether the agents announce copy progress (L{False}: agents from before that)
+    announces = True
+
+    def call(self, procedure, *args, options=None, **kwargs):
+        """
+        L{Cluster.call}, with WAMP progressive results: a caller's C{on_progress} gets what
+        the procedure passes to C{details.progress} (as it crossed the wire).
+        """
+        on_progress = getattr(options, "on_progress", None)
+        if on_progress is not None and self.announces:
+            verb = procedure.split(".", 3)[3]
+            _, procs = self.executors[procedure.split(".")[2]]
+            fn = procs[verb]
+            if "details" in inspect.signature(fn).parameters:
+                def wire(f):
+                    if isinstance(f.value, errors.ZwrmError):
+                        e = f.value
+                        raise ApplicationError(e.uri, *e.args, **(e.kwargs or {}))
+                    return f
+
+                details = types.SimpleNamespace(
+                    progress=lambda *a, **kw: on_progress(*json.loads(json.dumps(a)),
+                                                          **json.loads(json.dumps(kw))))
+                self.calls.append((procedure.split(".")[2], verb))
+                args, kwargs = json.loads(json.dumps([args, kwargs]))
+                return maybeDeferred(fn, *args, details=details, **kwargs).addCallbacks(
+                    lambda r: json.loads(json.dumps(r)), wire)
+        return Cluster.call(self, procedure, *args, **kwargs)
 
     def store_of(self, host_id):
         return self.executors[host_id][0].volumes

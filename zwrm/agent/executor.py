@@ -51,6 +51,7 @@ from zwrm.agent import health as _health
 from zwrm.agent.blockmap import file_digest
 from zwrm.agent.console import ConsoleRelay
 from zwrm.agent.network.host import check_network
+from zwrm.agent.transfer.progress import ProgressThrottle
 from zwrm.drivers import cloudinit as _cloudinit
 from zwrm.drivers.spec import check_id, volume_serial
 from zwrm.errors import Conflict, Internal, InvalidArgument, NotFound, Unavailable, ZwrmError
@@ -159,6 +160,11 @@ class _Record:
     def to_json(self):
         return {"spec": self.spec, "host_port": self.host_port, "state": self.state,
                 "reason": self.reason, "image_digests": self.image_digests}
+
+
+def _announced(progress):
+    """A volume stream's progress as it is announced (L{Executor.send_volume})."""
+    return {k: progress[k] for k in ("volume_id", "mode", "sent", "done", "total", "finished")}
 
 
 class Executor:
@@ -475,15 +481,24 @@ class Executor:
         got = self._transfers().receive(token, volume_id, size, source=source)
         return {"host": self.transfer_host, "port": got["port"]}
 
-    @wamp.register("volume.send")
-    def send_volume(self, volume_id, host, port, token, target, mode="bulk", commit=True):
+    @wamp.register("volume.send", options=RegisterOptions(details_arg="details"))
+    def send_volume(self, volume_id, host, port, token, target, mode="bulk", commit=True,
+                    details=None):
         """
         Stream local volume C{volume_id} to host C{target} at C{host}:C{port}.
+
+        A caller that asks for progressive results (the control plane's drain) is told how
+        far the copy is as it goes: C{{"volume_id", "mode", "sent", "done", "total",
+        "finished"}}, the first at once (so the caller knows this agent announces), then at
+        most one every L{zwrm.agent.transfer.progress.PROGRESS_INTERVAL} seconds, and the
+        final figures just before the result (L{ProgressThrottle}).  L{volume_progress}
+        tells the same to a caller that asks (control planes from before the
+        announcements).
 
         @param mode: C{"bulk"} (every allocated block) or C{"delta"} (only the blocks that
             differ from the copy the target holds for C{token}).
         @return: a Deferred of the sender's result C{{"digest", "committed", "size",
-            "allocated", "sent", ...}}; L{volume_progress} tells how far it is meanwhile.
+            "allocated", "sent", ...}}.
         @raise NotFound: no such volume here.
         """
         check_id(volume_id, "volume id")
@@ -492,9 +507,16 @@ class Executor:
         progress = {"volume_id": volume_id, "mode": mode, "sent": 0, "done": 0, "total": None,
                     "finished": False, "started_at": self.reactor.seconds()}
         self._outgoing[volume_id] = progress
+        announce = getattr(details, "progress", None)
+        throttle = None
+        if announce is not None:
+            throttle = ProgressThrottle(self.reactor, lambda p: announce(_announced(p)))
+            throttle.report(progress)
 
         def update(p):
             progress.update(sent=p["sent"], done=p["done"], total=p["total"])
+            if throttle is not None:
+                throttle.report(progress)
 
         d = self._transfers().send(volume_id, host, port, token, target, mode=mode,
                                    commit=commit, progress=update)
@@ -505,6 +527,10 @@ class Executor:
                 progress.update(sent=result.get("sent", progress["sent"]),
                                 total=result.get("allocated", progress["total"]))
                 progress["done"] = progress["total"]
+                if throttle is not None:
+                    throttle.finish(progress)
+            elif throttle is not None:
+                throttle.finish()  # failed: what was reported, nothing more
             return result
 
         return d.addBoth(finished)

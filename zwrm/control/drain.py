@@ -24,6 +24,7 @@ replacement's health is waited for on the machines resource's events.
 import uuid
 
 from autobahn import wamp
+from autobahn.wamp.types import CallOptions
 from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
@@ -43,6 +44,10 @@ from zwrm.tokens import mint_token
 
 STEPS = {phase: f"_step_{phase}" for phase in MIGRATION_STEPPED}
 """The runner's step of each phase that has one (a method of L{Drains}; see docs/drain.md)."""
+PROGRESS_FALLBACK_AFTER = 10.0
+"""Seconds of a volume copy without an announcement of its progress after which the drain
+reads it with C{volume.progress} (an agent from before the announcements)."""
+
 DEFAULTS = {"deadline": 3600.0, "max_parallel": 1, "healthy_deadline": 300.0,
             "min_healthy": 10.0, "stop_timeout": 30.0, "poll": 1.0}
 
@@ -659,25 +664,64 @@ class Drains:
 
     async def _send_watching(self, run, source, vid, host, port, token, target, mode,
                              sent_before, done_before, poll_every):
-        """Send one volume, polling the source's progress into the migration row."""
-        d = ensureDeferred(self._call(source, "volume.send", vid, host, port, token, target,
-                                      mode=mode, commit=(mode == "delta")))
+        """
+        Send one volume; the progress the source announces (progressive results of
+        C{volume.send}, L{zwrm.agent.transfer.progress}) goes into the migration row.
+
+        An agent from before the announcements says nothing while it copies: if nothing
+        was heard after L{PROGRESS_FALLBACK_AFTER} seconds, its C{volume.progress} is read
+        every C{poll_every} seconds instead, until it announces or the copy ends.
+        """
+        fallback = []  # the LoopingCall reading volume.progress, once it runs
+        heard = []
+
+        def record(p):
+            run.detail["bytes_done"] = done_before + (p.get("done") or 0)
+            run.row["bytes_sent"] = sent_before + (p.get("sent") or 0)
+
+        def announced(*args, **kwargs):
+            p = args[0] if args else kwargs
+            if not isinstance(p, dict):
+                return
+            if not heard:
+                heard.append(True)
+                stop_fallback()
+            record(p)
 
         async def poll():
             try:
                 p = await self._call(source, "volume.progress", vid)
             except errors.ZwrmError:
                 return
-            run.detail["bytes_done"] = done_before + (p.get("done") or 0)
-            run.row["bytes_sent"] = sent_before + (p.get("sent") or 0)
+            if not heard:
+                record(p)
 
-        loop = task.LoopingCall(lambda: ensureDeferred(poll()))
-        loop.clock = self._clock
-        loop.start(poll_every, now=False)
+        def start_fallback():
+            if heard or d.called:
+                return
+            self.log.info("drain: {host} does not announce copy progress; reading it every "
+                          "{poll}s", host=source, poll=poll_every)
+            loop = task.LoopingCall(lambda: ensureDeferred(poll()))
+            loop.clock = self._clock
+            fallback.append(loop)
+            loop.start(poll_every, now=True)
+
+        def stop_fallback():
+            if timer.active():
+                timer.cancel()
+            while fallback:
+                loop = fallback.pop()
+                if loop.running:
+                    loop.stop()
+
+        timer = self._clock.callLater(PROGRESS_FALLBACK_AFTER, start_fallback)
+        d = ensureDeferred(self._call(source, "volume.send", vid, host, port, token, target,
+                                      mode=mode, commit=(mode == "delta"),
+                                      options=CallOptions(on_progress=announced)))
         try:
             return await d
         finally:
-            loop.stop()
+            stop_fallback()
 
     async def _step_stopping_source(self, drain, run):
         row = await self._original(run)
