@@ -216,25 +216,33 @@ class CollectionPolicy(service.Service):
     def metrics(self):
         """Prometheus text-format lines."""
         s = self.stats
-        lines = ["# TYPE zwrm_gc_collections_total counter"]
+        lines = ["# HELP zwrm_gc_collections_total Garbage collections, by generation.",
+                 "# TYPE zwrm_gc_collections_total counter"]
         lines += [f'zwrm_gc_collections_total{{generation="{g}"}} {s.collections[g]}'
                   for g in range(3)]
+        lines.append("# HELP zwrm_gc_pause_seconds_total Time spent in garbage collections.")
         lines.append("# TYPE zwrm_gc_pause_seconds_total counter")
         lines += [f'zwrm_gc_pause_seconds_total{{generation="{g}"}} {s.pause_seconds[g]:.6f}'
                   for g in range(3)]
+        lines.append("# HELP zwrm_gc_pause_max_seconds The longest garbage-collection pause.")
         lines.append("# TYPE zwrm_gc_pause_max_seconds gauge")
         lines += [f'zwrm_gc_pause_max_seconds{{generation="{g}"}} {s.max_pause_seconds[g]:.6f}'
                   for g in range(3)]
+        lines.append("# HELP zwrm_gc_collected_total Objects freed by garbage collections.")
         lines.append("# TYPE zwrm_gc_collected_total counter")
         lines += [f'zwrm_gc_collected_total{{generation="{g}"}} {s.collected[g]}'
                   for g in range(3)]
         lines += [
+            "# HELP zwrm_gc_frozen_objects Objects frozen out of garbage collection.",
             "# TYPE zwrm_gc_frozen_objects gauge",
             f"zwrm_gc_frozen_objects {self.frozen}",
+            "# HELP zwrm_gc_full_collections_total Full collections the policy ran.",
             "# TYPE zwrm_gc_full_collections_total counter",
             f"zwrm_gc_full_collections_total {self.full_collections}",
+            "# HELP zwrm_gc_last_full_seconds How long the last full collection took.",
             "# TYPE zwrm_gc_last_full_seconds gauge",
             f"zwrm_gc_last_full_seconds {self.last_full_seconds:.6f}",
+            "# HELP zwrm_gc_last_young_seconds How long the last young collection took.",
             "# TYPE zwrm_gc_last_young_seconds gauge",
             f"zwrm_gc_last_young_seconds {self.last_young_seconds:.6f}",
         ]

@@ -123,7 +123,7 @@ class ClusterTests(TestCase):
                        if line and not line.startswith("#"))
         self.assertGreaterEqual(float(metrics["zwrm_gc_full_collections_total"]), 1)
         self.assertGreater(float(metrics["zwrm_gc_frozen_objects"]), 10_000)
-        self.assertEqual(metrics['zwrm_hosts{state="ready"}'], "2")
+        self.assertEqual(float(metrics['zwrm_hosts{state="ready"}']), 2)
 
         # zwrm.image.* over WAMP, as an operator's client sees it
         from zwrm.cli.client import connect

@@ -31,6 +31,7 @@ from zwrm.control.console import ConsoleAPI
 from zwrm.control.drain import Drains
 from zwrm.control.healing import Healer
 from zwrm.control.images import ImageAPI
+from zwrm.control.metrics import ControlMetrics, MetricsResource
 from zwrm.control.monitor import HealthMonitor
 from zwrm.control.registry import HostRegistry
 from zwrm.control.resources.certs import CertAPI, CertPublisher, Certs
@@ -113,39 +114,6 @@ class HealthResource(resource.Resource):
         return json.dumps({"ok": ok, "hosts": len(self.plane.registry or ())}).encode()
 
 
-class MetricsResource(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, plane):
-        resource.Resource.__init__(self)
-        self.plane = plane
-
-    def render_GET(self, request):
-        request.setHeader(b"content-type", b"text/plain; version=0.0.4")
-        lines = ["# TYPE zwrm_hosts gauge"]
-        counts = {}
-        reg = self.plane.registry
-        for hid in reg.host_ids() if reg else ():
-            s = reg.state(hid)
-            counts[s] = counts.get(s, 0) + 1
-        for state in ("ready", "draining", "drained", "offline"):
-            lines.append(f'zwrm_hosts{{state="{state}"}} {counts.get(state, 0)}')
-        router = self.plane.router
-        if router is not None:
-            lines.append("# TYPE zwrm_wamp_sessions gauge")
-            lines.append(f"zwrm_wamp_sessions {router.session_count()}")
-            lines.append("# TYPE zwrm_wamp_calls_total counter")
-            lines.append(f"zwrm_wamp_calls_total {router.stats.calls}")
-            lines.append("# TYPE zwrm_wamp_sessions_closed_total counter")
-            lines.append(f"zwrm_wamp_sessions_closed_total {router.stats.sessions_closed}")
-        elif self.plane.external is not None:
-            lines.append("# TYPE zwrm_router_connected gauge")
-            lines.append(f"zwrm_router_connected {int(self.plane.wamp_connected())}")
-        if self.plane.gc_policy is not None:
-            lines += self.plane.gc_policy.metrics()
-        return ("\n".join(lines) + "\n").encode()
-
-
 class ControlPlane(service.MultiService):
     """
     The zwrm control plane.
@@ -193,6 +161,7 @@ class ControlPlane(service.MultiService):
         self.ready = False
         self.root = resource.Resource()
         self.root.putChild(b"healthz", HealthResource(self))
+        self.metrics = ControlMetrics(self)  # /metrics (zwrm.control.metrics)
         self.root.putChild(b"metrics", MetricsResource(self))
         self.started = defer.Deferred()
         self._flusher = None
@@ -244,6 +213,7 @@ class ControlPlane(service.MultiService):
                                              authmethods=cfg.auth_methods)
         if not cfg.router_url:
             self.router = Router(self.reactor, authenticator, RoleBasedAuthorizer(roles()))
+            self.router.call_observer = self.metrics.latencies.observe
         if self.gc_policy is not None and self.router is not None:
             stats = self.router.stats
             self.gc_policy.watch_sessions(lambda: stats.sessions_closed, self.router.session_count)

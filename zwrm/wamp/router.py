@@ -212,6 +212,8 @@ class _PendingCall:
         "receive_progress",
         "timer",
         "canceled",
+        "procedure",
+        "started",
     )
 
     def __init__(self, caller, call_request, callee, invocation_request, receive_progress):
@@ -222,6 +224,8 @@ class _PendingCall:
         self.receive_progress = receive_progress
         self.timer = None
         self.canceled = False
+        self.procedure = None
+        self.started = None  # reactor time of the CALL, when the router's call_observer is set
 
 
 class _PatternTable:
@@ -837,6 +841,9 @@ class Router:
         self._next_sub_id = 0
         self._next_reg_id = 0
         self.stats = RouterStats()
+        #: C{call_observer(procedure, seconds)}, if set, learns how long each call routed to a
+        #: callee took, from its CALL to its answer (result, error, timeout or cancel).
+        self.call_observer = None
         self._handlers = {
             message.Subscribe: Router._on_subscribe,
             message.Unsubscribe: Router._on_unsubscribe,
@@ -1230,6 +1237,8 @@ class Router:
         callee = reg.callee
         inv_request = callee.new_request_id()
         pc = _PendingCall(session, request, callee, inv_request, receive_progress)
+        if self.call_observer is not None:
+            pc.procedure, pc.started = procedure, self.reactor.seconds()
         session.calls[request] = pc
         callee.invocations[inv_request] = pc
         timeout = self.limits.call_timeout or 0
@@ -1251,7 +1260,10 @@ class Router:
             callee.send_list(_with_payload([_INVOCATION, inv_request, reg.id, details], args, kwargs))
 
     def _finish(self, pc):
-        """Forget a pending call on both sides."""
+        """Forget a pending call on both sides (and tell the call observer how long it took)."""
+        if pc.started is not None and self.call_observer is not None:
+            self.call_observer(pc.procedure, self.reactor.seconds() - pc.started)
+            pc.started = None
         pc.caller.calls.pop(pc.call_request, None)
         if pc.callee is not None:
             pc.callee.invocations.pop(pc.invocation_request, None)
