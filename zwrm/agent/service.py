@@ -244,6 +244,8 @@ class AgentService(service.Service):
         self.executors = [MembershipExecutor(self)]
         self.heartbeat_interval = 5.0
         self.heartbeats_sent = 0
+        self.heartbeat_rtt = None  # seconds, of the last answered heartbeat (/metrics)
+        self.metrics_port = None  # the /metrics listening port, with --metrics-listen
         self.attempts = 0
         self.last_error = None
         self.registered = defer.Deferred()
@@ -306,6 +308,25 @@ class AgentService(service.Service):
             url=self.config.url,
         )
         self.life.start()
+        if getattr(self.config, "metrics_listen", None):
+            self._listen_metrics(self.config.metrics_listen)
+
+    def _listen_metrics(self, description):
+        """Serve C{/metrics} (L{zwrm.agent.metrics}) on the endpoint C{description}."""
+        from zwrm.agent.metrics import AgentMetrics, make_site
+
+        site = make_site(AgentMetrics(self.reactor, self))
+        d = endpoints.serverFromString(self.reactor, description).listen(site)
+
+        def listening(port):
+            if not self.running:
+                return port.stopListening()
+            self.metrics_port = port
+            self.log.info("metrics on {where}", where=port.getHost())
+
+        d.addCallbacks(listening, lambda f: self.log.error(
+            "cannot serve metrics on {d}: {why}", d=description, why=f.getErrorMessage()))
+        self._metrics_listening = d
 
     #: How long L{stopService} lets connections close cleanly before aborting them.
     stop_timeout = 2.0
@@ -328,7 +349,10 @@ class AgentService(service.Service):
             connection.close()
         closing = (defer.Deferred.fromCoroutine(self.runtime.close())
                    if self.runtime is not None else defer.succeed(None))
-        return defer.gatherResults([self._all_lost(connections), closing, ended])
+        port, self.metrics_port = self.metrics_port, None
+        unlistened = defer.maybeDeferred(port.stopListening) if port is not None else None
+        return defer.gatherResults([self._all_lost(connections), closing, ended]
+                                   + ([unlistened] if unlistened is not None else []))
 
     def _all_lost(self, connections):
         """Fires once every one of C{connections} is lost, aborting them after a while."""
@@ -651,6 +675,7 @@ class AgentService(service.Service):
         session = self.session
         if session is None or not session.is_attached():
             return
+        sent_at = self.reactor.seconds()
         d = defer.maybeDeferred(session.call, "zwrm.agent.heartbeat",
                                 self.runtime.stats() if self.runtime else {})
         timeout = self._hb_timeout = self.reactor.callLater(
@@ -658,6 +683,7 @@ class AgentService(service.Service):
 
         def ok(result):
             self.heartbeats_sent += 1
+            self.heartbeat_rtt = self.reactor.seconds() - sent_at
             interval = result.get("heartbeat_interval") if isinstance(result, dict) else None
             if interval:
                 self.heartbeat_interval = float(interval)

@@ -56,6 +56,8 @@ class AgentConfig:
     #: VM networking: "user" (QEMU user mode, restrict=on) or "bridge" (docs/networking.md).
     network: str = "user"
     dns_port: int = 53
+    #: Where C{/metrics} (Prometheus text) is served, an endpoint string; None: nowhere.
+    metrics_listen: str | None = None
 
 
 def _is_loopback(host):
@@ -117,6 +119,9 @@ class Options(usage.Options):
         ["volume-endpoint", None, None,
          "Where other agents stream volumes to this host (TLS with host certificates), an "
          "endpoint string; default tcp:0:interface=127.0.0.1 (loopback only)."],
+        ["metrics-listen", None, None,
+         "Serve /metrics (Prometheus text format) on this endpoint, e.g. "
+         "tcp:9464:interface=127.0.0.1; default: not served."],
     ]
     optFlags = [["insecure", None, "Allow plain ws:// to a non-loopback control plane."]]
 
@@ -145,7 +150,7 @@ class Options(usage.Options):
         for key in ("control-plane-url", "region", "datacenter", "join-token-file",
                     "data-dir", "name", "address", "vcpus", "memory-mb", "disk-mb", "ca-file",
                     "retry-initial", "retry-max", "driver", "accel", "image-cache-mb",
-                    "volume-endpoint", "network", "dns-port"):
+                    "volume-endpoint", "network", "dns-port", "metrics-listen"):
             if self[key] is not None:
                 values[key.replace("-", "_")] = self[key]
         if self["label"]:
@@ -186,6 +191,8 @@ class Options(usage.Options):
         check_url(config.url, config.insecure)
         _check_driver(config)
         _check_volume_endpoint(config.volume_endpoint)
+        if config.metrics_listen is not None:
+            _check_metrics_listen(config.metrics_listen)
         if config.network not in ("user", "bridge"):
             raise usage.UsageError(f"network must be user or bridge, not {config.network!r}")
         if config.network == "bridge" and not config.address:
@@ -248,6 +255,17 @@ def _check_volume_endpoint(description):
         raise usage.UsageError(f"bad volume_endpoint {description!r}: {e}") from None
 
 
+def _check_metrics_listen(description):
+    """@raise usage.UsageError: unless C{description} is a server endpoint string."""
+    from twisted.internet import endpoints, reactor
+
+    try:
+        assert isinstance(description, str) and description
+        endpoints.serverFromString(reactor, description)
+    except (ValueError, TypeError, AssertionError, KeyError) as e:
+        raise usage.UsageError(f"bad metrics_listen {description!r}: {e or 'not an endpoint'}") from None
+
+
 def _check_driver(config):
     """@raise usage.UsageError: unless the configured driver plugin exists."""
     from zwrm import plugins
@@ -263,7 +281,7 @@ def _check_driver(config):
 KEYS = {"control_plane_url", "region", "datacenter", "join_token", "join_token_file", "data_dir",
         "name", "address", "labels", "vcpus", "memory_mb", "disk_mb", "ca_file", "insecure",
         "retry_initial", "retry_max", "driver", "accel", "image_cache_mb", "plugin_dirs", "volume_endpoint",
-        "network", "dns_port"}
+        "network", "dns_port", "metrics_listen"}
 
 
 def _load(path):

@@ -124,6 +124,30 @@ def _pid_cmdline(pid):
         return []
 
 
+def _proc_usage(pid):
+    """C{(cpu seconds, resident bytes)} of process C{pid} from C{/proc/<pid>/stat}, or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # after "pid (comm)": state is fields[0], utime 11, stime 12, rss (pages) 21
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks, int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _tap_usage(tap):
+    """A TAP device's byte and packet counters (C{/sys/class/net/<tap>/statistics}), or None."""
+    out = {}
+    for name in ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets"):
+        try:
+            with open(f"/sys/class/net/{tap}/statistics/{name}") as f:
+                out[name] = int(f.read())
+        except (OSError, ValueError):
+            return None
+    return out
+
+
 class _Machine:
     def __init__(self, machine_id, directory):
         self.id = machine_id
@@ -319,6 +343,47 @@ class QemuDriver:
         if m.state != "running" or m.starting:
             raise Unavailable(f"machine {machine_id} is {m.state}: its console is closed")
         return m.console_path
+
+    def usage(self, machine_id):
+        """
+        A running machine's counters, for the agent's C{/metrics}
+        (L{zwrm.agent.metrics}): QEMU's CPU time and resident memory from
+        C{/proc/<pid>/stat}, each disk's from QMP C{query-blockstats}, and, with a TAP
+        device (bridge networking), its C{/sys/class/net/<tap>/statistics}.  User-mode
+        networking has no host-side device to count: no C{net}.
+
+        @return: C{{"cpu_seconds", "rss_bytes", "memory_bytes", "disks": {drive id:
+            {"rd_bytes", "wr_bytes", "rd_operations", "wr_operations"}}, "net":
+            {"rx_bytes", "tx_bytes", "rx_packets", "tx_packets"} or None, "tap": its name or None}},
+            or L{None}
+            if it is not running (or QMP has gone); a Deferred.
+        @raise NotFound: unknown machine.
+        """
+        return ensureDeferred(self._usage(self._get(machine_id)))
+
+    async def _usage(self, m):
+        qmp, pid = m.qmp, m.pid
+        if m.state != "running" or m.starting or qmp is None or pid is None:
+            return None
+        proc = _proc_usage(pid)
+        if proc is None:
+            return None
+        try:
+            blockstats = await qmp.execute("query-blockstats")
+        except _qmp.QMPError:
+            return None
+        disks = {}
+        for entry in blockstats or ():
+            name = entry.get("device") or entry.get("qdev") or entry.get("node-name")
+            stats = entry.get("stats") or {}
+            if name:
+                disks[name] = {k: int(stats.get(k, 0)) for k in
+                               ("rd_bytes", "wr_bytes", "rd_operations", "wr_operations")}
+        tap = ((m.spec or {}).get("nic") or {}).get("tap")
+        cpu, rss = proc
+        return {"cpu_seconds": cpu, "rss_bytes": rss,
+                "memory_bytes": int((m.spec or {}).get("memory_mb", 0)) * 1024 * 1024,
+                "disks": disks, "tap": tap, "net": _tap_usage(tap) if tap else None}
 
     def subscribe(self, listener):
         self._listeners.append(listener)

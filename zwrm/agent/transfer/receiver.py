@@ -418,6 +418,7 @@ class IncomingTransfer:
         def done(digest):
             self.hashes[index] = digest
             self.received += length
+            self._receiver.bytes_received += length  # the agent's /metrics
 
         self._queue(work, done)
 
@@ -638,7 +639,10 @@ class VolumeReceiver(service.Service):
     The target side: a TLS endpoint that accepts volume streams for expected tokens.
 
     @ivar port: the listening port once L{listen} has fired.
+    @ivar bytes_received: bytes of volume data written, over all transfers (C{/metrics}).
     """
+
+    bytes_received = 0
 
     def __init__(
         self,

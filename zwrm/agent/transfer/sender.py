@@ -273,6 +273,7 @@ class _SenderProtocol(_Framed):
         self.transport.write(_HEADER.pack(DATA, _OFFSET.size + len(data)) + _OFFSET.pack(offset))
         self.transport.write(data)
         self._send.sent += len(data)
+        self._send.sender.bytes_sent += len(data)  # the agent's /metrics
         self._send.blocks_sent += 1
         self._touch()
 
@@ -534,9 +535,11 @@ class VolumeSender:
     The source side: streams a volume image to a L{VolumeReceiver}.
 
     @cvar protocol: the per-connection protocol class (fault tests substitute a subclass).
+    @ivar bytes_sent: bytes of volume data sent, over all transfers (C{/metrics}).
     """
 
     protocol = _SenderProtocol
+    bytes_sent = 0
 
     def __init__(
         self,
