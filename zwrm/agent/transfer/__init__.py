@@ -22,7 +22,9 @@ By responsibility:
   - L{zwrm.agent.transfer.receiver}: L{VolumeReceiver} and L{IncomingTransfer};
   - L{zwrm.agent.transfer.sender}: L{VolumeSender} and its retries;
   - L{zwrm.agent.transfer.transfers}: L{VolumeTransfers}, both ends over an agent's volume
-    store.
+    store;
+  - L{zwrm.agent.transfer.progress}: L{ProgressThrottle}, a stream's progress announced to
+    the caller of C{volume.send} at a bounded rate.
 """
 
 from zwrm.agent.transfer.receiver import (
