@@ -225,3 +225,62 @@ async def _poll_async(check, timeout, what, interval=0.5):
         if reactor.seconds() > deadline:
             raise AssertionError(f"{what}: not within {timeout} s")
         await deferLater(reactor, interval, lambda: None)
+
+
+class _Driver:
+    """A driver with C{usage}: one machine answers at once (bridge mode), one never does."""
+
+    def __init__(self):
+        self.pending = Deferred()
+
+    def list(self):
+        return ["m1", "m2"]
+
+    def status(self, mid):
+        return {"id": mid, "state": "running"}
+
+    def usage(self, mid):
+        if mid == "m2":
+            return self.pending
+        return succeed({"cpu_seconds": 1.5, "rss_bytes": 3, "memory_bytes": 4, "tap": "zt1",
+                        "disks": {"vol0": {"rd_bytes": 5, "wr_bytes": 6, "rd_operations": 7,
+                                           "wr_operations": 8}},
+                        "net": {"rx_bytes": 9, "tx_bytes": 10, "rx_packets": 11, "tx_packets": 12}})
+
+
+class _Volumes:
+    def list(self):
+        return []
+
+
+class CollectionTests(SynchronousTestCase):
+    def test_a_machine_that_does_not_answer_is_left_out(self):
+        """QMP is asked asynchronously; a machine silent for C{timeout} s is left out of the scrape."""
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        metrics = AgentMetrics(clock, _Agent(_Driver(), _Volumes()))
+        d = Deferred.fromCoroutine(metrics.families())
+        self.assertNoResult(d)
+        clock.advance(metrics.timeout)
+        samples, _ = parse(generate_latest(_Families(self.successResultOf(d))).decode())
+        self.assertEqual(samples[("zwrm_machine_cpu_seconds_total", (("machine", "m1"),))], 1.5)
+        self.assertNotIn(("zwrm_machine_cpu_seconds_total", (("machine", "m2"),)), samples)
+        self.assertEqual(samples[("zwrm_machine_disk_writes_total", (("drive", "vol0"), ("machine", "m1")))], 8)
+        self.assertEqual(
+            samples[("zwrm_machine_network_transmit_packets_total", (("device", "zt1"), ("machine", "m1")))], 12)
+        self.assertEqual(samples[("zwrm_agent_machines", (("state", "running"),))], 2)
+        self.assertFalse(clock.getDelayedCalls())
+
+    def test_tap_counters(self):
+        """A device's counters from /sys/class/net (loopback stands in for a TAP); none for a missing one."""
+        from zwrm.drivers.qemu import _proc_usage, _tap_usage
+
+        figures = _tap_usage("lo")
+        self.assertEqual(sorted(figures), ["rx_bytes", "rx_packets", "tx_bytes", "tx_packets"])
+        self.assertTrue(all(isinstance(v, int) and v >= 0 for v in figures.values()))
+        self.assertIsNone(_tap_usage("zwrm-no-such-dev"))
+        cpu, rss = _proc_usage(os.getpid())
+        self.assertGreater(cpu, 0)
+        self.assertGreater(rss, 1024 * 1024)
+        self.assertIsNone(_proc_usage(2 ** 22 + 7))
