@@ -693,7 +693,7 @@ class Drains:
                 p = await self._call(source, "volume.progress", vid)
             except errors.ZwrmError:
                 return
-            if not heard:
+            if not heard and not d.called:  # an answer after the copy ended is stale
                 record(p)
 
         def start_fallback():
