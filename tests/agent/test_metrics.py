@@ -284,3 +284,50 @@ class CollectionTests(SynchronousTestCase):
         self.assertGreater(cpu, 0)
         self.assertGreater(rss, 1024 * 1024)
         self.assertIsNone(_proc_usage(2 ** 22 + 7))
+
+
+@pytest.mark.multihost
+class ProcessTests(TestCase):
+    """C{twistd zwrm-agent --metrics-listen ...}: a real agent process serves /metrics."""
+
+    timeout = 120
+
+    @d
+    async def test_agent_process(self):
+        from twisted.internet.error import ConnectError
+
+        from zwrm.testing.processes import AgentProcess, ControlPlaneProcess, free_port, temp_dir
+
+        tmp = temp_dir(self)
+        cp = ControlPlaneProcess(reactor, os.path.join(tmp, "cp"))
+        await cp.start()
+        self.addCleanup(lambda: ensureDeferred(cp.stop()))
+        port = free_port()
+        agent = AgentProcess(reactor, os.path.join(tmp, "a1"), cp.url, cp.join_token,
+                             extra_args=["--metrics-listen", f"tcp:{port}:interface=127.0.0.1",
+                                         "--accel", "tcg"])
+        await agent.start()
+        self.addCleanup(lambda: ensureDeferred(agent.stop()))
+        found = {}
+
+        async def scraped():
+            try:
+                r = await treq.get(f"http://127.0.0.1:{port}/metrics", persistent=False, timeout=5)
+            except ConnectError:
+                return False  # not listening yet
+            found["samples"] = parse(await r.text())[0]
+            return found["samples"].get(("zwrm_agent_heartbeats_total", ()), 0) >= 1
+
+        await _poll_async(scraped, 60, "the agent process's /metrics with a heartbeat")
+        samples = found["samples"]
+        self.assertEqual(samples[("zwrm_agent_info", (("host_id", agent.host_id), ("name", "a1")))], 1)
+        self.assertEqual(samples[("zwrm_agent_registered", ())], 1)
+        self.assertGreater(samples[("zwrm_agent_heartbeat_rtt_seconds", ())], 0)
+        self.assertEqual(samples[("zwrm_image_cache_limit_bytes", ())], 10240 * MiB)
+        # and the control plane's /metrics describes that host
+        r = await treq.get(f"http://127.0.0.1:{cp.port}/metrics", persistent=False)
+        cp_samples, _ = parse(await r.text())
+        self.assertEqual(cp_samples[("zwrm_host_state", (("host", agent.host_id), ("name", "a1"),
+                                                         ("state", "ready")))], 1)
+        self.assertGreaterEqual(cp_samples[("zwrm_wamp_call_duration_seconds_count",
+                                            (("procedure", "zwrm.agent.heartbeat"),))], 1)
