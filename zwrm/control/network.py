@@ -379,9 +379,10 @@ class ViewPublisher:
     each host and machine event and each address change of the L{ClusterNetwork}; a
     machine's app, replica and published ports (its spec, which never changes) are read
     the first time it is seen, in one query per push.  Once per reactor turn with a
-    change, each host whose part changed gets its view (C{network.update}), with at most
-    one call in flight per host (a change meanwhile sends the latest view when it answers).
-    A push that took C{t} seconds is followed by none for C{pause_ratio * t}: changes
+    change, each host whose part changed gets its view (C{network.update}) at once, even
+    while an earlier call to it is unanswered (the agent applies its views in order; holding
+    the next view until the last one is answered delayed a route change by a whole apply,
+    and a request through the ingress failed when a replica was killed).  A push that took C{t} seconds is followed by none for C{pause_ratio * t}: changes
     meanwhile go together in the next one.  Sending views never takes more than
     1 / (1 + C{pause_ratio}) of the control plane's time, so a burst of changes in a large
     cluster (a host lost, a redeploy) costs each host a few views rather than one per
@@ -428,8 +429,7 @@ class ViewPublisher:
         self._all_dirty = True  # every host needs a view (first push, hosts list changed)
         self._dirty_apps = set()
         self._dirty_hosts = set()
-        self._inflight = {}  # host id -> Deferred of its call
-        self._resend = set()  # hosts that changed while their call was in flight
+        self._inflight = 0  # calls not answered yet
         self._next_at = 0.0  # no push starts before this time (see pause_ratio)
         self.pause_ratio = pause_ratio
         self._unsubscribe = [data.machines.subscribe(self._machine_event),
@@ -683,9 +683,6 @@ class ViewPublisher:
             entry = self._data.hosts.get(host_id)
             if entry is None or not entry.executor:
                 continue
-            if host_id in self._inflight:
-                self._resend.add(host_id)
-                continue
             self._send(host_id)
             n += 1
         if n:
@@ -701,18 +698,14 @@ class ViewPublisher:
             d = Deferred.fromCoroutine(d) if inspect.iscoroutine(d) else maybeDeferred(lambda: d)
         except Exception:
             d = fail()
-        self._inflight[host_id] = d
+        self._inflight += 1
 
         def failed(f):
             self.log.info("host {h}: network view not delivered: {e}", h=host_id,
                           e=f.getErrorMessage())
 
         def answered(_):
-            self._inflight.pop(host_id, None)
-            if host_id in self._resend:
-                self._resend.discard(host_id)
-                self._dirty_hosts.add(host_id)
-                self._soon()
+            self._inflight -= 1
 
         d.addErrback(failed)
         d.addBoth(answered)
