@@ -424,6 +424,7 @@ class ViewPublisher:
         self._host_apps = {}  # host id -> names of the apps with members on it
         self._reachable = set()  # names of the apps with an open port
         self._hosts = {}  # host id -> {"host_id", "address", "gateway"}
+        self._needs_subnet = set()  # host ids with an address and no subnet yet
         self._host_list = []
         self._published = {}
         self._all_dirty = True  # every host needs a view (first push, hosts list changed)
@@ -491,6 +492,11 @@ class ViewPublisher:
             (self._edges.add if edge else self._edges.discard)(host_id)
             self._all_dirty = True  # who serves the published ports changed
         subnet = (self._network.subnets or {}).get(host_id)
+        if address and subnet is None:
+            # Its subnet now, not with its first machine: a host without VMs still needs
+            # its bridge on the cluster network, for its ingress to reach the replicas on
+            # other hosts (allocated by the next push; its event refreshes the host).
+            self._needs_subnet.add(host_id)
         new = ({"host_id": host_id, "address": address,
                 "gateway": self._network.gateway(subnet) if subnet else None}
                if address else None)
@@ -616,7 +622,8 @@ class ViewPublisher:
         else:  # the edge hosts if any host is labelled edge=true, else every host
             serves = host_id in self._edges or not self._edges
         return {"hosts": self._host_list, "members": members,
-                "published": self._published if serves else {}}
+                "published": self._published if serves else {},
+                "prefix": self._network.cidr.prefixlen}
 
     async def view(self, host_id=None):
         """
@@ -676,6 +683,16 @@ class ViewPublisher:
     async def push(self):
         """Read what is new, then send each reachable host whose part changed its view."""
         await self._read()
+        while self._needs_subnet:
+            host_id = min(self._needs_subnet)
+            self._needs_subnet.discard(host_id)
+            if self._data.hosts.get(host_id) is None:
+                continue
+            try:
+                await self._network.host_subnet(host_id)
+            except errors.ResourceExhausted as e:
+                self.log.warn("host {h}: no subnet on the cluster network: {e}", h=host_id,
+                              e=e)
         targets = self._targets()
         n = 0
         started = time.perf_counter()

@@ -197,6 +197,12 @@ class AgentNetwork:
         return defer.ensureDeferred(self._apply(view))
 
     async def _apply(self, view):
+        own = [h for h in view.get("hosts", []) if h.get("host_id") == self.host_id]
+        if own and own[0].get("gateway") and view.get("prefix"):
+            # Its bridge even without a VM here: the ingress reaches other hosts' VMs.
+            net = {"gateway": own[0]["gateway"], "prefix": int(view["prefix"])}
+            await self.host.ensure_bridge(net)
+            self._start_dns(net)
         hosts = [h for h in view.get("hosts", []) if h.get("host_id") != self.host_id]
         members = view.get("members", [])
         await self.host.set_cluster(hosts, members)

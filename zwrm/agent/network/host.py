@@ -135,6 +135,13 @@ class HostNetwork:
         net = check_network(net)
         return await self._locked(self._add_machine, machine_id, app, net, recreate)
 
+    async def ensure_bridge(self, net):
+        """
+        Make this host's bridge, overlay and rules for its subnet (C{{"gateway", "prefix"}})
+        without a machine: the ingress reaches other hosts' VMs through them.
+        """
+        return await self._locked(self._setup, net)
+
     async def remove_machine(self, machine_id):
         """Delete machine C{machine_id}'s TAP and its rules; unknown machines are ignored."""
         return await self._locked(self._remove_machine, machine_id)
