@@ -103,6 +103,20 @@ class MachineResourceTests(TestCase):
         self.assertEqual(len(published), 2)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
 
+    @d
+    async def test_reads(self):
+        """Finding by replica number, a machine's recent events; an app by id."""
+        clock, store, data, published = await make_data(self)
+        for n in range(3):
+            await data.machines.add(machine_row(f"m{n}", spec={"app": "web", "replica": n}),
+                                    "placed")
+        found = await data.machines.find(app_id="a1", replicas={0, 2})
+        self.assertEqual(sorted(m["id"] for m in found), ["m0", "m2"])
+        self.assertEqual(await data.machines.find(replicas=set()), [])
+        self.assertEqual([e["subject"] for e in await data.machines.recent_events("m1")],
+                         ["m1"])
+        self.assertIsNone(await data.apps.by_id("a-none"))
+
     def test_update_methods_are_marked(self):
         data = Data(Clock(), None, lambda t, e: None)
         self.assertEqual(update_methods(data.machines), ["add", "delete", "note_stray", "set"])

@@ -785,10 +785,10 @@ class Apps:
 
         @raise zwrm.errors.Unplaceable: one does not fit; nothing was changed.
         """
-        apps = await self._store.select("apps", "id = ?", [app_id])
-        if not apps:
+        app = await self.data.apps.by_id(app_id)
+        if app is None:
             return
-        return await self._in_app_order(apps[0]["name"], self._reschedule, apps[0]["name"],
+        return await self._in_app_order(app["name"], self._reschedule, app["name"],
                                         set(replicas), only_host)
 
     async def _reschedule(self, name, replicas, only_host):
@@ -819,9 +819,7 @@ class Apps:
         if only is None:
             rows = await self.data.machines.find(app_id=app["id"])
         else:  # those replicas' rows only (an app may have thousands)
-            rows = await self._store.select(
-                "machines", "app_id = ? AND json_extract(spec, '$.replica') IN "
-                f"({','.join('?' * len(only))})", [app["id"], *sorted(only)])
+            rows = await self.data.machines.find(app_id=app["id"], replicas=only)
         going, kept = [], set()
         for m in rows:
             if m["state"] not in LIVE and m["state"] not in ("failed", "stopped"):
@@ -1073,7 +1071,7 @@ class Apps:
         m = await self._machine(machine_id)
         view = machine_wire(m)
         view["spec"] = public_spec(self._agent_spec(m["spec"]))  # secrets: its agent only
-        view["events"] = await self._store.recent_events(machine_id)
+        view["events"] = await self.data.machines.recent_events(machine_id)
         return view
 
     @wamp.register("zwrm.machine.logs")

@@ -109,6 +109,11 @@ class Apps(Resource):
             raise errors.NotFound(f"no app {name!r}")
         return rows[0]
 
+    async def by_id(self, app_id):
+        """The row of the app C{app_id}, or L{None}."""
+        rows = await self._store.select("apps", "id = ?", [app_id])
+        return rows[0] if rows else None
+
     async def exists(self, name):
         """Whether an app is called C{name}."""
         return bool(await self._store.select("apps", "name = ?", [name]))

@@ -113,8 +113,9 @@ class Machines(Resource):
         """The row of C{machine_id}, or L{None} (a Deferred)."""
         return self._store.get("machines", machine_id)
 
-    async def find(self, app_id=None, host_id=None, states=None, ids=None, order_by=None):
-        """The rows matching every criterion given."""
+    async def find(self, app_id=None, host_id=None, states=None, ids=None, order_by=None,
+                   replicas=None):
+        """The rows matching every criterion given (C{replicas}: replica numbers)."""
         where, args = [], []
         if app_id is not None:
             where.append("app_id = ?")
@@ -130,8 +131,18 @@ class Machines(Resource):
                 return []
             where.append(f"id IN ({','.join('?' * len(ids))})")
             args.extend(ids)
+        if replicas is not None:
+            if not replicas:
+                return []
+            where.append("json_extract(spec, '$.replica') IN "
+                         f"({','.join('?' * len(replicas))})")
+            args.extend(sorted(replicas))
         return await self._store.select("machines", " AND ".join(where) or None, args,
                                         order_by=order_by)
+
+    def recent_events(self, machine_id, limit=20):
+        """The last C{limit} events about machine C{machine_id}, newest first (a Deferred)."""
+        return self._store.recent_events(machine_id, limit)
 
     def count_by_host(self):
         """How many machines each host has, as C{{host_id: n}} (a Deferred)."""
