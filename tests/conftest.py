@@ -73,15 +73,34 @@ def _deadline_passed(config, deadline):
     os._exit(2)
 
 
+def _group(item, name):
+    """
+    Put C{item} in pytest-xdist's group C{name}: what xdist's own hook does for the
+    xdist_group marker (C{"@name"} after the node id), which pytest 9 no longer honours
+    (its node ids live in C{_id}, a structured L{NodeId}, not in C{_nodeid}).
+    """
+    if item.nodeid.endswith(f"@{name}"):
+        return
+    node_id = getattr(item, "_id", None)
+    if node_id is not None and hasattr(type(node_id), "parse"):
+        item._id = type(node_id).parse(f"{item.nodeid}@{name}")
+    else:
+        item._nodeid = f"{item.nodeid}@{name}"
+
+
 def _slow(item):
     return any(item.get_closest_marker(m) for m in STRICT_MARKERS)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups off the markers
 def pytest_collection_modifyitems(config, items):
     _strict.update(item.nodeid for item in items if _slow(item))
+    grouping = bool(getattr(config.option, "loadgroup", False))
     for item in items:
         if item.nodeid.startswith(SYSTEM_WIDE):
             item.add_marker(pytest.mark.xdist_group("system-wide"))
+            if grouping:
+                _group(item, "system-wide")
     # The slow suites first (a stable sort: each keeps its order); see the module docstring.
     items.sort(key=lambda item: not _slow(item))
 

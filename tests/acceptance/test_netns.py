@@ -3,6 +3,7 @@ zwrm.testing.netns on real namespaces: hosts reach each other over the bridge, n
 is added to the test's own namespace, and close() / sweep() leave nothing behind.
 """
 
+import os
 import subprocess
 import sys
 
@@ -33,7 +34,9 @@ print(c.recv(100).decode())
 
 
 def _ours():
-    return [n for n in netns._namespaces() if n.startswith(netns.PREFIX)]
+    """This process's test namespaces (other test processes may be making theirs)."""
+    mine = f"-{os.getpid()}-"
+    return [n for n in netns._namespaces() if n.startswith(netns.PREFIX) and mine in n]
 
 
 @pytest.fixture
