@@ -16,7 +16,7 @@ import json
 import sys
 import time
 
-from zwrm.cli.client import EXIT_CONFIG, CliError, call, close, connect, load_settings
+from zwrm.cli.client import EXIT_CONFIG, CliError, call_once
 
 MAX_FILE = 64 * 1024
 
@@ -41,12 +41,8 @@ def register(subparsers):
     rm.set_defaults(func=certs_remove)
 
 
-async def _with_session(reactor, args, procedure, *cargs, **ckwargs):
-    session = await connect(reactor, load_settings(args.api_url))
-    try:
-        return await call(session, procedure, *cargs, **ckwargs)
-    finally:
-        await close(session)
+def _with_session(reactor, args, procedure, *cargs, **ckwargs):
+    return call_once(reactor, args.api_url, procedure, *cargs, **ckwargs)
 
 
 def _read(path, what):

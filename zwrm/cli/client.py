@@ -524,6 +524,15 @@ async def call(session, procedure, *args, **kwargs):
             timer.cancel()
 
 
+async def call_once(reactor, api_url, procedure, *args, **kwargs):
+    """Connect (to C{api_url}, or as the settings say), call C{procedure}, leave."""
+    session = await connect(reactor, load_settings(api_url))
+    try:
+        return await call(session, procedure, *args, **kwargs)
+    finally:
+        await close(session)
+
+
 async def close(session, timeout=2.0):
     """Leave and wait (at most C{timeout} seconds, then drop the connection) for the end."""
     if session.is_attached():

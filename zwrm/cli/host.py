@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from zwrm.cli.client import call, close, connect, load_settings
+from zwrm.cli.client import call_once
 from zwrm.cli.drain import register_host_commands
 from zwrm.cli.host_reset import register_reset
 
@@ -27,12 +27,8 @@ def register(subparsers):
     register_reset(hsub)
 
 
-async def _with_session(reactor, args, procedure, *cargs):
-    session = await connect(reactor, load_settings(args.api_url))
-    try:
-        return await call(session, procedure, *cargs)
-    finally:
-        await close(session)
+def _with_session(reactor, args, procedure, *cargs):
+    return call_once(reactor, args.api_url, procedure, *cargs)
 
 
 def _age(seconds):

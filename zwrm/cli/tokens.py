@@ -17,7 +17,7 @@ import re
 import sys
 import time
 
-from zwrm.cli.client import EXIT_USAGE, CliError, call, close, connect, load_settings
+from zwrm.cli.client import EXIT_USAGE, CliError, call_once
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -59,12 +59,8 @@ def register(subparsers):
     revoke.set_defaults(func=tokens_revoke)
 
 
-async def _with_session(reactor, args, procedure, *cargs, **ckwargs):
-    session = await connect(reactor, load_settings(args.api_url))
-    try:
-        return await call(session, procedure, *cargs, **ckwargs)
-    finally:
-        await close(session)
+def _with_session(reactor, args, procedure, *cargs, **ckwargs):
+    return call_once(reactor, args.api_url, procedure, *cargs, **ckwargs)
 
 
 def _when(seconds):
