@@ -273,9 +273,11 @@ class Executor:
                         "id": mid, "kernel": image.get("kernel"), "initrd": image.get("initrd"),
                         "disk": image.get("disk"), "disk_format": image.get("disk_format"),
                         "firmware": image.get("firmware"),
-                        # A disk image gets a cloud-init seed (it mounts the volumes).
-                        "cloud_init": spec["cloud_init"] or (
+                        # A disk image gets a cloud-init seed (it mounts the volumes);
+                        # its local-hostname is spec.network.hostname when there is one.
+                        "cloud_init": _cloudinit.with_hostname(spec["cloud_init"] or (
                             _cloudinit.validate({}) if image.get("disk") else None),
+                            spec["network"]),
                         "cmdline": cmdline, "vcpus": spec["vcpus"],
                         "memory_mb": spec["memory_mb"], "volumes": vols, "forwards": forwards,
                         "nic": net["nic"] if net else None,

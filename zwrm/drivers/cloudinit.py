@@ -5,7 +5,9 @@ Every machine booted from a disk gets a seed: an ISO 9660 file system labelled C
 three files that cloud-init (in the guest) reads at boot:
 
  - C{meta-data}: C{instance-id} (the machine id: stable across stops, starts and agent
-   restarts, so per-instance steps run once) and C{local-hostname};
+   restarts, so per-instance steps run once) and C{local-hostname} (the machine spec's
+   C{network.hostname}, e.g. C{web-0}, when it has one: L{with_hostname}; else made from
+   the machine id);
  - C{network-config}: for a machine with an address on the cluster network (bridge
    networking), the static configuration the agent gives (version 2: address, route, resolver,
    search domain, MTU, the NIC matched by MAC; see
@@ -100,6 +102,24 @@ def validate(cfg):
             raise InvalidArgument(f"hostname {hostname!r} is not a valid host name")
         out["hostname"] = hostname
     return out
+
+
+def with_hostname(cfg, network):
+    """
+    The seed config of a machine: its validated C{cloud_init} (or L{None}: no seed) with
+    the host name of its network spec (C{spec["network"]["hostname"]}, given by the control
+    plane, e.g. C{web-0}) unless C{cloud_init} names one itself.  Without either, the seed
+    takes the machine id's (L{hostname_for}).
+
+    @raise InvalidArgument: the network's host name is not a DNS label.
+    """
+    name = (network or {}).get("hostname")
+    if cfg is None or not name or cfg.get("hostname"):
+        return cfg
+    if not isinstance(name, str) or not HOSTNAME_RE.match(name):
+        raise InvalidArgument(f"network hostname {name!r} is not a DNS label (a-z, 0-9 and "
+                              "-, at most 63, not starting or ending with -)")
+    return dict(cfg, hostname=name)
 
 
 def _quote_env(v):

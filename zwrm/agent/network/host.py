@@ -34,6 +34,7 @@ from twisted.logger import Logger
 
 from zwrm.agent.network import addressing
 from zwrm.agent.network.commands import CommandFailed, Runner
+from zwrm.drivers.cloudinit import HOSTNAME_RE
 from zwrm.errors import InvalidArgument
 
 BRIDGE = "zwbr0"
@@ -67,11 +68,16 @@ def check_network(net):
     if not isinstance(mtu, int) or isinstance(mtu, bool) or not 576 <= mtu <= 9000:
         raise InvalidArgument(f"network mtu must be an integer from 576 to 9000, not {mtu!r}")
     out["mtu"] = mtu
-    for key in ("domain", "hostname"):
-        v = net.get(key)
-        if v is not None and (not isinstance(v, str) or not v or any(c in v for c in " :,\t\n")):
-            raise InvalidArgument(f"network {key} must be a name without spaces, not {v!r}")
-        out[key] = v
+    v = net.get("domain")
+    if v is not None and (not isinstance(v, str) or not v or any(c in v for c in " :,\t\n")):
+        raise InvalidArgument(f"network domain must be a name without spaces, not {v!r}")
+    out["domain"] = v
+    v = net.get("hostname")
+    if v is not None and (not isinstance(v, str) or not HOSTNAME_RE.match(v)):
+        # The guest's host name (kernel ip=, the cloud-init seed's local-hostname).
+        raise InvalidArgument(f"network hostname must be a DNS label (a-z, 0-9 and -, at "
+                              f"most 63, not starting or ending with -), not {v!r}")
+    out["hostname"] = v
     cidr = ipaddress.IPv4Network(f"{out['gateway']}/{prefix}", strict=False)
     if ipaddress.IPv4Address(out["address"]) not in cidr:
         raise InvalidArgument(f"network address {out['address']} is not in {cidr}")
