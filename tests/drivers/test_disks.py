@@ -98,7 +98,12 @@ class ArgvTests(SynchronousTestCase):
 
     def test_uefi(self):
         argv = self.argv(disk="/d", firmware="uefi")
-        self.assertEqual(argv[argv.index("-bios") + 1], qemu.OVMF)
+        self.assertNotIn("-bios", argv)
+        flash = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive" and "pflash" in argv[i + 1]]
+        self.assertEqual(flash[0], f"if=pflash,format=raw,unit=0,readonly=on,file={qemu.OVMF}")
+        self.assertTrue(flash[1].startswith("if=pflash,format=raw,unit=1,file=/"), flash)
+        self.assertTrue(flash[1].endswith("/m1/" + qemu.EFI_VARS), flash)
+        self.assertNotIn("readonly", flash[1])
 
     def test_volume_serials(self):
         self.assertEqual(_spec.volume_serial("data"), "data")
@@ -210,6 +215,9 @@ class DiskBootTests(TestCase):
         # OVMF's boot manager reports on the serial console (it does not run MBR code).
         await self.console_shows(drv, "uefi", "BdsDxe", timeout=180)
         self.assertNotIn(BOOT_SECTOR_LINE, await drv.console("uefi"))
+        # The machine's own writable variable store, private, from the template.
+        st = os.stat(os.path.join(drv.root, "uefi", qemu.EFI_VARS))
+        self.assertEqual((st.st_mode & 0o777, st.st_size), (0o600, os.path.getsize(qemu.OVMF_VARS)))
 
     async def test_hostile_qcow2_never_reaches_qemu(self):
         images = hostile_images(self.path("hostile"))

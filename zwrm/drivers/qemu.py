@@ -62,8 +62,12 @@ ROOT_BASE = "root.base.json"
 #: The cloud-init NoCloud seed disk.
 SEED = "seed.iso"
 
-#: UEFI firmware (Debian package ovmf), for self-booting disks whose image says uefi.
-OVMF = "/usr/share/ovmf/OVMF.fd"
+#: UEFI firmware (Debian package ovmf), for self-booting disks whose image says uefi: the
+#: code (read-only flash) and the template of the variable store each machine gets a
+#: writable copy of (L{EFI_VARS}, kept across stops and starts, deleted with the machine).
+OVMF = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+EFI_VARS = "efivars.fd"
 
 #: Why a start under way when the driver closes fails.
 SHUTTING_DOWN = "the agent is shutting down"
@@ -233,7 +237,8 @@ class QemuDriver:
     name = "qemu"
 
     def __init__(self, reactor, root, accel="auto", qemu_binary="qemu-system-x86_64",
-                 stop_timeout=30.0, probe_timeout=10.0, close_timeout=5.0, ovmf=OVMF):
+                 stop_timeout=30.0, probe_timeout=10.0, close_timeout=5.0, ovmf=OVMF,
+                 ovmf_vars=OVMF_VARS):
         if accel not in _accel.ACCELS:
             raise InvalidArgument(f"accel must be one of {', '.join(_accel.ACCELS)}, not {accel!r}")
         self.reactor = reactor
@@ -246,6 +251,7 @@ class QemuDriver:
         self.close_timeout = close_timeout
         self.setsid = shutil.which("setsid")
         self.ovmf = ovmf
+        self.ovmf_vars = ovmf_vars
         self._machines = {}
         self._listeners = []
         self._closed = False
@@ -539,7 +545,8 @@ class QemuDriver:
                 cmdline = f"{cmdline} root=/dev/vda".strip()
             argv += ["-kernel", spec["kernel"], "-append", cmdline]
         elif spec["firmware"] == "uefi":
-            argv += ["-bios", self.ovmf]
+            argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={_opt(self.ovmf)}",
+                     "-drive", f"if=pflash,format=raw,unit=1,file={_opt(m.path(EFI_VARS))}"]
         if spec["initrd"]:
             argv += ["-initrd", spec["initrd"]]
         # Disks in this order, so the guest enumerates them so: the root disk (vda), the
@@ -615,7 +622,8 @@ class QemuDriver:
             info = await diskimage.inspect(self.reactor, spec["disk"], spec["disk_format"],
                                            what=f"boot disk {spec['disk']}")
             spec["disk_format"] = info["format"]
-        if spec["firmware"] == "uefi" and not spec["kernel"] and not os.path.isfile(self.ovmf):
+        uefi = spec["firmware"] == "uefi" and not spec["kernel"]
+        if uefi and not (os.path.isfile(self.ovmf) and os.path.isfile(self.ovmf_vars)):
             raise Unavailable(f"machine {spec['id']}: the image boots with UEFI, but this host "
                               f"has no OVMF firmware at {self.ovmf} (install the ovmf package)")
         m = self._machines.get(spec["id"])
@@ -633,6 +641,12 @@ class QemuDriver:
         os.makedirs(m.dir, mode=0o700, exist_ok=True)
         if spec["disk"]:
             await self._root_overlay(m, spec["disk"], spec["disk_format"])
+        if uefi and not os.path.isfile(m.path(EFI_VARS)):
+            # The machine's own UEFI variable store (boot entries), from the template (512 KiB).
+            tmp = m.path(EFI_VARS + ".tmp")
+            shutil.copyfile(self.ovmf_vars, tmp)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, m.path(EFI_VARS))
         if spec["cloud_init"] is not None:
             mac = spec["nic"]["mac"] if spec.get("nic") else spec["mac"]
             docs = _cloudinit.documents(m.id, spec["cloud_init"], spec["volumes"], mac,

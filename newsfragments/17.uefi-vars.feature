@@ -1,0 +1,1 @@
+A disk image whose config says `firmware: uefi` now boots with OVMF as flash (read-only code, `OVMF_CODE_4M.fd`) and a writable UEFI variable store per machine (`efivars.fd` in the machine's directory, copied from `OVMF_VARS_4M.fd`, kept across stops and starts, deleted with the machine), so boot entries a guest writes persist.
