@@ -20,6 +20,7 @@ from twisted.protocols import policies
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import resource, server
 
+from zwrm.console import Console
 from zwrm.control import audit
 from zwrm.control.access_tokens import AccessTokenAPI
 from zwrm.control.api import AgentAPI, ControlSession, HostAPI
@@ -163,6 +164,7 @@ class ControlPlane(service.MultiService):
         self.root.putChild(b"healthz", HealthResource(self))
         self.metrics = ControlMetrics(self)  # /metrics (zwrm.control.metrics)
         self.root.putChild(b"metrics", MetricsResource(self))
+        Console().mount(self.root)  # the web console at / (zwrm.console, docs/console.md)
         self.started = defer.Deferred()
         self._flusher = None
         self._lock = None

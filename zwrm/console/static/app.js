@@ -1,0 +1,601 @@
+// The zwrm web console (docs/console.md): one WAMP session over the control plane's /ws,
+// authenticated with the operator's or viewer's token as its ticket. State is read once by
+// RPC (and again after a reconnect), then kept live by the canonical zwrm.event.* events;
+// nothing is polled. Actions call the same procedures as the CLI, so the router enforces
+// roles: a viewer's buttons are disabled, and a call forced anyway is refused there.
+//
+// Everything shown is put in the page as text (textContent), never as HTML.
+
+const autobahn = globalThis.autobahn;
+const TOKEN_KEY = "zwrm.console.token";
+const AUTHID_KEY = "zwrm.console.authid";
+const MAX_EVENTS = 500;
+const PHASES = ["planned", "bulk_copying", "stopping_source", "delta_copying",
+  "starting_replacement", "waiting_healthy", "committing", "cleaning", "done"];
+
+const state = {
+  session: null, connection: null, role: null, authid: null, view: "hosts",
+  hosts: new Map(), hostStatus: new Map(), fetchedAt: 0,
+  apps: new Map(), machines: new Map(), volumes: new Map(), drains: new Map(),
+  events: [], lastEventId: 0, audit: null,
+};
+
+// -- small helpers --------------------------------------------------------------------
+
+const $ = (sel, root = document) => root.querySelector(sel);
+
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === "class") el.className = v;
+    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "dataset") Object.assign(el.dataset, v);
+    else if (k === "style") for (const [p, x] of Object.entries(v)) el.style.setProperty(p, x); // CSSOM: allowed by the CSP
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+const stateBadge = (s) => h("span", { class: `state s-${s || "none"}` }, s || "-");
+
+function bytes(n) {
+  if (n === null || n === undefined) return "-";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+  return `${n >= 10 || i === 0 ? n.toFixed(0) : n.toFixed(1)} ${units[i]}`;
+}
+
+const mib = (n) => bytes((n || 0) * 1024 * 1024);
+
+function seconds(s) {
+  if (s === null || s === undefined || !isFinite(s)) return "-";
+  if (s < 1) return "<1 s";
+  if (s < 90) return `${Math.round(s)} s`;
+  if (s < 5400) return `${Math.round(s / 60)} min`;
+  return `${(s / 3600).toFixed(1)} h`;
+}
+
+const time = (ts) => (ts ? new Date(ts * 1000).toLocaleTimeString() : "-");
+
+function usage(used, total, fmt = (x) => x) {
+  const pct = total ? Math.min(100, (100 * used) / total) : 0;
+  return h("div", {}, h("span", { class: "small" }, `${fmt(used)} / ${fmt(total)}`),
+    h("div", { class: "bar", title: `${pct.toFixed(0)} %` }, h("span", { style: { width: `${pct}%` } })));
+}
+
+function hostName(id) {
+  const host = state.hosts.get(id);
+  return host ? host.name || id : id || "-";
+}
+
+const isOperator = () => state.role === "operator";
+
+// -- errors ---------------------------------------------------------------------------
+
+function describe(err, procedure) {
+  // autobahn.Error: {error: URI, args, kwargs}; anything else: its message.
+  const uri = err && err.error;
+  const text = err && Array.isArray(err.args) && typeof err.args[0] === "string" ? err.args[0] : null;
+  if (uri === "wamp.error.not_authorized") {
+    return { uri, text: `Your role (${state.role}) may not call ${procedure}.${text ? " " + text : ""}` };
+  }
+  if (uri === "wamp.error.no_such_procedure") {
+    return { uri, text: `The control plane has no procedure ${procedure}.` };
+  }
+  if (uri) return { uri, text: text || uri.replace(/^zwrm\.error\./, "").replace(/_/g, " ") };
+  return { uri: null, text: String((err && err.message) || err) };
+}
+
+function showMessage(text, uri = null, kind = "error") {
+  const box = $("#message");
+  box.replaceChildren(h("span", { class: "text" }, text), uri ? h("span", { class: "uri" }, uri) : null,
+    h("button", { type: "button", onclick: () => { box.hidden = true; } }, "Dismiss"));
+  box.className = kind;
+  box.dataset.uri = uri || "";
+  box.hidden = false;
+}
+
+async function call(procedure, args = [], kwargs = {}) {
+  try {
+    return await state.session.call(procedure, args, kwargs);
+  } catch (err) {
+    const d = describe(err, procedure);
+    showMessage(d.text, d.uri);
+    throw err;
+  }
+}
+
+// -- reading state --------------------------------------------------------------------
+
+const timers = new Map();
+function soon(key, fn, delay = 300) {
+  // One call of fn per key within delay ms: several events in a burst cause one read.
+  if (timers.has(key)) return;
+  timers.set(key, setTimeout(async () => {
+    timers.delete(key);
+    try { await fn(); } catch (err) { console.warn(key, err); }
+  }, delay));
+}
+
+async function quiet(procedure, args = [], kwargs = {}) {
+  // A read whose failure is not the operator's concern (e.g. a host never drained).
+  try { return await state.session.call(procedure, args, kwargs); } catch (err) { return null; }
+}
+
+async function loadHosts() {
+  const list = await state.session.call("zwrm.host.list");
+  state.fetchedAt = performance.now();
+  state.hosts = new Map(list.map((x) => [x.id, x]));
+  const statuses = await Promise.all(list.slice(0, 64).map((x) => quiet("zwrm.host.status", [x.id])));
+  for (const s of statuses) if (s) state.hostStatus.set(s.id, s);
+  render();
+}
+
+async function loadApps() {
+  const list = await state.session.call("zwrm.app.list");
+  const apps = new Map();
+  for (const a of list) apps.set(a.name, a);
+  for (const a of list) {
+    const s = await quiet("zwrm.app.status", [a.name]);
+    if (s) apps.set(a.name, Object.assign({}, a, s, { machines: undefined }));
+  }
+  state.apps = apps;
+  const machines = await state.session.call("zwrm.machine.list");
+  state.machines = new Map(machines.map((m) => [m.id, m]));
+  const volumes = await state.session.call("zwrm.volume.list");
+  state.volumes = new Map(volumes.map((v) => [v.id, v]));
+  render();
+}
+
+async function loadDrain(hostId) {
+  const s = await quiet("zwrm.host.drain_status", [hostId]);
+  if (s) state.drains.set(hostId, s);
+  render();
+}
+
+async function loadDrains() {
+  await Promise.all([...state.hosts.keys()].map((id) => loadDrain(id)));
+}
+
+async function loadEvents() {
+  let r;
+  try {
+    r = await state.session.call("zwrm.event.history", [],
+      state.lastEventId ? { after: state.lastEventId, limit: 1000 } : { limit: 200 });
+  } catch (err) {
+    if (err.error !== "zwrm.error.history_gone") throw err;
+    r = await state.session.call("zwrm.event.history", [], { limit: 200 });
+  }
+  for (const e of r.events) addEvent(e, false);
+  render();
+}
+
+async function loadAll() {
+  await loadHosts();
+  await Promise.all([loadApps(), loadDrains(), loadEvents()]);
+}
+
+// -- events ---------------------------------------------------------------------------
+
+function addEvent(e, live) {
+  if (!e || typeof e.id !== "number" || state.events.some((x) => x.id === e.id)) return false;
+  state.events.push(Object.assign({ live }, e));
+  state.events.sort((a, b) => b.id - a.id);
+  if (state.events.length > MAX_EVENTS) state.events.length = MAX_EVENTS;
+  state.lastEventId = Math.max(state.lastEventId, e.id);
+  return true;
+}
+
+function onEvent(args, kwargs, details) {
+  const e = args && args[0];
+  if (!e || !e.payload) return;
+  addEvent(e, true);
+  const p = e.payload;
+  switch (e.topic) {
+    case "zwrm.event.host": {
+      const old = state.hosts.get(p.id) || {};
+      state.hosts.set(p.id, Object.assign({}, old, p));
+      soon("hosts", loadHosts, 500);
+      soon(`drain:${p.id}`, () => loadDrain(p.id));
+      break;
+    }
+    case "zwrm.event.machine":
+      if (e.kind === "state") state.machines.set(p.id, p);
+      else if (e.kind === "destroyed") state.machines.delete(p.id || e.subject);
+      else if (e.kind === "volume_destroyed") state.volumes.delete(p.id || e.subject);
+      else if (e.kind.startsWith("volume")) {
+        const v = Object.assign({}, p);
+        delete v.reason; delete v.volume_id;
+        state.volumes.set(v.id, Object.assign({}, state.volumes.get(v.id), v));
+      }
+      soon("hosts", loadHosts, 1000); // allocations and image caches are not announced
+      break;
+    case "zwrm.event.app":
+      if (e.kind === "destroyed") state.apps.delete(p.name);
+      else state.apps.set(p.name, Object.assign({}, state.apps.get(p.name), {
+        id: p.id, name: p.name, spec: p.spec, spec_version: p.spec_version,
+        image: p.spec && p.spec.image, replicas: p.spec && p.spec.replicas,
+      }));
+      break;
+    case "zwrm.event.drain": {
+      const hostId = p.host_id || p.source_host;
+      if (hostId) soon(`drain:${hostId}`, () => loadDrain(hostId), 200);
+      break;
+    }
+    default:
+      break;
+  }
+  render();
+}
+
+// -- actions --------------------------------------------------------------------------
+
+function ask(text, extra = null) {
+  const dialog = $("#confirm");
+  $("#confirm-text").textContent = text;
+  $("#confirm-extra").replaceChildren(...(extra ? [extra] : []));
+  dialog.returnValue = "";
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
+    dialog.showModal();
+  });
+}
+
+function actionButton(label, action, data, run, enabled = true) {
+  const viewer = !isOperator();
+  return h("button", {
+    type: "button", dataset: Object.assign({ action }, data),
+    disabled: viewer || !enabled,
+    title: viewer ? "viewers see everything and change nothing" : null,
+    onclick: async (ev) => {
+      const button = ev.currentTarget;
+      button.disabled = true;
+      try { await run(); } catch (err) { /* shown by call() */ } finally { render(); }
+    },
+  }, label);
+}
+
+async function drain(host) {
+  let plan;
+  try {
+    plan = await call("zwrm.host.drain", [host.id], { dry_run: true });
+  } catch (err) {
+    return;
+  }
+  const moves = (plan.plan || []).map((m) => h("li", {},
+    `${m.app || "-"} ${m.machine_id} -> ${m.target ? hostName(m.target) : "nowhere: " + (m.reason || "no host fits")}`));
+  const minHealthy = h("input", { id: "drain-min-healthy", type: "number", min: "0", step: "1", placeholder: "10" });
+  const extra = h("div", {}, moves.length ? h("ul", {}, moves) : h("p", {}, "No machines to move."),
+    h("label", {}, "Seconds a replacement must stay healthy: ", minHealthy));
+  if (!(await ask(`Drain ${host.name || host.id}?`, extra))) return;
+  const kwargs = {};
+  if (minHealthy.value !== "") kwargs.min_healthy = Number(minHealthy.value);
+  const r = await call("zwrm.host.drain", [host.id], kwargs);
+  showMessage(`Drain ${r.drain_id} of ${host.name || host.id} started.`, null, "info");
+  state.view = "drains";
+  location.hash = "#drains";
+  soon(`drain:${host.id}`, () => loadDrain(host.id), 100);
+}
+
+async function hostAction(host, verb) {
+  if (!(await ask(`${verb[0].toUpperCase() + verb.slice(1)} ${host.name || host.id}?`))) return;
+  await call(`zwrm.host.${verb}`, [host.id]);
+}
+
+async function scale(app) {
+  const input = h("input", { id: "scale-replicas", type: "number", min: "0", max: "1000",
+    value: String(app.replicas ?? (app.spec && app.spec.replicas) ?? 1) });
+  if (!(await ask(`Scale ${app.name} to how many replicas?`, input))) return;
+  await call("zwrm.app.scale", [app.name, Number(input.value)]);
+}
+
+async function restart(machine) {
+  // No zwrm.machine.restart: destroy the machine (its volumes are kept) and converge its app,
+  // which starts its replica again (on the same host when it has volumes).
+  const ok = await ask(`Restart ${machine.id} of ${machine.app}? It is destroyed (volumes kept) and its app` +
+    " starts the replica again.");
+  if (!ok) return;
+  await call("zwrm.machine.destroy", [machine.id]);
+  const app = state.apps.get(machine.app);
+  const replicas = app && (app.replicas ?? (app.spec && app.spec.replicas));
+  if (replicas !== undefined && replicas !== null) await call("zwrm.app.scale", [machine.app, replicas]);
+}
+
+// -- rendering ------------------------------------------------------------------------
+
+let frame = 0;
+function render() {
+  if (frame) return;
+  frame = requestAnimationFrame(() => { frame = 0; draw(); });
+}
+
+function draw() {
+  for (const v of document.querySelectorAll(".view")) v.hidden = v.id !== `${state.view}-view`;
+  for (const a of document.querySelectorAll("#tabs a")) a.classList.toggle("active", a.dataset.view === state.view);
+  ({ hosts: drawHosts, apps: drawApps, volumes: drawVolumes, drains: drawDrains,
+    events: drawEvents, audit: drawAudit })[state.view]?.();
+}
+
+function heartbeatAge(host) {
+  if (host.heartbeat_age === undefined || host.heartbeat_age === null) return null;
+  return host.heartbeat_age + (performance.now() - state.fetchedAt) / 1000;
+}
+
+function heartbeatText(host) {
+  const age = heartbeatAge(host);
+  return age === null ? "-" : `${seconds(age)} ago`;
+}
+
+function tickHeartbeats() {
+  // Heartbeat ages count up between reads; this only rewrites those cells, asking nothing.
+  for (const td of document.querySelectorAll("#hosts-table td.heartbeat")) {
+    const host = state.hosts.get(td.dataset.host);
+    if (host) td.textContent = heartbeatText(host);
+  }
+}
+
+function drawHosts() {
+  const hosts = [...state.hosts.values()].sort((a, b) => (a.name || a.id).localeCompare(b.name || b.id));
+  $("#hosts-count").textContent = `(${hosts.length})`;
+  const rows = hosts.map((x) => {
+    const st = state.hostStatus.get(x.id);
+    const cache = st && st.stats && st.stats.image_cache;
+    return h("tr", { dataset: { host: x.id, state: x.state } },
+      h("td", {}, x.name || "-", h("div", { class: "small" }, [x.region, x.datacenter].filter(Boolean).join(" / "))),
+      h("td", { class: "mono" }, x.id),
+      h("td", {}, stateBadge(x.state), x.executor === false && x.state !== "offline" ? h("div", { class: "small" }, "agent not callable") : null),
+      h("td", {}, usage(x.alloc_vcpus || 0, x.vcpus || 0)),
+      h("td", {}, usage(x.alloc_memory_mb || 0, x.memory_mb || 0, mib)),
+      h("td", {}, usage(x.alloc_disk_mb || 0, x.disk_mb || 0, mib)),
+      h("td", { class: "num" }, x.machines ?? [...state.machines.values()].filter((m) => m.host_id === x.id).length),
+      h("td", { class: "num heartbeat", dataset: { host: x.id } }, heartbeatText(x)),
+      h("td", {}, cache ? usage(cache.size, cache.limit, bytes) : "-",
+        cache ? h("div", { class: "small" }, `${cache.blobs} blobs, ${cache.hits} hits, ${cache.misses} misses`) : null),
+      h("td", {}, h("div", { class: "actions" },
+        actionButton("Drain", "drain", { host: x.id }, () => drain(x), x.state === "ready"),
+        actionButton("Undrain", "undrain", { host: x.id }, () => hostAction(x, "undrain"), x.state === "draining"),
+        actionButton("Activate", "activate", { host: x.id }, () => hostAction(x, "activate"), x.state === "drained"))));
+  });
+  $("#hosts-table tbody").replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: 10, class: "empty" }, "No hosts have joined yet."))]));
+}
+
+function drawApps() {
+  const apps = [...state.apps.values()].sort((a, b) => a.name.localeCompare(b.name));
+  $("#apps-count").textContent = `(${apps.length})`;
+  const cards = apps.map((a) => {
+    const machines = [...state.machines.values()].filter((m) => m.app === a.name)
+      .sort((x, y) => (x.replica - y.replica) || x.id.localeCompare(y.id));
+    const replicas = a.replicas ?? (a.spec && a.spec.replicas);
+    return h("section", { class: "card", dataset: { app: a.name } },
+      h("header", {}, h("h3", {}, a.name),
+        h("span", { class: "small" }, `image ${a.image || (a.spec && a.spec.image) || "-"}`),
+        h("span", { class: "small replicas" }, `${machines.filter((m) => m.state === "running").length} of ${replicas ?? "-"} running`),
+        actionButton("Scale", "scale", { app: a.name }, () => scale(Object.assign({ replicas }, a)), !!a.spec || replicas !== undefined)),
+      machines.length ? h("table", {},
+        h("thead", {}, h("tr", {}, ["Machine", "Replica", "State", "Health", "Restarts", "Host", "Address", "Volumes", ""].map((t) => h("th", {}, t)))),
+        h("tbody", {}, machines.map((m) => h("tr", { dataset: { machine: m.id, state: m.state } },
+          h("td", { class: "mono" }, m.id),
+          h("td", { class: "num" }, m.replica),
+          h("td", {}, stateBadge(m.state)),
+          h("td", {}, stateBadge(m.health)),
+          h("td", { class: "num" }, m.restarts || 0, m.restart_reason ? h("div", { class: "small" }, m.restart_reason) : null),
+          h("td", {}, hostName(m.host_id)),
+          h("td", { class: "mono" }, [m.address, m.host_port ? `127.0.0.1:${m.host_port}` : null].filter(Boolean).join(" ") || "-"),
+          h("td", { class: "mono" }, (m.volumes || []).join(" ") || "-"),
+          h("td", {}, actionButton("Restart", "restart", { machine: m.id }, () => restart(m)))))))
+        : h("p", { class: "empty" }, "No machines."));
+  });
+  $("#apps-list").replaceChildren(...(cards.length ? cards : [h("p", { class: "empty" }, "No apps yet.")]));
+}
+
+function drawVolumes() {
+  const vols = [...state.volumes.values()].sort((a, b) => a.id.localeCompare(b.id));
+  $("#volumes-count").textContent = `(${vols.length})`;
+  const appName = (id) => ([...state.apps.values()].find((a) => a.id === id) || {}).name || id;
+  const rows = vols.map((v) => h("tr", { dataset: { volume: v.id } },
+    h("td", { class: "mono" }, v.id), h("td", {}, appName(v.app_id)), h("td", {}, v.name),
+    h("td", { class: "num" }, v.replica), h("td", { class: "num" }, mib(v.size_mb)),
+    h("td", { class: "mono" }, v.mount || "-"), h("td", {}, hostName(v.host_id)), h("td", {}, stateBadge(v.state))));
+  $("#volumes-table tbody").replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: 8, class: "empty" }, "No volumes."))]));
+}
+
+function phaseBar(phase) {
+  const i = PHASES.indexOf(phase);
+  const pct = i < 0 ? 100 : (100 * i) / (PHASES.length - 1);
+  return h("div", { class: "bar", title: phase }, h("span", { style: { width: `${pct}%` } }));
+}
+
+function drawDrains() {
+  const drains = [...state.drains.values()].sort((a, b) => (b.created_at || 0) - (a.created_at || 0));
+  $("#drains-count").textContent = `(${drains.length})`;
+  const cards = drains.map((d) => h("section", { class: "card", dataset: { drain: d.drain_id, state: d.state } },
+    h("header", {}, h("h3", {}, `${hostName(d.host_id)}`), stateBadge(d.state),
+      h("span", { class: "small" }, `drain ${d.drain_id}, started ${time(d.created_at)}, host ${d.host_state || "-"}`),
+      actionButton("Undrain", "undrain", { host: d.host_id }, () => hostAction({ id: d.host_id, name: hostName(d.host_id) }, "undrain"), d.state === "running")),
+    (d.migrations || []).length ? h("table", {},
+      h("thead", {}, h("tr", {}, ["Machine", "App", "To", "Phase", "Bytes", "Rate", "ETA", "Downtime", "Note"].map((t) => h("th", {}, t)))),
+      h("tbody", {}, d.migrations.map((m) => h("tr", { dataset: { migration: m.machine_id, phase: m.phase } },
+        h("td", { class: "mono" }, m.machine_id, m.replacement ? h("div", { class: "small" }, `-> ${m.replacement}`) : null),
+        h("td", {}, m.app || "-"),
+        h("td", {}, m.target ? hostName(m.target) : "-"),
+        h("td", { class: "phase" }, stateBadge(m.phase), phaseBar(m.phase)),
+        h("td", { class: "num" }, `${bytes(m.bytes_sent)} / ${bytes(m.bytes_total)}`),
+        h("td", { class: "num" }, m.rate ? `${bytes(m.rate)}/s` : "-"),
+        h("td", { class: "num" }, m.eta === null || m.eta === undefined ? "-" : seconds(m.eta)),
+        h("td", { class: "num" }, m.downtime ? seconds(m.downtime) : "-"),
+        h("td", { class: "small" }, m.error || (m.waiting_for ? `waiting for ${m.waiting_for}` : ""))))))
+      : h("p", { class: "empty" }, "Nothing to move.")));
+  $("#drains-list").replaceChildren(...(cards.length ? cards : [h("p", { class: "empty" }, "No drains.")]));
+}
+
+function summary(e) {
+  const p = e.payload || {};
+  const bits = [];
+  if (p.old !== undefined && p.old !== null && (p.state || p.phase)) bits.push(`${p.old} -> ${p.state || p.phase}`);
+  else if (p.state || p.phase) bits.push(p.state || p.phase);
+  if (p.reason && p.reason !== e.kind) bits.push(p.reason);
+  if (p.host_id && e.topic !== "zwrm.event.host") bits.push(`on ${hostName(p.host_id)}`);
+  if (p.app && e.topic !== "zwrm.event.app") bits.push(`app ${p.app}`);
+  if (p.actor) bits.push(`by ${p.actor.authid || p.actor}`);
+  return bits.join(", ");
+}
+
+function drawEvents() {
+  if ($("#events-pause").checked) return;
+  const rows = state.events.slice(0, 300).map((e) => h("tr", { class: e.live ? "fresh" : null, dataset: { event: e.id } },
+    h("td", { class: "num" }, e.id), h("td", { class: "num" }, time(e.ts)),
+    h("td", {}, e.topic.replace(/^zwrm\.event\./, "")), h("td", {}, e.kind),
+    h("td", { class: "mono" }, e.subject || "-"), h("td", {}, summary(e))));
+  for (const e of state.events) e.live = false;
+  $("#events-table tbody").replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: 6, class: "empty" }, "No events yet."))]));
+}
+
+function drawAudit() {
+  const body = $("#audit-table tbody");
+  if (!isOperator()) {
+    body.replaceChildren(h("tr", {}, h("td", { colspan: 6, class: "empty" }, "The audit trail is shown to operators only.")));
+    return;
+  }
+  const rows = (state.audit || []).slice().reverse().map((a) => h("tr", {},
+    h("td", { class: "num" }, time(a.ts)), h("td", {}, a.authid, h("div", { class: "small" }, a.role)),
+    h("td", { class: "mono" }, a.procedure), h("td", { class: "mono" }, JSON.stringify(a.args)),
+    h("td", {}, a.result), h("td", { class: "small" }, a.message || "")));
+  body.replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: 6, class: "empty" }, state.audit ? "Nothing audited yet." : "Loading..."))]));
+}
+
+async function loadAudit() {
+  if (!isOperator()) return;
+  state.audit = await call("zwrm.audit.list", [], { limit: 200 });
+  render();
+}
+
+// -- session --------------------------------------------------------------------------
+
+function authidFor(token, chosen) {
+  if (chosen) return chosen;
+  return token.startsWith("viewer-") ? "viewer" : "operator";
+}
+
+function setConnection(text, up) {
+  const badge = $("#conn");
+  badge.textContent = text;
+  badge.className = `badge ${up ? "up" : "down"}`;
+}
+
+function showLogin(error) {
+  $("#login-view").hidden = false;
+  $("#tabs").hidden = true;
+  $("#who").hidden = true;
+  for (const v of document.querySelectorAll(".view")) v.hidden = true;
+  const p = $("#login-error");
+  p.textContent = error || "";
+  p.hidden = !error;
+  $("#login-button").disabled = false;
+}
+
+function connect(token, chosenAuthid) {
+  if (!autobahn) {
+    showLogin("This console was installed without autobahn-js (run scripts/build-console before installing zwrm).");
+    return;
+  }
+  const authid = authidFor(token, chosenAuthid);
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const connection = new autobahn.Connection({
+    url: `${scheme}//${location.host}/ws`, realm: "zwrm",
+    authmethods: ["ticket"], authid,
+    onchallenge: (session, method) => (method === "ticket" ? token : null),
+    max_retries: -1, initial_retry_delay: 1, max_retry_delay: 15, retry_delay_jitter: 0.2,
+  });
+  let opened = false;
+  connection.onopen = async (session, details) => {
+    opened = true;
+    state.session = session;
+    state.role = details.authrole;
+    state.authid = details.authid;
+    sessionStorage.setItem(TOKEN_KEY, token);
+    sessionStorage.setItem(AUTHID_KEY, chosenAuthid || "");
+    $("#login-view").hidden = true;
+    $("#tabs").hidden = false;
+    $("#who").hidden = false;
+    $("#identity").textContent = `${details.authid} (${details.authrole})`;
+    document.body.dataset.role = details.authrole;
+    setConnection("live", true);
+    try {
+      await session.subscribe("zwrm.event", onEvent, { match: "prefix" });
+      await loadAll();
+      document.body.dataset.ready = "yes";
+      if (state.view === "audit") await loadAudit();
+    } catch (err) {
+      const d = describe(err, "reading the state");
+      showMessage(`Could not read the cluster's state: ${d.text}`, d.uri);
+    }
+    render();
+  };
+  connection.onclose = (reason, details) => {
+    state.session = null;
+    document.body.dataset.ready = "";
+    const why = details && details.reason;
+    if (why && /authentication_failed|no_auth_method|not_authorized|no_such_role/.test(why)) {
+      sessionStorage.removeItem(TOKEN_KEY);
+      showLogin(`The token was not accepted${details.message ? ": " + details.message : ""}.`);
+      return true; // stop retrying
+    }
+    if (reason === "closed") return true;
+    if (!opened && reason === "unreachable") {
+      showLogin("Cannot reach the control plane's WebSocket (/ws).");
+      return true;
+    }
+    setConnection(details && details.will_retry ? `reconnecting in ${Math.round(details.retry_delay)} s` : "disconnected", false);
+    return false;
+  };
+  state.connection = connection;
+  setConnection("connecting", false);
+  connection.open();
+}
+
+function logout() {
+  sessionStorage.removeItem(TOKEN_KEY);
+  sessionStorage.removeItem(AUTHID_KEY);
+  if (state.connection) state.connection.close();
+  state.connection = null;
+  showLogin(null);
+}
+
+function route() {
+  const view = location.hash.replace(/^#/, "");
+  state.view = ["hosts", "apps", "volumes", "drains", "events", "audit"].includes(view) ? view : "hosts";
+  if (state.view === "audit" && state.session) loadAudit().catch(() => {});
+  if (state.session) render();
+}
+
+function init() {
+  // The audit tab (operators) is added here so that index.html stays one static page.
+  $("#tabs").append(h("a", { href: "#audit", dataset: { view: "audit" } }, "Audit"));
+  $("main").append(h("section", { id: "audit-view", class: "view", hidden: true },
+    h("h2", {}, "Audit trail ", h("button", { type: "button", onclick: () => loadAudit().catch(() => {}) }, "Reload")),
+    h("table", { id: "audit-table" }, h("thead", {}, h("tr", {}, ["Time", "Who", "Procedure", "Arguments", "Result", "Message"].map((t) => h("th", {}, t)))), h("tbody"))));
+  $("#login").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const token = $("#token").value.trim();
+    if (!token) return;
+    $("#login-button").disabled = true;
+    $("#token").value = "";
+    connect(token, $("#authid").value);
+  });
+  $("#logout").addEventListener("click", logout);
+  $("#events-pause").addEventListener("change", render);
+  window.addEventListener("hashchange", route);
+  route();
+  setInterval(tickHeartbeats, 1000);
+  const saved = sessionStorage.getItem(TOKEN_KEY);
+  if (saved) connect(saved, sessionStorage.getItem(AUTHID_KEY) || "");
+  else showLogin(null);
+}
+
+init();
