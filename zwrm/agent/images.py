@@ -23,9 +23,19 @@ C{limit_bytes} even after eviction fails with L{ResourceExhausted} before it sta
 
 The last-use times live in memory; after a restart every blob counts as just used (it is
 protected for C{min_age}), ordered among themselves by file modification time.
+
+The registry's address is not fixed: L{ImageCache.follow_registry} points new pulls at
+another registry (the control plane announced another C{registry_url}), and with
+C{learn_registry} set, a manifest that cannot be had from the current registry (unreachable,
+unknown there, credentials refused) makes the cache ask for the address again and, if it
+changed, try there once: behind an external router a control plane restarted with another
+C{registry_url} does not end the agents' sessions, so they learn it at their next pull.  A
+download under way keeps the address it started with (its resumes too) and finishes or
+fails as any download does; cached blobs stay valid, since they are named by digest.
 """
 
 import hashlib
+import inspect
 import itertools
 import os
 from collections import Counter
@@ -204,6 +214,16 @@ class _BlobSink(protocol.Protocol):
             self.done.errback(self._ended)
 
 
+def _registry_base(registry_url):
+    """C{registry_url} without a trailing C{/} or C{/v2/}; it must be an http(s) URL."""
+    if not isinstance(registry_url, str) or not registry_url.startswith(("http://", "https://")):
+        raise InvalidArgument(f"registry_url {registry_url!r} is not an http:// or https:// URL")
+    base = registry_url.rstrip("/")
+    if base.endswith("/v2"):
+        base = base[:-3]
+    return base
+
+
 class _Entry:
     __slots__ = ("size", "last_used", "order")
 
@@ -235,6 +255,8 @@ class ImageCache:
     @param max_attempts: downloads of one blob that fail verification before giving up.
     @param max_resumes: interrupted transfers resumed (per attempt) before giving up.
     @param idle_timeout: seconds without bytes after which a transfer counts as dropped.
+    @param learn_registry: L{None}, or a callable returning (a Deferred or coroutine of) the
+        registry URL the control plane announces now, or L{None} (see the module docstring).
     """
 
     log = Logger()
@@ -254,6 +276,7 @@ class ImageCache:
         max_attempts=3,
         max_resumes=5,
         idle_timeout=60.0,
+        learn_registry=None,
     ):
         if not 0 < low_watermark <= high_watermark <= 1:
             raise InvalidArgument(
@@ -264,10 +287,8 @@ class ImageCache:
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
         self.root = os.path.abspath(root)
-        base = registry_url.rstrip("/")
-        if base.endswith("/v2"):
-            base = base[:-3]
-        self._base = base
+        self._base = _registry_base(registry_url)
+        self.learn_registry = learn_registry
         self._auth = auth_header(credentials)
         self.limit = int(limit_bytes)
         self.high = int(limit_bytes * high_watermark)
@@ -295,6 +316,45 @@ class ImageCache:
         self.misses = 0
         self.evictions = 0
         self._scan()
+
+    @property
+    def registry_url(self):
+        """The registry base URL new pulls use (no trailing C{/v2})."""
+        return self._base
+
+    def follow_registry(self, registry_url):
+        """
+        Pull from C{registry_url} from now on.  Downloads under way finish (or fail)
+        against the registry they started with; cached blobs stay (they are by digest).
+
+        @return: whether the address changed.
+        @raise InvalidArgument: C{registry_url} is not an http(s) URL.
+        """
+        base = _registry_base(registry_url)
+        if base == self._base:
+            return False
+        self.log.info("image cache: registry {old} -> {new} for new pulls", old=self._base,
+                      new=base)
+        self._base = base
+        return True
+
+    async def _relearn(self):
+        """
+        Ask C{learn_registry} for the registry's address and follow it.
+
+        @return: whether the address changed.
+        """
+        if self.learn_registry is None:
+            return False
+        try:
+            url = self.learn_registry()
+            if isinstance(url, defer.Deferred) or inspect.isawaitable(url):
+                url = await url
+            return bool(url) and self.follow_registry(url)
+        except Exception as e:
+            self.log.warn("image cache: could not learn the registry's address: {why}",
+                          why=getattr(e, "message", None) or e)
+            return False
 
     def _scan(self):
         blobdir = os.path.join(self.root, "blobs", "sha256")
@@ -603,6 +663,21 @@ class ImageCache:
         f.seek(0)
         f.truncate()
 
+    async def _fetch_manifest(self, name, reference):
+        """
+        L{_get_manifest}; when the registry does not give it, learn the registry's address
+        again and, if it changed, ask the new one (see the module docstring).
+        """
+        try:
+            return await self._get_manifest(name, reference)
+        except (Unavailable, NotFound, AuthenticationFailed, NotAuthorized) as e:
+            old = self._base
+            if not await self._relearn():
+                raise
+            self.log.info("image cache: {ref} not had from {old} ({why}); asking {new}",
+                          ref=f"{name}:{reference}", old=old, why=e.message, new=self._base)
+            return await self._get_manifest(name, reference)
+
     async def _get_manifest(self, name, reference):
         url = f"{self._base}/v2/{name}/manifests/{reference}".encode()
         try:
@@ -629,13 +704,13 @@ class ImageCache:
                 self.hits += 1
             else:
                 self.misses += 1
-                body = await self._get_manifest(name, digest)
+                body = await self._fetch_manifest(name, digest)
                 if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
                     raise Corrupt(f"manifest {digest} from the registry does not match its digest")
                 await self._store_small(digest, body)
         else:
             try:
-                body = await self._get_manifest(name, reference)
+                body = await self._fetch_manifest(name, reference)
             except Unavailable:
                 digest = self._tags.get((name, reference))
                 if digest is None or digest not in self._blobs:

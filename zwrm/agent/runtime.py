@@ -67,17 +67,26 @@ class HostRuntime:
 
         @param registry_url: the registry's URL the control plane gave
             (C{zwrm.cluster.info}), or L{None}: the host and port of the agent's
-            control-plane URL.  The image cache keeps the first it is given.
+            control-plane URL.  The image cache follows it at every session (new pulls go
+            there), and asks again when a pull finds no image where it looked.
 
         @return: the executor, to register.
         """
         self._session = session
+        url = registry_url or derived_registry_url(self.config.url)
+        if self.cache is not None:
+            try:
+                self.cache.follow_registry(url)
+            except Exception as e:  # a malformed registry_url: keep the one we have
+                self.log.warn("registry_url {url!r} not used: {why}", url=url,
+                              why=getattr(e, "message", e))
         if self.executor is None:
             client, self._pool = make_http_client(self.reactor, registry_ca_file(self.config))
             self.cache = ImageCache(
                 self.reactor, os.path.join(self.config.data_dir, "images"),
-                registry_url or derived_registry_url(self.config.url), (host_id, credential),
-                limit_bytes=self.config.image_cache_mb * MiB, http_client=client)
+                url, (host_id, credential),
+                limit_bytes=self.config.image_cache_mb * MiB, http_client=client,
+                learn_registry=self._learn_registry)
             self.executor = Executor(self.reactor, host_id, self.driver, self.volumes,
                                      self.report, images=self.cache,
                                      data_dir=self.config.data_dir,
@@ -88,6 +97,18 @@ class HostRuntime:
         if self.transfers is None:
             await self._start_transfers()
         return self.executor
+
+    async def _learn_registry(self):
+        """
+        The registry's URL the control plane announces now (C{zwrm.cluster.info}) over the
+        current session, or L{None} without one (the image cache's C{learn_registry}).
+        """
+        session = self._session
+        if session is None or not session.is_attached():
+            return None
+        info = await session.call("zwrm.cluster.info")
+        url = info.get("registry_url") if isinstance(info, dict) else None
+        return url or derived_registry_url(self.config.url)
 
     async def _start_transfers(self):
         """
