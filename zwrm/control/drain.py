@@ -16,7 +16,8 @@ their ids. Progress events go to C{zwrm.event.drain}.
 This is a service over the resource layer (L{zwrm.control.resources}): it reads and changes
 drains, migrations, machines and volumes only through their resources' reads and update
 methods (each change stored, then announced once), and machines' lives (placement, start,
-removal) only through the public methods of L{zwrm.control.apps.Apps}.  It learns about
+removal) only through the apps layer's services (L{zwrm.control.apps.Apps}: its
+C{placements} and C{replicas}).  It learns about
 hosts and machines from their events: the scheduler follows the hosts resource, and a
 replacement's health is waited for on the machines resource's events.
 """
@@ -110,15 +111,16 @@ class Drains:
         @param store: unused: every row is read and changed through the resource layer
             (kept for callers that pass it).
         @param hosts: the L{zwrm.control.registry.HostRegistry}.
-        @param apps: the L{zwrm.control.apps.Apps} (machines' placement, start and
-            removal; its resource layer, C{apps.data}, holds every row this service reads
-            or changes).
+        @param apps: the L{zwrm.control.apps.Apps} (machines' placement, C{apps.placements};
+            their start and removal, C{apps.replicas}; its resource layer, C{apps.data},
+            holds every row this service reads or changes).
         @param publish: unused: events are published by the resource layer (kept for
             callers that pass it).
         """
         self._clock = clock
         self._hosts = hosts
-        self._apps = apps
+        self._placements = apps.placements
+        self._replicas = apps.replicas
         self._data = apps.data
         self._drains = self._data.drains
         self._machines = self._data.machines
@@ -276,7 +278,7 @@ class Drains:
         Choose a target for each machine (all placed first, so each accounts for the ones
         before it). @return: C{[(plan_item, placement or None)]}.
         """
-        sched = self._apps.scheduler  # its host index follows the hosts resource's events
+        placements = self._placements  # its host index follows the hosts resource's events
         out = []
         for m in machines:
             spec = m["spec"]
@@ -286,7 +288,7 @@ class Drains:
             item = {"machine_id": m["id"], "app": spec.get("app"), "volumes": vols,
                     "target": None, "reason": None}
             try:
-                placement = sched.place(request, exclude={host_id})
+                placement = placements.place(request, exclude={host_id})
                 item["target"] = placement.host_id
             except errors.Unplaceable as e:
                 placement = None
@@ -295,7 +297,7 @@ class Drains:
         if not keep:
             for _, p in out:
                 if p is not None:
-                    sched.release(p)
+                    placements.unplace(p)
         return out
 
     @wamp.register("zwrm.host.drain_status")
@@ -604,7 +606,7 @@ class Drains:
 
     def _release(self, run):
         try:
-            self._apps.release_placement(run.placement)
+            self._placements.release_placement(run.placement)
         except Exception:
             self.log.failure("releasing the placement of {m}", m=run.row["machine_id"])
         run.placement = None
@@ -769,7 +771,7 @@ class Drains:
         if existing is not None and existing["state"] == "failed":
             raise errors.Unavailable(f"replacement {new_id} failed on {target}")
         if run.placement is None:  # after a restart: account for it on the target again
-            run.placement = self._apps.scheduler.restore(
+            run.placement = self._placements.restore(
                 target, placement_request(original["spec"]))
         if existing is None:
             now = self._clock.seconds()
@@ -778,13 +780,13 @@ class Drains:
                    "state": "pending", "spec": spec, "health": {"status": "none"},
                    "created_at": now, "updated_at": now}
             # Stored (event state, pending) with its reservation, then started.
-            await self._apps.add_machine(row, f"replacement of {original['id']} (drain)",
+            await self._replicas.add_machine(row, f"replacement of {original['id']} (drain)",
                                          placement=run.placement)
         else:
             row = existing
-            self._apps.adopt_placement(new_id, run.placement)
+            self._placements.adopt(new_id, run.placement)
         run.placement = None  # the apps layer releases it with the machine from now on
-        await self._apps.start_machine(row)
+        await self._replicas.start_machine(row)
         if row["state"] == "failed":
             raise errors.Unavailable(f"the replacement could not start on {target}")
 
@@ -857,7 +859,7 @@ class Drains:
                                      timeout=drain.row["options"]["stop_timeout"])
                 except errors.ZwrmError as e:
                     self.log.warn("stopping {id}: {e}", id=row["id"], e=e.message)
-            await self._apps.remove_machine(row)
+            await self._replicas.remove_machine(row)
         for vid in run.detail["volumes"]:
             try:
                 await self._call(source, "volume.delete", vid)
@@ -909,7 +911,7 @@ class Drains:
         except errors.NotFound:
             on_host = "stopped"
         if on_host in ("stopped", "failed"):
-            await self._apps.start_machine(original)
+            await self._replicas.start_machine(original)
         await self._wait_healthy(original["id"], opts["healthy_deadline"], 0, opts["poll"])
 
     async def _fence_replacement(self, run, target, new_id, poll):
@@ -932,7 +934,7 @@ class Drains:
                     pass  # its agent does not know it: it does not run there
                 rep = await self._machines.get(new_id)
                 if rep is not None:
-                    await self._apps.remove_machine(rep)
+                    await self._replicas.remove_machine(rep)
                 await self._set_waiting(run, None)
                 return
             except errors.Unavailable:
@@ -952,15 +954,15 @@ class Drains:
         if rep is None:
             return
         try:
-            await self._apps.remove_machine(rep)
+            await self._replicas.remove_machine(rep)
         except errors.Unavailable:
             self.log.warn("rollback: replacement {id} on {t} is stopped when its host returns",
                           id=new_id, t=target)
             # Stored and announced (failed, its reservation released), then forgotten.
-            await self._apps.set_machine(
+            await self._replicas.set_machine(
                 rep, f"rollback: host {target} unreachable; stopped when it returns",
                 state="failed")
-            await self._apps.remove_machine(rep)
+            await self._replicas.remove_machine(rep)
 
     async def _clean_copy(self, host, vid):
         """

@@ -2,8 +2,9 @@
 Apps that stay up: restart policies, rescheduling after host loss, and the partition guard.
 
 The L{Healer} follows the machines and hosts resources' events (it never polls) and acts
-through the apps layer (L{zwrm.control.apps.Apps}): every change it makes is stored, then
-announced, by the machines resource like any other.
+through the apps layer's services (L{zwrm.control.apps.Apps}: its C{replicas},
+C{placements} and C{converger}): every change it makes is stored, then announced, by the
+machines resource like any other.
 
 Restart policy (an app spec's C{restart}, see L{validate_restart})::
 
@@ -154,7 +155,9 @@ class Healer:
     def __init__(self, clock, apps, reschedule_after=0.0, partition_threshold=0.55,
                  eviction_interval=10.0):
         self._clock = clock
-        self._apps = apps
+        self._replicas = apps.replicas
+        self._placements = apps.placements
+        self._converger = apps.converger
         self._data = apps.data
         self.reschedule_after = reschedule_after
         self.partition_threshold = partition_threshold
@@ -301,7 +304,7 @@ class Healer:
         row = await self._data.machines.get(mid)
         if row is None or row["state"] not in ("stopped", "failed"):
             return
-        if not self._apps._hosts.executor_available(row["host_id"]):
+        if not self._replicas.executor_available(row["host_id"]):
             return  # its host is gone: rescheduling (or the host's return) handles it
         wanted = await self._wanted(row)
         if wanted is None:
@@ -325,10 +328,10 @@ class Healer:
             health["restart"] = record
             note = (f"{reason}; restart in {delay:g}s" if delay is not None else
                     f"{reason}; {record['reason']}")
-            await self._apps.set_machine(row, note, health=health)
+            await self._replicas.set_machine(row, note, health=health)
             return delay
 
-        delay = await self._apps.update_machine(mid, store)
+        delay = await self._replicas.update_machine(mid, store)
         if delay is not None:
             self._later(self._timers, mid, delay, self._restart, mid)
 
@@ -342,22 +345,22 @@ class Healer:
             if rec == health.get("restart"):
                 return row
             health["restart"] = rec
-            return await self._apps.set_machine(row, reason, health=health)
+            return await self._replicas.set_machine(row, reason, health=health)
 
-        return await self._apps.update_machine(mid, store)
+        return await self._replicas.update_machine(mid, store)
 
     async def _restart(self, mid):
         row = await self._data.machines.get(mid)
         if row is None:
             return
         app_name = (row.get("spec") or {}).get("app")
-        await self._apps._in_app_order(app_name, self._restart_locked, mid)
+        await self._converger.in_app_order(app_name, self._restart_locked, mid)
 
     async def _restart_locked(self, mid):
         row = await self._data.machines.get(mid)
         if row is None or row["state"] not in ("stopped", "failed"):
             return
-        if not self._apps._hosts.executor_available(row["host_id"]):
+        if not self._replicas.executor_available(row["host_id"]):
             # its host went away meanwhile: host loss (or its return) takes it from here
             await self._note(mid, f"not restarted: host {row['host_id']} is unreachable",
                              next_at=None)
@@ -365,21 +368,18 @@ class Healer:
         if await self._wanted(row) is None:
             await self._note(mid, "not restarted: its app no longer wants it", next_at=None)
             return
-        apps = self._apps
-        await apps._placing.acquire()
+        replicas, placements = self._replicas, self._placements
         try:
-            placement = apps.scheduler.place(
+            placement = await placements.place_now(
                 placement_request(row["spec"], pinned_host=row["host_id"]))
         except errors.ZwrmError as e:
             placement = None
             no_room = e.message
-        finally:
-            apps._placing.release()
         if placement is None:
             await self._note(mid, f"no room on its host to restart: {no_room}", next_at=None)
             if not row["spec"].get("volumes"):
                 # a replica without volumes may go elsewhere
-                await apps.reschedule(row["app_id"], [row["spec"]["replica"]])
+                await self._converger.reschedule(row["app_id"], [row["spec"]["replica"]])
             return
 
         async def count(row):
@@ -394,15 +394,15 @@ class Healer:
             record["next_at"] = None
             record["last_at"] = now
             health["restart"] = record
-            return await apps.set_machine(
+            return await replicas.set_machine(
                 row, f"restarting ({record['count']}): {record.get('reason')}", health=health)
 
-        row = await apps.update_machine(mid, count)
+        row = await replicas.update_machine(mid, count)
         if row is None:
-            apps.release_placement(placement)
+            placements.release_placement(placement)
             return
-        apps.adopt_placement(mid, placement)
-        await apps.start_machine(row)
+        placements.adopt(mid, placement)
+        await replicas.start_machine(row)
 
     async def _watch_liveness(self, mid):
         row = await self._data.machines.get(mid)
@@ -426,7 +426,7 @@ class Healer:
             return
         reason = f"health check failing for {after:g}s"
         try:
-            await self._apps._call(row["host_id"], "machine.stop", mid)
+            await self._replicas.call(row["host_id"], "machine.stop", mid)
         except errors.ZwrmError as e:
             self.log.warn("machine {id} unhealthy; could not stop it: {e}", id=mid, e=e)
             return
@@ -548,7 +548,7 @@ class Healer:
 
         async def one(app_id, replicas):
             try:
-                await self._apps.reschedule(app_id, replicas, only_host=host_id)
+                await self._converger.reschedule(app_id, replicas, only_host=host_id)
             except errors.Unplaceable as e:
                 self.log.warn("host {host} lost: replicas {r} of {app} not placed: {e}",
                               host=host_id, r=replicas, app=app_id, e=e.message)
@@ -565,7 +565,7 @@ class Healer:
                 result.raiseException()
 
     async def _host_back(self, host_id):
-        if self._offline(host_id) or not self._apps._hosts.executor_available(host_id):
+        if self._offline(host_id) or not self._replicas.executor_available(host_id):
             return
         for row in await self._data.machines.find(host_id=host_id, states=("failed",)):
             if row["id"] in self._timers:

@@ -1,0 +1,183 @@
+"""
+Converging an app's machines to its spec: missing replicas placed and started, extra,
+stale and down ones removed; scaling, destroying an app, and placing again the replicas
+of a lost host (L{Converger.reschedule}, for the healer).
+
+A request that fails changes nothing that was there.  A converge places every missing
+replica (all or nothing) I{before} it removes a machine or stores the new spec: the
+capacity of the machines it will remove is lent to the placement and given back if the
+placement fails.  So a scale or deploy refused because a volume's host is unreachable
+leaves the app's spec and its machines' records as they were, and when the host returns
+its machines are restored to running (not stopped as unknown).
+
+Concurrency.  The deploys, scales and destroys of one app run one at a time, in the order
+they were called (L{Converger.in_app_order}: a lock per app, held for the whole converge,
+starts included).  Those of different apps overlap: a converge holds the one placement
+lock of the control plane only while it places its missing replicas (all or nothing) and
+stores them as C{pending} machines with their reservations; the agents' C{machine.start}
+calls run after it let go, so a slow host delays only the app that has a machine there.
+
+A control plane that stops between storing a C{pending} machine and its agent's first
+report leaves that machine C{pending}; after a restart its capacity stays reserved
+(L{zwrm.control.placements.Placements.load}) and the app's next converge rolls it back
+(failed, destroyed, placed again) unless its agent has reported it since.
+"""
+
+from zwrm import errors
+from zwrm.control.appspec import same_version
+from zwrm.control.replicas import in_key_order
+from zwrm.control.resources.machines import LIVE
+
+
+class Converger:
+    """Converges apps to their specs, one app at a time."""
+
+    def __init__(self, data, placements, replicas, volumes):
+        """
+        @param data: the control plane's resource layer.
+        @param placements: the L{zwrm.control.placements.Placements}.
+        @param replicas: the L{zwrm.control.replicas.Replicas}.
+        @param volumes: the L{zwrm.control.app_volumes.AppVolumes} (an app destroyed with
+            its volumes).
+        """
+        self._data = data
+        self._placements = placements
+        self._replicas = replicas
+        self._volumes = volumes
+        self._app_locks = {}  # app name -> DeferredLock: its deploys, scales, destroys in order
+
+    def in_app_order(self, name, fn, *args):
+        """
+        Run C{fn(*args)} after every deploy, scale or destroy already under way for the
+        app called C{name}.
+        """
+        return in_key_order(self._app_locks, name, fn, *args)
+
+    async def scale(self, app, replicas):
+        """Converge the app row C{app} to its spec with C{replicas} replicas (its lock held)."""
+        if app["spec"] is None:
+            raise errors.Conflict(f"app {app['name']!r} was never deployed")
+        spec = dict(app["spec"], replicas=replicas)
+
+        async def store_spec():
+            await self._data.apps.set_spec(app, spec, "scaled", replicas=replicas)
+
+        await self.converge(app, spec, replace=False, store_spec=store_spec)
+
+    async def destroy(self, app, volumes):
+        """
+        Destroy every machine of the app row C{app} and the app (its lock held); its volumes
+        too only if C{volumes}.
+
+        @return: C{{"machines": [...], "volumes": [...]}} destroyed.
+        """
+        machines = await self._data.machines.find(app_id=app["id"])
+        gone = [await self._replicas.remove_machine(m) for m in machines]
+        vols = []
+        if volumes:
+            for v in await self._data.volumes.find(app_id=app["id"]):
+                await self._volumes.destroy(v)
+                vols.append(v["id"])
+        elif await self._data.volumes.find(app_id=app["id"]):
+            # The app stays, without a spec, so its volumes keep an owner.
+            await self._data.apps.set_spec(app, None, "destroyed", volumes_kept=True)
+            return {"machines": gone, "volumes": [], "app_kept_for_volumes": True}
+        await self._data.apps.delete(app)
+        return {"machines": gone, "volumes": vols}
+
+    async def reschedule(self, app_id, replicas, only_host=None):
+        """
+        Place replicas C{replicas} of the app C{app_id} again (their machines failed: their
+        host was lost), elsewhere if need be, leaving its other replicas alone; in the
+        app's order.  Replicas whose machine is no longer failed (on C{only_host}, if
+        given) are skipped.
+
+        @raise zwrm.errors.Unplaceable: one does not fit; nothing was changed.
+        """
+        app = await self._data.apps.by_id(app_id)
+        if app is None:
+            return
+        return await self.in_app_order(app["name"], self._reschedule, app["name"],
+                                       set(replicas), only_host)
+
+    async def _reschedule(self, name, replicas, only_host):
+        app = await self._data.apps.by_name(name)
+        spec = app["spec"]
+        if spec is None:
+            return
+        rows = await self._data.machines.find(app_id=app["id"], states=("failed",))
+        only = {m["spec"]["replica"] for m in rows
+                if m["spec"]["replica"] in replicas and m["spec"]["replica"] < spec["replicas"]
+                and (only_host is None or m["host_id"] == only_host)}
+        if only:
+            await self.converge(app, spec, replace=False, only=only)
+
+    async def converge(self, app, spec, replace, store_spec=None, only=None):
+        """
+        Converge C{app}'s machines to C{spec} (the caller holds the app's lock).
+
+        First, under the placement lock, place every missing replica (all or nothing),
+        lending it the capacity of the machines that will go (extra, stale, failed, or
+        stored by a control plane that restarted before their start was confirmed).  If
+        that fails, the capacity is given back and nothing has changed.  Then remove the
+        machines that go, call C{store_spec} (it stores the new spec), store the placed
+        replicas as C{pending} machines holding their reservations, and start them on their
+        hosts outside the placement lock.  With C{only} (a set of replica numbers), only
+        those replicas are looked at.
+        """
+        placements, replicas = self._placements, self._replicas
+        if only is None:
+            rows = await self._data.machines.find(app_id=app["id"])
+        else:  # those replicas' rows only (an app may have thousands)
+            rows = await self._data.machines.find(app_id=app["id"], replicas=only)
+        going, kept = [], set()
+        for m in rows:
+            if m["state"] not in LIVE and m["state"] not in ("failed", "stopped"):
+                continue
+            replica = m["spec"]["replica"]
+            if only is not None and replica not in only:
+                continue
+            unconfirmed = m["state"] == "pending" and m["id"] in placements.unconfirmed
+            stale = replace and not same_version(m["spec"].get("app_spec"), spec)
+            down = m["state"] in ("failed", "stopped")  # replaced (a guest that powered off)
+            if replica >= spec["replicas"] or stale or down or unconfirmed:
+                going.append((m, unconfirmed))
+            else:
+                kept.add(replica)
+        missing = [i for i in range(spec["replicas"])
+                   if i not in kept and (only is None or i in only)]
+        await placements.lock.acquire()
+        try:
+            lent = placements.lend([m for m, _ in going])
+            try:
+                planned = await placements.plan_all(app, spec, missing)
+            except BaseException:
+                placements.give_back(lent)
+                raise
+        finally:
+            placements.lock.release()
+        try:
+            for m, unconfirmed in going:
+                if unconfirmed:
+                    await replicas.set_machine(
+                        m, "the control plane restarted before its start was confirmed",
+                        state="failed")
+                await replicas.remove_machine(m)
+                lent.pop(m["id"], None)
+        except BaseException:
+            for _, placement, _ in planned:
+                placements.release_placement(placement)
+            placements.give_back(lent)
+            raise
+        stored = []
+        try:
+            if store_spec is not None:
+                await store_spec()
+            for replica, placement, volumes in planned:
+                stored.append(await replicas.store_replica(app, spec, replica, placement,
+                                                           volumes))
+        except BaseException:
+            for _, placement, _ in planned[len(stored):]:
+                placements.release_placement(placement)
+            raise
+        await replicas.start_all(stored)

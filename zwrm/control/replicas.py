@@ -1,0 +1,267 @@
+"""
+The machines of apps, one at a time: stored (a new replica and its volumes), started on
+their host, changed in order with their agents' reports, and removed.
+
+Every change goes through an update method of the resource layer (the machines and
+volumes resources), which stores it, then publishes one canonical event on
+C{zwrm.event.machine}; each machine's reservation follows its state
+(L{zwrm.control.placements.Placements.machine_changed}).
+
+Machine reports are ordered: the changes of one machine apply in arrival order (a lock
+per machine, taken before any await) and only from the machine's own host.
+"""
+
+from twisted.internet.defer import DeferredList, DeferredLock, ensureDeferred
+
+from zwrm import errors
+from zwrm.control.appspec import error_text, new_id
+from zwrm.control.resources.machines import LIVE
+from zwrm.control.resources.machines import STATES as MACHINE_STATES
+
+
+class Replicas:
+    """
+    Machines: stored, started, changed in order, removed.
+
+    @ivar network: the L{zwrm.control.network.ClusterNetwork} (a machine's address).
+    """
+
+    def __init__(self, clock, hosts, data, placements, network):
+        """
+        @param clock: an L{IReactorTime}.
+        @param hosts: the L{zwrm.control.registry.HostRegistry} (whose executors can be
+            called, and calls to them).
+        @param data: the control plane's resource layer.
+        @param placements: the L{zwrm.control.placements.Placements}.
+        @param network: the L{zwrm.control.network.ClusterNetwork}.
+        """
+        self._clock = clock
+        self._hosts = hosts
+        self._data = data
+        self._placements = placements
+        self.network = network
+        self._machine_locks = {}  # machine id -> DeferredLock: its changes apply in order
+
+    async def call(self, host_id, verb, *args, **kwargs):
+        """Call a host's executor; its errors come back as L{zwrm.errors} classes."""
+        try:
+            return await self._hosts.call_executor(host_id, verb, *args, **kwargs)
+        except Exception as e:
+            raise errors.from_wire(e) from None
+
+    def executor_available(self, host_id):
+        """Whether C{host_id}'s agent can be called now."""
+        return self._hosts.executor_available(host_id)
+
+    # -- stored changes, then events --------------------------------------------------
+
+    async def set_machine(self, row, reason, **fields):
+        """
+        Store C{fields} of a machine through the machines resource (one event), and keep
+        its reservation in step: released when it stopped or failed, committed when it runs.
+        """
+        await self._data.machines.set(row, reason, **fields)
+        self._placements.machine_changed(row)
+        return row
+
+    async def add_machine(self, row, reason, placement=None):
+        """
+        Store a new machine row (state C{pending}) through the machines resource (one
+        event); with C{placement}, the machine holds that reservation from now on.
+        """
+        await self._data.machines.add(row, reason)
+        if placement is not None:
+            self._placements.adopt(row["id"], placement)
+        return row
+
+    async def store_replica(self, app, spec, replica, placement, existing):
+        """
+        Store replica C{replica} of C{app} under C{spec} as a C{pending} machine on its
+        placement's host, holding C{placement}; its volumes not in C{existing} (name ->
+        volume row) are stored as C{creating} there.
+        """
+        host_id = placement.host_id
+        now = self._clock.seconds()
+        vols = []
+        for v in spec["volumes"]:
+            row = existing.get(v["name"])
+            if row is None:
+                row = {"id": new_id("v"), "app_id": app["id"], "host_id": host_id,
+                       "name": v["name"], "replica": replica, "size_mb": v["size_mb"],
+                       "mount": v["mount"], "state": "creating", "created_at": now}
+                await self._data.volumes.add(row)
+            vols.append({"id": row["id"], "mount": v["mount"], "size_mb": row["size_mb"]})
+        mid = new_id("m")
+        mspec = {
+            "id": mid, "app": app["name"], "replica": replica, "image": spec["image"],
+            "vcpus": spec["vcpus"], "memory_mb": spec["memory_mb"],
+            "region": spec["region"], "datacenter": spec["datacenter"],
+            "constraints": spec["constraints"], "volumes": vols,
+            "service_port": spec["service_port"], "health": spec["health"], "app_spec": spec,
+            "cloud_init": spec.get("cloud_init"),
+            "network": await self.network.attach(
+                mid, app["id"], host_id, hostname=f"{app['name']}-{replica}",
+                open_ports=[p["guest_port"] for p in spec.get("publish") or []]),
+        }
+        row = {"id": mid, "app_id": app["id"], "host_id": host_id, "state": "pending",
+               "spec": mspec, "health": {"status": "none"}, "created_at": now,
+               "updated_at": now}
+        return await self.add_machine(row, "placed", placement=placement)
+
+    @staticmethod
+    def agent_spec(mspec):
+        """What a machine's agent is given of its spec (C{machine.start})."""
+        out = {k: mspec[k] for k in ("id", "app", "image", "vcpus", "memory_mb", "volumes",
+                                     "service_port", "health")}
+        out["cloud_init"] = mspec.get("cloud_init")
+        out["network"] = mspec.get("network")
+        return out
+
+    async def start_all(self, rows):
+        """
+        Start every stored machine in C{rows} on its host, all at once; wait for all.
+        A start that fails marks its machine failed (releasing its reservation).
+        """
+        if not rows:
+            return
+        results = await DeferredList(
+            [ensureDeferred(self.start_machine(row)) for row in rows], consumeErrors=True)
+        for ok, result in results:
+            if not ok:
+                result.raiseException()
+
+    async def start_machine(self, row):
+        """
+        Start the stored machine C{row} on its host (C{machine.start}) and apply the status
+        its agent answers; a start that fails marks it failed (releasing its reservation).
+        """
+        try:
+            spec = self.agent_spec(row["spec"])
+            # Its own address on its host (a drain's replacement gets one of its target's).
+            spec["network"] = await self.network.attach(
+                row["id"], row["app_id"], row["host_id"],
+                hostname=f"{spec['app']}-{row['spec'].get('replica')}",
+                open_ports=[p["guest_port"] for p in
+                            (row["spec"].get("app_spec") or {}).get("publish") or []])
+            status = await self.call(row["host_id"], "machine.start", spec)
+        except Exception as e:
+            reason = getattr(e, "args", [None])[0] if isinstance(e, errors.ZwrmError) else None
+            reason = reason or error_text(e)
+            await self.set_machine(row, f"could not start: {reason}", state="failed")
+            return row
+        await self._volumes_ready(row)
+        await self._apply_status(row, status)
+        return row
+
+    async def _volumes_ready(self, row):
+        for v in row["spec"]["volumes"]:
+            vrow = await self._data.volumes.get(v["id"])
+            if vrow is not None and vrow["state"] == "creating":
+                await self._data.volumes.set_state(vrow, "ready")
+
+    def _in_order(self, machine_id, fn, *args):
+        """
+        Run C{fn(*args)} after every change already under way for C{machine_id}: reports
+        arrive in order, and applying them must keep it.
+        """
+        return in_key_order(self._machine_locks, machine_id, fn, *args)
+
+    async def update_machine(self, machine_id, fn):
+        """
+        Run C{await fn(row)} with the fresh row of C{machine_id} (L{None} if it is gone),
+        in order with the machine's reports and other changes.
+        """
+        async def fresh():
+            return await fn(await self._data.machines.get(machine_id))
+
+        return await self._in_order(machine_id, fresh)
+
+    def _apply_status(self, row, status):
+        """Apply an executor status or report to a stored machine (in order)."""
+        return self._in_order(row["id"], self._apply_fresh, row, status)
+
+    async def _apply_fresh(self, row, status):
+        fresh = await self._data.machines.get(row["id"])
+        if fresh is None:
+            return row
+        row.update(fresh)
+        return await self._apply_locked(row, status)
+
+    async def _apply_locked(self, row, status):
+        state = status.get("state")
+        if state not in MACHINE_STATES:
+            return row
+        health = dict(row.get("health") or {})
+        if status.get("health") is not None:
+            health["status"] = status["health"]
+        if status.get("host_port") is not None:
+            health["host_port"] = status["host_port"]
+        if state == row["state"] and health == row.get("health"):
+            return row
+        return await self.set_machine(row, status.get("reason") or state,
+                                      state=state, health=health)
+
+    # -- reports from agents ----------------------------------------------------------
+
+    async def machine_event(self, host_id, event):
+        """
+        Agent C{host_id} reports a change of one of its machines (C{event}: the
+        executor's report, with C{machine_id} and C{state}); applied in order.
+        """
+        if not isinstance(event, dict) or not isinstance(event.get("machine_id"), str):
+            raise errors.InvalidArgument("a machine event needs machine_id and state")
+        return await self._in_order(event["machine_id"], self._machine_event, host_id, event)
+
+    async def _machine_event(self, host_id, event):
+        row = await self._data.machines.get(event["machine_id"])
+        if row is None:
+            if event.get("destroyed"):
+                return None
+            raise errors.NotFound(f"no machine {event['machine_id']!r}")
+        if host_id is not None and row["host_id"] != host_id:
+            raise errors.NotAuthorized(
+                f"machine {row['id']} is recorded on {row['host_id']}, not {host_id}")
+        if not event.get("destroyed"):
+            await self._apply_locked(row, event)
+        return None
+
+    # -- removal ----------------------------------------------------------------------
+
+    async def remove_machine(self, m):
+        """
+        Destroy the machine of row C{m} on its host, then delete its row (one event) and
+        release its reservation.  A machine that is stopped or failed on a host that cannot
+        be reached loses only its row (its host stops it when it returns: reconciliation).
+
+        @raise zwrm.errors.Unavailable: it is live on a host that cannot be reached.
+        """
+        if m["state"] not in ("stopped", "failed") or self._hosts.executor_available(m["host_id"]):
+            try:
+                await self.call(m["host_id"], "machine.destroy", m["id"])
+            except errors.NotFound:
+                pass  # the agent no longer knows it: it is gone
+            except errors.Unavailable:
+                if m["state"] in LIVE:
+                    raise errors.Unavailable(
+                        f"machine {m['id']} is on host {m['host_id']}, which is not reachable; "
+                        "it is destroyed when the host returns") from None
+        await self._data.machines.delete(m)
+        self._placements.release(m["id"])
+        await self.network.release(m["id"])
+        return m["id"]
+
+
+async def in_key_order(locks, key, fn, *args):
+    """
+    Run C{fn(*args)} under the lock of C{key} in C{locks} (a dict of L{DeferredLock}s,
+    made on first use and dropped when nobody waits), after every call already under way
+    for C{key}.  The lock is taken before any await, so calls keep their order.
+    """
+    lock = locks.setdefault(key, DeferredLock())
+    await lock.acquire()
+    try:
+        return await fn(*args)
+    finally:
+        lock.release()
+        if not lock.locked and not lock.waiting:
+            locks.pop(key, None)

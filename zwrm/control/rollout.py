@@ -1,0 +1,152 @@
+"""
+Deploying a spec: checked, stored, and rolled out.
+
+Every update rolls (issue 15), with the defaults unless the spec's C{update} says
+otherwise (L{zwrm.control.appspec.UPDATE_DEFAULTS}): the running machines of an older
+version are replaced C{max_parallel} at a time (0: all at once, a plain converge), each
+new machine healthy for C{min_healthy_time} within C{healthy_deadline} before the next
+batch; a failed update is reverted (C{auto_revert}).  See L{Rollout.rolling}.
+"""
+
+from zwrm import errors
+from zwrm.control.appspec import UPDATE_DEFAULTS, merge_spec, same_version, validate_spec
+
+
+class Rollout:
+    """Deploys (a rolling update when running machines change version)."""
+
+    def __init__(self, data, placements, replicas, converger, images):
+        """
+        @param data: the control plane's resource layer.
+        @param placements: the L{zwrm.control.placements.Placements}.
+        @param replicas: the L{zwrm.control.replicas.Replicas}.
+        @param converger: the L{zwrm.control.converge.Converger}.
+        @param images: the L{zwrm.control.appspec.ImageCheck}.
+        """
+        self._data = data
+        self._placements = placements
+        self._replicas = replicas
+        self._converger = converger
+        self._images = images
+
+    async def deploy(self, app, given, merge=True, **extra):
+        """
+        Deploy C{given} (over the current spec if C{merge}) to the app row C{app} (its lock
+        held): checked, stored, converged; a rolling update if running machines change
+        version.  C{extra} goes into the C{deployed} event.
+        """
+        spec = validate_spec(merge_spec(app["spec"], given) if merge else given)
+        await self._images.check(spec)
+
+        async def store_spec():
+            await self._data.apps.set_spec(app, spec, "deployed", **extra)
+
+        # Every update rolls (issue 15), with the defaults unless the spec says otherwise;
+        # max_parallel 0 replaces every machine at once.
+        update = spec.get("update") or UPDATE_DEFAULTS
+        if update["max_parallel"] and app["spec"] is not None:
+            stale = [m for m in await self._data.machines.find(app_id=app["id"],
+                                                               states=("running",))
+                     if m["spec"]["replica"] < spec["replicas"]
+                     and not same_version(m["spec"].get("app_spec"), spec)]
+            if stale:
+                return await self.rolling(app, dict(app["spec"]), spec, stale, store_spec)
+        await self._converger.converge(app, spec, replace=True, store_spec=store_spec)
+
+    async def rolling(self, app, old_spec, spec, stale, store_spec):
+        """
+        A rolling update (the spec's C{update}: C{max_parallel}, C{min_healthy_time},
+        C{healthy_deadline}, C{auto_revert}): the new spec is stored, the replicas that do
+        not run an old version are converged at once, then the running old ones are
+        replaced C{max_parallel} at a time.  A replica without volumes gets its new machine
+        first (on any host) and loses the old one only once the new one has been healthy
+        for C{min_healthy_time} within C{healthy_deadline}; one with volumes is replaced in
+        place (its volumes pin it).  If a new machine does not become healthy, the update
+        stops: its new machines are removed and, with C{auto_revert}, the previous version
+        is deployed again (the old machines not yet replaced never stopped).
+
+        @raise zwrm.errors.Unavailable: the update failed (saying whether it was reverted).
+        """
+        placements, converge = self._placements, self._converger.converge
+        update = spec.get("update") or UPDATE_DEFAULTS
+        stale.sort(key=lambda m: m["spec"]["replica"])
+        old_replicas = {m["spec"]["replica"] for m in stale}
+        # The whole new state must fit (as a converge checks) before anything changes.
+        await placements.lock.acquire()
+        try:
+            lent = placements.lend(stale)
+            try:
+                for _, placement, _ in await placements.plan_all(app, spec,
+                                                                 sorted(old_replicas)):
+                    placements.unplace(placement)
+            finally:
+                placements.give_back(lent)
+        finally:
+            placements.lock.release()
+        await store_spec()
+        rest = set(range(max(spec["replicas"], old_spec["replicas"]))) - old_replicas
+        if rest:
+            await converge(app, spec, replace=True, only=rest)
+        n = update["max_parallel"]
+        for start in range(0, len(stale), n):
+            batch = stale[start:start + n]
+            try:
+                await self._replace_batch(app, spec, batch, update)
+            except errors.ZwrmError as e:
+                reason = e.message
+                if update["auto_revert"]:
+                    revert = dict(old_spec)
+                    await self._data.apps.set_spec(app, revert, "deployed", reverted=True,
+                                                   reason_detail=reason)
+                    await converge(app, revert, replace=True)
+                    raise errors.Unavailable(
+                        f"the update of {app['name']} failed ({reason}); reverted to the "
+                        f"previous version (now version {app['spec_version']})") from None
+                raise errors.Unavailable(
+                    f"the update of {app['name']} stopped ({reason})") from None
+
+    async def _replace_batch(self, app, spec, batch, update):
+        """Replace the old machines of C{batch} (see L{rolling})."""
+        placements, replicas = self._placements, self._replicas
+        surge = [m for m in batch if not m["spec"]["volumes"]]
+        in_place = [m for m in batch if m["spec"]["volumes"]]
+        new_rows = []
+        if surge:
+            await placements.lock.acquire()
+            try:
+                planned = await placements.plan_all(app, spec,
+                                                    [m["spec"]["replica"] for m in surge])
+            except errors.Unplaceable:
+                planned = None  # no room beside the old machines: replaced in place
+            finally:
+                placements.lock.release()
+            if planned is None:
+                surge, in_place = [], batch
+                planned = []
+            for replica, placement, volumes in planned:
+                new_rows.append(await replicas.store_replica(app, spec, replica, placement,
+                                                             volumes))
+        if in_place:
+            for m in in_place:
+                await self._converger.converge(app, spec, replace=True,
+                                               only={m["spec"]["replica"]})
+            numbers = {m["spec"]["replica"] for m in in_place}
+            new_rows += [r for r in await self._data.machines.find(app_id=app["id"])
+                         if r["spec"]["replica"] in numbers and r["id"] not in
+                         {m["id"] for m in in_place}]
+        if surge:
+            await replicas.start_all(new_rows[:len(surge)])
+        try:
+            for row in new_rows:
+                await self._data.machines.wait_healthy(
+                    row["id"], update["healthy_deadline"], update["min_healthy_time"])
+        except errors.ZwrmError:
+            for row in new_rows:
+                fresh = await self._data.machines.get(row["id"])
+                if fresh is not None:
+                    await replicas.remove_machine(fresh)
+            raise
+        for m in surge:
+            fresh = await self._data.machines.get(m["id"])
+            if fresh is not None:
+                await replicas.remove_machine(fresh)
