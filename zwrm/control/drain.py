@@ -147,11 +147,9 @@ class Drains:
         run.detail.update(items)
         await self._save_migration(run, detail=run.detail)
 
-    async def _call(self, host_id, verb, *args, **kwargs):
-        try:
-            return await self._hosts.call_executor(host_id, verb, *args, **kwargs)
-        except Exception as e:
-            raise errors.from_wire(e) from None
+    def _call(self, host_id, verb, *args, **kwargs):
+        """Call a host's executor (its errors as L{zwrm.errors} classes)."""
+        return self._replicas.call(host_id, verb, *args, **kwargs)
 
     def _sleep(self, seconds):
         return task.deferLater(self._clock, seconds, lambda: None)
