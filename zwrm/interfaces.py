@@ -309,6 +309,145 @@ class IHypervisorDriver(Interface):
         @return: a Deferred firing with C{None}.
         """
 
+class ILiveMigration(Interface):
+    """
+    Optional, for hypervisor drivers: move a running machine with its local disks to
+    another host's driver while it runs, with a pause of milliseconds (docs/live-migration.md).
+    A driver that provides it says so with C{@implementer(IHypervisorDriver, ILiveMigration)};
+    callers check C{ILiveMigration.providedBy(driver)}.
+
+    Roles: the B{source} driver runs the machine; the B{target} driver (another host) starts
+    the same machine paused, over blank volumes of the same size, waiting for it. The steps,
+    each a Deferred, in order:
+
+     1. target: L{start_incoming} -> where it listens;
+     2. source: L{start_mirror} into the target's exports; each disk's mirror sends
+        C{BLOCK_JOB_READY} once in sync (from then on every guest write reaches both);
+     3. source: L{start_migration} (RAM) with C{pause-before-switchover}; it sends
+        C{MIGRATION} events (C{status}: C{setup}, C{active}, C{pre-switchover}, C{device},
+        C{completed}, C{failed}, C{cancelled}) and C{MIGRATION_PASS} (C{pass}) per RAM pass;
+     4. source, at C{pre-switchover} (the guest is paused): L{complete_switchover}: each
+        mirror's final sync, then the migration continues to C{completed}; the source
+        stays paused (C{postmigrate}) and is never resumed;
+     5. target, when its own C{MIGRATION} event says C{completed}: L{finish_incoming}
+        (exports closed, dirty bitmap started, guest resumed).
+
+    Before step 5 the source can always be rolled back with L{cancel_migration}: it runs
+    on, untouched; the target's machine ends (or is destroyed by the caller). Events are
+    delivered to L{live_subscribe} listeners as C{listener(name, data)}, with QMP's event
+    names and data (a fake driver sends the same).
+
+    TLS: C{tls} arguments are C{None} or C{{"ca", "cert", "key", "peer"}}: PEM texts of the
+    cluster CA and of this host's certificate and key, and the peer's host id; the two
+    hypervisors then accept only each other (a target refuses any other source, a source any
+    other target: the step fails with C{NotAuthorized}).
+
+    Errors as for L{IHypervisorDriver}: C{NotFound}, C{Conflict} (the machine is not in a
+    state for that step), C{InvalidArgument} (a bad argument, named), C{Unavailable}
+    (the hypervisor or the peer failed), C{NotAuthorized} (TLS refused).
+
+    C{recover()} of a driver that provides this interface resolves what a live migration
+    left when the agent restarted: a target that had not completed its incoming migration
+    is ended (the source still holds the machine); a source whose migration was under way
+    is rolled back and runs on; a source whose migration completed stays paused and is
+    reported so (the target holds the machine); a target whose incoming migration completed
+    but that was not resumed stays paused until L{finish_incoming}.
+    """
+
+    def migration_facts():
+        """
+        @return: C{{"live": bool, "reason": str or None, "cpu_model", "machine_type",
+            "accel"}}: whether machines here can migrate live, and what must be equal on
+            both hosts of a migration.
+        """
+
+    def live_subscribe(machine_id, listener):
+        """
+        Call C{listener(name, data)} for each migration event of the machine: C{MIGRATION},
+        C{MIGRATION_PASS}, C{BLOCK_JOB_READY}, C{BLOCK_JOB_COMPLETED}, C{BLOCK_JOB_CANCELLED},
+        C{BLOCK_JOB_ERROR}, C{RESUME}, C{STOP} (QMP names and data).
+
+        @return: a callable that unsubscribes. @raise NotFound: unknown machine.
+        """
+
+    def start_incoming(spec, listen, tls=None):
+        """
+        Start machine C{spec} (a machine spec, its volumes blank files of the source's sizes)
+        paused, as the target of a live migration, with an NBD server exporting each disk
+        (writable) and a migration listener, both on address C{listen}, on free ports (a
+        port taken meanwhile is retried).
+
+        @return: a Deferred firing with C{{"host", "nbd_port", "migration_port", "exports"}}
+            (C{exports}: volume id, or C{"root"}, -> export name): what L{start_mirror} and
+            L{start_migration} of the source take as C{target}.
+        """
+
+    def start_mirror(machine_id, target, tls=None, speed=None):
+        """
+        Start mirroring every disk of the running machine into the target's exports
+        (write-blocking: once in sync, a guest write completes only when on both sides),
+        at most C{speed} bytes/s until in sync.
+
+        @return: a Deferred firing with C{{"jobs": [...]}} once the mirrors run; each sends
+            C{BLOCK_JOB_READY} when in sync. On failure nothing is left running.
+        """
+
+    def start_migration(machine_id, target, tls=None, downtime_limit_ms=300,
+                        auto_converge=False, postcopy=False, max_bandwidth=None):
+        """
+        Start the RAM migration to the target, pausing before the switchover.  Every
+        mirror must be ready (else C{Conflict}).  C{auto_converge} lets the hypervisor slow
+        the guest's CPUs when it dirties memory faster than the link; C{postcopy} allows
+        L{start_postcopy} later.
+
+        @return: a Deferred firing once the migration started.
+        """
+
+    def complete_switchover(machine_id, timeout=30.0):
+        """
+        At C{pre-switchover}: the mirrors' final sync (no pivot), then continue the
+        migration. A mirror that does not complete fails it (the caller rolls back).
+
+        @return: a Deferred.
+        """
+
+    def start_postcopy(machine_id):
+        """Switch a migration started with C{postcopy=True} to post-copy. @return: a Deferred."""
+
+    def finish_incoming(machine_id, announce=True):
+        """
+        Target: once the incoming migration completed, close the exports, start the
+        verification's dirty bitmap and resume the guest (then announce its network
+        addresses, C{announce-self}, unless C{announce} is false).
+
+        @return: a Deferred firing with C{{"resumed": True, "already": bool}}.
+            @raise Conflict: the incoming migration is not complete.
+        """
+
+    def cancel_migration(machine_id):
+        """
+        Source: roll back a migration that has not completed: cancel it and the mirrors and
+        resume the guest if paused. Idempotent.
+
+        @return: a Deferred. @raise Conflict: the migration completed already.
+        """
+
+    def migration_status(machine_id):
+        """
+        @return: a Deferred firing with C{{"runstate", "migration" (QMP status or "none"),
+            "role", "phase", "mirrors": [{"job", "offset", "len", "ready", "speed"}],
+            "ram": {"transferred", "remaining", "total", "mbps", "passes"},
+            "downtime_ms", "expected_downtime_ms", "total_ms", "setup_ms"}}.
+        """
+
+    def dirty_extents(machine_id, volume_id):
+        """
+        Target, after L{finish_incoming}: the extents of the volume written since the guest
+        resumed (the verification's dirty bitmap, 64 KiB granularity).
+
+        @return: a Deferred firing with C{[[offset, length], ...]}.
+        """
+
 # --- Images ----------------------------------------------------------------------------
 
 

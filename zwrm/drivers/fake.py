@@ -13,8 +13,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from zwrm.drivers import spec as _spec
+from zwrm.drivers.fake_live import FakeLiveMigration
 from zwrm.errors import Conflict, InvalidArgument, NotFound
-from zwrm.interfaces import IHypervisorDriver
+from zwrm.interfaces import IHypervisorDriver, ILiveMigration
 
 
 class FakeHost:
@@ -33,18 +34,19 @@ class FakeHost:
         self.console = {}
 
 
-@implementer(IHypervisorDriver)
-class FakeDriver:
+@implementer(IHypervisorDriver, ILiveMigration)
+class FakeDriver(FakeLiveMigration):
     """
     @param reactor: provides C{IReactorTime} (a C{task.Clock} in tests).
     @param root: the directory the driver may keep files in (it writes nothing there but
         checks it exists, as a real driver would).
     @param host: the L{FakeHost}; a new one if C{None}.
+    @param network: the L{zwrm.drivers.fake_live.FakeNetwork} its live migrations use.
     """
 
     name = "fake"
 
-    def __init__(self, reactor, root, host=None, stop_timeout=30.0):
+    def __init__(self, reactor, root, host=None, stop_timeout=30.0, network=None):
         self.reactor = reactor
         self.root = root
         self.host = host or FakeHost()
@@ -53,6 +55,7 @@ class FakeDriver:
         self._waiters = {}
         self._listeners = []
         self._closed = False
+        self._live_init(network)
         os.makedirs(root, exist_ok=True)
 
     # helpers for tests ----------------------------------------------------------------
@@ -110,6 +113,7 @@ class FakeDriver:
 
     def destroy(self, machine_id):
         _spec.check_id(machine_id)
+        self._live_forget(machine_id)
         if machine_id in self._status:
             if self._status[machine_id]["state"] == "running":
                 self._end(machine_id, "stopped", "stopped on request")
@@ -129,8 +133,12 @@ class FakeDriver:
         for mid, proc in sorted(self.host.machines.items()):
             if mid in self._status:
                 continue
+            # A live migration left half-way is resolved first (zwrm.drivers.fake_live).
+            why = self._live_recover(mid) if proc["alive"] else None
             if proc["alive"]:
-                self._set(mid, proc["spec"], "running", "recovered after an agent restart")
+                self._set(mid, proc["spec"], "running", why or "recovered after an agent restart")
+            elif why:
+                self._set(mid, proc["spec"], "failed", why)
             elif proc.get("state", "running") == "running":
                 self._set(mid, proc["spec"], "failed", "it ended while the agent was not running")
             else:
@@ -149,6 +157,8 @@ class FakeDriver:
 
     def close(self):
         self._closed = True
+        for mid in list(self._live_calls):
+            self._live_forget(mid)
         self._status = {}
         self._listeners = []
         return succeed(None)

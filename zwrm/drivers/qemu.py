@@ -47,8 +47,9 @@ from zwrm.drivers import cloudinit as _cloudinit
 from zwrm.drivers import diskimage
 from zwrm.drivers import qmp as _qmp
 from zwrm.drivers import spec as _spec
+from zwrm.drivers.live import QemuLiveMigration
 from zwrm.errors import Conflict, InvalidArgument, NotFound, Unavailable
-from zwrm.interfaces import IHypervisorDriver
+from zwrm.interfaces import IHypervisorDriver, ILiveMigration
 
 log = Logger()
 
@@ -218,8 +219,12 @@ class _QemuProcess(ProcessProtocol):
         self.driver._ended(self.machine, how, reason.value.exitCode == 0)
 
 
-@implementer(IHypervisorDriver)
-class QemuDriver:
+#: The machine type every machine gets (pinned: a live migration needs the same on both sides).
+MACHINE_TYPE = "pc-i440fx-7.2"
+
+
+@implementer(IHypervisorDriver, ILiveMigration)
+class QemuDriver(QemuLiveMigration):
     """
     Runs machines as QEMU processes. See L{zwrm.interfaces.IHypervisorDriver}.
 
@@ -232,13 +237,17 @@ class QemuDriver:
     @param close_timeout: seconds L{close} waits for the end of a QEMU it killed because its
         start was under way.
     @param ovmf: the UEFI firmware image for disks whose image says C{uefi}.
+    @param cpu_model: the C{-cpu} model; L{None}: C{host} under KVM (which does not
+        migrate between different hosts), C{qemu64} under TCG. Live migration
+        (L{zwrm.drivers.live}) needs the same model on every host.
+    @param machine_type: the C{-machine} type (L{MACHINE_TYPE}), the same on every host.
     """
 
     name = "qemu"
 
     def __init__(self, reactor, root, accel="auto", qemu_binary="qemu-system-x86_64",
                  stop_timeout=30.0, probe_timeout=10.0, close_timeout=5.0, ovmf=OVMF,
-                 ovmf_vars=OVMF_VARS):
+                 ovmf_vars=OVMF_VARS, cpu_model=None, machine_type=MACHINE_TYPE):
         if accel not in _accel.ACCELS:
             raise InvalidArgument(f"accel must be one of {', '.join(_accel.ACCELS)}, not {accel!r}")
         self.reactor = reactor
@@ -260,6 +269,9 @@ class QemuDriver:
         self._close_hooks = set()
         # Fire (with None) when a start under way has its result.
         self._starts = set()
+        self.cpu_model = cpu_model
+        self.machine_type = machine_type
+        self._live_init()
         os.makedirs(self.root, exist_ok=True)
 
     # --- public -------------------------------------------------------------------------
@@ -525,6 +537,7 @@ class QemuDriver:
             self.qemu_binary,
             "-name", f"zwrm-{m.id}",
             "-accel", accel,
+            "-machine", f"type={self.machine_type}",
             "-smp", str(spec["vcpus"]),
             "-m", str(spec["memory_mb"]),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -536,8 +549,10 @@ class QemuDriver:
             "-qmp", f"unix:{_opt(m.qmp_path)},server=on,wait=off",
             "-pidfile", m.path("qemu.pid"),
         ]
-        if accel == "kvm":
-            argv += ["-cpu", "host"]
+        argv += ["-cpu", self.cpu_model or ("host" if accel == "kvm" else "qemu64")]
+        if m.id in self._incoming:
+            # The target of a live migration: paused, waiting for migrate-incoming.
+            argv += ["-incoming", "defer", "-S"]
         cmdline = spec["cmdline"]
         if spec["kernel"]:
             if spec["disk"] and not any(a.startswith("root=") for a in cmdline.split()):
@@ -798,6 +813,7 @@ class QemuDriver:
 
     def _event(self, m, name, data):
         log.debug("machine {id}: QMP event {name} {data}", id=m.id, name=name, data=data)
+        self._live_event(m, name, data)
         if name == "SHUTDOWN":
             if data.get("guest"):
                 m.guest_shutdown = data.get("reason") or "guest-shutdown"
@@ -953,8 +969,14 @@ class QemuDriver:
                     await self._wait_end(m)
                     self._set(m, "failed", m.reason)
                 else:
-                    self._set(m, "running", "recovered after an agent restart")
-                    if not _pid_alive(pid):
+                    # A live migration left half-way is resolved first (zwrm.drivers.live).
+                    why = await self.live_recover(m) if os.path.exists(m.path("live.json")) \
+                        else None
+                    if m.state == "running":
+                        self._set(m, "running", why or "recovered after an agent restart")
+                    else:
+                        self._set(m, "failed", why)
+                    if m.state == "running" and not _pid_alive(pid):
                         self._watch_pid(m, 0)
             elif last.get("state") == "running":
                 m.state = "running"

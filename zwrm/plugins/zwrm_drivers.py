@@ -19,13 +19,17 @@ class QemuPlugin:
     """
     The C{qemu} driver. Its C{config} keys: C{root} (required), C{accel} (C{auto}, C{kvm} or
     C{tcg}; default C{auto}), C{qemu_binary} (default C{qemu-system-x86_64}), C{stop_timeout}
-    (seconds, default 30), C{probe_timeout} (seconds the KVM probe may take, default 10).
+    (seconds, default 30), C{probe_timeout} (seconds the KVM probe may take, default 10),
+    C{cpu_model} (the C{-cpu} model; default C{host} under KVM, C{qemu64} under TCG: set it
+    to the same migratable model on every host for live migration), C{machine_type} (default
+    L{zwrm.drivers.qemu.MACHINE_TYPE}).
     """
 
     name = "qemu"
     description = "QEMU virtual machines: KVM where it works, else TCG; controlled over QMP"
 
-    KEYS = ("root", "accel", "qemu_binary", "stop_timeout", "probe_timeout")
+    KEYS = ("root", "accel", "qemu_binary", "stop_timeout", "probe_timeout", "cpu_model",
+            "machine_type")
 
     def create(self, reactor, config):
         from zwrm.drivers.qemu import QemuDriver
@@ -42,6 +46,11 @@ class QemuPlugin:
         for k in ("stop_timeout", "probe_timeout"):
             if k in kwargs and (not isinstance(kwargs[k], int | float) or kwargs[k] <= 0):
                 raise InvalidArgument(f"qemu driver setting {k} must be a positive number of seconds")
+        for k in ("cpu_model", "machine_type"):
+            if k in kwargs and (not isinstance(kwargs[k], str) or not kwargs[k]
+                                or any(c in kwargs[k] for c in ", \t\n")):
+                raise InvalidArgument(f"qemu driver setting {k} must be a QEMU name "
+                                      f"(e.g. a CPU model or machine type), not {kwargs[k]!r}")
         return QemuDriver(reactor, config["root"], **kwargs)
 
 

@@ -1,0 +1,257 @@
+"""
+The contract test suite of L{zwrm.interfaces.ILiveMigration}, run against the QEMU driver
+(real VMs under TCG, two drivers on loopback with TLS) and the fake
+(tests/drivers/test_live.py).
+
+A fixture provides:
+ - C{make(testcase, root)}: a new driver under C{root} (one per "host");
+ - C{spec(testcase, machine_id, volume_path)}: a machine spec with one volume;
+ - C{make_volume(testcase, path, size)}: a formatted volume image of C{size} bytes;
+ - C{write(testcase, driver, machine_id, name, data)}: have the running guest write a file
+   to its volume (and sync): fires once acknowledged;
+ - C{kill(driver, machine_id)}: end the machine's process as C{kill -9} would;
+ - C{ready_output}: a str the console shows once the guest serves.
+"""
+
+import os
+import shutil
+import tempfile
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+from zope.interface.verify import verifyObject
+
+from tests.drivers.contract import poll
+from zwrm.errors import Conflict, InvalidArgument, NotAuthorized, NotFound, Unavailable
+from zwrm.interfaces import IHypervisorDriver, ILiveMigration
+from zwrm.pki.ca import CertificateAuthority
+
+VOLUME_SIZE = 64 * 1024 * 1024
+
+
+def tls_for(ca, host_id, peer, cache={}):  # noqa: B006 - a per-process cache of keys
+    if (ca.fingerprint, host_id) not in cache:
+        cache[(ca.fingerprint, host_id)] = ca.issue_host(host_id)
+    cert, key = cache[(ca.fingerprint, host_id)]
+    return {"ca": ca.certificate_pem.decode(), "cert": cert.decode(), "key": key.decode(),
+            "peer": peer}
+
+
+def same_bytes(a, b):
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+class Events:
+    """A live listener that keeps every event and lets a test wait for one."""
+
+    def __init__(self):
+        self.seen = []
+        self._waiters = []
+
+    def __call__(self, name, data):
+        self.seen.append((name, data))
+        for w in list(self._waiters):
+            if w[0](name, data):
+                self._waiters.remove(w)
+                w[1].callback((name, data))
+
+    def wait(self, match, timeout=120.0):
+        for name, data in self.seen:
+            if match(name, data):
+                return _fired((name, data))
+        d = Deferred()
+        self._waiters.append((match, d))
+        return d.addTimeout(timeout, reactor)
+
+
+def _fired(value):
+    d = Deferred()
+    d.callback(value)
+    return d
+
+
+def make_live_tests(fixture):
+    class LiveMigrationContractTests(TestCase):
+        timeout = 300
+
+        def setUp(self):
+            self.root = tempfile.mkdtemp(prefix="zwrm-live-", dir="/tmp")
+            self.addCleanup(shutil.rmtree, self.root, True)
+            self.ca = CertificateAuthority.create()
+            self.drivers = []
+            self.addCleanup(lambda: Deferred.fromCoroutine(self._cleanup()))
+
+        async def _cleanup(self):
+            for drv in self.drivers:
+                for mid in list(drv.list()):
+                    await drv.destroy(mid)
+
+        def driver(self, name):
+            drv = fixture.make(self, os.path.join(self.root, name))
+            self.drivers.append(drv)
+            return drv
+
+        async def source_and_target(self, tls=True, peer=None):
+            """A running source (host-a, guest ready) and a target (host-b) waiting."""
+            src, dst = self.driver("a"), self.driver("b")
+            vol_a = os.path.join(self.root, "a", "vol.img")
+            vol_b = os.path.join(self.root, "b", "vol.img")
+            fixture.make_volume(self, vol_a, VOLUME_SIZE)
+            with open(vol_b, "wb") as f:
+                f.truncate(VOLUME_SIZE)
+            await src.start(fixture.spec(self, "m1", vol_a))
+            await self.until_ready(src, "m1")
+            ttls = tls_for(self.ca, "host-b", peer or "host-a") if tls else None
+            where = await dst.start_incoming(fixture.spec(self, "m1", vol_b), "127.0.0.1",
+                                             ttls)
+            stls = tls_for(self.ca, "host-a", "host-b") if tls else None
+            return src, dst, vol_a, vol_b, where, stls
+
+        async def until_ready(self, drv, mid):
+            for _ in range(1800):
+                if fixture.ready_output in await drv.console(mid):
+                    return
+                await deferLater(reactor, 0.1, lambda: None)
+            self.fail(f"machine {mid} never became ready")
+
+        async def migrate(self, src, dst, where, stls, before_switchover=None):
+            """The whole sequence, as the agents drive it; @return: the source's status."""
+            sev, dev = Events(), Events()
+            src.live_subscribe("m1", sev)
+            dst.live_subscribe("m1", dev)
+            await src.start_mirror("m1", where, stls, speed=50 * 1024 * 1024)
+            await sev.wait(lambda n, d: n == "BLOCK_JOB_READY")
+            await src.start_migration("m1", where, stls, downtime_limit_ms=300)
+            await sev.wait(lambda n, d: n == "MIGRATION" and d.get("status") == "pre-switchover")
+            if before_switchover is not None:
+                await before_switchover()
+            await src.complete_switchover("m1")
+            await dev.wait(lambda n, d: n == "MIGRATION" and d.get("status") == "completed")
+            resumed = await dst.finish_incoming("m1")
+            self.assertEqual(resumed["resumed"], True)
+            await sev.wait(lambda n, d: n == "MIGRATION" and d.get("status") == "completed")
+            return await src.migration_status("m1")
+
+        def test_provides_interface(self):
+            drv = self.driver("a")
+            self.assertTrue(verifyObject(IHypervisorDriver, drv))
+            self.assertTrue(verifyObject(ILiveMigration, drv))
+            facts = drv.migration_facts()
+            for k in ("live", "reason", "cpu_model", "machine_type", "accel"):
+                self.assertIn(k, facts)
+            self.assertTrue(facts["live"], facts)
+
+        async def test_bad_arguments_change_nothing(self):
+            drv = self.driver("a")
+            self.assertRaises(NotFound, drv.live_subscribe, "nope", lambda n, d: None)
+            with self.assertRaises(NotFound):
+                await drv.start_mirror("nope", {"host": "127.0.0.1", "nbd_port": 1,
+                                                "migration_port": 2, "exports": {}})
+            with self.assertRaises(NotFound):
+                await drv.cancel_migration("nope")
+            vol = os.path.join(self.root, "v.img")
+            fixture.make_volume(self, vol, VOLUME_SIZE)
+            await drv.start(fixture.spec(self, "m1", vol))
+            for target in ("x", {"host": "127.0.0.1"},
+                           {"host": "127.0.0.1", "nbd_port": 0, "migration_port": 1,
+                            "exports": {}},
+                           {"host": "127.0.0.1", "nbd_port": 1, "migration_port": 2,
+                            "exports": {}}):
+                with self.assertRaises(InvalidArgument):
+                    await drv.start_mirror("m1", target)
+            with self.assertRaises(InvalidArgument):
+                await drv.start_mirror("m1", {"host": "127.0.0.1", "nbd_port": 1,
+                                              "migration_port": 2, "exports": {"v1": "vol0"}},
+                                       tls={"ca": "x"})
+            with self.assertRaises(Conflict):
+                # No mirror is ready: the RAM migration cannot start.
+                await drv.start_migration("m1", {"host": "127.0.0.1", "nbd_port": 1,
+                                                 "migration_port": 2, "exports": {"v1": "vol0"}})
+            with self.assertRaises(Conflict):
+                await drv.complete_switchover("m1")
+            with self.assertRaises(Conflict):
+                await drv.finish_incoming("m1")
+            st = await drv.migration_status("m1")
+            self.assertEqual((st["runstate"], st["migration"], st["mirrors"]),
+                             ("running", "none", []))
+            self.assertEqual(drv.status("m1")["state"], "running")
+
+        async def test_live_migration_moves_the_machine_and_its_writes(self):
+            src, dst, vol_a, vol_b, where, stls = await self.source_and_target()
+            await fixture.write(self, src, "m1", "before", b"written before the mirror\n")
+            st = await self.migrate(src, dst, where, stls)
+            self.assertEqual(st["migration"], "completed")
+            self.assertEqual(st["runstate"], "postmigrate")
+            self.assertIsInstance(st["downtime_ms"], int)
+            self.assertGreaterEqual(st["downtime_ms"], 0)
+            self.assertEqual(dst.status("m1")["state"], "running")
+            dst_st = await dst.migration_status("m1")
+            self.assertEqual(dst_st["runstate"], "running")
+            # The target serves the data written on the source, and takes new writes.
+            self.assertEqual(await fixture.read(self, dst, "m1", "before"),
+                             b"written before the mirror\n")
+            await fixture.write(self, dst, "m1", "after", b"written on the target\n")
+            # The source stays paused; its frozen image differs from the target's only
+            # where the target wrote since it resumed.
+            dirty = await dst.dirty_extents("m1", "v1")
+            self.assertTrue(dirty, "the target wrote, yet its bitmap is empty")
+            self.assertLess(sum(n for _o, n in dirty), VOLUME_SIZE // 4, dirty)
+            from zwrm.agent.live import verify_images
+            result = await verify_images(reactor, vol_a, vol_b, dirty)
+            self.assertTrue(result["ok"], result)
+            with self.assertRaises(Conflict):
+                await src.cancel_migration("m1")
+            await src.destroy("m1")
+
+        async def test_target_killed_during_the_mirror_leaves_the_source_running(self):
+            src, dst, vol_a, vol_b, where, stls = await self.source_and_target()
+            sev = Events()
+            src.live_subscribe("m1", sev)
+            await src.start_mirror("m1", where, stls, speed=1024 * 1024)
+            fixture.kill(dst, "m1")
+            await poll(lambda: dst.status("m1")["state"] != "running", 30, what="target ended")
+            await src.cancel_migration("m1")
+            st = await src.migration_status("m1")
+            self.assertEqual((st["runstate"], st["mirrors"]), ("running", []))
+            await fixture.write(self, src, "m1", "still", b"the source serves\n")
+
+        async def test_target_killed_during_ram_migration_leaves_the_source_running(self):
+            src, dst, vol_a, vol_b, where, stls = await self.source_and_target()
+            sev = Events()
+            src.live_subscribe("m1", sev)
+            await src.start_mirror("m1", where, stls, speed=50 * 1024 * 1024)
+            await sev.wait(lambda n, d: n == "BLOCK_JOB_READY")
+            await src.start_migration("m1", where, stls, max_bandwidth=1024 * 1024)
+            await sev.wait(lambda n, d: n == "MIGRATION" and d.get("status") == "active")
+            fixture.kill(dst, "m1")
+            await sev.wait(lambda n, d: n == "MIGRATION" and d.get("status") in (
+                "failed", "cancelled"), timeout=60)
+            await src.cancel_migration("m1")
+            st = await src.migration_status("m1")
+            self.assertEqual((st["runstate"], st["mirrors"]), ("running", []))
+            await fixture.write(self, src, "m1", "still", b"the source serves\n")
+
+        async def test_a_wrong_peer_is_refused(self):
+            # The target accepts only host-c: the source (host-a) is refused.
+            src, dst, vol_a, vol_b, where, stls = await self.source_and_target(peer="host-c")
+            with self.assertRaises(NotAuthorized):
+                await src.start_mirror("m1", where, stls)
+            st = await src.migration_status("m1")
+            self.assertEqual((st["runstate"], st["mirrors"]), ("running", []))
+            # The source accepts only host-c: the target (host-b) is refused.
+            stls = dict(stls, peer="host-c")
+            with self.assertRaises((NotAuthorized, Unavailable)):
+                await src.start_mirror("m1", where, stls)
+            self.assertEqual(src.status("m1")["state"], "running")
+
+    LiveMigrationContractTests.__name__ = fixture.__name__ + "LiveContractTests"
+    LiveMigrationContractTests.__qualname__ = LiveMigrationContractTests.__name__
+    return LiveMigrationContractTests

@@ -1,0 +1,753 @@
+"""
+Live migration for the QEMU driver: L{zwrm.interfaces.ILiveMigration} over QMP.
+
+A running machine and its local disks move to another host's QEMU with a pause of
+milliseconds (docs/live-migration.md). The order is the one libvirt and Incus use, verified
+with QEMU 7.2 under TCG (see the notes there):
+
+ - target: QEMU started with C{-incoming defer -S} and the same devices over blank volumes of
+   the same size (L{QemuLiveMigration.start_incoming}); an NBD server exports every disk,
+   writable; C{migrate-incoming} listens.  Both listeners are on the address the agent is
+   configured with and retry on a taken port;
+ - source: each disk is mirrored into its export (L{QemuLiveMigration.start_mirror}:
+   C{blockdev-mirror}, C{sync=full}, C{copy-mode=write-blocking}, a C{speed} limit); once
+   every mirror is C{READY} the RAM migration starts with C{pause-before-switchover}
+   (L{QemuLiveMigration.start_migration});
+ - at C{pre-switchover} (the guest is paused) the source cancels each READY mirror without
+   force (a final sync, no pivot) and continues (L{QemuLiveMigration.complete_switchover});
+ - the target, once its incoming migration completed, stops its NBD server, starts a dirty
+   bitmap on each disk and resumes (L{QemuLiveMigration.finish_incoming}).
+
+Rollback before the target resumes (L{QemuLiveMigration.cancel_migration}):
+C{migrate_cancel}, C{block-job-cancel force=true}, C{blockdev-del} of the NBD nodes, C{cont}
+if the source was paused; the target QEMU ends on its own (or is destroyed).
+
+TLS: with C{tls} the two QEMUs authenticate each other with the hosts' own certificates
+from the cluster CA (C{tls-creds-x509}, C{verify-peer}); the target accepts only the source
+host's certificate (C{authz-simple} on the subject DN C{CN=<host id>}), the source only the
+target host's (C{tls-hostname=<host id>}, which GnuTLS checks against the CN of a host
+certificate that has no DNS name).
+
+Each machine in a migration has C{<dir>/live.json}: its role (C{source} or C{target}) and
+phase, so L{QemuLiveMigration.live_recover} can resolve what an agent restart left (see
+its docstring).
+"""
+
+import errno
+import json
+import os
+import socket
+
+from twisted.internet import utils
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.logger import Logger
+
+from zwrm.drivers import diskimage
+from zwrm.drivers.qmp import QMPError
+from zwrm.errors import Conflict, InvalidArgument, NotAuthorized, Unavailable, ZwrmError
+
+log = Logger()
+
+TLS_ID = "zwrm-live-tls"
+AUTHZ_ID = "zwrm-live-authz"
+#: The dirty bitmap the target keeps on each disk from the moment it resumes.
+BITMAP = "zwrm-verify"
+#: Its granularity, and the block size of the verification.
+VERIFY_BLOCK = 64 * 1024
+#: Default mirror speed limit (bytes/s): an unthrottled mirror under TCG starves the guest.
+MIRROR_SPEED = 100 * 1024 * 1024
+#: Default downtime limit (ms).
+DOWNTIME_LIMIT_MS = 300
+#: How many ports a listener tries before it gives up.
+LISTEN_TRIES = 8
+#: The events a live listener is given (QMP names; the fake driver sends the same).
+LIVE_EVENTS = ("MIGRATION", "MIGRATION_PASS", "BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED",
+               "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR", "RESUME", "STOP")
+
+#: Migration statuses (query-migrate) in which a migration is under way.
+ACTIVE = ("setup", "active", "pre-switchover", "device", "postcopy-active",
+          "postcopy-paused", "postcopy-recover", "wait-unplug", "cancelling")
+
+
+def live_drives(spec):
+    """
+    The disks a live migration moves: C{[(drive id, key, sync)]}; the key is the volume id,
+    or C{"root"} for the machine's root overlay (mirrored C{sync=top}: its base image is in
+    the target's image cache).  The cloud-init seed is made again on the target.
+    """
+    out = []
+    if spec.get("disk"):
+        out.append(("root", "root", "top"))
+    for i, v in enumerate(spec.get("volumes") or ()):
+        out.append((f"vol{i}", v["id"], "full"))
+    return out
+
+
+def free_port(host):
+    """A TCP port that was free on C{host} a moment ago (the listener retries if it is taken)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _taken(e):
+    return isinstance(e, QMPError) and ("in use" in e.desc or "EADDRINUSE" in e.desc
+                                         or os.strerror(errno.EADDRINUSE) in e.desc)
+
+
+def _uri_host(host):
+    return f"[{host}]" if ":" in host else host
+
+
+def check_tls(tls):
+    """
+    @param tls: C{None} or C{{"ca", "cert", "key", "peer"}}: PEM texts of the cluster CA,
+        this host's certificate and key, and the peer's host id.
+    @raise InvalidArgument: naming what is missing.
+    """
+    if tls is None:
+        return None
+    if not isinstance(tls, dict):
+        raise InvalidArgument("tls must be null or {ca, cert, key, peer}")
+    for k in ("ca", "cert", "key", "peer"):
+        v = tls.get(k)
+        if isinstance(v, bytes):
+            v = v.decode()
+        if not isinstance(v, str) or not v:
+            raise InvalidArgument(f"tls.{k} is missing")
+    return {k: (tls[k].decode() if isinstance(tls[k], bytes) else tls[k])
+            for k in ("ca", "cert", "key", "peer")}
+
+
+def _check_target(target):
+    if not isinstance(target, dict):
+        raise InvalidArgument("target must be {host, nbd_port, migration_port, exports}")
+    host = target.get("host")
+    if not isinstance(host, str) or not host:
+        raise InvalidArgument("target.host must be an address")
+    for k in ("nbd_port", "migration_port"):
+        p = target.get(k)
+        if not isinstance(p, int) or isinstance(p, bool) or not 0 < p < 65536:
+            raise InvalidArgument(f"target.{k} must be a TCP port, not {p!r}")
+    if not isinstance(target.get("exports"), dict):
+        raise InvalidArgument("target.exports must map each volume id to its export name")
+    return target
+
+
+def _positive(value, what, integer=True):
+    if (not isinstance(value, int | float) or isinstance(value, bool) or value <= 0
+            or (integer and not isinstance(value, int))):
+        raise InvalidArgument(f"{what} must be a positive number, not {value!r}")
+    return value
+
+
+def _refusal(e, what):
+    """A QMP error of a connection to the peer as a zwrm error."""
+    desc = getattr(e, "desc", str(e))
+    low = desc.lower()
+    if "tls" in low or "certificate" in low or "authoriz" in low or "denied" in low \
+            or "handshake" in low or "x509" in low:
+        return NotAuthorized(f"{what}: the peer refused the TLS session or was refused: {desc}")
+    return Unavailable(f"{what}: {desc}")
+
+
+def parse_dirty_map(entries, length):
+    """
+    The dirty extents of a bitmap from C{qemu-img map --output=json} of an NBD export read
+    with C{x-dirty-bitmap}: QEMU reports the dirty ranges as C{"data": false}.
+
+    @return: C{[[offset, length]]}, merged, within C{length}.
+    """
+    out = []
+    for e in entries:
+        if e.get("data", True):
+            continue
+        start, n = int(e["start"]), int(e["length"])
+        if start >= length:
+            continue
+        n = min(n, length - start)
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1][1] += n
+        else:
+            out.append([start, n])
+    return out
+
+
+class QemuLiveMigration:
+    """
+    The L{zwrm.interfaces.ILiveMigration} part of L{zwrm.drivers.qemu.QemuDriver} (a mixin:
+    it uses the driver's machines, QMP connections and start).
+    """
+
+    # --- ILiveMigration ---------------------------------------------------------------
+
+    def migration_facts(self):
+        cpu = self.cpu_model or ("host" if self.accel == "kvm" else "qemu64")
+        reason = None
+        if cpu == "host":
+            reason = ("the CPU model is 'host', which does not migrate between different "
+                      "hosts: set the driver's cpu_model")
+        return {"live": reason is None, "reason": reason, "cpu_model": cpu,
+                "machine_type": self.machine_type, "accel": self.accel}
+
+    def live_subscribe(self, machine_id, listener):
+        self._get(machine_id)
+        lst = self._live_listeners.setdefault(machine_id, [])
+        lst.append(listener)
+        return lambda: lst.remove(listener) if listener in lst else None
+
+    def start_incoming(self, spec, listen, tls=None):
+        return ensureDeferred(self._start_incoming(spec, listen, tls))
+
+    def start_mirror(self, machine_id, target, tls=None, speed=MIRROR_SPEED):
+        return ensureDeferred(self._start_mirror(machine_id, target, tls, speed))
+
+    def start_migration(self, machine_id, target, tls=None, downtime_limit_ms=DOWNTIME_LIMIT_MS,
+                        auto_converge=False, postcopy=False, max_bandwidth=None):
+        return ensureDeferred(self._start_migration(
+            machine_id, target, tls, downtime_limit_ms, auto_converge, postcopy, max_bandwidth))
+
+    def complete_switchover(self, machine_id, timeout=30.0):
+        return ensureDeferred(self._complete_switchover(machine_id, timeout))
+
+    def start_postcopy(self, machine_id):
+        return ensureDeferred(self._qmp_call(machine_id, "migrate-start-postcopy"))
+
+    def finish_incoming(self, machine_id, announce=True):
+        return ensureDeferred(self._finish_incoming(machine_id, announce))
+
+    def cancel_migration(self, machine_id):
+        return ensureDeferred(self._cancel_migration(machine_id))
+
+    def migration_status(self, machine_id):
+        return ensureDeferred(self._migration_status(machine_id))
+
+    def dirty_extents(self, machine_id, volume_id):
+        return ensureDeferred(self._dirty_extents(machine_id, volume_id))
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _live_init(self):
+        self._live_listeners = {}
+        self._incoming = set()
+
+    def _live_event(self, m, name, data):
+        if name not in LIVE_EVENTS:
+            return
+        for listener in list(self._live_listeners.get(m.id, ())):
+            try:
+                listener(name, dict(data or {}))
+            except Exception:
+                log.failure("live-migration listener failed")
+
+    def _controllable(self, machine_id):
+        m = self._get(machine_id)
+        if m.state != "running" or m.starting or m.qmp is None:
+            raise Conflict(f"machine {machine_id} is {m.state}: it cannot migrate")
+        return m
+
+    async def _qmp_call(self, machine_id, command, args=None):
+        m = self._controllable(machine_id)
+        try:
+            return await m.qmp.execute(command, args)
+        except QMPError as e:
+            raise Unavailable(f"machine {machine_id}: {command}: {e.desc}") from None
+
+    def _wait_event(self, m, match):
+        """A Deferred firing with C{(name, data)} of the next live event that C{match}es."""
+        lst = self._live_listeners.setdefault(m.id, [])
+
+        def listener(name, data):
+            if not d.called and match(name, data):
+                lst.remove(listener)
+                d.callback((name, data))
+
+        def cancel(_):
+            if listener in lst:
+                lst.remove(listener)
+
+        d = Deferred(cancel)
+        lst.append(listener)
+        return d
+
+    def _record(self, m, **doc):
+        try:
+            with open(m.path("live.json")) as f:
+                have = json.load(f)
+        except (OSError, ValueError):
+            have = {}
+        have.update(doc)
+        tmp = m.path("live.json.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(have, f)
+        os.replace(tmp, m.path("live.json"))
+
+    def _live_record(self, m):
+        try:
+            with open(m.path("live.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    async def _tls_objects(self, m, tls, endpoint):
+        """Write the TLS files (0600 in a 0700 directory) and add the QEMU objects."""
+        d = m.path("tls")
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        os.chmod(d, 0o700)
+        role = "server" if endpoint == "server" else "client"
+        for name, text in (("ca-cert.pem", tls["ca"]), (f"{role}-cert.pem", tls["cert"]),
+                           (f"{role}-key.pem", tls["key"])):
+            p = os.path.join(d, name)
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+        q = m.qmp
+        for oid in (AUTHZ_ID, TLS_ID):
+            try:
+                await q.execute("object-del", {"id": oid})
+            except QMPError:
+                pass
+        await q.execute("object-add", {"qom-type": "tls-creds-x509", "id": TLS_ID, "dir": d,
+                                       "endpoint": endpoint, "verify-peer": True})
+        if endpoint == "server":
+            # The subject DN as GnuTLS writes it: a host certificate's subject is its CN.
+            await q.execute("object-add", {"qom-type": "authz-simple", "id": AUTHZ_ID,
+                                           "identity": f"CN={tls['peer']}"})
+
+    async def _drive_nodes(self, q):
+        """Drive id -> the node name of its top node (query-block)."""
+        out = {}
+        for b in await q.execute("query-block") or ():
+            ins = b.get("inserted")
+            if ins and b.get("device"):
+                out[b["device"]] = ins.get("node-name")
+        return out
+
+    async def _listen(self, m, what, host, start):
+        """Run C{start(port)} on free ports until one is not taken; @return: the port."""
+        last = None
+        for _ in range(LISTEN_TRIES):
+            port = free_port(host)
+            try:
+                await start(port)
+                return port
+            except QMPError as e:
+                if not _taken(e):
+                    raise Unavailable(f"machine {m.id}: {what} on {host}:{port}: {e.desc}") from None
+                last = e
+                log.info("machine {id}: {what}: port {port} was taken; trying another",
+                         id=m.id, what=what, port=port)
+        raise Unavailable(f"machine {m.id}: {what}: no free port on {host} after "
+                          f"{LISTEN_TRIES} tries ({last.desc if last else ''})")
+
+    # --- target ---------------------------------------------------------------------------
+
+    async def _start_incoming(self, spec, listen, tls):
+        tls = check_tls(tls)
+        if not isinstance(listen, str) or not listen:
+            raise InvalidArgument("listen must be the address the target listens on")
+        mid = spec.get("id") if isinstance(spec, dict) else None
+        self._incoming.add(mid)
+        try:
+            await self.start(spec)
+        finally:
+            self._incoming.discard(mid)
+        m = self._get(mid)
+        try:
+            q = m.qmp
+            self._record(m, role="target", phase="incoming", peer=tls and tls["peer"])
+            await q.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": "events", "state": True}]})
+            if tls:
+                await self._tls_objects(m, tls, "server")
+            nodes = await self._drive_nodes(q)
+            nbd = {}
+            if tls:
+                nbd = {"tls-creds": TLS_ID, "tls-authz": AUTHZ_ID}
+
+            def nbd_start(port):
+                return q.execute("nbd-server-start", dict(nbd, addr={
+                    "type": "inet", "data": {"host": listen, "port": str(port)}}))
+
+            nbd_port = await self._listen(m, "the NBD server", listen, nbd_start)
+            exports = {}
+            for drive, key, _sync in live_drives(m.spec):
+                await q.execute("block-export-add", {
+                    "type": "nbd", "id": f"zwrm-export-{drive}", "node-name": nodes[drive],
+                    "name": drive, "writable": True})
+                exports[key] = drive
+            if tls:
+                await q.execute("migrate-set-parameters", {"tls-creds": TLS_ID,
+                                                           "tls-authz": AUTHZ_ID})
+
+            def incoming(port):
+                return q.execute("migrate-incoming",
+                                 {"uri": f"tcp:{_uri_host(listen)}:{port}"})
+
+            mig_port = await self._listen(m, "the migration listener", listen, incoming)
+        except BaseException as e:
+            await self._end_failed_target(m)
+            if isinstance(e, QMPError):
+                raise Unavailable(f"machine {mid}: incoming migration: {e.desc}") from None
+            raise
+        return {"host": listen, "nbd_port": nbd_port, "migration_port": mig_port,
+                "exports": exports}
+
+    async def _end_failed_target(self, m):
+        if m.state == "running":
+            m.stop_requested = True
+            d = self._wait_end(m)
+            self._kill(m)
+            await d
+
+    async def _finish_incoming(self, machine_id, announce):
+        m = self._controllable(machine_id)
+        q = m.qmp
+        try:
+            status = (await q.execute("query-status"))["status"]
+            mig = (await q.execute("query-migrate")).get("status")
+            record = self._live_record(m) or {}
+            if record.get("role") != "target":
+                raise Conflict(f"machine {machine_id} is not the target of a migration")
+            if status == "running" and record.get("phase") == "resumed":
+                return {"resumed": True, "already": True}
+            if mig != "completed" or status not in ("paused", "prelaunch"):
+                raise Conflict(f"machine {machine_id}: its incoming migration is not complete "
+                               f"({status}, migration {mig})")
+            await q.execute("nbd-server-stop")
+            nodes = await self._drive_nodes(q)
+            for drive, _key, _sync in live_drives(m.spec):
+                try:
+                    await q.execute("block-dirty-bitmap-add", {
+                        "node": nodes[drive], "name": BITMAP, "granularity": VERIFY_BLOCK})
+                except QMPError as e:
+                    if "already" not in e.desc:
+                        raise
+            await q.execute("cont")
+        except QMPError as e:
+            raise Unavailable(f"machine {machine_id}: resuming after the migration: {e.desc}") \
+                from None
+        self._record(m, phase="resumed")
+        if announce:
+            try:
+                await q.execute("announce-self", {"initial": 50, "max": 550, "rounds": 5,
+                                                  "step": 100})
+            except QMPError as e:
+                log.info("machine {id}: announce-self failed: {e}", id=m.id, e=e.desc)
+        return {"resumed": True, "already": False}
+
+    async def _dirty_extents(self, machine_id, volume_id):
+        m = self._controllable(machine_id)
+        drive = {key: d for d, key, _s in live_drives(m.spec)}.get(volume_id)
+        if drive is None:
+            raise InvalidArgument(f"machine {machine_id} has no volume {volume_id!r}")
+        size = None
+        for v in m.spec.get("volumes") or ():
+            if v["id"] == volume_id:
+                size = os.path.getsize(v["path"])
+        q = m.qmp
+        sock = m.path("verify.sock")
+        if len(sock.encode()) > 107:
+            sock = m._socket("verify")
+        nodes = await self._drive_nodes(q)
+        try:
+            os.unlink(sock)
+        except FileNotFoundError:
+            pass
+        node, snap = nodes[drive], BITMAP + "-snapshot"
+        try:
+            # A read-only export takes only a disabled bitmap: a copy of the live one, as it
+            # is now (it only grows).
+            try:
+                await q.execute("block-dirty-bitmap-remove", {"node": node, "name": snap})
+            except QMPError:
+                pass
+            await q.execute("block-dirty-bitmap-add", {"node": node, "name": snap,
+                                                       "granularity": VERIFY_BLOCK,
+                                                       "disabled": True})
+            await q.execute("block-dirty-bitmap-merge", {"node": node, "target": snap,
+                                                         "bitmaps": [BITMAP]})
+            await q.execute("nbd-server-start", {"addr": {"type": "unix",
+                                                          "data": {"path": sock}}})
+            await q.execute("block-export-add", {
+                "type": "nbd", "id": "zwrm-verify", "node-name": node,
+                "name": "verify", "writable": False, "bitmaps": [snap]})
+        except QMPError as e:
+            raise Unavailable(f"machine {machine_id}: cannot read its dirty bitmap: {e.desc}") \
+                from None
+        try:
+            out, err, code = await utils.getProcessOutputAndValue(
+                diskimage.qemu_img(),
+                ["map", "--output=json", "--image-opts",
+                 f"driver=nbd,export=verify,server.type=unix,server.path={sock},"
+                 f"x-dirty-bitmap=qemu:dirty-bitmap:{snap}"],
+                env={"LC_ALL": "C", "PATH": os.environ.get("PATH", "")}, reactor=self.reactor)
+        finally:
+            for cmd, args in (("block-export-del", {"id": "zwrm-verify"}),
+                              ("nbd-server-stop", None),
+                              ("block-dirty-bitmap-remove", {"node": node, "name": snap})):
+                try:
+                    await q.execute(cmd, args)
+                except QMPError:
+                    pass
+        if code != 0:
+            raise Unavailable(f"machine {machine_id}: qemu-img map of the dirty bitmap failed: "
+                              f"{err.decode('utf-8', 'replace').strip()}")
+        return parse_dirty_map(json.loads(out), size if size is not None else 1 << 62)
+
+    # --- source ---------------------------------------------------------------------------
+
+    async def _start_mirror(self, machine_id, target, tls, speed):
+        tls = check_tls(tls)
+        _check_target(target)
+        _positive(speed, "speed")
+        m = self._controllable(machine_id)
+        drives = live_drives(m.spec)
+        for _d, key, _s in drives:
+            if key not in target["exports"]:
+                raise InvalidArgument(f"target.exports has no export for {key!r}")
+        q = m.qmp
+        self._record(m, role="source", phase="mirroring", peer=tls and tls["peer"])
+        added, started = [], []
+        try:
+            await q.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": "events", "state": True}]})
+            if tls:
+                await self._tls_objects(m, tls, "client")
+            for drive, key, sync in drives:
+                node = f"zwrm-nbd-{drive}"
+                args = {"driver": "nbd", "node-name": node,
+                        "server": {"type": "inet", "host": target["host"],
+                                   "port": str(target["nbd_port"])},
+                        "export": target["exports"][key]}
+                if tls:
+                    args.update({"tls-creds": TLS_ID, "tls-hostname": tls["peer"]})
+                try:
+                    await q.execute("blockdev-add", args)
+                except QMPError as e:
+                    raise _refusal(e, f"machine {machine_id}: connecting to the target's "
+                                      f"NBD export {target['exports'][key]}") from None
+                added.append(node)
+                await q.execute("blockdev-mirror", {
+                    "job-id": f"zwrm-mirror-{drive}", "device": drive, "target": node,
+                    "sync": sync, "speed": int(speed), "copy-mode": "write-blocking"})
+                started.append(f"zwrm-mirror-{drive}")
+        except BaseException as e:
+            await self._undo_mirror(m, started, added)
+            if isinstance(e, QMPError):
+                raise Unavailable(f"machine {machine_id}: mirror: {e.desc}") from None
+            raise
+        return {"jobs": started}
+
+    async def _undo_mirror(self, m, jobs, nodes):
+        q = m.qmp
+        if q is None:
+            return
+        for job in jobs:
+            gone = self._wait_event(m, lambda n, d, job=job: n in (
+                "BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR")
+                and d.get("device") == job)
+            try:
+                await q.execute("block-job-cancel", {"device": job, "force": True})
+            except QMPError:
+                gone.cancel()
+                continue
+            try:
+                await gone.addTimeout(30, self.reactor)
+            except Exception:
+                pass
+        for node in nodes:
+            try:
+                await q.execute("blockdev-del", {"node-name": node})
+            except QMPError:
+                pass
+
+    async def _start_migration(self, machine_id, target, tls, downtime, auto_converge,
+                               postcopy, max_bandwidth):
+        tls = check_tls(tls)
+        _check_target(target)
+        _positive(downtime, "downtime_limit_ms")
+        if max_bandwidth is not None:
+            _positive(max_bandwidth, "max_bandwidth")
+        m = self._controllable(machine_id)
+        q = m.qmp
+        jobs = await q.execute("query-block-jobs")
+        mine = {f"zwrm-mirror-{d}" for d, _k, _s in live_drives(m.spec)}
+        ready = {j["device"] for j in jobs if j.get("ready")}
+        if not mine <= ready:
+            raise Conflict(f"machine {machine_id}: its mirrors are not all ready "
+                           f"({sorted(mine - ready)})")
+        caps = [("events", True), ("pause-before-switchover", True),
+                ("auto-converge", bool(auto_converge)), ("postcopy-ram", bool(postcopy))]
+        params = {"downtime-limit": int(downtime)}
+        if max_bandwidth is not None:
+            params["max-bandwidth"] = int(max_bandwidth)
+        if tls:
+            params.update({"tls-creds": TLS_ID, "tls-hostname": tls["peer"]})
+        else:
+            params.update({"tls-creds": "", "tls-hostname": ""})
+        try:
+            await q.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": c, "state": s} for c, s in caps]})
+            await q.execute("migrate-set-parameters", params)
+            self._record(m, phase="migrating")
+            await q.execute("migrate", {"uri": f"tcp:{_uri_host(target['host'])}:"
+                                               f"{target['migration_port']}"})
+        except QMPError as e:
+            raise _refusal(e, f"machine {machine_id}: migrate") from None
+        return {"started": True}
+
+    async def _complete_switchover(self, machine_id, timeout):
+        m = self._controllable(machine_id)
+        q = m.qmp
+        try:
+            mig = (await q.execute("query-migrate")).get("status")
+            if mig != "pre-switchover":
+                raise Conflict(f"machine {machine_id}: the migration is {mig}, "
+                               "not pre-switchover")
+            jobs = {j["device"]: j for j in await q.execute("query-block-jobs")}
+            mine = [f"zwrm-mirror-{d}" for d, _k, _s in live_drives(m.spec)]
+            for job in mine:
+                if not jobs.get(job, {}).get("ready"):
+                    raise Conflict(f"machine {machine_id}: mirror {job} is not ready")
+            waits = [self._wait_event(m, lambda n, d, job=job: n in (
+                "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR")
+                and d.get("device") == job) for job in mine]
+            for job in mine:
+                await q.execute("block-job-cancel", {"device": job})
+            ends = await gatherResults([w.addTimeout(timeout, self.reactor) for w in waits],
+                                       consumeErrors=True)
+            for name, data in ends:
+                if name != "BLOCK_JOB_COMPLETED" or data.get("error"):
+                    raise Unavailable(f"machine {machine_id}: mirror {data.get('device')} "
+                                      f"did not complete its final sync: {name} "
+                                      f"{data.get('error', '')}")
+            self._record(m, phase="switching")
+            await q.execute("migrate-continue", {"state": "pre-switchover"})
+        except QMPError as e:
+            raise Unavailable(f"machine {machine_id}: switchover: {e.desc}") from None
+        return {"continued": True}
+
+    async def _cancel_migration(self, machine_id):
+        """Roll the source back: it runs on, untouched. Idempotent."""
+        m = self._controllable(machine_id)
+        q = m.qmp
+        try:
+            mig = (await q.execute("query-migrate")).get("status")
+            if mig == "completed":
+                raise Conflict(f"machine {machine_id}: its migration completed: the target "
+                               "holds the machine now; it cannot be cancelled")
+            if mig in ACTIVE:
+                done = self._wait_event(m, lambda n, d: n == "MIGRATION" and d.get("status") in (
+                    "cancelled", "failed", "completed"))
+                await q.execute("migrate_cancel")
+                try:
+                    name, data = await done.addTimeout(30, self.reactor)
+                except Exception:
+                    pass
+                else:
+                    if data.get("status") == "completed":
+                        raise Conflict(f"machine {machine_id}: its migration completed "
+                                       "before the cancel")
+            jobs = [j["device"] for j in await q.execute("query-block-jobs")
+                    if j["device"].startswith("zwrm-mirror-")]
+            nodes = [f"zwrm-nbd-{d}" for d, _k, _s in live_drives(m.spec)]
+            await self._undo_mirror(m, jobs, nodes)
+            status = (await q.execute("query-status"))["status"]
+            if status in ("paused", "finish-migrate", "postmigrate"):
+                await q.execute("cont")
+        except QMPError as e:
+            raise Unavailable(f"machine {machine_id}: cancelling its migration: {e.desc}") \
+                from None
+        self._record(m, role=None, phase="cancelled")
+        return {"cancelled": True}
+
+    async def _migration_status(self, machine_id):
+        m = self._controllable(machine_id)
+        q = m.qmp
+        try:
+            run = (await q.execute("query-status"))["status"]
+            mig = await q.execute("query-migrate")
+            jobs = await q.execute("query-block-jobs")
+        except QMPError as e:
+            raise Unavailable(f"machine {machine_id}: {e.desc}") from None
+        return status_doc(run, mig, jobs, self._live_record(m))
+
+    # --- recovery ---------------------------------------------------------------------
+
+    async def live_recover(self, m):
+        """
+        After an agent restart, resolve a recovered machine that a live migration left
+        half-way; called by C{recover()} for each machine still running.  By QEMU's state:
+
+         - C{inmigrate} (a target whose incoming migration had not completed): killed.
+           Nothing ran here; the source still holds the machine.
+         - a source whose migration is still under way (mirroring, RAM passes,
+           C{pre-switchover}): rolled back (L{cancel_migration}): it runs on, untouched.
+         - C{postmigrate} (a source whose migration completed): left paused, never resumed
+           here: the target may run the machine.  Its status says so; the control plane
+           decides (destroy it once the target runs, never C{cont}).
+         - C{paused} after a completed incoming migration (a target that had not resumed):
+           left paused until L{finish_incoming} is asked for (the control plane records
+           "switched over" first).
+         - C{paused} for another reason (a source rolled back but not resumed): resumed.
+
+        @return: a str for the machine's reason, or C{None} if nothing was to be done.
+        """
+        q = m.qmp
+        rec = self._live_record(m)
+        try:
+            run = (await q.execute("query-status"))["status"]
+            mig = (await q.execute("query-migrate")).get("status")
+        except QMPError:
+            return None
+        if run == "inmigrate":
+            log.info("machine {id}: an incoming migration was left by an agent restart; "
+                     "ending it (the source keeps the machine)", id=m.id)
+            await self._end_failed_target(m)
+            return "ended: its incoming migration was interrupted by an agent restart"
+        if run == "postmigrate" or mig == "completed" and (rec or {}).get("role") == "source":
+            return "paused: its live migration completed; the target holds the machine"
+        if mig in ACTIVE:
+            log.info("machine {id}: a live migration (source, {mig}) was left by an agent "
+                     "restart; cancelling it", id=m.id, mig=mig)
+            await self._cancel_migration(m.id)
+            return "recovered: its interrupted live migration was cancelled; it runs here"
+        if run in ("paused", "prelaunch") and (rec or {}).get("role") == "target" \
+                and mig == "completed":
+            return "paused: its incoming migration completed; waiting to be resumed"
+        if run in ("paused", "finish-migrate") and (rec or {}).get("role") == "source":
+            await self._cancel_migration(m.id)
+            return "recovered: its interrupted live migration was cancelled; it runs here"
+        return None
+
+
+def status_doc(run, mig, jobs, record):
+    """The wire form of L{ILiveMigration.migration_status} from QEMU's answers."""
+    ram = mig.get("ram") or {}
+    mirrors = []
+    for j in jobs or ():
+        if str(j.get("device", "")).startswith("zwrm-mirror-"):
+            mirrors.append({"job": j["device"], "offset": j.get("offset", 0),
+                            "len": j.get("len", 0), "ready": bool(j.get("ready")),
+                            "speed": j.get("speed", 0)})
+    return {
+        "runstate": run,
+        "migration": mig.get("status", "none"),
+        "role": (record or {}).get("role"),
+        "phase": (record or {}).get("phase"),
+        "mirrors": mirrors,
+        "ram": {"transferred": ram.get("transferred", 0), "remaining": ram.get("remaining", 0),
+                "total": ram.get("total", 0), "mbps": ram.get("mbps", 0.0),
+                "passes": ram.get("dirty-sync-count", 0)},
+        "downtime_ms": mig.get("downtime"),
+        "expected_downtime_ms": mig.get("expected-downtime"),
+        "total_ms": mig.get("total-time"),
+        "setup_ms": mig.get("setup-time"),
+    }
+
+
+__all__ = ["QemuLiveMigration", "live_drives", "status_doc", "parse_dirty_map", "check_tls",
+           "ZwrmError"]
