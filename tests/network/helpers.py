@@ -46,3 +46,28 @@ async def answers(reactor, host, port, needle=b"zwrm test image", **kw):
         return needle in await http_get(reactor, host, port, **kw)
     except Exception:
         return False
+
+
+async def veth_guest(reactor, host_run, guest_ns, nic, net):
+    """
+    A network namespace C{guest_ns} standing in for a VM on a host's bridge (TCG would
+    measure the emulator, not the network): the TAP the host made for it (C{nic}) is
+    replaced by a veth whose other end, C{eth0} in C{guest_ns}, has the VM's MAC and
+    address (C{net}, its network spec), default route through the bridge address.
+
+    @param host_run: a L{zwrm.agent.network.commands.Runner} acting in the host's namespace.
+    @return: a L{Runner} acting in the guest's namespace.  The caller deletes C{guest_ns}.
+    """
+    from zwrm.agent.network.commands import Runner
+
+    await Runner(reactor)("ip", "netns", "add", guest_ns)
+    await host_run("ip", "link", "del", nic["tap"])
+    await host_run("ip", "link", "add", nic["tap"], "mtu", net.get("mtu", 1450), "type", "veth",
+                   "peer", "name", "eth0", "netns", guest_ns)
+    await host_run("ip", "link", "set", nic["tap"], "master", "zwbr0", "up")
+    g = Runner(reactor, ["ip", "netns", "exec", guest_ns])
+    await g("ip", "link", "set", "eth0", "address", nic["mac"], "mtu", net.get("mtu", 1450), "up")
+    await g("ip", "addr", "add", f"{net['address']}/{net['prefix']}", "dev", "eth0")
+    await g("ip", "link", "set", "lo", "up")
+    await g("ip", "route", "add", "default", "via", net["gateway"])
+    return g

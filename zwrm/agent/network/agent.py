@@ -38,12 +38,17 @@ class AgentNetwork:
     log = Logger()
 
     def __init__(self, reactor, host_id, public_address, host_network=None, state_dir=None,
-                 dns_port=53, drain_timeout=30.0, deny=(), deny_names=()):
+                 dns_port=53, drain_timeout=30.0, deny=(), deny_names=(),
+                 kernel_forwarding=True):
         self.reactor = reactor
+        #: C{tcp} published ports are forwarded by the kernel (nftables DNAT) where the
+        #: host can; false: every published port goes through the proxy
+        self.kernel_forwarding = kernel_forwarding
         self.host_id = host_id
         self.public_address = public_address
         self.host = host_network or HostNetwork(reactor, local_address=public_address,
-                                                state_dir=state_dir, deny=deny)
+                                                state_dir=state_dir, deny=deny,
+                                                drain_timeout=drain_timeout)
         self.dns_port = dns_port
         self.dns = None
         self.ingress = Ingress(reactor, interface=public_address or "127.0.0.1",
@@ -219,11 +224,31 @@ class AgentNetwork:
             table[int(port)] = {"mode": entry["mode"],
                                 "routes": {(d or None): rs for d, rs in entry["routes"].items()}}
         self.ingress.set_routes(table)
+        await self.host.set_forwards(self._kernel_forwards(table))
         return {"members": len(members), "published": sorted(table)}
+
+    def _kernel_forwards(self, table):
+        """
+        The C{tcp} published ports the kernel forwards (L{HostNetwork.set_forwards}): their
+        healthy replicas, when the host can (L{HostNetwork.can_forward}).  C{http} and
+        C{https} ports, and C{tcp} ports without a healthy replica, stay with the proxy.
+        """
+        if not self.kernel_forwarding:
+            return {}
+        out = {}
+        for port, entry in table.items():
+            if entry["mode"] != "tcp":
+                continue
+            backends = [(b["host"], int(b["port"])) for rs in entry["routes"].values()
+                        for b in rs if b.get("healthy", True)]
+            if self.host.can_forward(backends):
+                out[port] = backends
+        return out
 
     async def close(self):
         for mid in list(self._forwards):
             self._close_forward(mid)
         self.ingress.close()
+        await self.host.stop_forwarding()
         if self.dns is not None:
             await self.dns.stop()

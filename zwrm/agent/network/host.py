@@ -22,7 +22,15 @@ Isolation, in two nftables tables, rewritten whole and atomically on every chang
    (so a guest reaches neither the host's loopback nor its services); routed traffic from
    guests may not go to other hosts' management addresses, the control plane, or back into
    the cluster network; it leaves NATed (masquerade).  Nothing is routed into the bridge
-   except replies.
+   except replies and the published C{tcp} ports' connections.
+
+Published C{tcp} ports are forwarded by the kernel where it can (L{HostNetwork.set_forwards}):
+C{inet zwrm} DNATs a new connection to this host's public address and the port to one
+healthy replica (C{numgen inc}: round robin), marks it (C{ct mark}) and SNATs it to the
+bridge address, so the replica, on this host or another, answers through this host.  The
+connection tracking table keeps each connection with its replica until it ends; when a
+replica leaves, its unanswered connections are deleted from it at once (the client's next
+SYN goes to another replica) and its open ones after C{drain_timeout} (C{conntrack -D}).
 """
 
 import ipaddress
@@ -41,6 +49,18 @@ BRIDGE = "zwbr0"
 VXLAN = "zwvx0"
 DEFAULT_VNI = 8080
 DEFAULT_PORT = 4789
+#: the connection mark of published connections the kernel forwards (DNAT, then SNAT to
+#: the bridge address so replies come back through this host)
+INGRESS_MARK = 0x7A770001
+
+
+def _later(fn):
+    """Run C{fn} (which may return a coroutine) from a C{callLater}, logging a failure."""
+    from twisted.internet.defer import ensureDeferred
+
+    r = fn()
+    if r is not None:
+        ensureDeferred(r).addErrback(lambda f: Logger().failure("conntrack", f))
 
 
 def _ip(text, what):
@@ -105,8 +125,13 @@ class HostNetwork:
     log = Logger()
 
     def __init__(self, reactor, local_address=None, run=None, state_dir=None, vni=DEFAULT_VNI,
-                 port=DEFAULT_PORT, deny=(), uid=None, gid=None):
+                 port=DEFAULT_PORT, deny=(), uid=None, gid=None, drain_timeout=30.0):
         self.reactor = reactor
+        self.drain_timeout = drain_timeout
+        #: kernel-forwarded published ports: port -> [(replica address, its port)]
+        self.forwards = {}
+        self._cuts = {}  # (port, address, replica port) -> the drain timeout's call
+        self._no_conntrack = False
         self.local_address = local_address
         self.run = run or Runner(reactor)
         self.state_dir = state_dir or tempfile.mkdtemp(prefix="zwrm-net-")
@@ -162,6 +187,37 @@ class HostNetwork:
             cluster (this host's included; they are taken from L{add_machine}).
         """
         return await self._locked(self._set_cluster, hosts, members)
+
+    def can_forward(self, backends):
+        """
+        Whether a C{tcp} published port with these replicas (C{[(address, port)]}) can be
+        forwarded by the kernel: this host has a public (non-loopback) address, its bridge
+        is up and every replica is on the cluster network.
+        """
+        if not self._ready or not self.local_address or not backends:
+            return False
+        if ipaddress.IPv4Address(self.local_address).is_loopback:
+            return False
+        cidr = ipaddress.IPv4Network(self.cidr)
+        return all(ipaddress.IPv4Address(a) in cidr for a, _ in backends)
+
+    async def set_forwards(self, table):
+        """
+        The published C{tcp} ports the kernel forwards (nftables DNAT on this host's public
+        address, round robin over the healthy replicas; the ingress proxy keeps listening
+        and gets a connection only when no replica is healthy).
+
+        @param table: C{{port: [(replica address, replica port)]}}: the healthy replicas.
+            A replica no longer listed gets no new connections; its connections that it
+            never answered are dropped from the connection tracking table at once (the
+            client's next SYN goes to another replica), its open ones after
+            C{drain_timeout} unless they end first.
+        """
+        return await self._locked(self._set_forwards, table)
+
+    async def stop_forwarding(self):
+        """No published port forwarded by the kernel any more, no drain timers (closing)."""
+        return await self._locked(self._stop_forwarding)
 
     async def close(self):
         """Remove the bridge, the overlay, the TAPs and the rules (the host leaves)."""
@@ -267,6 +323,77 @@ class HostNetwork:
                 await self.run("bridge", "fdb", "replace", mac, "dev", VXLAN, "dst", dst)
         self._fdb = want
 
+    async def _set_forwards(self, table):
+        table = {int(p): sorted({(str(a), int(bp)) for a, bp in bs})
+                 for p, bs in table.items() if bs}
+        if not self._ready:
+            table = {}
+        before, self.forwards = self.forwards, table
+        if before != table:
+            await self._apply_rules()
+            for port in sorted(set(before) | set(table)):
+                if before.get(port) != table.get(port):
+                    self.log.info("ingress: port {port} forwarded by the kernel to {to}",
+                                  port=port, to=" ".join(f"{a}:{p}" for a, p in
+                                                         table.get(port, ())) or "nothing")
+        for port, backends in before.items():
+            for a, bp in backends:
+                if (a, bp) not in table.get(port, ()):
+                    await self._leave(port, a, bp)
+        for port, backends in table.items():
+            for a, bp in backends:
+                call = self._cuts.pop((port, a, bp), None)
+                if call is not None and call.active():
+                    call.cancel()
+
+    async def _stop_forwarding(self):
+        self._cancel_cuts()
+        if self.forwards:
+            self.forwards = {}
+            await self._apply_rules()
+
+    def _cancel_cuts(self):
+        for call in self._cuts.values():
+            if call.active():
+                call.cancel()
+        self._cuts = {}
+
+    async def _leave(self, port, address, bport):
+        """Replica C{address:bport} left published port C{port}: see L{set_forwards}."""
+        await self._conntrack_delete(port, address, bport, "SYN_SENT")
+        key = (port, address, bport)
+        if key not in self._cuts or not self._cuts[key].active():
+            def cut():
+                self._cuts.pop(key, None)
+                if (address, bport) not in self.forwards.get(port, ()):
+                    return self._conntrack_delete(port, address, bport)
+
+            self._cuts[key] = self.reactor.callLater(self.drain_timeout, _later, cut)
+
+    async def _conntrack_delete(self, port, address, bport, state=None):
+        if self._no_conntrack or not self.local_address:
+            return
+        argv = ["conntrack", "-D", "-p", "tcp", "--orig-dst", self.local_address,
+                "--orig-port-dst", port, "--reply-src", address, "--reply-port-src", bport]
+        if state:
+            argv += ["--state", state]
+        try:
+            await self.run(*argv, check=False)
+        except CommandFailed as e:  # not installed: flows end by themselves
+            self._no_conntrack = True
+            self.log.warn("{e}: connections to a replica that left a published port are not "
+                          "cut after the drain timeout (install conntrack)", e=e.message)
+
+    def _forward_rules(self):
+        """The DNAT rules of L{forwards} (for C{nat} chains: prerouting, output)."""
+        rules = []
+        for port, backends in sorted(self.forwards.items()):
+            pick = ", ".join(f"{i} : {a} . {bp}" for i, (a, bp) in enumerate(backends))
+            rules.append(f"ip daddr {self.local_address} tcp dport {port} ct mark set "
+                         f"{INGRESS_MARK:#x} dnat ip to numgen inc mod {len(backends)} "
+                         f"map {{ {pick} }}")
+        return rules
+
     def ruleset(self):
         """The nftables ruleset for the current state (text for C{nft -f})."""
         gw, cidr = self.gateway, self.cidr
@@ -284,6 +411,7 @@ class HostNetwork:
         members = [f"{a} . {addressing.app_mark(m['app'])}" for a, m in sorted(every.items())]
         opened = [f"{a} . tcp . {p}" for a, m in sorted(every.items())
                   for p in m.get("open_ports") or []]
+        pre = "".join(f"    {r}\n" for r in self._forward_rules())
         return f"""table bridge zwrm
 delete table bridge zwrm
 table bridge zwrm {{
@@ -327,12 +455,22 @@ table inet zwrm {{
   chain forward {{
     type filter hook forward priority 0; policy accept;
     oifname "{BRIDGE}" ct state established,related accept
+    oifname "{BRIDGE}" ct mark {INGRESS_MARK:#x} ct status dnat accept
     oifname "{BRIDGE}" drop
+    iifname "{BRIDGE}" ct mark {INGRESS_MARK:#x} ct status dnat ct direction reply accept
     iifname "{BRIDGE}" ip daddr @deny drop
     iifname "{BRIDGE}" ip daddr {cidr} drop
   }}
+  chain ingress {{
+    type nat hook prerouting priority -100; policy accept;
+    iifname "{BRIDGE}" return
+{pre}  }}
+  chain ingress_local {{
+    type nat hook output priority -100; policy accept;
+{pre}  }}
   chain postrouting {{
     type nat hook postrouting priority 100; policy accept;
+    ct mark {INGRESS_MARK:#x} oifname "{BRIDGE}" masquerade
     ip saddr {cidr} ip daddr != {cidr} oifname != "{BRIDGE}" masquerade
   }}
 }}
@@ -352,6 +490,8 @@ table inet zwrm {{
             raise
 
     async def _teardown(self):
+        self._cancel_cuts()
+        self.forwards = {}
         for mid in list(self.machines):
             await self._remove_machine(mid)
         await self.run("nft", "delete", "table", "bridge", "zwrm", check=False)
