@@ -239,6 +239,80 @@ def make_live_tests(fixture):
             self.assertEqual((st["runstate"], st["mirrors"]), ("running", []))
             await fixture.write(self, src, "m1", "still", b"the source serves\n")
 
+        async def test_recover_after_agent_restarts_mid_migration(self):
+            # Both agents restart while the mirror is in sync: the target (inmigrate) is
+            # ended, the source's migration is cancelled and it runs on.
+            src, dst, vol_a, vol_b, where, stls = await self.source_and_target()
+            sev = Events()
+            src.live_subscribe("m1", sev)
+            await src.start_mirror("m1", where, stls, speed=50 * 1024 * 1024)
+            await sev.wait(lambda n, d: n == "BLOCK_JOB_READY")
+            await src.close()
+            await dst.close()
+            src2, dst2 = self.driver("a"), self.driver("b")
+            [s] = await src2.recover()
+            [t] = await dst2.recover()
+            self.assertEqual(s["state"], "running")
+            self.assertIn("live migration was cancelled", s["reason"])
+            self.assertEqual(t["state"], "failed")
+            self.assertIn("incoming migration was interrupted", t["reason"])
+            st = await src2.migration_status("m1")
+            self.assertEqual((st["runstate"], st["mirrors"]), ("running", []))
+            await fixture.write(self, src2, "m1", "still", b"the source serves\n")
+
+        async def test_recover_after_the_switchover_keeps_both_paused(self):
+            # Both agents restart after the source completed and before the target resumed:
+            # neither resumes on its own; the target resumes when asked.
+            src, dst, vol_a, vol_b, where, stls = await self.source_and_target()
+            await fixture.write(self, src, "m1", "before", b"written on the source\n")
+            sev, dev = Events(), Events()
+            src.live_subscribe("m1", sev)
+            dst.live_subscribe("m1", dev)
+            await src.start_mirror("m1", where, stls, speed=50 * 1024 * 1024)
+            await sev.wait(lambda n, d: n == "BLOCK_JOB_READY")
+            await src.start_migration("m1", where, stls)
+            await sev.wait(lambda n, d: n == "MIGRATION" and d.get("status") == "pre-switchover")
+            await src.complete_switchover("m1")
+            await dev.wait(lambda n, d: n == "MIGRATION" and d.get("status") == "completed")
+            await sev.wait(lambda n, d: n == "MIGRATION" and d.get("status") == "completed")
+            await src.close()
+            await dst.close()
+            src2, dst2 = self.driver("a"), self.driver("b")
+            [s] = await src2.recover()
+            [t] = await dst2.recover()
+            self.assertEqual((s["state"], t["state"]), ("running", "running"))
+            self.assertIn("the target holds the machine", s["reason"])
+            self.assertIn("waiting to be resumed", t["reason"])
+            self.assertEqual((await src2.migration_status("m1"))["runstate"], "postmigrate")
+            self.assertEqual((await dst2.migration_status("m1"))["runstate"], "paused")
+            with self.assertRaises(Conflict):
+                await src2.cancel_migration("m1")
+            await dst2.finish_incoming("m1")
+            self.assertEqual((await dst2.migration_status("m1"))["runstate"], "running")
+            self.assertEqual(await fixture.read(self, dst2, "m1", "before"),
+                             b"written on the source\n")
+
+        async def test_a_block_corrupted_on_the_target_is_caught(self):
+            src, dst, vol_a, vol_b, where, stls = await self.source_and_target()
+            await fixture.write(self, src, "m1", "before", b"x" * 1000)
+            await self.migrate(src, dst, where, stls)
+            await fixture.write(self, dst, "m1", "after", b"y" * 1000)
+            dirty = await dst.dirty_extents("m1", "v1")
+            from zwrm.agent.live import verify_images
+            self.assertTrue((await verify_images(reactor, vol_a, vol_b, dirty))["ok"])
+            # One byte changes behind the guest's back, in a block it did not write.
+            covered = {o // (64 * 1024) for o, n in dirty for o in range(o, o + n, 64 * 1024)}
+            block = next(b for b in range(VOLUME_SIZE // (64 * 1024) - 1, 0, -1)
+                         if b not in covered)
+            with open(vol_b, "r+b") as f:
+                f.seek(block * 64 * 1024 + 17)
+                old = f.read(1)
+                f.seek(block * 64 * 1024 + 17)
+                f.write(bytes([old[0] ^ 0xFF]))
+            result = await verify_images(reactor, vol_a, vol_b, dirty)
+            self.assertFalse(result["ok"])
+            self.assertEqual(result["bad_blocks"], [block])
+
         async def test_a_wrong_peer_is_refused(self):
             # The target accepts only host-c: the source (host-a) is refused.
             src, dst, vol_a, vol_b, where, stls = await self.source_and_target(peer="host-c")

@@ -4,17 +4,23 @@ loopback, with TLS) and the fake driver.
 """
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 
 import pytest
 import treq
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.drivers.live_contract import make_live_tests
+from zwrm.drivers import live
+from zwrm.drivers.fake import FakeDriver, FakeHost
 from zwrm.drivers.qemu import QemuDriver
+from zwrm.drivers.qmp import QMPError
 from zwrm.testing import image
 
 
@@ -81,12 +87,13 @@ QemuLiveContractTests = pytest.mark.qemu(make_live_tests(QemuFixture))
 
 class FakeFixture:
     ready_output = "fake: booted"
+    hosts = {}
 
-    @staticmethod
-    def make(testcase, root):
-        from zwrm.drivers.fake import FakeDriver, FakeHost
-
-        return FakeDriver(reactor, root, host=FakeHost(powerdown_delay=0.05), stop_timeout=5.0)
+    @classmethod
+    def make(cls, testcase, root):
+        # The same root is the same host (after an agent restart).
+        host = cls.hosts.setdefault(root, FakeHost(powerdown_delay=0.05))
+        return FakeDriver(reactor, root, host=host, stop_timeout=5.0)
 
     @staticmethod
     def spec(testcase, machine_id, volume_path):
@@ -118,3 +125,55 @@ class FakeFixture:
 
 
 FakeLiveContractTests = make_live_tests(FakeFixture)
+
+
+@pytest.mark.qemu
+class QemuListenerTests(TestCase):
+    timeout = 120
+
+    async def test_a_taken_port_is_retried(self):
+        # The first port each listener picks is taken (another process listens there):
+        # QEMU's bind fails with EADDRINUSE and the next port is used.
+        root = tempfile.mkdtemp(prefix="zwrm-live-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, root, True)
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        taken = busy.getsockname()[1]
+        picks = []
+
+        def free_port(host):
+            picks.append(host)
+            return taken if len(picks) in (1, 3) else real_free_port(host)
+
+        real_free_port = live.free_port
+        self.patch(live, "free_port", free_port)
+        drv = QemuDriver(reactor, root, accel="tcg")
+        vol = os.path.join(root, "v.img")
+        with open(vol, "wb") as f:
+            f.truncate(4 * 1024 * 1024)
+        spec = QemuFixture.spec(self, "m1", vol)
+        where = await drv.start_incoming(spec, "127.0.0.1")
+        self.addCleanup(drv.destroy, "m1")
+        self.assertEqual(len(picks), 4)
+        self.assertNotIn(taken, (where["nbd_port"], where["migration_port"]))
+        self.assertEqual(where["exports"], {"v1": "vol0"})
+        st = await drv.migration_status("m1")
+        self.assertEqual(st["runstate"], "inmigrate")
+
+
+class DirtyMapTests(SynchronousTestCase):
+    def test_dirty_ranges_are_the_ones_without_data(self):
+        entries = [{"start": 0, "length": 65536, "data": True},
+                   {"start": 65536, "length": 65536, "data": False},
+                   {"start": 131072, "length": 65536, "data": False},
+                   {"start": 196608, "length": 1 << 20, "data": True},
+                   {"start": 1245184, "length": 1 << 20, "data": False}]
+        self.assertEqual(live.parse_dirty_map(entries, 1245184 + 4096),
+                         [[65536, 131072], [1245184, 4096]])
+
+    def test_taken_port_errors(self):
+        self.assertTrue(live._taken(QMPError("GenericError",
+                                             "Failed to bind socket: Address already in use")))
+        self.assertFalse(live._taken(QMPError("GenericError", "Permission denied")))

@@ -313,7 +313,8 @@ class FakeLiveMigration:
         if live["migration"] == "completed" and live["role"] == "source":
             raise Conflict(f"machine {mid}: its migration completed: the target holds the "
                            "machine now; it cannot be cancelled")
-        if live["migration"] not in ("none", "cancelled", "failed"):
+        streaming = live["migration"] not in ("none", "cancelled", "failed")
+        if streaming:
             live["migration"] = "cancelled"
             self._emit(mid, "MIGRATION", {"status": "cancelled"})
         self._live_forget(mid)
@@ -325,8 +326,8 @@ class FakeLiveMigration:
         if target is not None:
             tdrv, tmid = target
             tlive = tdrv._live(tmid)
-            if tdrv._alive(tmid) and tlive["runstate"] == "inmigrate":
-                # As QEMU's incoming migration does: the target ends on its own.
+            if streaming and tdrv._alive(tmid) and tlive["runstate"] == "inmigrate":
+                # As QEMU's incoming migration does once its stream broke: the target ends.
                 tdrv.crash(tmid, "exited with code 1")
         if live["runstate"] in ("finish-migrate", "paused"):
             live["runstate"] = "running"
@@ -394,8 +395,8 @@ class FakeLiveMigration:
             return "ended: its incoming migration was interrupted by an agent restart"
         if live["runstate"] == "postmigrate":
             return "paused: its live migration completed; the target holds the machine"
-        if live["role"] == "source" and live["migration"] not in ("none", "cancelled",
-                                                                  "failed"):
+        if live["role"] == "source" and (live["mirrors"] or live["migration"] not in (
+                "none", "cancelled", "failed")):
             self._status.setdefault(mid, {"state": "running"})
             self._cancel_migration(mid)
             return "recovered: its interrupted live migration was cancelled; it runs here"

@@ -684,7 +684,7 @@ class QemuLiveMigration:
 
          - C{inmigrate} (a target whose incoming migration had not completed): killed.
            Nothing ran here; the source still holds the machine.
-         - a source whose migration is still under way (mirroring, RAM passes,
+         - a source whose migration is still under way (its mirrors, RAM passes,
            C{pre-switchover}): rolled back (L{cancel_migration}): it runs on, untouched.
          - C{postmigrate} (a source whose migration completed): left paused, never resumed
            here: the target may run the machine.  Its status says so; the control plane
@@ -710,7 +710,14 @@ class QemuLiveMigration:
             return "ended: its incoming migration was interrupted by an agent restart"
         if run == "postmigrate" or mig == "completed" and (rec or {}).get("role") == "source":
             return "paused: its live migration completed; the target holds the machine"
-        if mig in ACTIVE:
+        jobs = []
+        if (rec or {}).get("role") == "source":
+            try:
+                jobs = [j for j in await q.execute("query-block-jobs")
+                        if str(j.get("device", "")).startswith("zwrm-mirror-")]
+            except QMPError:
+                pass
+        if mig in ACTIVE or jobs:
             log.info("machine {id}: a live migration (source, {mig}) was left by an agent "
                      "restart; cancelling it", id=m.id, mig=mig)
             await self._cancel_migration(m.id)
