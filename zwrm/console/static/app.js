@@ -15,7 +15,7 @@ const PHASES = ["planned", "bulk_copying", "stopping_source", "delta_copying",
 
 const state = {
   session: null, connection: null, role: null, authid: null, view: "hosts",
-  hosts: new Map(), hostStatus: new Map(), fetchedAt: 0,
+  hosts: new Map(), hostStatus: new Map(), readAt: null,
   apps: new Map(), machines: new Map(), volumes: new Map(), drains: new Map(),
   events: [], lastEventId: 0, audit: null,
 };
@@ -94,8 +94,8 @@ function describe(err, procedure) {
 
 function showMessage(text, uri = null, kind = "error") {
   const box = $("#message");
-  box.replaceChildren(h("span", { class: "text" }, text), uri ? h("span", { class: "uri" }, uri) : null,
-    h("button", { type: "button", onclick: () => { box.hidden = true; } }, "Dismiss"));
+  box.replaceChildren(...[h("span", { class: "text" }, text), uri ? h("span", { class: "uri" }, uri) : null,
+    h("button", { type: "button", onclick: () => { box.hidden = true; } }, "Dismiss")].filter(Boolean));
   box.className = kind;
   box.dataset.uri = uri || "";
   box.hidden = false;
@@ -130,7 +130,7 @@ async function quiet(procedure, args = [], kwargs = {}) {
 
 async function loadHosts() {
   const list = await state.session.call("zwrm.host.list");
-  state.fetchedAt = performance.now();
+  state.readAt = new Date().toLocaleTimeString();
   state.hosts = new Map(list.map((x) => [x.id, x]));
   const statuses = await Promise.all(list.slice(0, 64).map((x) => quiet("zwrm.host.status", [x.id])));
   for (const s of statuses) if (s) state.hostStatus.set(s.id, s);
@@ -318,26 +318,17 @@ function render() {
 function draw() {
   for (const v of document.querySelectorAll(".view")) v.hidden = v.id !== `${state.view}-view`;
   for (const a of document.querySelectorAll("#tabs a")) a.classList.toggle("active", a.dataset.view === state.view);
-  ({ hosts: drawHosts, apps: drawApps, volumes: drawVolumes, drains: drawDrains,
-    events: drawEvents, audit: drawAudit })[state.view]?.();
+  // Every view, not only the one shown: a hidden one must not keep buttons drawn for
+  // another session's role.
+  drawHosts(); drawApps(); drawVolumes(); drawDrains(); drawEvents(); drawAudit();
 }
 
-function heartbeatAge(host) {
-  if (host.heartbeat_age === undefined || host.heartbeat_age === null) return null;
-  return host.heartbeat_age + (performance.now() - state.fetchedAt) / 1000;
-}
-
-function heartbeatText(host) {
-  const age = heartbeatAge(host);
-  return age === null ? "-" : `${seconds(age)} ago`;
-}
-
-function tickHeartbeats() {
-  // Heartbeat ages count up between reads; this only rewrites those cells, asking nothing.
-  for (const td of document.querySelectorAll("#hosts-table td.heartbeat")) {
-    const host = state.hosts.get(td.dataset.host);
-    if (host) td.textContent = heartbeatText(host);
-  }
+function heartbeatCell(host) {
+  // Heartbeats are not announced (one event per host every few seconds would drown the
+  // stream): the age is the one read last (at each host or machine event, or Reload), with
+  // when it was read. A host whose heartbeats stop turns offline by event.
+  if (host.heartbeat_age === undefined || host.heartbeat_age === null) return "-";
+  return [`${seconds(host.heartbeat_age)}`, h("div", { class: "small" }, `as of ${state.readAt || "-"}`)];
 }
 
 function drawHosts() {
@@ -354,7 +345,7 @@ function drawHosts() {
       h("td", {}, usage(x.alloc_memory_mb || 0, x.memory_mb || 0, mib)),
       h("td", {}, usage(x.alloc_disk_mb || 0, x.disk_mb || 0, mib)),
       h("td", { class: "num" }, x.machines ?? [...state.machines.values()].filter((m) => m.host_id === x.id).length),
-      h("td", { class: "num heartbeat", dataset: { host: x.id } }, heartbeatText(x)),
+      h("td", { class: "num heartbeat" }, heartbeatCell(x)),
       h("td", {}, cache ? usage(cache.size, cache.limit, bytes) : "-",
         cache ? h("div", { class: "small" }, `${cache.blobs} blobs, ${cache.hits} hits, ${cache.misses} misses`) : null),
       h("td", {}, h("div", { class: "actions" },
@@ -564,6 +555,12 @@ function logout() {
   sessionStorage.removeItem(AUTHID_KEY);
   if (state.connection) state.connection.close();
   state.connection = null;
+  // Nothing of this session stays in the page for the next one.
+  Object.assign(state, { session: null, role: null, authid: null, hosts: new Map(),
+    hostStatus: new Map(), apps: new Map(), machines: new Map(), volumes: new Map(),
+    drains: new Map(), events: [], lastEventId: 0, audit: null });
+  draw();
+  $("#message").hidden = true;
   showLogin(null);
 }
 
@@ -592,7 +589,7 @@ function init() {
   $("#events-pause").addEventListener("change", render);
   window.addEventListener("hashchange", route);
   route();
-  setInterval(tickHeartbeats, 1000);
+  $("#hosts-reload").addEventListener("click", () => { if (state.session) loadHosts().catch(() => {}); });
   const saved = sessionStorage.getItem(TOKEN_KEY);
   if (saved) connect(saved, sessionStorage.getItem(AUTHID_KEY) || "");
   else showLogin(null);

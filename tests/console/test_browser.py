@@ -1,0 +1,278 @@
+"""
+The web console in a real headless Chromium (Debian's C{chromium}, driven by Selenium through
+Debian's C{chromium-driver}; nothing is downloaded), against a real control plane and two real
+agents running the busybox test image under QEMU (TCG):
+
+ - an operator logs in and sees both hosts appear;
+ - an app deployed with the CLI appears with its machine running, without a reload;
+ - a drain started from the console (its button, its dialog) is followed live: the migration's
+   phases advance in order up to C{done};
+ - a viewer sees everything, finds every action button disabled, and a drain forced through
+   the page anyway is refused by the router (C{wamp.error.not_authorized}), the host unchanged.
+
+Screenshots go to the test's temporary directory (printed; kept as CI artefacts) or, with
+C{ZWRM_CONSOLE_SCREENSHOTS=docs/console}, to that directory: how docs/console.md's pictures are
+made again.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+import pytest
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, TestCase
+
+from zwrm.console import STATIC, VENDOR_AUTOBAHN
+from zwrm.testing.processes import host_list, poll, run_cli, start_vm_cluster
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+def _missing():
+    """What the test needs and this machine lacks (installed by the setup scripts in CI)."""
+    missing = []
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("selenium (pip install -e .[test])")
+    for path, pkg in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not os.access(path, os.X_OK):
+            missing.append(f"{path} (apt-get install {pkg}: scripts/install-system-deps)")
+    if not os.path.exists(os.path.join(STATIC, VENDOR_AUTOBAHN)):
+        missing.append(f"zwrm/console/static/{VENDOR_AUTOBAHN} (scripts/build-console)")
+    return missing
+
+
+class Browser:
+    """A headless Chromium; every WebDriver call runs in a thread, off the reactor."""
+
+    def __init__(self, driver, shots):
+        self.driver = driver
+        self.shots = shots
+
+    @classmethod
+    async def start(cls, profile, shots):
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                    "--window-size=1440,900", "--no-first-run", "--disable-extensions",
+                    "--disable-background-networking", "--disable-sync",
+                    "--disable-component-update", "--hide-scrollbars",
+                    f"--user-data-dir={profile}"):
+            options.add_argument(arg)
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        service = Service(CHROMEDRIVER)  # Debian's driver: Selenium Manager downloads nothing
+        driver = await deferToThread(webdriver.Chrome, service=service, options=options)
+        driver.set_page_load_timeout(60)
+        driver.set_script_timeout(30)
+        return cls(driver, shots)
+
+    async def js(self, script, *args):
+        return await deferToThread(self.driver.execute_script, script, *args)
+
+    async def get(self, url):
+        await deferToThread(self.driver.get, url)
+
+    async def shot(self, name):
+        path = os.path.join(self.shots, name)
+        await deferToThread(self.driver.save_screenshot, path)
+        return path
+
+    async def log(self):
+        return await deferToThread(self.driver.get_log, "browser")
+
+    async def quit(self):
+        await deferToThread(self.driver.quit)
+
+
+async def wait_js(browser, script, timeout, what, *args):
+    """Poll C{script} in the page until it returns something true; return that."""
+    return await poll(reactor, lambda: browser.js(script, *args), timeout, interval=0.25, what=what)
+
+
+LOGIN = """
+document.getElementById('token').value = arguments[0];
+document.getElementById('authid').value = '';
+document.getElementById('login').requestSubmit();
+"""
+
+ROWS = """
+return [...document.querySelectorAll(arguments[0])].map(e => Object.assign({}, e.dataset));
+"""
+
+TWO_READY_HOSTS = """
+const r = [...document.querySelectorAll('#hosts-table tr[data-host]')].map(e => Object.assign({}, e.dataset));
+return r.length === 2 && r.every(h => h.state === 'ready') && r;
+"""
+
+PHASE_RECORDER = """
+window.__phases = [];
+window.__noReload = true;
+const seen = () => {
+  for (const tr of document.querySelectorAll('tr[data-migration]')) {
+    const p = tr.dataset.phase;
+    if (window.__phases[window.__phases.length - 1] !== p) window.__phases.push(p);
+  }
+};
+new MutationObserver(seen).observe(document.body, {subtree: true, childList: true, attributes: true});
+seen();
+"""
+
+
+@pytest.mark.qemu
+@pytest.mark.multihost
+class ConsoleBrowserTests(TestCase):
+    timeout = 900
+
+    def setUp(self):
+        missing = _missing()
+        if missing:
+            # under CI a skip fails the run (tests/conftest.py): the setup scripts install these
+            raise SkipTest("the console's browser test needs " + "; ".join(missing))
+
+    def test_console_end_to_end(self):
+        return ensureDeferred(self._scenario())
+
+    async def cli(self, cp, *args, timeout=120):
+        code, out, err = await run_cli(reactor, list(args), cp.url, cp.operator_token,
+                                       timeout=timeout)
+        self.assertEqual(code, 0, f"zwrm {' '.join(args)} failed ({code}): {out} {err}")
+        return out
+
+    async def _scenario(self):
+        shots = os.environ.get("ZWRM_CONSOLE_SCREENSHOTS") or os.path.abspath(self.mktemp())
+        os.makedirs(shots, exist_ok=True)
+        print(f"console screenshots: {shots}")
+        cp, agents = await start_vm_cluster(reactor, self)
+        base = f"http://127.0.0.1:{cp.port}"
+        viewer = json.loads(await self.cli(cp, "tokens", "create", "--role", "viewer",
+                                           "--ttl", "1h", "--json"))["token"]
+
+        profile = tempfile.mkdtemp(prefix="zwrm-chromium-")
+        self.addCleanup(shutil.rmtree, profile, True)
+        b = await Browser.start(profile, shots)
+        self.addCleanup(b.quit)
+
+        async def failed_with_log(e):
+            for entry in await b.log():
+                print("browser:", entry)
+            await b.shot("failure.png")
+            raise e
+
+        try:
+            await self._operator(cp, b, base, agents)
+            await self._viewer(cp, b, base, viewer)
+        except Exception as e:
+            await failed_with_log(e)
+        errors = [e for e in await b.log()
+                  if e["level"] == "SEVERE" and e.get("source") != "network"]
+        self.assertEqual(errors, [], "the page logged errors (a CSP violation, an exception)")
+
+    async def _operator(self, cp, b, base, agents):
+        # log in: the two hosts appear
+        await b.get(base + "/")
+        await wait_js(b, "return !!document.getElementById('login')", 30, "the login form")
+        await b.shot("login.png")
+        await b.js(LOGIN, cp.operator_token)
+        await wait_js(b, "return document.body.dataset.ready === 'yes'", 60, "console ready")
+        self.assertEqual(await b.js("return document.body.dataset.role"), "operator")
+        self.assertNotIn(cp.operator_token, await b.js("return location.href"))
+        hosts = await wait_js(b, TWO_READY_HOSTS, 60, "two ready hosts in the hosts view")
+        self.assertEqual({h["host"] for h in hosts}, {a.host_id for a in agents})
+
+        # deploy with the CLI: the machine appears, running, without a reload
+        await b.js(PHASE_RECORDER)
+        await b.js("location.hash = '#apps'")
+        await self.cli(cp, "apps", "create", "web")
+        await self.cli(cp, "deploy", "web", "--image", "demo:1", "--replicas", "1",
+                       "--memory", "128", "--port", "8080", "--volume", "data:16:/data",
+                       "--wait", "300", timeout=330)
+        machines = await wait_js(
+            b, "const r = [...document.querySelectorAll('[data-app=web] tr[data-machine]')]"
+               ".map(e => Object.assign({}, e.dataset));"
+               " return r.length === 1 && r[0].state === 'running' && r;",
+            60, "the deployed machine, running, in the apps view")
+        self.assertTrue(await b.js("return window.__noReload === true"), "the page was reloaded")
+        await b.shot("apps.png")
+        status = json.loads(await self.cli(cp, "status", "web", "--json"))
+        source = status["machines"][0]["host_id"]
+        self.assertEqual(machines[0]["machine"], status["machines"][0]["id"])
+
+        # a drain from the console: its phases advance to done
+        await b.js("location.hash = '#hosts'")
+        await wait_js(b, "const x = document.querySelector(`button[data-action=drain][data-host='${arguments[0]}']`);"
+                         " return x && !x.disabled;", 30, "an enabled Drain button", source)
+        await b.js("document.querySelector(`button[data-action=drain][data-host='${arguments[0]}']`).click()",
+                   source)
+        await wait_js(b, "return document.getElementById('confirm').open", 60, "the drain dialog")
+        self.assertIn("web", await b.js("return document.getElementById('confirm-extra').textContent"))
+        await b.js("document.getElementById('drain-min-healthy').value = '3';"
+                   " document.getElementById('confirm-ok').click();")
+        await wait_js(b, "return location.hash === '#drains'"
+                         " && document.querySelector('tr[data-migration]')", 60, "the drain's migration")
+        shot = False
+        deadline = reactor.seconds() + 400
+        while reactor.seconds() < deadline:
+            phase = await b.js("const r = document.querySelector('tr[data-migration]'); return r && r.dataset.phase")
+            drain_state = await b.js("const d = document.querySelector('[data-drain]'); return d && d.dataset.state")
+            if not shot and phase in ("starting_replacement", "waiting_healthy", "delta_copying"):
+                await b.shot("drains.png")
+                shot = True
+            if drain_state in ("completed", "incomplete", "cancelled"):
+                break
+            await deferLater(reactor, 0.25, lambda: None)
+        self.assertEqual(drain_state, "completed", await b.js(ROWS, "tr[data-migration]"))
+        phases = await b.js("return window.__phases")
+        print(f"migration phases the console showed: {phases}")
+        order = ["planned", "bulk_copying", "stopping_source", "delta_copying",
+                 "starting_replacement", "waiting_healthy", "committing", "cleaning", "done"]
+        self.assertEqual(phases[-1], "done", phases)
+        self.assertGreaterEqual(len(phases), 3, f"phases seen: {phases}")
+        self.assertEqual(phases, sorted(phases, key=order.index), f"phases out of order: {phases}")
+        if not shot:
+            await b.shot("drains.png")
+        self.assertTrue(await b.js("return window.__noReload === true"), "the page was reloaded")
+        await b.js("location.hash = '#events'")
+        await wait_js(b, "return document.querySelectorAll('#events-table tr[data-event]').length > 10",
+                      30, "events in the events view")
+        await b.shot("events.png")
+        await b.js("location.hash = '#hosts'")
+        await wait_js(b, "const r = document.querySelector(`#hosts-table tr[data-host='${arguments[0]}']`);"
+                         " return r && r.dataset.state === 'drained'", 30, "the drained host", source)
+        await b.shot("hosts.png")
+        self.source = source
+
+    async def _viewer(self, cp, b, base, token):
+        await b.js("document.getElementById('logout').click()")
+        await wait_js(b, "return !document.getElementById('login-view').hidden", 30, "logged out")
+        self.assertIsNone(await b.js("return sessionStorage.getItem('zwrm.console.token')"))
+        await b.js(LOGIN, token)
+        await wait_js(b, "return document.body.dataset.ready === 'yes'"
+                         " && document.body.dataset.role === 'viewer'", 60, "console ready as viewer")
+        ready = next(h["id"] for h in await host_list(reactor, cp) if h["state"] == "ready")
+        await wait_js(b, "return document.querySelectorAll('#hosts-table tr[data-host]').length === 2",
+                      30, "both hosts, as a viewer")
+        buttons = await b.js("return [...document.querySelectorAll('button[data-action]')]"
+                             ".map(x => [x.dataset.action, x.disabled])")
+        self.assertTrue(buttons)
+        self.assertEqual([a for a, disabled in buttons if not disabled], [], buttons)
+        await b.shot("viewer.png")
+        # forced: the button enabled by hand and clicked; the router refuses the call
+        await b.js("const x = document.querySelector(`button[data-action=drain][data-host='${arguments[0]}']`);"
+                   " x.disabled = false; x.click();", ready)
+        uri = await wait_js(b, "const m = document.getElementById('message');"
+                               " return !m.hidden && m.dataset.uri", 30, "the refusal shown")
+        self.assertEqual(uri, "wamp.error.not_authorized")
+        self.assertIn("viewer", await b.js("return document.getElementById('message').textContent"))
+        await b.shot("viewer-refused.png")
+        state = {h["id"]: h["state"] for h in await host_list(reactor, cp)}
+        self.assertEqual(state[ready], "ready")
