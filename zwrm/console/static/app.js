@@ -99,6 +99,8 @@ function showMessage(text, uri = null, kind = "error") {
   box.className = kind;
   box.dataset.uri = uri || "";
   box.hidden = false;
+  clearTimeout(showMessage.timer);
+  if (kind === "info") showMessage.timer = setTimeout(() => { box.hidden = true; }, 8000); // errors stay
 }
 
 async function call(procedure, args = [], kwargs = {}) {
@@ -344,7 +346,7 @@ function drawHosts() {
       h("td", {}, usage(x.alloc_vcpus || 0, x.vcpus || 0)),
       h("td", {}, usage(x.alloc_memory_mb || 0, x.memory_mb || 0, mib)),
       h("td", {}, usage(x.alloc_disk_mb || 0, x.disk_mb || 0, mib)),
-      h("td", { class: "num" }, x.machines ?? [...state.machines.values()].filter((m) => m.host_id === x.id).length),
+      h("td", { class: "num" }, [...state.machines.values()].filter((m) => m.host_id === x.id).length),
       h("td", { class: "num heartbeat" }, heartbeatCell(x)),
       h("td", {}, cache ? usage(cache.size, cache.limit, bytes) : "-",
         cache ? h("div", { class: "small" }, `${cache.blobs} blobs, ${cache.hits} hits, ${cache.misses} misses`) : null),
