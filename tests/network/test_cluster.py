@@ -34,6 +34,7 @@ from zwrm.testing.processes import (
 )
 
 SERVICE = 8999  # a service listening on every address of each agent's host
+METRICS = 9102  # each agent's own endpoint (--metrics-listen) on its address
 
 WEB_PROBE = """nc -ll -p 9090 -e echo web-private </dev/null >/dev/null 2>&1 &
 sleep 2
@@ -80,7 +81,8 @@ class _Agent(_InNamespace, AgentProcess):
         self.net, self.host = net, host
         super().__init__(reactor, data_dir, url, token, name=host, extra_args=[
             "--insecure", "--network", "bridge", "--address", net.address(host),
-            "--accel", "tcg"])
+            "--accel", "tcg", "--metrics-listen",
+            f"tcp:{METRICS}:interface={net.address(host)}"])
 
 
 @pytest.mark.qemu
@@ -160,9 +162,11 @@ class ClusterNetworkTests(TestCase):
             self.assertIn("zwrm test image", body or "", h)
 
         # Another app: reaches no web VM (but the port web publishes), no host service
-        # (a service listening on every address of each agent's host, the control plane,
-        # the ingress), only DNS on the gateways.
+        # (a service listening on every address of each agent's host, the agents' own
+        # endpoints, the control plane, the ingress), only DNS on the gateways.
         for h in ("a1", "a2"):
+            metrics = await self.fetch(f"http://{net.address(h)}:{METRICS}/metrics")
+            self.assertIn("zwrm", metrics or "", f"{h}'s agent endpoint from outside")
             svc = net.spawn(h, [sys.executable, "-m", "http.server", str(SERVICE), "--bind",
                                 "0.0.0.0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             self.addCleanup(_end, svc)
@@ -170,6 +174,8 @@ class ClusterNetworkTests(TestCase):
         targets += [(f"web-open-{i}", a, 8080) for i, a in enumerate(web_addrs)]
         targets += [("cp", cp.address, cp.port), ("a1-ingress", net.address("a1"), 80),
                     ("a2-ingress", net.address("a2"), 80),
+                    ("a1-agent", net.address("a1"), METRICS),
+                    ("a2-agent", net.address("a2"), METRICS),
                     ("a1-service", net.address("a1"), SERVICE),
                     ("a2-service", net.address("a2"), SERVICE),
                     ("gw1-service", "10.80.1.1", SERVICE), ("gw2-service", "10.80.2.1", SERVICE),

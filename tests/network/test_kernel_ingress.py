@@ -26,7 +26,7 @@ import tempfile
 import pytest
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.network.helpers import veth_guest
 from zwrm.agent.network.agent import AgentNetwork
@@ -73,6 +73,27 @@ for line in sys.stdin:
     except Exception as e:
         print("error", type(e).__name__, flush=True)
 """
+
+
+class CanForwardTests(SynchronousTestCase):
+    """Which C{tcp} ports the kernel may forward (the others stay with the proxy)."""
+
+    def host(self, address="10.99.1.2", ready=True):
+        hn = HostNetwork(reactor, local_address=address, state_dir=tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, hn.state_dir, True)
+        hn._ready, hn.cidr = ready, "10.80.0.0/16"
+        return hn
+
+    def test_can_forward(self):
+        ok = [("10.80.1.2", 8080), ("10.80.2.2", 8080)]
+        self.assertTrue(self.host().can_forward(ok))
+        self.assertFalse(self.host().can_forward([]))
+        self.assertFalse(self.host(ready=False).can_forward(ok))
+        self.assertFalse(self.host(address=None).can_forward(ok))
+        self.assertFalse(self.host(address="127.0.0.1").can_forward(ok))
+        for bad in (("127.0.0.1", 8080), ("10.81.0.2", 8080), ("web.example", 80),
+                    ("10.80.1.3", 0)):
+            self.assertFalse(self.host().can_forward(ok + [bad]), bad)
 
 
 @pytest.mark.multihost

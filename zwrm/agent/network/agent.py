@@ -239,8 +239,11 @@ class AgentNetwork:
         for port, entry in table.items():
             if entry["mode"] != "tcp":
                 continue
-            backends = [(b["host"], int(b["port"])) for rs in entry["routes"].values()
-                        for b in rs if b.get("healthy", True)]
+            try:
+                backends = [(b["host"], int(b["port"])) for rs in entry["routes"].values()
+                            for b in rs if b.get("healthy", True)]
+            except (KeyError, TypeError, ValueError, AttributeError):
+                continue  # the proxy's to judge
             if self.host.can_forward(backends):
                 out[port] = backends
         return out

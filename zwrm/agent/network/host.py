@@ -199,7 +199,11 @@ class HostNetwork:
         if ipaddress.IPv4Address(self.local_address).is_loopback:
             return False
         cidr = ipaddress.IPv4Network(self.cidr)
-        return all(ipaddress.IPv4Address(a) in cidr for a, _ in backends)
+        try:
+            return all(ipaddress.IPv4Address(a) in cidr and 0 < int(p) < 65536
+                       for a, p in backends)
+        except (ValueError, TypeError):  # a name, not an address: the proxy resolves it
+            return False
 
     async def set_forwards(self, table):
         """
