@@ -2,23 +2,37 @@
 The ingress against going direct, and the overlay against the same namespaces without zwrm.
 
     .venv/bin/python benchmarks/ingress.py [--requests 3000] [--concurrency 8] [--seconds 5]
+                                           [--skip-overlay] [--loopback]
 
-1. B{Ingress}: a small HTTP server (Twisted, its own process) stands in for a replica on
-   127.0.0.1; an L{zwrm.agent.network.proxy.Ingress} (its own process) publishes it.  The
-   same load (C{--requests} HTTP/1.0 GETs, C{--concurrency} clients, a new connection each,
-   as a load balancer's clients do) goes direct and through the ingress, alternating, in
-   the same run.  Printed: requests/s, p50 and p99 latency of each, the throughput ratio
-   (goal >= 0.8x) and the p99 added (goal <= 1 ms on loopback-class links).
+Needs root (network namespaces, L{zwrm.testing.netns}); C{--loopback} runs only the old
+proxy-on-127.0.0.1 figures, without root.
+
+1. B{Ingress}: host C{h1} (a namespace) with zwrm's L{zwrm.agent.network.host.HostNetwork}
+   (bridge, rules) and a "guest" namespace on its bridge (a veth where the VM's TAP would be:
+   TCG would measure the emulator, not the network) running a small HTTP server (Twisted)
+   that stands in for a replica.  The same load (C{--requests} HTTP/1.0 GETs,
+   C{--concurrency} clients, a new connection each, as a load balancer's clients do), from
+   h1 itself, alternating in the same run:
+
+    - C{direct}: to the guest's address;
+    - C{kernel}: to h1's address and a published C{tcp} port, forwarded by the kernel
+      (L{HostNetwork.set_forwards}: nftables DNAT, what C{tcp} ports get);
+    - C{proxy}: to h1's address and a port served by L{zwrm.agent.network.proxy.Ingress}
+      (its own process; what C{http}/C{https} ports get);
+
+   and C{kernel, client}: the published port from a third namespace (another machine).
+   Printed: requests/s, p50 and p99 latency of each, the throughput ratio to direct (goal
+   >= 0.8x) and the p99 added (goal <= 1 ms on loopback-class links).
 
 2. B{Overlay}: two host namespaces on a test switch (L{zwrm.testing.netns}), each with a
    zwrm L{zwrm.agent.network.host.HostNetwork} (bridge, VXLAN overlay, nftables rules), and
-   a "guest" namespace on each bridge (a veth where a VM's TAP would be: TCG would measure
-   the emulator, not the network).  TCP throughput guest-to-guest over the overlay, against
-   the same two host namespaces talking directly over the switch, same run.  Needs root.
+   a "guest" namespace on each bridge.  TCP throughput guest-to-guest over the overlay,
+   against the same two host namespaces talking directly over the switch, same run.
 """
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import statistics
@@ -43,17 +57,24 @@ print(p.getHost().port, flush=True)
 reactor.run()
 """
 
+SERVER_ANY = SERVER.replace('interface="127.0.0.1"', 'interface="0.0.0.0"').replace(
+    "listenTCP(0,", "listenTCP(int(sys.argv[1]),")
+
 INGRESS = r"""
 import sys
 from twisted.internet import reactor
 from zwrm.agent.network.proxy import Ingress
-ing = Ingress(reactor, interface="127.0.0.1")
 port, backend = int(sys.argv[1]), int(sys.argv[2])
+interface, host = (sys.argv + ["127.0.0.1", "127.0.0.1"])[3:5]
+ing = Ingress(reactor, interface=interface)
 ing.set_routes({port: {"mode": "tcp", "routes": {None: [
-    {"key": "a", "host": "127.0.0.1", "port": backend, "healthy": True}]}}})
+    {"key": "a", "host": host, "port": backend, "healthy": True}]}}})
 print("ready", flush=True)
 reactor.run()
 """
+GUEST_PORT = 8080
+PUBLISHED = 8000  # kernel-forwarded
+PROXIED = 8001  # the proxy
 
 
 def free_port():
@@ -64,9 +85,9 @@ def free_port():
     return p
 
 
-def one_request(port):
+def one_request(port, host="127.0.0.1"):
     t = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+    with socket.create_connection((host, port), timeout=10) as s:
         s.sendall(b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n")
         data = b""
         while True:
@@ -79,7 +100,7 @@ def one_request(port):
     return time.perf_counter() - t
 
 
-def load(port, requests, concurrency):
+def load(port, requests, concurrency, host="127.0.0.1"):
     lat = []
     lock = threading.Lock()
     left = [requests]
@@ -90,7 +111,7 @@ def load(port, requests, concurrency):
                 if left[0] <= 0:
                     return
                 left[0] -= 1
-            d = one_request(port)
+            d = one_request(port, host)
             with lock:
                 lat.append(d)
 
@@ -106,7 +127,102 @@ def load(port, requests, concurrency):
             "p99": lat[int(len(lat) * 0.99)] * 1000}
 
 
+def _load_in(ns, host, port, requests, concurrency):
+    """L{load} run in namespace C{ns} (its own process): its figures."""
+    out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, os.path.abspath(__file__),
+                          "--part", "load", "--host", host, "--port", str(port),
+                          "--requests", str(requests), "--concurrency", str(concurrency)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _wait_port(ns, host, port, what):
+    for _ in range(100):
+        r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c",
+                            f"import socket; socket.create_connection(('{host}', {port}), 1)"],
+                           capture_output=True)
+        if r.returncode == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} does not answer")
+
+
+def _print_rows(rows, direct="direct"):
+    def med(rs, k):
+        return statistics.median(r[k] for r in rs)
+
+    base = rows[direct]
+    for name, rs in rows.items():
+        line = (f"   {name:15} {med(rs, 'rps'):8.0f} req/s   p50 {med(rs, 'p50'):6.2f} ms   "
+                f"p99 {med(rs, 'p99'):6.2f} ms")
+        if name != direct:
+            line += (f"   {med(rs, 'rps') / med(base, 'rps'):.2f}x, p99 "
+                     f"{med(rs, 'p99') - med(base, 'p99'):+.2f} ms")
+        print(line)
+    print("   (goals: >= 0.8x the throughput of direct, <= 1 ms added p99)")
+
+
 def ingress_bench(requests, concurrency, rounds=3):
+    """Section 1 in namespaces (root): direct, kernel forwarding and the proxy."""
+    from twisted.internet import defer, task
+
+    from zwrm.testing.netns import TestNetwork
+
+    root = tempfile.mkdtemp(prefix="zwrm-bench-ing-")
+    net = TestNetwork(["h1", "client"])
+    h1, gns = net.address("h1"), net.namespace("h1") + "-g"
+    procs = []
+
+    async def setup(reactor):
+        from tests.network.helpers import veth_guest
+        from zwrm.agent.network.commands import Runner
+        from zwrm.agent.network.host import HostNetwork
+
+        run = Runner(reactor, ["ip", "netns", "exec", net.namespace("h1")])
+        hn = HostNetwork(reactor, local_address=h1, run=run, state_dir=os.path.join(root, "h1"))
+        spec = {"address": "10.80.1.2", "prefix": 16, "gateway": "10.80.1.1", "mtu": 1450}
+        nic = await hn.add_machine("g1", "bench", spec)
+        await veth_guest(reactor, run, gns, nic, spec)
+        await hn.set_forwards({PUBLISHED: [("10.80.1.2", GUEST_PORT)]})
+
+    try:
+        try:
+            task.react(lambda r: defer.ensureDeferred(setup(r)))
+        except SystemExit as e:
+            if e.code:
+                raise
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))))
+        procs.append(subprocess.Popen(["ip", "netns", "exec", gns, sys.executable, "-c",
+                                       SERVER_ANY, str(GUEST_PORT)], stdout=subprocess.PIPE))
+        procs.append(subprocess.Popen(["ip", "netns", "exec", net.namespace("h1"), sys.executable,
+                                       "-c", INGRESS, str(PROXIED), str(GUEST_PORT), h1,
+                                       "10.80.1.2"], stdout=subprocess.PIPE, env=env))
+        ns = net.namespace("h1")
+        _wait_port(ns, "10.80.1.2", GUEST_PORT, "the replica")
+        _wait_port(ns, h1, PROXIED, "the proxy")
+        targets = {"direct": (ns, "10.80.1.2", GUEST_PORT), "kernel": (ns, h1, PUBLISHED),
+                   "proxy": (ns, h1, PROXIED),
+                   "kernel, client": (net.namespace("client"), h1, PUBLISHED)}
+        for t in targets.values():
+            _load_in(*t, 200, concurrency)  # warm up
+        rows = {k: [] for k in targets}
+        for _ in range(rounds):
+            for k, t in targets.items():
+                rows[k].append(_load_in(*t, requests, concurrency))
+        print("1. ingress (HTTP/1.0, new connection per request, "
+              f"{requests} requests x {rounds} rounds, concurrency {concurrency}, medians; "
+              "clients on h1 but 'kernel, client': another namespace)")
+        _print_rows(rows)
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait()
+        subprocess.run(["ip", "netns", "delete", gns], capture_output=True)
+        net.close()
+
+
+def loopback_bench(requests, concurrency, rounds=3):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     srv = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
     backend = int(srv.stdout.readline())
@@ -129,7 +245,7 @@ def ingress_bench(requests, concurrency, rounds=3):
     def med(rs, k):
         return statistics.median(r[k] for r in rs)
 
-    print("1. ingress (HTTP/1.0, new connection per request, "
+    print("1. ingress on 127.0.0.1 (the proxy; HTTP/1.0, new connection per request, "
           f"{requests} requests x {rounds} rounds, concurrency {concurrency}, medians)")
     for name, rs in (("direct", direct), ("ingress", proxied)):
         print(f"   {name:8} {med(rs, 'rps'):8.0f} req/s   p50 {med(rs, 'p50'):6.2f} ms   "
@@ -239,10 +355,27 @@ def main():
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--skip-overlay", action="store_true")
+    ap.add_argument("--loopback", action="store_true",
+                    help="only the proxy on 127.0.0.1 against direct (no root needed)")
+    ap.add_argument("--part", choices=["ingress", "overlay", "load"], help=argparse.SUPPRESS)
+    ap.add_argument("--host", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    ingress_bench(args.requests, args.concurrency)
+    if args.part == "load":
+        print(json.dumps(load(args.port, args.requests, args.concurrency, args.host)))
+        return
+    if args.part == "ingress":
+        return ingress_bench(args.requests, args.concurrency)
+    if args.part == "overlay":
+        return overlay_bench(args.seconds)
+    if args.loopback:
+        return loopback_bench(args.requests, args.concurrency)
+    # Each part sets up its namespaces with its own reactor run: its own process.
+    me = [sys.executable, os.path.abspath(__file__), "--requests", str(args.requests),
+          "--concurrency", str(args.concurrency), "--seconds", str(args.seconds)]
+    subprocess.run(me + ["--part", "ingress"], check=True)
     if not args.skip_overlay:
-        overlay_bench(args.seconds)
+        subprocess.run(me + ["--part", "overlay"], check=True)
 
 
 if __name__ == "__main__":
