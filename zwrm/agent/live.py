@@ -1,13 +1,1092 @@
 """
-Live migration on the agent (placeholder; see below).
+Live migration on the agent: the procedures C{zwrm.agent.<host_id>.live.*} and the two
+machines that drive a migration locally, by the hypervisor's events.
+
+A live migration moves a running machine and its local volumes to another host with a pause
+of milliseconds (docs/live-migration.md). The control plane (a later step: its drain) calls,
+in order:
+
+ 1. source C{live.describe(machine_id)}: the volumes' sizes and the driver's facts;
+ 2. target C{live.prepare(machine_id, spec, volumes, source)}: blank volumes of those sizes,
+    the machine started paused, waiting (L{zwrm.interfaces.ILiveMigration.start_incoming});
+    answers where it listens. From then on the target's L{TargetMigration} waits for the
+    incoming migration to complete, then stops its NBD server, starts the verification's
+    dirty bitmap and resumes the guest, by itself;
+ 3. source C{live.migrate(machine_id, target_host, target, policy)}, with progressive
+    results: the source's L{SourceMigration} mirrors the volumes, starts the RAM migration
+    once every mirror is in sync, and at C{pre-switchover} (the guest paused) completes the
+    mirrors and continues, by itself: no control-plane round trip and no poll sits inside
+    the pause. The result is the figures (the pause QEMU reports, the total time, ...);
+ 4. source C{live.hashes(volume_id)} of its frozen image and target
+    C{live.verify(machine_id, volume_id, hashes)}: every block where the target's volume
+    differs from the source's frozen image must lie in the target's dirty bitmap.
+
+Convergence (C{policy}): the downtime limit (default 300 ms) is QEMU's; auto-converge (on by
+default) lets QEMU slow the guest's CPUs only when it dirties memory faster than the link
+(QEMU 7.2 accepts the capability only before the migration starts, so it is set from the
+start and acts only when needed); past C{deadline} seconds of RAM migration the migration
+switches to post-copy if C{postcopy} is allowed, else gives up: the migration and the
+mirrors are cancelled and the source runs on, untouched. Any failure before the source
+continues past C{pre-switchover} rolls back the same way. A failure after it (the stream
+broke while the device state was sent) leaves the source paused and the outcome unknown
+here: the caller asks the target (C{live.status}) whether it resumed, and only then cancels
+(resumes) the source or destroys it.
 """
 
+import json
 import os
 
+from autobahn import wamp
+from autobahn.wamp.types import RegisterOptions
+from automat import MethodicalMachine
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
 
 from zwrm.agent.blockmap import file_blockmap
-from zwrm.drivers.live import VERIFY_BLOCK
+from zwrm.agent.transfer.progress import ProgressThrottle
+from zwrm.drivers.live import DOWNTIME_LIMIT_MS, MIRROR_SPEED, VERIFY_BLOCK
+from zwrm.drivers.spec import check_id, volume_serial
+from zwrm.errors import Conflict, Corrupt, InvalidArgument, NotFound, Unavailable, ZwrmError
+from zwrm.interfaces import ILiveMigration
+
+log = Logger()
+
+#: Bytes of each block hash C{live.hashes} returns (a truncated SHA-256).
+HASH_BYTES = 16
+
+#: A migration's policy, with its defaults.
+DEFAULT_POLICY = {
+    "downtime_limit_ms": DOWNTIME_LIMIT_MS,  # QEMU's downtime limit
+    "deadline": 120.0,  # seconds of RAM migration before post-copy or giving up
+    "mirror_deadline": 600.0,  # seconds for every mirror to be in sync
+    "auto_converge": True,  # QEMU may throttle the guest when it outpaces the link
+    "postcopy": False,  # switch to post-copy at the deadline instead of giving up
+    "mirror_speed": MIRROR_SPEED,  # bytes/s of the mirror until in sync
+    "max_bandwidth": None,  # bytes/s of the RAM migration (QEMU's default if None)
+    "switchover_timeout": 30.0,  # seconds the mirrors' final sync may take
+}
+
+#: How often the progress of a migration is read (outside the pause only).
+PROGRESS_INTERVAL = 0.5
+
+
+def check_policy(policy):
+    """@return: the policy with defaults. @raise InvalidArgument: naming the bad key."""
+    if policy is None:
+        policy = {}
+    if not isinstance(policy, dict):
+        raise InvalidArgument("policy must be a dict")
+    unknown = sorted(set(policy) - set(DEFAULT_POLICY))
+    if unknown:
+        raise InvalidArgument(f"unknown policy key(s): {', '.join(unknown)}; known: "
+                              f"{', '.join(sorted(DEFAULT_POLICY))}")
+    out = dict(DEFAULT_POLICY, **policy)
+    for key in ("downtime_limit_ms", "deadline", "mirror_deadline", "mirror_speed",
+                "switchover_timeout", "max_bandwidth"):
+        v = out[key]
+        if v is None and key == "max_bandwidth":
+            continue
+        if not isinstance(v, int | float) or isinstance(v, bool) or v <= 0:
+            raise InvalidArgument(f"policy {key} must be a positive number, not {v!r}")
+    for key in ("auto_converge", "postcopy"):
+        if not isinstance(out[key], bool):
+            raise InvalidArgument(f"policy {key} must be true or false")
+    out["downtime_limit_ms"] = int(out["downtime_limit_ms"])
+    out["mirror_speed"] = int(out["mirror_speed"])
+    return out
+
+
+# --- the machines ----------------------------------------------------------------------
+
+
+class SourceMigration:
+    """
+    The source side of one live migration. Its outputs act through the owner's hooks
+    (L{_Outgoing}); the owner feeds the hypervisor's events back as inputs, through the
+    reactor (never from inside an output).
+
+    C{mirroring} -> C{migrating} (every mirror in sync; RAM passes) -> C{switching}
+    (C{pre-switchover}: the mirrors' final sync, then continue) -> C{completed}. Before
+    the source continued, a failure, a cancel or giving up -> C{rolling_back} ->
+    C{rolled_back} (the source runs on). After it, a failure -> C{uncertain} (the source
+    stays paused: only the target knows whether it resumed).
+    """
+
+    _machine = MethodicalMachine()
+
+    def __init__(self, owner):
+        self._owner = owner
+
+    @property
+    def state(self):
+        return self._save()
+
+    @_machine.serializer()
+    def _save(self, state):
+        return state
+
+    @_machine.state(initial=True, serialized="mirroring")
+    def mirroring(self):
+        "The volumes are copied into the target's exports; guest writes go to both."
+
+    @_machine.state(serialized="migrating")
+    def migrating(self):
+        "Every mirror is in sync; RAM passes."
+
+    @_machine.state(serialized="switching")
+    def switching(self):
+        "Paused at pre-switchover: the mirrors' final sync, then the migration continues."
+
+    @_machine.state(serialized="continued")
+    def continued(self):
+        "The source continued past pre-switchover: the device state goes to the target."
+
+    @_machine.state(serialized="completed")
+    def completed(self):
+        "The migration completed: the source stays paused, the target holds the machine."
+
+    @_machine.state(serialized="rolling_back")
+    def rolling_back(self):
+        "The migration and the mirrors are being cancelled; the source resumes."
+
+    @_machine.state(serialized="rolled_back")
+    def rolled_back(self):
+        "The source runs on, untouched."
+
+    @_machine.state(serialized="uncertain")
+    def uncertain(self):
+        "Failed after the source continued: it stays paused; the target decides."
+
+    @_machine.input()
+    def mirrors_ready(self):
+        "Every mirror is in sync."
+
+    @_machine.input()
+    def pre_switchover(self):
+        "The migration paused before its switchover."
+
+    @_machine.input()
+    def continued_ok(self):
+        "The mirrors completed and the migration continued."
+
+    @_machine.input()
+    def switch_failed(self, why):
+        "A mirror's final sync failed, before the source continued."
+
+    @_machine.input()
+    def migration_completed(self):
+        "QEMU says the migration completed."
+
+    @_machine.input()
+    def failed(self, why):
+        "A step failed, a mirror or the migration failed, the target went away."
+
+    @_machine.input()
+    def deadline(self, why):
+        "The deadline passed without post-copy to switch to: give up."
+
+    @_machine.input()
+    def go_postcopy(self):
+        "The deadline passed and post-copy is allowed."
+
+    @_machine.input()
+    def cancel(self, why):
+        "The caller cancels the migration."
+
+    @_machine.input()
+    def rollback_done(self):
+        "The cancel finished; the source runs."
+
+    @_machine.output()
+    def _start_migration(self):
+        self._owner._start_migration()
+
+    @_machine.output()
+    def _switchover(self):
+        self._owner._switchover()
+
+    @_machine.output()
+    def _postcopy(self):
+        self._owner._postcopy()
+
+    @_machine.output()
+    def _rollback(self, why):
+        self._owner._rollback(why)
+
+    @_machine.output()
+    def _finish(self):
+        self._owner._finish()
+
+    @_machine.output()
+    def _fail(self):
+        self._owner._fail()
+
+    @_machine.output()
+    def _hold(self, why):
+        self._owner._hold(why)
+
+    @_machine.output()
+    def _nothing(self):
+        return None
+
+    @_machine.output()
+    def _nothing_why(self, why):
+        return None
+
+    mirroring.upon(mirrors_ready, enter=migrating, outputs=[_start_migration])
+    mirroring.upon(pre_switchover, enter=mirroring, outputs=[_nothing])
+    mirroring.upon(continued_ok, enter=mirroring, outputs=[_nothing])
+    mirroring.upon(switch_failed, enter=mirroring, outputs=[_nothing_why])
+    mirroring.upon(migration_completed, enter=mirroring, outputs=[_nothing])
+    mirroring.upon(failed, enter=rolling_back, outputs=[_rollback])
+    mirroring.upon(deadline, enter=rolling_back, outputs=[_rollback])
+    mirroring.upon(go_postcopy, enter=mirroring, outputs=[_nothing])
+    mirroring.upon(cancel, enter=rolling_back, outputs=[_rollback])
+    mirroring.upon(rollback_done, enter=mirroring, outputs=[_nothing])
+
+    migrating.upon(mirrors_ready, enter=migrating, outputs=[_nothing])
+    migrating.upon(pre_switchover, enter=switching, outputs=[_switchover])
+    migrating.upon(continued_ok, enter=migrating, outputs=[_nothing])
+    migrating.upon(switch_failed, enter=migrating, outputs=[_nothing_why])
+    migrating.upon(migration_completed, enter=migrating, outputs=[_nothing])
+    migrating.upon(failed, enter=rolling_back, outputs=[_rollback])
+    migrating.upon(deadline, enter=rolling_back, outputs=[_rollback])
+    migrating.upon(go_postcopy, enter=migrating, outputs=[_postcopy])
+    migrating.upon(cancel, enter=rolling_back, outputs=[_rollback])
+    migrating.upon(rollback_done, enter=migrating, outputs=[_nothing])
+
+    # The pause: the switchover is under way; a cancel or the deadline waits for it.
+    switching.upon(mirrors_ready, enter=switching, outputs=[_nothing])
+    switching.upon(pre_switchover, enter=switching, outputs=[_nothing])
+    switching.upon(continued_ok, enter=continued, outputs=[_nothing])
+    switching.upon(switch_failed, enter=rolling_back, outputs=[_rollback])
+    # QEMU may say "completed" before the continue's answer arrives.
+    switching.upon(migration_completed, enter=completed, outputs=[_finish])
+    switching.upon(failed, enter=rolling_back, outputs=[_rollback])
+    switching.upon(deadline, enter=switching, outputs=[_nothing_why])
+    switching.upon(go_postcopy, enter=switching, outputs=[_nothing])
+    switching.upon(cancel, enter=switching, outputs=[_nothing_why])
+    switching.upon(rollback_done, enter=switching, outputs=[_nothing])
+
+    continued.upon(mirrors_ready, enter=continued, outputs=[_nothing])
+    continued.upon(pre_switchover, enter=continued, outputs=[_nothing])
+    continued.upon(continued_ok, enter=continued, outputs=[_nothing])
+    continued.upon(switch_failed, enter=continued, outputs=[_nothing_why])
+    continued.upon(migration_completed, enter=completed, outputs=[_finish])
+    continued.upon(failed, enter=uncertain, outputs=[_hold])
+    continued.upon(deadline, enter=continued, outputs=[_nothing_why])
+    continued.upon(go_postcopy, enter=continued, outputs=[_nothing])
+    continued.upon(cancel, enter=continued, outputs=[_nothing_why])
+    continued.upon(rollback_done, enter=continued, outputs=[_nothing])
+
+    for _state in (completed, rolled_back, uncertain):
+        for _input in (mirrors_ready, pre_switchover, continued_ok, migration_completed,
+                       go_postcopy, rollback_done):
+            _state.upon(_input, enter=_state, outputs=[_nothing])
+        for _input in (switch_failed, failed, deadline, cancel):
+            _state.upon(_input, enter=_state, outputs=[_nothing_why])
+
+    rolling_back.upon(mirrors_ready, enter=rolling_back, outputs=[_nothing])
+    rolling_back.upon(pre_switchover, enter=rolling_back, outputs=[_nothing])
+    rolling_back.upon(continued_ok, enter=rolling_back, outputs=[_nothing])
+    rolling_back.upon(switch_failed, enter=rolling_back, outputs=[_nothing_why])
+    rolling_back.upon(migration_completed, enter=rolling_back, outputs=[_nothing])
+    rolling_back.upon(failed, enter=rolling_back, outputs=[_nothing_why])
+    rolling_back.upon(deadline, enter=rolling_back, outputs=[_nothing_why])
+    rolling_back.upon(go_postcopy, enter=rolling_back, outputs=[_nothing])
+    rolling_back.upon(cancel, enter=rolling_back, outputs=[_nothing_why])
+    rolling_back.upon(rollback_done, enter=rolled_back, outputs=[_fail])
+    del _state, _input
+
+
+class TargetMigration:
+    """
+    The target side of one live migration (owner: L{_Incoming}).
+
+    C{incoming} -> C{resuming} (QEMU says the incoming migration completed: NBD server
+    stopped, dirty bitmap started, C{cont}) -> C{resumed}. The machine ending first
+    (the source cancelled, or it was killed) -> C{ended} (its blank volumes deleted);
+    C{abort} -> C{ended} (destroyed first). A failed resume -> C{stuck} (paused; reported).
+    """
+
+    _machine = MethodicalMachine()
+
+    def __init__(self, owner):
+        self._owner = owner
+
+    @property
+    def state(self):
+        return self._save()
+
+    @_machine.serializer()
+    def _save(self, state):
+        return state
+
+    @_machine.state(initial=True, serialized="incoming")
+    def incoming(self):
+        "Paused, receiving the volumes and the RAM."
+
+    @_machine.state(serialized="resuming")
+    def resuming(self):
+        "The migration completed; the NBD server stops and the guest resumes."
+
+    @_machine.state(serialized="resumed")
+    def resumed(self):
+        "The guest runs here."
+
+    @_machine.state(serialized="stuck")
+    def stuck(self):
+        "The resume failed: the machine is paused here."
+
+    @_machine.state(serialized="ended")
+    def ended(self):
+        "The machine ended before it resumed; its blank volumes are deleted."
+
+    @_machine.input()
+    def migration_completed(self):
+        "QEMU says the incoming migration completed."
+
+    @_machine.input()
+    def resume_done(self):
+        "The guest resumed."
+
+    @_machine.input()
+    def resume_failed(self, why):
+        "The resume failed."
+
+    @_machine.input()
+    def machine_ended(self, why):
+        "The machine's process ended."
+
+    @_machine.input()
+    def abort(self, why):
+        "The caller gives up on this migration."
+
+    @_machine.output()
+    def _resume(self):
+        self._owner._resume()
+
+    @_machine.output()
+    def _resumed(self):
+        self._owner._resumed()
+
+    @_machine.output()
+    def _stuck(self, why):
+        self._owner._stuck(why)
+
+    @_machine.output()
+    def _cleanup(self, why):
+        self._owner._cleanup(why)
+
+    @_machine.output()
+    def _destroy(self, why):
+        self._owner._destroy(why)
+
+    @_machine.output()
+    def _nothing(self):
+        return None
+
+    @_machine.output()
+    def _nothing_why(self, why):
+        return None
+
+    incoming.upon(migration_completed, enter=resuming, outputs=[_resume])
+    incoming.upon(resume_done, enter=incoming, outputs=[_nothing])
+    incoming.upon(resume_failed, enter=incoming, outputs=[_nothing_why])
+    incoming.upon(machine_ended, enter=ended, outputs=[_cleanup])
+    incoming.upon(abort, enter=ended, outputs=[_destroy])
+
+    resuming.upon(migration_completed, enter=resuming, outputs=[_nothing])
+    resuming.upon(resume_done, enter=resumed, outputs=[_resumed])
+    resuming.upon(resume_failed, enter=stuck, outputs=[_stuck])
+    resuming.upon(machine_ended, enter=resuming, outputs=[_nothing_why])
+    resuming.upon(abort, enter=resuming, outputs=[_nothing_why])
+
+    for _state in (resumed, stuck, ended):
+        _state.upon(migration_completed, enter=_state, outputs=[_nothing])
+        _state.upon(resume_done, enter=_state, outputs=[_nothing])
+        _state.upon(resume_failed, enter=_state, outputs=[_nothing_why])
+        _state.upon(machine_ended, enter=_state, outputs=[_nothing_why])
+        _state.upon(abort, enter=_state, outputs=[_nothing_why])
+    del _state
+
+
+#: The machines' diagrams (docs/state-machines/), in the form of
+#: scripts/state_diagrams.py's MACHINES; tests/agent/test_live_machines.py checks them.
+DIAGRAMS = [
+    ("live_source", "zwrm.agent.live:SourceMigration",
+     ["The source side of a live migration (zwrm/agent/live.py). Generated from its",
+      "transitions by scripts/state_diagrams.py; do not edit.",
+      "Dashed self-loops do nothing (the input does not apply in that state)."]),
+    ("live_target", "zwrm.agent.live:TargetMigration",
+     ["The target side of a live migration (zwrm/agent/live.py). Generated from its",
+      "transitions by scripts/state_diagrams.py; do not edit.",
+      "Dashed self-loops do nothing (the input does not apply in that state)."]),
+]
+
+
+# --- the owners ------------------------------------------------------------------------
+
+
+class _Outgoing:
+    """One migration from this host: runs a L{SourceMigration}."""
+
+    def __init__(self, live, machine_id, target_host, target, policy, announce):
+        self.live = live
+        self.reactor = live.reactor
+        self.driver = live.driver
+        self.machine_id = machine_id
+        self.target_host = target_host
+        self.target = target
+        self.policy = policy
+        self.machine = SourceMigration(self)
+        self.result = Deferred()
+        self.why = None
+        self.started_at = self.reactor.seconds()
+        self.ram_started_at = None
+        self.paused_at = None
+        self.postcopy = False
+        self.ready = set()
+        self.jobs = set()
+        self.progress = {"machine_id": machine_id, "phase": "mirroring",
+                         "mirror": {"done": 0, "total": 0, "rate": 0.0},
+                         "ram": {"transferred": 0, "remaining": 0, "total": 0, "mbps": 0.0,
+                                 "passes": 0},
+                         "elapsed": 0.0, "finished": False}
+        self._last_mirror = None
+        self._throttle = ProgressThrottle(self.reactor, announce) if announce else None
+        self._timers = []
+        self._poll = None
+        self._unsubscribe = None
+        self._tls = None
+
+    # -- plumbing --
+
+    def _soon(self, f, *args):
+        """Feed an input later, never from inside an output (the eventual queue)."""
+        self.reactor.callLater(0, f, *args)
+
+    def _timer(self, delay, f, *args):
+        call = self.reactor.callLater(delay, f, *args)
+        self._timers.append(call)
+        return call
+
+    def _stop_timers(self):
+        for call in self._timers:
+            if call.active():
+                call.cancel()
+        self._timers = []
+
+    def _stop_polling(self):
+        if self._poll is not None and self._poll.running:
+            self._poll.stop()
+        self._poll = None
+
+    def _phase(self, phase):
+        self.progress["phase"] = phase
+        self._announce()
+
+    def _announce(self):
+        self.progress["elapsed"] = round(self.reactor.seconds() - self.started_at, 3)
+        if self._throttle is not None:
+            self._throttle.report(dict(self.progress))
+
+    def status(self):
+        return dict(self.progress, state=self.machine.state, why=self.why)
+
+    # -- start --
+
+    def start(self):
+        self._tls = self.live.tls_for(self.target_host)
+        self._unsubscribe = self.driver.live_subscribe(self.machine_id, self._event)
+        self._timer(self.policy["mirror_deadline"], self._soon, self.machine.deadline,
+                    f"the mirrors were not in sync within {self.policy['mirror_deadline']} s")
+        self._poll = LoopingCall(self._read_progress)
+        self._poll.clock = self.reactor
+        self._poll.start(PROGRESS_INTERVAL, now=False).addErrback(lambda f: None)
+        self._announce()
+        d = maybeDeferred(self.driver.start_mirror, self.machine_id, self.target, self._tls,
+                          self.policy["mirror_speed"])
+        d.addCallbacks(self._mirroring, lambda f: self._soon(self.machine.failed,
+                                                             _message(f.value)))
+        return self.result
+
+    def _mirroring(self, started):
+        self.jobs = set(started.get("jobs", ()))
+        if self.jobs and self.jobs <= self.ready:
+            self._soon(self.machine.mirrors_ready)
+
+    def _event(self, name, data):
+        if name == "BLOCK_JOB_READY":
+            self.ready.add(data.get("device"))
+            if self.jobs and self.jobs <= self.ready:
+                self._soon(self.machine.mirrors_ready)
+        elif name in ("BLOCK_JOB_ERROR", "BLOCK_JOB_CANCELLED") or (
+                name == "BLOCK_JOB_COMPLETED" and data.get("error")):
+            if self.machine.state in ("mirroring", "migrating"):
+                self._soon(self.machine.failed,
+                           f"mirror {data.get('device')}: {name} {data.get('error', '')}".strip())
+        elif name == "MIGRATION_PASS":
+            self.progress["ram"]["passes"] = data.get("pass", 0)
+            self._announce()
+        elif name == "MIGRATION":
+            status = data.get("status")
+            if status == "pre-switchover":
+                # The guest is paused: from here to the continue, nothing but QMP commands.
+                self.paused_at = self.reactor.seconds()
+                self._stop_polling()
+                self.machine.pre_switchover()
+            elif status == "completed":
+                self._soon(self.machine.migration_completed)
+            elif status in ("failed", "cancelled"):
+                self._soon(self.machine.failed, f"the migration {status}")
+            elif status == "postcopy-active":
+                self.postcopy = True
+
+    def _read_progress(self):
+        d = maybeDeferred(self.driver.migration_status, self.machine_id)
+
+        def got(st):
+            now = self.reactor.seconds()
+            done = sum(m["offset"] for m in st["mirrors"])
+            total = sum(m["len"] for m in st["mirrors"])
+            if st["mirrors"]:
+                rate = 0.0
+                if self._last_mirror is not None and now > self._last_mirror[0]:
+                    rate = (done - self._last_mirror[1]) / (now - self._last_mirror[0])
+                self._last_mirror = (now, done)
+                self.progress["mirror"] = {"done": done, "total": total,
+                                           "rate": round(max(rate, 0.0), 1)}
+            if st["migration"] not in ("none", "setup"):
+                ram = st["ram"]
+                self.progress["ram"] = {k: ram[k] for k in
+                                        ("transferred", "remaining", "total", "mbps", "passes")}
+            self._announce()
+
+        return d.addCallbacks(got, lambda f: None)
+
+    # -- outputs --
+
+    def _start_migration(self):
+        self.ram_started_at = self.reactor.seconds()
+        self._stop_timers()
+        self._phase("migrating")
+        self._timer(self.policy["deadline"], self._at_deadline)
+        p = self.policy
+        d = maybeDeferred(self.driver.start_migration, self.machine_id, self.target, self._tls,
+                          p["downtime_limit_ms"], p["auto_converge"], p["postcopy"],
+                          p["max_bandwidth"])
+        d.addErrback(lambda f: self._soon(self.machine.failed, _message(f.value)))
+
+    def _at_deadline(self):
+        if self.policy["postcopy"] and not self.postcopy:
+            self.machine.go_postcopy()
+        else:
+            self.machine.deadline(f"the RAM migration did not converge within "
+                                  f"{self.policy['deadline']} s (downtime limit "
+                                  f"{self.policy['downtime_limit_ms']} ms)")
+
+    def _postcopy(self):
+        self.postcopy = True
+        log.info("machine {id}: switching its migration to post-copy", id=self.machine_id)
+        d = maybeDeferred(self.driver.start_postcopy, self.machine_id)
+        d.addErrback(lambda f: self._soon(self.machine.failed, _message(f.value)))
+
+    def _switchover(self):
+        self.progress["phase"] = "switching"
+        d = maybeDeferred(self.driver.complete_switchover, self.machine_id,
+                          self.policy["switchover_timeout"])
+        d.addCallbacks(lambda _: self._soon(self.machine.continued_ok),
+                       lambda f: self._soon(self.machine.switch_failed, _message(f.value)))
+
+    def _rollback(self, why):
+        self.why = why
+        self._stop_timers()
+        self._stop_polling()
+        self._phase("rolling_back")
+        log.warn("machine {id}: live migration to {t} rolled back: {why}", id=self.machine_id,
+                 t=self.target_host, why=why)
+        d = maybeDeferred(self.driver.cancel_migration, self.machine_id)
+
+        def failed(f):
+            log.error("machine {id}: the rollback of its migration failed: {e}",
+                      id=self.machine_id, e=_message(f.value))
+            self.why = f"{why}; and the rollback failed: {_message(f.value)}"
+
+        d.addErrback(failed)
+        d.addBoth(lambda _: self._soon(self.machine.rollback_done))
+
+    def _done(self):
+        self._stop_timers()
+        self._stop_polling()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        self.live._outgoing_done(self)
+
+    def _finish(self):
+        d = maybeDeferred(self.driver.migration_status, self.machine_id)
+
+        def figures(st):
+            self.progress["finished"] = True
+            self.progress["phase"] = "completed"
+            now = self.reactor.seconds()
+            self.progress["ram"] = {k: st["ram"][k] for k in
+                                    ("transferred", "remaining", "total", "mbps", "passes")}
+            result = {"machine_id": self.machine_id, "target": self.target_host,
+                      "downtime_ms": st["downtime_ms"], "total_ms": st["total_ms"],
+                      "setup_ms": st["setup_ms"],
+                      "elapsed": round(now - self.started_at, 3),
+                      "mirror_seconds": round((self.ram_started_at or now) - self.started_at, 3),
+                      "ram": self.progress["ram"], "mirror": self.progress["mirror"],
+                      "postcopy": self.postcopy}
+            if self._throttle is not None:
+                self._throttle.finish(dict(self.progress))
+            self._done()
+            self.result.callback(result)
+
+        def failed(f):
+            self._done()
+            self.result.callback({"machine_id": self.machine_id, "target": self.target_host,
+                                  "downtime_ms": None, "note": _message(f.value)})
+
+        d.addCallbacks(figures, failed)
+
+    def _fail(self):
+        self.progress["finished"] = True
+        if self._throttle is not None:
+            self._throttle.finish(dict(self.progress))
+        self._done()
+        self.result.errback(Unavailable(
+            f"machine {self.machine_id}: live migration to {self.target_host} rolled back "
+            f"({self.why}); the machine runs on here"))
+
+    def _hold(self, why):
+        self.why = why
+        self.progress["finished"] = True
+        if self._throttle is not None:
+            self._throttle.finish(dict(self.progress))
+        self._done()
+        log.error("machine {id}: its migration to {t} failed after the switchover began "
+                  "({why}); it stays paused here: ask {t} whether it resumed",
+                  id=self.machine_id, t=self.target_host, why=why)
+        self.result.errback(Conflict(
+            f"machine {self.machine_id}: the migration to {self.target_host} failed after the "
+            f"switchover began ({why}); the machine stays paused here: ask the target "
+            "(live.status) whether it resumed before resuming (live.cancel) or destroying it"))
+
+
+class _Incoming:
+    """One migration to this host: runs a L{TargetMigration}."""
+
+    def __init__(self, live, machine_id, source, volume_ids, digests):
+        self.live = live
+        self.reactor = live.reactor
+        self.driver = live.driver
+        self.machine_id = machine_id
+        self.source = source
+        self.volume_ids = volume_ids
+        self.digests = digests
+        self.machine = TargetMigration(self)
+        self.why = None
+        self.resumed_at = None
+        self.destroyed = None
+        self._unsubscribe = []
+
+    def watch(self):
+        self._unsubscribe.append(self.driver.live_subscribe(self.machine_id, self._event))
+        self._unsubscribe.append(self.driver.subscribe(self._status))
+
+    def _event(self, name, data):
+        if name == "MIGRATION" and data.get("status") == "completed":
+            self.reactor.callLater(0, self.machine.migration_completed)
+
+    def _status(self, status):
+        if status.get("id") == self.machine_id and status.get("state") != "running":
+            self.reactor.callLater(0, self.machine.machine_ended,
+                                   status.get("reason") or status.get("state"))
+
+    def status(self):
+        return {"machine_id": self.machine_id, "state": self.machine.state, "why": self.why,
+                "source": self.source}
+
+    def _resume(self):
+        d = maybeDeferred(self.driver.finish_incoming, self.machine_id)
+        d.addCallbacks(lambda _: self.reactor.callLater(0, self.machine.resume_done),
+                       lambda f: self.reactor.callLater(0, self.machine.resume_failed,
+                                                        _message(f.value)))
+
+    def _resumed(self):
+        self.resumed_at = self.reactor.seconds()
+        log.info("machine {id}: resumed here after its live migration from {s}",
+                 id=self.machine_id, s=self.source)
+
+    def _stuck(self, why):
+        self.why = why
+        log.error("machine {id}: its incoming migration completed but it could not resume: "
+                  "{why}", id=self.machine_id, why=why)
+
+    def _forget(self):
+        for u in self._unsubscribe:
+            u()
+        self._unsubscribe = []
+
+    def _cleanup(self, why):
+        self.why = why
+        self._forget()
+        self.live._incoming_ended(self)
+
+    def _destroy(self, why):
+        self.why = why
+        self._forget()
+        d = maybeDeferred(self.driver.destroy, self.machine_id)
+        d.addErrback(lambda f: log.warn("machine {id}: destroy: {e}", id=self.machine_id,
+                                        e=_message(f.value)))
+        d.addBoth(lambda _: self.live._incoming_ended(self))
+        self.destroyed = d
+
+
+def _message(e):
+    return e.message if isinstance(e, ZwrmError) else str(e)
+
+
+# --- the procedures ------------------------------------------------------------------
+
+
+class LiveMigrations:
+    """
+    The C{live.*} procedures of one agent (registered under C{zwrm.agent.<host_id>.}).
+
+    @param reactor: the reactor.
+    @param host_id: this host's id.
+    @param driver: the hypervisor driver (an L{ILiveMigration} provider for live moves).
+    @param volumes: the L{zwrm.agent.volumes.VolumeStore}.
+    @param credentials: C{credentials()} -> the host's L{zwrm.pki.HostCredentials} or None.
+    @param listen: C{listen()} -> the address the target's listeners use (the agent's
+        advertised address: the one its volume endpoint uses).
+    @param images: the image cache (C{resolve(ref, pin=True)}, C{unpin(digest)}) or None.
+    """
+
+    def __init__(self, reactor, host_id, driver, volumes, credentials, listen, images=None):
+        self.reactor = reactor
+        self.host_id = host_id
+        self.driver = driver
+        self.volumes = volumes
+        self.credentials = credentials
+        self.listen = listen
+        self.images = images
+        self.outgoing = {}
+        self.incoming = {}
+        self.finished = {}  # machine id -> the last outcome (for live.status)
+
+    # -- helpers --
+
+    def _live_driver(self):
+        if not ILiveMigration.providedBy(self.driver):
+            raise Unavailable(f"host {self.host_id}: its driver ({self.driver.name}) cannot "
+                              "migrate machines live")
+        return self.driver
+
+    def tls_for(self, peer):
+        creds = self.credentials()
+        if creds is None:
+            raise Unavailable(f"host {self.host_id} has no host certificate yet: no live "
+                              "migration without TLS")
+        return {"ca": creds.ca_pem.decode(), "cert": creds.cert_pem.decode(),
+                "key": creds.key_pem.decode(), "peer": peer}
+
+    def _outgoing_done(self, out):
+        self.outgoing.pop(out.machine_id, None)
+        self.finished[out.machine_id] = out.status()
+
+    def _incoming_ended(self, inc):
+        self.incoming.pop(inc.machine_id, None)
+        self.finished[inc.machine_id] = inc.status()
+        for vid in inc.volume_ids:
+            self.volumes.release(vid, inc.machine_id)
+            try:
+                self.volumes.delete(vid)
+            except Exception as e:
+                log.warn("volume {v}: the blank copy of an incoming migration could not be "
+                         "deleted: {e}", v=vid, e=_message(e))
+        if self.images is not None:
+            for d in inc.digests:
+                self.images.unpin(d)
+
+    # -- procedures --
+
+    @wamp.register("live.facts")
+    def facts(self):
+        """
+        @return: C{{"live": bool, "reason", "cpu_model", "machine_type", "accel"}} (the
+            driver's L{ILiveMigration.migration_facts}; C{live} false with a reason where
+            the driver cannot migrate).
+        """
+        if not ILiveMigration.providedBy(self.driver):
+            return {"live": False, "reason": f"the {self.driver.name} driver cannot migrate "
+                    "live", "cpu_model": None, "machine_type": None, "accel": None}
+        return self.driver.migration_facts()
+
+    @wamp.register("live.describe")
+    def describe(self, machine_id):
+        """
+        What a target needs to prepare for machine C{machine_id}: C{{"volumes": {volume id:
+        size in bytes}, "facts": ...}}.
+
+        @raise NotFound: no such machine here.
+        """
+        check_id(machine_id)
+        spec = self._driver_spec(machine_id)
+        return {"volumes": {v["id"]: os.path.getsize(v["path"]) for v in spec["volumes"]},
+                "facts": self.facts()}
+
+    def _driver_spec(self, machine_id):
+        status = self.driver.status(machine_id)  # NotFound for an unknown machine
+        path = os.path.join(os.path.dirname(status["console"]), "spec.json")
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            spec = getattr(self.driver, "host", None)
+            if spec is not None:  # the fake driver keeps its specs in memory
+                return spec.machines[machine_id]["spec"]
+            raise NotFound(f"machine {machine_id}: its spec is not recorded") from None
+
+    @wamp.register("live.prepare")
+    def prepare(self, machine_id, spec, volumes, source):
+        """
+        Target: prepare to receive machine C{machine_id} live from host C{source}.
+
+        @param spec: the machine's driver-level spec on the source, less its local paths:
+            C{{"kernel", "initrd", "disk", "disk_format", "firmware", "cmdline", "vcpus",
+            "memory_mb", "volumes": [{"id"}], "forwards", "cloud_init", "nic"}}; C{kernel},
+            C{initrd} and C{disk} are paths on this host (the caller resolves the image
+            here first, as for a start).
+        @param volumes: C{{volume id: size in bytes}} (from the source's C{live.describe}).
+        @return: C{{"host", "nbd_port", "migration_port", "exports"}} for the source.
+        @raise Conflict: a volume is here already. @raise Unavailable: no live migration
+            here (driver, no certificate).
+        """
+        return ensureDeferred(self._prepare(machine_id, spec, volumes, source))
+
+    async def _prepare(self, machine_id, spec, volumes, source):
+        check_id(machine_id)
+        check_id(source, "source host id")
+        drv = self._live_driver()
+        if not isinstance(spec, dict):
+            raise InvalidArgument("spec must be a machine spec")
+        if not isinstance(volumes, dict) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s > 0
+                for s in volumes.values()):
+            raise InvalidArgument("volumes must map each volume id to its size in bytes")
+        if machine_id in self.incoming:
+            raise Conflict(f"machine {machine_id} is being received already")
+        for vid in volumes:
+            check_id(vid, "volume id")
+            if self.volumes.exists(vid):
+                raise Conflict(f"volume {vid} is on this host already")
+        listed = [v.get("id") for v in spec.get("volumes") or ()]
+        if sorted(listed) != sorted(volumes):
+            raise InvalidArgument("spec.volumes and volumes name different volumes")
+        tls = self.tls_for(source)
+        created = []
+        try:
+            vols = []
+            for v in spec.get("volumes") or ():
+                path = self.volumes.path(v["id"])
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    os.ftruncate(fd, volumes[v["id"]])
+                finally:
+                    os.close(fd)
+                created.append(v["id"])
+                self.volumes.claim(v["id"], machine_id)
+                vols.append(dict(v, path=path))
+            dspec = dict(spec, id=machine_id, volumes=vols)
+            where = await drv.start_incoming(dspec, self.listen(), tls)
+        except BaseException:
+            for vid in created:
+                self.volumes.release(vid, machine_id)
+                try:
+                    os.unlink(self.volumes.path(vid))
+                except OSError:
+                    pass
+            raise
+        inc = _Incoming(self, machine_id, source, created, [])
+        self.incoming[machine_id] = inc
+        self.finished.pop(machine_id, None)
+        inc.watch()
+        return where
+
+    @wamp.register("live.migrate", options=RegisterOptions(details_arg="details"))
+    def migrate(self, machine_id, target_host, target, policy=None, details=None):
+        """
+        Source: move machine C{machine_id} live to host C{target_host}, whose
+        C{live.prepare} answered C{target}.
+
+        A caller that asks for progressive results is told how it goes (at most one every
+        0.5 s, none during the pause): C{{"machine_id", "phase" (mirroring, migrating,
+        switching, rolling_back, completed), "mirror": {"done", "total", "rate"}, "ram":
+        {"transferred", "remaining", "total", "mbps", "passes"}, "elapsed", "finished"}}.
+
+        @param policy: see L{DEFAULT_POLICY}.
+        @return: C{{"downtime_ms" (the pause QEMU reports), "total_ms", "setup_ms",
+            "elapsed", "mirror_seconds", "ram", "mirror", "postcopy"}} once the migration
+            completed (the source is then paused for good).
+        @raise Unavailable: it was rolled back (the reason says why): the machine runs on
+            here, untouched. @raise Conflict: it failed after the switchover began (see the
+            module docstring), or a migration of it is under way.
+        """
+        try:
+            check_id(machine_id)
+            check_id(target_host, "target host id")
+            policy = check_policy(policy)
+            self._live_driver()
+            if machine_id in self.outgoing:
+                raise Conflict(f"machine {machine_id} is being migrated already")
+            self.driver.status(machine_id)
+        except Exception as e:
+            d = Deferred()
+            d.errback(e)
+            return d
+        announce = getattr(details, "progress", None)
+        out = _Outgoing(self, machine_id, target_host, target, policy, announce)
+        self.outgoing[machine_id] = out
+        self.finished.pop(machine_id, None)
+        try:
+            return out.start()
+        except Exception:
+            self.outgoing.pop(machine_id, None)
+            raise
+
+    @wamp.register("live.cancel")
+    def cancel(self, machine_id):
+        """
+        Give up a migration of C{machine_id}: on the source, roll it back (it runs on);
+        on the target, destroy the incoming machine and its blank volumes (not once it
+        resumed: C{Conflict}). A source left paused by a failed switchover (C{uncertain})
+        is resumed: call this only once the target said it did not resume.
+
+        @return: a Deferred firing with C{{"cancelled": True}}.
+        """
+        check_id(machine_id)
+        out = self.outgoing.get(machine_id)
+        if out is not None:
+            d = Deferred()
+            out.result.addBoth(lambda r: (d.callback({"cancelled": True}), r)[1])
+            out.machine.cancel("cancelled by the caller")
+            out.result.addErrback(lambda f: None)
+            return d
+        inc = self.incoming.get(machine_id)
+        if inc is not None:
+            if inc.machine.state in ("resuming", "resumed", "stuck"):
+                raise Conflict(f"machine {machine_id} resumed here: it is no longer a "
+                               "migration to cancel")
+            inc.machine.abort("cancelled by the caller")
+            return maybeDeferred(lambda: inc.destroyed).addCallback(
+                lambda _: {"cancelled": True})
+        return maybeDeferred(self._live_driver().cancel_migration, machine_id).addCallback(
+            lambda _: {"cancelled": True})
+
+    @wamp.register("live.status")
+    def status(self, machine_id):
+        """
+        @return: C{{"role": "source"|"target"|None, "state": the machine's state (or the
+            last outcome's), "why", ...}} and the hypervisor's C{migration_status}.
+        """
+        return ensureDeferred(self._status(machine_id))
+
+    async def _status(self, machine_id):
+        check_id(machine_id)
+        out = {"role": None, "state": None}
+        if machine_id in self.outgoing:
+            out.update(self.outgoing[machine_id].status(), role="source")
+        elif machine_id in self.incoming:
+            out.update(self.incoming[machine_id].status(), role="target")
+        elif machine_id in self.finished:
+            out.update(self.finished[machine_id])
+        try:
+            out["hypervisor"] = await self._live_driver().migration_status(machine_id)
+        except (NotFound, Conflict):
+            out["hypervisor"] = None
+        return out
+
+    @wamp.register("live.hashes")
+    def hashes(self, volume_id):
+        """
+        Source: the block hashes of a volume (its frozen image, once the migration
+        completed): C{{"size", "block", "hashes": bytes}} (L{HASH_BYTES} per block).
+        """
+        check_id(volume_id, "volume id")
+        path = self.volumes.existing_path(volume_id)
+        return deferToThread(_hashes, path)
+
+    @wamp.register("live.verify")
+    def verify(self, machine_id, volume_id, hashes):
+        """
+        Target: check the volume against the source's frozen image: every block where they
+        differ must lie in the dirty bitmap kept since the guest resumed here.
+
+        @param hashes: the source's C{live.hashes(volume_id)}.
+        @return: C{{"ok": True, "blocks", "dirty_blocks", "differing_blocks"}}.
+        @raise Corrupt: a block differs outside the bitmap (logged as an error, with the
+            blocks): the target's copy is not the source's.
+        """
+        return ensureDeferred(self._verify(machine_id, volume_id, hashes))
+
+    async def _verify(self, machine_id, volume_id, hashes):
+        check_id(machine_id)
+        check_id(volume_id, "volume id")
+        if not isinstance(hashes, dict) or not isinstance(hashes.get("hashes"), bytes | str):
+            raise InvalidArgument("hashes must be the source's live.hashes answer")
+        src = hashes["hashes"]
+        if isinstance(src, str):
+            src = bytes.fromhex(src)
+        if hashes.get("block") != VERIFY_BLOCK:
+            raise InvalidArgument(f"hashes.block must be {VERIFY_BLOCK}")
+        path = self.volumes.existing_path(volume_id)
+        drv = self._live_driver()
+        result = None
+        for _attempt in range(2):
+            # The image first, the bitmap after: the bitmap only grows, so a block written
+            # while the image is read is in the bitmap read after it.
+            mine = await deferToThread(_hashes, path)
+            extents = await drv.dirty_extents(machine_id, volume_id)
+            result = _compare(src, hashes.get("size"), mine, extents)
+            if result["ok"]:
+                break
+        if not result["ok"]:
+            log.error("VERIFICATION FAILED: machine {id} volume {v} on {h}: {n} block(s) of "
+                      "{b} bytes differ from the source's frozen image outside the dirty "
+                      "bitmap (first: {first})", id=machine_id, v=volume_id, h=self.host_id,
+                      n=len(result["bad_blocks"]), b=VERIFY_BLOCK,
+                      first=result["bad_blocks"][:10])
+            raise Corrupt(f"machine {machine_id} volume {volume_id}: "
+                          f"{len(result['bad_blocks'])} block(s) differ from the source's "
+                          f"frozen image outside the target's dirty bitmap (blocks "
+                          f"{result['bad_blocks'][:10]}); keep the source's image")
+        return result
+
+
+def _hashes(path):
+    size, hashes = file_blockmap(path, VERIFY_BLOCK)
+    return {"size": size, "block": VERIFY_BLOCK,
+            "hashes": b"".join(h[:HASH_BYTES] for h in hashes)}
+
+
+def _compare(src, src_size, mine, extents):
+    if src_size != mine["size"] or len(src) != len(mine["hashes"]):
+        return {"ok": False, "bad_blocks": ["size"], "blocks": 0, "dirty_blocks": 0,
+                "differing_blocks": 0}
+    n = len(src) // HASH_BYTES
+    a = [src[i * HASH_BYTES:(i + 1) * HASH_BYTES] for i in range(n)]
+    b = [mine["hashes"][i * HASH_BYTES:(i + 1) * HASH_BYTES] for i in range(n)]
+    bad = compare_blocks(a, b, extents)
+    differing = sum(1 for x, y in zip(a, b, strict=True) if x != y)
+    dirty = sum(1 for i in range(n) if _covered(i, VERIFY_BLOCK, extents))
+    return {"ok": not bad, "bad_blocks": bad, "blocks": n, "dirty_blocks": dirty,
+            "differing_blocks": differing}
 
 
 def _covered(index, block, extents):
@@ -22,25 +1101,21 @@ def compare_blocks(source_hashes, target_hashes, extents, block=VERIFY_BLOCK):
 
     @return: a list of block indices (empty: the verification passes).
     """
-    bad = []
     if len(source_hashes) != len(target_hashes):
         return list(range(max(len(source_hashes), len(target_hashes))))
-    for i, (a, b) in enumerate(zip(source_hashes, target_hashes, strict=True)):
-        if a != b and not _covered(i, block, extents):
-            bad.append(i)
-    return bad
-
-
-def image_hashes(path, block=VERIFY_BLOCK):
-    """Blocking: the size and per-block hashes (holes hash as zeros) of an image file."""
-    return file_blockmap(path, block)
+    return [i for i, (a, b) in enumerate(zip(source_hashes, target_hashes, strict=True))
+            if a != b and not _covered(i, block, extents)]
 
 
 async def verify_images(reactor, source_path, target_path, extents, block=VERIFY_BLOCK):
     """Compare two local images (tests, benchmarks); see L{compare_blocks}."""
     (size_a, a), (size_b, b) = await deferToThread(
-        lambda: (image_hashes(source_path, block), image_hashes(target_path, block)))
+        lambda: (file_blockmap(source_path, block), file_blockmap(target_path, block)))
     bad = compare_blocks(a, b, extents, block) if size_a == size_b else ["size"]
     return {"ok": not bad, "bad_blocks": bad[:100], "blocks": len(a),
             "dirty_blocks": sum(1 for i in range(len(b)) if _covered(i, block, extents)),
-            "size": os.path.getsize(target_path)}
+            "size": size_b}
+
+
+__all__ = ["LiveMigrations", "SourceMigration", "TargetMigration", "check_policy",
+           "verify_images", "compare_blocks", "volume_serial"]

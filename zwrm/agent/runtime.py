@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from zwrm import pki, plugins
 from zwrm.agent.executor import Executor
 from zwrm.agent.images import ImageCache
+from zwrm.agent.live import LiveMigrations
 from zwrm.agent.transfer import VolumeTransfers
 from zwrm.agent.volumes import VolumeStore
 from zwrm.errors import Unavailable
@@ -46,6 +47,8 @@ class HostRuntime:
         self.reactor = reactor
         self.config = config
         self.executor = None
+        #: The live-migration procedures (zwrm.agent.live), registered beside the executor.
+        self.live = None
         self.transfers = None
         self.cache = None
         self._pool = None
@@ -91,6 +94,12 @@ class HostRuntime:
                                      self.report, images=self.cache,
                                      data_dir=self.config.data_dir,
                                      network=_network(self.reactor, host_id, self.config))
+            tls_dir = os.path.join(self.config.data_dir, pki.AGENT_TLS_DIR)
+            self.live = LiveMigrations(
+                self.reactor, host_id, self.driver, self.volumes,
+                credentials=lambda: pki.HostCredentials.load(tls_dir),
+                # The address other hosts reach this one at: the volume endpoint's.
+                listen=lambda: self.executor.transfer_host, images=self.cache)
             recovered = await self.executor.recover()
             self.log.info("executor ready for host {host_id}; recovered {n} machine(s)",
                           host_id=host_id, n=len(recovered or ()))

@@ -618,6 +618,8 @@ class AgentService(service.Service):
                 executors.append(
                     await self.runtime.attach(host_id, self.identity.credential, session,
                                               registry_url=info.get("registry_url")))
+                if getattr(self.runtime, "live", None) is not None:
+                    executors.append(self.runtime.live)  # live.* (zwrm.agent.live)
             for executor in executors:
                 await session.register(executor, prefix=f"zwrm.agent.{host_id}.")
             result = await session.call("zwrm.agent.register", self.facts())

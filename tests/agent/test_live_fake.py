@@ -1,0 +1,223 @@
+"""
+The agent's live-migration procedures (L{zwrm.agent.live.LiveMigrations}) with the fake
+driver on a L{task.Clock}: the source and target machines driven by the driver's events,
+progressive results, the convergence policy and rollbacks. The same with real QEMU:
+tests/agent/test_live.py.
+"""
+
+import os
+import shutil
+import tempfile
+import types
+
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from zwrm.agent.live import LiveMigrations, check_policy
+from zwrm.agent.volumes import VolumeStore
+from zwrm.drivers.fake import FakeDriver, FakeHost
+from zwrm.drivers.fake_live import FakeNetwork
+from zwrm.errors import Conflict, Corrupt, InvalidArgument, NotFound, Unavailable
+from zwrm.pki import HostCredentials
+from zwrm.pki.ca import CertificateAuthority
+
+SIZE = 4 * 1024 * 1024
+
+
+def credentials(ca, host_id):
+    cert, key = ca.issue_host(host_id)
+    return HostCredentials(ca.certificate_pem, cert, key)
+
+
+class Hosts:
+    """Two agents (host-a runs m1 with volume v1; host-b is empty) on one clock."""
+
+    def __init__(self, testcase, clock, converges=True, peer=None):
+        self.dir = tempfile.mkdtemp(prefix="zwrm-live-agent-")
+        testcase.addCleanup(shutil.rmtree, self.dir, True)
+        ca = CertificateAuthority.create()
+        net = FakeNetwork()
+        self.clock = clock
+        self.kernel = os.path.join(self.dir, "vmlinuz")
+        with open(self.kernel, "wb") as f:
+            f.write(b"kernel")
+        self.agents = {}
+        for h in ("host-a", "host-b"):
+            host = FakeHost()
+            host.live_converges = converges
+            drv = FakeDriver(clock, os.path.join(self.dir, h, "machines"), host=host,
+                             network=net)
+            vols = VolumeStore(reactor, os.path.join(self.dir, h, "volumes"))
+            creds = credentials(ca, h)
+            self.agents[h] = LiveMigrations(clock, h, drv, vols, lambda c=creds: c,
+                                            lambda: "127.0.0.1")
+        self.a, self.b = self.agents["host-a"], self.agents["host-b"]
+        path = self.a.volumes.path("v1")
+        with open(path, "wb") as f:
+            f.write(b"data" * 1000)
+            f.truncate(SIZE)
+        self.a.driver.start(self.spec("m1", [{"id": "v1", "path": path}]))
+        clock.advance(0)
+
+    def spec(self, mid, volumes):
+        return {"id": mid, "kernel": self.kernel, "initrd": None, "disk": None,
+                "cmdline": "console=ttyS0", "vcpus": 1, "memory_mb": 128,
+                "volumes": volumes, "forwards": []}
+
+    def prepare(self, source="host-a"):
+        desc = self.a.describe("m1")
+        d = self.b.prepare("m1", self.spec("m1", [{"id": "v1"}]), desc["volumes"], source)
+        return self.settle(d)
+
+    def settle(self, d, steps=20000, step=0.01):
+        out = []
+        d.addBoth(out.append)
+        for _ in range(steps):
+            if out:
+                break
+            self.clock.advance(step)
+        assert out, "did not fire"
+        if hasattr(out[0], "raiseException"):
+            out[0].raiseException()
+        return out[0]
+
+
+class LiveProceduresTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+
+    def test_migrate_moves_the_machine_with_progress(self):
+        hosts = Hosts(self, self.clock)
+        where = hosts.prepare()
+        self.assertEqual(sorted(where), ["exports", "host", "migration_port", "nbd_port"])
+        hosts.a.driver.guest_write_file("m1", "before", b"before")
+        announced = []
+        # RAM passes of a second each (the fake's bandwidth limit): announced as they go.
+        d = hosts.a.migrate("m1", "host-b", where, {"mirror_speed": SIZE,
+                                                     "max_bandwidth": 10 ** 6},
+                            details=types.SimpleNamespace(progress=announced.append))
+        result = hosts.settle(d)
+        self.assertIsInstance(result["downtime_ms"], int)
+        self.assertEqual(result["target"], "host-b")
+        phases = [p["phase"] for p in announced]
+        self.assertEqual(phases[0], "mirroring")
+        ram = [p["ram"]["passes"] for p in announced if p["phase"] == "migrating"]
+        self.assertTrue(ram, phases)
+        self.assertEqual(ram, sorted(ram))
+        self.assertEqual((phases[-1], announced[-1]["finished"]), ("completed", True))
+        self.clock.advance(1)
+        self.assertEqual(hosts.b.incoming["m1"].machine.state, "resumed")
+        self.assertEqual(hosts.b.driver.guest_read_file("m1", "before"), b"before")
+        st = hosts.settle(hosts.a.status("m1"))
+        self.assertEqual((st["state"], st["hypervisor"]["runstate"]), ("completed", "postmigrate"))
+        st = hosts.settle(hosts.b.status("m1"))
+        self.assertEqual((st["role"], st["state"]), ("target", "resumed"))
+        # Nothing is left on the clock once both sides are done.
+        self.assertEqual(hosts.a.outgoing, {})
+        with self.assertRaises(Conflict):
+            hosts.settle(hosts.b.cancel("m1"))
+
+    def test_target_killed_during_the_mirror_rolls_back(self):
+        hosts = Hosts(self, self.clock)
+        where = hosts.prepare()
+        d = hosts.a.migrate("m1", "host-b", where, {"mirror_speed": SIZE // 4})
+        self.clock.advance(0.5)
+        hosts.b.driver.crash("m1")
+        with self.assertRaises(Unavailable) as cm:
+            hosts.settle(d)
+        self.assertIn("rolled back", cm.exception.message)
+        self.assertIn("runs on here", cm.exception.message)
+        st = hosts.settle(hosts.a.driver.migration_status("m1"))
+        self.assertEqual((st["runstate"], st["mirrors"]), ("running", []))
+        # The target's blank copy is gone.
+        self.clock.advance(1)
+        self.assertFalse(hosts.b.volumes.exists("v1"))
+        self.assertEqual(hosts.b.incoming, {})
+
+    def test_a_guest_that_never_converges_gives_up_at_the_deadline(self):
+        hosts = Hosts(self, self.clock, converges=False)
+        where = hosts.prepare()
+        d = hosts.a.migrate("m1", "host-b", where, {"mirror_speed": SIZE, "deadline": 5})
+        with self.assertRaises(Unavailable) as cm:
+            hosts.settle(d)
+        self.assertIn("did not converge within 5 s", cm.exception.message)
+        st = hosts.settle(hosts.a.driver.migration_status("m1"))
+        self.assertEqual((st["runstate"], st["migration"]), ("running", "cancelled"))
+        self.clock.advance(1)
+        self.assertFalse(hosts.b.volumes.exists("v1"))
+
+    def test_postcopy_when_allowed(self):
+        hosts = Hosts(self, self.clock, converges=False)
+        where = hosts.prepare()
+        d = hosts.a.migrate("m1", "host-b", where, {"mirror_speed": SIZE, "deadline": 5,
+                                                     "postcopy": True})
+        result = hosts.settle(d)
+        self.assertTrue(result["postcopy"])
+        self.clock.advance(1)
+        self.assertEqual(hosts.b.incoming["m1"].machine.state, "resumed")
+
+    def test_cancel_during_the_mirror(self):
+        hosts = Hosts(self, self.clock)
+        where = hosts.prepare()
+        d = hosts.a.migrate("m1", "host-b", where, {"mirror_speed": SIZE // 8})
+        d.addErrback(lambda f: f.trap(Unavailable))
+        self.clock.advance(0.2)
+        self.assertEqual(hosts.settle(hosts.a.cancel("m1")), {"cancelled": True})
+        self.assertEqual(hosts.a.driver.status("m1")["state"], "running")
+        self.assertEqual(hosts.settle(hosts.b.cancel("m1")), {"cancelled": True})
+        self.assertFalse(hosts.b.volumes.exists("v1"))
+        self.assertRaises(NotFound, hosts.b.driver.status, "m1")
+
+    def test_wrong_source_is_refused(self):
+        hosts = Hosts(self, self.clock)
+        where = hosts.prepare(source="host-c")
+        with self.assertRaises(Unavailable) as cm:
+            hosts.settle(hosts.a.migrate("m1", "host-b", where, {"mirror_speed": SIZE}))
+        self.assertIn("refused", cm.exception.message)
+        self.assertEqual(hosts.a.driver.status("m1")["state"], "running")
+
+    def test_bad_arguments(self):
+        hosts = Hosts(self, self.clock)
+        for policy, key in (({"speed": 1}, "unknown policy key"), ({"deadline": 0}, "deadline"),
+                            ({"postcopy": "yes"}, "postcopy")):
+            with self.assertRaises(InvalidArgument) as cm:
+                check_policy(policy)
+            self.assertIn(key, cm.exception.message)
+        with self.assertRaises(InvalidArgument):
+            hosts.settle(hosts.a.migrate("m1", "bad host!", {}, None))
+        with self.assertRaises(InvalidArgument):
+            hosts.settle(hosts.b.prepare("m1", hosts.spec("m1", [{"id": "v1"}]),
+                                         {"v1": -1}, "host-a"))
+        with self.assertRaises(InvalidArgument):
+            hosts.settle(hosts.b.prepare("m1", hosts.spec("m1", [{"id": "v1"}]),
+                                         {"v2": 10}, "host-a"))
+        with self.assertRaises(Conflict):  # the volume is here already
+            hosts.settle(hosts.a.prepare("m9", hosts.spec("m9", [{"id": "v1"}]),
+                                         {"v1": SIZE}, "host-b"))
+        self.assertEqual(hosts.b.volumes.list(), [])
+
+
+class VerifyTests(TestCase):
+    """live.hashes on the source and live.verify on the target (threads: the real reactor)."""
+
+    async def test_verify_passes_and_catches_a_corrupted_block(self):
+        clock = Clock()
+        hosts = Hosts(self, clock)
+        where = hosts.prepare()
+        hosts.a.driver.guest_write_file("m1", "before", b"b" * 5000)
+        hosts.settle(hosts.a.migrate("m1", "host-b", where, {"mirror_speed": SIZE}))
+        clock.advance(1)
+        hosts.b.driver.guest_write_file("m1", "after", b"a" * 5000)
+        frozen = await hosts.a.hashes("v1")
+        result = await hosts.b.verify("m1", "v1", frozen)
+        self.assertTrue(result["ok"])
+        self.assertEqual(result["differing_blocks"], 1)
+        self.assertEqual(result["dirty_blocks"], 1)
+        with open(hosts.b.volumes.path("v1"), "r+b") as f:
+            f.seek(SIZE - 100)
+            f.write(b"corrupt")
+        with self.assertRaises(Corrupt) as cm:
+            await hosts.b.verify("m1", "v1", frozen)
+        self.assertIn("outside the target's dirty bitmap", cm.exception.message)
+        self.flushLoggedErrors()
