@@ -233,11 +233,15 @@ class SocketLimitTests(_SocketBase):
     limits = RouterLimits(max_message_size=64 * 1024, max_outgoing_queue=64 * 1024)
 
     @defer.inlineCallbacks
-    def join(self, authid="op", ticket="op-ticket", serializer="json"):
-        port = self.ports[("websocket", False)].getHost().port
+    def join(self, authid="op", ticket="op-ticket", serializer="json", kind="websocket"):
+        port = self.ports[(kind, False)].getHost().port
         joined = defer.Deferred()
-        factory = QuietClientFactory(lambda: Joined(authid, ticket, joined),
-                                     url=f"ws://127.0.0.1:{port}/ws", serializers=make_serializers([serializer]))
+        if kind == "websocket":
+            factory = QuietClientFactory(lambda: Joined(authid, ticket, joined),
+                                         url=f"ws://127.0.0.1:{port}/ws", serializers=make_serializers([serializer]))
+        else:
+            factory = WampRawSocketClientFactory(lambda: Joined(authid, ticket, joined),
+                                                 serializer=make_serializers([serializer])[0])
         proto = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
         session = yield joined.addTimeout(TIMEOUT, reactor)
         self.addCleanup(self._closed, proto)
@@ -295,15 +299,15 @@ class SocketLimitTests(_SocketBase):
 
 
     @defer.inlineCallbacks
-    def test_closed_websocket_session_is_freed_by_reference_counting(self):
+    def check_freed(self, kind):
         for serializer in ("json", "msgpack"):
-            s, proto = yield self.join("op", serializer=serializer)
+            s, proto = yield self.join("op", serializer=serializer, kind=kind)
             yield s.subscribe(lambda *a: None, "test.t")
             yield s.register(lambda x: x, "test.echo")
             self.assertEqual((yield s.call("test.echo", 5)), 5)
             rs = self.router.get_session(s._session_id)
             session_ref, protocol_ref = weakref.ref(rs), weakref.ref(rs.transport)
-            tcp_ref = weakref.ref(rs.transport.transport)  # also held by the HTTP request it came in
+            tcp_ref = weakref.ref(rs.transport.transport)  # (WebSocket) also held by the HTTP request it came in
             del rs
             gc.collect()
             gc.disable()
@@ -312,13 +316,45 @@ class SocketLimitTests(_SocketBase):
                 yield self.poll(lambda: self.router.session_count() == 0)
                 yield task.deferLater(reactor, 0, lambda: None)
                 # freed without the cycle collector: the router's session, the server's
-                # WebSocket protocol, and the connection with the HTTP objects it came in
+                # protocol, and the connection (with the HTTP objects a WebSocket came in)
                 self.assertIsNone(session_ref())
                 self.assertIsNone(protocol_ref())
                 self.assertIsNone(tcp_ref())
+                # and nothing else of the server's side waits in a cycle
+                self.assertEqual(_server_side_cyclic_garbage(), [])
             finally:
                 gc.enable()
             del s, proto
+
+    def test_closed_websocket_session_is_freed_by_reference_counting(self):
+        return self.check_freed("websocket")
+
+    def test_closed_rawsocket_session_is_freed_by_reference_counting(self):
+        return self.check_freed("rawsocket")
+
+
+def _server_side_cyclic_garbage():
+    """
+    What a full collection finds unreachable of the server's side of a connection: the
+    router's and its transports' objects, Twisted's server connections and HTTP objects, and
+    autobahn objects that hang off them (the clients in this process leave their own cycles,
+    which do not count).
+    """
+    from twisted.internet.tcp import Server
+    from twisted.web.http import HTTPChannel, Request
+
+    from zwrm.wamp import router as router_module
+    from zwrm.wamp import transport as transport_module
+
+    server_types = (Server, HTTPChannel, Request, router_module.RouterSession,
+                    transport_module.WampWebSocketServerProtocol, transport_module.WampRawSocketServerProtocol)
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        return [repr(o)[:120] for o in gc.garbage if isinstance(o, server_types)]
+    finally:
+        gc.set_debug(0)
+        del gc.garbage[:]
 
 
 class ListenerServiceTests(unittest.TestCase):

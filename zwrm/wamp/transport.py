@@ -370,6 +370,13 @@ class WampRawSocketServerProtocol(_rawsocket.WampRawSocketServerProtocol):
                 except Exception:
                     pass
 
+    def connectionLost(self, reason):
+        _rawsocket.WampRawSocketServerProtocol.connectionLost(self, reason)
+        # autobahn resolves is_closed with the protocol itself: a reference cycle that
+        # would keep every closed connection (and its TCP transport) for the cycle collector
+        if self.is_closed.called:
+            self.is_closed = defer.succeed(None)
+
     _codec = None
 
     def stringReceived(self, payload):
