@@ -232,3 +232,17 @@ class KernelIngressTests(TestCase):
         out = await self.runs["h1"]("conntrack", "-L", "-p", "tcp", "--reply-src", address,
                                     check=False)
         return address in out
+
+    async def test_a_kernel_that_refuses_the_forwarding_keeps_isolation_and_the_proxy(self):
+        hn = self.hosts["h1"]
+        good = hn._forward_rules
+        self.patch(hn, "_forward_rules",
+                   lambda: good() + (["tcp dport 1 numgen nonsense"] if hn.forwards else []))
+        await self.publish()
+        self.assertEqual(hn.forwards, {})
+        self.assertFalse(hn.kernel_forwarding)
+        self.assertFalse(hn.can_forward([("10.80.1.2", GUEST_PORT)]))
+        rules = await self.runs["h1"]("nft", "list", "ruleset")
+        self.assertIn("chain guest_out", rules)  # isolation applied
+        self.assertNotIn("dnat ip to", rules)
+        self.assertEqual(self.agent.ingress.ports(), [self.port])  # the proxy has the port

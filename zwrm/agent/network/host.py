@@ -128,6 +128,8 @@ class HostNetwork:
                  port=DEFAULT_PORT, deny=(), uid=None, gid=None, drain_timeout=30.0):
         self.reactor = reactor
         self.drain_timeout = drain_timeout
+        #: false once nftables refused the forwarding: the proxy serves every port
+        self.kernel_forwarding = True
         #: kernel-forwarded published ports: port -> [(replica address, its port)]
         self.forwards = {}
         self._cuts = {}  # (port, address, replica port) -> the drain timeout's call
@@ -194,7 +196,8 @@ class HostNetwork:
         forwarded by the kernel: this host has a public (non-loopback) address, its bridge
         is up and every replica is on the cluster network.
         """
-        if not self._ready or not self.local_address or not backends:
+        if (not self.kernel_forwarding or not self._ready or not self.local_address
+                or not backends):
             return False
         if ipaddress.IPv4Address(self.local_address).is_loopback:
             return False
@@ -490,6 +493,13 @@ table inet zwrm {{
         try:
             await self.run("nft", "-f", path)
         except CommandFailed as e:
+            if self.forwards:
+                # Isolation first: without the forwarding (this kernel lacks a part of
+                # it), the proxy, which listens on the ports too, serves them.
+                self.log.error("nftables rejected the published ports' forwarding ({e}); "
+                               "the proxy serves them", e=e.message)
+                self.kernel_forwarding, self.forwards = False, {}
+                return await self._apply_rules()
             self.log.error("nftables rejected the ruleset {path}: {e}", path=path, e=e.message)
             raise
 
