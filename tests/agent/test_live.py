@@ -1,0 +1,180 @@
+"""
+Live migration between two agents' procedures (L{zwrm.agent.live.LiveMigrations}) with real
+QEMU under TCG on loopback, TLS with the hosts' certificates from one cluster CA: a guest
+written to over HTTP while it moves, every acknowledged write on the target, the volume
+verified against the source's frozen image, the source left paused; and the target killed
+during the RAM migration, which leaves the source running untouched.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import types
+
+import pytest
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from zwrm.agent.live import LiveMigrations
+from zwrm.agent.volumes import VolumeStore
+from zwrm.drivers.qemu import QemuDriver
+from zwrm.errors import Unavailable
+from zwrm.pki import HostCredentials
+from zwrm.pki.ca import CertificateAuthority
+from zwrm.testing import image
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spec(volumes):
+    img = image.build()
+    return {"kernel": img.kernel, "initrd": img.initrd, "disk": None,
+            "cmdline": f"{img.cmdline} zwrm.vol=v1:/data", "vcpus": 1, "memory_mb": 128,
+            "volumes": volumes, "forwards": [{"guest": 8080, "host": _free_port()}]}
+
+
+async def _post(port, name, body, timeout=5.0):
+    try:
+        r = await treq.post(f"http://127.0.0.1:{port}/cgi-bin/write?{name}", body).addTimeout(
+            timeout, reactor)
+        return r.code == 200 and (await r.content()).strip() == b"ok"
+    except Exception:
+        return False
+
+
+async def _get(port, name):
+    r = await treq.get(f"http://127.0.0.1:{port}/cgi-bin/read?{name}").addTimeout(20, reactor)
+    return await r.content()
+
+
+@pytest.mark.qemu
+class LiveAgentsTests(TestCase):
+    timeout = 240
+
+    async def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="zwrm-live-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        ca = CertificateAuthority.create()
+        self.agents = {}
+        for h in ("host-a", "host-b"):
+            drv = QemuDriver(reactor, os.path.join(self.dir, h, "machines"), accel="tcg",
+                             stop_timeout=5.0)
+            self.addCleanup(self._destroy_all, drv)
+            cert, key = ca.issue_host(h)
+            creds = HostCredentials(ca.certificate_pem, cert, key)
+            vols = VolumeStore(reactor, os.path.join(self.dir, h, "volumes"))
+            self.agents[h] = LiveMigrations(reactor, h, drv, vols, lambda c=creds: c,
+                                            lambda: "127.0.0.1")
+        self.a, self.b = self.agents["host-a"], self.agents["host-b"]
+        await self.a.volumes.create("v1", 64)
+        spec = _spec([{"id": "v1", "path": self.a.volumes.existing_path("v1")}])
+        self.a.volumes.claim("v1", "m1")
+        await self.a.driver.start(dict(spec, id="m1"))
+        self.src_port = spec["forwards"][0]["host"]
+        for _ in range(1800):
+            if image.READY_LINE in await self.a.driver.console("m1"):
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        else:
+            self.fail("the source never became ready")
+
+    async def _destroy_all(self, drv):
+        for mid in drv.list():
+            await drv.destroy(mid)
+
+    async def prepare(self):
+        desc = self.a.describe("m1")
+        self.assertEqual(desc["volumes"], {"v1": 64 * 1024 * 1024})
+        self.assertTrue(desc["facts"]["live"], desc["facts"])
+        spec = _spec([{"id": "v1"}])
+        where = await self.b.prepare("m1", spec, desc["volumes"], "host-a")
+        return where, spec["forwards"][0]["host"]
+
+    async def test_a_written_guest_moves_and_its_volume_verifies(self):
+        self.assertTrue(await _post(self.src_port, "first", b"first write"))
+        where, dst_port = await self.prepare()
+        acked, stop = {}, []
+
+        async def writer():
+            n = 0
+            while not stop:
+                body = f"write {n}".encode()
+                if await _post(self.src_port, f"w-{n}", body, timeout=3.0):
+                    acked[f"w-{n}"] = body
+                n += 1
+
+        writing = Deferred.fromCoroutine(writer())
+        announced = []
+        result = await self.a.migrate(
+            "m1", "host-b", where, {"mirror_speed": 32 * 1024 * 1024},
+            details=types.SimpleNamespace(progress=announced.append))
+        stop.append(True)
+        await writing
+        print(f"\nlive migration: QEMU-reported pause {result['downtime_ms']} ms, total "
+              f"{result['elapsed']} s (mirror {result['mirror_seconds']} s), "
+              f"{len(acked)} writes acknowledged during it")
+        self.assertIsInstance(result["downtime_ms"], int)
+        self.assertGreater(len(acked), 0)
+        phases = [p["phase"] for p in announced]
+        self.assertEqual((phases[0], phases[-1]), ("mirroring", "completed"))
+        self.assertTrue(any(p["mirror"]["total"] for p in announced), announced)
+        # The target resumed by itself (its machine: incoming -> resuming -> resumed).
+        for _ in range(100):
+            if self.b.incoming["m1"].machine.state == "resumed":
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(self.b.incoming["m1"].machine.state, "resumed")
+        # Every acknowledged write is on the target, which takes new ones.
+        self.assertEqual(await _get(dst_port, "first"), b"first write")
+        for name, body in acked.items():
+            self.assertEqual(await _get(dst_port, name), body, name)
+        self.assertTrue(await _post(dst_port, "after", b"on the target"))
+        # The volume: every block that differs from the source's frozen image is one the
+        # target wrote since it resumed.
+        frozen = await self.a.hashes("v1")
+        verified = await self.b.verify("m1", "v1", frozen)
+        self.assertTrue(verified["ok"], verified)
+        self.assertGreater(verified["dirty_blocks"], 0)
+        # The source stays paused until it is destroyed.
+        st = await self.a.status("m1")
+        self.assertEqual((st["state"], st["hypervisor"]["runstate"]), ("completed", "postmigrate"))
+        self.assertFalse(await _post(self.src_port, "late", b"x", timeout=2.0))
+        await self.a.driver.destroy("m1")
+        self.assertEqual(self.a.driver.list(), [])
+
+    async def test_target_killed_during_the_ram_migration_leaves_the_source_running(self):
+        where, _port = await self.prepare()
+        announced = []
+        killed = []
+
+        def progress(p):
+            announced.append(p)
+            if p["phase"] == "migrating" and not killed:
+                killed.append(True)
+                os.kill(self.b.driver.status("m1")["pid"], signal.SIGKILL)
+
+        d = self.a.migrate("m1", "host-b", where, {"mirror_speed": 32 * 1024 * 1024,
+                                                    "max_bandwidth": 2 * 1024 * 1024},
+                           details=types.SimpleNamespace(progress=progress))
+        with self.assertRaises(Unavailable) as cm:
+            await d
+        self.assertTrue(killed)
+        self.assertIn("the machine runs on here", cm.exception.message)
+        st = await self.a.driver.migration_status("m1")
+        self.assertEqual((st["runstate"], st["mirrors"]), ("running", []))
+        self.assertTrue(await _post(self.src_port, "still", b"the source serves"))
+        self.assertEqual(await _get(self.src_port, "still"), b"the source serves")
+        for _ in range(100):
+            if "m1" not in self.b.incoming:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertFalse(self.b.volumes.exists("v1"), "the target's blank copy is left")
