@@ -85,14 +85,34 @@ def _base_python():
     return getattr(sys, "_base_executable", None) or sys.executable
 
 
-def sample_config(doc=DOC):
-    """The Crossbar configuration of docs/wamp-clients.md (the JSON block after its marker)."""
+def sample_config(doc=DOC, marker="crossbar-config"):
+    """
+    A Crossbar configuration of docs/wamp-clients.md: the JSON block after its marker
+    (C{crossbar-config}: plain WebSocket; C{crossbar-config-tls}: TLS with host certificates).
+    """
     with open(doc) as f:
         text = f.read()
-    m = re.search(r"<!-- crossbar-config -->\s*```json\n(.*?)\n```", text, re.S)
+    m = re.search(rf"<!-- {re.escape(marker)} -->\s*```json\n(.*?)\n```", text, re.S)
     if m is None:
-        raise AssertionError(f"{doc} has no ```json block after <!-- crossbar-config -->")
+        raise AssertionError(f"{doc} has no ```json block after <!-- {marker} -->")
     return json.loads(m.group(1))
+
+
+SAMPLE_PKI_DIR = "/var/lib/zwrm/control/pki"
+"""Where the TLS sample configuration reads the certificate files."""
+
+
+def configure_tls(config, client_port, control_port, agent_port, pki_dir):
+    """
+    The TLS sample configuration with its three ports (clients' C{8081}, the control
+    component's C{8082}, agents' C{8083}) and the certificates' directory changed: nothing
+    else.
+    """
+    text = json.dumps(config)
+    for old, new in ((8081, client_port), (8082, control_port), (8083, agent_port)):
+        text = text.replace(f'"port": {old}', f'"port": {new}')
+    text = text.replace(SAMPLE_PKI_DIR + "/", pki_dir.rstrip("/") + "/")
+    return json.loads(text)
 
 
 def configure(config, client_port, control_port):

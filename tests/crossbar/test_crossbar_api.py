@@ -110,6 +110,36 @@ class AuthenticatorTests(TestCase):
                                      "transport": {"peer_cert": server}},
                            "not a zwrm host certificate")
 
+    async def test_tls_transport_details_fit_the_schema(self):
+        """
+        The details Crossbar passes for a TLS transport fit zwrm.crossbar.authenticate's
+        schema (its channel id is bytes) and travel over the control component's first
+        serializer (a certificate's serial number can be 160 bits: too big for MessagePack).
+        """
+        import txaio
+
+        txaio.use_twisted()
+        from autobahn.wamp import message
+        from autobahn.wamp.serializer import CBORSerializer
+
+        from zwrm.control.crossbar import ExternalRouter
+
+        peer = self.cert("h-one")
+        peer["serial"] = 2**159 + 1  # the largest serials X.509 allows are this long
+        details = {"ticket": self.credential, "authmethod": "ticket",
+                   "transport": {"channel_type": "tls", "is_secure": True, "peer_cert": peer,
+                                 "channel_id": {"tls-unique": b"\x01" * 12}}}
+        schema.PROCEDURES["zwrm.crossbar.authenticate"].check(["zwrm", "h-one", details], {})
+        router = ExternalRouter(reactor, "ws://127.0.0.1:1/ws", "zwrm", "control", "t", [])
+        # the subprotocols it offers, in its order of preference
+        self.assertEqual(router.factory.protocols[0], "wamp.2.cbor")
+        first = CBORSerializer()
+        wire, _ = first.serialize(message.Invocation(1, 2, args=["zwrm", "h-one", details]))
+        [back] = first.unserialize(wire)
+        self.assertEqual(back.args[2]["transport"]["peer_cert"]["serial"], 2**159 + 1)
+        self.assertEqual((await self.api.authenticate("zwrm", "h-one", back.args[2]))["authid"],
+                         "h-one")
+
 
 class AuthorizerTests(SynchronousTestCase):
     def setUp(self):

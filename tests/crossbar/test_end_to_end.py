@@ -46,11 +46,18 @@ class CrossbarProcess(ZwrmProcess):
         self.client_url = f"ws://127.0.0.1:{self.client_port}/ws"
         self.control_url = f"ws://127.0.0.1:{self.control_port}/ws"
 
+    def config(self):
+        """The configuration it runs: the docs' sample with its ports changed."""
+        return configure(sample_config(), self.client_port, self.control_port)
+
+    def ports(self):
+        return (self.client_port, self.control_port)
+
     def argv(self):
         cbdir = os.path.join(self.data_dir, ".crossbar")
         os.makedirs(cbdir, exist_ok=True)
         with open(os.path.join(cbdir, "config.json"), "w") as f:
-            json.dump(configure(sample_config(), self.client_port, self.control_port), f)
+            json.dump(self.config(), f)
         return [self.executable, "start", "--cbdir", cbdir, "--loglevel", "info"]
 
     def spawn(self):
@@ -64,7 +71,7 @@ class CrossbarProcess(ZwrmProcess):
     async def start(self, timeout=240):
         """Start and wait (Crossbar starts slowly on a loaded machine) until both ports listen."""
         self.spawn()
-        for port in (self.client_port, self.control_port):
+        for port in self.ports():
             async def listening(port=port):
                 if not self.running:
                     raise RuntimeError(f"crossbar exited:\n{self.log_tail()}")
@@ -87,23 +94,85 @@ async def _connects(port):
     return True
 
 
-@pytest.mark.qemu
-@pytest.mark.multihost
-class BehindCrossbarTests(TestCase):
-    timeout = 900
+class AcceptancePath:
+    """
+    Steps of the acceptance path through a router, shared by the plain and the TLS suites:
+    C{self.url}, C{self.token} and C{self.cli_env} (more environment for the CLI) are set
+    by the scenario.
+    """
 
-    def test_acceptance_path(self):
-        return defer.ensureDeferred(self._scenario())
+    cli_env = None
 
     async def cli(self, *args, timeout=60, ok=(0,)):
         code, out, err = await run_cli(reactor, list(args), self.url, self.token,
-                                       timeout=timeout)
+                                       timeout=timeout, env=self.cli_env)
         self.assertIn(code, ok, f"zwrm {' '.join(args)} failed ({code}): {out} {err}")
         self.assertNotIn("Traceback", err)
         return out
 
     async def hosts(self):
         return {h["id"]: h for h in json.loads(await self.cli("host", "list", "--json"))}
+
+    async def wait_ready(self, host_ids, what):
+        async def all_ready():
+            hosts = await self.hosts()
+            return sorted(hosts) == sorted(host_ids) and all(
+                h["state"] == "ready" for h in hosts.values())
+
+        await poll(reactor, all_ready, 90, interval=1.0, what=what)
+
+    async def push_demo(self, img):
+        """Image push and list (bulk bytes to registry_url, learnt from zwrm.cluster.info)."""
+        await self.cli("images", "push", "demo:1", "--kernel", img.kernel, "--initrd",
+                       img.initrd, "--cmdline", img.cmdline, "--port", "8080", "-q",
+                       timeout=180)
+        self.assertIn("demo:1", await self.cli("images", "list"))
+
+    async def deploy_with_volume(self):
+        """
+        Deploy one replica with a volume (the agent pulls the image from registry_url) and
+        write to the volume.
+
+        @return: C{(machine, known bytes written)}.
+        """
+        await self.cli("apps", "create", "web")
+        app = json.loads(await self.cli(
+            "deploy", "web", "--image", "demo:1", "--replicas", "1", "--memory", "256",
+            "--port", "8080", "--health-http", "/", "--health-grace", "240",
+            "--volume", "data:16:/data", "--wait", "300", "--json", timeout=330))
+        [m] = app["machines"]
+        self.assertEqual((m["state"], m["health"]), ("running", "passing"))
+        known = b"written before the drain " * 8
+        r = await treq.post(f"http://127.0.0.1:{m['host_port']}/cgi-bin/write?index.txt", known,
+                            persistent=False)
+        self.assertEqual(r.code, 200, await r.text())
+        return m, known
+
+    async def drain_and_check(self, src, dst, known, cp):
+        """A drain: the machine and its volume move from C{src} to C{dst}."""
+        out = await self.cli("host", "drain", src, "--min-healthy", "3s",
+                             "--healthy-deadline", "300s", "--json", timeout=500)
+        status = json.loads(out)
+        self.assertEqual(status["state"], "completed", status)
+        app = json.loads(await self.cli("status", "web", "--json"))
+        [new] = app["machines"]
+        self.assertEqual((new["host_id"], new["state"], new["health"]),
+                         (dst, "running", "passing"))
+        page = await (await treq.get(f"http://127.0.0.1:{new['host_port']}/",
+                                     persistent=False)).text()
+        self.assertIn(known.decode(), page)
+        hosts = await self.hosts()
+        self.assertEqual((hosts[src]["state"], hosts[src]["machines"]), ("drained", 0))
+        self.assertNotIn("Traceback", cp.log_tail(2000))
+
+
+@pytest.mark.qemu
+@pytest.mark.multihost
+class BehindCrossbarTests(AcceptancePath, TestCase):
+    timeout = 900
+
+    def test_acceptance_path(self):
+        return defer.ensureDeferred(self._scenario())
 
     async def _scenario(self):
         from zwrm.testing import image
@@ -143,34 +212,12 @@ class BehindCrossbarTests(TestCase):
             self.addCleanup(a.stop)
             await a.start()
         by_id = {a.host_id: a for a in agents}
+        await self.wait_ready(by_id, "both agents ready via Crossbar")
 
-        async def all_ready():
-            hosts = await self.hosts()
-            return sorted(hosts) == sorted(by_id) and all(
-                h["state"] == "ready" for h in hosts.values())
-
-        await poll(reactor, all_ready, 90, interval=1.0, what="both agents ready via Crossbar")
-
-        # image push and list (bulk bytes to registry_url, learnt from zwrm.cluster.info)
-        await self.cli("images", "push", "demo:1", "--kernel", img.kernel, "--initrd",
-                       img.initrd, "--cmdline", img.cmdline, "--port", "8080", "-q",
-                       timeout=180)
-        self.assertIn("demo:1", await self.cli("images", "list"))
-
-        # deploy (the agent pulls the image from registry_url)
-        await self.cli("apps", "create", "web")
-        app = json.loads(await self.cli(
-            "deploy", "web", "--image", "demo:1", "--replicas", "1", "--memory", "256",
-            "--port", "8080", "--health-http", "/", "--health-grace", "240",
-            "--volume", "data:16:/data", "--wait", "300", "--json", timeout=330))
-        [m] = app["machines"]
-        self.assertEqual((m["state"], m["health"]), ("running", "passing"))
+        await self.push_demo(img)
+        m, known = await self.deploy_with_volume()
         src = m["host_id"]
         dst = next(h for h in by_id if h != src)
-        known = b"written before the drain " * 8
-        r = await treq.post(f"http://127.0.0.1:{m['host_port']}/cgi-bin/write?index.txt", known,
-                            persistent=False)
-        self.assertEqual(r.code, 200, await r.text())
 
         # a host goes offline (frozen) and comes back; its session is ended through Crossbar
         by_id[dst].freeze()
@@ -188,17 +235,4 @@ class BehindCrossbarTests(TestCase):
         await poll(reactor, back, 60, interval=1.0, what=f"{dst} ready again")
         self.assertIn("wamp.close.killed", by_id[dst].log_tail(400))
 
-        # a drain: the machine and its volume move to the other host
-        out = await self.cli("host", "drain", src, "--min-healthy", "3s",
-                             "--healthy-deadline", "300s", "--json", timeout=500)
-        status = json.loads(out)
-        self.assertEqual(status["state"], "completed", status)
-        app = json.loads(await self.cli("status", "web", "--json"))
-        [new] = app["machines"]
-        self.assertEqual((new["host_id"], new["state"], new["health"]),
-                         (dst, "running", "passing"))
-        page = await (await treq.get(f"http://127.0.0.1:{new['host_port']}/", persistent=False)).text()
-        self.assertIn(known.decode(), page)
-        hosts = await self.hosts()
-        self.assertEqual((hosts[src]["state"], hosts[src]["machines"]), ("drained", 0))
-        self.assertNotIn("Traceback", cp.log_tail(2000))
+        await self.drain_and_check(src, dst, known, cp)

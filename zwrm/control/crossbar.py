@@ -23,13 +23,14 @@ reserved role name C{trusted}), and registers, besides the control plane's proce
    knows its callers by their authid).  Crossbar caches a decision per (realm, role, URI,
    action), not per authid, so a decision that depends on the authid is never cached.
 
-docs/scaling.md has a Crossbar config that works as it is.
+docs/wamp-clients.md has Crossbar configurations that work as they are (plain WebSocket on
+loopback, and TLS with host certificates), and says what an external router must pass.
 """
 
 from autobahn import wamp
 from autobahn.twisted.websocket import WampWebSocketClientFactory
 from autobahn.wamp.exception import ApplicationError
-from autobahn.wamp.serializer import JsonSerializer, MsgPackSerializer
+from autobahn.wamp.serializer import CBORSerializer, JsonSerializer, MsgPackSerializer
 from twisted.application import internet, service
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -197,10 +198,15 @@ class ExternalRouter(service.MultiService):
         def make_session():
             return RouterControlSession(apis, realm, authid, ticket, self._joined_session)
 
+        # CBOR first: a router's details can hold what MessagePack cannot carry (Crossbar
+        # passes a TLS client certificate's serial number, up to 160 bits, to the
+        # authenticator) and what JSON cannot (a TLS channel id, bytes)
         factory = WampWebSocketClientFactory(
-            make_session, url=url, serializers=[MsgPackSerializer(), JsonSerializer()],
+            make_session, url=url,
+            serializers=[CBORSerializer(), MsgPackSerializer(), JsonSerializer()],
             reactor=reactor)
         factory.noisy = False
+        self.factory = factory
         endpoint = client_endpoint(reactor, url, ca_file)
         self.client = internet.ClientService(
             endpoint, factory, retryPolicy=internet.backoffPolicy(1.0, 15.0), clock=reactor)

@@ -234,12 +234,17 @@ class OneOf(Type):
 
 
 class Json(Type):
-    """Any JSON value, bounded: depth, items per list or mapping, string length, total items."""
+    """
+    Any JSON value, bounded: depth, items per list or mapping, string length, total items.
+    With C{binary}, byte strings too (WAMP's binary values, bounded as strings are).
+    """
 
-    def __init__(self, max_depth=8, max_items=1000, max_string=65536, max_total=20000, what=None):
+    def __init__(self, max_depth=8, max_items=1000, max_string=65536, max_total=20000, what=None,
+                 binary=False):
         self.max_depth, self.max_items = max_depth, max_items
         self.max_string, self.max_total = max_string, max_total
         self.what = what
+        self.binary = binary
 
     def check(self, value, path, secret=False):
         budget = [self.max_total]
@@ -255,7 +260,7 @@ class Json(Type):
             if not math.isfinite(value):
                 raise Invalid(path, "must be a finite number")
             return
-        if isinstance(value, str):
+        if isinstance(value, str) or (self.binary and isinstance(value, bytes)):
             if len(value) > self.max_string:
                 raise Invalid(path, f"is at most {self.max_string} characters, not {len(value)}")
             return
@@ -343,8 +348,9 @@ SPEC = Json(max_depth=8, max_items=256, max_string=16384, max_total=4096,
 
 # -- procedures ------------------------------------------------------------------------
 
+# binary: Crossbar.io passes a TLS transport's channel id (tls-unique) as bytes
 ROUTER_DETAILS = Json(max_depth=8, max_items=256, max_string=65536, max_total=4096,
-                      what="a mapping of details from the router")
+                      what="a mapping of details from the router", binary=True)
 
 REQUIRED = object()
 
