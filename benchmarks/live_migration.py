@@ -1,0 +1,233 @@
+"""
+The pause of a VM moved live between two hosts' agents, against a cold stop/copy/start of
+the same VM, in the same run.
+
+    .venv/bin/python benchmarks/live_migration.py [--runs 2] [--volume-mb 256] [--data-mb 64]
+
+Two agents' live-migration procedures (L{zwrm.agent.live.LiveMigrations}) in this process,
+each with its own QEMU driver (TCG) and volume store, TLS between the QEMUs with host
+certificates from one cluster CA, on loopback. The test image (L{zwrm.testing.image}) with
+one volume of C{--volume-mb} MiB holding C{--data-mb} MiB of random data. A client probes
+the guest's HTTP server every 20 ms on both hosts' forwarded ports (user-mode networking:
+the ports differ, so the probe tries both); the longest time without an answer is the
+client-observed gap. Each run:
+
+ - B{live} (A -> B): C{live.prepare} on B, C{live.migrate} on A (mirror capped at 100 MiB/s,
+   downtime limit 300 ms); figures: the pause QEMU reports (C{downtime}), the
+   client-observed gap, the total time (prepare to resumed), the verification of the volume
+   (C{live.hashes} + C{live.verify}); the source is then destroyed.
+ - B{cold} (B -> A): stop the VM (ACPI power-down), copy its volume to A (C{cp
+   --sparse=always}), start it on A; the downtime is from the stop to the first answer on
+   A; the total the same (nothing is copied while it runs: the naive baseline; zwrm's cold
+   drain copies in bulk first and stops only for the delta, see benchmarks/drain.py).
+
+Goal (issue 18): pause <= 300 ms, client-observed gap <= 1 s, total time <= the cold move's.
+"""
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import treq
+from twisted.internet import defer, task
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from zwrm.agent.live import LiveMigrations  # noqa: E402
+from zwrm.agent.volumes import VolumeStore  # noqa: E402
+from zwrm.drivers.qemu import QemuDriver  # noqa: E402
+from zwrm.pki import HostCredentials  # noqa: E402
+from zwrm.pki.ca import CertificateAuthority  # noqa: E402
+from zwrm.testing import image  # noqa: E402
+
+MiB = 1024 * 1024
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spec(memory_mb, volumes, port):
+    img = image.build()
+    return {"kernel": img.kernel, "initrd": img.initrd, "disk": None,
+            "cmdline": f"{img.cmdline} zwrm.vol=v1:/data", "vcpus": 1,
+            "memory_mb": memory_mb, "volumes": volumes,
+            "forwards": [{"guest": 8080, "host": port}]}
+
+
+class Probe:
+    """GET / every 20 ms on every port of C{ports}; the longest gap between answers."""
+
+    def __init__(self, reactor, ports):
+        self.reactor = reactor
+        self.ports = ports
+        self.last_ok = None
+        self.gap = 0.0
+        self.stopped = False
+
+    async def run(self):
+        while not self.stopped:
+            t = time.monotonic()
+            for port in list(self.ports):
+                try:
+                    r = await treq.get(f"http://127.0.0.1:{port}/cgi-bin/read?probe").addTimeout(
+                        0.5, self.reactor)
+                    await r.content()
+                    if r.code in (200, 404):
+                        now = time.monotonic()
+                        if self.last_ok is not None:
+                            self.gap = max(self.gap, now - self.last_ok)
+                        self.last_ok = now
+                        break
+                except Exception:
+                    pass
+            await task.deferLater(self.reactor, max(0.0, 0.02 - (time.monotonic() - t)),
+                                  lambda: None)
+
+
+async def wait_ready(reactor, drv, mid, timeout=180):
+    for _ in range(int(timeout * 10)):
+        if image.READY_LINE in await drv.console(mid):
+            return
+        await task.deferLater(reactor, 0.1, lambda: None)
+    raise RuntimeError(f"{mid} never became ready")
+
+
+async def wait_http(reactor, port, timeout=180):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            r = await treq.get(f"http://127.0.0.1:{port}/").addTimeout(1, reactor)
+            await r.content()
+            if r.code == 200:
+                return time.monotonic()
+        except Exception:
+            pass
+        await task.deferLater(reactor, 0.02, lambda: None)
+    raise RuntimeError(f"nothing answered on port {port}")
+
+
+def make_volume(path, volume_mb, data_mb):
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "data.bin"), "wb") as f:
+            for _ in range(data_mb):
+                f.write(os.urandom(MiB))
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", d, path, f"{volume_mb}M"], check=True,
+                       capture_output=True)
+    os.chmod(path, 0o600)
+
+
+async def main(reactor, runs, volume_mb, data_mb, memory_mb):
+    image.build()
+    root = tempfile.mkdtemp(prefix="zwrm-bench-live-", dir="/tmp")
+    ca = CertificateAuthority.create()
+    agents = {}
+    for h in ("host-a", "host-b"):
+        drv = QemuDriver(reactor, os.path.join(root, h, "machines"), accel="tcg",
+                         stop_timeout=30.0)
+        cert, key = ca.issue_host(h)
+        creds = HostCredentials(ca.certificate_pem, cert, key)
+        vols = VolumeStore(reactor, os.path.join(root, h, "volumes"))
+        agents[h] = LiveMigrations(reactor, h, drv, vols, lambda c=creds: c, lambda: "127.0.0.1")
+    a, b = agents["host-a"], agents["host-b"]
+    live, cold = [], []
+    try:
+        make_volume(a.volumes.path("v1"), volume_mb, data_mb)
+        port = free_port()
+        await a.driver.start(dict(spec(memory_mb, [{"id": "v1", "path": a.volumes.path("v1")}],
+                                       port), id="m1"))
+        await wait_ready(reactor, a.driver, "m1")
+        src, dst = a, b
+        for run in range(runs):
+            # -- live: src -> dst --
+            dst_port = free_port()
+            probe = Probe(reactor, [port, dst_port])
+            probing = defer.Deferred.fromCoroutine(probe.run())
+            await task.deferLater(reactor, 0.5, lambda: None)
+            t0 = time.monotonic()
+            desc = src.describe("m1")
+            where = await dst.prepare("m1", spec(memory_mb, [{"id": "v1"}], dst_port),
+                                      desc["volumes"], src.host_id)
+            result = await src.migrate("m1", dst.host_id, where,
+                                       {"mirror_speed": 100 * MiB, "downtime_limit_ms": 300})
+            while dst.incoming["m1"].machine.state != "resumed":
+                await task.deferLater(reactor, 0.01, lambda: None)
+            total = time.monotonic() - t0
+            await task.deferLater(reactor, 1.0, lambda: None)
+            probe.stopped = True
+            await probing
+            verified = await dst.verify("m1", "v1", await src.hashes("v1"))
+            live.append({"pause_ms": result["downtime_ms"], "gap": probe.gap, "total": total,
+                         "mirror": result["mirror_seconds"], "verified": verified["ok"]})
+            print(f"run {run + 1} live {src.host_id} -> {dst.host_id}: QEMU pause "
+                  f"{result['downtime_ms']} ms, client gap {probe.gap:.3f} s, total "
+                  f"{total:.2f} s (mirror {result['mirror_seconds']:.2f} s), RAM passes "
+                  f"{result['ram']['passes']}, verified {verified['ok']} "
+                  f"({verified['dirty_blocks']} dirty blocks)", flush=True)
+            await src.driver.destroy("m1")
+            src.volumes.release("v1", "m1")
+            src.volumes.delete("v1")
+            # The target's machine is now the VM; forget the incoming record.
+            dst.incoming.pop("m1", None)
+            port = dst_port
+            # -- cold: dst -> src (stop, copy, start) --
+            new_port = free_port()
+            probe = Probe(reactor, [port, new_port])
+            probing = defer.Deferred.fromCoroutine(probe.run())
+            await task.deferLater(reactor, 0.5, lambda: None)
+            t0 = time.monotonic()
+            await dst.driver.stop("m1")
+            await reactor_thread_copy(reactor, dst.volumes.path("v1"), src.volumes.path("v1"))
+            await dst.driver.destroy("m1")
+            dst.volumes.release("v1", "m1")
+            dst.volumes.delete("v1")
+            await src.driver.start(dict(spec(memory_mb, [{"id": "v1",
+                                                          "path": src.volumes.path("v1")}],
+                                             new_port), id="m1"))
+            t1 = await wait_http(reactor, new_port)
+            probe.stopped = True
+            await probing
+            cold.append({"downtime": t1 - t0, "gap": probe.gap})
+            print(f"run {run + 1} cold {dst.host_id} -> {src.host_id}: downtime "
+                  f"{t1 - t0:.2f} s (client gap {probe.gap:.2f} s)", flush=True)
+            port = new_port
+            await wait_ready(reactor, src.driver, "m1")
+        med = statistics.median
+        print(f"\nlive: QEMU pause median {med(r['pause_ms'] for r in live)} ms "
+              f"(max {max(r['pause_ms'] for r in live)}), client gap median "
+              f"{med(r['gap'] for r in live):.3f} s (max {max(r['gap'] for r in live):.3f}), "
+              f"total median {med(r['total'] for r in live):.2f} s; all verified: "
+              f"{all(r['verified'] for r in live)}")
+        print(f"cold: downtime (= total) median {med(r['downtime'] for r in cold):.2f} s")
+        print(f"volume {volume_mb} MiB with {data_mb} MiB of data, guest {memory_mb} MiB, "
+              f"load {os.getloadavg()[0]:.2f}")
+    finally:
+        for h in agents.values():
+            for mid in h.driver.list():
+                await h.driver.destroy(mid)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def reactor_thread_copy(reactor, src, dst):
+    from twisted.internet.threads import deferToThread
+
+    return deferToThread(subprocess.run, ["cp", "--sparse=always", src, dst], check=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--volume-mb", type=int, default=256)
+    parser.add_argument("--data-mb", type=int, default=64)
+    parser.add_argument("--memory-mb", type=int, default=256)
+    args = parser.parse_args()
+    task.react(lambda reactor: defer.Deferred.fromCoroutine(
+        main(reactor, args.runs, args.volume_mb, args.data_mb, args.memory_mb)))
