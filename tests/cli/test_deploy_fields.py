@@ -76,3 +76,10 @@ class RollingArgsTests(SynchronousTestCase):
         self.assertEqual(spec["update"], {"max_parallel": 2, "auto_revert": False})
         self.assertIsNone(_spec(parse("deploy", "web", "--image", "x:1", "--clear",
                                       "rolling"))["update"])
+
+    def test_shutdown_delay(self):
+        spec = _spec(parse("deploy", "web", "--image", "x:1", "--shutdown-delay", "2.5"))
+        self.assertEqual(spec["shutdown_delay"], 2.5)
+        self.assertNotIn("shutdown_delay", _spec(parse("deploy", "web", "--image", "x:1")))
+        self.assertIsNone(_spec(parse("deploy", "web", "--image", "x:1", "--clear",
+                                      "shutdown-delay"))["shutdown_delay"])

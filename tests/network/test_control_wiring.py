@@ -36,7 +36,8 @@ class WiringTests(TestCase):
         c = await Cluster(self).start()
         await c.apps.create_app("web")
         await c.apps.deploy("web", c.spec(replicas=2, service_port=8080,
-                                          publish=["80:8080/http"], domain="web.example"))
+                                          publish=["80:8080/http"], domain="web.example",
+                                          shutdown_delay=0))  # destroyed at once (a Clock)
         rows = await c.store.select("machines")
         nets = sorted(r["spec"]["network"]["address"] for r in rows)
         self.assertEqual(nets, ["10.80.1.2", "10.80.2.2"])

@@ -88,6 +88,10 @@ def register(subparsers):
                    help="rolling update: how long a new machine may take (default 300)")
     p.add_argument("--no-auto-revert", action="store_true",
                    help="rolling update: stop on failure, do not go back to the previous version")
+    p.add_argument("--shutdown-delay", type=float, metavar="SECONDS",
+                   help="a replica stopped on purpose (update, scale down, destroy, drain) is "
+                        "out of the routes this long first, for its open connections to end "
+                        "(default 5 for an app with --publish, else 0; at most 3600)")
     p.add_argument("--clear", action="append", default=[], metavar="FIELD",
                    choices=sorted(CLEARABLE),
                    help="reset a field of the current version to its default (repeatable); "
@@ -180,7 +184,7 @@ def register(subparsers):
 CLEARABLE = {"region": "region", "datacenter": "datacenter", "port": "service_port",
              "health": "health", "volumes": "volumes", "constraints": "constraints",
              "cloud-init": "cloud_init", "publish": "publish", "domain": "domain",
-             "restart": "restart", "rolling": "update"}
+             "restart": "restart", "rolling": "update", "shutdown-delay": "shutdown_delay"}
 """C{zwrm deploy --clear FIELD}: the spec field it resets."""
 
 
@@ -239,6 +243,8 @@ def _spec(args):
         update["auto_revert"] = False
     if update or getattr(args, "rolling", False):
         spec["update"] = update
+    if getattr(args, "shutdown_delay", None) is not None:
+        spec["shutdown_delay"] = args.shutdown_delay
     for field in getattr(args, "clear", None) or []:
         spec[CLEARABLE[field]] = None
     if constraints:

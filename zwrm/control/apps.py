@@ -301,7 +301,9 @@ class Apps:
         scale the app down). Its volumes are kept.
         """
         m = await self._machine(machine_id)
-        return await self.replicas.remove_machine(m)
+        # A planned stop: out of the routes, the app's shutdown_delay, then removed.
+        await self.replicas.retire([m], await self.replicas.delay_for(m))
+        return m["id"]
 
     # -- reports from agents ----------------------------------------------------------
 

@@ -11,7 +11,7 @@ A spec::
      "vcpus", "memory_mb", "replicas", "region", "datacenter",
      "service_port", "health": {"type", "path", "interval", "timeout", "grace"},
      "volumes": [{"name", "size_mb", "mount"}], "constraints", "cloud_init",
-     "publish", "domain", "restart", "update"}
+     "publish", "domain", "restart", "update", "shutdown_delay"}
 """
 
 import re
@@ -54,7 +54,7 @@ def validate_spec(spec):
         raise errors.InvalidArgument("a deployment spec must be a mapping")
     known = {"image", "vcpus", "memory_mb", "replicas", "region", "datacenter",
              "service_port", "health", "volumes", "constraints", "cloud_init", "publish", "domain",
-             "restart", "update"}
+             "restart", "update", "shutdown_delay"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise errors.InvalidArgument(f"unknown deployment field(s): {', '.join(unknown)}")
@@ -92,6 +92,13 @@ def validate_spec(spec):
         out["restart"] = healing.validate_restart(spec["restart"])
     if spec.get("update") is not None:  # a rolling update (zwrm.control.rollout)
         out["update"] = _check_update(spec["update"])
+    if spec.get("shutdown_delay") is not None:  # a planned stop's drain (shutdown_delay())
+        v = spec["shutdown_delay"]
+        if not isinstance(v, int | float) or isinstance(v, bool) \
+                or not 0 <= v <= SHUTDOWN_DELAY_MAX:
+            raise errors.InvalidArgument(
+                f"shutdown_delay must be seconds from 0 to {SHUTDOWN_DELAY_MAX}, not {v!r}")
+        out["shutdown_delay"] = float(v)
     vols = spec.get("volumes") or []
     if not isinstance(vols, list):
         raise errors.InvalidArgument("volumes must be a list of {name, size_mb, mount}")
@@ -176,9 +183,29 @@ def merge_spec(current, given):
 
 def same_version(a, b):
     """Whether a machine of spec C{a} may stay under spec C{b}: they differ at most in
-    their replica count and how they are updated."""
-    return {k: v for k, v in (a or {}).items() if k not in ("replicas", "update")} == \
-        {k: v for k, v in (b or {}).items() if k not in ("replicas", "update")}
+    their replica count and how they are updated and stopped."""
+    return {k: v for k, v in (a or {}).items() if k not in _NOT_VERSIONED} == \
+        {k: v for k, v in (b or {}).items() if k not in _NOT_VERSIONED}
+
+
+_NOT_VERSIONED = ("replicas", "update", "shutdown_delay")
+
+SHUTDOWN_DELAY_DEFAULT = 5.0  # seconds, for an app that publishes a port
+SHUTDOWN_DELAY_MAX = 3600
+
+
+def shutdown_delay(spec):
+    """
+    How long a replica of an app with spec C{spec} is out of the routes before a planned
+    stop (a rolling update, a scale down, a destroy, a drain): the spec's
+    C{shutdown_delay}, else L{SHUTDOWN_DELAY_DEFAULT} seconds for an app that publishes
+    a port (the ingress gives the replica's open connections that long to finish), else
+    0 (nothing routes to it).
+    """
+    spec = spec or {}
+    if spec.get("shutdown_delay") is not None:
+        return float(spec["shutdown_delay"])
+    return SHUTDOWN_DELAY_DEFAULT if spec.get("publish") else 0.0
 
 
 class ImageCheck:

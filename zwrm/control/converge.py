@@ -24,7 +24,7 @@ report leaves that machine C{pending}; after a restart its capacity stays reserv
 """
 
 from zwrm import errors
-from zwrm.control.appspec import same_version
+from zwrm.control.appspec import same_version, shutdown_delay
 from zwrm.control.replicas import in_key_order
 from zwrm.control.resources.machines import LIVE
 
@@ -72,7 +72,8 @@ class Converger:
         @return: C{{"machines": [...], "volumes": [...]}} destroyed.
         """
         machines = await self._data.machines.find(app_id=app["id"])
-        gone = [await self._replicas.remove_machine(m) for m in machines]
+        # A planned stop: out of the routes, the app's shutdown_delay, then removed.
+        gone = await self._replicas.retire(machines, shutdown_delay(app["spec"]))
         vols = []
         if volumes:
             for v in await self._data.volumes.find(app_id=app["id"]):
@@ -156,7 +157,11 @@ class Converger:
                 raise
         finally:
             placements.lock.release()
+        taken = []
         try:
+            # A planned stop: the running ones go out of the routes for the shutdown_delay.
+            taken = await replicas.take_out([m for m, unconfirmed in going if not unconfirmed],
+                                            shutdown_delay(spec))
             for m, unconfirmed in going:
                 if unconfirmed:
                     await replicas.set_machine(
@@ -165,6 +170,7 @@ class Converger:
                 await replicas.remove_machine(m)
                 lent.pop(m["id"], None)
         except BaseException:
+            await replicas.put_back(taken)  # those not removed route again
             for _, placement, _ in planned:
                 placements.release_placement(placement)
             placements.give_back(lent)

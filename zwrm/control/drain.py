@@ -728,10 +728,16 @@ class Drains:
         if row["state"] in ("stopped", "failed"):
             return
         self.log.info("drain: stopping machine {id}", id=row["id"])
+        # A planned stop: out of the routes for the app's shutdown_delay first.
+        taken = await self._replicas.take_out([row], await self._replicas.delay_for(row))
         if run.detail.get("stopped_at") is None:
             await self._save_detail(run, stopped_at=self._clock.seconds())
-        await self._call(run.row["source_host"], "machine.stop", row["id"],
-                         timeout=drain.row["options"]["stop_timeout"])
+        try:
+            await self._call(run.row["source_host"], "machine.stop", row["id"],
+                             timeout=drain.row["options"]["stop_timeout"])
+        except BaseException:
+            await self._replicas.put_back(taken)
+            raise
 
     async def _step_delta_copying(self, drain, run):
         source, target = run.row["source_host"], run.row["target_host"]
@@ -851,7 +857,9 @@ class Drains:
         source = run.row["source_host"]
         row = await self._machines.get(run.row["machine_id"])
         if row is not None:
-            if row["state"] in LIVE and row["state"] != "stopping":
+            # A planned stop: out of the routes for the app's shutdown_delay first.
+            taken = await self._replicas.take_out([row], await self._replicas.delay_for(row))
+            if taken or (row["state"] in LIVE and row["state"] != "stopping"):
                 try:  # no volumes: it still runs; power it down cleanly first
                     await self._call(source, "machine.stop", row["id"],
                                      timeout=drain.row["options"]["stop_timeout"])

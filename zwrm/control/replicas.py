@@ -9,12 +9,20 @@ C{zwrm.event.machine}; each machine's reservation follows its state
 
 Machine reports are ordered: the changes of one machine apply in arrival order (a lock
 per machine, taken before any await) and only from the machine's own host.
+
+A planned stop (a rolling update's old machine, a scale down, a destroy, a drain's stop of
+the original) first takes the machine out of the routes (L{Replicas.take_out}: stored as
+C{stopping}, which the cluster network's view lists as not healthy, so the ingress sends
+it no new connection and gives its open ones their C{drain_timeout}), waits the app's
+C{shutdown_delay}, and only then stops it.  Crashes and host loss are not planned stops.
 """
 
+from twisted.internet import task
 from twisted.internet.defer import DeferredList, DeferredLock, ensureDeferred
+from twisted.logger import Logger
 
 from zwrm import errors
-from zwrm.control.appspec import error_text, new_id
+from zwrm.control.appspec import error_text, new_id, shutdown_delay
 from zwrm.control.resources.machines import LIVE
 from zwrm.control.resources.machines import STATES as MACHINE_STATES
 
@@ -25,6 +33,8 @@ class Replicas:
 
     @ivar network: the L{zwrm.control.network.ClusterNetwork} (a machine's address).
     """
+
+    log = Logger()
 
     def __init__(self, clock, hosts, data, placements, network):
         """
@@ -41,6 +51,7 @@ class Replicas:
         self._placements = placements
         self.network = network
         self._machine_locks = {}  # machine id -> DeferredLock: its changes apply in order
+        self._stopping = set()  # ids of machines taken out of the routes, to be stopped
 
     async def call(self, host_id, verb, *args, **kwargs):
         """Call a host's executor; its errors come back as L{zwrm.errors} classes."""
@@ -135,6 +146,7 @@ class Replicas:
         Start the stored machine C{row} on its host (C{machine.start}) and apply the status
         its agent answers; a start that fails marks it failed (releasing its reservation).
         """
+        self._stopping.discard(row["id"])  # started (again): its reports count
         try:
             spec = self.agent_spec(row["spec"])
             # Its own address on its host (a drain's replacement gets one of its target's).
@@ -196,6 +208,11 @@ class Replicas:
             health["status"] = status["health"]
         if status.get("host_port") is not None:
             health["host_port"] = status["host_port"]
+        if row["id"] in self._stopping:
+            if state in ("stopped", "failed"):
+                self._stopping.discard(row["id"])
+            else:  # being stopped: its agent's "running" does not route it again
+                state = row["state"]
         if state == row["state"] and health == row.get("health"):
             return row
         return await self.set_machine(row, status.get("reason") or state,
@@ -227,6 +244,88 @@ class Replicas:
 
     # -- removal ----------------------------------------------------------------------
 
+    async def delay_for(self, row):
+        """The C{shutdown_delay} of the app of machine C{row} (its current spec)."""
+        app = await self._data.apps.by_id(row["app_id"])
+        spec = (app or {}).get("spec") or (row.get("spec") or {}).get("app_spec")
+        return shutdown_delay(spec)
+
+    async def take_out(self, machines, delay):
+        """
+        The first half of a planned stop: each of C{machines} (rows, updated in place)
+        that is running is stored as C{stopping}, so the next cluster-network view lists
+        its routes as not healthy (the ingress sends it no new connection and gives its
+        open ones their C{drain_timeout}); then C{delay} seconds pass.  The caller then
+        stops or removes them (L{remove_machine}), or gives them back (L{put_back}).
+        Nothing is done for a C{delay} of 0.
+
+        @return: the ids of the machines taken out.
+        """
+        ids = []
+        if delay <= 0:
+            return ids
+        for m in machines:
+            if m["state"] != "running":
+                continue  # not routed to (starting, stopping, down)
+
+            async def mark(row, m=m):
+                if row is None or row["state"] != "running":
+                    return None
+                await self.set_machine(row, f"out of the routes; stopped in {delay:g}s",
+                                       state="stopping")
+                m.update(row)
+                return row
+
+            self._stopping.add(m["id"])
+            if await self.update_machine(m["id"], mark) is None:
+                self._stopping.discard(m["id"])
+            else:
+                ids.append(m["id"])
+        if ids:
+            try:
+                await task.deferLater(self._clock, delay, lambda: None)
+            except BaseException:
+                await self.put_back(ids)
+                raise
+        return ids
+
+    async def put_back(self, ids):
+        """
+        Machines L{take_out} took out and that are not stopped after all (the request
+        failed): C{running} again, back in the routes.
+        """
+        for mid in ids:
+            if mid not in self._stopping:
+                continue  # stopped or removed meanwhile
+            self._stopping.discard(mid)
+
+            async def back(row):
+                if row is not None and row["state"] == "stopping":
+                    await self.set_machine(row, "stop cancelled; back in the routes",
+                                           state="running")
+
+            try:
+                await self.update_machine(mid, back)
+            except Exception as e:
+                self.log.warn("machine {id}: not put back: {e}", id=mid, e=error_text(e))
+
+    async def retire(self, machines, delay):
+        """
+        A planned stop of C{machines} (rows): out of the routes (L{take_out}), C{delay}
+        seconds, then each removed (L{remove_machine}).
+
+        @return: their ids.
+        """
+        await self.take_out(machines, delay)
+        gone = []
+        try:
+            for m in machines:
+                gone.append(await self.remove_machine(m))
+        except BaseException:
+            await self.put_back([m["id"] for m in machines if m["id"] not in gone])
+            raise
+        return gone
+
     async def remove_machine(self, m):
         """
         Destroy the machine of row C{m} on its host, then delete its row (one event) and
@@ -245,6 +344,7 @@ class Replicas:
                     raise errors.Unavailable(
                         f"machine {m['id']} is on host {m['host_id']}, which is not reachable; "
                         "it is destroyed when the host returns") from None
+        self._stopping.discard(m["id"])
         await self._data.machines.delete(m)
         self._placements.release(m["id"])
         await self.network.release(m["id"])

@@ -9,7 +9,13 @@ batch; a failed update is reverted (C{auto_revert}).  See L{Rollout.rolling}.
 """
 
 from zwrm import errors
-from zwrm.control.appspec import UPDATE_DEFAULTS, merge_spec, same_version, validate_spec
+from zwrm.control.appspec import (
+    UPDATE_DEFAULTS,
+    merge_spec,
+    same_version,
+    shutdown_delay,
+    validate_spec,
+)
 
 
 class Rollout:
@@ -146,7 +152,10 @@ class Rollout:
                 if fresh is not None:
                     await replicas.remove_machine(fresh)
             raise
+        old = []
         for m in surge:
             fresh = await self._data.machines.get(m["id"])
             if fresh is not None:
-                await replicas.remove_machine(fresh)
+                old.append(fresh)
+        # A planned stop: out of the routes, the app's shutdown_delay, then removed.
+        await replicas.retire(old, shutdown_delay(spec))

@@ -1,0 +1,1 @@
+Planned stops drain connections: a replica stopped by a rolling update, a scale down, a destroy or a drain is first taken out of the ingress routes (state `stopping`) and stopped only after the app's `shutdown_delay` (`zwrm deploy --shutdown-delay S`; default 5 s for apps that publish a port, else 0), so its open connections can finish.
