@@ -51,7 +51,8 @@ class Hosts:
             vols = VolumeStore(reactor, os.path.join(self.dir, h, "volumes"))
             creds = credentials(ca, h)
             self.agents[h] = LiveMigrations(clock, h, drv, vols, lambda c=creds: c,
-                                            lambda: "127.0.0.1")
+                                            lambda: "127.0.0.1",
+                                            state_dir=os.path.join(self.dir, h, "live"))
         self.a, self.b = self.agents["host-a"], self.agents["host-b"]
         path = self.a.volumes.path("v1")
         with open(path, "wb") as f:
@@ -221,3 +222,49 @@ class VerifyTests(TestCase):
             await hosts.b.verify("m1", "v1", frozen)
         self.assertIn("outside the target's dirty bitmap", cm.exception.message)
         self.flushLoggedErrors()
+
+
+class AfterRestartTests(SynchronousTestCase):
+    """A new agent process (a new LiveMigrations over a new driver of the same host)."""
+
+    def restarted(self, hosts, name):
+        old = hosts.agents[name]
+        drv = FakeDriver(hosts.clock, old.driver.root, host=old.driver.host,
+                         network=old.driver.network)
+        new = LiveMigrations(hosts.clock, name, drv, old.volumes, old.credentials, old.listen,
+                             state_dir=old.state_dir)
+        hosts.settle(drv.recover())
+        return new
+
+    def test_a_target_paused_after_the_switchover_resumes_when_asked(self):
+        clock = Clock()
+        hosts = Hosts(self, clock)
+        where = hosts.prepare()
+        hosts.a.driver.guest_write_file("m1", "before", b"before")
+        # The target's agent goes away just before the switchover: its machine keeps
+        # waiting, the source completes the migration.
+        hosts.b.incoming.pop("m1")._forget()
+        hosts.settle(hosts.a.migrate("m1", "host-b", where, {"mirror_speed": SIZE}))
+        b = self.restarted(hosts, "host-b")
+        st = hosts.settle(b.status("m1"))
+        self.assertEqual((st["hypervisor"]["role"], st["hypervisor"]["runstate"]),
+                         ("target", "paused"))
+        with self.assertRaises(Conflict):  # the source: its migration completed
+            hosts.settle(hosts.a.cancel("m1"))
+        self.assertEqual(hosts.settle(b.resume("m1")), {"resumed": True, "already": False})
+        self.assertEqual(b.driver.guest_read_file("m1", "before"), b"before")
+        with self.assertRaises(Conflict):
+            hosts.settle(b.cancel("m1"))
+
+    def test_a_target_left_incoming_is_cancelled_and_its_copy_deleted(self):
+        clock = Clock()
+        hosts = Hosts(self, clock)
+        hosts.prepare()
+        hosts.b.incoming.pop("m1")._forget()
+        b = self.restarted(hosts, "host-b")
+        # recover() ended the machine (it had not completed); cancelling deletes the copy.
+        self.assertEqual(b.driver.status("m1")["state"], "failed")
+        self.assertTrue(b.volumes.exists("v1"))
+        self.assertEqual(hosts.settle(b.cancel("m1")), {"cancelled": True})
+        self.assertFalse(b.volumes.exists("v1"))
+        self.assertEqual(os.listdir(b.state_dir), [])

@@ -719,6 +719,7 @@ class _Incoming:
 
     def _resumed(self):
         self.resumed_at = self.reactor.seconds()
+        self.live._forget_record(self.machine_id)
         log.info("machine {id}: resumed here after its live migration from {s}",
                  id=self.machine_id, s=self.source)
 
@@ -766,9 +767,13 @@ class LiveMigrations:
     @param listen: C{listen()} -> the address the target's listeners use (the agent's
         advertised address: the one its volume endpoint uses).
     @param images: the image cache (C{resolve(ref, pin=True)}, C{unpin(digest)}) or None.
+    @param state_dir: where each incoming migration is recorded (C{<machine id>.json}: its
+        source and blank volumes) until it resumed or ended, so that a new agent process can
+        still cancel it and delete its copies; C{None}: in memory only.
     """
 
-    def __init__(self, reactor, host_id, driver, volumes, credentials, listen, images=None):
+    def __init__(self, reactor, host_id, driver, volumes, credentials, listen, images=None,
+                 state_dir=None):
         self.reactor = reactor
         self.host_id = host_id
         self.driver = driver
@@ -779,6 +784,40 @@ class LiveMigrations:
         self.outgoing = {}
         self.incoming = {}
         self.finished = {}  # machine id -> the last outcome (for live.status)
+        self.state_dir = state_dir
+        if state_dir is not None:
+            os.makedirs(state_dir, mode=0o700, exist_ok=True)
+
+    def _record_path(self, machine_id):
+        return os.path.join(self.state_dir, f"{machine_id}.json")
+
+    def _store(self, machine_id, doc):
+        if self.state_dir is None:
+            return
+        path = self._record_path(machine_id)
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _forget_record(self, machine_id):
+        if self.state_dir is not None:
+            try:
+                os.unlink(self._record_path(machine_id))
+            except FileNotFoundError:
+                pass
+
+    def _stored(self, machine_id):
+        if self.state_dir is None:
+            return None
+        try:
+            with open(self._record_path(machine_id)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
 
     # -- helpers --
 
@@ -803,6 +842,7 @@ class LiveMigrations:
     def _incoming_ended(self, inc):
         self.incoming.pop(inc.machine_id, None)
         self.finished[inc.machine_id] = inc.status()
+        self._forget_record(inc.machine_id)
         for vid in inc.volume_ids:
             self.volumes.release(vid, inc.machine_id)
             try:
@@ -913,6 +953,7 @@ class LiveMigrations:
                 except OSError:
                     pass
             raise
+        self._store(machine_id, {"role": "target", "source": source, "volumes": created})
         inc = _Incoming(self, machine_id, source, created, [])
         self.incoming[machine_id] = inc
         self.finished.pop(machine_id, None)
@@ -986,8 +1027,57 @@ class LiveMigrations:
             inc.machine.abort("cancelled by the caller")
             return maybeDeferred(lambda: inc.destroyed).addCallback(
                 lambda _: {"cancelled": True})
-        return maybeDeferred(self._live_driver().cancel_migration, machine_id).addCallback(
-            lambda _: {"cancelled": True})
+        return ensureDeferred(self._cancel_untracked(machine_id))
+
+    async def _cancel_untracked(self, machine_id):
+        """
+        A cancel of a migration this agent process did not start (it restarted since): a
+        target recorded in C{state_dir} that has not resumed is destroyed and its blank
+        volumes deleted; a source's migration is rolled back.
+        """
+        drv = self._live_driver()
+        record = self._stored(machine_id)
+        if record is not None and record.get("role") == "target":
+            try:
+                st = await drv.migration_status(machine_id)
+            except (NotFound, Conflict):
+                st = None  # it ended (recover() ends an incoming that had not completed)
+            if st is not None and st["runstate"] == "running":
+                self._forget_record(machine_id)
+                raise Conflict(f"machine {machine_id} resumed here: it is no longer a "
+                               "migration to cancel")
+            await drv.destroy(machine_id)
+            for vid in record.get("volumes") or ():
+                self.volumes.release(vid, machine_id)
+                if self.volumes.exists(vid) and self.volumes.in_use(vid) is None:
+                    self.volumes.delete(vid)
+            self._forget_record(machine_id)
+            return {"cancelled": True}
+        await drv.cancel_migration(machine_id)
+        return {"cancelled": True}
+
+    @wamp.register("live.resume")
+    def resume(self, machine_id):
+        """
+        Target: resume a machine whose incoming migration completed but that did not resume
+        (the agent restarted in between: C{recover} keeps such a machine paused). The
+        caller has recorded that the machine switched over (the source is paused for good).
+
+        @return: a Deferred firing with C{{"resumed": True, "already": bool}}.
+        @raise Conflict: its incoming migration is not complete.
+        """
+        check_id(machine_id)
+        inc = self.incoming.get(machine_id)
+        if inc is not None and inc.machine.state in ("incoming", "resuming"):
+            raise Conflict(f"machine {machine_id} resumes by itself once its migration "
+                           f"completes (it is {inc.machine.state})")
+        d = maybeDeferred(self._live_driver().finish_incoming, machine_id)
+
+        def resumed(result):
+            self._forget_record(machine_id)
+            return result
+
+        return d.addCallback(resumed)
 
     @wamp.register("live.status")
     def status(self, machine_id):

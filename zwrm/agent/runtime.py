@@ -99,7 +99,8 @@ class HostRuntime:
                 self.reactor, host_id, self.driver, self.volumes,
                 credentials=lambda: pki.HostCredentials.load(tls_dir),
                 # The address other hosts reach this one at: the volume endpoint's.
-                listen=lambda: self.executor.transfer_host, images=self.cache)
+                listen=lambda: self.executor.transfer_host, images=self.cache,
+                state_dir=os.path.join(self.config.data_dir, "live"))
             recovered = await self.executor.recover()
             self.log.info("executor ready for host {host_id}; recovered {n} machine(s)",
                           host_id=host_id, n=len(recovered or ()))

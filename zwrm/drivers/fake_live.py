@@ -320,9 +320,8 @@ class FakeLiveMigration:
 
     def _cancel_migration(self, mid):
         live = self._running(mid)
-        if live["migration"] == "completed" and live["role"] == "source":
-            raise Conflict(f"machine {mid}: its migration completed: the target holds the "
-                           "machine now; it cannot be cancelled")
+        if live["migration"] == "completed":
+            raise Conflict(f"machine {mid}: its migration completed; it cannot be cancelled")
         streaming = live["migration"] not in ("none", "cancelled", "failed")
         if streaming:
             live["migration"] = "cancelled"

@@ -637,8 +637,8 @@ class QemuLiveMigration:
         try:
             mig = (await q.execute("query-migrate")).get("status")
             if mig == "completed":
-                raise Conflict(f"machine {machine_id}: its migration completed: the target "
-                               "holds the machine now; it cannot be cancelled")
+                raise Conflict(f"machine {machine_id}: its migration completed; it cannot "
+                               "be cancelled")
             if mig in ACTIVE:
                 done = self._wait_event(m, lambda n, d: n == "MIGRATION" and d.get("status") in (
                     "cancelled", "failed", "completed"))
