@@ -482,12 +482,16 @@ def rawsocket_factory(router, serializers=("json", "msgpack", "cbor")):
     return factory
 
 
-class _WebSocketResource(WebSocketResource):
+class RouterWebSocketResource(WebSocketResource):
     """
+    The router's WebSocket as a C{twisted.web} resource (mount it wherever the router is
+    served on a web tree: C{root.putChild(b"ws", RouterWebSocketResource(websocket_factory(router)))}).
+
     autobahn's resource, except that once the WebSocket protocol has taken the connection
     over, the HTTP channel lets go of the request it came in: the channel and the
     request point at each other (C{channel.requests}, C{request.channel}) and nothing else
-    ever will, so without this every closed connection would wait for the cycle collector.
+    ever will, so without this every closed connection would wait for the cycle collector
+    (about 50 objects per closed session behind the control plane's site).
     """
 
     def render(self, request):
@@ -502,7 +506,7 @@ def websocket_site(router, path="/ws", serializers=("json", "msgpack", "cbor")):
     """A C{twisted.web} Site serving the router's WebSocket at C{path}."""
     root = Resource()
     root.putChild(path.strip("/").encode("ascii"),
-                  _WebSocketResource(websocket_factory(router, serializers=serializers)))
+                  RouterWebSocketResource(websocket_factory(router, serializers=serializers)))
     return Site(root)
 
 
