@@ -1,0 +1,1 @@
+docs/live-migration.md describes live migration as it exists (the QMP sequence, the ILiveMigration driver interface for plugin authors, the agents' live.* procedures, the convergence policy, the verification, recovery after an agent restart) and what the control plane's drain does next; docs/drain.md points to it.
