@@ -268,3 +268,17 @@ class AfterRestartTests(SynchronousTestCase):
         self.assertEqual(hosts.settle(b.cancel("m1")), {"cancelled": True})
         self.assertFalse(b.volumes.exists("v1"))
         self.assertEqual(os.listdir(b.state_dir), [])
+
+
+class SourceEndsTests(SynchronousTestCase):
+    def test_the_source_machine_ending_fails_the_migration_at_once(self):
+        clock = Clock()
+        hosts = Hosts(self, clock)
+        where = hosts.prepare()
+        d = hosts.a.migrate("m1", "host-b", where, {"mirror_speed": SIZE // 8})
+        clock.advance(0.2)
+        hosts.a.driver.crash("m1")
+        with self.assertRaises(Unavailable) as cm:
+            hosts.settle(d, steps=10)
+        self.assertIn("the machine failed", cm.exception.message)
+        self.assertIn("the machine is failed", cm.exception.message)

@@ -460,6 +460,7 @@ class _Outgoing:
         self._timers = []
         self._poll = None
         self._unsubscribe = None
+        self._unsubscribe_status = None
         self._tls = None
 
     # -- plumbing --
@@ -501,6 +502,7 @@ class _Outgoing:
     def start(self):
         self._tls = self.live.tls_for(self.target_host)
         self._unsubscribe = self.driver.live_subscribe(self.machine_id, self._event)
+        self._unsubscribe_status = self.driver.subscribe(self._machine_status)
         self._timer(self.policy["mirror_deadline"], self._soon, self.machine.deadline,
                     f"the mirrors were not in sync within {self.policy['mirror_deadline']} s")
         self._poll = LoopingCall(self._read_progress)
@@ -544,6 +546,11 @@ class _Outgoing:
                 self._soon(self.machine.failed, f"the migration {status}")
             elif status == "postcopy-active":
                 self.postcopy = True
+
+    def _machine_status(self, status):
+        if status.get("id") == self.machine_id and status.get("state") != "running":
+            self._soon(self.machine.failed, f"the machine {status.get('state')}: "
+                                            f"{status.get('reason')}")
 
     def _read_progress(self):
         d = maybeDeferred(self.driver.migration_status, self.machine_id)
@@ -621,8 +628,9 @@ class _Outgoing:
     def _done(self):
         self._stop_timers()
         self._stop_polling()
-        if self._unsubscribe is not None:
-            self._unsubscribe()
+        for unsubscribe in (self._unsubscribe, self._unsubscribe_status):
+            if unsubscribe is not None:
+                unsubscribe()
         self.live._outgoing_done(self)
 
     def _finish(self):
@@ -658,9 +666,14 @@ class _Outgoing:
         if self._throttle is not None:
             self._throttle.finish(dict(self.progress))
         self._done()
+        try:
+            state = self.driver.status(self.machine_id)["state"]
+        except Exception:
+            state = "gone"
+        where = "the machine runs on here" if state == "running" else f"the machine is {state}"
         self.result.errback(Unavailable(
             f"machine {self.machine_id}: live migration to {self.target_host} rolled back "
-            f"({self.why}); the machine runs on here"))
+            f"({self.why}); {where}"))
 
     def _hold(self, why):
         self.why = why
