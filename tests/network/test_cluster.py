@@ -4,8 +4,9 @@ each in its own network namespace, real guests, the CLI and the apps' users in a
 
  - two replicas of one app, one per host, find each other by DNS and talk over the overlay;
  - a VM of another app reaches neither of them, nor any host's services or loopback;
- - a client reaches the app through either host's published port, and keeps getting
-   answers (failed requests counted: goal zero) while one replica is killed.
+ - a client reaches the app through either host's published ports (tcp, forwarded by the
+   kernel; http, through the proxy), and keeps getting answers (failed requests counted:
+   goal zero) while host a1 is drained and while one replica is killed.
 """
 
 import json
@@ -35,6 +36,7 @@ from zwrm.testing.processes import (
 
 SERVICE = 8999  # a service listening on every address of each agent's host
 METRICS = 9102  # each agent's own endpoint (--metrics-listen) on its address
+PUBLISHED = (80, 81)  # web's ports: tcp (forwarded by the kernel), http (the proxy)
 
 WEB_PROBE = """nc -ll -p 9090 -e echo web-private </dev/null >/dev/null 2>&1 &
 sleep 2
@@ -128,7 +130,9 @@ class ClusterNetworkTests(TestCase):
                 "--port", "8080", "--health-http", "/", "--health-interval", "1",
                 "--health-grace", "240"]
         await self.cli("apps", "create", "web")
+        # 80: a tcp port (the kernel forwards it); 81: http (the proxy).
         await self.cli("deploy", "web", *base, "--replicas", "2", "--publish", "80:8080",
+                       "--publish", "81:8080/http",
                        "--cmdline", f"{img.cmdline} {guest.script_arg(WEB_PROBE)}")
 
         async def web_passing():
@@ -158,8 +162,9 @@ class ClusterNetworkTests(TestCase):
 
         # The app through either host's published port, from the client's namespace.
         for h in ("a1", "a2"):
-            body = await self.fetch(f"http://{net.address(h)}:80/")
-            self.assertIn("zwrm test image", body or "", h)
+            for port in PUBLISHED:
+                body = await self.fetch(f"http://{net.address(h)}:{port}/")
+                self.assertIn("zwrm test image", body or "", (h, port))
 
         # Another app: reaches no web VM (but the port web publishes), no host service
         # (a service listening on every address of each agent's host, the agents' own
@@ -174,6 +179,7 @@ class ClusterNetworkTests(TestCase):
         targets += [(f"web-open-{i}", a, 8080) for i, a in enumerate(web_addrs)]
         targets += [("cp", cp.address, cp.port), ("a1-ingress", net.address("a1"), 80),
                     ("a2-ingress", net.address("a2"), 80),
+                    ("a1-ingress-http", net.address("a1"), 81),
                     ("a1-agent", net.address("a1"), METRICS),
                     ("a2-agent", net.address("a2"), METRICS),
                     ("a1-service", net.address("a1"), SERVICE),
@@ -233,15 +239,21 @@ class ClusterNetworkTests(TestCase):
         self.assertEqual(results["failed"], 0, results)
 
     async def under_load(self, address, action, after=10):
-        """Requests to C{address}:80 in a loop while C{action()} runs, and C{after} more."""
+        """
+        Requests to C{address}, to each published port in turn, in a loop while C{action()}
+        runs, and C{after} more.
+        """
         from twisted.internet.defer import ensureDeferred
 
         results = {"ok": 0, "failed": 0}
         stop = []
 
         async def load():
+            n = 0
             while not stop:
-                body = await self.fetch(f"http://{address}:80/", timeout=10)
+                n += 1
+                port = PUBLISHED[n % len(PUBLISHED)]
+                body = await self.fetch(f"http://{address}:{port}/", timeout=10)
                 results["ok" if body and "zwrm test image" in body else "failed"] += 1
                 await deferLater(reactor, 0.2, lambda: None)
 
