@@ -282,3 +282,23 @@ class SourceEndsTests(SynchronousTestCase):
             hosts.settle(d, steps=10)
         self.assertIn("the machine failed", cm.exception.message)
         self.assertIn("the machine is failed", cm.exception.message)
+
+
+class ProcedureNamesTests(SynchronousTestCase):
+    def test_registered_names(self):
+        """The agent registers these under zwrm.agent.<host_id>. (docs/live-migration.md)."""
+        names = {}
+        for attr in dir(LiveMigrations):
+            for uri in getattr(getattr(LiveMigrations, attr), "_wampuris", ()):
+                names[uri.uri()] = uri.options
+        self.assertEqual(sorted(names), [f"live.{v}" for v in (
+            "cancel", "describe", "facts", "hashes", "migrate", "prepare", "resume", "status",
+            "verify")])
+        # Only migrate gives progressive results (it takes the call details).
+        self.assertEqual([u for u, o in names.items() if o is not None], ["live.migrate"])
+        self.assertEqual(names["live.migrate"].details_arg, "details")
+        with open(os.path.join(os.path.dirname(__file__), "..", "..", "docs",
+                               "live-migration.md")) as f:
+            doc = f.read()
+        for uri in names:
+            self.assertIn(f"`{uri}`", doc)
