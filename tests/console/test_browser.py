@@ -252,7 +252,65 @@ class ConsoleBrowserTests(TestCase):
         await wait_js(b, "const r = document.querySelector(`#hosts-table tr[data-host='${arguments[0]}']`);"
                          " return r && r.dataset.state === 'drained'", 30, "the drained host", source)
         await b.shot("hosts.png")
-        self.source = source
+        await self._actions(cp, b, source, status["machines"][0]["host_id"])
+
+    async def confirm(self, b, **inputs):
+        """Answer the console's confirmation dialog: fill C{inputs} (id -> value), confirm."""
+        await wait_js(b, "return document.getElementById('confirm').open", 60, "the dialog")
+        for element_id, value in inputs.items():
+            await b.js("document.getElementById(arguments[0]).value = arguments[1]",
+                       element_id, str(value))
+        await b.js("document.getElementById('confirm-ok').click()")
+
+    async def click(self, b, selector):
+        await wait_js(b, "const x = document.querySelector(arguments[0]); return x && !x.disabled",
+                      60, f"an enabled {selector}", selector)
+        await b.js("document.querySelector(arguments[0]).click()", selector)
+
+    async def _actions(self, cp, b, drained, _old_host):
+        """The other actions: an error shown readably, restart, scale, activate."""
+        ready = next(h["id"] for h in await host_list(reactor, cp) if h["id"] != drained)
+        # a refused zwrm.error.*: undrain of a host that is not draining (forced on)
+        await b.js("const x = document.querySelector(`button[data-action=undrain][data-host='${arguments[0]}']`);"
+                   " x.disabled = false; x.click();", ready)
+        await self.confirm(b)
+        uri = await wait_js(b, "const m = document.getElementById('message');"
+                               " return !m.hidden && m.dataset.uri", 30, "the error shown")
+        self.assertTrue(uri.startswith("zwrm.error."), uri)
+        text = await b.js("return document.querySelector('#message .text').textContent")
+        self.assertIn(ready, text)
+        self.assertNotIn("Traceback", text)
+        await b.shot("error.png")
+
+        # restart: the machine is replaced by a running one, seen live
+        await b.js("location.hash = '#apps'")
+        old = await wait_js(b, "const r = document.querySelector('[data-app=web] tr[data-machine]');"
+                               " return r && r.dataset.machine", 30, "the machine")
+        await self.click(b, f"button[data-action=restart][data-machine='{old}']")
+        await self.confirm(b)
+        new = await wait_js(
+            b, "const r = [...document.querySelectorAll('[data-app=web] tr[data-machine]')];"
+               " return r.length === 1 && r[0].dataset.machine !== arguments[0]"
+               " && r[0].dataset.state === 'running' && r[0].dataset.machine;",
+            300, "the restarted machine running", old)
+        status = json.loads(await self.cli(cp, "status", "web", "--json"))
+        self.assertEqual([m["id"] for m in status["machines"]], [new])
+
+        # scale to 0: the machine goes
+        await self.click(b, "button[data-action=scale][data-app=web]")
+        await self.confirm(b, **{"scale-replicas": 0})
+        await wait_js(b, "return document.querySelectorAll('[data-app=web] tr[data-machine]').length === 0"
+                         " && document.querySelector('[data-app=web] .replicas').textContent === '0 of 0 running'",
+                      120, "no machines after scaling to 0")
+
+        # activate the drained host
+        await b.js("location.hash = '#hosts'")
+        await self.click(b, f"button[data-action=activate][data-host='{drained}']")
+        await self.confirm(b)
+        await wait_js(b, "const r = document.querySelector(`#hosts-table tr[data-host='${arguments[0]}']`);"
+                         " return r && r.dataset.state === 'ready'", 60, "the activated host", drained)
+        state = {h["id"]: h["state"] for h in await host_list(reactor, cp)}
+        self.assertEqual(state[drained], "ready")
 
     async def _viewer(self, cp, b, base, token):
         await b.js("document.getElementById('logout').click()")
