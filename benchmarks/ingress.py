@@ -17,10 +17,10 @@ proxy-on-127.0.0.1 figures, without root.
     - C{direct}: to the guest's address;
     - C{kernel}: to h1's address and a published C{tcp} port, forwarded by the kernel
       (L{HostNetwork.set_forwards}: nftables DNAT, what C{tcp} ports get);
-    - C{proxy}: to h1's address and a port served by L{zwrm.agent.network.proxy.Ingress}
-      (its own process; what C{http}/C{https} ports get);
+    - C{proxy (http)}: to h1's address and an C{http} port served by
+      L{zwrm.agent.network.proxy.Ingress} (its own process; what C{http}/C{https} ports get);
 
-   and C{kernel, client}: the published port from a third namespace (another machine).
+   and C{kernel, client ns}: the published port from a third namespace (another machine).
    Printed: requests/s, p50 and p99 latency of each, the throughput ratio to direct (goal
    >= 0.8x) and the p99 added (goal <= 1 ms on loopback-class links).
 
@@ -65,9 +65,9 @@ import sys
 from twisted.internet import reactor
 from zwrm.agent.network.proxy import Ingress
 port, backend = int(sys.argv[1]), int(sys.argv[2])
-interface, host = (sys.argv + ["127.0.0.1", "127.0.0.1"])[3:5]
+interface, host, mode = (sys.argv + ["127.0.0.1", "127.0.0.1", "tcp"][len(sys.argv) - 3:])[3:6]
 ing = Ingress(reactor, interface=interface)
-ing.set_routes({port: {"mode": "tcp", "routes": {None: [
+ing.set_routes({port: {"mode": mode, "routes": {None: [
     {"key": "a", "host": host, "port": backend, "healthy": True}]}}})
 print("ready", flush=True)
 reactor.run()
@@ -153,7 +153,7 @@ def _print_rows(rows, direct="direct"):
 
     base = rows[direct]
     for name, rs in rows.items():
-        line = (f"   {name:15} {med(rs, 'rps'):8.0f} req/s   p50 {med(rs, 'p50'):6.2f} ms   "
+        line = (f"   {name:17} {med(rs, 'rps'):8.0f} req/s   p50 {med(rs, 'p50'):6.2f} ms   "
                 f"p99 {med(rs, 'p99'):6.2f} ms")
         if name != direct:
             line += (f"   {med(rs, 'rps') / med(base, 'rps'):.2f}x, p99 "
@@ -197,13 +197,13 @@ def ingress_bench(requests, concurrency, rounds=3):
                                        SERVER_ANY, str(GUEST_PORT)], stdout=subprocess.PIPE))
         procs.append(subprocess.Popen(["ip", "netns", "exec", net.namespace("h1"), sys.executable,
                                        "-c", INGRESS, str(PROXIED), str(GUEST_PORT), h1,
-                                       "10.80.1.2"], stdout=subprocess.PIPE, env=env))
+                                       "10.80.1.2", "http"], stdout=subprocess.PIPE, env=env))
         ns = net.namespace("h1")
         _wait_port(ns, "10.80.1.2", GUEST_PORT, "the replica")
         _wait_port(ns, h1, PROXIED, "the proxy")
-        targets = {"direct": (ns, "10.80.1.2", GUEST_PORT), "kernel": (ns, h1, PUBLISHED),
-                   "proxy": (ns, h1, PROXIED),
-                   "kernel, client": (net.namespace("client"), h1, PUBLISHED)}
+        targets = {"direct": (ns, "10.80.1.2", GUEST_PORT), "kernel (tcp)": (ns, h1, PUBLISHED),
+                   "proxy (http)": (ns, h1, PROXIED),
+                   "kernel, client ns": (net.namespace("client"), h1, PUBLISHED)}
         for t in targets.values():
             _load_in(*t, 200, concurrency)  # warm up
         rows = {k: [] for k in targets}
@@ -212,7 +212,7 @@ def ingress_bench(requests, concurrency, rounds=3):
                 rows[k].append(_load_in(*t, requests, concurrency))
         print("1. ingress (HTTP/1.0, new connection per request, "
               f"{requests} requests x {rounds} rounds, concurrency {concurrency}, medians; "
-              "clients on h1 but 'kernel, client': another namespace)")
+              "clients on h1 but 'kernel, client ns': another namespace)")
         _print_rows(rows)
     finally:
         for p in procs:
