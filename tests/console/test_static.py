@@ -5,7 +5,9 @@ unknown types, paths outside its directory). In memory with C{DummyRequest}, plu
 request over a real socket to a started control plane, which mounts it at C{/}.
 """
 
+import json
 import os
+import re
 
 import treq
 from twisted.internet import reactor
@@ -147,6 +149,23 @@ class StaticTests(TestCase):
         self.assertNotIn(b"<script>", page)  # no inline script: the CSP would refuse it
         self.assertNotIn(b"style=", page)
         self.assertNotIn(b"http", page.replace(b"https:", b""))  # nothing from elsewhere
+
+
+class PinnedTests(TestCase):
+    """autobahn-js comes from one exact npm version, checked by its sha512 (npm ci)."""
+
+    def test_autobahn_browser_is_pinned(self):
+        top = os.path.join(os.path.dirname(__file__), "..", "..", "console")
+        with open(os.path.join(top, "package.json")) as f:
+            wanted = json.load(f)["dependencies"]
+        self.assertEqual(list(wanted), ["autobahn-browser"])
+        self.assertRegex(wanted["autobahn-browser"], r"^\d+\.\d+\.\d+$")  # no range
+        with open(os.path.join(top, "package-lock.json")) as f:
+            lock = json.load(f)["packages"]
+        entry = lock["node_modules/autobahn-browser"]
+        self.assertEqual(entry["version"], wanted["autobahn-browser"])
+        self.assertTrue(re.match(r"^sha512-[A-Za-z0-9+/]{86}==$", entry["integrity"]), entry)
+        self.assertEqual(set(lock), {"", "node_modules/autobahn-browser"})  # nothing else
 
 
 class MountedTests(TestCase):
