@@ -82,6 +82,15 @@ class CrossbarProcess(ZwrmProcess):
         return self
 
 
+def registrations(agent):
+    """How many times C{agent} (an L{AgentProcess}) has registered, from its log."""
+    try:
+        with open(agent.log_path, errors="replace") as f:
+            return f.read().count("registered as host")
+    except OSError:
+        return 0
+
+
 async def _connects(port):
     from twisted.internet.endpoints import TCP4ClientEndpoint
 
@@ -234,5 +243,14 @@ class BehindCrossbarTests(AcceptancePath, TestCase):
 
         await poll(reactor, back, 60, interval=1.0, what=f"{dst} ready again")
         self.assertIn("wamp.close.killed", by_id[dst].log_tail(400))
+
+        # the control plane restarts; the agents' sessions on Crossbar outlive it, so it
+        # ends them once (wamp.session.kill_by_authrole) and they register again: the drain
+        # below calls both executors
+        before = {h: registrations(a) for h, a in by_id.items()}
+        await cp.stop()
+        await cp.start(timeout=120)
+        await poll(reactor, lambda: all(registrations(a) > before[h] for h, a in by_id.items()),
+                   60, what="both agents registered again after the control plane's restart")
 
         await self.drain_and_check(src, dst, known, cp)

@@ -29,7 +29,12 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.crossbar.router import configure_tls, ensure_crossbar, sample_config
-from tests.crossbar.test_end_to_end import TICKET, AcceptancePath, CrossbarProcess
+from tests.crossbar.test_end_to_end import (
+    TICKET,
+    AcceptancePath,
+    CrossbarProcess,
+    registrations,
+)
 from zwrm import pki
 from zwrm.pki.main import main as pki_main
 from zwrm.testing.processes import (
@@ -124,14 +129,6 @@ async def attempt(port, authid, ticket, tls_options, timeout=30):
     return first[0]
 
 
-def _count(path, words):
-    try:
-        with open(path, errors="replace") as f:
-            return f.read().count(words)
-    except OSError:
-        return 0
-
-
 @pytest.mark.qemu
 @pytest.mark.multihost
 class CrossbarTLSTests(AcceptancePath, TestCase):
@@ -200,7 +197,7 @@ class CrossbarTLSTests(AcceptancePath, TestCase):
             self.addCleanup(moved.stop)
             await moved.start()
             try:
-                await poll(reactor, lambda m=moved: _count(m.log_path, "registered as host") >= 2,
+                await poll(reactor, lambda m=moved: registrations(m) >= 2,
                            60, what=f"{a.name} registered again on the agents' transport")
             except PollTimeout as e:
                 self.fail(f"{e}\n{moved.log_tail(30)}\n{cb.log_tail(30)}")

@@ -331,7 +331,17 @@ class ControlPlane(service.MultiService):
         await self.external.joined()
 
     def _router_session(self, session):
+        first = self.session is None
         self.session = session
+        if first:
+            # Behind an external router the agents' sessions outlive a restart of this
+            # process, but their executors count as unregistered here until they register
+            # again (and their image caches keep the registry_url they learnt): end their
+            # sessions once, as a restart with the embedded router does.
+            d = session.call("wamp.session.kill_by_authrole", "agent", reason="wamp.close.killed",
+                             message="the control plane started; register again")
+            d.addErrback(lambda f: self.log.warn(
+                "could not ask the agents to register again: {why}", why=f.getErrorMessage()))
 
     def wamp_connected(self):
         """Whether the control component is on its router (always, for the embedded one)."""
