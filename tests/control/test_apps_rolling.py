@@ -7,7 +7,7 @@ Time is the control side's L{task.Clock} (what C{min_healthy_time} counts); the 
 run the fake driver on the real reactor.
 """
 
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import ensureDeferred, succeed
 from twisted.trial.unittest import TestCase
 
 from tests.control.test_apps import Cluster, d
@@ -66,6 +66,42 @@ class RollingTests(TestCase):
                          [(m["id"], "running") for m in before["machines"]])
         self.assertEqual(after["spec"]["image"], before["spec"]["image"])
         self.assertEqual(after["spec_version"], before["spec_version"] + 2)
+
+    def rollout_events(self, c):
+        return [(e["payload"]["state"], e["payload"]["replaced"], e["payload"]["total"])
+                for t, e in c.published if t == "zwrm.event.app" and e["kind"] == "rollout"]
+
+    @d
+    async def test_progress_is_announced(self):
+        c = await self.cluster()
+        old = {m["id"] for m in await c.machines("web")}
+        done = ensureDeferred(c.apps.deploy(
+            "web", {"memory_mb": 300, "update": {"min_healthy_time": 10}}))
+        await poll(lambda: succeed(bool(self.rollout_events(c))), what="started")
+        started = [e for t, e in c.published if t == "zwrm.event.app"
+                   and e["kind"] == "rollout"][0]["payload"]
+        self.assertEqual((started["app"], started["version"], started["update"]["max_parallel"]),
+                         ("web", 2, 1))
+        for n in (1, 2):
+            async def new_running(n=n):
+                ms = await c.machines("web")
+                return len([m for m in ms if m["id"] not in old and m["state"] == "running"]) >= n
+
+            await poll(new_running, what=f"new machine {n}")
+            c.clock.advance(10)
+        await done
+        self.assertEqual(self.rollout_events(c),
+                         [("started", 0, 2), ("progress", 1, 2), ("completed", 2, 2)])
+
+    @d
+    async def test_a_revert_is_announced(self):
+        c = await self.cluster()
+        bad = dict(c.spec()["image"], kernel=c.kernel + ".missing")
+        with self.assertRaises(errors.Unavailable) as cm:
+            await c.apps.deploy("web", {"image": bad, "update": {"min_healthy_time": 1}})
+        self.assertEqual(self.rollout_events(c), [("started", 0, 2), ("reverted", 0, 2)])
+        last = [e for t, e in c.published if t == "zwrm.event.app"][-1]["payload"]
+        self.assertEqual(last["reason"], cm.exception.message)
 
     def test_update_settings_are_checked(self):
         for bad, word in [({"max_parallel": -1}, "max_parallel"),

@@ -90,6 +90,14 @@ class Rollout:
         finally:
             placements.lock.release()
         await store_spec()
+        version, total = app["spec_version"], len(stale)
+
+        def announce(state, reason, replaced):
+            return self._data.apps.rollout(app, state, reason, version=version,
+                                           replaced=replaced, total=total, update=update)
+
+        await announce("started", f"rolling update to version {version}: {total} machine(s), "
+                                  f"{update['max_parallel']} at a time", 0)
         rest = set(range(max(spec["replicas"], old_spec["replicas"]))) - old_replicas
         if rest:
             await converge(app, spec, replace=True, only=rest)
@@ -104,12 +112,22 @@ class Rollout:
                     revert = dict(old_spec)
                     await self._data.apps.set_spec(app, revert, "deployed", reverted=True,
                                                    reason_detail=reason)
-                    await converge(app, revert, replace=True)
-                    raise errors.Unavailable(
-                        f"the update of {app['name']} failed ({reason}); reverted to the "
-                        f"previous version (now version {app['spec_version']})") from None
-                raise errors.Unavailable(
-                    f"the update of {app['name']} stopped ({reason})") from None
+                    try:
+                        await converge(app, revert, replace=True)
+                    finally:
+                        message = (f"the update of {app['name']} failed ({reason}); reverted "
+                                   f"to the previous version (now version "
+                                   f"{app['spec_version']})")
+                        await announce("reverted", message, start)
+                    raise errors.Unavailable(message) from None
+                message = f"the update of {app['name']} stopped ({reason})"
+                await announce("failed", message, start)
+                raise errors.Unavailable(message) from None
+            done = start + len(batch)
+            if done < total:
+                await announce("progress", f"{done} of {total} machine(s) replaced", done)
+        await announce("completed", f"version {version} rolled out: {total} machine(s) "
+                                    "replaced", total)
 
     async def _replace_batch(self, app, spec, batch, update):
         """Replace the old machines of C{batch} (see L{rolling})."""

@@ -11,7 +11,11 @@ C{app_id}, C{app} (its name) and C{reason}:
  - C{created}: a new, empty app;
  - C{deployed}: a new spec was stored (its next C{spec_version});
  - C{scaled}: its replica count changed (C{replicas}; a new spec version too);
- - C{destroyed}: its row was deleted, or its spec cleared (C{volumes_kept} true).
+ - C{destroyed}: its row was deleted, or its spec cleared (C{volumes_kept} true);
+ - C{rollout}: a rolling update's progress (L{Apps.rollout}): C{state} C{started},
+   C{progress}, C{completed}, C{failed} or C{reverted}, with C{version} (the spec version
+   being rolled out), C{replaced} and C{total} (old machines replaced so far, of), and
+   the update's settings (C{update}); the event log keeps it, no row changes.
 """
 
 import hashlib
@@ -168,6 +172,15 @@ class Apps(Resource):
         row["spec_version"] = await self._store.run(store)
         row["spec"] = spec
         await self._produce(kind, row, kind, **extra)
+        return row
+
+    @update_method
+    async def rollout(self, row, state, reason, **extra):
+        """
+        Announce a rolling update's progress (C{state}: C{started}, C{progress},
+        C{completed}, C{failed}, C{reverted}); event C{rollout}, kept in the event log.
+        """
+        await self._produce("rollout", row, reason, state=state, **extra)
         return row
 
     @update_method
