@@ -187,10 +187,11 @@ class KernelIngressTests(TestCase):
         self.assertIn(f"tcp dport {self.port} ", rules)
         self.assertNotIn(f"tcp dport {other} ", rules)
 
-    async def test_a_replica_leaving_keeps_its_connection_until_the_drain_timeout(self):
-        h1 = self.net.address("h1")
-        await self.publish(healthy=("g2",))
-        hold = subprocess.Popen(self.net.argv("client", [sys.executable, "-c", HOLD, h1,
+    async def hold(self):
+        """A connection to h1's published port kept open: C{say()} sends a line, returns
+        the name of the replica that answered (or C{closed}, C{error ...})."""
+        hold = subprocess.Popen(self.net.argv("client", [sys.executable, "-c", HOLD,
+                                                         self.net.address("h1"),
                                                          str(self.port)]),
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.addCleanup(lambda: (hold.kill(), hold.wait()))
@@ -201,6 +202,12 @@ class KernelIngressTests(TestCase):
             return (await deferToThread(hold.stdout.readline)).strip()
 
         self.assertEqual((await deferToThread(hold.stdout.readline)).strip(), "connected")
+        return say
+
+    async def test_a_replica_leaving_keeps_its_connection_until_the_drain_timeout(self):
+        h1 = self.net.address("h1")
+        await self.publish(healthy=("g2",))
+        say = await self.hold()
         self.assertEqual(await say(), "g2")
         # g2 leaves (stopped, drained, moved): new connections go to g1 at once; the open
         # one goes on being served by g2 ...
@@ -246,3 +253,25 @@ class KernelIngressTests(TestCase):
         self.assertIn("chain guest_out", rules)  # isolation applied
         self.assertNotIn("dnat ip to", rules)
         self.assertEqual(self.agent.ingress.ports(), [self.port])  # the proxy has the port
+
+    async def test_an_agent_restart_keeps_open_connections_and_forwards_again(self):
+        h1 = self.net.address("h1")
+        await self.publish(healthy=("g1",))
+        say = await self.hold()
+        self.assertEqual(await say(), "g1")
+        # The agent process ends (its proxy with it); a new one's HostNetwork writes its
+        # rules without the forwarding until the control plane's view comes; open
+        # connections go on meanwhile.
+        await defer.gatherResults(self.agent.ingress.close())
+        hn = HostNetwork(reactor, local_address=h1, run=self.runs["h1"],
+                         state_dir=os.path.join(self.root, "h1-again"), drain_timeout=3.0)
+        await hn.add_machine("g1", "web", {"address": "10.80.1.2", "prefix": 16,
+                                           "gateway": "10.80.1.1", "mtu": 1450}, recreate=False)
+        self.assertNotIn("dnat ip to", await self.runs["h1"]("nft", "list", "ruleset"))
+        self.assertEqual(await say(), "g1")
+        self.agent = AgentNetwork(reactor, "h1", None, host_network=hn, dns_port=0,
+                                  drain_timeout=3.0)
+        await self.publish(healthy=("g1", "g2"))
+        self.assertEqual(sorted({await self.once("client", h1, self.port) for _ in range(4)}),
+                         ["g1", "g2"])
+        self.assertEqual(await say(), "g1")
