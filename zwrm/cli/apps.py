@@ -8,9 +8,18 @@ import os
 import sys
 import time
 
-from twisted.internet import task
+from twisted.internet import defer, task
 
-from zwrm.cli.client import EXIT_REMOTE, EXIT_USAGE, CliError, call, close, connect, load_settings
+from zwrm.cli.client import (
+    EXIT_REMOTE,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    CliError,
+    call,
+    close,
+    connect,
+    load_settings,
+)
 from zwrm.cli.host import _table, _with_session
 
 
@@ -406,9 +415,11 @@ async def deploy(reactor, args, out=None):
         if plan["unplaceable"]:
             raise CliError(f"the deploy would fail: {plan['unplaceable']}", EXIT_REMOTE)
         return
-    session = await connect(reactor, load_settings(args.api_url))
+    settings = load_settings(args.api_url)
+    session = await connect(reactor, settings)
     try:
-        app = await call(session, "zwrm.app.deploy", args.app, spec)
+        app = await deploy_following(reactor, session, args.app, spec, out, args.json,
+                                     settings["timeout"])
         if args.wait:
             deadline = reactor.seconds() + args.wait
             while True:
@@ -427,6 +438,102 @@ async def deploy(reactor, args, out=None):
     finally:
         await close(session)
     _json(app, out) if args.json else format_app(app, out)
+
+
+APP_TOPIC = "zwrm.event.app"
+ROLLOUT_ENDS = ("completed", "failed", "reverted")
+
+
+async def deploy_following(reactor, session, name, spec, out, as_json, timeout):
+    """
+    Call C{zwrm.app.deploy(name, spec)} and return its answer (the app's status).
+
+    A rolling update outlasts a call's timeout: the call is timed only until the control
+    plane announces that the update started (C{zwrm.event.app}, kind C{rollout}); from then
+    on its announcements are followed (each printed as a line, not with C{as_json}) until
+    the update ends and the call answers.  Between two announcements it waits at most the
+    update's C{healthy_deadline} and C{min_healthy_time} plus C{timeout} (one batch, then a
+    slow control plane), else it gives up (exit 8; the update goes on).  A session that may
+    not subscribe makes a plain call (bounded by C{timeout}).
+    """
+    queue = defer.DeferredQueue()
+
+    def on_event(event=None, *args, **kwargs):
+        if not isinstance(event, dict) or event.get("kind") != "rollout":
+            return
+        payload = event.get("payload")
+        if isinstance(payload, dict) and payload.get("app") == name:
+            queue.put(payload)
+
+    try:
+        subscription = await session.subscribe(on_event, APP_TOPIC)
+    except Exception:
+        return await call(session, "zwrm.app.deploy", name, spec)
+    try:
+        saved, session.timeout = getattr(session, "timeout", None), None
+        try:  # timed below, on the announcements, not as one call
+            answer = defer.Deferred.fromCoroutine(call(session, "zwrm.app.deploy", name, spec))
+        finally:
+            session.timeout = saved
+        answered = defer.Deferred()
+        answer.addBoth(lambda r: (answered.called or answered.callback(None), r)[1])
+        wait, started = timeout, False
+        while not answered.called:
+            news = queue.get()
+            which = await _first_of(reactor, wait, answered, news)
+            if which != 1:
+                news.cancel()  # not taken: a later announcement stays in the queue
+                news.addErrback(lambda f: None)
+            if which is None:
+                answer.addErrback(lambda f: None)  # given up: a late answer is dropped
+                if not started:
+                    raise CliError(f"the control plane did not answer zwrm.app.deploy within "
+                                   f"{wait:g} s", EXIT_TIMEOUT)
+                raise CliError(f"no news of the update of {name} for {wait:g} s; it may still "
+                               f"be running (see zwrm status {name})", EXIT_TIMEOUT)
+            if which == 0:
+                break
+            p = await news
+            if not as_json:
+                out.write(f"{name}: {p.get('reason')}\n")
+            if p.get("state") == "started":
+                started = True
+                update = p.get("update") or {}
+                wait = (float(update.get("healthy_deadline") or 0)
+                        + float(update.get("min_healthy_time") or 0)
+                        + float((p.get("spec") or {}).get("shutdown_delay") or 0) + timeout)
+            elif p.get("state") in ROLLOUT_ENDS:
+                wait = timeout  # the answer follows
+        return await answer
+    finally:
+        try:
+            await subscription.unsubscribe()
+        except Exception:
+            pass  # the session is closing
+
+
+def _first_of(reactor, seconds, *ds):
+    """
+    A Deferred firing with the index of the first of C{ds} to fire (their results are
+    left as they are), or with L{None} after C{seconds}.
+    """
+    done = defer.Deferred()
+
+    def fired(result, i):
+        if not done.called:
+            done.callback(i)
+        return result
+
+    timer = reactor.callLater(seconds, lambda: done.called or done.callback(None))
+    for i, d in enumerate(ds):
+        d.addBoth(fired, i)
+
+    def stop(result):
+        if timer.active():
+            timer.cancel()
+        return result
+
+    return done.addBoth(stop)
 
 
 async def scale(reactor, args, out=None):

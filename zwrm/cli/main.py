@@ -78,6 +78,8 @@ def _following(args):
         return True  # until detached, or the console closes
     if name == "events":
         return bool(getattr(args, "follow", False))  # until interrupted
+    if name == "deploy":  # a rolling update: until it ends (zwrm.cli.apps.deploy_following)
+        return not getattr(args, "plan", False)
     return getattr(args, "images_command", None) == "push"
 
 

@@ -1,0 +1,1 @@
+`zwrm deploy` follows a rolling update to its end on the control plane's announcements (`zwrm.event.app`, kind `rollout`: started, progress, completed, failed, reverted), printing each, instead of giving up after the 120 s call timeout.

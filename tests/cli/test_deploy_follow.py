@@ -1,0 +1,110 @@
+"""
+C{zwrm deploy} follows a rolling update on its announcements (C{zwrm.event.app}, kind
+C{rollout}) instead of one call bounded by the timeout: against a real control plane over a
+real socket, whose deploy is held at each step by the test (its rollout service is replaced by
+one that announces as the real one does and waits for the test between announcements).  The
+command's timers run on a L{task.Clock}, so "longer than the timeout" is the test's to say.
+"""
+
+import io
+
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import TestCase
+
+from tests.agent.test_membership import start_plane
+from tests.cli.test_cli import d
+from zwrm.cli import client
+from zwrm.cli.apps import deploy_following
+from zwrm.cli.client import EXIT_TIMEOUT, CliError
+from zwrm.testing.processes import poll
+
+UPDATE = {"max_parallel": 1, "min_healthy_time": 0.0, "healthy_deadline": 10.0,
+          "auto_revert": True}
+
+
+class HeldRollout:
+    """A rollout service whose steps the test releases; it announces as the real one does."""
+
+    def __init__(self, data, announce=True):
+        self._data = data
+        self.announce = announce
+        self.gates = [Deferred(), Deferred()]
+
+    async def deploy(self, app, given, merge=True, **extra):
+        spec = dict(given)
+        await self._data.apps.set_spec(app, spec, "deployed")
+        if not self.announce:
+            return
+        version = app["spec_version"]
+
+        def say(state, reason, replaced):
+            return self._data.apps.rollout(app, state, reason, version=version,
+                                           replaced=replaced, total=2, update=UPDATE)
+
+        await say("started", f"rolling update to version {version}: 2 machine(s), 1 at a time",
+                  0)
+        await self.gates[0]
+        await say("progress", "1 of 2 machine(s) replaced", 1)
+        await self.gates[1]
+        await say("completed", f"version {version} rolled out: 2 machine(s) replaced", 2)
+
+
+class DeployFollowTests(TestCase):
+    timeout = 60
+
+    async def start(self, announce=True):
+        plane, _ = await start_plane(self)
+        self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
+        await plane.apps.create_app("web")
+        held = HeldRollout(plane.apps.data, announce)
+        plane.apps.rollout = held  # the facade looks it up at each call
+        session = await client.connect(reactor, dict(client.load_settings(plane.url),
+                                                     timeout=1.0))
+        self.addCleanup(client.close, session)
+        clock = task.Clock()
+        out = io.StringIO()
+        done = Deferred.fromCoroutine(deploy_following(
+            clock, session, "web", {"image": "demo:2"}, out, False, 1.0))
+        return held, clock, out, done
+
+    @d
+    async def test_an_update_longer_than_the_timeout_is_followed_to_its_end(self):
+        held, clock, out, done = await self.start()
+        await poll(reactor, lambda: "started" in out.getvalue() or "rolling" in out.getvalue(),
+                   10, 0.01, what="the start")
+        clock.advance(5)  # five times the call timeout: the update runs, the command waits
+        self.assertFalse(done.called)
+        held.gates[0].callback(None)
+        await poll(reactor, lambda: "1 of 2" in out.getvalue(), 10, 0.01, what="progress")
+        clock.advance(10.5)  # each wait starts again at an announcement
+        self.assertFalse(done.called)
+        held.gates[1].callback(None)
+        app = await done
+        self.assertEqual((app["name"], app["spec"]["image"]), ("web", "demo:2"))
+        self.assertEqual(out.getvalue().splitlines(), [
+            "web: rolling update to version 1: 2 machine(s), 1 at a time",
+            "web: 1 of 2 machine(s) replaced",
+            "web: version 1 rolled out: 2 machine(s) replaced"])
+
+    @d
+    async def test_no_news_for_longer_than_a_batch_gives_up(self):
+        held, clock, out, done = await self.start()
+        await poll(reactor, lambda: "rolling" in out.getvalue(), 10, 0.01, what="the start")
+        clock.advance(10.9)  # healthy_deadline + min_healthy_time + the timeout: 11 s
+        self.assertFalse(done.called)
+        clock.advance(0.2)
+        with self.assertRaises(CliError) as cm:
+            await done
+        self.assertEqual(cm.exception.code, EXIT_TIMEOUT)
+        self.assertIn("may still be running", cm.exception.message)
+        held.gates[0].callback(None)
+        held.gates[1].callback(None)
+
+    @d
+    async def test_a_deploy_that_does_not_roll_is_one_call(self):
+        _, clock, out, done = await self.start(announce=False)
+        app = await done
+        self.assertEqual(app["spec"]["image"], "demo:2")
+        self.assertEqual(out.getvalue(), "")
+        self.assertEqual(clock.getDelayedCalls(), [])
