@@ -9,7 +9,10 @@ The acceptance path through it: join, host list, image push and list (the CLI le
 registry's address from C{zwrm.cluster.info}), deploy with a volume (the agent pulls the
 image from the registry_url it learnt: Crossbar's port serves no registry), a host going
 offline (SIGSTOP) and coming back (its session ended by C{wamp.session.kill_by_authid}
-through Crossbar), a drain that moves the machine and its volume to the other host.
+through Crossbar), a restart of the control plane with its registry on another port (the
+agents' Crossbar sessions outlive it: it ends them once so that they register again, and they
+learn the new registry_url), a drain that moves the machine and its volume to the other host
+(whose agent pulls the image from the new address).
 """
 
 import json
@@ -197,10 +200,14 @@ class BehindCrossbarTests(AcceptancePath, TestCase):
         http_port = free_port()
         with open(f"{tmp}/router.ticket", "w") as f:
             f.write(TICKET + "\n")
-        with open(f"{tmp}/control.toml", "w") as f:
-            f.write(f'[control]\nrouter_url = "{cb.control_url}"\n'
-                    f'router_ticket_file = "{tmp}/router.ticket"\n'
-                    f'registry_url = "http://127.0.0.1:{http_port}"\n')
+
+        def write_config(http_port):
+            with open(f"{tmp}/control.toml", "w") as f:
+                f.write(f'[control]\nrouter_url = "{cb.control_url}"\n'
+                        f'router_ticket_file = "{tmp}/router.ticket"\n'
+                        f'registry_url = "http://127.0.0.1:{http_port}"\n')
+
+        write_config(http_port)
         cp = ControlPlaneProcess(reactor, f"{tmp}/cp", port=http_port, heartbeat_interval=1.0,
                                  check_interval=1.0, offline_after=4.0, grace=4.0,
                                  extra_args=["--config", f"{tmp}/control.toml"])
@@ -244,11 +251,18 @@ class BehindCrossbarTests(AcceptancePath, TestCase):
         await poll(reactor, back, 60, interval=1.0, what=f"{dst} ready again")
         self.assertIn("wamp.close.killed", by_id[dst].log_tail(400))
 
-        # the control plane restarts; the agents' sessions on Crossbar outlive it, so it
-        # ends them once (wamp.session.kill_by_authrole) and they register again: the drain
-        # below calls both executors
+        # the control plane restarts, with its registry on another port: the agents'
+        # sessions on Crossbar outlive it, so it ends them once (wamp.session.kill_by_authrole)
+        # and they register again, learning the new registry_url; the drain below calls both
+        # executors, and the replacement's host pulls the image from the new address
         before = {h: registrations(a) for h, a in by_id.items()}
         await cp.stop()
+        http_port = free_port()
+        write_config(http_port)
+        cp = ControlPlaneProcess(reactor, f"{tmp}/cp", port=http_port, heartbeat_interval=1.0,
+                                 check_interval=1.0, offline_after=4.0, grace=4.0,
+                                 extra_args=["--config", f"{tmp}/control.toml"])
+        self.addCleanup(cp.stop)
         await cp.start(timeout=120)
         await poll(reactor, lambda: all(registrations(a) > before[h] for h, a in by_id.items()),
                    60, what="both agents registered again after the control plane's restart")
