@@ -178,3 +178,24 @@ class LiveAgentsTests(TestCase):
                 break
             await deferLater(reactor, 0.1, lambda: None)
         self.assertFalse(self.b.volumes.exists("v1"), "the target's blank copy is left")
+
+    async def test_not_converging_by_the_deadline_gives_up_with_the_source_untouched(self):
+        # A link too slow for the guest's memory (64 KiB/s for 128 MiB): the RAM migration
+        # cannot finish; at the deadline it is cancelled and the source runs on.
+        self.assertTrue(await _post(self.src_port, "before", b"before"))
+        where, _port = await self.prepare()
+        with self.assertRaises(Unavailable) as cm:
+            await self.a.migrate("m1", "host-b", where, {
+                "mirror_speed": 32 * 1024 * 1024, "max_bandwidth": 64 * 1024,
+                "deadline": 3, "auto_converge": False})
+        self.assertIn("did not converge within 3 s", cm.exception.message)
+        st = await self.a.driver.migration_status("m1")
+        self.assertEqual((st["runstate"], st["migration"], st["mirrors"]),
+                         ("running", "cancelled", []))
+        self.assertEqual(await _get(self.src_port, "before"), b"before")
+        self.assertTrue(await _post(self.src_port, "after", b"after"))
+        for _ in range(100):
+            if "m1" not in self.b.incoming:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertFalse(self.b.volumes.exists("v1"), "the target's blank copy is left")

@@ -253,6 +253,26 @@ def make_live_tests(fixture):
             self.assertEqual((st["runstate"], st["mirrors"]), ("running", []))
             await fixture.write(self, src, "m1", "still", b"the source serves\n")
 
+        async def test_target_killed_at_the_switchover_leaves_the_source_running(self):
+            src, dst, vol_a, vol_b, where, stls = await self.source_and_target()
+            sev = Events()
+            src.live_subscribe("m1", sev)
+            await src.start_mirror("m1", where, stls, speed=50 * 1024 * 1024)
+            await sev.wait(lambda n, d: n == "BLOCK_JOB_READY")
+            await src.start_migration("m1", where, stls)
+            await sev.wait(lambda n, d: n == "MIGRATION" and d.get("status") == "pre-switchover")
+            # The guest is paused; the target dies before the mirrors' final sync.
+            fixture.kill(dst, "m1")
+            await poll(lambda: dst.status("m1")["state"] != "running", 30, what="target ended")
+            with self.assertRaises(Unavailable):
+                await src.complete_switchover("m1", timeout=20)
+            await src.cancel_migration("m1")
+            st = await src.migration_status("m1")
+            self.assertEqual((st["runstate"], st["mirrors"]), ("running", []))
+            await fixture.write(self, src, "m1", "still", b"the source serves\n")
+            self.assertEqual(await fixture.read(self, src, "m1", "still"),
+                             b"the source serves\n")
+
         async def test_recover_after_agent_restarts_mid_migration(self):
             # Both agents restart while the mirror is in sync: the target (inmigrate) is
             # ended, the source's migration is cancelled and it runs on.
