@@ -312,6 +312,15 @@ class ConsoleBrowserTests(TestCase):
         state = {h["id"]: h["state"] for h in await host_list(reactor, cp)}
         self.assertEqual(state[drained], "ready")
 
+        # the audit trail shows what the console did, as the operator
+        await b.js("location.hash = '#audit'")
+        done = await wait_js(b, "return [...document.querySelectorAll('#audit-table tr[data-procedure]')]"
+                                ".map(r => r.dataset.procedure)", 30, "the audit trail")
+        for procedure in ("zwrm.host.drain", "zwrm.machine.destroy", "zwrm.app.scale",
+                          "zwrm.host.activate", "zwrm.host.undrain"):
+            self.assertIn(procedure, done)
+        await b.shot("audit.png")
+
     async def _viewer(self, cp, b, base, token):
         await b.js("document.getElementById('logout').click()")
         await wait_js(b, "return !document.getElementById('login-view').hidden", 30, "logged out")
@@ -327,6 +336,10 @@ class ConsoleBrowserTests(TestCase):
         self.assertTrue(buttons)
         self.assertEqual([a for a, disabled in buttons if not disabled], [], buttons)
         await b.shot("viewer.png")
+        await b.js("location.hash = '#audit'")
+        await wait_js(b, "return document.querySelector('#audit-table tbody').textContent"
+                         ".includes('operators only')", 30, "no audit trail for a viewer")
+        await b.js("location.hash = '#hosts'")
         # forced: the button enabled by hand and clicked; the router refuses the call
         await b.js("const x = document.querySelector(`button[data-action=drain][data-host='${arguments[0]}']`);"
                    " x.disabled = false; x.click();", ready)

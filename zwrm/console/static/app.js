@@ -455,7 +455,7 @@ function drawAudit() {
     body.replaceChildren(h("tr", {}, h("td", { colspan: 6, class: "empty" }, "The audit trail is shown to operators only.")));
     return;
   }
-  const rows = (state.audit || []).slice().reverse().map((a) => h("tr", {},
+  const rows = (state.audit || []).slice().reverse().map((a) => h("tr", { dataset: { procedure: a.procedure, result: a.result } },
     h("td", { class: "num" }, time(a.ts)), h("td", {}, a.authid, h("div", { class: "small" }, a.role)),
     h("td", { class: "mono" }, a.procedure), h("td", { class: "mono" }, JSON.stringify(a.args)),
     h("td", {}, a.result), h("td", { class: "small" }, a.message || "")));
