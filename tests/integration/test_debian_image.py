@@ -7,6 +7,9 @@ The health check passes, cloud-init installed the key and mounted the volume whe
 says (by its virtio serial), data written over HTTP survives the machine being replaced and
 the console shows a login prompt, and a drain moves it to the other host with its volume.
 Hostile qcow2 disks are refused at push.
+
+The same disk also boots alone as a UEFI image (C{--firmware uefi}: OVMF, a variable store of
+the machine's own, systemd-boot from the disk's EFI system partition) to a healthy service.
 """
 
 import json
@@ -21,6 +24,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.drivers.test_diskimage import hostile_images
+from zwrm.drivers import qemu
 from zwrm.testing import debian
 from zwrm.testing.processes import poll, run_cli, start_vm_cluster, temp_dir
 
@@ -31,6 +35,39 @@ class DebianImageTests(TestCase):
 
     def test_debian_cloud_image(self):
         return ensureDeferred(self._scenario())
+
+    async def test_uefi_disk_boots_to_healthy(self):
+        img = await deferToThread(debian.build)
+        cp, [agent] = await start_vm_cluster(reactor, self, agents=1)
+        await self.cli(cp, "images", "push", "deb-uefi:12", "--disk", img.disk, "--firmware",
+                       "uefi", "--port", "8080", "-q", timeout=600)
+        listed = (await self.cli(cp, "images", "list", "deb-uefi")).splitlines()[1].split()
+        self.assertEqual(listed[-1], "disk")  # no kernel: the disk boots
+        await self.cli(cp, "apps", "create", "efi")
+        out = await self.cli(cp, "deploy", "efi", "--image", "deb-uefi:12", "--memory", "512",
+                             "--port", "8080", "--health-http", "/", "--health-grace", "900",
+                             "--health-interval", "5", "--wait", "1200", "--json",
+                             timeout=1260)
+        [m] = json.loads(out)["machines"]
+        self.assertEqual((m["state"], m["health"]), ("running", "passing"))
+        code, body = await self.get(m["host_port"], "/")
+        self.assertEqual(code, 200)
+        self.assertIn("zwrm-web ok", body)
+        self.assertIn("/dev/vda2 / ext4", (await self.get(m["host_port"], "/mounts"))[1])
+        mdir = os.path.join(agent.data_dir, "machines", m["id"])
+        self.assertEqual(os.stat(os.path.join(mdir, qemu.EFI_VARS)).st_mode & 0o777, 0o600)
+        with open(os.path.join(mdir, "qemu.pid")) as f:
+            with open(f"/proc/{int(f.read())}/cmdline", "rb") as c:
+                argv = c.read().split(b"\0")
+        self.assertNotIn(b"-kernel", argv)
+        self.assertIn(f"if=pflash,format=raw,unit=0,readonly=on,file={qemu.OVMF}".encode(), argv)
+
+        async def login_prompt():
+            return debian.LOGIN_PROMPT in await self.cli(cp, "logs", m["id"])
+
+        await poll(reactor, login_prompt, 600, interval=5, what="a login prompt on the console")
+        await self.cli(cp, "destroy", "efi", "--json", timeout=300)
+        self.assertFalse(os.path.exists(mdir))
 
     async def cli(self, cp, *args, timeout=60, ok=True):
         code, out, err = await run_cli(reactor, list(args), cp.url, cp.operator_token,
@@ -87,7 +124,7 @@ class DebianImageTests(TestCase):
         self.assertIn(pubkey, (await self.get(port, "/keys"))[1])
         mounts = (await self.get(port, "/mounts"))[1]
         self.assertIn(" /data ext4 ", mounts)
-        self.assertIn("/dev/vda / ext4", mounts)
+        self.assertIn("/dev/vda2 / ext4", mounts)  # the root disk is the first disk
         self.assertIn('GREETING="hello zwrm"', (await self.get(port, "/env"))[1])
         await self.write(cp, m, port, "note.txt", b"kept across machines")
 

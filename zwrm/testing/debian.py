@@ -2,9 +2,9 @@
 A real Debian 12 cloud image for the tests and the boot benchmark, built with mmdebstrap from
 Debian's packages and cached by the hash of its recipe.
 
-What is in it: systemd, cloud-init (NoCloud only), openssh-server, ifupdown with DHCP, the
-Debian kernel and its initramfs, and a small HTTP service on port 8080 (C{zwrm-web}, a
-Python script run by systemd) that answers::
+What is in it: systemd, cloud-init (NoCloud only), openssh-server, ifupdown with DHCP, Debian's
+cloud kernel (C{linux-image-cloud-amd64}: virtio, no hardware drivers) and its initramfs, and a
+small HTTP service on port 8080 (C{zwrm-web}, a Python script run by systemd) that answers::
 
     GET  /              "zwrm-web ok <hostname>"          (the health check)
     GET  /keys          the default user's authorized_keys (what cloud-init installed)
@@ -13,14 +13,29 @@ Python script run by systemd) that answers::
     GET  /data/NAME     the file NAME under /data (404 if absent)
     POST /data/NAME     writes the body to /data/NAME and fsyncs it before answering "ok"
 
-The image is kernel + initrd + disk: the disk is an ext4 file system without a partition
-table (C{root=/dev/vda}), as qcow2; the kernel and initrd are taken out of it. The console
-is C{ttyS0}, with a getty (the login prompt C{zwrm-debian login:}).
+Nothing else: no documentation, manual pages, locales, apt lists or caches (dpkg's
+C{path-exclude}, so packages installed later in the guest leave them out too), no perl, no
+kernel modules for hardware a QEMU guest has not (L{MODULES_PRUNED}), no kernel in the root
+file system: about 300 MiB of qcow2 (the first recipe, with all of that, was 828 MiB).
+
+The disk boots in both of zwrm's forms. It has a GPT with two partitions: an EFI system
+partition (FAT, 128 MiB: systemd-boot as C{EFI/BOOT/BOOTX64.EFI}, the kernel, the initrd and a
+loader entry with L{CMDLINE}) and the ext4 root (C{/dev/vda2}, label C{root}). So it is
+
+ - kernel + initrd + disk: push the kernel, the initrd and the disk with C{--cmdline}
+   L{CMDLINE} (which names C{root=/dev/vda2}); or
+ - a self-booting UEFI disk: push the disk alone with C{--firmware uefi} (OVMF runs
+   systemd-boot from the ESP, which boots the same kernel with the same command line).
+
+The disk is qcow2 (sparse: only written clusters). The console is C{ttyS0}, with a getty (the
+login prompt C{zwrm-debian login:}).
 
 The build needs root (mmdebstrap's root mode, as CI's setup runs it) or working user
-namespaces (its unshare mode), network access to deb.debian.org, and a few minutes; its result
-lives in C{<cache>/<hash>/} (default C{/var/cache/zwrm-ci/images}), so it is built once per
-recipe. Call L{build} from a thread or a setup script, never from the reactor thread::
+namespaces (its unshare mode), network access to deb.debian.org, C{sfdisk} (fdisk),
+C{mkfs.vfat} (dosfstools), C{mcopy} (mtools) and a few minutes; its result lives in
+C{<cache>/<hash>/} (default C{/var/cache/zwrm-ci/images}), so it is built once per recipe
+(a new build removes the images of earlier recipes).
+Call L{build} from a thread or a setup script, never from the reactor thread::
 
     python -m zwrm.testing.debian [CACHE_DIR]
 """
@@ -37,15 +52,45 @@ from dataclasses import dataclass
 DEFAULT_CACHE = "/var/cache/zwrm-ci/images"
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
-DISK_SIZE = "2G"
+DISK_SIZE = 2 << 30
+#: The EFI system partition: from 1 MiB, 128 MiB; the root partition fills the rest but the
+#: last MiB (the GPT's backup).
+ESP_START, ESP_SIZE = 1 << 20, 128 << 20
+ROOT_START = ESP_START + ESP_SIZE
+ROOT_SIZE = DISK_SIZE - ROOT_START - (1 << 20)
 SERVICE_PORT = 8080
 LOGIN_PROMPT = "login:"
-CMDLINE = "console=ttyS0 root=/dev/vda rw net.ifnames=0 quiet systemd.show_status=0"
+CMDLINE = "console=ttyS0 root=/dev/vda2 rw net.ifnames=0 quiet systemd.show_status=0"
+#: systemd-boot, from the image's own systemd-boot-efi package.
+SYSTEMD_BOOT = "usr/lib/systemd/boot/efi/systemd-bootx64.efi"
 
 PACKAGES = [
-    "systemd-sysv", "udev", "dbus", "linux-image-amd64", "initramfs-tools", "cloud-init",
+    "systemd-sysv", "udev", "dbus", "linux-image-cloud-amd64", "initramfs-tools", "cloud-init",
     "openssh-server", "ifupdown", "isc-dhcp-client", "python3", "netbase", "e2fsprogs",
-    "iproute2", "ca-certificates", "procps",
+    "iproute2", "ca-certificates", "procps", "systemd-boot-efi",
+    # init-system-helpers needs "usrmerge | usr-is-merged" (usrmerge brings perl, 50 MB).
+    "usr-is-merged",
+]
+
+#: What dpkg leaves out (here and in packages the guest installs later).
+PATH_EXCLUDE = [
+    "/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*",
+    "/usr/share/lintian/*", "/usr/share/linda/*", "/usr/share/bug/*", "/usr/share/zsh/*",
+    "/usr/share/bash-completion/*", "/usr/share/common-licenses/*",
+    # The locales' sources (16 MB): the guest runs in C.UTF-8 (glibc's own; see CLOUD_CFG).
+    "/usr/share/i18n/*",
+]
+
+#: Kernel modules for hardware a QEMU guest with virtio disks and NIC never has, and file
+#: systems it never mounts (under /usr/lib/modules/<version>/kernel/).
+MODULES_PRUNED = [
+    "drivers/infiniband", "drivers/md", "drivers/target", "drivers/scsi", "drivers/comedi",
+    "drivers/nvme", "drivers/ata", "drivers/gpu", "drivers/media", "drivers/usb",
+    "drivers/hid", "drivers/isdn", "drivers/staging", "drivers/net/ethernet",
+    "drivers/net/wireless", "drivers/net/can", "fs/btrfs", "fs/xfs", "fs/nfs", "fs/nfsd",
+    "fs/smb", "fs/ceph", "fs/ocfs2", "fs/gfs2", "fs/nilfs2", "fs/jfs", "fs/f2fs",
+    "fs/reiserfs", "fs/udf", "fs/ntfs3", "fs/dlm", "fs/afs", "fs/orangefs", "fs/coda",
+    "net/sunrpc", "net/ceph", "net/sctp", "net/rds",
 ]
 
 WEB = r'''#!/usr/bin/python3
@@ -118,6 +163,7 @@ CLOUD_CFG = """datasource_list: [NoCloud, None]
 datasource:
   NoCloud:
     fs_label: cidata
+locale: C.UTF-8
 """
 
 #: Shell run inside the new tree (mmdebstrap --customize-hook, "$1" is the tree).
@@ -129,11 +175,31 @@ CUSTOMIZE = [
     'chroot "$1" systemctl enable zwrm-web.service serial-getty@ttyS0.service',
     'cat > "$1/etc/cloud/cloud.cfg.d/90-zwrm.cfg" <<"ZWRMEOF"\n' + CLOUD_CFG + "ZWRMEOF",
     # Quicker boots under TCG: nothing that waits for or polls what a test VM has not.
-    'chroot "$1" systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer '
-    'fstrim.timer man-db.timer systemd-networkd-wait-online.service',
-    'printf "/dev/vda / ext4 defaults,discard 0 1\\n" > "$1/etc/fstab"',
-    'rm -rf "$1/var/cache/apt/archives/"*.deb "$1/var/lib/apt/lists/"*',
+    ('chroot "$1" systemctl mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer '
+     'fstrim.timer man-db.timer systemd-networkd-wait-online.service'),
+    'printf "/dev/vda2 / ext4 defaults,discard 0 1\\n" > "$1/etc/fstab"',
+    # apt took usrmerge for init-system-helpers while usr-is-merged was asked for too: off
+    # with it and with what only it needed (perl; autoremove keeps it: perl-modules
+    # recommends it).
+    ('chroot "$1" env DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq usrmerge perl '
+     'perl-modules-5.36 libperl5.36 libfile-find-rule-perl libnumber-compare-perl '
+     'libtext-glob-perl libgdbm-compat4'),
+    'test ! -d "$1/usr/share/perl" && test -x "$1/usr/bin/cloud-init"',
+    # Caches, lists, logs and backups nothing in a test VM reads.
+    ('rm -rf "$1"/var/cache/apt/* "$1"/var/lib/apt/lists/* "$1"/var/cache/debconf/*-old '
+     '"$1"/var/lib/dpkg/*-old "$1"/var/log/*.log "$1"/var/log/apt/* "$1"/var/cache/man '
+     '"$1"/usr/share/doc/* "$1"/usr/share/man/* "$1"/usr/share/locale/*'),
+    ('for d in "$1"/usr/lib/modules/*; do (cd "$d/kernel" && rm -rf '
+     + " ".join(MODULES_PRUNED) + ') && chroot "$1" depmod -a "${d##*/}"; done'),
 ]
+
+
+#: systemd-boot's settings and the one boot entry, on the ESP.
+LOADER = {
+    "loader/loader.conf": "default debian.conf\ntimeout 0\nconsole-mode keep\n",
+    "loader/entries/debian.conf": ("title Debian 12 (zwrm test image)\nlinux /vmlinuz\n"
+                                   f"initrd /initrd.img\noptions {CMDLINE}\n"),
+}
 
 
 @dataclass
@@ -150,7 +216,8 @@ class DebianImage:
 def recipe():
     """The recipe (what determines the image); its hash names the cache entry."""
     return {"suite": SUITE, "mirror": MIRROR, "packages": PACKAGES, "customize": CUSTOMIZE,
-            "size": DISK_SIZE, "cmdline": CMDLINE, "version": 1}
+            "exclude": PATH_EXCLUDE, "size": DISK_SIZE, "esp": [ESP_START, ESP_SIZE],
+            "cmdline": CMDLINE, "loader": LOADER, "version": 3}
 
 
 def recipe_hash():
@@ -185,6 +252,7 @@ def build(cache_dir=DEFAULT_CACHE, log=sys.stderr):
         tree = os.path.join(work, "tree")
         argv = ["mmdebstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES),
                 "--aptopt=Acquire::Retries \"3\""]
+        argv += ["--dpkgopt=path-exclude=" + p for p in PATH_EXCLUDE]
         for hook in CUSTOMIZE:
             argv.append("--customize-hook=" + hook)
         argv += [SUITE, tree, MIRROR]
@@ -199,8 +267,11 @@ def build(cache_dir=DEFAULT_CACHE, log=sys.stderr):
         kernel, initrd = os.path.join(out, "vmlinuz"), os.path.join(out, "initrd.img")
         shutil.copyfile(os.path.join(boot, kernels[-1]), kernel)
         shutil.copyfile(os.path.join(boot, initrds[-1]), initrd)
-        raw = os.path.join(work, "root.raw")
-        _run(["mkfs.ext4", "-q", "-L", "root", "-d", tree, raw, DISK_SIZE], log)
+        # The kernel lives in the image's layers and on the ESP, not in the root file system.
+        for name in kernels + initrds:
+            os.unlink(os.path.join(boot, name))
+        raw = os.path.join(work, "disk.raw")
+        _partitioned_disk(raw, tree, kernel, initrd, work, log)
         disk = os.path.join(out, "disk.qcow2")
         _run(["qemu-img", "convert", "-O", "qcow2", raw, disk], log)
         os.unlink(raw)
@@ -211,14 +282,67 @@ def build(cache_dir=DEFAULT_CACHE, log=sys.stderr):
                 "service_port": SERVICE_PORT, "recipe_hash": h, "directory": final}
         with open(os.path.join(out, "image.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        os.rename(out, final)
+        try:
+            os.rename(out, final)
+        except OSError:
+            # Built at the same time by another process: take its result.
+            image = cached(cache_dir)
+            if image is None:
+                raise
+            return image
+        _prune(cache_dir, keep=h)
         return DebianImage(**meta)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _run(argv, log):
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _prune(cache_dir, keep):
+    """Remove the images of earlier recipes (entries named by another recipe hash)."""
+    for name in os.listdir(cache_dir):
+        if name != keep and len(name) == 16 and all(c in "0123456789abcdef" for c in name):
+            shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
+
+
+def _partitioned_disk(raw, tree, kernel, initrd, work, log):
+    """
+    A sparse raw GPT disk without root or loop devices: sfdisk writes the table into the file,
+    mkfs.vfat and mtools make and fill the ESP (copied in at its offset), mkfs.ext4 -d makes
+    the root at its offset.
+    """
+    with open(raw, "wb") as f:
+        f.truncate(DISK_SIZE)
+    table = ("label: gpt\n"
+             f"start={ESP_START // 512}, size={ESP_SIZE // 512}, "
+             "type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=esp\n"
+             f"start={ROOT_START // 512}, size={ROOT_SIZE // 512}, "
+             "type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=root\n")
+    _run(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", raw], log, input=table)
+    esp = os.path.join(work, "esp.img")
+    with open(esp, "wb") as f:
+        f.truncate(ESP_SIZE)
+    _run(["mkfs.vfat", "-F", "32", "-n", "ESP", "-h", str(ESP_START // 512), esp], log)
+    _run(["mmd", "-i", esp, "::/EFI", "::/EFI/BOOT", "::/loader", "::/loader/entries"], log)
+    _run(["mcopy", "-i", esp, os.path.join(tree, SYSTEMD_BOOT), "::/EFI/BOOT/BOOTX64.EFI"],
+         log)
+    _run(["mcopy", "-i", esp, kernel, "::/vmlinuz"], log)
+    _run(["mcopy", "-i", esp, initrd, "::/initrd.img"], log)
+    for name, text in LOADER.items():
+        path = os.path.join(work, os.path.basename(name))
+        with open(path, "w") as f:
+            f.write(text)
+        _run(["mcopy", "-i", esp, path, "::/" + name], log)
+    _run(["dd", f"if={esp}", f"of={raw}", "bs=1M", f"seek={ESP_START >> 20}",
+          "conv=notrunc,sparse", "status=none"], log)
+    os.unlink(esp)
+    _run(["mkfs.ext4", "-q", "-F", "-L", "root", "-E", f"offset={ROOT_START}", "-d", tree, raw,
+          f"{ROOT_SIZE // 1024}k"], log)
+    if os.path.getsize(raw) != DISK_SIZE:
+        raise RuntimeError(f"mkfs.ext4 changed the disk's size to {os.path.getsize(raw)}")
+
+
+def _run(argv, log, input=None):
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          input=input, check=False)
     if log is not None:
         log.write(proc.stdout[-4000:])
     if proc.returncode != 0:
