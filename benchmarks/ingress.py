@@ -2,7 +2,7 @@
 The ingress against going direct, and the overlay against the same namespaces without zwrm.
 
     .venv/bin/python benchmarks/ingress.py [--requests 3000] [--concurrency 8] [--seconds 5]
-                                           [--skip-overlay] [--loopback]
+                                           [--rounds 3] [--skip-overlay] [--loopback]
 
 Needs root (network namespaces, L{zwrm.testing.netns}); C{--loopback} runs only the old
 proxy-on-127.0.0.1 figures, without root.
@@ -354,6 +354,7 @@ def main():
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--rounds", type=int, default=3, help="loads of each target (medians)")
     ap.add_argument("--skip-overlay", action="store_true")
     ap.add_argument("--loopback", action="store_true",
                     help="only the proxy on 127.0.0.1 against direct (no root needed)")
@@ -365,14 +366,15 @@ def main():
         print(json.dumps(load(args.port, args.requests, args.concurrency, args.host)))
         return
     if args.part == "ingress":
-        return ingress_bench(args.requests, args.concurrency)
+        return ingress_bench(args.requests, args.concurrency, args.rounds)
     if args.part == "overlay":
         return overlay_bench(args.seconds)
     if args.loopback:
-        return loopback_bench(args.requests, args.concurrency)
+        return loopback_bench(args.requests, args.concurrency, args.rounds)
     # Each part sets up its namespaces with its own reactor run: its own process.
     me = [sys.executable, os.path.abspath(__file__), "--requests", str(args.requests),
-          "--concurrency", str(args.concurrency), "--seconds", str(args.seconds)]
+          "--concurrency", str(args.concurrency), "--seconds", str(args.seconds),
+          "--rounds", str(args.rounds)]
     subprocess.run(me + ["--part", "ingress"], check=True)
     if not args.skip_overlay:
         subprocess.run(me + ["--part", "overlay"], check=True)
