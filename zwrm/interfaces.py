@@ -370,12 +370,13 @@ class ILiveMigration(Interface):
         @return: a callable that unsubscribes. @raise NotFound: unknown machine.
         """
 
-    def start_incoming(spec, listen, tls=None):
+    def start_incoming(spec, listen, tls=None, postcopy=False):
         """
         Start machine C{spec} (a machine spec, its volumes blank files of the source's sizes)
         paused, as the target of a live migration, with an NBD server exporting each disk
         (writable) and a migration listener, both on address C{listen}, on free ports (a
-        port taken meanwhile is retried).
+        port taken meanwhile is retried). C{postcopy}: accept a post-copy migration (the
+        source's L{start_migration} must say the same).
 
         @return: a Deferred firing with C{{"host", "nbd_port", "migration_port", "exports"}}
             (C{exports}: volume id, or C{"root"}, -> export name): what L{start_mirror} and

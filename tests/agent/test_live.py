@@ -91,12 +91,12 @@ class LiveAgentsTests(TestCase):
         for mid in drv.list():
             await drv.destroy(mid)
 
-    async def prepare(self):
+    async def prepare(self, postcopy=False):
         desc = self.a.describe("m1")
         self.assertEqual(desc["volumes"], {"v1": 64 * 1024 * 1024})
         self.assertTrue(desc["facts"]["live"], desc["facts"])
         spec = _spec([{"id": "v1"}])
-        where = await self.b.prepare("m1", spec, desc["volumes"], "host-a")
+        where = await self.b.prepare("m1", spec, desc["volumes"], "host-a", postcopy=postcopy)
         return where, spec["forwards"][0]["host"]
 
     async def test_a_written_guest_moves_and_its_volume_verifies(self):
@@ -199,3 +199,22 @@ class LiveAgentsTests(TestCase):
                 break
             await deferLater(reactor, 0.1, lambda: None)
         self.assertFalse(self.b.volumes.exists("v1"), "the target's blank copy is left")
+
+    async def test_postcopy_when_allowed_completes_past_the_deadline(self):
+        # The same slow link, with post-copy allowed: at the deadline the migration switches
+        # to post-copy (the mirrors complete at its pre-switchover), the target runs while
+        # the rest of the RAM arrives, and every write is there.
+        self.assertTrue(await _post(self.src_port, "before", b"before"))
+        where, dst_port = await self.prepare(postcopy=True)
+        result = await self.a.migrate("m1", "host-b", where, {
+            "mirror_speed": 32 * 1024 * 1024, "max_bandwidth": 256 * 1024,
+            "deadline": 3, "auto_converge": False, "postcopy": True})
+        self.assertTrue(result["postcopy"])
+        for _ in range(300):
+            if self.b.incoming["m1"].machine.state == "resumed":
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(self.b.incoming["m1"].machine.state, "resumed")
+        self.assertEqual(await _get(dst_port, "before"), b"before")
+        verified = await self.b.verify("m1", "v1", await self.a.hashes("v1"))
+        self.assertTrue(verified["ok"], verified)

@@ -66,9 +66,10 @@ class Hosts:
                 "cmdline": "console=ttyS0", "vcpus": 1, "memory_mb": 128,
                 "volumes": volumes, "forwards": []}
 
-    def prepare(self, source="host-a"):
+    def prepare(self, source="host-a", postcopy=False):
         desc = self.a.describe("m1")
-        d = self.b.prepare("m1", self.spec("m1", [{"id": "v1"}]), desc["volumes"], source)
+        d = self.b.prepare("m1", self.spec("m1", [{"id": "v1"}]), desc["volumes"], source,
+                           postcopy=postcopy)
         return self.settle(d)
 
     def settle(self, d, steps=20000, step=0.01):
@@ -150,13 +151,23 @@ class LiveProceduresTests(SynchronousTestCase):
 
     def test_postcopy_when_allowed(self):
         hosts = Hosts(self, self.clock, converges=False)
-        where = hosts.prepare()
+        where = hosts.prepare(postcopy=True)
         d = hosts.a.migrate("m1", "host-b", where, {"mirror_speed": SIZE, "deadline": 5,
                                                      "postcopy": True})
         result = hosts.settle(d)
         self.assertTrue(result["postcopy"])
         self.clock.advance(1)
         self.assertEqual(hosts.b.incoming["m1"].machine.state, "resumed")
+
+    def test_postcopy_needs_the_target_to_accept_it(self):
+        hosts = Hosts(self, self.clock, converges=False)
+        where = hosts.prepare(postcopy=False)
+        d = hosts.a.migrate("m1", "host-b", where, {"mirror_speed": SIZE, "deadline": 5,
+                                                     "postcopy": True})
+        with self.assertRaises(Unavailable) as cm:
+            hosts.settle(d)
+        self.assertIn("the migration failed", cm.exception.message)
+        self.assertEqual(hosts.a.driver.status("m1")["state"], "running")
 
     def test_cancel_during_the_mirror(self):
         hosts = Hosts(self, self.clock)

@@ -907,7 +907,7 @@ class LiveMigrations:
             raise NotFound(f"machine {machine_id}: its spec is not recorded") from None
 
     @wamp.register("live.prepare")
-    def prepare(self, machine_id, spec, volumes, source):
+    def prepare(self, machine_id, spec, volumes, source, postcopy=False):
         """
         Target: prepare to receive machine C{machine_id} live from host C{source}.
 
@@ -917,13 +917,14 @@ class LiveMigrations:
             C{initrd} and C{disk} are paths on this host (the caller resolves the image
             here first, as for a start).
         @param volumes: C{{volume id: size in bytes}} (from the source's C{live.describe}).
+        @param postcopy: accept a post-copy migration (the source's policy allows it).
         @return: C{{"host", "nbd_port", "migration_port", "exports"}} for the source.
         @raise Conflict: a volume is here already. @raise Unavailable: no live migration
             here (driver, no certificate).
         """
-        return ensureDeferred(self._prepare(machine_id, spec, volumes, source))
+        return ensureDeferred(self._prepare(machine_id, spec, volumes, source, postcopy))
 
-    async def _prepare(self, machine_id, spec, volumes, source):
+    async def _prepare(self, machine_id, spec, volumes, source, postcopy=False):
         check_id(machine_id)
         check_id(source, "source host id")
         drv = self._live_driver()
@@ -957,7 +958,9 @@ class LiveMigrations:
                 self.volumes.claim(v["id"], machine_id)
                 vols.append(dict(v, path=path))
             dspec = dict(spec, id=machine_id, volumes=vols)
-            where = await drv.start_incoming(dspec, self.listen(), tls)
+            if not isinstance(postcopy, bool):
+                raise InvalidArgument("postcopy must be true or false")
+            where = await drv.start_incoming(dspec, self.listen(), tls, postcopy=postcopy)
         except BaseException:
             for vid in created:
                 self.volumes.release(vid, machine_id)

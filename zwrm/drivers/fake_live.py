@@ -129,7 +129,7 @@ class FakeLiveMigration:
         lst.append(listener)
         return lambda: lst.remove(listener) if listener in lst else None
 
-    def start_incoming(self, spec, listen, tls=None):
+    def start_incoming(self, spec, listen, tls=None, postcopy=False):
         try:
             tls = check_tls(tls)
             if not isinstance(listen, str) or not listen:
@@ -141,7 +141,8 @@ class FakeLiveMigration:
         def started(status):
             mid = status["id"]
             live = self._live(mid)
-            live.update(runstate="inmigrate", role="target", phase="incoming", tls=tls)
+            live.update(runstate="inmigrate", role="target", phase="incoming", tls=tls,
+                        postcopy_ok=bool(postcopy))
             ports = []
             for kind in ("nbd", "migration"):
                 self.network.next_port += 1
@@ -211,9 +212,9 @@ class FakeLiveMigration:
     def start_migration(self, machine_id, target, tls=None, downtime_limit_ms=DOWNTIME_LIMIT_MS,
                         auto_converge=False, postcopy=False, max_bandwidth=None):
         return self._wrap(self._start_migration, machine_id, target, tls, downtime_limit_ms,
-                          max_bandwidth)
+                          max_bandwidth, postcopy)
 
-    def _start_migration(self, mid, target, tls, downtime, max_bandwidth):
+    def _start_migration(self, mid, target, tls, downtime, max_bandwidth, postcopy=False):
         tls = check_tls(tls)
         _check_target(target)
         _positive(downtime, "downtime_limit_ms")
@@ -224,6 +225,8 @@ class FakeLiveMigration:
             raise Conflict(f"machine {mid}: its mirrors are not all ready")
         _kind, tdrv, tmid, ttls = self._peer(target, "migration")
         self._check_peer(tls, ttls)
+        # As QEMU's target: a post-copy stream to a target without the capability fails.
+        live["postcopy_refused"] = bool(postcopy) and not tdrv._live(tmid).get("postcopy_ok")
         live.update(migration="setup", phase="migrating", downtime_limit=downtime,
                     started_at=self.reactor.seconds())
         self._emit(mid, "MIGRATION", {"status": "setup"})
@@ -236,7 +239,7 @@ class FakeLiveMigration:
         if live["migration"] not in ("setup", "active") or not self._alive(mid):
             return
         tdrv, tmid = live["target"]
-        if not tdrv._alive(tmid):
+        if not tdrv._alive(tmid) or live.get("postcopy_refused"):
             live["migration"] = "failed"
             self._emit(mid, "MIGRATION", {"status": "failed"})
             return

@@ -197,8 +197,8 @@ class QemuLiveMigration:
         lst.append(listener)
         return lambda: lst.remove(listener) if listener in lst else None
 
-    def start_incoming(self, spec, listen, tls=None):
-        return ensureDeferred(self._start_incoming(spec, listen, tls))
+    def start_incoming(self, spec, listen, tls=None, postcopy=False):
+        return ensureDeferred(self._start_incoming(spec, listen, tls, postcopy))
 
     def start_mirror(self, machine_id, target, tls=None, speed=MIRROR_SPEED):
         return ensureDeferred(self._start_mirror(machine_id, target, tls, speed))
@@ -344,7 +344,7 @@ class QemuLiveMigration:
 
     # --- target ---------------------------------------------------------------------------
 
-    async def _start_incoming(self, spec, listen, tls):
+    async def _start_incoming(self, spec, listen, tls, postcopy=False):
         tls = check_tls(tls)
         if not isinstance(listen, str) or not listen:
             raise InvalidArgument("listen must be the address the target listens on")
@@ -358,8 +358,10 @@ class QemuLiveMigration:
         try:
             q = m.qmp
             self._record(m, role="target", phase="incoming", peer=tls and tls["peer"])
+            # Post-copy needs the capability on both sides (and userfaultfd here).
             await q.execute("migrate-set-capabilities", {"capabilities": [
-                {"capability": "events", "state": True}]})
+                {"capability": "events", "state": True},
+                {"capability": "postcopy-ram", "state": bool(postcopy)}]})
             if tls:
                 await self._tls_objects(m, tls, "server")
             nodes = await self._drive_nodes(q)
