@@ -163,6 +163,24 @@ class QemuListenerTests(TestCase):
         self.assertEqual(st["runstate"], "inmigrate")
 
 
+    async def test_listeners_use_the_configured_address(self):
+        # Another address than 127.0.0.1 (still loopback: tests send nothing elsewhere).
+        root = tempfile.mkdtemp(prefix="zwrm-live-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, root, True)
+        drv = QemuDriver(reactor, root, accel="tcg")
+        vol = os.path.join(root, "v.img")
+        with open(vol, "wb") as f:
+            f.truncate(4 * 1024 * 1024)
+        where = await drv.start_incoming(QemuFixture.spec(self, "m1", vol), "127.0.0.2")
+        self.addCleanup(drv.destroy, "m1")
+        self.assertEqual(where["host"], "127.0.0.2")
+        for port in (where["nbd_port"], where["migration_port"]):
+            with socket.create_connection(("127.0.0.2", port), timeout=5):
+                pass
+            with self.assertRaises(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
 class DirtyMapTests(SynchronousTestCase):
     def test_dirty_ranges_are_the_ones_without_data(self):
         entries = [{"start": 0, "length": 65536, "data": True},
