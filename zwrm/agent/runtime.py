@@ -76,13 +76,14 @@ class HostRuntime:
         @return: the executor, to register.
         """
         self._session = session
-        url = registry_url or derived_registry_url(self.config.url)
+        url = derived_registry_url(self.config.url)
+        if isinstance(registry_url, str) and registry_url.startswith(("http://", "https://")):
+            url = registry_url
+        elif registry_url:
+            self.log.warn("the control plane's registry_url {url!r} is not an http(s) URL;"
+                          " using {derived}", url=registry_url, derived=url)
         if self.cache is not None:
-            try:
-                self.cache.follow_registry(url)
-            except Exception as e:  # a malformed registry_url: keep the one we have
-                self.log.warn("registry_url {url!r} not used: {why}", url=url,
-                              why=getattr(e, "message", e))
+            self.cache.follow_registry(url)
         if self.executor is None:
             client, self._pool = make_http_client(self.reactor, registry_ca_file(self.config))
             self.cache = ImageCache(
