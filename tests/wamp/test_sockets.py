@@ -236,7 +236,7 @@ class SocketLimitTests(_SocketBase):
     def join(self, authid="op", ticket="op-ticket", serializer="json", kind="websocket"):
         port = self.ports[(kind, False)].getHost().port
         joined = defer.Deferred()
-        if kind == "websocket":
+        if kind in ("websocket", "wrapped"):
             factory = QuietClientFactory(lambda: Joined(authid, ticket, joined),
                                          url=f"ws://127.0.0.1:{port}/ws", serializers=make_serializers([serializer]))
         else:
@@ -332,6 +332,32 @@ class SocketLimitTests(_SocketBase):
     def test_closed_rawsocket_session_is_freed_by_reference_counting(self):
         return self.check_freed("rawsocket")
 
+    @defer.inlineCallbacks
+    def test_closed_session_behind_a_wrapped_site_is_freed_by_reference_counting(self):
+        # as the control plane serves it: the router's resource on a web tree with its own
+        # request class, behind a protocol wrapper (its plain-only listener)
+        from twisted.internet.endpoints import serverFromString
+        from twisted.protocols import policies
+        from twisted.web import resource, server
+
+        from zwrm.wamp.transport import RouterWebSocketResource, websocket_factory
+
+        class Wrapper(policies.ProtocolWrapper):
+            pass
+
+        class Request(server.Request):
+            pass
+
+        root = resource.Resource()
+        root.putChild(b"ws", RouterWebSocketResource(websocket_factory(self.router)))
+        site = server.Site(root, requestFactory=Request)
+        factory = policies.WrappingFactory(site)
+        factory.protocol = Wrapper
+        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        self.ports[("wrapped", False)] = port
+        yield self.check_freed("wrapped")
+
 
 def _server_side_cyclic_garbage():
     """
@@ -341,12 +367,13 @@ def _server_side_cyclic_garbage():
     which do not count).
     """
     from twisted.internet.tcp import Server
+    from twisted.protocols.policies import ProtocolWrapper
     from twisted.web.http import HTTPChannel, Request
 
     from zwrm.wamp import router as router_module
     from zwrm.wamp import transport as transport_module
 
-    server_types = (Server, HTTPChannel, Request, router_module.RouterSession,
+    server_types = (Server, HTTPChannel, Request, ProtocolWrapper, router_module.RouterSession,
                     transport_module.WampWebSocketServerProtocol, transport_module.WampRawSocketServerProtocol)
     gc.set_debug(gc.DEBUG_SAVEALL)
     try:
