@@ -182,6 +182,12 @@ class ConsoleBrowserTests(TestCase):
         await b.get(base + "/")
         await wait_js(b, "return !!document.getElementById('login')", 30, "the login form")
         await b.shot("login.png")
+        # a wrong token: the form comes back with the router's reason, nothing is kept
+        await b.js(LOGIN, "operator-0000.not-a-token")
+        refused = await wait_js(b, "const p = document.getElementById('login-error');"
+                                   " return !p.hidden && p.textContent", 60, "the refusal")
+        self.assertIn("not accepted", refused)
+        self.assertIsNone(await b.js("return sessionStorage.getItem('zwrm.console.token')"))
         await b.js(LOGIN, cp.operator_token)
         await wait_js(b, "return document.body.dataset.ready === 'yes'", 60, "console ready")
         self.assertEqual(await b.js("return document.body.dataset.role"), "operator")
