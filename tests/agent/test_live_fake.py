@@ -92,7 +92,8 @@ class LiveProceduresTests(SynchronousTestCase):
     def test_migrate_moves_the_machine_with_progress(self):
         hosts = Hosts(self, self.clock)
         where = hosts.prepare()
-        self.assertEqual(sorted(where), ["exports", "host", "migration_port", "nbd_port"])
+        self.assertEqual(sorted(where), ["exports", "host", "host_port", "migration_port",
+                                         "nbd_port"])
         hosts.a.driver.guest_write_file("m1", "before", b"before")
         announced = []
         # RAM passes of a second each (the fake's bandwidth limit): announced as they go.
@@ -188,6 +189,24 @@ class LiveProceduresTests(SynchronousTestCase):
             hosts.settle(hosts.a.migrate("m1", "host-b", where, {"mirror_speed": SIZE}))
         self.assertIn("refused", cm.exception.message)
         self.assertEqual(hosts.a.driver.status("m1")["state"], "running")
+
+    def test_prepare_takes_the_machine_spec_of_a_start(self):
+        hosts = Hosts(self, self.clock)
+        desc = hosts.a.describe("m1")
+        spec = {"image": {"kernel": hosts.kernel, "initrd": None, "disk": None,
+                          "cmdline": "console=ttyS0"},
+                "vcpus": 1, "memory_mb": 128, "service_port": 8080,
+                "volumes": [{"id": "v1", "mount": "/data", "size_mb": 4}]}
+        where = hosts.settle(hosts.b.prepare("m1", spec, desc["volumes"], "host-a"))
+        self.assertIsInstance(where["host_port"], int)
+        dspec = hosts.b.driver.host.machines["m1"]["spec"]
+        self.assertEqual(dspec["cmdline"], "console=ttyS0 zwrm.vol=v1:/data")
+        self.assertEqual(dspec["forwards"], [{"guest": 8080, "host": where["host_port"]}])
+        self.assertEqual(os.path.getsize(dspec["volumes"][0]["path"]), SIZE)
+        with self.assertRaises(Unavailable):  # bridge networking: not yet
+            net = {"address": "10.0.0.5", "prefix": 24, "gateway": "10.0.0.1"}
+            hosts.settle(hosts.b.prepare("m2", dict(spec, network=net),
+                                         {"v2": SIZE}, "host-a"))
 
     def test_bad_arguments(self):
         hosts = Hosts(self, self.clock)

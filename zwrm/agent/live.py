@@ -45,7 +45,9 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from zwrm.agent.blockmap import file_blockmap
+from zwrm.agent.executor import free_port, validate_machine
 from zwrm.agent.transfer.progress import ProgressThrottle
+from zwrm.drivers import cloudinit as _cloudinit
 from zwrm.drivers.live import DOWNTIME_LIMIT_MS, MIRROR_SPEED, VERIFY_BLOCK
 from zwrm.drivers.spec import check_id, volume_serial
 from zwrm.errors import Conflict, Corrupt, InvalidArgument, NotFound, Unavailable, ZwrmError
@@ -911,14 +913,15 @@ class LiveMigrations:
         """
         Target: prepare to receive machine C{machine_id} live from host C{source}.
 
-        @param spec: the machine's driver-level spec on the source, less its local paths:
-            C{{"kernel", "initrd", "disk", "disk_format", "firmware", "cmdline", "vcpus",
-            "memory_mb", "volumes": [{"id"}], "forwards", "cloud_init", "nic"}}; C{kernel},
-            C{initrd} and C{disk} are paths on this host (the caller resolves the image
-            here first, as for a start).
+        @param spec: the machine spec as C{machine.start} takes it (C{{"image", "vcpus",
+            "memory_mb", "volumes": [{"id", "mount", "size_mb"}], "service_port",
+            "cloud_init", ...}}): the image is resolved here (pinned while the machine is
+            being received), the service port forwarded from a free local port, as for a
+            start. (Or a driver-level spec with local paths: tests.)
         @param volumes: C{{volume id: size in bytes}} (from the source's C{live.describe}).
         @param postcopy: accept a post-copy migration (the source's policy allows it).
-        @return: C{{"host", "nbd_port", "migration_port", "exports"}} for the source.
+        @return: C{{"host", "nbd_port", "migration_port", "exports"}} for the source, and
+            C{host_port}: where the machine's service port is forwarded here (or None).
         @raise Conflict: a volume is here already. @raise Unavailable: no live migration
             here (driver, no certificate).
         """
@@ -940,12 +943,21 @@ class LiveMigrations:
             check_id(vid, "volume id")
             if self.volumes.exists(vid):
                 raise Conflict(f"volume {vid} is on this host already")
+        machine = None
+        if "image" in spec:
+            # The machine spec as machine.start takes it: built here as the executor does.
+            machine = validate_machine(dict(spec, id=machine_id))
+            if machine["network"] is not None:
+                raise Unavailable("live migration of a machine on the cluster network (bridge "
+                                  "networking) is not supported yet")
         listed = [v.get("id") for v in spec.get("volumes") or ()]
         if sorted(listed) != sorted(volumes):
             raise InvalidArgument("spec.volumes and volumes name different volumes")
         tls = self.tls_for(source)
-        created = []
+        created, digests = [], []
         try:
+            if machine is not None:
+                spec, digests = await self._driver_spec_for(machine)
             vols = []
             for v in spec.get("volumes") or ():
                 path = self.volumes.path(v["id"])
@@ -962,6 +974,9 @@ class LiveMigrations:
                 raise InvalidArgument("postcopy must be true or false")
             where = await drv.start_incoming(dspec, self.listen(), tls, postcopy=postcopy)
         except BaseException:
+            if self.images is not None:
+                for d in digests:
+                    self.images.unpin(d)
             for vid in created:
                 self.volumes.release(vid, machine_id)
                 try:
@@ -970,11 +985,45 @@ class LiveMigrations:
                     pass
             raise
         self._store(machine_id, {"role": "target", "source": source, "volumes": created})
-        inc = _Incoming(self, machine_id, source, created, [])
+        inc = _Incoming(self, machine_id, source, created, digests)
         self.incoming[machine_id] = inc
         self.finished.pop(machine_id, None)
         inc.watch()
-        return where
+        forwards = dspec.get("forwards") or ()
+        return dict(where, host_port=forwards[0]["host"] if forwards else None)
+
+    async def _driver_spec_for(self, machine):
+        """
+        The driver spec of a machine spec (as C{machine.start} takes it), built as
+        L{zwrm.agent.executor.Executor} builds it for a start: the image resolved here
+        (pinned), the volumes mounted by their virtio serial, the service port forwarded
+        from a free local port. @return: C{(spec, image digests pinned)}.
+        """
+        image, digests = machine["image"], []
+        if not isinstance(image, dict):
+            if self.images is None:
+                raise InvalidArgument(f"image {image!r} is a reference, but this agent has no "
+                                      "image cache")
+            image = await self.images.resolve(image, pin=True)
+            digests = list(image.get("digests", []))
+        cmdline = image.get("cmdline") or ""
+        if machine["volumes"]:
+            mounts = ",".join(f"{volume_serial(v['id'])}:{v['mount']}"
+                              for v in machine["volumes"])
+            cmdline = f"{cmdline} zwrm.vol={mounts}".strip()
+        forwards = []
+        if machine["service_port"] is not None:
+            forwards.append({"guest": machine["service_port"], "host": free_port()})
+        return {
+            "kernel": image.get("kernel"), "initrd": image.get("initrd"),
+            "disk": image.get("disk"), "disk_format": image.get("disk_format"),
+            "firmware": image.get("firmware"),
+            "cloud_init": machine["cloud_init"] or (
+                _cloudinit.validate({}) if image.get("disk") else None),
+            "cmdline": cmdline, "vcpus": machine["vcpus"], "memory_mb": machine["memory_mb"],
+            "volumes": [{"id": v["id"], "mount": v["mount"]} for v in machine["volumes"]],
+            "forwards": forwards, "nic": None,
+        }, digests
 
     @wamp.register("live.migrate", options=RegisterOptions(details_arg="details"))
     def migrate(self, machine_id, target_host, target, policy=None, details=None):
