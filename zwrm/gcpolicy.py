@@ -19,10 +19,17 @@ L{CollectionPolicy} keeps the settled heap out of the collector's way:
     collect everything, freeze again), which costs what CPython's own full collection
     costs.  The policy does one only when there is garbage to find:
       - when more WAMP sessions have closed since the last one than C{churn} times the
-        sessions open (and at least C{min_closed}): a closed session leaves about 51
-        objects in cycles (measured: Twisted Web's request and channel, autobahn's
-        protocol), so the garbage kept is bounded by C{churn} times the sessions' share
-        of the heap;
+        sessions open (and at least C{min_closed}).  A closed session used to leave about
+        50 objects in cycles (Twisted Web's request and channel, autobahn's protocol and
+        its C{is_closed} Deferred); since issue 20 the router's WebSocket and RawSocket
+        sessions are freed by reference counting (C{gc.DEBUG_SAVEALL} over 50 real agent
+        sessions of a control plane, opened, heartbeating and closed: nothing of theirs
+        in cycles; tests: C{SessionLifetimeTests}, C{check_freed} in
+        C{tests/wamp/test_sockets.py}).  What is left in cycles is not per session:
+        Twisted's thread pool leaves 4 objects per C{deferToThread} call, which die young
+        and are collected before they are frozen.  The rule stays as a backstop for
+        transports or plugins that still leave cycles; the garbage kept is bounded by
+        C{churn} times the sessions' share of the heap;
       - or, as a backstop for garbage from anything else, when the frozen heap has
         grown by C{growth} (a fraction) since the last one.
     A cluster whose agents stay connected needs no full collection; one where a quarter

@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 
-from autobahn.twisted.resource import WebSocketResource
 from twisted.application import service
 from twisted.internet import defer, endpoints, task
 from twisted.logger import Logger
@@ -50,7 +49,7 @@ from zwrm.registry.guard import registry_request_factory
 from zwrm.scheduler import Scheduler, load_strategy
 from zwrm.wamp.auth import RoleBasedAuthorizer
 from zwrm.wamp.router import Router
-from zwrm.wamp.transport import rawsocket_factory, websocket_factory
+from zwrm.wamp.transport import RouterWebSocketResource, rawsocket_factory, websocket_factory
 
 _CERT_KEYS = ("privateKey=", "certKey=", "extraCertChain=", "caCertsDir=")
 TOKEN_FILES = {"operator": "operator.token", "join": "join.token"}
@@ -283,7 +282,7 @@ class ControlPlane(service.MultiService):
         if self.router is not None:
             ws_factory = websocket_factory(self.router)
             ws_factory.protocol = _with_peer_certificate(ws_factory.protocol)
-            self.root.putChild(b"ws", WebSocketResource(ws_factory))
+            self.root.putChild(b"ws", RouterWebSocketResource(ws_factory))  # frees closed sessions without the gc
         self.root.putChild(b"v2", images)
         # The registry's guard: credentials before bodies, bounded header and body times.
         site = server.Site(self.root, requestFactory=registry_request_factory(
