@@ -128,6 +128,16 @@ class CollectionPolicyTests(SynchronousTestCase):
         counts["closed"] += 1
         self.assertEqual(policy.full_due(), "100 sessions closed")
 
+    def test_churn_off(self):
+        """C{churn=0}: no full collection for closed sessions, however many."""
+        clock, policy = self.start(churn=0, min_closed=1, growth=1000)
+        counts = {"closed": 0, "open": 10}
+        policy.watch_sessions(lambda: counts["closed"], lambda: counts["open"])
+        counts["closed"] += 10_000
+        self.assertIsNone(policy.full_due())
+        clock.advance(policy.interval)
+        self.assertEqual(policy.full_collections, 1)  # the one at start
+
     def test_bad_settings(self):
         self.assertRaises(ValueError, CollectionPolicy, Clock(), interval=0)
         self.assertRaises(ValueError, CollectionPolicy, Clock(), growth=0)

@@ -1,0 +1,1 @@
+The control plane's garbage-collection policy takes `[gc] churn = 0` (`--gc-churn 0`): no full collection after session churn, only after heap growth. Closed sessions are now freed by reference counting, so after many agents reconnect such a collection frees nothing and only pauses the control plane.
