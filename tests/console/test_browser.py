@@ -7,6 +7,9 @@ agents running the busybox test image under QEMU (TCG):
  - an app deployed with the CLI appears with its machine running, without a reload;
  - a drain started from the console (its button, its dialog) is followed live: the migration's
    phases advance in order up to C{done};
+ - the other actions (restart, scale, activate), a refused call's zwrm.error.* shown, the
+   audit trail of what the console did;
+ - the control plane restarts: the console reconnects by itself and is live again;
  - a viewer sees everything, finds every action button disabled, and a drain forced through
    the page anyway is refused by the router (C{wamp.error.not_authorized}), the host unchanged.
 
@@ -170,6 +173,7 @@ class ConsoleBrowserTests(TestCase):
 
         try:
             await self._operator(cp, b, base, agents)
+            await self._reconnect(cp, b)
             await self._viewer(cp, b, base, viewer)
         except Exception as e:
             await failed_with_log(e)
@@ -326,6 +330,21 @@ class ConsoleBrowserTests(TestCase):
                           "zwrm.host.activate", "zwrm.host.undrain"):
             self.assertIn(procedure, done)
         await b.shot("audit.png")
+
+    async def _reconnect(self, cp, b):
+        """The control plane restarts: the console reconnects by itself and is live again."""
+        await b.js("window.__noReload = true")
+        await cp.stop()
+        await wait_js(b, "return document.getElementById('conn').textContent !== 'live'"
+                         " && document.body.dataset.ready !== 'yes'", 30, "the connection lost")
+        await cp.start()
+        await wait_js(b, "return document.getElementById('conn').textContent === 'live'"
+                         " && document.body.dataset.ready === 'yes'", 90, "reconnected and read again")
+        await b.js("location.hash = '#apps'")
+        await self.cli(cp, "apps", "create", "after-restart")
+        await wait_js(b, "return !!document.querySelector('[data-app=after-restart]')", 30,
+                      "an app created after the reconnect, shown live")
+        self.assertTrue(await b.js("return window.__noReload === true"), "the page was reloaded")
 
     async def _viewer(self, cp, b, base, token):
         await b.js("document.getElementById('logout').click()")
