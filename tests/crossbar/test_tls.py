@@ -190,18 +190,18 @@ class CrossbarTLSTests(AcceptancePath, TestCase):
             self.assertEqual(pki.HostCredentials.load(directory).host_id, host_id)
 
         # then to the agents' transport, where Crossbar asks for the host certificate
+        await defer.gatherResults([defer.ensureDeferred(a.stop()) for a in by_id.values()])
         for host_id, a in list(by_id.items()):
-            await a.stop()
             moved = AgentProcess(reactor, a.data_dir, cb.agent_url, cp.join_token, name=a.name,
                                  extra_args=["--accel", "tcg"])
             self.addCleanup(moved.stop)
             await moved.start()
-            try:
-                await poll(reactor, lambda m=moved: registrations(m) >= 2,
-                           60, what=f"{a.name} registered again on the agents' transport")
-            except PollTimeout as e:
-                self.fail(f"{e}\n{moved.log_tail(30)}\n{cb.log_tail(30)}")
             by_id[host_id] = moved
+        try:
+            await poll(reactor, lambda: all(registrations(m) >= 2 for m in by_id.values()),
+                       60, what="both agents registered again on the agents' transport")
+        except PollTimeout as e:
+            self.fail(f"{e}\n{cb.log_tail(30)}")
         await self.wait_ready(by_id, "both agents ready with their host certificates")
 
         # the binding, through Crossbar: a1's certificate with a2's credential is refused
