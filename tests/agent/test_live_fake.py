@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import types
 
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -181,6 +181,26 @@ class LiveProceduresTests(SynchronousTestCase):
         self.assertEqual(hosts.settle(hosts.b.cancel("m1")), {"cancelled": True})
         self.assertFalse(hosts.b.volumes.exists("v1"))
         self.assertRaises(NotFound, hosts.b.driver.status, "m1")
+
+    def test_a_cancel_during_the_pause_waits_and_says_it_completed(self):
+        hosts = Hosts(self, self.clock)
+        where = hosts.prepare()
+        # The mirrors' final sync takes half a second: the cancel comes in the pause.
+        real = hosts.a.driver.complete_switchover
+        hosts.a.driver.complete_switchover = lambda mid, timeout=30.0: task.deferLater(
+            self.clock, 0.5, real, mid, timeout)
+        d = hosts.a.migrate("m1", "host-b", where, {"mirror_speed": SIZE})
+        out = hosts.a.outgoing["m1"]
+        for _ in range(10000):
+            if out.machine.state == "switching":
+                break
+            self.clock.advance(0.01)
+        self.assertEqual(out.machine.state, "switching")
+        cancel = hosts.a.cancel("m1")
+        self.assertIsInstance(hosts.settle(d)["downtime_ms"], int)
+        with self.assertRaises(Conflict) as cm:
+            hosts.settle(cancel)
+        self.assertIn("completed before the cancel", cm.exception.message)
 
     def test_wrong_source_is_refused(self):
         hosts = Hosts(self, self.clock)

@@ -460,6 +460,7 @@ class _Outgoing:
         self._last_mirror = None
         self._throttle = ProgressThrottle(self.reactor, announce) if announce else None
         self._timers = []
+        self._watchers = []
         self._poll = None
         self._unsubscribe = None
         self._unsubscribe_status = None
@@ -627,7 +628,16 @@ class _Outgoing:
         d.addErrback(failed)
         d.addBoth(lambda _: self._soon(self.machine.rollback_done))
 
-    def _done(self):
+    def when_done(self):
+        """A Deferred firing with the outcome: C{completed}, C{rolled_back}, C{uncertain}."""
+        d = Deferred()
+        self._watchers.append(d)
+        return d
+
+    def _done(self, how):
+        watchers, self._watchers = self._watchers, []
+        for d in watchers:
+            self.reactor.callLater(0, d.callback, how)
         self._stop_timers()
         self._stop_polling()
         for unsubscribe in (self._unsubscribe, self._unsubscribe_status):
@@ -653,11 +663,11 @@ class _Outgoing:
                       "postcopy": self.postcopy}
             if self._throttle is not None:
                 self._throttle.finish(dict(self.progress))
-            self._done()
+            self._done("completed")
             self.result.callback(result)
 
         def failed(f):
-            self._done()
+            self._done("completed")
             self.result.callback({"machine_id": self.machine_id, "target": self.target_host,
                                   "downtime_ms": None, "note": _message(f.value)})
 
@@ -667,7 +677,7 @@ class _Outgoing:
         self.progress["finished"] = True
         if self._throttle is not None:
             self._throttle.finish(dict(self.progress))
-        self._done()
+        self._done("rolled_back")
         try:
             state = self.driver.status(self.machine_id)["state"]
         except Exception:
@@ -682,7 +692,7 @@ class _Outgoing:
         self.progress["finished"] = True
         if self._throttle is not None:
             self._throttle.finish(dict(self.progress))
-        self._done()
+        self._done("uncertain")
         log.error("machine {id}: its migration to {t} failed after the switchover began "
                   "({why}); it stays paused here: ask {t} whether it resumed",
                   id=self.machine_id, t=self.target_host, why=why)
@@ -1079,10 +1089,17 @@ class LiveMigrations:
         check_id(machine_id)
         out = self.outgoing.get(machine_id)
         if out is not None:
-            d = Deferred()
-            out.result.addBoth(lambda r: (d.callback({"cancelled": True}), r)[1])
+            # During the pause (switching) a cancel waits for the outcome: the answer says it.
+            def outcome(how):
+                if how == "completed":
+                    raise Conflict(f"machine {machine_id}: its migration completed before the "
+                                   "cancel: the target holds it")
+                if how == "uncertain":
+                    raise Conflict(f"machine {machine_id}: {out.why}: ask the target")
+                return {"cancelled": True}
+
+            d = out.when_done().addCallback(outcome)
             out.machine.cancel("cancelled by the caller")
-            out.result.addErrback(lambda f: None)
             return d
         inc = self.incoming.get(machine_id)
         if inc is not None:
