@@ -273,6 +273,9 @@ def main():
     ap.add_argument("--budget", type=float, default=1.0)
     ap.add_argument("--gc-policy", default="freeze", choices=["freeze", "python"],
                     help="the control plane's garbage-collection policy (default freeze)")
+    ap.add_argument("--gc-churn", type=float, default=None,
+                    help="the control plane's [gc] churn (0: no full collection after session churn;"
+                         " default: the control plane's own)")
     ap.add_argument("--keep-going", action="store_true", help="run every step even after a failure")
     args = ap.parse_args()
     if args.worker:
@@ -292,7 +295,8 @@ def main():
         TWISTD + ["-n", "--pidfile=", "zwrm-control", "--data-dir", data_dir,
                   "--listen", f"tcp:{port}:interface=127.0.0.1",
                   "--heartbeat-interval", str(args.interval), "--check-interval", "15",
-                  "--offline-after", "86400", "--gc-policy", args.gc_policy],
+                  "--offline-after", "86400", "--gc-policy", args.gc_policy]
+        + (["--gc-churn", str(args.gc_churn)] if args.gc_churn is not None else []),
         stdout=log, stderr=log,
     )
     try:
@@ -308,7 +312,9 @@ def main():
         print(f"zwrm-control pid {cp.pid}, {max(steps)} hosts seeded; idle CPU {100 * idle:.1f}%"
               f"; machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
         print(f"heartbeat every {args.interval}s, window {args.duration}s, budget {args.budget}s;"
-              f" gc policy {args.gc_policy} (gc max ms: the longest collection since start;"
+              f" gc policy {args.gc_policy}"
+              + (f", churn {args.gc_churn:g}" if args.gc_churn is not None else "") +
+              " (gc max ms: the longest collection since start;"
               " full gc: full collections by the policy in the window)")
         print("cp ms/hb: the control plane's CPU per heartbeat answered (its CPU in the window, idle"
               " included, over the heartbeats answered in it); max ms bounds its longest pause")

@@ -172,7 +172,7 @@ GC_POLICIES = ("freeze", "python")
 
 
 # settings (flag or file key names end so) for which 0 is a meaningful value
-_ZERO_ALLOWED = ("grace", "reschedule_after", "reschedule-after")
+_ZERO_ALLOWED = ("grace", "reschedule_after", "reschedule-after", "churn")  # churn 0: see zwrm.gcpolicy
 
 
 def _coerce(name, kind, value):
