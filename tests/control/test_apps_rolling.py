@@ -16,6 +16,20 @@ from zwrm import errors
 from zwrm.control.apps import validate_spec
 
 
+async def healthy_wait(c, seconds=10):
+    """
+    Wait (bounded) until the update waits on the Clock for a new machine to stay healthy
+    C{seconds}: a machine seen running may not be waited on yet, and a Clock advanced before
+    that wait began would never reach its end.
+    """
+    async def due():
+        now = c.clock.seconds()
+        return any(abs(call.getTime() - now - seconds) < 1e-6
+                   for call in c.clock.getDelayedCalls())
+
+    await poll(due, what=f"the {seconds:g} s healthy wait")
+
+
 class RollingTests(TestCase):
     async def cluster(self):
         c = await Cluster(self).start()
@@ -44,8 +58,10 @@ class RollingTests(TestCase):
         await poll(lambda: new_running(1), what="the first new machine")
         self.assertEqual(len(await c.machines("web")), 3)  # one more, not one less
         self.assertFalse(done.called)
+        await healthy_wait(c)
         c.clock.advance(10)
         await poll(lambda: new_running(2), what="the second new machine")
+        await healthy_wait(c)
         c.clock.advance(10)
         status = await done
         self.assertEqual(len(status["machines"]), 2)
@@ -88,6 +104,7 @@ class RollingTests(TestCase):
                 return len([m for m in ms if m["id"] not in old and m["state"] == "running"]) >= n
 
             await poll(new_running, what=f"new machine {n}")
+            await healthy_wait(c)
             c.clock.advance(10)
         await done
         self.assertEqual(self.rollout_events(c),
@@ -135,12 +152,14 @@ class DefaultRollingTests(TestCase):
 
         await poll(lambda: fresh_running(1), what="the first new machine")
         self.assertEqual(len(await c.machines("web")), 3)  # one more, never one less
+        await healthy_wait(c)
         c.clock.advance(9.5)  # min_healthy_time defaults to 10 s
         self.assertEqual(len(await c.machines("web")), 3)
         self.assertFalse(done.called)
         c.clock.advance(0.5)
         await poll(lambda: fresh_running(2), what="the second new machine")
         self.assertFalse(done.called)
+        await healthy_wait(c)
         c.clock.advance(10)
         status = await done
         self.assertEqual(sorted(m["state"] for m in status["machines"]), ["running"] * 2)
@@ -179,8 +198,10 @@ class DefaultRollingTests(TestCase):
 
         await poll(lambda: fresh_running(1), what="the first machine replaced in place")
         self.assertEqual(len(await c.machines("web")), 2)  # the old one went first
+        await healthy_wait(c)
         c.clock.advance(10)
         await poll(lambda: fresh_running(2), what="the second machine replaced in place")
+        await healthy_wait(c)
         c.clock.advance(10)
         status = await done
         self.assertTrue(all(m["id"] not in old for m in status["machines"]))

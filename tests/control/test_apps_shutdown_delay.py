@@ -82,6 +82,16 @@ async def settle(c):
     await poll(idle, what="the view publisher to be idle")
 
 
+async def timer_due(c, seconds):
+    """Wait (bounded) until the Clock holds a call due C{seconds} from now (a wait began)."""
+    async def due():
+        now = c.clock.seconds()
+        return any(abs(call.getTime() - now - seconds) < 1e-6
+                   for call in c.clock.getDelayedCalls())
+
+    await poll(due, what=f"a {seconds:g} s wait on the Clock")
+
+
 async def state_of(c, machine_id):
     row = await c.apps.data.machines.get(machine_id)
     return None if row is None else row["state"]
@@ -111,6 +121,7 @@ class PlannedStopTests(TestCase):
         """
         await poll(lambda: self._state_is(c, machine_id, "stopping"), what="stopping")
         await settle(c)
+        await timer_due(c, delay)  # the shutdown delay began
         routed = c.routed(machine_id)
         self.assertTrue(routed)
         self.assertEqual(set(routed.values()), {False})  # no new connections
@@ -153,6 +164,7 @@ class PlannedStopTests(TestCase):
         await settle(c)
         self.assertEqual(await state_of(c, going), "stopping")
         self.assertEqual(set(c.routed(going).values()), {False})
+        await timer_due(c, 3)
         c.clock.advance(3)
         await done
 
@@ -164,6 +176,7 @@ class PlannedStopTests(TestCase):
         for mid in ids:
             await poll(lambda mid=mid: self._state_is(c, mid, "stopping"), what="stopping")
         await settle(c)
+        await timer_due(c, 3)
         c.clock.advance(2.9)
         await settle(c)
         self.assertEqual([m for m in ids if m in c.destroyed], [])
@@ -193,6 +206,7 @@ class PlannedStopTests(TestCase):
                        for m in await c.machines("web"))
 
         await poll(new_running, what="the new machine")
+        await timer_due(c, 1)
         c.clock.advance(1)  # min_healthy_time: the new one is in; the old one goes out
         await self.going_out(c, old["id"], 3)
         status = await done
