@@ -21,6 +21,7 @@ from zwrm.drivers import live
 from zwrm.drivers.fake import FakeDriver, FakeHost
 from zwrm.drivers.qemu import QemuDriver
 from zwrm.drivers.qmp import QMPError
+from zwrm.errors import Unavailable
 from zwrm.testing import image
 
 
@@ -179,6 +180,21 @@ class QemuListenerTests(TestCase):
                 pass
             with self.assertRaises(OSError):
                 socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+    async def test_an_address_not_of_this_host_fails_and_leaves_nothing(self):
+        # 192.0.2.1 (TEST-NET-1) is no address of this host: the bind fails here, locally.
+        root = tempfile.mkdtemp(prefix="zwrm-live-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, root, True)
+        drv = QemuDriver(reactor, root, accel="tcg")
+        vol = os.path.join(root, "v.img")
+        with open(vol, "wb") as f:
+            f.truncate(4 * 1024 * 1024)
+        with self.assertRaises(Unavailable) as cm:
+            await drv.start_incoming(QemuFixture.spec(self, "m1", vol), "192.0.2.1")
+        self.assertIn("cannot listen on 192.0.2.1", cm.exception.message)
+        self.assertEqual(drv.list(), [])
+        self.assertFalse(os.path.exists(os.path.join(root, "m1")))
 
 
 class DirtyMapTests(SynchronousTestCase):

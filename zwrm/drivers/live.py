@@ -329,7 +329,11 @@ class QemuLiveMigration:
         """Run C{start(port)} on free ports until one is not taken; @return: the port."""
         last = None
         for _ in range(LISTEN_TRIES):
-            port = free_port(host)
+            try:
+                port = free_port(host)
+            except OSError as e:
+                raise Unavailable(f"machine {m.id}: {what}: cannot listen on {host}: "
+                                  f"{e.strerror or e}") from None
             try:
                 await start(port)
                 return port
@@ -390,7 +394,8 @@ class QemuLiveMigration:
 
             mig_port = await self._listen(m, "the migration listener", listen, incoming)
         except BaseException as e:
-            await self._end_failed_target(m)
+            # It never ran a guest: end it and forget it (its directory too).
+            await self.destroy(mid)
             if isinstance(e, QMPError):
                 raise Unavailable(f"machine {mid}: incoming migration: {e.desc}") from None
             raise
