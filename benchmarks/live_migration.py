@@ -158,7 +158,7 @@ async def main(reactor, runs, volume_mb, data_mb, memory_mb):
                                       desc["volumes"], src.host_id)
             result = await src.migrate("m1", dst.host_id, where,
                                        {"mirror_speed": 100 * MiB, "downtime_limit_ms": 300})
-            while dst.incoming["m1"].machine.state != "resumed":
+            while dst.target_state("m1") != "resumed":
                 await task.deferLater(reactor, 0.01, lambda: None)
             total = time.monotonic() - t0
             await task.deferLater(reactor, 1.0, lambda: None)
@@ -175,8 +175,6 @@ async def main(reactor, runs, volume_mb, data_mb, memory_mb):
             await src.driver.destroy("m1")
             src.volumes.release("v1", "m1")
             src.volumes.delete("v1")
-            # The target's machine is now the VM; forget the incoming record.
-            dst.incoming.pop("m1", None)
             port = dst_port
             # -- cold: dst -> src (stop, copy, start) --
             new_port = free_port()

@@ -135,10 +135,10 @@ class LiveAgentsTests(TestCase):
         self.assertTrue(any(p["mirror"]["total"] for p in announced), announced)
         # The target resumed by itself (its machine: incoming -> resuming -> resumed).
         for _ in range(100):
-            if self.b.incoming["m1"].machine.state == "resumed":
+            if self.b.target_state("m1") == "resumed":
                 break
             await deferLater(reactor, 0.1, lambda: None)
-        self.assertEqual(self.b.incoming["m1"].machine.state, "resumed")
+        self.assertEqual(self.b.target_state("m1"), "resumed")
         # Every acknowledged write is on the target, which takes new ones.
         self.assertEqual(await _get(dst_port, "first"), b"first write")
         for name, body in acked.items():
@@ -217,10 +217,10 @@ class LiveAgentsTests(TestCase):
             "deadline": 3, "auto_converge": False, "postcopy": True})
         self.assertTrue(result["postcopy"])
         for _ in range(300):
-            if self.b.incoming["m1"].machine.state == "resumed":
+            if self.b.target_state("m1") == "resumed":
                 break
             await deferLater(reactor, 0.1, lambda: None)
-        self.assertEqual(self.b.incoming["m1"].machine.state, "resumed")
+        self.assertEqual(self.b.target_state("m1"), "resumed")
         self.assertEqual(await _get(dst_port, "before"), b"before")
         verified = await self.b.verify("m1", "v1", await self.a.hashes("v1"))
         self.assertTrue(verified["ok"], verified)

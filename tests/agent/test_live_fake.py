@@ -110,7 +110,8 @@ class LiveProceduresTests(SynchronousTestCase):
         self.assertEqual(ram, sorted(ram))
         self.assertEqual((phases[-1], announced[-1]["finished"]), ("completed", True))
         self.clock.advance(1)
-        self.assertEqual(hosts.b.incoming["m1"].machine.state, "resumed")
+        self.assertEqual(hosts.b.target_state("m1"), "resumed")
+        self.assertEqual(hosts.b.incoming, {})
         self.assertEqual(hosts.b.driver.guest_read_file("m1", "before"), b"before")
         st = hosts.settle(hosts.a.status("m1"))
         self.assertEqual((st["state"], st["hypervisor"]["runstate"]), ("completed", "postmigrate"))
@@ -158,7 +159,8 @@ class LiveProceduresTests(SynchronousTestCase):
         result = hosts.settle(d)
         self.assertTrue(result["postcopy"])
         self.clock.advance(1)
-        self.assertEqual(hosts.b.incoming["m1"].machine.state, "resumed")
+        self.assertEqual(hosts.b.target_state("m1"), "resumed")
+        self.assertEqual(hosts.b.incoming, {})
 
     def test_postcopy_needs_the_target_to_accept_it(self):
         hosts = Hosts(self, self.clock, converges=False)

@@ -643,7 +643,7 @@ class _Outgoing:
         for unsubscribe in (self._unsubscribe, self._unsubscribe_status):
             if unsubscribe is not None:
                 unsubscribe()
-        self.live._outgoing_done(self)
+        self.live._outgoing_done(self, how)
 
     def _finish(self):
         d = maybeDeferred(self.driver.migration_status, self.machine_id)
@@ -744,7 +744,8 @@ class _Incoming:
 
     def _resumed(self):
         self.resumed_at = self.reactor.seconds()
-        self.live._forget_record(self.machine_id)
+        self._forget()
+        self.live._incoming_resumed(self)
         log.info("machine {id}: resumed here after its live migration from {s}",
                  id=self.machine_id, s=self.source)
 
@@ -860,13 +861,26 @@ class LiveMigrations:
         return {"ca": creds.ca_pem.decode(), "cert": creds.cert_pem.decode(),
                 "key": creds.key_pem.decode(), "peer": peer}
 
-    def _outgoing_done(self, out):
+    def _outgoing_done(self, out, how):
         self.outgoing.pop(out.machine_id, None)
-        self.finished[out.machine_id] = out.status()
+        self.finished[out.machine_id] = dict(out.status(), role="source", state=how)
+
+    def _incoming_resumed(self, inc):
+        # The machine is this host's now: no longer a migration (its volumes stay claimed).
+        self.incoming.pop(inc.machine_id, None)
+        self.finished[inc.machine_id] = dict(inc.status(), state="resumed", role="target")
+        self._forget_record(inc.machine_id)
+
+    def target_state(self, machine_id):
+        """The state of the latest migration of C{machine_id} to this host, or C{None}."""
+        inc = self.incoming.get(machine_id)
+        if inc is not None:
+            return inc.machine.state
+        return (self.finished.get(machine_id) or {}).get("state")
 
     def _incoming_ended(self, inc):
         self.incoming.pop(inc.machine_id, None)
-        self.finished[inc.machine_id] = inc.status()
+        self.finished[inc.machine_id] = dict(inc.status(), role="target")
         self._forget_record(inc.machine_id)
         for vid in inc.volume_ids:
             self.volumes.release(vid, inc.machine_id)
