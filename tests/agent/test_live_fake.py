@@ -263,6 +263,11 @@ class VerifyTests(TestCase):
         clock.advance(1)
         hosts.b.driver.guest_write_file("m1", "after", b"a" * 5000)
         frozen = await hosts.a.hashes("v1")
+        self.assertEqual((frozen["blocks"], frozen["first"], frozen["count"]), (64, 0, 64))
+        # In pages, joined: the same.
+        pages = [await hosts.a.hashes("v1", first, 24) for first in (0, 24, 48)]
+        self.assertEqual([p["count"] for p in pages], [24, 24, 16])
+        self.assertEqual(b"".join(p["hashes"] for p in pages), frozen["hashes"])
         result = await hosts.b.verify("m1", "v1", frozen)
         self.assertTrue(result["ok"])
         self.assertEqual(result["differing_blocks"], 1)

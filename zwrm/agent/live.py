@@ -44,7 +44,14 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
-from zwrm.agent.blockmap import file_blockmap
+from zwrm.agent.blockmap import (
+    block_count,
+    data_blocks,
+    data_extents,
+    file_blockmap,
+    hole_hashes,
+    read_block,
+)
 from zwrm.agent.executor import free_port, validate_machine
 from zwrm.agent.transfer.progress import ProgressThrottle
 from zwrm.drivers import cloudinit as _cloudinit
@@ -1199,14 +1206,22 @@ class LiveMigrations:
         return out
 
     @wamp.register("live.hashes")
-    def hashes(self, volume_id):
+    def hashes(self, volume_id, first=0, count=None):
         """
         Source: the block hashes of a volume (its frozen image, once the migration
-        completed): C{{"size", "block", "hashes": bytes}} (L{HASH_BYTES} per block).
+        completed): C{{"size", "block", "blocks", "first", "count", "hashes": bytes}}
+        (L{HASH_BYTES} per block) of blocks C{first} to C{first + count} (all by default).
+        A large volume is read in pages whose C{hashes} the caller joins for
+        C{live.verify}.
         """
         check_id(volume_id, "volume id")
+        for name, v in (("first", first), ("count", count)):
+            if v is None and name == "count":
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise InvalidArgument(f"{name} must be a block number, not {v!r}")
         path = self.volumes.existing_path(volume_id)
-        return deferToThread(_hashes, path)
+        return deferToThread(_hashes, path, first, count)
 
     @wamp.register("live.verify")
     def verify(self, machine_id, volume_id, hashes):
@@ -1255,10 +1270,21 @@ class LiveMigrations:
         return result
 
 
-def _hashes(path):
-    size, hashes = file_blockmap(path, VERIFY_BLOCK)
-    return {"size": size, "block": VERIFY_BLOCK,
-            "hashes": b"".join(h[:HASH_BYTES] for h in hashes)}
+def _hashes(path, first=0, count=None):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        n = block_count(size, VERIFY_BLOCK)
+        first = min(first, n)
+        stop = n if count is None else min(n, first + count)
+        hashes = hole_hashes(size, VERIFY_BLOCK)[first:stop]
+        for index in data_blocks(data_extents(fd, size), size, VERIFY_BLOCK):
+            if first <= index < stop:
+                hashes[index - first] = read_block(fd, index, size, VERIFY_BLOCK)[1]
+    finally:
+        os.close(fd)
+    return {"size": size, "block": VERIFY_BLOCK, "blocks": n, "first": first,
+            "count": stop - first, "hashes": b"".join(h[:HASH_BYTES] for h in hashes)}
 
 
 def _compare(src, src_size, mine, extents):
