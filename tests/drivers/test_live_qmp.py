@@ -1,0 +1,180 @@
+"""
+The QMP commands the QEMU driver's live-migration verbs send, and their order, against a
+scripted QMP connection (no QEMU): the orders that make the pause short and the move safe
+(tests/drivers/test_live.py runs them against real QEMU).
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+from twisted.internet.defer import fail, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from zwrm.drivers import qemu
+from zwrm.drivers.qmp import QMPError
+from zwrm.errors import Conflict, NotAuthorized, Unavailable
+
+
+class ScriptedQMP:
+    """Answers QMP commands from C{answers}; records them; events after some commands."""
+
+    def __init__(self, driver, machine, answers):
+        self.driver = driver
+        self.machine = machine
+        self.answers = answers
+        self.sent = []
+
+    def execute(self, command, arguments=None):
+        self.sent.append((command, arguments))
+        answer = self.answers.get(command)
+        if isinstance(answer, QMPError):
+            return fail(answer)
+        if command == "block-job-cancel" and not (arguments or {}).get("force"):
+            d = succeed({})
+            d.addCallback(lambda r: (self.driver._live_event(
+                self.machine, "BLOCK_JOB_COMPLETED", {"device": arguments["device"]}), r)[1])
+            return d
+        return succeed(answer if not callable(answer) else answer(arguments))
+
+    def names(self):
+        return [c for c, _a in self.sent]
+
+
+class LiveQMPTests(SynchronousTestCase):
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix="zwrm-liveqmp-")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.clock = Clock()
+        self.driver = qemu.QemuDriver(self.clock, self.root, accel="tcg")
+        self.driver.accel = "tcg"
+
+    def machine(self, answers, role=None):
+        m = qemu._Machine("m1", os.path.join(self.root, "m1"))
+        os.makedirs(m.dir)
+        m.state = "running"
+        vol = os.path.join(self.root, "v1.img")
+        with open(vol, "wb") as f:
+            f.truncate(1 << 20)
+        m.spec = {"id": "m1", "disk": None, "volumes": [{"id": "v1", "path": vol}]}
+        m.qmp = ScriptedQMP(self.driver, m, answers)
+        self.driver._machines["m1"] = m
+        if role:
+            with open(m.path("live.json"), "w") as f:
+                json.dump({"role": role, "phase": "incoming"}, f)
+        return m
+
+    def result(self, d):
+        out = []
+        d.addBoth(out.append)
+        self.clock.advance(0)
+        self.assertTrue(out, "did not fire")
+        if hasattr(out[0], "raiseException"):
+            out[0].raiseException()
+        return out[0]
+
+    def test_the_target_starts_its_bitmap_before_it_resumes(self):
+        m = self.machine({"query-status": {"status": "paused"},
+                          "query-migrate": {"status": "completed"},
+                          "query-block": [{"device": "vol0", "inserted": {"node-name": "n0"}}]},
+                         role="target")
+        self.assertEqual(self.result(self.driver.finish_incoming("m1")),
+                         {"resumed": True, "already": False})
+        names = m.qmp.names()
+        self.assertEqual(names, ["query-status", "query-migrate", "nbd-server-stop",
+                                 "query-block", "block-dirty-bitmap-add", "cont",
+                                 "announce-self"])
+        self.assertEqual(dict(m.qmp.sent)["block-dirty-bitmap-add"],
+                         {"node": "n0", "name": "zwrm-verify", "granularity": 65536})
+
+    def test_the_target_does_not_resume_before_its_incoming_migration_completed(self):
+        m = self.machine({"query-status": {"status": "inmigrate"},
+                          "query-migrate": {"status": "active"}}, role="target")
+        self.assertRaises(Conflict, self.result, self.driver.finish_incoming("m1"))
+        self.assertNotIn("cont", m.qmp.names())
+
+    def test_the_source_syncs_its_mirrors_before_it_continues(self):
+        m = self.machine({"query-migrate": {"status": "pre-switchover"},
+                          "query-block-jobs": [{"device": "zwrm-mirror-vol0", "ready": True}]})
+        self.result(self.driver.complete_switchover("m1"))
+        names = m.qmp.names()
+        self.assertEqual(names, ["query-migrate", "query-block-jobs", "block-job-cancel",
+                                 "migrate-continue"])
+        self.assertEqual(dict(m.qmp.sent)["block-job-cancel"], {"device": "zwrm-mirror-vol0"})
+        self.assertEqual(dict(m.qmp.sent)["migrate-continue"], {"state": "pre-switchover"})
+
+    def test_a_mirror_not_ready_at_the_switchover_does_not_continue(self):
+        m = self.machine({"query-migrate": {"status": "pre-switchover"},
+                          "query-block-jobs": [{"device": "zwrm-mirror-vol0", "ready": False}]})
+        self.assertRaises(Conflict, self.result, self.driver.complete_switchover("m1"))
+        self.assertNotIn("migrate-continue", m.qmp.names())
+
+    def test_the_migration_pauses_before_its_switchover(self):
+        m = self.machine({"query-block-jobs": [{"device": "zwrm-mirror-vol0", "ready": True}]})
+        target = {"host": "127.0.0.1", "nbd_port": 1, "migration_port": 2,
+                  "exports": {"v1": "vol0"}}
+        self.result(self.driver.start_migration("m1", target, downtime_limit_ms=250))
+        names = m.qmp.names()
+        self.assertEqual(names, ["query-block-jobs", "migrate-set-capabilities",
+                                 "migrate-set-parameters", "migrate"])
+        caps = {c["capability"]: c["state"] for c in
+                dict(m.qmp.sent)["migrate-set-capabilities"]["capabilities"]}
+        self.assertEqual(caps, {"events": True, "pause-before-switchover": True,
+                                "auto-converge": False, "postcopy-ram": False})
+        self.assertEqual(dict(m.qmp.sent)["migrate-set-parameters"]["downtime-limit"], 250)
+        self.assertEqual(dict(m.qmp.sent)["migrate"], {"uri": "tcp:127.0.0.1:2"})
+
+    def test_the_mirror_is_write_blocking_and_rate_limited(self):
+        m = self.machine({})
+        target = {"host": "127.0.0.1", "nbd_port": 1, "migration_port": 2,
+                  "exports": {"v1": "vol0"}}
+        self.assertEqual(self.result(self.driver.start_mirror("m1", target, speed=12345)),
+                         {"jobs": ["zwrm-mirror-vol0"]})
+        mirror = dict(m.qmp.sent)["blockdev-mirror"]
+        self.assertEqual(mirror, {"job-id": "zwrm-mirror-vol0", "device": "vol0",
+                                  "target": "zwrm-nbd-vol0", "sync": "full", "speed": 12345,
+                                  "copy-mode": "write-blocking"})
+
+    def test_a_refused_nbd_connection_leaves_nothing(self):
+        m = self.machine({"blockdev-add": QMPError("GenericError",
+                                                   "TLS handshake failed: authorization denied")})
+        target = {"host": "127.0.0.1", "nbd_port": 1, "migration_port": 2,
+                  "exports": {"v1": "vol0"}}
+        with self.assertRaises(NotAuthorized):
+            self.result(self.driver.start_mirror("m1", target))
+        self.assertNotIn("blockdev-mirror", m.qmp.names())
+
+    def test_rollback_cancels_mirrors_and_resumes(self):
+        m = self.machine({"query-migrate": {"status": "none"},
+                          "query-block-jobs": [{"device": "zwrm-mirror-vol0", "ready": True}],
+                          "query-status": {"status": "running"}})
+
+        def cancel(args):
+            self.driver._live_event(m, "BLOCK_JOB_CANCELLED", {"device": args["device"]})
+            return {}
+
+        m.qmp.answers["block-job-cancel"] = cancel
+        m.qmp.execute = self._forced(m.qmp)
+        self.assertEqual(self.result(self.driver.cancel_migration("m1")), {"cancelled": True})
+        self.assertEqual(m.qmp.names(), ["query-migrate", "query-block-jobs", "block-job-cancel",
+                                         "blockdev-del", "query-status"])
+        self.assertEqual(dict(m.qmp.sent)["block-job-cancel"],
+                         {"device": "zwrm-mirror-vol0", "force": True})
+
+    @staticmethod
+    def _forced(qmp):
+        original = ScriptedQMP.execute
+
+        def execute(command, arguments=None):
+            if command == "block-job-cancel":
+                qmp.sent.append((command, arguments))
+                return succeed(qmp.answers["block-job-cancel"](arguments))
+            return original(qmp, command, arguments)
+
+        return execute
+
+    def test_a_gone_connection_is_unavailable(self):
+        self.machine({"query-status": QMPError("Disconnected", "gone")}, role="target")
+        self.assertRaises(Unavailable, self.result, self.driver.finish_incoming("m1"))
