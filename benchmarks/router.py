@@ -13,7 +13,7 @@ on-CPU nanoseconds in schedstat, or utime + stime where that is missing), which 
 not depend on how loaded the machine is as much as the rates do.
 
 Usage:
-    .venv/bin/python benchmarks/router.py [--quick] [--rounds 3] [--crossbar /opt/crossbar-venv/bin/crossbar]
+    .venv/bin/python benchmarks/router.py [--quick] [--rounds 3] [--crossbar PATH/bin/crossbar]
 
 ``--micro`` measures only the router's CPU per message without sockets (a caller, a callee and
 ten subscribers on StringTransports, one frame per read), which load elsewhere on the machine
@@ -23,9 +23,10 @@ Rows are the medians of interleaved rounds (zwrm and Crossbar alternate, so load
 on the machine hits both); the load average is printed before and after.  Final figures
 need a quiet machine.
 
-Crossbar.io is never a dependency of zwrm: install it in its own virtualenv
-(``python3 -m venv /opt/crossbar-venv && /opt/crossbar-venv/bin/pip install crossbar``).
-Without it the script prints zwrm's figures and says Crossbar is absent.
+Crossbar.io is never a dependency of zwrm: it runs from the cached virtualenv the tests use
+(``python3 tests/crossbar/router.py --install`` makes it, as CI does; found as
+tests/crossbar/router.py finds it, or given with ``--crossbar``).  Without it the script
+prints zwrm's figures and says Crossbar is absent.
 """
 
 import argparse
@@ -57,6 +58,20 @@ from zwrm.agent.executor import free_port  # noqa: E402
 
 HERE = os.path.abspath(__file__)
 DEFAULT_CROSSBAR = "/opt/crossbar-venv/bin/crossbar"
+
+
+def default_crossbar():
+    """
+    The crossbar executable of the cached virtualenv the tests use (tests/crossbar/router.py:
+    C{$ZWRM_CROSSBAR_VENV}, else /opt/crossbar-venv, else ~/.cache/zwrm/crossbar-venv),
+    without installing anything; L{DEFAULT_CROSSBAR} if that cannot be found.
+    """
+    try:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+        from tests.crossbar.router import venv_path
+    except ImportError:
+        return DEFAULT_CROSSBAR
+    return os.path.join(venv_path(), "bin", "crossbar")
 ALL = {"call", "register", "publish", "subscribe"}
 
 
@@ -548,7 +563,7 @@ def report(all_results, kinds, have_crossbar):
     print("\nratios: higher is better for zwrm (latency and CPU ratios are other/zwrm)")
     if not have_crossbar:
         print("Crossbar.io is absent (no baseline router): install it in its own virtualenv, "
-              "e.g. python3 -m venv /opt/crossbar-venv && /opt/crossbar-venv/bin/pip install crossbar")
+              "with python3 tests/crossbar/router.py --install (what CI does; cached)")
 
 
 def main(reactor, args):
@@ -598,13 +613,17 @@ if __name__ == "__main__":
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a tenth of the work (a smoke run)")
-    parser.add_argument("--crossbar", default=DEFAULT_CROSSBAR, help="the crossbar executable")
+    parser.add_argument("--crossbar", default=None,
+                        help="the crossbar executable (default: the tests' cached virtualenv, see"
+                             " tests/crossbar/router.py; '' for none)")
     parser.add_argument("--other", metavar="DIR",
                         help="also measure the zwrm package found in DIR (e.g. an export of the previous commit)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; rows are their medians")
     parser.add_argument("--micro", action="store_true",
                         help="only the router's CPU per message without sockets (see micro_child)")
     args = parser.parse_args()
+    if args.crossbar is None:
+        args.crossbar = default_crossbar()
     if args.micro:
         micro(args)
         sys.exit(0)
