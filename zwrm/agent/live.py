@@ -1330,4 +1330,4 @@ async def verify_images(reactor, source_path, target_path, extents, block=VERIFY
 
 
 __all__ = ["LiveMigrations", "SourceMigration", "TargetMigration", "check_policy",
-           "verify_images", "compare_blocks", "volume_serial"]
+           "verify_images", "compare_blocks"]

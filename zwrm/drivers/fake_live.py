@@ -15,7 +15,7 @@ import hashlib
 import os
 import shutil
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import fail, succeed
 
 from zwrm.drivers.live import (
     DOWNTIME_LIMIT_MS,
@@ -417,4 +417,4 @@ class FakeLiveMigration:
         return None
 
 
-__all__ = ["FakeLiveMigration", "FakeNetwork", "NETWORK", "Deferred"]
+__all__ = ["FakeLiveMigration", "FakeNetwork", "NETWORK"]

@@ -44,7 +44,7 @@ from twisted.logger import Logger
 
 from zwrm.drivers import diskimage
 from zwrm.drivers.qmp import QMPError
-from zwrm.errors import Conflict, InvalidArgument, NotAuthorized, Unavailable, ZwrmError
+from zwrm.errors import Conflict, InvalidArgument, NotAuthorized, Unavailable
 
 log = Logger()
 
@@ -763,5 +763,4 @@ def status_doc(run, mig, jobs, record):
     }
 
 
-__all__ = ["QemuLiveMigration", "live_drives", "status_doc", "parse_dirty_map", "check_tls",
-           "ZwrmError"]
+__all__ = ["QemuLiveMigration", "live_drives", "status_doc", "parse_dirty_map", "check_tls"]
