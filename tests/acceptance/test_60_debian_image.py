@@ -1,0 +1,143 @@
+"""
+Step: a real operating system, as operators run one.  The Debian 12 cloud image of
+L{zwrm.testing.debian} (systemd, cloud-init, openssh-server, a small HTTP service; built once
+per recipe and cached) is pushed from the client as a self-booting UEFI disk (the disk alone,
+C{--firmware uefi}: OVMF runs systemd-boot from its EFI system partition), then deployed with
+a volume, an SSH key and an environment variable on the agents' cluster network (the guest
+takes its address from its cloud-init seed) and published on two ports of every agent.
+
+One deploy (a boot under TCG takes minutes) is checked every way: healthy; through the
+ingress from the client host, the service answers, the volume is mounted at C{/data} (by its
+virtio serial), the key is installed and C{ssh debian@<agent> -p 2222} logs in with it; data
+written is there; the console (C{zwrm logs}) shows the login prompt.  Then the app is stopped
+and started again (C{zwrm scale 0}, C{1}: a new machine, a fresh root overlay) and the data is
+on the volume the new machine mounts.
+"""
+
+import os
+import subprocess
+
+import pytest
+
+from tests.acceptance.cluster import StepFailed, poll
+from zwrm.testing import debian
+
+pytestmark = pytest.mark.acceptance
+
+APP = "debian"
+WEB = 8088  # the published ports, on every agent's address
+SSH = 2222
+DATA = b"written through the ingress onto the Debian guest's volume\n"
+
+
+def _state(cluster):
+    if "debian" not in cluster.state:
+        pytest.fail("needs test_deploy_the_debian_image to have passed")
+    return cluster.state["debian"]
+
+
+def _running(cluster):
+    """The app's machine once it runs with its health check passing, else None."""
+    machines = cluster.zwrm_json("status", APP)["machines"]
+    up = [m for m in machines if m["state"] == "running" and m["health"] == "passing"]
+    return up[0] if len(up) == 1 and len(machines) == 1 else None
+
+
+def _get(cluster, path, via, wait=120):
+    return cluster.sh("client", ["curl", "-fsS", "--max-time", "20", "--retry", str(wait // 5),
+                                 "--retry-delay", "5", "--retry-all-errors",
+                                 f"http://{cluster.net.address(via)}:{WEB}{path}"],
+                      timeout=wait + 60).stdout
+
+
+def test_deploy_the_debian_image(cluster):
+    with cluster.phase("debian image: build (cached by recipe) and push"):
+        img = debian.build()
+        cluster.zwrm("images", "push", "debian:12", "--disk", img.disk, "--firmware", "uefi",
+                     "--port", "8080", "-q", timeout=900)
+    key = cluster.host_dir("client", "id_debian")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "zwrm-acceptance",
+                    "-f", key], check=True)
+    with open(key + ".pub") as f:
+        pubkey = f.read().strip()
+    cluster.zwrm("apps", "create", APP)
+    with cluster.phase("debian image: deploy (UEFI, volume, key) until healthy"):
+        app = cluster.zwrm_json(
+            "deploy", APP, "--image", "debian:12", "--memory", "512", "--port", "8080",
+            "--health-http", "/", "--health-interval", "5", "--health-grace", "1200",
+            "--volume", "data:64:/data", "--ssh-key", key + ".pub", "--env", "GREETING=hi",
+            "--publish", f"{WEB}:8080", "--publish", f"{SSH}:22", "--wait", "1500",
+            timeout=1600)
+    [machine] = app["machines"]
+    assert (machine["state"], machine["health"]) == ("running", "passing"), machine
+    cluster.state["debian"] = {"machine": machine, "key": key, "pubkey": pubkey}
+
+
+def test_the_guest_as_deployed(cluster):
+    st = _state(cluster)
+    here = cluster.host_of(st["machine"]["host_id"])
+    assert _get(cluster, "/", here).startswith("zwrm-web ok")
+    mounts = _get(cluster, "/mounts", here)
+    assert " /data ext4 " in mounts, mounts
+    assert "/dev/vda2 / ext4 " in mounts, mounts  # the root disk is the first disk
+    assert st["pubkey"] in _get(cluster, "/keys", here)
+    assert 'GREETING="hi"' in _get(cluster, "/env", here)
+    written = cluster.sh("client", [
+        "curl", "-fsS", "--max-time", "30", "--data-binary", "@-",
+        f"http://{cluster.net.address(here)}:{WEB}/data/note.txt"], input=DATA.decode()).stdout
+    assert written.strip() == "ok"
+    # Through the other agent's ingress too (over the cluster network).
+    for agent in cluster.host_ids:
+        assert _get(cluster, "/data/note.txt", agent).encode() == DATA
+
+
+def test_ssh_with_the_deployed_key(cluster):
+    st = _state(cluster)
+    here = cluster.host_of(st["machine"]["host_id"])
+    argv = ["ssh", "-i", st["key"], "-p", str(SSH), "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "ConnectTimeout=20", f"debian@{cluster.net.address(here)}",
+            "cat /data/note.txt; findmnt -n -o SOURCE,FSTYPE /data"]
+    last = []
+
+    def logged_in():
+        r = cluster.sh("client", argv, ok=range(256), timeout=60)
+        last[:] = [r.returncode, r.stderr.strip()[-500:]]
+        return r.stdout if r.returncode == 0 else None
+
+    try:
+        out = poll(logged_in, 180, interval=5, what="ssh with the deployed key")
+    except StepFailed as e:
+        raise StepFailed(f"{e}: ssh exited {last[0]}: {last[1]}") from None
+    assert out.startswith(DATA.decode()), out
+    assert out.strip().endswith("ext4"), out
+
+
+def test_console_shows_a_login_prompt(cluster):
+    st = _state(cluster)
+
+    def prompt():
+        out = cluster.zwrm("logs", st["machine"]["id"])
+        return out if debian.LOGIN_PROMPT in out else None
+
+    logs = poll(prompt, 300, interval=5, what="a login prompt on the console")
+    # The guest's own console: systemd-boot's kernel, then the getty on ttyS0.
+    assert "Debian GNU/Linux 12" in logs, logs[-2000:]
+
+
+def test_data_survives_a_stop_and_start(cluster):
+    st = _state(cluster)
+    with cluster.phase("debian image: stop and start (scale 0, 1) until healthy"):
+        cluster.zwrm("scale", APP, "0", timeout=300)
+        poll(lambda: not cluster.zwrm_json("status", APP)["machines"], 300, interval=2,
+             what="the machine gone")
+        cluster.zwrm("scale", APP, "1", timeout=300)
+        machine = poll(lambda: _running(cluster), 1500, interval=5,
+                       what="the new machine running and healthy")
+    assert machine["id"] != st["machine"]["id"]
+    here = cluster.host_of(machine["host_id"])
+    assert _get(cluster, "/data/note.txt", here).encode() == DATA
+    mounts = _get(cluster, "/mounts", here)
+    assert " /data ext4 " in mounts, mounts
+    st["machine"] = machine
+    assert os.path.exists(st["key"])
