@@ -206,6 +206,9 @@ class BuiltPackagesTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         depends = {d.strip().split()[0] for d in result.stdout.split(",")}
         self.assertLessEqual({"iproute2", "nftables", "procps", "qemu-system-x86"}, depends)
+        # conntrack cuts a dead or drained replica's flows; genisoimage makes cloud-init seeds;
+        # ovmf boots UEFI images.
+        self.assertLessEqual({"conntrack", "genisoimage", "ovmf"}, depends)
 
 
 def _free_port():
@@ -343,6 +346,12 @@ class InstalledTests(TestCase):
         self.assertTrue(os.path.exists(f"{site}/twisted/plugins/dropin.cache"))
         self.assertTrue(os.path.exists(f"{site}/zwrm/plugins/dropin.cache"))
         self.assertTrue(os.access(os.path.realpath("/usr/bin/zwrm"), os.X_OK))
+        # The web console's files, with autobahn-js's browser build (debian/rules makes it).
+        static = f"{site}/zwrm/console/static"
+        if os.path.isdir(os.path.join(ROOT, "zwrm", "console")):
+            for name in ("index.html", "app.js", "app.css", "favicon.svg",
+                         "vendor/autobahn.min.js", "vendor/autobahn.LICENSE.txt"):
+                self.assertTrue(os.path.isfile(f"{static}/{name}"), name)
         if os.path.exists(os.path.join(ROOT, "zwrm", "cli", "main.py")):
             result = run("/usr/bin/zwrm", "--help")
             self.assertEqual(result.returncode, 0, result.stderr)
@@ -362,6 +371,20 @@ class InstalledTests(TestCase):
         url = f"http://127.0.0.1:{port}/healthz"
         health = yield self.poll("control plane /healthz", lambda: self.healthz(url), control)
         self.assertEqual(health["hosts"], 0)
+        if os.path.isdir(os.path.join(ROOT, "zwrm", "console")):
+            # The web console, from the installed files, complete.
+            page = yield treq.get(f"http://127.0.0.1:{port}/", timeout=5, persistent=False)
+            yield page.content()
+            self.assertEqual(page.code, 200)
+            self.assertIn(b"text/html", page.headers.getRawHeaders(b"content-type")[0])
+            self.assertTrue(page.headers.hasHeader(b"content-security-policy"))
+            js = yield treq.get(f"http://127.0.0.1:{port}/console/vendor/autobahn.min.js",
+                                timeout=5, persistent=False)
+            yield js.content()
+            self.assertEqual(js.code, 200)
+            self.assertIn(b"javascript", js.headers.getRawHeaders(b"content-type")[0])
+            control.log.seek(0)
+            self.assertNotIn("web console at / is incomplete", control.log.read())
         token_file = os.path.join(data, "control", "join.token")
         yield self.poll(
             "join token file", lambda: defer.succeed(os.path.exists(token_file)), control
