@@ -14,6 +14,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.agent.test_membership import start_plane
 from tests.cli.test_cli import d
+from zwrm import errors
 from zwrm.cli import client
 from zwrm.cli.apps import deploy_following
 from zwrm.cli.client import EXIT_TIMEOUT, CliError
@@ -26,12 +27,15 @@ UPDATE = {"max_parallel": 1, "min_healthy_time": 0.0, "healthy_deadline": 10.0,
 class HeldRollout:
     """A rollout service whose steps the test releases; it announces as the real one does."""
 
-    def __init__(self, data, announce=True):
+    def __init__(self, data, announce=True, refuse=False):
         self._data = data
         self.announce = announce
+        self.refuse = refuse
         self.gates = [Deferred(), Deferred()]
 
     async def deploy(self, app, given, merge=True, **extra):
+        if self.refuse:
+            raise errors.InvalidArgument(f"image {given['image']} is not in the registry")
         spec = dict(given)
         await self._data.apps.set_spec(app, spec, "deployed")
         if not self.announce:
@@ -53,11 +57,11 @@ class HeldRollout:
 class DeployFollowTests(TestCase):
     timeout = 60
 
-    async def start(self, announce=True):
+    async def start(self, announce=True, refuse=False):
         plane, _ = await start_plane(self)
         self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
         await plane.apps.create_app("web")
-        held = HeldRollout(plane.apps.data, announce)
+        held = HeldRollout(plane.apps.data, announce, refuse)
         plane.apps.rollout = held  # the facade looks it up at each call
         session = await client.connect(reactor, dict(client.load_settings(plane.url),
                                                      timeout=1.0))
@@ -108,3 +112,11 @@ class DeployFollowTests(TestCase):
         self.assertEqual(app["spec"]["image"], "demo:2")
         self.assertEqual(out.getvalue(), "")
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    @d
+    async def test_a_refused_deploy_is_one_line(self):
+        _, clock, out, done = await self.start(refuse=True)
+        with self.assertRaises(CliError) as cm:
+            await done
+        self.assertEqual(cm.exception.message, "image demo:2 is not in the registry")
+        self.assertEqual(out.getvalue(), "")

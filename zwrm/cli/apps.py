@@ -9,6 +9,7 @@ import sys
 import time
 
 from twisted.internet import defer, task
+from twisted.python import failure
 
 from zwrm.cli.client import (
     EXIT_REMOTE,
@@ -475,8 +476,14 @@ async def deploy_following(reactor, session, name, spec, out, as_json, timeout):
             answer = defer.Deferred.fromCoroutine(call(session, "zwrm.app.deploy", name, spec))
         finally:
             session.timeout = saved
-        answered = defer.Deferred()
-        answer.addBoth(lambda r: (answered.called or answered.callback(None), r)[1])
+        answered, outcome = defer.Deferred(), []
+
+        def took(result):  # the answer (or its failure) is kept here, the Deferred done
+            outcome.append(result)
+            if not answered.called:
+                answered.callback(None)
+
+        answer.addBoth(took)
         wait, started = timeout, False
         while not answered.called:
             news = queue.get()
@@ -484,8 +491,7 @@ async def deploy_following(reactor, session, name, spec, out, as_json, timeout):
             if which != 1:
                 news.cancel()  # not taken: a later announcement stays in the queue
                 news.addErrback(lambda f: None)
-            if which is None:
-                answer.addErrback(lambda f: None)  # given up: a late answer is dropped
+            if which is None:  # given up: a late answer is dropped
                 if not started:
                     raise CliError(f"the control plane did not answer zwrm.app.deploy within "
                                    f"{wait:g} s", EXIT_TIMEOUT)
@@ -504,7 +510,9 @@ async def deploy_following(reactor, session, name, spec, out, as_json, timeout):
                         + float((p.get("spec") or {}).get("shutdown_delay") or 0) + timeout)
             elif p.get("state") in ROLLOUT_ENDS:
                 wait = timeout  # the answer follows
-        return await answer
+        if isinstance(outcome[0], failure.Failure):
+            outcome[0].raiseException()
+        return outcome[0]
     finally:
         try:
             await subscription.unsubscribe()
