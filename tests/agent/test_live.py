@@ -92,23 +92,24 @@ class LiveAgentsTests(TestCase):
         for mid in drv.list():
             await drv.destroy(mid)
 
-    async def prepare(self, postcopy=False):
+    async def prepare(self, postcopy=False, target_id="m1"):
         desc = self.a.describe("m1")
         self.assertEqual(desc["volumes"], {"v1": 64 * 1024 * 1024})
         self.assertTrue(desc["facts"]["live"], desc["facts"])
         # The machine spec as machine.start takes it (the target builds its driver spec).
         img = image.build()
-        spec = {"id": "m1", "image": {"kernel": img.kernel, "initrd": img.initrd, "disk": None,
+        spec = {"image": {"kernel": img.kernel, "initrd": img.initrd, "disk": None,
                                       "cmdline": img.cmdline},
                 "vcpus": 1, "memory_mb": 128, "service_port": 8080,
                 "volumes": [{"id": "v1", "mount": "/data", "size_mb": 64}]}
-        where = await self.b.prepare("m1", spec, desc["volumes"], "host-a", postcopy=postcopy)
+        where = await self.b.prepare(target_id, spec, desc["volumes"], "host-a", postcopy=postcopy)
         self.assertIsInstance(where["host_port"], int)
         return where, where["host_port"]
 
     async def test_a_written_guest_moves_and_its_volume_verifies(self):
         self.assertTrue(await _post(self.src_port, "first", b"first write"))
-        where, dst_port = await self.prepare()
+        # The target's machine has another id (as a drain's replacement does).
+        where, dst_port = await self.prepare(target_id="m2")
         acked, stop = {}, []
 
         async def writer():
@@ -136,10 +137,10 @@ class LiveAgentsTests(TestCase):
         self.assertTrue(any(p["mirror"]["total"] for p in announced), announced)
         # The target resumed by itself (its machine: incoming -> resuming -> resumed).
         for _ in range(100):
-            if self.b.target_state("m1") == "resumed":
+            if self.b.target_state("m2") == "resumed":
                 break
             await deferLater(reactor, 0.1, lambda: None)
-        self.assertEqual(self.b.target_state("m1"), "resumed")
+        self.assertEqual(self.b.target_state("m2"), "resumed")
         # Every acknowledged write is on the target, which takes new ones.
         self.assertEqual(await _get(dst_port, "first"), b"first write")
         for name, body in acked.items():
@@ -148,7 +149,7 @@ class LiveAgentsTests(TestCase):
         # The volume: every block that differs from the source's frozen image is one the
         # target wrote since it resumed.
         frozen = await self.a.hashes("v1")
-        verified = await self.b.verify("m1", "v1", frozen)
+        verified = await self.b.verify("m2", "v1", frozen)
         self.assertTrue(verified["ok"], verified)
         self.assertGreater(verified["dirty_blocks"], 0)
         # The source stays paused until it is destroyed.
