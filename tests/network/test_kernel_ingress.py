@@ -96,6 +96,33 @@ class CanForwardTests(SynchronousTestCase):
             self.assertFalse(self.host().can_forward(ok + [bad]), bad)
 
 
+class ConntrackTests(SynchronousTestCase):
+    """What is asked of C{conntrack}, and an agent without the tool."""
+
+    def test_commands_and_a_missing_tool(self):
+        from zwrm.agent.network import host as _host
+
+        ran = []
+
+        async def run(*argv, check=True):
+            ran.append(argv)
+            return ""
+
+        hn = HostNetwork(reactor, local_address="10.99.1.2", run=run,
+                         state_dir=tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, hn.state_dir, True)
+        self.patch(_host.shutil, "which", lambda name: "/usr/sbin/" + name)
+        self.successResultOf(defer.ensureDeferred(
+            hn._conntrack_delete(80, "10.80.1.2", 8080, "SYN_SENT")))
+        self.assertEqual(ran, [("conntrack", "-D", "-p", "tcp", "--orig-dst", "10.99.1.2",
+                                "--orig-port-dst", 80, "--reply-src", "10.80.1.2",
+                                "--reply-port-src", 8080, "--state", "SYN_SENT")])
+        self.patch(_host.shutil, "which", lambda name: None)
+        self.successResultOf(defer.ensureDeferred(hn._conntrack_delete(80, "10.80.1.2", 8080)))
+        self.assertEqual(len(ran), 1)
+        self.assertTrue(hn._no_conntrack)
+
+
 @pytest.mark.multihost
 class KernelIngressTests(TestCase):
     timeout = 120

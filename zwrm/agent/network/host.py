@@ -35,6 +35,7 @@ SYN goes to another replica) and its open ones after C{drain_timeout} (C{conntra
 
 import ipaddress
 import os
+import shutil
 import tempfile
 
 from twisted.internet.defer import DeferredLock
@@ -337,12 +338,13 @@ class HostNetwork:
             table = {}
         before, self.forwards = self.forwards, table
         if before != table:
-            await self._apply_rules()
-            for port in sorted(set(before) | set(table)):
-                if before.get(port) != table.get(port):
+            await self._apply_rules()  # may fall back to no forwarding at all
+            for port in sorted(set(before) | set(self.forwards)):
+                if before.get(port) != self.forwards.get(port):
                     self.log.info("ingress: port {port} forwarded by the kernel to {to}",
                                   port=port, to=" ".join(f"{a}:{p}" for a, p in
-                                                         table.get(port, ())) or "nothing")
+                                                         self.forwards.get(port, ())) or
+                                  "nothing")
         for port, backends in before.items():
             for a, bp in backends:
                 if (a, bp) not in table.get(port, ()):
@@ -380,16 +382,20 @@ class HostNetwork:
     async def _conntrack_delete(self, port, address, bport, state=None):
         if self._no_conntrack or not self.local_address:
             return
+        if shutil.which("conntrack") is None:
+            self._no_conntrack = True
+            self.log.warn("no conntrack tool: connections to a replica that left a published "
+                          "port are not moved or cut (install the conntrack package)")
+            return
         argv = ["conntrack", "-D", "-p", "tcp", "--orig-dst", self.local_address,
                 "--orig-port-dst", port, "--reply-src", address, "--reply-port-src", bport]
         if state:
             argv += ["--state", state]
         try:
-            await self.run(*argv, check=False)
-        except CommandFailed as e:  # not installed: flows end by themselves
-            self._no_conntrack = True
-            self.log.warn("{e}: connections to a replica that left a published port are not "
-                          "cut after the drain timeout (install conntrack)", e=e.message)
+            await self.run(*argv, check=False)  # exit 1 when there was nothing to delete
+        except CommandFailed as e:
+            self.log.warn("{e}: connections to a replica that left a published port are "
+                          "not moved or cut", e=e.message)
 
     def _forward_rules(self):
         """The DNAT rules of L{forwards} (for C{nat} chains: prerouting, output)."""
