@@ -307,6 +307,17 @@ class AppTests(TestCase):
             await fresh.deploy("other", c.spec(vcpus=1))
 
 
+    @d
+    async def test_a_long_app_name_gives_valid_distinct_host_names(self):
+        c = await Cluster(self).start()
+        name = "a" * 62 + "z"  # the longest app name
+        await c.apps.create_app(name)
+        await c.apps.deploy(name, c.spec(replicas=2))
+        rows = await c.store.select("machines")
+        names = sorted(r["spec"]["network"]["hostname"] for r in rows)
+        self.assertEqual(names, ["a" * 61 + "-0", "a" * 61 + "-1"])
+
+
 def deferLater(seconds):
     from twisted.internet.task import deferLater as _dl
 

@@ -25,6 +25,7 @@ from zwrm import errors
 from zwrm.control.appspec import error_text, new_id, shutdown_delay
 from zwrm.control.resources.machines import LIVE
 from zwrm.control.resources.machines import STATES as MACHINE_STATES
+from zwrm.drivers.cloudinit import hostname_for
 
 
 class Replicas:
@@ -111,7 +112,7 @@ class Replicas:
             "service_port": spec["service_port"], "health": spec["health"], "app_spec": spec,
             "cloud_init": spec.get("cloud_init"),
             "network": await self.network.attach(
-                mid, app["id"], host_id, hostname=f"{app['name']}-{replica}",
+                mid, app["id"], host_id, hostname=replica_hostname(app["name"], replica),
                 open_ports=[p["guest_port"] for p in spec.get("publish") or []]),
         }
         row = {"id": mid, "app_id": app["id"], "host_id": host_id, "state": "pending",
@@ -152,7 +153,7 @@ class Replicas:
             # Its own address on its host (a drain's replacement gets one of its target's).
             spec["network"] = await self.network.attach(
                 row["id"], row["app_id"], row["host_id"],
-                hostname=f"{spec['app']}-{row['spec'].get('replica')}",
+                hostname=replica_hostname(spec["app"], row["spec"].get("replica")),
                 open_ports=[p["guest_port"] for p in
                             (row["spec"].get("app_spec") or {}).get("publish") or []])
             status = await self.call(row["host_id"], "machine.start", spec)
@@ -349,6 +350,15 @@ class Replicas:
         self._placements.release(m["id"])
         await self.network.release(m["id"])
         return m["id"]
+
+
+def replica_hostname(app, replica):
+    """
+    The guest host name of replica C{replica} of app C{app}: C{<app>-<replica>}, a DNS
+    label (at most 63 characters: a long app name is cut, the replica number kept).
+    """
+    suffix = f"-{replica}"
+    return hostname_for(app[:63 - len(suffix)] + suffix)
 
 
 async def in_key_order(locks, key, fn, *args):
