@@ -30,8 +30,9 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
+from tests.console.pages import LOGIN, ROWS, TWO_READY_HOSTS, wait_js
 from zwrm.console import STATIC, VENDOR_AUTOBAHN
-from zwrm.testing.processes import host_list, poll, run_cli, start_vm_cluster
+from zwrm.testing.processes import host_list, run_cli, start_vm_cluster
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -96,26 +97,6 @@ class Browser:
     async def quit(self):
         await deferToThread(self.driver.quit)
 
-
-async def wait_js(browser, script, timeout, what, *args):
-    """Poll C{script} in the page until it returns something true; return that."""
-    return await poll(reactor, lambda: browser.js(script, *args), timeout, interval=0.25, what=what)
-
-
-LOGIN = """
-document.getElementById('token').value = arguments[0];
-document.getElementById('authid').value = '';
-document.getElementById('login').requestSubmit();
-"""
-
-ROWS = """
-return [...document.querySelectorAll(arguments[0])].map(e => Object.assign({}, e.dataset));
-"""
-
-TWO_READY_HOSTS = """
-const r = [...document.querySelectorAll('#hosts-table tr[data-host]')].map(e => Object.assign({}, e.dataset));
-return r.length === 2 && r.every(h => h.state === 'ready') && r;
-"""
 
 PHASE_RECORDER = """
 window.__phases = [];
