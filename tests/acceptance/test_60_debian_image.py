@@ -11,7 +11,8 @@ ingress from the client host, the service answers, the volume is mounted at C{/d
 virtio serial), the key is installed and C{ssh debian@<agent> -p 2222} logs in with it; data
 written is there; the console (C{zwrm logs}) shows the login prompt.  Then the app is stopped
 and started again (C{zwrm scale 0}, C{1}: a new machine, a fresh root overlay) and the data is
-on the volume the new machine mounts.
+on the volume the new machine mounts; then its host is drained: the guest boots on the other
+host with its volume moved, and the data is there.
 """
 
 import os
@@ -141,3 +142,21 @@ def test_data_survives_a_stop_and_start(cluster):
     assert " /data ext4 " in mounts, mounts
     st["machine"] = machine
     assert os.path.exists(st["key"])
+
+
+def test_drain_moves_the_guest_and_its_data(cluster):
+    st = _state(cluster)
+    src = st["machine"]["host_id"]
+    [dst] = [h for h in cluster.host_ids.values() if h != src]
+    with cluster.phase("debian image: drain its host until healthy on the other"):
+        status = cluster.zwrm_json("host", "drain", src, "--min-healthy", "3s",
+                                   "--healthy-deadline", "1200s", timeout=1500)
+    assert status["state"] == "completed", status
+    [machine] = cluster.zwrm_json("status", APP)["machines"]
+    assert (machine["host_id"], machine["state"], machine["health"]) == (
+        dst, "running", "passing"), machine
+    # A fresh root overlay on the other host; the volume (and the data) moved with it.
+    for agent in cluster.host_ids:
+        assert _get(cluster, "/data/note.txt", agent).encode() == DATA
+    assert "ready" in cluster.zwrm("host", "activate", src)
+    st["machine"] = machine
