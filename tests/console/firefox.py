@@ -8,9 +8,9 @@ private profile and C{HOME} in a temporary directory; L{Firefox.stop} ends the w
 (SIGTERM, a bounded wait, then SIGKILL) and removes that directory.  Every Marionette call is
 blocking, so each runs in a thread, off the reactor.
 
-The page's errors are read from Firefox's own consoles (chrome context, hence
-C{--remote-allow-system-access}): script errors and CSP violations from C{nsIConsoleService},
-C{console.error} calls from the console API's storage, those of the page's origin only.
+The page's errors are read from Firefox itself (with system privileges, hence
+C{--remote-allow-system-access}): script errors and CSP violations of the page's origin from
+C{nsIConsoleService}, and its C{console.error} calls from the console API's storage.
 """
 
 import os
@@ -46,7 +46,6 @@ PREFS = {
     "network.connectivity-service.enabled": False,
     "network.proxy.type": 0,
     "services.settings.server": "data:,#remote-settings-dummy/v1",
-    "devtools.console.stdout.content": False,
 }
 
 ERRORS = """
@@ -58,12 +57,15 @@ for (const m of Services.console.getMessageArray() || []) {
   if (!(m.sourceName || '').startsWith(origin)) continue;
   out.push(`${m.category}: ${m.errorMessage} (${m.sourceName}:${m.lineNumber})`);
 }
-const storage = Cc['@mozilla.org/consoleAPI-storage;1'].getService(Ci.nsIConsoleAPIStorage);
-for (const e of storage.getEvents()) {
-  if (e.level !== 'error' || !(e.filename || '').startsWith(origin)) continue;
-  out.push(`console.error: ${(e.arguments || []).map(String).join(' ')} (${e.filename}:${e.lineNumber})`);
-}
 return out;
+"""
+
+CONSOLE_ERRORS = """
+const origin = arguments[0];
+const storage = Cc['@mozilla.org/consoleAPI-storage;1'].getService(Ci.nsIConsoleAPIStorage);
+return storage.getEvents()
+  .filter(e => e.level === 'error' && (e.filename || '').startsWith(origin))
+  .map(e => `console.error: ${(e.arguments || []).map(String).join(' ')} (${e.filename}:${e.lineNumber})`);
 """
 
 
@@ -165,11 +167,18 @@ class Firefox:
         return path
 
     async def errors(self, origin):
-        """The errors the page at C{origin} reported: exceptions, CSP violations, console.error."""
+        """
+        The errors the page at C{origin} reported: exceptions and CSP violations (Firefox's
+        console service, which the content processes forward to the parent's: chrome context),
+        and C{console.error} calls (kept by the console API's storage in the page's content
+        process: read there with the system principal, Marionette's C{system} sandbox).
+        """
 
         def read():
             with self.client.using_context("chrome"):
-                return self.client.execute_script(ERRORS, script_args=[origin])
+                found = self.client.execute_script(ERRORS, script_args=[origin])
+            return found + self.client.execute_script(CONSOLE_ERRORS, script_args=[origin],
+                                                      sandbox="system")
 
         return await deferToThread(read)
 
