@@ -117,7 +117,7 @@ class Firefox:
                 f.write(f'user_pref("{name}", {v});\n')
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MOZ_", "DISPLAY", "WAYLAND"))}
         env.update(HOME=home, XDG_CACHE_HOME=os.path.join(home, ".cache"),
-                   XDG_CONFIG_HOME=os.path.join(home, ".config"), MOZ_HEADLESS="1",
+                   XDG_CONFIG_HOME=os.path.join(home, ".config"), TMPDIR=home, MOZ_HEADLESS="1",
                    MOZ_CRASHREPORTER_DISABLE="1", MOZ_HEADLESS_WIDTH="1440",
                    MOZ_HEADLESS_HEIGHT="900")
         self.log_path = os.path.join(self.dir, "firefox.log")

@@ -5,9 +5,11 @@ against a real control plane and two real agents running the busybox test image 
 (TCG).  Shorter than the Chromium test (tests/console/test_browser.py), which covers every
 action: here what must work in Firefox's engine:
 
- - an operator logs in with a token and sees both hosts;
+ - a wrong token is refused (the login form again, nothing kept); an operator logs in with a
+   token and sees both hosts;
  - an app deployed with the CLI appears with its machine running, without a reload;
- - an operator action from the console (scale to 0: its button, its dialog) takes effect;
+ - an operator action from the console (scale to 0: its button, its dialog) takes effect, and
+   the event stream shows the machine's events;
  - a viewer finds every action button disabled, and a drain forced through the page anyway is
    refused by the router (C{wamp.error.not_authorized}), the host unchanged;
  - the page reported no error (exception, CSP violation, console.error) to Firefox's consoles.
@@ -75,6 +77,12 @@ class ConsoleFirefoxTests(TestCase):
     async def _operator(self, cp, b, base, agents):
         await b.get(base + "/")
         await wait_js(b, "return !!document.getElementById('login')", 30, "the login form")
+        # a wrong token: the form comes back with the router's reason, nothing is kept
+        await b.js(LOGIN, "operator-0000.not-a-token")
+        refused = await wait_js(b, "const p = document.getElementById('login-error');"
+                                   " return !p.hidden && p.textContent", 60, "the refusal")
+        self.assertIn("not accepted", refused)
+        self.assertIsNone(await b.js("return sessionStorage.getItem('zwrm.console.token')"))
         await b.js(LOGIN, cp.operator_token)
         await wait_js(b, "return document.body.dataset.ready === 'yes'", 60, "console ready")
         self.assertEqual(await b.js("return document.body.dataset.role"), "operator")
@@ -110,6 +118,13 @@ class ConsoleFirefoxTests(TestCase):
         self.assertEqual(status["machines"], [])
         self.assertTrue(await b.js("return window.__noReload === true"), "the page was reloaded")
         await b.shot("scaled.png")
+        # the event stream shows what happened, live
+        await b.js("location.hash = '#events'")
+        kinds = await wait_js(b, "const r = [...document.querySelectorAll('#events-table tr[data-event]')];"
+                                 " return r.length > 5 && r.map(e => e.textContent).join(' ');",
+                              30, "events in the events view")
+        self.assertIn(machine, kinds)
+        await b.shot("events.png")
 
     async def _viewer(self, cp, b, token):
         await b.js("document.getElementById('logout').click()")
