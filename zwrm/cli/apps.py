@@ -1,6 +1,6 @@
 """
 C{zwrm apps create|list}, C{zwrm deploy}, C{zwrm scale}, C{zwrm status}, C{zwrm destroy},
-C{zwrm machines list}, C{zwrm logs} and C{zwrm volumes create|list|destroy}.
+C{zwrm machines list|status|restart}, C{zwrm logs} and C{zwrm volumes create|list|destroy}.
 """
 
 import json
@@ -159,6 +159,12 @@ def register(subparsers):
     p.add_argument("machine_id")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=machine_status)
+    p = msub.add_parser(
+        "restart", help="restart one machine in place (same id, host and volumes): out of the "
+                        "routes for the app's shutdown_delay, stopped, started again")
+    p.add_argument("machine_id", metavar="MACHINE")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=machine_restart)
 
     p = subparsers.add_parser("logs", help="a machine's serial console")
     p.add_argument("machine_id")
@@ -601,6 +607,14 @@ async def machine_status(reactor, args, out=None):
     for e in m["events"]:
         p = e.get("payload") or {}
         out.write(f"  {e['kind']}: {p.get('state', '')} {p.get('reason') or ''}\n")
+
+
+async def machine_restart(reactor, args, out=None):
+    out = out or sys.stdout
+    m = await _with_session(reactor, args, "zwrm.machine.restart", args.machine_id)
+    if args.json:
+        return _json(m, out)
+    out.write(f"restarted {m['id']} on {m['host_id']}: {m['state']}\n")
 
 
 async def logs(reactor, args, out=None):

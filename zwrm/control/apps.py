@@ -56,6 +56,7 @@ from zwrm.control.resources.machines import STATES as MACHINE_STATES
 from zwrm.control.resources.machines import TOPIC as MACHINE_TOPIC
 from zwrm.control.resources.machines import wire as machine_wire
 from zwrm.control.rollout import Rollout
+from zwrm.drain_phases import MIGRATION_TERMINAL
 
 __all__ = ["APP_TOPIC", "MACHINE_TOPIC", "LIVE", "MACHINE_STATES", "Apps", "validate_spec",
            "placement_request", "merge_spec", "same_version", "UPDATE_DEFAULTS"]
@@ -101,6 +102,7 @@ class Apps:
         self.planner = Planner(data, self.placements, self._images)
         self.spec_history = History(data, self.rollout)
         self._clock = clock
+        self._hosts = hosts
 
     @property
     def scheduler(self):
@@ -304,6 +306,71 @@ class Apps:
         # A planned stop: out of the routes, the app's shutdown_delay, then removed.
         await self.replicas.retire([m], await self.replicas.delay_for(m))
         return m["id"]
+
+    @wamp.register("zwrm.machine.restart")
+    async def restart_machine(self, machine_id):
+        """
+        Restart one machine in place: the same id on the same host, its volumes and root
+        overlay kept.  A planned stop (out of the routes, the app's C{shutdown_delay}), a
+        graceful stop through its agent, then a start of the same spec there; in the
+        app's order (after its deploys, scales and destroys under way).  A stopped or
+        failed machine is only started.
+
+        @return: the machine's wire form after its start.
+        @raise zwrm.errors.NotFound: no such machine (C{machine_id}).
+        @raise zwrm.errors.Conflict: its host is offline or draining, a drain is moving
+            it, or it is being started or stopped; nothing changed.
+        @raise zwrm.errors.Unavailable: it stopped but could not start again (it is
+            C{failed}, with the reason).
+        """
+        row = await self._restartable(machine_id)
+        app = await self.data.apps.by_id(row["app_id"])
+
+        async def run():
+            fresh = await self._restartable(machine_id)  # checked again in the app's order
+            return await self.replicas.restart(fresh, await self.replicas.delay_for(fresh))
+
+        row = await self._in_app_order(app["name"] if app else row["app_id"], run)
+        if row["state"] == "failed":
+            raise errors.Unavailable(
+                f"machine {machine_id} stopped but did not start again on {row['host_id']}: "
+                f"{await self._last_reason(machine_id)}")
+        return machine_wire(row)
+
+    async def _restartable(self, machine_id):
+        """The row of C{machine_id} if it may be restarted now (L{restart_machine})."""
+        if not isinstance(machine_id, str) or not machine_id:
+            raise errors.InvalidArgument("machine_id: a machine id is needed",
+                                         argument="machine_id")
+        row = await self.data.machines.get(machine_id)
+        if row is None:
+            raise errors.NotFound(f"machine_id: no machine {machine_id!r}", argument="machine_id")
+        host = row["host_id"]
+        if host not in self._hosts or not self.replicas.executor_available(host):
+            raise errors.Conflict(f"machine {machine_id} is on host {host}, which is offline;"
+                                  " not restarted", argument="machine_id")
+        if self._hosts.state(host) == "draining":
+            raise errors.Conflict(f"machine {machine_id} is on host {host}, which is being"
+                                  " drained; not restarted", argument="machine_id")
+        for drain in await self.data.drains.find(states=("running", "cancelling")):
+            for m in await self.data.drains.migrations(drain["id"]):
+                if m["phase"] in MIGRATION_TERMINAL:
+                    continue
+                if machine_id in (m["machine_id"], (m.get("detail") or {}).get("replacement")):
+                    raise errors.Conflict(
+                        f"machine {machine_id} is being moved by the drain of host"
+                        f" {drain['host_id']}; not restarted", argument="machine_id")
+        if row["state"] not in ("running", "stopped", "failed"):
+            raise errors.Conflict(f"machine {machine_id} is {row['state']}; restart it once"
+                                  " it runs", argument="machine_id")
+        return row
+
+    async def _last_reason(self, machine_id):
+        for e in await self.data.machines.recent_events(machine_id):  # newest first
+            reason = (e.get("payload") or {}).get("reason")
+            if reason:
+                return reason
+        return "no reason given"
 
     # -- reports from agents ----------------------------------------------------------
 

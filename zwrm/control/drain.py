@@ -359,6 +359,35 @@ class Drains:
                 "options": d["options"], "created_at": d["created_at"],
                 "updated_at": d["updated_at"], "migrations": migrations}
 
+    @wamp.register("zwrm.drain.list")
+    async def list_drains(self, limit=100):
+        """
+        Every drain, newest first (those under way and the recent ones, at most C{limit}):
+        its host and state, the host's state, and how many of its migrations are in each
+        phase (the live phase for the drains under way).  Read-only.
+        """
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1000:
+            raise errors.InvalidArgument(f"limit must be from 1 to 1000, not {limit!r}",
+                                         argument="limit")
+        rows = (await self._drains.find(order_by="created_at DESC"))[:limit]
+        out = []
+        for d in rows:
+            active = self.active.get(d["host_id"])
+            runs = active.migrations if active is not None and active.row["id"] == d["id"] else {}
+            phases = {}
+            migrations = await self._drains.migrations(d["id"])
+            for m in migrations:
+                run = runs.get(m["machine_id"])
+                phase = run.row["phase"] if run is not None else m["phase"]
+                phases[phase] = phases.get(phase, 0) + 1
+            host = self._hosts.entry(d["host_id"]).machine.state if d["host_id"] in self._hosts \
+                else None
+            out.append({"drain_id": d["id"], "host_id": d["host_id"], "state": d["state"],
+                        "host_state": host, "created_at": d["created_at"],
+                        "updated_at": d["updated_at"], "migrations": phases,
+                        "total": len(migrations)})
+        return out
+
     async def _where(self, machine_id):
         """C{{"host_id", "state", "health"}} of a stored machine, or C{None}."""
         if machine_id is None:

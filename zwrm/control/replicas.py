@@ -23,7 +23,7 @@ from twisted.logger import Logger
 
 from zwrm import errors
 from zwrm.control.appspec import error_text, new_id, shutdown_delay
-from zwrm.control.resources.machines import LIVE
+from zwrm.control.resources.machines import LIVE, placement_request
 from zwrm.control.resources.machines import STATES as MACHINE_STATES
 from zwrm.drivers.cloudinit import hostname_for
 
@@ -309,6 +309,86 @@ class Replicas:
                 await self.update_machine(mid, back)
             except Exception as e:
                 self.log.warn("machine {id}: not put back: {e}", id=mid, e=error_text(e))
+
+    async def restart(self, row, delay):
+        """
+        Restart the machine of row C{row} where it is: the same id on the same host, its
+        volumes and root overlay kept (its agent's C{machine.stop}, then C{machine.start}
+        of the same spec).  A running machine goes through a planned stop first: stored
+        as C{stopping} (out of the routes, even for a C{delay} of 0, so the restart policy
+        does not count it as an exit), C{delay} seconds, then a graceful stop; its
+        capacity on the host is held all along (nothing takes its place while it is
+        down).  A C{stopped} or C{failed} machine is only started, if its host has room.
+
+        @return: C{row}, updated in place (C{running}, or C{failed} if its start failed).
+        @raise zwrm.errors.Conflict: it is being started or stopped (and nothing changed).
+        @raise zwrm.errors.Unplaceable: a stopped machine's host has no room for it.
+        @raise zwrm.errors.ZwrmError: the stop failed (the machine is put back in the
+            routes, running, as it was).
+        """
+        mid, host = row["id"], row["host_id"]
+        if row["state"] in ("stopped", "failed"):
+            return await self._start_again(row)
+        if row["state"] != "running":
+            raise errors.Conflict(
+                f"machine {mid} is {row['state']}; restart it once it runs", argument="machine_id")
+
+        async def mark(fresh):
+            if fresh is None or fresh["state"] != "running":
+                raise errors.Conflict(f"machine {mid} is {fresh['state'] if fresh else 'gone'};"
+                                      " not restarted", argument="machine_id")
+            await self.set_machine(fresh, f"restart requested: out of the routes; stopped in "
+                                          f"{delay:g}s", state="stopping")
+            row.update(fresh)
+            return fresh
+
+        self._stopping.add(mid)
+        try:
+            await self.update_machine(mid, mark)
+        except BaseException:
+            self._stopping.discard(mid)
+            raise
+        # Its capacity on the host, held while it is down (its own is released when it
+        # stops); adopted by the machine when it starts again.
+        held = self._placements.restore(host, placement_request(row["spec"]))
+        try:
+            if delay > 0:
+                await task.deferLater(self._clock, delay, lambda: None)
+            status = await self.call(host, "machine.stop", mid)
+        except BaseException:
+            self._placements.release_placement(held)
+            await self.put_back([mid])
+            raise
+        await self._apply_status(row, status)
+        fresh = await self._data.machines.get(mid)
+        if fresh is None:  # removed meanwhile (its host was reset)
+            self._placements.release_placement(held)
+            return row
+        row.clear()
+        row.update(fresh)
+        self._placements.release(mid)  # if its stop was not stored as such
+        self._placements.adopt(mid, held)
+        return await self.start_machine(row)
+
+    async def _start_again(self, row):
+        """Start the stopped or failed machine C{row} again on its host (L{restart})."""
+        placement = await self._placements.place_now(
+            placement_request(row["spec"], pinned_host=row["host_id"]))
+
+        async def check(fresh):
+            if fresh is None or fresh["state"] not in ("stopped", "failed"):
+                return None
+            return fresh
+
+        fresh = await self.update_machine(row["id"], check)
+        if fresh is None:
+            self._placements.release_placement(placement)
+            raise errors.Conflict(f"machine {row['id']} changed meanwhile; not restarted",
+                                  argument="machine_id")
+        row.clear()
+        row.update(fresh)
+        self._placements.adopt(row["id"], placement)
+        return await self.start_machine(row)
 
     async def retire(self, machines, delay):
         """

@@ -21,6 +21,7 @@ OPERATOR_PREFIXES = [
     "zwrm.cert.",
     "zwrm.event.history",
     "zwrm.audit.",
+    "zwrm.drain.list",
 ]
 """Procedure prefixes an operator may call."""
 
@@ -28,6 +29,7 @@ VIEWER_PROCEDURES = [
     "zwrm.host.list",
     "zwrm.host.status",
     "zwrm.host.drain_status",
+    "zwrm.drain.list",
     "zwrm.app.list",
     "zwrm.app.status",
     "zwrm.machine.list",

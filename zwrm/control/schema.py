@@ -487,6 +487,12 @@ PROCEDURES = {p.uri: p for p in [
         ["invalid_argument", "not_found", "conflict", "unplaceable"]),
     Procedure("zwrm.host.drain_status", READ, "The latest drain of a host.", [_HOST],
               "{drain_id, host_id, state, machines: [...]}", ["invalid_argument", "not_found"]),
+    Procedure("zwrm.drain.list", READ,
+              "Every drain, newest first (those under way and the recent ones), with its host"
+              " and state, so a client need not call drain_status per host.",
+              [Arg("limit", Int(1, 1000), 100, "at most this many drains")],
+              "[{drain_id, host_id, state, host_state, created_at, updated_at, migrations:"
+              " {phase: count}, total}]", ["invalid_argument"]),
     Procedure("zwrm.host.undrain", OPERATOR, "Cancel a drain.", [_HOST],
               "the drain's status", ["invalid_argument", "not_found", "conflict"]),
     Procedure("zwrm.host.activate", OPERATOR, "Return a drained host to service.", [_HOST],
@@ -550,6 +556,15 @@ PROCEDURES = {p.uri: p for p in [
     Procedure("zwrm.machine.destroy", OPERATOR,
               "Destroy one machine (its app's next converge replaces it).", [_MACHINE],
               "the machine's id", ["invalid_argument", "not_found", "unavailable"]),
+    Procedure("zwrm.machine.restart", OPERATOR,
+              "Restart one machine in place: the same id on the same host, its volumes and"
+              " root overlay kept. Out of the routes for the app's shutdown_delay, stopped"
+              " gracefully, started again (a stopped or failed machine is only started).",
+              [_MACHINE], "the machine after its start",
+              ["invalid_argument", "not_found (machine_id)",
+               "conflict (its host is offline or draining, a drain moves it, or it is being"
+               " started or stopped; nothing changed)", "unplaceable (a stopped machine's"
+               " host has no room)", "unavailable (it did not start again: it is failed)"]),
     # -- volumes -----------------------------------------------------------------------
     Procedure(
         "zwrm.volume.create", OPERATOR, "Create a volume of an app for one replica.",

@@ -1,0 +1,1 @@
+`zwrm.drain.list(limit=100)` (viewers too): every drain, newest first, those under way and the recent ones, with its host, state, the host's state and its migrations counted by phase, so a client (the web console) need not call `zwrm.host.drain_status` for each host.
