@@ -123,6 +123,24 @@ class RestartTests(TestCase):
         await settle(c)
         self.assertEqual(set(c.routed(m["id"]).values()), {True})
 
+    @d
+    async def test_a_drain_begun_meanwhile_leaves_it_stopped(self):
+        # Never two copies: the drain moves it, so the restart does not start it again.
+        c = await published_app(self, replicas=1, delay=2)
+        (m,) = await c.machines("web")
+        calls = len(c.calls)
+        done = ensureDeferred(c.apps.restart_machine(m["id"]))
+        await timer_due(c, 2)
+        await c.registry.transition(m["host_id"], "drain_requested")
+        c.clock.advance(2)
+        with self.assertRaises(errors.Conflict) as cm:
+            await done
+        self.assertIn("not started again", cm.exception.message)
+        self.assertEqual(verbs(c, calls), ["machine.stop"])
+        self.assertEqual(await state_of(c, m["id"]), "stopped")
+        hosts = {h["id"]: h for h in await c.registry.list()}
+        self.assertEqual(hosts[m["host_id"]]["alloc_vcpus"], 0)  # nothing held
+
     async def _is(self, c, machine_id, state):
         return await state_of(c, machine_id) == state
 

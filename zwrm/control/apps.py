@@ -328,7 +328,8 @@ class Apps:
 
         async def run():
             fresh = await self._restartable(machine_id)  # checked again in the app's order
-            return await self.replicas.restart(fresh, await self.replicas.delay_for(fresh))
+            return await self.replicas.restart(fresh, await self.replicas.delay_for(fresh),
+                                               before_start=self._still_not_moving)
 
         row = await self._in_app_order(app["name"] if app else row["app_id"], run)
         if row["state"] == "failed":
@@ -345,13 +346,28 @@ class Apps:
         row = await self.data.machines.get(machine_id)
         if row is None:
             raise errors.NotFound(f"machine_id: no machine {machine_id!r}", argument="machine_id")
-        host = row["host_id"]
+        await self._not_moving(row)
+        if row["state"] not in ("running", "stopped", "failed"):
+            raise errors.Conflict(f"machine {machine_id} is {row['state']}; restart it once"
+                                  " it runs", argument="machine_id")
+        return row
+
+    def _still_not_moving(self, row):
+        return self._not_moving(row, "it is stopped and was not started again")
+
+    async def _not_moving(self, row, outcome="not restarted"):
+        """
+        Refuse to restart the machine C{row} while its host is offline or draining, or a
+        drain moves it (checked before it stops, and again before it starts: a drain that
+        began meanwhile moves it, so it stays stopped; never two copies).
+        """
+        machine_id, host = row["id"], row["host_id"]
         if host not in self._hosts or not self.replicas.executor_available(host):
             raise errors.Conflict(f"machine {machine_id} is on host {host}, which is offline;"
-                                  " not restarted", argument="machine_id")
+                                  f" {outcome}", argument="machine_id")
         if self._hosts.state(host) == "draining":
             raise errors.Conflict(f"machine {machine_id} is on host {host}, which is being"
-                                  " drained; not restarted", argument="machine_id")
+                                  f" drained; {outcome}", argument="machine_id")
         for drain in await self.data.drains.find(states=("running", "cancelling")):
             for m in await self.data.drains.migrations(drain["id"]):
                 if m["phase"] in MIGRATION_TERMINAL:
@@ -359,11 +375,7 @@ class Apps:
                 if machine_id in (m["machine_id"], (m.get("detail") or {}).get("replacement")):
                     raise errors.Conflict(
                         f"machine {machine_id} is being moved by the drain of host"
-                        f" {drain['host_id']}; not restarted", argument="machine_id")
-        if row["state"] not in ("running", "stopped", "failed"):
-            raise errors.Conflict(f"machine {machine_id} is {row['state']}; restart it once"
-                                  " it runs", argument="machine_id")
-        return row
+                        f" {drain['host_id']}; {outcome}", argument="machine_id")
 
     async def _last_reason(self, machine_id):
         for e in await self.data.machines.recent_events(machine_id):  # newest first

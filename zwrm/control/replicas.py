@@ -310,7 +310,7 @@ class Replicas:
             except Exception as e:
                 self.log.warn("machine {id}: not put back: {e}", id=mid, e=error_text(e))
 
-    async def restart(self, row, delay):
+    async def restart(self, row, delay, before_start=None):
         """
         Restart the machine of row C{row} where it is: the same id on the same host, its
         volumes and root overlay kept (its agent's C{machine.stop}, then C{machine.start}
@@ -320,6 +320,9 @@ class Replicas:
         capacity on the host is held all along (nothing takes its place while it is
         down).  A C{stopped} or C{failed} machine is only started, if its host has room.
 
+        @param before_start: L{None}, or C{await before_start(row)} just before the start,
+            which may raise to leave the machine stopped (the caller's checks again: a
+            drain that began meanwhile moves it).
         @return: C{row}, updated in place (C{running}, or C{failed} if its start failed).
         @raise zwrm.errors.Conflict: it is being started or stopped (and nothing changed).
         @raise zwrm.errors.Unplaceable: a stopped machine's host has no room for it.
@@ -367,6 +370,12 @@ class Replicas:
         row.clear()
         row.update(fresh)
         self._placements.release(mid)  # if its stop was not stored as such
+        if before_start is not None:
+            try:
+                await before_start(row)
+            except BaseException:
+                self._placements.release_placement(held)
+                raise
         self._placements.adopt(mid, held)
         return await self.start_machine(row)
 
