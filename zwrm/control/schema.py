@@ -563,7 +563,8 @@ PROCEDURES = {p.uri: p for p in [
               [_MACHINE], "the machine after its start",
               ["invalid_argument", "not_found (machine_id)",
                "conflict (its host is offline or draining, a drain moves it, or it is being"
-               " started or stopped; nothing changed)", "unplaceable (a stopped machine's"
+               " started or stopped; nothing changed. A drain that began during the restart:"
+               " it stays stopped, the drain moves it)", "unplaceable (a stopped machine's"
                " host has no room)", "unavailable (it did not start again: it is failed)"]),
     # -- volumes -----------------------------------------------------------------------
     Procedure(
