@@ -2,11 +2,12 @@
 Deploy-to-healthy of a real Debian 12 cloud image, beside the same QEMU command line run by
 hand; and the bytes an image takes in an agent's cache beside its allocated bytes.
 
-    .venv/bin/python benchmarks/boot.py [--runs 1] [--cache-dir /var/cache/zwrm-ci/images]
+    .venv/bin/python benchmarks/boot.py [--runs 1] [--form kernel|uefi] [--cache-dir DIR]
 
 1. A real control plane and one agent (QEMU under TCG; L{zwrm.testing.processes}); the Debian
    image (L{zwrm.testing.debian}, built once and cached by its recipe's hash) is pushed as
-   C{deb:12} (kernel + initrd + qcow2 disk). Then, C{--runs} times, alternating:
+   C{deb:12} (kernel + initrd + qcow2 disk) and as C{deb-uefi:12} (the disk alone, C{--firmware
+   uefi}; deployed instead with C{--form uefi}). Then, C{--runs} times, alternating:
 
    - B{zwrm}: C{zwrm deploy bN --image deb:12 --volume data:64:/data --port 8080
      --health-http / --wait ...}: timed from the command until it returns with the machine
@@ -85,9 +86,14 @@ async def by_hand(reactor, argv, machine_dir, seed_src, base, work, timeout):
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base,
                     overlay], check=True)
     vol = os.path.join(work, "vol.img")
-    subprocess.run(["mkfs.ext4", "-q", "-F", vol, "64M"], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", vol, "64M"], check=True, stdout=subprocess.DEVNULL)
     seed = os.path.join(work, "seed.iso")
     shutil.copyfile(seed_src, seed)
+    if any("efivars.fd" in a for a in argv):
+        # A UEFI machine: its own fresh variable store, as the agent gives a new machine.
+        from zwrm.drivers import qemu
+
+        shutil.copyfile(qemu.OVMF_VARS, os.path.join(work, qemu.EFI_VARS))
     port = free_port()
     out = []
     for a in argv:
@@ -171,12 +177,16 @@ async def bench(reactor, args):
         for ref, disk in (("deb:12", img.disk), ("deb-raw:12", raw)):
             await cli("images", "push", ref, "--kernel", img.kernel, "--initrd", img.initrd,
                       "--disk", disk, "--cmdline", img.cmdline, "--port", "8080", "-q")
+        # The same disk alone, booted by OVMF and systemd-boot from its EFI system partition.
+        await cli("images", "push", "deb-uefi:12", "--disk", img.disk, "--firmware", "uefi",
+                  "--port", "8080", "-q")
+        ref = "deb-uefi:12" if args.form == "uefi" else "deb:12"
         zwrm_s, hand_s, cold = [], [], None
         for run in range(args.runs + 1 if not args.cache_only else 0):
             app = f"b{run}"
             await cli("apps", "create", app)
             t0 = time.monotonic()
-            out = await cli("deploy", app, "--image", "deb:12", "--memory", "512", "--port",
+            out = await cli("deploy", app, "--image", ref, "--memory", "512", "--port",
                             "8080", "--health-http", "/", "--health-interval", "1",
                             "--health-grace", "1200", "--volume", "data:64:/data",
                             "--wait", "1400", "--json")
@@ -208,7 +218,7 @@ async def bench(reactor, args):
             return
         z, h = statistics.median(zwrm_s), statistics.median(hand_s)
         print()
-        print(f"Debian 12 cloud image under TCG, median of {args.runs}:")
+        print(f"Debian 12 cloud image ({args.form} form) under TCG, median of {args.runs}:")
         print(f"  zwrm deploy --wait (cached image, volume, cloud-init seed) -> healthy: {z:6.1f} s")
         print(f"  baseline: the same QEMU command line by hand -> GET / 200:             {h:6.1f} s")
         print(f"  ratio: {z / h:.2f}x (goal <= 1.1x); cold first deploy {cold:.1f} s")
@@ -223,6 +233,9 @@ def main():
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--cache-dir", default="/var/cache/zwrm-ci/images")
     parser.add_argument("--dir", default="/var/tmp")
+    parser.add_argument("--form", choices=("kernel", "uefi"), default="kernel",
+                        help="deploy kernel + initrd + disk (deb:12), or the disk alone "
+                             "under UEFI (deb-uefi:12)")
     parser.add_argument("--cache-only", action="store_true",
                         help="only part 2 (cache bytes), no deploys")
     args = parser.parse_args()
