@@ -13,12 +13,14 @@ hand; and the bytes an image takes in an agent's cache beside its allocated byte
      --health-http / --wait ...}: timed from the command until it returns with the machine
      running and its health check passing (the image is already in the agent's cache after
      the first run; the first run is reported apart, as the cold one). The QEMU command line
-     the agent ran is read from C{/proc/<pid>/cmdline}, and the machine's seed is kept.
+     the agent ran for the cold deploy is read from C{/proc/<pid>/cmdline}, and its seed kept.
    - B{baseline}: that command line by hand: the same QEMU arguments, with a fresh root
      overlay over the same cached base, a fresh 64 MiB ext4 volume, a copy of the seed, its
      own port; timed from the spawn until C{GET /} on the forwarded port answers 200.
 
-   The medians are printed with their ratio (goal: at most 1.1x).
+   Which goes first alternates (zwrm in odd runs, by hand in even ones), so a load that
+   changes during the benchmark favours neither. The medians are printed with their ratio
+   (goal: at most 1.1x).
 
 2. Cache bytes: the image is also pushed as a sparse raw disk (C{deb-raw:12}); for each form
    the blocks the agent's cache allocates for the image's blobs (C{st_blocks * 512}) are
@@ -181,8 +183,9 @@ async def bench(reactor, args):
         await cli("images", "push", "deb-uefi:12", "--disk", img.disk, "--firmware", "uefi",
                   "--port", "8080", "-q")
         ref = "deb-uefi:12" if args.form == "uefi" else "deb:12"
-        zwrm_s, hand_s, cold = [], [], None
-        for run in range(args.runs + 1 if not args.cache_only else 0):
+        zwrm_s, hand_s = [], []
+
+        async def deploy(run):
             app = f"b{run}"
             await cli("apps", "create", app)
             t0 = time.monotonic()
@@ -203,19 +206,28 @@ async def bench(reactor, args):
             os.makedirs(keep)
             shutil.copyfile(os.path.join(mdir, "seed.iso"), os.path.join(keep, "seed.iso"))
             await cli("destroy", app, "--volumes", timeout=300)
-            if run == 0:
-                cold = took
-                print(f"cold deploy (pulls the image): {took:.1f} s", flush=True)
-                continue
-            zwrm_s.append(took)
-            hand = await by_hand(reactor, argv, mdir, os.path.join(keep, "seed.iso"), base,
-                                 os.path.join(work, f"hand{run}"), 1400)
-            hand_s.append(hand)
-            print(f"run {run}: zwrm deploy -> healthy {took:.1f} s; by hand -> HTTP 200 "
-                  f"{hand:.1f} s", flush=True)
+            return took, (argv, mdir, os.path.join(keep, "seed.iso"), base)
+
         if args.cache_only:
             await cache_bytes(reactor, cp, img, raw, work)
             return
+        cold, captured = await deploy(0)
+        print(f"cold deploy (pulls the image): {cold:.1f} s", flush=True)
+        # The by-hand runs boot the command line the agent ran for the cold deploy. The order
+        # alternates (zwrm first in odd runs, by hand first in even ones), so a load that
+        # rises or falls during the benchmark favours neither side.
+        for run in range(1, args.runs + 1):
+            hand_dir = os.path.join(work, f"hand{run}")
+            if run % 2:
+                took, _ = await deploy(run)
+                hand = await by_hand(reactor, *captured, hand_dir, 1400)
+            else:
+                hand = await by_hand(reactor, *captured, hand_dir, 1400)
+                took, _ = await deploy(run)
+            zwrm_s.append(took)
+            hand_s.append(hand)
+            print(f"run {run}: zwrm deploy -> healthy {took:.1f} s; by hand -> HTTP 200 "
+                  f"{hand:.1f} s ({'zwrm' if run % 2 else 'by hand'} first)", flush=True)
         z, h = statistics.median(zwrm_s), statistics.median(hand_s)
         print()
         print(f"Debian 12 cloud image ({args.form} form) under TCG, median of {args.runs}:")
