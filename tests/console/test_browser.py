@@ -273,19 +273,31 @@ class ConsoleBrowserTests(TestCase):
         self.assertNotIn("Traceback", text)
         await b.shot("error.png")
 
-        # restart: the machine is replaced by a running one, seen live
+        # restart, in place: the same machine stops and runs again, seen live
         await b.js("location.hash = '#apps'")
         old = await wait_js(b, "const r = document.querySelector('[data-app=web] tr[data-machine]');"
                                " return r && r.dataset.machine", 30, "the machine")
+        before = json.loads(await self.cli(cp, "machines", "status", old, "--json"))
         await self.click(b, f"button[data-action=restart][data-machine='{old}']")
         await self.confirm(b)
-        new = await wait_js(
+        await wait_js(
+            b, "const m = document.getElementById('message');"
+               " return !m.hidden && m.className === 'info'"
+               " && m.querySelector('.text').textContent === arguments[0] + ' restarted'",
+            300, "the restart confirmed", old)
+        await wait_js(
             b, "const r = [...document.querySelectorAll('[data-app=web] tr[data-machine]')];"
-               " return r.length === 1 && r[0].dataset.machine !== arguments[0]"
-               " && r[0].dataset.state === 'running' && r[0].dataset.machine;",
-            300, "the restarted machine running", old)
+               " return r.length === 1 && r[0].dataset.machine === arguments[0]"
+               " && r[0].dataset.state === 'running'",
+            60, "the restarted machine running", old)
         status = json.loads(await self.cli(cp, "status", "web", "--json"))
-        self.assertEqual([m["id"] for m in status["machines"]], [new])
+        self.assertEqual([m["id"] for m in status["machines"]], [old])
+        after = json.loads(await self.cli(cp, "machines", "status", old, "--json"))
+        self.assertEqual(after["host_id"], before["host_id"])
+        events = await wait_js(
+            b, "return [...document.querySelectorAll('#events-table tr[data-event]')]"
+               ".map(e => e.textContent).join(' ')", 30, "the events")
+        self.assertIn("restart requested", events)
 
         # scale to 0: the machine goes
         await self.click(b, "button[data-action=scale][data-app=web]")
@@ -307,7 +319,7 @@ class ConsoleBrowserTests(TestCase):
         await b.js("location.hash = '#audit'")
         done = await wait_js(b, "return [...document.querySelectorAll('#audit-table tr[data-procedure]')]"
                                 ".map(r => r.dataset.procedure)", 30, "the audit trail")
-        for procedure in ("zwrm.host.drain", "zwrm.machine.destroy", "zwrm.app.scale",
+        for procedure in ("zwrm.host.drain", "zwrm.machine.restart", "zwrm.app.scale",
                           "zwrm.host.activate", "zwrm.host.undrain"):
             self.assertIn(procedure, done)
         await b.shot("audit.png")

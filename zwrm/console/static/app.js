@@ -298,15 +298,13 @@ async function scale(app) {
 }
 
 async function restart(machine) {
-  // No zwrm.machine.restart: destroy the machine (its volumes are kept) and converge its app,
-  // which starts its replica again (on the same host when it has volumes).
-  const ok = await ask(`Restart ${machine.id} of ${machine.app}? It is destroyed (volumes kept) and its app` +
-    " starts the replica again.");
+  // In place: the same machine on the same host, its volumes and root disk kept. It leaves the
+  // routes, waits its app's shutdown delay, stops gracefully and starts again.
+  const ok = await ask(`Restart ${machine.id} of ${machine.app} in place? It leaves the routes, waits` +
+    " its app's shutdown delay, stops and starts again on the same host (volumes kept).");
   if (!ok) return;
-  await call("zwrm.machine.destroy", [machine.id]);
-  const app = state.apps.get(machine.app);
-  const replicas = app && (app.replicas ?? (app.spec && app.spec.replicas));
-  if (replicas !== undefined && replicas !== null) await call("zwrm.app.scale", [machine.app, replicas]);
+  await call("zwrm.machine.restart", [machine.id]);
+  showMessage(`${machine.id} restarted`, null, "info");
 }
 
 // -- rendering ------------------------------------------------------------------------
