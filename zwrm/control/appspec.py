@@ -18,7 +18,7 @@ import re
 import uuid
 
 from zwrm import errors, healthspec
-from zwrm.control import healing, network
+from zwrm.control import fields, healing, network
 from zwrm.drivers import cloudinit
 from zwrm.registry.image import parse_reference as parse_image_reference
 from zwrm.scheduler import PlacementRequest
@@ -148,18 +148,10 @@ UPDATE_DEFAULTS = {"max_parallel": 1, "min_healthy_time": 10.0, "healthy_deadlin
 
 def _check_update(update):
     """A spec's rolling-update settings, with every key (see L{zwrm.control.rollout})."""
-    if not isinstance(update, dict):
-        raise errors.InvalidArgument("update must be a mapping")
-    unknown = sorted(set(update) - set(UPDATE_DEFAULTS))
-    if unknown:
-        raise errors.InvalidArgument(f"unknown update field(s): {', '.join(unknown)}")
-    out = dict(UPDATE_DEFAULTS, **{k: v for k, v in update.items() if v is not None})
+    out = fields.settings(update, UPDATE_DEFAULTS, "update")
     out["max_parallel"] = whole_number(out, "max_parallel", 0, 1000, 1)  # 0: all at once
-    for key, high in (("min_healthy_time", 3600), ("healthy_deadline", 86400)):
-        v = out[key]
-        if not isinstance(v, int | float) or isinstance(v, bool) or not 0 <= v <= high:
-            raise errors.InvalidArgument(f"update {key} must be seconds from 0 to {high}, not {v!r}")
-        out[key] = float(v)
+    out["min_healthy_time"] = fields.seconds(out["min_healthy_time"], "update min_healthy_time", 0, 3600)
+    out["healthy_deadline"] = fields.seconds(out["healthy_deadline"], "update healthy_deadline", 0, 86400)
     if out["healthy_deadline"] < out["min_healthy_time"]:
         raise errors.InvalidArgument("update healthy_deadline must not be below min_healthy_time")
     if not isinstance(out["auto_revert"], bool):

@@ -48,6 +48,7 @@ from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, en
 from twisted.logger import Logger
 
 from zwrm import errors
+from zwrm.control import fields
 from zwrm.control.resources.machines import placement_request
 
 POLICIES = ("always", "on-failure", "never")
@@ -59,39 +60,27 @@ EXITS_FROM = ("pending", "starting", "running")
 """A machine that goes C{stopped}/C{failed} from one of these exited on its own."""
 
 
-def _seconds(value, key, low, high):
-    if not isinstance(value, int | float) or isinstance(value, bool) or not low <= value <= high:
-        raise errors.InvalidArgument(
-            f"restart {key} must be a number of seconds from {low} to {high}, not {value!r}")
-    return float(value)
-
-
 def validate_restart(spec):
     """
     Check an app's restart policy (or L{None}: the defaults); return it with every key.
 
     @raise zwrm.errors.InvalidArgument: naming the field that is wrong.
     """
-    if spec is None:
-        return dict(RESTART_DEFAULTS)
     if isinstance(spec, str):
         spec = {"policy": spec}
-    if not isinstance(spec, dict):
+    if spec is not None and not isinstance(spec, dict):
         raise errors.InvalidArgument("restart must be a policy name or a mapping")
-    unknown = sorted(set(spec) - set(RESTART_DEFAULTS))
-    if unknown:
-        raise errors.InvalidArgument(f"unknown restart field(s): {', '.join(unknown)}")
-    out = dict(RESTART_DEFAULTS, **{k: v for k, v in spec.items() if v is not None})
+    out = fields.settings(spec, RESTART_DEFAULTS, "restart")
     if out["policy"] not in POLICIES:
         raise errors.InvalidArgument(
             f"restart policy must be one of {', '.join(POLICIES)}, not {out['policy']!r}")
     n = out["max_restarts"]
     if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 10000:
         raise errors.InvalidArgument(f"restart max_restarts must be from 0 to 10000, not {n!r}")
-    out["interval"] = _seconds(out["interval"], "interval", 1, 7 * 86400)
-    out["initial_backoff"] = _seconds(out["initial_backoff"], "initial_backoff", 0, 3600)
-    out["max_backoff"] = _seconds(out["max_backoff"], "max_backoff", 0, 86400)
-    out["reset_after"] = _seconds(out["reset_after"], "reset_after", 0, 86400)
+    out["interval"] = fields.seconds(out["interval"], "restart interval", 1, 7 * 86400)
+    out["initial_backoff"] = fields.seconds(out["initial_backoff"], "restart initial_backoff", 0, 3600)
+    out["max_backoff"] = fields.seconds(out["max_backoff"], "restart max_backoff", 0, 86400)
+    out["reset_after"] = fields.seconds(out["reset_after"], "restart reset_after", 0, 86400)
     if out["max_backoff"] < out["initial_backoff"]:
         raise errors.InvalidArgument("restart max_backoff must not be below initial_backoff")
     return out
