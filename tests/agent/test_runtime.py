@@ -1,9 +1,13 @@
 """The agent's volume endpoint option and the address it advertises to other agents."""
 
+import os
+import tempfile
+
+from twisted.internet import reactor
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from zwrm.agent.runtime import _advertised
+from zwrm.agent.runtime import HostRuntime, _advertised
 from zwrm.agent.tap import Options
 
 
@@ -31,6 +35,34 @@ class VolumeEndpointTests(SynchronousTestCase):
     def test_bad_endpoints_are_usage_errors(self):
         for bad in ("unix:/tmp/x", "tcp:notaport", "ssl:7443"):
             self.assertRaises(usage.UsageError, self.options, "--volume-endpoint", bad)
+
+    def test_cpu_model_and_machine_type(self):
+        c = self.options()
+        self.assertEqual((c.cpu_model, c.machine_type), (None, None))
+        c = self.options("--cpu-model", "x86-64-v2-AES", "--machine-type", "pc-i440fx-7.2")
+        self.assertEqual((c.cpu_model, c.machine_type), ("x86-64-v2-AES", "pc-i440fx-7.2"))
+        for flag in ("--cpu-model", "--machine-type"):
+            with self.assertRaises(usage.UsageError) as cm:
+                self.options(flag, "qemu64,+vmx")
+            self.assertIn(flag[2:].replace("-", "_"), str(cm.exception))
+
+    def test_cpu_model_and_machine_type_in_the_config_file(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "agent.toml")
+            with open(path, "w") as f:
+                f.write('[agent]\ncpu_model = "Haswell-noTSX"\nmachine_type = "pc-q35-7.2"\n')
+            c = self.options("--config", path)
+        self.assertEqual((c.cpu_model, c.machine_type), ("Haswell-noTSX", "pc-q35-7.2"))
+
+    def test_the_driver_gets_them(self):
+        # HostRuntime passes them to the driver, whose live.facts reports them.
+        with tempfile.TemporaryDirectory() as d:
+            c = self.options("--data-dir", d, "--accel", "tcg", "--cpu-model", "Haswell-noTSX",
+                             "--machine-type", "pc-q35-7.2")
+            rt = HostRuntime(reactor, c)
+            facts = rt.driver.migration_facts()
+        self.assertEqual((facts["cpu_model"], facts["machine_type"], facts["live"]),
+                         ("Haswell-noTSX", "pc-q35-7.2", True))
 
     def test_advertised_address(self):
         self.assertEqual(_advertised("tcp:0:interface=10.0.0.5", _Port("10.0.0.5")), "10.0.0.5")

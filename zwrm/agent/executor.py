@@ -147,6 +147,40 @@ def validate_machine(spec):
     return out
 
 
+def driver_spec(machine_id, spec, image, volumes, forwards=(), net=None):
+    """
+    The driver spec (L{zwrm.interfaces.IHypervisorDriver.start}) of machine spec C{spec}
+    (L{validate_machine}): what L{Executor} starts, and what a live migration's target
+    (C{live.prepare}, L{zwrm.agent.live}) starts paused, so both build it the same way.
+
+    @param image: the resolved image (C{kernel}, C{initrd}, C{disk}, C{disk_format},
+        C{firmware}, C{cmdline}).
+    @param volumes: C{[{"id", "path", "mount"}]}, in the spec's order (mounted by virtio
+        serial, never by device order: a root disk comes first).
+    @param forwards: C{[{"guest", "host"}]} (user-mode networking).
+    @param net: the answer of L{zwrm.agent.network.agent.AgentNetwork.prepare} (bridge
+        networking: the NIC on its TAP and the kernel's address arguments), or L{None}.
+    """
+    cmdline = image.get("cmdline") or ""
+    if spec["volumes"]:
+        mounts = ",".join(f"{volume_serial(v['id'])}:{v['mount']}" for v in spec["volumes"])
+        cmdline = f"{cmdline} zwrm.vol={mounts}".strip()
+    if net is not None:
+        cmdline = f"{cmdline} {net['cmdline']}".strip()
+    return {
+        "id": machine_id, "kernel": image.get("kernel"), "initrd": image.get("initrd"),
+        "disk": image.get("disk"), "disk_format": image.get("disk_format"),
+        "firmware": image.get("firmware"),
+        # A disk image gets a cloud-init seed (it mounts the volumes); its local-hostname
+        # is spec.network.hostname when there is one.
+        "cloud_init": _cloudinit.with_hostname(spec["cloud_init"] or (
+            _cloudinit.validate({}) if image.get("disk") else None), spec["network"]),
+        "cmdline": cmdline, "vcpus": spec["vcpus"], "memory_mb": spec["memory_mb"],
+        "volumes": list(volumes), "forwards": list(forwards),
+        "nic": net["nic"] if net else None,
+    }
+
+
 class _Record:
     def __init__(self, spec):
         self.spec = spec
@@ -156,10 +190,15 @@ class _Record:
         self.host_port = None
         self.check = None
         self.image_digests = []
+        #: Set while a live migration holds the machine (L{Executor.hold}): why.
+        self.held = None
+        #: The host a live migration moved it to (it stays paused here until destroyed).
+        self.migrated_to = None
 
     def to_json(self):
         return {"spec": self.spec, "host_port": self.host_port, "state": self.state,
-                "reason": self.reason, "image_digests": self.image_digests}
+                "reason": self.reason, "image_digests": self.image_digests,
+                "held": self.held, "migrated_to": self.migrated_to}
 
 
 def _announced(progress):
@@ -203,6 +242,9 @@ class Executor:
         self.records_dir = os.path.join(self.data_dir, "executor")
         os.makedirs(self.records_dir, exist_ok=True)
         self._machines = {}
+        #: The agent's L{zwrm.agent.live.LiveMigrations}, once made (C{machine.destroy} of
+        #: a machine still arriving by a live migration cancels that migration).
+        self.live = None
         self._unsubscribe = driver.subscribe(self._driver_changed)
 
     # --- machine procedures -------------------------------------------------------------
@@ -223,6 +265,10 @@ class Executor:
         spec = validate_machine(spec)
         mid = spec["id"]
         rec = self._machines.get(mid)
+        if rec is not None and rec.migrated_to is not None:
+            # Never two copies: its guest runs on the target now.
+            raise Conflict(f"machine {mid!r} was moved live to {rec.migrated_to}; it cannot "
+                           "start here again (destroy it)")
         if rec is not None and rec.state not in ("stopped", "failed"):
             raise Conflict(f"machine {mid!r} is {rec.state}; stop it first")
         for v in spec["volumes"]:
@@ -250,17 +296,11 @@ class Executor:
                 self.volumes.claim(v["id"], mid)
                 vols.append({"id": v["id"], "path": self.volumes.existing_path(v["id"]),
                              "mount": v["mount"]})
-            cmdline = image.get("cmdline") or ""
-            if spec["volumes"]:
-                # By virtio serial, never by device order (a root disk comes first).
-                mounts = ",".join(f"{volume_serial(v['id'])}:{v['mount']}" for v in spec["volumes"])
-                cmdline = f"{cmdline} zwrm.vol={mounts}".strip()
             net = None
             if spec["network"] is not None and self.network is not None:
                 # A TAP on the host's bridge; host_port forwards to the guest's address.
                 net = await self.network.prepare(mid, spec["app"], spec["network"],
                                                  spec["service_port"], bool(image.get("kernel")))
-                cmdline = f"{cmdline} {net['cmdline']}".strip()
                 rec.host_port = net["host_port"]
             for attempt in range(3):
                 forwards = []
@@ -269,19 +309,8 @@ class Executor:
                     forwards.append({"guest": spec["service_port"], "host": rec.host_port})
                 self._save(rec)
                 try:
-                    status = await self.driver.start({
-                        "id": mid, "kernel": image.get("kernel"), "initrd": image.get("initrd"),
-                        "disk": image.get("disk"), "disk_format": image.get("disk_format"),
-                        "firmware": image.get("firmware"),
-                        # A disk image gets a cloud-init seed (it mounts the volumes);
-                        # its local-hostname is spec.network.hostname when there is one.
-                        "cloud_init": _cloudinit.with_hostname(spec["cloud_init"] or (
-                            _cloudinit.validate({}) if image.get("disk") else None),
-                            spec["network"]),
-                        "cmdline": cmdline, "vcpus": spec["vcpus"],
-                        "memory_mb": spec["memory_mb"], "volumes": vols, "forwards": forwards,
-                        "nic": net["nic"] if net else None,
-                    })
+                    status = await self.driver.start(
+                        driver_spec(mid, spec, image, vols, forwards, net))
                     break
                 except Unavailable as e:
                     # Another process took the free port between our check and QEMU's bind.
@@ -335,6 +364,20 @@ class Executor:
             raise Conflict(f"machine {machine_id!r} is {rec.state}; wait until it runs")
         if rec.state in ("stopped", "failed"):
             return succeed(self._status(rec))
+        if rec.held is not None and rec.migrated_to is None:
+            raise Conflict(f"machine {machine_id!r} is held by a live migration "
+                           f"({rec.held}); cancel it (live.cancel) or destroy the machine")
+        if rec.migrated_to is not None:
+            # Paused for good (its guest runs on the target): no guest to power down.
+            self._change(rec, "stopping", "stop requested")
+            d = self.driver.stop(machine_id, 0)
+
+            def stopped(_):
+                self._change(rec, "stopped", f"stopped here after its live migration to "
+                                             f"{rec.migrated_to}")
+                return self._status(rec)
+
+            return d.addCallback(stopped)
         if rec.state != "stopping":
             self._stop_check(rec)
             self._change(rec, "stopping", "stop requested")
@@ -346,8 +389,17 @@ class Executor:
         """
         Stop a machine at once and forget it. Its volumes stay (released).
 
+        A machine still arriving here by a live migration (not resumed yet) is not this
+        executor's: its migration is cancelled instead (its QEMU destroyed, its blank
+        volumes deleted; L{zwrm.agent.live.LiveMigrations.cancel}).
+
         @raise NotFound: unknown machine.
         """
+        check_id(machine_id)
+        if (machine_id not in self._machines and self.live is not None
+                and self.live.receiving(machine_id)):
+            return self.live.cancel(machine_id).addCallback(
+                lambda _: {"machine_id": machine_id, "destroyed": True})
         rec = self._get(machine_id)
         self._stop_check(rec)
         d = self.driver.destroy(machine_id)
@@ -620,6 +672,116 @@ class Executor:
         facts.update(self.driver.facts())
         return facts
 
+    # --- live migration (zwrm.agent.live) ------------------------------------------------
+
+    def adopt(self, spec, host_port=None, image_digests=(), restore_network=False,
+              reason=None):
+        """
+        Take a machine that arrived here by a live migration and resumed as this executor's
+        own, as if it had started it: its record, its volumes' claims, its health checks,
+        its reports (C{running}) to the control plane, C{machine.*} on it.
+
+        @param spec: its machine spec (as C{machine.start} takes it, with its id).
+        @param host_port: where its service port is forwarded here (C{live.prepare} chose it).
+        @param image_digests: the image blobs pinned for it; the executor unpins them when
+            it is destroyed.
+        @param restore_network: its TAP exists but this agent process did not make it (it
+            restarted between C{live.prepare} and the resume): restore its forward.
+        @return: a Deferred firing with its status.
+        @raise Conflict: this executor has a machine of that id already.
+        @raise NotFound: the driver does not run it.
+        """
+        return ensureDeferred(self._adopt(spec, host_port, image_digests, restore_network,
+                                          reason))
+
+    async def _adopt(self, spec, host_port, image_digests, restore_network, reason):
+        spec = validate_machine(spec)
+        mid = spec["id"]
+        if mid in self._machines:
+            raise Conflict(f"machine {mid!r} is here already ({self._machines[mid].state})")
+        st = self.driver.status(mid)  # NotFound
+        rec = _Record(spec)
+        rec.host_port = host_port
+        rec.image_digests = list(image_digests)
+        rec.state = "starting"
+        self._machines[mid] = rec
+        for v in spec["volumes"]:
+            try:
+                self.volumes.claim(v["id"], mid)
+            except ZwrmError as e:
+                log.warn("machine {id}: cannot claim volume {v}: {e}", id=mid, v=v["id"], e=e)
+        if (restore_network and self.network is not None
+                and spec.get("network") is not None):
+            try:
+                net = await self.network.prepare(mid, spec["app"], spec["network"],
+                                                 spec["service_port"], host_port=host_port,
+                                                 adopt=True)
+                rec.host_port = net["host_port"]
+            except ZwrmError as e:
+                log.warn("machine {id}: its network was not restored: {e}", id=mid, e=e)
+        if st["state"] == "running":
+            self._running(rec, reason or "running here after a live migration")
+        else:
+            self._change(rec, st["state"], st["reason"])
+        return self._status(rec)
+
+    def has_machine(self, machine_id):
+        """Whether this executor has a record of machine C{machine_id}."""
+        return machine_id in self._machines
+
+    def hold(self, machine_id, why):
+        """
+        A live migration takes machine C{machine_id} (the source): from now on its health
+        is not checked nor reported, and the driver's news of it are the migration's (no
+        C{failed} report while it is paused at the switchover, nothing that makes the
+        control plane restart it).  L{release} gives it back; L{migrated} keeps it held.
+
+        @return: whether this executor knows the machine.
+        @raise Conflict: it is not running, or held by another migration.
+        """
+        rec = self._machines.get(machine_id)
+        if rec is None:
+            return False
+        if rec.state != "running":
+            raise Conflict(f"machine {machine_id} is {rec.state}: it cannot migrate")
+        if rec.held is not None:
+            raise Conflict(f"machine {machine_id} is held already ({rec.held})")
+        rec.held = why
+        self._stop_check(rec)
+        self._save(rec)
+        return True
+
+    def release(self, machine_id, reason):
+        """
+        The live migration of C{machine_id} was rolled back: the machine is this executor's
+        again (its state as the driver says, health checked and reported again).
+        """
+        rec = self._machines.get(machine_id)
+        if rec is None or rec.held is None:
+            return
+        rec.held = rec.migrated_to = None
+        try:
+            st = self.driver.status(machine_id)
+        except NotFound:
+            st = {"state": "failed", "reason": "its hypervisor files are gone"}
+        if st["state"] == "running":
+            rec.state = "starting"
+            self._running(rec, reason)
+        else:
+            self._change(rec, st["state"], f"{reason}; {st['reason']}")
+
+    def migrated(self, machine_id, target_host):
+        """
+        The live migration of C{machine_id} completed: it stays here paused for good (its
+        guest runs on C{target_host}), held, until the control plane destroys it.
+        """
+        rec = self._machines.get(machine_id)
+        if rec is None:
+            return
+        rec.held = f"moved live to {target_host}; paused here until destroyed"
+        rec.migrated_to = target_host
+        self._save(rec)
+
     # --- restart ------------------------------------------------------------------------
 
     def recover(self):
@@ -653,6 +815,8 @@ class Executor:
                 continue
             rec.host_port = saved.get("host_port")
             rec.image_digests = saved.get("image_digests", [])
+            rec.held = saved.get("held")
+            rec.migrated_to = saved.get("migrated_to")
             self._machines[mid] = rec
             if self.images is not None:
                 for dg in rec.image_digests:
@@ -671,7 +835,18 @@ class Executor:
                                                adopt=True)
                 except ZwrmError as e:
                     log.warn("machine {id}: its network was not restored: {e}", id=mid, e=e)
+            if st is not None and st["state"] == "running" and rec.held is not None:
+                if rec.migrated_to is not None or str(st.get("reason", "")).startswith(
+                        "paused: its live migration completed"):
+                    # Moved: paused for good here; the control plane destroys it.
+                    rec.state = "running"
+                    out.append(self._status(rec))
+                    continue
+                # Otherwise the driver's recover() rolled its migration back (or it had
+                # not begun): it runs here, this executor's again.
+                rec.held = None
             if st is None:
+                rec.held = rec.migrated_to = None
                 self._change(rec, "failed", "its hypervisor files are gone")
             elif st["state"] == "running":
                 rec.state = "starting"
@@ -724,6 +899,9 @@ class Executor:
             "service_port": rec.spec["service_port"],
             "volumes": [dict(v) for v in rec.spec["volumes"]],
             "pid": None,
+            # A live migration holds it (why), or moved it (the target host).
+            "live_migration": rec.held,
+            "migrated_to": rec.migrated_to,
         }
         if rec.check is not None:
             st["health_detail"] = rec.check.detail
@@ -783,7 +961,7 @@ class Executor:
             rec.check.start()
 
     def _health_changed(self, rec, health, detail):
-        if rec.state != "running":
+        if rec.state != "running" or rec.held is not None:
             return
         rec.health = health
         rec.reason = f"health {health}: {detail}"
@@ -796,7 +974,8 @@ class Executor:
 
     def _driver_changed(self, status):
         rec = self._machines.get(status["id"])
-        if rec is None:
+        if rec is None or rec.held is not None:
+            # Held by a live migration: the migration watches it (and gives it back).
             return
         state = status["state"]
         if state == "running":

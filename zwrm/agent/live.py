@@ -52,11 +52,10 @@ from zwrm.agent.blockmap import (
     hole_hashes,
     read_block,
 )
-from zwrm.agent.executor import free_port, validate_machine
+from zwrm.agent.executor import driver_spec, free_port, validate_machine
 from zwrm.agent.transfer.progress import ProgressThrottle
-from zwrm.drivers import cloudinit as _cloudinit
 from zwrm.drivers.live import DOWNTIME_LIMIT_MS, MIRROR_SPEED, VERIFY_BLOCK
-from zwrm.drivers.spec import check_id, volume_serial
+from zwrm.drivers.spec import check_id
 from zwrm.errors import Conflict, Corrupt, InvalidArgument, NotFound, Unavailable, ZwrmError
 from zwrm.interfaces import ILiveMigration
 
@@ -712,8 +711,12 @@ class _Outgoing:
 class _Incoming:
     """One migration to this host: runs a L{TargetMigration}."""
 
-    def __init__(self, live, machine_id, source, volume_ids, digests):
+    def __init__(self, live, machine_id, source, volume_ids, digests, spec=None,
+                 host_port=None):
         self.live = live
+        #: The machine spec (as machine.start takes it) the executor adopts once it resumed.
+        self.spec = spec
+        self.host_port = host_port
         self.reactor = live.reactor
         self.driver = live.driver
         self.machine_id = machine_id
@@ -801,13 +804,23 @@ class LiveMigrations:
         advertised address: the one its volume endpoint uses).
     @param images: the image cache (C{resolve(ref, pin=True)}, C{unpin(digest)}) or None.
     @param state_dir: where each incoming migration is recorded (C{<machine id>.json}: its
-        source and blank volumes) until it resumed or ended, so that a new agent process can
-        still cancel it and delete its copies; C{None}: in memory only.
+        source, blank volumes and machine spec) until it resumed or ended, so that a new
+        agent process can still cancel it and delete its copies, or resume and adopt it;
+        C{None}: in memory only.
+    @param executor: the agent's L{zwrm.agent.executor.Executor}, or C{None} (tests of the
+        procedures alone). With it, a source machine is held by its migration
+        (L{Executor.hold}: no health checks, no reports, given back if it rolls back), and
+        a target machine given as a machine spec becomes the executor's own once it
+        resumed (L{Executor.adopt}); its bridge networking (TAP) is made by
+        C{live.prepare}.
     """
 
     def __init__(self, reactor, host_id, driver, volumes, credentials, listen, images=None,
-                 state_dir=None):
+                 state_dir=None, executor=None):
         self.reactor = reactor
+        self.executor = executor
+        if executor is not None:
+            executor.live = self
         self.host_id = host_id
         self.driver = driver
         self.volumes = volumes
@@ -871,12 +884,43 @@ class LiveMigrations:
     def _outgoing_done(self, out, how):
         self.outgoing.pop(out.machine_id, None)
         self.finished[out.machine_id] = dict(out.status(), role="source", state=how)
+        if self.executor is None:
+            return
+        if how == "rolled_back":
+            self.executor.release(out.machine_id, f"its live migration to {out.target_host} "
+                                                  f"was rolled back ({out.why}); it runs here")
+        elif how == "completed":
+            self.executor.migrated(out.machine_id, out.target_host)
+        # uncertain: held, paused, until the caller cancels (resumes) or destroys it
+
+    def receiving(self, machine_id):
+        """Whether a machine of that id is arriving here and has not resumed yet."""
+        if machine_id in self.incoming:
+            return self.incoming[machine_id].machine.state in ("incoming", "resuming", "stuck")
+        record = self._stored(machine_id)
+        return record is not None and record.get("role") == "target"
 
     def _incoming_resumed(self, inc):
         # The machine is this host's now: no longer a migration (its volumes stay claimed).
         self.incoming.pop(inc.machine_id, None)
         self.finished[inc.machine_id] = dict(inc.status(), state="resumed", role="target")
+        self._adopt(inc.machine_id, inc.spec, inc.host_port, inc.digests)
         self._forget_record(inc.machine_id)
+
+    def _adopt(self, machine_id, spec, host_port, digests, restore_network=False):
+        """The executor takes the resumed machine as its own (its pins with it)."""
+        if self.executor is None or spec is None:
+            return None
+        d = self.executor.adopt(dict(spec, id=machine_id), host_port, digests,
+                                restore_network=restore_network,
+                                reason="running here after a live migration")
+
+        def failed(f):
+            log.error("machine {id}: resumed here after its live migration, but the executor "
+                      "could not adopt it: {e}", id=machine_id, e=_message(f.value))
+            return None
+
+        return d.addErrback(failed)
 
     def target_state(self, machine_id):
         """The state of the latest migration of C{machine_id} to this host, or C{None}."""
@@ -899,6 +943,15 @@ class LiveMigrations:
         if self.images is not None:
             for d in inc.digests:
                 self.images.unpin(d)
+        self._release_network(inc.machine_id, inc.spec)
+
+    def _release_network(self, machine_id, spec):
+        net = self.executor.network if self.executor is not None else None
+        if net is None or spec is None or spec.get("network") is None:
+            return
+        ensureDeferred(net.release(machine_id)).addErrback(
+            lambda f: log.warn("machine {id}: its network was not removed: {e}",
+                               id=machine_id, e=f.getErrorMessage()))
 
     # -- procedures --
 
@@ -978,17 +1031,14 @@ class LiveMigrations:
         if "image" in spec:
             # The machine spec as machine.start takes it: built here as the executor does.
             machine = validate_machine(dict(spec, id=machine_id))
-            if machine["network"] is not None:
-                raise Unavailable("live migration of a machine on the cluster network (bridge "
-                                  "networking) is not supported yet")
         listed = [v.get("id") for v in spec.get("volumes") or ()]
         if sorted(listed) != sorted(volumes):
             raise InvalidArgument("spec.volumes and volumes name different volumes")
         tls = self.tls_for(source)
-        created, digests = [], []
+        created, digests, networked, host_port = [], [], False, None
         try:
             if machine is not None:
-                spec, digests = await self._driver_spec_for(machine)
+                spec, digests, networked, host_port = await self._driver_spec_for(machine)
             vols = []
             for v in spec.get("volumes") or ():
                 path = self.volumes.path(v["id"])
@@ -1008,6 +1058,8 @@ class LiveMigrations:
             if self.images is not None:
                 for d in digests:
                     self.images.unpin(d)
+            if networked:
+                self._release_network(machine_id, machine)
             for vid in created:
                 self.volumes.release(vid, machine_id)
                 try:
@@ -1015,20 +1067,29 @@ class LiveMigrations:
                 except OSError:
                     pass
             raise
-        self._store(machine_id, {"role": "target", "source": source, "volumes": created})
-        inc = _Incoming(self, machine_id, source, created, digests)
+        forwards = dspec.get("forwards") or ()
+        if host_port is None and forwards:
+            host_port = forwards[0]["host"]
+        self._store(machine_id, {"role": "target", "source": source, "volumes": created,
+                                 "machine": machine, "host_port": host_port,
+                                 "digests": digests})
+        inc = _Incoming(self, machine_id, source, created, digests, machine, host_port)
         self.incoming[machine_id] = inc
         self.finished.pop(machine_id, None)
         inc.watch()
-        forwards = dspec.get("forwards") or ()
-        return dict(where, host_port=forwards[0]["host"] if forwards else None)
+        return dict(where, host_port=host_port)
 
     async def _driver_spec_for(self, machine):
         """
-        The driver spec of a machine spec (as C{machine.start} takes it), built as
-        L{zwrm.agent.executor.Executor} builds it for a start: the image resolved here
-        (pinned), the volumes mounted by their virtio serial, the service port forwarded
-        from a free local port. @return: C{(spec, image digests pinned)}.
+        The driver spec of a machine spec (as C{machine.start} takes it), built by the
+        executor's own L{zwrm.agent.executor.driver_spec}: the image resolved here (pinned),
+        the volumes mounted by their virtio serial, the service port forwarded from a free
+        local port, or, for a machine on the cluster network (bridge networking), its TAP
+        made on this host's bridge first (the NIC in the spec: its MAC comes from its
+        address, which the guest keeps) and its service port forwarded to its address.
+
+        @return: C{(spec, image digests pinned, whether its network was made, host_port)}
+            (where its service port is reached here, or None).
         """
         image, digests = machine["image"], []
         if not isinstance(image, dict):
@@ -1037,24 +1098,29 @@ class LiveMigrations:
                                       "image cache")
             image = await self.images.resolve(image, pin=True)
             digests = list(image.get("digests", []))
-        cmdline = image.get("cmdline") or ""
-        if machine["volumes"]:
-            mounts = ",".join(f"{volume_serial(v['id'])}:{v['mount']}"
-                              for v in machine["volumes"])
-            cmdline = f"{cmdline} zwrm.vol={mounts}".strip()
-        forwards = []
-        if machine["service_port"] is not None:
-            forwards.append({"guest": machine["service_port"], "host": free_port()})
-        return {
-            "kernel": image.get("kernel"), "initrd": image.get("initrd"),
-            "disk": image.get("disk"), "disk_format": image.get("disk_format"),
-            "firmware": image.get("firmware"),
-            "cloud_init": machine["cloud_init"] or (
-                _cloudinit.validate({}) if image.get("disk") else None),
-            "cmdline": cmdline, "vcpus": machine["vcpus"], "memory_mb": machine["memory_mb"],
-            "volumes": [{"id": v["id"], "mount": v["mount"]} for v in machine["volumes"]],
-            "forwards": forwards, "nic": None,
-        }, digests
+        mid = machine["id"]
+        net = None
+        network = self.executor.network if self.executor is not None else None
+        forwards, host_port = [], None
+        try:
+            if machine["network"] is not None and network is not None:
+                net = await network.prepare(mid, machine["app"], machine["network"],
+                                            machine["service_port"],
+                                            bool(image.get("kernel")))
+                host_port = net["host_port"]
+            elif machine["service_port"] is not None:
+                host_port = free_port()
+                forwards.append({"guest": machine["service_port"], "host": host_port})
+            volumes = [{"id": v["id"], "mount": v["mount"]} for v in machine["volumes"]]
+            spec = driver_spec(mid, machine, image, volumes, forwards, net)
+        except BaseException:
+            if self.images is not None:
+                for d in digests:
+                    self.images.unpin(d)
+            if net is not None:
+                self._release_network(mid, machine)
+            raise
+        return spec, digests, net is not None, host_port
 
     @wamp.register("live.migrate", options=RegisterOptions(details_arg="details"))
     def migrate(self, machine_id, target_host, target, policy=None, details=None):
@@ -1083,6 +1149,10 @@ class LiveMigrations:
             if machine_id in self.outgoing:
                 raise Conflict(f"machine {machine_id} is being migrated already")
             self.driver.status(machine_id)
+            # From here the migration holds the machine: the executor neither checks nor
+            # reports its health (it pauses at the switchover) until it is given back.
+            held = self.executor is not None and self.executor.hold(
+                machine_id, f"being moved live to {target_host}")
         except Exception as e:
             d = Deferred()
             d.errback(e)
@@ -1093,8 +1163,11 @@ class LiveMigrations:
         self.finished.pop(machine_id, None)
         try:
             return out.start()
-        except Exception:
+        except Exception as e:
             self.outgoing.pop(machine_id, None)
+            if held:
+                self.executor.release(machine_id, f"its live migration did not start: "
+                                                  f"{_message(e)}")
             raise
 
     @wamp.register("live.cancel")
@@ -1154,9 +1227,15 @@ class LiveMigrations:
                 self.volumes.release(vid, machine_id)
                 if self.volumes.exists(vid) and self.volumes.in_use(vid) is None:
                     self.volumes.delete(vid)
+            if self.images is not None:
+                for dg in record.get("digests") or ():
+                    self.images.unpin(dg)
+            self._release_network(machine_id, record.get("machine"))
             self._forget_record(machine_id)
             return {"cancelled": True}
         await drv.cancel_migration(machine_id)
+        if self.executor is not None:
+            self.executor.release(machine_id, "its live migration was cancelled; it runs here")
         return {"cancelled": True}
 
     @wamp.register("live.resume")
@@ -1174,13 +1253,24 @@ class LiveMigrations:
         if inc is not None and inc.machine.state in ("incoming", "resuming"):
             raise Conflict(f"machine {machine_id} resumes by itself once its migration "
                            f"completes (it is {inc.machine.state})")
+        record = self._stored(machine_id) or {}
         d = maybeDeferred(self._live_driver().finish_incoming, machine_id)
 
-        def resumed(result):
+        async def resumed(result):
+            machine = record.get("machine")
+            if (machine is not None and self.executor is not None
+                    and not self.executor.has_machine(machine_id)):
+                # This agent process did not prepare it: its pins and its forward were the
+                # previous process's; the executor takes it with them made again.
+                if self.images is not None:
+                    for dg in record.get("digests") or ():
+                        self.images.pin(dg)
+                await self._adopt(machine_id, machine, record.get("host_port"),
+                                  record.get("digests") or [], restore_network=True)
             self._forget_record(machine_id)
             return result
 
-        return d.addCallback(resumed)
+        return d.addCallback(lambda result: ensureDeferred(resumed(result)))
 
     @wamp.register("live.status")
     def status(self, machine_id):

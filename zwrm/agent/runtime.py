@@ -59,8 +59,13 @@ class HostRuntime:
         root = config.data_dir
         plugin = plugins.find(IHypervisorDriverPlugin, config.driver, config.plugin_dirs,
                               kind="hypervisor driver")
-        self.driver = plugin.create(reactor, {"root": os.path.join(root, "machines"),
-                                              "accel": config.accel})
+        settings = {"root": os.path.join(root, "machines"), "accel": config.accel}
+        # The pinned CPU model and machine type live migration needs (the same on every
+        # host); only when set, so a driver plugin without these settings still loads.
+        for key in ("cpu_model", "machine_type"):
+            if getattr(config, key, None) is not None:
+                settings[key] = getattr(config, key)
+        self.driver = plugin.create(reactor, settings)
         self.volumes = VolumeStore(reactor, os.path.join(root, "volumes"))
 
     async def attach(self, host_id, credential, session, registry_url=None):
@@ -101,7 +106,10 @@ class HostRuntime:
                 credentials=lambda: pki.HostCredentials.load(tls_dir),
                 # The address other hosts reach this one at: the volume endpoint's.
                 listen=lambda: self.executor.transfer_host, images=self.cache,
-                state_dir=os.path.join(self.config.data_dir, "live"))
+                state_dir=os.path.join(self.config.data_dir, "live"),
+                # It holds a source machine while moving it and hands a resumed target
+                # machine to the executor (Executor.hold, Executor.adopt).
+                executor=self.executor)
             recovered = await self.executor.recover()
             self.log.info("executor ready for host {host_id}; recovered {n} machine(s)",
                           host_id=host_id, n=len(recovered or ()))

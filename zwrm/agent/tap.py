@@ -50,6 +50,12 @@ class AgentConfig:
     retry_max: float = 15.0
     driver: str = "qemu"
     accel: str = "auto"
+    #: The CPU model (QEMU's C{-cpu}) and machine type (C{-machine}) of every machine here:
+    #: live migration needs the same on both hosts (docs/live-migration.md).  None: the
+    #: driver's default (C{host} under KVM, which does not migrate between different hosts;
+    #: C{qemu64} under TCG; machine type C{pc-i440fx-7.2}).
+    cpu_model: str | None = None
+    machine_type: str | None = None
     image_cache_mb: int = 10240
     plugin_dirs: list = field(default_factory=list)
     volume_endpoint: str = "tcp:0:interface=127.0.0.1"
@@ -111,6 +117,11 @@ class Options(usage.Options):
          "control plane's --offline-after."],
         ["driver", None, None, "Hypervisor driver plugin (default qemu)."],
         ["accel", None, None, "QEMU accelerator: auto, kvm or tcg (default auto)."],
+        ["cpu-model", None, None, "QEMU CPU model of every machine here (default: host under "
+         "KVM, qemu64 under TCG); the same migratable model on every host (e.g. "
+         "x86-64-v2-AES) for live migration."],
+        ["machine-type", None, None, "QEMU machine type of every machine here (default "
+         "pc-i440fx-7.2); the same on every host for live migration."],
         ["image-cache-mb", None, None, "Image cache size limit in MiB (default 10240)."],
         ["network", None, None, "VM networking: user (default; QEMU user mode, guests reach "
          "nothing of the host) or bridge (cluster network: bridge, TAPs, VXLAN overlay, "
@@ -150,7 +161,8 @@ class Options(usage.Options):
         for key in ("control-plane-url", "region", "datacenter", "join-token-file",
                     "data-dir", "name", "address", "vcpus", "memory-mb", "disk-mb", "ca-file",
                     "retry-initial", "retry-max", "driver", "accel", "image-cache-mb",
-                    "volume-endpoint", "network", "dns-port", "metrics-listen"):
+                    "volume-endpoint", "network", "dns-port", "metrics-listen", "cpu-model",
+                    "machine-type"):
             if self[key] is not None:
                 values[key.replace("-", "_")] = self[key]
         if self["label"]:
@@ -166,6 +178,12 @@ class Options(usage.Options):
             values["join_token"] = token
         if self["plugin-dir"]:
             values["plugin_dirs"] = list(values.get("plugin_dirs", [])) + self["plugin-dir"]
+        for key in ("cpu_model", "machine_type"):
+            v = values.get(key)
+            if v is not None and (not isinstance(v, str) or not v
+                                  or any(c in v for c in ", \t\n=")):
+                raise usage.UsageError(f"{key} must be a QEMU name (a CPU model or machine "
+                                       f"type, e.g. x86-64-v2-AES or pc-i440fx-7.2), not {v!r}")
         if values.get("accel", "auto") not in ("auto", "kvm", "tcg"):
             raise usage.UsageError(f"accel must be auto, kvm or tcg, not {values['accel']!r}")
         for key in ("vcpus", "memory_mb", "disk_mb", "image_cache_mb"):
@@ -281,7 +299,7 @@ def _check_driver(config):
 KEYS = {"control_plane_url", "region", "datacenter", "join_token", "join_token_file", "data_dir",
         "name", "address", "labels", "vcpus", "memory_mb", "disk_mb", "ca_file", "insecure",
         "retry_initial", "retry_max", "driver", "accel", "image_cache_mb", "plugin_dirs", "volume_endpoint",
-        "network", "dns_port", "metrics_listen"}
+        "network", "dns_port", "metrics_listen", "cpu_model", "machine_type"}
 
 
 def _load(path):
