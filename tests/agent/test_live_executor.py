@@ -333,6 +333,7 @@ class BridgeTests(SynchronousTestCase):
     def test_the_targets_tap_is_made_before_its_start_and_keeps_the_address(self):
         agents = Agents(self, bridge=True)
         net_b = agents.networks["host-b"]
+        self.assertEqual(agents.live["host-b"].facts()["network"], "bridge")
         where = agents.prepare(bridge=True)
         self.assertEqual(net_b.calls, [("prepare", "m2", "10.80.1.2", False)])
         dspec = agents.ex["host-b"].driver.host.machines["m2"]["spec"]

@@ -34,8 +34,8 @@ class LiveProceduresOverWampTests(TestCase):
         await agent.registered
         host_id = agent.identity.host_id
         facts = await plane.registry.call_executor(host_id, "live.facts")
-        self.assertEqual((facts["live"], facts["cpu_model"], facts["machine_type"]),
-                         (True, "qemu64", "pc-i440fx-7.2"))
+        self.assertEqual((facts["live"], facts["cpu_model"], facts["machine_type"],
+                          facts["network"]), (True, "qemu64", "pc-i440fx-7.2", "user"))
         with self.assertRaises(ApplicationError) as cm:
             await plane.registry.call_executor(host_id, "live.describe", "nope")
         self.assertEqual(cm.exception.error, "zwrm.error.not_found")

@@ -958,14 +958,20 @@ class LiveMigrations:
     @wamp.register("live.facts")
     def facts(self):
         """
-        @return: C{{"live": bool, "reason", "cpu_model", "machine_type", "accel"}} (the
-            driver's L{ILiveMigration.migration_facts}; C{live} false with a reason where
-            the driver cannot migrate).
+        @return: C{{"live": bool, "reason", "cpu_model", "machine_type", "accel",
+            "network"}}: the driver's L{ILiveMigration.migration_facts} (C{live} false with a
+            reason where the driver cannot migrate) and the agent's VM networking
+            (C{"user"} or C{"bridge"}: a machine on the cluster network keeps its address
+            across a live move).
         """
+        network = "user"
+        if self.executor is not None and self.executor.network is not None:
+            network = "bridge"
         if not ILiveMigration.providedBy(self.driver):
             return {"live": False, "reason": f"the {self.driver.name} driver cannot migrate "
-                    "live", "cpu_model": None, "machine_type": None, "accel": None}
-        return self.driver.migration_facts()
+                    "live", "cpu_model": None, "machine_type": None, "accel": None,
+                    "network": network}
+        return dict(self.driver.migration_facts(), network=network)
 
     @wamp.register("live.describe")
     def describe(self, machine_id):
