@@ -23,8 +23,9 @@ HTTP with C{X-Forwarded-Proto: https}.
 """
 
 import itertools
+import re
 
-from twisted.internet import protocol, ssl
+from twisted.internet import protocol, ssl, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
@@ -100,6 +101,36 @@ class Backend:
         self.draining = False
         self.conns = set()
         self.drain_call = None
+        self.idle = []  # kept-alive connections (HTTP mode), the newest last
+
+    def take(self, now):
+        """A kept-alive connection to this replica, or L{None}."""
+        idle = self.idle
+        while idle:
+            up = idle.pop()
+            if now - up.idle_since <= POOL_IDLE and up.transport.connected:
+                up.reused = True
+                return up
+            up.transport.loseConnection()  # and every older one, in turn
+        return None
+
+    def give(self, up, now):
+        """Keep C{up} for the next request (at most L{POOL_SIZE}, none older than L{POOL_IDLE})."""
+        up.idle_since = now
+        up.transport.resumeProducing()  # a client that was slow to read may have paused it
+        idle = self.idle
+        idle.append(up)
+        while len(idle) > POOL_SIZE or now - idle[0].idle_since > POOL_IDLE:
+            idle.pop(0).transport.loseConnection()
+
+    def unpool(self, up):
+        if up in self.idle:
+            self.idle.remove(up)
+
+    def close_idle(self):
+        idle, self.idle = self.idle, []
+        for up in idle:
+            up.transport.loseConnection()
 
 
 class Route:
@@ -279,6 +310,766 @@ class _Client(protocol.Protocol):
         self.transport.loseConnection()
 
 
+# -- HTTP mode ---------------------------------------------------------------------------
+
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+#: request headers that belong to one hop (RFC 9110 7.6.1), not forwarded
+_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade",
+                  b"http2-settings"))
+_PLAIN = (tcp.Server, tcp.Client)
+#: idle connections kept to one replica (newest reused first)
+POOL_SIZE = 32
+#: an idle pooled connection older than this is closed rather than reused: most servers
+#: close theirs after 5 s or more, and a request sent as one closes is retried anyway
+POOL_IDLE = 4.0
+
+_STATUS = {
+    400: b"400 Bad Request", 404: b"404 Not Found", 405: b"405 Method Not Allowed",
+    431: b"431 Request Header Fields Too Large", 501: b"501 Not Implemented",
+    502: b"502 Bad Gateway", 503: b"503 Service Unavailable",
+    505: b"505 HTTP Version Not Supported",
+}
+
+
+def _write(transport, data):
+    """
+    C{transport.write(data)}, sent at once when the transport is a plain TCP connection
+    with nothing buffered: Twisted otherwise buffers every write until the reactor's next
+    turn (two more epoll_ctl calls and a wake-up per write), which for a proxy of small
+    requests and responses is a large part of its time.  Whatever the socket does not take
+    at once goes through C{transport.write} (order is kept: nothing was buffered before).
+    """
+    if (transport.__class__ in _PLAIN and not transport.TLS and transport.connected
+            and not transport.disconnecting and not transport._tempDataLen
+            and not transport.dataBuffer):
+        try:
+            n = transport.socket.send(data)
+        except OSError:
+            n = 0  # EAGAIN, or an error transport.write's own attempt will report
+        if n == len(data):
+            return
+        data = data[n:]
+    transport.write(data)
+
+
+class _Chunks:
+    """
+    Finds where a chunked body ends as it streams through (RFC 9112 7.1); strict about
+    the sizes and line ends, so that the proxy and the replica never disagree on where a
+    message ends.  With C{decode}, also the data without the framing.
+    """
+
+    __slots__ = ("state", "left", "line")
+
+    SIZE, DATA, DATA_END, TRAILER, DONE = range(5)
+
+    def __init__(self):
+        self.state = self.SIZE
+        self.left = 0
+        self.line = b""
+
+    def feed(self, data, decode=False):
+        """
+        @return: C{(end, pieces)}: the index in C{data} just past the body's end (-1: not
+            yet) and the decoded data (a list, when C{decode}).
+        @raise ValueError: not a chunked body.
+        """
+        i, n = 0, len(data)
+        out = [] if decode else None
+        while i < n:
+            st = self.state
+            if st == self.DATA:
+                take = min(self.left, n - i)
+                if decode:
+                    out.append(data[i:i + take])
+                i += take
+                self.left -= take
+                if not self.left:
+                    self.state = self.DATA_END
+                continue
+            j = data.find(b"\n", i)
+            if j < 0:
+                self.line += data[i:]
+                if len(self.line) > 4096:
+                    raise ValueError("chunk line too long")
+                return -1, out
+            line, self.line = self.line + data[i:j], b""
+            i = j + 1
+            if line[-1:] != b"\r":
+                raise ValueError("bare LF in chunked framing")
+            line = line[:-1]
+            if st == self.SIZE:
+                size = line.split(b";", 1)[0].rstrip(b" \t")
+                if not _HEX.match(size):
+                    raise ValueError("bad chunk size")
+                self.left = int(size, 16)
+                self.state = self.DATA if self.left else self.TRAILER
+            elif st == self.DATA_END:
+                if line:
+                    raise ValueError("chunk longer than its size")
+                self.state = self.SIZE
+            elif not line:  # TRAILER: the empty line ends the body
+                self.state = self.DONE
+                return i, out
+        return -1, out
+
+
+class _UpConn(protocol.Protocol):
+    """
+    A connection to a replica: serves one request at a time (of the L{_HTTPClient} in
+    C{client}); between requests it waits in its backend's pool.
+    """
+
+    client = None
+    connected_d = None
+    reused = False
+    idle_since = 0.0
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def connectionMade(self):
+        _nodelay(self.transport)
+        d, self.connected_d = self.connected_d, None
+        if d is not None:
+            d.callback(self)
+
+    def dataReceived(self, data):
+        c = self.client
+        if c is None:  # an idle connection speaking out of turn: not a partner to reuse
+            self.backend.unpool(self)
+            self.transport.loseConnection()
+            return
+        c.response_data(data)
+
+    def connectionLost(self, reason):
+        self.backend.unpool(self)
+        c, self.client = self.client, None
+        if c is not None:
+            c.upstream_lost(self)
+
+
+class _UpConnFactory(protocol.ClientFactory):
+    noisy = False
+
+    def __init__(self, up, d):
+        self.up = up
+        self.d = d
+
+    def buildProtocol(self, addr):
+        return self.up
+
+    def clientConnectionFailed(self, connector, reason):
+        if not self.d.called:
+            self.d.errback(reason)
+
+
+# client side states
+_HEAD, _BODY, _WAIT, _TUNNEL, _CLOSED = range(5)
+# response framing
+_R_HEAD, _R_LENGTH, _R_CHUNKED, _R_CLOSE, _R_NONE, _R_TUNNEL = range(6)
+
+
+class _HTTPClient(protocol.Protocol):
+    """
+    A client connection to an C{http} or C{https} port: HTTP/1.1 (and 1.0) requests, one
+    at a time (pipelined ones wait their turn, in order), each routed by its C{Host} to a
+    replica of the app and sent over a kept-alive connection to it (L{Backend.take}).
+
+    The request and the response are streamed through with their own framing
+    (C{Content-Length}, chunked, to the close); the proxy only rewrites the heads:
+    hop-by-hop headers are dropped, C{X-Forwarded-*} set, the request goes as HTTP/1.1
+    (kept alive), and a chunked response to an HTTP/1.0 client is decoded and ended by
+    closing.  A request that asks to C{Upgrade} gets a connection of its own, and after a
+    C{101} both sides are joined as they are (WebSockets).
+    """
+
+    def __init__(self, listener, peer_addr):
+        self.listener = listener
+        self.xff = peer_addr.encode("latin-1")
+        self.buf = b""
+        self.state = _HEAD
+        self.paused = False
+        self.closed = False
+        self.route = None
+        self.backend = None
+        self.up = None
+        self.tried = ()
+        self.fresh = False
+        self.sent = None  # the request as the replica gets it, kept until it answers
+        self.coupled = False
+        self.body_left = 0
+        self.body_chunks = None
+        self.v11 = True
+        self.keep = True
+        self.head_req = False
+        self.upgrading = False
+        self.replied = False
+        self.rstate = _R_HEAD
+        self.rbuf = b""
+        self.rleft = 0
+        self.rchunks = None
+        self.dechunk = False
+        self.reusable = False
+
+    def connectionMade(self):
+        _nodelay(self.transport)
+
+    # -- the client's bytes --
+
+    def dataReceived(self, data):
+        st = self.state
+        if st == _HEAD:
+            self.buf = self.buf + data if self.buf else data
+            self._next()
+        elif st == _BODY:
+            rest = self._body(data)
+            if rest:
+                self._hold(rest)
+        elif st == _TUNNEL:
+            if self.up is not None:
+                self.up.transport.write(data)
+        elif st == _WAIT:
+            self._hold(data)
+
+    def _hold(self, data):
+        """Bytes after the request in flight (pipelining): kept for their turn."""
+        self.buf += data
+        if not self.keep:
+            self.buf = b""  # the connection ends with this response
+        elif len(self.buf) > MAX_HEAD and not self.paused:
+            self.paused = True
+            self.transport.pauseProducing()
+
+    def _pause(self):
+        if not self.paused:
+            self.paused = True
+            self.transport.pauseProducing()
+
+    def _resume(self):
+        if self.paused:
+            self.paused = False
+            self.transport.resumeProducing()
+
+    def _next(self):
+        """Parse the request head in C{buf}, if it is all there, and send it on."""
+        buf = self.buf
+        if buf[:1] in (b"\r", b"\n"):
+            buf = self.buf = buf.lstrip(b"\r\n")  # RFC 9112 2.2: empty lines before one
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_HEAD:
+                self._refuse(431)
+            return
+        head, rest = buf[:end], buf[end + 4:]
+        self.buf = b""
+        code = self._request(head)
+        if code:
+            self._refuse(code)
+            return
+        if self.body_left or self.body_chunks is not None:
+            self.state = _BODY
+            rest = self._body(rest) if rest else b""
+        else:
+            self.state = _WAIT
+        if rest:
+            self._hold(rest)
+        self._dispatch()
+
+    def _request(self, head):
+        """
+        Read the request head; set what the exchange needs.
+
+        @return: an error status to refuse it with, or L{None}.
+        """
+        if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\n"):
+            return 400  # a bare CR or LF: another parser could see another message
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1]:
+            return 400
+        method, target, version = parts
+        if version == b"HTTP/1.1":
+            v11 = True
+        elif version == b"HTTP/1.0":
+            v11 = False
+        else:
+            return 505 if version.startswith(b"HTTP/") else 400
+        if method == b"CONNECT":
+            return 405
+        host = clen = None
+        te = chunked = False
+        tokens = ()
+        upgrade = None
+        keep = [None]
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not _TOKEN.match(name):
+                return 400  # also obsolete line folding (a line that starts blank)
+            lname = name.lower()
+            if lname == b"host":
+                if host is not None:
+                    return 400
+                host = value.strip()
+                keep.append(line)
+            elif lname == b"content-length":
+                v = value.strip()
+                if not v.isdigit() or (clen is not None and int(v) != clen):
+                    return 400
+                clen = int(v)
+                keep.append(line)
+            elif lname == b"transfer-encoding":
+                te = True
+                chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+                keep.append(line)
+            elif lname == b"connection":
+                tokens += tuple(t.strip().lower() for t in value.split(b","))
+            elif lname in _HOP:
+                if lname == b"upgrade":
+                    upgrade = value.strip()
+            elif lname.startswith(b"x-forwarded-"):
+                pass  # the client's own are not believed
+            else:
+                keep.append(line)
+        if te and (not chunked or clen is not None or not v11):
+            return 400  # RFC 9112 6.1, 6.3: a framing two parsers could read two ways
+        if host is None and v11:
+            return 400  # RFC 9112 3.2
+        name = (host or b"").decode("latin-1").lower()
+        if name.startswith("["):
+            name = name[:name.find("]") + 1]
+        else:
+            name = name.split(":", 1)[0]
+        route = self.listener.route_for(name)
+        if route is None:
+            return 404
+        others = [t for t in tokens if t not in (b"close", b"keep-alive", b"upgrade", b"")]
+        if others:
+            keep = [ln for ln in keep if ln is None or
+                    ln.partition(b":")[0].lower() not in others]
+        self.route, self.tried, self.fresh = route, (), False
+        self.v11 = v11
+        self.keep = v11 and b"close" not in tokens
+        self.head_req = method == b"HEAD"
+        self.upgrading = bool(v11 and upgrade and b"upgrade" in tokens)
+        keep[0] = b" ".join((method, target, b"HTTP/1.1")) if host is not None else lines[0]
+        if self.upgrading:
+            keep.append(b"Connection: Upgrade")
+            keep.append(b"Upgrade: " + upgrade)
+        keep.append(b"X-Forwarded-For: " + self.xff)
+        keep.append(self.listener.proto_header)
+        keep.append(b"X-Forwarded-Host: " + name.encode("latin-1"))
+        keep.append(b"\r\n")
+        self.sent = b"\r\n".join(keep)
+        if chunked:
+            self.body_chunks, self.body_left = _Chunks(), 0
+        else:
+            self.body_chunks, self.body_left = None, clen or 0
+        self.replied = False
+        self.rstate, self.rbuf = _R_HEAD, b""
+        return None
+
+    def _body(self, data):
+        """
+        Send on the part of C{data} that belongs to the request's body.
+
+        @return: what follows the body (the next request), or C{b""}.
+        """
+        if self.body_chunks is None:
+            n = self.body_left
+            if len(data) < n:
+                self.body_left -= len(data)
+                self._send(data)
+                return b""
+            self.body_left = 0
+            rest = data[n:]
+            self._send(data[:n] if rest else data)
+        else:
+            try:
+                end, _ = self.body_chunks.feed(data)
+            except ValueError:
+                if self.replied:
+                    self._close()
+                else:
+                    self._refuse(400)
+                return b""
+            if end < 0:
+                self._send(data)
+                return b""
+            self.body_chunks = None
+            rest = data[end:]
+            self._send(data[:end] if rest else data)
+        self.state = _WAIT
+        if self.coupled:
+            self._uncouple(self.up)
+        return rest
+
+    def _send(self, data):
+        """Request bytes for the replica: sent now or when connected, kept for a replay."""
+        up = self.up
+        if up is None:
+            self.sent += data  # not connected yet: the client is paused meanwhile
+            return
+        if self.sent is not None:
+            self.sent += data
+            if len(self.sent) > MAX_HEAD:
+                self._couple()
+        _write(up.transport, data)
+
+    def _uncouple(self, up):
+        """The body is through: the client no longer paces with the replica's connection."""
+        self.coupled = False
+        if up is not None and up.transport is not None:
+            up.transport.unregisterProducer()
+        self.paused = True  # it may have paused the client meanwhile
+        self._resume()
+
+    def _couple(self):
+        """Too much to replay: the replica's connection paces the client from now on."""
+        self.sent = None
+        if self.state == _BODY and not self.coupled:
+            self.coupled = True
+            self._resume()
+            self.up.transport.registerProducer(self.transport, True)
+
+    # -- choosing a replica --
+
+    def _dispatch(self):
+        if self.state == _CLOSED:
+            return
+        tried = self.tried
+        options = self.route.candidates()
+        if tried:
+            options = [b for b in options if b.key not in tried]
+        if not options:
+            self.listener.failed += 1
+            self._refuse(503)
+            return
+        b = self.backend = options[0]
+        b.conns.add(self)  # counted while connecting too (least connections)
+        if not (self.fresh or self.upgrading):
+            up = b.take(self.listener.reactor.seconds())
+            if up is not None:
+                self._attach(up)
+                return
+        self._pause()  # until connected: what arrives meanwhile is kept in sent
+        up = _UpConn(b)
+        d = up.connected_d = Deferred()
+        self.listener.reactor.connectTCP(b.host, b.port, _UpConnFactory(up, d),
+                                         timeout=self.listener.connect_timeout)
+        d.addCallbacks(self._connected, self._connect_failed, errbackArgs=(b,))
+
+    def _connected(self, up):
+        if self.state == _CLOSED or self.backend is not up.backend or self.up is not None:
+            # Nobody waits for it any more: a spare for the next request.
+            if up.backend.draining or up.transport is None:
+                up.transport.loseConnection()
+            else:
+                up.backend.give(up, self.listener.reactor.seconds())
+            return
+        self._attach(up)
+
+    def _connect_failed(self, f, b):
+        b.conns.discard(self)
+        if self.closed or self.backend is not b:
+            return
+        log.info("ingress: {b}:{p} did not accept a connection ({e}); trying another",
+                 b=b.host, p=b.port, e=f.getErrorMessage())
+        self.backend = None
+        self.tried += (b.key,)
+        self._dispatch()
+
+    def _attach(self, up):
+        self.up = up
+        up.client = self
+        self.transport.registerProducer(up.transport, True)  # the response paces the replica
+        sent = self.sent
+        _write(up.transport, sent)
+        if len(sent) > MAX_HEAD:
+            self._couple()
+        if self.state != _WAIT or len(self.buf) <= MAX_HEAD:
+            self._resume()
+
+    # -- the replica's answer --
+
+    def response_data(self, data):
+        if not self.replied:
+            self.replied = True
+            self.sent = None  # no replay from now on
+        st = self.rstate
+        if st == _R_HEAD:
+            data = self._response_head(data)
+            if data is None:
+                return
+            st = self.rstate
+        if st == _R_LENGTH:
+            n = self.rleft
+            if len(data) < n:
+                self.rleft -= len(data)
+                _write(self.transport, data)
+                return
+            self.rleft = 0
+            if len(data) > n:
+                self.reusable = False  # more than it announced
+                data = data[:n]
+            if data:
+                _write(self.transport, data)
+            self._response_done()
+        elif st == _R_CHUNKED:
+            try:
+                end, pieces = self.rchunks.feed(data, self.dechunk)
+            except ValueError:
+                self._response_broken()
+                return
+            if end >= 0 and end < len(data):
+                self.reusable = False
+                data = data[:end]
+            out = b"".join(pieces) if self.dechunk else data
+            if out:
+                _write(self.transport, out)
+            if end >= 0:
+                self._response_done()
+        elif st == _R_CLOSE:
+            _write(self.transport, data)
+        elif st == _R_NONE:
+            if data:
+                self.reusable = False
+            self._response_done()
+        elif st == _R_TUNNEL:
+            self.transport.write(data)
+
+    def _response_head(self, data):
+        """
+        Read and pass on the response head (and the 1xx heads before it).
+
+        @return: what follows it (the body's first bytes), or L{None} (not all there yet,
+            or done with).
+        """
+        if self.rbuf:
+            data, self.rbuf = self.rbuf + data, b""
+        while True:
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                if len(data) > MAX_HEAD:
+                    self._response_broken()
+                else:
+                    self.rbuf = data
+                return None
+            head, rest = data[:end], data[end + 4:]
+            lines = head.split(b"\r\n")
+            first = lines[0]
+            if first[:7] != b"HTTP/1." or first[8:9] != b" " or not first[9:12].isdigit():
+                self._response_broken()
+                return None
+            code = int(first[9:12])
+            if code < 100:
+                self._response_broken()
+                return None
+            if 100 <= code < 200 and code != 101:
+                if self.v11:  # RFC 9110 15.2: never to an HTTP/1.0 client
+                    _write(self.transport, data[:end + 4])
+                data = rest
+                if not data:
+                    return None
+                continue
+            break
+        clen = None
+        te = False
+        chunked = False
+        close = first[:8] != b"HTTP/1.1"
+        drop = False
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            lname = name.strip().lower()
+            if lname == b"content-length":
+                v = value.strip()
+                if not v.isdigit() or (clen is not None and clen != int(v)):
+                    self._response_broken()
+                    return None
+                clen = int(v)
+            elif lname == b"transfer-encoding":
+                te = True
+                chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+            elif lname == b"connection":
+                drop = True
+                tokens = [t.strip().lower() for t in value.split(b",")]
+                close = close or b"close" in tokens
+            elif lname in (b"keep-alive", b"proxy-connection"):
+                drop = True
+        if code == 101:
+            if not self.upgrading:
+                self._response_broken()
+                return None
+            _write(self.transport, data[:end + 4])
+            self._tunnel()
+            return rest
+        keep = self.keep and self.state == _WAIT
+        self.dechunk = False
+        if self.head_req or code in (204, 304):
+            self.rstate = _R_NONE
+        elif te:
+            if chunked:
+                self.rstate = _R_CHUNKED
+                self.rchunks = _Chunks()
+                if not self.v11:
+                    self.dechunk = drop = True
+                    keep = False
+            else:
+                self.rstate = _R_CLOSE
+                close = True
+        elif clen is not None:
+            self.rstate = _R_LENGTH
+            self.rleft = clen
+        else:
+            self.rstate = _R_CLOSE
+            close = True
+        self.reusable = not close and self.rstate != _R_CLOSE and not self.upgrading
+        if self.rstate == _R_CLOSE:
+            keep = False
+        self.keep = keep
+        if drop:
+            skip = (b"connection", b"keep-alive", b"proxy-connection")
+            if self.dechunk:
+                skip += (b"transfer-encoding",)
+            out = [ln for ln in lines if ln.partition(b":")[0].strip().lower() not in skip]
+            if not keep and self.v11:
+                out.append(b"Connection: close")
+            out = b"\r\n".join(out) + b"\r\n\r\n"
+        elif not keep and self.v11:
+            out = head + b"\r\nConnection: close\r\n\r\n"
+        else:
+            out = None  # unchanged
+        if self.rstate == _R_LENGTH and len(rest) == clen:
+            # The whole response is here (the usual small one): one write.
+            self.rleft = 0
+            _write(self.transport, data if out is None else out + rest)
+            self._response_done()
+            return None
+        _write(self.transport, data[:end + 4] if out is None else out)
+        if self.rstate == _R_NONE:
+            if rest:
+                self.reusable = False
+            self._response_done()
+            return None
+        return rest
+
+    def _tunnel(self):
+        """After a 101: both connections carry whatever they get, as they are."""
+        self.state = _TUNNEL
+        self.rstate = _R_TUNNEL
+        self.sent = None
+        if self.buf:
+            buf, self.buf = self.buf, b""
+            self.up.transport.write(buf)
+        self.up.transport.registerProducer(self.transport, True)
+        self.coupled = True
+        self._resume()
+
+    def _response_done(self):
+        """The response is all through: the replica's connection goes back to its pool."""
+        up, b = self.up, self.backend
+        self.up = self.backend = None
+        up.client = None
+        self.transport.unregisterProducer()
+        if self.coupled:
+            self._uncouple(up)
+        b.conns.discard(self)
+        if self.reusable and self.state == _WAIT and not b.draining:
+            b.give(up, self.listener.reactor.seconds())
+        else:
+            up.transport.loseConnection()
+        self.rstate = _R_HEAD
+        if not self.keep or self.state != _WAIT:
+            self._close()
+            return
+        self.state = _HEAD
+        self._resume()
+        if self.buf:
+            self._next()
+
+    def _response_broken(self):
+        """The replica's answer is not HTTP, or it broke off: nothing more to pass on."""
+        log.info("ingress: {b}:{p} sent a malformed response", b=self.backend.host,
+                 p=self.backend.port)
+        wrote_nothing = self.rstate == _R_HEAD
+        self._drop_upstream()
+        if wrote_nothing:
+            self._refuse(502)
+        else:
+            self._close()
+
+    def _drop_upstream(self):
+        up, b = self.up, self.backend
+        self.up = self.backend = None
+        if b is not None:
+            b.conns.discard(self)
+        if up is not None:
+            up.client = None
+            if up.transport is not None:
+                up.transport.loseConnection()
+
+    def upstream_lost(self, up):
+        """The replica's connection ended (L{_UpConn.connectionLost})."""
+        if self.up is not up or self.closed:
+            return
+        if not self.replied and self.sent is not None:
+            # It closed without a word (its service is going away, or a kept-alive
+            # connection it had just closed): the request goes to another.
+            b = self.backend
+            self.up = self.backend = None
+            b.conns.discard(self)
+            self.transport.unregisterProducer()
+            if self.coupled:
+                self.coupled = False
+            if up.reused:
+                self.fresh = True
+            else:
+                self.tried += (b.key,)
+                log.info("ingress: {b}:{p} closed before answering; trying another",
+                         b=b.host, p=b.port)
+            self._pause()
+            self._dispatch()
+            return
+        if self.rstate == _R_TUNNEL:
+            self._drop_upstream()
+            self._close()
+            return
+        self.up = None
+        b, self.backend = self.backend, None
+        if b is not None:
+            b.conns.discard(self)
+        if not self.replied:
+            self._refuse(502)
+        else:
+            self._close()
+
+    # -- ending --
+
+    def _refuse(self, code):
+        self._drop_upstream()
+        self.state = _CLOSED
+        if not self.closed:
+            self.transport.write(b"HTTP/1.1 " + _STATUS[code] + b"\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n")
+        self._close()
+
+    def _close(self):
+        self.state = _CLOSED
+        self.buf = b""
+        self.transport.loseConnection()
+
+    def close(self):
+        """Cut this connection (a drain's time is up)."""
+        self._drop_upstream()
+        self._close()
+
+    def connectionLost(self, reason):
+        self.closed = True
+        self.state = _CLOSED
+        self._drop_upstream()
+
+
 class _Listener(protocol.Factory):
     def __init__(self, ingress, port, mode):
         self.ingress = ingress
@@ -286,6 +1077,7 @@ class _Listener(protocol.Factory):
         self.port = port
         self.mode = mode
         self.http = mode in ("http", "https")
+        self.proto_header = b"X-Forwarded-Proto: " + (b"https" if mode == "https" else b"http")
         self.connect_timeout = ingress.connect_timeout
         self.routes = {}  # domain (or None for tcp / default) -> Route
         self.failed = 0
@@ -297,6 +1089,8 @@ class _Listener(protocol.Factory):
         return self.routes.get(host) or self.routes.get(None)
 
     def buildProtocol(self, addr):
+        if self.http:
+            return _HTTPClient(self, getattr(addr, "host", ""))
         return _Client(self, getattr(addr, "host", ""))
 
 
@@ -459,6 +1253,7 @@ class Ingress:
     def _drain(self, backend):
         """No new connections; close the open ones after C{drain_timeout}."""
         backend.draining = True
+        backend.close_idle()
         if backend.conns and backend.drain_call is None:
             def cut():
                 for c in list(backend.conns):
@@ -480,6 +1275,7 @@ class Ingress:
         for b in backends:
             if b.drain_call is not None and b.drain_call.active():
                 b.drain_call.cancel()
+            b.close_idle()
             for c in list(b.conns):
                 c.close()
         return ds
