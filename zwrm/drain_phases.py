@@ -8,11 +8,19 @@ module imports nothing, so the CLI may import it without loading the control pla
 """
 
 MIGRATION_PHASES = (
-    "planned", "bulk_copying", "stopping_source", "delta_copying", "starting_replacement",
+    "planned", "live_preparing", "live_migrating", "switched_over", "verifying",
+    "bulk_copying", "stopping_source", "delta_copying", "starting_replacement",
     "waiting_healthy", "committing", "cleaning", "done", "rolling_back", "rolled_back",
     "not_moved", "failed",
 )
 """Every phase a migration is stored in (the C{phase} column of C{migrations})."""
+
+LIVE_PHASES = ("live_preparing", "live_migrating", "switched_over", "verifying")
+"""The phases of a live move (docs/live-migration.md), before the common C{committing}."""
+
+DRAIN_MODES = ("auto", "live", "cold")
+"""How a drain may move machines with volumes (C{zwrm.host.drain}'s C{mode}): C{auto} is
+live where both hosts can, else cold (and cold when a live attempt gives up)."""
 
 MIGRATION_TERMINAL = ("done", "rolled_back", "not_moved", "failed")
 """Phases a migration never leaves."""
@@ -36,6 +44,6 @@ DRAIN_STATES = ("running", "cancelling", "completed", "incomplete", "cancelled")
 DRAIN_TERMINAL = ("completed", "incomplete", "cancelled")
 """States a drain ends in (the CLI stops following it)."""
 
-__all__ = ["MIGRATION_PHASES", "MIGRATION_TERMINAL", "MIGRATION_STEPPED",
+__all__ = ["MIGRATION_PHASES", "LIVE_PHASES", "DRAIN_MODES", "MIGRATION_TERMINAL", "MIGRATION_STEPPED",
            "MIGRATION_ERROR_PHASES", "ROLLBACK_PENDING", "REPORTED_PHASES",
            "DRAIN_STATES", "DRAIN_TERMINAL"]

@@ -8,6 +8,7 @@ import sys
 from twisted.internet import defer, task
 
 from zwrm.cli.client import EXIT_USAGE, CliError, call, close, connect, load_settings
+from zwrm.drain_phases import DRAIN_MODES
 from zwrm.drain_phases import DRAIN_TERMINAL as TERMINAL  # the states a drain ends in
 
 
@@ -36,6 +37,9 @@ def register_host_commands(hsub):
                     help="how long it must stay healthy before the move commits (10s)")
     dr.add_argument("--poll", default="1s",
                     help="how often the control plane reads copy progress (1s)")
+    dr.add_argument("--mode", choices=DRAIN_MODES, default="auto",
+                    help="how machines with volumes move: auto (live where both hosts can, "
+                         "else cold; the default), live (refused if one cannot) or cold")
     dr.add_argument("--dry-run", action="store_true",
                     help="print the plan (each machine, its target or why none); change nothing")
     dr.add_argument("--detach", action="store_true", help="start it and return")
@@ -69,9 +73,30 @@ def format_plan(result, out):
     for p in result["plan"]:
         where = p["target"] or f"no target: {p['reason']}"
         vols = f" ({len(p['volumes'])} volume(s))" if p["volumes"] else ""
-        out.write(f"  {p['machine_id']}  {p['app'] or '-'}{vols}  -> {where}\n")
+        how = ""
+        if p.get("mode") and p["volumes"]:
+            how = f"  [{p['mode']}" + (f": {p['mode_reason']}" if p.get("mode_reason")
+                                       and p["mode"] == "cold" else "") + "]"
+        out.write(f"  {p['machine_id']}  {p['app'] or '-'}{vols}  -> {where}{how}\n")
     if not result["plan"]:
         out.write("  no machines to move\n")
+
+
+def _live_line(m):
+    """What a live move is doing (its last progress), or None."""
+    live = m.get("live")
+    if not live:
+        return None
+    mirror, ram = live.get("mirror") or {}, live.get("ram") or {}
+    phase = live.get("phase") or "-"
+    text = (f"{phase}: mirrored {_size(mirror.get('done'))} of {_size(mirror.get('total'))}"
+            f" at {_size(mirror.get('rate') or 0)}/s")
+    if ram.get("passes"):
+        text += (f", RAM pass {ram['passes']} ({_size(ram.get('transferred'))} sent,"
+                 f" {_size(ram.get('remaining'))} left)")
+    if phase == "switching":
+        text += ", switching over"
+    return text
 
 
 def format_status(s, out):
@@ -80,12 +105,25 @@ def format_status(s, out):
     for m in s["migrations"]:
         rate = f"{_size(m['rate'])}/s" if m["rate"] else "-"
         eta = f"{m['eta']:.0f}s" if m["eta"] is not None else "-"
-        line = (f"  {m['machine_id']}  {m['app'] or '-'}  {m['phase']}  -> "
+        mode = f" ({m['mode']})" if m.get("mode") and m.get("volumes") else ""
+        line = (f"  {m['machine_id']}  {m['app'] or '-'}  {m['phase']}{mode}  -> "
                 f"{m['target'] or '-'}  sent {_size(m['bytes_sent'])}"
                 f" (image {_size(m['bytes_total'])})"
                 f"  {rate}  eta {eta}")
-        if m.get("downtime") is not None:
+        live = _live_line(m)
+        if live is not None:
+            line += f"  [{live}]"
+        if m.get("downtime_ms") is not None:
+            line += f"  pause {m['downtime_ms']} ms (QEMU)"
+        elif m.get("downtime") is not None:
             line += f"  downtime {m['downtime']:.1f}s"
+        verified = m.get("verified") or {}
+        if verified:
+            ok = sum(1 for v in verified.values() if v.get("ok"))
+            line += f"  verified {ok}/{len(m.get('volumes') or verified)}"
+        if m.get("mode") == "cold" and m.get("mode_reason") and m.get("volumes") \
+                and m["phase"] not in ("done",):
+            line += f"  (cold: {m['mode_reason']})"
         if m["error"]:
             line += f"  error: {m['error']}"
         out.write(line + "\n")
@@ -178,7 +216,7 @@ async def host_drain(reactor, args, out=None):
     kw = {"deadline": _duration(args.deadline), "max_parallel": args.max_parallel,
           "healthy_deadline": _duration(args.healthy_deadline),
           "min_healthy": _duration(args.min_healthy), "dry_run": args.dry_run,
-          "poll": _duration(args.poll)}
+          "poll": _duration(args.poll), "mode": args.mode}
     session = await connect(reactor, load_settings(args.api_url))
     try:
         result = await call(session, "zwrm.host.drain", args.host_id, **kw)

@@ -31,10 +31,12 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
 
 from zwrm import errors
+from zwrm.control.live_drain import Divert, LiveSteps
 from zwrm.control.migration import Drain, Migration, Runner
 from zwrm.control.resources.drains import TOPIC as DRAIN_TOPIC
 from zwrm.control.resources.machines import LIVE, placement_request, volumes_size
 from zwrm.drain_phases import (
+    DRAIN_MODES,
     DRAIN_TERMINAL,
     MIGRATION_ERROR_PHASES,
     MIGRATION_STEPPED,
@@ -96,9 +98,9 @@ class _DrainRun:
         self.done = Deferred()
 
 
-class Drains:
+class Drains(LiveSteps):
     """
-    Drains of hosts, run by the control plane.
+    Drains of hosts, run by the control plane (the live phases' steps: L{LiveSteps}).
 
     @ivar active: host id -> the drain under way there.
     """
@@ -126,6 +128,7 @@ class Drains:
         self._machines = self._data.machines
         self._volumes = self._data.volumes
         self.active = {}
+        self._starting = set()  # hosts whose drain is being planned (zwrm.host.drain)
         self._stopped = False
         # Cleaning leftovers (copies a rollback could not delete on an unreachable target):
         self._sweep_unsubscribe = None  # ends the hosts subscription, while there are some
@@ -194,7 +197,8 @@ class Drains:
 
     @wamp.register("zwrm.host.drain")
     async def drain(self, host_id, deadline=None, max_parallel=None, dry_run=False,
-                    healthy_deadline=None, min_healthy=None, stop_timeout=None, poll=None):
+                    healthy_deadline=None, min_healthy=None, stop_timeout=None, poll=None,
+                    mode=None):
         """
         Start draining C{host_id}: mark it draining and move each of its machines to a host the
         scheduler picks (region and datacenter kept).
@@ -208,10 +212,15 @@ class Drains:
         @param poll: seconds between reads of copy progress, and before asking again a
             target that counts as reachable but did not answer (1); a replacement's health
             is followed on its events.
+        @param mode: C{auto} (default: live where both hosts' agents say they can, with
+            equal CPU model and machine type, else cold; cold too when a live attempt gives
+            up), C{live} (refused, changing nothing, when a machine with volumes cannot
+            move live) or C{cold}.
         @return: C{{"drain_id", "host_id", "state", "plan": [{"machine_id", "app",
-            "volumes", "target", "reason"}]}} (C{drain_id} is C{None} for a dry run).
+            "volumes", "target", "reason", "mode", "mode_reason"}]}} (C{drain_id} is
+            C{None} for a dry run).
         @raise NotFound: no such host. @raise Conflict: a drain is under way there, or the
-            host is offline or drained.
+            host is offline or drained, or (C{mode} live) a machine cannot move live.
         """
         entry = self._host(host_id)
         given = {"deadline": deadline, "max_parallel": max_parallel,
@@ -226,24 +235,50 @@ class Drains:
             "stop_timeout": _number(options, "stop_timeout", 0, 3600),
             "poll": _number(options, "poll", 0.05, 60),
         }
-        if host_id in self.active:
+        mode = "auto" if mode is None else mode
+        if mode not in DRAIN_MODES:
+            raise errors.InvalidArgument(
+                f"mode must be one of {', '.join(DRAIN_MODES)}, not {mode!r}", argument="mode")
+        options["mode"] = mode
+        if host_id in self.active or host_id in self._starting:
             raise errors.Conflict(f"host {host_id} is already being drained "
-                                  f"({self.active[host_id].row['id']}); see drain-status")
+                                  f"({self._drain_id_of(host_id)}); see drain-status")
         state = entry.machine.state
         if state == "offline":
             raise errors.Conflict(f"host {host_id} is offline; its machines cannot be copied")
         if state == "drained":
             raise errors.Conflict(f"host {host_id} is already drained; activate it first")
+        self._starting.add(host_id)
+        try:
+            return await self._start_drain(host_id, state, options, dry_run)
+        finally:
+            self._starting.discard(host_id)
+
+    def _drain_id_of(self, host_id):
+        drain = self.active.get(host_id)
+        return drain.row["id"] if drain is not None else "being planned"
+
+    async def _start_drain(self, host_id, state, options, dry_run):
+        mode = options["mode"]
         machines = await self._machines.find(host_id=host_id, states=LIVE,
                                              order_by="created_at")
-        if dry_run:
-            plan = self._plan(host_id, machines, keep=False)
-            return {"drain_id": None, "host_id": host_id, "state": "dry_run",
-                    "plan": [p for p, _ in plan]}
-        if state == "ready":
-            await self._hosts.transition(host_id, "drain_requested")
-        # else: draining already, after an incomplete drain: this is the operator's retry.
-        plan = self._plan(host_id, machines, keep=True)
+        plan = self._plan(host_id, machines, keep=not dry_run)
+        try:
+            # The mode of each machine (its agents asked); in live mode a machine that
+            # cannot move live refuses the whole drain here, with nothing changed.
+            await self._choose_modes(host_id, plan, mode)
+            if dry_run:
+                return {"drain_id": None, "host_id": host_id, "state": "dry_run",
+                        "mode": mode, "plan": [p for p, _ in plan]}
+            if state == "ready":
+                await self._hosts.transition(host_id, "drain_requested")
+            # else: draining already, after an incomplete drain: the operator's retry.
+        except BaseException:
+            if not dry_run:
+                for _, placement in plan:
+                    if placement is not None:
+                        self._placements.unplace(placement)
+            raise
         now = self._clock.seconds()
         row = {"id": f"d-{uuid.uuid4().hex[:12]}", "host_id": host_id, "state": "running",
                "options": options, "created_at": now, "updated_at": now}
@@ -253,7 +288,8 @@ class Drains:
                  "machine_id": p["machine_id"], "source_host": host_id,
                  "target_host": p["target"], "phase": "planned", "bytes_sent": 0,
                  "bytes_total": 0, "error": None, "updated_at": now,
-                 "detail": {"app": p["app"], "volumes": p["volumes"]}}
+                 "detail": {"app": p["app"], "volumes": p["volumes"], "mode": p["mode"],
+                            "mode_reason": p["mode_reason"]}}
             run = _Run(m)
             run.placement = placement
             runs[p["machine_id"]] = run
@@ -269,7 +305,7 @@ class Drains:
         drain.machine.start()
         self._kick_drain(drain)
         return {"drain_id": row["id"], "host_id": host_id, "state": "running",
-                "plan": [p for p, _ in plan]}
+                "mode": mode, "plan": [p for p, _ in plan]}
 
     def _plan(self, host_id, machines, keep):
         """
@@ -326,6 +362,12 @@ class Drains:
                     rate = m["bytes_sent"] / elapsed
                     left = max(0, (m["bytes_total"] or 0) - (detail.get("bytes_done") or 0))
                     eta = left / rate if rate else None
+            live = detail.get("live") if m["phase"] == "live_migrating" else None
+            if live is not None:
+                mirror = live.get("mirror") or {}
+                rate = mirror.get("rate") or None
+                left = max(0, (mirror.get("total") or 0) - (mirror.get("done") or 0))
+                eta = left / rate if rate and live.get("phase") == "mirroring" else None
             phase, error = m["phase"], m["error"]
             waiting = detail.get("waiting")
             original = await self._where(m["machine_id"])
@@ -350,6 +392,9 @@ class Drains:
                 "bytes_sent": m["bytes_sent"], "bytes_total": m["bytes_total"],
                 "rate": rate, "eta": eta, "error": error,
                 "downtime": detail.get("downtime"),
+                "mode": detail.get("mode"), "mode_reason": detail.get("mode_reason"),
+                "live": live, "downtime_ms": detail.get("downtime_ms"),
+                "verified": detail.get("verified"),
                 "waiting_for": waiting["host"] if waiting is not None else None,
                 "original_state": original, "replacement_state": replacement,
                 "leftovers": leftovers,
@@ -528,7 +573,9 @@ class Drains:
                 waiting = [r for r in runs if r.machine.phase == "planned"]
                 room = drain.row["options"]["max_parallel"] - len(in_flight)
                 for run in waiting[:max(0, room)]:
-                    if run.detail.get("volumes"):
+                    if run.detail.get("volumes") and run.detail.get("mode") == "live":
+                        run.machine.start_live()
+                    elif run.detail.get("volumes"):
                         run.machine.start_copy()
                     else:
                         run.machine.start_replacement()
@@ -619,6 +666,13 @@ class Drains:
             except CancelledError:
                 runner.step_cancelled()
                 return  # the control plane is stopping; resumed at its next start
+            except Divert as e:  # a live move fell back to cold, or moved after all
+                if _do(runner.step_failed()) == "step_failed":
+                    if e.input == "fall_back" and drain.machine.state == "cancelling":
+                        run.machine.step_failed(f"{phase}: {e.reason}; the drain was "
+                                                "cancelled, so it is not moved cold")
+                    else:
+                        getattr(run.machine, e.input)(e.reason)
             except Exception as e:
                 if not isinstance(e, errors.ZwrmError):
                     self.log.failure("migration {id}: step {phase}", id=run.row["id"],
@@ -885,7 +939,10 @@ class Drains:
     async def _step_cleaning(self, drain, run):
         source = run.row["source_host"]
         row = await self._machines.get(run.row["machine_id"])
-        if row is not None:
+        if row is not None and run.detail.get("switched_over_at") is not None:
+            # Moved live: the original is paused for good (nothing to drain or power down).
+            await self._replicas.remove_machine(row)
+        elif row is not None:
             # A planned stop: out of the routes for the app's shutdown_delay first.
             taken = await self._replicas.take_out([row], await self._replicas.delay_for(row))
             if taken or (row["state"] in LIVE and row["state"] != "stopping"):
@@ -913,6 +970,13 @@ class Drains:
         source, target = run.row["source_host"], run.row["target_host"]
         opts = drain.row["options"]
         new_id = run.detail.get("replacement")
+        if new_id is not None and target is not None and run.detail.get("live_prepare_asked"):
+            # A live attempt: both agents say where the machine is; the target's incoming
+            # machine is cancelled first, and if it resumed there the machine has moved.
+            if await self._live_resolve(run, opts["poll"]):
+                raise Divert("moved", f"{target} holds machine {new_id}: it moved live; "
+                             "the source is never resumed")
+            await self._save_detail(run, live_prepare_asked=None)
         if new_id is not None and target is not None:
             if run.detail.get("volumes"):
                 await self._fence_replacement(run, target, new_id, opts["poll"])

@@ -19,6 +19,16 @@ A migration's phases (the C{phase} column of the C{migrations} table)::
                                                               \\-> failed (rollback failed)
     planned --give_up / cancel--> not_moved
 
+A live move (docs/live-migration.md) of a machine with volumes::
+
+    planned --start_live--> live_preparing -> live_migrating -> switched_over -> verifying
+                                                                                   |
+                                                                      committing <-'
+    live_preparing, live_migrating --fall_back--> bulk_copying (the cold path; it runs on)
+    live_preparing, live_migrating --step_failed--> rolling_back
+    rolling_back --moved--> switched_over (the target holds the machine after all)
+    switched_over, verifying --step_failed--> failed (the source is never resumed)
+
 C{step_done} moves to the next phase; C{restart} (after a control-plane restart) runs the
 stored phase's step again (every step is idempotent); C{cancel} (an undrain) stops a
 migration that has not started, rolls back one that is still copying while its machine runs,
@@ -34,8 +44,8 @@ from zwrm.drain_phases import (  # the phase list, defined once
     MIGRATION_TERMINAL,
 )
 
-MIGRATION_INPUTS = ("start_copy", "start_replacement", "step_done", "step_failed", "cancel",
-                    "give_up", "restart")
+MIGRATION_INPUTS = ("start_copy", "start_replacement", "start_live", "step_done",
+                    "step_failed", "fall_back", "moved", "cancel", "give_up", "restart")
 
 DRAIN_INPUTS = ("start", "migration_ended", "all_moved", "some_not_moved", "cancel",
                 "deadline", "restart")
@@ -87,8 +97,20 @@ class Migration:
         "Start moving a machine without volumes: the replacement first."
 
     @_machine.input()
+    def start_live(self):
+        "Start moving a machine that has volumes live (both hosts can)."
+
+    @_machine.input()
     def step_done(self):
         "The current phase's step succeeded."
+
+    @_machine.input()
+    def fall_back(self, reason):
+        "The live attempt gave up, rolled back (the machine runs on at the source): go cold."
+
+    @_machine.input()
+    def moved(self, reason):
+        "The target holds the machine after all (it resumed there): never resume the source."
 
     @_machine.input()
     def step_failed(self, reason):
@@ -111,6 +133,22 @@ class Migration:
     @_machine.state(initial=True, serialized="planned")
     def planned(self):
         "Waiting for its turn."
+
+    @_machine.state(serialized="live_preparing")
+    def live_preparing(self):
+        "The target prepares to receive the running machine (blank volumes, paused QEMU)."
+
+    @_machine.state(serialized="live_migrating")
+    def live_migrating(self):
+        "The volumes are mirrored and the RAM migrated while the machine runs."
+
+    @_machine.state(serialized="switched_over")
+    def switched_over(self):
+        "The target holds the machine; the source is paused for good."
+
+    @_machine.state(serialized="verifying")
+    def verifying(self):
+        "The target's volumes are checked against the source's frozen images."
 
     @_machine.state(serialized="bulk_copying")
     def bulk_copying(self):
@@ -203,6 +241,12 @@ class Migration:
         return _machine.output()(out)
 
     _to_bulk = _enter("bulk_copying")
+    _to_live_preparing = _enter("live_preparing")
+    _to_live_migrating = _enter("live_migrating")
+    _to_switched_over = _enter("switched_over")
+    _to_verifying = _enter("verifying")
+    _to_bulk_because = _enter_because("bulk_copying")
+    _to_switched_over_because = _enter_because("switched_over")
     _to_stopping = _enter("stopping_source")
     _to_delta = _enter("delta_copying")
     _to_starting = _enter("starting_replacement")
@@ -221,35 +265,60 @@ class Migration:
 
     planned.upon(start_copy, enter=bulk_copying, outputs=[_to_bulk])
     planned.upon(start_replacement, enter=starting_replacement, outputs=[_to_starting])
+    planned.upon(start_live, enter=live_preparing, outputs=[_to_live_preparing])
     planned.upon(step_done, enter=planned, outputs=[_nothing])
     planned.upon(step_failed, enter=planned, outputs=[_nothing_because])
+    planned.upon(fall_back, enter=planned, outputs=[_nothing_because])
+    planned.upon(moved, enter=planned, outputs=[_nothing_because])
     planned.upon(cancel, enter=not_moved, outputs=[_to_not_moved_cancelled])
     planned.upon(give_up, enter=not_moved, outputs=[_to_not_moved])
     planned.upon(restart, enter=planned, outputs=[_nothing])
 
-    # In flight, before the commit: a failure rolls back; a restart runs the step again.
-    for _state, _next, _out, _on_cancel in (
-        (bulk_copying, stopping_source, _to_stopping, "rollback"),
-        (stopping_source, delta_copying, _to_delta, "finish"),
-        (delta_copying, starting_replacement, _to_starting, "finish"),
-        (starting_replacement, waiting_healthy, _to_waiting, "finish"),
-        (waiting_healthy, committing, _to_committing, "finish"),
-        (committing, cleaning, _to_cleaning, "finish"),
+    # In flight, before the commit: a failure rolls back (after the switchover of a live
+    # move it fails: the source is never resumed); a restart runs the step again.  An
+    # undrain rolls back a bulk copy and lets every other phase finish (a live move takes
+    # seconds; one that falls back to cold during an undrain is rolled back instead).
+    for _state, _next, _out, _on_cancel, _on_fail in (
+        (live_preparing, live_migrating, _to_live_migrating, "finish", "rollback"),
+        (live_migrating, switched_over, _to_switched_over, "finish", "rollback"),
+        (switched_over, verifying, _to_verifying, "finish", "fail"),
+        (verifying, committing, _to_committing, "finish", "fail"),
+        (bulk_copying, stopping_source, _to_stopping, "rollback", "rollback"),
+        (stopping_source, delta_copying, _to_delta, "finish", "rollback"),
+        (delta_copying, starting_replacement, _to_starting, "finish", "rollback"),
+        (starting_replacement, waiting_healthy, _to_waiting, "finish", "rollback"),
+        (waiting_healthy, committing, _to_committing, "finish", "rollback"),
+        (committing, cleaning, _to_cleaning, "finish", "rollback"),
     ):
         _state.upon(start_copy, enter=_state, outputs=[_nothing])
         _state.upon(start_replacement, enter=_state, outputs=[_nothing])
+        _state.upon(start_live, enter=_state, outputs=[_nothing])
         _state.upon(step_done, enter=_next, outputs=[_out])
-        _state.upon(step_failed, enter=rolling_back, outputs=[_to_rolling_back])
+        if _on_fail == "rollback":
+            _state.upon(step_failed, enter=rolling_back, outputs=[_to_rolling_back])
+        else:
+            _state.upon(step_failed, enter=failed, outputs=[_to_failed])
         if _on_cancel == "rollback":
             _state.upon(cancel, enter=rolling_back, outputs=[_to_rolling_back_cancelled])
         else:
             _state.upon(cancel, enter=_state, outputs=[_nothing])
+        if _state in (live_preparing, live_migrating):
+            _state.upon(fall_back, enter=bulk_copying, outputs=[_to_bulk_because])
+        else:
+            _state.upon(fall_back, enter=_state, outputs=[_nothing_because])
+        if _state is live_migrating:
+            _state.upon(moved, enter=switched_over, outputs=[_to_switched_over_because])
+        else:
+            _state.upon(moved, enter=_state, outputs=[_nothing_because])
         _state.upon(give_up, enter=_state, outputs=[_nothing_because])
         _state.upon(restart, enter=_state, outputs=[_again])
 
     # After the commit the machine has moved: a failed cleanup is noted, never rolled back.
     cleaning.upon(start_copy, enter=cleaning, outputs=[_nothing])
     cleaning.upon(start_replacement, enter=cleaning, outputs=[_nothing])
+    cleaning.upon(start_live, enter=cleaning, outputs=[_nothing])
+    cleaning.upon(fall_back, enter=cleaning, outputs=[_nothing_because])
+    cleaning.upon(moved, enter=cleaning, outputs=[_nothing_because])
     cleaning.upon(step_done, enter=done, outputs=[_to_done])
     cleaning.upon(step_failed, enter=done, outputs=[_note_failure_after_commit,
                                                     _to_done_after_cleanup_failure])
@@ -259,6 +328,10 @@ class Migration:
 
     rolling_back.upon(start_copy, enter=rolling_back, outputs=[_nothing])
     rolling_back.upon(start_replacement, enter=rolling_back, outputs=[_nothing])
+    rolling_back.upon(start_live, enter=rolling_back, outputs=[_nothing])
+    rolling_back.upon(fall_back, enter=rolling_back, outputs=[_nothing_because])
+    # A live move's rollback found that the target resumed the machine: it moved.
+    rolling_back.upon(moved, enter=switched_over, outputs=[_to_switched_over_because])
     rolling_back.upon(step_done, enter=rolled_back, outputs=[_to_rolled_back])
     rolling_back.upon(step_failed, enter=failed, outputs=[_to_failed])
     rolling_back.upon(cancel, enter=rolling_back, outputs=[_nothing])
@@ -268,12 +341,15 @@ class Migration:
     for _state in (done, rolled_back, not_moved, failed):
         _state.upon(start_copy, enter=_state, outputs=[_nothing])
         _state.upon(start_replacement, enter=_state, outputs=[_nothing])
+        _state.upon(start_live, enter=_state, outputs=[_nothing])
         _state.upon(step_done, enter=_state, outputs=[_nothing])
         _state.upon(step_failed, enter=_state, outputs=[_nothing_because])
+        _state.upon(fall_back, enter=_state, outputs=[_nothing_because])
+        _state.upon(moved, enter=_state, outputs=[_nothing_because])
         _state.upon(cancel, enter=_state, outputs=[_nothing])
         _state.upon(give_up, enter=_state, outputs=[_nothing_because])
         _state.upon(restart, enter=_state, outputs=[_nothing])
-    del _state, _next, _out, _on_cancel
+    del _state, _next, _out, _on_cancel, _on_fail
 
 
 class Drain:

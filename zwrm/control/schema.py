@@ -482,8 +482,12 @@ PROCEDURES = {p.uri: p for p in [
              "seconds of ACPI power-down before a hard stop (30)"),
          Arg("poll", Nullable(Number(0.05, 60)), None,
              "seconds before a failed call to a host is tried again, and between reads of "
-             "copy progress from an agent that does not announce it (1)")],
-        "{drain_id, host_id, state, plan: [{machine_id, app, volumes, target, reason}]}",
+             "copy progress from an agent that does not announce it (1)"),
+         Arg("mode", Nullable(Str(4, pattern="auto|live|cold", what='"auto", "live" or "cold"')),
+             None, "how machines with volumes move: auto (live where both hosts can, else "
+             "cold), live (refused if one cannot) or cold (auto)")],
+        "{drain_id, host_id, state, mode, plan: [{machine_id, app, volumes, target, reason, "
+        "mode, mode_reason}]}",
         ["invalid_argument", "not_found", "conflict", "unplaceable"]),
     Procedure("zwrm.host.drain_status", READ, "The latest drain of a host.", [_HOST],
               "{drain_id, host_id, state, machines: [...]}", ["invalid_argument", "not_found"]),

@@ -1,0 +1,519 @@
+"""
+Live drains, control-plane side (issue 18): the choice of mode, the order of the live phases
+(each stored before it is acted on), the fallback to the cold path, the failure branches and
+the resolution after a control-plane restart.
+
+The agents are real (L{zwrm.agent.executor.Executor} and L{zwrm.agent.live.LiveMigrations})
+over the fake hypervisor driver, whose live migration (L{zwrm.drivers.fake_live}) passes the
+same contract tests as QEMU's; the control plane's time is a Clock (L{DrainCluster}).
+"""
+
+import os
+
+from autobahn.wamp.exception import ApplicationError
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.control.test_apps import d, procedures
+from tests.control.test_drain import DrainCluster, sha, write_known
+from zwrm import errors, pki
+from zwrm.agent.live import LiveMigrations
+from zwrm.control.drain import Drains
+from zwrm.control.live_drain import live_refusal
+from zwrm.control.migration import Migration
+from zwrm.drivers.fake_live import FakeNetwork
+
+LIVE_PATH = ["live_preparing", "live_migrating", "switched_over", "verifying", "committing",
+             "cleaning", "done"]
+COLD_TAIL = ["bulk_copying", "stopping_source", "delta_copying", "starting_replacement",
+             "waiting_healthy", "committing", "cleaning", "done"]
+
+
+def _wire(f):
+    e = f.value
+    if isinstance(e, errors.ZwrmError):
+        raise ApplicationError(e.uri, *e.args, **(e.kwargs or {}))
+    return f
+
+
+class LiveDrainCluster(DrainCluster):
+    """L{DrainCluster} whose agents also have their C{live.*} procedures."""
+
+    async def start(self, hosts=("h-a", "h-b"), **facts):
+        self.net = FakeNetwork()
+        self.lives = {}
+        await DrainCluster.start(self, hosts, **facts)
+        self.phase_at = []  # (host, verb, the migration's stored phase when it was called)
+        return self
+
+    async def add_host(self, host_id, **facts):
+        await DrainCluster.add_host(self, host_id, **facts)
+        ex, procs = self.executors[host_id]
+        ex.driver.network = self.net
+        cert, key = self.ca.issue_host(host_id, names=("127.0.0.1",))
+        creds = pki.HostCredentials(self.ca.certificate_pem, cert, key)
+        live = LiveMigrations(reactor, host_id, ex.driver, ex.volumes, lambda: creds,
+                              lambda: "127.0.0.1",
+                              state_dir=os.path.join(self.dir, host_id, "live"), executor=ex)
+        self.lives[host_id] = live
+        procs.update(procedures(live))
+
+    def stored_phase(self):
+        for drain in self.drains.active.values():
+            for run in drain.migrations.values():
+                return run.row["phase"]
+        return None
+
+    def call(self, procedure, *args, options=None, **kwargs):
+        host, verb = procedure.split(".")[2], procedure.split(".", 3)[3]
+        if verb.startswith("live.") or verb in ("machine.destroy", "volume.delete"):
+            self.phase_at.append((host, verb, self.stored_phase()))
+        if verb == "live.hashes":  # bytes: as they cross the wire (not JSON here)
+            self.calls.append((host, verb))
+            return maybeDeferred(self.executors[host][1][verb], *args, **kwargs).addErrback(
+                _wire)
+        return DrainCluster.call(self, procedure, *args, options=options, **kwargs)
+
+    def wrap(self, host, verb, make):
+        """Replace procedure C{verb} of C{host} with C{make(original)}."""
+        procs = self.executors[host][1]
+        procs[verb] = make(procs[verb])
+
+    def verbs(self, *names):
+        return [(h, v) for h, v, _ in self.phase_at if v in names]
+
+
+async def real_until(predicate, what, seconds=30.0):
+    """A bounded poll in real time (the agents' fake migrations run on the real reactor)."""
+    deadline = reactor.seconds() + seconds
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"never: {what}")
+        await deferLater(reactor, 0.01, lambda: None)
+
+
+class LiveDrainTests(TestCase):
+    timeout = 120
+
+    async def setup(self, **kw):
+        c = await LiveDrainCluster(self).start(**kw)
+        await c.apps.create_app("db")
+        spec = c.spec(volumes=[{"name": "data", "size_mb": 32, "mount": "/data"}])
+        m = (await c.apps.deploy("db", spec))["machines"][0]
+        src = m["host_id"]
+        dst = "h-b" if src == "h-a" else "h-a"
+        vid = m["volumes"][0]
+        before = write_known(c.store_of(src).path(vid), "v1")
+        return c, m, src, dst, vid, before
+
+    async def drain(self, c, host, **kw):
+        kw.setdefault("min_healthy", 1)
+        kw.setdefault("healthy_deadline", 30)
+        kw.setdefault("stop_timeout", 5)
+        result = await c.drains.drain(host, **kw)
+        run = c.drains.active.get(host)
+        if run is not None:
+            await c.settle(run.done)
+        return result, await c.drains.drain_status(host)
+
+    def phases(self, c):
+        """The phases announced (each is stored first), in order."""
+        return [e["payload"]["phase"] for _, e in c.published
+                if e.get("kind") == "migration" and e["payload"]["phase"]
+                != e["payload"].get("old")]
+
+    async def assert_moved(self, c, m, src, dst, vid, before):
+        self.assertEqual(sha(c.store_of(dst).path(vid)), before)
+        self.assertFalse(c.store_of(src).exists(vid))
+        machines = await c.apps.list_machines()
+        self.assertEqual([(x["host_id"], x["state"]) for x in machines], [(dst, "running")])
+        self.assertEqual((await c.store.get("volumes", vid))["host_id"], dst)
+        self.assertEqual(c.registry.entry(src).machine.state, "drained")
+
+    # -- the live path -----------------------------------------------------------------
+
+    @d
+    async def test_auto_moves_live_each_phase_stored_before_it_acts(self):
+        c, m, src, dst, vid, before = await self.setup()
+        result, status = await self.drain(c, src)
+        self.assertEqual([(p["mode"], p["mode_reason"]) for p in result["plan"]],
+                         [("live", None)])
+        self.assertEqual(self.phases(c), LIVE_PATH)
+        self.assertEqual(status["state"], "completed")
+        mg = status["migrations"][0]
+        self.assertEqual((mg["phase"], mg["error"], mg["mode"]), ("done", None, "live"))
+        self.assertIsInstance(mg["downtime_ms"], int)
+        self.assertTrue(mg["verified"][vid]["ok"])
+        await self.assert_moved(c, m, src, dst, vid, before)
+        # Each call was made with its phase stored (and announced) before it.
+        at = {(h, v): p for h, v, p in c.phase_at}
+        self.assertEqual(at[(dst, "live.prepare")], "live_preparing")
+        self.assertEqual(at[(src, "live.migrate")], "live_migrating")
+        self.assertEqual(at[(dst, "live.status")], "switched_over")
+        self.assertEqual(at[(src, "live.hashes")], "verifying")
+        self.assertEqual(at[(dst, "live.verify")], "verifying")
+        self.assertEqual(at[(src, "machine.destroy")], "cleaning")
+        self.assertEqual(at[(src, "volume.delete")], "cleaning")
+        # The source was never resumed or cancelled; the target's executor owns the machine.
+        self.assertEqual(c.verbs("live.cancel", "live.resume"), [])
+        new_id = mg["replacement"]
+        self.assertEqual(c.executors[dst][0].machine_status(new_id)["state"], "running")
+        self.assertEqual(c.executors[src][0].list_machines(), [])
+
+    @d
+    async def test_the_replacement_is_stored_before_the_target_is_asked(self):
+        c, m, src, dst, vid, before = await self.setup()
+        rows = []
+
+        def prepare(original):
+            def f(machine_id, *args, **kwargs):
+                rows.append(c.apps.data.machines.get(machine_id))
+                return original(machine_id, *args, **kwargs)
+            return f
+
+        c.wrap(dst, "live.prepare", prepare)
+        await self.drain(c, src)
+        row = await rows[0]
+        self.assertEqual((row["host_id"], row["state"]), (dst, "pending"))
+
+    @d
+    async def test_progress_is_kept_for_drain_status(self):
+        c, m, src, dst, vid, before = await self.setup()
+        seen = []
+
+        def migrate(original):
+            def f(*args, details=None):
+                def look(result):
+                    run = next(iter(c.drains.active[src].migrations.values()))
+                    seen.append((dict(run.detail["live"]), run.row["bytes_total"]))
+                    return result
+                return original(*args, details=details).addCallback(look)
+            return f
+
+        c.wrap(src, "live.migrate", migrate)
+        await self.drain(c, src)
+        live, total = seen[0]
+        self.assertEqual(live["phase"], "completed")  # the agent's last progress
+        self.assertGreaterEqual(live["ram"]["passes"], 1)
+        self.assertEqual(total, 32 * 1024 * 1024)  # the volumes' sizes (live.describe)
+        mg = (await c.drains.drain_status(src))["migrations"][0]
+        self.assertEqual((mg["bytes_sent"], mg["bytes_total"]), (total, total))
+
+    # -- the choice of mode ----------------------------------------------------------
+
+    def facts(self, c, host, **change):
+        def make(original):
+            return lambda: dict(original(), **change)
+        c.wrap(host, "live.facts", make)
+
+    @d
+    async def test_different_cpu_models_go_cold_in_auto(self):
+        c, m, src, dst, vid, before = await self.setup()
+        self.facts(c, dst, cpu_model="other")
+        result, status = await self.drain(c, src)
+        self.assertEqual(result["plan"][0]["mode"], "cold")
+        self.assertIn("differ in cpu_model", result["plan"][0]["mode_reason"])
+        self.assertEqual(self.phases(c), COLD_TAIL)
+        self.assertEqual(status["migrations"][0]["mode"], "cold")
+        await self.assert_moved(c, m, src, dst, vid, before)
+
+    @d
+    async def test_live_mode_is_refused_up_front_changing_nothing(self):
+        for change, words in (({"machine_type": "pc-q35-9.9"}, "differ in machine_type"),
+                              ({"live": False, "reason": "cpu_model host"},
+                               "cannot migrate live: cpu_model host"),
+                              ({"network": "bridge"}, "bridge networking")):
+            c, m, src, dst, vid, before = await self.setup()
+            self.facts(c, dst, **change)
+            hosts_before = await c.registry.list()
+            with self.assertRaises(errors.Conflict) as e:
+                await c.drains.drain(src, mode="live")
+            self.assertIn(words, e.exception.message)
+            self.assertIn(dst, e.exception.message)
+            self.assertEqual(await c.store.select("drains"), [])
+            self.assertEqual(await c.store.select("migrations"), [])
+            self.assertEqual(c.registry.entry(src).machine.state, "ready")
+            self.assertEqual(await c.registry.list(), hosts_before)  # no room held
+            self.assertNotIn(src, c.drains.active)
+
+    @d
+    async def test_mode_cold_and_agents_without_live(self):
+        c, m, src, dst, vid, before = await self.setup()
+        result, _ = await self.drain(c, src, mode="cold")
+        self.assertEqual(result["plan"][0]["mode"], "cold")
+        self.assertEqual(self.phases(c), COLD_TAIL)
+        self.assertEqual(c.verbs("live.prepare", "live.migrate"), [])
+        # An agent from before live.* counts as "cannot": auto goes cold.
+        c, m, src, dst, vid, before = await self.setup()
+        del c.executors[dst][1]["live.facts"]
+        result = await c.drains.drain(src, dry_run=True)
+        self.assertEqual(result["plan"][0]["mode"], "cold")
+        self.assertIn(f"host {dst} cannot migrate live", result["plan"][0]["mode_reason"])
+
+    @d
+    async def test_a_bad_mode_is_refused_naming_mode(self):
+        c, m, src, dst, vid, before = await self.setup()
+        with self.assertRaises(errors.InvalidArgument) as e:
+            await c.drains.drain(src, mode="warp")
+        self.assertIn("mode", e.exception.message)
+        self.assertEqual(e.exception.kwargs.get("argument"), "mode")
+        self.assertEqual(await c.store.select("drains"), [])
+        self.assertEqual(c.registry.entry(src).machine.state, "ready")
+
+    @d
+    async def test_dry_run_says_the_mode(self):
+        c, m, src, dst, vid, before = await self.setup()
+        plan = await c.drains.drain(src, dry_run=True)
+        self.assertEqual(plan["plan"][0]["mode"], "live")
+        self.assertEqual(await c.store.select("drains"), [])
+
+    # -- failures ---------------------------------------------------------------------
+
+    def rolled_back(self, c, src):
+        """live.migrate fails as a rolled-back migration does (the machine runs on)."""
+        def make(original):
+            def f(machine_id, *args, details=None):
+                return fail(errors.Unavailable(f"machine {machine_id}: live migration rolled "
+                                               "back (test); the machine runs on here"))
+            return f
+        c.wrap(src, "live.migrate", make)
+
+    @d
+    async def test_rolled_back_falls_back_to_cold_in_auto(self):
+        c, m, src, dst, vid, before = await self.setup()
+        self.rolled_back(c, src)
+        _, status = await self.drain(c, src)
+        self.assertEqual(self.phases(c), LIVE_PATH[:2] + COLD_TAIL)
+        mg = status["migrations"][0]
+        self.assertEqual((mg["phase"], mg["mode"]), ("done", "cold"))
+        self.assertIn("rolled back (test)", mg["mode_reason"])
+        # The target's incoming machine was cancelled before the cold path began.
+        self.assertEqual(c.phase_at[[v for _, v, _ in c.phase_at].index("live.cancel")],
+                         (dst, "live.cancel", "live_migrating"))
+        self.assertEqual(c.lives[dst].incoming, {})
+        await self.assert_moved(c, m, src, dst, vid, before)
+
+    @d
+    async def test_rolled_back_in_live_mode_rolls_back(self):
+        c, m, src, dst, vid, before = await self.setup()
+        self.rolled_back(c, src)
+        _, status = await self.drain(c, src, mode="live")
+        self.assertEqual(self.phases(c), LIVE_PATH[:2] + ["rolling_back", "rolled_back"])
+        self.assertEqual(status["state"], "incomplete")
+        self.assertIn("rolled back (test)", status["migrations"][0]["error"])
+        machines = await c.apps.list_machines()
+        self.assertEqual([(x["id"], x["host_id"], x["state"]) for x in machines],
+                         [(m["id"], src, "running")])
+        self.assertFalse(c.store_of(dst).exists(vid))  # the blank copy is gone
+        self.assertEqual(sha(c.store_of(src).path(vid)), before)
+
+    @d
+    async def test_prepare_refused_falls_back_to_cold(self):
+        c, m, src, dst, vid, before = await self.setup()
+
+        def make(original):
+            return lambda *a, **k: fail(errors.Unavailable("no live migration here (test)"))
+
+        c.wrap(dst, "live.prepare", make)
+        _, status = await self.drain(c, src)
+        self.assertEqual(self.phases(c), LIVE_PATH[:1] + COLD_TAIL)
+        self.assertIn("no live migration here", status["migrations"][0]["mode_reason"])
+        await self.assert_moved(c, m, src, dst, vid, before)
+
+    @d
+    async def test_uncertain_and_the_target_resumed_is_switched_over(self):
+        c, m, src, dst, vid, before = await self.setup()
+
+        def make(original):
+            def f(*args, details=None):
+                def uncertain(_):
+                    raise errors.Conflict("failed after the switchover began (test)")
+                return original(*args, details=details).addCallback(uncertain)
+            return f
+
+        c.wrap(src, "live.migrate", make)
+        _, status = await self.drain(c, src)
+        self.assertEqual(self.phases(c), LIVE_PATH)
+        self.assertEqual(c.verbs("live.cancel"), [])  # neither side cancelled
+        await self.assert_moved(c, m, src, dst, vid, before)
+
+    @d
+    async def test_uncertain_and_the_target_did_not_resume_cancels_both(self):
+        c, m, src, dst, vid, before = await self.setup()
+
+        def migrate(original):
+            return lambda *a, details=None: fail(errors.Conflict("uncertain (test)"))
+
+        def status(original):  # the source says it continued past pre-switchover
+            def f(machine_id):
+                return maybeDeferred(original, machine_id).addCallback(
+                    lambda st: dict(st, role="source", state="uncertain"))
+            return f
+
+        cancelled = []
+
+        def cancel(original):
+            def f(machine_id):
+                cancelled.append(machine_id)
+                return {"cancelled": True}
+            return f
+
+        c.wrap(src, "live.migrate", migrate)
+        c.wrap(src, "live.status", status)
+        c.wrap(src, "live.cancel", cancel)
+        _, st = await self.drain(c, src)
+        # The target is cancelled first (it did not resume), then the source resumes.
+        self.assertEqual(c.verbs("live.cancel"), [(dst, "live.cancel"), (src, "live.cancel")])
+        self.assertEqual(cancelled, [m["id"]])
+        self.assertEqual(self.phases(c), LIVE_PATH[:2] + COLD_TAIL)
+        await self.assert_moved(c, m, src, dst, vid, before)
+
+    @d
+    async def test_a_target_that_completed_but_waits_paused_is_resumed(self):
+        c, m, src, dst, vid, before = await self.setup()
+        drv = c.executors[dst][0].driver
+        finish = drv.finish_incoming
+        failures = []
+
+        def finish_once_failing(machine_id, *args, **kwargs):
+            if not failures:
+                failures.append(machine_id)
+                return fail(errors.Unavailable("resume failed (test)"))
+            return finish(machine_id, *args, **kwargs)
+
+        drv.finish_incoming = finish_once_failing
+        _, status = await self.drain(c, src)
+        self.assertEqual(failures, [status["migrations"][0]["replacement"]])
+        self.assertEqual(c.verbs("live.resume"), [(dst, "live.resume")])
+        self.assertEqual(self.phases(c), LIVE_PATH)
+        await self.assert_moved(c, m, src, dst, vid, before)
+
+    @d
+    async def test_verification_failure_is_loud_and_deletes_nothing(self):
+        c, m, src, dst, vid, before = await self.setup()
+
+        def hashes(original):
+            def f(volume_id, *args):
+                # A byte changed behind the guest's back on the target (not in its bitmap).
+                with open(c.store_of(dst).path(volume_id), "r+b") as fh:
+                    fh.seek(5 * 1024 * 1024 + 7)
+                    b = fh.read(1)
+                    fh.seek(5 * 1024 * 1024 + 7)
+                    fh.write(bytes([b[0] ^ 0xFF]))
+                return original(volume_id, *args)
+            return f
+
+        c.wrap(src, "live.hashes", hashes)
+        _, status = await self.drain(c, src)
+        self.flushLoggedErrors()
+        mg = status["migrations"][0]
+        self.assertEqual(self.phases(c), LIVE_PATH[:4] + ["failed"])
+        self.assertEqual(status["state"], "incomplete")
+        self.assertIn("VERIFICATION FAILED", mg["error"])
+        self.assertFalse(mg["verified"][vid]["ok"])
+        # Nothing deleted: the source's frozen image and its paused machine stay.
+        self.assertEqual(sha(c.store_of(src).path(vid)), before)
+        self.assertIn(m["id"], [x["machine_id"] for x in c.executors[src][0].list_machines()])
+        self.assertEqual(c.verbs("volume.delete", "machine.destroy"), [])
+        self.assertIsNotNone(await c.store.get("machines", m["id"]))
+
+    # -- control-plane restarts --------------------------------------------------------
+
+    def lost_answer(self, c, src):
+        """live.migrate runs, but its answer never reaches the control plane."""
+        def make(original):
+            def f(*args, details=None):
+                original(*args, details=details).addErrback(lambda _: None)
+                return Deferred()
+            return f
+        c.wrap(src, "live.migrate", make)
+
+    async def restart(self, c, src):
+        c.drains.stop()
+        c.drains = Drains(c.clock, c.store, c.registry, c.apps, c.publish)
+        self.assertEqual(await c.drains.resume(), 1)
+        await c.settle(c.drains.active[src].done)
+        return await c.drains.drain_status(src)
+
+    @d
+    async def test_restart_after_the_migration_completed_is_switched_over(self):
+        c, m, src, dst, vid, before = await self.setup()
+        self.lost_answer(c, src)
+        await c.drains.drain(src, min_healthy=1, healthy_deadline=30)
+        await real_until(lambda: c.lives[src].finished.get(m["id"], {}).get("state")
+                         == "completed", "the migration completed")
+        self.assertEqual((await c.store.select("migrations"))[0]["phase"], "live_migrating")
+        status = await self.restart(c, src)
+        self.assertEqual(status["state"], "completed")
+        self.assertEqual([p for p in self.phases(c) if p != "live_migrating"],
+                         [p for p in LIVE_PATH if p != "live_migrating"])
+        self.assertEqual(c.verbs("live.cancel"), [])
+        await self.assert_moved(c, m, src, dst, vid, before)
+
+    @d
+    async def test_restart_mid_migration_cancels_both_then_goes_cold(self):
+        c, m, src, dst, vid, before = await self.setup()
+        c.executors[src][0].driver.host.live_converges = False  # it never switches over
+        self.lost_answer(c, src)
+        await c.drains.drain(src, min_healthy=1, healthy_deadline=30)
+        await real_until(lambda: (c.lives[src].outgoing.get(m["id"]) is not None and
+                                  c.lives[src].outgoing[m["id"]].machine.state == "migrating"),
+                         "the RAM migration runs")
+        status = await self.restart(c, src)
+        # The source's migration is cancelled first (it runs on), then the target's machine.
+        self.assertEqual(c.verbs("live.cancel"), [(src, "live.cancel"), (dst, "live.cancel")])
+        self.assertEqual(status["state"], "completed", status["migrations"][0]["error"])
+        mg = status["migrations"][0]
+        self.assertEqual(mg["mode"], "cold")
+        self.assertIn("control plane restarted", mg["mode_reason"])
+        await self.assert_moved(c, m, src, dst, vid, before)
+
+
+class ModeChoiceTests(SynchronousTestCase):
+    def test_live_refusal(self):
+        ok = {"live": True, "cpu_model": "qemu64", "machine_type": "pc-i440fx-7.2",
+              "network": "user"}
+        self.assertIsNone(live_refusal("a", "b", ok, dict(ok)))
+        self.assertIn("host b cannot migrate live: -cpu host",
+                      live_refusal("a", "b", ok, {"live": False, "reason": "-cpu host"}))
+        self.assertIn("differ in cpu_model",
+                      live_refusal("a", "b", ok, dict(ok, cpu_model="x86-64-v2")))
+        self.assertIn("host a uses bridge networking",
+                      live_refusal("a", "b", dict(ok, network="bridge"), ok))
+
+    def test_live_path_of_the_machine(self):
+        m = Migration()
+        m.start_live()
+        for _ in range(6):
+            m.step_done()
+        self.assertEqual([p for _, p, _ in m.outbox], LIVE_PATH)
+
+    def test_failures_before_and_after_the_switchover(self):
+        for phase in ("live_preparing", "live_migrating"):
+            m = Migration.restore(phase)
+            m.step_failed("boom")
+            self.assertEqual(m.phase, "rolling_back")
+            m = Migration.restore(phase)
+            m.fall_back("rolled back")
+            self.assertEqual((m.phase, m.outbox), ("bulk_copying", [
+                ("enter", "bulk_copying", "rolled back")]))
+            m = Migration.restore(phase)
+            m.cancel()  # an undrain lets a live move finish
+            self.assertEqual((m.phase, m.outbox), (phase, []))
+        for phase in ("switched_over", "verifying"):
+            m = Migration.restore(phase)
+            m.step_failed("boom")  # never rolled back: the source is never resumed
+            self.assertEqual(m.phase, "failed")
+            m = Migration.restore(phase)
+            m.fall_back("no")
+            self.assertEqual((m.phase, m.outbox), (phase, []))
+        m = Migration.restore("rolling_back")
+        m.moved("the target resumed it")
+        self.assertEqual(m.phase, "switched_over")
+        for phase in ("bulk_copying", "committing", "done", "planned"):
+            m = Migration.restore(phase)
+            m.fall_back("x")
+            m.moved("x")
+            self.assertEqual(m.phase, phase)
