@@ -61,16 +61,30 @@ SERVER_ANY = SERVER.replace('interface="127.0.0.1"', 'interface="0.0.0.0"').repl
     "listenTCP(0,", "listenTCP(int(sys.argv[1]),")
 
 INGRESS = r"""
-import sys
+import os, signal, sys
 from twisted.internet import reactor
-from zwrm.agent.network.proxy import Ingress
+module = os.environ.get("ZWRM_BENCH_PROXY")
+if module:  # another version of the proxy (--compare-proxy), for a same-run comparison
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("other_proxy", module)
+    other = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+    Ingress = other.Ingress
+else:
+    from zwrm.agent.network.proxy import Ingress
 port, backend = int(sys.argv[1]), int(sys.argv[2])
 interface, host, mode = (sys.argv + ["127.0.0.1", "127.0.0.1", "tcp"][len(sys.argv) - 3:])[3:6]
 ing = Ingress(reactor, interface=interface)
 ing.set_routes({port: {"mode": mode, "routes": {None: [
     {"key": "a", "host": host, "port": backend, "healthy": True}]}}})
+signal.signal(signal.SIGTERM, lambda *a: reactor.callFromThread(reactor.stop))
+profile = os.environ.get("ZWRM_BENCH_PROFILE")
 print("ready", flush=True)
-reactor.run()
+if profile:  # --profile: cProfile of the proxy's process, written when it is stopped
+    import cProfile
+    cProfile.run("reactor.run()", profile)
+else:
+    reactor.run()
 """
 GUEST_PORT = 8080
 PUBLISHED = 8000  # kernel-forwarded
@@ -162,8 +176,18 @@ def _print_rows(rows, direct="direct"):
     print("   (goals: >= 0.8x the throughput of direct, <= 1 ms added p99)")
 
 
-def ingress_bench(requests, concurrency, rounds=3):
-    """Section 1 in namespaces (root): direct, kernel forwarding and the proxy."""
+def _load_average():
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def ingress_bench(requests, concurrency, rounds=3, profile=None, compare=None):
+    """
+    Section 1 in namespaces (root): direct, kernel forwarding and the proxy.
+
+    @param profile: write a cProfile of the proxy's process there.
+    @param compare: the path of another version of C{proxy.py}: one more row, its http
+        port (C{PROXIED + 1}).
+    """
     from twisted.internet import defer, task
 
     from zwrm.testing.netns import TestNetwork
@@ -195,24 +219,34 @@ def ingress_bench(requests, concurrency, rounds=3):
             os.path.abspath(__file__))))
         procs.append(subprocess.Popen(["ip", "netns", "exec", gns, sys.executable, "-c",
                                        SERVER_ANY, str(GUEST_PORT)], stdout=subprocess.PIPE))
+        penv = dict(env, ZWRM_BENCH_PROFILE=profile) if profile else env
         procs.append(subprocess.Popen(["ip", "netns", "exec", net.namespace("h1"), sys.executable,
                                        "-c", INGRESS, str(PROXIED), str(GUEST_PORT), h1,
-                                       "10.80.1.2", "http"], stdout=subprocess.PIPE, env=env))
+                                       "10.80.1.2", "http"], stdout=subprocess.PIPE, env=penv))
         ns = net.namespace("h1")
         _wait_port(ns, "10.80.1.2", GUEST_PORT, "the replica")
         _wait_port(ns, h1, PROXIED, "the proxy")
         targets = {"direct": (ns, "10.80.1.2", GUEST_PORT), "kernel (tcp)": (ns, h1, PUBLISHED),
                    "proxy (http)": (ns, h1, PROXIED),
                    "kernel, client ns": (net.namespace("client"), h1, PUBLISHED)}
+        if compare:
+            procs.append(subprocess.Popen(
+                ["ip", "netns", "exec", ns, sys.executable, "-c", INGRESS, str(PROXIED + 1),
+                 str(GUEST_PORT), h1, "10.80.1.2", "http"], stdout=subprocess.PIPE,
+                env=dict(env, ZWRM_BENCH_PROXY=os.path.abspath(compare))))
+            _wait_port(ns, h1, PROXIED + 1, "the other proxy")
+            targets["other proxy (http)"] = (ns, h1, PROXIED + 1)
         for t in targets.values():
             _load_in(*t, 200, concurrency)  # warm up
         rows = {k: [] for k in targets}
+        before = _load_average()
         for _ in range(rounds):
             for k, t in targets.items():
                 rows[k].append(_load_in(*t, requests, concurrency))
         print("1. ingress (HTTP/1.0, new connection per request, "
               f"{requests} requests x {rounds} rounds, concurrency {concurrency}, medians; "
               "clients on h1 but 'kernel, client ns': another namespace)")
+        print(f"   {before} at the start, {_load_average()} at the end")
         _print_rows(rows)
     finally:
         for p in procs:
@@ -358,6 +392,10 @@ def main():
     ap.add_argument("--skip-overlay", action="store_true")
     ap.add_argument("--loopback", action="store_true",
                     help="only the proxy on 127.0.0.1 against direct (no root needed)")
+    ap.add_argument("--profile", metavar="FILE",
+                    help="write a cProfile of the http proxy's process to FILE (pstats)")
+    ap.add_argument("--compare-proxy", metavar="PROXY_PY",
+                    help="another version of zwrm/agent/network/proxy.py: one more row")
     ap.add_argument("--part", choices=["ingress", "overlay", "load"], help=argparse.SUPPRESS)
     ap.add_argument("--host", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -366,7 +404,8 @@ def main():
         print(json.dumps(load(args.port, args.requests, args.concurrency, args.host)))
         return
     if args.part == "ingress":
-        return ingress_bench(args.requests, args.concurrency, args.rounds)
+        return ingress_bench(args.requests, args.concurrency, args.rounds, args.profile,
+                             args.compare_proxy)
     if args.part == "overlay":
         return overlay_bench(args.seconds)
     if args.loopback:
@@ -375,6 +414,9 @@ def main():
     me = [sys.executable, os.path.abspath(__file__), "--requests", str(args.requests),
           "--concurrency", str(args.concurrency), "--seconds", str(args.seconds),
           "--rounds", str(args.rounds)]
+    for flag, value in (("--profile", args.profile), ("--compare-proxy", args.compare_proxy)):
+        if value:
+            me += [flag, os.path.abspath(value)]
     subprocess.run(me + ["--part", "ingress"], check=True)
     if not args.skip_overlay:
         subprocess.run(me + ["--part", "overlay"], check=True)

@@ -10,10 +10,11 @@ tried, so a client sees no error while another replica is healthy.  A replica be
 is I{drained}: it gets no new connections, and its open ones are closed after
 C{drain_timeout} seconds unless they end first.
 
-In C{http} mode a port can carry several apps, chosen by the request's C{Host} header
-(C{--domain}); the proxy adds C{X-Forwarded-For}, C{X-Forwarded-Proto} and
-C{X-Forwarded-Host} to the first request of each connection (and the connection then
-stays with that replica).
+In C{http} mode (L{_HTTPClient}) the proxy reads each request: a port can carry several
+apps, chosen by the request's C{Host} header (C{--domain}); each request goes to a replica
+on its own (least requests in flight), with C{X-Forwarded-For}, C{X-Forwarded-Proto} and
+C{X-Forwarded-Host} set, over a kept-alive HTTP/1.1 connection to the replica (a pool per
+replica, L{Backend.take}, closed when the replica leaves the routes).
 
 C{https} mode is C{http} behind TLS that the ingress terminates: the certificate is chosen
 by the name the client asks for (SNI) among those the control plane gave
@@ -485,33 +486,36 @@ class _HTTPClient(protocol.Protocol):
     C{101} both sides are joined as they are (WebSockets).
     """
 
+    # The state of the connection and of its exchange in flight (class defaults: a new
+    # connection sets only what differs).
+    buf = b""
+    state = _HEAD
+    paused = False
+    closed = False
+    route = None
+    backend = None
+    up = None
+    tried = ()
+    fresh = False  # a new connection for this request (a kept one was closed under it)
+    sent = None  # the request as the replica gets it, kept until it answers (replay)
+    coupled = False  # the client's connection is the producer of the replica's
+    body_left = 0
+    body_chunks = None
+    v11 = True
+    keep = True
+    head_req = False
+    upgrading = False
+    replied = False
+    rstate = _R_HEAD
+    rbuf = b""
+    rleft = 0
+    rchunks = None
+    dechunk = False
+    reusable = False
+
     def __init__(self, listener, peer_addr):
         self.listener = listener
         self.xff = peer_addr.encode("latin-1")
-        self.buf = b""
-        self.state = _HEAD
-        self.paused = False
-        self.closed = False
-        self.route = None
-        self.backend = None
-        self.up = None
-        self.tried = ()
-        self.fresh = False
-        self.sent = None  # the request as the replica gets it, kept until it answers
-        self.coupled = False
-        self.body_left = 0
-        self.body_chunks = None
-        self.v11 = True
-        self.keep = True
-        self.head_req = False
-        self.upgrading = False
-        self.replied = False
-        self.rstate = _R_HEAD
-        self.rbuf = b""
-        self.rleft = 0
-        self.rchunks = None
-        self.dechunk = False
-        self.reusable = False
 
     def connectionMade(self):
         _nodelay(self.transport)
@@ -962,8 +966,9 @@ class _HTTPClient(protocol.Protocol):
         if self.buf:
             buf, self.buf = self.buf, b""
             self.up.transport.write(buf)
-        self.up.transport.registerProducer(self.transport, True)
-        self.coupled = True
+        if not self.coupled:
+            self.up.transport.registerProducer(self.transport, True)
+            self.coupled = True
         self._resume()
 
     def _response_done(self):
@@ -1006,6 +1011,7 @@ class _HTTPClient(protocol.Protocol):
             b.conns.discard(self)
         if up is not None:
             up.client = None
+            self.transport.unregisterProducer()
             if up.transport is not None:
                 up.transport.loseConnection()
 
