@@ -103,6 +103,9 @@ class LiveProceduresTests(SynchronousTestCase):
         result = hosts.settle(d)
         self.assertIsInstance(result["downtime_ms"], int)
         self.assertEqual(result["target"], "host-b")
+        # All was mirrored, even when it completed before the first progress reading.
+        self.assertEqual(result["mirror"]["total"], SIZE)
+        self.assertEqual(result["mirror"]["done"], SIZE)
         phases = [p["phase"] for p in announced]
         self.assertEqual(phases[0], "mirroring")
         ram = [p["ram"]["passes"] for p in announced if p["phase"] == "migrating"]
@@ -138,6 +141,10 @@ class LiveProceduresTests(SynchronousTestCase):
         self.clock.advance(1)
         self.assertFalse(hosts.b.volumes.exists("v1"))
         self.assertEqual(hosts.b.incoming, {})
+        # The caller's cancel of the target that ended by itself: done, not a conflict.
+        self.assertEqual(hosts.settle(hosts.b.cancel("m1")),
+                         {"cancelled": True, "already": True})
+        self.assertEqual(hosts.b.driver.list(), [])
 
     def test_a_guest_that_never_converges_gives_up_at_the_deadline(self):
         hosts = Hosts(self, self.clock, converges=False)

@@ -510,6 +510,12 @@ class _Outgoing:
 
     def start(self):
         self._tls = self.live.tls_for(self.target_host)
+        try:
+            # The volumes' sizes: the mirror's total until QEMU's own figures are read.
+            total = sum(self.live.describe(self.machine_id)["volumes"].values())
+            self.progress["mirror"]["total"] = total
+        except Exception:
+            pass
         self._unsubscribe = self.driver.live_subscribe(self.machine_id, self._event)
         self._unsubscribe_status = self.driver.subscribe(self._machine_status)
         self._timer(self.policy["mirror_deadline"], self._soon, self.machine.deadline,
@@ -657,6 +663,9 @@ class _Outgoing:
         def figures(st):
             self.progress["finished"] = True
             self.progress["phase"] = "completed"
+            # Every mirror completed (its final sync at the switchover): all was copied.
+            mirror = self.progress["mirror"]
+            mirror["done"] = mirror["total"] = max(mirror["total"], mirror["done"])
             now = self.reactor.seconds()
             self.progress["ram"] = {k: st["ram"][k] for k in
                                     ("transferred", "remaining", "total", "mbps", "passes")}
@@ -1209,6 +1218,12 @@ class LiveMigrations:
             inc.machine.abort("cancelled by the caller")
             return maybeDeferred(lambda: inc.destroyed).addCallback(
                 lambda _: {"cancelled": True})
+        last = self.finished.get(machine_id) or {}
+        if last.get("role") == "target" and last.get("state") == "ended":
+            # It ended by itself (its stream broke): its copies are deleted already; what
+            # the driver keeps of the failed machine goes now.
+            d = maybeDeferred(self.driver.destroy, machine_id)
+            return d.addCallback(lambda _: {"cancelled": True, "already": True})
         return ensureDeferred(self._cancel_untracked(machine_id))
 
     async def _cancel_untracked(self, machine_id):
