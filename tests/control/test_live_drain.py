@@ -94,19 +94,33 @@ async def real_until(predicate, what, seconds=30.0):
         await deferLater(reactor, 0.01, lambda: None)
 
 
+async def live_setup(testcase, **kw):
+    """A cluster of two hosts, and an app with one volume whose data is known."""
+    c = await LiveDrainCluster(testcase).start(**kw)
+    await c.apps.create_app("db")
+    spec = c.spec(volumes=[{"name": "data", "size_mb": 32, "mount": "/data"}])
+    m = (await c.apps.deploy("db", spec))["machines"][0]
+    src = m["host_id"]
+    dst = "h-b" if src == "h-a" else "h-a"
+    vid = m["volumes"][0]
+    before = write_known(c.store_of(src).path(vid), "v1")
+    return c, m, src, dst, vid, before
+
+
+async def restart(testcase, c, src):
+    """The control plane dies (its drains stop) and a new one resumes; wait for the end."""
+    c.drains.stop()
+    c.drains = Drains(c.clock, c.store, c.registry, c.apps, c.publish)
+    testcase.assertEqual(await c.drains.resume(), 1)
+    await c.settle(c.drains.active[src].done)
+    return await c.drains.drain_status(src)
+
+
 class LiveDrainTests(TestCase):
     timeout = 120
 
-    async def setup(self, **kw):
-        c = await LiveDrainCluster(self).start(**kw)
-        await c.apps.create_app("db")
-        spec = c.spec(volumes=[{"name": "data", "size_mb": 32, "mount": "/data"}])
-        m = (await c.apps.deploy("db", spec))["machines"][0]
-        src = m["host_id"]
-        dst = "h-b" if src == "h-a" else "h-a"
-        vid = m["volumes"][0]
-        before = write_known(c.store_of(src).path(vid), "v1")
-        return c, m, src, dst, vid, before
+    def setup(self, **kw):
+        return live_setup(self, **kw)
 
     async def drain(self, c, host, **kw):
         kw.setdefault("min_healthy", 1)
@@ -419,6 +433,28 @@ class LiveDrainTests(TestCase):
         self.assertEqual(c.verbs("volume.delete", "machine.destroy"), [])
         self.assertIsNotNone(await c.store.get("machines", m["id"]))
 
+    @d
+    async def test_a_rollback_that_finds_the_target_holding_the_machine_keeps_the_move(self):
+        """
+        A step fails after the migration completed (here: a fault of the control plane's
+        own): the rollback asks both agents first; the target runs the machine, so it
+        moved, and the source is never resumed.
+        """
+        c, m, src, dst, vid, before = await self.setup()
+        step = c.drains._step_live_migrating
+
+        async def fails_after(drain, run):
+            await step(drain, run)
+            raise RuntimeError("a fault after the migration (test)")
+
+        c.drains._step_live_migrating = fails_after
+        _, status = await self.drain(c, src, mode="live")
+        self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(self.phases(c), LIVE_PATH[:2] + ["rolling_back"] + LIVE_PATH[2:])
+        self.assertEqual(c.verbs("live.cancel"), [])
+        self.assertEqual(status["state"], "completed")
+        await self.assert_moved(c, m, src, dst, vid, before)
+
     # -- control-plane restarts --------------------------------------------------------
 
     def lost_answer(self, c, src):
@@ -430,12 +466,8 @@ class LiveDrainTests(TestCase):
             return f
         c.wrap(src, "live.migrate", make)
 
-    async def restart(self, c, src):
-        c.drains.stop()
-        c.drains = Drains(c.clock, c.store, c.registry, c.apps, c.publish)
-        self.assertEqual(await c.drains.resume(), 1)
-        await c.settle(c.drains.active[src].done)
-        return await c.drains.drain_status(src)
+    def restart(self, c, src):
+        return restart(self, c, src)
 
     @d
     async def test_restart_after_the_migration_completed_is_switched_over(self):
@@ -469,6 +501,52 @@ class LiveDrainTests(TestCase):
         self.assertEqual(mg["mode"], "cold")
         self.assertIn("control plane restarted", mg["mode_reason"])
         await self.assert_moved(c, m, src, dst, vid, before)
+
+
+class LiveCrashTests(TestCase):
+    timeout = 300
+
+    @d
+    async def test_crash_in_each_live_phase_resumes(self):
+        """
+        The control plane dies right after storing each live phase (before its step acts),
+        and right after each step acted (before the next phase is stored): a new control
+        plane resumes, and the machine moves live, its volume verified and intact.
+        """
+        from itertools import product
+
+        from twisted.internet.defer import CancelledError
+
+        for phase, after in product(LIVE_PATH[:4], (False, True)):
+            c, m, src, dst, vid, before = await live_setup(self)
+            step = getattr(c.drains, "_step_" + phase)
+            crashed = []
+
+            async def crash(drain, run, step=step, after=after, crashed=crashed):
+                if after:
+                    await step(drain, run)
+                crashed.append(True)
+                raise CancelledError()
+
+            setattr(c.drains, "_step_" + phase, crash)
+            await c.drains.drain(src, min_healthy=1, healthy_deadline=30, stop_timeout=5)
+            for _ in range(3000):
+                if crashed:
+                    break
+                await c.step()
+            where = f"crash {'after' if after else 'before'} {phase}"
+            self.assertEqual((await c.store.select("migrations"))[0]["phase"], phase, where)
+            status = await restart(self, c, src)
+            mg = status["migrations"][0]
+            self.assertEqual((status["state"], mg["mode"]), ("completed", "live"),
+                             (where, mg["error"]))
+            self.assertTrue(mg["verified"][vid]["ok"], where)
+            self.assertEqual(sha(c.store_of(dst).path(vid)), before, where)
+            self.assertFalse(c.store_of(src).exists(vid), where)
+            machines = await c.apps.list_machines()
+            self.assertEqual([(x["host_id"], x["state"]) for x in machines],
+                             [(dst, "running")], where)
+            self.assertEqual(c.lives[dst].incoming, {}, where)
 
 
 class ModeChoiceTests(SynchronousTestCase):
