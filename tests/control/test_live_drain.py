@@ -455,6 +455,49 @@ class LiveDrainTests(TestCase):
         self.assertEqual(status["state"], "completed")
         await self.assert_moved(c, m, src, dst, vid, before)
 
+    def undrain_at_migrate(self, c, src, rolled_back=False):
+        """The operator undrains just as live.migrate is asked."""
+        from twisted.internet.defer import ensureDeferred
+
+        undrained = []
+
+        def make(original):
+            def f(machine_id, *args, details=None):
+                undrained.append(ensureDeferred(c.drains.undrain(src)))
+                if rolled_back:
+                    return fail(errors.Unavailable("rolled back (test)"))
+                return original(machine_id, *args, details=details)
+            return f
+
+        c.wrap(src, "live.migrate", make)
+        return undrained
+
+    @d
+    async def test_an_undrain_lets_a_live_move_finish(self):
+        c, m, src, dst, vid, before = await self.setup()
+        undrained = self.undrain_at_migrate(c, src)
+        _, status = await self.drain(c, src)
+        self.assertEqual((await undrained[0])["state"], "cancelling")
+        self.assertEqual(self.phases(c), LIVE_PATH)
+        self.assertEqual(status["state"], "cancelled")
+        self.assertEqual(c.registry.entry(src).machine.state, "ready")
+        self.assertEqual(sha(c.store_of(dst).path(vid)), before)
+        machines = await c.apps.list_machines()
+        self.assertEqual([(x["host_id"], x["state"]) for x in machines], [(dst, "running")])
+
+    @d
+    async def test_an_undrain_does_not_fall_back_to_cold(self):
+        c, m, src, dst, vid, before = await self.setup()
+        undrained = self.undrain_at_migrate(c, src, rolled_back=True)
+        _, status = await self.drain(c, src)
+        await undrained[0]
+        self.assertEqual(self.phases(c), LIVE_PATH[:2] + ["rolling_back", "rolled_back"])
+        self.assertEqual(status["state"], "cancelled")
+        self.assertIn("the drain was cancelled", status["migrations"][0]["error"])
+        machines = await c.apps.list_machines()
+        self.assertEqual([(x["id"], x["host_id"]) for x in machines], [(m["id"], src)])
+        self.assertFalse(c.store_of(dst).exists(vid))
+
     # -- control-plane restarts --------------------------------------------------------
 
     def lost_answer(self, c, src):
