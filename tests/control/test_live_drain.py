@@ -193,6 +193,23 @@ class LiveDrainTests(TestCase):
         self.assertEqual((row["host_id"], row["state"]), (dst, "pending"))
 
     @d
+    async def test_the_paused_source_leaves_the_routes_at_the_switchover(self):
+        c, m, src, dst, vid, before = await self.setup()
+        states = []
+
+        def hashes(original):
+            def f(*args):
+                states.append(c.apps.data.machines.get(m["id"]))
+                return original(*args)
+            return f
+
+        c.wrap(src, "live.hashes", hashes)
+        _, status = await self.drain(c, src)
+        row = await states[0]
+        self.assertEqual(row["state"], "stopping")
+        self.assertEqual(status["migrations"][0]["replacement_state"]["state"], "running")
+
+    @d
     async def test_progress_is_kept_for_drain_status(self):
         c, m, src, dst, vid, before = await self.setup()
         seen = []

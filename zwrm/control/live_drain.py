@@ -406,6 +406,12 @@ class LiveSteps:
                     f"on {source} and is never resumed")
             await self._sleep(poll)  # completing or resuming: no event says when
             waited += poll
+        original = await self._machines.get(mid)
+        if original is not None and original["state"] == "running":
+            # Paused for good: out of the routes at once (the replacement is in them).
+            await self._replicas.set_machine(
+                original, f"moved live to {target} as {new_id}; paused here for good",
+                state="stopping")
         row = await self._machines.get(new_id)
         if row is not None and row["state"] in ("pending", "starting"):
             host_port = (run.detail.get("live_target") or {}).get("host_port")
