@@ -232,6 +232,28 @@ class LiveDrainTests(TestCase):
         mg = (await c.drains.drain_status(src))["migrations"][0]
         self.assertEqual((mg["bytes_sent"], mg["bytes_total"]), (total, total))
 
+    @d
+    async def test_drain_status_shows_the_live_progress(self):
+        c, m, src, dst, vid, before = await self.setup()
+        host = c.executors[src][0].driver.host
+        host.live_converges = False  # RAM passes go on until it is allowed to converge
+        await c.drains.drain(src, min_healthy=1, healthy_deadline=30)
+        run = next(iter(c.drains.active[src].migrations.values()))
+        await real_until(lambda: ((run.detail.get("live") or {}).get("ram") or {}).get(
+            "passes", 0) >= 2, "RAM passes announced")
+        mg = (await c.drains.drain_status(src))["migrations"][0]
+        self.assertEqual((mg["phase"], mg["mode"]), ("live_migrating", "live"))
+        self.assertEqual(mg["live"]["phase"], "migrating")
+        self.assertEqual(mg["live"]["mirror"]["total"], 32 * 1024 * 1024)
+        self.assertEqual(mg["live"]["mirror"]["done"], 32 * 1024 * 1024)
+        self.assertGreaterEqual(mg["live"]["ram"]["passes"], 2)
+        self.assertEqual(mg["bytes_total"], 32 * 1024 * 1024)
+        host.live_converges = True
+        await c.settle(c.drains.active[src].done)
+        mg = (await c.drains.drain_status(src))["migrations"][0]
+        self.assertEqual((mg["phase"], mg["live"]), ("done", None))
+        self.assertIsInstance(mg["downtime_ms"], int)
+
     # -- the choice of mode ----------------------------------------------------------
 
     def facts(self, c, host, **change):
