@@ -37,6 +37,16 @@ class ModeOptionTests(SynchronousTestCase):
             args = parser.parse_args(["host", "drain", "h-1", "--mode", mode])
             self.assertEqual((args.mode, args.func), (mode, cli_drain.host_drain))
 
+    def test_live_options(self):
+        parser = main.build_parser()
+        args = parser.parse_args(["host", "drain", "h-1"])
+        self.assertEqual((args.downtime_limit, args.live_deadline, args.postcopy),
+                         (None, None, False))
+        args = parser.parse_args(["host", "drain", "h-1", "--downtime-limit", "150",
+                                  "--live-deadline", "2m", "--postcopy"])
+        self.assertEqual((args.downtime_limit, args.live_deadline, args.postcopy),
+                         (150.0, "2m", True))
+
     def test_a_bad_mode_is_a_one_line_usage_error(self):
         err = io.StringIO()
         self.patch(sys, "stderr", err)
@@ -63,15 +73,20 @@ class ModeCallTests(TestCase):
 
         def recording_call(session, procedure, *args, **kwargs):
             sent.append((procedure, kwargs.get("mode")))
+            options.append(kwargs)
             return call(session, procedure, *args, **kwargs)
 
+        options = []
         self.patch(cli_drain, "call", recording_call)
         out = io.StringIO()
         rc = await cli_drain.host_drain(
             reactor, drain_args(api_url=plane.url, host_id=host_id, mode="live",
-                                dry_run=True), out)
+                                dry_run=True, downtime_limit=150.0, live_deadline="2m",
+                                postcopy=True), out)
         self.assertEqual(rc, 0)
         self.assertEqual(sent, [("zwrm.host.drain", "live")])
+        self.assertEqual((options[0]["downtime_limit"], options[0]["live_deadline"],
+                          options[0]["postcopy"]), (150.0, 120.0, True))
         result = json.loads(out.getvalue())
         self.assertEqual((result["state"], result["mode"], result["plan"]),
                          ("dry_run", "live", []))

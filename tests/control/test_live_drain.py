@@ -316,6 +316,50 @@ class LiveDrainTests(TestCase):
         self.assertEqual(c.registry.entry(src).machine.state, "ready")
 
     @d
+    async def test_the_operators_policy_reaches_both_agents(self):
+        c, m, src, dst, vid, before = await self.setup()
+        asked = {}
+
+        def record(verb):
+            def make(original):
+                def f(*args, details=None):
+                    asked[verb] = args
+                    if details is None:
+                        return original(*args)
+                    return original(*args, details=details)
+                return f
+            return make
+
+        c.wrap(dst, "live.prepare", record("prepare"))
+        c.wrap(src, "live.migrate", record("migrate"))
+        _, status = await self.drain(c, src, downtime_limit=150, live_deadline=30,
+                                     postcopy=True)
+        self.assertEqual(status["state"], "completed")
+        self.assertEqual(asked["prepare"][4], True)  # the target accepts post-copy
+        self.assertEqual(asked["migrate"][3], {"downtime_limit_ms": 150, "deadline": 30.0,
+                                               "postcopy": True})
+        # Without them: the agents' defaults.
+        c, m, src, dst, vid, before = await self.setup()
+        asked.clear()
+        c.wrap(dst, "live.prepare", record("prepare"))
+        c.wrap(src, "live.migrate", record("migrate"))
+        await self.drain(c, src)
+        self.assertEqual((asked["prepare"][4], asked["migrate"][3]), (False, None))
+
+    @d
+    async def test_bad_live_options_are_refused_naming_them(self):
+        c, m, src, dst, vid, before = await self.setup()
+        for kw, name in (({"downtime_limit": 0}, "downtime_limit"),
+                         ({"live_deadline": "soon"}, "live_deadline"),
+                         ({"postcopy": "yes"}, "postcopy")):
+            with self.assertRaises(errors.InvalidArgument) as e:
+                await c.drains.drain(src, **kw)
+            self.assertEqual(e.exception.kwargs.get("argument"), name)
+            self.assertIn(name, e.exception.message)
+        self.assertEqual(await c.store.select("drains"), [])
+        self.assertEqual(c.registry.entry(src).machine.state, "ready")
+
+    @d
     async def test_dry_run_says_the_mode(self):
         c, m, src, dst, vid, before = await self.setup()
         plan = await c.drains.drain(src, dry_run=True)

@@ -40,6 +40,15 @@ def register_host_commands(hsub):
     dr.add_argument("--mode", choices=DRAIN_MODES, default="auto",
                     help="how machines with volumes move: auto (live where both hosts can, "
                          "else cold; the default), live (refused if one cannot) or cold")
+    dr.add_argument("--downtime-limit", type=float, default=None, metavar="MS",
+                    help="longest pause of a live move, in milliseconds (agents' default 300)")
+    dr.add_argument("--live-deadline", default=None,
+                    help="time the RAM migration of a live move may take before it gives up "
+                         "(moved cold in auto mode) or, with --postcopy, switches to "
+                         "post-copy (agents' default 2m)")
+    dr.add_argument("--postcopy", action="store_true",
+                    help="allow post-copy at the live deadline (the target then runs while "
+                         "the rest of the RAM arrives: losing it then loses the machine)")
     dr.add_argument("--dry-run", action="store_true",
                     help="print the plan (each machine, its target or why none); change nothing")
     dr.add_argument("--detach", action="store_true", help="start it and return")
@@ -217,6 +226,12 @@ async def host_drain(reactor, args, out=None):
           "healthy_deadline": _duration(args.healthy_deadline),
           "min_healthy": _duration(args.min_healthy), "dry_run": args.dry_run,
           "poll": _duration(args.poll), "mode": args.mode}
+    if getattr(args, "downtime_limit", None) is not None:
+        kw["downtime_limit"] = args.downtime_limit
+    if getattr(args, "live_deadline", None) is not None:
+        kw["live_deadline"] = _duration(args.live_deadline)
+    if getattr(args, "postcopy", False):
+        kw["postcopy"] = True
     session = await connect(reactor, load_settings(args.api_url))
     try:
         result = await call(session, "zwrm.host.drain", args.host_id, **kw)

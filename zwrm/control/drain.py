@@ -198,7 +198,7 @@ class Drains(LiveSteps):
     @wamp.register("zwrm.host.drain")
     async def drain(self, host_id, deadline=None, max_parallel=None, dry_run=False,
                     healthy_deadline=None, min_healthy=None, stop_timeout=None, poll=None,
-                    mode=None):
+                    mode=None, downtime_limit=None, live_deadline=None, postcopy=False):
         """
         Start draining C{host_id}: mark it draining and move each of its machines to a host the
         scheduler picks (region and datacenter kept).
@@ -216,6 +216,13 @@ class Drains(LiveSteps):
             equal CPU model and machine type, else cold; cold too when a live attempt gives
             up), C{live} (refused, changing nothing, when a machine with volumes cannot
             move live) or C{cold}.
+        @param downtime_limit: a live move's longest pause, in milliseconds (the agents'
+            default, 300, if not given): QEMU switches over once the rest fits in it.
+        @param live_deadline: seconds of RAM migration a live move may take (the agents'
+            default, 120); then it gives up (the machine runs on; C{auto} moves it cold),
+            or switches to post-copy with C{postcopy}.
+        @param postcopy: allow post-copy at the deadline (the target then runs while the
+            rest of the RAM arrives: losing the target then loses the machine).
         @return: C{{"drain_id", "host_id", "state", "plan": [{"machine_id", "app",
             "volumes", "target", "reason", "mode", "mode_reason"}]}} (C{drain_id} is
             C{None} for a dry run).
@@ -240,6 +247,20 @@ class Drains(LiveSteps):
             raise errors.InvalidArgument(
                 f"mode must be one of {', '.join(DRAIN_MODES)}, not {mode!r}", argument="mode")
         options["mode"] = mode
+        for key, value, low, high in (("downtime_limit", downtime_limit, 1, 60000),
+                                      ("live_deadline", live_deadline, 1, 86400)):
+            if value is not None:
+                if not isinstance(value, int | float) or isinstance(value, bool) or \
+                        not low <= value <= high:
+                    raise errors.InvalidArgument(
+                        f"{key} must be a number from {low} to {high}, not {value!r}",
+                        argument=key)
+                options[key] = value
+        if not isinstance(postcopy, bool):
+            raise errors.InvalidArgument(f"postcopy must be true or false, not {postcopy!r}",
+                                         argument="postcopy")
+        if postcopy:
+            options["postcopy"] = True
         if host_id in self.active or host_id in self._starting:
             raise errors.Conflict(f"host {host_id} is already being drained "
                                   f"({self._drain_id_of(host_id)}); see drain-status")

@@ -76,6 +76,21 @@ def live_refusal(source, target, source_facts, target_facts):
     return None
 
 
+def live_policy(options):
+    """
+    The C{policy} of C{live.migrate} from a drain's options (L{None}: the agents' defaults):
+    C{downtime_limit} (ms), C{live_deadline} (s), C{postcopy}.
+    """
+    policy = {}
+    if options.get("downtime_limit") is not None:
+        policy["downtime_limit_ms"] = int(options["downtime_limit"])
+    if options.get("live_deadline") is not None:
+        policy["deadline"] = float(options["live_deadline"])
+    if options.get("postcopy"):
+        policy["postcopy"] = True
+    return policy or None
+
+
 def _target_holds(st):
     """Whether a target's C{live.status} says it has the whole machine."""
     if st.get("state") in TARGET_HOLDS:
@@ -323,7 +338,8 @@ class LiveSteps:
             spec = await self._live_spec(row)
             await self._save_detail(run, live_prepare_asked=True)  # stored before it is asked
             where = await self._call(target, "live.prepare", new_id, spec,
-                                     described["volumes"], source, False)
+                                     described["volumes"], source,
+                                     bool(drain.row["options"].get("postcopy")))
         except errors.ZwrmError as e:
             await self._live_gave_up(drain, run, f"live.prepare: {e.message}")
         await self._save_detail(run, live_target=where)
@@ -354,7 +370,8 @@ class LiveSteps:
 
         try:
             result = await self._call(source, "live.migrate", mid, target,
-                                      run.detail["live_target"], None,
+                                      run.detail["live_target"],
+                                      live_policy(drain.row["options"]),
                                       options=CallOptions(on_progress=announced))
         except CancelledError:
             raise

@@ -485,7 +485,13 @@ PROCEDURES = {p.uri: p for p in [
              "copy progress from an agent that does not announce it (1)"),
          Arg("mode", Nullable(Str(4, pattern="auto|live|cold", what='"auto", "live" or "cold"')),
              None, "how machines with volumes move: auto (live where both hosts can, else "
-             "cold), live (refused if one cannot) or cold (auto)")],
+             "cold), live (refused if one cannot) or cold (auto)"),
+         Arg("downtime_limit", Nullable(Number(1, 60000)), None,
+             "milliseconds a live move may pause the machine (the agents' 300)"),
+         Arg("live_deadline", Nullable(Number(1, 86400)), None,
+             "seconds of RAM migration a live move may take before it gives up or, with "
+             "postcopy, switches to post-copy (the agents' 120)"),
+         Arg("postcopy", Bool(), False, "allow post-copy at the live deadline")],
         "{drain_id, host_id, state, mode, plan: [{machine_id, app, volumes, target, reason, "
         "mode, mode_reason}]}",
         ["invalid_argument", "not_found", "conflict", "unplaceable"]),
