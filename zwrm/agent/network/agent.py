@@ -55,6 +55,9 @@ class AgentNetwork:
                                drain_timeout=drain_timeout)
         self._forwards = {}  # machine id -> listening port
         self._view = None
+        self._view_serial = 0  # views received
+        self._applied_serial, self._applied_result = 0, None  # the newest view applied
+        self._applying = defer.DeferredLock()
         #: where the ingress certificates are kept (0600 files in a 0700 directory), so an
         #: agent restart serves TLS before the control plane gives them again
         self.certs_dir = os.path.join(state_dir, "certs") if state_dir else None
@@ -76,8 +79,8 @@ class AgentNetwork:
         await self._resolve_deny()
         nic = await self.host.add_machine(machine_id, app, net, recreate=not adopt)
         self._start_dns(net)
-        if self._view is not None:
-            await self._apply(self._view)
+        if self._view is not None:  # the newest view again, now with this machine
+            await self._applying.run(lambda: defer.ensureDeferred(self._apply(self._view)))
         self._close_forward(machine_id)
         if service_port is not None:
             try:
@@ -199,7 +202,20 @@ class AgentNetwork:
         if not isinstance(view, dict):
             raise InvalidArgument(f"a network view must be a dict, not {type(view).__name__}")
         self._view = view
-        return defer.ensureDeferred(self._apply(view))
+        self._view_serial += 1
+        serial = self._view_serial
+        # One view applied at a time, and only the newest: an apply waits on commands (the
+        # bridge's first setup after an agent restart), and two applies interleaved there
+        # could end with the older view's routes (a replica's health flipping back).
+        return self._applying.run(lambda: defer.ensureDeferred(self._apply_newest(serial)))
+
+    async def _apply_newest(self, serial):
+        if serial <= self._applied_serial:  # a newer view was applied meanwhile
+            return self._applied_result
+        serial, view = self._view_serial, self._view
+        result = await self._apply(view)
+        self._applied_serial, self._applied_result = serial, result
+        return result
 
     async def _apply(self, view):
         own = [h for h in view.get("hosts", []) if h.get("host_id") == self.host_id]
