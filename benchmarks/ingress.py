@@ -233,7 +233,8 @@ def ingress_bench(requests, concurrency, rounds=3, profile=None, compare=None):
             procs.append(subprocess.Popen(
                 ["ip", "netns", "exec", ns, sys.executable, "-c", INGRESS, str(PROXIED + 1),
                  str(GUEST_PORT), h1, "10.80.1.2", "http"], stdout=subprocess.PIPE,
-                env=dict(env, ZWRM_BENCH_PROXY=os.path.abspath(compare))))
+                env=dict(penv, ZWRM_BENCH_PROXY=os.path.abspath(compare),
+                         **({"ZWRM_BENCH_PROFILE": profile + ".other"} if profile else {}))))
             _wait_port(ns, h1, PROXIED + 1, "the other proxy")
             targets["other proxy (http)"] = (ns, h1, PROXIED + 1)
         for t in targets.values():
@@ -393,7 +394,8 @@ def main():
     ap.add_argument("--loopback", action="store_true",
                     help="only the proxy on 127.0.0.1 against direct (no root needed)")
     ap.add_argument("--profile", metavar="FILE",
-                    help="write a cProfile of the http proxy's process to FILE (pstats)")
+                    help="write a cProfile of the http proxy's process to FILE (pstats; "
+                    "the --compare-proxy one's to FILE.other)")
     ap.add_argument("--compare-proxy", metavar="PROXY_PY",
                     help="another version of zwrm/agent/network/proxy.py: one more row")
     ap.add_argument("--part", choices=["ingress", "overlay", "load"], help=argparse.SUPPRESS)

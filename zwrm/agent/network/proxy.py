@@ -26,7 +26,7 @@ HTTP with C{X-Forwarded-Proto: https}.
 import itertools
 import re
 
-from twisted.internet import protocol, ssl, tcp
+from twisted.internet import main, protocol, ssl, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
@@ -341,9 +341,7 @@ def _write(transport, data):
     requests and responses is a large part of its time.  Whatever the socket does not take
     at once goes through C{transport.write} (order is kept: nothing was buffered before).
     """
-    if (transport.__class__ in _PLAIN and not transport.TLS and transport.connected
-            and not transport.disconnecting and not transport._tempDataLen
-            and not transport.dataBuffer):
+    if _plain_idle(transport):
         try:
             n = transport.socket.send(data)
         except OSError:
@@ -352,6 +350,29 @@ def _write(transport, data):
             return
         data = data[n:]
     transport.write(data)
+
+
+def _plain_idle(transport):
+    """A plain TCP transport, open, with nothing buffered to send."""
+    return (transport.__class__ in _PLAIN and not transport.TLS and transport.connected
+            and not transport.disconnecting and not transport._tempDataLen
+            and not transport.dataBuffer)
+
+
+def _end(transport):
+    """
+    C{transport.loseConnection()}, done at once when nothing is left to send (the usual
+    case after an answer to an HTTP/1.0 client): Twisted otherwise waits for the
+    reactor's next turn to find the buffer empty and then closes, which costs a proxy of
+    short connections two epoll_ctl calls, a wake-up and an empty send each.  What is
+    done is what Twisted does then (L{twisted.internet.abstract.FileDescriptor.doWrite}
+    finding nothing left: C{_postLoseConnection}, the reactor's C{_disconnectSelectable}).
+    """
+    if _plain_idle(transport) and transport.producer is None:
+        transport.disconnecting = True
+        transport.reactor._disconnectSelectable(transport, main.CONNECTION_DONE, False)
+    else:
+        transport.loseConnection()
 
 
 class _Chunks:
@@ -518,7 +539,14 @@ class _HTTPClient(protocol.Protocol):
         self.xff = peer_addr.encode("latin-1")
 
     def connectionMade(self):
-        _nodelay(self.transport)
+        t = self.transport
+        _nodelay(t)
+        if t.__class__ is tcp.Server and not t.TLS:
+            # The request is usually here already (a client writes it as soon as it is
+            # connected): read it now rather than after the reactor's next poll.
+            why = t.doRead()
+            if why is not None and not self.closed:
+                t.reactor._disconnectSelectable(t, why, True)
 
     # -- the client's bytes --
 
@@ -1063,7 +1091,7 @@ class _HTTPClient(protocol.Protocol):
     def _close(self):
         self.state = _CLOSED
         self.buf = b""
-        self.transport.loseConnection()
+        _end(self.transport)
 
     def close(self):
         """Cut this connection (a drain's time is up)."""
