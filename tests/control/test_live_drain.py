@@ -468,6 +468,50 @@ class LiveDrainTests(TestCase):
         await self.assert_moved(c, m, src, dst, vid, before)
 
     @d
+    async def test_an_unreachable_target_is_waited_for_never_guessed(self):
+        """
+        The switchover's outcome is uncertain and the target's agent is lost with it: the
+        control plane waits for the target (drain-status says so), however long, and never
+        resumes or cancels the source meanwhile; once the target is back and says it runs
+        the machine, the move completes.
+        """
+        from tests.control.test_drain import _facts
+
+        c, m, src, dst, vid, before = await self.setup()
+
+        def make(original):
+            def f(*args, details=None):
+                def lost(_):
+                    c.registry.entry(dst).executor = False
+                    raise errors.Conflict("failed after the switchover began (test)")
+                return original(*args, details=details).addCallback(lost)
+            return f
+
+        c.wrap(src, "live.migrate", make)
+        await c.drains.drain(src, min_healthy=1, healthy_deadline=30)
+        run = c.drains.active[src]
+        mig = next(iter(run.migrations.values()))
+        for _ in range(3000):
+            if mig.detail.get("waiting"):
+                break
+            await c.step()
+        end = c.clock.seconds() + 600
+        for _ in range(1000):  # the Clock's timers for 600 s, or none left (it waits)
+            if c.clock.seconds() >= end or not await c.step(most=end - c.clock.seconds()):
+                break
+        mg = (await c.drains.drain_status(src))["migrations"][0]
+        self.assertEqual((mg["phase"], mg["waiting_for"]), ("live_migrating", dst))
+        self.assertIn("to learn where machine", mg["error"])
+        self.assertEqual(c.verbs("live.cancel", "live.resume"), [])
+        await c.registry.register(dst, dict(_facts(), name=dst))
+        await c.settle(run.done)
+        status = await c.drains.drain_status(src)
+        self.assertEqual(status["state"], "completed")
+        self.assertEqual(self.phases(c), LIVE_PATH)
+        self.assertEqual(c.verbs("live.cancel"), [])
+        await self.assert_moved(c, m, src, dst, vid, before)
+
+    @d
     async def test_a_target_that_completed_but_waits_paused_is_resumed(self):
         c, m, src, dst, vid, before = await self.setup()
         drv = c.executors[dst][0].driver
