@@ -25,6 +25,13 @@ the floor the other steps compare with.
 
 Note: the workers run on the same machine as the control plane, so on a small machine
 they compete with it for CPU; the latency they measure includes their own delays.
+
+    .venv/bin/python benchmarks/heartbeats.py --micro [--micro-hosts 200]
+        [--micro-heartbeats 20000] [--profile FILE]
+
+measures one heartbeat end to end in an in-process control plane without sockets (see
+L{micro}): its CPU per heartbeat barely moves with the machine's load, so it is the
+figure to compare changes with; C{--profile} writes a cProfile of it.
 """
 
 import argparse
@@ -143,11 +150,13 @@ def worker(args):
 # --- the driver ----------------------------------------------------------------------
 
 
-def cpu_seconds(pid):
-    """utime + stime of C{pid}, seconds."""
+def cpu_seconds(pid, split=False):
+    """utime + stime of C{pid}, seconds (with C{split}: the pair)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tck = os.sysconf("SC_CLK_TCK")
+    user, system = int(fields[11]) / tck, int(fields[12]) / tck
+    return (user, system) if split else user + system
 
 
 def seed(data_dir, n):
@@ -219,9 +228,10 @@ def run_step(args, cp_pid, port, creds):
     connect_s = time.monotonic() - t_start
     time.sleep(args.interval)
     gc0 = gc_metrics(port)
-    cpu0, t0 = cpu_seconds(cp_pid), time.monotonic()
+    (u0, s0), t0 = cpu_seconds(cp_pid, split=True), time.monotonic()
     time.sleep(args.duration)
-    cpu1, t1 = cpu_seconds(cp_pid), time.monotonic()
+    (u1, s1), t1 = cpu_seconds(cp_pid, split=True), time.monotonic()
+    cpu0, cpu1 = u0 + s0, u1 + s1
     gc1 = gc_metrics(port)
     latencies, failures, worker_cpu = [], 0, 0.0
     for p in workers:
@@ -248,6 +258,8 @@ def run_step(args, cp_pid, port, creds):
         "cpu": (cpu1 - cpu0) / (t1 - t0),
         # over the heartbeats answered (the workers time theirs over the same window)
         "cpu_per_hb_ms": 1000 * (cpu1 - cpu0) / max(1, len(latencies)) * args.duration / (t1 - t0),
+        # of which in the kernel (on loopback, send() also runs the receiving side's TCP)
+        "sys_per_hb_ms": 1000 * (s1 - s0) / max(1, len(latencies)) * args.duration / (t1 - t0),
         "worker_cpu": worker_cpu,
         "load": os.getloadavg()[0],
         "gc": bool(gc1),
@@ -259,6 +271,154 @@ def run_step(args, cp_pid, port, creds):
         "ok": bool(latencies) and failures == 0 and latencies[-1] <= args.budget
         and len(latencies) >= 0.9 * expected,
     }
+
+
+# --- --micro: one heartbeat end to end in an in-process control plane, without sockets ----
+
+
+def _mask(payload, mask=b"abcd"):
+    """A masked (client-to-server) binary WebSocket frame carrying C{payload}."""
+    from zwrm.wamp.wire import unmask
+
+    n = len(payload)
+    head = bytes([0x82, 0x80 | n]) if n < 126 else bytes([0x82, 0x80 | 126, n >> 8, n & 0xFF])
+    return head + mask + unmask(payload, mask)
+
+
+def _frames(data):
+    """The payloads of the unmasked server frames in C{data} (bytes), and the bytes left."""
+    out, pos = [], 0
+    while pos + 2 <= len(data):
+        n = data[pos + 1] & 0x7F
+        head = pos + 2
+        if n == 126:
+            n, head = int.from_bytes(data[pos + 2:pos + 4], "big"), pos + 4
+        elif n == 127:
+            n, head = int.from_bytes(data[pos + 2:pos + 10], "big"), pos + 10
+        if head + n > len(data):
+            break
+        out.append(data[head:head + n])
+        pos = head + n
+    return out, data[pos:]
+
+
+def micro(args):
+    """
+    --micro: the control plane's CPU per heartbeat without sockets.  A real
+    L{zwrm.control.service.ControlPlane} (its store, registry, embedded router, control
+    session, schema checks, metrics and, with --gc-policy freeze, the collection policy)
+    runs in this process on the real reactor, which this function turns by hand
+    (C{reactor.iterate(0)}: one reactor turn each, as the running control plane takes).
+    --micro-hosts agents connect through the router's own WebSocket protocol on
+    StringTransports, authenticate with their tickets and register; then each heartbeat
+    is one masked MsgPack CALL frame fed to one agent's connection, and the reactor is
+    turned until its RESULT frame is written.  What it leaves out: the kernel (epoll,
+    recv, send) and the HTTP wrapper around each read.  With --profile FILE it writes a
+    cProfile of the heartbeat loop.
+    """
+    import cProfile
+    import tempfile
+
+    import msgpack
+    from twisted.internet import reactor
+    from twisted.internet.testing import StringTransport
+
+    from zwrm.control.service import ControlPlane, _with_peer_certificate
+    from zwrm.control.tap import Config
+    from zwrm.wamp.transport import websocket_factory
+
+    n_hosts = args.micro_hosts
+    tmp = tempfile.mkdtemp(prefix="zwrm-bench-micro-")
+    data_dir = os.path.join(tmp, "cp")
+    creds = seed(data_dir, n_hosts)
+    config = Config(listen=["tcp:0:interface=127.0.0.1"], data_dir=data_dir,
+                    heartbeat_interval=args.interval, offline_after=86400.0, check_interval=15.0)
+    plane = ControlPlane(reactor, config)
+    if args.gc_policy == "freeze":
+        from zwrm.gcpolicy import CollectionPolicy
+
+        plane.gc_policy = CollectionPolicy(reactor, config.gc_interval, churn=args.gc_churn or 0.25)
+        plane.gc_policy.setServiceParent(plane)
+    reactor.startRunning(installSignalHandlers=False)
+    plane.startService()
+
+    def turn_until(cond, limit=60.0):
+        deadline = time.monotonic() + limit
+        while not cond():
+            if time.monotonic() > deadline:
+                raise SystemExit("micro: timed out waiting for the control plane")
+            reactor.iterate(0)
+
+    turn_until(lambda: plane.started.called)
+    factory = websocket_factory(plane.router, serializers=("msgpack",))
+    factory.protocol = _with_peer_certificate(factory.protocol)
+
+    class T(StringTransport):
+        def unregisterProducer(self):
+            self.producer = None
+
+    def replies(t):
+        got, rest = _frames(t.value())
+        t.clear()
+        t.write(rest)
+        return [msgpack.unpackb(p, raw=False) for p in got]
+
+    def wait_reply(t):
+        out = []
+        turn_until(lambda: out.extend(replies(t)) or out)
+        return out[0]
+
+    agents = []
+    for hid, cred in creds:
+        p, t = factory.buildProtocol(None), T()
+        p.makeConnection(t)
+        p.dataReceived(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                       b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                       b"Sec-WebSocket-Protocol: wamp.2.msgpack\r\n\r\n")
+        t.clear()
+        p.dataReceived(_mask(msgpack.packb([1, "zwrm", {"roles": {"caller": {}, "callee": {}},
+                                                        "authmethods": ["ticket"], "authid": hid}])))
+        assert wait_reply(t)[0] == 4, "no CHALLENGE"
+        p.dataReceived(_mask(msgpack.packb([5, cred, {}])))
+        assert wait_reply(t)[0] == 2, "no WELCOME"
+        p.dataReceived(_mask(msgpack.packb([48, 1, {}, "zwrm.agent.register", [{"agent_version": "bench"}]])))
+        r = wait_reply(t)
+        assert r[0] == 50, f"register failed: {r}"
+        agents.append((p, t))
+    n = args.micro_heartbeats
+    beats = [_mask(msgpack.packb([48, 2 + i // n_hosts, {}, "zwrm.agent.heartbeat", [{}]])) for i in range(n)]
+    for p, t in agents:  # one round first (warm caches), then measure
+        p.dataReceived(_mask(msgpack.packb([48, 10**9, {}, "zwrm.agent.heartbeat", [{}]])))
+        turn_until(lambda t=t: t.value())
+        t.clear()
+    profiler = cProfile.Profile() if args.profile else None
+    turns = [0]
+    iterate = reactor.iterate
+
+    def run():
+        for i in range(n):
+            p, t = agents[i % n_hosts]
+            p.dataReceived(beats[i])
+            while not t.value():
+                iterate(0)
+                turns[0] += 1
+            t.clear()
+
+    c0, w0 = time.process_time(), time.perf_counter()
+    if profiler is not None:
+        profiler.runcall(run)
+    else:
+        run()
+    cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+    if profiler is not None:
+        profiler.dump_stats(args.profile)
+    print(f"micro: {n} heartbeats from {n_hosts} agents (MsgPack, in-process control plane, no sockets;"
+          f" gc policy {args.gc_policy}; load {os.getloadavg()[0]:.1f}): {1e6 * cpu / n:.1f} µs of CPU"
+          f" per heartbeat ({1e6 * wall / n:.1f} µs wall), {turns[0] / n:.2f} reactor turns each"
+          + (f"; profile in {args.profile}" if profiler is not None else ""))
+    plane.stopService()
+    turn_until(lambda: not plane.running, 10)
+    print(json.dumps({"micro_us": 1e6 * cpu / n, "turns": turns[0] / n}))
 
 
 def main():
@@ -277,9 +437,17 @@ def main():
                     help="the control plane's [gc] churn (0: no full collection after session churn;"
                          " default: the control plane's own)")
     ap.add_argument("--keep-going", action="store_true", help="run every step even after a failure")
+    ap.add_argument("--micro", action="store_true",
+                    help="only the control plane's CPU per heartbeat, in this process, without sockets")
+    ap.add_argument("--micro-hosts", type=int, default=200, help="agents for --micro (default 200)")
+    ap.add_argument("--micro-heartbeats", type=int, default=20000,
+                    help="heartbeats --micro times (default 20000)")
+    ap.add_argument("--profile", default=None, help="with --micro: write a cProfile of the heartbeats here")
     args = ap.parse_args()
     if args.worker:
         return worker(args)
+    if args.micro:
+        return micro(args)
 
     import tempfile
 
@@ -317,9 +485,10 @@ def main():
               " (gc max ms: the longest collection since start;"
               " full gc: full collections by the policy in the window)")
         print("cp ms/hb: the control plane's CPU per heartbeat answered (its CPU in the window, idle"
-              " included, over the heartbeats answered in it); max ms bounds its longest pause")
+              " included, over the heartbeats answered in it), sys ms: of which in the kernel;"
+              " max ms bounds its longest pause")
         print(f"{'hosts':>6} {'hb/s':>6} {'answered':>9} {'fail':>5} {'p50 ms':>8} {'p99 ms':>8}"
-              f" {'max ms':>8} {'cp CPU':>7} {'cp ms/hb':>8} {'agents CPU':>10} {'load':>5} {'gc max ms':>9}"
+              f" {'max ms':>8} {'cp CPU':>7} {'cp ms/hb':>8} {'sys ms':>7} {'agents CPU':>10} {'load':>5} {'gc max ms':>9}"
               f" {'full gc':>7} {'frozen':>8}  result")
         best, baseline, all_ok, last = 0, None, True, None
         for n in steps:
@@ -330,7 +499,7 @@ def main():
             print(f"{r['hosts']:>6} {r['hosts'] / args.interval:>6.0f} "
                   f"{r['heartbeats']:>5}/{r['expected']:<4.0f}"
                   f"{r['failures']:>5} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['max_ms']:>8.1f}"
-                  f" {100 * r['cpu']:>6.1f}% {r['cpu_per_hb_ms']:>8.3f}"
+                  f" {100 * r['cpu']:>6.1f}% {r['cpu_per_hb_ms']:>8.3f} {r['sys_per_hb_ms']:>7.3f}"
                   f" {100 * r['worker_cpu']:>9.1f}% {r['load']:>5.1f}"
                   + (f" {r['gc_max_ms']:>9.1f} {r['gc_full']:>7.0f} {r['gc_frozen']:>8.0f}"
                      if r["gc"] else f" {'-':>9} {'-':>7} {'-':>8}") +

@@ -9,7 +9,7 @@ from autobahn.wamp.types import ComponentConfig, PublishOptions
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from tests.wamp.helpers import RouterTestMixin
+from tests.wamp.helpers import TICKETS, RouterTestMixin
 from zwrm.errors import NotFound
 
 
@@ -117,3 +117,148 @@ class AttachTests(RouterTestMixin, unittest.TestCase):
         self.assertEqual(res[1].error, "wamp.error.invalid_payload")
         self.assertEqual(res[2].args, [3])
         self.assertFalse(op.closed)
+
+
+def _frame(obj, mask=b"abcd"):
+    """A masked (client-to-server) JSON WebSocket frame."""
+    import json
+
+    p = json.dumps(obj, separators=(",", ":")).encode()
+    assert len(p) < 126
+    return bytes([0x81, 0x80 | len(p)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(p))
+
+
+def _server_frames(data):
+    """The JSON messages in a server's (unmasked, short) frames."""
+    import json
+
+    out, pos = [], 0
+    while pos < len(data):
+        n, head = data[pos + 1] & 0x7F, pos + 2
+        if n == 126:
+            n, head = int.from_bytes(data[pos + 2:pos + 4], "big"), pos + 4
+        out.append(json.loads(data[head:head + n]))
+        pos = head + n
+    return out
+
+
+class LocalDeliveryTests(RouterTestMixin, unittest.TestCase):
+    """
+    A call read from a network connection to an attached session is answered at the end
+    of that read (no reactor turns), and the attached session is never re-entered.
+    """
+
+    def websocket(self, authid="op"):
+        from twisted.internet.error import ConnectionDone
+        from twisted.internet.testing import StringTransport
+        from twisted.python.failure import Failure
+
+        from zwrm.wamp.transport import websocket_factory
+
+        p, t = websocket_factory(self.router).buildProtocol(None), StringTransport()
+        p.makeConnection(t)
+        self.addCleanup(p.connectionLost, Failure(ConnectionDone()))  # its ping timers
+        p.dataReceived(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                       b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                       b"Sec-WebSocket-Protocol: wamp.2.json\r\n\r\n")
+        t.clear()
+        p.dataReceived(_frame([1, "zwrm", {"roles": {"caller": {}}, "authmethods": ["ticket"],
+                               "authid": authid}]))
+        p.dataReceived(_frame([5, TICKETS[authid], {}]))
+        self.assertEqual([m[0] for m in _server_frames(t.value())], [4, 2])  # CHALLENGE, WELCOME
+        t.clear()
+        return p, t
+
+    def attach(self, session):
+        d = self.router.attach(session, "control", "trusted")
+        self.pump()
+        return self.successResultOf(d)
+
+    def test_call_to_attached_session_answered_within_the_read(self):
+        """
+        The RESULT of a WebSocket CALL to an in-process callee is written before
+        C{dataReceived} returns, and nothing is left for the reactor.
+        """
+        self.attach(Control(ComponentConfig(realm="zwrm")))
+        p, t = self.websocket()
+        deferred = self.router.local_delivery.deferred_flushes
+        p.dataReceived(_frame([48, 1, {}, "zwrm.add", [2, 3]]) + _frame([48, 2, {}, "zwrm.lookup", ["h9"]]))
+        got = _server_frames(t.value())
+        self.assertEqual(got[0], [50, 1, {}, [5]])
+        self.assertEqual(got[1][:5], [8, 48, 2, {}, "zwrm.error.not_found"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.router.local_delivery.deferred_flushes, deferred)
+
+    def test_attached_session_runs_after_the_router_returns(self):
+        """The in-process callee runs once the read is handled, not inside the router."""
+        import traceback
+
+        stacks = []
+
+        class Probe(Control):
+            def add(self, a, b):
+                stacks.append([f.name for f in traceback.extract_stack()])
+                return a + b
+
+        self.attach(Probe(ComponentConfig(realm="zwrm")))
+        p, t = self.websocket()
+        p.dataReceived(_frame([48, 1, {}, "zwrm.add", [1, 1]]))
+        self.assertEqual(_server_frames(t.value()), [[50, 1, {}, [2]]])
+        self.assertEqual(len(stacks), 1)
+        for inside in ("on_list", "_call", "_fast_frames"):
+            self.assertNotIn(inside, stacks[0])
+
+    def test_outside_a_read_delivery_waits_for_the_reactor(self):
+        """An in-process session's call that no read started is delivered in a later turn."""
+        s = self.attach(Control(ComponentConfig(realm="zwrm")))
+        d = s.call("zwrm.add", 1, 2)
+        self.assertNoResult(d)
+        self.assertTrue(self.clock.getDelayedCalls())
+        self.pump()
+        self.assertEqual(self.successResultOf(d), 3)
+
+    def test_deliveries_at_a_reads_end_are_bounded(self):
+        """
+        At most C{MAX_PER_SCOPE} deliveries run at the end of one read; the rest go, in
+        order, to later reactor turns.
+        """
+        from zwrm.wamp.transport import LocalDelivery
+
+        class Turns:
+            """A reactor's callLater(0) as turns: step() runs what the last turn left."""
+
+            def __init__(self):
+                self.calls = []
+
+            def callLater(self, delay, f, *args):
+                self.calls.append((f, args))
+
+            def getDelayedCalls(self):
+                return self.calls
+
+            def advance(self, _):
+                calls, self.calls = self.calls, []
+                for f, args in calls:
+                    f(*args)
+
+        clock = Turns()
+        delivery = LocalDelivery(clock)
+        delivery.MAX_PER_SCOPE = 2
+        ran = []
+
+        def again(i):
+            ran.append(i)
+            if i < 8:
+                delivery.schedule(lambda: again(i + 1))  # each delivery schedules another
+
+        delivery.enter()
+        delivery.schedule(lambda: again(1))
+        self.assertEqual(ran, [])
+        delivery.leave()
+        self.assertEqual(ran, [1, 2])
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(0)  # one delivery, then at most two more at its scope's end
+        self.assertEqual(ran, [1, 2, 3, 4, 5])
+        clock.advance(0)
+        self.assertEqual(ran, [1, 2, 3, 4, 5, 6, 7, 8])
+        self.assertEqual(clock.getDelayedCalls(), [])

@@ -859,6 +859,11 @@ class Router:
         # message type code -> handler of the plain case straight from the list (see RouterSession.on_list)
         self._fast = {_CALL: self._fast_call, _YIELD: self._fast_yield, _PUBLISH: self._fast_publish}
         self._add_meta_procedures()
+        from zwrm.wamp.transport import LocalDelivery
+
+        #: when messages to and from attached (in-process) sessions are delivered: at the end
+        #: of the network read being handled, else in a later reactor turn (see LocalDelivery)
+        self.local_delivery = LocalDelivery(reactor)
 
     # sessions --------------------------------------------------------------------------
 
@@ -870,7 +875,8 @@ class Router:
         """
         Attach an in-process autobahn C{ApplicationSession} with that identity,
         bypassing authentication.  Messages between it and the router are delivered
-        through the reactor (never reentrantly).
+        never reentrantly: at the end of the network read being handled, or else through
+        the reactor (L{zwrm.wamp.transport.LocalDelivery}).
 
         @return: a Deferred that fires with C{session} once it has joined and its
             C{onJoin} has run, or fails if it could not join or its C{onJoin} failed
@@ -880,7 +886,7 @@ class Router:
         from zwrm.wamp.transport import MemoryTransportPair
 
         rs = RouterSession(self, principal=Principal(authid, authrole, dict(authextra or {})))
-        pair = MemoryTransportPair(self.reactor)
+        pair = MemoryTransportPair(self.reactor, delivery=self.local_delivery)
         d = defer.Deferred()
 
         failures = []

@@ -218,6 +218,17 @@ class WampWebSocketServerProtocol(_QuietWebSocketMixin, _websocket.WampWebSocket
             self.is_closed = defer.succeed(None)
 
     def dataReceived(self, data):
+        delivery = self.factory.local_delivery
+        if delivery is None:
+            self._receive(data)
+            return
+        delivery.enter()  # in-process sessions' answers go out in this turn (LocalDelivery)
+        try:
+            self._receive(data)
+        finally:
+            delivery.leave()
+
+    def _receive(self, data):
         if (self._codec is not None and self.state == _OPEN and self.current_frame is None
                 and not self.inside_message and not self.data):
             data = self._fast_frames(data)
@@ -352,6 +363,7 @@ class WampWebSocketClientFactory(_websocket.WampWebSocketClientFactory):
 
 class WampWebSocketServerFactory(_websocket.WampWebSocketServerFactory):
     protocol = WampWebSocketServerProtocol
+    local_delivery = None  # the router's LocalDelivery (websocket_factory sets it)
 
 
 class WampRawSocketServerProtocol(_rawsocket.WampRawSocketServerProtocol):
@@ -378,6 +390,16 @@ class WampRawSocketServerProtocol(_rawsocket.WampRawSocketServerProtocol):
             self.is_closed = defer.succeed(None)
 
     _codec = None
+
+    def dataReceived(self, data):
+        delivery = getattr(self.factory, "local_delivery", None)
+        if delivery is None:
+            return _rawsocket.WampRawSocketServerProtocol.dataReceived(self, data)
+        delivery.enter()  # in-process sessions' answers go out in this turn (LocalDelivery)
+        try:
+            return _rawsocket.WampRawSocketServerProtocol.dataReceived(self, data)
+        finally:
+            delivery.leave()
 
     def stringReceived(self, payload):
         session = self._session
@@ -449,6 +471,7 @@ class WampRawSocketServerProtocol(_rawsocket.WampRawSocketServerProtocol):
 
 class WampRawSocketServerFactory(_rawsocket.WampRawSocketServerFactory):
     protocol = WampRawSocketServerProtocol
+    local_delivery = None  # the router's LocalDelivery (rawsocket_factory sets it)
 
 
 def websocket_factory(router, url=None, serializers=("json", "msgpack", "cbor")):
@@ -472,6 +495,7 @@ def websocket_factory(router, url=None, serializers=("json", "msgpack", "cbor"))
         autoPingTimeout=30,
         failByDrop=False,
     )
+    factory.local_delivery = getattr(router, "local_delivery", None)
     return factory
 
 
@@ -479,6 +503,7 @@ def rawsocket_factory(router, serializers=("json", "msgpack", "cbor")):
     """A WAMP-over-RawSocket server factory for C{router}."""
     factory = WampRawSocketServerFactory(router.session_factory, serializers=make_serializers(serializers))
     factory.setProtocolOptions(maxMessagePayloadSize=max(512, min(router.limits.max_message_size, 2**24)))
+    factory.local_delivery = getattr(router, "local_delivery", None)
     return factory
 
 
@@ -643,23 +668,102 @@ class _ClosedPair:
 _CLOSED_PAIR = _ClosedPair()
 
 
+class LocalDelivery:
+    """
+    When the messages of in-process sessions (L{MemoryTransportPair}s) are delivered.
+
+    A message is never delivered while its sender, or the handler it goes to, is on the
+    stack.  Outside a network read it waits for a later reactor turn (C{callLater(0)}),
+    as before.  During one (L{scope}: the router's WebSocket and RawSocket protocols
+    enter it around C{dataReceived}) it waits only until that read has been handled:
+    the scope's end delivers it, and whatever the handlers send meanwhile, in order.
+    So a call from an agent to the control plane's in-process session (INVOCATION in,
+    YIELD back, RESULT out) is answered in the turn that read it, without the two
+    extra reactor turns (timer heap, C{epoll_wait}) that C{callLater(0)} costs each
+    way.  At most L{MAX_PER_SCOPE} deliveries run at one scope's end (sessions that
+    call each other without end cannot keep the reactor from its other work); the
+    rest go to a later turn.
+
+    @ivar deferred_flushes: deliveries that went to a later reactor turn.
+    @ivar scoped_flushes: deliveries run at the end of a read.
+    """
+
+    MAX_PER_SCOPE = 256
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self._depth = 0
+        self._pending = deque()
+        self.deferred_flushes = 0
+        self.scoped_flushes = 0
+
+    def schedule(self, flush):
+        """Call C{flush()} at the end of the current scope, or in a later reactor turn."""
+        if self._depth:
+            self._pending.append(flush)
+        else:
+            self.deferred_flushes += 1
+            self.reactor.callLater(0, self.run, flush)
+
+    def run(self, flush):
+        """Call C{flush()} inside a scope (and what it schedules at the scope's end)."""
+        self._depth += 1
+        try:
+            flush()
+        finally:
+            self._leave()
+
+    def enter(self):
+        """Begin a scope (a network read is being handled)."""
+        self._depth += 1
+
+    def leave(self):
+        """End a scope; the outermost one delivers what waited for it."""
+        self._leave()
+
+    def _leave(self):
+        if self._depth > 1 or not self._pending:
+            self._depth -= 1
+            return
+        pending = self._pending
+        n = 0
+        try:
+            while pending and n < self.MAX_PER_SCOPE:
+                n += 1
+                flush = pending.popleft()
+                try:
+                    flush()
+                except Exception:
+                    log.failure("memory transport: delivery failed")
+        finally:
+            self._depth -= 1
+            self.scoped_flushes += n
+            while pending:  # the rest in a later turn, in order
+                self.deferred_flushes += 1
+                self.reactor.callLater(0, self.run, pending.popleft())
+
+
 class MemoryTransportPair:
     """
-    Two connected L{MemoryTransport}s.  Every message is delivered later, from the
-    reactor (C{callLater(0, ...)}), in order, so neither side is ever re-entered.
+    Two connected L{MemoryTransport}s.  Every message is delivered later, in order, so
+    neither side is ever re-entered: in a later reactor turn (C{callLater(0, ...)}), or
+    at the end of the network read being handled (see L{LocalDelivery}).
 
     @param serializer: if given (an autobahn serializer), messages are serialized
         and parsed on the way, as on a real connection.
+    @param delivery: the L{LocalDelivery} that schedules deliveries (the router's, for
+        its attached sessions; by default one of its own: a later reactor turn).
     """
 
-    def __init__(self, reactor, serializer=None):
+    def __init__(self, reactor, serializer=None, delivery=None):
         self.reactor = reactor
         self.serializer = serializer
         self.closed = False
         self.ends = (MemoryTransport(self, 0), MemoryTransport(self, 1))
         self._queue = deque()
         self._held = (deque(), deque())
-        self._scheduled = None
+        self._scheduled = False
+        self._delivery = delivery if delivery is not None else LocalDelivery(reactor)
 
     def connect(self, server_handler, client_handler):
         """Open both handlers (the server's first)."""
@@ -698,8 +802,9 @@ class MemoryTransportPair:
         self._schedule()
 
     def _schedule(self):
-        if self._scheduled is None or not self._scheduled.active():
-            self._scheduled = self.reactor.callLater(0, self._flush)
+        if not self._scheduled:
+            self._scheduled = True
+            self._delivery.schedule(self._flush)
 
     def backlog(self, side):
         n = 0
@@ -725,7 +830,7 @@ class MemoryTransportPair:
         self._schedule()
 
     def _flush(self):
-        self._scheduled = None
+        self._scheduled = False
         n = len(self._queue)
         for _ in range(n):
             side, (kind, value) = self._queue.popleft()
