@@ -170,6 +170,24 @@ class KeepAliveTests(_Base):
             self.assertTrue(data.endswith(b"\r\n\r\nok"), data)
         self.assertEqual(ing.listener(port).failed, 0)
 
+    async def test_an_answer_with_connection_close_does_not_keep_the_connection(self):
+        class Once(Protocol):  # answers one request, says so, but leaves closing to us
+            answered = False
+
+            def dataReceived(self, data):
+                if self.answered:
+                    return  # a second request on this connection is never answered
+                self.answered = True
+                self.transport.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n"
+                                     b"Content-Length: 4\r\n\r\nonce")
+
+        rp = self.scripted(Once)
+        _, port = self.ingress([rp])
+        for _ in range(2):
+            data = await self.fetch(port, b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+            self.assertTrue(data.endswith(b"\r\n\r\nonce"), data)
+            self.assertNotIn(b"Connection:", data)  # this hop's header stays here
+
     async def test_a_slow_idle_connection_is_not_reused(self):
         _, counting, rp = self.replica("a")
         self.patch(proxy, "POOL_IDLE", 0.0)
@@ -317,6 +335,7 @@ class BadInputTests(_Base):
         cases = {
             b"GARBAGE\r\n\r\n": b"400",
             b"GET / HTTP/1.1\r\n\r\n": b"400",  # no Host
+            b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n": b"400",
             b"GET / HTTP/2.0\r\nHost: x\r\n\r\n": b"505",
             b"GET / HTTP/1.1\r\nHost: x\r\nX: a\nY: b\r\n\r\n": b"400",  # a bare LF
             b"GET / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n": b"400",

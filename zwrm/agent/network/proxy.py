@@ -142,6 +142,9 @@ class Route:
         self._rr = itertools.count()
 
     def candidates(self):
+        if len(self.backends) == 1:
+            for b in self.backends.values():
+                return [] if b.draining else [b]
         live = [b for b in self.backends.values() if not b.draining]
         if not live:
             return []
@@ -315,6 +318,13 @@ class _Client(protocol.Protocol):
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+#: a request's header fields (after its first line): each a token, a colon, a value
+#: without CR or LF
+_FIELDS = re.compile(rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*)*\Z")
+#: fields that need more than passing on (lowercase, as found in the head)
+_SPECIAL = (b"\r\nconnection:", b"\r\nkeep-alive:", b"\r\nproxy-connection:", b"\r\nte:",
+            b"\r\nupgrade:", b"\r\nhttp2-settings:", b"\r\nx-forwarded-",
+            b"\r\ntransfer-encoding:")
 #: request headers that belong to one hop (RFC 9110 7.6.1), not forwarded
 _HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade",
                   b"http2-settings"))
@@ -615,10 +625,13 @@ class _HTTPClient(protocol.Protocol):
 
         @return: an error status to refuse it with, or L{None}.
         """
-        if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\n"):
-            return 400  # a bare CR or LF: another parser could see another message
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ")
+        eol = head.find(b"\r\n")
+        first, fields = (head, b"") if eol < 0 else (head[:eol], head[eol:])
+        if b"\r" in first or b"\n" in first or not _FIELDS.match(fields):
+            # A bare CR or LF (another parser could see another message), a folded line,
+            # a field name that is not a token (a space before the colon).
+            return 400
+        parts = first.split(b" ")
         if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1]:
             return 400
         method, target, version = parts
@@ -630,40 +643,61 @@ class _HTTPClient(protocol.Protocol):
             return 505 if version.startswith(b"HTTP/") else 400
         if method == b"CONNECT":
             return 405
-        host = clen = None
+        lower = fields.lower()
         te = chunked = False
         tokens = ()
         upgrade = None
-        keep = [None]
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not _TOKEN.match(name):
-                return 400  # also obsolete line folding (a line that starts blank)
-            lname = name.lower()
-            if lname == b"host":
-                if host is not None:
+        if not any(f in lower for f in _SPECIAL):
+            # The usual request: its fields go on as they are.
+            host = clen = None
+            i = lower.find(b"\r\nhost:")
+            if i >= 0:
+                if lower.find(b"\r\nhost:", i + 7) >= 0:
                     return 400
-                host = value.strip()
-                keep.append(line)
-            elif lname == b"content-length":
-                v = value.strip()
-                if not v.isdigit() or (clen is not None and int(v) != clen):
+                j = fields.find(b"\r\n", i + 7)
+                host = fields[i + 7:j if j >= 0 else len(fields)].strip()
+            i = lower.find(b"\r\ncontent-length:")
+            if i >= 0:
+                j = fields.find(b"\r\n", i + 17)
+                v = fields[i + 17:j if j >= 0 else len(fields)].strip()
+                if not v.isdigit() or (j >= 0 and lower.find(b"\r\ncontent-length:", j) >= 0):
                     return 400
                 clen = int(v)
-                keep.append(line)
-            elif lname == b"transfer-encoding":
-                te = True
-                chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
-                keep.append(line)
-            elif lname == b"connection":
-                tokens += tuple(t.strip().lower() for t in value.split(b","))
-            elif lname in _HOP:
-                if lname == b"upgrade":
-                    upgrade = value.strip()
-            elif lname.startswith(b"x-forwarded-"):
-                pass  # the client's own are not believed
-            else:
-                keep.append(line)
+            kept = fields
+        else:
+            host = clen = None
+            keep = []
+            for line in fields.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                lname = name.lower()
+                if lname == b"host":
+                    if host is not None:
+                        return 400
+                    host = value.strip()
+                    keep.append(line)
+                elif lname == b"content-length":
+                    v = value.strip()
+                    if not v.isdigit() or (clen is not None and int(v) != clen):
+                        return 400
+                    clen = int(v)
+                    keep.append(line)
+                elif lname == b"transfer-encoding":
+                    te = True
+                    chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+                    keep.append(line)
+                elif lname == b"connection":
+                    tokens += tuple(t.strip().lower() for t in value.split(b","))
+                elif lname in _HOP:
+                    if lname == b"upgrade":
+                        upgrade = value.strip()
+                elif lname.startswith(b"x-forwarded-"):
+                    pass  # the client's own are not believed
+                else:
+                    keep.append(line)
+            others = [t for t in tokens if t not in (b"close", b"keep-alive", b"upgrade", b"")]
+            if others:  # fields the Connection header names are this hop's too
+                keep = [ln for ln in keep if ln.partition(b":")[0].lower() not in others]
+            kept = b"".join(b"\r\n" + ln for ln in keep)
         if te and (not chunked or clen is not None or not v11):
             return 400  # RFC 9112 6.1, 6.3: a framing two parsers could read two ways
         if host is None and v11:
@@ -676,24 +710,16 @@ class _HTTPClient(protocol.Protocol):
         route = self.listener.route_for(name)
         if route is None:
             return 404
-        others = [t for t in tokens if t not in (b"close", b"keep-alive", b"upgrade", b"")]
-        if others:
-            keep = [ln for ln in keep if ln is None or
-                    ln.partition(b":")[0].lower() not in others]
         self.route, self.tried, self.fresh = route, (), False
         self.v11 = v11
         self.keep = v11 and b"close" not in tokens
         self.head_req = method == b"HEAD"
         self.upgrading = bool(v11 and upgrade and b"upgrade" in tokens)
-        keep[0] = b" ".join((method, target, b"HTTP/1.1")) if host is not None else lines[0]
-        if self.upgrading:
-            keep.append(b"Connection: Upgrade")
-            keep.append(b"Upgrade: " + upgrade)
-        keep.append(b"X-Forwarded-For: " + self.xff)
-        keep.append(self.listener.proto_header)
-        keep.append(b"X-Forwarded-Host: " + name.encode("latin-1"))
-        keep.append(b"\r\n")
-        self.sent = b"\r\n".join(keep)
+        extra = b"\r\nConnection: Upgrade\r\nUpgrade: " + upgrade if self.upgrading else b""
+        self.sent = b"".join((
+            b" ".join((method, target, b"HTTP/1.1")) if host is not None else first,
+            kept, extra, b"\r\nX-Forwarded-For: ", self.xff, self.listener.proto_header,
+            b"\r\nX-Forwarded-Host: ", name.encode("latin-1"), b"\r\n\r\n"))
         if chunked:
             self.body_chunks, self.body_left = _Chunks(), 0
         else:
@@ -889,8 +915,8 @@ class _HTTPClient(protocol.Protocol):
                     self.rbuf = data
                 return None
             head, rest = data[:end], data[end + 4:]
-            lines = head.split(b"\r\n")
-            first = lines[0]
+            eol = head.find(b"\r\n")
+            first = head if eol < 0 else head[:eol]
             if first[:7] != b"HTTP/1." or first[8:9] != b" " or not first[9:12].isdigit():
                 self._response_broken()
                 return None
@@ -911,7 +937,20 @@ class _HTTPClient(protocol.Protocol):
         chunked = False
         close = first[:8] != b"HTTP/1.1"
         drop = False
-        for line in lines[1:]:
+        lines = None
+        lower = head.lower()
+        i = lower.find(b"\r\ncontent-length:")
+        if (i >= 0 and b"\r\ntransfer-encoding:" not in lower and b"\r\nconnection:" not in lower
+                and b"keep-alive:" not in lower and lower.find(b"\r\ncontent-length:", i + 17) < 0):
+            # The usual answer: one Content-Length, nothing of this hop's to remove.
+            j = head.find(b"\r\n", i + 17)
+            v = head[i + 17:j if j >= 0 else len(head)].strip()
+            if v.isdigit():
+                clen = int(v)
+                lines = ()
+        if lines is None:
+            lines = head.split(b"\r\n")[1:]
+        for line in lines:
             name, _, value = line.partition(b":")
             lname = name.strip().lower()
             if lname == b"content-length":
@@ -964,7 +1003,8 @@ class _HTTPClient(protocol.Protocol):
             skip = (b"connection", b"keep-alive", b"proxy-connection")
             if self.dechunk:
                 skip += (b"transfer-encoding",)
-            out = [ln for ln in lines if ln.partition(b":")[0].strip().lower() not in skip]
+            out = [first] + [ln for ln in lines
+                             if ln.partition(b":")[0].strip().lower() not in skip]
             if not keep and self.v11:
                 out.append(b"Connection: close")
             out = b"\r\n".join(out) + b"\r\n\r\n"
@@ -1111,7 +1151,7 @@ class _Listener(protocol.Factory):
         self.port = port
         self.mode = mode
         self.http = mode in ("http", "https")
-        self.proto_header = b"X-Forwarded-Proto: " + (b"https" if mode == "https" else b"http")
+        self.proto_header = b"\r\nX-Forwarded-Proto: " + (b"https" if mode == "https" else b"http")
         self.connect_timeout = ingress.connect_timeout
         self.routes = {}  # domain (or None for tcp / default) -> Route
         self.failed = 0
