@@ -5,6 +5,8 @@ Connection: close), Upgrade, malformed requests and responses, draining.  The re
 are small Twisted web servers or scripted protocols on 127.0.0.1.
 """
 
+import socket
+
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -187,6 +189,40 @@ class KeepAliveTests(_Base):
             data = await self.fetch(port, b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
             self.assertTrue(data.endswith(b"\r\n\r\nonce"), data)
             self.assertNotIn(b"Connection:", data)  # this hop's header stays here
+
+    async def test_a_kept_connection_that_dies_later_skips_the_replica(self):
+        # The same replica, but the kept connection is lost long after the request went
+        # out (STALE_WINDOW made 0 here): the replica took the request and went silent
+        # (its VM killed; the kernel gives up after UNACKED_MS), so it is not asked again.
+        class OneEach(Protocol):
+            served = False
+
+            def dataReceived(self, data):
+                if self.served:
+                    self.transport.abortConnection()
+                    return
+                self.served = True
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+        self.patch(proxy, "STALE_WINDOW", 0.0)
+        factory = _Counting(Factory.forProtocol(OneEach))
+        lp = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(lp.stopListening)
+        ing, port = self.ingress([lp.getHost().port])
+        data = await self.fetch(port, b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        self.assertTrue(data.endswith(b"ok"), data)
+        data = await self.fetch(port, b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        self.assertIn(b" 503 ", data.split(b"\r\n")[0])  # no other replica
+        self.assertEqual((factory.accepted, ing.listener(port).failed), (1, 1))
+
+    async def test_kept_connections_give_up_on_unacknowledged_bytes(self):
+        _, _, rp = self.replica("a")
+        ing, port = self.ingress([rp])
+        await self.fetch(port, b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        (up,) = ing.listener(port).routes[None].backends[f"r{rp}"].idle
+        sock = up.transport.getHandle()
+        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+                         proxy.UNACKED_MS)
 
     async def test_a_slow_idle_connection_is_not_reused(self):
         _, counting, rp = self.replica("a")

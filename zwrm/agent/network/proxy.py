@@ -25,6 +25,7 @@ HTTP with C{X-Forwarded-Proto: https}.
 
 import itertools
 import re
+import socket
 
 from twisted.internet import main, protocol, ssl, tcp
 from twisted.internet.defer import Deferred
@@ -329,8 +330,18 @@ _SPECIAL = (b"\r\nconnection:", b"\r\nkeep-alive:", b"\r\nproxy-connection:", b"
 _HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade",
                   b"http2-settings"))
 _PLAIN = (tcp.Server, tcp.Client)
+_TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)  # Linux
 #: idle connections kept to one replica (newest reused first)
 POOL_SIZE = 32
+#: a connection to a replica whose sent bytes go unacknowledged this long (ms) is given
+#: up by the kernel (TCP_USER_TIMEOUT): a replica whose VM was killed answers nothing,
+#: not even a reset, and a request sent on a kept connection to it would wait for TCP's
+#: retransmissions (minutes); this way it goes to another replica within seconds
+UNACKED_MS = 3000
+#: a kept connection lost this soon after the request was sent, before any answer, was
+#: closed by the replica as the request went out (its idle timeout): the request is sent
+#: again on a new connection, the same replica allowed.  Later, the replica is skipped.
+STALE_WINDOW = 1.0
 #: an idle pooled connection older than this is closed rather than reused: most servers
 #: close theirs after 5 s or more, and a request sent as one closes is retried anyway
 POOL_IDLE = 4.0
@@ -463,6 +474,12 @@ class _UpConn(protocol.Protocol):
 
     def connectionMade(self):
         _nodelay(self.transport)
+        if _TCP_USER_TIMEOUT is not None:
+            try:
+                self.transport.getHandle().setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT,
+                                                      UNACKED_MS)
+            except OSError:
+                pass
         d, self.connected_d = self.connected_d, None
         if d is not None:
             d.callback(self)
@@ -529,6 +546,7 @@ class _HTTPClient(protocol.Protocol):
     tried = ()
     fresh = False  # a new connection for this request (a kept one was closed under it)
     sent = None  # the request as the replica gets it, kept until it answers (replay)
+    sent_at = 0.0
     coupled = False  # the client's connection is the producer of the replica's
     body_left = 0
     body_chunks = None
@@ -841,6 +859,7 @@ class _HTTPClient(protocol.Protocol):
     def _attach(self, up):
         self.up = up
         up.client = self
+        self.sent_at = self.listener.reactor.seconds()
         self.transport.registerProducer(up.transport, True)  # the response paces the replica
         sent = self.sent
         _write(up.transport, sent)
@@ -1096,7 +1115,7 @@ class _HTTPClient(protocol.Protocol):
             self.transport.unregisterProducer()
             if self.coupled:
                 self.coupled = False
-            if up.reused:
+            if up.reused and self.listener.reactor.seconds() - self.sent_at < STALE_WINDOW:
                 self.fresh = True
             else:
                 self.tried += (b.key,)
