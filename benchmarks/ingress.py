@@ -3,9 +3,12 @@ The ingress against going direct, and the overlay against the same namespaces wi
 
     .venv/bin/python benchmarks/ingress.py [--requests 3000] [--concurrency 8] [--seconds 5]
                                            [--rounds 3] [--skip-overlay] [--loopback]
+                                           [--compare-proxy PROXY_PY] [--profile FILE]
 
-Needs root (network namespaces, L{zwrm.testing.netns}); C{--loopback} runs only the old
-proxy-on-127.0.0.1 figures, without root.
+Needs root (network namespaces, L{zwrm.testing.netns}); C{--loopback} runs only the
+proxy on 127.0.0.1 (C{tcp} and C{http} modes, with the CPU per request), without root.
+C{--compare-proxy OLD_PROXY_PY} adds a row with another version of the proxy (same run);
+C{--profile FILE} writes a cProfile of the proxy's process.
 
 1. B{Ingress}: host C{h1} (a namespace) with zwrm's L{zwrm.agent.network.host.HostNetwork}
    (bridge, rules) and a "guest" namespace on its bridge (a veth where the VM's TAP would be:
@@ -258,35 +261,55 @@ def ingress_bench(requests, concurrency, rounds=3, profile=None, compare=None):
 
 
 def loopback_bench(requests, concurrency, rounds=3):
+    """
+    The proxy on 127.0.0.1, in C{tcp} mode (a pipe per connection) and C{http} mode (kept
+    connections to the replica), against the replica directly: the proxy's own cost where
+    a direct connection is as cheap as it gets.  Also the CPU each process spends per
+    request (from /proc).
+    """
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     srv = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
     backend = int(srv.stdout.readline())
-    port = free_port()
-    ing = subprocess.Popen([sys.executable, "-c", INGRESS, str(port), str(backend)],
-                           stdout=subprocess.PIPE, text=True, env=env)
+    procs = [srv]
+    targets = {"direct": (backend, None)}
     try:
-        assert ing.stdout.readline().strip() == "ready"
-        load(backend, 200, concurrency)  # warm up both
-        load(port, 200, concurrency)
-        direct, proxied = [], []
+        for mode in ("tcp", "http"):
+            port = free_port()
+            ing = subprocess.Popen([sys.executable, "-c", INGRESS, str(port), str(backend),
+                                    "127.0.0.1", "127.0.0.1", mode],
+                                   stdout=subprocess.PIPE, text=True, env=env)
+            procs.append(ing)
+            assert ing.stdout.readline().strip() == "ready"
+            targets[f"proxy ({mode})"] = (port, ing)
+        rows = {k: [] for k in targets}
+        cpu = {k: [] for k in targets}
+        for port, _ in targets.values():
+            load(port, 200, concurrency)  # warm up
+        before = _load_average()
         for _ in range(rounds):
-            direct.append(load(backend, requests, concurrency))
-            proxied.append(load(port, requests, concurrency))
+            for k, (port, ing) in targets.items():
+                c0 = (_cpu(srv.pid), _cpu(ing.pid) if ing else 0.0)
+                rows[k].append(load(port, requests, concurrency))
+                c1 = (_cpu(srv.pid), _cpu(ing.pid) if ing else 0.0)
+                cpu[k].append([1e6 * (b - a) / requests for a, b in zip(c0, c1, strict=True)])
     finally:
-        for p in (srv, ing):
+        for p in procs:
             p.terminate()
             p.wait()
-
-    def med(rs, k):
-        return statistics.median(r[k] for r in rs)
-
     print("1. ingress on 127.0.0.1 (the proxy; HTTP/1.0, new connection per request, "
           f"{requests} requests x {rounds} rounds, concurrency {concurrency}, medians)")
-    for name, rs in (("direct", direct), ("ingress", proxied)):
-        print(f"   {name:8} {med(rs, 'rps'):8.0f} req/s   p50 {med(rs, 'p50'):6.2f} ms   "
-              f"p99 {med(rs, 'p99'):6.2f} ms")
-    print(f"   throughput ratio {med(proxied, 'rps') / med(direct, 'rps'):.2f}x (goal >= 0.8x); "
-          f"p99 added {med(proxied, 'p99') - med(direct, 'p99'):+.2f} ms (goal <= 1 ms)")
+    print(f"   {before} at the start, {_load_average()} at the end")
+    _print_rows(rows)
+    for k, cs in cpu.items():
+        print(f"   CPU per request, {k:12}: replica {statistics.median(c[0] for c in cs):4.0f} us"
+              + (f", proxy {statistics.median(c[1] for c in cs):4.0f} us" if k != "direct" else ""))
+
+
+def _cpu(pid):
+    """User + system CPU seconds of process C{pid} so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _throughput(net, server_host, client_host, address, seconds, server_argv_prefix=None,
