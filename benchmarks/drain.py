@@ -174,8 +174,12 @@ async def compare(reactor, cp, agents, runs, data_mb, volume_mb):
     try:
         for n in range(runs):
             for mode in ("live", "cold"):
-                host = (await status(reactor, cp, "bench"))["machines"][0]["host_id"]
                 await task.deferLater(reactor, 2, lambda: None)
+                machines = (await status(reactor, cp, "bench"))["machines"]
+                running = [x for x in machines if x["state"] == "running"]
+                if len(running) != 1:
+                    raise RuntimeError(f"not one running machine: {machines}")
+                host = running[0]["host_id"]
                 before = load()
                 t0 = time.monotonic()
                 out = await cli(reactor, cp, "host", "drain", host, "--mode", mode,
@@ -183,6 +187,8 @@ async def compare(reactor, cp, agents, runs, data_mb, volume_mb):
                                 timeout=600)
                 total = time.monotonic() - t0
                 s = json.loads(out)
+                if len(s["migrations"]) != 1:
+                    raise RuntimeError(f"{mode} drain of {host}: {s}; machines {machines}")
                 [mg] = s["migrations"]
                 if s["state"] != "completed" or mg.get("mode") != mode:
                     raise RuntimeError(f"{mode} drain {s['state']} ({mg.get('mode')}): {mg}")
@@ -191,7 +197,8 @@ async def compare(reactor, cp, agents, runs, data_mb, volume_mb):
                 figures[mode].append((pause, gap, total))
                 print(f"run {n + 1} {mode:4}: pause {pause * 1000:7.0f} ms "
                       f"({'QEMU-reported' if mode == 'live' else 'stop to healthy'}), "
-                      f"client gap {gap:5.2f} s, total {total:6.2f} s "
+                      f"client gap {gap:5.2f} s, total {total:6.2f} s, "
+                      f"copied {mg['bytes_sent']} of {mg['bytes_total']} bytes "
                       f"[{before} -> {load()}]", flush=True)
                 await cli(reactor, cp, "host", "activate", host)
     finally:
