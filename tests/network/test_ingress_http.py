@@ -317,6 +317,33 @@ class FramingTests(_Base):
         await until(lambda: c.lost)
         self.assertTrue(c.data.endswith(b"\r\nConnection: close\r\n\r\nuntil the end"), c.data)
 
+    async def test_a_head_with_bare_line_feeds(self):
+        # As a CGI script behind busybox httpd writes it (the test image's web page).
+        class Cgi(Protocol):
+            def dataReceived(self, data):
+                self.transport.write(b"HTTP/1.1 200 OK\r\n")
+                self.transport.write(b"Content-Type: text/html\n\n<html>page</html>\n")
+                self.transport.loseConnection()
+
+        _, port = self.ingress([self.scripted(Cgi)])
+        for version in (b"1.1", b"1.0"):
+            data = await self.fetch(port, b"GET / HTTP/" + version + b"\r\nHost: x\r\n\r\n")
+            head, _, body = data.partition(b"\r\n\r\n")
+            self.assertEqual(head.split(b"\r\n")[:2], [b"HTTP/1.1 200 OK",
+                                                       b"Content-Type: text/html"], data)
+            self.assertNotIn(b"\n", head.replace(b"\r\n", b""))
+            self.assertEqual(body, b"<html>page</html>\n")
+
+    async def test_a_replica_that_breaks_off_in_its_head_is_a_502(self):
+        class Half(Protocol):
+            def dataReceived(self, data):
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Le")
+                self.transport.loseConnection()
+
+        _, port = self.ingress([self.scripted(Half)])
+        data = await self.fetch(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(data.startswith(b"HTTP/1.1 502 "), data)
+
     async def test_hop_by_hop_and_forwarding_headers(self):
         app, _, rp = self.replica("a")
         _, port = self.ingress([rp], domain="a.test")

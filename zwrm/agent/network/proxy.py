@@ -319,6 +319,7 @@ class _Client(protocol.Protocol):
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 #: a request's header fields (after its first line): each a token, a colon, a value
 #: without CR or LF
 _FIELDS = re.compile(rb"(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*)*\Z")
@@ -926,16 +927,19 @@ class _HTTPClient(protocol.Protocol):
         if self.rbuf:
             data, self.rbuf = self.rbuf + data, b""
         while True:
-            end = data.find(b"\r\n\r\n")
-            if end < 0:
+            # RFC 9112 2.2: a bare LF ends a line too (CGI scripts write such heads).
+            m = _BLANK_LINE.search(data)
+            if m is None:
                 if len(data) > MAX_HEAD:
                     self._response_broken()
                 else:
                     self.rbuf = data
                 return None
-            head, rest = data[:end], data[end + 4:]
-            eol = head.find(b"\r\n")
-            first = head if eol < 0 else head[:eol]
+            end, stop = m.span()
+            head, rest = data[:end], data[stop:]
+            crlf = stop - end == 4 and head.count(b"\n") == head.count(b"\r\n")
+            eol = head.find(b"\n")
+            first = head if eol < 0 else head[:eol].rstrip(b"\r")
             if first[:7] != b"HTTP/1." or first[8:9] != b" " or not first[9:12].isdigit():
                 self._response_broken()
                 return None
@@ -945,7 +949,7 @@ class _HTTPClient(protocol.Protocol):
                 return None
             if 100 <= code < 200 and code != 101:
                 if self.v11:  # RFC 9110 15.2: never to an HTTP/1.0 client
-                    _write(self.transport, data[:end + 4])
+                    _write(self.transport, data[:stop])
                 data = rest
                 if not data:
                     return None
@@ -955,11 +959,11 @@ class _HTTPClient(protocol.Protocol):
         te = False
         chunked = False
         close = first[:8] != b"HTTP/1.1"
-        drop = False
+        drop = not crlf  # a head with bare LFs goes on rewritten with CRLFs
         lines = None
         lower = head.lower()
         i = lower.find(b"\r\ncontent-length:")
-        if (i >= 0 and b"\r\ntransfer-encoding:" not in lower and b"\r\nconnection:" not in lower
+        if (crlf and i >= 0 and b"\r\ntransfer-encoding:" not in lower and b"\r\nconnection:" not in lower
                 and b"keep-alive:" not in lower and lower.find(b"\r\ncontent-length:", i + 17) < 0):
             # The usual answer: one Content-Length, nothing of this hop's to remove.
             j = head.find(b"\r\n", i + 17)
@@ -968,7 +972,8 @@ class _HTTPClient(protocol.Protocol):
                 clen = int(v)
                 lines = ()
         if lines is None:
-            lines = head.split(b"\r\n")[1:]
+            lines = head.split(b"\r\n")[1:] if crlf else \
+                [ln.rstrip(b"\r") for ln in head.split(b"\n")[1:]]
         for line in lines:
             name, _, value = line.partition(b":")
             lname = name.strip().lower()
@@ -991,7 +996,7 @@ class _HTTPClient(protocol.Protocol):
             if not self.upgrading:
                 self._response_broken()
                 return None
-            _write(self.transport, data[:end + 4])
+            _write(self.transport, data[:stop])
             self._tunnel()
             return rest
         keep = self.keep and self.state == _WAIT
@@ -1037,7 +1042,7 @@ class _HTTPClient(protocol.Protocol):
             _write(self.transport, data if out is None else out + rest)
             self._response_done()
             return None
-        _write(self.transport, data[:end + 4] if out is None else out)
+        _write(self.transport, data[:stop] if out is None else out)
         if self.rstate == _R_NONE:
             if rest:
                 self.reusable = False
@@ -1132,7 +1137,9 @@ class _HTTPClient(protocol.Protocol):
         b, self.backend = self.backend, None
         if b is not None:
             b.conns.discard(self)
-        if not self.replied:
+        if self.rstate == _R_HEAD:  # it ended before its answer's head was through
+            log.info("ingress: {b}:{p} closed in the middle of its answer's head",
+                     b=getattr(b, "host", "?"), p=getattr(b, "port", "?"))
             self._refuse(502)
         else:
             self._close()
