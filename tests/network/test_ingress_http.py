@@ -448,6 +448,14 @@ class DrainTests(_Base):
         self.assertFalse(slow.lost)
         await until(lambda: slow.lost, what="the drain timeout to cut it")
 
+    async def test_kept_alive_clients_between_requests_are_closed_with_the_port(self):
+        _, _, rp = self.replica("a")
+        ing, port = self.ingress([rp])
+        idle = await self.client(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await until(lambda: idle.data.endswith(b"replica a"))
+        ing.set_routes({})  # the port is no longer published
+        await until(lambda: idle.lost, what="the idle client to be closed")
+
     async def test_least_connections_per_request(self):
         (a, _, pa), (b, _, pb) = self.replica("a"), self.replica("b")
         _, port = self.ingress([pa, pb])

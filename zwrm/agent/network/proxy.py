@@ -568,6 +568,7 @@ class _HTTPClient(protocol.Protocol):
         self.xff = peer_addr.encode("latin-1")
 
     def connectionMade(self):
+        self.listener.clients.add(self)
         t = self.transport
         _nodelay(t)
         if t.__class__ is tcp.Server and not t.TLS:
@@ -1167,6 +1168,7 @@ class _HTTPClient(protocol.Protocol):
     def connectionLost(self, reason):
         self.closed = True
         self.state = _CLOSED
+        self.listener.clients.discard(self)
         self._drop_upstream()
 
 
@@ -1182,6 +1184,13 @@ class _Listener(protocol.Factory):
         self.routes = {}  # domain (or None for tcp / default) -> Route
         self.failed = 0
         self.listening = None
+        self.clients = set()  # HTTP mode: the open client connections
+
+    def close_idle_clients(self):
+        """The port is no longer published: kept-alive clients between requests are closed."""
+        for c in list(self.clients):
+            if c.state == _HEAD and not c.buf:
+                c.close()
 
     def route_for(self, host):
         if not self.http:
@@ -1365,6 +1374,8 @@ class Ingress:
         for route in lst.routes.values():
             for b in route.backends.values():
                 self._drain(b)
+        if lst.http:
+            lst.close_idle_clients()
         return lst.listening.stopListening()
 
     def close(self):
