@@ -19,16 +19,24 @@ from zwrm.cli import drain as cli_drain
 from zwrm.testing.processes import poll
 
 
+async def plane_with_an_agent(testcase):
+    """
+    An in-process control plane and one registered agent; the CLI uses an operator token.
+    @return: C{(plane, host_id)}.
+    """
+    plane, tmp = await start_plane(testcase)
+    agent = make_agent(testcase, plane, os.path.join(tmp, "a1"))
+    await agent.registered
+    testcase.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
+    return plane, agent.identity.host_id
+
+
 class FollowTests(TestCase):
     timeout = 60
 
     @d
     async def test_watch_follows_the_drains_events(self):
-        plane, tmp = await start_plane(self)
-        agent = make_agent(self, plane, os.path.join(tmp, "a1"))
-        await agent.registered
-        host_id = agent.identity.host_id
-        self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
+        plane, host_id = await plane_with_an_agent(self)
         # Only events can wake it: no read of the status on a timer during this test.
         self.patch(cli_drain, "REFRESH", 3600.0)
         self.patch(cli_drain, "POLL_INTERVAL", 3600.0)

@@ -7,14 +7,13 @@ status lines.
 
 import io
 import json
-import os
 import sys
 
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.agent.test_membership import make_agent, start_plane
 from tests.cli.test_cli import Args, d
+from tests.cli.test_drain_follow import plane_with_an_agent
 from zwrm.cli import client, main
 from zwrm.cli import drain as cli_drain
 from zwrm.cli.client import CliError
@@ -63,11 +62,7 @@ class ModeCallTests(TestCase):
 
     @d
     async def test_the_mode_reaches_the_control_plane(self):
-        plane, tmp = await start_plane(self)
-        agent = make_agent(self, plane, os.path.join(tmp, "a1"))
-        await agent.registered
-        host_id = agent.identity.host_id
-        self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
+        plane, host_id = await plane_with_an_agent(self)
         sent = []
         call = cli_drain.call
 

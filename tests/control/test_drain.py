@@ -327,6 +327,55 @@ def _facts():
     return dict(FACTS)
 
 
+async def drain_and_wait(c, host, **kw):
+    """Drain C{host} until the drain ends. @return: (the call's answer, the drain's status)."""
+    kw.setdefault("min_healthy", 2)
+    kw.setdefault("healthy_deadline", 30)
+    kw.setdefault("stop_timeout", 5)
+    result = await c.drains.drain(host, **kw)
+    run = c.drains.active.get(host)
+    if run is not None:
+        await c.settle(run.done)
+    return result, await c.drains.drain_status(host)
+
+
+async def restart(testcase, c, src):
+    """The control plane dies (its drains stop) and a new one resumes; wait for the end."""
+    c.drains.stop()
+    c.drains = Drains(c.clock, c.store, c.registry, c.apps, c.publish)
+    testcase.assertEqual(await c.drains.resume(), 1)
+    await c.settle(c.drains.active[src].done)
+    return await c.drains.drain_status(src)
+
+
+async def crash_and_resume(testcase, c, src, phase, after):
+    """
+    Drain C{src}; the control plane dies right after storing C{phase} (before its step
+    acts), or with C{after} right after the step acted (before the next phase is stored);
+    a new one resumes. @return: the drain's status once it ended.
+    """
+    from twisted.internet.defer import CancelledError
+
+    step = getattr(c.drains, "_step_" + phase)
+    crashed = []
+
+    async def crash(drain, run):
+        if after:
+            await step(drain, run)
+        crashed.append(True)
+        raise CancelledError()
+
+    setattr(c.drains, "_step_" + phase, crash)
+    await c.drains.drain(src, min_healthy=1, healthy_deadline=30, stop_timeout=5)
+    for _ in range(3000):
+        if crashed:
+            break
+        await c.step()
+    where = f"crash {'after' if after else 'before'} {phase}"
+    testcase.assertEqual((await c.store.select("migrations"))[0]["phase"], phase, where)
+    return await restart(testcase, c, src)
+
+
 def write_known(path, seed, offsets=(0, 5 * MiB, 17 * MiB)):
     """Write recognizable blocks into a volume image; @return: its SHA-256."""
     with open(path, "r+b") as f:
@@ -355,15 +404,8 @@ class DrainRunTests(TestCase):
         status = await c.apps.deploy(name, spec)
         return status["machines"][0]
 
-    async def drain(self, c, host, **kw):
-        kw.setdefault("min_healthy", 2)
-        kw.setdefault("healthy_deadline", 30)
-        kw.setdefault("stop_timeout", 5)
-        result = await c.drains.drain(host, **kw)
-        run = c.drains.active.get(host)
-        if run is not None:
-            await c.settle(run.done)
-        return result, await c.drains.drain_status(host)
+    def drain(self, c, host, **kw):
+        return drain_and_wait(c, host, **kw)
 
     @d
     async def test_dry_run_plans_and_changes_nothing(self):
@@ -664,8 +706,6 @@ class DrainRunTests(TestCase):
         right after each step acted (before the next phase is stored): a new control plane
         resumes, and the move completes with the data intact.
         """
-        from twisted.internet.defer import CancelledError
-
         phases = ("bulk_copying", "stopping_source", "delta_copying", "starting_replacement",
                   "waiting_healthy", "committing", "cleaning")
         for phase, after in product(phases, (False, True)):
@@ -675,28 +715,7 @@ class DrainRunTests(TestCase):
             dst = "h-b" if src == "h-a" else "h-a"
             vid = m["volumes"][0]
             before = write_known(c.store_of(src).path(vid), "v1")
-            step = getattr(c.drains, "_step_" + phase)
-
-            crashed = []
-
-            async def crash(drain, run, step=step, after=after, crashed=crashed):
-                if after:
-                    await step(drain, run)
-                crashed.append(True)
-                raise CancelledError()
-
-            setattr(c.drains, "_step_" + phase, crash)
-            await c.drains.drain(src, min_healthy=1, healthy_deadline=30, stop_timeout=5)
-            for _ in range(3000):
-                if crashed:
-                    break
-                await c.step()
-            self.assertEqual((await c.store.select("migrations"))[0]["phase"], phase)
-            c.drains.stop()
-            c.drains = Drains(c.clock, c.store, c.registry, c.apps, c.publish)
-            self.assertEqual(await c.drains.resume(), 1)
-            await c.settle(c.drains.active[src].done)
-            status = await c.drains.drain_status(src)
+            status = await crash_and_resume(self, c, src, phase, after)
             where = f"crash {'after' if after else 'before'} {phase}"
             self.assertEqual(status["state"], "completed", (where, status["migrations"][0]["error"]))
             self.assertEqual(sha(c.store_of(dst).path(vid)), before, where)

@@ -17,10 +17,16 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.control.test_apps import d, procedures
-from tests.control.test_drain import DrainCluster, sha, write_known
+from tests.control.test_drain import (
+    DrainCluster,
+    crash_and_resume,
+    drain_and_wait,
+    restart,
+    sha,
+    write_known,
+)
 from zwrm import errors, pki
 from zwrm.agent.live import LiveMigrations
-from zwrm.control.drain import Drains
 from zwrm.control.live_drain import live_refusal
 from zwrm.control.migration import Migration
 from zwrm.drivers.fake_live import FakeNetwork
@@ -107,30 +113,15 @@ async def live_setup(testcase, **kw):
     return c, m, src, dst, vid, before
 
 
-async def restart(testcase, c, src):
-    """The control plane dies (its drains stop) and a new one resumes; wait for the end."""
-    c.drains.stop()
-    c.drains = Drains(c.clock, c.store, c.registry, c.apps, c.publish)
-    testcase.assertEqual(await c.drains.resume(), 1)
-    await c.settle(c.drains.active[src].done)
-    return await c.drains.drain_status(src)
-
-
 class LiveDrainTests(TestCase):
     timeout = 120
 
     def setup(self, **kw):
         return live_setup(self, **kw)
 
-    async def drain(self, c, host, **kw):
+    def drain(self, c, host, **kw):
         kw.setdefault("min_healthy", 1)
-        kw.setdefault("healthy_deadline", 30)
-        kw.setdefault("stop_timeout", 5)
-        result = await c.drains.drain(host, **kw)
-        run = c.drains.active.get(host)
-        if run is not None:
-            await c.settle(run.done)
-        return result, await c.drains.drain_status(host)
+        return drain_and_wait(c, host, **kw)
 
     def phases(self, c):
         """The phases announced (each is stored first), in order."""
@@ -685,28 +676,10 @@ class LiveCrashTests(TestCase):
         """
         from itertools import product
 
-        from twisted.internet.defer import CancelledError
-
         for phase, after in product(LIVE_PATH[:4], (False, True)):
             c, m, src, dst, vid, before = await live_setup(self)
-            step = getattr(c.drains, "_step_" + phase)
-            crashed = []
-
-            async def crash(drain, run, step=step, after=after, crashed=crashed):
-                if after:
-                    await step(drain, run)
-                crashed.append(True)
-                raise CancelledError()
-
-            setattr(c.drains, "_step_" + phase, crash)
-            await c.drains.drain(src, min_healthy=1, healthy_deadline=30, stop_timeout=5)
-            for _ in range(3000):
-                if crashed:
-                    break
-                await c.step()
+            status = await crash_and_resume(self, c, src, phase, after)
             where = f"crash {'after' if after else 'before'} {phase}"
-            self.assertEqual((await c.store.select("migrations"))[0]["phase"], phase, where)
-            status = await restart(self, c, src)
             mg = status["migrations"][0]
             self.assertEqual((status["state"], mg["mode"]), ("completed", "live"),
                              (where, mg["error"]))

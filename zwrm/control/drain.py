@@ -1043,26 +1043,17 @@ class Drains(LiveSteps):
         why = (f"to confirm that replacement {new_id} is gone before the original starts "
                f"again on {run.row['source_host']}")
         while True:
-            if self._stopped:
-                raise CancelledError()
             try:
-                if not self._reachable(target):
-                    raise errors.Unavailable(f"host {target} is not available")
-                try:
-                    await self._call(target, "machine.destroy", new_id)
-                except errors.NotFound:
-                    pass  # its agent does not know it: it does not run there
-                rep = await self._machines.get(new_id)
+                await self._ask(run, target, "machine.destroy", new_id, why=why, poll=poll)
+            except errors.NotFound:
+                pass  # its agent does not know it: it does not run there
+            rep = await self._machines.get(new_id)
+            try:
                 if rep is not None:
                     await self._replicas.remove_machine(rep)
-                await self._set_waiting(run, None)
                 return
             except errors.Unavailable:
-                await self._set_waiting(run, target, why)
-                if self._reachable(target):
-                    await self._sleep(poll)  # it counts as reachable; a call failed: again
-                else:
-                    await self._next_host_event(target)  # back, or another change of it
+                await self._sleep(poll)  # lost again in between: ask it again
 
     async def _drop_replacement(self, new_id, target):
         """
