@@ -186,6 +186,29 @@ class Drains(LiveSteps):
             timer.append(self._clock.callLater(max(0.0, timeout), fire, False))
         return d
 
+    async def _ask(self, run, host, verb, *args, why, poll=1.0):
+        """
+        Call C{verb} on C{host}; while the host cannot be reached, wait for it (the
+        migration records what it waits for): a rollback's fence and a live move are
+        resolved only by what the agents say.  Other errors are raised.
+        """
+        while True:
+            if self._stopped:
+                raise CancelledError()
+            try:
+                if not self._reachable(host):
+                    raise errors.Unavailable(f"host {host} is not available")
+                result = await self._call(host, verb, *args)
+            except errors.Unavailable:
+                await self._set_waiting(run, host, why)
+                if self._reachable(host):
+                    await self._sleep(poll)  # it counts as reachable; a call failed: again
+                else:
+                    await self._next_host_event(host)
+                continue
+            await self._set_waiting(run, None)
+            return result
+
     # -- operator procedures -----------------------------------------------------------
 
     def _host(self, host_id):

@@ -164,31 +164,6 @@ class LiveSteps:
             raise errors.Conflict("a live drain is not possible (nothing changed): "
                                   + "; ".join(refused))
 
-    # -- asking agents, waiting for them while they are away ---------------------------
-
-    async def _ask(self, run, host, verb, *args, why, poll=1.0):
-        """
-        Call C{verb} on C{host}; while the host cannot be reached, wait for it (the
-        migration records what it waits for): a live move is resolved only by what its
-        agents say.  Other errors are raised.
-        """
-        while True:
-            if self._stopped:
-                raise CancelledError()
-            try:
-                if not self._reachable(host):
-                    raise errors.Unavailable(f"host {host} is not available")
-                result = await self._call(host, verb, *args)
-            except errors.Unavailable:
-                await self._set_waiting(run, host, why)
-                if self._reachable(host):
-                    await self._sleep(poll)  # it counts as reachable; a call failed: again
-                else:
-                    await self._next_host_event(host)
-                continue
-            await self._set_waiting(run, None)
-            return result
-
     def _live_ids(self, run):
         r = run.row
         return r["source_host"], r["target_host"], r["machine_id"], run.detail.get("replacement")
