@@ -841,7 +841,7 @@ class _HTTPClient(protocol.Protocol):
     def _connected(self, up):
         if self.state == _CLOSED or self.backend is not up.backend or self.up is not None:
             # Nobody waits for it any more: a spare for the next request.
-            if up.backend.draining or up.transport is None:
+            if up.backend.draining:
                 up.transport.loseConnection()
             else:
                 up.backend.give(up, self.listener.reactor.seconds())
