@@ -5,12 +5,13 @@ In-process autobahn ApplicationSessions attached to the router (no sockets).
 from autobahn.twisted.wamp import ApplicationSession
 from autobahn.wamp import message
 from autobahn.wamp.exception import ApplicationError
-from autobahn.wamp.types import ComponentConfig, PublishOptions
+from autobahn.wamp.types import CallResult, ComponentConfig, PublishOptions, RegisterOptions
 from twisted.internet import defer
 from twisted.trial import unittest
 
 from tests.wamp.helpers import TICKETS, RouterTestMixin
 from zwrm.errors import NotFound
+from zwrm.wamp.local import LocalCallee
 
 
 class Control(ApplicationSession):
@@ -262,3 +263,94 @@ class LocalDeliveryTests(RouterTestMixin, unittest.TestCase):
         clock.advance(0)
         self.assertEqual(ran, [1, 2, 3, 4, 5, 6, 7, 8])
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class LeanControl(LocalCallee, Control):
+    """L{Control} taking its INVOCATIONs from the router's lists."""
+
+    async def onJoin(self, details):
+        await Control.onJoin(self, details)
+        self.pending = defer.Deferred()
+        self.canceled = []
+        self.pending.addErrback(lambda f: self.canceled.append(f.type) or f)
+        await self.register(self.who, "zwrm.who", options=RegisterOptions(details_arg="details"))
+        await self.register(lambda: self.pending, "zwrm.wait")
+        await self.register(self.broken, "zwrm.broken")
+        await self.register(lambda *a, **kw: [list(a), kw], "zwrm.echo")
+        await self.register(lambda: CallResult(1, 2, k=3), "zwrm.many")
+        await self.register(self.later, "zwrm.later")
+
+    def who(self, details=None):
+        return [details.caller_authid, details.caller_authrole, details.procedure]
+
+    def broken(self):
+        raise KeyError("boom")
+
+    async def later(self, x):
+        return x * 2
+
+
+class LocalCalleeTests(RouterTestMixin, unittest.TestCase):
+    """
+    A L{LocalCallee} answers the router's INVOCATION lists itself, with the same results
+    and errors as autobahn's own path.
+    """
+
+    def attach(self, cls):
+        d = self.router.attach(cls(ComponentConfig(realm="zwrm")), "control", "trusted")
+        self.pump()
+        return self.successResultOf(d)
+
+    CALLS = [("zwrm.add", [2, 3], None), ("zwrm.lookup", ["h9"], None), ("zwrm.who", None, None),
+             ("zwrm.broken", None, None), ("zwrm.echo", [1, "a"], {"k": [True]}), ("zwrm.many", None, None),
+             ("zwrm.later", [21], None), ("zwrm.add", [1], None), ("zwrm.echo", None, None)]
+
+    def answers(self, cls):
+        """What an operator's calls to C{cls}'s procedures get back (marshalled messages)."""
+        s = self.attach(cls)
+        if not hasattr(s, "who"):  # the plain Control: the same procedures, autobahn's path
+            for name in ("who", "broken", "later"):
+                setattr(s, name, getattr(LeanControl, name).__get__(s))
+            for uri, fn, opts in [("zwrm.who", s.who, RegisterOptions(details_arg="details")),
+                                  ("zwrm.broken", s.broken, None),
+                                  ("zwrm.echo", lambda *a, **kw: [list(a), kw], None),
+                                  ("zwrm.many", lambda: CallResult(1, 2, k=3), None),
+                                  ("zwrm.later", s.later, None)]:
+                s.register(fn, uri, options=opts)
+            self.pump()
+        op = self.join("op")
+        for i, (uri, args, kwargs) in enumerate(self.CALLS, 1):
+            op.send(message.Call(i, uri, args=args, kwargs=kwargs))
+        self.pump()
+        got = {m.request: m.marshal() for m in op.take()}
+        self.flushLoggedErrors(KeyError, TypeError)
+        s.leave()
+        self.pump()
+        return s, [got[i] for i in range(1, len(self.CALLS) + 1)]
+
+    def test_same_answers_as_autobahns_path(self):
+        plain, expected = self.answers(Control)
+        lean, got = self.answers(LeanControl)
+        self.assertEqual(got, expected)
+        self.assertEqual(got[0], [50, 1, {}, [5]])
+        self.assertEqual(got[2][3], [["op", "operator", "zwrm.who"]])
+        self.assertEqual(got[3][4], "wamp.error.runtime_error")
+        self.assertEqual(got[5], [50, 6, {}, [1, 2], {"k": 3}])
+        self.assertEqual(got[6], [50, 7, {}, [42]])
+        self.assertEqual(lean.lean_invocations, len(self.CALLS))
+        self.assertEqual(plain.lean_invocations if hasattr(plain, "lean_invocations") else 0, 0)
+
+    def test_interrupt_cancels_a_pending_answer(self):
+        s = self.attach(LeanControl)
+        op = self.join("op")
+        op.send(message.Call(1, "zwrm.wait"))
+        self.pump()
+        self.assertEqual(op.take(), [])
+        self.assertEqual(len(s._invocations), 1)
+        op.send(message.Cancel(1, mode="kill"))
+        self.pump()
+        self.assertEqual(s.canceled, [defer.CancelledError])
+        [err] = op.take()
+        self.assertEqual(err.error, "wamp.error.canceled")
+        self.assertEqual(s._invocations, {})
+        self.flushLoggedErrors(defer.CancelledError)

@@ -39,6 +39,7 @@ from zwrm.control import schema
 from zwrm.control.store import hash_secret
 from zwrm.control.tokens import RESET_TTL
 from zwrm.hostid import current_host_id
+from zwrm.wamp.local import LocalCallee
 
 DETAILS = RegisterOptions(details_arg="details")
 
@@ -224,10 +225,11 @@ def guarded(uri, endpoint, options, log):
     return call
 
 
-class ControlSession(ApplicationSession):
+class ControlSession(LocalCallee, ApplicationSession):
     """
     The control component's session.  Every procedure it registers is checked against its
-    schema in L{zwrm.control.schema} first (see L{guarded}).
+    schema in L{zwrm.control.schema} first (see L{guarded}).  Attached to the embedded
+    router, it takes its INVOCATIONs as lists (L{zwrm.wamp.local.LocalCallee}).
 
     @ivar apis: the objects whose C{@wamp.register} methods it registers on join.
     """

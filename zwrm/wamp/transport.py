@@ -785,7 +785,11 @@ class MemoryTransportPair:
     def _send_list(self, side, m):
         codec = codec_for(self.serializer) if self.serializer is not None else None
         if codec is None:
-            self._send(side, router_message(m))
+            if self.serializer is None and getattr(self.ends[side].handler, "on_list", None) is not None:
+                # a handler that takes lists (the router's session, a LocalCallee): no objects
+                self._enqueue(side, ("list", m))
+            else:
+                self._send(side, router_message(m))
             return
         try:
             payload = codec.dumps(m)
@@ -845,6 +849,8 @@ class MemoryTransportPair:
                     handler.onClose(True)
                 elif kind == "msg":
                     handler.onMessage(value)
+                elif kind == "list":
+                    handler.on_list(value)
                 else:
                     self._deliver_bytes(side, handler, value)
             except Exception:
