@@ -26,6 +26,7 @@ Procedures (realm C{zwrm}):
 
 import hmac
 import inspect
+from collections.abc import Coroutine
 
 from autobahn import wamp
 from autobahn.twisted.wamp import ApplicationSession
@@ -217,8 +218,15 @@ def guarded(uri, endpoint, options, log):
         procedure.check(args, kwargs)
         if details_arg:
             kwargs[details_arg] = details
-        d = defer.maybeDeferred(endpoint, *args, **kwargs)
-        return d.addErrback(internal)
+        try:
+            result = endpoint(*args, **kwargs)
+        except Exception:
+            return defer.fail().addErrback(internal)
+        if isinstance(result, Coroutine):
+            result = defer.Deferred.fromCoroutine(result)
+        if isinstance(result, defer.Deferred):
+            return result.addErrback(internal)
+        return result  # a plain answer (e.g. a heartbeat's): no Deferred to make and fire
 
     call.__name__ = getattr(endpoint, "__name__", "procedure")
     call.__doc__ = endpoint.__doc__

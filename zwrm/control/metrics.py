@@ -54,9 +54,15 @@ class CallLatencies:
             "zwrm_wamp_call_duration_seconds",
             "Time from a CALL to its answer (result, error, timeout or cancel), by procedure.",
             ["procedure"], buckets=LATENCY_BUCKETS, registry=None)
+        self._children = {}  # procedure URI -> its labelled histogram (one per heartbeat: cheap)
 
     def observe(self, procedure, seconds):
-        self.histogram.labels(procedure_label(procedure)).observe(max(0.0, seconds))
+        child = self._children.get(procedure)
+        if child is None:
+            if len(self._children) >= 4096:  # one per host and verb at most; keep it bounded
+                self._children.clear()
+            child = self._children[procedure] = self.histogram.labels(procedure_label(procedure))
+        child.observe(max(0.0, seconds))
 
     def collect(self):
         return self.histogram.collect()

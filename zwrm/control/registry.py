@@ -319,10 +319,11 @@ class HostRegistry:
         entry = self.hosts.note_heartbeat(host_id)
         if isinstance(stats, dict) and stats:
             entry.stats = _bounded_stats(stats)
-        if entry.machine.state == "offline" and not entry.reregistering:
+        state = entry.machine.state
+        if state == "offline" and not entry.reregistering:
             entry.reregistering = True
             self._clock.callLater(0, self._reregister, host_id)
-        return {"state": entry.machine.state, "heartbeat_interval": self.heartbeat_interval}
+        return {"state": state, "heartbeat_interval": self.heartbeat_interval}
 
     def _reregister(self, host_id):
         d = self._deferred(self.register(host_id, {}))

@@ -378,6 +378,7 @@ class Procedure:
         self.returns = returns
         self.errors = tuple(errors)
         self._by_name = {a.name: a for a in self.args}
+        self._names = ", ".join(a.name for a in self.args) or "none"
 
     def check(self, args, kwargs):
         """
@@ -385,7 +386,7 @@ class Procedure:
 
         @raise errors.InvalidArgument: naming the argument at fault (keyword C{argument}).
         """
-        names = ", ".join(a.name for a in self.args) or "none"
+        names = self._names
         if len(args) > len(self.args):
             raise errors.InvalidArgument(
                 f"{self.uri} takes at most {len(self.args)} argument"
