@@ -365,3 +365,53 @@ class LiveDrainTests(TestCase):
         self.assertEqual((vm["host_id"], vm["state"]), (dst.host_id, "running"), app)
         self.assertEqual(len(qemus_using(vid)), 1)
         await self.check_writes(writer, vm["host_port"])
+
+    # -- the target's agent killed (its QEMU lives) mid-migration ---------------------------
+
+    def test_target_agent_restarted_mid_migration(self):
+        return self._with_logs(self._target_agent_restarted)
+
+    async def _target_agent_restarted(self):
+        # The agent only (kill -9; its QEMU runs on, as after an agent crash): the migration
+        # goes on between the QEMUs, the target's machine waits paused (nobody resumes it),
+        # the source stays paused; the new agent process finds it paused and complete, the
+        # control plane has it resumed (live.resume) and the executor adopts it.
+        cp, src, dst, m, vid = await self.cluster(data_mb=160, volume_mb=256)
+        writer = Writer(self, cp, "web", m["host_port"]).start()
+        try:
+            await self.cli(cp, "host", "drain", src.host_id, "--mode", "live", "--detach")
+
+            async def migrating():
+                mg = (await self.drain_status(cp, src.host_id))["migrations"][0]
+                return mg["phase"] == "live_migrating"
+
+            await poll(reactor, migrating, 300, interval=0.2, what="live_migrating")
+            dst.signal(signal.SIGKILL)
+            await poll(reactor, lambda: not dst.running, 20, what="target agent dead")
+            await deferLater(reactor, 5, lambda: None)
+            self.assertLessEqual(len(qemus_using(vid)), 2)
+            await dst.start()
+
+            async def ended():
+                s = await self.drain_status(cp, src.host_id)
+                return s["state"] in ("completed", "incomplete", "cancelled")
+
+            await poll(reactor, ended, 500, interval=1.0, what="drain resolved")
+            await deferLater(reactor, 3, lambda: None)
+        finally:
+            await writer.stop()
+        s = await self.drain_status(cp, src.host_id)
+        self.assertEqual(s["state"], "completed", s)
+        [mg] = s["migrations"]
+        self.assertEqual((mg["phase"], mg["mode"]), ("done", "live"), mg)
+        app = json.loads(await self.cli(cp, "status", "web", "--json"))
+        [vm] = app["machines"]
+        self.assertEqual((vm["host_id"], vm["state"]), (dst.host_id, "running"), app)
+        self.assertEqual(len(qemus_using(vid)), 1)
+        # the new agent process adopted it: it reports its health, machine.* knows it
+        async def healthy():
+            [x] = json.loads(await self.cli(cp, "status", "web", "--json"))["machines"]
+            return x["health"] == "passing"
+
+        await poll(reactor, healthy, 120, interval=1.0, what="adopted machine healthy")
+        await self.check_writes(writer, vm["host_port"])
