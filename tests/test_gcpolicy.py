@@ -175,3 +175,26 @@ class CollectionStatsTests(SynchronousTestCase):
         stats = CollectionStats(timer=lambda: 1.0)
         stats("stop", {"generation": 1, "collected": 5, "uncollectable": 0})
         self.assertEqual(stats.collections, [0, 0, 0])
+
+
+class PauseProbeTests(SynchronousTestCase):
+    def test_longest_reactor_pause(self):
+        """
+        The probe's timer notes how late it fires: a reactor held up for 0.75 s (the clock
+        jumps) is a pause of 0.65 s at a 0.1 s probe; on-time ticks are none.
+        """
+        clock = Clock()
+        policy = CollectionPolicy(clock, probe_interval=0.1)
+        policy.startService()
+        self.addCleanup(lambda: policy.running and policy.stopService())
+        for _ in range(10):
+            clock.advance(0.1)
+        self.assertAlmostEqual(policy.max_pause_seconds, 0.0)
+        clock.advance(0.75)
+        self.assertAlmostEqual(policy.max_pause_seconds, 0.65)
+        clock.advance(0.1)
+        clock.advance(0.3)
+        self.assertAlmostEqual(policy.max_pause_seconds, 0.65)  # the longest since the start
+        self.assertIn("zwrm_reactor_pause_max_seconds 0.650000\n", "\n".join(policy.metrics()) + "\n")
+        policy.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])

@@ -36,6 +36,12 @@ L{CollectionPolicy} keeps the settled heap out of the collector's way:
     of the agents reconnect, or whose heap doubles, needs one.
 Every collection, automatic or not, is timed (C{gc.callbacks}); L{CollectionPolicy.stats}
 gives the figures that C{/metrics} shows.
+
+A collection is not the only thing that stops the reactor: so can a burst of work in
+one reactor turn (10,000 agents reconnecting at once).  While the policy runs, a timer
+every C{probe_interval} (0.1 s) notes how late it fires: C{/metrics}
+C{zwrm_reactor_pause_max_seconds} is the longest such pause since the start, whatever
+caused it, which bounds how long any heartbeat waited behind other work.
 """
 
 import gc as _gc
@@ -101,7 +107,7 @@ class CollectionPolicy(service.Service):
     log = Logger()
 
     def __init__(self, clock, interval=5.0, growth=1.0, churn=0.25, minimum=50_000,
-                 min_closed=1000, gc=_gc, timer=time.perf_counter):
+                 min_closed=1000, gc=_gc, timer=time.perf_counter, probe_interval=0.1):
         """
         @param clock: an L{IReactorTime} for the ticks.
         @param interval: seconds between ticks.
@@ -118,6 +124,7 @@ class CollectionPolicy(service.Service):
         @param min_closed: nor is churn while fewer sessions than this have closed.
         @param gc: the C{gc} module (the real one; a parameter for the tests only).
         @param timer: seconds, for timing collections.
+        @param probe_interval: seconds between the reactor-pause probe's ticks (0: no probe).
         """
         if interval <= 0:
             raise ValueError("interval must be positive")
@@ -144,6 +151,10 @@ class CollectionPolicy(service.Service):
         self._loop = None
         self._closed = self._open = None
         self._closed_at_full = 0
+        self.probe_interval = probe_interval
+        self.max_pause_seconds = 0.0  # the longest the reactor was late for the probe's timer
+        self._probe = None
+        self._probe_last = None
 
     def watch_sessions(self, closed, open):
         """
@@ -162,11 +173,28 @@ class CollectionPolicy(service.Service):
         self._loop = task.LoopingCall(self.tick)
         self._loop.clock = self._clock
         self._loop.start(self.interval, now=False)
+        if self.probe_interval:
+            self._probe_last = None
+            self._probe = task.LoopingCall(self._probe_tick)
+            self._probe.clock = self._clock
+            self._probe.start(self.probe_interval, now=True)
+
+    def _probe_tick(self):
+        """How late the probe's timer fired: a pause of the reactor (any cause)."""
+        now = self._clock.seconds()
+        if self._probe_last is not None:
+            late = now - self._probe_last - self.probe_interval
+            if late > self.max_pause_seconds:
+                self.max_pause_seconds = late
+        self._probe_last = now
 
     def stopService(self):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        if self._probe is not None and self._probe.running:
+            self._probe.stop()
+        self._probe = None
         self._gc.unfreeze()
         if self.stats in self._gc.callbacks:
             self._gc.callbacks.remove(self.stats)
@@ -255,5 +283,9 @@ class CollectionPolicy(service.Service):
             "# HELP zwrm_gc_last_young_seconds How long the last young collection took.",
             "# TYPE zwrm_gc_last_young_seconds gauge",
             f"zwrm_gc_last_young_seconds {self.last_young_seconds:.6f}",
+            "# HELP zwrm_reactor_pause_max_seconds The longest the reactor was late for a timer"
+            " since the start (a collection, or a burst of work in one turn).",
+            "# TYPE zwrm_reactor_pause_max_seconds gauge",
+            f"zwrm_reactor_pause_max_seconds {self.max_pause_seconds:.6f}",
         ]
         return lines
