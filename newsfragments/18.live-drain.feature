@@ -1,6 +1,6 @@
 `zwrm host drain --mode auto|live|cold` (default `auto`): a machine with volumes now moves live
-where both hosts can (their agents report the same CPU model and machine type, user
-networking): its volumes are mirrored and its RAM migrated while it runs, it pauses only for
+where both hosts can (their agents report the same CPU model, machine type and VM
+networking): it keeps its address on the cluster network, its volumes are mirrored and its RAM migrated while it runs, it pauses only for
 the switchover, and the moved volumes are verified against the source's frozen image before
 the source is deleted (a failed verification is logged as an error and deletes nothing).
 Otherwise, or when a live attempt gives up (the machine runs on at the source), it moves cold

@@ -91,6 +91,15 @@ class LiveDrainCluster(DrainCluster):
         return [(h, v) for h, v, _ in self.phase_at if v in names]
 
 
+async def addresses(c, *machine_ids):
+    """The stored address rows of C{machine_ids}: C{(address, host)} or L{None} each."""
+    out = []
+    for mid in machine_ids:
+        rows = await c.store.select("net_addresses", "machine_id = ?", [mid])
+        out.append((rows[0]["id"], rows[0]["host_id"]) if rows else None)
+    return out
+
+
 async def real_until(predicate, what, seconds=30.0):
     """A bounded poll in real time (the agents' fake migrations run on the real reactor)."""
     deadline = reactor.seconds() + seconds
@@ -166,6 +175,66 @@ class LiveDrainTests(TestCase):
         new_id = mg["replacement"]
         self.assertEqual(c.executors[dst][0].machine_status(new_id)["state"], "running")
         self.assertEqual(c.executors[src][0].list_machines(), [])
+
+    @d
+    async def test_the_machine_keeps_its_address_which_moves_at_the_switchover(self):
+        """
+        The guest keeps its address (bridge networking: it is in its memory): the target
+        is given the original's network spec; the stored address row moves to the
+        replacement on the target only once switched_over is stored, and the cleaning of
+        the original frees nothing of it.
+        """
+        from twisted.internet.defer import ensureDeferred
+
+        c, m, src, dst, vid, before = await self.setup()
+        [(address, host)] = await addresses(c, m["id"])
+        self.assertEqual(host, src)
+        seen, specs = {}, []
+
+        def at(verb):
+            def make(original):
+                def f(*args, details=None):
+                    run = next(iter(c.drains.active[src].migrations.values()))
+                    seen[verb] = ensureDeferred(addresses(c, m["id"],
+                                                          run.detail["replacement"]))
+                    if verb == "live.prepare":
+                        specs.append(args[1])
+                    if details is None:
+                        return original(*args)
+                    return original(*args, details=details)
+                return f
+            return make
+
+        c.wrap(dst, "live.prepare", at("live.prepare"))
+        c.wrap(src, "live.migrate", at("live.migrate"))
+        c.wrap(src, "live.hashes", at("live.hashes"))
+        _, status = await self.drain(c, src)
+        new_id = status["migrations"][0]["replacement"]
+        self.assertEqual(specs[0]["network"]["address"], address)
+        self.assertEqual(await seen["live.prepare"], [(address, src), None])
+        self.assertEqual(await seen["live.migrate"], [(address, src), None])
+        self.assertEqual(await seen["live.hashes"], [None, (address, dst)])
+        self.assertEqual(await addresses(c, m["id"], new_id), [None, (address, dst)])
+        net = c.drains._replicas.network
+        self.assertEqual(net.addresses[new_id][:2], (address, dst))
+        self.assertNotIn(m["id"], net.addresses)
+
+    @d
+    async def test_moving_an_address_is_stored_announced_and_idempotent(self):
+        c, m, src, dst, vid, before = await self.setup()
+        net = c.drains._replicas.network
+        await net.load()  # as the control plane's start does: kept in memory too
+        [(address, _)] = await addresses(c, m["id"])
+        heard = []
+        net.subscribe(lambda kind, key: heard.append((kind, key)))
+        self.assertEqual(await net.move_address(m["id"], "m-new", dst), address)
+        self.assertEqual(heard, [("address", m["id"]), ("address", "m-new")])
+        self.assertEqual(await addresses(c, m["id"], "m-new"), [None, (address, dst)])
+        self.assertIsNone(await net.move_address(m["id"], "m-new", dst))  # moved already
+        self.assertEqual(len(heard), 2)
+        # A later start of the replacement on that host keeps the address.
+        spec = await net.attach("m-new", m["app_id"], dst)
+        self.assertEqual(spec["address"], address)
 
     @d
     async def test_the_replacement_is_stored_before_the_target_is_asked(self):
@@ -268,7 +337,7 @@ class LiveDrainTests(TestCase):
         for change, words in (({"machine_type": "pc-q35-9.9"}, "differ in machine_type"),
                               ({"live": False, "reason": "cpu_model host"},
                                "cannot migrate live: cpu_model host"),
-                              ({"network": "bridge"}, "bridge networking")):
+                              ({"network": "bridge"}, "differ in VM networking")):
             c, m, src, dst, vid, before = await self.setup()
             self.facts(c, dst, **change)
             hosts_before = await c.registry.list()
@@ -386,8 +455,13 @@ class LiveDrainTests(TestCase):
     @d
     async def test_rolled_back_in_live_mode_rolls_back(self):
         c, m, src, dst, vid, before = await self.setup()
+        [address] = await addresses(c, m["id"])
         self.rolled_back(c, src)
         _, status = await self.drain(c, src, mode="live")
+        # The original keeps its address; the replacement never had one.
+        self.assertEqual([(r["id"], r["machine_id"], r["host_id"])
+                          for r in await c.store.select("net_addresses")],
+                         [(address[0], m["id"], src)])
         self.assertEqual(self.phases(c), LIVE_PATH[:2] + ["rolling_back", "rolled_back"])
         self.assertEqual(status["state"], "incomplete")
         self.assertIn("rolled back (test)", status["migrations"][0]["error"])
@@ -678,9 +752,12 @@ class LiveCrashTests(TestCase):
 
         for phase, after in product(LIVE_PATH[:4], (False, True)):
             c, m, src, dst, vid, before = await live_setup(self)
+            [(address, _)] = await addresses(c, m["id"])
             status = await crash_and_resume(self, c, src, phase, after)
             where = f"crash {'after' if after else 'before'} {phase}"
             mg = status["migrations"][0]
+            self.assertEqual(await addresses(c, m["id"], mg["replacement"]),
+                             [None, (address, dst)], where)
             self.assertEqual((status["state"], mg["mode"]), ("completed", "live"),
                              (where, mg["error"]))
             self.assertTrue(mg["verified"][vid]["ok"], where)
@@ -701,8 +778,10 @@ class ModeChoiceTests(SynchronousTestCase):
                       live_refusal("a", "b", ok, {"live": False, "reason": "-cpu host"}))
         self.assertIn("differ in cpu_model",
                       live_refusal("a", "b", ok, dict(ok, cpu_model="x86-64-v2")))
-        self.assertIn("host a uses bridge networking",
+        self.assertIn("differ in VM networking (bridge and user)",
                       live_refusal("a", "b", dict(ok, network="bridge"), ok))
+        bridge = dict(ok, network="bridge")
+        self.assertIsNone(live_refusal("a", "b", bridge, dict(bridge)))
 
     def test_live_path_of_the_machine(self):
         m = Migration()

@@ -60,15 +60,16 @@ def live_refusal(source, target, source_facts, target_facts):
     """
     Why a machine cannot move live from C{source} to C{target} (their agents' C{live.facts}),
     or L{None} when it can: both say C{live}, with equal C{cpu_model} and C{machine_type},
-    and neither uses bridge networking (the machine's address would have to move with it).
+    and the same VM networking (user or bridge: with bridge networking the machine keeps its
+    address, which moves with it at the switchover).
     """
     for host, facts in ((source, source_facts), (target, target_facts)):
         if not facts.get("live"):
             return f"host {host} cannot migrate live: {facts.get('reason') or 'no reason given'}"
-    for host, facts in ((source, source_facts), (target, target_facts)):
-        if facts.get("network") == "bridge":
-            return (f"host {host} uses bridge networking: a live move would have to move the "
-                    "machine's address, which is not done yet")
+    if (source_facts.get("network") or "user") != (target_facts.get("network") or "user"):
+        return (f"hosts {source} and {target} differ in VM networking "
+                f"({source_facts.get('network') or 'user'} and "
+                f"{target_facts.get('network') or 'user'}): the guest's network would change")
     for key in ("cpu_model", "machine_type"):
         if source_facts.get(key) != target_facts.get(key):
             return (f"hosts {source} and {target} differ in {key} "
@@ -264,15 +265,18 @@ class LiveSteps:
 
     # -- the steps --------------------------------------------------------------------
 
-    async def _live_spec(self, row):
-        """What the target's agent is given of the replacement (as C{machine.start})."""
+    async def _live_spec(self, row, original):
+        """
+        What the target's agent is given of the replacement (as C{machine.start}), with the
+        original's network spec: the guest keeps its address (it is in its memory).
+        """
         # Loaded here: the replicas module (already loaded by the apps layer that runs
         # the machines) imports agent-side helpers that this module must not load.
         from zwrm.control.replicas import replica_hostname
 
         spec = self._replicas.agent_spec(row["spec"])
         spec["network"] = await self._replicas.network.attach(
-            row["id"], row["app_id"], row["host_id"],
+            original["id"], original["app_id"], original["host_id"],
             hostname=replica_hostname(spec["app"], row["spec"].get("replica")),
             open_ports=[p["guest_port"] for p in
                         (row["spec"].get("app_spec") or {}).get("publish") or []])
@@ -310,7 +314,7 @@ class LiveSteps:
             for vid in run.detail["volumes"]:
                 await self._clean_copy(target, vid)  # a copy an earlier rollback left there
             described = await self._call(source, "live.describe", mid)
-            spec = await self._live_spec(row)
+            spec = await self._live_spec(row, original)
             await self._save_detail(run, live_prepare_asked=True)  # stored before it is asked
             where = await self._call(target, "live.prepare", new_id, spec,
                                      described["volumes"], source,
@@ -380,6 +384,9 @@ class LiveSteps:
         poll = opts["poll"]
         if run.detail.get("switched_over_at") is None:
             await self._save_detail(run, switched_over_at=self._clock.seconds())
+        # The guest keeps its address: the replacement takes the original's stored row, and
+        # the view puts the machine on the target (idempotent: a step run again moves none).
+        await self._replicas.network.move_address(mid, new_id, target)
         why = f"to confirm that machine {new_id} runs there"
         waited = 0.0
         while True:

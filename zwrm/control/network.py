@@ -238,6 +238,36 @@ class ClusterNetwork:
         if self.addresses is not None and self.addresses.pop(machine_id, None) is not None:
             self._notify("address", machine_id)
 
+    async def move_address(self, machine_id, new_id, host_id):
+        """
+        Give machine C{machine_id}'s address to machine C{new_id} on host C{host_id}: a
+        machine moved live keeps its address (it is in the guest's memory), so its
+        replacement takes the stored row over (and the view then says it is on
+        C{host_id}).  Nothing if C{machine_id} has none (moved already: idempotent).
+
+        @return: the address moved, or L{None}.
+        """
+
+        def move(db):
+            rows = list(db["net_addresses"].rows_where("machine_id = ?", [machine_id]))
+            if not rows:
+                return None
+            db.execute("DELETE FROM net_addresses WHERE machine_id = ?", [new_id])
+            db.execute("UPDATE net_addresses SET machine_id = ?, host_id = ? "
+                       "WHERE machine_id = ?", [new_id, host_id, machine_id])
+            db.conn.commit()
+            return rows[0]
+
+        row = await self._store.run(move)
+        if row is None:
+            return None
+        if self.addresses is not None:
+            self.addresses.pop(machine_id, None)
+            self.addresses[new_id] = (row["id"], host_id, row["app_id"])
+            self._notify("address", machine_id)
+            self._notify("address", new_id)
+        return row["id"]
+
     async def forget_host(self, host_id):
         """Free host C{host_id}'s subnet (the host was removed from the cluster)."""
 
