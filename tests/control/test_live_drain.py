@@ -87,6 +87,17 @@ class LiveDrainCluster(DrainCluster):
         procs = self.executors[host][1]
         procs[verb] = make(procs[verb])
 
+    def before(self, host, verb, fn):
+        """Call C{fn(*args)} each time C{verb} of C{host} is called, before it runs."""
+        def make(original):
+            def f(*args, details=None):
+                fn(*args)
+                if details is None:
+                    return original(*args)
+                return original(*args, details=details)
+            return f
+        self.wrap(host, verb, make)
+
     def verbs(self, *names):
         return [(h, v) for h, v, _ in self.phase_at if v in names]
 
@@ -192,22 +203,16 @@ class LiveDrainTests(TestCase):
         seen, specs = {}, []
 
         def at(verb):
-            def make(original):
-                def f(*args, details=None):
-                    run = next(iter(c.drains.active[src].migrations.values()))
-                    seen[verb] = ensureDeferred(addresses(c, m["id"],
-                                                          run.detail["replacement"]))
-                    if verb == "live.prepare":
-                        specs.append(args[1])
-                    if details is None:
-                        return original(*args)
-                    return original(*args, details=details)
-                return f
-            return make
+            def look(*args):
+                run = next(iter(c.drains.active[src].migrations.values()))
+                seen[verb] = ensureDeferred(addresses(c, m["id"], run.detail["replacement"]))
+                if verb == "live.prepare":
+                    specs.append(args[1])
+            return look
 
-        c.wrap(dst, "live.prepare", at("live.prepare"))
-        c.wrap(src, "live.migrate", at("live.migrate"))
-        c.wrap(src, "live.hashes", at("live.hashes"))
+        c.before(dst, "live.prepare", at("live.prepare"))
+        c.before(src, "live.migrate", at("live.migrate"))
+        c.before(src, "live.hashes", at("live.hashes"))
         _, status = await self.drain(c, src)
         new_id = status["migrations"][0]["replacement"]
         self.assertEqual(specs[0]["network"]["address"], address)
@@ -240,14 +245,8 @@ class LiveDrainTests(TestCase):
     async def test_the_replacement_is_stored_before_the_target_is_asked(self):
         c, m, src, dst, vid, before = await self.setup()
         rows = []
-
-        def prepare(original):
-            def f(machine_id, *args, **kwargs):
-                rows.append(c.apps.data.machines.get(machine_id))
-                return original(machine_id, *args, **kwargs)
-            return f
-
-        c.wrap(dst, "live.prepare", prepare)
+        c.before(dst, "live.prepare",
+                 lambda machine_id, *args: rows.append(c.apps.data.machines.get(machine_id)))
         await self.drain(c, src)
         row = await rows[0]
         self.assertEqual((row["host_id"], row["state"]), (dst, "pending"))
@@ -256,14 +255,8 @@ class LiveDrainTests(TestCase):
     async def test_the_paused_source_leaves_the_routes_at_the_switchover(self):
         c, m, src, dst, vid, before = await self.setup()
         states = []
-
-        def hashes(original):
-            def f(*args):
-                states.append(c.apps.data.machines.get(m["id"]))
-                return original(*args)
-            return f
-
-        c.wrap(src, "live.hashes", hashes)
+        c.before(src, "live.hashes",
+                 lambda *args: states.append(c.apps.data.machines.get(m["id"])))
         _, status = await self.drain(c, src)
         row = await states[0]
         self.assertEqual(row["state"], "stopping")
@@ -299,8 +292,14 @@ class LiveDrainTests(TestCase):
         host.live_converges = False  # RAM passes go on until it is allowed to converge
         await c.drains.drain(src, min_healthy=1, healthy_deadline=30)
         run = next(iter(c.drains.active[src].migrations.values()))
-        await real_until(lambda: ((run.detail.get("live") or {}).get("ram") or {}).get(
-            "passes", 0) >= 2, "RAM passes announced")
+        def announced():
+            live = run.detail.get("live") or {}
+            return ((live.get("ram") or {}).get("passes", 0) >= 2
+                    and (live.get("mirror") or {}).get("total"))
+
+        # RAM passes are announced as they happen; the mirror's figures at each progress
+        # reading (every 0.5 s of the agent's time).
+        await real_until(announced, "RAM passes and the mirror's figures announced")
         mg = (await c.drains.drain_status(src))["migrations"][0]
         self.assertEqual((mg["phase"], mg["mode"]), ("live_migrating", "live"))
         self.assertEqual(mg["live"]["phase"], "migrating")
@@ -381,17 +380,10 @@ class LiveDrainTests(TestCase):
         asked = {}
 
         def record(verb):
-            def make(original):
-                def f(*args, details=None):
-                    asked[verb] = args
-                    if details is None:
-                        return original(*args)
-                    return original(*args, details=details)
-                return f
-            return make
+            return lambda *args: asked.__setitem__(verb, args)
 
-        c.wrap(dst, "live.prepare", record("prepare"))
-        c.wrap(src, "live.migrate", record("migrate"))
+        c.before(dst, "live.prepare", record("prepare"))
+        c.before(src, "live.migrate", record("migrate"))
         _, status = await self.drain(c, src, downtime_limit=150, live_deadline=30,
                                      postcopy=True)
         self.assertEqual(status["state"], "completed")
@@ -401,8 +393,8 @@ class LiveDrainTests(TestCase):
         # Without them: the agents' defaults.
         c, m, src, dst, vid, before = await self.setup()
         asked.clear()
-        c.wrap(dst, "live.prepare", record("prepare"))
-        c.wrap(src, "live.migrate", record("migrate"))
+        c.before(dst, "live.prepare", record("prepare"))
+        c.before(src, "live.migrate", record("migrate"))
         await self.drain(c, src)
         self.assertEqual((asked["prepare"][4], asked["migrate"][3]), (False, None))
 
