@@ -351,6 +351,8 @@ class BridgeTests(SynchronousTestCase):
         agents.clock.advance(1)
         st = agents.ex["host-b"].machine_status("m2")
         self.assertEqual((st["state"], st["host_port"]), ("running", where["host_port"]))
+        # The source's TAP goes once it moved (its guest never runs there again).
+        self.assertEqual(agents.networks["host-a"].calls[-1], ("release", "m1"))
         agents.settle(agents.ex["host-b"].destroy_machine("m2"))
         self.assertEqual(net_b.calls[-1], ("release", "m2"))
 

@@ -211,3 +211,12 @@ class DirtyMapTests(SynchronousTestCase):
         self.assertTrue(live._taken(QMPError("GenericError",
                                              "Failed to bind socket: Address already in use")))
         self.assertFalse(live._taken(QMPError("GenericError", "Permission denied")))
+
+
+class FreePortTests(SynchronousTestCase):
+    def test_an_address_of_another_network_namespace(self):
+        # QEMU may listen in another network namespace than the agent's process (its
+        # address is not here): a port is still chosen; QEMU's bind says if it is taken.
+        port = live.free_port("192.0.2.1")  # TEST-NET-1: not an address of this host
+        self.assertTrue(1 <= port <= 65535)
+        self.assertTrue(1 <= live.free_port("127.0.0.1") <= 65535)

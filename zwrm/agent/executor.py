@@ -781,6 +781,13 @@ class Executor:
         rec.held = f"moved live to {target_host}; paused here until destroyed"
         rec.migrated_to = target_host
         self._save(rec)
+        if self.network is not None and rec.spec.get("network") is not None:
+            # Its guest never runs here again: its TAP goes now, and with it what this
+            # host's bridge learned of the guest's MAC on it, so frames for the guest's
+            # address go over the overlay to the target at once.
+            ensureDeferred(self.network.release(machine_id)).addErrback(
+                lambda f: log.warn("machine {id}: its network was not removed: {e}",
+                                   id=machine_id, e=f.getErrorMessage()))
 
     # --- restart ------------------------------------------------------------------------
 

@@ -87,7 +87,14 @@ def free_port(host):
     """A TCP port that was free on C{host} a moment ago (the listener retries if it is taken)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
+        try:
+            s.bind((host, 0))
+        except OSError as e:
+            if e.errno != errno.EADDRNOTAVAIL:
+                raise
+            # QEMU listens in another network namespace than this process's (the address
+            # is not here): a port free here; QEMU's bind tells, and a taken one is retried.
+            s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
         return s.getsockname()[1]
 
 
