@@ -209,6 +209,7 @@ def gc_metrics(port):
 
 
 def run_step(args, cp_pid, port, creds):
+    m_start = gc_metrics(port)  # before the step's agents connect: the step's pauses are the difference
     workers = []
     for i in range(0, len(creds), args.per_worker):
         chunk = creds[i:i + args.per_worker]
@@ -272,6 +273,10 @@ def run_step(args, cp_pid, port, creds):
         # the longest the control plane's reactor was late for a 0.1 s timer since it started
         # (any cause: a collection, or e.g. a burst of reconnections handled in one turn)
         "pause_max_ms": 1000 * gc1.get("zwrm_reactor_pause_max_seconds", float("nan")),
+        # pauses longer than 0.25 s / 1 s from the step's start (its agents connecting) to the
+        # window's end
+        "pauses": "/".join(str(int(gc1.get(k, 0) - m_start.get(k, 0))) for k in (
+            'zwrm_reactor_pauses_total{over_seconds="0.25"}', 'zwrm_reactor_pauses_total{over_seconds="1"}')),
         "ok": bool(latencies) and failures == 0 and latencies[-1] <= args.budget
         and len(latencies) >= 0.9 * expected,
     }
@@ -499,7 +504,8 @@ def main():
               + (f", churn {args.gc_churn:g}" if args.gc_churn is not None else "") +
               " (gc max ms: the longest collection since start;"
               " full gc: full collections by the policy in the window;"
-              " pause ms: the longest the reactor was late for a 0.1 s timer since start, any cause)")
+              " pause ms: the longest the reactor was late for a 0.1 s timer since start, any cause;"
+              " >.25s/>1s: pauses longer than that in the step, its agents' connecting included)")
         print("a step after the first reconnects its agents at once: the last step's sessions all"
               " closed, then every agent connects again (at most 50 at a time per worker)")
         print("cp ms/hb: the control plane's CPU per heartbeat answered (its CPU in the window, idle"
@@ -507,7 +513,7 @@ def main():
               " max ms bounds its longest pause")
         print(f"{'hosts':>6} {'hb/s':>6} {'answered':>9} {'fail':>5} {'p50 ms':>8} {'p99 ms':>8}"
               f" {'max ms':>8} {'cp CPU':>7} {'cp ms/hb':>8} {'sys ms':>7} {'agents CPU':>10} {'load':>5} {'gc max ms':>9}"
-              f" {'full gc':>7} {'frozen':>8} {'pause ms':>9}  result")
+              f" {'full gc':>7} {'frozen':>8} {'pause ms':>9} {'>.25s/>1s':>9}  result")
         best, baseline, all_ok, last = 0, None, True, None
         for n in steps:
             r = run_step(args, cp.pid, port, creds[:n])
@@ -520,8 +526,8 @@ def main():
                   f" {100 * r['cpu']:>6.1f}% {r['cpu_per_hb_ms']:>8.3f} {r['sys_per_hb_ms']:>7.3f}"
                   f" {100 * r['worker_cpu']:>9.1f}% {r['load']:>5.1f}"
                   + (f" {r['gc_max_ms']:>9.1f} {r['gc_full']:>7.0f} {r['gc_frozen']:>8.0f}"
-                     f" {r['pause_max_ms']:>9.1f}"
-                     if r["gc"] else f" {'-':>9} {'-':>7} {'-':>8} {'-':>9}") +
+                     f" {r['pause_max_ms']:>9.1f} {r['pauses']:>9}"
+                     if r["gc"] else f" {'-':>9} {'-':>7} {'-':>8} {'-':>9} {'-':>9}") +
                   f"  {'ok' if r['ok'] else 'FAIL'}", flush=True)
             if not r["ok"] and not args.keep_going:
                 break

@@ -198,3 +198,27 @@ class PauseProbeTests(SynchronousTestCase):
         self.assertIn("zwrm_reactor_pause_max_seconds 0.650000\n", "\n".join(policy.metrics()) + "\n")
         policy.stopService()
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_survivors_of_a_full_collection_are_frozen_at_once(self):
+        """
+        What survives a full collection between ticks (CPython's automatic one, here
+        started by hand) is frozen right away, so the next one does not walk it again;
+        a young collection freezes nothing.
+        """
+        clock = Clock()
+        policy = CollectionPolicy(clock, probe_interval=0)
+        policy.startService()
+        self.addCleanup(lambda: policy.running and policy.stopService())
+        before = gc.get_freeze_count()
+        survivors = [Node() for _ in range(5000)]
+        gc.collect(0)
+        self.assertEqual(policy.frozen_by_collector, 0)
+        self.assertLess(gc.get_freeze_count(), before + len(survivors))
+        gc.collect()
+        self.assertEqual(policy.frozen_by_collector, 1)
+        self.assertGreaterEqual(gc.get_freeze_count(), before + len(survivors))
+        policy.stopService()
+        gc.collect()
+        self.assertEqual(policy.frozen_by_collector, 1)  # stopped: its hook is gone
+        self.assertEqual(gc.get_freeze_count(), 0)
+        del survivors

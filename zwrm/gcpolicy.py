@@ -153,6 +153,8 @@ class CollectionPolicy(service.Service):
         self._closed_at_full = 0
         self.probe_interval = probe_interval
         self.max_pause_seconds = 0.0  # the longest the reactor was late for the probe's timer
+        self.pauses_over = {0.1: 0, 0.25: 0, 1.0: 0, 5.0: 0}  # pauses longer than each, counted
+        self.frozen_by_collector = 0  # automatic full collections whose survivors were frozen
         self._probe = None
         self._probe_last = None
 
@@ -169,6 +171,7 @@ class CollectionPolicy(service.Service):
     def startService(self):
         service.Service.startService(self)
         self._gc.callbacks.append(self.stats)
+        self._gc.callbacks.append(self._after_collection)
         self.full()
         self._loop = task.LoopingCall(self.tick)
         self._loop.clock = self._clock
@@ -179,6 +182,17 @@ class CollectionPolicy(service.Service):
             self._probe.clock = self._clock
             self._probe.start(self.probe_interval, now=True)
 
+    def _after_collection(self, phase, info):
+        """
+        The C{gc.callbacks} hook: what survived an automatic full collection of the
+        unfrozen objects is long-lived; freeze it at once.  Between two ticks a burst of
+        new objects (10,000 agents reconnecting) would otherwise be walked again by every
+        automatic full collection, each longer than the last, and then by the tick.
+        """
+        if phase == "stop" and info["generation"] == 2 and self._loop is not None:
+            self._gc.freeze()
+            self.frozen_by_collector += 1
+
     def _probe_tick(self):
         """How late the probe's timer fired: a pause of the reactor (any cause)."""
         now = self._clock.seconds()
@@ -186,6 +200,9 @@ class CollectionPolicy(service.Service):
             late = now - self._probe_last - self.probe_interval
             if late > self.max_pause_seconds:
                 self.max_pause_seconds = late
+            for limit in self.pauses_over:
+                if late > limit:
+                    self.pauses_over[limit] += 1
         self._probe_last = now
 
     def stopService(self):
@@ -196,8 +213,9 @@ class CollectionPolicy(service.Service):
             self._probe.stop()
         self._probe = None
         self._gc.unfreeze()
-        if self.stats in self._gc.callbacks:
-            self._gc.callbacks.remove(self.stats)
+        for hook in (self.stats, self._after_collection):
+            if hook in self._gc.callbacks:
+                self._gc.callbacks.remove(hook)
         return service.Service.stopService(self)
 
     def full_due(self):
@@ -287,5 +305,9 @@ class CollectionPolicy(service.Service):
             " since the start (a collection, or a burst of work in one turn).",
             "# TYPE zwrm_reactor_pause_max_seconds gauge",
             f"zwrm_reactor_pause_max_seconds {self.max_pause_seconds:.6f}",
-        ]
+            "# HELP zwrm_reactor_pauses_total Times the reactor was late for a timer by more"
+            " than over_seconds.",
+            "# TYPE zwrm_reactor_pauses_total counter",
+        ] + [f'zwrm_reactor_pauses_total{{over_seconds="{limit:g}"}} {n}'
+             for limit, n in self.pauses_over.items()]
         return lines
