@@ -244,6 +244,40 @@ class SourceHeldTests(SynchronousTestCase):
         self.assertIsNone(new.volumes.in_use("v1"))
 
 
+    def test_a_source_whose_migration_was_under_way_is_given_back_after_a_restart(self):
+        # The source's agent goes during the mirror; the new process's driver rolls the
+        # migration back (recover()), and its executor takes the machine back: health
+        # checked and reported again, not held.
+        agents = Agents(self)
+        where = agents.prepare()
+        agents.live["host-a"].migrate("m1", "host-b", where, {"mirror_speed": SIZE // 8})
+        agents.clock.advance(0.2)
+        old = agents.ex["host-a"]
+        self.assertIsNotNone(old.machine_status("m1")["live_migration"])
+        out = agents.live["host-a"].outgoing.pop("m1")
+        out._stop_timers()
+        out._stop_polling()
+        for unsubscribe in (out._unsubscribe, out._unsubscribe_status):
+            unsubscribe()
+        old.close()
+        drv = FakeDriver(agents.clock, old.driver.root, host=old.driver.host,
+                         network=old.driver.network)
+        events, probe = [], Probe()
+        new = Executor(agents.clock, "host-a", drv, VolumeStore(reactor, old.volumes.root),
+                       lambda e: events.append(e) or succeed(None), images=FakeImages(
+                           agents.kernel), data_dir=os.path.join(agents.dir, "host-a"),
+                       health_probe=probe)
+        self.addCleanup(new.close)
+        agents.settle(drv.recover())
+        agents.settle(new.recover())
+        agents.clock.advance(3)
+        st = new.machine_status("m1")
+        self.assertEqual((st["state"], st["live_migration"], st["health"]),
+                         ("running", None, "passing"))
+        self.assertGreater(probe.calls, 0)
+        self.assertEqual(events[0]["state"], "running")
+
+
 class TargetAdoptedTests(SynchronousTestCase):
     def test_the_resumed_target_is_the_executors_own(self):
         agents = Agents(self)
