@@ -183,7 +183,8 @@ class QemuListenerTests(TestCase):
 
 
     async def test_an_address_not_of_this_host_fails_and_leaves_nothing(self):
-        # 192.0.2.1 (TEST-NET-1) is no address of this host: the bind fails here, locally.
+        # 192.0.2.1 (TEST-NET-1) is no address of this host (nor of QEMU's network
+        # namespace): QEMU's bind fails; the error names the address, nothing is left.
         root = tempfile.mkdtemp(prefix="zwrm-live-", dir="/tmp")
         self.addCleanup(shutil.rmtree, root, True)
         drv = QemuDriver(reactor, root, accel="tcg")
@@ -192,7 +193,8 @@ class QemuListenerTests(TestCase):
             f.truncate(4 * 1024 * 1024)
         with self.assertRaises(Unavailable) as cm:
             await drv.start_incoming(QemuFixture.spec(self, "m1", vol), "192.0.2.1")
-        self.assertIn("cannot listen on 192.0.2.1", cm.exception.message)
+        self.assertIn("the NBD server on 192.0.2.1", cm.exception.message)
+        self.assertIn("Cannot assign requested address", cm.exception.message)
         self.assertEqual(drv.list(), [])
         self.assertFalse(os.path.exists(os.path.join(root, "m1")))
 
