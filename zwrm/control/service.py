@@ -493,6 +493,10 @@ class PlainOnlyFactory(policies.WrappingFactory):
     noisy = False
 
 
+_PLAIN = object()
+"""A connection without TLS (no peer certificate, ever)."""
+
+
 def _with_peer_certificate(protocol_class):
     """
     A subclass of a WAMP server protocol (WebSocket or RawSocket) that makes the
@@ -506,9 +510,14 @@ def _with_peer_certificate(protocol_class):
 
     def dataReceived(self, data):
         peer = self.__dict__.get("_zwrm_peer")
+        if peer is _PLAIN:  # plain TCP: the variable's default (None) holds; nothing to set
+            return receive(self, data)
         if peer is None:  # known once the handshake is done; it does not change after
             get = getattr(self.transport, "getPeerCertificate", None)
-            peer = self._zwrm_peer = get() if get is not None else None
+            if get is None:
+                self._zwrm_peer = _PLAIN
+                return receive(self, data)
+            peer = self._zwrm_peer = get()
         token = PEER_CERTIFICATE.set(peer)
         try:
             return receive(self, data)
