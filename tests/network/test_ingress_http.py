@@ -334,6 +334,22 @@ class FramingTests(_Base):
             self.assertNotIn(b"\n", head.replace(b"\r\n", b""))
             self.assertEqual(body, b"<html>page</html>\n")
 
+    async def test_request_heads_with_bare_line_feeds(self):
+        # RFC 9112 2.2: a bare LF ends a line (printf-made requests, old clients).  The
+        # replica gets the head with CRLFs, the Host routed and the body framed as usual.
+        app, _, rp = self.replica("a")
+        _, port = self.ingress([rp], domain="a.test")
+        data = await self.fetch(port, b"GET / HTTP/1.0\nHost: a.test\nX-One: 1\n\n")
+        self.assertTrue(data.endswith(b"replica a"), data)
+        self.assertEqual(app.seen[-1]["x-one"], "1")
+        # Mixed line ends, a body after the head, then a pipelined request with CRLFs:
+        # the blank line that ends the head is the first one, whatever its form.
+        c = await self.client(port, b"POST /echo HTTP/1.1\r\nHost: a.test\nContent-Length: 8"
+                              b"\r\n\nab\r\n\r\ncd" + b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        await until(lambda: c.data.endswith(b"replica a"))
+        self.assertEqual(_bodies(c.data), [b"echo:ab\r\n\r\ncd", b"replica a"])
+        self.assertEqual(app.seen[-2]["content-length"], "8")
+
     async def test_a_replica_that_breaks_off_in_its_head_is_a_502(self):
         class Half(Protocol):
             def dataReceived(self, data):
@@ -400,7 +416,9 @@ class BadInputTests(_Base):
             b"GET / HTTP/1.1\r\n\r\n": b"400",  # no Host
             b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n": b"400",
             b"GET / HTTP/2.0\r\nHost: x\r\n\r\n": b"505",
-            b"GET / HTTP/1.1\r\nHost: x\r\nX: a\nY: b\r\n\r\n": b"400",  # a bare LF
+            b"GET / HTTP/1.1\r\nHost: x\r\nX: a\rY: b\r\n\r\n": b"400",  # a bare CR
+            b"GET / HTTP/1.1\nHost: x\nX: a\rY: b\n\n": b"400",  # the same, LF heads
+            b"GET / HTTP/1.1\rHost: x\r\n\r\n": b"400",
             b"GET / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n": b"400",
             b"GET / HTTP/1.1\r\nHost : x\r\n\r\n": b"400",
             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
@@ -455,6 +473,32 @@ class DrainTests(_Base):
         await until(lambda: idle.data.endswith(b"replica a"))
         ing.set_routes({})  # the port is no longer published
         await until(lambda: idle.lost, what="the idle client to be closed")
+
+    async def test_idle_clients_are_closed_after_the_keepalive_timeout(self):
+        a, _, rp = self.replica("a")
+        ing, port = self.ingress([rp], keepalive_timeout=0.3)
+        self.assertEqual(Ingress(reactor).keepalive_timeout, proxy.KEEPALIVE_TIMEOUT)
+        # A request in flight longer than the timeout is not cut ...
+        busy = await self.client(port, b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        await until(lambda: a.pending)
+        # ... a kept-alive client that sends nothing more after its answer is closed ...
+        idle = await self.client(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await until(lambda: idle.data.endswith(b"replica a"))
+        self.assertFalse(idle.lost)
+        await until(lambda: idle.lost, what="the idle client to be closed")
+        self.assertEqual(idle.data.count(b"HTTP/1.1"), 1)  # without a word
+        # ... and so is a client that began a head and did not finish it (408).
+        partial = await self.client(port, b"GET / HTTP/1.1\r\nHo")
+        await until(lambda: partial.lost, what="the unfinished head to be refused")
+        self.assertTrue(partial.data.startswith(b"HTTP/1.1 408 "), partial.data)
+        self.assertFalse(busy.lost)
+        a.pending.pop().finish()
+        await until(lambda: busy.data.endswith(b"replica a") or busy.data.endswith(b"\r\n\r\n"))
+        # Its next request may come within the timeout after its answer, not from its start.
+        busy.transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await until(lambda: busy.data.endswith(b"replica a"))
+        await until(lambda: busy.lost, what="the client idle after its answers to be closed")
+        self.assertEqual(len(ing.listener(port).clients), 0)
 
     async def test_least_connections_per_request(self):
         (a, _, pa), (b, _, pb) = self.replica("a"), self.replica("b")

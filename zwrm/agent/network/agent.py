@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from zwrm.agent.network import addressing
 from zwrm.agent.network.dns import ClusterDNS
 from zwrm.agent.network.host import HostNetwork, check_network
-from zwrm.agent.network.proxy import Ingress, forward_loopback
+from zwrm.agent.network.proxy import KEEPALIVE_TIMEOUT, Ingress, forward_loopback
 from zwrm.errors import InvalidArgument
 
 CERT_DOMAIN_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
@@ -33,13 +33,15 @@ class AgentNetwork:
         the VXLAN source address.
     @param host_network: a L{HostNetwork} (tests give one acting in a namespace).
     @param dns_port: 53 in production; tests may use another.
+    @param keepalive_timeout: seconds an C{http}/C{https} client of a published port may
+        wait for its next request before it is closed (L{proxy.KEEPALIVE_TIMEOUT}).
     """
 
     log = Logger()
 
     def __init__(self, reactor, host_id, public_address, host_network=None, state_dir=None,
                  dns_port=53, drain_timeout=30.0, deny=(), deny_names=(),
-                 kernel_forwarding=True):
+                 kernel_forwarding=True, keepalive_timeout=KEEPALIVE_TIMEOUT):
         self.reactor = reactor
         #: C{tcp} published ports are forwarded by the kernel (nftables DNAT) where the
         #: host can; false: every published port goes through the proxy
@@ -52,7 +54,7 @@ class AgentNetwork:
         self.dns_port = dns_port
         self.dns = None
         self.ingress = Ingress(reactor, interface=public_address or "127.0.0.1",
-                               drain_timeout=drain_timeout)
+                               drain_timeout=drain_timeout, keepalive_timeout=keepalive_timeout)
         self._forwards = {}  # machine id -> listening port
         self._view = None
         self._view_serial = 0  # views received

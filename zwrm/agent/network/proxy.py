@@ -346,9 +346,14 @@ STALE_WINDOW = 1.0
 #: an idle pooled connection older than this is closed rather than reused: most servers
 #: close theirs after 5 s or more, and a request sent as one closes is retried anyway
 POOL_IDLE = 4.0
+#: default of L{Ingress}'s C{keepalive_timeout}: a client connection waiting this long for
+#: its next request (or for the rest of a request head) is closed (nginx's
+#: C{keepalive_timeout} is 75 s too)
+KEEPALIVE_TIMEOUT = 75.0
 
 _STATUS = {
     400: b"400 Bad Request", 404: b"404 Not Found", 405: b"405 Method Not Allowed",
+    408: b"408 Request Timeout",
     431: b"431 Request Header Fields Too Large", 501: b"501 Not Implemented",
     502: b"502 Bad Gateway", 503: b"503 Service Unavailable",
     505: b"505 HTTP Version Not Supported",
@@ -562,6 +567,7 @@ class _HTTPClient(protocol.Protocol):
     rchunks = None
     dechunk = False
     reusable = False
+    idle_call = None  # closes the connection if no request head comes (keepalive_timeout)
 
     def __init__(self, listener, peer_addr):
         self.listener = listener
@@ -577,6 +583,28 @@ class _HTTPClient(protocol.Protocol):
             why = t.doRead()
             if why is not None and not self.closed:
                 t.reactor._disconnectSelectable(t, why, True)
+        if self.state == _HEAD:
+            self._await_request()
+
+    def _await_request(self):
+        """Between requests (or before the first): no head within the timeout, no connection."""
+        timeout = self.listener.keepalive_timeout
+        if timeout is not None and self.idle_call is None:
+            self.idle_call = self.listener.reactor.callLater(timeout, self._idle_timeout)
+
+    def _idle_timeout(self):
+        self.idle_call = None
+        if self.state != _HEAD:
+            return
+        if self.buf:
+            self._refuse(408)  # a request head begun and not finished in time
+        else:
+            self._close()  # an idle kept-alive connection: closed without a word
+
+    def _request_came(self):
+        call, self.idle_call = self.idle_call, None
+        if call is not None:
+            call.cancel()
 
     # -- the client's bytes --
 
@@ -620,12 +648,25 @@ class _HTTPClient(protocol.Protocol):
         if buf[:1] in (b"\r", b"\n"):
             buf = self.buf = buf.lstrip(b"\r\n")  # RFC 9112 2.2: empty lines before one
         end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            head, rest = buf[:end], buf[end + 4:]
+            if head.count(b"\n") != head.count(b"\r\n"):
+                end = -1  # a bare LF before it: a blank line may come earlier
         if end < 0:
-            if len(buf) > MAX_HEAD:
-                self._refuse(431)
+            # RFC 9112 2.2: a bare LF ends a line too (as nginx, Apache and Twisted read
+            # it); the head goes on with CRLFs.  A bare CR stays an error (_request).
+            m = _BLANK_LINE.search(buf) if b"\n" in buf else None
+            if m is None:
+                if len(buf) > MAX_HEAD:
+                    self._refuse(431)
+                return
+            head, rest = buf[:m.start()], buf[m.end():]
+            head = head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if len(head) > MAX_HEAD:
+            self._refuse(431)
             return
-        head, rest = buf[:end], buf[end + 4:]
         self.buf = b""
+        self._request_came()
         code = self._request(head)
         if code:
             self._refuse(code)
@@ -1078,13 +1119,15 @@ class _HTTPClient(protocol.Protocol):
         else:
             up.transport.loseConnection()
         self.rstate = _R_HEAD
-        if not self.keep or self.state != _WAIT:
+        if not self.keep or self.state != _WAIT or self.listener.stopped:
             self._close()
             return
         self.state = _HEAD
         self._resume()
         if self.buf:
             self._next()
+        if self.state == _HEAD:
+            self._await_request()
 
     def _response_broken(self):
         """The replica's answer is not HTTP, or it broke off: nothing more to pass on."""
@@ -1158,6 +1201,7 @@ class _HTTPClient(protocol.Protocol):
     def _close(self):
         self.state = _CLOSED
         self.buf = b""
+        self._request_came()
         _end(self.transport)
 
     def close(self):
@@ -1168,6 +1212,7 @@ class _HTTPClient(protocol.Protocol):
     def connectionLost(self, reason):
         self.closed = True
         self.state = _CLOSED
+        self._request_came()
         self.listener.clients.discard(self)
         self._drop_upstream()
 
@@ -1181,6 +1226,8 @@ class _Listener(protocol.Factory):
         self.http = mode in ("http", "https")
         self.proto_header = b"\r\nX-Forwarded-Proto: " + (b"https" if mode == "https" else b"http")
         self.connect_timeout = ingress.connect_timeout
+        self.keepalive_timeout = ingress.keepalive_timeout
+        self.stopped = False  # no longer published: clients are closed after their answer
         self.routes = {}  # domain (or None for tcp / default) -> Route
         self.failed = 0
         self.listening = None
@@ -1290,11 +1337,14 @@ class Ingress:
     """
 
     def __init__(self, reactor, interface="127.0.0.1", connect_timeout=2.0,
-                 drain_timeout=30.0):
+                 drain_timeout=30.0, keepalive_timeout=KEEPALIVE_TIMEOUT):
         self.reactor = reactor
         self.interface = interface
         self.connect_timeout = connect_timeout
         self.drain_timeout = drain_timeout
+        #: seconds an C{http}/C{https} client connection may wait for its next request
+        #: (or the rest of a request head) before it is closed; L{None}: no limit
+        self.keepalive_timeout = keepalive_timeout
         self._listeners = {}  # port -> _Listener
         self.tls = SNIContextFactory()
 
@@ -1371,6 +1421,7 @@ class Ingress:
 
     def _close_port(self, port):
         lst = self._listeners.pop(port)
+        lst.stopped = True
         for route in lst.routes.values():
             for b in route.backends.values():
                 self._drain(b)
@@ -1382,7 +1433,10 @@ class Ingress:
         """Stop listening and close every proxied connection at once."""
         backends = [b for lst in self._listeners.values() for r in lst.routes.values()
                     for b in r.backends.values()]
+        clients = [c for lst in self._listeners.values() for c in lst.clients]
         ds = [self._close_port(port) for port in list(self._listeners)]
+        for c in clients:
+            c.close()
         for b in backends:
             if b.drain_call is not None and b.drain_call.active():
                 b.drain_call.cancel()
