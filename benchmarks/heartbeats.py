@@ -3,7 +3,7 @@ How many hosts one control plane sustains at a 5 s heartbeat.
 
     .venv/bin/python benchmarks/heartbeats.py [--steps 500,1000,2000,4000,7000,10000]
         [--per-worker 500] [--interval 5] [--duration 20] [--budget 1.0]
-        [--gc-policy freeze|python] [--keep-going]
+        [--gc-policy freeze|python] [--keep-going] [--agent-procedures]
 
 It seeds a fresh control plane's database with the largest host count (known
 credentials; joining is not what is measured), starts a real C{twistd zwrm-control},
@@ -63,6 +63,7 @@ def worker(args):
 
     creds = json.loads(sys.stdin.readline())
     latencies = []
+    joins = []  # seconds from each agent's TCP connect to its registration answered
     failures = [0]
     state = {"measuring": False, "registered": 0}
     host, port = args.host, args.port
@@ -80,7 +81,16 @@ def worker(args):
             return self._ticket
 
         async def onJoin(self, details):
+            if args.agent_procedures:
+                # what the control plane calls on an agent that registers: its machines, the
+                # ingress certificates and the network view (a user-mode agent declines those
+                # two as a real one does)
+                prefix = f"zwrm.agent.{details.authid}."
+                await self.register(lambda: [], prefix + "machine.list")
+                await self.register(lambda certs: {"network": "user"}, prefix + "ingress.certs")
+                await self.register(lambda view: {"network": "user"}, prefix + "network.update")
             await self.call("zwrm.agent.register", {"agent_version": "bench"})
+            joins.append(time.monotonic() - self.t0)
             state["registered"] += 1
             self.ready.callback(None)
             phase = random.uniform(0, args.interval)
@@ -115,6 +125,7 @@ def worker(args):
 
         async def one(hid, cred):
             s = Sim(hid, cred)
+            s.t0 = time.monotonic()
             f = WampWebSocketClientFactory(lambda: s, url=url, serializers=[MsgPackSerializer()])
             f.noisy = False
             try:
@@ -128,7 +139,9 @@ def worker(args):
         joined = await defer.gatherResults(ds)
         lost = joined.count(False)
         failures[0] += lost
-        print(f"READY {lost}", flush=True)
+        joins.sort()
+        print(f"READY {lost} " + json.dumps({"joined": len(joins), "p50": percentile(joins, 50),
+                                              "max": joins[-1] if joins else None}), flush=True)
         # one full round so phases spread, then measure
         await task.deferLater(reactor, args.interval, lambda: None)
         state["measuring"] = True
@@ -208,7 +221,11 @@ def gc_metrics(port):
     return out
 
 
-def run_step(args, cp_pid, port, creds):
+def run_step(args, cp_pid, port, creds, probe=None):
+    """
+    One step: C{creds}' agents connect, then one measuring window.  C{probe}, if given, is
+    called at the window's start and end; the result's C{"probe"} is the pair it returned.
+    """
     m_start = gc_metrics(port)  # before the step's agents connect: the step's pauses are the difference
     workers = []
     for i in range(0, len(creds), args.per_worker):
@@ -216,23 +233,31 @@ def run_step(args, cp_pid, port, creds):
         p = subprocess.Popen(
             [sys.executable, __file__, "--worker", "--port", str(port),
              "--interval", str(args.interval), "--duration", str(args.duration),
-             "--budget", str(args.budget)],
+             "--budget", str(args.budget)]
+            + (["--agent-procedures"] if getattr(args, "agent_procedures", False) else []),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
         p.stdin.write(json.dumps(chunk) + "\n")
         p.stdin.flush()
         workers.append(p)
     t_start = time.monotonic()
+    join_p50, join_max = [], []
     for p in workers:
         line = p.stdout.readline()
         if not line.startswith("READY"):
             raise RuntimeError("a worker failed to start")
+        ready = json.loads(line.split(" ", 2)[2])
+        if ready["joined"]:
+            join_p50.append(ready["p50"])
+            join_max.append(ready["max"])
     connect_s = time.monotonic() - t_start
     time.sleep(args.interval)
     gc0 = gc_metrics(port)
+    p0 = probe() if probe is not None else None
     (u0, s0), t0 = cpu_seconds(cp_pid, split=True), time.monotonic()
     time.sleep(args.duration)
     (u1, s1), t1 = cpu_seconds(cp_pid, split=True), time.monotonic()
+    p1 = probe() if probe is not None else None
     cpu0, cpu1 = u0 + s0, u1 + s1
     gc1 = gc_metrics(port)
     latencies, failures, worker_cpu = [], 0, 0.0
@@ -251,6 +276,10 @@ def run_step(args, cp_pid, port, creds):
         "hosts": len(creds),
         "workers": len(workers),
         "connect_s": connect_s,
+        # one agent's join (TCP connect to its registration answered), at most 50 at a time per
+        # worker: the median of the workers' medians, and the longest
+        "join_p50_s": sorted(join_p50)[len(join_p50) // 2] if join_p50 else float("nan"),
+        "join_max_s": max(join_max, default=float("nan")),
         "heartbeats": len(latencies),
         "expected": expected,
         "failures": failures,
@@ -263,6 +292,8 @@ def run_step(args, cp_pid, port, creds):
         # of which in the kernel (on loopback, send() also runs the receiving side's TCP)
         "sys_per_hb_ms": 1000 * (s1 - s0) / max(1, len(latencies)) * args.duration / (t1 - t0),
         "worker_cpu": worker_cpu,
+        "window_s": t1 - t0,
+        "probe": (p0, p1),
         "load": os.getloadavg()[0],
         "gc": bool(gc1),
         "gc_full": gc1.get("zwrm_gc_full_collections_total", 0)
@@ -457,6 +488,11 @@ def main():
                     help="the control plane's [gc] churn (0: no full collection after session churn;"
                          " default: the control plane's own)")
     ap.add_argument("--keep-going", action="store_true", help="run every step even after a failure")
+    ap.add_argument("--agent-procedures", action="store_true",
+                    help="the simulated agents register machine.list, ingress.certs and"
+                         " network.update, which the control plane calls when an agent registers,"
+                         " and answer them as a user-mode agent does (default: they register"
+                         " nothing; each of those calls fails with no_such_procedure)")
     ap.add_argument("--micro", action="store_true",
                     help="only the control plane's CPU per heartbeat, in this process, without sockets")
     ap.add_argument("--micro-hosts", type=int, default=200, help="agents for --micro (default 200)")

@@ -5,8 +5,10 @@ agents' sessions spread over several Crossbar proxy workers, against the embedde
 the same run.
 
     .venv/bin/python benchmarks/heartbeats_crossbar.py [--steps 100,1000,2000]
-        [--proxies 2] [--per-worker 500] [--interval 5] [--duration 20] [--budget 1.0]
-        [--crossbar /opt/crossbar-venv/bin/crossbar] [--only embedded|crossbar]
+        [--crossbar-steps 500,1000] [--proxies 2] [--per-worker 500] [--interval 5]
+        [--duration 20] [--budget 1.0] [--crossbar /opt/crossbar-venv/bin/crossbar]
+        [--only embedded|crossbar] [--keep-going] [--crossbar-key-cache]
+        [--no-agent-procedures]
 
 The workload is benchmarks/heartbeats.py's (its worker processes and its step function):
 simulated agents with real WAMP sessions (ticket auth as seeded hosts), registering, then
@@ -23,8 +25,17 @@ Two set-ups, one after the other, each with a fresh copy of the same seeded data
    (C{anonymous-proxy}); C{twistd zwrm-control} with C{router_url}.  Crossbar's router
    workers are not joined with rlinks: they lose the caller's authid (docs/scaling.md).
 
-Per step it prints the latencies, the control plane's CPU and (crossbar) the CPU of all
-Crossbar processes.  Crossbar.io is never a dependency of zwrm: tests/crossbar/router.py
+The simulated agents register C{machine.list}, C{ingress.certs} and C{network.update} (which
+the control plane calls on every agent that registers) and answer them as a user-mode agent
+does, so that registering costs what it costs a real agent, not a failed call each.
+
+Per step it prints the latencies, the control plane's CPU, (crossbar) the CPU of Crossbar's
+router worker and proxy workers in the measuring window, how long the step's agents took
+to connect and one agent's join (TCP connect to registered), and C{uptime} after each row
+(the machine may be shared).  C{--crossbar-key-cache} runs Crossbar with its node key read
+once per process: as shipped, Crossbar.io 26.10.1's proxy workers read the key file and draw
+its QR code twice for every session they forward (about two thirds of a proxy worker's CPU
+per session).  Crossbar.io is never a dependency of zwrm: tests/crossbar/router.py
 --install makes its virtualenv.
 """
 
@@ -47,12 +58,52 @@ import heartbeats  # noqa: E402
 from heartbeats import run_step, seed  # noqa: E402
 
 
-def process_tree_cpu(pid):
-    """User + system CPU seconds of C{pid} and its live descendants (benchmarks/router.py's)."""
-    sys.modules.setdefault("bjdata", None)
-    from router import process_tree_cpu as tree
+def crossbar_cpu(pid):
+    """
+    User + system CPU seconds of Crossbar's processes, by kind: C{{"router", "proxy",
+    "controller"}} (the controller C{pid} and its workers, from /proc).
+    """
+    out = {"router": 0.0, "proxy": 0.0, "controller": 0.0}
+    try:
+        out["controller"] = heartbeats.cpu_seconds(pid)
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except (OSError, ValueError):
+        return out
+    for child in children:
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                cmdline = f.read()
+            cpu = heartbeats.cpu_seconds(child)
+        except (OSError, ValueError, IndexError):
+            continue
+        kind = "proxy" if b"ProxyController" in cmdline else "router"
+        out[kind] += cpu
+    return out
 
-    return tree(pid)
+
+def uptime():
+    """What C{uptime} prints (the machine is shared: every figure is printed beside it)."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+KEY_CACHE = """\
+# written by zwrm's benchmarks/heartbeats_crossbar.py --crossbar-key-cache: Crossbar.io 26.10.1's
+# proxy workers read the node key file and draw its QR code (pyqrcode) twice for every session
+# they forward (crossbar/worker/proxy.py, crossbar/common/key.py _read_node_key); this reads it
+# once per process instead
+try:
+    import functools
+
+    import crossbar.common.key as _key
+
+    _key._read_node_key = functools.lru_cache(maxsize=None)(_key._read_node_key)
+except Exception:
+    pass
+"""
 
 
 def crossbar_config(client_port, control_port, socket_path, proxies):
@@ -139,25 +190,38 @@ def stop(proc):
         proc.wait()
 
 
+HEADER = (f"{'router':>9} {'hosts':>6} {'answered':>13} {'fail':>4} {'p50 ms':>8} {'p99 ms':>8}"
+          f" {'max ms':>8} {'cp CPU':>7} {'cp ms/hb':>8} {'cb CPU r+p':>12} {'cb ms/hb':>8}"
+          f" {'connect s':>9} {'join ms':>8} {'load':>5}  result")
+
+
 def run_steps(kind, args, steps, creds, cp, ws_port, http_port, router=None):
-    """Each step against one set-up; a row per step."""
+    """Each step against one set-up; a row per step, with C{uptime} after it."""
     # heartbeats.run_step reads /metrics on the port the agents use: here that is Crossbar's
     original = heartbeats.gc_metrics
     heartbeats.gc_metrics = lambda _port: original(http_port)
+    probe = (lambda: crossbar_cpu(router.pid)) if router else None
     best, rows = 0, []
     try:
         for n in steps:
-            r0 = process_tree_cpu(router.pid) if router else 0.0
-            t0 = time.monotonic()
-            r = run_step(args, cp.pid, ws_port, creds[:n])
-            r["router_cpu"] = ((process_tree_cpu(router.pid) - r0) / (time.monotonic() - t0)
-                               if router else None)
+            r = run_step(args, cp.pid, ws_port, creds[:n], probe=probe)
+            cb = "-"
+            cb_hb = "-"
+            if router:
+                (c0, c1), w = r["probe"], r["window_s"]
+                cb_router = (c1["router"] - c0["router"]) / w
+                cb_proxy = (c1["proxy"] - c0["proxy"]) / w
+                cb_all = sum(c1.values()) - sum(c0.values())
+                cb = f"{100 * cb_router:.0f}+{100 * cb_proxy:.0f}%"
+                cb_hb = (f"{1000 * cb_all / max(1, r['heartbeats']) * args.duration / w:.3f}")
+                r.update(cb_router=cb_router, cb_proxy=cb_proxy)
             rows.append(r)
             print(f"{kind:>9} {r['hosts']:>6} {r['heartbeats']:>6}/{r['expected']:<6.0f}"
                   f"{r['failures']:>5} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['max_ms']:>8.1f}"
-                  f" {100 * r['cpu']:>6.1f}% {r['cpu_per_hb_ms']:>8.3f}"
-                  + (f" {100 * r['router_cpu']:>9.1f}%" if router else f" {'-':>10}")
-                  + f" {r['load']:>5.1f}  {'ok' if r['ok'] else 'FAIL'}", flush=True)
+                  f" {100 * r['cpu']:>6.1f}% {r['cpu_per_hb_ms']:>8.3f} {cb:>12} {cb_hb:>8}"
+                  f" {r['connect_s']:>9.1f} {1000 * r['join_p50_s']:>8.0f}"
+                  f" {r['load']:>5.1f}  {'ok' if r['ok'] else 'FAIL'}", flush=True)
+            print(f"{'':>9} uptime: {uptime()}", flush=True)
             if not r["ok"] and not args.keep_going:
                 break
             if r["ok"] and all(x["ok"] for x in rows):
@@ -178,21 +242,39 @@ def main():
     ap.add_argument("--crossbar", default=None, help="crossbar executable (default: installed"
                     " by tests/crossbar/router.py)")
     ap.add_argument("--only", choices=("embedded", "crossbar"), default=None)
+    ap.add_argument("--crossbar-steps", default=None,
+                    help="the Crossbar half's steps, if not --steps")
     ap.add_argument("--keep-going", action="store_true")
+    ap.add_argument("--no-agent-procedures", dest="agent_procedures", action="store_false",
+                    help="the simulated agents register no procedures (then the control plane's"
+                         " calls on registration, machine.list, ingress.certs and network.update,"
+                         " fail)")
+    ap.add_argument("--crossbar-key-cache", action="store_true",
+                    help="run Crossbar with its node key read once per process (a sitecustomize"
+                         " on PYTHONPATH): as shipped, its proxy workers draw the key's QR code"
+                         " twice per session they forward")
     args = ap.parse_args()
 
     from tests.crossbar.router import CONTROL_TICKET_ENV, ensure_crossbar
     from zwrm.testing.processes import free_port
 
     steps = [int(s) for s in args.steps.split(",")]
+    cb_steps = [int(s) for s in args.crossbar_steps.split(",")] if args.crossbar_steps else steps
     tmp = tempfile.mkdtemp(prefix="zwrm-bench-cb-")
-    creds = seed(os.path.join(tmp, "seed"), max(steps))
+    creds = seed(os.path.join(tmp, "seed"), max(steps + cb_steps))
     db = os.path.join(tmp, "seed", "zwrm.db")
-    print(f"{max(steps)} hosts seeded; machine: {os.cpu_count()} cores,"
-          f" load {os.getloadavg()[0]:.1f}; heartbeat every {args.interval}s, window"
-          f" {args.duration}s, budget {args.budget}s; {args.proxies} Crossbar proxy workers")
-    print(f"{'router':>9} {'hosts':>6} {'answered':>13} {'fail':>4} {'p50 ms':>8} {'p99 ms':>8}"
-          f" {'max ms':>8} {'cp CPU':>7} {'cp ms/hb':>8} {'router CPU':>10} {'load':>5}  result")
+    print(f"{max(steps + cb_steps)} hosts seeded; machine: {os.cpu_count()} cores; heartbeat"
+          f" every {args.interval}s, window {args.duration}s, budget {args.budget}s;"
+          f" {args.proxies} Crossbar proxy workers"
+          + (", node key cached" if args.crossbar_key_cache else "")
+          + f"; simulated agents {'answer' if args.agent_procedures else 'register no'}"
+          " machine.list, ingress.certs and network.update")
+    print(f"uptime: {uptime()}")
+    print("cp: the control plane's process; cb CPU r+p: Crossbar's router worker + proxy workers"
+          " (share of one core, in the window); cb ms/hb: all Crossbar processes' CPU per heartbeat"
+          " answered; connect s: the step's agents connecting (at most 50 at a time per"
+          f" {args.per_worker} agents); join ms: the median agent's TCP connect to registered")
+    print(HEADER)
     results = {}
     if args.only in (None, "embedded"):
         cp, port = start_control(tmp, "embedded", db, args)
@@ -211,9 +293,16 @@ def main():
                                       os.path.join(tmp, "crossbar", "router.sock"),
                                       args.proxies), f)
         log = open(os.path.join(tmp, "crossbar.log"), "wb")  # noqa: SIM115
+        env = dict(os.environ, **{CONTROL_TICKET_ENV: ticket})
+        env.pop("PYTHONPATH", None)
+        if args.crossbar_key_cache:
+            site = os.path.join(tmp, "crossbar-site")
+            os.makedirs(site)
+            with open(os.path.join(site, "sitecustomize.py"), "w") as f:
+                f.write(KEY_CACHE)
+            env["PYTHONPATH"] = site  # the workers inherit the controller's environment
         router = subprocess.Popen([exe, "start", "--cbdir", cbdir, "--loglevel", "warn"],
-                                  stdout=log, stderr=log, cwd=os.path.dirname(cbdir),
-                                  env=dict(os.environ, **{CONTROL_TICKET_ENV: ticket}))
+                                  stdout=log, stderr=log, cwd=os.path.dirname(cbdir), env=env)
         try:
             wait(lambda: listening(client_port) and listening(control_port), 300,
                  "Crossbar listening")
@@ -226,8 +315,8 @@ def main():
             cp, http_port = start_control(tmp, "crossbar", db, args,
                                           ["--config", os.path.join(tmp, "control.toml")])
             try:
-                results["crossbar"] = run_steps("crossbar", args, steps, creds, cp, client_port,
-                                                http_port, router=router)
+                results["crossbar"] = run_steps("crossbar", args, cb_steps, creds, cp,
+                                                client_port, http_port, router=router)
             finally:
                 stop(cp)
         finally:
