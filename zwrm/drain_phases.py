@@ -8,14 +8,16 @@ module imports nothing, so the CLI may import it without loading the control pla
 """
 
 MIGRATION_PHASES = (
-    "planned", "live_preparing", "live_migrating", "switched_over", "verifying",
+    "planned", "live_preparing", "live_migrating", "switching_over", "switched_over",
+    "verifying",
     "bulk_copying", "stopping_source", "delta_copying", "starting_replacement",
     "waiting_healthy", "committing", "cleaning", "done", "rolling_back", "rolled_back",
     "not_moved", "failed",
 )
 """Every phase a migration is stored in (the C{phase} column of C{migrations})."""
 
-LIVE_PHASES = ("live_preparing", "live_migrating", "switched_over", "verifying")
+LIVE_PHASES = ("live_preparing", "live_migrating", "switching_over", "switched_over",
+               "verifying")
 """The phases of a live move (docs/live-migration.md), before the common C{committing}."""
 
 DRAIN_MODES = ("auto", "live", "cold")

@@ -255,6 +255,115 @@ class LiveProceduresTests(SynchronousTestCase):
         self.assertEqual(hosts.b.volumes.list(), [])
 
 
+class HoldTests(SynchronousTestCase):
+    """
+    C{live.migrate(..., hold=True)} answers once every mirror is in sync and waits there,
+    the machine running, for C{live.switchover}: the caller stores its decision between
+    the two (docs/drain.md, C{switching_over}); nothing of the RAM is sent before it.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.hosts = Hosts(self, self.clock)
+        self.where = self.hosts.prepare()
+
+    def held(self, policy=None):
+        hosts, announced = self.hosts, []
+        d = hosts.a.migrate("m1", "host-b", self.where, dict({"mirror_speed": SIZE},
+                                                             **(policy or {})),
+                            True, details=types.SimpleNamespace(progress=announced.append))
+        ready = hosts.settle(d)
+        return ready, announced
+
+    def test_it_waits_in_sync_until_the_switchover_is_asked(self):
+        hosts = self.hosts
+        ready, announced = self.held()
+        self.assertEqual((ready["ready"], ready["target"]), (True, "host-b"))
+        self.assertEqual(ready["mirror"], {"done": SIZE, "total": SIZE, "rate": 0.0} | {
+            "rate": ready["mirror"]["rate"]})
+        self.assertEqual(announced[-1]["phase"], "ready")  # the call's last progress
+        # Minutes later: still in sync, running, no RAM migration, the target waiting.
+        self.clock.advance(120)
+        st = hosts.settle(hosts.a.status("m1"))
+        self.assertEqual((st["role"], st["state"]), ("source", "ready"))
+        self.assertEqual((st["hypervisor"]["runstate"], st["hypervisor"]["migration"]),
+                         ("running", "none"))
+        self.assertEqual(hosts.b.target_state("m1"), "incoming")
+        # A write meanwhile reaches both copies (the mirror is write-blocking).
+        hosts.a.driver.guest_write_file("m1", "held", b"h" * 4096)
+        with open(hosts.a.volumes.path("v1"), "rb") as a, \
+                open(hosts.b.volumes.path("v1"), "rb") as b:
+            self.assertEqual(a.read(), b.read())
+        # The switchover, with its own progress.
+        more = []
+        result = hosts.settle(hosts.a.switchover(
+            "m1", details=types.SimpleNamespace(progress=more.append)))
+        self.assertIsInstance(result["downtime_ms"], int)
+        self.assertEqual(result["mirror"]["total"], SIZE)
+        self.assertGreaterEqual(result["mirror_seconds"], 0)
+        phases = [p["phase"] for p in more]
+        self.assertIn("migrating", phases)
+        self.assertEqual((phases[-1], more[-1]["finished"]), ("completed", True))
+        self.assertEqual(len(announced), len([p for p in announced]))  # nothing more there
+        self.assertNotIn("migrating", [p["phase"] for p in announced])
+        self.clock.advance(1)
+        self.assertEqual(hosts.b.target_state("m1"), "resumed")
+        self.assertEqual(hosts.b.driver.guest_read_file("m1", "held"), b"h" * 4096)
+        # Asked again (its caller restarted): the same figures, nothing started.
+        self.assertEqual(hosts.settle(hosts.a.switchover("m1")), result)
+
+    def test_a_switchover_asked_again_follows_the_migration_under_way(self):
+        hosts = self.hosts
+        hosts.a.driver.host.live_converges = False
+        self.held()
+        first = hosts.a.switchover("m1")
+        self.clock.advance(1)
+        self.assertEqual(hosts.a.outgoing["m1"].machine.state, "migrating")
+        again = hosts.a.switchover("m1")  # the caller restarted
+        hosts.a.driver.host.live_converges = True
+        a, b = hosts.settle(first), hosts.settle(again)
+        self.assertEqual(a, b)
+        self.assertIsInstance(a["downtime_ms"], int)
+
+    def test_no_switchover_within_ready_timeout_rolls_back(self):
+        hosts = self.hosts
+        self.held({"ready_timeout": 5})
+        self.clock.advance(4)
+        self.assertEqual(hosts.a.outgoing["m1"].machine.state, "ready")
+        self.clock.advance(2)
+        self.assertNotIn("m1", hosts.a.outgoing)
+        self.assertEqual(hosts.a.driver.status("m1")["state"], "running")
+        with self.assertRaises(Unavailable) as cm:
+            hosts.settle(hosts.a.switchover("m1"))
+        self.assertIn("no switchover was asked within 5", cm.exception.message)
+        st = hosts.settle(hosts.a.status("m1"))
+        self.assertEqual(st["state"], "rolled_back")
+
+    def test_a_cancel_while_ready_rolls_back(self):
+        hosts = self.hosts
+        self.held()
+        self.assertEqual(hosts.settle(hosts.a.cancel("m1")), {"cancelled": True})
+        st = hosts.settle(hosts.a.driver.migration_status("m1"))
+        self.assertEqual((st["runstate"], st["mirrors"]), ("running", []))
+        self.assertEqual(hosts.settle(hosts.b.cancel("m1")), {"cancelled": True})
+        self.assertFalse(hosts.b.volumes.exists("v1"))
+
+    def test_switchover_refused_before_ready_and_unknown(self):
+        hosts = self.hosts
+        with self.assertRaises(NotFound) as cm:
+            hosts.settle(hosts.a.switchover("m1"))
+        self.assertIn("ask live.status", cm.exception.message)
+        d = hosts.a.migrate("m1", "host-b", self.where, {"mirror_speed": SIZE // 8}, True)
+        self.clock.advance(0.1)
+        with self.assertRaises(Conflict) as cm:
+            hosts.settle(hosts.a.switchover("m1"), steps=1)
+        self.assertIn("not in sync yet", cm.exception.message)
+        self.assertTrue(hosts.settle(d)["ready"])
+        with self.assertRaises(InvalidArgument):
+            hosts.settle(hosts.a.migrate("m2", "host-b", self.where, None, "yes"))
+        hosts.settle(hosts.a.cancel("m1"))
+
+
 class VerifyTests(TestCase):
     """live.hashes on the source and live.verify on the target (threads: the real reactor)."""
 
@@ -354,10 +463,12 @@ class ProcedureNamesTests(SynchronousTestCase):
                 names[uri.uri()] = uri.options
         self.assertEqual(sorted(names), [f"live.{v}" for v in (
             "cancel", "describe", "facts", "hashes", "migrate", "prepare", "resume", "status",
-            "verify")])
-        # Only migrate gives progressive results (it takes the call details).
-        self.assertEqual([u for u, o in names.items() if o is not None], ["live.migrate"])
-        self.assertEqual(names["live.migrate"].details_arg, "details")
+            "switchover", "verify")])
+        # Only migrate and switchover give progressive results (they take the details).
+        self.assertEqual(sorted(u for u, o in names.items() if o is not None),
+                         ["live.migrate", "live.switchover"])
+        for uri in ("live.migrate", "live.switchover"):
+            self.assertEqual(names[uri].details_arg, "details")
         with open(os.path.join(os.path.dirname(__file__), "..", "..", "docs",
                                "live-migration.md")) as f:
             doc = f.read()

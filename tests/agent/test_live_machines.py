@@ -35,6 +35,7 @@ class Owner:
 
 SOURCE_INPUTS = {
     "mirrors_ready": lambda m: m.mirrors_ready(),
+    "go": lambda m: m.go(),
     "pre_switchover": lambda m: m.pre_switchover(),
     "continued_ok": lambda m: m.continued_ok(),
     "switch_failed": lambda m: m.switch_failed("no"),
@@ -48,19 +49,28 @@ SOURCE_INPUTS = {
 
 SOURCE_PATHS = {
     "mirroring": [],
-    "migrating": ["mirrors_ready"],
-    "switching": ["mirrors_ready", "pre_switchover"],
-    "continued": ["mirrors_ready", "pre_switchover", "continued_ok"],
-    "completed": ["mirrors_ready", "pre_switchover", "continued_ok", "migration_completed"],
+    "ready": ["mirrors_ready"],
+    "migrating": ["mirrors_ready", "go"],
+    "switching": ["mirrors_ready", "go", "pre_switchover"],
+    "continued": ["mirrors_ready", "go", "pre_switchover", "continued_ok"],
+    "completed": ["mirrors_ready", "go", "pre_switchover", "continued_ok",
+                  "migration_completed"],
     "rolling_back": ["cancel"],
     "rolled_back": ["cancel", "rollback_done"],
-    "uncertain": ["mirrors_ready", "pre_switchover", "continued_ok", "failed"],
+    "uncertain": ["mirrors_ready", "go", "pre_switchover", "continued_ok", "failed"],
 }
 
 # state -> input -> (next state, the owner's calls)
 SOURCE_TABLE = {
     "mirroring": {
-        "mirrors_ready": ("migrating", ["start_migration"]),
+        "mirrors_ready": ("ready", ["at_ready"]),
+        "failed": ("rolling_back", ["rollback"]),
+        "deadline": ("rolling_back", ["rollback"]),
+        "cancel": ("rolling_back", ["rollback"]),
+    },
+    # In sync, waiting for the caller's go (its stored decision): nothing of the RAM sent.
+    "ready": {
+        "go": ("migrating", ["start_migration"]),
         "failed": ("rolling_back", ["rollback"]),
         "deadline": ("rolling_back", ["rollback"]),
         "cancel": ("rolling_back", ["rollback"]),

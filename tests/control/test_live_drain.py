@@ -31,8 +31,8 @@ from zwrm.control.live_drain import live_refusal
 from zwrm.control.migration import Migration
 from zwrm.drivers.fake_live import FakeNetwork
 
-LIVE_PATH = ["live_preparing", "live_migrating", "switched_over", "verifying", "committing",
-             "cleaning", "done"]
+LIVE_PATH = ["live_preparing", "live_migrating", "switching_over", "switched_over",
+             "verifying", "committing", "cleaning", "done"]
 COLD_TAIL = ["bulk_copying", "stopping_source", "delta_copying", "starting_replacement",
              "waiting_healthy", "committing", "cleaning", "done"]
 
@@ -176,6 +176,7 @@ class LiveDrainTests(TestCase):
         at = {(h, v): p for h, v, p in c.phase_at}
         self.assertEqual(at[(dst, "live.prepare")], "live_preparing")
         self.assertEqual(at[(src, "live.migrate")], "live_migrating")
+        self.assertEqual(at[(src, "live.switchover")], "switching_over")
         self.assertEqual(at[(dst, "live.status")], "switched_over")
         self.assertEqual(at[(src, "live.hashes")], "verifying")
         self.assertEqual(at[(dst, "live.verify")], "verifying")
@@ -212,12 +213,14 @@ class LiveDrainTests(TestCase):
 
         c.before(dst, "live.prepare", at("live.prepare"))
         c.before(src, "live.migrate", at("live.migrate"))
+        c.before(src, "live.switchover", at("live.switchover"))
         c.before(src, "live.hashes", at("live.hashes"))
         _, status = await self.drain(c, src)
         new_id = status["migrations"][0]["replacement"]
         self.assertEqual(specs[0]["network"]["address"], address)
         self.assertEqual(await seen["live.prepare"], [(address, src), None])
         self.assertEqual(await seen["live.migrate"], [(address, src), None])
+        self.assertEqual(await seen["live.switchover"], [(address, src), None])
         self.assertEqual(await seen["live.hashes"], [None, (address, dst)])
         self.assertEqual(await addresses(c, m["id"], new_id), [None, (address, dst)])
         net = c.drains._replicas.network
@@ -276,7 +279,7 @@ class LiveDrainTests(TestCase):
                 return original(*args, details=details).addCallback(look)
             return f
 
-        c.wrap(src, "live.migrate", migrate)
+        c.wrap(src, "live.switchover", migrate)
         await self.drain(c, src)
         live, total = seen[0]
         self.assertEqual(live["phase"], "completed")  # the agent's last progress
@@ -301,7 +304,7 @@ class LiveDrainTests(TestCase):
         # reading (every 0.5 s of the agent's time).
         await real_until(announced, "RAM passes and the mirror's figures announced")
         mg = (await c.drains.drain_status(src))["migrations"][0]
-        self.assertEqual((mg["phase"], mg["mode"]), ("live_migrating", "live"))
+        self.assertEqual((mg["phase"], mg["mode"]), ("switching_over", "live"))
         self.assertEqual(mg["live"]["phase"], "migrating")
         self.assertEqual(mg["live"]["mirror"]["total"], 32 * 1024 * 1024)
         self.assertEqual(mg["live"]["mirror"]["done"], 32 * 1024 * 1024)
@@ -487,7 +490,7 @@ class LiveDrainTests(TestCase):
                 return original(*args, details=details).addCallback(uncertain)
             return f
 
-        c.wrap(src, "live.migrate", make)
+        c.wrap(src, "live.switchover", make)
         _, status = await self.drain(c, src)
         self.assertEqual(self.phases(c), LIVE_PATH)
         self.assertEqual(c.verbs("live.cancel"), [])  # neither side cancelled
@@ -498,7 +501,11 @@ class LiveDrainTests(TestCase):
         c, m, src, dst, vid, before = await self.setup()
 
         def migrate(original):
-            return lambda *a, details=None: fail(errors.Conflict("uncertain (test)"))
+            def f(*a, details=None):
+                # It stays held in sync: neither continued nor rolled back by its agent.
+                original(*a, details=details).addErrback(lambda _: None)
+                return fail(errors.Conflict("uncertain (test)"))
+            return f
 
         def status(original):  # the source says it continued past pre-switchover
             def f(machine_id):
@@ -514,14 +521,14 @@ class LiveDrainTests(TestCase):
                 return {"cancelled": True}
             return f
 
-        c.wrap(src, "live.migrate", migrate)
+        c.wrap(src, "live.switchover", migrate)
         c.wrap(src, "live.status", status)
         c.wrap(src, "live.cancel", cancel)
         _, st = await self.drain(c, src)
         # The target is cancelled first (it did not resume), then the source resumes.
         self.assertEqual(c.verbs("live.cancel"), [(dst, "live.cancel"), (src, "live.cancel")])
         self.assertEqual(cancelled, [m["id"]])
-        self.assertEqual(self.phases(c), LIVE_PATH[:2] + COLD_TAIL)
+        self.assertEqual(self.phases(c), LIVE_PATH[:3] + COLD_TAIL)
         await self.assert_moved(c, m, src, dst, vid, before)
 
     @d
@@ -544,7 +551,7 @@ class LiveDrainTests(TestCase):
                 return original(*args, details=details).addCallback(lost)
             return f
 
-        c.wrap(src, "live.migrate", make)
+        c.wrap(src, "live.switchover", make)
         await c.drains.drain(src, min_healthy=1, healthy_deadline=30)
         run = c.drains.active[src]
         mig = next(iter(run.migrations.values()))
@@ -557,7 +564,7 @@ class LiveDrainTests(TestCase):
             if c.clock.seconds() >= end or not await c.step(most=end - c.clock.seconds()):
                 break
         mg = (await c.drains.drain_status(src))["migrations"][0]
-        self.assertEqual((mg["phase"], mg["waiting_for"]), ("live_migrating", dst))
+        self.assertEqual((mg["phase"], mg["waiting_for"]), ("switching_over", dst))
         self.assertIn("to learn where machine", mg["error"])
         self.assertEqual(c.verbs("live.cancel", "live.resume"), [])
         await c.registry.register(dst, dict(_facts(), name=dst))
@@ -607,7 +614,7 @@ class LiveDrainTests(TestCase):
         _, status = await self.drain(c, src)
         self.flushLoggedErrors()
         mg = status["migrations"][0]
-        self.assertEqual(self.phases(c), LIVE_PATH[:4] + ["failed"])
+        self.assertEqual(self.phases(c), LIVE_PATH[:5] + ["failed"])
         self.assertEqual(status["state"], "incomplete")
         self.assertIn("VERIFICATION FAILED", mg["error"])
         self.assertFalse(mg["verified"][vid]["ok"])
@@ -625,16 +632,16 @@ class LiveDrainTests(TestCase):
         moved, and the source is never resumed.
         """
         c, m, src, dst, vid, before = await self.setup()
-        step = c.drains._step_live_migrating
+        step = c.drains._step_switching_over
 
         async def fails_after(drain, run):
             await step(drain, run)
             raise RuntimeError("a fault after the migration (test)")
 
-        c.drains._step_live_migrating = fails_after
+        c.drains._step_switching_over = fails_after
         _, status = await self.drain(c, src, mode="live")
         self.flushLoggedErrors(RuntimeError)
-        self.assertEqual(self.phases(c), LIVE_PATH[:2] + ["rolling_back"] + LIVE_PATH[2:])
+        self.assertEqual(self.phases(c), LIVE_PATH[:3] + ["rolling_back"] + LIVE_PATH[3:])
         self.assertEqual(c.verbs("live.cancel"), [])
         self.assertEqual(status["state"], "completed")
         await self.assert_moved(c, m, src, dst, vid, before)
@@ -684,50 +691,238 @@ class LiveDrainTests(TestCase):
 
     # -- control-plane restarts --------------------------------------------------------
 
-    def lost_answer(self, c, src):
-        """live.migrate runs, but its answer never reaches the control plane."""
+    def lost_answer(self, c, src, verb="live.migrate"):
+        """C{verb} runs, but its first answer never reaches the control plane."""
+        lost = []
+
         def make(original):
             def f(*args, details=None):
+                if lost:
+                    return original(*args, details=details)
+                lost.append(args)
                 original(*args, details=details).addErrback(lambda _: None)
                 return Deferred()
             return f
-        c.wrap(src, "live.migrate", make)
+        c.wrap(src, verb, make)
 
     def restart(self, c, src):
         return restart(self, c, src)
 
+    def source_state(self, c, src, mid):
+        out = c.lives[src].outgoing.get(mid)
+        return out.machine.state if out is not None else None
+
     @d
     async def test_restart_after_the_migration_completed_is_switched_over(self):
         c, m, src, dst, vid, before = await self.setup()
-        self.lost_answer(c, src)
+        self.lost_answer(c, src, "live.switchover")
         await c.drains.drain(src, min_healthy=1, healthy_deadline=30)
         await real_until(lambda: c.lives[src].finished.get(m["id"], {}).get("state")
                          == "completed", "the migration completed")
-        self.assertEqual((await c.store.select("migrations"))[0]["phase"], "live_migrating")
+        self.assertEqual((await c.store.select("migrations"))[0]["phase"], "switching_over")
         status = await self.restart(c, src)
         self.assertEqual(status["state"], "completed")
-        self.assertEqual([p for p in self.phases(c) if p != "live_migrating"],
-                         [p for p in LIVE_PATH if p != "live_migrating"])
+        self.assertEqual([p for p in self.phases(c) if p != "switching_over"],
+                         [p for p in LIVE_PATH if p != "switching_over"])
         self.assertEqual(c.verbs("live.cancel"), [])
+        # The new control plane asked again and got the figures of the migration.
+        self.assertEqual(c.verbs("live.switchover"), [(src, "live.switchover")] * 2)
+        self.assertIsInstance(status["migrations"][0]["downtime_ms"], int)
         await self.assert_moved(c, m, src, dst, vid, before)
 
     @d
-    async def test_restart_mid_migration_cancels_both_then_goes_cold(self):
+    async def test_restart_while_in_sync_follows_the_same_migration(self):
+        """
+        No switchover was decided (live_migrating stored) and the source is in sync,
+        waiting: the new control plane's live.migrate answers for that same migration
+        (nothing starts twice, nothing is cancelled) and the move goes on live.
+        """
         c, m, src, dst, vid, before = await self.setup()
-        c.executors[src][0].driver.host.live_converges = False  # it never switches over
         self.lost_answer(c, src)
         await c.drains.drain(src, min_healthy=1, healthy_deadline=30)
-        await real_until(lambda: (c.lives[src].outgoing.get(m["id"]) is not None and
-                                  c.lives[src].outgoing[m["id"]].machine.state == "migrating"),
-                         "the RAM migration runs")
+        await real_until(lambda: self.source_state(c, src, m["id"]) == "ready",
+                         "the mirrors are in sync")
+        out = c.lives[src].outgoing[m["id"]]
         status = await self.restart(c, src)
-        # The source's migration is cancelled first (it runs on), then the target's machine.
-        self.assertEqual(c.verbs("live.cancel"), [(src, "live.cancel"), (dst, "live.cancel")])
-        self.assertEqual(status["state"], "completed", status["migrations"][0]["error"])
+        self.assertEqual(c.verbs("live.cancel"), [])
+        self.assertEqual(c.verbs("live.migrate"), [(src, "live.migrate")] * 2)
+        self.assertIs(c.lives[src].ended[m["id"]], out)  # the one migration
         mg = status["migrations"][0]
-        self.assertEqual(mg["mode"], "cold")
+        self.assertEqual((status["state"], mg["mode"]), ("completed", "live"), mg["error"])
+        await self.assert_moved(c, m, src, dst, vid, before)
+
+    @d
+    async def test_restart_after_the_source_gave_up_cancels_the_target_then_goes_cold(self):
+        """
+        live_migrating stored, the control plane away; the source's agent gave up by
+        itself meanwhile (in sync, no switchover asked within ready_timeout): the new
+        control plane cancels the target's machine and moves the machine cold.
+        """
+        c, m, src, dst, vid, before = await self.setup()
+        self.ready_timeout(c, src, 0.2)
+        self.lost_answer(c, src)
+        await c.drains.drain(src, min_healthy=1, healthy_deadline=30)
+        await real_until(lambda: c.lives[src].finished.get(m["id"], {}).get("state")
+                         == "rolled_back", "the source rolled back by itself")
+        status = await self.restart(c, src)
+        self.assertEqual(c.verbs("live.cancel"), [(dst, "live.cancel")])
+        self.assertEqual(c.verbs("live.switchover"), [])
+        mg = status["migrations"][0]
+        self.assertEqual((status["state"], mg["mode"]), ("completed", "cold"), mg["error"])
         self.assertIn("control plane restarted", mg["mode_reason"])
         await self.assert_moved(c, m, src, dst, vid, before)
+
+    @d
+    async def test_restart_mid_switchover_follows_it_and_never_cancels(self):
+        """
+        The switchover was decided (switching_over stored) and the RAM migration runs when
+        the control plane dies: the new one asks live.switchover again, which starts
+        nothing and answers once the migration completed; nothing is cancelled.
+        """
+        c, m, src, dst, vid, before = await self.setup()
+        host = c.executors[src][0].driver.host
+        host.live_converges = False  # RAM passes go on until it is allowed to converge
+        self.lost_answer(c, src, "live.switchover")
+        await c.drains.drain(src, min_healthy=1, healthy_deadline=30)
+        await real_until(lambda: self.source_state(c, src, m["id"]) == "migrating",
+                         "the RAM migration runs")
+        self.assertEqual((await c.store.select("migrations"))[0]["phase"], "switching_over")
+        # The next live.switchover (the new control plane's) is followed to the end.
+        c.before(src, "live.switchover", lambda *a: setattr(host, "live_converges", True))
+        status = await self.restart(c, src)
+        mg = status["migrations"][0]
+        self.assertEqual((status["state"], mg["mode"]), ("completed", "live"), mg["error"])
+        self.assertEqual(c.verbs("live.cancel", "live.resume"), [])
+        self.assertIsInstance(mg["downtime_ms"], int)
+        await self.assert_moved(c, m, src, dst, vid, before)
+
+    @d
+    async def test_the_target_resumes_only_after_switching_over_is_stored(self):
+        """
+        Issue 18 item 3: the decision is recorded before the target resumes, and before
+        the source's RAM migration starts, with no round trip in the pause.
+        """
+        c, m, src, dst, vid, before = await self.setup()
+        seen = {}
+        tdrv, sdrv = c.executors[dst][0].driver, c.executors[src][0].driver
+        finish, start = tdrv.finish_incoming, sdrv.start_migration
+
+        def resumed(machine_id, *args, **kwargs):
+            seen["resume"] = c.stored_phase()
+            return finish(machine_id, *args, **kwargs)
+
+        def ram(machine_id, *args, **kwargs):
+            seen["ram"] = c.stored_phase()
+            return start(machine_id, *args, **kwargs)
+
+        tdrv.finish_incoming, sdrv.start_migration = resumed, ram
+        _, status = await self.drain(c, src)
+        self.assertEqual(status["state"], "completed")
+        self.assertEqual(seen, {"ram": "switching_over", "resume": "switching_over"})
+        self.assertEqual(self.phases(c), LIVE_PATH)
+
+    def ready_timeout(self, c, src, seconds):
+        """The drain's live.migrate carries a policy whose ready_timeout is C{seconds}."""
+        def make(original):
+            def f(machine_id, target_host, target, policy, *args, details=None):
+                policy = dict(policy or {}, ready_timeout=seconds)
+                return original(machine_id, target_host, target, policy, *args,
+                                details=details)
+            return f
+        c.wrap(src, "live.migrate", make)
+
+    @d
+    async def test_the_source_gives_up_in_sync_while_the_control_plane_is_away(self):
+        """
+        The control plane dies with switching_over stored, before it asked the source to go
+        on; the source's agent waits ready_timeout in sync, then rolls back by itself (no
+        RAM was sent: the target cannot hold the machine).  The new control plane learns it
+        from live.switchover and both agents, cancels the target's machine, never the
+        source, and moves the machine cold (auto).
+        """
+        c, m, src, dst, vid, before = await self.setup()
+        self.ready_timeout(c, src, 0.2)
+        await crash_and_resume_at(self, c, src, "switching_over")
+        await real_until(lambda: c.lives[src].finished.get(m["id"], {}).get("state")
+                         == "rolled_back", "the source rolled back by itself")
+        status = await self.restart(c, src)
+        mg = status["migrations"][0]
+        self.assertEqual((status["state"], mg["mode"]), ("completed", "cold"), mg["error"])
+        self.assertIn("no switchover was asked within 0.2 s", mg["mode_reason"])
+        self.assertEqual(c.verbs("live.cancel"), [(dst, "live.cancel")])
+        self.assertEqual([p for p in self.phases(c) if p != "switching_over"],
+                         LIVE_PATH[:2] + COLD_TAIL)
+        await self.assert_moved(c, m, src, dst, vid, before)
+
+    @d
+    async def test_a_switchover_that_does_not_converge_goes_cold_or_rolls_back(self):
+        """
+        After the decision the source's agent gives up (the RAM migration did not converge
+        within its deadline): it rolled back before it continued, so the machine runs on at
+        the source; the control plane cancels only the target, then goes cold (auto) or
+        rolls back (live).
+        """
+        for mode, tail in (("auto", COLD_TAIL), ("live", ["rolling_back", "rolled_back"])):
+            c, m, src, dst, vid, before = await self.setup()
+            c.executors[src][0].driver.host.live_converges = False
+            _, status = await self.drain(c, src, mode=mode, live_deadline=1)
+            mg = status["migrations"][0]
+            self.assertEqual(self.phases(c), LIVE_PATH[:3] + tail, mode)
+            self.assertIn("did not converge", mg["mode_reason"] or mg["error"], mode)
+            self.assertEqual(c.verbs("live.cancel"), [(dst, "live.cancel")], mode)
+            self.assertFalse(c.lives[dst].incoming, mode)
+            if mode == "auto":
+                await self.assert_moved(c, m, src, dst, vid, before)
+            else:
+                self.assertEqual(status["state"], "incomplete")
+                machines = await c.apps.list_machines()
+                self.assertEqual([(x["id"], x["host_id"], x["state"]) for x in machines],
+                                 [(m["id"], src, "running")])
+                self.assertFalse(c.store_of(dst).exists(vid))
+
+    @d
+    async def test_a_lost_switchover_answer_while_in_sync_asks_again(self):
+        """
+        live.switchover's call is lost before it reached the source (still in sync,
+        waiting): the step asks its status, then live.switchover again; it moves live.
+        """
+        c, m, src, dst, vid, before = await self.setup()
+        calls = []
+
+        def make(original):
+            def f(*args, details=None):
+                calls.append(args)
+                if len(calls) == 1:
+                    return fail(errors.Unavailable("the call was lost (test)"))
+                return original(*args, details=details)
+            return f
+
+        c.wrap(src, "live.switchover", make)
+        _, status = await self.drain(c, src)
+        self.assertEqual(len(calls), 2)
+        self.assertEqual((status["state"], status["migrations"][0]["mode"]),
+                         ("completed", "live"))
+        self.assertEqual(c.verbs("live.cancel"), [])
+        self.assertEqual(self.phases(c), LIVE_PATH)
+
+
+async def crash_and_resume_at(testcase, c, src, phase):
+    """Drain C{src}; the control plane dies right after storing C{phase} (not resumed)."""
+    from twisted.internet.defer import CancelledError
+
+    crashed = []
+
+    async def crash(drain, run):
+        crashed.append(True)
+        raise CancelledError()
+
+    setattr(c.drains, "_step_" + phase, crash)
+    await c.drains.drain(src, min_healthy=1, healthy_deadline=30, stop_timeout=5)
+    for _ in range(3000):
+        if crashed:
+            break
+        await c.step()
+    testcase.assertEqual((await c.store.select("migrations"))[0]["phase"], phase)
 
 
 class LiveCrashTests(TestCase):
@@ -742,7 +937,7 @@ class LiveCrashTests(TestCase):
         """
         from itertools import product
 
-        for phase, after in product(LIVE_PATH[:4], (False, True)):
+        for phase, after in product(LIVE_PATH[:5], (False, True)):
             c, m, src, dst, vid, before = await live_setup(self)
             [(address, _)] = await addresses(c, m["id"])
             status = await crash_and_resume(self, c, src, phase, after)
@@ -778,12 +973,12 @@ class ModeChoiceTests(SynchronousTestCase):
     def test_live_path_of_the_machine(self):
         m = Migration()
         m.start_live()
-        for _ in range(6):
+        for _ in range(7):
             m.step_done()
         self.assertEqual([p for _, p, _ in m.outbox], LIVE_PATH)
 
     def test_failures_before_and_after_the_switchover(self):
-        for phase in ("live_preparing", "live_migrating"):
+        for phase in ("live_preparing", "live_migrating", "switching_over"):
             m = Migration.restore(phase)
             m.step_failed("boom")
             self.assertEqual(m.phase, "rolling_back")

@@ -12,11 +12,15 @@ in order:
     answers where it listens. From then on the target's L{TargetMigration} waits for the
     incoming migration to complete, then stops its NBD server, starts the verification's
     dirty bitmap and resumes the guest, by itself;
- 3. source C{live.migrate(machine_id, target_host, target, policy)}, with progressive
-    results: the source's L{SourceMigration} mirrors the volumes, starts the RAM migration
-    once every mirror is in sync, and at C{pre-switchover} (the guest paused) completes the
-    mirrors and continues, by itself: no control-plane round trip and no poll sits inside
-    the pause. The result is the figures (the pause QEMU reports, the total time, ...);
+ 3. source C{live.migrate(machine_id, target_host, target, policy, hold=True)}, with
+    progressive results: the source's L{SourceMigration} mirrors the volumes and answers
+    once every mirror is in sync (C{ready}: the guest runs, its writes reach both copies);
+    the caller stores its decision to switch over, then calls source
+    C{live.switchover(machine_id)}: the RAM migration starts, and at C{pre-switchover}
+    (the guest paused) the source completes the mirrors and continues, by itself: no
+    control-plane round trip and no poll sits inside the pause. The result is the figures
+    (the pause QEMU reports, the total time, ...). Without C{hold}, C{live.migrate} goes
+    on at once and answers the figures;
  4. source C{live.hashes(volume_id)} of its frozen image and target
     C{live.verify(machine_id, volume_id, hashes)}: every block where the target's volume
     differs from the source's frozen image must lie in the target's dirty bitmap.
@@ -39,7 +43,7 @@ import os
 from autobahn import wamp
 from autobahn.wamp.types import RegisterOptions
 from automat import MethodicalMachine
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
@@ -74,6 +78,7 @@ DEFAULT_POLICY = {
     "mirror_speed": MIRROR_SPEED,  # bytes/s of the mirror until in sync
     "max_bandwidth": None,  # bytes/s of the RAM migration (QEMU's default if None)
     "switchover_timeout": 30.0,  # seconds the mirrors' final sync may take
+    "ready_timeout": 300.0,  # with hold: seconds in sync waiting for live.switchover
 }
 
 #: How often the progress of a migration is read (outside the pause only).
@@ -92,7 +97,7 @@ def check_policy(policy):
                               f"{', '.join(sorted(DEFAULT_POLICY))}")
     out = dict(DEFAULT_POLICY, **policy)
     for key in ("downtime_limit_ms", "deadline", "mirror_deadline", "mirror_speed",
-                "switchover_timeout", "max_bandwidth"):
+                "switchover_timeout", "max_bandwidth", "ready_timeout"):
         v = out[key]
         if v is None and key == "max_bandwidth":
             continue
@@ -115,7 +120,9 @@ class SourceMigration:
     (L{_Outgoing}); the owner feeds the hypervisor's events back as inputs, through the
     reactor (never from inside an output).
 
-    C{mirroring} -> C{migrating} (every mirror in sync; RAM passes) -> C{switching}
+    C{mirroring} -> C{ready} (every mirror in sync: guest writes reach both copies; the
+    machine runs) -> C{go} (the caller stored its decision to switch over; at once
+    without C{hold}) -> C{migrating} (the RAM migration, RAM passes) -> C{switching}
     (C{pre-switchover}: the mirrors' final sync, then continue) -> C{completed}. Before
     the source continued, a failure, a cancel or giving up -> C{rolling_back} ->
     C{rolled_back} (the source runs on). After it, a failure -> C{uncertain} (the source
@@ -139,9 +146,13 @@ class SourceMigration:
     def mirroring(self):
         "The volumes are copied into the target's exports; guest writes go to both."
 
+    @_machine.state(serialized="ready")
+    def ready(self):
+        "Every mirror is in sync (guest writes reach both); waiting for the go to switch over."
+
     @_machine.state(serialized="migrating")
     def migrating(self):
-        "Every mirror is in sync; RAM passes."
+        "The RAM migration runs (paused before its switchover); RAM passes."
 
     @_machine.state(serialized="switching")
     def switching(self):
@@ -170,6 +181,10 @@ class SourceMigration:
     @_machine.input()
     def mirrors_ready(self):
         "Every mirror is in sync."
+
+    @_machine.input()
+    def go(self):
+        "The caller decided the switchover (stored it): start the RAM migration."
 
     @_machine.input()
     def pre_switchover(self):
@@ -208,6 +223,10 @@ class SourceMigration:
         "The cancel finished; the source runs."
 
     @_machine.output()
+    def _at_ready(self):
+        self._owner._at_ready()
+
+    @_machine.output()
     def _start_migration(self):
         self._owner._start_migration()
 
@@ -243,7 +262,8 @@ class SourceMigration:
     def _nothing_why(self, why):
         return None
 
-    mirroring.upon(mirrors_ready, enter=migrating, outputs=[_start_migration])
+    mirroring.upon(mirrors_ready, enter=ready, outputs=[_at_ready])
+    mirroring.upon(go, enter=mirroring, outputs=[_nothing])
     mirroring.upon(pre_switchover, enter=mirroring, outputs=[_nothing])
     mirroring.upon(continued_ok, enter=mirroring, outputs=[_nothing])
     mirroring.upon(switch_failed, enter=mirroring, outputs=[_nothing_why])
@@ -254,7 +274,22 @@ class SourceMigration:
     mirroring.upon(cancel, enter=rolling_back, outputs=[_rollback])
     mirroring.upon(rollback_done, enter=mirroring, outputs=[_nothing])
 
+    # In sync, the guest running: nothing sent of its RAM yet, so a failure, a cancel or
+    # the end of the wait (policy ready_timeout) rolls back as freely as in mirroring.
+    ready.upon(mirrors_ready, enter=ready, outputs=[_nothing])
+    ready.upon(go, enter=migrating, outputs=[_start_migration])
+    ready.upon(pre_switchover, enter=ready, outputs=[_nothing])
+    ready.upon(continued_ok, enter=ready, outputs=[_nothing])
+    ready.upon(switch_failed, enter=ready, outputs=[_nothing_why])
+    ready.upon(migration_completed, enter=ready, outputs=[_nothing])
+    ready.upon(failed, enter=rolling_back, outputs=[_rollback])
+    ready.upon(deadline, enter=rolling_back, outputs=[_rollback])
+    ready.upon(go_postcopy, enter=ready, outputs=[_nothing])
+    ready.upon(cancel, enter=rolling_back, outputs=[_rollback])
+    ready.upon(rollback_done, enter=ready, outputs=[_nothing])
+
     migrating.upon(mirrors_ready, enter=migrating, outputs=[_nothing])
+    migrating.upon(go, enter=migrating, outputs=[_nothing])
     migrating.upon(pre_switchover, enter=switching, outputs=[_switchover])
     migrating.upon(continued_ok, enter=migrating, outputs=[_nothing])
     migrating.upon(switch_failed, enter=migrating, outputs=[_nothing_why])
@@ -267,6 +302,7 @@ class SourceMigration:
 
     # The pause: the switchover is under way; a cancel or the deadline waits for it.
     switching.upon(mirrors_ready, enter=switching, outputs=[_nothing])
+    switching.upon(go, enter=switching, outputs=[_nothing])
     switching.upon(pre_switchover, enter=switching, outputs=[_nothing])
     switching.upon(continued_ok, enter=continued, outputs=[_nothing])
     switching.upon(switch_failed, enter=rolling_back, outputs=[_rollback])
@@ -279,6 +315,7 @@ class SourceMigration:
     switching.upon(rollback_done, enter=switching, outputs=[_nothing])
 
     continued.upon(mirrors_ready, enter=continued, outputs=[_nothing])
+    continued.upon(go, enter=continued, outputs=[_nothing])
     continued.upon(pre_switchover, enter=continued, outputs=[_nothing])
     continued.upon(continued_ok, enter=continued, outputs=[_nothing])
     continued.upon(switch_failed, enter=continued, outputs=[_nothing_why])
@@ -290,13 +327,14 @@ class SourceMigration:
     continued.upon(rollback_done, enter=continued, outputs=[_nothing])
 
     for _state in (completed, rolled_back, uncertain):
-        for _input in (mirrors_ready, pre_switchover, continued_ok, migration_completed,
+        for _input in (mirrors_ready, go, pre_switchover, continued_ok, migration_completed,
                        go_postcopy, rollback_done):
             _state.upon(_input, enter=_state, outputs=[_nothing])
         for _input in (switch_failed, failed, deadline, cancel):
             _state.upon(_input, enter=_state, outputs=[_nothing_why])
 
     rolling_back.upon(mirrors_ready, enter=rolling_back, outputs=[_nothing])
+    rolling_back.upon(go, enter=rolling_back, outputs=[_nothing])
     rolling_back.upon(pre_switchover, enter=rolling_back, outputs=[_nothing])
     rolling_back.upon(continued_ok, enter=rolling_back, outputs=[_nothing])
     rolling_back.upon(switch_failed, enter=rolling_back, outputs=[_nothing_why])
@@ -441,8 +479,10 @@ DIAGRAMS = [
 class _Outgoing:
     """One migration from this host: runs a L{SourceMigration}."""
 
-    def __init__(self, live, machine_id, target_host, target, policy, announce):
+    def __init__(self, live, machine_id, target_host, target, policy, announce, hold=False):
         self.live = live
+        #: Wait at C{ready} for L{go} (the caller's stored decision to switch over).
+        self.hold = hold
         self.reactor = live.reactor
         self.driver = live.driver
         self.machine_id = machine_id
@@ -450,9 +490,15 @@ class _Outgoing:
         self.target = target
         self.policy = policy
         self.machine = SourceMigration(self)
-        self.result = Deferred()
+        #: C{("ok", figures)} or C{("error", exception)} once it ended.
+        self.outcome = None
+        self._outcome_waiters = []
+        #: What C{live.migrate} with C{hold} answers once every mirror is in sync.
+        self.ready_doc = None
+        self._ready_waiters = []
         self.why = None
         self.started_at = self.reactor.seconds()
+        self.ready_at = None
         self.ram_started_at = None
         self.paused_at = None
         self.postcopy = False
@@ -506,6 +552,44 @@ class _Outgoing:
     def status(self):
         return dict(self.progress, state=self.machine.state, why=self.why)
 
+    def follow(self, announce):
+        """Announce the progress to C{announce} from now on (a new caller's channel)."""
+        if self._throttle is not None:
+            self._throttle.finish()
+        self._throttle = ProgressThrottle(self.reactor, announce) if announce else None
+
+    def wait_ready(self):
+        """
+        A Deferred firing with L{ready_doc} once every mirror is in sync (at once if so),
+        or failing as the migration did if it ended before.
+        """
+        if self.ready_doc is not None:
+            return succeed(dict(self.ready_doc))
+        if self.outcome is not None:
+            return self.wait_outcome()
+        d = Deferred()
+        self._ready_waiters.append(d)
+        return d
+
+    def wait_outcome(self):
+        """A Deferred firing with the outcome: the figures, or the migration's error."""
+        if self.outcome is not None:
+            kind, value = self.outcome
+            return succeed(dict(value)) if kind == "ok" else fail(value)
+        d = Deferred()
+        self._outcome_waiters.append(d)
+        return d
+
+    def _settle(self, kind, value):
+        self.outcome = (kind, value)
+        waiters = self._ready_waiters + self._outcome_waiters
+        self._ready_waiters, self._outcome_waiters = [], []
+        for d in waiters:
+            if kind == "ok":
+                d.callback(dict(value))
+            else:
+                d.errback(value)
+
     # -- start --
 
     def start(self):
@@ -528,7 +612,6 @@ class _Outgoing:
                           self.policy["mirror_speed"])
         d.addCallbacks(self._mirroring, lambda f: self._soon(self.machine.failed,
                                                              _message(f.value)))
-        return self.result
 
     def _mirroring(self, started):
         self.jobs = set(started.get("jobs", ()))
@@ -542,7 +625,7 @@ class _Outgoing:
                 self._soon(self.machine.mirrors_ready)
         elif name in ("BLOCK_JOB_ERROR", "BLOCK_JOB_CANCELLED") or (
                 name == "BLOCK_JOB_COMPLETED" and data.get("error")):
-            if self.machine.state in ("mirroring", "migrating"):
+            if self.machine.state in ("mirroring", "ready", "migrating"):
                 self._soon(self.machine.failed,
                            f"mirror {data.get('device')}: {name} {data.get('error', '')}".strip())
         elif name == "MIGRATION_PASS":
@@ -590,6 +673,30 @@ class _Outgoing:
         return d.addCallbacks(got, lambda f: None)
 
     # -- outputs --
+
+    def _at_ready(self):
+        self.ready_at = self.reactor.seconds()
+        self._stop_timers()
+        # Every mirror is in sync: what is left is what the guest writes (to both).
+        mirror = self.progress["mirror"]
+        mirror["done"] = mirror["total"] = max(mirror["total"], mirror["done"])
+        self._phase("ready")
+        if not self.hold:
+            self._soon(self.machine.go)
+            return
+        wait = self.policy["ready_timeout"]
+        self._timer(wait, self.machine.deadline,
+                    f"no switchover was asked within {wait} s of the mirrors being in sync")
+        self.ready_doc = {"machine_id": self.machine_id, "target": self.target_host,
+                          "ready": True, "mirror": dict(mirror),
+                          "mirror_seconds": round(self.ready_at - self.started_at, 3),
+                          "elapsed": round(self.ready_at - self.started_at, 3)}
+        if self._throttle is not None:  # this answer ends the caller's progress
+            self._throttle.finish(dict(self.progress))
+            self._throttle = None
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            d.callback(dict(self.ready_doc))
 
     def _start_migration(self):
         self.ram_started_at = self.reactor.seconds()
@@ -673,18 +780,18 @@ class _Outgoing:
                       "downtime_ms": st["downtime_ms"], "total_ms": st["total_ms"],
                       "setup_ms": st["setup_ms"],
                       "elapsed": round(now - self.started_at, 3),
-                      "mirror_seconds": round((self.ram_started_at or now) - self.started_at, 3),
+                      "mirror_seconds": round((self.ready_at or now) - self.started_at, 3),
                       "ram": self.progress["ram"], "mirror": self.progress["mirror"],
                       "postcopy": self.postcopy}
             if self._throttle is not None:
                 self._throttle.finish(dict(self.progress))
             self._done("completed")
-            self.result.callback(result)
+            self._settle("ok", result)
 
         def failed(f):
             self._done("completed")
-            self.result.callback({"machine_id": self.machine_id, "target": self.target_host,
-                                  "downtime_ms": None, "note": _message(f.value)})
+            self._settle("ok", {"machine_id": self.machine_id, "target": self.target_host,
+                                "downtime_ms": None, "note": _message(f.value)})
 
         d.addCallbacks(figures, failed)
 
@@ -698,7 +805,7 @@ class _Outgoing:
         except Exception:
             state = "gone"
         where = "the machine runs on here" if state == "running" else f"the machine is {state}"
-        self.result.errback(Unavailable(
+        self._settle("error", Unavailable(
             f"machine {self.machine_id}: live migration to {self.target_host} rolled back "
             f"({self.why}); {where}"))
 
@@ -711,7 +818,7 @@ class _Outgoing:
         log.error("machine {id}: its migration to {t} failed after the switchover began "
                   "({why}); it stays paused here: ask {t} whether it resumed",
                   id=self.machine_id, t=self.target_host, why=why)
-        self.result.errback(Conflict(
+        self._settle("error", Conflict(
             f"machine {self.machine_id}: the migration to {self.target_host} failed after the "
             f"switchover began ({why}); the machine stays paused here: ask the target "
             "(live.status) whether it resumed before resuming (live.cancel) or destroying it"))
@@ -839,6 +946,7 @@ class LiveMigrations:
         self.outgoing = {}
         self.incoming = {}
         self.finished = {}  # machine id -> the last outcome (for live.status)
+        self.ended = {}  # machine id -> its last outgoing migration (live.switchover again)
         self.state_dir = state_dir
         if state_dir is not None:
             os.makedirs(state_dir, mode=0o700, exist_ok=True)
@@ -892,6 +1000,7 @@ class LiveMigrations:
 
     def _outgoing_done(self, out, how):
         self.outgoing.pop(out.machine_id, None)
+        self.ended[out.machine_id] = out
         self.finished[out.machine_id] = dict(out.status(), role="source", state=how)
         if self.executor is None:
             return
@@ -1138,30 +1247,46 @@ class LiveMigrations:
         return spec, digests, net is not None, host_port
 
     @wamp.register("live.migrate", options=RegisterOptions(details_arg="details"))
-    def migrate(self, machine_id, target_host, target, policy=None, details=None):
+    def migrate(self, machine_id, target_host, target, policy=None, hold=False, details=None):
         """
         Source: move machine C{machine_id} live to host C{target_host}, whose
         C{live.prepare} answered C{target}.
 
         A caller that asks for progressive results is told how it goes (at most one every
-        0.5 s, none during the pause): C{{"machine_id", "phase" (mirroring, migrating,
-        switching, rolling_back, completed), "mirror": {"done", "total", "rate"}, "ram":
-        {"transferred", "remaining", "total", "mbps", "passes"}, "elapsed", "finished"}}.
+        0.5 s, none during the pause): C{{"machine_id", "phase" (mirroring, ready,
+        migrating, switching, rolling_back, completed), "mirror": {"done", "total",
+        "rate"}, "ram": {"transferred", "remaining", "total", "mbps", "passes"},
+        "elapsed", "finished"}}.
 
         @param policy: see L{DEFAULT_POLICY}.
+        @param hold: answer once every mirror is in sync (C{{"ready": True, "mirror",
+            "mirror_seconds", "elapsed"}}) and wait there, the machine running and its
+            writes reaching both copies, for L{switchover} (the caller first stores its
+            decision to switch over), L{cancel}, or C{policy["ready_timeout"]} (then it
+            rolls back). Without it the RAM migration follows at once.
         @return: C{{"downtime_ms" (the pause QEMU reports), "total_ms", "setup_ms",
             "elapsed", "mirror_seconds", "ram", "mirror", "postcopy"}} once the migration
             completed (the source is then paused for good).
         @raise Unavailable: it was rolled back (the reason says why): the machine runs on
             here, untouched. @raise Conflict: it failed after the switchover began (see the
-            module docstring), or a migration of it is under way.
+            module docstring), or a migration of it is under way (with C{hold}, to the same
+            target and not yet told to switch over, the call follows that one instead).
         """
         try:
             check_id(machine_id)
             check_id(target_host, "target host id")
             policy = check_policy(policy)
+            if not isinstance(hold, bool):
+                raise InvalidArgument("hold must be true or false")
             self._live_driver()
-            if machine_id in self.outgoing:
+            out = self.outgoing.get(machine_id)
+            if (out is not None and hold and out.hold and out.target_host == target_host
+                    and out.machine.state in ("mirroring", "ready")):
+                # Asked again (the caller restarted before the switchover was decided):
+                # the same migration, followed from here; nothing starts twice.
+                out.follow(getattr(details, "progress", None))
+                return out.wait_ready()
+            if out is not None:
                 raise Conflict(f"machine {machine_id} is being migrated already")
             self.driver.status(machine_id)
             # From here the migration holds the machine: the executor neither checks nor
@@ -1173,17 +1298,56 @@ class LiveMigrations:
             d.errback(e)
             return d
         announce = getattr(details, "progress", None)
-        out = _Outgoing(self, machine_id, target_host, target, policy, announce)
+        out = _Outgoing(self, machine_id, target_host, target, policy, announce, hold)
         self.outgoing[machine_id] = out
         self.finished.pop(machine_id, None)
+        self.ended.pop(machine_id, None)
         try:
-            return out.start()
+            out.start()
+            return out.wait_ready() if hold else out.wait_outcome()
         except Exception as e:
             self.outgoing.pop(machine_id, None)
             if held:
                 self.executor.release(machine_id, f"its live migration did not start: "
                                                   f"{_message(e)}")
             raise
+
+    @wamp.register("live.switchover", options=RegisterOptions(details_arg="details"))
+    def switchover(self, machine_id, details=None):
+        """
+        Source: go on with a migration that C{live.migrate(..., hold=True)} left in sync
+        (the caller has stored its decision to switch over): the RAM migration, paused
+        before its switchover, then the switchover, by the hypervisor's events as without
+        C{hold}. Called again (the caller restarted), it starts nothing new: it follows the
+        migration under way, or answers its outcome again.
+
+        Progressive results as C{live.migrate}'s, from this call on.
+
+        @return: C{live.migrate}'s figures once it completed (the source paused for good).
+        @raise Unavailable: it was rolled back (before the source continued past its
+            C{pre-switchover}: the target cannot hold the machine); it runs on here.
+        @raise Conflict: it failed after the switchover began (ask the target), or its
+            mirrors are not in sync yet. @raise NotFound: no migration of it here (this
+            agent restarted since: ask C{live.status}).
+        """
+        try:
+            check_id(machine_id)
+            out = self.outgoing.get(machine_id)
+            if out is None:
+                out = self.ended.get(machine_id)
+                if out is None:
+                    raise NotFound(f"machine {machine_id}: no live migration of it here "
+                                   "(this agent may have restarted): ask live.status")
+                return out.wait_outcome()
+            if out.machine.state == "mirroring":
+                raise Conflict(f"machine {machine_id}: its mirrors are not in sync yet "
+                               "(wait for live.migrate's answer)")
+        except Exception as e:
+            return fail(e)
+        out.follow(getattr(details, "progress", None))
+        d = out.wait_outcome()
+        out.machine.go()  # a no-op once it went
+        return d
 
     @wamp.register("live.cancel")
     def cancel(self, machine_id):

@@ -406,7 +406,8 @@ class Drains(LiveSteps):
                     rate = m["bytes_sent"] / elapsed
                     left = max(0, (m["bytes_total"] or 0) - (detail.get("bytes_done") or 0))
                     eta = left / rate if rate else None
-            live = detail.get("live") if m["phase"] == "live_migrating" else None
+            live = (detail.get("live") if m["phase"] in ("live_migrating", "switching_over")
+                    else None)
             if live is not None:
                 mirror = live.get("mirror") or {}
                 rate = mirror.get("rate") or None

@@ -11,9 +11,17 @@ records:
 
  - C{live_preparing}: the replacement's id is stored and its row added (pending) on the
    target, then the target's C{live.prepare} (a paused QEMU over blank volumes);
- - C{live_migrating}: the source's C{live.migrate}, its progress kept like a volume copy's;
- - C{switched_over}: stored the moment C{live.migrate} answers (or once both agents say the
-   target holds the machine): from then on the source is never resumed;
+ - C{live_migrating}: the source's C{live.migrate(..., hold=True)}, its progress kept like
+   a volume copy's: it answers once every mirror is in sync (the machine still runs there,
+   its writes reaching both copies) and waits;
+ - C{switching_over}: the decision to switch over, stored before the source's agent is
+   told to go on (C{live.switchover}: the RAM migration, paused before its switchover, then
+   the switchover, by the agents alone: no round trip in the pause), so before the target
+   can resume.  From it on the control plane never resumes the source by itself: the
+   source runs on only if its agent rolled back before it continued past
+   C{pre-switchover} (the target cannot hold the machine then), or once the target
+   confirmed that it did not resume (the agents' protocol: L{_live_resolve});
+ - C{switched_over}: the target holds the machine: the step makes sure it runs there;
  - C{verifying}: the source's C{live.hashes}, the target's C{live.verify}; a failure is an
    error in the log and the migration C{failed}, with nothing deleted;
  - then the cold path's C{committing} and C{cleaning} (the paused source destroyed).
@@ -34,8 +42,11 @@ from zwrm.control.resources.machines import placement_request, volumes_size
 LIVE_HASH_PAGE = 16384
 """Blocks per C{live.hashes} call (64 KiB blocks: 1 GiB of volume, 256 KiB of hashes)."""
 
-SOURCE_BUSY = ("mirroring", "migrating", "switching", "continued", "rolling_back")
+SOURCE_BUSY = ("mirroring", "ready", "migrating", "switching", "continued", "rolling_back")
 """C{live.status} states of a source whose migration is still under way."""
+
+SOURCE_GONE_ON = ("migrating", "switching", "continued")
+"""C{live.status} states of a source that was told to switch over (C{live.switchover})."""
 
 TARGET_HOLDS = ("resuming", "resumed", "stuck")
 """C{live.status} states of a target that has the whole machine (it runs, or resumes)."""
@@ -174,12 +185,15 @@ class LiveSteps:
         After a live migration's outcome was lost (a control-plane restart, an uncertain
         switchover, a rollback): ask both agents.  The target has the machine, or the
         source completed: C{True} (switched over; the source is never resumed).  Else the
-        source's migration is cancelled if it is still under way, then the target's
-        incoming machine (its blank volumes deleted), then a source left paused is resumed
-        (only once the target confirmed that it did not resume): C{False}.
+        source's migration is cancelled if it is still under way (once the switchover was
+        decided, C{switching_over}, one that went on past its mirrors is not cancelled but
+        followed to its outcome: C{live.switchover} again), then the target's incoming
+        machine (its blank volumes deleted), then a source left paused is resumed (only
+        once the target confirmed that it did not resume): C{False}.
         """
         source, target, mid, new_id = self._live_ids(run)
         why = f"to learn where machine {mid} runs after its live migration"
+        decided = run.detail.get("switchover_decided_at") is not None
         for _ in range(RESOLVE_ROUNDS):
             tgt = await self._ask(run, target, "live.status", new_id, why=why, poll=poll)
             if _target_holds(tgt):
@@ -187,6 +201,15 @@ class LiveSteps:
             src = await self._ask(run, source, "live.status", mid, why=why, poll=poll)
             if _source_done(src):
                 return True
+            if (decided and src.get("role") == "source"
+                    and src.get("state") in SOURCE_GONE_ON):
+                try:  # it starts nothing: it answers once the migration ended
+                    await self._call(source, "live.switchover", mid)
+                except CancelledError:
+                    raise
+                except Exception:
+                    pass  # rolled back, uncertain, its agent restarted or away: ask again
+                continue
             if src.get("role") == "source" and src.get("state") in SOURCE_BUSY:
                 try:
                     await self._ask(run, source, "live.cancel", mid, why=why, poll=poll)
@@ -326,17 +349,8 @@ class LiveSteps:
         await self._save_migration(run, bytes_total=sum(described["volumes"].values()),
                                    bytes_sent=0)
 
-    async def _step_live_migrating(self, drain, run):
-        source, target, mid, new_id = self._live_ids(run)
-        poll = drain.row["options"]["poll"]
-        if run.detail.get("live_started") is not None:
-            # Run again after a control-plane restart: what became of the first run?
-            if await self._live_resolve(run, poll):
-                return  # switched over
-            await self._live_gave_up(drain, run, "the control plane restarted during the "
-                                     "live migration; it was rolled back", True)
-        await self._save_detail(run, live_started=self._clock.seconds(), live=None)
-
+    def _live_announced(self, run):
+        """A C{on_progress} for C{live.migrate} / C{live.switchover}: kept for drain-status."""
         def announced(*args, **kwargs):
             p = args[0] if args else kwargs
             if not isinstance(p, dict):
@@ -346,26 +360,58 @@ class LiveSteps:
             if isinstance(mirror.get("total"), int) and mirror["total"]:
                 run.row["bytes_total"] = mirror["total"]
                 run.row["bytes_sent"] = mirror.get("done") or 0
+        return announced
 
+    async def _step_live_migrating(self, drain, run):
+        """
+        The source mirrors the volumes while the machine runs, and answers once they are in
+        sync (C{hold}: it waits there for C{live.switchover}, which only the next phase,
+        stored first, asks).  Any failure: the agents say where the machine is.
+        """
+        source, target, mid, new_id = self._live_ids(run)
+        poll = drain.row["options"]["poll"]
+        if run.detail.get("live_started") is not None:
+            # Run again after a control-plane restart: what became of the first run?  A
+            # source still mirroring (or in sync, waiting) is followed: live.migrate again
+            # answers for that migration.  Else no switchover was decided (stored), so
+            # whatever it did is resolved from both agents and, not moved, cancelled.
+            src = await self._ask(run, source, "live.status", mid, poll=poll,
+                                  why=f"to learn how machine {mid}'s live migration goes")
+            if not (src.get("role") == "source" and src.get("state") in ("mirroring",
+                                                                          "ready")):
+                if await self._live_resolve(run, poll):
+                    raise Divert("moved", f"{target} holds machine {new_id}: it moved")
+                await self._live_gave_up(drain, run, "the control plane restarted during "
+                                         "the live migration; it was rolled back", True)
+        await self._save_detail(run, live_started=self._clock.seconds(), live=None)
         try:
-            result = await self._call(source, "live.migrate", mid, target,
-                                      run.detail["live_target"],
-                                      live_policy(drain.row["options"]),
-                                      options=CallOptions(on_progress=announced))
+            ready = await self._call(source, "live.migrate", mid, target,
+                                     run.detail["live_target"],
+                                     live_policy(drain.row["options"]), True,
+                                     options=CallOptions(on_progress=self._live_announced(run)))
         except CancelledError:
             raise
         except Exception as e:
-            # Rolled back (unavailable), uncertain (conflict), or the answer was lost: the
-            # agents say which.
+            # Rolled back (unavailable), or the answer was lost: the agents say which.
             why = _text(e)
             self.log.info("drain: machine {m}: live.migrate failed ({e}); asking both "
                           "agents", m=mid, e=why)
             if await self._live_resolve(run, poll):
-                await self._save_detail(run, live_note=f"live.migrate said: {why}; the "
-                                        f"target holds the machine")
-                return
+                raise Divert("moved", f"live.migrate said: {why}; {target} holds machine "
+                             f"{new_id}: it moved") from None
             await self._live_gave_up(drain, run, f"live migration not done: {why}", True)
-        result = result if isinstance(result, dict) else {}
+        ready = ready if isinstance(ready, dict) else {}
+        if not ready.get("ready"):
+            # An agent that does not hold (from before live.switchover) migrated all the
+            # way: the target holds the machine.
+            await self._save_live_result(run, ready)
+            raise Divert("moved", f"{target} holds machine {new_id}: it moved")
+        await self._save_migration(run, bytes_sent=run.row["bytes_total"])
+        await self._save_detail(run, live_ready={k: ready.get(k) for k in (
+            "mirror", "mirror_seconds", "elapsed")})
+
+    async def _save_live_result(self, run, result):
+        """Store the figures of a completed migration (the pause QEMU reported, ...)."""
         await self._save_migration(run, bytes_sent=run.row["bytes_total"])
         ms = result.get("downtime_ms")
         await self._save_detail(
@@ -373,6 +419,47 @@ class LiveSteps:
                 "downtime_ms", "total_ms", "setup_ms", "elapsed", "mirror_seconds", "ram",
                 "mirror", "postcopy")},
             downtime_ms=ms, downtime=(ms / 1000.0) if isinstance(ms, int | float) else None)
+
+    async def _step_switching_over(self, drain, run):
+        """
+        The switchover is decided: this phase is stored before the source's agent is told
+        to go on (C{live.switchover}: the RAM migration, paused before its switchover, then
+        the switchover by the agents alone), so before the target can resume.  From here on
+        the control plane never resumes the source by itself.  Run again (a restart), the
+        call starts nothing new: the source's agent follows the migration under way or
+        answers its outcome again.
+        """
+        source, target, mid, new_id = self._live_ids(run)
+        poll = drain.row["options"]["poll"]
+        if run.detail.get("switchover_decided_at") is None:
+            await self._save_detail(run, switchover_decided_at=self._clock.seconds())
+        why = "to learn how its switchover went"
+        for _ in range(RESOLVE_ROUNDS):
+            try:
+                result = await self._call(
+                    source, "live.switchover", mid,
+                    options=CallOptions(on_progress=self._live_announced(run)))
+                break
+            except CancelledError:
+                raise
+            except Exception as e:
+                said = _text(e)
+            self.log.info("drain: machine {m}: live.switchover failed ({e}); asking both "
+                          "agents", m=mid, e=said)
+            src = await self._ask(run, source, "live.status", mid, why=why, poll=poll)
+            if src.get("role") == "source" and src.get("state") in SOURCE_BUSY:
+                continue  # under way (the answer was lost): ask it again, it starts nothing
+            if await self._live_resolve(run, poll):
+                await self._save_detail(run, live_note=f"live.switchover said: {said}; the "
+                                        "target holds the machine")
+                return
+            # Rolled back before the source continued (the target never had the machine),
+            # or the target confirmed it did not resume: the machine runs on at the source.
+            await self._live_gave_up(drain, run, f"live migration not done: {said}", True)
+        else:
+            raise errors.Unavailable(f"machine {mid}: its switchover's outcome did not settle "
+                                     f"after {RESOLVE_ROUNDS} rounds")
+        await self._save_live_result(run, result if isinstance(result, dict) else {})
 
     async def _step_switched_over(self, drain, run):
         """

@@ -21,13 +21,19 @@ A migration's phases (the C{phase} column of the C{migrations} table)::
 
 A live move (docs/live-migration.md) of a machine with volumes::
 
-    planned --start_live--> live_preparing -> live_migrating -> switched_over -> verifying
-                                                                                   |
-                                                                      committing <-'
-    live_preparing, live_migrating --fall_back--> bulk_copying (the cold path; it runs on)
-    live_preparing, live_migrating --step_failed--> rolling_back
-    rolling_back --moved--> switched_over (the target holds the machine after all)
+    planned --start_live--> live_preparing -> live_migrating -> switching_over
+        -> switched_over -> verifying -> committing
+    live_preparing, live_migrating, switching_over --fall_back--> bulk_copying (the cold
+        path: the live attempt rolled back before the source continued; it runs on)
+    live_preparing, live_migrating, switching_over --step_failed--> rolling_back
+    live_migrating, switching_over, rolling_back --moved--> switched_over (the target
+        holds the machine after all)
     switched_over, verifying --step_failed--> failed (the source is never resumed)
+
+C{switching_over} is the stored decision to switch over, taken while the machine still
+runs on the source (its mirrors in sync) and before the source's agent is told to go on:
+so it is stored before the target can resume.  From it on, the control plane never
+resumes the source by itself (docs/drain.md, "Live drains").
 
 C{step_done} moves to the next phase; C{restart} (after a control-plane restart) runs the
 stored phase's step again (every step is idempotent); C{cancel} (an undrain) stops a
@@ -142,6 +148,10 @@ class Migration:
     def live_migrating(self):
         "The volumes are mirrored and the RAM migrated while the machine runs."
 
+    @_machine.state(serialized="switching_over")
+    def switching_over(self):
+        "Decided and stored: the source migrates the RAM and switches over, by itself."
+
     @_machine.state(serialized="switched_over")
     def switched_over(self):
         "The target holds the machine; the source is paused for good."
@@ -243,6 +253,7 @@ class Migration:
     _to_bulk = _enter("bulk_copying")
     _to_live_preparing = _enter("live_preparing")
     _to_live_migrating = _enter("live_migrating")
+    _to_switching_over = _enter("switching_over")
     _to_switched_over = _enter("switched_over")
     _to_verifying = _enter("verifying")
     _to_bulk_because = _enter_because("bulk_copying")
@@ -280,7 +291,8 @@ class Migration:
     # seconds; one that falls back to cold during an undrain is rolled back instead).
     for _state, _next, _out, _on_cancel, _on_fail in (
         (live_preparing, live_migrating, _to_live_migrating, "finish", "rollback"),
-        (live_migrating, switched_over, _to_switched_over, "finish", "rollback"),
+        (live_migrating, switching_over, _to_switching_over, "finish", "rollback"),
+        (switching_over, switched_over, _to_switched_over, "finish", "rollback"),
         (switched_over, verifying, _to_verifying, "finish", "fail"),
         (verifying, committing, _to_committing, "finish", "fail"),
         (bulk_copying, stopping_source, _to_stopping, "rollback", "rollback"),
@@ -302,11 +314,11 @@ class Migration:
             _state.upon(cancel, enter=rolling_back, outputs=[_to_rolling_back_cancelled])
         else:
             _state.upon(cancel, enter=_state, outputs=[_nothing])
-        if _state in (live_preparing, live_migrating):
+        if _state in (live_preparing, live_migrating, switching_over):
             _state.upon(fall_back, enter=bulk_copying, outputs=[_to_bulk_because])
         else:
             _state.upon(fall_back, enter=_state, outputs=[_nothing_because])
-        if _state is live_migrating:
+        if _state in (live_migrating, switching_over):
             _state.upon(moved, enter=switched_over, outputs=[_to_switched_over_because])
         else:
             _state.upon(moved, enter=_state, outputs=[_nothing_because])
