@@ -11,6 +11,13 @@ the cluster share one layer-2 segment, stretched across hosts by the agents' VXL
 
 Every allocation runs as one function on the store's thread (L{Store.run}), so two
 allocations never hand out the same subnet or address.
+
+A machine moved live keeps its address (it is in the guest's memory), so an address may
+lie in another host's subnet, or in the subnet of a host that is gone: when a host is
+forgotten (L{ClusterNetwork.forget_host}) while machines elsewhere still hold addresses of
+its subnet, the subnet stays stored as a reservation (its C{host_id} is L{RESERVED} and
+the old host's id) and is given to no other host until the last of those addresses is
+released.
 """
 
 import inspect
@@ -25,6 +32,10 @@ from zwrm.agent.network.addressing import GUEST_MTU
 DEFAULT_CIDR = "10.80.0.0/16"
 DEFAULT_HOST_PREFIX = 24
 DEFAULT_DOMAIN = "zwrm.internal"
+
+RESERVED = "reserved:"
+"""The C{host_id} prefix of a subnet kept for the addresses of machines moved away from a
+host that is gone (see the module docstring)."""
 
 
 def check_cidr(cidr, host_prefix):
@@ -99,12 +110,32 @@ def _allocate_subnet(db, cidr, host_prefix, host_id, now):
         f"the cluster network {cidr} has no free /{host_prefix} subnet for host {host_id}")
 
 
+def _held(db, subnet):
+    """Whether a machine holds an address of C{subnet} (by primary key: no scan)."""
+    hosts = [str(a) for a in ipaddress.IPv4Network(subnet).hosts()]
+    for i in range(0, len(hosts), 500):
+        chunk = hosts[i:i + 500]
+        if db.execute(f"SELECT 1 FROM net_addresses WHERE id IN ({','.join('?' * len(chunk))})"
+                      " LIMIT 1", chunk).fetchone():
+            return True
+    return False
+
+
+def _free_reservations(db):
+    """Delete each reserved subnet (L{RESERVED}) of which no machine holds an address now."""
+    for row in db.execute("SELECT id FROM net_subnets WHERE host_id LIKE ?",
+                          [RESERVED + "%"]).fetchall():
+        if not _held(db, row[0]):
+            db.execute("DELETE FROM net_subnets WHERE id = ?", [row[0]])
+
+
 def _allocate_address(db, cidr, host_prefix, machine_id, app_id, host_id, now):
     rows = list(db["net_addresses"].rows_where("machine_id = ?", [machine_id]))
     if rows:
         if rows[0]["host_id"] == host_id:
             return rows[0]["id"]
         db["net_addresses"].delete(rows[0]["id"])  # moved to another host: a new address
+        _free_reservations(db)
     subnet = ipaddress.IPv4Network(_allocate_subnet(db, cidr, host_prefix, host_id, now))
     hosts = [str(a) for a in subnet.hosts()][1:]  # the first is the bridge (gateway)
     for i in range(0, len(hosts), 500):  # by primary key: no scan of every address
@@ -158,7 +189,8 @@ class ClusterNetwork:
         """Read the stored subnets and addresses into L{subnets} and L{addresses}."""
 
         def read(db):
-            return ([(r["host_id"], r["id"]) for r in db["net_subnets"].rows],
+            return ([(r["host_id"], r["id"]) for r in db["net_subnets"].rows
+                     if not r["host_id"].startswith(RESERVED)],
                     [(r["machine_id"], (r["id"], r["host_id"], r["app_id"]))
                      for r in db["net_addresses"].rows])
 
@@ -232,6 +264,7 @@ class ClusterNetwork:
 
         def release(db):
             db.execute("DELETE FROM net_addresses WHERE machine_id = ?", [machine_id])
+            _free_reservations(db)
             db.conn.commit()
 
         await self._store.run(release)
@@ -269,11 +302,23 @@ class ClusterNetwork:
         return row["id"]
 
     async def forget_host(self, host_id):
-        """Free host C{host_id}'s subnet (the host was removed from the cluster)."""
+        """
+        Free host C{host_id}'s subnet and its machines' addresses (the host was removed
+        from the cluster).  While machines on other hosts hold addresses of that subnet
+        (they were moved live from it), the subnet stays reserved (given to no other host)
+        until the last of them is released.
+        """
 
         def forget(db):
             db.execute("DELETE FROM net_addresses WHERE host_id = ?", [host_id])
-            db.execute("DELETE FROM net_subnets WHERE host_id = ?", [host_id])
+            for row in db.execute("SELECT id FROM net_subnets WHERE host_id = ?",
+                                  [host_id]).fetchall():
+                if _held(db, row[0]):
+                    db.execute("UPDATE net_subnets SET host_id = ? WHERE id = ?",
+                               [RESERVED + host_id, row[0]])
+                else:
+                    db.execute("DELETE FROM net_subnets WHERE id = ?", [row[0]])
+            _free_reservations(db)  # addresses of this host may have held one
             db.conn.commit()
 
         await self._store.run(forget)
@@ -301,7 +346,8 @@ class ClusterNetwork:
         return {
             "cidr": str(self.cidr),
             "hosts": [{"host_id": s["host_id"], "subnet": s["id"],
-                       "gateway": self.gateway(s["id"])} for s in subnets],
+                       "gateway": self.gateway(s["id"])} for s in subnets
+                      if not s["host_id"].startswith(RESERVED)],
             "members": [{"address": a["id"], "machine_id": a["machine_id"],
                          "app_id": a["app_id"], "host_id": a["host_id"]} for a in addresses],
         }
