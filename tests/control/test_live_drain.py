@@ -120,11 +120,13 @@ async def real_until(predicate, what, seconds=30.0):
         await deferLater(reactor, 0.01, lambda: None)
 
 
-async def live_setup(testcase, **kw):
+async def live_setup(testcase, shutdown_delay=None, **kw):
     """A cluster of two hosts, and an app with one volume whose data is known."""
     c = await LiveDrainCluster(testcase).start(**kw)
     await c.apps.create_app("db")
     spec = c.spec(volumes=[{"name": "data", "size_mb": 32, "mount": "/data"}])
+    if shutdown_delay is not None:
+        spec["shutdown_delay"] = shutdown_delay
     m = (await c.apps.deploy("db", spec))["machines"][0]
     src = m["host_id"]
     dst = "h-b" if src == "h-a" else "h-a"
@@ -264,6 +266,39 @@ class LiveDrainTests(TestCase):
         row = await states[0]
         self.assertEqual(row["state"], "stopping")
         self.assertEqual(status["migrations"][0]["replacement_state"]["state"], "running")
+
+    @d
+    async def test_cleaning_destroys_the_moved_source_at_once(self):
+        """
+        After a live move the cleaning destroys the paused source at once, whatever its
+        row says by then (here: running again, as a late report of its agent could make
+        it): it is not put back out of the routes for the app's shutdown_delay (its guest
+        runs on the target) nor powered down (machine.stop: no guest to power down here);
+        its record goes, the source agent forgets it and its volume is deleted there.
+        """
+        c, m, src, dst, vid, before = await live_setup(self, shutdown_delay=30)
+        step = c.drains._step_cleaning
+        took = []
+
+        async def cleaning(drain, run):
+            row = await c.apps.data.machines.get(m["id"])
+            await c.drains._replicas.set_machine(row, "a late report (test)",
+                                                 state="running")
+            started = c.clock.seconds()
+            await step(drain, run)
+            took.append(c.clock.seconds() - started)
+
+        c.drains._step_cleaning = cleaning
+        _, status = await self.drain(c, src)
+        self.assertEqual(status["state"], "completed")
+        self.assertEqual(took, [0.0])  # no shutdown_delay waited for
+        self.assertEqual([v for h, v in c.calls if h == src and v == "machine.stop"], [])
+        self.assertEqual(c.verbs("machine.destroy", "volume.delete"),
+                         [(src, "machine.destroy"), (src, "volume.delete")])
+        self.assertIsNone(await c.store.get("machines", m["id"]))
+        self.assertEqual(c.executors[src][0].list_machines(), [])
+        self.assertFalse(c.store_of(src).exists(vid))
+        await self.assert_moved(c, m, src, dst, vid, before)
 
     @d
     async def test_progress_is_kept_for_drain_status(self):
