@@ -10,8 +10,6 @@ The same with real QEMU and a control plane: tests/integration/test_live_drain.p
 
 import json
 import os
-import shutil
-import tempfile
 
 from twisted.internet import reactor
 from twisted.internet.defer import succeed
@@ -19,17 +17,14 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.agent.fakes import FakeImages
+from tests.agent.live_helpers import SIZE, TwoHosts
 from zwrm.agent.executor import Executor
 from zwrm.agent.live import LiveMigrations
 from zwrm.agent.network import addressing
 from zwrm.agent.volumes import VolumeStore
-from zwrm.drivers.fake import FakeDriver, FakeHost
-from zwrm.drivers.fake_live import FakeNetwork
+from zwrm.drivers.fake import FakeDriver
 from zwrm.errors import Conflict, NotFound, Unavailable
-from zwrm.pki import HostCredentials
-from zwrm.pki.ca import CertificateAuthority
 
-SIZE = 4 * 1024 * 1024
 NET = {"address": "10.80.1.2", "prefix": 16, "gateway": "10.80.1.1", "mtu": 1450,
        "hostname": "web-0"}
 
@@ -75,28 +70,18 @@ class Probe:
         return probe
 
 
-class Agents:
+class Agents(TwoHosts):
     """Two agents (executor + live migrations) on one clock; host-a runs m1 with v1."""
 
     def __init__(self, testcase, bridge=False):
+        TwoHosts.__init__(self, testcase, Clock(), "zwrm-live-ex-")
         self.t = testcase
-        self.clock = Clock()
-        self.dir = tempfile.mkdtemp(prefix="zwrm-live-ex-")
-        testcase.addCleanup(shutil.rmtree, self.dir, True)
-        self.kernel = os.path.join(self.dir, "vmlinuz")
-        with open(self.kernel, "wb") as f:
-            f.write(b"kernel")
-        ca = CertificateAuthority.create()
-        fabric = FakeNetwork()
         self.events = {}
         self.probes = {}
         self.networks = {}
         self.ex, self.live, self.images = {}, {}, {}
         for h in ("host-a", "host-b"):
-            host = FakeHost()
-            drv = FakeDriver(self.clock, os.path.join(self.dir, h, "machines"), host=host,
-                             network=fabric)
-            vols = VolumeStore(reactor, os.path.join(self.dir, h, "volumes"))
+            drv, vols, creds = self.host(h)
             self.events[h] = []
             self.probes[h] = Probe()
             self.networks[h] = RecordingNetwork() if bridge else None
@@ -105,20 +90,32 @@ class Agents:
                           data_dir=os.path.join(self.dir, h), health_probe=self.probes[h],
                           network=self.networks[h])
             testcase.addCleanup(ex.close)
-            cert, key = ca.issue_host(h)
-            creds = HostCredentials(ca.certificate_pem, cert, key)
             self.ex[h] = ex
-            self.live[h] = LiveMigrations(self.clock, h, drv, vols, lambda c=creds: c,
-                                          lambda: "127.0.0.1", images=self.images[h],
-                                          state_dir=os.path.join(self.dir, h, "live"),
-                                          executor=ex)
+            self.live[h] = self.live_for(h, drv, vols, creds, images=self.images[h],
+                                         executor=ex)
         # The source's volume exists (an ext4 image in production; bytes here).
-        vols = self.ex["host-a"].volumes
-        with open(vols.path("v1"), "wb") as f:
-            f.write(b"data" * 1000)
-            f.truncate(SIZE)
+        self.write_volume(self.ex["host-a"].volumes.path("v1"))
         self.settle(self.ex["host-a"].start_machine(self.spec("m1", bridge)))
         self.clock.advance(1)  # the first health check passes
+
+    def restarted(self, h, probe, images=None):
+        """
+        A new agent process on host C{h}: the old executor closed, a new fake driver of
+        the same host and a new executor over the same data directory, its reports kept.
+
+        @return: C{(driver, executor, reports)} (nothing recovered yet).
+        """
+        old = self.ex[h]
+        old.close()
+        drv = FakeDriver(self.clock, old.driver.root, host=old.driver.host,
+                         network=old.driver.network)
+        events = []
+        new = Executor(self.clock, h, drv, VolumeStore(reactor, old.volumes.root),
+                       lambda e: events.append(e) or succeed(None),
+                       images=images or FakeImages(self.kernel),
+                       data_dir=os.path.join(self.dir, h), health_probe=probe)
+        self.t.addCleanup(new.close)
+        return drv, new, events
 
     def _reporter(self, h):
         def report(event):
@@ -136,18 +133,6 @@ class Agents:
         if bridge:
             spec["network"] = NET
         return spec
-
-    def settle(self, d, steps=20000, step=0.01):
-        out = []
-        d.addBoth(out.append)
-        for _ in range(steps):
-            if out:
-                break
-            self.clock.advance(step)
-        assert out, "did not fire"
-        if hasattr(out[0], "raiseException"):
-            out[0].raiseException()
-        return out[0]
 
     def prepare(self, new_id="m2", bridge=False):
         desc = self.live["host-a"].describe("m1")
@@ -223,17 +208,8 @@ class SourceHeldTests(SynchronousTestCase):
         where = agents.prepare()
         agents.settle(agents.live["host-a"].migrate("m1", "host-b", where,
                                                     {"mirror_speed": SIZE}))
-        old = agents.ex["host-a"]
-        old.close()
-        drv = FakeDriver(agents.clock, old.driver.root, host=old.driver.host,
-                         network=old.driver.network)
-        events = []
         probe = Probe()
-        new = Executor(agents.clock, "host-a", drv, VolumeStore(reactor, old.volumes.root),
-                       lambda e: events.append(e) or succeed(None), images=FakeImages(
-                           agents.kernel), data_dir=os.path.join(agents.dir, "host-a"),
-                       health_probe=probe)
-        self.addCleanup(new.close)
+        drv, new, events = agents.restarted("host-a", probe)
         agents.settle(new.recover())
         agents.clock.advance(10)
         st = new.machine_status("m1")
@@ -259,15 +235,8 @@ class SourceHeldTests(SynchronousTestCase):
         out._stop_polling()
         for unsubscribe in (out._unsubscribe, out._unsubscribe_status):
             unsubscribe()
-        old.close()
-        drv = FakeDriver(agents.clock, old.driver.root, host=old.driver.host,
-                         network=old.driver.network)
-        events, probe = [], Probe()
-        new = Executor(agents.clock, "host-a", drv, VolumeStore(reactor, old.volumes.root),
-                       lambda e: events.append(e) or succeed(None), images=FakeImages(
-                           agents.kernel), data_dir=os.path.join(agents.dir, "host-a"),
-                       health_probe=probe)
-        self.addCleanup(new.close)
+        probe = Probe()
+        drv, new, events = agents.restarted("host-a", probe)
         agents.settle(drv.recover())
         agents.settle(new.recover())
         agents.clock.advance(3)
@@ -338,16 +307,8 @@ class TargetAdoptedTests(SynchronousTestCase):
         agents.live["host-b"].incoming.pop("m2")._forget()
         agents.settle(agents.live["host-a"].migrate("m1", "host-b", where,
                                                     {"mirror_speed": SIZE}))
-        old = agents.ex["host-b"]
-        old.close()
-        drv = FakeDriver(agents.clock, old.driver.root, host=old.driver.host,
-                         network=old.driver.network)
-        events, images = [], FakeImages(agents.kernel)
-        ex = Executor(agents.clock, "host-b", drv, VolumeStore(reactor, old.volumes.root),
-                      lambda e: events.append(e) or succeed(None), images=images,
-                      data_dir=os.path.join(agents.dir, "host-b"),
-                      health_probe=agents.probes["host-b"])
-        self.addCleanup(ex.close)
+        images = FakeImages(agents.kernel)
+        drv, ex, events = agents.restarted("host-b", agents.probes["host-b"], images)
         live = LiveMigrations(agents.clock, "host-b", drv, ex.volumes,
                               agents.live["host-b"].credentials, lambda: "127.0.0.1",
                               images=images, state_dir=agents.live["host-b"].state_dir,

@@ -6,58 +6,28 @@ tests/agent/test_live.py.
 """
 
 import os
-import shutil
-import tempfile
 import types
 
-from twisted.internet import reactor, task
+from twisted.internet import task
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests.agent.live_helpers import SIZE, TwoHosts
 from zwrm.agent.live import LiveMigrations, check_policy
-from zwrm.agent.volumes import VolumeStore
-from zwrm.drivers.fake import FakeDriver, FakeHost
-from zwrm.drivers.fake_live import FakeNetwork
+from zwrm.drivers.fake import FakeDriver
 from zwrm.errors import Conflict, Corrupt, InvalidArgument, NotFound, Unavailable
-from zwrm.pki import HostCredentials
-from zwrm.pki.ca import CertificateAuthority
-
-SIZE = 4 * 1024 * 1024
 
 
-def credentials(ca, host_id):
-    cert, key = ca.issue_host(host_id)
-    return HostCredentials(ca.certificate_pem, cert, key)
-
-
-class Hosts:
+class Hosts(TwoHosts):
     """Two agents (host-a runs m1 with volume v1; host-b is empty) on one clock."""
 
-    def __init__(self, testcase, clock, converges=True, peer=None):
-        self.dir = tempfile.mkdtemp(prefix="zwrm-live-agent-")
-        testcase.addCleanup(shutil.rmtree, self.dir, True)
-        ca = CertificateAuthority.create()
-        net = FakeNetwork()
-        self.clock = clock
-        self.kernel = os.path.join(self.dir, "vmlinuz")
-        with open(self.kernel, "wb") as f:
-            f.write(b"kernel")
-        self.agents = {}
-        for h in ("host-a", "host-b"):
-            host = FakeHost()
-            host.live_converges = converges
-            drv = FakeDriver(clock, os.path.join(self.dir, h, "machines"), host=host,
-                             network=net)
-            vols = VolumeStore(reactor, os.path.join(self.dir, h, "volumes"))
-            creds = credentials(ca, h)
-            self.agents[h] = LiveMigrations(clock, h, drv, vols, lambda c=creds: c,
-                                            lambda: "127.0.0.1",
-                                            state_dir=os.path.join(self.dir, h, "live"))
+    def __init__(self, testcase, clock, converges=True):
+        TwoHosts.__init__(self, testcase, clock, "zwrm-live-agent-")
+        self.agents = {h: self.live_for(h, *self.host(h, converges))
+                       for h in ("host-a", "host-b")}
         self.a, self.b = self.agents["host-a"], self.agents["host-b"]
         path = self.a.volumes.path("v1")
-        with open(path, "wb") as f:
-            f.write(b"data" * 1000)
-            f.truncate(SIZE)
+        self.write_volume(path)
         self.a.driver.start(self.spec("m1", [{"id": "v1", "path": path}]))
         clock.advance(0)
 
@@ -71,18 +41,6 @@ class Hosts:
         d = self.b.prepare("m1", self.spec("m1", [{"id": "v1"}]), desc["volumes"], source,
                            postcopy=postcopy)
         return self.settle(d)
-
-    def settle(self, d, steps=20000, step=0.01):
-        out = []
-        d.addBoth(out.append)
-        for _ in range(steps):
-            if out:
-                break
-            self.clock.advance(step)
-        assert out, "did not fire"
-        if hasattr(out[0], "raiseException"):
-            out[0].raiseException()
-        return out[0]
 
 
 class LiveProceduresTests(SynchronousTestCase):

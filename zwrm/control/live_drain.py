@@ -384,21 +384,14 @@ class LiveSteps:
                 await self._live_gave_up(drain, run, "the control plane restarted during "
                                          "the live migration; it was rolled back", True)
         await self._save_detail(run, live_started=self._clock.seconds(), live=None)
-        try:
-            ready = await self._call(source, "live.migrate", mid, target,
-                                     run.detail["live_target"],
-                                     live_policy(drain.row["options"]), True,
-                                     options=CallOptions(on_progress=self._live_announced(run)))
-        except CancelledError:
-            raise
-        except Exception as e:
+        ready, why = await self._call_source(run, "live.migrate", mid, target,
+                                             run.detail["live_target"],
+                                             live_policy(drain.row["options"]), True)
+        if why is not None:
             # Rolled back (unavailable), or the answer was lost: the agents say which.
-            why = _text(e)
-            self.log.info("drain: machine {m}: live.migrate failed ({e}); asking both "
-                          "agents", m=mid, e=why)
             if await self._live_resolve(run, poll):
                 raise Divert("moved", f"live.migrate said: {why}; {target} holds machine "
-                             f"{new_id}: it moved") from None
+                             f"{new_id}: it moved")
             await self._live_gave_up(drain, run, f"live migration not done: {why}", True)
         ready = ready if isinstance(ready, dict) else {}
         if not ready.get("ready"):
@@ -409,6 +402,27 @@ class LiveSteps:
         await self._save_migration(run, bytes_sent=run.row["bytes_total"])
         await self._save_detail(run, live_ready={k: ready.get(k) for k in (
             "mirror", "mirror_seconds", "elapsed")})
+
+    async def _call_source(self, run, verb, *args):
+        """
+        Call the source's C{verb} (C{live.migrate}, C{live.switchover}), its progressive
+        results kept for drain-status.
+
+        @return: C{(answer, None)}, or C{(None, why)} when it failed (logged: the caller
+            asks the agents what became of it).
+        """
+        source, _, mid, _ = self._live_ids(run)
+        try:
+            answer = await self._call(source, verb, *args, options=CallOptions(
+                on_progress=self._live_announced(run)))
+            return answer, None
+        except CancelledError:
+            raise
+        except Exception as e:
+            why = _text(e)
+        self.log.info("drain: machine {m}: {verb} failed ({e}); asking the agents", m=mid,
+                      verb=verb, e=why)
+        return None, why
 
     async def _save_live_result(self, run, result):
         """Store the figures of a completed migration (the pause QEMU reported, ...)."""
@@ -435,17 +449,9 @@ class LiveSteps:
             await self._save_detail(run, switchover_decided_at=self._clock.seconds())
         why = "to learn how its switchover went"
         for _ in range(RESOLVE_ROUNDS):
-            try:
-                result = await self._call(
-                    source, "live.switchover", mid,
-                    options=CallOptions(on_progress=self._live_announced(run)))
+            result, said = await self._call_source(run, "live.switchover", mid)
+            if said is None:
                 break
-            except CancelledError:
-                raise
-            except Exception as e:
-                said = _text(e)
-            self.log.info("drain: machine {m}: live.switchover failed ({e}); asking both "
-                          "agents", m=mid, e=said)
             src = await self._ask(run, source, "live.status", mid, why=why, poll=poll)
             if src.get("role") == "source" and src.get("state") in SOURCE_BUSY:
                 continue  # under way (the answer was lost): ask it again, it starts nothing
