@@ -122,9 +122,20 @@ class LiveAgentsTests(TestCase):
 
         writing = Deferred.fromCoroutine(writer())
         announced = []
-        result = await self.a.migrate(
-            "m1", "host-b", where, {"mirror_speed": 32 * 1024 * 1024},
+        # As the drain does: held in sync (the guest runs, its writes reach both copies)
+        # while the caller stores its decision, then the switchover.
+        ready = await self.a.migrate(
+            "m1", "host-b", where, {"mirror_speed": 32 * 1024 * 1024}, True,
             details=types.SimpleNamespace(progress=announced.append))
+        self.assertTrue(ready["ready"])
+        held_from = len(acked)
+        await deferLater(reactor, 1.0, lambda: None)
+        st = await self.a.status("m1")
+        self.assertEqual((st["state"], st["hypervisor"]["runstate"]), ("ready", "running"))
+        self.assertNotEqual(self.b.target_state("m2"), "resumed")
+        self.assertGreater(len(acked), held_from, "no write acknowledged while held in sync")
+        result = await self.a.switchover(
+            "m1", details=types.SimpleNamespace(progress=announced.append))
         stop.append(True)
         await writing
         print(f"\nlive migration: QEMU-reported pause {result['downtime_ms']} ms, total "
