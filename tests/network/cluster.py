@@ -23,6 +23,27 @@ from zwrm.testing.netns import TestNetwork
 CIDR_PREFIX = 16
 
 
+def probe_all_script(targets, after=None, wait=400):
+    """
+    A guest script like L{guest.probe_script} (its output is read by
+    L{guest.probe_results}), but trying every C{(label, host, port)} at once: a blocked
+    target (its packets dropped, not refused) costs nc's 3 s connect timeout, once for all
+    of them instead of once each.  With C{after=(host, port)} it first waits (at most
+    C{wait} tries, a second apart) until that is reached: the test opens it once what the
+    probes need is up, so that the guest may boot alongside the VMs it probes.
+    """
+    items = " ".join(f"{label}:{host}:{port}" for label, host, port in targets)
+    script = "sleep 1\n"
+    if after is not None:
+        script += (f"n=0; while [ $n -lt {wait} ] && ! echo | nc -w 2 {after[0]} {after[1]} "
+                   f">/dev/null 2>&1; do n=$((n+1)); sleep 1; done\n")
+    return script + (
+        f"for t in {items}; do (l=${{t%%:*}}; r=${{t#*:}}; h=${{r%:*}}; p=${{r#*:}}; "
+        f"x=blocked; echo | nc -w 3 $h $p >/dev/null 2>&1 && x=reached; "
+        f"echo \"probe $l $x\") & done; wait\n"
+        "echo \"probe done\"\n")
+
+
 class TestHost:
     __test__ = False
 
