@@ -173,8 +173,14 @@ def cpu_seconds(pid, split=False):
     return (user, system) if split else user + system
 
 
-def seed(data_dir, n):
-    """A control-plane database with C{n} hosts whose credentials are known."""
+def seed(data_dir, n, address="127.0.0.1"):
+    """
+    A control-plane database with C{n} hosts whose credentials are known.
+
+    @param address: each host's address; C{""}: none, so the hosts are not on the cluster
+        network's overlay (each host's network view lists every host with an address, and
+        the default 10.80.0.0/16 has subnets for 255 hosts).
+    """
     import sqlite_utils
 
     from zwrm.control.store import hash_secret, migrate
@@ -190,7 +196,7 @@ def seed(data_dir, n):
         hid, cred = f"h-bench{i:06d}", f"cred-{i}-{random.getrandbits(64):x}"
         creds.append((hid, cred))
         rows.append({"id": hid, "name": f"bench{i}", "region": "r", "datacenter": "d",
-                     "address": "127.0.0.1", "labels": "{}", "vcpus": 8, "memory_mb": 16384,
+                     "address": address, "labels": "{}", "vcpus": 8, "memory_mb": 16384,
                      "disk_mb": 100000, "alloc_vcpus": 0, "alloc_memory_mb": 0,
                      "alloc_disk_mb": 0, "state": "ready", "last_heartbeat": now,
                      "agent_version": "bench", "credential_hash": hash_secret(cred),
