@@ -283,6 +283,26 @@ class HoldTests(SynchronousTestCase):
         self.assertEqual(a, b)
         self.assertIsInstance(a["downtime_ms"], int)
 
+    def test_asked_again_before_the_go_it_follows_the_same_migration(self):
+        hosts = self.hosts
+        d = hosts.a.migrate("m1", "host-b", self.where, {"mirror_speed": SIZE // 8}, True)
+        self.clock.advance(0.1)
+        out = hosts.a.outgoing["m1"]
+        again = hosts.a.migrate("m1", "host-b", self.where, {"mirror_speed": SIZE // 8}, True)
+        self.assertEqual(hosts.settle(again), hosts.settle(d))  # the caller restarted
+        self.assertIs(hosts.a.outgoing["m1"], out)
+        ready = hosts.a.migrate("m1", "host-b", self.where, None, True)  # ready now
+        self.assertTrue(hosts.settle(ready)["ready"])
+        for target_host, hold in (("host-c", True), ("host-b", False)):
+            with self.assertRaises(Conflict):  # another migration: refused
+                hosts.settle(hosts.a.migrate("m1", target_host, self.where, None, hold))
+        self.assertIsInstance(hosts.settle(hosts.a.switchover("m1"))["downtime_ms"], int)
+        # Moved: paused here for good, never migrated a second time.
+        with self.assertRaises(Conflict) as cm:
+            hosts.settle(hosts.a.migrate("m1", "host-b", self.where, None, True))
+        self.assertIn("host-b completed; it stays paused here", cm.exception.message)
+        self.assertEqual(hosts.a.driver.host.machines["m1"]["live"]["runstate"], "postmigrate")
+
     def test_no_switchover_within_ready_timeout_rolls_back(self):
         hosts = self.hosts
         self.held({"ready_timeout": 5})

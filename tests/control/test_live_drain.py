@@ -919,6 +919,89 @@ class LiveDrainTests(TestCase):
                 self.assertFalse(c.store_of(dst).exists(vid))
 
     @d
+    async def test_an_agent_that_does_not_hold_moves_it_all_the_way(self):
+        """
+        A source agent from before live.switchover ignores hold and migrates all the way:
+        its answer is the figures, so the target holds the machine: switched_over.
+        """
+        c, m, src, dst, vid, before = await self.setup()
+
+        def make(original):
+            def f(machine_id, target_host, target, policy, hold=False, details=None):
+                return original(machine_id, target_host, target, policy, details=details)
+            return f
+
+        c.wrap(src, "live.migrate", make)
+        _, status = await self.drain(c, src)
+        mg = status["migrations"][0]
+        self.assertEqual((status["state"], mg["mode"]), ("completed", "live"))
+        self.assertEqual(self.phases(c), [p for p in LIVE_PATH if p != "switching_over"])
+        self.assertIsInstance(mg["downtime_ms"], int)
+        self.assertEqual(c.verbs("live.cancel", "live.switchover"), [])
+        await self.assert_moved(c, m, src, dst, vid, before)
+
+    @d
+    async def test_a_lost_switchover_answer_mid_migration_follows_it(self):
+        """
+        live.switchover started the RAM migration, but its answer was lost: the source
+        says it is under way, so live.switchover is asked again (it starts nothing: it
+        answers when that migration ends); nothing is cancelled.
+        """
+        c, m, src, dst, vid, before = await self.setup()
+        host = c.executors[src][0].driver.host
+        host.live_converges = False
+        calls = []
+
+        def make(original):
+            def f(*args, details=None):
+                calls.append(args)
+                d = original(*args, details=details)
+                if len(calls) == 1:
+                    d.addErrback(lambda _: None)
+                    return fail(errors.Unavailable("the connection was lost (test)"))
+                host.live_converges = True
+                return d
+            return f
+
+        c.wrap(src, "live.switchover", make)
+        _, status = await self.drain(c, src)
+        self.assertEqual(len(calls), 2)
+        self.assertEqual((status["state"], status["migrations"][0]["mode"]),
+                         ("completed", "live"))
+        self.assertEqual(c.verbs("live.cancel"), [])
+        self.assertEqual(self.phases(c), LIVE_PATH)
+        await self.assert_moved(c, m, src, dst, vid, before)
+
+    @d
+    async def test_a_rollback_after_the_decision_follows_the_source_never_cancels_it(self):
+        """
+        The switching_over step fails (a fault of the control plane's own) while the
+        source's RAM migration runs: the rollback asks both agents first and, the
+        switchover being decided, follows the source's migration to its end (live.switchover
+        again) instead of cancelling it; it completed, so the machine moved.
+        """
+        c, m, src, dst, vid, before = await self.setup()
+        host = c.executors[src][0].driver.host
+        host.live_converges = False
+
+        async def fails(drain, run):
+            await c.drains._save_detail(run, switchover_decided_at=c.clock.seconds())
+            c.lives[src].switchover(m["id"]).addErrback(lambda _: None)
+            await real_until(lambda: self.source_state(c, src, m["id"]) == "migrating",
+                             "the RAM migration runs")
+            raise RuntimeError("a fault after the go (test)")
+
+        c.drains._step_switching_over = fails
+        c.before(src, "live.switchover", lambda *a: setattr(host, "live_converges", True))
+        _, status = await self.drain(c, src, mode="live")
+        self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(self.phases(c), LIVE_PATH[:3] + ["rolling_back"] + LIVE_PATH[3:])
+        self.assertEqual(c.verbs("live.cancel"), [])
+        self.assertEqual(c.verbs("live.switchover"), [(src, "live.switchover")])
+        self.assertEqual(status["state"], "completed")
+        await self.assert_moved(c, m, src, dst, vid, before)
+
+    @d
     async def test_a_lost_switchover_answer_while_in_sync_asks_again(self):
         """
         live.switchover's call is lost before it reached the source (still in sync,

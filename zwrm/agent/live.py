@@ -550,7 +550,8 @@ class _Outgoing:
             self._throttle.report(dict(self.progress))
 
     def status(self):
-        return dict(self.progress, state=self.machine.state, why=self.why)
+        return dict(self.progress, state=self.machine.state, why=self.why,
+                    target=self.target_host)
 
     def follow(self, announce):
         """Announce the progress to C{announce} from now on (a new caller's channel)."""
@@ -1288,6 +1289,14 @@ class LiveMigrations:
                 return out.wait_ready()
             if out is not None:
                 raise Conflict(f"machine {machine_id} is being migrated already")
+            last = self.finished.get(machine_id) or {}
+            if last.get("role") == "source" and last.get("state") in ("completed",
+                                                                       "uncertain"):
+                # Paused for good (or until the target says whether it resumed): never
+                # a second migration of it.
+                raise Conflict(f"machine {machine_id}: its migration to "
+                               f"{last.get('target')} {last['state']}; it stays paused "
+                               "here")
             self.driver.status(machine_id)
             # From here the migration holds the machine: the executor neither checks nor
             # reports its health (it pauses at the switchover) until it is given back.

@@ -273,7 +273,8 @@ class LiveSteps:
         tried = list(run.detail.get("live_tried") or []) + ([new_id] if new_id else [])
         mode = drain.row["options"].get("mode", "auto")
         await self._save_detail(run, replacement=None, live_target=None, live_started=None,
-                                live_prepare_asked=None, live=None, live_tried=tried,
+                                live_prepare_asked=None, live=None, live_ready=None,
+                                switchover_decided_at=None, live_tried=tried,
                                 live_error=reason,
                                 mode="cold" if mode == "auto" else "live",
                                 mode_reason=reason if mode == "auto" else None)
