@@ -19,11 +19,13 @@ import tempfile
 
 import pytest
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.network import guest
+from tests.network.cluster import probe_all_script
 from zwrm.testing.netns import TestNetwork
 from zwrm.testing.processes import (
     ZWRM,
@@ -37,6 +39,7 @@ from zwrm.testing.processes import (
 SERVICE = 8999  # a service listening on every address of each agent's host
 METRICS = 9102  # each agent's own endpoint (--metrics-listen) on its address
 PUBLISHED = (80, 81)  # web's ports: tcp (forwarded by the kernel), http (the proxy)
+TRIGGER = 8998  # opened in the client's namespace once web is up: the other app's signal
 
 WEB_PROBE = """nc -ll -p 9090 -e echo web-private </dev/null >/dev/null 2>&1 &
 sleep 2
@@ -101,10 +104,12 @@ class ClusterNetworkTests(TestCase):
     async def machines(self, app):
         return json.loads(await self.cli("machines", "list", "--app", app, "--json"))
 
-    async def console(self, mid):
-        return await self.cli("logs", mid, check=False)
-
     async def test_overlay_dns_isolation_and_ingress(self):
+        t0 = reactor.seconds()
+
+        def phase(what):  # where the time goes (pytest -s shows it)
+            print(f"[{reactor.seconds() - t0:6.1f} s] {what}", flush=True)
+
         root = tempfile.mkdtemp(prefix="zwrm-netcl-", dir="/tmp")
         self.addCleanup(shutil.rmtree, root, True)
         self.addCleanup(kill_machines_under, root)
@@ -120,12 +125,17 @@ class ClusterNetworkTests(TestCase):
             await a.start()
             self.addCleanup(a.stop)
             agents.append(a)
+            # A service listening on every address of the agent's host: no guest reaches it.
+            svc = net.spawn(h, [sys.executable, "-m", "http.server", str(SERVICE), "--bind",
+                                "0.0.0.0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.addCleanup(_end, svc)
 
         async def ready():
             hosts = json.loads(await self.cli("host", "list", "--json"))
             return len([h for h in hosts if h["state"] == "ready"]) == 2
 
         await poll(reactor, ready, 60, 1, "two ready hosts")
+        phase("control plane and agents ready")
         base = ["--kernel", img.kernel, "--initrd", img.initrd, "--memory", "96",
                 "--port", "8080", "--health-http", "/", "--health-interval", "1",
                 "--health-grace", "240"]
@@ -134,47 +144,20 @@ class ClusterNetworkTests(TestCase):
         await self.cli("deploy", "web", *base, "--replicas", "2", "--publish", "80:8080",
                        "--publish", "81:8080/http",
                        "--cmdline", f"{img.cmdline} {guest.script_arg(WEB_PROBE)}")
+        phase("web deployed")
 
-        async def web_passing():
+        async def addressed():
             ms = await self.machines("web")
-            return len([m for m in ms if m["health"] == "passing"]) == 2 and ms
+            return len([m for m in ms if m.get("address")]) == 2 and ms
 
-        try:
-            ms = await poll(reactor, web_passing, 400, 2, "two passing web replicas")
-        except Exception:
-            for a in agents:
-                print(a.log_tail(60))
-            raise
-        self.assertEqual(len({m["host_id"] for m in ms}), 2)
-        # Both replicas found both by DNS and reached the other over the overlay.
-        for m in ms:
-            try:
-                await poll(reactor, lambda m=m: self.console_has(m["id"], "probe done"), 180, 2,
-                           f"{m['id']}'s probe")
-            except Exception:
-                print((await self.console(m["id"]))[-3000:])
-                raise
-            res = guest.probe_results(await self.console(m["id"]))
-            self.assertEqual(res.pop("dns"), "2", res)
-            self.assertEqual(sorted(set(res.values())), ["reached"], res)
-            self.assertEqual(len(res), 2, res)
-        web_addrs = sorted(k[len("peer-"):] for k in res)
-
-        # The app through either host's published port, from the client's namespace.
-        for h in ("a1", "a2"):
-            for port in PUBLISHED:
-                body = await self.fetch(f"http://{net.address(h)}:{port}/")
-                self.assertIn("zwrm test image", body or "", (h, port))
-
-        # Another app: reaches no web VM (but the port web publishes), no host service
-        # (a service listening on every address of each agent's host, the agents' own
-        # endpoints, the control plane, the ingress), only DNS on the gateways.
-        for h in ("a1", "a2"):
-            metrics = await self.fetch(f"http://{net.address(h)}:{METRICS}/metrics")
-            self.assertIn("zwrm", metrics or "", f"{h}'s agent endpoint from outside")
-            svc = net.spawn(h, [sys.executable, "-m", "http.server", str(SERVICE), "--bind",
-                                "0.0.0.0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            self.addCleanup(_end, svc)
+        ms = await poll(reactor, addressed, 60, 1, "web's addresses")
+        web_addrs = sorted(m["address"] for m in ms)
+        # Both replicas' probes, as their consoles show them (one follower each).
+        probes = [ensureDeferred(self.console_until(m["id"], "probe done", 400)) for m in ms]
+        # Another app boots alongside web; once web is up (the test opens TRIGGER in the
+        # client's namespace then), it tries at once to reach every web VM (but the port
+        # web publishes), every host service (the service above, the agents' own
+        # endpoints, the control plane, the ingress) and DNS on the gateways.
         targets = [(f"web-{i}", a, 9090) for i, a in enumerate(web_addrs)]
         targets += [(f"web-open-{i}", a, 8080) for i, a in enumerate(web_addrs)]
         targets += [("cp", cp.address, cp.port), ("a1-ingress", net.address("a1"), 80),
@@ -187,30 +170,67 @@ class ClusterNetworkTests(TestCase):
                     ("gw1-service", "10.80.1.1", SERVICE), ("gw2-service", "10.80.2.1", SERVICE),
                     ("gw1-dns", "10.80.1.1", 53), ("gw2-dns", "10.80.2.1", 53)]
         await self.cli("apps", "create", "other")
-        await self.cli("deploy", "other", *base, "--cmdline",
-                       f"{img.cmdline} {guest.script_arg(guest.probe_script(targets))}")
+        await self.cli("deploy", "other", *base, "--cmdline", f"{img.cmdline} " + guest.script_arg(
+            probe_all_script(targets, after=(net.address("client"), TRIGGER))))
+        phase("other deployed")
+        # Both web replicas found both by DNS (which lists healthy replicas only) and
+        # reached the other over the overlay.
+        try:
+            consoles = [c for _, c in await DeferredList(probes, fireOnOneErrback=True,
+                                                         consumeErrors=True)]
+        except Exception:
+            for d in probes:
+                d.cancel()
+            for a in agents:
+                print(a.log_tail(60))
+            raise
+        phase("web probes done")
 
-        async def other_done():
-            ms = await self.machines("other")
-            return ms and await self.console_has(ms[0]["id"], "probe done") and ms[0]
+        async def web_passing():
+            ms = await self.machines("web")
+            return len([m for m in ms if m["health"] == "passing"]) == 2 and ms
 
-        other = await poll(reactor, other_done, 400, 2, "the other app's probe")
-        res = guest.probe_results(await self.console(other["id"]))
+        ms = await poll(reactor, web_passing, 60, 1, "two passing web replicas")
+        self.assertEqual(len({m["host_id"] for m in ms}), 2)
+        for console in consoles:
+            res = guest.probe_results(console)
+            self.assertEqual(res.pop("dns"), "2", res)
+            self.assertEqual(sorted(set(res.values())), ["reached"], res)
+            self.assertEqual(len(res), 2, res)
+        self.assertEqual(sorted(k[len("peer-"):] for k in res), web_addrs)
+
+        # The app through either host's published port, from the client's namespace.
+        for h in ("a1", "a2"):
+            for port in PUBLISHED:
+                body = await self.fetch(f"http://{net.address(h)}:{port}/")
+                self.assertIn("zwrm test image", body or "", (h, port))
+            metrics = await self.fetch(f"http://{net.address(h)}:{METRICS}/metrics")
+            self.assertIn("zwrm", metrics or "", f"{h}'s agent endpoint from outside")
+        trigger = net.spawn("client", [sys.executable, "-m", "http.server", str(TRIGGER),
+                                       "--bind", "0.0.0.0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(_end, trigger)
+
+        (other,) = await self.machines("other")
+        res = guest.probe_results(await self.console_until(other["id"], "probe done", 400))
+        phase("other's probe done")
         want = {t[0]: "blocked" for t in targets}
         want.update({k: "reached" for k in want if k.startswith(("web-open-", "gw1-dns",
                                                                    "gw2-dns"))})
         self.assertEqual(res, want)
 
         # A client keeps getting answers through a2's port while host a1 is drained (its
-        # web replica moves to a2, with a new address), then through a1's port while one
+        # web replica moves to a2), then through a1's port while one
         # replica is killed.  Failed requests are counted: goal zero.
         hosts = {h["name"]: h["id"] for h in json.loads(await self.cli("host", "list", "--json"))}
 
         await self.cli("destroy", "other")  # a2 has room for both web replicas only
+        phase("other destroyed")
 
         async def drain():
             out = await self.cli("host", "drain", hosts["a1"], "--min-healthy", "2s",
                                  "--healthy-deadline", "6m", "--deadline", "12m", "--json")
+            phase("drain completed")
             self.assertEqual(json.loads(out)["state"], "completed", out)
 
             async def moved():
@@ -221,6 +241,7 @@ class ClusterNetworkTests(TestCase):
             return await poll(reactor, moved, 600, 2, "web drained to a2")
 
         results, ms = await self.under_load(net.address("a2"), drain)
+        phase(f"a1 drained under load: {results}")
         self.assertEqual(results["failed"], 0, results)
         self.assertGreater(results["ok"], 10, results)
 
@@ -236,6 +257,7 @@ class ClusterNetworkTests(TestCase):
             await poll(reactor, gone, 60, 1, "the killed replica noticed")
 
         results, _ = await self.under_load(net.address("a1"), kill)
+        phase(f"a replica killed under load: {results}")
         self.assertEqual(results["failed"], 0, results)
 
     async def under_load(self, address, action, after=10):
@@ -243,8 +265,6 @@ class ClusterNetworkTests(TestCase):
         Requests to C{address}, to each published port in turn, in a loop while C{action()}
         runs, and C{after} more.
         """
-        from twisted.internet.defer import ensureDeferred
-
         results = {"ok": 0, "failed": 0}
         stop = []
 
@@ -269,8 +289,38 @@ class ClusterNetworkTests(TestCase):
             await loop
         return dict(results), out
 
-    async def console_has(self, mid, text):
-        return text in (await self.console(mid) or "")
+    async def console_until(self, mid, text, timeout):
+        """Machine C{mid}'s console once it shows C{text} (one C{zwrm logs -f})."""
+        from twisted.internet import protocol
+
+        got = Deferred()
+
+        class Follow(protocol.ProcessProtocol):
+            data = b""
+
+            def outReceived(self, d):
+                self.data += d
+                if text.encode() in self.data and not got.called:
+                    got.callback(self.data.decode(errors="replace"))
+
+            def processEnded(self, reason):
+                if not got.called:
+                    got.errback(AssertionError(f"{mid}'s console ended without {text!r}: "
+                                               f"{self.data[-3000:]!r}"))
+
+        p = Follow()
+        argv = self.net.argv("client", ZWRM + ["logs", mid, "-f"])
+        reactor.spawnProcess(p, argv[0], argv, env=dict(
+            os.environ, ZWRM_API_URL=self.cp.url, ZWRM_TOKEN=self.cp.operator_token))
+        got.addTimeout(timeout, reactor)
+        try:
+            return await got
+        except Exception:
+            print(f"{mid}'s console: {p.data[-3000:]!r}")
+            raise
+        finally:
+            if p.transport.pid is not None:
+                p.transport.signalProcess("KILL")
 
     async def fetch(self, url, timeout=5):
         try:
