@@ -6,21 +6,30 @@ C{--firmware uefi}: OVMF runs systemd-boot from its EFI system partition), then 
 a volume, an SSH key and an environment variable on the agents' cluster network (the guest
 takes its address from its cloud-init seed) and published on two ports of every agent.
 
-One deploy (a boot under TCG takes minutes) is checked every way: healthy; through the
-ingress from the client host, the service answers, the volume is mounted at C{/data} (by its
-virtio serial), the key is installed and C{ssh debian@<agent> -p 2222} logs in with it; data
-written is there; the console (C{zwrm logs}) shows the login prompt.  Then the app is stopped
+One deploy (a boot under TCG takes minutes) is checked every way: healthy; the image lists as a
+disk alone and QEMU runs it from OVMF's read-only pflash with no C{-kernel}, with a variable
+store of the machine's own, private to the agent (0600); through the ingress from the client
+host, the service answers, the volume is mounted at C{/data} (by its virtio serial), the key
+is installed and C{ssh debian@<agent> -p 2222} logs in with it; over that login, the guest's
+network is what its cloud-init seed gave (its stored address, the overlay's MTU, the route
+and resolver through its host's bridge, the cluster's search domain; no DHCP: a UEFI boot
+has no kernel command line to carry C{ip=}); data written is there; the console (C{zwrm
+logs}) shows the login prompt.  Then the app is stopped
 and started again (C{zwrm scale 0}, C{1}: a new machine, a fresh root overlay) and the data is
 on the volume the new machine mounts; then its host is drained: the guest boots on the other
 host with its volume moved, and the data is there.
 """
 
+import glob
 import os
 import subprocess
 
 import pytest
 
 from tests.acceptance.cluster import StepFailed, poll
+from zwrm.agent.network.addressing import GUEST_MTU
+from zwrm.control.network import DEFAULT_DOMAIN
+from zwrm.drivers import qemu
 from zwrm.testing import debian
 
 pytestmark = pytest.mark.acceptance
@@ -72,6 +81,19 @@ def test_deploy_the_debian_image(cluster):
     [machine] = app["machines"]
     assert (machine["state"], machine["health"]) == ("running", "passing"), machine
     cluster.state["debian"] = {"machine": machine, "key": key, "pubkey": pubkey}
+    # The disk boots alone: no kernel listed, and QEMU runs OVMF from read-only pflash with
+    # a variable store of the machine's own.
+    listed = cluster.zwrm("images", "list", "debian").splitlines()[1].split()
+    assert listed[-1] == "disk", listed
+    here = cluster.host_of(machine["host_id"])
+    [mdir] = glob.glob(os.path.join(cluster.host_dir(here), "**", "machines", machine["id"]),
+                       recursive=True)
+    assert os.stat(os.path.join(mdir, qemu.EFI_VARS)).st_mode & 0o777 == 0o600
+    with open(os.path.join(mdir, "qemu.pid")) as f:
+        with open(f"/proc/{int(f.read())}/cmdline", "rb") as c:
+            argv = c.read().split(b"\0")
+    assert b"-kernel" not in argv, argv
+    assert f"if=pflash,format=raw,unit=0,readonly=on,file={qemu.OVMF}".encode() in argv, argv
 
 
 def test_the_guest_as_deployed(cluster):
@@ -98,7 +120,9 @@ def test_ssh_with_the_deployed_key(cluster):
     argv = ["ssh", "-i", st["key"], "-p", str(SSH), "-o", "BatchMode=yes",
             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
             "-o", "ConnectTimeout=20", f"debian@{cluster.net.address(here)}",
-            "cat /data/note.txt; findmnt -n -o SOURCE,FSTYPE /data"]
+            "cat /data/note.txt; findmnt -n -o SOURCE,FSTYPE /data; echo @addr;"
+            " ip -o addr; echo @link; ip -o link; echo @route; ip route; echo @resolv;"
+            " cat /etc/resolv.conf; echo @eni; cat /etc/network/interfaces.d/* 2>&1; true"]
     last = []
 
     def logged_in():
@@ -110,8 +134,20 @@ def test_ssh_with_the_deployed_key(cluster):
         out = poll(logged_in, 180, interval=5, what="ssh with the deployed key")
     except StepFailed as e:
         raise StepFailed(f"{e}: ssh exited {last[0]}: {last[1]}") from None
-    assert out.startswith(DATA.decode()), out
-    assert out.strip().endswith("ext4"), out
+    data, net = out.split("\n@", 1)
+    assert data.startswith(DATA.decode()), out
+    assert data.strip().endswith("ext4"), out
+    # The guest's network, from its cloud-init seed alone (there is no DHCP server anywhere).
+    got = dict(part.split("\n", 1) for part in net.split("\n@"))
+    address = st["machine"]["address"]
+    [nic] = [ln.split()[1] for ln in got["addr"].splitlines() if f" inet {address}/" in ln]
+    assert any(f" {nic}:" in ln and f" mtu {GUEST_MTU} " in ln
+               for ln in got["link"].splitlines()), got["link"]
+    [gateway] = [ln.split()[2] for ln in got["route"].splitlines() if ln.startswith("default via")]
+    assert gateway != address, got["route"]
+    assert f"nameserver {gateway}" in got["resolv"], got["resolv"]  # DNS on the host's bridge
+    assert f"search {DEFAULT_DOMAIN}" in got["resolv"], got["resolv"]
+    assert "dhcp" not in got["eni"], got["eni"]
 
 
 def test_console_shows_a_login_prompt(cluster):
