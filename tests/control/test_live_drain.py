@@ -1002,6 +1002,58 @@ class LiveDrainTests(TestCase):
         await self.assert_moved(c, m, src, dst, vid, before)
 
     @d
+    async def test_a_source_agent_restarted_after_the_decision_is_asked_and_resolved(self):
+        """
+        The source's agent restarts between the decision and live.switchover (in sync,
+        not told to go on): its new process's driver rolled the migration back (the
+        machine runs on) and it knows nothing of it (live.switchover: not found).  The
+        control plane asks both agents, cancels the target's machine and moves it cold;
+        the source is never cancelled by it.
+        """
+        c, m, src, dst, vid, before = await self.setup()
+        live, ex = c.lives[src], c.executors[src][0]
+
+        def restarted(machine_id, *args):
+            out = live.outgoing.pop(machine_id)
+            out._stop_timers()
+            out._stop_polling()
+            for unsubscribe in (out._unsubscribe, out._unsubscribe_status):
+                unsubscribe()
+            ex.driver._live_recover(machine_id)  # as recover() does: rolled back, it runs
+            ex.release(machine_id, "its migration was rolled back by recover() (test)")
+
+        c.before(src, "live.switchover", restarted)
+        _, status = await self.drain(c, src)
+        mg = status["migrations"][0]
+        self.assertEqual((status["state"], mg["mode"]), ("completed", "cold"), mg["error"])
+        self.assertIn("no live migration of it here", mg["mode_reason"])
+        self.assertEqual(c.verbs("live.cancel"), [(dst, "live.cancel")])
+        self.assertEqual(self.phases(c), LIVE_PATH[:3] + COLD_TAIL)
+        await self.assert_moved(c, m, src, dst, vid, before)
+
+    @d
+    async def test_both_restarted_after_the_switchover_is_switched_over(self):
+        """
+        The migration completed, but its answer was lost and both the control plane and
+        the source's agent restarted: the new agent knows nothing of it (live.switchover:
+        not found), its QEMU says postmigrate: the machine moved; the source is never
+        resumed or cancelled.
+        """
+        c, m, src, dst, vid, before = await self.setup()
+        self.lost_answer(c, src, "live.switchover")
+        await c.drains.drain(src, min_healthy=1, healthy_deadline=30)
+        live = c.lives[src]
+        await real_until(lambda: live.finished.get(m["id"], {}).get("state") == "completed",
+                         "the migration completed")
+        live.ended.clear()  # a new agent process: it remembers nothing
+        live.finished.clear()
+        status = await self.restart(c, src)
+        mg = status["migrations"][0]
+        self.assertEqual((status["state"], mg["mode"]), ("completed", "live"), mg["error"])
+        self.assertEqual(c.verbs("live.cancel", "live.resume"), [])
+        await self.assert_moved(c, m, src, dst, vid, before)
+
+    @d
     async def test_a_lost_switchover_answer_while_in_sync_asks_again(self):
         """
         live.switchover's call is lost before it reached the source (still in sync,
