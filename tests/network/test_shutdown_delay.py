@@ -1,8 +1,8 @@
 """
 Connection draining on a planned stop, for real (issue 16 item 4): a control plane and two
 agents with C{--network bridge} in their own network namespaces, a client in a fourth.  The
-app's two replicas serve a slow endpoint (20 s per request) on a published port; requests are
-under way on both replicas when the app is scaled down to one.  The replica that goes leaves
+app's two replicas serve a slow endpoint (SLOW_SECONDS per request) on a published port;
+requests are under way on both replicas when the app is scaled down to one.  The replica that goes leaves
 the routes first and is stopped only after the app's C{shutdown_delay}, so every request
 under way is answered: none fails.
 """
@@ -26,8 +26,8 @@ from zwrm.testing.processes import kill_machines_under, poll
 SLOW = """mkdir -p /slow/cgi-bin
 cat > /slow/cgi-bin/slow <<'EOF'
 #!/bin/sh
-echo "slow-start" > /dev/console
-sleep 20
+[ -n "$QUERY_STRING" ] && echo "slow-start" > /dev/console
+sleep "${QUERY_STRING:-0}"
 echo "Content-Type: text/plain"
 echo ""
 echo "slow-ok"
@@ -37,6 +37,12 @@ busybox httpd -p 8081 -h /slow
 echo "slow ready"
 """
 REQUESTS = 6
+#: how long each request under way takes: longer than noticing that they all started
+#: (a few CLI calls) and asking for the scale-down, so that they are still under way then
+SLOW_SECONDS = 15
+#: the app's shutdown_delay: longer than a request, so that every request under way ends
+#: before its replica is stopped
+DELAY = 20
 
 
 @pytest.mark.qemu
@@ -58,10 +64,10 @@ class PlannedStopTests(TestCase):
             n += (await self.cli("logs", m["id"], check=False) or "").count("slow-start")
         return n
 
-    async def slow(self, address):
+    async def slow(self, address, seconds=SLOW_SECONDS):
         try:
             return await cluster._run_env(self.net, "client", [
-                "curl", "-sS", "-m", "60", f"http://{address}:82/cgi-bin/slow"], {})
+                "curl", "-sS", "-m", "60", f"http://{address}:82/cgi-bin/slow?{seconds}"], {})
         except Exception as e:
             return f"failed: {e}"
 
@@ -89,7 +95,7 @@ class PlannedStopTests(TestCase):
         await self.cli("deploy", "web", "--kernel", img.kernel, "--initrd", img.initrd,
                        "--memory", "96", "--port", "8080", "--health-http", "/",
                        "--health-interval", "1", "--health-grace", "240", "--replicas", "2",
-                       "--publish", "82:8081", "--shutdown-delay", "40",
+                       "--publish", "82:8081", "--shutdown-delay", str(DELAY),
                        "--cmdline", f"{img.cmdline} {guest.script_arg(SLOW)}")
 
         async def passing():
@@ -99,19 +105,21 @@ class PlannedStopTests(TestCase):
         ms = await poll(reactor, passing, 400, 2, "two passing replicas")
         self.assertEqual(len({m["host_id"] for m in ms}), 2)
         address = net.address("a1")
-        await poll(reactor, lambda: self._slow_ok(address), 120, 2, "the slow endpoint")
-        base = await self.started(ms)
+        await poll(reactor, lambda: self._slow_ok(address), 120, 1, "the endpoint (at once)")
         # Requests under way on both replicas (the port's connections go round robin).
         requests = [ensureDeferred(self.slow(address)) for _ in range(REQUESTS)]
-        await poll(reactor, lambda: self._started(ms, base + REQUESTS), 60, 0.2,
+        await poll(reactor, lambda: self._started(ms, REQUESTS), 60, 0.5,
                    "every request under way")
+        # They are still under way as the replica that goes leaves the routes (else this
+        # would prove nothing).
+        self.assertEqual([d for d in requests if d.called], [])
         out = await self.cli("scale", "web", "1", "--json")  # returns after the delay
         self.assertEqual(len(json.loads(out)["machines"]), 1)
         answers = [r for _, r in await DeferredList(requests)]
         self.assertEqual([a.strip() for a in answers], ["slow-ok"] * REQUESTS, answers)
 
     async def _slow_ok(self, address):
-        return "slow-ok" in await self.slow(address)
+        return "slow-ok" in await self.slow(address, 0)
 
     async def _started(self, ms, n):
         return await self.started(ms) >= n
