@@ -122,13 +122,14 @@ class ClusterNetworkTests(TestCase):
         agents = []
         for h in ("a1", "a2"):
             a = _Agent(net, h, os.path.join(root, h), cp.url, cp.join_token)
-            await a.start()
             self.addCleanup(a.stop)
             agents.append(a)
             # A service listening on every address of the agent's host: no guest reaches it.
             svc = net.spawn(h, [sys.executable, "-m", "http.server", str(SERVICE), "--bind",
                                 "0.0.0.0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             self.addCleanup(_end, svc)
+        await DeferredList([ensureDeferred(a.start()) for a in agents],
+                           fireOnOneErrback=True, consumeErrors=True)
 
         async def ready():
             hosts = json.loads(await self.cli("host", "list", "--json"))
@@ -141,19 +142,23 @@ class ClusterNetworkTests(TestCase):
                 "--health-grace", "240"]
         await self.cli("apps", "create", "web")
         # 80: a tcp port (the kernel forwards it); 81: http (the proxy).
-        await self.cli("deploy", "web", *base, "--replicas", "2", "--publish", "80:8080",
-                       "--publish", "81:8080/http",
-                       "--cmdline", f"{img.cmdline} {guest.script_arg(WEB_PROBE)}")
+        ms = json.loads(await self.cli(
+            "deploy", "web", *base, "--replicas", "2", "--publish", "80:8080",
+            "--publish", "81:8080/http", "--cmdline",
+            f"{img.cmdline} {guest.script_arg(WEB_PROBE)}", "--json"))["machines"]
         phase("web deployed")
 
         async def addressed():
             ms = await self.machines("web")
             return len([m for m in ms if m.get("address")]) == 2 and ms
 
-        ms = await poll(reactor, addressed, 60, 1, "web's addresses")
+        if len([m for m in ms if m.get("address")]) != 2:
+            ms = await poll(reactor, addressed, 60, 1, "web's addresses")
         web_addrs = sorted(m["address"] for m in ms)
         # Both replicas' probes, as their consoles show them (one follower each).
         probes = [ensureDeferred(self.console_until(m["id"], "probe done", 400)) for m in ms]
+        for d in probes:
+            self.addCleanup(d.cancel)  # a no-op once it has fired
         # Another app boots alongside web; once web is up (the test opens TRIGGER in the
         # client's namespace then), it tries at once to reach every web VM (but the port
         # web publishes), every host service (the service above, the agents' own
@@ -170,8 +175,11 @@ class ClusterNetworkTests(TestCase):
                     ("gw1-service", "10.80.1.1", SERVICE), ("gw2-service", "10.80.2.1", SERVICE),
                     ("gw1-dns", "10.80.1.1", 53), ("gw2-dns", "10.80.2.1", 53)]
         await self.cli("apps", "create", "other")
-        await self.cli("deploy", "other", *base, "--cmdline", f"{img.cmdline} " + guest.script_arg(
-            probe_all_script(targets, after=(net.address("client"), TRIGGER))))
+        (other,) = json.loads(await self.cli(
+            "deploy", "other", *base, "--json", "--cmdline", f"{img.cmdline} " + guest.script_arg(
+                probe_all_script(targets, after=(net.address("client"), TRIGGER)))))["machines"]
+        other_probe = ensureDeferred(self.console_until(other["id"], "probe done", 400))
+        self.addCleanup(other_probe.cancel)
         phase("other deployed")
         # Both web replicas found both by DNS (which lists healthy replicas only) and
         # reached the other over the overlay.
@@ -179,8 +187,6 @@ class ClusterNetworkTests(TestCase):
             consoles = [c for _, c in await DeferredList(probes, fireOnOneErrback=True,
                                                          consumeErrors=True)]
         except Exception:
-            for d in probes:
-                d.cancel()
             for a in agents:
                 print(a.log_tail(60))
             raise
@@ -211,8 +217,7 @@ class ClusterNetworkTests(TestCase):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.addCleanup(_end, trigger)
 
-        (other,) = await self.machines("other")
-        res = guest.probe_results(await self.console_until(other["id"], "probe done", 400))
+        res = guest.probe_results(await other_probe)
         phase("other's probe done")
         want = {t[0]: "blocked" for t in targets}
         want.update({k: "reached" for k in want if k.startswith(("web-open-", "gw1-dns",
