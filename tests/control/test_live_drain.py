@@ -611,6 +611,46 @@ class LiveDrainTests(TestCase):
         await self.assert_moved(c, m, src, dst, vid, before)
 
     @d
+    async def test_a_source_lost_at_the_switchover_is_not_waited_for_to_switch_over(self):
+        """
+        The source's host is lost as the switchover completes (live.switchover's answer
+        with it): the target says it holds the machine, so switched_over is stored (and
+        the address moves) without waiting for the source; the verification then waits
+        for the source (its frozen image), and the move completes once it is back.
+        """
+        from tests.control.test_drain import _facts
+
+        c, m, src, dst, vid, before = await self.setup()
+
+        def make(original):
+            def f(*args, details=None):
+                def lost(_):
+                    c.registry.entry(src).executor = False
+                    raise errors.Unavailable("the connection was lost (test)")
+                return original(*args, details=details).addCallback(lost)
+            return f
+
+        c.wrap(src, "live.switchover", make)
+        await c.drains.drain(src, min_healthy=1, healthy_deadline=30)
+        run = c.drains.active[src]
+        mig = next(iter(run.migrations.values()))
+        for _ in range(3000):
+            if mig.detail.get("waiting"):
+                break
+            await c.step()
+        mg = (await c.drains.drain_status(src))["migrations"][0]
+        self.assertEqual((mg["phase"], mg["waiting_for"]), ("verifying", src))
+        new_id = mg["replacement"]
+        self.assertEqual((await addresses(c, new_id))[0][1], dst)
+        self.assertEqual(c.verbs("live.cancel", "live.resume"), [])
+        await c.registry.register(src, dict(_facts(), name=src))
+        await c.settle(run.done)
+        status = await c.drains.drain_status(src)
+        self.assertEqual(status["state"], "completed", status["migrations"][0]["error"])
+        self.assertEqual(self.phases(c), LIVE_PATH)
+        await self.assert_moved(c, m, src, dst, vid, before)
+
+    @d
     async def test_a_target_that_completed_but_waits_paused_is_resumed(self):
         c, m, src, dst, vid, before = await self.setup()
         drv = c.executors[dst][0].driver

@@ -448,11 +448,18 @@ class LiveSteps:
         poll = drain.row["options"]["poll"]
         if run.detail.get("switchover_decided_at") is None:
             await self._save_detail(run, switchover_decided_at=self._clock.seconds())
-        why = "to learn how its switchover went"
+        why = f"to learn where machine {mid} runs after its live migration"
         for _ in range(RESOLVE_ROUNDS):
             result, said = await self._call_source(run, "live.switchover", mid)
             if said is None:
                 break
+            # The target first: a source cut off while the target resumed need not be
+            # waited for.
+            tgt = await self._ask(run, target, "live.status", new_id, why=why, poll=poll)
+            if _target_holds(tgt):
+                await self._save_detail(run, live_note=f"live.switchover said: {said}; the "
+                                        "target holds the machine")
+                return
             src = await self._ask(run, source, "live.status", mid, why=why, poll=poll)
             if src.get("role") == "source" and src.get("state") in SOURCE_BUSY:
                 continue  # under way (the answer was lost): ask it again, it starts nothing
