@@ -144,7 +144,7 @@ class ClusterNetworkTests(TestCase):
         # 80: a tcp port (the kernel forwards it); 81: http (the proxy).
         ms = json.loads(await self.cli(
             "deploy", "web", *base, "--replicas", "2", "--publish", "80:8080",
-            "--publish", "81:8080/http", "--cmdline",
+            "--publish", "81:8080/http", "--shutdown-delay", "2", "--cmdline",
             f"{img.cmdline} {guest.script_arg(WEB_PROBE)}", "--json"))["machines"]
         phase("web deployed")
 
@@ -204,6 +204,10 @@ class ClusterNetworkTests(TestCase):
             self.assertEqual(sorted(set(res.values())), ["reached"], res)
             self.assertEqual(len(res), 2, res)
         self.assertEqual(sorted(k[len("peer-"):] for k in res), web_addrs)
+        trigger = net.spawn("client", [sys.executable, "-m", "http.server", str(TRIGGER),
+                                       "--bind", "0.0.0.0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(_end, trigger)
 
         # The app through either host's published port, from the client's namespace.
         for h in ("a1", "a2"):
@@ -212,10 +216,6 @@ class ClusterNetworkTests(TestCase):
                 self.assertIn("zwrm test image", body or "", (h, port))
             metrics = await self.fetch(f"http://{net.address(h)}:{METRICS}/metrics")
             self.assertIn("zwrm", metrics or "", f"{h}'s agent endpoint from outside")
-        trigger = net.spawn("client", [sys.executable, "-m", "http.server", str(TRIGGER),
-                                       "--bind", "0.0.0.0"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.addCleanup(_end, trigger)
 
         res = guest.probe_results(await other_probe)
         phase("other's probe done")
@@ -265,7 +265,7 @@ class ClusterNetworkTests(TestCase):
         phase(f"a replica killed under load: {results}")
         self.assertEqual(results["failed"], 0, results)
 
-    async def under_load(self, address, action, after=10):
+    async def under_load(self, address, action, after=6):
         """
         Requests to C{address}, to each published port in turn, in a loop while C{action()}
         runs, and C{after} more.
