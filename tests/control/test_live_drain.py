@@ -834,7 +834,7 @@ class LiveDrainTests(TestCase):
         control plane cancels the target's machine and moves the machine cold.
         """
         c, m, src, dst, vid, before = await self.setup()
-        self.ready_timeout(c, src, 0.2)
+        self.policy(c, src, ready_timeout=0.2)
         self.lost_answer(c, src)
         await c.drains.drain(src, min_healthy=1, healthy_deadline=30)
         await real_until(lambda: c.lives[src].finished.get(m["id"], {}).get("state")
@@ -896,11 +896,11 @@ class LiveDrainTests(TestCase):
         self.assertEqual(seen, {"ram": "switching_over", "resume": "switching_over"})
         self.assertEqual(self.phases(c), LIVE_PATH)
 
-    def ready_timeout(self, c, src, seconds):
-        """The drain's live.migrate carries a policy whose ready_timeout is C{seconds}."""
+    def policy(self, c, src, **keys):
+        """The drain's live.migrate carries a policy with C{keys} (seconds, on the agents)."""
         def make(original):
             def f(machine_id, target_host, target, policy, *args, details=None):
-                policy = dict(policy or {}, ready_timeout=seconds)
+                policy = dict(policy or {}, **keys)
                 return original(machine_id, target_host, target, policy, *args,
                                 details=details)
             return f
@@ -916,7 +916,7 @@ class LiveDrainTests(TestCase):
         source, and moves the machine cold (auto).
         """
         c, m, src, dst, vid, before = await self.setup()
-        self.ready_timeout(c, src, 0.2)
+        self.policy(c, src, ready_timeout=0.2)
 
         async def away(drain, run):  # switching_over stored; nothing asked until it gave up
             await real_until(lambda: c.lives[src].finished.get(m["id"], {}).get("state")
@@ -943,7 +943,8 @@ class LiveDrainTests(TestCase):
         for mode, tail in (("auto", COLD_TAIL), ("live", ["rolling_back", "rolled_back"])):
             c, m, src, dst, vid, before = await self.setup()
             c.executors[src][0].driver.host.live_converges = False
-            _, status = await self.drain(c, src, mode=mode, live_deadline=1)
+            self.policy(c, src, deadline=0.2)
+            _, status = await self.drain(c, src, mode=mode)
             mg = status["migrations"][0]
             self.assertEqual(self.phases(c), LIVE_PATH[:3] + tail, mode)
             self.assertIn("did not converge", mg["mode_reason"] or mg["error"], mode)
