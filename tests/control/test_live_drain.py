@@ -566,23 +566,16 @@ class LiveDrainTests(TestCase):
         self.assertEqual(self.phases(c), LIVE_PATH[:3] + COLD_TAIL)
         await self.assert_moved(c, m, src, dst, vid, before)
 
-    @d
-    async def test_an_unreachable_target_is_waited_for_never_guessed(self):
+    async def lost_at_switchover(self, c, src, host, error):
         """
-        The switchover's outcome is uncertain and the target's agent is lost with it: the
-        control plane waits for the target (drain-status says so), however long, and never
-        resumes or cancels the source meanwhile; once the target is back and says it runs
-        the machine, the move completes.
+        Drain C{src}; once the switchover completed, C{host} is lost and live.switchover
+        fails with C{error}.  @return: the drain, once its migration waits for a host.
         """
-        from tests.control.test_drain import _facts
-
-        c, m, src, dst, vid, before = await self.setup()
-
         def make(original):
             def f(*args, details=None):
                 def lost(_):
-                    c.registry.entry(dst).executor = False
-                    raise errors.Conflict("failed after the switchover began (test)")
+                    c.registry.entry(host).executor = False
+                    raise error
                 return original(*args, details=details).addCallback(lost)
             return f
 
@@ -594,6 +587,21 @@ class LiveDrainTests(TestCase):
             if mig.detail.get("waiting"):
                 break
             await c.step()
+        return run
+
+    @d
+    async def test_an_unreachable_target_is_waited_for_never_guessed(self):
+        """
+        The switchover's outcome is uncertain and the target's agent is lost with it: the
+        control plane waits for the target (drain-status says so), however long, and never
+        resumes or cancels the source meanwhile; once the target is back and says it runs
+        the machine, the move completes.
+        """
+        from tests.control.test_drain import _facts
+
+        c, m, src, dst, vid, before = await self.setup()
+        run = await self.lost_at_switchover(
+            c, src, dst, errors.Conflict("failed after the switchover began (test)"))
         end = c.clock.seconds() + 600
         for _ in range(1000):  # the Clock's timers for 600 s, or none left (it waits)
             if c.clock.seconds() >= end or not await c.step(most=end - c.clock.seconds()):
@@ -621,23 +629,8 @@ class LiveDrainTests(TestCase):
         from tests.control.test_drain import _facts
 
         c, m, src, dst, vid, before = await self.setup()
-
-        def make(original):
-            def f(*args, details=None):
-                def lost(_):
-                    c.registry.entry(src).executor = False
-                    raise errors.Unavailable("the connection was lost (test)")
-                return original(*args, details=details).addCallback(lost)
-            return f
-
-        c.wrap(src, "live.switchover", make)
-        await c.drains.drain(src, min_healthy=1, healthy_deadline=30)
-        run = c.drains.active[src]
-        mig = next(iter(run.migrations.values()))
-        for _ in range(3000):
-            if mig.detail.get("waiting"):
-                break
-            await c.step()
+        run = await self.lost_at_switchover(
+            c, src, src, errors.Unavailable("the connection was lost (test)"))
         mg = (await c.drains.drain_status(src))["migrations"][0]
         self.assertEqual((mg["phase"], mg["waiting_for"]), ("verifying", src))
         new_id = mg["replacement"]
