@@ -112,7 +112,8 @@ class PlannedStopTests(TestCase):
                    "every request under way")
         # They are still under way as the replica that goes leaves the routes (else this
         # would prove nothing).
-        self.assertEqual([d for d in requests if d.called], [])
+        ended = [d.result for d in requests if d.called]
+        self.assertEqual(ended, [], "requests that ended before the scale-down")
         out = await self.cli("scale", "web", "1", "--json")  # returns after the delay
         self.assertEqual(len(json.loads(out)["machines"]), 1)
         answers = [r for _, r in await DeferredList(requests)]
