@@ -191,6 +191,10 @@ class ClusterNetworkTests(TestCase):
                 print(a.log_tail(60))
             raise
         phase("web probes done")
+        trigger = net.spawn("client", [sys.executable, "-m", "http.server", str(TRIGGER),
+                                       "--bind", "0.0.0.0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(_end, trigger)
 
         async def web_passing():
             ms = await self.machines("web")
@@ -204,10 +208,6 @@ class ClusterNetworkTests(TestCase):
             self.assertEqual(sorted(set(res.values())), ["reached"], res)
             self.assertEqual(len(res), 2, res)
         self.assertEqual(sorted(k[len("peer-"):] for k in res), web_addrs)
-        trigger = net.spawn("client", [sys.executable, "-m", "http.server", str(TRIGGER),
-                                       "--bind", "0.0.0.0"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.addCleanup(_end, trigger)
 
         # The app through either host's published port, from the client's namespace.
         for h in ("a1", "a2"):
