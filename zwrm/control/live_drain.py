@@ -485,9 +485,6 @@ class LiveSteps:
         poll = opts["poll"]
         if run.detail.get("switched_over_at") is None:
             await self._save_detail(run, switched_over_at=self._clock.seconds())
-        # The guest keeps its address: the replacement takes the original's stored row, and
-        # the view puts the machine on the target (idempotent: a step run again moves none).
-        await self._replicas.network.move_address(mid, new_id, target)
         why = f"to confirm that machine {new_id} runs there"
         waited = 0.0
         while True:
@@ -506,12 +503,9 @@ class LiveSteps:
                     f"on {source} and is never resumed")
             await self._sleep(poll)  # completing or resuming: no event says when
             waited += poll
-        original = await self._machines.get(mid)
-        if original is not None and original["state"] == "running":
-            # Paused for good: out of the routes at once (the replacement is in them).
-            await self._replicas.set_machine(
-                original, f"moved live to {target} as {new_id}; paused here for good",
-                state="stopping")
+        # The replacement runs first, then takes the guest's address, then the original
+        # leaves: the app's routes never lack the guest in between (on the cluster network
+        # both rows are the same address: the kernel's forward does not even change).
         row = await self._machines.get(new_id)
         if row is not None and row["state"] in ("pending", "starting"):
             host_port = (run.detail.get("live_target") or {}).get("host_port")
@@ -520,6 +514,15 @@ class LiveSteps:
                 health.setdefault("host_port", host_port)
             await self._replicas.set_machine(row, f"resumed on {target} (live drain)",
                                              state="running", health=health)
+        # The guest keeps its address: the replacement takes the original's stored row, and
+        # the view puts the machine on the target (idempotent: a step run again moves none).
+        await self._replicas.network.move_address(mid, new_id, target)
+        original = await self._machines.get(mid)
+        if original is not None and original["state"] == "running":
+            # Paused for good: out of the routes (the replacement is in them).
+            await self._replicas.set_machine(
+                original, f"moved live to {target} as {new_id}; paused here for good",
+                state="stopping")
 
     async def _step_verifying(self, drain, run):
         source, target, mid, new_id = self._live_ids(run)
