@@ -474,6 +474,16 @@ class DrainTests(_Base):
         ing.set_routes({})  # the port is no longer published
         await until(lambda: idle.lost, what="the idle client to be closed")
 
+    async def test_a_client_of_a_port_no_longer_published_is_closed_after_its_answer(self):
+        a, _, rp = self.replica("a")
+        ing, port = self.ingress([rp])
+        busy = await self.client(port, b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        await until(lambda: a.pending)
+        ing.set_routes({})
+        a.pending.pop().finish()
+        await until(lambda: busy.lost, what="the client to be closed after its answer")
+        self.assertTrue(busy.data.startswith(b"HTTP/1.1 200 "), busy.data)
+
     async def test_idle_clients_are_closed_after_the_keepalive_timeout(self):
         # The proxy and these clients share one reactor, so a stalled test process cannot
         # let the timeout pass between a check and the next step; 1 s leaves room anyway.

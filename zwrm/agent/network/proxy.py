@@ -1346,6 +1346,7 @@ class Ingress:
         #: (or the rest of a request head) before it is closed; L{None}: no limit
         self.keepalive_timeout = keepalive_timeout
         self._listeners = {}  # port -> _Listener
+        self._draining = set()  # drained backends whose open connections are cut later
         self.tls = SNIContextFactory()
 
     def set_certs(self, certs):
@@ -1415,9 +1416,11 @@ class Ingress:
         backend.close_idle()
         if backend.conns and backend.drain_call is None:
             def cut():
+                self._draining.discard(backend)
                 for c in list(backend.conns):
                     c.close()
             backend.drain_call = self.reactor.callLater(self.drain_timeout, cut)
+            self._draining.add(backend)
 
     def _close_port(self, port):
         lst = self._listeners.pop(port)
@@ -1437,6 +1440,8 @@ class Ingress:
         ds = [self._close_port(port) for port in list(self._listeners)]
         for c in clients:
             c.close()
+        backends = set(backends) | self._draining  # and those of routes or ports gone before
+        self._draining = set()
         for b in backends:
             if b.drain_call is not None and b.drain_call.active():
                 b.drain_call.cancel()
