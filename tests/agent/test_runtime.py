@@ -54,6 +54,29 @@ class VolumeEndpointTests(SynchronousTestCase):
             c = self.options("--config", path)
         self.assertEqual((c.cpu_model, c.machine_type), ("Haswell-noTSX", "pc-q35-7.2"))
 
+    def test_ingress_keepalive_timeout(self):
+        self.assertEqual(self.options().ingress_keepalive_timeout, 75.0)
+        c = self.options("--ingress-keepalive-timeout", "5.5")
+        self.assertEqual(c.ingress_keepalive_timeout, 5.5)
+        for bad in ("0", "-1", "soon", "inf"):
+            with self.assertRaises(usage.UsageError) as cm:
+                self.options("--ingress-keepalive-timeout", bad)
+            self.assertIn("ingress_keepalive_timeout", str(cm.exception))
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "agent.toml")
+            with open(path, "w") as f:
+                f.write("[agent]\ningress_keepalive_timeout = 30\n")
+            self.assertEqual(self.options("--config", path).ingress_keepalive_timeout, 30.0)
+
+    def test_the_agents_network_gets_the_keepalive_timeout(self):
+        from zwrm.agent.runtime import _network
+
+        with tempfile.TemporaryDirectory() as d:
+            c = self.options("--network", "bridge", "--address", "10.1.2.3", "--data-dir", d,
+                             "--ingress-keepalive-timeout", "9")
+            net = _network(reactor, "h-1", c)
+        self.assertEqual(net.ingress.keepalive_timeout, 9.0)
+
     def test_the_driver_gets_them(self):
         # HostRuntime passes them to the driver, whose live.facts reports them.
         with tempfile.TemporaryDirectory() as d:

@@ -275,5 +275,6 @@ def _network(reactor, host_id, config):
 
     control_plane = parse_url(config.url)[1]  # guests may not reach the control plane
     return AgentNetwork(reactor, host_id, config.address, dns_port=config.dns_port,
+                        keepalive_timeout=config.ingress_keepalive_timeout,
                         state_dir=os.path.join(config.data_dir, "network"),
                         deny_names=[control_plane])

@@ -62,6 +62,8 @@ class AgentConfig:
     #: VM networking: "user" (QEMU user mode, restrict=on) or "bridge" (docs/networking.md).
     network: str = "user"
     dns_port: int = 53
+    #: Seconds an http/https client of a published port may wait between its requests.
+    ingress_keepalive_timeout: float = 75.0
     #: Where C{/metrics} (Prometheus text) is served, an endpoint string; None: nowhere.
     metrics_listen: str | None = None
 
@@ -127,6 +129,9 @@ class Options(usage.Options):
          "nothing of the host) or bridge (cluster network: bridge, TAPs, VXLAN overlay, "
          "needs CAP_NET_ADMIN and /dev/net/tun; see docs/networking.md)."],
         ["dns-port", None, None, "Port of the cluster DNS server on the bridge (default 53)."],
+        ["ingress-keepalive-timeout", None, None,
+         "Seconds an http/https client of a published port may wait for its next request "
+         "(default 75)."],
         ["volume-endpoint", None, None,
          "Where other agents stream volumes to this host (TLS with host certificates), an "
          "endpoint string; default tcp:0:interface=127.0.0.1 (loopback only)."],
@@ -162,7 +167,7 @@ class Options(usage.Options):
                     "data-dir", "name", "address", "vcpus", "memory-mb", "disk-mb", "ca-file",
                     "retry-initial", "retry-max", "driver", "accel", "image-cache-mb",
                     "volume-endpoint", "network", "dns-port", "metrics-listen", "cpu-model",
-                    "machine-type"):
+                    "machine-type", "ingress-keepalive-timeout"):
             if self[key] is not None:
                 values[key.replace("-", "_")] = self[key]
         if self["label"]:
@@ -221,6 +226,12 @@ class Options(usage.Options):
             assert 1 <= config.dns_port <= 65535
         except (ValueError, TypeError, AssertionError):
             raise usage.UsageError("dns_port must be a port number (1-65535)") from None
+        try:
+            config.ingress_keepalive_timeout = float(config.ingress_keepalive_timeout)
+            assert 0 < config.ingress_keepalive_timeout < float("inf")
+        except (ValueError, TypeError, AssertionError):
+            raise usage.UsageError("ingress_keepalive_timeout must be a number of seconds "
+                                   "above 0") from None
         self.config = config
 
 
@@ -299,7 +310,8 @@ def _check_driver(config):
 KEYS = {"control_plane_url", "region", "datacenter", "join_token", "join_token_file", "data_dir",
         "name", "address", "labels", "vcpus", "memory_mb", "disk_mb", "ca_file", "insecure",
         "retry_initial", "retry_max", "driver", "accel", "image_cache_mb", "plugin_dirs", "volume_endpoint",
-        "network", "dns_port", "metrics_listen", "cpu_model", "machine_type"}
+        "network", "dns_port", "metrics_listen", "cpu_model", "machine_type",
+        "ingress_keepalive_timeout"}
 
 
 def _load(path):

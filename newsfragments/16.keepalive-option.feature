@@ -1,0 +1,1 @@
+`zwrm-agent --ingress-keepalive-timeout SECONDS` (or `ingress_keepalive_timeout` in the agent's configuration file; default 75): how long an http/https client of a published port may stay idle between its requests before the ingress closes its connection.
