@@ -24,7 +24,7 @@ from twisted.trial.unittest import TestCase
 from zwrm.agent.live import LiveMigrations
 from zwrm.agent.volumes import VolumeStore
 from zwrm.drivers.qemu import QemuDriver
-from zwrm.errors import Unavailable
+from zwrm.errors import Corrupt, Unavailable
 from zwrm.pki import HostCredentials
 from zwrm.pki.ca import CertificateAuthority
 from zwrm.testing import image
@@ -163,6 +163,16 @@ class LiveAgentsTests(TestCase):
         verified = await self.b.verify("m2", "v1", frozen)
         self.assertTrue(verified["ok"], verified)
         self.assertGreater(verified["dirty_blocks"], 0)
+        # A block of the target's copy that the guest did not write (the volume's last
+        # 64 KiB) corrupted behind QEMU's back: the verification catches it, naming it.
+        path = self.b.volumes.existing_path("v1")
+        last = os.path.getsize(path) // 65536 - 1
+        with open(path, "r+b") as f:
+            f.seek(last * 65536 + 100)
+            f.write(b"corrupted on the target")
+        with self.assertRaises(Corrupt) as cm:
+            await self.b.verify("m2", "v1", frozen)
+        self.assertIn(f"[{last}]", cm.exception.message)
         # The source stays paused until it is destroyed.
         st = await self.a.status("m1")
         self.assertEqual((st["state"], st["hypervisor"]["runstate"]), ("completed", "postmigrate"))
