@@ -16,11 +16,12 @@ and resolver through its host's bridge, the cluster's search domain; no DHCP: a 
 has no kernel command line to carry C{ip=}); data written is there; the console (C{zwrm
 logs}) shows the login prompt.  Then the app is stopped
 and started again (C{zwrm scale 0}, C{1}: a new machine, a fresh root overlay) and the data is
-on the volume the new machine mounts; then its host is drained: the guest boots on the other
-host with its volume moved, and the data is there.
+on the volume the new machine mounts; then its host is drained: the guest moves live to the
+other host with its volume and its UEFI variables, and the data is there.
 """
 
 import glob
+import hashlib
 import os
 import subprocess
 
@@ -180,10 +181,23 @@ def test_data_survives_a_stop_and_start(cluster):
     assert os.path.exists(st["key"])
 
 
+def _efi_vars(cluster, machine):
+    """The SHA-256 of C{machine}'s UEFI variable store, on its host."""
+    here = cluster.host_of(machine["host_id"])
+    [mdir] = glob.glob(os.path.join(cluster.host_dir(here), "**", "machines", machine["id"]),
+                       recursive=True)
+    with open(os.path.join(mdir, qemu.EFI_VARS), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def test_drain_moves_the_guest_and_its_data(cluster):
     st = _state(cluster)
     src = st["machine"]["host_id"]
     [dst] = [h for h in cluster.host_ids.values() if h != src]
+    # OVMF wrote the variable store as it booted (boot entries): it is not the template.
+    efi_vars = _efi_vars(cluster, st["machine"])
+    with open(qemu.OVMF_VARS, "rb") as f:
+        assert efi_vars != hashlib.sha256(f.read()).hexdigest()
     with cluster.phase("debian image: drain its host until healthy on the other"):
         status = cluster.zwrm_json("host", "drain", src, "--min-healthy", "3s",
                                    "--healthy-deadline", "1200s", timeout=1500)
@@ -191,6 +205,11 @@ def test_drain_moves_the_guest_and_its_data(cluster):
     [machine] = cluster.zwrm_json("status", APP)["machines"]
     assert (machine["host_id"], machine["state"], machine["health"]) == (
         dst, "running", "passing"), machine
+    # Moved live: the variable store came with the guest (QEMU moves the flash's contents
+    # with the RAM and writes them to the target's file), not a fresh copy.
+    [mg] = status["migrations"]
+    assert mg["mode"] == "live", mg
+    assert _efi_vars(cluster, machine) == efi_vars
     # A fresh root overlay on the other host; the volume (and the data) moved with it.
     for agent in cluster.host_ids:
         assert _get(cluster, "/data/note.txt", agent).encode() == DATA
