@@ -48,17 +48,16 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-import treq
 from twisted.internet import defer, task, threads
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from zwrm.testing import image  # noqa: E402
+from zwrm.testing.drains import Probe, executor_ports, fill_volume, load  # noqa: E402
 from zwrm.testing.processes import (  # noqa: E402
     AgentProcess,
     ControlPlaneProcess,
@@ -81,78 +80,6 @@ async def status(reactor, cp, app):
     return json.loads(await cli(reactor, cp, "status", app, "--json"))
 
 
-def load():
-    return "load %.1f %.1f %.1f" % os.getloadavg()
-
-
-MiB = 1024 * 1024
-
-
-def fill_volume(path, data_mb):
-    """The unused volume image made an ext4 file system of its size with random data."""
-    size = os.path.getsize(path)
-    with tempfile.TemporaryDirectory() as d:
-        with open(os.path.join(d, "filler.bin"), "wb") as f:
-            for _ in range(data_mb):
-                f.write(os.urandom(MiB))
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", d, path, f"{size // 1024}k"],
-                       check=True, capture_output=True)
-
-
-class Probe:
-    """
-    GET every 20 ms on every port the app was seen on (the agents' machine records, read
-    every 50 ms), each request on its own; the longest gap between two answers.
-    """
-
-    def __init__(self, reactor, agent_dirs, port):
-        self.reactor = reactor
-        self.agent_dirs = agent_dirs
-        self.ports = {port}
-        self.answers = []
-        self.stopped = False
-        self.in_flight = {}
-
-    def _learn(self):
-        for d in self.agent_dirs:
-            for path in glob.glob(os.path.join(d, "executor", "*.json")):
-                try:
-                    with open(path) as f:
-                        port = json.load(f).get("host_port")
-                except (OSError, ValueError):
-                    continue
-                if port:
-                    self.ports.add(port)
-
-    async def _get(self, port):
-        self.in_flight[port] = self.in_flight.get(port, 0) + 1
-        try:
-            r = await treq.get(f"http://127.0.0.1:{port}/probe").addTimeout(2.0, self.reactor)
-            await r.content()
-            if r.code in (200, 404):
-                self.answers.append(time.monotonic())
-        except Exception:
-            pass
-        finally:
-            self.in_flight[port] -= 1
-
-    async def run(self):
-        pending, n = [], 0
-        while not self.stopped:
-            if n % 3 == 0:
-                self._learn()
-            n += 1
-            for port in sorted(self.ports):
-                if self.in_flight.get(port, 0) < 3:
-                    pending.append(defer.Deferred.fromCoroutine(self._get(port)))
-            await task.deferLater(self.reactor, 0.02, lambda: None)
-        await defer.DeferredList(pending)
-
-    def gap(self, since):
-        times = sorted(t for t in self.answers if t >= since)
-        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
-
-
 async def compare(reactor, cp, agents, runs, data_mb, volume_mb):
     """Live and cold drains of the same VM, alternating (see the module docstring)."""
     src = agents[0]
@@ -168,7 +95,8 @@ async def compare(reactor, cp, agents, runs, data_mb, volume_mb):
               "--health-interval", "0.2", "--health-grace", "240", "--wait", "300",
               "--volume", f"data:{volume_mb}:/data", timeout=330)
     [m] = (await status(reactor, cp, "bench"))["machines"]
-    probe = Probe(reactor, [a.data_dir for a in agents], m["host_port"])
+    probe = Probe(reactor, [m["host_port"]],
+                  learn=lambda: executor_ports([a.data_dir for a in agents]))
     probing = defer.Deferred.fromCoroutine(probe.run())
     figures = {"live": [], "cold": []}
     try:

@@ -28,7 +28,6 @@ Goal (issue 18): pause <= 300 ms, client-observed gap <= 1 s, total time <= the 
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,14 +45,10 @@ from zwrm.drivers.qemu import QemuDriver  # noqa: E402
 from zwrm.pki import HostCredentials  # noqa: E402
 from zwrm.pki.ca import CertificateAuthority  # noqa: E402
 from zwrm.testing import image  # noqa: E402
+from zwrm.testing.drains import Probe, fill_volume  # noqa: E402
+from zwrm.testing.processes import free_port  # noqa: E402
 
 MiB = 1024 * 1024
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spec(memory_mb, volumes, port):
@@ -62,49 +57,6 @@ def spec(memory_mb, volumes, port):
             "cmdline": f"{img.cmdline} zwrm.vol=v1:/data", "vcpus": 1,
             "memory_mb": memory_mb, "volumes": volumes,
             "forwards": [{"guest": 8080, "host": port}]}
-
-
-class Probe:
-    """
-    GET every 20 ms on every port of C{ports}, each request on its own (a paused host's
-    port holds a request until its timeout without delaying the others); the longest gap
-    between two answers, each timed when it arrives.
-    """
-
-    def __init__(self, reactor, ports):
-        self.reactor = reactor
-        self.ports = ports
-        self.answers = []
-        self.stopped = False
-        self.in_flight = {p: 0 for p in ports}
-
-    async def _get(self, port):
-        self.in_flight[port] += 1
-        try:
-            # A missing static file: busybox httpd answers 404 itself (no CGI, no fork), so
-            # the probe does not load the guest it measures.
-            r = await treq.get(f"http://127.0.0.1:{port}/probe").addTimeout(2.0, self.reactor)
-            await r.content()
-            if r.code in (200, 404):
-                self.answers.append(time.monotonic())
-        except Exception:
-            pass
-        finally:
-            self.in_flight[port] -= 1
-
-    async def run(self):
-        pending = []
-        while not self.stopped:
-            for port in self.ports:
-                if self.in_flight[port] < 3:
-                    pending.append(defer.Deferred.fromCoroutine(self._get(port)))
-            await task.deferLater(self.reactor, 0.02, lambda: None)
-        await defer.DeferredList(pending)
-
-    @property
-    def gap(self):
-        times = sorted(self.answers)
-        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
 
 
 async def wait_ready(reactor, drv, mid, timeout=180):
@@ -129,16 +81,6 @@ async def wait_http(reactor, port, timeout=180):
     raise RuntimeError(f"nothing answered on port {port}")
 
 
-def make_volume(path, volume_mb, data_mb):
-    with tempfile.TemporaryDirectory() as d:
-        with open(os.path.join(d, "data.bin"), "wb") as f:
-            for _ in range(data_mb):
-                f.write(os.urandom(MiB))
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", d, path, f"{volume_mb}M"], check=True,
-                       capture_output=True)
-    os.chmod(path, 0o600)
-
-
 async def main(reactor, runs, volume_mb, data_mb, memory_mb):
     image.build()
     root = tempfile.mkdtemp(prefix="zwrm-bench-live-", dir="/tmp")
@@ -154,11 +96,14 @@ async def main(reactor, runs, volume_mb, data_mb, memory_mb):
     a, b = agents["host-a"], agents["host-b"]
     live, cold = [], []
     try:
-        make_volume(a.volumes.path("v1"), volume_mb, data_mb)
+        fill_volume(a.volumes.path("v1"), data_mb, size_mb=volume_mb)
         port = free_port()
         await a.driver.start(dict(spec(memory_mb, [{"id": "v1", "path": a.volumes.path("v1")}],
                                        port), id="m1"))
         await wait_ready(reactor, a.driver, "m1")
+        # A live move keeps the machine's id; a cold one starts a new machine (as a drain's
+        # replacement): a source whose live migration completed refuses another of that id.
+        mid = "m1"
         src, dst = a, b
         for run in range(runs):
             # -- live: src -> dst --
@@ -167,27 +112,27 @@ async def main(reactor, runs, volume_mb, data_mb, memory_mb):
             probing = defer.Deferred.fromCoroutine(probe.run())
             await task.deferLater(reactor, 0.5, lambda: None)
             t0 = time.monotonic()
-            desc = src.describe("m1")
-            where = await dst.prepare("m1", spec(memory_mb, [{"id": "v1"}], dst_port),
+            desc = src.describe(mid)
+            where = await dst.prepare(mid, spec(memory_mb, [{"id": "v1"}], dst_port),
                                       desc["volumes"], src.host_id)
-            result = await src.migrate("m1", dst.host_id, where,
+            result = await src.migrate(mid, dst.host_id, where,
                                        {"mirror_speed": 100 * MiB, "downtime_limit_ms": 300})
-            while dst.target_state("m1") != "resumed":
+            while dst.target_state(mid) != "resumed":
                 await task.deferLater(reactor, 0.01, lambda: None)
             total = time.monotonic() - t0
             await task.deferLater(reactor, 1.0, lambda: None)
             probe.stopped = True
             await probing
-            verified = await dst.verify("m1", "v1", await src.hashes("v1"))
-            live.append({"pause_ms": result["downtime_ms"], "gap": probe.gap, "total": total,
+            verified = await dst.verify(mid, "v1", await src.hashes("v1"))
+            live.append({"pause_ms": result["downtime_ms"], "gap": probe.gap(), "total": total,
                          "mirror": result["mirror_seconds"], "verified": verified["ok"]})
             print(f"run {run + 1} live {src.host_id} -> {dst.host_id}: QEMU pause "
-                  f"{result['downtime_ms']} ms, client gap {probe.gap:.3f} s, total "
+                  f"{result['downtime_ms']} ms, client gap {probe.gap():.3f} s, total "
                   f"{total:.2f} s (mirror {result['mirror_seconds']:.2f} s), RAM passes "
                   f"{result['ram']['passes']}, verified {verified['ok']} "
                   f"({verified['dirty_blocks']} dirty blocks)", flush=True)
-            await src.driver.destroy("m1")
-            src.volumes.release("v1", "m1")
+            await src.driver.destroy(mid)
+            src.volumes.release("v1", mid)
             src.volumes.delete("v1")
             port = dst_port
             # -- cold: dst -> src (stop, copy, start) --
@@ -196,22 +141,23 @@ async def main(reactor, runs, volume_mb, data_mb, memory_mb):
             probing = defer.Deferred.fromCoroutine(probe.run())
             await task.deferLater(reactor, 0.5, lambda: None)
             t0 = time.monotonic()
-            await dst.driver.stop("m1")
+            await dst.driver.stop(mid)
             await reactor_thread_copy(reactor, dst.volumes.path("v1"), src.volumes.path("v1"))
-            await dst.driver.destroy("m1")
-            dst.volumes.release("v1", "m1")
+            await dst.driver.destroy(mid)
+            dst.volumes.release("v1", mid)
             dst.volumes.delete("v1")
             await src.driver.start(dict(spec(memory_mb, [{"id": "v1",
                                                           "path": src.volumes.path("v1")}],
-                                             new_port), id="m1"))
+                                             new_port), id=f"m{run + 2}"))
+            mid = f"m{run + 2}"
             t1 = await wait_http(reactor, new_port)
             probe.stopped = True
             await probing
-            cold.append({"downtime": t1 - t0, "gap": probe.gap})
+            cold.append({"downtime": t1 - t0, "gap": probe.gap()})
             print(f"run {run + 1} cold {dst.host_id} -> {src.host_id}: downtime "
-                  f"{t1 - t0:.2f} s (client gap {probe.gap:.2f} s)", flush=True)
+                  f"{t1 - t0:.2f} s (client gap {probe.gap():.2f} s)", flush=True)
             port = new_port
-            await wait_ready(reactor, src.driver, "m1")
+            await wait_ready(reactor, src.driver, mid)
         med = statistics.median
         print(f"\nlive: QEMU pause median {med(r['pause_ms'] for r in live)} ms "
               f"(max {max(r['pause_ms'] for r in live)}), client gap median "
