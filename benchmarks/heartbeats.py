@@ -152,8 +152,17 @@ def worker(args):
         # let the last calls of the window come back (they count if within budget)
         await task.deferLater(reactor, 2 * args.budget, lambda: None)
         latencies.sort()
-        print("RESULT " + json.dumps({"n": len(creds), "latencies": latencies,
-                                      "failures": failures[0], "cpu": cpu}), flush=True)
+        result = json.dumps({"n": len(creds), "latencies": latencies,
+                             "failures": failures[0], "cpu": cpu})
+        if args.result_file:
+            # a file, not stdout: a line of 100+ KB through the pipe reached the driver cut at
+            # 64 KB when four workers wrote theirs at once (the 8,000-host steps)
+            with open(args.result_file + ".part", "w") as f:
+                f.write(result)
+            os.rename(args.result_file + ".part", args.result_file)
+            print("RESULT-FILE", flush=True)
+        else:
+            print("RESULT " + result, flush=True)
 
     def main(reactor):
         return defer.Deferred.fromCoroutine(run())
@@ -233,13 +242,16 @@ def run_step(args, cp_pid, port, creds, probe=None):
     called at the window's start and end; the result's C{"probe"} is the pair it returned.
     """
     m_start = gc_metrics(port)  # before the step's agents connect: the step's pauses are the difference
-    workers = []
+    import tempfile
+
+    workers, results = [], tempfile.mkdtemp(prefix="zwrm-bench-hb-results-")
     for i in range(0, len(creds), args.per_worker):
         chunk = creds[i:i + args.per_worker]
         p = subprocess.Popen(
             [sys.executable, __file__, "--worker", "--port", str(port),
              "--interval", str(args.interval), "--duration", str(args.duration),
-             "--budget", str(args.budget)]
+             "--budget", str(args.budget),
+             "--result-file", os.path.join(results, f"worker-{i}.json")]
             + (["--agent-procedures"] if getattr(args, "agent_procedures", False) else []),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
@@ -267,15 +279,19 @@ def run_step(args, cp_pid, port, creds, probe=None):
     cpu0, cpu1 = u0 + s0, u1 + s1
     gc1 = gc_metrics(port)
     latencies, failures, worker_cpu = [], 0, 0.0
-    for p in workers:
+    for i, p in zip(range(0, len(creds), args.per_worker), workers, strict=True):
         for line in p.stdout:
-            if line.startswith("RESULT "):
-                r = json.loads(line[7:])
+            if line.startswith("RESULT-FILE"):
+                path = os.path.join(results, f"worker-{i}.json")
+                with open(path) as f:
+                    r = json.load(f)
+                os.unlink(path)
                 latencies += r["latencies"]
                 failures += r["failures"]
                 worker_cpu += r["cpu"]
                 break
         p.wait(timeout=60)
+    os.rmdir(results)
     latencies.sort()
     expected = len(creds) * args.duration / args.interval
     return {
@@ -483,6 +499,7 @@ def main():
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--steps", default="100,500,1000,2000,4000,7000,10000")
     ap.add_argument("--per-worker", type=int, default=500)
     ap.add_argument("--interval", type=float, default=5.0)
