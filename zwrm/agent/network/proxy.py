@@ -175,7 +175,11 @@ class _UpFactory(protocol.ClientFactory):
 
 
 class _Client(protocol.Protocol):
-    """A client connection to a published port."""
+    """
+    A client connection to a C{tcp} published port (L{_HTTPClient} serves C{http} and
+    C{https} ones): piped to a replica once one accepts, its first bytes replayed to
+    another if the replica closes before answering.
+    """
 
     def __init__(self, listener, peer_addr):
         self.listener = listener
@@ -191,9 +195,8 @@ class _Client(protocol.Protocol):
 
     def connectionMade(self):
         _nodelay(self.transport)
-        if not self.listener.http:
-            self.transport.pauseProducing()  # until the replica is connected
-            self._choose(self.listener.route_for(None))
+        self.transport.pauseProducing()  # until the replica is connected
+        self._choose(self.listener.route_for(None))
 
     def _remember(self, data):
         if self.sent is not None and not self.replied:
@@ -229,39 +232,10 @@ class _Client(protocol.Protocol):
             self._remember(data)
             self.upstream.transport.write(data)
             return
-        self.buffer += data
-        if not self.listener.http or self.backend is not None:
-            return
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self.buffer) > MAX_HEAD:
-                self._refuse(b"431 Request Header Fields Too Large")
-            return
-        head = self.buffer[:end].decode("latin-1")
-        lines = head.split("\r\n")
-        host = ""
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "host":
-                host = value.strip().split(":")[0].lower()
-        route = self.listener.route_for(host)
-        if route is None:
-            self._refuse(b"404 Not Found")
-            return
-        proto = "https" if self.listener.mode == "https" else "http"
-        extra = (f"X-Forwarded-For: {self.peer_addr}\r\nX-Forwarded-Proto: {proto}\r\n"
-                 f"X-Forwarded-Host: {host}\r\n")
-        lines = [ln for ln in lines if not ln.lower().startswith(("x-forwarded-",))]
-        self.buffer = ("\r\n".join(lines) + "\r\n" + extra).encode("latin-1") + \
-            self.buffer[end + 2:]
-        self.backend = True  # choosing
-        self._choose(route)
+        self.buffer += data  # the replica is being chosen: sent once connected
 
     def _refuse(self, status):
-        if self.listener.http:
-            self.transport.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n"
-                                 b"Connection: close\r\n\r\n")
-        self.transport.loseConnection()
+        self.transport.loseConnection()  # a tcp client gets no status line
 
     def _choose(self, route, tried=()):
         if self.closed:
