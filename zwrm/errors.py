@@ -86,6 +86,16 @@ class Corrupt(ZwrmError):
     uri = "zwrm.error.corrupt"
 
 
+class StaleView(ZwrmError):
+    """
+    A change to a view was based on a version the receiver does not hold (an agent's
+    cluster network view: a C{hosts_delta} whose C{base} is not its hosts list's serial);
+    nothing was applied: the sender sends the whole view again.
+    """
+
+    uri = "zwrm.error.stale_view"
+
+
 class Internal(ZwrmError):
     """A bug: logged with its traceback on the server, reported without it."""
 

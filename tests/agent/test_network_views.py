@@ -1,13 +1,17 @@
 """
 L{AgentNetwork.update} applies the control plane's views one at a time and ends with the
 newest, however long an apply waits on the host's commands (the bridge's first setup after
-an agent restart).
+an agent restart); it keeps the hosts list and takes changes to it (C{hosts_delta}) only on
+the serial it holds.
 """
+
+import copy
 
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
+from zwrm import errors
 from zwrm.agent.network.agent import AgentNetwork
 
 
@@ -23,6 +27,8 @@ class SlowHost:
         self.first = defer.Deferred()
         self.setups = 0
         self.forwards = []
+        self.clusters = []  # the other hosts of each view applied
+
 
     async def ensure_bridge(self, net):
         self.setups += 1
@@ -30,7 +36,7 @@ class SlowHost:
             await self.first
 
     async def set_cluster(self, hosts, members):
-        pass
+        self.clusters.append([h["host_id"] for h in hosts])
 
     def can_forward(self, backends):
         return bool(backends)
@@ -50,7 +56,7 @@ def view(healthy):
                 {"key": "m-1", "host": "10.80.1.2", "port": 80, "healthy": healthy}]}}}}
 
 
-class ViewOrderTests(SynchronousTestCase):
+class AgentHelpers:
 
     def setUp(self):
         self.host = SlowHost()
@@ -58,6 +64,9 @@ class ViewOrderTests(SynchronousTestCase):
         self.network.dns_port = None
         self.network._start_dns = lambda net: None
         self.addCleanup(self.network.ingress.close)
+
+
+class ViewOrderTests(AgentHelpers, SynchronousTestCase):
 
     def test_the_newest_view_wins(self):
         """
@@ -83,3 +92,111 @@ class ViewOrderTests(SynchronousTestCase):
         for d in ds:
             self.successResultOf(d)
         self.assertEqual(self.host.forwards, [{}, {8080: [("10.80.1.2", 80)]}])
+
+
+def entry(n, gateway=None):
+    return {"host_id": f"h_{n}", "address": f"10.99.0.{n}",
+            "gateway": gateway or f"10.80.{n}.1"}
+
+
+def hosts_view(hosts=None, delta=None, serial=None):
+    """A view without members or routes, with the whole list or a delta."""
+    out = {"prefix": 24, "members": [], "published": {}}
+    if delta is not None:
+        out["hosts_delta"] = delta
+    else:
+        out["hosts"] = hosts
+        if serial is not None:
+            out["hosts_serial"] = serial
+    return out
+
+
+class HostsDeltaTests(AgentHelpers, SynchronousTestCase):
+    """The hosts list, whole (C{hosts}, C{hosts_serial}) or changed (C{hosts_delta})."""
+
+    def setUp(self):
+        AgentHelpers.setUp(self)
+        self.host.first.callback(None)  # no bridge setup to wait for
+
+    def held(self):
+        return [h["host_id"] for h in self.network._view["hosts"]]
+
+    def test_a_delta_on_the_serial_held_changes_the_list(self):
+        answer = self.successResultOf(self.network.update(
+            hosts_view([entry(1), entry(2), entry(3)], serial=7)))
+        self.assertEqual(answer["hosts_serial"], 7)
+        answer = self.successResultOf(self.network.update(hosts_view(delta={
+            "base": 7, "serial": 8, "set": [entry(4), entry(2, "10.80.9.1")],
+            "remove": ["h_3"]})))
+        self.assertEqual(answer, {"members": 0, "published": [], "hosts_serial": 8})
+        self.assertEqual(self.held(), ["h_1", "h_2", "h_4"])
+        self.assertEqual(self.network._view["hosts"][1]["gateway"], "10.80.9.1")
+        self.assertEqual(self.host.clusters, [["h_2", "h_3"], ["h_2", "h_4"]])
+        self.assertNotIn("hosts_delta", self.network._view)
+
+    def test_a_delta_on_another_serial_is_refused_and_changes_nothing(self):
+        self.successResultOf(self.network.update(hosts_view([entry(1), entry(2)], serial=7)))
+        before = copy.deepcopy(self.network._view)
+        for base in (6, 8):
+            with self.assertRaises(errors.StaleView) as cm:
+                self.network.update(hosts_view(delta={"base": base, "serial": 9,
+                                                      "set": [entry(5)], "remove": []}))
+            self.assertIn(f"base {base} is not the hosts list this agent holds (serial 7)",
+                          cm.exception.message)
+            self.assertEqual(cm.exception.kwargs, {"hosts_serial": 7})
+        self.assertEqual(self.network._view, before)
+        self.assertEqual(len(self.host.clusters), 1)
+        # A list without a serial (a control plane before deltas): no delta applies to it.
+        self.successResultOf(self.network.update(hosts_view([entry(1)])))
+        self.assertIsNone(self.network._hosts_serial)
+        self.assertRaises(errors.StaleView, self.network.update, hosts_view(
+            delta={"base": 7, "serial": 8, "set": [], "remove": []}))
+        self.assertEqual(self.held(), ["h_1"])
+
+    def test_a_malformed_delta_names_its_field_and_changes_nothing(self):
+        self.successResultOf(self.network.update(hosts_view([entry(1), entry(2)], serial=7)))
+        before = copy.deepcopy(self.network._view)
+        good = {"base": 7, "serial": 8, "set": [entry(3)], "remove": ["h_2"]}
+        cases = [
+            (["h_3"], "hosts_delta must be a dict, not list"),
+            (dict(good, base="7"), "hosts_delta.base must be an integer, not str"),
+            (dict(good, base=True), "hosts_delta.base must be an integer, not bool"),
+            (dict(good, serial=None), "hosts_delta.serial must be an integer, not NoneType"),
+            (dict(good, set={"h_3": entry(3)}), "hosts_delta.set must be a list, not dict"),
+            (dict(good, set=[entry(3), {"address": "10.99.0.4"}]),
+             'hosts_delta.set[1] must be a dict with a "host_id" string'),
+            (dict(good, remove="h_2"), "hosts_delta.remove must be a list of host ids"),
+            (dict(good, remove=[2]), "hosts_delta.remove must be a list of host ids"),
+        ]
+        for delta, message in cases:
+            with self.assertRaises(errors.InvalidArgument) as cm:
+                self.network.update(hosts_view(delta=delta))
+            self.assertEqual(cm.exception.message, message)
+        for view, message in [
+                (hosts_view([entry(1)], serial="8"), "hosts_serial must be an integer, not str"),
+                (hosts_view("h_1"), "hosts must be a list, not str"),
+                (hosts_view([entry(1), "h_2"]), 'hosts[1] must be a dict with a "host_id" string')]:
+            with self.assertRaises(errors.InvalidArgument) as cm:
+                self.network.update(view)
+            self.assertEqual(cm.exception.message, message)
+        self.assertEqual(self.network._view, before)
+        self.assertEqual(self.network._hosts_serial, 7)
+        self.assertEqual(len(self.host.clusters), 1)
+        self.successResultOf(self.network.update(hosts_view(delta=good)))
+        self.assertEqual(self.held(), ["h_1", "h_3"])
+
+    def test_deltas_of_views_skipped_still_count(self):
+        """
+        Views that arrive while an apply waits are skipped (the newest applied), but each
+        one's delta is taken on arrival: the list ends with all of them.
+        """
+        self.host.first = defer.Deferred()
+        self.host.setups = 0
+        ds = [self.network.update(hosts_view([entry(1), entry(2)], serial=1)),
+              self.network.update(hosts_view(delta={"base": 1, "serial": 2,
+                                                    "set": [entry(3)], "remove": []})),
+              self.network.update(hosts_view(delta={"base": 2, "serial": 3,
+                                                    "set": [entry(4)], "remove": ["h_2"]}))]
+        self.host.first.callback(None)
+        self.assertEqual([self.successResultOf(d)["hosts_serial"] for d in ds], [1, 2, 3])
+        self.assertEqual(self.host.clusters, [["h_2"], ["h_3", "h_4"]])

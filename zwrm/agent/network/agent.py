@@ -20,9 +20,29 @@ from zwrm.agent.network import addressing
 from zwrm.agent.network.dns import ClusterDNS
 from zwrm.agent.network.host import HostNetwork, check_network
 from zwrm.agent.network.proxy import KEEPALIVE_TIMEOUT, Ingress, forward_loopback
-from zwrm.errors import InvalidArgument
+from zwrm.errors import InvalidArgument, StaleView
 
 CERT_DOMAIN_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _host_entries(hosts, field):
+    """
+    A view's hosts list (C{field}: C{hosts} or C{hosts_delta.set}) by host id.
+
+    @raise InvalidArgument: C{hosts} is not a list of dicts with a string C{host_id}.
+    """
+    if not isinstance(hosts, list):
+        raise InvalidArgument(f"{field} must be a list, not {type(hosts).__name__}")
+    out = {}
+    for i, h in enumerate(hosts):
+        if not isinstance(h, dict) or not isinstance(h.get("host_id"), str):
+            raise InvalidArgument(f'{field}[{i}] must be a dict with a "host_id" string')
+        out[h["host_id"]] = h
+    return out
 
 
 class AgentNetwork:
@@ -58,6 +78,9 @@ class AgentNetwork:
         self._forwards = {}  # machine id -> listening port
         self._view = None
         self._view_serial = 0  # views received
+        # The hosts list of the views received, by host id, and the control plane's serial
+        # of it (None: a list without one, or none yet): a C{hosts_delta} applies to it.
+        self._hosts, self._hosts_serial = {}, None
         self._applied_serial, self._applied_result = 0, None  # the newest view applied
         self._applying = defer.DeferredLock()
         #: where the ingress certificates are kept (0600 files in a 0700 directory), so an
@@ -195,21 +218,85 @@ class AgentNetwork:
         """
         The cluster as the control plane sees it now (pushed on every change)::
 
-            {"hosts": [{"host_id", "address", "gateway"}],
+            {"hosts": [{"host_id", "address", "gateway"}], "hosts_serial": S,
              "members": [{"machine_id", "app", "replica", "address", "host_id", "healthy",
                           "open_ports"}],
              "published": {"PORT": {"mode": "tcp"|"http"|"https", "routes": {"DOMAIN"|"": [
-                 {"key", "host", "port", "healthy"}]}}}}
+                 {"key", "host", "port", "healthy"}]}}},
+             "prefix": N}
+
+        or, instead of C{hosts} and C{hosts_serial}, the changes to the hosts list since
+        serial C{B}::
+
+            "hosts_delta": {"base": B, "serial": S, "set": [{"host_id", "address",
+                            "gateway"}], "remove": [host_id]}
+
+        (entries of C{set} added or replaced by C{host_id}, C{remove}'s ids dropped).  A
+        delta applies only to the list of serial C{B}.  The list is kept here and changed
+        by each view as it arrives, in order, even by a view whose apply is skipped
+        because a newer one came meanwhile (only the newest is applied).  C{hosts_serial}
+        is optional (a control plane before deltas sends none: then no delta applies
+        until a list with a serial comes).
+
+        @return: a Deferred of C{{"members", "published", "hosts_serial"}}: the view's
+            member count, the published ports and the serial of the hosts list held once
+            this view was taken (L{None} when it has none); the control plane sends a delta
+            only to an agent whose answers carry C{hosts_serial}.
+        @raise StaleView: a C{hosts_delta} whose C{base} is not the serial of the list held
+            (a view lost or reordered, an agent restarted): nothing is applied, and the
+            control plane sends the whole list again.
+        @raise InvalidArgument: the view, its C{hosts}, C{hosts_serial} or C{hosts_delta}
+            is malformed (naming the field); nothing is applied.
         """
         if not isinstance(view, dict):
             raise InvalidArgument(f"a network view must be a dict, not {type(view).__name__}")
-        self._view = view
+        hosts, serial = self._hosts_of(view)
+        self._hosts, self._hosts_serial = hosts, serial
+        self._view = dict(view, hosts=[hosts[h] for h in sorted(hosts)])
+        self._view.pop("hosts_delta", None)
+        self._view.pop("hosts_serial", None)
         self._view_serial += 1
-        serial = self._view_serial
+        n = self._view_serial
         # One view applied at a time, and only the newest: an apply waits on commands (the
         # bridge's first setup after an agent restart), and two applies interleaved there
         # could end with the older view's routes (a replica's health flipping back).
-        return self._applying.run(lambda: defer.ensureDeferred(self._apply_newest(serial)))
+        d = self._applying.run(lambda: defer.ensureDeferred(self._apply_newest(n)))
+        return d.addCallback(lambda result: dict(result, hosts_serial=serial))
+
+    def _hosts_of(self, view):
+        """
+        The hosts list (by host id) and its serial once C{view} is taken; nothing changed.
+
+        @raise StaleView: a delta on another serial than the one held.
+        @raise InvalidArgument: a malformed C{hosts}, C{hosts_serial} or C{hosts_delta}.
+        """
+        delta = view.get("hosts_delta")
+        if delta is None:
+            serial = view.get("hosts_serial")
+            if serial is not None and not _is_int(serial):
+                raise InvalidArgument(
+                    f"hosts_serial must be an integer, not {type(serial).__name__}")
+            return _host_entries(view.get("hosts", []), "hosts"), serial
+        if not isinstance(delta, dict):
+            raise InvalidArgument(f"hosts_delta must be a dict, not {type(delta).__name__}")
+        for key in ("base", "serial"):
+            if not _is_int(delta.get(key)):
+                raise InvalidArgument(f"hosts_delta.{key} must be an integer, not "
+                                      f"{type(delta.get(key)).__name__}")
+        changed = _host_entries(delta.get("set", []), "hosts_delta.set")
+        remove = delta.get("remove", [])
+        if not isinstance(remove, list) or not all(isinstance(h, str) for h in remove):
+            raise InvalidArgument("hosts_delta.remove must be a list of host ids")
+        if delta["base"] != self._hosts_serial:
+            raise StaleView(
+                f"hosts_delta base {delta['base']} is not the hosts list this agent holds "
+                f"(serial {self._hosts_serial}): send the whole list",
+                hosts_serial=self._hosts_serial)
+        hosts = dict(self._hosts)
+        for host_id in remove:
+            hosts.pop(host_id, None)
+        hosts.update(changed)
+        return hosts, delta["serial"]
 
     async def _apply_newest(self, serial):
         if serial <= self._applied_serial:  # a newer view was applied meanwhile
