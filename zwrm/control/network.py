@@ -20,6 +20,7 @@ the old host's id) and is given to no other host until the last of those address
 released.
 """
 
+import collections
 import inspect
 import ipaddress
 import time
@@ -421,6 +422,27 @@ def is_edge(host_record):
 
 LIVE = ("pending", "starting", "running", "stopping")
 PAUSE_RATIO = 4  # after a push that took t seconds, none for PAUSE_RATIO * t (<= 20% busy)
+HOSTS_HISTORY = 256
+"""How many serials of the hosts list's changes are kept for deltas (see L{ViewPublisher});
+an agent whose list is older gets the whole list."""
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _Peer:
+    """What the publisher knows of one host's agent (one session of it): its hosts list."""
+
+    __slots__ = ("capable", "serial", "sent", "full_at", "answered")
+
+    def __init__(self):
+        self.capable = False  # its answers carry hosts_serial: it takes hosts_delta
+        self.serial = None  # the hosts serial it holds once it took every view sent; None:
+        # not known (the next view has the whole list)
+        self.sent = 0  # views sent to it, numbered from 1
+        self.full_at = 0  # the number of the last one with the whole list
+        self.answered = 0  # the number of the newest one answered with a serial
 
 
 class _App:
@@ -470,6 +492,18 @@ class ViewPublisher:
     them (L{serves_ingress}; default: the edge hosts, or every host).  A change elsewhere
     is not sent to it.
 
+    The hosts list is sent whole only once per agent session: it has a serial
+    (L{hosts_serial}, one more for each push that changed it) and the changes of the last
+    L{HOSTS_HISTORY} serials are kept, so an agent whose answers to C{network.update} carry
+    the serial it holds is sent C{hosts_delta} (the entries changed and the ids gone since
+    the serial it will hold once the views sent before are applied) instead of C{hosts}.  A
+    host joining, leaving or getting its subnet costs each view one entry, not the whole
+    list.  The whole list (C{hosts} with C{hosts_serial}) goes to an agent whose session is
+    new (registered, or lost), that has not answered with a serial yet (an agent before
+    deltas never does: it gets the whole list every time), whose list is older than the
+    history, whose view was not delivered, or that refused a delta
+    (L{errors.StaleView}: at once) or answered out of order.
+
     @param data: the control plane's resource layer (C{hosts}, C{machines}).
     @param call: C{call(host_id, verb, *args)}, an executor call.
     @param serves_ingress: C{serves_ingress(host_entry)} -> bool: whether a host serves
@@ -501,9 +535,18 @@ class ViewPublisher:
         self._reachable = set()  # names of the apps with an open port
         self._hosts = {}  # host id -> {"host_id", "address", "gateway"}
         self._needs_subnet = set()  # host ids with an address and no subnet yet
-        self._host_list = []
+        self._host_list = None  # the hosts list (sorted by id), built when asked for
+        #: the hosts list's serial: one more for each push that changed it
+        self.hosts_serial = 0
+        self._hosts_changed = set()  # ids of the hosts changed since the serial
+        self._history = collections.deque()  # (serial, ids of the hosts it changed)
+        self._history_ids = 0  # ids in the history
+        self._deltas = {}  # (base, serial) -> hosts_delta (or None), of the newest serial
+        self._peers = {}  # host id -> _Peer
+        self.full_lists = 0  # views sent with the whole hosts list
         self._published = {}
-        self._all_dirty = True  # every host needs a view (first push, hosts list changed)
+        self._all_dirty = True  # every host needs a view (first push, who serves ingress)
+        self._hosts_dirty = False  # every host needs the hosts list's change
         self._dirty_apps = set()
         self._dirty_hosts = set()
         self._inflight = 0  # calls not answered yet
@@ -545,6 +588,11 @@ class ViewPublisher:
     def _host_event(self, event):
         host_id = event.get("subject")
         self._dirty_hosts.add(host_id)  # it may have (re)registered: it needs a view
+        p = event.get("payload") or {}
+        if (p.get("reason") == "agent_registered" or not p.get("executor")
+                or self._data.hosts.get(host_id) is None):
+            # A new agent session (or none): what the last one held is not known.
+            self._peers.pop(host_id, None)
         if self._loaded:
             self._refresh_host(host_id)
         self._soon()
@@ -581,8 +629,53 @@ class ViewPublisher:
                 del self._hosts[host_id]
             else:
                 self._hosts[host_id] = new
+            self._host_list = None
+            self._hosts_changed.add(host_id)
+            self._hosts_dirty = True
+
+    def _hosts_list(self):
+        if self._host_list is None:
             self._host_list = [self._hosts[h] for h in sorted(self._hosts)]
-            self._all_dirty = True
+        return self._host_list
+
+    def _commit_hosts(self):
+        """The hosts list's serial, one more if it changed since (its changes kept)."""
+        if self._hosts_changed:
+            self.hosts_serial += 1
+            self._history.append((self.hosts_serial, frozenset(self._hosts_changed)))
+            self._history_ids += len(self._hosts_changed)
+            self._hosts_changed = set()
+            self._deltas = {}
+            # A delta past about twice the list is larger than the list: none that old.
+            while len(self._history) > 1 and (len(self._history) > HOSTS_HISTORY or
+                                              self._history_ids > 2 * len(self._hosts) + 64):
+                self._history_ids -= len(self._history.popleft()[1])
+        return self.hosts_serial
+
+    def _delta(self, base):
+        """
+        The C{hosts_delta} from serial C{base} to L{hosts_serial} (committed), or L{None}
+        when the history does not reach back to C{base} or the whole list is no larger.
+        Computed once per base and serial: every host at that base gets the same one.
+        """
+        serial = self.hosts_serial
+        if (base, serial) in self._deltas:
+            return self._deltas[base, serial]
+        delta = None
+        if base == serial:
+            delta = {"base": base, "serial": serial, "set": [], "remove": []}
+        elif self._history and self._history[0][0] <= base + 1 <= serial:
+            ids = set()
+            for s, changed in reversed(self._history):
+                if s <= base:
+                    break
+                ids.update(changed)
+            if len(ids) <= len(self._hosts):
+                delta = {"base": base, "serial": serial,
+                         "set": [self._hosts[h] for h in sorted(ids) if h in self._hosts],
+                         "remove": sorted(h for h in ids if h not in self._hosts)}
+        self._deltas[base, serial] = delta
+        return delta
 
     def _refresh(self, mid, m):
         """Machine C{mid} changed (or went, when not in C{_machines}): update its member."""
@@ -684,7 +777,17 @@ class ViewPublisher:
         self._published = published
 
     def view_for(self, host_id):
-        """The view host C{host_id} gets (after a push has read the store)."""
+        """
+        The view host C{host_id} gets (after a push has read the store), with the whole
+        hosts list (C{hosts} and C{hosts_serial}).
+        """
+        view = self._parts(host_id)
+        view["hosts"] = self._hosts_list()
+        view["hosts_serial"] = self._commit_hosts()
+        return view
+
+    def _parts(self, host_id):
+        """The view of host C{host_id} but its hosts list."""
         members = []
         apps = self._apps
         for name in self._host_apps.get(host_id, ()):
@@ -697,8 +800,7 @@ class ViewPublisher:
             serves = entry is not None and self._serves(entry)
         else:  # the edge hosts if any host is labelled edge=true, else every host
             serves = host_id in self._edges or not self._edges
-        return {"hosts": self._host_list, "members": members,
-                "published": self._published if serves else {},
+        return {"members": members, "published": self._published if serves else {},
                 "prefix": self._network.cidr.prefixlen}
 
     async def view(self, host_id=None):
@@ -711,7 +813,8 @@ class ViewPublisher:
         if host_id is not None:
             return self.view_for(host_id)
         members = [mem for name in sorted(self._apps) for mem in self._apps[name].list()]
-        return {"hosts": self._host_list, "members": members, "published": self._published}
+        return {"hosts": self._hosts_list(), "hosts_serial": self._commit_hosts(),
+                "members": members, "published": self._published}
 
     # -- pushes ---------------------------------------------------------------------
 
@@ -742,7 +845,7 @@ class ViewPublisher:
     def _targets(self):
         """The hosts whose part of the view changed since the last push (and clears that)."""
         reachable_changed = not self._reachable.isdisjoint(self._dirty_apps)
-        if self._all_dirty or reachable_changed:
+        if self._all_dirty or self._hosts_dirty or reachable_changed:
             targets = set(self._data.hosts.ids())
         else:
             targets = set(self._dirty_hosts)
@@ -751,7 +854,7 @@ class ViewPublisher:
                     targets.update(self._apps[name].hosts)
         if self._all_dirty or reachable_changed:
             self._rebuild_published()
-        self._all_dirty = False
+        self._all_dirty = self._hosts_dirty = False
         self._dirty_apps = set()
         self._dirty_hosts = set()
         return targets
@@ -786,8 +889,23 @@ class ViewPublisher:
 
     def _send(self, host_id):
         self.sent += 1
+        peer = self._peers.get(host_id)
+        if peer is None:
+            peer = self._peers[host_id] = _Peer()
+        view = self._parts(host_id)
+        serial = self._commit_hosts()
+        delta = self._delta(peer.serial) if peer.capable and peer.serial is not None else None
+        peer.sent += 1
+        n = peer.sent
+        if delta is None:
+            view["hosts"], view["hosts_serial"] = self._hosts_list(), serial
+            peer.full_at = n
+            self.full_lists += 1
+        else:
+            view["hosts_delta"] = delta
+        peer.serial = serial
         try:
-            d = self._call(host_id, "network.update", self.view_for(host_id))
+            d = self._call(host_id, "network.update", view)
             d = Deferred.fromCoroutine(d) if inspect.iscoroutine(d) else maybeDeferred(lambda: d)
         except Exception:
             d = fail()
@@ -796,9 +914,43 @@ class ViewPublisher:
         def failed(f):
             self.log.info("host {h}: network view not delivered: {e}", h=host_id,
                           e=f.getErrorMessage())
+            if peer is not self._peers.get(host_id) or n < peer.full_at:
+                return  # a session ago, or a whole list was sent after it
+            if f.check(errors.StaleView):
+                self._resend(host_id, peer)  # it applied nothing: the whole list, now
+            else:
+                peer.serial = None  # it may not hold it: the next view has the whole list
 
         def answered(_):
             self._inflight -= 1
 
-        d.addErrback(failed)
+        d.addCallbacks(lambda result: self._answered(host_id, peer, n, serial, result),
+                       failed)
+        d.addErrback(lambda f: self.log.failure("host {h}: network view answer", f,
+                                                h=host_id))
         d.addBoth(answered)
+
+    def _answered(self, host_id, peer, n, serial, result):
+        """Agent C{host_id} answered view C{n} (of hosts serial C{serial}) with C{result}."""
+        if peer is not self._peers.get(host_id):
+            return  # a session ago
+        if isinstance(result, dict) and _is_int(result.get("hosts_serial")):
+            in_order = n > peer.answered
+            peer.answered = max(peer.answered, n)
+            peer.capable = True
+            if not in_order or result["hosts_serial"] != serial:
+                # It took views out of order (it may hold an older list than the newest
+                # sent) or holds another list than the one sent: the whole list, now.
+                self._resend(host_id, peer)
+        elif isinstance(result, dict) and result.get("network") == "user":
+            peer.capable = True  # user-mode networking: it ignores views (deltas too)
+        else:
+            # No serial: an agent before deltas, which takes the whole list only.
+            if peer.capable:
+                self._resend(host_id, peer)  # it may have been sent a delta
+            peer.capable = False
+
+    def _resend(self, host_id, peer):
+        peer.serial = None
+        self._dirty_hosts.add(host_id)
+        self._soon()

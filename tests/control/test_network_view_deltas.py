@@ -1,0 +1,399 @@
+"""
+The hosts list of the cluster network view in deltas (L{zwrm.control.network.ViewPublisher}
+and L{zwrm.agent.network.agent.AgentNetwork.update}): after an agent's first whole list, a
+host joining, leaving or changing costs each view the entries changed, not the list; a
+delta on a list the agent does not hold is refused and the whole list sent again; a new
+agent session and an agent before deltas get whole lists.
+
+Real store, host registry, IPAM and agents' C{AgentNetwork.update} (over a recording host
+network); between them a pretend wire that copies each view, carries errors by their URI
+(as WAMP does) and can hold calls for the test to deliver late, out of order or never.
+"""
+
+import copy
+import random
+
+from autobahn.wamp.exception import ApplicationError
+from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from tests.control.helpers import FACTS
+from tests.control.test_network_view import HOSTS, ViewHelpers
+from zwrm import errors
+from zwrm.agent.network.agent import AgentNetwork
+
+
+class RecordingHost:
+    """A host network that does nothing but keep the other hosts of the last view."""
+
+    def __init__(self):
+        self.cluster = None
+
+    async def ensure_bridge(self, net):
+        pass
+
+    async def set_cluster(self, hosts, members):
+        self.cluster = [h["host_id"] for h in hosts]
+
+    def can_forward(self, backends):
+        return False
+
+    async def set_forwards(self, table):
+        pass
+
+    async def stop_forwarding(self):
+        pass
+
+
+class OldAgent:
+    """An agent from before deltas: it takes C{hosts} (none: an empty list) and answers
+    without a serial."""
+
+    def __init__(self):
+        self.hosts = None
+
+    def update(self, view):
+        self.hosts = view.get("hosts", [])
+        return defer.succeed({"members": len(view["members"]), "published": []})
+
+
+class UserModeAgent:
+    """An agent in user-mode networking: it ignores every view."""
+
+    hosts = None
+
+    def update(self, view):
+        return defer.succeed({"network": "user"})
+
+
+def wire(failure):
+    """An error as its caller gets it over WAMP: its URI, message and details."""
+    e = failure.value
+    if isinstance(e, ApplicationError):
+        return Failure(errors.from_wire(ApplicationError(e.error, *e.args,
+                                                         **(e.kwargs or {}))))
+    return failure
+
+
+class DeltaHelpers(ViewHelpers):
+
+    async def start_agents(self, hosts=HOSTS, kinds=None):
+        """The registry's hosts with a new agent each (C{kinds}: host id -> another)."""
+        self.agents = {}
+        self.held = None  # a list of (host id, view, Deferred) to deliver, or at once
+        self.kinds = dict(kinds or {})
+        self.stale_sent = []
+        self.addCleanup(lambda: self.assertEqual(self.stale_sent, []))
+        await self.start(hosts=hosts)
+        self.view._soon()  # the first push (the hosts registered before it was made)
+
+    def agent(self, host_id):
+        if host_id not in self.agents:
+            self.agents[host_id] = self.new_agent(host_id)
+        return self.agents[host_id]
+
+    def new_agent(self, host_id):
+        kind = self.kinds.get(host_id)
+        if kind is not None:
+            return kind()
+        agent = AgentNetwork(MemoryReactorClock(), host_id, None, host_network=RecordingHost())
+        agent._start_dns = lambda net: None
+        self.addCleanup(agent.ingress.close)
+        return agent
+
+    def call(self, host_id, verb, view):
+        self.calls.append((host_id, verb, copy.deepcopy(view)))
+        # Every view sent is of the list as it is now (checked at the end: an error here
+        # would be taken for a failed call).
+        serial = view["hosts_delta"]["serial"] if "hosts_delta" in view else view["hosts_serial"]
+        if serial != self.view.hosts_serial:
+            self.stale_sent.append((host_id, serial, self.view.hosts_serial))
+        d = defer.Deferred()
+        if self.held is not None:
+            self.held.append((host_id, copy.deepcopy(view), d))
+        else:
+            self.deliver(host_id, copy.deepcopy(view), d)
+        return d
+
+    def deliver(self, host_id, view, d):
+        """Give the agent the view; its answer to the publisher.  @return: [the answer]"""
+        agent = self.agent(host_id)
+        outcome = []
+        answer = defer.maybeDeferred(agent.update, view).addErrback(wire)
+        answer.addBoth(lambda r: outcome.append(r) or r)
+        answer.chainDeferred(d)
+        return outcome
+
+    def drop(self, host_id, view, d, applied=False):
+        """The call fails: before it reached the agent, or (C{applied}) its answer."""
+        if applied:
+            defer.maybeDeferred(self.agent(host_id).update, view).addErrback(lambda f: None)
+        d.errback(errors.Unavailable(f"host {host_id}: the call was lost"))
+
+    async def pump(self):
+        """Run the publisher's pushes until none is due (answers may be outstanding)."""
+        for _ in range(100):
+            self.clock.advance(10)
+            if self.view._pushing is not None:
+                await self.view._pushing
+            if self.view._pushing is None and not (
+                    self.view._pending is not None and self.view._pending.active()):
+                return
+        self.fail("the view publisher kept pushing")
+
+    def hosts_held(self, host_id):
+        agent = self.agents.get(host_id)
+        if isinstance(agent, (OldAgent, UserModeAgent)):
+            return agent.hosts
+        return agent._view["hosts"] if agent is not None and agent._view else None
+
+    def assert_every_agent_current(self):
+        want = self.view._hosts_list()
+        for host_id in self.data.hosts.ids():
+            if not isinstance(self.agents.get(host_id), UserModeAgent):
+                self.assertEqual(self.hosts_held(host_id), want, host_id)
+
+    async def join(self, host_id, address):
+        facts = dict(FACTS, name=host_id, address=address)
+        await self.registry.join(host_id, facts)
+        await self.registry.register(host_id, facts)
+
+    def leave(self, host_id):
+        """The host goes from the registry (it has no such update method yet)."""
+        del self.data.hosts._entries[host_id]
+        self.data.hosts.deliver({"kind": "removed", "subject": host_id, "payload": {}})
+
+    @staticmethod
+    def kinds_of(sent):
+        """Per host, C{full} or C{delta} for each view sent to it."""
+        return {h: ["delta" if "hosts_delta" in v else "full" for v in views]
+                for h, views in sent.items()}
+
+
+class DeltaTests(DeltaHelpers, TestCase):
+
+    async def test_deltas_after_the_first_whole_list(self):
+        await self.start_agents()
+        await self.pump()
+        sent = self.sent()
+        self.assertEqual(self.kinds_of(sent), {h: ["full"] for h in HOSTS})
+        serial = sent["h-a"][0]["hosts_serial"]
+        self.assertEqual(serial, self.view.hosts_serial)
+        self.assert_every_agent_current()
+        # A host joins: one delta (its entry, with its subnet) each; the whole list to it.
+        await self.join("h-d", "192.0.2.4")
+        await self.pump()
+        sent = self.sent()
+        self.assertEqual(self.kinds_of(sent), {"h-a": ["delta"], "h-b": ["delta"],
+                                               "h-c": ["delta"], "h-d": ["full"]})
+        delta = sent["h-a"][0]["hosts_delta"]
+        self.assertEqual(delta, {"base": serial, "serial": self.view.hosts_serial,
+                                 "set": [{"host_id": "h-d", "address": "192.0.2.4",
+                                          "gateway": "10.80.4.1"}], "remove": []})
+        self.assertNotIn("hosts", sent["h-a"][0])
+        self.assertEqual(len(sent["h-d"][0]["hosts"]), 4)
+        self.assert_every_agent_current()
+        # Its address changes (its agent registers again: the whole list to it), then it
+        # leaves: the others get its entry, then its id to remove.
+        await self.registry.register("h-d", dict(FACTS, name="h-d", address="192.0.2.40"))
+        await self.pump()
+        sent = self.sent()
+        self.assertEqual(self.kinds_of(sent), {"h-a": ["delta"], "h-b": ["delta"],
+                                               "h-c": ["delta"], "h-d": ["full"]})
+        self.assertEqual(sent["h-b"][0]["hosts_delta"]["set"][0]["address"], "192.0.2.40")
+        self.assert_every_agent_current()
+        self.leave("h-d")
+        await self.pump()
+        sent = self.sent()
+        self.assertEqual(self.kinds_of(sent), {h: ["delta"] for h in HOSTS})
+        self.assertEqual(sent["h-c"][0]["hosts_delta"]["remove"], ["h-d"])
+        self.assertEqual(sent["h-c"][0]["hosts_delta"]["set"], [])
+        self.assert_every_agent_current()
+        # A machine's change (no host changed) costs no hosts entry at all.
+        await self.add("m-w1", "web", "h-a")
+        await self.pump()
+        delta = self.sent()["h-a"][0]["hosts_delta"]
+        self.assertEqual((delta["set"], delta["remove"]), ([], []))
+        self.assertEqual(self.view.full_lists, 5)
+
+    async def test_a_stale_base_gets_the_whole_list_again(self):
+        """
+        Two deltas to h-a delivered in the other order: the later one is refused (its
+        base is not the list h-a holds), the publisher sends h-a the whole list without
+        waiting for another change, and the earlier delta, late, is refused as well.
+        """
+        await self.start_agents()
+        await self.pump()
+        self.sent()
+        self.held = []
+        await self.join("h-d", "192.0.2.4")
+        await self.pump()
+        await self.join("h-e", "192.0.2.5")
+        await self.pump()
+        held, self.held = self.held, None
+        to_a = [c for c in held if c[0] == "h-a"]
+        self.assertEqual([("hosts_delta" in v) for _, v, _ in to_a], [True, True])
+        first, second = to_a
+        [failure] = self.deliver(*second)
+        self.assertIsInstance(failure.value, errors.StaleView)
+        self.assertIn(f"base {first[1]['hosts_delta']['serial']} is not the hosts list",
+                      failure.getErrorMessage())
+        for call in held:
+            if call[0] != "h-a":
+                self.deliver(*call)
+        self.sent()
+        await self.pump()
+        sent = self.sent()
+        self.assertEqual(self.kinds_of(sent), {"h-a": ["full"]})  # no change: only h-a
+        self.assertEqual(self.hosts_held("h-a"), self.view._hosts_list())
+        [failure] = self.deliver(*first)  # late: older than the whole list h-a holds now
+        self.assertIsInstance(failure.value, errors.StaleView)
+        await self.pump()
+        self.assertEqual(self.sent(), {})  # a whole list was sent after it: nothing to do
+        self.assert_every_agent_current()
+        self.assertEqual(self.hosts_held("h-a")[-1]["host_id"], "h-e")
+
+    async def test_views_taken_out_of_order_are_made_good(self):
+        """
+        Two whole lists to a new agent (no answer yet), delivered in the other order: it
+        holds the older one and says so in its answers, and is sent the list again.
+        """
+        await self.start_agents()
+        await self.pump()
+        self.held = []
+        await self.join("h-d", "192.0.2.4")
+        await self.pump()
+        await self.join("h-e", "192.0.2.5")
+        await self.pump()
+        held, self.held = self.held, None
+        first, second = [c for c in held if c[0] == "h-d"]
+        self.assertEqual(self.kinds_of({"h-d": [first[1], second[1]]}), {"h-d": ["full"] * 2})
+        for call in held:
+            if call[0] != "h-d":
+                self.deliver(*call)
+        self.deliver(*second)
+        [answer] = self.deliver(*first)
+        self.assertEqual(answer["hosts_serial"], first[1]["hosts_serial"])
+        self.assertNotIn("h-e", [h["host_id"] for h in self.hosts_held("h-d")])
+        self.sent()
+        await self.pump()
+        self.assertEqual(self.kinds_of(self.sent()), {"h-d": ["full"]})
+        self.assert_every_agent_current()
+
+    async def test_a_new_agent_session_gets_the_whole_list(self):
+        await self.start_agents()
+        await self.pump()
+        self.sent()
+        # h-b's agent restarts (it holds no list) and registers again.
+        del self.agents["h-b"]
+        await self.registry.register("h-b", dict(FACTS, name="h-b", address="192.0.2.2"))
+        await self.pump()
+        sent = self.sent()
+        self.assertEqual(self.kinds_of(sent), {"h-b": ["full"]})
+        # Offline, then back: the whole list again.
+        await self.registry.mark_offline("h-c")
+        await self.registry.register("h-c", dict(FACTS, name="h-c", address="192.0.2.3"))
+        await self.pump()
+        self.assertEqual(self.kinds_of(self.sent()), {"h-c": ["full"]})
+        # A restart the publisher has not heard of yet: its delta is refused, then the list.
+        del self.agents["h-a"]
+        await self.join("h-d", "192.0.2.4")
+        await self.pump()
+        sent = self.sent()
+        self.assertEqual(self.kinds_of(sent)["h-a"], ["delta", "full"])
+        self.assertEqual(self.kinds_of(sent)["h-b"], ["delta"])
+        self.assert_every_agent_current()
+
+    async def test_an_agent_before_deltas_keeps_getting_whole_lists(self):
+        await self.start_agents(kinds={"h-c": OldAgent, "h-b": UserModeAgent})
+        for i in range(3):
+            await self.join(f"h-x{i}", f"192.0.2.{10 + i}")
+            await self.pump()
+            sent = self.sent()
+            self.assertEqual(self.kinds_of(sent)["h-c"], ["full"])
+            # One in user mode ignores views: it answered, so it may have deltas.
+            self.assertEqual(self.kinds_of(sent)["h-b"], ["delta" if i else "full"])
+            self.assert_every_agent_current()
+        # h-a's agent is replaced by an older one without a registration seen: its answer
+        # to a delta has no serial, so it gets the whole list at once.
+        self.agents["h-a"] = OldAgent()
+        await self.join("h-y", "192.0.2.20")
+        await self.pump()
+        self.assertEqual(self.kinds_of(self.sent())["h-a"], ["delta", "full"])
+        self.assert_every_agent_current()
+
+
+class RandomTests(DeltaHelpers, TestCase):
+
+    async def test_joins_leaves_and_changes_with_lost_and_reordered_views(self):
+        """
+        A seeded run of joins, leaves, address and subnet changes and agent restarts,
+        while views are delivered late, out of order, lost before or after the agent
+        took them, or refused: once the calls are answered and a last change is pushed,
+        every agent holds the control plane's list.  (A view lost is made good by the next
+        view to that host, a whole list; nothing resends a lost view by itself.)
+        """
+        for seed in range(6):
+            rng = random.Random(seed)
+            await self.run_random(rng, f"seed {seed}")
+
+    async def run_random(self, rng, label):
+        hosts = tuple(f"h-{i:02d}" for i in range(8))
+        await self.start_agents(hosts=hosts, kinds={"h-07": OldAgent})
+        await self.pump()
+        self.held = []
+        joined = 8
+        for _step in range(60):
+            present = sorted(self.data.hosts.ids())
+            action = rng.choice(["join", "leave", "address", "subnet", "restart",
+                                 "register", "deliver", "deliver"])
+            if action == "join" or len(present) < 3:
+                joined += 1
+                await self.join(f"h-{joined:02d}", f"192.0.2.{joined}")
+            elif action == "leave":
+                self.leave(rng.choice(present))
+            elif action == "address":
+                h = rng.choice(present)
+                await self.registry.register(
+                    h, dict(FACTS, name=h, address=f"198.51.100.{rng.randrange(1, 250)}"))
+            elif action == "subnet":
+                await self.network.forget_host(rng.choice(present))
+            elif action == "restart":
+                self.agents.pop(rng.choice(present), None)  # not registered again (yet)
+            elif action == "register":
+                h = rng.choice(present)
+                self.agents.pop(h, None)
+                address = self.data.hosts.get(h).record["address"]
+                await self.registry.register(h, dict(FACTS, name=h, address=address))
+            await self.pump()
+            self.deliver_some(rng)
+            await self.pump()
+        self.held, held = None, self.held
+        for call in held:
+            self.deliver(*call)
+        await self.pump()
+        joined += 1
+        await self.join(f"h-{joined:02d}", f"192.0.2.{joined}")
+        await self.pump()
+        self.assertFalse(self.view.busy(), label)
+        self.assert_every_agent_current()
+        kinds = [k for views in self.kinds_of(self.sent()).values() for k in views]
+        self.assertIn("delta", kinds, label)
+        self.view.close()
+
+    def deliver_some(self, rng):
+        """Deliver, drop or hold back each call held, in a shuffled order."""
+        held, self.held = self.held, []
+        rng.shuffle(held)
+        for call in held:
+            fate = rng.random()
+            if fate < 0.15:
+                self.held.append(call)  # later
+            elif fate < 0.2:
+                self.drop(*call)
+            elif fate < 0.25:
+                self.drop(*call, applied=True)
+            else:
+                self.deliver(*call)
