@@ -397,3 +397,129 @@ class RandomTests(DeltaHelpers, TestCase):
                 self.drop(*call, applied=True)
             else:
                 self.deliver(*call)
+
+
+# -- the figure in docs/scaling.md ------------------------------------------------------
+
+
+class _Entry:
+    def __init__(self, host_id, address):
+        self.record = {"id": host_id, "address": address, "labels": {}}
+        self.executor = True
+
+
+class _Resource:
+    """Hosts (or machines: none) as the publisher reads them, in memory."""
+
+    def __init__(self):
+        self.entries = {}
+        self.listeners = []
+
+    def subscribe(self, listener):
+        self.listeners.append(listener)
+        return lambda: None
+
+    def ids(self):
+        return list(self.entries)
+
+    def get(self, host_id):
+        return self.entries.get(host_id)
+
+    async def find(self, **kw):
+        return []
+
+
+class _Network:
+    """The IPAM's part the publisher reads: a /24 per host of 10.0.0.0/8."""
+
+    def __init__(self):
+        import ipaddress
+
+        self.cidr = ipaddress.IPv4Network("10.0.0.0/8")
+        self.subnets, self.addresses, self.listeners = {}, {}, []
+
+    def subscribe(self, listener):
+        self.listeners.append(listener)
+        return lambda: None
+
+    async def load(self):
+        pass
+
+    def gateway(self, subnet):
+        return subnet.rsplit(".", 1)[0] + ".1"
+
+    async def host_subnet(self, host_id):
+        i = len(self.subnets) + 1
+        self.subnets[host_id] = f"10.{i // 256}.{i % 256}.0/24"
+        for listener in self.listeners:
+            listener("subnet", host_id)
+        return self.subnets[host_id]
+
+
+def measure(hosts, serial):
+    """
+    CPU and bytes of the push after one host joins a cluster of C{hosts} hosts: every
+    view built and packed as the router sends it (a MessagePack INVOCATION).  With
+    C{serial}, agents answer with the hosts serial (deltas); without, as before.
+    """
+    import time
+
+    import msgpack
+    from twisted.internet.task import Clock
+
+    from zwrm.control.network import ViewPublisher
+
+    data = type("Data", (), {})()
+    data.hosts, data.machines = _Resource(), _Resource()
+    network = _Network()
+    for i in range(hosts):
+        h = f"h_{i:016x}"
+        data.hosts.entries[h] = _Entry(h, f"192.0.{i // 250}.{i % 250 + 1}")
+        network.subnets[h] = f"10.{(i + 1) // 256}.{(i + 1) % 256}.0/24"
+    packed = []
+
+    def call(host_id, verb, view):
+        answer = {"members": len(view["members"]), "published": []}
+        if serial:
+            answer["hosts_serial"] = view.get("hosts_serial", view.get("hosts_delta", {}).get(
+                "serial"))
+        if packed is not None:
+            packed.append(len(msgpack.packb([68, 1, 1, {}, [view]])))
+        return defer.succeed(answer)
+
+    publisher = ViewPublisher(Clock(), network, data, call)
+    packed = None  # the first push (every agent's first view) is not measured
+    defer.ensureDeferred(publisher.push())
+    packed = []
+    new = f"h_{hosts:016x}"
+    data.hosts.entries[new] = _Entry(new, "198.51.100.1")
+    for listener in data.hosts.listeners:
+        listener({"kind": "joined", "subject": new, "payload": {"executor": True}})
+    cpu = time.process_time()
+    d = defer.ensureDeferred(publisher.push())
+    cpu = time.process_time() - cpu
+    assert d.called and len(packed) == hosts + 1, (d, len(packed))
+    publisher.close()
+    return cpu, sum(packed), sorted(packed)[len(packed) // 2], max(packed)
+
+
+def main(argv):
+    """
+    C{python -m tests.control.test_network_view_deltas [HOSTS...]}: the push after one
+    host joins, before deltas (agents answer without a serial) and with them.
+    """
+    import os
+
+    print(f"load average {os.getloadavg()[0]:.1f}")
+    for hosts in [int(a) for a in argv] or [1000, 10000]:
+        for label, serial in (("whole lists (before)", False), ("deltas", True)):
+            cpu, total, median, largest = measure(hosts, serial)
+            print(f"{hosts:6d} hosts, {label:20s}: {cpu * 1000:8.1f} ms CPU, "
+                  f"{total / 1e6:8.2f} MB written, views {median:,} bytes (median), "
+                  f"{largest:,} (largest)")
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
