@@ -23,6 +23,8 @@ from tests.control.helpers import FACTS
 from tests.control.test_network_view import HOSTS, ViewHelpers
 from zwrm import errors
 from zwrm.agent.network.agent import AgentNetwork
+from zwrm.control import network as control_network
+from zwrm.control.network import HOSTS_HISTORY
 
 
 class RecordingHost:
@@ -281,6 +283,28 @@ class DeltaTests(DeltaHelpers, TestCase):
         await self.pump()
         self.assertEqual(self.kinds_of(self.sent()), {"h-d": ["full"]})
         self.assert_every_agent_current()
+
+    async def test_a_list_older_than_the_history_is_sent_whole(self):
+        """
+        The agents' list is two serials old when the push comes (the view was read in
+        between); with the history cut to one serial they get the whole list.
+        """
+        for history, kind in ((HOSTS_HISTORY, "delta"), (1, "full")):
+            self.patch(control_network, "HOSTS_HISTORY", history)
+            await self.start_agents()
+            await self.pump()
+            self.sent()
+            await self.join("h-d", "192.0.2.4")
+            base = self.view.hosts_serial
+            await self.view.view()  # a serial for h-d without its subnet
+            await self.pump()  # and one with it
+            sent = self.sent()
+            self.assertEqual(self.view.hosts_serial, base + 2)
+            self.assertEqual(self.kinds_of(sent)["h-a"], [kind], history)
+            if kind == "delta":
+                self.assertEqual(sent["h-a"][0]["hosts_delta"]["base"], base)
+            self.assert_every_agent_current()
+            self.view.close()
 
     async def test_a_new_agent_session_gets_the_whole_list(self):
         await self.start_agents()
