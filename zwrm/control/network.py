@@ -912,11 +912,13 @@ class ViewPublisher:
         self._inflight += 1
 
         def failed(f):
-            self.log.info("host {h}: network view not delivered: {e}", h=host_id,
-                          e=f.getErrorMessage())
+            stale = f.check(errors.StaleView)
+            self.log.info("host {h}: network view {what}: {e}", h=host_id, e=f.getErrorMessage(),
+                          what="refused (the whole hosts list follows)" if stale
+                          else "not delivered")
             if peer is not self._peers.get(host_id) or n < peer.full_at:
                 return  # a session ago, or a whole list was sent after it
-            if f.check(errors.StaleView):
+            if stale:
                 self._resend(host_id, peer)  # it applied nothing: the whole list, now
             else:
                 peer.serial = None  # it may not hold it: the next view has the whole list
