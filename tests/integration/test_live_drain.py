@@ -9,8 +9,14 @@ the guest C{sync}ed it), and:
  - the target host lost during the mirror (its agent and its QEMU killed): the migration
    rolls back, the VM runs on at the source with every acknowledged write, never two
    copies; the target's leftovers are cleaned when its agent is back;
+ - the target's agent killed during the mirror and kept away through the RAM migration and
+   the switchover (its QEMU lives): the QEMUs complete the move without it, the new agent
+   process finds its machine paused and complete and adopts it;
  - the control plane killed mid-migration: resolved on its restart (the move completes,
    or it is rolled back and done again), with every acknowledged write where the VM runs.
+
+The move and the two processes killed mid-migration are one VM moved there, back and
+there again on one cluster (a cluster and a boot under TCG are most of such a test's time).
 
 The agent side with QEMU alone: tests/agent/test_live.py; the driver's faults:
 tests/drivers/test_live.py.
@@ -37,9 +43,9 @@ class LiveDrainTests(DrainTestMixin, TestCase):
     reactor = reactor
     timeout = 900
 
-    async def cluster(self, data_mb=0, volume_mb=16):
+    async def cluster(self, data_mb=0, volume_mb=16, offline_after=10.0):
         """The cluster, app C{web} with one volume on the first agent, running and healthy."""
-        cp, src, dst = await self.start_cluster(offline_after=10.0)
+        cp, src, dst = await self.start_cluster(offline_after=offline_after)
         [(m, vid)] = (await self.deploy(cp, src, volume_mb=volume_mb,
                                         data_mb=data_mb)).values()
         return cp, src, dst, m, vid
@@ -49,60 +55,125 @@ class LiveDrainTests(DrainTestMixin, TestCase):
         await poll(reactor, lambda: writer.acked_since(since or 0) >= n, 120, interval=0.2,
                    what=what)
 
-    # -- the move ----------------------------------------------------------------------
+    # -- the move, and a process killed mid-migration ------------------------------------
 
     def test_live_drain_keeps_every_acknowledged_write(self):
+        """
+        One VM (a volume with 160 MiB of data), a client writing to it throughout, moved
+        live three times on one cluster:
+
+         1. there: every acknowledged write is on the target, the volume verified, the pause
+            QEMU's, the source's QEMU, volume and executor record gone, the host drained;
+         2. back, the target's agent killed (-9; its QEMU runs on, as after an agent crash)
+            during the mirror and started again only once the control plane stored
+            C{switched_over} (the RAM migration and the switchover done between the QEMUs
+            without it): the new agent process finds its machine paused and complete, the
+            control plane has it resumed (live.resume) and the executor adopts it (it
+            reports its health);
+         3. there again, the control plane killed (-9) once the migration is under way,
+            started again 2 s later: resolved on its restart (the same migration followed,
+            or rolled back and done again).
+
+        After each, the VM runs on its new host, one QEMU uses its volume, it is healthy and
+        every write acknowledged so far reads back from it.
+        """
         return self.with_logs(self._moved)
 
     async def _moved(self):
-        cp, src, dst, m, vid = await self.cluster()
+        # offline_after as in production (30 s): step 2's agent stays away for a whole
+        # RAM migration and switchover, which under TCG may take more than 10 s.
+        cp, src, dst, m, vid = await self.cluster(data_mb=160, volume_mb=256,
+                                                  offline_after=30.0)
         plan = json.loads(await self.cli(cp, "host", "drain", src.host_id, "--dry-run",
                                          "--mode", "live", "--json"))
         self.assertEqual([(p["target"], p["mode"]) for p in plan["plan"]],
                          [(dst.host_id, "live")], plan)
         writer = Writer(reactor, cp, "web", m["host_port"]).start()
-        await self.writing(writer, what="writes acknowledged before the drain")
-        started = time.monotonic()
         try:
+            await self.writing(writer, what="writes acknowledged before the drain")
+            # -- 1. there ------------------------------------------------------------
+            started = time.monotonic()
             out = await self.cli(cp, "host", "drain", src.host_id, "--mode", "live", "--json",
                                  timeout=500)
             ended = time.monotonic()
+            during = [t for t in writer.ack_times if started < t < ended]
+            self.assertGreater(len(during), 0, "no write was acknowledged during the drain")
+            status = json.loads(out)
+            self.assertEqual(status["state"], "completed", status)
+            [mg] = status["migrations"]
+            self.assertEqual((mg["phase"], mg["target"], mg["mode"], mg["error"]),
+                             ("done", dst.host_id, "live", None), mg)
+            self.assertIsInstance(mg["downtime_ms"], int)
+            self.assertTrue(mg["verified"][vid]["ok"], mg)
+            print(f"\nlive drain: QEMU-reported pause {mg['downtime_ms']} ms, drain "
+                  f"{ended - started:.1f} s, {len(during)} writes acknowledged during it")
+            # drain-status shows the mode, the pause and the last live progress
+            self.assertIn("live", await self.cli(cp, "host", "drain-status", src.host_id))
+            new = await self.moved(cp, writer, dst, vid)
+            r = await treq.get(f"http://127.0.0.1:{new['host_port']}/cgi-bin/read?index.txt")
+            self.assertEqual(await r.content(), b"known data before the drain")
+            # the source: its QEMU, its volume and its executor's record are gone
+            src_vols = os.path.join(src.data_dir, "volumes")
+            self.assertEqual([n for n in os.listdir(src_vols) if vid in n], [])
+            self.assertEqual([n for n in os.listdir(os.path.join(src.data_dir, "executor"))
+                              if n.endswith(".json")], [])
+            h = (await self.hosts(cp))[src.host_id]
+            self.assertEqual((h["state"], h["machines"]), ("drained", 0))
+            self.assertIn("ready", await self.cli(cp, "host", "activate", src.host_id))
+
+            # -- 2. back; the target's agent away from the mirror to the switchover ----
+            await self.killed_mid_migration(cp, writer, vid, dst, src, src,
+                                            away=("switched_over",), mode="live")
+            await self.moved(cp, writer, src, vid)
+            self.assertIn("ready", await self.cli(cp, "host", "activate", dst.host_id))
+
+            # -- 3. there again; the control plane killed mid-migration ----------------
+            await self.killed_mid_migration(cp, writer, vid, src, dst, cp, away=2, mode=None)
+            await self.moved(cp, writer, dst, vid)
         finally:
             await writer.stop()
-        during = [t for t in writer.ack_times if started < t < ended]
-        self.assertGreater(len(during), 0, "no write was acknowledged during the drain")
-        status = json.loads(out)
-        self.assertEqual(status["state"], "completed", status)
-        [mg] = status["migrations"]
-        self.assertEqual((mg["phase"], mg["target"], mg["mode"], mg["error"]),
-                         ("done", dst.host_id, "live", None), mg)
-        self.assertIsInstance(mg["downtime_ms"], int)
-        self.assertTrue(mg["verified"][vid]["ok"], mg)
-        print(f"\nlive drain: QEMU-reported pause {mg['downtime_ms']} ms, drain "
-              f"{ended - started:.1f} s, {len(writer.acked)} writes acknowledged "
-              f"({len(during)} during the drain)")
-        # drain-status shows the mode, the pause and the last live progress
-        text = await self.cli(cp, "host", "drain-status", src.host_id)
-        self.assertIn("live", text)
 
+    async def killed_mid_migration(self, cp, writer, vid, source, target, victim, away, mode):
+        """
+        Drain C{source} live; kill (-9) C{victim} once the migration is under way (the
+        mirror) and start it again after C{away} seconds, or (a tuple of phases) once the
+        migration reached one of them without it (meanwhile at most two QEMUs use the
+        volume C{vid}): the drain completes (C{mode}, if given, the migration's) and the
+        moved VM acknowledges writes.
+        """
+        await self.cli(cp, "host", "drain", source.host_id, "--mode", "live", "--detach")
+        await self.wait_phase(cp, source.host_id, ("live_migrating",), interval=0.2)
+        victim.signal(signal.SIGKILL)
+        await poll(reactor, lambda: not victim.running, 20, what="killed process gone")
+        if isinstance(away, tuple):
+            await self.wait_phase(cp, source.host_id, away, timeout=120)
+            self.assertFalse(victim.running)
+        else:
+            await deferLater(reactor, away, lambda: None)
+        self.assertLessEqual(len(qemus_using(vid)), 2)
+        await victim.start()
+        s = await self.wait_drain_ended(cp, source.host_id, 500)
+        self.assertEqual(s["state"], "completed", s)
+        [mg] = s["migrations"]
+        self.assertEqual((mg["phase"], mg["target"], mg["mode"] if mode else None),
+                         ("done", target.host_id, mode), mg)
+        await self.writing(writer, time.monotonic(), 3, "writes acknowledged after the drain")
+
+    async def moved(self, cp, writer, host, vid):
+        """
+        The app's one VM runs on C{host} with its volume, one QEMU uses the volume, the
+        executor there owns it (healthy, reported) and every acknowledged write is there.
+
+        @return: the machine.
+        """
         app = await self.app_status(cp, "web")
-        [new] = app["machines"]
-        self.assertEqual((new["host_id"], new["state"]), (dst.host_id, "running"))
-        self.assertEqual([v["host_id"] for v in app["volumes"]], [dst.host_id])
-        # The target's executor owns it: healthy, reported, and the writes are all there.
-        await self.wait_healthy(cp, "web")
-        await self.check_writes(writer, new["host_port"])
-        r = await treq.get(f"http://127.0.0.1:{new['host_port']}/cgi-bin/read?index.txt")
-        self.assertEqual(await r.content(), b"known data before the drain")
-        # the source: its QEMU and its volume are gone; only one QEMU uses the volume
+        [vm] = app["machines"]
+        self.assertEqual((vm["host_id"], vm["state"]), (host.host_id, "running"), app)
+        self.assertEqual([v["host_id"] for v in app["volumes"]], [host.host_id])
         self.assertEqual(len(qemus_using(vid)), 1)
-        src_vols = os.path.join(src.data_dir, "volumes")
-        self.assertEqual([n for n in os.listdir(src_vols) if vid in n], [])
-        self.assertEqual([n for n in os.listdir(os.path.join(src.data_dir, "executor"))
-                          if n.endswith(".json")], [])
-        hosts = await self.hosts(cp)
-        self.assertEqual((hosts[src.host_id]["state"], hosts[src.host_id]["machines"]),
-                         ("drained", 0))
+        await self.wait_healthy(cp, "web")
+        await self.check_writes(writer, vm["host_port"])
+        return vm
 
     # -- the target host lost during the mirror -----------------------------------------
 
@@ -162,58 +233,3 @@ class LiveDrainTests(DrainTestMixin, TestCase):
             self.assertEqual(vm["host_id"], dst.host_id)
         else:
             self.assertIn(mg["phase"], ("rolled_back", "not_moved"), s)
-
-    # -- a process killed mid-migration ---------------------------------------------------
-
-    def test_control_plane_killed_mid_migration(self):
-        """
-        The control plane killed (-9) while the VM moves, started again 2 s later: resolved
-        on its restart (the move completes, or it is rolled back and done again).
-        """
-        return self.with_logs(lambda: self._killed_mid_migration(
-            lambda cp, dst: cp, away=2, mode=None))
-
-    def test_target_agent_restarted_mid_migration(self):
-        """
-        The target's agent only (kill -9; its QEMU runs on, as after an agent crash), for
-        5 s: the migration goes on between the QEMUs, the target's machine waits paused
-        (nobody resumes it), the source stays paused; the new agent process finds it paused
-        and complete, the control plane has it resumed (live.resume) and the executor
-        adopts it (it reports its health).
-        """
-        return self.with_logs(lambda: self._killed_mid_migration(
-            lambda cp, dst: dst, away=5, mode="live"))
-
-    async def _killed_mid_migration(self, victim, away, mode):
-        """
-        Kill (-9) C{victim(cp, dst)} once the live migration is under way; start it again
-        after C{away} seconds: the drain completes (C{mode}, if given, that of the
-        migration), the VM runs on the target, one QEMU uses its volume, it is healthy
-        (its agent's executor owns it) and every acknowledged write is there.
-        """
-        cp, src, dst, m, vid = await self.cluster(data_mb=160, volume_mb=256)
-        process = victim(cp, dst)
-        writer = Writer(reactor, cp, "web", m["host_port"]).start()
-        try:
-            await self.cli(cp, "host", "drain", src.host_id, "--mode", "live", "--detach")
-            await self.wait_phase(cp, src.host_id, ("live_migrating",), interval=0.2)
-            process.signal(signal.SIGKILL)
-            await poll(reactor, lambda: not process.running, 20, what="process dead")
-            await deferLater(reactor, away, lambda: None)
-            self.assertLessEqual(len(qemus_using(vid)), 2)
-            await process.start()
-            await self.wait_drain_ended(cp, src.host_id, 500)
-            await self.writing(writer, time.monotonic(), 3,
-                               "writes acknowledged after the drain")
-        finally:
-            await writer.stop()
-        s = await self.drain_status(cp, src.host_id)
-        self.assertEqual(s["state"], "completed", s)
-        [mg] = s["migrations"]
-        self.assertEqual((mg["phase"], mg["mode"] if mode else None), ("done", mode), mg)
-        app = await self.app_status(cp, "web")
-        [vm] = app["machines"]
-        self.assertEqual((vm["host_id"], vm["state"]), (dst.host_id, "running"), app)
-        self.assertEqual(len(qemus_using(vid)), 1)
-        await self.wait_healthy(cp, "web")
-        await self.check_writes(writer, vm["host_port"])
