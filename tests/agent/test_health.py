@@ -38,9 +38,9 @@ class HealthCheckTests(SynchronousTestCase):
         self.calls += 1
         return succeed(self.results.pop(0) if self.results else None)
 
-    def check(self, grace=10):
+    def check(self, grace=10, **kw):
         hc = health.HealthCheck(self.clock, self.probe, interval=1, grace=grace,
-                                on_change=lambda h, d: self.changes.append((h, d)))
+                                on_change=lambda h, d: self.changes.append((h, d)), **kw)
         hc.start()
         self.addCleanup(hc.stop)
         return hc
@@ -75,6 +75,32 @@ class HealthCheckTests(SynchronousTestCase):
         self.clock.advance(1)
         self.assertEqual(self.changes, [("passing", "ok"), ("failing", "refused"),
                                         ("passing", "ok")])
+
+    def test_started_passing_stays_passing_through_failures_within_grace(self):
+        # A live migration's target: the guest was passing at the source.
+        self.results = ["down", "down"]
+        hc = self.check(grace=3, health="passing")
+        self.clock.advance(1)
+        self.assertEqual((hc.health, hc.detail, self.changes), ("passing", "down", []))
+        self.assertEqual(self.calls, 2)
+        self.clock.advance(1)  # 3rd probe passes: confirmed, nothing changed
+        self.assertEqual((hc.health, self.changes), ("passing", []))
+        self.results = ["refused"]
+        self.clock.advance(1)  # once confirmed here, a failure counts at once
+        self.assertEqual(self.changes, [("failing", "refused")])
+
+    def test_started_passing_fails_after_grace_without_a_pass(self):
+        self.results = ["down"] * 10
+        hc = self.check(grace=3, health="passing")
+        for _ in range(2):
+            self.clock.advance(1)
+        self.assertEqual((hc.health, self.changes), ("passing", []))
+        self.clock.advance(2)
+        self.assertEqual((hc.health, self.changes), ("failing", [("failing", "down")]))
+
+    def test_it_starts_only_from_starting_or_passing(self):
+        with self.assertRaises(ValueError):
+            health.HealthCheck(self.clock, self.probe, 1, 1, lambda h, d: None, health="failing")
 
     def test_slow_probe_does_not_overlap_and_stop_cancels(self):
         pending = []

@@ -23,7 +23,7 @@ from zwrm.agent.live import LiveMigrations
 from zwrm.agent.network import addressing
 from zwrm.agent.volumes import VolumeStore
 from zwrm.drivers.fake import FakeDriver
-from zwrm.errors import Conflict, NotFound, Unavailable
+from zwrm.errors import Conflict, InvalidArgument, NotFound, Unavailable
 
 NET = {"address": "10.80.1.2", "prefix": 16, "gateway": "10.80.1.1", "mtu": 1450,
        "hostname": "web-0"}
@@ -134,10 +134,10 @@ class Agents(TwoHosts):
             spec["network"] = NET
         return spec
 
-    def prepare(self, new_id="m2", bridge=False):
+    def prepare(self, new_id="m2", bridge=False, **kw):
         desc = self.live["host-a"].describe("m1")
         return self.settle(self.live["host-b"].prepare(new_id, self.spec(new_id, bridge),
-                                                       desc["volumes"], "host-a"))
+                                                       desc["volumes"], "host-a", **kw))
 
     def reports(self, h, mid):
         return [(e["state"], e["health"]) for e in self.events[h] if e["machine_id"] == mid]
@@ -199,7 +199,8 @@ class SourceHeldTests(SynchronousTestCase):
         calls = agents.probes["host-a"].calls
         agents.clock.advance(3)
         self.assertGreater(agents.probes["host-a"].calls, calls)  # health checked again
-        self.assertEqual(agents.reports("host-a", "m1")[0], ("running", "starting"))
+        # The same guest: its health goes on from passing (the app's routes keep it).
+        self.assertEqual(agents.reports("host-a", "m1")[0], ("running", "passing"))
         self.assertEqual(a.machine_status("m1")["health"], "passing")
         self.assertFalse(agents.ex["host-b"].volumes.exists("v1"))
 
@@ -284,6 +285,48 @@ class TargetAdoptedTests(SynchronousTestCase):
         agents.settle(b.destroy_machine("m2"))
         self.assertEqual(set(agents.images["host-b"].pins.values()), {0})
         self.assertIsNone(b.volumes.in_use("v1"))
+
+    def test_a_guest_passing_at_the_source_goes_on_passing_here(self):
+        # live.prepare(health="passing"): the target's check starts from passing, so the
+        # first report keeps the guest in the app's routes, and a first probe that fails
+        # (a guest busy after its resume) changes nothing within the grace.
+        agents = Agents(self)
+        b = agents.ex["host-b"]
+        self.assertEqual(agents.live["host-b"].facts()["prepare_health"], True)
+        where = agents.prepare(health="passing")
+        agents.probes["host-b"].answer = "connection refused"
+        agents.settle(agents.live["host-a"].migrate("m1", "host-b", where,
+                                                    {"mirror_speed": SIZE}))
+        agents.clock.advance(1)
+        self.assertEqual(agents.reports("host-b", "m2"), [("running", "passing")])
+        self.assertEqual(b.machine_status("m2")["health"], "passing")
+        agents.probes["host-b"].answer = None
+        agents.clock.advance(3)
+        self.assertEqual(agents.reports("host-b", "m2"), [("running", "passing")])
+
+    def test_a_target_resumed_by_a_new_agent_process_keeps_the_health_too(self):
+        agents = Agents(self)
+        where = agents.prepare(health="passing")
+        agents.live["host-b"].incoming.pop("m2")._forget()
+        agents.settle(agents.live["host-a"].migrate("m1", "host-b", where,
+                                                    {"mirror_speed": SIZE}))
+        images = FakeImages(agents.kernel)
+        drv, ex, events = agents.restarted("host-b", agents.probes["host-b"], images)
+        live = LiveMigrations(agents.clock, "host-b", drv, ex.volumes,
+                              agents.live["host-b"].credentials, lambda: "127.0.0.1",
+                              images=images, state_dir=agents.live["host-b"].state_dir,
+                              executor=ex)
+        agents.settle(drv.recover())
+        agents.settle(ex.recover())
+        agents.settle(live.resume("m2"))
+        self.assertEqual((events[0]["state"], events[0]["health"]), ("running", "passing"))
+
+    def test_a_bad_health_is_refused(self):
+        agents = Agents(self)
+        with self.assertRaises(InvalidArgument) as e:
+            agents.prepare(health="great")
+        self.assertIn("health", str(e.exception))
+        self.assertFalse(agents.ex["host-b"].volumes.exists("v1"))
 
     def test_machine_destroy_before_the_resume_cancels_the_incoming_migration(self):
         # The control plane's fence (machine.destroy of the replacement on its target)

@@ -30,6 +30,7 @@ from zwrm.agent.live import LiveMigrations
 from zwrm.control.live_drain import live_refusal
 from zwrm.control.migration import Migration
 from zwrm.drivers.fake_live import FakeNetwork
+from zwrm.testing.processes import poll
 
 LIVE_PATH = ["live_preparing", "live_migrating", "switching_over", "switched_over",
              "verifying", "committing", "cleaning", "done"]
@@ -90,11 +91,11 @@ class LiveDrainCluster(DrainCluster):
     def before(self, host, verb, fn):
         """Call C{fn(*args)} each time C{verb} of C{host} is called, before it runs."""
         def make(original):
-            def f(*args, details=None):
+            def f(*args, details=None, **kwargs):
                 fn(*args)
                 if details is None:
-                    return original(*args)
-                return original(*args, details=details)
+                    return original(*args, **kwargs)
+                return original(*args, details=details, **kwargs)
             return f
         self.wrap(host, verb, make)
 
@@ -120,14 +121,23 @@ async def real_until(predicate, what, seconds=30.0):
         await deferLater(reactor, 0.01, lambda: None)
 
 
-async def live_setup(testcase, shutdown_delay=None, **kw):
-    """A cluster of two hosts, and an app with one volume whose data is known."""
+async def live_setup(testcase, shutdown_delay=None, health=None, **kw):
+    """
+    A cluster of two hosts, and an app with one volume whose data is known (with
+    C{health}, a health check of that spec on port 80, passing).
+    """
     c = await LiveDrainCluster(testcase).start(**kw)
     await c.apps.create_app("db")
     spec = c.spec(volumes=[{"name": "data", "size_mb": 32, "mount": "/data"}])
     if shutdown_delay is not None:
         spec["shutdown_delay"] = shutdown_delay
+    if health is not None:
+        spec.update(service_port=80, health=health)
     m = (await c.apps.deploy("db", spec))["machines"][0]
+    if health is not None:
+        async def passing():
+            return (await c.store.get("machines", m["id"]))["health"]["status"] == "passing"
+        await poll(reactor, passing, 10, interval=0.01, what="the machine passing")
     src = m["host_id"]
     dst = "h-b" if src == "h-a" else "h-a"
     vid = m["volumes"][0]
@@ -464,6 +474,46 @@ class LiveDrainTests(TestCase):
         c.before(src, "live.migrate", record("migrate"))
         await self.drain(c, src)
         self.assertEqual((asked["prepare"][4], asked["migrate"][3]), (False, None))
+
+    @d
+    async def test_the_guests_health_goes_with_it(self):
+        # The original's stored health reaches the target's live.prepare (its check starts
+        # from it: tests/agent/test_live_executor.py), and the moved machine's row stays
+        # passing: the app's routes keep the guest through the move.
+        c, m, src, dst, vid, before = await self.setup(health={"type": "tcp", "interval": 1})
+        asked = []
+
+        def make(original):
+            def f(*args, **kwargs):
+                asked.append(kwargs.get("health"))
+                return original(*args, **kwargs)
+            return f
+
+        c.wrap(dst, "live.prepare", make)
+        reported = []
+        report = c.report
+
+        def record(host_id, event):
+            if host_id == dst:
+                reported.append((event["machine_id"], event["state"], event["health"]))
+            return report(host_id, event)
+
+        c.report = record
+        _, status = await self.drain(c, src)
+        self.assertEqual(status["state"], "completed")
+        self.assertEqual(asked, ["passing"])
+        [row] = [r for r in await c.apps.list_machines() if r["host_id"] == dst]
+        self.assertEqual(row["health"], "passing")
+        # The target's agent never said "starting" of it (which takes it out of the routes).
+        self.assertEqual({(s, h) for _, s, h in reported if _ == row["id"]},
+                         {("running", "passing")})
+        # A target whose agent does not say it takes the health is not given it.
+        c, m, src, dst, vid, before = await self.setup(health={"type": "tcp", "interval": 1})
+        asked.clear()
+        self.facts(c, dst, prepare_health=None)
+        c.wrap(dst, "live.prepare", make)
+        await self.drain(c, src)
+        self.assertEqual(asked, [None])
 
     @d
     async def test_bad_live_options_are_refused_naming_them(self):

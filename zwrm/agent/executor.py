@@ -675,7 +675,7 @@ class Executor:
     # --- live migration (zwrm.agent.live) ------------------------------------------------
 
     def adopt(self, spec, host_port=None, image_digests=(), restore_network=False,
-              reason=None):
+              reason=None, health=None):
         """
         Take a machine that arrived here by a live migration and resumed as this executor's
         own, as if it had started it: its record, its volumes' claims, its health checks,
@@ -687,14 +687,18 @@ class Executor:
             it is destroyed.
         @param restore_network: its TAP exists but this agent process did not make it (it
             restarted between C{live.prepare} and the resume): restore its forward.
+        @param health: C{passing} if the guest was passing where it ran before: its health
+            check starts from there (L{zwrm.agent.health.HealthCheck}), so the app's routes
+            keep it while the first checks here run; else it starts C{starting}.
         @return: a Deferred firing with its status.
         @raise Conflict: this executor has a machine of that id already.
         @raise NotFound: the driver does not run it.
         """
         return ensureDeferred(self._adopt(spec, host_port, image_digests, restore_network,
-                                          reason))
+                                          reason, health))
 
-    async def _adopt(self, spec, host_port, image_digests, restore_network, reason):
+    async def _adopt(self, spec, host_port, image_digests, restore_network, reason,
+                     health=None):
         spec = validate_machine(spec)
         mid = spec["id"]
         if mid in self._machines:
@@ -720,7 +724,8 @@ class Executor:
             except ZwrmError as e:
                 log.warn("machine {id}: its network was not restored: {e}", id=mid, e=e)
         if st["state"] == "running":
-            self._running(rec, reason or "running here after a live migration")
+            self._running(rec, reason or "running here after a live migration",
+                          health="passing" if health == "passing" else "starting")
         else:
             self._change(rec, st["state"], st["reason"])
         return self._status(rec)
@@ -765,8 +770,11 @@ class Executor:
         except NotFound:
             st = {"state": "failed", "reason": "its hypervisor files are gone"}
         if st["state"] == "running":
+            # The same guest, paused at most for the switchover: its health goes on from
+            # what it was before the migration took it.
+            was = "passing" if rec.health == "passing" else "starting"
             rec.state = "starting"
-            self._running(rec, reason)
+            self._running(rec, reason, health=was)
         else:
             self._change(rec, st["state"], f"{reason}; {st['reason']}")
 
@@ -949,10 +957,10 @@ class Executor:
             "could not report machine {id} {state}: {e}", id=rec.spec["id"], state=rec.state,
             e=f.getErrorMessage()))
 
-    def _running(self, rec, reason="running"):
+    def _running(self, rec, reason="running", health="starting"):
         spec = rec.spec
         if spec["health"] is not None and rec.host_port is not None:
-            rec.health = "starting"
+            rec.health = health
             self._stop_check(rec)
             hc = spec["health"]
             rec.check = _health.HealthCheck(
@@ -960,6 +968,7 @@ class Executor:
                 self.health_probe(self.reactor, hc, rec.host_port),
                 hc["interval"], hc["grace"],
                 lambda health, detail, rec=rec: self._health_changed(rec, health, detail),
+                health=health,
             )
         else:
             rec.health = "none"

@@ -107,18 +107,27 @@ class HealthCheck:
     @param clock: provides C{IReactorTime}.
     @param probe: a callable returning a Deferred of C{None} (healthy) or a str (why not).
     @param interval: seconds between probes (a probe never overlaps the next).
-    @param grace: seconds after L{start} during which failures leave the health C{starting}.
+    @param grace: seconds after L{start} during which failures leave the health as it
+        was, until a probe passes: C{starting}, or C{health}.
     @param on_change: called with C{(health, detail)} at each change.
+    @param health: the health to start from: C{starting} (a machine just started), or
+        C{passing} for a guest that was passing elsewhere and goes on running here (a live
+        migration's target): it stays C{passing} unless a probe fails after the grace,
+        before any probe here passed, or at all once one did.
     """
 
-    def __init__(self, clock, probe, interval, grace, on_change):
+    def __init__(self, clock, probe, interval, grace, on_change, health="starting"):
+        if health not in ("starting", "passing"):
+            raise ValueError(f"a health check starts from starting or passing, not {health!r}")
         self.clock = clock
         self.probe = probe
         self.interval = interval
         self.grace = grace
         self.on_change = on_change
-        self.health = "starting"
-        self.detail = "waiting for the first check to pass"
+        self.health = health
+        self.detail = ("waiting for the first check to pass" if health == "starting"
+                       else "passing before it moved here; waiting for the first check")
+        self._confirmed = False  # a probe passed since start
         self.started_at = None
         self._loop = None
         self._running = False
@@ -156,8 +165,10 @@ class HealthCheck:
         if self._loop is None:
             return
         if problem is None:
+            self._confirmed = True
             self._change("passing", "ok")
-        elif self.health == "starting" and self.clock.seconds() - self.started_at < self.grace:
+        elif (not self._confirmed and self.health != "failing"
+              and self.clock.seconds() - self.started_at < self.grace):
             self.detail = problem
         else:
             self._change("failing", problem)

@@ -829,8 +829,10 @@ class _Incoming:
     """One migration to this host: runs a L{TargetMigration}."""
 
     def __init__(self, live, machine_id, source, volume_ids, digests, spec=None,
-                 host_port=None):
+                 host_port=None, health=None):
         self.live = live
+        #: the guest's health at the source (C{passing} or not): where its check here starts
+        self.health = health
         #: The machine spec (as machine.start takes it) the executor adopts once it resumed.
         self.spec = spec
         self.host_port = host_port
@@ -1023,16 +1025,17 @@ class LiveMigrations:
         # The machine is this host's now: no longer a migration (its volumes stay claimed).
         self.incoming.pop(inc.machine_id, None)
         self.finished[inc.machine_id] = dict(inc.status(), state="resumed", role="target")
-        self._adopt(inc.machine_id, inc.spec, inc.host_port, inc.digests)
+        self._adopt(inc.machine_id, inc.spec, inc.host_port, inc.digests, health=inc.health)
         self._forget_record(inc.machine_id)
 
-    def _adopt(self, machine_id, spec, host_port, digests, restore_network=False):
+    def _adopt(self, machine_id, spec, host_port, digests, restore_network=False,
+               health=None):
         """The executor takes the resumed machine as its own (its pins with it)."""
         if self.executor is None or spec is None:
             return None
         d = self.executor.adopt(dict(spec, id=machine_id), host_port, digests,
                                 restore_network=restore_network,
-                                reason="running here after a live migration")
+                                reason="running here after a live migration", health=health)
 
         def failed(f):
             log.error("machine {id}: resumed here after its live migration, but the executor "
@@ -1081,7 +1084,8 @@ class LiveMigrations:
             "network"}}: the driver's L{ILiveMigration.migration_facts} (C{live} false with a
             reason where the driver cannot migrate) and the agent's VM networking
             (C{"user"} or C{"bridge"}: a machine on the cluster network keeps its address
-            across a live move).
+            across a live move), and C{"prepare_health": True}: its C{live.prepare} takes
+            the guest's C{health} (agents before it refuse the argument).
         """
         network = "user"
         if self.executor is not None and self.executor.network is not None:
@@ -1089,8 +1093,8 @@ class LiveMigrations:
         if not ILiveMigration.providedBy(self.driver):
             return {"live": False, "reason": f"the {self.driver.name} driver cannot migrate "
                     "live", "cpu_model": None, "machine_type": None, "accel": None,
-                    "network": network}
-        return dict(self.driver.migration_facts(), network=network)
+                    "network": network, "prepare_health": True}
+        return dict(self.driver.migration_facts(), network=network, prepare_health=True)
 
     @wamp.register("live.describe")
     def describe(self, machine_id):
@@ -1118,7 +1122,7 @@ class LiveMigrations:
             raise NotFound(f"machine {machine_id}: its spec is not recorded") from None
 
     @wamp.register("live.prepare")
-    def prepare(self, machine_id, spec, volumes, source, postcopy=False):
+    def prepare(self, machine_id, spec, volumes, source, postcopy=False, health=None):
         """
         Target: prepare to receive machine C{machine_id} live from host C{source}.
 
@@ -1129,16 +1133,24 @@ class LiveMigrations:
             start. (Or a driver-level spec with local paths: tests.)
         @param volumes: C{{volume id: size in bytes}} (from the source's C{live.describe}).
         @param postcopy: accept a post-copy migration (the source's policy allows it).
+        @param health: the guest's health where it runs (C{"passing"}, C{"starting"},
+            C{"failing"}, C{"none"} or L{None}: not known): once it resumed here its health
+            check starts from C{passing} if it was, so its routes do not drop it for the
+            first checks here (L{zwrm.agent.health.HealthCheck}).
         @return: C{{"host", "nbd_port", "migration_port", "exports"}} for the source, and
             C{host_port}: where the machine's service port is forwarded here (or None).
         @raise Conflict: a volume is here already. @raise Unavailable: no live migration
             here (driver, no certificate).
         """
-        return ensureDeferred(self._prepare(machine_id, spec, volumes, source, postcopy))
+        return ensureDeferred(self._prepare(machine_id, spec, volumes, source, postcopy,
+                                            health))
 
-    async def _prepare(self, machine_id, spec, volumes, source, postcopy=False):
+    async def _prepare(self, machine_id, spec, volumes, source, postcopy=False, health=None):
         check_id(machine_id)
         check_id(source, "source host id")
+        if health not in (None, "passing", "starting", "failing", "none"):
+            raise InvalidArgument("health must be passing, starting, failing, none or null, "
+                                  f"not {health!r}")
         drv = self._live_driver()
         if not isinstance(spec, dict):
             raise InvalidArgument("spec must be a machine spec")
@@ -1197,8 +1209,8 @@ class LiveMigrations:
             host_port = forwards[0]["host"]
         self._store(machine_id, {"role": "target", "source": source, "volumes": created,
                                  "machine": machine, "host_port": host_port,
-                                 "digests": digests})
-        inc = _Incoming(self, machine_id, source, created, digests, machine, host_port)
+                                 "digests": digests, "health": health})
+        inc = _Incoming(self, machine_id, source, created, digests, machine, host_port, health)
         self.incoming[machine_id] = inc
         self.finished.pop(machine_id, None)
         inc.watch()
@@ -1460,7 +1472,8 @@ class LiveMigrations:
                     for dg in record.get("digests") or ():
                         self.images.pin(dg)
                 await self._adopt(machine_id, machine, record.get("host_port"),
-                                  record.get("digests") or [], restore_network=True)
+                                  record.get("digests") or [], restore_network=True,
+                                  health=record.get("health"))
             self._forget_record(machine_id)
             return result
 

@@ -339,10 +339,16 @@ class LiveSteps:
                 await self._clean_copy(target, vid)  # a copy an earlier rollback left there
             described = await self._call(source, "live.describe", mid)
             spec = await self._live_spec(row, original)
+            # The guest's health goes with it: a target that takes it starts its checks
+            # from passing, so the app's routes keep the guest while they run.
+            kw = {}
+            health = ((original or {}).get("health") or {}).get("status")
+            if health is not None and (await self._live_facts(target)).get("prepare_health"):
+                kw["health"] = health
             await self._save_detail(run, live_prepare_asked=True)  # stored before it is asked
             where = await self._call(target, "live.prepare", new_id, spec,
                                      described["volumes"], source,
-                                     bool(drain.row["options"].get("postcopy")))
+                                     bool(drain.row["options"].get("postcopy")), **kw)
         except errors.ZwrmError as e:
             await self._live_gave_up(drain, run, f"live.prepare: {e.message}")
         await self._save_detail(run, live_target=where)
