@@ -512,14 +512,18 @@ class LiveSteps:
         # The replacement runs first, then takes the guest's address, then the original
         # leaves: the app's routes never lack the guest in between (on the cluster network
         # both rows are the same address: the kernel's forward does not even change).
-        row = await self._machines.get(new_id)
-        if row is not None and row["state"] in ("pending", "starting"):
-            host_port = (run.detail.get("live_target") or {}).get("host_port")
-            health = dict(row.get("health") or {})
-            if host_port is not None:
-                health.setdefault("host_port", host_port)
-            await self._replicas.set_machine(row, f"resumed on {target} (live drain)",
-                                             state="running", health=health)
+        async def running_there(row):
+            # The fresh row, in order with the target's reports of it: one that came
+            # meanwhile (running, with its health) is not overwritten by an older read.
+            if row is not None and row["state"] in ("pending", "starting"):
+                host_port = (run.detail.get("live_target") or {}).get("host_port")
+                health = dict(row.get("health") or {})
+                if host_port is not None:
+                    health.setdefault("host_port", host_port)
+                await self._replicas.set_machine(row, f"resumed on {target} (live drain)",
+                                                 state="running", health=health)
+
+        await self._replicas.update_machine(new_id, running_there)
         # The guest keeps its address: the replacement takes the original's stored row, and
         # the view puts the machine on the target (idempotent: a step run again moves none).
         await self._replicas.network.move_address(mid, new_id, target)
