@@ -12,7 +12,7 @@ import json
 import os
 
 from twisted.internet import reactor
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -53,12 +53,6 @@ class RecordingNetwork:
 
     async def release(self, machine_id):
         self.calls.append(("release", machine_id))
-
-    async def park(self, machine_id):
-        self.calls.append(("park", machine_id))
-
-    async def unpark(self, machine_id):
-        self.calls.append(("unpark", machine_id))
 
 
 class Probe:
@@ -406,46 +400,3 @@ class BridgeTests(SynchronousTestCase):
         agents.settle(agents.live["host-b"].cancel("m2"))
         agents.clock.advance(1)
         self.assertEqual(agents.networks["host-b"].calls[-1], ("release", "m2"))
-
-    def test_the_sources_tap_goes_down_at_the_pause(self):
-        # At pre-switchover (the guest paused) the source's TAP goes down, before the
-        # switchover completes: frames for the guest flood to the target from then on.
-        agents = Agents(self, bridge=True)
-        net_a = agents.networks["host-a"]
-        where = agents.prepare(bridge=True)
-        drv = agents.live["host-a"].driver
-        seen = []
-        complete = drv.complete_switchover
-
-        def complete_switchover(mid, timeout=30.0):
-            seen.append(list(net_a.calls))
-            return complete(mid, timeout)
-
-        drv.complete_switchover = complete_switchover
-        agents.settle(agents.live["host-a"].migrate("m1", "host-b", where,
-                                                    {"mirror_speed": SIZE}))
-        self.assertEqual(seen[0][-1], ("park", "m1"))
-        self.assertEqual(net_a.calls[-2:], [("park", "m1"), ("release", "m1")])
-
-    def test_a_switchover_that_fails_brings_the_tap_up_before_the_guest_resumes(self):
-        agents = Agents(self, bridge=True)
-        net_a = agents.networks["host-a"]
-        where = agents.prepare(bridge=True)
-        drv = agents.live["host-a"].driver
-        cancel = drv.cancel_migration
-
-        def cancel_migration(mid):
-            net_a.calls.append(("resumed by the rollback", mid))
-            return cancel(mid)
-
-        drv.complete_switchover = lambda mid, timeout=30.0: fail(
-            Unavailable("a mirror's final sync failed"))
-        drv.cancel_migration = cancel_migration
-        with self.assertRaises(Unavailable):
-            agents.settle(agents.live["host-a"].migrate("m1", "host-b", where,
-                                                        {"mirror_speed": SIZE}))
-        agents.clock.advance(1)
-        calls = [c for c in net_a.calls if c[0] != "prepare"]
-        self.assertEqual(calls[:3], [("park", "m1"), ("unpark", "m1"),
-                                     ("resumed by the rollback", "m1")], net_a.calls)
-        self.assertEqual(agents.ex["host-a"].machine_status("m1")["state"], "running")

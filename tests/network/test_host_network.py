@@ -62,22 +62,6 @@ class HostNetworkTests(TestCase):
             self.assertNotIn(dev, links)
         self.assertNotIn("zwrm", await self.run("nft", "list", "tables"))
 
-    async def test_park_takes_the_tap_down_and_the_bridge_forgets_the_guest(self):
-        # A live migration's source at its switchover: the TAP goes down (the kernel then
-        # drops what the bridge learned on it: frames for the guest flood over the overlay;
-        # the real move: tests/agent/test_live_bridge.py); a rollback brings it up; an
-        # unknown machine changes nothing.
-        host = self.host("a")
-        self.addCleanup(lambda: defer.ensureDeferred(host.close()))
-        nic = await host.add_machine("m1", "web", NET)
-        self.assertIn(",UP", await self.run("ip", "-o", "link", "show", "dev", nic["tap"]))
-        await host.park("m1")
-        self.assertNotIn(",UP", await self.run("ip", "-o", "link", "show", "dev", nic["tap"]))
-        await host.unpark("m1")
-        self.assertIn(",UP", await self.run("ip", "-o", "link", "show", "dev", nic["tap"]))
-        await host.park("m9")
-        await host.unpark("m9")
-
     async def test_prepare_gives_a_disk_image_its_static_network_config(self):
         # The driver's NIC carries the cloud-init network-config the seed of a disk image
         # gets (docs/networking.md); a kernel image gets ip= on its command line instead.

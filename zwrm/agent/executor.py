@@ -765,12 +765,6 @@ class Executor:
         if rec is None or rec.held is None:
             return
         rec.held = rec.migrated_to = None
-        if self.network is not None and rec.spec.get("network") is not None:
-            # Its TAP went down at the switchover if it got that far (the migration brings it
-            # up before resuming the guest; this covers a source resumed by another path).
-            ensureDeferred(self.network.unpark(machine_id)).addErrback(
-                lambda f: log.warn("machine {id}: its TAP was not brought up: {e}",
-                                   id=machine_id, e=f.getErrorMessage()))
         try:
             st = self.driver.status(machine_id)
         except NotFound:

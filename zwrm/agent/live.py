@@ -502,7 +502,6 @@ class _Outgoing:
         self.ram_started_at = None
         self.paused_at = None
         self.postcopy = False
-        self._parked = None  # the TAP taken down at the switchover (a Deferred)
         self.ready = set()
         self.jobs = set()
         self.progress = {"machine_id": machine_id, "phase": "mirroring",
@@ -725,23 +724,8 @@ class _Outgoing:
         d = maybeDeferred(self.driver.start_postcopy, self.machine_id)
         d.addErrback(lambda f: self._soon(self.machine.failed, _message(f.value)))
 
-    def _network(self):
-        ex = self.live.executor
-        return ex.network if ex is not None else None
-
     def _switchover(self):
         self.progress["phase"] = "switching"
-        # The guest is paused: its TAP here goes down at once (not awaited: nothing but QMP
-        # commands in the pause), so frames sent to it from now on flood over the overlay
-        # to the target's TAP, which keeps them for the resume, rather than queueing where
-        # the guest never reads them again (a new connection's SYN lost: the client sends
-        # it again only after a second).
-        net = self._network()
-        if net is not None:
-            self._parked = ensureDeferred(net.park(self.machine_id))
-            self._parked.addErrback(lambda f: log.warn(
-                "machine {id}: its TAP was not taken down for the switchover: {e}",
-                id=self.machine_id, e=f.getErrorMessage()))
         d = maybeDeferred(self.driver.complete_switchover, self.machine_id,
                           self.policy["switchover_timeout"])
         d.addCallbacks(lambda _: self._soon(self.machine.continued_ok),
@@ -754,15 +738,7 @@ class _Outgoing:
         self._phase("rolling_back")
         log.warn("machine {id}: live migration to {t} rolled back: {why}", id=self.machine_id,
                  t=self.target_host, why=why)
-        d = succeed(None)
-        if self._parked is not None:
-            # Taken down at the switchover: up again before the guest runs on here.
-            net, parked, self._parked = self._network(), self._parked, None
-            d = parked.addBoth(lambda _: ensureDeferred(net.unpark(self.machine_id)))
-            d.addErrback(lambda f: log.warn(
-                "machine {id}: its TAP was not brought up again: {e}",
-                id=self.machine_id, e=f.getErrorMessage()))
-        d.addCallback(lambda _: self.driver.cancel_migration(self.machine_id))
+        d = maybeDeferred(self.driver.cancel_migration, self.machine_id)
 
         def failed(f):
             log.error("machine {id}: the rollback of its migration failed: {e}",

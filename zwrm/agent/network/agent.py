@@ -136,14 +136,6 @@ class AgentNetwork:
         self._close_forward(machine_id)
         await self.host.remove_machine(machine_id)
 
-    async def park(self, machine_id):
-        """A live migration's source paused for the switchover: its TAP goes down."""
-        await self.host.park(machine_id)
-
-    async def unpark(self, machine_id):
-        """Its migration rolled back: its TAP is up again."""
-        await self.host.unpark(machine_id)
-
     def _close_forward(self, machine_id):
         lp = self._forwards.pop(machine_id, None)
         if lp is not None:

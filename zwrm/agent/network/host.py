@@ -180,25 +180,6 @@ class HostNetwork:
         """Delete machine C{machine_id}'s TAP and its rules; unknown machines are ignored."""
         return await self._locked(self._remove_machine, machine_id)
 
-    async def park(self, machine_id):
-        """
-        Take machine C{machine_id}'s TAP down (a live migration's source, paused for its
-        switchover): the bridge forgets the guest's MAC on it and floods frames for the
-        guest over the overlay, where the target's TAP keeps them for the guest's resume,
-        instead of queueing them where the guest never runs again.  Not under the lock:
-        it must not wait behind a view being applied (it is one command, independent of
-        the rules).  Unknown machines are ignored.
-        """
-        m = self.machines.get(machine_id)
-        if m is not None:
-            await self.run("ip", "link", "set", m["tap"], "down", check=False)
-
-    async def unpark(self, machine_id):
-        """Bring machine C{machine_id}'s TAP up again (its migration rolled back)."""
-        m = self.machines.get(machine_id)
-        if m is not None:
-            await self.run("ip", "link", "set", m["tap"], "up", check=False)
-
     async def set_cluster(self, hosts, members):
         """
         The rest of the cluster, as the control plane last described it.
