@@ -11,6 +11,7 @@ import pytest
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
+from zwrm.agent.network import addressing
 from zwrm.agent.network.commands import Runner
 from zwrm.agent.network.host import HostNetwork
 from zwrm.testing.netns import TestNetwork
@@ -61,6 +62,44 @@ class HostNetworkTests(TestCase):
         for dev in ("zwbr0", "zwvx0", nic["tap"]):
             self.assertNotIn(dev, links)
         self.assertNotIn("zwrm", await self.run("nft", "list", "tables"))
+
+    async def test_the_bridges_mac_is_its_own_whatever_its_ports(self):
+        # A bridge without a MAC set takes the lowest of its ports': a TAP with a low MAC
+        # would change it while there and again when it goes (a VM stopped or moved), and
+        # guests would keep sending to the gateway's old MAC.
+        host = self.host("a")
+        self.addCleanup(lambda: defer.ensureDeferred(host.close()))
+        nic = await host.add_machine("m1", "web", NET)
+        mac = "0a:59:" + addressing.mac_for(self.net.address("h1"))[6:]
+
+        async def bridge_mac():
+            out = await self.run("ip", "-o", "link", "show", "dev", "zwbr0")
+            return out.split("link/ether ")[1].split()[0]
+
+        self.assertEqual(await bridge_mac(), mac)
+        await self.run("ip", "link", "set", nic["tap"], "address", "02:00:00:00:00:01")
+        self.assertEqual(await bridge_mac(), mac)
+        await host.remove_machine("m1")
+        self.assertEqual(await bridge_mac(), mac)
+
+    async def test_a_machine_from_another_subnet_leaves_the_bridge_as_it_is(self):
+        # A guest moved here live keeps its old host's subnet and gateway: the bridge keeps
+        # this host's one gateway address (not the other host's: the same address twice on
+        # one segment), and a new subnet from the view replaces the old address.
+        host = self.host("a")
+        self.addCleanup(lambda: defer.ensureDeferred(host.close()))
+        await host.ensure_bridge({"gateway": "10.80.2.1", "prefix": 16})
+        moved = dict(NET, address="10.80.1.7")  # gateway 10.80.1.1: the old host's
+        await host.add_machine("m1", "web", moved)
+
+        async def addresses():
+            out = await self.run("ip", "-o", "-4", "addr", "show", "dev", "zwbr0")
+            return [line.split()[3] for line in out.splitlines()]
+
+        self.assertEqual(await addresses(), ["10.80.2.1/16"])
+        self.assertEqual(host.gateway, "10.80.2.1")
+        await host.ensure_bridge({"gateway": "10.80.3.1", "prefix": 16})
+        self.assertEqual(await addresses(), ["10.80.3.1/16"])
 
     async def test_prepare_gives_a_disk_image_its_static_network_config(self):
         # The driver's NIC carries the cloud-init network-config the seed of a disk image

@@ -248,11 +248,23 @@ class HostNetwork:
         gw, prefix = net["gateway"], net["prefix"]
         if self._ready and (gw, prefix) == (self.gateway, self.prefix):
             return
+        old = (self.gateway, self.prefix) if self.gateway is not None else None
         self.gateway, self.prefix = gw, prefix
         self.cidr = str(ipaddress.IPv4Network(f"{gw}/{prefix}", strict=False))
         run = self.run
         if not await self._exists(BRIDGE):
             await run("ip", "link", "add", BRIDGE, "type", "bridge")
+        # A MAC of its own, set: a bridge without one takes the lowest of its ports', so a
+        # TAP going (a VM stopped, or moved live) could change it, and every guest that
+        # has the gateway's old MAC in its ARP cache (its DNS server, its egress; a moved
+        # guest's replies to the ingress's SNAT address) would send into nothing until
+        # that entry goes stale.  Seen in a live move: the source host's frames changed
+        # source MAC when the moved guest's TAP was deleted.
+        await run("ip", "link", "set", BRIDGE, "address", self.bridge_mac())
+        if old is not None and old[0] != gw:
+            # One gateway address: the old one (this host's previous subnet) goes first
+            # (deleting a primary address deletes the secondaries of its subnet with it).
+            await run("ip", "addr", "del", f"{old[0]}/{old[1]}", "dev", BRIDGE, check=False)
         await run("ip", "addr", "replace", f"{gw}/{prefix}", "dev", BRIDGE)
         await run("ip", "link", "set", BRIDGE, "up")
         await run("sysctl", "-q", "-w", "net.ipv4.ip_forward=1", check=False)
@@ -270,12 +282,28 @@ class HostNetwork:
         self._ready = True
         await self._apply_rules()
 
+    def bridge_mac(self):
+        """
+        The bridge's MAC: C{0a:59} and this host's underlay address (unique in the cluster
+        whatever subnet the bridge serves; VMs' are C{0a:58} and theirs), or without one
+        (no overlay) its gateway's.
+        """
+        if self.local_address is not None:
+            return "0a:59:" + addressing.mac_for(self.local_address)[6:]
+        return "0a:59:" + addressing.mac_for(self.gateway)[6:]
+
     async def _exists(self, dev):
         out = await self.run("ip", "-o", "link", "show", "dev", dev, check=False)
         return bool(out.strip())
 
     async def _add_machine(self, machine_id, app, net, recreate=True):
-        await self._setup(net)
+        if not self._ready:
+            # The bridge serves this host's own subnet, from the cluster view
+            # (ensure_bridge); a machine that comes before any view brings it.  Not once it
+            # is made: a machine moved here live keeps its address, and the gateway, of its
+            # old host's subnet (reached over the overlay), which must not become this
+            # bridge's address too (the same address on two hosts of one segment).
+            await self._setup(net)
         tap = addressing.tap_name(machine_id)
         exists = await self._exists(tap)
         if exists and recreate:
