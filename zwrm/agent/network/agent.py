@@ -103,7 +103,9 @@ class AgentNetwork:
         net = check_network(net)
         await self._resolve_deny()
         nic = await self.host.add_machine(machine_id, app, net, recreate=not adopt)
-        self._start_dns(net)
+        # On the bridge's address (this host's gateway): a machine moved here live has its
+        # old host's gateway in its network spec.
+        self._start_dns(dict(net, gateway=self.host.gateway or net["gateway"]))
         if self._view is not None:  # the newest view again, now with this machine
             await self._applying.run(lambda: defer.ensureDeferred(self._apply(self._view)))
         self._close_forward(machine_id)
