@@ -304,23 +304,6 @@ class TargetAdoptedTests(SynchronousTestCase):
         agents.clock.advance(3)
         self.assertEqual(agents.reports("host-b", "m2"), [("running", "passing")])
 
-    def test_a_target_resumed_by_a_new_agent_process_keeps_the_health_too(self):
-        agents = Agents(self)
-        where = agents.prepare(health="passing")
-        agents.live["host-b"].incoming.pop("m2")._forget()
-        agents.settle(agents.live["host-a"].migrate("m1", "host-b", where,
-                                                    {"mirror_speed": SIZE}))
-        images = FakeImages(agents.kernel)
-        drv, ex, events = agents.restarted("host-b", agents.probes["host-b"], images)
-        live = LiveMigrations(agents.clock, "host-b", drv, ex.volumes,
-                              agents.live["host-b"].credentials, lambda: "127.0.0.1",
-                              images=images, state_dir=agents.live["host-b"].state_dir,
-                              executor=ex)
-        agents.settle(drv.recover())
-        agents.settle(ex.recover())
-        agents.settle(live.resume("m2"))
-        self.assertEqual((events[0]["state"], events[0]["health"]), ("running", "passing"))
-
     def test_a_bad_health_is_refused(self):
         agents = Agents(self)
         with self.assertRaises(InvalidArgument) as e:
@@ -345,7 +328,7 @@ class TargetAdoptedTests(SynchronousTestCase):
 
     def test_a_target_resumed_by_a_new_agent_process_is_adopted(self):
         agents = Agents(self)
-        where = agents.prepare()
+        where = agents.prepare(health="passing")
         # The target's agent goes away before the switchover; the source completes.
         agents.live["host-b"].incoming.pop("m2")._forget()
         agents.settle(agents.live["host-a"].migrate("m1", "host-b", where,
@@ -362,7 +345,8 @@ class TargetAdoptedTests(SynchronousTestCase):
         self.assertEqual(agents.settle(live.resume("m2")), {"resumed": True, "already": False})
         st = ex.machine_status("m2")
         self.assertEqual((st["state"], st["host_port"]), ("running", where["host_port"]))
-        self.assertEqual(events[0]["state"], "running")
+        # with the health the source had (live.prepare's, kept in the migration's record)
+        self.assertEqual((events[0]["state"], events[0]["health"]), ("running", "passing"))
         self.assertEqual(ex.volumes.in_use("v1"), "m2")
         self.assertEqual(set(images.pins.values()), {1})
 

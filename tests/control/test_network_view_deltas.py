@@ -176,6 +176,16 @@ class DeltaHelpers(ViewHelpers):
 
 class DeltaTests(DeltaHelpers, TestCase):
 
+    async def two_joins_held(self):
+        """Hosts h-d and h-e join, one push each; @return: the views sent, held back."""
+        self.held = []
+        await self.join("h-d", "192.0.2.4")
+        await self.pump()
+        await self.join("h-e", "192.0.2.5")
+        await self.pump()
+        held, self.held = self.held, None
+        return held
+
     async def test_deltas_after_the_first_whole_list(self):
         await self.start_agents()
         await self.pump()
@@ -229,12 +239,7 @@ class DeltaTests(DeltaHelpers, TestCase):
         await self.start_agents()
         await self.pump()
         self.sent()
-        self.held = []
-        await self.join("h-d", "192.0.2.4")
-        await self.pump()
-        await self.join("h-e", "192.0.2.5")
-        await self.pump()
-        held, self.held = self.held, None
+        held = await self.two_joins_held()
         to_a = [c for c in held if c[0] == "h-a"]
         self.assertEqual([("hosts_delta" in v) for _, v, _ in to_a], [True, True])
         first, second = to_a
@@ -264,12 +269,7 @@ class DeltaTests(DeltaHelpers, TestCase):
         """
         await self.start_agents()
         await self.pump()
-        self.held = []
-        await self.join("h-d", "192.0.2.4")
-        await self.pump()
-        await self.join("h-e", "192.0.2.5")
-        await self.pump()
-        held, self.held = self.held, None
+        held = await self.two_joins_held()
         first, second = [c for c in held if c[0] == "h-d"]
         self.assertEqual(self.kinds_of({"h-d": [first[1], second[1]]}), {"h-d": ["full"] * 2})
         for call in held:
