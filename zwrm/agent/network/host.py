@@ -252,15 +252,20 @@ class HostNetwork:
         self.gateway, self.prefix = gw, prefix
         self.cidr = str(ipaddress.IPv4Network(f"{gw}/{prefix}", strict=False))
         run = self.run
-        if not await self._exists(BRIDGE):
+        mac = None
+        out = await run("ip", "-o", "link", "show", "dev", BRIDGE, check=False)
+        if "link/ether " in out:
+            # There already (an agent restart or upgrade): its MAC stays what guests know.
+            mac = out.split("link/ether ", 1)[1].split()[0]
+        else:
             await run("ip", "link", "add", BRIDGE, "type", "bridge")
         # A MAC of its own, set: a bridge without one takes the lowest of its ports', so a
         # TAP going (a VM stopped, or moved live) could change it, and every guest that
         # has the gateway's old MAC in its ARP cache (its DNS server, its egress; a moved
         # guest's replies to the ingress's SNAT address) would send into nothing until
         # that entry goes stale.  Seen in a live move: the source host's frames changed
-        # source MAC when the moved guest's TAP was deleted.
-        await run("ip", "link", "set", BRIDGE, "address", self.bridge_mac())
+        # source MAC when the moved guest's TAP was deleted.  Set once, it stays.
+        await run("ip", "link", "set", BRIDGE, "address", mac or self.bridge_mac())
         if old is not None and old[0] != gw:
             # One gateway address: the old one (this host's previous subnet) goes first
             # (deleting a primary address deletes the secondaries of its subnet with it).
