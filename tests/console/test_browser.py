@@ -33,6 +33,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from tests.console.pages import LOGIN, ROWS, TWO_READY_HOSTS, wait_js
 from zwrm.console import STATIC, VENDOR_AUTOBAHN
 from zwrm.drain_phases import MIGRATION_PHASES
+from zwrm.testing.drains import quiet_log
 from zwrm.testing.processes import host_list, run_cli, start_vm_cluster
 
 CHROMIUM = "/usr/bin/chromium"
@@ -151,6 +152,10 @@ class ConsoleBrowserTests(TestCase):
             for entry in await b.log():
                 print("browser:", entry)
             await b.shot("failure.png")
+            # What the services said (a drain that ended "failed" says why only there).
+            for p in (cp, *agents):
+                print(f"--- {os.path.basename(p.log_path)} (filtered):\n"
+                      f"{quiet_log(p.log_tail(400))}")
             raise e
 
         try:
