@@ -27,11 +27,12 @@ import itertools
 import re
 import socket
 
-from twisted.internet import main, protocol, ssl, tcp
+from twisted.internet import error, main, protocol, ssl, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 log = Logger()
@@ -93,6 +94,102 @@ def _nodelay(transport):
         pass
 
 
+#: default of L{Ingress}'s C{connect_retry}: a connection to a replica that is not up after
+#: this many seconds gets another attempt beside the first, and so on every as many seconds
+CONNECT_RETRY = 0.25
+
+
+class _AttemptFactory(protocol.ClientFactory):
+    noisy = False
+
+    def __init__(self, race, proto):
+        self.race = race
+        self.proto = proto
+
+    def buildProtocol(self, addr):
+        return self.proto
+
+    def clientConnectionFailed(self, connector, reason):
+        self.race.lost(connector, reason)
+
+
+class _ConnectRace:
+    """
+    One connection to a replica, with a new attempt beside the ones still waiting every
+    C{retry} seconds until C{timeout}: the first to connect is used, the others are
+    stopped.  A SYN that is lost (sent to a guest paused for its live migration's
+    switchover, or a frame dropped on the overlay) then costs C{retry}, not the kernel's
+    first SYN retransmission a second later (and the next, two seconds after that).  At
+    most C{timeout / retry} SYNs in flight to a replica that drops them (its accept queue
+    full), where the kernel alone would send two in that time.  A refusal ends it at once
+    (the replica's host answered).
+
+    C{make()} returns a new protocol whose C{connected_d} is fired by its
+    C{connectionMade}; C{d} fires with the winner, or fails with the last attempt's error.
+    """
+
+    def __init__(self, reactor, host, port, make, timeout, retry):
+        self.reactor = reactor
+        self.host, self.port = host, port
+        self.make = make
+        self.deadline = reactor.seconds() + timeout
+        self.retry = retry
+        self.pending = {}  # connector -> protocol
+        self.timer = None
+        self.failure = None
+        self.attempts = 0
+        self.done = False
+        self.d = Deferred()
+        self._attempt()
+
+    def _attempt(self):
+        self.timer = None
+        left = self.deadline - self.reactor.seconds()
+        if left <= 0:
+            if not self.pending:
+                self._finish(self.failure or Failure(error.TimeoutError(
+                    f"{self.host}:{self.port} did not accept a connection")))
+            return
+        self.attempts += 1
+        proto = self.make()
+        won = proto.connected_d = Deferred()
+        connector = self.reactor.connectTCP(self.host, self.port, _AttemptFactory(self, proto),
+                                            timeout=left)
+        self.pending[connector] = proto
+        won.addCallback(self._won, connector)
+        if self.retry and self.retry < left:
+            self.timer = self.reactor.callLater(self.retry, self._attempt)
+
+    def _won(self, proto, connector):
+        self.pending.pop(connector, None)
+        if self.done:  # another attempt won in the same turn: this one is not needed
+            proto.transport.loseConnection()
+            return
+        self._finish(proto)
+
+    def lost(self, connector, reason):
+        self.pending.pop(connector, None)
+        if self.done:
+            return  # stopped by L{_finish}, or too late
+        self.failure = reason
+        if reason.check(error.ConnectionRefusedError) or not (self.pending or self.timer):
+            self._finish(reason)
+
+    def _finish(self, result):
+        """Fire C{d} with C{result} (a protocol or a Failure); stop the other attempts."""
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        pending, self.pending = self.pending, {}
+        for connector in pending:
+            connector.stopConnecting()  # Twisted reports each one's failure (to lost) at once
+        if isinstance(result, Failure):
+            self.d.errback(result)
+        else:
+            self.d.callback(result)
+
+
 class Backend:
     """A replica behind a published port: its address and port, and its open connections."""
 
@@ -152,26 +249,6 @@ class Route:
         start = next(self._rr) % len(live)
         ordered = live[start:] + live[:start]
         return sorted(ordered, key=lambda b: len(b.conns))  # stable: ties stay round robin
-
-
-class _UpFactory(protocol.ClientFactory):
-    """Connects one L{_Pipe} to a replica; C{d} fires when connected, fails if not."""
-
-    noisy = False
-
-    def __init__(self, pipe, d):
-        self.pipe = pipe
-        self.d = d
-
-    def buildProtocol(self, addr):
-        return self.pipe
-
-    def startedConnecting(self, connector):
-        pass
-
-    def clientConnectionFailed(self, connector, reason):
-        if not self.d.called:
-            self.d.errback(reason)
 
 
 class _Client(protocol.Protocol):
@@ -247,14 +324,16 @@ class _Client(protocol.Protocol):
             self._refuse(b"503 Service Unavailable")
             return
         backend = options[0]
-        up = _Upstream()
-        up.client = self
-        backend.conns.add(self)  # counted while connecting too (least connections)
-        d = up.connected_d = Deferred()
-        self.listener.reactor.connectTCP(backend.host, backend.port, _UpFactory(up, d),
-                                         timeout=self.listener.connect_timeout)
 
-        def connected(_):
+        def make():
+            up = _Upstream()
+            up.client = self
+            return up
+
+        backend.conns.add(self)  # counted while connecting too (least connections)
+        d = self.listener.connect(backend.host, backend.port, make)
+
+        def connected(up):
             if self.closed:
                 backend.conns.discard(self)
                 up.transport.loseConnection()
@@ -477,21 +556,6 @@ class _UpConn(protocol.Protocol):
         c, self.client = self.client, None
         if c is not None:
             c.upstream_lost(self)
-
-
-class _UpConnFactory(protocol.ClientFactory):
-    noisy = False
-
-    def __init__(self, up, d):
-        self.up = up
-        self.d = d
-
-    def buildProtocol(self, addr):
-        return self.up
-
-    def clientConnectionFailed(self, connector, reason):
-        if not self.d.called:
-            self.d.errback(reason)
 
 
 # client side states
@@ -847,10 +911,7 @@ class _HTTPClient(protocol.Protocol):
                 self._attach(up)
                 return
         self._pause()  # until connected: what arrives meanwhile is kept in sent
-        up = _UpConn(b)
-        d = up.connected_d = Deferred()
-        self.listener.reactor.connectTCP(b.host, b.port, _UpConnFactory(up, d),
-                                         timeout=self.listener.connect_timeout)
+        d = self.listener.connect(b.host, b.port, lambda: _UpConn(b))
         d.addCallbacks(self._connected, self._connect_failed, errbackArgs=(b,))
 
     def _connected(self, up):
@@ -1200,12 +1261,18 @@ class _Listener(protocol.Factory):
         self.http = mode in ("http", "https")
         self.proto_header = b"\r\nX-Forwarded-Proto: " + (b"https" if mode == "https" else b"http")
         self.connect_timeout = ingress.connect_timeout
+        self.connect_retry = ingress.connect_retry
         self.keepalive_timeout = ingress.keepalive_timeout
         self.stopped = False  # no longer published: clients are closed after their answer
         self.routes = {}  # domain (or None for tcp / default) -> Route
         self.failed = 0
         self.listening = None
         self.clients = set()  # HTTP mode: the open client connections
+
+    def connect(self, host, port, make):
+        """A connection to a replica (L{_ConnectRace}): a Deferred of C{make()}'s protocol."""
+        return _ConnectRace(self.reactor, host, port, make, self.connect_timeout,
+                            self.connect_retry).d
 
     def close_idle_clients(self):
         """The port is no longer published: kept-alive clients between requests are closed."""
@@ -1311,10 +1378,14 @@ class Ingress:
     """
 
     def __init__(self, reactor, interface="127.0.0.1", connect_timeout=2.0,
-                 drain_timeout=30.0, keepalive_timeout=KEEPALIVE_TIMEOUT):
+                 drain_timeout=30.0, keepalive_timeout=KEEPALIVE_TIMEOUT,
+                 connect_retry=CONNECT_RETRY):
         self.reactor = reactor
         self.interface = interface
         self.connect_timeout = connect_timeout
+        #: seconds before a connection to a replica that is not up yet gets another attempt
+        #: beside it (L{_ConnectRace}); L{None}: one attempt, the kernel's SYN retries
+        self.connect_retry = connect_retry
         self.drain_timeout = drain_timeout
         #: seconds an C{http}/C{https} client connection may wait for its next request
         #: (or the rest of a request head) before it is closed; L{None}: no limit

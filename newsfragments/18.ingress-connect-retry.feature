@@ -1,0 +1,1 @@
+The ingress proxy (`http`, `https`, and `tcp` ports the kernel does not forward) tries a replica again beside the first attempt when the connection is not up after 0.25 s, and every 0.25 s after: a SYN lost on its way (a guest paused for its live migration's switchover) costs a quarter of a second instead of the kernel's one-second SYN retransmission.
