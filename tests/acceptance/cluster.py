@@ -54,6 +54,7 @@ PORT = 8443
 HOSTS = ("cp", "a1", "a2", "client")
 AGENTS = ("a1", "a2")
 PUBLISHED = 80  # the app's published port (below 1024: the agent's CAP_NET_BIND_SERVICE)
+PUBLISHED_HTTP = 8000  # the same guest port published in http mode (through the proxy)
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 

@@ -8,7 +8,7 @@ other one reaches the replica over the overlay).  Leaves C{cluster.state["app"]}
 
 import pytest
 
-from tests.acceptance.cluster import PUBLISHED
+from tests.acceptance.cluster import PUBLISHED, PUBLISHED_HTTP
 
 pytestmark = pytest.mark.acceptance
 
@@ -28,7 +28,8 @@ def test_deploy_with_a_volume(cluster):
         app = cluster.zwrm_json(
             "deploy", "web", "--image", "demo:1", "--replicas", "1", "--memory", "256",
             "--port", "8080", "--health-http", "/", "--health-grace", "240",
-            "--publish", f"{PUBLISHED}:8080", "--volume", "data:16:/data", "--wait", "300",
+            "--publish", f"{PUBLISHED}:8080", "--publish", f"{PUBLISHED_HTTP}:8080/http",
+            "--volume", "data:16:/data", "--wait", "300",
             timeout=360)
     [machine] = app["machines"]
     assert machine["state"] == "running", machine
