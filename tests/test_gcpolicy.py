@@ -222,3 +222,63 @@ class PauseProbeTests(SynchronousTestCase):
         self.assertEqual(policy.frozen_by_collector, 1)  # stopped: its hook is gone
         self.assertEqual(gc.get_freeze_count(), 0)
         del survivors
+
+
+class _CountingGC:
+    """The real C{gc} module, counting the calls to C{get_freeze_count}."""
+
+    def __init__(self):
+        self.freeze_counts = 0
+
+    def __getattr__(self, name):
+        return getattr(gc, name)
+
+    def get_freeze_count(self):
+        self.freeze_counts += 1
+        return gc.get_freeze_count()
+
+
+class FrozenCountTests(SynchronousTestCase):
+    def start(self, **kw):
+        clock, counting = Clock(), _CountingGC()
+        policy = CollectionPolicy(clock, gc=counting, probe_interval=0, **kw)
+        policy.startService()
+        self.addCleanup(lambda: policy.running and policy.stopService())
+        return clock, policy, counting
+
+    def test_ticks_count_what_they_freeze_without_walking_the_frozen_heap(self):
+        """
+        A young tick counts what it freezes into C{frozen}; it never asks for the frozen
+        heap's size (C{gc.get_freeze_count()} walks all of it: up to a second at 10,000
+        sessions).
+        """
+        clock, policy, counting = self.start(interval=10)
+        self.assertEqual(counting.freeze_counts, 1)  # the full collection at start
+        kept = []
+        for _ in range(5):
+            before = policy.frozen
+            kept.append([Node() for _ in range(1000)])
+            clock.advance(10)
+            self.assertGreaterEqual(policy.frozen, before + 1000)
+        self.assertEqual(policy.young_collections, 5)
+        self.assertEqual(counting.freeze_counts, 1)
+        self.assertGreaterEqual(policy.frozen, gc.get_freeze_count())
+        self.assertGreaterEqual(gc.get_freeze_count(), policy.frozen_after_full + 5000 - 1000)
+
+    def test_growth_is_confirmed_by_an_exact_count(self):
+        """
+        Objects frozen and then freed by reference counting still count until a tick
+        finds the frozen heap grown enough for a full collection; that tick counts
+        exactly first, and does no full collection when they were freed.
+        """
+        clock, policy, counting = self.start(interval=10, growth=0.5, minimum=0)
+        short_lived = [Node() for _ in range(policy.frozen_after_full)]
+        clock.advance(10)  # frozen
+        del short_lived  # freed by reference counting, still counted
+        self.assertTrue(policy.full_due())
+        clock.advance(10)
+        self.assertEqual(counting.freeze_counts, 2)  # the start's, and this tick's exact count
+        self.assertEqual(policy.full_collections, 1)  # none due after all
+        self.assertIsNone(policy.full_due())
+        clock.advance(10)
+        self.assertEqual((counting.freeze_counts, policy.full_collections), (2, 1))
