@@ -10,6 +10,7 @@ then hands the file to the volume store (C{VolumeStore.adopt}).
 import errno
 import hashlib
 import hmac
+import mmap
 import os
 
 from twisted.application import service
@@ -17,7 +18,6 @@ from twisted.internet import defer, endpoints
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from zwrm import errors, pki
@@ -39,6 +39,7 @@ from zwrm.agent.transfer.wire import (
     ZERO,
     _Framed,
     _token_key,
+    tls_factory,
 )
 
 log = Logger()
@@ -67,24 +68,88 @@ def _start_writeback(fd):
 # Seams for fault tests (a disk that fills up).
 _pwritev = os.pwritev
 
+#: The alignment C{O_DIRECT} asks of offsets, lengths and buffers (enough for 4 KiB sectors).
+DIRECT_ALIGN = 4096
 
-def _write_parts(fd, parts, offset, length):
+
+def _open_direct(path):
+    """
+    @return: a second descriptor of the file at C{path} opened with C{O_DIRECT}, or C{None}
+        where the file system does not take it (tmpfs, some FUSE file systems).
+    """
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CLOEXEC | flag)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
+
+
+class _Buffers:
+    """
+    Page-aligned block buffers (anonymous maps) for direct writes, reused from block to block:
+    no memory is allocated (and page-faulted in) per block.
+    """
+
+    def __init__(self):
+        self._free = []
+
+    def take(self):
+        try:
+            return self._free.pop()
+        except IndexError:
+            return mmap.mmap(-1, BLOCK_SIZE)
+
+    def give(self, buf):
+        self._free.append(buf)
+
+
+def _write_parts(fd, parts, offset, length, direct=None, buffers=None):
     """
     Write C{parts} (a block as received, in pieces) at C{offset}, and hash it.
 
+    With C{direct} (the file opened with C{O_DIRECT}) and a whole number of aligned sectors,
+    the pieces are gathered into an aligned buffer from C{buffers}, hashed there in one call
+    and written past the page cache: no page-cache copy, no dirty pages for the kernel to write
+    back and the final C{fsync} to wait for.
+
     @return: the SHA-256 of the block.
     """
+    if direct is not None and buffers is not None and not (offset | length) % DIRECT_ALIGN:
+        buf = buffers.take()
+        try:
+            view = memoryview(buf)[:length]
+            pos = 0
+            for part in parts:
+                n = len(part)
+                view[pos : pos + n] = part
+                pos += n
+            digest = hashlib.sha256(view).digest()
+            written = _pwritev(direct, [view], offset)
+            if written < length:
+                # The rest (unaligned now) through the page cache.
+                _write_rest(fd, view[written:], offset + written)
+            view.release()
+            return digest
+        finally:
+            buffers.give(buf)
     written = _pwritev(fd, parts, offset)
     if written < length:
-        rest = memoryview(b"".join(parts))[written:]
-        while rest:
-            n = os.pwrite(fd, rest, offset + written)
-            written += n
-            rest = rest[n:]
+        _write_rest(fd, memoryview(b"".join(parts))[written:], offset + written)
     h = hashlib.sha256()
     for part in parts:
         h.update(part)
     return h.digest()
+
+
+def _write_rest(fd, rest, offset):
+    while rest:
+        n = os.pwrite(fd, rest, offset)
+        offset += n
+        rest = rest[n:]
 
 
 class IncomingTransfer:
@@ -113,6 +178,7 @@ class IncomingTransfer:
         self.hashes = blockmap.hole_hashes(size)
         self.tmp_path = None
         self._fd = None
+        self._direct = None
         self._tail = defer.succeed(None)
         self._pending = 0
         self._write_error = None
@@ -275,6 +341,7 @@ class IncomingTransfer:
                 self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
             )
             os.ftruncate(self._fd, self.size)
+            self._direct = _open_direct(self.tmp_path)
         except OSError as e:
             self._discard()
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -293,8 +360,8 @@ class IncomingTransfer:
         """
         Delete the temporary file once queued writes are done; forget what was received.
         """
-        fd, path = self._fd, self.tmp_path
-        self._fd = self.tmp_path = None
+        fd, direct, path = self._fd, self._direct, self.tmp_path
+        self._fd = self._direct = self.tmp_path = None
         self.hashes = blockmap.hole_hashes(self.size)
         self.offset = 0
         self.digest = None
@@ -302,6 +369,8 @@ class IncomingTransfer:
             self.state = "new"
 
         def cleanup():
+            if direct is not None:
+                os.close(direct)
             if fd is not None:
                 os.close(fd)
             if path is not None:
@@ -404,13 +473,16 @@ class IncomingTransfer:
         elif self.state != "delta":
             raise errors.Corrupt("malformed volume stream: data outside a transfer")
 
-        self._dirty += length
-        kick = self._dirty >= WRITEBACK_EVERY
-        if kick:
-            self._dirty = 0
+        direct, buffers = self._direct, self._receiver.buffers
+        kick = False
+        if direct is None or (offset | length) % DIRECT_ALIGN:
+            self._dirty += length
+            kick = self._dirty >= WRITEBACK_EVERY
+            if kick:
+                self._dirty = 0
 
         def work(fd):
-            digest = _write_parts(fd, parts, offset, length)
+            digest = _write_parts(fd, parts, offset, length, direct, buffers)
             if kick:
                 _start_writeback(fd)
             return digest
@@ -494,7 +566,7 @@ class IncomingTransfer:
                     f"volume {self.volume_id} already exists on this host; it was not overwritten"
                 )
             )
-        fd, path = self._fd, self.tmp_path
+        fd, direct, path = self._fd, self._direct, self.tmp_path
 
         def adopt(_):
             return store.adopt(self.volume_id, path)
@@ -515,7 +587,9 @@ class IncomingTransfer:
             raise errors.Internal(f"the volume store could not store volume {self.volume_id}")
 
         def close(_):
-            self._fd = None
+            self._fd = self._direct = None
+            if direct is not None:
+                os.close(direct)
             os.close(fd)
 
         d = self._after_writes().addCallback(close)
@@ -678,6 +752,7 @@ class VolumeReceiver(service.Service):
         self._transfers = {}
         self._ttls = {}
         self._connections = set()
+        self.buffers = _Buffers()
         self.port = None
 
     def buildFactory(self):
@@ -685,7 +760,7 @@ class VolumeReceiver(service.Service):
         @return: the TLS-wrapped protocol factory (for listening on an endpoint of your own).
         """
         factory = Factory.forProtocol(lambda: _ReceiverProtocol(self))
-        return TLSMemoryBIOFactory(self._tls, False, factory)
+        return tls_factory(self._tls, False, factory, self.reactor)
 
     def listen(self):
         """

@@ -34,8 +34,10 @@ from zwrm.agent.transfer.wire import (
     PROTOCOL_VERSION,
     READY,
     ZERO,
+    RecordWriter,
     _error_from,
     _Framed,
+    tls_factory,
 )
 
 log = Logger()
@@ -75,6 +77,7 @@ class _SenderProtocol(_Framed):
         self._expectBlockmap = False
         self._finished = False
         self._timer = None
+        self._out = None
 
     def _touch(self, timeout=None):
         """
@@ -151,6 +154,7 @@ class _SenderProtocol(_Framed):
 
     def _start(self, plan):
         self._plan = iter(plan)
+        self._out = RecordWriter(self.transport)
         self.transport.registerProducer(self, True)
         self._pump()
 
@@ -228,6 +232,8 @@ class _SenderProtocol(_Framed):
         self._pumping = True
         try:
             while not self._paused and not self._stopped and not self._finished:
+                if not self._out.flush(self._isPaused):
+                    return
                 self._fill()
                 if not self._inflight:
                     if self._plan is None:
@@ -241,6 +247,9 @@ class _SenderProtocol(_Framed):
         finally:
             self._pumping = False
 
+    def _isPaused(self):
+        return self._paused or self._stopped
+
     def _handle(self, item):
         s = self._send
         data, digest, is_zero = item.result
@@ -251,9 +260,7 @@ class _SenderProtocol(_Framed):
         if s.mode == "delta":
             if digest != self._remote[item.index]:
                 if is_zero:
-                    self.transport.write(
-                        _HEADER.pack(ZERO, _ZERO.size) + _ZERO.pack(offset, length)
-                    )
+                    self._out.write(_HEADER.pack(ZERO, _ZERO.size) + _ZERO.pack(offset, length))
                     s.zeroed += length
                 else:
                     self._writeData(offset, data)
@@ -263,15 +270,13 @@ class _SenderProtocol(_Framed):
             if not is_zero:
                 self._writeData(offset, data)
             s.advance(length)
-        # The TLS transport has copied the block (into records) by now: the buffer is free.
+        # OpenSSL has encrypted the block into its memory BIO by now: the buffer is free.
         self._release(item)
 
     def _writeData(self, offset, data):
         data = self.frameData(offset, data)
-        # Two writes: TLS then puts the block in records of its own, which the receiver joins
-        # without slicing.
-        self.transport.write(_HEADER.pack(DATA, _OFFSET.size + len(data)) + _OFFSET.pack(offset))
-        self.transport.write(data)
+        # The block gets TLS records of its own, which the receiver gathers without slicing.
+        self._out.write(_HEADER.pack(DATA, _OFFSET.size + len(data)) + _OFFSET.pack(offset), data)
         self._send.sent += len(data)
         self._send.sender.bytes_sent += len(data)  # the agent's /metrics
         self._send.blocks_sent += 1
@@ -413,13 +418,13 @@ class _Send:
     def _connect(self):
         self.delayed = None
         self.attempts += 1
-        ep = endpoints.wrapClientTLS(
-            self.sender.tls(self.target, self.host),
-            endpoints.TCP4ClientEndpoint(
-                self.reactor, self.host, self.port, timeout=self.sender.connect_timeout
-            ),
+        ep = endpoints.TCP4ClientEndpoint(
+            self.reactor, self.host, self.port, timeout=self.sender.connect_timeout
         )
-        d = endpoints.connectProtocol(ep, self.sender.protocol(self))
+        factory = tls_factory(
+            self.sender.tls(self.target, self.host), True, self.sender.protocol(self), self.reactor
+        )
+        d = ep.connect(factory)
         d.addErrback(self._lost)
 
     def connected(self, proto):

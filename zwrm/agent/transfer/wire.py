@@ -11,8 +11,10 @@ import json
 import re
 import struct
 
-from twisted.internet.protocol import Protocol
+from OpenSSL import SSL
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
 from zwrm import errors
 
@@ -36,6 +38,110 @@ _ZERO = struct.Struct(">QQ")
 _MAX_CONTROL = 64 * 1024
 
 _VOLUME_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class _OneProtocol(Factory):
+    """
+    Builds the one protocol instance it was given (a connection attempt's).
+    """
+
+    def __init__(self, proto):
+        self._proto = proto
+
+    def buildProtocol(self, addr):
+        return self._proto
+
+
+def tls_factory(creator, is_client, wrapped, clock):
+    """
+    A TLS wrapping factory whose transports write through at once, without Twisted's
+    aggregation of small writes (L{BufferingTLSTransport}): the stream's own writes are
+    large, and L{write_bulk} writes records beside the TLS transport's own, in order.
+
+    @param wrapped: the application's protocol factory, or a protocol instance (the one
+        connection of a sender's attempt).
+    """
+    if not isinstance(wrapped, Factory):
+        wrapped = _OneProtocol(wrapped)
+    factory = TLSMemoryBIOFactory(creator, is_client, wrapped, clock=clock)
+    factory.protocol = TLSMemoryBIOProtocol
+    return factory
+
+
+#: Encrypted bytes handed to the TCP transport per write by L{RecordWriter}: small enough for
+#: the allocator to reuse its memory from write to write (a 1 MiB bytes per block is mapped
+#: and page-faulted in anew each time), large enough to fill a send of Twisted's TCP
+#: transport (it sends at most 128 KiB per call) in one or two writes.
+SEND_CHUNK = 64 * 1024
+
+
+class RecordWriter:
+    """
+    Writes large buffers on a TLS transport made by L{tls_factory}, past Twisted's per-record
+    path (which copies a slice, reads the memory BIO and writes to the TCP transport for every
+    16 KiB record): buffers are encrypted straight from the caller's memory (one C{SSL_write}
+    per record, as pyOpenSSL enables partial writes; the GIL is released while OpenSSL
+    encrypts) into the TLS connection's memory BIO, and L{flush} hands the records to the TCP
+    transport L{SEND_CHUNK} bytes at a time, for as long as the transport takes them.
+
+    Records are only ever taken from the BIO in order and written to the TCP transport, by
+    L{flush} or by the TLS transport itself, so the stream stays in order; the caller must
+    L{flush} everything before it writes through the TLS transport again (a control frame)
+    or closes it.
+
+    On any other transport (or a TLS connection no longer taking data) it writes through the
+    transport's own C{write}.
+    """
+
+    def __init__(self, transport, chunk=SEND_CHUNK):
+        self._transport = transport
+        self._chunk = chunk
+        self._pending = False
+        get_handle = getattr(transport, "getHandle", None)
+        conn = get_handle() if get_handle is not None else None
+        self._tcp = getattr(transport, "transport", None)
+        self._conn = conn if isinstance(conn, SSL.Connection) and self._tcp is not None else None
+
+    def write(self, *buffers):
+        """
+        Encrypt C{buffers} (each gets records of its own); L{flush} sends them.
+        """
+        if self._conn is None or self._transport.disconnecting:
+            for buf in buffers:
+                self._transport.write(bytes(buf))
+            return
+        send = self._conn.send
+        for buf in buffers:
+            view = memoryview(buf)
+            try:
+                while view:
+                    view = view[send(view) :]
+            except SSL.Error:
+                # Not taking data directly (being shut down): the ordinary path knows what to
+                # do with the rest.
+                self._pending = True
+                self.flush(lambda: False)
+                self._transport.write(bytes(view))
+                return
+        self._pending = True
+
+    def flush(self, paused):
+        """
+        Hand the encrypted records to the TCP transport until none are left or C{paused()}.
+
+        @return: C{True} when none are left.
+        """
+        conn, write = self._conn, self._tcp.write if self._tcp is not None else None
+        while self._pending:
+            if paused():
+                return False
+            try:
+                chunk = conn.bio_read(self._chunk)
+            except SSL.WantReadError:
+                self._pending = False
+                break
+            write(chunk)
+        return True
 
 
 def _token_key(token):
