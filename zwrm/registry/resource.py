@@ -16,10 +16,8 @@ from urllib.parse import quote
 
 from twisted.application.internet import TimerService
 from twisted.internet import defer, threads
-from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.web import resource, server, static
-from zope.interface import implementer
 
 from zwrm.drivers import diskimage
 from zwrm.errors import AuthenticationFailed, InvalidArgument, NotAuthorized, Unavailable
@@ -149,9 +147,6 @@ class RegistryResource(resource.Resource):
         self._authorize = authorize
         self._realm = realm
         self.delete_enabled = delete_enabled
-
-    def _in_thread(self, f, *args):
-        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
 
     @property
     def realm(self):
@@ -346,7 +341,9 @@ class RegistryResource(resource.Resource):
             raise _Error("BLOB_UNKNOWN", f"blob {digest} is not in {name}")
         request.setHeader(b"Docker-Content-Digest", digest.encode())
         request.setHeader(b"Cache-Control", b"max-age=31536000")
-        f = _Blob(self._in_thread, self.store.blob_path(digest))
+        f = static.File(self.store.blob_path(digest), defaultType="application/octet-stream")
+        f.type = "application/octet-stream"
+        f.encoding = None
         body = f.render(request)
         if body is not server.NOT_DONE_YET:
             request.write(body)
@@ -589,107 +586,6 @@ class RegistryResource(resource.Resource):
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise _Error("MANIFEST_INVALID", f"descriptor size {size!r} is invalid")
         return digest, size
-
-
-#: A whole blob is read in blocks of this size, in a thread (Twisted's static files read
-#: 64 KiB at a time on the reactor thread).
-BLOB_BLOCK = 1024 * 1024
-
-
-@implementer(IPushProducer)
-class _BlobProducer(static.StaticProducer):
-    """
-    Sends a whole blob (no Range): L{BLOB_BLOCK}s read in a thread, one block read ahead of
-    the connection, each written as the connection asks for more. A file that ends early or
-    cannot be read cuts the connection (the client sees a short body, and resumes).
-    """
-
-    def __init__(self, in_thread, request, fileObject, size):
-        static.StaticProducer.__init__(self, request, fileObject)
-        self._in_thread = in_thread
-        self._left = size
-        self._ready = None  # a block read, not written yet
-        self._reading = False
-        self._paused = False
-
-    def start(self):
-        self.request.registerProducer(self, True)
-        self._read()
-
-    def _read(self):
-        if self._reading or self._ready is not None or self.request is None:
-            return
-        if self._left <= 0:
-            self.request.unregisterProducer()
-            self.request.finish()
-            self.stopProducing()
-            return
-        self._reading = True
-        self._in_thread(self.fileObject.read, min(BLOB_BLOCK, self._left)).addCallbacks(
-            self._got, self._failed)
-
-    def _got(self, data):
-        self._reading = False
-        if self.request is None:
-            self.fileObject.close()  # stopped while reading
-            return
-        if not data:
-            self._cut("the blob file ended early")
-            return
-        self._left -= len(data)
-        self._ready = data
-        self._push()
-
-    def _failed(self, failure):
-        self._reading = False
-        if self.request is None:
-            self.fileObject.close()
-            return
-        self._cut(failure.getErrorMessage())
-
-    def _cut(self, why):
-        RegistryResource.log.error("registry: cut the blob response: {why}", why=why)
-        request = self.request
-        self.stopProducing()
-        request.unregisterProducer()
-        request.loseConnection()
-
-    def _push(self):
-        if self._paused or self._ready is None or self.request is None:
-            return
-        data, self._ready = self._ready, None
-        self.request.write(data)  # may pause this producer at once
-        self._read()
-
-    def pauseProducing(self):
-        self._paused = True
-
-    def resumeProducing(self):
-        self._paused = False
-        self._push()
-
-    def stopProducing(self):
-        if self._reading:
-            self.request = None  # the read in flight closes the file
-        else:
-            static.StaticProducer.stopProducing(self)
-
-
-class _Blob(static.File):
-    """A blob file: a whole one goes through L{_BlobProducer}; a Range as static files do."""
-
-    def __init__(self, in_thread, path):
-        static.File.__init__(self, path, defaultType="application/octet-stream")
-        self.type = "application/octet-stream"
-        self.encoding = None
-        self._in_thread = in_thread
-
-    def makeProducer(self, request, fileForReading):
-        if request.getHeader(b"range") is not None:
-            return static.File.makeProducer(self, request, fileForReading)
-        self._setContentHeaders(request)
-        request.setResponseCode(200)
-        return _BlobProducer(self._in_thread, request, fileForReading, self.getFileSize())
 
 
 def _check_depth(body, limit=MAX_MANIFEST_DEPTH):
