@@ -9,6 +9,7 @@ import json
 import os
 import struct
 
+import txaio
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -65,6 +66,8 @@ class _Transport(StringTransport):
 class FramePathTests(unittest.SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
+        # autobahn's timers (auto-ping: txaio's batched timer) run on txaio's loop: the clock
+        self.patch(txaio.config, "loop", self.clock)
         self.router = Router(self.clock, StaticAuthenticator(anonymous=True),
                              RoleBasedAuthorizer({"anonymous": [Rule("t.", "prefix", {"call", "register",
                                                                                          "publish", "subscribe"})]}))
@@ -172,3 +175,50 @@ class FramePathTests(unittest.SynchronousTestCase):
         self.send(data)
         [(op, body)] = self.frames()
         self.assertEqual((op, struct.unpack("!H", body[:2])[0]), (8, 1002))
+
+    def test_frames_held_for_a_read_go_out_before_autobahns_own(self):
+        """
+        What the router writes while a read is handled is held until the read's end; a
+        frame autobahn writes meanwhile (here the pong to a ping in the same read) does
+        not overtake it.
+        """
+        self.send(frame([64, 1, {}, "t.echo"]))
+        self.messages()
+        self.send(frame([48, 2, {}, "t.echo", ["x"]]) + frame(b"ping!", opcode=9)
+                  + frame([48, 3, {}, "t.echo", ["y"]]))
+        frames = self.frames()
+        self.assertEqual([op for op, _ in frames], [1, 10, 1])
+        self.assertEqual([json.loads(frames[0][1])[4], frames[1][1], json.loads(frames[2][1])[4]],
+                         [["x"], b"ping!", ["y"]])
+
+    def test_held_frames_count_as_unsent(self):
+        """Frames held until the end of a read are unsent bytes (the router's backlog checks)."""
+        delivery = self.router.local_delivery
+        delivery.enter()
+        self.proto.send_list([36, 1, 2, {}, ["e"]])
+        held = self.proto.unsent_bytes()
+        self.assertEqual(self.transport.value(), b"")
+        delivery.leave()
+        self.assertEqual(len(self.transport.value()), held)
+        self.assertEqual(self.messages(), [[36, 1, 2, {}, ["e"]]])
+        self.assertEqual(self.proto.unsent_bytes(), 0)
+
+    def test_auto_ping_only_when_no_data_frame_came(self):
+        """
+        A connection that sent data frames since its last auto-ping was due is not pinged
+        (autobahn's autoPingRestartOnAnyTraffic, for the frames autobahn's parser does not
+        see); once quiet for an interval, it is, and a missing pong still closes it.
+        """
+        interval = self.proto.autoPingInterval
+        self.assertTrue(interval)
+        for i in range(3):
+            self.clock.advance(interval / 2)
+            self.send(frame([64, 10 + i, {}, f"t.p{i}"]))
+            self.assertEqual([op for op, _ in self.frames()], [1])  # REGISTERED, no ping
+        self.clock.advance(interval)  # the ping due in this interval is put off once more
+        self.assertEqual(self.frames(), [])
+        self.clock.advance(interval)
+        self.assertEqual([op for op, _ in self.frames()], [9])  # quiet for an interval: pinged
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(self.proto.autoPingTimeout + 1)
+        self.assertTrue(self.transport.disconnecting)  # no pong: dropped

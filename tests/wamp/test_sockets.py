@@ -16,8 +16,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet import defer, reactor, ssl, task
+from twisted.internet import defer, reactor, ssl, task, tcp
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint
+from twisted.protocols import policies
 from twisted.python.filepath import FilePath
 from twisted.trial import unittest
 
@@ -333,11 +334,39 @@ class SocketLimitTests(_SocketBase):
         return self.check_freed("rawsocket")
 
     @defer.inlineCallbacks
+    def test_socket_answers_are_sent_within_the_read(self):
+        """
+        What the router writes while it handles a read (the INVOCATION to the callee, the
+        RESULT to the caller) goes to the socket before the read's handling returns, with
+        one send() and without asking the reactor to report the socket writable (a second
+        reactor turn and two epoll_ctl calls each); on the router's own listener and behind
+        a plain wrapper, as the control plane serves it.
+        """
+        yield self.listen_wrapped()
+        for kind in ("websocket", "wrapped"):
+            callee, _ = yield self.join("op", kind=kind)
+            yield callee.register(lambda x: x, f"test.echo_{kind}")
+            caller, _ = yield self.join("op2", "op2-ticket", serializer="msgpack", kind=kind)
+            started = []
+            for s in (callee, caller):
+                t = self.router.get_session(s._session_id).transport.transport
+                while isinstance(t, policies.ProtocolWrapper):  # the TCP connection under it
+                    t = t.transport
+                self.assertIsInstance(t, tcp.Server)
+                t.startWriting = lambda t=t, start=t.startWriting, seen=started: (seen.append(t), start())
+            for i in range(20):
+                self.assertEqual((yield caller.call(f"test.echo_{kind}", i)), i)
+            self.assertEqual(started, [], kind)
+
     def test_closed_session_behind_a_wrapped_site_is_freed_by_reference_counting(self):
+        d = self.listen_wrapped()
+        d.addCallback(lambda _: self.check_freed("wrapped"))
+        return d
+
+    def listen_wrapped(self):
         # as the control plane serves it: the router's resource on a web tree with its own
         # request class, behind a protocol wrapper (its plain-only listener)
         from twisted.internet.endpoints import serverFromString
-        from twisted.protocols import policies
         from twisted.web import resource, server
 
         from zwrm.wamp.transport import RouterWebSocketResource, websocket_factory
@@ -353,10 +382,13 @@ class SocketLimitTests(_SocketBase):
         site = server.Site(root, requestFactory=Request)
         factory = policies.WrappingFactory(site)
         factory.protocol = Wrapper
-        port = yield serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
-        self.addCleanup(port.stopListening)
-        self.ports[("wrapped", False)] = port
-        yield self.check_freed("wrapped")
+        d = serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+
+        def listening(port):
+            self.addCleanup(port.stopListening)
+            self.ports[("wrapped", False)] = port
+
+        return d.addCallback(listening)
 
 
 def _server_side_cyclic_garbage():

@@ -105,6 +105,33 @@ def unsent_bytes(transport):
     return stacked_unsent_bytes(transport)
 
 
+def write_now(transport, data):
+    """
+    Write C{data} to a Twisted transport.  On a plain TCP connection (under plain
+    pass-through wrappers such as the control plane's plain-only listener) with nothing
+    queued, it is sent at once with one C{send()}, and only what the socket did not take
+    is queued; anything else is C{transport.write}.
+
+    Twisted's C{write} queues the bytes, asks C{epoll} to report the socket writable
+    (C{epoll_ctl}), sends them in the next reactor turn and asks it to stop (another
+    C{epoll_ctl}): a second reactor turn and two more system calls per answer, which for
+    a heartbeat (one frame in, one out) cost about as much as routing it.
+    """
+    t = transport
+    while type(t).write is policies.ProtocolWrapper.write:
+        t = t.transport
+    if (type(t) is tcp.Server and not t.TLS and t.connected and not t.disconnecting
+            and not t._writeDisconnected and not t._tempDataLen and t.offset == len(t.dataBuffer)):
+        try:
+            n = t.socket.send(data)
+        except OSError:  # EAGAIN, EINTR, or the peer gone: Twisted's write finds out which
+            n = 0
+        if n == len(data):
+            return
+        data = data[n:]
+    transport.write(data)
+
+
 def _malformed(session, e):
     if session is not None and hasattr(session, "protocol_violation"):
         session.protocol_violation(f"malformed message: {e}")
@@ -190,11 +217,17 @@ class WampWebSocketServerProtocol(_QuietWebSocketMixin, _websocket.WampWebSocket
      - outgoing: message lists (L{send_list}) are serialized once (shared between
        the subscribers of one event) and written as one unmasked frame.
 
-    Writes are batched per reactor turn by Twisted's transport (one C{send()} system
-    call for all the frames written while handling what one read delivered).
+    Frames sent while a network read is handled (the router's L{LocalDelivery} scope:
+    the answers to what was read, events it published) are held and sent when that
+    read has been handled, all of one connection's in one C{send()} straight to the
+    socket (L{write_now}); a heartbeat is read and answered in one reactor turn.  Other
+    writes go through Twisted's transport, which sends them in the next turn.
     """
 
     _codec = None
+    _held = None  # frames held until the end of the read being handled
+    _held_len = 0
+    _traffic = False  # data frames came on the lean path since the last auto-ping was due
 
     def _connectionMade(self):
         # autobahn copies the factory's options onto the protocol and pretty-prints them
@@ -211,11 +244,47 @@ class WampWebSocketServerProtocol(_QuietWebSocketMixin, _websocket.WampWebSocket
         super().onOpen()
 
     def connectionLost(self, reason):
+        self._held = None
         super().connectionLost(reason)
         # autobahn resolves is_closed with the protocol itself: a reference cycle that
         # would keep every closed connection for the cycle collector
         if self.is_closed.called:
             self.is_closed = defer.succeed(None)
+
+    def sendData(self, data, sync=False, chopsize=None):
+        if self._held is not None:  # the frames held for this read go first
+            self._send_held()
+        super().sendData(data, sync, chopsize)
+
+    def dropConnection(self, abort=False):
+        if self._held is not None:
+            if abort:
+                self._held = None
+            else:
+                self._send_held()
+        super().dropConnection(abort)
+
+    def _write(self, frame):
+        """Write one frame: held until the end of the read being handled, if one is."""
+        held = self._held
+        if held is not None:
+            held.append(frame)
+            self._held_len += len(frame)
+            return
+        delivery = self.factory.local_delivery
+        if delivery is not None and delivery.after_scope(self._send_held):
+            self._held = [frame]
+            self._held_len = len(frame)
+            return
+        self.transport.write(frame)
+
+    def _send_held(self):
+        held = self._held
+        if held is None:
+            return
+        self._held = None
+        self._held_len = 0
+        write_now(self.transport, held[0] if len(held) == 1 else b"".join(held))
 
     def dataReceived(self, data):
         delivery = self.factory.local_delivery
@@ -277,7 +346,23 @@ class WampWebSocketServerProtocol(_QuietWebSocketMixin, _websocket.WampWebSocket
             self._wamp_payload(payload)
             if self.state != _OPEN:
                 break
+        if pos:
+            self._traffic = True
         return data[pos:] if pos else data
+
+    def _sendAutoPing(self):
+        # autobahn's autoPingRestartOnAnyTraffic (its default) for the frames of the lean
+        # path, which autobahn's parser never sees: a connection that sent data frames
+        # since its last ping is alive, so it is pinged one interval later instead of now
+        # (agents send a heartbeat every 5 s: with a 30 s ping, 1,000 hosts would
+        # otherwise cost 33 pings and pongs a second, each a write, a read and a timer)
+        if self._traffic and self.autoPingRestartOnAnyTraffic and self.state == _OPEN:
+            self._traffic = False
+            self.autoPingPendingCall = self.factory._batched_timer.call_later(
+                self.autoPingInterval, self._sendAutoPing)
+            return
+        self._traffic = False
+        super()._sendAutoPing()
 
     def _wamp_payload(self, payload):
         session = self._session
@@ -329,7 +414,7 @@ class WampWebSocketServerProtocol(_QuietWebSocketMixin, _websocket.WampWebSocket
         if plain and cache is not None:
             frame = cache.get(codec)
             if frame is not None:
-                self.transport.write(frame)
+                self._write(frame)
                 return
         try:
             payload = codec.dumps(m)
@@ -341,11 +426,11 @@ class WampWebSocketServerProtocol(_QuietWebSocketMixin, _websocket.WampWebSocket
         frame = ws_frame(payload, codec.binary)
         if cache is not None:
             cache[codec] = frame
-        self.transport.write(frame)
+        self._write(frame)
 
     def unsent_bytes(self):
         """Bytes written to this connection and not yet on the network."""
-        return unsent_bytes(self.transport)
+        return unsent_bytes(self.transport) + self._held_len
 
 
 class WampWebSocketClientProtocol(_QuietWebSocketMixin, _websocket.WampWebSocketClientProtocol):
@@ -694,8 +779,20 @@ class LocalDelivery:
         self.reactor = reactor
         self._depth = 0
         self._pending = deque()
+        self._after = []
         self.deferred_flushes = 0
         self.scoped_flushes = 0
+
+    def after_scope(self, call):
+        """
+        Inside a scope: call C{call()} when the outermost one ends, after its deliveries,
+        and return C{True} (the WebSocket protocol sends the frames it held then).
+        Outside any: C{False}, and nothing is done.
+        """
+        if not self._depth:
+            return False
+        self._after.append(call)
+        return True
 
     def schedule(self, flush):
         """Call C{flush()} at the end of the current scope, or in a later reactor turn."""
@@ -722,7 +819,7 @@ class LocalDelivery:
         self._leave()
 
     def _leave(self):
-        if self._depth > 1 or not self._pending:
+        if self._depth > 1 or not (self._pending or self._after):
             self._depth -= 1
             return
         pending = self._pending
@@ -741,6 +838,13 @@ class LocalDelivery:
             while pending:  # the rest in a later turn, in order
                 self.deferred_flushes += 1
                 self.reactor.callLater(0, self.run, pending.popleft())
+            if self._after:
+                after, self._after = self._after, []
+                for call in after:
+                    try:
+                        call()
+                    except Exception:
+                        log.failure("memory transport: a write held for the end of a read failed")
 
 
 class MemoryTransportPair:
