@@ -872,9 +872,10 @@ class StreamTests(TestCase):
         queued = incoming._pending
         self.assertGreaterEqual(queued, transfer.RECEIVE_HIGH_WATER)
         self.assertLessEqual(queued, transfer.RECEIVE_HIGH_WATER + 1)
-        # The socket is no longer read from.
+        # The socket is no longer read from (when it is, it is in pieces of READ_SIZE).
         tcp = incoming._proto.transport.transport
         self.assertNotIn(tcp, reactor.getReaders())
+        self.assertEqual(tcp.bufferSize, receiving.READ_SIZE)
         self.assertNoResult(d)
         gate.set()
         yield d
