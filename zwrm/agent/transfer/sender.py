@@ -219,6 +219,10 @@ class _SenderProtocol(_Framed):
     def _readFailed(self, f, item):
         self._reads -= 1
         self._release(item)
+        if self._stopped:
+            # The connection is gone (or going) already: a read still in flight when it
+            # went is moot, whatever became of it; the attempt's outcome is decided.
+            return
         self._stopped = True
         err = errors.Unavailable(
             f"cannot read volume image {self._send.path}: {f.getErrorMessage()}"
