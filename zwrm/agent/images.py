@@ -67,13 +67,11 @@ from zwrm.sparse import pwrite_sparse
 #: Bytes gathered from the connection before they go to the hashing and writing threads.
 BATCH = 4 * 1024 * 1024
 #: The connection is paused while more than this waits to be hashed or written.
-MAX_PENDING = 4 * BATCH
-#: Bytes asked of the socket per read (Twisted's default is 64 KiB).
-READ_SIZE = 1024 * 1024
+MAX_PENDING = 3 * BATCH
 #: O_DIRECT writes start and end on multiples of this (the largest logical block size).
 DIRECT_ALIGN = 4096
 #: The page-aligned buffer O_DIRECT writes go from.
-DIRECT_BUFFER = 8 * 1024 * 1024
+DIRECT_BUFFER = 4 * 1024 * 1024
 MANIFEST_ACCEPT = ", ".join(
     [
         MANIFEST_TYPE,
@@ -289,10 +287,6 @@ class _BlobSink(protocol.Protocol):
         self.done = defer.Deferred()
 
     def connectionMade(self):
-        # Twisted reads 64 KiB per call; bigger reads cut the Python work per byte here.
-        raw = getattr(self.transport, "_producer", None)
-        if getattr(raw, "bufferSize", None) is not None and raw.bufferSize < READ_SIZE:
-            raw.bufferSize = READ_SIZE
         self._arm()
 
     def _arm(self):
