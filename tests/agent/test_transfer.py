@@ -379,8 +379,9 @@ class StreamTests(TestCase):
         """
         Blocks are encrypted straight into the TLS connection and handed to TCP by the
         stream's L{wire.RecordWriter}: only the control frames (hello, end) go through the
-        TLS transport's own write; and the receiver writes them with C{O_DIRECT} where the
-        file system takes it (here, the test's directory), past the page cache.
+        TLS transport's own write; the receiver decrypts their records straight into its block
+        buffers and writes them with C{O_DIRECT} where the file system takes it (here, the
+        test's directory), past the page cache.
         """
         size = 16 * MiB
         write_image(self.src, size, {i * BLOCK_SIZE: pattern(i) for i in range(12)})
@@ -391,6 +392,14 @@ class StreamTests(TestCase):
             return os.pwritev(fd, parts, offset)
 
         self.patch(receiving, "_pwritev", recording)
+        filled = [0]
+        real_filled = wire._Framed.bodyFilled
+
+        def counting_filled(proto, n):
+            filled[0] += 1
+            return real_filled(proto, n)
+
+        self.patch(wire._Framed, "bodyFilled", counting_filled)
         CountsTLSWrites.tls_writes = 0
         sender = VolumeSender(reactor, self.src_creds.peer_client_context, clock=self.clock)
         sender.protocol = CountsTLSWrites
@@ -399,6 +408,9 @@ class StreamTests(TestCase):
         result = yield sender.send("127.0.0.1", self.port, token, self.src, "host-dst")
         self.assertEqual(result["blocks_sent"], 12)
         self.assertEqual(CountsTLSWrites.tls_writes, 2)
+        # The receiver decrypted most of the blocks' records straight into its block buffers
+        # (those of a socket read that starts between two blocks go through Twisted's path).
+        self.assertGreater(filled[0], 12 * (BLOCK_SIZE // 16384) // 2)
         self.assertEqual(len(written_by), 12)
         if receiving._open_direct(os.path.join(self.dir, "src.img")) is not None:
             self.assertTrue(all(written_by))
@@ -1014,6 +1026,32 @@ class StreamTests(TestCase):
         return frames[1:]
 
     @defer.inlineCallbacks
+    def test_tls_closed_mid_block(self):
+        """
+        A sender that ends TLS in the middle of a block's body: the connection ends, nothing
+        is stored, the block's buffer goes back to the pool.
+        """
+        size = 16 * MiB
+        token = mint_token()
+        incoming = self.receiver.expect(token, "vol-1", size, peer="host-src")
+        proto = yield self._rawConnection()
+        proto.transport.write(self._frame(transfer.HELLO, {
+            "v": transfer.PROTOCOL_VERSION, "token": token, "mode": "bulk", "size": size,
+            "commit": True}))
+        yield wait_for(lambda: proto.received)
+        block = self._frame(transfer.DATA, struct.pack(">Q", 0) + pattern(0))
+        proto.transport.write(block[: len(block) // 2])
+        yield wait_for(lambda: incoming._proto is not None and incoming._proto._body is not None
+                       and incoming._proto._body.have > 0)
+        taken = len(self.receiver.buffers._free)
+        proto.transport.loseConnection()
+        yield wait_for(lambda: proto.lost and not self.receiver._connections)
+        self.assertEqual(len(self.receiver.buffers._free), taken + 1)
+        self.assertIsNone(incoming._proto)
+        self.assertEqual(incoming.received, 0)
+        self.assertFalse(self.store.exists("vol-1"))
+
+    @defer.inlineCallbacks
     def test_duplicate_block_refused(self):
         frames = yield self._refused_blocks([0, 0])
         self.assertEqual(frames[-1][0], transfer.ERROR)
@@ -1270,6 +1308,21 @@ class Recorder(wire._Framed):
         self.frames.append((kind, head + body))
 
 
+class BufferRecorder(Recorder):
+    """
+    A framed protocol that gathers bodies into buffers of its own.
+    """
+
+    def bodyBuffer(self, kind, length):
+        return bytearray(length + 3)
+
+    def bodyReceived(self, kind, head, parts, length):
+        raise AssertionError("a body was gathered in pieces")
+
+    def bufferReceived(self, kind, head, buf, length):
+        self.frames.append((kind, head + bytes(buf[:length])))
+
+
 class FramingTests(SynchronousTestCase):
     """
     Frames are reassembled whatever the pieces the transport delivers them in.
@@ -1289,14 +1342,36 @@ class FramingTests(SynchronousTestCase):
     )
     def test_any_split(self, frames, cuts):
         wire = b"".join(struct.pack(">cI", k, len(p)) + p for k, p in frames)
-        proto = Recorder()
+        for recorder in (Recorder, BufferRecorder):
+            proto = recorder()
+            proto.makeConnection(StringTransport())
+            pos = 0
+            for cut in cuts:
+                proto.dataReceived(wire[pos : pos + cut])
+                pos += cut
+            proto.dataReceived(wire[pos:])
+            self.assertEqual(proto.frames, frames)
+
+    def test_body_filled_in_place(self):
+        """
+        Bytes written into L{wire._Framed.bodyView} (as the TLS layer decrypts them) count
+        toward the body, which is handed over once complete; what follows is parsed as usual.
+        """
+        proto = BufferRecorder()
         proto.makeConnection(StringTransport())
-        pos = 0
-        for cut in cuts:
-            proto.dataReceived(wire[pos : pos + cut])
-            pos += cut
-        proto.dataReceived(wire[pos:])
-        self.assertEqual(proto.frames, frames)
+        self.assertIsNone(proto.bodyView())
+        body = pattern(7, 3000)
+        proto.dataReceived(struct.pack(">cI", transfer.DATA, 8 + 3000) + b"offset!!" + body[:10])
+        view = proto.bodyView()
+        self.assertEqual(len(view), 2990)
+        view[:1990] = body[10:2000]
+        proto.bodyFilled(1990)
+        proto.bodyView()[:1000] = body[2000:]
+        proto.bodyFilled(1000)
+        self.assertIsNone(proto.bodyView())
+        self.assertEqual(proto.frames, [(transfer.DATA, b"offset!!" + body)])
+        proto.dataReceived(struct.pack(">cI", transfer.END, 2) + b"{}")
+        self.assertEqual(proto.frames[-1], (transfer.END, b"{}"))
 
     def test_oversized_frame(self):
         """

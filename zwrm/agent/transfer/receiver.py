@@ -91,6 +91,10 @@ def _open_direct(path):
         raise
 
 
+#: Free block buffers a receiver keeps between streams.
+KEEP_BUFFERS = 4
+
+
 class _Buffers:
     """
     Page-aligned block buffers (anonymous maps) for direct writes, reused from block to block:
@@ -108,6 +112,16 @@ class _Buffers:
 
     def give(self, buf):
         self._free.append(buf)
+
+    def trim(self, keep=KEEP_BUFFERS):
+        """
+        Unmap free buffers beyond C{keep} (between streams, the pool's memory goes back).
+        """
+        while len(self._free) > keep:
+            try:
+                self._free.pop().close()
+            except BufferError:  # still viewed somewhere: the collector unmaps it
+                pass
 
 
 def _write_parts(fd, parts, offset, length, direct=None, buffers=None):
@@ -146,6 +160,26 @@ def _write_parts(fd, parts, offset, length, direct=None, buffers=None):
     for part in parts:
         h.update(part)
     return h.digest()
+
+
+def _write_block(fd, buf, offset, length, direct=None):
+    """
+    Hash the block in the first C{length} bytes of C{buf} (an aligned buffer of L{_Buffers})
+    and write it at C{offset}: through C{direct} (the file opened with C{O_DIRECT}) when it is
+    a whole number of sectors, else through C{fd} (the page cache).
+
+    @return: the SHA-256 of the block.
+    """
+    with memoryview(buf) as whole:
+        view = whole[:length]
+        digest = hashlib.sha256(view).digest()
+        aligned = direct is not None and not (offset | length) % DIRECT_ALIGN
+        written = _pwritev(direct if aligned else fd, [view], offset)
+        if written < length:
+            # The rest (unaligned now) through the page cache.
+            _write_rest(fd, view[written:], offset + written)
+        view.release()
+    return digest
 
 
 def _write_rest(fd, rest, offset):
@@ -403,7 +437,7 @@ class IncomingTransfer:
         self._tail.addCallback(fire)
         return d
 
-    def _queue(self, work, done):
+    def _queue(self, work, done, release=None):
         fd = self._fd
         self._pending += 1
         if (
@@ -422,6 +456,8 @@ class IncomingTransfer:
             return d
 
         def finished(_):
+            if release is not None:
+                release()
             self._pending -= 1
             if self._pending <= RECEIVE_LOW_WATER:
                 self._resume_reading()
@@ -462,10 +498,20 @@ class IncomingTransfer:
             raise errors.Corrupt(f"malformed volume stream: block at {offset} has {length} bytes")
         return index
 
-    def data(self, offset, parts, length):
+    def data(self, offset, parts, length, buf=None, release=None):
         """
-        A block arrived (as the list of pieces it came in, C{length} bytes in all).
+        A block arrived: as the list of pieces it came in (C{parts}, C{length} bytes in all),
+        or in the first C{length} bytes of C{buf}, a buffer that C{release(buf)} takes back
+        once it is written (or not written after all).
         """
+        try:
+            self._data(offset, parts, length, buf, release)
+        except BaseException:
+            if buf is not None:
+                release(buf)
+            raise
+
+    def _data(self, offset, parts, length, buf, release):
         index = self._block_index(offset, length)
         if self._write_error is not None:
             raise self._write_error
@@ -485,7 +531,10 @@ class IncomingTransfer:
                 self._dirty = 0
 
         def work(fd):
-            digest = _write_parts(fd, parts, offset, length, direct, buffers)
+            if buf is not None:
+                digest = _write_block(fd, buf, offset, length, direct)
+            else:
+                digest = _write_parts(fd, parts, offset, length, direct, buffers)
             if kick:
                 _start_writeback(fd)
             return digest
@@ -495,7 +544,7 @@ class IncomingTransfer:
             self.received += length
             self._receiver.bytes_received += length  # the agent's /metrics
 
-        self._queue(work, done)
+        self._queue(work, done, (lambda: release(buf)) if buf is not None else None)
 
     def zero(self, offset, length):
         index = self._block_index(offset, length)
@@ -664,6 +713,21 @@ class _ReceiverProtocol(_Framed):
         (offset,) = _OFFSET.unpack(head)
         self._transfer.data(offset, parts, length)
 
+    def bodyBuffer(self, kind, length):
+        if self._transfer is None or kind != DATA or length > BLOCK_SIZE:
+            return None
+        return self._receiver.buffers.take()
+
+    def bufferReceived(self, kind, head, buf, length):
+        release = self._receiver.buffers.give
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self._receiver.idle_timeout)
+        if self._transfer is None:
+            release(buf)
+            raise errors.Corrupt("malformed volume stream: it must start with a hello")
+        (offset,) = _OFFSET.unpack(head)
+        self._transfer.data(offset, None, length, buf, release)
+
     def _hello(self, msg):
         if msg.get("v") != PROTOCOL_VERSION:
             raise errors.InvalidArgument(f"unsupported volume stream version {msg.get('v')!r}")
@@ -711,9 +775,15 @@ class _ReceiverProtocol(_Framed):
             self._idle.cancel()
         self._idle = None
         self._receiver._connections.discard(self)
+        body, self._body = self._body, None
+        if body is not None and body.buf is not None:
+            # A block cut short: its buffer goes back.
+            body.view.release()
+            self._receiver.buffers.give(body.buf)
         if self._transfer is not None:
             self._transfer.detach(self)
             self._transfer = None
+        self._receiver.buffers.trim()
 
 
 class VolumeReceiver(service.Service):

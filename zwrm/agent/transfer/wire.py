@@ -52,11 +52,56 @@ class _OneProtocol(Factory):
         return self._proto
 
 
+#: The most plaintext a TLS record carries.
+_RECORD = 16384
+
+
+class _TLSProtocol(TLSMemoryBIOProtocol):
+    """
+    Twisted's TLS protocol (without its aggregation of small writes), decrypting the records
+    of a block's body straight into the buffer the wrapped protocol gathers it in
+    (L{_Framed.bodyView}): per 16 KiB record, one C{recv_into}, where Twisted's own path makes
+    a bytes object and passes it through two protocols' C{dataReceived}. Outside a body, and
+    on a protocol that gathers none, it is Twisted's path.
+    """
+
+    def dataReceived(self, data):
+        body_view = getattr(self.wrappedProtocol, "bodyView", None)
+        if body_view is None or body_view() is None:
+            TLSMemoryBIOProtocol.dataReceived(self, data)
+            return
+        # In a body: the handshake is long over (a hello came before).
+        conn = self.getHandle()
+        conn.bio_write(data)
+        proto = self.wrappedProtocol
+        while True:
+            view = body_view()
+            try:
+                if view is not None:
+                    proto.bodyFilled(conn.recv_into(view, min(len(view), _RECORD)))
+                else:
+                    proto.dataReceived(conn.recv(2 * _RECORD))
+            except SSL.WantReadError:
+                break
+            except SSL.Error:
+                # The peer closed TLS, or the stream is broken: Twisted's own path meets the
+                # same condition again and ends the connection as it should.
+                self._flushReceiveBIO()
+                return
+        # Whatever OpenSSL has to answer (nothing, in a stream's steady state).
+        while True:
+            try:
+                out = conn.bio_read(2 * _RECORD)
+            except SSL.WantReadError:
+                break
+            self.transport.write(out)
+
+
 def tls_factory(creator, is_client, wrapped, clock):
     """
-    A TLS wrapping factory whose transports write through at once, without Twisted's
-    aggregation of small writes (L{BufferingTLSTransport}): the stream's own writes are
-    large, and L{write_bulk} writes records beside the TLS transport's own, in order.
+    A TLS wrapping factory whose transports (L{_TLSProtocol}) write through at once, without
+    Twisted's aggregation of small writes (L{BufferingTLSTransport}): the stream's own writes
+    are large, and L{RecordWriter} writes records beside the TLS transport's own, in order.
 
     @param wrapped: the application's protocol factory, or a protocol instance (the one
         connection of a sender's attempt).
@@ -64,7 +109,7 @@ def tls_factory(creator, is_client, wrapped, clock):
     if not isinstance(wrapped, Factory):
         wrapped = _OneProtocol(wrapped)
     factory = TLSMemoryBIOFactory(creator, is_client, wrapped, clock=clock)
-    factory.protocol = TLSMemoryBIOProtocol
+    factory.protocol = _TLSProtocol
     return factory
 
 
@@ -164,6 +209,20 @@ def _error_from(msg):
     return cls(str(msg.get("message", "the peer reported an error")))
 
 
+class _Body:
+    """
+    A block body being gathered: as a list of the pieces received, or into a buffer.
+    """
+
+    __slots__ = ("kind", "head", "need", "have", "parts", "buf", "view")
+
+    def __init__(self, kind, head, need, buf):
+        self.kind, self.head, self.need, self.have = kind, head, need, 0
+        self.buf = buf
+        self.view = memoryview(buf)[:need] if buf is not None else None
+        self.parts = [] if buf is None else None
+
+
 class _Framed(Protocol):
     """
     Splits the byte stream into frames and hands each to L{frameReceived}.
@@ -174,7 +233,9 @@ class _Framed(Protocol):
     limits = {}
 
     #: Frames whose payload is a short head followed by a long body (a block): the body is
-    #: gathered as the list of received pieces, written with one C{pwritev}, never joined.
+    #: gathered into the buffer L{bodyBuffer} gives (the TLS layer, L{_TLSProtocol}, decrypts
+    #: into it directly) and handed to L{bufferReceived}; without one, as the list of
+    #: received pieces, handed to L{bodyReceived}, never joined.
     heads = {DATA: _OFFSET.size}
 
     def connectionMade(self):
@@ -205,7 +266,8 @@ class _Framed(Protocol):
                 start = _HEADER.size + head
                 if len(self._buf) < start:
                     return
-                self._body = (kind, bytes(self._buf[_HEADER.size : start]), n - head, [], 0)
+                head_bytes = bytes(self._buf[_HEADER.size : start])
+                self._body = _Body(kind, head_bytes, n - head, self.bodyBuffer(kind, n - head))
                 rest = bytes(self._buf[start:])
                 del self._buf[:]
                 rest = self._collect(rest)
@@ -227,22 +289,57 @@ class _Framed(Protocol):
 
         @return: what follows the body if it is now complete, else C{None}.
         """
-        kind, head, need, parts, have = self._body
-        take = need - have
-        if len(data) < take:
+        body = self._body
+        take = body.need - body.have
+        n = min(len(data), take)
+        if body.view is not None:
+            body.view[body.have : body.have + n] = memoryview(data)[:n]
+        elif n == len(data):
             if data:
-                parts.append(data)
-            self._body = (kind, head, need, parts, have + len(data))
-            return None
-        if len(data) == take:
-            parts.append(data)
-            data = b""
+                body.parts.append(data)
         else:
-            parts.append(data[:take])
-            data = data[take:]
-        self._body = None
-        self._dispatch(self.bodyReceived, kind, head, parts, need)
-        return None if self._closing else data
+            body.parts.append(data[:n])
+        body.have += n
+        if body.have < body.need:
+            return None
+        self._bodyDone()
+        if self._closing:
+            return None
+        return data[n:] if n < len(data) else b""
+
+    def _bodyDone(self):
+        body, self._body = self._body, None
+        if body.view is not None:
+            body.view.release()
+            self._dispatch(self.bufferReceived, body.kind, body.head, body.buf, body.need)
+        else:
+            self._dispatch(self.bodyReceived, body.kind, body.head, body.parts, body.need)
+
+    def bodyView(self):
+        """
+        @return: a writable view of what is still missing of the body being gathered into a
+            buffer, or C{None} (no such body).
+        """
+        body = self._body
+        if body is None or body.view is None or self._closing:
+            return None
+        return body.view[body.have :]
+
+    def bodyFilled(self, n):
+        """
+        C{n} more bytes of the body were written into L{bodyView}'s view.
+        """
+        body = self._body
+        body.have += n
+        if body.have >= body.need:
+            self._bodyDone()
+
+    def bodyBuffer(self, kind, length):
+        """
+        @return: a writable buffer of at least C{length} bytes to gather a body of C{kind}
+            into, or C{None} to gather it as a list of pieces.
+        """
+        return None
 
     def _dispatch(self, handler, *args):
         try:
@@ -254,6 +351,12 @@ class _Framed(Protocol):
             self.protocolError(errors.Internal("internal error in the volume stream"))
 
     def bodyReceived(self, kind, head, parts, length):
+        raise errors.Corrupt(f"malformed volume stream: unexpected frame {kind!r}")
+
+    def bufferReceived(self, kind, head, buf, length):
+        """
+        A body gathered into the buffer L{bodyBuffer} gave (its first C{length} bytes).
+        """
         raise errors.Corrupt(f"malformed volume stream: unexpected frame {kind!r}")
 
     def sendFrame(self, kind, obj):
