@@ -65,14 +65,17 @@ def serve_registry(root, portfile):
     from twisted.web.server import Site
 
     from zwrm.registry import TokenAuthorizer, make_registry_resource
+    from zwrm.registry.guard import registry_request_factory
 
     auth = TokenAuthorizer(
         tokens={OPERATOR: ("operator", ("pull", "push", "delete"))},
         basic={HOST: (HOST_TOKEN, ("pull",))},
     )
     top = Resource()
-    top.putChild(b"v2", make_registry_resource(reactor, root, auth))
-    site = Site(top)
+    registry = make_registry_resource(reactor, root, auth)
+    top.putChild(b"v2", registry)
+    # Requests as the control plane's site makes them (its timeouts, its body spooling).
+    site = Site(top, requestFactory=registry_request_factory(reactor, registry))
     site.noisy = False
     site.log = lambda request: None
     port = reactor.listenTCP(0, site, interface="127.0.0.1")

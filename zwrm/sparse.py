@@ -10,7 +10,8 @@ SPARSE_BLOCK = 64 * 1024
 _ZEROS = bytes(SPARSE_BLOCK)
 
 
-def _is_zero(block):
+def is_zero(block):
+    """Whether C{block}, a non-empty memoryview, is all zeros."""
     # A memoryview compares byte by byte (about 1 GB/s); a copy compared with memcmp is
     # some 40 times faster. Data blocks mostly differ at their first byte: no copy then.
     return block[0] == 0 and block.tobytes() == _ZEROS[:len(block)]
@@ -26,7 +27,7 @@ def _runs(view, offset):
     i = 0
     while i < n:
         j = min(n, i + SPARSE_BLOCK - (offset + i) % SPARSE_BLOCK)
-        if _is_zero(view[i:j]):
+        if is_zero(view[i:j]):
             if start is not None:
                 yield start, i
                 start = None
@@ -64,4 +65,4 @@ def pwrite_sparse(fd, data, offset):
             start += os.pwrite(fd, view[start:stop], offset + start)
 
 
-__all__ = ["SPARSE_BLOCK", "pwrite_sparse", "write_sparse"]
+__all__ = ["SPARSE_BLOCK", "is_zero", "pwrite_sparse", "write_sparse"]
