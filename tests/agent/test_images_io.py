@@ -6,10 +6,14 @@ directly.
 """
 
 import errno
+import hashlib
 import os
 import random
 
+from twisted.internet import defer, task
+from twisted.python.failure import Failure
 from twisted.trial import unittest
+from twisted.web.client import ResponseDone
 
 from zwrm import sparse
 from zwrm.agent import images
@@ -204,3 +208,103 @@ class SparseTests(unittest.TestCase):
         data = os.urandom(first + SPARSE_BLOCK) + bytes(3 * SPARSE_BLOCK) + os.urandom(500)
         pwrite_sparse(fd, data, 1000)
         self.assertEqual(writes, [(1000, first + SPARSE_BLOCK), (4 * SPARSE_BLOCK + SPARSE_BLOCK, 500)])
+
+
+class _Transport:
+    def __init__(self):
+        self.paused = False
+        self.stopped = False
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+
+    def stopProducing(self):
+        self.stopped = True
+
+
+class SinkTests(unittest.TestCase):
+    """
+    L{images._BlobSink} with its two threads replaced by calls the test completes by hand.
+    """
+
+    def setUp(self):
+        self.jobs = []
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.file = _BlobFile(os.path.join(self.dir, "blob"))
+        self.addCleanup(self.file.close)
+        self.hasher = hashlib.sha256()
+        self.sink = images._BlobSink(self.in_thread, self.file, 0, self.hasher, task.Clock(), 0)
+        self.transport = _Transport()
+        self.sink.makeConnection(self.transport)
+
+    def in_thread(self, f, *args):
+        d = defer.Deferred()
+        self.jobs.append((f, args, d))
+        return d
+
+    def run_job(self, name):
+        """Run the oldest job of the stage whose work is C{name}."""
+        for i, (f, args, d) in enumerate(self.jobs):
+            if f.__name__ == name:
+                del self.jobs[i]
+                d.callback(f(*args))
+                return
+        self.fail(f"no {name} job waiting")
+
+    def test_hashing_and_writing_overlap_in_order_with_backpressure(self):
+
+        batch = images.BATCH
+        self.assertEqual(images.MAX_PENDING, 3 * batch)
+        body = [os.urandom(batch) for _ in range(5)] + [os.urandom(1000)]
+        for chunk in body[:3]:
+            self.sink.dataReceived(chunk)
+        # Both threads got the first batch at once; the others wait, in order, one job
+        # per stage at a time.
+        self.assertEqual(sorted(f.__name__ for f, _, _ in self.jobs), ["_hash_sync", "_write_sync"])
+        self.assertFalse(self.transport.paused)
+        self.sink.dataReceived(body[3])  # 4 batches handed over, none done: past MAX_PENDING
+        self.assertTrue(self.transport.paused)
+        for _ in range(3):
+            self.run_job("_hash_sync")
+        self.assertTrue(self.transport.paused)  # none written yet
+        for _ in range(2):
+            self.run_job("_write_sync")
+        self.assertTrue(self.transport.paused)  # 2 batches still waiting: above half
+        self.run_job("_write_sync")
+        self.assertFalse(self.transport.paused)
+        self.assertEqual(self.sink.written, 3 * batch)
+        self.sink.dataReceived(body[4])
+        self.sink.dataReceived(body[5])
+        self.sink.connectionLost(Failure(ResponseDone()))
+        self.assertFalse(self.sink.done.called)
+        while self.jobs:
+            self.run_job(self.jobs[0][0].__name__)
+        self.assertIsNone(self.successResultOf(self.sink.done))
+        data = b"".join(body)
+        self.assertEqual(self.sink.written, len(data))
+
+        self.assertEqual(self.hasher.hexdigest(), hashlib.sha256(data).hexdigest())
+        self.file.finish()
+        os.truncate(self.file.path, len(data))
+        with open(self.file.path, "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    def test_write_error_stops_the_transfer_after_the_jobs_in_flight(self):
+
+        self.sink.dataReceived(os.urandom(images.BATCH))
+        self.sink.dataReceived(os.urandom(images.BATCH))
+        for i, (f, _args, d) in enumerate(self.jobs):
+            if f.__name__ == "_write_sync":
+                del self.jobs[i]
+                d.errback(Failure(OSError(errno.ENOSPC, "No space left on device")))
+                break
+        self.assertTrue(self.transport.stopped)
+        self.sink.connectionLost(Failure(ResponseDone()))
+        self.assertFalse(self.sink.done.called)  # a hash job is still running
+        self.run_job("_hash_sync")
+        self.assertEqual(self.jobs, [])  # the queued batches were dropped
+        self.failureResultOf(self.sink.done, OSError)
