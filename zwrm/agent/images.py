@@ -10,7 +10,8 @@ Layout under C{root}::
 A download streams the response body to a temporary file while hashing it: batches of the
 body go to two threads, one hashing and one writing (so neither hashing nor disk writes run
 on the reactor thread, and they overlap each other and the reading; the connection is paused
-while too much waits for them). Blocks of zeros are left as holes, so a
+while too much waits for them). The file is written with O_DIRECT where the file system
+takes it, bypassing the page cache (L{_BlobFile}). Blocks of zeros are left as holes, so a
 sparse raw disk is cached sparse. Only a file whose SHA-256 equals its
 digest is fsynced and renamed into C{blobs/}; a mismatch discards it and fetches again, up to
 C{max_attempts}. A connection that drops mid-body is resumed with an HTTP Range request

@@ -6,6 +6,7 @@ Layout under C{root}::
 
     blobs/<algorithm>/<hex>                 content, named by its digest (blobs and manifests)
     uploads/<uuid>                          bytes of an upload in progress
+    uploads/spool-<uuid>                    a request body being received (L{Spool})
     repositories/<name>/_blobs/<alg>/<hex>  empty file: the repository may serve that blob
     repositories/<name>/_manifests/<alg>/<hex>
                                             the manifest's media type: the repository holds it
@@ -17,6 +18,10 @@ reactor thread. Blocks of zeros are not written but left as holes, so a sparse r
 takes on disk what its data takes. Content only becomes visible under C{blobs/} by an atomic C{rename} after it
 was hashed, compared with the digest it claims, and fsynced, so a reader never sees a partial
 or unverified blob.
+
+A blob's request body is spooled under C{uploads/} (the registry's request factory asks for a
+L{Spool}; twisted.web writes to it on the reactor thread as the body arrives); when it is the
+whole of its upload, it is hashed where it lies and renamed into place instead of copied.
 
 Upload sessions keep their running hash in memory; a restart of the control plane forgets
 them (their files are removed at start-up) and clients start the upload again.
