@@ -1289,6 +1289,57 @@ class WritePartsTests(SynchronousTestCase):
             os.close(direct)
 
 
+class WriteQueueTests(SynchronousTestCase):
+    """
+    A receiver's block writes: L{receiving.WRITERS} at once, on different blocks; a block's
+    writes in the order they came; L{IncomingTransfer._after_writes} waits for those queued
+    before it.
+    """
+
+    def test_writes_overlap_but_not_on_one_block(self):
+        started = []
+
+        def in_thread(reactor, threadpool, work, fd):
+            d = defer.Deferred()
+            started.append((work.__name__, d))
+            return d
+
+        self.patch(receiving, "deferToThreadPool", in_thread)
+        receiver = VolumeReceiver(task.Clock(), None, None, threadpool=object())
+        incoming = receiving.IncomingTransfer(receiver, "t" * 16, "vol-1", 8 * MiB, None)
+        incoming._fd = 99  # never touched: the work functions are fakes
+        done = []
+
+        def queue(name, index):
+            work = lambda fd: None  # noqa: E731
+            work.__name__ = name
+            incoming._queue(work, lambda _: done.append(name), None, index)
+
+        queue("a", 1)
+        queue("c", 2)
+        queue("b", 1)
+        queue("d", 3)
+        after_four = incoming._after_writes()
+        self.assertEqual([n for n, _ in started], ["a", "c"])
+        started[1][1].callback(None)  # c is written; b must wait for a, d behind b
+        self.assertEqual([n for n, _ in started], ["a", "c"])
+        started[0][1].callback(None)
+        self.assertEqual([n for n, _ in started], ["a", "c", "b", "d"])
+        queue("e", 4)
+        self.assertNoResult(after_four)
+        started[2][1].callback(None)
+        started[3][1].callback(None)
+        self.successResultOf(after_four)  # e, queued after, is not waited for
+        self.assertEqual(done, ["c", "a", "b", "d"])
+        self.assertEqual(incoming._pending, 1)
+        # A write that ends after its file was given up (a new copy started) changes
+        # nothing of the new copy's state.
+        incoming._fd = 100
+        started[4][1].callback(None)
+        self.assertEqual(done, ["c", "a", "b", "d"])
+        self.assertEqual(incoming._pending, 0)
+
+
 class Recorder(wire._Framed):
     """
     A framed protocol that records what it parses.

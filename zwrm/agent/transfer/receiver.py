@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import mmap
 import os
+from collections import deque
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
@@ -48,6 +49,10 @@ log = Logger()
 #: which it starts again.
 RECEIVE_HIGH_WATER = 16
 RECEIVE_LOW_WATER = 4
+
+#: Block writes (hash, then write) a receiver runs at once, in threads: one hashes while
+#: another waits for the disk.
+WRITERS = 2
 
 #: Bytes the receiver reads from its socket at a time.
 READ_SIZE = 256 * 1024
@@ -216,8 +221,13 @@ class IncomingTransfer:
         self.tmp_path = None
         self._fd = None
         self._direct = None
-        self._tail = defer.succeed(None)
         self._pending = 0
+        self._waiting = deque()  # writes not started: (seq, fd, index, work, done, release)
+        self._unfinished = deque()  # the seqs of writes not finished, in order
+        self._finished = set()
+        self._writing = set()  # the blocks being written
+        self._seq = 0
+        self._waiters = []  # (seq, Deferred): fire once every write before seq is done
         self._write_error = None
         self._dirty = 0
         self._proto = None
@@ -428,18 +438,23 @@ class IncomingTransfer:
         """
         @return: a new L{Deferred} that fires once every write queued so far is done.
         """
+        if not self._unfinished:
+            return defer.succeed(None)
         d = defer.Deferred()
-
-        def fire(result):
-            d.callback(None)
-            return result
-
-        self._tail.addCallback(fire)
+        self._waiters.append((self._seq, d))
         return d
 
-    def _queue(self, work, done, release=None):
-        fd = self._fd
+    def _queue(self, work, done, release=None, index=None):
+        """
+        Queue C{work(fd)} for a writer thread; C{done} gets its result (on the reactor
+        thread) if the file is still the same; C{release()} is called once it is over or
+        skipped. Up to L{WRITERS} run at once, each on another block (C{index}), and a
+        block's writes in the order queued.
+        """
+        seq, self._seq = self._seq, self._seq + 1
         self._pending += 1
+        self._unfinished.append(seq)
+        self._waiting.append((seq, self._fd, index, work, done, release))
         if (
             self._pending >= RECEIVE_HIGH_WATER
             and self._proto is not None
@@ -447,22 +462,46 @@ class IncomingTransfer:
         ):
             self._paused_reading = True
             self._proto.transport.pauseProducing()
+        self._start_writes()
 
-        def run(_):
+    def _start_writes(self):
+        while self._waiting and len(self._writing) < WRITERS:
+            seq, fd, index, work, done, release = self._waiting[0]
+            if index in self._writing:
+                return  # in order: the block's earlier write first
+            self._waiting.popleft()
             if self._write_error is not None or self._fd != fd:
-                return None
+                self._write_over(seq, index, release)
+                continue
+            self._writing.add(index)
             d = deferToThreadPool(self._receiver.reactor, self._receiver.threadpool, work, fd)
-            d.addCallbacks(done, self._write_failed)
-            return d
 
-        def finished(_):
-            if release is not None:
-                release()
-            self._pending -= 1
-            if self._pending <= RECEIVE_LOW_WATER:
-                self._resume_reading()
+            def written(result, fd=fd, done=done):
+                if self._fd == fd:
+                    done(result)
 
-        self._tail = self._tail.addCallback(run).addBoth(finished)
+            d.addCallbacks(written, self._write_failed)
+            d.addBoth(lambda _, seq=seq, index=index, release=release: self._write_over(
+                seq, index, release, True))
+
+    def _write_over(self, seq, index, release, started=False):
+        if started:
+            self._writing.discard(index)
+        if release is not None:
+            release()
+        self._pending -= 1
+        self._finished.add(seq)
+        while self._unfinished and self._unfinished[0] in self._finished:
+            self._finished.discard(self._unfinished.popleft())
+        if self._waiters:
+            first = self._unfinished[0] if self._unfinished else self._seq
+            ready = [d for mark, d in self._waiters if mark <= first]
+            self._waiters = [(mark, d) for mark, d in self._waiters if mark > first]
+            for d in ready:
+                d.callback(None)
+        if self._pending <= RECEIVE_LOW_WATER:
+            self._resume_reading()
+        self._start_writes()
 
     def _resume_reading(self):
         if self._paused_reading:
@@ -544,7 +583,7 @@ class IncomingTransfer:
             self.received += length
             self._receiver.bytes_received += length  # the agent's /metrics
 
-        self._queue(work, done, (lambda: release(buf)) if buf is not None else None)
+        self._queue(work, done, (lambda: release(buf)) if buf is not None else None, index)
 
     def zero(self, offset, length):
         index = self._block_index(offset, length)
@@ -557,7 +596,7 @@ class IncomingTransfer:
         def done(_):
             self.hashes[index] = blockmap.zero_hash(length)
 
-        self._queue(work, done)
+        self._queue(work, done, None, index)
 
     def end(self, msg):
         """
