@@ -148,6 +148,17 @@ class BlobFileTests(unittest.TestCase):
         f.write([data], 0)
         self.assertEqual(self.written(f, len(data)), data)
 
+    def test_no_memory_for_the_buffer(self):
+        def no_memory(*a):
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+        self.patch(images.mmap, "mmap", no_memory)
+        f = self.blobfile()
+        self.assertFalse(f.direct)
+        data = os.urandom(10000)
+        f.write([data], 0)
+        self.assertEqual(self.written(f, len(data)), data)
+
     def test_restart(self):
         f = self.blobfile()
         f.write([os.urandom(DIRECT_BUFFER + 100)], 0)

@@ -126,10 +126,11 @@ class _BlobFile:
         if direct and hasattr(os, "O_DIRECT"):
             try:
                 self._direct = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-            except OSError:
-                pass  # not on this file system
-            else:
                 self._buf = mmap.mmap(-1, DIRECT_BUFFER)
+            except OSError:
+                # Not on this file system (or no memory for the buffer): the page cache.
+                if self._direct is not None:
+                    self._undirect()
         self._pos = 0  # the file offset of the buffer's first byte
         self._held = 0  # bytes in the buffer, not written yet
 
