@@ -7,6 +7,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import struct
 import subprocess
@@ -1335,9 +1336,13 @@ class WriteQueueTests(SynchronousTestCase):
         # A write that ends after its file was given up (a new copy started) changes
         # nothing of the new copy's state.
         incoming._fd = 100
+        for _ in range(receiving.KEEP_BUFFERS + 3):
+            receiver.buffers.give(mmap.mmap(-1, 4096))
         started[4][1].callback(None)
         self.assertEqual(done, ["c", "a", "b", "d"])
         self.assertEqual(incoming._pending, 0)
+        # No connection and nothing left to write: the buffer pool shrinks back.
+        self.assertEqual(len(receiver.buffers._free), receiving.KEEP_BUFFERS)
 
 
 class Recorder(wire._Framed):

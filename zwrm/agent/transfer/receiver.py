@@ -501,6 +501,9 @@ class IncomingTransfer:
                 d.callback(None)
         if self._pending <= RECEIVE_LOW_WATER:
             self._resume_reading()
+        if not self._pending and self._proto is None:
+            # The stream is over and its last block written: the pool shrinks back.
+            self._receiver.buffers.trim()
         self._start_writes()
 
     def _resume_reading(self):
