@@ -1,8 +1,8 @@
 """
-How the image cache writes a download: L{zwrm.agent.images._BlobFile} (O_DIRECT from an
-aligned buffer where the file system takes it, through the page cache where not) and the
-sparse writers of L{zwrm.sparse}. These run in threads in production; here they are called
-directly.
+How the image cache writes a download: L{zwrm.sparse.SparseFile} (O_DIRECT from an aligned
+buffer where the file system takes it, through the page cache where not), the sparse writers
+of L{zwrm.sparse}, and the sink that feeds them from two threads. These run in threads in
+production; here they are called directly.
 """
 
 import errno
@@ -17,8 +17,14 @@ from twisted.web.client import ResponseDone
 
 from zwrm import sparse
 from zwrm.agent import images
-from zwrm.agent.images import DIRECT_ALIGN, DIRECT_BUFFER, _BlobFile
-from zwrm.sparse import SPARSE_BLOCK, pwrite_sparse, write_sparse
+from zwrm.sparse import (
+    DIRECT_ALIGN,
+    DIRECT_BUFFER,
+    SPARSE_BLOCK,
+    SparseFile,
+    pwrite_sparse,
+    write_sparse,
+)
 
 
 def _direct_supported(directory):
@@ -53,7 +59,7 @@ class BlobFileTests(unittest.TestCase):
         self.path = os.path.join(self.dir, "blob")
 
     def blobfile(self, direct=True):
-        f = _BlobFile(self.path, direct)
+        f = SparseFile(self.path, direct)
         self.addCleanup(f.close)
         return f
 
@@ -141,7 +147,7 @@ class BlobFileTests(unittest.TestCase):
                 raise OSError(errno.EINVAL, "Invalid argument")
             return real(path, flags, *a)
 
-        self.patch(images.os, "open", refuse)
+        self.patch(sparse.os, "open", refuse)
         f = self.blobfile()
         self.assertFalse(f.direct)
         data = os.urandom(10000)
@@ -152,7 +158,7 @@ class BlobFileTests(unittest.TestCase):
         def no_memory(*a):
             raise OSError(errno.ENOMEM, "Cannot allocate memory")
 
-        self.patch(images.mmap, "mmap", no_memory)
+        self.patch(sparse.mmap, "mmap", no_memory)
         f = self.blobfile()
         self.assertFalse(f.direct)
         data = os.urandom(10000)
@@ -245,7 +251,7 @@ class SinkTests(unittest.TestCase):
         self.jobs = []
         self.dir = self.mktemp()
         os.makedirs(self.dir)
-        self.file = _BlobFile(os.path.join(self.dir, "blob"))
+        self.file = SparseFile(os.path.join(self.dir, "blob"))
         self.addCleanup(self.file.close)
         self.hasher = hashlib.sha256()
         self.sink = images._BlobSink(self.in_thread, self.file, 0, self.hasher, task.Clock(), 0)

@@ -11,7 +11,7 @@ A download streams the response body to a temporary file while hashing it: batch
 body go to two threads, one hashing and one writing (so neither hashing nor disk writes run
 on the reactor thread, and they overlap each other and the reading; the connection is paused
 while too much waits for them). The file is written with O_DIRECT where the file system
-takes it, bypassing the page cache (L{_BlobFile}). Blocks of zeros are left as holes, so a
+takes it, bypassing the page cache (L{zwrm.sparse.SparseFile}). Blocks of zeros are left as holes, so a
 sparse raw disk is cached sparse. Only a file whose SHA-256 equals its
 digest is fsynced and renamed into C{blobs/}; a mismatch discards it and fetches again, up to
 C{max_attempts}. A connection that drops mid-body is resumed with an HTTP Range request
@@ -36,11 +36,9 @@ download under way keeps the address it started with (its resumes too) and finis
 fails as any download does; cached blobs stay valid, since they are named by digest.
 """
 
-import errno
 import hashlib
 import inspect
 import itertools
-import mmap
 import os
 from collections import Counter, deque
 
@@ -63,16 +61,12 @@ from zwrm.errors import (
 from zwrm.interfaces import IImageCache
 from zwrm.registry.client import auth_header
 from zwrm.registry.image import MANIFEST_TYPE, parse_config, parse_manifest, parse_reference
-from zwrm.sparse import pwrite_sparse
+from zwrm.sparse import SparseFile
 
 #: Bytes gathered from the connection before they go to the hashing and writing threads.
 BATCH = 4 * 1024 * 1024
 #: The connection is paused while more than this waits to be hashed or written.
 MAX_PENDING = 3 * BATCH
-#: O_DIRECT writes start and end on multiples of this (the largest logical block size).
-DIRECT_ALIGN = 4096
-#: The page-aligned buffer O_DIRECT writes go from.
-DIRECT_BUFFER = 4 * 1024 * 1024
 MANIFEST_ACCEPT = ", ".join(
     [
         MANIFEST_TYPE,
@@ -99,119 +93,6 @@ def _unlink(path):
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-class _BlobFile:
-    """
-    A blob's temporary file, written at increasing offsets by one thread at a time (it is
-    made, and each of its methods called, in a thread), with blocks of zeros left as holes.
-
-    Where the file system takes it, the bytes go with C{O_DIRECT} from one reused,
-    page-aligned buffer, bypassing the page cache: a pull then neither pays for filling
-    the page cache (a copy into freshly allocated pages, the largest cost of a buffered
-    write, and a slow one on a virtual machine) nor pushes the host's running machines'
-    pages out of it, and the fsync before the rename has little left to write. The bytes
-    short of an L{DIRECT_ALIGN} boundary wait in the buffer for the next batch; the last
-    block goes whole, and the commit truncates what lies past the end. Where the file system
-    refuses C{O_DIRECT} (tmpfs, some network file systems), the file is written through the
-    page cache instead.
-    """
-
-    def __init__(self, path, direct=True):
-        self.path = path
-        self.size = 0  # bytes taken: written, or waiting in the buffer
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-        self._direct = None
-        self._buf = None
-        if direct and hasattr(os, "O_DIRECT"):
-            try:
-                self._direct = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-                self._buf = mmap.mmap(-1, DIRECT_BUFFER)
-            except OSError:
-                # Not on this file system (or no memory for the buffer): the page cache.
-                if self._direct is not None:
-                    self._undirect()
-        self._pos = 0  # the file offset of the buffer's first byte
-        self._held = 0  # bytes in the buffer, not written yet
-
-    @property
-    def direct(self):
-        """Whether the bytes bypass the page cache."""
-        return self._direct is not None
-
-    def write(self, chunks, offset):
-        """Write C{chunks} (a list of bytes) at C{offset}, which must be L{size}."""
-        if offset != self.size:
-            raise ValueError(f"write at {offset} in a file of {self.size} bytes")
-        if self._direct is None:
-            pwrite_sparse(self._fd, chunks[0] if len(chunks) == 1 else b"".join(chunks), offset)
-            self.size += sum(len(c) for c in chunks)
-            return
-        buf = self._buf
-        for chunk in chunks:
-            view = memoryview(chunk)
-            while view:
-                n = min(len(view), DIRECT_BUFFER - self._held)
-                buf[self._held:self._held + n] = view[:n]
-                self._held += n
-                self.size += n
-                view = view[n:]
-                if self._held == DIRECT_BUFFER:
-                    self._flush(DIRECT_BUFFER)
-        if self._held >= DIRECT_ALIGN or self._direct is None:
-            self._flush(self._held - self._held % DIRECT_ALIGN)
-
-    def _flush(self, n):
-        """
-        Write the buffer's first C{n} bytes (a multiple of L{DIRECT_ALIGN}) at C{_pos};
-        all it holds once O_DIRECT is given up.
-        """
-        view = memoryview(self._buf)
-        if self._direct is not None and n:
-            try:
-                pwrite_sparse(self._direct, view[:n], self._pos)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                # O_DIRECT opened, but the device wants another alignment: from here on
-                # through the page cache.
-                self._undirect()
-        if self._direct is None:
-            n = self._held
-            pwrite_sparse(self._fd, view[:n], self._pos)
-        rest = self._held - n
-        if rest:
-            self._buf.move(0, n, rest)
-        self._pos += n
-        self._held = rest
-
-    def _undirect(self):
-        os.close(self._direct)
-        self._direct = None
-
-    def finish(self):
-        """
-        Write what waits in the buffer, its last block whole: the bytes past the end are
-        whatever the buffer held, and the commit truncates them away.
-        """
-        if self._direct is None or not self._held:
-            return
-        self._held += -self._held % DIRECT_ALIGN
-        self._flush(self._held)
-
-    def restart(self):
-        """Empty the file, to be written again from offset 0."""
-        os.ftruncate(self._fd, 0)
-        self.size = self._pos = self._held = 0
-
-    def close(self):
-        """Close the file (again: nothing)."""
-        if self._direct is not None:
-            self._undirect()
-        self._buf = None  # unmapped when no view of it is left (a traceback may hold one)
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 class _Stage:
@@ -254,7 +135,7 @@ class _Stage:
 
 class _BlobSink(protocol.Protocol):
     """
-    Receives a response body into the L{_BlobFile} C{blobfile} from file offset C{offset} on
+    Receives a response body into the L{zwrm.sparse.SparseFile} C{blobfile} from file offset C{offset} on
     while hashing it with C{hasher}: batches of at least L{BATCH} bytes go to two threads,
     one hashing, one writing (so the two overlap each other and the next reads); the
     connection is paused while more than L{MAX_PENDING} bytes wait for either.
@@ -443,7 +324,7 @@ class ImageCache:
     @param learn_registry: L{None}, or a callable returning (a Deferred or coroutine of) the
         registry URL the control plane announces now, or L{None} (see the module docstring).
     @param direct_io: write downloads with C{O_DIRECT} where the file system takes it,
-        bypassing the page cache (see L{_BlobFile}).
+        bypassing the page cache (see L{zwrm.sparse.SparseFile}).
     """
 
     log = Logger()
@@ -787,7 +668,7 @@ class ImageCache:
         @return: C{(size, "sha256:<hex>")} of what was received.
         """
         hasher = hashlib.sha256()
-        f = await self._in_thread(_BlobFile, tmp, self.direct_io)
+        f = await self._in_thread(SparseFile, tmp, self.direct_io)
         try:
             offset = 0
             resumes = 0
