@@ -1290,6 +1290,35 @@ class WritePartsTests(SynchronousTestCase):
             os.close(direct)
 
 
+class SenderFileTests(SynchronousTestCase):
+    """
+    The sender closes the image only once no block read is in flight on it.
+    """
+
+    def test_closed_after_the_last_read(self):
+        class Pool:
+            def callInThread(self, f, *args):
+                f(*args)
+
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.truncate(MiB)
+        sender = VolumeSender(task.Clock(), None, threadpool=Pool())
+        send = sending._Send(
+            sender, "127.0.0.1", 1, "t" * 16, path, "host-dst", "bulk", True, None
+        )
+        send.fd = fd = os.open(path, os.O_RDONLY)
+        self.addCleanup(lambda: send.fd is not None and os.close(send.fd))
+        send.reading = 2  # two reads in flight
+        send._close_file()  # the outcome is decided
+        os.fstat(fd)  # still open: a read in flight holds the number
+        send.readDone()
+        os.fstat(fd)
+        send.readDone()
+        self.assertIsNone(send.fd)
+        self.assertRaises(OSError, os.fstat, fd)
+
+
 class WriteQueueTests(SynchronousTestCase):
     """
     A receiver's block writes: L{receiving.WRITERS} at once, on different blocks; a block's

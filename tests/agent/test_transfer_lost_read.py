@@ -24,6 +24,9 @@ class _Send:
     def localError(self, err):
         self.errors.append(err)
 
+    def readDone(self):
+        pass
+
 
 class _GoneTransport:
     """Twisted's TLS transport after connectionLost: aborting it raises."""

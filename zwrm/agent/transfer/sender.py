@@ -183,6 +183,7 @@ class _SenderProtocol(_Framed):
             self._inflight.append(item)
             if item.read:
                 self._reads += 1
+                s.reading += 1
                 item.buf = s.takeBuffer()
                 d = deferToThreadPool(
                     s.reactor,
@@ -205,6 +206,7 @@ class _SenderProtocol(_Framed):
 
     def _read(self, result, item):
         self._reads -= 1
+        self._send.readDone()
         item.result = result
         if self._stopped:
             self._release(item)
@@ -218,6 +220,7 @@ class _SenderProtocol(_Framed):
 
     def _readFailed(self, f, item):
         self._reads -= 1
+        self._send.readDone()
         self._release(item)
         if self._stopped:
             # The connection is gone (or going) already: a read still in flight when it
@@ -326,6 +329,8 @@ class _Send:
         self.mode, self.commit, self.progress = mode, commit, progress
         self.target = target
         self.fd = None
+        self.reading = 0  # block reads in threads, all connections included
+        self.closing = False
         self.size = None
         self.blocks = []
         self.allocated = 0
@@ -521,10 +526,21 @@ class _Send:
         self._close_file()
 
     def _close_file(self):
-        if self.fd is not None:
+        """
+        Close the image once no read is in flight on it: closed while a read was (the number
+        given back to the kernel), a file opened meanwhile (the next stream's) could get the
+        same number and the read would fail, or read that file.
+        """
+        self.closing = True
+        if self.fd is not None and not self.reading:
             fd, self.fd = self.fd, None
-            # Reads still in flight hold the number; close after them.
-            self.reactor.callLater(0, self.threadpool.callInThread, os.close, fd)
+            self.threadpool.callInThread(os.close, fd)
+
+    def readDone(self):
+        """A block read has ended (on the reactor thread)."""
+        self.reading -= 1
+        if self.closing:
+            self._close_file()
 
     def _fire(self):
         outcome, self.outcome = self.outcome, None
