@@ -182,6 +182,24 @@ def cpu_seconds(pid, split=False):
     return (user, system) if split else user + system
 
 
+def thread_cpu_seconds(pid):
+    """utime + stime of C{pid}'s main thread (the reactor's), and of its other threads."""
+    tck = os.sysconf("SC_CLK_TCK")
+    main = other = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+        cpu = (int(fields[11]) + int(fields[12])) / tck
+        if int(tid) == pid:
+            main += cpu
+        else:
+            other += cpu
+    return main, other
+
+
 def seed(data_dir, n, address="127.0.0.1"):
     """
     A control-plane database with C{n} hosts whose credentials are known.
@@ -273,8 +291,10 @@ def run_step(args, cp_pid, port, creds, probe=None):
     gc0 = gc_metrics(port)
     p0 = probe() if probe is not None else None
     (u0, s0), t0 = cpu_seconds(cp_pid, split=True), time.monotonic()
+    m0, o0 = thread_cpu_seconds(cp_pid)
     time.sleep(args.duration)
     (u1, s1), t1 = cpu_seconds(cp_pid, split=True), time.monotonic()
+    m1, o1 = thread_cpu_seconds(cp_pid)
     p1 = probe() if probe is not None else None
     cpu0, cpu1 = u0 + s0, u1 + s1
     gc1 = gc_metrics(port)
@@ -313,6 +333,8 @@ def run_step(args, cp_pid, port, creds, probe=None):
         "cpu_per_hb_ms": 1000 * (cpu1 - cpu0) / max(1, len(latencies)) * args.duration / (t1 - t0),
         # of which in the kernel (on loopback, send() also runs the receiving side's TCP)
         "sys_per_hb_ms": 1000 * (s1 - s0) / max(1, len(latencies)) * args.duration / (t1 - t0),
+        # of which in threads other than the reactor's (the store's thread pool)
+        "threads_per_hb_ms": 1000 * (o1 - o0) / max(1, len(latencies)) * args.duration / (t1 - t0),
         "worker_cpu": worker_cpu,
         "window_s": t1 - t0,
         "probe": (p0, p1),
@@ -568,10 +590,11 @@ def main():
         print("a step after the first reconnects its agents at once: the last step's sessions all"
               " closed, then every agent connects again (at most 50 at a time per worker)")
         print("cp ms/hb: the control plane's CPU per heartbeat answered (its CPU in the window, idle"
-              " included, over the heartbeats answered in it), sys ms: of which in the kernel;"
+              " included, over the heartbeats answered in it), sys ms: of which in the kernel,"
+              " thr ms: of which in threads other than the reactor's (the store's);"
               " max ms bounds its longest pause")
         print(f"{'hosts':>6} {'hb/s':>6} {'answered':>9} {'fail':>5} {'p50 ms':>8} {'p99 ms':>8}"
-              f" {'max ms':>8} {'cp CPU':>7} {'cp ms/hb':>8} {'sys ms':>7} {'agents CPU':>10} {'load':>5} {'gc max ms':>9}"
+              f" {'max ms':>8} {'cp CPU':>7} {'cp ms/hb':>8} {'sys ms':>7} {'thr ms':>7} {'agents CPU':>10} {'load':>5} {'gc max ms':>9}"
               f" {'full gc':>7} {'frozen':>8} {'pause ms':>9} {'>.25s/>1s':>9}  result")
         best, baseline, all_ok, last = 0, None, True, None
         for n in steps:
@@ -583,6 +606,7 @@ def main():
                   f"{r['heartbeats']:>5}/{r['expected']:<4.0f}"
                   f"{r['failures']:>5} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['max_ms']:>8.1f}"
                   f" {100 * r['cpu']:>6.1f}% {r['cpu_per_hb_ms']:>8.3f} {r['sys_per_hb_ms']:>7.3f}"
+                  f" {r['threads_per_hb_ms']:>7.3f}"
                   f" {100 * r['worker_cpu']:>9.1f}% {r['load']:>5.1f}"
                   + (f" {r['gc_max_ms']:>9.1f} {r['gc_full']:>7.0f} {r['gc_frozen']:>8.0f}"
                      f" {r['pause_max_ms']:>9.1f} {r['pauses']:>9}"
