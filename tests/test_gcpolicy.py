@@ -82,8 +82,11 @@ class CollectionPolicyTests(SynchronousTestCase):
         self.assertEqual(policy.full_collections, 1)
         grow = [Node() for _ in range(policy.frozen_after_full)]
         clock.advance(10)  # freezes the growth; the frozen heap is now 1.5x or more
-        self.assertTrue(policy.full_due())
-        clock.advance(10)
+        if policy.full_collections == 1:
+            self.assertTrue(policy.full_due())
+            clock.advance(10)
+        # (or that tick collected fully already: CPython's own full collections while the
+        # growth was made froze part of it at once, and the policy counts what they freeze)
         self.assertEqual(policy.full_collections, 2)
         self.assertIsNone(ref())
         self.assertGreater(policy.last_full_seconds, 0)
@@ -272,7 +275,11 @@ class FrozenCountTests(SynchronousTestCase):
         exactly first, and does no full collection when they were freed.
         """
         clock, policy, counting = self.start(interval=10, growth=0.5, minimum=0)
-        short_lived = [Node() for _ in range(policy.frozen_after_full)]
+        gc.disable()  # no automatic collection freezes part of them before the tick
+        try:
+            short_lived = [Node() for _ in range(policy.frozen_after_full)]
+        finally:
+            gc.enable()
         clock.advance(10)  # frozen
         del short_lived  # freed by reference counting, still counted
         self.assertTrue(policy.full_due())
