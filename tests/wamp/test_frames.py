@@ -18,7 +18,7 @@ from twisted.trial import unittest
 
 from zwrm.wamp.auth import RoleBasedAuthorizer, Rule, StaticAuthenticator
 from zwrm.wamp.router import Router
-from zwrm.wamp.transport import websocket_factory
+from zwrm.wamp.transport import rawsocket_factory, websocket_factory
 
 HANDSHAKE = (
     b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -222,3 +222,39 @@ class FramePathTests(unittest.SynchronousTestCase):
         self.assertFalse(self.transport.disconnecting)
         self.clock.advance(self.proto.autoPingTimeout + 1)
         self.assertTrue(self.transport.disconnecting)  # no pong: dropped
+
+
+class RawSocketHeldTests(unittest.SynchronousTestCase):
+    """The RawSocket server protocol holds what it sends during a read like the WebSocket one."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.patch(txaio.config, "loop", self.clock)
+        self.router = Router(self.clock, StaticAuthenticator(anonymous=True),
+                             RoleBasedAuthorizer({"anonymous": [Rule("t.", "prefix", {"call"})]}))
+
+        class Transport(_Transport):
+            def loseConnection(self):
+                self.at_close = self.value()
+                _Transport.loseConnection(self)
+
+        self.proto = rawsocket_factory(self.router, serializers=("json",)).buildProtocol(None)
+        self.transport = Transport()
+        self.proto.makeConnection(self.transport)
+        self.proto.dataReceived(b"\x7f\xf1\x00\x00")  # RawSocket handshake: JSON
+        self.assertEqual(len(self.transport.value()), 4)
+        self.transport.clear()
+        self.addCleanup(self.proto.connectionLost, Failure(ConnectionDone()))
+
+    def test_held_messages_are_counted_and_sent_before_a_close(self):
+        delivery = self.router.local_delivery
+        delivery.enter()
+        self.proto.send_list([36, 1, 2, {}, ["e"]])
+        held = self.proto.unsent_bytes()
+        self.assertGreater(held, 4)
+        self.assertEqual(self.transport.value(), b"")
+        self.proto.close()  # what was held goes first
+        delivery.leave()
+        self.assertEqual(len(self.transport.at_close), held)
+        self.assertEqual(json.loads(self.transport.at_close[4:]), [36, 1, 2, {}, ["e"]])
+        self.assertEqual(self.proto.unsent_bytes(), 0)

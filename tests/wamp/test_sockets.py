@@ -339,11 +339,11 @@ class SocketLimitTests(_SocketBase):
         What the router writes while it handles a read (the INVOCATION to the callee, the
         RESULT to the caller) goes to the socket before the read's handling returns, with
         one send() and without asking the reactor to report the socket writable (a second
-        reactor turn and two epoll_ctl calls each); on the router's own listener and behind
-        a plain wrapper, as the control plane serves it.
+        reactor turn and two epoll_ctl calls each); WebSocket on the router's own listener
+        and behind a plain wrapper, as the control plane serves it, and RawSocket.
         """
         yield self.listen_wrapped()
-        for kind in ("websocket", "wrapped"):
+        for kind in ("websocket", "wrapped", "rawsocket"):
             callee, _ = yield self.join("op", kind=kind)
             yield callee.register(lambda x: x, f"test.echo_{kind}")
             caller, _ = yield self.join("op2", "op2-ticket", serializer="msgpack", kind=kind)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import struct
 from collections import deque
 
 import txaio
@@ -34,6 +35,7 @@ from twisted.internet import defer, tcp
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.protocols import policies
+from twisted.protocols.basic import StringTooLongError
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -260,6 +262,7 @@ class WampWebSocketServerProtocol(_QuietWebSocketMixin, _websocket.WampWebSocket
         if self._held is not None:
             if abort:
                 self._held = None
+                self._held_len = 0
             else:
                 self._send_held()
         super().dropConnection(abort)
@@ -454,8 +457,46 @@ class WampWebSocketServerFactory(_websocket.WampWebSocketServerFactory):
 class WampRawSocketServerProtocol(_rawsocket.WampRawSocketServerProtocol):
     """
     Autobahn's WAMP-over-RawSocket server protocol with the same ABORT on a
-    malformed message.
+    malformed message, and the WebSocket protocol's writes: messages sent while a read
+    is handled are held until its end and sent in one C{send()} (L{write_now}).
     """
+
+    _held = None  # messages held until the end of the read being handled
+    _held_len = 0
+
+    def sendString(self, string):
+        if len(string) >= 2 ** (8 * self.prefixLength):
+            raise StringTooLongError(
+                f"Try to send {len(string)} bytes whereas maximum is {2 ** (8 * self.prefixLength)}")
+        data = struct.pack(self.structFormat, len(string)) + string
+        held = self._held
+        if held is not None:
+            held.append(data)
+            self._held_len += len(data)
+            return
+        delivery = getattr(self.factory, "local_delivery", None)
+        if delivery is not None and delivery.after_scope(self._send_held):
+            self._held = [data]
+            self._held_len = len(data)
+            return
+        self.transport.write(data)
+
+    def _send_held(self):
+        held = self._held
+        if held is None:
+            return
+        self._held = None
+        self._held_len = 0
+        write_now(self.transport, held[0] if len(held) == 1 else b"".join(held))
+
+    def close(self):
+        self._send_held()
+        _rawsocket.WampRawSocketServerProtocol.close(self)
+
+    def abort(self):
+        self._held = None
+        self._held_len = 0
+        _rawsocket.WampRawSocketServerProtocol.abort(self)
 
     def connectionMade(self):
         _rawsocket.WampRawSocketServerProtocol.connectionMade(self)
@@ -468,6 +509,7 @@ class WampRawSocketServerProtocol(_rawsocket.WampRawSocketServerProtocol):
                     pass
 
     def connectionLost(self, reason):
+        self._held = None
         _rawsocket.WampRawSocketServerProtocol.connectionLost(self, reason)
         # autobahn resolves is_closed with the protocol itself: a reference cycle that
         # would keep every closed connection (and its TCP transport) for the cycle collector
@@ -538,7 +580,7 @@ class WampRawSocketServerProtocol(_rawsocket.WampRawSocketServerProtocol):
 
     def unsent_bytes(self):
         """Bytes written to this connection and not yet on the network."""
-        return unsent_bytes(self.transport)
+        return unsent_bytes(self.transport) + self._held_len
 
 
     def send(self, msg):
