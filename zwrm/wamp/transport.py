@@ -204,7 +204,45 @@ class _QuietWebSocketMixin:
 _OPEN = WebSocketProtocol.STATE_OPEN
 
 
-class WampWebSocketServerProtocol(_QuietWebSocketMixin, _websocket.WampWebSocketServerProtocol):
+class _HeldWrites:
+    """
+    What a server protocol sends while a network read is handled (the router's
+    L{LocalDelivery} scope: the answers to what was read, events it published) is held
+    and sent when that read has been handled, all of it in one C{send()} straight to the
+    socket (L{write_now}); other writes go through Twisted's transport.
+    """
+
+    _held = None  # bytes held until the end of the read being handled
+    _held_len = 0
+
+    def _write(self, data):
+        """Write C{data}: held until the end of the read being handled, if one is."""
+        held = self._held
+        if held is not None:
+            held.append(data)
+            self._held_len += len(data)
+            return
+        delivery = getattr(self.factory, "local_delivery", None)
+        if delivery is not None and delivery.after_scope(self._send_held):
+            self._held = [data]
+            self._held_len = len(data)
+            return
+        self.transport.write(data)
+
+    def _send_held(self):
+        held = self._held
+        if held is None:
+            return
+        self._drop_held()
+        write_now(self.transport, held[0] if len(held) == 1 else b"".join(held))
+
+    def _drop_held(self):
+        self._held = None
+        self._held_len = 0
+
+
+class WampWebSocketServerProtocol(_HeldWrites, _QuietWebSocketMixin,
+                                 _websocket.WampWebSocketServerProtocol):
     """
     Autobahn's WAMP-over-WebSocket server protocol, except that a message that does
     not parse ends the session with ABORT C{wamp.error.protocol_violation} instead
@@ -227,8 +265,6 @@ class WampWebSocketServerProtocol(_QuietWebSocketMixin, _websocket.WampWebSocket
     """
 
     _codec = None
-    _held = None  # frames held until the end of the read being handled
-    _held_len = 0
     _traffic = False  # data frames came on the lean path since the last auto-ping was due
 
     def _connectionMade(self):
@@ -246,7 +282,7 @@ class WampWebSocketServerProtocol(_QuietWebSocketMixin, _websocket.WampWebSocket
         super().onOpen()
 
     def connectionLost(self, reason):
-        self._held = None
+        self._drop_held()
         super().connectionLost(reason)
         # autobahn resolves is_closed with the protocol itself: a reference cycle that
         # would keep every closed connection for the cycle collector
@@ -261,33 +297,10 @@ class WampWebSocketServerProtocol(_QuietWebSocketMixin, _websocket.WampWebSocket
     def dropConnection(self, abort=False):
         if self._held is not None:
             if abort:
-                self._held = None
-                self._held_len = 0
+                self._drop_held()
             else:
                 self._send_held()
         super().dropConnection(abort)
-
-    def _write(self, frame):
-        """Write one frame: held until the end of the read being handled, if one is."""
-        held = self._held
-        if held is not None:
-            held.append(frame)
-            self._held_len += len(frame)
-            return
-        delivery = self.factory.local_delivery
-        if delivery is not None and delivery.after_scope(self._send_held):
-            self._held = [frame]
-            self._held_len = len(frame)
-            return
-        self.transport.write(frame)
-
-    def _send_held(self):
-        held = self._held
-        if held is None:
-            return
-        self._held = None
-        self._held_len = 0
-        write_now(self.transport, held[0] if len(held) == 1 else b"".join(held))
 
     def dataReceived(self, data):
         delivery = self.factory.local_delivery
@@ -454,48 +467,25 @@ class WampWebSocketServerFactory(_websocket.WampWebSocketServerFactory):
     local_delivery = None  # the router's LocalDelivery (websocket_factory sets it)
 
 
-class WampRawSocketServerProtocol(_rawsocket.WampRawSocketServerProtocol):
+class WampRawSocketServerProtocol(_HeldWrites, _rawsocket.WampRawSocketServerProtocol):
     """
     Autobahn's WAMP-over-RawSocket server protocol with the same ABORT on a
     malformed message, and the WebSocket protocol's writes: messages sent while a read
     is handled are held until its end and sent in one C{send()} (L{write_now}).
     """
 
-    _held = None  # messages held until the end of the read being handled
-    _held_len = 0
-
     def sendString(self, string):
         if len(string) >= 2 ** (8 * self.prefixLength):
             raise StringTooLongError(
                 f"Try to send {len(string)} bytes whereas maximum is {2 ** (8 * self.prefixLength)}")
-        data = struct.pack(self.structFormat, len(string)) + string
-        held = self._held
-        if held is not None:
-            held.append(data)
-            self._held_len += len(data)
-            return
-        delivery = getattr(self.factory, "local_delivery", None)
-        if delivery is not None and delivery.after_scope(self._send_held):
-            self._held = [data]
-            self._held_len = len(data)
-            return
-        self.transport.write(data)
-
-    def _send_held(self):
-        held = self._held
-        if held is None:
-            return
-        self._held = None
-        self._held_len = 0
-        write_now(self.transport, held[0] if len(held) == 1 else b"".join(held))
+        self._write(struct.pack(self.structFormat, len(string)) + string)
 
     def close(self):
         self._send_held()
         _rawsocket.WampRawSocketServerProtocol.close(self)
 
     def abort(self):
-        self._held = None
-        self._held_len = 0
+        self._drop_held()
         _rawsocket.WampRawSocketServerProtocol.abort(self)
 
     def connectionMade(self):
@@ -509,7 +499,7 @@ class WampRawSocketServerProtocol(_rawsocket.WampRawSocketServerProtocol):
                     pass
 
     def connectionLost(self, reason):
-        self._held = None
+        self._drop_held()
         _rawsocket.WampRawSocketServerProtocol.connectionLost(self, reason)
         # autobahn resolves is_closed with the protocol itself: a reference cycle that
         # would keep every closed connection (and its TCP transport) for the cycle collector
