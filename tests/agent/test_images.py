@@ -307,7 +307,7 @@ class ImageCacheTests(unittest.TestCase):
 
         from zwrm.agent import images as module
 
-        def full(self, batch):
+        def full(self, chunk):
             raise OSError(errno.ENOSPC, "No space left on device")
 
         self.patch(module._BlobSink, "_write_sync", full)

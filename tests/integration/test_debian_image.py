@@ -28,7 +28,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.drivers.test_diskimage import hostile_images
 from zwrm.testing import debian
-from zwrm.testing.processes import poll, run_cli, start_vm_cluster, temp_dir
+from zwrm.testing.processes import PollTimeout, poll, run_cli, start_vm_cluster, temp_dir
 
 
 @pytest.mark.qemu
@@ -122,7 +122,13 @@ class DebianImageTests(TestCase):
                 resets.append(e.__class__.__name__)
                 return False
 
-        code, body = await poll(reactor, read, 120, interval=1.0, what="the data read back")
+        try:
+            code, body = await poll(reactor, read, 120, interval=1.0, what="the data read back")
+        except PollTimeout as e:
+            # What the guest said last (a panic after the move was seen, 2026-12-03).
+            console = await self.cli(cp, "logs", m3["id"])
+            self.fail(f"{e}; connections cut: {resets}; the guest's console ends with:\n"
+                      f"{console[-2500:]}")
         print(f"\nread after the live drain: {len(resets)} connection(s) cut first {resets}")
         self.assertEqual((code, body), (200, "kept across machines"))
 
