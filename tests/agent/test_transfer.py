@@ -1006,9 +1006,8 @@ class StreamTests(TestCase):
         return out
 
     @defer.inlineCallbacks
-    def _refused_blocks(self, offsets):
-        """Send blocks at C{offsets} in one bulk stream; @return: the answer frames."""
-        size = 16 * MiB
+    def _bulkHello(self, size=16 * MiB):
+        """A raw connection that said hello for a bulk stream of C{size} bytes, answered."""
         token = mint_token()
         incoming = self.receiver.expect(token, "vol-1", size, peer="host-src")
         proto = yield self._rawConnection()
@@ -1016,6 +1015,12 @@ class StreamTests(TestCase):
             "v": transfer.PROTOCOL_VERSION, "token": token, "mode": "bulk", "size": size,
             "commit": True}))
         yield wait_for(lambda: proto.received)
+        return incoming, proto
+
+    @defer.inlineCallbacks
+    def _refused_blocks(self, offsets):
+        """Send blocks at C{offsets} in one bulk stream; @return: the answer frames."""
+        incoming, proto = yield self._bulkHello()
         for off in offsets:
             proto.transport.write(self._frame(
                 transfer.DATA, struct.pack(">Q", off) + pattern(off)))
@@ -1032,14 +1037,7 @@ class StreamTests(TestCase):
         A sender that ends TLS in the middle of a block's body: the connection ends, nothing
         is stored, the block's buffer goes back to the pool.
         """
-        size = 16 * MiB
-        token = mint_token()
-        incoming = self.receiver.expect(token, "vol-1", size, peer="host-src")
-        proto = yield self._rawConnection()
-        proto.transport.write(self._frame(transfer.HELLO, {
-            "v": transfer.PROTOCOL_VERSION, "token": token, "mode": "bulk", "size": size,
-            "commit": True}))
-        yield wait_for(lambda: proto.received)
+        incoming, proto = yield self._bulkHello()
         block = self._frame(transfer.DATA, struct.pack(">Q", 0) + pattern(0))
         proto.transport.write(block[: len(block) // 2])
         yield wait_for(lambda: incoming._proto is not None and incoming._proto._body is not None
