@@ -134,7 +134,7 @@ class _ConnectRace:
         self.make = make
         self.deadline = reactor.seconds() + timeout
         self.retry = retry
-        self.pending = {}  # connector -> protocol
+        self.pending = set()  # the connectors still connecting
         self.timer = None
         self.failure = None
         self.attempts = 0
@@ -155,20 +155,20 @@ class _ConnectRace:
         won = proto.connected_d = Deferred()
         connector = self.reactor.connectTCP(self.host, self.port, _AttemptFactory(self, proto),
                                             timeout=left)
-        self.pending[connector] = proto
+        self.pending.add(connector)
         won.addCallback(self._won, connector)
         if self.retry and self.retry < left:
             self.timer = self.reactor.callLater(self.retry, self._attempt)
 
     def _won(self, proto, connector):
-        self.pending.pop(connector, None)
+        self.pending.discard(connector)
         if self.done:  # another attempt won in the same turn: this one is not needed
             proto.transport.loseConnection()
             return
         self._finish(proto)
 
     def lost(self, connector, reason):
-        self.pending.pop(connector, None)
+        self.pending.discard(connector)
         if self.done:
             return  # stopped by L{_finish}, or too late
         self.failure = reason
@@ -181,7 +181,7 @@ class _ConnectRace:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        pending, self.pending = self.pending, {}
+        pending, self.pending = self.pending, set()
         for connector in pending:
             connector.stopConnecting()  # Twisted reports each one's failure (to lost) at once
         if isinstance(result, Failure):
