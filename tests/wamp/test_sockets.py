@@ -322,7 +322,7 @@ class SocketLimitTests(_SocketBase):
                 self.assertIsNone(protocol_ref())
                 self.assertIsNone(tcp_ref())
                 # and nothing else of the server's side waits in a cycle
-                self.assertEqual(_server_side_cyclic_garbage(), [])
+                self.assertEqual(_server_side_cyclic_garbage(self.ports[(kind, False)]), [])
             finally:
                 gc.enable()
             del s, proto
@@ -391,12 +391,13 @@ class SocketLimitTests(_SocketBase):
         return d.addCallback(listening)
 
 
-def _server_side_cyclic_garbage():
+def _server_side_cyclic_garbage(port):
     """
-    What a full collection finds unreachable of the server's side of a connection: the
-    router's and its transports' objects, Twisted's server connections and HTTP objects, and
-    autobahn objects that hang off them (the clients in this process leave their own cycles,
-    which do not count).
+    What a full collection finds unreachable of the server's side of a connection to C{port}:
+    the router's and its transports' objects, Twisted's server connections and HTTP objects,
+    and autobahn objects that hang off them (the clients in this process leave their own
+    cycles, which do not count; nor do the connections of an earlier test's listeners, whose
+    teardown may end while this one runs: a CI run saw a TLS connection's).
     """
     from twisted.internet.tcp import Server
     from twisted.protocols.policies import ProtocolWrapper
@@ -407,10 +408,20 @@ def _server_side_cyclic_garbage():
 
     server_types = (Server, HTTPChannel, Request, ProtocolWrapper, router_module.RouterSession,
                     transport_module.WampWebSocketServerProtocol, transport_module.WampRawSocketServerProtocol)
+
+    def listener(o):
+        # the listening port an object's connection came in on, down its transports
+        for _ in range(8):
+            if isinstance(o, Server):
+                return o.server
+            o = getattr(o, "channel", None) or getattr(o, "transport", None)
+        return port
+
     gc.set_debug(gc.DEBUG_SAVEALL)
     try:
         gc.collect()
-        return [repr(o)[:120] for o in gc.garbage if isinstance(o, server_types)]
+        return [repr(o)[:120] for o in gc.garbage
+                if isinstance(o, server_types) and listener(o) is port]
     finally:
         gc.set_debug(0)
         del gc.garbage[:]
