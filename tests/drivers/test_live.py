@@ -13,16 +13,18 @@ import tempfile
 import pytest
 import treq
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.drivers.live_contract import make_live_tests
+from tests.drivers.live_contract import VOLUME_SIZE, Events, make_live_tests
 from zwrm.drivers import live
 from zwrm.drivers.fake import FakeDriver, FakeHost
 from zwrm.drivers.qemu import QemuDriver
 from zwrm.drivers.qmp import QMPError
 from zwrm.errors import Unavailable
-from zwrm.testing import image
+from zwrm.testing import debian, image
 
 
 def _free_port():
@@ -126,6 +128,121 @@ class FakeFixture:
 
 
 FakeLiveContractTests = make_live_tests(FakeFixture)
+
+
+def _pages_that_differ(a, b):
+    """The 4 KiB pages in which files C{a} and C{b} differ (blocking: run in a thread)."""
+    out, n = [], 0
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if not x and not y:
+                return out
+            if x != y:
+                out += [n + i // 4096 for i in range(0, max(len(x), len(y)), 4096)
+                        if x[i:i + 4096] != y[i:i + 4096]]
+            n += (1 << 20) // 4096
+
+
+@pytest.mark.qemu
+class LiveRamTests(TestCase):
+    """
+    The guest's RAM arrives whole. A Debian guest moves six times while it boots (its
+    kernel busy writing memory); after each move, before the target resumes, the target's
+    RAM is the paused source's, page for page.
+
+    QEMU 7.2 under TCG loses such writes when the RAM is a multiple of 256 KiB
+    (L{zwrm.drivers.qemu.memory_arg}); Debian guests panicked after a live drain in CI.
+    With that size this test failed in 3 of 3 runs (and in 4 of 8 with three moves), with
+    6-16 pages that differed after a move from the third on. It checks the real thing by
+    chance, not by construction: L{ArgvTests} in tests/drivers/test_disks.py pins the size.
+    """
+
+    timeout = 600
+
+    async def test_the_target_resumes_with_the_source_s_ram(self):
+        deb = await deferToThread(debian.build)
+        root = tempfile.mkdtemp(prefix="zwrm-liveram-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, root, True)
+        drivers = {h: QemuDriver(reactor, os.path.join(root, h), accel="tcg", stop_timeout=5.0)
+                   for h in ("a", "b")}
+
+        async def cleanup():
+            for drv in drivers.values():
+                for mid in list(drv.list()):
+                    await drv.destroy(mid)
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(cleanup()))
+        ports = {"a": _free_port(), "b": _free_port()}
+
+        def spec(host):
+            return {"id": "m1", "kernel": deb.kernel, "initrd": deb.initrd, "disk": deb.disk,
+                    "disk_format": "qcow2", "cmdline": deb.cmdline, "vcpus": 1,
+                    "memory_mb": 512, "forwards": [{"guest": deb.service_port, "host": ports[host]}],
+                    "volumes": [{"id": "v1", "path": os.path.join(root, host, "vol.img")}]}
+
+        QemuFixture.make_volume(self, os.path.join(root, "a", "vol.img"), VOLUME_SIZE)
+        await drivers["a"].start(spec("a"))
+        await deferLater(reactor, 8, lambda: None)
+        moves = []
+        for n, (s, d) in enumerate([("a", "b"), ("b", "a")] * 3):
+            src, dst = drivers[s], drivers[d]
+            vol = os.path.join(root, d, "vol.img")
+            os.makedirs(os.path.dirname(vol), exist_ok=True)
+            with open(vol, "wb") as f:
+                f.truncate(0)
+                f.truncate(VOLUME_SIZE)
+            where = await dst.start_incoming(spec(d), "127.0.0.1", None)
+            sev, dev = Events(), Events()
+            src.live_subscribe("m1", sev)
+            dst.live_subscribe("m1", dev)
+            await src.start_mirror("m1", where, None, speed=50 * 1024 * 1024)
+            for job in ("zwrm-mirror-root", "zwrm-mirror-vol0"):
+                await sev.wait(lambda n, d, job=job: n == "BLOCK_JOB_READY"
+                               and d.get("device") == job)
+            # A busy host while the RAM moves, as in a CI run: three spinning processes per CPU,
+            # for these few seconds.
+            hogs = [subprocess.Popen(["sh", "-c", "while :; do :; done"])
+                    for _ in range(3 * (os.cpu_count() or 1))]
+            try:
+                await src.start_migration("m1", where, None, downtime_limit_ms=300)
+                await sev.wait(lambda n, d: n == "MIGRATION"
+                               and d.get("status") == "pre-switchover")
+                await src.complete_switchover("m1")
+                await dev.wait(lambda n, d: n == "MIGRATION" and d.get("status") == "completed")
+                await sev.wait(lambda n, d: n == "MIGRATION" and d.get("status") == "completed")
+            finally:
+                for h in hogs:
+                    h.kill()
+                    h.wait()
+            # Both paused now: the source after its move, the target before it resumes.
+            dumps = {}
+            for h, drv in ((s, src), (d, dst)):
+                dumps[h] = os.path.join(root, f"ram-{n}-{h}")
+                await drv._machines["m1"].qmp.execute("pmemsave", {
+                    "val": 0, "size": 512 * 1024 * 1024, "filename": dumps[h]})
+            differ = await deferToThread(_pages_that_differ, dumps[s], dumps[d])
+            for path in dumps.values():
+                os.unlink(path)
+            moves.append(differ[:16])
+            self.assertEqual((await dst.finish_incoming("m1"))["resumed"], True)
+            await src.destroy("m1")
+        self.assertEqual(moves, [[]] * 6)
+        # And the guest goes on: it boots to its HTTP service after its three moves.
+        last = None
+        for _ in range(360):
+            try:
+                r = await treq.get(f"http://127.0.0.1:{ports[d]}/", persistent=False).addTimeout(
+                    10, reactor)
+                last = r.code
+                await r.content()
+                if r.code == 200:
+                    break
+            except Exception as e:  # still booting
+                last = e
+            await deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual(last, 200, await dst.console("m1"))
+        self.assertNotIn("Kernel panic", await dst.console("m1"))
 
 
 @pytest.mark.qemu
