@@ -17,9 +17,15 @@ Image pull throughput and cached-image machine start, beside baselines from the 
      -sha256} (OpenSSL's SHA-256, with SHA-NI where the CPU has it, as zwrm's hashlib), then
      C{sync FILE} (fsync), checked against the digest;
    - B{old baseline} (printed one more release): the same with coreutils C{sha256sum}, which
-     has no SHA-NI and is several times slower, so its ratio flattered zwrm.
+     has no SHA-NI and is several times slower, so its ratio flattered zwrm;
+   - for information, the fair baseline with the file written by C{dd oflag=direct} instead
+     of C{tee} (C{curl | tee >(openssl dgst) | dd oflag=direct; sync}): the pull writes with
+     O_DIRECT where the file system takes it, and this shows how much of its lead that is.
 
-   The medians are printed with their ratios (goal: at least 1.0x the fair baseline).
+   The medians are printed with their ratios (goal: at least 1.0x the fair baseline), each
+   run with the load average, and the CPU seconds each side spent per GiB: the pull's are
+   this process's (the agent: reactor and threads) and the registry's; a baseline's are its
+   pipeline's processes' and the http.server's.
 
 2. Cached-image start (skipped with C{--no-vm}): the test VM image (L{zwrm.testing.image},
    a Debian kernel and a busybox initramfs) is pushed as C{bench/vm:v1}; an
@@ -59,14 +65,17 @@ def serve_registry(root, portfile):
     from twisted.web.server import Site
 
     from zwrm.registry import TokenAuthorizer, make_registry_resource
+    from zwrm.registry.guard import registry_request_factory
 
     auth = TokenAuthorizer(
         tokens={OPERATOR: ("operator", ("pull", "push", "delete"))},
         basic={HOST: (HOST_TOKEN, ("pull",))},
     )
     top = Resource()
-    top.putChild(b"v2", make_registry_resource(reactor, root, auth))
-    site = Site(top)
+    registry = make_registry_resource(reactor, root, auth)
+    top.putChild(b"v2", registry)
+    # Requests as the control plane's site makes them (its timeouts, its body spooling).
+    site = Site(top, requestFactory=registry_request_factory(reactor, registry))
     site.noisy = False
     site.log = lambda request: None
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
@@ -111,17 +120,49 @@ def make_blob(path, size):
     return "sha256:" + h.hexdigest()
 
 
-def baseline_pull(url, out, digest, hasher="openssl dgst -sha256 -r"):
+def cpu_seconds(pid=None):
+    """User + system CPU seconds of process C{pid} (all its threads), or of this one."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds():
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def baseline_pull(url, out, digest, hasher="openssl dgst -sha256 -r", direct=False):
+    """
+    @return: C{(seconds, CPU seconds of the pipeline's processes)}.
+    @param direct: write C{out} with C{dd oflag=direct} (bypassing the page cache, as the
+        pull does where it can) instead of C{tee}'s page-cache writes.
+    """
+    if direct:
+        hashfile = out + ".sha256"
+        script = (f"curl -sf '{url}' | tee >({hasher} > '{hashfile}') | dd of='{out}' bs=4M "
+                  f"iflag=fullblock oflag=direct status=none; wait $!; sync '{out}'")
+    else:
+        script = f"curl -sf '{url}' | tee '{out}' | {hasher} && sync '{out}'"
+    cpu0 = children_cpu_seconds()
     start = time.perf_counter()
-    res = subprocess.run(
-        ["bash", "-o", "pipefail", "-c", f"curl -sf '{url}' | tee '{out}' | {hasher} && sync '{out}'"],
-        capture_output=True, text=True, check=True,
-    )
+    res = subprocess.run(["bash", "-o", "pipefail", "-c", script],
+                         capture_output=True, text=True, check=True)
     elapsed = time.perf_counter() - start
+    cpu = children_cpu_seconds() - cpu0
+    if direct:
+        with open(hashfile) as f:
+            res.stdout = f.read()
+        os.unlink(hashfile)
     if "sha256:" + res.stdout.split()[0] != digest:
         raise SystemExit("benchmark: baseline download does not match the digest")
     os.unlink(out)
-    return elapsed
+    return elapsed, cpu
 
 
 async def bench(reactor, args, work, reg_url, blob_file, digest, size):
@@ -148,38 +189,61 @@ async def bench(reactor, args, work, reg_url, blob_file, digest, size):
     try:
         wait_for(http_port)
         static_url = f"http://127.0.0.1:{http_port}/{digest[7:]}"
-        pulls, bases, olds = [], [], []
+        pulls, bases, olds, directs = [], [], [], []
+        cpu = {"pull": [], "fair": [], "old": [], "direct": []}
         load0 = os.getloadavg()[0]
+        out = os.path.join(work, "baseline.out")
+
+        def baseline(kind, **kw):
+            served0 = cpu_seconds(server.pid)
+            t, c = baseline_pull(static_url, out, digest, **kw)
+            cpu[kind].append(c + cpu_seconds(server.pid) - served0)
+            return t
+
         for run in range(args.runs):
             cache_dir = os.path.join(work, f"cache{run}")
             cache = ImageCache(reactor, cache_dir, reg_url, (HOST, HOST_TOKEN), 4 * size + MiB)
+            own0, reg0 = cpu_seconds(), cpu_seconds(args.registry_pid)
             t0 = time.perf_counter()
             path = await cache.fetch_blob("bench/blob", digest, size)
             pulls.append(time.perf_counter() - t0)
+            cpu["pull"].append(cpu_seconds() - own0 + cpu_seconds(args.registry_pid) - reg0)
             cache.unpin(digest)
             assert os.path.getsize(path) == size
             await cache.close()
             shutil.rmtree(cache_dir)
-            bases.append(await threads.deferToThread(
-                baseline_pull, static_url, os.path.join(work, "baseline.out"), digest))
-            olds.append(await threads.deferToThread(
-                baseline_pull, static_url, os.path.join(work, "baseline.out"), digest, "sha256sum"))
-            print(f"run {run + 1}: pull {size / MiB / pulls[-1]:.0f} MiB/s ({pulls[-1]:.2f} s), "
-                  f"fair baseline {size / MiB / bases[-1]:.0f} MiB/s ({bases[-1]:.2f} s), "
-                  f"old baseline {size / MiB / olds[-1]:.0f} MiB/s ({olds[-1]:.2f} s)", flush=True)
+            bases.append(await threads.deferToThread(baseline, "fair"))
+            olds.append(await threads.deferToThread(baseline, "old", hasher="sha256sum"))
+            directs.append(await threads.deferToThread(baseline, "direct", direct=True))
+            print(f"run {run + 1} (load {os.getloadavg()[0]:.1f}): "
+                  f"pull {size / MiB / pulls[-1]:.0f} MiB/s ({pulls[-1]:.2f} s, "
+                  f"CPU {cpu['pull'][-1]:.2f} s), "
+                  f"fair baseline {size / MiB / bases[-1]:.0f} MiB/s ({bases[-1]:.2f} s, "
+                  f"CPU {cpu['fair'][-1]:.2f} s), "
+                  f"old baseline {size / MiB / olds[-1]:.0f} MiB/s ({olds[-1]:.2f} s), "
+                  f"fair with O_DIRECT {size / MiB / directs[-1]:.0f} MiB/s "
+                  f"({directs[-1]:.2f} s, CPU {cpu['direct'][-1]:.2f} s)", flush=True)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait()
     p, b, o = statistics.median(pulls), statistics.median(bases), statistics.median(olds)
+    d = statistics.median(directs)
+    gib = size / (1 << 30)
+
+    def per_gib(kind):
+        return f"{statistics.median(cpu[kind]) / gib:.2f} CPU s/GiB"
+
     print()
     print(f"image pull, {size / MiB:.0f} MiB blob over loopback, medians of {args.runs} interleaved runs"
           f" (load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after, {os.cpu_count()} cores):")
     print(f"  zwrm registry -> agent ImageCache (treq, hash, verify, fsync, rename):   "
-          f"{size / MiB / p:8.0f} MiB/s")
+          f"{size / MiB / p:8.0f} MiB/s   {per_gib('pull')} (agent + registry)")
     print(f"  fair: python3 -m http.server -> curl | tee | openssl dgst -sha256, sync: "
-          f"{size / MiB / b:8.0f} MiB/s   zwrm/fair {b / p:.2f}x (goal >= 1.0)")
+          f"{size / MiB / b:8.0f} MiB/s   zwrm/fair {b / p:.2f}x (goal >= 1.0)   {per_gib('fair')}")
     print(f"  old (one more release): the same with coreutils sha256sum (no SHA-NI):  "
-          f"{size / MiB / o:8.0f} MiB/s   zwrm/old {o / p:.2f}x", flush=True)
+          f"{size / MiB / o:8.0f} MiB/s   zwrm/old {o / p:.2f}x")
+    print(f"  for information, fair with the file written O_DIRECT (dd oflag=direct):  "
+          f"{size / MiB / d:8.0f} MiB/s   zwrm/this {d / p:.2f}x   {per_gib('direct')}", flush=True)
 
     if args.no_vm:
         await client.close()
@@ -260,6 +324,7 @@ def main():
              os.path.join(work, "registry"), portfile],
         )
         reg_url = f"http://127.0.0.1:{wait_for(portfile)}"
+        args.registry_pid = child.pid
 
         from twisted.internet import defer, task
 

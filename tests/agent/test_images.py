@@ -307,7 +307,7 @@ class ImageCacheTests(unittest.TestCase):
 
         from zwrm.agent import images as module
 
-        def full(self, chunk):
+        def full(self, batch):
             raise OSError(errno.ENOSPC, "No space left on device")
 
         self.patch(module._BlobSink, "_write_sync", full)

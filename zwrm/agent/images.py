@@ -7,9 +7,11 @@ Layout under C{root}::
     blobs/sha256/<hex>   verified content (kernels, initrds, disks, configs, manifests)
     tmp/<hex>.<n>        downloads in progress (removed at start-up)
 
-A download streams the response body to a temporary file while hashing it, in batches
-handed to a thread (so neither hashing nor disk writes run on the reactor thread; the
-connection is paused while a batch is outstanding). Blocks of zeros are left as holes, so a
+A download streams the response body to a temporary file while hashing it: batches of the
+body go to two threads, one hashing and one writing (so neither hashing nor disk writes run
+on the reactor thread, and they overlap each other and the reading; the connection is paused
+while too much waits for them). The file is written with O_DIRECT where the file system
+takes it, bypassing the page cache (L{zwrm.sparse.SparseFile}). Blocks of zeros are left as holes, so a
 sparse raw disk is cached sparse. Only a file whose SHA-256 equals its
 digest is fsynced and renamed into C{blobs/}; a mismatch discards it and fetches again, up to
 C{max_attempts}. A connection that drops mid-body is resumed with an HTTP Range request
@@ -38,7 +40,7 @@ import hashlib
 import inspect
 import itertools
 import os
-from collections import Counter
+from collections import Counter, deque
 
 from treq.client import HTTPClient
 from twisted.internet import defer, protocol, task, threads
@@ -59,9 +61,12 @@ from zwrm.errors import (
 from zwrm.interfaces import IImageCache
 from zwrm.registry.client import auth_header
 from zwrm.registry.image import MANIFEST_TYPE, parse_config, parse_manifest, parse_reference
-from zwrm.sparse import write_sparse
+from zwrm.sparse import SparseFile
 
+#: Bytes gathered from the connection before they go to the hashing and writing threads.
 BATCH = 4 * 1024 * 1024
+#: The connection is paused while more than this waits to be hashed or written.
+MAX_PENDING = 3 * BATCH
 MANIFEST_ACCEPT = ", ".join(
     [
         MANIFEST_TYPE,
@@ -90,24 +95,69 @@ def _unlink(path):
         pass
 
 
+class _Stage:
+    """
+    Runs C{work(batch)} in a thread for each batch handed to it, in order and one at a
+    time; C{done(n)} (or C{failed(failure)}) is called on the reactor thread after each.
+    """
+
+    __slots__ = ("_in_thread", "_work", "_done", "_failed", "queue", "busy")
+
+    def __init__(self, in_thread, work, done, failed):
+        self._in_thread = in_thread
+        self._work = work
+        self._done = done
+        self._failed = failed
+        self.queue = deque()
+        self.busy = False
+
+    def put(self, batch):
+        self.queue.append(batch)
+        self._next()
+
+    def _next(self):
+        if self.busy or not self.queue:
+            return
+        self.busy = True
+        batch = self.queue.popleft()
+        self._in_thread(self._work, batch).addCallbacks(
+            self._ok, self._ko, callbackArgs=(batch[1],))
+
+    def _ok(self, _, n):
+        self.busy = False
+        self._done(n)
+        self._next()
+
+    def _ko(self, failure):
+        self.busy = False
+        self._failed(failure)
+
+
 class _BlobSink(protocol.Protocol):
     """
-    Receives a response body, hashing it and writing it to C{fileobj} in batches run in
-    a thread, pausing the connection while a batch is being written.
+    Receives a response body into the L{zwrm.sparse.SparseFile} C{blobfile} from file offset C{offset} on
+    while hashing it with C{hasher}: batches of at least L{BATCH} bytes go to two threads,
+    one hashing, one writing (so the two overlap each other and the next reads); the
+    connection is paused while more than L{MAX_PENDING} bytes wait for either.
 
-    C{done} fires with C{None} when the whole body was written, or fails with the reason the
-    body ended early (bytes received before that are written and hashed).
+    C{done} fires with C{None} when the whole body was written and hashed, or fails with
+    the reason the body ended early (bytes received before that are written and hashed:
+    C{written} counts them).
     """
 
-    def __init__(self, in_thread, fileobj, hasher, clock, idle_timeout, max_bytes=None):
-        self._in_thread = in_thread
-        self._file = fileobj
+    def __init__(self, in_thread, blobfile, offset, hasher, clock, idle_timeout, max_bytes=None):
+        self._file = blobfile
+        self._offset = offset
         self._hasher = hasher
         self._clock = clock
         self._idle_timeout = idle_timeout
+        self._hashing = _Stage(in_thread, self._hash_sync, self._hashed, self._failed)
+        self._writing = _Stage(in_thread, self._write_sync, self._wrote, self._failed)
         self._buf = []
         self._buffered = 0
-        self._writing = False
+        self._queued = 0  # bytes handed to the stages: hashed + written
+        self._hashed_bytes = 0
+        self._written_bytes = 0
         self._paused = False
         self._ended = None
         self._watchdog = None
@@ -139,6 +189,8 @@ class _BlobSink(protocol.Protocol):
             self.transport.stopProducing()
 
     def dataReceived(self, data):
+        if self.oversize or self.error is not None:
+            return
         self._buf.append(data)
         self._buffered += len(data)
         self._received += len(data)
@@ -147,68 +199,82 @@ class _BlobSink(protocol.Protocol):
             self.oversize = True
             self._buf = []
             self._buffered = 0
+            self._hashing.queue.clear()
+            self._writing.queue.clear()
             if self.transport is not None and self._ended is None:
                 self.transport.stopProducing()
             return
-        if self._buffered >= BATCH and not self._paused:
-            self._flush()
+        if self._buffered >= BATCH:
+            self._hand_off()
 
-    def _flush(self):
-        if self._writing:
-            if self._buffered >= 2 * BATCH and not self._paused and self._ended is None:
-                self._paused = True
-                self.transport.pauseProducing()
-            return
-        chunk = b"".join(self._buf)
+    def _hand_off(self):
+        chunks = self._buf
+        n = self._buffered
         self._buf = []
         self._buffered = 0
-        self._writing = True
-        self._in_thread(self._write_sync, chunk).addCallbacks(self._written, self._failed)
+        self._hashing.put((chunks, n))
+        self._writing.put((self._offset + self._queued, n, chunks))
+        self._queued += n
+        if (self._queued - self._written_done() > MAX_PENDING and not self._paused
+                and self._ended is None):
+            self._paused = True
+            self.transport.pauseProducing()
 
-    def _write_sync(self, chunk):
-        write_sparse(self._file, chunk)
-        self._hasher.update(chunk)
-        return len(chunk)
+    def _written_done(self):
+        return min(self._hashed_bytes, self._written_bytes)
 
-    def _written(self, n):
-        self._writing = False
-        self.written += n
-        if self._paused and self._ended is None:
+    def _hash_sync(self, batch):
+        update = self._hasher.update
+        for chunk in batch[0]:
+            update(chunk)  # hashlib lets go of the GIL for chunks over 2 KiB
+
+    def _write_sync(self, batch):
+        offset, n, chunks = batch
+        self._file.write(chunks, offset)
+
+    def _hashed(self, n):
+        self._hashed_bytes += n
+        self._progress()
+
+    def _wrote(self, n):
+        self._written_bytes += n
+        self._progress()
+
+    def _progress(self):
+        self.written = self._written_done()
+        if (self._paused and self._ended is None
+                and self._queued - self.written <= MAX_PENDING // 2):
             self._paused = False
             self.transport.resumeProducing()
-        if self._buffered and not self.oversize and (
-            self._buffered >= BATCH or self._ended is not None
-        ):
-            self._flush()
-        elif self._ended is not None:
-            self._finish()
+        self._maybe_finish()
 
     def _failed(self, failure):
-        self._writing = False
-        self.error = failure
+        if self.error is None:
+            self.error = failure
+        self._buf = []
+        self._buffered = 0
+        self._hashing.queue.clear()
+        self._writing.queue.clear()
         if self._ended is None and self.transport is not None:
             self.transport.stopProducing()
-        else:
-            self._finish()
+        self._maybe_finish()
 
     def connectionLost(self, reason):
         self._ended = reason
         if self._watchdog is not None and self._watchdog.active():
             self._watchdog.cancel()
         self._watchdog = None
-        if self._writing:
-            return
         if self._buffered and self.error is None and not self.oversize:
-            self._flush()
-        else:
-            self._finish()
+            self._hand_off()
+        self._maybe_finish()
 
-    def _finish(self):
-        if self.done.called:
+    def _maybe_finish(self):
+        if (self._ended is None or self.done.called or self._hashing.busy
+                or self._writing.busy or self._hashing.queue or self._writing.queue):
             return
         if self.error is not None:
             self.done.errback(self.error)
-        elif self._ended.check(ResponseDone):
+        elif self._ended.check(ResponseDone) and not self.oversize:
             self.done.callback(None)
         else:
             self.done.errback(self._ended)
@@ -257,6 +323,8 @@ class ImageCache:
     @param idle_timeout: seconds without bytes after which a transfer counts as dropped.
     @param learn_registry: L{None}, or a callable returning (a Deferred or coroutine of) the
         registry URL the control plane announces now, or L{None} (see the module docstring).
+    @param direct_io: write downloads with C{O_DIRECT} where the file system takes it,
+        bypassing the page cache (see L{zwrm.sparse.SparseFile}).
     """
 
     log = Logger()
@@ -277,6 +345,7 @@ class ImageCache:
         max_resumes=5,
         idle_timeout=60.0,
         learn_registry=None,
+        direct_io=True,
     ):
         if not 0 < low_watermark <= high_watermark <= 1:
             raise InvalidArgument(
@@ -297,6 +366,7 @@ class ImageCache:
         self.max_attempts = max_attempts
         self.max_resumes = max_resumes
         self.idle_timeout = idle_timeout
+        self.direct_io = direct_io
         if http_client is None:
             self._pool = HTTPConnectionPool(reactor, persistent=True)
             self._pool.maxPersistentPerHost = 4
@@ -598,7 +668,7 @@ class ImageCache:
         @return: C{(size, "sha256:<hex>")} of what was received.
         """
         hasher = hashlib.sha256()
-        f = await self._in_thread(open, tmp, "wb")
+        f = await self._in_thread(SparseFile, tmp, self.direct_io)
         try:
             offset = 0
             resumes = 0
@@ -612,7 +682,7 @@ class ImageCache:
                 if resp is not None:
                     if offset and resp.code == 200:
                         # The server ignored Range: start over.
-                        await self._in_thread(self._restart, f)
+                        await self._in_thread(f.restart)
                         hasher = hashlib.sha256()
                         offset = 0
                     elif resp.code == 206:
@@ -629,7 +699,8 @@ class ImageCache:
                         await resp.content()
                         raise self._http_error(resp.code, what)
                     sink = _BlobSink(
-                        self._in_thread, f, hasher, self._clock, self.idle_timeout,
+                        self._in_thread, f, offset, hasher, self._clock,
+                        self.idle_timeout,
                         None if size is None else size - offset,
                     )
                     resp.deliverBody(sink)
@@ -654,14 +725,10 @@ class ImageCache:
                     what=what, offset=offset, error=error,
                 )
                 await task.deferLater(self._clock, min(0.1 * 2**resumes, 5.0), lambda: None)
+            await self._in_thread(f.finish)
             return offset, "sha256:" + hasher.hexdigest()
         finally:
             await self._in_thread(f.close)
-
-    @staticmethod
-    def _restart(f):
-        f.seek(0)
-        f.truncate()
 
     async def _fetch_manifest(self, name, reference):
         """

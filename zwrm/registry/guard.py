@@ -21,6 +21,7 @@ the header timeout.
 """
 
 import json
+from io import BytesIO
 
 from twisted.logger import Logger
 from twisted.web import server
@@ -114,6 +115,10 @@ class GuardedRequest(server.Request):
         action = self.registry.action_for(method, path[len(self.prefix):].split(b"?")[0])
         if action is None:
             return  # the resource answers (404, 405) without reading more than it must
+        if action == "push" and not isinstance(self.content, BytesIO):
+            # A blob's bytes: spooled where the store can adopt them without a copy.
+            self.content.close()
+            self.content = self.registry.store.spool()
         channel.transport.pauseProducing()
         d = self.registry.authorize(self, action)
         d.addCallbacks(self._allowed, self._refuse)

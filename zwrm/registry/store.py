@@ -6,6 +6,7 @@ Layout under C{root}::
 
     blobs/<algorithm>/<hex>                 content, named by its digest (blobs and manifests)
     uploads/<uuid>                          bytes of an upload in progress
+    uploads/spool-<uuid>                    a request body being received (L{Spool})
     repositories/<name>/_blobs/<alg>/<hex>  empty file: the repository may serve that blob
     repositories/<name>/_manifests/<alg>/<hex>
                                             the manifest's media type: the repository holds it
@@ -18,6 +19,10 @@ takes on disk what its data takes. Content only becomes visible under C{blobs/} 
 was hashed, compared with the digest it claims, and fsynced, so a reader never sees a partial
 or unverified blob.
 
+A blob's request body is spooled under C{uploads/} (the registry's request factory asks for a
+L{Spool}; twisted.web writes to it on the reactor thread as the body arrives); when it is the
+whole of its upload, it is hashed where it lies and renamed into place instead of copied.
+
 Upload sessions keep their running hash in memory; a restart of the control plane forgets
 them (their files are removed at start-up) and clients start the upload again.
 """
@@ -29,7 +34,7 @@ import uuid as uuidlib
 
 from twisted.internet import threads
 
-from zwrm.sparse import SPARSE_BLOCK, write_sparse  # noqa: F401 (SPARSE_BLOCK: re-exported)
+from zwrm.sparse import SPARSE_BLOCK, is_zero, write_sparse
 
 ALGORITHMS = {"sha256": 64, "sha512": 128}
 DIGEST_RE = re.compile(r"^(sha256|sha512):([a-f0-9]+)\Z")
@@ -119,6 +124,37 @@ class Upload:
         self.size = 0
         self.busy = False
         self.hashers = {"sha256": hashlib.sha256()}
+
+
+class Spool:
+    """
+    A request body spooled to a file in the store's C{uploads/} directory (instead of
+    Twisted's anonymous temporary file), so that a blob upload whose whole content is this
+    body can become the upload's file by a rename instead of a copy (L{RegistryStore.append}).
+    A file object otherwise; closing it removes the file unless it was adopted.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self._file = open(path, "w+b")  # noqa: SIM115 (closed by close())
+        self.adopted = False
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def adopt(self, dest):
+        """Make the (flushed) spool file C{dest}; closing it later leaves it there."""
+        self._file.flush()
+        os.rename(self.path, dest)
+        self.adopted = True
+
+    def close(self):
+        self._file.close()
+        if not self.adopted:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
 
 
 class RegistryStore:
@@ -241,6 +277,13 @@ class RegistryStore:
 
     # --- uploads -------------------------------------------------------------------
 
+    def spool(self):
+        """
+        @return: a new L{Spool} for a request body (removed at close unless adopted; a
+            restart removes everything left in C{uploads/}).
+        """
+        return Spool(os.path.join(self.root, "uploads", "spool-" + str(uuidlib.uuid4())))
+
     def start_upload(self, name):
         """
         @return: a new L{Upload} for repository C{name}.
@@ -293,9 +336,38 @@ class RegistryStore:
             raise StoreError("BLOB_UPLOAD_INVALID", "another chunk of this upload is in progress")
         upload.busy = True
         try:
+            if upload.size == 0 and isinstance(source, Spool) and source.tell() == 0:
+                n = await self._in_thread(self._adopt_sync, upload, source, length)
+                if n is not None:
+                    return n
+                source.seek(0)
             return await self._in_thread(self._append_sync, upload, source, length)
         finally:
             upload.busy = False
+
+    def _adopt_sync(self, upload, source, length):
+        # The whole upload is the spooled body: hash it where it is and rename it into
+        # place, instead of copying it. Holes are made only by copying (write_sparse), so
+        # a body with a block of zeros is left to the copy (@return: None).
+        hashers = [h.copy() for h in upload.hashers.values()]
+        n = 0
+        while True:
+            block = source.read(COPY_CHUNK)
+            if not block:
+                break
+            view = memoryview(block)
+            for i in range(0, len(view), SPARSE_BLOCK):
+                if is_zero(view[i:i + SPARSE_BLOCK]):
+                    return None
+            for h in hashers:
+                h.update(block)
+            n += len(block)
+        if length is not None and n != length:
+            raise StoreError("BLOB_UPLOAD_INVALID", f"chunk declared {length} bytes but {n} arrived")
+        source.adopt(upload.path)
+        upload.hashers = dict(zip(upload.hashers, hashers, strict=True))
+        upload.size = n
+        return n
 
     def _append_sync(self, upload, source, length):
         # Copy to the end of the upload file, but only count (and hash) the chunk once
