@@ -96,19 +96,41 @@ def _configure(db, cidr, host_prefix):
     db.conn.commit()
 
 
-def _allocate_subnet(db, cidr, host_prefix, host_id, now):
-    rows = list(db["net_subnets"].rows_where("host_id = ?", [host_id]))
-    if rows:
-        return rows[0]["id"]
-    used = {r["id"] for r in db["net_subnets"].rows}
-    for i, subnet in enumerate(cidr.subnets(new_prefix=host_prefix)):
-        if i == 0:
-            continue  # the first subnet holds the network's own address; never given out
-        if str(subnet) not in used:
-            db["net_subnets"].insert({"id": str(subnet), "host_id": host_id, "created_at": now})
-            return str(subnet)
+def _allocate_subnet(db, cidr, host_prefix, host_id, now, hint=None):
+    """
+    Host C{host_id}'s subnet: the stored one, else the lowest free one of C{cidr}, stored.
+
+    @param hint: a dict the caller keeps across calls (on the store's thread only): it
+        remembers the index below which every subnet is taken, so that allocating a subnet
+        for each of N joining hosts costs a primary-key lookup or two each, not a walk over
+        every subnet taken (10,000 hosts took minutes of the store's thread, and the GIL
+        the reactor needs). Whatever deletes a subnet empties it (L{_forget_hint}).
+    """
+    row = db.execute("SELECT id FROM net_subnets WHERE host_id = ?", [host_id]).fetchone()
+    if row:
+        return row[0]
+    count = 1 << (host_prefix - cidr.prefixlen)
+    size = 1 << (32 - host_prefix)
+    base = int(cidr.network_address)
+    key = (str(cidr), host_prefix)
+    hint = {} if hint is None else hint
+    # The first subnet holds the network's own address: never given out.
+    start = hint["low"] if hint.get("key") == key else 1
+    for i in range(start, count):
+        subnet = f"{ipaddress.IPv4Address(base + i * size)}/{host_prefix}"
+        if db.execute("SELECT 1 FROM net_subnets WHERE id = ?", [subnet]).fetchone() is None:
+            db["net_subnets"].insert({"id": subnet, "host_id": host_id, "created_at": now})
+            hint.update(key=key, low=i + 1)
+            return subnet
+    hint.update(key=key, low=count)
     raise errors.ResourceExhausted(
         f"the cluster network {cidr} has no free /{host_prefix} subnet for host {host_id}")
+
+
+def _forget_hint(hint):
+    """A subnet was deleted: the next allocation looks from the first again."""
+    if hint is not None:
+        hint.clear()
 
 
 def _held(db, subnet):
@@ -122,22 +144,23 @@ def _held(db, subnet):
     return False
 
 
-def _free_reservations(db):
+def _free_reservations(db, hint=None):
     """Delete each reserved subnet (L{RESERVED}) of which no machine holds an address now."""
     for row in db.execute("SELECT id FROM net_subnets WHERE host_id LIKE ?",
                           [RESERVED + "%"]).fetchall():
         if not _held(db, row[0]):
             db.execute("DELETE FROM net_subnets WHERE id = ?", [row[0]])
+            _forget_hint(hint)
 
 
-def _allocate_address(db, cidr, host_prefix, machine_id, app_id, host_id, now):
+def _allocate_address(db, cidr, host_prefix, machine_id, app_id, host_id, now, hint=None):
     rows = list(db["net_addresses"].rows_where("machine_id = ?", [machine_id]))
     if rows:
         if rows[0]["host_id"] == host_id:
             return rows[0]["id"]
         db["net_addresses"].delete(rows[0]["id"])  # moved to another host: a new address
-        _free_reservations(db)
-    subnet = ipaddress.IPv4Network(_allocate_subnet(db, cidr, host_prefix, host_id, now))
+        _free_reservations(db, hint)
+    subnet = ipaddress.IPv4Network(_allocate_subnet(db, cidr, host_prefix, host_id, now, hint))
     hosts = [str(a) for a in subnet.hosts()][1:]  # the first is the bridge (gateway)
     for i in range(0, len(hosts), 500):  # by primary key: no scan of every address
         chunk = hosts[i:i + 500]
@@ -173,6 +196,8 @@ class ClusterNetwork:
         self.subnets = None
         self.addresses = None
         self._listeners = []
+        # Where to look for a free subnet (L{_allocate_subnet}); used on the store's thread.
+        self._subnet_hint = {}
 
     async def configure(self, cidr):
         """
@@ -231,7 +256,7 @@ class ClusterNetwork:
     async def host_subnet(self, host_id):
         """Host C{host_id}'s subnet (allocated and stored on first use), e.g. C{10.80.1.0/24}."""
         subnet = await self._store.run(_allocate_subnet, self.cidr, self.host_prefix, host_id,
-                                       self._clock.seconds())
+                                       self._clock.seconds(), self._subnet_hint)
         if self.subnets is not None and self.subnets.get(host_id) != subnet:
             self.subnets[host_id] = subnet
             self._notify("subnet", host_id)
@@ -250,7 +275,8 @@ class ClusterNetwork:
             address = known[0]  # stored already (a start after its placement)
         else:
             address = await self._store.run(_allocate_address, self.cidr, self.host_prefix,
-                                            machine_id, app_id, host_id, self._clock.seconds())
+                                            machine_id, app_id, host_id, self._clock.seconds(),
+                                            self._subnet_hint)
             self._noted_address(machine_id, address, host_id, app_id)
         subnet = ipaddress.IPv4Network(f"{address}/{self.host_prefix}", strict=False)
         gw = self.gateway(subnet)
@@ -265,7 +291,7 @@ class ClusterNetwork:
 
         def release(db):
             db.execute("DELETE FROM net_addresses WHERE machine_id = ?", [machine_id])
-            _free_reservations(db)
+            _free_reservations(db, self._subnet_hint)
             db.conn.commit()
 
         await self._store.run(release)
@@ -319,7 +345,8 @@ class ClusterNetwork:
                                [RESERVED + host_id, row[0]])
                 else:
                     db.execute("DELETE FROM net_subnets WHERE id = ?", [row[0]])
-            _free_reservations(db)  # addresses of this host may have held one
+                    _forget_hint(self._subnet_hint)
+            _free_reservations(db, self._subnet_hint)  # addresses of this host may have held one
             db.conn.commit()
 
         await self._store.run(forget)
