@@ -532,6 +532,11 @@ def main():
     ap.add_argument("--gc-churn", type=float, default=None,
                     help="the control plane's [gc] churn (0: no full collection after session churn;"
                          " default: the control plane's own)")
+    ap.add_argument("--cluster-cidr", default="10.0.0.0/8",
+                    help="the control plane's cluster network (default 10.0.0.0/8: a /24 for each"
+                         " of up to 65,535 hosts; the control plane's own default, a /16, has"
+                         " room for 255, and before 2026-12-03 19:55 every host beyond those"
+                         " ran out of subnets in this benchmark)")
     ap.add_argument("--keep-going", action="store_true", help="run every step even after a failure")
     ap.add_argument("--agent-procedures", action="store_true",
                     help="the simulated agents register machine.list, ingress.certs and"
@@ -564,7 +569,8 @@ def main():
         TWISTD + ["-n", "--pidfile=", "zwrm-control", "--data-dir", data_dir,
                   "--listen", f"tcp:{port}:interface=127.0.0.1",
                   "--heartbeat-interval", str(args.interval), "--check-interval", "15",
-                  "--offline-after", "86400", "--gc-policy", args.gc_policy]
+                  "--offline-after", "86400", "--gc-policy", args.gc_policy,
+                  "--cluster-cidr", args.cluster_cidr]
         + (["--gc-churn", str(args.gc_churn)] if args.gc_churn is not None else []),
         stdout=log, stderr=log,
     )
