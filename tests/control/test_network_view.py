@@ -109,6 +109,32 @@ class ViewTests(ViewHelpers, TestCase):
         whole = await self.view.view()
         self.assertEqual(self.members(whole), ["m-d1", "m-w1", "m-w2"])
 
+    async def test_hosts_without_subnets_are_given_them_in_one_pass(self):
+        """
+        Hosts with an address and no subnet (every host when the cluster network is first
+        set on a running cluster) get theirs in host id order, the set of them walked once
+        per pass, not once per host (which cost minutes of CPU at 20,000 hosts).
+        """
+        hosts = tuple(f"h-{i:03d}" for i in range(200))
+        await self.start(hosts=hosts)
+        visits = [0]
+
+        class Counting(set):
+            def __iter__(self):
+                for host_id in set.__iter__(self):
+                    visits[0] += 1
+                    yield host_id
+
+        self.view._needs_subnet = Counting(self.view._needs_subnet)
+        await self.add("m-w1", "web", "h-199")  # a first event: the first push
+        await self.settle()
+        sent = self.sent()
+        self.assertEqual(sorted(sent), list(hosts))
+        # h-199's machine gave it the first subnet; the others follow in host id order
+        self.assertEqual([h["gateway"] for h in sent["h-000"][-1]["hosts"]],
+                         [f"10.80.{i + 2}.1" for i in range(199)] + ["10.80.1.1"])
+        self.assertLessEqual(visits[0], 3 * len(hosts))
+
     async def test_a_change_goes_only_to_the_hosts_that_need_it_from_memory(self):
         await self.start()
         await self.add("m-w1", "web", "h-a")
