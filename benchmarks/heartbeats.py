@@ -261,9 +261,13 @@ def thread_cpu_seconds(pid):
     return main, other
 
 
-def seed(data_dir, n, address="127.0.0.1"):
+def seed(data_dir, n, address="127.0.0.1", cidr=None):
     """
     A control-plane database with C{n} hosts whose credentials are known.
+
+    @param cidr: with an address, the cluster network, each host's /24 of it stored as a
+        cluster that has run would hold them (else the control plane allocates the subnets
+        of all C{n} hosts when it starts, one store write each, while the first steps run).
 
     @param address: each host's address; C{""}: none, so the hosts are not on the cluster
         network's overlay (each host's network view lists every host with an address, and
@@ -290,6 +294,18 @@ def seed(data_dir, n, address="127.0.0.1"):
                      "agent_version": "bench", "credential_hash": hash_secret(cred),
                      "joined_at": now})
     db["hosts"].insert_all(rows, batch_size=1000)
+    if address and cidr:
+        import ipaddress
+
+        net = ipaddress.ip_network(cidr)
+        if n >= 1 << (24 - net.prefixlen):
+            raise SystemExit(f"heartbeats: {cidr} has no /24 for each of {n} hosts")
+        base = int(net.network_address)
+        db["net_cluster"].upsert({"id": 1, "cidr": str(net), "host_prefix": 24}, pk="id")
+        # the first /24 is never given out
+        db["net_subnets"].insert_all(
+            ({"id": f"{ipaddress.IPv4Address(base + ((i + 1) << 8))}/24", "host_id": hid,
+              "created_at": now} for i, (hid, _) in enumerate(creds)), batch_size=1000)
     db.conn.close()
     return creds
 
@@ -638,7 +654,7 @@ def main():
     steps = [int(s) for s in args.steps.split(",")]
     tmp = tempfile.mkdtemp(prefix="zwrm-bench-")
     data_dir = os.path.join(tmp, "cp")
-    creds = seed(data_dir, max(steps))
+    creds = seed(data_dir, max(steps), cidr=args.cluster_cidr)
     port = free_port()
     log = open(os.path.join(tmp, "cp.log"), "wb")  # noqa: SIM115
     cp = subprocess.Popen(
