@@ -351,6 +351,11 @@ def makeService(options):
     from twisted.internet import reactor
 
     os.umask(PRIVATE_UMASK)  # inherited by QEMU and every other child
+    from twisted.logger import Logger
+
+    from zwrm.rlimits import raise_open_files
+
+    raise_open_files(Logger(namespace="zwrm.rlimits"))  # a socket per session, connection
 
     from zwrm.agent.runtime import HostRuntime
     from zwrm.agent.service import AgentService

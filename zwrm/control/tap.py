@@ -474,6 +474,11 @@ def makeService(options):
     from zwrm.control.service import ControlPlane
 
     os.umask(PRIVATE_UMASK)  # the store, keys, tokens and registry blobs: private
+    from twisted.logger import Logger
+
+    from zwrm.rlimits import raise_open_files
+
+    raise_open_files(Logger(namespace="zwrm.rlimits"))  # a socket per session, connection
     config = options.config
     plane = ControlPlane(reactor, config)
     plane.stop_reactor_on_failure = True
