@@ -655,6 +655,18 @@ def main():
     tmp = tempfile.mkdtemp(prefix="zwrm-bench-")
     data_dir = os.path.join(tmp, "cp")
     creds = seed(data_dir, max(steps), cidr=args.cluster_cidr)
+    # a socket per agent: the control plane raises its soft open-files limit to the hard one
+    # (zwrm/rlimits.py); raise the hard one here (root) where it is too low for the largest step
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = max(steps) + 4096
+    if hard != resource.RLIM_INFINITY and hard < need:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, need), need))
+        except (ValueError, OSError) as e:
+            print(f"open files: hard limit {hard} < {need} and not raised ({e}): the largest"
+                  " steps will meet EMFILE", flush=True)
     port = free_port()
     log = open(os.path.join(tmp, "cp.log"), "wb")  # noqa: SIM115
     cp = subprocess.Popen(
