@@ -87,9 +87,6 @@ class ControlMetrics:
         self.plane = plane
         self.latencies = CallLatencies()
 
-    async def families(self):
-        return self._hosts() + await self._other_families()
-
     async def render(self):
         """
         The exposition text (bytes). The hosts' figures are copied here, on the reactor
@@ -124,9 +121,6 @@ class ControlMetrics:
                                          "1 while the control component is joined to the external router.",
                                          value=int(plane.wamp_connected())))
         return out
-
-    def _hosts(self):
-        return self._host_families(self._host_rows(), self.plane.reactor.seconds())
 
     def _host_rows(self):
         """What the per-host families need, copied from the registry (on the reactor thread)."""
