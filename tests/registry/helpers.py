@@ -20,6 +20,15 @@ AGENT_ID = "host-1"
 AGENT_TOKEN = "host-1-secret"
 
 
+def aio(f):
+    """A coroutine test method, run as the Deferred trial waits for."""
+    def wrapper(self, *a, **kw):
+        return defer.Deferred.fromCoroutine(f(self, *a, **kw))
+
+    wrapper.__name__ = f.__name__
+    return wrapper
+
+
 def digest_of(data):
     return "sha256:" + hashlib.sha256(data).hexdigest()
 

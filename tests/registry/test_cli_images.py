@@ -7,24 +7,16 @@ import json
 import os
 import sys
 
-from twisted.internet import defer, reactor, task, utils
+from twisted.internet import reactor, task, utils
 from twisted.trial import unittest
 
-from tests.registry.helpers import OPERATOR, RunningRegistry
+from tests.registry.helpers import OPERATOR, RunningRegistry, aio
 from zwrm.cli import images as cli
 from zwrm.cli.client import EXIT_AUTH, EXIT_REMOTE, EXIT_USAGE, CliError
 from zwrm.cli.main import build_parser
 from zwrm.errors import InvalidArgument
 from zwrm.registry.client import registry_url
 from zwrm.registry.image import DISK_TYPE, INITRD_TYPE, KERNEL_TYPE
-
-
-def aio(f):
-    def wrapper(self, *a, **kw):
-        return defer.Deferred.fromCoroutine(f(self, *a, **kw))
-
-    wrapper.__name__ = f.__name__
-    return wrapper
 
 
 class ImagesCommandTests(unittest.TestCase):

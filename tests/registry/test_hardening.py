@@ -21,6 +21,7 @@ from tests.registry.helpers import (
     AGENT_ID,
     AGENT_TOKEN,
     RunningRegistry,
+    aio,
     basic,
     error_codes,
     header,
@@ -29,14 +30,6 @@ from zwrm.errors import InvalidArgument
 from zwrm.registry import image
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-
-
-def aio(f):
-    def wrapper(self, *a, **kw):
-        return defer.Deferred.fromCoroutine(f(self, *a, **kw))
-
-    wrapper.__name__ = f.__name__
-    return wrapper
 
 
 class Qcow2LayerTests(unittest.TestCase):

@@ -10,20 +10,12 @@ import json
 import os
 
 import oras.provider
-from twisted.internet import defer, reactor, threads
+from twisted.internet import reactor, threads
 from twisted.trial import unittest
 
-from tests.registry.helpers import AGENT_ID, AGENT_TOKEN, OPERATOR, RunningRegistry, header
+from tests.registry.helpers import AGENT_ID, AGENT_TOKEN, OPERATOR, RunningRegistry, aio, header
 from zwrm.agent.images import ImageCache
 from zwrm.registry.client import RegistryClient, push_image
-
-
-def aio(f):
-    def wrapper(self, *a, **kw):
-        return defer.Deferred.fromCoroutine(f(self, *a, **kw))
-
-    wrapper.__name__ = f.__name__
-    return wrapper
 
 
 class OrasInteropTests(unittest.TestCase):

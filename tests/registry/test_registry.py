@@ -13,6 +13,7 @@ from tests.registry.helpers import (
     AGENT_ID,
     AGENT_TOKEN,
     RunningRegistry,
+    aio,
     basic,
     default_authorizer,
     digest_of,
@@ -22,14 +23,6 @@ from tests.registry.helpers import (
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
-
-
-def aio(f):
-    def wrapper(self, *a, **kw):
-        return defer.Deferred.fromCoroutine(f(self, *a, **kw))
-
-    wrapper.__name__ = f.__name__
-    return wrapper
 
 
 class RegistryTestsMixin:

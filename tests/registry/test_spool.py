@@ -6,20 +6,11 @@ with a block of zeros, later chunks and refused bodies take the copy or leave no
 
 import os
 
-from twisted.internet import defer
 from twisted.trial import unittest
 
-from tests.registry.helpers import RunningRegistry, digest_of, error_codes, header
+from tests.registry.helpers import RunningRegistry, aio, digest_of, error_codes, header
 from zwrm.registry import store as store_module
 from zwrm.sparse import SPARSE_BLOCK
-
-
-def aio(f):
-    def wrapper(self, *a, **kw):
-        return defer.Deferred.fromCoroutine(f(self, *a, **kw))
-
-    wrapper.__name__ = f.__name__
-    return wrapper
 
 
 class SpoolTests(unittest.TestCase):

@@ -5,7 +5,7 @@ it), read by an agent's cache and the CLI's client that trust only that CA.
 
 import os
 
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 
@@ -14,6 +14,7 @@ from tests.registry.helpers import (
     AGENT_TOKEN,
     OPERATOR,
     TrackingSite,
+    aio,
     default_authorizer,
 )
 from zwrm.agent.images import ImageCache
@@ -21,14 +22,6 @@ from zwrm.errors import InvalidArgument, Unavailable
 from zwrm.pki import CertificateAuthority
 from zwrm.registry import make_registry_resource
 from zwrm.registry.client import RegistryClient, make_http_client, push_image
-
-
-def aio(f):
-    def wrapper(self, *a, **kw):
-        return defer.Deferred.fromCoroutine(f(self, *a, **kw))
-
-    wrapper.__name__ = f.__name__
-    return wrapper
 
 
 class TLSTests(unittest.TestCase):
