@@ -362,6 +362,11 @@ class InstalledTests(TestCase):
     @pytest.mark.multihost
     @defer.inlineCallbacks
     def test_both_services_start_from_installed_files(self):
+        # a socket per agent session (and two per ingress connection): systemd's default soft
+        # limit, 1,024, would cap the cluster near 1,000 hosts (zwrm/rlimits.py)
+        for unit in ("zwrm-control.service", "zwrm-agent.service"):
+            settings = unit_settings(f"/lib/systemd/system/{unit}")
+            self.assertEqual(settings[("[Service]", "LimitNOFILE")], ["1048576"], unit)
         port = _free_port()
         data = self.zwrm_dir()
         control = self.start_unit(
