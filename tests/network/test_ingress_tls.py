@@ -8,8 +8,10 @@ import datetime
 import json
 import os
 import shutil
+import sqlite3
 import stat
 import tempfile
+from types import SimpleNamespace
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -447,6 +449,70 @@ class CertResourceTests(TestCase):
         await self.api.remove("www.example.test")
         await self.until(lambda: len(calls) >= 2)
         self.assertEqual([c[2] for c in calls], [{"certs": []}, {"certs": []}])
+
+    async def hosts(self, n):
+        from zwrm.control.resources.hosts import Hosts
+
+        hosts = Hosts(self.clock, self.store, lambda topic, e: None)
+        for i in range(n):
+            await hosts.add({
+                "id": f"h{i}", "name": f"h{i}", "region": "", "datacenter": "", "address": "",
+                "labels": {}, "vcpus": 4, "memory_mb": 1024, "disk_mb": 10, "alloc_vcpus": 0,
+                "alloc_memory_mb": 0, "alloc_disk_mb": 0, "state": "ready",
+                "state_before_offline": None, "last_heartbeat": 0.0, "agent_version": "1",
+                "credential_hash": "x", "joined_at": 0.0})
+        return hosts
+
+    async def test_agents_registering_together_share_one_read(self):
+        """
+        Agents that register while a push runs wait for the next one, which reads the set
+        once for all of them (20,000 agents registering at once read it one at a time for
+        a minute before); each gets the set once, the newest.
+        """
+        await self.asyncSetUp()
+        hosts = await self.hosts(101)
+        calls, gate = [], Deferred()
+
+        async def call(host_id, verb, doc):
+            calls.append((host_id, [c["domain"] for c in doc["certs"]]))
+            if host_id == "h0":
+                await gate
+
+        pub = certs_mod.CertPublisher(self.certs, hosts, call)
+        self.addCleanup(pub.close)
+        first = pub.push(["h0"])
+        await self.until(lambda: calls)
+        pem, key = self.ca.issue(["www.example.test"])
+        await self.api.add("www.example.test", pem, key)  # every host, in the next push
+        del calls[:]
+        for i in range(1, 101):
+            await hosts.registered(f"h{i}", {"vcpus": 4})
+        self.assertEqual((calls, pub.reads), ([], 1))  # all wait behind h0's push
+        gate.callback(None)
+        await first
+        self.assertEqual(pub.reads, 2)
+        self.assertEqual(sorted(calls), sorted((f"h{i}", ["www.example.test"]) for i in range(101)))
+        self.assertEqual(pub.sent, 102)
+
+    async def test_closed_it_reads_and_sends_nothing(self):
+        """Closed (the control plane stopping), a push reads nothing; a read the store's
+        closing cut short is not logged as a failure."""
+        await self.asyncSetUp()
+        hosts = await self.hosts(1)
+        calls, reading = [], Deferred()
+
+        async def call(host_id, verb, doc):
+            calls.append(host_id)
+
+        pub = certs_mod.CertPublisher(self.certs, hosts, call)
+        self.patch(pub, "_certs", SimpleNamespace(all=lambda: reading))
+        done = pub.push(["h0"])
+        pub.close()
+        reading.errback(sqlite3.ProgrammingError("Cannot operate on a closed database."))
+        await done
+        await pub.push(["h0"])
+        self.assertEqual((calls, pub.reads), ([], 0))
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     async def until(self, predicate):
         from twisted.internet.task import deferLater

@@ -271,6 +271,11 @@ class CertPublisher:
     that fails (the host went away, a user-mode agent without an ingress) is logged; the
     host gets the set again when it registers.
 
+    Hosts that need the set wait in one batch: one push at a time reads the set once and
+    sends it to every host of its batch (L{CONCURRENT} calls at a time), so a later set is
+    never overtaken, and 20,000 agents registering at once cost a few reads of the store,
+    not one each, in turn.
+
     @param certs: the L{Certs} resource.
     @param hosts: the hosts resource (C{entries()}, C{subscribe}).
     @param call: C{call(host_id, verb, *args)}: an executor call
@@ -279,6 +284,7 @@ class CertPublisher:
     """
 
     log = Logger()
+    CONCURRENT = 256  # calls of a push in flight at once
 
     def __init__(self, certs, hosts, call, available=lambda host_id: True):
         self._certs = certs
@@ -286,50 +292,88 @@ class CertPublisher:
         self._call = call
         self._available = available
         self.sent = 0
-        self._lock = defer.DeferredLock()  # pushes in order: a later set is never overtaken
+        self.reads = 0  # reads of the set (one per push)
+        self._pending = set()  # hosts waiting for the next push
+        self._pushing = False  # whether pushes are running
+        self._waiters = []  # Deferreds fired when they stop
+        self._closed = False
         self._unsubscribe = [certs.subscribe(self._cert_event),
                              hosts.subscribe(self._host_event)]
 
     def close(self):
+        """Stop: no push starts after this (one running finishes its calls)."""
+        self._closed = True
+        self._pending.clear()
         for u in self._unsubscribe:
             u()
         self._unsubscribe = []
 
     def _cert_event(self, event):
-        hosts = [e.record["id"] for e in self._hosts.entries()]
-        defer.ensureDeferred(self.push(hosts))
+        self.push([e.record["id"] for e in self._hosts.entries()])
 
     def _host_event(self, event):
         payload = event.get("payload") or {}
         if payload.get("reason") == "agent_registered":
-            defer.ensureDeferred(self.push([event.get("subject")]))
+            self.push([event.get("subject")])
 
-    async def push(self, host_ids):
-        """Send the current set to each of C{host_ids} that can be called."""
-        await self._lock.acquire()
+    def push(self, host_ids):
+        """
+        Send the current set to each of C{host_ids} that can be called (with the next push).
+
+        @return: a Deferred firing when the pushes that run from now on are done.
+        """
+        if self._closed:
+            return defer.succeed(None)
+        self._pending.update(h for h in host_ids if h)
+        done = defer.Deferred()
+        self._waiters.append(done)
+        if not self._pushing:
+            self._pushing = True
+            defer.ensureDeferred(self._pushes())
+        return done
+
+    async def _pushes(self):
         try:
-            return await self._push(host_ids)
+            while self._pending and not self._closed:
+                batch, self._pending = self._pending, set()
+                await self._push(sorted(batch))
+        except Exception:
+            self.log.failure("giving the ingress certificates")
         finally:
-            self._lock.release()
+            self._pushing = False
+            waiters, self._waiters = self._waiters, []
+            for d in waiters:
+                d.callback(None)
 
     async def _push(self, host_ids):
-        host_ids = [h for h in host_ids if h and self._available(h)]
+        host_ids = [h for h in host_ids if self._available(h)]
         if not host_ids:
             return 0
         try:
             rows = await self._certs.all()
         except Exception:
-            self.log.failure("reading the ingress certificates")
+            if not self._closed:  # else the store closed under the read: shutting down
+                self.log.failure("reading the ingress certificates")
             return 0
+        if self._closed:
+            return 0
+        self.reads += 1
         doc = bundle(rows)
         sent = 0
-        for host_id in host_ids:
+
+        async def give(host_id):
+            nonlocal sent
             try:
                 await self._call(host_id, AGENT_VERB, doc)
             except Exception as e:
                 self.log.info("host {host_id}: ingress certificates not given ({e}); "
                               "again when it registers", host_id=host_id, e=e)
-                continue
+                return
             sent += 1
             self.sent += 1
+
+        for i in range(0, len(host_ids), self.CONCURRENT):
+            await defer.gatherResults([defer.ensureDeferred(give(h))
+                                       for h in host_ids[i:i + self.CONCURRENT]])
         return sent
+
