@@ -108,6 +108,49 @@ class CollectionPolicyTests(SynchronousTestCase):
         policy.frozen_after_full, policy.frozen = 10, 90
         self.assertIsNone(policy.full_due())  # 8x, but fewer than the minimum
 
+    def test_barren_growth_collections_back_off(self):
+        """
+        A full collection for growth that frees less than C{barren} of the heap doubles
+        the growth the next one waits for, up to C{max_growth}; one that frees more sets
+        it back. (A heap growing from nothing to 20,000 agent sessions had a full
+        collection at every doubling, up to a second each, finding next to nothing.)
+        """
+        clock, policy = self.start(growth=0.5, max_growth=2, minimum=0, probe_interval=0)
+        self.assertEqual(policy.growth_now, 0.5)
+        policy.full("grew", growth=True)
+        self.assertEqual(policy.growth_now, 1.0)
+        self.assertIn("zwrm_gc_growth 1\n", "\n".join(policy.metrics()) + "\n")
+        policy.full("grew", growth=True)
+        policy.full("grew", growth=True)
+        self.assertEqual(policy.growth_now, 2)  # no further than max_growth
+        policy.full("closed", growth=False)  # churn's collections leave it alone
+        self.assertEqual(policy.growth_now, 2)
+        # due only after the doubled growth
+        policy.frozen = policy.frozen_after_full * 2.5
+        self.assertIsNone(policy.full_due())
+        policy.frozen = policy.frozen_after_full * 3 + 1
+        self.assertTrue(policy.full_due())
+        # garbage that died frozen, more than 1% of the heap: found, and back to growth
+        gc.disable()
+        try:
+            garbage = [cycle()[0] for _ in range(policy.frozen_after_full // 50 + 1)]
+            gc.freeze()
+            del garbage
+        finally:
+            gc.enable()
+        policy.full("grew", growth=True)
+        self.assertEqual(policy.growth_now, 0.5)
+
+    def test_a_growth_tick_backs_off(self):
+        """A tick that collects fully because the heap grew counts as a growth collection."""
+        clock, policy = self.start(interval=10, growth=0.5, minimum=0, probe_interval=0)
+        grow = [Node() for _ in range(policy.frozen_after_full)]
+        clock.advance(10)  # freezes the growth
+        clock.advance(10)
+        self.assertEqual(policy.full_collections, 2)
+        self.assertEqual(policy.growth_now, 1.0)
+        del grow
+
     def test_churn(self):
         """
         With sessions watched, a full collection is due once C{churn} of the open
