@@ -24,7 +24,10 @@ Baseline from the same run: the first step is small (100 hosts); its latency and
 the floor the other steps compare with.
 
 Note: the workers run on the same machine as the control plane, so on a small machine
-they compete with it for CPU; the latency they measure includes their own delays.
+they compete with it for CPU; the latency they measure includes their own delays (each
+prints its longest pause in the window).  C{--cp-cpu N --agents-nice 10} gives the control
+plane CPU C{N} as its one core, the workers taking what it leaves.  Every worker measures
+the same window, from the driver's GO once all are connected.
 
     .venv/bin/python benchmarks/heartbeats.py --micro [--micro-hosts 200]
         [--micro-heartbeats 20000] [--profile FILE]
