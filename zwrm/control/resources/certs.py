@@ -376,4 +376,3 @@ class CertPublisher:
             await defer.gatherResults([defer.ensureDeferred(give(h))
                                        for h in host_ids[i:i + self.CONCURRENT]])
         return sent
-
