@@ -301,8 +301,10 @@ class SocketLimitTests(_SocketBase):
 
     @defer.inlineCallbacks
     def check_freed(self, kind):
+        sessions = set()
         for serializer in ("json", "msgpack"):
             s, proto = yield self.join("op", serializer=serializer, kind=kind)
+            sessions.add(s._session_id)
             yield s.subscribe(lambda *a: None, "test.t")
             yield s.register(lambda x: x, "test.echo")
             self.assertEqual((yield s.call("test.echo", 5)), 5)
@@ -322,7 +324,7 @@ class SocketLimitTests(_SocketBase):
                 self.assertIsNone(protocol_ref())
                 self.assertIsNone(tcp_ref())
                 # and nothing else of the server's side waits in a cycle
-                self.assertEqual(_server_side_cyclic_garbage(self.ports[(kind, False)]), [])
+                self.assertEqual(_server_side_cyclic_garbage(self.ports[(kind, False)], sessions), [])
             finally:
                 gc.enable()
             del s, proto
@@ -391,13 +393,15 @@ class SocketLimitTests(_SocketBase):
         return d.addCallback(listening)
 
 
-def _server_side_cyclic_garbage(port):
+def _server_side_cyclic_garbage(port, sessions):
     """
     What a full collection finds unreachable of the server's side of a connection to C{port}:
     the router's and its transports' objects, Twisted's server connections and HTTP objects,
     and autobahn objects that hang off them (the clients in this process leave their own
     cycles, which do not count; nor do the connections of an earlier test's listeners, whose
-    teardown may end while this one runs: a CI run saw a TLS connection's).
+    teardown may end while this one runs: a CI run saw a TLS connection's). A router session
+    that has let go of its transport is told by its id, one of C{sessions} (a CI run counted
+    another test's detached session, which has no transport to lead to its listener).
     """
     from twisted.internet.tcp import Server
     from twisted.protocols.policies import ProtocolWrapper
@@ -411,6 +415,8 @@ def _server_side_cyclic_garbage(port):
 
     def listener(o):
         # the listening port an object's connection came in on, down its transports
+        if isinstance(o, router_module.RouterSession) and o._transport is None:
+            return port if o.session_id in sessions else None
         for _ in range(8):
             if isinstance(o, Server):
                 return o.server
