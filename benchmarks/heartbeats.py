@@ -688,6 +688,9 @@ def main():
         # control plane's calls to an agent with procedures can follow in the same read, part
         # of a frame then left in autobahn's buffer
         ap.error("--lean-agents and --agent-procedures cannot be used together")
+    if args.cp_cpu is not None and args.cp_cpu not in os.sched_getaffinity(0):
+        ap.error(f"--cp-cpu {args.cp_cpu}: not one of this process's CPUs"
+                 f" ({', '.join(map(str, sorted(os.sched_getaffinity(0))))})")
     if args.worker:
         return worker(args)
     if args.micro:
