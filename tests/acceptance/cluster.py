@@ -335,6 +335,21 @@ class Cluster:
         """C{zwrm ARGS} on the control-plane host as root (configured by install.sh)."""
         return self.sh("cp", ["zwrm", *args], ok=ok, timeout=timeout)
 
+    def control_metrics(self):
+        """
+        The control plane's C{/metrics} families without labels (C{{name: value}}), read
+        on its host over TLS with the cluster CA, as a Prometheus server there would.
+        """
+        url = f"https://{self.net.hostname('cp')}:{PORT}/metrics"
+        text = self.sh("cp", ["curl", "-fsS", "--max-time", "20", "--cacert",
+                              "/var/lib/zwrm/control/pki/ca.pem", url]).stdout
+        out = {}
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and not line.startswith("#") and "{" not in parts[0]:
+                out[parts[0]] = float(parts[1])
+        return out
+
     def _install_agents(self):
         token = self.cli_on_cp("tokens", "create", "--description", "acceptance").stdout.strip()
         token = token.split()[-1]

@@ -90,6 +90,11 @@ class ControlMetricsTests(TestCase):
             samples[("zwrm_wamp_call_duration_seconds_count", (("procedure", "zwrm.agent.heartbeat"),))], 1)
         self.assertGreaterEqual(samples[("zwrm_wamp_calls_total", ())], 2)
         self.assertGreaterEqual(samples[("zwrm_wamp_sessions", ())], 2)
+        view = plane.apps.network_view
+        self.assertEqual(
+            [samples[(f"zwrm_network_{n}_total", ())]
+             for n in ("views_sent", "view_full_lists", "view_resumed")],
+            [view.sent, view.full_lists, view.resumed])
 
 
 

@@ -22,6 +22,7 @@ from twisted.trial.unittest import TestCase
 from tests.control.helpers import FACTS
 from tests.control.test_network_view import HOSTS, ViewHelpers
 from zwrm import errors
+from zwrm.agent.network.addressing import hosts_digest
 from zwrm.agent.network.agent import AgentNetwork
 from zwrm.control import network as control_network
 from zwrm.control.network import HOSTS_HISTORY
@@ -349,6 +350,143 @@ class DeltaTests(DeltaHelpers, TestCase):
         self.assert_every_agent_current()
 
 
+class ResumeTests(DeltaHelpers, TestCase):
+    """
+    An agent that registers again holding a list says which (facts C{network}: its serial
+    and L{hosts_digest}); if it is the current list it gets an empty delta on its own
+    serial instead of the whole list: after its reconnection, and after the control
+    plane's restart (a new publisher, whose serials start again).
+    """
+
+    async def register_again(self, host_id, **held):
+        """h's agent registers again (a new session), reporting what it holds."""
+        facts = dict(FACTS, name=host_id, address=self.data.hosts.get(host_id).record[
+            "address"])
+        network = self.agents[host_id].held()
+        if network is not None:
+            facts["network"] = dict(network, **held)
+        await self.registry.register(host_id, facts)
+
+    async def test_a_reconnected_agent_holding_the_current_list_gets_an_empty_delta(self):
+        await self.start_agents()
+        await self.pump()
+        self.sent()
+        held = self.agents["h-b"].held()
+        self.assertEqual(held, {"hosts_serial": self.view.hosts_serial,
+                                "hosts_digest": hosts_digest(self.view._hosts_list())})
+        await self.register_again("h-b")
+        await self.pump()
+        sent = self.sent()
+        self.assertEqual(self.kinds_of(sent), {"h-b": ["delta"]})
+        self.assertEqual(sent["h-b"][0]["hosts_delta"],
+                         {"base": held["hosts_serial"], "serial": self.view.hosts_serial,
+                          "set": [], "remove": []})
+        self.assertEqual((self.view.resumed, self.view.full_lists), (1, 3))
+        self.assert_every_agent_current()
+        # It is a delta-taking agent of this session: the next change is a delta too.
+        await self.join("h-d", "192.0.2.4")
+        await self.pump()
+        self.assertEqual(self.kinds_of(self.sent())["h-b"], ["delta"])
+        self.assert_every_agent_current()
+
+    async def test_after_a_control_plane_restart_no_whole_list_is_sent(self):
+        await self.start_agents()
+        await self.pump()
+        await self.join("h-d", "192.0.2.4")
+        await self.pump()
+        self.sent()
+        before = self.view.hosts_serial
+        # A new publisher (the control plane restarted): its serials start again, from the
+        # same hosts; every agent registers again with the list it held.
+        self.view.close()
+        self.view = control_network.ViewPublisher(self.clock, self.network, self.data,
+                                                  self.call)
+        self.addCleanup(self.view.close)
+        for host_id in sorted(self.agents):
+            await self.register_again(host_id)
+        await self.pump()
+        sent = self.sent()
+        self.assertEqual(self.kinds_of(sent), {h: ["delta"] for h in self.agents})
+        self.assertEqual((before, self.view.hosts_serial), (2, 1))
+        for [view] in sent.values():
+            self.assertEqual(view["hosts_delta"]["base"], before)
+        self.assertEqual((self.view.full_lists, self.view.resumed), (0, 4))
+        self.assert_every_agent_current()
+        for agent in self.agents.values():
+            self.assertEqual(agent._hosts_serial, self.view.hosts_serial)
+
+    async def test_a_list_changed_meanwhile_is_sent_whole(self):
+        await self.start_agents()
+        await self.pump()
+        self.sent()
+        await self.registry.mark_offline("h-c")  # gone while h-d joins...
+        await self.join("h-d", "192.0.2.4")
+        await self.pump()
+        self.assertNotIn("h-c", self.sent())
+        await self.register_again("h-c")  # ... then back, holding the older list
+        await self.pump()
+        sent = self.sent()
+        self.assertEqual(self.kinds_of(sent), {"h-c": ["full"]})
+        self.assertEqual(self.view.resumed, 0)
+        self.assert_every_agent_current()
+
+    async def test_a_wrong_serial_is_refused_and_the_list_sent(self):
+        """
+        A registration whose digest is the current list's but whose serial is not the one
+        the agent holds (a mistaken or forged claim): the agent refuses the delta, and the
+        whole list follows at once.
+        """
+        await self.start_agents()
+        await self.pump()
+        self.sent()
+        await self.register_again("h-a", hosts_serial=12345)
+        await self.pump()
+        sent = self.sent()
+        self.assertEqual(self.kinds_of(sent), {"h-a": ["delta", "full"]})
+        self.assertEqual(sent["h-a"][0]["hosts_delta"]["base"], 12345)
+        self.assert_every_agent_current()
+
+    async def test_a_malformed_claim_is_refused_by_the_registry(self):
+        await self.start_agents()
+        await self.pump()
+        self.sent()
+        entry = self.data.hosts.get("h-a")
+        record = dict(entry.record)
+        good = self.agents["h-a"].held()
+        for bad in ("x", {"hosts_serial": "1", "hosts_digest": good["hosts_digest"]},
+                    {"hosts_serial": True, "hosts_digest": good["hosts_digest"]},
+                    {"hosts_serial": 1, "hosts_digest": good["hosts_digest"].upper()},
+                    {"hosts_serial": 1, "hosts_digest": "ab"},
+                    dict(good, extra=1)):
+            facts = dict(FACTS, name="h-a", address="192.0.2.99", network=bad)
+            with self.assertRaises(errors.InvalidArgument) as e:
+                await self.registry.register("h-a", facts)
+            self.assertIn("host fact network", str(e.exception))
+        self.assertEqual(entry.record, record)
+        self.assertIsNone(entry.network_held)
+        await self.pump()
+        self.assertEqual(self.sent(), {})
+
+    def test_held_follows_the_views_taken(self):
+        agent = AgentNetwork(MemoryReactorClock(), "h-a", None, host_network=RecordingHost())
+        agent._start_dns = lambda net: None
+        self.addCleanup(agent.ingress.close)
+        self.assertIsNone(agent.held())
+        entries = [{"host_id": "h-b", "address": "192.0.2.2", "gateway": "10.80.2.1"},
+                   {"host_id": "h-a", "address": "192.0.2.1", "gateway": None}]
+        agent.update({"hosts": entries, "members": []})  # a list without a serial
+        self.assertIsNone(agent.held())
+        agent.update({"hosts": entries, "hosts_serial": 7, "members": []})
+        self.assertEqual(agent.held(), {"hosts_serial": 7,
+                                        "hosts_digest": hosts_digest(reversed(entries))})
+        new = {"host_id": "h-c", "address": "192.0.2.3", "gateway": None}
+        agent.update({"hosts_delta": {"base": 7, "serial": 8, "set": [new], "remove": ["h-b"]},
+                      "members": []})
+        self.assertEqual(agent.held(), {"hosts_serial": 8,
+                                        "hosts_digest": hosts_digest([entries[1], new])})
+        self.assertNotEqual(hosts_digest([entries[1], new]), hosts_digest(entries))
+
+
 class RandomTests(DeltaHelpers, TestCase):
 
     async def test_joins_leaves_and_changes_with_lost_and_reordered_views(self):
@@ -527,10 +665,61 @@ def measure(hosts, serial):
     return cpu, sum(packed), sorted(packed)[len(packed) // 2], max(packed)
 
 
+def measure_reconnect(hosts, resume):
+    """
+    CPU and bytes of the push after every agent of a cluster of C{hosts} hosts registered
+    again (a new session each, as after the control plane's restart or a network cut),
+    each holding the current list; with C{resume} their registrations say so (facts
+    C{network}), without they do not (as before).
+    """
+    import time
+
+    import msgpack
+    from twisted.internet.task import Clock
+
+    from zwrm.control.network import ViewPublisher
+
+    data = type("Data", (), {})()
+    data.hosts, data.machines = _Resource(), _Resource()
+    network = _Network()
+    for i in range(hosts):
+        h = f"h_{i:016x}"
+        data.hosts.entries[h] = _Entry(h, f"192.0.{i // 250}.{i % 250 + 1}")
+        data.hosts.entries[h].network_held = None
+        network.subnets[h] = f"10.{(i + 1) // 256}.{(i + 1) % 256}.0/24"
+    packed = None
+
+    def call(host_id, verb, view):
+        serial = view.get("hosts_serial", view.get("hosts_delta", {}).get("serial"))
+        if packed is not None:
+            packed.append(len(msgpack.packb([68, 1, 1, {}, [view]])))
+        return defer.succeed({"members": len(view["members"]), "published": [],
+                              "hosts_serial": serial})
+
+    publisher = ViewPublisher(Clock(), network, data, call)
+    defer.ensureDeferred(publisher.push())
+    held = {"hosts_serial": publisher.hosts_serial,
+            "hosts_digest": hosts_digest(publisher._hosts_list())}
+    for h, entry in data.hosts.entries.items():
+        entry.network_held = dict(held) if resume else None
+        for listener in data.hosts.listeners:
+            listener({"kind": "registered", "subject": h,
+                      "payload": {"executor": True, "reason": "agent_registered"}})
+    packed = []
+    cpu = time.process_time()
+    d = defer.ensureDeferred(publisher.push())
+    cpu = time.process_time() - cpu
+    assert d.called and len(packed) == hosts, (d, len(packed))
+    assert publisher.resumed == (hosts if resume else 0), publisher.resumed
+    publisher.close()
+    return cpu, sum(packed), sorted(packed)[len(packed) // 2], max(packed)
+
+
 def main(argv):
     """
     C{python -m tests.control.test_network_view_deltas [HOSTS...]}: the push after one
-    host joins, before deltas (agents answer without a serial) and with them.
+    host joins, before deltas (agents answer without a serial) and with them; and the
+    push after every agent registered again, before resumed lists and with them.
     """
     import os
 
@@ -538,6 +727,11 @@ def main(argv):
     for hosts in [int(a) for a in argv] or [1000, 10000]:
         for label, serial in (("whole lists (before)", False), ("deltas", True)):
             cpu, total, median, largest = measure(hosts, serial)
+            print(f"{hosts:6d} hosts, {label:20s}: {cpu * 1000:8.1f} ms CPU, "
+                  f"{total / 1e6:8.2f} MB written, views {median:,} bytes (median), "
+                  f"{largest:,} (largest)")
+        for label, resume in (("all reconnect, before", False), ("all reconnect, resumed", True)):
+            cpu, total, median, largest = measure_reconnect(hosts, resume)
             print(f"{hosts:6d} hosts, {label:20s}: {cpu * 1000:8.1f} ms CPU, "
                   f"{total / 1e6:8.2f} MB written, views {median:,} bytes (median), "
                   f"{largest:,} (largest)")

@@ -295,6 +295,10 @@ class AgentService(service.Service):
                 facts["address"] = self.session._transport.transport.getHost().host
             except Exception:
                 pass
+        network = getattr(getattr(self.runtime, "executor", None), "network", None)
+        held = network.held() if network is not None else None
+        if held is not None:  # the hosts list it holds: not sent again if still current
+            facts["network"] = held
         return facts
 
     # -- life cycle -------------------------------------------------------------------

@@ -203,6 +203,19 @@ class ControlMetrics:
             out.append(GaugeMetricFamily("zwrm_router_connected",
                                          "1 while the control component is joined to the external router.",
                                          value=int(plane.wamp_connected())))
+        view = getattr(getattr(plane, "apps", None), "network_view", None)
+        if view is not None:
+            out.append(CounterMetricFamily(
+                "zwrm_network_views_sent", "Cluster network views sent to agents.",
+                value=view.sent))
+            out.append(CounterMetricFamily(
+                "zwrm_network_view_full_lists",
+                "Network views sent with the whole hosts list (a new agent session whose"
+                " list is not current, or one that lost a view).", value=view.full_lists))
+            out.append(CounterMetricFamily(
+                "zwrm_network_view_resumed",
+                "New agent sessions told the hosts list they held is current, instead of"
+                " being sent it.", value=view.resumed))
         return out
 
     async def _apps(self):

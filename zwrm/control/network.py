@@ -28,7 +28,7 @@ import time
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 
 from zwrm import errors
-from zwrm.agent.network.addressing import GUEST_MTU
+from zwrm.agent.network.addressing import GUEST_MTU, hosts_digest
 
 DEFAULT_CIDR = "10.80.0.0/16"
 DEFAULT_HOST_PREFIX = 24
@@ -461,12 +461,15 @@ def _is_int(value):
 class _Peer:
     """What the publisher knows of one host's agent (one session of it): its hosts list."""
 
-    __slots__ = ("capable", "serial", "sent", "full_at", "answered")
+    __slots__ = ("capable", "serial", "sent", "full_at", "answered", "held")
 
-    def __init__(self):
+    def __init__(self, held=None):
         self.capable = False  # its answers carry hosts_serial: it takes hosts_delta
         self.serial = None  # the hosts serial it holds once it took every view sent; None:
         # not known (the next view has the whole list)
+        #: what its registration said it holds ({"hosts_serial", "hosts_digest"}), for its
+        #: first view only
+        self.held = held
         self.sent = 0  # views sent to it, numbered from 1
         self.full_at = 0  # the number of the last one with the whole list
         self.answered = 0  # the number of the newest one answered with a serial
@@ -526,10 +529,11 @@ class ViewPublisher:
     the serial it will hold once the views sent before are applied) instead of C{hosts}.  A
     host joining, leaving or getting its subnet costs each view one entry, not the whole
     list.  The whole list (C{hosts} with C{hosts_serial}) goes to an agent whose session is
-    new (registered, or lost), that has not answered with a serial yet (an agent before
-    deltas never does: it gets the whole list every time), whose list is older than the
-    history, whose view was not delivered, or that refused a delta
-    (L{errors.StaleView}: at once) or answered out of order.
+    new (registered, or lost) unless its registration said it holds the current list
+    (L{_resumed}: an empty delta on the serial it holds), that has not answered with a
+    serial yet (an agent before deltas never does: it gets the whole list every time),
+    whose list is older than the history, whose view was not delivered, or that refused a
+    delta (L{errors.StaleView}: at once) or answered out of order.
 
     @param data: the control plane's resource layer (C{hosts}, C{machines}).
     @param call: C{call(host_id, verb, *args)}, an executor call.
@@ -571,6 +575,9 @@ class ViewPublisher:
         self._deltas = {}  # (base, serial) -> hosts_delta (or None), of the newest serial
         self._peers = {}  # host id -> _Peer
         self.full_lists = 0  # views sent with the whole hosts list
+        #: new agent sessions told the list they held is current (see L{_resumed})
+        self.resumed = 0
+        self._digest = None  # (serial, hosts_digest of the list of that serial)
         self._published = {}
         self._all_dirty = True  # every host needs a view (first push, who serves ingress)
         self._hosts_dirty = False  # every host needs the hosts list's change
@@ -678,6 +685,24 @@ class ViewPublisher:
                                               self._history_ids > 2 * len(self._hosts) + 64):
                 self._history_ids -= len(self._history.popleft()[1])
         return self.hosts_serial
+
+    def _resumed(self, held):
+        """
+        For a new agent session whose registration said it holds the hosts list C{held}
+        (C{{"hosts_serial", "hosts_digest"}}, of a session before, perhaps of a control
+        plane before this one): an empty C{hosts_delta} from its serial to L{hosts_serial}
+        if that list is the current one (the same L{hosts_digest}), else L{None} (the whole
+        list).  The agent applies the delta only if it still holds that serial, and refuses
+        it otherwise (then the whole list follows), so a digest that matched by mistake
+        cannot leave it with a list it does not hold.
+        """
+        if self._digest is None or self._digest[0] != self.hosts_serial:
+            self._digest = (self.hosts_serial, hosts_digest(self._hosts.values()))
+        if held["hosts_digest"] != self._digest[1]:
+            return None
+        self.resumed += 1
+        return {"base": held["hosts_serial"], "serial": self.hosts_serial, "set": [],
+                "remove": []}
 
     def _delta(self, base):
         """
@@ -922,10 +947,18 @@ class ViewPublisher:
         self.sent += 1
         peer = self._peers.get(host_id)
         if peer is None:
-            peer = self._peers[host_id] = _Peer()
+            entry = self._data.hosts.get(host_id)
+            held = getattr(entry, "network_held", None)
+            if held is not None:
+                entry.network_held = None
+            peer = self._peers[host_id] = _Peer(held)
         view = self._parts(host_id)
         serial = self._commit_hosts()
-        delta = self._delta(peer.serial) if peer.capable and peer.serial is not None else None
+        if peer.held is not None:
+            delta = self._resumed(peer.held)
+            peer.held = None
+        else:
+            delta = self._delta(peer.serial) if peer.capable and peer.serial is not None else None
         peer.sent += 1
         n = peer.sent
         if delta is None:

@@ -16,6 +16,7 @@ restart the monitor counts every host's heartbeat age from the restart, not from
 stored time.
 """
 
+import re
 import secrets
 
 from twisted.logger import Logger
@@ -58,6 +59,9 @@ def valid_host_id(host_id):
     )
 
 
+_HEX_DIGEST = re.compile(r"^[0-9a-f]{64}\Z")
+
+
 def _check_facts(facts):
     if not isinstance(facts, dict):
         raise errors.InvalidArgument("host facts must be a mapping")
@@ -71,6 +75,16 @@ def _check_facts(facts):
         raise errors.InvalidArgument("host fact labels must be a mapping")
     if "machines" in facts and not isinstance(facts["machines"], list):
         raise errors.InvalidArgument("host fact machines must be a list")
+    if "network" in facts:
+        held = facts["network"]
+        if not (isinstance(held, dict) and set(held) == {"hosts_serial", "hosts_digest"}
+                and isinstance(held["hosts_serial"], int)
+                and not isinstance(held["hosts_serial"], bool)
+                and isinstance(held["hosts_digest"], str)
+                and _HEX_DIGEST.match(held["hosts_digest"])):
+            raise errors.InvalidArgument(
+                "host fact network must be a mapping {hosts_serial: integer,"
+                " hosts_digest: 64 hex digits}")
 
 
 MAX_STATS = 16
@@ -299,6 +313,9 @@ class HostRegistry:
             update["labels"] = facts["labels"]
         if "agent_version" in facts:
             update["agent_version"] = facts["agent_version"]
+        # The hosts list its agent holds (this session's first network view may say it is
+        # current instead of sending it); kept in memory only, taken by that view.
+        entry.network_held = facts.get("network")
         await self.hosts.registered(host_id, update)
         self._clock.callLater(0, self._reconcile_soon, host_id, facts.get("machines"))
         return {

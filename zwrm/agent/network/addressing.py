@@ -9,7 +9,10 @@ A VM's network, as the control plane gives it in the machine spec (C{spec["netwo
 
 import hashlib
 import ipaddress
+import json
 import zlib
+
+import orjson
 
 #: The MTU guests get: the overlay's VXLAN header takes 50 bytes of a 1500-byte underlay.
 GUEST_MTU = 1450
@@ -18,6 +21,24 @@ GUEST_MTU = 1450
 def tap_name(machine_id):
     """The TAP device of a machine: C{zt} and 12 hex digits (Linux allows 15 characters)."""
     return "zt" + hashlib.sha256(machine_id.encode()).hexdigest()[:12]
+
+
+def hosts_digest(hosts):
+    """
+    The SHA-256 (hex) of a network view's hosts list, whatever its order: its entries
+    sorted by C{host_id}, as compact JSON with sorted keys. The control plane and the
+    agents compute it alike, so an agent that comes back with the list it held can be
+    told that list is still current instead of being sent it again (the control plane's
+    L{zwrm.control.network.ViewPublisher}).
+
+    @param hosts: the entries (dicts with a C{host_id} string), in any order.
+    """
+    entries = sorted(hosts, key=lambda h: h["host_id"])
+    try:
+        text = orjson.dumps(entries, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # what orjson refuses (an integer past 64 bits): the same, slower
+        text = json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(text).hexdigest()
 
 
 def mac_for(address):

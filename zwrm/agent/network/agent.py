@@ -81,6 +81,7 @@ class AgentNetwork:
         # The hosts list of the views received, by host id, and the control plane's serial
         # of it (None: a list without one, or none yet): a C{hosts_delta} applies to it.
         self._hosts, self._hosts_serial = {}, None
+        self._hosts_digest = None  # hosts_digest(self._hosts), computed when asked for
         self._applied_serial, self._applied_result = 0, None  # the newest view applied
         self._applying = defer.DeferredLock()
         #: where the ingress certificates are kept (0600 files in a 0700 directory), so an
@@ -253,6 +254,8 @@ class AgentNetwork:
         if not isinstance(view, dict):
             raise InvalidArgument(f"a network view must be a dict, not {type(view).__name__}")
         hosts, serial = self._hosts_of(view)
+        if hosts is not self._hosts:
+            self._hosts_digest = None
         self._hosts, self._hosts_serial = hosts, serial
         self._view = dict(view, hosts=[hosts[h] for h in sorted(hosts)])
         self._view.pop("hosts_delta", None)
@@ -264,6 +267,20 @@ class AgentNetwork:
         # could end with the older view's routes (a replica's health flipping back).
         d = self._applying.run(lambda: defer.ensureDeferred(self._apply_newest(n)))
         return d.addCallback(lambda result: dict(result, hosts_serial=serial))
+
+    def held(self):
+        """
+        The hosts list this agent holds, as its registration reports it to the control
+        plane (facts C{network}): C{{"hosts_serial", "hosts_digest"}} (L{hosts_digest}), or
+        L{None} when it holds none with a serial.  A control plane whose list has the same
+        digest then sends a C{hosts_delta} on that serial instead of the whole list (after
+        its own restart, or this agent's reconnection, the list is mostly unchanged).
+        """
+        if self._hosts_serial is None:
+            return None
+        if self._hosts_digest is None:
+            self._hosts_digest = addressing.hosts_digest(self._hosts.values())
+        return {"hosts_serial": self._hosts_serial, "hosts_digest": self._hosts_digest}
 
     def _hosts_of(self, view):
         """

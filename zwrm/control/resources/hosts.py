@@ -83,6 +83,9 @@ class HostEntry:
         self.executor = False
         self.reregistering = False
         self.stats = {}
+        #: what its agent's registration said of the hosts list it holds (facts C{network}:
+        #: C{{"hosts_serial", "hosts_digest"}}), until its first network view takes it
+        self.network_held = None
 
     @property
     def schedulable_state(self):
