@@ -328,11 +328,21 @@ def seed(data_dir, n, address="127.0.0.1", cidr=None):
     return creds
 
 
-def _niced(nice):
-    """A C{preexec_fn} that lowers a child's priority by C{nice} (or L{None} for none)."""
-    if not nice:
+def _niced(nice, cpus=None):
+    """
+    A C{preexec_fn} that lowers a child's priority by C{nice} and keeps it on C{cpus} (a
+    set of CPU numbers), or L{None} when neither is asked for.
+    """
+    if not nice and not cpus:
         return None
-    return lambda: os.nice(nice)
+
+    def preexec():
+        if nice:
+            os.nice(nice)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return preexec
 
 
 def percentile(sorted_values, p):
@@ -375,7 +385,7 @@ def run_step(args, cp_pid, port, creds, probe=None):
             + (["--agent-procedures"] if getattr(args, "agent_procedures", False) else [])
             + (["--lean-agents"] if getattr(args, "lean_agents", False) else []),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            preexec_fn=_niced(getattr(args, "agents_nice", 0)),
+            preexec_fn=_niced(getattr(args, "agents_nice", 0), getattr(args, "agents_cpus", None)),
         )
         p.stdin.write(json.dumps(chunk) + "\n")
         p.stdin.flush()
@@ -665,6 +675,10 @@ def main():
     ap.add_argument("--agents-nice", type=int, default=0,
                     help="the worker processes' nice value (default 0; e.g. 10: the control plane"
                          " comes first on its core and they take what it leaves)")
+    ap.add_argument("--agents-cpus", default=None, metavar="N[,N...]",
+                    help="keep the worker processes on these CPUs (e.g. 1 with --cp-cpu 0: the"
+                         " control plane's core is its own, and its CPU per heartbeat is not"
+                         " inflated by the workers sharing its core and caches)")
     ap.add_argument("--lean-agents", action="store_true",
                     help="the simulated agents join and register through autobahn, then send their"
                          " heartbeats as MsgPack CALL frames written straight to the WebSocket and"
@@ -691,6 +705,14 @@ def main():
     if args.cp_cpu is not None and args.cp_cpu not in os.sched_getaffinity(0):
         ap.error(f"--cp-cpu {args.cp_cpu}: not one of this process's CPUs"
                  f" ({', '.join(map(str, sorted(os.sched_getaffinity(0))))})")
+    if args.agents_cpus is not None:
+        try:
+            args.agents_cpus = {int(c) for c in args.agents_cpus.split(",")}
+        except ValueError:
+            ap.error(f"--agents-cpus {args.agents_cpus}: not a list of CPU numbers")
+        if not args.agents_cpus <= os.sched_getaffinity(0):
+            ap.error(f"--agents-cpus: not all of this process's CPUs"
+                     f" ({', '.join(map(str, sorted(os.sched_getaffinity(0))))})")
     if args.worker:
         return worker(args)
     if args.micro:
@@ -742,7 +764,8 @@ def main():
               f"; machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
         print(("control plane pinned to CPU %d" % args.cp_cpu if args.cp_cpu is not None
                else "control plane not pinned")
-              + (f"; simulated agents at nice {args.agents_nice}" if args.agents_nice else ""))
+              + (f"; simulated agents at nice {args.agents_nice}" if args.agents_nice else "")
+              + (f"; simulated agents on CPUs {sorted(args.agents_cpus)}" if args.agents_cpus else ""))
         print(f"heartbeat every {args.interval}s, window {args.duration}s, budget {args.budget}s;"
               f" gc policy {args.gc_policy}"
               + (f", churn {args.gc_churn:g}" if args.gc_churn is not None else "") +
