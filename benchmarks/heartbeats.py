@@ -100,7 +100,14 @@ def worker(args):
                     failures[0] += 1
                     self.transport.loseConnection()
 
+    if args.network_views:
+        from autobahn.wamp.exception import ApplicationError
+
+        from zwrm.agent.network.addressing import hosts_digest
+
     creds = json.loads(sys.stdin.readline())
+    lists = {}  # --network-views: hosts serial -> (hosts by id or None, digest)
+    views = [0]  # network views taken
     latencies = []
     joins = []  # seconds from each agent's TCP connect to its registration answered
     failures = [0]
@@ -108,9 +115,10 @@ def worker(args):
     host, port = args.host, args.port
 
     class Sim(ApplicationSession):
-        def __init__(self, authid, ticket):
+        def __init__(self, authid, ticket, held=None):
             ApplicationSession.__init__(self, ComponentConfig(realm="zwrm"))
             self._authid, self._ticket = authid, ticket
+            self.held = tuple(held) if held else None  # (hosts serial, digest), --network-views
             self.ready = defer.Deferred()
 
         def onConnect(self):
@@ -119,8 +127,48 @@ def worker(args):
         def onChallenge(self, challenge):
             return self._ticket
 
+        def network_update(self, view):
+            """
+            With --network-views: take the view as a bridge-mode agent does (the hosts list
+            kept, a delta only on the serial held) and answer with the serial held.  The
+            lists are kept once per worker, by serial (one control plane per run: a serial
+            is one list).
+            """
+            delta = view.get("hosts_delta")
+            if delta is None:
+                serial = view.get("hosts_serial")
+                if serial not in lists:
+                    hosts = {h["host_id"]: h for h in view.get("hosts", [])}
+                    lists[serial] = (hosts, hosts_digest(hosts.values()))
+                self.held = (serial, lists[serial][1])
+            else:
+                base, serial = delta["base"], delta["serial"]
+                if self.held is None or self.held[0] != base:
+                    raise ApplicationError("zwrm.error.stale_view", "hosts_delta base is not the"
+                                           " serial held", hosts_serial=self.held and self.held[0])
+                if serial not in lists:
+                    if not delta["set"] and not delta["remove"]:
+                        lists[serial] = (lists.get(base, (None,))[0], self.held[1])
+                    elif lists.get(base, (None,))[0] is None:
+                        raise ApplicationError("zwrm.error.stale_view", "list not kept here")
+                    else:
+                        hosts = dict(lists[base][0])
+                        for h in delta["remove"]:
+                            hosts.pop(h, None)
+                        hosts.update((h["host_id"], h) for h in delta["set"])
+                        lists[serial] = (hosts, hosts_digest(hosts.values()))
+                self.held = (serial, lists[serial][1])
+            views[0] += 1
+            return {"members": len(view.get("members", [])), "published": [],
+                    "hosts_serial": self.held[0]}
+
         async def onJoin(self, details):
-            if args.agent_procedures:
+            if args.network_views:
+                prefix = f"zwrm.agent.{details.authid}."
+                await self.register(lambda: [], prefix + "machine.list")
+                await self.register(lambda certs: None, prefix + "ingress.certs")
+                await self.register(self.network_update, prefix + "network.update")
+            elif args.agent_procedures:
                 # what the control plane calls on an agent that registers: its machines, the
                 # ingress certificates and the network view (a user-mode agent declines those
                 # two as a real one does)
@@ -128,7 +176,11 @@ def worker(args):
                 await self.register(lambda: [], prefix + "machine.list")
                 await self.register(lambda certs: {"network": "user"}, prefix + "ingress.certs")
                 await self.register(lambda view: {"network": "user"}, prefix + "network.update")
-            await self.call("zwrm.agent.register", {"agent_version": "bench"})
+            facts = {"agent_version": "bench"}
+            if args.network_views and self.held is not None:
+                # the list it held in the step before (its "agent" reconnects)
+                facts["network"] = {"hosts_serial": self.held[0], "hosts_digest": self.held[1]}
+            await self.call("zwrm.agent.register", facts)
             if args.lean_agents:
                 self.pending, self._rid = {}, 2**40
                 self._transport.lean = self
@@ -183,8 +235,8 @@ def worker(args):
         sem = defer.DeferredSemaphore(50)
         url = f"ws://{host}:{port}/ws"
 
-        async def one(hid, cred):
-            s = Sim(hid, cred)
+        async def one(hid, cred, held=None):
+            s = Sim(hid, cred, held)
             sims.append(s)
             s.t0 = time.monotonic()
             f = WampWebSocketClientFactory(lambda: s, url=url, serializers=[MsgPackSerializer()])
@@ -197,7 +249,7 @@ def worker(args):
             except Exception:
                 return False
 
-        ds = [sem.run(lambda h=h, c=c: defer.Deferred.fromCoroutine(one(h, c))) for h, c in creds]
+        ds = [sem.run(lambda c=c: defer.Deferred.fromCoroutine(one(*c))) for c in creds]
         joined = await defer.gatherResults(ds)
         lost = joined.count(False)
         failures[0] += lost
@@ -232,7 +284,9 @@ def worker(args):
             failures[0] += sum(1 for _, measuring in getattr(s, "pending", {}).values() if measuring)
         latencies.sort()
         result = json.dumps({"n": len(creds), "latencies": latencies,
-                             "failures": failures[0], "cpu": cpu, "pause": pause[0]})
+                             "failures": failures[0], "cpu": cpu, "pause": pause[0],
+                             "views": views[0],
+                             "held": {s._authid: s.held for s in sims if s.held is not None}})
         if args.result_file:
             # a file, not stdout: a line of 100+ KB through the pipe reached the driver cut at
             # 64 KB when four workers wrote theirs at once (the 8,000-host steps)
@@ -360,7 +414,7 @@ def gc_metrics(port):
         text = r.read().decode()
     out = {}
     for line in text.splitlines():
-        if line.startswith(("zwrm_gc_", "zwrm_reactor_pause")):
+        if line.startswith(("zwrm_gc_", "zwrm_reactor_pause", "zwrm_network_view")):
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
@@ -375,14 +429,16 @@ def run_step(args, cp_pid, port, creds, probe=None):
     import tempfile
 
     workers, results = [], tempfile.mkdtemp(prefix="zwrm-bench-hb-results-")
+    held = getattr(args, "held", None) or {}
     for i in range(0, len(creds), args.per_worker):
-        chunk = creds[i:i + args.per_worker]
+        chunk = [[h, c, held.get(h)] for h, c in creds[i:i + args.per_worker]]
         p = subprocess.Popen(
             [sys.executable, __file__, "--worker", "--port", str(port),
              "--interval", str(args.interval), "--duration", str(args.duration),
              "--budget", str(args.budget),
              "--result-file", os.path.join(results, f"worker-{i}.json")]
             + (["--agent-procedures"] if getattr(args, "agent_procedures", False) else [])
+            + (["--network-views"] if getattr(args, "network_views", False) else [])
             + (["--lean-agents"] if getattr(args, "lean_agents", False) else []),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             preexec_fn=_niced(getattr(args, "agents_nice", 0), getattr(args, "agents_cpus", None)),
@@ -415,7 +471,8 @@ def run_step(args, cp_pid, port, creds, probe=None):
     p1 = probe() if probe is not None else None
     cpu0, cpu1 = u0 + s0, u1 + s1
     gc1 = gc_metrics(port)
-    latencies, failures, worker_cpu, worker_pause = [], 0, 0.0, 0.0
+    latencies, failures, worker_cpu, worker_pause, views = [], 0, 0.0, 0.0, 0
+    held = {}
     for i, p in zip(range(0, len(creds), args.per_worker), workers, strict=True):
         for line in p.stdout:
             if line.startswith("RESULT-FILE"):
@@ -427,9 +484,13 @@ def run_step(args, cp_pid, port, creds, probe=None):
                 failures += r["failures"]
                 worker_cpu += r["cpu"]
                 worker_pause = max(worker_pause, r.get("pause", 0.0))
+                views += r.get("views", 0)
+                held.update(r.get("held") or {})
                 break
         p.wait(timeout=60)
     os.rmdir(results)
+    if getattr(args, "network_views", False):
+        args.held = held  # the next step's agents come back holding these
     latencies.sort()
     expected = len(creds) * args.duration / args.interval
     return {
@@ -454,6 +515,11 @@ def run_step(args, cp_pid, port, creds, probe=None):
         # of which in threads other than the reactor's (the store's thread pool)
         "threads_per_hb_ms": 1000 * (o1 - o0) / max(1, len(latencies)) * args.duration / (t1 - t0),
         "worker_cpu": worker_cpu,
+        "views": views,
+        "full_lists": gc1.get("zwrm_network_view_full_lists_total", 0)
+        - m_start.get("zwrm_network_view_full_lists_total", 0),
+        "resumed": gc1.get("zwrm_network_view_resumed_total", 0)
+        - m_start.get("zwrm_network_view_resumed_total", 0),
         # the longest any worker's reactor was late for a 0.1 s timer in the window: the
         # share of a heartbeat's latency that was the simulated agents' own
         "worker_pause_ms": 1000 * worker_pause,
@@ -690,6 +756,12 @@ def main():
                          " network.update, which the control plane calls when an agent registers,"
                          " and answer them as a user-mode agent does (default: they register"
                          " nothing; each of those calls fails with no_such_procedure)")
+    ap.add_argument("--network-views", action="store_true",
+                    help="the simulated agents register machine.list, ingress.certs and"
+                         " network.update and take the control plane's network views as a"
+                         " bridge-mode agent does: they keep the hosts list, answer with its"
+                         " serial, and in a later step register again reporting the list they"
+                         " hold (so a reconnect step measures the views a reconnect costs)")
     ap.add_argument("--micro", action="store_true",
                     help="only the control plane's CPU per heartbeat, in this process, without sockets")
     ap.add_argument("--micro-hosts", type=int, default=200, help="agents for --micro (default 200)")
@@ -697,11 +769,11 @@ def main():
                     help="heartbeats --micro times (default 20000)")
     ap.add_argument("--profile", default=None, help="with --micro: write a cProfile of the heartbeats here")
     args = ap.parse_args()
-    if args.lean_agents and args.agent_procedures:
+    if args.lean_agents and (args.agent_procedures or args.network_views):
         # a lean agent takes over its connection's reads after its registration's RESULT; the
         # control plane's calls to an agent with procedures can follow in the same read, part
         # of a frame then left in autobahn's buffer
-        ap.error("--lean-agents and --agent-procedures cannot be used together")
+        ap.error("--lean-agents and --agent-procedures or --network-views cannot be used together")
     if args.cp_cpu is not None and args.cp_cpu not in os.sched_getaffinity(0):
         ap.error(f"--cp-cpu {args.cp_cpu}: not one of this process's CPUs"
                  f" ({', '.join(map(str, sorted(os.sched_getaffinity(0))))})")
@@ -801,6 +873,10 @@ def main():
                      f" {r['pause_max_ms']:>9.1f} {r['pauses']:>9}"
                      if r["gc"] else f" {'-':>9} {'-':>7} {'-':>8} {'-':>9} {'-':>9}") +
                   f"  {'ok' if r['ok'] else 'FAIL'}", flush=True)
+            if args.network_views:
+                print(f"       network views taken by the agents: {r['views']}; the control plane sent"
+                      f" {r['full_lists']:.0f} whole hosts lists and resumed {r['resumed']:.0f}"
+                      f" (its /metrics, from the step's start)", flush=True)
             if not r["ok"] and not args.keep_going:
                 break
             all_ok = all_ok and r["ok"]
