@@ -400,8 +400,10 @@ def _server_side_cyclic_garbage(port, sessions):
     and autobahn objects that hang off them (the clients in this process leave their own
     cycles, which do not count; nor do the connections of an earlier test's listeners, whose
     teardown may end while this one runs: a CI run saw a TLS connection's). A router session
-    that has let go of its transport is told by its id, one of C{sessions} (a CI run counted
-    another test's detached session, which has no transport to lead to its listener).
+    is told by its id, one of C{sessions}: a CI run counted another test's detached session,
+    which has no transport to lead to its listener, and another (12-04) a session whose
+    protocol had let go of its TCP transport, which the walk down the transports then gave
+    to this listener by default.
     """
     from twisted.internet.tcp import Server
     from twisted.protocols.policies import ProtocolWrapper
@@ -415,7 +417,7 @@ def _server_side_cyclic_garbage(port, sessions):
 
     def listener(o):
         # the listening port an object's connection came in on, down its transports
-        if isinstance(o, router_module.RouterSession) and o._transport is None:
+        if isinstance(o, router_module.RouterSession):
             return port if o.session_id in sessions else None
         for _ in range(8):
             if isinstance(o, Server):
