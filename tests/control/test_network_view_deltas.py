@@ -639,6 +639,7 @@ class _Entry:
     def __init__(self, host_id, address):
         self.record = {"id": host_id, "address": address, "labels": {}}
         self.executor = True
+        self.network_held = None
 
 
 class _Resource:
@@ -689,6 +690,18 @@ class _Network:
         return self.subnets[host_id]
 
 
+def _cluster(hosts):
+    """The publisher's data and network for C{hosts} hosts, each with an address and subnet."""
+    data = type("Data", (), {})()
+    data.hosts, data.machines = _Resource(), _Resource()
+    network = _Network()
+    for i in range(hosts):
+        h = f"h_{i:016x}"
+        data.hosts.entries[h] = _Entry(h, f"192.0.{i // 250}.{i % 250 + 1}")
+        network.subnets[h] = f"10.{(i + 1) // 256}.{(i + 1) % 256}.0/24"
+    return data, network
+
+
 def measure(hosts, serial):
     """
     CPU and bytes of the push after one host joins a cluster of C{hosts} hosts: every
@@ -701,13 +714,7 @@ def measure(hosts, serial):
 
     from zwrm.control.network import ViewPublisher
 
-    data = type("Data", (), {})()
-    data.hosts, data.machines = _Resource(), _Resource()
-    network = _Network()
-    for i in range(hosts):
-        h = f"h_{i:016x}"
-        data.hosts.entries[h] = _Entry(h, f"192.0.{i // 250}.{i % 250 + 1}")
-        network.subnets[h] = f"10.{(i + 1) // 256}.{(i + 1) % 256}.0/24"
+    data, network = _cluster(hosts)
     packed = []
 
     def call(host_id, verb, view):
@@ -763,14 +770,7 @@ def measure_reconnect(hosts, resume):
 
     from zwrm.control.network import ViewPublisher
 
-    data = type("Data", (), {})()
-    data.hosts, data.machines = _Resource(), _Resource()
-    network = _Network()
-    for i in range(hosts):
-        h = f"h_{i:016x}"
-        data.hosts.entries[h] = _Entry(h, f"192.0.{i // 250}.{i % 250 + 1}")
-        data.hosts.entries[h].network_held = None
-        network.subnets[h] = f"10.{(i + 1) // 256}.{(i + 1) % 256}.0/24"
+    data, network = _cluster(hosts)
     packed = None
 
     def call(host_id, verb, view):
