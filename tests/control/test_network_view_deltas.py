@@ -456,8 +456,7 @@ class ResumeTests(DeltaHelpers, TestCase):
         for bad in ("x", {"hosts_serial": "1", "hosts_digest": good["hosts_digest"]},
                     {"hosts_serial": True, "hosts_digest": good["hosts_digest"]},
                     {"hosts_serial": 1, "hosts_digest": good["hosts_digest"].upper()},
-                    {"hosts_serial": 1, "hosts_digest": "ab"},
-                    dict(good, extra=1)):
+                    {"hosts_serial": 1, "hosts_digest": "ab"}, {"hosts_serial": 1}):
             facts = dict(FACTS, name="h-a", address="192.0.2.99", network=bad)
             with self.assertRaises(errors.InvalidArgument) as e:
                 await self.registry.register("h-a", facts)
@@ -466,6 +465,12 @@ class ResumeTests(DeltaHelpers, TestCase):
         self.assertIsNone(entry.network_held)
         await self.pump()
         self.assertEqual(self.sent(), {})
+        # A later agent's other keys are left alone: it resumes.
+        facts = dict(FACTS, name="h-a", address=record["address"], network=dict(good, later=1))
+        await self.registry.register("h-a", facts)
+        await self.pump()
+        self.assertEqual(self.kinds_of(self.sent()), {"h-a": ["delta"]})
+        self.assertEqual(self.view.resumed, 1)
 
     def test_held_follows_the_views_taken(self):
         agent = AgentNetwork(MemoryReactorClock(), "h-a", None, host_network=RecordingHost())

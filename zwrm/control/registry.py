@@ -77,7 +77,8 @@ def _check_facts(facts):
         raise errors.InvalidArgument("host fact machines must be a list")
     if "network" in facts:
         held = facts["network"]
-        if not (isinstance(held, dict) and set(held) == {"hosts_serial", "hosts_digest"}
+        # (other keys are a later agent's: ignored)
+        if not (isinstance(held, dict) and {"hosts_serial", "hosts_digest"} <= set(held)
                 and isinstance(held["hosts_serial"], int)
                 and not isinstance(held["hosts_serial"], bool)
                 and isinstance(held["hosts_digest"], str)
@@ -315,7 +316,9 @@ class HostRegistry:
             update["agent_version"] = facts["agent_version"]
         # The hosts list its agent holds (this session's first network view may say it is
         # current instead of sending it); kept in memory only, taken by that view.
-        entry.network_held = facts.get("network")
+        held = facts.get("network")
+        entry.network_held = ({"hosts_serial": held["hosts_serial"],
+                               "hosts_digest": held["hosts_digest"]} if held else None)
         await self.hosts.registered(host_id, update)
         self._clock.callLater(0, self._reconcile_soon, host_id, facts.get("machines"))
         return {
