@@ -200,3 +200,37 @@ class HostsDeltaTests(AgentHelpers, SynchronousTestCase):
         self.host.first.callback(None)
         self.assertEqual([self.successResultOf(d)["hosts_serial"] for d in ds], [1, 2, 3])
         self.assertEqual(self.host.clusters, [["h_2"], ["h_3", "h_4"]])
+
+
+class SavedHostsTests(SynchronousTestCase):
+    """
+    The hosts list an agent holds is saved in its state directory a moment after it changes
+    and when its executor closes (the agent stopping), so a restarted agent resumes it.
+    """
+
+    def test_saved_when_the_executor_closes(self):
+        import os
+        import stat
+
+        from zwrm.agent.executor import Executor
+        from zwrm.agent.volumes import VolumeStore
+        from zwrm.drivers.fake import FakeDriver
+
+        tmp = self.mktemp()
+        state = os.path.join(tmp, "network")
+        clock = MemoryReactorClock()
+        network = AgentNetwork(clock, "h_1", None, host_network=SlowHost(), state_dir=state)
+        network._start_dns = lambda net: None
+        self.addCleanup(network.ingress.close)
+        ex = Executor(clock, "h_1", FakeDriver(clock, os.path.join(tmp, "m")),
+                      VolumeStore(clock, os.path.join(tmp, "v")), lambda e: defer.succeed(None),
+                      data_dir=tmp, network=network)
+        network.update(dict(view(True), hosts_serial=4))
+        path = os.path.join(state, "hosts.json")
+        self.assertFalse(os.path.exists(path))  # not yet: changes that follow join it
+        ex.close()
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        again = AgentNetwork(clock, "h_1", None, host_network=SlowHost(), state_dir=state)
+        self.addCleanup(again.ingress.close)
+        self.assertEqual(again.held(), network.held())
+        self.assertEqual(again.held()["hosts_serial"], 4)

@@ -11,7 +11,9 @@ network); between them a pretend wire that copies each view, carries errors by t
 """
 
 import copy
+import os
 import random
+import stat
 
 from autobahn.wamp.exception import ApplicationError
 from twisted.internet import defer
@@ -362,7 +364,7 @@ class ResumeTests(DeltaHelpers, TestCase):
         """h's agent registers again (a new session), reporting what it holds."""
         facts = dict(FACTS, name=host_id, address=self.data.hosts.get(host_id).record[
             "address"])
-        network = self.agents[host_id].held()
+        network = self.agent(host_id).held()
         if network is not None:
             facts["network"] = dict(network, **held)
         await self.registry.register(host_id, facts)
@@ -471,6 +473,50 @@ class ResumeTests(DeltaHelpers, TestCase):
         await self.pump()
         self.assertEqual(self.kinds_of(self.sent()), {"h-a": ["delta"]})
         self.assertEqual(self.view.resumed, 1)
+
+    async def test_an_agent_restarted_resumes_the_list_it_saved(self):
+        """
+        An agent keeps the list it holds in its state directory (0600 in 0700) a moment
+        after it changes; restarted, it reports it and gets an empty delta; a corrupt file
+        is left unread (one warning) and the whole list follows.
+        """
+        state = self.mktemp()
+        await self.start_agents(kinds={"h-b": lambda: self.stateful_agent("h-b", state)})
+        await self.pump()
+        self.sent()
+        agent = self.agents["h-b"]
+        agent.reactor.advance(agent.HOSTS_SAVE_DELAY)
+        path = os.path.join(state, "hosts.json")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(state).st_mode), 0o700)
+        # Restarted: a new agent on the same directory, registering with what it loaded.
+        self.agents["h-b"] = self.stateful_agent("h-b", state)
+        self.assertEqual(self.agents["h-b"].held(), agent.held())
+        await self.register_again("h-b")
+        await self.pump()
+        self.assertEqual(self.kinds_of(self.sent()), {"h-b": ["delta"]})
+        self.assert_every_agent_current()
+        # A corrupt file: nothing held, a warning, and the whole list at the next session.
+        with open(path, "w") as f:
+            f.write('{"hosts_serial": 3, "hosts": [{"address": "x"}]}')
+        logged = []
+        self.patch(AgentNetwork, "log", type("L", (), {
+            "warn": lambda self, fmt, **kw: logged.append(fmt.format(**kw))})())
+        self.agents["h-b"] = self.stateful_agent("h-b", state)
+        self.assertIsNone(self.agents["h-b"].held())
+        self.assertEqual(len(logged), 1)
+        self.assertIn("hosts[0] must be a dict", logged[0])
+        await self.register_again("h-b")
+        await self.pump()
+        self.assertEqual(self.kinds_of(self.sent()), {"h-b": ["full"]})
+        self.assert_every_agent_current()
+
+    def stateful_agent(self, host_id, state):
+        agent = AgentNetwork(MemoryReactorClock(), host_id, None, host_network=RecordingHost(),
+                             state_dir=state)
+        agent._start_dns = lambda net: None
+        self.addCleanup(agent.ingress.close)
+        return agent
 
     def test_held_follows_the_views_taken(self):
         agent = AgentNetwork(MemoryReactorClock(), "h-a", None, host_network=RecordingHost())

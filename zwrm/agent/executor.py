@@ -878,6 +878,8 @@ class Executor:
         for rec in self._machines.values():
             self._stop_check(rec)
         self._unsubscribe()
+        if self.network is not None:
+            self.network.save_pending()  # the hosts list, for the next start to resume
 
     # --- internals ----------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import json
 import os
 import re
 
+import orjson
 from autobahn import wamp
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -88,6 +89,12 @@ class AgentNetwork:
         #: agent restart serves TLS before the control plane gives them again
         self.certs_dir = os.path.join(state_dir, "certs") if state_dir else None
         self._load_certs()
+        #: where the hosts list held is kept (a 0600 file in a 0700 directory), so that after
+        #: an agent restart its registration can say it holds it (L{held}) and the control
+        #: plane need not send it again
+        self.state_dir = state_dir
+        self._hosts_saving = None  # the DelayedCall of the next save of the hosts list
+        self._load_hosts()
         #: host names (e.g. the control plane's) guests may not reach, resolved on first use
         self._deny_names = [n for n in deny_names if n]
 
@@ -256,7 +263,10 @@ class AgentNetwork:
         hosts, serial = self._hosts_of(view)
         if hosts is not self._hosts:
             self._hosts_digest = None
+        changed = hosts != self._hosts
         self._hosts, self._hosts_serial = hosts, serial
+        if changed:
+            self._save_hosts_soon()
         self._view = dict(view, hosts=[hosts[h] for h in sorted(hosts)])
         self._view.pop("hosts_delta", None)
         self._view.pop("hosts_serial", None)
@@ -281,6 +291,54 @@ class AgentNetwork:
         if self._hosts_digest is None:
             self._hosts_digest = addressing.hosts_digest(self._hosts.values())
         return {"hosts_serial": self._hosts_serial, "hosts_digest": self._hosts_digest}
+
+    #: seconds after a change of the hosts list before it is saved (changes meanwhile join it)
+    HOSTS_SAVE_DELAY = 2.0
+
+    def _hosts_path(self):
+        return os.path.join(self.state_dir, "hosts.json") if self.state_dir else None
+
+    def _save_hosts_soon(self):
+        if self.state_dir is None or (self._hosts_saving is not None
+                                      and self._hosts_saving.active()):
+            return
+        self._hosts_saving = self.reactor.callLater(self.HOSTS_SAVE_DELAY, self._save_hosts)
+
+    def _save_hosts(self):
+        """Keep the hosts list held and its serial in L{_hosts_path} (atomically, 0600)."""
+        path = self._hosts_path()
+        if path is None:
+            return
+        try:
+            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            os.chmod(self.state_dir, 0o700)
+            text = orjson.dumps({"hosts_serial": self._hosts_serial,
+                                 "hosts": [self._hosts[h] for h in sorted(self._hosts)]})
+            tmp = path + ".tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except (OSError, TypeError) as e:
+            # (a full disk: the next restart gets the whole list, as without the file)
+            self.log.warn("the cluster's hosts list not saved in {path}: {e}", path=path, e=e)
+
+    def _load_hosts(self):
+        """The hosts list saved before a restart, if any and well formed."""
+        path = self._hosts_path()
+        if path is None or not os.path.exists(path):
+            return
+        try:
+            with open(path, "rb") as f:
+                saved = orjson.loads(f.read())
+            if not isinstance(saved, dict) or not _is_int(saved.get("hosts_serial")):
+                raise ValueError("not {hosts_serial: integer, hosts: [...]}")
+            hosts = _host_entries(saved.get("hosts"), "hosts")
+        except (OSError, ValueError, InvalidArgument) as e:
+            self.log.warn("the cluster's hosts list saved in {path} not read (the control"
+                          " plane sends it whole): {e}", path=path, e=e)
+            return
+        self._hosts, self._hosts_serial = hosts, saved["hosts_serial"]
 
     def _hosts_of(self, view):
         """
@@ -372,7 +430,14 @@ class AgentNetwork:
                 out[port] = backends
         return out
 
+    def save_pending(self):
+        """Save now a change of the hosts list not saved yet (the agent is stopping)."""
+        if self._hosts_saving is not None and self._hosts_saving.active():
+            self._hosts_saving.cancel()
+            self._save_hosts()
+
     async def close(self):
+        self.save_pending()
         for mid in list(self._forwards):
             self._close_forward(mid)
         self.ingress.close()
