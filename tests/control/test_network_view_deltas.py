@@ -385,6 +385,20 @@ class ResumeTests(DeltaHelpers, TestCase):
                           "set": [], "remove": []})
         self.assertEqual((self.view.resumed, self.view.full_lists), (1, 3))
         self.assert_every_agent_current()
+        # Another view before it answered the first: a delta too (it takes deltas).
+        self.held = []
+        await self.register_again("h-b")
+        await self.pump()
+        await self.add("m-w1", "web", "h-b")
+        await self.pump()
+        held, self.held = self.held, None
+        self.assertEqual([("hosts_delta" in v) for h, v, _ in held if h == "h-b"], [True, True])
+        for call in held:
+            self.deliver(*call)
+        await self.pump()
+        self.assertEqual(self.view.full_lists, 3)
+        self.assert_every_agent_current()
+        self.sent()
         # It is a delta-taking agent of this session: the next change is a delta too.
         await self.join("h-d", "192.0.2.4")
         await self.pump()

@@ -450,6 +450,8 @@ def is_edge(host_record):
 LIVE = ("pending", "starting", "running", "stopping")
 PAUSE_RATIO = 4  # after a push that took t seconds, none for PAUSE_RATIO * t (<= 20% busy)
 HOSTS_HISTORY = 256
+"""How many serials of the hosts list's changes are kept for deltas (see L{ViewPublisher});
+an agent whose list is older gets the whole list."""
 #: what one push sends at most, in entries (a host of a hosts list or delta, or a member), a
 #: view counting L{VIEW_COST} more: about 0.25 µs each to build and pack, so a push stays
 #: near 60 ms however many agents need a view or the whole list (at 20,000 hosts one list is
@@ -458,8 +460,6 @@ HOSTS_HISTORY = 256
 VIEW_ENTRIES_PER_PUSH = 250_000
 #: a view's own cost, in entries (about 8 µs for a view with an empty delta)
 VIEW_COST = 32
-"""How many serials of the hosts list's changes are kept for deltas (see L{ViewPublisher});
-an agent whose list is older gets the whole list."""
 
 
 def _is_int(value):
@@ -472,7 +472,9 @@ class _Peer:
     __slots__ = ("capable", "serial", "sent", "full_at", "answered", "held")
 
     def __init__(self, held=None):
-        self.capable = False  # its answers carry hosts_serial: it takes hosts_delta
+        # its answers carry hosts_serial: it takes hosts_delta (so does an agent that said
+        # what it holds when it registered)
+        self.capable = held is not None
         self.serial = None  # the hosts serial it holds once it took every view sent; None:
         # not known (the next view has the whole list)
         #: what its registration said it holds ({"hosts_serial", "hosts_digest"}), for its
