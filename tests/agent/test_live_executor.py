@@ -54,6 +54,9 @@ class RecordingNetwork:
     async def release(self, machine_id):
         self.calls.append(("release", machine_id))
 
+    def save_pending(self):
+        self.calls.append(("save_pending",))
+
 
 class Probe:
     """A health probe whose answer the test sets (None: healthy)."""
