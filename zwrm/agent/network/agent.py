@@ -263,7 +263,10 @@ class AgentNetwork:
         hosts, serial = self._hosts_of(view)
         if hosts is not self._hosts:
             self._hosts_digest = None
-        changed = hosts != self._hosts
+        # (a delta that sets or removes nothing changes nothing: no compare of the lists)
+        delta = view.get("hosts_delta")
+        changed = hosts is not self._hosts and (
+            delta is None or bool(delta.get("set") or delta.get("remove")))
         self._hosts, self._hosts_serial = hosts, serial
         if changed:
             self._save_hosts_soon()
