@@ -15,6 +15,7 @@ import threading
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from OpenSSL import SSL
 from twisted.internet import defer, endpoints, reactor, task
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
@@ -250,12 +251,14 @@ class CountsTLSWrites(sending._SenderProtocol):
 
 class CuttingProxy(portforward.ProxyFactory):
     """
-    A TCP proxy that aborts both sides once, after C{cut_at} bytes came from the client.
+    A TCP proxy that aborts both sides once, after C{cut_at} bytes came from the client; or,
+    with C{flip}, passes the bytes on with the one at C{cut_at} changed, once.
     """
 
-    def __init__(self, host, port, cut_at):
+    def __init__(self, host, port, cut_at, flip=False):
         portforward.ProxyFactory.__init__(self, host, port)
         self.cut_at = cut_at
+        self.flip = flip
         self.seen = 0
         self.cuts = 0
         self.connections = 0
@@ -268,7 +271,12 @@ class CuttingProxy(portforward.ProxyFactory):
 
             def dataReceived(self, data):
                 outer.seen += len(data)
-                if outer.cut_at is not None and outer.seen > outer.cut_at:
+                if outer.cut_at is not None and outer.seen > outer.cut_at and outer.flip:
+                    at = len(data) - (outer.seen - outer.cut_at)
+                    data = data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
+                    outer.cut_at = None
+                    outer.cuts += 1
+                elif outer.cut_at is not None and outer.seen > outer.cut_at:
                     outer.cut_at = None
                     outer.cuts += 1
                     self.transport.abortConnection()
@@ -416,6 +424,107 @@ class StreamTests(TestCase):
         if receiving._open_direct(os.path.join(self.dir, "src.img")) is not None:
             self.assertTrue(all(written_by))
         self.assertSameBytes(self.src, self.store.path("vol-1"))
+
+    @defer.inlineCallbacks
+    def test_one_call_per_block_and_record(self):
+        """
+        With L{wire.fast_calls}, the sender encrypts each block with one C{send} (not one per
+        16 KiB record), and the receiver decrypts each record with one C{SSL_read} straight
+        into its block buffer: pyOpenSSL's C{recv_into} is called only to raise for a read
+        that found no whole record, and never returns data.
+        """
+        self.assertIsNotNone(wire.fast_calls)
+        size = 16 * MiB
+        write_image(self.src, size, {i * BLOCK_SIZE: pattern(i) for i in range(12)})
+        sends, reads = self._countCalls()
+        token = mint_token()
+        self.receiver.expect(token, "vol-1", size)
+        result = yield self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst")
+        self.assertEqual(result["blocks_sent"], 12)
+        self.assertEqual(sends, [BLOCK_SIZE] * 12)
+        self.assertEqual(reads, [])
+        self.assertSameBytes(self.src, self.store.path("vol-1"))
+
+    @defer.inlineCallbacks
+    def test_without_the_fast_calls(self):
+        """
+        Where pyOpenSSL lacks what L{wire.fast_calls} uses, the stream takes pyOpenSSL's
+        public calls (a C{send} per record, C{recv_into}) and delivers the same volume.
+        """
+        self.patch(wire, "fast_calls", None)
+        size = 16 * MiB
+        write_image(self.src, size, {i * BLOCK_SIZE: pattern(i) for i in range(12)})
+        sends, reads = self._countCalls()
+        token = mint_token()
+        self.receiver.expect(token, "vol-1", size)
+        result = yield self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst")
+        self.assertEqual(result["blocks_sent"], 12)
+        self.assertEqual(result["digest"], blockmap.file_digest(self.src))
+        self.assertEqual(len(sends), 12 * (BLOCK_SIZE // 16384))
+        self.assertGreater(len(reads), 12 * (BLOCK_SIZE // 16384) // 2)
+        self.assertSameBytes(self.src, self.store.path("vol-1"))
+
+    def _countCalls(self):
+        """
+        Record the buffer size of every C{SSL.Connection.send} larger than a control frame
+        (the sender's blocks), and what every C{recv_into} that returned read.
+        """
+        sends, reads = [], []
+        real_send, real_recv_into = SSL.Connection.send, SSL.Connection.recv_into
+
+        def send(conn, buf, *args):
+            n = real_send(conn, buf, *args)
+            if len(buf) > 4096:
+                sends.append(n)
+            return n
+
+        def recv_into(conn, buf, *args):
+            n = real_recv_into(conn, buf, *args)
+            reads.append(n)
+            return n
+
+        self.patch(SSL.Connection, "send", send)
+        self.patch(SSL.Connection, "recv_into", recv_into)
+        return sends, reads
+
+    def test_corrupt_record_mid_block(self):
+        """
+        A TLS record changed in flight in the middle of a block's body: the receiver's
+        OpenSSL refuses it, the connection ends, the sender resumes on a new one, and the
+        volume arrives intact.
+        """
+        return self._corruptRecord()
+
+    def test_corrupt_record_mid_block_without_the_fast_calls(self):
+        """
+        The same on pyOpenSSL's public calls.
+        """
+        self.patch(wire, "fast_calls", None)
+        return self._corruptRecord()
+
+    @defer.inlineCallbacks
+    def _corruptRecord(self):
+        size = 16 * MiB
+        write_image(self.src, size, {i * BLOCK_SIZE: pattern(i) for i in range(12)})
+        proxy = CuttingProxy("127.0.0.1", self.port, cut_at=5 * MiB + 100_000, flip=True)
+        listening = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            proxy
+        )
+        self.addCleanup(listening.stopListening)
+        token = mint_token()
+        incoming = self.receiver.expect(token, "vol-1", size)
+        d = self.sender.send("127.0.0.1", listening.getHost().port, token, self.src, "host-dst")
+        yield wait_for(
+            lambda: any(c.func.__name__ == "attempt" for c in self.clock.getDelayedCalls())
+        )
+        self.assertEqual(proxy.cuts, 1)
+        self.assertNotEqual(incoming.state, "committed")
+        self.clock.advance(self.sender.backoff[0])
+        result = yield d
+        self.assertEqual(result["attempts"], 2)
+        self.assertEqual(result["digest"], blockmap.file_digest(self.src))
+        self.assertSameBytes(self.src, self.store.path("vol-1"))
+        self.assertEqual(self.temporaries(), [])
 
     @defer.inlineCallbacks
     def test_without_direct_io(self):

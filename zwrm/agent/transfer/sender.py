@@ -78,6 +78,8 @@ class _SenderProtocol(_Framed):
         self._finished = False
         self._timer = None
         self._out = None
+        #: The receiver sent a frame: the TLS handshake is long over.
+        self.answered = False
 
     def _touch(self, timeout=None):
         """
@@ -113,6 +115,7 @@ class _SenderProtocol(_Framed):
         s.connected(self)
 
     def frameReceived(self, kind, payload):
+        self.answered = True
         s = self._send
         if not self._finished:
             self._touch()
@@ -316,6 +319,15 @@ class _SenderProtocol(_Framed):
         self._send.disconnected(self, reason)
 
 
+def _ssl_error_text(err):
+    """
+    @return: what OpenSSL said in C{err} (an C{SSL.Error}), in one line.
+    """
+    queue = err.args[0] if err.args and isinstance(err.args[0], list) else []
+    reasons = [r[2] for r in queue if isinstance(r, tuple) and len(r) == 3 and r[2]]
+    return ", ".join(reasons) or type(err).__name__
+
+
 class _Send:
     """
     One call of L{VolumeSender.send}: the file, what has been read and hashed, the attempts.
@@ -440,22 +452,25 @@ class _Send:
         self.machine.connected(proto)
 
     def disconnected(self, proto, reason):
-        self._lost(reason)
+        self._lost(reason, proto.answered)
 
-    def _lost(self, reason):
+    def _lost(self, reason, answered=False):
         """A connection failed or was lost: it is tried again, or the stream gives up."""
-        err = self._why_not_again(reason)
+        err = self._why_not_again(reason, answered)
         if err is None:
             self.machine.broke()
         else:
             self.machine.gave_up(err)
 
-    def _why_not_again(self, reason):
+    def _why_not_again(self, reason, answered=False):
         """
+        @param answered: the receiver had answered on the connection (its TLS handshake was
+            over): a TLS error then is a stream broken on the way (a record changed in
+            flight, refused by either end), tried again like any broken connection.
         @return: the error to give up with (a refused TLS handshake, no retries left), or
             L{None} to try again.
         """
-        if reason.check(SSL.Error):
+        if reason.check(SSL.Error) and not answered:
             detail = getattr(reason.value, "message", None)
             if not isinstance(detail, str):
                 detail = "the certificates were refused"
@@ -463,6 +478,8 @@ class _Send:
                 f"the TLS handshake with host {self.target} ({self.host}:{self.port}) failed:"
                 f" {detail}"
             )
+        if reason.check(SSL.Error) and self.cause is None:
+            self.cause = f"the TLS connection broke: {_ssl_error_text(reason.value)}"
         self.last_error = self.cause or reason.getErrorMessage()
         self.cause = None
         if self.attempts > self.sender.retries:
