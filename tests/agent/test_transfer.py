@@ -21,6 +21,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.protocols import portforward
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from zwrm import errors, pki
@@ -501,6 +502,29 @@ class StreamTests(TestCase):
         """
         self.patch(wire, "fast_calls", None)
         return self._corruptRecord()
+
+    @defer.inlineCallbacks
+    def test_corrupt_record_without_retries_left(self):
+        """
+        With no retries left, a stream whose record was changed in flight fails as
+        unavailable, naming what OpenSSL said: not as a refused handshake.
+        """
+        size = 16 * MiB
+        write_image(self.src, size, {i * BLOCK_SIZE: pattern(i) for i in range(12)})
+        proxy = CuttingProxy("127.0.0.1", self.port, cut_at=5 * MiB + 100_000, flip=True)
+        listening = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            proxy
+        )
+        self.addCleanup(listening.stopListening)
+        self.sender.retries = 0
+        token = mint_token()
+        self.receiver.expect(token, "vol-1", size)
+        f = yield self.assertFailure(
+            self.sender.send("127.0.0.1", listening.getHost().port, token, self.src, "host-dst"),
+            errors.Unavailable,
+        )
+        # (the receiver's alert, or the connection's end if the sender met that first)
+        self.assertIn("failed after 1 attempt: ", f.message)
 
     @defer.inlineCallbacks
     def _corruptRecord(self):
@@ -1401,6 +1425,31 @@ class SenderFileTests(SynchronousTestCase):
     """
     The sender closes the image only once no block read is in flight on it.
     """
+
+    def _send(self):
+        sender = VolumeSender(task.Clock(), None, threadpool=object())
+        return sending._Send(
+            sender, "127.0.0.1", 1, "t" * 16, self.mktemp(), "host-dst", "bulk", True, None
+        )
+
+    def test_tls_error_after_an_answer_is_retried(self):
+        """
+        A TLS error on a connection the receiver had answered on (its handshake over) is a
+        stream broken on the way: tried again, and named if it was the last attempt. Before
+        an answer, it is a refused handshake: given up at once.
+        """
+        alert = Failure(SSL.Error([("SSL routines", "", "sslv3 alert bad record mac")]))
+        send = self._send()
+        send.attempts = 1
+        self.assertIsNone(send._why_not_again(alert, answered=True))
+        self.assertEqual(send.last_error, "the TLS connection broke: sslv3 alert bad record mac")
+        send.attempts = send.sender.retries + 1
+        err = send._why_not_again(alert, answered=True)
+        self.assertIsInstance(err, errors.Unavailable)
+        self.assertIn("the TLS connection broke: sslv3 alert bad record mac", err.message)
+        err = self._send()._why_not_again(alert, answered=False)
+        self.assertIsInstance(err, errors.AuthenticationFailed)
+        self.assertIn("the TLS handshake with host host-dst", err.message)
 
     def test_closed_after_the_last_read(self):
         class Pool:
