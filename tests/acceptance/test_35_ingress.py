@@ -4,7 +4,9 @@ every agent's address, wherever the replica runs (test_20 wrote through the agen
 the replica, test_25 and test_30 read through both before and after a restart and a drain);
 here the agent of the replica's host restarts (SIGTERM, started again from its unit, as
 C{systemctl restart zwrm-agent} does): the VM keeps running (C{KillMode=process}), the agent
-finds it again, listens on the published port again, and both agents' ingress answers.
+finds it again, listens on the published port again, and both agents' ingress answers; it
+kept the cluster's hosts list, so the control plane resumed its network view instead of
+sending the whole list again.
 """
 
 import pytest
@@ -34,6 +36,7 @@ def test_ingress_follows_an_agent_restart(cluster):
     [machine] = cluster.zwrm_json("status", app["name"])["machines"]
     host = cluster.host_of(machine["host_id"])
 
+    views_before = cluster.control_metrics()
     with cluster.phase("agent restart until ready, the app through both ingresses"):
         service = cluster.restart(host, "zwrm-agent.service")
         cluster.agents[host] = service
@@ -54,3 +57,13 @@ def test_ingress_follows_an_agent_restart(cluster):
     assert {a: b.encode() for a, b in bodies.items()} == {a: app["data"] for a in bodies}
     out = cluster.sh(host, ["ss", "-Htln", f"sport = :{PUBLISHED}"]).stdout
     assert f"{cluster.net.address(host)}:{PUBLISHED}" in out, out
+    # The agent kept the cluster's hosts list across its restart (0600, in its data
+    # directory), reported it when it registered, and was told it is current: no whole list.
+    mode = cluster.sh(host, ["stat", "-c", "%a %U", "/var/lib/zwrm/agent/network/hosts.json"])
+    assert mode.stdout.split() == ["600", "zwrm"], mode.stdout
+    resumed = views_before.get("zwrm_network_view_resumed_total", 0) + 1
+    views = poll(lambda: (lambda m: m if m.get("zwrm_network_view_resumed_total", 0)
+                          >= resumed else None)(cluster.control_metrics()),
+                 60, interval=1.0, what=f"{host}'s network view resumed")
+    assert (views["zwrm_network_view_full_lists_total"]
+            == views_before["zwrm_network_view_full_lists_total"]), (views_before, views)
