@@ -190,8 +190,9 @@ class RecordWriter:
     path (which copies a slice, reads the memory BIO and writes to the TCP transport for every
     16 KiB record): buffers are encrypted straight from the caller's memory (one C{SSL_write}
     per buffer with L{fast_calls}, else per record, as pyOpenSSL enables partial writes; the
-    GIL is released while OpenSSL encrypts) into the TLS connection's memory BIO, and L{flush} hands the records to the TCP
-    transport L{SEND_CHUNK} bytes at a time, for as long as the transport takes them.
+    GIL is released while OpenSSL encrypts) into the TLS connection's memory BIO, and
+    L{flush} hands the records to the TCP transport L{SEND_CHUNK} bytes at a time, for as
+    long as the transport takes them.
 
     Records are only ever taken from the BIO in order and written to the TCP transport, by
     L{flush} or by the TLS transport itself, so the stream stays in order; the caller must
