@@ -320,6 +320,37 @@ class StreamTests(TestCase):
         self.src = os.path.join(self.dir, "src.img")
 
     @defer.inlineCallbacks
+    def _proxied(self, proxy):
+        """
+        Listen with C{proxy} in front of the receiver. @return: the proxy's port.
+        """
+        listening = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            proxy
+        )
+        self.addCleanup(listening.stopListening)
+        return listening.getHost().port
+
+    @defer.inlineCallbacks
+    def _sendThrough(self, proxy, size, blocks):
+        """
+        Write a source image of C{size} bytes holding the patterned C{blocks}, and start
+        sending it through C{proxy} (L{_proxied}).
+
+        @return: the receiver's transfer and the sender's L{Deferred}.
+        """
+        write_image(self.src, size, {i * BLOCK_SIZE: pattern(i) for i in blocks})
+        port = yield self._proxied(proxy)
+        token = mint_token()
+        incoming = self.receiver.expect(token, "vol-1", size)
+        return incoming, self.sender.send("127.0.0.1", port, token, self.src, "host-dst")
+
+    def _retryScheduled(self):
+        """@return: a L{Deferred} that fires once the sender has scheduled a retry."""
+        return wait_for(
+            lambda: any(c.func.__name__ == "attempt" for c in self.clock.getDelayedCalls())
+        )
+
+    @defer.inlineCallbacks
     def _stopReceiver(self):
         yield self.receiver.stopService()
         yield wait_for(lambda: not self.receiver._connections)
@@ -435,12 +466,7 @@ class StreamTests(TestCase):
         that found no whole record, and never returns data.
         """
         self.assertIsNotNone(wire.fast_calls)
-        size = 16 * MiB
-        write_image(self.src, size, {i * BLOCK_SIZE: pattern(i) for i in range(12)})
-        sends, reads = self._countCalls()
-        token = mint_token()
-        self.receiver.expect(token, "vol-1", size)
-        result = yield self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst")
+        result, sends, reads = yield self._countedStream()
         self.assertEqual(result["blocks_sent"], 12)
         self.assertEqual(sends, [BLOCK_SIZE] * 12)
         self.assertEqual(reads, [])
@@ -453,17 +479,27 @@ class StreamTests(TestCase):
         public calls (a C{send} per record, C{recv_into}) and delivers the same volume.
         """
         self.patch(wire, "fast_calls", None)
+        result, sends, reads = yield self._countedStream()
+        self.assertEqual(result["blocks_sent"], 12)
+        self.assertEqual(result["digest"], blockmap.file_digest(self.src))
+        self.assertEqual(len(sends), 12 * (BLOCK_SIZE // 16384))
+        self.assertGreater(len(reads), 12 * (BLOCK_SIZE // 16384) // 2)
+        self.assertSameBytes(self.src, self.store.path("vol-1"))
+
+    @defer.inlineCallbacks
+    def _countedStream(self):
+        """
+        Stream 12 blocks, counting pyOpenSSL's calls (L{_countCalls}).
+
+        @return: the sender's result, the sends and the reads.
+        """
         size = 16 * MiB
         write_image(self.src, size, {i * BLOCK_SIZE: pattern(i) for i in range(12)})
         sends, reads = self._countCalls()
         token = mint_token()
         self.receiver.expect(token, "vol-1", size)
         result = yield self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst")
-        self.assertEqual(result["blocks_sent"], 12)
-        self.assertEqual(result["digest"], blockmap.file_digest(self.src))
-        self.assertEqual(len(sends), 12 * (BLOCK_SIZE // 16384))
-        self.assertGreater(len(reads), 12 * (BLOCK_SIZE // 16384) // 2)
-        self.assertSameBytes(self.src, self.store.path("vol-1"))
+        return result, sends, reads
 
     def _countCalls(self):
         """
@@ -509,38 +545,18 @@ class StreamTests(TestCase):
         With no retries left, a stream whose record was changed in flight fails as
         unavailable, naming what OpenSSL said: not as a refused handshake.
         """
-        size = 16 * MiB
-        write_image(self.src, size, {i * BLOCK_SIZE: pattern(i) for i in range(12)})
-        proxy = CuttingProxy("127.0.0.1", self.port, cut_at=5 * MiB + 100_000, flip=True)
-        listening = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            proxy
-        )
-        self.addCleanup(listening.stopListening)
         self.sender.retries = 0
-        token = mint_token()
-        self.receiver.expect(token, "vol-1", size)
-        f = yield self.assertFailure(
-            self.sender.send("127.0.0.1", listening.getHost().port, token, self.src, "host-dst"),
-            errors.Unavailable,
-        )
+        proxy = CuttingProxy("127.0.0.1", self.port, cut_at=5 * MiB + 100_000, flip=True)
+        _, d = yield self._sendThrough(proxy, 16 * MiB, range(12))
+        f = yield self.assertFailure(d, errors.Unavailable)
         # (the receiver's alert, or the connection's end if the sender met that first)
         self.assertIn("failed after 1 attempt: ", f.message)
 
     @defer.inlineCallbacks
     def _corruptRecord(self):
-        size = 16 * MiB
-        write_image(self.src, size, {i * BLOCK_SIZE: pattern(i) for i in range(12)})
         proxy = CuttingProxy("127.0.0.1", self.port, cut_at=5 * MiB + 100_000, flip=True)
-        listening = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            proxy
-        )
-        self.addCleanup(listening.stopListening)
-        token = mint_token()
-        incoming = self.receiver.expect(token, "vol-1", size)
-        d = self.sender.send("127.0.0.1", listening.getHost().port, token, self.src, "host-dst")
-        yield wait_for(
-            lambda: any(c.func.__name__ == "attempt" for c in self.clock.getDelayedCalls())
-        )
+        incoming, d = yield self._sendThrough(proxy, 16 * MiB, range(12))
+        yield self._retryScheduled()
         self.assertEqual(proxy.cuts, 1)
         self.assertNotEqual(incoming.state, "committed")
         self.clock.advance(self.sender.backoff[0])
@@ -696,19 +712,9 @@ class StreamTests(TestCase):
         offset the receiver reports: the volume arrives intact, with far less than twice
         its data sent.
         """
-        size = 64 * MiB
-        write_image(self.src, size, {i * BLOCK_SIZE: pattern(i) for i in range(0, 64, 2)})
         proxy = CuttingProxy("127.0.0.1", self.port, cut_at=12 * MiB)
-        listening = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            proxy
-        )
-        self.addCleanup(listening.stopListening)
-        token = mint_token()
-        incoming = self.receiver.expect(token, "vol-1", size)
-        d = self.sender.send("127.0.0.1", listening.getHost().port, token, self.src, "host-dst")
-        yield wait_for(
-            lambda: any(c.func.__name__ == "attempt" for c in self.clock.getDelayedCalls())
-        )
+        incoming, d = yield self._sendThrough(proxy, 64 * MiB, range(0, 64, 2))
+        yield self._retryScheduled()
         self.assertEqual(proxy.cuts, 1)
         self.clock.advance(self.sender.backoff[0])
         result = yield d
@@ -877,16 +883,11 @@ class StreamTests(TestCase):
                 f.seek(i * BLOCK_SIZE)
                 f.write(b"changed")
         proxy = CuttingProxy("127.0.0.1", self.port, cut_at=12 * MiB)
-        listening = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            proxy
-        )
-        self.addCleanup(listening.stopListening)
+        port = yield self._proxied(proxy)
         d = self.sender.send(
-            "127.0.0.1", listening.getHost().port, token, self.src, "host-dst", mode="delta"
+            "127.0.0.1", port, token, self.src, "host-dst", mode="delta"
         )
-        yield wait_for(
-            lambda: any(c.func.__name__ == "attempt" for c in self.clock.getDelayedCalls())
-        )
+        yield self._retryScheduled()
         # What the first attempt wrote, once the receiver saw the cut and its writes are done
         # (blocks still in flight at the cut are counted once they are written, not twice).
         yield wait_for(lambda: incoming._proto is None and not incoming._pending)
@@ -1045,9 +1046,7 @@ class StreamTests(TestCase):
         yield self.assertFailure(done, errors.Conflict)
         self.assertEqual(self.temporaries(), [])
         # The sender's reconnection is refused: the token is gone.
-        yield wait_for(
-            lambda: any(c.func.__name__ == "attempt" for c in self.clock.getDelayedCalls())
-        )
+        yield self._retryScheduled()
         self.clock.advance(self.sender.backoff[0])
         yield self.assertFailure(d, errors.AuthenticationFailed)
         self.assertFalse(self.store.exists("vol-1"))
