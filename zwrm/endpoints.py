@@ -1,6 +1,7 @@
 """
 Client endpoints for the control plane's WebSocket URL, shared by the agent, the control
-component behind an external router and the CLI (it imports nothing of theirs).
+component behind an external router and the CLI (it imports nothing of theirs); and the one-line
+text of a TLS error (L{tls_error_text}), which the CLI and the agent's volume sender report.
 """
 
 from ipaddress import ip_address
@@ -46,3 +47,15 @@ def client_endpoint(reactor, url, ca_file=None, timeout=10, ca_pem=None):
 
 
 __all__ = ["client_endpoint", "tcp_endpoint"]
+
+
+def tls_error_text(err):
+    """
+    @param err: an C{OpenSSL.SSL.Error}, whose argument is usually OpenSSL's error queue of
+        C{(library, function, reason)} tuples.
+    @return: the reasons in one line (C{""} for an empty queue), else C{str(err)}.
+    """
+    queue = err.args[0] if err.args and isinstance(err.args[0], list) else None
+    if queue is None:
+        return str(err)
+    return "; ".join(e[-1] for e in queue if isinstance(e, tuple) and e and e[-1])

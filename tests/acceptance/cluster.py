@@ -350,6 +350,18 @@ class Cluster:
                 out[parts[0]] = float(parts[1])
         return out
 
+    def views_resumed(self, at_least, what):
+        """
+        Wait (60 s at most) until the control plane has resumed C{at_least} network views
+        (C{zwrm_network_view_resumed_total}: agents that came back holding the current hosts
+        list). @return: its metrics then (L{control_metrics}).
+        """
+        def resumed():
+            metrics = self.control_metrics()
+            return metrics if metrics.get("zwrm_network_view_resumed_total", 0) >= at_least else None
+
+        return poll(resumed, 60, interval=1.0, what=what)
+
     def _install_agents(self):
         token = self.cli_on_cp("tokens", "create", "--description", "acceptance").stdout.strip()
         token = token.split()[-1]

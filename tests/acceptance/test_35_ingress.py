@@ -61,9 +61,7 @@ def test_ingress_follows_an_agent_restart(cluster):
     # directory), reported it when it registered, and was told it is current: no whole list.
     mode = cluster.sh(host, ["stat", "-c", "%a %U", "/var/lib/zwrm/agent/network/hosts.json"])
     assert mode.stdout.split() == ["600", "zwrm"], mode.stdout
-    resumed = views_before.get("zwrm_network_view_resumed_total", 0) + 1
-    views = poll(lambda: (lambda m: m if m.get("zwrm_network_view_resumed_total", 0)
-                          >= resumed else None)(cluster.control_metrics()),
-                 60, interval=1.0, what=f"{host}'s network view resumed")
+    views = cluster.views_resumed(views_before.get("zwrm_network_view_resumed_total", 0) + 1,
+                                  f"{host}'s network view resumed")
     assert (views["zwrm_network_view_full_lists_total"]
             == views_before["zwrm_network_view_full_lists_total"]), (views_before, views)

@@ -36,9 +36,7 @@ def test_control_plane_restart_loses_nothing(cluster):
     assert {h["id"]: h["state"] for h in hosts} == hosts_before
     # Each agent came back holding the cluster's hosts list: the restarted control plane
     # told it the list is current (zwrm_network_view_resumed) and sent no whole list.
-    metrics = poll(lambda: (lambda m: m if m.get("zwrm_network_view_resumed_total", 0)
-                            >= len(AGENTS) else None)(cluster.control_metrics()),
-                   60, interval=1.0, what="both agents' network views resumed")
+    metrics = cluster.views_resumed(len(AGENTS), "both agents' network views resumed")
     assert metrics["zwrm_network_view_full_lists_total"] == 0, metrics
     after = cluster.zwrm_json("status", app["name"])
     assert [(m["id"], m["host_id"], m["state"]) for m in after["machines"]] == [

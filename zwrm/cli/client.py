@@ -37,7 +37,7 @@ from autobahn.wamp.types import ComponentConfig
 from autobahn.websocket.util import parse_url
 from twisted.internet import defer, error
 
-from zwrm.endpoints import client_endpoint
+from zwrm.endpoints import client_endpoint, tls_error_text
 
 DEFAULT_URL = "ws://127.0.0.1:8080/ws"
 DEFAULT_TIMEOUT = 120.0
@@ -314,8 +314,7 @@ def _describe_lost(url, ca_file, reason):
     value = getattr(reason, "value", None)
     trust = f"ca_file={ca_file}" if ca_file else "no ca_file: the platform's trust store"
     if isinstance(value, SSL.Error):
-        text = "; ".join(e[-1] for e in value.args[0] if isinstance(e, tuple)) if (
-            value.args and isinstance(value.args[0], list)) else str(value)
+        text = tls_error_text(value)
         if "certificate verify failed" in text:
             return CliError(f"the control plane's certificate is not trusted: {text} ({trust})",
                             EXIT_TLS)

@@ -39,6 +39,7 @@ from zwrm.agent.transfer.wire import (
     _Framed,
     tls_factory,
 )
+from zwrm.endpoints import tls_error_text
 
 log = Logger()
 
@@ -319,15 +320,6 @@ class _SenderProtocol(_Framed):
         self._send.disconnected(self, reason)
 
 
-def _ssl_error_text(err):
-    """
-    @return: what OpenSSL said in C{err} (an C{SSL.Error}), in one line.
-    """
-    queue = err.args[0] if err.args and isinstance(err.args[0], list) else []
-    reasons = [r[2] for r in queue if isinstance(r, tuple) and len(r) == 3 and r[2]]
-    return ", ".join(reasons) or type(err).__name__
-
-
 class _Send:
     """
     One call of L{VolumeSender.send}: the file, what has been read and hashed, the attempts.
@@ -479,7 +471,8 @@ class _Send:
                 f" {detail}"
             )
         if reason.check(SSL.Error) and self.cause is None:
-            self.cause = f"the TLS connection broke: {_ssl_error_text(reason.value)}"
+            detail = tls_error_text(reason.value) or type(reason.value).__name__
+            self.cause = f"the TLS connection broke: {detail}"
         self.last_error = self.cause or reason.getErrorMessage()
         self.cause = None
         if self.attempts > self.sender.retries:
