@@ -461,15 +461,18 @@ class StreamTests(TestCase):
     def test_one_call_per_block_and_record(self):
         """
         With L{wire.fast_calls}, the sender encrypts each block with one C{send} (not one per
-        16 KiB record), and the receiver decrypts each record with one C{SSL_read} straight
-        into its block buffer: pyOpenSSL's C{recv_into} is called only to raise for a read
-        that found no whole record, and never returns data.
+        16 KiB record) and takes the records out of the memory BIO without pyOpenSSL's
+        C{bio_read} (which then carries only the handshake and control frames), and the
+        receiver decrypts each record with one C{SSL_read} straight into its block buffer:
+        pyOpenSSL's C{recv_into} is called only to raise for a read that found no whole
+        record, and never returns data.
         """
         self.assertIsNotNone(wire.fast_calls)
-        result, sends, reads = yield self._countedStream()
+        result, sends, reads, taken = yield self._countedStream()
         self.assertEqual(result["blocks_sent"], 12)
         self.assertEqual(sends, [BLOCK_SIZE] * 12)
         self.assertEqual(reads, [])
+        self.assertLess(sum(taken), 64 * 1024)
         self.assertSameBytes(self.src, self.store.path("vol-1"))
 
     @defer.inlineCallbacks
@@ -479,11 +482,12 @@ class StreamTests(TestCase):
         public calls (a C{send} per record, C{recv_into}) and delivers the same volume.
         """
         self.patch(wire, "fast_calls", None)
-        result, sends, reads = yield self._countedStream()
+        result, sends, reads, taken = yield self._countedStream()
         self.assertEqual(result["blocks_sent"], 12)
         self.assertEqual(result["digest"], blockmap.file_digest(self.src))
         self.assertEqual(len(sends), 12 * (BLOCK_SIZE // 16384))
         self.assertGreater(len(reads), 12 * (BLOCK_SIZE // 16384) // 2)
+        self.assertGreater(sum(taken), 12 * BLOCK_SIZE)
         self.assertSameBytes(self.src, self.store.path("vol-1"))
 
     @defer.inlineCallbacks
@@ -491,23 +495,30 @@ class StreamTests(TestCase):
         """
         Stream 12 blocks, counting pyOpenSSL's calls (L{_countCalls}).
 
-        @return: the sender's result, the sends and the reads.
+        @return: the sender's result, the sends, the reads and the C{bio_read}s.
         """
         size = 16 * MiB
         write_image(self.src, size, {i * BLOCK_SIZE: pattern(i) for i in range(12)})
-        sends, reads = self._countCalls()
+        sends, reads, taken = self._countCalls()
         token = mint_token()
         self.receiver.expect(token, "vol-1", size)
         result = yield self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst")
-        return result, sends, reads
+        return result, sends, reads, taken
 
     def _countCalls(self):
         """
         Record the buffer size of every C{SSL.Connection.send} larger than a control frame
-        (the sender's blocks), and what every C{recv_into} that returned read.
+        (the sender's blocks), what every C{recv_into} that returned read, and what every
+        C{bio_read} (at both ends) took out of a memory BIO.
         """
-        sends, reads = [], []
+        sends, reads, taken = [], [], []
         real_send, real_recv_into = SSL.Connection.send, SSL.Connection.recv_into
+        real_bio_read = SSL.Connection.bio_read
+
+        def bio_read(conn, *args):
+            out = real_bio_read(conn, *args)
+            taken.append(len(out))
+            return out
 
         def send(conn, buf, *args):
             n = real_send(conn, buf, *args)
@@ -522,7 +533,8 @@ class StreamTests(TestCase):
 
         self.patch(SSL.Connection, "send", send)
         self.patch(SSL.Connection, "recv_into", recv_into)
-        return sends, reads
+        self.patch(SSL.Connection, "bio_read", bio_read)
+        return sends, reads, taken
 
     def test_corrupt_record_mid_block(self):
         """

@@ -39,6 +39,7 @@ from twisted.protocols.basic import StringTooLongError
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from zwrm.sockets import write_now
 from zwrm.wamp.wire import (
     codec_for,
     debinary,
@@ -105,33 +106,6 @@ def unsent_bytes(transport):
     if type(t) is tcp.Server and not t.TLS:
         return len(t.dataBuffer) - t.offset + t._tempDataLen
     return stacked_unsent_bytes(transport)
-
-
-def write_now(transport, data):
-    """
-    Write C{data} to a Twisted transport.  On a plain TCP connection (under plain
-    pass-through wrappers such as the control plane's plain-only listener) with nothing
-    queued, it is sent at once with one C{send()}, and only what the socket did not take
-    is queued; anything else is C{transport.write}.
-
-    Twisted's C{write} queues the bytes, asks C{epoll} to report the socket writable
-    (C{epoll_ctl}), sends them in the next reactor turn and asks it to stop (another
-    C{epoll_ctl}): a second reactor turn and two more system calls per answer, which for
-    a heartbeat (one frame in, one out) cost about as much as routing it.
-    """
-    t = transport
-    while type(t).write is policies.ProtocolWrapper.write:
-        t = t.transport
-    if (type(t) is tcp.Server and not t.TLS and t.connected and not t.disconnecting
-            and not t._writeDisconnected and not t._tempDataLen and t.offset == len(t.dataBuffer)):
-        try:
-            n = t.socket.send(data)
-        except OSError:  # EAGAIN, EINTR, or the peer gone: Twisted's write finds out which
-            n = 0
-        if n == len(data):
-            return
-        data = data[n:]
-    transport.write(data)
 
 
 def _malformed(session, e):

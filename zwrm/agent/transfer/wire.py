@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
 from zwrm import errors
+from zwrm.sockets import write_now
 
 log = Logger()
 
@@ -59,25 +60,29 @@ _RECORD = 16384
 
 class _OpenSSLCalls:
     """
-    The two OpenSSL calls the stream's hot path makes itself, past pyOpenSSL's wrappers,
+    The three OpenSSL calls the stream's hot path makes itself, past pyOpenSSL's wrappers,
     through the binding pyOpenSSL uses (C{OpenSSL.SSL._ffi}, C{_lib}: not public API):
 
       - C{SSL_read} straight into a block's buffer: pyOpenSSL's C{recv_into} reads into a
         temporary buffer and copies it, with about a dozen lines of Python per 16 KiB record;
       - C{SSL_clear_mode} of C{SSL_MODE_ENABLE_PARTIAL_WRITE}, which pyOpenSSL sets on every
         context: without it one C{send} encrypts a whole block into the memory BIO, where
-        it is one call per 16 KiB record.
+        it is one call per 16 KiB record;
+      - C{BIO_read} of the encrypted records into the sender's one reused buffer, from
+        which they are sent (L{RecordWriter.flush}): C{bio_read} copies them into a new
+        buffer and again into a new bytes object.
 
-    Together about 0.3 CPU-s less per GiB streamed (both ends; docs/performance.md). Where
-    this pyOpenSSL lacks either, L{fast_calls} is C{None} and the stream takes the public
-    path (C{recv_into}, one C{send} per record), which is also the one for every error:
-    a failed C{SSL_read} is made again through C{recv_into}, which raises what pyOpenSSL
-    raises for it.
+    The first two save about 0.3 CPU-s per GiB streamed (both ends), the third about as
+    much again (docs/performance.md). Where this pyOpenSSL lacks any of them, L{fast_calls}
+    is C{None} and the stream takes the public path (C{recv_into}, one C{send} per record,
+    C{bio_read}), which is also the one for every error: a failed C{SSL_read} is made again
+    through C{recv_into}, which raises what pyOpenSSL raises for it.
     """
 
     def __init__(self, ffi, lib):
         self._from_buffer = ffi.from_buffer
         self._read = lib.SSL_read
+        self._bio_read = lib.BIO_read
         self._clear_mode = lib.SSL_clear_mode
         self._partial_write = lib.SSL_MODE_ENABLE_PARTIAL_WRITE
 
@@ -95,6 +100,18 @@ class _OpenSSLCalls:
             return n
         return conn.recv_into(view, nbytes)
 
+    def take_records(self, conn, view):
+        """
+        Move at most C{len(view)} bytes of the records C{conn} has encrypted (its outgoing
+        memory BIO) into the writable C{view}: pyOpenSSL's C{bio_read} copies them twice,
+        into a new buffer and then into a new bytes object.
+
+        @return: the bytes moved, 0 when there are none.
+        """
+        with self._from_buffer("char[]", view, True) as p:
+            n = self._bio_read(conn._from_ssl, p, len(view))
+        return n if n > 0 else 0
+
     def whole_writes(self, conn):
         """
         Let one C{conn.send} write all it is given.
@@ -109,7 +126,8 @@ def _fast_calls():
         calls = _OpenSSLCalls(_ffi, _lib)
     except (ImportError, AttributeError):
         return None
-    if not hasattr(SSL.Connection(SSL.Context(SSL.TLS_METHOD)), "_ssl"):
+    conn = SSL.Connection(SSL.Context(SSL.TLS_METHOD))
+    if not (hasattr(conn, "_ssl") and hasattr(conn, "_from_ssl")):
         return None
     return calls
 
@@ -178,9 +196,10 @@ def tls_factory(creator, is_client, wrapped, clock):
 
 
 #: Encrypted bytes handed to the TCP transport per write by L{RecordWriter}: small enough for
-#: the allocator to reuse its memory from write to write (a 1 MiB bytes per block is mapped
-#: and page-faulted in anew each time), large enough to fill a send of Twisted's TCP
-#: transport (it sends at most 128 KiB per call) in one or two writes.
+#: the allocator to reuse its memory from write to write on the public path (a 1 MiB bytes per
+#: block is mapped and page-faulted in anew each time), large enough to fill a send of
+#: Twisted's TCP transport (it sends at most 128 KiB per call) in one or two writes. (With
+#: L{fast_calls}, the size of the one reused buffer: 256 KiB measured no better.)
 SEND_CHUNK = 64 * 1024
 
 
@@ -191,8 +210,8 @@ class RecordWriter:
     16 KiB record): buffers are encrypted straight from the caller's memory (one C{SSL_write}
     per buffer with L{fast_calls}, else per record, as pyOpenSSL enables partial writes; the
     GIL is released while OpenSSL encrypts) into the TLS connection's memory BIO, and
-    L{flush} hands the records to the TCP transport L{SEND_CHUNK} bytes at a time, for as
-    long as the transport takes them.
+    L{flush} hands the records to the TCP transport L{SEND_CHUNK} bytes at a time (sent at
+    once while it has nothing queued), for as long as the transport takes them.
 
     Records are only ever taken from the BIO in order and written to the TCP transport, by
     L{flush} or by the TLS transport itself, so the stream stays in order; the caller must
@@ -207,6 +226,7 @@ class RecordWriter:
         self._transport = transport
         self._chunk = chunk
         self._pending = False
+        self._view = None  # the buffer L{flush} moves records through (with L{fast_calls})
         get_handle = getattr(transport, "getHandle", None)
         conn = get_handle() if get_handle is not None else None
         self._tcp = getattr(transport, "transport", None)
@@ -241,20 +261,33 @@ class RecordWriter:
 
     def flush(self, paused):
         """
-        Hand the encrypted records to the TCP transport until none are left or C{paused()}.
+        Hand the encrypted records to the TCP transport until none are left or C{paused()}:
+        with L{fast_calls}, L{SEND_CHUNK} bytes at a time through one reused buffer, each
+        sent at once while Twisted has nothing queued (L{write_now}); else as new bytes
+        objects through Twisted's C{write}.
 
         @return: C{True} when none are left.
         """
-        conn, write = self._conn, self._tcp.write if self._tcp is not None else None
+        conn, tcp = self._conn, self._tcp
+        view = self._view
+        if view is None and self._pending and fast_calls is not None:
+            view = self._view = memoryview(bytearray(self._chunk))
         while self._pending:
             if paused():
                 return False
+            if view is not None:
+                n = fast_calls.take_records(conn, view)
+                if not n:
+                    self._pending = False
+                    break
+                write_now(tcp, view[:n])
+                continue
             try:
                 chunk = conn.bio_read(self._chunk)
             except SSL.WantReadError:
                 self._pending = False
                 break
-            write(chunk)
+            tcp.write(chunk)
         return True
 
 
