@@ -437,7 +437,7 @@ class StreamTests(TestCase):
         real_filled = wire._Framed.bodyFilled
 
         def counting_filled(proto, n):
-            filled[0] += 1
+            filled[0] += n
             return real_filled(proto, n)
 
         self.patch(wire._Framed, "bodyFilled", counting_filled)
@@ -449,9 +449,9 @@ class StreamTests(TestCase):
         result = yield sender.send("127.0.0.1", self.port, token, self.src, "host-dst")
         self.assertEqual(result["blocks_sent"], 12)
         self.assertEqual(CountsTLSWrites.tls_writes, 2)
-        # The receiver decrypted most of the blocks' records straight into its block buffers
+        # The receiver decrypted most of the blocks' bytes straight into its block buffers
         # (those of a socket read that starts between two blocks go through Twisted's path).
-        self.assertGreater(filled[0], 12 * (BLOCK_SIZE // 16384) // 2)
+        self.assertGreater(filled[0], 12 * BLOCK_SIZE // 2)
         self.assertEqual(len(written_by), 12)
         if receiving._open_direct(os.path.join(self.dir, "src.img")) is not None:
             self.assertTrue(all(written_by))
@@ -463,16 +463,27 @@ class StreamTests(TestCase):
         With L{wire.fast_calls}, the sender encrypts each block with one C{send} (not one per
         16 KiB record) and takes the records out of the memory BIO without pyOpenSSL's
         C{bio_read} (which then carries only the handshake and control frames), and the
-        receiver decrypts each record with one C{SSL_read} straight into its block buffer:
-        pyOpenSSL's C{recv_into} is called only to raise for a read that found no whole
-        record, and never returns data.
+        receiver decrypts each record with one C{SSL_read} straight into its block buffer,
+        all the records of a socket read in one Python call: pyOpenSSL's C{recv_into} is
+        called only to raise for a read that found no whole record, and never returns data.
         """
         self.assertIsNotNone(wire.fast_calls)
+        calls = []
+        real_read_into = wire.fast_calls.read_into
+
+        def read_into(conn, view):
+            calls.append(real_read_into(conn, view))
+            return calls[-1]
+
+        self.patch(wire.fast_calls, "read_into", read_into)
         result, sends, reads, taken = yield self._countedStream()
         self.assertEqual(result["blocks_sent"], 12)
         self.assertEqual(sends, [BLOCK_SIZE] * 12)
         self.assertEqual(reads, [])
         self.assertLess(sum(taken), 64 * 1024)
+        # Every record buffered whole is decrypted in one call: several per socket read.
+        self.assertGreater(sum(calls), 12 * BLOCK_SIZE // 2)
+        self.assertLess(len(calls), 12 * (BLOCK_SIZE // 16384) // 2)
         self.assertSameBytes(self.src, self.store.path("vol-1"))
 
     @defer.inlineCallbacks

@@ -63,8 +63,9 @@ class _OpenSSLCalls:
     The three OpenSSL calls the stream's hot path makes itself, past pyOpenSSL's wrappers,
     through the binding pyOpenSSL uses (C{OpenSSL.SSL._ffi}, C{_lib}: not public API):
 
-      - C{SSL_read} straight into a block's buffer: pyOpenSSL's C{recv_into} reads into a
-        temporary buffer and copies it, with about a dozen lines of Python per 16 KiB record;
+      - C{SSL_read} straight into a block's buffer, every whole record buffered in one
+        Python call: pyOpenSSL's C{recv_into} reads into a temporary buffer and copies it,
+        with about a dozen lines of Python per 16 KiB record;
       - C{SSL_clear_mode} of C{SSL_MODE_ENABLE_PARTIAL_WRITE}, which pyOpenSSL sets on every
         context: without it one C{send} encrypts a whole block into the memory BIO, where
         it is one call per 16 KiB record;
@@ -86,19 +87,26 @@ class _OpenSSLCalls:
         self._clear_mode = lib.SSL_clear_mode
         self._partial_write = lib.SSL_MODE_ENABLE_PARTIAL_WRITE
 
-    def read_into(self, conn, view, nbytes):
+    def read_into(self, conn, view):
         """
-        Decrypt at most C{nbytes} (one record) of C{conn} into the writable C{view}.
+        Decrypt the records of C{conn} that are buffered whole into the writable C{view},
+        one C{SSL_read} per record, until it is full or none is left.
 
-        @return: the bytes read.
-        @raise SSL.Error: (and its subclasses, C{WantReadError} when no whole record is
+        @return: the bytes read (more than 0).
+        @raise SSL.Error: (and its subclasses, C{WantReadError} when not one whole record is
             buffered) as C{conn.recv_into} does.
         """
+        read, ssl, end = self._read, conn._ssl, len(view)
+        at = n = 0
         with self._from_buffer("char[]", view, True) as p:
-            n = self._read(conn._ssl, p, nbytes)
-        if n > 0:
-            return n
-        return conn.recv_into(view, nbytes)
+            while at < end:
+                n = read(ssl, p + at, min(end - at, _RECORD))
+                if n <= 0:
+                    break
+                at += n
+        if at:
+            return at  # (a record that failed, if one did, fails again on the next call)
+        return conn.recv_into(view, min(end, _RECORD))
 
     def take_records(self, conn, view):
         """
@@ -140,9 +148,10 @@ class _TLSProtocol(TLSMemoryBIOProtocol):
     """
     Twisted's TLS protocol (without its aggregation of small writes), decrypting the records
     of a block's body straight into the buffer the wrapped protocol gathers it in
-    (L{_Framed.bodyView}): per 16 KiB record, one C{SSL_read} (L{fast_calls}; else
-    C{recv_into}), where Twisted's own path makes a bytes object and passes it through two
-    protocols' C{dataReceived}. Outside a body, and on a protocol that gathers none, it is
+    (L{_Framed.bodyView}): per 16 KiB record, one C{SSL_read} (L{fast_calls}, all the whole
+    records buffered in one call of it; else C{recv_into}, one call per record), where
+    Twisted's own path makes a bytes object and passes it through two protocols'
+    C{dataReceived}. Outside a body, and on a protocol that gathers none, it is
     Twisted's path.
     """
 
@@ -155,12 +164,16 @@ class _TLSProtocol(TLSMemoryBIOProtocol):
         conn = self.getHandle()
         conn.bio_write(data)
         proto = self.wrappedProtocol
-        read_into = conn.recv_into if fast_calls is None else partial(fast_calls.read_into, conn)
+        if fast_calls is None:
+            def read_into(view):
+                return conn.recv_into(view, min(len(view), _RECORD))
+        else:
+            read_into = partial(fast_calls.read_into, conn)
         while True:
             view = body_view()
             try:
                 if view is not None:
-                    proto.bodyFilled(read_into(view, min(len(view), _RECORD)))
+                    proto.bodyFilled(read_into(view))
                 else:
                     proto.dataReceived(conn.recv(2 * _RECORD))
             except SSL.WantReadError:
