@@ -46,9 +46,6 @@ def client_endpoint(reactor, url, ca_file=None, timeout=10, ca_pem=None):
     return endpoints.wrapClientTLS(ssl.optionsForClientTLS(host, trustRoot=trust), tcp)
 
 
-__all__ = ["client_endpoint", "tcp_endpoint"]
-
-
 def tls_error_text(err):
     """
     @param err: an C{OpenSSL.SSL.Error}, whose argument is usually OpenSSL's error queue of
@@ -59,3 +56,6 @@ def tls_error_text(err):
     if queue is None:
         return str(err)
     return "; ".join(e[-1] for e in queue if isinstance(e, tuple) and e and e[-1])
+
+
+__all__ = ["client_endpoint", "tcp_endpoint", "tls_error_text"]
