@@ -469,9 +469,9 @@ def _is_int(value):
 class _Peer:
     """What the publisher knows of one host's agent (one session of it): its hosts list."""
 
-    __slots__ = ("capable", "serial", "sent", "full_at", "answered", "held")
+    __slots__ = ("capable", "serial", "sent", "full_at", "answered", "held", "session")
 
-    def __init__(self, held=None):
+    def __init__(self, held=None, session=0):
         # its answers carry hosts_serial: it takes hosts_delta (so does an agent that said
         # what it holds when it registered)
         self.capable = held is not None
@@ -483,6 +483,7 @@ class _Peer:
         self.sent = 0  # views sent to it, numbered from 1
         self.full_at = 0  # the number of the last one with the whole list
         self.answered = 0  # the number of the newest one answered with a serial
+        self.session = session  # the host entry's count of registrations when it was made
 
 
 class _App:
@@ -547,7 +548,10 @@ class ViewPublisher:
     (L{_resumed}: an empty delta on the serial it holds), that has not answered with a
     serial yet (an agent before deltas never does: it gets the whole list every time),
     whose list is older than the history, whose view was not delivered, or that refused a
-    delta (L{errors.StaleView}: at once) or answered out of order.
+    delta (L{errors.StaleView}: at once) or answered out of order.  A session is new from
+    the moment its registration begins (the host entry's C{sessions} count): a view sent
+    while the registration is being stored is the new session's first (its resumed list),
+    whatever the last session's last view did.
 
     @param data: the control plane's resource layer (C{hosts}, C{machines}).
     @param call: C{call(host_id, verb, *args)}, an executor call.
@@ -639,9 +643,9 @@ class ViewPublisher:
         host_id = event.get("subject")
         self._dirty_hosts.add(host_id)  # it may have (re)registered: it needs a view
         p = event.get("payload") or {}
-        if (p.get("reason") == "agent_registered" or not p.get("executor")
-                or self._data.hosts.get(host_id) is None):
-            # A new agent session (or none): what the last one held is not known.
+        if not p.get("executor") or self._data.hosts.get(host_id) is None:
+            # No agent session: what the last one held is not known.  (A new session is
+            # known by its entry's count of registrations, in _send.)
             self._peers.pop(host_id, None)
         if self._loaded:
             self._refresh_host(host_id)
@@ -976,12 +980,16 @@ class ViewPublisher:
             self._deferred.add(host_id)
             return False
         peer = self._peers.get(host_id)
-        if peer is None:
-            entry = self._data.hosts.get(host_id)
+        entry = self._data.hosts.get(host_id)
+        session = getattr(entry, "sessions", 0)
+        if peer is None or peer.session != session:
+            # The first view of this agent session: its registration may have begun a
+            # moment ago (stored and announced after this view; the last session's peer is
+            # not its own).
             held = getattr(entry, "network_held", None)
             if held is not None:
                 entry.network_held = None
-            peer = self._peers[host_id] = _Peer(held)
+            peer = self._peers[host_id] = _Peer(held, session)
         view = self._parts(host_id)
         serial = self._commit_hosts()
         if peer.held is not None:

@@ -319,6 +319,7 @@ class HostRegistry:
         held = facts.get("network")
         entry.network_held = ({"hosts_serial": held["hosts_serial"],
                                "hosts_digest": held["hosts_digest"]} if held else None)
+        entry.sessions += 1
         await self.hosts.registered(host_id, update)
         self._clock.callLater(0, self._reconcile_soon, host_id, facts.get("machines"))
         return {

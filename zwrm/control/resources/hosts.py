@@ -86,6 +86,10 @@ class HostEntry:
         #: what its agent's registration said of the hosts list it holds (facts C{network}:
         #: C{{"hosts_serial", "hosts_digest"}}), until its first network view takes it
         self.network_held = None
+        #: its agent's registrations since the control plane started, counted as each
+        #: begins: a network view sent after it is for the new session, even before the
+        #: registration is stored and announced
+        self.sessions = 0
 
     @property
     def schedulable_state(self):
