@@ -93,6 +93,40 @@ class ViewOrderTests(AgentHelpers, SynchronousTestCase):
             self.successResultOf(d)
         self.assertEqual(self.host.forwards, [{}, {8080: [("10.80.1.2", 80)]}])
 
+    def test_answers_come_in_the_order_of_the_views(self):
+        """
+        Views that queued behind a slow apply are answered in the order they came: the
+        second applies the newest, and the ones after it answer at once, but only after
+        it (the control plane takes an answer out of order for a list not held, and sends
+        the whole list again).
+        """
+        order = []
+        for i, healthy in enumerate((False, False, True, True)):
+            d = self.network.update(view(healthy))
+            d.addCallback(lambda result, i=i: order.append(i))
+        self.assertEqual(order, [])
+        self.host.first.callback(None)
+        self.assertEqual(order, [0, 1, 2, 3])
+
+    def test_a_failed_apply_is_answered_in_its_place(self):
+        """A view whose apply fails gets that failure, in its turn; the views after it apply."""
+        order = []
+        failing = [True]
+
+        async def set_forwards(table):
+            if failing:
+                failing.pop()
+                raise errors.Unavailable("iptables failed")
+            self.host.forwards.append(table)
+
+        self.host.set_forwards = set_forwards
+        ds = [self.network.update(view(h)) for h in (True, False, True)]
+        for i, d in enumerate(ds):
+            d.addBoth(lambda result, i=i: order.append((i, type(result).__name__)))
+        self.host.first.callback(None)
+        self.assertEqual(order, [(0, "Failure"), (1, "dict"), (2, "dict")])
+        self.assertEqual(self.host.forwards, [{8080: [("10.80.1.2", 80)]}])
+
 
 def entry(n, gateway=None):
     return {"host_id": f"h_{n}", "address": f"10.99.0.{n}",

@@ -16,6 +16,7 @@ import orjson
 from autobahn import wamp
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from zwrm.agent.network import addressing
 from zwrm.agent.network.dns import ClusterDNS
@@ -85,6 +86,10 @@ class AgentNetwork:
         self._hosts_digest = None  # hosts_digest(self._hosts), computed when asked for
         self._applied_serial, self._applied_result = 0, None  # the newest view applied
         self._applying = defer.DeferredLock()
+        # The answers to views, in the order the views came (see _answer)
+        self._answers = {}  # view number -> the Deferred its caller was given
+        self._outcomes = {}  # view number -> its outcome, while an earlier one is unanswered
+        self._answered = 0  # the number of the newest view answered
         #: where the ingress certificates are kept (0600 files in a 0700 directory), so an
         #: agent restart serves TLS before the control plane gives them again
         self.certs_dir = os.path.join(state_dir, "certs") if state_dir else None
@@ -251,7 +256,8 @@ class AgentNetwork:
         @return: a Deferred of C{{"members", "published", "hosts_serial"}}: the view's
             member count, the published ports and the serial of the hosts list held once
             this view was taken (L{None} when it has none); the control plane sends a delta
-            only to an agent whose answers carry C{hosts_serial}.
+            only to an agent whose answers carry C{hosts_serial}.  Views are answered in
+            the order they came.
         @raise StaleView: a C{hosts_delta} whose C{base} is not the serial of the list held
             (a view lost or reordered, an agent restarted): nothing is applied, and the
             control plane sends the whole list again.
@@ -278,8 +284,28 @@ class AgentNetwork:
         # One view applied at a time, and only the newest: an apply waits on commands (the
         # bridge's first setup after an agent restart), and two applies interleaved there
         # could end with the older view's routes (a replica's health flipping back).
+        answer = self._answers[n] = defer.Deferred()
         d = self._applying.run(lambda: defer.ensureDeferred(self._apply_newest(n)))
-        return d.addCallback(lambda result: dict(result, hosts_serial=serial))
+        d.addBoth(self._answer, n)
+        return answer.addCallback(lambda result: dict(result, hosts_serial=serial))
+
+    def _answer(self, outcome, n):
+        """
+        View C{n}'s apply ended with C{outcome} (a result or a Failure): answer it once
+        every view before it is answered, and the ones after it that waited for it.  The
+        lock lets the next view run as it is released, before this one's answer goes out;
+        a view that finds its work done (a newer one applied) would otherwise answer
+        first, and the control plane takes an answer out of order for a list not held.
+        """
+        self._outcomes[n] = outcome
+        while self._answered + 1 in self._outcomes:
+            self._answered += 1
+            outcome = self._outcomes.pop(self._answered)
+            answer = self._answers.pop(self._answered)
+            if isinstance(outcome, Failure):
+                answer.errback(outcome)
+            else:
+                answer.callback(outcome)
 
     def held(self):
         """
