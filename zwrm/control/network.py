@@ -1049,12 +1049,17 @@ class ViewPublisher:
             if not in_order or result["hosts_serial"] != serial:
                 # It took views out of order (it may hold an older list than the newest
                 # sent) or holds another list than the one sent: the whole list, now.
+                self.log.debug("host {h}: network view {n} answered {how}: the whole list "
+                               "follows", h=host_id, n=n, how="out of order" if not in_order
+                               else f"holding serial {result['hosts_serial']}, not {serial}")
                 self._resend(host_id, peer)
         elif isinstance(result, dict) and result.get("network") == "user":
             peer.capable = True  # user-mode networking: it ignores views (deltas too)
         else:
             # No serial: an agent before deltas, which takes the whole list only.
             if peer.capable:
+                self.log.debug("host {h}: network view {n} answered without a serial: "
+                               "{result!r}", h=host_id, n=n, result=result)
                 self._resend(host_id, peer)  # it may have been sent a delta
             peer.capable = False
 
