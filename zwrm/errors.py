@@ -74,6 +74,14 @@ class Unavailable(ZwrmError):
     uri = "zwrm.error.unavailable"
 
 
+class NoCallee(Unavailable):
+    """
+    Nothing is registered for the procedure called (C{wamp.error.no_such_procedure}): the
+    session that served it is gone, e.g. an agent that restarted and has not registered
+    again.  Reaches other sessions as L{Unavailable}.
+    """
+
+
 class ResourceExhausted(ZwrmError):
     """A disk is full, a cache or a limit is exhausted."""
 
@@ -112,7 +120,8 @@ def from_wire(error):
     A callee's L{NotFound} reaches its caller as a plain C{ApplicationError} whose C{error}
     is C{zwrm.error.not_found}; this rebuilds the L{NotFound} so callers can catch it by
     class. Errors that are not zwrm's (e.g. C{wamp.error.no_such_procedure}) become
-    L{Unavailable} when they mean the callee is gone, and are returned unchanged otherwise.
+    L{Unavailable} when they mean the callee is gone (L{NoCallee} for no such procedure),
+    and are returned unchanged otherwise.
     """
     if isinstance(error, ZwrmError) or not isinstance(error, ApplicationError):
         return error
@@ -120,7 +129,8 @@ def from_wire(error):
     message = error.args[0] if error.args else error.error
     if cls is not None:
         return cls(message, **(error.kwargs or {}))
-    if error.error in (ApplicationError.NO_SUCH_PROCEDURE, ApplicationError.CANCELED,
-                       "wamp.error.timeout"):
+    if error.error == ApplicationError.NO_SUCH_PROCEDURE:
+        return NoCallee(f"{error.error}: {message}")
+    if error.error in (ApplicationError.CANCELED, "wamp.error.timeout"):
         return Unavailable(f"{error.error}: {message}")
     return error

@@ -442,6 +442,45 @@ class ResumeTests(DeltaHelpers, TestCase):
         self.assertEqual((self.view.full_lists, self.view.resumed), (full, 1))
         self.assert_every_agent_current()
 
+    async def test_nothing_is_sent_to_a_session_gone_until_it_registers_again(self):
+        """
+        An agent restarts: a view to its last session finds no procedure (the session is
+        gone).  The next change comes while the new agent's procedures are registered but
+        its registration has not begun (a call to the host's procedure reaches the new
+        process): nothing is sent to the host until it registers, and then its resumed
+        list (an empty delta), not a whole list (seen in the acceptance suite's agent
+        restart: one whole list more).
+        """
+        await self.start_agents()
+        await self.pump()
+        self.sent()
+        full = self.view.full_lists
+        self.held = []
+        await self.add("m-w1", "web", "h-b")
+        await self.pump()
+        [(_, view, d)] = [call for call in self.held if call[0] == "h-b"]
+        for call in self.held:
+            if call[0] != "h-b":
+                self.deliver(*call)
+        self.held = None
+        d.errback(wire(Failure(ApplicationError(ApplicationError.NO_SUCH_PROCEDURE,
+                                                "no callee for procedure"))).value)
+        self.sent()
+        await self.add("m-w2", "web", "h-b")
+        await self.pump()
+        self.assertEqual(self.kinds_of(self.sent()).get("h-b"), None)
+        await self.register_again("h-b")
+        await self.pump()
+        sent = self.sent()
+        self.assertEqual(self.kinds_of(sent)["h-b"], ["delta"])
+        self.assertEqual(sent["h-b"][0]["hosts_delta"]["set"], [])
+        self.assertEqual((self.view.full_lists, self.view.resumed), (full, 1))
+        self.assert_every_agent_current()
+        # Its members are the new session's too.
+        self.assertEqual(
+            sorted(m["machine_id"] for m in self.agents["h-b"]._view["members"]),
+            ["m-w1", "m-w2"])
+
     async def test_after_a_control_plane_restart_no_whole_list_is_sent(self):
         await self.start_agents()
         await self.pump()

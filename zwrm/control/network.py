@@ -469,7 +469,7 @@ def _is_int(value):
 class _Peer:
     """What the publisher knows of one host's agent (one session of it): its hosts list."""
 
-    __slots__ = ("capable", "serial", "sent", "full_at", "answered", "held", "session")
+    __slots__ = ("capable", "serial", "sent", "full_at", "answered", "held", "session", "gone")
 
     def __init__(self, held=None, session=0):
         # its answers carry hosts_serial: it takes hosts_delta (so does an agent that said
@@ -484,6 +484,9 @@ class _Peer:
         self.full_at = 0  # the number of the last one with the whole list
         self.answered = 0  # the number of the newest one answered with a serial
         self.session = session  # the host entry's count of registrations when it was made
+        #: a view found no procedure to call: the session is gone (its agent restarting);
+        #: nothing more is sent to it, the next registration's session gets the view
+        self.gone = False
 
 
 class _App:
@@ -551,7 +554,9 @@ class ViewPublisher:
     delta (L{errors.StaleView}: at once) or answered out of order.  A session is new from
     the moment its registration begins (the host entry's C{sessions} count): a view sent
     while the registration is being stored is the new session's first (its resumed list),
-    whatever the last session's last view did.
+    whatever the last session's last view did.  A view that finds no procedure
+    (L{errors.NoCallee}: the session is gone, its agent restarting) stops the views to that
+    host until its next registration.
 
     @param data: the control plane's resource layer (C{hosts}, C{machines}).
     @param call: C{call(host_id, verb, *args)}, an executor call.
@@ -974,7 +979,8 @@ class ViewPublisher:
     def _send(self, host_id):
         """
         Send C{host_id} its view; L{False} when this push has sent its share
-        (L{VIEW_ENTRIES_PER_PUSH}): it is sent next push.
+        (L{VIEW_ENTRIES_PER_PUSH}): it is sent next push; or when its agent session is
+        gone (L{errors.NoCallee}): its next registration's session is sent one.
         """
         if self._budget <= 0:
             self._deferred.add(host_id)
@@ -990,6 +996,8 @@ class ViewPublisher:
             if held is not None:
                 entry.network_held = None
             peer = self._peers[host_id] = _Peer(held, session)
+        elif peer.gone:
+            return False
         view = self._parts(host_id)
         serial = self._commit_hosts()
         if peer.held is not None:
@@ -1021,9 +1029,17 @@ class ViewPublisher:
             self.log.info("host {h}: network view {what}: {e}", h=host_id, e=f.getErrorMessage(),
                           what="refused (the whole hosts list follows)" if stale
                           else "not delivered")
-            if peer is not self._peers.get(host_id) or n < peer.full_at:
-                return  # a session ago, or a whole list was sent after it
-            if stale:
+            if peer is not self._peers.get(host_id):
+                return  # a session ago
+            if f.check(errors.NoCallee):
+                # No agent session serves it (the agent restarting): a view sent before the
+                # next registration would go nowhere, or to the new session's process before
+                # it said which list it holds (the whole list, where an empty delta does).
+                peer.gone = True
+                peer.serial = None
+            elif n < peer.full_at:
+                return  # a whole list was sent after it
+            elif stale:
                 self._resend(host_id, peer)  # it applied nothing: the whole list, now
             else:
                 peer.serial = None  # it may not hold it: the next view has the whole list
