@@ -337,8 +337,9 @@ class Cluster:
 
     def control_metrics(self):
         """
-        The control plane's C{/metrics} families without labels (C{{name: value}}), read
-        on its host over TLS with the cluster CA, as a Prometheus server there would.
+        The control plane's C{/metrics} samples (C{{name: value}}, a labelled one's name
+        with its labels: C{'name{label="value"}'}), read on its host over TLS with the
+        cluster CA, as a Prometheus server there would.
         """
         url = f"https://{self.net.hostname('cp')}:{PORT}/metrics"
         text = self.sh("cp", ["curl", "-fsS", "--max-time", "20", "--cacert",
@@ -346,7 +347,7 @@ class Cluster:
         out = {}
         for line in text.splitlines():
             parts = line.split()
-            if len(parts) == 2 and not line.startswith("#") and "{" not in parts[0]:
+            if len(parts) == 2 and not line.startswith("#"):
                 out[parts[0]] = float(parts[1])
         return out
 

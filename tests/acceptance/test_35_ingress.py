@@ -63,5 +63,7 @@ def test_ingress_follows_an_agent_restart(cluster):
     assert mode.stdout.split() == ["600", "zwrm"], mode.stdout
     views = cluster.views_resumed(views_before.get("zwrm_network_view_resumed_total", 0) + 1,
                                   f"{host}'s network view resumed")
+    why = {k: (views_before.get(k), v) for k, v in views.items()
+           if k.startswith("zwrm_network_view") and views_before.get(k) != v}
     assert (views["zwrm_network_view_full_lists_total"]
-            == views_before["zwrm_network_view_full_lists_total"]), (views_before, views)
+            == views_before["zwrm_network_view_full_lists_total"]), why

@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tests.agent.test_membership import make_agent, start_plane
 from tests.agent.test_metrics import d, parse
 from zwrm.cli.client import close, connect
+from zwrm.control import network
 from zwrm.control.metrics import CallLatencies, procedure_label
 from zwrm.testing.processes import poll
 
@@ -95,6 +96,9 @@ class ControlMetricsTests(TestCase):
             [samples[(f"zwrm_network_{n}_total", ())]
              for n in ("views_sent", "view_full_lists", "view_resumed")],
             [view.sent, view.full_lists, view.resumed])
+        self.assertEqual(
+            {r: samples[("zwrm_network_view_full_list_reasons_total", (("reason", r),))]
+             for r in network.FULL_LIST_REASONS}, view.full_list_reasons)
 
 
 

@@ -92,7 +92,21 @@ class DeltaHelpers(ViewHelpers):
         self.stale_sent = []
         self.addCleanup(lambda: self.assertEqual(self.stale_sent, []))
         await self.start(hosts=hosts)
+        view = self.view
+        # every whole list is counted under one reason
+        self.addCleanup(lambda: self.assertEqual(sum(view.full_list_reasons.values()),
+                                                 view.full_lists))
+        self._reasons = dict(view.full_list_reasons)
         self.view._soon()  # the first push (the hosts registered before it was made)
+
+    def reasons(self):
+        """The reasons of the whole lists sent since the last call (L{FULL_LIST_REASONS})."""
+        now = dict(self.view.full_list_reasons)
+        self.assertEqual(set(now), set(control_network.FULL_LIST_REASONS))
+        new = {r: n - self._reasons.get(r, 0) for r, n in now.items()
+               if n != self._reasons.get(r, 0)}
+        self._reasons = now
+        return new
 
     def agent(self, host_id):
         if host_id not in self.agents:
@@ -194,6 +208,7 @@ class DeltaTests(DeltaHelpers, TestCase):
         await self.pump()
         sent = self.sent()
         self.assertEqual(self.kinds_of(sent), {h: ["full"] for h in HOSTS})
+        self.assertEqual(self.reasons(), {"new_session": 3})
         serial = sent["h-a"][0]["hosts_serial"]
         self.assertEqual(serial, self.view.hosts_serial)
         self.assert_every_agent_current()
@@ -243,6 +258,7 @@ class DeltaTests(DeltaHelpers, TestCase):
         await self.pump()
         self.sent()
         held = await self.two_joins_held()
+        self.reasons()
         to_a = [c for c in held if c[0] == "h-a"]
         self.assertEqual([("hosts_delta" in v) for _, v, _ in to_a], [True, True])
         first, second = to_a
@@ -257,6 +273,7 @@ class DeltaTests(DeltaHelpers, TestCase):
         await self.pump()
         sent = self.sent()
         self.assertEqual(self.kinds_of(sent), {"h-a": ["full"]})  # no change: only h-a
+        self.assertEqual(self.reasons(), {"refused": 1})
         self.assertEqual(self.hosts_held("h-a"), self.view._hosts_list())
         [failure] = self.deliver(*first)  # late: older than the whole list h-a holds now
         self.assertIsInstance(failure.value, errors.StaleView)
@@ -283,8 +300,10 @@ class DeltaTests(DeltaHelpers, TestCase):
         self.assertEqual(answer["hosts_serial"], first[1]["hosts_serial"])
         self.assertNotIn("h-e", [h["host_id"] for h in self.hosts_held("h-d")])
         self.sent()
+        self.reasons()
         await self.pump()
         self.assertEqual(self.kinds_of(self.sent()), {"h-d": ["full"]})
+        self.assertEqual(self.reasons(), {"out_of_order": 1})
         self.assert_every_agent_current()
 
     async def test_a_list_older_than_the_history_is_sent_whole(self):
@@ -304,6 +323,7 @@ class DeltaTests(DeltaHelpers, TestCase):
             sent = self.sent()
             self.assertEqual(self.view.hosts_serial, base + 2)
             self.assertEqual(self.kinds_of(sent)["h-a"], [kind], history)
+            self.assertEqual(self.reasons().get("history", 0), 0 if kind == "delta" else 3)
             if kind == "delta":
                 self.assertEqual(sent["h-a"][0]["hosts_delta"]["base"], base)
             self.assert_every_agent_current()
@@ -314,11 +334,13 @@ class DeltaTests(DeltaHelpers, TestCase):
         await self.pump()
         self.sent()
         # h-b's agent restarts (it holds no list) and registers again.
+        self.reasons()
         del self.agents["h-b"]
         await self.registry.register("h-b", dict(FACTS, name="h-b", address="192.0.2.2"))
         await self.pump()
         sent = self.sent()
         self.assertEqual(self.kinds_of(sent), {"h-b": ["full"]})
+        self.assertEqual(self.reasons(), {"new_session": 1})
         # Offline, then back: the whole list again.
         await self.registry.mark_offline("h-c")
         await self.registry.register("h-c", dict(FACTS, name="h-c", address="192.0.2.3"))
@@ -331,6 +353,19 @@ class DeltaTests(DeltaHelpers, TestCase):
         sent = self.sent()
         self.assertEqual(self.kinds_of(sent)["h-a"], ["delta", "full"])
         self.assertEqual(self.kinds_of(sent)["h-b"], ["delta"])
+        self.assertEqual(self.reasons(), {"new_session": 2, "refused": 1})  # h-c, h-d
+        self.assert_every_agent_current()
+        # A view lost (not delivered, the agent still there): the next one is whole.
+        self.held = []
+        await self.add("m-w1", "web", "h-b")
+        await self.pump()
+        held, self.held = self.held, None
+        for call in held:
+            (self.drop if call[0] == "h-b" else self.deliver)(*call)
+        await self.add("m-w2", "web", "h-b")
+        await self.pump()
+        self.assertEqual(self.kinds_of(self.sent())["h-b"], ["delta", "full"])
+        self.assertEqual(self.reasons(), {"lost": 1})
         self.assert_every_agent_current()
 
     async def test_an_agent_before_deltas_keeps_getting_whole_lists(self):
@@ -340,6 +375,7 @@ class DeltaTests(DeltaHelpers, TestCase):
             await self.pump()
             sent = self.sent()
             self.assertEqual(self.kinds_of(sent)["h-c"], ["full"])
+            self.assertEqual(self.reasons().get("no_deltas"), 1 if i else None)
             # One in user mode ignores views: it answered, so it may have deltas.
             self.assertEqual(self.kinds_of(sent)["h-b"], ["delta" if i else "full"])
             self.assert_every_agent_current()
@@ -515,10 +551,12 @@ class ResumeTests(DeltaHelpers, TestCase):
         await self.join("h-d", "192.0.2.4")
         await self.pump()
         self.assertNotIn("h-c", self.sent())
+        self.reasons()
         await self.register_again("h-c")  # ... then back, holding the older list
         await self.pump()
         sent = self.sent()
         self.assertEqual(self.kinds_of(sent), {"h-c": ["full"]})
+        self.assertEqual(self.reasons(), {"list_changed": 1})
         self.assertEqual(self.view.resumed, 0)
         self.assert_every_agent_current()
 

@@ -212,6 +212,14 @@ class ControlMetrics:
                 "zwrm_network_view_full_lists",
                 "Network views sent with the whole hosts list (a new agent session whose"
                 " list is not current, or one that lost a view).", value=view.full_lists))
+            reasons = CounterMetricFamily(
+                "zwrm_network_view_full_list_reasons",
+                "The same by reason: new_session, list_changed, no_deltas, lost, refused,"
+                " out_of_order, other_serial, history (docs/networking.md).",
+                labels=["reason"])
+            for reason, n in view.full_list_reasons.items():
+                reasons.add_metric([reason], n)
+            out.append(reasons)
             out.append(CounterMetricFamily(
                 "zwrm_network_view_resumed",
                 "New agent sessions told the hosts list they held is current, instead of"

@@ -460,6 +460,18 @@ an agent whose list is older gets the whole list."""
 VIEW_ENTRIES_PER_PUSH = 250_000
 #: a view's own cost, in entries (about 8 µs for a view with an empty delta)
 VIEW_COST = 32
+#: why a view carries the whole hosts list (L{ViewPublisher.full_list_reasons}, the
+#: C{zwrm_network_view_full_list_reasons_total} metric)
+FULL_LIST_REASONS = (
+    "new_session",  # an agent session's first view, without a list held (or reported)
+    "list_changed",  # a new session that reported a list other than the current one
+    "no_deltas",  # the agent has not answered with a serial (yet; or is before deltas)
+    "lost",  # the last view was not delivered (or found no agent session)
+    "refused",  # the agent refused a delta (it holds another list than its base)
+    "out_of_order",  # the agent answered views out of order
+    "other_serial",  # the agent answered holding another serial than the one sent
+    "history",  # the list it holds is older than the history kept (or the delta larger)
+)
 
 
 def _is_int(value):
@@ -469,7 +481,8 @@ def _is_int(value):
 class _Peer:
     """What the publisher knows of one host's agent (one session of it): its hosts list."""
 
-    __slots__ = ("capable", "serial", "sent", "full_at", "answered", "held", "session", "gone")
+    __slots__ = ("capable", "serial", "sent", "full_at", "answered", "held", "session", "gone",
+                 "why")
 
     def __init__(self, held=None, session=0):
         # its answers carry hosts_serial: it takes hosts_delta (so does an agent that said
@@ -487,6 +500,7 @@ class _Peer:
         #: a view found no procedure to call: the session is gone (its agent restarting);
         #: nothing more is sent to it, the next registration's session gets the view
         self.gone = False
+        self.why = None  # why serial is None after a view: the reason its next list is whole
 
 
 class _App:
@@ -598,6 +612,8 @@ class ViewPublisher:
         self._deltas = {}  # (base, serial) -> hosts_delta (or None), of the newest serial
         self._peers = {}  # host id -> _Peer
         self.full_lists = 0  # views sent with the whole hosts list
+        #: the same by reason (L{FULL_LIST_REASONS})
+        self.full_list_reasons = dict.fromkeys(FULL_LIST_REASONS, 0)
         #: new agent sessions told the list they held is current (see L{_resumed})
         self.resumed = 0
         self._digest = None  # (serial, hosts_digest of the list of that serial)
@@ -1003,8 +1019,13 @@ class ViewPublisher:
         if peer.held is not None:
             delta = self._resumed(peer.held)
             peer.held = None
+            why = "list_changed"
         else:
             delta = self._delta(peer.serial) if peer.capable and peer.serial is not None else None
+            if not peer.capable:
+                why = "no_deltas" if peer.sent else "new_session"
+            else:
+                why = (peer.why or "new_session") if peer.serial is None else "history"
         self._budget -= VIEW_COST + len(view["members"]) + (
             len(self._hosts) if delta is None else len(delta["set"]) + len(delta["remove"]))
         self.sent += 1
@@ -1014,9 +1035,10 @@ class ViewPublisher:
             view["hosts"], view["hosts_serial"] = self._hosts_list(), serial
             peer.full_at = n
             self.full_lists += 1
+            self.full_list_reasons[why] += 1
         else:
             view["hosts_delta"] = delta
-        peer.serial = serial
+        peer.serial, peer.why = serial, None
         try:
             d = self._call(host_id, "network.update", view)
             d = Deferred.fromCoroutine(d) if inspect.iscoroutine(d) else maybeDeferred(lambda: d)
@@ -1036,13 +1058,14 @@ class ViewPublisher:
                 # next registration would go nowhere, or to the new session's process before
                 # it said which list it holds (the whole list, where an empty delta does).
                 peer.gone = True
-                peer.serial = None
+                peer.serial, peer.why = None, "lost"
             elif n < peer.full_at:
                 return  # a whole list was sent after it
             elif stale:
-                self._resend(host_id, peer)  # it applied nothing: the whole list, now
+                self._resend(host_id, peer, "refused")  # it applied nothing: the whole list, now
             else:
-                peer.serial = None  # it may not hold it: the next view has the whole list
+                # it may not hold it: the next view has the whole list
+                peer.serial, peer.why = None, "lost"
 
         def answered(_):
             self._inflight -= 1
@@ -1068,7 +1091,7 @@ class ViewPublisher:
                 self.log.debug("host {h}: network view {n} answered {how}: the whole list "
                                "follows", h=host_id, n=n, how="out of order" if not in_order
                                else f"holding serial {result['hosts_serial']}, not {serial}")
-                self._resend(host_id, peer)
+                self._resend(host_id, peer, "out_of_order" if not in_order else "other_serial")
         elif isinstance(result, dict) and result.get("network") == "user":
             peer.capable = True  # user-mode networking: it ignores views (deltas too)
         else:
@@ -1076,10 +1099,10 @@ class ViewPublisher:
             if peer.capable:
                 self.log.debug("host {h}: network view {n} answered without a serial: "
                                "{result!r}", h=host_id, n=n, result=result)
-                self._resend(host_id, peer)  # it may have been sent a delta
+                self._resend(host_id, peer, "no_deltas")  # it may have been sent a delta
             peer.capable = False
 
-    def _resend(self, host_id, peer):
-        peer.serial = None
+    def _resend(self, host_id, peer, why):
+        peer.serial, peer.why = None, why
         self._dirty_hosts.add(host_id)
         self._soon()
