@@ -151,6 +151,21 @@ class DeltaHelpers(ViewHelpers):
             defer.maybeDeferred(self.agent(host_id).update, view).addErrback(lambda f: None)
         d.errback(errors.Unavailable(f"host {host_id}: the call was lost"))
 
+    async def held_view(self, host_id, mid):
+        """
+        Machine C{mid} of app C{web} starts on C{host_id}: the views are delivered but
+        C{host_id}'s, returned for the test to deliver, drop or fail (C{(view, Deferred)}).
+        """
+        self.held = []
+        await self.add(mid, "web", host_id)
+        await self.pump()
+        held, self.held = self.held, None
+        [(_, view, d)] = [call for call in held if call[0] == host_id]
+        for call in held:
+            if call[0] != host_id:
+                self.deliver(*call)
+        return view, d
+
     async def pump(self):
         """Run the publisher's pushes until none is due (answers may be outstanding)."""
         for _ in range(100):
@@ -356,12 +371,7 @@ class DeltaTests(DeltaHelpers, TestCase):
         self.assertEqual(self.reasons(), {"new_session": 2, "refused": 1})  # h-c, h-d
         self.assert_every_agent_current()
         # A view lost (not delivered, the agent still there): the next one is whole.
-        self.held = []
-        await self.add("m-w1", "web", "h-b")
-        await self.pump()
-        held, self.held = self.held, None
-        for call in held:
-            (self.drop if call[0] == "h-b" else self.deliver)(*call)
+        self.drop("h-b", *await self.held_view("h-b", "m-w1"))
         await self.add("m-w2", "web", "h-b")
         await self.pump()
         self.assertEqual(self.kinds_of(self.sent())["h-b"], ["delta", "full"])
@@ -453,14 +463,7 @@ class ResumeTests(DeltaHelpers, TestCase):
         await self.pump()
         self.sent()
         full = self.view.full_lists
-        self.held = []
-        await self.add("m-w1", "web", "h-b")
-        await self.pump()
-        [(_, view, d)] = [call for call in self.held if call[0] == "h-b"]
-        for call in self.held:
-            if call[0] != "h-b":
-                self.deliver(*call)
-        self.held = None
+        view, d = await self.held_view("h-b", "m-w1")
         self.drop("h-b", view, d)  # the last session's view: not delivered
         registered = self.data.hosts.registered
 
@@ -491,14 +494,7 @@ class ResumeTests(DeltaHelpers, TestCase):
         await self.pump()
         self.sent()
         full = self.view.full_lists
-        self.held = []
-        await self.add("m-w1", "web", "h-b")
-        await self.pump()
-        [(_, view, d)] = [call for call in self.held if call[0] == "h-b"]
-        for call in self.held:
-            if call[0] != "h-b":
-                self.deliver(*call)
-        self.held = None
+        view, d = await self.held_view("h-b", "m-w1")
         d.errback(wire(Failure(ApplicationError(ApplicationError.NO_SUCH_PROCEDURE,
                                                 "no callee for procedure"))).value)
         self.sent()
