@@ -6,10 +6,14 @@ the serial it holds.
 """
 
 import copy
+import os
+import stat
+import threading
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.internet.testing import MemoryReactorClock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.threads import deferToThreadPool
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from zwrm import errors
 from zwrm.agent.network.agent import AgentNetwork
@@ -236,16 +240,19 @@ class HostsDeltaTests(AgentHelpers, SynchronousTestCase):
         self.assertEqual(self.host.clusters, [["h_2"], ["h_3", "h_4"]])
 
 
-class SavedHostsTests(SynchronousTestCase):
+def threads(f, *args):
+    """The agent's default for file writes: the (real) reactor's thread pool."""
+    return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+
+class SavedHostsTests(TestCase):
     """
     The hosts list an agent holds is saved in its state directory a moment after it changes
-    and when its executor closes (the agent stopping), so a restarted agent resumes it.
+    and when its executor closes (the agent stopping), so a restarted agent resumes it; it
+    is written in a thread, not on the reactor's.
     """
 
-    def test_saved_when_the_executor_closes(self):
-        import os
-        import stat
-
+    async def test_saved_when_the_executor_closes(self):
         from zwrm.agent.executor import Executor
         from zwrm.agent.volumes import VolumeStore
         from zwrm.drivers.fake import FakeDriver
@@ -253,7 +260,8 @@ class SavedHostsTests(SynchronousTestCase):
         tmp = self.mktemp()
         state = os.path.join(tmp, "network")
         clock = MemoryReactorClock()
-        network = AgentNetwork(clock, "h_1", None, host_network=SlowHost(), state_dir=state)
+        network = AgentNetwork(clock, "h_1", None, host_network=SlowHost(), state_dir=state,
+                               threads=threads)
         network._start_dns = lambda net: None
         self.addCleanup(network.ingress.close)
         ex = Executor(clock, "h_1", FakeDriver(clock, os.path.join(tmp, "m")),
@@ -262,9 +270,63 @@ class SavedHostsTests(SynchronousTestCase):
         network.update(dict(view(True), hosts_serial=4))
         path = os.path.join(state, "hosts.json")
         self.assertFalse(os.path.exists(path))  # not yet: changes that follow join it
-        ex.close()
+        await ex.close()
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
         again = AgentNetwork(clock, "h_1", None, host_network=SlowHost(), state_dir=state)
         self.addCleanup(again.ingress.close)
         self.assertEqual(again.held(), network.held())
         self.assertEqual(again.held()["hosts_serial"], 4)
+
+    def agent_on_the_reactor(self, state):
+        """An agent network on the real reactor (its thread pool: the default)."""
+        host = SlowHost()
+        host.first.callback(None)
+        network = AgentNetwork(reactor, "h_1", None, host_network=host, state_dir=state)
+        network._start_dns = lambda net: None
+        self.addCleanup(network.ingress.close)
+        return network
+
+    async def test_written_in_a_thread_in_order(self):
+        """
+        The default writes in the reactor's thread pool, not on the reactor's thread; a save
+        begun while one is written follows it, with the list as it is then.
+        """
+        state = os.path.join(self.mktemp(), "network")
+        network = self.agent_on_the_reactor(state)
+        replaced = []
+        real_replace = os.replace
+
+        def replace(src, dst):
+            replaced.append(threading.current_thread())
+            return real_replace(src, dst)
+
+        self.patch(os, "replace", replace)
+        network.update(hosts_view([entry(1), entry(2)], serial=1))
+        network._save_hosts()
+        network.update(hosts_view(delta={"base": 1, "serial": 2, "set": [entry(3)],
+                                         "remove": []}))
+        await network.save_pending()
+        self.assertEqual(len(replaced), 2)
+        self.assertNotIn(threading.current_thread(), replaced)
+        again = self.agent_on_the_reactor(state)
+        self.assertEqual(again.held(), network.held())
+        self.assertEqual(again.held()["hosts_serial"], 2)
+
+    async def test_a_failed_write_is_a_warning(self):
+        """
+        A write that fails (here its directory is a file; a full disk alike) logs one
+        warning and changes nothing; the stop that waits for it goes on.
+        """
+        state = self.mktemp()
+        with open(state, "w") as f:
+            f.write("not a directory")
+        network = self.agent_on_the_reactor(state)
+        logged = []
+        self.patch(AgentNetwork, "log", type("L", (), {
+            "warn": lambda self, fmt, **kw: logged.append(fmt.format(**kw))})())
+        network.update(hosts_view([entry(1)], serial=1))
+        self.assertIsNone(await network.save_pending())
+        self.assertEqual(len(logged), 1)
+        self.assertIn(f"the cluster's hosts list not saved in {state}/hosts.json", logged[0])
+        with open(state) as f:
+            self.assertEqual(f.read(), "not a directory")

@@ -21,6 +21,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from tests.agent.test_network_views import threads
 from tests.control.helpers import FACTS
 from tests.control.test_network_view import HOSTS, ViewHelpers
 from zwrm import errors
@@ -610,6 +611,7 @@ class ResumeTests(DeltaHelpers, TestCase):
         self.sent()
         agent = self.agents["h-b"]
         agent.reactor.advance(agent.HOSTS_SAVE_DELAY)
+        await agent.save_pending()  # the write begun, done
         path = os.path.join(state, "hosts.json")
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
         self.assertEqual(stat.S_IMODE(os.stat(state).st_mode), 0o700)
@@ -637,7 +639,7 @@ class ResumeTests(DeltaHelpers, TestCase):
 
     def stateful_agent(self, host_id, state):
         agent = AgentNetwork(MemoryReactorClock(), host_id, None, host_network=RecordingHost(),
-                             state_dir=state)
+                             state_dir=state, threads=threads)
         agent._start_dns = lambda net: None
         self.addCleanup(agent.ingress.close)
         return agent

@@ -874,12 +874,18 @@ class Executor:
         return out
 
     def close(self):
-        """Stop health checks and listening to the driver (the machines keep running)."""
+        """
+        Stop health checks and listening to the driver (the machines keep running).
+
+        @return: a Deferred that fires once the hosts list held is saved, for the next start
+            to resume (L{None} without bridge networking).
+        """
         for rec in self._machines.values():
             self._stop_check(rec)
         self._unsubscribe()
         if self.network is not None:
-            self.network.save_pending()  # the hosts list, for the next start to resume
+            return self.network.save_pending()
+        return None
 
     # --- internals ----------------------------------------------------------------------
 
