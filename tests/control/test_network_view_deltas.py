@@ -722,13 +722,14 @@ class RandomTests(DeltaHelpers, TestCase):
         """
         A seeded run of joins, leaves, address and subnet changes and agent restarts,
         while views are delivered late, out of order, lost before or after the agent
-        took them, or refused: once the calls are answered and a last change is pushed,
+        took them, refused, or find no agent session (which registers again later): once the calls are answered and a last change is pushed,
         every agent holds the control plane's list.  (A view lost is made good by the next
         view to that host, a whole list; nothing resends a lost view by itself.)
         """
         for seed in range(6):
             rng = random.Random(seed)
             await self.run_random(rng, f"seed {seed}")
+        self.assertGreater(self.gone_seen, 0)
 
     async def test_the_same_with_resumed_lists_and_whole_lists_spread_over_pushes(self):
         """
@@ -746,6 +747,7 @@ class RandomTests(DeltaHelpers, TestCase):
         await self.start_agents(hosts=hosts, kinds={"h-07": OldAgent})
         await self.pump()
         self.held = []
+        self.gone = set()  # hosts a view found without an agent session
         joined = 8
         for _step in range(60):
             present = sorted(self.data.hosts.ids())
@@ -769,19 +771,18 @@ class RandomTests(DeltaHelpers, TestCase):
                 self.agents.pop(h, None)
                 address = self.data.hosts.get(h).record["address"]
                 await self.registry.register(h, dict(FACTS, name=h, address=address))
-            elif action == "resume":  # the same agent, a new session: it says what it holds
-                h = rng.choice(present)
-                agent = self.agents.get(h)
-                facts = dict(FACTS, name=h, address=self.data.hosts.get(h).record["address"])
-                if isinstance(agent, AgentNetwork) and agent.held() is not None:
-                    facts["network"] = agent.held()
-                await self.registry.register(h, facts)
+            elif action == "resume":
+                await self.resume(rng.choice(present))
             await self.pump()
             self.deliver_some(rng)
             await self.pump()
         self.held, held = None, self.held
         for call in held:
             self.deliver(*call)
+        await self.pump()
+        # The agents whose session was gone register again (nothing is sent to them before).
+        for h in sorted(self.gone.intersection(self.data.hosts.ids())):
+            await self.resume(h)
         await self.pump()
         joined += 1
         await self.join(f"h-{joined:02d}", f"192.0.2.{joined}")
@@ -793,20 +794,39 @@ class RandomTests(DeltaHelpers, TestCase):
         self.resumed = getattr(self, "resumed", 0) + self.view.resumed
         self.view.close()
 
+    async def resume(self, h):
+        """h's agent, a new session, registers saying what it holds."""
+        agent = self.agents.get(h)
+        facts = dict(FACTS, name=h, address=self.data.hosts.get(h).record["address"])
+        if isinstance(agent, AgentNetwork) and agent.held() is not None:
+            facts["network"] = agent.held()
+        self.gone.discard(h)
+        await self.registry.register(h, facts)
+
     def deliver_some(self, rng):
-        """Deliver, drop or hold back each call held, in a shuffled order."""
+        """
+        Deliver, drop or hold back each call held, in a shuffled order; or find no agent
+        session (its agent restarting: with the list it saved, or without one), which
+        registers again later.
+        """
         held, self.held = self.held, []
         rng.shuffle(held)
-        for call in held:
+        for host_id, view, d in held:
             fate = rng.random()
             if fate < 0.15:
-                self.held.append(call)  # later
+                self.held.append((host_id, view, d))  # later
             elif fate < 0.2:
-                self.drop(*call)
+                self.drop(host_id, view, d)
             elif fate < 0.25:
-                self.drop(*call, applied=True)
+                self.drop(host_id, view, d, applied=True)
+            elif fate < 0.28:
+                if rng.random() < 0.5:
+                    self.agents.pop(host_id, None)  # restarted without its list
+                self.gone.add(host_id)
+                self.gone_seen = getattr(self, "gone_seen", 0) + 1
+                d.errback(errors.NoCallee(f"no procedure for {host_id}"))
             else:
-                self.deliver(*call)
+                self.deliver(host_id, view, d)
 
 
 # -- the figure in docs/scaling.md ------------------------------------------------------
