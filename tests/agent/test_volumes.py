@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
@@ -28,6 +29,21 @@ class VolumeStoreTests(TestCase):
         os.chmod(path, stat.S_IRWXU)
         self.addCleanup(os.unlink, path)
         return path
+
+    async def test_create_fsyncs_the_directory_in_a_thread(self):
+        """The new volume's directory entry is fsynced off the reactor's thread."""
+        synced = []
+        real_fsync = os.fsync
+
+        def fsync(fd):
+            synced.append((threading.current_thread(), os.path.realpath(f"/proc/self/fd/{fd}")))
+            return real_fsync(fd)
+
+        self.patch(os, "fsync", fsync)
+        await self.store.create("v1", 32)
+        dirs = [t for t, path in synced if path == os.path.realpath(self.root)]
+        self.assertEqual(len(dirs), 1, synced)
+        self.assertIsNot(dirs[0], threading.current_thread())
 
     async def test_create_makes_sparse_ext4(self):
         info = await self.store.create("v1", 32)

@@ -12,6 +12,7 @@ import os
 import uuid
 
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from zwrm.drivers import process
@@ -164,7 +165,9 @@ class VolumeStore:
             if os.path.exists(target):
                 raise Conflict(f"volume {volume_id!r} exists already")
             os.rename(tmp, target)
-            self._fsync_dir()
+            # (in a thread: a directory's fsync waits for the journal, which a busy disk
+            # can make long)
+            await deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._fsync_dir)
         finally:
             self._creating.discard(volume_id)
             if os.path.exists(tmp):
