@@ -478,6 +478,17 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _why_whole(peer, resumed):
+    """Why a view to C{peer} (before it is counted as sent) carries the whole list."""
+    if resumed:
+        return "list_changed"  # the list its new session reported is not the current one
+    if not peer.capable:
+        return "no_deltas" if peer.sent else "new_session"
+    if peer.serial is None:
+        return peer.why or "new_session"
+    return "history"
+
+
 class _Peer:
     """What the publisher knows of one host's agent (one session of it): its hosts list."""
 
@@ -1016,18 +1027,15 @@ class ViewPublisher:
             return False
         view = self._parts(host_id)
         serial = self._commit_hosts()
-        if peer.held is not None:
+        resumed = peer.held is not None
+        if resumed:
             delta = self._resumed(peer.held)
             peer.held = None
-            why = "list_changed"
         else:
             delta = self._delta(peer.serial) if peer.capable and peer.serial is not None else None
-            if not peer.capable:
-                why = "no_deltas" if peer.sent else "new_session"
-            else:
-                why = (peer.why or "new_session") if peer.serial is None else "history"
         self._budget -= VIEW_COST + len(view["members"]) + (
             len(self._hosts) if delta is None else len(delta["set"]) + len(delta["remove"]))
+        why = _why_whole(peer, resumed) if delta is None else None
         self.sent += 1
         peer.sent += 1
         n = peer.sent
