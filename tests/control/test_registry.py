@@ -71,6 +71,32 @@ class RegistryTests(TestCase):
         self.assertRaises(errors.NotFound, reg.heartbeat, "h-nobody")
 
     @d
+    async def test_an_agent_gone_is_not_asked_for_its_machines_with_a_warning(self):
+        """
+        Reconciling asks the agent for its machines; an agent whose procedures are gone
+        (restarting: no such procedure) is left to its next registration without a warning,
+        any other failure is one warning.
+        """
+        from autobahn.wamp.exception import ApplicationError
+        from twisted.internet.defer import fail
+
+        failure = []
+        clock, store, reg, published = await make_registry(
+            self, call=lambda proc, *a: fail(failure[0]))
+        await reg.join("h-one", FACTS)
+        await reg.register("h-one", FACTS)
+        warned = []
+        self.patch(reg, "log", type("L", (), {
+            "warn": lambda self, fmt, **kw: warned.append(fmt.format(**kw))})())
+        failure.append(ApplicationError(ApplicationError.NO_SUCH_PROCEDURE, "no callee"))
+        self.assertIsNone(await reg._fetch_and_reconcile("h-one", None))
+        self.assertEqual(warned, [])
+        failure[0] = ApplicationError("wamp.error.runtime_error", "it broke")
+        self.assertIsNone(await reg._fetch_and_reconcile("h-one", None))
+        self.assertEqual(len(warned), 1)
+        self.assertEqual(warned, ["host h-one: could not list its machines: it broke"])
+
+    @d
     async def test_register_updates_facts_and_enables_executor(self):
         clock, store, reg, published = await make_registry(self)
         await reg.join("h1", FACTS)

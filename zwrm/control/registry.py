@@ -22,6 +22,7 @@ import secrets
 from twisted.logger import Logger
 
 from zwrm import errors
+from zwrm.control.appspec import error_text
 from zwrm.control.host import INPUTS
 from zwrm.control.resources import Data
 from zwrm.control.resources.hosts import TOPIC as HOST_TOPIC
@@ -406,10 +407,10 @@ class HostRegistry:
             try:
                 reported = await self.call_executor(host_id, "machine.list")
             except Exception as e:
-                if "no_such_procedure" not in str(getattr(e, "error", e)):
-                    self.log.warn(
-                        "host {host_id}: could not list its machines: {e}", host_id=host_id, e=e
-                    )
+                e = errors.from_wire(e)
+                if not isinstance(e, errors.NoCallee):  # (no callee: it is restarting)
+                    self.log.warn("host {host_id}: could not list its machines: {e}",
+                                  host_id=host_id, e=error_text(e))
                 return None
         if reported is None:
             return None
