@@ -18,12 +18,13 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.drivers.live_contract import VOLUME_SIZE, Events, make_live_tests
+from tests.drivers.live_contract import VOLUME_SIZE, Events, make_live_tests, tls_for
 from zwrm.drivers import live
 from zwrm.drivers.fake import FakeDriver, FakeHost
 from zwrm.drivers.qemu import QemuDriver
 from zwrm.drivers.qmp import QMPError
 from zwrm.errors import Unavailable
+from zwrm.pki.ca import CertificateAuthority
 from zwrm.testing import debian, image
 
 
@@ -314,6 +315,150 @@ class QemuListenerTests(TestCase):
         self.assertIn("Cannot assign requested address", cm.exception.message)
         self.assertEqual(drv.list(), [])
         self.assertFalse(os.path.exists(os.path.join(root, "m1")))
+
+
+@pytest.mark.qemu
+class NbdConnectionTests(TestCase):
+    """
+    The source's NBD connections are the driver's, given to QEMU: a target that stops
+    answering (its host gone from the network, its QEMU hung) cannot freeze the source.
+    """
+
+    timeout = 300
+
+    async def source(self, tls=True):
+        """A running source (guest ready) with a volume of 64 MiB, 16 MiB of it data."""
+        self.root = tempfile.mkdtemp(prefix="zwrm-live-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.ca = CertificateAuthority.create()
+        self.drivers = []
+
+        async def cleanup():
+            for drv in self.drivers:
+                for mid in list(drv.list()):
+                    st = drv.status(mid)
+                    if st.get("pid"):
+                        os.kill(st["pid"], signal.SIGCONT)
+                    await drv.destroy(mid)
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(cleanup()))
+        src = self.driver("a")
+        vol = os.path.join(self.root, "a", "vol.img")
+        QemuFixture.make_volume(self, vol, VOLUME_SIZE)
+        subprocess.run(["dd", "if=/dev/urandom", f"of={vol}", "bs=1M", "count=16",
+                        "seek=32", "conv=notrunc", "status=none"], check=True)
+        await src.start(QemuFixture.spec(self, "m1", vol))
+        for _ in range(1800):
+            if QemuFixture.ready_output in await src.console("m1"):
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        return src
+
+    def driver(self, name):
+        drv = QemuFixture.make(self, os.path.join(self.root, name))
+        self.drivers.append(drv)
+        return drv
+
+    async def assert_source_runs_alone(self, src):
+        """No mirror, no NBD node left; QMP answers, the guest runs and takes writes."""
+        q = src._machines["m1"].qmp
+        self.assertEqual(await q.execute("query-block-jobs"), [])
+        nodes = [n["node-name"] for n in await q.execute("query-named-block-nodes")]
+        self.assertEqual([n for n in nodes if n.startswith("zwrm-nbd")], [], nodes)
+        self.assertEqual(src._nbd_sockets.get("m1"), None)
+        st = await src.migration_status("m1")
+        self.assertEqual((st["runstate"], st["mirrors"]), ("running", []))
+        await QemuFixture.write(self, src, "m1", "still", b"the source serves\n")
+
+    async def test_a_target_that_never_answers_the_handshake_is_given_up(self):
+        # A listener that never answers (its kernel accepts the connection: the host is
+        # there, its QEMU hangs). QEMU 7.2 reads the NBD handshake on its main thread: on
+        # a connection of its own the source's guest and QMP froze for as long as TCP
+        # kept it (for ever: nothing is sent). The driver shuts its copy down after
+        # nbd_open_timeout.
+        src = await self.source()
+        src.nbd_open_timeout = 2.0
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        self.addCleanup(silent.close)
+        target = {"host": "127.0.0.1", "nbd_port": silent.getsockname()[1],
+                  "migration_port": _free_port(), "exports": {"v1": "vol0"}}
+        started = reactor.seconds()
+        with self.assertRaises(Unavailable) as cm:
+            await src.start_mirror("m1", target, tls_for(self.ca, "host-a", "host-b"),
+                                   speed=1024 * 1024).addTimeout(60, reactor)
+        self.assertLess(reactor.seconds() - started, 20)
+        self.assertIn("NBD server did not answer within 2 s", cm.exception.message)
+        await self.assert_source_runs_alone(src)
+
+    async def test_a_target_port_that_refuses_fails_at_once(self):
+        src = await self.source()
+        target = {"host": "127.0.0.1", "nbd_port": _free_port(),
+                  "migration_port": _free_port(), "exports": {"v1": "vol0"}}
+        with self.assertRaises(Unavailable) as cm:
+            await src.start_mirror("m1", target, None).addTimeout(60, reactor)
+        self.assertIn("connecting to the target's NBD export vol0 at 127.0.0.1:", cm.exception.message)
+        self.assertIn("refused", cm.exception.message)
+        await self.assert_source_runs_alone(src)
+
+    async def test_a_target_that_stops_answering_during_the_mirror_is_cut_off(self):
+        # The target's QEMU stops (SIGSTOP: its kernel still acknowledges, nothing
+        # answers) while the mirror copies; a guest write then waits for the target
+        # (write-blocking). The rollback shuts the connection down before it cancels the
+        # mirror: on QEMU's own connection the cancel waited for replies that never came
+        # (30 s, then the job and the node were left) and the guest's writes with it.
+        src = await self.source()
+        dst = self.driver("b")
+        vol_b = os.path.join(self.root, "b", "vol.img")
+        with open(vol_b, "wb") as f:
+            f.truncate(VOLUME_SIZE)
+        where = await dst.start_incoming(QemuFixture.spec(self, "m1", vol_b), "127.0.0.1",
+                                         tls_for(self.ca, "host-b", "host-a"))
+        await src.start_mirror("m1", where, tls_for(self.ca, "host-a", "host-b"),
+                               speed=2 * 1024 * 1024)
+
+        for _ in range(600):
+            st = await src.migration_status("m1")
+            if any(m["offset"] > 0 for m in st["mirrors"]):
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        else:
+            self.fail(f"the mirror never copied: {st}")
+        os.kill(dst.status("m1")["pid"], signal.SIGSTOP)
+        writing = Deferred.fromCoroutine(QemuFixture.write(
+            self, src, "m1", "during", b"written while the target hangs\n"))
+        await deferLater(reactor, 1.0, lambda: None)
+        started = reactor.seconds()
+        await src.cancel_migration("m1").addTimeout(60, reactor)
+        self.assertLess(reactor.seconds() - started, 10)
+        self.assertEqual(await writing.addTimeout(60, reactor), "during")
+        self.assertEqual(await QemuFixture.read(self, src, "m1", "during"),
+                         b"written while the target hangs\n")
+        await self.assert_source_runs_alone(src)
+
+
+class NbdSocketTests(SynchronousTestCase):
+    def test_the_connection_gives_up_on_a_peer_that_is_gone(self):
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        self.addCleanup(server.close)
+        s = live.nbd_socket("127.0.0.1", server.getsockname()[1], os.getpid(),
+                            timeout=5, user_timeout=12)
+        self.addCleanup(s.close)
+        self.assertIsNone(s.gettimeout())  # blocking, for QEMU
+        opt = s.getsockopt
+        self.assertEqual(opt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT), 12000)
+        self.assertTrue(opt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+        self.assertEqual((opt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                          opt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                          opt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)), (3, 3, 3))
+        self.assertTrue(opt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    def test_a_refused_connection_raises(self):
+        with self.assertRaises(OSError):
+            live.nbd_socket("127.0.0.1", _free_port(), os.getpid(), timeout=5)
 
 
 class DirtyMapTests(SynchronousTestCase):

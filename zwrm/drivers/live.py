@@ -22,6 +22,17 @@ Rollback before the target resumes (L{QemuLiveMigration.cancel_migration}):
 C{migrate_cancel}, C{block-job-cancel force=true}, C{blockdev-del} of the NBD nodes, C{cont}
 if the source was paused; the target QEMU ends on its own (or is destroyed).
 
+The source's NBD connections are the driver's (L{nbd_socket}), passed to QEMU with
+C{getfd}: QEMU 7.2 connects an NBD node and reads the server's handshake on its main
+thread, and a mirror's writes wait for the server's replies, so a target that stops
+answering (a host gone from the network, a QEMU that hangs) would freeze the source's
+guest (its C{blockdev-add}) or hold every guest write (C{copy-mode=write-blocking}) for as
+long as TCP keeps the connection: for ever on an idle connection. The driver's copy bounds
+that: the connection is dropped by the kernel after L{NBD_USER_TIMEOUT} seconds of
+unacknowledged data or failed keepalives, a handshake that takes over L{NBD_OPEN_TIMEOUT}
+is shut down, and a rollback shuts the connection down before it cancels the mirror, so
+what QEMU waits for fails at once and the source runs on.
+
 TLS: with C{tls} the two QEMUs authenticate each other with the hosts' own certificates
 from the cluster CA (C{tls-creds-x509}, C{verify-peer}); the target accepts only the source
 host's certificate (C{authz-simple} on the subject DN C{CN=<host id>}), the source only the
@@ -33,10 +44,12 @@ phase, so L{QemuLiveMigration.live_recover} can resolve what an agent restart le
 its docstring).
 """
 
+import ctypes
 import errno
 import json
 import os
 import socket
+import threading
 
 from twisted.internet import utils
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
@@ -63,6 +76,13 @@ LISTEN_TRIES = 8
 #: The events a live listener is given (QMP names; the fake driver sends the same).
 LIVE_EVENTS = ("MIGRATION", "MIGRATION_PASS", "BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED",
                "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR", "RESUME", "STOP")
+
+#: Seconds the source gives the target's NBD server to accept its connection and answer
+#: the handshake (L{QemuLiveMigration.nbd_open_timeout}).
+NBD_OPEN_TIMEOUT = 30.0
+#: Seconds data sent to the target's NBD server may stay unacknowledged (and keepalive probes
+#: unanswered) before the kernel drops the connection (TCP_USER_TIMEOUT).
+NBD_USER_TIMEOUT = 20.0
 
 #: Migration statuses (query-migrate) in which a migration is under way.
 ACTIVE = ("setup", "active", "pre-switchover", "device", "postcopy-active",
@@ -125,6 +145,85 @@ def check_tls(tls):
             raise InvalidArgument(f"tls.{k} is missing")
     return {k: (tls[k].decode() if isinstance(tls[k], bytes) else tls[k])
             for k in ("ca", "cert", "key", "peer")}
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def _enter_network_namespace(path):
+    """Move the calling thread into the network namespace at C{path} (C{/proc/PID/ns/net})."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if hasattr(os, "setns"):  # Python 3.12
+            os.setns(fd, _CLONE_NEWNET)
+            return
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+    finally:
+        os.close(fd)
+
+
+def nbd_socket(host, port, pid=None, timeout=NBD_OPEN_TIMEOUT, user_timeout=NBD_USER_TIMEOUT):
+    """
+    A TCP connection to the NBD server at C{host}:C{port}, made in the network namespace of
+    process C{pid} (QEMU's: the source's QEMU may run in another one than the agent), for
+    QEMU to use (C{getfd}): blocking, no Nagle, the kernel's keepalive every few seconds
+    and C{TCP_USER_TIMEOUT} of C{user_timeout} s, so a peer that is gone is noticed in
+    seconds and not after TCP's retransmissions (about 15 minutes), or never on an idle
+    connection.
+
+    Blocking: call it in a thread of its own (L{connect_nbd}); it enters the namespace.
+
+    @raise OSError: the connection failed or took over C{timeout} s.
+    """
+    if pid is not None:
+        theirs = f"/proc/{pid}/ns/net"
+        if os.stat(theirs).st_ino != os.stat("/proc/thread-self/ns/net").st_ino:
+            _enter_network_namespace(theirs)
+    s = socket.create_connection((host, port), timeout=timeout)
+    try:
+        s.settimeout(None)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        idle = max(1, int(user_timeout / 4))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, idle)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout * 1000))
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def connect_nbd(reactor, host, port, pid=None, timeout=NBD_OPEN_TIMEOUT,
+                user_timeout=NBD_USER_TIMEOUT):
+    """
+    L{nbd_socket} in a thread of its own (it may enter another network namespace, which
+    the reactor's thread pool must not keep).
+
+    @return: a Deferred firing with the socket, or failing with the C{OSError}.
+    """
+    d = Deferred()
+
+    def done(ok, value):
+        if ok and d.called:  # not expected: nothing cancels it
+            value.close()
+        elif not d.called:
+            (d.callback if ok else d.errback)(value)
+
+    def run():
+        try:
+            s = nbd_socket(host, port, pid, timeout, user_timeout)
+        except BaseException as e:
+            reactor.callFromThread(done, False, e)
+        else:
+            reactor.callFromThread(done, True, s)
+
+    threading.Thread(target=run, name="zwrm-nbd-connect", daemon=True).start()
+    return d
 
 
 def _check_target(target):
@@ -235,9 +334,82 @@ class QemuLiveMigration:
 
     # --- helpers ------------------------------------------------------------------------
 
+    #: See L{NBD_OPEN_TIMEOUT} and L{NBD_USER_TIMEOUT}.
+    nbd_open_timeout = NBD_OPEN_TIMEOUT
+    nbd_user_timeout = NBD_USER_TIMEOUT
+
     def _live_init(self):
         self._live_listeners = {}
         self._incoming = set()
+        # machine id -> {NBD node name: this process's copy of QEMU's connection}
+        self._nbd_sockets = {}
+
+    def _nbd_release(self, m, shut=False):
+        """
+        Close this process's copies of C{m}'s NBD connections; with C{shut}, shut each
+        connection down first (QEMU's reads and writes on it fail at once).
+        """
+        for sock in self._nbd_sockets.pop(m.id, {}).values():
+            if shut:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            sock.close()
+
+    def _nbd_shut(self, m):
+        """Shut C{m}'s NBD connections down (kept open: closed by L{_nbd_release})."""
+        for sock in self._nbd_sockets.get(m.id, {}).values():
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    async def _add_nbd_node(self, m, node, target, export, tls):
+        """
+        C{blockdev-add} the NBD node C{node} for C{export} of C{target} over a connection
+        of this process's (L{connect_nbd}) given to QEMU; shut down if QEMU's handshake
+        takes over L{nbd_open_timeout} s (QEMU's main thread waits in it).
+        """
+        what = f"machine {m.id}: connecting to the target's NBD export {export}"
+        try:
+            sock = await connect_nbd(self.reactor, target["host"], target["nbd_port"],
+                                     m.pid, self.nbd_open_timeout, self.nbd_user_timeout)
+        except OSError as e:
+            raise Unavailable(f"{what} at {_uri_host(target['host'])}:{target['nbd_port']}: "
+                              f"{e.strerror or e}") from None
+        self._nbd_sockets.setdefault(m.id, {})[node] = sock
+        q = m.qmp
+        fdname = node
+        try:
+            await q.execute_with_fd("getfd", {"fdname": fdname}, sock.fileno())
+        except QMPError as e:
+            raise Unavailable(f"{what}: getfd: {e.desc}") from None
+        args = {"driver": "nbd", "node-name": node,
+                "server": {"type": "fd", "str": fdname}, "export": export}
+        if tls:
+            args.update({"tls-creds": TLS_ID, "tls-hostname": tls["peer"]})
+        late = []
+
+        def too_late():
+            late.append(True)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+        watchdog = self.reactor.callLater(self.nbd_open_timeout, too_late)
+        try:
+            await q.execute("blockdev-add", args)
+        except QMPError as e:
+            if not late:
+                raise _refusal(e, what) from None
+        finally:
+            if watchdog.active():
+                watchdog.cancel()
+        if late:
+            raise Unavailable(f"{what}: the target's NBD server did not answer within "
+                              f"{self.nbd_open_timeout:g} s")
 
     def _live_event(self, m, name, data):
         if name not in LIVE_EVENTS:
@@ -532,17 +704,7 @@ class QemuLiveMigration:
                 await self._tls_objects(m, tls, "client")
             for drive, key, sync in drives:
                 node = f"zwrm-nbd-{drive}"
-                args = {"driver": "nbd", "node-name": node,
-                        "server": {"type": "inet", "host": target["host"],
-                                   "port": str(target["nbd_port"])},
-                        "export": target["exports"][key]}
-                if tls:
-                    args.update({"tls-creds": TLS_ID, "tls-hostname": tls["peer"]})
-                try:
-                    await q.execute("blockdev-add", args)
-                except QMPError as e:
-                    raise _refusal(e, f"machine {machine_id}: connecting to the target's "
-                                      f"NBD export {target['exports'][key]}") from None
+                await self._add_nbd_node(m, node, target, target["exports"][key], tls)
                 added.append(node)
                 await q.execute("blockdev-mirror", {
                     "job-id": f"zwrm-mirror-{drive}", "device": drive, "target": node,
@@ -556,8 +718,12 @@ class QemuLiveMigration:
         return {"jobs": started}
 
     async def _undo_mirror(self, m, jobs, nodes):
+        # First the connections: what the mirror (and a guest write) waits for from the
+        # target fails at once, so the cancel below does not wait for a peer that is gone.
+        self._nbd_shut(m)
         q = m.qmp
         if q is None:
+            self._nbd_release(m)
             return
         for job in jobs:
             gone = self._wait_event(m, lambda n, d, job=job: n in (
@@ -577,6 +743,7 @@ class QemuLiveMigration:
                 await q.execute("blockdev-del", {"node-name": node})
             except QMPError:
                 pass
+        self._nbd_release(m)
 
     async def _start_migration(self, machine_id, target, tls, downtime, auto_converge,
                                postcopy, max_bandwidth):
@@ -639,6 +806,8 @@ class QemuLiveMigration:
                                       f"did not complete its final sync: {name} "
                                       f"{data.get('error', '')}")
             self._record(m, phase="switching")
+            # The mirrors are done: QEMU keeps its NBD connections until it ends.
+            self._nbd_release(m)
             await q.execute("migrate-continue", {"state": "pre-switchover"})
         except QMPError as e:
             raise Unavailable(f"machine {machine_id}: switchover: {e.desc}") from None

@@ -876,6 +876,7 @@ class QemuDriver(QemuLiveMigration):
         if m.qmp is not None:
             m.qmp.close()
             m.qmp = None
+        self._nbd_release(m)
         if m.guest_shutdown and not m.stop_requested:
             if m.guest_shutdown == "guest-shutdown":
                 state, reason = "stopped", "the guest powered off"

@@ -129,6 +129,20 @@ class QMPProtocol(LineOnlyReceiver):
             return fail(QMPError("NotReady", "capabilities are not negotiated yet"))
         return self._send(command, arguments)
 
+    def execute_with_fd(self, command, arguments, fd):
+        """
+        Run a QMP command that takes a file descriptor (C{getfd}, C{add-fd}): C{fd} is
+        passed with it over the UNIX socket (C{SCM_RIGHTS}); QEMU gets its own copy.
+
+        @return: as L{execute}.
+        """
+        if not self.connected_ok:
+            return fail(QMPError("NotReady", "capabilities are not negotiated yet"))
+        if self._lost is None:
+            # Sent with the next byte written: the command's line.
+            self.transport.sendFileDescriptor(fd)
+        return self._send(command, arguments)
+
     def close(self):
         """End the connection."""
         if self.transport is not None:
