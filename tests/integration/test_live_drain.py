@@ -188,11 +188,15 @@ class LiveDrainTests(DrainTestMixin, TestCase):
             await self.cli(cp, "host", "drain", src.host_id, "--mode", "live", "--detach")
 
             async def mirroring():
+                # Copying, not only started: the phase is recorded before the source
+                # connects to the target, and a target lost then is another case (the
+                # connection refused).
                 mg = (await self.drain_status(cp, src.host_id))["migrations"][0]
                 live = mg.get("live") or {}
-                return (mg["phase"] == "live_migrating" and live.get("phase") == "mirroring")
+                return (mg["phase"] == "live_migrating" and live.get("phase") == "mirroring"
+                        and ((live.get("mirror") or {}).get("done") or 0) > 0)
 
-            await poll(reactor, mirroring, 300, interval=0.2, what="the mirror under way")
+            await poll(reactor, mirroring, 300, interval=0.2, what="the mirror copying")
             # The target host goes: its agent and its QEMU die.
             dst.signal(signal.SIGKILL)
             kill_machines_under(dst.data_dir)

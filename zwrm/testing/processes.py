@@ -328,7 +328,8 @@ def kill_machines_under(path):
 def temp_dir(testcase):
     """
     A fresh directory outside the checkout, removed after C{testcase}, once every QEMU
-    process that agents started under it has been killed.
+    process that agents started under it has been killed (kept, for its logs, when the
+    environment sets C{ZWRM_KEEP_TEST_DIRS}).
     """
     import shutil
     import tempfile
@@ -337,7 +338,8 @@ def temp_dir(testcase):
 
     def cleanup():
         kill_machines_under(path)
-        shutil.rmtree(path, True)
+        if not os.environ.get("ZWRM_KEEP_TEST_DIRS"):
+            shutil.rmtree(path, True)
 
     testcase.addCleanup(cleanup)
     return path
