@@ -7,9 +7,10 @@ scripted QMP connection (no QEMU): the orders that make the pause short and the 
 import json
 import os
 import shutil
+import socket
 import tempfile
 
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -26,6 +27,7 @@ class ScriptedQMP:
         self.machine = machine
         self.answers = answers
         self.sent = []
+        self.fds = []
 
     def execute(self, command, arguments=None):
         self.sent.append((command, arguments))
@@ -39,6 +41,10 @@ class ScriptedQMP:
             return d
         return succeed(answer if not callable(answer) else answer(arguments))
 
+    def execute_with_fd(self, command, arguments, fd):
+        self.fds.append(fd)
+        return self.execute(command, arguments)
+
     def names(self):
         return [c for c, _a in self.sent]
 
@@ -50,6 +56,20 @@ class LiveQMPTests(SynchronousTestCase):
         self.clock = Clock()
         self.driver = qemu.QemuDriver(self.clock, self.root, accel="tcg")
         self.driver.accel = "tcg"
+        # The NBD connections the driver makes: one end of a socket pair each, the other
+        # end (the target's) kept in self.peers.
+        self.peers, self.connected = [], []
+
+        def connect(m, host, port):
+            ours, theirs = socket.socketpair()
+            self.addCleanup(ours.close)
+            self.addCleanup(theirs.close)
+            theirs.setblocking(False)
+            self.peers.append(theirs)
+            self.connected.append((host, port))
+            return succeed(ours)
+
+        self.driver._nbd_connect = connect
 
     def machine(self, answers, role=None):
         m = qemu._Machine("m1", os.path.join(self.root, "m1"))
@@ -137,6 +157,51 @@ class LiveQMPTests(SynchronousTestCase):
                                   "target": "zwrm-nbd-vol0", "sync": "full", "speed": 12345,
                                   "copy-mode": "write-blocking"})
 
+    def test_the_nbd_connection_is_the_driver_s_given_to_qemu(self):
+        m = self.machine({})
+        target = {"host": "127.0.0.1", "nbd_port": 1, "migration_port": 2,
+                  "exports": {"v1": "vol0"}}
+        self.result(self.driver.start_mirror("m1", target))
+        self.assertEqual(self.connected, [("127.0.0.1", 1)])
+        self.assertEqual(m.qmp.names()[1:4], ["getfd", "blockdev-add", "blockdev-mirror"])
+        sent = dict(m.qmp.sent)
+        self.assertEqual(sent["getfd"], {"fdname": "zwrm-nbd-vol0"})
+        self.assertEqual(m.qmp.fds, [self.driver._nbd_sockets["m1"]["zwrm-nbd-vol0"].fileno()])
+        self.assertEqual(sent["blockdev-add"]["server"], {"type": "fd", "str": "zwrm-nbd-vol0"})
+
+    def test_a_handshake_not_answered_is_shut_down(self):
+        # QEMU's blockdev-add waits in the NBD handshake (on its main thread): after
+        # nbd_open_timeout the driver shuts its copy of the connection down, and QEMU's
+        # read ends (here: the scripted QEMU answers once the target's end sees the EOF).
+        m = self.machine({})
+        pending = Deferred()
+        original = m.qmp.execute
+
+        def execute(command, arguments=None):
+            if command == "blockdev-add":
+                m.qmp.sent.append((command, arguments))
+                return pending
+            return original(command, arguments)
+
+        m.qmp.execute = execute
+        target = {"host": "127.0.0.1", "nbd_port": 1, "migration_port": 2,
+                  "exports": {"v1": "vol0"}}
+        d = self.driver.start_mirror("m1", target)
+        out = []
+        d.addBoth(out.append)
+        self.clock.advance(self.driver.nbd_open_timeout - 1)
+        self.assertEqual(out, [])
+        with self.assertRaises(BlockingIOError):
+            self.peers[0].recv(1)  # still open
+        self.clock.advance(1)
+        self.assertEqual(self.peers[0].recv(1), b"")  # shut down
+        pending.errback(QMPError("GenericError", "Failed to read initial magic"))
+        self.assertEqual(len(out), 1)
+        self.assertIsInstance(out[0].value, Unavailable)
+        self.assertIn("did not answer within 30 s", out[0].value.message)
+        self.assertNotIn("blockdev-mirror", m.qmp.names())
+        self.assertEqual(self.driver._nbd_sockets, {})
+
     def test_a_refused_nbd_connection_leaves_nothing(self):
         m = self.machine({"blockdev-add": QMPError("GenericError",
                                                    "TLS handshake failed: authorization denied")})
@@ -157,9 +222,23 @@ class LiveQMPTests(SynchronousTestCase):
 
         m.qmp.answers["block-job-cancel"] = cancel
         m.qmp.execute = self._forced(m.qmp)
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        theirs.setblocking(False)
+        self.driver._nbd_sockets["m1"] = {"zwrm-nbd-vol0": ours}
+        shut = []
+
+        def cancel_after_shutdown(args):
+            shut.append(theirs.recv(1) == b"")  # the connection was shut down first
+            return cancel(args)
+
+        m.qmp.answers["block-job-cancel"] = cancel_after_shutdown
         self.assertEqual(self.result(self.driver.cancel_migration("m1")), {"cancelled": True})
         self.assertEqual(m.qmp.names(), ["query-migrate", "query-block-jobs", "block-job-cancel",
                                          "blockdev-del", "query-status"])
+        self.assertEqual(shut, [True])
+        self.assertEqual(ours.fileno(), -1)  # this process's copy closed
+        self.assertEqual(self.driver._nbd_sockets, {})
         self.assertEqual(dict(m.qmp.sent)["block-job-cancel"],
                          {"device": "zwrm-mirror-vol0", "force": True})
 

@@ -365,6 +365,11 @@ class QemuLiveMigration:
             except OSError:
                 pass
 
+    def _nbd_connect(self, m, host, port):
+        """A Deferred connection to the NBD server C{host}:C{port} for C{m}'s QEMU."""
+        return connect_nbd(self.reactor, host, port, m.pid, self.nbd_open_timeout,
+                           self.nbd_user_timeout)
+
     async def _add_nbd_node(self, m, node, target, export, tls):
         """
         C{blockdev-add} the NBD node C{node} for C{export} of C{target} over a connection
@@ -373,8 +378,7 @@ class QemuLiveMigration:
         """
         what = f"machine {m.id}: connecting to the target's NBD export {export}"
         try:
-            sock = await connect_nbd(self.reactor, target["host"], target["nbd_port"],
-                                     m.pid, self.nbd_open_timeout, self.nbd_user_timeout)
+            sock = await self._nbd_connect(m, target["host"], target["nbd_port"])
         except OSError as e:
             raise Unavailable(f"{what} at {_uri_host(target['host'])}:{target['nbd_port']}: "
                               f"{e.strerror or e}") from None
