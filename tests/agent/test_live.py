@@ -10,6 +10,7 @@ contract, tests/drivers/test_live.py.)
 
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import types
@@ -200,6 +201,35 @@ class LiveAgentsTests(TestCase):
                 break
             await deferLater(reactor, 0.1, lambda: None)
         self.assertFalse(self.b.volumes.exists("v1"), "the target's blank copy is left")
+
+    async def test_a_target_that_stops_answering_mid_mirror_rolls_back_and_writes_go_on(self):
+        # The target's QEMU stops (SIGSTOP: its kernel still acknowledges, nothing answers)
+        # while the mirror copies, and the guest writes (write-blocking: the write waits
+        # for the target). The mirror copies nothing more; after the policy's stall_timeout
+        # the source rolls back, its NBD connection shut down first, and the write
+        # completes. (Before, it waited for the mirror deadline: 600 s.)
+        where, _port = await self.prepare()
+        migrating = self.a.migrate("m1", "host-b", where, {"mirror_speed": 2 * 1024 * 1024,
+                                                           "stall_timeout": 3})
+        for _ in range(600):
+            st = await self.a.driver.migration_status("m1")
+            if any(m["offset"] > 0 for m in st["mirrors"]):
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        else:
+            self.fail(f"the mirror never copied: {st}")
+        pid = self.b.driver.status("m1")["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        self.addCleanup(os.kill, pid, signal.SIGCONT)
+        writing = Deferred.fromCoroutine(_post(self.src_port, "during", b"during", timeout=60))
+        with self.assertRaises(Unavailable) as cm:
+            await migrating.addTimeout(60, reactor)
+        self.assertIn("the mirrors copied nothing for 3 s", cm.exception.message)
+        self.assertTrue(await writing)
+        st = await self.a.driver.migration_status("m1")
+        self.assertEqual((st["runstate"], st["mirrors"]), ("running", []))
+        self.assertEqual(await _get(self.src_port, "during"), b"during")
+        self.assertTrue(await _post(self.src_port, "after", b"after"))
 
     async def test_postcopy_when_allowed_completes_past_the_deadline(self):
         # The same slow link, with post-copy allowed: at the deadline the migration switches

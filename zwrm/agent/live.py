@@ -73,6 +73,7 @@ DEFAULT_POLICY = {
     "downtime_limit_ms": DOWNTIME_LIMIT_MS,  # QEMU's downtime limit
     "deadline": 120.0,  # seconds of RAM migration before post-copy or giving up
     "mirror_deadline": 600.0,  # seconds for every mirror to be in sync
+    "stall_timeout": 60.0,  # seconds the mirror or the RAM migration may move nothing
     "auto_converge": True,  # QEMU may throttle the guest when it outpaces the link
     "postcopy": False,  # switch to post-copy at the deadline instead of giving up
     "mirror_speed": MIRROR_SPEED,  # bytes/s of the mirror until in sync
@@ -97,7 +98,7 @@ def check_policy(policy):
                               f"{', '.join(sorted(DEFAULT_POLICY))}")
     out = dict(DEFAULT_POLICY, **policy)
     for key in ("downtime_limit_ms", "deadline", "mirror_deadline", "mirror_speed",
-                "switchover_timeout", "max_bandwidth", "ready_timeout"):
+                "switchover_timeout", "max_bandwidth", "ready_timeout", "stall_timeout"):
         v = out[key]
         if v is None and key == "max_bandwidth":
             continue
@@ -510,6 +511,8 @@ class _Outgoing:
                                  "passes": 0},
                          "elapsed": 0.0, "finished": False}
         self._last_mirror = None
+        # (when, bytes, phase) of the last reading in which the migration had moved more
+        self._progressed = None
         self._throttle = ProgressThrottle(self.reactor, announce) if announce else None
         self._timers = []
         self._watchers = []
@@ -669,9 +672,37 @@ class _Outgoing:
                 ram = st["ram"]
                 self.progress["ram"] = {k: ram[k] for k in
                                         ("transferred", "remaining", "total", "mbps", "passes")}
+            if st["mirrors"] and self.machine.state == "mirroring":
+                self._stalled(now, done)
+            elif self.machine.state == "migrating":
+                self._stalled(now, (st["ram"] or {}).get("transferred") or 0)
             self._announce()
 
         return d.addCallbacks(got, lambda f: None)
+
+    def _stalled(self, now, moved):
+        """
+        Give up on a migration that moved nothing for the policy's C{stall_timeout}
+        seconds: the mirrors before they are in sync (C{moved}: the bytes they copied),
+        or the RAM migration (the bytes it sent). A target that stops answering (its QEMU
+        hung; a host gone from the network, until the connections' own timeouts) holds the
+        guest's writes, which wait for the target (write-blocking), and the deadlines are
+        minutes away. The rollback shuts the mirrors' connections down (the driver) and
+        cancels the RAM migration, which frees them. Not in post-copy (the target runs).
+        """
+        phase = self.machine.state
+        if phase not in ("mirroring", "migrating") or self.postcopy:
+            self._progressed = None
+            return
+        if (self._progressed is None or self._progressed[2] != phase
+                or moved > self._progressed[1]):
+            self._progressed = (now, moved, phase)
+        elif now - self._progressed[0] >= self.policy["stall_timeout"]:
+            self._progressed = (now, moved, phase)
+            what = "the mirrors copied" if phase == "mirroring" else "the RAM migration sent"
+            self._soon(self.machine.failed,
+                       f"{what} nothing for {self.policy['stall_timeout']:g} s "
+                       "(the target stopped answering)")
 
     # -- outputs --
 

@@ -90,6 +90,17 @@ class FakeLiveMigration:
     def _alive(self, mid):
         return bool(self.host.machines.get(mid, {}).get("alive"))
 
+    def _hung(self, mid):
+        return bool(self.host.machines.get(mid, {}).get("hung"))
+
+    def hang(self, machine_id):
+        """
+        Make a machine's QEMU stop answering (as C{SIGSTOP} would): a mirror into it copies
+        nothing more and never gets in sync, a RAM migration to it sends nothing more; the
+        connections stay up.
+        """
+        self.host.machines[machine_id]["hung"] = True
+
     def _peer(self, target, kind):
         got = self.network.listeners.get((target["host"], target[f"{kind}_port"]))
         if got is None or got[0] != kind or not got[1]._alive(got[2]):
@@ -174,10 +185,11 @@ class FakeLiveMigration:
         for drive, _key, _s in live_drives(spec):
             job = f"zwrm-mirror-{drive}"
             size = os.path.getsize(self._volume_path(spec, drive))
-            live["mirrors"][job] = {"job": job, "offset": 0, "len": size, "ready": False,
-                                    "speed": speed, "drive": drive}
-            jobs.append(job)
             delay = max(STEP, min(size / speed, 5.0))
+            live["mirrors"][job] = {"job": job, "offset": 0, "len": size, "ready": False,
+                                    "speed": speed, "drive": drive,
+                                    "started": self.reactor.seconds(), "delay": delay}
+            jobs.append(job)
             self._later(delay, self._mirror_ready, mid, job)
         return {"jobs": jobs}
 
@@ -198,6 +210,8 @@ class FakeLiveMigration:
         if m is None or not self._alive(mid):
             return
         tdrv, tmid = live["target"]
+        if tdrv._hung(tmid):
+            return  # no reply comes: the mirror copies nothing more, and is never in sync
         if not tdrv._alive(tmid):
             del live["mirrors"][job]
             self._emit(mid, "BLOCK_JOB_COMPLETED", {"device": job, "type": "mirror",
@@ -239,6 +253,9 @@ class FakeLiveMigration:
         if live["migration"] not in ("setup", "active") or not self._alive(mid):
             return
         tdrv, tmid = live["target"]
+        if tdrv._hung(tmid):  # nothing more is sent; the migration stays active
+            self._later(delay, self._ram_pass, mid, n, delay)
+            return
         if not tdrv._alive(tmid) or live.get("postcopy_refused"):
             live["migration"] = "failed"
             self._emit(mid, "MIGRATION", {"status": "failed"})
@@ -358,6 +375,15 @@ class FakeLiveMigration:
                           "total": 1024, "mbps": 100.0, "dirty-sync-count": live["passes"]}
         if live["migration"] == "completed" and live["role"] == "source":
             mig.update(downtime=live["downtime"], **{"total-time": 10, "setup-time": 1})
+        now = self.reactor.seconds()
+        for m in live["mirrors"].values():
+            # Copied in proportion to the time, until the target stops answering.
+            tdrv, tmid = live["target"]
+            if not m["ready"] and not m.get("hung_at") and tdrv._hung(tmid):
+                m["hung_at"] = now
+            if not m["ready"]:
+                until = m.get("hung_at") or now
+                m["offset"] = int(m["len"] * min(1.0, (until - m["started"]) / m["delay"]))
         jobs = [dict(m, device=m["job"]) for m in live["mirrors"].values()]
         return status_doc(live["runstate"], mig, jobs,
                           {"role": live["role"], "phase": live["phase"]})
