@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -459,6 +460,37 @@ class NbdSocketTests(SynchronousTestCase):
     def test_a_refused_connection_raises(self):
         with self.assertRaises(OSError):
             live.nbd_socket("127.0.0.1", _free_port(), os.getpid(), timeout=5)
+
+
+class NbdNamespaceTests(TestCase):
+    timeout = 60
+
+    async def test_the_connection_is_made_in_qemu_s_network_namespace(self):
+        # QEMU may run in another network namespace than the agent (the hosts of
+        # tests/agent/test_live_bridge.py): the connection QEMU gets is made in QEMU's.
+        # A process in a namespace of this test's listens on that namespace's loopback;
+        # given its pid, connect_nbd reaches it.
+        ns = f"zwrm-nbd-{os.getpid()}"
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        self.addCleanup(subprocess.run, ["ip", "netns", "del", ns])
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        script = ("import socket, sys\n"
+                  "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(1)\n"
+                  "print(s.getsockname()[1], flush=True)\n"
+                  "c, _ = s.accept(); c.sendall(b'hello'); c.recv(1)\n")
+        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", script],
+                                  stdout=subprocess.PIPE, text=True)
+        self.addCleanup(server.wait, 10)
+        self.addCleanup(server.kill)
+        port = int(await deferToThread(server.stdout.readline))
+        sock = await live.connect_nbd(reactor, "127.0.0.1", port, server.pid, timeout=5)
+        self.addCleanup(sock.close)
+        self.assertEqual(sock.recv(5), b"hello")
+        # This process's thread is still in its own namespace.
+        self.assertEqual(os.stat("/proc/thread-self/ns/net").st_ino,
+                         os.stat("/proc/self/ns/net").st_ino)
+        self.assertNotEqual(os.stat(f"/proc/{server.pid}/ns/net").st_ino,
+                            os.stat("/proc/self/ns/net").st_ino)
 
 
 class DirtyMapTests(SynchronousTestCase):

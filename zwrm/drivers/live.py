@@ -180,7 +180,11 @@ def nbd_socket(host, port, pid=None, timeout=NBD_OPEN_TIMEOUT, user_timeout=NBD_
     """
     if pid is not None:
         theirs = f"/proc/{pid}/ns/net"
-        if os.stat(theirs).st_ino != os.stat("/proc/thread-self/ns/net").st_ino:
+        try:
+            other = os.stat(theirs).st_ino != os.stat("/proc/thread-self/ns/net").st_ino
+        except OSError:  # not ours to read (or gone): the agent's own namespace
+            other = False
+        if other:
             _enter_network_namespace(theirs)
     s = socket.create_connection((host, port), timeout=timeout)
     try:
