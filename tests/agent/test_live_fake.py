@@ -104,6 +104,25 @@ class LiveProceduresTests(SynchronousTestCase):
                          {"cancelled": True, "already": True})
         self.assertEqual(hosts.b.driver.list(), [])
 
+    def hang_target(self, hosts, d, within, message):
+        """
+        Hang the target's QEMU: after nine seconds the migration C{d} (C{stall_timeout}
+        10) still waits; it then rolls back within C{within} s of the hang, with
+        C{message}, and the source runs on alone.
+        """
+        hosts.b.driver.hang("m1")
+        hung = self.clock.seconds()
+        for _ in range(18):  # 9 s: still waiting
+            self.clock.advance(0.5)
+        self.assertFalse(d.called)
+        with self.assertRaises(Unavailable) as cm:
+            hosts.settle(d)
+        self.assertLessEqual(self.clock.seconds() - hung, within)
+        self.assertIn(message, cm.exception.message)
+        self.assertIn("runs on here", cm.exception.message)
+        st = hosts.settle(hosts.a.driver.migration_status("m1"))
+        self.assertEqual((st["runstate"], st["mirrors"]), ("running", []))
+
     def test_a_target_that_stops_answering_during_the_mirror_rolls_back_after_stall_timeout(self):
         # The target's QEMU hangs mid-mirror (its connections stay up): the mirror copies
         # nothing more, and the mirror deadline (600 s) is far. After stall_timeout seconds
@@ -116,18 +135,7 @@ class LiveProceduresTests(SynchronousTestCase):
             self.clock.advance(0.5)
         copied = hosts.settle(hosts.a.driver.migration_status("m1"))["mirrors"][0]["offset"]
         self.assertTrue(0 < copied < SIZE, copied)
-        hosts.b.driver.hang("m1")
-        hung = self.clock.seconds()
-        for _ in range(18):  # 9 s: still waiting
-            self.clock.advance(0.5)
-        self.assertFalse(d.called)
-        with self.assertRaises(Unavailable) as cm:
-            hosts.settle(d)
-        self.assertLessEqual(self.clock.seconds() - hung, 11.1)
-        self.assertIn("the mirrors copied nothing for 10 s", cm.exception.message)
-        self.assertIn("runs on here", cm.exception.message)
-        st = hosts.settle(hosts.a.driver.migration_status("m1"))
-        self.assertEqual((st["runstate"], st["mirrors"]), ("running", []))
+        self.hang_target(hosts, d, 11.1, "the mirrors copied nothing for 10 s")
 
     def test_a_target_that_stops_answering_during_the_ram_migration_rolls_back(self):
         # In sync, the RAM migration under way (a pass a second), then the target hangs:
@@ -141,17 +149,7 @@ class LiveProceduresTests(SynchronousTestCase):
             self.clock.advance(0.5)
         st = hosts.settle(hosts.a.driver.migration_status("m1"))
         self.assertEqual(st["migration"], "active")
-        hosts.b.driver.hang("m1")
-        hung = self.clock.seconds()
-        for _ in range(18):  # 9 s: still waiting
-            self.clock.advance(0.5)
-        self.assertFalse(d.called)
-        with self.assertRaises(Unavailable) as cm:
-            hosts.settle(d)
-        self.assertLessEqual(self.clock.seconds() - hung, 12.1)
-        self.assertIn("the RAM migration sent nothing for 10 s", cm.exception.message)
-        st = hosts.settle(hosts.a.driver.migration_status("m1"))
-        self.assertEqual((st["runstate"], st["mirrors"]), ("running", []))
+        self.hang_target(hosts, d, 12.1, "the RAM migration sent nothing for 10 s")
 
     def test_a_guest_that_never_converges_gives_up_at_the_deadline(self):
         hosts = Hosts(self, self.clock, converges=False)
