@@ -210,21 +210,15 @@ def connect_nbd(reactor, host, port, pid=None, timeout=NBD_OPEN_TIMEOUT,
 
     @return: a Deferred firing with the socket, or failing with the C{OSError}.
     """
-    d = Deferred()
-
-    def done(ok, value):
-        if ok and d.called:  # not expected: nothing cancels it
-            value.close()
-        elif not d.called:
-            (d.callback if ok else d.errback)(value)
+    d = Deferred()  # no canceller: the thread ends within the connect timeout
 
     def run():
         try:
             s = nbd_socket(host, port, pid, timeout, user_timeout)
         except BaseException as e:
-            reactor.callFromThread(done, False, e)
+            reactor.callFromThread(d.errback, e)
         else:
-            reactor.callFromThread(done, True, s)
+            reactor.callFromThread(d.callback, s)
 
     threading.Thread(target=run, name="zwrm-nbd-connect", daemon=True).start()
     return d
@@ -348,21 +342,16 @@ class QemuLiveMigration:
         # machine id -> {NBD node name: this process's copy of QEMU's connection}
         self._nbd_sockets = {}
 
-    def _nbd_release(self, m, shut=False):
-        """
-        Close this process's copies of C{m}'s NBD connections; with C{shut}, shut each
-        connection down first (QEMU's reads and writes on it fail at once).
-        """
+    def _nbd_release(self, m):
+        """Close this process's copies of C{m}'s NBD connections (QEMU keeps its own)."""
         for sock in self._nbd_sockets.pop(m.id, {}).values():
-            if shut:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
             sock.close()
 
     def _nbd_shut(self, m):
-        """Shut C{m}'s NBD connections down (kept open: closed by L{_nbd_release})."""
+        """
+        Shut C{m}'s NBD connections down: QEMU's reads and writes on them fail at once.
+        (This process's copies stay open until L{_nbd_release}.)
+        """
         for sock in self._nbd_sockets.get(m.id, {}).values():
             try:
                 sock.shutdown(socket.SHUT_RDWR)
