@@ -133,7 +133,7 @@ async def main(reactor, runs, volume_mb, data_mb, memory_mb):
                   f"({verified['dirty_blocks']} dirty blocks)", flush=True)
             await src.driver.destroy(mid)
             src.volumes.release("v1", mid)
-            src.volumes.delete("v1")
+            await src.volumes.delete("v1")
             port = dst_port
             # -- cold: dst -> src (stop, copy, start) --
             new_port = free_port()
@@ -145,7 +145,7 @@ async def main(reactor, runs, volume_mb, data_mb, memory_mb):
             await reactor_thread_copy(reactor, dst.volumes.path("v1"), src.volumes.path("v1"))
             await dst.driver.destroy(mid)
             dst.volumes.release("v1", mid)
-            dst.volumes.delete("v1")
+            await dst.volumes.delete("v1")
             await src.driver.start(dict(spec(memory_mb, [{"id": "v1",
                                                           "path": src.volumes.path("v1")}],
                                              new_port), id=f"m{run + 2}"))

@@ -69,7 +69,7 @@ async def zwrm_run(reactor, img, tmp, n):
     await ex.stop_machine(mid)
     stopped = time.monotonic() - t1
     await ex.destroy_machine(mid)
-    ex.volumes.delete(f"{mid}-v")
+    await ex.volumes.delete(f"{mid}-v")
     ex.close()
     return healthy, stopped
 

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 
 from twisted.internet import reactor
+from twisted.internet.defer import maybeDeferred
 
 from zwrm.agent.live import LiveMigrations
 from zwrm.agent.volumes import VolumeStore
@@ -43,7 +44,9 @@ class TwoHosts:
         fake.live_converges = converges
         drv = FakeDriver(self.clock, os.path.join(self.dir, h, "machines"), host=fake,
                          network=self.fabric)
-        vols = VolumeStore(reactor, os.path.join(self.dir, h, "volumes"))
+        # (on the clock: the directory's fsync runs at once, not in a thread)
+        vols = VolumeStore(reactor, os.path.join(self.dir, h, "volumes"),
+                           threads=maybeDeferred)
         cert, key = self.ca.issue_host(h)
         return drv, vols, HostCredentials(self.ca.certificate_pem, cert, key)
 

@@ -155,7 +155,8 @@ class ExecutorTests(TestCase):
         self.assertRaises(NotFound, self.executor.machine_status, "m1")
         self.assertTrue(self.store.exists("m1-data"))  # volumes outlive machines
         self.assertIsNone(self.store.in_use("m1-data"))
-        self.assertEqual(self.executor.delete_volume("m1-data"), {"volume_id": "m1-data", "deleted": True})
+        self.assertEqual(await self.executor.delete_volume("m1-data"),
+                         {"volume_id": "m1-data", "deleted": True})
         self.assertEqual(self.executor.list_volumes(), [])
 
     async def test_volume_procedures(self):

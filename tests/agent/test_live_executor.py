@@ -178,7 +178,7 @@ class SourceHeldTests(SynchronousTestCase):
         self.assertIsNone(a.volumes.in_use("v1"))
         self.assertFalse(os.path.exists(os.path.join(agents.dir, "host-a", "executor",
                                                      "m1.json")))
-        self.assertEqual(a.delete_volume("v1"), {"volume_id": "v1", "deleted": True})
+        self.assertEqual(agents.settle(a.delete_volume("v1")), {"volume_id": "v1", "deleted": True})
         self.assertEqual(agents.events["host-a"][-1]["destroyed"], True)
         del b
 

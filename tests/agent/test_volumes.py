@@ -16,6 +16,16 @@ from zwrm.drivers import process
 from zwrm.errors import Conflict, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
 
+class _Filtered:
+    """The entries of a list that C{pick} maps to something, as they are now."""
+
+    def __init__(self, entries, pick):
+        self.entries, self.pick = entries, pick
+
+    def __iter__(self):
+        return iter([x for x in map(self.pick, self.entries) if x is not None])
+
+
 class VolumeStoreTests(TestCase):
     def setUp(self):
         self.root = tempfile.mkdtemp(prefix="zwrm-vol-")
@@ -30,8 +40,8 @@ class VolumeStoreTests(TestCase):
         self.addCleanup(os.unlink, path)
         return path
 
-    async def test_create_fsyncs_the_directory_in_a_thread(self):
-        """The new volume's directory entry is fsynced off the reactor's thread."""
+    def directory_fsyncs(self):
+        """The threads that fsync the store's directory from now on, as a list."""
         synced = []
         real_fsync = os.fsync
 
@@ -40,10 +50,29 @@ class VolumeStoreTests(TestCase):
             return real_fsync(fd)
 
         self.patch(os, "fsync", fsync)
-        await self.store.create("v1", 32)
-        dirs = [t for t, path in synced if path == os.path.realpath(self.root)]
-        self.assertEqual(len(dirs), 1, synced)
-        self.assertIsNot(dirs[0], threading.current_thread())
+        root = os.path.realpath(self.root)
+        return _Filtered(synced, lambda e: e[0] if e[1] == root else None)
+
+    async def test_create_delete_and_adopt_fsync_the_directory_in_a_thread(self):
+        """A volume's directory entry is fsynced off the reactor's thread, and awaited."""
+        for what in ("create", "delete", "adopt"):
+            if what == "adopt":
+                tmp = self.store.temporary_path("v1")
+                with open(tmp, "wb") as f:
+                    f.write(b"x" * 4096)
+            dirs = self.directory_fsyncs()
+            if what == "create":
+                d = self.store.create("v1", 32)
+            elif what == "delete":
+                d = self.store.delete("v1")
+                self.assertFalse(self.store.exists("v1"))  # gone at once
+            else:
+                d = self.store.adopt("v1", tmp)
+                self.assertTrue(self.store.exists("v1"))  # there at once
+            self.assertNotIn(threading.current_thread(), list(dirs), what)
+            await d
+            self.assertEqual(len(list(dirs)), 1, what)
+            self.assertIsNot(list(dirs)[0], threading.current_thread(), what)
 
     async def test_create_makes_sparse_ext4(self):
         info = await self.store.create("v1", 32)
@@ -112,20 +141,20 @@ class VolumeStoreTests(TestCase):
         self.assertTrue(os.path.exists(self.store.path("v1")))
         self.store.release("v1", "m1")
         self.assertIsNone(self.store.in_use("v1"))
-        self.store.delete("v1")
+        await self.store.delete("v1")
         self.assertFalse(os.path.exists(self.store.path("v1")))
         self.assertRaises(NotFound, self.store.delete, "v1")
         self.assertRaises(NotFound, self.store.info, "v1")
         self.assertRaises(NotFound, self.store.claim, "v1", "m1")
 
-    def test_path_and_adopt(self):
+    async def test_path_and_adopt(self):
         p = self.store.path("v9")
         self.assertEqual(p, os.path.join(self.root, "v9.img"))  # even before it exists
         self.assertFalse(self.store.exists("v9"))
         tmp = self.store.temporary_path("v9")
         with open(tmp, "wb") as f:
             f.write(b"x" * 4096)
-        info = self.store.adopt("v9", tmp)
+        info = await self.store.adopt("v9", tmp)
         self.assertEqual(info["size_bytes"], 4096)
         self.assertFalse(os.path.exists(tmp))
         tmp2 = self.store.temporary_path("v9")

@@ -140,5 +140,5 @@ class QemuExecutorIntegrationTests(TestCase):
         await ex.destroy_machine("m1")
         self.assertEqual(ex.list_machines(), [])
         self.assertTrue(ex.volumes.exists("data1"))
-        ex.delete_volume("data1")
+        await ex.delete_volume("data1")
         self.assertFalse(ex.volumes.exists("data1"))

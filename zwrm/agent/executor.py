@@ -490,6 +490,9 @@ class Executor:
     def delete_volume(self, volume_id):
         """
         Delete a volume. @raise Conflict: a machine uses it. @raise NotFound: no such volume.
+
+        @return: a Deferred of C{{"volume_id", "deleted": True}}, once the deletion is on
+            disk.
         """
         for mid, rec in self._machines.items():
             if any(v["id"] == volume_id for v in rec.spec["volumes"]):
@@ -497,8 +500,8 @@ class Executor:
                     f"volume {volume_id!r} belongs to machine {mid!r} ({rec.state}); "
                     "destroy the machine first"
                 )
-        self.volumes.delete(volume_id)
-        return {"volume_id": volume_id, "deleted": True}
+        d = self.volumes.delete(volume_id)
+        return d.addCallback(lambda _: {"volume_id": volume_id, "deleted": True})
 
     @wamp.register("volume.list")
     def list_volumes(self):

@@ -1089,10 +1089,14 @@ class LiveMigrations:
         for vid in inc.volume_ids:
             self.volumes.release(vid, inc.machine_id)
             try:
-                self.volumes.delete(vid)
+                d = self.volumes.delete(vid)
             except Exception as e:
                 log.warn("volume {v}: the blank copy of an incoming migration could not be "
                          "deleted: {e}", v=vid, e=_message(e))
+            else:
+                d.addErrback(lambda f, v=vid: log.warn(
+                    "volume {v}: the deletion of the blank copy of an incoming migration "
+                    "may not be on disk: {e}", v=v, e=_message(f.value)))
         if self.images is not None:
             for d in inc.digests:
                 self.images.unpin(d)
@@ -1463,7 +1467,7 @@ class LiveMigrations:
             for vid in record.get("volumes") or ():
                 self.volumes.release(vid, machine_id)
                 if self.volumes.exists(vid) and self.volumes.in_use(vid) is None:
-                    self.volumes.delete(vid)
+                    await self.volumes.delete(vid)
             if self.images is not None:
                 for dg in record.get("digests") or ():
                     self.images.unpin(dg)

@@ -35,8 +35,13 @@ class VolumeStore:
     @param reserve_mb: free space a create must leave on the file system, in MiB.
     """
 
-    def __init__(self, reactor, root, mkfs="mkfs.ext4", reserve_mb=64, mkfs_timeout=300.0):
+    def __init__(self, reactor, root, mkfs="mkfs.ext4", reserve_mb=64, mkfs_timeout=300.0,
+                 threads=None):
         self.reactor = reactor
+        #: C{threads(f, *args)} -> Deferred: runs the directory's fsync off the reactor
+        #: thread; default: the reactor's thread pool
+        self._threads = threads or (
+            lambda f, *a: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a))
         self.root = os.path.abspath(root)
         self.mkfs = mkfs
         self.reserve_mb = reserve_mb
@@ -165,9 +170,7 @@ class VolumeStore:
             if os.path.exists(target):
                 raise Conflict(f"volume {volume_id!r} exists already")
             os.rename(tmp, target)
-            # (in a thread: a directory's fsync waits for the journal, which a busy disk
-            # can make long)
-            await deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._fsync_dir)
+            await self._synced()
         finally:
             self._creating.discard(volume_id)
             if os.path.exists(tmp):
@@ -187,11 +190,22 @@ class VolumeStore:
         finally:
             os.close(fd)
 
+    def _synced(self):
+        """
+        The store's directory fsynced in the reactor's thread pool (a directory's fsync
+        waits for the file system's journal, which a busy disk, its VMs' among others,
+        makes long): a Deferred.
+        """
+        return self._threads(self._fsync_dir)
+
     def delete(self, volume_id):
         """
         Delete a volume.
 
-        @raise NotFound: no such volume. @raise Conflict: a machine has claimed it.
+        @return: a Deferred that fires once the deletion is on disk (the directory
+            fsynced); the volume is gone from the store at once.
+        @raise NotFound: no such volume. @raise Conflict: a machine has claimed it (both
+            at once, nothing changed).
         """
         p = self.existing_path(volume_id)
         owner = self._claims.get(volume_id)
@@ -200,8 +214,8 @@ class VolumeStore:
                 f"volume {volume_id!r} is used by machine {owner!r}; destroy the machine first"
             )
         os.unlink(p)
-        self._fsync_dir()
         log.info("volume {id}: deleted", id=volume_id)
+        return self._synced()
 
     def adopt(self, volume_id, tmp_path):
         """
@@ -210,8 +224,10 @@ class VolumeStore:
 
         @param tmp_path: a file on the same file system as the store (e.g. made with
             L{temporary_path}).
+        @return: a Deferred firing with the volume's info once the directory is fsynced
+            (the volume is in the store at once).
         @raise Conflict: the volume exists already. @raise InvalidArgument: C{tmp_path} is
-            not a file, or is on another file system.
+            not a file, or is on another file system (both at once, nothing changed).
         """
         target = self._image(volume_id)
         if os.path.exists(target) or volume_id in self._creating:
@@ -226,8 +242,7 @@ class VolumeStore:
                     f"{tmp_path} is on another file system than the volume store {self.root}"
                 ) from None
             raise
-        self._fsync_dir()
-        return self.info(volume_id)
+        return self._synced().addCallback(lambda _: self.info(volume_id))
 
     def temporary_path(self, volume_id):
         """
