@@ -3,6 +3,7 @@ The ILiveMigration contract, run against the QEMU driver (two real QEMUs under T
 loopback, with TLS) and the fake driver.
 """
 
+import errno
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import treq
@@ -491,6 +493,48 @@ class NbdNamespaceTests(TestCase):
                          os.stat("/proc/self/ns/net").st_ino)
         self.assertNotEqual(os.stat(f"/proc/{server.pid}/ns/net").st_ino,
                             os.stat("/proc/self/ns/net").st_ino)
+
+
+class NbdUserTimeoutTests(TestCase):
+    timeout = 60
+
+    async def test_a_peer_that_vanishes_is_dropped_within_the_user_timeout(self):
+        # A host gone from the network: its packets are no longer delivered (here the
+        # loopback of a namespace of the test's, taken down). Data sent on the connection
+        # stays unacknowledged, and the kernel drops the connection after user_timeout
+        # (ETIMEDOUT), where TCP's retransmissions alone would take about 15 minutes:
+        # QEMU's next read or write on it fails.
+        ns = f"zwrm-nbd-ut-{os.getpid()}"
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        self.addCleanup(subprocess.run, ["ip", "netns", "del", ns])
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        script = ("import socket, time\n"
+                  "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(1)\n"
+                  "print(s.getsockname()[1], flush=True)\n"
+                  "c, _ = s.accept(); time.sleep(60)\n")
+        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", script],
+                                  stdout=subprocess.PIPE, text=True)
+        self.addCleanup(server.wait, 10)
+        self.addCleanup(server.kill)
+        port = int(await deferToThread(server.stdout.readline))
+        sock = await live.connect_nbd(reactor, "127.0.0.1", port, server.pid, timeout=5,
+                                      user_timeout=2)
+        self.addCleanup(sock.close)
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "down"], check=True)
+
+        def send_and_wait():
+            started = time.monotonic()
+            sock.sendall(b"NBD request" * 100)
+            sock.settimeout(20)
+            try:
+                sock.recv(16)
+            except OSError as e:
+                return e.errno, time.monotonic() - started
+            return None, time.monotonic() - started
+
+        err, took = await deferToThread(send_and_wait)
+        self.assertEqual(err, errno.ETIMEDOUT)
+        self.assertLess(took, 10)
 
 
 class DirtyMapTests(SynchronousTestCase):
