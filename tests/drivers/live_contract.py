@@ -10,6 +10,8 @@ A fixture provides:
  - C{write(testcase, driver, machine_id, name, data)}: have the running guest write a file
    to its volume (and sync): fires once acknowledged;
  - C{kill(driver, machine_id)}: end the machine's process as C{kill -9} would;
+ - C{hang(testcase, driver, machine_id)}: make the machine's process stop answering (as
+   C{SIGSTOP} would: its connections stay up, nothing is read or answered);
  - C{ready_output}: a str the console shows once the guest serves.
 """
 
@@ -224,6 +226,34 @@ def make_live_tests(fixture):
             with self.assertRaises(Conflict):
                 await src.cancel_migration("m1")
             await src.destroy("m1")
+
+        async def test_target_that_stops_answering_during_the_mirror_is_cut_off(self):
+            # The target's QEMU stops answering (fixture.hang: SIGSTOP for QEMU; its
+            # kernel still acknowledges) while the mirror copies, and the guest writes
+            # (write-blocking: the write waits for the target). The cancel returns at once
+            # and the write is acknowledged: the driver cuts the connection first.
+            src, dst, vol_a, vol_b, where, stls = await self.source_and_target()
+            await src.start_mirror("m1", where, stls, speed=2 * 1024 * 1024)
+            for _ in range(600):
+                st = await src.migration_status("m1")
+                if any(m["offset"] > 0 for m in st["mirrors"]):
+                    break
+                await deferLater(reactor, 0.1, lambda: None)
+            else:
+                self.fail(f"the mirror never copied: {st}")
+            fixture.hang(self, dst, "m1")
+            writing = Deferred.fromCoroutine(fixture.write(
+                self, src, "m1", "during", b"written while the target hangs\n"))
+            await deferLater(reactor, 1.0, lambda: None)
+            started = reactor.seconds()
+            await src.cancel_migration("m1").addTimeout(60, reactor)
+            self.assertLess(reactor.seconds() - started, 10)
+            self.assertEqual(await writing.addTimeout(60, reactor), "during")
+            self.assertEqual(await fixture.read(self, src, "m1", "during"),
+                             b"written while the target hangs\n")
+            st = await src.migration_status("m1")
+            self.assertEqual((st["runstate"], st["mirrors"]), ("running", []))
+            await fixture.write(self, src, "m1", "after", b"the source serves\n")
 
         async def test_target_killed_during_the_mirror_leaves_the_source_running(self):
             src, dst, vol_a, vol_b, where, stls = await self.source_and_target()
