@@ -440,26 +440,38 @@ class NbdSocketTests(SynchronousTestCase):
 
 
 class NbdNamespaceTests(TestCase):
+    """The driver's NBD connection and network namespaces of the tests' own."""
+
     timeout = 60
+
+    async def listener(self, tag, after_accept):
+        """
+        A process in a new network namespace (removed after the test) listening on its
+        loopback; once it accepted a connection it runs C{after_accept} (Python, with
+        C{c} the connection).
+
+        @return: C{(namespace, process, port)}.
+        """
+        ns = f"zwrm-nbd-{tag}-{os.getpid()}"
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        self.addCleanup(subprocess.run, ["ip", "netns", "del", ns])
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        script = ("import socket, time\n"
+                  "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(1)\n"
+                  "print(s.getsockname()[1], flush=True)\n"
+                  f"c, _ = s.accept(); {after_accept}\n")
+        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", script],
+                                  stdout=subprocess.PIPE, text=True)
+        self.addCleanup(server.wait, 10)
+        self.addCleanup(server.kill)
+        return ns, server, int(await deferToThread(server.stdout.readline))
 
     async def test_the_connection_is_made_in_qemu_s_network_namespace(self):
         # QEMU may run in another network namespace than the agent (the hosts of
         # tests/agent/test_live_bridge.py): the connection QEMU gets is made in QEMU's.
         # A process in a namespace of this test's listens on that namespace's loopback;
         # given its pid, connect_nbd reaches it.
-        ns = f"zwrm-nbd-{os.getpid()}"
-        subprocess.run(["ip", "netns", "add", ns], check=True)
-        self.addCleanup(subprocess.run, ["ip", "netns", "del", ns])
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-        script = ("import socket, sys\n"
-                  "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(1)\n"
-                  "print(s.getsockname()[1], flush=True)\n"
-                  "c, _ = s.accept(); c.sendall(b'hello'); c.recv(1)\n")
-        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", script],
-                                  stdout=subprocess.PIPE, text=True)
-        self.addCleanup(server.wait, 10)
-        self.addCleanup(server.kill)
-        port = int(await deferToThread(server.stdout.readline))
+        _ns, server, port = await self.listener("ns", "c.sendall(b'hello'); c.recv(1)")
         sock = await live.connect_nbd(reactor, "127.0.0.1", port, server.pid, timeout=5)
         self.addCleanup(sock.close)
         self.assertEqual(sock.recv(5), b"hello")
@@ -469,29 +481,13 @@ class NbdNamespaceTests(TestCase):
         self.assertNotEqual(os.stat(f"/proc/{server.pid}/ns/net").st_ino,
                             os.stat("/proc/self/ns/net").st_ino)
 
-
-class NbdUserTimeoutTests(TestCase):
-    timeout = 60
-
     async def test_a_peer_that_vanishes_is_dropped_within_the_user_timeout(self):
         # A host gone from the network: its packets are no longer delivered (here the
         # loopback of a namespace of the test's, taken down). Data sent on the connection
         # stays unacknowledged, and the kernel drops the connection after user_timeout
         # (ETIMEDOUT), where TCP's retransmissions alone would take about 15 minutes:
         # QEMU's next read or write on it fails.
-        ns = f"zwrm-nbd-ut-{os.getpid()}"
-        subprocess.run(["ip", "netns", "add", ns], check=True)
-        self.addCleanup(subprocess.run, ["ip", "netns", "del", ns])
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-        script = ("import socket, time\n"
-                  "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(1)\n"
-                  "print(s.getsockname()[1], flush=True)\n"
-                  "c, _ = s.accept(); time.sleep(60)\n")
-        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", script],
-                                  stdout=subprocess.PIPE, text=True)
-        self.addCleanup(server.wait, 10)
-        self.addCleanup(server.kill)
-        port = int(await deferToThread(server.stdout.readline))
+        ns, server, port = await self.listener("ut", "time.sleep(60)")
         sock = await live.connect_nbd(reactor, "127.0.0.1", port, server.pid, timeout=5,
                                       user_timeout=2)
         self.addCleanup(sock.close)
