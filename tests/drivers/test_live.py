@@ -339,38 +339,26 @@ class NbdConnectionTests(TestCase):
 
     timeout = 300
 
-    async def source(self, tls=True):
-        """A running source (guest ready) with a volume of 64 MiB, 16 MiB of it data."""
+    async def source(self):
+        """A running source (its guest ready) with a volume."""
         self.root = tempfile.mkdtemp(prefix="zwrm-live-", dir="/tmp")
         self.addCleanup(shutil.rmtree, self.root, True)
         self.ca = CertificateAuthority.create()
-        self.drivers = []
+        src = QemuFixture.make(self, os.path.join(self.root, "a"))
 
         async def cleanup():
-            for drv in self.drivers:
-                for mid in list(drv.list()):
-                    st = drv.status(mid)
-                    if st.get("pid"):
-                        os.kill(st["pid"], signal.SIGCONT)
-                    await drv.destroy(mid)
+            for mid in list(src.list()):
+                await src.destroy(mid)
 
         self.addCleanup(lambda: Deferred.fromCoroutine(cleanup()))
-        src = self.driver("a")
         vol = os.path.join(self.root, "a", "vol.img")
         QemuFixture.make_volume(self, vol, VOLUME_SIZE)
-        subprocess.run(["dd", "if=/dev/urandom", f"of={vol}", "bs=1M", "count=16",
-                        "seek=32", "conv=notrunc", "status=none"], check=True)
         await src.start(QemuFixture.spec(self, "m1", vol))
         for _ in range(1800):
             if QemuFixture.ready_output in await src.console("m1"):
                 break
             await deferLater(reactor, 0.1, lambda: None)
         return src
-
-    def driver(self, name):
-        drv = QemuFixture.make(self, os.path.join(self.root, name))
-        self.drivers.append(drv)
-        return drv
 
     async def assert_source_runs_alone(self, src):
         """No mirror, no NBD node left; QMP answers, the guest runs and takes writes."""
