@@ -329,16 +329,21 @@ def measure(reactor, url, serializer, sizes, cpu=lambda: 0.0):
             except ApplicationError:
                 yield task.deferLater(reactor, 0.1, lambda: None)
 
-        # sequential calls and their latency
+        # sequential calls and their latency; the callee's and the caller's (this process's)
+        # CPU too: one call at a time, the round trip is the three processes' CPU summed
         lat = []
-        c0 = cpu()
+        c0, callee0, caller0 = cpu(), _cpu_of(procs[0].pid), _cpu_of(os.getpid())
         t0 = time.perf_counter()
         for i in range(sizes["seq"]):
             t = time.perf_counter()
             yield driver.call("bench.echo", i)
             lat.append(time.perf_counter() - t)
-        results["rpc_seq"] = sizes["seq"] / (time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        results["rpc_seq"] = sizes["seq"] / elapsed
         results["cpu_seq_us"] = (cpu() - c0) / sizes["seq"] * 1e6
+        results["cpu_seq_callee_us"] = (_cpu_of(procs[0].pid) - callee0) / sizes["seq"] * 1e6
+        results["cpu_seq_caller_us"] = (_cpu_of(os.getpid()) - caller0) / sizes["seq"] * 1e6
+        results["rtt_seq_us"] = elapsed / sizes["seq"] * 1e6
         results["p50_ms"] = pct(lat, 50) * 1000
         results["p99_ms"] = pct(lat, 99) * 1000
 
@@ -533,6 +538,9 @@ ROWS = [
     ("cpu_64_us", "router CPU µs per call, 64 in flight", False),
     ("cpu_ev_1_us", "router CPU µs per event, 1 subscriber", False),
     ("cpu_ev_10_us", "router CPU µs per event, 10 subscribers", False),
+    ("rtt_seq_us", "sequential: µs per round trip", False),
+    ("cpu_seq_callee_us", "sequential: callee CPU µs per call", False),
+    ("cpu_seq_caller_us", "sequential: caller CPU µs per call", False),
 ]
 
 
@@ -560,6 +568,24 @@ def report(all_results, kinds, have_crossbar):
             lost = {n: v for n, v in all_results[(k, serializer)].items() if n.endswith("_lost") and v}
             if lost:
                 print(f"  {k} events not delivered: {lost}")
+        for k in kinds:
+            r = all_results[(k, serializer)]
+            clients = r["cpu_seq_callee_us"] + r["cpu_seq_caller_us"]
+            print(
+                f"  {k}, sequential: a round trip of {r['rtt_seq_us']:.0f} µs against"
+                f" {r['cpu_seq_us'] + clients:.0f} µs of CPU in the three processes (router"
+                f" {r['cpu_seq_us']:.0f}, clients {clients:.0f})"
+            )
+        if "crossbar" in others:
+            z, c = all_results[("zwrm", serializer)], all_results[("crossbar", serializer)]
+            clients = z["cpu_seq_callee_us"] + z["cpu_seq_caller_us"]
+            # with these clients, the router CPU per call at which the round trip is half
+            # Crossbar's (the round trip taken as the three processes' CPU summed)
+            print(
+                f"  sequential at 2x Crossbar needs a round trip of {c['rtt_seq_us'] / 2:.0f} µs:"
+                f" zwrm's router at most {c['rtt_seq_us'] / 2 - clients:.0f} µs per call with"
+                f" these clients (it took {z['cpu_seq_us']:.0f})"
+            )
     print("\nratios: higher is better for zwrm (latency and CPU ratios are other/zwrm)")
     if not have_crossbar:
         print("Crossbar.io is absent (no baseline router): install it in its own virtualenv, "
