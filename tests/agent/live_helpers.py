@@ -51,7 +51,11 @@ class TwoHosts:
         return drv, vols, HostCredentials(self.ca.certificate_pem, cert, key)
 
     def live_for(self, h, drv, vols, creds, **kwargs):
-        """Host C{h}'s C{live.*} procedures (its migrations recorded under its directory)."""
+        """
+        Host C{h}'s C{live.*} procedures (its migrations recorded under its directory; on the
+        clock, each record is written at once, not in a thread).
+        """
+        kwargs.setdefault("threads", maybeDeferred)
         return LiveMigrations(self.clock, h, drv, vols, lambda: creds, lambda: "127.0.0.1",
                               state_dir=os.path.join(self.dir, h, "live"), **kwargs)
 

@@ -5,17 +5,26 @@ progressive results, the convergence policy and rollbacks. The same with real QE
 tests/agent/test_live.py.
 """
 
+import errno
+import json
 import os
 import types
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.agent.live_helpers import SIZE, TwoHosts
 from zwrm.agent.live import LiveMigrations, check_policy
 from zwrm.drivers.fake import FakeDriver
-from zwrm.errors import Conflict, Corrupt, InvalidArgument, NotFound, Unavailable
+from zwrm.errors import (
+    Conflict,
+    Corrupt,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 
 
 class Hosts(TwoHosts):
@@ -258,6 +267,75 @@ class LiveProceduresTests(SynchronousTestCase):
             hosts.settle(hosts.a.prepare("m9", hosts.spec("m9", [{"id": "v1"}]),
                                          {"v1": SIZE}, "host-b"))
         self.assertEqual(hosts.b.volumes.list(), [])
+
+
+class PrepareRecordTests(SynchronousTestCase):
+    """
+    The target records an incoming migration (for a restarted agent) before it answers
+    C{live.prepare}; a record it cannot write leaves nothing behind.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+
+    def test_a_full_disk_leaves_nothing_behind(self):
+        hosts = Hosts(self, self.clock)
+        calls = []
+
+        def full(f, *args):
+            calls.append(f.__name__)
+            return task.deferLater(self.clock, 0, _raise, OSError(errno.ENOSPC, "No space"))
+
+        hosts.b._threads = full
+        with self.assertRaises(ResourceExhausted) as cm:
+            hosts.prepare()
+        self.assertIn("host-b cannot record the incoming migration of m1: the disk is full",
+                      cm.exception.message)
+        self.assertEqual(calls, ["_write_record"])
+        self.assertNotIn("m1", hosts.b.driver.host.machines)  # the incoming QEMU destroyed
+        self.assertEqual(hosts.b.incoming, {})
+        self.assertEqual(hosts.b.volumes.list(), [])  # the blank copy deleted
+        self.assertFalse(os.path.exists(hosts.b.volumes.path("v1")))
+        self.assertEqual(os.listdir(hosts.b.state_dir), [])
+        # and the source's volume is untouched: a second try (the disk freed) succeeds
+        hosts.b._threads = _at_once
+        where = hosts.prepare()
+        self.assertIn("nbd_port", where)
+        self.assertEqual(os.listdir(hosts.b.state_dir), ["m1.json"])
+
+    def test_another_write_error_is_unavailable(self):
+        hosts = Hosts(self, self.clock)
+        hosts.b._threads = lambda f, *a: task.deferLater(
+            self.clock, 0, _raise, OSError(errno.EIO, "Input/output error"))
+        with self.assertRaises(Unavailable) as cm:
+            hosts.prepare()
+        self.assertIn("the incoming migration of m1: Input/output error", cm.exception.message)
+        self.assertNotIn("m1", hosts.b.driver.host.machines)
+        self.assertEqual(hosts.b.volumes.list(), [])
+
+    def test_the_record_is_written_in_a_thread(self):
+        hosts = Hosts(self, self.clock)
+        threads = []
+
+        def in_thread(f, *args):
+            threads.append(f.__name__)
+            return _at_once(f, *args)
+
+        hosts.b._threads = in_thread
+        hosts.prepare()
+        self.assertEqual(threads, ["_write_record"])
+        path = os.path.join(hosts.b.state_dir, "m1.json")
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        with open(path) as f:
+            self.assertEqual(json.load(f)["source"], "host-a")
+
+
+def _raise(e):
+    raise e
+
+
+def _at_once(f, *args):
+    return defer.maybeDeferred(f, *args)
 
 
 class HoldTests(SynchronousTestCase):

@@ -37,6 +37,7 @@ here: the caller asks the target (C{live.status}) whether it resumed, and only t
 (resumes) the source or destroys it.
 """
 
+import errno
 import json
 import os
 
@@ -45,7 +46,7 @@ from autobahn.wamp.types import RegisterOptions
 from automat import MethodicalMachine
 from twisted.internet.defer import Deferred, ensureDeferred, fail, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThread
+from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 
 from zwrm.agent.blockmap import (
@@ -60,7 +61,15 @@ from zwrm.agent.executor import driver_spec, free_port, validate_machine
 from zwrm.agent.transfer.progress import ProgressThrottle
 from zwrm.drivers.live import DOWNTIME_LIMIT_MS, MIRROR_SPEED, VERIFY_BLOCK
 from zwrm.drivers.spec import check_id
-from zwrm.errors import Conflict, Corrupt, InvalidArgument, NotFound, Unavailable, ZwrmError
+from zwrm.errors import (
+    Conflict,
+    Corrupt,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    ZwrmError,
+)
 from zwrm.interfaces import ILiveMigration
 
 log = Logger()
@@ -938,6 +947,26 @@ def _message(e):
     return e.message if isinstance(e, ZwrmError) else str(e)
 
 
+def _write_record(path, text):
+    """
+    Write C{text} to C{path} (mode 0600) through a temporary file, fsynced, then renamed.
+    """
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 # --- the procedures ------------------------------------------------------------------
 
 
@@ -966,8 +995,12 @@ class LiveMigrations:
     """
 
     def __init__(self, reactor, host_id, driver, volumes, credentials, listen, images=None,
-                 state_dir=None, executor=None):
+                 state_dir=None, executor=None, threads=None):
         self.reactor = reactor
+        #: C{threads(f, *args)} -> Deferred: writes and fsyncs the records of incoming
+        #: migrations off the reactor thread; default: the reactor's thread pool
+        self._threads = threads or (
+            lambda f, *a: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a))
         self.executor = executor
         if executor is not None:
             executor.live = self
@@ -988,17 +1021,22 @@ class LiveMigrations:
     def _record_path(self, machine_id):
         return os.path.join(self.state_dir, f"{machine_id}.json")
 
-    def _store(self, machine_id, doc):
+    async def _store(self, machine_id, doc):
+        """
+        Record C{doc} for C{machine_id} (written and fsynced in a thread).
+
+        @raise ResourceExhausted: the disk is full. @raise Unavailable: it cannot be written.
+        """
         if self.state_dir is None:
             return
-        path = self._record_path(machine_id)
-        tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            await self._threads(_write_record, self._record_path(machine_id),
+                                json.dumps(doc))
+        except OSError as e:
+            what = f"host {self.host_id} cannot record the incoming migration of {machine_id}"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(f"{what}: the disk is full") from None
+            raise Unavailable(f"{what}: {e.strerror or e}") from None
 
     def _forget_record(self, machine_id):
         if self.state_dir is not None:
@@ -1207,7 +1245,7 @@ class LiveMigrations:
         if sorted(listed) != sorted(volumes):
             raise InvalidArgument("spec.volumes and volumes name different volumes")
         tls = self.tls_for(source)
-        created, digests, networked, host_port = [], [], False, None
+        created, digests, networked, host_port, started = [], [], False, None, False
         try:
             if machine is not None:
                 spec, digests, networked, host_port = await self._driver_spec_for(machine)
@@ -1226,7 +1264,22 @@ class LiveMigrations:
             if not isinstance(postcopy, bool):
                 raise InvalidArgument("postcopy must be true or false")
             where = await drv.start_incoming(dspec, self.listen(), tls, postcopy=postcopy)
+            started = True
+            forwards = dspec.get("forwards") or ()
+            if host_port is None and forwards:
+                host_port = forwards[0]["host"]
+            await self._store(machine_id, {"role": "target", "source": source,
+                                           "volumes": created, "machine": machine,
+                                           "host_port": host_port, "digests": digests,
+                                           "health": health})
         except BaseException:
+            if started:
+                # Not recorded, so not known to a restarted agent either: it goes now.
+                try:
+                    await maybeDeferred(drv.destroy, machine_id)
+                except Exception as e:
+                    log.warn("machine {id}: destroy of the unrecorded incoming machine: {e}",
+                             id=machine_id, e=_message(e))
             if self.images is not None:
                 for d in digests:
                     self.images.unpin(d)
@@ -1239,12 +1292,6 @@ class LiveMigrations:
                 except OSError:
                     pass
             raise
-        forwards = dspec.get("forwards") or ()
-        if host_port is None and forwards:
-            host_port = forwards[0]["host"]
-        self._store(machine_id, {"role": "target", "source": source, "volumes": created,
-                                 "machine": machine, "host_port": host_port,
-                                 "digests": digests, "health": health})
         inc = _Incoming(self, machine_id, source, created, digests, machine, host_port, health)
         self.incoming[machine_id] = inc
         self.finished.pop(machine_id, None)
