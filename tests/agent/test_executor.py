@@ -3,6 +3,7 @@ The executor with the fake driver (which passes the driver contract) and a real 
 The QEMU end-to-end path is in tests/integration/test_qemu.py.
 """
 
+import errno
 import os
 import shutil
 import tempfile
@@ -16,7 +17,14 @@ from tests.agent.fakes import FakeImages
 from zwrm.agent.executor import Executor
 from zwrm.agent.volumes import VolumeStore
 from zwrm.drivers.fake import FakeDriver, FakeHost
-from zwrm.errors import Conflict, Internal, InvalidArgument, NotFound, Unavailable
+from zwrm.errors import (
+    Conflict,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 
 EXPECTED = {
     "machine.start", "machine.stop", "machine.destroy", "machine.status", "machine.list",
@@ -233,14 +241,27 @@ class ExecutorTests(TestCase):
 
     async def test_unexpected_error_is_internal_without_traceback(self):
         def start(spec):
-            return fail(OSError(28, "No space left on device"))
+            return fail(OSError(errno.EIO, "Input/output error"))
 
         self.executor.driver.start = start
         with self.assertRaises(Internal) as cm:
             await self.executor.start_machine(self.spec(volumes=[]))
-        self.assertIn("No space left on device", cm.exception.message)
+        self.assertIn("Input/output error", cm.exception.message)
         self.assertEqual(self.states("m1")[-1], "failed")
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)  # logged on the agent
+
+    async def test_a_full_disk_is_said_without_a_traceback(self):
+        def start(spec):
+            # e.g. the QEMU driver writing the machine's spec or its cloud-init seed
+            return fail(OSError(errno.ENOSPC, "No space left on device"))
+
+        self.executor.driver.start = start
+        with self.assertRaises(ResourceExhausted) as cm:
+            await self.executor.start_machine(self.spec(volumes=[]))
+        self.assertEqual(cm.exception.message, "machine 'm1' could not start: the disk of host"
+                         " h1 is full (No space left on device)")
+        self.assertEqual(self.states("m1")[-1], "failed")
+        self.assertEqual(self.flushLoggedErrors(), [])  # nothing logged as a fault
 
     async def test_report_failure_does_not_break_start(self):
         def broken(event):

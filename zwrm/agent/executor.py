@@ -37,6 +37,7 @@ keeps its own files in C{<data_dir>/machines/<id>/}. L{Executor.recover} (called
 at start-up) puts both together again after an agent restart.
 """
 
+import errno
 import json
 import os
 import socket
@@ -54,7 +55,15 @@ from zwrm.agent.network.host import check_network
 from zwrm.agent.transfer.progress import ProgressThrottle
 from zwrm.drivers import cloudinit as _cloudinit
 from zwrm.drivers.spec import check_id, volume_serial
-from zwrm.errors import Conflict, Internal, InvalidArgument, NotFound, Unavailable, ZwrmError
+from zwrm.errors import (
+    Conflict,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    ZwrmError,
+)
 
 log = Logger()
 
@@ -320,13 +329,17 @@ class Executor:
                              p=rec.host_port)
                     rec.state = "starting"
         except Exception as e:
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                # The host's disk, not a fault of the agent's: said, without a traceback.
+                e = ResourceExhausted(f"machine {mid!r} could not start: the disk of host"
+                                      f" {self.host_id} is full ({e.strerror or e})")
             msg = e.message if isinstance(e, ZwrmError) else f"{e.__class__.__name__}: {e}"
             if rec.state != "failed":
                 self._change(rec, "failed", f"could not start: {msg}")
             if not isinstance(e, ZwrmError):
                 log.failure("machine {id}: start failed", id=mid)
                 raise Internal(f"machine {mid!r} could not start: {msg}") from None
-            raise
+            raise e from None
         # The driver's "running" notification may have come first; make sure it is reported.
         if status["state"] == "running" and rec.state != "running":
             self._running(rec)
