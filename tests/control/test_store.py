@@ -73,6 +73,38 @@ class StoreTests(TestCase):
         self.assertEqual(cm.exception.args[0], "no machine 'm-gone'")
 
     @d
+    async def test_a_full_disk_is_resource_exhausted_and_changes_nothing(self):
+        path = tmpdir(self)
+        store = Store(reactor, path)
+        await store.start()
+        self.addCleanup(store.stop)
+        await store.insert("apps", {"id": "a1", "name": "web", "spec": {}, "created_at": 1.0})
+
+        def fill(db):
+            # SQLite's own "database or disk is full" (SQLITE_FULL): the file may not grow
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+            db.execute(f"PRAGMA max_page_count = {pages}")
+
+        await store.run(fill)
+        big = {"x": "y" * 200_000}
+        with self.assertRaises(errors.ResourceExhausted) as cm:
+            await store.insert("apps", {"id": "a2", "name": "db", "spec": big, "created_at": 2.0})
+        self.assertEqual(cm.exception.message,
+                         f"the control plane's disk is full: its database ({path}) cannot grow")
+        with self.assertRaises(errors.ResourceExhausted):
+            await store.update("apps", "a1", {"spec": big})
+        self.assertEqual([a["id"] for a in await store.select("apps")], ["a1"])
+        self.assertEqual((await store.get("apps", "a1"))["spec"], {})
+        # other errors are not the disk's
+        with self.assertRaises(Exception) as cm:
+            await store.run(lambda db: db.execute("SELECT nothing FROM nowhere"))
+        self.assertNotIsInstance(cm.exception, errors.ResourceExhausted)
+        # room again: the same change is made
+        await store.run(lambda db: db.execute("PRAGMA max_page_count = 1073741823"))
+        await store.update("apps", "a1", {"spec": big})
+        self.assertEqual((await store.get("apps", "a1"))["spec"], big)
+
+    @d
     async def test_events_and_tokens(self):
         store = Store(reactor, ":memory:", now=lambda: 100.0)
         await store.start()

@@ -257,10 +257,25 @@ class Store:
 
         This is the way other parts add their own queries.
 
+        A database that cannot grow (the disk is full: SQLite's C{SQLITE_FULL}) fails with
+        L{errors.ResourceExhausted}, which callers answer as it is, without a traceback;
+        SQLite has rolled back the statement, and a transaction C{fn} opened with
+        C{with db.conn} is rolled back as it leaves.
+
         @param fn: a callable taking a L{sqlite_utils.Database} first.
         @return: a Deferred firing with C{fn}'s result.
         """
-        return deferToThreadPool(self._reactor, self._pool, lambda: fn(self._db, *args, **kwargs))
+        return deferToThreadPool(self._reactor, self._pool, self._call, fn, args, kwargs)
+
+    def _call(self, fn, args, kwargs):
+        try:
+            return fn(self._db, *args, **kwargs)
+        except sqlite3.OperationalError as e:
+            if getattr(e, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+                raise
+            raise errors.ResourceExhausted(
+                f"the control plane's disk is full: its database ({self.path}) cannot grow"
+            ) from None
 
     # -- generic rows -----------------------------------------------------------------
 
