@@ -134,3 +134,18 @@ def from_wire(error):
     if error.error in (ApplicationError.CANCELED, "wamp.error.timeout"):
         return Unavailable(f"{error.error}: {message}")
     return error
+
+
+def log_failure(log, failure, format, **kw):
+    """
+    Log C{failure} of background work (no caller to answer): a L{ZwrmError} other than
+    L{Internal} (a condition it names in one sentence, such as a full disk) as one error
+    line, C{"<format>: <its message>"}; anything else, a bug, with its traceback.
+
+    @param log: a L{twisted.logger.Logger}.
+    @param format: what was being done, a L{twisted.logger} format (C{kw} fills it).
+    """
+    if failure.check(ZwrmError) and not failure.check(Internal):
+        log.error(format + ": {why}", why=failure.value.message, **kw)
+    else:
+        log.failure(format, failure, **kw)

@@ -7,12 +7,16 @@ stored with actor and result while reads, viewers and agents leave no entry.
 import time
 
 from autobahn.wamp.exception import ApplicationError
+from autobahn.wamp.request import Registration
+from autobahn.wamp.types import CallDetails
 from twisted.internet import reactor
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.agent.test_membership import start_plane
 from tests.cli.test_cli import d
+from zwrm import errors
 from zwrm.cli import client
 from zwrm.control import audit
 from zwrm.control.audit import REDACTED, AuditLog, audited, redact
@@ -85,6 +89,36 @@ class LogTests(TestCase):
         self.assertEqual(await log.prune(), 1)
         self.assertEqual([r["args"]["replicas"] for r in await log.list()], [3, 4])
 
+
+    @d
+    async def test_an_entry_the_store_cannot_take_is_one_error_line(self):
+        """
+        The call is answered; the audit entry that a full disk refused is logged as one line
+        (the store's sentence), not as a fault with a traceback. A bug is still a fault.
+        """
+        from twisted.internet.defer import fail
+        from twisted.logger import Logger
+
+        _, log = await self._log()
+        seen = []
+        log.log = Logger(observer=seen.append)
+        wrapped, opts = log.wrap("zwrm.app.scale", lambda app, replicas: {"replicas": replicas},
+                                 None)
+        details = CallDetails(Registration(None, 1, "zwrm.app.scale", None), caller=1,
+                              caller_authid="operator", caller_authrole="operator")
+        log.record = lambda *a: fail(errors.ResourceExhausted(
+            "the control plane's disk is full: its database (db) cannot grow"))
+        self.assertEqual(await wrapped("web", 3, **{opts.details_arg: details}),
+                         {"replicas": 3})
+        self.assertEqual([(e["log_level"].name, "log_failure" in e) for e in seen],
+                         [("error", False)])
+        self.assertEqual(formatEvent(seen[0]), "storing the audit entry of zwrm.app.scale:"
+                         " the control plane's disk is full: its database (db) cannot grow")
+        seen.clear()
+        log.record = lambda *a: fail(KeyError("a bug"))
+        await wrapped("web", 4, **{opts.details_arg: details})
+        self.assertEqual([(e["log_level"].name, "log_failure" in e) for e in seen],
+                         [("critical", True)])
 
     @d
     async def test_procedure_with_its_own_details(self):

@@ -253,8 +253,8 @@ class AuditLog:
 
             def store(result, message=None):
                 d = self.record(authid, role, uri, stored_args, result, message)
-                d.addErrback(lambda f: self.log.failure("storing the audit entry of {uri}", f,
-                                                        uri=uri))
+                d.addErrback(lambda f: errors.log_failure(
+                    self.log, f, "storing the audit entry of {uri}", uri=uri))
 
             def ok(value):
                 store("ok")

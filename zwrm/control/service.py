@@ -19,6 +19,7 @@ from twisted.protocols import policies
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import resource, server
 
+from zwrm import errors
 from zwrm.console import Console
 from zwrm.control import audit
 from zwrm.control.access_tokens import AccessTokenAPI
@@ -425,7 +426,7 @@ class ControlPlane(service.MultiService):
 
     def _flush(self):
         d = self.registry.flush_heartbeats()
-        d.addErrback(lambda f: self.log.failure("saving heartbeats", f))
+        d.addErrback(lambda f: errors.log_failure(self.log, f, "saving heartbeats"))
         return d
 
     async def _stop(self):
