@@ -2,6 +2,7 @@
 Conformance of zwrm's registry with the OCI Distribution spec, over real loopback HTTP.
 """
 
+import errno
 import json
 import os
 
@@ -323,6 +324,51 @@ class BlobTests(RegistryTestsMixin, unittest.TestCase):
             headers={b"Content-Range": f"{offset}-{len(data) - 1}".encode()},
         )
         self.assertEqual(resp.code, 201, body)
+
+    @aio
+    async def test_a_full_disk_is_507_and_the_upload_goes_on_after(self):
+        """
+        A chunk the disk cannot take: 507 with the reason, nothing logged as a fault, the
+        upload keeps what it had (the chunk's written part truncated away), and the same
+        chunk is taken once there is room.
+        """
+        from zwrm.registry import store as store_module
+
+        data = os.urandom(3 * 1024 * 1024)
+        resp, _ = await self.reg.request("POST", "/v2/app/web/blobs/uploads/")
+        loc = header(resp, "Location")
+        resp, _ = await self.reg.request("PATCH", loc, data[:1000],
+                                         headers={b"Content-Range": b"0-999"})
+        self.assertEqual(resp.code, 202)
+        loc = header(resp, "Location")
+        real, written = store_module.write_sparse, []
+
+        def full(out, block):
+            if written:  # the first block of the chunk is written, then the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device")
+            written.append(len(block))
+            return real(out, block)
+
+        self.patch(store_module, "write_sparse", full)
+        resp, body = await self.reg.request("PATCH", loc, data[1000:],
+                                            headers={b"Content-Range": f"1000-{len(data) - 1}".encode()})
+        self.assertEqual(resp.code, 507)
+        self.assertEqual(json.loads(body)["errors"], [
+            {"code": "UNKNOWN", "message": "the registry's disk is full (No space left on device)"}])
+        self.assertEqual(written, [1024 * 1024])
+        self.assertEqual(self.flushLoggedErrors(), [])
+        resp, _ = await self.reg.request("GET", loc)
+        self.assertEqual(header(resp, "Range"), "0-999")
+        upload_file = [os.path.join(d, f) for d, _, fs in os.walk(self.reg.root) for f in fs
+                       if os.path.getsize(os.path.join(d, f)) == 1000]
+        self.assertEqual(len(upload_file), 1)  # the partial chunk is gone from the disk too
+        self.patch(store_module, "write_sparse", real)
+        resp, body = await self.reg.request(
+            "PUT", f"{loc}?digest={digest_of(data)}", data[1000:],
+            headers={b"Content-Range": f"1000-{len(data) - 1}".encode()})
+        self.assertEqual(resp.code, 201, body)
+        resp, body = await self.reg.request("GET", f"/v2/app/web/blobs/{digest_of(data)}")
+        self.assertEqual(body, data)
 
     @aio
     async def test_short_chunk_refused(self):

@@ -8,6 +8,7 @@ of the form C{{"errors": [{"code": ..., "message": ..., "detail": ...}]}} with t
 codes and status codes.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -232,15 +233,19 @@ class RegistryResource(resource.Resource):
             if e.detail is not None:
                 err["detail"] = e.detail
             self._json(request, {"errors": [err]}, status)
-        except Exception:
-            self.log.failure("registry request {method} {uri} failed",
-                             method=request.method, uri=request.uri)
+        except Exception as e:
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                # The control plane's disk, not a fault: said, without a traceback. An upload
+                # keeps what it had before this request, so it goes on once there is room.
+                self.log.error("registry request {method} {uri}: the disk is full",
+                               method=request.method, uri=request.uri)
+                err, status = f"the registry's disk is full ({e.strerror or e})", 507
+            else:
+                self.log.failure("registry request {method} {uri} failed",
+                                 method=request.method, uri=request.uri)
+                err, status = "internal error", 500
             if not finished:
-                self._json(
-                    request,
-                    {"errors": [{"code": "UNKNOWN", "message": "internal error"}]},
-                    500,
-                )
+                self._json(request, {"errors": [{"code": "UNKNOWN", "message": err}]}, status)
 
     def _route(self, path):
         for route, pattern in ROUTES:

@@ -377,14 +377,18 @@ class RegistryStore:
         n = 0
         with open(upload.path, "r+b") as out:
             out.seek(start)
-            while True:
-                block = source.read(COPY_CHUNK)
-                if not block:
-                    break
-                write_sparse(out, block)
-                for h in pending:
-                    h.update(block)
-                n += len(block)
+            try:
+                while True:
+                    block = source.read(COPY_CHUNK)
+                    if not block:
+                        break
+                    write_sparse(out, block)
+                    for h in pending:
+                        h.update(block)
+                    n += len(block)
+            except OSError:
+                out.truncate(start)  # (the disk is full, say): what was written goes again
+                raise
             if length is not None and n != length:
                 out.truncate(start)
                 raise StoreError(
