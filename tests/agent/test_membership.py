@@ -3,6 +3,7 @@ Agents and the control plane over real loopback sockets, in one process: join,
 credentials, register, heartbeats, roles, wrong tokens.
 """
 
+import errno
 import fcntl
 import json
 import os
@@ -10,11 +11,13 @@ import stat
 import struct
 import termios
 
+from autobahn import wamp
 from autobahn.wamp.exception import ApplicationError, TransportLost
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
+from zwrm import errors
 from zwrm.agent.runtime import HostRuntime
 from zwrm.agent.service import AgentService, _AgentSession
 from zwrm.agent.tap import AgentConfig
@@ -264,6 +267,72 @@ class MembershipTests(TestCase):
         self.assertIsNot(agent.session, session)
         # the older event of m-2 is not sent after (or instead of) the newer one
         self.assertEqual(set(received), {("m-1", "starting", None), ("m-2", "running", "passing")})
+
+
+class _Failing:
+    """Agent procedures that fail as a full disk, a bug, and a named zwrm error would."""
+
+    @wamp.register("test.full")
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    @wamp.register("test.full_later")
+    async def full_later(self):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    @wamp.register("test.bug")
+    def bug(self):
+        return {}["missing"]
+
+    @wamp.register("test.named")
+    def named(self):
+        raise errors.NotFound("no machine 'm9'")
+
+
+class ProcedureGuardTests(TestCase):
+    """
+    An agent's procedures answer every failure with a zwrm.error URI the control plane
+    knows, over the real WAMP session: a full disk as resource_exhausted naming the host,
+    a bug as internal (its traceback in the agent's log only).
+    """
+
+    timeout = 60
+
+    @d
+    async def test_failures_reach_the_control_plane_as_zwrm_errors(self):
+        plane, tmp = await start_plane(self)
+        config = AgentConfig(url=plane.url, join_token=plane.join_token,
+                             data_dir=os.path.join(tmp, "a1"), name="a1", region="eu",
+                             datacenter="dc1", retry_initial=0.05, retry_max=0.2)
+        agent = AgentService(reactor, config)
+        agent.executors.append(_Failing())
+        agent.startService()
+        self.addCleanup(agent.stopService)
+        await agent.registered
+        host_id = agent.identity.host_id
+
+        async def call(verb):
+            try:
+                return await plane.registry.call_executor(host_id, verb)
+            except ApplicationError as e:
+                raise errors.from_wire(e) from None
+
+        for verb, quota in (("test.full", "No space left on device"),
+                            ("test.full_later", "Disk quota exceeded")):
+            with self.assertRaises(errors.ResourceExhausted) as cm:
+                await call(verb)
+            self.assertEqual(cm.exception.message,
+                             f"host {host_id}: the disk is full: {verb} failed ({quota})")
+        self.assertEqual(self.flushLoggedErrors(), [])
+        with self.assertRaises(errors.Internal) as cm:
+            await call("test.bug")
+        self.assertEqual(cm.exception.message, f"host {host_id}: test.bug failed: an internal"
+                         " error (see the agent's log)")
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)  # the agent's log
+        with self.assertRaises(errors.NotFound) as cm:
+            await call("test.named")
+        self.assertEqual(cm.exception.message, "no machine 'm9'")
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 class RoleTests(TestCase):

@@ -2,7 +2,8 @@
 The agent's executor: the procedures the control plane calls on one host.
 
 The agent service registers an L{Executor} with
-C{session.register(executor, prefix=f"zwrm.agent.{host_id}.")}, so each method decorated
+C{register_agent_procedures(session, executor, host_id, log)} (L{zwrm.wamp.procedures}:
+under C{zwrm.agent.<host_id>.}, each behind a guard), so each method decorated
 with C{@wamp.register("machine.start")} becomes C{zwrm.agent.<host_id>.machine.start}.
 
 Every change of a machine's state or health is passed to C{report(event)} (the agent wires it

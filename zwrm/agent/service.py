@@ -47,6 +47,7 @@ from zwrm.agent import capacity
 from zwrm.agent.connection import ConnectionLife
 from zwrm.agent.identity import Identity
 from zwrm.endpoints import client_endpoint, tcp_endpoint
+from zwrm.wamp.procedures import register_agent_procedures
 
 
 class AuthRejected(Exception):
@@ -625,7 +626,8 @@ class AgentService(service.Service):
                 if getattr(self.runtime, "live", None) is not None:
                     executors.append(self.runtime.live)  # live.* (zwrm.agent.live)
             for executor in executors:
-                await session.register(executor, prefix=f"zwrm.agent.{host_id}.")
+                # each behind a guard: a full disk or a bug is a zwrm.error.* answer
+                await register_agent_procedures(session, executor, host_id, self.log)
             result = await session.call("zwrm.agent.register", self.facts())
         except Exception:
             if session.is_attached():

@@ -25,7 +25,6 @@ Procedures (realm C{zwrm}):
 """
 
 import hmac
-import inspect
 from collections.abc import Coroutine
 
 from autobahn import wamp
@@ -41,6 +40,7 @@ from zwrm.control.store import hash_secret
 from zwrm.control.tokens import RESET_TTL
 from zwrm.hostid import current_host_id
 from zwrm.wamp.local import LocalCallee
+from zwrm.wamp.procedures import procedures_of
 
 DETAILS = RegisterOptions(details_arg="details")
 
@@ -177,17 +177,6 @@ class HostAPI:
         if not isinstance(host_id, str) or not host_id:
             raise errors.InvalidArgument("zwrm.host.status needs a host id")
         return await self.registry.status(host_id)
-
-
-def procedures_of(api):
-    """
-    C{(uri, bound method, RegisterOptions or None)} for each C{@wamp.register} method of
-    C{api}, as autobahn's C{register(api)} would register them.
-    """
-    for _name, fn in inspect.getmembers(type(api), inspect.isfunction):
-        for pattern in fn.__dict__.get("_wampuris", ()):
-            if pattern.is_endpoint():
-                yield pattern.uri(), getattr(api, fn.__name__), pattern.options
 
 
 def guarded(uri, endpoint, options, log):

@@ -1,0 +1,86 @@
+"""
+Registering an object's C{@wamp.register} methods one by one, so each can be wrapped: the
+control plane's API (L{zwrm.control.api.guarded}) and an agent's procedures
+(L{guarded_agent_procedure}).
+"""
+
+import errno
+import inspect
+from collections.abc import Coroutine
+
+from autobahn.wamp.exception import ApplicationError
+from twisted.internet import defer
+
+from zwrm import errors
+
+#: The errors of a disk that has no room left.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def procedures_of(api):
+    """
+    C{(uri, bound method, RegisterOptions or None)} for each C{@wamp.register} method of
+    C{api}, as autobahn's C{register(api)} would register them.
+    """
+    for _name, fn in inspect.getmembers(type(api), inspect.isfunction):
+        for pattern in fn.__dict__.get("_wampuris", ()):
+            if pattern.is_endpoint():
+                yield pattern.uri(), getattr(api, fn.__name__), pattern.options
+
+
+def guarded_agent_procedure(uri, endpoint, host_id, log):
+    """
+    C{endpoint}, an agent's procedure C{uri} (without its C{zwrm.agent.<host id>.} prefix),
+    answering every failure with a C{zwrm.error.*} URI:
+
+      - a L{errors.ZwrmError} (or any WAMP error) and a cancellation pass as they are;
+      - a full disk (C{ENOSPC}, C{EDQUOT}) that a procedure did not name itself is
+        L{errors.ResourceExhausted} naming the host, logged as one line;
+      - anything else is a bug: logged once with its traceback, answered as
+        L{errors.Internal} without it (autobahn's default sends the exception's text as
+        C{wamp.error.runtime_error} and logs it as a user error).
+    """
+
+    def failed(failure):
+        if failure.check(ApplicationError, defer.CancelledError):
+            return failure
+        e = failure.value
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            log.error("{uri}: the disk is full ({why})", uri=uri, why=e.strerror or e)
+            raise errors.ResourceExhausted(
+                f"host {host_id}: the disk is full: {uri} failed ({e.strerror or e})"
+            )
+        log.failure("{uri} failed", failure, uri=uri)
+        raise errors.Internal(
+            f"host {host_id}: {uri} failed: an internal error (see the agent's log)"
+        )
+
+    def call(*args, **kwargs):
+        try:
+            result = endpoint(*args, **kwargs)
+        except Exception:
+            return defer.fail().addErrback(failed)
+        if isinstance(result, Coroutine):
+            result = defer.Deferred.fromCoroutine(result)
+        if isinstance(result, defer.Deferred):
+            return result.addErrback(failed)
+        return result
+
+    call.__name__ = getattr(endpoint, "__name__", "procedure")
+    call.__doc__ = endpoint.__doc__
+    return call
+
+
+async def register_agent_procedures(session, obj, host_id, log):
+    """
+    Register the C{@wamp.register} methods of C{obj} on C{session} under
+    C{zwrm.agent.<host_id>.}, each behind L{guarded_agent_procedure}.
+
+    @return: the registrations.
+    """
+    registrations = []
+    for uri, endpoint, options in procedures_of(obj):
+        registrations.append(await session.register(
+            guarded_agent_procedure(uri, endpoint, host_id, log),
+            f"zwrm.agent.{host_id}.{uri}", options=options))
+    return registrations
