@@ -125,7 +125,9 @@ def _recv_exactly(s, n):
 
 def measure(kind, calls):
     """@return: µs per round trip: C{(time, relay CPU, callee CPU, caller CPU)}."""
-    port = _free_port()
+    from zwrm.agent.executor import free_port
+
+    port = free_port()
     relay = subprocess.Popen(
         [sys.executable, HERE, "--relay", kind, str(port)],
         stdout=subprocess.PIPE,
@@ -155,14 +157,6 @@ def measure(kind, calls):
         for p in procs:
             p.kill()
             p.wait()
-
-
-def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def main():

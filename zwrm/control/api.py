@@ -25,7 +25,6 @@ Procedures (realm C{zwrm}):
 """
 
 import hmac
-from collections.abc import Coroutine
 
 from autobahn import wamp
 from autobahn.twisted.wamp import ApplicationSession
@@ -40,7 +39,7 @@ from zwrm.control.store import hash_secret
 from zwrm.control.tokens import RESET_TTL
 from zwrm.hostid import current_host_id
 from zwrm.wamp.local import LocalCallee
-from zwrm.wamp.procedures import procedures_of
+from zwrm.wamp.procedures import call_guarded, procedures_of
 
 DETAILS = RegisterOptions(details_arg="details")
 
@@ -207,15 +206,7 @@ def guarded(uri, endpoint, options, log):
         procedure.check(args, kwargs)
         if details_arg:
             kwargs[details_arg] = details
-        try:
-            result = endpoint(*args, **kwargs)
-        except Exception:
-            return defer.fail().addErrback(internal)
-        if isinstance(result, Coroutine):
-            result = defer.Deferred.fromCoroutine(result)
-        if isinstance(result, defer.Deferred):
-            return result.addErrback(internal)
-        return result  # a plain answer (e.g. a heartbeat's): no Deferred to make and fire
+        return call_guarded(endpoint, args, kwargs, internal)
 
     call.__name__ = getattr(endpoint, "__name__", "procedure")
     call.__doc__ = endpoint.__doc__

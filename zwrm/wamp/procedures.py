@@ -28,6 +28,25 @@ def procedures_of(api):
                 yield pattern.uri(), getattr(api, fn.__name__), pattern.options
 
 
+def call_guarded(endpoint, args, kwargs, failed):
+    """
+    Call C{endpoint(*args, **kwargs)}; its failure, raised or as a failed Deferred or
+    coroutine, goes to C{failed} (an errback).
+
+    @return: a Deferred, or a plain answer as it is (e.g. a heartbeat's: no Deferred to
+        make and fire).
+    """
+    try:
+        result = endpoint(*args, **kwargs)
+    except Exception:
+        return defer.fail().addErrback(failed)
+    if isinstance(result, Coroutine):
+        result = defer.Deferred.fromCoroutine(result)
+    if isinstance(result, defer.Deferred):
+        return result.addErrback(failed)
+    return result
+
+
 def guarded_agent_procedure(uri, endpoint, host_id, log):
     """
     C{endpoint}, an agent's procedure C{uri} (without its C{zwrm.agent.<host id>.} prefix),
@@ -56,15 +75,7 @@ def guarded_agent_procedure(uri, endpoint, host_id, log):
         )
 
     def call(*args, **kwargs):
-        try:
-            result = endpoint(*args, **kwargs)
-        except Exception:
-            return defer.fail().addErrback(failed)
-        if isinstance(result, Coroutine):
-            result = defer.Deferred.fromCoroutine(result)
-        if isinstance(result, defer.Deferred):
-            return result.addErrback(failed)
-        return result
+        return call_guarded(endpoint, args, kwargs, failed)
 
     call.__name__ = getattr(endpoint, "__name__", "procedure")
     call.__doc__ = endpoint.__doc__
