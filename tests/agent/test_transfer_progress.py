@@ -9,8 +9,10 @@ import os
 import tempfile
 import types
 
+from autobahn.wamp.exception import TransportLost
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
+from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from zwrm import pki
@@ -68,13 +70,49 @@ class ThrottleTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_a_failing_announcement_is_logged_not_raised(self):
+        calls = []
+
         def broken(p):
-            raise RuntimeError("session gone")
+            calls.append(p)
+            raise RuntimeError("a bug")
 
         throttle = ProgressThrottle(self.clock, broken)
         throttle.report({"sent": 1})
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(throttle.announced, 1)
+        throttle.report({"sent": 2})  # nothing more is announced
+        throttle.finish({"sent": 3})
+        self.clock.advance(10)
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_caller_gone_is_one_line_and_the_end_of_announcements(self):
+        """
+        The caller's session lost its transport (a control plane restarting during a drain):
+        autobahn's progress callable fails (AttributeError on its None transport, or
+        TransportLost); one line says so, no traceback, and nothing more is announced.
+        """
+        for gone in (AttributeError("'NoneType' object has no attribute 'send'"),
+                     TransportLost()):
+            calls, seen = [], []
+
+            def lost(p, gone=gone, calls=calls):
+                calls.append(p)
+                raise gone
+
+            throttle = ProgressThrottle(self.clock, lost)
+            throttle.log = Logger(observer=seen.append)
+            throttle.report({"sent": 1})
+            self.clock.advance(PROGRESS_INTERVAL)
+            throttle.report({"sent": 2})
+            self.clock.advance(PROGRESS_INTERVAL)
+            throttle.finish({"sent": 3})
+            self.assertEqual(len(calls), 1)
+            self.assertEqual([(e["log_level"].name, "log_failure" in e) for e in seen],
+                             [("info", False)])
+            self.assertEqual(formatEvent(seen[0]),
+                             "progress no longer announced: the caller's session is gone")
+        self.assertEqual(self.flushLoggedErrors(), [])
 
 
 class SendAnnouncesTests(TestCase):

@@ -8,6 +8,7 @@ most one every C{interval} seconds (the latest figures, a trailing announcement 
 stopped in between), and the final figures when the copy ends, whatever the interval.
 """
 
+from autobahn.wamp.exception import TransportLost
 from twisted.logger import Logger
 
 PROGRESS_INTERVAL = 0.5
@@ -82,5 +83,20 @@ class ProgressThrottle:
         self.announced += 1
         try:
             self._announce(dict(progress))
-        except Exception:
-            self.log.failure("announcing a volume stream's progress failed")
+        except Exception as e:
+            # Progress is best-effort: the call's result says how the copy ended. Whoever
+            # asked is gone, or cannot be told: nothing more is announced to it.
+            self._finished = True
+            self._cancel()
+            if _session_gone(e):
+                self.log.info("progress no longer announced: the caller's session is gone")
+            else:
+                self.log.failure("announcing a volume stream's progress failed")
+
+
+def _session_gone(e):
+    """
+    Whether C{e}, raised by autobahn's progress callable, says the session that got the call
+    has lost its transport (autobahn calls C{send} on a transport that is None then).
+    """
+    return isinstance(e, TransportLost) or (isinstance(e, AttributeError) and "send" in str(e))
