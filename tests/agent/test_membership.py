@@ -14,7 +14,8 @@ import termios
 from autobahn import wamp
 from autobahn.wamp.exception import ApplicationError, TransportLost
 from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from zwrm import errors
@@ -288,6 +289,13 @@ class _Failing:
     def named(self):
         raise errors.NotFound("no machine 'm9'")
 
+    waiting = None
+
+    @wamp.register("test.wait")
+    def wait(self):
+        self.waiting = Deferred()
+        return self.waiting
+
 
 class ProcedureGuardTests(TestCase):
     """
@@ -333,6 +341,37 @@ class ProcedureGuardTests(TestCase):
             await call("test.named")
         self.assertEqual(cm.exception.message, "no machine 'm9'")
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+    @d
+    async def test_a_call_its_caller_cancels_is_not_an_error(self):
+        """
+        The control plane cancels a call (as a console that detaches does): the agent's
+        procedure is cancelled, and the agent does not log it as an error (autobahn's
+        onUserError logged the CancelledError with its traceback). The control plane's own
+        session has the same mix-in (zwrm.wamp.procedures.CancelledCalls).
+        """
+        plane, tmp = await start_plane(self)
+        config = AgentConfig(url=plane.url, join_token=plane.join_token,
+                             data_dir=os.path.join(tmp, "a1"), name="a1", region="eu",
+                             datacenter="dc1", retry_initial=0.05, retry_max=0.2)
+        agent = AgentService(reactor, config)
+        failing = _Failing()
+        agent.executors.append(failing)
+        agent.startService()
+        self.addCleanup(agent.stopService)
+        await agent.registered
+        seen = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        call = plane.registry.call_executor(agent.identity.host_id, "test.wait")
+        call.addErrback(lambda f: f.trap(CancelledError))
+        await poll(reactor, lambda: failing.waiting is not None, 10, 0.01, what="the call")
+        call.cancel()
+        # (the agent's answer to the cancel, its onUserError included, runs as it fires)
+        await poll(reactor, lambda: failing.waiting.called, 10, 0.01, what="the cancel")
+        self.assertEqual([formatEvent(e) for e in seen if e["log_level"] >= LogLevel.warn],
+                         [])
 
 
 class RoleTests(TestCase):

@@ -356,3 +356,25 @@ def _good(arg):
     if isinstance(t, schema.List):
         return []
     raise AssertionError(f"no good value for {arg.name}")
+
+
+class CancelledCallTests(SynchronousTestCase):
+    def test_a_cancelled_call_is_not_a_user_error(self):
+        """
+        The control plane's session does not log a call its caller cancelled (a console that
+        detaches) as an error with a traceback, as autobahn's onUserError does; a bug it
+        still logs so.
+        """
+        from twisted.python.failure import Failure
+
+        from zwrm.control.api import ControlSession
+
+        session = ControlSession([])
+        seen = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        session.onUserError(Failure(defer.CancelledError()), "cancelled")
+        self.assertEqual([e for e in seen if e["log_level"].name in ("warn", "error")], [])
+        session.onUserError(Failure(KeyError("a bug")), "KeyError: a bug")
+        self.assertEqual([e["log_level"].name for e in seen
+                          if e["log_level"].name in ("warn", "error")], ["error"])

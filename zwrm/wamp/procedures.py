@@ -95,3 +95,19 @@ async def register_agent_procedures(session, obj, host_id, log):
             guarded_agent_procedure(uri, endpoint, host_id, log),
             f"zwrm.agent.{host_id}.{uri}", options=options))
     return registrations
+
+
+class CancelledCalls:
+    """
+    A session mix-in (before C{ApplicationSession}): an invocation its caller cancelled (a
+    console detached, a drain given up) is not a user error. autobahn's C{onUserError} logs
+    the C{CancelledError} with its traceback; here it is one debug line. Everything else is
+    C{onUserError}'s as before.
+    """
+
+    def onUserError(self, fail, msg):
+        if isinstance(getattr(fail, "value", None), defer.CancelledError):
+            self.log.debug("{klass}: a call was cancelled by its caller",
+                           klass=type(self).__name__)
+            return None
+        return super().onUserError(fail, msg)
