@@ -136,6 +136,19 @@ def from_wire(error):
     return error
 
 
+def message_of(e):
+    """
+    The readable sentence of exception C{e}: a zwrm error's message (one received over WAMP
+    too), another WAMP error's URI and message, else C{str(e)} (or its class's name).
+    """
+    e = from_wire(e)
+    if isinstance(e, ZwrmError):
+        return e.message
+    if isinstance(e, ApplicationError):
+        return e.error_message()
+    return str(e) or e.__class__.__name__
+
+
 def log_failure(log, failure, format, **kw):
     """
     Log C{failure} of background work (no caller to answer): a L{ZwrmError} other than

@@ -35,8 +35,9 @@ def cluster():
         yield c
     finally:
         c.close()
-        if not _failed:
-            shutil.rmtree(c.run_dir, ignore_errors=True)  # kept (logs, data) after a failure
+        if not _failed and not os.environ.get("ZWRM_KEEP_TEST_DIRS"):
+            # kept (logs, data) after a failure, or when asked (as temp_dir keeps its own)
+            shutil.rmtree(c.run_dir, ignore_errors=True)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -341,6 +341,13 @@ class ProcedureGuardTests(TestCase):
             await call("test.named")
         self.assertEqual(cm.exception.message, "no machine 'm9'")
         self.assertEqual(self.flushLoggedErrors(), [])
+        # the readable sentence of each, as the agent's and the control plane's logs print it
+        self.assertEqual(errors.message_of(ApplicationError("zwrm.error.not_found",
+                                                            "no machine 'm9'")),
+                         "no machine 'm9'")
+        self.assertEqual(errors.message_of(ApplicationError("wamp.error.other", "why")),
+                         "wamp.error.other: why")
+        self.assertEqual(errors.message_of(KeyError("k")), "'k'")
 
 
     @d
@@ -349,7 +356,7 @@ class ProcedureGuardTests(TestCase):
         The control plane cancels a call (as a console that detaches does): the agent's
         procedure is cancelled, and the agent does not log it as an error (autobahn's
         onUserError logged the CancelledError with its traceback). The control plane's own
-        session has the same mix-in (zwrm.wamp.procedures.CancelledCalls).
+        session has the same mix-in (zwrm.wamp.procedures.QuietAnswers).
         """
         plane, tmp = await start_plane(self)
         config = AgentConfig(url=plane.url, join_token=plane.join_token,

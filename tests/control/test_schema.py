@@ -362,8 +362,8 @@ class CancelledCallTests(SynchronousTestCase):
     def test_a_cancelled_call_is_not_a_user_error(self):
         """
         The control plane's session does not log a call its caller cancelled (a console that
-        detaches) as an error with a traceback, as autobahn's onUserError does; a bug it
-        still logs so.
+        detaches) as an error with a traceback, as autobahn's onUserError does, nor an
+        answer to bad input as a warning; a bug it still logs as an error.
         """
         from twisted.python.failure import Failure
 
@@ -375,6 +375,12 @@ class CancelledCallTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, seen.append)
         session.onUserError(Failure(defer.CancelledError()), "cancelled")
         self.assertEqual([e for e in seen if e["log_level"].name in ("warn", "error")], [])
+        # an answer to bad input: one info line, not a warning
+        session.onUserError(Failure(errors.InvalidArgument("image demo:nope is not in the"
+                                                           " registry")), "bad input")
+        self.assertEqual([e for e in seen if e["log_level"].name in ("warn", "error")], [])
+        self.assertEqual(formatEvent(seen[-1]), "ControlSession: answered"
+                         " zwrm.error.invalid_argument: image demo:nope is not in the registry")
         session.onUserError(Failure(KeyError("a bug")), "KeyError: a bug")
         self.assertEqual([e["log_level"].name for e in seen
                           if e["log_level"].name in ("warn", "error")], ["error"])

@@ -64,6 +64,7 @@ from zwrm.errors import (
     ResourceExhausted,
     Unavailable,
     ZwrmError,
+    message_of,
 )
 
 log = Logger()
@@ -980,7 +981,7 @@ class Executor:
             return
         d.addErrback(lambda f: log.warn(
             "could not report machine {id} {state}: {e}", id=rec.spec["id"], state=rec.state,
-            e=f.getErrorMessage()))
+            e=message_of(f.value)))
 
     def _running(self, rec, reason="running", health="starting"):
         spec = rec.spec

@@ -47,7 +47,7 @@ from zwrm.agent import capacity
 from zwrm.agent.connection import ConnectionLife
 from zwrm.agent.identity import Identity
 from zwrm.endpoints import client_endpoint, tcp_endpoint
-from zwrm.wamp.procedures import CancelledCalls, register_agent_procedures
+from zwrm.wamp.procedures import QuietAnswers, register_agent_procedures
 
 
 class AuthRejected(Exception):
@@ -99,7 +99,7 @@ class MembershipExecutor:
         return self._agent.facts()
 
 
-class _AgentSession(CancelledCalls, ApplicationSession):
+class _AgentSession(QuietAnswers, ApplicationSession):
     log = Logger()
 
     def __init__(self, realm, authid, ticket):

@@ -39,7 +39,7 @@ from zwrm.control.store import hash_secret
 from zwrm.control.tokens import RESET_TTL
 from zwrm.hostid import current_host_id
 from zwrm.wamp.local import LocalCallee
-from zwrm.wamp.procedures import CancelledCalls, call_guarded, procedures_of
+from zwrm.wamp.procedures import QuietAnswers, call_guarded, procedures_of
 
 DETAILS = RegisterOptions(details_arg="details")
 
@@ -213,7 +213,7 @@ def guarded(uri, endpoint, options, log):
     return call
 
 
-class ControlSession(CancelledCalls, LocalCallee, ApplicationSession):
+class ControlSession(QuietAnswers, LocalCallee, ApplicationSession):
     """
     The control component's session.  Every procedure it registers is checked against its
     schema in L{zwrm.control.schema} first (see L{guarded}).  Attached to the embedded

@@ -97,17 +97,23 @@ async def register_agent_procedures(session, obj, host_id, log):
     return registrations
 
 
-class CancelledCalls:
+class QuietAnswers:
     """
-    A session mix-in (before C{ApplicationSession}): an invocation its caller cancelled (a
-    console detached, a drain given up) is not a user error. autobahn's C{onUserError} logs
-    the C{CancelledError} with its traceback; here it is one debug line. Everything else is
-    C{onUserError}'s as before.
+    A session mix-in (before C{ApplicationSession}) for how its procedures' failures are
+    logged. autobahn's C{onUserError} logs an answered WAMP error (a caller's bad input, a
+    routine "not found") at warn level, and a call its caller cancelled (a console that
+    detached, a drain given up) as an error with its traceback. Here the first is an info
+    line, the second a debug line; anything else (a bug) is C{onUserError}'s as before.
     """
 
     def onUserError(self, fail, msg):
-        if isinstance(getattr(fail, "value", None), defer.CancelledError):
+        value = getattr(fail, "value", None)
+        if isinstance(value, defer.CancelledError):
             self.log.debug("{klass}: a call was cancelled by its caller",
                            klass=type(self).__name__)
+            return None
+        if isinstance(value, ApplicationError):
+            self.log.info("{klass}: answered {answer}", klass=type(self).__name__,
+                          answer=value.error_message())
             return None
         return super().onUserError(fail, msg)
