@@ -10,12 +10,13 @@ import os
 import stat
 import struct
 import termios
+import types
 
 from autobahn import wamp
 from autobahn.wamp.exception import ApplicationError, TransportLost
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail
+from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from zwrm import errors
@@ -380,6 +381,36 @@ class ProcedureGuardTests(TestCase):
         self.assertEqual([formatEvent(e) for e in seen if e["log_level"] >= LogLevel.warn],
                          [])
 
+
+class HeartbeatLogTests(TestCase):
+    """
+    A heartbeat outstanding when the session ends is cancelled by autobahn: not a warning
+    with an empty reason (the session's end is logged on its own); a refused one says why.
+    """
+
+    def _agent(self, call):
+        config = AgentConfig(url="ws://127.0.0.1:1/ws", join_token="t",
+                             data_dir=temp_dir(self), name="a1")
+        agent = AgentService(reactor, config)
+        agent.session = types.SimpleNamespace(is_attached=lambda: True, call=call)
+        seen = []
+        agent.log = Logger(observer=seen.append)
+        return agent, seen
+
+    def test_cancelled_by_the_session_end(self):
+        outstanding = Deferred()
+        agent, seen = self._agent(lambda *a: outstanding)
+        agent._heartbeat()
+        outstanding.cancel()
+        self.assertEqual([(e["log_level"].name, formatEvent(e)) for e in seen],
+                         [("debug", "heartbeat cancelled: the session ended")])
+
+    def test_refused(self):
+        agent, seen = self._agent(lambda *a: fail(ApplicationError(
+            "zwrm.error.not_authorized", "host h1 is not known")))
+        agent._heartbeat()
+        self.assertEqual([(e["log_level"].name, formatEvent(e)) for e in seen],
+                         [("warn", "heartbeat failed: host h1 is not known")])
 
 class RoleTests(TestCase):
     timeout = 60

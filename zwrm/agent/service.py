@@ -697,7 +697,11 @@ class AgentService(service.Service):
                 self.heartbeat_interval = float(interval)
 
         def failed(f):
-            self.log.warn("heartbeat failed: {why}", why=f.getErrorMessage())
+            if f.check(defer.CancelledError):
+                # the session ended with it outstanding: how it ended is logged on its own
+                self.log.debug("heartbeat cancelled: the session ended")
+                return
+            self.log.warn("heartbeat failed: {why}", why=errors.message_of(f.value))
 
         def done(_):
             if timeout.active():
