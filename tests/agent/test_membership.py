@@ -342,13 +342,6 @@ class ProcedureGuardTests(TestCase):
             await call("test.named")
         self.assertEqual(cm.exception.message, "no machine 'm9'")
         self.assertEqual(self.flushLoggedErrors(), [])
-        # the readable sentence of each, as the agent's and the control plane's logs print it
-        self.assertEqual(errors.message_of(ApplicationError("zwrm.error.not_found",
-                                                            "no machine 'm9'")),
-                         "no machine 'm9'")
-        self.assertEqual(errors.message_of(ApplicationError("wamp.error.other", "why")),
-                         "wamp.error.other: why")
-        self.assertEqual(errors.message_of(KeyError("k")), "'k'")
 
 
     @d

@@ -215,7 +215,7 @@ class AuditLog:
 
         def prune():
             return self.prune().addErrback(
-                lambda f: self.log.failure("pruning the audit trail", f))
+                lambda f: errors.log_failure(self.log, f, "pruning the audit trail"))
 
         timer = TimerService(interval, prune)
         timer.clock = self._clock

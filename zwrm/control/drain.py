@@ -535,7 +535,7 @@ class Drains(LiveSteps):
             drain = _DrainRun(row, runs)
             self.active[row["host_id"]] = drain
             ensureDeferred(self._resume(drain)).addErrback(
-                lambda f, i=row["id"]: self.log.failure("resuming drain {id}", f, id=i))
+                lambda f, i=row["id"]: errors.log_failure(self.log, f, "resuming drain {id}", id=i))
             n += 1
         if await self._drains.with_leftovers():
             self._sweep_soon()
@@ -597,7 +597,7 @@ class Drains(LiveSteps):
     def _kick_drain(self, drain):
         if not drain.working:
             ensureDeferred(self._work_drain(drain)).addErrback(
-                lambda f: self.log.failure("drain {id}", f, id=drain.row["id"]))
+                lambda f: errors.log_failure(self.log, f, "drain {id}", id=drain.row["id"]))
 
     async def _work_drain(self, drain):
         drain.working = True
@@ -667,7 +667,7 @@ class Drains(LiveSteps):
     def _kick(self, drain, run):
         if run.runner.state == "idle" and run.outbox:
             ensureDeferred(self._work(drain, run)).addErrback(
-                lambda f: self.log.failure("migration {id}", f, id=run.row["id"]))
+                lambda f: errors.log_failure(self.log, f, "migration {id}", id=run.row["id"]))
 
     async def _work(self, drain, run):
         """
@@ -1140,7 +1140,7 @@ class Drains(LiveSteps):
             return
         self._sweeping = True
         ensureDeferred(self._sweep()).addErrback(
-            lambda f: self.log.failure("cleaning leftovers", f))
+            lambda f: errors.log_failure(self.log, f, "cleaning leftovers"))
 
     def _leftover_host_event(self, event):
         if event["subject"] in self._leftover_hosts and self._reachable(event["subject"]):

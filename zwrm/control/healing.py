@@ -204,7 +204,7 @@ class Healer:
             return result
 
         d.addBoth(done)
-        d.addErrback(lambda f: self.log.failure("healing: {what}", f, what=what))
+        d.addErrback(lambda f: errors.log_failure(self.log, f, "healing: {what}", what=what))
         return d
 
     async def idle(self):

@@ -349,7 +349,8 @@ class HostRegistry:
 
     def _reregister(self, host_id):
         d = self._deferred(self.register(host_id, {}))
-        d.addErrback(lambda f: self.log.failure("re-registering {host_id}", f, host_id=host_id))
+        d.addErrback(lambda f: errors.log_failure(self.log, f, "re-registering {host_id}",
+                                                    host_id=host_id))
 
     @staticmethod
     def _deferred(coro):
@@ -400,7 +401,8 @@ class HostRegistry:
 
     def _reconcile_soon(self, host_id, reported):
         d = self._deferred(self._fetch_and_reconcile(host_id, reported))
-        d.addErrback(lambda f: self.log.failure("reconciling {host_id}", f, host_id=host_id))
+        d.addErrback(lambda f: errors.log_failure(self.log, f, "reconciling {host_id}",
+                                                    host_id=host_id))
 
     async def _fetch_and_reconcile(self, host_id, reported):
         if reported is None and self._call is not None and self.executor_available(host_id):

@@ -228,7 +228,7 @@ class EventHistory:
 
         def prune():
             d = self.prune()
-            d.addErrback(lambda f: self.log.failure("pruning the event history", f))
+            d.addErrback(lambda f: errors.log_failure(self.log, f, "pruning the event history"))
             return d
 
         timer = TimerService(interval, prune)

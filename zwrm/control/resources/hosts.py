@@ -338,7 +338,7 @@ class Hosts(Resource):
             return
         entry.record.update(alloc)
         self._store.update("hosts", host_id, alloc).addErrback(
-            lambda f: self.log.failure("storing the allocation of {h}", f, h=host_id))
+            lambda f: errors.log_failure(self.log, f, "storing the allocation of {h}", h=host_id))
 
     # -- heartbeats (memory, then batches) --------------------------------------------
 
