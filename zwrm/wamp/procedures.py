@@ -1,7 +1,8 @@
 """
-Registering an object's C{@wamp.register} methods one by one, so each can be wrapped: the
-control plane's API (L{zwrm.control.api.guarded}) and an agent's procedures
-(L{guarded_agent_procedure}).
+How zwrm's sessions serve procedures: an object's C{@wamp.register} methods registered one by
+one, so each can be wrapped (the control plane's API, L{zwrm.control.api.guarded}; an
+agent's procedures, L{guarded_agent_procedure}), and how their failures are logged
+(L{QuietAnswers}).
 """
 
 import errno
