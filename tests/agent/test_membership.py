@@ -307,17 +307,23 @@ class ProcedureGuardTests(TestCase):
 
     timeout = 60
 
-    @d
-    async def test_failures_reach_the_control_plane_as_zwrm_errors(self):
+    async def agent(self):
+        """@return: a control plane, and an agent registered with L{_Failing}'s procedures."""
         plane, tmp = await start_plane(self)
         config = AgentConfig(url=plane.url, join_token=plane.join_token,
                              data_dir=os.path.join(tmp, "a1"), name="a1", region="eu",
                              datacenter="dc1", retry_initial=0.05, retry_max=0.2)
         agent = AgentService(reactor, config)
-        agent.executors.append(_Failing())
+        failing = _Failing()
+        agent.executors.append(failing)
         agent.startService()
         self.addCleanup(agent.stopService)
         await agent.registered
+        return plane, agent, failing
+
+    @d
+    async def test_failures_reach_the_control_plane_as_zwrm_errors(self):
+        plane, agent, _ = await self.agent()
         host_id = agent.identity.host_id
 
         async def call(verb):
@@ -343,7 +349,6 @@ class ProcedureGuardTests(TestCase):
         self.assertEqual(cm.exception.message, "no machine 'm9'")
         self.assertEqual(self.flushLoggedErrors(), [])
 
-
     @d
     async def test_a_call_its_caller_cancels_is_not_an_error(self):
         """
@@ -352,16 +357,7 @@ class ProcedureGuardTests(TestCase):
         onUserError logged the CancelledError with its traceback). The control plane's own
         session has the same mix-in (zwrm.wamp.procedures.QuietAnswers).
         """
-        plane, tmp = await start_plane(self)
-        config = AgentConfig(url=plane.url, join_token=plane.join_token,
-                             data_dir=os.path.join(tmp, "a1"), name="a1", region="eu",
-                             datacenter="dc1", retry_initial=0.05, retry_max=0.2)
-        agent = AgentService(reactor, config)
-        failing = _Failing()
-        agent.executors.append(failing)
-        agent.startService()
-        self.addCleanup(agent.stopService)
-        await agent.registered
+        plane, agent, failing = await self.agent()
         seen = []
         globalLogPublisher.addObserver(seen.append)
         self.addCleanup(globalLogPublisher.removeObserver, seen.append)
