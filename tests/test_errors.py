@@ -44,3 +44,11 @@ class LogFailureTests(SynchronousTestCase):
                          "wamp.error.other: why")
         self.assertEqual(errors.message_of(KeyError("k")), "'k'")
         self.assertEqual(errors.message_of(RuntimeError()), "RuntimeError")
+
+    def test_disk_full(self):
+        import errno
+
+        for code in (errno.ENOSPC, errno.EDQUOT):
+            self.assertTrue(errors.disk_full(OSError(code, "full")))
+        self.assertFalse(errors.disk_full(OSError(errno.EIO, "Input/output error")))
+        self.assertFalse(errors.disk_full(RuntimeError("full")))

@@ -9,6 +9,8 @@ and the CLI prints the message (never a traceback) and exits non-zero.
 Add a new class here only for a new *kind* of failure a client can act on.
 """
 
+import errno
+
 from autobahn.wamp.exception import ApplicationError
 
 
@@ -134,6 +136,14 @@ def from_wire(error):
     if error.error in (ApplicationError.CANCELED, "wamp.error.timeout"):
         return Unavailable(f"{error.error}: {message}")
     return error
+
+
+def disk_full(e):
+    """
+    Whether exception C{e} says a disk has no room left (C{ENOSPC}, C{EDQUOT}): a condition
+    to report as L{ResourceExhausted}, not a bug.
+    """
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def message_of(e):

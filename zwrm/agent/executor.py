@@ -38,7 +38,6 @@ keeps its own files in C{<data_dir>/machines/<id>/}. L{Executor.recover} (called
 at start-up) puts both together again after an agent restart.
 """
 
-import errno
 import json
 import os
 import socket
@@ -64,6 +63,7 @@ from zwrm.errors import (
     ResourceExhausted,
     Unavailable,
     ZwrmError,
+    disk_full,
     message_of,
 )
 
@@ -331,7 +331,7 @@ class Executor:
                              p=rec.host_port)
                     rec.state = "starting"
         except Exception as e:
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            if disk_full(e):
                 # The host's disk, not a fault of the agent's: said, without a traceback.
                 e = ResourceExhausted(f"machine {mid!r} could not start: the disk of host"
                                       f" {self.host_id} is full ({e.strerror or e})")

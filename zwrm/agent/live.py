@@ -37,7 +37,6 @@ here: the caller asks the target (C{live.status}) whether it resumed, and only t
 (resumes) the source or destroys it.
 """
 
-import errno
 import json
 import os
 
@@ -69,6 +68,7 @@ from zwrm.errors import (
     ResourceExhausted,
     Unavailable,
     ZwrmError,
+    disk_full,
 )
 from zwrm.interfaces import ILiveMigration
 
@@ -1034,7 +1034,7 @@ class LiveMigrations:
                                 json.dumps(doc))
         except OSError as e:
             what = f"host {self.host_id} cannot record the incoming migration of {machine_id}"
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            if disk_full(e):
                 raise ResourceExhausted(f"{what}: the disk is full") from None
             raise Unavailable(f"{what}: {e.strerror or e}") from None
 

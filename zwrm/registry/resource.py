@@ -8,7 +8,6 @@ of the form C{{"errors": [{"code": ..., "message": ..., "detail": ...}]}} with t
 codes and status codes.
 """
 
-import errno
 import hashlib
 import json
 import os
@@ -21,7 +20,13 @@ from twisted.logger import Logger
 from twisted.web import resource, server, static
 
 from zwrm.drivers import diskimage
-from zwrm.errors import AuthenticationFailed, InvalidArgument, NotAuthorized, Unavailable
+from zwrm.errors import (
+    AuthenticationFailed,
+    InvalidArgument,
+    NotAuthorized,
+    Unavailable,
+    disk_full,
+)
 from zwrm.registry.image import QCOW2_TYPE
 from zwrm.registry.store import (
     DIGEST_RE,
@@ -234,7 +239,7 @@ class RegistryResource(resource.Resource):
                 err["detail"] = e.detail
             self._json(request, {"errors": [err]}, status)
         except Exception as e:
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            if disk_full(e):
                 # The control plane's disk, not a fault: said, without a traceback. An upload
                 # keeps what it had before this request, so it goes on once there is room.
                 self.log.error("registry request {method} {uri}: the disk is full",

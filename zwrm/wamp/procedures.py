@@ -5,7 +5,6 @@ agent's procedures, L{guarded_agent_procedure}), and how their failures are logg
 (L{QuietAnswers}).
 """
 
-import errno
 import inspect
 from collections.abc import Coroutine
 
@@ -13,9 +12,6 @@ from autobahn.wamp.exception import ApplicationError
 from twisted.internet import defer
 
 from zwrm import errors
-
-#: The errors of a disk that has no room left.
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def procedures_of(api):
@@ -65,7 +61,7 @@ def guarded_agent_procedure(uri, endpoint, host_id, log):
         if failure.check(ApplicationError, defer.CancelledError):
             return failure
         e = failure.value
-        if isinstance(e, OSError) and e.errno in DISK_FULL:
+        if errors.disk_full(e):
             log.error("{uri}: the disk is full ({why})", uri=uri, why=e.strerror or e)
             raise errors.ResourceExhausted(
                 f"host {host_id}: the disk is full: {uri} failed ({e.strerror or e})"

@@ -513,7 +513,7 @@ class IncomingTransfer:
                 self._proto.transport.resumeProducing()
 
     def _write_failed(self, f):
-        if f.check(OSError) and f.value.errno in (errno.ENOSPC, errno.EDQUOT):
+        if errors.disk_full(f.value):
             err = errors.ResourceExhausted(
                 f"the disk is full: cannot store volume {self.volume_id} ({f.value.strerror})"
             )
