@@ -357,6 +357,14 @@ class BlobTests(RegistryTestsMixin, unittest.TestCase):
             {"code": "UNKNOWN", "message": "the registry's disk is full (No space left on device)"}])
         self.assertEqual(written, [1024 * 1024])
         self.assertEqual(self.flushLoggedErrors(), [])
+        # what zwrm's client (the CLI's image push) makes of it: resource_exhausted
+        from zwrm.errors import ResourceExhausted
+        from zwrm.registry.client import RegistryClient
+
+        err = RegistryClient._error(resp.code, body, loc)
+        self.assertIsInstance(err, ResourceExhausted)
+        self.assertEqual(err.message, f"the registry cannot store {loc}: UNKNOWN: the"
+                         " registry's disk is full (No space left on device)")
         resp, _ = await self.reg.request("GET", loc)
         self.assertEqual(header(resp, "Range"), "0-999")
         upload_file = [os.path.join(d, f) for d, _, fs in os.walk(self.reg.root) for f in fs

@@ -22,6 +22,7 @@ from zwrm.errors import (
     InvalidArgument,
     NotAuthorized,
     NotFound,
+    ResourceExhausted,
     Unavailable,
 )
 from zwrm.registry import image
@@ -194,6 +195,8 @@ class RegistryClient:
             return InvalidArgument(message)
         if code == 409:
             return Conflict(message)
+        if code == 507:  # Insufficient Storage: the registry's disk is full
+            return ResourceExhausted(f"the registry cannot store {what}: {message}")
         return Unavailable(f"the registry failed on {what}: {message}")
 
     async def check(self):
