@@ -6,6 +6,8 @@ C{zwrm1.} join tokens, and the C{zwrm} CLI over C{wss://} with C{ZWRM_CA_FILE}.
 
 import json
 import os
+import socket
+import ssl
 
 import pytest
 from autobahn.twisted.websocket import WampWebSocketClientFactory
@@ -14,6 +16,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from zwrm import errors, pki
@@ -48,7 +51,7 @@ async def _await_log(process, text, timeout=60):
     try:
         await poll(reactor, lambda: text in _log(process), timeout, what=repr(text))
     except PollTimeout as e:
-        raise AssertionError(f"{e}; log of {process.name}:\n{process.log_tail()}") from None
+        raise AssertionError(f"{e}; log {process.log_path}:\n{process.log_tail()}") from None
 
 
 @pytest.mark.multihost
@@ -128,7 +131,8 @@ class TLSJoinTests(TestCase):
     def test_refused(self):
         """
         Agents holding a token with the wrong CA fingerprint, a revoked token or an expired
-        token are refused, each with one clear log line and no traceback, and never appear
+        token are refused, each with one clear log line, no traceback and nothing at error
+        level on either side, and never appear
         in `zwrm host list`; an agent whose saved host certificate names another host id
         refuses to use it.
         """
@@ -180,8 +184,82 @@ class TLSJoinTests(TestCase):
 
         hosts = json.loads(await self._cli(cp, "host", "list", "--json"))
         self.assertEqual([h["name"] for h in hosts], ["a1"])
-        for agent in list(agents.values()) + [a1]:
-            self.assertNotIn("Traceback", _log(agent))
+        for process in list(agents.values()) + [a1, cp]:
+            self.assertNotIn("Traceback", _log(process))
+            # one warning each time: autobahn's own "SSL error" line at error level is not
+            # repeated beside the agent's
+            self.assertNotIn("#error]", _log(process), process.log_path)
+            self.assertNotIn("#critical]", _log(process), process.log_path)
+
+
+def _broken_record_after_upgrade(port):
+    """
+    Over a blocking socket (run in a thread): a TLS handshake with the control plane, the
+    WebSocket upgrade, then an application-data record that does not decrypt.
+
+    @return: what the server sent after the upgrade's answer, until it closed.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+
+        def exchange(step):
+            while True:
+                try:
+                    result = step()
+                except ssl.SSLWantReadError:
+                    sock.sendall(outgoing.read())
+                    data = sock.recv(65536)
+                    if not data:
+                        raise ConnectionError("closed during the TLS exchange") from None
+                    incoming.write(data)
+                else:
+                    sock.sendall(outgoing.read())
+                    return result
+
+        exchange(tls.do_handshake)
+        tls.write(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                  b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                  b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: wamp.2.json\r\n\r\n")
+        sock.sendall(outgoing.read())
+        answer = exchange(lambda: tls.read(65536))
+        if not answer.startswith(b"HTTP/1.1 101"):
+            raise AssertionError(f"no upgrade: {answer[:80]!r}")
+        sock.sendall(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # does not decrypt
+        rest = b""
+        while data := sock.recv(65536):
+            rest += data
+        return rest
+
+
+class BadTLSPeerTests(TestCase):
+    timeout = 120
+
+    def test_broken_record_after_upgrade(self):
+        """
+        A peer that breaks TLS once the WebSocket is open (a record that does not decrypt)
+        is the peer's mistake: the control plane closes the connection and logs one info
+        line naming the peer and OpenSSL's reason, nothing at error level (autobahn's own
+        "SSL error" line was at error level).
+        """
+        return ensureDeferred(self._broken())
+
+    async def _broken(self):
+        tmp = temp_dir(self)
+        port = free_port()
+        cp = ControlPlaneProcess(reactor, os.path.join(tmp, "cp"),
+                                 extra_args=["--listen", f"ssl:{port}:interface=127.0.0.1"])
+        self.addCleanup(lambda: ensureDeferred(cp.stop()))
+        await cp.start()
+        await deferToThread(_broken_record_after_upgrade, port)
+        await _await_log(cp, "] TLS with tcp4:127.0.0.1:")
+        [line] = [x for x in _log(cp).splitlines() if "] TLS with " in x]
+        self.assertRegex(line, r"#info\] TLS with tcp4:127\.0\.0\.1:\d+ failed: .*(bad record|decrypt)")
+        self.assertNotIn("#error]", _log(cp))
+        self.assertNotIn("Traceback", _log(cp))
 
 
 class AgentCredentialTests(SynchronousTestCase):

@@ -32,7 +32,6 @@ import random
 
 from autobahn import wamp
 from autobahn.twisted.wamp import ApplicationSession
-from autobahn.twisted.websocket import WampWebSocketClientFactory
 from autobahn.wamp.exception import ApplicationError
 from autobahn.wamp.serializer import JsonSerializer, MsgPackSerializer
 from autobahn.wamp.types import ComponentConfig
@@ -48,6 +47,7 @@ from zwrm.agent.connection import ConnectionLife
 from zwrm.agent.identity import Identity
 from zwrm.endpoints import client_endpoint, tcp_endpoint
 from zwrm.wamp.procedures import QuietAnswers, register_agent_procedures
+from zwrm.wamp.transport import WampWebSocketClientFactory
 
 
 class AuthRejected(Exception):

@@ -31,6 +31,7 @@ from autobahn.wamp.serializer import (
 )
 from autobahn.wamp.types import TransportDetails
 from autobahn.websocket.protocol import WebSocketProtocol
+from OpenSSL import SSL
 from twisted.internet import defer, tcp
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -39,6 +40,7 @@ from twisted.protocols.basic import StringTooLongError
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from zwrm.endpoints import tls_error_text
 from zwrm.sockets import write_now
 from zwrm.wamp.wire import (
     codec_for,
@@ -126,7 +128,17 @@ class _QuietWebSocketMixin:
         self._dataReceived(data)
 
     def connectionLost(self, reason):
-        super().connectionLost(reason)
+        if isinstance(reason.value, SSL.Error):
+            # autobahn logs a failed TLS handshake at error level ("SSL error: ..."), and
+            # only logs: the client's owner says why in its own words (the agent's warning
+            # with its retry, the CLI's one line), and on a listener it is the peer's
+            # mistake, not the server's: one info line.
+            if self.factory.isServer:
+                log.info("TLS with {peer} failed: {why}", peer=self.peer,
+                         why=tls_error_text(reason.value) or "no reason given")
+            self._connectionLost(reason)
+        else:
+            super().connectionLost(reason)
         # autobahn cancels its other timers when the connection is lost, but not the
         # closing-handshake timer (nor a client's wait for the server to drop TCP): a
         # peer that goes away mid-close would leave them pending
