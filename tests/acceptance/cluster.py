@@ -9,14 +9,18 @@ One cluster per test session (the C{cluster} fixture in conftest.py):
    each with its own address and host name, resolvable as C{<name>.zwrm.test};
  - the hosts share one filesystem, so each gets its own C{/etc/zwrm} and C{/var/lib/zwrm}:
    bind mounts, made in the private mount namespace every command in the host runs in
-   (C{TestNetwork(binds=...)}), of C{<run>/<host>/etc} and C{<run>/<host>/lib}.  The
+   (C{TestNetwork(binds=...)}), of C{<run>/<host>/etc} and C{<run>/<host>/lib}.  C{a2}'s
+   C{/var/lib/zwrm} is a data disk of its own, as operators give their hosts: an ext4
+   filesystem (C{<run>/a2-data.img}, sparse, loop-mounted on C{<run>/a2/lib}), which a step
+   can fill (L{Cluster.fill_data_disk});  The
    packages themselves (C{/opt/zwrm}, C{/usr/bin/zwrm}, the units, the C{zwrm} user) are
    installed once into the shared filesystem by the first C{install.sh}: as on identical
    hosts.  Any zwrm packages installed before are purged first;
  - C{install.sh} as docs/install.md says: the control plane with
    C{--control-plane-url=https://cp.zwrm.test:8443}; then C{zwrm host list} and
    C{zwrm tokens create} on the control-plane host (as root: /etc/zwrm/cli.toml, written by
-   install.sh, tells the CLI where and how); the agents with the seed's flags plus
+   install.sh, tells the CLI where and how); the agents (C{a1} in datacenter C{dc1}, C{a2}
+   in C{dc2}, both in region C{eu-central}) with the seed's flags plus
    C{--join-token-file} (a1) or C{$ZWRM_JOIN_TOKEN} (a2), C{--address} and
    C{--network=bridge} (the cluster network and the ingress, docs/networking.md; install.sh
    writes the kernel settings into the host's own C{/etc/sysctl.d}, a bind mount too);
@@ -53,6 +57,8 @@ INSTALL_SH = os.path.join(ROOT, "install.sh")
 PORT = 8443
 HOSTS = ("cp", "a1", "a2", "client")
 AGENTS = ("a1", "a2")
+DATACENTERS = {"a1": "dc1", "a2": "dc2"}
+DATA_DISKS = {"a2": 16}  # agents whose /var/lib/zwrm is a filesystem of its own: GiB (sparse)
 PUBLISHED = 80  # the app's published port (below 1024: the agent's CAP_NET_BIND_SERVICE)
 PUBLISHED_HTTP = 8000  # the same guest port published in http mode (through the proxy)
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -169,7 +175,7 @@ class Service:
         with open(self.log_path, "rb") as f:
             f.seek(self.log_offset)
             for line in f.read().decode(errors="replace").splitlines():
-                if "could not start" in line:
+                if "zwrm-control could not start" in line:  # (not a machine's)
                     raise StepFailed(f"{self.unit.name} on {self.host}: {line}")
 
     def stop(self, timeout=30):
@@ -207,6 +213,7 @@ class Cluster:
         self.state = {}
         self.timings = {}
         self.net = None
+        self._mounts = []  # data disks mounted by setup (unmounted by close)
         self.debs = None
         self.host_ids = {}  # agent host name -> host id
 
@@ -238,6 +245,9 @@ class Cluster:
             self.image = guest.build()
         with self.phase("purge zwrm packages installed before"):
             self._purge()
+        with self.phase("a data disk of its own for a2"):
+            for host, gib in DATA_DISKS.items():
+                self._make_data_disk(host, gib)
         binds = {h: {"/etc/zwrm": self.host_dir(h, "etc"), "/var/lib/zwrm": self.host_dir(h, "lib"),
                      "/etc/sysctl.d": self.host_dir(h, "sysctl.d")}
                  for h in HOSTS}
@@ -248,6 +258,43 @@ class Cluster:
             self._install_agents()
         with self.phase("configure the client"):
             self._configure_client()
+
+    def _make_data_disk(self, host, gib):
+        """
+        An ext4 filesystem of C{gib} GiB (a sparse file, no blocks reserved for root, so that
+        a full disk is full for root and the zwrm user alike) mounted where C{host}'s
+        C{/var/lib/zwrm} comes from.
+        """
+        image = os.path.join(self.run_dir, f"{host}-data.img")
+        with open(image, "wb") as f:
+            f.truncate(gib << 30)
+        mount_point = self.host_dir(host, "lib")
+        os.makedirs(mount_point, exist_ok=True)
+        for argv in (["mkfs.ext4", "-q", "-F", "-m", "0", "-L", f"zwrm-{host}", image],
+                     ["mount", "-o", "loop", image, mount_point]):
+            r = subprocess.run(argv, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise StepFailed(f"{' '.join(argv)} exited {r.returncode}: {r.stderr.strip()}")
+        self._mounts.append((mount_point, image))
+
+    def fill_data_disk(self, host):
+        """
+        Fill C{host}'s data disk, as something outside zwrm would (a log, a backup): one file
+        as large as the space left, in C{/var/lib/zwrm}.
+
+        @return: the file's path on the host (remove it to free the disk again).
+        """
+        filler = "/var/lib/zwrm/filler"
+        free = os.statvfs(self.host_dir(host, "lib"))
+        # Allocated at once but for the last 16 MiB (its extents need blocks too), which
+        # zeros then fill up to the last block (dd stops at ENOSPC).
+        size = max(0, free.f_bavail * free.f_frsize - (16 << 20))
+        self.sh(host, ["sh", "-c", f"fallocate -l {size} {filler} && "
+                                   f"{{ dd if=/dev/zero bs=64k >> {filler} 2>/dev/null; true; }}"])
+        left = os.statvfs(self.host_dir(host, "lib"))
+        if left.f_bavail * left.f_frsize > (1 << 20):
+            raise StepFailed(f"{host}'s data disk still has {left.f_bavail * left.f_frsize} bytes free")
+        return filler
 
     def _purge(self):
         installed = [p for p in debs.PACKAGES
@@ -375,7 +422,7 @@ class Cluster:
         self.agents = {}
         for host in AGENTS:
             args = ["--agent", f"--control-plane-url={url}", "--region=eu-central",
-                    "--datacenter=dc1", f"--address={self.net.address(host)}",
+                    f"--datacenter={DATACENTERS[host]}", f"--address={self.net.address(host)}",
                     "--network=bridge"]
             env = None
             if host == "a1":
@@ -488,6 +535,12 @@ class Cluster:
             # Leave the machine without zwrm packages, as the purge before found it or
             # better: their postinst ran in the hosts' views, not in the shared one.
             self._purge()
+        while self._mounts:
+            mount_point, image = self._mounts.pop()
+            if subprocess.run(["umount", mount_point], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", mount_point], capture_output=True)
+            if not os.environ.get("ZWRM_KEEP_TEST_DIRS"):
+                os.unlink(image)
 
 
 def make_run_dir():

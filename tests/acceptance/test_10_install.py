@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from tests.acceptance.cluster import AGENTS
+from tests.acceptance.cluster import AGENTS, DATACENTERS
 
 pytestmark = pytest.mark.acceptance
 
@@ -25,7 +25,7 @@ def test_host_list_as_install_sh_tells(cluster):
     hosts = {h["name"]: h for h in cluster.host_list()}
     for agent in AGENTS:
         assert (hosts[agent]["state"], hosts[agent]["region"], hosts[agent]["datacenter"]) == (
-            "ready", "eu-central", "dc1")
+            "ready", "eu-central", DATACENTERS[agent])
 
 
 def test_install_sh_files(cluster):

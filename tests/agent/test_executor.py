@@ -258,9 +258,11 @@ class ExecutorTests(TestCase):
         self.executor.driver.start = start
         with self.assertRaises(ResourceExhausted) as cm:
             await self.executor.start_machine(self.spec(volumes=[]))
-        self.assertEqual(cm.exception.message, "machine 'm1' could not start: the disk of host"
-                         " h1 is full (No space left on device)")
+        self.assertEqual(cm.exception.message,
+                         "the disk of host h1 is full (No space left on device)")
         self.assertEqual(self.states("m1")[-1], "failed")
+        self.assertEqual(self.events[-1]["reason"],  # as the control plane is told
+                         "could not start: the disk of host h1 is full (No space left on device)")
         self.assertEqual(self.flushLoggedErrors(), [])  # nothing logged as a fault
 
     async def test_report_failure_does_not_break_start(self):

@@ -2,7 +2,7 @@
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from zwrm.cli.apps import _settled, _spec
+from zwrm.cli.apps import _failed_line, _last_reason, _settled, _spec
 from zwrm.cli.client import EXIT_USAGE, CliError
 from zwrm.cli.main import build_parser
 
@@ -55,3 +55,20 @@ class SettledTests(SynchronousTestCase):
         self.assertIsNone(_settled(self.app(2, ("running", "passing"), ("running", "failing"))))
         self.assertIsNone(_settled(self.app(2, ("running", "passing"))))
         self.assertEqual(_settled(self.app(1, ("failed", None))), "failed")
+
+    def test_failed_line_says_why(self):
+        """
+        A deploy that waits and meets a failed machine ends with one line naming it and
+        its newest event's reason (the agent's: a full disk, a missing image), not a
+        pointer to its console, which a machine that never started does not have.
+        """
+        status = {"id": "m-2", "state": "failed", "events": [
+            {"kind": "state", "payload": {"reason": "could not start: the disk of host h1 is"
+                                                    " full (No space left on device)"}},
+            {"kind": "state", "payload": {"reason": "created"}}]}
+        why = _last_reason(status)
+        self.assertEqual(_failed_line("web", status, why), "machine m-2 of web failed: could"
+                         " not start: the disk of host h1 is full (No space left on device)")
+        self.assertIsNone(_last_reason({"id": "m-2", "events": [{"payload": {}}]}))
+        self.assertEqual(_failed_line("web", status, None),
+                         "machine m-2 of web failed (see zwrm logs m-2)")

@@ -333,8 +333,10 @@ class Executor:
         except Exception as e:
             if disk_full(e):
                 # The host's disk, not a fault of the agent's: said, without a traceback.
-                e = ResourceExhausted(f"machine {mid!r} could not start: the disk of host"
-                                      f" {self.host_id} is full ({e.strerror or e})")
+                # (the machine is named by the call; its record and the control plane's
+                # say "could not start: " before it)
+                e = ResourceExhausted(f"the disk of host {self.host_id} is full"
+                                      f" ({e.strerror or e})")
             msg = e.message if isinstance(e, ZwrmError) else f"{e.__class__.__name__}: {e}"
             if rec.state != "failed":
                 self._change(rec, "failed", f"could not start: {msg}")

@@ -393,6 +393,25 @@ def _settled(app):
     return "ok" if len(ok) == want == len(ms) else None
 
 
+def _last_reason(machine):
+    """The newest reason among the events of C{machine} (C{zwrm.machine.status}), or None."""
+    for e in machine.get("events") or []:  # newest first
+        reason = (e.get("payload") or {}).get("reason")
+        if reason:
+            return reason
+    return None
+
+
+def _failed_line(name, machine, why):
+    """
+    The one line of a deploy whose machine failed: which, and C{why} (its newest event's
+    reason: the agent's, e.g. a full disk) when there is one.
+    """
+    if why:
+        return f"machine {machine['id']} of {name} failed: {why}"
+    return f"machine {machine['id']} of {name} failed (see zwrm logs {machine['id']})"
+
+
 def format_plan(plan, out):
     version = plan["version"]
     out.write(f"{plan['app']}: " + (f"new version {version}\n" if plan["changed"]
@@ -433,8 +452,9 @@ async def deploy(reactor, args, out=None):
                 state = _settled(app)
                 if state == "failed":
                     format_app(app, sys.stderr)
-                    raise CliError(f"a machine of {args.app} failed (see zwrm logs <machine-id>)",
-                                   EXIT_REMOTE)
+                    failed = next(m for m in app["machines"] if m["state"] == "failed")
+                    why = _last_reason(await call(session, "zwrm.machine.status", failed["id"]))
+                    raise CliError(_failed_line(args.app, failed, why), EXIT_REMOTE)
                 if state == "ok":
                     break
                 if reactor.seconds() >= deadline:
