@@ -2,8 +2,9 @@
 Step: a host's data disk fills up (something outside zwrm filled a2's /var/lib/zwrm, a
 filesystem of its own).  A deploy onto that host (the app asks for a2's datacenter, dc2)
 ends with one line that says the disk of that host is full; nothing else changes: the
-earlier app still answers through every agent's ingress, both hosts stay ready, and no
-service logs a traceback or a critical line.  Once the operator frees the disk the app's
+earlier app still answers through every agent's ingress, both hosts stay ready, the full
+host's network takes every view the control plane sends, and no service logs a traceback
+or a critical line.  Once the operator frees the disk the app's
 restart policy starts the machine on the same host, with no command.  The app is destroyed
 at the end, so later steps find the cluster as they would have.
 """
@@ -86,3 +87,5 @@ def test_deploy_onto_a_full_disk(cluster):
     # The agent said what happened, in one line, where its operator looks.
     agent_log = logged[("a2", "zwrm-agent.service")]
     assert "No space left on device" in agent_log, agent_log[-4000:]
+    # Its network took every view all the same (nft reads the rules from a pipe).
+    assert "network.update failed" not in agent_log, agent_log[-4000:]

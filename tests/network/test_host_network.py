@@ -3,8 +3,10 @@ L{HostNetwork} in network namespaces, without guests: what an agent restart find
 what leaving removes.
 """
 
+import errno
 import os
 import shutil
+import subprocess
 import tempfile
 
 import pytest
@@ -113,6 +115,38 @@ class HostNetworkTests(TestCase):
         self.assertEqual(host.gateway, "10.80.2.1")
         await host.ensure_bridge({"gateway": "10.80.3.1", "prefix": 16})
         self.assertEqual(await addresses(), ["10.80.3.1/16"])
+
+    async def test_rules_apply_when_the_disk_is_full(self):
+        """
+        The ruleset goes to nft on its standard input: on a host whose data disk is full
+        (here the state directory is a small tmpfs, filled) a machine still gets its rules
+        and a change of the cluster still applies; only the operator's copy of the ruleset
+        is missing.
+        """
+        state = os.path.join(self.root, "full")
+        os.makedirs(state)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "zwrm-test", state],
+                       check=True)
+        self.addCleanup(subprocess.run, ["umount", "-l", state], check=False)
+        fd = os.open(os.path.join(state, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while True:
+                os.write(fd, bytes(4096))
+        except OSError as e:
+            self.assertEqual(e.errno, errno.ENOSPC)
+        finally:
+            os.close(fd)
+        host = HostNetwork(reactor, local_address=self.net.address("h1"), run=self.run,
+                           state_dir=state)
+        self.addCleanup(lambda: defer.ensureDeferred(host.close()))
+        nic = await host.add_machine("m1", "web", NET)
+        await host.set_cluster(
+            [{"host_id": "h2", "address": "10.99.250.2", "gateway": "10.80.2.1"}],
+            [{"address": "10.80.2.9", "app": "web", "host_id": "h2"}])
+        rules = await self.run("nft", "list", "ruleset")
+        self.assertIn('"' + nic["tap"] + '" . 10.80.1.2', rules)
+        self.assertIn("10.80.2.9", rules)
+        self.assertFalse(os.path.exists(os.path.join(state, "nftables.conf")))
 
     async def test_prepare_gives_a_disk_image_its_static_network_config(self):
         # The driver's NIC carries the cloud-init network-config the seed of a disk image

@@ -118,7 +118,7 @@ class HostNetwork:
     @param local_address: this host's address on the underlay (VXLAN's source), or L{None}
         for a single host without the overlay.
     @param run: a L{commands.Runner} (tests give one acting inside a network namespace).
-    @param state_dir: where the ruleset file is written before C{nft -f} reads it (private).
+    @param state_dir: where a copy of the ruleset given to C{nft} is kept (private).
     @param deny: more addresses or CIDRs that guests may never reach (e.g. the control
         plane's address, a metadata service).
     """
@@ -525,12 +525,21 @@ table inet zwrm {{
     async def _apply_rules(self):
         if not self._ready:
             return
+        ruleset = self.ruleset()
+        # nft reads the ruleset from its standard input: the rules never wait for the disk
+        # (a host whose data disk is full keeps its guests isolated and reachable).  The
+        # copy in the state directory is for the operator to read, when it can be written.
         path = os.path.join(self.state_dir, "nftables.conf")
-        with open(path + ".tmp", "w") as f:
-            f.write(self.ruleset())
-        os.replace(path + ".tmp", path)
         try:
-            await self.run("nft", "-f", path)
+            with open(path + ".tmp", "w") as f:
+                f.write(ruleset)
+            os.replace(path + ".tmp", path)
+        except OSError as e:
+            self.log.warn("the nftables ruleset's copy {path} was not written: {e}; applied"
+                          " all the same", path=path, e=e.strerror or e)
+            path = "(not saved)"
+        try:
+            await self.run("nft", "-f", "-", stdin=ruleset)
         except CommandFailed as e:
             if self.forwards:
                 # Isolation first: without the forwarding (this kernel lacks a part of
