@@ -8,12 +8,15 @@ import os
 import shutil
 import tempfile
 
+from autobahn.wamp.exception import ApplicationError
 from twisted.internet import reactor
 from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import TestCase
 
 from tests.agent.fakes import FakeImages
+from zwrm.agent import executor as executor_module
 from zwrm.agent.executor import Executor
 from zwrm.agent.volumes import VolumeStore
 from zwrm.drivers.fake import FakeDriver, FakeHost
@@ -272,6 +275,38 @@ class ExecutorTests(TestCase):
         self.executor.report = broken
         st = await self.executor.start_machine(self.spec(volumes=[]))
         self.assertEqual(st["state"], "running")
+
+
+    async def test_report_of_a_machine_the_control_plane_destroyed(self):
+        """
+        A stop reported after the control plane deleted the machine (its app destroyed)
+        is answered not_found over WAMP: an info line, not a warning; any other refusal
+        stays a warning.
+        """
+        events = []
+        self.patch(executor_module, "log", Logger(observer=events.append))
+        st = await self.executor.start_machine(self.spec(volumes=[]))
+        self.assertEqual(st["state"], "running")
+
+        def gone(event):
+            return fail(ApplicationError("zwrm.error.not_found", "no machine 'm1'"))
+
+        self.executor.report = gone
+        del events[:]
+        await self.executor.stop_machine("m1")
+        said = [(e["log_level"], formatEvent(e)) for e in events]
+        self.assertIn((LogLevel.info,
+                       "machine m1 stopped: the control plane has no record of it any more"), said)
+        self.assertNotIn(LogLevel.warn, [level for level, _ in said])
+
+        def refused(event):
+            return fail(ApplicationError("zwrm.error.conflict", "not yours"))
+
+        del events[:]
+        self.executor.report = refused
+        await self.executor.start_machine(self.spec(volumes=[]))
+        self.assertIn(LogLevel.warn, [e["log_level"] for e in events])
+        self.assertIn("could not report machine m1", " ".join(formatEvent(e) for e in events))
 
 
 class ExecutorHealthTests(TestCase):

@@ -64,6 +64,7 @@ from zwrm.errors import (
     Unavailable,
     ZwrmError,
     disk_full,
+    from_wire,
     message_of,
 )
 
@@ -981,9 +982,18 @@ class Executor:
         except Exception:
             log.failure("reporting a machine event failed")
             return
-        d.addErrback(lambda f: log.warn(
-            "could not report machine {id} {state}: {e}", id=rec.spec["id"], state=rec.state,
-            e=message_of(f.value)))
+        d.addErrback(self._reportFailed, rec)
+
+    @staticmethod
+    def _reportFailed(f, rec):
+        e = from_wire(f.value)
+        if isinstance(e, NotFound) and rec.state in ("stopping", "stopped", "failed"):
+            # The control plane destroyed it (its app, a scale-down) before it stopped here.
+            log.info("machine {id} {state}: the control plane has no record of it any more",
+                     id=rec.spec["id"], state=rec.state)
+            return
+        log.warn("could not report machine {id} {state}: {e}", id=rec.spec["id"],
+                 state=rec.state, e=message_of(e))
 
     def _running(self, rec, reason="running", health="starting"):
         spec = rec.spec
