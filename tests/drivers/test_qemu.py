@@ -3,6 +3,7 @@ What is particular to the QEMU driver: accelerator choice, configuration errors,
 start-up errors, and the plugin.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -220,6 +221,45 @@ class StartOrderTests(SynchronousTestCase):
         self.assertEqual(self.reactor.unixClients, [])  # no QMP to wait for
         self.assertEqual(process.signals, [])
         self.assertIsNone(self.driver.status("m1")["pid"])
+
+    def exits_silently(self, process):
+        """QEMU exits at start-up without a word in its log (it could not write it)."""
+        os.truncate(os.path.join(self.driver._machines["m1"].dir, "qemu.log"), 0)
+        self.exits(process, code=1)
+
+    def test_silent_exit_on_a_full_disk(self):
+        # Its directory's filesystem has no room: the start fails with ENOSPC, which the
+        # agent reports as the host's full disk, not as "QEMU exited with code 1".
+        self.reactor.during_spawn = self.exits_silently
+        self.driver.free_bytes = lambda path: 4096
+        d, _ = self.start()
+        e = self.failureResultOf(d, OSError).value
+        self.assertEqual(e.errno, errno.ENOSPC)
+        self.assertEqual(self.driver.status("m1")["state"], "failed")
+        self.assertEqual(self.seen[-1]["reason"], "QEMU exited with code 1")
+
+    def test_silent_exit_with_room_is_the_exit(self):
+        self.reactor.during_spawn = self.exits_silently
+        self.driver.free_bytes = lambda path: 1 << 30
+        d, _ = self.start()
+        self.assertEqual(self.failureResultOf(d, Unavailable).value.message,
+                         "machine m1: QEMU exited with code 1")
+
+    def test_our_kill_on_a_full_disk_is_not_the_disk(self):
+        # QEMU silent on QMP, killed by the driver: the timeout is the error, full disk or not.
+        self.driver.free_bytes = lambda path: 0
+        d, process = self.start()
+        os.truncate(os.path.join(self.driver._machines["m1"].dir, "qemu.log"), 0)
+        self.qmp_connects()
+        self.reactor.advance(10)
+        self.exits(process, signal=9)
+        self.assertIn("did not answer on QMP", self.failureResultOf(d, Unavailable).value.message)
+
+    def test_qemus_words_on_a_full_disk_are_the_error(self):
+        self.driver.free_bytes = lambda path: 0
+        d, process = self.start()
+        self.exits(process, code=1)
+        self.assert_forward_error(d)
 
     def test_qmp_silent_is_a_timeout_and_the_kill_is_not_the_reason(self):
         d, process = self.start()

@@ -747,7 +747,7 @@ class QemuDriver(QemuLiveMigration):
             os.close(null)
         if m.state != "running":
             # It ended already (see above).
-            raise Unavailable(f"machine {m.id}: {m.reason}")
+            raise self._start_error(m)
         m.transport, m.pid = transport, transport.pid
         if self._closed:
             # The driver closed while QEMU was being spawned.
@@ -783,7 +783,7 @@ class QemuDriver(QemuLiveMigration):
         if what == "ended":
             connecting.cancel()
             connecting.addErrback(lambda f: None)
-            raise Unavailable(f"machine {m.id}: {m.reason}")
+            raise self._start_error(m)
         if what == "qmp-failed":
             # QEMU listens on its QMP socket before it sets up the rest of the machine (a
             # host forward, a drive...), so a QEMU that fails at start-up can accept our
@@ -794,7 +794,7 @@ class QemuDriver(QemuLiveMigration):
             await self._kill_starting(m, f"QEMU did not answer on QMP: {value.getErrorMessage()}")
         m.qmp = value
         if m.state != "running":
-            raise Unavailable(f"machine {m.id}: {m.reason}")
+            raise self._start_error(m)
         self._set(m, "running", f"started (accel {self.accel})")
         return self._status(m)
 
@@ -812,8 +812,9 @@ class QemuDriver(QemuLiveMigration):
         m.kill_reason = reason
         self._kill(m)
         await self._wait_end(m)
+        error = self._start_error(m)  # (which asks whether the kill ended it)
         m.kill_reason = None
-        raise Unavailable(f"machine {m.id}: {m.reason}")
+        raise error
 
     async def _choose_accel(self):
         # One probe, however many machines start at once.
@@ -901,6 +902,34 @@ class QemuDriver(QemuLiveMigration):
         for d in waiters:
             if not d.called:
                 d.callback(None)
+
+    #: Below this many free bytes on its directory's filesystem, a QEMU that failed at
+    #: start-up without a word in its log is taken to have met the full disk.
+    FULL_DISK_BYTES = 1 << 20
+
+    def free_bytes(self, path):
+        """The bytes an unprivileged process may still write on C{path}'s filesystem."""
+        st = os.statvfs(path)
+        return st.f_bavail * st.f_frsize
+
+    def _start_error(self, m):
+        """
+        The error of a start whose QEMU ended (L{m.reason} says how): L{Unavailable}, with
+        QEMU's last words when its log has them.  A QEMU that could not even write its log,
+        on a filesystem without room, met the full disk: C{OSError(ENOSPC)}, which the
+        agent reports as the host's full disk (not "QEMU exited with code 1").
+        """
+        killed = m.kill_reason is not None and m.end_signal == signal.SIGKILL  # by us
+        if not killed and not self._qemu_log_tail(m):
+            try:
+                full = self.free_bytes(m.dir) < self.FULL_DISK_BYTES
+            except OSError:
+                full = False
+            if full:
+                log.info("machine {id}: {reason}, and the disk of {dir} is full", id=m.id,
+                         reason=m.reason, dir=m.dir)
+                return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return Unavailable(f"machine {m.id}: {m.reason}")
 
     def _qemu_log_tail(self, m):
         try:
