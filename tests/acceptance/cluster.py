@@ -475,15 +475,15 @@ class Cluster:
         """The test host (namespace) name of the agent with id C{host_id}."""
         return {v: k for k, v in self.host_ids.items()}[host_id]
 
-    def app_request(self, path, data=None, via="a1", wait=30):
+    def app_request(self, path, data=None, via="a1", wait=30, port=PUBLISHED):
         """
         An HTTP request to the app, as its users make it: from the client host to the
-        ingress of agent C{via} (its C{--address} and the published port), wherever the
+        ingress of agent C{via} (its C{--address} and the published C{port}), wherever the
         replica runs.  Returns the body.  A read (C{data} None) is tried again for up to
         C{wait} seconds while the ingress answers with an error or not at all (it follows
         the cluster's health events); a write is made once.
         """
-        url = f"http://{self.net.address(via)}:{PUBLISHED}{path}"
+        url = f"http://{self.net.address(via)}:{port}{path}"
         argv = ["curl", "-fsS", "--max-time", "20", url]
         if data is not None:
             argv[1:1] = ["--data-binary", "@-", "-H", "Content-Type: application/octet-stream"]

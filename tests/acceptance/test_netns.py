@@ -66,6 +66,18 @@ def test_tcp_between_hosts(net):
         server.wait()
 
 
+def test_disconnect_and_reconnect(net):
+    net.run("a", ["ping", "-c1", "-W5", net.address("b")])
+    net.disconnect("b")
+    r = net.run("a", ["ping", "-c1", "-W2", net.address("b")], check=False)
+    assert r.returncode != 0
+    assert net.run("b", ["hostname"]).stdout.strip() == "b"  # still there, only cut off
+    net.reconnect("b")
+    net.run("a", ["ping", "-c1", "-W5", net.address("b")])
+    with pytest.raises(KeyError):
+        net.disconnect("nosuchhost")
+
+
 def test_hostname_is_the_host_name(net):
     assert net.run("a", ["hostname"]).stdout.strip() == "a"
     assert net.run("b", ["hostname"]).stdout.strip() == "b"

@@ -29,6 +29,9 @@ API (all of it):
     its own UTS namespace with hostname C{name}, with the host's bind mounts); C{run(name, argv, **kw)} is C{subprocess.run} of it
     (C{check=True}, output captured as text unless told otherwise); C{spawn(name, argv, **kw)}
     is C{subprocess.Popen} of it.
+  - C{disconnect(name)} / C{reconnect(name)}: pull the host's cable out of the switch and
+    plug it back (its switch port down, then up): the host and what runs in it stay as
+    they are, and nothing reaches it or leaves it meanwhile.
   - C{close()}: kill every process left in the namespaces, delete them and the
     C{/etc/netns} entries.  Idempotent; also registered with C{atexit}.
   - C{sweep()}: delete namespaces of earlier runs whose process is gone (run on creation).
@@ -238,6 +241,18 @@ class TestNetwork:
     def spawn(self, name, argv, **kw):
         """C{subprocess.Popen} of C{argv} inside host C{name}."""
         return subprocess.Popen(self.argv(name, argv), **kw)
+
+    def _port(self, name):
+        self._hosts[name]  # noqa: B018 - KeyError for an unknown host
+        return f"p{list(self._hosts).index(name) + 1}"
+
+    def disconnect(self, name):
+        """Cut host C{name} off the network (its switch port down); it keeps running."""
+        _ip("-n", self._switch, "link", "set", self._port(name), "down")
+
+    def reconnect(self, name):
+        """Plug host C{name} back into the switch (its port up again)."""
+        _ip("-n", self._switch, "link", "set", self._port(name), "up")
 
     def close(self):
         """Kill what runs inside, delete every namespace this network made.  Idempotent."""

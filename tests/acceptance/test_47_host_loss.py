@@ -1,0 +1,99 @@
+"""
+Step: a host vanishes from the network (its cable pulled: L{TestNetwork.disconnect}; the
+host and its VMs keep running, cut off) and comes back.
+
+A stateless app (one replica, a published port of its own) runs on some agent; that agent
+is cut off.  The control plane marks it offline, the replica is started on the other agent,
+and the app's users reach it from the client through the other agent's ingress.  The
+earlier app's machine, if it was on the lost host, waits for its host (its volume pins it)
+and says so.  The cable back: the host is ready again, the stale copy of the stateless
+replica on it is stopped (one copy runs), and the earlier app answers with its data from
+every agent.
+"""
+
+import pytest
+
+from tests.acceptance.cluster import AGENTS, poll
+
+pytestmark = pytest.mark.acceptance
+
+PORT = 81  # the stateless app's published port (web has 80 and 8000)
+
+
+def _status(cluster, name):
+    return cluster.zwrm_json("status", name)
+
+
+def _qemu_running(cluster, host, machine_id):
+    return cluster.sh(host, ["pgrep", "-f", f"qemu.*{machine_id}"], ok=(0, 1)).returncode == 0
+
+
+def test_a_host_vanishes_and_returns(cluster):
+    if "app" not in cluster.state:
+        pytest.fail("needs the deploy step (test_20_deploy.py) to have passed")
+    web = cluster.state["app"]
+    cluster.zwrm("apps", "create", "stateless")
+    with cluster.phase("deploy a stateless app"):
+        app = cluster.zwrm_json(
+            "deploy", "stateless", "--image", "demo:1", "--replicas", "1", "--memory", "128",
+            "--port", "8080", "--health-http", "/", "--health-grace", "240",
+            "--publish", f"{PORT}:8080", "--wait", "300", timeout=360)
+    [first] = app["machines"]
+    lost = cluster.host_of(first["host_id"])
+    [other] = [a for a in AGENTS if a != lost]
+    assert cluster.app_request("/", via=other, port=PORT)
+    [web_machine] = _status(cluster, web["name"])["machines"]
+    web_on_lost = web_machine["host_id"] == first["host_id"]
+
+    with cluster.phase("a host cut off until its replica runs on the other"):
+        cluster.net.disconnect(lost)
+        try:
+            def offline():
+                hosts = {h["name"]: h["state"] for h in cluster.host_list()}
+                return hosts[lost] == "offline" and hosts[other] == "ready"
+
+            poll(offline, 90, interval=2, what=f"{lost} offline")
+
+            def moved():
+                ms = _status(cluster, "stateless")["machines"]
+                return (len(ms) == 1 and ms[0]["host_id"] == cluster.host_ids[other]
+                        and ms[0]["state"] == "running" and ms[0]["health"] == "passing"
+                        and ms[0])
+
+            replacement = poll(moved, 180, interval=2, what="the replica on the other host")
+            assert replacement["id"] != first["id"]
+            # The app's users reach it, from another machine, through the host that is left.
+            assert cluster.app_request("/", via=other, port=PORT, wait=60)
+            [w] = _status(cluster, web["name"])["machines"]
+            if web_on_lost:
+                # pinned to its volume: it waits for its host, and is not started twice
+                assert (w["id"], w["host_id"], w["state"]) == (
+                    web_machine["id"], web_machine["host_id"], "failed"), w
+            else:
+                assert (w["id"], w["state"]) == (web_machine["id"], "running"), w
+            # cut off, the lost host still runs the old copy (nothing could tell it)
+            assert _qemu_running(cluster, lost, first["id"])
+        finally:
+            cluster.net.reconnect(lost)
+
+    with cluster.phase("the host back until one copy runs"):
+        def back():
+            hosts = {h["name"]: h["state"] for h in cluster.host_list()}
+            return all(hosts[a] == "ready" for a in AGENTS)
+
+        poll(back, 120, interval=2, what=f"{lost} ready again")
+        poll(lambda: not _qemu_running(cluster, lost, first["id"]), 120, interval=2,
+             what="the stale copy stopped on the host that came back")
+        ms = _status(cluster, "stateless")["machines"]
+        assert [(m["id"], m["state"]) for m in ms] == [(replacement["id"], "running")], ms
+
+        def web_running():
+            [w] = _status(cluster, web["name"])["machines"]
+            return w["state"] == "running" and w["health"] in ("passing", "none") and w
+
+        w = poll(web_running, 120, interval=2, what="the earlier app running again")
+        assert (w["id"], w["host_id"]) == (web_machine["id"], web_machine["host_id"])
+        for body in cluster.app_everywhere("/cgi-bin/read?index.txt", wait=60).values():
+            assert body.encode() == web["data"]
+
+    cluster.zwrm("destroy", "stateless")
