@@ -12,7 +12,7 @@ import ssl
 import pytest
 from autobahn.twisted.websocket import WampWebSocketClientFactory
 from autobahn.wamp.serializer import JsonSerializer
-from twisted.internet import reactor
+from twisted.internet import error, reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.task import Clock
@@ -324,6 +324,21 @@ class AgentCredentialTests(SynchronousTestCase):
         with self.assertRaises(ServerRejected) as c:
             self.agent._tls_options(joining=False)
         self.assertIn(f"is for host {self.host_id!r}, not this host 'h-else'", str(c.exception))
+
+    def test_unreachable_says_why(self):
+        """
+        A connection that fails says why in words (the OS's for an errno Twisted has no
+        class for: a host cut off the network), not the exception's class name.
+        """
+        url = self.agent.config.url
+        for outcome, why in [
+            (error.getConnectError((113, "No route to host")), "No route to host"),
+            (error.TCPTimedOutError(), "TCP connection timed out"),
+            (error.ConnectionLost(), "Connection to the other side was lost in a non-clean"
+                                     " fashion"),
+        ]:
+            self.assertEqual(self.agent._explain(outcome),
+                             f"cannot reach the control plane at {url}: {why}")
 
     def test_malformed_token(self):
         self.agent.config.join_token = "zwrm1.abc"

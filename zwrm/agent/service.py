@@ -419,7 +419,11 @@ class AgentService(service.Service):
         if isinstance(outcome, error.TimeoutError | defer.TimeoutError):
             return f"cannot reach the control plane at {url}: timed out"
         if isinstance(outcome, error.ConnectError | error.ConnectionLost | error.ConnectionDone):
-            return f"cannot reach the control plane at {url}: {outcome.__class__.__name__}"
+            # Twisted's sentence, or the OS's for an errno it has no class for (e.g. "No
+            # route to host" while this host is cut off the network)
+            errno_ = getattr(outcome, "osError", None)
+            why = os.strerror(errno_) if isinstance(errno_, int) else str(outcome).rstrip(".")
+            return f"cannot reach the control plane at {url}: {why}"
         if isinstance(outcome, SessionClosed):
             return f"the control plane at {url} closed our session ({outcome})"
         if isinstance(outcome, ApplicationError):
