@@ -255,6 +255,18 @@ class StartOrderTests(SynchronousTestCase):
         self.exits(process, signal=9)
         self.assertIn("did not answer on QMP", self.failureResultOf(d, Unavailable).value.message)
 
+    def test_qemu_says_enospc(self):
+        def says_enospc(process):
+            with open(os.path.join(self.driver._machines["m1"].dir, "qemu.log"), "w") as f:
+                f.write("qemu-system-x86_64: Failed to write PID file: No space left on device\n")
+            self.exits(process, code=1)
+
+        self.reactor.during_spawn = says_enospc
+        self.driver.free_bytes = lambda path: 1 << 30  # QEMU's word is enough
+        d, _ = self.start()
+        self.assertEqual(self.failureResultOf(d, OSError).value.errno, errno.ENOSPC)
+        self.assertIn("Failed to write PID file", self.seen[-1]["reason"])
+
     def test_qemus_words_on_a_full_disk_are_the_error(self):
         self.driver.free_bytes = lambda path: 0
         d, process = self.start()

@@ -915,12 +915,17 @@ class QemuDriver(QemuLiveMigration):
     def _start_error(self, m):
         """
         The error of a start whose QEMU ended (L{m.reason} says how): L{Unavailable}, with
-        QEMU's last words when its log has them.  A QEMU that could not even write its log,
-        on a filesystem without room, met the full disk: C{OSError(ENOSPC)}, which the
-        agent reports as the host's full disk (not "QEMU exited with code 1").
+        QEMU's last words when its log has them.  A QEMU whose last words are ENOSPC's, or
+        that could not even write its log on a filesystem without room, met the full disk:
+        C{OSError(ENOSPC)}, which the agent reports as the host's full disk (not "QEMU
+        exited with code 1").
         """
         killed = m.kill_reason is not None and m.end_signal == signal.SIGKILL  # by us
-        if not killed and not self._qemu_log_tail(m):
+        tail = "" if killed else self._qemu_log_tail(m)
+        if not killed and os.strerror(errno.ENOSPC) in tail:
+            log.info("machine {id}: {reason}", id=m.id, reason=m.reason)  # QEMU's words
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if not killed and not tail:
             try:
                 full = self.free_bytes(m.dir) < self.FULL_DISK_BYTES
             except OSError:
