@@ -87,6 +87,16 @@ class VolumeEndpointTests(SynchronousTestCase):
         self.assertEqual((facts["cpu_model"], facts["machine_type"], facts["live"]),
                          ("Haswell-noTSX", "pc-q35-7.2", True))
 
+    def test_heartbeats_carry_the_free_disk(self):
+        # What the control plane's placement needs to leave a full data disk alone.
+        with tempfile.TemporaryDirectory() as d:
+            rt = HostRuntime(reactor, self.options("--data-dir", d, "--accel", "tcg"))
+            st = os.statvfs(d)
+            self.assertAlmostEqual(rt.stats()["disk_free_mb"],
+                                   st.f_bavail * st.f_frsize // (1024 * 1024), delta=64)
+            rt.config.data_dir = os.path.join(d, "gone")
+            self.assertNotIn("disk_free_mb", rt.stats())
+
     def test_advertised_address(self):
         self.assertEqual(_advertised("tcp:0:interface=10.0.0.5", _Port("10.0.0.5")), "10.0.0.5")
         self.assertEqual(

@@ -170,6 +170,18 @@ class FormatTests(SynchronousTestCase):
         self.assertIn("labels                a=b", text)
         self.assertIn("m1", text)
         self.assertIn("offline (heartbeat_lost)", text)
+        self.assertIn("disk                  0 of 1000 MiB allocated\n", text)  # no figure yet
+
+    def test_status_disk_free(self):
+        status = dict(HOST, machine_list=[], events=[], stats={"disk_free_mb": 900})
+        out = io.StringIO()
+        host.format_status(status, out)
+        self.assertIn("disk                  0 of 1000 MiB allocated, 900 MiB free\n",
+                      out.getvalue())
+        out = io.StringIO()
+        host.format_status(dict(status, stats={"disk_free_mb": 3}, disk_full=True), out)
+        self.assertIn("0 of 1000 MiB allocated, 3 MiB free (nearly full: no new placements)\n",
+                      out.getvalue())
 
 
 class Args:

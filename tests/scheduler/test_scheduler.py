@@ -43,6 +43,16 @@ class FilterTests:
         s.set_state("b", "ready")
         self.assertEqual(s.place(R(1, 100)).host_id, "b")
 
+    def test_disk_full(self):
+        """A host whose data disk is nearly full is never chosen, and the reason says so."""
+        s = self.make([record("a", state="disk_full"), record("b")])
+        self.assertEqual(s.place(R(1, 100)).host_id, "b")
+        s.set_state("b", "disk_full")
+        e = self.assertUnplaceable(s, R(1, 100), "0/2 hosts fit: 2 data disk full")
+        self.assertEqual(e.kwargs["filtered"], {"disk_full": 2})
+        s.set_state("a", "ready")
+        self.assertEqual(s.place(R(1, 100)).host_id, "a")
+
     def test_region(self):
         s = self.make([record("a", region="us"), record("b", region="eu"), record("c", region="us")])
         self.assertEqual({s.place(R(1, 100, region="eu")).host_id for _ in range(3)}, {"b"})

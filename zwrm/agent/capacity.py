@@ -26,6 +26,18 @@ def disk_mb(path):
     return st.f_blocks * st.f_frsize // (1024 * 1024)
 
 
+def free_disk_mb(path):
+    """
+    The MiB an unprivileged process may still write on C{path}'s filesystem (C{statvfs}'s
+    C{f_bavail}), or L{None} if unknown.
+    """
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize // (1024 * 1024)
+
+
 def detect(data_dir, vcpus=None, memory_mb=None, disk=None):
     """
     The host's capacity: found on the machine unless overridden.

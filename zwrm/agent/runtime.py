@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from zwrm import pki, plugins
+from zwrm.agent import capacity
 from zwrm.agent.executor import Executor
 from zwrm.agent.images import ImageCache
 from zwrm.agent.live import LiveMigrations
@@ -154,8 +155,17 @@ class HostRuntime:
                       p=port.getHost().port)
 
     def stats(self):
-        """What heartbeats carry: the image cache's figures (C{zwrm host status} shows them)."""
-        return {"image_cache": self.cache.stats()} if self.cache is not None else {}
+        """
+        What heartbeats carry (C{zwrm host status} shows them): the image cache's figures
+        and C{disk_free_mb}, the MiB the agent may still write on its data directory's
+        filesystem (the control plane places nothing new on a host whose disk is nearly
+        full).
+        """
+        out = {"image_cache": self.cache.stats()} if self.cache is not None else {}
+        free = capacity.free_disk_mb(self.config.data_dir)
+        if free is not None:
+            out["disk_free_mb"] = free
+        return out
 
     def report(self, event):
         """

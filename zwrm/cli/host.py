@@ -73,6 +73,13 @@ def _mib(n):
     return f"{(n or 0) / (1024 * 1024):.1f} MiB"
 
 
+def _free(mb, full):
+    """What C{zwrm host status} adds to the disk line: the free MiB its agent reported."""
+    if not isinstance(mb, int) or isinstance(mb, bool):
+        return ""
+    return f", {mb} MiB free" + (" (nearly full: no new placements)" if full else "")
+
+
 def _cache(c):
     if not c:
         return "-"
@@ -90,7 +97,8 @@ def format_status(h, out):
         ("labels", ", ".join(f"{k}={v}" for k, v in sorted((h["labels"] or {}).items())) or "-"),
         ("vcpus", f"{h['alloc_vcpus']} of {h['vcpus']} allocated"),
         ("memory", f"{h['alloc_memory_mb']} of {h['memory_mb']} MiB allocated"),
-        ("disk", f"{h['alloc_disk_mb']} of {h['disk_mb']} MiB allocated"),
+        ("disk", f"{h['alloc_disk_mb']} of {h['disk_mb']} MiB allocated"
+                 + _free(h.get("stats", {}).get("disk_free_mb"), h.get("disk_full"))),
         ("agent version", h["agent_version"] or "-"),
         ("last heartbeat", f"{_age(h['heartbeat_age'])} ago"),
         ("executor", "registered" if h.get("executor") else "not registered"),

@@ -25,8 +25,8 @@ from zwrm import errors
 from zwrm.control.appspec import error_text
 from zwrm.control.host import INPUTS
 from zwrm.control.resources import Data
+from zwrm.control.resources.hosts import DISK_FULL_MB, HostEntry
 from zwrm.control.resources.hosts import TOPIC as HOST_TOPIC
-from zwrm.control.resources.hosts import HostEntry
 from zwrm.control.resources.hosts import wire as host_wire
 from zwrm.control.resources.machines import TOPIC as MACHINE_TOPIC
 from zwrm.control.resources.machines import wire as machine_wire
@@ -237,6 +237,7 @@ class HostRegistry:
         result = self._summary(entry, self._clock.seconds(), {host_id: len(machines)})
         result["machine_list"] = [machine_wire(m) for m in machines]
         result["stats"] = entry.stats
+        result["disk_full"] = entry.disk_full  # its heartbeats' disk_free_mb: no placements
         result["events"] = await self._store.recent_events(host_id, events)
         return result
 
@@ -341,11 +342,20 @@ class HostRegistry:
         entry = self.hosts.note_heartbeat(host_id)
         if isinstance(stats, dict) and stats:
             entry.stats = _bounded_stats(stats)
+            free = entry.stats.get("disk_free_mb")
+            if (isinstance(free, int) and not isinstance(free, bool)
+                    and (free < DISK_FULL_MB) != entry.disk_full):
+                self._clock.callLater(0, self._disk_changed, host_id, free < DISK_FULL_MB, free)
         state = entry.machine.state
         if state == "offline" and not entry.reregistering:
             entry.reregistering = True
             self._clock.callLater(0, self._reregister, host_id)
         return {"state": state, "heartbeat_interval": self.heartbeat_interval}
+
+    def _disk_changed(self, host_id, full, free_mb):
+        d = self._deferred(self.hosts.set_disk_full(host_id, full, free_mb))
+        d.addErrback(lambda f: errors.log_failure(self.log, f, "noting the disk of {host_id}",
+                                                    host_id=host_id))
 
     def _reregister(self, host_id):
         d = self._deferred(self.register(host_id, {}))

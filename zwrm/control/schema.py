@@ -447,7 +447,8 @@ PROCEDURES = {p.uri: p for p in [
         "{host_id, state, heartbeat_interval}", ["invalid_argument", "not_found"]),
     Procedure(
         "zwrm.agent.heartbeat", AGENT, "The calling host is alive.",
-        [Arg("stats", Nullable(STATS), None, "figures such as image_cache {size, limit, ...}")],
+        [Arg("stats", Nullable(STATS), None, "figures such as image_cache {size, limit, ...} and"
+             " disk_free_mb (under 256: no new placements on the host)")],
         "{state, heartbeat_interval}", ["invalid_argument", "not_found"]),
     Procedure(
         "zwrm.agent.report", AGENT,
@@ -460,7 +461,8 @@ PROCEDURES = {p.uri: p for p in [
     # -- hosts -------------------------------------------------------------------------
     Procedure("zwrm.host.list", READ, "Every host, summarised.", [], "a list of hosts"),
     Procedure("zwrm.host.status", READ, "One host with its machines and recent events.",
-              [_HOST], "the host with machine_list and events", ["invalid_argument", "not_found"]),
+              [_HOST], "the host with machine_list, events, stats and disk_full",
+              ["invalid_argument", "not_found"]),
     Procedure(
         "zwrm.host.reset", OPERATOR,
         "Let a host whose agent lost its credential join again once (with a join token)"

@@ -11,7 +11,7 @@ deploys never oversubscribe a host.
 How a host is chosen:
 
  1. The hard filters remove every host that is excluded, is not the host a volume
-    pins the machine to, is not C{ready}, is in the wrong region or datacenter, lacks a
+    pins the machine to, whose data disk is full (state C{disk_full}), is not C{ready}, is in the wrong region or datacenter, lacks a
     required label, or lacks the vCPUs, memory or disk the request needs after
     everything already placed or reserved there.
  2. The strategy (an L{IPlacementStrategy} plugin) orders what is left; the first host
@@ -46,12 +46,14 @@ from zwrm.errors import InvalidArgument, NotFound, Unplaceable
 from zwrm.interfaces import IPlacementStrategy, IRequestAwarePlacementStrategy
 
 READY = "ready"
+DISK_FULL = "disk_full"  # a ready host whose data disk is nearly full: placed on as not ready
 
 # The hard filters, in the order a host is tested; each host that does not fit is
 # counted under the first filter that removes it.
 FILTERS = (
     ("excluded", "excluded"),
     ("not_pinned", "not the pinned host"),
+    ("disk_full", "data disk full"),
     ("not_ready", "not ready"),
     ("wrong_region", "wrong region"),
     ("wrong_datacenter", "wrong datacenter"),
@@ -799,6 +801,8 @@ class Scheduler:
             return "excluded"
         if request.pinned_host is not None and host.id != request.pinned_host:
             return "not_pinned"
+        if host.state == DISK_FULL:
+            return "disk_full"
         if host.state != READY:
             return "not_ready"
         if request.region is not None and host.region != request.region:

@@ -10,7 +10,9 @@ C{host_id}, C{old} (the state before, or L{None}) and C{reason}:
    C{agent_registered}, C{drain_requested}, ...), the executor flag with it;
  - C{registered}: its agent registered again without a state change (facts and the
    executor flag may have changed);
- - C{executor}: only whether its executor may be called changed.
+ - C{executor}: only whether its executor may be called changed;
+ - C{disk}: its agent's heartbeats say its data disk is nearly full (under
+   L{DISK_FULL_MB} free: nothing new is placed there) or has room again.
 
 Not announced (they are not part of the wire form's meaning): the credential hash, the
 heartbeat times (in memory, flushed in batches: L{Hosts.flush_heartbeats}) and the
@@ -32,6 +34,10 @@ WIRE_FIELDS = ("name", "region", "datacenter", "address", "labels", "vcpus", "me
                "disk_mb", "alloc_vcpus", "alloc_memory_mb", "alloc_disk_mb",
                "agent_version", "joined_at")
 
+
+#: Under this many MiB free on its data disk (its heartbeats' C{disk_free_mb}), a host
+#: gets no new placements (as Kubernetes taints a node under disk pressure).
+DISK_FULL_MB = 256
 
 TABLE = "hosts"
 JSON_COLUMNS = ("labels",)
@@ -83,6 +89,8 @@ class HostEntry:
         self.executor = False
         self.reregistering = False
         self.stats = {}
+        #: its heartbeats said its data disk is nearly full (L{DISK_FULL_MB})
+        self.disk_full = False
         #: what its agent's registration said of the hosts list it holds (facts C{network}:
         #: C{{"hosts_serial", "hosts_digest"}}), until its first network view takes it
         self.network_held = None
@@ -95,11 +103,14 @@ class HostEntry:
     def schedulable_state(self):
         """
         The state the scheduler is given: the host's state, but C{unreachable} for a
-        C{ready} host whose executor cannot be called.
+        C{ready} host whose executor cannot be called, and C{disk_full} for one whose data
+        disk is nearly full.
         """
         state = self.machine.state
         if state == "ready" and not self.executor:
             return "unreachable"
+        if state == "ready" and self.disk_full:
+            return "disk_full"
         return state
 
 
@@ -326,6 +337,23 @@ class Hosts(Resource):
         self._log_change(host_id, change)
         await self._produce("state", entry, change.old, change.reason)
         return change
+
+    @update_method
+    async def set_disk_full(self, host_id, full, free_mb):
+        """
+        Its heartbeats say C{host_id}'s data disk has C{free_mb} MiB free: nearly full
+        (C{full}: no new placements) or room again; announced as C{disk} when that flips.
+        In memory (the next heartbeat after a restart says it again).
+        """
+        entry = self._entries.get(host_id)
+        if entry is None or entry.disk_full == full:
+            return
+        entry.disk_full = full
+        reason = (f"its data disk is nearly full ({free_mb} MiB free, under {DISK_FULL_MB}):"
+                  " no new placements" if full else
+                  f"its data disk has room again ({free_mb} MiB free)")
+        self.log.info("host {host_id}: {reason}", host_id=host_id, reason=reason)
+        await self._produce("disk", entry, entry.machine.state, reason)
 
     def set_allocation(self, host_id, alloc):
         """
