@@ -67,3 +67,28 @@ class HeartbeatStatsTests(TestCase):
                              f"its data disk has room again ({DISK_FULL_MB} MiB free)")
 
         return ensureDeferred(scenario())
+
+    def test_the_floor_is_a_setting(self):
+        """C{min_free_disk_mb}: the operator's floor; 0 never holds a host back."""
+        async def scenario():
+            clock, store, reg, published = await make_registry(self, min_free_disk_mb=1024)
+            await reg.join("h-one", FACTS)
+            await reg.register("h-one", FACTS)
+            reg.heartbeat("h-one", {"disk_free_mb": 1000})
+            clock.advance(0)
+            await poll(reactor, lambda: [e for _, e in published if e["kind"] == "disk"], 10,
+                       what="the disk event")
+            self.assertEqual(reg.entry("h-one").schedulable_state, "disk_full")
+            self.assertIn("(1000 MiB free, under 1024)", [
+                e for _, e in published if e["kind"] == "disk"][0]["payload"]["reason"])
+
+            clock, store, reg, published = await make_registry(self, min_free_disk_mb=0)
+            await reg.join("h-one", FACTS)
+            await reg.register("h-one", FACTS)
+            reg.heartbeat("h-one", {"disk_free_mb": 0})
+            clock.advance(0)
+            await reg.flush_heartbeats()  # (a store round trip: a flip would have been stored)
+            self.assertEqual([e for _, e in published if e["kind"] == "disk"], [])
+            self.assertEqual(reg.entry("h-one").schedulable_state, "ready")
+
+        return ensureDeferred(scenario())

@@ -45,6 +45,12 @@ class ControlOptionsTests(SynchronousTestCase):
         c = self.parse("--config", path, "--reschedule-after", "30")
         self.assertEqual(c.reschedule_after, 30.0)
 
+    def test_min_free_disk(self):
+        self.assertEqual(self.parse().min_free_disk_mb, 256.0)
+        c = self.parse("--config", self.write("[health]\nmin_free_disk_mb = 1024\n"))
+        self.assertEqual(c.min_free_disk_mb, 1024.0)
+        self.assertEqual(self.parse("--min-free-disk-mb", "0").min_free_disk_mb, 0.0)  # never
+
     def test_defaults(self):
         c = self.parse()
         self.assertEqual((c.check_interval, c.offline_after, c.grace), (15.0, 30.0, None))
@@ -65,6 +71,8 @@ class ControlOptionsTests(SynchronousTestCase):
             (["--partition-threshold", "1.5"], "partition_threshold must be a fraction"),
             (["--eviction-interval", "0"], "must be positive"),
             (["--reschedule-after", "-1"], "must not be negative"),
+            (["--min-free-disk-mb", "-1"], "must not be negative"),
+            (["--min-free-disk-mb", "lots"], "must be a number"),
         ]
         for argv, text in cases:
             e = self.assertRaises(usage.UsageError, self.parse, *argv)

@@ -123,7 +123,7 @@ class HostRegistry:
     log = Logger()
 
     def __init__(self, clock, store, publish, call=None, heartbeat_interval=5.0,
-                 on_offline=None, data=None):
+                 on_offline=None, data=None, min_free_disk_mb=DISK_FULL_MB):
         """
         @param clock: an L{IReactorTime}; its C{seconds()} is the time of every record.
         @param store: a L{zwrm.control.store.Store}.
@@ -136,6 +136,8 @@ class HostRegistry:
             drop the host's WAMP session).
         @param data: the L{zwrm.control.resources.Data} to work on (default: a new one
             over C{store} that publishes with C{publish}).
+        @param min_free_disk_mb: a host whose heartbeats report less free on its data disk
+            (C{disk_free_mb}) gets no new placements; 0: never.
         """
         self._clock = clock
         self._store = store
@@ -143,6 +145,7 @@ class HostRegistry:
         self._call = call
         self._on_offline = on_offline
         self.heartbeat_interval = heartbeat_interval
+        self.min_free_disk_mb = min_free_disk_mb
         self.data = data if data is not None else Data(
             clock, store, lambda topic, event: self._publish(topic, event))
         self.hosts = self.data.hosts
@@ -343,9 +346,10 @@ class HostRegistry:
         if isinstance(stats, dict) and stats:
             entry.stats = _bounded_stats(stats)
             free = entry.stats.get("disk_free_mb")
-            if (isinstance(free, int) and not isinstance(free, bool)
-                    and (free < DISK_FULL_MB) != entry.disk_full):
-                self._clock.callLater(0, self._disk_changed, host_id, free < DISK_FULL_MB, free)
+            if isinstance(free, int) and not isinstance(free, bool):
+                full = free < self.min_free_disk_mb
+                if full != entry.disk_full:
+                    self._clock.callLater(0, self._disk_changed, host_id, full, free)
         state = entry.machine.state
         if state == "offline" and not entry.reregistering:
             entry.reregistering = True
@@ -353,7 +357,8 @@ class HostRegistry:
         return {"state": state, "heartbeat_interval": self.heartbeat_interval}
 
     def _disk_changed(self, host_id, full, free_mb):
-        d = self._deferred(self.hosts.set_disk_full(host_id, full, free_mb))
+        d = self._deferred(self.hosts.set_disk_full(host_id, full, free_mb,
+                                                    self.min_free_disk_mb))
         d.addErrback(lambda f: errors.log_failure(self.log, f, "noting the disk of {host_id}",
                                                     host_id=host_id))
 

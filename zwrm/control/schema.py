@@ -448,7 +448,7 @@ PROCEDURES = {p.uri: p for p in [
     Procedure(
         "zwrm.agent.heartbeat", AGENT, "The calling host is alive.",
         [Arg("stats", Nullable(STATS), None, "figures such as image_cache {size, limit, ...} and"
-             " disk_free_mb (under 256: no new placements on the host)")],
+             " disk_free_mb (under min_free_disk_mb: no new placements on the host)")],
         "{state, heartbeat_interval}", ["invalid_argument", "not_found"]),
     Procedure(
         "zwrm.agent.report", AGENT,

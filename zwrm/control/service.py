@@ -209,6 +209,7 @@ class ControlPlane(service.MultiService):
             call=self._call,
             heartbeat_interval=cfg.heartbeat_interval,
             on_offline=self._drop_host_session,
+            min_free_disk_mb=cfg.min_free_disk_mb,
         )
         n = await self.registry.load()
         authenticator = ControlAuthenticator(self.store, self.registry, join_tokens=self.pki,

@@ -34,6 +34,8 @@ flag wins.  Example::
     reschedule_after = 0        # seconds before an offline host's stateless replicas move
     partition_threshold = 0.55  # more than this fraction of a datacenter offline: hold
     eviction_interval = 10      # then move one returned-partition host per this many seconds
+    min_free_disk_mb = 256      # a host whose agent reports less free on its data disk gets
+                                # no new placements (0: never held back)
 
     [network]
     cidr = "10.80.0.0/16"   # the cluster network: a private /8-/20, a /24 per host; it
@@ -83,6 +85,7 @@ class Config:
     reschedule_after: float = 0.0
     partition_threshold: float = 0.55
     eviction_interval: float = 10.0
+    min_free_disk_mb: float = 256.0
     network_cidr: str = "10.80.0.0/16"
     strategy: str = "spread"
     plugin_dirs: list = field(default_factory=list)
@@ -151,6 +154,7 @@ FILE_KEYS = {
     ("health", "reschedule_after"): ("reschedule_after", float),
     ("health", "partition_threshold"): ("partition_threshold", float),
     ("health", "eviction_interval"): ("eviction_interval", float),
+    ("health", "min_free_disk_mb"): ("min_free_disk_mb", float),
     ("network", "cidr"): ("network_cidr", str),
     ("scheduler", "strategy"): ("strategy", str),
     ("scheduler", "plugin_dirs"): ("plugin_dirs", list),
@@ -172,7 +176,8 @@ GC_POLICIES = ("freeze", "python")
 
 
 # settings (flag or file key names end so) for which 0 is a meaningful value
-_ZERO_ALLOWED = ("grace", "reschedule_after", "reschedule-after", "churn")  # churn 0: see zwrm.gcpolicy
+_ZERO_ALLOWED = ("grace", "reschedule_after", "reschedule-after", "churn", "free_disk_mb",
+                 "free-disk-mb")  # churn 0: see zwrm.gcpolicy
 
 
 def _coerce(name, kind, value):
@@ -376,6 +381,8 @@ class Options(usage.Options):
          "Fraction of a datacenter's hosts offline at once that holds rescheduling (default 0.55)."],
         ["eviction-interval", None, None,
          "Seconds between hosts rescheduled after a partition (default 10)."],
+        ["min-free-disk-mb", None, None,
+         "MiB free on a host's data disk under which it gets no new placements (default 256)."],
         ["cluster-cidr", None, None,
          "The cluster network, a private /8 to /20 (default 10.80.0.0/16; fixed once "
          "addresses are allocated)."],
@@ -433,6 +440,7 @@ class Options(usage.Options):
             "reschedule-after": ("reschedule_after", float),
             "partition-threshold": ("partition_threshold", float),
             "eviction-interval": ("eviction_interval", float),
+            "min-free-disk-mb": ("min_free_disk_mb", float),
             "cluster-cidr": ("network_cidr", str),
             "strategy": ("strategy", str),
             "gc-policy": ("gc_policy", str),

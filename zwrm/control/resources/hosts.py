@@ -36,7 +36,8 @@ WIRE_FIELDS = ("name", "region", "datacenter", "address", "labels", "vcpus", "me
 
 
 #: Under this many MiB free on its data disk (its heartbeats' C{disk_free_mb}), a host
-#: gets no new placements (as Kubernetes taints a node under disk pressure).
+#: gets no new placements (as Kubernetes taints a node under disk pressure); the default of
+#: the control plane's C{[health] min_free_disk_mb}.
 DISK_FULL_MB = 256
 
 TABLE = "hosts"
@@ -339,17 +340,17 @@ class Hosts(Resource):
         return change
 
     @update_method
-    async def set_disk_full(self, host_id, full, free_mb):
+    async def set_disk_full(self, host_id, full, free_mb, floor=DISK_FULL_MB):
         """
         Its heartbeats say C{host_id}'s data disk has C{free_mb} MiB free: nearly full
-        (C{full}: no new placements) or room again; announced as C{disk} when that flips.
-        In memory (the next heartbeat after a restart says it again).
+        (C{full}, under C{floor}: no new placements) or room again; announced as C{disk}
+        when that flips.  In memory (the next heartbeat after a restart says it again).
         """
         entry = self._entries.get(host_id)
         if entry is None or entry.disk_full == full:
             return
         entry.disk_full = full
-        reason = (f"its data disk is nearly full ({free_mb} MiB free, under {DISK_FULL_MB}):"
+        reason = (f"its data disk is nearly full ({free_mb} MiB free, under {floor:g}):"
                   " no new placements" if full else
                   f"its data disk has room again ({free_mb} MiB free)")
         self.log.info("host {host_id}: {reason}", host_id=host_id, reason=reason)
