@@ -920,20 +920,20 @@ class QemuDriver(QemuLiveMigration):
         C{OSError(ENOSPC)}, which the agent reports as the host's full disk (not "QEMU
         exited with code 1").
         """
-        killed = m.kill_reason is not None and m.end_signal == signal.SIGKILL  # by us
-        tail = "" if killed else self._qemu_log_tail(m)
-        if not killed and os.strerror(errno.ENOSPC) in tail:
-            log.info("machine {id}: {reason}", id=m.id, reason=m.reason)  # QEMU's words
-            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        if not killed and not tail:
+        if m.kill_reason is not None and m.end_signal == signal.SIGKILL:  # our kill ended it
+            return Unavailable(f"machine {m.id}: {m.reason}")
+        tail = self._qemu_log_tail(m)
+        if tail:
+            full = os.strerror(errno.ENOSPC) in tail  # QEMU's own words
+        else:
             try:
                 full = self.free_bytes(m.dir) < self.FULL_DISK_BYTES
             except OSError:
                 full = False
-            if full:
-                log.info("machine {id}: {reason}, and the disk of {dir} is full", id=m.id,
-                         reason=m.reason, dir=m.dir)
-                return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if full:
+            log.info("machine {id}: {reason} (the disk of {dir} is full)", id=m.id,
+                     reason=m.reason, dir=m.dir)
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return Unavailable(f"machine {m.id}: {m.reason}")
 
     def _qemu_log_tail(self, m):

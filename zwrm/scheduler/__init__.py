@@ -11,9 +11,10 @@ deploys never oversubscribe a host.
 How a host is chosen:
 
  1. The hard filters remove every host that is excluded, is not the host a volume
-    pins the machine to, whose data disk is full (state C{disk_full}), is not C{ready}, is in the wrong region or datacenter, lacks a
-    required label, or lacks the vCPUs, memory or disk the request needs after
-    everything already placed or reserved there.
+    pins the machine to, whose data disk is nearly full (state C{disk_full}), is not
+    C{ready}, is in the wrong region or datacenter, lacks a required label, or lacks the
+    vCPUs, memory or disk the request needs after everything already placed or reserved
+    there.
  2. The strategy (an L{IPlacementStrategy} plugin) orders what is left; the first host
     wins, ties broken by host id.
 

@@ -129,10 +129,10 @@ class _QuietWebSocketMixin:
 
     def connectionLost(self, reason):
         if isinstance(reason.value, SSL.Error):
-            # autobahn logs a failed TLS handshake at error level ("SSL error: ..."), and
+            # autobahn logs a failed TLS connection at error level ("SSL error: ..."), and
             # only logs: the client's owner says why in its own words (the agent's warning
-            # with its retry, the CLI's one line), and on a listener it is the peer's
-            # mistake, not the server's: one info line.
+            # with its retry), and on a listener it is the peer's mistake, not the
+            # server's: one info line.
             if self.factory.isServer:
                 log.info("TLS with {peer} failed: {why}", peer=self.peer,
                          why=tls_error_text(reason.value) or "no reason given")
