@@ -512,6 +512,28 @@ class Cluster:
             self.control = service
         return service
 
+    def power_cut(self, host):
+        """
+        C{host} loses power (L{TestNetwork.power_cut}: everything in it killed at once, the
+        links and nftables rules its programs made gone, as after a reboot).
+
+        @return: the units it ran, for L{boot}.
+        """
+        self.net.power_cut(host)
+        units = [unit for (h, unit) in self.services if h == host]
+        for unit in units:
+            self.services[(host, unit)].process.wait(timeout=30)
+        return units
+
+    def boot(self, host, units):
+        """C{host} boots: the C{units} it ran are started, as the boot starts enabled units."""
+        for unit in units:
+            service = self.start(host, unit)
+            if unit == "zwrm-control.service":
+                self.control = service
+            else:
+                self.agents[host] = service
+
     # --- reporting ----------------------------------------------------------------------
 
     NOISE = ("_HTTP11ClientFactory", '"GET /v2/', '"HEAD /v2/', '"PUT /v2/', '"POST /v2/',

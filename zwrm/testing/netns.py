@@ -90,14 +90,14 @@ def _alive(pid):
     return True
 
 
-def _kill_inside(ns, timeout=5.0):
-    """SIGTERM, then SIGKILL, every process in namespace C{ns}; bounded wait."""
+def _kill_inside(ns, timeout=5.0, signals=(signal.SIGTERM, signal.SIGKILL)):
+    """Each of C{signals} in turn to every process in namespace C{ns}; bounded waits."""
 
     def pids():
         r = _ip("netns", "pids", ns, check=False)
         return [int(p) for p in r.stdout.split() if p.isdigit()]
 
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig in signals:
         for pid in pids():
             try:
                 os.kill(pid, sig)
@@ -253,6 +253,24 @@ class TestNetwork:
     def reconnect(self, name):
         """Plug host C{name} back into the switch (its port up again)."""
         _ip("-n", self._switch, "link", "set", self._port(name), "up")
+
+    def power_cut(self, name):
+        """
+        Host C{name} loses power and boots again, as far as its network namespace can: every
+        process in it killed at once (SIGKILL: nothing gets to clean up), and the kernel state
+        a reboot empties gone (the links its programs made, every nftables table).  Its
+        address, its cable and its files stay, as a disk does; its kernel settings stay too,
+        as a boot applies C{/etc/sysctl.d} again.
+        """
+        ns = self._hosts[name][0]
+        _kill_inside(ns, signals=(signal.SIGKILL,))
+        out = _ip("-n", ns, "-o", "link", "show").stdout
+        for line in out.splitlines():
+            link = line.split(":")[1].strip().split("@")[0]
+            if link not in ("lo", "eth0"):
+                _ip("-n", ns, "link", "delete", link, check=False)
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "flush", "ruleset"], check=True,
+                       capture_output=True)
 
     def close(self):
         """Kill what runs inside, delete every namespace this network made.  Idempotent."""
