@@ -63,3 +63,45 @@ def test_ingress_follows_the_restart(cluster):
         pytest.fail("needs test_killed_qemu_is_restarted_on_its_host to have passed")
     for body in cluster.app_everywhere("/").values():
         assert app["data"].decode() in body
+
+
+def test_frozen_qemu_is_restarted(cluster):
+    """
+    The machine's QEMU hangs (SIGSTOP: neither the guest nor QMP answers; nothing exits):
+    its health check fails until the liveness threshold, the agent stops it (QMP does not
+    answer, so a hard kill) and it is started again on its host with its data.
+    """
+    app = cluster.state.get("app", {})
+    if not app.get("restarted"):
+        pytest.fail("needs test_killed_qemu_is_restarted_on_its_host to have passed")
+    [machine] = cluster.zwrm_json("status", app["name"])["machines"]
+    host = cluster.host_of(machine["host_id"])
+    [pidfile] = glob.glob(os.path.join(cluster.host_dir(host), "**", machine["id"], "qemu.pid"),
+                          recursive=True)
+    with open(pidfile) as f:
+        frozen = int(f.read().strip())
+    offsets = {key: os.path.getsize(s.log_path) for key, s in cluster.services.items()}
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        with cluster.phase("a frozen QEMU until restarted and healthy"):
+            def healthy_again():
+                [m] = cluster.zwrm_json("status", app["name"])["machines"]
+                return (m["restarts"] > machine["restarts"] and m["state"] == "running"
+                        and m["health"] == "passing" and m)
+
+            m = poll(healthy_again, 300, interval=2, what="the frozen machine restarted")
+    finally:
+        try:
+            os.kill(frozen, signal.SIGCONT)  # (if it is still there: the step failed)
+        except ProcessLookupError:
+            pass
+    assert (m["id"], m["host_id"]) == (machine["id"], machine["host_id"])
+    assert not os.path.exists(f"/proc/{frozen}"), "the frozen QEMU is still there"
+    for body in cluster.app_everywhere("/cgi-bin/read?index.txt", wait=60).values():
+        assert body.encode() == app["data"]
+    for key, service in cluster.services.items():
+        with open(service.log_path, "rb") as f:
+            f.seek(offsets.get(key, 0))
+            text = f.read().decode(errors="replace")
+        for bad in ("Traceback", "#critical]"):
+            assert bad not in text, f"{key}: {text[-4000:]}"
