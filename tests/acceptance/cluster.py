@@ -510,6 +510,8 @@ class Cluster:
         service = self.start(host, unit_name)
         if unit_name == "zwrm-control.service":
             self.control = service
+        elif unit_name == "zwrm-agent.service":
+            self.agents[host] = service
         return service
 
     def power_cut(self, host):
