@@ -307,6 +307,85 @@ class StartOrderTests(SynchronousTestCase):
         self.assertIn("Could not set up host forwarding rule", self.driver.status("m1")["reason"])
 
 
+class StopTests(SynchronousTestCase):
+    """
+    L{QemuDriver.stop}: the power button (QMP C{system_powerdown}), then a hard stop after
+    the stop's timeout; sooner when QEMU does not even acknowledge the button (QEMU itself
+    is hung: a C{SIGSTOP}ped process, a wedged main loop). A memory reactor, as above.
+    """
+
+    setUp = StartOrderTests.setUp
+    start = StartOrderTests.start
+    qmp_connects = StartOrderTests.qmp_connects
+    exits = StartOrderTests.exits
+
+    def running(self):
+        d, process = self.start()
+        proto, transport = self.qmp_connects()
+        proto.dataReceived(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
+        proto.dataReceived(b'{"return": {}, "id": 1}\r\n')
+        self.assertEqual(self.successResultOf(d)["state"], "running")
+        transport.clear()
+        return process, proto, transport
+
+    def pressed(self, transport):
+        [line] = transport.value().splitlines()
+        command = json.loads(line)
+        self.assertEqual(command["execute"], "system_powerdown")
+        return command["id"]
+
+    def ends(self, process, proto, signal=None, code=None):
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.exits(process, code=code, signal=signal)
+
+    def test_qemu_that_does_not_acknowledge_the_button_is_stopped_hard(self):
+        process, proto, transport = self.running()
+        d = self.driver.stop("m1")
+        self.pressed(transport)
+        self.reactor.advance(QemuDriver.QMP_ANSWER_TIMEOUT - 0.1)
+        self.assertEqual(process.signals, [])
+        self.reactor.advance(0.1)
+        self.assertEqual(process.signals, ["KILL"])
+        self.ends(process, proto, signal=9)
+        self.assertEqual(self.successResultOf(d)["state"], "stopped")
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_guest_that_ignores_the_button_has_the_stop_timeout(self):
+        process, proto, transport = self.running()
+        d = self.driver.stop("m1")
+        proto.dataReceived(b'{"return": {}, "id": %d}\r\n' % self.pressed(transport))
+        self.reactor.advance(self.driver.stop_timeout - 0.1)
+        self.assertEqual(process.signals, [])
+        self.reactor.advance(0.1)
+        self.assertEqual(process.signals, ["KILL"])
+        self.ends(process, proto, signal=9)
+        self.assertEqual(self.successResultOf(d)["state"], "stopped")
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_guest_that_powers_off(self):
+        process, proto, transport = self.running()
+        d = self.driver.stop("m1")
+        proto.dataReceived(b'{"return": {}, "id": %d}\r\n' % self.pressed(transport))
+        self.reactor.advance(1)
+        self.ends(process, proto, code=0)
+        self.assertEqual(self.successResultOf(d)["state"], "stopped")
+        self.assertEqual(process.signals, [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_short_stop_timeout_comes_first(self):
+        # A stop allowed less than QMP_ANSWER_TIMEOUT is hard after its own time.
+        process, proto, transport = self.running()
+        d = self.driver.stop("m1", timeout=2)
+        self.pressed(transport)
+        self.reactor.advance(1.9)
+        self.assertEqual(process.signals, [])
+        self.reactor.advance(0.1)
+        self.assertEqual(process.signals, ["KILL"])
+        self.ends(process, proto, signal=9)
+        self.assertEqual(self.successResultOf(d)["state"], "stopped")
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
 class CloseDuringStartTests(SynchronousTestCase):
     """
     L{QemuDriver.close} while a start is under way, at each of its stages: the start fails

@@ -323,16 +323,33 @@ class QemuDriver(QemuLiveMigration):
         m.stop_requested = True
         timeout = self.stop_timeout if timeout is None else timeout
         d = self._wait_end(m)
+        timers = [self.reactor.callLater(timeout, self._hard_stop, m)]
         if m.qmp is not None:
-            m.qmp.execute("system_powerdown").addErrback(
+            pressed = m.qmp.execute("system_powerdown")
+            if self.QMP_ANSWER_TIMEOUT < timeout:
+                # A QEMU that does not even acknowledge the power button within
+                # QMP_ANSWER_TIMEOUT is hung itself (a guest that ignores the button still
+                # gets its acknowledgement at once): no use waiting out the guest's time.
+                hung = self.reactor.callLater(
+                    self.QMP_ANSWER_TIMEOUT, self._hard_stop, m,
+                    f"QEMU did not acknowledge the power button within "
+                    f"{self.QMP_ANSWER_TIMEOUT:g}s")
+                timers.append(hung)
+                pressed.addBoth(lambda r: (hung.cancel() if hung.active() else None, r)[1])
+            pressed.addErrback(
                 lambda f: log.info("machine {id}: power-down request failed: {e}", id=m.id,
                                    e=f.getErrorMessage())
             )
         else:
             self._kill(m)
-        hard = self.reactor.callLater(timeout, self._hard_stop, m)
-        d.addBoth(lambda r: (hard.cancel() if hard.active() else None, r)[1])
-        return d.addCallback(lambda _: self._status(m))
+
+        def ended(result):
+            for timer in timers:
+                if timer.active():
+                    timer.cancel()
+            return result
+
+        return d.addBoth(ended).addCallback(lambda _: self._status(m))
 
     def destroy(self, machine_id):
         _spec.check_id(machine_id)
@@ -903,6 +920,10 @@ class QemuDriver(QemuLiveMigration):
             if not d.called:
                 d.callback(None)
 
+    #: Seconds QEMU has to answer a QMP command before a stop takes it for hung (its
+    #: start gives QMP as long to negotiate).
+    QMP_ANSWER_TIMEOUT = 10.0
+
     #: Below this many free bytes on its directory's filesystem, a QEMU that failed at
     #: start-up without a word in its log is taken to have met the full disk.
     FULL_DISK_BYTES = 1 << 20
@@ -947,9 +968,9 @@ class QemuDriver(QemuLiveMigration):
         lines = [x for x in lines if x and "warning:" not in x]
         return lines[-1] if lines else ""
 
-    def _hard_stop(self, m):
+    def _hard_stop(self, m, why="it did not power off in time"):
         if m.state == "running":
-            log.info("machine {id}: did not power off in time; stopping it hard", id=m.id)
+            log.info("machine {id}: {why}; stopping it hard", id=m.id, why=why)
             self._kill(m)
 
     def _kill(self, m):

@@ -1,0 +1,1 @@
+A stop of a QEMU that does not acknowledge the power button within 10 s (QEMU itself hung) is hard at once instead of after the whole stop timeout (30 s by default): a frozen machine is restarted by liveness about 20 s sooner.
