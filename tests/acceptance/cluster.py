@@ -514,6 +514,46 @@ class Cluster:
             self.agents[host] = service
         return service
 
+    def log_offsets(self):
+        """Where each service's log ends now (for L{check_logs_since})."""
+        return {key: os.path.getsize(s.log_path) for key, s in self.services.items()}
+
+    def check_logs_since(self, offsets, bad=("Traceback", "#critical]")):
+        """
+        L{StepFailed} if a service logged any of C{bad} after C{offsets} (a service started
+        since: all of its log).
+
+        @return: C{{(host, unit): what it logged}}.
+        """
+        out = {}
+        for key, service in self.services.items():
+            with open(service.log_path, "rb") as f:
+                f.seek(offsets.get(key, 0))
+                out[key] = text = f.read().decode(errors="replace")
+            for b in bad:
+                if b in text:
+                    raise StepFailed(f"{key[0]} {key[1]} logged {b!r}:\n{text[-4000:]}")
+        return out
+
+    def wait_ready(self, what, timeout=120, retry=(3, 8)):
+        """
+        Poll until the control plane answers and lists every agent C{ready} (the CLI's exit
+        codes in C{retry}: the control plane is not answering yet); return the hosts.
+        """
+
+        def ready():
+            self.control.check()
+            for service in self.agents.values():
+                service.check()
+            r = self.cli_on_cp("host", "list", "--json", ok=(0, *retry))
+            if r.returncode != 0:
+                return False
+            hosts = json.loads(r.stdout)
+            return (len(hosts) == len(AGENTS) and all(h["state"] == "ready" for h in hosts)
+                    and hosts)
+
+        return poll(ready, timeout, interval=1.0, what=what)
+
     def power_cut(self, host):
         """
         C{host} loses power (L{TestNetwork.power_cut}: everything in it killed at once, the

@@ -6,7 +6,7 @@ there, and the CLI works as before.
 
 import pytest
 
-from tests.acceptance.cluster import AGENTS, poll
+from tests.acceptance.cluster import AGENTS
 
 pytestmark = pytest.mark.acceptance
 
@@ -20,18 +20,7 @@ def test_control_plane_restart_loses_nothing(cluster):
 
     with cluster.phase("control-plane restart until both agents are ready"):
         cluster.restart("cp", "zwrm-control.service")
-
-        def ready():
-            cluster.control.check()
-            r = cluster.cli_on_cp("host", "list", "--json", ok=(0, 3, 8))
-            if r.returncode != 0:
-                return False
-            import json
-
-            hosts = json.loads(r.stdout)
-            return len([h for h in hosts if h["state"] == "ready"]) == len(AGENTS) and hosts
-
-        hosts = poll(ready, 120, interval=1.0, what="both agents ready after the restart")
+        hosts = cluster.wait_ready("both agents ready after the restart")
 
     assert {h["id"]: h["state"] for h in hosts} == hosts_before
     # Each agent came back holding the cluster's hosts list: the restarted control plane

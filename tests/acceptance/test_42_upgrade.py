@@ -12,12 +12,11 @@ cache (the maintainer scripts make them again after an upgrade).
 """
 
 import glob
-import json
 import os
 
 import pytest
 
-from tests.acceptance.cluster import AGENTS, poll
+from tests.acceptance.cluster import AGENTS
 
 pytestmark = pytest.mark.acceptance
 
@@ -39,7 +38,7 @@ def test_upgrade_in_place(cluster):
     web = cluster.state["app"]
     [machine] = cluster.zwrm_json("status", web["name"])["machines"]
     pid = _qemu_pid(cluster, machine)
-    offsets = {key: os.path.getsize(s.log_path) for key, s in cluster.services.items()}
+    offsets = cluster.log_offsets()
 
     with cluster.phase("upgrade in place: the control plane, then each agent"):
         for host in ("cp", *AGENTS):
@@ -53,18 +52,7 @@ def test_upgrade_in_place(cluster):
                 assert not line.startswith(("E:", "W:", "dpkg: error", "zwrm: warning")), (
                     f"on {host}: {line}\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
             cluster.restart(host, unit)
-
-            def ready():
-                cluster.control.check()
-                for service in cluster.agents.values():
-                    service.check()
-                r = cluster.cli_on_cp("host", "list", "--json", ok=(0, 3, 8))  # (restarting)
-                if r.returncode != 0:
-                    return False
-                hosts = json.loads(r.stdout)
-                return len(hosts) == len(AGENTS) and all(h["state"] == "ready" for h in hosts)
-
-            poll(ready, 120, interval=1, what=f"every host ready after {host}'s upgrade")
+            cluster.wait_ready(f"every host ready after {host}'s upgrade")
 
     [after] = cluster.zwrm_json("status", web["name"])["machines"]
     assert (after["id"], after["host_id"], after["state"]) == (
@@ -72,11 +60,7 @@ def test_upgrade_in_place(cluster):
     assert _qemu_pid(cluster, after) == pid, "the VM was restarted by its agent's upgrade"
     for body in cluster.app_everywhere("/cgi-bin/read?index.txt", wait=60).values():
         assert body.encode() == web["data"]
-    for key, service in cluster.services.items():
-        with open(service.log_path, "rb") as f:
-            f.seek(offsets.get(key, 0))
-            text = f.read().decode(errors="replace")
-        # (the maintainer scripts keep Twisted's plugin caches, which the services cannot
-        # write: without them every start scans every plugin again)
-        for bad in ("Traceback", "#critical]", "Unable to write to plugin cache"):
-            assert bad not in text, f"{key}: {text[-4000:]}"
+    # (the maintainer scripts keep Twisted's plugin caches, which the services cannot write:
+    # without them every start scans every plugin again)
+    cluster.check_logs_since(offsets, bad=("Traceback", "#critical]",
+                                           "Unable to write to plugin cache"))

@@ -13,7 +13,6 @@ there.  The app is destroyed at the end, so later steps find the cluster as they
 tested below the acceptance suite: the executor's and the QEMU driver's tests.)
 """
 
-import os
 
 import pytest
 
@@ -22,19 +21,6 @@ from tests.acceptance.cluster import AGENTS, poll
 pytestmark = pytest.mark.acceptance
 
 EXIT_REMOTE = 1  # the CLI's exit code for an error the control plane answered (zwrm.cli.client)
-
-
-def _log_offsets(cluster):
-    return {key: os.path.getsize(s.log_path) for key, s in cluster.services.items()}
-
-
-def _logged_since(cluster, offsets):
-    out = {}
-    for key, service in cluster.services.items():
-        with open(service.log_path, "rb") as f:
-            f.seek(offsets.get(key, 0))
-            out[key] = f.read().decode(errors="replace")
-    return out
 
 
 def _fails(cluster, *args):
@@ -56,7 +42,7 @@ def test_a_full_data_disk(cluster):
     cluster.zwrm("apps", "create", "full")
     deploy = ("deploy", "full", "--image", "demo:1", "--replicas", "1", "--memory", "128",
               "--port", "8080", "--datacenter", "dc2", "--wait", "300")
-    offsets = _log_offsets(cluster)
+    offsets = cluster.log_offsets()
 
     def disk_full(full):
         return lambda: cluster.zwrm_json("host", "status", a2)["disk_full"] is full
@@ -87,10 +73,7 @@ def test_a_full_data_disk(cluster):
         assert [(m["host_id"], m["state"]) for m in app["machines"]] == [(a2, "running")], app
 
     cluster.zwrm("destroy", "full")
-    logged = _logged_since(cluster, offsets)
-    for (host, unit), text in logged.items():
-        assert "Traceback" not in text, f"{host} {unit}:\n{text[-4000:]}"
-        assert "#critical]" not in text, f"{host} {unit}:\n{text[-4000:]}"
+    logged = cluster.check_logs_since(offsets)
     # The control plane said why it left the host alone, and the host's network took every
     # view all the same (nft reads the rules from a pipe).
     cp_log = logged[("cp", "zwrm-control.service")]

@@ -7,12 +7,11 @@ registry put back, the service started.  The agents come back (they trust the re
 the app, its machine and its data are there, and the client's token still works.
 """
 
-import json
 import os
 
 import pytest
 
-from tests.acceptance.cluster import AGENTS, PORT, poll
+from tests.acceptance.cluster import PORT
 
 pytestmark = pytest.mark.acceptance
 
@@ -40,16 +39,8 @@ def test_restore_into_a_fresh_control_plane(cluster):
         cluster.sh("cp", ["zwrm-control", "restore", "--config", "/etc/zwrm/control.toml", backup])
         cluster.sh("cp", ["tar", "-C", "/var/lib/zwrm/control", "-xzf", registry])
         cluster.control = cluster.start("cp", "zwrm-control.service")
-
-        def ready():
-            cluster.control.check()
-            r = cluster.cli_on_cp("host", "list", "--json", ok=(0, 3, 5, 8))
-            if r.returncode != 0:
-                return False
-            hosts = json.loads(r.stdout)
-            return (len([h for h in hosts if h["state"] == "ready"]) == len(AGENTS)) and hosts
-
-        poll(ready, 180, interval=1.0, what="both agents ready on the restored control plane")
+        cluster.wait_ready("both agents ready on the restored control plane", timeout=180,
+                           retry=(3, 5, 8))
 
     after = cluster.zwrm_json("status", app["name"])  # the client's token: restored too
     assert [(m["id"], m["host_id"]) for m in after["machines"]] == [

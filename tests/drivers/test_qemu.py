@@ -338,11 +338,9 @@ class StopTests(SynchronousTestCase):
         proto.connectionLost(Failure(ConnectionDone()))
         self.exits(process, code=code, signal=signal)
 
-    def test_qemu_that_does_not_acknowledge_the_button_is_stopped_hard(self):
-        process, proto, transport = self.running()
-        d = self.driver.stop("m1")
-        self.pressed(transport)
-        self.reactor.advance(QemuDriver.QMP_ANSWER_TIMEOUT - 0.1)
+    def assert_hard_stop_after(self, seconds, d, process, proto):
+        """Nothing until C{seconds} after the stop, then SIGKILL; the stop ends C{stopped}."""
+        self.reactor.advance(seconds - 0.1)
         self.assertEqual(process.signals, [])
         self.reactor.advance(0.1)
         self.assertEqual(process.signals, ["KILL"])
@@ -350,17 +348,17 @@ class StopTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d)["state"], "stopped")
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
+    def test_qemu_that_does_not_acknowledge_the_button_is_stopped_hard(self):
+        process, proto, transport = self.running()
+        d = self.driver.stop("m1")
+        self.pressed(transport)
+        self.assert_hard_stop_after(QemuDriver.QMP_ANSWER_TIMEOUT, d, process, proto)
+
     def test_guest_that_ignores_the_button_has_the_stop_timeout(self):
         process, proto, transport = self.running()
         d = self.driver.stop("m1")
         proto.dataReceived(b'{"return": {}, "id": %d}\r\n' % self.pressed(transport))
-        self.reactor.advance(self.driver.stop_timeout - 0.1)
-        self.assertEqual(process.signals, [])
-        self.reactor.advance(0.1)
-        self.assertEqual(process.signals, ["KILL"])
-        self.ends(process, proto, signal=9)
-        self.assertEqual(self.successResultOf(d)["state"], "stopped")
-        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assert_hard_stop_after(self.driver.stop_timeout, d, process, proto)
 
     def test_guest_that_powers_off(self):
         process, proto, transport = self.running()
@@ -377,13 +375,7 @@ class StopTests(SynchronousTestCase):
         process, proto, transport = self.running()
         d = self.driver.stop("m1", timeout=2)
         self.pressed(transport)
-        self.reactor.advance(1.9)
-        self.assertEqual(process.signals, [])
-        self.reactor.advance(0.1)
-        self.assertEqual(process.signals, ["KILL"])
-        self.ends(process, proto, signal=9)
-        self.assertEqual(self.successResultOf(d)["state"], "stopped")
-        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assert_hard_stop_after(2, d, process, proto)
 
 
 class CloseDuringStartTests(SynchronousTestCase):
