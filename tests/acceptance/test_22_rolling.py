@@ -1,13 +1,15 @@
 """
 Step: a new version of the app, rolled out while its users use it.
 
-Version 2 of the test image is version 1 with one more file (C{/www/version.txt}, which
-the guest's web server serves), pushed as C{demo:2}.
+Two more versions of the test image, each with files added to its initramfs: C{demo:1-slow}
+(C{/cgi-bin/slow}: an answer that takes 3 s) and C{demo:2} (the same and
+C{/www/version.txt}, which the guest's web server serves).
 
- - A stateless app with two replicas (a published port of its own) is redeployed with
-   C{demo:2} while a user on the client host sends it a request every 0.1 s through an
-   agent's ingress: every request answered, both replicas replaced (new machine ids)
-   and serving version 2.
+ - A stateless app with two replicas of C{demo:1-slow} (a published port of its own) is
+   redeployed with C{demo:2} while users on the client host send it requests through an
+   agent's ingress: one every 0.1 s, and two users one 3 s request after the other: every
+   request answered (those in flight on a replica being replaced too: connection
+   draining), both replicas replaced (new machine ids) and serving version 2.
  - The earlier app (one replica, pinned to its volume) is redeployed with C{demo:2}: its
    replacement runs on the same host with the same volume, the data is there, and it
    serves version 2 through both ingresses; at most one copy ran at any moment (the
@@ -30,17 +32,50 @@ pytestmark = pytest.mark.acceptance
 PORT = 82  # the stateless app's published port
 
 
-def _push_v2(cluster):
+SLOW = b"""#!/bin/sh
+sleep 3
+echo "Content-Type: text/plain"
+echo ""
+echo slow
+"""
+
+
+def _push(cluster, tag, files):
+    """Push the test image with C{files} ({path: (data, mode)}) added to its initramfs."""
     img = cluster.image
-    out = os.path.join(cluster.run_dir, "initrd-v2.gz")
+    out = os.path.join(cluster.run_dir, f"initrd-{tag.replace(':', '-')}.gz")
     cp = image._Cpio()
-    cp.file("www/version.txt", b"2\n", 0o644)
+    for path, (data, mode) in files.items():
+        cp.file(path, data, mode)
     with open(img.initrd, "rb") as f:
         data = f.read()
     with open(out, "wb") as f:
         f.write(data + gzip.compress(cp.finish(), compresslevel=1))
-    cluster.zwrm("images", "push", "demo:2", "--kernel", img.kernel, "--initrd", out,
+    cluster.zwrm("images", "push", tag, "--kernel", img.kernel, "--initrd", out,
                  "--cmdline", img.cmdline, "--port", "8080", "-q", timeout=300)
+
+
+def _users(cluster, via, port):
+    """
+    The app's users on the client host: one sends a request every 0.1 s, two more each a
+    request that takes 3 s (C{/cgi-bin/slow}), one after the other, through C{via}'s
+    ingress.  Each prints the HTTP code of every answer (000: none).
+    """
+    base = f"http://{cluster.net.address(via)}:{port}"
+    loops = [f"while :; do curl -s -o /dev/null --max-time 5 -w '%{{http_code}}\\n' {base}/;"
+             " sleep 0.1; done"]
+    loops += [f"while :; do curl -s -o /dev/null --max-time 10 -w '%{{http_code}}\\n'"
+              f" {base}/cgi-bin/slow; done"] * 2
+    return [cluster.net.spawn("client", ["sh", "-c", loop], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True) for loop in loops]
+
+
+def _answers(users):
+    out = []
+    for user in users:
+        user.terminate()
+        out.append(user.communicate(timeout=30)[0].split())
+    return out
 
 
 def _versions(cluster, port, tries=8):
@@ -58,39 +93,40 @@ def _versions(cluster, port, tries=8):
 
 
 def test_rolling_deploy_of_a_stateless_app(cluster):
-    _push_v2(cluster)
+    _push(cluster, "demo:1-slow", {"www/cgi-bin/slow": (SLOW, 0o755)})
+    _push(cluster, "demo:2", {"www/cgi-bin/slow": (SLOW, 0o755),
+                              "www/version.txt": (b"2\n", 0o644)})
     cluster.zwrm("apps", "create", "roll")
     with cluster.phase("deploy a stateless app with two replicas"):
         app = cluster.zwrm_json(
-            "deploy", "roll", "--image", "demo:1", "--replicas", "2", "--memory", "128",
+            "deploy", "roll", "--image", "demo:1-slow", "--replicas", "2", "--memory", "128",
             "--port", "8080", "--health-http", "/", "--health-grace", "240",
             "--publish", f"{PORT}:8080", "--wait", "300", timeout=360)
     before = {m["id"] for m in app["machines"]}
     assert len(before) == 2
     assert _versions(cluster, PORT) == {"404"}
 
-    # A user: a request every 0.1 s through a1's ingress, each given 5 s.
-    url = f"http://{cluster.net.address('a1')}:{PORT}/"
-    user = cluster.net.spawn("client", [
-        "sh", "-c", "while :; do curl -s -o /dev/null --max-time 5 -w '%{http_code}\\n' "
-                    f"{url}; sleep 0.1; done"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    users = _users(cluster, "a1", PORT)
     try:
         with cluster.phase("a rolling deploy of two replicas under requests"):
             app = cluster.zwrm_json("deploy", "roll", "--image", "demo:2", "--wait", "300",
                                     timeout=360)
-        # (the user goes on meanwhile: requests after the deploy returned count too)
+        # (the users go on meanwhile: requests after the deploy returned count too)
         versions = _versions(cluster, PORT)
     finally:
-        user.terminate()
-        codes = user.communicate(timeout=30)[0].split()
+        quick, *slow = _answers(users)
     after = {m["id"] for m in app["machines"]}
     assert len(after) == 2 and not after & before, app["machines"]
     assert all(m["state"] == "running" for m in app["machines"]), app["machines"]
-    assert len(codes) > 20, codes
-    failed = [c for c in codes if c != "200"]
-    assert not failed, (f"{len(failed)} of {len(codes)} requests failed during the rollout"
-                        f" (HTTP codes, 000: no answer): {dict(collections.Counter(failed))}")
+    slow = [c for codes in slow for c in codes]
+    assert len(quick) > 20 and len(slow) > 10, (quick, slow)
+    for what, codes in (("quick", quick), ("3 s", slow)):
+        failed = [c for c in codes if c != "200"]
+        # A replaced replica leaves the routes 5 s (shutdown_delay) before it stops, so
+        # the requests it is answering finish.
+        assert not failed, (f"{len(failed)} of {len(codes)} {what} requests failed during the"
+                            f" rollout (HTTP codes, 000: no answer):"
+                            f" {dict(collections.Counter(failed))}")
     assert versions == {"2"}
     cluster.zwrm("destroy", "roll")
 
