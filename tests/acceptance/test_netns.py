@@ -78,6 +78,24 @@ def test_disconnect_and_reconnect(net):
         net.disconnect("nosuchhost")
 
 
+def test_power_cut(net):
+    # What programs in the host made: a process, a bridge, a veth pair, nftables rules.
+    sleeper = net.spawn("b", ["sleep", "600"])
+    net.run("b", ["ip", "link", "add", "br-test", "type", "bridge"])
+    net.run("b", ["ip", "link", "add", "veth-test", "type", "veth", "peer", "name", "veth-peer"])
+    net.run("b", ["nft", "add", "table", "inet", "zwrm_test"])
+    net.power_cut("b")
+    assert sleeper.wait(timeout=10) == -9  # killed, not asked
+    links = net.run("b", ["ip", "-o", "link", "show"]).stdout
+    assert "br-test" not in links and "veth-test" not in links and "veth-peer" not in links
+    assert net.run("b", ["nft", "list", "ruleset"]).stdout.strip() == ""
+    # Its address and cable stay: it answers again, as a booted host does.
+    net.run("a", ["ping", "-c1", "-W5", net.address("b")])
+    assert net.run("b", ["hostname"]).stdout.strip() == "b"
+    with pytest.raises(KeyError):
+        net.power_cut("nosuchhost")
+
+
 def test_hostname_is_the_host_name(net):
     assert net.run("a", ["hostname"]).stdout.strip() == "a"
     assert net.run("b", ["hostname"]).stdout.strip() == "b"
