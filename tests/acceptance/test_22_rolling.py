@@ -13,7 +13,8 @@ C{/www/version.txt}, which the guest's web server serves).
  - The earlier app (one replica, pinned to its volume) is redeployed with C{demo:2}: its
    replacement runs on the same host with the same volume, the data is there, and it
    serves version 2 through both ingresses; at most one copy ran at any moment (the
-   old one stopped before the new one started: it has the volume).
+   old one stopped before the new one started: it has the volume).  Updates
+   C{cluster.state["app"]["machine"]}.
 """
 
 import collections
@@ -24,7 +25,7 @@ import subprocess
 
 import pytest
 
-from tests.acceptance.cluster import AGENTS
+from tests.acceptance.cluster import AGENTS, PUBLISHED
 from zwrm.testing import image
 
 pytestmark = pytest.mark.acceptance
@@ -145,7 +146,7 @@ def test_redeploy_of_the_app_with_a_volume(cluster):
     assert [v["id"] for v in app["volumes"]] == [web["volume"]], app["volumes"]
     for body in cluster.app_everywhere("/cgi-bin/read?index.txt", wait=60).values():
         assert body.encode() == web["data"]
-    assert _versions(cluster, 80, tries=1) == {"2"}
+    assert _versions(cluster, PUBLISHED, tries=1) == {"2"}
     # One copy at a time: the old machine had ended before the new one began.
     lines = cluster.zwrm("events", "--topic", "machine", "--limit", "500", "--json")
     events = [json.loads(x) for x in lines.splitlines() if x.strip()]
@@ -153,3 +154,4 @@ def test_redeploy_of_the_app_with_a_volume(cluster):
     news = [e for e in events if e["subject"] == new["id"]]
     assert olds and news and olds[-1]["kind"] == "destroyed", olds[-1:]
     assert olds[-1]["id"] < news[0]["id"], (olds[-1], news[0])
+    web["machine"] = new
