@@ -13,7 +13,6 @@ there.  The app is destroyed at the end, so later steps find the cluster as they
 tested below the acceptance suite: the executor's and the QEMU driver's tests.)
 """
 
-
 import pytest
 
 from tests.acceptance.cluster import AGENTS, poll
