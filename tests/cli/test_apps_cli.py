@@ -1,9 +1,11 @@
 """The app, machine and volume commands: arguments become specs, mistakes become one line."""
 
+from autobahn.wamp.exception import ApplicationError
+from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
-from zwrm.cli.apps import _failed_line, _last_reason, _settled, _spec
-from zwrm.cli.client import EXIT_USAGE, CliError
+from zwrm.cli.apps import _failed_line, _last_reason, _settled, _spec, _why_failed
+from zwrm.cli.client import EXIT_UNREACHABLE, EXIT_USAGE, CliError
 from zwrm.cli.main import build_parser
 
 
@@ -72,3 +74,29 @@ class SettledTests(SynchronousTestCase):
         self.assertIsNone(_last_reason({"id": "m-2", "events": [{"payload": {}}]}))
         self.assertEqual(_failed_line("web", status, None),
                          "machine m-2 of web failed (see zwrm logs m-2)")
+
+    def test_why_failed_when_the_machine_is_gone(self):
+        """
+        The reason is asked of the control plane; a machine it no longer knows (destroyed
+        meanwhile) gives no reason, so the deploy's line is the failed machine's, not "no
+        machine ...".  A lost connection is still said as such.
+        """
+
+        class Session:
+            def __init__(self, answer):
+                self.answer = answer
+
+            def call(self, procedure, *args):
+                assert (procedure, args) == ("zwrm.machine.status", ("m-2",))
+                return self.answer
+
+        status = {"id": "m-2", "events": [{"payload": {"reason": "could not start: x"}}]}
+        self.assertEqual(self.successResultOf(defer.ensureDeferred(
+            _why_failed(Session(defer.succeed(status)), "m-2"))), "could not start: x")
+        gone = ApplicationError("zwrm.error.not_found", "no machine 'm-2'")
+        self.assertIsNone(self.successResultOf(defer.ensureDeferred(
+            _why_failed(Session(defer.fail(gone)), "m-2"))))
+        lost = ApplicationError("wamp.close.transport_lost", "lost")
+        err = self.failureResultOf(defer.ensureDeferred(
+            _why_failed(Session(defer.fail(lost)), "m-2")), CliError).value
+        self.assertEqual(err.code, EXIT_UNREACHABLE)

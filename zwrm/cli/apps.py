@@ -402,6 +402,20 @@ def _last_reason(machine):
     return None
 
 
+async def _why_failed(session, machine_id):
+    """
+    The newest event reason of the failed machine C{machine_id}, or L{None} when the control
+    plane has none to give (e.g. the machine was destroyed meanwhile): the deploy's own
+    failure is the line to print, not that of this question.
+    """
+    try:
+        return _last_reason(await call(session, "zwrm.machine.status", machine_id))
+    except CliError as e:
+        if e.code != EXIT_REMOTE:
+            raise
+        return None
+
+
 def _failed_line(name, machine, why):
     """
     The one line of a deploy whose machine failed: which, and C{why} (its newest event's
@@ -453,7 +467,7 @@ async def deploy(reactor, args, out=None):
                 if state == "failed":
                     format_app(app, sys.stderr)
                     failed = next(m for m in app["machines"] if m["state"] == "failed")
-                    why = _last_reason(await call(session, "zwrm.machine.status", failed["id"]))
+                    why = await _why_failed(session, failed["id"])
                     raise CliError(_failed_line(args.app, failed, why), EXIT_REMOTE)
                 if state == "ok":
                     break
