@@ -468,6 +468,17 @@ class Cluster:
         return self.sh("client", ["zwrm", *args], env={"HOME": self.client_home}, ok=ok,
                        timeout=timeout, input=input).stdout
 
+    def deploy(self, name, image, *flags, replicas=1, memory=128):
+        """
+        C{zwrm deploy NAME} of C{image} (the test image's web server: port 8080, a health
+        check of C{GET /} with the grace a boot under TCG needs) with C{flags}, waiting until
+        it is healthy; the app's status.
+        """
+        return self.zwrm_json(
+            "deploy", name, "--image", image, "--replicas", str(replicas), "--memory",
+            str(memory), "--port", "8080", "--health-http", "/", "--health-grace", "240",
+            *flags, "--wait", "300", timeout=360)
+
     def zwrm_json(self, *args, **kw):
         return json.loads(self.zwrm(*args, "--json", **kw))
 

@@ -25,12 +25,9 @@ def test_push_image(cluster):
 def test_deploy_with_a_volume(cluster):
     cluster.zwrm("apps", "create", "web")
     with cluster.phase("deploy with a volume until healthy"):
-        app = cluster.zwrm_json(
-            "deploy", "web", "--image", "demo:1", "--replicas", "1", "--memory", "256",
-            "--port", "8080", "--health-http", "/", "--health-grace", "240",
-            "--publish", f"{PUBLISHED}:8080", "--publish", f"{PUBLISHED_HTTP}:8080/http",
-            "--volume", "data:16:/data", "--wait", "300",
-            timeout=360)
+        app = cluster.deploy(
+            "web", "demo:1", "--publish", f"{PUBLISHED}:8080",
+            "--publish", f"{PUBLISHED_HTTP}:8080/http", "--volume", "data:16:/data", memory=256)
     [machine] = app["machines"]
     assert machine["state"] == "running", machine
     assert machine["host_id"] in cluster.host_ids.values()

@@ -99,10 +99,7 @@ def test_rolling_deploy_of_a_stateless_app(cluster):
                               "www/version.txt": (b"2\n", 0o644)})
     cluster.zwrm("apps", "create", "roll")
     with cluster.phase("deploy a stateless app with two replicas"):
-        app = cluster.zwrm_json(
-            "deploy", "roll", "--image", "demo:1-slow", "--replicas", "2", "--memory", "128",
-            "--port", "8080", "--health-http", "/", "--health-grace", "240",
-            "--publish", f"{PORT}:8080", "--wait", "300", timeout=360)
+        app = cluster.deploy("roll", "demo:1-slow", "--publish", f"{PORT}:8080", replicas=2)
     before = {m["id"] for m in app["machines"]}
     assert len(before) == 2
     assert _versions(cluster, PORT) == {"404"}

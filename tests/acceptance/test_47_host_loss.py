@@ -34,10 +34,7 @@ def test_a_host_vanishes_and_returns(cluster):
     web = cluster.state["app"]
     cluster.zwrm("apps", "create", "stateless")
     with cluster.phase("deploy a stateless app"):
-        app = cluster.zwrm_json(
-            "deploy", "stateless", "--image", "demo:1", "--replicas", "1", "--memory", "128",
-            "--port", "8080", "--health-http", "/", "--health-grace", "240",
-            "--publish", f"{PORT}:8080", "--wait", "300", timeout=360)
+        app = cluster.deploy("stateless", "demo:1", "--publish", f"{PORT}:8080")
     [first] = app["machines"]
     lost = cluster.host_of(first["host_id"])
     [other] = [a for a in AGENTS if a != lost]
