@@ -22,6 +22,8 @@ Procedures (realm C{zwrm}):
    machines, or stores one machine event from the executor.
  - C{zwrm.host.list()}: every host, summarised.
  - C{zwrm.host.status(host_id)}: one host with its machines and recent events.
+ - C{zwrm.host.remove(host_id, forget_volumes=False)} (operator): removes an offline host
+   (L{zwrm.control.host_removal}).
 """
 
 import hmac
@@ -162,10 +164,15 @@ class AgentAPI:
 
 
 class HostAPI:
-    """The operator's C{zwrm.host.*} procedures (the parts of issue 3)."""
+    """The operator's C{zwrm.host.*} procedures (the parts of issue 3, and removal)."""
 
-    def __init__(self, registry):
+    def __init__(self, registry, removal=None):
+        """
+        @param removal: the L{zwrm.control.host_removal.HostRemoval}, or L{None} (then
+            C{zwrm.host.remove} is not offered).
+        """
         self.registry = registry
+        self.removal = removal
 
     @wamp.register("zwrm.host.list")
     async def list(self):
@@ -176,6 +183,13 @@ class HostAPI:
         if not isinstance(host_id, str) or not host_id:
             raise errors.InvalidArgument("zwrm.host.status needs a host id")
         return await self.registry.status(host_id)
+
+    @wamp.register("zwrm.host.remove")
+    async def remove(self, host_id, forget_volumes=False):
+        """(Operator.) Remove an offline host from the cluster (L{zwrm.control.host_removal})."""
+        if self.removal is None:
+            raise errors.Unavailable("this control plane does not remove hosts")
+        return await self.removal.remove(host_id, forget_volumes=forget_volumes)
 
 
 def guarded(uri, endpoint, options, log):

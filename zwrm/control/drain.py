@@ -140,6 +140,16 @@ class Drains(LiveSteps):
     def _reachable(self, host_id):
         return host_id in self._hosts and self._hosts.executor_available(host_id)
 
+    def moving_to(self, host_id):
+        """
+        The hosts whose drains under way have a migration to C{host_id} that has not ended
+        (it may yet copy there, start there or roll back there): that host cannot go.
+        """
+        return sorted({source for source, d in self.active.items()
+                       for r in d.migrations.values()
+                       if r.row["target_host"] == host_id
+                       and r.machine.phase not in MIGRATION_TERMINAL})
+
     # -- stored changes, then events ---------------------------------------------------
 
     async def _save_migration(self, run, reason=None, **fields):

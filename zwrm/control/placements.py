@@ -54,7 +54,14 @@ class Placements:
     # -- the scheduler's host index, fed by host events --------------------------------
 
     def _host_event(self, event):
-        """A host event: give the scheduler what changed of that host."""
+        """A host event: give the scheduler what changed of that host (or forget it)."""
+        if event["kind"] == "removed":
+            self._synced.pop(event["subject"], None)
+            try:
+                self.scheduler.remove_host(event["subject"])
+            except errors.NotFound:
+                pass  # never schedulable (its facts were refused)
+            return
         self._give_host(event["subject"])
 
     def _give_host(self, host_id):

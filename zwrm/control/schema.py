@@ -470,6 +470,16 @@ PROCEDURES = {p.uri: p for p in [
         [_HOST, Arg("ttl", Number(1, 30 * 86400), 3600.0, "seconds the permission lasts")],
         "{host_id, expires_at}", ["invalid_argument", "not_found"]),
     Procedure(
+        "zwrm.host.remove", OPERATOR,
+        "Remove an offline host from the cluster: its row and credential, its subnet and"
+        " addresses; the replicas that failed with it are placed again elsewhere.",
+        [_HOST, Arg("forget_volumes", Bool(), False,
+                    "also delete the records of the volumes that live on it (their data is"
+                    " given up; their replicas get new, empty volumes)")],
+        "{host_id, volumes_forgotten, rescheduled: [{app, replicas}], not_placed: [{app,"
+        " replicas, error}]}",
+        ["invalid_argument", "not_found", "conflict"]),
+    Procedure(
         "zwrm.host.drain", OPERATOR,
         "Start draining a host: move each of its machines to a host the scheduler picks.",
         [_HOST,

@@ -31,6 +31,7 @@ from zwrm.control.cluster import ClusterAPI
 from zwrm.control.console import ConsoleAPI
 from zwrm.control.drain import Drains
 from zwrm.control.healing import Healer
+from zwrm.control.host_removal import HostRemoval
 from zwrm.control.images import ImageAPI
 from zwrm.control.metrics import ControlMetrics, MetricsResource
 from zwrm.control.monitor import HealthMonitor
@@ -248,7 +249,9 @@ class ControlPlane(service.MultiService):
                                             available=self.registry.executor_available)
         apis = [
             AgentAPI(self.registry, machines=self.apps, pki=self.pki),
-            HostAPI(self.registry),
+            HostAPI(self.registry, HostRemoval(self.registry, self.apps, self.drains,
+                                               pki=self.pki,
+                                               drop_session=self._drop_host_session)),
             self.apps,
             AccessTokenAPI(self.pki, self.store, self.reactor),
             self.drains,
@@ -410,17 +413,17 @@ class ControlPlane(service.MultiService):
     def _call(self, procedure, *args, **kwargs):
         return self.session.call_procedure(procedure, *args, **kwargs)
 
-    def _drop_host_session(self, host_id):
+    def _drop_host_session(self, host_id, message="host marked offline; register again"):
         """
-        End the sessions of a host marked offline, through the WAMP meta API
-        (C{wamp.session.kill_by_authid}), which the embedded router and Crossbar.io both
-        offer: its agent registers again.
+        End the sessions of a host marked offline (its agent registers again) or removed,
+        through the WAMP meta API (C{wamp.session.kill_by_authid}), which the embedded
+        router and Crossbar.io both offer.
         """
         session = self.session
         if session is None or not session.is_attached():
             return None
         d = session.call("wamp.session.kill_by_authid", host_id, reason="wamp.close.killed",
-                         message="host marked offline; register again")
+                         message=message)
         d.addErrback(lambda f: self.log.warn("could not end host {host_id}'s session: {why}",
                                              host_id=host_id, why=f.getErrorMessage()))
         return d

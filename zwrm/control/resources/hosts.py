@@ -12,7 +12,9 @@ C{host_id}, C{old} (the state before, or L{None}) and C{reason}:
    executor flag may have changed);
  - C{executor}: only whether its executor may be called changed;
  - C{disk}: its agent's heartbeats say its data disk is nearly full (under
-   L{DISK_FULL_MB} free: nothing new is placed there) or has room again.
+   L{DISK_FULL_MB} free: nothing new is placed there) or has room again;
+ - C{removed}: an operator removed it from the cluster (C{zwrm host remove}); its row is
+   gone and its C{state} is C{removed}.
 
 Not announced (they are not part of the wire form's meaning): the credential hash, the
 heartbeat times (in memory, flushed in batches: L{Hosts.flush_heartbeats}) and the
@@ -338,6 +340,25 @@ class Hosts(Resource):
         self._log_change(host_id, change)
         await self._produce("state", entry, change.old, change.reason)
         return change
+
+    @update_method
+    async def remove(self, host_id, reason):
+        """
+        Delete C{host_id}'s row (with its credential: its agent is refused from now on, and
+        the id may join again as a new host); event C{removed}.
+
+        @raise zwrm.errors.NotFound: no such host.
+        """
+        entry = self.entry(host_id)
+        await self._store.run(lambda db: db["hosts"].delete_where("id = ?", [host_id]))
+        del self._entries[host_id]
+        self._dirty.pop(host_id, None)
+        old = entry.machine.state
+        payload = dict(wire(entry), host_id=host_id, state="removed", executor=False, old=old,
+                       reason=reason)
+        self.log.info("host {host_id}: {old} -> removed ({reason})", host_id=host_id, old=old,
+                      reason=reason)
+        return await self.produce_event("removed", host_id, payload)
 
     @update_method
     async def set_disk_full(self, host_id, full, free_mb, floor=DISK_FULL_MB):

@@ -61,10 +61,11 @@ class Volumes(Resource):
         """The row of C{volume_id}, or L{None} (a Deferred)."""
         return self._store.get("volumes", volume_id)
 
-    async def find(self, app_id=None, name=None, replica=None, order_by=None):
+    async def find(self, app_id=None, name=None, replica=None, order_by=None, host_id=None):
         """The rows matching every criterion given."""
         where, args = [], []
-        for col, value in (("app_id", app_id), ("name", name), ("replica", replica)):
+        for col, value in (("app_id", app_id), ("name", name), ("replica", replica),
+                           ("host_id", host_id)):
             if value is not None:
                 where.append(f"{col} = ?")
                 args.append(value)
