@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.agent.test_membership import make_agent, start_plane
 from zwrm import pki
-from zwrm.cli import client, host, main
+from zwrm.cli import client, host, host_remove, main
 from zwrm.cli.client import CliError
 from zwrm.testing.processes import temp_dir
 
@@ -223,6 +223,41 @@ class LiveTests(TestCase):
         with self.assertRaises(CliError) as e:
             await host.host_list(reactor, Args(api_url="http//nope", json=True), out)
         self.assertEqual(e.exception.code, client.EXIT_URL)
+
+    @d
+    async def test_remove(self):
+        plane, tmp = await start_plane(self)
+        data_dir = os.path.join(tmp, "a1")
+        agent = make_agent(self, plane, data_dir)
+        await agent.registered
+        host_id = agent.identity.host_id
+        first_credential = agent.identity.credential
+        self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
+        out = io.StringIO()
+        args = Args(api_url=plane.url, json=False, host_id=host_id, forget_volumes=False)
+        with self.assertRaises(CliError) as e:
+            await host_remove.host_remove(reactor, args, out)
+        self.assertEqual(e.exception.code, client.EXIT_REMOTE)
+        self.assertIn(f"host {host_id} is ready, not offline", e.exception.message)
+        self.assertNotIn("\n", e.exception.message)
+        self.assertEqual(plane.registry.host_ids(), [host_id])
+        # retired: its agent stopped, the host marked offline, then removed
+        await agent.stopService()
+        await plane.registry.mark_offline(host_id)
+        self.assertEqual(await host_remove.host_remove(reactor, args, out), 0)
+        self.assertEqual(out.getvalue(), f"host {host_id} removed\n")
+        self.assertEqual(plane.registry.host_ids(), [])
+        self.assertIsNone(await plane.store.get("hosts", host_id))
+        # the same machine installed again joins as a new host, with a new credential
+        agent2 = make_agent(self, plane, data_dir)
+        await agent2.registered
+        self.assertEqual((agent2.identity.host_id, plane.registry.state(host_id)),
+                         (host_id, "ready"))
+        self.assertNotEqual(agent2.identity.credential, first_credential)
+        self.assertEqual(agent2.last_error,
+                         f"the control plane at {plane.url} rejected our credential: unknown"
+                         f" host '{host_id}' (it never joined, or was removed); join it with a"
+                         " join token")
 
     @d
     async def test_run_reports_one_line(self):

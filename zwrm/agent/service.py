@@ -51,7 +51,13 @@ from zwrm.wamp.transport import WampWebSocketClientFactory
 
 
 class AuthRejected(Exception):
-    """The control plane did not accept our token or credential."""
+    """
+    The control plane did not accept our token or credential.
+
+    @ivar what: what it refused (C{"credential"}, C{"join token"}), once known.
+    """
+
+    what = None
 
 
 class ServerRejected(Exception):
@@ -410,7 +416,7 @@ class AgentService(service.Service):
         if isinstance(outcome, errors.ZwrmError):
             return f"cannot join the control plane at {url}: {outcome.message}"
         if isinstance(outcome, AuthRejected):
-            what = "credential" if self.identity.credential else "join token"
+            what = outcome.what or ("credential" if self.identity.credential else "join token")
             return f"the control plane at {url} rejected our {what}: {outcome}"
         if isinstance(outcome, error.ConnectionRefusedError):
             return f"cannot reach the control plane at {url}: connection refused"
@@ -526,7 +532,8 @@ class AgentService(service.Service):
                 if not self._running:
                     return "stopped"
                 self._adopt_authid(session)
-            except AuthRejected:
+            except AuthRejected as e:
+                e.what = "credential"
                 if self.config.join_token:
                     self.log.warn(
                         "the control plane rejected host {host_id}'s credential; joining again",

@@ -1,5 +1,6 @@
 """
-C{zwrm host list} and C{zwrm host status <host-id>}.
+C{zwrm host list} and C{zwrm host status <host-id>} (drain, reset and remove are in
+modules of their own).
 """
 
 import json
@@ -8,6 +9,7 @@ import time
 
 from zwrm.cli.client import call_once
 from zwrm.cli.drain import register_host_commands
+from zwrm.cli.host_remove import register_remove
 from zwrm.cli.host_reset import register_reset
 
 
@@ -25,6 +27,7 @@ def register(subparsers):
     st.set_defaults(func=host_status)
     register_host_commands(hsub)
     register_reset(hsub)
+    register_remove(hsub)
 
 
 def _with_session(reactor, args, procedure, *cargs):

@@ -89,6 +89,11 @@ def parse_token(text):
     return text
 
 
+def _unknown_host(authid):
+    return AuthenticationFailed(
+        f"unknown host {authid!r} (it never joined, or was removed); join it with a join token")
+
+
 def _certificate_refused(authid, host_id):
     """
     Why the TLS client certificate of the connection (if any) does not let C{authid} join
@@ -174,7 +179,7 @@ class ControlAuthenticator:
             return defer.fail(refused)
         stored = self._registry.credential_hash(host_id) if host_id else None
         if stored is None:
-            return defer.fail(AuthenticationFailed(f"unknown host {authid!r}; join it with a join token"))
+            return defer.fail(_unknown_host(authid))
         if not hmac.compare_digest(stored, hash_secret(secret)):
             return defer.fail(AuthenticationFailed(f"the credential of host {authid!r} was not accepted"))
         return defer.succeed(Principal(host_id, "agent", {}))
@@ -194,7 +199,7 @@ class ControlAuthenticator:
             host_id = strict_host_id(authid)
         stored = self._registry.credential_hash(host_id) if host_id else None
         if stored is None:
-            return defer.fail(AuthenticationFailed(f"unknown host {authid!r}; join it with a join token"))
+            return defer.fail(_unknown_host(authid))
         refused = _certificate_refused(authid, host_id)
         if refused is not None:
             return defer.fail(refused)

@@ -1,0 +1,47 @@
+"""
+C{zwrm host remove <host-id> [--forget-volumes]}: remove an offline host from the cluster
+(C{zwrm.host.remove}; docs/operators.md, "Removing a host").
+
+Refused, with one line saying why and nothing changed, while the host is not offline, while
+a drain involves it, while a machine is recorded live on it, and while it holds volumes
+unless C{--forget-volumes} gives their data up.
+"""
+
+import json
+import sys
+
+from zwrm.cli.client import call_once
+
+
+def register_remove(hsub):
+    """Add C{remove} to the C{zwrm host} subcommands."""
+    rm = hsub.add_parser("remove", help="remove an offline host (retired or lost) from the cluster")
+    rm.add_argument("host_id")
+    rm.add_argument("--forget-volumes", action="store_true",
+                    help="also give up the volumes that live only on it (their replicas get"
+                         " new, empty volumes elsewhere)")
+    rm.add_argument("--json", action="store_true", help="print JSON")
+    rm.set_defaults(func=host_remove)
+
+
+def format_removal(result, out):
+    """Write what C{zwrm.host.remove} did, a line each."""
+    out.write(f"host {result['host_id']} removed\n")
+    for v in result["volumes_forgotten"]:
+        out.write(f"  volume {v} forgotten (its data was only on that host)\n")
+    for r in result["rescheduled"]:
+        out.write(f"  {r['app']}: replicas {', '.join(map(str, r['replicas']))} placed again\n")
+    for r in result["not_placed"]:
+        out.write(f"  {r['app']}: replicas {', '.join(map(str, r['replicas']))} not placed"
+                  f" again: {r['error']}\n")
+
+
+async def host_remove(reactor, args, out=None):
+    out = out or sys.stdout
+    result = await call_once(reactor, args.api_url, "zwrm.host.remove", args.host_id,
+                             forget_volumes=args.forget_volumes)
+    if args.json:
+        out.write(json.dumps(result, indent=2) + "\n")
+    else:
+        format_removal(result, out)
+    return 1 if result["not_placed"] else 0
