@@ -430,4 +430,3 @@ class Apps:
             raise errors.NotFound(f"no volume {volume_id!r}")
         await self.volumes.destroy(row)
         return row["id"]
-        return row["id"]
