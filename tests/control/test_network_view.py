@@ -237,6 +237,36 @@ class ViewTests(ViewHelpers, TestCase):
         await self.settle()
         self.assertEqual(sorted(self.sent()), ["h-a", "h-b"])
 
+    async def test_a_removed_host_leaves_every_hosts_list(self):
+        """
+        A host removed from the cluster (C{zwrm host remove}: its row, then its subnet) is
+        dropped from the hosts list of every other host, whose overlay forgets it; nothing
+        more is sent to it.  Its removal event alone does it, and its subnet's release too.
+        """
+        await self.start()
+        await self.add("m-w1", "web", "h-a")
+        await self.add("m-w2", "web", "h-c")
+        await self.settle()
+        self.sent()
+        for forget_subnet in (False, True):
+            await self.registry.mark_offline("h-c")
+            await self.data.hosts.remove("h-c", "removed by an operator")
+            if forget_subnet:
+                await self.network.forget_host("h-c")
+            await self.settle()
+            sent = self.sent()
+            self.assertEqual(sorted(sent), ["h-a", "h-b"])
+            for views in sent.values():
+                self.assertEqual([h["host_id"] for h in views[-1]["hosts"]], ["h-a", "h-b"])
+            # it joins again, as a new host: back in every list
+            facts = dict(FACTS, name="h-c", address="192.0.2.3")
+            await self.registry.join("h-c", facts)
+            await self.registry.register("h-c", facts)
+            await self.settle()
+            sent = self.sent()
+            self.assertEqual(sorted(sent), list(HOSTS))
+            self.assertEqual([h["host_id"] for h in sent["h-a"][-1]["hosts"]], list(HOSTS))
+
     async def test_a_host_that_registers_again_gets_its_view(self):
         await self.start()
         await self.add("m-w1", "web", "h-a")
