@@ -7,8 +7,8 @@ agents running the busybox test image under QEMU (TCG):
  - an app deployed with the CLI appears with its machine running, without a reload;
  - a drain started from the console (its button, its dialog) is followed live: the migration's
    phases advance in order up to C{done};
- - the other actions (restart, scale, activate), a refused call's zwrm.error.* shown, the
-   audit trail of what the console did;
+ - the other actions (restart, scale, activate, remove of a host whose agent stopped), a
+   refused call's zwrm.error.* shown, the audit trail of what the console did;
  - the control plane restarts: the console reconnects by itself and is live again;
  - a viewer sees everything, finds every action button disabled, and a drain forced through
    the page anyway is refused by the router (C{wamp.error.not_authorized}), the host unchanged.
@@ -248,7 +248,7 @@ class ConsoleBrowserTests(TestCase):
         await wait_js(b, "const r = document.querySelector(`#hosts-table tr[data-host='${arguments[0]}']`);"
                          " return r && r.dataset.state === 'drained'", 30, "the drained host", source)
         await b.shot("hosts.png")
-        await self._actions(cp, b, source, status["machines"][0]["host_id"])
+        await self._actions(cp, b, source, agents)
 
     async def confirm(self, b, **inputs):
         """Answer the console's confirmation dialog: fill C{inputs} (id -> value), confirm."""
@@ -263,8 +263,8 @@ class ConsoleBrowserTests(TestCase):
                       60, f"an enabled {selector}", selector)
         await b.js("document.querySelector(arguments[0]).click()", selector)
 
-    async def _actions(self, cp, b, drained, _old_host):
-        """The other actions: an error shown readably, restart, scale, activate."""
+    async def _actions(self, cp, b, drained, agents):
+        """The other actions: an error shown readably, restart, scale, activate, remove."""
         ready = next(h["id"] for h in await host_list(reactor, cp) if h["id"] != drained)
         # a refused zwrm.error.*: undrain of a host that is not draining (forced on)
         await b.js("const x = document.querySelector(`button[data-action=undrain][data-host='${arguments[0]}']`);"
@@ -320,12 +320,27 @@ class ConsoleBrowserTests(TestCase):
         state = {h["id"]: h["state"] for h in await host_list(reactor, cp)}
         self.assertEqual(state[drained], "ready")
 
+        # remove it, its agent stopped: offline, then Remove; started again, it joins anew
+        [agent] = [a for a in agents if a.host_id == drained]
+        await agent.stop()
+        row = "const r = document.querySelector(`#hosts-table tr[data-host='${arguments[0]}']`);"
+        await wait_js(b, row + " return r && r.dataset.state === 'offline'", 60,
+                      "the stopped agent's host offline", drained)
+        await self.click(b, f"button[data-action=remove][data-host='{drained}']")
+        await self.confirm(b)
+        await wait_js(b, row + " const m = document.getElementById('message');"
+                      " return !r && !m.hidden && m.className === 'info'", 30,
+                      "the host removed", drained)
+        self.assertNotIn(drained, [h["id"] for h in await host_list(reactor, cp)])
+        await agent.start()
+        await wait_js(b, TWO_READY_HOSTS, 60, "the host back, ready, after its agent started")
+
         # the audit trail shows what the console did, as the operator
         await b.js("location.hash = '#audit'")
         done = await wait_js(b, "return [...document.querySelectorAll('#audit-table tr[data-procedure]')]"
                                 ".map(r => r.dataset.procedure)", 30, "the audit trail")
         for procedure in ("zwrm.host.drain", "zwrm.machine.restart", "zwrm.app.scale",
-                          "zwrm.host.activate", "zwrm.host.undrain"):
+                          "zwrm.host.activate", "zwrm.host.undrain", "zwrm.host.remove"):
             self.assertIn(procedure, done)
         await b.shot("audit.png")
 

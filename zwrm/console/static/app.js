@@ -202,7 +202,8 @@ function onEvent(args, kwargs, details) {
   switch (e.topic) {
     case "zwrm.event.host": {
       const old = state.hosts.get(p.id) || {};
-      state.hosts.set(p.id, Object.assign({}, old, p));
+      if (e.kind === "removed") state.hosts.delete(p.id);
+      else state.hosts.set(p.id, Object.assign({}, old, p));
       soon("hosts", loadHosts, 500);
       soon(`drain:${p.id}`, () => loadDrain(p.id));
       break;
@@ -290,6 +291,17 @@ async function hostAction(host, verb) {
   await call(`zwrm.host.${verb}`, [host.id]);
 }
 
+async function removeHost(host) {
+  // Only an offline host (docs/operators.md, "Removing a host"); one holding volumes is
+  // refused (the CLI's --forget-volumes gives their data up), the refusal shown as any other.
+  const ok = await ask(`Remove ${host.name || host.id} from the cluster? Its record and credential go;` +
+    " the replicas that failed with it are placed again elsewhere. Its agent, started again, joins as a new host.");
+  if (!ok) return;
+  await call("zwrm.host.remove", [host.id]);
+  state.hosts.delete(host.id);
+  showMessage(`${host.name || host.id} removed`, null, "info");
+}
+
 async function scale(app) {
   const input = h("input", { id: "scale-replicas", type: "number", min: "0", max: "1000",
     value: String(app.replicas ?? (app.spec && app.spec.replicas) ?? 1) });
@@ -351,7 +363,8 @@ function drawHosts() {
       h("td", {}, h("div", { class: "actions" },
         actionButton("Drain", "drain", { host: x.id }, () => drain(x), x.state === "ready"),
         actionButton("Undrain", "undrain", { host: x.id }, () => hostAction(x, "undrain"), x.state === "draining"),
-        actionButton("Activate", "activate", { host: x.id }, () => hostAction(x, "activate"), x.state === "drained"))));
+        actionButton("Activate", "activate", { host: x.id }, () => hostAction(x, "activate"), x.state === "drained"),
+        actionButton("Remove", "remove", { host: x.id }, () => removeHost(x), x.state === "offline"))));
   });
   $("#hosts-table tbody").replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: 10, class: "empty" }, "No hosts have joined yet."))]));
 }
