@@ -105,6 +105,28 @@ class MembershipTests(TestCase):
         self.assertEqual(plane.registry.host_ids(), [host_id])
 
     @d
+    async def test_an_agent_that_stops_is_not_called_before_it_is_offline(self):
+        """
+        Its session's end (the router's wamp.session.on_leave) deregisters its executor at
+        once: nothing is placed there nor called on it, though its host is not offline yet.
+        """
+        plane, tmp = await start_plane(self)
+        data_dir = os.path.join(tmp, "a1")
+        agent = make_agent(self, plane, data_dir)
+        await agent.registered
+        host_id = agent.identity.host_id
+        self.assertTrue(plane.registry.executor_available(host_id))
+        await agent.stopService()
+        await poll(reactor, lambda: plane.scheduler.host(host_id).state == "unreachable", 10,
+                   0.02, what="the host unschedulable")
+        self.assertFalse(plane.registry.executor_available(host_id))
+        self.assertEqual(plane.registry.state(host_id), "ready")
+        agent2 = make_agent(self, plane, data_dir)
+        await agent2.registered
+        self.assertTrue(plane.registry.executor_available(host_id))
+        self.assertEqual(plane.scheduler.host(host_id).state, "ready")
+
+    @d
     async def test_wrong_token_retries_with_one_line(self):
         plane, tmp = await start_plane(self)
         agent = make_agent(self, plane, os.path.join(tmp, "a1"), token="wrong")
@@ -222,10 +244,10 @@ class MembershipTests(TestCase):
         await agent.registered
         attempts, register, killed = agent.attempts, plane.registry.register, []
 
-        async def killing_register(host_id, facts):
+        async def killing_register(host_id, facts, **kw):
             if not killed:
                 killed.append(plane.router.kill_by_authid(host_id, "host marked offline"))
-            return await register(host_id, facts)
+            return await register(host_id, facts, **kw)
 
         self.patch(plane.registry, "register", killing_register)
         agent.session._transport.transport.abortConnection()  # connect and register again

@@ -110,6 +110,30 @@ class RegistryTests(TestCase):
         self.assertEqual((row["vcpus"], row["agent_version"], row["memory_mb"]), (4, "0.2", 16384))
 
     @d
+    async def test_the_end_of_its_agents_session_deregisters_the_executor(self):
+        clock, store, reg, published = await make_registry(self)
+        await reg.join("h1", FACTS)
+        await reg.register("h1", {}, session_id=101)
+        del published[:]
+        self.assertIsNone(reg.session_left(999))  # another client's session
+        self.assertTrue(reg.executor_available("h1"))
+        # its agent registers again from a new session before the old one's end is seen
+        await reg.register("h1", {}, session_id=102)
+        self.assertIsNone(reg.session_left(101))
+        self.assertTrue(reg.executor_available("h1"))
+        del published[:]
+        await reg.session_left(102)
+        self.assertFalse(reg.executor_available("h1"))
+        self.assertEqual(reg.hosts.entry("h1").schedulable_state, "unreachable")
+        self.assertEqual(reg.state("h1"), "ready")  # until the monitor calls it offline
+        self.assertEqual([(t, e["kind"], e["payload"]["executor"], e["payload"]["reason"])
+                          for t, e in published],
+                         [(HOST_TOPIC, "executor", False, "its agent's session ended")])
+        self.assertIsNone(reg.session_left(102))  # once
+        await reg.register("h1", {}, session_id=103)
+        self.assertTrue(reg.executor_available("h1"))
+
+    @d
     async def test_heartbeats_are_batched(self):
         clock, store, reg, published = await make_registry(self)
         await reg.join("h1", FACTS)

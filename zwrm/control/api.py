@@ -144,7 +144,8 @@ class AgentAPI:
 
     @wamp.register("zwrm.agent.register", options=DETAILS)
     async def register(self, facts=None, details=None):
-        return await self.registry.register(_caller(details), facts or {})
+        return await self.registry.register(_caller(details), facts or {},
+                                            session_id=getattr(details, "caller", None))
 
     @wamp.register("zwrm.agent.heartbeat", options=DETAILS)
     def heartbeat(self, stats=None, details=None):

@@ -150,6 +150,7 @@ class HostRegistry:
             clock, store, lambda topic, event: self._publish(topic, event))
         self.hosts = self.data.hosts
         self.machines = self.data.machines
+        self._sessions = {}  # WAMP session id -> the host whose agent registered from it
 
     # -- loading and persistence -----------------------------------------------------
 
@@ -300,7 +301,7 @@ class HostRegistry:
             "heartbeat_interval": self.heartbeat_interval,
         }
 
-    async def register(self, host_id, facts):
+    async def register(self, host_id, facts, session_id=None):
         """
         The agent of C{host_id} connected with its credential and reports its facts.
 
@@ -310,10 +311,17 @@ class HostRegistry:
         @param facts: a mapping with any of C{name, region, datacenter, address, labels,
             vcpus, memory_mb, disk_mb, agent_version} and optionally C{machines}
             (C{[{"id", "state"}, ...]}, what the agent runs).
+        @param session_id: the WAMP session it registered from (the call's disclosed
+            caller), if known: when that session ends (L{session_left}) its executor may no
+            longer be called.
         @return: C{{"host_id", "state", "heartbeat_interval"}}.
         """
         _check_facts(facts)
         entry = self.entry(host_id)
+        if session_id is not None:
+            self._sessions.pop(entry.session_id, None)
+            entry.session_id = session_id
+            self._sessions[session_id] = host_id
         update = {k: facts[k] for k in FACT_FIELDS if facts.get(k) not in (None, "")}
         if "labels" in facts:
             update["labels"] = facts["labels"]
@@ -332,6 +340,24 @@ class HostRegistry:
             "state": entry.machine.state,
             "heartbeat_interval": self.heartbeat_interval,
         }
+
+    def session_left(self, session_id):
+        """
+        A WAMP session ended (the router's C{wamp.session.on_leave}).  If a host's agent
+        registered from it, and has not registered again since, that host's executor may no
+        longer be called: nothing is placed there and nothing is called on it until its
+        agent registers again (its state stays until the health monitor calls it offline).
+
+        @return: a Deferred firing once that is announced, or L{None} if nothing changed.
+        """
+        host_id = self._sessions.pop(session_id, None)  # (a later registration took it out)
+        entry = self.hosts.get(host_id) if host_id is not None else None
+        if entry is None:
+            return None
+        entry.session_id = None
+        if not entry.executor:
+            return None
+        return self._deferred(self.hosts.set_executor(host_id, False, "its agent's session ended"))
 
     def heartbeat(self, host_id, stats=None):
         """

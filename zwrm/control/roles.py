@@ -52,7 +52,8 @@ def roles():
     The role table for L{zwrm.wamp.auth.RoleBasedAuthorizer}.
 
      - C{trusted}: the control component; everything under C{zwrm.}, and of the router's
-       meta API only C{wamp.session.kill_by_authid} (to end an offline host's session).
+       meta API only C{wamp.session.kill_by_authid} (to end an offline host's session) and
+       a subscription to C{wamp.session.on_leave} (an agent's session ended).
      - C{joining}: an agent holding the join token; may only call C{zwrm.agent.join}.
      - C{agent}: may call L{AGENT_PROCEDURES} and register only C{zwrm.agent.<its id>.*}.
      - C{operator}: may call L{OPERATOR_PREFIXES}, subscribe to C{zwrm.event.*}.
@@ -61,7 +62,8 @@ def roles():
     events = Rule("zwrm.event.", "prefix", {"subscribe"})
     return {
         "trusted": [Rule("zwrm.", "prefix", ALL),
-                    Rule("wamp.session.kill_by_authid", "exact", CALL)],
+                    Rule("wamp.session.kill_by_authid", "exact", CALL),
+                    Rule("wamp.session.on_leave", "exact", {"subscribe"})],
         "joining": [Rule("zwrm.agent.join", "exact", CALL)],
         "agent": [Rule(p, "exact", CALL) for p in AGENT_PROCEDURES]
         + [Rule("zwrm.agent.{authid}.", "prefix", {"register"})],

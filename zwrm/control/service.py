@@ -267,6 +267,7 @@ class ControlPlane(service.MultiService):
         else:
             self.session = ControlSession(apis, audit=self.audit)
             await self.router.attach(self.session, authid="control", authrole="trusted")
+            self._follow_sessions(self.session)
         await self.drains.resume()  # drains under way go on once their hosts are back
         self.monitor = HealthMonitor(
             self.reactor, self.registry, cfg.check_interval, cfg.offline_after, cfg.grace
@@ -334,9 +335,28 @@ class ControlPlane(service.MultiService):
                       url=cfg.router_url)
         await self.external.joined()
 
+    def _follow_sessions(self, session):
+        """
+        Subscribe to C{wamp.session.on_leave} (both routers publish it, its first argument
+        the session id): a host whose agent's session ends is not called nor placed on from
+        then on (L{HostRegistry.session_left}), not only once it is offline.
+        """
+        def left(session_id, *rest):
+            d = self.registry.session_left(session_id)
+            if d is not None:
+                d.addErrback(lambda f: errors.log_failure(self.log, f, "noting a session's end"))
+
+        d = session.subscribe(left, "wamp.session.on_leave")
+        d.addErrback(lambda f: self.log.warn(
+            "the router does not let the control component follow sessions ending"
+            " (wamp.session.on_leave: {why}); a host whose agent stops is noticed when it"
+            " is offline", why=f.getErrorMessage()))
+        return d
+
     def _router_session(self, session):
         first = self.session is None
         self.session = session
+        self._follow_sessions(session)
         if first:
             # Behind an external router the agents' sessions outlive a restart of this
             # process, but their executors count as unregistered here until they register

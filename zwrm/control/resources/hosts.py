@@ -90,6 +90,8 @@ class HostEntry:
         self.machine = machine
         self.last_heartbeat = last_heartbeat
         self.executor = False
+        #: the WAMP session its agent registered from (L{None}: not known, or it ended)
+        self.session_id = None
         self.reregistering = False
         self.stats = {}
         #: its heartbeats said its data disk is nearly full (L{DISK_FULL_MB})
@@ -340,6 +342,19 @@ class Hosts(Resource):
         self._log_change(host_id, change)
         await self._produce("state", entry, change.old, change.reason)
         return change
+
+    @update_method
+    async def set_executor(self, host_id, executor, reason):
+        """
+        Whether C{host_id}'s executor may be called, alone (in memory: executors start
+        deregistered); event C{executor} if it changed.
+        """
+        entry = self.entry(host_id)
+        if entry.executor == executor:
+            return None
+        entry.executor = executor
+        self.log.info("host {host_id}: {reason}", host_id=host_id, reason=reason)
+        return await self._produce("executor", entry, entry.machine.state, reason)
 
     @update_method
     async def remove(self, host_id, reason):
