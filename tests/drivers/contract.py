@@ -5,8 +5,9 @@ L{make_driver_tests} builds a TestCase class from a fixture describing one imple
 tests/drivers/test_contract.py runs it against the QEMU driver (real VMs) and the fake.
 
 A fixture provides:
- - C{make(testcase, root)}: a new driver whose machines live under C{root}; a second call with
-   the same C{root} is "the same host after an agent restart";
+ - C{make(testcase, root, boot_id=None)}: a new driver whose machines live under C{root}; a
+   second call with the same C{root} is "the same host after an agent restart" (with another
+   C{boot_id}: after the host restarted too);
  - C{spec(testcase, machine_id)}: a valid machine spec;
  - C{kill(driver, machine_id, pid)}: end the machine's process as C{kill -9} would;
  - C{boot_output}: a str the console shows once the guest is up.
@@ -22,6 +23,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
+from zwrm.drivers.boot import ENDED_WITH_THE_HOST
 from zwrm.errors import Conflict, InvalidArgument, NotFound
 from zwrm.interfaces import MACHINE_STATES, IHypervisorDriver
 
@@ -53,8 +55,8 @@ def make_driver_tests(fixture):
                 for mid in list(drv.list()):
                     await drv.destroy(mid)
 
-        def driver(self):
-            drv = fixture.make(self, self.root)
+        def driver(self, boot_id=None):
+            drv = fixture.make(self, self.root, boot_id=boot_id)
             if not self.drivers:
                 self.addCleanup(lambda: Deferred.fromCoroutine(self._cleanup()))
             self.drivers.append(drv)
@@ -191,6 +193,25 @@ def make_driver_tests(fixture):
             await poll(lambda: second.status("alive")["state"] == "failed", 10, what="failed")
             self.assertEqual(seen[-1]["id"], "alive")
             self.assertEqual(seen[-1]["state"], "failed")
+
+        async def test_a_machine_that_ended_with_its_host_says_so(self):
+            """
+            The host restarted (its boot id changed) while the machine ran: found ended, it
+            says the host restarted; in the same boot, that it ended without the agent.
+            """
+            first = self.driver(boot_id="boot-a")
+            a = await first.start(fixture.spec(self, "vm"))
+            await first.close()
+            fixture.kill(first, "vm", a["pid"])  # the power went: it ended with the host
+            await deferLater(reactor, 0.2, lambda: None)
+            second = self.driver(boot_id="boot-b")
+            [found] = await second.recover()
+            self.assertEqual((found["id"], found["state"], found["reason"]),
+                             ("vm", "failed", ENDED_WITH_THE_HOST))
+            await second.close()
+            third = self.driver(boot_id="boot-b")  # the agent restarts again, same boot
+            [found] = await third.recover()
+            self.assertEqual(found["reason"], ENDED_WITH_THE_HOST)  # what was recorded
 
     DriverContractTests.__name__ = fixture.__name__ + "ContractTests"
     DriverContractTests.__qualname__ = DriverContractTests.__name__

@@ -18,8 +18,8 @@ class QemuFixture:
     boot_output = "zwrm: init starting"
 
     @staticmethod
-    def make(testcase, root):
-        return QemuDriver(reactor, root, accel="tcg", stop_timeout=5.0)
+    def make(testcase, root, boot_id=None):
+        return QemuDriver(reactor, root, accel="tcg", stop_timeout=5.0, boot_id=boot_id)
 
     @staticmethod
     def spec(testcase, machine_id):
@@ -38,9 +38,9 @@ class FakeFixture:
     hosts = {}
 
     @classmethod
-    def make(cls, testcase, root):
+    def make(cls, testcase, root, boot_id=None):
         host = cls.hosts.setdefault(root, FakeHost(powerdown_delay=0.05))
-        return FakeDriver(reactor, root, host=host, stop_timeout=5.0)
+        return FakeDriver(reactor, root, host=host, stop_timeout=5.0, boot_id=boot_id or "boot-1")
 
     @staticmethod
     def spec(testcase, machine_id):

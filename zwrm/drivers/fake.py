@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
 from zwrm.drivers import spec as _spec
+from zwrm.drivers.boot import why_it_ended
 from zwrm.drivers.fake_live import FakeLiveMigration
 from zwrm.errors import Conflict, InvalidArgument, NotFound
 from zwrm.interfaces import IHypervisorDriver, ILiveMigration
@@ -46,10 +47,12 @@ class FakeDriver(FakeLiveMigration):
 
     name = "fake"
 
-    def __init__(self, reactor, root, host=None, stop_timeout=30.0, network=None):
+    def __init__(self, reactor, root, host=None, stop_timeout=30.0, network=None,
+                 boot_id="boot-1"):
         self.reactor = reactor
         self.root = root
         self.host = host or FakeHost()
+        self.boot_id = boot_id  # recorded with each running machine, as QEMU's driver does
         self.stop_timeout = stop_timeout
         self._status = {}
         self._waiters = {}
@@ -140,7 +143,8 @@ class FakeDriver(FakeLiveMigration):
             elif why:
                 self._set(mid, proc["spec"], "failed", why)
             elif proc.get("state", "running") == "running":
-                self._set(mid, proc["spec"], "failed", "it ended while the agent was not running")
+                self._set(mid, proc["spec"], "failed",
+                          why_it_ended(proc.get("boot_id"), self.boot_id))
             else:
                 self._set(mid, proc["spec"], proc["state"], proc.get("reason", ""))
             found.append(self.status(mid))
@@ -183,7 +187,7 @@ class FakeDriver(FakeLiveMigration):
             "forwards": list(spec.get("forwards", [])),
         }
         if mid in self.host.machines:
-            self.host.machines[mid].update(state=state, reason=reason)
+            self.host.machines[mid].update(state=state, reason=reason, boot_id=self.boot_id)
         for listener in list(self._listeners):
             listener(dict(self._status[mid]))
 

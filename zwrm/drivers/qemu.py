@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from zwrm.drivers import accel as _accel
+from zwrm.drivers import boot as _boot
 from zwrm.drivers import cloudinit as _cloudinit
 from zwrm.drivers import diskimage
 from zwrm.drivers import qmp as _qmp
@@ -265,13 +266,15 @@ class QemuDriver(QemuLiveMigration):
         migrate between different hosts), C{qemu64} under TCG. Live migration
         (L{zwrm.drivers.live}) needs the same model on every host.
     @param machine_type: the C{-machine} type (L{MACHINE_TYPE}), the same on every host.
+    @param boot_id: this boot of the host (L{zwrm.drivers.boot}); default: the kernel's.
     """
 
     name = "qemu"
 
     def __init__(self, reactor, root, accel="auto", qemu_binary="qemu-system-x86_64",
                  stop_timeout=30.0, probe_timeout=10.0, close_timeout=5.0, ovmf=OVMF,
-                 ovmf_vars=OVMF_VARS, cpu_model=None, machine_type=MACHINE_TYPE):
+                 ovmf_vars=OVMF_VARS, cpu_model=None, machine_type=MACHINE_TYPE,
+                 boot_id=None):
         if accel not in _accel.ACCELS:
             raise InvalidArgument(f"accel must be one of {', '.join(_accel.ACCELS)}, not {accel!r}")
         self.reactor = reactor
@@ -295,6 +298,7 @@ class QemuDriver(QemuLiveMigration):
         self._starts = set()
         self.cpu_model = cpu_model
         self.machine_type = machine_type
+        self.boot_id = boot_id or _boot.current_boot_id()
         self._live_init()
         os.makedirs(self.root, exist_ok=True)
 
@@ -514,7 +518,7 @@ class QemuDriver(QemuLiveMigration):
         m.state, m.reason = state, reason
         try:
             with open(m.path("state.json.tmp"), "w") as f:
-                json.dump({"state": state, "reason": reason}, f)
+                json.dump({"state": state, "reason": reason, "boot_id": self.boot_id}, f)
             os.replace(m.path("state.json.tmp"), m.path("state.json"))
         except OSError as e:
             log.warn("machine {id}: cannot record its state: {e}", id=m.id, e=e)
@@ -1060,7 +1064,7 @@ class QemuDriver(QemuLiveMigration):
                         self._watch_pid(m, 0)
             elif last.get("state") == "running":
                 m.state = "running"
-                self._set(m, "failed", "it ended while the agent was not running")
+                self._set(m, "failed", _boot.why_it_ended(last.get("boot_id"), self.boot_id))
             else:
                 m.state, m.reason = last.get("state", "failed"), last.get("reason", "")
                 if m.state not in ("stopped", "failed"):

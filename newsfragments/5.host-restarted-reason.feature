@@ -1,0 +1,1 @@
+A machine that ended with its host (a reboot or a power cut) says so when the agent starts again: "the host restarted while it ran (a reboot or a power cut ended it)", where it said "it ended while the agent was not running" (still said for a QEMU that died while only the agent was down). The record of each machine holds the host's boot id.
