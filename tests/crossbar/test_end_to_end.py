@@ -9,7 +9,8 @@ The acceptance path through it: join, host list, image push and list (the CLI le
 registry's address from C{zwrm.cluster.info}), deploy with a volume (the agent pulls the
 image from the registry_url it learnt: Crossbar's port serves no registry), a host going
 offline (SIGSTOP) and coming back (its session ended by C{wamp.session.kill_by_authid}
-through Crossbar), a restart of the control plane with its registry on another port (the
+through Crossbar), an agent stopped (its executor deregistered at once through
+C{wamp.session.on_leave}) and started again, a restart of the control plane with its registry on another port (the
 agents' Crossbar sessions outlive it: it ends them once so that they register again, and they
 learn the new registry_url), a drain that moves the machine and its volume to the other host
 (whose agent pulls the image from the new address).
@@ -250,6 +251,24 @@ class BehindCrossbarTests(AcceptancePath, TestCase):
 
         await poll(reactor, back, 60, interval=1.0, what=f"{dst} ready again")
         self.assertIn("wamp.close.killed", by_id[dst].log_tail(400))
+
+        # its agent stopped: Crossbar's wamp.session.on_leave deregisters its executor before
+        # the host is offline (4 s here); started again, it registers again
+        await by_id[dst].stop()
+
+        async def deregistered():
+            h = (await self.hosts())[dst]
+            return h["executor"] is False and h["state"] == "ready"
+
+        await poll(reactor, deregistered, 10, interval=0.2,
+                   what=f"{dst}'s executor deregistered while it is still ready")
+        await by_id[dst].start()
+
+        async def registered():
+            return (await self.hosts())[dst]["executor"] is True
+
+        await poll(reactor, registered, 60, interval=0.5, what=f"{dst} registered again")
+        self.assertNotIn("follow sessions ending", cp.log_tail(400))
 
         # the control plane restarts, with its registry on another port: the agents'
         # sessions on Crossbar outlive it, so it ends them once (wamp.session.kill_by_authrole)
