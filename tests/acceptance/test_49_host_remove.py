@@ -4,8 +4,9 @@ Step: a host retired and added again, as docs/operators.md ("Removing a host") s
 The worker that runs the earlier app's machine (with its volume):
 
  - `zwrm host remove` of it, ready, is refused with one line and changes nothing;
- - drained (the machine and its volume move to the other worker), its agent stopped, and,
-   once the control plane calls it offline, removed: `zwrm host list` no longer has it,
+ - drained (the machine and its volume move to the other worker), its agent stopped (its
+   executor deregistered at once, its session's end seen), and, once the control plane
+   calls it offline, removed: `zwrm host list` no longer has it,
    the other worker's overlay drops it (its VXLAN forwarding entry), and the app answers
    with its data through the other worker's ingress;
  - its agent started again (the machine installed anew keeps its install's join token):
@@ -60,6 +61,11 @@ def test_a_host_retired_and_added_again(cluster):
                                    "--healthy-deadline", "300s", timeout=600)
         assert status["state"] == "completed", status
         cluster.agents[host].stop()
+        # its session's end is seen at once: not called any more, though not offline yet
+        stopped = poll(lambda: _hosts(cluster)[host_id]["executor"] is False
+                       and _hosts(cluster)[host_id], 10, interval=0.5,
+                       what=f"{host}'s executor deregistered")
+        assert stopped["state"] == "drained", stopped
         poll(lambda: _hosts(cluster)[host_id]["state"] == "offline", 90, interval=2,
              what=f"{host} offline")
         assert cluster.zwrm("host", "remove", host_id) == f"host {host_id} removed\n"
