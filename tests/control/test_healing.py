@@ -7,6 +7,7 @@ hypervisor driver on the real reactor (it boots at once), over a real store.
 """
 
 from twisted.internet import reactor, task
+from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import TestCase
 
 from tests.control.helpers import FACTS
@@ -148,6 +149,26 @@ class RestartTests(TestCase):
         return bool(ms) and all(m["state"] == "running" for m in ms)
 
     @d
+    async def test_what_the_policy_does_is_logged(self):
+        c, h, m = await self.one(restart={"max_restarts": 1, "interval": 3600})
+        lines = []
+        h.log = Logger(observer=lambda e: lines.append((e["log_level"].name, formatEvent(e))))
+        driver(c, "h-a").crash(m["id"])
+        await settle(c, h)
+        c.clock.advance(5)
+        await settle(c, h)
+        await poll(lambda: self._running(c), what="the restart")
+        driver(c, "h-a").crash(m["id"])
+        await settle(c, h)
+        mid = m["id"]
+        self.assertEqual(lines, [
+            ("info", f"machine {mid} of web on h-a: QEMU was killed by signal 9; restart in 5s"),
+            ("info", f"machine {mid} of web: restarting it on h-a (restart 1)"),
+            ("info", f"machine {mid} of web on h-a: QEMU was killed by signal 9; not"
+                     " restarted: 1 restarts within 3600s (max_restarts 1)"),
+        ])
+
+    @d
     async def test_due_restart_survives_a_control_plane_restart(self):
         c, h, m = await self.one()
         driver(c, "h-a").crash(m["id"])
@@ -237,8 +258,12 @@ class RestartTests(TestCase):
         c.clock.advance(5.9)
         await settle(c, h)
         self.assertEqual((await c.machines("web"))[0]["state"], "running")
+        lines = []
+        h.log = Logger(observer=lambda e: lines.append(formatEvent(e)))
         c.clock.advance(0.2)
         await settle(c, h)
+        self.assertEqual(lines[0], f"machine {m['id']} of web on h-a: health check failing"
+                                   " for 6s: stopping it to restart it")
         await poll(lambda: self._state(c, "stopped"), what="the liveness stop")
         await settle(c, h)
         (m1,) = await c.machines("web")

@@ -60,6 +60,10 @@ EXITS_FROM = ("pending", "starting", "running")
 """A machine that goes C{stopped}/C{failed} from one of these exited on its own."""
 
 
+def _app_of(row):
+    return (row.get("spec") or {}).get("app") or row.get("app_id")
+
+
 def validate_restart(spec):
     """
     Check an app's restart policy (or L{None}: the defaults); return it with every key.
@@ -318,6 +322,8 @@ class Healer:
             note = (f"{reason}; restart in {delay:g}s" if delay is not None else
                     f"{reason}; {record['reason']}")
             await self._replicas.set_machine(row, note, health=health)
+            self.log.info("machine {id} of {app} on {host}: {note}", id=mid,
+                          app=_app_of(row), host=row["host_id"], note=note)
             return delay
 
         delay = await self._replicas.update_machine(mid, store)
@@ -390,6 +396,8 @@ class Healer:
         if row is None:
             placements.release_placement(placement)
             return
+        self.log.info("machine {id} of {app}: restarting it on {host} (restart {n})", id=mid,
+                      app=_app_of(row), host=row["host_id"], n=row["health"]["restart"]["count"])
         placements.adopt(mid, placement)
         await replicas.start_machine(row)
 
@@ -414,6 +422,8 @@ class Healer:
         if policy["policy"] == "never":
             return
         reason = f"health check failing for {after:g}s"
+        self.log.info("machine {id} of {app} on {host}: {reason}: stopping it to restart it",
+                      id=mid, app=_app_of(row), host=row["host_id"], reason=reason)
         try:
             await self._replicas.call(row["host_id"], "machine.stop", mid)
         except errors.ZwrmError as e:
