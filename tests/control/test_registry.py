@@ -1,6 +1,8 @@
 """The host registry and the health monitor, driven by a Clock."""
 
+from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, succeed
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from tests.control.helpers import FACTS, make_registry
@@ -115,23 +117,60 @@ class RegistryTests(TestCase):
         await reg.join("h1", FACTS)
         await reg.register("h1", {}, session_id=101)
         del published[:]
-        self.assertIsNone(reg.session_left(999))  # another client's session
+
+        async def left(session_id):
+            reg.session_left(session_id)
+            clock.advance(0)
+            await reg.sessions_noted()
+
+        await left(999)  # another client's session
         self.assertTrue(reg.executor_available("h1"))
         # its agent registers again from a new session before the old one's end is seen
         await reg.register("h1", {}, session_id=102)
-        self.assertIsNone(reg.session_left(101))
+        await left(101)
         self.assertTrue(reg.executor_available("h1"))
         del published[:]
-        await reg.session_left(102)
+        await left(102)
         self.assertFalse(reg.executor_available("h1"))
         self.assertEqual(reg.hosts.entry("h1").schedulable_state, "unreachable")
         self.assertEqual(reg.state("h1"), "ready")  # until the monitor calls it offline
         self.assertEqual([(t, e["kind"], e["payload"]["executor"], e["payload"]["reason"])
                           for t, e in published],
                          [(HOST_TOPIC, "executor", False, "its agent's session ended")])
-        self.assertIsNone(reg.session_left(102))  # once
+        await left(102)  # once
+        self.assertEqual(len(published), 1)
         await reg.register("h1", {}, session_id=103)
         self.assertTrue(reg.executor_available("h1"))
+        # its session ends and it registers again before the end is acted on: it stays
+        reg.session_left(103)
+        await reg.register("h1", {}, session_id=104)
+        clock.advance(0)
+        await reg.sessions_noted()
+        self.assertTrue(reg.executor_available("h1"))
+
+    @d
+    async def test_many_sessions_ending_at_once_are_taken_a_chunk_a_turn(self):
+        clock, store, reg, published = await make_registry(self)
+        reg.LEFT_CHUNK = 3
+        for i in range(7):
+            await reg.join(f"h{i}", FACTS)
+            await reg.register(f"h{i}", {}, session_id=200 + i)
+        del published[:]
+        for i in range(7):
+            reg.session_left(200 + i)
+        self.assertEqual(published, [])  # noted only
+        turns = []
+        while clock.getDelayedCalls():
+            clock.advance(0)
+            before = len(published)
+            for _ in range(100):  # the chunk's store writes (a real store's thread)
+                if len(published) - before == min(3, 7 - before):
+                    break
+                await deferLater(reactor, 0.01, lambda: None)
+            turns.append(len(published) - before)
+        await reg.sessions_noted()
+        self.assertEqual(turns, [3, 3, 1])
+        self.assertEqual(sum(reg.executor_available(f"h{i}") for i in range(7)), 0)
 
     @d
     async def test_heartbeats_are_batched(self):

@@ -19,7 +19,9 @@ stored time.
 import re
 import secrets
 
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from zwrm import errors
 from zwrm.control.appspec import error_text
@@ -151,6 +153,8 @@ class HostRegistry:
         self.hosts = self.data.hosts
         self.machines = self.data.machines
         self._sessions = {}  # WAMP session id -> the host whose agent registered from it
+        self._left = []  # hosts whose agents' sessions ended, to deregister (session_left)
+        self._left_done = None  # fires once they are
 
     # -- loading and persistence -----------------------------------------------------
 
@@ -211,8 +215,6 @@ class HostRegistry:
         @raise zwrm.errors.Unavailable: (as a failed Deferred) if the host is offline or
             its executor is not registered.
         """
-        from twisted.internet.defer import fail
-
         if not self.executor_available(host_id) or self._call is None:
             return fail(errors.Unavailable(f"host {host_id} is not available"))
         return self._call(f"zwrm.agent.{host_id}.{verb}", *args, **kwargs)
@@ -341,6 +343,9 @@ class HostRegistry:
             "heartbeat_interval": self.heartbeat_interval,
         }
 
+    LEFT_CHUNK = 50
+    """Hosts whose sessions ended that are deregistered in one turn of the reactor."""
+
     def session_left(self, session_id):
         """
         A WAMP session ended (the router's C{wamp.session.on_leave}).  If a host's agent
@@ -348,16 +353,50 @@ class HostRegistry:
         longer be called: nothing is placed there and nothing is called on it until its
         agent registers again (its state stays until the health monitor calls it offline).
 
-        @return: a Deferred firing once that is announced, or L{None} if nothing changed.
+        Cheap: it notes the host, and the deregistrations (each stored, then announced) run
+        L{LEFT_CHUNK} at a time, one turn of the reactor after another, so that 10,000
+        sessions ending at once do not stop the reactor (L{sessions_noted}).
         """
         host_id = self._sessions.pop(session_id, None)  # (a later registration took it out)
         entry = self.hosts.get(host_id) if host_id is not None else None
         if entry is None:
-            return None
+            return
         entry.session_id = None
-        if not entry.executor:
-            return None
-        return self._deferred(self.hosts.set_executor(host_id, False, "its agent's session ended"))
+        self._left.append(host_id)
+        if self._left_done is None:
+            self._left_done = Deferred()
+            self._clock.callLater(0, self._deregister_left)
+
+    def sessions_noted(self):
+        """A Deferred firing once the hosts of every session ended so far are deregistered."""
+        if self._left_done is None:
+            return succeed(None)
+        d = Deferred()
+        self._left_done.addBoth(lambda r: (d.callback(None), r)[1])
+        return d
+
+    def _deregister_left(self):
+        batch, self._left = self._left[:self.LEFT_CHUNK], self._left[self.LEFT_CHUNK:]
+        d = DeferredList([self._deferred(self._deregister(h)) for h in batch])
+
+        def next_chunk(_):
+            if self._left:
+                self._clock.callLater(0, self._deregister_left)
+            else:
+                done, self._left_done = self._left_done, None
+                done.callback(None)
+
+        d.addCallback(next_chunk)
+
+    async def _deregister(self, host_id):
+        entry = self.hosts.get(host_id)
+        if entry is None or entry.session_id is not None or not entry.executor:
+            return  # removed, registered again meanwhile, or already deregistered
+        try:
+            await self.hosts.set_executor(host_id, False, "its agent's session ended")
+        except Exception as e:
+            errors.log_failure(self.log, Failure(e), "noting the end of {host_id}'s session",
+                               host_id=host_id)
 
     def heartbeat(self, host_id, stats=None):
         """
@@ -395,8 +434,6 @@ class HostRegistry:
 
     @staticmethod
     def _deferred(coro):
-        from twisted.internet.defer import Deferred
-
         return Deferred.fromCoroutine(coro)
 
     async def transition(self, host_id, input_name):

@@ -342,9 +342,7 @@ class ControlPlane(service.MultiService):
         then on (L{HostRegistry.session_left}), not only once it is offline.
         """
         def left(session_id, *rest):
-            d = self.registry.session_left(session_id)
-            if d is not None:
-                d.addErrback(lambda f: errors.log_failure(self.log, f, "noting a session's end"))
+            self.registry.session_left(session_id)
 
         d = session.subscribe(left, "wamp.session.on_leave")
         d.addErrback(lambda f: self.log.warn(
