@@ -126,6 +126,16 @@ class HostRemovalTests(TestCase):
         self.assertIn("h-a was removed", gone[0]["payload"]["reason"])
 
     @d
+    async def test_one_removal_at_a_time(self):
+        c = await self.cluster()
+        await c.registry.mark_offline("h-a")
+        first = ensureDeferred(c.removal.remove("h-a"))
+        e = await self.refused(c, "h-a")
+        self.assertEqual(e.message, "host h-a is being removed already")
+        self.assertEqual((await first)["host_id"], "h-a")
+        await self.refused(c, "h-a", errors.NotFound)
+
+    @d
     async def test_a_machine_recorded_live_there_is_refused(self):
         c = await self.cluster()
         m = await self.app_on(c, "web", "h-a")

@@ -56,6 +56,7 @@ class HostRemoval:
         self._drains = drains
         self._pki = pki
         self._drop_session = drop_session
+        self._removing = set()
 
     async def remove(self, host_id, forget_volumes=False):
         """
@@ -68,6 +69,15 @@ class HostRemoval:
             nothing changed.
         """
         entry = self._registry.entry(host_id)
+        if host_id in self._removing:
+            raise errors.Conflict(f"host {host_id} is being removed already")
+        self._removing.add(host_id)
+        try:
+            return await self._remove(host_id, entry, forget_volumes)
+        finally:
+            self._removing.discard(host_id)
+
+    async def _remove(self, host_id, entry, forget_volumes):
         volumes = await self._check(host_id, entry, forget_volumes)
         why = "removed by an operator"
         for v in volumes:
