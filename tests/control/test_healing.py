@@ -149,6 +149,35 @@ class RestartTests(TestCase):
         return bool(ms) and all(m["state"] == "running" for m in ms)
 
     @d
+    async def test_an_exit_while_its_agents_session_was_gone_restarts_once_it_registers(self):
+        """
+        A power cut shorter than the time to offline: the agent's session ends (its host
+        is not called), the agent comes back and reports the machine ended; once its
+        registration is in, the machine restarts on its host (with its volume).
+        """
+        c, h, m = await self.one(volumes=[{"name": "data", "mount": "/data"}])
+        await c.registry.register("h-a", dict(FACTS, name="h-a"), session_id=1)
+        c.registry.session_left(1)
+        c.clock.advance(0)
+        await c.registry.sessions_noted()
+        self.assertFalse(c.registry.executor_available("h-a"))
+        driver(c, "h-a").crash(m["id"])  # reported before the registration is in
+        await settle(c, h)
+        c.clock.advance(60)
+        await settle(c, h)
+        (m1,) = await c.machines("web")
+        self.assertEqual(m1["state"], "failed")
+        await c.registry.register("h-a", dict(FACTS, name="h-a"), session_id=2)
+        await settle(c, h)
+        c.clock.advance(1)  # its host is back
+        await settle(c, h)
+        c.clock.advance(5)  # the backoff
+        await settle(c, h)
+        await poll(lambda: self._running(c), what="the restart on its host")
+        (m2,) = await c.machines("web")
+        self.assertEqual((m2["id"], m2["host_id"], m2["restarts"]), (m["id"], "h-a", 1))
+
+    @d
     async def test_what_the_policy_does_is_logged(self):
         c, h, m = await self.one(restart={"max_restarts": 1, "interval": 3600})
         lines = []

@@ -395,8 +395,11 @@ class CloseDuringStartTests(SynchronousTestCase):
     exits = StartOrderTests.exits
 
     def recorded(self):
+        """The machine's state and reason as recorded (without the host's boot id)."""
         with open(os.path.join(self.root, "machines", "m1", "state.json")) as f:
-            return json.load(f)
+            record = json.load(f)
+        self.assertEqual(record.pop("boot_id"), self.driver.boot_id)
+        return record
 
     def assert_killed_for_shutdown(self, d, closing, process):
         self.assertEqual(process.signals, ["KILL"])

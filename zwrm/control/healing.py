@@ -163,6 +163,9 @@ class Healer:
         self._lost = []  # hosts marked offline since the last check_done
         self._waiting = {}  # host id -> DelayedCall of its rescheduling
         self._retry = set()  # hosts whose replicas could not all be placed
+        # host id -> machines that exited while it could not be called (its agent's session
+        # had ended) but was not offline: restarted once its agent registers again
+        self._uncalled = {}
         self.partitioned = {}
         self._evicting = {}  # datacenter -> DelayedCall of the next eviction
         self._tasks = set()
@@ -298,7 +301,10 @@ class Healer:
         if row is None or row["state"] not in ("stopped", "failed"):
             return
         if not self._replicas.executor_available(row["host_id"]):
-            return  # its host is gone: rescheduling (or the host's return) handles it
+            # its host is gone (rescheduling or its return handles it) or its agent's session
+            # ended (its next registration does: _host_event)
+            self._uncalled.setdefault(row["host_id"], set()).add(mid)
+            return
         wanted = await self._wanted(row)
         if wanted is None:
             return
@@ -436,10 +442,16 @@ class Healer:
     # -- host events: rescheduling and the partition guard ----------------------------
 
     def _host_event(self, event):
-        if event["kind"] != "state":
-            return
         p = event["payload"]
         host_id = event["subject"]
+        if (p.get("executor") and p.get("state") not in ("offline", "removed")
+                and self._uncalled.pop(host_id, None)):
+            # its agent registered again (it was never offline): what exited meanwhile
+            self._later(self._waiting, f"back:{host_id}", 1.0, self._host_back, host_id)
+        if event["kind"] == "removed":
+            self._uncalled.pop(host_id, None)
+        if event["kind"] != "state":
+            return
         if p.get("state") == "offline" and p.get("old") != "offline":
             self._lost.append(host_id)
         elif p.get("old") == "offline" and p.get("state") != "offline":
