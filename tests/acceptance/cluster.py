@@ -548,8 +548,9 @@ class Cluster:
 
     def wait_ready(self, what, timeout=120, retry=(3, 8)):
         """
-        Poll until the control plane answers and lists every agent C{ready} (the CLI's exit
-        codes in C{retry}: the control plane is not answering yet); return the hosts.
+        Poll until the control plane answers and lists every agent C{ready} and registered
+        (the CLI's exit codes in C{retry}: the control plane is not answering yet); return
+        the hosts.
         """
 
         def ready():
@@ -560,8 +561,10 @@ class Cluster:
             if r.returncode != 0:
                 return False
             hosts = json.loads(r.stdout)
-            return (len(hosts) == len(AGENTS) and all(h["state"] == "ready" for h in hosts)
-                    and hosts)
+            # ready and registered (a restarted agent's host stays ready, not callable,
+            # from its old session's end until it registers again)
+            return (len(hosts) == len(AGENTS)
+                    and all(h["state"] == "ready" and h["executor"] for h in hosts) and hosts)
 
         return poll(ready, timeout, interval=1.0, what=what)
 

@@ -45,7 +45,8 @@ def test_ingress_follows_an_agent_restart(cluster):
             service.check()
             hosts = {h["name"]: h for h in cluster.host_list()}
             [m] = cluster.zwrm_json("status", app["name"])["machines"]
-            return (hosts[host]["state"] == "ready" and m["state"] == "running"
+            return (hosts[host]["state"] == "ready" and hosts[host]["executor"]
+                    and m["state"] == "running"
                     and m["health"] == "passing" and m)
 
         m = poll(ready, 120, interval=1.0, what=f"{host}'s agent ready again, the app passing")
