@@ -163,9 +163,9 @@ class Healer:
         self._lost = []  # hosts marked offline since the last check_done
         self._waiting = {}  # host id -> DelayedCall of its rescheduling
         self._retry = set()  # hosts whose replicas could not all be placed
-        # host id -> machines that exited while it could not be called (its agent's session
-        # had ended) but was not offline: restarted once its agent registers again
-        self._uncalled = {}
+        # hosts on which a machine exited while they could not be called (their agent's
+        # session had ended) but were not offline: restarted once their agent registers again
+        self._uncalled = set()
         self.partitioned = {}
         self._evicting = {}  # datacenter -> DelayedCall of the next eviction
         self._tasks = set()
@@ -303,7 +303,7 @@ class Healer:
         if not self._replicas.executor_available(row["host_id"]):
             # its host is gone (rescheduling or its return handles it) or its agent's session
             # ended (its next registration does: _host_event)
-            self._uncalled.setdefault(row["host_id"], set()).add(mid)
+            self._uncalled.add(row["host_id"])
             return
         wanted = await self._wanted(row)
         if wanted is None:
@@ -445,11 +445,12 @@ class Healer:
         p = event["payload"]
         host_id = event["subject"]
         if (p.get("executor") and p.get("state") not in ("offline", "removed")
-                and self._uncalled.pop(host_id, None)):
+                and host_id in self._uncalled):
             # its agent registered again (it was never offline): what exited meanwhile
+            self._uncalled.discard(host_id)
             self._later(self._waiting, f"back:{host_id}", 1.0, self._host_back, host_id)
         if event["kind"] == "removed":
-            self._uncalled.pop(host_id, None)
+            self._uncalled.discard(host_id)
         if event["kind"] != "state":
             return
         if p.get("state") == "offline" and p.get("old") != "offline":
