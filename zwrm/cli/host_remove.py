@@ -15,8 +15,16 @@ from zwrm.cli.client import call_once
 
 def register_remove(hsub):
     """Add C{remove} to the C{zwrm host} subcommands."""
-    rm = hsub.add_parser("remove", help="remove an offline host (retired or lost) from the cluster")
-    rm.add_argument("host_id")
+    rm = hsub.add_parser(
+        "remove", help="remove an offline host (retired or lost) from the cluster",
+        description="Remove a host that is gone from the cluster: only an offline one. To"
+                    " retire a working host: `zwrm host drain HOST`, stop its agent"
+                    " (systemctl stop zwrm-agent), and once `zwrm host list` shows it"
+                    " offline, `zwrm host remove HOST`. A host holding volumes is refused"
+                    " unless --forget-volumes gives up their data. Its agent, started again"
+                    " with a valid join token, joins as a new host (docs/operators.md,"
+                    " \"Removing a host\").")
+    rm.add_argument("host_id", help="the host's id (zwrm host list)")
     rm.add_argument("--forget-volumes", action="store_true",
                     help="also give up the volumes that live only on it (their replicas get"
                          " new, empty volumes elsewhere)")
