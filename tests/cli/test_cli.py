@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
@@ -223,6 +224,35 @@ class LiveTests(TestCase):
         with self.assertRaises(CliError) as e:
             await host.host_list(reactor, Args(api_url="http//nope", json=True), out)
         self.assertEqual(e.exception.code, client.EXIT_URL)
+
+    @d
+    async def test_list_says_where_a_partition_holds(self):
+        plane, tmp = await start_plane(self)
+        agents = [make_agent(self, plane, os.path.join(tmp, n), name=n) for n in ("a1", "a2")]
+        for agent in agents:
+            await agent.registered
+        ids = sorted(a.identity.host_id for a in agents)
+        self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
+        out = io.StringIO()
+        await host.host_list(reactor, Args(api_url=plane.url, json=False), out)
+        self.assertNotIn("partition", out.getvalue())
+        # both hosts of dc1 lost in one check of the monitor: the guard holds them
+        for agent in agents:
+            await agent.stopService()
+        for host_id in ids:
+            await plane.registry.mark_offline(host_id)
+        plane.healer.check_done(ids)
+        out = io.StringIO()
+        await host.host_list(reactor, Args(api_url=plane.url, json=False), out)
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                              time.gmtime(plane.healer.partitions()[0]["since"]))
+        self.assertEqual(out.getvalue().split("\n\n", 1)[1], (
+            f"datacenter dc1: partitioned since {since}: 100% of its hosts are offline"
+            f" (threshold 55%); the replicas of the hosts held ({ids[0]}, {ids[1]}) are not"
+            " placed elsewhere until enough hosts return\n"))
+        out = io.StringIO()
+        await host.host_list(reactor, Args(api_url=plane.url, json=True), out)
+        self.assertEqual(len(json.loads(out.getvalue())), 2)  # the JSON is the hosts alone
 
     @d
     async def test_remove(self):

@@ -394,11 +394,18 @@ class HostLossTests(TestCase):
         partitions = [e["payload"] for t, e in c.published
                       if t == "zwrm.event.host" and e["kind"] == "partition"]
         self.assertEqual([p["state"] for p in partitions], ["partitioned"])
+        since = c.clock.seconds() - 60
+        self.assertEqual(h.partitions(), [{
+            "datacenter": "dc1", "since": since, "offline_share": 2 / 3,
+            "held_hosts": ["h-a", "h-b"], "threshold": 0.55, "evicting": False}])
         # h-c gets more room: capacity is not what holds the replicas back
         # h-a returns: 1/3 offline, rescheduling resumes one host per eviction_interval
         await self.back(c, h, "h-a")
         self.assertEqual(sorted(m["state"] for m in await c.machines("web")),
                          ["failed", "running", "running"])
+        self.assertEqual(h.partitions(), [{
+            "datacenter": "dc1", "since": since, "offline_share": 1 / 3,
+            "held_hosts": ["h-b"], "threshold": 0.55, "evicting": True}])
         c.clock.advance(9.9)
         await settle(c, h)
         self.assertIn("failed", [m["state"] for m in await c.machines("web")])
@@ -406,6 +413,7 @@ class HostLossTests(TestCase):
         await settle(c, h)
         await poll(lambda: self._all_running(c, "web", 3), what="the evicted replica")
         self.assertNotIn("dc1", h.partitioned)
+        self.assertEqual(h.partitions(), [])
         self.assertNotIn("h-b", {m["host_id"] for m in await c.machines("web")})
 
     @d

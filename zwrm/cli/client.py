@@ -112,6 +112,10 @@ class CliError(Exception):
         self.code = code
 
 
+class NotOffered(CliError):
+    """The control plane has no such procedure (e.g. one older than this CLI)."""
+
+
 def config_path():
     """C{~/.zwrm/config.toml}."""
     return os.path.join(os.path.expanduser("~"), ".zwrm", "config.toml")
@@ -509,7 +513,8 @@ async def call(session, procedure, *args, **kwargs):
         if e.error == "wamp.error.not_authorized":
             raise CliError(f"not allowed: {text}", EXIT_AUTH) from None
         if e.error == "wamp.error.no_such_procedure":
-            raise CliError(f"the control plane does not offer {procedure}", EXIT_REMOTE) from None
+            raise NotOffered(f"the control plane does not offer {procedure}", EXIT_REMOTE) \
+                from None
         if e.error.startswith("wamp.close."):
             raise CliError(f"lost the connection to the control plane ({e.error})",
                            EXIT_UNREACHABLE) from None

@@ -7,7 +7,16 @@ import json
 import sys
 import time
 
-from zwrm.cli.client import call_once
+from zwrm.cli.client import (
+    EXIT_AUTH,
+    CliError,
+    NotOffered,
+    call,
+    call_once,
+    close,
+    connect,
+    load_settings,
+)
 from zwrm.cli.drain import register_host_commands
 from zwrm.cli.host_remove import register_remove
 from zwrm.cli.host_reset import register_reset
@@ -126,14 +135,54 @@ def format_status(h, out):
         _table(["TIME (UTC)", "KIND", "DETAIL"], rows, out)
 
 
+def _utc(ts):
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts)) if ts else "?"
+
+
+def format_partitions(partitions, out):
+    """
+    Write what C{zwrm host list} says under its table about each datacenter where the
+    partition guard holds rescheduling (L{zwrm.control.healing.Healer.partitions}).
+    """
+    for p in partitions:
+        held = ", ".join(p.get("held_hosts") or []) or "none"
+        share, threshold = p.get("offline_share") or 0, p.get("threshold") or 0
+        out.write(f"\ndatacenter {p['datacenter'] or '(none)'}: partitioned since "
+                  f"{_utc(p.get('since'))}: {share:.0%} of its hosts are offline (threshold "
+                  f"{threshold:.0%}); the replicas of the hosts held ({held}) ")
+        if p.get("evicting"):
+            out.write("are placed elsewhere one host at a time, now that enough hosts are "
+                      "back\n")
+        else:
+            out.write("are not placed elsewhere until enough hosts return\n")
+
+
+async def _partitions(session):
+    """The partitions held now; none from a control plane older than the procedure."""
+    try:
+        return await call(session, "zwrm.cluster.partitions")
+    except NotOffered:
+        return []
+    except CliError as e:
+        if e.code == EXIT_AUTH:  # a viewer, by an older control plane's role table
+            return []
+        raise
+
+
 async def host_list(reactor, args, out=None):
     out = out or sys.stdout
-    hosts = await _with_session(reactor, args, "zwrm.host.list")
+    session = await connect(reactor, load_settings(args.api_url))
+    try:
+        hosts = await call(session, "zwrm.host.list")
+        partitions = [] if args.json else await _partitions(session)
+    finally:
+        await close(session)
     if args.json:
         json.dump(hosts, out, indent=2, sort_keys=True)
         out.write("\n")
     else:
         format_hosts(hosts, out)
+        format_partitions(partitions, out)
     return 0
 
 

@@ -167,6 +167,7 @@ class Healer:
         # session had ended) but were not offline: restarted once their agent registers again
         self._uncalled = set()
         self.partitioned = {}
+        self._partition_since = {}  # datacenter -> when its partition began (POSIX time)
         self._evicting = {}  # datacenter -> DelayedCall of the next eviction
         self._tasks = set()
         self._unsubscribe = [self._data.machines.subscribe(self._machine_event),
@@ -508,6 +509,7 @@ class Healer:
                 held.append(h)
             self._cancel(self._waiting, h)
         if new:
+            self._partition_since[dc] = self._clock.seconds()
             self.log.warn(
                 "partition: {share:.0%} of the hosts of datacenter {dc!r} are offline;"
                 " nothing is rescheduled there until they return", share=share, dc=dc)
@@ -516,6 +518,23 @@ class Healer:
                 {"datacenter": dc, "state": "partitioned", "offline_share": share,
                  "held_hosts": sorted(held), "threshold": self.partition_threshold}),
                 "publishing a partition")
+
+    def partitions(self):
+        """
+        The datacenters where the partition guard holds rescheduling now
+        (C{zwrm.cluster.partitions}), by name.
+
+        @return: C{[{datacenter, since, offline_share, held_hosts, threshold, evicting}]}:
+            C{held_hosts} are the hosts still offline whose replicas are not placed
+            elsewhere yet;
+            C{evicting} is true once enough hosts are back and the held ones are
+            rescheduled one per C{eviction_interval}.
+        """
+        return [{"datacenter": dc, "since": self._partition_since.get(dc),
+                 "offline_share": self._share_offline(dc),
+                 "held_hosts": sorted(x for x in held if self._offline(x)),
+                 "threshold": self.partition_threshold, "evicting": dc in self._evicting}
+                for dc, held in sorted(self.partitioned.items())]
 
     def _check_partitions(self):
         for dc in list(self.partitioned):
@@ -539,6 +558,7 @@ class Healer:
                 self.eviction_interval, self._evict_one, dc)
         else:
             del self.partitioned[dc]
+            self._partition_since.pop(dc, None)
             self.log.info("partition of datacenter {dc!r} over", dc=dc)
             self._spawn(self._data.hosts.produce_event(
                 "partition", f"dc:{dc}", {"datacenter": dc, "state": "over",

@@ -37,6 +37,7 @@ VIEWER_PROCEDURES = [
     "zwrm.volume.list",
     "zwrm.image.list",
     "zwrm.cluster.info",
+    "zwrm.cluster.partitions",
     "zwrm.cert.list",
     "zwrm.event.history",
 ]

@@ -683,6 +683,13 @@ PROCEDURES = {p.uri: p for p in [
               "Where the registry and the console are (null: the registry is at the host and"
               " port of the caller's WAMP URL).", [],
               "{registry_url, console_url, realm, version}"),
+    Procedure("zwrm.cluster.partitions", ("operator", "viewer"),
+              "The datacenters where the partition guard holds rescheduling: more than"
+              " partition_threshold of their hosts went offline at once, so the replicas"
+              " of the held hosts are not placed elsewhere until enough of them return"
+              " (then one held host per eviction_interval). Also announced as partition"
+              " events on zwrm.event.host.", [],
+              "[{datacenter, since, offline_share, held_hosts, threshold, evicting}]"),
     # -- an external router (Crossbar.io) calls these; see docs/scaling.md ---------------
     Procedure("zwrm.crossbar.authenticate", ("trusted",),
               "Crossbar.io's dynamic ticket authenticator: the same checks as the embedded"

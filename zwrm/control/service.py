@@ -257,7 +257,8 @@ class ControlPlane(service.MultiService):
             self.drains,
             image_api,
             ConsoleAPI(self.apps, self.registry),
-            ClusterAPI(cfg.registry_url, cfg.console_url, cfg.router_realm),
+            ClusterAPI(cfg.registry_url, cfg.console_url, cfg.router_realm,
+                       partitions=self._partitions),
             CertAPI(self.reactor, self.certs),
             EventAPI(self.events),
             AuditAPI(self.audit),
@@ -450,6 +451,11 @@ class ControlPlane(service.MultiService):
         d = self.registry.flush_heartbeats()
         d.addErrback(lambda f: errors.log_failure(self.log, f, "saving heartbeats"))
         return d
+
+    def _partitions(self):
+        """What the healer holds now (nothing before it is made, early in the start)."""
+        healer = getattr(self, "healer", None)
+        return healer.partitions() if healer is not None else []
 
     async def _stop(self):
         if getattr(self, "cert_publisher", None) is not None:
