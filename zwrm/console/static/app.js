@@ -15,7 +15,7 @@ const PHASES = ["planned", "bulk_copying", "stopping_source", "delta_copying",
 
 const state = {
   session: null, connection: null, role: null, authid: null, view: "hosts",
-  hosts: new Map(), hostStatus: new Map(), readAt: null,
+  hosts: new Map(), hostStatus: new Map(), readAt: null, partitions: new Map(),
   apps: new Map(), machines: new Map(), volumes: new Map(), drains: new Map(),
   events: [], lastEventId: 0, audit: null,
 };
@@ -134,6 +134,9 @@ async function loadHosts() {
   const list = await state.session.call("zwrm.host.list");
   state.readAt = new Date().toLocaleTimeString();
   state.hosts = new Map(list.map((x) => [x.id, x]));
+  // null from a control plane older than the procedure: the events alone then
+  const parts = await quiet("zwrm.cluster.partitions");
+  if (parts) state.partitions = new Map(parts.map((p) => [p.datacenter, p]));
   const statuses = await Promise.all(list.slice(0, 64).map((x) => quiet("zwrm.host.status", [x.id])));
   for (const s of statuses) if (s) state.hostStatus.set(s.id, s);
   render();
@@ -201,6 +204,13 @@ function onEvent(args, kwargs, details) {
   const p = e.payload;
   switch (e.topic) {
     case "zwrm.event.host": {
+      if (e.kind === "partition") { // subject dc:<name>, not a host
+        if (p.state === "over") state.partitions.delete(p.datacenter);
+        else state.partitions.set(p.datacenter, Object.assign({}, state.partitions.get(p.datacenter), p));
+        soon("hosts", loadHosts, 500);
+        break;
+      }
+      if (!p.id) break;
       const old = state.hosts.get(p.id) || {};
       if (e.kind === "removed") state.hosts.delete(p.id);
       else state.hosts.set(p.id, Object.assign({}, old, p));
@@ -343,7 +353,19 @@ function heartbeatCell(host) {
   return [`${seconds(host.heartbeat_age)}`, h("div", { class: "small" }, `as of ${state.readAt || "-"}`)];
 }
 
+function drawPartitions() {
+  const parts = [...state.partitions.values()].sort((a, b) => (a.datacenter || "").localeCompare(b.datacenter || ""));
+  $("#partitions").replaceChildren(...parts.map((p) => h("p", { class: "warning", dataset: { datacenter: p.datacenter } },
+    `Datacenter ${p.datacenter || "(none)"} is partitioned`,
+    p.since ? ` since ${new Date(p.since * 1000).toLocaleTimeString()}` : "",
+    `: ${Math.round(100 * (p.offline_share || 0))}% of its hosts are offline (threshold ${Math.round(100 * (p.threshold || 0))}%). `,
+    `The replicas of the hosts held (${(p.held_hosts || []).map(hostName).join(", ") || "none"}) `,
+    p.evicting ? "are placed elsewhere one host at a time, now that enough hosts are back."
+      : "are not placed elsewhere until enough hosts return.")));
+}
+
 function drawHosts() {
+  drawPartitions();
   const hosts = [...state.hosts.values()].sort((a, b) => (a.name || a.id).localeCompare(b.name || b.id));
   $("#hosts-count").textContent = `(${hosts.length})`;
   const rows = hosts.map((x) => {

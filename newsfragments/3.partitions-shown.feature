@@ -1,0 +1,1 @@
+A partition the guard holds is shown: `zwrm host list` says under its table which datacenter, since when, how many of its hosts are offline against the threshold and which hosts' replicas are held; the console's hosts view shows the same, and `zwrm.cluster.partitions` returns it. The console no longer adds a row (and stopped drawing the hosts view) for a partition event.
