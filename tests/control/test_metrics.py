@@ -99,6 +99,24 @@ class ControlMetricsTests(TestCase):
         self.assertEqual(
             {r: samples[("zwrm_network_view_full_list_reasons_total", (("reason", r),))]
              for r in network.FULL_LIST_REASONS}, view.full_list_reasons)
+        self.assertEqual(families["zwrm_partition_held_hosts"].samples, [])  # no partition
+
+    @d
+    async def test_a_partition_held(self):
+        plane, tmp = await start_plane(self)
+        agents = [make_agent(self, plane, os.path.join(tmp, n), name=n) for n in ("a1", "a2")]
+        for agent in agents:
+            await agent.registered
+        ids = [a.identity.host_id for a in agents]
+        for agent in agents:
+            await agent.stopService()
+        for host_id in ids:
+            await plane.registry.mark_offline(host_id)
+        plane.healer.check_done(ids)  # both hosts of dc1 lost in one check
+        port = plane.ports[0].getHost().port
+        r = await treq.get(f"http://127.0.0.1:{port}/metrics", persistent=False)
+        samples, families = parse(await r.text())
+        self.assertEqual(samples[("zwrm_partition_held_hosts", (("datacenter", "dc1"),))], 2)
 
 
 
@@ -120,7 +138,8 @@ class _Entry:
 
 def _plane(entries):
     return SimpleNamespace(registry=SimpleNamespace(hosts=SimpleNamespace(entries=lambda: entries)),
-                           reactor=reactor, store=None, router=None, external=None)
+                           reactor=reactor, store=None, router=None, external=None,
+                           partitions=lambda: [])
 
 
 class HostSamplesTests(TestCase):

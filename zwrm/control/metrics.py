@@ -12,6 +12,7 @@ TYPE lines (docs/operators.md, "Metrics").
    C{zwrm.agent.<host id>.<verb>} are labelled C{zwrm.agent.{host}.<verb>}, so the
    histogram has one series per verb, not per host); behind an external router (Crossbar.io)
    only whether it is connected;
+ - per datacenter where the partition guard holds rescheduling, the hosts it holds;
  - the garbage-collection policy's figures, when there is one.
 
 Families are made with C{prometheus_client} and written with its C{generate_latest}
@@ -203,6 +204,16 @@ class ControlMetrics:
             out.append(GaugeMetricFamily("zwrm_router_connected",
                                          "1 while the control component is joined to the external router.",
                                          value=int(plane.wamp_connected())))
+        partitions = plane.partitions()
+        held = GaugeMetricFamily(
+            "zwrm_partition_held_hosts",
+            "Per datacenter where the partition guard holds rescheduling (more than"
+            " partition_threshold of its hosts went offline at once): its offline hosts whose"
+            " replicas are not placed elsewhere yet. No sample: no partition.",
+            labels=["datacenter"])
+        for p in partitions:
+            held.add_metric([p["datacenter"]], len(p["held_hosts"]))
+        out.append(held)
         view = getattr(getattr(plane, "apps", None), "network_view", None)
         if view is not None:
             out.append(CounterMetricFamily(

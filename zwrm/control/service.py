@@ -258,7 +258,7 @@ class ControlPlane(service.MultiService):
             image_api,
             ConsoleAPI(self.apps, self.registry),
             ClusterAPI(cfg.registry_url, cfg.console_url, cfg.router_realm,
-                       partitions=self._partitions),
+                       partitions=self.partitions),
             CertAPI(self.reactor, self.certs),
             EventAPI(self.events),
             AuditAPI(self.audit),
@@ -452,8 +452,11 @@ class ControlPlane(service.MultiService):
         d.addErrback(lambda f: errors.log_failure(self.log, f, "saving heartbeats"))
         return d
 
-    def _partitions(self):
-        """What the healer holds now (nothing before it is made, early in the start)."""
+    def partitions(self):
+        """
+        The partitions the healer holds now (L{zwrm.control.healing.Healer.partitions};
+        none before it is made, early in the start).
+        """
         healer = getattr(self, "healer", None)
         return healer.partitions() if healer is not None else []
 
