@@ -1,7 +1,7 @@
 """The host registry and the health monitor, driven by a Clock."""
 
 from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
@@ -147,6 +147,42 @@ class RegistryTests(TestCase):
         clock.advance(0)
         await reg.sessions_noted()
         self.assertTrue(reg.executor_available("h1"))
+
+    @d
+    async def test_a_session_that_ended_before_its_registration_was_in(self):
+        clock, store, reg, published = await make_registry(self)
+        await reg.join("h1", FACTS)
+        # the end is seen before the registration made from that session
+        reg.session_left(301)
+        clock.advance(0)
+        await reg.register("h1", {}, session_id=301)
+        clock.advance(0)
+        await reg.sessions_noted()
+        self.assertFalse(reg.executor_available("h1"))
+        # ... or while the registration is being stored
+        stored = Deferred()
+        real = reg.hosts.registered
+
+        async def slow(host_id, update):
+            await stored
+            return await real(host_id, update)
+
+        self.patch(reg.hosts, "registered", slow)
+        registering = Deferred.fromCoroutine(reg.register("h1", {}, session_id=302))
+        reg.session_left(302)
+        clock.advance(0)
+        await reg.sessions_noted()
+        stored.callback(None)
+        await registering
+        clock.advance(0)
+        await reg.sessions_noted()
+        self.assertFalse(reg.executor_available("h1"))
+        # a registration from a live session is callable; ended ids are forgotten in time
+        await reg.register("h1", {}, session_id=303)
+        self.assertTrue(reg.executor_available("h1"))
+        clock.advance(reg.ENDED_MEMORY + 1)
+        reg.session_left(999)
+        self.assertEqual(list(reg._ended), [999])
 
     @d
     async def test_many_sessions_ending_at_once_are_taken_a_chunk_a_turn(self):

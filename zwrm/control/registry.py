@@ -18,6 +18,7 @@ stored time.
 
 import re
 import secrets
+from collections import OrderedDict
 
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.logger import Logger
@@ -155,6 +156,9 @@ class HostRegistry:
         self._sessions = {}  # WAMP session id -> the host whose agent registered from it
         self._left = []  # hosts whose agents' sessions ended, to deregister (session_left)
         self._left_done = None  # fires once they are
+        # WAMP session id -> clock time it ended, for ENDED_MEMORY s: a registration whose
+        # session ended before (or while) it was stored is deregistered at once
+        self._ended = OrderedDict()
 
     # -- loading and persistence -----------------------------------------------------
 
@@ -336,6 +340,13 @@ class HostRegistry:
                                "hosts_digest": held["hosts_digest"]} if held else None)
         entry.sessions += 1
         await self.hosts.registered(host_id, update)
+        if session_id is not None and session_id in self._ended \
+                and entry.session_id in (session_id, None):
+            # Its session ended before this registration was in (the end came first, or
+            # while the registration was stored): not callable after all.
+            self._sessions.pop(session_id, None)
+            entry.session_id = None
+            self._note_left(host_id)
         self._clock.callLater(0, self._reconcile_soon, host_id, facts.get("machines"))
         return {
             "host_id": host_id,
@@ -345,6 +356,9 @@ class HostRegistry:
 
     LEFT_CHUNK = 50
     """Hosts whose sessions ended that are deregistered in one turn of the reactor."""
+
+    ENDED_MEMORY = 60.0
+    """Seconds for which an ended session's id is remembered (L{register})."""
 
     def session_left(self, session_id):
         """
@@ -357,11 +371,22 @@ class HostRegistry:
         L{LEFT_CHUNK} at a time, one turn of the reactor after another, so that 10,000
         sessions ending at once do not stop the reactor (L{sessions_noted}).
         """
+        now = self._clock.seconds()
+        ended = self._ended
+        while ended:  # forget the old ones, oldest first (each in O(1))
+            sid = next(iter(ended))
+            if now - ended[sid] <= self.ENDED_MEMORY:
+                break
+            del ended[sid]
+        ended[session_id] = now
         host_id = self._sessions.pop(session_id, None)  # (a later registration took it out)
         entry = self.hosts.get(host_id) if host_id is not None else None
         if entry is None:
             return
         entry.session_id = None
+        self._note_left(host_id)
+
+    def _note_left(self, host_id):
         self._left.append(host_id)
         if self._left_done is None:
             self._left_done = Deferred()
