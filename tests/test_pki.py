@@ -2,6 +2,7 @@
 Tests for zwrm.pki: the CA, certificates, pinned TLS on real loopback sockets, join tokens.
 """
 
+import datetime
 import hashlib
 import json
 import os
@@ -155,6 +156,52 @@ class CertificateAuthorityTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(os.path.join(d, "host.key")).st_mode), 0o600)
         self.assertEqual(pki.HostCredentials.load(d), creds)
 
+    def test_renewal_time_is_when_a_third_of_the_lifetime_is_left(self):
+        ca = pki.CertificateAuthority.create(clock=clock_at(LONG_AGO))
+        year, _ = ca.issue_host("h", lifetime=datetime.timedelta(days=365))
+        self.assertAlmostEqual(pki.renewal_time(year), LONG_AGO + 365 * 86400 * 2 / 3, delta=1)
+        # the notBefore moved back for clock skew is not counted: 10 s -> due after 6.7 s
+        short, _ = ca.issue_host("h", lifetime=datetime.timedelta(seconds=10))
+        self.assertAlmostEqual(pki.renewal_time(short), LONG_AGO + 10 * 2 / 3, delta=1)
+
+    def test_renewed_credentials_replace_the_pair(self):
+        ca = pki.CertificateAuthority.create()
+        d = self.mktemp()
+        old = pki.HostCredentials(ca.certificate_pem, *ca.issue_host("h"))
+        old.save(d)
+        new = pki.HostCredentials(ca.certificate_pem, *ca.issue_host("h"))
+        new.save_renewed(d)
+        self.assertEqual(pki.HostCredentials.load(d), new)
+        self.assertEqual(sorted(os.listdir(d)), ["ca.pem", "host.key", "host.pem"])
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(d, "host.key")).st_mode), 0o600)
+        # a key that is not the certificate's changes nothing
+        other = pki.HostCredentials(ca.certificate_pem, ca.issue_host("h")[0], new.key_pem)
+        self.assertRaises(InvalidArgument, other.save_renewed, d)
+        self.assertEqual(pki.HostCredentials.load(d), new)
+
+    def test_a_renewal_cut_short_leaves_a_pair_that_belongs_together(self):
+        ca = pki.CertificateAuthority.create()
+        old = pki.HostCredentials(ca.certificate_pem, *ca.issue_host("h"))
+        new = pki.HostCredentials(ca.certificate_pem, *ca.issue_host("h"))
+
+        def crashed(files):
+            d = self.mktemp()
+            old.save(d)
+            for name, data in files.items():
+                with open(os.path.join(d, name), "wb") as f:
+                    f.write(data)
+            return d
+
+        # the new key written, not yet the certificate: the old pair stands
+        d = crashed({"host.key.next": new.key_pem})
+        self.assertEqual(pki.HostCredentials.load(d), old)
+        # both written, nothing moved yet; the key moved, not the certificate: the new pair
+        for files in ({"host.key.next": new.key_pem, "host.pem.next": new.cert_pem},
+                      {"host.key": new.key_pem, "host.pem.next": new.cert_pem}):
+            d = crashed(files)
+            self.assertEqual(pki.HostCredentials.load(d), new)
+            self.assertEqual(sorted(os.listdir(d)), ["ca.pem", "host.key", "host.pem"])
+
     def test_certificates_do_not_outlive_the_ca(self):
         ca = pki.CertificateAuthority.create(clock=clock_at(LONG_AGO))
         cert_pem, _ = ca.issue_host("h", lifetime=pki.CA_LIFETIME * 2)
@@ -304,6 +351,23 @@ class HandshakeTests(TestCase):
         self.assertIsInstance(outcome, pki.CertificateRejected)
         self.assertEqual(str(outcome), "the server's certificate has expired")
         self.assertEqual(received, b"")
+
+    @defer.inlineCallbacks
+    def test_a_serving_context_presents_a_renewed_certificate(self):
+        # a volume endpoint whose certificate expired, renewed while it listens: the
+        # connections made from then on get the new certificate
+        a = pki.HostCredentials(self.ca.certificate_pem, *self.ca.issue_host("a"))
+        expired = pki.HostCredentials(self.ca.certificate_pem, *self.ca.issue_host(
+            "b", lifetime=datetime.timedelta(seconds=-60)))
+        server = expired.server_context()
+        outcome, _, _ = yield self.exchange(server, a.peer_client_context("b"))
+        self.assertIsInstance(outcome, pki.CertificateRejected)
+        self.assertEqual(str(outcome), "the server's certificate has expired")
+        renewed = pki.HostCredentials(self.ca.certificate_pem, *self.ca.issue_host("b"))
+        self.assertRaises(InvalidArgument, server.renew, renewed.cert_pem, a.key_pem)
+        server.renew(renewed.cert_pem, renewed.key_pem)
+        outcome, _, host_ids = yield self.exchange(server, a.peer_client_context("b"))
+        self.assertEqual((outcome, host_ids), (b"echo:hello", ["a"]))
 
     @defer.inlineCallbacks
     def test_agent_presents_its_host_certificate_to_the_control_plane(self):

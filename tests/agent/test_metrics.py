@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from zwrm import pki
 from zwrm.agent.metrics import AgentMetrics, _Families
 from zwrm.agent.runtime import HostRuntime
 from zwrm.agent.service import AgentService
@@ -106,6 +107,8 @@ class AgentMetricsTests(TestCase):
         self.assertEqual(samples[("zwrm_agent_info", (("host_id", host), ("name", "a1")))], 1)
         self.assertEqual(samples[("zwrm_agent_registered", ())], 1)
         self.assertGreaterEqual(samples[("zwrm_agent_heartbeats_total", ())], 1)
+        self.assertEqual(samples[("zwrm_agent_host_certificate_expiry_timestamp_seconds", ())],
+                         pki.HostCredentials.load(agent.tls_dir).not_valid_after.timestamp())
         rtt = samples[("zwrm_agent_heartbeat_rtt_seconds", ())]
         self.assertTrue(0 < rtt < 10, rtt)
         self.assertEqual(samples[("zwrm_volume_size_bytes", (("volume", "v1"),))], 16 * MiB)

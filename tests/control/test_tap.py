@@ -51,6 +51,13 @@ class ControlOptionsTests(SynchronousTestCase):
         self.assertEqual(c.min_free_disk_mb, 1024.0)
         self.assertEqual(self.parse("--min-free-disk-mb", "0").min_free_disk_mb, 0.0)  # never
 
+    def test_host_certificate_lifetime(self):
+        self.assertEqual(self.parse().host_certificate_lifetime, 365 * 86400.0)
+        c = self.parse("--config", self.write("[pki]\nhost_certificate_lifetime = 7776000\n"))
+        self.assertEqual(c.host_certificate_lifetime, 7776000.0)
+        self.assertEqual(self.parse("--host-certificate-lifetime", "60").host_certificate_lifetime,
+                         60.0)
+
     def test_defaults(self):
         c = self.parse()
         self.assertEqual((c.check_interval, c.offline_after, c.grace), (15.0, 30.0, None))
@@ -73,6 +80,8 @@ class ControlOptionsTests(SynchronousTestCase):
             (["--reschedule-after", "-1"], "must not be negative"),
             (["--min-free-disk-mb", "-1"], "must not be negative"),
             (["--min-free-disk-mb", "lots"], "must be a number"),
+            (["--host-certificate-lifetime", "5"],
+             "[pki] host_certificate_lifetime must be at least 10 seconds, not 5"),
         ]
         for argv, text in cases:
             e = self.assertRaises(usage.UsageError, self.parse, *argv)

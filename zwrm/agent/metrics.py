@@ -92,6 +92,12 @@ class AgentMetrics:
         out.append(rtt)
         out.append(CounterMetricFamily("zwrm_agent_heartbeats", "Heartbeats answered by the control plane.",
                                        value=agent.heartbeats_sent))
+        expires = getattr(getattr(agent, "renewal", None), "expires_at", None)
+        out.append(GaugeMetricFamily(
+            "zwrm_agent_host_certificate_expiry_timestamp_seconds",
+            "When the host certificate expires, POSIX time (NaN before the agent first"
+            " connects); it is renewed when a third of its life is left.",
+            value=expires if expires is not None else float("nan")))
         runtime = agent.runtime
         if runtime is None:
             return out

@@ -207,6 +207,15 @@ class HostRuntime:
         if (kept is None or kept[0] < seq) and self._sent.get(mid, -1) < seq:
             self._unsent[mid] = (seq, event)
 
+    def credentials_renewed(self, credentials):
+        """
+        The host certificate was renewed (L{zwrm.agent.certificates}): the volume endpoint
+        presents it to the connections it accepts from now on, and volume streams to
+        other hosts present it.  (Live migrations read the credentials at each move.)
+        """
+        if self.transfers is not None:
+            self.transfers.use_credentials(credentials)
+
     def registered(self):
         """
         The agent registered (again): send the events L{report} kept, oldest first.

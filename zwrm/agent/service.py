@@ -43,6 +43,7 @@ from twisted.logger import Logger
 import zwrm
 from zwrm import errors, hostid, pki
 from zwrm.agent import capacity
+from zwrm.agent.certificates import CertificateRenewal
 from zwrm.agent.connection import ConnectionLife
 from zwrm.agent.identity import Identity
 from zwrm.endpoints import client_endpoint, tcp_endpoint
@@ -262,6 +263,8 @@ class AgentService(service.Service):
         self._connecting = None
         self._connections = set()
         self._tls = None
+        self.renewal = CertificateRenewal(reactor, self.tls_dir, lambda: self.identity.host_id,
+                                          on_renewed=self._certificate_renewed)
         self.life = ConnectionLife(
             reactor, self._start_attempt, self._backoff, self._retrying, self._abort_attempt,
             session_ended=lambda outcome: isinstance(outcome, SessionEnded))
@@ -504,10 +507,19 @@ class AgentService(service.Service):
                         f" {credentials.host_id!r}, not this host {self.identity.host_id!r};"
                         f" remove {self.tls_dir} to join again with a join token"
                     )
+                certificate = (credentials.cert_pem, credentials.key_pem)
+                if credentials.not_valid_after.timestamp() <= self.reactor.seconds():
+                    # the host was off for longer than its certificate lives: presented,
+                    # it would fail the handshake; the credential alone lets the agent in,
+                    # and it renews the certificate at once (CertificateRenewal)
+                    self.log.warn("the host certificate in {dir} expired {t}; connecting"
+                                  " without it, to renew it", dir=self.tls_dir,
+                                  t=pki.expiry_of(credentials.cert_pem))
+                    certificate = None
                 return _PinnedOptions(
                     host,
                     credentials.fingerprint,
-                    client_certificate=(credentials.cert_pem, credentials.key_pem),
+                    client_certificate=certificate,
                     ca_certificate=credentials.ca_pem,
                 )
         token = self.config.join_token
@@ -658,12 +670,21 @@ class AgentService(service.Service):
         self._schedule_heartbeat()
         if self.runtime is not None:
             self.runtime.registered()
-        outcome = await session.ended
+        self.renewal.start(session)
+        try:
+            outcome = await session.ended
+        finally:
+            self.renewal.stop()
         self._stop_heartbeats()
         self.session = None
         if isinstance(outcome, SessionClosed) and "killed" in str(outcome):
             return SessionEnded(str(outcome))
         return SessionEnded()
+
+    def _certificate_renewed(self, credentials):
+        """The host certificate was renewed (L{CertificateRenewal}): use it from now on."""
+        if self.runtime is not None:
+            self.runtime.credentials_renewed(credentials)
 
     async def _cluster_info(self, session):
         """

@@ -16,6 +16,8 @@ Procedures (realm C{zwrm}):
  - C{zwrm.host.reset(host_id, ttl=3600)} (operator): lets an existing host join again once.
  - C{zwrm.agent.register(facts)} (role C{agent}; the host is the caller's authid):
    returns C{{host_id, state, heartbeat_interval}}.
+ - C{zwrm.agent.renew_certificate(csr)} (role C{agent}): a new host certificate for the
+   caller's host; returns C{{certificate, ca}}.
  - C{zwrm.agent.heartbeat(stats=None)} (role C{agent}): returns
    C{{state, heartbeat_interval}}.
  - C{zwrm.agent.report(machines_or_event)} (role C{agent}): reconciles a list of
@@ -35,7 +37,7 @@ from autobahn.wamp.types import ComponentConfig, RegisterOptions
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from zwrm import errors
+from zwrm import errors, pki
 from zwrm.control import schema
 from zwrm.control.store import hash_secret
 from zwrm.control.tokens import RESET_TTL
@@ -146,6 +148,21 @@ class AgentAPI:
     async def register(self, facts=None, details=None):
         return await self.registry.register(_caller(details), facts or {},
                                             session_id=getattr(details, "caller", None))
+
+    @wamp.register("zwrm.agent.renew_certificate", options=DETAILS)
+    def renew_certificate(self, csr=None, details=None):
+        """
+        A new host certificate for the calling host, for the key of C{csr} (the host is
+        the caller's authid: an agent renews only its own).  The one it had stays valid
+        until it expires; nothing is stored.
+        """
+        host_id = _caller(details)
+        if self.pki is None:
+            raise errors.Unavailable("this control plane has no CA to sign certificates")
+        signed = self.pki.sign(csr, host_id)
+        self.log.info("host {host_id}: host certificate renewed (valid until {t})",
+                      host_id=host_id, t=pki.expiry_of(signed["certificate"].encode("ascii")))
+        return signed
 
     @wamp.register("zwrm.agent.heartbeat", options=DETAILS)
     def heartbeat(self, stats=None, details=None):

@@ -44,7 +44,7 @@ VIEWER_PROCEDURES = [
 """Read-only procedures a viewer may call (not zwrm.audit.list: see zwrm.control.audit)."""
 
 AGENT_PROCEDURES = ["zwrm.agent.register", "zwrm.agent.heartbeat", "zwrm.agent.report",
-                    "zwrm.cluster.info"]
+                    "zwrm.agent.renew_certificate", "zwrm.cluster.info"]
 """Control-plane procedures an agent (authid = its host id) may call."""
 
 

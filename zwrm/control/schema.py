@@ -446,6 +446,15 @@ PROCEDURES = {p.uri: p for p in [
         [Arg("facts", Nullable(FACTS), None, "what the agent reports about its host")],
         "{host_id, state, heartbeat_interval}", ["invalid_argument", "not_found"]),
     Procedure(
+        "zwrm.agent.renew_certificate", AGENT,
+        "A new host certificate for the calling host (its authid), for the key of csr;"
+        " agents ask when a third of their certificate's lifetime is left. The host"
+        " certificate it had stays valid until it expires.",
+        [Arg("csr", Str(16384), doc="a PEM certificate request for the calling host's id")],
+        "{certificate, ca} (PEM)",
+        ["invalid_argument (a malformed request, or one for another host)",
+         "unavailable (a control plane without a CA)"]),
+    Procedure(
         "zwrm.agent.heartbeat", AGENT, "The calling host is alive.",
         [Arg("stats", Nullable(STATS), None, "figures such as image_cache {size, limit, ...} and"
              " disk_free_mb (under min_free_disk_mb: no new placements on the host)")],

@@ -19,7 +19,7 @@ from twisted.protocols import policies
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import resource, server
 
-from zwrm import errors
+from zwrm import errors, pki
 from zwrm.console import Console
 from zwrm.control import audit
 from zwrm.control.access_tokens import AccessTokenAPI
@@ -59,6 +59,8 @@ URL_FILE = "control.url"
 RAWSOCKET_PREFIX = "rawsocket:"
 """A listen description C{rawsocket:<endpoint>} serves WAMP over RawSocket on C{<endpoint>}."""
 LOCK_FILE = "control.lock"
+CERT_CHECK_INTERVAL = 6 * 3600.0
+"""Seconds between checks of the server certificate's expiry while running."""
 """Held (C{flock}) by a running control plane in its data directory; C{zwrm-control restore}
 refuses while it is held."""
 
@@ -155,6 +157,8 @@ class ControlPlane(service.MultiService):
         self.apps = None
         self.drains = None
         self.pki = None
+        self._server_tls = []  # the TLS options of the listeners with the CA's certificate
+        self._cert_renewal = None
         self.events = None
         self.audit = None
         self.gc_policy = None
@@ -200,7 +204,8 @@ class ControlPlane(service.MultiService):
         self._lock = lock_data_dir(data_dir)
         self.store = Store(self.reactor, os.path.join(data_dir, "zwrm.db"), now=self.reactor.seconds)
         version = await self.store.start()
-        self.pki = ControlPKI(self.reactor, self.store, data_dir, cfg.listen)
+        self.pki = ControlPKI(self.reactor, self.store, data_dir, cfg.listen,
+                              host_lifetime=cfg.host_certificate_lifetime)
         await self.pki.start()
         tokens = await self._ensure_tokens(data_dir)
         self.registry = HostRegistry(
@@ -283,6 +288,9 @@ class ControlPlane(service.MultiService):
         self.monitor.after_check.append(self.healer.check_done)
         await self.healer.resume()  # restarts that were due before a restart of ours
         images.expiry_service().setServiceParent(self)  # abandoned uploads go within 20 min
+        self._cert_renewal = task.LoopingCall(self._renew_server_certificate)
+        self._cert_renewal.clock = self.reactor
+        self._cert_renewal.start(CERT_CHECK_INTERVAL, now=False)
         self._flusher = task.LoopingCall(self._flush)
         self._flusher.clock = self.reactor
         self._flusher.start(cfg.flush_interval, now=False)
@@ -396,7 +404,9 @@ class ControlPlane(service.MultiService):
                 # CA's server context, which also checks agents' host certificates
                 rest = [p for p in parts[1:] if not p.startswith(_CERT_KEYS)]
                 tcp = endpoints.serverFromString(self.reactor, ":".join(["tcp"] + rest))
-                return tcp.listen(TLSMemoryBIOFactory(self.pki.server_context(), False, factory))
+                options = self.pki.server_context()
+                self._server_tls.append(options)  # renewed in place (_renew_server_certificate)
+                return tcp.listen(TLSMemoryBIOFactory(options, False, factory))
             return endpoints.serverFromString(self.reactor, description).listen(factory)
         if factory is site:
             factory = PlainOnlyFactory(site)
@@ -452,6 +462,26 @@ class ControlPlane(service.MultiService):
         d.addErrback(lambda f: errors.log_failure(self.log, f, "saving heartbeats"))
         return d
 
+    async def _renew_server_certificate(self):
+        """
+        A start reissues the server certificate when less than 30 days are left; a control
+        plane that runs for longer than that does it here, every L{CERT_CHECK_INTERVAL},
+        and its TLS listeners present the new one to the connections made from then on.
+        """
+        try:
+            renewed = await self.pki.renew_server_certificate()
+            if renewed is None:
+                return
+            for options in self._server_tls:
+                options.renew(*renewed)
+        except Exception:
+            self.log.failure("renewing the control plane's server certificate (tried again"
+                             " in {h:g} h)", h=CERT_CHECK_INTERVAL / 3600)
+            return
+        self.log.info("server certificate renewed (valid until {t}); the TLS listeners"
+                      " present it to new connections",
+                      t=pki.expiry_of(renewed[0]))
+
     def partitions(self):
         """
         The partitions the healer holds now (L{zwrm.control.healing.Healer.partitions};
@@ -472,6 +502,8 @@ class ControlPlane(service.MultiService):
         self.ports = []
         if self._flusher is not None and self._flusher.running:
             self._flusher.stop()
+        if self._cert_renewal is not None and self._cert_renewal.running:
+            self._cert_renewal.stop()
         if self.registry is not None:
             await self._flush()
         if self.session is not None and self.session.is_attached():

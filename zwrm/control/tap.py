@@ -24,6 +24,10 @@ flag wins.  Example::
     # router_ca_file = "/etc/zwrm/router-ca.pem"       (for a wss:// router_url)
     # router_realm = "zwrm"
 
+    [pki]
+    host_certificate_lifetime = 31536000   # seconds (a year) host certificates are valid;
+                                           # agents renew theirs when a third is left
+
     [wamp]
     auth_methods = ["ticket"]   # what the embedded router offers clients: ticket, wampcra
 
@@ -111,6 +115,7 @@ class Config:
     event_max_age: float = 7 * 86400.0
     audit_max_entries: float = 100000
     audit_max_age: float = 365 * 86400.0
+    host_certificate_lifetime: float = 365 * 86400.0
 
     def router_secret(self):
         """
@@ -148,6 +153,7 @@ FILE_KEYS = {
     ("control", "router_ticket_file"): ("router_ticket_file", str),
     ("control", "router_ca_file"): ("router_ca_file", str),
     ("wamp", "auth_methods"): ("auth_methods", list),
+    ("pki", "host_certificate_lifetime"): ("host_certificate_lifetime", float),
     ("health", "check_interval"): ("check_interval", float),
     ("health", "offline_after"): ("offline_after", float),
     ("health", "grace"): ("grace", float),
@@ -173,6 +179,9 @@ FILE_KEYS = {
 }
 
 GC_POLICIES = ("freeze", "python")
+
+MIN_HOST_CERTIFICATE_LIFETIME = 10.0
+"""Seconds; a shorter lifetime would have agents renewing all the time (tests use 10-20)."""
 
 
 # settings (flag or file key names end so) for which 0 is a meaningful value
@@ -271,6 +280,10 @@ def check_config(config):
     if not 0 < config.partition_threshold <= 1:
         raise usage.UsageError(
             f"[health] partition_threshold must be a fraction in (0, 1], not {config.partition_threshold}")
+    if config.host_certificate_lifetime < MIN_HOST_CERTIFICATE_LIFETIME:
+        raise usage.UsageError(
+            "[pki] host_certificate_lifetime must be at least"
+            f" {MIN_HOST_CERTIFICATE_LIFETIME:g} seconds, not {config.host_certificate_lifetime:g}")
     from zwrm.control.network import check_cluster_cidr
     from zwrm.errors import InvalidArgument
 
@@ -409,6 +422,8 @@ class Options(usage.Options):
          "Seconds a registry upload body may stall (default 30)."],
         ["registry-upload-ttl", None, None,
          "Seconds an untouched upload session is kept (default 900)."],
+        ["host-certificate-lifetime", None, None,
+         "Seconds the host certificates it signs are valid (default 31536000, a year)."],
     ]
     optFlags = [
         ["insecure-listen", None, "Allow plain listeners beyond loopback."],
@@ -451,6 +466,7 @@ class Options(usage.Options):
             "registry-body-timeout": ("registry_body_timeout", float),
             "registry-idle-timeout": ("registry_idle_timeout", float),
             "registry-upload-ttl": ("registry_upload_ttl", float),
+            "host-certificate-lifetime": ("host_certificate_lifetime", float),
             "registry-url": ("registry_url", str),
             "console-url": ("console_url", str),
             "router-url": ("router_url", str),

@@ -7,6 +7,7 @@ with their expiry in the store's C{join_tokens} table (L{zwrm.pki.JoinTokens}). 
 queries run on the store's thread.
 """
 
+import datetime
 import os
 import socket
 
@@ -71,13 +72,17 @@ class ControlPKI:
 
     log = Logger()
 
-    def __init__(self, reactor, store, data_dir, listen=()):
+    def __init__(self, reactor, store, data_dir, listen=(),
+                 host_lifetime=pki.HOST_LIFETIME.total_seconds()):
         """
         @param reactor: the reactor (its C{seconds()} decides expiry).
         @param store: the started L{zwrm.control.store.Store}.
         @param data_dir: the control plane's data directory (the CA goes to C{pki/}).
         @param listen: the listener descriptions (their interfaces go into the certificate).
+        @param host_lifetime: seconds for which the host certificates it signs are valid
+            (agents renew theirs when a third is left, L{pki.renewal_time}).
         """
+        self.host_lifetime = datetime.timedelta(seconds=host_lifetime)
         self.reactor = reactor
         self.store = store
         self.directory = os.path.join(data_dir, pki.CONTROL_PKI_DIR)
@@ -117,6 +122,23 @@ class ControlPKI:
     def server_context(self):
         """TLS options for C{ssl:} listeners without certificate files of their own."""
         return self.ca.server_context(self.names)
+
+    async def renew_server_certificate(self):
+        """
+        Reissue the server certificate if less than 30 days are left (on the store's thread:
+        a key and two small files), as a start does; a control plane that runs for a year
+        calls this every few hours (L{zwrm.control.service.ControlPlane}).
+
+        @return: the new C{(cert_pem, key_pem)}, or L{None} if the one there is kept.
+        """
+        path = os.path.join(self.directory, "server.pem")
+
+        def renew(db):
+            before = _read_or_none(path)
+            cert_pem, key_pem = self.ca.server_credentials(self.names)
+            return None if cert_pem == before else (cert_pem, key_pem)
+
+        return await self.store.run(renew)
 
     # -- tokens -------------------------------------------------------------------------
 
@@ -212,7 +234,7 @@ class ControlPKI:
         @return: C{{"certificate": <PEM str>, "ca": <PEM str>}}.
         @raise errors.InvalidArgument: a malformed request or one for another host.
         """
-        cert = self.ca.sign_host_request(csr_pem, host_id)
+        cert = self.ca.sign_host_request(csr_pem, host_id, lifetime=self.host_lifetime)
         return {"certificate": cert.decode("ascii"), "ca": self.ca.certificate_pem.decode("ascii")}
 
 
@@ -226,6 +248,14 @@ def schema_host_resets(db):
     """
     if not db[RESETS_TABLE].exists():
         db[RESETS_TABLE].create({"host_id": str, "expires_at": float}, pk="host_id")
+
+
+def _read_or_none(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 def _write_private(path, text):

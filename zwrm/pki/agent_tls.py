@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from zwrm.errors import AuthenticationFailed, InvalidArgument
 from zwrm.pki.ca import (
+    RenewableServerOptions,
     _as_cryptography,
     _cert_pem,
     _ensure_directory,
@@ -41,7 +42,6 @@ from zwrm.pki.ca import (
     fingerprint_of,
     host_id_of,
     normalize_fingerprint,
-    server_options,
 )
 from zwrm.pki.join_tokens import TOKEN_PREFIX, JoinToken
 
@@ -243,6 +243,24 @@ class HostCredentials:
         _write_private(os.path.join(directory, "host.pem"), self.cert_pem)
         _write_private(os.path.join(directory, "ca.pem"), self.ca_pem)
 
+    def save_renewed(self, directory):
+        """
+        Put this renewed host certificate and key (from the same CA) in place of those in
+        C{directory}, so that a crash at any point leaves a pair that belongs together:
+        both are written as C{.next} files first, then moved in, the key first; L{load}
+        finishes a move that a crash cut short.
+
+        @raise InvalidArgument: the key does not belong to the certificate.
+        """
+        _load_pair(self.cert_pem, self.key_pem)
+        key, cert = (os.path.join(directory, n) for n in ("host.key", "host.pem"))
+        _write_private(key + NEXT, self.key_pem)
+        _write_private(cert + NEXT, self.cert_pem)
+        _fsync_directory(directory)
+        os.replace(key + NEXT, key)
+        os.replace(cert + NEXT, cert)
+        _fsync_directory(directory)
+
     @classmethod
     def load(cls, directory):
         """
@@ -251,6 +269,7 @@ class HostCredentials:
         @raise InvalidArgument: they are there but unusable.
         """
         paths = [os.path.join(directory, n) for n in ("ca.pem", "host.pem", "host.key")]
+        _finish_renewal(directory)
         if not any(os.path.exists(p) for p in paths[1:]):
             return None  # not joined yet (a ca.pem alone is the CA an agent has pinned)
         try:
@@ -288,7 +307,34 @@ class HostCredentials:
         client certificate from the same CA. After the handshake, call
         L{host_id_of}C{(transport.getPeerCertificate())} to learn (and check) who connected.
         """
-        return server_options(self.cert_pem, self.key_pem, self.ca_pem, True)
+        return RenewableServerOptions(self.cert_pem, self.key_pem, self.ca_pem, True)
+
+
+NEXT = ".next"
+"""The suffix of a renewed host certificate and key on their way in (L{HostCredentials.save_renewed})."""
+
+
+def _finish_renewal(directory):
+    """Finish (or drop, if it had not got that far) a renewal a crash cut short."""
+    key, cert = (os.path.join(directory, n) for n in ("host.key", "host.pem"))
+    try:
+        if os.path.exists(cert + NEXT):  # both written: move in what is left to move
+            if os.path.exists(key + NEXT):
+                os.replace(key + NEXT, key)
+            os.replace(cert + NEXT, cert)
+        elif os.path.exists(key + NEXT):  # the certificate never was: the old pair stands
+            os.remove(key + NEXT)
+    except OSError as e:
+        raise InvalidArgument(f"cannot finish renewing the host certificate in {directory}: {e}") \
+            from None
+
+
+def _fsync_directory(directory):
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 AGENT_TLS_DIR = "tls"

@@ -28,6 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import crypto
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from zope.interface import implementer
 
 from zwrm.errors import AuthenticationFailed, InvalidArgument
 from zwrm.hostid import current_host_id
@@ -234,6 +236,63 @@ def _load_pair(cert_pem, key_pem):
     if cert.public_key().public_numbers() != key.public_key().public_numbers():
         raise InvalidArgument("the private key does not belong to the certificate")
     return cert, key
+
+
+def expiry_of(certificate):
+    """A certificate's C{notAfter} as C{"YYYY-MM-DD HH:MM:SS UTC"} (for log lines)."""
+    return _iso(_as_cryptography(certificate).not_valid_after_utc.timestamp())
+
+
+def renewal_time(certificate):
+    """
+    When a host or server certificate is due to be renewed: once two thirds of the
+    lifetime it was issued for have passed (a third is left: 122 days of a year's), as
+    Kubernetes' kubelet and cert-manager do, so that a host that is down for a while
+    still renews in time.  (The lifetime is counted without the L{CLOCK_SKEW} its
+    C{notBefore} was moved back by.)
+
+    @param certificate: PEM bytes, or any form L{_as_cryptography} takes.
+    @return: a POSIX time.
+    """
+    cert = _as_cryptography(certificate)
+    start = cert.not_valid_before_utc.timestamp()
+    end = cert.not_valid_after_utc.timestamp()
+    skew = CLOCK_SKEW.total_seconds()
+    if end - start > skew:
+        start += skew
+    return end - (end - start) / 3
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class RenewableServerOptions:
+    """
+    Server TLS options whose certificate and key can be replaced while they serve
+    (L{renew}): the connections set up from then on present the new ones, those set up
+    before keep theirs.  (pyOpenSSL does not let a context that has made connections
+    change, so each renewal makes new options and this hands connections to the latest.)
+
+    @ivar options: the L{twisted.internet.ssl.CertificateOptions} in use.
+    """
+
+    def __init__(self, cert_pem, key_pem, ca_pem, require_client_certificate=False):
+        self._ca_pem = ca_pem
+        self._require = require_client_certificate
+        self.options = server_options(cert_pem, key_pem, ca_pem, require_client_certificate)
+
+    def renew(self, cert_pem, key_pem):
+        """
+        Present C{cert_pem} with C{key_pem} from now on.
+
+        @raise InvalidArgument: the key does not belong to the certificate (nothing changes).
+        """
+        self.options = server_options(cert_pem, key_pem, self._ca_pem, self._require)
+
+    def serverConnectionForTLS(self, tlsProtocol):
+        return self.options.serverConnectionForTLS(tlsProtocol)
+
+    def getContext(self):
+        """The current options' context (for callers of the older interface)."""
+        return self.options.getContext()
 
 
 class CertificateAuthority:
@@ -498,7 +557,8 @@ class CertificateAuthority:
         @rtype: L{twisted.internet.ssl.CertificateOptions}
         """
         cert_pem, key_pem = self.server_credentials(names)
-        return server_options(cert_pem, key_pem, self.certificate_pem, require_client_certificate)
+        return RenewableServerOptions(cert_pem, key_pem, self.certificate_pem,
+                                      require_client_certificate)
 
     def client_context(self, hostname, client_certificate=None):
         """

@@ -868,7 +868,7 @@ class VolumeReceiver(service.Service):
         self.idle_timeout = idle_timeout
         self.ttl = ttl
         self._endpoint = endpoint
-        self._tls = tls
+        self.tls = tls  # changed in place when the host certificate is renewed
         self._transfers = {}
         self._ttls = {}
         self._connections = set()
@@ -880,7 +880,7 @@ class VolumeReceiver(service.Service):
         @return: the TLS-wrapped protocol factory (for listening on an endpoint of your own).
         """
         factory = Factory.forProtocol(lambda: _ReceiverProtocol(self))
-        return tls_factory(self._tls, False, factory, self.reactor)
+        return tls_factory(self.tls, False, factory, self.reactor)
 
     def listen(self):
         """

@@ -60,6 +60,16 @@ class VolumeTransfers(service.MultiService):
         self.receiver.setServiceParent(self)
         self.sender = VolumeSender(reactor, credentials.peer_client_context, clock=clock, **sending)
 
+    def use_credentials(self, credentials):
+        """
+        Present C{credentials} (the host's renewed L{zwrm.pki.HostCredentials}) from now
+        on: to the connections the receiver accepts (its L{zwrm.pki.RenewableServerOptions})
+        and to the receivers the sender connects to.  Connections made before keep the
+        certificate they had.
+        """
+        self.receiver.tls.renew(credentials.cert_pem, credentials.key_pem)
+        self.sender.tls = credentials.peer_client_context
+
     def listen(self):
         """
         Start the receiver's listener (outside a service hierarchy).
