@@ -26,6 +26,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
+from tests.agent.test_membership import start_plane
+from tests.agent.test_metrics import d
 from zwrm import pki
 from zwrm.agent.certificates import CHECK_INTERVAL, CertificateRenewal
 from zwrm.agent.metrics import AgentMetrics
@@ -35,17 +37,8 @@ from zwrm.agent.tap import AgentConfig
 from zwrm.agent.transfer.transfers import VolumeTransfers
 from zwrm.agent.volumes import VolumeStore
 from zwrm.cli.client import close, connect
-from zwrm.control.service import CERT_CHECK_INTERVAL, ControlPlane
-from zwrm.control.tap import Config
+from zwrm.control.service import CERT_CHECK_INTERVAL
 from zwrm.testing.processes import poll, temp_dir
-
-
-def d(f):
-    def wrapper(self):
-        return ensureDeferred(f(self))
-
-    wrapper.__name__ = f.__name__
-    return wrapper
 
 
 def serial(cert_pem):
@@ -55,20 +48,8 @@ def serial(cert_pem):
 class RenewalTests(TestCase):
     timeout = 60
 
-    async def plane(self, **kw):
-        tmp = temp_dir(self)
-        config = Config(listen=["ssl:0:interface=127.0.0.1"], data_dir=os.path.join(tmp, "cp"),
-                        heartbeat_interval=0.2, flush_interval=0.2, **kw)
-        plane = ControlPlane(reactor, config)
-        plane.startService()
-        self.addCleanup(plane.stopService)
-        await plane.started
-        plane.url = f"wss://127.0.0.1:{plane.ports[0].getHost().port}/ws"
-        with open(os.path.join(config.data_dir, "join.token")) as f:
-            plane.join_token = f.read().strip()
-        with open(os.path.join(config.data_dir, "operator.token")) as f:
-            plane.operator_token = f.read().strip()
-        return plane, tmp
+    def plane(self, **kw):
+        return start_plane(self, tls=True, **kw)
 
     def agent(self, plane, data_dir, runtime=False):
         config = AgentConfig(url=plane.url, join_token=plane.join_token, name="a1",

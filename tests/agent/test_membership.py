@@ -37,16 +37,18 @@ def d(f):
     return wrapper
 
 
-async def start_plane(testcase, **kw):
+async def start_plane(testcase, tls=False, **kw):
+    """A control plane in this process on loopback (C{tls}: an C{ssl:} listener, C{wss://})."""
     tmp = temp_dir(testcase)
-    config = Config(listen=["tcp:0:interface=127.0.0.1"], data_dir=os.path.join(tmp, "cp"),
+    listen = "ssl:0:interface=127.0.0.1" if tls else "tcp:0:interface=127.0.0.1"
+    config = Config(listen=[listen], data_dir=os.path.join(tmp, "cp"),
                     heartbeat_interval=0.2, flush_interval=0.2, **kw)
     plane = ControlPlane(reactor, config)
     plane.startService()
     testcase.addCleanup(plane.stopService)
     await plane.started
     port = plane.ports[0].getHost().port
-    plane.url = f"ws://127.0.0.1:{port}/ws"
+    plane.url = f"{'wss' if tls else 'ws'}://127.0.0.1:{port}/ws"
     with open(os.path.join(config.data_dir, "join.token")) as f:
         plane.join_token = f.read().strip()
     with open(os.path.join(config.data_dir, "operator.token")) as f:
