@@ -14,6 +14,7 @@ Host certificates are renewed (L{zwrm.agent.certificates}): over a real TLS cont
 
 import datetime
 import os
+from types import SimpleNamespace
 
 from autobahn.wamp.exception import ApplicationError
 from cryptography import x509
@@ -37,6 +38,7 @@ from zwrm.agent.tap import AgentConfig
 from zwrm.agent.transfer.transfers import VolumeTransfers
 from zwrm.agent.volumes import VolumeStore
 from zwrm.cli.client import close, connect
+from zwrm.control import roles
 from zwrm.control.service import CERT_CHECK_INTERVAL
 from zwrm.testing.processes import poll, temp_dir
 
@@ -92,6 +94,30 @@ class RenewalTests(TestCase):
         agent2 = self.agent(plane, os.path.join(tmp, "a1"))
         await agent2.registered
         self.assertEqual(plane.registry.state(agent2.identity.host_id), "ready")
+
+    @d
+    async def test_a_control_plane_that_does_not_renew(self):
+        # an older control plane: its role table does not let agents ask
+        self.patch(roles, "AGENT_PROCEDURES",
+                   [p for p in roles.AGENT_PROCEDURES if p != "zwrm.agent.renew_certificate"])
+        plane, tmp = await self.plane()
+        agent = self.agent(plane, os.path.join(tmp, "a1"))
+        await agent.registered
+        old = pki.HostCredentials.load(agent.tls_dir)
+        clock = Clock()
+        clock.advance(pki.renewal_time(old.cert_pem))
+        warned = []
+        self.patch(CertificateRenewal, "log", SimpleNamespace(
+            warn=lambda fmt, **kw: warned.append(kw["why"]), info=lambda *a, **kw: None))
+        renewal = CertificateRenewal(clock, agent.tls_dir, lambda: agent.identity.host_id)
+        renewal.start(agent.session)
+        self.addCleanup(renewal.stop)
+        await poll(reactor, lambda: warned, 10, what="the refusal")
+        self.assertEqual(warned, ["the control plane does not renew certificates (an older"
+                                  " version)"])
+        [call] = clock.getDelayedCalls()  # asked again in 12 hours, not every hour
+        self.assertEqual(call.getTime() - clock.seconds(), CHECK_INTERVAL)
+        self.assertEqual(pki.HostCredentials.load(agent.tls_dir), old)
 
     @d
     async def test_an_expired_certificate_does_not_lock_the_agent_out(self):
