@@ -195,6 +195,7 @@ class RenewalTests(TestCase):
         renewed = on_disk()
         self.assertNotIn(renewed, (started, near[0]))
         self.assertEqual(await served_serial(plane), serial(renewed))
+        self.assertEqual(plane.pki.server_expires_at, pki.expiry_time(renewed))  # (/metrics)
         agent = self.agent(plane, os.path.join(tmp, "a1"))  # and agents connect to it
         await agent.registered
 

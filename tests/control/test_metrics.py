@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.agent.test_membership import make_agent, start_plane
 from tests.agent.test_metrics import d, parse
+from zwrm import pki
 from zwrm.cli.client import close, connect
 from zwrm.control import network
 from zwrm.control.metrics import CallLatencies, procedure_label
@@ -100,6 +101,12 @@ class ControlMetricsTests(TestCase):
             {r: samples[("zwrm_network_view_full_list_reasons_total", (("reason", r),))]
              for r in network.FULL_LIST_REASONS}, view.full_list_reasons)
         self.assertEqual(families["zwrm_partition_held_hosts"].samples, [])  # no partition
+        ca = plane.pki.ca.certificate.not_valid_after_utc.timestamp()
+        with open(os.path.join(plane.pki.directory, "server.pem"), "rb") as f:
+            server = pki.expiry_time(f.read())
+        self.assertEqual((samples[("zwrm_ca_certificate_expiry_timestamp_seconds", ())],
+                          samples[("zwrm_server_certificate_expiry_timestamp_seconds", ())]),
+                         (ca, server))
 
     @d
     async def test_a_partition_held(self):

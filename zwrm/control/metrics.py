@@ -13,6 +13,7 @@ TYPE lines (docs/operators.md, "Metrics").
    histogram has one series per verb, not per host); behind an external router (Crossbar.io)
    only whether it is connected;
  - per datacenter where the partition guard holds rescheduling, the hosts it holds;
+ - when the cluster CA's certificate and the server certificate expire;
  - the garbage-collection policy's figures, when there is one.
 
 Families are made with C{prometheus_client} and written with its C{generate_latest}
@@ -204,6 +205,18 @@ class ControlMetrics:
             out.append(GaugeMetricFamily("zwrm_router_connected",
                                          "1 while the control component is joined to the external router.",
                                          value=int(plane.wamp_connected())))
+        control_pki = getattr(plane, "pki", None)
+        if control_pki is not None and control_pki.ca is not None:
+            out.append(GaugeMetricFamily(
+                "zwrm_ca_certificate_expiry_timestamp_seconds",
+                "When the cluster CA's certificate expires, POSIX time (it is not renewed:"
+                " plan its replacement well before).",
+                value=control_pki.ca.certificate.not_valid_after_utc.timestamp()))
+            out.append(GaugeMetricFamily(
+                "zwrm_server_certificate_expiry_timestamp_seconds",
+                "When the control plane's server certificate expires, POSIX time (renewed"
+                " with 30 days left, checked every 6 hours).",
+                value=control_pki.server_expires_at))
         partitions = plane.partitions()
         held = GaugeMetricFamily(
             "zwrm_partition_held_hosts",

@@ -90,6 +90,7 @@ class ControlPKI:
         self.ca = None
         self.fingerprint = None
         self.names = None
+        self.server_expires_at = None  # POSIX time the server certificate expires
         self._tokens = None
 
     async def start(self):
@@ -105,12 +106,13 @@ class ControlPKI:
             for n in _existing_names(self.directory):
                 if n not in names:
                     names.append(n)
-            ca.server_credentials(names)
+            cert_pem, _key = ca.server_credentials(names)
             tokens = pki.JoinTokens(db, ca.fingerprint, self.reactor)
             tokens.prune()  # expired or revoked for more than a week
-            return ca, names, tokens
+            return ca, names, tokens, cert_pem
 
-        self.ca, self.names, self._tokens = await self.store.run(load)
+        self.ca, self.names, self._tokens, cert_pem = await self.store.run(load)
+        self.server_expires_at = pki.expiry_time(cert_pem)
         self.fingerprint = self.ca.fingerprint
         self.log.info(
             "{what} the cluster CA in {dir}; CA fingerprint sha256:{fp}",
@@ -138,7 +140,10 @@ class ControlPKI:
             cert_pem, key_pem = self.ca.server_credentials(self.names)
             return None if cert_pem == before else (cert_pem, key_pem)
 
-        return await self.store.run(renew)
+        renewed = await self.store.run(renew)
+        if renewed is not None:
+            self.server_expires_at = pki.expiry_time(renewed[0])
+        return renewed
 
     # -- tokens -------------------------------------------------------------------------
 

@@ -238,6 +238,11 @@ def _load_pair(cert_pem, key_pem):
     return cert, key
 
 
+def expiry_time(certificate):
+    """A certificate's C{notAfter} as a POSIX time."""
+    return _as_cryptography(certificate).not_valid_after_utc.timestamp()
+
+
 def expiry_of(certificate):
     """A certificate's C{notAfter} as C{"YYYY-MM-DD HH:MM:SS UTC"} (for log lines)."""
     return _iso(_as_cryptography(certificate).not_valid_after_utc.timestamp())
