@@ -59,10 +59,10 @@ URL_FILE = "control.url"
 RAWSOCKET_PREFIX = "rawsocket:"
 """A listen description C{rawsocket:<endpoint>} serves WAMP over RawSocket on C{<endpoint>}."""
 LOCK_FILE = "control.lock"
-CERT_CHECK_INTERVAL = 6 * 3600.0
-"""Seconds between checks of the server certificate's expiry while running."""
 """Held (C{flock}) by a running control plane in its data directory; C{zwrm-control restore}
 refuses while it is held."""
+CERT_CHECK_INTERVAL = 6 * 3600.0
+"""Seconds between checks of the server certificate's expiry while running."""
 
 
 class DataDirInUse(Exception):
@@ -405,7 +405,7 @@ class ControlPlane(service.MultiService):
                 rest = [p for p in parts[1:] if not p.startswith(_CERT_KEYS)]
                 tcp = endpoints.serverFromString(self.reactor, ":".join(["tcp"] + rest))
                 options = self.pki.server_context()
-                self._server_tls.append(options)  # renewed in place (_renew_server_certificate)
+                self._server_tls.append(options)  # renewed while it runs (_renew_server_certificate)
                 return tcp.listen(TLSMemoryBIOFactory(options, False, factory))
             return endpoints.serverFromString(self.reactor, description).listen(factory)
         if factory is site:

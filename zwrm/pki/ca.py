@@ -245,7 +245,7 @@ def expiry_time(certificate):
 
 def expiry_of(certificate):
     """A certificate's C{notAfter} as C{"YYYY-MM-DD HH:MM:SS UTC"} (for log lines)."""
-    return _iso(_as_cryptography(certificate).not_valid_after_utc.timestamp())
+    return _iso(expiry_time(certificate))
 
 
 def renewal_time(certificate):
@@ -559,7 +559,7 @@ class CertificateAuthority:
         C{require_client_certificate} a client without one is refused.
 
         @param names: the DNS names and IP addresses clients use to reach the control plane.
-        @rtype: L{twisted.internet.ssl.CertificateOptions}
+        @rtype: L{RenewableServerOptions}
         """
         cert_pem, key_pem = self.server_credentials(names)
         return RenewableServerOptions(cert_pem, key_pem, self.certificate_pem,

@@ -868,7 +868,7 @@ class VolumeReceiver(service.Service):
         self.idle_timeout = idle_timeout
         self.ttl = ttl
         self._endpoint = endpoint
-        self.tls = tls  # changed in place when the host certificate is renewed
+        self.tls = tls  # renewed (RenewableServerOptions.renew) with the host certificate
         self._transfers = {}
         self._ttls = {}
         self._connections = set()
