@@ -172,6 +172,17 @@ class FormatTests(SynchronousTestCase):
         self.assertIn("m1", text)
         self.assertIn("offline (heartbeat_lost)", text)
         self.assertIn("disk                  0 of 1000 MiB allocated\n", text)  # no figure yet
+        self.assertIn("host certificate      -\n", text)  # no heartbeat said yet
+
+    def test_status_host_certificate(self):
+        out = io.StringIO()
+        expires = time.time() + 100.4 * 86400
+        host.format_status(dict(HOST, machine_list=[], events=[],
+                                stats={"host_certificate_expires_at": expires}), out)
+        self.assertIn(
+            "host certificate      valid until "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(expires))} (100 days left;"
+            " its agent renews it with a third left)\n", out.getvalue())
 
     def test_status_disk_free(self):
         status = dict(HOST, machine_list=[], events=[], stats={"disk_free_mb": 900})

@@ -80,6 +80,9 @@ class ControlMetricsTests(TestCase):
         self.assertEqual(samples[("zwrm_host_state", (("host", host), ("name", "a1"), ("state", "ready")))], 1)
         self.assertEqual(samples[("zwrm_host_vcpus", (("host", host),))], 3)
         self.assertEqual(samples[("zwrm_host_allocated_vcpus", (("host", host),))], 0)
+        self.assertEqual(
+            samples[("zwrm_host_certificate_expiry_timestamp_seconds", (("host", host),))],
+            pki.HostCredentials.load(agent.tls_dir).not_valid_after.timestamp())
         age = samples[("zwrm_host_heartbeat_age_seconds", (("host", host),))]
         self.assertTrue(0 <= age < 10, age)
         self.assertEqual(samples[("zwrm_app_replicas", (("app", "web"),))], 2)

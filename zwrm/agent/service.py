@@ -716,8 +716,10 @@ class AgentService(service.Service):
         if session is None or not session.is_attached():
             return
         sent_at = self.reactor.seconds()
-        d = defer.maybeDeferred(session.call, "zwrm.agent.heartbeat",
-                                self.runtime.stats() if self.runtime else {})
+        stats = self.runtime.stats() if self.runtime else {}
+        if self.renewal.expires_at is not None:  # (zwrm host status, the control's /metrics)
+            stats["host_certificate_expires_at"] = self.renewal.expires_at
+        d = defer.maybeDeferred(session.call, "zwrm.agent.heartbeat", stats)
         timeout = self._hb_timeout = self.reactor.callLater(
             3 * self.heartbeat_interval, self._heartbeat_timeout, session)
 

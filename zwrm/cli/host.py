@@ -99,6 +99,15 @@ def _cache(c):
             f"{c.get('misses', 0)} misses, {c.get('blobs', 0)} blobs")
 
 
+def _certificate(expires_at):
+    """What C{zwrm host status} says of the host certificate its agent's heartbeats report."""
+    if not isinstance(expires_at, (int, float)) or isinstance(expires_at, bool):
+        return "-"
+    days = (expires_at - time.time()) / 86400
+    left = f"{days:.0f} days left" if days >= 1 else "expired" if days <= 0 else "under a day left"
+    return f"valid until {_utc(expires_at)} ({left}; its agent renews it with a third left)"
+
+
 def format_status(h, out):
     """Write the C{zwrm host status} report."""
     fields = [
@@ -115,6 +124,7 @@ def format_status(h, out):
         ("last heartbeat", f"{_age(h['heartbeat_age'])} ago"),
         ("executor", "registered" if h.get("executor") else "not registered"),
         ("image cache", _cache(h.get("stats", {}).get("image_cache"))),
+        ("host certificate", _certificate(h.get("stats", {}).get("host_certificate_expires_at"))),
     ]
     width = max(len(k) for k, _ in fields)
     for k, v in fields:

@@ -63,6 +63,9 @@ HOST_FAMILIES = (
     ("zwrm_host_image_cache_limit_bytes", "The host's image cache limit (last heartbeat)."),
     ("zwrm_host_image_cache_hits", "The host's image cache hits (last heartbeat)."),
     ("zwrm_host_image_cache_misses", "The host's image cache misses (last heartbeat)."),
+    ("zwrm_host_certificate_expiry_timestamp_seconds",
+     "When the host's certificate expires, POSIX time (last heartbeat); its agent renews it"
+     " when a third of its life is left."),
 )
 _CACHE_FIGURES = (("size", 8), ("limit", 9), ("hits", 10), ("misses", 11))  # key, family
 
@@ -153,6 +156,7 @@ class ControlMetrics:
         counts = dict.fromkeys(HOST_STATES, 0)
         lines = [[] for _ in HOST_FAMILIES]
         (state, vcpus, memory, disk, a_vcpus, a_memory, a_disk, age, *_) = lines
+        cert = lines[-1]
         names = [name for name, _ in HOST_FAMILIES]
         MiB = 1024 * 1024
         for start in range(0, len(entries), HOSTS_PER_TURN):
@@ -178,7 +182,12 @@ class ControlMetrics:
                 if entry.last_heartbeat is not None:
                     age.append(f"zwrm_host_heartbeat_age_seconds{host}"
                                f"{floatToGoString(max(0.0, now - entry.last_heartbeat))}\n")
-                figures = (entry.stats or {}).get("image_cache")
+                stats = entry.stats or {}
+                expires = stats.get("host_certificate_expires_at")
+                if expires is not None:
+                    cert.append(f"zwrm_host_certificate_expiry_timestamp_seconds{host}"
+                                f"{_value(expires)}\n")
+                figures = stats.get("image_cache")
                 if figures:
                     for key, i in _CACHE_FIGURES:
                         if key in figures:
