@@ -89,6 +89,11 @@ class RenewalTests(TestCase):
         self.assertNotEqual(new.key_pem, old.key_pem)
         self.assertEqual((new.host_id, new.fingerprint), (old.host_id, old.fingerprint))
         self.assertGreaterEqual(new.not_valid_after, old.not_valid_after)  # (whole seconds)
+        # recorded: a certificate event in the host's history, with the new expiry
+        [event] = [e for e in (await plane.events.history(topics=["host"]))["events"]
+                   if e["kind"] == "certificate"]
+        self.assertEqual((event["subject"], event["payload"]["reason"]), (
+            new.host_id, f"host certificate renewed, valid until {pki.expiry_of(new.cert_pem)}"))
         # the agent's next connection presents it (the control plane checks its host id)
         await agent.stopService()
         agent2 = self.agent(plane, os.path.join(tmp, "a1"))

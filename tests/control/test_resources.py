@@ -121,8 +121,8 @@ class MachineResourceTests(TestCase):
         data = Data(Clock(), None, lambda t, e: None)
         self.assertEqual(update_methods(data.machines), ["add", "delete", "note_stray", "set"])
         self.assertEqual(update_methods(data.hosts),
-                         ["add", "apply_input", "registered", "remove", "set_credential",
-                          "set_disk_full", "set_executor"])
+                         ["add", "apply_input", "certificate_renewed", "registered", "remove",
+                          "set_credential", "set_disk_full", "set_executor"])
         self.assertIn("set_spec", update_methods(data.apps))
         self.assertIn("moved", update_methods(data.volumes))
         self.assertEqual(update_methods(data.drains),

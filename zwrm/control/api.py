@@ -150,18 +150,19 @@ class AgentAPI:
                                             session_id=getattr(details, "caller", None))
 
     @wamp.register("zwrm.agent.renew_certificate", options=DETAILS)
-    def renew_certificate(self, csr=None, details=None):
+    async def renew_certificate(self, csr=None, details=None):
         """
         A new host certificate for the calling host, for the key of C{csr} (the host is
         the caller's authid: an agent renews only its own).  The one it had stays valid
-        until it expires; nothing is stored.
+        until it expires.  Announced (a C{certificate} event on C{zwrm.event.host}, kept in
+        the event history) before it is returned.
         """
         host_id = _caller(details)
         if self.pki is None:
             raise errors.Unavailable("this control plane has no CA to sign certificates")
         signed = self.pki.sign(csr, host_id)
-        self.log.info("host {host_id}: host certificate renewed (valid until {t})",
-                      host_id=host_id, t=pki.expiry_of(signed["certificate"].encode("ascii")))
+        await self.registry.hosts.certificate_renewed(
+            host_id, pki.expiry_of(signed["certificate"].encode("ascii")))
         return signed
 
     @wamp.register("zwrm.agent.heartbeat", options=DETAILS)

@@ -392,6 +392,18 @@ class Hosts(Resource):
         self.log.info("host {host_id}: {reason}", host_id=host_id, reason=reason)
         await self._produce("disk", entry, entry.machine.state, reason)
 
+    @update_method
+    async def certificate_renewed(self, host_id, expires):
+        """
+        The control plane signed a renewed host certificate for C{host_id}'s agent, valid
+        until C{expires} (text); announced as C{certificate} (the record of issuance; the
+        certificate itself is the agent's to keep).
+        """
+        entry = self.entry(host_id)
+        reason = f"host certificate renewed, valid until {expires}"
+        self.log.info("host {host_id}: {reason}", host_id=host_id, reason=reason)
+        await self._produce("certificate", entry, entry.machine.state, reason)
+
     def set_allocation(self, host_id, alloc):
         """
         Store what the scheduler placed on C{host_id} (C{alloc_vcpus, alloc_memory_mb,
