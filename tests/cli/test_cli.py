@@ -264,6 +264,10 @@ class LiveTests(TestCase):
         out = io.StringIO()
         await host.host_list(reactor, Args(api_url=plane.url, json=True), out)
         self.assertEqual(len(json.loads(out.getvalue())), 2)  # the JSON is the hosts alone
+        out = io.StringIO()
+        await host.host_status(reactor, Args(api_url=plane.url, json=False, host_id=ids[0]), out)
+        self.assertIn(f"partition             its replicas are held: datacenter dc1 partitioned"
+                      f" since {since} (zwrm host list)\n", out.getvalue())
 
     @d
     async def test_remove(self):

@@ -108,8 +108,11 @@ def _certificate(expires_at):
     return f"valid until {_utc(expires_at)} ({left}; its agent renews it with a third left)"
 
 
-def format_status(h, out):
-    """Write the C{zwrm host status} report."""
+def format_status(h, out, partition=None):
+    """
+    Write the C{zwrm host status} report; C{partition}: the partition that holds the
+    host's replicas, if one does (L{zwrm.control.healing.Healer.partitions}).
+    """
     fields = [
         ("id", h["id"]), ("name", h["name"]), ("state", h["state"]),
         ("state before offline", h.get("state_before_offline") or "-"),
@@ -126,6 +129,10 @@ def format_status(h, out):
         ("image cache", _cache(h.get("stats", {}).get("image_cache"))),
         ("host certificate", _certificate(h.get("stats", {}).get("host_certificate_expires_at"))),
     ]
+    if partition is not None:
+        fields.append(("partition", f"its replicas are held: datacenter {partition['datacenter']}"
+                                    f" partitioned since {_utc(partition.get('since'))}"
+                                    " (zwrm host list)"))
     width = max(len(k) for k, _ in fields)
     for k, v in fields:
         out.write(f"{k.ljust(width)}  {v}\n")
@@ -198,10 +205,16 @@ async def host_list(reactor, args, out=None):
 
 async def host_status(reactor, args, out=None):
     out = out or sys.stdout
-    host = await _with_session(reactor, args, "zwrm.host.status", args.host_id)
+    session = await connect(reactor, load_settings(args.api_url))
+    try:
+        host = await call(session, "zwrm.host.status", args.host_id)
+        partitions = [] if args.json else await _partitions(session)
+    finally:
+        await close(session)
     if args.json:
         json.dump(host, out, indent=2, sort_keys=True)
         out.write("\n")
     else:
-        format_status(host, out)
+        held = [p for p in partitions if host.get("id") in (p.get("held_hosts") or [])]
+        format_status(host, out, held[0] if held else None)
     return 0
