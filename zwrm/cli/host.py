@@ -186,14 +186,22 @@ async def _partitions(session):
         raise
 
 
-async def host_list(reactor, args, out=None):
-    out = out or sys.stdout
+async def _with_partitions(reactor, args, procedure, *cargs):
+    """
+    C{procedure}'s answer and, for the text output (not C{--json}), the partitions held
+    now, over one session.
+    """
     session = await connect(reactor, load_settings(args.api_url))
     try:
-        hosts = await call(session, "zwrm.host.list")
-        partitions = [] if args.json else await _partitions(session)
+        answer = await call(session, procedure, *cargs)
+        return answer, ([] if args.json else await _partitions(session))
     finally:
         await close(session)
+
+
+async def host_list(reactor, args, out=None):
+    out = out or sys.stdout
+    hosts, partitions = await _with_partitions(reactor, args, "zwrm.host.list")
     if args.json:
         json.dump(hosts, out, indent=2, sort_keys=True)
         out.write("\n")
@@ -205,12 +213,7 @@ async def host_list(reactor, args, out=None):
 
 async def host_status(reactor, args, out=None):
     out = out or sys.stdout
-    session = await connect(reactor, load_settings(args.api_url))
-    try:
-        host = await call(session, "zwrm.host.status", args.host_id)
-        partitions = [] if args.json else await _partitions(session)
-    finally:
-        await close(session)
+    host, partitions = await _with_partitions(reactor, args, "zwrm.host.status", args.host_id)
     if args.json:
         json.dump(host, out, indent=2, sort_keys=True)
         out.write("\n")
