@@ -250,10 +250,11 @@ def expiry_of(certificate):
 
 def renewal_time(certificate):
     """
-    When a host or server certificate is due to be renewed: once two thirds of the
-    lifetime it was issued for have passed (a third is left: 122 days of a year's), as
-    Kubernetes' kubelet and cert-manager do, so that a host that is down for a while
-    still renews in time.  (The lifetime is counted without the L{CLOCK_SKEW} its
+    When a host certificate is due to be renewed (L{zwrm.agent.certificates}): once two
+    thirds of the lifetime it was issued for have passed (a third is left: 122 days of a
+    year's), as Kubernetes' kubelet and cert-manager do, so that a host that is down for a
+    while still renews in time.  (The control plane's server certificate keeps its own rule,
+    L{RENEW_BEFORE}: it is reissued where it is, with no one to ask.)  (The lifetime is counted without the L{CLOCK_SKEW} its
     C{notBefore} was moved back by.)
 
     @param certificate: PEM bytes, or any form L{_as_cryptography} takes.
