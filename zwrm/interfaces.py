@@ -215,7 +215,10 @@ class IHypervisorDriver(Interface):
 
     A machine status is a dict: C{id}, C{state} (one of L{MACHINE_STATES}), C{pid} (int or
     C{None}), C{reason} (str: why it is in that state, for people), C{console} (path of the
-    serial console log), C{forwards} (as in the spec).
+    serial console log), C{forwards} (as in the spec), C{paused} (C{None}, or for a
+    C{running} machine that its hypervisor holds: C{"disk-full"} while a write to one of its
+    disks waits for room on the host's file system; the driver resumes it once there is
+    room, L{zwrm.drivers.diskfull}).
 
     Every method that fails for a reason a client can act on raises (or fails its Deferred
     with) a C{zwrm.errors} error: C{NotFound} for an unknown id, C{Conflict} for a state that
@@ -288,7 +291,8 @@ class IHypervisorDriver(Interface):
         """
         Call C{listener(status)} with a machine's new status each time it changes state on its
         own or because of a call: started, stopped, failed (a crash or a kill is noticed at
-        once, not at the next poll).
+        once, not at the next poll), and each time a running machine is paused on a full disk
+        or resumed.
 
         @return: a callable that unsubscribes.
         """

@@ -10,7 +10,11 @@ A fixture provides:
    C{boot_id}: after the host restarted too);
  - C{spec(testcase, machine_id)}: a valid machine spec;
  - C{kill(driver, machine_id, pid)}: end the machine's process as C{kill -9} would;
- - C{boot_output}: a str the console shows once the guest is up.
+ - C{boot_output}: a str the console shows once the guest is up;
+ - C{full_disk_spec(testcase, machine_id)}: a spec whose volume C{data} lives on a file
+   system with little room (undone at the test's end), C{fill_disk(driver, machine_id)}:
+   its guest writes more than that room (or starts to), C{make_room(testcase)}: the file
+   system gets room, and C{filled_output}: what the console shows once the write is done.
 """
 
 import os
@@ -39,6 +43,24 @@ async def poll(predicate, timeout=30.0, interval=0.05, what="condition"):
             raise AssertionError(f"{what} not reached within {timeout} s")
         await deferLater(reactor, interval, lambda: None)
         waited += interval
+
+
+async def poll_console(driver, machine_id, text, timeout=60.0):
+    """Wait until the machine's console shows C{text}; return the console."""
+    found = []
+
+    async def shown():
+        found[:] = [await driver.console(machine_id)]
+        return text in found[0]
+
+    waited = 0.0
+    while not await shown():
+        if waited >= timeout:
+            raise AssertionError(f"{text!r} not on the console within {timeout} s: "
+                                 f"{found[0][-500:]!r}")
+        await deferLater(reactor, 0.1, lambda: None)
+        waited += 0.1
+    return found[0]
 
 
 def make_driver_tests(fixture):
@@ -212,6 +234,46 @@ def make_driver_tests(fixture):
             third = self.driver(boot_id="boot-b")  # the agent restarts again, same boot
             [found] = await third.recover()
             self.assertEqual(found["reason"], ENDED_WITH_THE_HOST)  # what was recorded
+
+        async def test_a_full_disk_pauses_the_machine_until_there_is_room(self):
+            """
+            A guest's write meets a full file system on the host: the machine is paused
+            (still running, C{paused} C{disk-full}, the reason naming its volume), its
+            listeners told; a new driver (the agent restarted) finds it paused; once the
+            file system has room it resumes by itself and the write completes.
+            """
+            first = self.driver()
+            first.disk_room_interval = 0.2
+            spec = fixture.full_disk_spec(self, "vm")
+            seen = []
+            first.subscribe(seen.append)
+            await first.start(spec)
+            fixture.fill_disk(first, "vm")
+            await poll(lambda: first.status("vm")["paused"] == "disk-full", 90, what="paused")
+            st = first.status("vm")
+            self.assertEqual(st["state"], "running")
+            self.assertIn("paused: disk data", st["reason"])
+            self.assertIn("no space left on device", st["reason"])
+            self.assertEqual(seen[-1]["paused"], "disk-full")
+            await deferLater(reactor, 0.5, lambda: None)  # no room yet: still paused
+            self.assertEqual(first.status("vm")["paused"], "disk-full")
+
+            await first.close()
+            second = self.driver()
+            second.disk_room_interval = 0.2
+            [found] = await second.recover()
+            self.assertEqual((found["state"], found["paused"]), ("running", "disk-full"))
+            self.assertIn("paused: disk data", found["reason"])
+
+            seen = []
+            second.subscribe(seen.append)
+            fixture.make_room(self)
+            await poll(lambda: second.status("vm")["paused"] is None, 30, what="resumed")
+            self.assertEqual(second.status("vm")["reason"],
+                             "resumed: its host's disk has room again")
+            self.assertEqual((seen[-1]["state"], seen[-1]["paused"]), ("running", None))
+            console = await poll_console(second, "vm", fixture.filled_output)
+            self.assertIn(fixture.filled_output, console)
 
     DriverContractTests.__name__ = fixture.__name__ + "ContractTests"
     DriverContractTests.__qualname__ = DriverContractTests.__name__

@@ -4,6 +4,7 @@ The IHypervisorDriver contract, run against the QEMU driver (real VMs under TCG)
 
 import os
 import signal
+import subprocess
 
 import pytest
 from twisted.internet import reactor
@@ -32,6 +33,32 @@ class QemuFixture:
     def kill(driver, machine_id, pid):
         os.kill(pid, signal.SIGKILL)
 
+    filled_output = "zwrm: selftest: filled (0)"
+
+    @staticmethod
+    def full_disk_spec(testcase, machine_id):
+        # A 64 MiB ext4 volume (sparse) on a 16 MiB tmpfs; the guest writes 40 MiB to it.
+        small = os.path.join(testcase.root, "small")
+        os.makedirs(small)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16M,mode=0700", "zwrm-test", small],
+                       check=True)
+        testcase.addCleanup(subprocess.run, ["umount", "-l", small], check=False)
+        testcase.small = small
+        path = os.path.join(small, "data.img")
+        subprocess.run(["mkfs.ext4", "-q", "-F", path, "64M"], check=True)
+        spec = QemuFixture.spec(testcase, machine_id)
+        spec["volumes"] = [{"id": "data", "path": path}]
+        spec["cmdline"] += " zwrm.vol=data:/data zwrm.selftest=fill"
+        return spec
+
+    @staticmethod
+    def fill_disk(driver, machine_id):
+        pass  # its guest does (zwrm.selftest=fill)
+
+    @staticmethod
+    def make_room(testcase):
+        subprocess.run(["mount", "-o", "remount,size=256M", testcase.small], check=True)
+
 
 class FakeFixture:
     boot_output = "fake: booted"
@@ -54,6 +81,26 @@ class FakeFixture:
     @staticmethod
     def kill(driver, machine_id, pid):
         driver.crash(machine_id)
+
+    filled_output = "fake: resumed"
+
+    @classmethod
+    def full_disk_spec(cls, testcase, machine_id):
+        spec = cls.spec(testcase, machine_id)
+        path = os.path.join(testcase.root, "data.img")
+        with open(path, "wb") as f:
+            f.truncate(64 << 20)
+        spec["volumes"] = [{"id": "data", "path": path}]
+        testcase.fake_host = cls.hosts[testcase.root]
+        return spec
+
+    @staticmethod
+    def fill_disk(driver, machine_id):
+        driver.disk_full(machine_id)
+
+    @staticmethod
+    def make_room(testcase):
+        testcase.fake_host.free_bytes = None
 
 
 QemuContractTests = pytest.mark.qemu(make_driver_tests(QemuFixture))

@@ -12,6 +12,7 @@ import os
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
+from zwrm.drivers import diskfull as _diskfull
 from zwrm.drivers import spec as _spec
 from zwrm.drivers.boot import why_it_ended
 from zwrm.drivers.fake_live import FakeLiveMigration
@@ -26,6 +27,8 @@ class FakeHost:
     @ivar boot_delay: seconds (on the driver's clock) a start takes.
     @ivar powerdown_delay: seconds the guest takes to power off after the ACPI request, or
         C{None} for a guest that ignores it (so only the hard stop ends it).
+    @ivar free_bytes: the free bytes of every file system of the host, or C{None} for
+        plenty (what a paused machine's room check reads).
     """
 
     def __init__(self, boot_delay=0.0, powerdown_delay=0.5):
@@ -33,6 +36,7 @@ class FakeHost:
         self.boot_delay = boot_delay
         self.powerdown_delay = powerdown_delay
         self.console = {}
+        self.free_bytes = None
 
 
 @implementer(IHypervisorDriver, ILiveMigration)
@@ -58,6 +62,8 @@ class FakeDriver(FakeLiveMigration):
         self._waiters = {}
         self._listeners = []
         self._closed = False
+        self._room_watches = {}
+        self.disk_room_interval = _diskfull.CHECK_INTERVAL
         self._live_init(network)
         os.makedirs(root, exist_ok=True)
 
@@ -68,6 +74,25 @@ class FakeDriver(FakeLiveMigration):
         self.host.machines[machine_id]["alive"] = False
         if not self._closed:
             self._end(machine_id, "failed", f"QEMU {how}")
+
+    def disk_full(self, machine_id, disk=None):
+        """
+        Make a running machine's guest write to C{disk} (a volume id; its first volume's if
+        L{None}) on a full disk: the host has no room left, and the machine is paused as
+        QEMU pauses it.  Once there is room (L{FakeHost.free_bytes}), it resumes and its
+        console says C{fake: resumed}.
+        """
+        proc = self.host.machines[machine_id]
+        volumes = proc["spec"]["volumes"]
+        v = next((v for v in volumes if v["id"] == disk), volumes[0] if volumes else None)
+        self.host.free_bytes = 0
+        proc["paused"] = (v["id"], v["path"]) if v else ("root", None)
+        self._pause(machine_id)
+
+    def free_bytes(self, path):
+        """What the host's file system holding C{path} has free (L{FakeHost.free_bytes})."""
+        free = self.host.free_bytes
+        return (1 << 40) if free is None else free
 
     def guest_write(self, machine_id, text):
         """Append C{text} to the machine's console, as its guest would."""
@@ -138,7 +163,9 @@ class FakeDriver(FakeLiveMigration):
                 continue
             # A live migration left half-way is resolved first (zwrm.drivers.fake_live).
             why = self._live_recover(mid) if proc["alive"] else None
-            if proc["alive"]:
+            if proc["alive"] and proc.get("paused"):
+                self._pause(mid)
+            elif proc["alive"]:
                 self._set(mid, proc["spec"], "running", why or "recovered after an agent restart")
             elif why:
                 self._set(mid, proc["spec"], "failed", why)
@@ -163,6 +190,9 @@ class FakeDriver(FakeLiveMigration):
         self._closed = True
         for mid in list(self._live_calls):
             self._live_forget(mid)
+        for watch in self._room_watches.values():
+            watch.stop()
+        self._room_watches = {}
         self._status = {}
         self._listeners = []
         return succeed(None)
@@ -179,12 +209,37 @@ class FakeDriver(FakeLiveMigration):
         except KeyError:
             raise NotFound(f"no machine {machine_id!r} on this host") from None
 
+    def _pause(self, mid):
+        proc = self.host.machines[mid]
+        disk, path = proc["paused"]
+        watch = self._room_watches.pop(mid, None)
+        if watch is not None:
+            watch.stop()
+        watch = self._room_watches[mid] = _diskfull.RoomWatch(
+            self.reactor, self.disk_room_interval, [path or self.root], self.free_bytes,
+            lambda: self._resume(mid), mid)
+        watch.start()
+        self._set(mid, proc["spec"], "running", _diskfull.paused_reason(disk, path))
+
+    def _resume(self, mid):
+        proc = self.host.machines.get(mid)
+        watch = self._room_watches.pop(mid, None)
+        if watch is not None:
+            watch.stop()
+        if proc is None or not proc.get("paused") or not proc["alive"]:
+            return
+        proc["paused"] = None
+        self.guest_write(mid, "fake: resumed\n")
+        self._set(mid, proc["spec"], "running", _diskfull.RESUMED)
+
     def _set(self, mid, spec, state, reason):
+        proc = self.host.machines.get(mid) or {}
         self._status[mid] = {
             "id": mid, "state": state, "reason": reason,
             "pid": 4242 if state == "running" else None,
             "console": os.path.join(self.root, mid, "console.log"),
             "forwards": list(spec.get("forwards", [])),
+            "paused": _diskfull.DISK_FULL if state == "running" and proc.get("paused") else None,
         }
         if mid in self.host.machines:
             self.host.machines[mid].update(state=state, reason=reason, boot_id=self.boot_id)
@@ -198,8 +253,12 @@ class FakeDriver(FakeLiveMigration):
         if st is None or st["state"] != "running":
             return
         proc = self.host.machines.get(mid)
+        watch = self._room_watches.pop(mid, None)
+        if watch is not None:
+            watch.stop()
         if proc:
             proc["alive"] = False
+            proc["paused"] = None
             if state == "stopped":
                 self.guest_write(mid, "fake: power down\n")
             self._set(mid, proc["spec"], state, reason)

@@ -45,6 +45,7 @@ from zope.interface import implementer
 from zwrm.drivers import accel as _accel
 from zwrm.drivers import boot as _boot
 from zwrm.drivers import cloudinit as _cloudinit
+from zwrm.drivers import diskfull as _diskfull
 from zwrm.drivers import diskimage
 from zwrm.drivers import qmp as _qmp
 from zwrm.drivers import spec as _spec
@@ -175,6 +176,10 @@ class _Machine:
         self.end_signal = None
         # A start is under way (from just before the spawn until the start's result).
         self.starting = False
+        # QEMU paused it on a write its disk had no room for (zwrm.drivers.diskfull):
+        # DISK_FULL, and the watch that resumes it; else None.
+        self.paused = None
+        self.room_watch = None
 
     def path(self, name):
         return os.path.join(self.dir, name)
@@ -298,6 +303,8 @@ class QemuDriver(QemuLiveMigration):
         self._starts = set()
         self.cpu_model = cpu_model
         self.machine_type = machine_type
+        #: Seconds between two looks at a paused machine's disks (L{zwrm.drivers.diskfull}).
+        self.disk_room_interval = _diskfull.CHECK_INTERVAL
         self.boot_id = boot_id or _boot.current_boot_id()
         self._live_init()
         os.makedirs(self.root, exist_ok=True)
@@ -473,6 +480,7 @@ class QemuDriver(QemuLiveMigration):
                 continue
             if m.watch is not None and m.watch.active():
                 m.watch.cancel()
+            self._unpause(m)
             if m.qmp is not None:
                 m.qmp.close()
                 m.qmp = None
@@ -512,6 +520,7 @@ class QemuDriver(QemuLiveMigration):
             "reason": m.reason,
             "console": m.path("console.log"),
             "forwards": list((m.spec or {}).get("forwards", [])),
+            "paused": m.paused if m.state == "running" else None,
         }
 
     def _set(self, m, state, reason):
@@ -867,6 +876,81 @@ class QemuDriver(QemuLiveMigration):
             log.info("machine {id}: the guest reset", id=m.id)
         elif name == "STOP":
             log.info("machine {id}: the guest paused", id=m.id)
+        elif name == "BLOCK_IO_ERROR":
+            self._block_io_error(m, data)
+        elif name == "RESUME" and m.paused is not None:
+            self._unpause(m)
+            if m.state == "running":
+                self._set(m, "running", _diskfull.RESUMED)
+
+    def _disk(self, m, device):
+        """The name (a volume's id, or C{root}) and host file of QEMU's drive C{device}."""
+        spec = m.spec or {}
+        if device == "root" and spec.get("disk"):
+            return "root", m.path(ROOT_OVERLAY)
+        volumes = spec.get("volumes") or []
+        if device.startswith("vol") and device[3:].isdigit() and int(device[3:]) < len(volumes):
+            v = volumes[int(device[3:])]
+            return v["id"], v["path"]
+        return device or "?", None
+
+    def _disk_paths(self, m):
+        """The host files of the machine's writable disks."""
+        spec = m.spec or {}
+        paths = [v["path"] for v in spec.get("volumes") or []]
+        if spec.get("disk"):
+            paths.append(m.path(ROOT_OVERLAY))
+        return paths or [m.dir]
+
+    def _block_io_error(self, m, data):
+        disk, path = self._disk(m, data.get("device") or "")
+        if data.get("action") != "stop" or not data.get("nospace"):
+            # The guest sees the error (QEMU's default for any error but ENOSPC).
+            log.warn("machine {id}: disk {disk}: {op} error: {reason} (QEMU: {action})",
+                     id=m.id, disk=disk, op=data.get("operation", "I/O"),
+                     reason=data.get("reason", "?"), action=data.get("action", "?"))
+            return
+        if m.paused is None and m.state == "running":
+            self._pause(m, disk, path)
+
+    def _pause(self, m, disk, path):
+        """QEMU paused the machine on a full disk: say so, and resume it once there is room."""
+        reason = _diskfull.paused_reason(disk, path)
+        log.warn("machine {id}: {reason}", id=m.id, reason=reason)
+        m.paused = _diskfull.DISK_FULL
+        m.room_watch = _diskfull.RoomWatch(self.reactor, self.disk_room_interval,
+                                           self._disk_paths(m), self.free_bytes,
+                                           lambda: self._cont(m), m.id)
+        m.room_watch.start()
+        self._set(m, "running", reason)
+
+    def _cont(self, m):
+        if m.qmp is None:
+            return None
+        return m.qmp.execute("cont")
+
+    def _unpause(self, m):
+        if m.room_watch is not None:
+            m.room_watch.stop()
+        m.paused = m.room_watch = None
+
+    async def _paused_on_full_disk(self, m):
+        """
+        A QEMU this driver takes over (L{recover}): if it is held on a full disk (run state
+        C{io-error}, a drive's I/O status C{nospace}), treat it as if the pause had been
+        seen. @return: whether it is.
+        """
+        try:
+            status = await m.qmp.execute("query-status")
+            if (status or {}).get("status") != "io-error":
+                return False
+            for entry in await m.qmp.execute("query-block") or ():
+                if entry.get("io-status") == "nospace":
+                    self._pause(m, *self._disk(m, entry.get("device") or ""))
+                    return True
+        except _qmp.QMPError as e:
+            log.warn("machine {id}: cannot ask QEMU whether it is paused: {e}", id=m.id, e=e)
+        return False
 
     def _qmp_lost(self, m):
         if self._closed:
@@ -895,6 +979,7 @@ class QemuDriver(QemuLiveMigration):
         if m.watch is not None and m.watch.active():
             m.watch.cancel()
         m.watch = None
+        self._unpause(m)
         if m.qmp is not None:
             m.qmp.close()
             m.qmp = None
@@ -1056,9 +1141,9 @@ class QemuDriver(QemuLiveMigration):
                     # A live migration left half-way is resolved first (zwrm.drivers.live).
                     why = await self.live_recover(m) if os.path.exists(m.path("live.json")) \
                         else None
-                    if m.state == "running":
+                    if m.state == "running" and not await self._paused_on_full_disk(m):
                         self._set(m, "running", why or "recovered after an agent restart")
-                    else:
+                    elif m.state != "running":
                         self._set(m, "failed", why)
                     if m.state == "running" and not _pid_alive(pid):
                         self._watch_pid(m, 0)

@@ -28,7 +28,10 @@ What the guest does (its ``/init``):
     unmounting the volumes, so a clean stop leaves a clean file system.
 
 With ``zwrm.selftest=poweroff`` on the command line it powers itself off right after step 3
-(tests use it to see a guest-initiated power-off).
+(tests use it to see a guest-initiated power-off). With ``zwrm.selftest=fill`` it writes
+40 MiB to the file ``fill`` of the first volume after step 3 (``dd`` with ``fsync``) and
+then says ``zwrm: selftest: filled (<dd's exit status>)`` (tests use it to meet a full
+disk on the host).
 
 The line ``zwrm: ready`` on the console means the HTTP server is running.
 
@@ -100,6 +103,11 @@ done
 echo "$FIRST" > /etc/volume
 echo "boot $(cat /proc/uptime)" >> "$FIRST/boots.log"
 sync
+if grep -q "zwrm.selftest=fill" /proc/cmdline; then
+  echo "zwrm: selftest: filling $FIRST"
+  dd if=/dev/zero of="$FIRST/fill" bs=1M count=40 conv=fsync 2>/dev/null
+  echo "zwrm: selftest: filled ($?)"
+fi
 if grep -q "zwrm.selftest=poweroff" /proc/cmdline; then
   echo "zwrm: selftest: powering off"
   for m in $(cat /etc/mounts.zwrm 2>/dev/null); do umount "$m"; done

@@ -1,0 +1,152 @@
+"""
+L{zwrm.drivers.diskfull}: the watch that resumes a machine paused on a full disk, and the
+QEMU driver's reading of QEMU's C{BLOCK_IO_ERROR}.  (The whole path, a real guest meeting
+a real full file system, is in the driver contract: tests/drivers/contract.py.)
+"""
+
+import errno
+import os
+import shutil
+import tempfile
+
+from twisted.internet import task
+from twisted.internet.defer import fail, succeed
+from twisted.trial.unittest import TestCase
+
+from zwrm.drivers import diskfull
+from zwrm.drivers.qemu import QemuDriver, _Machine
+
+MIB = 1 << 20
+
+
+class RoomWatchTests(TestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.free = {"/a": 0, "/b": 0}
+        self.resumed = []
+        self.result = succeed(None)
+
+    def free_bytes(self, path):
+        value = self.free[path]
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    def resume(self):
+        self.resumed.append(self.clock.seconds())
+        return self.result
+
+    def watch(self):
+        w = diskfull.RoomWatch(self.clock, 5.0, ["/a", "/b"], self.free_bytes, self.resume,
+                               "vm")
+        w.start()
+        return w
+
+    def test_resumes_once_every_file_system_has_room(self):
+        self.watch()
+        self.clock.advance(5)
+        self.assertEqual(self.resumed, [])
+        self.free["/a"] = diskfull.RESUME_FREE_BYTES  # one has room, the other not
+        self.clock.advance(5)
+        self.assertEqual(self.resumed, [])
+        self.free["/b"] = diskfull.RESUME_FREE_BYTES - 1  # just short
+        self.clock.advance(5)
+        self.assertEqual(self.resumed, [])
+        self.free["/b"] = diskfull.RESUME_FREE_BYTES
+        self.clock.advance(4.9)
+        self.assertEqual(self.resumed, [])  # only at the next look
+        self.clock.advance(0.1)
+        self.assertEqual(self.resumed, [20.0])
+
+    def test_a_file_system_that_cannot_be_read_has_no_room(self):
+        self.watch()
+        self.free["/a"] = 100 * MIB
+        self.free["/b"] = OSError(errno.EIO, "I/O error")
+        self.clock.advance(5)
+        self.assertEqual(self.resumed, [])
+
+    def test_a_failed_resume_is_logged_and_tried_again(self):
+        self.watch()
+        self.free.update({"/a": 100 * MIB, "/b": 100 * MIB})
+        self.result = fail(RuntimeError("QMP went away"))
+        self.clock.advance(5)
+        self.assertEqual(self.resumed, [5.0])
+        self.assertEqual(len(self.flushLoggedErrors()), 0)  # a warning, not a traceback
+        self.result = succeed(None)
+        self.clock.advance(5)
+        self.assertEqual(self.resumed, [5.0, 10.0])
+
+    def test_stopped_it_looks_no_more(self):
+        w = self.watch()
+        self.free.update({"/a": 100 * MIB, "/b": 100 * MIB})
+        w.stop()
+        self.clock.advance(60)
+        self.assertEqual(self.resumed, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_reason_names_the_disk(self):
+        self.assertEqual(
+            diskfull.paused_reason("data", "/var/lib/zwrm/volumes/data.img"),
+            "paused: disk data (/var/lib/zwrm/volumes/data.img) met a full file system on "
+            "this host (no space left on device); it resumes by itself once there are 64 MiB "
+            "free")
+
+
+class QemuBlockErrorTests(TestCase):
+    """What the QEMU driver makes of QEMU's events about a machine's disks."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.root = tempfile.mkdtemp(prefix="zwrm-diskfull-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.driver = QemuDriver(self.clock, self.root, accel="tcg")
+        self.seen = []
+        self.driver.subscribe(self.seen.append)
+        m = self.m = _Machine("vm", os.path.join(self.root, "vm"))
+        os.makedirs(m.dir)
+        m.spec = {"disk": "/images/base", "forwards": [],
+                  "volumes": [{"id": "data", "path": "/vols/data.img"},
+                              {"id": "logs", "path": "/vols/logs.img"}]}
+        m.state = "running"
+        self.driver._machines["vm"] = m
+
+    def event(self, name, **data):
+        self.driver._event(self.m, name, data)
+
+    def test_enospc_pauses_and_names_the_volume(self):
+        self.event("BLOCK_IO_ERROR", device="vol1", nospace=True, operation="write",
+                   action="stop", reason="No space left on device")
+        self.event("STOP")
+        st = self.driver.status("vm")
+        self.assertEqual((st["state"], st["paused"]), ("running", "disk-full"))
+        self.assertEqual(st["reason"], diskfull.paused_reason("logs", "/vols/logs.img"))
+        self.assertEqual(self.seen[-1]["paused"], "disk-full")
+        # QEMU emits one event per failed request: one report
+        self.event("BLOCK_IO_ERROR", device="vol1", nospace=True, action="stop")
+        self.assertEqual(len(self.seen), 1)
+
+    def test_the_root_disk(self):
+        self.event("BLOCK_IO_ERROR", device="root", nospace=True, action="stop")
+        self.assertIn("disk root (" + self.m.path("root.qcow2") + ")",
+                      self.driver.status("vm")["reason"])
+
+    def test_other_errors_reach_the_guest_and_pause_nothing(self):
+        self.event("BLOCK_IO_ERROR", device="vol0", nospace=False, action="report",
+                   operation="write", reason="Input/output error")
+        self.event("BLOCK_IO_ERROR", device="vol0", nospace=True, action="report")
+        self.assertIsNone(self.driver.status("vm")["paused"])
+        self.assertEqual(self.seen, [])
+
+    def test_resume_clears_it_and_stops_the_watch(self):
+        self.event("BLOCK_IO_ERROR", device="vol0", nospace=True, action="stop")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.event("RESUME")
+        st = self.driver.status("vm")
+        self.assertEqual((st["paused"], st["reason"]), (None, diskfull.RESUMED))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_resume_of_a_machine_not_paused_on_its_disk_says_nothing(self):
+        # (a live migration pauses and resumes machines too)
+        self.event("STOP")
+        self.event("RESUME")
+        self.assertEqual(self.seen, [])
