@@ -16,6 +16,7 @@ from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import TestCase
 
 from tests.agent.fakes import FakeImages
+from tests.drivers.contract import poll
 from zwrm.agent import executor as executor_module
 from zwrm.agent.executor import Executor
 from zwrm.agent.volumes import VolumeStore
@@ -222,6 +223,39 @@ class ExecutorTests(TestCase):
             self.assertEqual(self.store.in_use(f"{m}-data"), m)
         ex.driver.crash("m1")
         self.assertEqual(self.states("m1")[-1], "failed")
+
+    async def test_a_machine_paused_on_a_full_disk_is_reported(self):
+        """
+        Its driver pauses it on a full disk: reported running with C{paused} and the
+        driver's reason, in its status too, and after an agent restart; resumed, reported
+        again without it.
+        """
+        await self.executor.start_machine(self.spec("m1"))
+        driver = self.executor.driver
+        driver.disk_room_interval = 0.05
+        driver.disk_full("m1")
+        last = self.events[-1]
+        self.assertEqual((last["machine_id"], last["state"], last["paused"]),
+                         ("m1", "running", "disk-full"))
+        self.assertIn("paused: disk m1-data", last["reason"])
+        self.assertEqual(self.executor.machine_status("m1")["paused"], "disk-full")
+
+        self.executor.close()
+        await driver.close()
+        self.events = []
+        self.store = VolumeStore(reactor, os.path.join(self.dir, "volumes"))
+        ex = self.make()
+        ex.driver.disk_room_interval = 0.05
+        [found] = await ex.recover()
+        self.assertEqual((found["state"], found["paused"]), ("running", "disk-full"))
+        self.assertEqual((self.events[-1]["paused"], self.events[-1]["reason"]),
+                         ("disk-full", last["reason"]))
+
+        self.host.free_bytes = None  # room again
+        await poll(lambda: ex.machine_status("m1")["paused"] is None, 5, what="resumed")
+        last = self.events[-1]
+        self.assertEqual((last["state"], last["paused"], last["reason"]),
+                         ("running", None, "resumed: its host's disk has room again"))
 
     async def test_taken_port_is_retried(self):
         driver = self.executor.driver

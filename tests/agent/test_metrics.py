@@ -240,7 +240,7 @@ class _Driver:
         return ["m1", "m2"]
 
     def status(self, mid):
-        return {"id": mid, "state": "running"}
+        return {"id": mid, "state": "running", "paused": "disk-full" if mid == "m2" else None}
 
     def usage(self, mid):
         if mid == "m2":
@@ -273,6 +273,7 @@ class CollectionTests(SynchronousTestCase):
         self.assertEqual(
             samples[("zwrm_machine_network_transmit_packets_total", (("device", "zt1"), ("machine", "m1")))], 12)
         self.assertEqual(samples[("zwrm_agent_machines", (("state", "running"),))], 2)
+        self.assertEqual(samples[("zwrm_agent_machines_paused", (("reason", "disk-full"),))], 1)
         self.assertFalse(clock.getDelayedCalls())
 
     def test_tap_counters(self):

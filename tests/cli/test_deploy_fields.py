@@ -38,6 +38,21 @@ class DeployFieldsTests(SynchronousTestCase):
         self.assertIn("RESTARTS", text)
         self.assertIn("m-1: QEMU was killed by signal 9", text)
 
+    def test_status_shows_a_paused_machine(self):
+        import io
+
+        out = io.StringIO()
+        format_app({"id": "a-1", "name": "web", "spec": {"image": "demo:1", "replicas": 1},
+                    "volumes": [],
+                    "machines": [{"id": "m-1", "replica": 0, "host_id": "h-a",
+                                  "state": "running", "paused": "disk-full",
+                                  "health": "failing", "host_port": 20001, "restarts": 0}]},
+                   out)
+        text = out.getvalue()
+        self.assertIn("running (paused: disk-full)", text)
+        self.assertIn("m-1: paused: a write to one of its disks waits for room on its host's"
+                      " disk; it resumes by itself once there is room", text)
+
 
 class RollbackArgsTests(SynchronousTestCase):
     def test_parse(self):

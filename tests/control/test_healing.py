@@ -305,6 +305,45 @@ class RestartTests(TestCase):
         self.assertEqual((await c.machines("web"))[0]["restarts"], 1)
 
 
+    @d
+    async def test_machine_paused_on_a_full_disk_is_not_restarted(self):
+        """
+        Its health check fails because its hypervisor holds it until its host's disk has
+        room: no restart (it would lose what its guest had not written, and meet the same
+        disk); once resumed, a check that still fails restarts it as before.
+        """
+        c, h, m = await self.one(service_port=80,
+                                 health={"type": "tcp", "interval": 2, "unhealthy_threshold": 3})
+
+        async def report(health, paused=None):
+            await c.apps.machine_event({"machine_id": m["id"], "state": "running",
+                                        "health": health, "reason": f"health {health}",
+                                        "paused": paused}, details=caller("h-a"))
+            await settle(c, h)
+
+        await report("passing")
+        await report("passing", paused="disk-full")
+        (m1,) = await c.machines("web")
+        self.assertEqual((m1["state"], m1["paused"]), ("running", "disk-full"))
+        await report("failing", paused="disk-full")
+        lines = []
+        h.log = Logger(observer=lambda e: lines.append(formatEvent(e)))
+        c.clock.advance(600)
+        await settle(c, h)
+        self.assertEqual(lines, [f"machine {m['id']} of web on h-a: health check failing while"
+                                 " it is paused (disk-full): not restarted"])
+        (m1,) = await c.machines("web")
+        self.assertEqual((m1["state"], m1["restarts"], m1["paused"]), ("running", 0, "disk-full"))
+
+        await report("failing")  # resumed, and still failing
+        (m1,) = await c.machines("web")
+        self.assertIsNone(m1["paused"])
+        c.clock.advance(6.1)
+        await settle(c, h)
+        self.assertTrue(any(x.endswith("stopping it to restart it") for x in lines), lines)
+        await poll(lambda: self._state(c, "stopped"), what="the liveness stop")
+
+
 class HostLossTests(TestCase):
     """Stateless replicas of a lost host go elsewhere; volume replicas wait; partitions."""
 

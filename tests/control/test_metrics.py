@@ -62,6 +62,16 @@ class ControlMetricsTests(TestCase):
             db["machines"].insert({"id": "m1", "app_id": "a-web", "host_id": host, "state": "running",
                                    "spec": "{}", "health": "passing", "created_at": now,
                                    "updated_at": now})
+            # as the replicas store them: a status beside the port, restarts, a pause
+            for mid, health in (("m2", {"status": "passing", "host_port": 20001}),
+                                ("m3", {"status": "passing", "host_port": 20002,
+                                        "restart": {"count": 1}}),
+                                ("m4", {"status": "failing", "host_port": 20003,
+                                        "paused": "disk-full"})):
+                db["machines"].insert({"id": mid, "app_id": "a-web", "host_id": host,
+                                       "state": "running", "spec": "{}",
+                                       "health": json.dumps(health), "created_at": now,
+                                       "updated_at": now})
 
         await plane.store.run(rows)
         # an operator's call, timed by the router
@@ -87,7 +97,12 @@ class ControlMetricsTests(TestCase):
         self.assertTrue(0 <= age < 10, age)
         self.assertEqual(samples[("zwrm_app_replicas", (("app", "web"),))], 2)
         self.assertEqual(samples[("zwrm_app_machines", (("app", "web"), ("health", "passing"),
+                                                        ("state", "running")))], 3)
+        self.assertEqual(samples[("zwrm_app_machines", (("app", "web"), ("health", "failing"),
                                                         ("state", "running")))], 1)
+        self.assertEqual(len(families["zwrm_app_machines"].samples), 2)  # one per label set
+        self.assertEqual(samples[("zwrm_app_machines_paused", (("app", "web"),
+                                                               ("reason", "disk-full")))], 1)
         self.assertEqual(families["zwrm_wamp_call_duration_seconds"].type, "histogram")
         calls = samples[("zwrm_wamp_call_duration_seconds_count", (("procedure", "zwrm.host.list"),))]
         self.assertEqual(calls, 1)

@@ -206,6 +206,8 @@ class _Record:
         self.held = None
         #: The host a live migration moved it to (it stays paused here until destroyed).
         self.migrated_to = None
+        #: Its driver's C{paused} (C{"disk-full"}: held until its host's disk has room).
+        self.paused = None
 
     def to_json(self):
         return {"spec": self.spec, "host_port": self.host_port, "state": self.state,
@@ -886,7 +888,8 @@ class Executor:
                 self._change(rec, "failed", "its hypervisor files are gone")
             elif st["state"] == "running":
                 rec.state = "starting"
-                self._running(rec, "recovered after an agent restart")
+                rec.paused = st.get("paused")
+                self._running(rec, st["reason"] if rec.paused else "recovered after an agent restart")
             elif saved.get("state") in ("stopped",) and st["state"] == "stopped":
                 self._change(rec, "stopped", saved.get("reason") or st["reason"])
             else:
@@ -946,6 +949,7 @@ class Executor:
             # A live migration holds it (why), or moved it (the target host).
             "live_migration": rec.held,
             "migrated_to": rec.migrated_to,
+            "paused": rec.paused,
         }
         if rec.check is not None:
             st["health_detail"] = rec.check.detail
@@ -959,6 +963,8 @@ class Executor:
         if state == rec.state and reason == rec.reason:
             return
         rec.state, rec.reason = state, reason
+        if state != "running":
+            rec.paused = None
         if state in ("stopped", "failed", "stopping"):
             self._stop_check(rec)
             if state != "stopping":
@@ -975,6 +981,7 @@ class Executor:
             "health": rec.health,
             "reason": rec.reason,
             "host_port": rec.host_port,
+            "paused": rec.paused,
         }
         event.update(extra)
         try:
@@ -1018,7 +1025,8 @@ class Executor:
         if rec.state != "running" or rec.held is not None:
             return
         rec.health = health
-        rec.reason = f"health {health}: {detail}"
+        if rec.paused is None:  # (while paused, its reason says why it fails its checks)
+            rec.reason = f"health {health}: {detail}"
         self._report(rec)
 
     def _stop_check(self, rec):
@@ -1034,7 +1042,14 @@ class Executor:
         state = status["state"]
         if state == "running":
             if rec.state == "starting":
+                rec.paused = status.get("paused")
                 self._running(rec, status["reason"] or "running")
+            elif rec.state == "running" and status.get("paused") != rec.paused:
+                # Paused on a full disk, or resumed (zwrm.drivers.diskfull).
+                rec.paused = status.get("paused")
+                rec.reason = status["reason"]
+                self._save(rec)
+                self._report(rec)
         elif state in ("stopped", "failed"):
             # While starting, a failure is reported by the start itself (which may retry).
             if rec.state in ("running", "stopping"):

@@ -108,17 +108,27 @@ class AgentMetrics:
         return out
 
     async def _machines(self, driver):
-        states = {}
+        states, held = {}, {}
         ids = list(driver.list())
         for mid in ids:
             try:
-                state = driver.status(mid)["state"]
+                status = driver.status(mid)
             except Exception:
                 continue
+            state = status["state"]
             states[state] = states.get(state, 0) + 1
+            why = status.get("paused") if state == "running" else None
+            if why:
+                held[why] = held.get(why, 0) + 1
         count = GaugeMetricFamily("zwrm_agent_machines", "Machines on this host, by state.", labels=["state"])
         for state, n in sorted(states.items()):
             count.add_metric([state], n)
+        paused = GaugeMetricFamily(
+            "zwrm_agent_machines_paused",
+            "Running machines their hypervisor holds, by why (disk-full: a write waits for room"
+            " on this host's disk; resumed by itself once there is room).", labels=["reason"])
+        for why, n in sorted(held.items()):
+            paused.add_metric([why], n)
         cpu = CounterMetricFamily("zwrm_machine_cpu_seconds",
                                   "CPU time (user and system) of the machine's QEMU process.", labels=["machine"])
         rss = GaugeMetricFamily("zwrm_machine_memory_rss_bytes",
@@ -148,7 +158,7 @@ class AgentMetrics:
                 if tap:
                     for key, family in net.items():
                         family.add_metric([mid, u.get("tap", "")], tap[key])
-        return [count, cpu, rss, mem, *disk.values(), *net.values()]
+        return [count, paused, cpu, rss, mem, *disk.values(), *net.values()]
 
 
 def _running(driver, mid):

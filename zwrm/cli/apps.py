@@ -312,6 +312,16 @@ def _abs(path):
     return os.path.abspath(path) if path else None
 
 
+def _state(m):
+    """A machine's STATE cell: its state, and why its hypervisor holds it if it does."""
+    return f"{m['state']} (paused: {m['paused']})" if m.get("paused") else m["state"]
+
+
+#: What a machine's C{paused} means, for the line under a table.
+PAUSED = {"disk-full": "a write to one of its disks waits for room on its host's disk; it "
+                       "resumes by itself once there is room"}
+
+
 def format_app(app, out):
     spec = app["spec"] or {}
     image = spec.get("image")
@@ -323,10 +333,12 @@ def format_app(app, out):
     out.write(f"machines ({len(app['machines'])}):\n")
     if app["machines"]:
         _table(["ID", "REPLICA", "HOST", "STATE", "HEALTH", "ADDRESS", "PORT", "RESTARTS"],
-               [[m["id"], m["replica"], m["host_id"], m["state"], m["health"] or "-",
+               [[m["id"], m["replica"], m["host_id"], _state(m), m["health"] or "-",
                  m.get("address") or "-", m["host_port"] or "-", m.get("restarts") or 0]
                 for m in app["machines"]], out)
         for m in app["machines"]:
+            if m.get("paused"):
+                out.write(f"  {m['id']}: paused: {PAUSED.get(m['paused'], m['paused'])}\n")
             if m.get("restart_reason") and m["state"] != "running":
                 nxt = m.get("next_restart_at")
                 when = (time.strftime(" (next attempt %H:%M:%S UTC)", time.gmtime(nxt))
@@ -626,7 +638,7 @@ async def machines_list(reactor, args, out=None):
     if args.json:
         return _json(ms, out)
     _table(["ID", "APP", "REPLICA", "HOST", "STATE", "HEALTH", "ADDRESS", "PORT"],
-           [[m["id"], m["app"] or "-", m["replica"], m["host_id"], m["state"],
+           [[m["id"], m["app"] or "-", m["replica"], m["host_id"], _state(m),
              m["health"] or "-", m.get("address") or "-", m["host_port"] or "-"] for m in ms], out)
 
 
@@ -637,6 +649,8 @@ async def machine_status(reactor, args, out=None):
         return _json(m, out)
     for k in ("id", "app", "replica", "host_id", "state", "health", "address", "host_port"):
         out.write(f"{k.ljust(10)}  {m.get(k) if m.get(k) is not None else '-'}\n")
+    if m.get("paused"):
+        out.write(f"{'paused'.ljust(10)}  {m['paused']}: {PAUSED.get(m['paused'], '')}\n")
     out.write(f"\nrecent events ({len(m['events'])}):\n")
     for e in m["events"]:
         p = e.get("payload") or {}

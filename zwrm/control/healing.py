@@ -428,6 +428,14 @@ class Healer:
         _, policy = wanted
         if policy["policy"] == "never":
             return
+        if (row.get("health") or {}).get("paused"):
+            # Its hypervisor holds it until its host's disk has room (zwrm.drivers.diskfull):
+            # a restart would lose what its guest has not written and meet the same disk.
+            # Its resume is a new event, which watches its health again.
+            self.log.info("machine {id} of {app} on {host}: health check failing while it is"
+                          " paused ({why}): not restarted", id=mid, app=_app_of(row),
+                          host=row["host_id"], why=row["health"]["paused"])
+            return
         reason = f"health check failing for {after:g}s"
         self.log.info("machine {id} of {app} on {host}: {reason}: stopping it to restart it",
                       id=mid, app=_app_of(row), host=row["host_id"], reason=reason)

@@ -265,8 +265,12 @@ class ControlMetrics:
                                      labels=["app"])
         machines = GaugeMetricFamily("zwrm_app_machines", "The app's machines, by state and health.",
                                      labels=["app", "state", "health"])
+        paused = GaugeMetricFamily(
+            "zwrm_app_machines_paused",
+            "The app's running machines that their hypervisor holds, by why (disk-full: a"
+            " write waits for room on its host's disk).", labels=["app", "reason"])
         if store is None:
-            return [replicas, machines]
+            return [replicas, machines, paused]
 
         def query(db):
             if "apps" not in db.table_names() or "machines" not in db.table_names():
@@ -285,19 +289,32 @@ class ControlMetrics:
             except (ValueError, AttributeError):
                 n = 0
             replicas.add_metric([name], _num(n))
+        # (the stored health holds more than its status: one sample per label set)
+        counts, held = {}, {}
         for name, st, health, n in rows:
-            machines.add_metric([name, st, _health(health)], n)
-        return [replicas, machines]
+            status, why = _health(health)
+            counts[name, st, status] = counts.get((name, st, status), 0) + n
+            if why and st == "running":
+                held[name, why] = held.get((name, why), 0) + n
+        for labels, n in sorted(counts.items()):
+            machines.add_metric(list(labels), n)
+        for labels, n in sorted(held.items()):
+            paused.add_metric(list(labels), n)
+        return [replicas, machines, paused]
 
 
 def _health(value):
-    """The stored health (a word, or a JSON status) as a label."""
+    """
+    The stored health (a word, or a JSON status) as labels: its status, and why its
+    hypervisor holds it paused (L{None} if it does not).
+    """
     if isinstance(value, str) and value.startswith("{"):
         try:
-            return str(json.loads(value).get("status", ""))
+            health = json.loads(value)
+            return str(health.get("status", "")), health.get("paused")
         except (ValueError, AttributeError):
-            return ""
-    return value or ""
+            return "", None
+    return value or "", None
 
 
 class _Families:

@@ -209,6 +209,11 @@ class Replicas:
             health["status"] = status["health"]
         if status.get("host_port") is not None:
             health["host_port"] = status["host_port"]
+        if state == "running" and status.get("paused"):
+            # Its hypervisor holds it (a write waits for room on its host's disk).
+            health["paused"] = status["paused"]
+        else:
+            health.pop("paused", None)
         if row["id"] in self._stopping:
             if state in ("stopped", "failed"):
                 self._stopping.discard(row["id"])

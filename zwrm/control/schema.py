@@ -316,7 +316,7 @@ MACHINE_REPORT = Record(
     {"id": ID, "machine_id": ID, "state": MACHINE_STATE, "health": Nullable(Str(32)),
      "reason": Nullable(Str(65536)), "host_port": Nullable(Int(0, 65535)),
      "app": Nullable(Str(63)), "spec_id": Nullable(ID), "destroyed": Bool(),
-     "host_id": Nullable(ID), "kind": Str(32)},
+     "host_id": Nullable(ID), "kind": Str(32), "paused": Nullable(Str(32))},
     others=Json(max_depth=4, max_items=64, max_string=4096, max_total=256),
     max_items=32, what="a machine report {id or machine_id, state, ...}")
 

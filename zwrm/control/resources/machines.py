@@ -61,7 +61,8 @@ def schema_v1(db):
 def wire(row):
     """
     The wire form of a machine row: C{id, app_id, app, replica, host_id, state, health
-    (the status), host_port, address (on the cluster network, bridge networking; else
+    (the status), paused (null, or why its hypervisor holds a running machine:
+    C{"disk-full"}), host_port, address (on the cluster network, bridge networking; else
     null), volumes (ids), restarts, restart_reason, next_restart_at, created_at,
     updated_at}.
     """
@@ -71,6 +72,7 @@ def wire(row):
     return {"id": row["id"], "app_id": row.get("app_id"), "app": spec.get("app"),
             "replica": spec.get("replica"), "host_id": row.get("host_id"),
             "state": row.get("state"), "health": health.get("status"),
+            "paused": health.get("paused") if row.get("state") == "running" else None,
             "host_port": health.get("host_port"),
             "address": (spec.get("network") or {}).get("address"),
             "volumes": [v["id"] for v in spec.get("volumes", [])],
