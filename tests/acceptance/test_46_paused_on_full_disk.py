@@ -1,0 +1,101 @@
+"""
+Step: a running machine's write meets its host's full disk, and waits for room.
+
+An app with a volume runs on a2, whose /var/lib/zwrm is a file system of its own.  Something
+outside zwrm fills it; a user then writes 24 MiB to the app (from the client host, through
+a2's ingress), which the guest writes to its volume:
+
+ - QEMU pauses the machine rather than fail the guest's write; zwrm reports it running and
+   paused (``zwrm status``: ``running (paused: disk-full)`` and a line saying it waits for
+   room on its host's disk); its health check fails, and it is not restarted for it (a
+   restart would lose the write and meet the same disk); the user's request waits;
+ - the operator frees the disk: the agent resumes the machine by itself, the request is
+   answered ``ok``, the file reads back as written, and the machine is no longer paused.
+
+No service logs a traceback or a critical line meanwhile.  The app is destroyed with its
+volume at the end.
+"""
+
+import os
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from tests.acceptance.cluster import poll
+
+pytestmark = pytest.mark.acceptance
+
+PORT = 83  # this app's published port (web has 80 and 8000, others 81 and 82)
+
+#: What the user writes: 24 MiB of text (the file system has at most 1 MiB left).
+BODY = b"".join(b"zwrm paused write, line %08d\n" % i for i in range((24 << 20) // 32))
+
+
+def test_a_write_that_meets_a_full_disk_waits_for_room(cluster):
+    if "app" not in cluster.state:
+        pytest.fail("needs the deploy step (test_20_deploy.py) to have passed")
+    a2 = cluster.host_ids["a2"]
+    cluster.zwrm("apps", "create", "held")
+    offsets = cluster.log_offsets()
+
+    def machine():
+        [m] = cluster.zwrm_json("status", "held")["machines"]
+        return m
+
+    with cluster.phase("an app with a volume on a2"):
+        app = cluster.deploy("held", "demo:1", "--datacenter", "dc2", "--publish",
+                             f"{PORT}:8080", "--volume", "data:64:/data")
+        [m] = app["machines"]
+        assert (m["host_id"], m["state"], m["paused"]) == (a2, "running", None), m
+
+    fd, body_path = tempfile.mkstemp(prefix="zwrm-acc-body-", dir="/tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(BODY)
+    url = f"http://{cluster.net.address('a2')}:{PORT}/cgi-bin/write?big"
+    writer = None
+    try:
+        with cluster.phase("a2's disk full; a user's write to the volume meets it"):
+            filler = cluster.fill_data_disk("a2")
+            try:
+                writer = cluster.net.spawn(
+                    "client", ["curl", "-fsS", "--max-time", "600", "--data-binary",
+                               f"@{body_path}", "-H", "Content-Type: application/octet-stream",
+                               url], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE)
+                poll(lambda: machine()["paused"] == "disk-full", 180, interval=1,
+                     what="the machine paused on a2's full disk")
+                text = cluster.zwrm("status", "held")
+                assert "running (paused: disk-full)" in text, text
+                assert "waits for room on its host's disk" in text, text
+                # Its health check fails while it is paused; no restart for it.
+                poll(lambda: machine()["health"] == "failing", 60, interval=1,
+                     what="its health check failing while it is paused")
+                time.sleep(12)  # twice the checks' restart threshold (3 x 2 s)
+                m = machine()
+                assert (m["state"], m["paused"], m["restarts"]) == (
+                    "running", "disk-full", 0), m
+                assert writer.poll() is None, "the user's write ended while the disk was full"
+            finally:
+                cluster.sh("a2", ["rm", "-f", filler])
+
+        with cluster.phase("room again: resumed by itself, the write completes"):
+            out, err = writer.communicate(timeout=180)
+            assert (writer.returncode, out.strip()) == (0, b"ok"), (writer.returncode, err)
+            poll(lambda: machine()["paused"] is None, 60, interval=1, what="not paused")
+            read = cluster.app_request("/cgi-bin/read?big", via="a2", port=PORT, wait=60)
+            assert read.encode() == BODY, len(read)
+            m = machine()
+            assert (m["state"], m["restarts"]) == ("running", 0), m
+    finally:
+        if writer is not None and writer.poll() is None:
+            writer.kill()
+            writer.wait()
+        os.unlink(body_path)
+
+    cluster.zwrm("destroy", "held", "--volumes")
+    logged = cluster.check_logs_since(offsets)
+    agent_log = logged[("a2", "zwrm-agent.service")]
+    assert "met a full file system on this host" in agent_log, agent_log[-4000:]
+    assert "its disks have room again; resuming it" in agent_log, agent_log[-4000:]
