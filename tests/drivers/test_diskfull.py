@@ -92,8 +92,8 @@ class RoomWatchTests(TestCase):
             "free")
 
 
-class QemuBlockErrorTests(TestCase):
-    """What the QEMU driver makes of QEMU's events about a machine's disks."""
+class _QemuMachine(TestCase):
+    """A QEMU driver (on a task.Clock) with one running machine, its QEMU not started."""
 
     def setUp(self):
         self.clock = task.Clock()
@@ -112,6 +112,10 @@ class QemuBlockErrorTests(TestCase):
 
     def event(self, name, **data):
         self.driver._event(self.m, name, data)
+
+
+class QemuBlockErrorTests(_QemuMachine):
+    """What the QEMU driver makes of QEMU's events about a machine's disks."""
 
     def test_enospc_pauses_and_names_the_volume(self):
         self.event("BLOCK_IO_ERROR", device="vol1", nospace=True, operation="write",
@@ -150,3 +154,41 @@ class QemuBlockErrorTests(TestCase):
         self.event("STOP")
         self.event("RESUME")
         self.assertEqual(self.seen, [])
+
+
+class _QMP:
+    """What the driver asks QEMU, and QEMU's run state."""
+
+    def __init__(self, status):
+        self.status = status
+        self.commands = []
+
+    def execute(self, command, arguments=None):
+        self.commands.append(command)
+        return succeed({"status": self.status} if command == "query-status" else {})
+
+    def close(self):
+        pass
+
+
+class QemuResumeTests(_QemuMachine):
+    """The room is back: the driver continues the machine only if it is still held on it."""
+
+    def paused(self, status):
+        self.m.qmp = qmp = _QMP(status)
+        self.driver.free_bytes = lambda path: 1 << 40
+        self.event("BLOCK_IO_ERROR", device="vol0", nospace=True, action="stop")
+        self.clock.advance(self.driver.disk_room_interval)
+        return qmp
+
+    def test_continued_from_io_error(self):
+        self.assertEqual(self.paused("io-error").commands, ["query-status", "cont"])
+
+    def test_not_continued_in_another_run_state(self):
+        # e.g. postmigrate: a live migration completed, its guest runs on the target
+        self.assertEqual(self.paused("postmigrate").commands, ["query-status"])
+
+    def test_not_continued_while_a_live_migration_holds_it(self):
+        with open(self.m.path("live.json"), "w") as f:
+            f.write("{}")
+        self.assertEqual(self.paused("io-error").commands, [])

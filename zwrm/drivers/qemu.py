@@ -924,10 +924,22 @@ class QemuDriver(QemuLiveMigration):
         m.room_watch.start()
         self._set(m, "running", reason)
 
-    def _cont(self, m):
-        if m.qmp is None:
-            return None
-        return m.qmp.execute("cont")
+    async def _cont(self, m):
+        """
+        Continue a machine paused on a full disk, if it still is (QEMU's run state
+        C{io-error}) and no live migration holds it: a source whose migration completed is
+        paused for good (its guest runs on the target), and resuming it would run the
+        machine twice.
+        """
+        qmp = m.qmp
+        if qmp is None or os.path.exists(m.path("live.json")):
+            return
+        status = await qmp.execute("query-status")
+        if (status or {}).get("status") != "io-error":
+            log.info("machine {id}: not resumed: its run state is {state}, not io-error",
+                     id=m.id, state=(status or {}).get("status"))
+            return
+        await qmp.execute("cont")
 
     def _unpause(self, m):
         if m.room_watch is not None:
