@@ -174,6 +174,17 @@ class FormatTests(SynchronousTestCase):
         self.assertIn("disk                  0 of 1000 MiB allocated\n", text)  # no figure yet
         self.assertIn("host certificate      -\n", text)  # no heartbeat said yet
 
+    def test_status_a_paused_machine(self):
+        out = io.StringIO()
+        host.format_status(dict(HOST, events=[], machine_list=[
+            {"id": "m1", "app_id": "a", "state": "running", "paused": "disk-full"},
+            {"id": "m2", "app_id": "a", "state": "running", "paused": None}]), out)
+        text = out.getvalue()
+        self.assertIn("m1  a    running (paused: disk-full)", text)
+        self.assertIn("  m1: paused: a write to one of its disks waits for room on its host's"
+                      " disk; it resumes by itself once there is room\n", text)
+        self.assertNotIn("m2: paused", text)
+
     def test_status_host_certificate(self):
         out = io.StringIO()
         expires = time.time() + 100.4 * 86400

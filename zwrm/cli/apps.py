@@ -21,7 +21,8 @@ from zwrm.cli.client import (
     connect,
     load_settings,
 )
-from zwrm.cli.host import _table, _with_session
+from zwrm.cli.host import PAUSED, _table, _with_session
+from zwrm.cli.host import machine_state as _state
 
 
 def _json(value, out):
@@ -310,16 +311,6 @@ def _cloud_init(args):
 
 def _abs(path):
     return os.path.abspath(path) if path else None
-
-
-def _state(m):
-    """A machine's STATE cell: its state, and why its hypervisor holds it if it does."""
-    return f"{m['state']} (paused: {m['paused']})" if m.get("paused") else m["state"]
-
-
-#: What a machine's C{paused} means, for the line under a table.
-PAUSED = {"disk-full": "a write to one of its disks waits for room on its host's disk; it "
-                       "resumes by itself once there is room"}
 
 
 def format_app(app, out):

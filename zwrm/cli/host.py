@@ -54,6 +54,16 @@ def _age(seconds):
     return f"{seconds // 3600}h"
 
 
+def machine_state(m):
+    """A machine's STATE cell: its state, and why its hypervisor holds it if it does."""
+    return f"{m['state']} (paused: {m['paused']})" if m.get("paused") else m["state"]
+
+
+#: What a machine's C{paused} means, for the line under a table.
+PAUSED = {"disk-full": "a write to one of its disks waits for room on its host's disk; it "
+                       "resumes by itself once there is room"}
+
+
 def _table(headers, rows, out):
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=True)]
     for row in [headers, *rows]:
@@ -139,7 +149,11 @@ def format_status(h, out, partition=None):
     out.write(f"\nmachines ({len(h['machine_list'])}):\n")
     if h["machine_list"]:
         _table(["ID", "APP", "STATE"],
-               [[m["id"], m.get("app_id") or "-", m["state"]] for m in h["machine_list"]], out)
+               [[m["id"], m.get("app_id") or "-", machine_state(m)] for m in h["machine_list"]],
+               out)
+        for m in h["machine_list"]:
+            if m.get("paused"):
+                out.write(f"  {m['id']}: paused: {PAUSED.get(m['paused'], m['paused'])}\n")
     out.write(f"\nrecent events ({len(h['events'])}):\n")
     if h["events"]:
         rows = []
