@@ -11,6 +11,7 @@ import tempfile
 
 from twisted.internet import task
 from twisted.internet.defer import fail, succeed
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from zwrm.drivers import diskfull
@@ -135,11 +136,22 @@ class QemuBlockErrorTests(_QemuMachine):
                       self.driver.status("vm")["reason"])
 
     def test_other_errors_reach_the_guest_and_pause_nothing(self):
+        logged = []
+        observer = lambda e: logged.append(formatEvent(e))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         self.event("BLOCK_IO_ERROR", device="vol0", nospace=False, action="report",
                    operation="write", reason="Input/output error")
         self.event("BLOCK_IO_ERROR", device="vol0", nospace=True, action="report")
         self.assertIsNone(self.driver.status("vm")["paused"])
         self.assertEqual(self.seen, [])
+        for _ in range(3):  # a guest that retries: each error is logged once
+            self.event("BLOCK_IO_ERROR", device="vol0", nospace=False, action="report",
+                       operation="write", reason="Input/output error")
+        errors = [x for x in logged if "error:" in x]
+        self.assertEqual(errors, [
+            "machine vm: disk data: write error: Input/output error (QEMU: report)",
+            "machine vm: disk data: I/O error: ? (QEMU: report)"])
 
     def test_resume_clears_it_and_stops_the_watch(self):
         self.event("BLOCK_IO_ERROR", device="vol0", nospace=True, action="stop")

@@ -180,6 +180,8 @@ class _Machine:
         # DISK_FULL, and the watch that resumes it; else None.
         self.paused = None
         self.room_watch = None
+        # The (disk, operation, error) of I/O errors QEMU passed to the guest, logged once.
+        self.io_errors = set()
 
     def path(self, name):
         return os.path.join(self.dir, name)
@@ -742,6 +744,7 @@ class QemuDriver(QemuLiveMigration):
         m.stop_requested = m.guest_shutdown = False
         m.reason = ""
         m.kill_reason = m.end_signal = None
+        m.io_errors = set()
         self._machines[m.id] = m
         out = os.open(m.path("qemu.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -905,10 +908,14 @@ class QemuDriver(QemuLiveMigration):
     def _block_io_error(self, m, data):
         disk, path = self._disk(m, data.get("device") or "")
         if data.get("action") != "stop" or not data.get("nospace"):
-            # The guest sees the error (QEMU's default for any error but ENOSPC).
-            log.warn("machine {id}: disk {disk}: {op} error: {reason} (QEMU: {action})",
-                     id=m.id, disk=disk, op=data.get("operation", "I/O"),
-                     reason=data.get("reason", "?"), action=data.get("action", "?"))
+            # The guest sees the error (QEMU's default for any error but ENOSPC). Once per
+            # disk and error while the machine runs: a guest may retry a failing write often.
+            seen = (disk, data.get("operation"), data.get("reason"))
+            if seen not in m.io_errors:
+                m.io_errors.add(seen)
+                log.warn("machine {id}: disk {disk}: {op} error: {reason} (QEMU: {action})",
+                         id=m.id, disk=disk, op=data.get("operation", "I/O"),
+                         reason=data.get("reason", "?"), action=data.get("action", "?"))
             return
         if m.paused is None and m.state == "running":
             self._pause(m, disk, path)
