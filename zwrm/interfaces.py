@@ -394,7 +394,9 @@ class ILiveMigration(Interface):
         at most C{speed} bytes/s until in sync.
 
         @return: a Deferred firing with C{{"jobs": [...]}} once the mirrors run; each sends
-            C{BLOCK_JOB_READY} when in sync. On failure nothing is left running.
+            C{BLOCK_JOB_READY} when in sync. On failure nothing is left running;
+            C{ResourceExhausted} if this host's disk has no room to record the migration
+            (the cold path needs none).
         """
 
     def start_migration(machine_id, target, tls=None, downtime_limit_ms=300,

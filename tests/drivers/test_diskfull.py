@@ -5,8 +5,10 @@ a real full file system, is in the driver contract: tests/drivers/contract.py.)
 """
 
 import errno
+import json
 import os
 import shutil
+import subprocess
 import tempfile
 
 from twisted.internet import task
@@ -16,6 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from zwrm.drivers import diskfull
 from zwrm.drivers.qemu import QemuDriver, _Machine
+from zwrm.errors import ResourceExhausted
 
 MIB = 1 << 20
 
@@ -200,7 +203,71 @@ class QemuResumeTests(_QemuMachine):
         # e.g. postmigrate: a live migration completed, its guest runs on the target
         self.assertEqual(self.paused("postmigrate").commands, ["query-status"])
 
-    def test_not_continued_while_a_live_migration_holds_it(self):
+    def test_a_past_migrations_record_does_not_keep_it_paused(self):
+        # (a machine that came here by a live migration keeps its record: target, resumed)
         with open(self.m.path("live.json"), "w") as f:
-            f.write("{}")
-        self.assertEqual(self.paused("io-error").commands, [])
+            json.dump({"role": "target", "phase": "resumed"}, f)
+        self.assertEqual(self.paused("io-error").commands, ["query-status", "cont"])
+
+
+class _Answering(_QMP):
+    def __init__(self, answers):
+        super().__init__(None)
+        self.answers = answers
+
+    def execute(self, command, arguments=None):
+        self.commands.append(command)
+        return succeed(self.answers.get(command, {}))
+
+
+class LiveMigrationOnAFullDiskTests(TestCase):
+    """
+    A machine on a host whose disk is full (a tmpfs filled up, real ENOSPC; QEMU's answers
+    recorded): a live migration cannot start, and says why; a cancel still succeeds.
+    """
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix="zwrm-fulllive-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "zwrm-test",
+                        self.root], check=True)
+        self.addCleanup(subprocess.run, ["umount", "-l", self.root], check=False)
+        self.driver = QemuDriver(task.Clock(), self.root, accel="tcg")
+        m = self.m = _Machine("vm", os.path.join(self.root, "vm"))
+        os.makedirs(m.dir)
+        m.spec = {"disk": None, "forwards": [],
+                  "volumes": [{"id": "data", "path": os.path.join(self.root, "data.img")}]}
+        m.state = "running"
+        self.driver._machines["vm"] = m
+
+    def fill(self):
+        with open(os.path.join(self.root, "filler"), "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError as e:
+                self.assertEqual(e.errno, errno.ENOSPC)
+
+    async def test_a_migration_cannot_start_and_says_why(self):
+        self.fill()
+        self.m.qmp = qmp = _Answering({})
+        target = {"host": "127.0.0.1", "nbd_port": 1, "migration_port": 2,
+                  "exports": {"data": "vol0"}}
+        with self.assertRaises(ResourceExhausted) as e:
+            await self.driver.start_mirror("vm", target)
+        self.assertEqual(e.exception.message, "machine vm: this host's disk is full: its "
+                                              "migration cannot be recorded (No space left on "
+                                              "device)")
+        self.assertEqual(qmp.commands, [])  # nothing begun
+        self.assertEqual(sorted(os.listdir(self.m.dir)), [])  # no half-written record
+
+    async def test_a_cancel_succeeds_without_room_for_its_record(self):
+        with open(self.m.path("live.json"), "w") as f:
+            json.dump({"role": "source", "phase": "mirroring"}, f)
+        self.fill()
+        self.m.qmp = qmp = _Answering({"query-migrate": {"status": "none"},
+                                       "query-block-jobs": [],
+                                       "query-status": {"status": "io-error"}})
+        self.assertEqual(await self.driver.cancel_migration("vm"), {"cancelled": True})
+        self.assertNotIn("cont", qmp.commands)  # held on its disk: the room watch's to resume
+        self.assertEqual(sorted(os.listdir(self.m.dir)), [])  # in no migration

@@ -57,7 +57,14 @@ from twisted.logger import Logger
 
 from zwrm.drivers import diskimage
 from zwrm.drivers.qmp import QMPError
-from zwrm.errors import Conflict, InvalidArgument, NotAuthorized, Unavailable
+from zwrm.errors import (
+    Conflict,
+    InvalidArgument,
+    NotAuthorized,
+    ResourceExhausted,
+    Unavailable,
+    disk_full,
+)
 
 log = Logger()
 
@@ -455,10 +462,17 @@ class QemuLiveMigration:
             have = {}
         have.update(doc)
         tmp = m.path("live.json.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(have, f)
-        os.replace(tmp, m.path("live.json"))
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(have, f)
+            os.replace(tmp, m.path("live.json"))
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
     def _live_record(self, m):
         try:
@@ -692,7 +706,14 @@ class QemuLiveMigration:
             if key not in target["exports"]:
                 raise InvalidArgument(f"target.exports has no export for {key!r}")
         q = m.qmp
-        self._record(m, role="source", phase="mirroring", peer=tls and tls["peer"])
+        try:
+            self._record(m, role="source", phase="mirroring", peer=tls and tls["peer"])
+        except OSError as e:
+            if disk_full(e):
+                # (a machine paused on this full disk, say: the cold path can still move it)
+                raise ResourceExhausted(f"machine {machine_id}: this host's disk is full: its "
+                                        f"migration cannot be recorded ({e.strerror})") from None
+            raise
         added, started = [], []
         try:
             await q.execute("migrate-set-capabilities", {"capabilities": [
@@ -841,7 +862,19 @@ class QemuLiveMigration:
         except QMPError as e:
             raise Unavailable(f"machine {machine_id}: cancelling its migration: {e.desc}") \
                 from None
-        self._record(m, role=None, phase="cancelled")
+        try:
+            self._record(m, role=None, phase="cancelled")
+        except OSError as e:
+            if not disk_full(e):
+                raise
+            # No record is as good as "cancelled" (no role: in no migration), and removing
+            # one needs no room: the machine runs on here either way.
+            try:
+                os.unlink(m.path("live.json"))
+            except FileNotFoundError:
+                pass
+            log.info("machine {id}: its cancelled migration's record removed (the disk is "
+                     "full)", id=machine_id)
         return {"cancelled": True}
 
     async def _migration_status(self, machine_id):

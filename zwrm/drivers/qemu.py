@@ -934,12 +934,13 @@ class QemuDriver(QemuLiveMigration):
     async def _cont(self, m):
         """
         Continue a machine paused on a full disk, if it still is (QEMU's run state
-        C{io-error}) and no live migration holds it: a source whose migration completed is
-        paused for good (its guest runs on the target), and resuming it would run the
-        machine twice.
+        C{io-error}): never from another state, as a source whose live migration completed
+        (C{postmigrate}: its guest runs on the target; resuming it would run the machine
+        twice) or one at its switchover (C{finish-migrate}).  A migration under way goes on
+        with its source running again, as any.
         """
         qmp = m.qmp
-        if qmp is None or os.path.exists(m.path("live.json")):
+        if qmp is None:
             return
         status = await qmp.execute("query-status")
         if (status or {}).get("status") != "io-error":
