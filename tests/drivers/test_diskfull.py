@@ -201,7 +201,12 @@ class QemuResumeTests(_QemuMachine):
 
     def test_not_continued_in_another_run_state(self):
         # e.g. postmigrate: a live migration completed, its guest runs on the target
-        self.assertEqual(self.paused("postmigrate").commands, ["query-status"])
+        qmp = self.paused("postmigrate")
+        self.assertEqual(qmp.commands, ["query-status"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # no more looks
+        self.assertIsNone(self.m.paused)
+        self.clock.advance(60)
+        self.assertEqual(qmp.commands, ["query-status"])
 
     def test_a_past_migrations_record_does_not_keep_it_paused(self):
         # (a machine that came here by a live migration keeps its record: target, resumed)

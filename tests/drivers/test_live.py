@@ -260,6 +260,86 @@ class LiveRamTests(TestCase):
 
 
 @pytest.mark.qemu
+class PausedOnAFullDiskTests(TestCase):
+    """
+    A machine paused on its host's full disk (its volume on a 24 MiB tmpfs, its guest
+    writing 40 MiB to it: C{zwrm.selftest=fill}) moves live, with TLS, to a host with room:
+    the target arrives in the source's C{io-error} state, resumes, and the write that waited
+    completes there (the guest says so, and the file reads back whole from the target); the
+    source stays paused for good (C{postmigrate}), also once its disk has room again.
+    """
+
+    timeout = 300
+
+    async def test_it_moves_live_and_its_write_completes_on_the_target(self):
+        root = tempfile.mkdtemp(prefix="zwrm-livefull-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, root, True)
+        small = os.path.join(root, "small")
+        os.makedirs(small)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24M,mode=0700", "zwrm-test", small],
+                       check=True)
+        self.addCleanup(subprocess.run, ["umount", "-l", small], check=False)
+        src = QemuDriver(reactor, os.path.join(root, "a"), accel="tcg", stop_timeout=5.0)
+        dst = QemuDriver(reactor, os.path.join(root, "b"), accel="tcg", stop_timeout=5.0)
+        src.disk_room_interval = 0.2
+
+        async def cleanup():
+            for drv in (src, dst):
+                for mid in list(drv.list()):
+                    await drv.destroy(mid)
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(cleanup()))
+
+        def spec(volume):
+            out = QemuFixture.spec(self, "m1", volume)
+            out["cmdline"] += " zwrm.selftest=fill"
+            return out
+
+        vol_a, vol_b = os.path.join(small, "vol.img"), os.path.join(root, "b", "vol.img")
+        QemuFixture.make_volume(self, vol_a, VOLUME_SIZE)
+        os.makedirs(os.path.dirname(vol_b), exist_ok=True)
+        with open(vol_b, "wb") as f:
+            f.truncate(VOLUME_SIZE)
+        await src.start(spec(vol_a))
+        for _ in range(1200):
+            if src.status("m1")["paused"] == "disk-full":
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(src.status("m1")["paused"], "disk-full")
+
+        ca = CertificateAuthority.create()
+        where = await dst.start_incoming(spec(vol_b), "127.0.0.1",
+                                         tls_for(ca, "host-b", "host-a"))
+        stls = tls_for(ca, "host-a", "host-b")
+        sev, dev = Events(), Events()
+        src.live_subscribe("m1", sev)
+        dst.live_subscribe("m1", dev)
+        await src.start_mirror("m1", where, stls, speed=200 * 1024 * 1024)
+        await sev.wait(lambda n, d: n == "BLOCK_JOB_READY")
+        await src.start_migration("m1", where, stls, downtime_limit_ms=300)
+        await sev.wait(lambda n, d: n == "MIGRATION" and d.get("status") == "pre-switchover")
+        await src.complete_switchover("m1")
+        await dev.wait(lambda n, d: n == "MIGRATION" and d.get("status") == "completed")
+        self.assertEqual((await dst.migration_status("m1"))["runstate"], "io-error")
+        self.assertEqual((await dst.finish_incoming("m1"))["resumed"], True)
+
+        for _ in range(1200):
+            if QemuFixture.ready_output in await dst.console("m1"):
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        console = await dst.console("m1")
+        self.assertIn("zwrm: selftest: filled (0)", console)
+        self.assertNotIn("I/O error", console)
+        fill = await QemuFixture.read(self, dst, "m1", "fill")
+        self.assertEqual((len(fill), fill.count(0)), (40 << 20, 40 << 20))
+        self.assertIsNone(dst.status("m1")["paused"])
+        # The source: paused for good, even with room again.
+        subprocess.run(["mount", "-o", "remount,size=256M", small], check=True)
+        await deferLater(reactor, 1.0, lambda: None)
+        self.assertEqual((await src.migration_status("m1"))["runstate"], "postmigrate")
+
+
+@pytest.mark.qemu
 class QemuListenerTests(TestCase):
     timeout = 120
 

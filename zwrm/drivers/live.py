@@ -610,7 +610,9 @@ class QemuLiveMigration:
                 raise Conflict(f"machine {machine_id} is not the target of a migration")
             if status == "running" and record.get("phase") == "resumed":
                 return {"resumed": True, "already": True}
-            if mig != "completed" or status not in ("paused", "prelaunch"):
+            # io-error: the source was paused on its full disk when it moved; QEMU brought
+            # the write that waited, which the cont below retries here.
+            if mig != "completed" or status not in ("paused", "prelaunch", "io-error"):
                 raise Conflict(f"machine {machine_id}: its incoming migration is not complete "
                                f"({status}, migration {mig})")
             await q.execute("nbd-server-stop")

@@ -944,8 +944,11 @@ class QemuDriver(QemuLiveMigration):
             return
         status = await qmp.execute("query-status")
         if (status or {}).get("status") != "io-error":
+            # Something else holds it now (a live migration took it away): not ours to
+            # resume, nor to watch; a write that meets the full disk again pauses it again.
             log.info("machine {id}: not resumed: its run state is {state}, not io-error",
                      id=m.id, state=(status or {}).get("status"))
+            self._unpause(m)
             return
         await qmp.execute("cont")
 
