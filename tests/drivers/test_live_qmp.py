@@ -234,13 +234,60 @@ class LiveQMPTests(SynchronousTestCase):
 
         m.qmp.answers["block-job-cancel"] = cancel_after_shutdown
         self.assertEqual(self.result(self.driver.cancel_migration("m1")), {"cancelled": True})
-        self.assertEqual(m.qmp.names(), ["query-migrate", "query-block-jobs", "block-job-cancel",
-                                         "blockdev-del", "query-status"])
+        self.assertEqual(m.qmp.names(), ["query-migrate", "query-status", "query-block-jobs",
+                                         "block-job-cancel", "blockdev-del", "query-status"])
         self.assertEqual(shut, [True])
         self.assertEqual(ours.fileno(), -1)  # this process's copy closed
         self.assertEqual(self.driver._nbd_sockets, {})
         self.assertEqual(dict(m.qmp.sent)["block-job-cancel"],
                          {"device": "zwrm-mirror-vol0", "force": True})
+
+    def record(self, m, **doc):
+        with open(m.path("live.json"), "w") as f:
+            json.dump(doc, f)
+
+    def test_a_machine_that_arrived_by_migration_rolls_its_next_one_back(self):
+        # QEMU still says "completed" of the migration that brought it here; its own began
+        # with its mirrors and stopped there: rolled back, its mirror cancelled.
+        m = self.machine({"query-migrate": {"status": "completed"},
+                          "query-block-jobs": [{"device": "zwrm-mirror-vol0", "ready": False}],
+                          "query-status": {"status": "running"}})
+        self.record(m, role="source", phase="mirroring")
+        m.qmp.answers["block-job-cancel"] = lambda args: (self.driver._live_event(
+            m, "BLOCK_JOB_CANCELLED", {"device": args["device"]}), {})[1]
+        m.qmp.execute = self._forced(m.qmp)
+        self.assertEqual(self.result(self.driver.cancel_migration("m1")), {"cancelled": True})
+        self.assertIn("block-job-cancel", m.qmp.names())
+        self.assertNotIn("cont", m.qmp.names())
+        # and an agent restart at that point cancels it too, not "the target holds it"
+        self.record(m, role="source", phase="mirroring")
+        m.qmp.sent = []
+        self.assertEqual(self.result(Deferred.fromCoroutine(self.driver.live_recover(m))),
+                         "recovered: its interrupted live migration was cancelled; it runs here")
+
+    def test_a_completed_migration_is_not_cancelled(self):
+        # (at its end the run state says so, whatever the record says, or without one)
+        for run, phase in (("postmigrate", "switching"), ("finish-migrate", None),
+                           ("running", "migrating")):
+            m = self.machine({"query-migrate": {"status": "completed"},
+                              "query-status": {"status": run}})
+            if phase is not None:
+                self.record(m, role="source", phase=phase)
+            self.assertRaises(Conflict, self.result, self.driver.cancel_migration("m1"))
+            self.assertNotIn("cont", m.qmp.names())
+            self.assertEqual(self.result(Deferred.fromCoroutine(self.driver.live_recover(m))),
+                             "paused: its live migration completed; the target holds the machine")
+            shutil.rmtree(m.dir)
+
+    def test_a_target_that_arrives_held_on_a_full_disk_resumes(self):
+        # its source was paused on its full disk: the write that waited is retried here
+        m = self.machine({"query-status": {"status": "io-error"},
+                          "query-migrate": {"status": "completed"},
+                          "query-block": [{"device": "vol0", "inserted": {"node-name": "n0"}}]},
+                         role="target")
+        self.assertEqual(self.result(self.driver.finish_incoming("m1")),
+                         {"resumed": True, "already": False})
+        self.assertIn("cont", m.qmp.names())
 
     @staticmethod
     def _forced(qmp):

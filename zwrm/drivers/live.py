@@ -839,7 +839,8 @@ class QemuLiveMigration:
         q = m.qmp
         try:
             mig = (await q.execute("query-migrate")).get("status")
-            if mig == "completed":
+            run = (await q.execute("query-status"))["status"]
+            if outgoing_completed(run, mig, self._live_record(m)):
                 raise Conflict(f"machine {machine_id}: its migration completed; it cannot "
                                "be cancelled")
             if mig in ACTIVE:
@@ -923,7 +924,7 @@ class QemuLiveMigration:
                      "ending it (the source keeps the machine)", id=m.id)
             await self._end_failed_target(m)
             return "ended: its incoming migration was interrupted by an agent restart"
-        if run == "postmigrate" or mig == "completed" and (rec or {}).get("role") == "source":
+        if outgoing_completed(run, mig, rec):
             return "paused: its live migration completed; the target holds the machine"
         jobs = []
         if (rec or {}).get("role") == "source":
@@ -944,6 +945,25 @@ class QemuLiveMigration:
             await self._cancel_migration(m.id)
             return "recovered: its interrupted live migration was cancelled; it runs here"
         return None
+
+
+def outgoing_completed(run, mig, record):
+    """
+    Whether the machine's own live migration (this host its source) completed, from QEMU's
+    run state C{run}, C{query-migrate}'s C{mig} and the machine's C{live.json} C{record}.
+
+    QEMU keeps the status of the last migration: for a machine that arrived by one it says
+    C{completed} (its incoming migration) until its next outgoing migration begins, which
+    the record marks C{migrating}.  An outgoing migration that completed leaves its source in
+    C{finish-migrate}, then C{postmigrate}.
+    """
+    if run == "postmigrate":
+        return True
+    if mig != "completed":
+        return False
+    record = record or {}
+    return run == "finish-migrate" or (record.get("role") == "source"
+                                       and record.get("phase") in ("migrating", "switching"))
 
 
 def status_doc(run, mig, jobs, record):
