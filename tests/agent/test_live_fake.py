@@ -291,7 +291,7 @@ class PrepareRecordTests(SynchronousTestCase):
             hosts.prepare()
         self.assertIn("host-b cannot record the incoming migration of m1: the disk is full",
                       cm.exception.message)
-        self.assertEqual(calls, ["_write_record"])
+        self.assertEqual(calls, ["write_atomically"])
         self.assertNotIn("m1", hosts.b.driver.host.machines)  # the incoming QEMU destroyed
         self.assertEqual(hosts.b.incoming, {})
         self.assertEqual(hosts.b.volumes.list(), [])  # the blank copy deleted
@@ -318,12 +318,12 @@ class PrepareRecordTests(SynchronousTestCase):
         threads = []
 
         def in_thread(f, *args):
-            threads.append(f.__name__)
+            threads.append((f.__name__, args[2:]))
             return _at_once(f, *args)
 
         hosts.b._threads = in_thread
         hosts.prepare()
-        self.assertEqual(threads, ["_write_record"])
+        self.assertEqual(threads, [("write_atomically", (True,))])  # fsynced
         path = os.path.join(hosts.b.state_dir, "m1.json")
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
         with open(path) as f:

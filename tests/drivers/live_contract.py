@@ -74,6 +74,27 @@ class Events:
         return d.addTimeout(timeout, reactor)
 
 
+async def switch_over(src, dst, where, stls, speed=50 * 1024 * 1024, before_switchover=None):
+    """
+    Move machine C{m1} from driver C{src} to C{dst} (waiting at C{where}) as the agents do,
+    up to its incoming migration completed on C{dst}, before C{dst} resumes it.
+
+    @return: the source's L{Events}.
+    """
+    sev, dev = Events(), Events()
+    src.live_subscribe("m1", sev)
+    dst.live_subscribe("m1", dev)
+    await src.start_mirror("m1", where, stls, speed=speed)
+    await sev.wait(lambda n, d: n == "BLOCK_JOB_READY")
+    await src.start_migration("m1", where, stls, downtime_limit_ms=300)
+    await sev.wait(lambda n, d: n == "MIGRATION" and d.get("status") == "pre-switchover")
+    if before_switchover is not None:
+        await before_switchover()
+    await src.complete_switchover("m1")
+    await dev.wait(lambda n, d: n == "MIGRATION" and d.get("status") == "completed")
+    return sev
+
+
 def _fired(value):
     d = Deferred()
     d.callback(value)
@@ -127,17 +148,7 @@ def make_live_tests(fixture):
 
         async def migrate(self, src, dst, where, stls, before_switchover=None):
             """The whole sequence, as the agents drive it; @return: the source's status."""
-            sev, dev = Events(), Events()
-            src.live_subscribe("m1", sev)
-            dst.live_subscribe("m1", dev)
-            await src.start_mirror("m1", where, stls, speed=50 * 1024 * 1024)
-            await sev.wait(lambda n, d: n == "BLOCK_JOB_READY")
-            await src.start_migration("m1", where, stls, downtime_limit_ms=300)
-            await sev.wait(lambda n, d: n == "MIGRATION" and d.get("status") == "pre-switchover")
-            if before_switchover is not None:
-                await before_switchover()
-            await src.complete_switchover("m1")
-            await dev.wait(lambda n, d: n == "MIGRATION" and d.get("status") == "completed")
+            sev = await switch_over(src, dst, where, stls, before_switchover=before_switchover)
             resumed = await dst.finish_incoming("m1")
             self.assertEqual(resumed["resumed"], True)
             await sev.wait(lambda n, d: n == "MIGRATION" and d.get("status") == "completed")

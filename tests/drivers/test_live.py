@@ -21,7 +21,13 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.drivers.live_contract import VOLUME_SIZE, Events, make_live_tests, tls_for
+from tests.drivers.live_contract import (
+    VOLUME_SIZE,
+    Events,
+    make_live_tests,
+    switch_over,
+    tls_for,
+)
 from zwrm.drivers import live
 from zwrm.drivers.fake import FakeDriver, FakeHost
 from zwrm.drivers.qemu import QemuDriver
@@ -311,16 +317,8 @@ class PausedOnAFullDiskTests(TestCase):
         ca = CertificateAuthority.create()
         where = await dst.start_incoming(spec(vol_b), "127.0.0.1",
                                          tls_for(ca, "host-b", "host-a"))
-        stls = tls_for(ca, "host-a", "host-b")
-        sev, dev = Events(), Events()
-        src.live_subscribe("m1", sev)
-        dst.live_subscribe("m1", dev)
-        await src.start_mirror("m1", where, stls, speed=200 * 1024 * 1024)
-        await sev.wait(lambda n, d: n == "BLOCK_JOB_READY")
-        await src.start_migration("m1", where, stls, downtime_limit_ms=300)
-        await sev.wait(lambda n, d: n == "MIGRATION" and d.get("status") == "pre-switchover")
-        await src.complete_switchover("m1")
-        await dev.wait(lambda n, d: n == "MIGRATION" and d.get("status") == "completed")
+        await switch_over(src, dst, where, tls_for(ca, "host-a", "host-b"),
+                          speed=200 * 1024 * 1024)
         self.assertEqual((await dst.migration_status("m1"))["runstate"], "io-error")
         self.assertEqual((await dst.finish_incoming("m1"))["resumed"], True)
 

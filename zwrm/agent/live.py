@@ -70,6 +70,7 @@ from zwrm.errors import (
     ZwrmError,
     disk_full,
 )
+from zwrm.files import write_atomically
 from zwrm.interfaces import ILiveMigration
 
 log = Logger()
@@ -947,26 +948,6 @@ def _message(e):
     return e.message if isinstance(e, ZwrmError) else str(e)
 
 
-def _write_record(path, text):
-    """
-    Write C{text} to C{path} (mode 0600) through a temporary file, fsynced, then renamed.
-    """
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 # --- the procedures ------------------------------------------------------------------
 
 
@@ -1030,8 +1011,8 @@ class LiveMigrations:
         if self.state_dir is None:
             return
         try:
-            await self._threads(_write_record, self._record_path(machine_id),
-                                json.dumps(doc))
+            await self._threads(write_atomically, self._record_path(machine_id),
+                                json.dumps(doc), True)
         except OSError as e:
             what = f"host {self.host_id} cannot record the incoming migration of {machine_id}"
             if disk_full(e):

@@ -65,6 +65,7 @@ from zwrm.errors import (
     Unavailable,
     disk_full,
 )
+from zwrm.files import write_atomically
 
 log = Logger()
 
@@ -461,18 +462,7 @@ class QemuLiveMigration:
         except (OSError, ValueError):
             have = {}
         have.update(doc)
-        tmp = m.path("live.json.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(have, f)
-            os.replace(tmp, m.path("live.json"))
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_atomically(m.path("live.json"), json.dumps(have))
 
     def _live_record(self, m):
         try:

@@ -51,6 +51,7 @@ from zwrm.drivers import qmp as _qmp
 from zwrm.drivers import spec as _spec
 from zwrm.drivers.live import QemuLiveMigration
 from zwrm.errors import Conflict, InvalidArgument, NotFound, Unavailable
+from zwrm.files import write_atomically
 from zwrm.interfaces import IHypervisorDriver, ILiveMigration
 
 log = Logger()
@@ -98,14 +99,6 @@ def _nic_argv(spec):
     fwd = "".join(f",hostfwd=tcp:127.0.0.1:{f['host']}-:{f['guest']}" for f in spec["forwards"])
     mac = f",mac={spec['mac']}" if spec.get("mac") else ""
     return ["-netdev", f"user,id=n0,restrict=on{fwd}", "-device", f"virtio-net-pci,netdev=n0{mac}"]
-
-
-def _write_json(path, doc):
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f)
-    os.replace(tmp, path)
 
 
 def _pid_alive(pid):
@@ -676,7 +669,7 @@ class QemuDriver(QemuLiveMigration):
                               f"{err.decode('utf-8', 'replace').strip()}")
         os.chmod(tmp, 0o600)
         os.replace(tmp, overlay)
-        _write_json(record, want)
+        write_atomically(record, json.dumps(want))
         return overlay
 
     async def _start(self, spec):
