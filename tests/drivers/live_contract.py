@@ -238,6 +238,41 @@ def make_live_tests(fixture):
                 await src.cancel_migration("m1")
             await src.destroy("m1")
 
+        async def test_a_machine_that_moved_rolls_its_next_migration_back(self):
+            """
+            The machine that arrived moves on; its next migration, given up during its
+            mirror, is rolled back (a hypervisor keeps saying "completed" of the migration
+            that brought it), and so is one that an agent restart finds there.
+            """
+            src, dst, _vol_a, _vol_b, where, stls = await self.source_and_target()
+            await self.migrate(src, dst, where, stls)
+
+            async def mirror_to(host):
+                drv = self.driver(host)
+                vol = os.path.join(self.root, host, "vol.img")
+                os.makedirs(os.path.dirname(vol), exist_ok=True)
+                with open(vol, "wb") as f:
+                    f.truncate(VOLUME_SIZE)
+                there = await drv.start_incoming(fixture.spec(self, "m1", vol), "127.0.0.1",
+                                                 tls_for(self.ca, f"host-{host}", "host-b"))
+                await dst.start_mirror("m1", there, tls_for(self.ca, "host-b", f"host-{host}"),
+                                       speed=1024 * 1024)
+
+            await mirror_to("c")
+            self.assertEqual(await dst.cancel_migration("m1"), {"cancelled": True})
+            st = await dst.migration_status("m1")
+            self.assertEqual((st["runstate"], st["mirrors"]), ("running", []))
+            self.assertEqual(dst.status("m1")["state"], "running")
+
+            await mirror_to("d")
+            await dst.close()  # the agent restarts during the mirror
+            again = self.driver("b")
+            [found] = await again.recover()
+            self.assertEqual((found["state"], found["reason"]), (
+                "running", "recovered: its interrupted live migration was cancelled; it runs "
+                "here"))
+            self.assertEqual((await again.migration_status("m1"))["mirrors"], [])
+
         async def test_target_that_stops_answering_during_the_mirror_is_cut_off(self):
             # The target's QEMU stops answering (fixture.hang: SIGSTOP for QEMU; its
             # kernel still acknowledges) while the mirror copies, and the guest writes

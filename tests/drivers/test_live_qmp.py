@@ -279,6 +279,16 @@ class LiveQMPTests(SynchronousTestCase):
                              "paused: its live migration completed; the target holds the machine")
             shutil.rmtree(m.dir)
 
+    def test_a_target_whose_migration_completed_is_not_cancelled(self):
+        # its guest is here: the caller learns so from the Conflict
+        for run in ("running", "paused"):
+            m = self.machine({"query-migrate": {"status": "completed"},
+                              "query-status": {"status": run}})
+            self.record(m, role="target", phase="resumed" if run == "running" else "incoming")
+            self.assertRaises(Conflict, self.result, self.driver.cancel_migration("m1"))
+            self.assertNotIn("query-block-jobs", m.qmp.names())
+            shutil.rmtree(m.dir)
+
     def test_a_target_that_arrives_held_on_a_full_disk_resumes(self):
         # its source was paused on its full disk: the write that waited is retried here
         m = self.machine({"query-status": {"status": "io-error"},

@@ -25,6 +25,7 @@ from zwrm.drivers.live import (
     _positive,
     check_tls,
     live_drives,
+    outgoing_completed,
     status_doc,
 )
 from zwrm.errors import Conflict, InvalidArgument, NotAuthorized, Unavailable
@@ -340,7 +341,9 @@ class FakeLiveMigration:
 
     def _cancel_migration(self, mid):
         live = self._running(mid)
-        if live["migration"] == "completed":
+        # (as QEMU, "completed" stays said of the migration that brought a machine here)
+        if outgoing_completed(live["runstate"], live["migration"], live) or (
+                live["migration"] == "completed" and live["role"] == "target"):
             raise Conflict(f"machine {mid}: its migration completed; it cannot be cancelled")
         streaming = live["migration"] not in ("none", "cancelled", "failed")
         if streaming:

@@ -830,7 +830,11 @@ class QemuLiveMigration:
         try:
             mig = (await q.execute("query-migrate")).get("status")
             run = (await q.execute("query-status"))["status"]
-            if outgoing_completed(run, mig, self._live_record(m)):
+            record = self._live_record(m) or {}
+            if outgoing_completed(run, mig, record) or (
+                    mig == "completed" and record.get("role") == "target"):
+                # (a target whose incoming migration completed holds the machine: the
+                # caller learns so from this Conflict)
                 raise Conflict(f"machine {machine_id}: its migration completed; it cannot "
                                "be cancelled")
             if mig in ACTIVE:
