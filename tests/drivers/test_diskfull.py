@@ -208,6 +208,12 @@ class QemuResumeTests(_QemuMachine):
         self.clock.advance(60)
         self.assertEqual(qmp.commands, ["query-status"])
 
+    def test_an_incoming_migration_not_finished_is_left_to_finish_incoming(self):
+        # (a target arrives in io-error when its source was paused on a full disk)
+        with open(self.m.path("live.json"), "w") as f:
+            json.dump({"role": "target", "phase": "incoming"}, f)
+        self.assertEqual(self.paused("io-error").commands, [])
+
     def test_a_past_migrations_record_does_not_keep_it_paused(self):
         # (a machine that came here by a live migration keeps its record: target, resumed)
         with open(self.m.path("live.json"), "w") as f:

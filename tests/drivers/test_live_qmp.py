@@ -289,6 +289,13 @@ class LiveQMPTests(SynchronousTestCase):
             self.assertNotIn("query-block-jobs", m.qmp.names())
             shutil.rmtree(m.dir)
 
+    def test_a_target_that_arrived_held_on_a_full_disk_waits_after_a_restart(self):
+        m = self.machine({"query-status": {"status": "io-error"},
+                          "query-migrate": {"status": "completed"}}, role="target")
+        self.assertEqual(self.result(Deferred.fromCoroutine(self.driver.live_recover(m))),
+                         "paused: its incoming migration completed; waiting to be resumed")
+        self.assertNotIn("cont", m.qmp.names())
+
     def test_a_target_that_arrives_held_on_a_full_disk_resumes(self):
         # its source was paused on its full disk: the write that waited is retried here
         m = self.machine({"query-status": {"status": "io-error"},

@@ -932,7 +932,7 @@ class QemuLiveMigration:
                      "restart; cancelling it", id=m.id, mig=mig)
             await self._cancel_migration(m.id)
             return "recovered: its interrupted live migration was cancelled; it runs here"
-        if run in ("paused", "prelaunch") and (rec or {}).get("role") == "target" \
+        if run in ("paused", "prelaunch", "io-error") and (rec or {}).get("role") == "target" \
                 and mig == "completed":
             return "paused: its incoming migration completed; waiting to be resumed"
         if run in ("paused", "finish-migrate") and (rec or {}).get("role") == "source":

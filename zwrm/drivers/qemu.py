@@ -933,7 +933,7 @@ class QemuDriver(QemuLiveMigration):
         with its source running again, as any.
         """
         qmp = m.qmp
-        if qmp is None:
+        if qmp is None or self._waits_to_be_resumed(m):
             return
         status = await qmp.execute("query-status")
         if (status or {}).get("status") != "io-error":
@@ -944,6 +944,15 @@ class QemuDriver(QemuLiveMigration):
             self._unpause(m)
             return
         await qmp.execute("cont")
+
+    def _waits_to_be_resumed(self, m):
+        """
+        A live migration's target whose incoming migration has not been finished: only
+        C{finish_incoming} resumes it, once the control plane recorded the switchover (it
+        arrives in C{io-error} when its source was paused on a full disk).
+        """
+        record = self._live_record(m) or {}
+        return record.get("role") == "target" and record.get("phase") != "resumed"
 
     def _unpause(self, m):
         if m.room_watch is not None:
@@ -956,6 +965,8 @@ class QemuDriver(QemuLiveMigration):
         C{io-error}, a drive's I/O status C{nospace}), treat it as if the pause had been
         seen. @return: whether it is.
         """
+        if self._waits_to_be_resumed(m):
+            return False
         try:
             status = await m.qmp.execute("query-status")
             if (status or {}).get("status") != "io-error":
