@@ -9,10 +9,10 @@ One cluster per test session (the C{cluster} fixture in conftest.py):
    each with its own address and host name, resolvable as C{<name>.zwrm.test};
  - the hosts share one filesystem, so each gets its own C{/etc/zwrm} and C{/var/lib/zwrm}:
    bind mounts, made in the private mount namespace every command in the host runs in
-   (C{TestNetwork(binds=...)}), of C{<run>/<host>/etc} and C{<run>/<host>/lib}.  C{a2}'s
-   C{/var/lib/zwrm} is a data disk of its own, as operators give their hosts: an ext4
-   filesystem (C{<run>/a2-data.img}, sparse, loop-mounted on C{<run>/a2/lib}), which a step
-   can fill (L{Cluster.fill_data_disk});  The
+   (C{TestNetwork(binds=...)}), of C{<run>/<host>/etc} and C{<run>/<host>/lib}.  The
+   agents' C{/var/lib/zwrm} is a data disk of their own, as operators give their hosts: an
+   ext4 filesystem (C{<run>/a1-data.img}, sparse, loop-mounted on C{<run>/a1/lib}), which a
+   step can fill (L{Cluster.fill_data_disk});  The
    packages themselves (C{/opt/zwrm}, C{/usr/bin/zwrm}, the units, the C{zwrm} user) are
    installed once into the shared filesystem by the first C{install.sh}: as on identical
    hosts.  Any zwrm packages installed before are purged first;
@@ -58,7 +58,7 @@ PORT = 8443
 HOSTS = ("cp", "a1", "a2", "client")
 AGENTS = ("a1", "a2")
 DATACENTERS = {"a1": "dc1", "a2": "dc2"}
-DATA_DISKS = {"a2": 16}  # agents whose /var/lib/zwrm is a filesystem of its own: GiB (sparse)
+DATA_DISKS = {"a1": 16, "a2": 16}  # agents whose /var/lib/zwrm is a filesystem of its own: GiB (sparse)
 PUBLISHED = 80  # the app's published port (below 1024: the agent's CAP_NET_BIND_SERVICE)
 PUBLISHED_HTTP = 8000  # the same guest port published in http mode (through the proxy)
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -245,7 +245,7 @@ class Cluster:
             self.image = guest.build()
         with self.phase("purge zwrm packages installed before"):
             self._purge()
-        with self.phase("a data disk of its own for a2"):
+        with self.phase("a data disk of its own for each agent"):
             for host, gib in DATA_DISKS.items():
                 self._make_data_disk(host, gib)
         binds = {h: {"/etc/zwrm": self.host_dir(h, "etc"), "/var/lib/zwrm": self.host_dir(h, "lib"),

@@ -14,8 +14,17 @@ a2's ingress), which the guest writes to its volume:
 
 No service logs a traceback or a critical line meanwhile.  The app is destroyed with its
 volume at the end.
+
+Then the same on a host that is drained instead of freed (an app with a volume wherever
+the scheduler puts it; both agents' data disks are file systems of their own): its disk is
+filled, the write waits, and ``zwrm host drain --mode live`` moves the paused machine to
+the other host with its volume (its migration's records written in the room the driver
+keeps in reserve, which the agent says in its log), where it resumes: the write that
+waited completes there, the guest never booted again, and nothing was restarted.  The
+drained host's disk is freed and the host made ready again.
 """
 
+import contextlib
 import os
 import subprocess
 import tempfile
@@ -23,14 +32,39 @@ import time
 
 import pytest
 
-from tests.acceptance.cluster import poll
+from tests.acceptance.cluster import AGENTS, poll
 
 pytestmark = pytest.mark.acceptance
 
 PORT = 83  # this app's published port (web has 80 and 8000, others 81 and 82)
+LEAVING_PORT = 84  # the drained one's
 
 #: What the user writes: 24 MiB of text (the file system has at most 1 MiB left).
 BODY = b"".join(b"zwrm paused write, line %08d\n" % i for i in range((24 << 20) // 32))
+
+
+@contextlib.contextmanager
+def _writing(cluster, via, port):
+    """
+    A user's write of L{BODY} to the app through C{via}'s ingress, from the client host:
+    the C{curl} process (killed if it is still running at the end).
+    """
+    fd, body_path = tempfile.mkstemp(prefix="zwrm-acc-body-", dir="/tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(BODY)
+    writer = None
+    try:
+        writer = cluster.net.spawn(
+            "client", ["curl", "-fsS", "--max-time", "600", "--data-binary", f"@{body_path}",
+                       "-H", "Content-Type: application/octet-stream",
+                       f"http://{cluster.net.address(via)}:{port}/cgi-bin/write?big"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        yield writer
+    finally:
+        if writer is not None and writer.poll() is None:
+            writer.kill()
+            writer.wait()
+        os.unlink(body_path)
 
 
 def test_a_write_that_meets_a_full_disk_waits_for_room(cluster):
@@ -50,20 +84,10 @@ def test_a_write_that_meets_a_full_disk_waits_for_room(cluster):
         [m] = app["machines"]
         assert (m["host_id"], m["state"], m["paused"]) == (a2, "running", None), m
 
-    fd, body_path = tempfile.mkstemp(prefix="zwrm-acc-body-", dir="/tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(BODY)
-    url = f"http://{cluster.net.address('a2')}:{PORT}/cgi-bin/write?big"
-    writer = None
-    try:
+    filler = cluster.fill_data_disk("a2")
+    with _writing(cluster, "a2", PORT) as writer:
         with cluster.phase("a2's disk full; a user's write to the volume meets it"):
-            filler = cluster.fill_data_disk("a2")
             try:
-                writer = cluster.net.spawn(
-                    "client", ["curl", "-fsS", "--max-time", "600", "--data-binary",
-                               f"@{body_path}", "-H", "Content-Type: application/octet-stream",
-                               url], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE)
                 poll(lambda: machine()["paused"] == "disk-full", 180, interval=1,
                      what="the machine paused on a2's full disk")
                 text = cluster.zwrm("status", "held")
@@ -88,14 +112,71 @@ def test_a_write_that_meets_a_full_disk_waits_for_room(cluster):
             assert read.encode() == BODY, len(read)
             m = machine()
             assert (m["state"], m["restarts"]) == ("running", 0), m
-    finally:
-        if writer is not None and writer.poll() is None:
-            writer.kill()
-            writer.wait()
-        os.unlink(body_path)
 
     cluster.zwrm("destroy", "held", "--volumes")
     logged = cluster.check_logs_since(offsets)
     agent_log = logged[("a2", "zwrm-agent.service")]
     assert "met a full file system on this host" in agent_log, agent_log[-4000:]
     assert "its disks have room again; resuming it" in agent_log, agent_log[-4000:]
+
+
+def test_a_machine_paused_on_a_full_disk_leaves_live_with_its_write(cluster):
+    if "app" not in cluster.state:
+        pytest.fail("needs the deploy step (test_20_deploy.py) to have passed")
+    web = cluster.state["app"]
+    cluster.zwrm("apps", "create", "leaving")
+    offsets = cluster.log_offsets()
+
+    def machine():
+        [m] = cluster.zwrm_json("status", "leaving")["machines"]
+        return m
+
+    with cluster.phase("an app with a volume"):
+        app = cluster.deploy("leaving", "demo:1", "--publish", f"{LEAVING_PORT}:8080",
+                             "--volume", "data:64:/data")
+        [m] = app["machines"]
+        src_id = m["host_id"]
+        src = cluster.host_of(src_id)
+        [dst] = [a for a in AGENTS if a != src]
+        boots = cluster.app_request("/cgi-bin/read?boots.log", via=src, port=LEAVING_PORT)
+
+    filler = cluster.fill_data_disk(src)
+    drained = False
+    try:
+        with _writing(cluster, src, LEAVING_PORT) as writer:
+            with cluster.phase(f"{src}'s disk full; a user's write to the volume meets it"):
+                poll(lambda: machine()["paused"] == "disk-full", 180, interval=1,
+                     what=f"the machine paused on {src}'s full disk")
+            with cluster.phase(f"live drain of {src}, its disk still full"):
+                status = cluster.zwrm_json("host", "drain", src_id, "--mode", "live",
+                                           timeout=600)
+                drained = True
+                assert status["state"] == "completed", status
+                [mg] = [g for g in status["migrations"] if g["machine_id"] == m["id"]]
+                assert (mg["phase"], mg["mode"], mg["target"]) == (
+                    "done", "live", cluster.host_ids[dst]), mg
+            with cluster.phase(f"resumed on {dst}: the write completes there"):
+                out, err = writer.communicate(timeout=180)
+                assert (writer.returncode, out.strip()) == (0, b"ok"), (writer.returncode, err)
+        moved = machine()
+        assert (moved["host_id"], moved["state"], moved["paused"], moved["restarts"]) == (
+            cluster.host_ids[dst], "running", None, 0), moved
+        read = cluster.app_request("/cgi-bin/read?big", via=dst, port=LEAVING_PORT, wait=60)
+        assert read.encode() == BODY, len(read)
+        # It ran on through the move (a stop and a start would have booted it again).
+        assert cluster.app_request("/cgi-bin/read?boots.log", via=dst,
+                                   port=LEAVING_PORT) == boots
+    finally:
+        cluster.sh(src, ["rm", "-f", filler])
+        # What the next steps start from: the web app where the cluster says, its host
+        # ready again.
+        [web["machine"]] = cluster.zwrm_json("status", web["name"])["machines"]
+        if drained:
+            assert "ready" in cluster.zwrm("host", "activate", src_id)
+
+    cluster.zwrm("destroy", "leaving", "--volumes")
+    logged = cluster.check_logs_since(offsets)
+    agent_log = logged[(src, "zwrm-agent.service")]
+    assert "met a full file system on this host" in agent_log, agent_log[-4000:]
+    assert "its migration is recorded in the 1024 KiB kept in reserve" in agent_log, \
+        agent_log[-4000:]

@@ -268,11 +268,14 @@ class LiveRamTests(TestCase):
 @pytest.mark.qemu
 class PausedOnAFullDiskTests(TestCase):
     """
-    A machine paused on its host's full disk (its volume on a 24 MiB tmpfs, its guest
-    writing 40 MiB to it: C{zwrm.selftest=fill}) moves live, with TLS, to a host with room:
-    the target arrives in the source's C{io-error} state, resumes, and the write that waited
-    completes there (the guest says so, and the file reads back whole from the target); the
-    source stays paused for good (C{postmigrate}), also once its disk has room again.
+    A machine paused on its host's full disk (the source driver's root and the machine's
+    volume on a tmpfs that something else filled but for 16 MiB, its guest writing 40 MiB to
+    the volume: C{zwrm.selftest=fill}; then the last free bytes taken too) moves live, with
+    TLS, to a host with room: its migration's records are written in the room the driver
+    kept in reserve, the target arrives in the source's C{io-error} state, resumes, and the
+    write that waited completes there (the guest says so, and the file reads back whole from
+    the target); the source stays paused for good (C{postmigrate}), also once its disk has
+    room again, and its driver keeps room in reserve again from then on.
     """
 
     timeout = 300
@@ -282,11 +285,12 @@ class PausedOnAFullDiskTests(TestCase):
         self.addCleanup(shutil.rmtree, root, True)
         small = os.path.join(root, "small")
         os.makedirs(small)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24M,mode=0700", "zwrm-test", small],
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96M,mode=0700", "zwrm-test", small],
                        check=True)
         self.addCleanup(subprocess.run, ["umount", "-l", small], check=False)
-        src = QemuDriver(reactor, os.path.join(root, "a"), accel="tcg", stop_timeout=5.0)
+        src = QemuDriver(reactor, os.path.join(small, "a"), accel="tcg", stop_timeout=5.0)
         dst = QemuDriver(reactor, os.path.join(root, "b"), accel="tcg", stop_timeout=5.0)
+        self.assertTrue(src.reserve.held())
         src.disk_room_interval = 0.2
 
         async def cleanup():
@@ -306,12 +310,22 @@ class PausedOnAFullDiskTests(TestCase):
         os.makedirs(os.path.dirname(vol_b), exist_ok=True)
         with open(vol_b, "wb") as f:
             f.truncate(VOLUME_SIZE)
+        fd = os.open(os.path.join(small, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+        self.addCleanup(os.close, fd)
+        os.posix_fallocate(fd, 0, free_bytes(small) - (16 << 20))
         await src.start(spec(vol_a))
         for _ in range(1200):
             if src.status("m1")["paused"] == "disk-full":
                 break
             await deferLater(reactor, 0.1, lambda: None)
         self.assertEqual(src.status("m1")["paused"], "disk-full")
+        # The last free bytes (the guest's write left some) taken as well.
+        try:
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError as e:
+            self.assertEqual(e.errno, errno.ENOSPC)
+        self.assertEqual(free_bytes(small), 0)
 
         ca = CertificateAuthority.create()
         where = await dst.start_incoming(spec(vol_b), "127.0.0.1",
@@ -319,6 +333,7 @@ class PausedOnAFullDiskTests(TestCase):
         await switch_over(src, dst, where, tls_for(ca, "host-a", "host-b"),
                           speed=200 * 1024 * 1024)
         self.assertEqual((await dst.migration_status("m1"))["runstate"], "io-error")
+        self.assertFalse(src.reserve.held())  # its room took the records
         self.assertEqual((await dst.finish_incoming("m1"))["resumed"], True)
 
         for _ in range(1200):
@@ -335,6 +350,14 @@ class PausedOnAFullDiskTests(TestCase):
         subprocess.run(["mount", "-o", "remount,size=256M", small], check=True)
         await deferLater(reactor, 1.0, lambda: None)
         self.assertEqual((await src.migration_status("m1"))["runstate"], "postmigrate")
+        # Its next migration record takes the reserve's room back first.
+        src._record(src._machines["m1"], note="after")
+        self.assertTrue(src.reserve.held())
+
+
+def free_bytes(path):
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
 
 
 @pytest.mark.qemu

@@ -30,6 +30,12 @@ CHECK_INTERVAL = 5.0
 #: (room for the write that failed and what the guest has buffered behind it).
 RESUME_FREE_BYTES = 64 << 20
 
+#: The room each driver keeps on its machines' file system for the records of their live
+#: migrations (L{zwrm.files.Reserve}): a machine paused on a full disk can still leave the
+#: host live, with the write it waits on.  A migration's records and TLS files take a few
+#: KiB; the reserve is made again once the disk has it and L{RESUME_FREE_BYTES} free.
+RESERVE_BYTES = 1 << 20
+
 RESUMED = "resumed: its host's disk has room again"
 
 

@@ -55,6 +55,7 @@ from twisted.internet import utils
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.logger import Logger
 
+from zwrm.drivers import diskfull as _diskfull
 from zwrm.drivers import diskimage
 from zwrm.drivers.qmp import QMPError
 from zwrm.errors import (
@@ -65,7 +66,7 @@ from zwrm.errors import (
     Unavailable,
     disk_full,
 )
-from zwrm.files import write_atomically
+from zwrm.files import Reserve, write_atomically
 
 log = Logger()
 
@@ -77,6 +78,10 @@ BITMAP = "zwrm-verify"
 VERIFY_BLOCK = 64 * 1024
 #: Default mirror speed limit (bytes/s): an unthrottled mirror under TCG starves the guest.
 MIRROR_SPEED = 100 * 1024 * 1024
+
+#: The driver root's file that keeps room for the migration records (L{zwrm.files.Reserve}).
+RESERVE_FILE = ".reserve"
+
 #: Default downtime limit (ms).
 DOWNTIME_LIMIT_MS = 300
 #: How many ports a listener tries before it gives up.
@@ -345,6 +350,11 @@ class QemuLiveMigration:
     nbd_user_timeout = NBD_USER_TIMEOUT
 
     def _live_init(self):
+        # Room kept on the machines' file system for their migration records, so that a
+        # machine paused on this host's full disk can still leave live
+        # (L{zwrm.files.Reserve}); made by _live_reserve once the root exists.
+        self.reserve = Reserve(os.path.join(self.root, RESERVE_FILE), _diskfull.RESERVE_BYTES,
+                               _diskfull.RESUME_FREE_BYTES)
         self._live_listeners = {}
         self._incoming = set()
         # machine id -> {NBD node name: this process's copy of QEMU's connection}
@@ -462,7 +472,12 @@ class QemuLiveMigration:
         except (OSError, ValueError):
             have = {}
         have.update(doc)
-        write_atomically(m.path("live.json"), json.dumps(have))
+        held = self.reserve.held() or self.reserve.refill()  # (back once there is room)
+        write_atomically(m.path("live.json"), json.dumps(have), reserve=self.reserve)
+        if held and not self.reserve.held():
+            log.warn("machine {id}: this host's disk is full: its migration is recorded in the"
+                     " {kib} KiB kept in reserve for it (made again once the disk has room)",
+                     id=m.id, kib=self.reserve.size >> 10)
 
     def _live_record(self, m):
         try:

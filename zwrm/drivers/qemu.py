@@ -303,6 +303,7 @@ class QemuDriver(QemuLiveMigration):
         self.boot_id = boot_id or _boot.current_boot_id()
         self._live_init()
         os.makedirs(self.root, exist_ok=True)
+        self.reserve.refill()
 
     # --- public -------------------------------------------------------------------------
 
