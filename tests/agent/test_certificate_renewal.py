@@ -24,6 +24,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
@@ -71,8 +72,14 @@ class RenewalTests(TestCase):
         renewed = []
         clock = Clock()
         clock.advance(reactor.seconds())
+        in_threads = []
+
+        def threads(f, *args):
+            in_threads.append(f.__name__)
+            return deferToThread(f, *args)
+
         renewal = CertificateRenewal(clock, agent.tls_dir, lambda: agent.identity.host_id,
-                                     on_renewed=renewed.append)
+                                     on_renewed=renewed.append, threads=threads)
         renewal.start(agent.session)
         self.addCleanup(renewal.stop)
         # not due: nothing asked, the next look within CHECK_INTERVAL
@@ -85,6 +92,8 @@ class RenewalTests(TestCase):
         await poll(reactor, lambda: renewal.renewals == 1, 10, what="the renewal")
         new = pki.HostCredentials.load(agent.tls_dir)
         self.assertEqual(renewed, [new])
+        # the key made and the pair written (fsynced) off the reactor thread
+        self.assertEqual(in_threads, ["make_host_request", "save_renewed"])
         self.assertNotEqual(serial(new.cert_pem), serial(old.cert_pem))
         self.assertNotEqual(new.key_pem, old.key_pem)
         self.assertEqual((new.host_id, new.fingerprint), (old.host_id, old.fingerprint))
@@ -114,7 +123,8 @@ class RenewalTests(TestCase):
         warned = []
         self.patch(CertificateRenewal, "log", SimpleNamespace(
             warn=lambda fmt, **kw: warned.append(kw["why"]), info=lambda *a, **kw: None))
-        renewal = CertificateRenewal(clock, agent.tls_dir, lambda: agent.identity.host_id)
+        renewal = CertificateRenewal(clock, agent.tls_dir, lambda: agent.identity.host_id,
+                                     threads=deferToThread)
         renewal.start(agent.session)
         self.addCleanup(renewal.stop)
         await poll(reactor, lambda: warned, 10, what="the refusal")

@@ -19,6 +19,7 @@ connects without it, authenticated by its credential alone, and renews at once
 
 from autobahn.wamp.exception import ApplicationError
 from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from zwrm import errors, pki
@@ -42,15 +43,20 @@ class CertificateRenewal:
 
     log = Logger()
 
-    def __init__(self, clock, tls_dir, host_id, on_renewed=None):
+    def __init__(self, clock, tls_dir, host_id, on_renewed=None, threads=None):
         """
         @param clock: an L{IReactorTime} (its C{seconds()} is the wall clock certificates
             are read against).
         @param tls_dir: the agent's L{zwrm.pki.AGENT_TLS_DIR}.
         @param host_id: a callable returning this host's id (it can be renamed).
         @param on_renewed: called with the new L{zwrm.pki.HostCredentials} once saved.
+        @param threads: C{threads(f, *args)} -> Deferred: makes the new key and writes (and
+            fsyncs) the new pair off the reactor thread; default: C{clock}'s thread pool
+            (C{clock} is then the reactor).
         """
         self.clock = clock
+        self._threads = threads or (
+            lambda f, *a: deferToThreadPool(clock, clock.getThreadPool(), f, *a))
         self.tls_dir = tls_dir
         self._host_id = host_id
         self.on_renewed = on_renewed or (lambda credentials: None)
@@ -106,7 +112,7 @@ class CertificateRenewal:
         session = self._session
         expires = old.not_valid_after.timestamp()
         try:
-            key_pem, csr_pem = pki.make_host_request(self._host_id())
+            key_pem, csr_pem = await self._threads(pki.make_host_request, self._host_id())
             result = await session.call("zwrm.agent.renew_certificate",
                                         csr=csr_pem.decode("ascii"))
             new = pki.HostCredentials(result["ca"].encode("ascii"),
@@ -116,7 +122,7 @@ class CertificateRenewal:
                     f"the control plane returned a certificate for host {new.host_id!r} of CA"
                     f" {new.fingerprint[:16]}..., not for {old.host_id!r} of CA"
                     f" {old.fingerprint[:16]}...")
-            new.save_renewed(self.tls_dir)
+            await self._threads(new.save_renewed, self.tls_dir)
         except Exception as e:
             retry = min(RETRY_INTERVAL, max(1.0, (expires - self.clock.seconds()) / 10))
             if isinstance(e, ApplicationError) and e.error in (
