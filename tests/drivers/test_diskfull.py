@@ -199,6 +199,19 @@ class QemuResumeTests(_QemuMachine):
     def test_continued_from_io_error(self):
         self.assertEqual(self.paused("io-error").commands, ["query-status", "cont"])
 
+    def test_the_reserve_is_made_again_first(self):
+        # (taken by the migration record of a machine that left this full disk earlier)
+        self.assertTrue(self.driver.reserve.release())
+        held = []
+        self.m.qmp = qmp = _QMP("io-error")
+        execute = qmp.execute
+        qmp.execute = lambda command, arguments=None: (
+            held.append((command, self.driver.reserve.held())), execute(command, arguments))[1]
+        self.driver.free_bytes = lambda path: 1 << 40
+        self.event("BLOCK_IO_ERROR", device="vol0", nospace=True, action="stop")
+        self.clock.advance(self.driver.disk_room_interval)
+        self.assertEqual(held, [("query-status", False), ("cont", True)])
+
     def test_not_continued_in_another_run_state(self):
         # e.g. postmigrate: a live migration completed, its guest runs on the target
         qmp = self.paused("postmigrate")

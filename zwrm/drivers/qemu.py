@@ -944,6 +944,10 @@ class QemuDriver(QemuLiveMigration):
                      id=m.id, state=(status or {}).get("status"))
             self._unpause(m)
             return
+        # The room is back: the reserve for migration records first (taken by a machine
+        # that left this full disk earlier), so that the next full disk can see this one
+        # leave live too; then the write that waited.
+        self.reserve.refill()
         await qmp.execute("cont")
 
     def _waits_to_be_resumed(self, m):
