@@ -7,12 +7,12 @@ import errno
 import os
 import shutil
 import stat
-import subprocess
 import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from zwrm.files import Reserve, write_atomically
+from zwrm.testing.disks import fill_disk, free_bytes, small_disk
 
 KiB = 1024
 
@@ -21,22 +21,14 @@ class FullDiskMixin:
     def setUp(self):
         self.root = tempfile.mkdtemp(prefix="zwrm-files-", dir="/tmp")
         self.addCleanup(shutil.rmtree, self.root, True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M,mode=0700", "zwrm-test",
-                        self.root], check=True)
-        self.addCleanup(subprocess.run, ["umount", "-l", self.root], check=False)
+        small_disk(self, self.root, "1M")
 
     def free(self):
-        st = os.statvfs(self.root)
-        return st.f_bavail * st.f_frsize
+        return free_bytes(self.root)
 
     def fill(self):
         """Take every free byte left, as something else on the host would."""
-        with open(os.path.join(self.root, "filler"), "ab", buffering=0) as f:
-            try:
-                while True:
-                    f.write(b"\0" * 4096)
-            except OSError as e:
-                self.assertEqual(e.errno, errno.ENOSPC)
+        fill_disk(self.root)
         self.assertEqual(self.free(), 0)
 
 

@@ -67,16 +67,25 @@ def _writing(cluster, via, port):
         os.unlink(body_path)
 
 
-def test_a_write_that_meets_a_full_disk_waits_for_room(cluster):
+def _new_app(cluster, name):
+    """
+    Create app C{name}. @return: the services' log offsets, and a callable returning the
+    status of its one machine.
+    """
     if "app" not in cluster.state:
         pytest.fail("needs the deploy step (test_20_deploy.py) to have passed")
-    a2 = cluster.host_ids["a2"]
-    cluster.zwrm("apps", "create", "held")
-    offsets = cluster.log_offsets()
+    cluster.zwrm("apps", "create", name)
 
     def machine():
-        [m] = cluster.zwrm_json("status", "held")["machines"]
+        [m] = cluster.zwrm_json("status", name)["machines"]
         return m
+
+    return cluster.log_offsets(), machine
+
+
+def test_a_write_that_meets_a_full_disk_waits_for_room(cluster):
+    a2 = cluster.host_ids["a2"]
+    offsets, machine = _new_app(cluster, "held")
 
     with cluster.phase("an app with a volume on a2"):
         app = cluster.deploy("held", "demo:1", "--datacenter", "dc2", "--publish",
@@ -121,15 +130,8 @@ def test_a_write_that_meets_a_full_disk_waits_for_room(cluster):
 
 
 def test_a_machine_paused_on_a_full_disk_leaves_live_with_its_write(cluster):
-    if "app" not in cluster.state:
-        pytest.fail("needs the deploy step (test_20_deploy.py) to have passed")
+    offsets, machine = _new_app(cluster, "leaving")
     web = cluster.state["app"]
-    cluster.zwrm("apps", "create", "leaving")
-    offsets = cluster.log_offsets()
-
-    def machine():
-        [m] = cluster.zwrm_json("status", "leaving")["machines"]
-        return m
 
     with cluster.phase("an app with a volume"):
         app = cluster.deploy("leaving", "demo:1", "--publish", f"{LEAVING_PORT}:8080",

@@ -13,6 +13,7 @@ from tests.drivers.contract import make_driver_tests
 from zwrm.drivers.fake import FakeDriver, FakeHost
 from zwrm.drivers.qemu import QemuDriver
 from zwrm.testing import image
+from zwrm.testing.disks import small_disk
 
 
 class QemuFixture:
@@ -39,10 +40,7 @@ class QemuFixture:
     def full_disk_spec(testcase, machine_id):
         # A 64 MiB ext4 volume (sparse) on a 16 MiB tmpfs; the guest writes 40 MiB to it.
         small = os.path.join(testcase.root, "small")
-        os.makedirs(small)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16M,mode=0700", "zwrm-test", small],
-                       check=True)
-        testcase.addCleanup(subprocess.run, ["umount", "-l", small], check=False)
+        small_disk(testcase, small, "16M")
         testcase.small = small
         path = os.path.join(small, "data.img")
         subprocess.run(["mkfs.ext4", "-q", "-F", path, "64M"], check=True)

@@ -8,7 +8,6 @@ import errno
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 
 from twisted.internet import task
@@ -19,6 +18,7 @@ from twisted.trial.unittest import TestCase
 from zwrm.drivers import diskfull
 from zwrm.drivers.qemu import QemuDriver, _Machine
 from zwrm.errors import ResourceExhausted
+from zwrm.testing.disks import fill_disk, small_disk
 
 MIB = 1 << 20
 
@@ -247,16 +247,17 @@ class _Answering(_QMP):
 class LiveMigrationOnAFullDiskTests(TestCase):
     """
     A machine on a host whose disk is full (a tmpfs filled up, real ENOSPC; QEMU's answers
-    recorded): a live migration cannot start, and says why; a cancel still succeeds.
+    recorded), with no reserve left for its migration record (the tmpfs is too small for
+    one, as when an earlier migration took it): a live migration cannot start, and says
+    why; a cancel still succeeds.
     """
 
     def setUp(self):
         self.root = tempfile.mkdtemp(prefix="zwrm-fulllive-", dir="/tmp")
         self.addCleanup(shutil.rmtree, self.root, True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "zwrm-test",
-                        self.root], check=True)
-        self.addCleanup(subprocess.run, ["umount", "-l", self.root], check=False)
+        small_disk(self, self.root, "256k")
         self.driver = QemuDriver(task.Clock(), self.root, accel="tcg")
+        self.assertFalse(self.driver.reserve.held())
         m = self.m = _Machine("vm", os.path.join(self.root, "vm"))
         os.makedirs(m.dir)
         m.spec = {"disk": None, "forwards": [],
@@ -265,12 +266,7 @@ class LiveMigrationOnAFullDiskTests(TestCase):
         self.driver._machines["vm"] = m
 
     def fill(self):
-        with open(os.path.join(self.root, "filler"), "wb", buffering=0) as f:
-            try:
-                while True:
-                    f.write(b"\0" * 4096)
-            except OSError as e:
-                self.assertEqual(e.errno, errno.ENOSPC)
+        fill_disk(self.root)
 
     async def test_a_migration_cannot_start_and_says_why(self):
         self.fill()

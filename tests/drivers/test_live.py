@@ -35,6 +35,7 @@ from zwrm.drivers.qmp import QMPError
 from zwrm.errors import Unavailable
 from zwrm.pki.ca import CertificateAuthority
 from zwrm.testing import debian, image
+from zwrm.testing.disks import fill_disk, free_bytes, small_disk
 
 
 def _free_port():
@@ -284,10 +285,7 @@ class PausedOnAFullDiskTests(TestCase):
         root = tempfile.mkdtemp(prefix="zwrm-livefull-", dir="/tmp")
         self.addCleanup(shutil.rmtree, root, True)
         small = os.path.join(root, "small")
-        os.makedirs(small)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96M,mode=0700", "zwrm-test", small],
-                       check=True)
-        self.addCleanup(subprocess.run, ["umount", "-l", small], check=False)
+        small_disk(self, small, "96M")
         src = QemuDriver(reactor, os.path.join(small, "a"), accel="tcg", stop_timeout=5.0)
         dst = QemuDriver(reactor, os.path.join(root, "b"), accel="tcg", stop_timeout=5.0)
         self.assertTrue(src.reserve.held())
@@ -310,21 +308,14 @@ class PausedOnAFullDiskTests(TestCase):
         os.makedirs(os.path.dirname(vol_b), exist_ok=True)
         with open(vol_b, "wb") as f:
             f.truncate(VOLUME_SIZE)
-        fd = os.open(os.path.join(small, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
-        self.addCleanup(os.close, fd)
-        os.posix_fallocate(fd, 0, free_bytes(small) - (16 << 20))
+        fill_disk(small, leave=16 << 20)
         await src.start(spec(vol_a))
         for _ in range(1200):
             if src.status("m1")["paused"] == "disk-full":
                 break
             await deferLater(reactor, 0.1, lambda: None)
         self.assertEqual(src.status("m1")["paused"], "disk-full")
-        # The last free bytes (the guest's write left some) taken as well.
-        try:
-            while True:
-                os.write(fd, b"\0" * 4096)
-        except OSError as e:
-            self.assertEqual(e.errno, errno.ENOSPC)
+        fill_disk(small)  # the last free bytes (the guest's write left some) taken as well
         self.assertEqual(free_bytes(small), 0)
 
         ca = CertificateAuthority.create()
@@ -353,11 +344,6 @@ class PausedOnAFullDiskTests(TestCase):
         # Its next migration record takes the reserve's room back first.
         src._record(src._machines["m1"], note="after")
         self.assertTrue(src.reserve.held())
-
-
-def free_bytes(path):
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
 
 
 @pytest.mark.qemu

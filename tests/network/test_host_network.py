@@ -3,10 +3,8 @@ L{HostNetwork} in network namespaces, without guests: what an agent restart find
 what leaving removes.
 """
 
-import errno
 import os
 import shutil
-import subprocess
 import tempfile
 
 import pytest
@@ -16,6 +14,7 @@ from twisted.trial.unittest import TestCase
 from zwrm.agent.network import addressing
 from zwrm.agent.network.commands import Runner
 from zwrm.agent.network.host import HostNetwork
+from zwrm.testing.disks import fill_disk, small_disk
 from zwrm.testing.netns import TestNetwork
 
 NET = {"address": "10.80.1.2", "prefix": 16, "gateway": "10.80.1.1", "mtu": 1450}
@@ -124,18 +123,8 @@ class HostNetworkTests(TestCase):
         is missing.
         """
         state = os.path.join(self.root, "full")
-        os.makedirs(state)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "zwrm-test", state],
-                       check=True)
-        self.addCleanup(subprocess.run, ["umount", "-l", state], check=False)
-        fd = os.open(os.path.join(state, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            while True:
-                os.write(fd, bytes(4096))
-        except OSError as e:
-            self.assertEqual(e.errno, errno.ENOSPC)
-        finally:
-            os.close(fd)
+        small_disk(self, state, "64k")
+        fill_disk(state)
         host = HostNetwork(reactor, local_address=self.net.address("h1"), run=self.run,
                            state_dir=state)
         self.addCleanup(lambda: defer.ensureDeferred(host.close()))
