@@ -5,6 +5,9 @@ agents running the busybox test image under QEMU (TCG):
 
  - an operator logs in and sees both hosts appear;
  - an app deployed with the CLI appears with its machine running, without a reload;
+ - its host's disk fills up (each agent's data directory is a file system of its own) and a
+   user's write meets it: the console shows the machine paused ("paused: disk-full", and
+   what that means), live, and running again once the disk has room and the write is done;
  - a drain started from the console (its button, its dialog) is followed live: the migration's
    phases advance in order up to C{done};
  - the other actions (restart, scale, activate, remove of a host whose agent stopped), a
@@ -26,6 +29,7 @@ import shutil
 import tempfile
 
 import pytest
+import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.task import deferLater
@@ -35,8 +39,14 @@ from twisted.trial.unittest import SkipTest, TestCase
 from tests.console.pages import LOGIN, ROWS, TWO_READY_HOSTS, wait_js
 from zwrm.console import STATIC, VENDOR_AUTOBAHN
 from zwrm.drain_phases import MIGRATION_PHASES
+from zwrm.testing.disks import fill_disk
 from zwrm.testing.drains import quiet_log
 from zwrm.testing.processes import host_list, run_cli, start_vm_cluster
+
+#: Each agent's data directory's own file system (a tmpfs: its pages are taken only as
+#: written): the test image's cache, the app's 16 MiB volume, its machine's files, a drain's
+#: copy, and the control plane's C{min_free_disk_mb} (256) above that for placements.
+DATA_DISK_MIB = 1024
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -140,7 +150,7 @@ class ConsoleBrowserTests(TestCase):
         shots = os.environ.get("ZWRM_CONSOLE_SCREENSHOTS") or os.path.abspath(self.mktemp())
         os.makedirs(shots, exist_ok=True)
         print(f"console screenshots: {shots}")
-        cp, agents = await start_vm_cluster(reactor, self)
+        cp, agents = await start_vm_cluster(reactor, self, data_disk_mib=DATA_DISK_MIB)
         base = f"http://127.0.0.1:{cp.port}"
         viewer = json.loads(await self.cli(cp, "tokens", "create", "--role", "viewer",
                                            "--ttl", "1h", "--json"))["token"]
@@ -209,6 +219,7 @@ class ConsoleBrowserTests(TestCase):
         status = json.loads(await self.cli(cp, "status", "web", "--json"))
         source = status["machines"][0]["host_id"]
         self.assertEqual(machines[0]["machine"], status["machines"][0]["id"])
+        await self._paused(b, status["machines"][0], agents)
 
         # a drain from the console: its phases advance to done
         await b.js("location.hash = '#hosts'")
@@ -252,6 +263,35 @@ class ConsoleBrowserTests(TestCase):
                          " return r && r.dataset.state === 'drained'", 30, "the drained host", source)
         await b.shot("hosts.png")
         await self._actions(cp, b, source, agents)
+
+    async def _paused(self, b, machine, agents):
+        """
+        A user's write meets the full disk of the machine's host: the machine is shown
+        paused, then running again once the disk has room (the write then done).
+        """
+        [agent] = [a for a in agents if a.host_id == machine["host_id"]]
+        row = f"[data-app=web] tr[data-machine='{machine['id']}']"
+        filler = fill_disk(agent.data_dir, leave=2 << 20)
+        try:
+            # (8 MiB: the 16 MiB volume has room for it, its host's disk has not)
+            write = treq.post(f"http://127.0.0.1:{machine['host_port']}/cgi-bin/write?big",
+                              data=b"p" * (8 << 20), timeout=300)
+            shown = await wait_js(
+                b, "const r = document.querySelector(arguments[0]);"
+                   " const p = r && r.dataset.paused === 'disk-full' && r.querySelector('.s-paused');"
+                   " return p && [r.dataset.state, p.textContent, r.textContent];",
+                180, "the machine shown paused", row)
+            self.assertEqual(shown[:2], ["running", "paused: disk-full"])
+            self.assertIn("waits for room on its host's disk", shown[2])
+            await b.shot("paused.png")
+        finally:
+            os.unlink(filler)
+        response = await write
+        self.assertEqual((response.code, (await response.text()).strip()), (200, "ok"))
+        await wait_js(b, "const r = document.querySelector(arguments[0]);"
+                         " return r && r.dataset.state === 'running' && r.dataset.paused === ''"
+                         " && !r.querySelector('.s-paused');",
+                      60, "the machine shown running again", row)
 
     async def confirm(self, b, **inputs):
         """Answer the console's confirmation dialog: fill C{inputs} (id -> value), confirm."""

@@ -25,6 +25,8 @@ from twisted.internet import defer, protocol
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.task import deferLater
 
+from zwrm.testing.disks import small_disk
+
 TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.exit(run())"]
 ZWRM = [sys.executable, "-c", "import sys; from zwrm.cli.main import main; sys.exit(main())"]
 
@@ -345,12 +347,15 @@ def temp_dir(testcase):
     return path
 
 
-async def start_vm_cluster(reactor, testcase, agents=2, offline_after=10.0, image_ref="demo:1"):
+async def start_vm_cluster(reactor, testcase, agents=2, offline_after=10.0, image_ref="demo:1",
+                           data_disk_mib=None):
     """
     A real control plane and C{agents} real agents (QEMU under TCG) in a temporary directory,
     every agent ready, and the test image pushed to the control plane's registry as
     C{image_ref}.  Everything is stopped (and the VMs killed) after C{testcase}.
 
+    @param data_disk_mib: give each agent's data directory a file system of its own of this
+        many MiB (a tmpfs: L{zwrm.testing.disks}), as operators give hosts a data disk.
     @return: C{(control plane, [agents])}.
     """
     from twisted.internet.threads import deferToThread
@@ -366,6 +371,9 @@ async def start_vm_cluster(reactor, testcase, agents=2, offline_after=10.0, imag
     started = [AgentProcess(reactor, f"{tmp}/a{i}", cp.url, cp.join_token, name=f"a{i}",
                             extra_args=["--accel", "tcg"]) for i in range(1, agents + 1)]
     for a in started:
+        if data_disk_mib is not None:
+            # (registered first: unmounted after the agent's stop)
+            small_disk(testcase, a.data_dir, f"{data_disk_mib}M")
         testcase.addCleanup(a.stop)
         await a.start()
 

@@ -42,6 +42,13 @@ function h(tag, attrs = {}, ...children) {
 }
 
 const stateBadge = (s) => h("span", { class: `state s-${s || "none"}` }, s || "-");
+// What a machine's `paused` means (zwrm/cli/host.py's PAUSED says the same).
+const PAUSED = {
+  "disk-full": "a write to one of its disks waits for room on its host's disk; it resumes by itself once there is room",
+};
+// A machine's state, and why its hypervisor holds it if it does (the CLI's "running (paused: disk-full)").
+const machineState = (m) => [stateBadge(m.state), m.paused ? h("span", { class: "state s-paused", title: PAUSED[m.paused] || m.paused }, `paused: ${m.paused}`) : null,
+  m.paused ? h("div", { class: "small" }, PAUSED[m.paused] || m.paused) : null];
 
 function bytes(n) {
   if (n === null || n === undefined) return "-";
@@ -405,10 +412,10 @@ function drawApps() {
         actionButton("Scale", "scale", { app: a.name }, () => scale(Object.assign({ replicas }, a)), !!a.spec || replicas !== undefined)),
       machines.length ? h("table", {},
         h("thead", {}, h("tr", {}, ["Machine", "Replica", "State", "Health", "Restarts", "Host", "Address", "Volumes", ""].map((t) => h("th", {}, t)))),
-        h("tbody", {}, machines.map((m) => h("tr", { dataset: { machine: m.id, state: m.state } },
+        h("tbody", {}, machines.map((m) => h("tr", { dataset: { machine: m.id, state: m.state, paused: m.paused || "" } },
           h("td", { class: "mono" }, m.id),
           h("td", { class: "num" }, m.replica),
-          h("td", {}, stateBadge(m.state)),
+          h("td", {}, ...machineState(m)),
           h("td", {}, stateBadge(m.health)),
           h("td", { class: "num" }, m.restarts || 0, m.restart_reason ? h("div", { class: "small" }, m.restart_reason) : null),
           h("td", {}, hostName(m.host_id)),
