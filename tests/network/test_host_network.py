@@ -3,8 +3,11 @@ L{HostNetwork} in network namespaces, without guests: what an agent restart find
 what leaving removes.
 """
 
+import ipaddress
 import os
 import shutil
+import struct
+import sys
 import tempfile
 
 import pytest
@@ -18,6 +21,47 @@ from zwrm.testing.disks import fill_disk, small_disk
 from zwrm.testing.netns import TestNetwork
 
 NET = {"address": "10.80.1.2", "prefix": 16, "gateway": "10.80.1.1", "mtu": 1450}
+
+#: Run in a host's namespace: attach to TAP argv[1] as QEMU does (/dev/net/tun), write the
+#: frame argv[2] (hex) 20 times, then the frames argv[3:] 20 times, then print the bridge's
+#: forwarding database and the host's neighbours on it (while the TAP is held: the bridge
+#: forgets what it learned on a port that goes down).
+INJECT = r"""
+import fcntl, os, struct, subprocess, sys, time
+fd = os.open("/dev/net/tun", os.O_RDWR)
+fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", sys.argv[1].encode(), 0x0002 | 0x1000))
+for frames in ([sys.argv[2]], sys.argv[3:]):
+    for _ in range(20):
+        for f in frames:
+            os.write(fd, bytes.fromhex(f))
+        time.sleep(0.025)
+time.sleep(0.2)
+for argv in (["bridge", "fdb", "show", "br", "zwbr0"], ["ip", "neigh", "show", "dev", "zwbr0"]):
+    print(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+    print("--")
+"""
+
+
+def _mac(text):
+    return bytes.fromhex(text.replace(":", ""))
+
+
+def _ip(text):
+    return ipaddress.IPv4Address(text).packed
+
+
+def _arp(src, sha, spa, tpa="10.80.1.1"):
+    """An Ethernet frame from MAC C{src}: an ARP request for C{tpa} from C{sha}, C{spa}."""
+    return (b"\xff" * 6 + _mac(src) + b"\x08\x06"
+            + struct.pack(">HHBBH", 1, 0x0800, 6, 4, 1)
+            + _mac(sha) + _ip(spa) + b"\0" * 6 + _ip(tpa)).hex()
+
+
+def _udp(src, saddr, daddr="10.80.1.1"):
+    """An Ethernet frame from MAC C{src} to the broadcast MAC: an IPv4 UDP packet."""
+    header = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, _ip(saddr), _ip(daddr))
+    return (b"\xff" * 6 + _mac(src) + b"\x08\x00" + header
+            + struct.pack(">HHHH", 9, 9, 8, 0)).hex()
 
 
 @pytest.mark.multihost
@@ -95,6 +139,32 @@ class HostNetworkTests(TestCase):
         self.assertEqual(await bridge_mac(), before)
         await again.remove_machine("m1")
         self.assertEqual(await bridge_mac(), before)
+
+    async def test_a_guest_cannot_take_another_ones_mac_or_address(self):
+        """
+        Frames a guest writes into its TAP (as its QEMU does) with another VM's MAC as their
+        source, or ARP naming another VM's MAC or address as its sender, are dropped before
+        the bridge learns from them: the bridge never sends the other VM's frames to this
+        guest's port, and the host never takes this guest for the other VM.  The guest's
+        own frames pass, sent the same way first (so the checks are not vacuous).
+        """
+        host = self.host("a")
+        self.addCleanup(lambda: defer.ensureDeferred(host.close()))
+        victim = await host.add_machine("m1", "web", NET)
+        guest = await host.add_machine("m2", "other", dict(NET, address="10.80.1.3"))
+        me, them = guest["mac"], victim["mac"]
+        out = await self.run(sys.executable, "-c", INJECT, guest["tap"],
+                             _arp(me, me, "10.80.1.3"),  # its own: learned
+                             _arp(them, them, "10.80.1.2"),  # as the other VM
+                             _udp(them, "10.80.1.3"),  # from the other VM's MAC
+                             _arp(me, me, "10.80.1.2"),  # the other VM's address
+                             _arp(me, them, "10.80.1.3"))  # the other VM's MAC as sender
+        fdb, neigh, _ = out.split("--")
+        self.assertIn(f"{me} dev {guest['tap']} ", fdb)
+        self.assertNotIn(them, fdb)
+        self.assertIn(f"10.80.1.3 lladdr {me} ", neigh)
+        self.assertNotIn("10.80.1.2 ", neigh)
+        self.assertNotIn(them, neigh)
 
     async def test_a_machine_from_another_subnet_leaves_the_bridge_as_it_is(self):
         # A guest moved here live keeps its old host's subnet and gateway: the bridge keeps

@@ -15,9 +15,12 @@ frames straight to its host.  Nothing is learned from the wire (C{nolearning}).
 
 Isolation, in two nftables tables, rewritten whole and atomically on every change:
 
- - C{bridge zwrm}: frames from a TAP must carry that VM's own address (no spoofing); a guest
-   may send IP only to VMs of its own app, to ports other apps' specs open, and to hosts'
-   bridge addresses (where the host's own rules apply).
+ - C{bridge zwrm}: frames from a TAP must carry that VM's own MAC, and its ARP that VM's own
+   MAC and address, checked before the bridge learns from a frame (C{prerouting}: a guest
+   cannot take another's frames or its address on the segment); its IP packets must carry
+   its own address (no spoofing); a guest may send IP only to VMs of its own app, to ports
+   other apps' specs open, and to hosts' bridge addresses (where the host's own rules
+   apply).
  - C{inet zwrm}: from the bridge, the host accepts only replies and DNS to its bridge address
    (so a guest reaches neither the host's loopback nor its services); routed traffic from
    guests may not go to other hosts' management addresses, the control plane, or back into
@@ -453,6 +456,7 @@ class HostNetwork:
             return f"elements = {{ {', '.join(items)} }}" if items else ""
 
         guests = [f'"{m["tap"]}" . {a}' for a, m in sorted(local.items())]
+        macs = [f'"{m["tap"]}" . {addressing.mac_for(a)}' for a, m in sorted(local.items())]
         appid = [f"{a} : {addressing.app_mark(m['app'])}" for a, m in sorted(every.items())]
         members = [f"{a} . {addressing.app_mark(m['app'])}" for a, m in sorted(every.items())]
         opened = [f"{a} . tcp . {p}" for a, m in sorted(every.items())
@@ -462,10 +466,17 @@ class HostNetwork:
 delete table bridge zwrm
 table bridge zwrm {{
   set guests {{ type ifname . ipv4_addr; {elements(guests)} }}
+  set macs {{ type ifname . ether_addr; {elements(macs)} }}
   map appid {{ type ipv4_addr : mark; {elements(appid)} }}
   set members {{ type ipv4_addr . mark; {elements(members)} }}
   set gateways {{ type ipv4_addr; {elements(gateways)} }}
   set opened {{ type ipv4_addr . inet_proto . inet_service; {elements(opened)} }}
+  chain prerouting {{
+    type filter hook prerouting priority -200; policy accept;
+    iifname "zt*" iifname . ether saddr != @macs drop
+    iifname "zt*" ether type arp iifname . arp saddr ether != @macs drop
+    iifname "zt*" ether type arp iifname . arp saddr ip != @guests drop
+  }}
   chain input {{
     type filter hook input priority 0; policy accept;
     iifname "zt*" ether type ip iifname . ip saddr != @guests drop
