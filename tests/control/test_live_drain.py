@@ -430,10 +430,20 @@ class LiveDrainTests(TestCase):
     @d
     async def test_mode_cold_and_agents_without_live(self):
         c, m, src, dst, vid, before = await self.setup()
+        [(address, _)] = await addresses(c, m["id"])
         result, _ = await self.drain(c, src, mode="cold")
         self.assertEqual(result["plan"][0]["mode"], "cold")
         self.assertEqual(self.phases(c), COLD_TAIL)
         self.assertEqual(c.verbs("live.prepare", "live.migrate"), [])
+        # A cold move: the replacement has an address of its own on the target; the
+        # original's was released with its row (no address is kept by a gone machine).
+        [new] = await c.apps.list_machines()
+        [(new_address, host)] = await addresses(c, new["id"])
+        self.assertEqual(await addresses(c, m["id"]), [None])
+        self.assertEqual(host, dst)
+        self.assertNotIn(m["id"], c.drains._replicas.network.addresses)
+        self.assertEqual([r["machine_id"] for r in await c.store.select("net_addresses")],
+                         [new["id"]])
         # An agent from before live.* counts as "cannot": auto goes cold.
         c, m, src, dst, vid, before = await self.setup()
         del c.executors[dst][1]["live.facts"]
