@@ -112,6 +112,9 @@ class Browser:
         await deferToThread(self.driver.quit)
 
 
+#: The hosts view's row of host C{arguments[0]}, as C{r}.
+HOST_ROW = "const r = document.querySelector(`#hosts-table tr[data-host='${arguments[0]}']`);"
+
 PHASE_RECORDER = """
 window.__phases = [];
 window.__noReload = true;
@@ -284,6 +287,13 @@ class ConsoleBrowserTests(TestCase):
             self.assertEqual(shown[:2], ["running", "paused: disk-full"])
             self.assertIn("waits for room on its host's disk", shown[2])
             await b.shot("paused.png")
+            # and its host, in the hosts view: no new placements there
+            await b.js("location.hash = '#hosts'")
+            await wait_js(b, HOST_ROW + " return r && r.dataset.diskFull === 'yes'"
+                             " && r.textContent.includes('disk fullno new placements')",
+                          30, "its host shown with a full disk", agent.host_id)
+            await b.shot("disk-full.png")
+            await b.js("location.hash = '#apps'")
         finally:
             os.unlink(filler)
         response = await write
@@ -292,6 +302,8 @@ class ConsoleBrowserTests(TestCase):
                          " return r && r.dataset.state === 'running' && r.dataset.paused === ''"
                          " && !r.querySelector('.s-paused');",
                       60, "the machine shown running again", row)
+        await wait_js(b, HOST_ROW + " return r && r.dataset.diskFull === ''", 30,
+                      "its host's disk no longer shown full", agent.host_id)
 
     async def confirm(self, b, **inputs):
         """Answer the console's confirmation dialog: fill C{inputs} (id -> value), confirm."""

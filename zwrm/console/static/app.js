@@ -378,13 +378,15 @@ function drawHosts() {
   const rows = hosts.map((x) => {
     const st = state.hostStatus.get(x.id);
     const cache = st && st.stats && st.stats.image_cache;
-    return h("tr", { dataset: { host: x.id, state: x.state } },
+    return h("tr", { dataset: { host: x.id, state: x.state, diskFull: x.disk_full ? "yes" : "" } },
       h("td", {}, x.name || "-", h("div", { class: "small" }, [x.region, x.datacenter].filter(Boolean).join(" / "))),
       h("td", { class: "mono" }, x.id),
       h("td", {}, stateBadge(x.state), x.executor === false && x.state !== "offline" ? h("div", { class: "small" }, "agent not callable") : null),
       h("td", {}, usage(x.alloc_vcpus || 0, x.vcpus || 0)),
       h("td", {}, usage(x.alloc_memory_mb || 0, x.memory_mb || 0, mib)),
-      h("td", {}, usage(x.alloc_disk_mb || 0, x.disk_mb || 0, mib)),
+      h("td", {}, usage(x.alloc_disk_mb || 0, x.disk_mb || 0, mib),
+        x.disk_full ? h("div", {}, h("span", { class: "state s-disk_full", title: "its heartbeats say its data disk is nearly full" }, "disk full"),
+          h("div", { class: "small" }, "no new placements")) : null),
       h("td", { class: "num" }, [...state.machines.values()].filter((m) => m.host_id === x.id).length),
       h("td", { class: "num heartbeat" }, heartbeatCell(x)),
       h("td", {}, cache ? usage(cache.size, cache.limit, bytes) : "-",

@@ -122,7 +122,8 @@ class HostEntry:
 def wire(entry):
     """
     The wire form of a host: C{id}, the facts and allocation of its row, C{state},
-    C{state_before_offline} and C{executor}.
+    C{state_before_offline}, C{executor} and C{disk_full} (its heartbeats say its data disk
+    is nearly full: no new placements).
     """
     r = entry.record
     out = {"id": r["id"]}
@@ -134,6 +135,7 @@ def wire(entry):
     out["state"] = entry.machine.state
     out["state_before_offline"] = entry.machine.state_before_offline
     out["executor"] = entry.executor
+    out["disk_full"] = entry.disk_full
     return out
 
 
