@@ -7,7 +7,8 @@ agents running the busybox test image under QEMU (TCG):
  - an app deployed with the CLI appears with its machine running, without a reload;
  - its host's disk fills up (each agent's data directory is a file system of its own) and a
    user's write meets it: the console shows the machine paused ("paused: disk-full", and
-   what that means), live, and running again once the disk has room and the write is done;
+   what that means) and the host's disk full ("no new placements"), live, and both cleared
+   once the disk has room and the write is done;
  - a drain started from the console (its button, its dialog) is followed live: the migration's
    phases advance in order up to C{done};
  - the other actions (restart, scale, activate, remove of a host whose agent stopped), a
@@ -270,7 +271,8 @@ class ConsoleBrowserTests(TestCase):
     async def _paused(self, b, machine, agents):
         """
         A user's write meets the full disk of the machine's host: the machine is shown
-        paused, then running again once the disk has room (the write then done).
+        paused and its host's disk full, then both cleared once the disk has room (the
+        write then done).
         """
         [agent] = [a for a in agents if a.host_id == machine["host_id"]]
         row = f"[data-app=web] tr[data-machine='{machine['id']}']"

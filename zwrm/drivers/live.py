@@ -352,7 +352,7 @@ class QemuLiveMigration:
     def _live_init(self):
         # Room kept on the machines' file system for their migration records, so that a
         # machine paused on this host's full disk can still leave live
-        # (L{zwrm.files.Reserve}); made by _live_reserve once the root exists.
+        # (L{zwrm.files.Reserve}); the driver makes it once its root exists.
         self.reserve = Reserve(os.path.join(self.root, RESERVE_FILE), _diskfull.RESERVE_BYTES,
                                _diskfull.RESUME_FREE_BYTES)
         self._live_listeners = {}
