@@ -18,6 +18,7 @@ from twisted.trial.unittest import TestCase
 from zwrm.drivers import diskfull
 from zwrm.drivers.qemu import QemuDriver, _Machine
 from zwrm.errors import ResourceExhausted
+from zwrm.files import Reserve
 from zwrm.testing.disks import fill_disk, small_disk
 
 MIB = 1 << 20
@@ -280,6 +281,13 @@ class LiveMigrationOnAFullDiskTests(TestCase):
                                               "device)")
         self.assertEqual(qmp.commands, [])  # nothing begun
         self.assertEqual(sorted(os.listdir(self.m.dir)), [])  # no half-written record
+
+    async def test_a_cancel_leaves_the_reserve_alone(self):
+        # (the reserve is for machines leaving; a cancelled migration's record is removed)
+        self.driver.reserve = Reserve(os.path.join(self.root, ".reserve"), 64 << 10, 0)
+        self.assertTrue(self.driver.reserve.refill())
+        await self.test_a_cancel_succeeds_without_room_for_its_record()
+        self.assertTrue(self.driver.reserve.held())
 
     async def test_a_cancel_succeeds_without_room_for_its_record(self):
         with open(self.m.path("live.json"), "w") as f:

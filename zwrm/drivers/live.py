@@ -472,9 +472,12 @@ class QemuLiveMigration:
         except (OSError, ValueError):
             have = {}
         have.update(doc)
-        held = self.reserve.held() or self.reserve.refill()  # (back once there is room)
-        write_atomically(m.path("live.json"), json.dumps(have), reserve=self.reserve)
-        if held and not self.reserve.held():
+        # A migration under way may take the reserve; the record of one cancelled (no role)
+        # is removed instead when there is no room for it (_cancel_migration).
+        reserve = self.reserve if have.get("role") else None
+        held = reserve is not None and (reserve.held() or reserve.refill())
+        write_atomically(m.path("live.json"), json.dumps(have), reserve=reserve)
+        if held and not reserve.held():
             log.warn("machine {id}: this host's disk is full: its migration is recorded in the"
                      " {kib} KiB kept in reserve for it (made again once the disk has room)",
                      id=m.id, kib=self.reserve.size >> 10)
