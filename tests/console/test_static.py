@@ -21,10 +21,11 @@ from zwrm.console import STATIC, VENDOR_AUTOBAHN, Console, load, policy
 from zwrm.control.service import ControlPlane
 from zwrm.control.tap import Config
 from zwrm.testing.processes import temp_dir
+from zwrm.web import Root
 
 
 def site_root(directory):
-    root = resource.Resource()
+    root = Root()  # as the control plane's
     Console(directory).mount(root)
     return root
 

@@ -9,11 +9,11 @@ import json
 import treq
 from twisted.internet import defer, reactor
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from zwrm.registry import TokenAuthorizer, make_registry_resource
 from zwrm.registry.guard import registry_request_factory
+from zwrm.web import Root
 
 OPERATOR = "op-token"
 AGENT_ID = "host-1"
@@ -92,7 +92,7 @@ class RunningRegistry:
         self.resource = make_registry_resource(
             reactor, root, authorize or default_authorizer(), **kwargs
         )
-        site_root = Resource()
+        site_root = Root()
         site_root.putChild(b"v2", self.resource)
         guard = dict(guard or {})
         self.site = TrackingSite(site_root, requestFactory=registry_request_factory(

@@ -7,7 +7,6 @@ import os
 
 from twisted.internet import reactor
 from twisted.trial import unittest
-from twisted.web.resource import Resource
 
 from tests.registry.helpers import (
     AGENT_ID,
@@ -22,6 +21,7 @@ from zwrm.errors import InvalidArgument, Unavailable
 from zwrm.pki import CertificateAuthority
 from zwrm.registry import make_registry_resource
 from zwrm.registry.client import RegistryClient, make_http_client, push_image
+from zwrm.web import Root
 
 
 class TLSTests(unittest.TestCase):
@@ -34,7 +34,7 @@ class TLSTests(unittest.TestCase):
         self.ca_file = os.path.join(self.dir, "ca.pem")
         with open(self.ca_file, "wb") as f:
             f.write(ca.certificate_pem)
-        top = Resource()
+        top = Root()
         top.putChild(b"v2", make_registry_resource(reactor, os.path.join(self.dir, "reg"),
                                                    default_authorizer()))
         site = TrackingSite(top)

@@ -26,6 +26,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from zwrm.web import Root
+
 _DISK = (
     ("rd_bytes", "zwrm_machine_disk_read_bytes", "Bytes read by the machine from a disk (QMP query-blockstats)."),
     ("wr_bytes", "zwrm_machine_disk_written_bytes", "Bytes written by the machine to a disk (QMP query-blockstats)."),
@@ -247,6 +249,6 @@ class MetricsResource(resource.Resource):
 
 def make_site(metrics):
     """An HTTP site with C{/metrics} only (anything else is 404)."""
-    root = resource.Resource()
+    root = Root()
     root.putChild(b"metrics", MetricsResource(metrics))
     return server.Site(root)

@@ -52,6 +52,7 @@ from zwrm.scheduler import Scheduler, load_strategy
 from zwrm.wamp.auth import RoleBasedAuthorizer
 from zwrm.wamp.router import Router
 from zwrm.wamp.transport import RouterWebSocketResource, rawsocket_factory, websocket_factory
+from zwrm.web import Root
 
 _CERT_KEYS = ("privateKey=", "certKey=", "extraCertChain=", "caCertsDir=")
 TOKEN_FILES = {"operator": "operator.token", "join": "join.token"}
@@ -165,7 +166,7 @@ class ControlPlane(service.MultiService):
         self.ports = []
         self.apis = []
         self.ready = False
-        self.root = resource.Resource()
+        self.root = Root()
         self.root.putChild(b"healthz", HealthResource(self))
         self.metrics = ControlMetrics(self)  # /metrics (zwrm.control.metrics)
         self.root.putChild(b"metrics", MetricsResource(self))

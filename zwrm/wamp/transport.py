@@ -37,7 +37,6 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.protocols import policies
 from twisted.protocols.basic import StringTooLongError
-from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from zwrm.endpoints import tls_error_text
@@ -51,6 +50,7 @@ from zwrm.wamp.wire import (
     unmask,
     ws_frame,
 )
+from zwrm.web import Root
 
 log = Logger()
 
@@ -632,7 +632,7 @@ class RouterWebSocketResource(WebSocketResource):
 
 def websocket_site(router, path="/ws", serializers=("json", "msgpack", "cbor")):
     """A C{twisted.web} Site serving the router's WebSocket at C{path}."""
-    root = Resource()
+    root = Root()
     root.putChild(path.strip("/").encode("ascii"),
                   RouterWebSocketResource(websocket_factory(router, serializers=serializers)))
     return Site(root)
