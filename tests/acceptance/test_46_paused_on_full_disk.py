@@ -44,26 +44,31 @@ BODY = b"".join(b"zwrm paused write, line %08d\n" % i for i in range((24 << 20) 
 
 
 @contextlib.contextmanager
-def _writing(cluster, via, port):
+def _full_disk_and_a_write(cluster, host, port):
     """
-    A user's write of L{BODY} to the app through C{via}'s ingress, from the client host:
-    the C{curl} process (killed if it is still running at the end).
+    C{host}'s data disk filled (as something outside zwrm would), then a user's write of
+    L{BODY} to the app through C{host}'s ingress, from the client host: yields the filler's
+    path and the C{curl} process; at the end the process is killed if it still runs, and the
+    filler removed.
     """
     fd, body_path = tempfile.mkstemp(prefix="zwrm-acc-body-", dir="/tmp")
     with os.fdopen(fd, "wb") as f:
         f.write(BODY)
-    writer = None
+    filler = writer = None
     try:
+        filler = cluster.fill_data_disk(host)
         writer = cluster.net.spawn(
             "client", ["curl", "-fsS", "--max-time", "600", "--data-binary", f"@{body_path}",
                        "-H", "Content-Type: application/octet-stream",
-                       f"http://{cluster.net.address(via)}:{port}/cgi-bin/write?big"],
+                       f"http://{cluster.net.address(host)}:{port}/cgi-bin/write?big"],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        yield writer
+        yield filler, writer
     finally:
         if writer is not None and writer.poll() is None:
             writer.kill()
             writer.wait()
+        if filler is not None:
+            cluster.sh(host, ["rm", "-f", filler])
         os.unlink(body_path)
 
 
@@ -93,8 +98,7 @@ def test_a_write_that_meets_a_full_disk_waits_for_room(cluster):
         [m] = app["machines"]
         assert (m["host_id"], m["state"], m["paused"]) == (a2, "running", None), m
 
-    filler = cluster.fill_data_disk("a2")
-    with _writing(cluster, "a2", PORT) as writer:
+    with _full_disk_and_a_write(cluster, "a2", PORT) as (filler, writer):
         with cluster.phase("a2's disk full; a user's write to the volume meets it"):
             try:
                 poll(lambda: machine()["paused"] == "disk-full", 180, interval=1,
@@ -142,17 +146,14 @@ def test_a_machine_paused_on_a_full_disk_leaves_live_with_its_write(cluster):
         [dst] = [a for a in AGENTS if a != src]
         boots = cluster.app_request("/cgi-bin/read?boots.log", via=src, port=LEAVING_PORT)
 
-    filler = cluster.fill_data_disk(src)
-    drained = False
     try:
-        with _writing(cluster, src, LEAVING_PORT) as writer:
+        with _full_disk_and_a_write(cluster, src, LEAVING_PORT) as (_, writer):
             with cluster.phase(f"{src}'s disk full; a user's write to the volume meets it"):
                 poll(lambda: machine()["paused"] == "disk-full", 180, interval=1,
                      what=f"the machine paused on {src}'s full disk")
             with cluster.phase(f"live drain of {src}, its disk still full"):
                 status = cluster.zwrm_json("host", "drain", src_id, "--mode", "live",
                                            timeout=600)
-                drained = True
                 assert status["state"] == "completed", status
                 [mg] = [g for g in status["migrations"] if g["machine_id"] == m["id"]]
                 assert (mg["phase"], mg["mode"], mg["target"]) == (
@@ -169,12 +170,13 @@ def test_a_machine_paused_on_a_full_disk_leaves_live_with_its_write(cluster):
         assert cluster.app_request("/cgi-bin/read?boots.log", via=dst,
                                    port=LEAVING_PORT) == boots
     finally:
-        cluster.sh(src, ["rm", "-f", filler])
         # What the next steps start from: the web app where the cluster says, its host
-        # ready again.
+        # ready again (however far the drain went).
         [web["machine"]] = cluster.zwrm_json("status", web["name"])["machines"]
-        if drained:
-            assert "ready" in cluster.zwrm("host", "activate", src_id)
+        state = {h["id"]: h["state"] for h in cluster.host_list()}[src_id]
+        if state in ("draining", "drained"):
+            verb = "undrain" if state == "draining" else "activate"
+            assert "ready" in cluster.zwrm("host", verb, src_id)
 
     cluster.zwrm("destroy", "leaving", "--volumes")
     logged = cluster.check_logs_since(offsets)
