@@ -23,9 +23,9 @@ from zwrm.drivers.live import (
     VERIFY_BLOCK,
     _check_target,
     _positive,
+    cannot_cancel,
     check_tls,
     live_drives,
-    outgoing_completed,
     status_doc,
 )
 from zwrm.errors import Conflict, InvalidArgument, NotAuthorized, Unavailable
@@ -342,8 +342,7 @@ class FakeLiveMigration:
     def _cancel_migration(self, mid):
         live = self._running(mid)
         # (as QEMU, "completed" stays said of the migration that brought a machine here)
-        if outgoing_completed(live["runstate"], live["migration"], live) or (
-                live["migration"] == "completed" and live["role"] == "target"):
+        if cannot_cancel(live["runstate"], live["migration"], live):
             raise Conflict(f"machine {mid}: its migration completed; it cannot be cancelled")
         streaming = live["migration"] not in ("none", "cancelled", "failed")
         if streaming:

@@ -848,11 +848,7 @@ class QemuLiveMigration:
         try:
             mig = (await q.execute("query-migrate")).get("status")
             run = (await q.execute("query-status"))["status"]
-            record = self._live_record(m) or {}
-            if outgoing_completed(run, mig, record) or (
-                    mig == "completed" and record.get("role") == "target"):
-                # (a target whose incoming migration completed holds the machine: the
-                # caller learns so from this Conflict)
+            if cannot_cancel(run, mig, self._live_record(m)):
                 raise Conflict(f"machine {machine_id}: its migration completed; it cannot "
                                "be cancelled")
             if mig in ACTIVE:
@@ -976,6 +972,16 @@ def outgoing_completed(run, mig, record):
     record = record or {}
     return run == "finish-migrate" or (record.get("role") == "source"
                                        and record.get("phase") in ("migrating", "switching"))
+
+
+def cannot_cancel(run, mig, record):
+    """
+    Whether the machine's migration completed, so that a cancel must refuse it: its own
+    outgoing one (L{outgoing_completed}), or, on a target, the incoming one, after which the
+    target holds the machine (the drain learns so from the refusal).
+    """
+    return outgoing_completed(run, mig, record) or (
+        mig == "completed" and (record or {}).get("role") == "target")
 
 
 def status_doc(run, mig, jobs, record):
