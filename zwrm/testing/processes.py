@@ -372,8 +372,11 @@ async def start_vm_cluster(reactor, testcase, agents=2, offline_after=10.0, imag
                             extra_args=["--accel", "tcg"]) for i in range(1, agents + 1)]
     for a in started:
         if data_disk_mib is not None:
-            # (registered first: unmounted after the agent's stop)
+            # Cleanups run last first: the agent stops, its machines are killed (their pid
+            # files are under the data directory, which a lazy unmount hides from
+            # temp_dir's cleanup), then it is unmounted.
             small_disk(testcase, a.data_dir, f"{data_disk_mib}M")
+            testcase.addCleanup(kill_machines_under, a.data_dir)
         testcase.addCleanup(a.stop)
         await a.start()
 
