@@ -64,8 +64,12 @@ class VolumeProcedureTests(TestCase):
         self.assertTrue(progress["finished"])
         self.assertEqual(progress["total"], result["allocated"])
         theirs = yield dst.volume_digest("v-1")
-        self.assertEqual(theirs, file_digest(path))
+        self.assertEqual(theirs, file_digest(path, name="blake3"))
         self.assertEqual(theirs, result["digest"])
+        self.assertEqual((yield dst.volume_digest("v-1", "sha256")), file_digest(path))
+        for bad in ("md5", None, ["blake3"]):
+            e = self.assertRaises(errors.InvalidArgument, dst.volume_digest, "v-1", bad)
+            self.assertIn("algorithm must be one of blake3, sha256", e.message)
         # never overwritten
         with self.assertRaises(errors.Conflict):
             dst.receive_volume(mint_token(), "v-1", size)
@@ -87,7 +91,9 @@ class VolumeProcedureTests(TestCase):
                                   mode="delta", commit=True)
         self.assertTrue(r["committed"])
         self.assertLessEqual(r["sent"], 2 * MiB)
-        self.assertEqual((yield dst.volume_digest("v-2")), file_digest(src.volumes.path("v-2")))
+        self.assertEqual(
+            (yield dst.volume_digest("v-2")), file_digest(src.volumes.path("v-2"), name="blake3")
+        )
         # a cancelled receive leaves nothing
         yield src.create_volume("v-3", 4)
         t3 = mint_token()

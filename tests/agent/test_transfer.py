@@ -13,6 +13,7 @@ import struct
 import subprocess
 import threading
 
+import blake3
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from OpenSSL import SSL
@@ -56,6 +57,14 @@ def pattern(seed, length=BLOCK_SIZE):
         out += hashlib.sha256(f"{seed}:{counter}".encode()).digest() * 32
         counter += 1
     return bytes(out[:length])
+
+
+def streamed_digest(path):
+    """
+    @return: the image digest of C{path} with the block hash two hosts of this version
+        choose for a stream (BLAKE3).
+    """
+    return blockmap.file_digest(path, name="blake3")
 
 
 def allocated(path):
@@ -113,20 +122,29 @@ class BlockmapTests(SynchronousTestCase):
 
     def test_digest_definition(self):
         """
-        The digest is SHA-256 over the header, the size and block size, and every block hash.
+        The digest is the hash (SHA-256 unless another is named, or BLAKE3) over the header,
+        the size and block size, and every block hash of that algorithm.
         """
         size = 2 * BLOCK_SIZE + 10
         path = os.path.join(self.dir, "img")
         write_image(path, size, {0: b"abc"})
         with open(path, "rb") as f:
             content = f.read()
-        hashes = [
-            hashlib.sha256(content[i : i + BLOCK_SIZE]).digest() for i in range(0, size, BLOCK_SIZE)
-        ]
-        expected = hashlib.sha256(
-            b"zwrm-volume-v1\0" + struct.pack(">QI", size, BLOCK_SIZE) + b"".join(hashes)
-        ).hexdigest()
-        self.assertEqual(blockmap.file_digest(path), "sha256-blocks:" + expected)
+        for name, new, kwargs in [
+            ("sha256", hashlib.sha256, {}),
+            ("sha256", hashlib.sha256, {"name": "sha256"}),
+            ("blake3", blake3.blake3, {"name": "blake3"}),
+        ]:
+            hashes = [new(content[i : i + BLOCK_SIZE]).digest() for i in range(0, size, BLOCK_SIZE)]
+            expected = new(
+                b"zwrm-volume-v1\0" + struct.pack(">QI", size, BLOCK_SIZE) + b"".join(hashes)
+            ).hexdigest()
+            self.assertEqual(blockmap.file_digest(path, **kwargs), f"{name}-blocks:" + expected)
+            self.assertEqual(blockmap.file_blockmap(path, **kwargs), (size, hashes))
+        self.assertNotEqual(
+            blockmap.file_digest(path, name="sha256")[-64:], blockmap.file_digest(path, name="blake3")[-64:]
+        )
+        self.assertRaises(ValueError, blockmap.file_digest, path, name="md5")
 
     def test_extents_and_blocks(self):
         """
@@ -394,7 +412,8 @@ class StreamTests(TestCase):
         self.assertEqual(result["allocated"], 7 * BLOCK_SIZE)
         self.assertTrue(result["committed"])
         self.assertEqual(result["attempts"], 1)
-        self.assertEqual(result["digest"], blockmap.file_digest(self.src))
+        self.assertEqual(result["digest"], streamed_digest(self.src))
+        self.assertTrue(result["digest"].startswith("blake3-blocks:"), result["digest"])
         self.assertEqual(
             seen[-1], {"sent": 6 * BLOCK_SIZE, "done": 7 * BLOCK_SIZE, "total": 7 * BLOCK_SIZE}
         )
@@ -495,7 +514,7 @@ class StreamTests(TestCase):
         self.patch(wire, "fast_calls", None)
         result, sends, reads, taken = yield self._countedStream()
         self.assertEqual(result["blocks_sent"], 12)
-        self.assertEqual(result["digest"], blockmap.file_digest(self.src))
+        self.assertEqual(result["digest"], streamed_digest(self.src))
         self.assertEqual(len(sends), 12 * (BLOCK_SIZE // 16384))
         self.assertGreater(len(reads), 12 * (BLOCK_SIZE // 16384) // 2)
         self.assertGreater(sum(taken), 12 * BLOCK_SIZE)
@@ -585,7 +604,7 @@ class StreamTests(TestCase):
         self.clock.advance(self.sender.backoff[0])
         result = yield d
         self.assertEqual(result["attempts"], 2)
-        self.assertEqual(result["digest"], blockmap.file_digest(self.src))
+        self.assertEqual(result["digest"], streamed_digest(self.src))
         self.assertSameBytes(self.src, self.store.path("vol-1"))
         self.assertEqual(self.temporaries(), [])
 
@@ -613,7 +632,7 @@ class StreamTests(TestCase):
         self.receiver.expect(token, "vol-1", size)
         result = yield self.sender.send("127.0.0.1", self.port, token, self.src, "host-dst")
         self.assertEqual(result["blocks_sent"], 6)
-        self.assertEqual(result["digest"], blockmap.file_digest(self.src))
+        self.assertEqual(result["digest"], streamed_digest(self.src))
         self.assertSameBytes(self.src, self.store.path("vol-1"))
 
     @defer.inlineCallbacks
@@ -663,7 +682,7 @@ class StreamTests(TestCase):
         path = self.store.path("vol-1")
         self.assertEqual(os.path.getsize(path), 32 * MiB + 5)
         self.assertEqual(allocated(path), 0)
-        self.assertEqual(result["digest"], blockmap.file_digest(self.src))
+        self.assertEqual(result["digest"], streamed_digest(self.src))
 
     @defer.inlineCallbacks
     def test_wrong_token(self):
@@ -885,7 +904,7 @@ class StreamTests(TestCase):
         self.assertEqual(delta["blocks_sent"], 3)
         self.assertEqual(delta["sent"], 3 * BLOCK_SIZE)
         self.assertEqual(delta["zeroed"], BLOCK_SIZE)
-        self.assertEqual(delta["digest"], blockmap.file_digest(self.src))
+        self.assertEqual(delta["digest"], streamed_digest(self.src))
         self.assertSameBytes(self.src, self.store.path("vol-1"))
         self.assertEqual(self.temporaries(), [])
 
@@ -1309,6 +1328,153 @@ class StreamTests(TestCase):
             self.sender.send("127.0.0.1", port, mint_token(), self.src, "host-dst"),
             errors.Corrupt)
         self.assertIn("different digest", e.message)
+
+    # -- the block hash each end offers and chooses -------------------------------------
+
+    @defer.inlineCallbacks
+    def test_a_receiver_that_names_no_hash_gets_sha256(self):
+        """
+        A receiver of the version before BLAKE3 (its ready names no hash; it hashes with
+        SHA-256) gets blocks hashed with SHA-256 and a C{sha256-blocks:} end digest; the hello
+        offered BLAKE3 first.
+        """
+        size = 16 * MiB
+        write_image(self.src, size, {0: pattern(0), 5 * BLOCK_SIZE: pattern(5)})
+        hellos, ends = [], []
+
+        def answer(kind, payload):
+            if kind == transfer.HELLO:
+                hellos.append(json.loads(payload))
+                return [(transfer.READY, {"offset": 0, "block_size": BLOCK_SIZE,
+                                          "blocks": size // BLOCK_SIZE})]
+            if kind == transfer.END:
+                ends.append(json.loads(payload))
+                return [(transfer.DONE, {"digest": ends[-1]["digest"], "committed": True})]
+            return []
+
+        port = yield self._fake_receiver(answer)
+        result = yield self.sender.send("127.0.0.1", port, mint_token(), self.src, "host-dst")
+        self.assertEqual(hellos[0]["hashes"], ["blake3", "sha256"])
+        self.assertEqual(ends[0]["digest"], blockmap.file_digest(self.src, name="sha256"))
+        self.assertEqual(result["digest"], ends[0]["digest"])
+
+    @defer.inlineCallbacks
+    def test_a_sender_that_offers_no_hash_gets_sha256(self):
+        """
+        A sender of the version before BLAKE3 (its hello offers none) is answered with
+        C{"hash": "sha256"}, and its SHA-256 end digest verifies the copy.
+        """
+        size = 16 * MiB
+        write_image(self.src, size, {0: pattern(0)})
+        incoming, proto = yield self._bulkHello(size)
+        ready = json.loads(self._frames(proto.received)[0][1])
+        self.assertEqual(ready["hash"], "sha256")
+        done = incoming.when_done()
+        proto.transport.write(self._frame(transfer.DATA, struct.pack(">Q", 0) + pattern(0)))
+        proto.transport.write(self._frame(transfer.END, {
+            "digest": blockmap.file_digest(self.src), "commit": True}))
+        stored = yield done
+        self.assertEqual(stored["digest"], blockmap.file_digest(self.src, name="sha256"))
+        self.assertSameBytes(self.src, self.store.path("vol-1"))
+
+    @defer.inlineCallbacks
+    def test_unknown_or_malformed_hashes_refused(self):
+        """
+        A hello whose hashes are none this host knows, or not a list of names, is refused with
+        InvalidArgument, and the transfer is left as it was (nothing staged).
+        """
+        for hashes, words in [
+            (["md5", "crc32"], "none of the block hashes ['md5', 'crc32'] is known to this host"
+                               " (it knows blake3, sha256)"),
+            ("blake3", "malformed hello: hashes must be a list"),
+            ([], "malformed hello: hashes must be a list"),
+            ([1], "malformed hello: hashes must be a list"),
+        ]:
+            token = mint_token()
+            incoming = self.receiver.expect(token, "vol-1", 16 * MiB, peer="host-src")
+            proto = yield self._rawConnection()
+            proto.transport.write(self._frame(transfer.HELLO, {
+                "v": transfer.PROTOCOL_VERSION, "token": token, "mode": "bulk",
+                "size": 16 * MiB, "commit": True, "hashes": hashes}))
+            yield wait_for(lambda p=proto: p.lost)
+            kind, payload = self._frames(proto.received)[0]
+            self.assertEqual(kind, transfer.ERROR)
+            msg = json.loads(payload)
+            self.assertEqual(msg["uri"], errors.InvalidArgument.uri)
+            self.assertIn(words, msg["message"])
+            self.assertEqual(incoming.state, "new")
+            self.assertEqual(self.temporaries(), [])
+            self.receiver.cancel(token)
+
+    @defer.inlineCallbacks
+    def test_the_receiver_takes_the_senders_first_known_hash(self):
+        """
+        The receiver answers with the first hash of the offer it knows.
+        """
+        for hashes, chosen in [(["md5", "sha256", "blake3"], "sha256"), (["blake3"], "blake3")]:
+            token = mint_token()
+            self.receiver.expect(token, "vol-1", 16 * MiB, peer="host-src")
+            proto = yield self._rawConnection()
+            proto.transport.write(self._frame(transfer.HELLO, {
+                "v": transfer.PROTOCOL_VERSION, "token": token, "mode": "bulk",
+                "size": 16 * MiB, "commit": True, "hashes": hashes}))
+            yield wait_for(lambda p=proto: self._frames(p.received))
+            kind, payload = self._frames(proto.received)[0]
+            self.assertEqual(kind, transfer.READY)
+            self.assertEqual(json.loads(payload)["hash"], chosen)
+            proto.transport.abortConnection()
+            yield self.receiver.cancel(token)
+
+    @defer.inlineCallbacks
+    def test_sender_refuses_a_hash_it_did_not_offer(self):
+        size = 16 * MiB
+        write_image(self.src, size, {0: pattern(0)})
+
+        def answer(kind, payload):
+            if kind == transfer.HELLO:
+                return [(transfer.READY, {"offset": 0, "block_size": BLOCK_SIZE,
+                                          "blocks": size // BLOCK_SIZE, "hash": "md5"})]
+            return []
+
+        port = yield self._fake_receiver(answer)
+        e = yield self.assertFailure(
+            self.sender.send("127.0.0.1", port, mint_token(), self.src, "host-dst"),
+            errors.Corrupt)
+        self.assertEqual(e.message, "the receiver chose the block hash 'md5', which was not offered")
+
+    @defer.inlineCallbacks
+    def test_a_copy_keeps_its_hash(self):
+        """
+        A bulk copy begun by an older sender (SHA-256) is resumed by a newer one in SHA-256,
+        which it also offers; a delta to a SHA-256 copy from a sender that offers only BLAKE3
+        is refused (Conflict), the staged copy kept.
+        """
+        size = 16 * MiB
+        write_image(self.src, size, {0: pattern(0), 3 * BLOCK_SIZE: pattern(3)})
+        incoming, proto = yield self._bulkHello(size)
+        proto.transport.write(self._frame(transfer.DATA, struct.pack(">Q", 0) + pattern(0)))
+        yield wait_for(lambda: incoming.received == BLOCK_SIZE)
+        proto.transport.loseConnection()
+        yield wait_for(lambda: incoming._proto is None)
+        result = yield self.sender.send(
+            "127.0.0.1", self.port, incoming.token, self.src, "host-dst", commit=False)
+        self.assertEqual(incoming.resumed_at, [0, BLOCK_SIZE])
+        self.assertEqual(result["blocks_sent"], 1)
+        self.assertEqual(result["digest"], blockmap.file_digest(self.src, name="sha256"))
+        self.assertEqual(incoming.state, "staged")
+
+        proto = yield self._rawConnection()
+        proto.transport.write(self._frame(transfer.HELLO, {
+            "v": transfer.PROTOCOL_VERSION, "token": incoming.token, "mode": "delta",
+            "size": size, "commit": True, "hashes": ["blake3"]}))
+        yield wait_for(lambda: proto.lost)
+        kind, payload = self._frames(proto.received)[0]
+        self.assertEqual(kind, transfer.ERROR)
+        msg = json.loads(payload)
+        self.assertEqual(msg["uri"], errors.Conflict.uri)
+        self.assertIn("hashed with sha256, which the sender does not offer", msg["message"])
+        self.assertEqual(incoming.state, "staged")
+        self.assertEqual(incoming.digest, result["digest"])
 
     def _rawConnection(self):
         class Raw(Protocol):

@@ -49,7 +49,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from zwrm.agent import health as _health
-from zwrm.agent.blockmap import file_digest
+from zwrm.agent.blockmap import ALGORITHMS, BLOCK_SIZE, PREFERRED, file_digest
 from zwrm.agent.console import ConsoleRelay
 from zwrm.agent.network.host import check_network
 from zwrm.agent.transfer.progress import ProgressThrottle
@@ -635,16 +635,30 @@ class Executor:
         return self._transfers().cancel(token).addCallback(lambda _: {"cancelled": True})
 
     @wamp.register("volume.digest")
-    def volume_digest(self, volume_id):
+    def volume_digest(self, volume_id, algorithm=PREFERRED[0]):
         """
-        @return: a Deferred of the volume's image digest (C{sha256-blocks:...}, see
+        @param algorithm: the block hash (C{"blake3"}, what streams between hosts of this
+            version use, or C{"sha256"}).
+        @return: a Deferred of the volume's image digest (C{blake3-blocks:...}, see
             docs/volume-streams.md), computed in a thread.
         @raise NotFound: no such volume here.
+        @raise InvalidArgument: an unknown algorithm.
         """
+        if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
+            raise InvalidArgument(
+                f"algorithm must be one of {', '.join(sorted(ALGORITHMS))}, not {algorithm!r}"
+            )
         if not self.volumes.exists(volume_id):
             raise NotFound(f"no volume {volume_id!r} on host {self.host_id}")
         path = self.volumes.path(volume_id)
-        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), file_digest, path)
+        return deferToThreadPool(
+            self.reactor,
+            self.reactor.getThreadPool(),
+            file_digest,
+            path,
+            BLOCK_SIZE,
+            algorithm,
+        )
 
     # --- network ------------------------------------------------------------------------
 

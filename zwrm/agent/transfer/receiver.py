@@ -129,16 +129,17 @@ class _Buffers:
                 pass
 
 
-def _write_parts(fd, parts, offset, length, direct=None, buffers=None):
+def _write_parts(fd, parts, offset, length, direct=None, buffers=None, new=hashlib.sha256):
     """
-    Write C{parts} (a block as received, in pieces) at C{offset}, and hash it.
+    Write C{parts} (a block as received, in pieces) at C{offset}, and hash it with C{new} (a
+    constructor of L{blockmap.ALGORITHMS}).
 
     With C{direct} (the file opened with C{O_DIRECT}) and a whole number of aligned sectors,
     the pieces are gathered into an aligned buffer from C{buffers}, hashed there in one call
     and written past the page cache: no page-cache copy, no dirty pages for the kernel to write
     back and the final C{fsync} to wait for.
 
-    @return: the SHA-256 of the block.
+    @return: the hash of the block.
     """
     if direct is not None and buffers is not None and not (offset | length) % DIRECT_ALIGN:
         buf = buffers.take()
@@ -149,7 +150,7 @@ def _write_parts(fd, parts, offset, length, direct=None, buffers=None):
                 n = len(part)
                 view[pos : pos + n] = part
                 pos += n
-            digest = hashlib.sha256(view).digest()
+            digest = new(view).digest()
             written = _pwritev(direct, [view], offset)
             if written < length:
                 # The rest (unaligned now) through the page cache.
@@ -161,23 +162,24 @@ def _write_parts(fd, parts, offset, length, direct=None, buffers=None):
     written = _pwritev(fd, parts, offset)
     if written < length:
         _write_rest(fd, memoryview(b"".join(parts))[written:], offset + written)
-    h = hashlib.sha256()
+    h = new()
     for part in parts:
         h.update(part)
     return h.digest()
 
 
-def _write_block(fd, buf, offset, length, direct=None):
+def _write_block(fd, buf, offset, length, direct=None, new=hashlib.sha256):
     """
     Hash the block in the first C{length} bytes of C{buf} (an aligned buffer of L{_Buffers})
-    and write it at C{offset}: through C{direct} (the file opened with C{O_DIRECT}) when it is
-    a whole number of sectors, else through C{fd} (the page cache).
+    with C{new} (a constructor of L{blockmap.ALGORITHMS}) and write it at C{offset}: through
+    C{direct} (the file opened with C{O_DIRECT}) when it is a whole number of sectors, else
+    through C{fd} (the page cache).
 
-    @return: the SHA-256 of the block.
+    @return: the hash of the block.
     """
     with memoryview(buf) as whole:
         view = whole[:length]
-        digest = hashlib.sha256(view).digest()
+        digest = new(view).digest()
         aligned = direct is not None and not (offset | length) % DIRECT_ALIGN
         written = _pwritev(direct if aligned else fd, [view], offset)
         if written < length:
@@ -204,6 +206,8 @@ class IncomingTransfer:
     @ivar offset: in bulk mode, every block before this offset has been written.
     @ivar received: payload bytes written to the temporary file, all connections included.
     @ivar resumed_at: the offsets reported to the sender, one per connection.
+    @ivar algorithm: the name of the block hash (L{blockmap.ALGORITHMS}) of the copy: the first
+        of the sender's offer this host knows, chosen when a bulk copy starts.
     """
 
     def __init__(self, receiver, token, volume_id, size, peer):
@@ -217,6 +221,7 @@ class IncomingTransfer:
         self.received = 0
         self.digest = None
         self.resumed_at = []
+        self.algorithm = blockmap.DEFAULT
         self.hashes = blockmap.hole_hashes(size)
         self.tmp_path = None
         self._fd = None
@@ -304,6 +309,24 @@ class IncomingTransfer:
             )
         if self.state == "verifying":
             raise errors.Unavailable(f"volume {self.volume_id} is being verified; try again")
+        offered = hello.get("hashes", [blockmap.DEFAULT])
+        if not (
+            isinstance(offered, list) and offered and all(isinstance(n, str) for n in offered)
+        ):
+            raise errors.InvalidArgument(
+                f"malformed hello: hashes must be a list of block hash names, not {offered!r}"
+            )
+        known = [n for n in offered if n in blockmap.ALGORITHMS]
+        if not known:
+            raise errors.InvalidArgument(
+                f"none of the block hashes {offered!r} is known to this host"
+                f" (it knows {', '.join(sorted(blockmap.ALGORITHMS))})"
+            )
+        if mode == "delta" and self.state in ("staged", "delta") and self.algorithm not in known:
+            raise errors.Conflict(
+                f"the bulk copy of volume {self.volume_id} is hashed with {self.algorithm},"
+                " which the sender does not offer; send it in bulk"
+            )
         if self._proto is not None:
             # A newer connection wins: the old one is dead or about to be.
             old, self._proto = self._proto, None
@@ -317,13 +340,19 @@ class IncomingTransfer:
             # The sender finished before but never saw our answer.
             return ("finish", commit)
         if mode == "bulk":
-            if self.state in ("new", "staged", "delta"):
-                self._restart()
+            if self.state in ("new", "staged", "delta") or self.algorithm not in known:
+                # (a copy begun with a hash the sender no longer offers starts over)
+                self._restart(known[0])
                 self.state = "bulk"
             self.resumed_at.append(self.offset)
             return (
                 "ready",
-                {"offset": self.offset, "block_size": BLOCK_SIZE, "blocks": len(self.hashes)},
+                {
+                    "offset": self.offset,
+                    "block_size": BLOCK_SIZE,
+                    "blocks": len(self.hashes),
+                    "hash": self.algorithm,
+                },
             )
         if self.state not in ("staged", "delta"):
             raise errors.Conflict(
@@ -377,9 +406,10 @@ class IncomingTransfer:
 
     # the temporary file
 
-    def _restart(self):
+    def _restart(self, algorithm):
         """
-        Start from nothing: a new, empty, sparse temporary file.
+        Start from nothing: a new, empty, sparse temporary file, its blocks to be hashed with
+        C{algorithm}.
         """
         self._discard()
         self.tmp_path = self._receiver.store.temporary_path(self.volume_id)
@@ -398,7 +428,8 @@ class IncomingTransfer:
             raise errors.Unavailable(
                 f"cannot store volume {self.volume_id}: {e.strerror}"
             ) from None
-        self.hashes = blockmap.hole_hashes(self.size)
+        self.algorithm = algorithm
+        self.hashes = blockmap.hole_hashes(self.size, name=algorithm)
         self.offset = 0
         self.digest = None
         self._write_error = None
@@ -409,7 +440,7 @@ class IncomingTransfer:
         """
         fd, direct, path = self._fd, self._direct, self.tmp_path
         self._fd = self._direct = self.tmp_path = None
-        self.hashes = blockmap.hole_hashes(self.size)
+        self.hashes = blockmap.hole_hashes(self.size, name=self.algorithm)
         self.offset = 0
         self.digest = None
         if self.state not in ("committed", "cancelled"):
@@ -572,11 +603,13 @@ class IncomingTransfer:
             if kick:
                 self._dirty = 0
 
+        new = blockmap.algorithm(self.algorithm)
+
         def work(fd):
             if buf is not None:
-                digest = _write_block(fd, buf, offset, length, direct)
+                digest = _write_block(fd, buf, offset, length, direct, new)
             else:
-                digest = _write_parts(fd, parts, offset, length, direct, buffers)
+                digest = _write_parts(fd, parts, offset, length, direct, buffers, new)
             if kick:
                 _start_writeback(fd)
             return digest
@@ -596,8 +629,8 @@ class IncomingTransfer:
         def work(fd):
             blockmap.punch_hole(fd, offset, length)
 
-        def done(_):
-            self.hashes[index] = blockmap.zero_hash(length)
+        def done(_, name=self.algorithm):
+            self.hashes[index] = blockmap.zero_hash(length, name)
 
         self._queue(work, done, None, index)
 
@@ -632,7 +665,7 @@ class IncomingTransfer:
             raise errors.Conflict(f"the transfer of volume {self.volume_id} was cancelled")
         if self._write_error is not None:
             raise self._write_error
-        digest = blockmap.image_digest(self.size, self.hashes)
+        digest = blockmap.image_digest(self.size, self.hashes, name=self.algorithm)
         if not isinstance(expected, str) or not hmac.compare_digest(
             digest.encode("ascii"), expected.encode("utf-8")
         ):
@@ -786,7 +819,13 @@ class _ReceiverProtocol(_Framed):
         elif what == "ready":
             self.sendFrame(READY, arg)
         else:
-            self.sendFrame(READY, {"offset": 0, "block_size": BLOCK_SIZE, "blocks": len(arg) // 32})
+            ready = {
+                "offset": 0,
+                "block_size": BLOCK_SIZE,
+                "blocks": len(arg) // 32,
+                "hash": transfer.algorithm,
+            }
+            self.sendFrame(READY, ready)
             self.transport.write(_HEADER.pack(BLOCKMAP, len(arg)) + arg)
 
     def _done(self, msg):

@@ -109,6 +109,9 @@ class _SenderProtocol(_Framed):
             "mode": s.mode,
             "size": s.size,
             "commit": s.commit,
+            # The block hashes it can use, the one it prefers first; once a receiver chose
+            # one, only that one (its hashes of the blocks read so far are in it).
+            "hashes": [s.algorithm] if s.algorithm is not None else list(blockmap.PREFERRED),
         }
         if s.end_digest is not None:
             hello["digest"] = s.end_digest
@@ -134,6 +137,7 @@ class _SenderProtocol(_Framed):
                 raise errors.InvalidArgument(
                     f"the receiver uses blocks of {msg.get('block_size')!r} bytes"
                 )
+            s.useAlgorithm(msg.get("hash", blockmap.DEFAULT))
             if s.mode == "bulk":
                 offset = msg.get("offset")
                 if not isinstance(offset, int) or offset < 0 or offset % BLOCK_SIZE:
@@ -197,6 +201,8 @@ class _SenderProtocol(_Framed):
                     item.index,
                     s.size,
                     item.buf,
+                    BLOCK_SIZE,
+                    s.algorithm,
                 )
                 d.addCallbacks(
                     self._read, self._readFailed, callbackArgs=(item,), errbackArgs=(item,)
@@ -204,7 +210,7 @@ class _SenderProtocol(_Framed):
             else:
                 item.result = (
                     None,
-                    blockmap.zero_hash(blockmap.block_length(item.index, s.size)),
+                    blockmap.zero_hash(blockmap.block_length(item.index, s.size), s.algorithm),
                     True,
                 )
 
@@ -302,7 +308,7 @@ class _SenderProtocol(_Framed):
     def _finish(self):
         self._finished = True
         s = self._send
-        s.end_digest = blockmap.image_digest(s.size, s.hashes)
+        s.end_digest = blockmap.image_digest(s.size, s.hashes, name=s.algorithm)
         self.sendFrame(END, {"digest": s.end_digest, "commit": s.commit})
         self.transport.unregisterProducer()
         # The receiver now verifies and fsyncs the whole copy before it answers.
@@ -347,6 +353,7 @@ class _Send:
         self.attempts = 0
         self.resumed_at = []
         self.end_digest = None
+        self.algorithm = None  # the block hash, once a receiver chose it (L{useAlgorithm})
         self.buffers = []
         self.proto = None
         self.delayed = None
@@ -382,6 +389,21 @@ class _Send:
             err = errors.Internal(f"cannot read volume image {self.path}")
             log.failure("volume scan failed", f)
         self.machine.scan_failed(err)
+
+    def useAlgorithm(self, name):
+        """
+        The receiver chose the block hash C{name} from what the hello offered.
+
+        @raise errors.Corrupt: it was not offered.
+        """
+        offered = [self.algorithm] if self.algorithm is not None else blockmap.PREFERRED
+        if name not in offered:
+            raise errors.Corrupt(
+                f"the receiver chose the block hash {name!r}, which was not offered"
+            )
+        if self.algorithm is None:
+            self.algorithm = name
+            self.hashes = blockmap.hole_hashes(self.size, name=name)
 
     def takeBuffer(self):
         """
