@@ -10,12 +10,16 @@ random files, then, C{--runs} times each, alternating:
  - B{stream}: a L{VolumeReceiver} in a child process (its own agent, as on a real target host)
    and a L{VolumeSender} in this process, over TLS on loopback with host certificates from a
    throw-away cluster CA; timed from C{send()} to its result, which comes after the receiver
-   verified the digest, fsynced the copy and adopted it into its volume store.
+   verified the digest, fsynced the copy and adopted it into its volume store.  Its blocks
+   are hashed with BLAKE3, what two hosts of this version choose; B{stream, SHA-256} is the
+   same with the sender offering only SHA-256, as a host of the version before does (the
+   code before BLAKE3, in this run).
  - B{fair peer}: C{tar -cS | tee >(openssl dgst -sha256) | socat} to C{socat | tee >(openssl
    dgst -sha256) | tar -xS; sync}, over TCP and over mutual TLS (socat's OPENSSL with the same
    host certificates): moves only allocated data, hashes with OpenSSL (SHA-NI) at both ends and
    fsyncs, as the stream does.  Goal: the stream at least 2x this peer, and at least 500 MiB/s of
-   allocated data.
+   allocated data.  With C{b3sum} installed (C{apt install b3sum}), the TLS peer also runs
+   hashing with it (BLAKE3, as the stream does).
  - B{old baseline} (printed for one more release): the image served by C{python3 -m
    http.server}, fetched with C{curl | tee >(sha256sum) > file}, then C{sync file}.  It moves,
    hashes (coreutils, no SHA-NI) and fsyncs the whole image, zeros included, so its ratio
@@ -144,7 +148,12 @@ def _wait_listening(port, proc, timeout=30.0):
     raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
 
 
-def fair_baseline(work, image, creds, tls):
+#: How the fair peer hashes: OpenSSL's SHA-256 (SHA-NI), or BLAKE3 (the b3sum tool).
+OPENSSL_SHA256 = "openssl dgst -sha256 -r"
+B3SUM = "b3sum"
+
+
+def fair_baseline(work, image, creds, tls, hasher=OPENSSL_SHA256):
     """
     A sparse-aware, OpenSSL-hashed peer: C{tar -cS | tee >(openssl dgst -sha256) | socat}
     on the sending side, C{socat | tee >(openssl dgst -sha256) | tar -xS; sync} on the
@@ -165,10 +174,10 @@ def fair_baseline(work, image, creds, tls):
         listen = f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr"
         connect = f"TCP:127.0.0.1:{port}"
     name = os.path.basename(image)
-    receive = (f"set -euo pipefail; socat -u {listen} STDOUT | tee >(openssl dgst -sha256 -r > {out}.recv.sum)"
+    receive = (f"set -euo pipefail; socat -u {listen} STDOUT | tee >({hasher} > {out}.recv.sum)"
                f" | tar -xSf - -C {out}; wait; sync {out}/{name}")
     send = (f"set -euo pipefail; tar -cSf - -C {os.path.dirname(image)} {name}"
-            f" | tee >(openssl dgst -sha256 -r > {out}.send.sum) | socat -u STDIN {connect}; wait")
+            f" | tee >({hasher} > {out}.send.sum) | socat -u STDIN {connect}; wait")
     receiver = subprocess.Popen(["bash", "-c", receive])
     try:
         _wait_listening(port, receiver)
@@ -290,12 +299,23 @@ def stop_receiver(child, store):
     return cpu
 
 
-async def stream(reactor, work, image, creds, size):
+async def stream(reactor, work, image, creds, size, offer=None):
+    """
+    One stream; C{offer}, if given, replaces the block hashes the sender offers (for the
+    duration of the call).
+    """
     from twisted.internet.threads import deferToThread
 
     from zwrm import pki
+    from zwrm.agent import blockmap
     from zwrm.agent.transfer import VolumeSender, mint_token
 
+    if offer is not None:
+        preferred, blockmap.PREFERRED = blockmap.PREFERRED, tuple(offer)
+        try:
+            return await stream(reactor, work, image, creds, size)
+        finally:
+            blockmap.PREFERRED = preferred
     token = mint_token()
     child, store, port = await deferToThread(start_receiver, work, creds, token, size)
     try:
@@ -372,6 +392,8 @@ async def measure(reactor, args):
         print(f"image: {st.st_size / GiB:.2f} GiB, {allocated / GiB:.3f} GiB allocated")
         creds = write_credentials(work)
         streams, baselines, fair_tcp, fair_tls, cpus = [], [], [], [], []
+        streams_sha, fair_b3, cpus_sha = [], [], []
+        b3sum = shutil.which("b3sum")
         load0 = os.getloadavg()[0]
         for i in range(args.runs):
             # interleaved: every run measures each way once
@@ -381,16 +403,28 @@ async def measure(reactor, args):
             fair_tcp.append(ft)
             fs = await deferToThread(fair_baseline, work, image, creds, True)
             fair_tls.append(fs)
+            fb = None
+            if b3sum:
+                fb = await deferToThread(fair_baseline, work, image, creds, True, B3SUM)
+                fair_b3.append(fb)
             s, result = await stream(reactor, work, image, creds, st.st_size)
             streams.append(s)
             cpus.append((result["sender_cpu"], result["receiver_cpu"]))
+            s2, result2 = await stream(reactor, work, image, creds, st.st_size, offer=["sha256"])
+            streams_sha.append(s2)
+            cpus_sha.append((result2["sender_cpu"], result2["receiver_cpu"]))
             print(
-                f"run {i + 1}: old baseline {b:.2f} s; tar -S|socat TCP {ft:.2f} s, TLS {fs:.2f} s;"
+                f"run {i + 1}: old baseline {b:.2f} s; tar -S|socat TCP {ft:.2f} s, TLS {fs:.2f} s"
+                + (f", TLS with b3sum {fb:.2f} s" if fb is not None else "") + ";"
                 f" stream {s:.2f} s ({allocated / s / MiB:.0f} MiB/s allocated,"
-                f" {result['sent'] / MiB:.0f} MiB sent, attempts {result['attempts']};"
+                f" {result['sent'] / MiB:.0f} MiB sent, attempts {result['attempts']},"
+                f" {result['digest'].split('-blocks:')[0]};"
                 f" CPU s per allocated GiB: sender {_per_gib(result['sender_cpu'], allocated)},"
-                f" receiver {_per_gib(result['receiver_cpu'], allocated)}; load"
-                f" {os.getloadavg()[0]:.1f})",
+                f" receiver {_per_gib(result['receiver_cpu'], allocated)});"
+                f" stream, {result2['digest'].split('-blocks:')[0]} {s2:.2f} s"
+                f" ({allocated / s2 / MiB:.0f} MiB/s; CPU s per GiB: sender"
+                f" {_per_gib(result2['sender_cpu'], allocated)}, receiver"
+                f" {_per_gib(result2['receiver_cpu'], allocated)}); load {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
         b, s = statistics.median(baselines), statistics.median(streams)
@@ -398,9 +432,14 @@ async def measure(reactor, args):
         print()
         print(f"medians of {args.runs} interleaved runs, MiB/s of allocated data (higher is better);"
               f" load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after, {os.cpu_count()} cores")
+        s2 = statistics.median(streams_sha)
         print(
-            f"  volume stream (TLS, sparse extents, SHA-256 verified, fsync): {allocated / s / MiB:6.0f}"
+            f"  volume stream (TLS, sparse extents, BLAKE3 verified, fsync): {allocated / s / MiB:6.0f}"
             f" ({s:.2f} s)"
+        )
+        print(
+            f"  the same stream verified with SHA-256 (a peer of the version before):"
+            f" {allocated / s2 / MiB:6.0f} ({s2:.2f} s)  BLAKE3/SHA-256 {s2 / s:.2f}x"
         )
         print(
             f"  fair peer, TCP: tar -cS | tee >(openssl dgst) | socat -> socat | tee >(openssl dgst)"
@@ -410,20 +449,29 @@ async def measure(reactor, args):
             f"  fair peer, mutual TLS (socat OPENSSL, same host certificates):"
             f" {allocated / fs / MiB:6.0f} ({fs:.2f} s)  stream/fair {fs / s:.2f}x (goal >= 2x)"
         )
+        if fair_b3:
+            fb = statistics.median(fair_b3)
+            print(
+                f"  fair peer, mutual TLS, hashing with b3sum (BLAKE3, as the stream):"
+                f" {allocated / fb / MiB:6.0f} ({fb:.2f} s)  stream/fair {fb / s:.2f}x"
+            )
+        else:
+            print("  fair peer hashing with BLAKE3: not run (b3sum is not installed: apt install b3sum)")
         print(
             f"  old baseline (kept one release; not sparse-aware, coreutils sha256sum):"
             f" http.server -> curl | tee >(sha256sum) > file; sync: {allocated / b / MiB:6.0f}"
             f" ({b:.2f} s)  stream/old {b / s:.2f}x"
         )
         print(f"  goal: >= 500 MiB/s of allocated data: {'met' if allocated / s / MiB >= 500 else 'not met'}")
-        sender_cpu = statistics.median(c[0] for c in cpus)
-        received = [c[1] for c in cpus if c[1] is not None]
-        receiver_cpu = statistics.median(received) if received else None
-        print(
-            f"  the stream's CPU seconds per allocated GiB (median; all threads of each process,"
-            f" kernel time included): sender {_per_gib(sender_cpu, allocated)}, receiver"
-            f" {_per_gib(receiver_cpu, allocated)}"
-        )
+        for label, runs in (("BLAKE3", cpus), ("SHA-256", cpus_sha)):
+            sender_cpu = statistics.median(c[0] for c in runs)
+            received = [c[1] for c in runs if c[1] is not None]
+            receiver_cpu = statistics.median(received) if received else None
+            print(
+                f"  the stream's CPU seconds per allocated GiB, {label} (median; all threads of"
+                f" each process, kernel time included): sender {_per_gib(sender_cpu, allocated)},"
+                f" receiver {_per_gib(receiver_cpu, allocated)}"
+            )
         print()
         changed = 16
         d, result = await bulk_then_delta(reactor, work, image, creds, st.st_size, changed)
