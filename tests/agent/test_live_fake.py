@@ -488,12 +488,40 @@ class VerifyTests(TestCase):
         self.assertTrue(result["ok"])
         self.assertEqual(result["differing_blocks"], 1)
         self.assertEqual(result["dirty_blocks"], 1)
+        # Page by page (as the control plane verifies a large volume): the same counts.
+        results = [await hosts.b.verify("m1", "v1", p) for p in pages]
+        self.assertTrue(all(r["ok"] for r in results))
+        self.assertEqual([(r["first"], r["blocks"]) for r in results], [(0, 24), (24, 24), (48, 16)])
+        self.assertEqual(sum(r["differing_blocks"] for r in results), 1)
+        self.assertEqual(sum(r["dirty_blocks"] for r in results), 1)
         with open(hosts.b.volumes.path("v1"), "r+b") as f:
             f.seek(SIZE - 100)
             f.write(b"corrupt")
         with self.assertRaises(Corrupt) as cm:
             await hosts.b.verify("m1", "v1", frozen)
         self.assertIn("outside the target's dirty bitmap", cm.exception.message)
+        self.assertIn("[63]", cm.exception.message)
+        # The last page alone names the same block (by its index in the volume); the
+        # first passes.
+        with self.assertRaises(Corrupt) as cm:
+            await hosts.b.verify("m1", "v1", pages[2])
+        self.assertIn("[63]", cm.exception.message)
+        self.assertTrue((await hosts.b.verify("m1", "v1", pages[0]))["ok"])
+        # A page that does not say where it is, or whose hashes do not fit it, is refused.
+        for bad, words in [
+            (dict(pages[1], first=-1), "hashes.first must be a block number"),
+            (dict(pages[1], first="24"), "hashes.first must be a block number"),
+            (dict(pages[1], count=True), "hashes.count must be a block number"),
+            (dict(pages[1], count=23), "must hold 16 bytes for each of its 23 blocks"),
+            (dict(pages[1], hashes="zz"), "hashes.hashes must be hexadecimal"),
+            (dict(pages[1], block=4096), "hashes.block must be 65536"),
+        ]:
+            with self.assertRaises(InvalidArgument) as cm:
+                await hosts.b.verify("m1", "v1", bad)
+            self.assertIn(words, cm.exception.message)
+        # A page of the source's that is somewhere else than it says: it does not verify.
+        with self.assertRaises(Corrupt):
+            await hosts.b.verify("m1", "v1", dict(pages[0], first=24))
         self.flushLoggedErrors()
 
 

@@ -26,11 +26,13 @@ from tests.control.test_drain import (
     write_known,
 )
 from zwrm import errors, pki
-from zwrm.agent.live import LiveMigrations
+from zwrm.agent.live import HASH_BYTES, LiveMigrations
+from zwrm.control import live_drain
 from zwrm.control.live_drain import live_refusal
 from zwrm.control.migration import Migration
 from zwrm.drivers.fake_live import FakeNetwork
 from zwrm.testing.processes import poll
+from zwrm.wamp.router import RouterLimits
 
 LIVE_PATH = ["live_preparing", "live_migrating", "switching_over", "switched_over",
              "verifying", "committing", "cleaning", "done"]
@@ -780,6 +782,78 @@ class LiveDrainTests(TestCase):
         self.assertIn(m["id"], [x["machine_id"] for x in c.executors[src][0].list_machines()])
         self.assertEqual(c.verbs("volume.delete", "machine.destroy"), [])
         self.assertIsNotNone(await c.store.get("machines", m["id"]))
+
+    async def drain_in_pages(self, corrupt_block=None):
+        """
+        Drain with pages made small (64 blocks of hashes, 128 verified per call), with
+        C{corrupt_block} of the target's copy changed behind its guest's back just before the
+        last page's hashes are asked for.
+
+        @return: the cluster, the setup, the migration's status and the pages verified
+            (C{first}, C{count}, the hashes in it).
+        """
+        self.patch(live_drain, "LIVE_HASH_PAGE", 64)
+        self.patch(live_drain, "LIVE_VERIFY_PAGE", 128)
+        c, m, src, dst, vid, before = await self.setup()
+        pages = []
+
+        def seen(machine_id, volume_id, hashes):
+            pages.append((hashes["first"], hashes["count"], len(hashes["hashes"]) // 32))
+
+        c.before(dst, "live.verify", seen)
+        if corrupt_block is not None:
+            def hashes(original):
+                def f(volume_id, *args):
+                    if args and args[0] == 448:  # the last page's blocks are asked for
+                        with open(c.store_of(dst).path(volume_id), "r+b") as fh:
+                            fh.seek(corrupt_block * 65536 + 3)
+                            fh.write(b"changed on the target, not by its guest")
+                    return original(volume_id, *args)
+                return f
+
+            c.wrap(src, "live.hashes", hashes)
+        _, status = await self.drain(c, src)
+        # 32 MiB: 512 blocks of 64 KiB, in pages of 128 (two pages of hashes each).
+        self.assertEqual(pages, [(0, 128, 128), (128, 128, 128), (256, 128, 128),
+                                 (384, 128, 128)])
+        self.assertEqual(c.verbs("live.hashes").count((src, "live.hashes")), 8)
+        return c, (m, src, dst, vid, before), status["migrations"][0]
+
+    @d
+    async def test_a_large_volume_is_verified_in_pages(self):
+        """
+        A volume larger than a page (LIVE_VERIFY_PAGE blocks; here made small) is verified in
+        several calls, each with the source's hashes of its own blocks only (each message
+        bounded, where one call would be as large as the volume's hashes); their counts add
+        up.
+        """
+        c, (m, src, dst, vid, before), mg = await self.drain_in_pages()
+        self.assertEqual(mg["phase"], "done")
+        self.assertEqual(mg["verified"][vid]["blocks"], 512)
+        self.assertTrue(mg["verified"][vid]["ok"])
+        await self.assert_moved(c, m, src, dst, vid, before)
+
+    @d
+    async def test_a_block_that_differs_in_a_later_page_is_caught(self):
+        c, (m, src, dst, vid, before), mg = await self.drain_in_pages(corrupt_block=500)
+        self.flushLoggedErrors()
+        self.assertEqual(mg["phase"], "failed")
+        self.assertIn("VERIFICATION FAILED", mg["error"])
+        self.assertIn("[500]", mg["error"])
+        self.assertFalse(mg["verified"][vid]["ok"])
+        self.assertEqual(sha(c.store_of(src).path(vid)), before)
+        self.assertEqual(c.verbs("volume.delete", "machine.destroy"), [])
+
+    def test_a_page_of_verification_fits_the_routers_limits(self):
+        """
+        A page's hashes, as hexadecimal in C{live.verify}'s message, stay within what the
+        router lets wait toward a session without cutting it off, and within its message
+        size.
+        """
+        limits = RouterLimits()
+        hexed = live_drain.LIVE_VERIFY_PAGE * HASH_BYTES * 2
+        self.assertLessEqual(hexed + 4096, limits.max_message_size)
+        self.assertLessEqual(hexed + 4096, 4 * limits.max_outgoing_queue)
 
     @d
     async def test_a_rollback_that_finds_the_target_holding_the_machine_keeps_the_move(self):

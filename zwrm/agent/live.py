@@ -1589,8 +1589,11 @@ class LiveMigrations:
         Target: check the volume against the source's frozen image: every block where they
         differ must lie in the dirty bitmap kept since the guest resumed here.
 
-        @param hashes: the source's C{live.hashes(volume_id)}.
-        @return: C{{"ok": True, "blocks", "dirty_blocks", "differing_blocks"}}.
+        @param hashes: the source's C{live.hashes(volume_id, first, count)}: the blocks
+            C{first} to C{first + count} (a page: a large volume is verified in several
+            calls, each message well under the router's size limits), or all of them.
+        @return: C{{"ok": True, "first", "blocks", "dirty_blocks", "differing_blocks"}} of
+            the blocks compared.
         @raise Corrupt: a block differs outside the bitmap (logged as an error, with the
             blocks): the target's copy is not the source's.
         """
@@ -1603,18 +1606,30 @@ class LiveMigrations:
             raise InvalidArgument("hashes must be the source's live.hashes answer")
         src = hashes["hashes"]
         if isinstance(src, str):
-            src = bytes.fromhex(src)
+            try:
+                src = bytes.fromhex(src)
+            except ValueError:
+                raise InvalidArgument("hashes.hashes must be hexadecimal") from None
         if hashes.get("block") != VERIFY_BLOCK:
             raise InvalidArgument(f"hashes.block must be {VERIFY_BLOCK}")
+        first = hashes.get("first", 0)
+        count = hashes.get("count", len(src) // HASH_BYTES)
+        for name, v in (("first", first), ("count", count)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise InvalidArgument(f"hashes.{name} must be a block number, not {v!r}")
+        if len(src) != count * HASH_BYTES:
+            raise InvalidArgument(
+                f"hashes.hashes must hold {HASH_BYTES} bytes for each of its {count} blocks"
+            )
         path = self.volumes.existing_path(volume_id)
         drv = self._live_driver()
         result = None
         for _attempt in range(2):
             # The image first, the bitmap after: the bitmap only grows, so a block written
             # while the image is read is in the bitmap read after it.
-            mine = await deferToThread(_hashes, path)
+            mine = await deferToThread(_hashes, path, first, count)
             extents = await drv.dirty_extents(machine_id, volume_id)
-            result = _compare(src, hashes.get("size"), mine, extents)
+            result = _compare(src, hashes, mine, extents)
             if result["ok"]:
                 break
         if not result["ok"]:
@@ -1647,18 +1662,24 @@ def _hashes(path, first=0, count=None):
             "count": stop - first, "hashes": b"".join(h[:HASH_BYTES] for h in hashes)}
 
 
-def _compare(src, src_size, mine, extents):
-    if src_size != mine["size"] or len(src) != len(mine["hashes"]):
-        return {"ok": False, "bad_blocks": ["size"], "blocks": 0, "dirty_blocks": 0,
-                "differing_blocks": 0}
+def _compare(src, theirs, mine, extents):
+    """
+    Compare the source's page of block hashes (C{src}, the raw bytes of C{theirs}, its
+    C{live.hashes} answer) with this host's hashes of the same blocks (C{mine}, L{_hashes}).
+    """
+    first = mine["first"]
+    if (theirs.get("size") != mine["size"] or theirs.get("first", 0) != first
+            or len(src) != len(mine["hashes"])):
+        return {"ok": False, "bad_blocks": ["size"], "first": first, "blocks": 0,
+                "dirty_blocks": 0, "differing_blocks": 0}
     n = len(src) // HASH_BYTES
     a = [src[i * HASH_BYTES:(i + 1) * HASH_BYTES] for i in range(n)]
     b = [mine["hashes"][i * HASH_BYTES:(i + 1) * HASH_BYTES] for i in range(n)]
-    bad = compare_blocks(a, b, extents)
+    bad = compare_blocks(a, b, extents, first=first)
     differing = sum(1 for x, y in zip(a, b, strict=True) if x != y)
-    dirty = sum(1 for i in range(n) if _covered(i, VERIFY_BLOCK, extents))
-    return {"ok": not bad, "bad_blocks": bad, "blocks": n, "dirty_blocks": dirty,
-            "differing_blocks": differing}
+    dirty = sum(1 for i in range(first, first + n) if _covered(i, VERIFY_BLOCK, extents))
+    return {"ok": not bad, "bad_blocks": bad, "first": first, "blocks": n,
+            "dirty_blocks": dirty, "differing_blocks": differing}
 
 
 def _covered(index, block, extents):
@@ -1666,16 +1687,17 @@ def _covered(index, block, extents):
     return any(o < end and start < o + n for o, n in extents)
 
 
-def compare_blocks(source_hashes, target_hashes, extents, block=VERIFY_BLOCK):
+def compare_blocks(source_hashes, target_hashes, extents, block=VERIFY_BLOCK, first=0):
     """
     The blocks where the target's image differs from the source's frozen image and that
     the target's dirty bitmap (C{extents}) does not cover.
 
+    @param first: the index of the first block of both lists (a page of a volume).
     @return: a list of block indices (empty: the verification passes).
     """
     if len(source_hashes) != len(target_hashes):
-        return list(range(max(len(source_hashes), len(target_hashes))))
-    return [i for i, (a, b) in enumerate(zip(source_hashes, target_hashes, strict=True))
+        return list(range(first, first + max(len(source_hashes), len(target_hashes))))
+    return [i for i, (a, b) in enumerate(zip(source_hashes, target_hashes, strict=True), first)
             if a != b and not _covered(i, block, extents)]
 
 

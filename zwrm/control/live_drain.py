@@ -42,6 +42,15 @@ from zwrm.control.resources.machines import placement_request, volumes_size
 LIVE_HASH_PAGE = 16384
 """Blocks per C{live.hashes} call (64 KiB blocks: 1 GiB of volume, 256 KiB of hashes)."""
 
+LIVE_VERIFY_PAGE = 4 * LIVE_HASH_PAGE
+"""
+Blocks per C{live.verify} call: 4 GiB of volume, whose hashes travel as 2 MiB of hexadecimal
+(within the router's message size, 4 MiB). One call for a whole large volume would be one
+message as large as the volume's hashes (32 MiB for 64 GiB), and the router cuts off a session
+with more than four times its C{max_outgoing_queue} (4 MiB) waiting toward it; a volume up to
+this size is verified in one call, as before pages.
+"""
+
 SOURCE_BUSY = ("mirroring", "ready", "migrating", "switching", "continued", "rolling_back")
 """C{live.status} states of a source whose migration is still under way."""
 
@@ -542,34 +551,43 @@ class LiveSteps:
             if (verified.get(vid) or {}).get("ok"):
                 continue  # verified by an earlier run of this step
             why = f"to verify volume {vid}"
-            pages, first = [], 0
-            while True:
-                h = await self._ask(run, source, "live.hashes", vid, first, LIVE_HASH_PAGE,
-                                    why=why, poll=poll)
-                raw = h["hashes"]
-                pages.append(bytes.fromhex(raw) if isinstance(raw, str) else bytes(raw))
-                first += h["count"]
-                if h["count"] == 0 or first >= h["blocks"]:
-                    break
-            hashes = {"size": h["size"], "block": h["block"], "blocks": h["blocks"],
-                      "first": 0, "count": h["blocks"], "hashes": b"".join(pages).hex()}
-            try:
-                result = await self._ask(run, target, "live.verify", new_id, vid, hashes,
-                                         why=why, poll=poll)
-            except errors.Corrupt as e:
-                verified[vid] = {"ok": False, "error": e.message}
-                await self._save_detail(run, verified=verified)
-                self.log.error(
-                    "VERIFICATION FAILED: drain of {s}: machine {m} moved live to {t} as {n}, "
-                    "but volume {v} there differs from the source's frozen image: {e}. "
-                    "Nothing is deleted: the source's image stays on {s}.",
-                    s=source, m=mid, t=target, n=new_id, v=vid, e=e.message)
-                raise errors.Corrupt(
-                    f"VERIFICATION FAILED for volume {vid}: {e.message}; machine {new_id} "
-                    f"runs on {target}; the source's image stays on {source} (machine {mid} "
-                    "paused there) until an operator compares them") from None
-            verified[vid] = {k: result.get(k) for k in (
-                "ok", "blocks", "dirty_blocks", "differing_blocks")}
+            total = {"ok": True, "blocks": 0, "dirty_blocks": 0, "differing_blocks": 0}
+            first, last = 0, False
+            while not last:
+                # One page of verification: the source's hashes of up to LIVE_VERIFY_PAGE
+                # blocks, then the target's comparison of them.
+                pages, start = [], first
+                while True:
+                    want = min(LIVE_HASH_PAGE, start + LIVE_VERIFY_PAGE - first)
+                    h = await self._ask(run, source, "live.hashes", vid, first, want,
+                                        why=why, poll=poll)
+                    raw = h["hashes"]
+                    pages.append(bytes.fromhex(raw) if isinstance(raw, str) else bytes(raw))
+                    first += h["count"]
+                    last = h["count"] == 0 or first >= h["blocks"]
+                    if last or first - start >= LIVE_VERIFY_PAGE:
+                        break
+                hashes = {"size": h["size"], "block": h["block"], "blocks": h["blocks"],
+                          "first": start, "count": first - start,
+                          "hashes": b"".join(pages).hex()}
+                try:
+                    result = await self._ask(run, target, "live.verify", new_id, vid, hashes,
+                                             why=why, poll=poll)
+                except errors.Corrupt as e:
+                    verified[vid] = {"ok": False, "error": e.message}
+                    await self._save_detail(run, verified=verified)
+                    self.log.error(
+                        "VERIFICATION FAILED: drain of {s}: machine {m} moved live to {t} as "
+                        "{n}, but volume {v} there differs from the source's frozen image: "
+                        "{e}. Nothing is deleted: the source's image stays on {s}.",
+                        s=source, m=mid, t=target, n=new_id, v=vid, e=e.message)
+                    raise errors.Corrupt(
+                        f"VERIFICATION FAILED for volume {vid}: {e.message}; machine {new_id} "
+                        f"runs on {target}; the source's image stays on {source} (machine "
+                        f"{mid} paused there) until an operator compares them") from None
+                for k in ("blocks", "dirty_blocks", "differing_blocks"):
+                    total[k] += result.get(k) or 0
+            verified[vid] = total
             await self._save_detail(run, verified=verified)
 
 
