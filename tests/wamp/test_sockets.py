@@ -435,6 +435,51 @@ def _server_side_cyclic_garbage(port, sessions):
         del gc.garbage[:]
 
 
+class _InProcess(ApplicationSession):
+    """An in-process session, as the control plane's is."""
+
+    async def onJoin(self, details):
+        pass
+
+
+class LargeMessageTests(_SocketBase):
+    """
+    What waits toward a session is counted before each message is added: one message larger
+    than four times C{max_outgoing_queue} reaches its callee (the control plane's calls to an
+    agent may carry megabytes), and a callee that stops reading is cut off at the next one.
+    """
+
+    limits = RouterLimits(max_outgoing_queue=64 * 1024)
+    join = SocketLimitTests.join
+
+    @defer.inlineCallbacks
+    def test_a_large_invocation_reaches_its_callee(self):
+        agent, proto = yield self.join("host1", "h1-ticket")
+        yield agent.register(len, "zwrm.agent.host1.size")
+        ctl = yield self.router.attach(_InProcess(ComponentConfig(realm="zwrm")), "ctl",
+                                       "trusted")
+        for n in (1 << 20, 4 << 20):  # 4 and 16 times the hard limit of 256 KiB
+            got = yield ctl.call("zwrm.agent.host1.size", "a" * n).addTimeout(TIMEOUT, reactor)
+            self.assertEqual(got, n)
+        self.assertIsNotNone(self.router.get_session(agent._session_id))
+
+    @defer.inlineCallbacks
+    def test_a_callee_that_stops_reading_is_cut_off(self):
+        agent, proto = yield self.join("host1", "h1-ticket")
+        yield agent.register(len, "zwrm.agent.host1.size")
+        sid = agent._session_id
+        ctl = yield self.router.attach(_InProcess(ComponentConfig(realm="zwrm")), "ctl",
+                                       "trusted")
+        proto.transport.pauseProducing()  # the agent reads nothing more
+        calls = [ctl.call("zwrm.agent.host1.size", "a" * (1 << 20)) for _ in range(32)]
+        results = yield defer.DeferredList(calls, consumeErrors=True)
+        failed = [r for ok, r in results if not ok]
+        self.assertTrue(failed)
+        self.assertIn("the callee left the realm", str(failed[0].value))
+        self.assertIsNone(self.router.get_session(sid))
+        proto.transport.resumeProducing()
+
+
 class ListenerServiceTests(unittest.TestCase):
     def test_bad_endpoint_is_a_readable_error(self):
         from zwrm.wamp.transport import listener_service

@@ -17,7 +17,10 @@ Policies:
  - Slow consumers: when more than C{RouterLimits.max_outgoing_queue} bytes wait
    unsent toward a session, EVENTs to it are dropped (counted in
    L{RouterSession.dropped_events}); when four times that much waits (RESULTs and
-   INVOCATIONs are never dropped), the session is disconnected.
+   INVOCATIONs are never dropped), the session is disconnected.  What waits is counted
+   before each message is added, so one large RESULT or INVOCATION (a long listing, a
+   volume's hashes) does not cut its session off by itself; a session that does not read
+   is cut off at the next message.
  - Protocol violations (a malformed or unknown message, a message out of order, a
    router-to-client message sent by a client) end that session with ABORT
    C{wamp.error.protocol_violation}; other sessions are not affected.
@@ -438,6 +441,9 @@ class RouterSession:
         t = self._transport
         if t is None:
             return False
+        if (self._router.limits.max_outgoing_queue and not isinstance(msg, message.Event)
+                and self._check_backlog(hard_only=True)):
+            return False
         try:
             t.send(msg)
         except SerializationError as e:
@@ -453,8 +459,6 @@ class RouterSession:
             log.info("router: could not send to session {sid}: {e}", sid=self.session_id, e=e)
             self._drop(f"send failed: {e}")
             return False
-        if self._router.limits.max_outgoing_queue and not isinstance(msg, message.Event):
-            self._check_backlog(hard_only=True)
         return True
 
     def send_list(self, m, cache=None):
@@ -465,6 +469,9 @@ class RouterSession:
         """
         t = self._transport
         if t is None:
+            return False
+        if (m[0] != _EVENT and self._router.limits.max_outgoing_queue
+                and self._check_backlog(hard_only=True)):
             return False
         try:
             t.send_list(m, cache)
@@ -479,8 +486,6 @@ class RouterSession:
             log.info("router: could not send to session {sid}: {e}", sid=self.session_id, e=e)
             self._drop(f"send failed: {e}")
             return False
-        if m[0] != _EVENT and self._router.limits.max_outgoing_queue:
-            self._check_backlog(hard_only=True)
         return True
 
     def send_event(self, ev, cache=None):
