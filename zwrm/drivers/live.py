@@ -400,7 +400,10 @@ class QemuLiveMigration:
             await q.execute_with_fd("getfd", {"fdname": fdname}, sock.fileno())
         except QMPError as e:
             raise Unavailable(f"{what}: getfd: {e.desc}") from None
-        args = {"driver": "nbd", "node-name": node,
+        # discard=unmap: the mirror writes a hole's zeros to the target as unmapped (a hole
+        # there too, not counted against its speed limit); without it QEMU sends them as
+        # data at the mirror's speed (an empty 100 GiB volume: 17 minutes at 100 MiB/s).
+        args = {"driver": "nbd", "node-name": node, "discard": "unmap",
                 "server": {"type": "fd", "str": fdname}, "export": export}
         if tls:
             args.update({"tls-creds": TLS_ID, "tls-hostname": tls["peer"]})
