@@ -44,6 +44,27 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def two_drivers(testcase, prefix, where):
+    """
+    Two QEMU drivers (hosts C{"a"} and C{"b"}) under a new directory of C{where}; their
+    machines are destroyed and the directory removed when the test ends.
+
+    @return: the directory and C{{"a": driver, "b": driver}}.
+    """
+    root = tempfile.mkdtemp(prefix=prefix, dir=where)
+    testcase.addCleanup(shutil.rmtree, root, True)
+    drivers = {h: QemuDriver(reactor, os.path.join(root, h), accel="tcg", stop_timeout=5.0)
+               for h in ("a", "b")}
+
+    async def cleanup():
+        for drv in drivers.values():
+            for mid in list(drv.list()):
+                await drv.destroy(mid)
+
+    testcase.addCleanup(lambda: Deferred.fromCoroutine(cleanup()))
+    return root, drivers
+
+
 class QemuFixture:
     ready_output = "zwrm: ready"
 
@@ -183,17 +204,7 @@ class LiveRamTests(TestCase):
 
     async def test_the_target_resumes_with_the_source_s_ram(self):
         deb = await deferToThread(debian.build)
-        root = tempfile.mkdtemp(prefix="zwrm-liveram-", dir="/tmp")
-        self.addCleanup(shutil.rmtree, root, True)
-        drivers = {h: QemuDriver(reactor, os.path.join(root, h), accel="tcg", stop_timeout=5.0)
-                   for h in ("a", "b")}
-
-        async def cleanup():
-            for drv in drivers.values():
-                for mid in list(drv.list()):
-                    await drv.destroy(mid)
-
-        self.addCleanup(lambda: Deferred.fromCoroutine(cleanup()))
+        root, drivers = two_drivers(self, "zwrm-liveram-", "/tmp")
         ports = {"a": _free_port(), "b": _free_port()}
 
         def spec(host):
@@ -280,17 +291,7 @@ class SparseMirrorTests(TestCase):
     SIZE = 8 << 30
 
     async def test_a_sparse_volume_is_in_sync_at_once_and_stays_sparse(self):
-        root = tempfile.mkdtemp(prefix="zwrm-sparse-", dir="/var/tmp")
-        self.addCleanup(shutil.rmtree, root, True)
-        drivers = {h: QemuDriver(reactor, os.path.join(root, h), accel="tcg", stop_timeout=5.0)
-                   for h in ("a", "b")}
-
-        async def cleanup():
-            for drv in drivers.values():
-                for mid in list(drv.list()):
-                    await drv.destroy(mid)
-
-        self.addCleanup(lambda: Deferred.fromCoroutine(cleanup()))
+        root, drivers = two_drivers(self, "zwrm-sparse-", "/var/tmp")
         vols = {h: os.path.join(root, h, "vol.img") for h in drivers}
         os.makedirs(os.path.dirname(vols["a"]), exist_ok=True)
         subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1",
