@@ -789,8 +789,10 @@ class LiveDrainTests(TestCase):
         C{corrupt_block} of the target's copy changed behind its guest's back just before the
         last page's hashes are asked for.
 
-        @return: the cluster, the setup, the migration's status and the pages verified
-            (C{first}, C{count}, the hashes in it).
+        @return: the cluster, what L{live_setup} returned but the cluster (the machine,
+            source, target, volume id and the volume's digest before), and the migration's
+            status; the pages verified (C{first}, C{count}, the hashes in each) are checked
+            here.
         """
         self.patch(live_drain, "LIVE_HASH_PAGE", 64)
         self.patch(live_drain, "LIVE_VERIFY_PAGE", 128)
