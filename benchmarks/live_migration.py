@@ -16,7 +16,9 @@ time between two answers is the client-observed gap. Each run:
  - B{live} (A -> B): C{live.prepare} on B, C{live.migrate} on A (mirror capped at 100 MiB/s,
    downtime limit 300 ms); figures: the pause QEMU reports (C{downtime}), the
    client-observed gap, the total time (prepare to resumed), the verification of the volume
-   (C{live.hashes} + C{live.verify}); the source is then destroyed.
+   (C{live.hashes} + C{live.verify}) with BLAKE3 as a drain makes it and, as the baseline in
+   the same run, with SHA-256 (an agent of the version before): wall time and CPU time of
+   both agents; the source is then destroyed.
  - B{cold} (B -> A): stop the VM (ACPI power-down), copy its volume to A (C{cp
    --sparse=always}), start it on A; the downtime is from the stop to the first answer on
    A; the total the same (nothing is copied while it runs: the naive baseline; zwrm's cold
@@ -123,14 +125,25 @@ async def main(reactor, runs, volume_mb, data_mb, memory_mb):
             await task.deferLater(reactor, 1.0, lambda: None)
             probe.stopped = True
             await probing
-            verified = await dst.verify(mid, "v1", await src.hashes("v1"))
+            # The verification as a drain makes it (BLAKE3), then as with an agent of the
+            # version before (SHA-256): wall time and this process's CPU (both agents' hashing)
+            timed = {}
+            for name in ("blake3", "sha256"):
+                w0, c0 = time.monotonic(), time.process_time()
+                verified = await dst.verify(mid, "v1", await src.hashes("v1", 0, None, name))
+                timed[name] = (time.monotonic() - w0, time.process_time() - c0)
+                if not verified["ok"]:
+                    break
             live.append({"pause_ms": result["downtime_ms"], "gap": probe.gap(), "total": total,
-                         "mirror": result["mirror_seconds"], "verified": verified["ok"]})
+                         "mirror": result["mirror_seconds"], "verified": verified["ok"],
+                         "verify": timed})
             print(f"run {run + 1} live {src.host_id} -> {dst.host_id}: QEMU pause "
                   f"{result['downtime_ms']} ms, client gap {probe.gap():.3f} s, total "
                   f"{total:.2f} s (mirror {result['mirror_seconds']:.2f} s), RAM passes "
                   f"{result['ram']['passes']}, verified {verified['ok']} "
-                  f"({verified['dirty_blocks']} dirty blocks)", flush=True)
+                  f"({verified['dirty_blocks']} dirty blocks) in "
+                  + ", ".join(f"{w:.3f} s ({c:.3f} CPU-s) with {n}" for n, (w, c) in timed.items()),
+                  flush=True)
             await src.driver.destroy(mid)
             src.volumes.release("v1", mid)
             await src.volumes.delete("v1")
@@ -164,6 +177,12 @@ async def main(reactor, runs, volume_mb, data_mb, memory_mb):
               f"{med(r['gap'] for r in live):.3f} s (max {max(r['gap'] for r in live):.3f}), "
               f"total median {med(r['total'] for r in live):.2f} s; all verified: "
               f"{all(r['verified'] for r in live)}")
+        for name in ("blake3", "sha256"):
+            ws = [r["verify"][name][0] for r in live if name in r["verify"]]
+            cs = [r["verify"][name][1] for r in live if name in r["verify"]]
+            if ws:
+                print(f"verification with {name}: median {med(ws):.3f} s, {med(cs):.3f} CPU-s "
+                      f"({med(cs) / (data_mb / 1024):.2f} CPU-s per GiB of data, both agents)")
         print(f"cold: downtime (= total) median {med(r['downtime'] for r in cold):.2f} s")
         print(f"volume {volume_mb} MiB with {data_mb} MiB of data, guest {memory_mb} MiB, "
               f"load {os.getloadavg()[0]:.2f}")

@@ -160,6 +160,7 @@ def test_a_large_volume_moves_live_and_verifies(cluster):
         assert (mg["phase"], mg["mode"], mg["target"]) == ("done", "live", dst), mg
         [verified] = mg["verified"].values()
         assert verified["ok"] and verified["blocks"] == BIG_MIB * 16, verified
+        assert verified["hash"] == "blake3", verified  # both agents of this version
         [moved] = cluster.zwrm_json("status", "big")["machines"]
         assert (moved["host_id"], moved["state"]) == (dst, "running"), moved
     finally:

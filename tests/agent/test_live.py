@@ -247,5 +247,5 @@ class LiveAgentsTests(TestCase):
             await deferLater(reactor, 0.1, lambda: None)
         self.assertEqual(self.b.target_state("m1"), "resumed")
         self.assertEqual(await _get(dst_port, "before"), b"before")
-        verified = await self.b.verify("m1", "v1", await self.a.hashes("v1"))
+        verified = await self.b.verify("m1", "v1", await self.a.hashes("v1", 0, None, "blake3"))
         self.assertTrue(verified["ok"], verified)

@@ -524,6 +524,44 @@ class VerifyTests(TestCase):
             await hosts.b.verify("m1", "v1", dict(pages[0], first=24))
         self.flushLoggedErrors()
 
+    async def test_blake3_or_sha256_as_the_source_names_it(self):
+        """
+        The source hashes with the algorithm asked for (SHA-256 by default: a control plane
+        of the version before) and names it; the target hashes its own blocks with the one
+        the page names (SHA-256 when it names none: a source of the version before).
+        """
+        clock = Clock()
+        hosts = Hosts(self, clock)
+        for agent in (hosts.a, hosts.b):
+            self.assertEqual(agent.facts()["verify_hashes"], ["blake3", "sha256"])
+        where = hosts.prepare()
+        hosts.a.driver.guest_write_file("m1", "before", b"b" * 5000)
+        hosts.settle(hosts.a.migrate("m1", "host-b", where, {"mirror_speed": SIZE}))
+        clock.advance(1)
+        old = await hosts.a.hashes("v1")
+        sha = await hosts.a.hashes("v1", 0, None, "sha256")
+        b3 = await hosts.a.hashes("v1", 0, None, "blake3")
+        self.assertEqual((old["hash"], sha["hash"], b3["hash"]), ("sha256", "sha256", "blake3"))
+        self.assertEqual(old["hashes"], sha["hashes"])
+        self.assertNotEqual(b3["hashes"], sha["hashes"])
+        self.assertEqual(len(b3["hashes"]), len(sha["hashes"]))
+        for page in (sha, b3, {k: v for k, v in sha.items() if k != "hash"}):
+            result = await hosts.b.verify("m1", "v1", page)
+            self.assertEqual((result["ok"], result["differing_blocks"]), (True, 0))
+        # A page named wrongly does not verify: the target hashed with the named one.
+        for page in (dict(b3, hash="sha256"), dict(sha, hash="blake3"),
+                     {k: v for k, v in b3.items() if k != "hash"}):
+            with self.assertRaises(Corrupt):
+                await hosts.b.verify("m1", "v1", page)
+        for name in ("md5", "", None, 3):
+            with self.assertRaises(InvalidArgument) as cm:
+                await hosts.b.verify("m1", "v1", dict(b3, hash=name))
+            self.assertIn("hashes.hash must be one of blake3, sha256", cm.exception.message)
+            with self.assertRaises(InvalidArgument) as cm:
+                hosts.a.hashes("v1", 0, None, name)
+            self.assertIn("algorithm must be one of blake3, sha256", cm.exception.message)
+        self.flushLoggedErrors()
+
 
 class AfterRestartTests(SynchronousTestCase):
     """A new agent process (a new LiveMigrations over a new driver of the same host)."""

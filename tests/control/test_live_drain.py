@@ -528,6 +528,54 @@ class LiveDrainTests(TestCase):
         self.assertEqual(asked, [None])
 
     @d
+    async def test_volumes_are_verified_with_blake3_where_both_agents_know_it(self):
+        c, m, src, dst, vid, before = await self.setup()
+        asked = []
+        c.before(src, "live.hashes", lambda *args: asked.append(args[3:]))
+        _, status = await self.drain(c, src)
+        self.assertEqual(status["state"], "completed")
+        verified = status["migrations"][0]["verified"][vid]
+        self.assertEqual((verified["ok"], verified["hash"]), (True, "blake3"))
+        self.assertEqual(set(asked), {("blake3",)})
+
+    @d
+    async def test_an_agent_of_the_version_before_is_verified_with_sha256(self):
+        """
+        Either agent of the version before (its live.facts names no hashes; as a source,
+        its live.hashes takes no algorithm and names none; as a target, its live.verify
+        ignores a page's hash and compares SHA-256): the drain verifies with SHA-256, and
+        the copy verifies.
+        """
+        def old_hashes(original):
+            def hashes(volume_id, first=0, count=None, **kw):
+                def unnamed(answer):
+                    answer = dict(answer)
+                    del answer["hash"]
+                    return answer
+                return original(volume_id, first, count, **kw).addCallback(unnamed)
+            return hashes
+
+        def old_verify(original):
+            def verify(machine_id, volume_id, hashes, **kw):
+                return original(machine_id, volume_id,
+                                {k: v for k, v in hashes.items() if k != "hash"}, **kw)
+            return verify
+
+        for old in ("source", "target"):
+            c, m, src, dst, vid, before = await self.setup()
+            host = src if old == "source" else dst
+            self.facts(c, host, verify_hashes=None)
+            if old == "source":
+                c.wrap(host, "live.hashes", old_hashes)
+            else:
+                c.wrap(host, "live.verify", old_verify)
+            _, status = await self.drain(c, src)
+            self.assertEqual(status["state"], "completed", old)
+            verified = status["migrations"][0]["verified"][vid]
+            self.assertEqual((verified["ok"], verified["hash"]), (True, "sha256"), old)
+            await self.assert_moved(c, m, src, dst, vid, before)
+
+    @d
     async def test_bad_live_options_are_refused_naming_them(self):
         c, m, src, dst, vid, before = await self.setup()
         for kw, name in (({"downtime_limit": 0}, "downtime_limit"),

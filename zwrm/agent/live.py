@@ -21,9 +21,11 @@ in order:
     control-plane round trip and no poll sits inside the pause. The result is the figures
     (the pause QEMU reports, the total time, ...). Without C{hold}, C{live.migrate} goes
     on at once and answers the figures;
- 4. source C{live.hashes(volume_id)} of its frozen image and target
+ 4. source C{live.hashes(volume_id, first, count, algorithm)} of its frozen image and target
     C{live.verify(machine_id, volume_id, hashes)}: every block where the target's volume
-    differs from the source's frozen image must lie in the target's dirty bitmap.
+    differs from the source's frozen image must lie in the target's dirty bitmap. The block
+    hash is BLAKE3 when both agents list it in C{live.facts}' C{verify_hashes}, else
+    SHA-256 (agents before BLAKE3 know only that, and name none).
 
 Convergence (C{policy}): the downtime limit (default 300 ms) is QEMU's; auto-converge (on by
 default) lets QEMU slow the guest's CPUs only when it dirties memory faster than the link
@@ -49,6 +51,9 @@ from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 
 from zwrm.agent.blockmap import (
+    ALGORITHMS,
+    DEFAULT,
+    PREFERRED,
     block_count,
     data_blocks,
     data_extents,
@@ -75,8 +80,20 @@ from zwrm.interfaces import ILiveMigration
 
 log = Logger()
 
-#: Bytes of each block hash C{live.hashes} returns (a truncated SHA-256).
+#: Bytes of each block hash C{live.hashes} returns (a truncated BLAKE3 or SHA-256).
 HASH_BYTES = 16
+
+#: The block hashes this agent's C{live.hashes} and C{live.verify} know, the fastest first
+#: (C{live.facts}' C{verify_hashes}). An agent that does not list them knows only SHA-256
+#: (L{DEFAULT}) and names no hash in its answers.
+VERIFY_HASHES = PREFERRED
+
+
+def check_hash(name, what="algorithm"):
+    """@return: C{name}. @raise InvalidArgument: not a block hash this agent knows."""
+    if not isinstance(name, str) or name not in ALGORITHMS:
+        raise InvalidArgument(f"{what} must be one of {', '.join(VERIFY_HASHES)}, not {name!r}")
+    return name
 
 #: A migration's policy, with its defaults.
 DEFAULT_POLICY = {
@@ -1138,17 +1155,20 @@ class LiveMigrations:
             "network"}}: the driver's L{ILiveMigration.migration_facts} (C{live} false with a
             reason where the driver cannot migrate) and the agent's VM networking
             (C{"user"} or C{"bridge"}: a machine on the cluster network keeps its address
-            across a live move), and C{"prepare_health": True}: its C{live.prepare} takes
-            the guest's C{health} (agents before it refuse the argument).
+            across a live move), C{"prepare_health": True}: its C{live.prepare} takes
+            the guest's C{health} (agents before it refuse the argument), and
+            C{"verify_hashes"}: the block hashes its C{live.hashes} and C{live.verify} know
+            (L{VERIFY_HASHES}; agents before it know only C{"sha256"}).
         """
         network = "user"
         if self.executor is not None and self.executor.network is not None:
             network = "bridge"
+        own = {"network": network, "prepare_health": True, "verify_hashes": list(VERIFY_HASHES)}
         if not ILiveMigration.providedBy(self.driver):
-            return {"live": False, "reason": f"the {self.driver.name} driver cannot migrate "
-                    "live", "cpu_model": None, "machine_type": None, "accel": None,
-                    "network": network, "prepare_health": True}
-        return dict(self.driver.migration_facts(), network=network, prepare_health=True)
+            return dict({"live": False, "reason": f"the {self.driver.name} driver cannot "
+                         "migrate live", "cpu_model": None, "machine_type": None,
+                         "accel": None}, **own)
+        return dict(self.driver.migration_facts(), **own)
 
     @wamp.register("live.describe")
     def describe(self, machine_id):
@@ -1566,13 +1586,16 @@ class LiveMigrations:
         return out
 
     @wamp.register("live.hashes")
-    def hashes(self, volume_id, first=0, count=None):
+    def hashes(self, volume_id, first=0, count=None, algorithm=DEFAULT):
         """
         Source: the block hashes of a volume (its frozen image, once the migration
-        completed): C{{"size", "block", "blocks", "first", "count", "hashes": bytes}}
-        (L{HASH_BYTES} per block) of blocks C{first} to C{first + count} (all by default).
-        A large volume is read in pages whose C{hashes} the caller joins for
+        completed): C{{"size", "block", "blocks", "first", "count", "hashes": bytes,
+        "hash"}} (L{HASH_BYTES} per block) of blocks C{first} to C{first + count} (all by
+        default). A large volume is read in pages whose C{hashes} the caller joins for
         C{live.verify}.
+
+        @param algorithm: the block hash, one of L{VERIFY_HASHES} (C{"sha256"} by default,
+            what a caller of the version before expects), named in the answer's C{hash}.
         """
         check_id(volume_id, "volume id")
         for name, v in (("first", first), ("count", count)):
@@ -1580,8 +1603,9 @@ class LiveMigrations:
                 continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise InvalidArgument(f"{name} must be a block number, not {v!r}")
+        check_hash(algorithm)
         path = self.volumes.existing_path(volume_id)
-        return deferToThread(_hashes, path, first, count)
+        return deferToThread(_hashes, path, first, count, algorithm)
 
     @wamp.register("live.verify")
     def verify(self, machine_id, volume_id, hashes):
@@ -1589,9 +1613,11 @@ class LiveMigrations:
         Target: check the volume against the source's frozen image: every block where they
         differ must lie in the dirty bitmap kept since the guest resumed here.
 
-        @param hashes: the source's C{live.hashes(volume_id, first, count)}: the blocks
-            C{first} to C{first + count} (a page: a large volume is verified in several
-            calls, each message well under the router's size limits), or all of them.
+        @param hashes: the source's C{live.hashes(volume_id, first, count, algorithm)}: the
+            blocks C{first} to C{first + count} (a page: a large volume is verified in
+            several calls, each message well under the router's size limits), or all of
+            them; its C{hash} names their algorithm (C{"sha256"} when absent: a source of
+            the version before), which this host hashes its own blocks with.
         @return: C{{"ok": True, "first", "blocks", "dirty_blocks", "differing_blocks"}} of
             the blocks compared.
         @raise Corrupt: a block differs outside the bitmap (logged as an error, with the
@@ -1612,6 +1638,7 @@ class LiveMigrations:
                 raise InvalidArgument("hashes.hashes must be hexadecimal") from None
         if hashes.get("block") != VERIFY_BLOCK:
             raise InvalidArgument(f"hashes.block must be {VERIFY_BLOCK}")
+        algorithm = check_hash(hashes.get("hash", DEFAULT), "hashes.hash")
         first = hashes.get("first", 0)
         count = hashes.get("count", len(src) // HASH_BYTES)
         for name, v in (("first", first), ("count", count)):
@@ -1627,7 +1654,7 @@ class LiveMigrations:
         for _attempt in range(2):
             # The image first, the bitmap after: the bitmap only grows, so a block written
             # while the image is read is in the bitmap read after it.
-            mine = await deferToThread(_hashes, path, first, count)
+            mine = await deferToThread(_hashes, path, first, count, algorithm)
             extents = await drv.dirty_extents(machine_id, volume_id)
             result = _compare(src, hashes, mine, extents)
             if result["ok"]:
@@ -1645,21 +1672,22 @@ class LiveMigrations:
         return result
 
 
-def _hashes(path, first=0, count=None):
+def _hashes(path, first=0, count=None, name=DEFAULT):
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
         n = block_count(size, VERIFY_BLOCK)
         first = min(first, n)
         stop = n if count is None else min(n, first + count)
-        hashes = hole_hashes(size, VERIFY_BLOCK)[first:stop]
+        hashes = hole_hashes(size, VERIFY_BLOCK, name)[first:stop]
         for index in data_blocks(data_extents(fd, size), size, VERIFY_BLOCK):
             if first <= index < stop:
-                hashes[index - first] = read_block(fd, index, size, VERIFY_BLOCK)[1]
+                hashes[index - first] = read_block(fd, index, size, VERIFY_BLOCK, name)[1]
     finally:
         os.close(fd)
     return {"size": size, "block": VERIFY_BLOCK, "blocks": n, "first": first,
-            "count": stop - first, "hashes": b"".join(h[:HASH_BYTES] for h in hashes)}
+            "count": stop - first, "hashes": b"".join(h[:HASH_BYTES] for h in hashes),
+            "hash": name}
 
 
 def _compare(src, theirs, mine, extents):

@@ -22,7 +22,8 @@ records:
    C{pre-switchover} (the target cannot hold the machine then), or once the target
    confirmed that it did not resume (the agents' protocol: L{_live_resolve});
  - C{switched_over}: the target holds the machine: the step makes sure it runs there;
- - C{verifying}: the source's C{live.hashes}, the target's C{live.verify}; a failure is an
+ - C{verifying}: the source's C{live.hashes}, the target's C{live.verify} (BLAKE3 where both agents
+   know it: L{LiveSteps._verify_hash}, else SHA-256); a failure is an
    error in the log and the migration C{failed}, with nothing deleted;
  - then the cold path's C{committing} and C{cleaning} (the paused source destroyed).
 
@@ -37,6 +38,7 @@ from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
 from zwrm import errors
+from zwrm.agent.blockmap import ALGORITHMS, DEFAULT
 from zwrm.control.resources.machines import placement_request, volumes_size
 
 LIVE_HASH_PAGE = 16384
@@ -543,10 +545,28 @@ class LiveSteps:
                 original, f"moved live to {target} as {new_id}; paused here for good",
                 state="stopping")
 
+    async def _verify_hash(self, source, target):
+        """
+        The block hash both agents' C{live.hashes} and C{live.verify} know, the source's
+        first choice (C{live.facts}' C{verify_hashes}), or L{None}: one of them is of the
+        version before, which knows only SHA-256 and takes no C{algorithm} argument.  A
+        target that names no hashes would compare its SHA-256 against any other and fail a
+        good copy, so it is never sent another.
+        """
+        theirs = [(await self._live_facts(h)).get("verify_hashes") for h in (source, target)]
+        if not all(isinstance(names, list) for names in theirs):
+            return None
+        return next((n for n in theirs[0] if n in theirs[1] and n in ALGORITHMS), None)
+
     async def _step_verifying(self, drain, run):
         source, target, mid, new_id = self._live_ids(run)
         poll = drain.row["options"]["poll"]
         verified = dict(run.detail.get("verified") or {})
+        algorithm = None
+        if not all((verified.get(vid) or {}).get("ok") for vid in run.detail["volumes"]):
+            algorithm = await self._verify_hash(source, target)
+        # the version before's call (SHA-256) where either agent knows no other
+        extra = (algorithm,) if algorithm is not None else ()
         for vid in run.detail["volumes"]:
             if (verified.get(vid) or {}).get("ok"):
                 continue  # verified by an earlier run of this step
@@ -560,7 +580,7 @@ class LiveSteps:
                 while True:
                     want = min(LIVE_HASH_PAGE, start + LIVE_VERIFY_PAGE - first)
                     h = await self._ask(run, source, "live.hashes", vid, first, want,
-                                        why=why, poll=poll)
+                                        *extra, why=why, poll=poll)
                     raw = h["hashes"]
                     pages.append(bytes.fromhex(raw) if isinstance(raw, str) else bytes(raw))
                     first += h["count"]
@@ -570,6 +590,8 @@ class LiveSteps:
                 hashes = {"size": h["size"], "block": h["block"], "blocks": h["blocks"],
                           "first": start, "count": first - start,
                           "hashes": b"".join(pages).hex()}
+                if algorithm is not None:
+                    hashes["hash"] = h.get("hash", DEFAULT)  # as the source hashed them
                 try:
                     result = await self._ask(run, target, "live.verify", new_id, vid, hashes,
                                              why=why, poll=poll)
@@ -587,6 +609,7 @@ class LiveSteps:
                         f"{mid} paused there) until an operator compares them") from None
                 for k in ("blocks", "dirty_blocks", "differing_blocks"):
                     total[k] += result.get(k) or 0
+            total["hash"] = algorithm or DEFAULT
             verified[vid] = total
             await self._save_detail(run, verified=verified)
 
