@@ -543,9 +543,13 @@ class LiveDrainTests(TestCase):
         """
         Either agent of the version before (its live.facts names no hashes; as a source,
         its live.hashes takes no algorithm and names none; as a target, its live.verify
-        ignores a page's hash and compares SHA-256): the drain verifies with SHA-256, and
-        the copy verifies.
+        ignores a page's hash and compares SHA-256 of the whole volume with what it is
+        sent, as agents before pages did): the drain verifies with SHA-256, and the copy
+        verifies. Such a target gets the whole volume in one call; a source of the version
+        before is asked in pages (pages made small here: 64 blocks of hashes, 128 per call).
         """
+        self.patch(live_drain, "LIVE_HASH_PAGE", 64)
+        self.patch(live_drain, "LIVE_VERIFY_PAGE", 128)
         def old_hashes(original):
             def hashes(volume_id, first=0, count=None, **kw):
                 def unnamed(answer):
@@ -557,11 +561,12 @@ class LiveDrainTests(TestCase):
 
         def old_verify(original):
             def verify(machine_id, volume_id, hashes, **kw):
-                return original(machine_id, volume_id,
-                                {k: v for k, v in hashes.items() if k != "hash"}, **kw)
+                whole = {k: v for k, v in hashes.items() if k not in ("hash", "first", "count")}
+                return original(machine_id, volume_id, whole, **kw)
             return verify
 
-        for old in ("source", "target"):
+        for old, calls in (("source", [(0, 128), (128, 128), (256, 128), (384, 128)]),
+                           ("target", [(0, 512)])):
             c, m, src, dst, vid, before = await self.setup()
             host = src if old == "source" else dst
             self.facts(c, host, verify_hashes=None)
@@ -569,10 +574,16 @@ class LiveDrainTests(TestCase):
                 c.wrap(host, "live.hashes", old_hashes)
             else:
                 c.wrap(host, "live.verify", old_verify)
+            sent = []
+            c.before(dst, "live.verify", lambda mid, vid, hashes, sent=sent: sent.append(
+                (hashes["first"], len(hashes["hashes"]) // 32)))
             _, status = await self.drain(c, src)
             self.assertEqual(status["state"], "completed", old)
             verified = status["migrations"][0]["verified"][vid]
-            self.assertEqual((verified["ok"], verified["hash"]), (True, "sha256"), old)
+            self.assertEqual((verified["ok"], verified["hash"], verified["blocks"]),
+                             (True, "sha256", 512), old)
+            self.assertEqual(sent, calls, old)
+            self.assertEqual(c.verbs("live.hashes").count((src, "live.hashes")), 8, old)
             await self.assert_moved(c, m, src, dst, vid, before)
 
     @d

@@ -23,7 +23,7 @@ records:
    confirmed that it did not resume (the agents' protocol: L{_live_resolve});
  - C{switched_over}: the target holds the machine: the step makes sure it runs there;
  - C{verifying}: the source's C{live.hashes}, the target's C{live.verify} (BLAKE3 where both agents
-   know it: L{LiveSteps._verify_hash}, else SHA-256); a failure is an
+   know it: L{LiveSteps._verify_terms}, else SHA-256); a failure is an
    error in the log and the migration C{failed}, with nothing deleted;
  - then the cold path's C{committing} and C{cleaning} (the paused source destroyed).
 
@@ -545,26 +545,37 @@ class LiveSteps:
                 original, f"moved live to {target} as {new_id}; paused here for good",
                 state="stopping")
 
-    async def _verify_hash(self, source, target):
+    async def _verify_terms(self, source, target):
         """
-        The block hash both agents' C{live.hashes} and C{live.verify} know, the source's
-        first choice (C{live.facts}' C{verify_hashes}), or L{None}: one of them is of the
-        version before, which knows only SHA-256 and takes no C{algorithm} argument.  A
-        target that names no hashes would compare its SHA-256 against any other and fail a
-        good copy, so it is never sent another.
+        How the two agents verify a volume, from their C{live.facts}' C{verify_hashes}:
+
+         - the block hash: the source's first choice that the target knows too, or L{None}
+           when either names none (of a version before BLAKE3: it knows only SHA-256, and as
+           a source takes no C{algorithm} argument). A target that names none compares
+           SHA-256 whatever a page says, and would fail a good copy: it is never sent
+           another;
+         - the blocks per C{live.verify} call: L{LIVE_VERIFY_PAGE}, or L{None} (the whole
+           volume in one call) for a target that names none, which may be of a version
+           before pages: it compares the whole volume with whatever it is sent, so a
+           volume over one page would fail there (an upgrade takes the control plane
+           first, docs/install.md). Agents of the version with pages and without hashes
+           take one call as well.
+
+        @return: C{(algorithm, blocks per call)}.
         """
         theirs = [(await self._live_facts(h)).get("verify_hashes") for h in (source, target)]
+        per_call = LIVE_VERIFY_PAGE if isinstance(theirs[1], list) else None
         if not all(isinstance(names, list) for names in theirs):
-            return None
-        return next((n for n in theirs[0] if n in theirs[1] and n in ALGORITHMS), None)
+            return None, per_call
+        return next((n for n in theirs[0] if n in theirs[1] and n in ALGORITHMS), None), per_call
 
     async def _step_verifying(self, drain, run):
         source, target, mid, new_id = self._live_ids(run)
         poll = drain.row["options"]["poll"]
         verified = dict(run.detail.get("verified") or {})
-        algorithm = None
+        algorithm, per_call = None, LIVE_VERIFY_PAGE
         if not all((verified.get(vid) or {}).get("ok") for vid in run.detail["volumes"]):
-            algorithm = await self._verify_hash(source, target)
+            algorithm, per_call = await self._verify_terms(source, target)
         # the version before's call (SHA-256) where either agent knows no other
         extra = (algorithm,) if algorithm is not None else ()
         for vid in run.detail["volumes"]:
@@ -574,18 +585,21 @@ class LiveSteps:
             total = {"ok": True, "blocks": 0, "dirty_blocks": 0, "differing_blocks": 0}
             first, last = 0, False
             while not last:
-                # One page of verification: the source's hashes of up to LIVE_VERIFY_PAGE
-                # blocks, then the target's comparison of them.
+                # One page of verification: the source's hashes of up to per_call blocks
+                # (all of them for a target that takes no pages), then the target's
+                # comparison of them.
                 pages, start = [], first
                 while True:
-                    want = min(LIVE_HASH_PAGE, start + LIVE_VERIFY_PAGE - first)
+                    want = LIVE_HASH_PAGE
+                    if per_call is not None:
+                        want = min(want, start + per_call - first)
                     h = await self._ask(run, source, "live.hashes", vid, first, want,
                                         *extra, why=why, poll=poll)
                     raw = h["hashes"]
                     pages.append(bytes.fromhex(raw) if isinstance(raw, str) else bytes(raw))
                     first += h["count"]
                     last = h["count"] == 0 or first >= h["blocks"]
-                    if last or first - start >= LIVE_VERIFY_PAGE:
+                    if last or (per_call is not None and first - start >= per_call):
                         break
                 hashes = {"size": h["size"], "block": h["block"], "blocks": h["blocks"],
                           "first": start, "count": first - start,
