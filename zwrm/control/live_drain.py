@@ -38,8 +38,14 @@ from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
 from zwrm import errors
-from zwrm.agent.blockmap import ALGORITHMS, DEFAULT
 from zwrm.control.resources.machines import placement_request, volumes_size
+
+SHA256 = "sha256"
+"""
+The block hash of a live verification with an agent that names none in C{live.facts}'
+C{verify_hashes} (of a version before BLAKE3): what its C{live.hashes} always answers and its
+C{live.verify} always compares.
+"""
 
 LIVE_HASH_PAGE = 16384
 """Blocks per C{live.hashes} call (64 KiB blocks: 1 GiB of volume, 256 KiB of hashes)."""
@@ -567,7 +573,7 @@ class LiveSteps:
         per_call = LIVE_VERIFY_PAGE if isinstance(theirs[1], list) else None
         if not all(isinstance(names, list) for names in theirs):
             return None, per_call
-        return next((n for n in theirs[0] if n in theirs[1] and n in ALGORITHMS), None), per_call
+        return next((n for n in theirs[0] if n in theirs[1]), None), per_call
 
     async def _step_verifying(self, drain, run):
         source, target, mid, new_id = self._live_ids(run)
@@ -605,7 +611,7 @@ class LiveSteps:
                           "first": start, "count": first - start,
                           "hashes": b"".join(pages).hex()}
                 if algorithm is not None:
-                    hashes["hash"] = h.get("hash", DEFAULT)  # as the source hashed them
+                    hashes["hash"] = h.get("hash", SHA256)  # as the source hashed them
                 try:
                     result = await self._ask(run, target, "live.verify", new_id, vid, hashes,
                                              why=why, poll=poll)
@@ -623,7 +629,7 @@ class LiveSteps:
                         f"{mid} paused there) until an operator compares them") from None
                 for k in ("blocks", "dirty_blocks", "differing_blocks"):
                     total[k] += result.get(k) or 0
-            total["hash"] = algorithm or DEFAULT
+            total["hash"] = algorithm or SHA256
             verified[vid] = total
             await self._save_detail(run, verified=verified)
 
