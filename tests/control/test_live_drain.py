@@ -550,6 +550,7 @@ class LiveDrainTests(TestCase):
         """
         self.patch(live_drain, "LIVE_HASH_PAGE", 64)
         self.patch(live_drain, "LIVE_VERIFY_PAGE", 128)
+
         def old_hashes(original):
             def hashes(volume_id, first=0, count=None, **kw):
                 def unnamed(answer):

@@ -95,6 +95,7 @@ def check_hash(name, what="algorithm"):
         raise InvalidArgument(f"{what} must be one of {', '.join(VERIFY_HASHES)}, not {name!r}")
     return name
 
+
 #: A migration's policy, with its defaults.
 DEFAULT_POLICY = {
     "downtime_limit_ms": DOWNTIME_LIMIT_MS,  # QEMU's downtime limit

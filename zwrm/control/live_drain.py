@@ -22,9 +22,9 @@ records:
    C{pre-switchover} (the target cannot hold the machine then), or once the target
    confirmed that it did not resume (the agents' protocol: L{_live_resolve});
  - C{switched_over}: the target holds the machine: the step makes sure it runs there;
- - C{verifying}: the source's C{live.hashes}, the target's C{live.verify} (BLAKE3 where both agents
-   know it: L{LiveSteps._verify_terms}, else SHA-256); a failure is an
-   error in the log and the migration C{failed}, with nothing deleted;
+ - C{verifying}: the source's C{live.hashes}, the target's C{live.verify} (BLAKE3 where
+   both agents know it, else SHA-256: L{LiveSteps._verify_terms}); a failure is an error in
+   the log and the migration C{failed}, with nothing deleted;
  - then the cold path's C{committing} and C{cleaning} (the paused source destroyed).
 
 A live attempt that gives up (rolled back: the machine runs on at the source) falls back to
