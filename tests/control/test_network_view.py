@@ -199,6 +199,25 @@ class ViewTests(ViewHelpers, TestCase):
         await self.settle()
         self.assertFalse(self.view.busy())
 
+    async def test_nothing_is_scheduled_once_closed(self):
+        """
+        A view answered after the publisher closed (the control plane stopping), with an
+        answer that asks for the whole list again, schedules no push: nothing is left on
+        the clock.
+        """
+        await self.start(hosts=("h-a",))
+        await self.add("m-w1", "web", "h-a")
+        await self.settle()
+        self.sent()
+        late = self.answers["h-a"] = defer.Deferred()
+        await self.add("m-w2", "web", "h-a")
+        await self.settle_without_waiting_for_answers()
+        self.assertEqual(len(self.sent()["h-a"]), 1)
+        self.view.close()
+        late.errback(errors.StaleView("the view is of another list"))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.flushLoggedErrors()
+
     async def settle_without_waiting_for_answers(self):
         for _ in range(50):
             self.clock.advance(10)

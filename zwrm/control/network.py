@@ -643,6 +643,11 @@ class ViewPublisher:
                              network.subscribe(self._network_event)]
 
     def close(self):
+        """
+        Stop: no more events, and no push scheduled from now on, also by what ends after
+        (a push under way, an agent's late answer that asks for the whole list again).
+        """
+        self._closed = True
         for u in self._unsubscribe:
             u()
         self._unsubscribe = []
@@ -651,7 +656,11 @@ class ViewPublisher:
 
     # -- events ---------------------------------------------------------------------
 
+    _closed = False
+
     def _soon(self):
+        if self._closed:
+            return
         if self._pending is None or not self._pending.active():
             delay = max(0.0, self._next_at - self._clock.seconds())
             self._pending = self._clock.callLater(delay, self._push)
