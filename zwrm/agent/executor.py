@@ -73,6 +73,17 @@ log = Logger()
 STATES = ("pending", "starting", "running", "stopping", "stopped", "failed")
 
 
+def check_algorithm(name, what="algorithm"):
+    """
+    @return: C{name}, a block hash this agent knows (L{ALGORITHMS}: volume digests, live
+        verification).
+    @raise InvalidArgument: any other, naming C{what}.
+    """
+    if not isinstance(name, str) or name not in ALGORITHMS:
+        raise InvalidArgument(f"{what} must be one of {', '.join(sorted(ALGORITHMS))}, not {name!r}")
+    return name
+
+
 def free_port(host="127.0.0.1"):
     """A TCP port on C{host} that nothing listens on now."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -644,10 +655,7 @@ class Executor:
         @raise NotFound: no such volume here.
         @raise InvalidArgument: an unknown algorithm.
         """
-        if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
-            raise InvalidArgument(
-                f"algorithm must be one of {', '.join(sorted(ALGORITHMS))}, not {algorithm!r}"
-            )
+        check_algorithm(algorithm)
         if not self.volumes.exists(volume_id):
             raise NotFound(f"no volume {volume_id!r} on host {self.host_id}")
         path = self.volumes.path(volume_id)

@@ -51,7 +51,6 @@ from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 
 from zwrm.agent.blockmap import (
-    ALGORITHMS,
     DEFAULT,
     PREFERRED,
     block_count,
@@ -61,7 +60,7 @@ from zwrm.agent.blockmap import (
     hole_hashes,
     read_block,
 )
-from zwrm.agent.executor import driver_spec, free_port, validate_machine
+from zwrm.agent.executor import check_algorithm, driver_spec, free_port, validate_machine
 from zwrm.agent.transfer.progress import ProgressThrottle
 from zwrm.drivers.live import DOWNTIME_LIMIT_MS, MIRROR_SPEED, VERIFY_BLOCK
 from zwrm.drivers.spec import check_id
@@ -87,14 +86,6 @@ HASH_BYTES = 16
 #: (C{live.facts}' C{verify_hashes}). An agent that does not list them knows only SHA-256
 #: (L{DEFAULT}) and names no hash in its answers.
 VERIFY_HASHES = PREFERRED
-
-
-def check_hash(name, what="algorithm"):
-    """@return: C{name}. @raise InvalidArgument: not a block hash this agent knows."""
-    if not isinstance(name, str) or name not in ALGORITHMS:
-        raise InvalidArgument(f"{what} must be one of {', '.join(VERIFY_HASHES)}, not {name!r}")
-    return name
-
 
 #: A migration's policy, with its defaults.
 DEFAULT_POLICY = {
@@ -1604,7 +1595,7 @@ class LiveMigrations:
                 continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise InvalidArgument(f"{name} must be a block number, not {v!r}")
-        check_hash(algorithm)
+        check_algorithm(algorithm)
         path = self.volumes.existing_path(volume_id)
         return deferToThread(_hashes, path, first, count, algorithm)
 
@@ -1639,7 +1630,7 @@ class LiveMigrations:
                 raise InvalidArgument("hashes.hashes must be hexadecimal") from None
         if hashes.get("block") != VERIFY_BLOCK:
             raise InvalidArgument(f"hashes.block must be {VERIFY_BLOCK}")
-        algorithm = check_hash(hashes.get("hash", DEFAULT), "hashes.hash")
+        algorithm = check_algorithm(hashes.get("hash", DEFAULT), "hashes.hash")
         first = hashes.get("first", 0)
         count = hashes.get("count", len(src) // HASH_BYTES)
         for name, v in (("first", first), ("count", count)):
