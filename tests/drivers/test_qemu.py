@@ -547,6 +547,45 @@ class ConfigTests(SynchronousTestCase):
             plugins.find(IHypervisorDriverPlugin, "xen", kind="hypervisor driver")
 
 
+class ConsoleLastWordsTests(SynchronousTestCase):
+    """
+    What the driver takes from the console of a guest that ended itself: the guest wrote
+    it, so only printable ASCII, short lines, the last few.
+    """
+
+    def _last_words(self, data):
+        root = tempfile.mkdtemp(prefix="zwrm-cw-")
+        self.addCleanup(shutil.rmtree, root)
+        m = qemu._Machine("m1", root)
+        if data is not None:
+            with open(m.path("console.log"), "wb") as f:
+                f.write(data)
+        return QemuDriver(reactor, root, accel="tcg")._console_last_words(m)
+
+    def test_the_kernels_panic_line(self):
+        panic, last = self._last_words(
+            b"zwrm: init starting\r\n[    5.1] Kernel panic - not syncing: IO-APIC + timer "
+            b"doesn't work!  Boot with apic=debug\r\n[    5.2] ---[ end Kernel panic - not "
+            b"syncing: IO-APIC + timer doesn't work! ]---\r\n")
+        self.assertEqual(panic, "Kernel panic - not syncing: IO-APIC + timer doesn't work! ]---")
+        self.assertEqual(len(last), 3)
+        self.assertEqual(last[0], "zwrm: init starting")
+
+    def test_what_the_guest_wrote_is_tamed(self):
+        lines = b"".join(b"line %d\n" % i for i in range(50))
+        panic, last = self._last_words(
+            lines + b"\x1b[31mred\x07\xff\xfe\n\n   \n" + b"x" * 1000 + b"\n")
+        self.assertEqual(panic, "")
+        self.assertEqual(len(last), QemuDriver.CONSOLE_LAST_LINES)
+        self.assertEqual(last[-2], "[31mred")
+        self.assertEqual(last[-1], "x" * QemuDriver.CONSOLE_LINE_CHARS)
+        self.assertEqual(last[0], "line 32")
+
+    def test_no_console(self):
+        self.assertEqual(self._last_words(None), ("", []))
+        self.assertEqual(self._last_words(b""), ("", []))
+
+
 @pytest.mark.qemu
 class ProbeGuestTests(TestCase):
     async def test_probe_guest_runs_under_tcg(self):
@@ -620,6 +659,10 @@ class QemuStartTests(TestCase):
         st, console = await self._run_until_end("rdinit=/nonexistent root=/dev/nonexistent")
         self.assertEqual(st["state"], "failed")
         self.assertIn("the guest ended itself", st["reason"])
+        # The reason has the kernel's own words from the console, and nothing after them.
+        self.assertIn("Kernel panic - not syncing", console)
+        self.assertRegex(st["reason"], r"^the guest ended itself \([a-z-]+\): Kernel panic - not "
+                                       r"syncing: [ -~]+$")
 
     async def test_close_during_a_start_kills_that_qemu(self):
         # A real QEMU, closed while its start waits for QMP (CloseDuringStartTests has every

@@ -1022,6 +1022,12 @@ class QemuDriver(QemuLiveMigration):
             else:
                 # With -no-reboot a guest reboot (a kernel panic with panic=-1, too) ends QEMU.
                 state, reason = "failed", f"the guest ended itself ({m.guest_shutdown})"
+                panic, last = self._console_last_words(m)
+                if panic:
+                    reason += f": {panic}"
+                if last:
+                    log.warn("machine {id}: {reason}; the last lines of its console:\n{last}",
+                             id=m.id, reason=reason, last="\n".join(last))
         elif m.stop_requested:
             state, reason = "stopped", "stopped on request"
         elif m.kill_reason is not None and m.end_signal == signal.SIGKILL:
@@ -1088,6 +1094,36 @@ class QemuDriver(QemuLiveMigration):
             return ""
         lines = [x for x in lines if x and "warning:" not in x]
         return lines[-1] if lines else ""
+
+    #: The console lines the agent logs when a guest ends itself, and their longest length.
+    CONSOLE_LAST_LINES = 20
+    CONSOLE_LINE_CHARS = 200
+
+    def _console_last_words(self, m):
+        """
+        What the console of a guest that ended itself last said (its last 4 KiB): the
+        kernel's panic line if there is one (C{"Kernel panic - not syncing: ..."}, else
+        C{""}), and the last L{CONSOLE_LAST_LINES} lines.  The guest wrote them: only
+        printable ASCII is kept, each line cut at L{CONSOLE_LINE_CHARS} characters.
+        """
+        try:
+            with open(m.path("console.log"), "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 4096))
+                text = f.read().decode("ascii", "replace")
+        except OSError:
+            return "", []
+        lines = []
+        for line in text.splitlines():
+            line = "".join(c for c in line if " " <= c <= "~").strip()
+            if line:
+                lines.append(line[:self.CONSOLE_LINE_CHARS])
+        panic = ""
+        for line in lines:
+            at = line.find("Kernel panic - not syncing")
+            if at >= 0:
+                panic = line[at:]
+        return panic, lines[-self.CONSOLE_LAST_LINES:]
 
     def _hard_stop(self, m, why="it did not power off in time"):
         if m.state == "running":
