@@ -360,6 +360,8 @@ class HoldTests(SynchronousTestCase):
 
     def test_it_waits_in_sync_until_the_switchover_is_asked(self):
         hosts = self.hosts
+        # The agent says it takes hold: the control plane gives it to none that does not.
+        self.assertIs(hosts.a.facts()["hold"], True)
         ready, announced = self.held()
         self.assertEqual((ready["ready"], ready["target"]), (True, "host-b"))
         self.assertEqual(ready["mirror"], {"done": SIZE, "total": SIZE, "rate": 0.0} | {

@@ -1178,19 +1178,35 @@ class LiveDrainTests(TestCase):
                 self.assertFalse(c.store_of(dst).exists(vid))
 
     @d
+    async def test_an_agent_that_takes_hold_without_saying_so_holds(self):
+        """
+        A source agent whose live.facts names prepare_health but not hold (they took hold
+        before they said so) is given hold: the switchover is stored before it goes on.
+        """
+        c, m, src, dst, vid, before = await self.setup()
+        self.facts(c, src, hold=None)
+        _, status = await self.drain(c, src)
+        self.assertEqual(status["state"], "completed")
+        self.assertEqual(self.phases(c), LIVE_PATH)
+        self.assertEqual(c.verbs("live.switchover"), [(src, "live.switchover")])
+
+    @d
     async def test_an_agent_that_does_not_hold_moves_it_all_the_way(self):
         """
-        A source agent from before live.switchover ignores hold and migrates all the way:
-        its answer is the figures, so the target holds the machine: switched_over.
+        A source agent from before live.switchover (its live.migrate as it was then: no
+        hold, which it would refuse; its live.facts names neither hold nor what came
+        after) is not given hold and migrates all the way: its answer is the figures, so
+        the target holds the machine: switched_over.
         """
         c, m, src, dst, vid, before = await self.setup()
 
         def make(original):
-            def f(machine_id, target_host, target, policy, hold=False, details=None):
+            def f(machine_id, target_host, target, policy=None, details=None):
                 return original(machine_id, target_host, target, policy, details=details)
             return f
 
         c.wrap(src, "live.migrate", make)
+        self.facts(c, src, hold=None, prepare_health=None, verify_hashes=None)
         _, status = await self.drain(c, src)
         mg = status["migrations"][0]
         self.assertEqual((status["state"], mg["mode"]), ("completed", "live"))

@@ -1148,14 +1148,17 @@ class LiveMigrations:
             reason where the driver cannot migrate) and the agent's VM networking
             (C{"user"} or C{"bridge"}: a machine on the cluster network keeps its address
             across a live move), C{"prepare_health": True}: its C{live.prepare} takes
-            the guest's C{health} (agents before it refuse the argument), and
-            C{"verify_hashes"}: the block hashes its C{live.hashes} and C{live.verify} know
-            (L{VERIFY_HASHES}; agents before it know only C{"sha256"}).
+            the guest's C{health} (agents before it refuse the argument), C{"hold":
+            True}: its C{live.migrate} takes C{hold} (agents before it refuse it; those
+            since C{prepare_health} take it without saying so), and C{"verify_hashes"}:
+            the block hashes its C{live.hashes} and C{live.verify} know (L{VERIFY_HASHES};
+            agents before it know only C{"sha256"}).
         """
         network = "user"
         if self.executor is not None and self.executor.network is not None:
             network = "bridge"
-        own = {"network": network, "prepare_health": True, "verify_hashes": list(VERIFY_HASHES)}
+        own = {"network": network, "prepare_health": True, "hold": True,
+               "verify_hashes": list(VERIFY_HASHES)}
         if not ILiveMigration.providedBy(self.driver):
             return dict({"live": False, "reason": f"the {self.driver.name} driver cannot "
                          "migrate live", "cpu_model": None, "machine_type": None,

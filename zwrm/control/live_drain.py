@@ -408,9 +408,12 @@ class LiveSteps:
                 await self._live_gave_up(drain, run, "the control plane restarted during "
                                          "the live migration; it was rolled back", True)
         await self._save_detail(run, live_started=self._clock.seconds(), live=None)
+        # The source holds in sync for live.switchover if its agent takes hold (one of
+        # the version before refuses the argument: it is asked to migrate all the way).
+        hold = (True,) if await self._source_holds(source) else ()
         ready, why = await self._call_source(run, "live.migrate", mid, target,
                                              run.detail["live_target"],
-                                             live_policy(drain.row["options"]), True)
+                                             live_policy(drain.row["options"]), *hold)
         if why is not None:
             # Rolled back (unavailable), or the answer was lost: the agents say which.
             if await self._live_resolve(run, poll):
@@ -426,6 +429,15 @@ class LiveSteps:
         await self._save_migration(run, bytes_sent=run.row["bytes_total"])
         await self._save_detail(run, live_ready={k: ready.get(k) for k in (
             "mirror", "mirror_seconds", "elapsed")})
+
+    async def _source_holds(self, source):
+        """
+        Whether C{source}'s agent takes C{live.migrate}'s C{hold}: its C{live.facts} says
+        C{hold}, or C{prepare_health} (agents that list it took C{hold} before they said
+        so).
+        """
+        facts = await self._live_facts(source)
+        return bool(facts.get("hold") or facts.get("prepare_health"))
 
     async def _call_source(self, run, verb, *args):
         """
