@@ -482,6 +482,16 @@ class Cluster:
     def zwrm_json(self, *args, **kw):
         return json.loads(self.zwrm(*args, "--json", **kw))
 
+    def step_app(self, request, name):
+        """
+        Create app C{name} for one step (C{request}: the test's pytest request).  When the
+        step ends, however it ends, the app is destroyed with its volumes (a step that
+        passed has done so already: then nothing is left to destroy), so that a step that
+        failed leaves no machine holding the room later steps need.
+        """
+        self.zwrm("apps", "create", name)
+        request.addfinalizer(lambda: self.zwrm("destroy", name, "--volumes", ok=range(256)))
+
     def host_of(self, host_id):
         """The test host (namespace) name of the agent with id C{host_id}."""
         return {v: k for k, v in self.host_ids.items()}[host_id]

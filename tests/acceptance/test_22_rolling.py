@@ -93,11 +93,11 @@ def _versions(cluster, port, tries=8):
     return seen
 
 
-def test_rolling_deploy_of_a_stateless_app(cluster):
+def test_rolling_deploy_of_a_stateless_app(cluster, request):
     _push(cluster, "demo:1-slow", {"www/cgi-bin/slow": (SLOW, 0o755)})
     _push(cluster, "demo:2", {"www/cgi-bin/slow": (SLOW, 0o755),
                               "www/version.txt": (b"2\n", 0o644)})
-    cluster.zwrm("apps", "create", "roll")
+    cluster.step_app(request, "roll")
     with cluster.phase("deploy a stateless app with two replicas"):
         app = cluster.deploy("roll", "demo:1-slow", "--publish", f"{PORT}:8080", replicas=2)
     before = {m["id"] for m in app["machines"]}

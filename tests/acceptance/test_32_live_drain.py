@@ -135,7 +135,7 @@ def test_activate_after_the_live_drain(cluster):
 BIG_MIB = 12 * 1024
 
 
-def test_a_large_volume_moves_live_and_verifies(cluster):
+def test_a_large_volume_moves_live_and_verifies(cluster, request):
     """
     A 12 GiB volume (sparse: an ext4 file system with little in it) moves live, and its
     verification (196,608 blocks of 64 KiB, in three pages) passes; the host is made ready
@@ -145,7 +145,7 @@ def test_a_large_volume_moves_live_and_verifies(cluster):
     """
     app = _app(cluster)
     offsets = cluster.log_offsets()
-    cluster.zwrm("apps", "create", "big")
+    cluster.step_app(request, "big")
     with cluster.phase("an app with a 12 GiB volume"):
         big = cluster.deploy("big", "demo:1", "--volume", f"data:{BIG_MIB}:/data")
         [m] = big["machines"]

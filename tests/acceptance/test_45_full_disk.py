@@ -31,14 +31,14 @@ def _fails(cluster, *args):
     return lines[0]
 
 
-def test_a_full_data_disk(cluster):
+def test_a_full_data_disk(cluster, request):
     if "app" not in cluster.state:
         pytest.fail("needs the deploy step (test_20_deploy.py) to have passed")
     web = cluster.state["app"]
     a2 = cluster.host_ids["a2"]
     web_before = {m["id"]: (m["host_id"], m["state"])
                   for m in cluster.zwrm_json("status", web["name"])["machines"]}
-    cluster.zwrm("apps", "create", "full")
+    cluster.step_app(request, "full")
     deploy = ("deploy", "full", "--image", "demo:1", "--replicas", "1", "--memory", "128",
               "--port", "8080", "--datacenter", "dc2", "--wait", "300")
     offsets = cluster.log_offsets()

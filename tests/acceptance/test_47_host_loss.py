@@ -28,11 +28,11 @@ def _qemu_running(cluster, host, machine_id):
     return cluster.sh(host, ["pgrep", "-f", f"qemu.*{machine_id}"], ok=(0, 1)).returncode == 0
 
 
-def test_a_host_vanishes_and_returns(cluster):
+def test_a_host_vanishes_and_returns(cluster, request):
     if "app" not in cluster.state:
         pytest.fail("needs the deploy step (test_20_deploy.py) to have passed")
     web = cluster.state["app"]
-    cluster.zwrm("apps", "create", "stateless")
+    cluster.step_app(request, "stateless")
     with cluster.phase("deploy a stateless app"):
         app = cluster.deploy("stateless", "demo:1", "--publish", f"{PORT}:8080")
     [first] = app["machines"]
