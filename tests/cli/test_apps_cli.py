@@ -1,11 +1,21 @@
 """The app, machine and volume commands: arguments become specs, mistakes become one line."""
 
+import io
+
 from autobahn.wamp.exception import ApplicationError
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
-from zwrm.cli.apps import _failed_line, _last_reason, _settled, _spec, _why_failed
-from zwrm.cli.client import EXIT_UNREACHABLE, EXIT_USAGE, CliError
+from zwrm.cli.apps import (
+    DECISION_GRACE,
+    _failed_line,
+    _last_reason,
+    _settled,
+    _spec,
+    _why_failed,
+    wait_until_settled,
+)
+from zwrm.cli.client import EXIT_REMOTE, EXIT_UNREACHABLE, EXIT_USAGE, CliError
 from zwrm.cli.main import build_parser
 
 
@@ -57,6 +67,108 @@ class SettledTests(SynchronousTestCase):
         self.assertIsNone(_settled(self.app(2, ("running", "passing"), ("running", "failing"))))
         self.assertIsNone(_settled(self.app(2, ("running", "passing"))))
         self.assertEqual(_settled(self.app(1, ("failed", None))), "failed")
+        # A failed machine whose restart is due is on its way, not failed for good.
+        app = self.app(1, ("failed", None))
+        app["machines"][0]["next_restart_at"] = 1000.0
+        self.assertIsNone(_settled(app))
+
+
+class _Statuses:
+    """
+    A session (a fake, for these unit tests) whose C{zwrm.app.status} answers are given
+    by the test, one per call (the last one again once they run out), and whose
+    C{zwrm.machine.status} has the newest reason C{why}.
+    """
+
+    def __init__(self, statuses, why="the guest ended itself (guest-reset)"):
+        self.statuses = list(statuses)
+        self.why = why
+        self.asked = 0
+
+    def call(self, procedure, *args):
+        if procedure == "zwrm.machine.status":
+            return defer.succeed({"id": args[0], "events": [{"payload": {"reason": self.why}}]})
+        assert (procedure, args) == ("zwrm.app.status", ("web",)), (procedure, args)
+        self.asked += 1
+        return defer.succeed(self.statuses.pop(0) if len(self.statuses) > 1
+                             else self.statuses[0])
+
+
+def _app(*machines):
+    """An app status: C{(state, health, restarts, next_restart_at)} per machine."""
+    return {"name": "web", "id": "a-1", "spec": {"replicas": len(machines), "image": "demo:1"},
+            "machines": [{"id": f"m-{i}", "replica": i, "host_id": "h1", "state": s,
+                          "health": h, "restarts": n, "next_restart_at": at,
+                          "restart_reason": "the guest ended itself (guest-reset)"
+                          if s == "failed" else None, "address": None, "host_port": None}
+                         for i, (s, h, n, at) in enumerate(machines)],
+            "volumes": []}
+
+
+class WaitUntilSettledTests(SynchronousTestCase):
+    """
+    C{zwrm deploy --wait} follows a machine that fails through the restart its policy
+    gives it (a transient failure: a guest that panicked at boot on a loaded host), and
+    fails when a machine fails for good or the wait is over.  Time is a L{task.Clock}.
+    """
+
+    def wait(self, statuses, wait=300.0, steps=1000):
+        clock, err = task.Clock(), io.StringIO()
+        session = _Statuses(statuses[1:] or statuses)
+        d = defer.ensureDeferred(wait_until_settled(clock, session, "web", statuses[0], wait,
+                                                    err))
+        for _ in range(steps):
+            if d.called:
+                break
+            clock.advance(0.5)
+        return d, clock, err
+
+    def test_a_machine_restarted_after_a_failure_is_followed_to_healthy(self):
+        due = 1_000_000.0
+        # Failed, its restart due, for longer than a decision's grace (the backoff: 5 s).
+        d, clock, err = self.wait([_app(("starting", None, 0, None))]
+                                  + [_app(("failed", None, 0, due))] * 10 + [
+            _app(("starting", None, 1, None)),
+            _app(("running", "passing", 1, None)),
+        ])
+        app = self.successResultOf(d)
+        self.assertEqual(app["machines"][0]["state"], "running")
+        self.assertEqual(err.getvalue(), "machine m-0 of web failed: the guest ended itself "
+                         "(guest-reset); restart 1 at 13:46:40 UTC\n")
+
+    def test_a_machine_failed_for_good_ends_the_wait(self):
+        # No restart due (its policy gives it none) for longer than the decision's grace.
+        d, clock, err = self.wait([_app(("starting", None, 0, None)),
+                                   _app(("failed", None, 0, None))])
+        e = self.failureResultOf(d, CliError).value
+        self.assertEqual((e.code, e.message), (EXIT_REMOTE, "machine m-0 of web failed: the "
+                                               "guest ended itself (guest-reset)"))
+        self.assertGreaterEqual(clock.seconds(), DECISION_GRACE)
+        self.assertLess(clock.seconds(), DECISION_GRACE + 1.0)
+        self.assertIn("m-0", err.getvalue())  # the app's status, on the error stream
+
+    def test_a_failure_whose_restart_is_decided_within_the_grace_is_followed(self):
+        # Read between the failure and its policy's decision, which the control plane
+        # stores just after.
+        d, clock, err = self.wait([
+            _app(("failed", None, 0, None)),
+            _app(("failed", None, 0, None)),
+            _app(("failed", None, 0, 60.0)),
+            _app(("running", "none", 1, None)),
+        ])
+        self.assertEqual(self.successResultOf(d)["machines"][0]["state"], "running")
+        self.assertIn("restart 1 at 00:01:00 UTC", err.getvalue())
+
+    def test_the_wait_ends_with_the_last_failure_seen(self):
+        statuses = [_app(("failed", None, n, 10.0 * (n + 1))) if n % 2 else
+                    _app(("starting", None, n, None)) for n in range(8)]
+        d, clock, err = self.wait(statuses, wait=30.0)
+        e = self.failureResultOf(d, CliError).value
+        self.assertEqual(e.code, EXIT_REMOTE)
+        self.assertEqual(e.message, "web did not become healthy within 30 s; last: machine m-0 "
+                         "of web failed: the guest ended itself (guest-reset); restart 8 at "
+                         "00:01:20 UTC (see zwrm status and zwrm logs)")
+        self.assertEqual(len(err.getvalue().splitlines()), 4)  # one line per failure
 
     def test_failed_line_says_why(self):
         """

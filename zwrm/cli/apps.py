@@ -125,7 +125,8 @@ def register(subparsers):
                    help="only show what the deploy would change (the diff against the current "
                         "version; replicas created, replaced, moved, destroyed); change nothing")
     p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
-                   help="wait until every machine runs (and is healthy) or SECONDS pass")
+                   help="wait until every machine runs (and is healthy) or SECONDS pass,"
+                        " following a failed machine through the restart its policy gives it")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=deploy)
 
@@ -388,12 +389,71 @@ async def rollback(reactor, args, out=None):
 
 
 def _settled(app):
+    """
+    C{"ok"}: every replica runs and passes its check; C{"failed"}: a machine failed and its
+    restart policy gives it no restart (none is due: C{next_restart_at} is null); else
+    L{None} (a failed machine whose restart is due is on its way).
+    """
     want = (app["spec"] or {}).get("replicas", 0)
     ms = app["machines"]
-    if any(m["state"] == "failed" for m in ms):
+    if any(m["state"] == "failed" and m.get("next_restart_at") is None for m in ms):
         return "failed"
     ok = [m for m in ms if m["state"] == "running" and m["health"] in ("passing", "none", None)]
     return "ok" if len(ok) == want == len(ms) else None
+
+
+#: Seconds a failed machine with no restart due may wait for its restart policy's decision
+#: before a deploy that waits takes the failure for final: the control plane stores the
+#: failure, then the decision (in milliseconds), and the status may be read in between.
+DECISION_GRACE = 2.0
+
+
+def _restart_line(name, machine):
+    """The line of a deploy that waits and sees C{machine} failed, its restart due."""
+    when = time.strftime("%H:%M:%S UTC", time.gmtime(machine["next_restart_at"]))
+    why = machine.get("restart_reason") or f"see zwrm logs {machine['id']}"
+    return (f"machine {machine['id']} of {name} failed: {why}; restart "
+            f"{(machine.get('restarts') or 0) + 1} at {when}")
+
+
+async def wait_until_settled(reactor, session, name, app, wait, err):
+    """
+    Follow app C{name} (its status C{app} to start from) until every replica runs and
+    passes its check: its status then.  A machine that fails and is due a restart is
+    followed through it, its failure written to C{err} as one line; one that fails for
+    good (its policy gives it no restart, L{DECISION_GRACE}) ends the wait with a
+    L{CliError} naming it and why, and so do C{wait} seconds, with the last failure seen.
+    """
+    deadline = reactor.seconds() + wait
+    told, last, failed_since = set(), None, None
+    while True:
+        for m in app["machines"]:
+            if m["state"] == "failed" and m.get("next_restart_at") is not None:
+                key = (m["id"], m.get("restarts") or 0)
+                if key not in told:
+                    told.add(key)
+                    last = _restart_line(name, m)
+                    err.write(last + "\n")
+        state = _settled(app)
+        now = reactor.seconds()
+        if state == "failed":
+            failed_since = now if failed_since is None else failed_since
+            if now - failed_since >= DECISION_GRACE:
+                format_app(app, err)
+                failed = next(m for m in app["machines"] if m["state"] == "failed"
+                              and m.get("next_restart_at") is None)
+                why = await _why_failed(session, failed["id"])
+                raise CliError(_failed_line(name, failed, why), EXIT_REMOTE)
+        else:
+            failed_since = None
+        if state == "ok":
+            return app
+        if now >= deadline:
+            said = f"; last: {last}" if last else ""
+            raise CliError(f"{name} did not become healthy within {wait:g} s{said} (see zwrm "
+                           "status and zwrm logs)", EXIT_REMOTE)
+        await task.deferLater(reactor, 0.5, lambda: None)
+        app = await call(session, "zwrm.app.status", name)
 
 
 def _last_reason(machine):
@@ -464,21 +524,8 @@ async def deploy(reactor, args, out=None):
         app = await deploy_following(reactor, session, args.app, spec, out, args.json,
                                      settings["timeout"])
         if args.wait:
-            deadline = reactor.seconds() + args.wait
-            while True:
-                state = _settled(app)
-                if state == "failed":
-                    format_app(app, sys.stderr)
-                    failed = next(m for m in app["machines"] if m["state"] == "failed")
-                    why = await _why_failed(session, failed["id"])
-                    raise CliError(_failed_line(args.app, failed, why), EXIT_REMOTE)
-                if state == "ok":
-                    break
-                if reactor.seconds() >= deadline:
-                    raise CliError(f"{args.app} did not become healthy within {args.wait:g} s "
-                                   "(see zwrm status and zwrm logs)", EXIT_REMOTE)
-                await task.deferLater(reactor, 0.5, lambda: None)
-                app = await call(session, "zwrm.app.status", args.app)
+            app = await wait_until_settled(reactor, session, args.app, app, args.wait,
+                                           sys.stderr)
     finally:
         await close(session)
     _json(app, out) if args.json else format_app(app, out)

@@ -28,7 +28,9 @@ What the guest does (its ``/init``):
     unmounting the volumes, so a clean stop leaves a clean file system.
 
 With ``zwrm.selftest=poweroff`` on the command line it powers itself off right after step 3
-(tests use it to see a guest-initiated power-off). With ``zwrm.selftest=fill`` it writes
+(tests use it to see a guest-initiated power-off). With ``zwrm.selftest=panic-once`` its
+kernel panics right after step 3 (``/proc/sysrq-trigger``) if the first volume has no file
+``panicked``, which it writes first: a machine that fails once at boot and then boots. With ``zwrm.selftest=fill`` it writes
 40 MiB to the file ``fill`` of the first volume after step 3 (``dd`` with ``fsync``) and
 then says ``zwrm: selftest: filled (<dd's exit status>)`` (tests use it to meet a full
 disk on the host).
@@ -111,6 +113,12 @@ if grep -q "zwrm.selftest=fill" /proc/cmdline; then
   echo "zwrm: selftest: filling $FIRST"
   dd if=/dev/zero of="$FIRST/fill" bs=1M count=40 conv=fsync 2>/dev/null
   echo "zwrm: selftest: filled ($?)"
+fi
+if grep -q "zwrm.selftest=panic-once" /proc/cmdline && [ ! -f "$FIRST/panicked" ]; then
+  echo "zwrm: selftest: panicking once"
+  echo "$(cat /proc/uptime)" > "$FIRST/panicked"
+  sync
+  echo c > /proc/sysrq-trigger
 fi
 if grep -q "zwrm.selftest=poweroff" /proc/cmdline; then
   echo "zwrm: selftest: powering off"
