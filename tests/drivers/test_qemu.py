@@ -567,7 +567,8 @@ class ConsoleLastWordsTests(SynchronousTestCase):
             b"zwrm: init starting\r\n[    5.1] Kernel panic - not syncing: IO-APIC + timer "
             b"doesn't work!  Boot with apic=debug\r\n[    5.2] ---[ end Kernel panic - not "
             b"syncing: IO-APIC + timer doesn't work! ]---\r\n")
-        self.assertEqual(panic, "Kernel panic - not syncing: IO-APIC + timer doesn't work! ]---")
+        self.assertEqual(panic, "Kernel panic - not syncing: IO-APIC + timer doesn't work!  "
+                                "Boot with apic=debug")
         self.assertEqual(len(last), 3)
         self.assertEqual(last[0], "zwrm: init starting")
 

@@ -56,6 +56,9 @@ from zwrm.interfaces import IHypervisorDriver, ILiveMigration
 
 log = Logger()
 
+#: How the kernel's panic line begins (the rest says why).
+PANIC = "Kernel panic - not syncing"
+
 #: The longest path a UNIX socket may have (Linux C{sun_path} less the NUL).
 MAX_SOCKET_PATH = 107
 
@@ -1118,11 +1121,9 @@ class QemuDriver(QemuLiveMigration):
             line = "".join(c for c in line if " " <= c <= "~").strip()
             if line:
                 lines.append(line[:self.CONSOLE_LINE_CHARS])
-        panic = ""
-        for line in lines:
-            at = line.find("Kernel panic - not syncing")
-            if at >= 0:
-                panic = line[at:]
+        # The first: with panic=0 the kernel repeats it at the end ("---[ end Kernel panic
+        # - not syncing: ... ]---").
+        panic = next((line[line.find(PANIC):] for line in lines if PANIC in line), "")
         return panic, lines[-self.CONSOLE_LAST_LINES:]
 
     def _hard_stop(self, m, why="it did not power off in time"):

@@ -30,10 +30,10 @@ What the guest does (its ``/init``):
 With ``zwrm.selftest=poweroff`` on the command line it powers itself off right after step 3
 (tests use it to see a guest-initiated power-off). With ``zwrm.selftest=panic-once`` its
 kernel panics right after step 3 (``/proc/sysrq-trigger``) if the first volume has no file
-``panicked``, which it writes first: a machine that fails once at boot and then boots. With ``zwrm.selftest=fill`` it writes
-40 MiB to the file ``fill`` of the first volume after step 3 (``dd`` with ``fsync``) and
-then says ``zwrm: selftest: filled (<dd's exit status>)`` (tests use it to meet a full
-disk on the host).
+``panicked``, which it writes first: a machine that fails once at boot and then boots.
+With ``zwrm.selftest=fill`` it writes 40 MiB to the file ``fill`` of the first volume after
+step 3 (``dd`` with ``fsync``) and then says ``zwrm: selftest: filled (<dd's exit
+status>)`` (tests use it to meet a full disk on the host).
 
 The line ``zwrm: ready`` on the console means the HTTP server is running.
 
