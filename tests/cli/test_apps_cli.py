@@ -136,6 +136,14 @@ class WaitUntilSettledTests(SynchronousTestCase):
         self.assertEqual(err.getvalue(), "machine m-0 of web failed: the guest ended itself "
                          "(guest-reset); restart 1 at 13:46:40 UTC\n")
 
+    def test_a_machine_that_powered_off_is_followed_through_its_restart(self):
+        stopped = _app(("stopped", None, 0, 60.0))
+        stopped["machines"][0]["restart_reason"] = "the guest powered off"
+        d, clock, err = self.wait([stopped, _app(("running", "none", 1, None))])
+        self.assertEqual(self.successResultOf(d)["machines"][0]["state"], "running")
+        self.assertEqual(err.getvalue(), "machine m-0 of web stopped: the guest powered off; "
+                                         "restart 1 at 00:01:00 UTC\n")
+
     def test_a_machine_failed_for_good_ends_the_wait(self):
         # No restart due (its policy gives it none) for longer than the decision's grace.
         d, clock, err = self.wait([_app(("starting", None, 0, None)),

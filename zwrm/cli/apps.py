@@ -409,18 +409,21 @@ DECISION_GRACE = 2.0
 
 
 def _restart_line(name, machine):
-    """The line of a deploy that waits and sees C{machine} failed, its restart due."""
+    """
+    The line of a deploy that waits and sees C{machine} failed (or stopped: a guest that
+    powered off), its restart due.
+    """
     when = time.strftime("%H:%M:%S UTC", time.gmtime(machine["next_restart_at"]))
     why = machine.get("restart_reason") or f"see zwrm logs {machine['id']}"
-    return (f"machine {machine['id']} of {name} failed: {why}; restart "
+    return (f"machine {machine['id']} of {name} {machine['state']}: {why}; restart "
             f"{(machine.get('restarts') or 0) + 1} at {when}")
 
 
 async def wait_until_settled(reactor, session, name, app, wait, err):
     """
     Follow app C{name} (its status C{app} to start from) until every replica runs and
-    passes its check: its status then.  A machine that fails and is due a restart is
-    followed through it, its failure written to C{err} as one line; one that fails for
+    passes its check: its status then.  A machine that fails (or stops) and is due a
+    restart is followed through it, written to C{err} as one line; one that fails for
     good (its policy gives it no restart, L{DECISION_GRACE}) ends the wait with a
     L{CliError} naming it and why, and so do C{wait} seconds, with the last failure seen.
     """
@@ -428,7 +431,7 @@ async def wait_until_settled(reactor, session, name, app, wait, err):
     told, last, failed_since = set(), None, None
     while True:
         for m in app["machines"]:
-            if m["state"] == "failed" and m.get("next_restart_at") is not None:
+            if m["state"] in ("failed", "stopped") and m.get("next_restart_at") is not None:
                 key = (m["id"], m.get("restarts") or 0)
                 if key not in told:
                     told.add(key)
