@@ -1,0 +1,1 @@
+A machine whose guest kernel panicked says so: its reason ends with the kernel's panic line from the serial console ("the guest ended itself (guest-reset): Kernel panic - not syncing: …"), and the agent logs the console's last 20 lines as a warning (printable ASCII only, lines cut at 200 characters), so the cause outlives the machine's directory.
