@@ -3,10 +3,17 @@ Step: apps that stay up.  A redeploy with an image tag that is not in the regist
 and leaves the serving machine as it was; a C{kill -9} of the machine's QEMU is restarted on
 its host (same machine, same volume, the data still there), and the ingress of both agents
 follows it.  Updates C{cluster.state["app"]["machine"]}.
+
+Then a new app whose guest's kernel panics at its first boot (the test image's
+C{zwrm.selftest=panic-once}, as a guest did under TCG on a loaded host): C{zwrm deploy
+--wait} says the failure in one line with the kernel's own words, waits through the
+restart, and ends healthy; the agent's log has the console's last lines.
 """
 
 import glob
+import json
 import os
+import re
 import signal
 
 import pytest
@@ -100,3 +107,34 @@ def test_frozen_qemu_is_restarted(cluster):
     for body in cluster.app_everywhere("/cgi-bin/read?index.txt", wait=60).values():
         assert body.encode() == app["data"]
     cluster.check_logs_since(offsets)
+
+
+def test_a_deploy_waits_through_a_guest_that_panics_once(cluster, request):
+    if "app" not in cluster.state:
+        pytest.fail("needs the deploy step (test_20_deploy.py) to have passed")
+    img = cluster.image
+    cluster.zwrm("images", "push", "demo:panic-once", "--kernel", img.kernel, "--initrd",
+                 img.initrd, "--cmdline", f"{img.cmdline} zwrm.selftest=panic-once", "--port",
+                 "8080", "-q", timeout=300)
+    cluster.step_app(request, "panics")
+    offsets = cluster.log_offsets()
+    with cluster.phase("deploy --wait of a guest that panics at its first boot"):
+        r = cluster.sh("client", [
+            "zwrm", "deploy", "panics", "--image", "demo:panic-once", "--memory", "128",
+            "--port", "8080", "--health-http", "/", "--health-grace", "240", "--volume",
+            "data:16:/data", "--wait", "300", "--json"], env={"HOME": cluster.client_home},
+            timeout=360)
+    [m] = json.loads(r.stdout)["machines"]
+    assert (m["state"], m["health"], m["restarts"]) == ("running", "passing", 1), m
+    assert re.fullmatch(
+        rf"machine {m['id']} of panics failed: the guest ended itself \(guest-reset\): Kernel "
+        r"panic - not syncing: sysrq triggered crash; restart 1 at \d\d:\d\d:\d\d UTC\n",
+        r.stderr), r.stderr
+    # Its console (both boots) has the first boot's last words.
+    assert "zwrm: selftest: panicking once" in cluster.zwrm("logs", m["id"])
+    cluster.zwrm("destroy", "panics", "--volumes")
+    logged = cluster.check_logs_since(offsets)
+    agent_log = logged[(cluster.host_of(m["host_id"]), "zwrm-agent.service")]
+    assert (f"machine {m['id']}: the guest ended itself (guest-reset): Kernel panic - not "
+            "syncing: sysrq triggered crash; the last lines of its console:") in agent_log, \
+        agent_log[-4000:]
