@@ -4,6 +4,7 @@ scripted QMP connection (no QEMU): the orders that make the pause short and the 
 (tests/drivers/test_live.py runs them against real QEMU).
 """
 
+import gc
 import json
 import os
 import shutil
@@ -12,9 +13,10 @@ import tempfile
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from zwrm.drivers import qemu
+from zwrm.drivers import live, qemu
 from zwrm.drivers.qmp import QMPError
 from zwrm.errors import Conflict, NotAuthorized, Unavailable
 
@@ -39,7 +41,11 @@ class ScriptedQMP:
             d.addCallback(lambda r: (self.driver._live_event(
                 self.machine, "BLOCK_JOB_COMPLETED", {"device": arguments["device"]}), r)[1])
             return d
-        return succeed(answer if not callable(answer) else answer(arguments))
+        if callable(answer):
+            answer = answer(arguments)
+            if isinstance(answer, QMPError):
+                return fail(answer)
+        return succeed(answer)
 
     def execute_with_fd(self, command, arguments, fd):
         self.fds.append(fd)
@@ -317,6 +323,116 @@ class LiveQMPTests(SynchronousTestCase):
             return original(qmp, command, arguments)
 
         return execute
+
+    def rolled_back(self, answers):
+        """A machine mirroring (its connection given to QEMU), and its answers."""
+        m = self.machine(dict({"query-migrate": {"status": "none"},
+                               "query-status": {"status": "running"},
+                               "query-block-jobs": [{"device": "zwrm-mirror-vol0"}]},
+                              **answers))
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        self.driver._nbd_sockets["m1"] = {"zwrm-nbd-vol0": ours}
+        return m
+
+    @staticmethod
+    def answers(*them):
+        """A scripted answer: C{them} in turn, then the last again."""
+        them = list(them)
+        return lambda args: them.pop(0) if len(them) > 1 else them[0]
+
+    def test_a_job_the_cut_failed_is_not_waited_for_and_nothing_is_left(self):
+        # The cut connection failed the mirror before its cancel: QEMU lists it no more.
+        m = self.rolled_back({
+            "block-job-cancel": QMPError("DeviceNotActive",
+                                         "Block job 'zwrm-mirror-vol0' not found"),
+            "query-block-jobs": self.answers([{"device": "zwrm-mirror-vol0"}], [])})
+        self.assertEqual(self.result(self.driver.cancel_migration("m1")), {"cancelled": True})
+        self.assertEqual(m.qmp.names(), ["query-migrate", "query-status", "query-block-jobs",
+                                         "block-job-cancel", "query-block-jobs", "blockdev-del",
+                                         "query-status"])
+        self.assertEqual(self.driver._live_listeners["m1"], [])
+        gc.collect()  # the event no longer waited for is not an unhandled error
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_a_job_still_ending_is_waited_for_before_its_node_goes(self):
+        # The cut is failing the mirror: QEMU refuses its cancel ("aborting") and its node
+        # ("in use") until the job has ended.
+        jobs = [[{"device": "zwrm-mirror-vol0"}]] * 3 + [[]]
+        m = self.rolled_back({
+            "block-job-cancel": QMPError("GenericError", "Job 'zwrm-mirror-vol0' in state "
+                                         "'aborting' cannot accept command verb 'cancel'"),
+            "query-block-jobs": self.answers(*jobs)})
+        d = self.driver.cancel_migration("m1")
+        self.clock.advance(0)
+        self.assertNotIn("blockdev-del", m.qmp.names())
+        self.clock.advance(live.UNDO_POLL)
+        self.assertNotIn("blockdev-del", m.qmp.names())
+        self.clock.advance(live.UNDO_POLL)
+        self.assertEqual(self.result(d), {"cancelled": True})
+        self.assertEqual(m.qmp.names()[-3:], ["query-block-jobs", "blockdev-del",
+                                              "query-status"])
+        self.assertEqual(m.qmp.names().count("query-block-jobs"), 4)
+
+    def test_a_node_refused_while_its_job_ends_is_removed_on_a_later_try(self):
+        busy = QMPError("GenericError", "Node 'zwrm-nbd-vol0' is busy: block device is in "
+                        "use by block job: mirror")
+        m = self.rolled_back({"blockdev-del": self.answers(busy, {}),
+                              "query-named-block-nodes": [{"node-name": "zwrm-nbd-vol0"}]})
+        m.qmp.answers["block-job-cancel"] = lambda args: (self.driver._live_event(
+            m, "BLOCK_JOB_CANCELLED", {"device": args["device"]}), {})[1]
+        m.qmp.execute = self._forced(m.qmp)
+        d = self.driver.cancel_migration("m1")
+        self.clock.advance(0)
+        self.assertEqual(m.qmp.names().count("blockdev-del"), 1)
+        self.clock.advance(live.UNDO_POLL)
+        self.assertEqual(self.result(d), {"cancelled": True})
+        self.assertEqual(m.qmp.names().count("blockdev-del"), 2)
+        self.assertEqual(dict(m.qmp.sent)["query-named-block-nodes"], {"flat": True})
+
+    def test_a_node_that_stays_is_logged_and_removed_before_the_next_mirror(self):
+        busy = QMPError("GenericError", "Node 'zwrm-nbd-vol0' is busy")
+        m = self.rolled_back({"blockdev-del": busy,
+                              "query-named-block-nodes": [{"node-name": "zwrm-nbd-vol0"}]})
+        m.qmp.answers["block-job-cancel"] = lambda args: (self.driver._live_event(
+            m, "BLOCK_JOB_CANCELLED", {"device": args["device"]}), {})[1]
+        m.qmp.execute = self._forced(m.qmp)
+        logged = []
+        observer = logged.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        d = self.driver.cancel_migration("m1")
+        self.clock.pump([live.UNDO_POLL] * int(live.UNDO_TIMEOUT / live.UNDO_POLL + 2))
+        self.assertEqual(self.result(d), {"cancelled": True})
+        [warning] = [formatEvent(e) for e in logged if "could not be removed" in formatEvent(e)]
+        self.assertIn("its NBD node zwrm-nbd-vol0 could not be removed within 30 s: Node "
+                      "'zwrm-nbd-vol0' is busy", warning)
+        # The next mirror: QEMU refuses the node's name; the old node goes, the new comes.
+        m.qmp.sent = []
+        m.qmp.answers.update({
+            "blockdev-del": {},
+            "blockdev-add": self.answers(
+                QMPError("GenericError", "Duplicate nodes with node-name='zwrm-nbd-vol0'"),
+                {})})
+        target = {"host": "127.0.0.1", "nbd_port": 1, "migration_port": 2,
+                  "exports": {"v1": "vol0"}}
+        self.result(self.driver.start_mirror("m1", target))
+        self.assertEqual(m.qmp.names()[1:6], ["getfd", "blockdev-add", "blockdev-del",
+                                              "blockdev-add", "blockdev-mirror"])
+
+    def test_a_node_that_cannot_go_fails_the_next_mirror(self):
+        m = self.machine({"blockdev-add": QMPError(
+            "GenericError", "Duplicate nodes with node-name='zwrm-nbd-vol0'"),
+            "blockdev-del": QMPError("GenericError", "Node 'zwrm-nbd-vol0' is busy"),
+            "query-named-block-nodes": [{"node-name": "zwrm-nbd-vol0"}]})
+        target = {"host": "127.0.0.1", "nbd_port": 1, "migration_port": 2,
+                  "exports": {"v1": "vol0"}}
+        d = self.driver.start_mirror("m1", target)
+        self.clock.pump([live.UNDO_POLL] * int(live.UNDO_TIMEOUT / live.UNDO_POLL + 2))
+        e = self.assertRaises(Unavailable, self.result, d)
+        self.assertIn("an earlier mirror's node zwrm-nbd-vol0 is still there and cannot be "
+                      "removed", e.message)
+        self.assertNotIn("blockdev-mirror", m.qmp.names())
 
     def test_a_gone_connection_is_unavailable(self):
         self.machine({"query-status": QMPError("Disconnected", "gone")}, role="target")

@@ -53,6 +53,7 @@ import threading
 
 from twisted.internet import utils
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from zwrm.drivers import diskfull as _diskfull
@@ -96,6 +97,11 @@ NBD_OPEN_TIMEOUT = 30.0
 #: Seconds data sent to the target's NBD server may stay unacknowledged (and keepalive probes
 #: unanswered) before the kernel drops the connection (TCP_USER_TIMEOUT).
 NBD_USER_TIMEOUT = 20.0
+
+#: Seconds a rolled-back mirror's jobs get to end, and then its NBD nodes to be removed
+#: (L{QemuLiveMigration._undo_mirror}); how often they are asked about meanwhile.
+UNDO_TIMEOUT = 30.0
+UNDO_POLL = 0.1
 
 #: Migration statuses (query-migrate) in which a migration is under way.
 ACTIVE = ("setup", "active", "pre-switchover", "device", "postcopy-active",
@@ -418,7 +424,18 @@ class QemuLiveMigration:
 
         watchdog = self.reactor.callLater(self.nbd_open_timeout, too_late)
         try:
-            await q.execute("blockdev-add", args)
+            try:
+                await q.execute("blockdev-add", args)
+            except QMPError as e:
+                if late or "Duplicate nodes" not in e.desc:
+                    raise
+                # A node of this name outlived a mirror rolled back earlier (its removal
+                # did not succeed in time): it goes first (QEMU checks the name before it
+                # takes the connection), then the node is added once more.
+                if not await self._remove_node(m, q, node):
+                    raise Unavailable(f"{what}: an earlier mirror's node {node} is still "
+                                      "there and cannot be removed") from None
+                await q.execute("blockdev-add", args)
         except QMPError as e:
             if not late:
                 raise _refusal(e, what) from None
@@ -749,32 +766,89 @@ class QemuLiveMigration:
         return {"jobs": started}
 
     async def _undo_mirror(self, m, jobs, nodes):
-        # First the connections: what the mirror (and a guest write) waits for from the
-        # target fails at once, so the cancel below does not wait for a peer that is gone.
+        """
+        End C{m}'s mirror C{jobs} and remove its NBD C{nodes}, so that the machine runs
+        on as before and a later mirror can add its nodes again.
+
+        The connections are cut first: what the mirror (and a guest write) waits for from
+        the target fails at once, so the cancel does not wait for a peer that is gone. A
+        job the cut failed already, or is failing, cannot be cancelled (QEMU: "not
+        found", or a job "aborting" that "cannot accept command verb 'cancel'"): it is
+        waited for until QEMU no longer lists it, since its node cannot be removed before.
+        Bounded: L{UNDO_TIMEOUT} for the jobs, then as long again for the nodes; what is
+        left is logged (and a node left is removed before the next mirror adds it).
+        """
         self._nbd_shut(m)
         q = m.qmp
         if q is None:
             self._nbd_release(m)
             return
+        unsure = []
         for job in jobs:
             gone = self._wait_event(m, lambda n, d, job=job: n in (
                 "BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR")
                 and d.get("device") == job)
+            gone.addErrback(lambda f: None)  # cancelled below, or timed out
             try:
                 await q.execute("block-job-cancel", {"device": job, "force": True})
             except QMPError:
                 gone.cancel()
+                unsure.append(job)
                 continue
-            try:
-                await gone.addTimeout(30, self.reactor)
-            except Exception:
-                pass
+            await gone.addTimeout(UNDO_TIMEOUT, self.reactor)
+        if unsure:
+            await self._until_jobs_end(m, q, unsure)
         for node in nodes:
+            await self._remove_node(m, q, node)
+        self._nbd_release(m)
+
+    async def _until_jobs_end(self, m, q, jobs):
+        """Wait (at most L{UNDO_TIMEOUT} s) until QEMU lists none of the block C{jobs}."""
+        deadline = self.reactor.seconds() + UNDO_TIMEOUT
+        while True:
+            try:
+                left = [j["device"] for j in await q.execute("query-block-jobs")
+                        if j.get("device") in jobs]
+            except QMPError as e:
+                log.warn("machine {id}: cannot list its block jobs: {e}", id=m.id, e=e.desc)
+                return
+            if not left:
+                return
+            if self.reactor.seconds() >= deadline:
+                log.warn("machine {id}: its mirror jobs {jobs} had not ended {t:g} s after "
+                         "they were cut off", id=m.id, jobs=", ".join(left), t=UNDO_TIMEOUT)
+                return
+            await deferLater(self.reactor, UNDO_POLL, lambda: None)
+
+    async def _remove_node(self, m, q, node):
+        """
+        C{blockdev-del} C{node}, again while QEMU still lists it and says no (a job that
+        used it is ending), at most L{UNDO_TIMEOUT} s.
+
+        @return: whether the node is gone.
+        """
+        deadline = self.reactor.seconds() + UNDO_TIMEOUT
+        while True:
             try:
                 await q.execute("blockdev-del", {"node-name": node})
-            except QMPError:
-                pass
-        self._nbd_release(m)
+                return True
+            except QMPError as e:
+                if e.error_class == "Disconnected":
+                    return False
+                refusal = e.desc
+            try:
+                listed = {n.get("node-name") for n in await q.execute(
+                    "query-named-block-nodes", {"flat": True})}
+            except QMPError as e:
+                refusal = e.desc
+                listed = {node}
+            if node not in listed:
+                return True
+            if self.reactor.seconds() >= deadline:
+                log.warn("machine {id}: its NBD node {node} could not be removed within "
+                         "{t:g} s: {e}", id=m.id, node=node, t=UNDO_TIMEOUT, e=refusal)
+                return False
+            await deferLater(self.reactor, UNDO_POLL, lambda: None)
 
     async def _start_migration(self, machine_id, target, tls, downtime, auto_converge,
                                postcopy, max_bandwidth):
