@@ -16,6 +16,7 @@ A fixture provides:
 """
 
 import os
+import re
 import shutil
 import tempfile
 
@@ -101,6 +102,10 @@ def _fired(value):
     return d
 
 
+#: How a QEMU that aborted on its own corrupted heap ends (glibc's words after the signal).
+QEMU_HEAP_ABORT = re.compile(r"killed by signal 6: .*(corrupted|malloc\(\)|free\(\))")
+
+
 def make_live_tests(fixture):
     class LiveMigrationContractTests(TestCase):
         timeout = 300
@@ -122,21 +127,22 @@ def make_live_tests(fixture):
             self.drivers.append(drv)
             return drv
 
-        async def source_and_target(self, tls=True, peer=None, ready=True):
+        async def source_and_target(self, tls=True, peer=None, ready=True, hosts=("a", "b")):
             """A running source (host-a, guest ready) and a target (host-b) waiting."""
-            src, dst = self.driver("a"), self.driver("b")
-            vol_a = os.path.join(self.root, "a", "vol.img")
-            vol_b = os.path.join(self.root, "b", "vol.img")
+            a, b = hosts
+            src, dst = self.driver(a), self.driver(b)
+            vol_a = os.path.join(self.root, a, "vol.img")
+            vol_b = os.path.join(self.root, b, "vol.img")
             fixture.make_volume(self, vol_a, VOLUME_SIZE)
             with open(vol_b, "wb") as f:
                 f.truncate(VOLUME_SIZE)
             await src.start(fixture.spec(self, "m1", vol_a))
             if ready:
                 await self.until_ready(src, "m1")
-            ttls = tls_for(self.ca, "host-b", peer or "host-a") if tls else None
+            ttls = tls_for(self.ca, f"host-{b}", peer or f"host-{a}") if tls else None
             where = await dst.start_incoming(fixture.spec(self, "m1", vol_b), "127.0.0.1",
                                              ttls)
-            stls = tls_for(self.ca, "host-a", "host-b") if tls else None
+            stls = tls_for(self.ca, f"host-{a}", f"host-{b}") if tls else None
             return src, dst, vol_a, vol_b, where, stls
 
         async def until_ready(self, drv, mid):
@@ -278,7 +284,21 @@ def make_live_tests(fixture):
             # kernel still acknowledges) while the mirror copies, and the guest writes
             # (write-blocking: the write waits for the target). The cancel returns at once
             # and the write is acknowledged: the driver cuts the connection first.
-            src, dst, vol_a, vol_b, where, stls = await self.source_and_target()
+            #
+            # QEMU 7.2 (Debian 12) itself aborts now and then (about 1 in 30 runs on a
+            # loaded host; twice in CI) soon after the cut, on a corrupted heap ("killed
+            # by signal 6: malloc(): unsorted double linked list corrupted"), before any
+            # command of the driver's reaches it: QEMU's bug, not the driver's (see
+            # docs/live-migration.md). That abort alone, and once, gets a second source
+            # and target; anything else fails here.
+            for attempt, hosts in enumerate((("a", "b"), ("c", "d"))):
+                aborted = await self._cut_off(hosts, last=attempt == 1)
+                if not aborted:
+                    return
+                print(f"QEMU's own abort during the cut ({aborted}); once more")
+
+        async def _cut_off(self, hosts, last):
+            src, dst, vol_a, vol_b, where, stls = await self.source_and_target(hosts=hosts)
             await src.start_mirror("m1", where, stls, speed=2 * 1024 * 1024)
             for _ in range(600):
                 st = await src.migration_status("m1")
@@ -295,8 +315,18 @@ def make_live_tests(fixture):
             try:
                 await src.cancel_migration("m1").addTimeout(60, reactor)
             except Exception as e:
-                # Once in CI (17b5882) the source's QMP connection ended here; say how the
-                # source ended, if it did (with QEMU, the last line of its log)
+                # How the source ended, if it did (with QEMU: the last line of its log).
+                try:
+                    await poll(lambda: src.status("m1")["state"] != "running", 10)
+                except AssertionError:
+                    pass
+                reason = src.status("m1")["reason"]
+                if not last and QEMU_HEAP_ABORT.search(reason or ""):
+                    try:  # its forward refuses now: the write gives up within seconds
+                        await writing
+                    except AssertionError:
+                        pass
+                    return reason
                 self.fail(f"cancel failed: {e}; the source machine: {src.status('m1')}")
             self.assertLess(reactor.seconds() - started, 10)
             self.assertEqual(await writing.addTimeout(60, reactor), "during")
@@ -305,6 +335,7 @@ def make_live_tests(fixture):
             st = await src.migration_status("m1")
             self.assertEqual((st["runstate"], st["mirrors"]), ("running", []))
             await fixture.write(self, src, "m1", "after", b"the source serves\n")
+            return None
 
         async def test_target_killed_during_the_mirror_leaves_the_source_running(self):
             src, dst, vol_a, vol_b, where, stls = await self.source_and_target()
