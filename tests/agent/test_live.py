@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
+from tests.drivers.live_contract import QEMU_HEAP_ABORT
 from zwrm.agent.live import LiveMigrations
 from zwrm.agent.volumes import VolumeStore
 from zwrm.drivers.qemu import QemuDriver
@@ -63,6 +64,10 @@ class LiveAgentsTests(TestCase):
     timeout = 240
 
     async def setUp(self):
+        await self._start_pair()
+
+    async def _start_pair(self):
+        """host-a and host-b (in a directory of their own), and m1 running on host-a."""
         self.dir = tempfile.mkdtemp(prefix="zwrm-live-", dir="/tmp")
         self.addCleanup(shutil.rmtree, self.dir, True)
         ca = CertificateAuthority.create()
@@ -207,7 +212,14 @@ class LiveAgentsTests(TestCase):
         # while the mirror copies, and the guest writes (write-blocking: the write waits
         # for the target). The mirror copies nothing more; after the policy's stall_timeout
         # the source rolls back, its NBD connection shut down first, and the write
-        # completes. (Before, it waited for the mirror deadline: 600 s.)
+        # completes. (Before, it waited for the mirror deadline: 600 s.) QEMU 7.2's own
+        # abort right after the cut (tests/drivers/live_contract.py, QEMU_HEAP_ABORT) gets
+        # one more pair of hosts, once.
+        if await self._stalled_mirror_rolls_back(last=False):
+            await self._start_pair()
+            await self._stalled_mirror_rolls_back(last=True)
+
+    async def _stalled_mirror_rolls_back(self, last):
         where, _port = await self.prepare()
         migrating = self.a.migrate("m1", "host-b", where, {"mirror_speed": 2 * 1024 * 1024,
                                                            "stall_timeout": 3})
@@ -222,14 +234,30 @@ class LiveAgentsTests(TestCase):
         os.kill(pid, signal.SIGSTOP)
         self.addCleanup(os.kill, pid, signal.SIGCONT)
         writing = Deferred.fromCoroutine(_post(self.src_port, "during", b"during", timeout=60))
-        with self.assertRaises(Unavailable) as cm:
+        try:
             await migrating.addTimeout(60, reactor)
-        self.assertIn("the mirrors copied nothing for 3 s", cm.exception.message)
-        self.assertTrue(await writing)
+        except Exception as e:
+            failure = e
+        else:
+            self.fail("the migration to a target that stopped answering succeeded")
+        written = await writing
+        if not written or self.a.driver.status("m1")["state"] != "running":
+            for _ in range(100):  # the source's end, if it ended (its reason comes with it)
+                if self.a.driver.status("m1")["state"] != "running":
+                    break
+                await deferLater(reactor, 0.1, lambda: None)
+            reason = self.a.driver.status("m1")["reason"] or ""
+            if not last and QEMU_HEAP_ABORT.search(reason):
+                return reason
+            self.fail(f"the rollback: {failure!r}; the write acknowledged: {written}; the "
+                      f"source: {self.a.driver.status('m1')}")
+        self.assertIsInstance(failure, Unavailable)
+        self.assertIn("the mirrors copied nothing for 3 s", failure.message)
         st = await self.a.driver.migration_status("m1")
         self.assertEqual((st["runstate"], st["mirrors"]), ("running", []))
         self.assertEqual(await _get(self.src_port, "during"), b"during")
         self.assertTrue(await _post(self.src_port, "after", b"after"))
+        return None
 
     async def test_postcopy_when_allowed_completes_past_the_deadline(self):
         # The same slow link, with post-copy allowed: at the deadline the migration switches
