@@ -21,9 +21,9 @@ import signal
 import socket
 import sys
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, process, protocol
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 
 from zwrm.testing.disks import small_disk
 
@@ -92,6 +92,29 @@ class _Collect(protocol.ProcessProtocol):
         self.ended.callback(code)
 
 
+def reaped(reactor, ended, every=1.0):
+    """
+    C{ended} (a process protocol's Deferred that fires at its C{processEnded}), while
+    the reactor's reaping is helped every C{every} seconds (C{reapAllProcesses}: a
+    C{waitpid(WNOHANG)} for each child it spawned).
+
+    Twisted reaps a child when its pipes close or when C{SIGCHLD} wakes the reactor. Once
+    in CI (ci9) a test worker noticed no child's end for minutes (a CLI it had killed, then
+    the agents it stopped), and the test hung until trial's timeout; a second here at
+    most, whatever went missing.
+    """
+    helper = LoopingCall(process.reapAllProcesses)
+    helper.clock = reactor
+    helper.start(every, now=False)
+
+    def done(result):
+        if helper.running:
+            helper.stop()
+        return result
+
+    return ended.addBoth(done)
+
+
 class ZwrmProcess:
     """
     A long-running zwrm process.
@@ -150,7 +173,7 @@ class ZwrmProcess:
         except ProcessExitedAlready:
             pass
         timer = self.reactor.callLater(timeout, self._kill)
-        code = await ended
+        code = await reaped(self.reactor, ended)
         if timer.active():
             timer.cancel()
         return code
@@ -282,7 +305,7 @@ async def run_cli(reactor, args, url, token, timeout=60, env=None):
     argv = ZWRM + list(args)
     transport = reactor.spawnProcess(proto, argv[0], argv, env=env)
     timer = reactor.callLater(timeout, lambda: transport.signalProcess("KILL"))
-    code = await proto.ended
+    code = await reaped(reactor, proto.ended)
     if timer.active():
         timer.cancel()
     return code, b"".join(proto.out).decode(), b"".join(proto.err).decode()
