@@ -43,7 +43,7 @@ from zwrm.control.store import hash_secret
 from zwrm.control.tokens import RESET_TTL
 from zwrm.hostid import current_host_id
 from zwrm.wamp.local import LocalCallee
-from zwrm.wamp.procedures import QuietAnswers, call_guarded, procedures_of
+from zwrm.wamp.procedures import QuietAnswers, call_guarded, procedures_of, shielded
 
 DETAILS = RegisterOptions(details_arg="details")
 
@@ -281,6 +281,10 @@ class ControlSession(QuietAnswers, LocalCallee, ApplicationSession):
                 fn = guarded(uri, endpoint, options, self.log)
                 if self.audit is not None:  # around the schema check: refusals are stored too
                     fn, options = self.audit.wrap(uri, fn, options)
+                if not getattr(endpoint, "cancellable", False):
+                    # a caller that cancels or leaves does not stop a change half-way (and
+                    # the audit entry records how it really ended)
+                    fn = shielded(uri, fn, self.log)
                 reg = await self.register(fn, uri, options=options)
                 if not hasattr(reg, "id"):
                     raise RuntimeError(f"could not register {uri} of {api!r}: {reg}")

@@ -14,6 +14,7 @@ from autobahn import wamp
 from autobahn.wamp.types import CallOptions, RegisterOptions
 
 from zwrm import errors
+from zwrm.wamp.procedures import cancellable
 
 
 class ConsoleAPI:
@@ -40,6 +41,7 @@ class ConsoleAPI:
             raise errors.from_wire(e) from None
 
     @wamp.register("zwrm.machine.console", options=RegisterOptions(details_arg="details"))
+    @cancellable  # the CLI detaches by cancelling: the agent's attachment ends with it
     async def console(self, machine_id, details=None):
         """Attach to a machine's serial console (progressive results, base64 text)."""
         host = await self._host_of(machine_id)

@@ -766,6 +766,11 @@ def markdown():
         "keyword holds the argument's name. Arguments may be given by position (in the order",
         "below) or by keyword. Every error URI is `zwrm.error.<kind>`.",
         "",
+        "A caller that cancels its call, lets it time out or leaves (its connection lost)",
+        "gets no answer, but the procedure runs to its end: a change is carried out whole,",
+        "stored and announced, never left half-made. Only `zwrm.machine.console` ends when",
+        "its caller cancels.",
+        "",
     ]
     for p in sorted(PROCEDURES.values(), key=lambda p: p.uri):
         out += [f"## `{p.uri}`", "", p.doc, "", f"Roles: {', '.join(p.roles)}.", ""]

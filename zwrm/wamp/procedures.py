@@ -10,8 +10,53 @@ from collections.abc import Coroutine
 
 from autobahn.wamp.exception import ApplicationError
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from zwrm import errors
+
+
+def cancellable(fn):
+    """
+    Mark a procedure whose work its caller may end: a CANCEL, or the caller leaving (the
+    router then sends the callee an INTERRUPT), cancels it (L{shielded} leaves it so).
+    For procedures that only wait or stream, such as a console attachment.
+    """
+    fn.cancellable = True
+    return fn
+
+
+def shielded(uri, procedure, log):
+    """
+    C{procedure} (a registered callable) run to its end whatever its caller does (for
+    every procedure that is not L{cancellable}).
+
+    autobahn answers an INTERRUPT (the caller cancelled, timed out or left, e.g. an agent
+    that lost power mid-report) by cancelling the Deferred the procedure returned: a
+    coroutine would stop at whatever it awaited, between two writes (a machine stored
+    failed, its event never produced).  Here the caller's Deferred is a separate one: it
+    fails with L{defer.CancelledError} at once, and the work goes on to its end; an error
+    it ends with then has nobody to answer and is logged as one line.
+    """
+    def call(*args, **kwargs):
+        result = procedure(*args, **kwargs)
+        if not isinstance(result, defer.Deferred) or result.called:
+            return result
+        answer = defer.Deferred()
+
+        def ended(outcome):
+            if not answer.called:
+                answer.callback(outcome)
+            elif isinstance(outcome, Failure) and not outcome.check(defer.CancelledError):
+                why = getattr(outcome.value, "message", None) or outcome.getErrorMessage()
+                log.info("{uri}: its caller had gone; it ended with: {why}", uri=uri, why=why)
+            return None
+
+        result.addBoth(ended)
+        return answer
+
+    call.__name__ = getattr(procedure, "__name__", "procedure")
+    call.__doc__ = procedure.__doc__
+    return call
 
 
 def procedures_of(api):

@@ -1,0 +1,124 @@
+"""
+A caller that goes away while the control plane carries out its call (an agent that loses
+power mid-report, a CLI that gives up): the router tells the control plane's session with an
+INTERRUPT, and the change is still carried out whole, stored and then announced
+(L{zwrm.wamp.procedures.shielded}).  Over a real control plane, router and agent session.
+"""
+
+import os
+
+from twisted.internet import defer, reactor
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.agent.test_membership import make_agent, start_plane
+from tests.cli.test_cli import d
+from tests.control.test_resources import machine_row
+from zwrm.testing.processes import poll
+from zwrm.wamp.procedures import shielded
+
+
+class AgentLeftMidReportTests(TestCase):
+    timeout = 60
+
+    @d
+    async def test_a_report_whose_agent_left_is_stored_and_announced(self):
+        """
+        The agent's report that its machine failed is stored; the agent's session ends
+        while the event is not yet appended: the event still follows (before, the store
+        held the machine failed and no event ever told the healer, so it never restarted:
+        the acceptance power cut of stop 43).
+        """
+        plane, tmp = await start_plane(self)
+        agent = make_agent(self, plane, os.path.join(tmp, "a1"))
+        await agent.registered
+        host_id = agent.identity.host_id
+        machines = plane.registry.data.machines
+        row = dict(machine_row("m-left", state="running"), host_id=host_id)
+        await machines.add(row, "placed")
+        announced = []
+        machines.subscribe(lambda e: announced.append(e) if e["subject"] == "m-left" else None)
+
+        stored, release = defer.Deferred(), defer.Deferred()
+        update = plane.store.update
+
+        async def held(table, pk, fields):
+            result = await update(table, pk, fields)
+            if table == "machines" and fields.get("state") == "failed":
+                stored.callback(None)
+                await release  # the agent goes away meanwhile
+            return result
+
+        plane.store.update = held
+        report = agent.session.call("zwrm.agent.report", {
+            "kind": "machine", "host_id": host_id, "machine_id": "m-left",
+            "state": "failed", "health": "none", "reason": "QEMU was killed by signal 9"})
+        report.addErrback(lambda f: None)  # its answer never comes: the agent is gone
+        await stored
+        await agent.stopService()
+        await poll(reactor, lambda: not plane.registry.executor_available(host_id), 10,
+                   interval=0.01, what="the agent's session ended")
+        await defer.Deferred.fromCoroutine(_turns(3))  # (the INTERRUPT is in by now)
+        release.callback(None)
+
+        await poll(reactor, lambda: announced, 10, interval=0.01, what="the machine's event")
+        [event] = announced
+        self.assertEqual((event["kind"], event["payload"]["old"], event["payload"]["state"],
+                          event["payload"]["reason"]),
+                         ("state", "running", "failed", "QEMU was killed by signal 9"))
+        [last, *_] = await plane.store.recent_events("m-left")
+        self.assertEqual(last["id"], event["id"])  # stored, then announced
+        self.assertEqual((await machines.get("m-left"))["state"], "failed")
+
+
+async def _turns(n):
+    for _ in range(n):
+        await defer.Deferred.fromCoroutine(_turn())
+
+
+async def _turn():
+    d = defer.Deferred()
+    reactor.callLater(0, d.callback, None)
+    await d
+
+
+class ShieldedTests(SynchronousTestCase):
+    def setUp(self):
+        self.logged = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+
+    def _shield(self, work):
+        from twisted.logger import Logger
+
+        return shielded("zwrm.app.deploy", lambda: work, Logger())
+
+    def test_a_cancel_answers_the_caller_and_the_work_goes_on(self):
+        work = defer.Deferred()
+        answer = self._shield(work)()
+        answer.cancel()
+        self.failureResultOf(answer, defer.CancelledError)
+        self.assertFalse(work.called)  # not cancelled
+        work.callback("deployed")
+        self.assertEqual(self.successResultOf(work), None)  # consumed
+
+    def test_an_error_after_the_caller_left_is_one_line(self):
+        from zwrm import errors
+
+        work = defer.Deferred()
+        answer = self._shield(work)()
+        answer.cancel()
+        self.failureResultOf(answer)
+        work.errback(errors.NotFound("no app 'web'"))
+        lines = [e for e in self.logged if e.get("log_namespace", "").startswith("tests.")
+                 or "its caller had gone" in (e.get("log_format") or "")]
+        self.assertEqual(len(lines), 1)
+        self.assertNotIn("log_failure", lines[0])
+        self.assertEqual(lines[0]["why"], "no app 'web'")
+
+    def test_answers_pass_as_they_are(self):
+        work = defer.Deferred()
+        answer = self._shield(work)()
+        work.callback({"ok": True})
+        self.assertEqual(self.successResultOf(answer), {"ok": True})
+        self.assertEqual(self._shield({"plain": 1})(), {"plain": 1})
