@@ -27,6 +27,7 @@ from zwrm.cli.client import CliError, close, connect
 from zwrm.control.service import ControlPlane
 from zwrm.control.tap import Config
 from zwrm.testing.processes import poll, temp_dir
+from zwrm.wamp.procedures import cancellable
 
 
 def d(f):
@@ -317,6 +318,7 @@ class _Failing:
     waiting = None
 
     @wamp.register("test.wait")
+    @cancellable  # as a console attachment is
     def wait(self):
         self.waiting = Deferred()
         return self.waiting

@@ -67,6 +67,7 @@ from zwrm.errors import (
     from_wire,
     message_of,
 )
+from zwrm.wamp.procedures import cancellable
 
 log = Logger()
 
@@ -483,6 +484,7 @@ class Executor:
             return succeed("")  # it failed before its hypervisor ever started
 
     @wamp.register("machine.console.attach", options=RegisterOptions(details_arg="details"))
+    @cancellable  # a reader detaches by cancelling
     async def console_attach(self, machine_id, details=None):
         """
         Attach to a machine's serial console: what the guest writes comes as progressive
@@ -570,6 +572,7 @@ class Executor:
         return {"host": self.transfer_host, "port": got["port"]}
 
     @wamp.register("volume.send", options=RegisterOptions(details_arg="details"))
+    @cancellable  # a drain the control plane stops ends its copy (resumed at its next start)
     def send_volume(self, volume_id, host, port, token, target, mode="bulk", commit=True,
                     details=None):
         """

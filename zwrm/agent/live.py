@@ -76,6 +76,7 @@ from zwrm.errors import (
 )
 from zwrm.files import write_atomically
 from zwrm.interfaces import ILiveMigration
+from zwrm.wamp.procedures import cancellable
 
 log = Logger()
 
@@ -1141,6 +1142,7 @@ class LiveMigrations:
     # -- procedures --
 
     @wamp.register("live.facts")
+    @cancellable
     def facts(self):
         """
         @return: C{{"live": bool, "reason", "cpu_model", "machine_type", "accel",
@@ -1166,6 +1168,7 @@ class LiveMigrations:
         return dict(self.driver.migration_facts(), **own)
 
     @wamp.register("live.describe")
+    @cancellable
     def describe(self, machine_id):
         """
         What a target needs to prepare for machine C{machine_id}: C{{"volumes": {volume id:
@@ -1191,6 +1194,7 @@ class LiveMigrations:
             raise NotFound(f"machine {machine_id}: its spec is not recorded") from None
 
     @wamp.register("live.prepare")
+    @cancellable
     def prepare(self, machine_id, spec, volumes, source, postcopy=False, health=None):
         """
         Target: prepare to receive machine C{machine_id} live from host C{source}.
@@ -1338,6 +1342,7 @@ class LiveMigrations:
         return spec, digests, net is not None, host_port
 
     @wamp.register("live.migrate", options=RegisterOptions(details_arg="details"))
+    @cancellable
     def migrate(self, machine_id, target_host, target, policy=None, hold=False, details=None):
         """
         Source: move machine C{machine_id} live to host C{target_host}, whose
@@ -1412,6 +1417,7 @@ class LiveMigrations:
             raise
 
     @wamp.register("live.switchover", options=RegisterOptions(details_arg="details"))
+    @cancellable
     def switchover(self, machine_id, details=None):
         """
         Source: go on with a migration that C{live.migrate(..., hold=True)} left in sync
@@ -1449,6 +1455,7 @@ class LiveMigrations:
         return d
 
     @wamp.register("live.cancel")
+    @cancellable
     def cancel(self, machine_id):
         """
         Give up a migration of C{machine_id}: on the source, roll it back (it runs on);
@@ -1523,6 +1530,7 @@ class LiveMigrations:
         return {"cancelled": True}
 
     @wamp.register("live.resume")
+    @cancellable
     def resume(self, machine_id):
         """
         Target: resume a machine whose incoming migration completed but that did not resume
@@ -1558,6 +1566,7 @@ class LiveMigrations:
         return d.addCallback(lambda result: ensureDeferred(resumed(result)))
 
     @wamp.register("live.status")
+    @cancellable
     def status(self, machine_id):
         """
         @return: C{{"role": "source"|"target"|None, "state": the machine's state (or the
@@ -1581,6 +1590,7 @@ class LiveMigrations:
         return out
 
     @wamp.register("live.hashes")
+    @cancellable
     def hashes(self, volume_id, first=0, count=None, algorithm=DEFAULT):
         """
         Source: the block hashes of a volume (its frozen image, once the migration
@@ -1603,6 +1613,7 @@ class LiveMigrations:
         return deferToThread(_hashes, path, first, count, algorithm)
 
     @wamp.register("live.verify")
+    @cancellable
     def verify(self, machine_id, volume_id, hashes):
         """
         Target: check the volume against the source's frozen image: every block where they

@@ -127,15 +127,19 @@ def guarded_agent_procedure(uri, endpoint, host_id, log):
 async def register_agent_procedures(session, obj, host_id, log):
     """
     Register the C{@wamp.register} methods of C{obj} on C{session} under
-    C{zwrm.agent.<host_id>.}, each behind L{guarded_agent_procedure}.
+    C{zwrm.agent.<host_id>.}, each behind L{guarded_agent_procedure} and, unless it is
+    L{cancellable}, L{shielded}.
 
     @return: the registrations.
     """
     registrations = []
     for uri, endpoint, options in procedures_of(obj):
+        fn = guarded_agent_procedure(uri, endpoint, host_id, log)
+        if not getattr(endpoint, "cancellable", False):
+            # a control plane that restarts mid-call does not cut a start or a stop half-way
+            fn = shielded(uri, fn, log)
         registrations.append(await session.register(
-            guarded_agent_procedure(uri, endpoint, host_id, log),
-            f"zwrm.agent.{host_id}.{uri}", options=options))
+            fn, f"zwrm.agent.{host_id}.{uri}", options=options))
     return registrations
 
 
