@@ -178,6 +178,37 @@ class RestartTests(TestCase):
         self.assertEqual((m2["id"], m2["host_id"], m2["restarts"]), (m["id"], "h-a", 1))
 
     @d
+    async def test_a_restart_due_while_its_agents_session_was_gone_comes_once_it_registers(self):
+        """
+        The restart's time comes while the agent's session is gone (an agent restart, a
+        short power cut): not restarted then; once the agent registers again (its host
+        never went offline), it is.
+        """
+        c, h, m = await self.one(volumes=[{"name": "data", "mount": "/data"}])
+        await c.registry.register("h-a", dict(FACTS, name="h-a"), session_id=1)
+        driver(c, "h-a").crash(m["id"])
+        await settle(c, h)
+        self.assertEqual((await c.machines("web"))[0]["next_restart_at"],
+                         c.clock.seconds() + 5)
+        c.registry.session_left(1)
+        c.clock.advance(0)
+        await c.registry.sessions_noted()
+        c.clock.advance(5)  # the restart is due: its host cannot be called
+        await settle(c, h)
+        (m1,) = await c.machines("web")
+        self.assertEqual((m1["state"], m1["next_restart_at"]), ("failed", None))
+        self.assertIn("unreachable", m1["restart_reason"])
+        await c.registry.register("h-a", dict(FACTS, name="h-a"), session_id=2)
+        await settle(c, h)
+        c.clock.advance(1)  # its host is back
+        await settle(c, h)
+        c.clock.advance(10)  # the backoff
+        await settle(c, h)
+        await poll(lambda: self._running(c), what="the restart on its host")
+        (m2,) = await c.machines("web")
+        self.assertEqual((m2["id"], m2["host_id"], m2["restarts"]), (m["id"], "h-a", 1))
+
+    @d
     async def test_what_the_policy_does_is_logged(self):
         c, h, m = await self.one(restart={"max_restarts": 1, "interval": 3600})
         lines = []

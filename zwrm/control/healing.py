@@ -363,7 +363,9 @@ class Healer:
         if row is None or row["state"] not in ("stopped", "failed"):
             return
         if not self._replicas.executor_available(row["host_id"]):
-            # its host went away meanwhile: host loss (or its return) takes it from here
+            # its host went away meanwhile: host loss (or its return) takes it from here;
+            # so does its agent's next registration, if it was only its session that ended
+            self._uncalled.add(row["host_id"])
             await self._note(mid, f"not restarted: host {row['host_id']} is unreachable",
                              next_at=None)
             return
