@@ -69,7 +69,11 @@ class StepFailed(AssertionError):
 
 
 def poll(check, timeout, interval=0.5, what="condition"):
-    """Call C{check()} until it returns something true (and return it), at most C{timeout} s."""
+    """
+    Call C{check()} until it returns something true (and return it), at most C{timeout} s.
+    C{what} names the condition, or is a function of no arguments that does (when it
+    failed: it may tell what the checks saw).
+    """
     deadline = time.monotonic() + timeout
     last = None
     while True:
@@ -77,6 +81,7 @@ def poll(check, timeout, interval=0.5, what="condition"):
         if last:
             return last
         if time.monotonic() >= deadline:
+            what = what() if callable(what) else what
             raise StepFailed(f"{what}: not within {timeout}s (last: {last})")
         time.sleep(interval)
 

@@ -54,14 +54,19 @@ def _power_cut(cluster, until_offline):
     booted = time.monotonic()
     cluster.boot(host, units)
 
+    seen = {}
+
     def running_again():
         for service in cluster.agents.values():
             service.check()
         [m] = cluster.zwrm_json("status", web["name"])["machines"]
+        seen.update(state=m["state"], health=m["health"], qemu=_qemu_count(cluster, host, m["id"]),
+                    restart=m.get("restart_reason"))
         return (m["state"] == "running" and m["health"] in ("passing", "none")
-                and _qemu_count(cluster, host, m["id"]) == 1 and m)
+                and seen["qemu"] == 1 and m)
 
-    again = poll(running_again, 240, interval=2, what="the app's machine running again")
+    again = poll(running_again, 240, interval=2,
+                 what=lambda: f"the app's machine running again (last seen: {seen})")
     assert again["host_id"] == machine["host_id"], again  # pinned to its volume
     for body in cluster.app_everywhere("/cgi-bin/read?index.txt", wait=120).values():
         assert body.encode() == web["data"]
