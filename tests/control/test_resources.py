@@ -6,6 +6,8 @@ event after it is stored; L{Machines.wait_healthy} follows events, with time fro
 Real SQLite store (in memory).
 """
 
+import sqlite3
+
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
@@ -83,6 +85,32 @@ class MachineResourceTests(TestCase):
         self.assertEqual([r and r["state"] for r in stored[:3]], ["pending", "running", None])
         logged = {e["id"] for e in await store.select("events")}
         self.assertTrue(all(e["id"] in logged for e in events))
+
+    @d
+    async def test_a_change_and_its_event_are_stored_together_or_not_at_all(self):
+        """
+        A machine's change and its event are one transaction: if the event cannot be
+        stored (here SQLite refuses it; a power cut between the two is the same), the change
+        is not stored either, and nobody hears of it.  (Stored without its event, a
+        machine's failure was never acted on: the healer follows events, and the agent's
+        report of it, sent again, found nothing to change.)
+        """
+        clock, store, data, published = await make_data(self)
+        row = machine_row(state="running")
+        await data.machines.add(row, "placed")
+        await store.run(lambda db: db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON events"
+            " BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+        with self.assertRaises(sqlite3.IntegrityError):
+            await data.machines.set(row, "QEMU was killed by signal 9", state="failed")
+        self.assertEqual((await data.machines.get("m1"))["state"], "running")
+        self.assertEqual([e["payload"]["state"] for _, e in published], ["running"])
+        await store.run(lambda db: db.execute("DROP TRIGGER refuse"))
+        await data.machines.set(row, "QEMU was killed by signal 9", state="failed")
+        self.assertEqual((await data.machines.get("m1"))["state"], "failed")
+        [last, *_] = await store.recent_events("m1")
+        self.assertEqual((last["payload"]["old"], last["payload"]["state"]), ("running", "failed"))
+        self.assertEqual(published[-1][1]["id"], last["id"])
 
     @d
     async def test_a_failing_subscriber_stops_nothing(self):

@@ -333,6 +333,31 @@ class Store:
 
         return self.run(update)
 
+    def update_with_event(self, table, pk, fields, topic, kind, subject, payload):
+        """
+        Update the given C{fields} of row C{pk} of C{table} and append its event, in one
+        transaction: whatever stops the control plane in between (a power cut), the change
+        is stored with its event or not at all (and an agent's report of it, unanswered,
+        comes again).
+
+        @return: a Deferred firing with the event (as L{add_event}'s).
+        @raise zwrm.errors.NotFound: (as a failed Deferred) no such row; nothing stored.
+        """
+        event = {"ts": self._now(), "topic": topic, "kind": kind, "subject": subject,
+                 "payload": payload}
+
+        def update(db):
+            with db.conn:
+                db.conn.execute("BEGIN")
+                try:
+                    db[table].update(pk, _encode(table, fields))
+                except sqlite_utils.db.NotFoundError:
+                    raise errors.NotFound(f"no {table[:-1]} {pk!r}") from None
+                row = db["events"].insert(_encode("events", event))
+            return dict(event, id=row.last_pk)
+
+        return self.run(update)
+
     # -- domain helpers ----------------------------------------------------------------
 
     def save_heartbeats(self, beats):

@@ -187,10 +187,14 @@ class Machines(Resource):
             if health.get("status", "none") != "none":
                 health["status"] = "none"  # never stale: a dead machine is not passing
                 fields["health"] = health
-        await self._store.update("machines", row["id"], fields)
         old = row.get("state")
+        changed = dict(row, **fields)
+        payload = dict(wire(changed), machine_id=row["id"], old=old, reason=reason)
+        # the change and its event in one transaction: never one without the other
+        event = await self._store.update_with_event("machines", row["id"], fields,
+                                                    self.topic, "state", row["id"], payload)
         row.update(fields)
-        await self._produce("state", row, old, reason)
+        self.deliver(event)
         return row
 
     @update_method
