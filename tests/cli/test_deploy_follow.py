@@ -32,6 +32,7 @@ class HeldRollout:
         self.announce = announce
         self.refuse = refuse
         self.gates = [Deferred(), Deferred()]
+        self.finished = False
 
     async def deploy(self, app, given, merge=True, **extra):
         if self.refuse:
@@ -52,6 +53,7 @@ class HeldRollout:
         await say("progress", "1 of 2 machine(s) replaced", 1)
         await self.gates[1]
         await say("completed", f"version {version} rolled out: 2 machine(s) replaced", 2)
+        self.finished = True
 
 
 class DeployFollowTests(TestCase):
@@ -102,8 +104,10 @@ class DeployFollowTests(TestCase):
             await done
         self.assertEqual(cm.exception.code, EXIT_TIMEOUT)
         self.assertIn("may still be running", cm.exception.message)
+        # and it is: the control plane carries the deploy out to its end
         held.gates[0].callback(None)
         held.gates[1].callback(None)
+        await poll(reactor, lambda: held.finished, 10, 0.01, what="the deploy's end")
 
     @d
     async def test_a_deploy_that_does_not_roll_is_one_call(self):

@@ -72,6 +72,47 @@ class AgentLeftMidReportTests(TestCase):
         self.assertEqual((await machines.get("m-left"))["state"], "failed")
 
 
+    @d
+    async def test_a_procedure_under_way_when_the_control_plane_stops_is_ended(self):
+        """
+        The control plane stops while a procedure is under way: its work is ended (as a
+        stop ends a drain's steps) before the store closes, not left to meet a closed
+        database.
+        """
+        plane, tmp = await start_plane(self)
+        agent = make_agent(self, plane, os.path.join(tmp, "a1"))
+        await agent.registered
+        host_id = agent.identity.host_id
+        machines = plane.registry.data.machines
+        await machines.add(dict(machine_row("m-stop", state="running"), host_id=host_id),
+                           "placed")
+        stored, ended = defer.Deferred(), []
+        update = plane.store.update_with_event
+
+        async def held(*args):
+            result = await update(*args)
+            stored.callback(None)
+            try:
+                await defer.Deferred()  # never released
+            except defer.CancelledError:
+                ended.append("cancelled")
+                raise
+            return result
+
+        plane.store.update_with_event = held
+        report = agent.session.call("zwrm.agent.report", {
+            "kind": "machine", "host_id": host_id, "machine_id": "m-stop",
+            "state": "failed", "health": "none", "reason": "QEMU was killed by signal 9"})
+        report.addErrback(lambda f: None)
+        await stored
+        self.assertEqual(len(plane.session.under_way), 1)
+        await agent.stopService()
+        await plane.stopService()
+        self.assertEqual(ended, ["cancelled"])
+        self.assertEqual(plane.session.under_way, set())
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
 async def _turns(n):
     for _ in range(n):
         await defer.Deferred.fromCoroutine(_turn())

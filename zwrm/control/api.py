@@ -270,6 +270,8 @@ class ControlSession(QuietAnswers, LocalCallee, ApplicationSession):
 
         ApplicationSession.__init__(self, ComponentConfig(realm=realm))
         self.apis = list(apis)
+        #: the work of the procedures under way (L{shielded}): L{stop_procedures} ends it
+        self.under_way = set()
         if audit is None:
             audit = next((a.audit for a in self.apis if isinstance(a, AuditAPI)), None)
         if audit is not None:
@@ -284,11 +286,19 @@ class ControlSession(QuietAnswers, LocalCallee, ApplicationSession):
                 if not getattr(endpoint, "cancellable", False):
                     # a caller that cancels or leaves does not stop a change half-way (and
                     # the audit entry records how it really ended)
-                    fn = shielded(uri, fn, self.log)
+                    fn = shielded(uri, fn, self.log, self.under_way)
                 reg = await self.register(fn, uri, options=options)
                 if not hasattr(reg, "id"):
                     raise RuntimeError(f"could not register {uri} of {api!r}: {reg}")
         self.log.info("control component joined; {n} API objects registered", n=len(self.apis))
+
+    def stop_procedures(self):
+        """
+        The control plane stops: end the work of every procedure under way (a caller could
+        not end it), as a stop ends the drains' steps, before the store closes under it.
+        """
+        for work in list(self.under_way):
+            work.cancel()
 
     def onLeave(self, details):
         transport = self._transport

@@ -507,8 +507,10 @@ class ControlPlane(service.MultiService):
             self._cert_renewal.stop()
         if self.registry is not None:
             await self._flush()
-        if self.session is not None and self.session.is_attached():
-            self.session.leave()
+        if self.session is not None:
+            self.session.stop_procedures()
+            if self.session.is_attached():
+                self.session.leave()
         if self.store is not None:
             await self.store.stop()
         self._unlock()
@@ -519,6 +521,8 @@ class ControlPlane(service.MultiService):
             self._lock = None
 
     def stopService(self):
+        if not self.running:
+            return defer.succeed(None)  # stopped already: nothing is left to stop
         d = defer.maybeDeferred(service.MultiService.stopService, self)
         d.addCallback(lambda _: defer.Deferred.fromCoroutine(self._stop()))
         d.addErrback(lambda f: self.log.failure("stopping zwrm-control", f))

@@ -25,7 +25,7 @@ def cancellable(fn):
     return fn
 
 
-def shielded(uri, procedure, log):
+def shielded(uri, procedure, log, under_way=None):
     """
     C{procedure} (a registered callable) run to its end whatever its caller does (for
     every procedure that is not L{cancellable}).
@@ -36,14 +36,21 @@ def shielded(uri, procedure, log):
     failed, its event never produced).  Here the caller's Deferred is a separate one: it
     fails with L{defer.CancelledError} at once, and the work goes on to its end; an error
     it ends with then has nobody to answer and is logged as one line.
+
+    @param under_way: a set that holds the work's Deferreds while they run: its owner
+        cancels them when it stops itself (the control plane, before its store closes).
     """
     def call(*args, **kwargs):
         result = procedure(*args, **kwargs)
         if not isinstance(result, defer.Deferred) or result.called:
             return result
         answer = defer.Deferred()
+        if under_way is not None:
+            under_way.add(result)
 
         def ended(outcome):
+            if under_way is not None:
+                under_way.discard(result)
             if not answer.called:
                 answer.callback(outcome)
             elif isinstance(outcome, Failure) and not outcome.check(defer.CancelledError):
