@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from tests.drivers.live_contract import QEMU_HEAP_ABORT
+from tests.drivers.live_contract import QEMU_OWN_ABORT
 from zwrm.agent.live import LiveMigrations
 from zwrm.agent.volumes import VolumeStore
 from zwrm.drivers.qemu import QemuDriver
@@ -213,7 +213,7 @@ class LiveAgentsTests(TestCase):
         # for the target). The mirror copies nothing more; after the policy's stall_timeout
         # the source rolls back, its NBD connection shut down first, and the write
         # completes. (Before, it waited for the mirror deadline: 600 s.) QEMU 7.2's own
-        # abort right after the cut (tests/drivers/live_contract.py, QEMU_HEAP_ABORT) gets
+        # abort right after the cut (tests/drivers/live_contract.py, QEMU_OWN_ABORT) gets
         # one more pair of hosts, once.
         if await self._stalled_mirror_rolls_back(last=False):
             await self._start_pair()
@@ -247,7 +247,7 @@ class LiveAgentsTests(TestCase):
                     break
                 await deferLater(reactor, 0.1, lambda: None)
             reason = self.a.driver.status("m1")["reason"] or ""
-            if not last and QEMU_HEAP_ABORT.search(reason):
+            if not last and QEMU_OWN_ABORT.search(reason):
                 return reason
             self.fail(f"the rollback: {failure!r}; the write acknowledged: {written}; the "
                       f"source: {self.a.driver.status('m1')}")
