@@ -33,6 +33,7 @@ from tests.crossbar.test_end_to_end import (
     TICKET,
     AcceptancePath,
     CrossbarProcess,
+    distinct_ports,
     registrations,
 )
 from zwrm import pki
@@ -52,8 +53,11 @@ class TLSCrossbarProcess(CrossbarProcess):
 
     def __init__(self, reactor, data_dir, executable, pki_dir):
         CrossbarProcess.__init__(self, reactor, data_dir, executable)
-        self.agent_port = free_port()
         self.pki_dir = pki_dir
+
+    def choose_ports(self):
+        CrossbarProcess.choose_ports(self)
+        [self.agent_port] = distinct_ports(1, taken=(self.client_port, self.control_port))
         self.client_url = f"wss://127.0.0.1:{self.client_port}/ws"
         self.control_url = f"wss://127.0.0.1:{self.control_port}/ws"
         self.agent_url = f"wss://127.0.0.1:{self.agent_port}/ws"
