@@ -157,9 +157,7 @@ class RestartTests(TestCase):
         """
         c, h, m = await self.one(volumes=[{"name": "data", "mount": "/data"}])
         await c.registry.register("h-a", dict(FACTS, name="h-a"), session_id=1)
-        c.registry.session_left(1)
-        c.clock.advance(0)
-        await c.registry.sessions_noted()
+        await self._session_ends(c, 1)
         self.assertFalse(c.registry.executor_available("h-a"))
         driver(c, "h-a").crash(m["id"])  # reported before the registration is in
         await settle(c, h)
@@ -167,11 +165,21 @@ class RestartTests(TestCase):
         await settle(c, h)
         (m1,) = await c.machines("web")
         self.assertEqual(m1["state"], "failed")
+        await self._registers_again_and_restarts(c, h, m, backoff=5)
+
+    async def _session_ends(self, c, session_id):
+        """The agent of h-a loses its session (its host stays ready)."""
+        c.registry.session_left(session_id)
+        c.clock.advance(0)
+        await c.registry.sessions_noted()
+
+    async def _registers_again_and_restarts(self, c, h, m, backoff):
+        """The agent of h-a registers again: C{m} is restarted on h-a after C{backoff} s."""
         await c.registry.register("h-a", dict(FACTS, name="h-a"), session_id=2)
         await settle(c, h)
         c.clock.advance(1)  # its host is back
         await settle(c, h)
-        c.clock.advance(5)  # the backoff
+        c.clock.advance(backoff)
         await settle(c, h)
         await poll(lambda: self._running(c), what="the restart on its host")
         (m2,) = await c.machines("web")
@@ -190,23 +198,13 @@ class RestartTests(TestCase):
         await settle(c, h)
         self.assertEqual((await c.machines("web"))[0]["next_restart_at"],
                          c.clock.seconds() + 5)
-        c.registry.session_left(1)
-        c.clock.advance(0)
-        await c.registry.sessions_noted()
+        await self._session_ends(c, 1)
         c.clock.advance(5)  # the restart is due: its host cannot be called
         await settle(c, h)
         (m1,) = await c.machines("web")
         self.assertEqual((m1["state"], m1["next_restart_at"]), ("failed", None))
         self.assertIn("unreachable", m1["restart_reason"])
-        await c.registry.register("h-a", dict(FACTS, name="h-a"), session_id=2)
-        await settle(c, h)
-        c.clock.advance(1)  # its host is back
-        await settle(c, h)
-        c.clock.advance(10)  # the backoff
-        await settle(c, h)
-        await poll(lambda: self._running(c), what="the restart on its host")
-        (m2,) = await c.machines("web")
-        self.assertEqual((m2["id"], m2["host_id"], m2["restarts"]), (m["id"], "h-a", 1))
+        await self._registers_again_and_restarts(c, h, m, backoff=10)
 
     @d
     async def test_what_the_policy_does_is_logged(self):
