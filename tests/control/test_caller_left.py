@@ -164,3 +164,13 @@ class ShieldedTests(SynchronousTestCase):
         work.callback({"ok": True})
         self.assertEqual(self.successResultOf(answer), {"ok": True})
         self.assertEqual(self._shield({"plain": 1})(), {"plain": 1})
+
+    def test_an_error_before_the_caller_left_is_its_answer(self):
+        from zwrm import errors
+
+        work = defer.Deferred()
+        answer = self._shield(work)()
+        work.errback(errors.NotFound("no app 'web'"))
+        self.assertEqual(self.failureResultOf(answer, errors.NotFound).value.message,
+                         "no app 'web'")
+        self.assertEqual(self.successResultOf(work), None)  # consumed: not unhandled

@@ -52,7 +52,10 @@ def shielded(uri, procedure, log, under_way=None):
             if under_way is not None:
                 under_way.discard(result)
             if not answer.called:
-                answer.callback(outcome)
+                if isinstance(outcome, Failure):
+                    answer.errback(outcome)
+                else:
+                    answer.callback(outcome)
             elif isinstance(outcome, Failure) and not outcome.check(defer.CancelledError):
                 why = getattr(outcome.value, "message", None) or outcome.getErrorMessage()
                 log.info("{uri}: its caller had gone; it ended with: {why}", uri=uri, why=why)
