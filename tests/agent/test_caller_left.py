@@ -21,8 +21,10 @@ class _Procedures:
     def __init__(self):
         self.release = {"change": defer.Deferred(), "stream": defer.Deferred()}
         self.outcomes = []
+        self.entered = []
 
     async def _wait(self, name):
+        self.entered.append(name)
         try:
             await self.release[name]
         except defer.CancelledError:
@@ -55,7 +57,8 @@ class CallerLeftTests(TestCase):
 
         calls = [plane.registry.call_executor(host_id, verb) for verb in ("test.change",
                                                                           "test.stream")]
-        await _turns(5)  # both invoked
+        await poll(reactor, lambda: len(procedures.entered) == 2, 10, interval=0.01,
+                   what="both procedures invoked")
         for call in calls:
             call.cancel()
             with self.assertRaises(defer.CancelledError):
@@ -63,13 +66,6 @@ class CallerLeftTests(TestCase):
         await poll(reactor, lambda: procedures.outcomes, 10, interval=0.01,
                    what="the cancellable procedure's end")
         self.assertEqual(procedures.outcomes, [("stream", "cancelled")])
-        procedures.release["change"].callback(None)
-        await _turns(2)
+        procedures.release["change"].callback(None)  # (it ends as the release fires)
         self.assertEqual(procedures.outcomes, [("stream", "cancelled"), ("change", "done")])
 
-
-async def _turns(n):
-    for _ in range(n):
-        turn = defer.Deferred()
-        reactor.callLater(0.01, turn.callback, None)
-        await turn
