@@ -538,6 +538,114 @@ class DrainRunTests(TestCase):
         self.assertEqual(status["state"], "completed")
         self.assertEqual(sha(c.store_of(dst).path(vid)), before)
 
+    async def down(self, c, m):
+        """Make machine C{m} fail on its host (its process killed); @return: its row."""
+        c.executors[m["host_id"]][0].driver.crash(m["id"])
+        for _ in range(500):
+            row = await c.apps.data.machines.get(m["id"])
+            if row["state"] == "failed":
+                return row
+            await deferLater(reactor, 0.01, lambda: None)
+        self.fail(f"machine {m['id']} not failed: {row['state']}")
+
+    @d
+    async def test_machine_that_is_down_moves_at_rest(self):
+        """
+        A machine with a volume that is down (failed, no restart due) moves too: its volume
+        is copied and verified, the source's copy deleted, and its replacement is stored
+        on the target as failed, never started. So the host holds nothing any more.
+        """
+        c = await DrainCluster(self).start()
+        m = await self.deploy(c)
+        src = m["host_id"]
+        dst = "h-b" if src == "h-a" else "h-a"
+        vid = m["volumes"][0]
+        before = write_known(c.store_of(src).path(vid), "at rest")
+        await self.down(c, m)
+        plan = await c.drains.drain(src, dry_run=True, mode="live")  # not refused: cold
+        item = plan["plan"][0]
+        self.assertEqual((item["machine_id"], item["target"], item["down"], item["keep_down"],
+                          item["mode"]), (m["id"], dst, "failed", "failed", "cold"))
+        self.assertIn("stays failed", item["mode_reason"])
+        _, status = await self.drain(c, src)
+        self.assertEqual(status["state"], "completed")
+        mg = status["migrations"][0]
+        self.assertEqual((mg["phase"], mg["error"]), ("done", None))
+        self.assertIsNone(mg["downtime"])
+        self.assertEqual(sha(c.store_of(dst).path(vid)), before)
+        self.assertFalse(c.store_of(src).exists(vid))
+        self.assertEqual((await c.store.get("volumes", vid))["host_id"], dst)
+        machines = await c.apps.list_machines()
+        self.assertEqual([(x["id"], x["host_id"], x["state"]) for x in machines],
+                         [(mg["replacement"], dst, "failed")])
+        self.assertIsNone(machines[0]["address"])  # it holds none until it starts
+        # never started on the target, and nothing of it is left on the source
+        self.assertEqual(c.executors[dst][0].list_machines(), [])
+        self.assertEqual(c.executors[src][0].list_machines(), [])
+        self.assertNotIn((dst, "machine.start"), c.calls)
+        self.assertEqual(c.registry.entry(src).machine.state, "drained")
+
+    @d
+    async def test_machine_down_with_a_restart_due_starts_on_the_target(self):
+        """A machine that is down but whose restart was due (or held) starts on the target."""
+        c = await DrainCluster(self).start()
+        m = await self.deploy(c)
+        src = m["host_id"]
+        dst = "h-b" if src == "h-a" else "h-a"
+        vid = m["volumes"][0]
+        before = write_known(c.store_of(src).path(vid), "due")
+        row = await self.down(c, m)
+        for record in ({"count": 1, "next_at": c.clock.seconds() + 30},
+                       {"count": 1, "next_at": None, "held": True}):
+            health = dict(row["health"], restart=record)
+            await c.apps.replicas.set_machine(row, "restart due", health=health)
+            plan = await c.drains.drain(src, dry_run=True)
+            item = plan["plan"][0]
+            self.assertEqual((item["down"], item["keep_down"], item["mode"]),
+                             ("failed", None, "cold"), record)
+            self.assertIn("starts on the target", item["mode_reason"])
+        _, status = await self.drain(c, src)
+        mg = status["migrations"][0]
+        self.assertEqual((status["state"], mg["phase"], mg["error"]),
+                         ("completed", "done", None))
+        self.assertEqual(sha(c.store_of(dst).path(vid)), before)
+        self.assertFalse(c.store_of(src).exists(vid))
+        machines = await c.apps.list_machines()
+        self.assertEqual([(x["id"], x["host_id"], x["state"]) for x in machines],
+                         [(mg["replacement"], dst, "running")])
+
+    @d
+    async def test_machine_at_rest_rolled_back_stays_down_where_it_was(self):
+        c = await DrainCluster(self).start()
+        m = await self.deploy(c)
+        src = m["host_id"]
+        dst = "h-b" if src == "h-a" else "h-a"
+        vid = m["volumes"][0]
+        before = write_known(c.store_of(src).path(vid), "kept")
+        await self.down(c, m)
+        # the target's copy never commits: the migration rolls back after its replacement
+        # was stored (at rest) on the target
+        real = c.drains._step_committing
+
+        async def refuse(drain, run):
+            self.assertIsNotNone(await c.apps.data.machines.get(run.detail["replacement"]))
+            raise errors.Unavailable("the store said no")
+
+        c.drains._step_committing = refuse
+        _, status = await self.drain(c, src)
+        c.drains._step_committing = real
+        mg = status["migrations"][0]
+        self.assertEqual(mg["phase"], "rolled_back")
+        self.assertIn("the store said no", mg["error"])
+        self.assertEqual(sha(c.store_of(src).path(vid)), before)
+        self.assertFalse(c.store_of(dst).exists(vid))
+        machines = await c.apps.list_machines()
+        self.assertEqual([(x["id"], x["host_id"], x["state"]) for x in machines],
+                         [(m["id"], src, "failed")])
+        self.assertEqual([(x["id"], x["state"]) for x in c.executors[src][0].list_machines()],
+                         [(m["id"], "failed")])  # not started again
+        self.assertEqual(c.executors[dst][0].list_machines(), [])
+
     @d
     async def test_corrupt_copy_rolls_back(self):
         c = await DrainCluster(self).start()

@@ -69,6 +69,9 @@ class PolicyTests(TestCase):
         delay, rec3 = healing.decide(policy, "failed", rec, 170.0)
         self.assertEqual(delay, 20.0)
         self.assertEqual(rec3["times"], [120.0])
+        # an exit is decided anew: a restart held for lack of room is not carried over
+        _, rec4 = healing.decide(policy, "failed", dict(rec, held=True), 170.0)
+        self.assertNotIn("held", rec4)
 
     def test_backoff_resets_after_ten_healthy_minutes(self):
         rec = {"count": 5, "times": [], "step": 5}
@@ -333,6 +336,30 @@ class RestartTests(TestCase):
         await poll(lambda: self._running(c), what="the restart")
         self.assertEqual((await c.machines("web"))[0]["restarts"], 1)
 
+
+    @d
+    async def test_restart_with_no_room_on_its_host_is_held(self):
+        """
+        A machine with a volume whose restart finds no room on its host (here: it is being
+        drained) is not restarted; its restart record says C{held}, which a drain of the
+        host reads (zwrm.control.drain.DOWN: it starts the machine on its target). A later
+        restart clears it.
+        """
+        c, h, m = await self.one(volumes=[{"name": "data", "mount": "/data"}])
+        driver(c, "h-a").crash(m["id"])
+        await settle(c, h)
+        await c.registry.transition("h-a", "drain_requested")
+        c.clock.advance(5.1)
+        await settle(c, h)
+        row = await c.apps.data.machines.get(m["id"])
+        self.assertEqual(row["state"], "failed")
+        self.assertIn("no room on its host to restart", row["health"]["restart"]["reason"])
+        self.assertIs(row["health"]["restart"]["held"], True)
+        await c.registry.transition("h-a", "undrain_requested")
+        await h._restart(m["id"])
+        await poll(lambda: self._running(c), what="the restart")
+        row = await c.apps.data.machines.get(m["id"])
+        self.assertNotIn("held", row["health"]["restart"])
 
     @d
     async def test_machine_paused_on_a_full_disk_is_not_restarted(self):

@@ -51,6 +51,12 @@ PROGRESS_FALLBACK_AFTER = 10.0
 """Seconds of a volume copy without an announcement of its progress after which the drain
 reads it with C{volume.progress} (an agent from before the announcements)."""
 
+DOWN = ("stopped", "failed")
+"""States of a machine that is down. With volumes, a drain moves it too: its volumes are
+copied and verified, and its replacement is stored on the target in the same state, never
+started ("at rest"); unless a restart of it was due (or held back for lack of room on the
+draining host): then it is started on the target, as a running machine's replacement is."""
+
 DEFAULTS = {"deadline": 3600.0, "max_parallel": 1, "healthy_deadline": 300.0,
             "min_healthy": 10.0, "stop_timeout": 30.0, "poll": 1.0}
 
@@ -72,6 +78,15 @@ def _text(e):
         return e.message
     args = getattr(e, "args", ())
     return str(args[0]) if args else e.__class__.__name__
+
+
+def _kept_down(run):
+    """
+    C{stopped} or C{failed} if C{run} moves a machine at rest (see L{DOWN}): it was down
+    with no restart due when the drain was planned, and the drain did not have to stop it
+    (had something started it since, it moves as a running machine does). Else L{None}.
+    """
+    return run.detail.get("keep_down") if run.detail.get("stopped_at") is None else None
 
 
 class _Run:
@@ -257,8 +272,11 @@ class Drains(LiveSteps):
         @param postcopy: allow post-copy at the deadline (the target then runs while the
             rest of the RAM arrives: losing the target then loses the machine).
         @return: C{{"drain_id", "host_id", "state", "plan": [{"machine_id", "app",
-            "volumes", "target", "reason", "mode", "mode_reason"}]}} (C{drain_id} is
-            C{None} for a dry run).
+            "volumes", "target", "reason", "mode", "mode_reason", "down", "keep_down"}]}}
+            (C{drain_id} is C{None} for a dry run; C{down} is the state, C{stopped} or
+            C{failed}, of a machine with volumes that is down, else L{None}; C{keep_down}
+            is that state too when it stays down on the target, L{None} when it starts
+            there: a restart was due, or held back for lack of room).
         @raise NotFound: no such host. @raise Conflict: a drain is under way there, or the
             host is offline or drained, or (C{mode} live) a machine cannot move live.
         """
@@ -316,6 +334,12 @@ class Drains(LiveSteps):
         mode = options["mode"]
         machines = await self._machines.find(host_id=host_id, states=LIVE,
                                              order_by="created_at")
+        # Then the machines that are down (stopped, failed) and have volumes: their data
+        # must leave the host too; they stay down ("at rest"). Without volumes nothing of
+        # theirs is on the host.
+        machines += [m for m in await self._machines.find(host_id=host_id, states=DOWN,
+                                                          order_by="created_at")
+                     if m["spec"].get("volumes")]
         plan = self._plan(host_id, machines, keep=not dry_run)
         try:
             # The mode of each machine (its agents asked); in live mode a machine that
@@ -343,7 +367,7 @@ class Drains(LiveSteps):
                  "target_host": p["target"], "phase": "planned", "bytes_sent": 0,
                  "bytes_total": 0, "error": None, "updated_at": now,
                  "detail": {"app": p["app"], "volumes": p["volumes"], "mode": p["mode"],
-                            "mode_reason": p["mode_reason"]}}
+                            "mode_reason": p["mode_reason"], "keep_down": p["keep_down"]}}
             run = _Run(m)
             run.placement = placement
             runs[p["machine_id"]] = run
@@ -373,8 +397,12 @@ class Drains(LiveSteps):
             vols = [v["id"] for v in spec.get("volumes", [])]
             # The target holds all its volumes (copied there): their disk is reserved.
             request = placement_request(spec, disk_mb=volumes_size(spec))
+            down = m["state"] if m["state"] in DOWN else None
+            restart = (m.get("health") or {}).get("restart") or {}
+            due = restart.get("next_at") is not None or restart.get("held")
             item = {"machine_id": m["id"], "app": spec.get("app"), "volumes": vols,
-                    "target": None, "reason": None}
+                    "target": None, "reason": None, "down": down,
+                    "keep_down": down if down and not due else None}
             try:
                 placement = placements.place(request, exclude={host_id})
                 item["target"] = placement.host_id
@@ -908,6 +936,12 @@ class Drains(LiveSteps):
             new_id = f"m-{uuid.uuid4().hex[:12]}"
             await self._save_detail(run, replacement=new_id)
         existing = await self._machines.get(new_id)
+        rest = _kept_down(run)
+        if rest is not None:
+            if existing is None:
+                state = original["state"] if original["state"] in DOWN else rest
+                await self._add_kept_down(drain, run, original, new_id, state)
+            return
         if existing is not None and existing["state"] in LIVE:
             return
         if existing is not None and existing["state"] == "failed":
@@ -931,6 +965,31 @@ class Drains(LiveSteps):
         await self._replicas.start_machine(row)
         if row["state"] == "failed":
             raise errors.Unavailable(f"the replacement could not start on {target}")
+
+    async def _add_kept_down(self, drain, run, original, new_id, state):
+        """
+        Store the replacement of C{original}, a machine that is down, on the migration's
+        target in C{state} (C{stopped} or C{failed}), never started: the same spec and
+        restart record (no restart was due when the drain was planned). Its reservation is
+        given back: a machine that is down holds none, nor an address (it gets one of its
+        host's when it starts).
+        """
+        target = run.row["target_host"]
+        now = self._clock.seconds()
+        health = dict(original.get("health") or {}, status="none")
+        if health.get("restart"):
+            health["restart"] = dict(health["restart"], next_at=None)
+            health["restart"].pop("held", None)
+        row = {"id": new_id, "app_id": original["app_id"], "host_id": target,
+               "state": state, "health": health,
+               "spec": {k: v for k, v in dict(original["spec"], id=new_id).items()
+                        if k != "network"},
+               "created_at": now, "updated_at": now}
+        if run.placement is not None:
+            self._release(run)
+        await self._replicas.add_machine(
+            row, f"replacement of {original['id']} ({state}, moved at rest by drain "
+                 f"{drain.row['id']} from {run.row['source_host']}); not started")
 
     async def _wait_healthy(self, machine_id, deadline, min_healthy, poll, host=None,
                             run=None, pause=True):
@@ -977,6 +1036,8 @@ class Drains(LiveSteps):
                                            f"waiting for {host} (unreachable) {why}")
 
     async def _step_waiting_healthy(self, drain, run):
+        if _kept_down(run) is not None:
+            return  # never started: nothing to wait for
         opts = drain.row["options"]
         first = await self._wait_healthy(run.detail["replacement"], opts["healthy_deadline"],
                                          opts["min_healthy"], opts["poll"],
@@ -1020,7 +1081,9 @@ class Drains(LiveSteps):
         stored before its start is asked), the target must confirm that it is gone
         (destroyed, or unknown there); while the target is unreachable this step waits for
         it (C{rollback_pending} in drain-status). Copies of the volumes the target cannot
-        delete now are recorded as leftovers and deleted when it is back.
+        delete now are recorded as leftovers and deleted when it is back. A machine moved
+        at rest (L{_kept_down}) stays down on the source: its replacement never ran, and
+        it is not started.
         """
         source, target = run.row["source_host"], run.row["target_host"]
         opts = drain.row["options"]
@@ -1032,8 +1095,9 @@ class Drains(LiveSteps):
                 raise Divert("moved", f"{target} holds machine {new_id}: it moved live; "
                              "the source is never resumed")
             await self._save_detail(run, live_prepare_asked=None)
+        rest = _kept_down(run)
         if new_id is not None and target is not None:
-            if run.detail.get("volumes"):
+            if run.detail.get("volumes") and rest is None:
                 await self._fence_replacement(run, target, new_id, opts["poll"])
             else:
                 await self._drop_replacement(new_id, target)
@@ -1059,6 +1123,8 @@ class Drains(LiveSteps):
                           "it is back", v=", ".join(x["volume_id"] for x in leftovers), t=target)
             self._sweep_soon()
         original = await self._original(run)
+        if rest is not None:
+            return  # it was down, and stays so where it was
         try:
             st = await self._call(source, "machine.status", original["id"])
             on_host = st["state"]

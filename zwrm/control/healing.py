@@ -114,6 +114,7 @@ def decide(policy, state, restart, now, healthy_since=None):
         restart record to store (C{next_at} set when a restart is due).
     """
     record = dict(restart or {})
+    record.pop("held", None)  # this exit is decided anew
     record.setdefault("count", 0)
     times = [t for t in record.get("times", []) if now - t < policy["interval"]]
     record["times"] = times
@@ -380,7 +381,9 @@ class Healer:
             placement = None
             no_room = e.message
         if placement is None:
-            await self._note(mid, f"no room on its host to restart: {no_room}", next_at=None)
+            # held: a drain of the host starts it on its target (zwrm.control.drain.DOWN)
+            await self._note(mid, f"no room on its host to restart: {no_room}", next_at=None,
+                             held=True)
             if not row["spec"].get("volumes"):
                 # a replica without volumes may go elsewhere
                 await self._converger.reschedule(row["app_id"], [row["spec"]["replica"]])
@@ -396,6 +399,7 @@ class Healer:
             record["times"] = list(record.get("times", [])) + [now]
             record["step"] = record.get("step", 0) + 1
             record["next_at"] = None
+            record.pop("held", None)
             record["last_at"] = now
             health["restart"] = record
             return await replicas.set_machine(

@@ -179,6 +179,14 @@ class LiveSteps:
             elif not item["volumes"]:
                 item["mode"] = "cold"
                 item["mode_reason"] = "no volumes: the replacement starts first"
+            elif item.get("keep_down"):
+                item["mode"] = "cold"
+                item["mode_reason"] = (f"{item['keep_down']}: its volumes move; it stays "
+                                       f"{item['keep_down']}")
+            elif item.get("down"):
+                item["mode"] = "cold"
+                item["mode_reason"] = (f"{item['down']}, a restart due: its volumes move; "
+                                       "it starts on the target")
             elif mode == "cold":
                 item["mode"], item["mode_reason"] = "cold", "cold drain requested"
             else:

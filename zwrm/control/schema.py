@@ -515,7 +515,7 @@ PROCEDURES = {p.uri: p for p in [
              "postcopy, switches to post-copy (the agents' 120)"),
          Arg("postcopy", Bool(), False, "allow post-copy at the live deadline")],
         "{drain_id, host_id, state, mode, plan: [{machine_id, app, volumes, target, reason, "
-        "mode, mode_reason}]}",
+        "mode, mode_reason, down, keep_down}]}",
         ["invalid_argument", "not_found", "conflict", "unplaceable"]),
     Procedure("zwrm.host.drain_status", READ, "The latest drain of a host.", [_HOST],
               "{drain_id, host_id, state, machines: [...]}", ["invalid_argument", "not_found"]),
