@@ -341,9 +341,9 @@ class RestartTests(TestCase):
     async def test_restart_with_no_room_on_its_host_is_held(self):
         """
         A machine with a volume whose restart finds no room on its host (here: it is being
-        drained) is not restarted; its restart record says C{held}, which a drain of the
-        host reads (zwrm.control.drain.DOWN: it starts the machine on its target). A later
-        restart clears it.
+        drained) is not restarted; its restart record says C{held} (which a drain of the
+        host reads: zwrm.control.drain.DOWN starts it on its target), and it is tried again
+        every HELD_RETRY seconds, so once there is room (the drain cancelled) it restarts.
         """
         c, h, m = await self.one(volumes=[{"name": "data", "mount": "/data"}])
         driver(c, "h-a").crash(m["id"])
@@ -351,15 +351,22 @@ class RestartTests(TestCase):
         await c.registry.transition("h-a", "drain_requested")
         c.clock.advance(5.1)
         await settle(c, h)
-        row = await c.apps.data.machines.get(m["id"])
-        self.assertEqual(row["state"], "failed")
-        self.assertIn("no room on its host to restart", row["health"]["restart"]["reason"])
-        self.assertIs(row["health"]["restart"]["held"], True)
+        for _ in range(2):
+            row = await c.apps.data.machines.get(m["id"])
+            restart = row["health"]["restart"]
+            self.assertEqual(row["state"], "failed")
+            self.assertIn("no room on its host to restart", restart["reason"])
+            self.assertIs(restart["held"], True)
+            self.assertEqual(restart["next_at"], c.clock.seconds() + healing.HELD_RETRY)
+            c.clock.advance(healing.HELD_RETRY)  # tried again: still no room
+            await settle(c, h)
         await c.registry.transition("h-a", "undrain_requested")
-        await h._restart(m["id"])
-        await poll(lambda: self._running(c), what="the restart")
+        c.clock.advance(healing.HELD_RETRY)
+        await settle(c, h)
+        await poll(lambda: self._running(c), what="the restart once there was room")
         row = await c.apps.data.machines.get(m["id"])
         self.assertNotIn("held", row["health"]["restart"])
+        self.assertEqual(row["health"]["restart"]["count"], 1)
 
     @d
     async def test_machine_paused_on_a_full_disk_is_not_restarted(self):

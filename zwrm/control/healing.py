@@ -55,6 +55,10 @@ POLICIES = ("always", "on-failure", "never")
 RESTART_DEFAULTS = {"policy": "always", "max_restarts": 10, "interval": 1800.0,
                     "initial_backoff": 5.0, "max_backoff": 300.0, "reset_after": 600.0}
 UNHEALTHY_THRESHOLD = 3
+HELD_RETRY = 30.0
+"""Seconds between attempts of a restart held back for lack of room on the machine's host
+(a machine with volumes cannot go elsewhere): room may come (a machine there removed, the
+host's drain cancelled)."""
 RESCHEDULE_CONCURRENCY = 4  # apps rescheduled at once after a host loss
 EXITS_FROM = ("pending", "starting", "running")
 """A machine that goes C{stopped}/C{failed} from one of these exited on its own."""
@@ -381,12 +385,19 @@ class Healer:
             placement = None
             no_room = e.message
         if placement is None:
-            # held: a drain of the host starts it on its target (zwrm.control.drain.DOWN)
-            await self._note(mid, f"no room on its host to restart: {no_room}", next_at=None,
-                             held=True)
             if not row["spec"].get("volumes"):
+                await self._note(mid, f"no room on its host to restart: {no_room}",
+                                 next_at=None)
                 # a replica without volumes may go elsewhere
                 await self._converger.reschedule(row["app_id"], [row["spec"]["replica"]])
+                return
+            # Held: tried again every HELD_RETRY seconds (stored: a control-plane restart
+            # takes it up, L{resume}); a drain of its host starts it on its target
+            # (zwrm.control.drain.DOWN).
+            retry_at = self._clock.seconds() + HELD_RETRY
+            await self._note(mid, f"no room on its host to restart: {no_room}; trying again "
+                             f"every {HELD_RETRY:g}s", next_at=retry_at, held=True)
+            self._later(self._timers, mid, HELD_RETRY, self._restart, mid)
             return
 
         async def count(row):
