@@ -4,6 +4,9 @@ Step: a host retired and added again, as docs/operators.md ("Removing a host") s
 The worker that runs the earlier app's machine (with its volume):
 
  - `zwrm host remove` of it, ready, is refused with one line and changes nothing;
+ - an app whose machine there is down (its QEMU killed, restart policy never) with a volume:
+   the drain moves that machine too, at rest (its volume copied and verified, the machine
+   failed on the other worker, never started), so the host holds no volume to keep it;
  - drained (the machine and its volume move to the other worker), its agent stopped (its
    executor deregistered at once, its session's end seen), and, once the control plane
    calls it offline, removed: `zwrm host list` no longer has it,
@@ -15,6 +18,10 @@ The worker that runs the earlier app's machine (with its volume):
 
 No service logs a traceback or a critical line meanwhile.
 """
+
+import glob
+import os
+import signal
 
 import pytest
 
@@ -35,7 +42,11 @@ def _peers(cluster, host):
     return {w[w.index("dst") + 1] for w in (ln.split() for ln in out.splitlines()) if "dst" in w}
 
 
-def test_a_host_retired_and_added_again(cluster):
+def _machines(cluster, app):
+    return {m["id"]: m for m in cluster.zwrm_json("status", app)["machines"]}
+
+
+def test_a_host_retired_and_added_again(cluster, request):
     if "app" not in cluster.state:
         pytest.fail("needs the deploy step (test_20_deploy.py) to have passed")
     web = cluster.state["app"]
@@ -56,10 +67,38 @@ def test_a_host_retired_and_added_again(cluster):
             " zwrm-agent) and remove it once `zwrm host list` shows it offline"), r.stderr
         assert _hosts(cluster)[host_id]["state"] == "ready"
 
+    with cluster.phase("a machine with a volume down on it (killed, restart never)"):
+        # The other worker, empty, drained for the deploy (so that its one replica goes to
+        # this host, beside the app's), then activated again.
+        other_id = cluster.host_ids[other]
+        assert _hosts(cluster)[other_id]["machines"] == 0, _hosts(cluster)[other_id]
+        request.addfinalizer(lambda: cluster.zwrm("host", "activate", other_id, ok=range(256)))
+        assert cluster.zwrm_json("host", "drain", other_id)["state"] == "completed"
+        cluster.step_app(request, "keep")
+        keep = cluster.deploy("keep", "demo:1", "--volume", "data:16:/data", "--restart",
+                              "never")
+        cluster.zwrm("host", "activate", other_id)
+        [down] = keep["machines"]
+        assert down["host_id"] == host_id, down
+        [pidfile] = glob.glob(os.path.join(cluster.host_dir(host), "**", down["id"],
+                                           "qemu.pid"), recursive=True)
+        with open(pidfile) as f:
+            os.kill(int(f.read().strip()), signal.SIGKILL)
+        failed = poll(lambda: _machines(cluster, "keep")[down["id"]]["state"] == "failed"
+                      and _machines(cluster, "keep")[down["id"]], 120, interval=1,
+                      what="the killed machine failed")
+        assert failed["restart_reason"] == "not restarted (restart policy never)", failed
+
     with cluster.phase("drain it, stop its agent, remove it once offline"):
         status = cluster.zwrm_json("host", "drain", host_id, "--min-healthy", "3s",
                                    "--healthy-deadline", "300s", timeout=600)
         assert status["state"] == "completed", status
+        [at_rest] = [m for m in status["migrations"] if m["machine_id"] == down["id"]]
+        assert (at_rest["phase"], at_rest["mode"]) == ("done", "cold"), at_rest
+        assert "it stays failed" in at_rest["mode_reason"], at_rest
+        [kept] = _machines(cluster, "keep").values()
+        assert (kept["id"], kept["host_id"], kept["state"], kept["restarts"]) == (
+            at_rest["replacement"], other_id, "failed", 0), kept  # never started
         cluster.agents[host].stop()
         # its session's end is seen at once: not called any more, though not offline yet
         stopped = poll(lambda: _hosts(cluster)[host_id]["executor"] is False
@@ -76,6 +115,7 @@ def test_a_host_retired_and_added_again(cluster):
         assert (moved["host_id"], moved["state"]) == (cluster.host_ids[other], "running")
         body = cluster.app_request("/cgi-bin/read?index.txt", via=other, wait=60)
         assert body.encode() == web["data"]
+        cluster.zwrm("destroy", "keep", "--volumes")
 
     with cluster.phase("its agent started again: a new host"):
         cluster.agents[host] = cluster.start(host, "zwrm-agent.service")

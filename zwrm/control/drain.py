@@ -335,8 +335,8 @@ class Drains(LiveSteps):
         machines = await self._machines.find(host_id=host_id, states=LIVE,
                                              order_by="created_at")
         # Then the machines that are down (stopped, failed) and have volumes: their data
-        # must leave the host too; they stay down ("at rest"). Without volumes nothing of
-        # theirs is on the host.
+        # must leave the host too (L{DOWN}: at rest, or started on the target if a restart
+        # was due). Without volumes nothing of theirs is on the host.
         machines += [m for m in await self._machines.find(host_id=host_id, states=DOWN,
                                                           order_by="created_at")
                      if m["spec"].get("volumes")]
