@@ -343,7 +343,7 @@ class RestartTests(TestCase):
         A machine with a volume whose restart finds no room on its host (here: it is being
         drained) is not restarted; its restart record says C{held} (which a drain of the
         host reads: zwrm.control.drain.DOWN starts it on its target), and it is tried again
-        every HELD_RETRY seconds, so once there is room (the drain cancelled) it restarts.
+        every HELD_RETRY seconds, and at once when its host is ready again (its drain cancelled).
         """
         c, h, m = await self.one(volumes=[{"name": "data", "mount": "/data"}])
         driver(c, "h-a").crash(m["id"])
@@ -360,8 +360,10 @@ class RestartTests(TestCase):
             self.assertEqual(restart["next_at"], c.clock.seconds() + healing.HELD_RETRY)
             c.clock.advance(healing.HELD_RETRY)  # tried again: still no room
             await settle(c, h)
-        await c.registry.transition("h-a", "undrain_requested")
-        c.clock.advance(healing.HELD_RETRY)
+        await c.registry.transition("h-a", "undrain_requested")  # room: tried at once
+        for _ in range(2):  # the host's event, then the machine's restart: timers of 0 s
+            await settle(c, h)
+            c.clock.advance(0)
         await settle(c, h)
         await poll(lambda: self._running(c), what="the restart once there was room")
         row = await c.apps.data.machines.get(m["id"])

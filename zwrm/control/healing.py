@@ -487,6 +487,9 @@ class Healer:
             self._check_partitions()
             # machines that stayed down on it (their QEMU died with the host) restart
             self._later(self._waiting, f"back:{host_id}", 1.0, self._host_back, host_id)
+        elif p.get("state") == "ready" and p.get("old") in ("draining", "drained"):
+            # its drain cancelled, or it was activated: room for the restarts held there
+            self._later(self._waiting, f"room:{host_id}", 0.0, self._room_on, host_id)
 
     def _offline(self, host_id):
         entry = self._data.hosts.get(host_id)
@@ -633,6 +636,12 @@ class Healer:
             if wanted is None:
                 continue
             await self._schedule(row, wanted[1], row["state"], f"its host {host_id} came back")
+
+    async def _room_on(self, host_id):
+        """Try now (not in up to L{HELD_RETRY} s) the restarts held for room on C{host_id}."""
+        for row in await self._data.machines.find(host_id=host_id, states=("stopped", "failed")):
+            if ((row.get("health") or {}).get("restart") or {}).get("held"):
+                self._later(self._timers, row["id"], 0.0, self._restart, row["id"])
 
 
 def _same_version(spec):
