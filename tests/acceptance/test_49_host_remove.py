@@ -93,7 +93,9 @@ def test_a_host_retired_and_added_again(cluster, request):
         status = cluster.zwrm_json("host", "drain", host_id, "--min-healthy", "3s",
                                    "--healthy-deadline", "300s", timeout=600)
         assert status["state"] == "completed", status
-        [at_rest] = [m for m in status["migrations"] if m["machine_id"] == down["id"]]
+        moved = {m["machine_id"]: m for m in status["migrations"]}
+        assert down["id"] in moved, f"the machine that is down was not moved: {status}"
+        at_rest = moved[down["id"]]
         assert (at_rest["phase"], at_rest["mode"]) == ("done", "cold"), at_rest
         assert "it stays failed" in at_rest["mode_reason"], at_rest
         [kept] = _machines(cluster, "keep").values()
