@@ -616,6 +616,7 @@ class DrainRunTests(TestCase):
 
     @d
     async def test_machine_at_rest_rolled_back_stays_down_where_it_was(self):
+        """A move at rest that rolls back leaves the machine down on its source, not started."""
         c = await DrainCluster(self).start()
         m = await self.deploy(c)
         src = m["host_id"]
@@ -623,17 +624,19 @@ class DrainRunTests(TestCase):
         vid = m["volumes"][0]
         before = write_known(c.store_of(src).path(vid), "kept")
         await self.down(c, m)
-        # the target's copy never commits: the migration rolls back after its replacement
-        # was stored (at rest) on the target
+        # the commit (the volume row's move) fails: the migration rolls back after its
+        # replacement was stored (at rest) on the target
         real = c.drains._step_committing
+        stored = []
 
         async def refuse(drain, run):
-            self.assertIsNotNone(await c.apps.data.machines.get(run.detail["replacement"]))
+            stored.append(await c.apps.data.machines.get(run.detail["replacement"]))
             raise errors.Unavailable("the store said no")
 
         c.drains._step_committing = refuse
         _, status = await self.drain(c, src)
         c.drains._step_committing = real
+        self.assertEqual([r["state"] for r in stored], ["failed"])
         mg = status["migrations"][0]
         self.assertEqual(mg["phase"], "rolled_back")
         self.assertIn("the store said no", mg["error"])

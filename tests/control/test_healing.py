@@ -336,14 +336,14 @@ class RestartTests(TestCase):
         await poll(lambda: self._running(c), what="the restart")
         self.assertEqual((await c.machines("web"))[0]["restarts"], 1)
 
-
     @d
     async def test_restart_with_no_room_on_its_host_is_held(self):
         """
         A machine with a volume whose restart finds no room on its host (here: it is being
         drained) is not restarted; its restart record says C{held} (which a drain of the
-        host reads: zwrm.control.drain.DOWN starts it on its target), and it is tried again
-        every HELD_RETRY seconds, and at once when its host is ready again (its drain cancelled).
+        host reads: zwrm.control.drain.DOWN starts it on its target); it is tried again
+        every HELD_RETRY seconds, and at once when its host is ready again (its drain
+        cancelled).
         """
         c, h, m = await self.one(volumes=[{"name": "data", "mount": "/data"}])
         driver(c, "h-a").crash(m["id"])
