@@ -113,6 +113,33 @@ class MachineResourceTests(TestCase):
         self.assertEqual(published[-1][1]["id"], last["id"])
 
     @d
+    async def test_a_machine_added_or_deleted_with_its_event_or_not_at_all(self):
+        """The same for a new machine's row and for its deletion."""
+        clock, store, data, published = await make_data(self)
+        row = machine_row(state="running")
+        await store.run(lambda db: db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON events"
+            " BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+        with self.assertRaises(sqlite3.IntegrityError):
+            await data.machines.add(row, "placed")
+        self.assertIsNone(await data.machines.get("m1"))
+        await store.run(lambda db: db.execute("DROP TRIGGER refuse"))
+        await data.machines.add(row, "placed")
+        await store.run(lambda db: db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON events"
+            " BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+        with self.assertRaises(sqlite3.IntegrityError):
+            await data.machines.delete(row)
+        self.assertEqual((await data.machines.get("m1"))["state"], "running")
+        self.assertEqual([e["kind"] for _, e in published], ["state"])
+        await store.run(lambda db: db.execute("DROP TRIGGER refuse"))
+        await data.machines.delete(row)
+        self.assertIsNone(await data.machines.get("m1"))
+        [last, *_] = await store.recent_events("m1")
+        self.assertEqual((last["kind"], last["payload"]["old"]), ("destroyed", "running"))
+        self.assertEqual(published[-1][1]["id"], last["id"])
+
+    @d
     async def test_a_failing_subscriber_stops_nothing(self):
         clock, store, data, published = await make_data(self)
         seen = []

@@ -333,30 +333,53 @@ class Store:
 
         return self.run(update)
 
-    def update_with_event(self, table, pk, fields, topic, kind, subject, payload):
+    def change_with_event(self, change, topic, kind, subject, payload):
         """
-        Update the given C{fields} of row C{pk} of C{table} and append its event, in one
+        Run C{change(db)} (a row's insert, update or delete) and append its event, in one
         transaction: whatever stops the control plane in between (a power cut), the change
         is stored with its event or not at all (and an agent's report of it, unanswered,
         comes again).
 
         @return: a Deferred firing with the event (as L{add_event}'s).
-        @raise zwrm.errors.NotFound: (as a failed Deferred) no such row; nothing stored.
         """
         event = {"ts": self._now(), "topic": topic, "kind": kind, "subject": subject,
                  "payload": payload}
 
-        def update(db):
+        def run(db):
             with db.conn:
                 db.conn.execute("BEGIN")
-                try:
-                    db[table].update(pk, _encode(table, fields))
-                except sqlite_utils.db.NotFoundError:
-                    raise errors.NotFound(f"no {table[:-1]} {pk!r}") from None
+                change(db)
                 row = db["events"].insert(_encode("events", event))
             return dict(event, id=row.last_pk)
 
-        return self.run(update)
+        return self.run(run)
+
+    def update_with_event(self, table, pk, fields, topic, kind, subject, payload):
+        """
+        Update the given C{fields} of row C{pk} of C{table} and append its event, in one
+        transaction (L{change_with_event}).
+
+        @return: a Deferred firing with the event (as L{add_event}'s).
+        @raise zwrm.errors.NotFound: (as a failed Deferred) no such row; nothing stored.
+        """
+        def update(db):
+            try:
+                db[table].update(pk, _encode(table, fields))
+            except sqlite_utils.db.NotFoundError:
+                raise errors.NotFound(f"no {table[:-1]} {pk!r}") from None
+
+        return self.change_with_event(update, topic, kind, subject, payload)
+
+    def insert_with_event(self, table, row, topic, kind, subject, payload):
+        """Insert C{row} into C{table} and append its event, in one transaction."""
+        return self.change_with_event(lambda db: db[table].insert(_encode(table, row)),
+                                      topic, kind, subject, payload)
+
+    def delete_with_event(self, table, pk, topic, kind, subject, payload):
+        """Delete row C{pk} of C{table} (if it is there) and append its event, in one
+        transaction."""
+        return self.change_with_event(
+            lambda db: db[table].delete_where("id = ?", [pk]), topic, kind, subject, payload)
 
     # -- domain helpers ----------------------------------------------------------------
 

@@ -163,14 +163,18 @@ class Machines(Resource):
     # -- update methods ---------------------------------------------------------------
 
     async def _produce(self, kind, row, old, reason, **extra):
-        payload = dict(wire(row), machine_id=row["id"], old=old, reason=reason, **extra)
+        payload = dict(self._payload(row, old, reason), **extra)
         return await self.produce_event(kind, row["id"], payload)
+
+    def _payload(self, row, old, reason):
+        return dict(wire(row), machine_id=row["id"], old=old, reason=reason)
 
     @update_method
     async def add(self, row, reason):
-        """Store a new machine row; event C{state} (C{old} L{None})."""
-        await self._store.insert("machines", row)
-        await self._produce("state", row, None, reason)
+        """Store a new machine row; event C{state} (C{old} L{None}); in one transaction."""
+        event = await self._store.insert_with_event(
+            "machines", row, self.topic, "state", row["id"], self._payload(row, None, reason))
+        self.deliver(event)
         return row
 
     @update_method
@@ -189,7 +193,7 @@ class Machines(Resource):
                 fields["health"] = health
         old = row.get("state")
         changed = dict(row, **fields)
-        payload = dict(wire(changed), machine_id=row["id"], old=old, reason=reason)
+        payload = self._payload(changed, old, reason)
         # the change and its event in one transaction: never one without the other
         event = await self._store.update_with_event("machines", row["id"], fields,
                                                     self.topic, "state", row["id"], payload)
@@ -199,10 +203,12 @@ class Machines(Resource):
 
     @update_method
     async def delete(self, row, reason="destroyed"):
-        """Delete the machine's row; event C{destroyed}."""
-        await self._store.run(lambda db: db["machines"].delete_where("id = ?", [row["id"]]))
+        """Delete the machine's row; event C{destroyed}; in one transaction."""
         gone = dict(row, state="destroyed", updated_at=self._clock.seconds())
-        await self._produce("destroyed", gone, row.get("state"), reason)
+        event = await self._store.delete_with_event(
+            "machines", row["id"], self.topic, "destroyed", row["id"],
+            self._payload(gone, row.get("state"), reason))
+        self.deliver(event)
         return row["id"]
 
     @update_method
