@@ -245,6 +245,41 @@ class RestartTests(TestCase):
         self.assertEqual((await c.machines("web"))[0]["restarts"], 1)
 
     @d
+    async def test_exit_stored_but_not_decided_is_decided_after_a_restart(self):
+        """
+        The control plane stops after storing a machine's exit (one transaction with its
+        event) and before its restart policy's decision was stored: the next one's
+        L{Healer.resume} finds the exit as the machine's newest event, and decides it.
+        """
+        c, h, m = await self.one()
+        h.stop()  # stopped before it hears of the exit
+        driver(c, "h-a").crash(m["id"])
+        await poll(lambda: self._state(c, "failed"), what="the exit stored")
+        (m1,) = await c.machines("web")
+        self.assertIsNone(m1["next_restart_at"])  # not decided
+        h2 = await healer_for(c)
+        self.assertEqual(await h2.resume(), 1)
+        await settle(c, h2)
+        (m1,) = await c.machines("web")
+        self.assertEqual(m1["next_restart_at"], c.clock.seconds() + 5)
+        self.assertIn("signal 9", m1["restart_reason"])
+        c.clock.advance(5)
+        await settle(c, h2)
+        await poll(lambda: self._running(c), what="the restart after resume")
+
+    @d
+    async def test_exit_decided_is_not_decided_again_after_a_restart(self):
+        c, h, m = await self.one(restart="never")
+        driver(c, "h-a").crash(m["id"])
+        await settle(c, h)
+        (m1,) = await c.machines("web")
+        self.assertEqual((m1["state"], m1["next_restart_at"]), ("failed", None))
+        h.stop()
+        events = len(c.published)
+        self.assertEqual(await (await healer_for(c)).resume(), 0)
+        self.assertEqual(len(c.published), events)
+
+    @d
     async def test_never_and_on_failure(self):
         c, h, m = await self.one(restart="never")
         driver(c, "h-a").crash(m["id"])

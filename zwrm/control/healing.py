@@ -181,20 +181,45 @@ class Healer:
     async def resume(self):
         """
         After a control plane start: set the timers of the restarts that were due (their
-        C{next_at} is stored on the machine); one already late runs at once.
+        C{next_at} is stored on the machine); one already late runs at once.  An exit that
+        was stored but not decided (the control plane stopped in between: the machine's
+        newest event is still that exit) is decided now.
 
-        @return: how many restarts were scheduled.
+        @return: how many restarts were scheduled or exits decided.
         """
         n = 0
         now = self._clock.seconds()
         for row in await self._data.machines.find(states=("failed", "stopped")):
-            next_at = ((row.get("health") or {}).get("restart") or {}).get("next_at")
-            if next_at is None or row["id"] in self._timers:
+            mid = row["id"]
+            if mid in self._timers or mid in self._deciding:
                 continue
-            self._later(self._timers, row["id"], max(0.0, next_at - now), self._restart,
-                        row["id"])
-            n += 1
+            next_at = ((row.get("health") or {}).get("restart") or {}).get("next_at")
+            if next_at is not None:
+                self._later(self._timers, mid, max(0.0, next_at - now), self._restart, mid)
+                n += 1
+            else:
+                reason = await self._undecided_exit(row)
+                if reason is not None:
+                    self._deciding.add(mid)
+                    self._spawn(self._exited(mid, row["state"], reason),
+                                f"restart policy of {mid}")
+                    n += 1
         return n
+
+    async def _undecided_exit(self, row):
+        """
+        The reason of C{row}'s exit if its newest event is that exit (state C{stopped} or
+        C{failed} from one of L{EXITS_FROM}): the decision on it, stored with an event of
+        its own, never was. L{None} for a machine stopped on purpose (from C{stopping}) or
+        whose exit was decided.
+        """
+        last = await self._data.machines.last_event(row["id"])
+        if last is None or last["kind"] != "state":
+            return None
+        p = last["payload"] or {}
+        if p.get("old") in EXITS_FROM and p.get("state") == row["state"]:
+            return p.get("reason") or row["state"]
+        return None
 
     def stop(self):
         """Stop following events and cancel every timer."""

@@ -160,6 +160,11 @@ class Machines(Resource):
 
         return self._store.run(count)
 
+    async def last_event(self, machine_id):
+        """The newest stored event about machine C{machine_id}, or L{None} (none kept)."""
+        events = await self._store.recent_events(machine_id, limit=1)
+        return events[0] if events else None
+
     # -- update methods ---------------------------------------------------------------
 
     async def _produce(self, kind, row, old, reason, **extra):
