@@ -170,6 +170,42 @@ class RestartTests(TestCase):
         self.assertEqual(m1["state"], "failed")
         await self._registers_again_and_restarts(c, h, m, backoff=5)
 
+    @d
+    async def test_a_power_off_while_its_agents_session_was_gone_restarts_once_it_registers(self):
+        """
+        The guest powers off (restart C{always}) while its agent's session is gone: the exit
+        is stored, its decision waits; once the agent registers again it is decided (a
+        machine stopped on purpose meanwhile stays stopped).
+        """
+        c = await Cluster(self).start(hosts=("h-a",))
+        h = await healer_for(c)
+        await c.apps.create_app("web")
+        await c.apps.deploy("web", c.spec(replicas=2, restart="always"))
+        off, kept = await c.machines("web")
+        await c.call("zwrm.agent.h-a.machine.stop", kept["id"])
+        await poll(lambda: self._states(c, {"running", "stopped"}), what="the stop")
+        await settle(c, h)
+        await c.registry.register("h-a", dict(FACTS, name="h-a"), session_id=1)
+        await self._session_ends(c, 1)
+        driver(c, "h-a")._end(off["id"], "stopped", "the guest powered off")
+        await settle(c, h)
+        c.clock.advance(60)
+        await settle(c, h)
+        self.assertEqual([(x["state"], x["next_restart_at"]) for x in await c.machines("web")],
+                         [("stopped", None)] * 2)
+        await c.registry.register("h-a", dict(FACTS, name="h-a"), session_id=2)
+        await settle(c, h)
+        c.clock.advance(1)  # its host is back
+        await settle(c, h)
+        by_id = {x["id"]: x for x in await c.machines("web")}
+        self.assertEqual(by_id[off["id"]]["next_restart_at"], c.clock.seconds() + 5)
+        self.assertIn("powered off", by_id[off["id"]]["restart_reason"])
+        self.assertEqual((by_id[kept["id"]]["state"], by_id[kept["id"]]["next_restart_at"]),
+                         ("stopped", None))
+
+    async def _states(self, c, states):
+        return {x["state"] for x in await c.machines("web")} == states
+
     async def _session_ends(self, c, session_id):
         """The agent of h-a loses its session (its host stays ready)."""
         c.registry.session_left(session_id)

@@ -652,10 +652,19 @@ class Healer:
     async def _host_back(self, host_id):
         if self._offline(host_id) or not self._replicas.executor_available(host_id):
             return
-        for row in await self._data.machines.find(host_id=host_id, states=("failed",)):
-            if row["id"] in self._timers:
+        for row in await self._data.machines.find(host_id=host_id, states=("failed", "stopped")):
+            mid = row["id"]
+            if mid in self._timers or mid in self._deciding:
                 continue
             if (row.get("health") or {}).get("restart", {}).get("next_at") is not None:
+                continue
+            if row["state"] == "stopped":
+                # stopped on purpose, it stays so; an exit (the guest powered off) reported
+                # while the agent could not be called is decided now, as it would have been
+                reason = await self._undecided_exit(row)
+                if reason is not None and mid not in self._deciding:
+                    self._deciding.add(mid)
+                    await self._exited(mid, "stopped", reason)
                 continue
             wanted = await self._wanted(row)
             if wanted is None:
