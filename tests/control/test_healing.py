@@ -442,6 +442,36 @@ class RestartTests(TestCase):
         self.assertEqual(row["health"]["restart"]["count"], 1)
 
     @d
+    async def test_held_restart_is_tried_when_room_is_given_back_on_its_host(self):
+        """
+        A held restart is tried at once when a reservation on its host is given back
+        (another app's machine there destroyed), not up to HELD_RETRY s later.
+        """
+        c = await Cluster(self).start(hosts=("h-a",), vcpus=2)
+        h = await healer_for(c)
+        await c.apps.create_app("web")
+        await c.apps.deploy("web", c.spec(volumes=[{"name": "data", "mount": "/data"}]))
+        (m,) = await c.machines("web")
+        driver(c, "h-a").crash(m["id"])
+        await settle(c, h)
+        await c.apps.create_app("big")  # takes the room while web waits for its restart
+        await c.apps.deploy("big", c.spec(vcpus=2))
+        (big,) = await c.machines("big")
+        c.clock.advance(5.1)
+        await settle(c, h)
+        row = await c.apps.data.machines.get(m["id"])
+        self.assertEqual((row["state"], row["health"]["restart"].get("held")), ("failed", True))
+        await c.apps.destroy_app("big")
+        for _ in range(2):  # the room given back, then the machine's restart: timers of 0 s
+            await settle(c, h)
+            c.clock.advance(0)
+        await settle(c, h)
+        await poll(lambda: self._running(c), what="the restart once room was given back")
+        row = await c.apps.data.machines.get(m["id"])
+        self.assertEqual(row["health"]["restart"]["count"], 1)
+        self.assertEqual(h._held, {})
+
+    @d
     async def test_machine_paused_on_a_full_disk_is_not_restarted(self):
         """
         Its health check fails because its hypervisor holds it until its host's disk has

@@ -57,8 +57,9 @@ RESTART_DEFAULTS = {"policy": "always", "max_restarts": 10, "interval": 1800.0,
 UNHEALTHY_THRESHOLD = 3
 HELD_RETRY = 30.0
 """Seconds between attempts of a restart held back for lack of room on the machine's host
-(a machine with volumes cannot go elsewhere): room may come (a machine there removed, the
-host's drain cancelled)."""
+(a machine with volumes cannot go elsewhere).  It is also tried at once when room may have
+come: a reservation there given back (a machine there stopped or removed), the host's drain
+cancelled."""
 RESCHEDULE_CONCURRENCY = 4  # apps rescheduled at once after a host loss
 EXITS_FROM = ("pending", "starting", "running")
 """A machine that goes C{stopped}/C{failed} from one of these exited on its own."""
@@ -171,12 +172,14 @@ class Healer:
         # hosts on which a machine exited while they could not be called (their agent's
         # session had ended) but were not offline: restarted once their agent registers again
         self._uncalled = set()
+        self._held = {}  # machine id -> its host, of restarts held for room there
         self.partitioned = {}
         self._partition_since = {}  # datacenter -> when its partition began (POSIX time)
         self._evicting = {}  # datacenter -> DelayedCall of the next eviction
         self._tasks = set()
         self._unsubscribe = [self._data.machines.subscribe(self._machine_event),
-                             self._data.hosts.subscribe(self._host_event)]
+                             self._data.hosts.subscribe(self._host_event),
+                             self._placements.on_release(self._room_given_back)]
 
     async def resume(self):
         """
@@ -193,8 +196,11 @@ class Healer:
             mid = row["id"]
             if mid in self._timers or mid in self._deciding:
                 continue
-            next_at = ((row.get("health") or {}).get("restart") or {}).get("next_at")
+            restart = (row.get("health") or {}).get("restart") or {}
+            next_at = restart.get("next_at")
             if next_at is not None:
+                if restart.get("held"):
+                    self._held[mid] = row["host_id"]
                 self._later(self._timers, mid, max(0.0, next_at - now), self._restart, mid)
                 n += 1
             else:
@@ -273,6 +279,7 @@ class Healer:
         p = event["payload"]
         mid = event["subject"]
         if event["kind"] == "destroyed":
+            self._held.pop(mid, None)
             self._cancel(self._timers, mid)
             self._cancel(self._liveness, mid)
             self._healthy_since.pop(mid, None)
@@ -389,6 +396,7 @@ class Healer:
         await self._converger.in_app_order(app_name, self._restart_locked, mid)
 
     async def _restart_locked(self, mid):
+        self._held.pop(mid, None)
         row = await self._data.machines.get(mid)
         if row is None or row["state"] not in ("stopped", "failed"):
             return
@@ -422,6 +430,7 @@ class Healer:
             retry_at = self._clock.seconds() + HELD_RETRY
             await self._note(mid, f"no room on its host to restart: {no_room}; trying again "
                              f"every {HELD_RETRY:g}s", next_at=retry_at, held=True)
+            self._held[mid] = row["host_id"]
             self._later(self._timers, mid, HELD_RETRY, self._restart, mid)
             return
 
@@ -671,10 +680,18 @@ class Healer:
                 continue
             await self._schedule(row, wanted[1], row["state"], f"its host {host_id} came back")
 
+    def _room_given_back(self, host_id):
+        """A reservation on C{host_id} was given back: its held restarts are tried now."""
+        if host_id in self._held.values():
+            self._later(self._waiting, f"room:{host_id}", 0.0, self._room_on, host_id)
+
     async def _room_on(self, host_id):
         """Try now (not in up to L{HELD_RETRY} s) the restarts held for room on C{host_id}."""
+        for mid in [m for m, h in self._held.items() if h == host_id]:
+            del self._held[mid]  # those still held are found below
         for row in await self._data.machines.find(host_id=host_id, states=("stopped", "failed")):
             if ((row.get("health") or {}).get("restart") or {}).get("held"):
+                self._held[row["id"]] = host_id
                 self._later(self._timers, row["id"], 0.0, self._restart, row["id"])
 
 

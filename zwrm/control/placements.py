@@ -46,6 +46,7 @@ class Placements:
         self.unconfirmed = set()
         self._placements = {}  # machine id -> Placement
         self._synced = {}  # host id -> what the scheduler was last given of it
+        self._on_release = []  # callbacks of host ids where a reservation was given back
         # Get, then subscribe: the scheduler's host index follows the hosts resource.
         for host_id in data.hosts.ids():
             self._give_host(host_id)
@@ -208,12 +209,35 @@ class Placements:
             if p is not None and not self.scheduler.is_committed(p):
                 self.scheduler.commit(p)
 
+    def on_release(self, callback):
+        """
+        Call C{callback(host_id)} whenever a reservation on C{host_id} is given back (a
+        machine stopped, failed or went; a plan dropped): room there, maybe.
+
+        @return: a function of no arguments that ends these calls.
+        """
+        self._on_release.append(callback)
+
+        def unsubscribe():
+            if callback in self._on_release:
+                self._on_release.remove(callback)
+
+        return unsubscribe
+
+    def _released(self, host_id):
+        self._alloc_changed(host_id)
+        for callback in list(self._on_release):
+            try:
+                callback(host_id)
+            except Exception:
+                self.log.failure("a callback of room given back on {host_id}", host_id=host_id)
+
     def release(self, machine_id):
         """Give back the reservation C{machine_id} holds, if any."""
         p = self._placements.pop(machine_id, None)
         if p is not None:
             self.scheduler.release(p)
-            self._alloc_changed(p.host_id)
+            self._released(p.host_id)
 
     def adopt(self, machine_id, placement):
         """
@@ -226,7 +250,7 @@ class Placements:
     def release_placement(self, placement):
         """Give back a placement that never became a machine (e.g. a drain's plan)."""
         if self.scheduler.release(placement):
-            self._alloc_changed(placement.host_id)
+            self._released(placement.host_id)
 
     def lend(self, machines):
         """
