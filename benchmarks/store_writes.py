@@ -10,15 +10,18 @@ On a database seeded with C{--hosts} hosts (benchmarks/heartbeats.py's seed, in 
 directory under C{--dir}, on the disk the control plane would use) it measures:
 
  - a state change as the control plane stores one (a host registering: the host row's
-   update, then its event appended; two transactions, as L{zwrm.control.resources.hosts}
-   makes them), C{--changes} of them, with 1 and with 64 in flight (they queue for the one
-   writer thread): changes per second and the writer thread's CPU;
+   update and its event in one transaction, L{Store.update_with_event}, as every resource
+   of L{zwrm.control.resources} makes them), C{--changes} of them, with 1 and with 64 in
+   flight (they queue for the one writer thread): changes per second and the writer
+   thread's CPU; beside it the same change as two transactions (the update, then the
+   event appended: how the resources other than machines stored until 2026-12-06);
  - the batched heartbeat flush (L{Store.save_heartbeats}: every host's last-seen time in one
    transaction, once per C{flush_interval}): milliseconds per flush of C{--hosts} rows.
 
 Baseline in the same run: a bare C{sqlite3} loop doing the same two statements per change
 on the same database with the same pragmas (WAL, C{synchronous = NORMAL}), without the
-store's thread hand-off and sqlite-utils: what SQLite itself costs.
+store's thread hand-off and sqlite-utils: what SQLite itself costs (in one transaction per
+change, and as two autocommit statements).
 """
 
 import argparse
@@ -33,18 +36,25 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 
-def bare(path, creds, n):
-    """The same two statements per change with plain sqlite3 (autocommit): seconds."""
+def bare(path, creds, n, together):
+    """
+    The same two statements per change with plain sqlite3, in one transaction
+    (C{together}) or as two autocommit statements: seconds.
+    """
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")
     t0 = time.perf_counter()
     for i in range(n):
         hid = creds[i % len(creds)][0]
+        if together:
+            conn.execute("BEGIN")
         conn.execute("UPDATE hosts SET agent_version = ?, last_heartbeat = ? WHERE id = ?",
                      ("bench", time.time(), hid))
         conn.execute("INSERT INTO events (ts, topic, kind, subject, payload) VALUES (?, ?, ?, ?, ?)",
                      (time.time(), "zwrm.event.host", "registered", hid, "{}"))
+        if together:
+            conn.execute("COMMIT")
     dt = time.perf_counter() - t0
     conn.close()
     return dt
@@ -70,10 +80,11 @@ def main():
     print(f"store: {args.hosts} hosts in {path}; machine: {os.cpu_count()} cores,"
           f" load {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
-    dt = bare(path, creds, args.changes)
-    print(f"baseline, bare sqlite3: {args.changes / dt:8,.0f} state changes/s"
-          f" ({1000 * dt / args.changes:.3f} ms each, two autocommit statements)"
-          f"; load {os.getloadavg()[0]:.2f}", flush=True)
+    for together, how in ((True, "one transaction"), (False, "two autocommit statements")):
+        dt = bare(path, creds, args.changes, together)
+        print(f"baseline, bare sqlite3: {args.changes / dt:8,.0f} state changes/s"
+              f" ({1000 * dt / args.changes:.3f} ms each, {how})"
+              f"; load {os.getloadavg()[0]:.2f}", flush=True)
 
     async def run(reactor):
         store = Store(reactor, path)
@@ -82,14 +93,23 @@ def main():
         def thread_cpu():
             return time.thread_time()
 
-        for in_flight in [int(x) for x in args.in_flight.split(",")]:
+        async def together(hid):
+            await store.update_with_event(
+                "hosts", hid, {"agent_version": "bench", "last_heartbeat": time.time()},
+                "zwrm.event.host", "registered", hid, {})
+
+        async def apart(hid):
+            await store.update("hosts", hid, {"agent_version": "bench",
+                                              "last_heartbeat": time.time()})
+            await store.add_event("zwrm.event.host", "registered", hid, {})
+
+        for in_flight, (how, one) in [
+                (int(x), h) for x in args.in_flight.split(",")
+                for h in (("one transaction", together), ("two transactions", apart))]:
             sem = defer.DeferredSemaphore(in_flight)
 
-            async def change(i):
-                hid = creds[i % len(creds)][0]
-                await store.update("hosts", hid, {"agent_version": "bench",
-                                                  "last_heartbeat": time.time()})
-                await store.add_event("zwrm.event.host", "registered", hid, {})
+            async def change(i, one=one):
+                await one(creds[i % len(creds)][0])
 
             c0 = await store.run(lambda db: thread_cpu())
             p0, t0 = time.process_time(), time.perf_counter()
@@ -99,7 +119,8 @@ def main():
             dt = time.perf_counter() - t0
             proc = time.process_time() - p0
             writer = await store.run(lambda db: thread_cpu()) - c0
-            print(f"state changes, {in_flight:>3} in flight: {args.changes / dt:8,.0f}/s"
+            print(f"state changes ({how}), {in_flight:>3} in flight:"
+                  f" {args.changes / dt:8,.0f}/s"
                   f" ({1000 * dt / args.changes:.3f} ms each; writer thread CPU"
                   f" {1000 * writer / args.changes:.3f} ms, process CPU"
                   f" {1000 * proc / args.changes:.3f} ms per change)"

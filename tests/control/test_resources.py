@@ -15,6 +15,7 @@ from twisted.trial.unittest import TestCase
 
 from zwrm import errors
 from zwrm.control.resources import Data, update_methods
+from zwrm.control.resources import certs as certs_mod
 from zwrm.control.resources import hosts as hosts_mod
 from zwrm.control.resources import machines as machines_mod
 from zwrm.control.resources.machines import placement_request, volumes_size
@@ -179,9 +180,96 @@ class MachineResourceTests(TestCase):
                          ["add", "apply_input", "certificate_renewed", "registered", "remove",
                           "set_credential", "set_disk_full", "set_executor"])
         self.assertIn("set_spec", update_methods(data.apps))
-        self.assertIn("moved", update_methods(data.volumes))
+        self.assertEqual(update_methods(data.volumes),
+                         ["add", "creation_failed", "delete", "set_state"])
         self.assertEqual(update_methods(data.drains),
                          ["add", "commit_volumes", "save_migration", "set_state", "set_waiting"])
+
+
+class ChangeWithItsEventTests(TestCase):
+    """
+    Every resource stores a change and its event in one transaction: when the event cannot
+    be stored (SQLite refuses it here; a power cut between the two is the same), no table
+    changes and nobody hears of it; then the same call, allowed, stores both and publishes
+    the stored event.
+    """
+
+    async def refused_then_stored(self, store, published, call, events=1):
+        def tables(db):
+            names = [r[0] for r in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"
+                " AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+            return {n: sorted(map(repr, db.execute(f"SELECT * FROM [{n}]").fetchall()))
+                    for n in names}
+
+        before, heard = await store.run(tables), len(published)
+        await store.run(lambda db: db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON events"
+            " BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+        with self.assertRaises(sqlite3.IntegrityError):
+            await call()
+        await store.run(lambda db: db.execute("DROP TRIGGER refuse"))
+        self.assertEqual(await store.run(tables), before)
+        self.assertEqual(len(published), heard)
+        result = await call()
+        stored = await store.select("events", order_by="id")
+        self.assertEqual([e["id"] for _, e in published[heard:]],
+                         [e["id"] for e in stored[-events:]])
+        self.assertEqual(len(published), heard + events)
+        return result
+
+    @d
+    async def test_hosts_apps_volumes_drains_and_certificates(self):
+        clock, store, data, published = await make_data(self)
+        once = self.refused_then_stored
+        record = {"id": "h1", "name": "w1", "region": "eu", "datacenter": "dc1",
+                  "address": "", "labels": {}, "vcpus": 4, "memory_mb": 1024, "disk_mb": 10,
+                  "alloc_vcpus": 0, "alloc_memory_mb": 0, "alloc_disk_mb": 0,
+                  "state": "ready", "state_before_offline": None, "last_heartbeat": 0.0,
+                  "agent_version": "1", "credential_hash": "x", "joined_at": 0.0}
+        await once(store, published, lambda: data.hosts.add(record))
+        self.assertIn("h1", data.hosts)
+        await once(store, published, lambda: data.hosts.registered("h1", {"vcpus": 8}))
+
+        app = {"id": "a1", "name": "web", "spec": None, "created_at": 0.0}
+        await once(store, published, lambda: data.apps.add(app))
+        await once(store, published, lambda: data.apps.set_spec(app, {"replicas": 1}))
+        self.assertEqual((app["spec_version"], published[-1][1]["payload"]["spec_version"]),
+                         (1, 1))
+
+        vol = {"id": "v1", "app_id": "a1", "host_id": "h1", "name": "data", "replica": 0,
+               "size_mb": 8, "mount": "/data", "state": "creating", "created_at": 0.0}
+        await once(store, published, lambda: data.volumes.add(vol))
+        await once(store, published, lambda: data.volumes.set_state(vol, "ready"))
+        self.assertEqual(vol["state"], "ready")
+
+        drain = {"id": "d1", "host_id": "h1", "state": "running", "options": {},
+                 "created_at": 0.0, "updated_at": 0.0}
+        mg = {"id": "mg1", "drain_id": "d1", "machine_id": "m1", "source_host": "h1",
+              "target_host": "h2", "phase": "planned", "bytes_sent": 0, "bytes_total": 0,
+              "error": None, "updated_at": 0.0, "detail": {"volumes": ["v1"]}}
+        await once(store, published, lambda: data.drains.add(drain, [mg]))
+        await once(store, published,
+                   lambda: data.drains.save_migration(mg, phase="bulk_copying"))
+        await once(store, published, lambda: data.drains.set_waiting(
+            mg, {"volumes": ["v1"], "waiting": {"host": "h2"}}, "waiting for h2"))
+        await once(store, published, lambda: data.drains.commit_volumes(mg, ["v1"]),
+                   events=2)
+        self.assertEqual([(t, e["kind"]) for t, e in published[-2:]],
+                         [("zwrm.event.drain", "migration"),
+                          ("zwrm.event.machine", "volume_moved")])
+        await once(store, published, lambda: data.drains.set_state(drain, "completed"))
+
+        await once(store, published, lambda: data.volumes.delete(vol))
+        await once(store, published, lambda: data.apps.delete(app))
+        await once(store, published, lambda: data.hosts.remove("h1", "retired"))
+        self.assertNotIn("h1", data.hosts)
+
+        certs = certs_mod.Certs(clock, store, lambda t, e: published.append((t, e)))
+        info = {"names": ["www.example.test"], "subject": "s", "issuer": "i",
+                "not_before": "a", "not_after": "b", "fingerprint": "f"}
+        await once(store, published, lambda: certs.put("www.example.test", "C", "K", info))
+        await once(store, published, lambda: certs.remove("www.example.test"))
 
 
 class PlacementRequestTests(TestCase):

@@ -186,6 +186,7 @@ def _encode(table, row):
     return row
 
 
+
 class Store:
     """
     The control plane's SQLite database, used from the reactor thread.
@@ -303,19 +304,14 @@ class Store:
 
     def insert(self, table, row):
         """Insert C{row} into C{table} (JSON columns encoded)."""
-
-        def insert(db):
-            db[table].insert(_encode(table, row))
-
-        return self.run(insert)
+        d = self.run(self.inserting(table, row))
+        d.addCallback(lambda _: None)
+        return d
 
     def upsert(self, table, row):
         """Insert or update C{row} of C{table} by its C{id}."""
 
-        def upsert(db):
-            db[table].upsert(_encode(table, row), pk="id")
-
-        return self.run(upsert)
+        return self.run(self.upserting(table, row))
 
     def update(self, table, pk, fields):
         """
@@ -325,13 +321,40 @@ class Store:
             may have been deleted since it was read).
         """
 
+        return self.run(self.updating(table, pk, fields))
+
+    # -- changes for L{change_with_events}: functions of the database, run in the
+    # transaction it holds
+
+    @staticmethod
+    def inserting(table, row):
+        """The change that inserts C{row} into C{table}."""
+        return lambda db: db[table].insert(_encode(table, row))
+
+    @staticmethod
+    def upserting(table, row):
+        """The change that inserts or replaces C{row} of C{table} (by its C{id})."""
+        return lambda db: db[table].upsert(_encode(table, row), pk="id")
+
+    @staticmethod
+    def updating(table, pk, fields):
+        """
+        The change that updates C{fields} of row C{pk} of C{table}.
+
+        @raise zwrm.errors.NotFound: (when run) no such row.
+        """
         def update(db):
             try:
                 db[table].update(pk, _encode(table, fields))
             except sqlite_utils.db.NotFoundError:
                 raise errors.NotFound(f"no {table[:-1]} {pk!r}") from None
 
-        return self.run(update)
+        return update
+
+    @staticmethod
+    def deleting(table, pk):
+        """The change that deletes row C{pk} of C{table} (if it is there)."""
+        return lambda db: db[table].delete_where("id = ?", [pk])
 
     def change_with_event(self, change, topic, kind, subject, payload):
         """
@@ -342,15 +365,35 @@ class Store:
 
         @return: a Deferred firing with the event (as L{add_event}'s).
         """
-        event = {"ts": self._now(), "topic": topic, "kind": kind, "subject": subject,
-                 "payload": payload}
+        d = self.change_with_events(change, [(topic, kind, subject, payload)])
+        d.addCallback(lambda result: result[1][0])
+        return d
 
+    def change_with_events(self, change, events):
+        """
+        Run C{change(db)} and append C{events}, in one transaction (L{change_with_event}).
+
+        @param change: a function of the database, run in the store's thread, inside the
+            transaction (it must not begin or commit one of its own).
+        @param events: a list of C{(topic, kind, subject, payload)}, or a function of what
+            C{change} returned that gives that list (a payload may hold what only the
+            change knows, e.g. the version it stored).
+        @return: a Deferred firing with C{(change's result, [event, ...])}, the events as
+            L{add_event}'s.
+        """
         def run(db):
             with db.conn:
                 db.conn.execute("BEGIN")
-                change(db)
-                row = db["events"].insert(_encode("events", event))
-            return dict(event, id=row.last_pk)
+                result = change(db)
+                ts = self._now()
+                stored = []
+                for topic, kind, subject, payload in (
+                        events(result) if callable(events) else events):
+                    event = {"ts": ts, "topic": topic, "kind": kind, "subject": subject,
+                             "payload": payload}
+                    row = db["events"].insert(_encode("events", event))
+                    stored.append(dict(event, id=row.last_pk))
+            return result, stored
 
         return self.run(run)
 
@@ -362,24 +405,17 @@ class Store:
         @return: a Deferred firing with the event (as L{add_event}'s).
         @raise zwrm.errors.NotFound: (as a failed Deferred) no such row; nothing stored.
         """
-        def update(db):
-            try:
-                db[table].update(pk, _encode(table, fields))
-            except sqlite_utils.db.NotFoundError:
-                raise errors.NotFound(f"no {table[:-1]} {pk!r}") from None
-
-        return self.change_with_event(update, topic, kind, subject, payload)
+        return self.change_with_event(self.updating(table, pk, fields), topic, kind, subject,
+                                      payload)
 
     def insert_with_event(self, table, row, topic, kind, subject, payload):
         """Insert C{row} into C{table} and append its event, in one transaction."""
-        return self.change_with_event(lambda db: db[table].insert(_encode(table, row)),
-                                      topic, kind, subject, payload)
+        return self.change_with_event(self.inserting(table, row), topic, kind, subject, payload)
 
     def delete_with_event(self, table, pk, topic, kind, subject, payload):
         """Delete row C{pk} of C{table} (if it is there) and append its event, in one
         transaction."""
-        return self.change_with_event(
-            lambda db: db[table].delete_where("id = ?", [pk]), topic, kind, subject, payload)
+        return self.change_with_event(self.deleting(table, pk), topic, kind, subject, payload)
 
     # -- domain helpers ----------------------------------------------------------------
 

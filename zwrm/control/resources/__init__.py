@@ -6,9 +6,11 @@ One module per resource (L{hosts}, L{apps}, L{machines}, L{volumes}, L{drains}) 
 
  - its rows in the store (nobody else writes them);
  - the one translation between a row and the dict that goes on the wire (C{wire});
- - its update methods (marked L{update_method}): each stores the change, then produces
-   one event whose payload is the resource's wire form (plus C{old} and C{reason} where a
-   state changed), on the resource's topic.
+ - its update methods (marked L{update_method}): each stores the change and one event
+   whose payload is the resource's wire form (plus C{old} and C{reason} where a state
+   changed), on the resource's topic, in one transaction (L{Resource.store_with_event}):
+   a control plane that stops in between keeps both or neither, so a follower of the
+   event log (C{zwrm events --follow}, resuming from its cursor) misses no change.
 
 An event is appended to the store's event log, then given to every local subscriber
 (L{Resource.subscribe}: the scheduler's host index, waits on a machine's health), then
@@ -81,13 +83,47 @@ class Resource:
 
     async def produce_event(self, kind, subject, payload):
         """
-        Append an event to the store's log, then deliver it (L{deliver}).
+        Append an event to the store's log, then deliver it (L{deliver}): for an event with
+        no change of its own stored (a change kept in memory, an announcement).
 
         @return: the stored event (C{{id, ts, topic, kind, subject, payload}}).
         """
         event = await self._store.add_event(self.topic, kind, subject, payload)
         self.deliver(event)
         return event
+
+    async def store_with_event(self, change, kind, subject, payload):
+        """
+        Run C{change(db)} in the store's thread and append its event, in one transaction;
+        then deliver the event (L{deliver}).
+
+        @param payload: the event's payload, or a function of C{change}'s result that gives
+            it (run in the store's thread: it may only combine that result with what was
+            built before, e.g. a version the change stored).
+        @return: C{change}'s result.
+        """
+        result, _ = await store_with_events(self._store, change,
+                                            [(self, kind, subject, payload)])
+        return result
+
+
+async def store_with_events(store, change, events):
+    """
+    Run C{change(db)} and append the events of one or more resources in one transaction
+    (L{zwrm.control.store.Store.change_with_events}); then deliver each, by its resource.
+
+    @param events: C{[(resource, kind, subject, payload)]}; a payload may be a function of
+        C{change}'s result (as in L{Resource.store_with_event}).
+    @return: C{(change's result, [event, ...])}.
+    """
+    def to_store(result):
+        return [(resource.topic, kind, subject, payload(result) if callable(payload) else payload)
+                for resource, kind, subject, payload in events]
+
+    result, stored = await store.change_with_events(change, to_store)
+    for (resource, _, _, _), event in zip(events, stored, strict=True):
+        resource.deliver(event)
+    return result, stored
 
 
 def update_methods(resource):

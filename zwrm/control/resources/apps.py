@@ -133,14 +133,16 @@ class Apps(Resource):
     # -- update methods ---------------------------------------------------------------
 
     async def _produce(self, kind, row, reason, **extra):
-        payload = dict(wire(row), app_id=row["id"], app=row["name"], reason=reason, **extra)
-        return await self.produce_event(kind, row["id"], payload)
+        return await self.produce_event(kind, row["id"], self._payload(row, reason, **extra))
+
+    def _payload(self, row, reason, **extra):
+        return dict(wire(row), app_id=row["id"], app=row["name"], reason=reason, **extra)
 
     @update_method
     async def add(self, row):
-        """Store a new app row; event C{created}."""
-        await self._store.insert("apps", row)
-        await self._produce("created", row, "created")
+        """Store a new app row with its event C{created}."""
+        await self.store_with_event(self._store.inserting("apps", row), "created", row["id"],
+                                    self._payload(row, "created"))
         return row
 
     @update_method
@@ -154,24 +156,24 @@ class Apps(Resource):
         app_id = row["id"]
 
         def store(db):
-            with db.conn:
-                db.conn.execute("BEGIN")
-                version = db.execute("SELECT spec_version FROM apps WHERE id = ?",
-                                     [app_id]).fetchone()
-                if version is None:
-                    raise errors.NotFound(f"no app {row['name']!r}")
-                version = version[0] or 0
-                encoded = json.dumps(spec, sort_keys=True) if spec is not None else None
-                if spec is not None:
-                    version += 1
-                    db[SPECS_TABLE].insert({"app_id": app_id, "version": version,
-                                            "spec": encoded, "created_at": now})
-                db["apps"].update(app_id, {"spec": encoded, "spec_version": version})
-                return version
+            version = db.execute("SELECT spec_version FROM apps WHERE id = ?",
+                                 [app_id]).fetchone()
+            if version is None:
+                raise errors.NotFound(f"no app {row['name']!r}")
+            version = version[0] or 0
+            encoded = json.dumps(spec, sort_keys=True) if spec is not None else None
+            if spec is not None:
+                version += 1
+                db[SPECS_TABLE].insert({"app_id": app_id, "version": version,
+                                        "spec": encoded, "created_at": now})
+            db["apps"].update(app_id, {"spec": encoded, "spec_version": version})
+            return version
 
-        row["spec_version"] = await self._store.run(store)
+        # the version is the store's to give: the payload takes it from the change
+        payload = self._payload(dict(row, spec=spec), kind, **extra)
+        row["spec_version"] = await self.store_with_event(
+            store, kind, app_id, lambda version: dict(payload, spec_version=version))
         row["spec"] = spec
-        await self._produce(kind, row, kind, **extra)
         return row
 
     @update_method
@@ -186,5 +188,5 @@ class Apps(Resource):
     @update_method
     async def delete(self, row):
         """Delete the app's row; event C{destroyed}."""
-        await self._store.run(lambda db: db["apps"].delete_where("id = ?", [row["id"]]))
-        await self._produce("destroyed", row, "destroyed")
+        await self.store_with_event(self._store.deleting("apps", row["id"]), "destroyed",
+                                    row["id"], self._payload(row, "destroyed"))

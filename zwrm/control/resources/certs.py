@@ -202,9 +202,9 @@ class Certs(Resource):
                "not_before": info["not_before"], "not_after": info["not_after"],
                "fingerprint": info["fingerprint"],
                "created_at": old["created_at"] if old else now, "updated_at": now}
-        await self._store.upsert(TABLE, row)
         kind = "replaced" if old else "added"
-        await self.produce_event(kind, domain, dict(wire(row), reason=kind))
+        await self.store_with_event(self._store.upserting(TABLE, row), kind, domain,
+                                    dict(wire(row), reason=kind))
         return row
 
     @update_method
@@ -217,8 +217,8 @@ class Certs(Resource):
         row = await self.get(domain)
         if row is None:
             raise errors.NotFound(f"no certificate for {domain}")
-        await self._store.run(lambda db: db[TABLE].delete(domain))
-        await self.produce_event("removed", domain, dict(wire(row), reason="removed"))
+        await self.store_with_event(self._store.deleting(TABLE, domain), "removed", domain,
+                                    dict(wire(row), reason="removed"))
         return row
 
 

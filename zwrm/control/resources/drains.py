@@ -19,8 +19,9 @@ Events (C{zwrm.event.drain}):
    C{migration_id}, C{old} (the phase before), C{reason}, and C{target}.
 
 Committing a migration moves its volumes to the target and stores its phase in one
-transaction (L{Drains.commit_volumes}); the volumes resource then announces each move
-(C{volume_moved} on C{zwrm.event.machine}).
+transaction (L{Drains.commit_volumes}), with its events: the phase's and each volume's move
+(C{volume_moved} on C{zwrm.event.machine}, delivered by the volumes resource).  Every change
+is stored with its event in one transaction.
 
 The drain runner (L{zwrm.control.drain}) changes these rows only through these update
 methods.  The phases and states are those of L{zwrm.drain_phases}; an unknown one is refused.
@@ -29,7 +30,7 @@ methods.  The phases and states are those of L{zwrm.drain_phases}; an unknown on
 import json
 
 from zwrm import errors
-from zwrm.control.resources import Resource, update_method
+from zwrm.control.resources import Resource, store_with_events, update_method
 from zwrm.drain_phases import DRAIN_STATES, MIGRATION_PHASES
 
 TOPIC = "zwrm.event.drain"
@@ -163,15 +164,12 @@ class Drains(Resource):
                 for m in migrations]
 
         def store(db):
-            with db.conn:
-                db.conn.execute("BEGIN")
-                db[TABLE].insert(drain)
-                for m in rows:
-                    db[MIGRATIONS_TABLE].insert(m)
+            db[TABLE].insert(drain)
+            for m in rows:
+                db[MIGRATIONS_TABLE].insert(m)
 
-        await self._store.run(store)
         payload = dict(wire(row), drain_id=row["id"], reason="started", plan=list(plan))
-        await self.produce_event("started", row["id"], payload)
+        await self.store_with_event(store, "started", row["id"], payload)
         return row
 
     @update_method
@@ -181,10 +179,11 @@ class Drains(Resource):
             raise errors.InvalidArgument(f"unknown drain state {state!r}")
         old = row.get("state")
         fields = {"state": state, "updated_at": self._clock.seconds()}
-        await self._store.update(TABLE, row["id"], fields)
+        payload = dict(wire(dict(row, **fields)), drain_id=row["id"], old=old,
+                       reason=reason or state)
+        await self.store_with_event(self._store.updating(TABLE, row["id"], fields), "state",
+                                    row["id"], payload)
         row.update(fields)
-        payload = dict(wire(row), drain_id=row["id"], old=old, reason=reason or state)
-        await self.produce_event("state", row["id"], payload)
         return row
 
     @update_method
@@ -202,10 +201,13 @@ class Drains(Resource):
         stored = dict(fields)
         if "detail" in stored:
             stored["detail"] = json.dumps(stored["detail"] or {}, sort_keys=True)
-        await self._store.update(MIGRATIONS_TABLE, row["id"], stored)
-        row.update(fields)
+        change = self._store.updating(MIGRATIONS_TABLE, row["id"], stored)
         if "phase" in fields and (fields["phase"] != old or reason is not None):
-            await self._announce_phase(row, old, reason)
+            await self.store_with_event(change, "migration", row["id"],
+                                        self._phase_payload(dict(row, **fields), old, reason))
+        else:
+            await self._store.run(change)
+        row.update(fields)
         return row
 
     @update_method
@@ -217,10 +219,11 @@ class Drains(Resource):
         host answered again).
         """
         now = self._clock.seconds()
-        await self._store.update(MIGRATIONS_TABLE, row["id"], {
+        change = self._store.updating(MIGRATIONS_TABLE, row["id"], {
             "detail": json.dumps(detail or {}, sort_keys=True), "updated_at": now})
+        await self.store_with_event(change, "migration", row["id"], self._phase_payload(
+            dict(row, detail=detail, updated_at=now), row.get("phase"), reason))
         row.update(detail=detail, updated_at=now)
-        await self._announce_phase(row, row.get("phase"), reason)
         return row
 
     @update_method
@@ -236,26 +239,30 @@ class Drains(Resource):
         now = self._clock.seconds()
 
         def commit(db):
-            with db.conn:
-                db.conn.execute("BEGIN")
-                for vid in volume_ids:
-                    if db.execute("SELECT 1 FROM volumes WHERE id = ?", [vid]).fetchone() is None:
-                        raise errors.NotFound(f"no volume {vid!r}")
-                    db["volumes"].update(vid, {"host_id": target})
-                db[MIGRATIONS_TABLE].update(row["id"], {"phase": "committing",
-                                                        "updated_at": now})
+            moved = {}
+            for vid in volume_ids:
+                if db.execute("SELECT 1 FROM volumes WHERE id = ?", [vid]).fetchone() is None:
+                    raise errors.NotFound(f"no volume {vid!r}")
+                db["volumes"].update(vid, {"host_id": target})
+                moved[vid] = db["volumes"].get(vid)
+            db[MIGRATIONS_TABLE].update(row["id"], {"phase": "committing",
+                                                    "updated_at": now})
+            return moved
 
         old = row.get("phase")
-        await self._store.run(commit)
-        row.update(phase="committing", updated_at=now)
+        events = []
         if old != "committing":
-            await self._announce_phase(row, old, reason)
+            events.append((self, "migration", row["id"], self._phase_payload(
+                dict(row, phase="committing", updated_at=now), old, reason)))
         if self._volumes is not None:
-            for vid in volume_ids:
-                await self._volumes.moved(vid, source)
+            events.extend(
+                (self._volumes, "volume_moved", vid,
+                 lambda moved, vid=vid: self._volumes.moved_payload(moved[vid], source))
+                for vid in volume_ids)
+        await store_with_events(self._store, commit, events)
+        row.update(phase="committing", updated_at=now)
         return row
 
-    async def _announce_phase(self, row, old, reason):
-        payload = dict(migration_wire(row), migration_id=row["id"], old=old,
-                       reason=reason, target=row.get("target_host"))
-        return await self.produce_event("migration", row["id"], payload)
+    def _phase_payload(self, row, old, reason):
+        return dict(migration_wire(row), migration_id=row["id"], old=old,
+                    reason=reason, target=row.get("target_host"))

@@ -270,16 +270,27 @@ class Hosts(Resource):
     # -- update methods ---------------------------------------------------------------
 
     async def _produce(self, kind, entry, old, reason):
-        payload = dict(wire(entry), host_id=entry.record["id"], old=old, reason=reason)
-        return await self.produce_event(kind, entry.record["id"], payload)
+        return await self.produce_event(kind, entry.record["id"],
+                                        self._payload(entry, old, reason))
+
+    def _payload(self, entry, old, reason):
+        return dict(wire(entry), host_id=entry.record["id"], old=old, reason=reason)
+
+    async def _store_and_produce(self, kind, entry, fields, old, reason):
+        """Store C{fields} of C{entry}'s row and its event, in one transaction; deliver it."""
+        host_id = entry.record["id"]
+        await self.store_with_event(self._store.updating("hosts", host_id, fields), kind,
+                                    host_id, self._payload(entry, old, reason))
 
     @update_method
     async def add(self, record):
-        """Store a new host's row (C{state} C{ready}); event C{joined}."""
-        await self._store.insert("hosts", record)
+        """Store a new host's row (C{state} C{ready}) and its event C{joined}, together."""
         entry = HostEntry(record, Host(record["id"]), record["last_heartbeat"] or 0.0)
+        event = await self._store.change_with_event(
+            self._store.inserting("hosts", record), self.topic, "joined", record["id"],
+            self._payload(entry, None, "joined"))
         self._entries[record["id"]] = entry
-        await self._produce("joined", entry, None, "joined")
+        self.deliver(event)
         return entry
 
     @update_method
@@ -305,14 +316,14 @@ class Hosts(Resource):
         if change is not None:
             fields.update(state=change.new, state_before_offline=change.state_before_offline)
         entry.record.update(fields)
-        await self._store.update("hosts", host_id, fields)
         entry.executor = True
         entry.reregistering = False
         if change is not None:
             self._log_change(host_id, change)
-            await self._produce("state", entry, change.old, change.reason)
+            await self._store_and_produce("state", entry, fields, change.old, change.reason)
         else:
-            await self._produce("registered", entry, entry.machine.state, "agent_registered")
+            await self._store_and_produce("registered", entry, fields, entry.machine.state,
+                                          "agent_registered")
         return change
 
     @update_method
@@ -338,11 +349,10 @@ class Hosts(Resource):
             return None
         fields = {"state": change.new, "state_before_offline": change.state_before_offline}
         entry.record.update(fields)
-        await self._store.update("hosts", host_id, fields)
         if executor is not None:
             entry.executor = executor
         self._log_change(host_id, change)
-        await self._produce("state", entry, change.old, change.reason)
+        await self._store_and_produce("state", entry, fields, change.old, change.reason)
         return change
 
     @update_method
@@ -367,15 +377,17 @@ class Hosts(Resource):
         @raise zwrm.errors.NotFound: no such host.
         """
         entry = self.entry(host_id)
-        await self._store.run(lambda db: db["hosts"].delete_where("id = ?", [host_id]))
-        del self._entries[host_id]
-        self._dirty.pop(host_id, None)
         old = entry.machine.state
         payload = dict(wire(entry), host_id=host_id, state="removed", executor=False, old=old,
                        reason=reason)
+        event = await self._store.change_with_event(
+            self._store.deleting("hosts", host_id), self.topic, "removed", host_id, payload)
+        self._entries.pop(host_id, None)
+        self._dirty.pop(host_id, None)
         self.log.info("host {host_id}: {old} -> removed ({reason})", host_id=host_id, old=old,
                       reason=reason)
-        return await self.produce_event("removed", host_id, payload)
+        self.deliver(event)
+        return event
 
     @update_method
     async def set_disk_full(self, host_id, full, free_mb, floor=DISK_FULL_MB):

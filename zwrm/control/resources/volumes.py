@@ -75,14 +75,20 @@ class Volumes(Resource):
     # -- update methods ---------------------------------------------------------------
 
     async def _produce(self, kind, row, reason, **extra):
-        payload = dict(wire(row), volume_id=row["id"], reason=reason, **extra)
-        return await self.produce_event(kind, row["id"], payload)
+        return await self.produce_event(kind, row["id"], self._payload(row, reason, **extra))
+
+    def _payload(self, row, reason, **extra):
+        return dict(wire(row), volume_id=row["id"], reason=reason, **extra)
+
+    async def _store_and_produce(self, change, kind, row, reason):
+        """Store C{change} and the event of C{row} in one transaction; deliver it."""
+        await self.store_with_event(change, kind, row["id"], self._payload(row, reason))
 
     @update_method
     async def add(self, row):
-        """Store a new volume row; event C{volume}."""
-        await self._store.insert("volumes", row)
-        await self._produce("volume", row, "created")
+        """Store a new volume row with its event C{volume}."""
+        await self._store_and_produce(self._store.inserting("volumes", row), "volume", row,
+                                      "created")
         return row
 
     @update_method
@@ -90,31 +96,28 @@ class Volumes(Resource):
         """Store the volume's new C{state} (C{row} is updated in place); event C{volume}."""
         if row.get("state") == state:
             return row
-        await self._store.update("volumes", row["id"], {"state": state})
+        await self._store_and_produce(
+            self._store.updating("volumes", row["id"], {"state": state}), "volume",
+            dict(row, state=state), reason or state)
         row["state"] = state
-        await self._produce("volume", row, reason or state)
         return row
 
     @update_method
     async def creation_failed(self, row, reason):
         """Remove the row of a volume its host could not create; event C{volume_failed}."""
-        await self._store.run(lambda db: db["volumes"].delete_where("id = ?", [row["id"]]))
-        await self._produce("volume_failed", dict(row, state="failed"), reason)
+        await self._store_and_produce(self._store.deleting("volumes", row["id"]),
+                                      "volume_failed", dict(row, state="failed"), reason)
 
     @update_method
     async def delete(self, row, reason="destroyed"):
         """Delete the volume's row (its data is gone); event C{volume_destroyed}."""
-        await self._store.run(lambda db: db["volumes"].delete_where("id = ?", [row["id"]]))
-        await self._produce("volume_destroyed", dict(row, state="destroyed"), reason)
+        await self._store_and_produce(self._store.deleting("volumes", row["id"]),
+                                      "volume_destroyed", dict(row, state="destroyed"), reason)
 
-    @update_method
-    async def moved(self, volume_id, source_host, reason="drain"):
+    def moved_payload(self, row, source_host, reason="drain"):
         """
-        Announce that C{volume_id} now lives on another host (a drain stored the move,
-        with its migration's phase, in one transaction); event C{volume_moved}.
+        The payload of event C{volume_moved}: the volume C{row} now lives on another host
+        (a drain stores the move with its migration's phase and these events:
+        L{zwrm.control.resources.drains.Drains.commit_volumes}).
         """
-        row = await self.get(volume_id)
-        if row is None:
-            return None
-        await self._produce("volume_moved", row, reason, **{"from": source_host})
-        return row
+        return self._payload(row, reason, **{"from": source_host})
