@@ -14,6 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tests.agent.test_membership import make_agent, start_plane
 from tests.cli.test_cli import d
 from tests.control.test_resources import machine_row
+from zwrm.control.api import ControlSession
+from zwrm.control.crossbar import ExternalRouter
 from zwrm.testing.processes import poll
 from zwrm.wamp.procedures import shielded
 
@@ -73,13 +75,8 @@ class AgentLeftMidReportTests(TestCase):
         self.assertEqual((await machines.get("m-left"))["state"], "failed")
 
 
-    @d
-    async def test_a_procedure_under_way_when_the_control_plane_stops_is_ended(self):
-        """
-        The control plane stops while a procedure is under way: its work is ended (as a
-        stop ends a drain's steps) before the store closes, not left to meet a closed
-        database.
-        """
+    async def _report_under_way(self):
+        """An agent's report, under way in the control plane (held after its store)."""
         plane, tmp = await start_plane(self)
         agent = make_agent(self, plane, os.path.join(tmp, "a1"))
         await agent.registered
@@ -107,11 +104,45 @@ class AgentLeftMidReportTests(TestCase):
         report.addErrback(lambda f: None)
         await stored
         self.assertEqual(len(plane.session.under_way), 1)
+        return plane, agent, ended
+
+    @d
+    async def test_a_procedure_under_way_when_the_control_plane_stops_is_ended(self):
+        """
+        The control plane stops while a procedure is under way: its work is ended (as a
+        stop ends a drain's steps) before the store closes, not left to meet a closed
+        database.
+        """
+        plane, agent, ended = await self._report_under_way()
         await agent.stopService()
         await plane.stopService()
         self.assertEqual(ended, ["cancelled"])
         self.assertEqual(plane.session.under_way, set())
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    @d
+    async def test_the_work_of_an_earlier_session_is_ended_too(self):
+        """
+        Behind an external router the control plane has a session per connection: the
+        work a procedure of an earlier one started (its connection was lost, another
+        joined) is ended by the stop as well.
+        """
+        plane, agent, ended = await self._report_under_way()
+        earlier = plane.session
+        plane.session = ControlSession([], under_way=plane.under_way)  # as a new connection's
+        await agent.stopService()
+        await plane.stopService()
+        self.assertEqual(ended, ["cancelled"])
+        self.assertEqual(earlier.under_way, set())
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_every_session_behind_an_external_router_shares_the_set(self):
+        under_way = set()
+        router = ExternalRouter(reactor, "ws://127.0.0.1:9/ws", "zwrm", "control", "t", [],
+                                under_way=under_way)
+        first, second = router.make_session(), router.make_session()
+        self.assertIs(first.under_way, under_way)
+        self.assertIs(second.under_way, under_way)
 
 
 class ShieldedTests(SynchronousTestCase):

@@ -260,18 +260,22 @@ class ControlSession(QuietAnswers, LocalCallee, ApplicationSession):
     audit = None
     """The L{zwrm.control.audit.AuditLog} that stores operators' calls, or L{None}."""
 
-    def __init__(self, apis, realm="zwrm", audit=None):
+    def __init__(self, apis, realm="zwrm", audit=None, under_way=None):
         """
         @param audit: the L{zwrm.control.audit.AuditLog}; by default that of the
             L{zwrm.control.audit.AuditAPI} among C{apis}, if any (so a session on an
             external router audits too).
+        @param under_way: the set that holds the work of its procedures under way
+            (L{shielded}); by default its own.  The control plane gives every session it
+            makes the same one (behind an external router, one per connection): its stop
+            ends the work each of them started.
         """
         from zwrm.control.audit import AuditAPI
 
         ApplicationSession.__init__(self, ComponentConfig(realm=realm))
         self.apis = list(apis)
-        #: the work of the procedures under way (L{shielded}): L{stop_procedures} ends it
-        self.under_way = set()
+        #: the work of the procedures under way (L{shielded}): the control plane's stop ends it
+        self.under_way = set() if under_way is None else under_way
         if audit is None:
             audit = next((a.audit for a in self.apis if isinstance(a, AuditAPI)), None)
         if audit is not None:
@@ -291,14 +295,6 @@ class ControlSession(QuietAnswers, LocalCallee, ApplicationSession):
                 if not hasattr(reg, "id"):
                     raise RuntimeError(f"could not register {uri} of {api!r}: {reg}")
         self.log.info("control component joined; {n} API objects registered", n=len(self.apis))
-
-    def stop_procedures(self):
-        """
-        The control plane stops: end the work of every procedure under way (a caller could
-        not end it), as a stop ends the drains' steps, before the store closes under it.
-        """
-        for work in list(self.under_way):
-            work.cancel()
 
     def onLeave(self, details):
         transport = self._transport

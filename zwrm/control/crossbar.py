@@ -145,8 +145,8 @@ class RouterControlSession(ControlSession):
     authentication as C{authid}.
     """
 
-    def __init__(self, apis, realm, authid, ticket, on_join):
-        ControlSession.__init__(self, apis, realm=realm)
+    def __init__(self, apis, realm, authid, ticket, on_join, under_way=None):
+        ControlSession.__init__(self, apis, realm=realm, under_way=under_way)
         self._authid = authid
         self._ticket = ticket
         self._on_join = on_join
@@ -182,10 +182,12 @@ class ExternalRouter(service.MultiService):
     log = Logger()
 
     def __init__(self, reactor, url, realm, authid, ticket, apis, ca_file=None,
-                 on_session=None):
+                 on_session=None, under_way=None):
         """
         @param apis: objects with C{@wamp.register} procedures, registered at each join.
         @param on_session: called with each joined session.
+        @param under_way: the set every session's procedures keep their work under way in
+            (L{zwrm.control.api.ControlSession}): one for all the connections' sessions.
         """
         from zwrm.endpoints import client_endpoint
 
@@ -196,7 +198,10 @@ class ExternalRouter(service.MultiService):
         self._on_session = on_session
 
         def make_session():
-            return RouterControlSession(apis, realm, authid, ticket, self._joined_session)
+            return RouterControlSession(apis, realm, authid, ticket, self._joined_session,
+                                        under_way=under_way)
+
+        self.make_session = make_session
 
         # CBOR first: a router's details can hold what MessagePack cannot carry (Crossbar
         # passes a TLS client certificate's serial number, up to 160 bits, to the

@@ -153,6 +153,9 @@ class ControlPlane(service.MultiService):
         self.registry = None
         self.router = None
         self.session = None
+        #: the work of procedures under way, of every session this control plane made (one
+        #: per connection to an external router): its stop ends it before the store closes
+        self.under_way = set()
         self.monitor = None
         self.scheduler = None
         self.apps = None
@@ -272,7 +275,7 @@ class ControlPlane(service.MultiService):
         if cfg.router_url:
             await self._connect_router(apis, authenticator)
         else:
-            self.session = ControlSession(apis, audit=self.audit)
+            self.session = ControlSession(apis, audit=self.audit, under_way=self.under_way)
             await self.router.attach(self.session, authid="control", authrole="trusted")
             self._follow_sessions(self.session)
         await self.drains.resume()  # drains under way go on once their hosts are back
@@ -339,7 +342,8 @@ class ControlPlane(service.MultiService):
         self.external = ExternalRouter(
             self.reactor, cfg.router_url, cfg.router_realm, cfg.router_authid,
             cfg.router_secret(), apis + [CrossbarAPI(authenticator, roles())],
-            ca_file=cfg.router_ca_file, on_session=self._router_session)
+            ca_file=cfg.router_ca_file, on_session=self._router_session,
+            under_way=self.under_way)
         self.external.setServiceParent(self)
         self.log.info("connecting the control component to the router at {url}",
                       url=cfg.router_url)
@@ -507,8 +511,9 @@ class ControlPlane(service.MultiService):
             self._cert_renewal.stop()
         if self.registry is not None:
             await self._flush()
+        for work in list(self.under_way):  # any session's, this one's or an earlier one's
+            work.cancel()
         if self.session is not None:
-            self.session.stop_procedures()
             if self.session.is_attached():
                 self.session.leave()
         if self.store is not None:
