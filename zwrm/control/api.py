@@ -43,7 +43,12 @@ from zwrm.control.store import hash_secret
 from zwrm.control.tokens import RESET_TTL
 from zwrm.hostid import current_host_id
 from zwrm.wamp.local import LocalCallee
-from zwrm.wamp.procedures import QuietAnswers, call_guarded, procedures_of, shielded
+from zwrm.wamp.procedures import (
+    QuietAnswers,
+    call_guarded,
+    procedures_of,
+    shield_unless_cancellable,
+)
 
 DETAILS = RegisterOptions(details_arg="details")
 
@@ -266,15 +271,15 @@ class ControlSession(QuietAnswers, LocalCallee, ApplicationSession):
             L{zwrm.control.audit.AuditAPI} among C{apis}, if any (so a session on an
             external router audits too).
         @param under_way: the set that holds the work of its procedures under way
-            (L{shielded}); by default its own.  The control plane gives every session it
-            makes the same one (behind an external router, one per connection): its stop
-            ends the work each of them started.
+            (L{zwrm.wamp.procedures.shielded}); by default its own.  The control plane
+            gives every session it makes the same one (behind an external router, one per
+            connection): its stop ends the work each of them started.
         """
         from zwrm.control.audit import AuditAPI
 
         ApplicationSession.__init__(self, ComponentConfig(realm=realm))
         self.apis = list(apis)
-        #: the work of the procedures under way (L{shielded}): the control plane's stop ends it
+        #: the work of its procedures under way (shielded): the control plane's stop ends it
         self.under_way = set() if under_way is None else under_way
         if audit is None:
             audit = next((a.audit for a in self.apis if isinstance(a, AuditAPI)), None)
@@ -287,10 +292,8 @@ class ControlSession(QuietAnswers, LocalCallee, ApplicationSession):
                 fn = guarded(uri, endpoint, options, self.log)
                 if self.audit is not None:  # around the schema check: refusals are stored too
                     fn, options = self.audit.wrap(uri, fn, options)
-                if not getattr(endpoint, "cancellable", False):
-                    # a caller that cancels or leaves does not stop a change half-way (and
-                    # the audit entry records how it really ended)
-                    fn = shielded(uri, fn, self.log, self.under_way)
+                # (around the audit: its entry records how the work really ended)
+                fn = shield_unless_cancellable(uri, endpoint, fn, self.log, self.under_way)
                 reg = await self.register(fn, uri, options=options)
                 if not hasattr(reg, "id"):
                     raise RuntimeError(f"could not register {uri} of {api!r}: {reg}")

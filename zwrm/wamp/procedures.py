@@ -69,6 +69,16 @@ def shielded(uri, procedure, log, under_way=None):
     return call
 
 
+def shield_unless_cancellable(uri, endpoint, fn, log, under_way=None):
+    """
+    C{fn} (the registered wrapper of C{endpoint}) L{shielded}, unless C{endpoint} is
+    L{cancellable}: a caller that cancels or leaves does not stop a change half-way.
+    """
+    if getattr(endpoint, "cancellable", False):
+        return fn
+    return shielded(uri, fn, log, under_way)
+
+
 def procedures_of(api):
     """
     C{(uri, bound method, RegisterOptions or None)} for each C{@wamp.register} method of
@@ -144,10 +154,9 @@ async def register_agent_procedures(session, obj, host_id, log):
     """
     registrations = []
     for uri, endpoint, options in procedures_of(obj):
-        fn = guarded_agent_procedure(uri, endpoint, host_id, log)
-        if not getattr(endpoint, "cancellable", False):
-            # a control plane that restarts mid-call does not cut a start or a stop half-way
-            fn = shielded(uri, fn, log)
+        # a control plane that restarts mid-call does not cut a start or a stop half-way
+        fn = shield_unless_cancellable(
+            uri, endpoint, guarded_agent_procedure(uri, endpoint, host_id, log), log)
         registrations.append(await session.register(
             fn, f"zwrm.agent.{host_id}.{uri}", options=options))
     return registrations
