@@ -186,7 +186,6 @@ def _encode(table, row):
     return row
 
 
-
 class Store:
     """
     The control plane's SQLite database, used from the reactor thread.
@@ -310,7 +309,6 @@ class Store:
 
     def upsert(self, table, row):
         """Insert or update C{row} of C{table} by its C{id}."""
-
         return self.run(self.upserting(table, row))
 
     def update(self, table, pk, fields):
@@ -320,7 +318,6 @@ class Store:
         @raise zwrm.errors.NotFound: (as a failed Deferred) if there is no such row (it
             may have been deleted since it was read).
         """
-
         return self.run(self.updating(table, pk, fields))
 
     # -- changes for L{change_with_events}: functions of the database, run in the
@@ -381,11 +378,12 @@ class Store:
         @return: a Deferred firing with C{(change's result, [event, ...])}, the events as
             L{add_event}'s.
         """
+        ts = self._now()  # read here, on the reactor's thread (a test's Clock)
+
         def run(db):
             with db.conn:
                 db.conn.execute("BEGIN")
                 result = change(db)
-                ts = self._now()
                 stored = []
                 for topic, kind, subject, payload in (
                         events(result) if callable(events) else events):
