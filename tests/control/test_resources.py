@@ -376,6 +376,52 @@ class HostResourceTests(TestCase):
                          [("ready", 4), ("ready", 8), ("offline", 8)])
 
 
+class HostChangeNotStoredTests(TestCase):
+    """
+    A host's change that cannot be stored (the control plane's disk is full; here SQLite
+    refuses its event) changes nothing, in memory either: its state, row and executor flag
+    stay as they were, and the same change is made once it can be stored.
+    """
+
+    @d
+    async def test_a_state_or_a_registration_not_stored_changes_nothing(self):
+        clock, store, data, published = await make_data(self)
+        record = {"id": "h1", "name": "w1", "region": "eu", "datacenter": "dc1",
+                  "address": "", "labels": {}, "vcpus": 4, "memory_mb": 1024, "disk_mb": 10,
+                  "alloc_vcpus": 0, "alloc_memory_mb": 0, "alloc_disk_mb": 0,
+                  "state": "ready", "state_before_offline": None, "last_heartbeat": 0.0,
+                  "agent_version": "1", "credential_hash": "x", "joined_at": 0.0}
+        await data.hosts.add(record)
+        entry = data.hosts.entry("h1")
+
+        async def refused(call):
+            await store.run(lambda db: db.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON events"
+                " BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+            try:
+                with self.assertRaises(sqlite3.IntegrityError):
+                    await call()
+            finally:
+                await store.run(lambda db: db.execute("DROP TRIGGER refuse"))
+
+        def seen():
+            return (entry.machine.state, entry.record["state"], entry.record["vcpus"],
+                    entry.executor, len(published))
+
+        await refused(lambda: data.hosts.registered("h1", {"vcpus": 8}))
+        self.assertEqual(seen(), ("ready", "ready", 4, False, 1))
+        await data.hosts.registered("h1", {"vcpus": 8})
+        self.assertEqual(seen(), ("ready", "ready", 8, True, 2))
+        await refused(lambda: data.hosts.apply_input("h1", "drain_requested"))
+        self.assertEqual(seen(), ("ready", "ready", 8, True, 2))
+        await refused(lambda: data.hosts.apply_input("h1", "heartbeat_lost", executor=False))
+        self.assertEqual(seen(), ("ready", "ready", 8, True, 2))
+        self.assertEqual((await store.get("hosts", "h1"))["state"], "ready")
+        await data.hosts.apply_input("h1", "drain_requested")
+        self.assertEqual(seen(), ("draining", "draining", 8, True, 3))
+        self.assertEqual((await store.get("hosts", "h1"))["state"], "draining")
+
+
 class AppSpecVersionTests(TestCase):
     @d
     async def test_every_spec_is_kept_as_a_version(self):

@@ -99,6 +99,14 @@ class Host:
         """The public state: one of L{STATES}."""
         return _split(self._save())[0]
 
+    def saved(self):
+        """Its state as it would be stored (serialized), for L{put_back}."""
+        return self._save()
+
+    def put_back(self, saved):
+        """Return to a state L{saved} gave: a change that could not be stored is undone."""
+        self._restore(saved)
+
     @property
     def state_before_offline(self):
         """When offline, the state the host returns to; else L{None}."""

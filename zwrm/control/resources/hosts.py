@@ -25,6 +25,8 @@ allocation, which is the scheduler's figure written back for C{zwrm host list}
 import hashlib
 import re
 
+from twisted.internet.defer import DeferredLock
+
 from zwrm import errors
 from zwrm.control.host import INPUTS, Host
 from zwrm.control.resources import Resource, update_method
@@ -103,6 +105,30 @@ class HostEntry:
         #: begins: a network view sent after it is for the new session, even before the
         #: registration is stored and announced
         self.sessions = 0
+        #: held by a change of its state while it is stored (L{Hosts.apply_input},
+        #: L{Hosts.registered}): the next is worked out from what the last one left
+        self.changing = DeferredLock()
+
+    def undo(self, saved, fields):
+        """
+        A function that undoes a change that could not be stored: it puts back the state
+        C{saved} (L{Host.saved}, from before the change), and the row's C{fields} and the
+        executor flags as they are now (before the change makes them).
+        """
+        missing = object()
+        before = {k: self.record.get(k, missing) for k in fields}
+        executor, reregistering = self.executor, self.reregistering
+
+        def undo():
+            self.machine.put_back(saved)
+            for k, v in before.items():
+                if v is missing:
+                    self.record.pop(k, None)
+                else:
+                    self.record[k] = v
+            self.executor, self.reregistering = executor, reregistering
+
+        return undo
 
     @property
     def schedulable_state(self):
@@ -276,11 +302,18 @@ class Hosts(Resource):
     def _payload(self, entry, old, reason):
         return dict(wire(entry), host_id=entry.record["id"], old=old, reason=reason)
 
-    async def _store_and_produce(self, kind, entry, fields, old, reason):
-        """Store C{fields} of C{entry}'s row and its event, in one transaction; deliver it."""
+    async def _store_and_produce(self, kind, entry, fields, old, reason, change=None):
+        """
+        Store C{fields} of C{entry}'s row and its event, in one transaction; log the state's
+        C{change}, if any; deliver the event.
+        """
         host_id = entry.record["id"]
-        await self.store_with_event(self._store.updating("hosts", host_id, fields), kind,
-                                    host_id, self._payload(entry, old, reason))
+        event = await self._store.change_with_event(
+            self._store.updating("hosts", host_id, fields), self.topic, kind, host_id,
+            self._payload(entry, old, reason))
+        if change is not None:
+            self._log_change(host_id, change)
+        self.deliver(event)
 
     @update_method
     async def add(self, record):
@@ -305,26 +338,35 @@ class Hosts(Resource):
         """
         The agent of C{host_id} registered: store its C{facts} (row fields) and its
         heartbeat time, feed C{agent_registered} to its machine, mark its executor
-        callable; one event (C{state} if the state changed, else C{registered}).
+        callable; one event (C{state} if the state changed, else C{registered}).  If they
+        cannot be stored, nothing changes (its executor stays as it was).
         """
         entry = self.entry(host_id)
-        now = self._clock.seconds()
-        entry.last_heartbeat = now
-        self._dirty.pop(host_id, None)
-        fields = dict(facts, last_heartbeat=now)
-        change = entry.machine.handle("agent_registered")
-        if change is not None:
-            fields.update(state=change.new, state_before_offline=change.state_before_offline)
-        entry.record.update(fields)
-        entry.executor = True
-        entry.reregistering = False
-        if change is not None:
-            self._log_change(host_id, change)
-            await self._store_and_produce("state", entry, fields, change.old, change.reason)
-        else:
-            await self._store_and_produce("registered", entry, fields, entry.machine.state,
-                                          "agent_registered")
-        return change
+        async with entry.changing:
+            now = self._clock.seconds()
+            entry.last_heartbeat = now
+            fields = dict(facts, last_heartbeat=now)
+            saved = entry.machine.saved()
+            change = entry.machine.handle("agent_registered")
+            if change is not None:
+                fields.update(state=change.new,
+                              state_before_offline=change.state_before_offline)
+            undo = entry.undo(saved, fields)
+            entry.record.update(fields)
+            entry.executor = True
+            entry.reregistering = False
+            try:
+                if change is not None:
+                    await self._store_and_produce("state", entry, fields, change.old,
+                                                  change.reason, change)
+                else:
+                    await self._store_and_produce("registered", entry, fields,
+                                                  entry.machine.state, "agent_registered")
+            except BaseException:
+                undo()
+                raise
+            self._dirty.pop(host_id, None)
+            return change
 
     @update_method
     async def apply_input(self, host_id, input_name, executor=None):
@@ -336,24 +378,33 @@ class Hosts(Resource):
         @return: the L{zwrm.control.host.Change}, or L{None}.
         @raise zwrm.errors.NotFound: no such host.
         @raise zwrm.errors.Conflict: the input contradicts the state (nothing changes).
+        @raise zwrm.errors.ResourceExhausted: the change could not be stored (the control
+            plane's disk is full): nothing changes, in memory either.
         """
         if input_name not in INPUTS:
             raise errors.InvalidArgument(f"unknown host input {input_name!r}")
         entry = self.entry(host_id)
-        change = entry.machine.handle(input_name)
-        flag_changed = executor is not None and entry.executor != executor
-        if change is None:
-            if flag_changed:
+        async with entry.changing:
+            saved = entry.machine.saved()
+            change = entry.machine.handle(input_name)
+            flag_changed = executor is not None and entry.executor != executor
+            if change is None:
+                if flag_changed:
+                    entry.executor = executor
+                    await self._produce("executor", entry, entry.machine.state, input_name)
+                return None
+            fields = {"state": change.new, "state_before_offline": change.state_before_offline}
+            undo = entry.undo(saved, fields)
+            entry.record.update(fields)
+            if executor is not None:
                 entry.executor = executor
-                await self._produce("executor", entry, entry.machine.state, input_name)
-            return None
-        fields = {"state": change.new, "state_before_offline": change.state_before_offline}
-        entry.record.update(fields)
-        if executor is not None:
-            entry.executor = executor
-        self._log_change(host_id, change)
-        await self._store_and_produce("state", entry, fields, change.old, change.reason)
-        return change
+            try:
+                await self._store_and_produce("state", entry, fields, change.old,
+                                              change.reason, change)
+            except BaseException:
+                undo()
+                raise
+            return change
 
     @update_method
     async def set_executor(self, host_id, executor, reason):
