@@ -8,6 +8,7 @@ import hashlib
 import inspect
 import json
 import os
+import sqlite3
 import types
 from itertools import product
 
@@ -420,6 +421,32 @@ class DrainRunTests(TestCase):
         self.assertEqual(by_machine[m["id"]]["target"], other)
         self.assertEqual(c.registry.entry(src).machine.state, "ready")
         self.assertEqual(await c.store.select("drains"), [])
+
+    @d
+    async def test_a_drain_that_cannot_be_stored_changes_nothing(self):
+        """
+        Its rows cannot be stored (the control plane's disk is full; here SQLite refuses
+        them): the drain fails, and its host is ready again, its targets' reservations
+        given back, nothing of it stored; the same drain then runs.
+        """
+        c = await DrainCluster(self).start()
+        m = await self.deploy(c, volumes=False)
+        src = m["host_id"]
+        other = "h-b" if src == "h-a" else "h-a"
+        used = c.apps.placements.scheduler.host(other).used_vcpus
+        await c.store.run(lambda db: db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON drains"
+            " BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+        with self.assertRaises(sqlite3.IntegrityError):
+            await c.drains.drain(src)
+        await c.store.run(lambda db: db.execute("DROP TRIGGER refuse"))
+        self.assertEqual(c.registry.entry(src).machine.state, "ready")
+        self.assertEqual((await c.store.get("hosts", src))["state"], "ready")
+        self.assertEqual(c.apps.placements.scheduler.host(other).used_vcpus, used)
+        self.assertEqual(await c.store.select("drains"), [])
+        self.assertNotIn(src, c.drains.active)
+        await self.drain(c, src)
+        self.assertEqual(c.registry.entry(src).machine.state, "drained")
 
     @d
     async def test_drain_moves_a_volume_byte_identical(self):

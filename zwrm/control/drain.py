@@ -372,8 +372,23 @@ class Drains(LiveSteps):
             run.placement = placement
             runs[p["machine_id"]] = run
         drain = _DrainRun(row, runs)
-        # The drain and its migrations in one transaction, then one event (started).
-        await self._drains.add(row, [r.row for r in runs.values()], plan=[p for p, _ in plan])
+        # The drain and its migrations in one transaction, with one event (started).
+        try:
+            await self._drains.add(row, [r.row for r in runs.values()],
+                                   plan=[p for p, _ in plan])
+        except BaseException:
+            # Not stored (the control plane's disk is full): nothing of it stays, neither
+            # the targets' reservations nor the host's draining state it was given above.
+            for _, placement in plan:
+                if placement is not None:
+                    self._placements.unplace(placement)
+            if state == "ready":
+                try:
+                    await self._hosts.transition(host_id, "undrain_requested")
+                except errors.ZwrmError as e:
+                    self.log.warn("host {host_id} stays draining, its drain not stored: {e}",
+                                  host_id=host_id, e=e.message)
+            raise
         self.active[host_id] = drain
         self._arm_deadline(drain)
         for p, _ in plan:
