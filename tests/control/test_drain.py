@@ -16,6 +16,7 @@ from autobahn.wamp.exception import ApplicationError
 from twisted.internet import reactor
 from twisted.internet.defer import maybeDeferred, succeed
 from twisted.internet.task import deferLater
+from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.control.test_apps import Cluster, d, procedures
@@ -447,6 +448,31 @@ class DrainRunTests(TestCase):
         self.assertNotIn(src, c.drains.active)
         await self.drain(c, src)
         self.assertEqual(c.registry.entry(src).machine.state, "drained")
+
+    @d
+    async def test_a_drain_not_stored_whose_host_cannot_be_made_ready_says_so(self):
+        """The host's undrain cannot be stored either: one line says it stays draining."""
+        c = await DrainCluster(self).start()
+        m = await self.deploy(c, volumes=False)
+        src = m["host_id"]
+        transition = c.drains._hosts.transition
+
+        async def full(host_id, input_name):
+            if input_name == "undrain_requested":
+                raise errors.ResourceExhausted("the control plane's disk is full")
+            return await transition(host_id, input_name)
+
+        c.drains._hosts.transition = full
+        lines = []
+        c.drains.log = Logger(observer=lambda e: lines.append(
+            (e["log_level"].name, formatEvent(e), e.get("log_failure"))))
+        await c.store.run(lambda db: db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON drains"
+            " BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+        with self.assertRaises(sqlite3.IntegrityError):
+            await c.drains.drain(src)
+        self.assertEqual(lines, [("error", f"host {src} stays draining, its drain not stored:"
+                                           " the control plane's disk is full", None)])
 
     @d
     async def test_drain_moves_a_volume_byte_identical(self):

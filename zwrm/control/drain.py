@@ -29,6 +29,7 @@ from autobahn.wamp.types import CallOptions
 from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from zwrm import errors
 from zwrm.control.live_drain import Divert, LiveSteps
@@ -385,9 +386,9 @@ class Drains(LiveSteps):
             if state == "ready":
                 try:
                     await self._hosts.transition(host_id, "undrain_requested")
-                except errors.ZwrmError as e:
-                    self.log.warn("host {host_id} stays draining, its drain not stored: {e}",
-                                  host_id=host_id, e=e.message)
+                except Exception:
+                    errors.log_failure(self.log, Failure(), "host {host_id} stays draining,"
+                                       " its drain not stored", host_id=host_id)
             raise
         self.active[host_id] = drain
         self._arm_deadline(drain)
