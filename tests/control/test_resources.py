@@ -421,6 +421,18 @@ class HostChangeNotStoredTests(TestCase):
         self.assertEqual(seen(), ("draining", "draining", 8, True, 3))
         self.assertEqual((await store.get("hosts", "h1"))["state"], "draining")
 
+        # a new credential (a host joining again) is the host's once stored
+        await store.run(lambda db: db.execute(
+            "CREATE TRIGGER refuse BEFORE UPDATE ON hosts"
+            " BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+        with self.assertRaises(sqlite3.IntegrityError):
+            await data.hosts.set_credential("h1", "y")
+        await store.run(lambda db: db.execute("DROP TRIGGER refuse"))
+        self.assertEqual(entry.record["credential_hash"], "x")
+        await data.hosts.set_credential("h1", "y")
+        self.assertEqual(entry.record["credential_hash"], "y")
+        self.assertEqual((await store.get("hosts", "h1"))["credential_hash"], "y")
+
 
 class AppSpecVersionTests(TestCase):
     @d

@@ -328,10 +328,13 @@ class Hosts(Resource):
 
     @update_method
     async def set_credential(self, host_id, credential_hash):
-        """Store a host's new credential hash (not announced: a secret's hash)."""
+        """
+        Store a host's new credential hash (not announced: a secret's hash); it is the
+        host's once stored (one that cannot be stored leaves the old one in force).
+        """
         entry = self.entry(host_id)
-        entry.record["credential_hash"] = credential_hash
         await self._store.update("hosts", host_id, {"credential_hash": credential_hash})
+        entry.record["credential_hash"] = credential_hash
 
     @update_method
     async def registered(self, host_id, facts):
