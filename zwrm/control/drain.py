@@ -377,7 +377,11 @@ class Drains(LiveSteps):
         try:
             await self._drains.add(row, [r.row for r in runs.values()],
                                    plan=[p for p, _ in plan])
-        except BaseException:
+        except CancelledError:
+            # The control plane stops: whether it was stored is not known here; its next
+            # start resumes a stored drain, and a host left draining takes a drain again.
+            raise
+        except Exception:
             # Not stored (the control plane's disk is full): nothing of it stays, neither
             # the targets' reservations nor the host's draining state it was given above.
             for _, placement in plan:
