@@ -25,7 +25,7 @@ allocation, which is the scheduler's figure written back for C{zwrm host list}
 import hashlib
 import re
 
-from twisted.internet.defer import DeferredLock
+from twisted.internet.defer import CancelledError, DeferredLock
 
 from zwrm import errors
 from zwrm.control.host import INPUTS, Host
@@ -365,6 +365,8 @@ class Hosts(Resource):
                 else:
                     await self._store_and_produce("registered", entry, fields,
                                                   entry.machine.state, "agent_registered")
+            except CancelledError:
+                raise  # the write still runs in the store's thread: kept, as it will be
             except BaseException:
                 undo()
                 raise
@@ -404,6 +406,8 @@ class Hosts(Resource):
             try:
                 await self._store_and_produce("state", entry, fields, change.old,
                                               change.reason, change)
+            except CancelledError:
+                raise  # the write still runs in the store's thread: kept, as it will be
             except BaseException:
                 undo()
                 raise
