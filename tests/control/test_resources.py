@@ -47,6 +47,15 @@ def machine_row(mid="m1", state="pending", health=None, spec=None):
             "health": health or {"status": "none"}, "created_at": 0.0, "updated_at": 0.0}
 
 
+def host_record(host_id="h1"):
+    """A new host's row, as the registry makes one when it joins."""
+    return {"id": host_id, "name": "w1", "region": "eu", "datacenter": "dc1",
+            "address": "", "labels": {}, "vcpus": 4, "memory_mb": 1024, "disk_mb": 10,
+            "alloc_vcpus": 0, "alloc_memory_mb": 0, "alloc_disk_mb": 0,
+            "state": "ready", "state_before_offline": None, "last_heartbeat": 0.0,
+            "agent_version": "1", "credential_hash": "x", "joined_at": 0.0}
+
+
 class StoredThenPublished:
     """A subscriber that reads the subject's row from the store when an event arrives."""
 
@@ -222,11 +231,7 @@ class ChangeWithItsEventTests(TestCase):
     async def test_hosts_apps_volumes_drains_and_certificates(self):
         clock, store, data, published = await make_data(self)
         once = self.refused_then_stored
-        record = {"id": "h1", "name": "w1", "region": "eu", "datacenter": "dc1",
-                  "address": "", "labels": {}, "vcpus": 4, "memory_mb": 1024, "disk_mb": 10,
-                  "alloc_vcpus": 0, "alloc_memory_mb": 0, "alloc_disk_mb": 0,
-                  "state": "ready", "state_before_offline": None, "last_heartbeat": 0.0,
-                  "agent_version": "1", "credential_hash": "x", "joined_at": 0.0}
+        record = host_record()
         await once(store, published, lambda: data.hosts.add(record))
         self.assertIn("h1", data.hosts)
         await once(store, published, lambda: data.hosts.registered("h1", {"vcpus": 8}))
@@ -350,11 +355,7 @@ class HostResourceTests(TestCase):
     @d
     async def test_host_events_carry_the_wire_form(self):
         clock, store, data, published = await make_data(self)
-        record = {"id": "h1", "name": "w1", "region": "eu", "datacenter": "dc1",
-                  "address": "", "labels": {}, "vcpus": 4, "memory_mb": 1024, "disk_mb": 10,
-                  "alloc_vcpus": 0, "alloc_memory_mb": 0, "alloc_disk_mb": 0,
-                  "state": "ready", "state_before_offline": None, "last_heartbeat": 0.0,
-                  "agent_version": "1", "credential_hash": "x", "joined_at": 0.0}
+        record = host_record()
         seen = StoredThenPublished(store, "hosts")
         data.hosts.subscribe(seen)
         await data.hosts.add(record)
@@ -386,11 +387,7 @@ class HostChangeNotStoredTests(TestCase):
     @d
     async def test_a_state_or_a_registration_not_stored_changes_nothing(self):
         clock, store, data, published = await make_data(self)
-        record = {"id": "h1", "name": "w1", "region": "eu", "datacenter": "dc1",
-                  "address": "", "labels": {}, "vcpus": 4, "memory_mb": 1024, "disk_mb": 10,
-                  "alloc_vcpus": 0, "alloc_memory_mb": 0, "alloc_disk_mb": 0,
-                  "state": "ready", "state_before_offline": None, "last_heartbeat": 0.0,
-                  "agent_version": "1", "credential_hash": "x", "joined_at": 0.0}
+        record = host_record()
         await data.hosts.add(record)
         entry = data.hosts.entry("h1")
 

@@ -18,6 +18,7 @@ from twisted.internet.defer import DeferredLock
 from twisted.logger import Logger
 
 from zwrm import errors
+from zwrm.control.resources import subscription
 from zwrm.control.resources.machines import LIVE, placement_request
 from zwrm.scheduler import PlacementRequest
 
@@ -216,13 +217,7 @@ class Placements:
 
         @return: a function of no arguments that ends these calls.
         """
-        self._on_release.append(callback)
-
-        def unsubscribe():
-            if callback in self._on_release:
-                self._on_release.remove(callback)
-
-        return unsubscribe
+        return subscription(self._on_release, callback)
 
     def _released(self, host_id):
         self._alloc_changed(host_id)

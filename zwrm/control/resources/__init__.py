@@ -25,6 +25,21 @@ these update methods and learn about changes only from these events.
 from twisted.logger import Logger
 
 
+def subscription(callbacks, callback):
+    """
+    Add C{callback} to the list C{callbacks}.
+
+    @return: a function of no arguments that takes it out again.
+    """
+    callbacks.append(callback)
+
+    def unsubscribe():
+        if callback in callbacks:
+            callbacks.remove(callback)
+
+    return unsubscribe
+
+
 def update_method(fn):
     """
     Mark C{fn} as an update method of its resource: it stores a change, then produces one
@@ -61,13 +76,7 @@ class Resource:
 
         @return: a function of no arguments that ends the subscription.
         """
-        self._subscribers.append(callback)
-
-        def unsubscribe():
-            if callback in self._subscribers:
-                self._subscribers.remove(callback)
-
-        return unsubscribe
+        return subscription(self._subscribers, callback)
 
     def deliver(self, event):
         """Give a stored event to the local subscribers, then publish it."""
