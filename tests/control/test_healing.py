@@ -175,7 +175,7 @@ class RestartTests(TestCase):
         """
         The guest powers off (restart C{always}) while its agent's session is gone: the exit
         is stored, its decision waits; once the agent registers again it is decided (a
-        machine stopped on purpose meanwhile stays stopped).
+        machine the control plane stopped before stays stopped).
         """
         c = await Cluster(self).start(hosts=("h-a",))
         h = await healer_for(c)
