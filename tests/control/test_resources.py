@@ -1,7 +1,8 @@
 """
-The resource layer (L{zwrm.control.resources}): every update method stores its change, then
-produces one event whose payload is the resource's wire form; local subscribers see each
-event after it is stored; L{Machines.wait_healthy} follows events, with time from a Clock.
+The resource layer (L{zwrm.control.resources}): every update method stores its change and
+one event whose payload is the resource's wire form, in one transaction; local subscribers
+see each event after it is stored; L{Machines.wait_healthy} follows events, with time from a
+Clock.
 
 Real SQLite store (in memory).
 """
