@@ -430,6 +430,7 @@ class HostChangeNotStoredTests(TestCase):
         await data.hosts.set_credential("h1", "y")
         self.assertEqual(entry.record["credential_hash"], "y")
         self.assertEqual((await store.get("hosts", "h1"))["credential_hash"], "y")
+        self.assertEqual(data.hosts._changing, {})  # no lock kept once changes are done
 
 
 class AppSpecVersionTests(TestCase):

@@ -24,6 +24,7 @@ allocation, which is the scheduler's figure written back for C{zwrm host list}
 
 import hashlib
 import re
+from contextlib import asynccontextmanager
 
 from twisted.internet.defer import CancelledError, DeferredLock
 
@@ -105,9 +106,6 @@ class HostEntry:
         #: begins: a network view sent after it is for the new session, even before the
         #: registration is stored and announced
         self.sessions = 0
-        #: held by a change of its state while it is stored (L{Hosts.apply_input},
-        #: L{Hosts.registered}): the next is worked out from what the last one left
-        self.changing = DeferredLock()
 
     def undo(self, saved, fields):
         """
@@ -243,6 +241,25 @@ class Hosts(Resource):
         Resource.__init__(self, clock, store, publish)
         self._entries = {}
         self._dirty = {}
+        self._changing = {}  # host id -> DeferredLock, while a change of it is under way
+
+    @asynccontextmanager
+    async def _one_change(self, host_id):
+        """
+        One change of C{host_id}'s state at a time (L{apply_input}, L{registered}), each
+        worked out from what the last one left; a lock only while changes are under way
+        (none is kept per host).
+        """
+        lock = self._changing.get(host_id)
+        if lock is None:
+            lock = self._changing[host_id] = DeferredLock()
+        await lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+            if not lock.locked:  # no change waited for it
+                self._changing.pop(host_id, None)
 
     # -- loading ----------------------------------------------------------------------
 
@@ -345,7 +362,7 @@ class Hosts(Resource):
         cannot be stored, nothing changes (its executor stays as it was).
         """
         entry = self.entry(host_id)
-        async with entry.changing:
+        async with self._one_change(host_id):
             now = self._clock.seconds()
             entry.last_heartbeat = now
             fields = dict(facts, last_heartbeat=now)
@@ -389,7 +406,7 @@ class Hosts(Resource):
         if input_name not in INPUTS:
             raise errors.InvalidArgument(f"unknown host input {input_name!r}")
         entry = self.entry(host_id)
-        async with entry.changing:
+        async with self._one_change(host_id):
             saved = entry.machine.saved()
             change = entry.machine.handle(input_name)
             flag_changed = executor is not None and entry.executor != executor
