@@ -3,6 +3,9 @@ Removing a host (L{zwrm.control.host_removal}): over the apps layer, a real stor
 agents' real executors (fake hypervisors), as tests/control/test_apps.py builds them.
 """
 
+import os
+import sqlite3
+
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
@@ -13,6 +16,7 @@ from zwrm import errors
 from zwrm.control.drain import Drains
 from zwrm.control.host_removal import HostRemoval
 from zwrm.control.resources.hosts import TOPIC as HOST_TOPIC
+from zwrm.control.tokens import ControlPKI
 
 VOLUME = [{"name": "data", "mount": "/data"}]
 
@@ -170,3 +174,57 @@ class HostRemovalTests(TestCase):
         await c.removal.remove("h-a")
         self.assertNotIn("h-a", [s["host_id"] for s in await c.store.select("net_subnets")])
         self.assertEqual([a["host_id"] for a in await c.store.select("net_addresses")], ["h-b"])
+
+    @d
+    async def test_a_removal_that_cannot_be_stored_changes_nothing(self):
+        """
+        What goes with a host (the volumes given up, its permission to join again, its
+        subnet and addresses) is stored with its row's deletion, in one transaction: a
+        removal that cannot be stored (the control plane's disk full; here SQLite refuses
+        the host row's deletion, the last of them) leaves every one of them, in the store and in memory, and the same
+        removal goes through once it can be stored.
+        """
+        c = await self.cluster()
+        data_dir = self.mktemp()
+        os.makedirs(data_dir)
+        c.removal._pki = pki = ControlPKI(c.clock, c.store, data_dir)
+        await pki.start()
+        await c.apps.network.configure("10.240.0.0/16")
+        await c.apps.network.load()  # the memory the control plane's views read
+        m = await self.app_on(c, "db", "h-a", volumes=VOLUME)
+        (vol,) = await c.apps.list_volumes("db")
+        await c.registry.mark_offline("h-a")
+        await pki.allow_rejoin("h-a")
+        net = c.apps.network
+
+        async def seen():
+            return (await self.hosts_table(c), "h-a" in c.registry,
+                    [v["id"] for v in await c.store.select("volumes")],
+                    [r["host_id"] for r in await c.store.select("host_resets")],
+                    sorted(s["host_id"] for s in await c.store.select("net_subnets")),
+                    sorted(a["host_id"] for a in await c.store.select("net_addresses")),
+                    sorted(net.subnets), m["id"] in net.addresses)
+
+        before, published = await seen(), len(c.published)
+        self.assertEqual(before, (["h-a", "h-b"], True, [vol["id"]], ["h-a"], ["h-a"], ["h-a"],
+                                  ["h-a"], True))
+        await c.store.run(lambda db: db.execute(
+            "CREATE TRIGGER refuse BEFORE DELETE ON hosts"
+            " BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+        with self.assertRaises(sqlite3.IntegrityError):
+            await c.removal.remove("h-a", forget_volumes=True)
+        self.assertEqual(await seen(), before)
+        self.assertEqual(len(c.published), published)
+        self.assertEqual(c.dropped, [])
+
+        await c.store.run(lambda db: db.execute("DROP TRIGGER refuse"))
+        result = await c.removal.remove("h-a", forget_volumes=True)
+        self.assertEqual(result["volumes_forgotten"], [vol["id"]])
+        hosts, known, volumes, resets, subnets, _, in_memory, address = await seen()
+        self.assertEqual((hosts, known, resets, in_memory, address),
+                         (["h-b"], False, [], ["h-b"], False))
+        self.assertNotIn(vol["id"], volumes)
+        self.assertNotIn("h-a", subnets)
+        kinds = [(e["kind"], e["subject"]) for _, e in c.published[published:]
+                 if e.get("kind") in ("volume_destroyed", "removed")]
+        self.assertEqual(kinds, [("volume_destroyed", vol["id"]), ("removed", "h-a")])

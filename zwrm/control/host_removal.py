@@ -4,15 +4,16 @@ Removing a host from the cluster: C{zwrm.host.remove(host_id, forget_volumes=Fal
 A host is removed once it is gone: retired (drained, then its agent stopped) or lost for
 good.  So only an C{offline} host can be removed; a host that still heartbeats would only
 join again (as Kubernetes' kubelet re-creates a deleted node and Nomad's client a purged
-one).  What goes with it, each change stored, then announced:
+one).  What goes with it, stored in one transaction (a removal that cannot be stored, the
+control plane's disk full, changes nothing), then announced:
 
  - the volumes that live only on it, when the operator gives their data up
    (C{forget_volumes}); without it, a host holding volumes is refused, and nothing changes;
  - its row and credential (C{zwrm.event.host} C{removed}): its agent is refused from then
    on, and the scheduler, the cluster network's hosts list (the other hosts' overlay
    peers) and the partition guard's count of its datacenter drop it; a reset's permission
-   to join again is used up;
- - its subnet and its machines' addresses (L{zwrm.control.network.ClusterNetwork.forget_host}).
+   to join again goes too;
+ - its subnet and its machines' addresses (L{zwrm.control.network.ClusterNetwork.forgetting}).
 
 Then the replicas whose machines failed with it are placed again elsewhere, as the healer
 does after a host loss, also those whose volumes were given up (with new, empty volumes);
@@ -28,6 +29,7 @@ from twisted.logger import Logger
 
 from zwrm import errors
 from zwrm.control.registry import MAY_RUN_STATES
+from zwrm.control.tokens import rejoin_forgetting
 
 
 def _listed(items, limit=5):
@@ -79,14 +81,23 @@ class HostRemoval:
 
     async def _remove(self, host_id, entry, forget_volumes):
         volumes = await self._check(host_id, entry, forget_volumes)
-        why = "removed by an operator"
-        for v in volumes:
-            await self._data.volumes.delete(
-                v, reason=f"host {host_id} was removed and the volume's data given up with it")
+        given_up = f"host {host_id} was removed and the volume's data given up with it"
+        network = self._apps.network
+        changes = [self._data.store.deleting("volumes", v["id"]) for v in volumes]
         if self._pki is not None:
-            await self._pki.take_rejoin(host_id)  # a reset's permission goes with the host
-        await self._data.hosts.remove(host_id, why)
-        await self._apps.network.forget_host(host_id)
+            changes.append(rejoin_forgetting(host_id))  # a reset's permission goes with it
+        changes.append(network.forgetting(host_id))
+
+        def along(db):
+            for change in changes:
+                change(db)
+
+        await self._data.hosts.remove(
+            host_id, "removed by an operator", along=along,
+            along_events=[(self._data.volumes, "volume_destroyed", v["id"],
+                           self._data.volumes.destroyed_payload(v, given_up))
+                          for v in volumes])
+        network.forgot(host_id)
         if self._drop_session is not None:
             self._drop_session(host_id, "host removed from the cluster")
         self.log.info("host {host_id} removed{v}", host_id=host_id,

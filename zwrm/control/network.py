@@ -331,9 +331,25 @@ class ClusterNetwork:
     async def forget_host(self, host_id):
         """
         Free host C{host_id}'s subnet and its machines' addresses (the host was removed
-        from the cluster).  While machines on other hosts hold addresses of that subnet
-        (they were moved live from it), the subnet stays reserved (given to no other host)
-        until the last of them is released.
+        from the cluster): L{forgetting}, then L{forgot}.
+        """
+        change = self.forgetting(host_id)
+
+        def forget(db):
+            change(db)
+            db.conn.commit()
+
+        await self._store.run(forget)
+        self.forgot(host_id)
+
+    def forgetting(self, host_id):
+        """
+        The change that frees host C{host_id}'s subnet and its machines' addresses in the
+        store (it commits nothing: a host's removal stores it with the host's row,
+        L{zwrm.control.host_removal}); L{forgot} follows it in memory once stored.  While
+        machines on other hosts hold addresses of that subnet (they were moved live from
+        it), the subnet stays reserved (given to no other host) until the last of them is
+        released.
         """
 
         def forget(db):
@@ -347,9 +363,11 @@ class ClusterNetwork:
                     db.execute("DELETE FROM net_subnets WHERE id = ?", [row[0]])
                     _forget_hint(self._subnet_hint)
             _free_reservations(db, self._subnet_hint)  # addresses of this host may have held one
-            db.conn.commit()
 
-        await self._store.run(forget)
+        return forget
+
+    def forgot(self, host_id):
+        """L{forgetting}'s change was stored: forget C{host_id}'s subnet and addresses here."""
         if self.subnets is not None:
             self.subnets.pop(host_id, None)
             for mid in [m for m, a in self.addresses.items() if a[1] == host_id]:

@@ -24,6 +24,16 @@ MAX_TOKEN_TTL = 365 * 24 * 3600.0
 RESETS_TABLE = "host_resets"
 """Hosts an operator reset (C{zwrm host reset}): each may join again once, until it expires."""
 
+
+def rejoin_forgetting(host_id):
+    """
+    The change that deletes C{host_id}'s permission to join again (L{ControlPKI.allow_rejoin}),
+    if it has one: it goes with the host's removal, stored in the same transaction
+    (L{zwrm.control.host_removal}).
+    """
+    return lambda db: db.execute(f"DELETE FROM {RESETS_TABLE} WHERE host_id = ?", [host_id])
+
+
 RESET_TTL = 3600.0
 """How long a host reset lets the host join again."""
 

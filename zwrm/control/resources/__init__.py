@@ -116,23 +116,27 @@ class Resource:
         return result
 
 
-async def store_with_events(store, change, events):
+async def store_with_events(store, change, events, stored=None):
     """
     Run C{change(db)} and append the events of one or more resources in one transaction
     (L{zwrm.control.store.Store.change_with_events}); then deliver each, by its resource.
 
     @param events: C{[(resource, kind, subject, payload)]}; a payload may be a function of
         C{change}'s result (as in L{Resource.store_with_event}).
+    @param stored: L{None}, or C{stored(result)}, called once all of it is stored and before
+        any event is delivered: memory follows the store, and subscribers see it followed.
     @return: C{(change's result, [event, ...])}.
     """
     def to_store(result):
         return [(resource.topic, kind, subject, payload(result) if callable(payload) else payload)
                 for resource, kind, subject, payload in events]
 
-    result, stored = await store.change_with_events(change, to_store)
-    for (resource, _, _, _), event in zip(events, stored, strict=True):
+    result, events_stored = await store.change_with_events(change, to_store)
+    if stored is not None:
+        stored(result)
+    for (resource, _, _, _), event in zip(events, events_stored, strict=True):
         resource.deliver(event)
-    return result, stored
+    return result, events_stored
 
 
 def update_methods(resource):

@@ -30,7 +30,7 @@ from twisted.internet.defer import CancelledError, DeferredLock
 
 from zwrm import errors
 from zwrm.control.host import INPUTS, Host
-from zwrm.control.resources import Resource, update_method
+from zwrm.control.resources import Resource, store_with_events, update_method
 from zwrm.hostid import is_strict_host_id, strict_host_id
 
 TOPIC = "zwrm.event.host"
@@ -444,25 +444,40 @@ class Hosts(Resource):
         return await self._produce("executor", entry, entry.machine.state, reason)
 
     @update_method
-    async def remove(self, host_id, reason):
+    async def remove(self, host_id, reason, along=None, along_events=()):
         """
         Delete C{host_id}'s row (with its credential: its agent is refused from now on, and
         the id may join again as a new host); event C{removed}.
 
+        @param along: L{None}, or C{along(db)}: what goes with the host (its volumes, its
+            subnet: L{zwrm.control.host_removal}), stored in the same transaction, so that
+            a removal that cannot be stored changes nothing.
+        @param along_events: the events of C{along}, as L{store_with_events} takes them,
+            delivered before C{removed}.
         @raise zwrm.errors.NotFound: no such host.
         """
         entry = self.entry(host_id)
-        old = entry.machine.state
-        payload = dict(wire(entry), host_id=host_id, state="removed", executor=False, old=old,
-                       reason=reason)
-        event = await self._store.change_with_event(
-            self._store.deleting("hosts", host_id), self.topic, "removed", host_id, payload)
-        self._entries.pop(host_id, None)
-        self._dirty.pop(host_id, None)
-        self.log.info("host {host_id}: {old} -> removed ({reason})", host_id=host_id, old=old,
-                      reason=reason)
-        self.deliver(event)
-        return event
+        async with self._one_change(host_id):
+            old = entry.machine.state
+            payload = dict(wire(entry), host_id=host_id, state="removed", executor=False,
+                           old=old, reason=reason)
+            deleting = self._store.deleting("hosts", host_id)
+
+            def change(db):
+                if along is not None:
+                    along(db)
+                deleting(db)
+
+            def stored(_):
+                self._entries.pop(host_id, None)
+                self._dirty.pop(host_id, None)
+                self.log.info("host {host_id}: {old} -> removed ({reason})", host_id=host_id,
+                              old=old, reason=reason)
+
+            _, events = await store_with_events(
+                self._store, change, [*along_events, (self, "removed", host_id, payload)],
+                stored=stored)
+            return events[-1]
 
     @update_method
     async def set_disk_full(self, host_id, full, free_mb, floor=DISK_FULL_MB):

@@ -111,8 +111,17 @@ class Volumes(Resource):
     @update_method
     async def delete(self, row, reason="destroyed"):
         """Delete the volume's row (its data is gone); event C{volume_destroyed}."""
-        await self._store_and_produce(self._store.deleting("volumes", row["id"]),
-                                      "volume_destroyed", dict(row, state="destroyed"), reason)
+        await self.store_with_event(self._store.deleting("volumes", row["id"]),
+                                    "volume_destroyed", row["id"],
+                                    self.destroyed_payload(row, reason))
+
+    def destroyed_payload(self, row, reason):
+        """
+        The payload of event C{volume_destroyed}: C{row}'s volume is gone (L{delete}; a
+        host's removal deletes the volumes it gives up with the host's row,
+        L{zwrm.control.host_removal}).
+        """
+        return self._payload(dict(row, state="destroyed"), reason)
 
     def moved_payload(self, row, source_host, reason="drain"):
         """
