@@ -53,6 +53,10 @@ class ConsoleTests(TestCase):
 
     async def _scenario(self):
         cp, _ = await start_vm_cluster(reactor, self, agents=1)
+        # A machine that is not there: one line and exit 1, the terminal never taken.
+        code, _, err = await run_cli(reactor, ["console", "m-0123456789ab"], cp.url,
+                                     cp.operator_token)
+        self.assertEqual((code, err), (1, "zwrm: no machine 'm-0123456789ab'\n"))
         await self.cli(cp, "apps", "create", "web")
         out = await self.cli(cp, "deploy", "web", "--image", "demo:1", "--memory", "128",
                              "--port", "8080", "--json")

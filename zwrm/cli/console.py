@@ -45,9 +45,14 @@ def _decode(text):
         return b""
 
 
-async def _stream(reactor, args, write, keyboard):
+async def _stream(reactor, args, write, keyboard, attaching=None):
     session = await connect(reactor, load_settings(args.api_url))
     try:
+        if attaching is not None:
+            # a machine that is not there is one line and exit 1, before the terminal is
+            # taken or "attached" said
+            await call(session, "zwrm.machine.status", args.machine_id)
+            attaching()
         attached = session.call("zwrm.machine.console", args.machine_id,
                                 options=CallOptions(on_progress=lambda t: write(_decode(t))))
         detached = []
@@ -81,15 +86,18 @@ async def _stream(reactor, args, write, keyboard):
 async def console(reactor, args, out=None):
     """C{zwrm console MACHINE}."""
     fd = sys.stdin.fileno() if sys.stdin else None
-    saved = None
-    if fd is not None and os.isatty(fd):
-        import termios
-        import tty
+    saved = []
 
-        saved = termios.tcgetattr(fd)
-        tty.setraw(fd)
-    sys.stderr.write(f"attached to the console of {args.machine_id}; Ctrl-] detaches\r\n")
-    sys.stderr.flush()
+    def attaching():
+        if fd is not None and os.isatty(fd):
+            import termios
+            import tty
+
+            saved.append(termios.tcgetattr(fd))
+            tty.setraw(fd)
+        sys.stderr.write(f"attached to the console of {args.machine_id}; Ctrl-] detaches\r\n")
+        sys.stderr.flush()
+
     io = []
 
     def keyboard(send, detach):
@@ -103,12 +111,12 @@ async def console(reactor, args, out=None):
             sys.stdout.flush()
 
     try:
-        how = await _stream(reactor, args, write, keyboard)
+        how = await _stream(reactor, args, write, keyboard, attaching)
     finally:
-        if saved is not None:
+        if saved:
             import termios
 
-            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved[0])
         for s in io:
             s.loseConnection()
     sys.stderr.write(f"\r\n{how}\r\n")
