@@ -38,6 +38,7 @@ def register(subparsers):
     ls.set_defaults(func=certs_list)
     rm = csub.add_parser("remove", help="remove the certificate of a domain")
     rm.add_argument("domain")
+    rm.add_argument("--json", action="store_true", help="print JSON")
     rm.set_defaults(func=certs_remove)
 
 
@@ -111,6 +112,8 @@ async def certs_list(reactor, args, out=None, session_call=None):
 async def certs_remove(reactor, args, out=None, session_call=None):
     out = out or sys.stdout
     session_call = session_call or _with_session
-    await session_call(reactor, args, "zwrm.cert.remove", args.domain)
+    result = await session_call(reactor, args, "zwrm.cert.remove", args.domain)
+    if getattr(args, "json", False):
+        return _json(result, out)
     out.write(f"removed the certificate of {args.domain}\n")
     return 0

@@ -61,9 +61,11 @@ def register_host_commands(hsub):
     st.set_defaults(func=host_drain_status)
     un = hsub.add_parser("undrain", help="cancel a drain; the host returns to ready")
     un.add_argument("host_id")
+    un.add_argument("--json", action="store_true", help="print JSON")
     un.set_defaults(func=host_undrain)
     ac = hsub.add_parser("activate", help="return a drained host to ready")
     ac.add_argument("host_id")
+    ac.add_argument("--json", action="store_true", help="print JSON")
     ac.set_defaults(func=host_activate)
 
 
@@ -273,7 +275,11 @@ async def _simple(reactor, args, procedure, out):
         r = await call(session, procedure, args.host_id)
     finally:
         await close(session)
-    out.write(f"{r['host_id']}: {r['state']}\n")
+    if getattr(args, "json", False):
+        json.dump(r, out, indent=2, sort_keys=True)
+        out.write("\n")
+    else:
+        out.write(f"{r['host_id']}: {r['state']}\n")
     return 0
 
 

@@ -8,6 +8,7 @@ is accepted within C{--ttl} (default 1h); the host's current credential stays va
 then.
 """
 
+import json
 import sys
 import time
 
@@ -20,6 +21,7 @@ def register_reset(hsub):
     reset = hsub.add_parser("reset", help="let a host that lost its credential join again")
     reset.add_argument("host_id")
     reset.add_argument("--ttl", default="1h", help="how long the permission lasts (default 1h)")
+    reset.add_argument("--json", action="store_true", help="print JSON")
     reset.set_defaults(func=host_reset)
 
 
@@ -31,6 +33,10 @@ async def host_reset(reactor, args, out=None):
         result = await call(session, "zwrm.host.reset", args.host_id, ttl=ttl)
     finally:
         await close(session)
+    if getattr(args, "json", False):
+        json.dump(result, out, indent=2, sort_keys=True)
+        out.write("\n")
+        return 0
     until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(result["expires_at"]))
     out.write(f"host {result['host_id']} may join again with a join token until {until}\n")
     return 0

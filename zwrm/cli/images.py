@@ -2,9 +2,9 @@
 C{zwrm images}: push, list and remove VM images in the control plane's registry.
 
     zwrm images push NAME[:TAG] --kernel FILE [--initrd FILE] [--disk FILE]
-                     [--cmdline TEXT] [--port N] [-q]
-    zwrm images list [NAME]
-    zwrm images rm NAME:TAG ... | NAME@sha256:DIGEST ...
+                     [--cmdline TEXT] [--port N] [-q] [--json]
+    zwrm images list [NAME] [--json]
+    zwrm images rm NAME:TAG ... | NAME@sha256:DIGEST ... [--json]
 
 The registry is the control plane's HTTP listener, path C{/v2/}: at the address the control
 plane gives (C{zwrm.cluster.info}, its C{[control] registry_url}; needed behind an external
@@ -18,6 +18,7 @@ CA file for https.
 """
 
 import argparse
+import json
 import sys
 
 from zwrm.cli.client import (
@@ -128,10 +129,17 @@ class ProgressBar:
         self._done = True
 
 
+def _json(value, out):
+    json.dump(value, out, indent=2, sort_keys=True)
+    out.write("\n")
+    return 0
+
+
 async def _push(reactor, args, out):
     client = await _client(reactor, args)
     try:
-        bar = ProgressBar(reactor, sys.stderr) if not args.quiet else None
+        as_json = getattr(args, "json", False)
+        bar = ProgressBar(reactor, sys.stderr) if not (args.quiet or as_json) else None
         try:
             digest = await push_image(
                 client,
@@ -149,6 +157,8 @@ async def _push(reactor, args, out):
             if bar:
                 bar.finish()
         name, tag = image.parse_reference(args.ref)
+        if as_json:
+            return _json({"image": f"{name}:{tag}", "digest": digest}, out)
         out.write(f"{name}:{tag} {digest}\n")
         return 0
     finally:
@@ -167,17 +177,22 @@ async def _list(reactor, args, out):
     client = await _client(reactor, args)
     try:
         names = [args.name] if args.name else await client.repositories()
-        rows = []
+        rows, found = [], []
         for name in names:
             for tag in await client.tags(name):
                 digest, media, body = await client.get_manifest(name, tag)
                 try:
                     info = image.parse_manifest(body)
                     size = sum(info[r]["size"] for r in ("kernel", "initrd", "disk") if info[r])
-                    kind = "+".join(r for r in ("kernel", "initrd", "disk") if info[r])
+                    layers = [r for r in ("kernel", "initrd", "disk") if info[r]]
                 except InvalidArgument:
-                    size, kind = None, "other"
-                rows.append((f"{name}:{tag}", digest[:19], _size(size) if size is not None else "-", kind))
+                    size, layers = None, []
+                found.append({"image": f"{name}:{tag}", "name": name, "tag": tag,
+                              "digest": digest, "size": size, "layers": layers})
+                rows.append((f"{name}:{tag}", digest[:19], _size(size) if size is not None else "-",
+                             "+".join(layers) or "other"))
+        if getattr(args, "json", False):
+            return _json(found, out)
         header = ("IMAGE", "DIGEST", "SIZE", "LAYERS")
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
         for row in [header, *rows]:
@@ -188,6 +203,8 @@ async def _list(reactor, args, out):
 
 
 async def _rm(reactor, args, out):
+    as_json = getattr(args, "json", False)
+    removed = []
     client = await _client(reactor, args)
     try:
         for ref in args.refs:
@@ -195,9 +212,14 @@ async def _rm(reactor, args, out):
             if ":" not in ref.split("/")[-1] and "@" not in ref:
                 raise InvalidArgument(f"say which tag or digest to remove: {ref}:TAG")
             await client.delete(name, reference)
-            out.write(f"removed {name}{'@' if reference.startswith('sha256:') else ':'}{reference}\n")
+            gone = f"{name}{'@' if reference.startswith('sha256:') else ':'}{reference}"
+            removed.append({"removed": gone})
+            if not as_json:
+                out.write(f"removed {gone}\n")
         return 0
     finally:
+        if as_json and removed:  # those removed before a failure too, as the lines say them
+            _json(removed, out)
         await client.close()
 
 
@@ -227,13 +249,16 @@ def register(subparsers):
     push.add_argument("--cmdline", default="", help="the kernel command line")
     push.add_argument("--port", type=_port, default=None, help="the default service port")
     push.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    push.add_argument("--json", action="store_true", help="print JSON (and no progress bar)")
     push.set_defaults(func=_cli_errors(_push))
 
     ls = sub.add_parser("list", help="list images (all repositories, or one)")
     ls.add_argument("name", nargs="?", metavar="NAME")
+    ls.add_argument("--json", action="store_true", help="print JSON")
     ls.set_defaults(func=_cli_errors(_list))
 
     rm = sub.add_parser("rm", help="remove a tag (NAME:TAG) or an image (NAME@sha256:...)")
     rm.add_argument("refs", nargs="+", metavar="REF")
+    rm.add_argument("--json", action="store_true", help="print JSON")
     rm.set_defaults(func=_cli_errors(_rm))
     return p

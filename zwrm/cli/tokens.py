@@ -56,6 +56,7 @@ def register(subparsers):
     ls.set_defaults(func=tokens_list)
     revoke = tsub.add_parser("revoke", help="revoke a token")
     revoke.add_argument("token_id", help="the token's id (or its whole text)")
+    revoke.add_argument("--json", action="store_true", help="print JSON")
     revoke.set_defaults(func=tokens_revoke)
 
 
@@ -137,5 +138,9 @@ async def tokens_revoke(reactor, args, out=None, session_call=None):
         raise CliError(f"{args.token_id!r} is not a token id (6 characters a-z, 0-9)", EXIT_USAGE)
     session_call = session_call or _with_session
     await session_call(reactor, args, "zwrm.token.revoke", token_id)
-    out.write(f"revoked {token_id}\n")
+    if getattr(args, "json", False):
+        json.dump({"id": token_id, "revoked": True}, out, indent=2, sort_keys=True)
+        out.write("\n")
+    else:
+        out.write(f"revoked {token_id}\n")
     return 0
