@@ -7,6 +7,7 @@ hypervisor driver on the real reactor (it boots at once), over a real store.
 """
 
 from twisted.internet import reactor, task
+from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import TestCase
 
@@ -406,6 +407,45 @@ class RestartTests(TestCase):
         await settle(c, h)
         await poll(lambda: self._running(c), what="the restart")
         self.assertEqual((await c.machines("web"))[0]["restarts"], 1)
+
+    @d
+    async def test_a_rolling_update_s_new_machine_is_restarted_while_the_update_waits(self):
+        """
+        A new machine of a rolling update whose health check fails is restarted by its
+        policy while the update waits for it (holding its app's lock), not after the
+        update's deadline; restarted and healthy, it completes the update.
+        """
+        c, h, m = await self.one(service_port=80,
+                                 health={"type": "tcp", "interval": 2, "unhealthy_threshold": 3})
+        done = ensureDeferred(c.apps.deploy("web", {"memory_mb": 300, "update": {
+            "min_healthy_time": 10, "healthy_deadline": 300}}))
+
+        async def new(state, restarts=0):
+            ms = [x for x in await c.machines("web") if x["id"] != m["id"]]
+            return len(ms) == 1 and (ms[0]["state"], ms[0]["restarts"]) == (state, restarts)
+
+        async def report(mid, health):
+            await c.apps.machine_event({"machine_id": mid, "state": "running",
+                                        "health": health, "reason": f"health {health}"},
+                                       details=caller("h-a"))
+            await settle(c, h)
+
+        await poll(lambda: new("running"), what="the new machine")
+        (fresh,) = [x for x in await c.machines("web") if x["id"] != m["id"]]
+        await report(fresh["id"], "failing")
+        c.clock.advance(6.1)
+        await settle(c, h)
+        await poll(lambda: new("stopped"), what="the liveness stop")
+        await settle(c, h)
+        c.clock.advance(5)
+        await settle(c, h)
+        await poll(lambda: new("running", restarts=1), what="the restart, the update waiting")
+        self.assertFalse(done.called)
+        await report(fresh["id"], "passing")
+        c.clock.advance(10)
+        status = await done
+        self.assertEqual([x["id"] for x in status["machines"]], [fresh["id"]])
+        self.assertEqual(status["spec"]["memory_mb"], 300)
 
     @d
     async def test_restart_with_no_room_on_its_host_is_held(self):

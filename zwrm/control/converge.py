@@ -23,6 +23,10 @@ report leaves that machine C{pending}; after a restart its capacity stays reserv
 (failed, destroyed, placed again) unless its agent has reported it since.
 """
 
+from contextlib import asynccontextmanager
+
+from twisted.internet.defer import Deferred, DeferredList
+
 from zwrm import errors
 from zwrm.control.appspec import same_version, shutdown_delay
 from zwrm.control.replicas import in_key_order
@@ -45,6 +49,7 @@ class Converger:
         self._replicas = replicas
         self._volumes = volumes
         self._app_locks = {}  # app name -> DeferredLock: its deploys, scales, destroys in order
+        self._awaited = {}  # machine id -> [Deferred]: work run while its app's lock awaits it
 
     def in_app_order(self, name, fn, *args):
         """
@@ -52,6 +57,46 @@ class Converger:
         app called C{name}.
         """
         return in_key_order(self._app_locks, name, fn, *args)
+
+    @asynccontextmanager
+    async def awaiting(self, machine_ids):
+        """
+        The holder of an app's lock waits for its new machines C{machine_ids} to become
+        healthy (a rolling update, L{zwrm.control.rollout.Rollout}): meanwhile the healer's
+        restarts of those machines run at once (L{run_awaited}) instead of queueing behind
+        the update that waits for them (they would run only after its deadline, with
+        the machine down all along); when the wait ends, those under way are waited for,
+        so that what the holder does next (removing the machines) never overlaps one.
+        """
+        for mid in machine_ids:
+            self._awaited[mid] = []
+        try:
+            yield
+        finally:
+            running = [d for mid in machine_ids for d in self._awaited.pop(mid, ())]
+            if running:
+                await DeferredList(running)
+
+    def run_awaited(self, machine_id, fn, *args):
+        """
+        Run C{fn(*args)} (a coroutine function) now if the holder of C{machine_id}'s app lock
+        is waiting for it (L{awaiting}).
+
+        @return: a Deferred of C{fn}'s result, or L{None} if nothing awaits C{machine_id}
+            (then run it in the app's order: L{in_app_order}).
+        """
+        runs = self._awaited.get(machine_id)
+        if runs is None:
+            return None
+        d = Deferred.fromCoroutine(fn(*args))
+        ended = Deferred()
+        runs.append(ended)
+
+        def end(result):
+            ended.callback(None)
+            return result
+
+        return d.addBoth(end)
 
     async def scale(self, app, replicas):
         """Converge the app row C{app} to its spec with C{replicas} replicas (its lock held)."""

@@ -392,6 +392,10 @@ class Healer:
         row = await self._data.machines.get(mid)
         if row is None:
             return
+        now = self._converger.run_awaited(mid, self._restart_locked, mid)
+        if now is not None:  # a rolling update that holds its app's lock waits for it
+            await now
+            return
         app_name = (row.get("spec") or {}).get("app")
         await self._converger.in_app_order(app_name, self._restart_locked, mid)
 

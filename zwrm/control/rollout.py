@@ -161,9 +161,12 @@ class Rollout:
         if surge:
             await replicas.start_all(new_rows[:len(surge)])
         try:
-            for row in new_rows:
-                await self._data.machines.wait_healthy(
-                    row["id"], update["healthy_deadline"], update["min_healthy_time"])
+            # a new machine its restart policy restarts meanwhile (its health check failing)
+            # is restarted at once, not after this wait (zwrm.control.converge)
+            async with self._converger.awaiting([row["id"] for row in new_rows]):
+                for row in new_rows:
+                    await self._data.machines.wait_healthy(
+                        row["id"], update["healthy_deadline"], update["min_healthy_time"])
         except errors.ZwrmError:
             for row in new_rows:
                 fresh = await self._data.machines.get(row["id"])
