@@ -10,7 +10,7 @@ run the fake driver on the real reactor.
 from twisted.internet.defer import ensureDeferred, succeed
 from twisted.trial.unittest import TestCase
 
-from tests.control.test_apps import Cluster, d
+from tests.control.test_apps import Cluster, caller, d
 from tests.control.test_healing import poll
 from zwrm import errors
 from zwrm.control.apps import validate_spec
@@ -205,3 +205,25 @@ class DefaultRollingTests(TestCase):
         c.clock.advance(10)
         status = await done
         self.assertTrue(all(m["id"] not in old for m in status["machines"]))
+
+    @d
+    async def test_a_new_machine_never_healthy_fails_the_update_saying_what_its_check_said(self):
+        c = await Cluster(self).start()
+        await c.apps.create_app("web")
+        await c.apps.deploy("web", c.spec(replicas=1, service_port=80, health={
+            "type": "tcp", "interval": 2, "unhealthy_threshold": 3}))
+        (old,) = await c.machines("web")
+        done = ensureDeferred(c.apps.deploy("web", {"memory_mb": 300,
+                                                    "update": {"healthy_deadline": 30}}))
+        await healthy_wait(c, 30)  # the update waits for its new machine
+        (new,) = [m for m in await c.machines("web") if m["id"] != old["id"]]
+        await c.apps.machine_event({"machine_id": new["id"], "state": "running",
+                                    "health": "failing",
+                                    "reason": "health failing: port 80 refused the connection"},
+                                   details=caller(new["host_id"]))
+        c.clock.advance(30)
+        with self.assertRaises(errors.Unavailable) as cm:
+            await done
+        self.assertIn(f"machine {new['id']} was not healthy within 30s (state running, health"
+                      " failing; last check: health failing: port 80 refused the connection)",
+                      cm.exception.message)

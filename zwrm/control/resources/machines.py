@@ -282,14 +282,21 @@ class Machines(Resource):
                 return
             p = event["payload"]
             seen["state"], seen["health"] = p.get("state"), p.get("health")
+            if p.get("health") == "failing" and p.get("reason"):
+                seen["failing"] = p["reason"]  # what its check answered, for the message
+            seen["restarts"] = p.get("restarts") or 0
             seen["evented"] = True
             if seen["read"]:
                 look()
 
         def too_late():
+            why = [f"state {seen['state']}, health {seen['health']}"]
+            if seen.get("restarts"):
+                why.append(f"restarted {seen['restarts']} time(s)")
+            if seen.get("failing"):
+                why.append(f"last check: {seen['failing']}")
             fail(errors.Unavailable(
-                f"machine {machine_id} was not healthy within {deadline:g}s "
-                f"(state {seen['state']}, health {seen['health']})"))
+                f"machine {machine_id} was not healthy within {deadline:g}s ({'; '.join(why)})"))
 
         seen["read"] = False
         unsubscribe = self.subscribe(on_event)  # before the read: nothing is missed
