@@ -13,6 +13,7 @@ from zwrm.cli.apps import (
     _settled,
     _spec,
     _why_failed,
+    history_rows,
     wait_until_settled,
 )
 from zwrm.cli.client import EXIT_REMOTE, EXIT_UNREACHABLE, EXIT_USAGE, CliError
@@ -54,6 +55,25 @@ class DeploySpecTests(SynchronousTestCase):
             e = self.assertRaises(CliError, _spec, parse(*argv))
             self.assertEqual(e.code, EXIT_USAGE)
             self.assertIn(word, e.message)
+
+
+class HistoryTests(SynchronousTestCase):
+    def test_each_version_says_what_it_changed(self):
+        """
+        C{zwrm apps history}: what each version's spec changed from the one before it, and
+        when it is an earlier spec again (the revert of a failed update, a rollback).
+        """
+        base = {"image": "demo:1", "replicas": 2, "health": {"path": "/"}}
+        specs = [base, dict(base, health={"path": "/nosuch"}), base, dict(base, replicas=1),
+                 dict(base, replicas=1)]
+        versions = [{"version": n, "created_at": 0.0, "spec": spec, "current": n == 6}
+                    for n, spec in enumerate(specs, start=2)]  # version 1 is no longer kept
+        versions.append({"version": 9, "created_at": 0.0, "spec": base, "current": False})
+        self.assertEqual(
+            [(r[0], r[2], r[3], r[4], r[5]) for r in history_rows(reversed(versions))],
+            [(2, "demo:1", 2, "-", ""), (3, "demo:1", 2, "health", ""),
+             (4, "demo:1", 2, "health (as version 2)", ""), (5, "demo:1", 1, "replicas", ""),
+             (6, "demo:1", 1, "nothing", "current"), (9, "demo:1", 2, "-", "")])
 
 
 class SettledTests(SynchronousTestCase):

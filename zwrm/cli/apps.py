@@ -370,14 +370,38 @@ async def apps_history(reactor, args, out=None):
     if args.json:
         return _json(versions, out)
 
+    _table(["VERSION", "CREATED (UTC)", "IMAGE", "REPLICAS", "CHANGED", ""],
+           history_rows(versions), out)
+
+
+def history_rows(versions):
+    """
+    The rows of C{zwrm apps history}: each version with what its spec changed from the
+    version before it (the spec's fields, e.g. C{health}; "as version N" when it is an
+    earlier version's spec again: a rollback, or the revert of a failed update).
+    """
     def image(spec):
-        img = (spec or {}).get("image")
+        img = spec.get("image")
         return (img.get("kernel") or img.get("disk")) if isinstance(img, dict) else img
 
-    _table(["VERSION", "CREATED (UTC)", "IMAGE", "REPLICAS", ""],
-           [[v["version"], time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v["created_at"])),
-             image(v["spec"]) or "-", (v["spec"] or {}).get("replicas", "-"),
-             "current" if v["current"] else ""] for v in versions], out)
+    rows, before = [], []
+    for v in sorted(versions, key=lambda v: v["version"]):
+        spec = v["spec"] or {}
+        if not before or before[-1]["version"] != v["version"] - 1:
+            changed = "-"  # the first, or the one before it is no longer kept
+        else:
+            last = before[-1]["spec"] or {}
+            changed = ", ".join(sorted(k for k in spec.keys() | last.keys()
+                                       if spec.get(k) != last.get(k))) or "nothing"
+            again = [b["version"] for b in before[:-1] if (b["spec"] or {}) == spec]
+            if again and changed != "nothing":
+                changed += f" (as version {again[-1]})"
+        rows.append([v["version"],
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v["created_at"])),
+                     image(spec) or "-", spec.get("replicas", "-"), changed,
+                     "current" if v["current"] else ""])
+        before.append(v)
+    return rows
 
 
 async def rollback(reactor, args, out=None):
