@@ -14,13 +14,14 @@ from tests.control.test_apps import Cluster, caller, d
 from tests.control.test_healing import poll
 from zwrm import errors
 from zwrm.control.apps import validate_spec
+from zwrm.control.resources.machines import RESTART_DECISION_GRACE
 
 
 async def healthy_wait(c, seconds=10):
     """
-    Wait (bounded) until the update waits on the Clock for a new machine to stay healthy
-    C{seconds}: a machine seen running may not be waited on yet, and a Clock advanced before
-    that wait began would never reach its end.
+    Wait (bounded) until the update waits C{seconds} on the Clock (for a new machine to stay
+    healthy, or for a decision on one that failed): a machine seen running may not be waited
+    on yet, and a Clock advanced before that wait began would never reach its end.
     """
     async def due():
         now = c.clock.seconds()
@@ -40,6 +41,17 @@ class RollingTests(TestCase):
     async def rows(self, c):
         return await c.store.select("machines", "app_id = (SELECT id FROM apps WHERE name = ?)",
                                     ["web"])
+
+    async def fails_unrestarted(self, c, spec):
+        """
+        Deploy C{spec} to web, whose first new machine fails: with no healer here, no
+        restart is due, and the update gives up once the healer's time to decide is over.
+        """
+        done = ensureDeferred(c.apps.deploy("web", spec))
+        await healthy_wait(c, RESTART_DECISION_GRACE)
+        self.assertFalse(done.called)  # a restart may yet be decided
+        c.clock.advance(RESTART_DECISION_GRACE)
+        return await done
 
     @d
     async def test_one_at_a_time_never_below_the_count(self):
@@ -75,7 +87,7 @@ class RollingTests(TestCase):
         before = await c.apps.app_status("web")
         bad = dict(c.spec()["image"], kernel=c.kernel + ".missing")
         with self.assertRaises(errors.Unavailable) as cm:
-            await c.apps.deploy("web", {"image": bad, "update": {"min_healthy_time": 1}})
+            await self.fails_unrestarted(c, {"image": bad, "update": {"min_healthy_time": 1}})
         self.assertIn("reverted", cm.exception.message)
         after = await c.apps.app_status("web")
         self.assertEqual([(m["id"], m["state"]) for m in after["machines"]],
@@ -115,7 +127,7 @@ class RollingTests(TestCase):
         c = await self.cluster()
         bad = dict(c.spec()["image"], kernel=c.kernel + ".missing")
         with self.assertRaises(errors.Unavailable) as cm:
-            await c.apps.deploy("web", {"image": bad, "update": {"min_healthy_time": 1}})
+            await self.fails_unrestarted(c, {"image": bad, "update": {"min_healthy_time": 1}})
         self.assertEqual(self.rollout_events(c), [("started", 0, 2), ("reverted", 0, 2)])
         last = [e for t, e in c.published if t == "zwrm.event.app"][-1]["payload"]
         self.assertEqual(last["reason"], cm.exception.message)

@@ -448,6 +448,51 @@ class RestartTests(TestCase):
         self.assertEqual(status["spec"]["memory_mb"], 300)
 
     @d
+    async def test_a_rolling_update_waits_through_its_new_machine_s_crash(self):
+        """
+        A new machine of a rolling update that fails (its QEMU killed) is restarted by its
+        policy while the update waits, as Nomad's deployments and Kubernetes' rollouts wait
+        through a crash within their deadline; restarted and healthy, it completes the
+        update.  Under C{restart: never} the same crash fails the update.
+        """
+        c, h, m = await self.one()
+        done = ensureDeferred(c.apps.deploy("web", {"memory_mb": 300, "update": {
+            "min_healthy_time": 10, "healthy_deadline": 300}}))
+
+        async def new(state, restarts=0):
+            ms = [x for x in await c.machines("web") if x["id"] != m["id"]]
+            return len(ms) == 1 and (ms[0]["state"], ms[0]["restarts"]) == (state, restarts)
+
+        await poll(lambda: new("running"), what="the new machine")
+        (fresh,) = [x for x in await c.machines("web") if x["id"] != m["id"]]
+        driver(c, "h-a").crash(fresh["id"])
+        await settle(c, h)
+        self.assertTrue(await new("failed"))
+        c.clock.advance(5)  # its backoff, past the decision's grace: a restart was due
+        await settle(c, h)
+        await poll(lambda: new("running", restarts=1), what="the restart, the update waiting")
+        self.assertFalse(done.called)
+        c.clock.advance(10)
+        status = await done
+        self.assertEqual([x["id"] for x in status["machines"]], [fresh["id"]])
+
+        # restart: never: no restart is due, and the update fails (and is reverted)
+        done = ensureDeferred(c.apps.deploy("web", {"memory_mb": 320, "restart": "never"}))
+        async def newer_running():
+            ms = [x for x in await c.machines("web") if x["id"] != fresh["id"]]
+            return len(ms) == 1 and ms[0]["state"] == "running"
+
+        await poll(newer_running, what="the next new machine")
+        (newer,) = [x for x in await c.machines("web") if x["id"] != fresh["id"]]
+        driver(c, "h-a").crash(newer["id"])
+        await settle(c, h)
+        c.clock.advance(2)
+        with self.assertRaises(errors.Unavailable) as cm:
+            await done
+        self.assertIn(f"machine {newer['id']} failed: not restarted (restart policy never)",
+                      cm.exception.message)
+
+    @d
     async def test_restart_with_no_room_on_its_host_is_held(self):
         """
         A machine with a volume whose restart finds no room on its host (here: it is being

@@ -161,12 +161,13 @@ class Rollout:
         if surge:
             await replicas.start_all(new_rows[:len(surge)])
         try:
-            # a new machine its restart policy restarts meanwhile (its health check failing)
-            # is restarted at once, not after this wait (zwrm.control.converge)
+            # a new machine its restart policy restarts meanwhile (it failed, or its health
+            # check did) is restarted at once, not after this wait (zwrm.control.converge)
             async with self._converger.awaiting([row["id"] for row in new_rows]):
                 for row in new_rows:
                     await self._data.machines.wait_healthy(
-                        row["id"], update["healthy_deadline"], update["min_healthy_time"])
+                        row["id"], update["healthy_deadline"], update["min_healthy_time"],
+                        through_restarts=True)
         except errors.ZwrmError:
             for row in new_rows:
                 fresh = await self._data.machines.get(row["id"])

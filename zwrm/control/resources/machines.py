@@ -35,6 +35,9 @@ STATES = ("pending", "starting", "running", "stopping", "stopped", "failed")
 
 
 TABLE = "machines"
+RESTART_DECISION_GRACE = 2.0
+"""Seconds a wait through restarts (L{Machines.wait_healthy}) gives the healer to decide on a
+machine that failed: a restart due (C{next_restart_at}) keeps it waiting, else it fails."""
 JSON_COLUMNS = ("spec", "health")
 """Columns stored as JSON text (the store encodes and decodes them)."""
 
@@ -229,12 +232,17 @@ class Machines(Resource):
 
     # -- waits ------------------------------------------------------------------------
 
-    async def wait_healthy(self, machine_id, deadline, min_healthy=0.0):
+    async def wait_healthy(self, machine_id, deadline, min_healthy=0.0, through_restarts=False):
         """
         Wait until C{machine_id} is running with a passing health check (or running, when
         its spec has none) for C{min_healthy} seconds on end, following its events (no
         polling of the store).
 
+        @param through_restarts: a machine that fails is waited for through the restart its
+            policy gives it (a rolling update's new machine, as Nomad's deployments and
+            Kubernetes' rollouts wait through a crash within their deadline); it fails the
+            wait only when no restart is due L{RESTART_DECISION_GRACE} seconds after it
+            failed.  Else (a drain's replacement) a failure ends the wait at once.
         @return: the clock time it first passed.
         @raise zwrm.errors.NotFound: it is gone (now or meanwhile).
         @raise zwrm.errors.Unavailable: it failed, or was not so by C{deadline} seconds.
@@ -242,7 +250,8 @@ class Machines(Resource):
         clock = self._clock
         done = Deferred()
         seen = {"state": None, "health": None, "since": None, "first": None, "timer": None,
-                "evented": False, "has_check": False}
+                "evented": False, "has_check": False, "next_at": None, "why": None,
+                "deciding": None}
 
         def finish(result):
             if not done.called:
@@ -256,12 +265,24 @@ class Machines(Resource):
             seen["timer"] = None
             finish(seen["first"])
 
+        def not_restarted():
+            seen["deciding"] = None
+            why = f": {seen['why']}" if seen["why"] else ""
+            fail(errors.Unavailable(f"machine {machine_id} failed{why}"))
+
         def look():
             state, health = seen["state"], seen["health"]
             if state == "destroyed":
                 return fail(errors.NotFound(f"machine {machine_id} is gone"))
-            if state == "failed":
+            deciding = seen["deciding"]
+            if state == "failed" and not through_restarts:
                 return fail(errors.Unavailable(f"machine {machine_id} failed"))
+            if state == "failed" and seen["next_at"] is None:
+                if deciding is None:  # the healer's decision comes in a later event
+                    seen["deciding"] = clock.callLater(RESTART_DECISION_GRACE, not_restarted)
+            elif deciding is not None:
+                seen["deciding"] = None
+                deciding.cancel()
             ok = state == "running" and (health == "passing" or not seen["has_check"])
             now = clock.seconds()
             if ok:
@@ -285,6 +306,7 @@ class Machines(Resource):
             if p.get("health") == "failing" and p.get("reason"):
                 seen["failing"] = p["reason"]  # what its check answered, for the message
             seen["restarts"] = p.get("restarts") or 0
+            seen["next_at"], seen["why"] = p.get("next_restart_at"), p.get("restart_reason")
             seen["evented"] = True
             if seen["read"]:
                 look()
@@ -309,6 +331,8 @@ class Machines(Resource):
             if not seen["evented"]:  # an event delivered meanwhile is newer than the row
                 seen["state"] = row["state"]
                 seen["health"] = (row.get("health") or {}).get("status")
+                restart = (row.get("health") or {}).get("restart") or {}
+                seen["next_at"], seen["why"] = restart.get("next_at"), restart.get("reason")
             seen["read"] = True
             overall = clock.callLater(deadline, too_late)
             look()
@@ -317,5 +341,6 @@ class Machines(Resource):
             unsubscribe()
             if overall is not None and overall.active():
                 overall.cancel()
-            if seen["timer"] is not None and seen["timer"].active():
-                seen["timer"].cancel()
+            for timer in (seen["timer"], seen["deciding"]):
+                if timer is not None and timer.active():
+                    timer.cancel()
