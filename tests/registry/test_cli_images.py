@@ -81,7 +81,7 @@ class ImagesCommandTests(unittest.TestCase):
         self.assertEqual([line.split()[0] for line in listing.splitlines()[1:]], ["apps/web:v2"])
         e = await self.assertFailsWith(self.zwrm("rm", "apps/web:v1"))
         self.assertEqual(e.code, EXIT_REMOTE)
-        self.assertIn("MANIFEST_UNKNOWN", e.message)
+        self.assertEqual(e.message, "no image apps/web:v1 in the registry (see zwrm images list)")
         e = await self.assertFailsWith(self.zwrm("rm", "apps/web"))
         self.assertEqual(e.code, EXIT_USAGE)
 

@@ -29,7 +29,14 @@ from zwrm.cli.client import (
     CliError,
     load_settings,
 )
-from zwrm.errors import AuthenticationFailed, InvalidArgument, NotAuthorized, Unavailable, ZwrmError
+from zwrm.errors import (
+    AuthenticationFailed,
+    InvalidArgument,
+    NotAuthorized,
+    NotFound,
+    Unavailable,
+    ZwrmError,
+)
 from zwrm.registry import image
 from zwrm.registry.client import RegistryClient, make_http_client, push_image, registry_url
 
@@ -211,7 +218,10 @@ async def _rm(reactor, args, out):
             name, reference = image.parse_reference(ref)
             if ":" not in ref.split("/")[-1] and "@" not in ref:
                 raise InvalidArgument(f"say which tag or digest to remove: {ref}:TAG")
-            await client.delete(name, reference)
+            try:
+                await client.delete(name, reference)
+            except NotFound:
+                raise NotFound(f"no image {ref} in the registry (see zwrm images list)") from None
             gone = f"{name}{'@' if reference.startswith('sha256:') else ':'}{reference}"
             removed.append({"removed": gone})
             if not as_json:
