@@ -3,4 +3,4 @@ machine's restart policy was about to restart it: a guest that panics once at it
 which `zwrm deploy --wait` already waits through, could not be rolled out. The update now
 waits through the restart within its `healthy_deadline`, as Nomad's deployments and
 Kubernetes' rollouts do; a machine that fails with no restart due (policy `never`,
-`max_restarts` reached) still ends it at once, its message saying why it is not restarted.
+`max_restarts` reached) still ends it, within 2 s, its message saying why it is not restarted.

@@ -10,9 +10,10 @@ C{/www/version.txt}, which the guest's web server serves).
    agent's ingress: one every 0.1 s, and two users one 3 s request after the other: every
    request answered (those in flight on a replica being replaced too: connection
    draining), both replicas replaced (new machine ids) and serving version 2.
- - The earlier app (one replica, pinned to its volume) is redeployed with C{demo:2}: its
-   replacement runs on the same host with the same volume, the data is there, and it
-   serves version 2 through both ingresses; at most one copy ran at any moment (the
+ - The earlier app (one replica, pinned to its volume) is redeployed with
+   C{demo:2-panic-once} (C{demo:2} whose guest panics at its first boot): its replacement
+   runs on the same host with the same volume, the update having waited through the restart
+   its policy gave it, the data is there, and it serves version 2 through both ingresses; at most one copy ran at any moment (the
    old one stopped before the new one started: it has the volume).  Updates
    C{cluster.state["app"]["machine"]}.
 """
@@ -41,8 +42,11 @@ echo slow
 """
 
 
-def _push(cluster, tag, files):
-    """Push the test image with C{files} ({path: (data, mode)}) added to its initramfs."""
+def _push(cluster, tag, files, cmdline=""):
+    """
+    Push the test image with C{files} ({path: (data, mode)}) added to its initramfs (and
+    C{cmdline} to its kernel command line).
+    """
     img = cluster.image
     out = os.path.join(cluster.run_dir, f"initrd-{tag.replace(':', '-')}.gz")
     cp = image._Cpio()
@@ -53,7 +57,8 @@ def _push(cluster, tag, files):
     with open(out, "wb") as f:
         f.write(data + gzip.compress(cp.finish(), compresslevel=1))
     cluster.zwrm("images", "push", tag, "--kernel", img.kernel, "--initrd", out,
-                 "--cmdline", img.cmdline, "--port", "8080", "-q", timeout=300)
+                 "--cmdline", f"{img.cmdline} {cmdline}".strip(), "--port", "8080", "-q",
+                 timeout=300)
 
 
 def _users(cluster, via, port):
@@ -134,12 +139,17 @@ def test_redeploy_of_the_app_with_a_volume(cluster):
         pytest.fail("needs the deploy step (test_20_deploy.py) to have passed")
     web = cluster.state["app"]
     [old] = cluster.zwrm_json("status", web["name"])["machines"]
-    with cluster.phase("redeploy of the app with a volume"):
-        app = cluster.zwrm_json("deploy", web["name"], "--image", "demo:2", "--wait", "300",
-                                timeout=360)
+    # version 2 of this app's guest panics at its first boot (it marks its volume: the
+    # next boot goes on): the update waits through the restart its policy gives it
+    _push(cluster, "demo:2-panic-once", {"www/cgi-bin/slow": (SLOW, 0o755),
+                                         "www/version.txt": (b"2\n", 0o644)},
+          cmdline="zwrm.selftest=panic-once")
+    with cluster.phase("redeploy of the app with a volume, its guest panicking once"):
+        app = cluster.zwrm_json("deploy", web["name"], "--image", "demo:2-panic-once",
+                                "--wait", "300", timeout=360)
     [new] = app["machines"]
     assert new["id"] != old["id"]
-    assert (new["host_id"], new["state"]) == (old["host_id"], "running"), new
+    assert (new["host_id"], new["state"], new["restarts"]) == (old["host_id"], "running", 1), new
     assert [v["id"] for v in app["volumes"]] == [web["volume"]], app["volumes"]
     for body in cluster.app_everywhere("/cgi-bin/read?index.txt", wait=60).values():
         assert body.encode() == web["data"]
