@@ -1,14 +1,14 @@
 """
 C{--json} on the commands that lacked it (README: "Every command takes C{--json}"):
 C{zwrm host undrain|activate|reset}, C{zwrm tokens revoke}, C{zwrm certs remove} against a
-real control plane over a real socket, and C{zwrm images push|list|rm} against a real
-registry on loopback.  Each is parsed by the CLI's own parser, so the option must exist.
+real control plane over a real socket (C{zwrm images push|list|rm}: in
+tests/registry/test_cli_images.py, against a real registry).  Each is parsed by the CLI's own
+parser, so the option must exist.
 """
 
 import io
 import json
 import os
-import sys
 
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
@@ -17,12 +17,10 @@ from tests.agent.test_membership import start_plane
 from tests.cli.test_cli import d
 from tests.cli.test_drain_follow import plane_with_an_agent
 from tests.network.test_ingress_tls import CA
-from tests.registry.helpers import OPERATOR, RunningRegistry
 from zwrm.cli import client
 from zwrm.cli.client import EXIT_REMOTE, CliError
 from zwrm.cli.main import build_parser
 from zwrm.control.access_tokens import role_token_id
-from zwrm.registry import image
 from zwrm.testing.processes import poll
 
 
@@ -108,75 +106,3 @@ class ControlPlaneCommandTests(TestCase):
         self.assertEqual(code, 0)
         self.assertEqual(json.loads(out), {"domain": "shop.example.test", "removed": True})
         self.assertEqual(await plane.certs.all(), [])
-
-
-class ImagesCommandTests(TestCase):
-    timeout = 60
-
-    def setUp(self):
-        self.reg = RunningRegistry(self, self.mktemp())
-        self.dir = self.mktemp()
-        os.makedirs(self.dir)
-        self.patch(os, "environ", {"ZWRM_TOKEN": OPERATOR, "HOME": self.dir,
-                                   "PATH": os.environ.get("PATH", "")})
-        self.url = self.reg.url.replace("http", "ws") + "/ws"
-
-    def file(self, name, size):
-        path = os.path.join(self.dir, name)
-        with open(path, "wb") as f:
-            f.write(os.urandom(size))
-        return path
-
-    @d
-    async def test_push_list_rm(self):
-        k, i = self.file("vmlinuz", 300_000), self.file("initrd", 100_000)
-        err = io.StringIO()
-        self.patch(sys, "stderr", err)
-        code, out = await zwrm(self.url, "images", "push", "apps/web:v1", "--kernel", k,
-                               "--initrd", i, "--json")
-        self.assertEqual(code, 0)
-        pushed = json.loads(out)
-        self.assertEqual(sorted(pushed), ["digest", "image"])
-        self.assertEqual(pushed["image"], "apps/web:v1")
-        self.assertRegex(pushed["digest"], r"^sha256:[0-9a-f]{64}$")
-        self.assertEqual(err.getvalue(), "")  # no progress bar with --json
-        # an image that is not zwrm's (no kernel, no disk): "other" in the table
-        cfg = image.make_config()
-        cd = await self.reg.push_blob("apps/other", cfg)
-        resp, _ = await self.reg.push_manifest("apps/other", "v1", {
-            "schemaVersion": 2, "mediaType": image.MANIFEST_TYPE,
-            "config": {"mediaType": image.CONFIG_TYPE, "digest": cd, "size": len(cfg)},
-            "layers": []})
-        self.assertEqual(resp.code, 201)
-        other = resp.headers.getRawHeaders("Docker-Content-Digest")[0]
-
-        code, out = await zwrm(self.url, "images", "list", "--json")
-        self.assertEqual(code, 0)
-        self.assertEqual(json.loads(out), [
-            {"image": "apps/other:v1", "name": "apps/other", "tag": "v1", "digest": other,
-             "size": None, "layers": []},
-            {"image": "apps/web:v1", "name": "apps/web", "tag": "v1",
-             "digest": pushed["digest"], "size": 400_000, "layers": ["kernel", "initrd"]},
-        ])
-        code, out = await zwrm(self.url, "images", "list", "apps/web", "--json")
-        self.assertEqual([r["image"] for r in json.loads(out)], ["apps/web:v1"])
-
-        code, out = await zwrm(self.url, "images", "rm", f"apps/other@{other}", "--json")
-        self.assertEqual(code, 0)
-        self.assertEqual(json.loads(out), [{"removed": f"apps/other@{other}"}])
-
-        # an error stays one CliError; what was removed before it is still said, in JSON
-        async def failing_rm(*refs):
-            args = build_parser().parse_args(["--api-url", self.url, "images", "rm", *refs,
-                                              "--json"])
-            out = io.StringIO()
-            with self.assertRaises(CliError) as e:
-                await args.func(reactor, args, out)
-            self.assertEqual(e.exception.code, EXIT_REMOTE)
-            return out.getvalue()
-
-        self.assertEqual(json.loads(await failing_rm("apps/web:v1", "apps/web:v2")),
-                         [{"removed": "apps/web:v1"}])
-        self.assertEqual(await failing_rm("apps/web:v1"), "")
-        code, out = await zwrm(self.url, "images", "list", "--json")
-        self.assertEqual(json.loads(out), [])

@@ -85,6 +85,62 @@ class ImagesCommandTests(unittest.TestCase):
         e = await self.assertFailsWith(self.zwrm("rm", "apps/web"))
         self.assertEqual(e.code, EXIT_USAGE)
 
+    @aio
+    async def test_json(self):
+        """C{--json}: push, list (full digests, sizes, layers) and rm, errors as without it."""
+        k = self.file("vmlinuz", os.urandom(300_000))
+        i = self.file("initrd", os.urandom(100_000))
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        code, out = await self.zwrm("push", "apps/web:v1", "--kernel", k,
+                               "--initrd", i, "--json")
+        self.assertEqual(code, 0)
+        pushed = json.loads(out)
+        self.assertEqual(sorted(pushed), ["digest", "image"])
+        self.assertEqual(pushed["image"], "apps/web:v1")
+        self.assertRegex(pushed["digest"], r"^sha256:[0-9a-f]{64}$")
+        self.assertEqual(err.getvalue(), "")  # no progress bar with --json
+        # an image that is not zwrm's (no kernel, no disk): "other" in the table
+        cfg = cli.image.make_config()
+        cd = await self.reg.push_blob("apps/other", cfg)
+        resp, _ = await self.reg.push_manifest("apps/other", "v1", {
+            "schemaVersion": 2, "mediaType": cli.image.MANIFEST_TYPE,
+            "config": {"mediaType": cli.image.CONFIG_TYPE, "digest": cd, "size": len(cfg)},
+            "layers": []})
+        self.assertEqual(resp.code, 201)
+        other = resp.headers.getRawHeaders("Docker-Content-Digest")[0]
+
+        code, out = await self.zwrm("list", "--json")
+        self.assertEqual(code, 0)
+        self.assertEqual(json.loads(out), [
+            {"image": "apps/other:v1", "name": "apps/other", "tag": "v1", "digest": other,
+             "size": None, "layers": []},
+            {"image": "apps/web:v1", "name": "apps/web", "tag": "v1",
+             "digest": pushed["digest"], "size": 400_000, "layers": ["kernel", "initrd"]},
+        ])
+        code, out = await self.zwrm("list", "apps/web", "--json")
+        self.assertEqual([r["image"] for r in json.loads(out)], ["apps/web:v1"])
+
+        code, out = await self.zwrm("rm", f"apps/other@{other}", "--json")
+        self.assertEqual(code, 0)
+        self.assertEqual(json.loads(out), [{"removed": f"apps/other@{other}"}])
+
+        # an error stays one CliError; what was removed before it is still said, in JSON
+        async def failing_rm(*refs):
+            args = self.parser.parse_args(["--api-url", self.reg.url.replace("http", "ws")
+                                           + "/ws", "images", "rm", *refs, "--json"])
+            out = io.StringIO()
+            with self.assertRaises(CliError) as e:
+                await args.func(reactor, args, out)
+            self.assertEqual(e.exception.code, EXIT_REMOTE)
+            return out.getvalue()
+
+        self.assertEqual(json.loads(await failing_rm("apps/web:v1", "apps/web:v2")),
+                         [{"removed": "apps/web:v1"}])
+        self.assertEqual(await failing_rm("apps/web:v1"), "")
+        code, out = await self.zwrm("list", "--json")
+        self.assertEqual(json.loads(out), [])
+
     async def assertFailsWith(self, coro):
         try:
             await coro
