@@ -33,6 +33,7 @@ class HeldRollout:
         self.refuse = refuse
         self.gates = [Deferred(), Deferred()]
         self.finished = False
+        self.machine_events = []  # published after "started", as a failing machine's
 
     async def deploy(self, app, given, merge=True, **extra):
         if self.refuse:
@@ -49,6 +50,8 @@ class HeldRollout:
 
         await say("started", f"rolling update to version {version}: 2 machine(s), 1 at a time",
                   0)
+        for payload in self.machine_events:
+            await self._data.machines.produce_event("state", payload["id"], payload)
         await self.gates[0]
         await say("progress", "1 of 2 machine(s) replaced", 1)
         await self.gates[1]
@@ -59,20 +62,44 @@ class HeldRollout:
 class DeployFollowTests(TestCase):
     timeout = 60
 
-    async def start(self, announce=True, refuse=False):
+    async def start(self, announce=True, refuse=False, machine_events=()):
         plane, _ = await start_plane(self)
         self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
         await plane.apps.create_app("web")
         held = HeldRollout(plane.apps.data, announce, refuse)
+        held.machine_events = machine_events
         plane.apps.rollout = held  # the facade looks it up at each call
         session = await client.connect(reactor, dict(client.load_settings(plane.url),
                                                      timeout=1.0))
         self.addCleanup(client.close, session)
         clock = task.Clock()
-        out = io.StringIO()
+        out, self.err = io.StringIO(), io.StringIO()
         done = Deferred.fromCoroutine(deploy_following(
-            clock, session, "web", {"image": "demo:2"}, out, False, 1.0))
+            clock, session, "web", {"image": "demo:2"}, out, False, 1.0, err=self.err))
         return held, clock, out, done
+
+    @d
+    async def test_a_new_machine_s_restart_is_one_line_on_stderr(self):
+        """
+        A machine of the app that failed and is due a restart while the update waits is
+        one line on stderr, as with C{--wait}; once per restart, and only the app's.
+        """
+        failed = {"id": "m-0123456789ab", "app": "web", "state": "failed", "restarts": 0,
+                  "restart_reason": "the guest ended itself (guest-reset): Kernel panic",
+                  "next_restart_at": 1796556227.0}
+        held, clock, out, done = await self.start(machine_events=[
+            dict(failed, next_restart_at=None),  # its failure, before the healer's decision
+            failed, failed, dict(failed, app="other"), dict(failed, restarts=1)])
+        await poll(reactor, lambda: self.err.getvalue().count("\n") == 2, 10, 0.01,
+                   what="the restart lines")
+        held.gates[0].callback(None)
+        held.gates[1].callback(None)
+        await done
+        self.assertEqual(self.err.getvalue().splitlines(), [
+            "machine m-0123456789ab of web failed: the guest ended itself (guest-reset): Kernel"
+            " panic; restart 1 at 11:23:47 UTC",
+            "machine m-0123456789ab of web failed: the guest ended itself (guest-reset): Kernel"
+            " panic; restart 2 at 11:23:47 UTC"])
 
     @d
     async def test_an_update_longer_than_the_timeout_is_followed_to_its_end(self):

@@ -559,10 +559,11 @@ async def deploy(reactor, args, out=None):
 
 
 APP_TOPIC = "zwrm.event.app"
+MACHINE_TOPIC = "zwrm.event.machine"
 ROLLOUT_ENDS = ("completed", "failed", "reverted")
 
 
-async def deploy_following(reactor, session, name, spec, out, as_json, timeout):
+async def deploy_following(reactor, session, name, spec, out, as_json, timeout, err=None):
     """
     Call C{zwrm.app.deploy(name, spec)} and return its answer (the app's status).
 
@@ -572,9 +573,13 @@ async def deploy_following(reactor, session, name, spec, out, as_json, timeout):
     the update ends and the call answers.  Between two announcements it waits at most the
     update's C{healthy_deadline} and C{min_healthy_time} plus C{timeout} (one batch, then a
     slow control plane), else it gives up (exit 8; the update goes on).  A session that may
-    not subscribe makes a plain call (bounded by C{timeout}).
+    not subscribe makes a plain call (bounded by C{timeout}).  A machine of the app that
+    fails meanwhile and is due a restart (which the update waits through) is one line on
+    C{err}, as with C{--wait} (L{_restart_line}).
     """
+    err = err or sys.stderr
     queue = defer.DeferredQueue()
+    told = set()
 
     def on_event(event=None, *args, **kwargs):
         if not isinstance(event, dict) or event.get("kind") != "rollout":
@@ -583,10 +588,26 @@ async def deploy_following(reactor, session, name, spec, out, as_json, timeout):
         if isinstance(payload, dict) and payload.get("app") == name:
             queue.put(payload)
 
+    def on_machine(event=None, *args, **kwargs):
+        m = event.get("payload") if isinstance(event, dict) else None
+        if (not isinstance(m, dict) or m.get("app") != name
+                or m.get("state") not in ("failed", "stopped")
+                or not isinstance(m.get("next_restart_at"), (int, float))):
+            return
+        key = (m.get("id"), m.get("restarts"))
+        if key not in told:
+            told.add(key)
+            err.write(_restart_line(name, m) + "\n")
+            err.flush()
+
     try:
         subscription = await session.subscribe(on_event, APP_TOPIC)
     except Exception:
         return await call(session, "zwrm.app.deploy", name, spec)
+    try:
+        machines = await session.subscribe(on_machine, MACHINE_TOPIC)
+    except Exception:
+        machines = None  # a role that may not follow machines: the update's lines only
     try:
         saved, session.timeout = getattr(session, "timeout", None), None
         try:  # timed below, on the announcements, not as one call
@@ -631,10 +652,12 @@ async def deploy_following(reactor, session, name, spec, out, as_json, timeout):
             outcome[0].raiseException()
         return outcome[0]
     finally:
-        try:
-            await subscription.unsubscribe()
-        except Exception:
-            pass  # the session is closing
+        for sub in (subscription, machines):
+            try:
+                if sub is not None:
+                    await sub.unsubscribe()
+            except Exception:
+                pass  # the session is closing
 
 
 def _first_of(reactor, seconds, *ds):
