@@ -233,9 +233,13 @@ class DefaultRollingTests(TestCase):
                                     "health": "failing",
                                     "reason": "health failing: port 80 refused the connection"},
                                    details=caller(new["host_id"]))
+        # then stopped (as the healer does to restart it): its check's answer is still the one
+        await c.apps.machine_event({"machine_id": new["id"], "state": "stopping",
+                                    "health": "failing", "reason": "stop requested"},
+                                   details=caller(new["host_id"]))
         c.clock.advance(30)
         with self.assertRaises(errors.Unavailable) as cm:
             await done
-        self.assertIn(f"machine {new['id']} was not healthy within 30s (state running, health"
+        self.assertIn(f"machine {new['id']} was not healthy within 30s (state stopping, health"
                       " failing; last check: health failing: port 80 refused the connection)",
                       cm.exception.message)

@@ -303,7 +303,7 @@ class Machines(Resource):
                 return
             p = event["payload"]
             seen["state"], seen["health"] = p.get("state"), p.get("health")
-            if p.get("health") == "failing" and p.get("reason"):
+            if p.get("state") == "running" and p.get("health") == "failing" and p.get("reason"):
                 seen["failing"] = p["reason"]  # what its check answered, for the message
             seen["restarts"] = p.get("restarts") or 0
             seen["next_at"], seen["why"] = p.get("next_restart_at"), p.get("restart_reason")
