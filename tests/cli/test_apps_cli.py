@@ -132,11 +132,11 @@ class WaitUntilSettledTests(SynchronousTestCase):
     fails when a machine fails for good or the wait is over.  Time is a L{task.Clock}.
     """
 
-    def wait(self, statuses, wait=300.0, steps=1000):
+    def wait(self, statuses, wait=300.0, steps=1000, told=None):
         clock, err = task.Clock(), io.StringIO()
         session = _Statuses(statuses[1:] or statuses)
         d = defer.ensureDeferred(wait_until_settled(clock, session, "web", statuses[0], wait,
-                                                    err))
+                                                    err, told=told))
         for _ in range(steps):
             if d.called:
                 break
@@ -155,6 +155,17 @@ class WaitUntilSettledTests(SynchronousTestCase):
         self.assertEqual(app["machines"][0]["state"], "running")
         self.assertEqual(err.getvalue(), "machine m-0 of web failed: the guest ended itself "
                          "(guest-reset); restart 1 at 13:46:40 UTC\n")
+
+    def test_a_restart_the_deploy_s_follower_wrote_is_not_written_again(self):
+        """
+        A restart that C{deploy_following} wrote (it follows the machines' events during
+        the deploy call) is not written again by the wait that follows.
+        """
+        told = {("m-0", 0)}
+        d, clock, err = self.wait([_app(("failed", None, 0, 60.0)),
+                                   _app(("running", "passing", 1, None))], told=told)
+        self.assertEqual(self.successResultOf(d)["machines"][0]["state"], "running")
+        self.assertEqual(err.getvalue(), "")
 
     def test_a_machine_that_powered_off_is_followed_through_its_restart(self):
         stopped = _app(("stopped", None, 0, 60.0))

@@ -443,16 +443,19 @@ def _restart_line(name, machine):
             f"{(machine.get('restarts') or 0) + 1} at {when}")
 
 
-async def wait_until_settled(reactor, session, name, app, wait, err):
+async def wait_until_settled(reactor, session, name, app, wait, err, told=None):
     """
     Follow app C{name} (its status C{app} to start from) until every replica runs and
     passes its check: its status then.  A machine that fails (or stops) and is due a
     restart is followed through it, written to C{err} as one line; one that fails for
     good (its policy gives it no restart, L{DECISION_GRACE}) ends the wait with a
     L{CliError} naming it and why, and so do C{wait} seconds, with the last failure seen.
+
+    @param told: the restarts already written (L{deploy_following}'s), not written again.
     """
     deadline = reactor.seconds() + wait
-    told, last, failed_since = set(), None, None
+    told = set() if told is None else told
+    last, failed_since = None, None
     while True:
         for m in app["machines"]:
             if m["state"] in ("failed", "stopped") and m.get("next_restart_at") is not None:
@@ -461,6 +464,8 @@ async def wait_until_settled(reactor, session, name, app, wait, err):
                     told.add(key)
                     last = _restart_line(name, m)
                     err.write(last + "\n")
+                elif last is None:
+                    last = _restart_line(name, m)
         state = _settled(app)
         now = reactor.seconds()
         if state == "failed":
@@ -547,12 +552,13 @@ async def deploy(reactor, args, out=None):
         return
     settings = load_settings(args.api_url)
     session = await connect(reactor, settings)
+    told = set()  # the restarts written on stderr: each once, whichever saw it first
     try:
         app = await deploy_following(reactor, session, args.app, spec, out, args.json,
-                                     settings["timeout"])
+                                     settings["timeout"], told=told)
         if args.wait:
             app = await wait_until_settled(reactor, session, args.app, app, args.wait,
-                                           sys.stderr)
+                                           sys.stderr, told=told)
     finally:
         await close(session)
     _json(app, out) if args.json else format_app(app, out)
@@ -563,7 +569,8 @@ MACHINE_TOPIC = "zwrm.event.machine"
 ROLLOUT_ENDS = ("completed", "failed", "reverted")
 
 
-async def deploy_following(reactor, session, name, spec, out, as_json, timeout, err=None):
+async def deploy_following(reactor, session, name, spec, out, as_json, timeout, err=None,
+                           told=None):
     """
     Call C{zwrm.app.deploy(name, spec)} and return its answer (the app's status).
 
@@ -575,11 +582,12 @@ async def deploy_following(reactor, session, name, spec, out, as_json, timeout, 
     slow control plane), else it gives up (exit 8; the update goes on).  A session that may
     not subscribe makes a plain call (bounded by C{timeout}).  A machine of the app that
     fails meanwhile and is due a restart (which the update waits through) is one line on
-    C{err}, as with C{--wait} (L{_restart_line}).
+    C{err}, as with C{--wait} (L{_restart_line}), once: C{told} holds those written
+    (C{(machine id, restarts)}), which L{wait_until_settled} then does not write again.
     """
     err = err or sys.stderr
     queue = defer.DeferredQueue()
-    told = set()
+    told = set() if told is None else told
 
     def on_event(event=None, *args, **kwargs):
         if not isinstance(event, dict) or event.get("kind") != "rollout":
@@ -594,7 +602,7 @@ async def deploy_following(reactor, session, name, spec, out, as_json, timeout, 
                 or m.get("state") not in ("failed", "stopped")
                 or not isinstance(m.get("next_restart_at"), (int, float))):
             return
-        key = (m.get("id"), m.get("restarts"))
+        key = (m.get("id"), m.get("restarts") or 0)
         if key not in told:
             told.add(key)
             err.write(_restart_line(name, m) + "\n")
