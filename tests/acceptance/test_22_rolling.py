@@ -13,8 +13,9 @@ C{/www/version.txt}, which the guest's web server serves).
  - The earlier app (one replica, pinned to its volume) is redeployed with
    C{demo:2-panic-once} (C{demo:2} whose guest panics at its first boot): its replacement
    runs on the same host with the same volume, the update having waited through the restart
-   its policy gave it, the data is there, and it serves version 2 through both ingresses; at most one copy ran at any moment (the
-   old one stopped before the new one started: it has the volume).  Updates
+   its policy gave it, the data is there, and it serves version 2 through both ingresses;
+   at most one copy ran at any moment (the old one stopped before the new one started: it
+   has the volume).  Updates
    C{cluster.state["app"]["machine"]}.
 """
 

@@ -478,6 +478,7 @@ class RestartTests(TestCase):
 
         # restart: never: no restart is due, and the update fails (and is reverted)
         done = ensureDeferred(c.apps.deploy("web", {"memory_mb": 320, "restart": "never"}))
+
         async def newer_running():
             ms = [x for x in await c.machines("web") if x["id"] != fresh["id"]]
             return len(ms) == 1 and ms[0]["state"] == "running"

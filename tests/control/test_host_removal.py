@@ -181,8 +181,8 @@ class HostRemovalTests(TestCase):
         What goes with a host (the volumes given up, its permission to join again, its
         subnet and addresses) is stored with its row's deletion, in one transaction: a
         removal that cannot be stored (the control plane's disk full; here SQLite refuses
-        the host row's deletion, the last of them) leaves every one of them, in the store and in memory, and the same
-        removal goes through once it can be stored.
+        the host row's deletion, the last of them) leaves every one of them, in the store
+        and in memory, and the same removal goes through once it can be stored.
         """
         c = await self.cluster()
         data_dir = self.mktemp()
