@@ -1,5 +1,6 @@
 """
-Step: an image pushed from the client, an app deployed with a volume and a published port
+Step: an image pushed from the client (listed as JSON; C{zwrm console} of an id that names no
+machine is one line), an app deployed with a volume and a published port
 (the agents run --network=bridge), data written and read back through the app from the
 client host, through the ingress: on the agent the replica runs on, then on every agent (the
 other one reaches the replica over the overlay).  Leaves C{cluster.state["app"]} =
@@ -20,6 +21,12 @@ def test_push_image(cluster):
     cluster.zwrm("images", "push", "demo:1", "--kernel", img.kernel, "--initrd", img.initrd,
                  "--cmdline", img.cmdline, "--port", "8080", "-q", timeout=300)
     assert "demo" in cluster.zwrm("images", "list")
+    [listed] = [i for i in cluster.zwrm_json("images", "list") if i["image"] == "demo:1"]
+    assert listed["layers"] == ["kernel", "initrd"] and len(listed["digest"]) == 71, listed
+    # an id that names no machine: one line, exit 1, before the terminal is taken
+    r = cluster.sh("client", ["zwrm", "console", "m-0123456789ab"],
+                   env={"HOME": cluster.client_home}, ok=(1,))
+    assert r.stderr == "zwrm: no machine 'm-0123456789ab'\n", r.stderr
 
 
 def test_deploy_with_a_volume(cluster):
