@@ -4,15 +4,16 @@ openssh-server, a small HTTP service), built with mmdebstrap and cached by its r
 (L{zwrm.testing.debian}), pushed as kernel + initrd + qcow2 disk, deployed with a volume, an
 SSH key and an environment variable through a real control plane and agent (QEMU under TCG).
 The health check passes, cloud-init installed the key and mounted the volume where the spec
-says (by its virtio serial), the console shows a login prompt, and a drain moves it to the
-other host with its volume and the data written over HTTP. Hostile qcow2 disks are refused at
-push.
+says (by its virtio serial), the environment is the spec's, data written over HTTP lands on
+the volume, and C{zwrm destroy --volumes} leaves nothing on the hosts. Hostile qcow2 disks
+are refused at push.
 
 The same disk booting alone as a UEFI image (C{--firmware uefi}: OVMF, a variable store of the
 machine's own, systemd-boot from the disk's EFI system partition), its network from the
-cloud-init seed, and the data surviving a stop and start (a new machine from a fresh root
-overlay) are the acceptance suite's (tests/acceptance/test_60_debian_image.py): each Debian
-boot under TCG takes a minute or more, so each is made once, on the production path.
+cloud-init seed, SSH with the key, the console's login prompt, and a live drain to the other
+host with the volume and the UEFI variables are the acceptance suite's
+(tests/acceptance/test_60_debian_image.py): each Debian boot under TCG takes a minute or more,
+so each is made once.
 """
 
 import json
@@ -29,7 +30,7 @@ from twisted.trial.unittest import TestCase
 from tests.drivers.test_diskimage import hostile_images
 from zwrm.drivers.live import RESERVE_FILE
 from zwrm.testing import debian
-from zwrm.testing.processes import PollTimeout, poll, run_cli, start_vm_cluster, temp_dir
+from zwrm.testing.processes import poll, run_cli, start_vm_cluster, temp_dir
 
 
 @pytest.mark.qemu
@@ -64,7 +65,7 @@ class DebianImageTests(TestCase):
 
     async def _scenario(self):
         img = await deferToThread(debian.build)
-        cp, agents = await start_vm_cluster(reactor, self, agents=2)
+        cp, agents = await start_vm_cluster(reactor, self, agents=1)
         tmp = temp_dir(self)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "zwrm-test",
                         "-f", os.path.join(tmp, "id")], check=True)
@@ -97,41 +98,6 @@ class DebianImageTests(TestCase):
         self.assertIn("/dev/vda2 / ext4", mounts)  # the root disk is the first disk
         self.assertIn('GREETING="hello zwrm"', (await self.get(port, "/env"))[1])
         await self.write(cp, m, port, "note.txt", b"kept across machines")
-
-        # The console shows the login prompt (zwrm logs).
-        async def login_prompt():
-            return debian.LOGIN_PROMPT in await self.cli(cp, "logs", m["id"])
-
-        await poll(reactor, login_prompt, 1200, interval=5, what="a login prompt on the console")
-
-        # A drain (live, the default where both hosts can): the machine goes on running on
-        # the other host; the volume moves with it, and the data with the volume.
-        await self.cli(cp, "host", "drain", m["host_id"], "--healthy-deadline", "1500",
-                       timeout=1800)
-        [m3] = [x for x in json.loads(await self.cli(cp, "status", "web", "--json"))
-                ["machines"] if x["state"] == "running"]
-        self.assertNotEqual(m3["host_id"], m["host_id"])
-        # Read through the target's forward; a connection reset right after the move is
-        # tried again (bounded) and counted: once in CI (5676aa8) the first read after the
-        # drain was cut ("lost in a non-clean fashion"), which is not explained yet.
-        resets = []
-
-        async def read():
-            try:
-                return await self.get(m3["host_port"], "/data/note.txt")
-            except Exception as e:
-                resets.append(e.__class__.__name__)
-                return False
-
-        try:
-            code, body = await poll(reactor, read, 120, interval=1.0, what="the data read back")
-        except PollTimeout as e:
-            # What the guest said last (a panic after the move was seen, 2026-12-03).
-            console = await self.cli(cp, "logs", m3["id"])
-            self.fail(f"{e}; connections cut: {resets}; the guest's console ends with:\n"
-                      f"{console[-2500:]}")
-        print(f"\nread after the live drain: {len(resets)} connection(s) cut first {resets}")
-        self.assertEqual((code, body), (200, "kept across machines"))
 
         out = await self.cli(cp, "destroy", "web", "--volumes", "--json", timeout=300)
         self.assertEqual(len(json.loads(out)["machines"]), 1)
