@@ -151,6 +151,24 @@ class ParserTests(SynchronousTestCase):
         self.assertEqual(len(err.getvalue().strip().splitlines()), 1)
 
 
+    def test_an_unknown_argument_points_at_its_command_s_help(self):
+        import sys
+
+        for argv, prog in ((["events", "--since", "5m"], "zwrm events"),
+                           (["host", "drain", "h-1", "--bogus"], "zwrm host drain"),
+                           (["--bogus", "apps", "list"], "zwrm"),
+                           (["status", "web", "extra"], "zwrm status")):
+            err = io.StringIO()
+            self.patch(sys, "stderr", err)
+            e = self.assertRaises(SystemExit, main.parse_args, main.build_parser(), argv)
+            self.assertEqual(e.code, client.EXIT_USAGE)
+            extra = " ".join(a for a in argv if a.startswith("--") or a in ("5m", "extra"))
+            self.assertEqual(err.getvalue(), f"zwrm: unrecognized arguments: {extra} (see "
+                                             f"{prog} --help)\n", argv)
+        args = main.parse_args(main.build_parser(), ["host", "list", "--json"])
+        self.assertEqual((args.json, args.func), (True, host.host_list))
+
+
 class FormatTests(SynchronousTestCase):
     def test_list_table(self):
         out = io.StringIO()

@@ -57,6 +57,30 @@ def build_parser():
     return parser
 
 
+def parse_args(parser, argv):
+    """
+    C{parser.parse_args(argv)}, but an argument no command takes is a usage error of the
+    command it was given to, pointing at that command's help (C{zwrm events --help}), not
+    at C{zwrm --help}, which does not list it.
+    """
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        given_to = argv[:argv.index(extra[0])] if extra[0] in argv else argv
+        _command_parser(parser, given_to).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _command_parser(parser, argv):
+    """The parser of the deepest (sub)command that C{argv} names (C{parser} if none)."""
+    for token in argv:
+        [commands] = [a for a in parser._actions
+                      if isinstance(a, argparse._SubParsersAction)] or [None]
+        if commands is None:
+            break
+        parser = commands.choices.get(token, parser)
+    return parser
+
+
 def _seconds(text):
     try:
         value = float(text)
@@ -138,5 +162,5 @@ def main(argv=None):
     """Entry point of the C{zwrm} console script."""
     from twisted.internet import task
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), sys.argv[1:] if argv is None else argv)
     task.react(lambda reactor: defer.Deferred.fromCoroutine(_run(reactor, args)))
