@@ -8,8 +8,8 @@ Test-wide rules.
    once on a machine is never replayed there as a stale failure (locally it is, as usual).
  - A session deadline: after C{ZWRM_TEST_DEADLINE} seconds (under CI by default 1560, 26
    minutes: a hung run fails inside the 30-minute CI budget with a warm setup; a quiet run
-   takes about 16 minutes on two workers, 2026-12-06) a watchdog prints every thread's stack and ends the
-   run with exit status 2.  Each test also has a default timeout (pytest-timeout, see
+   takes about 16 minutes on two workers, 2026-12-06) a watchdog prints every thread's stack
+   and ends the run with exit status 2.  Each test also has a default timeout (pytest-timeout, see
    pyproject.toml); the deadline bounds their sum.
  - Two workers (pytest-xdist, C{scripts/test} passes C{-n 2 --dist loadgroup}): the tests
    that install the .debs system-wide (tests/acceptance, tests/packaging) share one worker
