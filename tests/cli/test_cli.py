@@ -154,7 +154,7 @@ class ParserTests(SynchronousTestCase):
     def test_an_unknown_argument_points_at_its_command_s_help(self):
         import sys
 
-        for argv, prog in ((["events", "--since", "5m"], "zwrm events"),
+        for argv, prog in ((["events", "--until", "5m"], "zwrm events"),
                            (["host", "drain", "h-1", "--bogus"], "zwrm host drain"),
                            (["--bogus", "apps", "list"], "zwrm"),
                            (["status", "web", "extra"], "zwrm status")):

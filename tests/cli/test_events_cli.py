@@ -20,8 +20,8 @@ from zwrm.testing.processes import poll
 
 
 def _args(plane, **kw):
-    base = {"api_url": plane.url, "topic": None, "after": None, "limit": 20, "follow": False,
-            "json": True}
+    base = {"api_url": plane.url, "topic": None, "after": None, "since": None, "limit": 20,
+            "follow": False, "json": True}
     base.update(kw)
     return Args(**base)
 
@@ -55,6 +55,36 @@ class EventsTests(TestCase):
         with self.assertRaises(CliError) as c:
             await cli_events.events(reactor, _args(plane, after=h["id"] - 1), io.StringIO())
         self.assertIn("no longer kept", c.exception.message)
+
+    @d
+    async def test_since(self):
+        """
+        --since prints every event stored since then (page after page), oldest first; a
+        time to come prints none; a bad WHEN is a usage error; --after and --since together
+        are refused by the parser.
+        """
+        plane = await self._plane()
+        hosts = plane.registry.data.hosts
+        made = [await hosts.produce_event("state", f"h_{i}", {"state": "ready"})
+                for i in range(5)]
+        self.patch(cli_events, "PAGE", 2)
+        out = io.StringIO()
+        await cli_events.events(reactor, _args(plane, since="1h", limit=1), out)
+        printed = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual([e["id"] for e in printed if e["subject"].startswith("h_")],
+                         [e["id"] for e in made])
+        self.assertEqual([e["id"] for e in printed], sorted(e["id"] for e in printed))
+        out = io.StringIO()
+        await cli_events.events(reactor, _args(plane, since="2099-01-01T00:00:00"), out)
+        self.assertEqual(out.getvalue(), "")
+        with self.assertRaises(CliError) as c:
+            await cli_events.events(reactor, _args(plane, since="yesterday"), io.StringIO())
+        self.assertEqual(c.exception.code, client.EXIT_USAGE)
+        self.assertIn("--since 'yesterday'", c.exception.message)
+        args = build_parser().parse_args(["events", "--since", "30m", "--follow"])
+        self.assertEqual((args.since, args.after, args.follow), ("30m", None, True))
+        with self.assertRaises(SystemExit):
+            build_parser().parse_args(["events", "--after", "1", "--since", "30m"])
 
     @d
     async def test_follow_resumes_after_reconnects_losing_nothing(self):

@@ -97,6 +97,39 @@ class HistoryTests(TestCase):
         self.assertEqual([e["topic"] for e in page["events"]], ["zwrm.event.host"] * 2)
         self.assertTrue(page["more"])
 
+    @d
+    async def test_since_a_time(self):
+        """
+        since: every event stored at or after the time, oldest first, of the topics asked
+        for, paged like after; none yet is an empty page at the newest id; after and since
+        together are refused, naming since.
+        """
+        await self._setup()
+        early = await self._produce(2)
+        self.clock.advance(60)
+        at = self.clock.seconds()
+        late = await self._produce(3)
+        late += await self._produce(1, self.apps)
+        self.clock.advance(10)
+        page = await self.history.history(since=at)
+        self.assertEqual((page["events"], page["more"]), (late, False))
+        self.assertEqual(page["cursor"], late[-1]["id"])
+        page = await self.history.history(since=at, topics=["app"])
+        self.assertEqual(page["events"], late[-1:])
+        page = await self.history.history(since=at - 61)
+        self.assertEqual(page["events"], early + late)
+        page = await self.history.history(since=at, limit=2)
+        self.assertEqual((page["events"], page["more"], page["cursor"]),
+                         (late[:2], True, late[1]["id"]))
+        page = await self.history.history(after=page["cursor"], limit=2)
+        self.assertEqual(page["events"], late[2:])
+        page = await self.history.history(since=self.clock.seconds())
+        self.assertEqual((page["events"], page["more"], page["cursor"]),
+                         ([], False, late[-1]["id"]))
+        with self.assertRaises(errors.InvalidArgument) as c:
+            await self.history.history(after=early[0]["id"], since=at)
+        self.assertEqual(c.exception.kwargs["argument"], "since")
+
     def test_unknown_topic(self):
         with self.assertRaises(errors.InvalidArgument) as c:
             topic_of("hosts")

@@ -1,7 +1,8 @@
 """
-C{zwrm events [--topic host|machine|drain|app|cert] [--after ID] [--limit N] [--follow]
-[--json]}: the control plane's event history (C{zwrm.event.history}), and with C{--follow}
-the events as they happen.
+C{zwrm events [--topic host|machine|drain|app|cert] [--after ID | --since WHEN] [--limit N]
+[--follow] [--json]}: the control plane's event history (C{zwrm.event.history}), and with
+C{--follow} the events as they happen.  C{--since} (C{30m}, C{24h}, C{7d} or a UTC time, as
+for C{zwrm audit}) prints every event stored since then.
 
 A follower subscribes to the topics, then reads the history after the last id it printed
 (until the answer says there is no C{more}), then prints what arrived meanwhile and from then
@@ -23,6 +24,7 @@ import time
 from autobahn.wamp.exception import ApplicationError, TransportLost
 from twisted.internet import defer, task
 
+from zwrm.cli.audit import parse_since
 from zwrm.cli.client import (
     EXIT_AUTH,
     EXIT_CONFIG,
@@ -55,10 +57,13 @@ def register(subparsers):
                     " the last event printed.")
     p.add_argument("--topic", action="append", choices=TOPICS, metavar="TOPIC",
                    help="only this topic: host, machine, drain, app or cert (repeatable)")
-    p.add_argument("--after", type=_event_id, metavar="ID",
-                   help="the events after this id (default: the newest --limit)")
+    since = p.add_mutually_exclusive_group()
+    since.add_argument("--after", type=_event_id, metavar="ID",
+                       help="the events after this id (default: the newest --limit)")
+    since.add_argument("--since", metavar="WHEN",
+                       help="every event since a duration ago (30m, 24h, 7d) or a time (UTC)")
     p.add_argument("--limit", type=_limit, default=20, metavar="N",
-                   help="without --after, the newest N events (default 20)")
+                   help="without --after or --since, the newest N events (default 20)")
     p.add_argument("--follow", "-f", action="store_true",
                    help="keep printing events as they happen (until interrupted)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -170,21 +175,23 @@ class Printer:
         self.printed += 1
 
 
-async def _catch_up(session, printer, topics, after=None, limit=None):
+async def _catch_up(session, printer, topics, after=None, limit=None, since=None):
     """
-    Print the history after C{printer.last} (or, with C{limit}, the newest C{limit}).
+    Print the history after C{printer.last} (else after C{after}, else every event since
+    the time C{since}, else the newest C{limit}).
 
     @return: the cursor to follow from.
     """
     kw = {"topics": topics} if topics else {}
-    if after is None and printer.last is None:
+    if after is None and printer.last is None and since is None:
         page = await call(session, "zwrm.event.history", limit=limit or PAGE, **kw)
         for e in page["events"]:
             printer.emit(e)
         return page["cursor"]
     cursor = printer.last if printer.last is not None else after
     while True:
-        page = await call(session, "zwrm.event.history", after=cursor, limit=PAGE, **kw)
+        where = {"after": cursor} if cursor is not None else {"since": since}
+        page = await call(session, "zwrm.event.history", limit=PAGE, **where, **kw)
         for e in page["events"]:
             printer.emit(e)
         cursor = page["cursor"]
@@ -192,7 +199,7 @@ async def _catch_up(session, printer, topics, after=None, limit=None):
             return cursor
 
 
-async def follow_once(reactor, session, printer, topics, limit=None, err=None):
+async def follow_once(reactor, session, printer, topics, limit=None, err=None, since=None):
     """
     Follow on one session until its connection ends: subscribe, catch up from
     C{printer.last}, then print events as they come.  A history that no longer holds the
@@ -241,12 +248,12 @@ async def follow_once(reactor, session, printer, topics, limit=None, err=None):
     session.ended.addBoth(ended)
     while not state["ended"]:
         try:
-            cursor = await _catch_up(session, printer, topics, limit=limit)
+            cursor = await _catch_up(session, printer, topics, limit=limit, since=since)
         except Gone as e:
             err.write(f"zwrm: events were lost: {e.message}\n")
             printer.last = e.last_id
             cursor = await _catch_up(session, printer, topics)
-        limit = None
+        limit = since = None
         if cursor is not None and (printer.last is None or cursor > printer.last):
             printer.last = cursor  # every event up to it that matches was printed
         for event in sorted((e for e in buffered if isinstance(e, dict)
@@ -265,11 +272,12 @@ async def events(reactor, args, out=None, err=None, settings=None):
     settings = settings or load_settings(args.api_url)
     topics = list(dict.fromkeys(args.topic or [])) or None
     printer = Printer(out, args.json, last=args.after)
+    since = parse_since(args.since) if getattr(args, "since", None) else None
     if not args.follow:
         session = await connect(reactor, settings)
         try:
             await _catch_up(_GoneAware(session), printer, topics, after=args.after,
-                            limit=args.limit)
+                            limit=args.limit, since=since)
         except Gone as e:
             raise CliError(e.message) from None
         finally:
@@ -289,7 +297,8 @@ async def events(reactor, args, out=None, err=None, settings=None):
             continue
         try:
             await follow_once(reactor, session, printer, topics,
-                              limit=args.limit if first else None, err=err)
+                              limit=args.limit if first else None, err=err,
+                              since=since if first else None)
         except CliError as e:
             if e.code not in (EXIT_UNREACHABLE, EXIT_TIMEOUT):
                 raise

@@ -672,10 +672,14 @@ PROCEDURES = {p.uri: p for p in [
                Arg("topics", Nullable(OneOf(Str(64, min_len=1), List(Str(64, min_len=1), 8))),
                    None, "only this topic, or these: host, machine, drain, app, cert (or"
                          " zwrm.event.<that>)"),
-               Arg("limit", Int(1, 10000), 1000, "at most this many events")],
+               Arg("limit", Int(1, 10000), 1000, "at most this many events"),
+               Arg("since", Nullable(Number(0, 2 ** 40)), None,
+                   "instead of after: the events stored at or after this POSIX time (paged"
+                   " like after)")],
               "{events: [{id, ts, topic, kind, subject, payload}], cursor, more, first_id,"
               " last_id}",
-              ["invalid_argument", "history_gone (after is older than the kept history, or"
+              ["invalid_argument (also: after and since both given)",
+               "history_gone (after is older than the kept history, or"
                " newer than its newest id: read the state again, resume from last_id)"]),
     Procedure("zwrm.audit.list", OPERATOR,
               "The audit trail: operator actions with actor, time, arguments (secrets"

@@ -123,10 +123,12 @@ class EventHistory:
         self.max_events = max_events
         self.max_age = float(max_age)
 
-    def history(self, after=None, topics=None, limit=DEFAULT_LIMIT):
+    def history(self, after=None, topics=None, limit=DEFAULT_LIMIT, since=None):
         """
         The events after id C{after} (or, without it, the newest C{limit}), oldest first.
 
+        @param since: instead of C{after}, the events stored at or after this POSIX time
+            (paged like C{after}: call again with C{after=cursor} while C{more}).
         @param topics: only these topics (short names or full); L{None}: every topic.
         @return: a Deferred firing with C{{"events": [...], "cursor": <id to resume from>,
             "more": <bool: call again from the cursor>, "first_id", "last_id"}}.
@@ -138,18 +140,28 @@ class EventHistory:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
             raise errors.InvalidArgument(f"limit must be an integer from 1 to {MAX_LIMIT}",
                                          argument="limit")
+        if since is not None and after is not None:
+            raise errors.InvalidArgument("give after (an event id) or since (a time), not both",
+                                         argument="since")
 
         def query(db):
             conn = db.conn
             conn.execute("BEGIN")
             try:
                 first, newest = _bounds(conn)
-                if after is not None and after < first - 1:
+                start = after
+                if since is not None:
+                    # The events from the first stored at or after the time (ids grow with
+                    # time); none yet: the newest id, so that nothing is returned.
+                    at = conn.execute("SELECT MIN(id) FROM events WHERE ts >= ?",
+                                      [since]).fetchone()[0]
+                    start = newest if at is None else at - 1
+                elif after is not None and after < first - 1:
                     raise HistoryGone(
                         f"the events after id {after} are no longer kept (the history starts"
                         f" at id {first}): read the state again, then resume from id {newest}",
                         first_id=first, last_id=newest)
-                if after is not None and after > newest:
+                if since is None and after is not None and after > newest:
                     raise HistoryGone(
                         f"event id {after} is newer than the control plane's newest ({newest}):"
                         f" its database was restored or replaced; read the state again, then"
@@ -159,14 +171,14 @@ class EventHistory:
                     where.append(f"topic IN ({', '.join('?' * len(wanted))})")
                     args += wanted
                 cols = "SELECT id, ts, topic, kind, subject, payload FROM events"
-                if after is None:
+                if start is None:
                     sql = cols + (" WHERE " + " AND ".join(where) if where else "")
                     rows = conn.execute(sql + " ORDER BY id DESC LIMIT ?", args + [limit]).fetchall()
                     rows.reverse()
                     more = False
                 else:
                     where.insert(0, "id > ?")
-                    args.insert(0, after)
+                    args.insert(0, start)
                     rows = conn.execute(cols + " WHERE " + " AND ".join(where)
                                         + " ORDER BY id LIMIT ?", args + [limit + 1]).fetchall()
                     more = len(rows) > limit
@@ -244,9 +256,9 @@ class EventAPI:
         self.history = history
 
     @wamp.register("zwrm.event.history")
-    def event_history(self, after=None, topics=None, limit=DEFAULT_LIMIT):
+    def event_history(self, after=None, topics=None, limit=DEFAULT_LIMIT, since=None):
         """
-        The events after id C{after} (without it, the newest C{limit}), oldest first; see
-        L{EventHistory.history}.
+        The events after id C{after} (or stored at or after the time C{since}; without
+        either, the newest C{limit}), oldest first; see L{EventHistory.history}.
         """
-        return self.history.history(after, topics, limit)
+        return self.history.history(after, topics, limit, since)
