@@ -83,8 +83,12 @@ class EventsTests(TestCase):
         self.assertIn("--since 'yesterday'", c.exception.message)
         args = build_parser().parse_args(["events", "--since", "30m", "--follow"])
         self.assertEqual((args.since, args.after, args.follow), ("30m", None, True))
+        import sys
+
+        self.patch(sys, "stderr", io.StringIO())
         with self.assertRaises(SystemExit):
             build_parser().parse_args(["events", "--after", "1", "--since", "30m"])
+        self.assertIn("not allowed with argument", sys.stderr.getvalue())
 
     @d
     async def test_follow_resumes_after_reconnects_losing_nothing(self):
@@ -131,6 +135,57 @@ class EventsTests(TestCase):
         self.assertEqual(printed(), [e["id"] for e in produced[1:]])
         self.assertEqual(len(sessions), 3)
         self.assertEqual(err.getvalue().count("reconnecting"), 2)
+
+    @d
+    async def test_follow_ends_quietly_when_interrupted(self):
+        """
+        Ctrl-C or SIGTERM: the reactor's shutdown ends the follower's connection; the
+        follower returns 0 and says nothing about a lost connection or a reconnect.
+        """
+        plane = await self._plane()
+        sessions = []
+        connect = cli_events.connect
+
+        async def recording_connect(reactor, settings, timeout=None):
+            s = await connect(reactor, settings, timeout)
+            sessions.append(s)
+            return s
+
+        self.patch(cli_events, "connect", recording_connect)
+
+        class Shutting:
+            """The reactor, whose shutdown triggers this test fires itself."""
+
+            def __init__(self):
+                self.triggers = {}
+
+            def addSystemEventTrigger(self, phase, event, f, *args):
+                self.triggers[len(self.triggers)] = (phase, event, f, args)
+                return len(self.triggers) - 1
+
+            def removeSystemEventTrigger(self, trigger):
+                del self.triggers[trigger]
+
+            def __getattr__(self, name):
+                return getattr(reactor, name)
+
+        shutting = Shutting()
+        out, err = io.StringIO(), io.StringIO()
+        follower = defer.Deferred.fromCoroutine(cli_events.events(
+            shutting, _args(plane, follow=True), out, err))
+        await poll(reactor, lambda: sessions, 20, 0.01, what="the follower connected")
+        [(phase, event, f, args)] = shutting.triggers.values()
+        self.assertEqual((phase, event), ("before", "shutdown"))
+        f(*args)
+        sessions[-1].abort()
+        self.assertEqual(await follower.addTimeout(10, reactor), 0)
+        self.assertEqual((err.getvalue(), len(sessions)), ("", 1))
+        # Returned for another reason, the follower lets go of its trigger.
+        follower = defer.Deferred.fromCoroutine(cli_events.events(
+            shutting, _args(plane, follow=True, api_url="ws://127.0.0.1:1/ws"), out, err))
+        with self.assertRaises(CliError):
+            await follower
+        self.assertEqual(len(shutting.triggers), 1)  # the fired one, kept by the first
 
     @d
     async def test_follow_fills_a_gap_in_the_ids(self):

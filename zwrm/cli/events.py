@@ -283,6 +283,18 @@ async def events(reactor, args, out=None, err=None, settings=None):
         finally:
             await close(session)
         return 0
+    # Interrupted (Ctrl-C, SIGTERM): the reactor's shutdown closes the connection, which
+    # is then the end asked for, not a loss to say and reconnect after.
+    stopping = []
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", stopping.append, True)
+    try:
+        return await _follow(reactor, settings, printer, topics, args, since, err, stopping)
+    finally:
+        if not stopping:  # (once fired, the reactor has let go of it)
+            reactor.removeSystemEventTrigger(trigger)
+
+
+async def _follow(reactor, settings, printer, topics, args, since, err, stopping):
     first = True
     delay = RETRY_INITIAL
     while True:
@@ -305,6 +317,8 @@ async def events(reactor, args, out=None, err=None, settings=None):
         except defer.CancelledError:
             await close(session)
             raise
+        if stopping:
+            return 0
         err.write(f"zwrm: lost the connection; reconnecting (resuming after event"
                   f" #{printer.last})\n")
         first = False
