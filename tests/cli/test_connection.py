@@ -194,6 +194,30 @@ class Args:
         self.__dict__.update(kw)
 
 
+class ShuttingClock(task.Clock):
+    """A Clock with the reactor's shutdown triggers, which L{shut_down} fires."""
+
+    def __init__(self):
+        task.Clock.__init__(self)
+        self.triggers = {}
+        self._next = 0
+
+    def addSystemEventTrigger(self, phase, event, f, *args, **kw):
+        self._next += 1
+        self.triggers[self._next] = (phase, event, f, args, kw)
+        return self._next
+
+    def removeSystemEventTrigger(self, trigger):
+        del self.triggers[trigger]
+
+    def shut_down(self):
+        for phase in ("before", "during", "after"):
+            for key, (p, event, f, args, kw) in list(self.triggers.items()):
+                if (p, event) == (phase, "shutdown"):
+                    del self.triggers[key]
+                    f(*args, **kw)
+
+
 class OverallTimeoutTests(SynchronousTestCase):
     """The whole command's limit (L{main.budget}), on a Clock."""
 
@@ -207,7 +231,7 @@ class OverallTimeoutTests(SynchronousTestCase):
         await Deferred()
 
     def run_command(self, args):
-        clock = task.Clock()
+        clock = ShuttingClock()
         d = ensureDeferred(main._run(clock, args))
         return clock, d
 
@@ -220,6 +244,29 @@ class OverallTimeoutTests(SynchronousTestCase):
         f = self.failureResultOf(d, SystemExit)
         self.assertEqual(f.value.code, client.EXIT_TIMEOUT)
         self.assertEqual(self.err, ["zwrm: no answer within 31 s (--timeout)\n"])
+
+    def test_interrupted_it_says_nothing_of_the_lost_connection(self):
+        """
+        Ctrl-C or SIGTERM: the reactor shuts down, the connection ends, and the command's
+        CliError about it is not written (its exit code stays); otherwise it is, and the
+        shutdown trigger is let go.
+        """
+        lost = Deferred()
+
+        async def following(reactor, args):
+            await lost
+
+        clock, d = self.run_command(Args(func=following, timeout=None))
+        clock.shut_down()
+        lost.errback(CliError("lost the connection to the control plane", 3))
+        self.assertEqual(self.failureResultOf(d, SystemExit).value.code, 3)
+        self.assertEqual((self.err, clock.triggers), ([], {}))
+        lost = Deferred()
+        clock, d = self.run_command(Args(func=following, timeout=None))
+        lost.errback(CliError("lost the connection to the control plane", 3))
+        self.assertEqual(self.failureResultOf(d, SystemExit).value.code, 3)
+        self.assertEqual(self.err, ["zwrm: lost the connection to the control plane\n"])
+        self.assertEqual(clock.triggers, {})
 
     def test_wait_extends_it(self):
         args = Args(func=self.stuck, timeout=None, wait=100.0)

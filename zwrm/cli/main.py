@@ -133,10 +133,15 @@ async def _run(reactor, args):
         d.cancel()
 
     timer = reactor.callLater(limit, expire) if limit else None
+    # Interrupted (Ctrl-C, SIGTERM): the reactor's shutdown closes the connection, and the
+    # command's "lost the connection" is then no news to the one who interrupted it.
+    interrupted = []
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", interrupted.append, True)
     try:
         code = await d
     except CliError as e:
-        sys.stderr.write(f"zwrm: {e.message}\n")
+        if not interrupted:
+            sys.stderr.write(f"zwrm: {e.message}\n")
         code = e.code
     except defer.CancelledError:
         if not expired:
@@ -149,6 +154,8 @@ async def _run(reactor, args):
     finally:
         if timer is not None and timer.active():
             timer.cancel()
+        if not interrupted:  # (once fired, the reactor has let go of it)
+            reactor.removeSystemEventTrigger(trigger)
     if code:
         raise SystemExit(code)
 
