@@ -57,6 +57,43 @@ class DeploySpecTests(SynchronousTestCase):
             self.assertIn(word, e.message)
 
 
+class MachineStatusTests(SynchronousTestCase):
+    def test_text(self):
+        """
+        The machine's image, volumes and restarts (the next one's time and reason when one
+        is due), then its recent events with their times, newest first.
+        """
+        from zwrm.cli import apps
+
+        status = {
+            "id": "m-1", "app": "web", "replica": 0, "host_id": "h_1", "state": "stopped",
+            "health": None, "address": "10.80.1.2", "host_port": None, "paused": None,
+            "spec": {"image": "demo:2"}, "volumes": ["v-1", "v-2"], "restarts": 2,
+            "next_restart_at": 1796566830.0, "restart_reason": "QEMU exited 1",
+            "events": [
+                {"id": 9, "ts": 1796566824.9, "kind": "state",
+                 "payload": {"state": "stopped", "reason": "QEMU exited 1"}},
+                {"id": 8, "ts": 1796566816.7, "kind": "volume", "payload": {}}]}
+
+        async def answer(reactor, args, procedure, *a):
+            self.assertEqual((procedure, a), ("zwrm.machine.status", ("m-1",)))
+            return status
+
+        self.patch(apps, "_with_session", answer)
+        out = io.StringIO()
+        self.successResultOf(defer.ensureDeferred(apps.machine_status(
+            None, parse("machines", "status", "m-1"), out)))
+        text = out.getvalue()
+        self.assertIn("\nimage       demo:2\nvolumes     v-1, v-2\nrestarts    2; the next at"
+                      " 14:20:30 UTC (QEMU exited 1)\n", text)
+        self.assertIn("host_port   -\n", text)
+        events = text.split("recent events (2):\n", 1)[1].splitlines()
+        self.assertEqual([line.split() for line in events], [
+            ["TIME", "(UTC)", "KIND", "DETAIL"],
+            ["2026-12-06", "14:20:24", "state", "stopped", "(QEMU", "exited", "1)"],
+            ["2026-12-06", "14:20:16", "volume"]])
+
+
 class HistoryTests(SynchronousTestCase):
     def test_each_version_says_what_it_changed(self):
         """

@@ -743,14 +743,32 @@ async def machine_status(reactor, args, out=None):
     m = await _with_session(reactor, args, "zwrm.machine.status", args.machine_id)
     if args.json:
         return _json(m, out)
-    for k in ("id", "app", "replica", "host_id", "state", "health", "address", "host_port"):
-        out.write(f"{k.ljust(10)}  {m.get(k) if m.get(k) is not None else '-'}\n")
+    spec = m.get("spec") or {}
+    fields = {k: m.get(k) for k in ("id", "app", "replica", "host_id", "state", "health",
+                                     "address", "host_port")}
+    fields["image"] = spec.get("image")
+    fields["volumes"] = ", ".join(m.get("volumes") or ()) or None
+    restarts = m.get("restarts") or 0
+    if m.get("next_restart_at"):
+        at = time.strftime("%H:%M:%S UTC", time.gmtime(m["next_restart_at"]))
+        fields["restarts"] = f"{restarts}; the next at {at} ({m.get('restart_reason') or '-'})"
+    else:
+        fields["restarts"] = restarts
+    for k, v in fields.items():
+        out.write(f"{k.ljust(10)}  {v if v is not None else '-'}\n")
     if m.get("paused"):
         out.write(f"{'paused'.ljust(10)}  {m['paused']}: {PAUSED.get(m['paused'], '')}\n")
     out.write(f"\nrecent events ({len(m['events'])}):\n")
+    rows = []
     for e in m["events"]:
         p = e.get("payload") or {}
-        out.write(f"  {e['kind']}: {p.get('state', '')} {p.get('reason') or ''}\n")
+        what = str(p.get("state") or "")
+        if p.get("reason"):
+            what += f" ({p['reason']})"
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["ts"])) if e.get("ts") else "-"
+        rows.append([when, e["kind"], what])
+    if rows:
+        _table(["TIME (UTC)", "KIND", "DETAIL"], rows, out)
 
 
 async def machine_restart(reactor, args, out=None):
