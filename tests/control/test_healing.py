@@ -659,6 +659,47 @@ class HostLossTests(TestCase):
         self.assertEqual((m2["id"], m2["state"]), (m["id"], "running"))
 
     @d
+    async def test_found_running_on_its_host_back_it_keeps_its_health_and_capacity(self):
+        """
+        The host of a machine with a volume is lost (the machine failed, its capacity given
+        back) and comes back with the machine still running: the machine is running again
+        with the health and port its agent reports (not "none" until the check changes),
+        and its capacity on the host is taken again (what placements and `zwrm host list`
+        count), not left free for another machine.
+        """
+        c, h = await self.cluster(hosts=("h-a", "h-b"))
+        await c.apps.create_app("db")
+        await c.apps.deploy("db", c.spec(volumes=[{"name": "data", "mount": "/data"}],
+                                         vcpus=2, memory_mb=512))
+        (m,) = await c.machines("db")
+        host = m["host_id"]
+
+        def used():
+            entry = c.apps.scheduler.host(host)
+            return entry.used_vcpus, entry.used_memory_mb
+
+        async def stored():
+            r = {x["id"]: x for x in await c.registry.list()}[host]
+            return r["alloc_vcpus"], r["alloc_memory_mb"]
+
+        self.assertEqual((used(), await stored()), ((2, 512), (2, 512)))
+        await self.lose(c, h, host)
+        self.assertEqual((used(), await stored()), ((0, 0), (0, 0)))
+        await c.registry.register(host, dict(FACTS, name=host))
+        result = await c.registry.reconcile(host, [
+            {"id": m["id"], "state": "running", "health": "passing", "host_port": 41234}])
+        await settle(c, h)
+        self.assertEqual(result["restored"], [m["id"]])
+        (m2,) = await c.machines("db")
+        self.assertEqual((m2["id"], m2["state"], m2["health"], m2["host_port"]),
+                         (m["id"], "running", "passing", 41234))
+        self.assertEqual((used(), await stored()), ((2, 512), (2, 512)))
+        # Taken once: the machine's own later reports change nothing of it.
+        await c.apps.machine_event({"machine_id": m["id"], "state": "running",
+                                    "health": "passing"}, details=caller(host))
+        self.assertEqual(used(), (2, 512))
+
+    @d
     async def test_reschedule_after(self):
         c, h = await self.cluster(hosts=("h-a", "h-b"), reschedule_after=30)
         await c.apps.create_app("web")

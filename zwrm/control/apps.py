@@ -92,6 +92,8 @@ class Apps:
         self.data = data = hosts.data
         self.network = network.ClusterNetwork(store, clock)  # addresses; docs/networking.md
         self.placements = Placements(scheduler, data)
+        # A machine found running on a host that came back holds its capacity again.
+        hosts.on_restored.append(self.placements.restored)
         self.replicas = Replicas(clock, hosts, data, self.placements, self.network)
         self.network_view = network.ViewPublisher(clock, self.network, data, self.replicas.call)
         self._images = ImageCheck()

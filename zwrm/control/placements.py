@@ -210,6 +210,23 @@ class Placements:
             if p is not None and not self.scheduler.is_committed(p):
                 self.scheduler.commit(p)
 
+    def restored(self, row):
+        """
+        The machine C{row} (just stored) runs again on its host, found there when the host
+        came back after it was marked failed: its capacity there is taken again (it was
+        given back when it failed).
+        """
+        self.unconfirmed.discard(row["id"])
+        if row["id"] in self._placements:
+            return
+        try:
+            self._placements[row["id"]] = self.scheduler.restore(
+                row["host_id"], placement_request(row["spec"]))
+        except errors.ZwrmError as e:
+            self.log.warn("machine {id}: capacity not restored: {e}", id=row["id"], e=e)
+            return
+        self._alloc_changed(row["host_id"])
+
     def on_release(self, callback):
         """
         Call C{callback(host_id)} whenever a reservation on C{host_id} is given back (a

@@ -32,6 +32,7 @@ from zwrm.control.resources.hosts import DISK_FULL_MB, HostEntry
 from zwrm.control.resources.hosts import TOPIC as HOST_TOPIC
 from zwrm.control.resources.hosts import wire as host_wire
 from zwrm.control.resources.machines import TOPIC as MACHINE_TOPIC
+from zwrm.control.resources.machines import reported_health
 from zwrm.control.resources.machines import wire as machine_wire
 from zwrm.hostid import current_host_id, new_host_id
 
@@ -159,6 +160,9 @@ class HostRegistry:
         # WAMP session id -> clock time it ended, for ENDED_MEMORY s: a registration whose
         # session ended before (or while) it was stored is deregistered at once
         self._ended = OrderedDict()
+        #: Called with the row of each machine L{reconcile} found running again on the host
+        #: that came back (the placements hold its capacity there again).
+        self.on_restored = []
 
     # -- loading and persistence -----------------------------------------------------
 
@@ -568,7 +572,16 @@ class HostRegistry:
                 result["unknown"].append(mid)
                 await self._stop_on(host_id, mid)
             elif row["host_id"] == host_id and row["state"] == "failed":
-                await self.machines.set(row, "host back", state="running")
+                # As its agent has it: its check (a host gone was no news to it), its
+                # port; and the capacity it takes there is held again (on_restored).
+                await self.machines.set(row, "host back", state="running",
+                                        health=reported_health(row.get("health"), running[mid]))
+                for callback in list(self.on_restored):
+                    try:
+                        callback(row)
+                    except Exception:
+                        self.log.failure("after restoring {mid} on {host_id}", mid=mid,
+                                         host_id=host_id)
                 result["restored"].append(mid)
             elif row["host_id"] != host_id or row["state"] not in MAY_RUN_STATES:
                 result["duplicate"].append(mid)

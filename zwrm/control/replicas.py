@@ -23,7 +23,7 @@ from twisted.logger import Logger
 
 from zwrm import errors
 from zwrm.control.appspec import error_text, new_id, shutdown_delay
-from zwrm.control.resources.machines import LIVE, placement_request
+from zwrm.control.resources.machines import LIVE, placement_request, reported_health
 from zwrm.control.resources.machines import STATES as MACHINE_STATES
 from zwrm.drivers.cloudinit import hostname_for
 
@@ -204,16 +204,7 @@ class Replicas:
         state = status.get("state")
         if state not in MACHINE_STATES:
             return row
-        health = dict(row.get("health") or {})
-        if status.get("health") is not None:
-            health["status"] = status["health"]
-        if status.get("host_port") is not None:
-            health["host_port"] = status["host_port"]
-        if state == "running" and status.get("paused"):
-            # Its hypervisor holds it (a write waits for room on its host's disk).
-            health["paused"] = status["paused"]
-        else:
-            health.pop("paused", None)
+        health = reported_health(row.get("health"), status)
         if row["id"] in self._stopping:
             if state in ("stopped", "failed"):
                 self._stopping.discard(row["id"])

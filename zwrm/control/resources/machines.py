@@ -107,6 +107,27 @@ def placement_request(spec, pinned_host=None, disk_mb=0):
     )
 
 
+
+def reported_health(health, status):
+    """
+    A machine row's C{health} with what its agent's C{status} (a report, or its entry in
+    C{machine.list}) says: its check's status, its forwarded port, and whether its
+    hypervisor holds it paused (only while it runs).
+
+    @return: a new dict.
+    """
+    health = dict(health or {})
+    if status.get("health") is not None:
+        health["status"] = status["health"]
+    if status.get("host_port") is not None:
+        health["host_port"] = status["host_port"]
+    if status.get("state") == "running" and status.get("paused"):
+        # Its hypervisor holds it (a write waits for room on its host's disk).
+        health["paused"] = status["paused"]
+    else:
+        health.pop("paused", None)
+    return health
+
 class Machines(Resource):
     """The machines of the cluster: rows, update methods, events."""
 
