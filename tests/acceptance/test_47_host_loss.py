@@ -86,10 +86,16 @@ def test_a_host_vanishes_and_returns(cluster, request):
 
         def web_running():
             [w] = _status(cluster, web["name"])["machines"]
-            return w["state"] == "running" and w["health"] in ("passing", "none") and w
+            return w["state"] == "running" and w["health"] == "passing" and w
 
+        # (Found running on its host back, it has the health its agent reports: it was
+        # "none" for good before, its check never changing.)
         w = poll(web_running, 120, interval=2, what="the earlier app running again")
         assert (w["id"], w["host_id"]) == (web_machine["id"], web_machine["host_id"])
+        if web_on_lost:
+            # its capacity on the host is taken again (it was given back when it failed)
+            [h] = [h for h in cluster.host_list() if h["id"] == w["host_id"]]
+            assert h["alloc_vcpus"] >= 1 and h["alloc_memory_mb"] >= 128, h
         for body in cluster.app_everywhere("/cgi-bin/read?index.txt", wait=60).values():
             assert body.encode() == web["data"]
 
