@@ -34,6 +34,19 @@ class EventsTests(TestCase):
         self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
         return plane
 
+    def _record_sessions(self):
+        """The sessions the CLI's events connect, in order, from now on."""
+        sessions = []
+        connect = cli_events.connect
+
+        async def recording_connect(reactor, settings, timeout=None):
+            s = await connect(reactor, settings, timeout)
+            sessions.append(s)
+            return s
+
+        self.patch(cli_events, "connect", recording_connect)
+        return sessions
+
     @d
     async def test_history_printed_filtered_and_gone(self):
         plane = await self._plane()
@@ -98,15 +111,7 @@ class EventsTests(TestCase):
         """
         plane = await self._plane()
         self.patch(cli_events, "RETRY_INITIAL", 0.05)
-        sessions = []
-        connect = cli_events.connect
-
-        async def recording_connect(reactor, settings, timeout=None):
-            s = await connect(reactor, settings, timeout)
-            sessions.append(s)
-            return s
-
-        self.patch(cli_events, "connect", recording_connect)
+        sessions = self._record_sessions()
         hosts = plane.registry.data.hosts
         before = await hosts.produce_event("state", "h_x", {"n": -1})
         out, err = io.StringIO(), io.StringIO()
@@ -143,15 +148,7 @@ class EventsTests(TestCase):
         follower returns 0 and says nothing about a lost connection or a reconnect.
         """
         plane = await self._plane()
-        sessions = []
-        connect = cli_events.connect
-
-        async def recording_connect(reactor, settings, timeout=None):
-            s = await connect(reactor, settings, timeout)
-            sessions.append(s)
-            return s
-
-        self.patch(cli_events, "connect", recording_connect)
+        sessions = self._record_sessions()
 
         class Shutting:
             """The reactor, whose shutdown triggers this test fires itself."""
@@ -194,15 +191,7 @@ class EventsTests(TestCase):
         an external router) is read from the history when the next event's id skips it.
         """
         plane = await self._plane()
-        sessions = []
-        connect = cli_events.connect
-
-        async def recording_connect(reactor, settings, timeout=None):
-            s = await connect(reactor, settings, timeout)
-            sessions.append(s)
-            return s
-
-        self.patch(cli_events, "connect", recording_connect)
+        sessions = self._record_sessions()
         hosts = plane.registry.data.hosts
         first = await hosts.produce_event("state", "h_x", {"n": 0})
         out = io.StringIO()
