@@ -21,7 +21,7 @@ import shutil
 import tempfile
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
@@ -124,6 +124,13 @@ def make_live_tests(fixture):
             for drv in self.drivers:
                 for mid in list(drv.list()):
                     await drv.destroy(mid)
+
+        async def bounded(self, what, work, seconds=90):
+            """C{await work} (a coroutine or Deferred), failing the test after C{seconds}."""
+            try:
+                return await ensureDeferred(work).addTimeout(seconds, reactor)
+            except TimeoutError:
+                self.fail(f"{what} did not end within {seconds} s")
 
         def driver(self, name):
             drv = fixture.make(self, os.path.join(self.root, name))
@@ -253,8 +260,12 @@ def make_live_tests(fixture):
             mirror, is rolled back (a hypervisor keeps saying "completed" of the migration
             that brought it), and so is one that an agent restart finds there.
             """
-            src, dst, _vol_a, _vol_b, where, stls = await self.source_and_target()
-            await self.migrate(src, dst, where, stls)
+            # Each step bounded, so that a step that never ends (once in CI, 2026-12-06:
+            # the test still running at its 300 s) says which it was.
+            step = self.bounded
+            src, dst, _vol_a, _vol_b, where, stls = await step(
+                "the source and target", self.source_and_target())
+            await step("the first migration", self.migrate(src, dst, where, stls))
 
             async def mirror_to(host):
                 drv = self.driver(host)
@@ -267,20 +278,22 @@ def make_live_tests(fixture):
                 await dst.start_mirror("m1", there, tls_for(self.ca, "host-b", f"host-{host}"),
                                        speed=1024 * 1024)
 
-            await mirror_to("c")
-            self.assertEqual(await dst.cancel_migration("m1"), {"cancelled": True})
-            st = await dst.migration_status("m1")
+            await step("the mirror to host-c", mirror_to("c"))
+            self.assertEqual(await step("its cancel", dst.cancel_migration("m1")),
+                             {"cancelled": True})
+            st = await step("the status after the cancel", dst.migration_status("m1"))
             self.assertEqual((st["runstate"], st["mirrors"]), ("running", []))
             self.assertEqual(dst.status("m1")["state"], "running")
 
-            await mirror_to("d")
-            await dst.close()  # the agent restarts during the mirror
+            await step("the mirror to host-d", mirror_to("d"))
+            await step("the agent's close", dst.close())  # it restarts during the mirror
             again = self.driver("b")
-            [found] = await again.recover()
+            [found] = await step("the recovery", again.recover())
             self.assertEqual((found["state"], found["reason"]), (
                 "running", "recovered: its interrupted live migration was cancelled; it runs "
                 "here"))
-            self.assertEqual((await again.migration_status("m1"))["mirrors"], [])
+            self.assertEqual((await step("the status after the recovery",
+                                         again.migration_status("m1")))["mirrors"], [])
 
         async def test_target_that_stops_answering_during_the_mirror_is_cut_off(self):
             # The target's QEMU stops answering (fixture.hang: SIGSTOP for QEMU; its
