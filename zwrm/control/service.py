@@ -502,6 +502,8 @@ class ControlPlane(service.MultiService):
             self.drains.stop()
         if getattr(self, "healer", None) is not None:
             self.healer.stop()
+        if getattr(self, "apps", None) is not None:
+            self.apps.network_view.close()  # no push to the agents left scheduled
         for port in self.ports:
             await port.stopListening()
         self.ports = []
