@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from zwrm import plugins
-from zwrm.drivers import accel, qemu
+from zwrm.drivers import accel, qemu, qmp
 from zwrm.drivers.qemu import QemuDriver
 from zwrm.errors import InvalidArgument, Unavailable
 from zwrm.interfaces import IHypervisorDriver, IHypervisorDriverPlugin
@@ -369,6 +369,16 @@ class StopTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d)["state"], "stopped")
         self.assertEqual(process.signals, [])
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_unanswered_qmp_command_fails_in_bounded_time(self):
+        # QEMU's QMP is bounded per command: a caller of a wedged QEMU gets an error back.
+        process, proto, transport = self.running()
+        d = self.driver._get("m1").qmp.execute("query-status")
+        self.reactor.advance(qmp.COMMAND_TIMEOUT - 0.1)
+        self.assertNoResult(d)
+        self.reactor.advance(0.1)
+        self.assertEqual(self.failureResultOf(d, qmp.QMPError).value.error_class, "Timeout")
+        self.ends(process, proto, code=0)
 
     def test_short_stop_timeout_comes_first(self):
         # A stop allowed less than QMP_ANSWER_TIMEOUT is hard after its own time.

@@ -5,6 +5,7 @@ The QMP client protocol, against scripted server lines (StringTransport).
 import json
 
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -81,3 +82,72 @@ class QMPProtocolTests(SynchronousTestCase):
     def test_lost_before_negotiation(self):
         self.proto.connectionLost(Failure(ConnectionDone()))
         self.failureResultOf(self.proto.ready, QMPError)
+
+
+class QMPCommandTimeoutTests(SynchronousTestCase):
+    """
+    Every command is bounded: one QEMU does not answer fails with C{Timeout}, and the
+    connection stays usable.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.proto = QMPProtocol(reactor=self.clock, command_timeout=60.0)
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+        self.proto.dataReceived(GREETING)
+        [cmd] = self.sent()
+        self.proto.dataReceived(b'{"return": {}, "id": %d}\r\n' % cmd["id"])
+        self.successResultOf(self.proto.ready)
+
+    def sent(self):
+        lines = [json.loads(x) for x in self.transport.value().splitlines() if x]
+        self.transport.clear()
+        return lines
+
+    def test_unanswered_command_times_out(self):
+        d = self.proto.execute("query-status")
+        [c] = self.sent()
+        self.clock.advance(59.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        err = self.failureResultOf(d, QMPError).value
+        self.assertEqual(err.error_class, "Timeout")
+        self.assertEqual(err.desc, "QEMU did not answer query-status within 60 s")
+        # The late reply is dropped; the next command is answered as usual.
+        self.proto.dataReceived(b'{"return": {"status": "running"}, "id": %d}\r\n' % c["id"])
+        d2 = self.proto.execute("query-status")
+        [c2] = self.sent()
+        self.proto.dataReceived(b'{"return": {"status": "paused"}, "id": %d}\r\n' % c2["id"])
+        self.assertEqual(self.successResultOf(d2), {"status": "paused"})
+
+    def test_answered_command_leaves_no_timer(self):
+        d = self.proto.execute("stop", timeout=5)
+        [c] = self.sent()
+        self.assertEqual([call.getTime() for call in self.clock.getDelayedCalls()], [5.0])
+        self.proto.dataReceived(b'{"return": {}, "id": %d}\r\n' % c["id"])
+        self.assertEqual(self.successResultOf(d), {})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_own_timeout_per_command(self):
+        fds = []
+        self.transport.sendFileDescriptor = fds.append
+        d = self.proto.execute_with_fd("getfd", {"fdname": "x"}, 7, timeout=2)
+        self.assertEqual(fds, [7])
+        self.clock.advance(1.9)
+        self.assertNoResult(d)
+        self.clock.advance(2)
+        self.assertIn("within 2 s", self.failureResultOf(d, QMPError).value.desc)
+
+    def test_connection_lost_cancels_timers(self):
+        d = self.proto.execute("query-status")
+        self.proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.failureResultOf(d, QMPError).value.error_class, "Disconnected")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_close_ends_the_bounds(self):
+        d = self.proto.execute("query-status")
+        self.proto.close()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.failureResultOf(d, QMPError).value.error_class, "Disconnected")
