@@ -101,7 +101,8 @@ class AgentLeftMidReportTests(TestCase):
         report = agent.session.call("zwrm.agent.report", {
             "kind": "machine", "host_id": host_id, "machine_id": "m-stop",
             "state": "failed", "health": "none", "reason": "QEMU was killed by signal 9"})
-        report.addErrback(lambda f: None)
+        self.answers = []
+        report.addErrback(lambda f: self.answers.append(f.value))
         await stored
         self.assertEqual(len(plane.session.under_way), 1)
         return plane, agent, ended
@@ -114,10 +115,16 @@ class AgentLeftMidReportTests(TestCase):
         database.
         """
         plane, agent, ended = await self._report_under_way()
-        await agent.stopService()
         await plane.stopService()
         self.assertEqual(ended, ["cancelled"])
         self.assertEqual(plane.session.under_way, set())
+        # the caller, still connected, is told why (over the real router and session)
+        await poll(reactor, lambda: self.answers, 10, interval=0.01, what="the answer")
+        [e] = self.answers
+        self.assertEqual(e.error, "zwrm.error.unavailable")
+        self.assertIn("zwrm.agent.report was interrupted: the control plane is stopping",
+                      e.args[0])
+        await agent.stopService()
         self.assertEqual(self.flushLoggedErrors(), [])
 
     @d
@@ -178,6 +185,25 @@ class ShieldedTests(SynchronousTestCase):
         self.assertEqual(len(lines), 1)
         self.assertNotIn("log_failure", lines[0])
         self.assertEqual(lines[0]["why"], "no app 'web'")
+
+    def test_work_ended_by_its_owner_stopping_is_said_so(self):
+        # The control plane's stop cancels the work under way: the caller still waiting is
+        # told so with zwrm.error.unavailable, not a bare cancellation (which autobahn sends
+        # as wamp.error.runtime_error, without a word).
+        from twisted.logger import Logger
+
+        from zwrm import errors
+
+        under_way = set()
+        work = defer.Deferred()
+        answer = shielded("zwrm.app.deploy", lambda: work, Logger(), under_way)()
+        [held] = under_way
+        held.cancel()
+        e = self.failureResultOf(answer, errors.Unavailable).value
+        self.assertEqual(e.message, "zwrm.app.deploy was interrupted: the control plane is "
+                         "stopping (what it had done is kept; see the app's status and events "
+                         "once it is back)")
+        self.assertEqual(under_way, set())
 
     def test_answers_pass_as_they_are(self):
         work = defer.Deferred()

@@ -38,7 +38,8 @@ def shielded(uri, procedure, log, under_way=None):
     it ends with then has nobody to answer and is logged as one line.
 
     @param under_way: a set that holds the work's Deferreds while they run: its owner
-        cancels them when it stops itself (the control plane, before its store closes).
+        cancels them when it stops itself (the control plane, before its store closes);
+        a caller still waiting then gets L{errors.Unavailable} saying so.
     """
     def call(*args, **kwargs):
         result = procedure(*args, **kwargs)
@@ -52,7 +53,16 @@ def shielded(uri, procedure, log, under_way=None):
             if under_way is not None:
                 under_way.discard(result)
             if not answer.called:
-                if isinstance(outcome, Failure):
+                if (under_way is not None and isinstance(outcome, Failure)
+                        and outcome.check(defer.CancelledError)):
+                    # Not its caller (that cancels the answer, above): the owner stopping
+                    # (the control plane's shutdown). Said so, not as a bare cancellation
+                    # (which autobahn would send as wamp.error.runtime_error, no words).
+                    answer.errback(errors.Unavailable(
+                        f"{uri} was interrupted: the control plane is stopping (what it "
+                        "had done is kept; see the app's status and events once it is "
+                        "back)"))
+                elif isinstance(outcome, Failure):
                     answer.errback(outcome)
                 else:
                     answer.callback(outcome)
