@@ -7,9 +7,12 @@ C{/www/version.txt}, which the guest's web server serves).
 
  - A stateless app with two replicas of C{demo:1-slow} (a published port of its own) is
    redeployed with C{demo:2} while users on the client host send it requests through an
-   agent's ingress: one every 0.1 s, and two users one 3 s request after the other: every
-   request answered (those in flight on a replica being replaced too: connection
-   draining), both replicas replaced (new machine ids) and serving version 2.
+   agent's ingress: one every 0.1 s, and two users one 3 s request after the other.  The
+   control plane restarts in the middle of the update (its first new machine running
+   beside the old ones): the deploy command ends with one line saying so, and the control
+   plane takes the update up again at its start.  Every request answered (those in flight
+   on a replica being replaced too: connection draining), both replicas replaced (new
+   machine ids) and serving version 2.
  - The earlier app (one replica, pinned to its volume) is redeployed with
    C{demo:2-panic-once} (C{demo:2} whose guest panics at its first boot): its replacement
    runs on the same host with the same volume, the update having waited through the restart
@@ -27,7 +30,7 @@ import subprocess
 
 import pytest
 
-from tests.acceptance.cluster import AGENTS, PUBLISHED
+from tests.acceptance.cluster import AGENTS, PUBLISHED, SYSTEM_PATH, poll
 from zwrm.testing import image
 
 pytestmark = pytest.mark.acceptance
@@ -99,6 +102,29 @@ def _versions(cluster, port, tries=8):
     return seen
 
 
+def _beside(cluster, before):
+    """The id of a new machine of C{roll} running beside both old ones, else None."""
+    machines = cluster.zwrm_json("status", "roll")["machines"]
+    new = [m["id"] for m in machines if m["id"] not in before and m["state"] == "running"]
+    old = [m for m in machines if m["id"] in before and m["state"] == "running"]
+    return new[0] if len(new) == 1 and len(old) == 2 else None
+
+
+def _rolled_out(cluster, before):
+    """
+    C{roll}'s status once its last rollout event says C{completed}, after one that says
+    it was taken up again after the control plane's restart; else None.
+    """
+    lines = cluster.zwrm("events", "--topic", "app", "--limit", "200", "--json", ok=(0, 3, 8))
+    rollouts = [e["payload"] for e in map(json.loads, lines.splitlines())
+                if e["kind"] == "rollout" and e["payload"]["app"] == "roll"]
+    states = [(p["state"], "taken up again after a control plane stop" in p["reason"])
+              for p in rollouts]
+    if not states or states[-1][0] != "completed" or ("started", True) not in states:
+        return None
+    return cluster.zwrm_json("status", "roll")
+
+
 def test_rolling_deploy_of_a_stateless_app(cluster, request):
     _push(cluster, "demo:1-slow", {"www/cgi-bin/slow": (SLOW, 0o755)})
     _push(cluster, "demo:2", {"www/cgi-bin/slow": (SLOW, 0o755),
@@ -112,9 +138,29 @@ def test_rolling_deploy_of_a_stateless_app(cluster, request):
 
     users = _users(cluster, "a1", PORT)
     try:
-        with cluster.phase("a rolling deploy of two replicas under requests"):
-            app = cluster.zwrm_json("deploy", "roll", "--image", "demo:2", "--wait", "300",
-                                    timeout=360)
+        with cluster.phase("a rolling deploy of two replicas under requests, the control "
+                           "plane restarted in its middle"):
+            deploy = cluster.net.spawn(
+                "client", ["zwrm", "deploy", "roll", "--image", "demo:2"],
+                env={"PATH": SYSTEM_PATH, "HOME": cluster.client_home, "LANG": "C.UTF-8"},
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                halfway = poll(lambda: _beside(cluster, before), 300,
+                               what="the update's first new machine running beside the old")
+                # it waits for that machine to stay healthy (10 s) when the control plane
+                # stops (an upgrade, a crash): at its start it takes the update up again
+                cluster.restart("cp", "zwrm-control.service")
+                _, err = deploy.communicate(timeout=60)
+            finally:
+                if deploy.poll() is None:
+                    deploy.kill()
+            assert deploy.returncode != 0, err
+            assert len(err.splitlines()) == 1 and (
+                "was interrupted: the control plane is stopping" in err
+                or "lost the connection" in err), err
+            app = poll(lambda: _rolled_out(cluster, before), 300,
+                       what="the update taken up again and completed")
+        assert halfway not in {m["id"] for m in app["machines"]}  # replaced again
         # (the users go on meanwhile: requests after the deploy returned count too)
         versions = _versions(cluster, PORT)
     finally:

@@ -13,8 +13,9 @@ from twisted.trial.unittest import TestCase
 from tests.control.test_apps import Cluster, caller, d
 from tests.control.test_healing import poll
 from zwrm import errors
-from zwrm.control.apps import validate_spec
+from zwrm.control.apps import Apps, validate_spec
 from zwrm.control.resources.machines import RESTART_DECISION_GRACE
+from zwrm.scheduler import Scheduler, load_strategy
 
 
 async def healthy_wait(c, seconds=10):
@@ -243,3 +244,86 @@ class DefaultRollingTests(TestCase):
         self.assertIn(f"machine {new['id']} was not healthy within 30s (state stopping, health"
                       " failing; last check: health failing: port 80 refused the connection)",
                       cm.exception.message)
+
+
+class InterruptedRollingTests(TestCase):
+    """
+    A rolling update the control plane's stop interrupted is taken up at its next start
+    (L{Apps.resume_rollouts}): the machine of the batch under way that had not finished its
+    healthy wait is replaced again, the old ones left are replaced, and the update ends.
+    """
+
+    async def interrupted(self):
+        """web (2 replicas) stopped in its update: replica 0's new machine runs beside its
+        old one, then a new L{Apps} over the same store (a control plane start)."""
+        c = await DefaultRollingTests.cluster(self)
+        old = {m["id"] for m in await c.machines("web")}
+        done = ensureDeferred(c.apps.deploy("web", {"memory_mb": 300}))
+
+        async def beside():
+            ms = await c.machines("web")
+            return [m for m in ms if m["id"] not in old and m["state"] == "running"]
+
+        await poll(beside, what="the first new machine")
+        await healthy_wait(c)
+        (halfway,) = await beside()
+        done.cancel()  # as the stop cancels the work under way
+        self.failureResultOf(done)
+        c.clock.advance(10)  # (its wait would have ended now: it no longer runs)
+        c.apps.network_view.close()
+        c.apps = Apps(c.clock, c.store, c.registry, Scheduler(load_strategy("spread")),
+                      c.publish)
+        await c.apps.load()
+        self.assertEqual(len(await c.machines("web")), 3)
+        return c, old, halfway
+
+    rows = RollingTests.rows
+
+    def rollouts(self, c):
+        return [(e["payload"]["state"], e["payload"]["replaced"], e["payload"]["total"])
+                for t, e in c.published if t == "zwrm.event.app" and e["kind"] == "rollout"]
+
+    @d
+    async def test_an_interrupted_update_is_taken_up(self):
+        c, old, halfway = await self.interrupted()
+        resumed = ensureDeferred(c.apps.resume_rollouts())
+
+        async def fresh_running(n):
+            ms = await c.machines("web")
+            return len([m for m in ms if m["id"] not in old | {halfway["id"]}
+                        and m["state"] == "running"]) == n
+
+        await poll(lambda: fresh_running(1), what="replica 0's machine made again")
+        self.assertNotIn(halfway["id"], [m["id"] for m in await c.machines("web")])
+        await healthy_wait(c)
+        c.clock.advance(10)
+        await poll(lambda: fresh_running(2), what="replica 1's new machine")
+        await healthy_wait(c)
+        c.clock.advance(10)
+        self.assertEqual(await resumed, ["web"])
+        self.assertEqual([(m["state"], m["spec"]["memory_mb"]) for m in await self.rows(c)],
+                         [("running", 300)] * 2)
+        self.assertEqual(self.rollouts(c)[-3:],
+                         [("started", 0, 2), ("progress", 1, 2), ("completed", 2, 2)])
+        started = [e for t, e in c.published if t == "zwrm.event.app"
+                   and e["kind"] == "rollout"][-3]["payload"]
+        self.assertIn("taken up again after a control plane stop", started["reason"])
+        # taken up once: nothing is left to take up at the next start
+        self.assertEqual(await c.apps.resume_rollouts(), [])
+
+    @d
+    async def test_an_update_stopped_after_its_last_batch_is_announced_completed(self):
+        c, old, halfway = await self.interrupted()
+        for m in await c.machines("web"):  # as if both old machines had been replaced
+            if m["id"] in old:
+                await c.apps.replicas.remove_machine(await c.apps.data.machines.get(m["id"]))
+        self.assertEqual(await c.apps.resume_rollouts(), ["web"])
+        self.assertEqual(self.rollouts(c)[-1][0], "completed")
+        # replica 1 placed again, of the new version
+        self.assertEqual(sorted((m["spec"]["replica"], m["spec"]["memory_mb"])
+                                for m in await self.rows(c)), [(0, 300), (1, 300)])
+
+    @d
+    async def test_nothing_to_take_up(self):
+        c = await DefaultRollingTests.cluster(self)
+        self.assertEqual(await c.apps.resume_rollouts(), [])

@@ -31,6 +31,8 @@ canonical event on C{zwrm.event.machine} (machines and volumes) or C{zwrm.event.
 """
 
 from autobahn import wamp
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
 
 from zwrm import errors
 from zwrm.control import network
@@ -78,6 +80,8 @@ class Apps:
     @ivar network: the L{zwrm.control.network.ClusterNetwork} (addresses).
     @ivar network_view: the L{zwrm.control.network.ViewPublisher}.
     """
+
+    log = Logger()
 
     def __init__(self, clock, store, hosts, scheduler, publish):
         """
@@ -131,6 +135,41 @@ class Apps:
         @return: how many placements were restored.
         """
         return await self.placements.load()
+
+    async def resume_rollouts(self, wait=120.0, interval=1.0):
+        """
+        After a control plane start: take up every rolling update its stop interrupted
+        (L{Rollout.resume}), one app at a time in the app's order.  The agents reconnect
+        first: each update waits (at most C{wait} seconds, looking every C{interval}) for
+        the hosts of its app's machines to be reachable, else its first steps would fail.
+
+        @return: the names of the apps whose update was taken up.
+        """
+        resumed = []
+        for app in await self.data.apps.all():
+            last = await self.rollout.interrupted(app)
+            if last is None:
+                continue
+            end = self._clock.seconds() + wait
+            while self._clock.seconds() < end:
+                hosts = {m["host_id"] for m in await self.data.machines.find(
+                    app_id=app["id"], states=LIVE)}
+                if all(self._hosts.executor_available(h) for h in hosts):
+                    break
+                await deferLater(self._clock, interval, lambda: None)
+
+            async def take_up(row):
+                last = await self.rollout.interrupted(row)  # (a deploy may have come first)
+                return last is not None and await self.rollout.resume(row, last)
+
+            try:
+                if await self._with_app(app["name"], take_up):
+                    resumed.append(app["name"])
+            except errors.ZwrmError as e:  # it failed (and was announced so), or went
+                self.log.warn("the interrupted update of {app} ended: {e}", app=app["name"],
+                              e=e.message)
+                resumed.append(app["name"])
+        return resumed
 
     # -- lookups ----------------------------------------------------------------------
 

@@ -6,6 +6,9 @@ otherwise (L{zwrm.control.appspec.UPDATE_DEFAULTS}): the running machines of an 
 version are replaced C{max_parallel} at a time (0: all at once, a plain converge), each
 new machine healthy for C{min_healthy_time} within C{healthy_deadline} before the next
 batch; a failed update is reverted (C{auto_revert}).  See L{Rollout.rolling}.
+
+An update the control plane's stop interrupted (its last C{rollout} event C{started} or
+C{progress}) is taken up again at the next start (L{Rollout.resume}).
 """
 
 from zwrm import errors
@@ -59,7 +62,66 @@ class Rollout:
                 return await self.rolling(app, dict(app["spec"]), spec, stale, store_spec)
         await self._converger.converge(app, spec, replace=True, store_spec=store_spec)
 
-    async def rolling(self, app, old_spec, spec, stale, store_spec):
+    async def interrupted(self, app):
+        """
+        The last C{rollout} event of C{app} (a row) if it says an update is under way
+        (C{started}, C{progress}): one a control plane stop interrupted, when no update
+        runs in this one.  Else L{None}.
+        """
+        last = await self._data.apps.last_rollout(app)
+        if last is not None and last.get("state") in ("started", "progress"):
+            return last
+        return None
+
+    async def resume(self, app, last):
+        """
+        Take up the update of C{app} (a row; its lock held) that a control plane stop
+        interrupted (C{last}: its last C{rollout} event's payload, L{interrupted}).
+
+        A new machine that runs beside an old one of its replica was in the batch under
+        way: it had not yet been healthy for C{min_healthy_time} (or its old one would be
+        gone), so it is retired (out of the routes for the spec's C{shutdown_delay}, then
+        removed) and its replica replaced again.  The old machines left
+        are then replaced as L{rolling} does (announced C{started} again, saying it
+        resumed), with the spec they run as the one a failure reverts to.  With none
+        left, the update is announced C{completed}.
+
+        @return: whether there was anything to take up.
+        @raise zwrm.errors.Unavailable: the update failed (as L{rolling}).
+        """
+        spec, version = app["spec"], app.get("spec_version")
+        update = (spec or {}).get("update") or UPDATE_DEFAULTS
+        if spec is None or last.get("version") != version:
+            # a later deploy or rollback (stored, then stopped before it rolled) replaced it
+            await self._data.apps.rollout(
+                app, "failed", f"the update of {app['name']} to version {last.get('version')} "
+                "was interrupted by a control plane stop, and its spec has since changed",
+                version=last.get("version"), replaced=last.get("replaced", 0),
+                total=last.get("total", 0), update=last.get("update") or update)
+            return True
+        machines = await self._data.machines.find(app_id=app["id"])
+        old = [m for m in machines if m["state"] == "running"
+               and not same_version(m["spec"].get("app_spec"), spec)]
+        old_replicas = {m["spec"]["replica"] for m in old}
+        halfway = [m for m in machines if m["state"] in ("pending", "starting", "running")
+                   and m["spec"]["replica"] in old_replicas
+                   and same_version(m["spec"].get("app_spec"), spec)]
+        # (a planned stop: one that runs may be in the routes already)
+        await self._replicas.retire(halfway, shutdown_delay(spec))
+        stale = [m for m in old if m["spec"]["replica"] < spec["replicas"]]
+        if not stale or not update["max_parallel"]:
+            await self._converger.converge(app, spec, replace=True)
+            total = last.get("total", 0)
+            await self._data.apps.rollout(
+                app, "completed", f"version {version} rolled out: {total} machine(s) replaced "
+                "(taken up after a control plane stop)", version=version, replaced=total,
+                total=total, update=update)
+            return True
+        old_spec = dict(stale[0]["spec"].get("app_spec") or spec)
+        await self.rolling(app, old_spec, spec, stale, None, resumed=True)
+        return True
+
+    async def rolling(self, app, old_spec, spec, stale, store_spec, resumed=False):
         """
         A rolling update (the spec's C{update}: C{max_parallel}, C{min_healthy_time},
         C{healthy_deadline}, C{auto_revert}): the new spec is stored, the replicas that do
@@ -89,15 +151,17 @@ class Rollout:
                 placements.give_back(lent)
         finally:
             placements.lock.release()
-        await store_spec()
+        if store_spec is not None:
+            await store_spec()
         version, total = app["spec_version"], len(stale)
 
         def announce(state, reason, replaced):
             return self._data.apps.rollout(app, state, reason, version=version,
                                            replaced=replaced, total=total, update=update)
 
-        await announce("started", f"rolling update to version {version}: {total} machine(s), "
-                                  f"{update['max_parallel']} at a time", 0)
+        again = " taken up again after a control plane stop" if resumed else ""
+        await announce("started", f"rolling update to version {version}{again}: {total} "
+                                  f"machine(s), {update['max_parallel']} at a time", 0)
         rest = set(range(max(spec["replicas"], old_spec["replicas"]))) - old_replicas
         if rest:
             await converge(app, spec, replace=True, only=rest)

@@ -17,6 +17,7 @@ from twisted.internet import defer, endpoints, task
 from twisted.logger import Logger
 from twisted.protocols import policies
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from zwrm import errors, pki
@@ -291,6 +292,7 @@ class ControlPlane(service.MultiService):
             eviction_interval=cfg.eviction_interval)
         self.monitor.after_check.append(self.healer.check_done)
         await self.healer.resume()  # restarts that were due before a restart of ours
+        self._resume_rollouts()  # updates a stop of ours interrupted, once agents are back
         images.expiry_service().setServiceParent(self)  # abandoned uploads go within 20 min
         self._cert_renewal = task.LoopingCall(self._renew_server_certificate)
         self._cert_renewal.clock = self.reactor
@@ -521,6 +523,20 @@ class ControlPlane(service.MultiService):
         if self.store is not None:
             await self.store.stop()
         self._unlock()
+
+    def _resume_rollouts(self):
+        work = defer.Deferred.fromCoroutine(self.apps.resume_rollouts())
+        self.under_way.add(work)  # a stop ends it (cancelled with the calls under way)
+
+        def ended(outcome):
+            self.under_way.discard(work)
+            if isinstance(outcome, Failure) and not outcome.check(defer.CancelledError):
+                self.log.failure("taking up the interrupted rolling updates", outcome)
+            elif not isinstance(outcome, Failure) and outcome:
+                self.log.info("took up the rolling updates a stop interrupted: {apps}",
+                              apps=", ".join(outcome))
+
+        work.addBoth(ended)
 
     def _unlock(self):
         if self._lock is not None:

@@ -185,6 +185,12 @@ class Apps(Resource):
         await self._produce("rollout", row, reason, state=state, **extra)
         return row
 
+    async def last_rollout(self, row):
+        """The payload of the app's last C{rollout} event (L{rollout}), or L{None}."""
+        rows = await self._store.select("events", "subject = ? AND kind = ?",
+                                        [row["id"], "rollout"], order_by="id desc", limit=1)
+        return rows[0]["payload"] if rows else None
+
     @update_method
     async def delete(self, row):
         """Delete the app's row; event C{destroyed}."""
