@@ -327,3 +327,95 @@ class InterruptedRollingTests(TestCase):
     async def test_nothing_to_take_up(self):
         c = await DefaultRollingTests.cluster(self)
         self.assertEqual(await c.apps.resume_rollouts(), [])
+
+
+class SupersededRollingTests(TestCase):
+    """
+    A deploy of a new version, a rollback or a destroy supersedes a rolling update under
+    way (as a new job version cancels a Nomad deployment): the fix for a bad update does
+    not wait out its deadline.
+    """
+
+    async def waiting(self):
+        """web (2 replicas) in an update to 300 MiB, waiting for its first new machine."""
+        c = await DefaultRollingTests.cluster(self)
+        old = {m["id"] for m in await c.machines("web")}
+        first = ensureDeferred(c.apps.deploy("web", {"memory_mb": 300}))
+
+        async def beside():
+            ms = await c.machines("web")
+            return [m for m in ms if m["id"] not in old and m["state"] == "running"]
+
+        await poll(beside, what="the first new machine")
+        await healthy_wait(c)
+        (batch,) = await beside()
+        return c, old, first, batch
+
+    rows = RollingTests.rows
+    rollouts = InterruptedRollingTests.rollouts
+
+    @d
+    async def test_a_later_deploy_supersedes_the_update(self):
+        c, old, first, batch = await self.waiting()
+        second = ensureDeferred(c.apps.deploy("web", {"memory_mb": 400}))
+        with self.assertRaises(errors.Conflict) as cm:
+            await first
+        self.assertEqual(cm.exception.message,
+                         "the update of web to version 2 was superseded by a later deploy (0 of"
+                         " 2 machine(s) replaced; the new machines of its batch under way "
+                         "removed)")
+        self.assertEqual(self.rollouts(c)[-2:], [("started", 0, 2), ("failed", 0, 2)])
+
+        async def fresh_running(n):
+            return len([m for m in await self.rows(c) if m["state"] == "running"
+                        and m["spec"]["memory_mb"] == 400]) == n
+
+        await poll(lambda: fresh_running(1), what="version 3's first machine")
+        self.assertNotIn(batch["id"], [m["id"] for m in await self.rows(c)])
+        await healthy_wait(c)
+        c.clock.advance(10)
+        await poll(lambda: fresh_running(2), what="version 3's second machine")
+        await healthy_wait(c)
+        c.clock.advance(10)
+        status = await second
+        self.assertEqual(status["spec_version"], 3)
+        self.assertEqual([(m["state"], m["spec"]["memory_mb"]) for m in await self.rows(c)],
+                         [("running", 400)] * 2)
+        self.assertEqual(self.rollouts(c)[-3:],
+                         [("started", 0, 2), ("progress", 1, 2), ("completed", 2, 2)])
+
+    @d
+    async def test_a_spec_that_is_refused_supersedes_nothing(self):
+        c, old, first, batch = await self.waiting()
+        with self.assertRaises(errors.InvalidArgument):
+            await c.apps.deploy("web", {"memory_mb": -1})
+        # the same version again: nothing to supersede, it waits for the update
+        again = ensureDeferred(c.apps.deploy("web", {"memory_mb": 300}))
+        self.assertFalse(first.called)
+        c.clock.advance(10)
+        await poll(lambda: succeed(len(self.rollouts(c)) >= 2), what="progress")
+        await healthy_wait(c)
+        c.clock.advance(10)
+        await first
+        await again
+        self.assertEqual(self.rollouts(c)[-1], ("completed", 2, 2))
+        self.assertEqual([m["spec"]["memory_mb"] for m in await self.rows(c)], [300, 300])
+
+    @d
+    async def test_a_rollback_supersedes_the_update(self):
+        c, old, first, batch = await self.waiting()
+        status = await c.apps.rollback("web")
+        with self.assertRaises(errors.Conflict) as cm:
+            await first
+        self.assertIn("superseded by a rollback", cm.exception.message)
+        # back to version 1's spec (version 3): the old machines never stopped
+        self.assertEqual((status["spec_version"], status["spec"]["memory_mb"]), (3, 256))
+        self.assertEqual({m["id"] for m in status["machines"]}, old)
+
+    @d
+    async def test_a_destroy_supersedes_the_update(self):
+        c, old, first, batch = await self.waiting()
+        await c.apps.destroy_app("web")
+        with self.assertRaises(errors.Conflict):
+            await first
+        self.assertEqual(await self.rows(c), [])

@@ -248,6 +248,13 @@ class Apps:
         if not isinstance(spec, dict):
             raise errors.InvalidArgument("a deployment spec must be a mapping")
         check_name(name, "app name")
+        app = await self._app(name)
+        if self.rollout.updating(app["id"]):
+            # A new version supersedes the update under way (checked first: a spec with a
+            # typo stops nothing); the same version again just waits for it.
+            checked = await self.rollout.check(app, spec)
+            if not same_version(checked, app["spec"]):
+                self.rollout.supersede(app["id"], "a later deploy")
         await self._with_app(name, self.rollout.deploy, spec)
         return await self.app_status(name)
 
@@ -287,6 +294,11 @@ class Apps:
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)
                                     or version < 1):
             raise errors.InvalidArgument(f"version must be a spec version (1 or more), not {version!r}")
+        app = await self._app(name)
+        if self.rollout.updating(app["id"]):
+            # the operator's way out of a bad update: it need not wait out its deadline
+            await self.spec_history.spec_of(app, version)  # (no such version: NotFound)
+            self.rollout.supersede(app["id"], "a rollback")
         await self._with_app(name, self.spec_history.rollback, version)
         return await self.app_status(name)
 
@@ -310,6 +322,7 @@ class Apps:
         @return: C{{"machines": [...], "volumes": [...]}} destroyed.
         """
         check_name(name, "app name")
+        self.rollout.supersede((await self._app(name))["id"], "the app's destroy")
         return await self._with_app(name, self.converger.destroy, volumes)
 
     # -- machines ---------------------------------------------------------------------

@@ -37,6 +37,16 @@ class History:
 
         @raise zwrm.errors.NotFound: no such version.
         """
+        version, spec = await self.spec_of(app, version)
+        await self._rollout.deploy(app, spec, merge=False, rolled_back_to=version)
+
+    async def spec_of(self, app, version):
+        """
+        C{(version, spec)} of the app row C{app}'s spec version C{version} (L{None}: the
+        one before the current one).
+
+        @raise zwrm.errors.NotFound: no such version.
+        """
         name = app["name"]
         versions = {v["version"]: v["spec"] for v in await self._data.apps.spec_versions(app["id"])}
         if version is None:
@@ -45,4 +55,4 @@ class History:
                 raise errors.NotFound(f"app {name!r} has no version before its current one")
         if version not in versions:
             raise errors.NotFound(f"app {name!r} has no spec version {version}")
-        await self._rollout.deploy(app, versions[version], merge=False, rolled_back_to=version)
+        return version, versions[version]

@@ -8,8 +8,14 @@ new machine healthy for C{min_healthy_time} within C{healthy_deadline} before th
 batch; a failed update is reverted (C{auto_revert}).  See L{Rollout.rolling}.
 
 An update the control plane's stop interrupted (its last C{rollout} event C{started} or
-C{progress}) is taken up again at the next start (L{Rollout.resume}).
+C{progress}) is taken up again at the next start (L{Rollout.resume}).  A later deploy,
+rollback or destroy of the app supersedes an update under way (L{Rollout.supersede}), as a
+new job version cancels a Nomad deployment: the fix for a bad update need not wait out its
+C{healthy_deadline}.
 """
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from zwrm import errors
 from zwrm.control.appspec import (
@@ -19,6 +25,10 @@ from zwrm.control.appspec import (
     shutdown_delay,
     validate_spec,
 )
+
+
+class Superseded(errors.Conflict):
+    """A rolling update was stopped for a later deploy, rollback or destroy of its app."""
 
 
 class Rollout:
@@ -37,6 +47,33 @@ class Rollout:
         self._replicas = replicas
         self._converger = converger
         self._images = images
+        self._under_way = {}  # app id -> Deferred that stops its rolling update (supersede)
+
+    def updating(self, app_id):
+        """Whether a rolling update of the app C{app_id} is under way."""
+        return app_id in self._under_way
+
+    def supersede(self, app_id, by):
+        """
+        Stop the rolling update of the app C{app_id} under way, if any, for C{by} (what
+        supersedes it, e.g. C{"a later deploy"}): it stops waiting for its batch's new
+        machines, removes them, is announced C{failed} ("superseded by ...") and its deploy
+        fails with L{Superseded}; the app's lock is then free for what superseded it.  It
+        is not reverted: what comes next decides the app's version.
+
+        @return: whether there was one.
+        """
+        stop = self._under_way.get(app_id)
+        if stop is None or stop.called:
+            return False
+        stop.callback(by)
+        return True
+
+    async def check(self, app, given, merge=True):
+        """C{given} as L{deploy} would take it (merged, checked): the spec, or raises."""
+        spec = validate_spec(merge_spec(app["spec"], given) if merge else given)
+        await self._images.check(spec)
+        return spec
 
     async def deploy(self, app, given, merge=True, **extra):
         """
@@ -61,6 +98,32 @@ class Rollout:
             if stale:
                 return await self.rolling(app, dict(app["spec"]), spec, stale, store_spec)
         await self._converger.converge(app, spec, replace=True, store_spec=store_spec)
+
+    @staticmethod
+    async def _until_stopped(stop, wait):
+        """
+        Await C{wait} (a coroutine that only waits: cancelling it changes nothing), unless
+        C{stop} (L{supersede}'s Deferred, or L{None}) fires first: then C{wait} is
+        cancelled and L{Superseded} raised.
+        """
+        waiting = Deferred.fromCoroutine(wait)
+        first = Deferred()
+
+        def settle(which, value):
+            if not first.called:
+                first.callback((which, value))
+            return None if which == "wait" else value  # (the wait's outcome is taken)
+
+        waiting.addBoth(lambda outcome: settle("wait", outcome))
+        if stop is not None:
+            stop.addCallback(lambda by: settle("stop", by))
+        which, value = await first
+        if which == "stop":
+            waiting.cancel()
+            raise Superseded(value)
+        if isinstance(value, Failure):
+            value.raiseException()
+        return value
 
     async def interrupted(self, app):
         """
@@ -134,8 +197,9 @@ class Rollout:
         is deployed again (the old machines not yet replaced never stopped).
 
         @raise zwrm.errors.Unavailable: the update failed (saying whether it was reverted).
+        @raise Superseded: a later deploy, rollback or destroy stopped it (L{supersede}).
         """
-        placements, converge = self._placements, self._converger.converge
+        placements = self._placements
         update = spec.get("update") or UPDATE_DEFAULTS
         stale.sort(key=lambda m: m["spec"]["replica"])
         old_replicas = {m["spec"]["replica"] for m in stale}
@@ -160,8 +224,20 @@ class Rollout:
                                            replaced=replaced, total=total, update=update)
 
         again = " taken up again after a control plane stop" if resumed else ""
-        await announce("started", f"rolling update to version {version}{again}: {total} "
-                                  f"machine(s), {update['max_parallel']} at a time", 0)
+        stop = self._under_way[app["id"]] = Deferred()
+        try:
+            await announce("started", f"rolling update to version {version}{again}: {total} "
+                                      f"machine(s), {update['max_parallel']} at a time", 0)
+            await self._roll(app, old_spec, spec, stale, update, announce, stop)
+        finally:
+            if self._under_way.get(app["id"]) is stop:
+                del self._under_way[app["id"]]
+
+    async def _roll(self, app, old_spec, spec, stale, update, announce, stop):
+        """L{rolling}'s batches, once announced C{started}; C{stop}: L{supersede}'s."""
+        converge = self._converger.converge
+        version, total = app["spec_version"], len(stale)
+        old_replicas = {m["spec"]["replica"] for m in stale}
         rest = set(range(max(spec["replicas"], old_spec["replicas"]))) - old_replicas
         if rest:
             await converge(app, spec, replace=True, only=rest)
@@ -169,7 +245,15 @@ class Rollout:
         for start in range(0, len(stale), n):
             batch = stale[start:start + n]
             try:
-                await self._replace_batch(app, spec, batch, update)
+                if stop.called:
+                    raise Superseded(stop.result)
+                await self._replace_batch(app, spec, batch, update, stop)
+            except Superseded as e:
+                message = (f"the update of {app['name']} to version {version} was superseded "
+                           f"by {e.message} ({start} of {total} machine(s) replaced; the new "
+                           "machines of its batch under way removed)")
+                await announce("failed", message, start)
+                raise Superseded(message) from None
             except errors.ZwrmError as e:
                 reason = e.message
                 if update["auto_revert"]:
@@ -193,8 +277,11 @@ class Rollout:
         await announce("completed", f"version {version} rolled out: {total} machine(s) "
                                     "replaced", total)
 
-    async def _replace_batch(self, app, spec, batch, update):
-        """Replace the old machines of C{batch} (see L{rolling})."""
+    async def _replace_batch(self, app, spec, batch, update, stop=None):
+        """
+        Replace the old machines of C{batch} (see L{rolling}); C{stop} (L{supersede}'s
+        Deferred) ends the wait for the new ones with L{Superseded}.
+        """
         placements, replicas = self._placements, self._replicas
         surge = [m for m in batch if not m["spec"]["volumes"]]
         in_place = [m for m in batch if m["spec"]["volumes"]]
@@ -229,9 +316,9 @@ class Rollout:
             # check did) is restarted at once, not after this wait (zwrm.control.converge)
             async with self._converger.awaiting([row["id"] for row in new_rows]):
                 for row in new_rows:
-                    await self._data.machines.wait_healthy(
+                    await self._until_stopped(stop, self._data.machines.wait_healthy(
                         row["id"], update["healthy_deadline"], update["min_healthy_time"],
-                        through_restarts=True)
+                        through_restarts=True))
         except errors.ZwrmError:
             for row in new_rows:
                 fresh = await self._data.machines.get(row["id"])
