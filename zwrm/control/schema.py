@@ -544,7 +544,9 @@ PROCEDURES = {p.uri: p for p in [
                                      " a field"
                                      " left out keeps the current version's value, a field"
                                      " given as null is reset to its default")],
-        "the app's status", ["invalid_argument", "not_found", "unplaceable", "unavailable"]),
+        "the app's status (a rolling update: once it ended; conflict: a later deploy,"
+        " rollback or destroy superseded it)",
+        ["invalid_argument", "not_found", "unplaceable", "unavailable", "conflict"]),
     Procedure("zwrm.app.plan", OPERATOR,
               "What a deploy of this spec would do, changing nothing: the diff against the "
               "current version and the replicas it would create, replace (and move), "
@@ -559,7 +561,7 @@ PROCEDURES = {p.uri: p for p in [
               [_APP, Arg("version", Nullable(Int(1, 2 ** 31)), None,
                          "the version (default: the one before the current one)")],
               "the app's status",
-              ["invalid_argument", "not_found", "unplaceable", "unavailable"]),
+              ["invalid_argument", "not_found", "unplaceable", "unavailable", "conflict"]),
     Procedure("zwrm.app.scale", OPERATOR, "Change an app's replica count and converge.",
               [_APP, Arg("replicas", Int(0, 1000), doc="the number of machines")],
               "the app's status", ["invalid_argument", "not_found", "unplaceable", "unavailable"]),
