@@ -12,7 +12,9 @@ C{/www/version.txt}, which the guest's web server serves).
    beside the old ones): the deploy command ends with one line saying so, and the control
    plane takes the update up again at its start.  Every request answered (those in flight
    on a replica being replaced too: connection draining), both replicas replaced (new
-   machine ids) and serving version 2.
+   machine ids) and serving version 2.  Then a redeploy with a wrong health path is
+   superseded by its fix (deployed while the bad update waits for its first machine): the
+   bad deploy exits 1 saying so, and the fix rolls out at once.
  - The earlier app (one replica, pinned to its volume) is redeployed with
    C{demo:2-panic-once} (C{demo:2} whose guest panics at its first boot): its replacement
    runs on the same host with the same volume, the update having waited through the restart
@@ -178,6 +180,35 @@ def test_rolling_deploy_of_a_stateless_app(cluster, request):
                             f" rollout (HTTP codes, 000: no answer):"
                             f" {dict(collections.Counter(failed))}")
     assert versions == {"2"}
+
+    with cluster.phase("a redeploy with a wrong health path, superseded by its fix"):
+        before = {m["id"] for m in app["machines"]}
+        version = cluster.zwrm_json("status", "roll")["spec_version"]
+        bad = cluster.net.spawn(
+            "client", ["zwrm", "deploy", "roll", "--image", "demo:2", "--health-http", "/nope"],
+            env={"PATH": SYSTEM_PATH, "HOME": cluster.client_home, "LANG": "C.UTF-8"},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            poll(lambda: _beside(cluster, before), 120,
+                 what="the bad update's first new machine running beside the old")
+            # the bad update would wait out its healthy_deadline (5 min) and revert: the
+            # fix stops it instead of queueing behind it
+            app = cluster.zwrm_json("deploy", "roll", "--image", "demo:2", "--health-http", "/",
+                                    "--max-parallel", "2", "--min-healthy-time", "1",
+                                    "--wait", "120", timeout=180)
+            _, err = bad.communicate(timeout=60)
+        finally:
+            if bad.poll() is None:
+                bad.kill()
+    assert bad.returncode == 1, err
+    assert err.splitlines()[-1].startswith(
+        f"zwrm: the update of roll to version {version + 1} was superseded by a later "
+        "deploy"), err
+    assert app["spec_version"] == version + 2, app
+    assert app["spec"]["health"]["path"] == "/", app["spec"]
+    assert [m["state"] for m in app["machines"]] == ["running"] * 2, app["machines"]
+    assert not {m["id"] for m in app["machines"]} & before, app["machines"]
+    assert _versions(cluster, PORT, tries=2) == {"2"}
     cluster.zwrm("destroy", "roll")
 
 
