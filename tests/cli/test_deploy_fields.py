@@ -54,6 +54,25 @@ class DeployFieldsTests(SynchronousTestCase):
                       " disk; it resumes by itself once there is room", text)
 
 
+    def test_status_shows_the_version_and_its_last_update(self):
+        import io
+
+        app = {"id": "a-1", "name": "web", "spec": {"image": "demo:1", "replicas": 2},
+               "spec_version": 6, "volumes": [], "machines": [],
+               "rollout": {"state": "progress", "version": 6, "replaced": 1, "total": 2,
+                           "reason": "1 of 2 machine(s) replaced", "at": 1796576372.5}}
+        out = io.StringIO()
+        format_app(app, out)
+        self.assertIn("version   6\nupdate    under way (2026-12-06 16:59:32 UTC): 1 of 2 "
+                      "machine(s) replaced\n\nmachines (0):", out.getvalue())
+        app["rollout"].update(state="failed", reason="the update of web to version 6 was "
+                              "superseded by a later deploy")
+        out = io.StringIO()
+        format_app(app, out)
+        self.assertIn("update    failed (2026-12-06 16:59:32 UTC): the update of web to "
+                      "version 6 was superseded by a later deploy\n", out.getvalue())
+
+
 class RollbackArgsTests(SynchronousTestCase):
     def test_parse(self):
         args = parse("rollback", "web", "3")

@@ -379,6 +379,8 @@ class SupersededRollingTests(TestCase):
         c.clock.advance(10)
         status = await second
         self.assertEqual(status["spec_version"], 3)
+        self.assertEqual({k: status["rollout"][k] for k in ("state", "version", "replaced")},
+                         {"state": "completed", "version": 3, "replaced": 2})
         self.assertEqual([(m["state"], m["spec"]["memory_mb"]) for m in await self.rows(c)],
                          [("running", 400)] * 2)
         self.assertEqual(self.rollouts(c)[-3:],

@@ -321,7 +321,17 @@ def format_app(app, out):
         image = image.get("kernel") or image.get("disk")
     out.write(f"app       {app['name']} ({app['id']})\n")
     out.write(f"image     {image or '-'}\n")
-    out.write(f"replicas  {spec.get('replicas', 0)}\n\n")
+    out.write(f"replicas  {spec.get('replicas', 0)}\n")
+    if app.get("spec_version"):
+        out.write(f"version   {app['spec_version']}\n")
+    rollout = app.get("rollout")
+    if rollout:
+        at = rollout.get("at")
+        when = time.strftime(" (%Y-%m-%d %H:%M:%S UTC)", time.gmtime(at)) if at else ""
+        under_way = rollout.get("state") in ("started", "progress")
+        out.write(f"update    {'under way' if under_way else rollout.get('state')}{when}: "
+                  f"{rollout.get('reason')}\n")
+    out.write("\n")
     out.write(f"machines ({len(app['machines'])}):\n")
     if app["machines"]:
         _table(["ID", "REPLICA", "HOST", "STATE", "HEALTH", "ADDRESS", "PORT", "RESTARTS"],

@@ -225,14 +225,20 @@ class Apps:
 
     @wamp.register("zwrm.app.status")
     async def app_status(self, name):
-        """An app's spec (and its C{spec_version}), machines and volumes."""
+        """
+        An app's spec (and its C{spec_version}), machines and volumes, and its last rolling
+        update's C{rollout} (C{{state, version, replaced, total, reason, at}}, or L{None}).
+        """
         app = await self._app(name)
         machines = await self.data.machines.find(app_id=app["id"], order_by="created_at")
         volumes = await self.data.volumes.find(app_id=app["id"], order_by="name")
+        last = await self.data.apps.last_rollout(app)
+        rollout = None if last is None else {
+            k: last.get(k) for k in ("state", "version", "replaced", "total", "reason", "at")}
         return {"id": app["id"], "name": app["name"], "spec": public_spec(app["spec"]),
                 "spec_version": app.get("spec_version") or 0,
                 "machines": [machine_wire(m) for m in machines],
-                "volumes": volumes}
+                "volumes": volumes, "rollout": rollout}
 
     @wamp.register("zwrm.app.deploy")
     async def deploy(self, name, spec):

@@ -535,7 +535,9 @@ PROCEDURES = {p.uri: p for p in [
     Procedure("zwrm.app.list", READ, "Every app with its replica and machine counts.", [],
               "[{id, name, image, replicas, machines}]"),
     Procedure("zwrm.app.status", READ, "An app's spec, machines and volumes.", [_APP],
-              "{id, name, spec, machines, volumes}", ["invalid_argument", "not_found"]),
+              "{id, name, spec, spec_version, machines, volumes, rollout}: rollout is its last"
+              " rolling update ({state, version, replaced, total, reason, at}) or null",
+              ["invalid_argument", "not_found"]),
     Procedure(
         "zwrm.app.deploy", OPERATOR,
         "Store a spec as the app's spec and converge its machines to it.",

@@ -186,10 +186,13 @@ class Apps(Resource):
         return row
 
     async def last_rollout(self, row):
-        """The payload of the app's last C{rollout} event (L{rollout}), or L{None}."""
+        """
+        The payload of the app's last C{rollout} event (L{rollout}) with C{at}, the time
+        it was stored; or L{None}.
+        """
         rows = await self._store.select("events", "subject = ? AND kind = ?",
                                         [row["id"], "rollout"], order_by="id desc", limit=1)
-        return rows[0]["payload"] if rows else None
+        return dict(rows[0]["payload"], at=rows[0]["ts"]) if rows else None
 
     @update_method
     async def delete(self, row):
