@@ -35,6 +35,12 @@ class HeldRollout:
         self.finished = False
         self.machine_events = []  # published after "started", as a failing machine's
 
+    def updating(self, app_id):
+        return False  # (one deploy at a time here: none to supersede)
+
+    def supersede(self, app_id, by):
+        return False
+
     async def deploy(self, app, given, merge=True, **extra):
         if self.refuse:
             raise errors.InvalidArgument(f"image {given['image']} is not in the registry")
