@@ -28,6 +28,7 @@ import collections
 import gzip
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -209,6 +210,10 @@ def test_rolling_deploy_of_a_stateless_app(cluster, request):
     assert [m["state"] for m in app["machines"]] == ["running"] * 2, app["machines"]
     assert not {m["id"] for m in app["machines"]} & before, app["machines"]
     assert _versions(cluster, PORT, tries=2) == {"2"}
+    status = cluster.zwrm("status", "roll")
+    assert re.search(rf"^version   {version + 2}\nupdate    completed \(\d{{4}}-\d\d-\d\d "
+                     rf"\d\d:\d\d:\d\d UTC\): version {version + 2} rolled out: 2 machine\(s\) "
+                     r"replaced$", status, re.M), status
     cluster.zwrm("destroy", "roll")
 
 
