@@ -72,6 +72,13 @@ class ConsoleTests(TestCase):
         follower, _ = self.spawn(cp, "logs", "-f", "--bytes", "1", m["id"])
         await poll(reactor, lambda: b"zwrm: ready" in follower.out, 240,
                    what="the guest's ready line followed")
+        # Ended by its user (SIGTERM, as Ctrl-C's SIGINT in a shell): exit 0, not a word of
+        # a lost connection (exit 3), as zwrm events -f.
+        stopped, stopped_transport = self.spawn(cp, "logs", "-f", m["id"])
+        await poll(reactor, lambda: b"zwrm: ready" in stopped.out, 60, what="its log's tail")
+        stopped_transport.signalProcess("TERM")
+        code = await defer.Deferred.addTimeout(stopped.ended, 30, reactor)
+        self.assertEqual((code, stopped.err), (0, b""))
 
         # Interactive: attach, type, detach with Ctrl-]; the machine goes on.
         p, transport = self.spawn(cp, "console", m["id"])

@@ -142,7 +142,19 @@ async def follow(reactor, args, out=None):
             out.write(data.decode("utf-8", "replace"))
         out.flush()
 
-    how = await _stream(reactor, args, write, None)
+    # Interrupted (Ctrl-C, SIGTERM): the reactor's shutdown closes the connection, which is
+    # then the end asked for (exit 0, as zwrm events -f), not a lost connection (exit 3).
+    stopping = []
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", stopping.append, True)
+    try:
+        how = await _stream(reactor, args, write, None)
+    except CliError:
+        if stopping:
+            return 0
+        raise
+    finally:
+        if not stopping:  # (once fired, the reactor has let go of it)
+            reactor.removeSystemEventTrigger(trigger)
     sys.stderr.write(f"\n{how}\n")
     return 0
 
