@@ -59,6 +59,15 @@ def test_killed_qemu_is_restarted_on_its_host(cluster):
         m = poll(healthy_again, 300, interval=1.0, what="the machine restarted and healthy")
     assert (m["id"], m["host_id"]) == (machine["id"], machine["host_id"])
     assert "RESTARTS" in cluster.zwrm("status", app["name"])
+    # What an operator reads next: the machine's own status, and the events of the last
+    # minutes, both with QEMU's end in its words.
+    status = cluster.zwrm("machines", "status", m["id"])
+    assert re.search(r"^restarts    1$", status, re.M), status
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d +state +failed \(QEMU was killed by "
+                     r"signal 9\)", status, re.M), status
+    recent = cluster.zwrm("events", "--since", "10m", "--topic", "machine")
+    assert re.search(rf"{m['id']}  failed \(was running\) .*reason: QEMU was killed by signal 9",
+                     recent), recent
     app["machine"] = m
     assert app["data"].decode() in cluster.app_request("/", via=host)
     app["restarted"] = True
