@@ -246,6 +246,26 @@ class DefaultRollingTests(TestCase):
                       cm.exception.message)
 
 
+async def update_waiting(testcase):
+    """
+    web (2 replicas) in an update to 300 MiB, waiting for its first new machine (running
+    beside the old ones) to stay healthy: C{(cluster, old machine ids, the deploy's
+    Deferred, that new machine)}.
+    """
+    c = await DefaultRollingTests.cluster(testcase)
+    old = {m["id"] for m in await c.machines("web")}
+    deploy = ensureDeferred(c.apps.deploy("web", {"memory_mb": 300}))
+
+    async def beside():
+        ms = await c.machines("web")
+        return [m for m in ms if m["id"] not in old and m["state"] == "running"]
+
+    await poll(beside, what="the first new machine")
+    await healthy_wait(c)
+    (new,) = await beside()
+    return c, old, deploy, new
+
+
 class InterruptedRollingTests(TestCase):
     """
     A rolling update the control plane's stop interrupted is taken up at its next start
@@ -256,17 +276,7 @@ class InterruptedRollingTests(TestCase):
     async def interrupted(self):
         """web (2 replicas) stopped in its update: replica 0's new machine runs beside its
         old one, then a new L{Apps} over the same store (a control plane start)."""
-        c = await DefaultRollingTests.cluster(self)
-        old = {m["id"] for m in await c.machines("web")}
-        done = ensureDeferred(c.apps.deploy("web", {"memory_mb": 300}))
-
-        async def beside():
-            ms = await c.machines("web")
-            return [m for m in ms if m["id"] not in old and m["state"] == "running"]
-
-        await poll(beside, what="the first new machine")
-        await healthy_wait(c)
-        (halfway,) = await beside()
+        c, old, done, halfway = await update_waiting(self)
         done.cancel()  # as the stop cancels the work under way
         self.failureResultOf(done)
         c.clock.advance(10)  # (its wait would have ended now: it no longer runs)
@@ -336,20 +346,7 @@ class SupersededRollingTests(TestCase):
     not wait out its deadline.
     """
 
-    async def waiting(self):
-        """web (2 replicas) in an update to 300 MiB, waiting for its first new machine."""
-        c = await DefaultRollingTests.cluster(self)
-        old = {m["id"] for m in await c.machines("web")}
-        first = ensureDeferred(c.apps.deploy("web", {"memory_mb": 300}))
-
-        async def beside():
-            ms = await c.machines("web")
-            return [m for m in ms if m["id"] not in old and m["state"] == "running"]
-
-        await poll(beside, what="the first new machine")
-        await healthy_wait(c)
-        (batch,) = await beside()
-        return c, old, first, batch
+    waiting = update_waiting
 
     rows = RollingTests.rows
     rollouts = InterruptedRollingTests.rollouts
