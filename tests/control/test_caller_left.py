@@ -201,8 +201,8 @@ class ShieldedTests(SynchronousTestCase):
         held.cancel()
         e = self.failureResultOf(answer, errors.Unavailable).value
         self.assertEqual(e.message, "zwrm.app.deploy was interrupted: the control plane is "
-                         "stopping (what it had done is kept; see the app's status and events "
-                         "once it is back)")
+                         "stopping (what it had done is kept: zwrm events shows it once the "
+                         "control plane is back)")
         self.assertEqual(under_way, set())
 
     def test_answers_pass_as_they_are(self):

@@ -60,8 +60,8 @@ def shielded(uri, procedure, log, under_way=None):
                     # (which autobahn would send as wamp.error.runtime_error, no words).
                     answer.errback(errors.Unavailable(
                         f"{uri} was interrupted: the control plane is stopping (what it "
-                        "had done is kept; see the app's status and events once it is "
-                        "back)"))
+                        "had done is kept: zwrm events shows it once the control plane "
+                        "is back)"))
                 elif isinstance(outcome, Failure):
                     answer.errback(outcome)
                 else:
