@@ -3,6 +3,7 @@
 from twisted.trial.unittest import SynchronousTestCase
 
 from zwrm.cli.apps import _spec, format_app
+from zwrm.cli.client import CliError
 from zwrm.cli.main import build_parser
 
 
@@ -14,6 +15,15 @@ class DeployFieldsTests(SynchronousTestCase):
     def test_left_out_fields_are_not_sent(self):
         spec = _spec(parse("deploy", "web", "--image", "demo:2"))
         self.assertEqual(spec, {"image": "demo:2"})
+
+    def test_a_redeploy_without_an_image_keeps_it(self):
+        spec = _spec(parse("deploy", "web", "--env", "A=1", "--memory", "300"))
+        self.assertNotIn("image", spec)
+        self.assertEqual(spec["memory_mb"], 300)
+        with self.assertRaises(CliError) as cm:
+            _spec(parse("deploy", "web", "--image", "demo:2", "--kernel", "/boot/vmlinuz"))
+        self.assertEqual(cm.exception.message,
+                         "give --image NAME:TAG or --kernel/--disk paths, not both")
 
     def test_clear_and_restart_policy(self):
         spec = _spec(parse("deploy", "web", "--image", "demo:2", "--clear", "volumes",

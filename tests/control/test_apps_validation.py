@@ -74,6 +74,20 @@ class ValidationTests(TestCase):
         self.assertEqual(len(status["machines"]), 1)
 
 
+    @d
+    async def test_a_first_deploy_needs_an_image(self):
+        c = await self.cluster()
+        await c.apps.create_app("new")
+        with self.assertRaises(errors.InvalidArgument) as cm:
+            await c.apps.deploy("new", {"replicas": 1, "memory_mb": 128})
+        self.assertEqual(cm.exception.message, "app 'new' has no version yet: its first deploy "
+                         "needs an image (spec field image: NAME:TAG, or local paths)")
+        self.assertEqual((await c.apps.app_status("new"))["spec_version"], 0)
+        # a redeploy without one keeps the current version's (zwrm deploy web --memory 300)
+        status = await c.apps.deploy("web", {"memory_mb": 300})
+        self.assertEqual(status["spec"]["image"], c.spec()["image"])
+
+
 class HistoryTests(TestCase):
     @d
     async def test_history_and_rollback(self):

@@ -57,7 +57,8 @@ def register(subparsers):
         "deploy", help="deploy an app: place and start its machines",
         description="Deploy APP with an image from the registry (--image NAME:TAG) or, for "
                     "development, a kernel and initrd that exist at the same paths on every "
-                    "host (--kernel, --initrd).")
+                    "host (--kernel, --initrd). A redeploy sends only what it is given: the "
+                    "other fields, the image too, keep the current version's values.")
     p.add_argument("app")
     p.add_argument("--image", help="image reference NAME:TAG in the control plane's registry")
     p.add_argument("--kernel", help="local kernel path on the hosts (instead of --image)")
@@ -207,11 +208,12 @@ CLEARABLE = {"region": "region", "datacenter": "datacenter", "port": "service_po
 
 
 def _spec(args):
-    if bool(args.image) == bool(args.kernel or args.disk):
-        raise CliError("give either --image NAME:TAG or --kernel/--disk paths", EXIT_USAGE)
+    if args.image and (args.kernel or args.disk):
+        raise CliError("give --image NAME:TAG or --kernel/--disk paths, not both", EXIT_USAGE)
+    image = None  # neither: a redeploy keeps the current version's image
     if args.image:
         image = args.image
-    else:
+    elif args.kernel or args.disk:
         image = {"kernel": _abs(args.kernel), "initrd": _abs(args.initrd),
                  "disk": _abs(args.disk), "cmdline": args.cmdline}
     health = None
@@ -236,7 +238,7 @@ def _spec(args):
             raise CliError(f"--volume {v!r} is not NAME:SIZE_MB:/MOUNT", EXIT_USAGE)
         volumes.append({"name": parts[0], "size_mb": int(parts[1]), "mount": parts[2]})
     # Only what was given: a redeploy keeps the current version's other fields.
-    spec = {"image": image}
+    spec = {"image": image} if image is not None else {}
     for key, value in (("vcpus", args.vcpus), ("memory_mb", args.memory),
                        ("replicas", args.replicas), ("region", args.region),
                        ("datacenter", args.datacenter), ("service_port", args.port),
@@ -273,6 +275,9 @@ def _spec(args):
     if args.publish or args.domain:
         spec["publish"] = args.publish  # checked by the control plane (zwrm.control.network)
         spec["domain"] = args.domain
+    if not spec:
+        raise CliError("nothing to deploy: give --image NAME:TAG (or --kernel/--disk), or the "
+                       "fields a redeploy changes", EXIT_USAGE)
     return spec
 
 

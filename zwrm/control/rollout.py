@@ -81,8 +81,11 @@ class Rollout:
         held): checked, stored, converged; a rolling update if running machines change
         version.  C{extra} goes into the C{deployed} event.
         """
-        spec = validate_spec(merge_spec(app["spec"], given) if merge else given)
-        await self._images.check(spec)
+        if app["spec"] is None and given.get("image") is None:
+            raise errors.InvalidArgument(
+                f"app {app['name']!r} has no version yet: its first deploy needs an image "
+                "(spec field image: NAME:TAG, or local paths)")
+        spec = await self.check(app, given, merge)
 
         async def store_spec():
             await self._data.apps.set_spec(app, spec, "deployed", **extra)
