@@ -17,6 +17,7 @@ from zwrm.agent.images import ImageCache
 from zwrm.errors import InvalidArgument, NotFound
 from zwrm.interfaces import IImageCache
 from zwrm.registry.client import RegistryClient, push_image
+from zwrm.testing.image import kernel_bytes
 
 KEYS = {"kernel", "initrd", "disk", "cmdline", "service_port", "manifest", "digests"}
 
@@ -94,7 +95,7 @@ class RealImageCacheContractTests(ImageCacheContract, unittest.TestCase):
         self.addCleanup(client.close)
         kernel = os.path.join(self.mktemp())
         with open(kernel, "wb") as f:
-            f.write(b"K" * 1000)
+            f.write(kernel_bytes())
         await push_image(client, "demo:1", kernel=kernel, cmdline="console=ttyS0")
         return self.make()
 

@@ -16,6 +16,7 @@ from tests.registry.helpers import AGENT_ID, AGENT_TOKEN, OPERATOR, RunningRegis
 from zwrm.agent.images import ImageCache
 from zwrm.errors import InvalidArgument, NotFound, Unavailable
 from zwrm.registry.client import RegistryClient, push_image
+from zwrm.testing.image import kernel_bytes
 from zwrm.testing.processes import poll, temp_dir
 
 UNREACHABLE = "http://127.0.0.1:1"
@@ -39,7 +40,7 @@ class FollowRegistryTests(unittest.TestCase):
         self.addCleanup(client.close)
         kernel = os.path.join(self.files, "kernel")
         with open(kernel, "wb") as f:
-            f.write(b"K" * 5000)
+            f.write(kernel_bytes(b"K" * 5000))
         await push_image(client, "demo:1", kernel=kernel, cmdline="console=ttyS0")
         return reg
 

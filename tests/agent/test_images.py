@@ -25,6 +25,7 @@ from zwrm.errors import (
 from zwrm.interfaces import IImageCache
 from zwrm.registry.client import RegistryClient, push_image
 from zwrm.registry.image import parse_manifest
+from zwrm.testing.image import kernel_bytes
 
 
 def aio(f):
@@ -142,7 +143,7 @@ class ImageCacheTests(unittest.TestCase):
             f.write(data)
         return path
 
-    async def push(self, ref="app/web:v1", kernel=b"K" * 1000, initrd=b"I" * 500, disk=None,
+    async def push(self, ref="app/web:v1", kernel=kernel_bytes(), initrd=b"I" * 500, disk=None,
                    cmdline="console=ttyS0", port=8080):
         return await push_image(
             self.client, ref,
@@ -159,7 +160,7 @@ class ImageCacheTests(unittest.TestCase):
 
     @aio
     async def test_resolve(self):
-        kernel, initrd, disk = os.urandom(100_000), os.urandom(50_000), os.urandom(5_000_000)
+        kernel, initrd, disk = kernel_bytes(os.urandom(100_000)), os.urandom(50_000), os.urandom(5_000_000)
         mdigest = await self.push(kernel=kernel, initrd=initrd, disk=disk)
         cache = self.cache()
         out = await cache.resolve("app/web:v1")
@@ -210,7 +211,7 @@ class ImageCacheTests(unittest.TestCase):
 
         path = os.path.join(self.files, "disk.qcow2")
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, "8M"], check=True)
-        await push_image(self.client, "os/q:v1", kernel=self.file("k", b"K"), disk=path)
+        await push_image(self.client, "os/q:v1", kernel=self.file("k", kernel_bytes()), disk=path)
         out = await self.cache().resolve("os/q:v1")
         self.assertEqual((out["disk_format"], out["firmware"]), ("qcow2", "bios"))
 
@@ -272,7 +273,7 @@ class ImageCacheTests(unittest.TestCase):
 
     @aio
     async def test_concurrent_requests_share_one_download(self):
-        data = os.urandom(3_000_000)
+        data = kernel_bytes(os.urandom(3_000_000))
         await self.push(kernel=data)
         counting = Counting(self.reg.resource)
         url = serve(self, counting)

@@ -12,6 +12,7 @@ from tests.registry.helpers import RunningRegistry
 from zwrm import errors
 from zwrm.control.images import ImageAPI
 from zwrm.registry import image
+from zwrm.testing.image import kernel_bytes
 
 
 def d(f):
@@ -24,7 +25,7 @@ def d(f):
 
 
 class ImageAPITests(TestCase):
-    async def push(self, registry, name, tag, kernel=b"k" * 100, initrd=b"i" * 50):
+    async def push(self, registry, name, tag, kernel=kernel_bytes(b"k" * 100), initrd=b"i" * 50):
         config = image.make_config("console=ttyS0", 8080)
         cd = await registry.push_blob(name, config)
         kd = await registry.push_blob(name, kernel)
@@ -49,12 +50,12 @@ class ImageAPITests(TestCase):
         digest = await self.push(registry, "demo", "1")
         await registry.push_manifest(  # a second tag on the same manifest
             "demo", "latest", (await registry.request("GET", "/v2/demo/manifests/1"))[1])
-        await self.push(registry, "team/other", "v2", kernel=b"x" * 10)
+        await self.push(registry, "team/other", "v2", kernel=kernel_bytes(b"x" * 10))
         images = await api.list()
         self.assertEqual([(i["name"], i["tag"]) for i in images],
                          [("demo", "1"), ("demo", "latest"), ("team/other", "v2")])
         first = images[0]
-        self.assertEqual((first["digest"], first["kind"], first["size"]), (digest, "zwrm", 150))
+        self.assertEqual((first["digest"], first["kind"], first["size"]), (digest, "zwrm", 1174))
         self.assertEqual(sorted(first["layers"]), ["initrd", "kernel"])
         self.assertEqual([i["tag"] for i in await api.list("demo")], ["1", "latest"])
         info = await api.info("demo:1")

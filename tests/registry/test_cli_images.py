@@ -17,6 +17,7 @@ from zwrm.cli.main import build_parser
 from zwrm.errors import InvalidArgument
 from zwrm.registry.client import registry_url
 from zwrm.registry.image import DISK_TYPE, INITRD_TYPE, KERNEL_TYPE
+from zwrm.testing.image import kernel_bytes
 
 
 class ImagesCommandTests(unittest.TestCase):
@@ -46,7 +47,7 @@ class ImagesCommandTests(unittest.TestCase):
 
     @aio
     async def test_push_list_rm(self):
-        k = self.file("vmlinuz", os.urandom(300_000))
+        k = self.file("vmlinuz", kernel_bytes(os.urandom(300_000)))
         i = self.file("initrd", os.urandom(100_000))
         d = self.file("disk.raw", os.urandom(2_000_000))
         code, out = await self.zwrm("push", "apps/web:v1", "--kernel", k, "--initrd", i,
@@ -88,7 +89,7 @@ class ImagesCommandTests(unittest.TestCase):
     @aio
     async def test_json(self):
         """C{--json}: push, list (full digests, sizes, layers) and rm, errors as without it."""
-        k = self.file("vmlinuz", os.urandom(300_000))
+        k = self.file("vmlinuz", kernel_bytes(os.urandom(300_000)))
         i = self.file("initrd", os.urandom(100_000))
         err = io.StringIO()
         self.patch(sys, "stderr", err)
@@ -116,7 +117,7 @@ class ImagesCommandTests(unittest.TestCase):
             {"image": "apps/other:v1", "name": "apps/other", "tag": "v1", "digest": other,
              "size": None, "layers": []},
             {"image": "apps/web:v1", "name": "apps/web", "tag": "v1",
-             "digest": pushed["digest"], "size": 400_000, "layers": ["kernel", "initrd"]},
+             "digest": pushed["digest"], "size": 401_024, "layers": ["kernel", "initrd"]},
         ])
         code, out = await self.zwrm("list", "apps/web", "--json")
         self.assertEqual([r["image"] for r in json.loads(out)], ["apps/web:v1"])
@@ -155,6 +156,13 @@ class ImagesCommandTests(unittest.TestCase):
                      ("push", "apps/web:v1", "--initrd", self.file("i", b"i"))):
             e = await self.assertFailsWith(self.zwrm(*argv))
             self.assertEqual(e.code, EXIT_USAGE, argv)
+        # not a kernel: refused before anything is sent
+        k = self.file("vmlinuz", os.urandom(300_000))
+        e = await self.assertFailsWith(self.zwrm("push", "apps/web:v1", "--kernel", k))
+        self.assertEqual(e.code, EXIT_USAGE)
+        self.assertEqual(e.message, f"--kernel {k} is not an x86 kernel QEMU can boot: a Linux "
+                         "bzImage (vmlinuz), an ELF kernel with a PVH entry point or a "
+                         "Multiboot kernel")
         os.environ["ZWRM_TOKEN"] = "wrong"
         e = await self.assertFailsWith(self.zwrm("list"))
         self.assertEqual(e.code, EXIT_AUTH)
@@ -185,7 +193,7 @@ class ImagesCommandTests(unittest.TestCase):
 
     @aio
     async def test_process_exit_codes(self):
-        k = self.file("vmlinuz", os.urandom(3_000_000))
+        k = self.file("vmlinuz", kernel_bytes(os.urandom(3_000_000)))
         env = dict(os.environ, ZWRM_API_URL=self.reg.url)
         main = ["-c", "from zwrm.cli.main import main; main()"]
         out, err, code = await utils.getProcessOutputAndValue(

@@ -28,6 +28,7 @@ from tests.registry.helpers import (
 )
 from zwrm.errors import InvalidArgument
 from zwrm.registry import image
+from zwrm.testing.image import kernel_bytes
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
@@ -78,6 +79,42 @@ class Qcow2LayerTests(unittest.TestCase):
         resp, body = await self.reg.request("GET", "/v2/os/deb/manifests/v1")
         info = image.parse_manifest(body)
         self.assertEqual(info["disk"]["format"], "qcow2")
+
+
+class KernelLayerTests(unittest.TestCase):
+    """A kernel layer QEMU would not boot is refused with the manifest (an ORAS push too)."""
+
+    def setUp(self):
+        self.reg = RunningRegistry(self, self.mktemp())
+
+    async def push_kernel(self, data, tag="v1"):
+        cfg = image.make_config()
+        cd = await self.reg.push_blob("apps/k", cfg)
+        kd = await self.reg.push_blob("apps/k", data)
+        doc = {
+            "schemaVersion": 2,
+            "mediaType": MANIFEST,
+            "config": {"mediaType": image.CONFIG_TYPE, "digest": cd, "size": len(cfg)},
+            "layers": [{"mediaType": image.KERNEL_TYPE, "digest": kd, "size": len(data)}],
+        }
+        return kd, await self.reg.push_manifest("apps/k", tag, doc)
+
+    @aio
+    async def test_not_a_kernel_refused(self):
+        kd, (resp, body) = await self.push_kernel(os.urandom(200_000))
+        self.assertEqual(resp.code, 400, body)
+        self.assertEqual(error_codes(body), ["MANIFEST_INVALID"])
+        self.assertEqual(json.loads(body)["errors"][0]["message"],
+                         f"kernel layer {kd} is not an x86 kernel QEMU can boot: a Linux "
+                         "bzImage (vmlinuz), an ELF kernel with a PVH entry point or a "
+                         "Multiboot kernel")
+        resp, _ = await self.reg.request("GET", "/v2/apps/k/manifests/v1")
+        self.assertEqual(resp.code, 404)
+
+    @aio
+    async def test_kernel_taken(self):
+        _, (resp, body) = await self.push_kernel(kernel_bytes())
+        self.assertEqual(resp.code, 201, body)
 
 
 class PullRightsTests(unittest.TestCase):

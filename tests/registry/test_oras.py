@@ -16,6 +16,7 @@ from twisted.trial import unittest
 from tests.registry.helpers import AGENT_ID, AGENT_TOKEN, OPERATOR, RunningRegistry, aio, header
 from zwrm.agent.images import ImageCache
 from zwrm.registry.client import RegistryClient, push_image
+from zwrm.testing.image import kernel_bytes
 
 
 class OrasInteropTests(unittest.TestCase):
@@ -85,7 +86,7 @@ class OrasInteropTests(unittest.TestCase):
 
     @aio
     async def test_oras_reads_zwrm_image_and_agent_reads_oras_push(self):
-        kernel = self.write("vmlinuz", os.urandom(200_000))
+        kernel = self.write("vmlinuz", kernel_bytes(os.urandom(200_000)))
         initrd = self.write("initrd.img", os.urandom(100_000))
         client = RegistryClient(reactor, self.reg.url, OPERATOR)
         self.addCleanup(client.close)

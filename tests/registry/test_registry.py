@@ -21,6 +21,7 @@ from tests.registry.helpers import (
     error_codes,
     header,
 )
+from zwrm.testing.image import kernel_bytes
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
@@ -30,7 +31,7 @@ class RegistryTestsMixin:
     def setUp(self):
         self.reg = RunningRegistry(self, self.mktemp())
 
-    async def image(self, name="app/web", tag="v1", data=b"kernel-bytes"):
+    async def image(self, name="app/web", tag="v1", data=kernel_bytes(b"kernel-bytes")):
         cfg = b"{}"
         cd = await self.reg.push_blob(name, cfg)
         ld = await self.reg.push_blob(name, data)

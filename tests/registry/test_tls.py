@@ -21,6 +21,7 @@ from zwrm.errors import InvalidArgument, Unavailable
 from zwrm.pki import CertificateAuthority
 from zwrm.registry import make_registry_resource
 from zwrm.registry.client import RegistryClient, make_http_client, push_image
+from zwrm.testing.image import kernel_bytes
 from zwrm.web import Root
 
 
@@ -53,7 +54,7 @@ class TLSTests(unittest.TestCase):
     async def test_push_and_pull_over_tls(self):
         kernel = os.path.join(self.dir, "vmlinuz")
         with open(kernel, "wb") as f:
-            f.write(os.urandom(500_000))
+            f.write(kernel_bytes(os.urandom(500_000)))
         client = RegistryClient(reactor, self.url, OPERATOR, http_client=self.client(self.ca_file))
         await push_image(client, "apps/tls:v1", kernel=kernel, cmdline="quiet")
         cache = ImageCache(reactor, os.path.join(self.dir, "cache"), self.url,

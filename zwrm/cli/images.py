@@ -251,7 +251,7 @@ def register(subparsers):
 
     push = sub.add_parser("push", help="push a VM image (kernel, initrd, disk) to the registry")
     push.add_argument("ref", metavar="NAME[:TAG]")
-    push.add_argument("--kernel", help="the kernel (bzImage)")
+    push.add_argument("--kernel", help="the x86 kernel: a bzImage (vmlinuz), a PVH ELF or a Multiboot kernel")
     push.add_argument("--initrd", help="the initrd / initramfs")
     push.add_argument("--disk", help="a disk image, raw or qcow2 (self-contained: no backing file)")
     push.add_argument("--firmware", choices=("bios", "uefi"), default=None,

@@ -15,7 +15,7 @@ from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from zwrm.drivers import diskimage
+from zwrm.drivers import diskimage, kernelimage
 from zwrm.errors import (
     AuthenticationFailed,
     Conflict,
@@ -313,9 +313,10 @@ async def push_image(
     """
     Push a zwrm VM image (see docs/images.md).
 
-    A disk is checked with C{qemu-img info} first (L{zwrm.drivers.diskimage.inspect}): its
-    format (raw or qcow2) decides the layer's media type, and a qcow2 with a backing file
-    or an external data file is refused before anything is sent.
+    A kernel is checked first to be one QEMU boots (L{zwrm.drivers.kernelimage}), and a
+    disk with C{qemu-img info} (L{zwrm.drivers.diskimage.inspect}): its format (raw or
+    qcow2) decides the layer's media type, and a qcow2 with a backing file or an external
+    data file is refused before anything is sent.
 
     @param client: a L{RegistryClient}.
     @param ref: C{NAME[:TAG]}.
@@ -334,8 +335,12 @@ async def push_image(
         if not os.path.isfile(p):
             raise InvalidArgument(f"--{role} {p}: no such file")
     config = image.make_config(cmdline, service_port, firmware)
+    reactor = reactor or client._reactor
+    if kernel:
+        await threads.deferToThreadPool(reactor, reactor.getThreadPool(), kernelimage.inspect,
+                                        kernel, f"--kernel {kernel}")
     if disk:
-        info = await diskimage.inspect(reactor or client._reactor, disk, what=f"--disk {disk}")
+        info = await diskimage.inspect(reactor, disk, what=f"--disk {disk}")
         files = [(f"disk:{info['format']}" if r == "disk" else r, p) for r, p in files]
     total = sum(os.path.getsize(p) for _, p in files) + len(config)
     done_before = [0]

@@ -19,7 +19,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.web import resource, server, static
 
-from zwrm.drivers import diskimage
+from zwrm.drivers import diskimage, kernelimage
 from zwrm.errors import (
     AuthenticationFailed,
     InvalidArgument,
@@ -27,7 +27,7 @@ from zwrm.errors import (
     Unavailable,
     disk_full,
 )
-from zwrm.registry.image import QCOW2_TYPE
+from zwrm.registry.image import KERNEL_TYPE, QCOW2_TYPE
 from zwrm.registry.store import (
     DIGEST_RE,
     RegistryStore,
@@ -498,7 +498,7 @@ class RegistryResource(resource.Resource):
             await threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
                                             _check_depth, body)
         self._validate_manifest(name, body, content_type)
-        await self._check_disks(body)
+        await self._check_layers(body)
         alg = "sha256"
         if tag is None:
             alg, _ = parse_digest(reference)
@@ -515,11 +515,25 @@ class RegistryResource(resource.Resource):
             headers={"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": digest},
         )
 
-    async def _check_disks(self, body):
-        # A qcow2 disk layer must be self-contained: no backing file, no external data file
-        # (see zwrm.drivers.diskimage). Checked here, before anything can pull the image.
+    async def _check_layers(self, body):
+        # A kernel layer must be a kernel QEMU boots (see zwrm.drivers.kernelimage), and a
+        # qcow2 disk layer self-contained: no backing file, no external data file (see
+        # zwrm.drivers.diskimage). Checked here, before anything can pull the image.
         doc = json.loads(body)
         for desc in doc.get("layers") or ():
+            if desc.get("mediaType") == KERNEL_TYPE:
+                digest = desc["digest"]
+                try:
+                    await threads.deferToThreadPool(
+                        self._reactor, self._reactor.getThreadPool(), kernelimage.inspect,
+                        self.store.blob_path(digest), f"kernel layer {digest}")
+                except InvalidArgument as e:
+                    raise _Error("MANIFEST_INVALID", e.message,
+                                 detail={"digest": digest}) from None
+                except OSError as e:
+                    raise _Error("UNKNOWN", f"cannot read kernel layer {digest}: {e.strerror}",
+                                 status=503) from None
+                continue
             if desc.get("mediaType") != QCOW2_TYPE:
                 continue
             digest = desc["digest"]

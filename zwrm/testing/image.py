@@ -396,3 +396,18 @@ def build(cache_dir=None):
 if __name__ == "__main__":
     img = build()
     print(f"kernel {img.kernel}\ninitrd {img.initrd}\ncmdline {img.cmdline}")
+
+
+def kernel_bytes(body=b"K" * 1000):
+    """
+    Bytes that pass for an x86 kernel where no guest boots from them (registry, cache and
+    CLI tests): the Linux boot protocol's header (one setup sector, C{HdrS}, protocol 2.15),
+    then C{body}. The registry and C{zwrm images push} refuse a kernel without it
+    (L{zwrm.drivers.kernelimage}).
+    """
+    head = bytearray(1024)
+    head[0x1F1] = 1  # setup_sects
+    head[0x1FE:0x200] = b"\x55\xaa"
+    head[0x202:0x206] = b"HdrS"
+    head[0x206:0x208] = (0x020F).to_bytes(2, "little")
+    return bytes(head) + body
