@@ -342,3 +342,36 @@ class RestartTests(TestCase):
         self.assertEqual([(m["id"], m["state"]) for m in status["machines"]],
                          [(held.machine_id, "running")])
         self.assertEqual(c.apps.scheduler.host("h-slow").used_vcpus, 8)
+
+    @d
+    async def test_agent_back_without_the_machine_fails_it(self):
+        """
+        The agent registers again and does not list the machine stored pending before the
+        restart: its start never reached the host. It is failed at once, its capacity
+        given back when its restart policy decides (not at the app's next converge).
+        """
+        c, held = await self._restart_mid_start()
+        result = await c.registry.reconcile("h-slow", [])
+        self.assertEqual(result["failed"], [held.machine_id])
+        status = await c.apps.machine_status(held.machine_id)
+        self.assertEqual(status["state"], "failed")
+        self.assertNotIn(held.machine_id, c.registry.unconfirmed)
+        [last, *_] = await c.store.recent_events(held.machine_id)
+        self.assertEqual(last["payload"]["reason"],
+                         "its start never reached its host (the control plane stopped first)")
+
+    @d
+    async def test_agent_back_with_the_machine_confirms_it(self):
+        """
+        The agent registers again listing the machine stored pending before the restart
+        as running (the answer to its start was lost): it is running at once, in the
+        routes, its capacity held.
+        """
+        c, held = await self._restart_mid_start()
+        result = await c.registry.reconcile(
+            "h-slow", [{"id": held.machine_id, "state": "running", "host_port": 41000}])
+        self.assertEqual(result["confirmed"], [held.machine_id])
+        status = await c.apps.machine_status(held.machine_id)
+        self.assertEqual(status["state"], "running")
+        self.assertEqual(c.apps.scheduler.host("h-slow").used_vcpus, 8)
+        self.assertNotIn(held.machine_id, c.registry.unconfirmed)

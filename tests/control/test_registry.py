@@ -392,7 +392,7 @@ class MonitorTests(TestCase):
         await add_machine(store, "m2", "h1", "running")
         result = await reg.reconcile("h1", [{"id": "m1", "state": "running"},
                                             {"id": "mx", "state": "running"}])
-        self.assertEqual(result, {"restored": ["m1"], "failed": ["m2"], "duplicate": [],
+        self.assertEqual(result, {"restored": ["m1"], "confirmed": [], "failed": ["m2"], "duplicate": [],
                                   "unknown": ["mx"]})
         with self.assertRaises(errors.InvalidArgument):
             await reg.reconcile("h1", "nonsense")
@@ -411,7 +411,7 @@ class MonitorTests(TestCase):
         await add_machine(store, "m3", "h1", "stopped")
         result = await reg.reconcile("h1", [{"id": m, "state": "running"}
                                             for m in ("m1", "m2", "m3")])
-        self.assertEqual(result, {"restored": [], "failed": [], "duplicate": ["m3"],
+        self.assertEqual(result, {"restored": [], "confirmed": [], "failed": [], "duplicate": ["m3"],
                                   "unknown": []})
         self.assertEqual((await store.get("machines", "m1"))["state"], "pending")
 

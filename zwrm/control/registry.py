@@ -160,9 +160,14 @@ class HostRegistry:
         # WAMP session id -> clock time it ended, for ENDED_MEMORY s: a registration whose
         # session ended before (or while) it was stored is deregistered at once
         self._ended = OrderedDict()
-        #: Called with the row of each machine L{reconcile} found running again on the host
-        #: that came back (the placements hold its capacity there again).
+        #: Called with the row of each machine L{reconcile} found running on its host: again
+        #: on a host that came back, or stored pending before a restart (L{unconfirmed}).
+        #: The placements hold its capacity there.
         self.on_restored = []
+        #: Ids of the machines found C{pending} at the control plane's start (the
+        #: placements' set, L{zwrm.control.placements.Placements.unconfirmed}): whether
+        #: their start reached their host is told by its agent's list (L{reconcile}).
+        self.unconfirmed = set()
 
     # -- loading and persistence -----------------------------------------------------
 
@@ -538,6 +543,12 @@ class HostRegistry:
          - recorded on this host as failed (it was marked failed while the host was
            offline), reported running: restored to running;
          - recorded live on this host, not reported: failed (nothing is forgotten);
+         - recorded C{pending} here when the control plane started (L{unconfirmed}: the
+           start was called by the process before, which may have stopped before its
+           call reached the agent or before the answer came back): reported running or
+           starting, it takes the state reported; not reported, it is failed (its start
+           never reached its host), so its restart policy decides (it stayed pending,
+           out of the routes, until its app's next deploy or scale);
          - reported running but recorded elsewhere, or stopped/destroyed: a duplicate;
            the agent is told to stop it (nothing runs twice); recorded here as pending
            (its start is under way) or stopping, it is left alone;
@@ -546,14 +557,15 @@ class HostRegistry:
            volumes kept, and recorded as an event (C{kind} C{unknown_machine}).
 
         @param reported: C{[{"id", "state", ...}, ...]}.
-        @return: a dict of lists of machine ids: C{restored, failed, duplicate, unknown}.
+        @return: a dict of lists of machine ids: C{restored, confirmed, failed, duplicate,
+            unknown}.
         """
         if not isinstance(reported, list) or not all(
             isinstance(m, dict) and isinstance(m.get("id", m.get("machine_id")), str)
             for m in reported
         ):
             raise errors.InvalidArgument("reported machines must be a list of {id, state}")
-        result = {"restored": [], "failed": [], "duplicate": [], "unknown": []}
+        result = {"restored": [], "confirmed": [], "failed": [], "duplicate": [], "unknown": []}
         running = {
             m.get("id", m.get("machine_id")): m
             for m in reported
@@ -576,13 +588,17 @@ class HostRegistry:
                 # port; and the capacity it takes there is held again (on_restored).
                 await self.machines.set(row, "host back", state="running",
                                         health=reported_health(row.get("health"), running[mid]))
-                for callback in list(self.on_restored):
-                    try:
-                        callback(row)
-                    except Exception:
-                        self.log.failure("after restoring {mid} on {host_id}", mid=mid,
-                                         host_id=host_id)
+                self._found_running(row)
                 result["restored"].append(mid)
+            elif (row["host_id"] == host_id and row["state"] == "pending"
+                  and mid in self.unconfirmed):
+                # Its start reached the agent; the answer never reached us.
+                await self.machines.set(
+                    row, "its host runs it (its start was not confirmed before the control"
+                    " plane stopped)", state=running[mid]["state"],
+                    health=reported_health(row.get("health"), running[mid]))
+                self._found_running(row)
+                result["confirmed"].append(mid)
             elif row["host_id"] != host_id or row["state"] not in MAY_RUN_STATES:
                 result["duplicate"].append(mid)
                 self.log.warn(
@@ -595,4 +611,20 @@ class HostRegistry:
             if row["id"] not in running:
                 await self.machines.set(row, "not running on its host", state="failed")
                 result["failed"].append(row["id"])
+        if self.unconfirmed:
+            for row in await self.machines.find(host_id=host_id, states=("pending",)):
+                if row["id"] in self.unconfirmed and row["id"] not in running:
+                    self.unconfirmed.discard(row["id"])
+                    await self.machines.set(
+                        row, "its start never reached its host (the control plane stopped"
+                        " first)", state="failed")
+                    result["failed"].append(row["id"])
         return result
+
+    def _found_running(self, row):
+        for callback in list(self.on_restored):
+            try:
+                callback(row)
+            except Exception:
+                self.log.failure("after finding {mid} running on {host_id}", mid=row["id"],
+                                 host_id=row["host_id"])
