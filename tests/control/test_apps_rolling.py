@@ -32,6 +32,16 @@ async def healthy_wait(c, seconds=10):
     await poll(due, what=f"the {seconds:g} s healthy wait")
 
 
+async def healthy_waits(c, n, seconds=10):
+    """L{healthy_wait} for C{n} machines at once: C{n} waits due C{seconds} from now."""
+    async def due():
+        now = c.clock.seconds()
+        return len([call for call in c.clock.getDelayedCalls()
+                    if abs(call.getTime() - now - seconds) < 1e-6]) >= n
+
+    await poll(due, what=f"{n} {seconds:g} s healthy waits")
+
+
 class RollingTests(TestCase):
     async def cluster(self):
         c = await Cluster(self).start()
@@ -81,6 +91,19 @@ class RollingTests(TestCase):
         self.assertTrue(all(m["id"] not in old for m in status["machines"]))
         self.assertEqual(status["spec"]["memory_mb"], 300)
         self.assertGreaterEqual(min(running_seen), 2)
+
+    @d
+    async def test_a_batch_waits_for_its_machines_at_once(self):
+        """Two at a time: both new machines stay healthy for one min_healthy_time, together."""
+        c = await self.cluster()
+        old = {m["id"] for m in await c.machines("web")}
+        done = ensureDeferred(c.apps.deploy(
+            "web", {"memory_mb": 300, "update": {"max_parallel": 2, "min_healthy_time": 10}}))
+        await healthy_waits(c, 2)
+        self.assertFalse(done.called)
+        c.clock.advance(10)
+        status = await done
+        self.assertTrue(all(m["id"] not in old for m in status["machines"]))
 
     @d
     async def test_failed_update_is_reverted(self):
@@ -322,16 +345,93 @@ class InterruptedRollingTests(TestCase):
         self.assertEqual(await c.apps.resume_rollouts(), [])
 
     @d
-    async def test_an_update_stopped_after_its_last_batch_is_announced_completed(self):
+    async def test_an_update_stopped_after_its_last_batch_is_completed_once_healthy(self):
         c, old, halfway = await self.interrupted()
         for m in await c.machines("web"):  # as if both old machines had been replaced
             if m["id"] in old:
                 await c.apps.replicas.remove_machine(await c.apps.data.machines.get(m["id"]))
-        self.assertEqual(await c.apps.resume_rollouts(), ["web"])
+        resumed = ensureDeferred(c.apps.resume_rollouts())
+        # both new machines (replica 1's placed again) are waited for, at once
+        await healthy_waits(c, 2)
+        self.assertFalse(resumed.called)
+        c.clock.advance(10)
+        self.assertEqual(await resumed, ["web"])
         self.assertEqual(self.rollouts(c)[-1][0], "completed")
         # replica 1 placed again, of the new version
         self.assertEqual(sorted((m["spec"]["replica"], m["spec"]["memory_mb"])
                                 for m in await self.rows(c)), [(0, 300), (1, 300)])
+
+    async def interrupted_in_place(self):
+        """
+        web (2 replicas, no room beside its machines) stopped in its update while replica
+        0's new machine, replaced in place, waited to stay healthy; then a new L{Apps}.
+        """
+        c = await DefaultRollingTests.cluster(self, vcpus=1)
+        old = {m["id"] for m in await c.machines("web")}
+        done = ensureDeferred(c.apps.deploy("web", {"memory_mb": 300}))
+
+        async def new():
+            return [m for m in await c.machines("web")
+                    if m["id"] not in old and m["state"] == "running"]
+
+        await poll(new, what="the first machine replaced in place")
+        await healthy_wait(c)
+        (replaced,) = await new()
+        done.cancel()
+        self.failureResultOf(done)
+        c.clock.advance(10)  # (its wait would have ended now: it no longer runs)
+        c.apps.network_view.close()
+        c.apps = Apps(c.clock, c.store, c.registry, Scheduler(load_strategy("spread")),
+                      c.publish)
+        await c.apps.load()
+        return c, old, replaced, new
+
+    @d
+    async def test_a_machine_replaced_in_place_is_waited_for_again(self):
+        """
+        Its wait was cut short: it is waited for again (healthy for min_healthy_time)
+        before the old machine left is replaced.
+        """
+        c, old, replaced, new = await self.interrupted_in_place()
+        resumed = ensureDeferred(c.apps.resume_rollouts())
+        await healthy_wait(c)
+        self.assertEqual(len([m for m in await c.machines("web") if m["id"] in old]), 1)
+        c.clock.advance(10)
+
+        async def both():
+            return len(await new()) == 2
+
+        await poll(both, what="replica 1 replaced in place")
+        await healthy_wait(c)
+        c.clock.advance(10)
+        self.assertEqual(await resumed, ["web"])
+        self.assertEqual(self.rollouts(c)[-2:], [("started", 0, 1), ("completed", 1, 1)])
+        self.assertEqual([(m["state"], m["spec"]["memory_mb"]) for m in await self.rows(c)],
+                         [("running", 300)] * 2)
+
+    @d
+    async def test_a_machine_replaced_in_place_never_healthy_reverts(self):
+        """
+        Its wait was cut short, and it fails: the update is reverted (announced so), not
+        taken on to the next machine or announced completed with it failing.
+        """
+        c, old, replaced, new = await self.interrupted_in_place()
+        resumed = ensureDeferred(c.apps.resume_rollouts())
+        await healthy_wait(c)
+        # its guest crashes; with no healer here, no restart is due
+        await c.apps.machine_event({"machine_id": replaced["id"], "state": "failed",
+                                    "reason": "qemu exited with status 1"},
+                                   details=caller(replaced["host_id"]))
+        await healthy_wait(c, RESTART_DECISION_GRACE)
+        c.clock.advance(RESTART_DECISION_GRACE)
+        self.assertEqual(await resumed, ["web"])
+        self.assertEqual(self.rollouts(c)[-1][0], "reverted")
+
+        async def previous_version():
+            return [(m["state"], m["spec"]["memory_mb"]) for m in await self.rows(c)] == [
+                ("running", 256)] * 2
+
+        await poll(previous_version, what="the previous version again")
 
     @d
     async def test_nothing_to_take_up(self):

@@ -14,7 +14,7 @@ new job version cancels a Nomad deployment: the fix for a bad update need not wa
 C{healthy_deadline}.
 """
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, FirstError
 from twisted.python.failure import Failure
 
 from zwrm import errors
@@ -175,7 +175,7 @@ class Rollout:
         # (a planned stop: one that runs may be in the routes already)
         await self._replicas.retire(halfway, shutdown_delay(spec))
         stale = [m for m in old if m["spec"]["replica"] < spec["replicas"]]
-        if not stale or not update["max_parallel"]:
+        if not update["max_parallel"]:
             await self._converger.converge(app, spec, replace=True)
             total = last.get("total", 0)
             await self._data.apps.rollout(
@@ -183,7 +183,12 @@ class Rollout:
                 "(taken up after a control plane stop)", version=version, replaced=total,
                 total=total, update=update)
             return True
-        old_spec = dict(stale[0]["spec"].get("app_spec") or spec)
+        if stale:
+            old_spec = dict(stale[0]["spec"].get("app_spec") or spec)
+        else:  # the spec a failure reverts to: the version before
+            versions = {v["version"]: v["spec"]
+                        for v in await self._data.apps.spec_versions(app["id"])}
+            old_spec = dict(versions.get(version - 1) or spec)
         await self.rolling(app, old_spec, spec, stale, None, resumed=True)
         return True
 
@@ -226,18 +231,24 @@ class Rollout:
             return self._data.apps.rollout(app, state, reason, version=version,
                                            replaced=replaced, total=total, update=update)
 
-        again = " taken up again after a control plane stop" if resumed else ""
+        again = (" taken up again after a control plane stop (its new machines healthy"
+                 f" for {update['min_healthy_time']:g}s first)" if resumed else "")
         stop = self._under_way[app["id"]] = Deferred()
         try:
             await announce("started", f"rolling update to version {version}{again}: {total} "
                                       f"machine(s), {update['max_parallel']} at a time", 0)
-            await self._roll(app, old_spec, spec, stale, update, announce, stop)
+            await self._roll(app, old_spec, spec, stale, update, announce, stop, resumed)
         finally:
             if self._under_way.get(app["id"]) is stop:
                 del self._under_way[app["id"]]
 
-    async def _roll(self, app, old_spec, spec, stale, update, announce, stop):
-        """L{rolling}'s batches, once announced C{started}; C{stop}: L{supersede}'s."""
+    async def _roll(self, app, old_spec, spec, stale, update, announce, stop, resumed=False):
+        """
+        L{rolling}'s batches, once announced C{started}; C{stop}: L{supersede}'s.  Taken up
+        after a control plane stop (C{resumed}), the machines of the new version are waited
+        for first as a batch is: one replaced in place when the stop cut its wait short is
+        healthy before the update goes on (or ends).
+        """
         converge = self._converger.converge
         version, total = app["spec_version"], len(stale)
         old_replicas = {m["spec"]["replica"] for m in stale}
@@ -245,11 +256,15 @@ class Rollout:
         if rest:
             await converge(app, spec, replace=True, only=rest)
         n = update["max_parallel"]
-        for start in range(0, len(stale), n):
-            batch = stale[start:start + n]
+        steps = [(0, None)] if resumed else []
+        steps += [(start, stale[start:start + n]) for start in range(0, len(stale), n)]
+        for start, batch in steps:
             try:
                 if stop.called:
                     raise Superseded(stop.result)
+                if batch is None:
+                    await self._wait_new(await self._new_machines(app, spec), update, stop)
+                    continue
                 await self._replace_batch(app, spec, batch, update, stop)
             except Superseded as e:
                 message = (f"the update of {app['name']} to version {version} was superseded "
@@ -314,20 +329,7 @@ class Rollout:
                          {m["id"] for m in in_place}]
         if surge:
             await replicas.start_all(new_rows[:len(surge)])
-        try:
-            # a new machine its restart policy restarts meanwhile (it failed, or its health
-            # check did) is restarted at once, not after this wait (zwrm.control.converge)
-            async with self._converger.awaiting([row["id"] for row in new_rows]):
-                for row in new_rows:
-                    await self._until_stopped(stop, self._data.machines.wait_healthy(
-                        row["id"], update["healthy_deadline"], update["min_healthy_time"],
-                        through_restarts=True))
-        except errors.ZwrmError:
-            for row in new_rows:
-                fresh = await self._data.machines.get(row["id"])
-                if fresh is not None:
-                    await replicas.remove_machine(fresh)
-            raise
+        await self._wait_new(new_rows, update, stop)
         old = []
         for m in surge:
             fresh = await self._data.machines.get(m["id"])
@@ -335,3 +337,39 @@ class Rollout:
                 old.append(fresh)
         # A planned stop: out of the routes, the app's shutdown_delay, then removed.
         await replicas.retire(old, shutdown_delay(spec))
+
+    async def _new_machines(self, app, spec):
+        """The machines of C{app} that run C{spec} or are starting it."""
+        return [m for m in await self._data.machines.find(app_id=app["id"])
+                if m["state"] in ("pending", "starting", "running")
+                and same_version(m["spec"].get("app_spec"), spec)]
+
+    async def _wait_new(self, new_rows, update, stop=None):
+        """
+        Wait for each of C{new_rows} to be healthy for C{min_healthy_time} within
+        C{healthy_deadline} (all at once: a batch, or the machines a resumed update waits
+        for, takes one C{min_healthy_time}); if one is not, they are removed and its error
+        raised.
+        """
+        try:
+            # a new machine its restart policy restarts meanwhile (it failed, or its health
+            # check did) is restarted at once, not after this wait (zwrm.control.converge)
+            async with self._converger.awaiting([row["id"] for row in new_rows]):
+                await self._until_stopped(stop, self._all_healthy(new_rows, update))
+        except errors.ZwrmError:
+            for row in new_rows:
+                fresh = await self._data.machines.get(row["id"])
+                if fresh is not None:
+                    await self._replicas.remove_machine(fresh)
+            raise
+
+    async def _all_healthy(self, rows, update):
+        waits = [Deferred.fromCoroutine(self._data.machines.wait_healthy(
+            row["id"], update["healthy_deadline"], update["min_healthy_time"],
+            through_restarts=True)) for row in rows]
+        try:
+            await DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
+        except FirstError as e:
+            for wait in waits:
+                wait.cancel()
+            e.subFailure.raiseException()
