@@ -405,7 +405,7 @@ class InterruptedRollingTests(TestCase):
         await healthy_wait(c)
         c.clock.advance(10)
         self.assertEqual(await resumed, ["web"])
-        self.assertEqual(self.rollouts(c)[-2:], [("started", 0, 1), ("completed", 1, 1)])
+        self.assertEqual(self.rollouts(c)[-2:], [("started", 1, 2), ("completed", 2, 2)])
         self.assertEqual([(m["state"], m["spec"]["memory_mb"]) for m in await self.rows(c)],
                          [("running", 300)] * 2)
 

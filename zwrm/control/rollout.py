@@ -189,10 +189,11 @@ class Rollout:
             versions = {v["version"]: v["spec"]
                         for v in await self._data.apps.spec_versions(app["id"])}
             old_spec = dict(versions.get(version - 1) or spec)
-        await self.rolling(app, old_spec, spec, stale, None, resumed=True)
+        await self.rolling(app, old_spec, spec, stale, None, resumed=True,
+                           replaced=max(0, last.get("total", 0) - len(stale)))
         return True
 
-    async def rolling(self, app, old_spec, spec, stale, store_spec, resumed=False):
+    async def rolling(self, app, old_spec, spec, stale, store_spec, resumed=False, replaced=0):
         """
         A rolling update (the spec's C{update}: C{max_parallel}, C{min_healthy_time},
         C{healthy_deadline}, C{auto_revert}): the new spec is stored, the replicas that do
@@ -204,6 +205,8 @@ class Rollout:
         stops: its new machines are removed and, with C{auto_revert}, the previous version
         is deployed again (the old machines not yet replaced never stopped).
 
+        @param resumed: it is taken up after a control plane stop (L{resume}), which had
+            C{replaced} machines replaced (counted in what is announced).
         @raise zwrm.errors.Unavailable: the update failed (saying whether it was reverted).
         @raise Superseded: a later deploy, rollback or destroy stopped it (L{supersede}).
         """
@@ -225,32 +228,40 @@ class Rollout:
             placements.lock.release()
         if store_spec is not None:
             await store_spec()
-        version, total = app["spec_version"], len(stale)
+        version, total = app["spec_version"], replaced + len(stale)
 
-        def announce(state, reason, replaced):
+        def announce(state, reason, done):
             return self._data.apps.rollout(app, state, reason, version=version,
-                                           replaced=replaced, total=total, update=update)
+                                           replaced=done, total=total, update=update)
 
-        again = (" taken up again after a control plane stop (its new machines healthy"
-                 f" for {update['min_healthy_time']:g}s first)" if resumed else "")
+        if resumed:
+            started = (f"rolling update to version {version} taken up again after a control "
+                       f"plane stop: {replaced} of {total} machine(s) replaced, "
+                       f"{update['max_parallel']} at a time (its new machines healthy for "
+                       f"{update['min_healthy_time']:g}s first)")
+        else:
+            started = (f"rolling update to version {version}: {total} machine(s), "
+                       f"{update['max_parallel']} at a time")
         stop = self._under_way[app["id"]] = Deferred()
         try:
-            await announce("started", f"rolling update to version {version}{again}: {total} "
-                                      f"machine(s), {update['max_parallel']} at a time", 0)
-            await self._roll(app, old_spec, spec, stale, update, announce, stop, resumed)
+            await announce("started", started, replaced)
+            await self._roll(app, old_spec, spec, stale, update, announce, stop, resumed,
+                             replaced)
         finally:
             if self._under_way.get(app["id"]) is stop:
                 del self._under_way[app["id"]]
 
-    async def _roll(self, app, old_spec, spec, stale, update, announce, stop, resumed=False):
+    async def _roll(self, app, old_spec, spec, stale, update, announce, stop, resumed=False,
+                    before=0):
         """
         L{rolling}'s batches, once announced C{started}; C{stop}: L{supersede}'s.  Taken up
         after a control plane stop (C{resumed}), the machines of the new version are waited
         for first as a batch is: one replaced in place when the stop cut its wait short is
-        healthy before the update goes on (or ends).
+        healthy before the update goes on (or ends).  C{before}: machines the update had
+        replaced before that stop.
         """
         converge = self._converger.converge
-        version, total = app["spec_version"], len(stale)
+        version, total = app["spec_version"], before + len(stale)
         old_replicas = {m["spec"]["replica"] for m in stale}
         rest = set(range(max(spec["replicas"], old_spec["replicas"]))) - old_replicas
         if rest:
@@ -259,6 +270,7 @@ class Rollout:
         steps = [(0, None)] if resumed else []
         steps += [(start, stale[start:start + n]) for start in range(0, len(stale), n)]
         for start, batch in steps:
+            start += before
             try:
                 if stop.called:
                     raise Superseded(stop.result)
