@@ -20,14 +20,10 @@ from zwrm.cli.client import (
     close,
     connect,
     load_settings,
+    print_json,
 )
 from zwrm.cli.host import PAUSED, _table, _with_session
 from zwrm.cli.host import machine_state as _state
-
-
-def _json(value, out):
-    json.dump(value, out, indent=2, sort_keys=True)
-    out.write("\n")
 
 
 def register(subparsers):
@@ -365,14 +361,14 @@ def format_volumes(volumes, out):
 async def apps_create(reactor, args, out=None):
     out = out or sys.stdout
     app = await _with_session(reactor, args, "zwrm.app.create", args.name)
-    _json(app, out) if args.json else out.write(f"created app {app['name']} ({app['id']})\n")
+    print_json(app, out) if args.json else out.write(f"created app {app['name']} ({app['id']})\n")
 
 
 async def apps_list(reactor, args, out=None):
     out = out or sys.stdout
     apps = await _with_session(reactor, args, "zwrm.app.list")
     if args.json:
-        return _json(apps, out)
+        return print_json(apps, out)
     _table(["NAME", "ID", "REPLICAS", "MACHINES"],
            [[a["name"], a["id"], a["replicas"],
              ", ".join(f"{n} {s}" for s, n in sorted(a["machines"].items())) or "-"]
@@ -383,7 +379,7 @@ async def apps_history(reactor, args, out=None):
     out = out or sys.stdout
     versions = await _with_session(reactor, args, "zwrm.app.history", args.name)
     if args.json:
-        return _json(versions, out)
+        return print_json(versions, out)
 
     _table(["VERSION", "CREATED (UTC)", "IMAGE", "REPLICAS", "CHANGED", ""],
            history_rows(versions), out)
@@ -424,7 +420,7 @@ async def rollback(reactor, args, out=None):
     if args.version is not None and args.version < 1:
         raise CliError("version must be 1 or more", EXIT_USAGE)
     app = await _with_session(reactor, args, "zwrm.app.rollback", args.app, args.version)
-    _json(app, out) if args.json else format_app(app, out)
+    print_json(app, out) if args.json else format_app(app, out)
 
 
 def _settled(app):
@@ -561,7 +557,7 @@ async def deploy(reactor, args, out=None):
     spec = _spec(args)
     if getattr(args, "plan", False):
         plan = await _with_session(reactor, args, "zwrm.app.plan", args.app, spec)
-        _json(plan, out) if args.json else format_plan(plan, out)
+        print_json(plan, out) if args.json else format_plan(plan, out)
         if plan["unplaceable"]:
             raise CliError(f"the deploy would fail: {plan['unplaceable']}", EXIT_REMOTE)
         return
@@ -576,7 +572,7 @@ async def deploy(reactor, args, out=None):
                                            sys.stderr, told=told)
     finally:
         await close(session)
-    _json(app, out) if args.json else format_app(app, out)
+    print_json(app, out) if args.json else format_app(app, out)
 
 
 APP_TOPIC = "zwrm.event.app"
@@ -710,13 +706,13 @@ def _first_of(reactor, seconds, *ds):
 async def scale(reactor, args, out=None):
     out = out or sys.stdout
     app = await _with_session(reactor, args, "zwrm.app.scale", args.app, args.replicas)
-    _json(app, out) if args.json else format_app(app, out)
+    print_json(app, out) if args.json else format_app(app, out)
 
 
 async def status(reactor, args, out=None):
     out = out or sys.stdout
     app = await _with_session(reactor, args, "zwrm.app.status", args.app)
-    _json(app, out) if args.json else format_app(app, out)
+    print_json(app, out) if args.json else format_app(app, out)
 
 
 async def destroy(reactor, args, out=None):
@@ -725,14 +721,14 @@ async def destroy(reactor, args, out=None):
         raise CliError("give an app name or --machine ID", EXIT_USAGE)
     if args.machine:
         gone = await _with_session(reactor, args, "zwrm.machine.destroy", args.machine)
-        return _json({"machine": gone}, out) if args.json else out.write(f"destroyed {gone}\n")
+        return print_json({"machine": gone}, out) if args.json else out.write(f"destroyed {gone}\n")
     session = await connect(reactor, load_settings(args.api_url))
     try:
         result = await call(session, "zwrm.app.destroy", args.app, volumes=args.volumes)
     finally:
         await close(session)
     if args.json:
-        return _json(result, out)
+        return print_json(result, out)
     out.write(f"destroyed {len(result['machines'])} machine(s) and "
               f"{len(result['volumes'])} volume(s) of {args.app}\n")
     if result.get("app_kept_for_volumes"):
@@ -747,7 +743,7 @@ async def machines_list(reactor, args, out=None):
     finally:
         await close(session)
     if args.json:
-        return _json(ms, out)
+        return print_json(ms, out)
     _table(["ID", "APP", "REPLICA", "HOST", "STATE", "HEALTH", "ADDRESS", "PORT"],
            [[m["id"], m["app"] or "-", m["replica"], m["host_id"], _state(m),
              m["health"] or "-", m.get("address") or "-", m["host_port"] or "-"] for m in ms], out)
@@ -757,7 +753,7 @@ async def machine_status(reactor, args, out=None):
     out = out or sys.stdout
     m = await _with_session(reactor, args, "zwrm.machine.status", args.machine_id)
     if args.json:
-        return _json(m, out)
+        return print_json(m, out)
     spec = m.get("spec") or {}
     fields = {k: m.get(k) for k in ("id", "app", "replica", "host_id", "state", "health",
                                      "address", "host_port")}
@@ -790,7 +786,7 @@ async def machine_restart(reactor, args, out=None):
     out = out or sys.stdout
     m = await _with_session(reactor, args, "zwrm.machine.restart", args.machine_id)
     if args.json:
-        return _json(m, out)
+        return print_json(m, out)
     out.write(f"restarted {m['id']} on {m['host_id']}: {m['state']}\n")
 
 
@@ -815,7 +811,7 @@ async def volumes_create(reactor, args, out=None):
                        host_id=args.host)
     finally:
         await close(session)
-    _json(v, out) if args.json else out.write(f"created volume {v['id']} on {v['host_id']}\n")
+    print_json(v, out) if args.json else out.write(f"created volume {v['id']} on {v['host_id']}\n")
 
 
 async def volumes_list(reactor, args, out=None):
@@ -825,10 +821,10 @@ async def volumes_list(reactor, args, out=None):
         vs = await call(session, "zwrm.volume.list", app=args.app)
     finally:
         await close(session)
-    _json(vs, out) if args.json else format_volumes(vs, out)
+    print_json(vs, out) if args.json else format_volumes(vs, out)
 
 
 async def volumes_destroy(reactor, args, out=None):
     out = out or sys.stdout
     gone = await _with_session(reactor, args, "zwrm.volume.destroy", args.volume_id)
-    _json({"volume": gone}, out) if args.json else out.write(f"destroyed volume {gone}\n")
+    print_json({"volume": gone}, out) if args.json else out.write(f"destroyed volume {gone}\n")

@@ -10,7 +10,7 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from zwrm.cli.client import EXIT_USAGE, CliError, call, close, connect, load_settings
+from zwrm.cli.client import EXIT_USAGE, CliError, call, close, connect, load_settings, print_json
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -90,8 +90,7 @@ async def audit(reactor, args, out=None):
     finally:
         await close(session)
     if args.json:
-        json.dump(entries, out, indent=2, sort_keys=True)
-        out.write("\n")
+        print_json(entries, out)
     else:
         format_entries(entries, out)
     return 0

@@ -12,11 +12,10 @@ L{zwrm.control.resources.certs}):
   - C{zwrm.cert.remove(domain)} -> C{{"domain", "removed"}}; C{zwrm.error.not_found}.
 """
 
-import json
 import sys
 import time
 
-from zwrm.cli.client import EXIT_CONFIG, CliError, call_once
+from zwrm.cli.client import EXIT_CONFIG, CliError, call_once, print_json
 
 MAX_FILE = 64 * 1024
 
@@ -80,11 +79,6 @@ def format_certs(certs, out):
         out.write("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() + "\n")
 
 
-def _json(value, out):
-    json.dump(value, out, indent=2, sort_keys=True)
-    out.write("\n")
-    return 0
-
 
 async def certs_add(reactor, args, out=None, session_call=None):
     out = out or sys.stdout
@@ -92,7 +86,7 @@ async def certs_add(reactor, args, out=None, session_call=None):
     session_call = session_call or _with_session
     result = await session_call(reactor, args, "zwrm.cert.add", args.domain, cert, key)
     if args.json:
-        return _json(result, out)
+        return print_json(result, out)
     out.write(f"{result['domain']}: certificate {result['fingerprint'][:16]} for "
               f"{', '.join(result['names'])}, valid until {_when(result['not_after'])} UTC; "
               "every agent's ingress serves it\n")
@@ -104,7 +98,7 @@ async def certs_list(reactor, args, out=None, session_call=None):
     session_call = session_call or _with_session
     certs = await session_call(reactor, args, "zwrm.cert.list")
     if args.json:
-        return _json(certs, out)
+        return print_json(certs, out)
     format_certs(certs, out)
     return 0
 
@@ -114,6 +108,6 @@ async def certs_remove(reactor, args, out=None, session_call=None):
     session_call = session_call or _with_session
     result = await session_call(reactor, args, "zwrm.cert.remove", args.domain)
     if getattr(args, "json", False):
-        return _json(result, out)
+        return print_json(result, out)
     out.write(f"removed the certificate of {args.domain}\n")
     return 0

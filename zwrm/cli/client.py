@@ -25,6 +25,7 @@ flight at once (L{EXIT_UNREACHABLE}); every call is bounded by the timeout
 (L{EXIT_TIMEOUT}).
 """
 
+import json
 import os
 import tomllib
 from urllib.parse import urlsplit, urlunsplit
@@ -96,6 +97,18 @@ def set_flags(**flags):
 def _extra():
     """Seconds the command adds to the timeout (C{deploy --wait}), from L{set_flags}."""
     return float(_flags.get("extra") or 0)
+
+
+def print_json(value, out):
+    """
+    Write C{value} to C{out} as every command's C{--json} does: indented, keys sorted, one
+    line ending.
+
+    @return: 0, the exit code of a command that printed it.
+    """
+    json.dump(value, out, indent=2, sort_keys=True)
+    out.write("\n")
+    return 0
 
 
 class CliError(Exception):

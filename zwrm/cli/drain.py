@@ -2,12 +2,11 @@
 C{zwrm host drain|drain-status|undrain|activate <host-id>} (see docs/drain.md).
 """
 
-import json
 import sys
 
 from twisted.internet import defer, task
 
-from zwrm.cli.client import EXIT_USAGE, CliError, call, close, connect, load_settings
+from zwrm.cli.client import EXIT_USAGE, CliError, call, close, connect, load_settings, print_json
 from zwrm.drain_phases import DRAIN_MODES
 from zwrm.drain_phases import DRAIN_TERMINAL as TERMINAL  # the states a drain ends in
 
@@ -192,8 +191,7 @@ async def _follow(reactor, session, host_id, out, as_json, interval=None, refres
                     last = key
             if s["state"] in TERMINAL:
                 if as_json:
-                    json.dump(s, out, indent=2, sort_keys=True)
-                    out.write("\n")
+                    print_json(s, out)
                 return 0 if s["state"] == "completed" else 1
             if subscription is None:
                 await task.deferLater(reactor, interval, lambda: None)
@@ -238,8 +236,7 @@ async def host_drain(reactor, args, out=None):
     try:
         result = await call(session, "zwrm.host.drain", args.host_id, **kw)
         if args.json and (args.dry_run or args.detach):
-            json.dump(result, out, indent=2, sort_keys=True)
-            out.write("\n")
+            print_json(result, out)
             return 0
         if not args.json:
             format_plan(result, out)
@@ -259,8 +256,7 @@ async def host_drain_status(reactor, args, out=None):
             return 0
         s = await call(session, "zwrm.host.drain_status", args.host_id)
         if args.json:
-            json.dump(s, out, indent=2, sort_keys=True)
-            out.write("\n")
+            print_json(s, out)
         else:
             format_status(s, out)
         return 0
@@ -276,8 +272,7 @@ async def _simple(reactor, args, procedure, out):
     finally:
         await close(session)
     if getattr(args, "json", False):
-        json.dump(r, out, indent=2, sort_keys=True)
-        out.write("\n")
+        print_json(r, out)
     else:
         out.write(f"{r['host_id']}: {r['state']}\n")
     return 0

@@ -3,7 +3,6 @@ C{zwrm host list} and C{zwrm host status <host-id>} (drain, reset and remove are
 modules of their own).
 """
 
-import json
 import sys
 import time
 
@@ -16,6 +15,7 @@ from zwrm.cli.client import (
     close,
     connect,
     load_settings,
+    print_json,
 )
 from zwrm.cli.drain import register_host_commands
 from zwrm.cli.host_remove import register_remove
@@ -217,8 +217,7 @@ async def host_list(reactor, args, out=None):
     out = out or sys.stdout
     hosts, partitions = await _with_partitions(reactor, args, "zwrm.host.list")
     if args.json:
-        json.dump(hosts, out, indent=2, sort_keys=True)
-        out.write("\n")
+        print_json(hosts, out)
     else:
         format_hosts(hosts, out)
         format_partitions(partitions, out)
@@ -229,8 +228,7 @@ async def host_status(reactor, args, out=None):
     out = out or sys.stdout
     host, partitions = await _with_partitions(reactor, args, "zwrm.host.status", args.host_id)
     if args.json:
-        json.dump(host, out, indent=2, sort_keys=True)
-        out.write("\n")
+        print_json(host, out)
     else:
         held = [p for p in partitions if host.get("id") in (p.get("held_hosts") or [])]
         format_status(host, out, held[0] if held else None)

@@ -7,10 +7,9 @@ a drain involves it, while a machine is recorded live on it, and while it holds 
 unless C{--forget-volumes} gives their data up.
 """
 
-import json
 import sys
 
-from zwrm.cli.client import call_once
+from zwrm.cli.client import call_once, print_json
 
 
 def register_remove(hsub):
@@ -49,7 +48,7 @@ async def host_remove(reactor, args, out=None):
     result = await call_once(reactor, args.api_url, "zwrm.host.remove", args.host_id,
                              forget_volumes=args.forget_volumes)
     if args.json:
-        out.write(json.dumps(result, indent=2) + "\n")
+        print_json(result, out)
     else:
         format_removal(result, out)
     return 1 if result["not_placed"] else 0

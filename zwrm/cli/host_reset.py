@@ -8,11 +8,10 @@ is accepted within C{--ttl} (default 1h); the host's current credential stays va
 then.
 """
 
-import json
 import sys
 import time
 
-from zwrm.cli.client import call, close, connect, load_settings
+from zwrm.cli.client import call, close, connect, load_settings, print_json
 from zwrm.cli.tokens import parse_ttl
 
 
@@ -34,8 +33,7 @@ async def host_reset(reactor, args, out=None):
     finally:
         await close(session)
     if getattr(args, "json", False):
-        json.dump(result, out, indent=2, sort_keys=True)
-        out.write("\n")
+        print_json(result, out)
         return 0
     until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(result["expires_at"]))
     out.write(f"host {result['host_id']} may join again with a join token until {until}\n")

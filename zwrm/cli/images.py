@@ -18,7 +18,6 @@ CA file for https.
 """
 
 import argparse
-import json
 import sys
 
 from zwrm.cli.client import (
@@ -28,6 +27,7 @@ from zwrm.cli.client import (
     EXIT_USAGE,
     CliError,
     load_settings,
+    print_json,
 )
 from zwrm.errors import (
     AuthenticationFailed,
@@ -136,11 +136,6 @@ class ProgressBar:
         self._done = True
 
 
-def _json(value, out):
-    json.dump(value, out, indent=2, sort_keys=True)
-    out.write("\n")
-    return 0
-
 
 async def _push(reactor, args, out):
     client = await _client(reactor, args)
@@ -165,7 +160,7 @@ async def _push(reactor, args, out):
                 bar.finish()
         name, tag = image.parse_reference(args.ref)
         if as_json:
-            return _json({"image": f"{name}:{tag}", "digest": digest}, out)
+            return print_json({"image": f"{name}:{tag}", "digest": digest}, out)
         out.write(f"{name}:{tag} {digest}\n")
         return 0
     finally:
@@ -199,7 +194,7 @@ async def _list(reactor, args, out):
                 rows.append((f"{name}:{tag}", digest[:19], _size(size) if size is not None else "-",
                              "+".join(layers) or "other"))
         if getattr(args, "json", False):
-            return _json(found, out)
+            return print_json(found, out)
         header = ("IMAGE", "DIGEST", "SIZE", "LAYERS")
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
         for row in [header, *rows]:
@@ -229,7 +224,7 @@ async def _rm(reactor, args, out):
         return 0
     finally:
         if as_json and removed:  # those removed before a failure too, as the lines say them
-            _json(removed, out)
+            print_json(removed, out)
         await client.close()
 
 

@@ -12,12 +12,11 @@ The procedures these commands call (operator role, prefix C{zwrm.token.}):
   - C{zwrm.token.revoke(id)} -> C{None}; C{zwrm.error.not_found} for an unknown id.
 """
 
-import json
 import re
 import sys
 import time
 
-from zwrm.cli.client import EXIT_USAGE, CliError, call_once
+from zwrm.cli.client import EXIT_USAGE, CliError, call_once, print_json
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -102,8 +101,7 @@ async def tokens_create(reactor, args, out=None, session_call=None):
         reactor, args, "zwrm.token.create", ttl=ttl, description=args.description, **kw
     )
     if args.json:
-        json.dump(result, out, indent=2, sort_keys=True)
-        out.write("\n")
+        print_json(result, out)
     else:
         out.write(result["token"] + "\n")
         use = f" (use it as the ticket of authid {role}: ZWRM_AUTHID={role})" \
@@ -120,8 +118,7 @@ async def tokens_list(reactor, args, out=None, session_call=None):
     session_call = session_call or _with_session
     tokens = await session_call(reactor, args, "zwrm.token.list")
     if args.json:
-        json.dump(tokens, out, indent=2, sort_keys=True)
-        out.write("\n")
+        print_json(tokens, out)
     else:
         format_tokens(tokens, out)
     return 0
@@ -139,8 +136,7 @@ async def tokens_revoke(reactor, args, out=None, session_call=None):
     session_call = session_call or _with_session
     await session_call(reactor, args, "zwrm.token.revoke", token_id)
     if getattr(args, "json", False):
-        json.dump({"id": token_id, "revoked": True}, out, indent=2, sort_keys=True)
-        out.write("\n")
+        print_json({"id": token_id, "revoked": True}, out)
     else:
         out.write(f"revoked {token_id}\n")
     return 0
