@@ -127,6 +127,11 @@ class StatusLineTests(SynchronousTestCase):
             "phase": "switching", "mirror": {"done": 32 * MiB, "total": 32 * MiB, "rate": 0},
             "ram": {"passes": 4, "transferred": 1, "remaining": 0}}))
         self.assertIn("switching over", line)
+        # its volumes go through QEMU's mirror, not the volume stream: no "sent 0B"
+        line = self.line(self.migration(bytes_sent=0, rate=None, eta=None, live={
+            "phase": "migrating", "mirror": {"done": 8 * MiB, "total": 32 * MiB, "rate": 0}}))
+        self.assertNotIn("sent 0", line)
+        self.assertIn("-> h-b  [migrating: mirrored 8.0MiB of 32.0MiB", line)
 
     def test_a_live_move_done_shows_the_pause_and_the_verification(self):
         line = self.line(self.migration(

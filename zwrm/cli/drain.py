@@ -116,10 +116,11 @@ def format_status(s, out):
         rate = f"{_size(m['rate'])}/s" if m["rate"] else "-"
         eta = f"{m['eta']:.0f}s" if m["eta"] is not None else "-"
         mode = f" ({m['mode']})" if m.get("mode") and m.get("volumes") else ""
-        line = (f"  {m['machine_id']}  {m['app'] or '-'}  {m['phase']}{mode}  -> "
-                f"{m['target'] or '-'}  sent {_size(m['bytes_sent'])}"
-                f" (image {_size(m['bytes_total'])})"
-                f"  {rate}  eta {eta}")
+        line = f"  {m['machine_id']}  {m['app'] or '-'}  {m['phase']}{mode}  -> {m['target'] or '-'}"
+        if m["bytes_sent"] or not (m.get("mode") == "live" or m.get("live")):
+            # (a live move's volumes go through QEMU's mirror: its progress is the live part)
+            line += (f"  sent {_size(m['bytes_sent'])} (image {_size(m['bytes_total'])})"
+                     f"  {rate}  eta {eta}")
         live = _live_line(m)
         if live is not None:
             line += f"  [{live}]"
