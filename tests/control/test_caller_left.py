@@ -75,8 +75,11 @@ class AgentLeftMidReportTests(TestCase):
         self.assertEqual((await machines.get("m-left"))["state"], "failed")
 
 
-    async def _report_under_way(self):
-        """An agent's report, under way in the control plane (held after its store)."""
+    async def _report_under_way(self, on_cancel=None):
+        """
+        An agent's report, under way in the control plane (held after its store);
+        C{on_cancel}: awaited when the stop cancels it, before it ends.
+        """
         plane, tmp = await start_plane(self)
         agent = make_agent(self, plane, os.path.join(tmp, "a1"))
         await agent.registered
@@ -89,11 +92,15 @@ class AgentLeftMidReportTests(TestCase):
 
         async def held(*args):
             result = await update(*args)
+            if stored.called:  # (a write of on_cancel's)
+                return result
             stored.callback(None)
             try:
                 await defer.Deferred()  # never released
             except defer.CancelledError:
                 ended.append("cancelled")
+                if on_cancel is not None:
+                    await on_cancel()
                 raise
             return result
 
@@ -126,6 +133,31 @@ class AgentLeftMidReportTests(TestCase):
                       e.args[0])
         await agent.stopService()
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    @d
+    async def test_what_cancelled_work_undoes_is_stored_before_the_store_closes(self):
+        """
+        The stop waits for the work it cancelled to end: what that work undoes on its
+        cancellation (as a planned stop's take_out puts its machines back in the routes)
+        is stored, and its caller answered, before the session leaves and the store
+        closes.  (A scale-down stopped in its shutdown_delay left its machine stopping,
+        out of the routes, for good; its CLI said "the callee left the realm".)
+        """
+        undone = []
+
+        async def put_back():
+            row = await plane.registry.data.machines.get("m-stop")
+            await plane.registry.data.machines.set(row, "stop cancelled; back in the routes",
+                                                    state="running")
+            undone.append("stored")
+
+        plane, agent, ended = await self._report_under_way(lambda: put_back())
+        await plane.stopService()
+        self.assertEqual((ended, undone), (["cancelled"], ["stored"]))
+        await poll(reactor, lambda: self.answers, 10, interval=0.01, what="the answer")
+        [e] = self.answers
+        self.assertEqual(e.error, "zwrm.error.unavailable")
+        await agent.stopService()
 
     @d
     async def test_the_work_of_an_earlier_session_is_ended_too(self):

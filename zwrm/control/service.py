@@ -64,6 +64,10 @@ LOCK_FILE = "control.lock"
 """Held (C{flock}) by a running control plane in its data directory; C{zwrm-control restore}
 refuses while it is held."""
 CERT_CHECK_INTERVAL = 6 * 3600.0
+#: How long a stop waits for the work it cancelled to finish undoing what it had begun
+#: (a planned stop's machines put back in the routes, placements given back, the callers
+#: told), before the session leaves and the store closes.
+STOP_GRACE = 10.0
 """Seconds between checks of the server certificate's expiry while running."""
 
 
@@ -515,14 +519,36 @@ class ControlPlane(service.MultiService):
             self._cert_renewal.stop()
         if self.registry is not None:
             await self._flush()
-        for work in list(self.under_way):  # any session's, this one's or an earlier one's
+        cancelled = list(self.under_way)  # any session's, this one's or an earlier one's
+        for work in cancelled:
             work.cancel()
+        if cancelled:
+            await self._ended(cancelled, STOP_GRACE)
         if self.session is not None:
             if self.session.is_attached():
                 self.session.leave()
         if self.store is not None:
             await self.store.stop()
         self._unlock()
+
+    async def _ended(self, cancelled, grace):
+        """
+        Wait, at most C{grace} seconds, for the work the stop cancelled to end: what it
+        undoes on its cancellation (a planned stop's machines back in the routes) is stored
+        and its callers answered before the session leaves and the store closes.  (A
+        scale-down stopped in its C{shutdown_delay} left its machine C{stopping}, out of
+        the routes, for good.)
+        """
+        ended = defer.DeferredList(cancelled, consumeErrors=True)
+        late = task.deferLater(self.reactor, grace, lambda: None)
+        first = await defer.DeferredList([ended, late], fireOnOneCallback=True,
+                                         consumeErrors=True)
+        if first[1] == 1:
+            self.log.warn("stopping: {n} call(s) under way did not end within {grace:g}s of"
+                          " their cancellation", n=sum(1 for w in cancelled if not w.called),
+                          grace=grace)
+        else:
+            late.cancel()
 
     def _resume_rollouts(self):
         work = defer.Deferred.fromCoroutine(self.apps.resume_rollouts())
