@@ -15,8 +15,9 @@ from tests.control.helpers import FACTS
 from tests.control.test_apps import Cluster, caller, d
 from zwrm import errors
 from zwrm.control import healing
-from zwrm.control.apps import validate_spec
+from zwrm.control.apps import Apps, validate_spec
 from zwrm.control.monitor import HealthMonitor
+from zwrm.scheduler import Scheduler, load_strategy
 
 POLICY = healing.validate_restart(None)
 
@@ -303,6 +304,40 @@ class RestartTests(TestCase):
         c.clock.advance(5)
         await settle(c, h2)
         await poll(lambda: self._running(c), what="the restart after resume")
+
+    @d
+    async def test_a_planned_stop_a_killed_control_plane_left_is_restarted(self):
+        """
+        The control plane stored a machine stopping (a planned stop: a scale-down, a
+        destroy), its agent stopped the machine, and the control plane was killed before
+        it removed it (its agent's reports lost).  The next one finds it stopping
+        (cut_short); its agent registers without it: failed, and its restart policy
+        brings it back (it stayed stopping, out of the routes, for good).
+        """
+        c, h, m = await self.one()
+        row = await c.apps.data.machines.get(m["id"])
+        await c.apps.replicas.set_machine(row, "out of the routes; stopped in 5s",
+                                          state="stopping")
+        h.stop()
+        c.report = lambda host_id, event: None  # killed: no report reaches it
+        await c.executors["h-a"][0].stop_machine(m["id"])
+        c.apps.network_view.close()
+        c.apps = Apps(c.clock, c.store, c.registry, Scheduler(load_strategy("spread")),
+                      c.publish)
+        await c.apps.load()
+        self.assertEqual(c.registry.cut_short, {m["id"]})
+        h2 = await healer_for(c)
+        c.registry.on_cut_short.append(h2.decide_exit)
+        del c.report  # the agent's reports reach the new one
+        result = await c.registry.reconcile("h-a", c.executors["h-a"][0].list_machines())
+        self.assertEqual(result["failed"], [m["id"]])
+        await settle(c, h2)
+        (m1,) = await c.machines("web")
+        self.assertEqual((m1["state"], m1["next_restart_at"]),
+                         ("failed", c.clock.seconds() + 5))
+        c.clock.advance(5)
+        await settle(c, h2)
+        await poll(lambda: self._running(c), what="the restart")
 
     @d
     async def test_exit_decided_is_not_decided_again_after_a_restart(self):

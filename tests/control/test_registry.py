@@ -385,6 +385,46 @@ class MonitorTests(TestCase):
         self.assertIn("duplicate_machine", kinds)
 
     @d
+    async def test_reconcile_settles_planned_stops_a_killed_control_plane_left(self):
+        """
+        Machines stored stopping at the start (L{HostRegistry.cut_short}: a planned stop the
+        process before never ended): running on their ready host, back in the routes; not
+        running there, failed and handed to the restart policy (on_cut_short).  One
+        stopping that was not so at the start (a stop under way now) is left alone.
+        """
+        clock, store, reg, published = await make_registry(self)
+        await reg.join("h1", FACTS)
+        for mid in ("m1", "m2", "m3"):
+            await add_machine(store, mid, "h1", "stopping")
+        reg.cut_short.update({"m1", "m2"})
+        decided = []
+        reg.on_cut_short.append(lambda row: decided.append(row["id"]))
+        result = await reg.reconcile("h1", [{"id": "m1", "state": "running"},
+                                            {"id": "m3", "state": "running"}])
+        self.assertEqual((result["put_back"], result["failed"]), (["m1"], ["m2"]))
+        self.assertEqual([(await store.get("machines", m))["state"] for m in ("m1", "m2", "m3")],
+                         ["running", "failed", "stopping"])
+        self.assertEqual(decided, ["m2"])
+        self.assertEqual(reg.cut_short, set())
+
+    @d
+    async def test_planned_stops_on_a_draining_host_are_its_drains(self):
+        """
+        On a host that is not ready, a machine stopping since the start may be a live
+        drain's original, paused for good: its drain ends it, reconciliation does not.
+        """
+        clock, store, reg, published = await make_registry(self)
+        await reg.join("h1", FACTS)
+        await reg.hosts.apply_input("h1", "drain_requested")
+        await add_machine(store, "m1", "h1", "stopping")
+        reg.cut_short.add("m1")
+        result = await reg.reconcile("h1", [{"id": "m1", "state": "running"}])
+        self.assertEqual((result["put_back"], result["failed"]), ([], []))
+        result = await reg.reconcile("h1", [])
+        self.assertEqual((result["put_back"], result["failed"]), ([], []))
+        self.assertEqual((await store.get("machines", "m1"))["state"], "stopping")
+
+    @d
     async def test_reconcile_results(self):
         clock, store, reg, published = await make_registry(self)
         await reg.join("h1", FACTS)
@@ -392,8 +432,8 @@ class MonitorTests(TestCase):
         await add_machine(store, "m2", "h1", "running")
         result = await reg.reconcile("h1", [{"id": "m1", "state": "running"},
                                             {"id": "mx", "state": "running"}])
-        self.assertEqual(result, {"restored": ["m1"], "confirmed": [], "failed": ["m2"], "duplicate": [],
-                                  "unknown": ["mx"]})
+        self.assertEqual(result, {"restored": ["m1"], "confirmed": [], "put_back": [],
+                                  "failed": ["m2"], "duplicate": [], "unknown": ["mx"]})
         with self.assertRaises(errors.InvalidArgument):
             await reg.reconcile("h1", "nonsense")
 
@@ -411,8 +451,8 @@ class MonitorTests(TestCase):
         await add_machine(store, "m3", "h1", "stopped")
         result = await reg.reconcile("h1", [{"id": m, "state": "running"}
                                             for m in ("m1", "m2", "m3")])
-        self.assertEqual(result, {"restored": [], "confirmed": [], "failed": [], "duplicate": ["m3"],
-                                  "unknown": []})
+        self.assertEqual(result, {"restored": [], "confirmed": [], "put_back": [], "failed": [],
+                                  "duplicate": ["m3"], "unknown": []})
         self.assertEqual((await store.get("machines", "m1"))["state"], "pending")
 
     @d

@@ -98,8 +98,10 @@ class Apps:
         self.placements = Placements(scheduler, data)
         # A machine found running on a host that came back holds its capacity again.
         hosts.on_restored.append(self.placements.restored)
-        # A machine stored pending before a restart: its agent's list says what became of it.
+        # A machine stored pending or stopping before a restart: its agent's list says what
+        # became of it.
         hosts.unconfirmed = self.placements.unconfirmed
+        hosts.cut_short = self.placements.cut_short
         self.replicas = Replicas(clock, hosts, data, self.placements, self.network)
         self.network_view = network.ViewPublisher(clock, self.network, data, self.replicas.call)
         self._images = ImageCheck()

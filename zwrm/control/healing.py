@@ -328,6 +328,20 @@ class Healer:
         except errors.InvalidArgument:
             return app, dict(RESTART_DEFAULTS)
 
+    def decide_exit(self, row):
+        """
+        Decide now on the exit of the machine C{row} (stored C{failed} or C{stopped}) as on
+        one from a live state, though it was C{stopping}: a planned stop that a killed
+        control plane never ended, whose machine its agent no longer runs
+        (L{zwrm.control.registry.HostRegistry.cut_short}). Its request did not complete,
+        so its restart policy brings it back.
+        """
+        mid = row["id"]
+        if mid not in self._timers and mid not in self._deciding:
+            self._deciding.add(mid)
+            self._spawn(self._exited(mid, row["state"], "its planned stop was cut short"),
+                        f"restart policy of {mid}")
+
     async def _exited(self, mid, state, reason):
         try:
             await self._exited_once(mid, state, reason)

@@ -31,6 +31,8 @@ class Placements:
     @ivar lock: a L{DeferredLock}: converges place and store their replicas one at a time.
     @ivar unconfirmed: ids of machines found C{pending} at L{load} (their start may never
         have reached their agent).
+    @ivar cut_short: ids of machines found C{stopping} at L{load} (a planned stop that
+        never ended, or a live drain's original).
     """
 
     log = Logger()
@@ -45,6 +47,7 @@ class Placements:
         self._data = data
         self.lock = DeferredLock()
         self.unconfirmed = set()
+        self.cut_short = set()
         self._placements = {}  # machine id -> Placement
         self._synced = {}  # host id -> what the scheduler was last given of it
         self._on_release = []  # callbacks of host ids where a reservation was given back
@@ -117,6 +120,11 @@ class Placements:
             if row["state"] == "pending":
                 # Stored by a converge whose start may never have reached the agent.
                 self.unconfirmed.add(row["id"])
+            elif row["state"] == "stopping":
+                # A planned stop the process before began and did not end (it was killed:
+                # a stop of ours puts its machines back, zwrm.control.service.STOP_GRACE),
+                # or a live drain's original, paused for good (its drain ends it).
+                self.cut_short.add(row["id"])
             try:
                 self._placements[row["id"]] = self.scheduler.restore(
                     row["host_id"], placement_request(row["spec"]))

@@ -168,6 +168,13 @@ class HostRegistry:
         #: placements' set, L{zwrm.control.placements.Placements.unconfirmed}): whether
         #: their start reached their host is told by its agent's list (L{reconcile}).
         self.unconfirmed = set()
+        #: Ids of the machines found C{stopping} at the control plane's start
+        #: (L{zwrm.control.placements.Placements.cut_short}): settled by L{reconcile} on a
+        #: ready host.
+        self.cut_short = set()
+        #: Called with the row of each of those L{reconcile} failed (its agent does not run
+        #: it): the healer decides on it as on an exit (its stop was not one it counts).
+        self.on_cut_short = []
 
     # -- loading and persistence -----------------------------------------------------
 
@@ -549,6 +556,14 @@ class HostRegistry:
            starting, it takes the state reported; not reported, it is failed (its start
            never reached its host), so its restart policy decides (it stayed pending,
            out of the routes, until its app's next deploy or scale);
+         - recorded C{stopping} here when the control plane started (L{cut_short}), on a
+           host that is ready (on a draining or drained one it may be a live drain's
+           original, paused for good: its drain ends it): the planned stop of the
+           process before, killed before it ended (a stop of its own puts such machines
+           back). Reported running, it is put back in the routes (as a cancelled stop
+           does); not reported, it is failed and its restart policy decides
+           (L{on_cut_short}) (it stayed C{stopping}, out of the routes, holding its
+           capacity, for good);
          - reported running but recorded elsewhere, or stopped/destroyed: a duplicate;
            the agent is told to stop it (nothing runs twice); recorded here as pending
            (its start is under way) or stopping, it is left alone;
@@ -557,15 +572,16 @@ class HostRegistry:
            volumes kept, and recorded as an event (C{kind} C{unknown_machine}).
 
         @param reported: C{[{"id", "state", ...}, ...]}.
-        @return: a dict of lists of machine ids: C{restored, confirmed, failed, duplicate,
-            unknown}.
+        @return: a dict of lists of machine ids: C{restored, confirmed, put_back, failed,
+            duplicate, unknown}.
         """
         if not isinstance(reported, list) or not all(
             isinstance(m, dict) and isinstance(m.get("id", m.get("machine_id")), str)
             for m in reported
         ):
             raise errors.InvalidArgument("reported machines must be a list of {id, state}")
-        result = {"restored": [], "confirmed": [], "failed": [], "duplicate": [], "unknown": []}
+        result = {"restored": [], "confirmed": [], "put_back": [], "failed": [], "duplicate": [],
+                  "unknown": []}
         running = {
             m.get("id", m.get("machine_id")): m
             for m in reported
@@ -590,6 +606,14 @@ class HostRegistry:
                                         health=reported_health(row.get("health"), running[mid]))
                 self._found_running(row)
                 result["restored"].append(mid)
+            elif (row["host_id"] == host_id and row["state"] == "stopping"
+                  and mid in self.cut_short and self._ready(host_id)):
+                self.cut_short.discard(mid)
+                await self.machines.set(
+                    row, "its planned stop was cut short by the control plane's stop: back in"
+                    " the routes", state=running[mid]["state"],
+                    health=reported_health(row.get("health"), running[mid]))
+                result["put_back"].append(mid)
             elif (row["host_id"] == host_id and row["state"] == "pending"
                   and mid in self.unconfirmed):
                 # Its start reached the agent; the answer never reached us.
@@ -619,7 +643,26 @@ class HostRegistry:
                         row, "its start never reached its host (the control plane stopped"
                         " first)", state="failed")
                     result["failed"].append(row["id"])
+        if self.cut_short and self._ready(host_id):
+            for row in await self.machines.find(host_id=host_id, states=("stopping",)):
+                if row["id"] in self.cut_short and row["id"] not in running:
+                    self.cut_short.discard(row["id"])
+                    await self.machines.set(
+                        row, "not running on its host (its planned stop was cut short by the"
+                        " control plane's stop)", state="failed")
+                    result["failed"].append(row["id"])
+                    for callback in list(self.on_cut_short):
+                        try:
+                            callback(row)
+                        except Exception:
+                            self.log.failure("after failing {mid}", mid=row["id"])
         return result
+
+    def _ready(self, host_id):
+        try:
+            return self.state(host_id) == "ready"
+        except errors.NotFound:
+            return False
 
     def _found_running(self, row):
         for callback in list(self.on_restored):

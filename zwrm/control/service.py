@@ -295,6 +295,7 @@ class ControlPlane(service.MultiService):
             partition_threshold=cfg.partition_threshold,
             eviction_interval=cfg.eviction_interval)
         self.monitor.after_check.append(self.healer.check_done)
+        self.registry.on_cut_short.append(self.healer.decide_exit)
         await self.healer.resume()  # restarts that were due before a restart of ours
         self._resume_rollouts()  # updates a stop of ours interrupted, once agents are back
         images.expiry_service().setServiceParent(self)  # abandoned uploads go within 20 min
