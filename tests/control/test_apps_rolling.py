@@ -32,6 +32,17 @@ async def healthy_wait(c, seconds=10):
     await poll(due, what=f"the {seconds:g} s healthy wait")
 
 
+async def start_again(c):
+    """
+    The control plane starts again after its stop cancelled the update under way: a new
+    L{Apps} over the same store, loaded.
+    """
+    c.clock.advance(10)  # (the update's wait would have ended now: it no longer runs)
+    c.apps.network_view.close()
+    c.apps = Apps(c.clock, c.store, c.registry, Scheduler(load_strategy("spread")), c.publish)
+    await c.apps.load()
+
+
 async def healthy_waits(c, n, seconds=10):
     """L{healthy_wait} for C{n} machines at once: C{n} waits due C{seconds} from now."""
     async def due():
@@ -302,11 +313,7 @@ class InterruptedRollingTests(TestCase):
         c, old, done, halfway = await update_waiting(self)
         done.cancel()  # as the stop cancels the work under way
         self.failureResultOf(done)
-        c.clock.advance(10)  # (its wait would have ended now: it no longer runs)
-        c.apps.network_view.close()
-        c.apps = Apps(c.clock, c.store, c.registry, Scheduler(load_strategy("spread")),
-                      c.publish)
-        await c.apps.load()
+        await start_again(c)
         self.assertEqual(len(await c.machines("web")), 3)
         return c, old, halfway
 
@@ -379,11 +386,7 @@ class InterruptedRollingTests(TestCase):
         (replaced,) = await new()
         done.cancel()
         self.failureResultOf(done)
-        c.clock.advance(10)  # (its wait would have ended now: it no longer runs)
-        c.apps.network_view.close()
-        c.apps = Apps(c.clock, c.store, c.registry, Scheduler(load_strategy("spread")),
-                      c.publish)
-        await c.apps.load()
+        await start_again(c)
         return c, old, replaced, new
 
     @d

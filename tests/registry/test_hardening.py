@@ -33,6 +33,24 @@ from zwrm.testing.image import kernel_bytes
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
+async def push_layer(reg, name, tag, media_type, data):
+    """
+    Push an image of one layer, C{data} of C{media_type}, as a generic OCI client does.
+
+    @return: C{(the layer's digest, (response, body) of the manifest's push)}.
+    """
+    cfg = image.make_config()
+    cd = await reg.push_blob(name, cfg)
+    digest = await reg.push_blob(name, data)
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST,
+        "config": {"mediaType": image.CONFIG_TYPE, "digest": cd, "size": len(cfg)},
+        "layers": [{"mediaType": media_type, "digest": digest, "size": len(data)}],
+    }
+    return digest, await reg.push_manifest(name, tag, doc)
+
+
 class Qcow2LayerTests(unittest.TestCase):
     def setUp(self):
         self.reg = RunningRegistry(self, self.mktemp())
@@ -42,17 +60,8 @@ class Qcow2LayerTests(unittest.TestCase):
 
     async def push_disk(self, path, media_type=image.QCOW2_TYPE, tag="v1"):
         with open(path, "rb") as f:
-            data = f.read()
-        cfg = image.make_config()
-        cd = await self.reg.push_blob("os/deb", cfg)
-        dd = await self.reg.push_blob("os/deb", data)
-        doc = {
-            "schemaVersion": 2,
-            "mediaType": MANIFEST,
-            "config": {"mediaType": image.CONFIG_TYPE, "digest": cd, "size": len(cfg)},
-            "layers": [{"mediaType": media_type, "digest": dd, "size": len(data)}],
-        }
-        return await self.reg.push_manifest("os/deb", tag, doc)
+            _, pushed = await push_layer(self.reg, "os/deb", tag, media_type, f.read())
+        return pushed
 
     @aio
     async def test_hostile_qcow2_refused(self):
@@ -87,17 +96,8 @@ class KernelLayerTests(unittest.TestCase):
     def setUp(self):
         self.reg = RunningRegistry(self, self.mktemp())
 
-    async def push_kernel(self, data, tag="v1"):
-        cfg = image.make_config()
-        cd = await self.reg.push_blob("apps/k", cfg)
-        kd = await self.reg.push_blob("apps/k", data)
-        doc = {
-            "schemaVersion": 2,
-            "mediaType": MANIFEST,
-            "config": {"mediaType": image.CONFIG_TYPE, "digest": cd, "size": len(cfg)},
-            "layers": [{"mediaType": image.KERNEL_TYPE, "digest": kd, "size": len(data)}],
-        }
-        return kd, await self.reg.push_manifest("apps/k", tag, doc)
+    def push_kernel(self, data):
+        return push_layer(self.reg, "apps/k", "v1", image.KERNEL_TYPE, data)
 
     @aio
     async def test_not_a_kernel_refused(self):

@@ -636,27 +636,43 @@ class HostRegistry:
                 await self.machines.set(row, "not running on its host", state="failed")
                 result["failed"].append(row["id"])
         if self.unconfirmed:
-            for row in await self.machines.find(host_id=host_id, states=("pending",)):
-                if row["id"] in self.unconfirmed and row["id"] not in running:
-                    self.unconfirmed.discard(row["id"])
-                    await self.machines.set(
-                        row, "its start never reached its host (the control plane stopped"
-                        " first)", state="failed")
-                    result["failed"].append(row["id"])
+            for row in await self._fail_not_running(
+                    host_id, "pending", self.unconfirmed, running,
+                    "its start never reached its host (the control plane stopped first)"):
+                result["failed"].append(row["id"])
         if self.cut_short and self._ready(host_id):
-            for row in await self.machines.find(host_id=host_id, states=("stopping",)):
-                if row["id"] in self.cut_short and row["id"] not in running:
-                    self.cut_short.discard(row["id"])
-                    await self.machines.set(
-                        row, "not running on its host (its planned stop was cut short by the"
-                        " control plane's stop)", state="failed")
-                    result["failed"].append(row["id"])
-                    for callback in list(self.on_cut_short):
-                        try:
-                            callback(row)
-                        except Exception:
-                            self.log.failure("after failing {mid}", mid=row["id"])
+            for row in await self._fail_not_running(
+                    host_id, "stopping", self.cut_short, running,
+                    "not running on its host (its planned stop was cut short by the control"
+                    " plane's stop)"):
+                result["failed"].append(row["id"])
+                self._tell(self.on_cut_short, row, "after failing {mid} on {host_id}")
         return result
+
+    async def _fail_not_running(self, host_id, state, ids, running, reason):
+        """
+        Fail the machines recorded C{state} on C{host_id} whose ids are in C{ids} (taken
+        out of it) and that its agent does not run (C{running}).
+
+        @return: their rows.
+        """
+        failed = []
+        for row in await self.machines.find(host_id=host_id, states=(state,)):
+            if row["id"] in ids and row["id"] not in running:
+                ids.discard(row["id"])
+                await self.machines.set(row, reason, state="failed")
+                failed.append(row)
+        return failed
+
+    def _found_running(self, row):
+        self._tell(self.on_restored, row, "after finding {mid} running on {host_id}")
+
+    def _tell(self, callbacks, row, what):
+        for callback in list(callbacks):
+            try:
+                callback(row)
+            except Exception:
+                self.log.failure(what, mid=row["id"], host_id=row["host_id"])
 
     def _ready(self, host_id):
         try:
@@ -664,10 +680,3 @@ class HostRegistry:
         except errors.NotFound:
             return False
 
-    def _found_running(self, row):
-        for callback in list(self.on_restored):
-            try:
-                callback(row)
-            except Exception:
-                self.log.failure("after finding {mid} running on {host_id}", mid=row["id"],
-                                 host_id=row["host_id"])
