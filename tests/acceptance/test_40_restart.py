@@ -1,12 +1,15 @@
 """
 Step: the control plane restarts (SIGTERM, started again from its unit); nothing is lost:
 the hosts come back ready, the app's machine and volume are where they were, the data is
-there, and the CLI works as before.
+there, and the CLI works as before. Then a scale-down interrupted in its shutdown_delay by
+the control plane's stop, then by its kill: its machine is back in the routes each time.
 """
+
+import subprocess
 
 import pytest
 
-from tests.acceptance.cluster import AGENTS
+from tests.acceptance.cluster import AGENTS, SYSTEM_PATH, poll
 
 pytestmark = pytest.mark.acceptance
 
@@ -35,3 +38,63 @@ def test_control_plane_restart_loses_nothing(cluster):
     for body in cluster.app_everywhere("/cgi-bin/read?index.txt").values():
         assert body.encode() == app["data"]
     assert "demo" in cluster.zwrm("images", "list")
+
+
+def _machines(cluster, name):
+    return cluster.zwrm_json("status", name)["machines"]
+
+
+def _stopping(cluster, name):
+    """The id of C{name}'s machine out of the routes, stopping, while the other runs."""
+    machines = _machines(cluster, name)
+    stopping = [m["id"] for m in machines if m["state"] == "stopping"]
+    running = [m for m in machines if m["state"] == "running"]
+    return stopping[0] if len(stopping) == 1 and len(running) == 1 else None
+
+
+def _reasons(cluster, machine_id):
+    events = cluster.zwrm_json("machines", "status", machine_id)["events"]
+    return [(e.get("payload") or {}).get("reason") or "" for e in events]
+
+
+def test_a_scale_down_cut_short_puts_its_machine_back(cluster, request):
+    """
+    A scale-down in its shutdown_delay (its machine out of the routes, stopping) when the
+    control plane stops (SIGTERM, as systemctl restart does) or is killed (SIGKILL, as the
+    OOM killer or a crash): the machine is back in the routes, running, and the app as it
+    was. Before, it stayed stopping (out of the routes, holding its capacity) for good.
+    """
+    cluster.step_app(request, "scaler")
+    with cluster.phase("deploy an app of two replicas with a 60 s shutdown_delay"):
+        app = cluster.deploy("scaler", "demo:1", "--shutdown-delay", "60", replicas=2)
+    assert [m["state"] for m in app["machines"]] == ["running"] * 2, app["machines"]
+    said = {"stop": "stop cancelled; back in the routes",
+            "kill": "its planned stop was cut short by the control plane's stop: back in the"
+                    " routes"}
+    for how in ("stop", "kill"):
+        with cluster.phase(f"scale it down to 1, the control plane's {how} in its delay"):
+            scale = cluster.net.spawn(
+                "client", ["zwrm", "scale", "scaler", "1"],
+                env={"PATH": SYSTEM_PATH, "HOME": cluster.client_home, "LANG": "C.UTF-8"},
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                stopping = poll(lambda: _stopping(cluster, "scaler"), 60,
+                                what="one machine out of the routes, stopping")
+                if how == "stop":
+                    cluster.restart("cp", "zwrm-control.service")
+                else:
+                    cluster.control.process.kill()
+                    cluster.control.process.wait(timeout=30)
+                    cluster.boot("cp", ["zwrm-control.service"])
+                _, err = scale.communicate(timeout=60)
+            finally:
+                if scale.poll() is None:
+                    scale.kill()
+            assert scale.returncode != 0 and len(err.splitlines()) == 1, err
+            cluster.wait_ready(f"both agents ready after the control plane's {how}")
+            poll(lambda: [m["state"] for m in _machines(cluster, "scaler")] == ["running"] * 2,
+                 120, what=lambda: f"both machines running: {_machines(cluster, 'scaler')}")
+        assert said[how] in _reasons(cluster, stopping), _reasons(cluster, stopping)
+        status = cluster.zwrm_json("status", "scaler")
+        assert status["spec"]["replicas"] == 2, status["spec"]
+    cluster.zwrm("destroy", "scaler")
