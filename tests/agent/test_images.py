@@ -4,6 +4,7 @@ The agent's image cache against a real registry (and misbehaving servers) on loo
 
 import hashlib
 import os
+from types import SimpleNamespace
 
 import pytest
 from twisted.internet import defer, reactor, task
@@ -23,6 +24,8 @@ from zwrm.errors import (
     Unavailable,
 )
 from zwrm.interfaces import IImageCache
+from zwrm.registry import client as registry_client
+from zwrm.registry import resource as registry_resource
 from zwrm.registry.client import RegistryClient, push_image
 from zwrm.registry.image import parse_manifest
 from zwrm.testing.image import kernel_bytes
@@ -214,6 +217,24 @@ class ImageCacheTests(unittest.TestCase):
         await push_image(self.client, "os/q:v1", kernel=self.file("k", kernel_bytes()), disk=path)
         out = await self.cache().resolve("os/q:v1")
         self.assertEqual((out["disk_format"], out["firmware"]), ("qcow2", "bios"))
+
+    @aio
+    async def test_an_image_whose_kernel_is_not_one_is_refused(self):
+        """
+        An image stored before the registry checked kernel layers: resolving it fails,
+        naming the layer, and pins nothing; QEMU never sees the file (it would run it).
+        """
+        unchecked = SimpleNamespace(inspect=lambda path, what: "bzImage")
+        self.patch(registry_resource, "kernelimage", unchecked)  # (the registry of before)
+        self.patch(registry_client, "kernelimage", unchecked)
+        await self.push(kernel=os.urandom(200_000))
+        cache = self.cache()
+        with self.assertRaises(InvalidArgument) as raised:
+            await cache.resolve("app/web:v1")
+        self.assertRegex(raised.exception.message,
+                         r"^image app/web:v1: its kernel layer sha256:[0-9a-f]{64} is not an "
+                         r"x86 kernel QEMU can boot")
+        self.assertEqual(cache.stats()["pinned"], 0)
 
     @aio
     async def test_resolve_by_digest_offline(self):

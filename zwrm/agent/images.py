@@ -49,6 +49,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from zope.interface import implementer
 
+from zwrm.drivers import kernelimage
 from zwrm.errors import (
     AuthenticationFailed,
     Corrupt,
@@ -873,6 +874,11 @@ class ImageCache:
             if first_error is not None:
                 first_error.raiseException()
             config = parse_config(await self._in_thread(self._read, paths["config"]))
+            if paths.get("kernel"):
+                # An image stored before the registry checked its kernel layer: not given
+                # to QEMU, which would run any file as an old zImage (kernelimage).
+                await self._in_thread(kernelimage.inspect, paths["kernel"],
+                                      f"image {ref}: its kernel layer {info['kernel']['digest']}")
             out = {
                 "kernel": paths.get("kernel"),
                 "initrd": paths.get("initrd"),
