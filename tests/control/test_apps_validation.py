@@ -15,6 +15,7 @@ from twisted.trial.unittest import TestCase
 from tests.control.test_apps import Cluster, d
 from zwrm import errors
 from zwrm.control.images import ImageAPI
+from zwrm.registry import image
 from zwrm.registry.store import RegistryStore
 
 
@@ -56,6 +57,30 @@ class ValidationTests(TestCase):
             await c.apps.deploy("web", {"memory_mb": 10 ** 6})
         await self.unchanged(c, before)
         self.assertEqual(len([v for _, v in c.calls if v == "machine.start"]), starts)
+
+    @d
+    async def test_an_image_whose_kernel_is_not_one_is_refused(self):
+        """
+        An image stored before the registry checked kernel layers (any file as its kernel):
+        a deploy of it is refused at once, naming the layer, and changes nothing. (It rolled
+        out machines that failed at each start until the update's healthy_deadline, 5 min.)
+        """
+        c = await self.cluster()
+        store = c.apps.images._store
+        before = await c.apps.app_status("web")
+        config = image.make_config("console=ttyS0")
+        cd = await store.put_bytes("old/vm", config)
+        kd = await store.put_bytes("old/vm", os.urandom(200_000))
+        manifest = image.make_manifest((cd, len(config)), [("kernel", kd, 200_000, "vmlinuz")])
+        store.link_manifest("old/vm", await store.put_bytes("old/vm", manifest),
+                            image.MANIFEST_TYPE, "1")
+        with self.assertRaises(errors.InvalidArgument) as cm:
+            await c.apps.deploy("web", {"image": "old/vm:1"})
+        self.assertEqual(cm.exception.message,
+                         f"image old/vm:1: its kernel layer {kd} is not an x86 kernel QEMU can "
+                         "boot: a Linux bzImage (vmlinuz), an ELF kernel with a PVH entry point"
+                         " or a Multiboot kernel")
+        await self.unchanged(c, before)
 
     @d
     async def test_redeploy_keeps_what_it_leaves_out(self):

@@ -345,6 +345,24 @@ class WaitHealthyTests(TestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
     @d
+    async def test_too_late_through_restarts_says_why_it_last_exited(self):
+        """A machine that fails at each start: the message gives its last exit's reason."""
+        clock, store, data, published = await make_data(self)
+        row = machine_row(spec={"app": "web", "replica": 0, "volumes": [], "health": None},
+                          state="starting")
+        await data.machines.add(row, "placed")
+        waiting = ensureDeferred(data.machines.wait_healthy("m1", 30, 10, through_restarts=True))
+        await store.run(lambda db: None)
+        why = "image old/vm:1: its kernel layer sha256:ab is not an x86 kernel QEMU can boot"
+        await data.machines.set(row, why, state="failed", health={"status": "none", "restart": {
+            "count": 2, "reason": why, "next_at": clock.seconds() + 60}})
+        clock.advance(30)
+        f = self.failureResultOf(waiting, errors.Unavailable)
+        self.assertEqual(f.value.message,
+                         f"machine m1 was not healthy within 30s (state failed, health none; "
+                         f"restarted 2 time(s); last exit: {why})")
+
+    @d
     async def test_no_such_machine(self):
         clock, store, data, published = await make_data(self)
         with self.assertRaises(errors.NotFound):

@@ -214,8 +214,8 @@ class ImageCheck:
     async def check(self, spec):
         """
         Check that the image a spec boots from is there: a registry reference must name an
-        image of the control plane's registry with a kernel or a disk; local paths must be
-        absolute, with a kernel or a disk.
+        image of the control plane's registry with a kernel or a disk, its kernel one QEMU
+        boots; local paths must be absolute, with a kernel or a disk.
 
         @raise zwrm.errors.InvalidArgument: saying what is missing.
         """
@@ -242,6 +242,8 @@ class ImageCheck:
         if info.get("kind") != "zwrm" or not (layers.get("kernel") or layers.get("disk")):
             raise errors.InvalidArgument(
                 f"image {image} is not a bootable zwrm image (it has no kernel or disk)")
+        if layers.get("kernel"):
+            await self.images.check_kernel(image, layers["kernel"]["digest"])
 
 
 def new_id(prefix):

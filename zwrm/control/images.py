@@ -11,6 +11,7 @@ from twisted.internet.defer import fail
 from twisted.internet.threads import deferToThreadPool
 
 from zwrm import errors
+from zwrm.drivers import kernelimage
 from zwrm.registry import image
 from zwrm.registry.store import StoreError
 
@@ -80,6 +81,22 @@ class ImageAPI:
         except StoreError:
             raise errors.NotFound(f"no image {name}:{reference}") from None
         return {"image": ref, "deleted": True}
+
+    def check_kernel(self, ref, digest):
+        """
+        Whether the kernel layer C{digest} of image C{ref} is one QEMU boots (an image
+        stored before the registry checked its kernel layers may hold any file).
+
+        @raise zwrm.errors.InvalidArgument: it is not, or it is missing.
+        """
+        def check():
+            what = f"image {ref}: its kernel layer {digest}"
+            try:
+                kernelimage.inspect(self._store.blob_path(digest), what)
+            except OSError as e:
+                raise errors.InvalidArgument(f"{what} cannot be read: {e.strerror}") from None
+
+        return self._in_thread(check)
 
     @wamp.register("zwrm.image.list")
     def list(self, name=None):

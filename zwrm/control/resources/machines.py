@@ -338,6 +338,8 @@ class Machines(Resource):
                 why.append(f"restarted {seen['restarts']} time(s)")
             if seen.get("failing"):
                 why.append(f"last check: {seen['failing']}")
+            elif seen.get("why"):  # why it last failed or stopped (its restart's reason)
+                why.append(f"last exit: {seen['why']}")
             fail(errors.Unavailable(
                 f"machine {machine_id} was not healthy within {deadline:g}s ({'; '.join(why)})"))
 
