@@ -64,11 +64,11 @@ LOCK_FILE = "control.lock"
 """Held (C{flock}) by a running control plane in its data directory; C{zwrm-control restore}
 refuses while it is held."""
 CERT_CHECK_INTERVAL = 6 * 3600.0
-#: How long a stop waits for the work it cancelled to finish undoing what it had begun
-#: (a planned stop's machines put back in the routes, placements given back, the callers
-#: told), before the session leaves and the store closes.
-STOP_GRACE = 10.0
 """Seconds between checks of the server certificate's expiry while running."""
+STOP_GRACE = 10.0
+"""Seconds a stop waits for the work it cancelled to finish undoing what it had begun (a
+planned stop's machines put back in the routes, placements given back, the callers told),
+before the session leaves and the store closes."""
 
 
 class DataDirInUse(Exception):

@@ -393,11 +393,6 @@ def build(cache_dir=None):
     return TestImage(kernel, initrd)
 
 
-if __name__ == "__main__":
-    img = build()
-    print(f"kernel {img.kernel}\ninitrd {img.initrd}\ncmdline {img.cmdline}")
-
-
 def kernel_bytes(body=b"K" * 1000):
     """
     Bytes that pass for an x86 kernel where no guest boots from them (registry, cache and
@@ -411,3 +406,9 @@ def kernel_bytes(body=b"K" * 1000):
     head[0x202:0x206] = b"HdrS"
     head[0x206:0x208] = (0x020F).to_bytes(2, "little")
     return bytes(head) + body
+
+
+if __name__ == "__main__":
+    img = build()
+    print(f"kernel {img.kernel}\ninitrd {img.initrd}\ncmdline {img.cmdline}")
+
