@@ -193,7 +193,8 @@ class ImageCacheTests(unittest.TestCase):
             f.write(data)
             f.seek((64 << 20) - 3)
             f.write(b"end")
-        await push_image(self.client, "os/sparse:v1", disk=path)
+        await push_image(self.client, "os/sparse:v1", kernel=self.file("k", kernel_bytes()),
+                         disk=path)
         out = await self.cache().resolve("os/sparse:v1")
         self.assertEqual(out["disk_format"], "raw")
         st = os.stat(out["disk"])

@@ -119,6 +119,32 @@ class InspectTests(TestCase):
         with self.assertRaises(InvalidArgument):
             await diskimage.inspect(reactor, self.images["ok"], "vmdk")
 
+    async def test_boot_sectors_are_the_guest_s_view(self):
+        """
+        A disk's first 1 KiB as a guest sees it (a qcow2's, not its file's bytes): an MBR's
+        boot signature or a GPT header is what a firmware boots from; an empty disk or a
+        file system has neither.
+        """
+        mbr = os.path.join(self.dir, "mbr.raw")
+        with open(mbr, "wb") as f:
+            f.truncate(1 << 20)
+            f.seek(510)
+            f.write(b"\x55\xaa")
+        mbr_qcow2 = os.path.join(self.dir, "mbr.qcow2")
+        qemu_img("convert", "-f", "raw", "-O", "qcow2", mbr, mbr_qcow2)
+        ext4 = os.path.join(self.dir, "root.ext4")
+        with open(ext4, "wb") as f:
+            f.truncate(8 << 20)
+        subprocess.run(["mkfs.ext4", "-q", "-F", ext4], check=True, capture_output=True)
+        for path, fmt, expected in ((mbr, "raw", True), (mbr_qcow2, "qcow2", True),
+                                    (self.images["ok"], "qcow2", False), (ext4, "raw", False)):
+            head = await diskimage.boot_sectors(reactor, path, fmt)
+            self.assertEqual(len(head), 1024)
+            self.assertEqual(diskimage.bootable(head), expected, path)
+        self.assertTrue(diskimage.bootable(bytes(512) + b"EFI PART" + bytes(504)))
+        with self.assertRaises(InvalidArgument):
+            await diskimage.boot_sectors(reactor, self.images["raw"], "qcow2")
+
     def test_json_output_is_what_check_info_reads(self):
         out = subprocess.run(["qemu-img", "info", "--output=json", self.images["data-file"]],
                              check=True, capture_output=True).stdout

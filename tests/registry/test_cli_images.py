@@ -156,6 +156,12 @@ class ImagesCommandTests(unittest.TestCase):
                      ("push", "apps/web:v1", "--initrd", self.file("i", b"i"))):
             e = await self.assertFailsWith(self.zwrm(*argv))
             self.assertEqual(e.code, EXIT_USAGE, argv)
+        # a disk alone with no boot sector (a root file system without its kernel)
+        d = self.file("root.raw", bytes(1 << 20))
+        e = await self.assertFailsWith(self.zwrm("push", "apps/web:v1", "--disk", d))
+        self.assertEqual(e.code, EXIT_USAGE)
+        self.assertTrue(e.message.startswith(f"--disk {d} has no boot sector (no MBR boot "
+                                             "signature, no GPT)"), e.message)
         # not a kernel: refused before anything is sent
         k = self.file("vmlinuz", os.urandom(300_000))
         e = await self.assertFailsWith(self.zwrm("push", "apps/web:v1", "--kernel", k))

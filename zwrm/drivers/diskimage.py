@@ -11,13 +11,19 @@ a qcow2 layer) and again on the agent before QEMU sees it (L{zwrm.drivers.qemu})
 magic bytes of a file are never trusted: C{qemu-img} with an explicit format decides.
 
 Formats zwrm boots: C{raw} and C{qcow2}.
+
+A disk pushed alone (no kernel) is booted by the firmware, so it must have a boot sector:
+an MBR's boot signature or a GPT (L{boot_sectors}, L{bootable}); a root file system pushed
+without its kernel boots nothing (SeaBIOS: "No bootable device", a machine that never
+answers).
 """
 
 import json
 import os
 import shutil
+import tempfile
 
-from twisted.internet import utils
+from twisted.internet import threads, utils
 
 from zwrm.errors import InvalidArgument, Unavailable
 
@@ -102,3 +108,46 @@ async def inspect(reactor, path, fmt=None, what=None, program=None):
     except ValueError:
         raise InvalidArgument(f"{what}: qemu-img could not describe it") from None
     return check_info(info, what, fmt)
+
+
+def bootable(head):
+    """
+    Whether the first 1 KiB a guest sees of a disk (L{boot_sectors}) holds what a firmware
+    boots from: an MBR's boot signature (C{55 AA} at offset 510: SeaBIOS; a GPT disk's
+    protective MBR has it too) or a GPT header (C{EFI PART} at 512: OVMF).
+    """
+    return head[510:512] == b"\x55\xaa" or head[512:520] == b"EFI PART"
+
+
+async def boot_sectors(reactor, path, fmt, program=None):
+    """
+    The first 1 KiB a guest sees of the disk image C{path} of format C{fmt} (C{qemu-img dd}
+    to raw: a qcow2's guest view, never its file's bytes), read off the reactor thread.
+
+    @raise InvalidArgument: qemu-img could not read it. @raise Unavailable: qemu-img could
+        not be run.
+    """
+    pool = reactor.getThreadPool()
+    tmp = await threads.deferToThreadPool(reactor, pool, tempfile.mkdtemp,
+                                          "", "zwrm-boot-")
+    try:
+        out = os.path.join(tmp, "head.raw")
+        try:
+            _, err, code = await utils.getProcessOutputAndValue(
+                program or qemu_img(),
+                ["dd", "-f", fmt, "-O", "raw", "bs=512", "count=2", f"if={path}", f"of={out}"],
+                env={"LC_ALL": "C", "PATH": os.environ.get("PATH", "")}, reactor=reactor)
+        except OSError as e:
+            raise Unavailable(f"qemu-img could not be run: {e}") from None
+        if code != 0:
+            msg = err.decode("utf-8", "replace").strip().splitlines()
+            raise InvalidArgument(f"{path}: cannot read its first sectors: "
+                                  f"{msg[-1] if msg else 'qemu-img failed'}")
+
+        def read():
+            with open(out, "rb") as f:
+                return f.read(1024)
+
+        return await threads.deferToThreadPool(reactor, pool, read)
+    finally:
+        await threads.deferToThreadPool(reactor, pool, shutil.rmtree, tmp, True)

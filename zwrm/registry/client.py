@@ -316,7 +316,8 @@ async def push_image(
     A kernel is checked first to be one QEMU boots (L{zwrm.drivers.kernelimage}), and a
     disk with C{qemu-img info} (L{zwrm.drivers.diskimage.inspect}): its format (raw or
     qcow2) decides the layer's media type, and a qcow2 with a backing file or an external
-    data file is refused before anything is sent.
+    data file is refused before anything is sent; so is a disk pushed alone (no kernel)
+    without a boot sector (L{zwrm.drivers.diskimage.bootable}).
 
     @param client: a L{RegistryClient}.
     @param ref: C{NAME[:TAG]}.
@@ -342,6 +343,12 @@ async def push_image(
     if disk:
         info = await diskimage.inspect(reactor, disk, what=f"--disk {disk}")
         files = [(f"disk:{info['format']}" if r == "disk" else r, p) for r, p in files]
+        if not kernel and not diskimage.bootable(
+                await diskimage.boot_sectors(reactor, disk, info["format"])):
+            raise InvalidArgument(
+                f"--disk {disk} has no boot sector (no MBR boot signature, no GPT): a disk "
+                "pushed alone is booted by its firmware; if it is a root file system, push its"
+                " kernel with it (--kernel, --initrd, --cmdline 'root=/dev/vda ...')")
     total = sum(os.path.getsize(p) for _, p in files) + len(config)
     done_before = [0]
 
