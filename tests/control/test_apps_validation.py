@@ -83,6 +83,29 @@ class ValidationTests(TestCase):
         await self.unchanged(c, before)
 
     @d
+    async def test_a_disk_alone_without_a_boot_sector_is_refused(self):
+        """
+        An image of a disk alone stored before pushes were checked (a root file system
+        without its kernel): a deploy of it is refused at once and changes nothing.
+        """
+        c = await self.cluster()
+        store = c.apps.images._store
+        before = await c.apps.app_status("web")
+        config = image.make_config()
+        cd = await store.put_bytes("old/disk", config)
+        dd = await store.put_bytes("old/disk", bytes(64 << 10))
+        manifest = image.make_manifest((cd, len(config)), [("disk:raw", dd, 64 << 10, "d")])
+        store.link_manifest("old/disk", await store.put_bytes("old/disk", manifest),
+                            image.MANIFEST_TYPE, "1")
+        with self.assertRaises(errors.InvalidArgument) as cm:
+            await c.apps.deploy("web", {"image": "old/disk:1"})
+        self.assertEqual(cm.exception.message,
+                         f"image old/disk:1: its disk layer {dd} has no boot sector (no MBR "
+                         "boot signature, no GPT), and the image has no kernel: its firmware "
+                         "would boot nothing")
+        await self.unchanged(c, before)
+
+    @d
     async def test_redeploy_keeps_what_it_leaves_out(self):
         c = await self.cluster()
         await c.apps.deploy("web", c.spec(replicas=2, constraints={"disk": "ssd"},

@@ -215,7 +215,8 @@ class ImageCheck:
         """
         Check that the image a spec boots from is there: a registry reference must name an
         image of the control plane's registry with a kernel or a disk, its kernel one QEMU
-        boots; local paths must be absolute, with a kernel or a disk.
+        boots, a disk without a kernel one with a boot sector; local paths must be
+        absolute, with a kernel or a disk.
 
         @raise zwrm.errors.InvalidArgument: saying what is missing.
         """
@@ -244,6 +245,8 @@ class ImageCheck:
                 f"image {image} is not a bootable zwrm image (it has no kernel or disk)")
         if layers.get("kernel"):
             await self.images.check_kernel(image, layers["kernel"]["digest"])
+        else:
+            await self.images.check_boot_disk(image, layers["disk"])
 
 
 def new_id(prefix):

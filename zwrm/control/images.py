@@ -11,7 +11,7 @@ from twisted.internet.defer import fail
 from twisted.internet.threads import deferToThreadPool
 
 from zwrm import errors
-from zwrm.drivers import kernelimage
+from zwrm.drivers import diskimage, kernelimage
 from zwrm.registry import image
 from zwrm.registry.store import StoreError
 
@@ -97,6 +97,24 @@ class ImageAPI:
                 raise errors.InvalidArgument(f"{what} cannot be read: {e.strerror}") from None
 
         return self._in_thread(check)
+
+    async def check_boot_disk(self, ref, disk):
+        """
+        Whether the disk layer C{disk} (C{{"digest", "format"}}) of image C{ref}, which
+        has no kernel, has a boot sector for its firmware (L{diskimage.bootable}).
+
+        @raise zwrm.errors.InvalidArgument: it has none, or it cannot be read.
+        """
+        what = f"image {ref}: its disk layer {disk['digest']}"
+        try:
+            head = await diskimage.boot_sectors(self._reactor, self._store.blob_path(
+                disk["digest"]), disk.get("format") or "raw")
+        except errors.InvalidArgument as e:
+            raise errors.InvalidArgument(f"{what} cannot be read: {e.message}") from None
+        if not diskimage.bootable(head):
+            raise errors.InvalidArgument(
+                f"{what} has no boot sector (no MBR boot signature, no GPT), and the image "
+                "has no kernel: its firmware would boot nothing")
 
     @wamp.register("zwrm.image.list")
     def list(self, name=None):
