@@ -210,6 +210,16 @@ class BuiltPackagesTests(SynchronousTestCase):
         # ovmf boots UEFI images.
         self.assertLessEqual({"conntrack", "genisoimage", "ovmf"}, depends)
 
+    def test_qemu_img_where_images_are_checked(self):
+        # The control plane's registry checks qcow2 layers (qemu-img info) and a deploy a
+        # disk alone's boot sector (qemu-img dd); zwrm images push checks disks the same way.
+        result = run("dpkg-deb", "-f", deb("zwrm-control"), "Depends")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("qemu-utils", {d.strip().split()[0] for d in result.stdout.split(",")})
+        result = run("dpkg-deb", "-f", deb("zwrm"), "Recommends")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("qemu-utils", result.stdout)
+
 
 def _free_port():
     s = socket.socket()
