@@ -27,6 +27,28 @@ class ValidationTests(TestCase):
         await c.apps.deploy("web", c.spec(replicas=2))
         return c
 
+    async def deploy_refused(self, name, role, data):
+        """
+        Deploy to web an image C{name}:1 of one layer (C{role}: C{data}) written into the
+        registry's store as it is, unchecked (one a registry of before took): refused,
+        and nothing changed.
+
+        @return: the layer's digest and the refusal's message.
+        """
+        c = await self.cluster()
+        before = await c.apps.app_status("web")
+        store = c.apps.images._store
+        config = image.make_config()
+        cd = await store.put_bytes(name, config)
+        digest = await store.put_bytes(name, data)
+        manifest = image.make_manifest((cd, len(config)), [(role, digest, len(data), "f")])
+        store.link_manifest(name, await store.put_bytes(name, manifest), image.MANIFEST_TYPE,
+                            "1")
+        with self.assertRaises(errors.InvalidArgument) as cm:
+            await c.apps.deploy("web", {"image": f"{name}:1"})
+        await self.unchanged(c, before)
+        return digest, cm.exception.message
+
     async def unchanged(self, c, before):
         after = await c.apps.app_status("web")
         self.assertEqual(after["spec_version"], before["spec_version"])
@@ -65,22 +87,10 @@ class ValidationTests(TestCase):
         a deploy of it is refused at once, naming the layer, and changes nothing. (It rolled
         out machines that failed at each start until the update's healthy_deadline, 5 min.)
         """
-        c = await self.cluster()
-        store = c.apps.images._store
-        before = await c.apps.app_status("web")
-        config = image.make_config("console=ttyS0")
-        cd = await store.put_bytes("old/vm", config)
-        kd = await store.put_bytes("old/vm", os.urandom(200_000))
-        manifest = image.make_manifest((cd, len(config)), [("kernel", kd, 200_000, "vmlinuz")])
-        store.link_manifest("old/vm", await store.put_bytes("old/vm", manifest),
-                            image.MANIFEST_TYPE, "1")
-        with self.assertRaises(errors.InvalidArgument) as cm:
-            await c.apps.deploy("web", {"image": "old/vm:1"})
-        self.assertEqual(cm.exception.message,
-                         f"image old/vm:1: its kernel layer {kd} is not an x86 kernel QEMU can "
-                         "boot: a Linux bzImage (vmlinuz), an ELF kernel with a PVH entry point"
-                         " or a Multiboot kernel")
-        await self.unchanged(c, before)
+        kd, message = await self.deploy_refused("old/vm", "kernel", os.urandom(200_000))
+        self.assertEqual(message, f"image old/vm:1: its kernel layer {kd} is not an x86 kernel "
+                         "QEMU can boot: a Linux bzImage (vmlinuz), an ELF kernel with a PVH "
+                         "entry point or a Multiboot kernel")
 
     @d
     async def test_a_disk_alone_without_a_boot_sector_is_refused(self):
@@ -88,22 +98,10 @@ class ValidationTests(TestCase):
         An image of a disk alone stored before pushes were checked (a root file system
         without its kernel): a deploy of it is refused at once and changes nothing.
         """
-        c = await self.cluster()
-        store = c.apps.images._store
-        before = await c.apps.app_status("web")
-        config = image.make_config()
-        cd = await store.put_bytes("old/disk", config)
-        dd = await store.put_bytes("old/disk", bytes(64 << 10))
-        manifest = image.make_manifest((cd, len(config)), [("disk:raw", dd, 64 << 10, "d")])
-        store.link_manifest("old/disk", await store.put_bytes("old/disk", manifest),
-                            image.MANIFEST_TYPE, "1")
-        with self.assertRaises(errors.InvalidArgument) as cm:
-            await c.apps.deploy("web", {"image": "old/disk:1"})
-        self.assertEqual(cm.exception.message,
-                         f"image old/disk:1: its disk layer {dd} has no boot sector (no MBR "
-                         "boot signature, no GPT), and the image has no kernel: its firmware "
-                         "would boot nothing")
-        await self.unchanged(c, before)
+        dd, message = await self.deploy_refused("old/disk", "disk:raw", bytes(64 << 10))
+        self.assertEqual(message, f"image old/disk:1: its disk layer {dd} has no boot sector "
+                         "(no MBR boot signature, no GPT), and the image has no kernel: its "
+                         "firmware would boot nothing")
 
     @d
     async def test_redeploy_keeps_what_it_leaves_out(self):
