@@ -43,6 +43,16 @@ async def start_again(c):
     await c.apps.load()
 
 
+async def batch_healthy(c, running, what):
+    """
+    Wait (bounded) until C{await running()} (a batch's new machine runs), then let the
+    update's 10 s healthy wait for it pass on the Clock.
+    """
+    await poll(running, what=what)
+    await healthy_wait(c)
+    c.clock.advance(10)
+
+
 async def healthy_waits(c, n, seconds=10):
     """L{healthy_wait} for C{n} machines at once: C{n} waits due C{seconds} from now."""
     async def due():
@@ -94,9 +104,7 @@ class RollingTests(TestCase):
         self.assertFalse(done.called)
         await healthy_wait(c)
         c.clock.advance(10)
-        await poll(lambda: new_running(2), what="the second new machine")
-        await healthy_wait(c)
-        c.clock.advance(10)
+        await batch_healthy(c, lambda: new_running(2), "the second new machine")
         status = await done
         self.assertEqual(len(status["machines"]), 2)
         self.assertTrue(all(m["id"] not in old for m in status["machines"]))
@@ -150,9 +158,7 @@ class RollingTests(TestCase):
                 ms = await c.machines("web")
                 return len([m for m in ms if m["id"] not in old and m["state"] == "running"]) >= n
 
-            await poll(new_running, what=f"new machine {n}")
-            await healthy_wait(c)
-            c.clock.advance(10)
+            await batch_healthy(c, new_running, f"new machine {n}")
         await done
         self.assertEqual(self.rollout_events(c),
                          [("started", 0, 2), ("progress", 1, 2), ("completed", 2, 2)])
@@ -247,9 +253,7 @@ class DefaultRollingTests(TestCase):
         self.assertEqual(len(await c.machines("web")), 2)  # the old one went first
         await healthy_wait(c)
         c.clock.advance(10)
-        await poll(lambda: fresh_running(2), what="the second machine replaced in place")
-        await healthy_wait(c)
-        c.clock.advance(10)
+        await batch_healthy(c, lambda: fresh_running(2), "the second machine replaced in place")
         status = await done
         self.assertTrue(all(m["id"] not in old for m in status["machines"]))
 
@@ -337,9 +341,7 @@ class InterruptedRollingTests(TestCase):
         self.assertNotIn(halfway["id"], [m["id"] for m in await c.machines("web")])
         await healthy_wait(c)
         c.clock.advance(10)
-        await poll(lambda: fresh_running(2), what="replica 1's new machine")
-        await healthy_wait(c)
-        c.clock.advance(10)
+        await batch_healthy(c, lambda: fresh_running(2), "replica 1's new machine")
         self.assertEqual(await resumed, ["web"])
         self.assertEqual([(m["state"], m["spec"]["memory_mb"]) for m in await self.rows(c)],
                          [("running", 300)] * 2)
@@ -404,9 +406,7 @@ class InterruptedRollingTests(TestCase):
         async def both():
             return len(await new()) == 2
 
-        await poll(both, what="replica 1 replaced in place")
-        await healthy_wait(c)
-        c.clock.advance(10)
+        await batch_healthy(c, both, "replica 1 replaced in place")
         self.assertEqual(await resumed, ["web"])
         self.assertEqual(self.rollouts(c)[-2:], [("started", 1, 2), ("completed", 2, 2)])
         self.assertEqual([(m["state"], m["spec"]["memory_mb"]) for m in await self.rows(c)],
@@ -474,9 +474,7 @@ class SupersededRollingTests(TestCase):
         self.assertNotIn(batch["id"], [m["id"] for m in await self.rows(c)])
         await healthy_wait(c)
         c.clock.advance(10)
-        await poll(lambda: fresh_running(2), what="version 3's second machine")
-        await healthy_wait(c)
-        c.clock.advance(10)
+        await batch_healthy(c, lambda: fresh_running(2), "version 3's second machine")
         status = await second
         self.assertEqual(status["spec_version"], 3)
         self.assertEqual({k: status["rollout"][k] for k in ("state", "version", "replaced")},
