@@ -248,7 +248,8 @@ def register(subparsers):
     push.add_argument("ref", metavar="NAME[:TAG]")
     push.add_argument("--kernel", help="the x86 kernel: a bzImage (vmlinuz), a PVH ELF or a Multiboot kernel")
     push.add_argument("--initrd", help="the initrd / initramfs")
-    push.add_argument("--disk", help="a disk image, raw or qcow2 (self-contained: no backing file)")
+    push.add_argument("--disk", help="a disk image, raw or qcow2 (self-contained: no backing file;"
+                      " pushed without --kernel it must have a boot sector: MBR or GPT)")
     push.add_argument("--firmware", choices=("bios", "uefi"), default=None,
                       help="how a self-booting disk boots (default bios)")
     push.add_argument("--cmdline", default="", help="the kernel command line")
