@@ -1,11 +1,14 @@
 """
-Step: an image pushed from the client (listed as JSON; C{zwrm console} of an id that names no
+Step: an image pushed from the client (listed as JSON; a kernel that is not one and a disk
+alone without a boot sector refused in one line; C{zwrm console} of an id that names no
 machine is one line), an app deployed with a volume and a published port
 (the agents run --network=bridge), data written and read back through the app from the
 client host, through the ingress: on the agent the replica runs on, then on every agent (the
 other one reaches the replica over the overlay).  Leaves C{cluster.state["app"]} =
 {"name", "data", "machine", "volume"} for later steps.
 """
+
+import os
 
 import pytest
 
@@ -23,6 +26,18 @@ def test_push_image(cluster):
     assert "demo" in cluster.zwrm("images", "list")
     [listed] = [i for i in cluster.zwrm_json("images", "list") if i["image"] == "demo:1"]
     assert listed["layers"] == ["kernel", "initrd"] and len(listed["digest"]) == 71, listed
+    # not a kernel (the initrd given as --kernel), and a disk alone without a boot sector (a
+    # bare file system's zeros): one line each, exit 2, nothing pushed
+    bare = cluster.host_dir("client", "root.raw")
+    os.makedirs(os.path.dirname(bare), exist_ok=True)
+    with open(bare, "wb") as f:
+        f.truncate(1 << 20)
+    for flag, path, said in (("--kernel", img.initrd, "is not an x86 kernel QEMU can boot"),
+                             ("--disk", bare, "has no boot sector")):
+        r = cluster.sh("client", ["zwrm", "images", "push", "demo:wrong", flag, path, "-q"],
+                       env={"HOME": cluster.client_home}, ok=(2,))
+        assert len(r.stderr.splitlines()) == 1 and said in r.stderr, r.stderr
+    assert [i["image"] for i in cluster.zwrm_json("images", "list")] == ["demo:1"]
     # an id that names no machine: one line, exit 1, before the terminal is taken
     r = cluster.sh("client", ["zwrm", "console", "m-0123456789ab"],
                    env={"HOME": cluster.client_home}, ok=(1,))
