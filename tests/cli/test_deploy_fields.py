@@ -82,6 +82,21 @@ class DeployFieldsTests(SynchronousTestCase):
         self.assertIn("update    failed (2026-12-06 16:59:32 UTC): the update of web to "
                       "version 6 was superseded by a later deploy\n", out.getvalue())
 
+    def test_status_shows_a_destroy_under_way(self):
+        import io
+
+        app = {"id": "a-1", "name": "web", "spec": {"image": "demo:1", "replicas": 2},
+               "spec_version": 6, "volumes": [], "machines": [],
+               "destroying": {"volumes": True, "since": 1796576372.5}}
+        out = io.StringIO()
+        format_app(app, out)
+        self.assertIn("version   6\ndestroy   under way since 2026-12-06 16:59:32 UTC"
+                      " (volumes too)\n\nmachines (0):", out.getvalue())
+        app["destroying"]["volumes"] = False
+        out = io.StringIO()
+        format_app(app, out)
+        self.assertIn("(volumes kept)", out.getvalue())
+
 
 class RollbackArgsTests(SynchronousTestCase):
     def test_parse(self):

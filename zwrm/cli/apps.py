@@ -325,6 +325,11 @@ def format_app(app, out):
     out.write(f"replicas  {spec.get('replicas', 0)}\n")
     if app.get("spec_version"):
         out.write(f"version   {app['spec_version']}\n")
+    destroying = app.get("destroying")
+    if destroying:
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(destroying["since"]))
+        what = "volumes too" if destroying.get("volumes") else "volumes kept"
+        out.write(f"destroy   under way since {since} ({what})\n")
     rollout = app.get("rollout")
     if rollout:
         at = rollout.get("at")
@@ -370,7 +375,7 @@ async def apps_list(reactor, args, out=None):
     if args.json:
         return print_json(apps, out)
     _table(["NAME", "ID", "REPLICAS", "MACHINES"],
-           [[a["name"], a["id"], a["replicas"],
+           [[a["name"], a["id"], "destroying" if a.get("destroying") else a["replicas"],
              ", ".join(f"{n} {s}" for s, n in sorted(a["machines"].items())) or "-"]
             for a in apps], out)
 

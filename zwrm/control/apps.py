@@ -113,6 +113,7 @@ class Apps:
         self.spec_history = History(data, self.rollout)
         self._clock = clock
         self._hosts = hosts
+        self._destroy_told = {}  # app name -> the last reason its destroy waits, logged
 
     @property
     def scheduler(self):
@@ -151,6 +152,8 @@ class Apps:
         """
         resumed = []
         for app in await self.data.apps.all():
+            if app.get("destroying"):
+                continue  # its destroy goes on instead (go_on_destroying)
             last = await self.rollout.interrupted(app)
             if last is None:
                 continue
@@ -163,6 +166,8 @@ class Apps:
                 await deferLater(self._clock, interval, lambda: None)
 
             async def take_up(row):
+                if row.get("destroying"):
+                    return False  # a destroy came first
                 last = await self.rollout.interrupted(row)  # (a deploy may have come first)
                 return last is not None and await self.rollout.resume(row, last)
 
@@ -174,6 +179,37 @@ class Apps:
                               e=e.message)
                 resumed.append(app["name"])
         return resumed
+
+    async def go_on_destroying(self):
+        """
+        Carry on with the destroys that did not end (L{Converger.go_on}): after a control
+        plane start, and after each health check (the hosts they waited for may be
+        reachable now, or found offline).  Each runs in its app's order; one whose every
+        remaining machine still waits for an unreachable host is not tried, nor one with
+        work under way or waiting in its order (its destroy asked again, say).
+
+        @return: the names of the apps whose destroy ended.
+        """
+        ended = []
+        for app in await self.data.apps.destroying():
+            name = app["name"]
+            machines = await self.data.machines.find(app_id=app["id"])
+            if machines and len(self.converger.waiting(machines)) == len(machines):
+                continue
+            if self.converger.busy(name):
+                continue  # its destroy asked again, say: the next pass sees what it left
+            try:
+                result = await self._in_app_order(name, self.converger.go_on, name)
+            except errors.ZwrmError as e:
+                if self._destroy_told.get(name) != e.message:
+                    self._destroy_told[name] = e.message
+                    self.log.warn("the destroy of {app} goes on: {e}", app=name, e=e.message)
+                continue
+            self._destroy_told.pop(name, None)
+            if result is not None:
+                self.log.info("the destroy of {app} ended", app=name)
+                ended.append(name)
+        return ended
 
     # -- lookups ----------------------------------------------------------------------
 
@@ -198,6 +234,25 @@ class Apps:
             return await fn(await self._app(name), *args)
 
         return await self._in_app_order(name, run)
+
+    async def _changing_app(self, name, fn, *args):
+        """
+        As L{_with_app}, for a change of its spec (a deploy, scale or rollback).
+
+        @raise zwrm.errors.Conflict: the app is being destroyed (at once: it need not wait
+            for the destroy's turn, nor the destroy for its).
+        """
+        def refuse(app):
+            if app.get("destroying"):
+                raise errors.Conflict(f"app {name!r} is being destroyed: once it is gone,"
+                                      " create it again")
+
+        async def run(app):
+            refuse(app)  # (a destroy may have come first)
+            return await fn(app, *args)
+
+        refuse(await self._app(name))
+        return await self._with_app(name, run)
 
     # -- apps -------------------------------------------------------------------------
 
@@ -224,7 +279,8 @@ class Apps:
                     counts[m["state"]] = counts.get(m["state"], 0) + 1
             spec = a["spec"] or {}
             out.append({"id": a["id"], "name": a["name"], "image": spec.get("image"),
-                        "replicas": spec.get("replicas", 0), "machines": counts})
+                        "replicas": spec.get("replicas", 0), "machines": counts,
+                        "destroying": a.get("destroying") is not None})
         return out
 
     @wamp.register("zwrm.app.status")
@@ -241,6 +297,7 @@ class Apps:
             k: last.get(k) for k in ("state", "version", "replaced", "total", "reason", "at")}
         return {"id": app["id"], "name": app["name"], "spec": public_spec(app["spec"]),
                 "spec_version": app.get("spec_version") or 0,
+                "destroying": app.get("destroying"),
                 "machines": [machine_wire(m) for m in machines],
                 "volumes": volumes, "rollout": rollout}
 
@@ -265,7 +322,7 @@ class Apps:
             checked = await self.rollout.check(app, spec)
             if not same_version(checked, app["spec"]):
                 self.rollout.supersede(app["id"], "a later deploy")
-        await self._with_app(name, self.rollout.deploy, spec)
+        await self._changing_app(name, self.rollout.deploy, spec)
         return await self.app_status(name)
 
     @wamp.register("zwrm.app.plan")
@@ -282,7 +339,7 @@ class Apps:
         if not isinstance(spec, dict):
             raise errors.InvalidArgument("a deployment spec must be a mapping")
         check_name(name, "app name")
-        return await self._with_app(name, self.planner.plan, spec)
+        return await self._changing_app(name, self.planner.plan, spec)
 
     @wamp.register("zwrm.app.history")
     async def history(self, name):
@@ -309,7 +366,7 @@ class Apps:
             # the operator's way out of a bad update: it need not wait out its deadline
             await self.spec_history.spec_of(app, version)  # (no such version: NotFound)
             self.rollout.supersede(app["id"], "a rollback")
-        await self._with_app(name, self.spec_history.rollback, version)
+        await self._changing_app(name, self.spec_history.rollback, version)
         return await self.app_status(name)
 
     @wamp.register("zwrm.app.scale")
@@ -321,15 +378,20 @@ class Apps:
         if not isinstance(replicas, int) or isinstance(replicas, bool) or not 0 <= replicas <= 1000:
             raise errors.InvalidArgument(f"replicas must be from 0 to 1000, not {replicas!r}")
         check_name(name, "app name")
-        await self._with_app(name, self.converger.scale, replicas)
+        await self._changing_app(name, self.converger.scale, replicas)
         return await self.app_status(name)
 
     @wamp.register("zwrm.app.destroy")
     async def destroy_app(self, name, volumes=False):
         """
         Destroy every machine of an app and the app; its volumes too only if C{volumes}.
+        The destroy is stored first and carried out to its end: a stop of the control
+        plane, or a host that cannot be reached, only delays it (L{go_on_destroying}).
+        Asked again while under way, it goes on with the C{volumes} given last.
 
         @return: C{{"machines": [...], "volumes": [...]}} destroyed.
+        @raise zwrm.errors.Unavailable: what is on a host that cannot be reached is
+            removed once it can be (or is found offline); the rest was.
         """
         check_name(name, "app name")
         self.rollout.supersede((await self._app(name))["id"], "the app's destroy")

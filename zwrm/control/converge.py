@@ -58,6 +58,13 @@ class Converger:
         """
         return in_key_order(self._app_locks, name, fn, *args)
 
+    def busy(self, name):
+        """
+        Whether a deploy, scale, destroy (or other work in its order) of the app called
+        C{name} is under way or waiting.
+        """
+        return name in self._app_locks
+
     @asynccontextmanager
     async def awaiting(self, machine_ids):
         """
@@ -114,11 +121,59 @@ class Converger:
         Destroy every machine of the app row C{app} and the app (its lock held); its volumes
         too only if C{volumes}.
 
+        The destroy is stored first (C{destroying}: L{zwrm.control.resources.apps.Apps.set_destroying}),
+        and from then on it only goes forward: the healer neither restarts nor places again
+        the app's machines, a deploy or scale is refused, and what a stop of the control
+        plane or an unreachable host interrupts is carried out later (L{go_on}).  The
+        machines that can be removed now are (a planned stop: out of the routes, the app's
+        C{shutdown_delay}, then removed); one live on a host that cannot be reached waits
+        for its host's return, or for its host to be found offline (it is failed then,
+        and only its row goes).
+
         @return: C{{"machines": [...], "volumes": [...]}} destroyed.
+        @raise zwrm.errors.Unavailable: a machine or volume is on a host that cannot be
+            reached; what could be removed was, and the rest is removed once it can be.
         """
+        await self._data.apps.set_destroying(app, volumes)
+        return await self._carry_out(app)
+
+    async def go_on(self, name):
+        """
+        Carry on with the destroy of the app called C{name} (its lock held), stored
+        C{destroying} by a destroy that did not end: a stop of the control plane cut it
+        short, or a host it waits for could not be reached.
+
+        @return: as L{destroy}'s, or L{None} if the app is gone or no longer destroying.
+        """
+        try:
+            app = await self._data.apps.by_name(name)
+        except errors.NotFound:
+            return None
+        if not app.get("destroying"):
+            return None
+        return await self._carry_out(app)
+
+    def waiting(self, machines):
+        """
+        Those of C{machines} (rows) that a destroy cannot remove yet: live on a host that
+        cannot be reached.
+        """
+        return [m for m in machines
+                if m["state"] in LIVE and not self._replicas.executor_available(m["host_id"])]
+
+    async def _carry_out(self, app):
+        volumes = app["destroying"]["volumes"]
         machines = await self._data.machines.find(app_id=app["id"])
+        later = self.waiting(machines)
         # A planned stop: out of the routes, the app's shutdown_delay, then removed.
-        gone = await self._replicas.retire(machines, shutdown_delay(app["spec"]))
+        gone = await self._replicas.retire([m for m in machines if m not in later],
+                                           shutdown_delay(app["spec"]))
+        if later:
+            hosts = sorted({m["host_id"] for m in later})
+            raise errors.Unavailable(
+                f"app {app['name']!r} is being destroyed: {len(gone)} machine(s) removed;"
+                f" {', '.join(m['id'] for m in later)} on host(s) {', '.join(hosts)}, which"
+                " cannot be reached, are removed once their host returns or is found offline")
         vols = []
         if volumes:
             for v in await self._data.volumes.find(app_id=app["id"]):
@@ -149,7 +204,7 @@ class Converger:
     async def _reschedule(self, name, replicas, only_host):
         app = await self._data.apps.by_name(name)
         spec = app["spec"]
-        if spec is None:
+        if spec is None or app.get("destroying"):
             return
         rows = await self._data.machines.find(app_id=app["id"], states=("failed",))
         only = {m["spec"]["replica"] for m in rows

@@ -311,7 +311,8 @@ class Healer:
     async def _wanted(self, row):
         """
         The app row and its restart policy if C{row}'s app still wants this machine (its
-        replica is in the spec, and it is not stale), else L{None}.
+        replica is in the spec, it is not stale, and the app is not being destroyed),
+        else L{None}.
         """
         spec = row.get("spec") or {}
         try:
@@ -319,8 +320,8 @@ class Healer:
         except errors.NotFound:
             return None
         aspec = app.get("spec")
-        if aspec is None or spec.get("replica", 0) >= aspec["replicas"]:
-            return None
+        if aspec is None or app.get("destroying") or spec.get("replica", 0) >= aspec["replicas"]:
+            return None  # (a destroy under way: it only goes forward)
         if _same_version(spec.get("app_spec")) != _same_version(aspec):
             return None  # stale: the app's next converge replaces it
         try:

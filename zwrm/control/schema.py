@@ -533,10 +533,11 @@ PROCEDURES = {p.uri: p for p in [
     Procedure("zwrm.app.create", OPERATOR, "Create an empty app.", [_APP], "{id, name}",
               ["invalid_argument", "conflict"]),
     Procedure("zwrm.app.list", READ, "Every app with its replica and machine counts.", [],
-              "[{id, name, image, replicas, machines}]"),
+              "[{id, name, image, replicas, machines, destroying}]"),
     Procedure("zwrm.app.status", READ, "An app's spec, machines and volumes.", [_APP],
-              "{id, name, spec, spec_version, machines, volumes, rollout}: rollout is its last"
-              " rolling update ({state, version, replaced, total, reason, at}) or null",
+              "{id, name, spec, spec_version, destroying, machines, volumes, rollout}: rollout"
+              " is its last rolling update ({state, version, replaced, total, reason, at}) or"
+              " null; destroying is the destroy under way ({volumes, since}) or null",
               ["invalid_argument", "not_found"]),
     Procedure(
         "zwrm.app.deploy", OPERATOR,
@@ -555,7 +556,7 @@ PROCEDURES = {p.uri: p for p in [
               "destroy or keep.",
               [_APP, Arg("spec", SPEC, doc="as zwrm.app.deploy's")],
               "{app, version, changed, diff, create, replace, destroy, keep, unplaceable}",
-              ["invalid_argument", "not_found"]),
+              ["invalid_argument", "not_found", "conflict (the app is being destroyed)"]),
     Procedure("zwrm.app.history", OPERATOR, "Every spec version of an app, oldest first.", [_APP],
               "[{version, spec, created_at, current}]", ["invalid_argument", "not_found"]),
     Procedure("zwrm.app.rollback", OPERATOR,
@@ -566,9 +567,15 @@ PROCEDURES = {p.uri: p for p in [
               ["invalid_argument", "not_found", "unplaceable", "unavailable", "conflict"]),
     Procedure("zwrm.app.scale", OPERATOR, "Change an app's replica count and converge.",
               [_APP, Arg("replicas", Int(0, 1000), doc="the number of machines")],
-              "the app's status", ["invalid_argument", "not_found", "unplaceable", "unavailable"]),
+              "the app's status",
+              ["invalid_argument", "not_found", "unplaceable", "unavailable",
+               "conflict (the app is being destroyed)"]),
     Procedure("zwrm.app.destroy", OPERATOR,
-              "Destroy every machine of an app and the app; its volumes too if asked.",
+              "Destroy every machine of an app and the app; its volumes too if asked. The"
+              " destroy is stored first and carried out to its end: a control-plane stop or"
+              " an unreachable host only delays it (unavailable: the rest is removed once"
+              " its host returns or is found offline). Asked again, it goes on with the"
+              " volumes given last.",
               [_APP, Arg("volumes", Bool(), False, "also delete its volumes")],
               "what was destroyed", ["invalid_argument", "not_found", "unavailable"]),
     # -- machines ----------------------------------------------------------------------

@@ -161,6 +161,7 @@ class ControlPlane(service.MultiService):
         #: the work of procedures under way, of every session this control plane made (one
         #: per connection to an external router): its stop ends it before the store closes
         self.under_way = set()
+        self._destroys = None  # the pass of _go_on_destroying under way
         self.monitor = None
         self.scheduler = None
         self.apps = None
@@ -295,9 +296,11 @@ class ControlPlane(service.MultiService):
             partition_threshold=cfg.partition_threshold,
             eviction_interval=cfg.eviction_interval)
         self.monitor.after_check.append(self.healer.check_done)
+        self.monitor.after_check.append(self._go_on_destroying)  # hosts back, or offline
         self.registry.on_cut_short.append(self.healer.decide_exit)
         await self.healer.resume()  # restarts that were due before a restart of ours
         self._resume_rollouts()  # updates a stop of ours interrupted, once agents are back
+        self._go_on_destroying()  # destroys a stop of ours interrupted
         images.expiry_service().setServiceParent(self)  # abandoned uploads go within 20 min
         self._cert_renewal = task.LoopingCall(self._renew_server_certificate)
         self._cert_renewal.clock = self.reactor
@@ -562,6 +565,24 @@ class ControlPlane(service.MultiService):
             elif not isinstance(outcome, Failure) and outcome:
                 self.log.info("took up the rolling updates a stop interrupted: {apps}",
                               apps=", ".join(outcome))
+
+        work.addBoth(ended)
+
+    def _go_on_destroying(self, marked=None):
+        """
+        Carry on with the app destroys that did not end (L{Apps.go_on_destroying}); one
+        pass at a time (a health check's hook, C{marked} unused).
+        """
+        if self._destroys is not None:
+            return
+        work = self._destroys = defer.Deferred.fromCoroutine(self.apps.go_on_destroying())
+        self.under_way.add(work)  # a stop ends it (cancelled with the calls under way)
+
+        def ended(outcome):
+            self.under_way.discard(work)
+            self._destroys = None
+            if isinstance(outcome, Failure) and not outcome.check(defer.CancelledError):
+                self.log.failure("carrying on with the destroys under way", outcome)
 
         work.addBoth(ended)
 

@@ -129,7 +129,12 @@ def _v10(db):
     tokens.schema_host_resets(db)
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10]
+def _v11(db):
+    """Schema version 11: an app's destroy under way is stored (L{apps.schema_v11})."""
+    apps.schema_v11(db)
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11]
 """Schema migrations, in order; append, never edit."""
 
 JSON_COLUMNS = {

@@ -1,9 +1,13 @@
 """
-The apps resource: the C{apps} table (C{id, name, spec, spec_version, created_at}) and
-its spec versions (C{app_specs}), an app's wire form and its update methods.
+The apps resource: the C{apps} table (C{id, name, spec, spec_version, destroying,
+created_at}) and its spec versions (C{app_specs}), an app's wire form and its update
+methods.
 
 C{spec} is the deployed spec (L{zwrm.control.apps.validate_spec}'s normal form), or
 L{None} for an app never deployed, or destroyed while its volumes are kept.
+C{destroying} is L{None}, or C{{"volumes": bool, "since": time}}: a destroy was asked and
+has not ended yet (it is stored before its first machine stops, and goes on after a
+restart of the control plane or once the hosts it waits for can be reached).
 
 Events (C{zwrm.event.app}); the payload is always the app's wire form (L{wire}) with
 C{app_id}, C{app} (its name) and C{reason}:
@@ -11,6 +15,7 @@ C{app_id}, C{app} (its name) and C{reason}:
  - C{created}: a new, empty app;
  - C{deployed}: a new spec was stored (its next C{spec_version});
  - C{scaled}: its replica count changed (C{replicas}; a new spec version too);
+ - C{destroying}: a destroy was asked (C{destroying}); it is carried out from now on;
  - C{destroyed}: its row was deleted, or its spec cleared (C{volumes_kept} true);
  - C{rollout}: a rolling update's progress (L{Apps.rollout}): C{state} C{started},
    C{progress}, C{completed}, C{failed} or C{reverted}, with C{version} (the spec version
@@ -28,10 +33,10 @@ TOPIC = "zwrm.event.app"
 
 
 TABLE = "apps"
-JSON_COLUMNS = ("spec",)
+JSON_COLUMNS = ("spec", "destroying")
 """Columns stored as JSON text (the store encodes and decodes them)."""
 SPECS_TABLE = "app_specs"
-SPECS_JSON_COLUMNS = ("spec",)
+SPECS_JSON_COLUMNS = ("spec", "destroying")
 
 
 def schema_v1(db):
@@ -58,6 +63,11 @@ def schema_v5(db):
         "INSERT INTO app_specs (app_id, version, spec, created_at)"
         " SELECT id, 1, spec, created_at FROM apps WHERE spec IS NOT NULL"
     )
+
+
+def schema_v11(db):
+    """C{apps.destroying}: the destroy asked and not ended yet (L{None}: none)."""
+    db["apps"].add_column("destroying", str)
 
 
 def _digest(value):
@@ -91,12 +101,14 @@ def public_spec(spec):
 
 def wire(row):
     """
-    The wire form of an app: C{id, name, spec, spec_version, created_at}
+    The wire form of an app: C{id, name, spec, spec_version, destroying, created_at}
     (C{spec_version} counts the specs it was given: 0 before its first deploy; C{spec}
-    without its secrets: L{public_spec}).
+    without its secrets: L{public_spec}; C{destroying}: L{None}, or the destroy under way,
+    C{{volumes, since}}).
     """
     return {"id": row["id"], "name": row["name"], "spec": public_spec(row.get("spec")),
-            "spec_version": row.get("spec_version") or 0, "created_at": row.get("created_at")}
+            "spec_version": row.get("spec_version") or 0,
+            "destroying": row.get("destroying"), "created_at": row.get("created_at")}
 
 
 class Apps(Resource):
@@ -126,6 +138,10 @@ class Apps(Resource):
         """Every app row, by name (a Deferred)."""
         return self._store.select("apps", order_by="name")
 
+    def destroying(self):
+        """The rows of the apps whose destroy is under way, by name (a Deferred)."""
+        return self._store.select("apps", "destroying IS NOT NULL", order_by="name")
+
     def spec_versions(self, app_id):
         """Every spec C{app_id} was given, oldest first: C{[{version, spec, created_at}]}."""
         return self._store.select(SPECS_TABLE, "app_id = ?", [app_id], order_by="version")
@@ -150,7 +166,8 @@ class Apps(Resource):
         """
         Store C{spec} as the app's spec (C{row} is updated in place), as its next spec
         version (kept in C{app_specs}); event C{kind} (C{deployed}, C{scaled}, or
-        C{destroyed} when C{spec} is L{None}: no version is added then).
+        C{destroyed} when C{spec} is L{None}: no version is added then).  A destroy
+        under way ends with it (C{destroying} cleared).
         """
         now = self._clock.seconds()
         app_id = row["id"]
@@ -166,14 +183,30 @@ class Apps(Resource):
                 version += 1
                 db[SPECS_TABLE].insert({"app_id": app_id, "version": version,
                                         "spec": encoded, "created_at": now})
-            db["apps"].update(app_id, {"spec": encoded, "spec_version": version})
+            db["apps"].update(app_id, {"spec": encoded, "spec_version": version,
+                                       "destroying": None})
             return version
 
         # the version is the store's to give: the payload takes it from the change
-        payload = self._payload(dict(row, spec=spec), kind, **extra)
+        payload = self._payload(dict(row, spec=spec, destroying=None), kind, **extra)
         row["spec_version"] = await self.store_with_event(
             store, kind, app_id, lambda version: dict(payload, spec_version=version))
         row["spec"] = spec
+        row["destroying"] = None
+        return row
+
+    @update_method
+    async def set_destroying(self, row, volumes):
+        """
+        Store that the app is being destroyed, its volumes too if C{volumes} (C{row} is
+        updated in place); event C{destroying}.  A destroy asked again replaces it.
+        """
+        destroying = {"volumes": bool(volumes), "since": self._clock.seconds()}
+        await self.store_with_event(self._store.updating("apps", row["id"],
+                                                         {"destroying": destroying}),
+                                    "destroying", row["id"],
+                                    self._payload(dict(row, destroying=destroying), "destroying"))
+        row["destroying"] = destroying
         return row
 
     @update_method

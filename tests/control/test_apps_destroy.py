@@ -1,0 +1,236 @@
+"""
+An app's destroy only goes forward (L{zwrm.control.converge.Converger.destroy}): it is
+stored first (the app's C{destroying}), a stop of the control plane in its middle or a
+host that cannot be reached only delays it, the healer neither restarts nor places again
+the app's machines meanwhile, and a deploy or scale of the app is refused.
+
+Time is the control side's L{task.Clock}; the executors run the fake driver on the real
+reactor (the apps tests' cluster), over a real store.
+"""
+
+from twisted.internet.defer import ensureDeferred
+from twisted.trial.unittest import TestCase
+
+from tests.control.test_apps import Cluster, d
+from tests.control.test_healing import healer_for, poll, settle
+from zwrm import errors
+from zwrm.control.apps import Apps
+from zwrm.scheduler import Scheduler, load_strategy
+
+DELAY = 30
+
+
+def restarted(c):
+    """
+    The control plane, killed, starts again over the same store and hosts: a new apps
+    layer (the old one's work is cancelled, as by a kill: nothing of it runs on).
+    """
+    c.apps.network_view.close()
+    c.apps = Apps(c.clock, c.store, c.registry, Scheduler(load_strategy("spread")), c.publish)
+    return c.apps
+
+
+class DestroyTests(TestCase):
+
+    async def two(self, hosts=("h-a", "h-b"), **spec):
+        c = await Cluster(self).start(hosts=hosts)
+        await c.apps.create_app("web")
+        await c.apps.deploy("web", c.spec(replicas=2, shutdown_delay=DELAY, **spec))
+        ms = await c.machines("web")
+        self.assertEqual(len({m["host_id"] for m in ms}), 2)
+        return c, ms
+
+    def running_on(self, c):
+        return sorted(m["id"] for host in c.executors
+                      for m in c.executors[host][0].list_machines() if m["state"] == "running")
+
+    async def ended(self, c, work):
+        """Let C{work} (a destroy) through its shutdown delay on the Clock."""
+        async def done():
+            c.clock.advance(DELAY)
+            return work.called
+
+        await poll(done, what="the destroy")
+        return await work
+
+    @d
+    async def test_stored_before_its_first_stop(self):
+        """
+        The destroy is stored (and announced) before its machines are taken out of the
+        routes; the app's status and list show it while its shutdown delay runs, and a
+        scale meanwhile is refused at once; a pass of L{Apps.go_on_destroying} leaves it
+        to its call.
+        """
+        c, ms = await self.two()
+        work = ensureDeferred(c.apps.destroy_app("web"))
+        await poll(lambda: self._stopping(c, 2), what="the machines taken out")
+        kinds = [e["kind"] for topic, e in c.published if topic == "zwrm.event.app"]
+        self.assertEqual(kinds[-1], "destroying")
+        status = await c.apps.app_status("web")
+        self.assertEqual(status["destroying"], {"volumes": False, "since": c.clock.seconds()})
+        (listed,) = await c.apps.list_apps()
+        self.assertTrue(listed["destroying"])
+        # a scale is refused at once, not after the destroy's delay (its turn)
+        scale = ensureDeferred(c.apps.scale("web", 3))
+
+        async def answered():
+            return scale.called
+
+        await poll(answered, what="the scale's answer")
+        self.failureResultOf(scale, errors.Conflict)
+        # a pass over the destroys under way leaves this one to its call: no wait
+        self.assertEqual(await c.apps.go_on_destroying(), [])
+        result = await self.ended(c, work)
+        self.assertEqual(sorted(result["machines"]), sorted(m["id"] for m in ms))
+        self.assertEqual(await c.apps.list_apps(), [])
+        self.assertEqual(self.running_on(c), [])
+
+    async def _stopping(self, c, n):
+        return sum(m["state"] == "stopping" for m in await c.machines("web")) == n
+
+    @d
+    async def test_a_destroy_cut_short_by_a_stop_goes_on_after_the_start(self):
+        """
+        The control plane is killed in the destroy's shutdown delay: its machines are
+        stored C{stopping}, their agents still run them.  The next one finds the app
+        C{destroying}; its agents' lists put the machines back running (they are), and
+        the destroy goes on: the app and its machines are gone, none was restarted.
+        """
+        c, ms = await self.two()
+        work = ensureDeferred(c.apps.destroy_app("web"))
+        await poll(lambda: self._stopping(c, 2), what="the machines taken out")
+        apps = c.apps
+        restarted(c)
+        work.addErrback(lambda f: None)
+        apps.replicas.put_back = lambda ids: ensureDeferred(_nothing())  # killed: no put-back
+        work.cancel()
+        await c.apps.load()
+        h = await healer_for(c)
+        self.assertEqual(await c.apps.resume_rollouts(wait=0), [])
+        for host, (ex, _) in c.executors.items():
+            await c.registry.reconcile(host, ex.list_machines())
+        await settle(c, h)
+        self.assertEqual({m["state"] for m in await c.machines("web")}, {"running"})
+        with self.assertRaises(errors.Conflict) as e:
+            await c.apps.scale("web", 3)
+        self.assertEqual(e.exception.message,
+                         "app 'web' is being destroyed: once it is gone, create it again")
+        going = ensureDeferred(c.apps.go_on_destroying())
+        self.assertEqual(await self.ended(c, going), ["web"])
+        self.assertEqual(await c.apps.list_apps(), [])
+        self.assertEqual(self.running_on(c), [])
+
+    @d
+    async def test_a_machine_stopped_in_the_cut_short_destroy_is_not_restarted(self):
+        """
+        Killed after an agent stopped one machine and before its row went: the next
+        control plane finds it failed (its agent no longer runs it), and its restart
+        policy leaves it alone: the app is being destroyed.  The destroy goes on.
+        """
+        c, ms = await self.two()
+        work = ensureDeferred(c.apps.destroy_app("web"))
+        await poll(lambda: self._stopping(c, 2), what="the machines taken out")
+        c.report = lambda host_id, event: None  # killed: no report reaches it
+        apps = c.apps
+        restarted(c)
+        work.addErrback(lambda f: None)
+        apps.replicas.put_back = lambda ids: ensureDeferred(_nothing())
+        work.cancel()
+        await c.executors[ms[0]["host_id"]][0].stop_machine(ms[0]["id"])
+        await c.apps.load()
+        h = await healer_for(c)
+        c.registry.on_cut_short.append(h.decide_exit)
+        del c.report
+        for host, (ex, _) in c.executors.items():
+            await c.registry.reconcile(host, ex.list_machines())
+        await settle(c, h)
+        c.clock.advance(600)
+        await settle(c, h)
+        states = {m["id"]: (m["state"], m["restarts"]) for m in await c.machines("web")}
+        self.assertEqual(states, {ms[0]["id"]: ("failed", 0), ms[1]["id"]: ("running", 0)})
+        self.assertEqual(self.running_on(c), [ms[1]["id"]])
+        going = ensureDeferred(c.apps.go_on_destroying())
+        self.assertEqual(await self.ended(c, going), ["web"])
+        self.assertEqual(self.running_on(c), [])
+
+    @d
+    async def test_a_host_out_of_reach_delays_it_and_nothing_comes_back(self):
+        """
+        One machine's host cannot be reached: the destroy removes the other, says what
+        waits, and the app stays C{destroying}.  The host is found offline: its machine
+        is failed, and not placed again elsewhere (the app is going); the next pass of
+        L{Apps.go_on_destroying} ends the destroy.  Until then a deploy is refused.
+        """
+        c, ms = await self.two(hosts=("h-a", "h-b", "h-c"))  # (a host left free)
+        h = await healer_for(c)
+        far = ms[0]
+        c.registry.entry(far["host_id"]).executor = False  # its agent's session is gone
+        work = ensureDeferred(c.apps.destroy_app("web"))
+        with self.assertRaises(errors.Unavailable) as e:
+            await self.ended(c, work)
+        self.assertEqual(
+            e.exception.message,
+            f"app 'web' is being destroyed: 1 machine(s) removed; {far['id']} on host(s)"
+            f" {far['host_id']}, which cannot be reached, are removed once their host"
+            " returns or is found offline")
+        self.assertEqual([m["id"] for m in await c.machines("web")], [far["id"]])
+        with self.assertRaises(errors.Conflict):
+            await c.apps.deploy("web", c.spec(replicas=1))
+        # nothing can be removed yet: the pass leaves it
+        self.assertEqual(await c.apps.go_on_destroying(), [])
+        await c.registry.mark_offline(far["host_id"])
+        h.check_done([far["host_id"]])
+        c.clock.advance(600)
+        await settle(c, h)
+        (m,) = await c.machines("web")
+        self.assertEqual((m["id"], m["state"]), (far["id"], "failed"))
+        self.assertEqual(self.running_on(c), [far["id"]])  # (on its lost host)
+        self.assertEqual(await c.apps.go_on_destroying(), ["web"])
+        self.assertEqual(await c.apps.list_apps(), [])
+
+    @d
+    async def test_volumes_kept_then_deployed_again(self):
+        """
+        A destroy that keeps the volumes and goes on after a stop ends as one that did
+        not stop: the app stays, without a spec, no longer destroying; a deploy brings
+        it back on its volumes.
+        """
+        c, ms = await self.two(volumes=[{"name": "data", "mount": "/data"}])
+        vols = sorted(v["id"] for v in (await c.apps.app_status("web"))["volumes"])
+        work = ensureDeferred(c.apps.destroy_app("web"))
+        await poll(lambda: self._stopping(c, 2), what="the machines taken out")
+        apps = c.apps
+        restarted(c)
+        work.addErrback(lambda f: None)
+        apps.replicas.put_back = lambda ids: ensureDeferred(_nothing())
+        work.cancel()
+        await c.apps.load()
+        for host, (ex, _) in c.executors.items():
+            await c.registry.reconcile(host, ex.list_machines())
+        going = ensureDeferred(c.apps.go_on_destroying())
+        self.assertEqual(await self.ended(c, going), ["web"])
+        status = await c.apps.app_status("web")
+        self.assertEqual((status["spec"], status["destroying"], status["machines"]),
+                         (None, None, []))
+        self.assertEqual(sorted(v["id"] for v in status["volumes"]), vols)
+        await c.apps.deploy("web", c.spec(replicas=2, volumes=[{"name": "data",
+                                                                "mount": "/data"}]))
+        self.assertEqual(len(self.running_on(c)), 2)
+
+    @d
+    async def test_asked_again_it_takes_the_volumes_given_last(self):
+        """A destroy that waits, asked again with its volumes: they go too."""
+        c, ms = await self.two(volumes=[{"name": "data", "mount": "/data"}])
+        far = ms[0]
+        c.registry.entry(far["host_id"]).executor = False
+        with self.assertRaises(errors.Unavailable):
+            await self.ended(c, ensureDeferred(c.apps.destroy_app("web")))
+        self.assertEqual((await c.apps.app_status("web"))["destroying"]["volumes"], False)
+        c.registry.entry(far["host_id"]).executor = True
+        result = await self.ended(c, ensureDeferred(c.apps.destroy_app("web", volumes=True)))
+        self.assertEqual((result["machines"], len(result["volumes"])), ([far["id"]], 2))
+        self.assertEqual(await c.apps.list_apps(), [])
+
+
+async def _nothing():
+    return None
