@@ -2,7 +2,8 @@
 Step: the control plane restarts (SIGTERM, started again from its unit); nothing is lost:
 the hosts come back ready, the app's machine and volume are where they were, the data is
 there, and the CLI works as before. Then a scale-down interrupted in its shutdown_delay by
-the control plane's stop, then by its kill: its machine is back in the routes each time.
+the control plane's stop, then by its kill: its machine is back in the routes each time; and
+a destroy interrupted by its kill: the next control plane carries it out.
 """
 
 import subprocess
@@ -97,4 +98,31 @@ def test_a_scale_down_cut_short_puts_its_machine_back(cluster, request):
         assert said[how] in _reasons(cluster, stopping), _reasons(cluster, stopping)
         status = cluster.zwrm_json("status", "scaler")
         assert status["spec"]["replicas"] == 2, status["spec"]
-    cluster.zwrm("destroy", "scaler")
+    with cluster.phase("destroy it, the control plane killed in its delay: the next one"
+                       " carries the destroy out"):
+        destroy = cluster.net.spawn(
+            "client", ["zwrm", "destroy", "scaler"],
+            env={"PATH": SYSTEM_PATH, "HOME": cluster.client_home, "LANG": "C.UTF-8"},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            poll(lambda: [m["state"] for m in _machines(cluster, "scaler")] == ["stopping"] * 2,
+                 60, what=lambda: f"both machines stopping: {_machines(cluster, 'scaler')}")
+            cluster.control.process.kill()
+            cluster.control.process.wait(timeout=30)
+            cluster.boot("cp", ["zwrm-control.service"])
+            _, err = destroy.communicate(timeout=60)
+        finally:
+            if destroy.poll() is None:
+                destroy.kill()
+        assert destroy.returncode != 0 and len(err.splitlines()) == 1, err
+        cluster.wait_ready("both agents ready after the control plane's kill")
+        # stored before its first stop: the next control plane knows it is under way, and
+        # will not let it be scaled (one line, exit 1) nor bring its machines back for good
+        assert cluster.zwrm_json("status", "scaler")["destroying"]["volumes"] is False
+        refused = cluster.sh("client", ["zwrm", "scale", "scaler", "3"],
+                             env={"HOME": cluster.client_home}, ok=(1,))
+        assert refused.stderr == ("zwrm: app 'scaler' is being destroyed: once it is gone,"
+                                  " create it again\n"), refused.stderr
+        poll(lambda: "scaler" not in {a["name"] for a in cluster.zwrm_json("apps", "list")},
+             150, what=lambda: f"the app gone: {cluster.zwrm('status', 'scaler', ok=range(256))}")
+    assert not [m for m in cluster.zwrm_json("machines", "list") if m["app"] == "scaler"]
