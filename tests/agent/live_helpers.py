@@ -17,6 +17,7 @@ from zwrm.drivers.fake import FakeDriver, FakeHost
 from zwrm.drivers.fake_live import FakeNetwork
 from zwrm.pki import HostCredentials
 from zwrm.pki.ca import CertificateAuthority
+from zwrm.testing.image import kernel_bytes
 
 SIZE = 4 * 1024 * 1024
 """The size of the source's volume C{v1}."""
@@ -34,7 +35,7 @@ class TwoHosts:
         testcase.addCleanup(shutil.rmtree, self.dir, True)
         self.kernel = os.path.join(self.dir, "vmlinuz")
         with open(self.kernel, "wb") as f:
-            f.write(b"kernel")
+            f.write(kernel_bytes())
         self.ca = CertificateAuthority.create()
         self.fabric = FakeNetwork()
 

@@ -29,6 +29,7 @@ from zwrm.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from zwrm.testing.image import kernel_bytes
 
 EXPECTED = {
     "machine.start", "machine.stop", "machine.destroy", "machine.status", "machine.list",
@@ -47,7 +48,7 @@ class ExecutorTests(TestCase):
         self.addCleanup(shutil.rmtree, self.dir, True)
         self.kernel = os.path.join(self.dir, "vmlinuz")
         with open(self.kernel, "wb") as f:
-            f.write(b"kernel")
+            f.write(kernel_bytes())
         self.host = FakeHost(powerdown_delay=0.01)
         self.store = VolumeStore(reactor, os.path.join(self.dir, "volumes"))
         self.events = []
@@ -126,6 +127,25 @@ class ExecutorTests(TestCase):
         self.assertRaises(NotFound, self.executor.stop_machine, "nope")
         self.assertRaises(InvalidArgument, self.executor.machine_status, "../x")
         self.assertEqual(self.store.list(), [])
+
+    async def test_a_local_kernel_qemu_would_not_boot_is_refused(self):
+        """
+        A development --kernel path (not an image) that is no kernel (an initrd given as
+        the kernel, say) is refused before the driver sees it, as an image's kernel layer
+        is: QEMU would run any file as an old zImage.
+        """
+        initrd = os.path.join(self.dir, "initrd.img")
+        with open(initrd, "wb") as f:
+            f.write(b"\x1f\x8b\x08\x00" + b"\0" * 4096)
+        image = {"kernel": initrd, "initrd": None, "disk": None, "cmdline": ""}
+        with self.assertRaises(InvalidArgument) as e:
+            await self.executor.start_machine(self.spec(image=image))
+        self.assertEqual(e.exception.message,
+                         f"kernel {initrd} is not an x86 kernel QEMU can boot: a Linux bzImage"
+                         " (vmlinuz), an ELF kernel with a PVH entry point or a Multiboot"
+                         " kernel")
+        self.assertEqual(self.states("m1")[-1], "failed")
+        self.assertEqual(self.executor.driver.list(), [])
 
     async def test_conflicts(self):
         await self.executor.start_machine(self.spec())
@@ -349,8 +369,8 @@ class ExecutorHealthTests(TestCase):
     async def test_health_changes_are_reported(self):
         tmp = tempfile.mkdtemp(prefix="zwrm-exh-")
         self.addCleanup(shutil.rmtree, tmp, True)
-        kernel = os.path.join(tmp, "vmlinuz")
-        open(kernel, "wb").close()
+        disk = os.path.join(tmp, "disk.img")  # (a kernel is read in the reactor's threads)
+        open(disk, "wb").close()
         clock = Clock()
         results = ["refused", "refused", None, "500"]
         probes = []
@@ -364,7 +384,7 @@ class ExecutorHealthTests(TestCase):
         ex = Executor(clock, "h1", driver, VolumeStore(reactor, os.path.join(tmp, "v")),
                       lambda e: events.append(e), data_dir=tmp, health_probe=probe_factory)
         self.addCleanup(ex.close)
-        spec = {"id": "m1", "image": {"kernel": kernel, "cmdline": ""}, "vcpus": 1,
+        spec = {"id": "m1", "image": {"disk": disk, "cmdline": ""}, "vcpus": 1,
                 "memory_mb": 64, "volumes": [], "service_port": 8080,
                 "health": {"type": "http", "interval": 1, "timeout": 1, "grace": 5}}
         st = await ex.start_machine(spec)

@@ -26,6 +26,7 @@ from zwrm.agent.volumes import VolumeStore
 from zwrm.control.apps import Apps, validate_spec
 from zwrm.drivers.fake import FakeDriver, FakeHost
 from zwrm.scheduler import Scheduler, load_strategy
+from zwrm.testing.image import kernel_bytes
 
 
 def d(f):
@@ -60,7 +61,7 @@ class Cluster:
         testcase.addCleanup(shutil.rmtree, self.dir, True)
         self.kernel = os.path.join(self.dir, "vmlinuz")
         with open(self.kernel, "wb") as f:
-            f.write(b"kernel")
+            f.write(kernel_bytes())
         self.executors = {}
         self.calls = []
 

@@ -54,6 +54,7 @@ from zwrm.agent.console import ConsoleRelay
 from zwrm.agent.network.host import check_network
 from zwrm.agent.transfer.progress import ProgressThrottle
 from zwrm.drivers import cloudinit as _cloudinit
+from zwrm.drivers import kernelimage
 from zwrm.drivers.spec import check_id, volume_serial
 from zwrm.errors import (
     Conflict,
@@ -367,6 +368,12 @@ class Executor:
     async def _resolve_image(self, rec):
         image = rec.spec["image"]
         if isinstance(image, dict):
+            if image.get("kernel") and os.path.isfile(image["kernel"]):
+                # A development --kernel path: checked as an image's kernel layer is
+                # (ImageCache.resolve), since QEMU runs any file as an old zImage.
+                await deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                        kernelimage.inspect, image["kernel"],
+                                        f"kernel {image['kernel']}")
             return image
         if self.images is None:
             raise InvalidArgument(
