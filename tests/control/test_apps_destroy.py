@@ -11,6 +11,7 @@ reactor (the apps tests' cluster), over a real store.
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
+from tests.control.helpers import FACTS
 from tests.control.test_apps import Cluster, d
 from tests.control.test_healing import healer_for, poll, settle
 from zwrm import errors
@@ -187,6 +188,42 @@ class DestroyTests(TestCase):
         self.assertEqual(self.running_on(c), [far["id"]])  # (on its lost host)
         self.assertEqual(await c.apps.go_on_destroying(), ["web"])
         self.assertEqual(await c.apps.list_apps(), [])
+
+    @d
+    async def test_its_volumes_go_once_their_host_is_back(self):
+        """
+        A destroy with its volumes while one host cannot be reached: found offline, its
+        machine's row goes; its volume waits for the host.  The host returns with the
+        machine (stopped) still on it: its agent is told to destroy it (the log says it
+        was destroyed), which frees the volume, and the next pass deletes the volume and
+        ends the destroy.
+        """
+        c, ms = await self.two(volumes=[{"name": "data", "mount": "/data"}])
+        h = await healer_for(c)
+        far = ms[0]
+        host = far["host_id"]
+        c.registry.entry(host).executor = False
+        with self.assertRaises(errors.Unavailable):
+            await self.ended(c, ensureDeferred(c.apps.destroy_app("web", volumes=True)))
+        await c.registry.mark_offline(host)
+        h.check_done([host])
+        await settle(c, h)
+        self.assertEqual(await c.apps.go_on_destroying(), [])  # its row and the other volume go
+        with self.assertRaises(errors.Unavailable) as e:  # its volume waits for its host
+            await c.apps.converger.go_on("web")
+        self.assertIn("0 machine(s) and 0 volume(s) removed;", e.exception.message)
+        status = await c.apps.app_status("web")
+        self.assertEqual((status["machines"], [v["host_id"] for v in status["volumes"]]),
+                         ([], [host]))
+        ex = c.executors[host][0]
+        await ex.stop_machine(far["id"])  # (its host restarted, say)
+        await c.registry.register(host, dict(FACTS, name=host))
+        result = await c.registry.reconcile(host, ex.list_machines())
+        self.assertEqual(result["removed"], [far["id"]])
+        self.assertEqual(ex.list_machines(), [])
+        self.assertEqual(await c.apps.go_on_destroying(), ["web"])
+        self.assertEqual(await c.apps.list_apps(), [])
+        self.assertEqual(ex.volumes.list(), [])
 
     @d
     async def test_volumes_kept_then_deployed_again(self):

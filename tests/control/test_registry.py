@@ -354,10 +354,17 @@ class MonitorTests(TestCase):
             if proc.endswith("machine.list"):
                 return succeed([{"id": "m1", "state": "running"},
                                 {"id": "m3", "state": "running"},
-                                {"id": "m4", "state": "running"}])
+                                {"id": "m4", "state": "running"},
+                                {"id": "m5", "state": "stopped"},
+                                {"id": "m6", "state": "running"},
+                                {"id": "m7", "state": "stopped"}])
             return succeed(None)
 
         clock, store, reg, published, monitor = await self.cluster(grace=0, call=call)
+        # m5 and m6 were destroyed while h2 was unreachable (only their rows could go)
+        for mid in ("m5", "m6"):
+            await add_machine(store, mid, "h2", "failed")
+            await reg.data.machines.delete(await store.get("machines", mid))
         await add_machine(store, "m1", "h2", "running")   # will be failed, then restored
         await add_machine(store, "m2", "h2", "running")   # will be failed, not reported
         await add_machine(store, "m3", "h1", "running")   # rescheduled elsewhere: duplicate
@@ -378,11 +385,21 @@ class MonitorTests(TestCase):
         self.assertEqual((await store.get("machines", "m1"))["state"], "running")
         self.assertEqual((await store.get("machines", "m2"))["state"], "failed")
         self.assertIn(("zwrm.agent.h2.machine.stop", ("m3",)), calls)
-        # m4 has no record (destroyed while h2 was unreachable): stopped too
+        # m4 has no record, and the log does not say it was destroyed: stopped, kept
         self.assertIn(("zwrm.agent.h2.machine.stop", ("m4",)), calls)
+        # m5 and m6 were: the rest of their destroy (their claims on volumes end); m7,
+        # stopped with no record, is left as it is
+        gone = [args for proc, args in calls if proc == "zwrm.agent.h2.machine.destroy"]
+        self.assertEqual(set(gone), {("m5",), ("m6",)})  # (this fake agent lists them again)
+        self.assertNotIn(("zwrm.agent.h2.machine.stop", ("m6",)), calls)
+        self.assertFalse([c for c in calls if "m7" in c[1]])
         kinds = [e["kind"] for t, e in published if t == MACHINE_TOPIC]
         self.assertIn("unknown_machine", kinds)
         self.assertIn("duplicate_machine", kinds)
+        actions = {e["payload"]["machine_id"]: e["payload"]["action"] for t, e in published
+                   if t == MACHINE_TOPIC and e["kind"] == "unknown_machine"}
+        self.assertEqual({k: actions[k] for k in ("m4", "m5", "m6")},
+                         {"m4": "stopped", "m5": "destroyed", "m6": "destroyed"})
 
     @d
     async def test_reconcile_settles_planned_stops_a_killed_control_plane_left(self):
@@ -433,7 +450,7 @@ class MonitorTests(TestCase):
         result = await reg.reconcile("h1", [{"id": "m1", "state": "running"},
                                             {"id": "mx", "state": "running"}])
         self.assertEqual(result, {"restored": ["m1"], "confirmed": [], "put_back": [],
-                                  "failed": ["m2"], "duplicate": [], "unknown": ["mx"]})
+                                  "failed": ["m2"], "duplicate": [], "unknown": ["mx"], "removed": []})
         with self.assertRaises(errors.InvalidArgument):
             await reg.reconcile("h1", "nonsense")
 
@@ -452,7 +469,7 @@ class MonitorTests(TestCase):
         result = await reg.reconcile("h1", [{"id": m, "state": "running"}
                                             for m in ("m1", "m2", "m3")])
         self.assertEqual(result, {"restored": [], "confirmed": [], "put_back": [], "failed": [],
-                                  "duplicate": ["m3"], "unknown": []})
+                                  "duplicate": ["m3"], "unknown": [], "removed": []})
         self.assertEqual((await store.get("machines", "m1"))["state"], "pending")
 
     @d

@@ -184,17 +184,17 @@ class Apps:
         """
         Carry on with the destroys that did not end (L{Converger.go_on}): after a control
         plane start, and after each health check (the hosts they waited for may be
-        reachable now, or found offline).  Each runs in its app's order; one whose every
-        remaining machine still waits for an unreachable host is not tried, nor one with
-        work under way or waiting in its order (its destroy asked again, say).
+        reachable now, or found offline).  Each runs in its app's order; one that can do
+        nothing yet (L{Converger.can_go_on}: all it has left waits for unreachable hosts)
+        is not tried, nor one with work under way or waiting in its order (its destroy
+        asked again, say).
 
         @return: the names of the apps whose destroy ended.
         """
         ended = []
         for app in await self.data.apps.destroying():
             name = app["name"]
-            machines = await self.data.machines.find(app_id=app["id"])
-            if machines and len(self.converger.waiting(machines)) == len(machines):
+            if not await self.converger.can_go_on(app):
                 continue
             if self.converger.busy(name):
                 continue  # its destroy asked again, say: the next pass sees what it left

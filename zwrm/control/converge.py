@@ -128,7 +128,8 @@ class Converger:
         machines that can be removed now are (a planned stop: out of the routes, the app's
         C{shutdown_delay}, then removed); one live on a host that cannot be reached waits
         for its host's return, or for its host to be found offline (it is failed then,
-        and only its row goes).
+        and only its row goes: its host's agent is told to destroy it when it returns,
+        L{zwrm.control.registry.HostRegistry.reconcile}).  A volume waits for its host.
 
         @return: C{{"machines": [...], "volumes": [...]}} destroyed.
         @raise zwrm.errors.Unavailable: a machine or volume is on a host that cannot be
@@ -161,6 +162,20 @@ class Converger:
         return [m for m in machines
                 if m["state"] in LIVE and not self._replicas.executor_available(m["host_id"])]
 
+    async def can_go_on(self, app):
+        """
+        Whether the destroy under way of the app row C{app} can do anything now: remove a
+        machine, or (none left) delete a volume whose host can be reached, or end.
+        """
+        machines = await self._data.machines.find(app_id=app["id"])
+        if machines:
+            return len(self.waiting(machines)) < len(machines)
+        if app["destroying"]["volumes"]:
+            vols = await self._data.volumes.find(app_id=app["id"])
+            return not vols or any(self._replicas.executor_available(v["host_id"])
+                                   for v in vols)
+        return True
+
     async def _carry_out(self, app):
         volumes = app["destroying"]["volumes"]
         machines = await self._data.machines.find(app_id=app["id"])
@@ -174,11 +189,21 @@ class Converger:
                 f"app {app['name']!r} is being destroyed: {len(gone)} machine(s) removed;"
                 f" {', '.join(m['id'] for m in later)} on host(s) {', '.join(hosts)}, which"
                 " cannot be reached, are removed once their host returns or is found offline")
-        vols = []
+        vols, far = [], []
         if volumes:
             for v in await self._data.volumes.find(app_id=app["id"]):
+                if not self._replicas.executor_available(v["host_id"]):
+                    far.append(v)
+                    continue
                 await self._volumes.destroy(v)
                 vols.append(v["id"])
+            if far:
+                hosts = sorted({v["host_id"] for v in far})
+                raise errors.Unavailable(
+                    f"app {app['name']!r} is being destroyed: {len(gone)} machine(s) and"
+                    f" {len(vols)} volume(s) removed; {', '.join(v['id'] for v in far)} on"
+                    f" host(s) {', '.join(hosts)}, which cannot be reached, are deleted once"
+                    " their host returns")
         elif await self._data.volumes.find(app_id=app["id"]):
             # The app stays, without a spec, so its volumes keep an owner.
             await self._data.apps.set_spec(app, None, "destroyed", volumes_kept=True)

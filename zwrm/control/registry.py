@@ -543,6 +543,15 @@ class HostRegistry:
         except Exception as e:
             self.log.warn("could not stop {mid} on {host_id}: {e}", mid=mid, host_id=host_id, e=e)
 
+    async def _destroy_on(self, host_id, mid):
+        try:
+            await self.call_executor(host_id, "machine.destroy", mid)
+        except errors.NotFound:
+            pass  # gone already
+        except Exception as e:
+            self.log.warn("could not destroy {mid} on {host_id}: {e}", mid=mid,
+                          host_id=host_id, e=e)
+
     async def reconcile(self, host_id, reported):
         """
         Reconcile what C{host_id}'s agent says it runs with what the store recorded.
@@ -567,13 +576,19 @@ class HostRegistry:
          - reported running but recorded elsewhere, or stopped/destroyed: a duplicate;
            the agent is told to stop it (nothing runs twice); recorded here as pending
            (its start is under way) or stopping, it is left alone;
-         - reported but unknown (destroyed while its host was unreachable, by a request
-           that succeeded: a request that fails removes no record): stopped, its disk and
-           volumes kept, and recorded as an event (C{kind} C{unknown_machine}).
+         - reported in any state, with no record and a C{destroyed} event in the log: a
+           machine destroyed while its host was unreachable (only its record could go,
+           by a request that succeeded: a request that fails removes no record), the
+           destroy is carried out on its host (its volumes stay; its claim on them ends,
+           so they can be deleted or used by a new machine), recorded as an event (C{kind}
+           C{unknown_machine}, C{action} C{destroyed});
+         - reported running with no record, and no such event (e.g. the database was
+           restored from a backup older than the machine): stopped, its disk and volumes
+           kept, and recorded as an event (C{kind} C{unknown_machine}).
 
         @param reported: C{[{"id", "state", ...}, ...]}.
         @return: a dict of lists of machine ids: C{restored, confirmed, put_back, failed,
-            duplicate, unknown}.
+            duplicate, unknown, removed}.
         """
         if not isinstance(reported, list) or not all(
             isinstance(m, dict) and isinstance(m.get("id", m.get("machine_id")), str)
@@ -581,13 +596,24 @@ class HostRegistry:
         ):
             raise errors.InvalidArgument("reported machines must be a list of {id, state}")
         result = {"restored": [], "confirmed": [], "put_back": [], "failed": [], "duplicate": [],
-                  "unknown": []}
+                  "unknown": [], "removed": []}
         running = {
             m.get("id", m.get("machine_id")): m
             for m in reported
             if m.get("state") in LIVE_MACHINE_STATES
         }
-        recorded = {row["id"]: row for row in await self.machines.find(ids=list(running))}
+        ids = [m.get("id", m.get("machine_id")) for m in reported]
+        recorded = {row["id"]: row for row in await self.machines.find(ids=ids)}
+        for mid in ids:
+            if mid not in recorded and await self.machines.was_destroyed(mid):
+                # Destroyed while its host was unreachable: the rest of its destroy.
+                await self.machines.note_stray("unknown_machine", mid, host_id,
+                                               action="destroyed")
+                self.log.info("host {host_id} keeps machine {mid}, destroyed while the host"
+                              " was unreachable: destroying it there", host_id=host_id, mid=mid)
+                result["removed"].append(mid)
+                running.pop(mid, None)
+                await self._destroy_on(host_id, mid)
         for mid in running:
             row = recorded.get(mid)
             if row is None:

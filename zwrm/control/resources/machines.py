@@ -19,8 +19,10 @@ Events (C{zwrm.event.machine}); the payload is always the machine's wire form
  - C{state}: stored for the first time (C{old} L{None}) or its state or health changed;
  - C{destroyed}: its row was deleted (C{state} C{destroyed});
  - C{unknown_machine}, C{duplicate_machine}: an agent runs a machine that has no record,
-   or that is recorded elsewhere or stopped (the control plane stops it); the payload
-   has the same keys, with what is known (C{action}: what was done).
+   or that is recorded elsewhere or stopped (the control plane stops it; or destroys it,
+   C{action} C{destroyed}, when the log says it was destroyed while its host was
+   unreachable); the payload has the same keys, with what is known (C{action}: what was
+   done).
 """
 
 from twisted.internet.defer import Deferred
@@ -188,6 +190,12 @@ class Machines(Resource):
         """The newest stored event about machine C{machine_id}, or L{None} (none kept)."""
         events = await self._store.recent_events(machine_id, limit=1)
         return events[0] if events else None
+
+    async def was_destroyed(self, machine_id):
+        """Whether the event log has C{machine_id}'s C{destroyed} event (its row went)."""
+        rows = await self._store.select("events", "subject = ? AND topic = ? AND kind = ?",
+                                        [machine_id, TOPIC, "destroyed"], limit=1)
+        return bool(rows)
 
     # -- update methods ---------------------------------------------------------------
 
