@@ -271,3 +271,42 @@ class DestroyTests(TestCase):
 
 async def _nothing():
     return None
+
+
+class LeftoverTests(TestCase):
+    """A machine removed while its host was unreachable, and what its host keeps."""
+
+    @d
+    async def test_a_replica_scaled_down_while_its_host_was_lost_gives_back_its_volume(self):
+        """
+        Replica 1's host is lost (its machine failed); the app is scaled down to 1 (only
+        the machine's row can go).  The host returns with the machine still running: it
+        is destroyed there (the log says it was), its volume kept and free, so scaling up
+        again starts replica 1 on it with its data.  (Before, the machine was only stopped
+        and kept its claim: the new machine failed, "volume ... is used by machine ...".)
+        """
+        c = await Cluster(self).start(hosts=("h-a", "h-b"))
+        h = await healer_for(c)
+        await c.apps.create_app("db")
+        await c.apps.deploy("db", c.spec(replicas=2, volumes=[{"name": "data",
+                                                               "mount": "/data"}]))
+        (m1,) = [m for m in await c.machines("db") if m["replica"] == 1]
+        host = m1["host_id"]
+        await c.registry.mark_offline(host)
+        h.check_done([host])
+        await settle(c, h)
+        await c.apps.scale("db", 1)
+        self.assertEqual([m["replica"] for m in await c.machines("db")], [0])
+        ex = c.executors[host][0]
+        self.assertEqual([m["id"] for m in ex.list_machines()], [m1["id"]])  # (it ran on)
+        await c.registry.register(host, dict(FACTS, name=host))
+        result = await c.registry.reconcile(host, ex.list_machines())
+        self.assertEqual(result["removed"], [m1["id"]])
+        self.assertEqual(ex.list_machines(), [])
+        (vol,) = [v for v in (await c.apps.app_status("db"))["volumes"] if v["replica"] == 1]
+        self.assertEqual(vol["host_id"], host)
+        await c.apps.scale("db", 2)
+        (n1,) = [m for m in await c.machines("db") if m["replica"] == 1]
+        self.assertEqual((n1["host_id"], n1["state"]), (host, "running"))
+        self.assertNotEqual(n1["id"], m1["id"])
+        self.assertEqual([v["id"] for v in ex.machine_status(n1["id"])["volumes"]], [vol["id"]])
