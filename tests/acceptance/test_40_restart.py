@@ -58,12 +58,42 @@ def _reasons(cluster, machine_id):
     return [(e.get("payload") or {}).get("reason") or "" for e in events]
 
 
+def _cut_short(cluster, args, how, under_way, what):
+    """
+    C{zwrm ARGS} on the client, and the control plane's stop (C{how}: C{"stop"}, SIGTERM
+    through its unit) or kill (C{"kill"}, SIGKILL) once C{under_way()} is true; the command
+    ends with one line and an exit code that is not 0.
+
+    @return: what C{under_way} returned.
+    """
+    command = cluster.net.spawn(
+        "client", ["zwrm", *args],
+        env={"PATH": SYSTEM_PATH, "HOME": cluster.client_home, "LANG": "C.UTF-8"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = poll(under_way, 60, what=what)
+        if how == "stop":
+            cluster.restart("cp", "zwrm-control.service")
+        else:
+            cluster.control.process.kill()
+            cluster.control.process.wait(timeout=30)
+            cluster.boot("cp", ["zwrm-control.service"])
+        _, err = command.communicate(timeout=60)
+    finally:
+        if command.poll() is None:
+            command.kill()
+    assert command.returncode != 0 and len(err.splitlines()) == 1, err
+    return seen
+
+
 def test_a_scale_down_cut_short_puts_its_machine_back(cluster, request):
     """
     A scale-down in its shutdown_delay (its machine out of the routes, stopping) when the
     control plane stops (SIGTERM, as systemctl restart does) or is killed (SIGKILL, as the
     OOM killer or a crash): the machine is back in the routes, running, and the app as it
     was. Before, it stayed stopping (out of the routes, holding its capacity) for good.
+    Then its destroy, killed in its delay: the next control plane carries it out (before,
+    the app was back, running, as if never destroyed).
     """
     cluster.step_app(request, "scaler")
     with cluster.phase("deploy an app of two replicas with a 60 s shutdown_delay"):
@@ -74,24 +104,9 @@ def test_a_scale_down_cut_short_puts_its_machine_back(cluster, request):
                     " routes"}
     for how in ("stop", "kill"):
         with cluster.phase(f"scale it down to 1, the control plane's {how} in its delay"):
-            scale = cluster.net.spawn(
-                "client", ["zwrm", "scale", "scaler", "1"],
-                env={"PATH": SYSTEM_PATH, "HOME": cluster.client_home, "LANG": "C.UTF-8"},
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            try:
-                stopping = poll(lambda: _stopping(cluster, "scaler"), 60,
-                                what="one machine out of the routes, stopping")
-                if how == "stop":
-                    cluster.restart("cp", "zwrm-control.service")
-                else:
-                    cluster.control.process.kill()
-                    cluster.control.process.wait(timeout=30)
-                    cluster.boot("cp", ["zwrm-control.service"])
-                _, err = scale.communicate(timeout=60)
-            finally:
-                if scale.poll() is None:
-                    scale.kill()
-            assert scale.returncode != 0 and len(err.splitlines()) == 1, err
+            stopping = _cut_short(cluster, ["scale", "scaler", "1"], how,
+                                  lambda: _stopping(cluster, "scaler"),
+                                  "one machine out of the routes, stopping")
             cluster.wait_ready(f"both agents ready after the control plane's {how}")
             poll(lambda: [m["state"] for m in _machines(cluster, "scaler")] == ["running"] * 2,
                  120, what=lambda: f"both machines running: {_machines(cluster, 'scaler')}")
@@ -100,21 +115,9 @@ def test_a_scale_down_cut_short_puts_its_machine_back(cluster, request):
         assert status["spec"]["replicas"] == 2, status["spec"]
     with cluster.phase("destroy it, the control plane killed in its delay: the next one"
                        " carries the destroy out"):
-        destroy = cluster.net.spawn(
-            "client", ["zwrm", "destroy", "scaler"],
-            env={"PATH": SYSTEM_PATH, "HOME": cluster.client_home, "LANG": "C.UTF-8"},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            poll(lambda: [m["state"] for m in _machines(cluster, "scaler")] == ["stopping"] * 2,
-                 60, what=lambda: f"both machines stopping: {_machines(cluster, 'scaler')}")
-            cluster.control.process.kill()
-            cluster.control.process.wait(timeout=30)
-            cluster.boot("cp", ["zwrm-control.service"])
-            _, err = destroy.communicate(timeout=60)
-        finally:
-            if destroy.poll() is None:
-                destroy.kill()
-        assert destroy.returncode != 0 and len(err.splitlines()) == 1, err
+        _cut_short(cluster, ["destroy", "scaler"], "kill",
+                   lambda: [m["state"] for m in _machines(cluster, "scaler")] == ["stopping"] * 2,
+                   lambda: f"both machines stopping: {_machines(cluster, 'scaler')}")
         cluster.wait_ready("both agents ready after the control plane's kill")
         # stored before its first stop: the next control plane knows it is under way, and
         # will not let it be scaled (one line, exit 1) nor bring its machines back for good
