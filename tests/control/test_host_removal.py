@@ -130,6 +130,25 @@ class HostRemovalTests(TestCase):
         self.assertIn("h-a was removed", gone[0]["payload"]["reason"])
 
     @d
+    async def test_a_destroy_that_waits_for_its_host_ends_with_its_removal(self):
+        """
+        The destroy of an app with its volumes waits for a lost host's volume; the host is
+        removed with its volumes given up: nothing of the app is placed again (it is
+        going), and the destroy's next pass ends it.
+        """
+        c = await self.cluster()
+        await self.app_on(c, "db", "h-a", volumes=VOLUME)
+        c.registry.entry("h-a").executor = False
+        with self.assertRaises(errors.Unavailable):
+            await c.apps.destroy_app("db", volumes=True)
+        await c.registry.mark_offline("h-a")
+        result = await c.removal.remove("h-a", forget_volumes=True)
+        self.assertEqual((result["rescheduled"], result["not_placed"]), ([], []))
+        self.assertEqual(await c.apps.list_volumes("db"), [])
+        self.assertEqual(await c.apps.go_on_destroying(), ["db"])
+        self.assertEqual(await c.apps.list_apps(), [])
+
+    @d
     async def test_one_removal_at_a_time(self):
         c = await self.cluster()
         await c.registry.mark_offline("h-a")

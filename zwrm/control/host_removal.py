@@ -16,7 +16,8 @@ control plane's disk full, changes nothing), then announced:
  - its subnet and its machines' addresses (L{zwrm.control.network.ClusterNetwork.forgetting}).
 
 Then the replicas whose machines failed with it are placed again elsewhere, as the healer
-does after a host loss, also those whose volumes were given up (with new, empty volumes);
+does after a host loss, also those whose volumes were given up (with new, empty volumes),
+except those of an app being destroyed (whose destroy then goes on without the host);
 the rows of machines that stopped there stay, as history, until their app's next deploy.
 
 Refused, with nothing changed: a host that is not offline; one whose drain is under way,
@@ -149,7 +150,9 @@ class HostRemoval:
         rescheduled, not_placed = [], []
         for app_id, replicas in sorted(by_app.items()):
             app = await self._data.apps.by_id(app_id)
-            name = app["name"] if app else app_id
+            if app is None or app["spec"] is None or app.get("destroying"):
+                continue  # nothing to place again: it is gone, or going
+            name = app["name"]
             try:
                 await self._apps.converger.reschedule(app_id, sorted(replicas),
                                                       only_host=host_id)
