@@ -121,10 +121,11 @@ class Converger:
         Destroy every machine of the app row C{app} and the app (its lock held); its volumes
         too only if C{volumes}.
 
-        The destroy is stored first (C{destroying}: L{zwrm.control.resources.apps.Apps.set_destroying}),
-        and from then on it only goes forward: the healer neither restarts nor places again
-        the app's machines, a deploy or scale is refused, and what a stop of the control
-        plane or an unreachable host interrupts is carried out later (L{go_on}).  The
+        The destroy is stored first (the app's C{destroying}:
+        L{zwrm.control.resources.apps.Apps.set_destroying}), and from then on it only goes
+        forward: the healer neither restarts nor places again the app's machines, a deploy
+        or scale is refused, and what a stop of the control plane or an unreachable host
+        interrupts is carried out later (L{go_on}).  The
         machines that can be removed now are (a planned stop: out of the routes, the app's
         C{shutdown_delay}, then removed); one live on a host that cannot be reached waits
         for its host's return, or for its host to be found offline (it is failed then,
