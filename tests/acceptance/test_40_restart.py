@@ -64,7 +64,7 @@ def _cut_short(cluster, args, how, under_way, what):
     through its unit) or kill (C{"kill"}, SIGKILL) once C{under_way()} is true; the command
     ends with one line and an exit code that is not 0.
 
-    @return: what C{under_way} returned.
+    @return: what C{under_way} returned, and the command's line.
     """
     command = cluster.net.spawn(
         "client", ["zwrm", *args],
@@ -83,7 +83,7 @@ def _cut_short(cluster, args, how, under_way, what):
         if command.poll() is None:
             command.kill()
     assert command.returncode != 0 and len(err.splitlines()) == 1, err
-    return seen
+    return seen, err
 
 
 def test_a_scale_down_cut_short_puts_its_machine_back(cluster, request):
@@ -104,7 +104,7 @@ def test_a_scale_down_cut_short_puts_its_machine_back(cluster, request):
                     " routes"}
     for how in ("stop", "kill"):
         with cluster.phase(f"scale it down to 1, the control plane's {how} in its delay"):
-            stopping = _cut_short(cluster, ["scale", "scaler", "1"], how,
+            stopping, _ = _cut_short(cluster, ["scale", "scaler", "1"], how,
                                   lambda: _stopping(cluster, "scaler"),
                                   "one machine out of the routes, stopping")
             cluster.wait_ready(f"both agents ready after the control plane's {how}")
@@ -115,9 +115,12 @@ def test_a_scale_down_cut_short_puts_its_machine_back(cluster, request):
         assert status["spec"]["replicas"] == 2, status["spec"]
     with cluster.phase("destroy it, the control plane killed in its delay: the next one"
                        " carries the destroy out"):
-        _cut_short(cluster, ["destroy", "scaler"], "kill",
-                   lambda: [m["state"] for m in _machines(cluster, "scaler")] == ["stopping"] * 2,
-                   lambda: f"both machines stopping: {_machines(cluster, 'scaler')}")
+        _, line = _cut_short(
+            cluster, ["destroy", "scaler"], "kill",
+            lambda: [m["state"] for m in _machines(cluster, "scaler")] == ["stopping"] * 2,
+            lambda: f"both machines stopping: {_machines(cluster, 'scaler')}")
+        assert line.endswith("; a destroy that reached it goes on (`zwrm status scaler`"
+                             " shows it)\n"), line
         cluster.wait_ready("both agents ready after the control plane's kill")
         # stored before its first stop: the next control plane knows it is under way, and
         # will not let it be scaled (one line, exit 1) nor bring its machines back for good

@@ -13,6 +13,7 @@ from zwrm.cli.apps import (
     _settled,
     _spec,
     _why_failed,
+    destroy_cut_short,
     history_rows,
     wait_until_settled,
 )
@@ -288,3 +289,27 @@ class WaitUntilSettledTests(SynchronousTestCase):
         err = self.failureResultOf(defer.ensureDeferred(
             _why_failed(Session(defer.fail(lost)), "m-2")), CliError).value
         self.assertEqual(err.code, EXIT_UNREACHABLE)
+
+
+class DestroyLineTests(SynchronousTestCase):
+    def test_a_destroy_cut_short_says_it_goes_on(self):
+        """
+        A destroy is stored before its first machine stops and goes on after the control
+        plane's stop or kill: the line of a destroy cut short says so; others are as
+        they were.
+        """
+        lost = CliError("lost the connection to the control plane at wss://cp:8443/ws",
+                        EXIT_UNREACHABLE)
+        e = destroy_cut_short(lost, "web")
+        self.assertEqual((e.message, e.code), (
+            "lost the connection to the control plane at wss://cp:8443/ws; a destroy that"
+            " reached it goes on (`zwrm status web` shows it)", EXIT_UNREACHABLE))
+        stopping = CliError("zwrm.app.destroy was interrupted: the control plane is stopping"
+                            " (what it had done is kept: zwrm events shows it once the"
+                            " control plane is back)", EXIT_REMOTE)
+        e = destroy_cut_short(stopping, "web")
+        self.assertEqual((e.message, e.code), (
+            "the destroy of web was interrupted: the control plane is stopping; it goes on"
+            " once the control plane is back (`zwrm status web` shows it)", EXIT_REMOTE))
+        other = CliError("no app 'web'", EXIT_REMOTE)
+        self.assertIs(destroy_cut_short(other, "web"), other)

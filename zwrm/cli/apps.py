@@ -14,6 +14,7 @@ from twisted.python import failure
 from zwrm.cli.client import (
     EXIT_REMOTE,
     EXIT_TIMEOUT,
+    EXIT_UNREACHABLE,
     EXIT_USAGE,
     CliError,
     call,
@@ -720,6 +721,22 @@ async def status(reactor, args, out=None):
     print_json(app, out) if args.json else format_app(app, out)
 
 
+def destroy_cut_short(e, app):
+    """
+    The line of C{zwrm destroy APP} that failed with C{e} (a L{CliError}): a destroy cut
+    short by the loss of the connection, or by the control plane's stop, goes on (it is
+    stored before its first machine stops), and the line says so.
+    """
+    if e.code == EXIT_UNREACHABLE:
+        return CliError(f"{e.message}; a destroy that reached it goes on"
+                        f" (`zwrm status {app}` shows it)", e.code)
+    if "was interrupted: the control plane is stopping" in e.message:
+        return CliError(f"the destroy of {app} was interrupted: the control plane is stopping;"
+                        f" it goes on once the control plane is back (`zwrm status {app}`"
+                        " shows it)", e.code)
+    return e
+
+
 async def destroy(reactor, args, out=None):
     out = out or sys.stdout
     if bool(args.app) == bool(args.machine):
@@ -730,6 +747,8 @@ async def destroy(reactor, args, out=None):
     session = await connect(reactor, load_settings(args.api_url))
     try:
         result = await call(session, "zwrm.app.destroy", args.app, volumes=args.volumes)
+    except CliError as e:
+        raise destroy_cut_short(e, args.app) from None
     finally:
         await close(session)
     if args.json:
