@@ -2,7 +2,9 @@
 An app's destroy only goes forward (L{zwrm.control.converge.Converger.destroy}): it is
 stored first (the app's C{destroying}), a stop of the control plane in its middle or a
 host that cannot be reached only delays it, the healer neither restarts nor places again
-the app's machines meanwhile, and a deploy or scale of the app is refused.
+the app's machines meanwhile, and a deploy or scale of the app is refused.  A machine
+destroyed while its host was unreachable (only its row could go) is destroyed on its host
+when the host returns, which frees its volumes (L{LeftoverTests}).
 
 Time is the control side's L{task.Clock}; the executors run the fake driver on the real
 reactor (the apps tests' cluster), over a real store.
