@@ -10,7 +10,7 @@ Time is the control side's L{task.Clock}; the executors run the fake driver on t
 reactor (the apps tests' cluster), over a real store.
 """
 
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.trial.unittest import TestCase
 
 from tests.control.helpers import FACTS
@@ -270,6 +270,40 @@ class DestroyTests(TestCase):
         self.assertEqual((result["machines"], len(result["volumes"])), ([far["id"]], 2))
         self.assertEqual(await c.apps.list_apps(), [])
 
+
+    @d
+    async def test_asked_twice_the_second_ends_with_the_first(self):
+        """
+        A destroy asked again while the first waits out its delay: the second's turn
+        comes once the app is gone, and it has nothing left to do (it does not fail
+        with "no app").  An app made since under the same name is not touched.
+        """
+        c, ms = await self.two()
+        first = ensureDeferred(c.apps.destroy_app("web"))
+        await poll(lambda: self._stopping(c, 2), what="the machines taken out")
+
+        def waiting(n):
+            async def check():  # (a destroy looks its app up before it queues)
+                return len(c.apps.converger._app_locks["web"].waiting) == n
+            return check
+
+        second = ensureDeferred(c.apps.destroy_app("web"))
+        await poll(waiting(1), what="the second destroy queued")
+        hold = Deferred()  # other work of the app's, in its order before the third
+        held = ensureDeferred(c.apps.converger.in_app_order("web", lambda: hold))
+        third = ensureDeferred(c.apps.destroy_app("web"))
+        await poll(waiting(3), what="the third destroy queued")
+        self.assertEqual(sorted((await self.ended(c, first))["machines"]),
+                         sorted(m["id"] for m in ms))
+        self.assertEqual(await second, {"machines": [], "volumes": []})
+        await c.apps.create_app("web")
+        deploy = ensureDeferred(c.apps.deploy("web", c.spec()))  # (in its order: last)
+        hold.callback(None)
+        await held
+        self.assertEqual(await third, {"machines": [], "volumes": []})
+        await deploy
+        self.assertEqual([a["name"] for a in await c.apps.list_apps()], ["web"])
+        self.assertEqual(len(self.running_on(c)), 1)
 
 async def _nothing():
     return None

@@ -387,15 +387,29 @@ class Apps:
         Destroy every machine of an app and the app; its volumes too only if C{volumes}.
         The destroy is stored first and carried out to its end: a stop of the control
         plane, or a host that cannot be reached, only delays it (L{go_on_destroying}).
-        Asked again while under way, it goes on with the C{volumes} given last.
+        Asked again while under way, it goes on with the C{volumes} given last (and a call
+        whose turn comes after the app is gone has nothing left to do).
 
         @return: C{{"machines": [...], "volumes": [...]}} destroyed.
         @raise zwrm.errors.Unavailable: what is on a host that cannot be reached is
             removed once it can be (or is found offline); the rest was.
         """
         check_name(name, "app name")
-        self.rollout.supersede((await self._app(name))["id"], "the app's destroy")
-        return await self._with_app(name, self.converger.destroy, volumes)
+        asked = await self._app(name)
+        self.rollout.supersede(asked["id"], "the app's destroy")
+
+        async def run():
+            try:
+                app = await self._app(name)
+            except errors.NotFound:
+                app = None
+            if app is None or app["id"] != asked["id"]:
+                # An earlier destroy (asked again, say) ended it in the meantime; an app
+                # made since under the same name is another one, not this call's.
+                return {"machines": [], "volumes": []}
+            return await self.converger.destroy(app, volumes)
+
+        return await self._in_app_order(name, run)
 
     # -- machines ---------------------------------------------------------------------
 
