@@ -36,7 +36,7 @@ TABLE = "apps"
 JSON_COLUMNS = ("spec", "destroying")
 """Columns stored as JSON text (the store encodes and decodes them)."""
 SPECS_TABLE = "app_specs"
-SPECS_JSON_COLUMNS = ("spec", "destroying")
+SPECS_JSON_COLUMNS = ("spec",)
 
 
 def schema_v1(db):
