@@ -15,7 +15,8 @@ agents running the busybox test image under QEMU (TCG):
    refused call's zwrm.error.* shown, the audit trail of what the console did;
  - the control plane restarts: the console reconnects by itself and is live again;
  - both hosts of the datacenter lost at once: the hosts view says the partition guard holds
-   them (read at load and followed by event), and not after they are back;
+   them (read at load and followed by event), and not after they are back; an app destroyed
+   meanwhile, its volume out of reach, is shown being destroyed until it is gone;
  - a viewer sees everything, finds every action button disabled, and a drain forced through
    the page anyway is refused by the router (C{wamp.error.not_authorized}), the host unchanged.
 
@@ -437,10 +438,39 @@ class ConsoleBrowserTests(TestCase):
         for a in agents:
             self.assertIn(a.name, text)
         await b.shot("partition.png")
+        # web (scaled to 0) destroyed, its volume kept: the app stays as the volume's owner
+        await self.cli(cp, "destroy", "web")
+        await wait_js(b, "const c = document.querySelector('[data-app=web]');"
+                         " return c && c.dataset.destroying === '' && !c.querySelector('tr[data-machine]')"
+                         " && [...document.querySelectorAll('#events-table tr[data-event]')]"
+                         ".some(r => r.cells[2].textContent === 'app' && r.cells[3].textContent === 'destroyed')",
+                      30, "the app kept for its volume after its destroyed event")
+        # then with its volume, whose host is out of reach: the destroy is stored and
+        # waits; its card says so, its Scale button is disabled
+        code, out, err = await run_cli(reactor, ["destroy", "web", "--volumes"], cp.url,
+                                       cp.operator_token, timeout=60)
+        self.assertEqual(code, 1, (out, err))
+        self.assertIn("is being destroyed", err)
+        await b.js("location.hash = '#apps'")
+        card = ("const c = document.querySelector('[data-app=web]');"
+                " const d = c && c.querySelector('.s-destroying');"
+                " const s = c && c.querySelector('button[data-action=scale]');")
+        shown = await wait_js(b, card + " return c && c.dataset.destroying === 'yes' && d"
+                                         " && [d.textContent, s.disabled]",
+                              30, "the app shown being destroyed")
+        self.assertRegex(shown[0], r"^destroying since .+ \(volumes too\)$")
+        self.assertTrue(shown[1], "Scale stays enabled while the app is being destroyed")
+        await b.shot("destroying.png")
         await gatherResults([Deferred.fromCoroutine(a.start()) for a in agents])
         await wait_js(b, banner + " return !p && rows.length === 2", 60,
                       "the partition over once the hosts are back")
         await wait_js(b, TWO_READY_HOSTS, 60, "both hosts ready again")
+        # the destroy goes on by itself once the volume's host is back: the card goes
+        await wait_js(b, "return !document.querySelector('[data-app=web]')", 90,
+                      "the app gone once its volume's host is back")
+        apps = json.loads(await self.cli(cp, "apps", "list", "--json"))
+        self.assertNotIn("web", [a["name"] for a in apps])
+        await b.js("location.hash = '#hosts'")
 
     async def _viewer(self, cp, b, base, token):
         await b.js("document.getElementById('logout').click()")

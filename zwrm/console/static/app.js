@@ -237,10 +237,12 @@ function onEvent(args, kwargs, details) {
       soon("hosts", loadHosts, 1000); // allocations and image caches are not announced
       break;
     case "zwrm.event.app":
-      if (e.kind === "destroyed") state.apps.delete(p.name);
+      // a destroy that keeps the app's volumes leaves the app, without a spec, as their owner
+      if (e.kind === "destroyed" && !p.volumes_kept) state.apps.delete(p.name);
       else state.apps.set(p.name, Object.assign({}, state.apps.get(p.name), {
         id: p.id, name: p.name, spec: p.spec, spec_version: p.spec_version,
         image: p.spec && p.spec.image, replicas: p.spec && p.spec.replicas,
+        destroying: p.destroying ?? null,
       }));
       break;
     case "zwrm.event.drain": {
@@ -407,11 +409,19 @@ function drawApps() {
     const machines = [...state.machines.values()].filter((m) => m.app === a.name)
       .sort((x, y) => (x.replica - y.replica) || x.id.localeCompare(y.id));
     const replicas = a.replicas ?? (a.spec && a.spec.replicas);
-    return h("section", { class: "card", dataset: { app: a.name } },
+    // zwrm.app.list says only whether; zwrm.app.status and the events say since when
+    const d = a.destroying && typeof a.destroying === "object" ? a.destroying : null;
+    return h("section", { class: "card", dataset: { app: a.name, destroying: a.destroying ? "yes" : "" } },
       h("header", {}, h("h3", {}, a.name),
         h("span", { class: "small" }, `image ${a.image || (a.spec && a.spec.image) || "-"}`),
         h("span", { class: "small replicas" }, `${machines.filter((m) => m.state === "running").length} of ${replicas ?? "-"} running`),
-        actionButton("Scale", "scale", { app: a.name }, () => scale(Object.assign({ replicas }, a)), !!a.spec || replicas !== undefined)),
+        a.destroying ? h("span", {
+          class: "state s-destroying",
+          title: "the destroy is stored and goes on by itself (after a restart of the control plane too);"
+            + " a deploy or scale is refused until the app is gone",
+        }, d ? `destroying since ${time(d.since)} (${d.volumes ? "volumes too" : "volumes kept"})` : "destroying") : null,
+        actionButton("Scale", "scale", { app: a.name }, () => scale(Object.assign({ replicas }, a)),
+          !a.destroying && (!!a.spec || replicas !== undefined))),
       machines.length ? h("table", {},
         h("thead", {}, h("tr", {}, ["Machine", "Replica", "State", "Health", "Restarts", "Host", "Address", "Volumes", ""].map((t) => h("th", {}, t)))),
         h("tbody", {}, machines.map((m) => h("tr", { dataset: { machine: m.id, state: m.state, paused: m.paused || "" } },
