@@ -170,11 +170,13 @@ class WaitUntilSettledTests(SynchronousTestCase):
     fails when a machine fails for good or the wait is over.  Time is a L{task.Clock}.
     """
 
-    def wait(self, statuses, wait=300.0, steps=1000, told=None):
+    def wait(self, statuses, wait=300.0, steps=1000, told=None, spent=0.0):
         clock, err = task.Clock(), io.StringIO()
+        clock.advance(spent)  # of the wait, by the deploy before it
         session = _Statuses(statuses[1:] or statuses)
         d = defer.ensureDeferred(wait_until_settled(clock, session, "web", statuses[0], wait,
-                                                    err, told=told))
+                                                    err, told=told,
+                                                    deadline=wait if spent else None))
         for _ in range(steps):
             if d.called:
                 break
@@ -246,6 +248,15 @@ class WaitUntilSettledTests(SynchronousTestCase):
                          "of web failed: the guest ended itself (guest-reset); restart 8 at "
                          "00:01:20 UTC (see zwrm status and zwrm logs)")
         self.assertEqual(len(err.getvalue().splitlines()), 4)  # one line per failure
+
+    def test_the_wait_counts_from_the_deploy_s_start(self):
+        """
+        The deploy's own course (a rolling update) took 25 of the 30 s: 5 are left.
+        """
+        d, clock, err = self.wait([_app(("starting", None, 0, None))], wait=30.0, spent=25.0)
+        self.assertEqual(self.failureResultOf(d, CliError).value.message,
+                         "web did not become healthy within 30 s (see zwrm status and zwrm logs)")
+        self.assertEqual(clock.seconds(), 30.0)
 
     def test_failed_line_says_why(self):
         """

@@ -17,7 +17,7 @@ from tests.cli.test_cli import d
 from zwrm import errors
 from zwrm.cli import client
 from zwrm.cli.apps import deploy_following
-from zwrm.cli.client import EXIT_TIMEOUT, CliError
+from zwrm.cli.client import EXIT_REMOTE, EXIT_TIMEOUT, CliError
 from zwrm.testing.processes import poll
 
 UPDATE = {"max_parallel": 1, "min_healthy_time": 0.0, "healthy_deadline": 10.0,
@@ -68,7 +68,7 @@ class HeldRollout:
 class DeployFollowTests(TestCase):
     timeout = 60
 
-    async def start(self, announce=True, refuse=False, machine_events=()):
+    async def start(self, announce=True, refuse=False, machine_events=(), wait=None):
         plane, _ = await start_plane(self)
         self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
         await plane.apps.create_app("web")
@@ -81,7 +81,8 @@ class DeployFollowTests(TestCase):
         clock = task.Clock()
         out, self.err = io.StringIO(), io.StringIO()
         done = Deferred.fromCoroutine(deploy_following(
-            clock, session, "web", {"image": "demo:2"}, out, False, 1.0, err=self.err))
+            clock, session, "web", {"image": "demo:2"}, out, False, 1.0, err=self.err,
+            deadline=wait, wait=wait))
         return held, clock, out, done
 
     @d
@@ -138,6 +139,26 @@ class DeployFollowTests(TestCase):
         self.assertEqual(cm.exception.code, EXIT_TIMEOUT)
         self.assertIn("may still be running", cm.exception.message)
         # and it is: the control plane carries the deploy out to its end
+        held.gates[0].callback(None)
+        held.gates[1].callback(None)
+        await poll(reactor, lambda: held.finished, 10, 0.01, what="the deploy's end")
+
+    @d
+    async def test_wait_bounds_the_update_s_course(self):
+        """
+        C{zwrm deploy --wait 3}: the command ends 3 s after its start, the update under
+        way (exit 1, its line says it goes on); the control plane carries it out.
+        """
+        held, clock, out, done = await self.start(wait=3.0)
+        await poll(reactor, lambda: "rolling" in out.getvalue(), 10, 0.01, what="the start")
+        clock.advance(2.9)
+        self.assertFalse(done.called)
+        clock.advance(0.2)
+        with self.assertRaises(CliError) as cm:
+            await done
+        self.assertEqual((cm.exception.code, cm.exception.message), (
+            EXIT_REMOTE, "web did not become healthy within 3 s: its rolling update goes on"
+                         " (see zwrm status web)"))
         held.gates[0].callback(None)
         held.gates[1].callback(None)
         await poll(reactor, lambda: held.finished, 10, 0.01, what="the deploy's end")

@@ -460,7 +460,7 @@ def _restart_line(name, machine):
             f"{(machine.get('restarts') or 0) + 1} at {when}")
 
 
-async def wait_until_settled(reactor, session, name, app, wait, err, told=None):
+async def wait_until_settled(reactor, session, name, app, wait, err, told=None, deadline=None):
     """
     Follow app C{name} (its status C{app} to start from) until every replica runs and
     passes its check: its status then.  A machine that fails (or stops) and is due a
@@ -469,8 +469,10 @@ async def wait_until_settled(reactor, session, name, app, wait, err, told=None):
     L{CliError} naming it and why, and so do C{wait} seconds, with the last failure seen.
 
     @param told: the restarts already written (L{deploy_following}'s), not written again.
+    @param deadline: when the C{wait} seconds end, if they began before this call (the
+        deploy's start: L{None}, now).
     """
-    deadline = reactor.seconds() + wait
+    deadline = reactor.seconds() + wait if deadline is None else deadline
     told = set() if told is None else told
     last, failed_since = None, None
     while True:
@@ -570,12 +572,15 @@ async def deploy(reactor, args, out=None):
     settings = load_settings(args.api_url)
     session = await connect(reactor, settings)
     told = set()  # the restarts written on stderr: each once, whichever saw it first
+    # --wait bounds the whole command, a rolling update's course included
+    deadline = reactor.seconds() + args.wait if args.wait else None
     try:
         app = await deploy_following(reactor, session, args.app, spec, out, args.json,
-                                     settings["timeout"], told=told)
+                                     settings["timeout"], told=told, deadline=deadline,
+                                     wait=args.wait)
         if args.wait:
             app = await wait_until_settled(reactor, session, args.app, app, args.wait,
-                                           sys.stderr, told=told)
+                                           sys.stderr, told=told, deadline=deadline)
     finally:
         await close(session)
     print_json(app, out) if args.json else format_app(app, out)
@@ -587,7 +592,7 @@ ROLLOUT_ENDS = ("completed", "failed", "reverted")
 
 
 async def deploy_following(reactor, session, name, spec, out, as_json, timeout, err=None,
-                           told=None):
+                           told=None, deadline=None, wait=None):
     """
     Call C{zwrm.app.deploy(name, spec)} and return its answer (the app's status).
 
@@ -601,6 +606,10 @@ async def deploy_following(reactor, session, name, spec, out, as_json, timeout, 
     fails meanwhile and is due a restart (which the update waits through) is one line on
     C{err}, as with C{--wait} (L{_restart_line}), once: C{told} holds those written
     (C{(machine id, restarts)}), which L{wait_until_settled} then does not write again.
+
+    @param deadline: L{None}, or the reactor time by which the command gives up
+        (C{zwrm deploy --wait}: C{wait} seconds from its start) even while the update
+        runs: exit 1, the update goes on.
     """
     err = err or sys.stderr
     queue = defer.DeferredQueue()
@@ -647,18 +656,26 @@ async def deploy_following(reactor, session, name, spec, out, as_json, timeout, 
                 answered.callback(None)
 
         answer.addBoth(took)
-        wait, started = timeout, False
+        bound, started = timeout, False
         while not answered.called:
             news = queue.get()
-            which = await _first_of(reactor, wait, answered, news)
+            left = bound if deadline is None else min(bound, deadline - reactor.seconds())
+            which = await _first_of(reactor, max(left, 0), answered, news)
             if which != 1:
                 news.cancel()  # not taken: a later announcement stays in the queue
                 news.addErrback(lambda f: None)
+            if which is None and left < bound:  # --wait's time is up: the deploy goes on
+                if not started:
+                    raise CliError(f"the control plane did not answer zwrm.app.deploy within"
+                                   f" {wait:g} s; the deploy of {name} may still be carried out"
+                                   f" (see zwrm status {name})", EXIT_REMOTE)
+                raise CliError(f"{name} did not become healthy within {wait:g} s: its rolling"
+                               f" update goes on (see zwrm status {name})", EXIT_REMOTE)
             if which is None:  # given up: a late answer is dropped
                 if not started:
                     raise CliError(f"the control plane did not answer zwrm.app.deploy within "
-                                   f"{wait:g} s", EXIT_TIMEOUT)
-                raise CliError(f"no news of the update of {name} for {wait:g} s; it may still "
+                                   f"{bound:g} s", EXIT_TIMEOUT)
+                raise CliError(f"no news of the update of {name} for {bound:g} s; it may still "
                                f"be running (see zwrm status {name})", EXIT_TIMEOUT)
             if which == 0:
                 break
@@ -668,11 +685,11 @@ async def deploy_following(reactor, session, name, spec, out, as_json, timeout, 
             if p.get("state") == "started":
                 started = True
                 update = p.get("update") or {}
-                wait = (float(update.get("healthy_deadline") or 0)
+                bound = (float(update.get("healthy_deadline") or 0)
                         + float(update.get("min_healthy_time") or 0)
                         + float((p.get("spec") or {}).get("shutdown_delay") or 0) + timeout)
             elif p.get("state") in ROLLOUT_ENDS:
-                wait = timeout  # the answer follows
+                bound = timeout  # the answer follows
         if isinstance(outcome[0], failure.Failure):
             outcome[0].raiseException()
         return outcome[0]
