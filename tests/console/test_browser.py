@@ -12,7 +12,8 @@ agents running the busybox test image under QEMU (TCG):
  - a drain started from the console (its button, its dialog) is followed live: the migration's
    phases advance in order up to C{done};
  - the other actions (restart, scale, activate, remove of a host whose agent stopped), a
-   refused call's zwrm.error.* shown, the audit trail of what the console did;
+   refused call's zwrm.error.* shown, the audit trail of what the console did; a redeploy's
+   rolling update followed on the app's card, live, from under way to completed;
  - the control plane restarts: the console reconnects by itself and is live again;
  - both hosts of the datacenter lost at once: the hosts view says the partition guard holds
    them (read at load and followed by event), and not after they are back; an app destroyed
@@ -116,6 +117,22 @@ class Browser:
 
 #: The hosts view's row of host C{arguments[0]}, as C{r}.
 HOST_ROW = "const r = document.querySelector(`#hosts-table tr[data-host='${arguments[0]}']`);"
+
+#: Records each state of the web app's update line as the page shows it (a rolling update
+#: announced by event, not read again).
+ROLLOUT_RECORDER = """
+window.__rollouts = [];
+window.__rolloutTexts = [];
+const line = () => {
+  const p = document.querySelector('[data-app=web] p[data-rollout]');
+  const s = p && p.dataset.rollout;
+  if (s && window.__rollouts[window.__rollouts.length - 1] !== s) {
+    window.__rollouts.push(s);
+    window.__rolloutTexts.push(p.textContent);
+  }
+};
+new MutationObserver(line).observe(document.body, {subtree: true, childList: true, attributes: true});
+"""
 
 PHASE_RECORDER = """
 window.__phases = [];
@@ -362,6 +379,18 @@ class ConsoleBrowserTests(TestCase):
                ".map(e => e.textContent).join(' ')", 30, "the events")
         self.assertIn("restart requested", events)
 
+        # a redeploy: its card follows the rolling update, live, to its end
+        await b.js(ROLLOUT_RECORDER)
+        await self.cli(cp, "deploy", "web", "--env", "GREETING=2", "--wait", "300", timeout=330)
+        line = await wait_js(b, "const p = document.querySelector('[data-app=web] p[data-rollout]');"
+                                " return p && p.dataset.rollout === 'completed' && p.textContent",
+                             30, "the update shown completed on the app's card")
+        self.assertRegex(line, r"^update completed \(.+\): version 2 rolled out: 1 machine\(s\) replaced$")
+        self.assertEqual((await b.js("return window.__rollouts"))[:2], ["started", "completed"])
+        self.assertRegex(await b.js("return window.__rolloutTexts[0]"),
+                         r"^update under way 0 of 1 replaced \(.+\): rolling update to version 2")
+        await b.shot("rollout.png")
+
         # scale to 0: the machine goes
         await self.click(b, "button[data-action=scale][data-app=web]")
         await self.confirm(b, **{"scale-replicas": 0})
@@ -442,9 +471,10 @@ class ConsoleBrowserTests(TestCase):
         await self.cli(cp, "destroy", "web")
         await wait_js(b, "const c = document.querySelector('[data-app=web]');"
                          " return c && c.dataset.destroying === '' && !c.querySelector('tr[data-machine]')"
+                         " && c.querySelector('button[data-action=scale]').disabled"
                          " && [...document.querySelectorAll('#events-table tr[data-event]')]"
                          ".some(r => r.cells[2].textContent === 'app' && r.cells[3].textContent === 'destroyed')",
-                      30, "the app kept for its volume after its destroyed event")
+                      30, "the app kept for its volume after its destroyed event, nothing to scale")
         # then with its volume, whose host is out of reach: the destroy is stored and
         # waits; its card says so, its Scale button is disabled
         code, out, err = await run_cli(reactor, ["destroy", "web", "--volumes"], cp.url,

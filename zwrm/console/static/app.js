@@ -243,7 +243,7 @@ function onEvent(args, kwargs, details) {
         id: p.id, name: p.name, spec: p.spec, spec_version: p.spec_version,
         image: p.spec && p.spec.image, replicas: p.spec && p.spec.replicas,
         destroying: p.destroying ?? null,
-      }));
+      }, e.kind === "rollout" ? { rollout: Object.assign({}, p, { at: e.ts }) } : {}));
       break;
     case "zwrm.event.drain": {
       const hostId = p.host_id || p.source_host;
@@ -402,6 +402,17 @@ function drawHosts() {
   $("#hosts-table tbody").replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: 10, class: "empty" }, "No hosts have joined yet."))]));
 }
 
+// An app's last rolling update (zwrm.app.status's rollout, then its rollout events), as
+// zwrm status's "update" line: under way, completed, failed or reverted, and why.
+function rolloutLine(r) {
+  if (!r || !r.state) return null;
+  const underWay = r.state === "started" || r.state === "progress";
+  return h("p", { class: "small rollout", dataset: { rollout: r.state } },
+    "update ", h("span", { class: `state s-${underWay ? "rolling" : r.state}` }, underWay ? "under way" : r.state),
+    underWay && r.total ? ` ${r.replaced || 0} of ${r.total} replaced` : "",
+    ` (${time(r.at)}): ${r.reason || "-"}`);
+}
+
 function drawApps() {
   const apps = [...state.apps.values()].sort((a, b) => a.name.localeCompare(b.name));
   $("#apps-count").textContent = `(${apps.length})`;
@@ -420,8 +431,11 @@ function drawApps() {
           title: "the destroy is stored and goes on by itself (after a restart of the control plane too);"
             + " a deploy or scale is refused until the app is gone",
         }, d ? `destroying since ${time(d.since)} (${d.volumes ? "volumes too" : "volumes kept"})` : "destroying") : null,
+        // (a spec to scale: one never deployed, or destroyed with its volumes kept, has none;
+        // zwrm.app.list alone, without the status, says so by its image)
         actionButton("Scale", "scale", { app: a.name }, () => scale(Object.assign({ replicas }, a)),
-          !a.destroying && (!!a.spec || replicas !== undefined))),
+          !a.destroying && (a.spec !== undefined ? !!a.spec : !!a.image))),
+      rolloutLine(a.rollout),
       machines.length ? h("table", {},
         h("thead", {}, h("tr", {}, ["Machine", "Replica", "State", "Health", "Restarts", "Host", "Address", "Volumes", ""].map((t) => h("th", {}, t)))),
         h("tbody", {}, machines.map((m) => h("tr", { dataset: { machine: m.id, state: m.state, paused: m.paused || "" } },

@@ -1,0 +1,1 @@
+The web console shows each app's last rolling update under its name, as `zwrm status`'s `update` line (under way with machines replaced so far, completed, failed or reverted, when and why), followed live by its rollout events; Scale is enabled only for an app with a spec.
