@@ -12,7 +12,8 @@ agents running the busybox test image under QEMU (TCG):
  - a drain started from the console (its button, its dialog) is followed live: the migration's
    phases advance in order up to C{done};
  - the other actions (restart, scale, activate, remove of a host whose agent stopped), a
-   refused call's zwrm.error.* shown, the audit trail of what the console did; a redeploy's
+   refused call's zwrm.error.* shown, the audit trail of what the console did; a machine's
+   serial console log (its Logs button); a redeploy's
    rolling update followed on the app's card, live, from under way to completed;
  - the control plane restarts: the console reconnects by itself and is live again;
  - both hosts of the datacenter lost at once: the hosts view says the partition guard holds
@@ -132,6 +133,22 @@ const line = () => {
   }
 };
 new MutationObserver(line).observe(document.body, {subtree: true, childList: true, attributes: true});
+"""
+
+#: Holds back the answer of the page's next zwrm.host.list by 1.5 s, every host in it
+#: marked "stale" (window.__held: 1 while held, 2 once given).
+HOLD_FIRST_HOST_LIST = """
+window.__call = autobahn.Session.prototype.call;
+window.__held = 0;
+autobahn.Session.prototype.call = function (procedure, ...rest) {
+  const answer = window.__call.call(this, procedure, ...rest);
+  if (procedure !== 'zwrm.host.list' || window.__held) return answer;
+  window.__held = 1;
+  return answer.then((list) => new Promise((resolve) => setTimeout(() => {
+    window.__held = 2;
+    resolve(list.map((x) => Object.assign({}, x, { state: 'stale' })));
+  }, 1500)));
+};
 """
 
 PHASE_RECORDER = """
@@ -271,7 +288,9 @@ class ConsoleBrowserTests(TestCase):
         print(f"migration phases the console showed: {phases}")
         order = list(MIGRATION_PHASES)  # a live move or a cold one (the drain's default is auto)
         self.assertEqual(phases[-1], "done", phases)
-        self.assertGreaterEqual(len(phases), 3, f"phases seen: {phases}")
+        # (followed live: at least one phase before done; a live move of this small guest
+        # may pass several phases within one of the console's reads, 200 ms apart)
+        self.assertGreaterEqual(len(phases), 2, f"phases seen: {phases}")
         self.assertEqual(phases, sorted(phases, key=order.index), f"phases out of order: {phases}")
         if not shot:
             await b.shot("drains.png")
@@ -284,7 +303,25 @@ class ConsoleBrowserTests(TestCase):
         await wait_js(b, "const r = document.querySelector(`#hosts-table tr[data-host='${arguments[0]}']`);"
                          " return r && r.dataset.state === 'drained'", 30, "the drained host", source)
         await b.shot("hosts.png")
+        await self._out_of_order(b)
         await self._actions(cp, b, source, agents)
+
+    async def _out_of_order(self, b):
+        """
+        Two reads of the hosts (Reload, twice) whose answers come back out of order: the
+        older one (held back 1.5 s by a wrapper of the page's autobahn, and marked) must
+        not overwrite what the newer one drew.
+        """
+        await b.js(HOLD_FIRST_HOST_LIST)
+        await self.click(b, "#hosts-reload")
+        await wait_js(b, "return window.__held === 1", 10, "the first read held back")
+        await b.js("document.getElementById('hosts-reload').click()")
+        await wait_js(b, "return window.__held === 2", 10, "the held answer come back")
+        await deferLater(reactor, 0.5, lambda: None)  # a render, if it were drawn
+        states = await b.js("return [...document.querySelectorAll('#hosts-table tr[data-host]')]"
+                            ".map(r => r.dataset.state)")
+        self.assertEqual(sorted(states), ["drained", "ready"])
+        await b.js("autobahn.Session.prototype.call = window.__call")
 
     async def _paused(self, b, machine, agents):
         """
@@ -378,6 +415,24 @@ class ConsoleBrowserTests(TestCase):
             b, "return [...document.querySelectorAll('#events-table tr[data-event]')]"
                ".map(e => e.textContent).join(' ')", 30, "the events")
         self.assertIn("restart requested", events)
+
+        # its serial console's tail, from its Logs button: its guest's stop for the restart,
+        # then (read again by Refresh, if it was not yet there) its boot
+        await self.click(b, f"button[data-action=logs][data-machine='{old}']")
+        text = await wait_js(b, "const d = document.getElementById('logs');"
+                                " return d.open && document.getElementById('logs-text').textContent",
+                             60, "the machine's console log")
+        self.assertIn("reboot: Power down", text)
+        text = await wait_js(b, "const t = document.getElementById('logs-text').textContent;"
+                                " if (t.lastIndexOf('zwrm: init starting') > t.lastIndexOf('reboot: Power down'))"
+                                " return t;"
+                                " document.getElementById('logs-refresh').click();",
+                             120, "the guest's boot after its stop in its console log")
+        print(f"console log read by the console: {len(text)} characters")
+        self.assertIn(old, await b.js("return document.getElementById('logs-title').textContent"))
+        await b.shot("logs.png")
+        await b.js("document.getElementById('logs-close').click()")
+        await wait_js(b, "return !document.getElementById('logs').open", 10, "the log closed")
 
         # a redeploy: its card follows the rolling update, live, to its end
         await b.js(ROLLOUT_RECORDER)

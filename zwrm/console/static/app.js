@@ -132,13 +132,26 @@ function soon(key, fn, delay = 300) {
   }, delay));
 }
 
+const reads = new Map();
+async function latest(key, read) {
+  // The answer of read(), or undefined if a later read of the same key was asked meanwhile:
+  // answers may come back out of order (one read may take more queries than the next),
+  // and an older one must not overwrite what a newer one drew (a drain's "done" with the
+  // phase before it, until the next event).
+  const n = (reads.get(key) || 0) + 1;
+  reads.set(key, n);
+  const answer = await read();
+  return reads.get(key) === n ? answer : undefined;
+}
+
 async function quiet(procedure, args = [], kwargs = {}) {
   // A read whose failure is not the operator's concern (e.g. a host never drained).
   try { return await state.session.call(procedure, args, kwargs); } catch (err) { return null; }
 }
 
 async function loadHosts() {
-  const list = await state.session.call("zwrm.host.list");
+  const list = await latest("hosts", () => state.session.call("zwrm.host.list"));
+  if (list === undefined) return; // a later read draws
   state.readAt = new Date().toLocaleTimeString();
   state.hosts = new Map(list.map((x) => [x.id, x]));
   // null from a control plane older than the procedure: the events alone then
@@ -166,7 +179,8 @@ async function loadApps() {
 }
 
 async function loadDrain(hostId) {
-  const s = await quiet("zwrm.host.drain_status", [hostId]);
+  const s = await latest(`drain:${hostId}`, () => quiet("zwrm.host.drain_status", [hostId]));
+  if (s === undefined) return; // a later read draws
   if (s) state.drains.set(hostId, s);
   render();
 }
@@ -338,6 +352,25 @@ async function restart(machine) {
   showMessage(`${machine.id} restarted`, null, "info");
 }
 
+// The tail of a machine's serial console (zwrm.machine.logs: its last 64 KiB, as `zwrm logs`),
+// read again on Refresh: a crashed guest's last words too. Operators only (a guest's console
+// may show what a viewer must not see); a refused or failed read is shown as any error.
+async function showLogs(machine) {
+  const pre = $("#logs-text");
+  const read = async () => {
+    const text = await call("zwrm.machine.logs", [machine.id]);
+    pre.textContent = text || "(the guest has written nothing yet)";
+    $("#logs-read").textContent = `read at ${new Date().toLocaleTimeString()}`;
+    pre.scrollTop = pre.scrollHeight;
+  };
+  $("#logs-title").textContent = `${machine.id} of ${machine.app}: serial console`;
+  $("#logs-refresh").onclick = () => read().catch(() => { /* shown by call() */ });
+  await read();
+  const dialog = $("#logs");
+  if (!dialog.open) dialog.showModal();
+  pre.scrollTop = pre.scrollHeight;
+}
+
 // -- rendering ------------------------------------------------------------------------
 
 let frame = 0;
@@ -447,7 +480,8 @@ function drawApps() {
           h("td", {}, hostName(m.host_id)),
           h("td", { class: "mono" }, [m.address, m.host_port ? `127.0.0.1:${m.host_port}` : null].filter(Boolean).join(" ") || "-"),
           h("td", { class: "mono" }, (m.volumes || []).join(" ") || "-"),
-          h("td", {}, actionButton("Restart", "restart", { machine: m.id }, () => restart(m)))))))
+          h("td", {}, h("div", { class: "actions" }, actionButton("Logs", "logs", { machine: m.id }, () => showLogs(m)),
+            actionButton("Restart", "restart", { machine: m.id }, () => restart(m))))))))
         : h("p", { class: "empty" }, "No machines."));
   });
   $("#apps-list").replaceChildren(...(cards.length ? cards : [h("p", { class: "empty" }, "No apps yet.")]));
