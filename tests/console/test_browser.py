@@ -527,6 +527,7 @@ class ConsoleBrowserTests(TestCase):
         await wait_js(b, "const c = document.querySelector('[data-app=web]');"
                          " return c && c.dataset.destroying === '' && !c.querySelector('tr[data-machine]')"
                          " && c.querySelector('button[data-action=scale]').disabled"
+                         " && c.querySelector('.replicas').textContent === 'not deployed; keeps 1 volume(s)'"
                          " && [...document.querySelectorAll('#events-table tr[data-event]')]"
                          ".some(r => r.cells[2].textContent === 'app' && r.cells[3].textContent === 'destroyed')",
                       30, "the app kept for its volume after its destroyed event, nothing to scale")

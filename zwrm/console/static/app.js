@@ -435,6 +435,15 @@ function drawHosts() {
   $("#hosts-table tbody").replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: 10, class: "empty" }, "No hosts have joined yet."))]));
 }
 
+// Whether an app has a spec (zwrm.app.list alone, without the status, says so by its image).
+const deployed = (a) => (a.spec !== undefined ? !!a.spec : !!a.image);
+
+function notDeployed(a) {
+  // Never deployed, or destroyed with its volumes kept (it stays as their owner).
+  const kept = [...state.volumes.values()].filter((v) => v.app_id === a.id).length;
+  return kept ? `not deployed; keeps ${kept} volume(s)` : "not deployed";
+}
+
 // An app's last rolling update (zwrm.app.status's rollout, then its rollout events), as
 // zwrm status's "update" line: under way, completed, failed or reverted, and why.
 function rolloutLine(r) {
@@ -458,16 +467,17 @@ function drawApps() {
     return h("section", { class: "card", dataset: { app: a.name, destroying: a.destroying ? "yes" : "" } },
       h("header", {}, h("h3", {}, a.name),
         h("span", { class: "small" }, `image ${a.image || (a.spec && a.spec.image) || "-"}`),
-        h("span", { class: "small replicas" }, `${machines.filter((m) => m.state === "running").length} of ${replicas ?? "-"} running`),
+        h("span", { class: "small replicas" }, deployed(a)
+          ? `${machines.filter((m) => m.state === "running").length} of ${replicas ?? "-"} running`
+          : notDeployed(a)),
         a.destroying ? h("span", {
           class: "state s-destroying",
           title: "the destroy is stored and goes on by itself (after a restart of the control plane too);"
             + " a deploy or scale is refused until the app is gone",
         }, d ? `destroying since ${time(d.since)} (${d.volumes ? "volumes too" : "volumes kept"})` : "destroying") : null,
-        // (a spec to scale: one never deployed, or destroyed with its volumes kept, has none;
-        // zwrm.app.list alone, without the status, says so by its image)
+        // (a spec to scale: one never deployed, or destroyed with its volumes kept, has none)
         actionButton("Scale", "scale", { app: a.name }, () => scale(Object.assign({ replicas }, a)),
-          !a.destroying && (a.spec !== undefined ? !!a.spec : !!a.image))),
+          !a.destroying && deployed(a))),
       rolloutLine(a.rollout),
       machines.length ? h("table", {},
         h("thead", {}, h("tr", {}, ["Machine", "Replica", "State", "Health", "Restarts", "Host", "Address", "Volumes", ""].map((t) => h("th", {}, t)))),
