@@ -3,12 +3,20 @@ Step: the install, as docs/install.md says (the cluster fixture does it); what t
 operator then sees and what install.sh left on the hosts.
 """
 
+import base64
+import hashlib
+import json
 import os
 import stat
+import sys
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from tests.acceptance.cluster import AGENTS, DATACENTERS
+from tests.acceptance.cluster import AGENTS, DATACENTERS, PORT
+
+CONSOLE_PAGE = os.path.join(os.path.dirname(__file__), "console_page.py")
 
 pytestmark = pytest.mark.acceptance
 
@@ -26,6 +34,30 @@ def test_host_list_as_install_sh_tells(cluster):
     for agent in AGENTS:
         assert (hosts[agent]["state"], hosts[agent]["region"], hosts[agent]["datacenter"]) == (
             "ready", "eu-central", DATACENTERS[agent])
+
+
+def test_web_console_over_tls_from_the_operator_s_machine(cluster, tmp_path):
+    """
+    The installed control plane serves its web console at https://cp:8443/: a headless
+    Chromium on the operator's machine (trusting the server certificate by its key, as an
+    operator would by importing the cluster's CA) loads it, logs in with the operator
+    token over wss://, and shows both hosts ready, with nothing logged as an error (the
+    page's Content-Security-Policy lets the packaged autobahn and app.js run).
+    """
+    with open(cluster.host_dir("cp", "lib", "control", "pki", "server.pem"), "rb") as f:
+        key = x509.load_pem_x509_certificate(f.read()).public_key()
+    spki = base64.b64encode(hashlib.sha256(
+        key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)).digest()).decode()
+    url = f"https://{cluster.net.hostname('cp')}:{PORT}/"
+    shot = tmp_path / "console.png"
+    out = cluster.sh("client", [sys.executable, CONSOLE_PAGE, url,
+                                os.path.join(cluster.client_home, ".zwrm", "token"), spki,
+                                str(len(AGENTS)), shot], timeout=240).stdout
+    page = json.loads(out.splitlines()[-1])
+    assert (page["page"], page["role"], page["conn"]) == (url, "operator", "live"), page
+    ids = {h["name"]: h["id"] for h in cluster.host_list()}
+    assert sorted(page["hosts"]) == sorted([ids[a], "ready"] for a in AGENTS), page
+    assert page["severe"] == [], page
 
 
 def test_install_sh_files(cluster):
