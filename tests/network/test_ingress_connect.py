@@ -9,10 +9,17 @@ reactor's C{connectTCP} calls, the clock is advanced by hand.
 from twisted.internet import error
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from zwrm.agent.network.proxy import CONNECT_RETRY, Ingress, _ConnectRace
+from zwrm.agent.network.proxy import (
+    CONNECT_RETRY,
+    REFUSALS_SAID_EVERY,
+    Backend,
+    Ingress,
+    _ConnectRace,
+)
 
 
 class _Up(Protocol):
@@ -176,3 +183,31 @@ class IngressRetriesTests(SynchronousTestCase):
         _, transport = _connect(reactor, 1)
         self.assertTrue(transport.value().startswith(b"GET / HTTP/1.1\r\n"))
         self.assertTrue(reactor.connectors[0].stoppedConnecting)
+
+
+class RefusalLinesTests(SynchronousTestCase):
+    """
+    A replica whose port refuses (a guest booting: its app does not listen yet) has each
+    connection tried on another; the agent's log says so once per
+    L{REFUSALS_SAID_EVERY} seconds per replica, with the count, not once per connection.
+    """
+
+    def test_one_line_per_interval_with_the_count(self):
+        lines = []
+        observer = lines.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        b, other = Backend("m1", "10.80.2.5", 8080), Backend("m2", "10.80.2.6", 8080)
+        for i in range(50):  # 50 connections within the first interval
+            b.refused("Connection was refused by other side: 111", i * 0.1)
+        other.refused("User timeout caused connection failure.", 1.0)
+        b.refused("Connection was refused by other side: 111", REFUSALS_SAID_EVERY - 0.01)
+        b.refused("Connection was refused by other side: 111", REFUSALS_SAID_EVERY + 0.5)
+        said = [formatEvent(e) for e in lines if "did not accept" in (e.get("log_format") or "")]
+        self.assertEqual(said, [
+            "ingress: 10.80.2.5:8080 did not accept 1 connection(s) (Connection was refused by"
+            " other side: 111); trying another",
+            "ingress: 10.80.2.6:8080 did not accept 1 connection(s) (User timeout caused"
+            " connection failure.); trying another",
+            "ingress: 10.80.2.5:8080 did not accept 51 connection(s) (Connection was refused"
+            " by other side: 111); trying another"])

@@ -190,6 +190,12 @@ class _ConnectRace:
             self.d.callback(result)
 
 
+#: Seconds between two lines about one replica's failed connections: a booting guest refuses
+#: every connection until its app listens (each is tried on another replica), and a line
+#: for each would flood the agent's log under load.
+REFUSALS_SAID_EVERY = 10.0
+
+
 class Backend:
     """A replica behind a published port: its address and port, and its open connections."""
 
@@ -201,6 +207,22 @@ class Backend:
         self.conns = set()
         self.drain_call = None
         self.idle = []  # kept-alive connections (HTTP mode), the newest last
+        self.refusals = 0  # failed connections not said yet
+        self.refusals_said_at = None
+
+    def refused(self, reason, now):
+        """
+        A connection to this replica failed (C{reason}, a string) at C{now}; the caller
+        tries another.  Said in the log at most once per L{REFUSALS_SAID_EVERY} seconds,
+        with how many failed since the last line.
+        """
+        self.refusals += 1
+        if (self.refusals_said_at is not None
+                and now - self.refusals_said_at < REFUSALS_SAID_EVERY):
+            return
+        log.info("ingress: {b}:{p} did not accept {n} connection(s) ({e}); trying another",
+                 b=self.host, p=self.port, n=self.refusals, e=reason)
+        self.refusals, self.refusals_said_at = 0, now
 
     def take(self, now):
         """A kept-alive connection to this replica, or L{None}."""
@@ -350,8 +372,7 @@ class _Client(protocol.Protocol):
 
         def failed(f):
             backend.conns.discard(self)
-            log.info("ingress: {b}:{p} did not accept a connection ({e}); trying another",
-                     b=backend.host, p=backend.port, e=f.getErrorMessage())
+            backend.refused(f.getErrorMessage(), self.listener.reactor.seconds())
             self._choose(route, tuple(tried) + (backend.key,))
 
         d.addCallbacks(connected, failed)
@@ -928,8 +949,7 @@ class _HTTPClient(protocol.Protocol):
         b.conns.discard(self)
         if self.closed or self.backend is not b:
             return
-        log.info("ingress: {b}:{p} did not accept a connection ({e}); trying another",
-                 b=b.host, p=b.port, e=f.getErrorMessage())
+        b.refused(f.getErrorMessage(), self.listener.reactor.seconds())
         self.backend = None
         self.tried += (b.key,)
         self._dispatch()
