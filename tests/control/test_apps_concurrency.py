@@ -361,6 +361,37 @@ class RestartTests(TestCase):
                          "its start never reached its host (the control plane stopped first)")
 
     @d
+    async def test_a_live_move_s_replacement_is_the_drain_s_to_settle(self):
+        """
+        A machine stored pending as a live move's replacement (its migration in a live
+        phase when the control plane stopped) is a paused QEMU on its target that the move
+        resumes; the target's agent lists it only once resumed. Its list before that does
+        not fail it: the drain, taken up again, settles it (as the integration test's
+        control plane killed mid-migration showed: the moved machine failed and restarted).
+        """
+        c = await slow_and_fast(self)
+        ensureDeferred(c.apps.deploy("a", on(c, "slow", vcpus=8)))
+        await until(lambda: c.waiting("a"), "a's start to reach the slow host")
+        held = c.waiting("a")[0]
+        now = c.clock.seconds()
+        await c.apps.data.drains.add(
+            {"id": "d-000000000001", "host_id": "h-fast", "state": "running",
+             "options": {}, "created_at": now, "updated_at": now},
+            [{"id": "mg-000000000001", "drain_id": "d-000000000001",
+              "machine_id": "m-000000000000", "source_host": "h-fast",
+              "target_host": "h-slow", "phase": "live_migrating", "bytes_sent": 0,
+              "bytes_total": 0, "error": None, "updated_at": now,
+              "detail": {"mode": "live", "replacement": held.machine_id}}])
+        c.apps = Apps(c.clock, c.store, c.registry, Scheduler(load_strategy("spread")),
+                      c.publish)
+        self.assertEqual(await c.apps.load(), 1)
+        self.assertNotIn(held.machine_id, c.registry.unconfirmed)
+        result = await c.registry.reconcile("h-slow", [])
+        self.assertEqual(result["failed"], [])
+        status = await c.apps.machine_status(held.machine_id)
+        self.assertEqual(status["state"], "pending")
+
+    @d
     async def test_agent_back_with_the_machine_confirms_it(self):
         """
         The agent registers again listing the machine stored pending before the restart

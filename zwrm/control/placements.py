@@ -30,7 +30,7 @@ class Placements:
     @ivar scheduler: the L{zwrm.scheduler.Scheduler}.
     @ivar lock: a L{DeferredLock}: converges place and store their replicas one at a time.
     @ivar unconfirmed: ids of machines found C{pending} at L{load} (their start may never
-        have reached their agent).
+        have reached their agent), but for a live move's replacement (its drain settles it).
     @ivar cut_short: ids of machines found C{stopping} at L{load} (a planned stop that
         never ended, or a live drain's original).
     """
@@ -116,8 +116,11 @@ class Placements:
         """
         self.sync_hosts()  # hosts loaded after this object was made
         n = 0
+        # A live move's replacement is pending until the move resumes it on its target,
+        # whose agent lists it only then: the drain settles it, not the agent's list.
+        moving = await self._data.drains.live_replacements()
         for row in await self._data.machines.find(states=LIVE):
-            if row["state"] == "pending":
+            if row["state"] == "pending" and row["id"] not in moving:
                 # Stored by a converge whose start may never have reached the agent.
                 self.unconfirmed.add(row["id"])
             elif row["state"] == "stopping":

@@ -31,7 +31,7 @@ import json
 
 from zwrm import errors
 from zwrm.control.resources import Resource, store_with_events, update_method
-from zwrm.drain_phases import DRAIN_STATES, MIGRATION_PHASES
+from zwrm.drain_phases import DRAIN_STATES, LIVE_PHASES, MIGRATION_PHASES
 
 TOPIC = "zwrm.event.drain"
 TABLE = "drains"
@@ -141,6 +141,17 @@ class Drains(Resource):
         rows = await self._store.select(MIGRATIONS_TABLE, "drain_id = ?", [drain_id],
                                         order_by="rowid")
         return [_decoded(r) for r in rows]
+
+    async def live_replacements(self):
+        """
+        The ids of the replacements of the live moves under way (their migration in one of
+        L{LIVE_PHASES}): a paused QEMU on the target that the move resumes, not a start
+        that the agent is asked for (its executor lists it only once resumed).
+        """
+        rows = await self._store.select(
+            MIGRATIONS_TABLE, f"phase IN ({','.join('?' * len(LIVE_PHASES))})",
+            list(LIVE_PHASES))
+        return {r["detail"].get("replacement") for r in map(_decoded, rows)} - {None}
 
     async def with_leftovers(self):
         """
