@@ -124,7 +124,10 @@ def register(subparsers):
                         "version; replicas created, replaced, moved, destroyed); change nothing")
     p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
                    help="wait until every machine runs (and is healthy) or SECONDS pass,"
-                        " following a failed machine through the restart its policy gives it")
+                        " counted from the command's start, a rolling update and an image"
+                        " pull included (then it ends with exit 1; an update under way goes"
+                        " on); it follows a failed machine through the restart its policy"
+                        " gives it")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=deploy)
 
