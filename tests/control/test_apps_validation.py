@@ -159,6 +159,67 @@ class HistoryTests(TestCase):
         self.assertEqual((await c.apps.app_status("web"))["spec_version"], 5)
 
 
+class SameSpecTests(TestCase):
+    """
+    A deploy whose spec is the current one (a spec file applied again, C{zwrm deploy
+    --file}) is no new version; one read back from the app's status, its cloud-init
+    secrets as their digests, deploys as it was.
+    """
+
+    def deployed_events(self, c):
+        return [e for t, e in c.published if t == "zwrm.event.app" and e["kind"] == "deployed"]
+
+    @d
+    async def test_the_same_spec_again_is_no_new_version(self):
+        c = await Cluster(self).start()
+        await c.apps.create_app("web")
+        await c.apps.deploy("web", c.spec(replicas=2))
+        events = len(self.deployed_events(c))
+        # the whole spec again, a field given as it is, local paths without their empty keys
+        for given in (c.spec(replicas=2), {"memory_mb": 256},
+                      {"image": {"kernel": c.kernel}}):
+            status = await c.apps.deploy("web", given)
+            self.assertEqual(status["spec_version"], 1, given)
+        self.assertEqual([v["version"] for v in await c.apps.history("web")], [1])
+        self.assertEqual(len(self.deployed_events(c)), events)
+        # it still converges: a replica gone is placed again
+        gone = (await c.machines("web"))[1]
+        await c.apps.replicas.remove_machine(await c.apps.data.machines.get(gone["id"]))
+        status = await c.apps.deploy("web", c.spec(replicas=2))
+        self.assertEqual((status["spec_version"], len(status["machines"])), (1, 2))
+        status = await c.apps.scale("web", 2)  # the count it has: no new version either
+        self.assertEqual(status["spec_version"], 1)
+        # a change is a new version, and a rollback goes to the one that differs
+        await c.apps.deploy("web", {"memory_mb": 300})
+        status = await c.apps.rollback("web")
+        self.assertEqual((status["spec_version"], status["spec"]["memory_mb"]), (3, 256))
+
+    @d
+    async def test_a_spec_read_back_keeps_its_secrets(self):
+        c = await Cluster(self).start()
+        await c.apps.create_app("web")
+        secret = {"ssh_keys": [], "user_data": "#cloud-config\npassword: hunter2\n",
+                  "env": {"DB_PASSWORD": "hunter2"}}
+        await c.apps.deploy("web", c.spec(cloud_init=secret))
+        shown = (await c.apps.app_status("web"))["spec"]
+        self.assertNotIn("hunter2", repr(shown))
+        status = await c.apps.deploy("web", shown)
+        self.assertEqual(status["spec_version"], 1)
+        stored = (await c.apps.data.apps.by_name("web"))["spec"]["cloud_init"]
+        self.assertEqual((stored["user_data"], stored["env"]), (secret["user_data"], secret["env"]))
+        # a digest of something else is refused, and changes nothing
+        wrong = dict(shown, cloud_init=dict(shown["cloud_init"],
+                                            env={"sha256": "0" * 64, "size": 3}))
+        with self.assertRaises(errors.InvalidArgument) as cm:
+            await c.apps.deploy("web", wrong)
+        self.assertEqual(cm.exception.message, "cloud_init env: 000000000000... is the digest "
+                         "of no current env of this app: give the env itself")
+        self.assertEqual((await c.apps.app_status("web"))["spec_version"], 1)
+        # the text itself changes it
+        status = await c.apps.deploy("web", {"cloud_init": dict(secret, env={"A": "1"})})
+        self.assertEqual(status["spec_version"], 2)
+
+
 class PlanTests(TestCase):
     @d
     async def test_plan_changes_nothing_and_says_what_would(self):

@@ -19,9 +19,16 @@ import uuid
 
 from zwrm import errors, healthspec
 from zwrm.control import fields, healing, network
+from zwrm.control.resources.apps import SECRET_FIELDS, secret_digest
 from zwrm.drivers import cloudinit
 from zwrm.registry.image import parse_reference as parse_image_reference
 from zwrm.scheduler import PlacementRequest
+
+SPEC_FIELDS = frozenset({
+    "image", "vcpus", "memory_mb", "replicas", "region", "datacenter", "service_port", "health",
+    "volumes", "constraints", "cloud_init", "publish", "domain", "restart", "update",
+    "shutdown_delay"})
+"""The fields of a deployment spec (docs/wamp-procedures.md)."""
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -52,17 +59,11 @@ def validate_spec(spec):
     """
     if not isinstance(spec, dict):
         raise errors.InvalidArgument("a deployment spec must be a mapping")
-    known = {"image", "vcpus", "memory_mb", "replicas", "region", "datacenter",
-             "service_port", "health", "volumes", "constraints", "cloud_init", "publish", "domain",
-             "restart", "update", "shutdown_delay"}
-    unknown = sorted(set(spec) - known)
+    unknown = sorted(set(spec) - SPEC_FIELDS)
     if unknown:
         raise errors.InvalidArgument(f"unknown deployment field(s): {', '.join(unknown)}")
-    image = spec.get("image")
-    if not (isinstance(image, str) and image) and not isinstance(image, dict):
-        raise errors.InvalidArgument("image must be an image reference (name:tag) or local paths")
     out = {
-        "image": image,
+        "image": _check_image(spec.get("image")),
         "vcpus": whole_number(spec, "vcpus", 1, 256, 1),
         "memory_mb": whole_number(spec, "memory_mb", 32, 1024 * 1024, 256),
         "replicas": whole_number(spec, "replicas", 0, 1000, 1),
@@ -123,6 +124,38 @@ def validate_spec(spec):
     return out
 
 
+def _check_image(image):
+    """
+    A spec's image: a reference C{name:tag}, or local paths C{{kernel, initrd, disk,
+    cmdline}} with every key (a path left out is L{None}, the command line C{""}), so that
+    the same paths given with or without their empty keys are the same version.
+    """
+    if isinstance(image, str) and image:
+        return image
+    if not isinstance(image, dict):
+        raise errors.InvalidArgument("image must be an image reference (name:tag) or local paths")
+    unknown = sorted(set(image) - {"kernel", "initrd", "disk", "cmdline"})
+    if unknown:
+        raise errors.InvalidArgument(f"image: unknown field(s) {', '.join(unknown)} "
+                                     "(local paths are kernel, initrd, disk and cmdline)")
+    for key in ("kernel", "initrd", "disk"):
+        v = image.get(key)
+        if v is not None and not (isinstance(v, str) and v.startswith("/")):
+            raise errors.InvalidArgument(f"image {key} must be an absolute path on the hosts, "
+                                         f"not {v!r}")
+    if not image.get("kernel") and not image.get("disk"):
+        raise errors.InvalidArgument("image needs a kernel or a disk path")
+    if not isinstance(image.get("cmdline") or "", str):
+        raise errors.InvalidArgument(f"image cmdline must be text, not {image['cmdline']!r}")
+    return _filled(image)
+
+
+def _filled(image):
+    """Local image paths with every key: a path left out is L{None}, the command line C{""}."""
+    return {"kernel": None, "initrd": None, "disk": None,
+            **{k: v for k, v in image.items() if v is not None}, "cmdline": image.get("cmdline") or ""}
+
+
 def _check_health(health):
     """
     The health check of a spec, checked as its agent will check it, plus the control
@@ -162,7 +195,12 @@ def _check_update(update):
 def merge_spec(current, given):
     """
     A redeploy's spec: C{given}'s fields over the C{current} version's; a field C{given}
-    as L{None} is cleared (back to its default), a field left out keeps its value.
+    as L{None} is cleared (back to its default), a field left out keeps its value.  A
+    cloud-init C{user_data} or C{env} given as the C{{sha256, size}} that the app's status
+    shows in their place (L{zwrm.control.resources.apps.public_spec}) keeps the current
+    value: a spec read back with C{zwrm apps spec} deploys as it was.
+
+    @raise zwrm.errors.InvalidArgument: for such a digest of no current value.
     """
     out = dict(current or {})
     for key, value in given.items():
@@ -170,14 +208,38 @@ def merge_spec(current, given):
             out.pop(key, None)
         else:
             out[key] = value
+    ci = out.get("cloud_init")
+    if isinstance(ci, dict) and any(_is_digest(ci.get(k)) for k in SECRET_FIELDS):
+        ci = out["cloud_init"] = dict(ci)
+        had = (current or {}).get("cloud_init") or {}
+        for key in SECRET_FIELDS:
+            if _is_digest(ci.get(key)):
+                if secret_digest(had.get(key)) != ci[key]:
+                    raise errors.InvalidArgument(
+                        f"cloud_init {key}: {ci[key]['sha256'][:12]}... is the digest of no "
+                        f"current {key} of this app: give the {key} itself")
+                ci[key] = had[key]
     return out
+
+
+def _is_digest(value):
+    # Never a valid user_data (text) or env (its values are text): the size is a number.
+    return (isinstance(value, dict) and set(value) == {"sha256", "size"}
+            and isinstance(value["sha256"], str) and isinstance(value["size"], int))
 
 
 def same_version(a, b):
     """Whether a machine of spec C{a} may stay under spec C{b}: they differ at most in
-    their replica count and how they are updated and stopped."""
-    return {k: v for k, v in (a or {}).items() if k not in _NOT_VERSIONED} == \
-        {k: v for k, v in (b or {}).items() if k not in _NOT_VERSIONED}
+    their replica count and how they are updated and stopped (and local image paths in
+    keys left out rather than empty, as specs stored before L{_check_image} may be)."""
+    return _versioned(a) == _versioned(b)
+
+
+def _versioned(spec):
+    out = {k: v for k, v in (spec or {}).items() if k not in _NOT_VERSIONED}
+    if isinstance(out.get("image"), dict):
+        out["image"] = _filled(out["image"])
+    return out
 
 
 _NOT_VERSIONED = ("replicas", "update", "shutdown_delay")

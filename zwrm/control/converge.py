@@ -110,9 +110,11 @@ class Converger:
         if app["spec"] is None:
             raise errors.Conflict(f"app {app['name']!r} was never deployed")
         spec = dict(app["spec"], replicas=replicas)
+        unchanged = spec == app["spec"]  # the count it has: no new version (as a deploy)
 
         async def store_spec():
-            await self._data.apps.set_spec(app, spec, "scaled", replicas=replicas)
+            if not unchanged:
+                await self._data.apps.set_spec(app, spec, "scaled", replicas=replicas)
 
         await self.converge(app, spec, replace=False, store_spec=store_spec)
 

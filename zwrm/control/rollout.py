@@ -86,9 +86,13 @@ class Rollout:
                 f"app {app['name']!r} has no version yet: its first deploy needs an image "
                 "(spec field image: NAME:TAG, or local paths)")
         spec = await self.check(app, given, merge)
+        # The same spec again (a spec file applied twice) is no new version: the history
+        # keeps the versions that differ, and a rollback goes to one.  It still converges.
+        unchanged = spec == app["spec"] and not app.get("destroying") and not extra
 
         async def store_spec():
-            await self._data.apps.set_spec(app, spec, "deployed", **extra)
+            if not unchanged:
+                await self._data.apps.set_spec(app, spec, "deployed", **extra)
 
         # Every update rolls (issue 15), with the defaults unless the spec says otherwise;
         # max_parallel 0 replaces every machine at once.

@@ -541,12 +541,15 @@ PROCEDURES = {p.uri: p for p in [
               ["invalid_argument", "not_found"]),
     Procedure(
         "zwrm.app.deploy", OPERATOR,
-        "Store a spec as the app's spec and converge its machines to it.",
+        "Store a spec as the app's spec (its next version; the current spec again is no"
+        " new version) and converge its machines to it.",
         [_APP, Arg("spec", SPEC, doc="{image, vcpus, memory_mb, replicas, region, datacenter,"
                                      " service_port, health, volumes, restart, update, ...}:"
                                      " a field"
                                      " left out keeps the current version's value, a field"
-                                     " given as null is reset to its default")],
+                                     " given as null is reset to its default; a cloud_init"
+                                     " user_data or env given as the {sha256, size} that"
+                                     " zwrm.app.status shows keeps the current value")],
         "the app's status (a rolling update: once it ended; conflict: a later deploy,"
         " rollback or destroy superseded it)",
         ["invalid_argument", "not_found", "unplaceable", "unavailable", "conflict"]),

@@ -70,7 +70,11 @@ def schema_v11(db):
     db["apps"].add_column("destroying", str)
 
 
-def _digest(value):
+SECRET_FIELDS = ("user_data", "env")
+"""The cloud-init fields that viewers see as their digest (L{secret_digest})."""
+
+
+def secret_digest(value):
     """C{{sha256, size}} of a secret (a str, or a mapping as canonical JSON), or L{None}."""
     if value is None or value == {} or value == "":
         return None
@@ -90,9 +94,9 @@ def public_spec(spec):
     ci = out.get("cloud_init")
     if isinstance(ci, dict):
         ci = dict(ci)
-        for key in ("user_data", "env"):
+        for key in SECRET_FIELDS:
             if key in ci:
-                ci[key] = _digest(ci[key])
+                ci[key] = secret_digest(ci[key])
         out["cloud_init"] = ci
     if isinstance(out.get("app_spec"), dict):
         out["app_spec"] = public_spec(out["app_spec"])
