@@ -1,5 +1,5 @@
 """
-C{zwrm apps create|list}, C{zwrm deploy}, C{zwrm scale}, C{zwrm status}, C{zwrm destroy},
+C{zwrm apps create|list|history|spec}, C{zwrm deploy}, C{zwrm scale}, C{zwrm status}, C{zwrm destroy},
 C{zwrm machines list|status|restart}, C{zwrm logs} and C{zwrm volumes create|list|destroy}.
 """
 
@@ -7,7 +7,9 @@ import json
 import os
 import sys
 import time
+import tomllib
 
+import tomli_w
 from twisted.internet import defer, task
 from twisted.python import failure
 
@@ -42,6 +44,16 @@ def register(subparsers):
     p.add_argument("name")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=apps_history)
+    p = asub.add_parser(
+        "spec", help="an app's spec as a file for zwrm deploy --file",
+        description="Print the current spec of APP (or its VERSION) as TOML, the file that "
+                    "`zwrm deploy APP --file FILE` deploys. Its cloud-init user_data and env "
+                    "are shown as their digest (sha256, size), which a deploy takes as the "
+                    "current value.")
+    p.add_argument("name")
+    p.add_argument("version", type=int, nargs="?", help="a spec version (default: the current)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=apps_spec)
 
     p = subparsers.add_parser("rollback", help="deploy an earlier spec version of an app again")
     p.add_argument("app")
@@ -55,8 +67,14 @@ def register(subparsers):
         description="Deploy APP with an image from the registry (--image NAME:TAG) or, for "
                     "development, a kernel and initrd that exist at the same paths on every "
                     "host (--kernel, --initrd). A redeploy sends only what it is given: the "
-                    "other fields, the image too, keep the current version's values.")
+                    "other fields, the image too, keep the current version's values. With "
+                    "--file, the file is the whole spec: a field it leaves out is back to its "
+                    "default (but replicas: the current count), and the options given beside "
+                    "it win.")
     p.add_argument("app")
+    p.add_argument("-f", "--file", metavar="FILE",
+                   help="the spec as TOML (or JSON, FILE.json; - reads TOML from stdin): the "
+                        "fields of `zwrm apps spec APP`")
     p.add_argument("--image", help="image reference NAME:TAG in the control plane's registry")
     p.add_argument("--kernel", help="local kernel path on the hosts (instead of --image)")
     p.add_argument("--initrd", help="local initrd path on the hosts")
@@ -137,8 +155,9 @@ def register(subparsers):
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=scale)
 
-    p = subparsers.add_parser("status", help="an app's machines and volumes")
-    p.add_argument("app")
+    p = subparsers.add_parser("status", help="an app's machines and volumes (no app: every "
+                                             "app, as zwrm apps list)")
+    p.add_argument("app", nargs="?")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=status)
 
@@ -207,7 +226,100 @@ CLEARABLE = {"region": "region", "datacenter": "datacenter", "port": "service_po
 """C{zwrm deploy --clear FIELD}: the spec field it resets."""
 
 
-def _spec(args):
+SPEC_FIELDS = frozenset({
+    "image", "vcpus", "memory_mb", "replicas", "region", "datacenter", "service_port", "health",
+    "volumes", "constraints", "cloud_init", "publish", "domain", "restart", "update",
+    "shutdown_delay"})
+"""The fields of a deployment spec (the control plane's C{zwrm.control.appspec.SPEC_FIELDS})."""
+
+SPEC_FILE_LIMIT = 1024 * 1024
+
+
+def deploy_spec(args):
+    """
+    What C{zwrm deploy} sends: the fields given as options (L{_spec}) or, with C{--file},
+    the file's spec with every field it leaves out cleared (but C{replicas}) and the
+    options' fields over it.
+    """
+    path = getattr(args, "file", None)
+    if not path:
+        return _spec(args)
+    if getattr(args, "clear", None):
+        raise CliError("--clear does not go with --file: a field the file leaves out is "
+                       "back to its default", EXIT_USAGE)
+    given = read_spec_file(path)
+    spec = {f: None for f in SPEC_FIELDS - {"replicas"}}
+    spec.update(given)
+    options = _spec(args, required=False)
+    for key in ("cloud_init", "restart", "update"):  # an option's part over the file's table
+        if isinstance(given.get(key), dict) and isinstance(options.get(key), dict):
+            options[key] = {**given[key], **{k: v for k, v in options[key].items()
+                                             if v is not None and v != [] and v != {}}}
+    spec.update(options)
+    if spec["image"] is None:
+        raise CliError(f"{path} has no image: give image = \"NAME:TAG\" in it, or --image",
+                       EXIT_USAGE)
+    return spec
+
+
+def read_spec_file(path):
+    """
+    The spec in file C{path} (TOML; JSON if its name ends in C{.json}; C{-}: TOML from
+    stdin), its top-level keys checked against L{SPEC_FIELDS}.
+
+    @raise CliError: (usage) naming the file and what is wrong.
+    """
+    if path == "-":
+        data = sys.stdin.buffer.read(SPEC_FILE_LIMIT + 1)
+        if len(data) > SPEC_FILE_LIMIT:
+            raise CliError(f"the spec on stdin is larger than {SPEC_FILE_LIMIT // 1024} KiB",
+                           EXIT_USAGE)
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            raise CliError("the spec on stdin is not UTF-8 text", EXIT_USAGE) from None
+    else:
+        text = _read_text(path, "spec file", SPEC_FILE_LIMIT)
+    name = "stdin" if path == "-" else path
+    try:
+        spec = json.loads(text) if path.endswith(".json") else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise CliError(f"{name}: {e}", EXIT_USAGE) from None
+    if not isinstance(spec, dict):
+        raise CliError(f"{name}: a spec is a table of fields, not {type(spec).__name__}",
+                       EXIT_USAGE)
+    unknown = sorted(set(spec) - SPEC_FIELDS)
+    if unknown:
+        raise CliError(f"{name}: unknown field(s) {', '.join(unknown)} (a spec's fields are "
+                       f"{', '.join(sorted(SPEC_FIELDS))})", EXIT_USAGE)
+    return spec
+
+
+def spec_file_text(app, version, spec):
+    """
+    C{spec} (of spec version C{version} of app C{app}) as the TOML that C{zwrm deploy
+    --file} reads: fields that are L{None} (TOML has no null) or empty left out (left
+    out, they are their default).
+    """
+    def bare(v):
+        if isinstance(v, dict):
+            return {k: bare(x) for k, x in v.items() if x is not None and x != {} and x != []}
+        if isinstance(v, list):
+            return [bare(x) for x in v]
+        return v
+
+    order = ["image", "replicas", "vcpus", "memory_mb", "region", "datacenter", "constraints",
+             "service_port", "health", "publish", "domain", "volumes", "restart", "update",
+             "shutdown_delay", "cloud_init"]
+    ordered = {k: spec[k] for k in order if k in spec}
+    ordered.update((k, v) for k, v in spec.items() if k not in ordered)
+    head = (f"# app {app}, spec version {version}: zwrm deploy {app} --file FILE deploys it.\n"
+            "# A field left out is its default (replicas: the current count); cloud-init\n"
+            "# user_data and env, shown as their digest, keep the current value.\n")
+    return head + tomli_w.dumps(bare(ordered))
+
+
+def _spec(args, required=True):
     if args.image and (args.kernel or args.disk):
         raise CliError("give --image NAME:TAG or --kernel/--disk paths, not both", EXIT_USAGE)
     image = None  # neither: a redeploy keeps the current version's image
@@ -275,9 +387,9 @@ def _spec(args):
     if args.publish or args.domain:
         spec["publish"] = args.publish  # checked by the control plane (zwrm.control.network)
         spec["domain"] = args.domain
-    if not spec:
-        raise CliError("nothing to deploy: give --image NAME:TAG (or --kernel/--disk), or the "
-                       "fields a redeploy changes", EXIT_USAGE)
+    if not spec and required:
+        raise CliError("nothing to deploy: give --image NAME:TAG (or --kernel/--disk), the "
+                       "fields a redeploy changes, or --file", EXIT_USAGE)
     return spec
 
 
@@ -424,6 +536,27 @@ def history_rows(versions):
     return rows
 
 
+async def apps_spec(reactor, args, out=None):
+    out = out or sys.stdout
+    if args.version is not None and args.version < 1:
+        raise CliError("version must be 1 or more", EXIT_USAGE)
+    versions = await _with_session(reactor, args, "zwrm.app.history", args.name)
+    if args.version is None:
+        chosen = [v for v in versions if v["current"]]
+        if not chosen:
+            raise CliError(f"app {args.name} has no spec yet: deploy it first", EXIT_REMOTE)
+    else:
+        chosen = [v for v in versions if v["version"] == args.version]
+        if not chosen:
+            kept = ", ".join(str(v["version"]) for v in versions) or "none"
+            raise CliError(f"app {args.name} has no spec version {args.version} (kept: {kept})",
+                           EXIT_REMOTE)
+    v = chosen[0]
+    if args.json:
+        return print_json(v["spec"], out)
+    out.write(spec_file_text(args.name, v["version"], v["spec"]))
+
+
 async def rollback(reactor, args, out=None):
     out = out or sys.stdout
     if args.version is not None and args.version < 1:
@@ -565,7 +698,7 @@ def format_plan(plan, out):
 
 async def deploy(reactor, args, out=None):
     out = out or sys.stdout
-    spec = _spec(args)
+    spec = deploy_spec(args)
     if getattr(args, "plan", False):
         plan = await _with_session(reactor, args, "zwrm.app.plan", args.app, spec)
         print_json(plan, out) if args.json else format_plan(plan, out)
@@ -737,6 +870,8 @@ async def scale(reactor, args, out=None):
 
 async def status(reactor, args, out=None):
     out = out or sys.stdout
+    if args.app is None:  # as `nomad status`: the apps
+        return await apps_list(reactor, args, out)
     app = await _with_session(reactor, args, "zwrm.app.status", args.app)
     print_json(app, out) if args.json else format_app(app, out)
 

@@ -1,0 +1,1 @@
+`zwrm apps spec NAME [VERSION]` prints an app's spec as TOML, and `zwrm deploy NAME --file FILE` deploys such a file (TOML or JSON) as the whole spec, the options beside it over it; cloud-init secrets appear as their digest, which a deploy takes as the current value.

@@ -1,0 +1,1 @@
+`zwrm status` without an app lists every app, as `zwrm apps list` (and `nomad status`) does.
