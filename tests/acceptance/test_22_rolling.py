@@ -14,7 +14,10 @@ C{/www/version.txt}, which the guest's web server serves).
    on a replica being replaced too: connection draining), both replicas replaced (new
    machine ids) and serving version 2.  Then a redeploy with a wrong health path is
    superseded by its fix (deployed while the bad update waits for its first machine): the
-   bad deploy exits 1 saying so, and the fix rolls out at once.
+   bad deploy exits 1 saying so, and the fix rolls out at once.  Then the app as a file
+   (C{zwrm apps spec}, C{zwrm deploy --file}): applied again it is no new version and
+   replaces nothing; a typo in it (exit 2) and a bad value (exit 1) are one line each and
+   change nothing; an edit is the next version.
  - The earlier app (one replica, pinned to its volume) is redeployed with
    C{demo:2-panic-once} (C{demo:2} whose guest panics at its first boot): its replacement
    runs on the same host with the same volume, the update having waited through the restart
@@ -214,6 +217,36 @@ def test_rolling_deploy_of_a_stateless_app(cluster, request):
     assert re.search(rf"^version   {version + 2}\nupdate    completed \(\d{{4}}-\d\d-\d\d "
                      rf"\d\d:\d\d:\d\d UTC\): version {version + 2} rolled out: 2 machine\(s\) "
                      r"replaced$", status, re.M), status
+
+    with cluster.phase("the app as a file: read back, applied again, a typo, an edit"):
+        version = app["spec_version"]
+        machines = {m["id"] for m in app["machines"]}
+        text = cluster.zwrm("apps", "spec", "roll")
+        path = os.path.join(cluster.client_home, "roll.toml")
+        with open(path, "w") as f:
+            f.write(text)
+        again = cluster.zwrm_json("deploy", "roll", "--file", path)
+        assert (again["spec_version"], {m["id"] for m in again["machines"]}) == \
+            (version, machines), again  # the same spec: no new version, nothing replaced
+        typo = cluster.sh("client", ["zwrm", "deploy", "roll", "-f", "-"],
+                          env={"HOME": cluster.client_home}, ok=(2,),
+                          input=text.replace("memory_mb =", "memroy_mb ="))
+        assert typo.stderr.startswith("zwrm: stdin: unknown field(s) memroy_mb (a spec's "
+                                      "fields are "), typo.stderr
+        assert len(typo.stderr.splitlines()) == 1, typo.stderr
+        bad = cluster.sh("client", ["zwrm", "deploy", "roll", "-f", "-"],
+                         env={"HOME": cluster.client_home}, ok=(1,),
+                         input=re.sub(r"(?m)^memory_mb = .*$", "memory_mb = 10", text))
+        assert bad.stderr == "zwrm: memory_mb must be a whole number from 32 to 1048576, " \
+            "not 10\n", bad.stderr
+        # an edit that replaces no machine (how updates roll is not versioned)
+        edited = cluster.zwrm_json("deploy", "roll", "-f", "-", "--shutdown-delay", "2",
+                                   input=text)
+    assert edited["spec_version"] == version + 1, edited
+    assert edited["spec"]["shutdown_delay"] == 2, edited["spec"]
+    assert {m["id"] for m in edited["machines"]} == machines, edited["machines"]
+    assert cluster.zwrm("apps", "history", "roll").splitlines()[-1].split()[-2:] == \
+        ["shutdown_delay", "current"]
     cluster.zwrm("destroy", "roll")
 
 
