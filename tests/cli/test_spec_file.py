@@ -172,6 +172,11 @@ class AgainstAControlPlaneTests(TestCase):
         with self.assertRaises(CliError) as e:
             await zwrm(plane.url, "apps", "spec", "fresh")
         self.assertEqual(e.exception.message, "app fresh has no spec yet: deploy it first")
+        for plan in ((), ("--plan",)):  # an app to create first
+            with self.assertRaises(CliError) as e:
+                await zwrm(plane.url, "deploy", "web2", "-f", path[:-4] + "json", *plan)
+            self.assertEqual(e.exception.message,
+                             "no app 'web2': create it first (zwrm apps create web2)")
         # (zwrm status without an app lists them, as nomad status does)
         _, out = await zwrm(plane.url, "status")
         self.assertEqual([line.split()[0] for line in out.splitlines()], ["NAME", "fresh", "web"])

@@ -697,6 +697,16 @@ def format_plan(plan, out):
 
 
 async def deploy(reactor, args, out=None):
+    try:
+        return await _deploy(reactor, args, out)
+    except CliError as e:
+        if e.code == EXIT_REMOTE and e.message == f"no app {args.app!r}":
+            raise CliError(f"{e.message}: create it first (zwrm apps create {args.app})",
+                           EXIT_REMOTE) from None
+        raise
+
+
+async def _deploy(reactor, args, out=None):
     out = out or sys.stdout
     spec = deploy_spec(args)
     if getattr(args, "plan", False):
