@@ -13,7 +13,8 @@ agents running the busybox test image under QEMU (TCG):
    phases advance in order up to C{done};
  - the other actions (restart, scale, activate, remove of a host whose agent stopped), a
    refused call's zwrm.error.* shown, the audit trail of what the console did; a machine's
-   serial console log (its Logs button); a redeploy's
+   serial console log (its Logs button); a redeploy from the app's Spec dialog (its spec as
+   JSON, edited: a typo and a bad value said there, changing nothing; its plan), its
    rolling update followed on the app's card, live, from under way to completed;
  - the control plane restarts: the console reconnects by itself and is live again;
  - both hosts of the datacenter lost at once: the hosts view says the partition guard holds
@@ -434,9 +435,58 @@ class ConsoleBrowserTests(TestCase):
         await b.js("document.getElementById('logs-close').click()")
         await wait_js(b, "return !document.getElementById('logs').open", 10, "the log closed")
 
-        # a redeploy: its card follows the rolling update, live, to its end
+        # a redeploy from its Spec dialog (its spec as JSON, edited): a typo and a bad value
+        # said there and sent nowhere or refused, the plan, then the deploy; its card
+        # follows the rolling update, live, to its end
+        await self.click(b, "button[data-action=spec][data-app=web]")
+        text = await wait_js(b, "const d = document.getElementById('spec');"
+                                " return d.open && document.getElementById('spec-text').value",
+                             30, "the app's spec in its dialog")
+        spec = json.loads(text)
+        self.assertEqual((spec["image"], spec["memory_mb"], spec["volumes"]),
+                         ("demo:1", 128, [{"mount": "/data", "name": "data", "size_mb": 16}]))
+        self.assertNotIn("region", spec)  # null and empty fields left out
+
+        async def spec_says(edited, button):
+            await b.js("document.getElementById('spec-text').value = arguments[0];"
+                       " document.getElementById('spec-result').hidden = true;"
+                       " document.getElementById(arguments[1]).click();",
+                       json.dumps(edited, indent=2), button)
+            return await wait_js(b, "const r = document.getElementById('spec-result');"
+                                    " return !r.hidden && !r.textContent.startsWith('deploying')"
+                                    " && [r.dataset.kind, r.textContent]",
+                                 330, f"the {button} answered")
+
+        typo = dict(spec, memroy_mb=256)
+        del typo["memory_mb"]
+        kind, said = await spec_says(typo, "spec-deploy")
+        self.assertEqual(kind, "error")
+        self.assertTrue(said.startswith("unknown field(s) memroy_mb (a spec's fields are "), said)
+        kind, said = await spec_says(dict(spec, memory_mb=10), "spec-plan")
+        self.assertEqual((kind, said), ("error", "memory_mb must be a whole number from 32 to "
+                                                 "1048576, not 10"))
+        # the edit is the whole spec: a field left out is back to its default
+        kind, said = await spec_says({k: v for k, v in spec.items() if k != "service_port"},
+                                     "spec-plan")
+        self.assertIn("  service_port: 8080 -> null", said.splitlines())
+        edited = dict(spec, cloud_init={"env": {"GREETING": "2"}})
+        kind, said = await spec_says(edited, "spec-plan")
+        machine = (await b.js("return document.querySelector('[data-app=web] tr[data-machine]')"
+                              ".dataset.machine"))
+        self.assertEqual(kind, "ok", said)
+        self.assertEqual(said.splitlines()[0], "web: new version 2")
+        self.assertIn(f"replace  {machine} (replica 0, running)", said)
+        await b.shot("spec.png")
+        self.assertEqual(json.loads(await self.cli(cp, "status", "web", "--json"))["spec_version"],
+                         1)  # a plan, a typo, a bad value: nothing changed
         await b.js(ROLLOUT_RECORDER)
-        await self.cli(cp, "deploy", "web", "--env", "GREETING=2", "--wait", "300", timeout=330)
+        kind, said = await spec_says(edited, "spec-deploy")
+        self.assertEqual((kind, said), ("ok", "web: version 2 deployed"))
+        await b.js("document.getElementById('spec-close').click()")
+        await wait_js(b, "return !document.getElementById('spec').open", 10, "the spec closed")
+        status = json.loads(await self.cli(cp, "status", "web", "--json"))
+        self.assertEqual(status["spec"]["cloud_init"]["env"]["size"], len('{"GREETING": "2"}'))
+        self.assertEqual(status["spec"]["memory_mb"], 128)
         line = await wait_js(b, "const p = document.querySelector('[data-app=web] p[data-rollout]');"
                                 " return p && p.dataset.rollout === 'completed' && p.textContent",
                              30, "the update shown completed on the app's card")
@@ -482,6 +532,7 @@ class ConsoleBrowserTests(TestCase):
         done = await wait_js(b, "return [...document.querySelectorAll('#audit-table tr[data-procedure]')]"
                                 ".map(r => r.dataset.procedure)", 30, "the audit trail")
         for procedure in ("zwrm.host.drain", "zwrm.machine.restart", "zwrm.app.scale",
+                          "zwrm.app.deploy",
                           "zwrm.host.activate", "zwrm.host.undrain", "zwrm.host.remove"):
             self.assertIn(procedure, done)
         await b.shot("audit.png")

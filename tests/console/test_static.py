@@ -18,6 +18,7 @@ from twisted.web.error import UnsupportedMethod
 from twisted.web.test.requesthelper import DummyRequest
 
 from zwrm.console import STATIC, VENDOR_AUTOBAHN, Console, load, policy
+from zwrm.control import appspec
 from zwrm.control.service import ControlPlane
 from zwrm.control.tap import Config
 from zwrm.testing.processes import temp_dir
@@ -150,6 +151,12 @@ class StaticTests(TestCase):
         self.assertNotIn(b"<script>", page)  # no inline script: the CSP would refuse it
         self.assertNotIn(b"style=", page)
         self.assertNotIn(b"http", page.replace(b"https:", b""))  # nothing from elsewhere
+
+    def test_the_spec_fields_are_the_control_plane_s(self):
+        """The Spec dialog clears the fields an edit leaves out: it knows them all."""
+        with open(os.path.join(STATIC, "app.js")) as f:
+            fields = re.search(r"const SPEC_FIELDS = \[(.*?)\];", f.read(), re.S).group(1)
+        self.assertEqual(set(re.findall(r'"(\w+)"', fields)), appspec.SPEC_FIELDS)
 
 
 class PinnedTests(TestCase):

@@ -352,6 +352,89 @@ async function restart(machine) {
   showMessage(`${machine.id} restarted`, null, "info");
 }
 
+// An app's spec, edited and deployed as a whole, as `zwrm apps spec` and `zwrm deploy --file`
+// do: JSON here (the page has no TOML), null and empty fields left out. A field the edit
+// leaves out is back to its default, but replicas (the current count). Cloud-init user_data
+// and env show as their digest (sha256, size), which a deploy takes as the current value.
+// Plan asks zwrm.app.plan (nothing changes); Deploy asks zwrm.app.deploy, which answers once
+// a rolling update ended (the app's card follows it meanwhile).
+const SPEC_FIELDS = ["cloud_init", "constraints", "datacenter", "domain", "health", "image", "memory_mb",
+  "publish", "region", "replicas", "restart", "service_port", "shutdown_delay", "update", "vcpus", "volumes"];
+
+function bare(v) {
+  if (Array.isArray(v)) return v.map(bare);
+  if (!v || typeof v !== "object") return v;
+  const out = {};
+  for (const [k, x] of Object.entries(v)) {
+    const empty = x === null || (Array.isArray(x) ? !x.length : typeof x === "object" && !Object.keys(x).length);
+    if (!empty) out[k] = bare(x);
+  }
+  return out;
+}
+
+function wholeSpec(text) {
+  let given;
+  try { given = JSON.parse(text); } catch (err) { throw new Error(`the spec is not JSON: ${err.message}`); }
+  if (!given || typeof given !== "object" || Array.isArray(given)) throw new Error("a spec is an object of fields");
+  const unknown = Object.keys(given).filter((k) => !SPEC_FIELDS.includes(k)).sort();
+  if (unknown.length) {
+    throw new Error(`unknown field(s) ${unknown.join(", ")} (a spec's fields are ${SPEC_FIELDS.join(", ")})`);
+  }
+  const spec = Object.fromEntries(SPEC_FIELDS.filter((f) => f !== "replicas").map((f) => [f, null]));
+  return Object.assign(spec, given);
+}
+
+function planText(plan) {
+  // as `zwrm deploy --plan`
+  const j = (v) => JSON.stringify(v);
+  return [`${plan.app}: ${plan.changed ? "new version" : "no change to version"} ${plan.version}`,
+    ...Object.entries(plan.diff || {}).map(([k, d]) => `  ${k}: ${j(d.old)} -> ${j(d.new)}`),
+    ...(plan.create || []).map((c) => `create   replica ${c.replica} on ${c.host_id ? hostName(c.host_id) : "?"}`),
+    ...(plan.replace || []).map((r) => `${r.to_host && r.to_host !== r.host_id ? "move   " : "replace"}  ${r.machine_id}` +
+      ` (replica ${r.replica}, ${r.state}) on ${hostName(r.host_id)} -> ${r.to_host ? hostName(r.to_host) : "?"}`),
+    ...(plan.destroy || []).map((r) => `destroy  ${r.machine_id} (replica ${r.replica}) on ${hostName(r.host_id)}`),
+    ...(plan.keep || []).map((r) => `keep     ${r.machine_id} (replica ${r.replica}) on ${hostName(r.host_id)}`),
+    ...(plan.unplaceable ? [`unplaceable: ${plan.unplaceable}`] : [])].join("\n");
+}
+
+async function showSpec(app) {
+  const status = await call("zwrm.app.status", [app.name]);
+  const text = $("#spec-text");
+  const result = $("#spec-result");
+  const say = (line, kind = "") => {
+    result.textContent = line;
+    result.className = kind;
+    result.dataset.kind = kind || "ok";
+    result.hidden = false;
+  };
+  const run = async (button, procedure, done) => {
+    let spec;
+    try { spec = wholeSpec(text.value); } catch (err) { say(err.message, "error"); return; }
+    button.disabled = true;
+    try {
+      done(await state.session.call(procedure, [app.name, spec]));
+    } catch (err) {
+      say(describe(err, procedure).text, "error");
+    } finally {
+      button.disabled = false;
+    }
+  };
+  $("#spec-title").textContent = `${app.name}: spec version ${status.spec_version}`;
+  $("#spec-hint").textContent = "JSON; a field left out is its default (replicas: the current count)";
+  text.value = JSON.stringify(bare(status.spec), null, 2);
+  result.hidden = true;
+  $("#spec-plan").onclick = (ev) => run(ev.currentTarget, "zwrm.app.plan", (plan) => say(planText(plan)));
+  $("#spec-deploy").onclick = (ev) => {
+    say(`deploying ${app.name}: the card follows its update`);
+    return run(ev.currentTarget, "zwrm.app.deploy", (s) => {
+      say(`${app.name}: version ${s.spec_version} deployed`);
+      $("#spec-title").textContent = `${app.name}: spec version ${s.spec_version}`;
+    });
+  };
+  const dialog = $("#spec");
+  if (!dialog.open) dialog.showModal();
+}
+
 // The tail of a machine's serial console (zwrm.machine.logs: its last 64 KiB, as `zwrm logs`),
 // read again on Refresh: a crashed guest's last words too. Operators only (a guest's console
 // may show what a viewer must not see); a refused or failed read is shown as any error.
@@ -477,7 +560,8 @@ function drawApps() {
         }, d ? `destroying since ${time(d.since)} (${d.volumes ? "volumes too" : "volumes kept"})` : "destroying") : null,
         // (a spec to scale: one never deployed, or destroyed with its volumes kept, has none)
         actionButton("Scale", "scale", { app: a.name }, () => scale(Object.assign({ replicas }, a)),
-          !a.destroying && deployed(a))),
+          !a.destroying && deployed(a)),
+        actionButton("Spec", "spec", { app: a.name }, () => showSpec(a), !a.destroying && deployed(a))),
       rolloutLine(a.rollout),
       machines.length ? h("table", {},
         h("thead", {}, h("tr", {}, ["Machine", "Replica", "State", "Health", "Restarts", "Host", "Address", "Volumes", ""].map((t) => h("th", {}, t)))),
