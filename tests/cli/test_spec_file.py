@@ -172,6 +172,14 @@ class AgainstAControlPlaneTests(TestCase):
         with self.assertRaises(CliError) as e:
             await zwrm(plane.url, "apps", "spec", "fresh")
         self.assertEqual(e.exception.message, "app fresh has no spec yet: deploy it first")
+        # a viewer reads the current spec too (from the app's status: the history is the
+        # operators')
+        viewer = await zwrm(plane.url, "tokens", "create", "--role", "viewer")
+        self.patch(client.os, "environ", {"ZWRM_TOKEN": viewer[1].strip(), "ZWRM_AUTHID": "viewer"})
+        _, read = await zwrm(plane.url, "apps", "spec", "web")
+        self.assertEqual(tomllib.loads(read), {k: v for k, v in spec.items() if k != "health"})
+        self.assertTrue(read.startswith("# app web, spec version 2:"), read)
+        self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
         for plan in ((), ("--plan",)):  # an app to create first
             with self.assertRaises(CliError) as e:
                 await zwrm(plane.url, "deploy", "web2", "-f", path[:-4] + "json", *plan)

@@ -51,7 +51,8 @@ def register(subparsers):
                     "are shown as their digest (sha256, size), which a deploy takes as the "
                     "current value.")
     p.add_argument("name")
-    p.add_argument("version", type=int, nargs="?", help="a spec version (default: the current)")
+    p.add_argument("version", type=int, nargs="?",
+                   help="a spec version (default: the current one, which viewers may read too)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=apps_spec)
 
@@ -540,18 +541,19 @@ async def apps_spec(reactor, args, out=None):
     out = out or sys.stdout
     if args.version is not None and args.version < 1:
         raise CliError("version must be 1 or more", EXIT_USAGE)
-    versions = await _with_session(reactor, args, "zwrm.app.history", args.name)
-    if args.version is None:
-        chosen = [v for v in versions if v["current"]]
-        if not chosen:
+    if args.version is None:  # (the app's status: viewers may read it, not its history)
+        app = await _with_session(reactor, args, "zwrm.app.status", args.name)
+        if app["spec"] is None:
             raise CliError(f"app {args.name} has no spec yet: deploy it first", EXIT_REMOTE)
+        v = {"version": app["spec_version"], "spec": app["spec"]}
     else:
+        versions = await _with_session(reactor, args, "zwrm.app.history", args.name)
         chosen = [v for v in versions if v["version"] == args.version]
         if not chosen:
             kept = ", ".join(str(v["version"]) for v in versions) or "none"
             raise CliError(f"app {args.name} has no spec version {args.version} (kept: {kept})",
                            EXIT_REMOTE)
-    v = chosen[0]
+        v = chosen[0]
     if args.json:
         return print_json(v["spec"], out)
     out.write(spec_file_text(args.name, v["version"], v["spec"]))
