@@ -479,11 +479,18 @@ class ConsoleBrowserTests(TestCase):
         await b.shot("spec.png")
         self.assertEqual(json.loads(await self.cli(cp, "status", "web", "--json"))["spec_version"],
                          1)  # a plan, a typo, a bad value: nothing changed
+        # deployed, the dialog closed to watch the card: the deploy's end is said on the page
         await b.js(ROLLOUT_RECORDER)
-        kind, said = await spec_says(edited, "spec-deploy")
-        self.assertEqual((kind, said), ("ok", "web: version 2 deployed"))
+        await b.js("document.getElementById('spec-text').value = arguments[0];"
+                   " document.getElementById('spec-deploy').click();", json.dumps(edited, indent=2))
+        await wait_js(b, "return document.getElementById('spec-result').textContent"
+                         ".startsWith('deploying web: close this dialog')", 10, "the deploy under way")
         await b.js("document.getElementById('spec-close').click()")
         await wait_js(b, "return !document.getElementById('spec').open", 10, "the spec closed")
+        await wait_js(b, "const m = document.getElementById('message');"
+                         " return !m.hidden && m.className === 'info'"
+                         " && m.querySelector('.text').textContent === 'web: version 2 deployed'",
+                      330, "the deploy's end said on the page")
         status = json.loads(await self.cli(cp, "status", "web", "--json"))
         self.assertEqual(status["spec"]["cloud_init"]["env"]["size"], len('{"GREETING": "2"}'))
         self.assertEqual(status["spec"]["memory_mb"], 128)

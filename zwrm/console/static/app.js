@@ -414,7 +414,10 @@ async function showSpec(app) {
     try {
       done(await state.session.call(procedure, [app.name, spec]));
     } catch (err) {
-      say(describe(err, procedure).text, "error");
+      const d = describe(err, procedure);
+      say(d.text, "error");
+      // (a deploy outlives a dialog closed to watch the card: its end is said there too)
+      if (!$("#spec").open) showMessage(d.text, d.uri);
     } finally {
       button.disabled = false;
     }
@@ -425,10 +428,11 @@ async function showSpec(app) {
   result.hidden = true;
   $("#spec-plan").onclick = (ev) => run(ev.currentTarget, "zwrm.app.plan", (plan) => say(planText(plan)));
   $("#spec-deploy").onclick = (ev) => {
-    say(`deploying ${app.name}: the card follows its update`);
+    say(`deploying ${app.name}: close this dialog to follow its update on the app's card`);
     return run(ev.currentTarget, "zwrm.app.deploy", (s) => {
       say(`${app.name}: version ${s.spec_version} deployed`);
       $("#spec-title").textContent = `${app.name}: spec version ${s.spec_version}`;
+      if (!$("#spec").open) showMessage(`${app.name}: version ${s.spec_version} deployed`, null, "info");
     });
   };
   const dialog = $("#spec");
