@@ -26,6 +26,7 @@ from zwrm.cli.client import (
     EXIT_UNREACHABLE,
     EXIT_USAGE,
     CliError,
+    call_once,
     load_settings,
     print_json,
 )
@@ -228,6 +229,33 @@ async def _rm(reactor, args, out):
         await client.close()
 
 
+async def _gc(reactor, args, out=None):
+    out = out or sys.stdout
+    done = await call_once(reactor, args.api_url, "zwrm.image.gc", args.dry_run, args.grace)
+    if args.json:
+        return print_json(done, out)
+    verb = "would remove" if done["dry_run"] else "removed"
+    for key, what in (("manifests", "manifest"), ("blobs", "blob")):
+        for x in done[key]:
+            out.write(f"{verb} {what} {x['name']}@{x['digest']}\n")
+    mib = done["bytes"] / (1 << 20)
+    out.write(f"{verb} {len(done['manifests'])} manifest(s) and {len(done['blobs'])} blob(s): "
+              f"{'at most ' if done['dry_run'] else ''}{mib:.1f} MiB "
+              f"{'to free' if done['dry_run'] else 'freed'}\n")
+    for name in done["changed"]:
+        out.write(f"{name}: changed by a push meanwhile; left for the next run\n")
+
+
+def _seconds(text):
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1
+    if not 0 <= v <= 10 * 365 * 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not seconds (0 or more)")
+    return v
+
+
 def _port(text):
     try:
         value = int(text)
@@ -267,4 +295,19 @@ def register(subparsers):
     rm.add_argument("refs", nargs="+", metavar="REF")
     rm.add_argument("--json", action="store_true", help="print JSON")
     rm.set_defaults(func=_cli_errors(_rm))
+
+    gc = sub.add_parser(
+        "gc", help="remove what no image needs (untagged manifests, unused blobs)",
+        description="Remove what no image needs from the control plane's registry: manifests "
+                    "no tag, index or app spec points at (an app deployed by digest, any of "
+                    "its spec versions), and blobs no remaining manifest uses, each stored "
+                    "longer ago than --grace (a push under way is left alone); then free the "
+                    "content no repository links. Removing a tag (zwrm images rm) frees "
+                    "nothing by itself: this does.")
+    gc.add_argument("--dry-run", action="store_true", help="only say what it would remove")
+    gc.add_argument("--grace", type=_seconds, default=None, metavar="SECONDS",
+                    help="leave what was stored less than this long ago (default 86400: "
+                         "a push uploads its blobs before its manifest)")
+    gc.add_argument("--json", action="store_true", help="print JSON")
+    gc.set_defaults(func=_gc)
     return p

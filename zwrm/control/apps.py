@@ -129,6 +129,24 @@ class Apps:
     def images(self, image_api):
         self._images.images = image_api
 
+    async def image_references(self):
+        """
+        The image references (C{NAME:TAG} or C{NAME@DIGEST}) of every app's spec versions
+        (its current one, and those a rollback may deploy again) and every machine's spec:
+        what the registry's collector keeps (L{zwrm.control.images.ImageAPI.gc}).
+        """
+        refs = set()
+        for app in await self.data.apps.all():
+            specs = [app["spec"]] + [v["spec"] for v in
+                                     await self.data.apps.spec_versions(app["id"])]
+            refs.update(s["image"] for s in specs
+                        if isinstance(s, dict) and isinstance(s.get("image"), str))
+        for m in await self.data.machines.find():
+            for spec in (m["spec"], (m["spec"] or {}).get("app_spec")):
+                if isinstance(spec, dict) and isinstance(spec.get("image"), str):
+                    refs.add(spec["image"])
+        return refs
+
     def sync_hosts(self):
         """Give the scheduler every known host again (at start-up only)."""
         self.placements.sync_hosts()

@@ -6,6 +6,8 @@ Distribution API. Pushing stays HTTP (C{/v2/}): images are large and streamed.
 The registry's files are read in the reactor's thread pool, never on the reactor thread.
 """
 
+import os
+
 from autobahn import wamp
 from twisted.internet.defer import fail
 from twisted.internet.threads import deferToThreadPool
@@ -13,7 +15,7 @@ from twisted.internet.threads import deferToThreadPool
 from zwrm import errors
 from zwrm.drivers import diskimage, kernelimage
 from zwrm.registry import image
-from zwrm.registry.store import StoreError
+from zwrm.registry.store import DIGEST_RE, StoreError
 
 ROLES = ("kernel", "initrd", "disk")
 
@@ -25,10 +27,17 @@ class ImageAPI:
     @param delete_enabled: whether images may be deleted (as the registry's own setting).
     """
 
+    #: How long the collector leaves what nothing uses (seconds): a push uploads its blobs,
+    #: then its manifest, and an image pushed but not yet tagged is not garbage.
+    GC_GRACE = 86400.0
+
     def __init__(self, reactor, store, delete_enabled=True):
         self._reactor = reactor
         self._store = store
         self._delete_enabled = delete_enabled
+        #: an async callable: the image references the cluster's app specs and machines
+        #: name (set by the control plane); a manifest one names by digest is kept
+        self.references = None
 
     def _in_thread(self, fn, *args):
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn, *args)
@@ -136,11 +145,73 @@ class ImageAPI:
         """
         return self._in_thread(self._info, ref)
 
+    @wamp.register("zwrm.image.gc")
+    async def gc(self, dry_run=False, grace=None):
+        """
+        Remove what no image needs (L{zwrm.registry.store.RegistryStore.scan} and
+        C{collect}), in every repository: manifests no tag, index or app spec points at,
+        and blobs no remaining manifest uses, each older than C{grace} seconds (default
+        L{GC_GRACE}); then the content no repository links.  With C{dry_run}, only what
+        it would remove (C{bytes}: at most that much).
+
+        @return: C{{"manifests": [{name, digest}], "blobs": [{name, digest}], "bytes",
+            "dry_run", "changed"}} (C{changed}: repositories a push changed meanwhile, left
+            for a later run).
+        @raise zwrm.errors.NotAuthorized: deleting is turned off.
+        """
+        if not self._delete_enabled:
+            raise errors.NotAuthorized("deleting images is turned off on this registry")
+        grace = self.GC_GRACE if grace is None else float(grace)
+        keep = set()
+        for ref in (await self.references()) if self.references is not None else ():
+            try:
+                _, reference = image.parse_reference(ref)
+            except errors.InvalidArgument:
+                continue
+            if DIGEST_RE.match(reference):
+                keep.add(reference)
+        store = self._store
+
+        def scan():
+            plans = [store.scan(n, keep, grace) for n in store.repositories()]
+            sizes = {}
+            for p in plans:
+                for d in p["manifests"] + p["blobs"]:
+                    try:
+                        sizes[d] = os.stat(store.blob_path(d)).st_blocks * 512
+                    except OSError:
+                        sizes[d] = 0
+            return plans, sizes
+
+        plans, sizes = await self._in_thread(scan)
+        out = {"manifests": [], "blobs": [], "bytes": 0, "dry_run": bool(dry_run),
+               "changed": []}
+        if dry_run:
+            for p in plans:
+                for key in ("manifests", "blobs"):
+                    out[key] += [{"name": p["name"], "digest": d} for d in p[key]]
+            out["bytes"] = sum(sizes[d] for d in {d for p in plans
+                                                  for d in p["manifests"] + p["blobs"]})
+            return out
+        trash = []
+        for p in plans:  # on the reactor thread, where pushes link what they stored
+            if not p["manifests"] and not p["blobs"]:
+                continue
+            done = store.collect(p, grace)
+            for key in ("manifests", "blobs"):
+                out[key] += [{"name": p["name"], "digest": d} for d in done[key]]
+            out["bytes"] += done["bytes"]
+            if done.get("changed"):
+                out["changed"].append(p["name"])
+            trash += done["trash"]
+        await self._in_thread(store.empty_trash, trash)
+        return out
+
     @wamp.register("zwrm.image.delete")
     def delete(self, ref):
         """
         Delete a tag (C{NAME:TAG}), or a manifest and every tag that points at it
-        (C{NAME@sha256:...}); blobs no manifest uses are removed.
+        (C{NAME@sha256:...}); the blobs it used stay until L{gc} finds nothing uses them.
 
         @raise zwrm.errors.NotFound: no such image.
         @raise zwrm.errors.NotAuthorized: deleting is turned off.

@@ -638,6 +638,16 @@ PROCEDURES = {p.uri: p for p in [
     Procedure("zwrm.image.info", OPERATOR, "One image.",
               [Arg("ref", IMAGE_REF, doc="NAME[:TAG][@DIGEST]")], "the image with its tags",
               ["invalid_argument", "not_found"]),
+    Procedure("zwrm.image.gc", OPERATOR,
+              "Remove what no image needs: manifests no tag, index or app spec points at, and"
+              " blobs no remaining manifest uses, each older than the grace period; then the"
+              " content no repository links. A push under way keeps what it uploaded.",
+              [Arg("dry_run", Bool(), False, "only say what it would remove"),
+               Arg("grace", Nullable(Number(0, 10 * 365 * 86400)), None,
+                   "seconds something unused is left first (default 86400: a push uploads"
+                   " its blobs before its manifest)")],
+              "{manifests: [{name, digest}], blobs: [{name, digest}], bytes, dry_run, changed}",
+              ["invalid_argument", "not_authorized (deleting is turned off)"]),
     Procedure("zwrm.image.delete", OPERATOR,
               "Delete a tag, or a manifest and every tag that points at it.",
               [Arg("ref", IMAGE_REF, doc="NAME:TAG or NAME@DIGEST")], "{image, deleted}",

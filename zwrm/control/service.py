@@ -246,6 +246,7 @@ class ControlPlane(service.MultiService):
             upload_ttl=cfg.registry_upload_ttl)
         image_api = ImageAPI(self.reactor, images.store, delete_enabled=images.delete_enabled)
         self.apps.images = image_api  # deploys are checked against the registry
+        image_api.references = self.apps.image_references  # kept by zwrm.image.gc
         # The ingress's TLS certificates (zwrm certs add), given to every agent.
         self.certs = Certs(self.reactor, self.store, self._publish)
         # The stored event history (zwrm.event.history) and the audit trail, both bounded.

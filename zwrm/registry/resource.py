@@ -498,17 +498,26 @@ class RegistryResource(resource.Resource):
             await threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
                                             _check_depth, body)
         self._validate_manifest(name, body, content_type)
-        await self._check_layers(body)
-        alg = "sha256"
-        if tag is None:
-            alg, _ = parse_digest(reference)
-            actual = f"{alg}:{hashlib.new(alg, body).hexdigest()}"
-            if actual != reference:
-                raise _Error(
-                    "DIGEST_INVALID", f"manifest has digest {actual}, not {reference}"
-                )
-        digest = await self.store.put_bytes(name, body, alg)
-        self.store.link_manifest(name, digest, content_type, tag)
+        # What it was checked against stays until it is linked (the collector skips it).
+        doc = json.loads(body)
+        release = self.store.hold(
+            [d["digest"] for d in [doc.get("config") or {}, *(doc.get("layers") or ()),
+                                   *(doc.get("manifests") or ())] if "digest" in d]
+            + [f"sha256:{hashlib.sha256(body).hexdigest()}"] + ([] if tag else [reference]))
+        try:
+            await self._check_layers(body)
+            alg = "sha256"
+            if tag is None:
+                alg, _ = parse_digest(reference)
+                actual = f"{alg}:{hashlib.new(alg, body).hexdigest()}"
+                if actual != reference:
+                    raise _Error(
+                        "DIGEST_INVALID", f"manifest has digest {actual}, not {reference}"
+                    )
+            digest = await self.store.put_bytes(name, body, alg)
+            self.store.link_manifest(name, digest, content_type, tag)
+        finally:
+            release()
         self._finish(
             request,
             201,

@@ -11,6 +11,7 @@ Layout under C{root}::
     repositories/<name>/_manifests/<alg>/<hex>
                                             the manifest's media type: the repository holds it
     repositories/<name>/_tags/<tag>         the digest the tag points at
+    trash/<uuid>                            content the collector removed, being deleted
 
 Everything that reads or writes bulk bytes (copying an upload chunk, hashing, fsync) runs in
 the reactor's thread pool; the rest is a handful of small metadata syscalls done on the
@@ -25,11 +26,22 @@ whole of its upload, it is hashed where it lies and renamed into place instead o
 
 Upload sessions keep their running hash in memory; a restart of the control plane forgets
 them (their files are removed at start-up) and clients start the upload again.
+
+The collector (L{RegistryStore.scan}, then L{RegistryStore.collect}) removes what no tag
+needs: manifests no tag, kept index or caller points at, and blob links no remaining manifest
+uses, each older than a grace period (a push uploads its blobs before its manifest), then
+the content no repository links. What a manifest push or an upload is about to link is
+held (L{RegistryStore.hold}) and never collected; the removal itself runs on the reactor
+thread, where pushes link, after checking that the repository did not change since its
+scan; content is renamed into C{trash/} there and deleted from it in a thread.
 """
 
+import collections
 import hashlib
+import json
 import os
 import re
+import time
 import uuid as uuidlib
 
 from twisted.internet import threads
@@ -174,12 +186,14 @@ class RegistryStore:
         self.upload_ttl = upload_ttl
         self.root = os.path.abspath(root)
         self._uploads = {}
-        for sub in ("blobs", "uploads", "repositories"):
+        self._held = collections.Counter()  # digest -> holds (hold(): kept from collect)
+        for sub in ("blobs", "uploads", "repositories", "trash"):
             os.makedirs(os.path.join(self.root, sub), exist_ok=True)
-        # Upload sessions do not survive a restart: their hash state is in memory.
-        updir = os.path.join(self.root, "uploads")
-        for entry in os.listdir(updir):
-            os.unlink(os.path.join(updir, entry))
+        # Upload sessions do not survive a restart: their hash state is in memory. Content
+        # collected but not yet deleted is no blob any more.
+        for sub in ("uploads", "trash"):
+            for entry in os.listdir(os.path.join(self.root, sub)):
+                os.unlink(os.path.join(self.root, sub, entry))
 
     def _in_thread(self, f, *args):
         return threads.deferToThreadPool(
@@ -413,19 +427,23 @@ class RegistryStore:
         if upload.busy:
             raise StoreError("BLOB_UPLOAD_INVALID", "a chunk of this upload is in progress")
         self._uploads.pop(upload.uuid, None)
-        if alg in upload.hashers:
-            actual = f"{alg}:{upload.hashers[alg].hexdigest()}"
-        else:
-            actual = f"{alg}:{await self._in_thread(_hash_file, upload.path, alg)}"
+        release = self.hold([digest])  # its content, committed before it is linked
         try:
-            await self._commit(upload.path, digest, actual)
-        except BaseException:
+            if alg in upload.hashers:
+                actual = f"{alg}:{upload.hashers[alg].hexdigest()}"
+            else:
+                actual = f"{alg}:{await self._in_thread(_hash_file, upload.path, alg)}"
             try:
-                os.unlink(upload.path)
-            except FileNotFoundError:
-                pass
-            raise
-        self._link(upload.name, digest)
+                await self._commit(upload.path, digest, actual)
+            except BaseException:
+                try:
+                    os.unlink(upload.path)
+                except FileNotFoundError:
+                    pass
+                raise
+            self._link(upload.name, digest)
+        finally:
+            release()
         return upload.size
 
     async def put_bytes(self, name, data, algorithm="sha256"):
@@ -536,6 +554,142 @@ class RegistryStore:
                 names.append(os.path.relpath(dirpath, base).replace(os.sep, "/"))
             dirnames[:] = [d for d in dirnames if not d.startswith("_")]
         return sorted(names)
+
+    # --- the collector ---------------------------------------------------------------
+
+    def hold(self, digests):
+        """
+        Keep content C{digests} (and their links) from L{collect} until the returned
+        callable is called: what a manifest push checked, what an upload commits.
+        """
+        digests = list(digests)
+        self._held.update(digests)
+
+        def release():
+            self._held.subtract(digests)
+            for d in digests:
+                if self._held[d] <= 0:
+                    del self._held[d]
+
+        return release
+
+    def _links(self, name, kind):
+        """C{{digest: mtime}} of repository C{name}'s C{_blobs} or C{_manifests} links."""
+        out = {}
+        for alg in ALGORITHMS:
+            base = self._repo(name, kind, alg)
+            try:
+                entries = os.listdir(base)
+            except FileNotFoundError:
+                continue
+            for hexd in entries:
+                try:
+                    out[f"{alg}:{hexd}"] = os.stat(os.path.join(base, hexd)).st_mtime
+                except FileNotFoundError:
+                    pass
+        return out
+
+    def _tag_map(self, name):
+        tags = {}
+        for tag in self.tags(name):
+            try:
+                with open(self._repo(name, "_tags", tag)) as f:
+                    tags[tag] = f.read().strip()
+            except FileNotFoundError:
+                pass
+        return tags
+
+    def scan(self, name, keep=(), grace=86400.0, now=None):
+        """
+        What L{collect} may remove from repository C{name} (reads only; run it in a
+        thread): C{{"name", "snapshot", "manifests", "blobs"}}, each a list of digests.
+
+        Kept: manifests a tag points at, those in C{keep} (digests an app's spec names),
+        those younger than C{grace} seconds, and the manifests of a kept index; blob links
+        a kept manifest uses (its config and layers) or younger than C{grace}.  A manifest
+        that cannot be read keeps everything (nothing of the repository is collected).
+        """
+        now = time.time() if now is None else now
+        tags = self._tag_map(name)
+        manifests = self._links(name, "_manifests")
+        blobs = self._links(name, "_blobs")
+        kept = {d for d in manifests
+                if d in tags.values() or d in keep or now - manifests[d] < grace}
+        used, todo = set(), list(kept)
+        while todo:
+            digest = todo.pop()
+            try:
+                with open(self.blob_path(digest), "rb") as f:
+                    doc = json.loads(f.read(4 * 1024 * 1024 + 1))
+                children = [d["digest"] for d in doc.get("manifests") or ()]
+                if "config" in doc:
+                    used.update(d["digest"] for d in [doc["config"], *(doc.get("layers") or ())])
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return {"name": name, "snapshot": None, "manifests": [], "blobs": []}
+            for child in children:
+                if child in manifests and child not in kept:
+                    kept.add(child)
+                    todo.append(child)
+        return {
+            "name": name,
+            # (a manifest pushed again, even by digest, links anew: its time changes)
+            "snapshot": (sorted(tags.items()), sorted(manifests.items())),
+            "manifests": sorted(d for d in manifests if d not in kept),
+            "blobs": sorted(d for d, mtime in blobs.items()
+                            if d not in used and d not in kept and now - mtime >= grace),
+        }
+
+    def collect(self, plan, grace=86400.0, now=None):
+        """
+        Remove what L{scan} found (C{plan}) on the reactor thread, unless the repository
+        changed since (a tag, a manifest added, removed or pushed again: then nothing,
+        until a later scan): each link not held (L{hold}) and still older than C{grace}, then the
+        content no repository links any more, renamed into C{trash/}.
+
+        @return: C{{"manifests", "blobs", "bytes", "trash", "changed"}}: the digests removed
+            from the repository, the bytes of content freed, the trash paths to delete (in
+            a thread: L{empty_trash}), and whether the repository changed since its scan.
+        """
+        now = time.time() if now is None else now
+        name = plan["name"]
+        out = {"manifests": [], "blobs": [], "bytes": 0, "trash": [], "changed": False}
+        if plan["snapshot"] is None:
+            return out
+        if plan["snapshot"] != (sorted(self._tag_map(name).items()),
+                                sorted(self._links(name, "_manifests").items())):
+            out["changed"] = True
+            return out
+        for key, path_of in (("manifests", self._manifest_link), ("blobs", self._link_path)):
+            for digest in plan[key]:
+                path = path_of(name, digest)
+                try:
+                    if digest in self._held or now - os.stat(path).st_mtime < grace:
+                        continue
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                out[key].append(digest)
+        for digest in out["manifests"] + out["blobs"]:
+            if digest in self._held or self._linked_anywhere(digest):
+                continue
+            trash = os.path.join(self.root, "trash", str(uuidlib.uuid4()))
+            try:
+                size = os.stat(self.blob_path(digest)).st_blocks * 512
+                os.rename(self.blob_path(digest), trash)
+            except FileNotFoundError:
+                continue
+            out["bytes"] += size
+            out["trash"].append(trash)
+        return out
+
+    @staticmethod
+    def empty_trash(paths):
+        """Delete collected content (in a thread: a large file takes a while to free)."""
+        for path in paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     def disk_usage(self):
         """

@@ -1,0 +1,1 @@
+`zwrm images gc [--dry-run] [--grace S]` (`zwrm.image.gc`) frees the registry of untagged manifests no app names and of blobs no remaining manifest uses; a push under way keeps what it uploaded. Removing a tag freed nothing before, and nothing collected the layers of a deleted image.
