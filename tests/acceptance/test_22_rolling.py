@@ -17,7 +17,8 @@ C{/www/version.txt}, which the guest's web server serves).
    bad deploy exits 1 saying so, and the fix rolls out at once.  Then the app as a file
    (C{zwrm apps spec}, C{zwrm deploy --file}): applied again it is no new version and
    replaces nothing; a typo in it (exit 2) and a bad value (exit 1) are one line each and
-   change nothing; an edit is the next version.
+   change nothing; an edit is the next version.  Its first image, untagged, is collected
+   (C{zwrm images gc}): its manifest and the blobs no other image uses go, the rest stays.
  - The earlier app (one replica, pinned to its volume) is redeployed with
    C{demo:2-panic-once} (C{demo:2} whose guest panics at its first boot): its replacement
    runs on the same host with the same volume, the update having waited through the restart
@@ -248,6 +249,16 @@ def test_rolling_deploy_of_a_stateless_app(cluster, request):
     assert cluster.zwrm("apps", "history", "roll").splitlines()[-1].split()[-2:] == \
         ["shutdown_delay", "current"]
     cluster.zwrm("destroy", "roll")
+
+    with cluster.phase("the image no app uses any more, untagged and collected"):
+        images = {f"{i['name']}:{i['tag']}": i for i in cluster.zwrm_json("images", "list")}
+        slow = images["demo:1-slow"]["digest"]
+        cluster.zwrm("images", "rm", "demo:1-slow")
+        gone = cluster.zwrm_json("images", "gc", "--grace", "0")
+        left = {f"{i['name']}:{i['tag']}" for i in cluster.zwrm_json("images", "list")}
+    assert {"name": "demo", "digest": slow} in gone["manifests"], gone
+    assert gone["blobs"] and gone["bytes"] > 0, gone  # its initramfs, which no other has
+    assert left == set(images) - {"demo:1-slow"}, left
 
 
 def test_redeploy_of_the_app_with_a_volume(cluster):
