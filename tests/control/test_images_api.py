@@ -90,4 +90,35 @@ class ImageAPITests(TestCase):
         await self.push(registry, "demo", "1")
         with self.assertRaises(errors.NotAuthorized):
             await api.delete("demo:1")
+        with self.assertRaises(errors.NotAuthorized):
+            await api.gc(grace=0)
         self.assertEqual(len(await api.list()), 1)
+
+    @d
+    async def test_gc_keeps_an_image_deployed_by_digest_while_it_scanned(self):
+        """
+        An app deployed by the digest of an untagged image while the collector scans: the
+        image stays (its repository is left for the next run).
+        """
+        registry, api = self.api()
+        digest = await self.push(registry, "demo", "1")
+        await api.delete("demo:1")
+        named = [set(), {"demo@" + digest}]  # the references before and after the scan
+        api.references = lambda: ensureDeferred(_first(named))
+        done = await api.gc(grace=0)
+        self.assertEqual((done["manifests"], done["blobs"], done["changed"]), ([], [], ["demo"]))
+        self.assertEqual((await api.info("demo@" + digest))["digest"], digest)
+        named = [{"demo@" + digest}]
+        done = await api.gc(grace=0)  # named from the start: kept, and nothing else to do
+        self.assertEqual((done["manifests"], done["blobs"], done["changed"]), ([], [], []))
+        named = [set()]
+        done = await api.gc(grace=0)  # named no more: it goes, with its layers
+        self.assertEqual((done["manifests"], len(done["blobs"]), done["changed"]),
+                         ([{"name": "demo", "digest": digest}], 3, []))
+        with self.assertRaises(errors.NotFound):
+            await api.info("demo@" + digest)
+
+
+async def _first(named):
+    """The next of the reference sets in C{named} (the last one again once it is the last)."""
+    return named.pop(0) if len(named) > 1 else named[0]

@@ -155,21 +155,14 @@ class ImageAPI:
         it would remove (C{bytes}: at most that much).
 
         @return: C{{"manifests": [{name, digest}], "blobs": [{name, digest}], "bytes",
-            "dry_run", "changed"}} (C{changed}: repositories a push changed meanwhile, left
-            for a later run).
+            "dry_run", "changed"}} (C{changed}: repositories a push or a deploy by digest
+            changed meanwhile, left for a later run).
         @raise zwrm.errors.NotAuthorized: deleting is turned off.
         """
         if not self._delete_enabled:
             raise errors.NotAuthorized("deleting images is turned off on this registry")
         grace = self.GC_GRACE if grace is None else float(grace)
-        keep = set()
-        for ref in (await self.references()) if self.references is not None else ():
-            try:
-                _, reference = image.parse_reference(ref)
-            except errors.InvalidArgument:
-                continue
-            if DIGEST_RE.match(reference):
-                keep.add(reference)
+        keep = await self._pinned()
         store = self._store
 
         def scan():
@@ -194,8 +187,14 @@ class ImageAPI:
                                                   for d in p["manifests"] + p["blobs"]})
             return out
         trash = []
+        # An app deployed by digest while the scan ran keeps its image (and that image's
+        # repository keeps everything, until the next run).
+        pinned = await self._pinned() - keep
         for p in plans:  # on the reactor thread, where pushes link what they stored
             if not p["manifests"] and not p["blobs"]:
+                continue
+            if pinned & set(p["manifests"]):
+                out["changed"].append(p["name"])
                 continue
             done = store.collect(p, grace)
             for key in ("manifests", "blobs"):
@@ -206,6 +205,18 @@ class ImageAPI:
             trash += done["trash"]
         await self._in_thread(store.empty_trash, trash)
         return out
+
+    async def _pinned(self):
+        """The manifest digests the cluster's apps and machines name (L{references})."""
+        keep = set()
+        for ref in (await self.references()) if self.references is not None else ():
+            try:
+                _, reference = image.parse_reference(ref)
+            except errors.InvalidArgument:
+                continue
+            if DIGEST_RE.match(reference):
+                keep.add(reference)
+        return keep
 
     @wamp.register("zwrm.image.delete")
     def delete(self, ref):
