@@ -301,6 +301,24 @@ class ImagesGcCommandTests(unittest.TestCase):
         info = json.loads(await self.zwrm(plane, "images", "gc", "--grace", "0", "--json"))
         self.assertEqual((info["manifests"], info["blobs"]), ([], []))
 
+    @aio
+    async def test_a_repository_left_for_the_next_run_is_said(self):
+        from zwrm.cli import images as cli_images
+
+        async def answer(reactor, url, procedure, *args):
+            self.assertEqual((procedure, args), ("zwrm.image.gc", (True, 0.0)))
+            return {"manifests": [], "blobs": [{"name": "web", "digest": "sha256:" + "a" * 64}],
+                    "bytes": 3 << 20, "dry_run": True, "changed": ["api"]}
+
+        self.patch(cli_images, "call_once", answer)
+        args = build_parser().parse_args(["images", "gc", "--dry-run", "--grace", "0"])
+        out = io.StringIO()
+        await args.func(reactor, args, out)
+        self.assertEqual(out.getvalue().splitlines(), [
+            "would remove blob web@sha256:" + "a" * 64,
+            "would remove 0 manifest(s) and 1 blob(s): at most 3.0 MiB to free",
+            "api: changed by a push or a deploy meanwhile; left for the next run"])
+
     def test_bad_grace(self):
         with self.assertRaises(SystemExit):
             build_parser().parse_args(["images", "gc", "--grace", "-1"])

@@ -243,7 +243,7 @@ async def _gc(reactor, args, out=None):
               f"{'at most ' if done['dry_run'] else ''}{mib:.1f} MiB "
               f"{'to free' if done['dry_run'] else 'freed'}\n")
     for name in done["changed"]:
-        out.write(f"{name}: changed by a push meanwhile; left for the next run\n")
+        out.write(f"{name}: changed by a push or a deploy meanwhile; left for the next run\n")
 
 
 def _seconds(text):
