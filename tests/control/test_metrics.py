@@ -119,6 +119,14 @@ class ControlMetricsTests(TestCase):
             {r: samples[("zwrm_network_view_full_list_reasons_total", (("reason", r),))]
              for r in network.FULL_LIST_REASONS}, view.full_list_reasons)
         self.assertEqual(families["zwrm_partition_held_hosts"].samples, [])  # no partition
+        self.assertEqual(samples[("zwrm_registry_bytes", ())], 0)  # nothing pushed
+        store = plane.apps.images._store
+        digest = await store.put_bytes("demo", b"x" * 10_000)
+        r = await treq.get(f"http://127.0.0.1:{port}/metrics", persistent=False)
+        samples, _ = parse(await r.text())
+        self.assertEqual(samples[("zwrm_registry_bytes", ())],
+                         os.stat(store.blob_path(digest)).st_blocks * 512)
+        self.assertGreaterEqual(samples[("zwrm_registry_bytes", ())], 10_000)
         ca = plane.pki.ca.certificate.not_valid_after_utc.timestamp()
         with open(os.path.join(plane.pki.directory, "server.pem"), "rb") as f:
             server = pki.expiry_time(f.read())

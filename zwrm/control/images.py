@@ -206,6 +206,10 @@ class ImageAPI:
         await self._in_thread(store.empty_trash, trash)
         return out
 
+    def disk_usage(self):
+        """The disk the registry's blobs take, in bytes (a Deferred; walked in a thread)."""
+        return self._store.disk_usage()
+
     async def _pinned(self):
         """The manifest digests the cluster's apps and machines name (L{references})."""
         keep = set()

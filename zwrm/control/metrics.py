@@ -14,6 +14,7 @@ TYPE lines (docs/operators.md, "Metrics").
    only whether it is connected;
  - per datacenter where the partition guard holds rescheduling, the hosts it holds;
  - when the cluster CA's certificate and the server certificate expire;
+ - the disk the image registry's blobs take;
  - the garbage-collection policy's figures, when there is one.
 
 Families are made with C{prometheus_client} and written with its C{generate_latest}
@@ -226,6 +227,12 @@ class ControlMetrics:
                 "When the control plane's server certificate expires, POSIX time (renewed"
                 " with 30 days left, checked every 6 hours).",
                 value=control_pki.server_expires_at))
+        images = getattr(getattr(plane, "apps", None), "images", None)
+        if images is not None:
+            out.append(GaugeMetricFamily(
+                "zwrm_registry_bytes",
+                "The disk the registry's images take (its blobs' allocated bytes); zwrm images"
+                " gc frees what no image needs.", value=await images.disk_usage()))
         partitions = plane.partitions()
         held = GaugeMetricFamily(
             "zwrm_partition_held_hosts",

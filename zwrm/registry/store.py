@@ -693,15 +693,19 @@ class RegistryStore:
 
     def disk_usage(self):
         """
-        @return: a Deferred firing with the total bytes of stored blobs (for status
-            pages); the tree is walked in a thread.
+        @return: a Deferred firing with the disk the stored blobs take, in bytes (their
+            allocated blocks: a sparse raw disk counts what its data takes); the tree is
+            walked in a thread.
         """
 
         def walk():
             total = 0
             for dirpath, _, files in os.walk(os.path.join(self.root, "blobs")):
                 for f in files:
-                    total += os.stat(os.path.join(dirpath, f)).st_size
+                    try:
+                        total += os.stat(os.path.join(dirpath, f)).st_blocks * 512
+                    except FileNotFoundError:
+                        pass  # collected meanwhile
             return total
 
         return self._in_thread(walk)
