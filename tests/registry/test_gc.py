@@ -228,7 +228,7 @@ class PushUnderWayTests(unittest.TestCase):
             os.utime(store._link_path("web", d), (then, then))
         checking, go_on = Deferred(), Deferred()
 
-        async def check_layers(body):
+        async def check_layers(doc):
             checking.callback(None)
             await go_on
 

@@ -497,15 +497,14 @@ class RegistryResource(resource.Resource):
             # Maybe deep: scan it in a thread (a few MiB of brackets take a while).
             await threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
                                             _check_depth, body)
-        self._validate_manifest(name, body, content_type)
+        doc = self._validate_manifest(name, body, content_type)
         # What it was checked against stays until it is linked (the collector skips it).
-        doc = json.loads(body)
         release = self.store.hold(
             [d["digest"] for d in [doc.get("config") or {}, *(doc.get("layers") or ()),
                                    *(doc.get("manifests") or ())] if "digest" in d]
             + [f"sha256:{hashlib.sha256(body).hexdigest()}"] + ([] if tag else [reference]))
         try:
-            await self._check_layers(body)
+            await self._check_layers(doc)
             alg = "sha256"
             if tag is None:
                 alg, _ = parse_digest(reference)
@@ -524,11 +523,11 @@ class RegistryResource(resource.Resource):
             headers={"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": digest},
         )
 
-    async def _check_layers(self, body):
+    async def _check_layers(self, doc):
         # A kernel layer must be a kernel QEMU boots (see zwrm.drivers.kernelimage), and a
         # qcow2 disk layer self-contained: no backing file, no external data file (see
         # zwrm.drivers.diskimage). Checked here, before anything can pull the image.
-        doc = json.loads(body)
+        # (doc: the manifest as _validate_manifest parsed it)
         for desc in doc.get("layers") or ():
             if desc.get("mediaType") == KERNEL_TYPE:
                 digest = desc["digest"]
@@ -556,6 +555,7 @@ class RegistryResource(resource.Resource):
                              status=503) from None
 
     def _validate_manifest(self, name, body, content_type):
+        """The manifest C{body} parsed, once checked. @raise _Error: what is wrong."""
         try:
             doc = json.loads(body)
         except (ValueError, UnicodeDecodeError):
@@ -584,7 +584,7 @@ class RegistryResource(resource.Resource):
                         f"manifest {digest} is not in {name}",
                         detail={"digest": digest},
                     ) from None
-            return
+            return doc
         layers = doc.get("layers")
         if not isinstance(layers, list) or "config" not in doc:
             raise _Error("MANIFEST_INVALID", "an image manifest needs config and layers")
@@ -602,6 +602,7 @@ class RegistryResource(resource.Resource):
                     "MANIFEST_INVALID",
                     f"blob {digest} has {have} bytes, the manifest says {size}",
                 )
+        return doc
 
     @staticmethod
     def _descriptor(desc):
