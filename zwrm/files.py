@@ -7,6 +7,15 @@ import errno
 import os
 
 
+def fsync_path(path):
+    """fsync the file or directory at C{path} (blocking: call it from a thread)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomically(path, text, sync=False, reserve=None):
     """
     Write C{text} (str) to C{path}, mode 0600, through C{<path>.tmp} renamed over it; with

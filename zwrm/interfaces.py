@@ -455,6 +455,28 @@ class ILiveMigration(Interface):
         @return: a Deferred firing with C{[[offset, length], ...]}.
         """
 
+class IVolumeBackup(Interface):
+    """
+    Optional, for hypervisor drivers: copy a volume of a running machine as it is at one
+    moment, while its guest runs on (a volume snapshot, L{zwrm.agent.volumes.VolumeStore}).
+    The copy is crash-consistent: what the disk held at that moment, as after a power cut.
+    """
+
+    def backup_volume(machine_id, volume_id, target):
+        """
+        Copy volume C{volume_id} of the running machine C{machine_id} into the new file
+        C{target}, as the volume is at the moment the copy starts (guest writes after it
+        are not in the copy); the copy is on disk (fsynced) when the Deferred fires.
+
+        @return: a Deferred firing with C{None}.
+        @raise NotFound: no such machine, or it has no volume C{volume_id}.
+        @raise Conflict: the machine is not running, is moving live, or is being copied
+            already; or C{target} exists.
+        @raise ResourceExhausted: C{target}'s file system filled up (C{target} is removed).
+        @raise Unavailable: the hypervisor failed (C{target} is removed).
+        """
+
+
 # --- Images ----------------------------------------------------------------------------
 
 

@@ -167,3 +167,147 @@ class VolumeStoreTests(TestCase):
         # Temporaries never adopted are removed when the store starts again.
         VolumeStore(reactor, self.root)
         self.assertEqual(os.listdir(self.root), ["v9.img"])
+
+
+class VolumeSnapshotTests(TestCase):
+    """Snapshots of real ext4 volumes: copies at rest, through a backup, and restores."""
+
+    def setUp(self):
+        self.root = tempfile.mkdtemp(prefix="zwrm-vol-")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.store = VolumeStore(reactor, self.root)
+
+    def scribble(self, volume_id, text, offset=4 << 20):
+        with open(self.store.path(volume_id), "r+b") as f:
+            f.seek(offset)
+            f.write(text)
+
+    def read(self, path, offset=4 << 20, length=5):
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    async def test_snapshot_at_rest_then_restore_keeps_what_the_volume_held(self):
+        await self.store.create("v1", 8)
+        self.scribble("v1", b"first")
+        info = await self.store.snapshot("v1", "s1")
+        self.assertEqual((info["id"], info["volume_id"], info["size_bytes"]),
+                         ("s1", "v1", 8 << 20))
+        self.assertEqual(self.read(info["path"]), b"first")
+        self.assertEqual(os.stat(info["path"]).st_mode & 0o777, 0o600)
+        self.assertEqual(os.stat(os.path.dirname(info["path"])).st_mode & 0o777, 0o700)
+        self.assertEqual(os.stat(self.store.snapshots_root).st_mode & 0o777, 0o700)
+        self.assertLess(info["allocated_bytes"], 8 << 20)  # sparse
+        with self.assertRaises(Conflict):
+            await self.store.snapshot("v1", "s1")
+
+        self.scribble("v1", b"later")
+        got = await self.store.restore("v1", "s1", "k1")
+        self.assertEqual(self.read(self.store.path("v1")), b"first")
+        self.assertEqual(got["kept"]["id"], "k1")
+        self.assertEqual(self.read(got["kept"]["path"]), b"later")
+        self.assertEqual(got["volume"]["id"], "v1")
+        self.assertEqual([s["id"] for s in self.store.snapshots("v1")], ["k1", "s1"])
+        self.assertEqual([s["id"] for s in self.store.snapshots()], ["k1", "s1"])
+        self.assertEqual([v["id"] for v in self.store.list()], ["v1"])
+        with self.assertRaises(Conflict):
+            await self.store.restore("v1", "s1", "k1")  # k1 is taken
+
+        self.assertRaises(Conflict, self.store.delete, "v1")  # its snapshots first
+        await self.store.delete_snapshot("v1", "k1")
+        await self.store.delete_snapshot("v1", "s1")
+        self.assertRaises(NotFound, self.store.delete_snapshot, "v1", "s1")
+        await self.store.delete("v1")
+        self.assertEqual(self.store.snapshots(), [])
+        self.assertEqual(os.listdir(self.store.snapshots_root), [])
+
+    async def test_claims_and_snapshots_at_rest_exclude_each_other(self):
+        await self.store.create("v1", 8)
+        await self.store.snapshot("v1", "s1")
+        self.store.claim("v1", "m1")
+        with self.assertRaises(Conflict):
+            await self.store.snapshot("v1", "s2")
+        with self.assertRaises(Conflict):
+            await self.store.restore("v1", "s1", "k1")
+        self.store.release("v1", "m1")
+        d = self.store.snapshot("v1", "s2")  # copying: no machine may start with it
+        self.assertRaises(Conflict, self.store.claim, "v1", "m1")
+        with self.assertRaises(Conflict):
+            await self.store.restore("v1", "s1", "k1")
+        await d
+        d = self.store.restore("v1", "s1", "k1")
+        self.assertRaises(Conflict, self.store.claim, "v1", "m1")
+        await d
+        self.store.claim("v1", "m1")
+
+    async def test_a_running_machine_s_volume_is_copied_by_its_backup(self):
+        await self.store.create("v1", 8)
+        self.scribble("v1", b"first")
+        self.store.claim("v1", "m1")
+        targets = []
+
+        async def backup(target):
+            targets.append(target)
+            shutil.copyfile(self.store.path("v1"), target)
+
+        info = await self.store.snapshot("v1", "s1", backup=backup)
+        self.assertEqual(self.read(info["path"]), b"first")
+        [target] = targets
+        self.assertEqual(os.path.dirname(target), os.path.dirname(info["path"]))
+
+        async def broken(target):
+            with open(target, "wb") as f:
+                f.write(b"half")
+            raise Unavailable("the hypervisor failed")
+
+        with self.assertRaises(Unavailable):
+            await self.store.snapshot("v1", "s2", backup=broken)
+        self.assertEqual([s["id"] for s in self.store.snapshots("v1")], ["s1"])
+        self.assertEqual(os.listdir(os.path.dirname(info["path"])), ["s1.img"])
+
+    async def test_a_restore_whose_copy_differs_changes_nothing(self):
+        await self.store.create("v1", 8)
+        self.scribble("v1", b"first")
+        await self.store.snapshot("v1", "s1")
+        self.scribble("v1", b"later")
+        real_copy = self.store._copy
+
+        async def corrupting(volume_id, src, dst):
+            await real_copy(volume_id, src, dst)
+            with open(dst, "r+b") as f:
+                f.seek(4 << 20)
+                f.write(b"rot!!")
+
+        self.store._copy = corrupting
+        with self.assertRaises(Unavailable) as e:
+            await self.store.restore("v1", "s1", "k1")
+        self.assertIn("differs", str(e.exception))
+        self.assertEqual(self.read(self.store.path("v1")), b"later")
+        self.assertEqual([s["id"] for s in self.store.snapshots("v1")], ["s1"])
+        self.assertEqual(sorted(os.listdir(self.root)), ["snapshots", "v1.img"])
+        self.store.claim("v1", "m1")  # not left busy
+
+    async def test_no_room_and_bad_arguments_change_nothing(self):
+        await self.store.create("v1", 8)
+        self.scribble("v1", b"first")
+        await self.store.snapshot("v1", "s1")
+        full = VolumeStore(reactor, self.root, reserve_mb=10**12)
+        with self.assertRaises(ResourceExhausted):
+            await full.snapshot("v1", "s2")
+        with self.assertRaises(ResourceExhausted):
+            await full.restore("v1", "s1", "k1")
+        self.assertEqual([s["id"] for s in self.store.snapshots("v1")], ["s1"])
+        with self.assertRaises(NotFound):
+            await self.store.snapshot("v2", "s1")
+        with self.assertRaises(NotFound):
+            await self.store.restore("v1", "s9", "k1")
+        with self.assertRaises(InvalidArgument):
+            await self.store.snapshot("v1", "../s")
+        with self.assertRaises(InvalidArgument):
+            await self.store.restore("v1", "s1", "a/b")
+        self.assertEqual(self.read(self.store.path("v1")), b"first")
+        # A copy an agent's stop cut short is removed when the store starts again.
+        with open(os.path.join(self.store.snapshots_root, "v1", ".tmp-cut.img"), "wb"):
+            pass
+        VolumeStore(reactor, self.root)
+        self.assertEqual(os.listdir(os.path.join(self.store.snapshots_root, "v1")), ["s1.img"])

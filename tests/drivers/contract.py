@@ -29,7 +29,7 @@ from zope.interface.verify import verifyObject
 
 from zwrm.drivers.boot import ENDED_WITH_THE_HOST
 from zwrm.errors import Conflict, InvalidArgument, NotFound
-from zwrm.interfaces import MACHINE_STATES, IHypervisorDriver
+from zwrm.interfaces import MACHINE_STATES, IHypervisorDriver, IVolumeBackup
 
 
 async def poll(predicate, timeout=30.0, interval=0.05, what="condition"):
@@ -274,6 +274,40 @@ def make_driver_tests(fixture):
             self.assertEqual((seen[-1]["state"], seen[-1]["paused"]), ("running", None))
             console = await poll_console(second, "vm", fixture.filled_output)
             self.assertIn(fixture.filled_output, console)
+
+        async def test_backup_volume_copies_a_running_machine_s_volume(self):
+            """
+            L{IVolumeBackup.backup_volume} copies a running machine's volume into a new
+            private file, byte for byte; an unknown machine or volume is C{NotFound}, a
+            target that exists or a machine that is not running C{Conflict} (no file left).
+            """
+            drv = self.driver()
+            self.assertTrue(verifyObject(IVolumeBackup, drv))
+            path = os.path.join(self.root, "data.img")
+            with open(path, "wb") as f:
+                f.truncate(8 << 20)
+                f.seek(3 << 20)
+                f.write(b"zwrm volume " * 4096)
+            spec = fixture.spec(self, "vm")
+            spec["volumes"] = [{"id": "data", "path": path}]
+            target = os.path.join(self.root, "copy.img")
+            with self.assertRaises(NotFound):
+                await drv.backup_volume("vm", "data", target)
+            await drv.start(spec)
+            with self.assertRaises(NotFound):
+                await drv.backup_volume("vm", "other", target)
+            self.assertFalse(os.path.exists(target))
+            await drv.backup_volume("vm", "data", target)
+            with open(path, "rb") as a, open(target, "rb") as b:
+                self.assertTrue(a.read() == b.read(), "the copy differs from the volume")
+            self.assertEqual(os.stat(target).st_mode & 0o777, 0o600)
+            with self.assertRaises(Conflict):
+                await drv.backup_volume("vm", "data", target)
+            await drv.stop("vm")
+            again = os.path.join(self.root, "again.img")
+            with self.assertRaises(Conflict):
+                await drv.backup_volume("vm", "data", again)
+            self.assertFalse(os.path.exists(again))
 
     DriverContractTests.__name__ = fixture.__name__ + "ContractTests"
     DriverContractTests.__qualname__ = DriverContractTests.__name__

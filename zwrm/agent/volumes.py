@@ -5,6 +5,15 @@ Images are made with C{mkfs.ext4 -q -F} on a regular file (no root, no loop devi
 temporary file first and renamed into place, so a failed or interrupted create leaves
 nothing behind. A volume claimed by a machine (L{VolumeStore.claim}) cannot be deleted or
 replaced until the machine releases it.
+
+Snapshots (L{VolumeStore.snapshot}) are whole copies of a volume, immutable, kept beside it
+in C{<root>/snapshots/<volume id>/<snapshot id>.img}: a copy at rest (C{cp
+--sparse=always --reflink=auto}, so a file system with reflinks shares the blocks, and
+verified against the volume), or of a running machine's volume through its hypervisor
+(L{zwrm.interfaces.IVolumeBackup}, a point in time). A restore (L{VolumeStore.restore})
+copies a snapshot, verifies the copy, keeps the volume's current data as another snapshot
+and only then renames the copy into the volume's place. While a volume is snapshotted at
+rest or restored, no machine can claim it.
 """
 
 import errno
@@ -15,9 +24,11 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from zwrm.agent.blockmap import file_digest
 from zwrm.drivers import process
 from zwrm.drivers.spec import check_id
 from zwrm.errors import Conflict, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from zwrm.files import fsync_path
 
 log = Logger()
 
@@ -25,6 +36,8 @@ log = Logger()
 MAX_SIZE_MB = 1024 * 1024
 #: Smallest volume mkfs.ext4 makes without complaint, in MiB.
 MIN_SIZE_MB = 2
+#: The directory, under the store's, of the volumes' snapshots (one directory per volume).
+SNAPSHOTS = "snapshots"
 
 
 class VolumeStore:
@@ -48,16 +61,31 @@ class VolumeStore:
         self.mkfs_timeout = mkfs_timeout
         self._claims = {}
         self._creating = set()
+        #: volume id -> what is being done to it (a snapshot at rest, a restore): no claim
+        self._busy = {}
+        self.copy_timeout = 3600.0
         os.makedirs(self.root, mode=0o700, exist_ok=True)  # volumes are private to the agent
+        #: made with the first snapshot
+        self.snapshots_root = os.path.join(self.root, SNAPSHOTS)
         self._clean_temporaries()
 
     def _clean_temporaries(self):
-        for name in os.listdir(self.root):
-            if name.startswith(".tmp-"):
-                try:
-                    os.unlink(os.path.join(self.root, name))
-                except OSError:
-                    pass
+        try:
+            dirs = [self.root] + [os.path.join(self.snapshots_root, d)
+                                  for d in os.listdir(self.snapshots_root)]
+        except FileNotFoundError:
+            dirs = [self.root]
+        for d in dirs:
+            try:
+                names = os.listdir(d)
+            except OSError:
+                continue
+            for name in names:
+                if name.startswith(".tmp-"):
+                    try:
+                        os.unlink(os.path.join(d, name))
+                    except OSError:
+                        pass
 
     # --- paths and claims ---------------------------------------------------------------
 
@@ -101,6 +129,9 @@ class VolumeStore:
         owner = self._claims.get(volume_id)
         if owner is not None and owner != machine_id:
             raise Conflict(f"volume {volume_id!r} is used by machine {owner!r}")
+        if volume_id in self._busy:
+            raise Conflict(f"volume {volume_id!r} is being {self._busy[volume_id]}; "
+                           "try again once that is done")
         self._claims[volume_id] = machine_id
 
     def release(self, volume_id, machine_id):
@@ -184,11 +215,7 @@ class VolumeStore:
         return Unavailable(f"cannot make volume {volume_id!r}: {e.strerror}")
 
     def _fsync_dir(self):
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(self.root)
 
     def _synced(self):
         """
@@ -213,7 +240,16 @@ class VolumeStore:
             raise Conflict(
                 f"volume {volume_id!r} is used by machine {owner!r}; destroy the machine first"
             )
+        self._idle(volume_id)
+        left = self.snapshots(volume_id)
+        if left:
+            raise Conflict(f"volume {volume_id!r} has {len(left)} snapshot(s) on this host; "
+                           "delete them first")
         os.unlink(p)
+        try:
+            os.rmdir(self._snapshot_dir(volume_id))
+        except OSError:
+            pass
         log.info("volume {id}: deleted", id=volume_id)
         return self._synced()
 
@@ -251,6 +287,205 @@ class VolumeStore:
         """
         check_id(volume_id, "volume id")
         return os.path.join(self.root, f".tmp-{volume_id}-{uuid.uuid4().hex[:8]}.img")
+
+    # --- snapshots ---------------------------------------------------------------------
+
+    def _snapshot_dir(self, volume_id):
+        return os.path.join(self.snapshots_root, check_id(volume_id, "volume id"))
+
+    def _snapshot_path(self, volume_id, snapshot_id):
+        return os.path.join(self._snapshot_dir(volume_id),
+                            check_id(snapshot_id, "snapshot id") + ".img")
+
+    def _idle(self, volume_id):
+        """@raise Conflict: while the volume is snapshotted at rest or restored."""
+        if volume_id in self._busy:
+            raise Conflict(f"volume {volume_id!r} is being {self._busy[volume_id]}; "
+                           "try again once that is done")
+
+    def snapshot_info(self, volume_id, snapshot_id):
+        """
+        @return: C{{id, volume_id, size_bytes, allocated_bytes, path}}.
+        @raise NotFound: no such snapshot.
+        """
+        p = self._snapshot_path(volume_id, snapshot_id)
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            raise NotFound(f"no snapshot {snapshot_id!r} of volume {volume_id!r} on this "
+                           "host") from None
+        return {"id": snapshot_id, "volume_id": volume_id, "size_bytes": st.st_size,
+                "allocated_bytes": st.st_blocks * 512, "path": p}
+
+    def snapshots(self, volume_id=None):
+        """@return: the L{snapshot_info} of every snapshot (of C{volume_id} if given)."""
+        if volume_id is not None:
+            volumes = [volume_id]
+        elif os.path.isdir(self.snapshots_root):
+            volumes = sorted(os.listdir(self.snapshots_root))
+        else:
+            volumes = []
+        out = []
+        for vid in volumes:
+            try:
+                names = sorted(os.listdir(self._snapshot_dir(vid)))
+            except (OSError, InvalidArgument):
+                continue
+            for name in names:
+                if name.endswith(".img") and not name.startswith("."):
+                    try:
+                        out.append(self.snapshot_info(vid, name[:-4]))
+                    except (NotFound, InvalidArgument, OSError):
+                        continue
+        return out
+
+    def _room_for(self, volume_id, nbytes):
+        free = self.free_mb()
+        need = -(-nbytes // (1024 * 1024))
+        if free < need + self.reserve_mb:
+            raise ResourceExhausted(
+                f"not enough disk to copy volume {volume_id!r}: {need} MiB of data, {free} MiB "
+                f"free (of which {self.reserve_mb} MiB are kept in reserve)")
+
+    def _snapshot_tmp(self, volume_id):
+        d = self._snapshot_dir(volume_id)
+        os.makedirs(self.snapshots_root, mode=0o700, exist_ok=True)
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        return os.path.join(d, f".tmp-{uuid.uuid4().hex[:12]}.img")
+
+    async def _copy(self, volume_id, src, dst):
+        """Copy C{src} to the new file C{dst} (sparse, reflinked where the file system can)."""
+        try:
+            result = await process.run(
+                self.reactor, ["cp", "--sparse=always", "--reflink=auto", src, dst],
+                timeout=self.copy_timeout)
+        except OSError as e:
+            raise Unavailable(f"cannot copy volume {volume_id!r}: {e}") from None
+        if result.timed_out or result.code != 0:
+            out = result.output.decode("utf-8", "replace")
+            if "No space left" in out or "quota exceeded" in out:
+                raise ResourceExhausted(f"the disk filled up while copying volume "
+                                        f"{volume_id!r}")
+            why = "timed out" if result.timed_out else (result.last_line() or repr(result))
+            raise Unavailable(f"cannot copy volume {volume_id!r}: {why}")
+        os.chmod(dst, 0o600)
+        await self._threads(fsync_path, dst)
+
+    async def _verify(self, volume_id, a, b):
+        """@raise Unavailable: unless files C{a} and C{b} hold the same data."""
+        da = await self._threads(file_digest, a)
+        db = await self._threads(file_digest, b)
+        if da != db:
+            raise Unavailable(f"the copy of volume {volume_id!r} differs from what it was "
+                              f"copied from ({db} instead of {da}); nothing was changed")
+
+    def snapshot(self, volume_id, snapshot_id, backup=None):
+        """
+        Make snapshot C{snapshot_id} of the volume.
+
+        @param backup: L{None} to copy the volume at rest (no machine may claim it
+            meanwhile; the copy is verified against it), or C{backup(target) -> Deferred}
+            that makes C{target} a copy of the volume of a running machine (its driver's
+            L{zwrm.interfaces.IVolumeBackup.backup_volume}).
+        @return: the snapshot's L{snapshot_info}, once it is on disk.
+        @raise NotFound: no such volume. @raise Conflict: the snapshot exists, or the
+            volume is busy (being snapshotted at rest or restored, or, without
+            C{backup}, claimed by a machine). @raise ResourceExhausted: no room for the copy.
+        """
+        return ensureDeferred(self._take_snapshot(volume_id, snapshot_id, backup))
+
+    async def _take_snapshot(self, volume_id, snapshot_id, backup):
+        src = self.existing_path(volume_id)
+        target = self._snapshot_path(volume_id, snapshot_id)
+        if os.path.exists(target):
+            raise Conflict(f"snapshot {snapshot_id!r} of volume {volume_id!r} exists already")
+        self._idle(volume_id)
+        owner = self._claims.get(volume_id)
+        if backup is None and owner is not None:
+            raise Conflict(f"volume {volume_id!r} is used by machine {owner!r}")
+        self._room_for(volume_id, os.stat(src).st_blocks * 512)
+        tmp = self._snapshot_tmp(volume_id)
+        if backup is None:
+            self._busy[volume_id] = "snapshotted"
+        try:
+            if backup is None:
+                await self._copy(volume_id, src, tmp)
+                await self._verify(volume_id, src, tmp)
+            else:
+                await backup(tmp)
+            if os.path.exists(target):
+                raise Conflict(f"snapshot {snapshot_id!r} of volume {volume_id!r} exists "
+                               "already")
+            os.rename(tmp, target)
+            await self._threads(fsync_path, os.path.dirname(target))
+        finally:
+            if backup is None:
+                self._busy.pop(volume_id, None)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        log.info("volume {id}: snapshot {snap} made ({how})", id=volume_id, snap=snapshot_id,
+                 how="at rest" if backup is None else "while its machine runs")
+        return self.snapshot_info(volume_id, snapshot_id)
+
+    def restore(self, volume_id, snapshot_id, keep_id):
+        """
+        Put the data of snapshot C{snapshot_id} back into the volume; what the volume held
+        becomes snapshot C{keep_id}. The snapshot is copied and the copy verified before
+        anything is renamed: a failure leaves the volume as it was.
+
+        @return: C{{"volume", "kept"}}: the volume's L{info} and the L{snapshot_info} of
+            C{keep_id}.
+        @raise NotFound: no such volume or snapshot. @raise Conflict: a machine claims the
+            volume, it is busy, or C{keep_id} exists. @raise ResourceExhausted: no room
+            for the copy.
+        """
+        return ensureDeferred(self._restore(volume_id, snapshot_id, keep_id))
+
+    async def _restore(self, volume_id, snapshot_id, keep_id):
+        vol = self.existing_path(volume_id)
+        snap = self.snapshot_info(volume_id, snapshot_id)["path"]
+        keep = self._snapshot_path(volume_id, keep_id)
+        owner = self._claims.get(volume_id)
+        if owner is not None:
+            raise Conflict(f"volume {volume_id!r} is used by machine {owner!r}; it can be "
+                           "restored only while no machine uses it")
+        self._idle(volume_id)
+        if os.path.exists(keep):
+            raise Conflict(f"snapshot {keep_id!r} of volume {volume_id!r} exists already")
+        self._room_for(volume_id, os.stat(snap).st_blocks * 512)
+        self._busy[volume_id] = "restored"
+        tmp = self.temporary_path(volume_id)
+        try:
+            await self._copy(volume_id, snap, tmp)
+            await self._verify(volume_id, snap, tmp)
+            os.rename(vol, keep)
+            try:
+                os.rename(tmp, vol)
+            except OSError:
+                os.rename(keep, vol)
+                raise
+            await self._threads(fsync_path, os.path.dirname(keep))
+            await self._synced()
+        finally:
+            self._busy.pop(volume_id, None)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        log.info("volume {id}: restored from snapshot {snap} (what it held is snapshot "
+                 "{keep})", id=volume_id, snap=snapshot_id, keep=keep_id)
+        return {"volume": self.info(volume_id),
+                "kept": self.snapshot_info(volume_id, keep_id)}
+
+    def delete_snapshot(self, volume_id, snapshot_id):
+        """
+        Delete a snapshot. @return: a Deferred firing once that is on disk.
+        @raise NotFound: no such snapshot. @raise Conflict: its volume is being restored.
+        """
+        p = self.snapshot_info(volume_id, snapshot_id)["path"]
+        if self._busy.get(volume_id) == "restored":
+            self._idle(volume_id)
+        os.unlink(p)
+        log.info("volume {id}: snapshot {snap} deleted", id=volume_id, snap=snapshot_id)
+        return self._threads(fsync_path, os.path.dirname(p))
 
     # --- reports ------------------------------------------------------------------------
 

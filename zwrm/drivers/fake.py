@@ -8,6 +8,7 @@ what the first one started. Nothing here is registered as a plugin; agents never
 """
 
 import os
+import shutil
 
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
@@ -17,7 +18,7 @@ from zwrm.drivers import spec as _spec
 from zwrm.drivers.boot import why_it_ended
 from zwrm.drivers.fake_live import FakeLiveMigration
 from zwrm.errors import Conflict, InvalidArgument, NotFound
-from zwrm.interfaces import IHypervisorDriver, ILiveMigration
+from zwrm.interfaces import IHypervisorDriver, ILiveMigration, IVolumeBackup
 
 
 class FakeHost:
@@ -39,7 +40,7 @@ class FakeHost:
         self.free_bytes = None
 
 
-@implementer(IHypervisorDriver, ILiveMigration)
+@implementer(IHypervisorDriver, ILiveMigration, IVolumeBackup)
 class FakeDriver(FakeLiveMigration):
     """
     @param reactor: provides C{IReactorTime} (a C{task.Clock} in tests).
@@ -199,6 +200,33 @@ class FakeDriver(FakeLiveMigration):
 
     def facts(self):
         return {"driver": self.name, "accel": "fake"}
+
+    # IVolumeBackup ----------------------------------------------------------------------
+
+    def backup_volume(self, machine_id, volume_id, target):
+        try:
+            st = self._get(machine_id)
+            proc = self.host.machines.get(machine_id) or {}
+            volumes = proc.get("spec", {}).get("volumes") or []
+            v = next((v for v in volumes if v["id"] == volume_id), None)
+            if v is None:
+                raise NotFound(f"machine {machine_id} has no volume {volume_id!r}")
+            if st["state"] != "running":
+                raise Conflict(f"machine {machine_id} is {st['state']}: its volume cannot be "
+                               "copied while it runs")
+            live = proc.get("live") or {}
+            if live.get("role") and live.get("phase") not in ("resumed", "cancelled"):
+                raise Conflict(f"machine {machine_id} is moving live: its volume cannot be "
+                               "copied now")
+            try:
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                raise Conflict(f"{target} exists already") from None
+            with os.fdopen(fd, "wb") as out, open(v["path"], "rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+        except Exception as e:
+            return fail(e)
+        return succeed(None)
 
     # internals ------------------------------------------------------------------------
 

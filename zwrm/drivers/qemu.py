@@ -49,10 +49,11 @@ from zwrm.drivers import diskfull as _diskfull
 from zwrm.drivers import diskimage
 from zwrm.drivers import qmp as _qmp
 from zwrm.drivers import spec as _spec
+from zwrm.drivers.backup import QemuVolumeBackup
 from zwrm.drivers.live import QemuLiveMigration
 from zwrm.errors import Conflict, InvalidArgument, NotFound, Unavailable
 from zwrm.files import write_atomically
-from zwrm.interfaces import IHypervisorDriver, ILiveMigration
+from zwrm.interfaces import IHypervisorDriver, ILiveMigration, IVolumeBackup
 
 log = Logger()
 
@@ -251,8 +252,8 @@ def memory_arg(memory_mb, accel):
     return str(memory_mb)
 
 
-@implementer(IHypervisorDriver, ILiveMigration)
-class QemuDriver(QemuLiveMigration):
+@implementer(IHypervisorDriver, ILiveMigration, IVolumeBackup)
+class QemuDriver(QemuLiveMigration, QemuVolumeBackup):
     """
     Runs machines as QEMU processes. See L{zwrm.interfaces.IHypervisorDriver}.
 
