@@ -14,6 +14,7 @@ from twisted.internet.defer import fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer_only
 
 from tests.agent.fakes import FakeImages
 from tests.drivers.contract import poll
@@ -29,6 +30,7 @@ from zwrm.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from zwrm.interfaces import IHypervisorDriver
 from zwrm.testing.image import kernel_bytes
 
 EXPECTED = {
@@ -36,6 +38,7 @@ EXPECTED = {
     "machine.logs", "volume.create", "volume.delete", "volume.list", "volume.info", "host.facts",
     # volume moves (host drains; tests/agent/test_executor_volumes.py)
     "volume.receive", "volume.send", "volume.progress", "volume.cancel_receive", "volume.digest",
+    "volume.snapshot", "volume.restore", "volume.snapshot_delete", "volume.snapshots",
     "network.update",  # the cluster network view (zwrm/agent/network/agent.py)
     "ingress.certs",  # the ingress TLS certificates (zwrm/agent/network/agent.py)
     "machine.console.attach", "machine.console.write",  # zwrm/agent/console.py
@@ -190,6 +193,60 @@ class ExecutorTests(TestCase):
         self.assertEqual(await self.executor.delete_volume("m1-data"),
                          {"volume_id": "m1-data", "deleted": True})
         self.assertEqual(self.executor.list_volumes(), [])
+
+    async def test_volume_snapshot_procedures(self):
+        """
+        A running machine's volume is copied through its driver (C{live}), a stopped one's
+        at rest; a restore waits until no machine runs with the volume; the snapshots are
+        listed and deleted.
+        """
+        await self.executor.start_machine(self.spec())
+        path = self.store.path("m1-data")
+        with open(path, "r+b") as f:
+            f.write(b"first")
+        snap = await self.executor.snapshot_volume("m1-data", "s1")
+        self.assertEqual((snap["id"], snap["volume_id"], snap["live"]), ("s1", "m1-data", True))
+        with open(snap["path"], "rb") as f:
+            self.assertEqual(f.read(5), b"first")
+        with self.assertRaises(Conflict):
+            await self.executor.restore_volume("m1-data", "s1", "k1")
+        self.executor._machines["m1"].held = "moving live to h2"
+        self.assertRaises(Conflict, self.executor.snapshot_volume, "m1-data", "s2")
+        self.executor._machines["m1"].held = None
+
+        await self.executor.stop_machine("m1", timeout=5)
+        with open(path, "r+b") as f:
+            f.write(b"later")
+        snap = await self.executor.snapshot_volume("m1-data", "s2")
+        self.assertFalse(snap["live"])
+        got = await self.executor.restore_volume("m1-data", "s1", "k1")
+        self.assertEqual(got["kept"]["id"], "k1")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(5), b"first")
+        self.assertEqual([s["id"] for s in self.executor.list_snapshots("m1-data")],
+                         ["k1", "s1", "s2"])
+        self.assertEqual(await self.executor.delete_snapshot("m1-data", "k1"),
+                         {"volume_id": "m1-data", "snapshot_id": "k1", "deleted": True})
+        self.assertEqual(len(self.executor.list_snapshots()), 2)
+        st = await self.executor.start_machine(self.spec())  # its volume is free again
+        self.assertEqual(st["state"], "running")
+        self.assertRaises(InvalidArgument, self.executor.snapshot_volume, "m1-data", "a/b")
+        self.assertRaises(NotFound, self.executor.delete_snapshot, "m1-data", "s9")
+
+    async def test_a_driver_that_cannot_copy_a_running_volume_says_so(self):
+        @implementer_only(IHypervisorDriver)
+        class NoBackup(FakeDriver):
+            pass
+
+        ex = Executor(reactor, "h1", NoBackup(reactor, os.path.join(self.dir, "m2"),
+                                              host=FakeHost()),
+                      self.store, self.report, images=self.images, data_dir=self.dir)
+        self.addCleanup(ex.close)
+        await ex.start_machine(self.spec())
+        with self.assertRaises(Unavailable) as e:
+            ex.snapshot_volume("m1-data", "s1")
+        self.assertIn("stop the machine first", str(e.exception))
+        self.assertEqual(self.store.snapshots(), [])
 
     async def test_volume_procedures(self):
         info = await self.executor.create_volume("v1", 4)

@@ -68,6 +68,7 @@ from zwrm.errors import (
     from_wire,
     message_of,
 )
+from zwrm.interfaces import IVolumeBackup
 from zwrm.wamp.procedures import cancellable
 
 log = Logger()
@@ -552,6 +553,76 @@ class Executor:
     def volume_info(self, volume_id):
         """@return: C{{id, size_mb, size_bytes, allocated_bytes, in_use_by, path}}."""
         return self.volumes.info(volume_id)
+
+    # --- volume snapshots ----------------------------------------------------------------
+
+    @wamp.register("volume.snapshot")
+    def snapshot_volume(self, volume_id, snapshot_id):
+        """
+        Make snapshot C{snapshot_id} of local volume C{volume_id}: a copy at rest when no
+        running machine uses it, else a point-in-time copy through the driver
+        (L{zwrm.interfaces.IVolumeBackup}) while the guest runs on.
+
+        @return: a Deferred of the snapshot's C{{id, volume_id, size_bytes,
+            allocated_bytes, path, live}} (C{live}: taken while its machine ran).
+        @raise NotFound: no such volume. @raise Conflict: its machine is starting, stopping
+            or moving live, or the volume is busy. @raise Unavailable: the driver cannot
+            copy a running machine's volume.
+        """
+        check_id(volume_id, "volume id")
+        check_id(snapshot_id, "snapshot id")
+        owner = self.volumes.in_use(volume_id)
+        rec = self._machines.get(owner) if owner is not None else None
+        backup = None
+        if rec is not None and rec.state not in ("stopped", "failed"):
+            if rec.state != "running" or rec.held is not None:
+                raise Conflict(f"volume {volume_id!r} is used by machine {owner!r}, which is "
+                               f"{rec.held or rec.state}; try again once it runs or is down")
+            if not IVolumeBackup.providedBy(self.driver):
+                raise Unavailable(f"the {getattr(self.driver, 'name', '')} driver cannot copy "
+                                  "a running machine's volume; stop the machine first")
+
+            def backup(target):
+                return self.driver.backup_volume(owner, volume_id, target)
+        d = self.volumes.snapshot(volume_id, snapshot_id, backup=backup,
+                                  idle_owner=owner if backup is None else None)
+        return d.addCallback(lambda info: dict(info, live=backup is not None))
+
+    @wamp.register("volume.restore")
+    def restore_volume(self, volume_id, snapshot_id, keep_id):
+        """
+        Put snapshot C{snapshot_id}'s data back into local volume C{volume_id}; what it held
+        becomes snapshot C{keep_id}. Only while no machine here runs with the volume.
+
+        @return: a Deferred of C{{"volume", "kept"}} (L{VolumeStore.restore}).
+        @raise Conflict: a machine that is not down uses the volume, or it is busy.
+        """
+        check_id(volume_id, "volume id")
+        owner = self.volumes.in_use(volume_id)
+        rec = self._machines.get(owner) if owner is not None else None
+        if owner is not None and rec is not None and rec.state not in ("stopped", "failed"):
+            raise Conflict(f"volume {volume_id!r} is used by machine {owner!r} ({rec.state}); "
+                           "it can be restored only while no machine runs with it")
+        return self.volumes.restore(volume_id, snapshot_id, keep_id, idle_owner=owner)
+
+    @wamp.register("volume.snapshot_delete")
+    def delete_snapshot(self, volume_id, snapshot_id):
+        """
+        Delete snapshot C{snapshot_id} of volume C{volume_id}.
+
+        @return: a Deferred of C{{"volume_id", "snapshot_id", "deleted": True}}.
+        @raise NotFound: no such snapshot here.
+        """
+        d = self.volumes.delete_snapshot(volume_id, snapshot_id)
+        return d.addCallback(lambda _: {"volume_id": volume_id, "snapshot_id": snapshot_id,
+                                        "deleted": True})
+
+    @wamp.register("volume.snapshots")
+    def list_snapshots(self, volume_id=None):
+        """@return: the snapshots on this host (of C{volume_id} if given)."""
+        if volume_id is not None:
+            check_id(volume_id, "volume id")
+        return self.volumes.snapshots(volume_id)
 
     # --- volume moves (host drains; see docs/volume-streams.md and docs/drain.md) --------
 

@@ -379,7 +379,7 @@ class VolumeStore:
             raise Unavailable(f"the copy of volume {volume_id!r} differs from what it was "
                               f"copied from ({db} instead of {da}); nothing was changed")
 
-    def snapshot(self, volume_id, snapshot_id, backup=None):
+    def snapshot(self, volume_id, snapshot_id, backup=None, idle_owner=None):
         """
         Make snapshot C{snapshot_id} of the volume.
 
@@ -387,21 +387,23 @@ class VolumeStore:
             meanwhile; the copy is verified against it), or C{backup(target) -> Deferred}
             that makes C{target} a copy of the volume of a running machine (its driver's
             L{zwrm.interfaces.IVolumeBackup.backup_volume}).
+        @param idle_owner: the machine that claims the volume but is down (its process
+            ended), whose volume may be copied at rest.
         @return: the snapshot's L{snapshot_info}, once it is on disk.
         @raise NotFound: no such volume. @raise Conflict: the snapshot exists, or the
             volume is busy (being snapshotted at rest or restored, or, without
             C{backup}, claimed by a machine). @raise ResourceExhausted: no room for the copy.
         """
-        return ensureDeferred(self._take_snapshot(volume_id, snapshot_id, backup))
+        return ensureDeferred(self._take_snapshot(volume_id, snapshot_id, backup, idle_owner))
 
-    async def _take_snapshot(self, volume_id, snapshot_id, backup):
+    async def _take_snapshot(self, volume_id, snapshot_id, backup, idle_owner):
         src = self.existing_path(volume_id)
         target = self._snapshot_path(volume_id, snapshot_id)
         if os.path.exists(target):
             raise Conflict(f"snapshot {snapshot_id!r} of volume {volume_id!r} exists already")
         self._idle(volume_id)
         owner = self._claims.get(volume_id)
-        if backup is None and owner is not None:
+        if backup is None and owner is not None and owner != idle_owner:
             raise Conflict(f"volume {volume_id!r} is used by machine {owner!r}")
         self._room_for(volume_id, os.stat(src).st_blocks * 512)
         tmp = self._snapshot_tmp(volume_id)
@@ -427,26 +429,28 @@ class VolumeStore:
                  how="at rest" if backup is None else "while its machine runs")
         return self.snapshot_info(volume_id, snapshot_id)
 
-    def restore(self, volume_id, snapshot_id, keep_id):
+    def restore(self, volume_id, snapshot_id, keep_id, idle_owner=None):
         """
         Put the data of snapshot C{snapshot_id} back into the volume; what the volume held
         becomes snapshot C{keep_id}. The snapshot is copied and the copy verified before
         anything is renamed: a failure leaves the volume as it was.
 
+        @param idle_owner: the machine that claims the volume but is down (its process
+            ended), which does not stop the restore.
         @return: C{{"volume", "kept"}}: the volume's L{info} and the L{snapshot_info} of
             C{keep_id}.
         @raise NotFound: no such volume or snapshot. @raise Conflict: a machine claims the
             volume, it is busy, or C{keep_id} exists. @raise ResourceExhausted: no room
             for the copy.
         """
-        return ensureDeferred(self._restore(volume_id, snapshot_id, keep_id))
+        return ensureDeferred(self._restore(volume_id, snapshot_id, keep_id, idle_owner))
 
-    async def _restore(self, volume_id, snapshot_id, keep_id):
+    async def _restore(self, volume_id, snapshot_id, keep_id, idle_owner):
         vol = self.existing_path(volume_id)
         snap = self.snapshot_info(volume_id, snapshot_id)["path"]
         keep = self._snapshot_path(volume_id, keep_id)
         owner = self._claims.get(volume_id)
-        if owner is not None:
+        if owner is not None and owner != idle_owner:
             raise Conflict(f"volume {volume_id!r} is used by machine {owner!r}; it can be "
                            "restored only while no machine uses it")
         self._idle(volume_id)
