@@ -191,7 +191,8 @@ class MachineResourceTests(TestCase):
                           "set_credential", "set_disk_full", "set_executor"])
         self.assertIn("set_spec", update_methods(data.apps))
         self.assertEqual(update_methods(data.volumes),
-                         ["add", "creation_failed", "delete", "set_state"])
+                         ["add", "add_snapshot", "creation_failed", "delete", "delete_snapshot",
+                          "restored", "set_state", "snapshot_failed", "snapshot_made"])
         self.assertEqual(update_methods(data.drains),
                          ["add", "commit_volumes", "save_migration", "set_state", "set_waiting"])
 

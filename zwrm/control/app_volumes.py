@@ -2,7 +2,17 @@
 Apps' volumes made and deleted on their own (C{zwrm.volume.*}): a volume created before
 an app's first deploy, on the host the scheduler picks by disk, pins that replica there;
 a volume is deleted only on request, never while a live machine uses it.
+
+Snapshots: whole copies of a volume on its host, taken while its machine runs (a point in
+time, through the hypervisor) or while it is down; a restore puts a snapshot's data back
+into the volume while no machine runs with it, and keeps what the volume held as another
+snapshot (C{before-restore-...}), so a restore loses nothing. Each is stored (C{creating})
+before its host is asked, so a drain that starts meanwhile sees it and waits; one snapshot
+operation at a time per volume. A drain refuses a host whose volumes have snapshots (they
+do not move with the volume): delete them first.
 """
+
+import time
 
 from zwrm import errors
 from zwrm.control.appspec import check_name, error_text, new_id, whole_number
@@ -12,17 +22,22 @@ from zwrm.control.resources.machines import LIVE, placement_request
 class AppVolumes:
     """Create, list and delete apps' volumes."""
 
-    def __init__(self, clock, data, placements, replicas):
+    def __init__(self, clock, data, placements, replicas, host_state=None):
         """
         @param clock: an L{IReactorTime}.
         @param data: the control plane's resource layer.
         @param placements: the L{zwrm.control.placements.Placements} (a new volume's host).
         @param replicas: the L{zwrm.control.replicas.Replicas} (executor calls).
+        @param host_state: C{host_state(host_id)}: a host's state (snapshots are refused
+            while it drains).
         """
         self._clock = clock
         self._data = data
         self._placements = placements
         self._replicas = replicas
+        #: C{host_state(host_id) -> str} (the host registry's), or L{None}
+        self.host_state = host_state
+        self._busy = {}  # volume id -> the snapshot operation under way
 
     async def create(self, app, name, size_mb, mount, replica=0, region=None,
                      datacenter=None, host_id=None):
@@ -60,11 +75,154 @@ class AppVolumes:
 
         @raise zwrm.errors.Conflict: while a live machine uses it.
         """
+        await self._not_used(row)
+        with self._operation(row, "destroyed"):
+            for snap in reversed(await self._data.volumes.find_snapshots(volume_id=row["id"])):
+                await self._delete_snapshot(row, snap, f"volume {row['id']} was destroyed")
+            try:
+                await self._replicas.call(row["host_id"], "volume.delete", row["id"])
+            except errors.NotFound:
+                pass
+            await self._data.volumes.delete(row)
+
+    async def _not_used(self, row, what="destroyed"):
+        """@raise zwrm.errors.Conflict: while a live machine uses the volume C{row}."""
         for m in await self._data.machines.find(app_id=row["app_id"]):
             if m["state"] in LIVE and any(v["id"] == row["id"] for v in m["spec"]["volumes"]):
-                raise errors.Conflict(f"volume {row['id']} is used by machine {m['id']}")
+                how = "" if what == "destroyed" else (
+                    f": scale replica {row['replica']} of its app away first (zwrm scale), or"
+                    " wait until the machine is down")
+                raise errors.Conflict(f"volume {row['id']} is used by machine {m['id']} "
+                                      f"({m['state']}){how}", argument="volume_id")
+
+    # -- snapshots ----------------------------------------------------------------------
+
+    def _operation(self, row, doing):
+        """A context: the volume C{row} is being C{doing}; a second operation is refused."""
+        busy = self._busy
+        vid = row["id"]
+        if vid in busy:
+            raise errors.Conflict(f"volume {vid} is being {busy[vid]}; try again once that is "
+                                  "done", argument="volume_id")
+
+        class Operation:
+            def __enter__(self):
+                busy[vid] = doing
+
+            def __exit__(self, *exc):
+                busy.pop(vid, None)
+
+        return Operation()
+
+    def _host_usable(self, row):
+        """@raise zwrm.errors.Conflict: the volume's host is draining or drained."""
+        if self.host_state is None:
+            return
         try:
-            await self._replicas.call(row["host_id"], "volume.delete", row["id"])
+            state = self.host_state(row["host_id"])
+        except errors.NotFound:
+            state = "removed"
+        if state in ("draining", "drained", "removed"):
+            raise errors.Conflict(f"volume {row['id']} is on host {row['host_id']}, which is "
+                                  f"{state}", argument="volume_id")
+
+    def _stamp(self):
+        return time.strftime("%Y%m%d-%H%M%S", time.gmtime(self._clock.seconds()))
+
+    async def _free_name(self, volume_id, base):
+        taken = {s["name"] for s in await self._data.volumes.find_snapshots(volume_id=volume_id)}
+        name, n = base, 1
+        while name in taken:
+            n += 1
+            name = f"{base}-{n}"
+        return name
+
+    def _snapshot_row(self, volume, name, reason):
+        return {"id": new_id("s"), "volume_id": volume["id"], "app_id": volume["app_id"],
+                "host_id": volume["host_id"], "name": name, "state": "creating", "live": False,
+                "size_bytes": 0, "allocated_bytes": 0, "reason": reason,
+                "created_at": self._clock.seconds()}
+
+    async def snapshot(self, volume, name=None):
+        """
+        Make a snapshot of the volume row C{volume}, named C{name} (default: the time,
+        C{YYYYMMDD-HHMMSS} UTC).
+
+        @return: the snapshot's row.
+        @raise zwrm.errors.Conflict: the name is taken, the volume is not ready, its host
+            drains, or another snapshot operation on it is under way.
+        """
+        if name is not None:
+            check_name(name, "snapshot name")
+            if await self._data.volumes.find_snapshots(volume_id=volume["id"], name=name):
+                raise errors.Conflict(f"volume {volume['id']} has a snapshot {name!r} already",
+                                      argument="name")
+        if volume["state"] != "ready":
+            raise errors.Conflict(f"volume {volume['id']} is {volume['state']}",
+                                  argument="volume_id")
+        self._host_usable(volume)
+        with self._operation(volume, "snapshotted"):
+            name = name or await self._free_name(volume["id"], self._stamp())
+            row = self._snapshot_row(volume, name, "taken on request")
+            await self._data.volumes.add_snapshot(row)
+            try:
+                info = await self._replicas.call(volume["host_id"], "volume.snapshot",
+                                                 volume["id"], row["id"])
+            except Exception as e:
+                await self._data.volumes.snapshot_failed(row, error_text(e))
+                try:  # a copy the host made though its answer was lost: its id is new
+                    await self._replicas.call(volume["host_id"], "volume.snapshot_delete",
+                                              volume["id"], row["id"])
+                except Exception:
+                    pass
+                raise
+            return await self._data.volumes.snapshot_made(row, info)
+
+    async def restore(self, volume, snapshot):
+        """
+        Put the data of C{snapshot} (a row of C{volume}'s) back into C{volume}; what it
+        held is kept as a new snapshot, C{before-restore-<time>}.
+
+        @return: C{{"volume", "snapshot", "kept"}}: the rows.
+        @raise zwrm.errors.Conflict: a live machine uses the volume, the snapshot is not
+            ready, the volume's host drains, or another snapshot operation is under way.
+        """
+        if snapshot["volume_id"] != volume["id"]:
+            raise errors.InvalidArgument(f"snapshot {snapshot['id']} is not of volume "
+                                         f"{volume['id']}", argument="snapshot")
+        if snapshot["state"] != "ready":
+            raise errors.Conflict(f"snapshot {snapshot['name']} of volume {volume['id']} is "
+                                  f"{snapshot['state']}", argument="snapshot")
+        await self._not_used(volume, "restored")
+        self._host_usable(volume)
+        with self._operation(volume, "restored"):
+            name = await self._free_name(volume["id"], f"before-restore-{self._stamp()}")
+            kept = self._snapshot_row(volume, name,
+                                      f"what the volume held before {snapshot['name']} was "
+                                      "restored")
+            await self._data.volumes.add_snapshot(kept)
+            try:
+                got = await self._replicas.call(volume["host_id"], "volume.restore",
+                                                volume["id"], snapshot["id"], kept["id"])
+            except Exception as e:
+                await self._data.volumes.snapshot_failed(kept, error_text(e))
+                raise
+            await self._data.volumes.restored(volume, snapshot, kept, got["kept"])
+            return {"volume": volume, "snapshot": snapshot, "kept": kept}
+
+    async def delete_snapshot(self, volume, snapshot):
+        """
+        Delete C{snapshot} (a row of C{volume}'s) and its data.
+
+        @raise zwrm.errors.Conflict: another snapshot operation on the volume is under way.
+        """
+        with self._operation(volume, "changed"):
+            await self._delete_snapshot(volume, snapshot, "deleted on request")
+
+    async def _delete_snapshot(self, volume, snapshot, reason):
+        try:
+            await self._replicas.call(volume["host_id"], "volume.snapshot_delete",
+                                      volume["id"], snapshot["id"])
         except errors.NotFound:
             pass
-        await self._data.volumes.delete(row)
+        await self._data.volumes.delete_snapshot(snapshot, reason)

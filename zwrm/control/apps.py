@@ -105,7 +105,8 @@ class Apps:
         self.replicas = Replicas(clock, hosts, data, self.placements, self.network)
         self.network_view = network.ViewPublisher(clock, self.network, data, self.replicas.call)
         self._images = ImageCheck()
-        self.volumes = AppVolumes(clock, data, self.placements, self.replicas)
+        self.volumes = AppVolumes(clock, data, self.placements, self.replicas,
+                                  host_state=hosts.state)
         self.converger = Converger(data, self.placements, self.replicas, self.volumes)
         self.rollout = Rollout(data, self.placements, self.replicas, self.converger,
                                self._images)
@@ -581,10 +582,59 @@ class Apps:
         """
         Delete a volume and its data. @raise Conflict: while a live machine uses it.
         """
+        row = await self._volume(volume_id)
+        await self.volumes.destroy(row)
+        return row["id"]
+
+    async def _volume(self, volume_id):
         if not isinstance(volume_id, str) or not volume_id:
-            raise errors.InvalidArgument("a volume id is needed")
+            raise errors.InvalidArgument("a volume id is needed", argument="volume_id")
         row = await self.data.volumes.get(volume_id)
         if row is None:
-            raise errors.NotFound(f"no volume {volume_id!r}")
-        await self.volumes.destroy(row)
+            raise errors.NotFound(f"no volume {volume_id!r}", argument="volume_id")
+        return row
+
+    async def _snapshot(self, volume, snapshot):
+        """The row of C{volume}'s snapshot named, or with the id, C{snapshot}."""
+        if not isinstance(snapshot, str) or not snapshot:
+            raise errors.InvalidArgument("a snapshot (its name or id) is needed",
+                                         argument="snapshot")
+        for row in await self.data.volumes.find_snapshots(volume_id=volume["id"]):
+            if snapshot in (row["id"], row["name"]):
+                return row
+        raise errors.NotFound(f"volume {volume['id']} has no snapshot {snapshot!r}",
+                              argument="snapshot")
+
+    @wamp.register("zwrm.volume.snapshot")
+    async def snapshot_volume(self, volume_id, name=None):
+        """
+        Snapshot a volume on its host: while its machine runs (a point in time) or not.
+        """
+        return await self.volumes.snapshot(await self._volume(volume_id), name)
+
+    @wamp.register("zwrm.volume.snapshots")
+    async def list_snapshots(self, volume_id=None, app=None):
+        """Snapshots, of one volume or of one app's volumes, or all, oldest first."""
+        if volume_id is not None:
+            return await self.data.volumes.find_snapshots(
+                volume_id=(await self._volume(volume_id))["id"])
+        if app is not None:
+            return await self.data.volumes.find_snapshots(app_id=(await self._app(app))["id"])
+        return await self.data.volumes.find_snapshots()
+
+    @wamp.register("zwrm.volume.restore")
+    async def restore_volume(self, volume_id, snapshot):
+        """
+        Put a snapshot's data back into its volume while no machine runs with it; what the
+        volume held is kept as snapshot C{before-restore-<time>}.
+        """
+        volume = await self._volume(volume_id)
+        return await self.volumes.restore(volume, await self._snapshot(volume, snapshot))
+
+    @wamp.register("zwrm.volume.delete_snapshot")
+    async def delete_snapshot(self, volume_id, snapshot):
+        """Delete one snapshot of a volume and its data."""
+        volume = await self._volume(volume_id)
+        row = await self._snapshot(volume, snapshot)
+        await self.volumes.delete_snapshot(volume, row)
         return row["id"]

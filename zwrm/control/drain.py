@@ -279,7 +279,8 @@ class Drains(LiveSteps):
             is that state too when it stays down on the target, L{None} when it starts
             there: a restart was due, or held back for lack of room).
         @raise NotFound: no such host. @raise Conflict: a drain is under way there, or the
-            host is offline or drained, or (C{mode} live) a machine cannot move live.
+            host is offline or drained, or (C{mode} live) a machine cannot move live, or
+            the host holds volume snapshots (they do not move: deleted first).
         """
         entry = self._host(host_id)
         given = {"deadline": deadline, "max_parallel": max_parallel,
@@ -333,6 +334,16 @@ class Drains(LiveSteps):
 
     async def _start_drain(self, host_id, state, options, dry_run):
         mode = options["mode"]
+        snapshots = await self._volumes.find_snapshots(host_id=host_id)
+        if snapshots:
+            held = {}
+            for s in snapshots:
+                held[s["volume_id"]] = held.get(s["volume_id"], 0) + 1
+            listed = ", ".join(f"{v} ({n})" for v, n in sorted(held.items()))
+            raise errors.Conflict(
+                f"host {host_id} holds snapshots of volumes {listed}, which do not move with "
+                "their volumes: delete them first (zwrm volumes snapshots, zwrm volumes "
+                "delete-snapshot)")
         machines = await self._machines.find(host_id=host_id, states=LIVE,
                                              order_by="created_at")
         # Then the machines that are down (stopped, failed) and have volumes: their data

@@ -7,8 +7,8 @@ join again (as Kubernetes' kubelet re-creates a deleted node and Nomad's client 
 one).  What goes with it, stored in one transaction (a removal that cannot be stored, the
 control plane's disk full, changes nothing), then announced:
 
- - the volumes that live only on it, when the operator gives their data up
-   (C{forget_volumes}); without it, a host holding volumes is refused, and nothing changes;
+ - the volumes that live only on it and their snapshots, when the operator gives their
+   data up (C{forget_volumes}); without it, a host holding volumes is refused, and nothing changes;
  - its row and credential (C{zwrm.event.host} C{removed}): its agent is refused from then
    on, and the scheduler, the cluster network's hosts list (the other hosts' overlay
    peers) and the partition guard's count of its datacenter drop it; a reset's permission
@@ -30,6 +30,7 @@ from twisted.logger import Logger
 
 from zwrm import errors
 from zwrm.control.registry import MAY_RUN_STATES
+from zwrm.control.resources.volumes import SNAPSHOTS_TABLE
 from zwrm.control.tokens import rejoin_forgetting
 
 
@@ -84,7 +85,9 @@ class HostRemoval:
         volumes = await self._check(host_id, entry, forget_volumes)
         given_up = f"host {host_id} was removed and the volume's data given up with it"
         network = self._apps.network
-        changes = [self._data.store.deleting("volumes", v["id"]) for v in volumes]
+        snapshots = await self._data.volumes.find_snapshots(host_id=host_id)
+        changes = [self._data.store.deleting(SNAPSHOTS_TABLE, s["id"]) for s in snapshots]
+        changes += [self._data.store.deleting("volumes", v["id"]) for v in volumes]
         if self._pki is not None:
             changes.append(rejoin_forgetting(host_id))  # a reset's permission goes with it
         changes.append(network.forgetting(host_id))
@@ -95,9 +98,13 @@ class HostRemoval:
 
         await self._data.hosts.remove(
             host_id, "removed by an operator", along=along,
-            along_events=[(self._data.volumes, "volume_destroyed", v["id"],
-                           self._data.volumes.destroyed_payload(v, given_up))
-                          for v in volumes])
+            along_events=[(self._data.volumes, "volume_snapshot_destroyed", s["volume_id"],
+                           self._data.volumes.snapshot_payload(dict(s, state="destroyed"),
+                                                               given_up))
+                          for s in snapshots]
+            + [(self._data.volumes, "volume_destroyed", v["id"],
+                self._data.volumes.destroyed_payload(v, given_up))
+               for v in volumes])
         network.forgot(host_id)
         if self._drop_session is not None:
             self._drop_session(host_id, "host removed from the cluster")

@@ -35,6 +35,7 @@ VIEWER_PROCEDURES = [
     "zwrm.machine.list",
     "zwrm.machine.status",
     "zwrm.volume.list",
+    "zwrm.volume.snapshots",
     "zwrm.image.list",
     "zwrm.cluster.info",
     "zwrm.cluster.partitions",

@@ -631,6 +631,42 @@ PROCEDURES = {p.uri: p for p in [
               [Arg("volume_id", ID, doc="the volume's id")], "the volume's id",
               ["invalid_argument", "not_found", "conflict (a live machine uses it)",
                "unavailable"]),
+    Procedure("zwrm.volume.snapshot", OPERATOR,
+              "Snapshot a volume on its host: a whole copy, taken while its machine runs (a"
+              " point in time, crash-consistent) or while it is down.",
+              [Arg("volume_id", ID, doc="the volume's id"),
+               Arg("name", Nullable(NAME), None, "the snapshot's name (default: the time,"
+                   " YYYYMMDD-HHMMSS UTC)")],
+              "the snapshot: {id, volume_id, app_id, host_id, name, state, live, size_bytes,"
+              " allocated_bytes, reason, created_at}",
+              ["invalid_argument", "not_found (volume_id)",
+               "conflict (the name is taken, the volume's host drains, its machine is"
+               " starting, stopping or moving, or another snapshot operation on it is under"
+               " way)", "resource_exhausted (no room on its host)", "unavailable"]),
+    Procedure("zwrm.volume.snapshots", READ,
+              "Snapshots of one volume, of one app's volumes, or all; oldest first.",
+              [Arg("volume_id", Nullable(ID), None, "only this volume's"),
+               Arg("app", Nullable(NAME), None, "only this app's")],
+              "a list of snapshots", ["invalid_argument", "not_found"]),
+    Procedure("zwrm.volume.restore", OPERATOR,
+              "Put a snapshot's data back into its volume, while no machine runs with it."
+              " The copy is verified before it replaces the volume; what the volume held is"
+              " kept as a new snapshot, before-restore-<time>.",
+              [Arg("volume_id", ID, doc="the volume's id"),
+               Arg("snapshot", ID, doc="the snapshot's name or id")],
+              "{volume, snapshot, kept}: the rows (kept: the new snapshot)",
+              ["invalid_argument", "not_found (volume_id, snapshot)",
+               "conflict (a live machine uses the volume: scale its replica away first;"
+               " the volume's host drains; another snapshot operation is under way)",
+               "resource_exhausted (no room on its host)",
+               "unavailable (the copy differed: nothing changed)"]),
+    Procedure("zwrm.volume.delete_snapshot", OPERATOR, "Delete one snapshot and its data.",
+              [Arg("volume_id", ID, doc="the volume's id"),
+               Arg("snapshot", ID, doc="the snapshot's name or id")],
+              "the snapshot's id",
+              ["invalid_argument", "not_found (volume_id, snapshot)",
+               "conflict (another snapshot operation on the volume is under way)",
+               "unavailable"]),
     # -- images ------------------------------------------------------------------------
     Procedure("zwrm.image.list", READ, "Every tagged image, or those of one repository.",
               [Arg("name", Nullable(IMAGE_NAME), None, "only this repository's")],

@@ -134,7 +134,12 @@ def _v11(db):
     apps.schema_v11(db)
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11]
+def _v12(db):
+    """Schema version 12: the volumes' snapshots (L{volumes.schema_v12})."""
+    volumes.schema_v12(db)
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12]
 """Schema migrations, in order; append, never edit."""
 
 JSON_COLUMNS = {

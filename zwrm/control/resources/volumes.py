@@ -10,6 +10,17 @@ always the volume's row with C{volume_id} and C{reason}:
  - C{volume_failed}: its creation failed on its host and the row was removed;
  - C{volume_moved}: a drain committed it on another host (C{from}: the host before);
  - C{volume_destroyed}: deleted with its data.
+
+Snapshots (the C{volume_snapshots} table, C{id, volume_id, app_id, host_id, name, state,
+live, size_bytes, allocated_bytes, reason, created_at}): whole copies of a volume kept on
+its host (L{zwrm.agent.volumes.VolumeStore.snapshot}); their events, with the snapshot's
+row, C{snapshot_id}, C{volume_id} and C{reason}:
+
+ - C{volume_snapshot}: stored (C{creating}, before its host copies) or ready;
+ - C{volume_snapshot_failed}: its host could not make it and the row was removed;
+ - C{volume_snapshot_destroyed}: deleted with its data;
+ - C{volume_restored} (subject and payload: the volume's, with C{snapshot_id} restored and
+   C{kept}, the snapshot now holding what the volume held).
 """
 
 from zwrm.control.resources import Resource, update_method
@@ -20,6 +31,7 @@ TOPIC = "zwrm.event.machine"
 TABLE = "volumes"
 JSON_COLUMNS = ()
 """Columns stored as JSON text (none)."""
+SNAPSHOTS_TABLE = "volume_snapshots"
 
 
 def schema_v1(db):
@@ -43,6 +55,28 @@ def schema_v2(db):
     """Schema version 2: a volume belongs to one replica of its app (the replica it pins)."""
     db["volumes"].add_column("replica", int, not_null_default=0)
     db["volumes"].create_index(["app_id", "name", "replica"], unique=True)
+
+
+def schema_v12(db):
+    """Schema version 12: the volumes' snapshots."""
+    db[SNAPSHOTS_TABLE].create(
+        {
+            "id": str,
+            "volume_id": str,
+            "app_id": str,
+            "host_id": str,
+            "name": str,
+            "state": str,
+            "live": int,
+            "size_bytes": int,
+            "allocated_bytes": int,
+            "reason": str,
+            "created_at": float,
+        },
+        pk="id",
+    )
+    db[SNAPSHOTS_TABLE].create_index(["volume_id", "name"], unique=True)
+    db[SNAPSHOTS_TABLE].create_index(["host_id"])
 
 
 def wire(row):
@@ -71,6 +105,24 @@ class Volumes(Resource):
                 args.append(value)
         return await self._store.select("volumes", " AND ".join(where) or None, args,
                                         order_by=order_by)
+
+    def get_snapshot(self, snapshot_id):
+        """The row of snapshot C{snapshot_id}, or L{None} (a Deferred)."""
+        return self._store.get(SNAPSHOTS_TABLE, snapshot_id)
+
+    async def find_snapshots(self, volume_id=None, name=None, app_id=None, host_id=None):
+        """The snapshots matching every criterion given, oldest first."""
+        where, args = [], []
+        for col, value in (("volume_id", volume_id), ("name", name), ("app_id", app_id),
+                           ("host_id", host_id)):
+            if value is not None:
+                where.append(f"{col} = ?")
+                args.append(value)
+        rows = await self._store.select(SNAPSHOTS_TABLE, " AND ".join(where) or None, args,
+                                        order_by="created_at, rowid")
+        for r in rows:
+            r["live"] = bool(r["live"])
+        return rows
 
     # -- update methods ---------------------------------------------------------------
 
@@ -130,3 +182,63 @@ class Volumes(Resource):
         L{zwrm.control.resources.drains.Drains.commit_volumes}).
         """
         return self._payload(row, reason, **{"from": source_host})
+
+    # -- snapshots --------------------------------------------------------------------
+
+    def snapshot_payload(self, row, reason):
+        """The payload of a snapshot's events: its row with C{snapshot_id} and C{reason}."""
+        return dict(row, snapshot_id=row["id"], reason=reason)
+
+    @update_method
+    async def add_snapshot(self, row):
+        """Store a new snapshot row (C{creating}) with its event C{volume_snapshot}."""
+        await self.store_with_event(self._store.inserting(SNAPSHOTS_TABLE, row),
+                                    "volume_snapshot", row["volume_id"],
+                                    self.snapshot_payload(row, "creating"))
+        return row
+
+    @update_method
+    async def snapshot_made(self, row, info):
+        """
+        Store that the host made the snapshot (C{info}: its C{size_bytes},
+        C{allocated_bytes}, C{live}; C{row} is updated in place); event C{volume_snapshot}.
+        """
+        fields = {"state": "ready", "size_bytes": info["size_bytes"],
+                  "allocated_bytes": info["allocated_bytes"], "live": bool(info.get("live"))}
+        new = dict(row, **fields)
+        await self.store_with_event(self._store.updating(SNAPSHOTS_TABLE, row["id"], fields),
+                                    "volume_snapshot", row["volume_id"],
+                                    self.snapshot_payload(new, "ready"))
+        row.update(fields)
+        return row
+
+    @update_method
+    async def snapshot_failed(self, row, reason):
+        """Remove the row of a snapshot its host could not make; event C{volume_snapshot_failed}."""
+        await self.store_with_event(self._store.deleting(SNAPSHOTS_TABLE, row["id"]),
+                                    "volume_snapshot_failed", row["volume_id"],
+                                    self.snapshot_payload(dict(row, state="failed"), reason))
+
+    @update_method
+    async def delete_snapshot(self, row, reason="destroyed"):
+        """Delete the snapshot's row (its data is gone); event C{volume_snapshot_destroyed}."""
+        await self.store_with_event(self._store.deleting(SNAPSHOTS_TABLE, row["id"]),
+                                    "volume_snapshot_destroyed", row["volume_id"],
+                                    self.snapshot_payload(dict(row, state="destroyed"),
+                                                           reason))
+
+    @update_method
+    async def restored(self, volume, snapshot, kept, info):
+        """
+        Store that C{volume} holds C{snapshot}'s data again and that snapshot row C{kept}
+        (C{creating} until now) holds what it held (C{info}: its sizes); event
+        C{volume_restored}.
+        """
+        fields = {"state": "ready", "size_bytes": info["size_bytes"],
+                  "allocated_bytes": info["allocated_bytes"]}
+        payload = self._payload(volume, "restored", snapshot_id=snapshot["id"],
+                                snapshot=snapshot["name"], kept=dict(kept, **fields))
+        await self.store_with_event(self._store.updating(SNAPSHOTS_TABLE, kept["id"], fields),
+                                    "volume_restored", volume["id"], payload)
+        kept.update(fields)
+        return kept
