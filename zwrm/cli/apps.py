@@ -20,6 +20,7 @@ from zwrm.cli.client import (
     EXIT_USAGE,
     CliError,
     call,
+    call_once,
     close,
     connect,
     load_settings,
@@ -214,10 +215,31 @@ def register(subparsers):
     p.add_argument("--app")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=volumes_list)
-    p = vsub.add_parser("destroy", help="delete a volume and its data")
+    p = vsub.add_parser("destroy", help="delete a volume, its snapshots and its data")
     p.add_argument("volume_id")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=volumes_destroy)
+    p = vsub.add_parser("snapshot", help="copy a volume on its host (its machine may run)")
+    p.add_argument("volume_id")
+    p.add_argument("--name", help="the snapshot's name (default: the time, YYYYMMDD-HHMMSS)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=volumes_snapshot)
+    p = vsub.add_parser("snapshots", help="snapshots, of one volume or of an app's volumes")
+    p.add_argument("volume_id", nargs="?")
+    p.add_argument("--app")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=volumes_snapshots)
+    p = vsub.add_parser("restore", help="put a snapshot's data back into its volume (no "
+                        "machine may run with it; what it held is kept as a snapshot)")
+    p.add_argument("volume_id")
+    p.add_argument("snapshot", help="the snapshot's name or id")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=volumes_restore)
+    p = vsub.add_parser("delete-snapshot", help="delete a snapshot and its data")
+    p.add_argument("volume_id")
+    p.add_argument("snapshot", help="the snapshot's name or id")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=volumes_delete_snapshot)
 
 
 CLEARABLE = {"region": "region", "datacenter": "datacenter", "port": "service_port",
@@ -1019,3 +1041,53 @@ async def volumes_destroy(reactor, args, out=None):
     out = out or sys.stdout
     gone = await _with_session(reactor, args, "zwrm.volume.destroy", args.volume_id)
     print_json({"volume": gone}, out) if args.json else out.write(f"destroyed volume {gone}\n")
+
+
+def _mib(n):
+    return f"{n / (1 << 20):.1f}"
+
+
+def format_snapshots(snapshots, out):
+    _table(["NAME", "ID", "VOLUME", "HOST", "CREATED", "SIZE(MiB)", "DATA(MiB)", "TAKEN",
+            "STATE"],
+           [[s["name"], s["id"], s["volume_id"], s["host_id"],
+             time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s["created_at"])),
+             _mib(s["size_bytes"]), _mib(s["allocated_bytes"]),
+             "running" if s["live"] else "at rest", s["state"]] for s in snapshots], out)
+
+
+async def volumes_snapshot(reactor, args, out=None):
+    out = out or sys.stdout
+    s = await call_once(reactor, args.api_url, "zwrm.volume.snapshot", args.volume_id,
+                        name=args.name)
+    if args.json:
+        return print_json(s, out)
+    how = "while its machine ran" if s["live"] else "at rest"
+    out.write(f"snapshot {s['name']} ({s['id']}) of volume {s['volume_id']} on {s['host_id']}:"
+              f" {_mib(s['allocated_bytes'])} MiB of data, taken {how}\n")
+
+
+async def volumes_snapshots(reactor, args, out=None):
+    out = out or sys.stdout
+    snaps = await call_once(reactor, args.api_url, "zwrm.volume.snapshots",
+                            volume_id=args.volume_id, app=args.app)
+    print_json(snaps, out) if args.json else format_snapshots(snaps, out)
+
+
+async def volumes_restore(reactor, args, out=None):
+    out = out or sys.stdout
+    got = await call_once(reactor, args.api_url, "zwrm.volume.restore", args.volume_id,
+                          args.snapshot)
+    if args.json:
+        return print_json(got, out)
+    out.write(f"restored volume {got['volume']['id']} from snapshot {got['snapshot']['name']}; "
+              f"what it held is kept as snapshot {got['kept']['name']}\n")
+
+
+async def volumes_delete_snapshot(reactor, args, out=None):
+    out = out or sys.stdout
+    gone = await call_once(reactor, args.api_url, "zwrm.volume.delete_snapshot",
+                           args.volume_id, args.snapshot)
+    if args.json:
+        return print_json({"snapshot": gone}, out)
+    out.write(f"deleted snapshot {args.snapshot} ({gone}) of volume {args.volume_id}\n")

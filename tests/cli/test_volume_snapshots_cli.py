@@ -1,0 +1,87 @@
+"""
+C{zwrm volumes snapshot|snapshots|restore|delete-snapshot} against a real control plane and
+a real agent (a real volume store) over real sockets.
+"""
+
+import json
+import os
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from tests.agent.test_membership import start_plane
+from tests.cli.test_cli import d
+from tests.cli.test_json_everywhere import zwrm
+from zwrm.agent.runtime import HostRuntime
+from zwrm.agent.service import AgentService
+from zwrm.agent.tap import AgentConfig
+from zwrm.cli import client
+from zwrm.cli.client import EXIT_REMOTE, CliError
+from zwrm.testing.processes import poll
+
+
+class VolumeSnapshotCommandTests(TestCase):
+    timeout = 60
+
+    @d
+    async def test_snapshot_list_restore_delete(self):
+        plane, tmp = await start_plane(self)
+        config = AgentConfig(url=plane.url, join_token=plane.join_token, name="a1",
+                             data_dir=os.path.join(tmp, "a1"), retry_initial=0.05,
+                             retry_max=0.2, accel="tcg")
+        agent = AgentService(reactor, config, runtime=HostRuntime(reactor, config))
+        agent.startService()
+        self.addCleanup(agent.stopService)
+        await agent.registered
+        host_id = agent.identity.host_id
+        self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
+        await poll(reactor, lambda: plane.registry.executor_available(host_id), 10, 0.05,
+                   what="the agent's executor registered")
+        await zwrm(plane.url, "apps", "create", "db")
+        _, out = await zwrm(plane.url, "volumes", "create", "db", "data", "--size", "8",
+                            "--mount", "/data", "--json")
+        vid = json.loads(out)["id"]
+
+        _, out = await zwrm(plane.url, "volumes", "snapshot", vid, "--name", "before-upgrade")
+        self.assertRegex(out, rf"^snapshot before-upgrade \(s-[0-9a-f]{{12}}\) of volume {vid} "
+                              rf"on {host_id}: \d+\.\d MiB of data, taken at rest\n$")
+        _, out = await zwrm(plane.url, "volumes", "snapshot", vid, "--json")
+        second = json.loads(out)
+        self.assertRegex(second["name"], r"^\d{8}-\d{6}$")
+
+        _, out = await zwrm(plane.url, "volumes", "snapshots", vid)
+        lines = out.splitlines()
+        self.assertEqual(lines[0].split(), ["NAME", "ID", "VOLUME", "HOST", "CREATED",
+                                            "SIZE(MiB)", "DATA(MiB)", "TAKEN", "STATE"])
+        self.assertEqual([line.split()[0] for line in lines[1:]],
+                         ["before-upgrade", second["name"]])
+        self.assertIn("8.0", lines[1].split())
+        self.assertEqual(lines[1].split()[-3:], ["at", "rest", "ready"])
+        _, out = await zwrm(plane.url, "volumes", "snapshots", "--app", "db", "--json")
+        self.assertEqual(len(json.loads(out)), 2)
+
+        _, out = await zwrm(plane.url, "volumes", "restore", vid, "before-upgrade")
+        self.assertRegex(out, rf"^restored volume {vid} from snapshot before-upgrade; what it "
+                              r"held is kept as snapshot before-restore-\d{8}-\d{6}\n$")
+        kept = out.split()[-1]
+
+        _, out = await zwrm(plane.url, "volumes", "delete-snapshot", vid, kept, "--json")
+        self.assertEqual(json.loads(out)["snapshot"][:2], "s-")
+        with self.assertRaises(CliError) as e:
+            await zwrm(plane.url, "volumes", "delete-snapshot", vid, kept)
+        self.assertEqual((e.exception.code, e.exception.message),
+                         (EXIT_REMOTE, f"volume {vid} has no snapshot {kept!r}"))
+        with self.assertRaises(CliError) as e:
+            await zwrm(plane.url, "volumes", "snapshot", vid, "--name", "before-upgrade")
+        self.assertEqual(e.exception.message,
+                         f"volume {vid} has a snapshot 'before-upgrade' already")
+
+        # A drain is refused while the host holds snapshots, and says what to do.
+        with self.assertRaises(CliError) as e:
+            await zwrm(plane.url, "host", "drain", host_id, "--dry-run")
+        self.assertIn(f"holds snapshots of volumes {vid} (2)", e.exception.message)
+
+        _, out = await zwrm(plane.url, "volumes", "destroy", vid)
+        self.assertEqual(out, f"destroyed volume {vid}\n")
+        _, out = await zwrm(plane.url, "volumes", "snapshots", "--json")
+        self.assertEqual(json.loads(out), [])
