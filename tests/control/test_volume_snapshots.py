@@ -188,3 +188,28 @@ class SnapshotTests(TestCase):
         self.assertEqual(await c.apps.list_snapshots(), [])
         [gone] = self.events(c, "volume_snapshot_destroyed")
         self.assertTrue(re.search("was removed", gone["payload"]["reason"]))
+
+    @d
+    async def test_snapshots_a_stopped_control_plane_left_creating_are_settled(self):
+        """
+        Rows stored C{creating} by a control plane that stopped during the copy: once the
+        host is reconciled (its agent registered again), a copy the host has is made
+        ready with its sizes, one it does not have is removed.
+        """
+        c = await self.cluster()
+        vid = c.volume["id"]
+        volumes = c.apps.volumes
+        done = volumes._snapshot_row(c.volume, "done", "taken on request")
+        lost = volumes._snapshot_row(c.volume, "lost", "taken on request")
+        for row in (done, lost):
+            await c.apps.data.volumes.add_snapshot(row)
+        await c.apps.scale("db", 0)
+        await c.store_of.snapshot(vid, done["id"])  # the host finished this one
+
+        await c.registry._fetch_and_reconcile(c.host, None)
+        [settled] = await c.apps.list_snapshots(vid)
+        self.assertEqual((settled["id"], settled["state"], settled["size_bytes"]),
+                         (done["id"], "ready", 4 << 20))
+        [failed] = self.events(c, "volume_snapshot_failed")
+        self.assertEqual(failed["payload"]["snapshot_id"], lost["id"])
+        self.assertIn("control plane stopped", failed["payload"]["reason"])

@@ -11,6 +11,8 @@ A fixture provides:
  - C{spec(testcase, machine_id)}: a valid machine spec;
  - C{kill(driver, machine_id, pid)}: end the machine's process as C{kill -9} would;
  - C{boot_output}: a str the console shows once the guest is up;
+ - C{volume_backup} (optional, default C{True}): whether the driver provides
+   L{zwrm.interfaces.IVolumeBackup} (copies of a running machine's volumes);
  - C{full_disk_spec(testcase, machine_id)}: a spec whose volume C{data} lives on a file
    system with little room (undone at the test's end), C{fill_disk(driver, machine_id)}:
    its guest writes more than that room (or starts to), C{make_room(testcase)}: the file
@@ -282,6 +284,10 @@ def make_driver_tests(fixture):
             target that exists or a machine that is not running C{Conflict} (no file left).
             """
             drv = self.driver()
+            if not getattr(fixture, "volume_backup", True):
+                # optional: a driver without it says so (its volumes are copied at rest)
+                self.assertFalse(IVolumeBackup.providedBy(drv))
+                return
             self.assertTrue(verifyObject(IVolumeBackup, drv))
             path = os.path.join(self.root, "data.img")
             with open(path, "wb") as f:

@@ -210,6 +210,29 @@ class AppVolumes:
             await self._data.volumes.restored(volume, snapshot, kept, got["kept"])
             return {"volume": volume, "snapshot": snapshot, "kept": kept}
 
+    async def settle_snapshots(self, host_id):
+        """
+        Settle the snapshots stored C{creating} on C{host_id} that no request of this
+        process is making (a control plane that stopped during the copy left them): made
+        if the host has its file (with its sizes; a restore's kept data: the restore was
+        done), else removed (C{volume_snapshot_failed}).
+        """
+        pending = [s for s in await self._data.volumes.find_snapshots(host_id=host_id)
+                   if s["state"] == "creating" and s["volume_id"] not in self._busy]
+        if not pending:
+            return
+        held = {s["id"]: s for s in await self._replicas.call(host_id, "volume.snapshots")}
+        for snap in pending:
+            if snap["volume_id"] in self._busy:
+                continue  # a request of this process began with it meanwhile
+            if snap["id"] in held:
+                await self._data.volumes.snapshot_made(snap, dict(held[snap["id"]],
+                                                                  live=snap["live"]))
+            else:
+                await self._data.volumes.snapshot_failed(
+                    snap, "its host has no such copy: the control plane stopped while it "
+                          "was being made")
+
     async def delete_snapshot(self, volume, snapshot):
         """
         Delete C{snapshot} (a row of C{volume}'s) and its data.

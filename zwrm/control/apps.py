@@ -107,6 +107,7 @@ class Apps:
         self._images = ImageCheck()
         self.volumes = AppVolumes(clock, data, self.placements, self.replicas,
                                   host_state=hosts.state)
+        hosts.on_reconciled.append(self.volumes.settle_snapshots)
         self.converger = Converger(data, self.placements, self.replicas, self.volumes)
         self.rollout = Rollout(data, self.placements, self.replicas, self.converger,
                                self._images)

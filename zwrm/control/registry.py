@@ -175,6 +175,10 @@ class HostRegistry:
         #: Called with the row of each of those L{reconcile} failed (its agent does not run
         #: it): the healer decides on it as on an exit (its stop was not one it counts).
         self.on_cut_short = []
+        #: Called (C{await callback(host_id)}) once a host that registered is reconciled:
+        #: what a control plane that stopped meanwhile left half-way there is settled
+        #: (L{zwrm.control.app_volumes.AppVolumes.settle_snapshots}).
+        self.on_reconciled = []
 
     # -- loading and persistence -----------------------------------------------------
 
@@ -535,7 +539,14 @@ class HostRegistry:
                 return None
         if reported is None:
             return None
-        return await self.reconcile(host_id, reported)
+        result = await self.reconcile(host_id, reported)
+        for callback in list(self.on_reconciled):
+            try:
+                await callback(host_id)
+            except Exception as e:
+                self.log.warn("host {host_id}: after its reconciliation: {e}", host_id=host_id,
+                              e=error_text(e))
+        return result
 
     async def _stop_on(self, host_id, mid):
         try:

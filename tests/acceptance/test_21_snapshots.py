@@ -1,0 +1,64 @@
+"""
+Step: a volume snapshot undoes a mistake. The app deployed with a volume
+(test_20_deploy.py) is snapshotted while it runs (a point-in-time copy through QEMU);
+its data is then overwritten through the app, as a bad release or an operator's slip
+would. A restore is refused while the replica runs (one line); once the replica is scaled
+away the snapshot is restored, and the replica, scaled back, serves the data as it was
+through the ingress from the client host. What the volume held before the restore is kept
+as a snapshot; both are deleted at the end (a drain, the next steps', refuses a host that
+holds snapshots: they do not move). The snapshot files on the agent are private (0600 in
+0700 directories). Updates C{cluster.state["app"]["machine"]}.
+"""
+
+import pytest
+
+pytestmark = pytest.mark.acceptance
+
+MISTAKE = b"overwritten by mistake\n"
+SNAPSHOTS = "/var/lib/zwrm/agent/volumes/snapshots"
+
+
+def test_a_snapshot_restores_the_data_a_mistake_overwrote(cluster):
+    if "app" not in cluster.state:
+        pytest.fail("needs the deploy step (test_20_deploy.py) to have passed")
+    web = cluster.state["app"]
+    vid = web["volume"]
+    here = cluster.host_of(web["machine"]["host_id"])
+
+    with cluster.phase("snapshot of the running app's volume"):
+        out = cluster.zwrm("volumes", "snapshot", vid, "--name", "good")
+    assert out.startswith("snapshot good (s-"), out
+    assert out.endswith("taken while its machine ran\n"), out
+    [snap] = cluster.zwrm_json("volumes", "snapshots", vid)
+    path = f"{SNAPSHOTS}/{vid}/{snap['id']}.img"
+    modes = cluster.sh(here, ["stat", "-c", "%a", path, f"{SNAPSHOTS}/{vid}", SNAPSHOTS]
+                       ).stdout.split()
+    assert modes == ["600", "700", "700"], modes
+
+    assert cluster.app_request("/cgi-bin/write?index.txt", MISTAKE, via=here).strip() == "ok"
+    assert cluster.app_request("/cgi-bin/read?index.txt", via=here).encode() == MISTAKE
+
+    r = cluster.sh("client", ["zwrm", "volumes", "restore", vid, "good"],
+                   env={"HOME": cluster.client_home}, ok=(1,))
+    assert len(r.stderr.splitlines()) == 1 and "scale replica 0 of its app away" in r.stderr, \
+        r.stderr
+
+    with cluster.phase("scale away, restore the snapshot, scale back until it serves"):
+        cluster.zwrm("scale", web["name"], "0")
+        out = cluster.zwrm("volumes", "restore", vid, "good")
+        assert out.startswith(f"restored volume {vid} from snapshot good; what it held is kept "
+                              "as snapshot before-restore-"), out
+        cluster.zwrm("scale", web["name"], "1")
+        body = cluster.app_request("/cgi-bin/read?index.txt", via=here, wait=360)
+    assert body.encode() == web["data"], body
+    [machine] = cluster.zwrm_json("status", web["name"])["machines"]
+    assert (machine["host_id"], machine["state"]) == (web["machine"]["host_id"], "running")
+    web["machine"] = machine
+
+    snaps = cluster.zwrm_json("volumes", "snapshots", vid)
+    assert [s["name"] for s in snaps][0] == "good" and len(snaps) == 2, snaps
+    assert snaps[1]["name"].startswith("before-restore-"), snaps
+    for s in snaps:
+        cluster.zwrm("volumes", "delete-snapshot", vid, s["name"])
+    assert cluster.zwrm_json("volumes", "snapshots") == []
+    assert cluster.sh(here, ["ls", "-A", f"{SNAPSHOTS}/{vid}"]).stdout == ""
