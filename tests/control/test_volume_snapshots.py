@@ -156,6 +156,30 @@ class SnapshotTests(TestCase):
             await c.apps.snapshot_volume(vid, "two")
         self.assertIn("is being snapshotted", e.exception.message)
         await first
+        c.drains._starting.add(c.host)  # a drain being planned
+        with self.assertRaises(errors.Conflict) as e:
+            await c.apps.snapshot_volume(vid, "two")
+        self.assertIn("which is draining", e.exception.message)
+        c.drains._starting.discard(c.host)
+
+        # A drain that begins while the snapshot's row is being stored (its check of the
+        # host's snapshots did not see it): the snapshot gives way, its row removed.
+        add = c.apps.data.volumes.add_snapshot
+
+        async def meanwhile(row):
+            c.drains._starting.add(c.host)
+            return await add(row)
+
+        self.patch(c.apps.data.volumes, "add_snapshot", meanwhile)
+        await c.apps.scale("db", 0)
+        for attempt in (c.apps.snapshot_volume(vid, "two"), c.apps.restore_volume(vid, "one")):
+            with self.assertRaises(errors.Conflict) as e:
+                await attempt
+            self.assertIn("which is draining", e.exception.message)
+            c.drains._starting.discard(c.host)
+        self.assertEqual([s["name"] for s in await c.apps.list_snapshots(vid)], ["one"])
+        self.assertEqual(len(c.store_of.snapshots(vid)), 1)
+
         await c.registry.transition(c.host, "drain_requested")
         with self.assertRaises(errors.Conflict) as e:
             await c.apps.snapshot_volume(vid, "two")

@@ -37,6 +37,9 @@ class AppVolumes:
         self._replicas = replicas
         #: C{host_state(host_id) -> str} (the host registry's), or L{None}
         self.host_state = host_state
+        #: C{draining(host_id) -> bool}: whether a drain of the host is being planned or
+        #: runs (set by L{zwrm.control.drain.Drains})
+        self.draining = lambda host_id: False
         self._busy = {}  # volume id -> the snapshot operation under way
 
     async def create(self, app, name, size_mb, mount, replica=0, region=None,
@@ -115,13 +118,18 @@ class AppVolumes:
         return Operation()
 
     def _host_usable(self, row):
-        """@raise zwrm.errors.Conflict: the volume's host is draining or drained."""
-        if self.host_state is None:
-            return
-        try:
-            state = self.host_state(row["host_id"])
-        except errors.NotFound:
-            state = "removed"
+        """
+        @raise zwrm.errors.Conflict: the volume's host is draining or drained, or a drain
+            of it is being planned.
+        """
+        state = "ready"
+        if self.host_state is not None:
+            try:
+                state = self.host_state(row["host_id"])
+            except errors.NotFound:
+                state = "removed"
+        if state == "ready" and self.draining(row["host_id"]):
+            state = "draining"
         if state in ("draining", "drained", "removed"):
             raise errors.Conflict(f"volume {row['id']} is on host {row['host_id']}, which is "
                                   f"{state}", argument="volume_id")
@@ -166,6 +174,8 @@ class AppVolumes:
             row = self._snapshot_row(volume, name, "taken on request")
             await self._data.volumes.add_snapshot(row)
             try:
+                # A drain that began while the row was stored did not see it: it goes on.
+                self._host_usable(volume)
                 info = await self._replicas.call(volume["host_id"], "volume.snapshot",
                                                  volume["id"], row["id"])
             except Exception as e:
@@ -202,6 +212,7 @@ class AppVolumes:
                                       "restored")
             await self._data.volumes.add_snapshot(kept)
             try:
+                self._host_usable(volume)  # (a drain that began meanwhile: see snapshot)
                 got = await self._replicas.call(volume["host_id"], "volume.restore",
                                                 volume["id"], snapshot["id"], kept["id"])
             except Exception as e:

@@ -143,6 +143,10 @@ class Drains(LiveSteps):
         self._drains = self._data.drains
         self._machines = self._data.machines
         self._volumes = self._data.volumes
+        # A snapshot or restore of a volume on a host whose drain is being planned or runs
+        # is refused (snapshots do not move; the drain's check of them is in _start_drain).
+        apps.volumes.draining = lambda host_id: (host_id in self.active
+                                                 or host_id in self._starting)
         self.active = {}
         self._starting = set()  # hosts whose drain is being planned (zwrm.host.drain)
         self._stopped = False
