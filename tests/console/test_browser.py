@@ -503,6 +503,23 @@ class ConsoleBrowserTests(TestCase):
                          r"^update under way 0 of 1 replaced \(.+\): rolling update to version 2")
         await b.shot("rollout.png")
 
+        # a snapshot of its volume while it runs, from the volumes view; the event shows it
+        await b.js("location.hash = '#volumes'")
+        [vid] = [v["id"] for v in status["volumes"]]
+        await self.click(b, f"button[data-action=snapshot][data-volume='{vid}']")
+        await self.confirm(b, **{"snapshot-name": "from-the-console"})
+        await wait_js(
+            b, "const m = document.getElementById('message');"
+               " return !m.hidden && m.className === 'info' && m.querySelector('.text').textContent"
+               " === `snapshot from-the-console of ${arguments[0]} taken while its machine ran`",
+            120, "the snapshot confirmed", vid)
+        await wait_js(b, "const r = document.querySelector(`#volumes-table tr[data-volume='${arguments[0]}']`);"
+                         " return r && r.querySelector('.snapshots').textContent === 'from-the-console'",
+                      30, "the snapshot listed with its volume", vid)
+        [snap] = json.loads(await self.cli(cp, "volumes", "snapshots", vid, "--json"))
+        self.assertEqual((snap["name"], snap["live"], snap["state"]), ("from-the-console", True, "ready"))
+        await b.js("location.hash = '#apps'")
+
         # scale to 0: the machine goes
         await self.click(b, "button[data-action=scale][data-app=web]")
         await self.confirm(b, **{"scale-replicas": 0})

@@ -16,7 +16,7 @@ const PHASES = ["planned", "bulk_copying", "stopping_source", "delta_copying",
 const state = {
   session: null, connection: null, role: null, authid: null, view: "hosts",
   hosts: new Map(), hostStatus: new Map(), readAt: null, partitions: new Map(),
-  apps: new Map(), machines: new Map(), volumes: new Map(), drains: new Map(),
+  apps: new Map(), machines: new Map(), volumes: new Map(), snapshots: new Map(), drains: new Map(),
   events: [], lastEventId: 0, audit: null,
 };
 
@@ -175,6 +175,8 @@ async function loadApps() {
   state.machines = new Map(machines.map((m) => [m.id, m]));
   const volumes = await state.session.call("zwrm.volume.list");
   state.volumes = new Map(volumes.map((v) => [v.id, v]));
+  const snapshots = await state.session.call("zwrm.volume.snapshots");
+  state.snapshots = new Map(snapshots.map((s) => [s.id, s]));
   render();
 }
 
@@ -243,6 +245,10 @@ function onEvent(args, kwargs, details) {
       if (e.kind === "state") state.machines.set(p.id, p);
       else if (e.kind === "destroyed") state.machines.delete(p.id || e.subject);
       else if (e.kind === "volume_destroyed") state.volumes.delete(p.id || e.subject);
+      // a volume's snapshots: their rows (snapshot_id), kept apart from the volumes
+      else if (e.kind === "volume_snapshot") state.snapshots.set(p.snapshot_id, snapshotRow(p));
+      else if (e.kind.startsWith("volume_snapshot_")) state.snapshots.delete(p.snapshot_id);
+      else if (e.kind === "volume_restored") state.snapshots.set(p.kept.id, snapshotRow(p.kept));
       else if (e.kind.startsWith("volume")) {
         const v = Object.assign({}, p);
         delete v.reason; delete v.volume_id;
@@ -585,15 +591,36 @@ function drawApps() {
   $("#apps-list").replaceChildren(...(cards.length ? cards : [h("p", { class: "empty" }, "No apps yet.")]));
 }
 
+function snapshotRow(p) {
+  const s = Object.assign({}, p);
+  delete s.reason; delete s.snapshot_id;
+  return s;
+}
+
+// A snapshot of a volume on its host, as `zwrm volumes snapshot` takes it (while its machine
+// runs: a point in time). Restores need the replica down: the CLI's `zwrm volumes restore`.
+async function snapshot(volume) {
+  const input = h("input", { type: "text", id: "snapshot-name", placeholder: "the time (UTC)" });
+  if (!(await ask(`Snapshot volume ${volume.id} (${volume.name}) on its host? Its name` +
+    " (optional):", input))) return;
+  const s = await call("zwrm.volume.snapshot", [volume.id], input.value ? { name: input.value } : {});
+  showMessage(`snapshot ${s.name} of ${volume.id} taken ${s.live ? "while its machine ran" : "at rest"}`,
+    null, "info");
+}
+
 function drawVolumes() {
   const vols = [...state.volumes.values()].sort((a, b) => a.id.localeCompare(b.id));
   $("#volumes-count").textContent = `(${vols.length})`;
   const appName = (id) => ([...state.apps.values()].find((a) => a.id === id) || {}).name || id;
+  const snaps = (id) => [...state.snapshots.values()].filter((s) => s.volume_id === id)
+    .sort((a, b) => a.created_at - b.created_at);
   const rows = vols.map((v) => h("tr", { dataset: { volume: v.id } },
     h("td", { class: "mono" }, v.id), h("td", {}, appName(v.app_id)), h("td", {}, v.name),
     h("td", { class: "num" }, v.replica), h("td", { class: "num" }, mib(v.size_mb)),
-    h("td", { class: "mono" }, v.mount || "-"), h("td", {}, hostName(v.host_id)), h("td", {}, stateBadge(v.state))));
-  $("#volumes-table tbody").replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: 8, class: "empty" }, "No volumes."))]));
+    h("td", { class: "mono" }, v.mount || "-"), h("td", {}, hostName(v.host_id)), h("td", {}, stateBadge(v.state)),
+    h("td", { class: "snapshots" }, snaps(v.id).map((s) => `${s.name}${s.state === "ready" ? "" : ` (${s.state})`}`).join(", ") || "-"),
+    h("td", {}, actionButton("Snapshot", "snapshot", { volume: v.id }, () => snapshot(v), v.state === "ready"))));
+  $("#volumes-table tbody").replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: 10, class: "empty" }, "No volumes."))]));
 }
 
 function phaseBar(phase) {
