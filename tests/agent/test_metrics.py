@@ -95,6 +95,7 @@ class AgentMetricsTests(TestCase):
         await poll(reactor, lambda: agent.heartbeats_sent >= 1 and agent.metrics_port, 20, 0.05,
                    what="a heartbeat and the metrics port")
         await agent.runtime.volumes.create("v1", 16)
+        snap = await agent.runtime.volumes.snapshot("v1", "s1")
         address = agent.metrics_port.getHost()
         self.assertEqual(address.host, "127.0.0.1")
 
@@ -113,6 +114,9 @@ class AgentMetricsTests(TestCase):
         self.assertTrue(0 < rtt < 10, rtt)
         self.assertEqual(samples[("zwrm_volume_size_bytes", (("volume", "v1"),))], 16 * MiB)
         self.assertGreater(samples[("zwrm_volume_allocated_bytes", (("volume", "v1"),))], 0)
+        self.assertEqual(samples[("zwrm_volume_snapshots", (("volume", "v1"),))], 1)
+        self.assertEqual(samples[("zwrm_volume_snapshot_allocated_bytes", (("volume", "v1"),))],
+                         snap["allocated_bytes"])
         self.assertEqual(samples[("zwrm_image_cache_limit_bytes", ())], 7 * MiB)
         self.assertEqual(families["zwrm_image_cache_hits"].type, "counter")
         self.assertEqual(samples[("zwrm_volume_transfer_sent_bytes_total", ())], 0)
@@ -253,6 +257,9 @@ class _Driver:
 
 class _Volumes:
     def list(self):
+        return []
+
+    def snapshots(self):
         return []
 
 

@@ -10,7 +10,7 @@ What a scrape reads, none of it blocking the reactor:
    C{query-blockstats}, asynchronous, bounded by L{AgentMetrics.timeout}) and, in bridge
    mode, its TAP device's counters (C{/sys/class/net/<tap>/statistics}); user-mode
    networking has no host-side device, so no network family for those machines;
- - volume sizes (one C{stat} per volume image);
+ - volume sizes (one C{stat} per volume image), their snapshots' count and room;
  - the image cache's figures (kept in memory by L{zwrm.agent.images.ImageCache});
  - volume-transfer bytes sent and received (counters kept by the sender and receiver);
  - the heartbeat's last round-trip time and count (kept by the agent service).
@@ -175,11 +175,23 @@ def _volumes(volumes):
     alloc = GaugeMetricFamily("zwrm_volume_allocated_bytes",
                               "Disk space a volume's (sparse) image takes on this host.", labels=["volume"])
     in_use = GaugeMetricFamily("zwrm_volume_in_use", "1 if a machine uses the volume.", labels=["volume"])
+    snaps = GaugeMetricFamily("zwrm_volume_snapshots", "Snapshots of a volume on this host.",
+                              labels=["volume"])
+    snap_bytes = GaugeMetricFamily("zwrm_volume_snapshot_allocated_bytes",
+                                   "Disk space a volume's snapshots take on this host.",
+                                   labels=["volume"])
     for v in volumes.list():
         size.add_metric([v["id"]], v["size_bytes"])
         alloc.add_metric([v["id"]], v["allocated_bytes"])
         in_use.add_metric([v["id"]], int(bool(v["in_use_by"])))
-    return [size, alloc, in_use]
+    held = {}
+    for s in volumes.snapshots():
+        count, taken = held.get(s["volume_id"], (0, 0))
+        held[s["volume_id"]] = (count + 1, taken + s["allocated_bytes"])
+    for vid, (count, taken) in sorted(held.items()):
+        snaps.add_metric([vid], count)
+        snap_bytes.add_metric([vid], taken)
+    return [size, alloc, in_use, snaps, snap_bytes]
 
 
 def _cache(cache):
