@@ -280,7 +280,7 @@ def make_driver_tests(fixture):
         async def test_backup_volume_copies_a_running_machine_s_volume(self):
             """
             L{IVolumeBackup.backup_volume} copies a running machine's volume into a new
-            private file, byte for byte; an unknown machine or volume is C{NotFound}, a
+            private file, byte for byte, its holes left holes; an unknown machine or volume is C{NotFound}, a
             target that exists or a machine that is not running C{Conflict} (no file left).
             """
             drv = self.driver()
@@ -307,6 +307,8 @@ def make_driver_tests(fixture):
             with open(path, "rb") as a, open(target, "rb") as b:
                 self.assertTrue(a.read() == b.read(), "the copy differs from the volume")
             self.assertEqual(os.stat(target).st_mode & 0o777, 0o600)
+            # sparse: the copy takes the room of the volume's data, not of its size
+            self.assertLess(os.stat(target).st_blocks * 512, 1 << 20)
             with self.assertRaises(Conflict):
                 await drv.backup_volume("vm", "data", target)
             await drv.stop("vm")

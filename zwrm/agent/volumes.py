@@ -20,7 +20,7 @@ import errno
 import os
 import uuid
 
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import FirstError, ensureDeferred, gatherResults
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -373,8 +373,11 @@ class VolumeStore:
 
     async def _verify(self, volume_id, a, b):
         """@raise Unavailable: unless files C{a} and C{b} hold the same data."""
-        da = await self._threads(file_digest, a)
-        db = await self._threads(file_digest, b)
+        try:  # both at once, in two threads (the hashes and reads release the GIL)
+            da, db = await gatherResults([self._threads(file_digest, a),
+                                          self._threads(file_digest, b)], consumeErrors=True)
+        except FirstError as e:
+            e.subFailure.raiseException()
         if da != db:
             raise Unavailable(f"the copy of volume {volume_id!r} differs from what it was "
                               f"copied from ({db} instead of {da}); nothing was changed")

@@ -8,7 +8,8 @@ the target file is made at the volume's size, opened by QEMU as a raw node
 drive into it. From the job's start, QEMU's copy-before-write filter saves each block the
 guest is about to overwrite into the target first, so the copy is the volume as it was at
 that moment (crash-consistent: what the disk held, as after a power cut). The job ends
-with C{BLOCK_JOB_COMPLETED}; the node is removed (C{blockdev-del}) and the file fsynced.
+with C{BLOCK_JOB_COMPLETED}; the node is removed (C{blockdev-del}), the zeros the job
+allocated are freed again (L{sparsify}) and the file fsynced.
 A failed job, a machine that ends meanwhile or a full disk removes the target.
 """
 
@@ -19,9 +20,9 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from zwrm.agent.blockmap import data_extents, punch_hole
 from zwrm.drivers.qmp import QMPError
 from zwrm.errors import Conflict, NotFound, ResourceExhausted, Unavailable
-from zwrm.files import fsync_path
 
 log = Logger()
 
@@ -32,6 +33,28 @@ BACKUP_POLL = 0.2
 SETTLED = ("resumed", "cancelled")
 #: The events that end a block job.
 JOB_ENDED = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
+
+
+def sparsify(path):
+    """
+    Free what the copy holds only as zeros the job allocated, then fsync it (blocking: run
+    in a thread). QEMU 7.2's backup writes the zeros it copies (the volume's holes among
+    them) as C{FALLOC_FL_ZERO_RANGE}: unwritten extents that read as zeros but take their
+    room. C{SEEK_DATA} skips them, so every range it calls a hole is punched: a snapshot
+    takes the room of the volume's data, not of its size.
+    """
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+        size = os.fstat(fd).st_size
+        pos = 0
+        for start, end in data_extents(fd, size) + [(size, size)]:
+            if start > pos:
+                punch_hole(fd, pos, start - pos)
+            pos = end
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class QemuVolumeBackup:
@@ -74,7 +97,7 @@ class QemuVolumeBackup:
             finally:
                 os.close(fd)
             await self._backup_job(m, index, target)
-            await deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fsync_path,
+            await deferToThreadPool(self.reactor, self.reactor.getThreadPool(), sparsify,
                                     target)
         except BaseException:
             try:
