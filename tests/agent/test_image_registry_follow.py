@@ -160,9 +160,7 @@ class AgentFollowsControlPlaneTests(unittest.TestCase):
         return plane
 
     async def _scenario(self):
-        from zwrm.agent.runtime import HostRuntime
-        from zwrm.agent.service import AgentService
-        from zwrm.agent.tap import AgentConfig
+        from tests.agent.test_membership import start_host_agent
 
         tmp = temp_dir(self)
         cp_dir = os.path.join(tmp, "cp")
@@ -171,13 +169,8 @@ class AgentFollowsControlPlaneTests(unittest.TestCase):
         own = f"http://127.0.0.1:{port}"
         with open(os.path.join(cp_dir, "join.token")) as f:
             join_token = f.read().strip()
-        config = AgentConfig(url=f"ws://127.0.0.1:{port}/ws", join_token=join_token, name="a1",
-                             data_dir=os.path.join(tmp, "a1"), retry_initial=0.05,
-                             retry_max=0.2, accel="tcg")
-        agent = AgentService(reactor, config, runtime=HostRuntime(reactor, config))
-        agent.startService()
-        self.addCleanup(agent.stopService)
-        await agent.registered
+        agent = await start_host_agent(self, None, os.path.join(tmp, "a1"),
+                                       url=f"ws://127.0.0.1:{port}/ws", join_token=join_token)
         cache = agent.runtime.cache
         self.assertEqual(cache.registry_url, UNREACHABLE)
 

@@ -7,14 +7,10 @@ under its own prefix beside its executor, and the control plane can call them ov
 import os
 
 from autobahn.wamp.exception import ApplicationError
-from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
-from tests.agent.test_membership import start_plane
-from zwrm.agent.runtime import HostRuntime
-from zwrm.agent.service import AgentService
-from zwrm.agent.tap import AgentConfig
+from tests.agent.test_membership import start_host_agent, start_plane
 
 
 class LiveProceduresOverWampTests(TestCase):
@@ -25,13 +21,7 @@ class LiveProceduresOverWampTests(TestCase):
 
     async def _test(self):
         plane, tmp = await start_plane(self)
-        config = AgentConfig(url=plane.url, join_token=plane.join_token, name="a1",
-                             data_dir=os.path.join(tmp, "a1"), retry_initial=0.05,
-                             retry_max=0.2, accel="tcg")
-        agent = AgentService(reactor, config, runtime=HostRuntime(reactor, config))
-        agent.startService()
-        self.addCleanup(agent.stopService)
-        await agent.registered
+        agent = await start_host_agent(self, plane, os.path.join(tmp, "a1"))
         host_id = agent.identity.host_id
         facts = await plane.registry.call_executor(host_id, "live.facts")
         self.assertEqual((facts["live"], facts["cpu_model"], facts["machine_type"],

@@ -57,6 +57,22 @@ async def start_plane(testcase, tls=False, **kw):
     return plane, tmp
 
 
+async def start_host_agent(testcase, plane, data_dir, url=None, join_token=None, **options):
+    """
+    A registered agent with its host runtime (the QEMU driver under TCG, a volume store, an
+    image cache), as C{twistd zwrm-agent} runs it, joined to C{plane} (or to C{url} with
+    C{join_token}); stopped when the test ends. C{options}: more of its L{AgentConfig}.
+    """
+    config = AgentConfig(url=url or plane.url, join_token=join_token or plane.join_token,
+                         name="a1", data_dir=data_dir, retry_initial=0.05, retry_max=0.2,
+                         accel="tcg", **options)
+    agent = AgentService(reactor, config, runtime=HostRuntime(reactor, config))
+    agent.startService()
+    testcase.addCleanup(agent.stopService)
+    await agent.registered
+    return agent
+
+
 def _unread(sock):
     """How many bytes wait unread in C{sock}."""
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
@@ -274,13 +290,7 @@ class MembershipTests(TestCase):
             received.append((event["machine_id"], event["state"], event.get("health")))
 
         self.patch(plane.apps, "machine_event", machine_event)
-        config = AgentConfig(url=plane.url, join_token=plane.join_token, name="a1",
-                             data_dir=os.path.join(tmp, "a1"), retry_initial=0.05,
-                             retry_max=0.2, accel="tcg")
-        agent = AgentService(reactor, config, runtime=HostRuntime(reactor, config))
-        agent.startService()
-        self.addCleanup(agent.stopService)
-        await agent.registered
+        agent = await start_host_agent(self, plane, os.path.join(tmp, "a1"))
         session = agent.session
         session._transport.transport.abortConnection()  # none of these leaves
         sent = [agent.runtime.report({"machine_id": m, "state": st, "health": h})

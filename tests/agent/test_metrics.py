@@ -21,7 +21,6 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from zwrm import pki
 from zwrm.agent.metrics import AgentMetrics, _Families
-from zwrm.agent.runtime import HostRuntime
 from zwrm.agent.service import AgentService
 from zwrm.agent.tap import AgentConfig, Options
 from zwrm.testing.processes import poll
@@ -81,17 +80,11 @@ class AgentMetricsTests(TestCase):
 
     @d
     async def test_served_and_parsed(self):
-        from tests.agent.test_membership import start_plane
+        from tests.agent.test_membership import start_host_agent, start_plane
 
         plane, tmp = await start_plane(self)
-        config = AgentConfig(url=plane.url, join_token=plane.join_token, name="a1",
-                             data_dir=os.path.join(tmp, "a1"), retry_initial=0.05,
-                             retry_max=0.2, accel="tcg", image_cache_mb=7,
-                             metrics_listen="tcp:0:interface=127.0.0.1")
-        agent = AgentService(reactor, config, runtime=HostRuntime(reactor, config))
-        agent.startService()
-        self.addCleanup(agent.stopService)
-        await agent.registered
+        agent = await start_host_agent(self, plane, os.path.join(tmp, "a1"), image_cache_mb=7,
+                                       metrics_listen="tcp:0:interface=127.0.0.1")
         await poll(reactor, lambda: agent.heartbeats_sent >= 1 and agent.metrics_port, 20, 0.05,
                    what="a heartbeat and the metrics port")
         await agent.runtime.volumes.create("v1", 16)

@@ -9,12 +9,9 @@ import os
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from tests.agent.test_membership import start_plane
+from tests.agent.test_membership import start_host_agent, start_plane
 from tests.cli.test_cli import d
 from tests.cli.test_json_everywhere import zwrm
-from zwrm.agent.runtime import HostRuntime
-from zwrm.agent.service import AgentService
-from zwrm.agent.tap import AgentConfig
 from zwrm.cli import client
 from zwrm.cli.client import EXIT_REMOTE, CliError
 from zwrm.testing.processes import poll
@@ -26,13 +23,7 @@ class VolumeSnapshotCommandTests(TestCase):
     @d
     async def test_snapshot_list_restore_delete(self):
         plane, tmp = await start_plane(self)
-        config = AgentConfig(url=plane.url, join_token=plane.join_token, name="a1",
-                             data_dir=os.path.join(tmp, "a1"), retry_initial=0.05,
-                             retry_max=0.2, accel="tcg")
-        agent = AgentService(reactor, config, runtime=HostRuntime(reactor, config))
-        agent.startService()
-        self.addCleanup(agent.stopService)
-        await agent.registered
+        agent = await start_host_agent(self, plane, os.path.join(tmp, "a1"))
         host_id = agent.identity.host_id
         self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
         await poll(reactor, lambda: plane.registry.executor_available(host_id), 10, 0.05,

@@ -229,17 +229,15 @@ def register(subparsers):
     p.add_argument("--app")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=volumes_snapshots)
-    p = vsub.add_parser("restore", help="put a snapshot's data back into its volume (no "
-                        "machine may run with it; what it held is kept as a snapshot)")
-    p.add_argument("volume_id")
-    p.add_argument("snapshot", help="the snapshot's name or id")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=volumes_restore)
-    p = vsub.add_parser("delete-snapshot", help="delete a snapshot and its data")
-    p.add_argument("volume_id")
-    p.add_argument("snapshot", help="the snapshot's name or id")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=volumes_delete_snapshot)
+    for name, func, text in (
+            ("restore", volumes_restore, "put a snapshot's data back into its volume (no "
+             "machine may run with it; what it held is kept as a snapshot)"),
+            ("delete-snapshot", volumes_delete_snapshot, "delete a snapshot and its data")):
+        p = vsub.add_parser(name, help=text)
+        p.add_argument("volume_id")
+        p.add_argument("snapshot", help="the snapshot's name or id")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(func=func)
 
 
 CLEARABLE = {"region": "region", "datacenter": "datacenter", "port": "service_port",

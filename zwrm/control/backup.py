@@ -37,6 +37,8 @@ import time
 
 from twisted.internet import defer, threads
 
+from zwrm.files import fsync_path
+
 DB_NAME = "zwrm.db"
 FILES_TABLE = "zwrm_backup_files"
 META_TABLE = "zwrm_backup_meta"
@@ -85,14 +87,6 @@ def _private_file(path):
     os.close(fd)
 
 
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --- backup -----------------------------------------------------------------------------
 
 
@@ -139,7 +133,7 @@ def backup_sync(data_dir, out):
                 dst.close()
         finally:
             src.close()
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, out)
         return version, len(files)
     except sqlite3.Error as e:
@@ -295,7 +289,7 @@ def _restore_locked(data_dir, source, version, stamp):
             norm = os.path.normpath(rel)
             if norm.startswith("..") or os.path.isabs(norm) or norm.startswith(DB_NAME):
                 raise BackupError(f"the backup holds a file with a bad path {rel!r}")
-        _fsync(tmp)
+        fsync_path(tmp)
         _chown(tmp, owner)
     except sqlite3.Error as e:
         if os.path.exists(tmp):

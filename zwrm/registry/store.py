@@ -46,6 +46,7 @@ import uuid as uuidlib
 
 from twisted.internet import threads
 
+from zwrm.files import fsync_path
 from zwrm.sparse import SPARSE_BLOCK, is_zero, write_sparse
 
 ALGORITHMS = {"sha256": 64, "sha512": 128}
@@ -99,14 +100,6 @@ def check_tag(tag):
     """
     if TAG_RE.match(tag or "") is None:
         raise StoreError("TAG_INVALID", f"invalid tag: {tag!r}")
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _hash_file(path, algorithm):
@@ -285,7 +278,7 @@ class RegistryStore:
             with open(src, "rb+") as f:
                 os.fsync(f.fileno())
             os.rename(src, dest)
-            _fsync_dir(os.path.dirname(dest))
+            fsync_path(os.path.dirname(dest))
 
         await self._in_thread(move)
 
