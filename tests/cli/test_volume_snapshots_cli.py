@@ -67,10 +67,18 @@ class VolumeSnapshotCommandTests(TestCase):
         self.assertEqual(e.exception.message,
                          f"volume {vid} has a snapshot 'before-upgrade' already")
 
+        # a scheduled snapshot keeps the last N (a restore's kept data is not counted)
+        _, out = await zwrm(plane.url, "volumes", "snapshot", vid, "--name", "nightly",
+                            "--keep", "1")
+        self.assertEqual(out.splitlines()[1], "deleted 2 older snapshot(s) to keep 1: "
+                                              f"before-upgrade, {second['name']}")
+        _, out = await zwrm(plane.url, "volumes", "snapshots", vid, "--json")
+        self.assertEqual([s["name"] for s in json.loads(out)], ["nightly"])
+
         # A drain is refused while the host holds snapshots, and says what to do.
         with self.assertRaises(CliError) as e:
             await zwrm(plane.url, "host", "drain", host_id, "--dry-run")
-        self.assertIn(f"holds snapshots of volumes {vid} (2)", e.exception.message)
+        self.assertIn(f"holds snapshots of volumes {vid} (1)", e.exception.message)
 
         _, out = await zwrm(plane.url, "volumes", "destroy", vid)
         self.assertEqual(out, f"destroyed volume {vid}\n")

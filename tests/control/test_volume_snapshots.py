@@ -237,3 +237,28 @@ class SnapshotTests(TestCase):
         [failed] = self.events(c, "volume_snapshot_failed")
         self.assertEqual(failed["payload"]["snapshot_id"], lost["id"])
         self.assertIn("control plane stopped", failed["payload"]["reason"])
+
+    @d
+    async def test_keep_prunes_the_oldest_but_never_what_a_restore_kept(self):
+        c = await self.cluster()
+        vid = c.volume["id"]
+        for name in ("a", "b"):
+            await c.apps.snapshot_volume(vid, name)
+        await c.apps.scale("db", 0)
+        kept = (await c.apps.restore_volume(vid, "a"))["kept"]
+        snap = await c.apps.snapshot_volume(vid, "c", keep=2)
+        self.assertEqual([p["name"] for p in snap["pruned"]], ["a"])
+        snap = await c.apps.snapshot_volume(vid, "d", keep=2)
+        self.assertEqual([p["name"] for p in snap["pruned"]], ["b"])
+        names = [s["name"] for s in await c.apps.list_snapshots(vid)]
+        self.assertEqual(names, [kept["name"], "c", "d"])
+        self.assertEqual(sorted(s["id"] for s in c.store_of.snapshots(vid)),
+                         sorted(s["id"] for s in await c.apps.list_snapshots(vid)))
+        pruned = self.events(c, "volume_snapshot_destroyed")
+        self.assertEqual([e["payload"]["reason"] for e in pruned],
+                         ["pruned: the last 2 snapshot(s) are kept"] * 2)
+        for bad in (0, 1001, "2", True, 1.5):
+            with self.assertRaises(errors.InvalidArgument):
+                await c.apps.snapshot_volume(vid, "e", keep=bad)
+        self.assertEqual(len(await c.apps.list_snapshots(vid)), 3)
+        self.assertEqual((await c.apps.snapshot_volume(vid, keep=3))["pruned"], [])

@@ -222,6 +222,9 @@ def register(subparsers):
     p = vsub.add_parser("snapshot", help="copy a volume on its host (its machine may run)")
     p.add_argument("volume_id")
     p.add_argument("--name", help="the snapshot's name (default: the time, YYYYMMDD-HHMMSS)")
+    p.add_argument("--keep", type=int, metavar="N",
+                   help="then delete the volume's oldest snapshots until N are left (not a "
+                        "restore's before-restore-... ones): for scheduled snapshots")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=volumes_snapshot)
     p = vsub.add_parser("snapshots", help="snapshots, of one volume or of an app's volumes")
@@ -1057,12 +1060,15 @@ def format_snapshots(snapshots, out):
 async def volumes_snapshot(reactor, args, out=None):
     out = out or sys.stdout
     s = await call_once(reactor, args.api_url, "zwrm.volume.snapshot", args.volume_id,
-                        name=args.name)
+                        name=args.name, keep=args.keep)
     if args.json:
         return print_json(s, out)
     how = "while its machine ran" if s["live"] else "at rest"
     out.write(f"snapshot {s['name']} ({s['id']}) of volume {s['volume_id']} on {s['host_id']}:"
               f" {_mib(s['allocated_bytes'])} MiB of data, taken {how}\n")
+    if s.get("pruned"):
+        out.write(f"deleted {len(s['pruned'])} older snapshot(s) to keep {args.keep}: "
+                  f"{', '.join(p['name'] for p in s['pruned'])}\n")
 
 
 async def volumes_snapshots(reactor, args, out=None):

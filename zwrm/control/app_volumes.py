@@ -18,6 +18,11 @@ from zwrm import errors
 from zwrm.control.appspec import check_name, error_text, new_id, whole_number
 from zwrm.control.resources.machines import LIVE, placement_request
 
+#: The names of the snapshots a restore keeps of what the volume held (never pruned).
+RESTORE_PREFIX = "before-restore-"
+#: The most snapshots C{keep} may ask for.
+MAX_KEEP = 1000
+
 
 class AppVolumes:
     """Create, list and delete apps' volumes."""
@@ -151,15 +156,23 @@ class AppVolumes:
                 "size_bytes": 0, "allocated_bytes": 0, "reason": reason,
                 "created_at": self._clock.seconds()}
 
-    async def snapshot(self, volume, name=None):
+    async def snapshot(self, volume, name=None, keep=None):
         """
         Make a snapshot of the volume row C{volume}, named C{name} (default: the time,
         C{YYYYMMDD-HHMMSS} UTC).
 
-        @return: the snapshot's row.
+        @param keep: once it is made, delete the volume's oldest snapshots until C{keep}
+            are left (a restore's C{before-restore-...} ones are neither deleted nor
+            counted): what a scheduled snapshot (a systemd timer, cron) passes to keep
+            the last C{keep}.
+        @return: the snapshot's row, with C{pruned}: the rows deleted for C{keep}.
         @raise zwrm.errors.Conflict: the name is taken, the volume is not ready, its host
             drains, or another snapshot operation on it is under way.
         """
+        if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool)
+                                 or not 1 <= keep <= MAX_KEEP):
+            raise errors.InvalidArgument(f"keep must be a whole number from 1 to {MAX_KEEP}, "
+                                         f"not {keep!r}", argument="keep")
         if name is not None:
             check_name(name, "snapshot name")
             if await self._data.volumes.find_snapshots(volume_id=volume["id"], name=name):
@@ -186,7 +199,16 @@ class AppVolumes:
                 except Exception:
                     pass
                 raise
-            return await self._data.volumes.snapshot_made(row, info)
+            row = await self._data.volumes.snapshot_made(row, info)
+            pruned = []
+            if keep is not None:
+                kept = [s for s in await self._data.volumes.find_snapshots(volume_id=volume["id"])
+                        if s["state"] == "ready" and not s["name"].startswith(RESTORE_PREFIX)]
+                for old in kept[:-keep]:
+                    await self._delete_snapshot(volume, old,
+                                                f"pruned: the last {keep} snapshot(s) are kept")
+                    pruned.append(old)
+            return dict(row, pruned=pruned)
 
     async def restore(self, volume, snapshot):
         """
@@ -206,7 +228,7 @@ class AppVolumes:
         await self._not_used(volume, "restored")
         self._host_usable(volume)
         with self._operation(volume, "restored"):
-            name = await self._free_name(volume["id"], f"before-restore-{self._stamp()}")
+            name = await self._free_name(volume["id"], f"{RESTORE_PREFIX}{self._stamp()}")
             kept = self._snapshot_row(volume, name,
                                       f"what the volume held before {snapshot['name']} was "
                                       "restored")

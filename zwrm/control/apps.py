@@ -607,11 +607,12 @@ class Apps:
                               argument="snapshot")
 
     @wamp.register("zwrm.volume.snapshot")
-    async def snapshot_volume(self, volume_id, name=None):
+    async def snapshot_volume(self, volume_id, name=None, keep=None):
         """
-        Snapshot a volume on its host: while its machine runs (a point in time) or not.
+        Snapshot a volume on its host: while its machine runs (a point in time) or not;
+        with C{keep}, then delete its oldest snapshots until C{keep} are left.
         """
-        return await self.volumes.snapshot(await self._volume(volume_id), name)
+        return await self.volumes.snapshot(await self._volume(volume_id), name, keep=keep)
 
     @wamp.register("zwrm.volume.snapshots")
     async def list_snapshots(self, volume_id=None, app=None):

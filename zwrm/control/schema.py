@@ -636,9 +636,13 @@ PROCEDURES = {p.uri: p for p in [
               " point in time, crash-consistent) or while it is down.",
               [Arg("volume_id", ID, doc="the volume's id"),
                Arg("name", Nullable(NAME), None, "the snapshot's name (default: the time,"
-                   " YYYYMMDD-HHMMSS UTC)")],
+                   " YYYYMMDD-HHMMSS UTC)"),
+               Arg("keep", Nullable(Int(1, 1000)), None, "then delete the volume's oldest"
+                   " snapshots until this many are left (a restore's before-restore-..."
+                   " ones are neither deleted nor counted)")],
               "the snapshot: {id, volume_id, app_id, host_id, name, state, live, size_bytes,"
-              " allocated_bytes, reason, created_at}",
+              " allocated_bytes, reason, created_at, pruned: [the snapshots deleted for"
+              " keep]}",
               ["invalid_argument", "not_found (volume_id)",
                "conflict (the name is taken, the volume's host drains, its machine is"
                " starting, stopping or moving, or another snapshot operation on it is under"
