@@ -311,3 +311,32 @@ class VolumeSnapshotTests(TestCase):
             pass
         VolumeStore(reactor, self.root)
         self.assertEqual(os.listdir(os.path.join(self.store.snapshots_root, "v1")), ["s1.img"])
+
+    async def test_a_restore_cut_before_its_last_rename_leaves_the_volume_whole(self):
+        """
+        The volume's file is never missing: its data is linked as the kept snapshot before
+        the copy replaces it in one rename; a rename that fails leaves the volume as it was.
+        """
+        await self.store.create("v1", 8)
+        self.scribble("v1", b"first")
+        await self.store.snapshot("v1", "s1")
+        self.scribble("v1", b"later")
+        real_rename = os.rename
+        seen = []
+
+        def rename(src, dst):  # the copy's rename over the volume fails
+            seen.append(os.path.exists(self.store.path("v1")))
+            if dst == self.store.path("v1"):
+                raise OSError(5, "Input/output error")
+            return real_rename(src, dst)
+
+        self.patch(os, "rename", rename)
+        with self.assertRaises(OSError):
+            await self.store.restore("v1", "s1", "k1")
+        self.patch(os, "rename", real_rename)
+        self.assertEqual(seen, [True])
+        self.assertEqual(self.read(self.store.path("v1")), b"later")
+        self.assertEqual([s["id"] for s in self.store.snapshots("v1")], ["s1"])
+        self.assertEqual(sorted(os.listdir(self.root)), ["snapshots", "v1.img"])
+        await self.store.restore("v1", "s1", "k1")  # not left busy
+        self.assertEqual(self.read(self.store.path("v1")), b"first")

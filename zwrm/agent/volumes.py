@@ -11,8 +11,8 @@ in C{<root>/snapshots/<volume id>/<snapshot id>.img}: a copy at rest (C{cp
 --sparse=always --reflink=auto}, so a file system with reflinks shares the blocks, and
 verified against the volume), or of a running machine's volume through its hypervisor
 (L{zwrm.interfaces.IVolumeBackup}, a point in time). A restore (L{VolumeStore.restore})
-copies a snapshot, verifies the copy, keeps the volume's current data as another snapshot
-and only then renames the copy into the volume's place. While a volume is snapshotted at
+copies a snapshot, verifies the copy, links the volume's current data as another snapshot
+and only then renames the copy over the volume. While a volume is snapshotted at
 rest or restored, no machine can claim it.
 """
 
@@ -465,11 +465,14 @@ class VolumeStore:
         try:
             await self._copy(volume_id, snap, tmp)
             await self._verify(volume_id, snap, tmp)
-            os.rename(vol, keep)
+            # The volume's data gets a second name first, then the copy replaces the
+            # volume in one rename: at every moment the volume's file is whole, the old
+            # data or the restored, and a crash in between leaves it as it was.
+            os.link(vol, keep)
             try:
                 os.rename(tmp, vol)
             except OSError:
-                os.rename(keep, vol)
+                os.unlink(keep)
                 raise
             await self._threads(fsync_path, os.path.dirname(keep))
             await self._synced()
