@@ -634,6 +634,55 @@ class QemuStartTests(TestCase):
         await second.destroy("m" * 64)
         self.assertEqual(second.list(), [])
 
+    async def test_a_copy_an_earlier_agent_left_running_is_cleared(self):
+        """
+        An agent that stopped during a volume's copy leaves its backup job and node in the
+        machine's QEMU (the copy's file is removed at the store's next start): the next copy
+        through a new driver cancels and removes them, and is made.
+        """
+        root = tempfile.mkdtemp(prefix="zwrm-q-", dir="/tmp")
+        self.addCleanup(shutil.rmtree, root, True)
+        img = image.build()
+        vol = os.path.join(root, "data.img")
+        with open(vol, "wb") as f:
+            f.truncate(8 << 20)
+            f.seek(1 << 20)
+            f.write(b"zwrm" * 1024)
+        first = QemuDriver(reactor, root, accel="tcg")
+        await first.start({"id": "m1", "kernel": img.kernel, "initrd": img.initrd,
+                           "cmdline": img.cmdline, "vcpus": 1, "memory_mb": 128,
+                           "volumes": [{"id": "v1", "path": vol}]})
+        self.addCleanup(lambda: Deferred.fromCoroutine(self._destroy_all(root)))
+        left = os.path.join(root, "left.img")
+        with open(left, "wb") as f:
+            f.truncate(8 << 20)
+        q = first._get("m1").qmp
+        await q.execute("blockdev-add", {"driver": "raw", "node-name": "zwrm-backup-0",
+                                         "file": {"driver": "file", "filename": left}})
+        await q.execute("blockdev-backup", {"job-id": "zwrm-backup-0", "device": "vol0",
+                                            "target": "zwrm-backup-0", "sync": "full",
+                                            "speed": 1})
+        await first.close()
+        os.unlink(left)
+
+        second = QemuDriver(reactor, root, accel="tcg")
+        await second.recover()
+        self.addCleanup(second.destroy, "m1")
+        target = os.path.join(root, "copy.img")
+        await second.backup_volume("m1", "v1", target)
+        with open(vol, "rb") as a, open(target, "rb") as b:
+            self.assertTrue(a.read() == b.read(), "the copy differs from the volume")
+        q = second._get("m1").qmp
+        self.assertEqual(await q.execute("query-block-jobs"), [])
+        self.assertNotIn("zwrm-backup-0", {n.get("node-name") for n in await q.execute(
+            "query-named-block-nodes", {"flat": True})})
+
+    async def _destroy_all(self, root):
+        drv = QemuDriver(reactor, root, accel="tcg")
+        await drv.recover()
+        for mid in drv.list():
+            await drv.destroy(mid)
+
     async def _run_until_end(self, cmdline):
         root = tempfile.mkdtemp(prefix="zwrm-q-", dir="/tmp")
         self.addCleanup(shutil.rmtree, root, True)

@@ -31,6 +31,8 @@ BACKUP_POLL = 0.2
 #: The phases of a live migration (its C{live.json}) after which a machine's disks are its
 #: own again: a target that resumed, a cancelled migration.
 SETTLED = ("resumed", "cancelled")
+#: The node name and job id of a volume's copy: C{<PREFIX><its index in the spec>}.
+PREFIX = "zwrm-backup-"
 #: The events that end a block job.
 JOB_ENDED = ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
 
@@ -110,9 +112,39 @@ class QemuVolumeBackup:
         log.info("machine {id}: volume {vol} copied at a point in time to {target}",
                  id=machine_id, vol=volume_id, target=target)
 
+    async def _clear_stale_backups(self, m, q, index):
+        """
+        End the backup jobs and remove the copy nodes an agent that stopped during a copy
+        left in the machine's QEMU (all but those of this process's other copies under way;
+        C{index}'s is the copy about to start) (its copy's file is gone: the store removes unfinished
+        copies when it starts), so their names are free and their room is given back.
+        """
+        ours = {f"{PREFIX}{i}" for i in range(len((m.spec or {}).get("volumes") or []))}
+        busy = {f"{PREFIX}{i}" for i, v in enumerate((m.spec or {}).get("volumes") or [])
+                if v["id"] in m.backups and i != index}  # this process's other copies
+        try:
+            jobs = [j["device"] for j in await q.execute("query-block-jobs")
+                    if j.get("device") in ours - busy]
+            nodes = [n.get("node-name") for n in await q.execute(
+                "query-named-block-nodes", {"flat": True}) if n.get("node-name") in ours - busy]
+        except QMPError as e:
+            raise Unavailable(f"machine {m.id}: cannot list its block jobs: {e.desc}") from None
+        for job in jobs:
+            log.info("machine {id}: cancelling the copy {job} an earlier agent left", id=m.id,
+                     job=job)
+            try:
+                await q.execute("block-job-cancel", {"device": job, "force": True})
+            except QMPError:
+                pass
+        if jobs:
+            await self._until_jobs_end(m, q, set(jobs))
+        for node in nodes:
+            await self._remove_node(m, q, node)
+
     async def _backup_job(self, m, index, target):
         q = m.qmp
-        node = job = f"zwrm-backup-{index}"
+        node = job = f"{PREFIX}{index}"
+        await self._clear_stale_backups(m, q, index)
         try:
             await q.execute("blockdev-add", {
                 "driver": "raw", "node-name": node,
