@@ -233,6 +233,18 @@ class ExecutorTests(TestCase):
         self.assertRaises(InvalidArgument, self.executor.snapshot_volume, "m1-data", "a/b")
         self.assertRaises(NotFound, self.executor.delete_snapshot, "m1-data", "s9")
 
+    async def test_a_volume_claimed_by_no_known_machine_is_not_copied_at_rest(self):
+        await self.executor.create_volume("v2", 8)
+        self.store.claim("v2", "ghost")  # no record of it here: it may be writing
+        with self.assertRaises(Conflict):
+            await self.executor.snapshot_volume("v2", "s1")
+        self.store.release("v2", "ghost")
+        await self.executor.snapshot_volume("v2", "s1")
+        self.store.claim("v2", "ghost")
+        with self.assertRaises(Conflict):
+            await self.executor.restore_volume("v2", "s1", "k1")
+        self.assertEqual([s["id"] for s in self.executor.list_snapshots("v2")], ["s1"])
+
     async def test_a_driver_that_cannot_copy_a_running_volume_says_so(self):
         @implementer_only(IHypervisorDriver)
         class NoBackup(FakeDriver):

@@ -584,8 +584,9 @@ class Executor:
 
             def backup(target):
                 return self.driver.backup_volume(owner, volume_id, target)
+        # (a claim with no record here is no machine known to be down: refused)
         d = self.volumes.snapshot(volume_id, snapshot_id, backup=backup,
-                                  idle_owner=owner if backup is None else None)
+                                  idle_owner=owner if backup is None and rec else None)
         return d.addCallback(lambda info: dict(info, live=backup is not None))
 
     @wamp.register("volume.restore")
@@ -603,7 +604,8 @@ class Executor:
         if owner is not None and rec is not None and rec.state not in ("stopped", "failed"):
             raise Conflict(f"volume {volume_id!r} is used by machine {owner!r} ({rec.state}); "
                            "it can be restored only while no machine runs with it")
-        return self.volumes.restore(volume_id, snapshot_id, keep_id, idle_owner=owner)
+        return self.volumes.restore(volume_id, snapshot_id, keep_id,
+                                    idle_owner=owner if rec is not None else None)
 
     @wamp.register("volume.snapshot_delete")
     def delete_snapshot(self, volume_id, snapshot_id):
