@@ -262,3 +262,48 @@ class SnapshotTests(TestCase):
                 await c.apps.snapshot_volume(vid, "e", keep=bad)
         self.assertEqual(len(await c.apps.list_snapshots(vid)), 3)
         self.assertEqual((await c.apps.snapshot_volume(vid, keep=3))["pruned"], [])
+
+    @d
+    async def test_a_restore_whose_answer_was_lost_keeps_track_of_the_kept_data(self):
+        """
+        The host restored the volume but its answer was lost: asked, it has the kept copy,
+        so the restore is recorded done. When it cannot even be asked, the kept row stays
+        C{creating} (a drain waits for it) and is settled once the host is reconciled.
+        """
+        c = await self.cluster()
+        vid = c.volume["id"]
+        self.write(c, b"first")
+        await c.apps.snapshot_volume(vid, "one")
+        self.write(c, b"later")
+        await c.apps.scale("db", 0)
+        real = c.apps.replicas.call
+        cut = set()
+
+        async def call(host, verb, *args, **kwargs):
+            if verb in cut and verb != "volume.restore":
+                raise errors.Unavailable(f"host {host} is not available")
+            result = await real(host, verb, *args, **kwargs)
+            if verb in cut:
+                raise errors.Unavailable("the connection was lost")
+            return result
+
+        self.patch(c.apps.replicas, "call", call)
+        cut.add("volume.restore")
+        got = await c.apps.restore_volume(vid, "one")
+        self.assertEqual(self.read(c.store_of.path(vid)), b"first")
+        self.assertEqual(got["kept"]["state"], "ready")
+        self.assertEqual(len(self.events(c, "volume_restored")), 1)
+
+        cut.add("volume.snapshots")  # nor can the host be asked
+        self.write(c, b"third")
+        with self.assertRaises(errors.Unavailable):
+            await c.apps.restore_volume(vid, "one")
+        self.assertEqual(self.read(c.store_of.path(vid)), b"first")
+        rows = await c.apps.list_snapshots(vid)
+        self.assertEqual([s["state"] for s in rows], ["ready", "ready", "creating"])
+        self.assertEqual(self.read(c.store_of.snapshot_info(vid, rows[2]["id"])["path"]),
+                         b"third")
+        cut.clear()
+        await c.registry._fetch_and_reconcile(c.host, None)
+        self.assertEqual([s["state"] for s in await c.apps.list_snapshots(vid)],
+                         ["ready"] * 3)

@@ -238,10 +238,30 @@ class AppVolumes:
                 got = await self._replicas.call(volume["host_id"], "volume.restore",
                                                 volume["id"], snapshot["id"], kept["id"])
             except Exception as e:
-                await self._data.volumes.snapshot_failed(kept, error_text(e))
-                raise
+                got = await self._restore_failed(volume, kept, e)
             await self._data.volumes.restored(volume, snapshot, kept, got["kept"])
             return {"volume": volume, "snapshot": snapshot, "kept": kept}
+
+    async def _restore_failed(self, volume, kept, e):
+        """
+        A restore's call failed with C{e}: its host says whether it was done all the same
+        (its answer lost: C{kept} exists there, holding the volume's data before), so that
+        the kept data is never lost track of.
+
+        @return: C{{"kept": its info}} if it was done. @raise: C{e} if it was not (the row
+            of C{kept} removed), or if the host cannot say (the row stays C{creating},
+            settled when the host is reconciled: L{settle_snapshots}).
+        """
+        try:
+            held = await self._replicas.call(volume["host_id"], "volume.snapshots",
+                                             volume["id"])
+        except Exception:
+            raise e from None
+        for info in held:
+            if info["id"] == kept["id"]:
+                return {"kept": info}
+        await self._data.volumes.snapshot_failed(kept, error_text(e))
+        raise e
 
     async def settle_snapshots(self, host_id):
         """
