@@ -2,9 +2,9 @@
 Step: a volume snapshot undoes a mistake. The app deployed with a volume
 (test_20_deploy.py) is snapshotted while it runs (a point-in-time copy through QEMU);
 its data is then overwritten through the app, as a bad release or an operator's slip
-would. A restore is refused while the replica runs (one line); once the replica is scaled
-away the snapshot is restored, and the replica, scaled back, serves the data as it was
-through the ingress from the client host. What the volume held before the restore is kept
+would. A plain restore is refused while the replica runs (one line); with C{--restart} its
+machine is stopped gracefully, the snapshot restored and the same machine started again,
+and it serves the data as it was through the ingress from the client host. What the volume held before the restore is kept
 as a snapshot; both are deleted at the end (a drain, the next steps', refuses a host that
 holds snapshots: they do not move). The snapshot files on the agent are private (0600 in
 0700 directories). Updates C{cluster.state["app"]["machine"]}.
@@ -43,16 +43,17 @@ def test_a_snapshot_restores_the_data_a_mistake_overwrote(cluster):
     assert len(r.stderr.splitlines()) == 1 and "scale replica 0 of its app away" in r.stderr, \
         r.stderr
 
-    with cluster.phase("scale away, restore the snapshot, scale back until it serves"):
-        cluster.zwrm("scale", web["name"], "0")
-        out = cluster.zwrm("volumes", "restore", vid, "good")
-        assert out.startswith(f"restored volume {vid} from snapshot good; what it held is kept "
-                              "as snapshot before-restore-"), out
-        cluster.zwrm("scale", web["name"], "1")
+    with cluster.phase("restore with the machine restarted around it, until it serves"):
+        out = cluster.zwrm("volumes", "restore", vid, "good", "--restart", timeout=600)
+        mid = web["machine"]["id"]
+        assert out.startswith(f"restored volume {vid} from snapshot good (machine {mid} "
+                              "restarted in place); what it held is kept as snapshot "
+                              "before-restore-"), out
         body = cluster.app_request("/cgi-bin/read?index.txt", via=here, wait=360)
     assert body.encode() == web["data"], body
     [machine] = cluster.zwrm_json("status", web["name"])["machines"]
-    assert (machine["host_id"], machine["state"]) == (web["machine"]["host_id"], "running")
+    assert (machine["id"], machine["host_id"], machine["state"]) == (
+        mid, web["machine"]["host_id"], "running"), machine
     web["machine"] = machine
 
     snaps = cluster.zwrm_json("volumes", "snapshots", vid)

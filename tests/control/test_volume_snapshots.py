@@ -307,3 +307,45 @@ class SnapshotTests(TestCase):
         await c.registry._fetch_and_reconcile(c.host, None)
         self.assertEqual([s["state"] for s in await c.apps.list_snapshots(vid)],
                          ["ready"] * 3)
+
+    @d
+    async def test_restore_with_restart_stops_and_starts_the_same_machine_around_it(self):
+        c = await self.cluster()
+        vid = c.volume["id"]
+        [before] = await c.machines("db")
+        self.write(c, b"first")
+        await c.apps.snapshot_volume(vid, "one")
+        self.write(c, b"later")
+        got = await c.apps.restore_volume(vid, "one", restart=True)
+        self.assertEqual(self.read(c.store_of.path(vid)), b"first")
+        self.assertEqual((got["machine"]["id"], got["machine"]["state"]),
+                         (before["id"], "running"))
+        self.assertEqual(got["kept"]["state"], "ready")
+        states = [e["payload"]["state"] for t, e in c.published
+                  if e["subject"] == before["id"] and e["kind"] == "state"]
+        self.assertEqual(states[3:], ["stopping", "stopped", "pending", "starting", "running"])
+        # the restore happened while it was stopped: between its stopped and pending events
+        [restored] = self.events(c, "volume_restored")
+        stopped = next(e["id"] for t, e in c.published if e["subject"] == before["id"]
+                       and e["payload"].get("state") == "stopped")
+        pending = max(e["id"] for t, e in c.published if e["subject"] == before["id"]
+                      and e["payload"].get("state") == "pending")
+        self.assertTrue(stopped < restored["id"] < pending, (stopped, restored["id"], pending))
+
+        # A restore that fails changes nothing, and the machine runs again all the same.
+        self.write(c, b"third")
+        c.store_of.reserve_mb = 10 ** 12  # no room for the copy
+        with self.assertRaises(errors.ResourceExhausted):
+            await c.apps.restore_volume(vid, "one", restart=True)
+        c.store_of.reserve_mb = 0
+        self.assertEqual(self.read(c.store_of.path(vid)), b"third")
+        [m] = await c.machines("db")
+        self.assertEqual((m["id"], m["state"]), (before["id"], "running"))
+        self.assertEqual(len(await c.apps.list_snapshots(vid)), 2)  # one, and the first kept
+        with self.assertRaises(errors.InvalidArgument):
+            await c.apps.restore_volume(vid, "one", restart="yes")
+        # Without a running machine, restart has nothing to restart.
+        await c.apps.scale("db", 0)
+        got = await c.apps.restore_volume(vid, "one", restart=True)
+        self.assertNotIn("machine", got)
+        self.assertEqual(self.read(c.store_of.path(vid)), b"first")

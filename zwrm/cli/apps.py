@@ -233,12 +233,16 @@ def register(subparsers):
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=volumes_snapshots)
     for name, func, text in (
-            ("restore", volumes_restore, "put a snapshot's data back into its volume (no "
-             "machine may run with it; what it held is kept as a snapshot)"),
+            ("restore", volumes_restore, "put a snapshot's data back into its volume (what "
+             "it held is kept as a snapshot)"),
             ("delete-snapshot", volumes_delete_snapshot, "delete a snapshot and its data")):
         p = vsub.add_parser(name, help=text)
         p.add_argument("volume_id")
         p.add_argument("snapshot", help="the snapshot's name or id")
+        if name == "restore":
+            p.add_argument("--restart", action="store_true",
+                           help="if its machine runs, restart it in place around the restore "
+                                "(else a running machine refuses it)")
         p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(func=func)
 
@@ -1081,11 +1085,13 @@ async def volumes_snapshots(reactor, args, out=None):
 async def volumes_restore(reactor, args, out=None):
     out = out or sys.stdout
     got = await call_once(reactor, args.api_url, "zwrm.volume.restore", args.volume_id,
-                          args.snapshot)
+                          args.snapshot, restart=args.restart)
     if args.json:
         return print_json(got, out)
-    out.write(f"restored volume {got['volume']['id']} from snapshot {got['snapshot']['name']}; "
-              f"what it held is kept as snapshot {got['kept']['name']}\n")
+    machine = got.get("machine")
+    again = f" (machine {machine['id']} restarted in place)" if machine else ""
+    out.write(f"restored volume {got['volume']['id']} from snapshot {got['snapshot']['name']}"
+              f"{again}; what it held is kept as snapshot {got['kept']['name']}\n")
 
 
 async def volumes_delete_snapshot(reactor, args, out=None):

@@ -93,15 +93,22 @@ class AppVolumes:
                 pass
             await self._data.volumes.delete(row)
 
-    async def _not_used(self, row, what="destroyed"):
-        """@raise zwrm.errors.Conflict: while a live machine uses the volume C{row}."""
+    async def live_user(self, row):
+        """The row of the live machine that uses the volume C{row}, or L{None}."""
         for m in await self._data.machines.find(app_id=row["app_id"]):
             if m["state"] in LIVE and any(v["id"] == row["id"] for v in m["spec"]["volumes"]):
-                how = "" if what == "destroyed" else (
-                    f": scale replica {row['replica']} of its app away first (zwrm scale), or"
-                    " wait until the machine is down")
-                raise errors.Conflict(f"volume {row['id']} is used by machine {m['id']} "
-                                      f"({m['state']}){how}", argument="volume_id")
+                return m
+        return None
+
+    async def _not_used(self, row, what="destroyed"):
+        """@raise zwrm.errors.Conflict: while a live machine uses the volume C{row}."""
+        m = await self.live_user(row)
+        if m is not None:
+            how = "" if what == "destroyed" else (
+                ": restart it around the restore (--restart), or scale replica "
+                f"{row['replica']} of its app away first")
+            raise errors.Conflict(f"volume {row['id']} is used by machine {m['id']} "
+                                  f"({m['state']}){how}", argument="volume_id")
 
     # -- snapshots ----------------------------------------------------------------------
 

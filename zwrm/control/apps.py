@@ -625,13 +625,50 @@ class Apps:
         return await self.data.volumes.find_snapshots()
 
     @wamp.register("zwrm.volume.restore")
-    async def restore_volume(self, volume_id, snapshot):
+    async def restore_volume(self, volume_id, snapshot, restart=False):
         """
         Put a snapshot's data back into its volume while no machine runs with it; what the
         volume held is kept as snapshot C{before-restore-<time>}.
+
+        @param restart: if the volume's machine runs, restart it in place around the
+            restore (as C{zwrm.machine.restart}: out of the routes, the app's
+            C{shutdown_delay}, a graceful stop; the restore; the same machine started
+            again). A restore that fails then leaves the volume as it was and the machine
+            is started again all the same.
+        @return: C{{volume, snapshot, kept}}, with C{machine} (its wire form after its
+            start) when it was restarted.
         """
+        if not isinstance(restart, bool):
+            raise errors.InvalidArgument(f"restart must be true or false, not {restart!r}",
+                                         argument="restart")
         volume = await self._volume(volume_id)
-        return await self.volumes.restore(volume, await self._snapshot(volume, snapshot))
+        snap = await self._snapshot(volume, snapshot)
+        user = await self.volumes.live_user(volume) if restart else None
+        if user is None:
+            return await self.volumes.restore(volume, snap)
+        app = await self.data.apps.by_id(user["app_id"])
+        done, failed = {}, []
+
+        async def restore_while_down(row):
+            await self._still_not_moving(row)  # (a drain that began meanwhile moves it)
+            try:
+                done.update(await self.volumes.restore(volume, snap))
+            except errors.ZwrmError as e:
+                failed.append(e)  # nothing changed: it starts again as it was
+
+        async def run():
+            fresh = await self._restartable(user["id"])  # checked again in the app's order
+            return await self.replicas.restart(fresh, await self.replicas.delay_for(fresh),
+                                               before_start=restore_while_down)
+
+        row = await self._in_app_order(app["name"] if app else user["app_id"], run)
+        if failed:
+            raise failed[0]
+        if row["state"] == "failed":
+            raise errors.Unavailable(
+                f"volume {volume['id']} was restored, but machine {row['id']} did not start "
+                f"again on {row['host_id']}: {await self._last_reason(row['id'])}")
+        return dict(done, machine=machine_wire(row))
 
     @wamp.register("zwrm.volume.delete_snapshot")
     async def delete_snapshot(self, volume_id, snapshot):

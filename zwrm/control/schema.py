@@ -657,13 +657,19 @@ PROCEDURES = {p.uri: p for p in [
               " The copy is verified before it replaces the volume; what the volume held is"
               " kept as a new snapshot, before-restore-<time>.",
               [Arg("volume_id", ID, doc="the volume's id"),
-               Arg("snapshot", ID, doc="the snapshot's name or id")],
-              "{volume, snapshot, kept}: the rows (kept: the new snapshot)",
+               Arg("snapshot", ID, doc="the snapshot's name or id"),
+               Arg("restart", Bool(), False, "if its machine runs, restart it in place around"
+                   " the restore (as zwrm.machine.restart); a failed restore changes nothing"
+                   " and the machine starts again all the same")],
+              "{volume, snapshot, kept}: the rows (kept: the new snapshot), and machine: the"
+              " machine restarted, after its start",
               ["invalid_argument", "not_found (volume_id, snapshot)",
-               "conflict (a live machine uses the volume: scale its replica away first;"
-               " the volume's host drains; another snapshot operation is under way)",
+               "conflict (a live machine uses the volume and restart is false: scale its"
+               " replica away first; the volume's host drains; another snapshot operation is"
+               " under way; restart: its host is offline or draining, a drain moves it)",
                "resource_exhausted (no room on its host)",
-               "unavailable (the copy differed: nothing changed)"]),
+               "unavailable (the copy differed: nothing changed; restart: the machine did not"
+               " start again)"]),
     Procedure("zwrm.volume.delete_snapshot", OPERATOR, "Delete one snapshot and its data.",
               [Arg("volume_id", ID, doc="the volume's id"),
                Arg("snapshot", ID, doc="the snapshot's name or id")],

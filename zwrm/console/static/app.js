@@ -598,7 +598,7 @@ function snapshotRow(p) {
 }
 
 // A snapshot of a volume on its host, as `zwrm volumes snapshot` takes it (while its machine
-// runs: a point in time). Restores need the replica down: the CLI's `zwrm volumes restore`.
+// runs: a point in time). Restores are the CLI's: `zwrm volumes restore --restart`.
 async function snapshot(volume) {
   const input = h("input", { type: "text", id: "snapshot-name", placeholder: "the time (UTC)" });
   if (!(await ask(`Snapshot volume ${volume.id} (${volume.name}) on its host? Its name` +
