@@ -43,24 +43,11 @@ from zwrm.agent.volumes import VolumeStore  # noqa: E402
 from zwrm.drivers.qemu import QemuDriver  # noqa: E402
 from zwrm.testing import image as test_image  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from volumes import build_image  # noqa: E402  (benchmarks/volumes.py's image)
+
 GiB = 1 << 30
 MiB = 1 << 20
-
-
-def build_image(path, size_gib, data_gib):
-    content = path + ".content"
-    os.makedirs(content)
-    left, n = int(data_gib * GiB), 0
-    while left > 0:
-        chunk = min(left, 64 * MiB)
-        with open(os.path.join(content, f"file-{n:03d}.bin"), "wb") as f:
-            f.write(os.urandom(chunk))
-        left -= chunk
-        n += 1
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", content, path, f"{int(size_gib * 1024)}M"],
-                   check=True, stdout=subprocess.DEVNULL)
-    shutil.rmtree(content)
-    os.chmod(path, 0o600)
 
 
 def allocated(path):
@@ -102,7 +89,8 @@ async def main(reactor, argv):
     try:
         store = VolumeStore(reactor, os.path.join(work, "volumes"), reserve_mb=0)
         vid = "v-bench"
-        build_image(store.path(vid), args.size_gib, args.data_gib)
+        os.rename(build_image(work, args.size_gib, args.data_gib), store.path(vid))
+        os.chmod(store.path(vid), 0o600)
         data = allocated(store.path(vid))
         print(f"volume: {args.size_gib:g} GiB, {data / MiB:.0f} MiB allocated; "
               f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
