@@ -221,6 +221,46 @@ class VolumeSnapshotTests(TestCase):
         self.assertEqual(self.store.snapshots(), [])
         self.assertEqual(os.listdir(self.store.snapshots_root), [])
 
+    async def test_a_snapshot_received_from_another_host_is_adopted_into_its_slot(self):
+        """
+        A drain streams a volume's snapshots before the volume: the receiver writes each
+        into its slot's temporary file and adopts it there, with no volume here yet.
+        """
+        slot = self.store.snapshot_slot("v1", "s1")
+        self.assertFalse(slot.exists("v1"))
+        self.assertFalse(slot.in_use("v1"))
+        tmp = slot.temporary_path("v1")
+        self.assertFalse(os.path.exists(self.store.snapshots_root))  # made by the adoption
+        with open(tmp, "wb") as f:
+            f.write(b"copied")
+        info = await slot.adopt("v1", tmp)
+        self.assertEqual((info["id"], info["volume_id"], info["size_bytes"]), ("s1", "v1", 6))
+        self.assertEqual(os.stat(info["path"]).st_mode & 0o777, 0o600)
+        self.assertEqual(os.stat(os.path.dirname(info["path"])).st_mode & 0o777, 0o700)
+        self.assertTrue(slot.exists("v1"))
+        self.assertFalse(self.store.exists("v1"))
+        other = slot.temporary_path("v1")
+        with open(other, "wb") as f:
+            f.write(b"again")
+        self.assertRaises(Conflict, slot.adopt, "v1", other)  # never replaced
+        with open(info["path"], "rb") as f:
+            self.assertEqual(f.read(), b"copied")
+        self.assertRaises(InvalidArgument, self.store.snapshot_slot, "v1", "../s2")
+        # a temporary file never adopted is removed at the store's next start
+        VolumeStore(reactor, self.root)
+        self.assertEqual(sorted(os.listdir(os.path.dirname(info["path"]))), ["s1.img"])
+        self.assertEqual(sorted(os.listdir(self.root)), ["snapshots"])
+
+    async def test_an_incoming_blank_copy_goes_with_its_snapshot_copies(self):
+        await self.store.create("v1", 8)
+        await self.store.snapshot("v1", "s1")
+        self.assertRaises(Conflict, self.store.delete, "v1")
+        self.assertEqual(len(self.store.snapshots("v1")), 1)
+        await self.store.delete("v1", with_snapshots=True)
+        self.assertFalse(self.store.exists("v1"))
+        self.assertEqual(self.store.snapshots(), [])
+        self.assertEqual(os.listdir(self.store.snapshots_root), [])
+
     async def test_claims_and_snapshots_at_rest_exclude_each_other(self):
         await self.store.create("v1", 8)
         await self.store.snapshot("v1", "s1")

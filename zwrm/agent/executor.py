@@ -636,25 +636,30 @@ class Executor:
         return self.transfers
 
     @wamp.register("volume.receive")
-    def receive_volume(self, token, volume_id, size, source=None):
+    def receive_volume(self, token, volume_id, size, source=None, snapshot=None):
         """
         Expect volume C{volume_id} (C{size} bytes) from host C{source}, for the one-time
         C{token} the control plane minted.
 
+        @param snapshot: not the volume but this snapshot of it (a drain moves a volume's
+            snapshots with it): adopted into the volume's snapshot directory here.
         @return: C{{"host", "port"}}: where the source agent sends it.
-        @raise Conflict: the volume is here already or being received.
+        @raise Conflict: the volume (or snapshot) is here already or being received.
         @raise Unavailable: this agent has no volume endpoint.
         """
         check_id(volume_id, "volume id")
+        if snapshot is not None:
+            check_id(snapshot, "snapshot id")
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
             raise InvalidArgument(f"size must be a positive number of bytes, not {size!r}")
-        got = self._transfers().receive(token, volume_id, size, source=source)
+        got = self._transfers().receive(token, volume_id, size, source=source,
+                                        snapshot_id=snapshot)
         return {"host": self.transfer_host, "port": got["port"]}
 
     @wamp.register("volume.send", options=RegisterOptions(details_arg="details"))
     @cancellable  # a drain the control plane stops ends its copy (resumed at its next start)
     def send_volume(self, volume_id, host, port, token, target, mode="bulk", commit=True,
-                    details=None):
+                    snapshot=None, details=None):
         """
         Stream local volume C{volume_id} to host C{target} at C{host}:C{port}.
 
@@ -668,16 +673,25 @@ class Executor:
 
         @param mode: C{"bulk"} (every allocated block) or C{"delta"} (only the blocks that
             differ from the copy the target holds for C{token}).
+        @param snapshot: send this snapshot of the volume instead (it never changes: in
+            bulk mode, committed at once); not in L{volume_progress}.
         @return: a Deferred of the sender's result C{{"digest", "committed", "size",
             "allocated", "sent", ...}}.
-        @raise NotFound: no such volume here.
+        @raise NotFound: no such volume (or snapshot) here.
         """
         check_id(volume_id, "volume id")
         if mode not in ("bulk", "delta"):
             raise InvalidArgument(f"mode must be bulk or delta, not {mode!r}")
+        if snapshot is not None:
+            check_id(snapshot, "snapshot id")
+            if mode != "bulk" or not commit:
+                raise InvalidArgument("a snapshot is sent in bulk mode and committed at once")
         progress = {"volume_id": volume_id, "mode": mode, "sent": 0, "done": 0, "total": None,
                     "finished": False, "started_at": self.reactor.seconds()}
-        self._outgoing[volume_id] = progress
+        if snapshot is None:
+            self._outgoing[volume_id] = progress
+        else:
+            progress["snapshot_id"] = snapshot
         announce = getattr(details, "progress", None)
         throttle = None
         if announce is not None:
@@ -690,7 +704,7 @@ class Executor:
                 throttle.report(progress)
 
         d = self._transfers().send(volume_id, host, port, token, target, mode=mode,
-                                   commit=commit, progress=update)
+                                   commit=commit, progress=update, snapshot_id=snapshot)
 
         def finished(result):
             progress["finished"] = True

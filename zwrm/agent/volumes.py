@@ -225,10 +225,13 @@ class VolumeStore:
         """
         return self._threads(self._fsync_dir)
 
-    def delete(self, volume_id):
+    def delete(self, volume_id, with_snapshots=False):
         """
         Delete a volume.
 
+        @param with_snapshots: delete its snapshots too (the blank copy of an incoming
+            live migration, whose snapshots a drain copied before it: none is the
+            volume's yet); else a volume that has snapshots is refused.
         @return: a Deferred that fires once the deletion is on disk (the directory
             fsynced); the volume is gone from the store at once.
         @raise NotFound: no such volume. @raise Conflict: a machine has claimed it (both
@@ -242,7 +245,12 @@ class VolumeStore:
             )
         self._idle(volume_id)
         left = self.snapshots(volume_id)
-        if left:
+        if left and with_snapshots:
+            for snap in left:
+                os.unlink(snap["path"])
+            log.info("volume {id}: {n} snapshot copies deleted with it", id=volume_id,
+                     n=len(left))
+        elif left:
             raise Conflict(f"volume {volume_id!r} has {len(left)} snapshot(s) on this host; "
                            "delete them first")
         os.unlink(p)
@@ -485,6 +493,16 @@ class VolumeStore:
         return {"volume": self.info(volume_id),
                 "kept": self.snapshot_info(volume_id, keep_id)}
 
+    def snapshot_slot(self, volume_id, snapshot_id):
+        """
+        Where a copy of snapshot C{snapshot_id} of volume C{volume_id} streamed from
+        another host (a drain moving the volume with its snapshots) is written and then
+        adopted: a L{SnapshotSlot}, which the volume receiver uses as it uses the store.
+        """
+        check_id(volume_id, "volume id")
+        check_id(snapshot_id, "snapshot id")
+        return SnapshotSlot(self, volume_id, snapshot_id)
+
     def delete_snapshot(self, volume_id, snapshot_id):
         """
         Delete a snapshot. @return: a Deferred firing once that is on disk.
@@ -495,7 +513,17 @@ class VolumeStore:
             self._idle(volume_id)
         os.unlink(p)
         log.info("volume {id}: snapshot {snap} deleted", id=volume_id, snap=snapshot_id)
-        return self._threads(fsync_path, os.path.dirname(p))
+        d = self._threads(fsync_path, os.path.dirname(p))
+        if not self.exists(volume_id):
+            # Copies a drain brought here for a volume that never came (rolled back): no
+            # empty directory stays behind them.
+            def tidy(_):
+                try:
+                    os.rmdir(os.path.dirname(p))
+                except OSError:
+                    pass  # another snapshot is there, or one is being received
+            d.addCallback(tidy)
+        return d
 
     # --- reports ------------------------------------------------------------------------
 
@@ -525,3 +553,46 @@ class VolumeStore:
                 except (NotFound, InvalidArgument, OSError):
                     continue
         return out
+
+
+class SnapshotSlot:
+    """
+    One snapshot of a volume, as the volume receiver sees a store
+    (L{zwrm.agent.transfer.receiver.VolumeReceiver}): whether it C{exists}, where its copy
+    is written (C{temporary_path}, in the store's directory, 0700) and its C{adopt}ion
+    (into the volume's snapshot directory, 0700, made then: a rename that never replaces
+    a snapshot, then the directory fsynced). The volume itself need not be on this host: a
+    drain copies its snapshots before it.
+    """
+
+    def __init__(self, store, volume_id, snapshot_id):
+        self._store = store
+        self.volume_id = volume_id
+        self.snapshot_id = snapshot_id
+        self.path = store._snapshot_path(volume_id, snapshot_id)
+
+    def __repr__(self):
+        return f"<snapshot {self.snapshot_id} of volume {self.volume_id}>"
+
+    def exists(self, volume_id):
+        return os.path.exists(self.path)
+
+    def in_use(self, volume_id):
+        return False  # a snapshot is never claimed
+
+    def temporary_path(self, volume_id):
+        # In the store's directory (its file system; removed at the store's next start if
+        # never adopted): the snapshot's directory is made only when a copy is adopted.
+        return self._store.temporary_path(volume_id)
+
+    def adopt(self, volume_id, tmp_path):
+        if os.path.exists(self.path):
+            raise Conflict(f"snapshot {self.snapshot_id!r} of volume {volume_id!r} exists "
+                           "already")
+        os.chmod(tmp_path, 0o600)
+        os.makedirs(self._store.snapshots_root, mode=0o700, exist_ok=True)
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        os.rename(tmp_path, self.path)
+        log.info("volume {id}: snapshot {snap} received", id=volume_id, snap=self.snapshot_id)
+        return self._store._threads(fsync_path, os.path.dirname(self.path)).addCallback(
+            lambda _: self._store.snapshot_info(volume_id, self.snapshot_id))

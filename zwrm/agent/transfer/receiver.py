@@ -196,6 +196,12 @@ def _write_rest(fd, rest, offset):
         rest = rest[n:]
 
 
+def _what(volume_id, snapshot_id):
+    if snapshot_id is None:
+        return f"volume {volume_id}"
+    return f"snapshot {snapshot_id} of volume {volume_id}"
+
+
 class IncomingTransfer:
     """
     One expected volume: the state the receiver keeps for a token across connections.
@@ -210,10 +216,15 @@ class IncomingTransfer:
         of the sender's offer this host knows, chosen when a bulk copy starts.
     """
 
-    def __init__(self, receiver, token, volume_id, size, peer):
+    def __init__(self, receiver, token, volume_id, size, peer, snapshot_id=None):
         self._receiver = receiver
         self.token = token
         self.volume_id = volume_id
+        #: a snapshot of the volume rather than the volume (L{VolumeReceiver.expect})
+        self.snapshot_id = snapshot_id
+        #: where the copy is written and adopted: the volume store, or the snapshot's slot
+        self.store = (receiver.store if snapshot_id is None
+                      else receiver.store.snapshot_slot(volume_id, snapshot_id))
         self.size = size
         self.peer = peer
         self.state = "new"
@@ -412,7 +423,7 @@ class IncomingTransfer:
         C{algorithm}.
         """
         self._discard()
-        self.tmp_path = self._receiver.store.temporary_path(self.volume_id)
+        self.tmp_path = self.store.temporary_path(self.volume_id)
         try:
             self._fd = os.open(
                 self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
@@ -686,11 +697,12 @@ class IncomingTransfer:
         self.state = "staged"
         if not commit:
             return defer.succeed({"digest": self.digest, "committed": False})
-        store = self._receiver.store
+        store = self.store
         if store.exists(self.volume_id):
             return defer.fail(
                 errors.Conflict(
-                    f"volume {self.volume_id} already exists on this host; it was not overwritten"
+                    f"{_what(self.volume_id, self.snapshot_id)} already exists on this host; "
+                    "it was not overwritten"
                 )
             )
         fd, direct, path = self._fd, self._direct, self.tmp_path
@@ -957,9 +969,9 @@ class VolumeReceiver(service.Service):
             self.port = None
         return defer.gatherResults(ds)
 
-    def expect(self, token, volume_id, size, ttl=None, peer=None):
+    def expect(self, token, volume_id, size, ttl=None, peer=None, snapshot_id=None):
         """
-        Accept one volume for C{token}.
+        Accept one volume (or, with C{snapshot_id}, one snapshot of a volume) for C{token}.
 
         @param token: the one-time token (see L{mint_token}); valid until the volume is
             committed, the transfer is cancelled, or C{ttl} seconds pass without a connection.
@@ -967,6 +979,9 @@ class VolumeReceiver(service.Service):
         @param size: the image's size in bytes.
         @param peer: if given, the host id of the only sender accepted (its certificate
             must be that host's).
+        @param snapshot_id: the copy is that snapshot of the volume, adopted into the
+            store's snapshot directory (L{zwrm.agent.volumes.VolumeStore.snapshot_slot});
+            the snapshot must not exist here, the volume need not.
         @return: the L{IncomingTransfer}; its C{when_done()} fires when the volume is stored.
         @raise errors.InvalidArgument: a bad token, volume id or size.
         @raise errors.Conflict: the token is already expected, or the volume exists.
@@ -984,13 +999,17 @@ class VolumeReceiver(service.Service):
         key = _token_key(token)
         if key in self._transfers:
             raise errors.Conflict("this transfer token is already in use")
+        what = _what(volume_id, snapshot_id)
         if any(
-            t.volume_id == volume_id and t.state != "committed" for t in self._transfers.values()
+            (t.volume_id, t.snapshot_id) == (volume_id, snapshot_id) and t.state != "committed"
+            for t in self._transfers.values()
         ):
-            raise errors.Conflict(f"volume {volume_id} is already being received")
-        if self.store.exists(volume_id) or self.store.in_use(volume_id):
-            raise errors.Conflict(f"volume {volume_id} already exists on this host")
-        transfer = IncomingTransfer(self, token, volume_id, size, peer)
+            raise errors.Conflict(f"{what} is already being received")
+        store = self.store if snapshot_id is None else self.store.snapshot_slot(
+            volume_id, snapshot_id)
+        if store.exists(volume_id) or store.in_use(volume_id):
+            raise errors.Conflict(f"{what} already exists on this host")
+        transfer = IncomingTransfer(self, token, volume_id, size, peer, snapshot_id=snapshot_id)
         self._transfers[key] = transfer
         self._ttls[key] = self.ttl if ttl is None else ttl
         transfer._arm_expiry()

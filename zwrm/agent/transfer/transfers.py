@@ -78,9 +78,10 @@ class VolumeTransfers(service.MultiService):
         """
         return self.receiver.listen()
 
-    def receive(self, token, volume_id, size, source=None, ttl=None):
+    def receive(self, token, volume_id, size, source=None, ttl=None, snapshot_id=None):
         """
-        Expect volume C{volume_id} from host C{source} for C{token}.
+        Expect volume C{volume_id} (or its snapshot C{snapshot_id}) from host C{source}
+        for C{token}.
 
         @return: C{{"port": <the receiver's TCP port>}}: the sender connects there.
         @raise errors.Unavailable: the receiver is not listening.
@@ -89,19 +90,25 @@ class VolumeTransfers(service.MultiService):
         """
         if self.receiver.port is None:
             raise errors.Unavailable("the volume receiver is not listening")
-        self.receiver.expect(token, volume_id, size, ttl=ttl, peer=source)
+        self.receiver.expect(token, volume_id, size, ttl=ttl, peer=source,
+                             snapshot_id=snapshot_id)
         return {"port": self.receiver.port.getHost().port}
 
-    def send(self, volume_id, host, port, token, target, mode="bulk", commit=True, progress=None):
+    def send(self, volume_id, host, port, token, target, mode="bulk", commit=True, progress=None,
+             snapshot_id=None):
         """
-        Stream local volume C{volume_id} to host C{target} at C{host}:C{port}.
+        Stream local volume C{volume_id} (or its snapshot C{snapshot_id}, which never
+        changes) to host C{target} at C{host}:C{port}.
 
         @return: the L{Deferred} of L{VolumeSender.send}.
-        @raise errors.NotFound: no such volume here.
+        @raise errors.NotFound: no such volume (or snapshot) here.
         """
-        if not self.store.exists(volume_id):
+        if snapshot_id is not None:
+            path = self.store.snapshot_info(volume_id, snapshot_id)["path"]
+        elif not self.store.exists(volume_id):
             raise errors.NotFound(f"no volume {volume_id!r} on this host")
-        path = self.store.path(volume_id)
+        else:
+            path = self.store.path(volume_id)
         return self.sender.send(
             host, port, token, path, target, mode=mode, commit=commit, progress=progress
         )
