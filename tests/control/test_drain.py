@@ -324,6 +324,38 @@ class DrainCluster(Cluster):
             await self.step()
 
 
+def corrupt_sends(c, host, which=lambda path: True):
+    """
+    Corrupt a block in flight in the streams C{host} sends of the files C{which(path)}
+    picks: the sender's data frames for offset 0 are altered.
+    """
+    sender = c.transfers[host].sender
+    real_send = sender.send
+
+    def corrupting(host, port, token, path, target, **kw):
+        from zwrm.agent import transfer
+
+        if not which(path):
+            return real_send(host, port, token, path, target, **kw)
+        orig = transfer._SenderProtocol.frameData
+
+        def bad(proto, offset, data):
+            if offset == 0:
+                data = b"\xff" + bytes(data)[1:]
+            return orig(proto, offset, data)
+
+        transfer._SenderProtocol.frameData = bad
+        d = real_send(host, port, token, path, target, **kw)
+
+        def restore(r):
+            transfer._SenderProtocol.frameData = orig
+            return r
+
+        return d.addBoth(restore)
+
+    sender.send = corrupting
+
+
 def _facts():
     from tests.control.helpers import FACTS
     return dict(FACTS)
@@ -710,30 +742,7 @@ class DrainRunTests(TestCase):
         dst = "h-b" if src == "h-a" else "h-a"
         vid = m["volumes"][0]
         before = write_known(c.store_of(src).path(vid), "v1")
-        # corrupt a block in flight: the sender's data frames for offset 0 are altered
-        sender = c.transfers[src].sender
-        real_send = sender.send
-
-        def corrupting(host, port, token, path, target, **kw):
-            from zwrm.agent import transfer
-
-            orig = transfer._SenderProtocol.frameData
-
-            def bad(proto, offset, data):
-                if offset == 0:
-                    data = b"\xff" + bytes(data)[1:]
-                return orig(proto, offset, data)
-
-            transfer._SenderProtocol.frameData = bad
-            d = real_send(host, port, token, path, target, **kw)
-
-            def restore(r):
-                transfer._SenderProtocol.frameData = orig
-                return r
-
-            return d.addBoth(restore)
-
-        sender.send = corrupting
+        corrupt_sends(c, src)
         _, status = await self.drain(c, src)
         mg = status["migrations"][0]
         self.assertEqual(mg["phase"], "rolled_back")
@@ -1229,10 +1238,13 @@ class CliFormatTests(SynchronousTestCase):
             {"machine_id": "m-1", "app": "db", "volumes": ["v-1"], "target": "h-b",
              "reason": None},
             {"machine_id": "m-2", "app": "big", "volumes": [], "target": None,
-             "reason": "no host has 900 GiB of memory"}]}, out)
+             "reason": "no host has 900 GiB of memory"},
+            {"machine_id": "m-3", "app": "pg", "volumes": ["v-2"], "snapshots": 2,
+             "target": "h-b", "reason": None}]}, out)
         text = out.getvalue()
         self.assertIn("(dry run)", text)
         self.assertIn("m-1  db (1 volume(s))  -> h-b", text)
+        self.assertIn("m-3  pg (1 volume(s), 2 snapshot(s))  -> h-b", text)
         self.assertIn("no target: no host has 900 GiB", text)
         out = io.StringIO()
         format_status({"drain_id": "d-1", "host_id": "h-a", "state": "running",

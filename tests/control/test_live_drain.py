@@ -652,6 +652,40 @@ class LiveDrainTests(TestCase):
         self.assertFalse(c.store_of(dst).exists(vid))  # the blank copy is gone
         self.assertEqual(sha(c.store_of(src).path(vid)), before)
 
+    async def snapshot(self, c, vid):
+        """A snapshot of the running machine's volume. @return: its id and its data's."""
+        snap = await c.apps.snapshot_volume(vid, "kept")
+        store = c.store_of(snap["host_id"])
+        return snap["id"], sha(store.snapshot_info(vid, snap["id"])["path"])
+
+    @d
+    async def test_a_live_move_takes_the_volumes_snapshots(self):
+        c, m, src, dst, vid, before = await self.setup()
+        sid, data = await self.snapshot(c, vid)
+        _, status = await self.drain(c, src)
+        mg = status["migrations"][0]
+        self.assertEqual((mg["phase"], mg["mode"]), ("done", "live"))
+        await self.assert_moved(c, m, src, dst, vid, before)
+        self.assertEqual([(s["id"], sha(s["path"])) for s in c.store_of(dst).snapshots()],
+                         [(sid, data)])
+        self.assertEqual(c.store_of(src).snapshots(), [])
+        self.assertEqual((await c.apps.data.volumes.get_snapshot(sid))["host_id"], dst)
+        # copied before the target was asked to prepare
+        self.assertLess(c.calls.index((src, "volume.send")), c.calls.index((dst, "live.prepare")))
+
+    @d
+    async def test_a_live_move_rolled_back_leaves_no_snapshot_copy(self):
+        c, m, src, dst, vid, before = await self.setup()
+        sid, data = await self.snapshot(c, vid)
+        self.rolled_back(c, src)
+        _, status = await self.drain(c, src, mode="live")
+        self.assertEqual(status["migrations"][0]["phase"], "rolled_back")
+        self.assertFalse(c.store_of(dst).exists(vid))  # the blank copy is gone, and with
+        self.assertEqual(c.store_of(dst).snapshots(), [])  # it the snapshot's copy
+        self.assertEqual([(s["id"], sha(s["path"])) for s in c.store_of(src).snapshots()],
+                         [(sid, data)])
+        self.assertEqual((await c.apps.data.volumes.get_snapshot(sid))["host_id"], src)
+
     @d
     async def test_prepare_refused_falls_back_to_cold(self):
         c, m, src, dst, vid, before = await self.setup()

@@ -186,20 +186,6 @@ class SnapshotTests(TestCase):
         self.assertIn("which is draining", e.exception.message)
 
     @d
-    async def test_a_drain_is_refused_while_the_host_holds_snapshots(self):
-        c = await self.cluster()
-        vid = c.volume["id"]
-        snap = await c.apps.snapshot_volume(vid, "one")
-        with self.assertRaises(errors.Conflict) as e:
-            await c.drains.drain(c.host, dry_run=True)
-        self.assertIn(f"holds snapshots of volumes {vid} (1)", e.exception.message)
-        self.assertIn("zwrm volumes delete-snapshot", e.exception.message)
-        self.assertEqual(c.registry.state(c.host), "ready")
-        await c.apps.delete_snapshot(vid, snap["id"])
-        plan = await c.drains.drain(c.host, dry_run=True)
-        self.assertEqual(plan["state"], "dry_run")
-
-    @d
     async def test_a_removed_host_s_snapshots_are_forgotten_with_its_volumes(self):
         c = await self.cluster()
         vid = c.volume["id"]

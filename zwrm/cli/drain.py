@@ -82,7 +82,8 @@ def format_plan(result, out):
               f"{' (dry run)' if result['drain_id'] is None else ': ' + result['drain_id']}\n")
     for p in result["plan"]:
         where = p["target"] or f"no target: {p['reason']}"
-        vols = f" ({len(p['volumes'])} volume(s))" if p["volumes"] else ""
+        snaps = f", {p['snapshots']} snapshot(s)" if p.get("snapshots") else ""
+        vols = f" ({len(p['volumes'])} volume(s){snaps})" if p["volumes"] else ""
         how = ""
         if p.get("mode") and p["volumes"]:
             how = f"  [{p['mode']}" + (f": {p['mode_reason']}" if p.get("mode_reason")

@@ -7,9 +7,9 @@ Snapshots: whole copies of a volume on its host, taken while its machine runs (a
 time, through the hypervisor) or while it is down; a restore puts a snapshot's data back
 into the volume while no machine runs with it, and keeps what the volume held as another
 snapshot (C{before-restore-...}), so a restore loses nothing. Each is stored (C{creating})
-before its host is asked, so a drain that starts meanwhile sees it and waits; one snapshot
-operation at a time per volume. A drain refuses a host whose volumes have snapshots (they
-do not move with the volume): delete them first.
+before its host is asked, so a drain that starts meanwhile sees it and is refused until it
+is done; one snapshot operation at a time per volume. A drain moves a volume's snapshots
+with it (L{zwrm.control.drain.Drains}).
 """
 
 import time

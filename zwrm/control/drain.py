@@ -144,7 +144,8 @@ class Drains(LiveSteps):
         self._machines = self._data.machines
         self._volumes = self._data.volumes
         # A snapshot or restore of a volume on a host whose drain is being planned or runs
-        # is refused (snapshots do not move; the drain's check of them is in _start_drain).
+        # is refused: the drain moves the snapshots there are when it is planned (one under
+        # way then refuses the drain, in _start_drain).
         apps.volumes.draining = lambda host_id: (host_id in self.active
                                                  or host_id in self._starting)
         self.active = {}
@@ -277,14 +278,15 @@ class Drains(LiveSteps):
         @param postcopy: allow post-copy at the deadline (the target then runs while the
             rest of the RAM arrives: losing the target then loses the machine).
         @return: C{{"drain_id", "host_id", "state", "plan": [{"machine_id", "app",
-            "volumes", "target", "reason", "mode", "mode_reason", "down", "keep_down"}]}}
+            "volumes", "snapshots", "target", "reason", "mode", "mode_reason", "down",
+            "keep_down"}]}}
             (C{drain_id} is C{None} for a dry run; C{down} is the state, C{stopped} or
             C{failed}, of a machine with volumes that is down, else L{None}; C{keep_down}
             is that state too when it stays down on the target, L{None} when it starts
             there: a restart was due, or held back for lack of room).
         @raise NotFound: no such host. @raise Conflict: a drain is under way there, or the
             host is offline or drained, or (C{mode} live) a machine cannot move live, or
-            the host holds volume snapshots (they do not move: deleted first).
+            a snapshot or restore of a volume there is under way.
         """
         entry = self._host(host_id)
         given = {"deadline": deadline, "max_parallel": max_parallel,
@@ -338,16 +340,15 @@ class Drains(LiveSteps):
 
     async def _start_drain(self, host_id, state, options, dry_run):
         mode = options["mode"]
-        snapshots = await self._volumes.find_snapshots(host_id=host_id)
-        if snapshots:
-            held = {}
-            for s in snapshots:
-                held[s["volume_id"]] = held.get(s["volume_id"], 0) + 1
-            listed = ", ".join(f"{v} ({n})" for v, n in sorted(held.items()))
-            raise errors.Conflict(
-                f"host {host_id} holds snapshots of volumes {listed}, which do not move with "
-                "their volumes: delete them first (zwrm volumes snapshots, zwrm volumes "
-                "delete-snapshot)")
+        # The volumes' snapshots move with them (each migration copies its volumes'); one
+        # being made or restored now would not be copied whole: the drain waits for it.
+        snapshots = {}
+        for s in await self._volumes.find_snapshots(host_id=host_id):
+            if s["state"] != "ready":
+                raise errors.Conflict(
+                    f"a snapshot or restore of volume {s['volume_id']} on host {host_id} is "
+                    "under way: drain once it is done (zwrm volumes snapshots)")
+            snapshots.setdefault(s["volume_id"], []).append(s["id"])
         machines = await self._machines.find(host_id=host_id, states=LIVE,
                                              order_by="created_at")
         # Then the machines that are down (stopped, failed) and have volumes: their data
@@ -357,6 +358,8 @@ class Drains(LiveSteps):
                                                           order_by="created_at")
                      if m["spec"].get("volumes")]
         plan = self._plan(host_id, machines, keep=not dry_run)
+        for p, _ in plan:
+            p["snapshots"] = sum(len(snapshots.get(v, ())) for v in p["volumes"])
         try:
             # The mode of each machine (its agents asked); in live mode a machine that
             # cannot move live refuses the whole drain here, with nothing changed.
@@ -383,7 +386,9 @@ class Drains(LiveSteps):
                  "target_host": p["target"], "phase": "planned", "bytes_sent": 0,
                  "bytes_total": 0, "error": None, "updated_at": now,
                  "detail": {"app": p["app"], "volumes": p["volumes"], "mode": p["mode"],
-                            "mode_reason": p["mode_reason"], "keep_down": p["keep_down"]}}
+                            "mode_reason": p["mode_reason"], "keep_down": p["keep_down"],
+                            "snapshots": {v: snapshots[v] for v in p["volumes"]
+                                          if v in snapshots}}}
             run = _Run(m)
             run.placement = placement
             runs[p["machine_id"]] = run
@@ -833,6 +838,7 @@ class Drains(LiveSteps):
             info = await self._call(source, "volume.info", vid)
             sizes[vid] = info["size_bytes"]
             total += info.get("allocated_bytes") or 0
+            total += sum(s["allocated_bytes"] for s in await self._snapshots_to_copy(run, vid))
         await self._save_detail(run, copy_started_at=self._clock.seconds(), bytes_done=0)
         await self._save_migration(run, bytes_total=total, bytes_sent=0)
         sent_before = 0
@@ -840,15 +846,9 @@ class Drains(LiveSteps):
         endpoints = {}
         for vid in run.detail["volumes"]:
             await self._clean_copy(target, vid)  # a copy an earlier rollback left there
-            old = (run.detail.get("tokens") or {}).get(vid)
-            if old is not None:
-                try:
-                    await self._call(target, "volume.cancel_receive", old)
-                except errors.ZwrmError:
-                    pass
-            token = mint_token()
-            tokens = dict(run.detail.get("tokens") or {}, **{vid: token})
-            await self._save_detail(run, tokens=tokens)  # stored before it is acted on
+            sent_before, done_before = await self._copy_snapshots(
+                run, vid, sent_before, done_before, drain.row["options"]["poll"])
+            token = await self._fresh_token(run, "tokens", vid)
             where = await self._call(target, "volume.receive", token, vid, sizes[vid],
                                      source=source)
             endpoints[vid] = [where["host"], where["port"]]
@@ -863,15 +863,77 @@ class Drains(LiveSteps):
                                 bytes_done=done_before)
         await self._save_migration(run, bytes_sent=sent_before)
 
-    async def _send_watching(self, run, source, vid, host, port, token, target, mode,
-                             sent_before, done_before, poll_every):
+    async def _fresh_token(self, run, field, key):
         """
-        Send one volume; the progress the source announces (progressive results of
-        C{volume.send}, L{zwrm.agent.transfer.progress}) goes into the migration row.
+        A new transfer token for C{key} (a volume, or one of its snapshots), stored in the
+        migration's C{field} before it is used; the one an earlier run of the step stored
+        there is cancelled on the target first (with its partial copy).
+        """
+        old = (run.detail.get(field) or {}).get(key)
+        if old is not None:
+            try:
+                await self._call(run.row["target_host"], "volume.cancel_receive", old)
+            except errors.ZwrmError:
+                pass
+        token = mint_token()
+        await self._save_detail(run, **{field: dict(run.detail.get(field) or {}, **{key: token})})
+        return token
+
+    async def _snapshots_to_copy(self, run, vid):
+        """
+        The snapshots of volume C{vid} the migration moves (those it was planned with),
+        as its source lists them (C{volume.snapshots}: their sizes).
+
+        @raise NotFound: one of them is not on the source.
+        """
+        wanted = (run.detail.get("snapshots") or {}).get(vid) or []
+        if not wanted:
+            return []
+        held = {s["id"]: s for s in
+                await self._call(run.row["source_host"], "volume.snapshots", vid)}
+        missing = [sid for sid in wanted if sid not in held]
+        if missing:
+            raise errors.NotFound(f"snapshots {', '.join(missing)} of volume {vid} are not on "
+                                  f"{run.row['source_host']}")
+        return [held[sid] for sid in wanted]
+
+    async def _copy_snapshots(self, run, vid, sent, done, poll_every):
+        """
+        Copy the snapshots of volume C{vid} to the migration's target, before the volume:
+        one stream each, verified as a volume's is and adopted at once into the volume's
+        snapshot directory there (a snapshot never changes: no delta). Each token is
+        stored before it is used; a rollback cancels them and deletes the copies with the
+        volume's (L{_clean_copy}). The rows follow at the commit
+        (L{zwrm.control.resources.drains.DrainsResource.commit_volumes}).
+
+        @return: C{(sent, done)} plus what these streams sent and the data they copied.
+        """
+        source, target = run.row["source_host"], run.row["target_host"]
+        for snap in await self._snapshots_to_copy(run, vid):
+            token = await self._fresh_token(run, "snapshot_tokens", f"{vid}/{snap['id']}")
+            where = await self._call(target, "volume.receive", token, vid, snap["size_bytes"],
+                                     source=source, snapshot=snap["id"])
+            result = await self._send_watching(run, source, vid, where["host"], where["port"],
+                                               token, target, "bulk", sent, done, poll_every,
+                                               snapshot=snap["id"])
+            if not result.get("committed"):
+                raise errors.Corrupt(f"snapshot {snap['id']} of volume {vid}: the target did "
+                                     "not commit its copy")
+            sent += result.get("sent", 0)
+            done += result.get("allocated", 0)
+        return sent, done
+
+    async def _send_watching(self, run, source, vid, host, port, token, target, mode,
+                             sent_before, done_before, poll_every, snapshot=None):
+        """
+        Send one volume (or its snapshot C{snapshot}, committed at once); the progress the
+        source announces (progressive results of C{volume.send},
+        L{zwrm.agent.transfer.progress}) goes into the migration row.
 
         An agent from before the announcements says nothing while it copies: if nothing
         was heard after L{PROGRESS_FALLBACK_AFTER} seconds, its C{volume.progress} is read
-        every C{poll_every} seconds instead, until it announces or the copy ends.
+        every C{poll_every} seconds instead, until it announces or the copy ends (not for
+        a snapshot: every agent that sends them announces).
         """
         fallback = []  # the LoopingCall reading volume.progress, once it runs
         heard = []
@@ -916,9 +978,14 @@ class Drains(LiveSteps):
                     loop.stop()
 
         timer = self._clock.callLater(PROGRESS_FALLBACK_AFTER, start_fallback)
+        if snapshot is not None:
+            timer.cancel()
+            kw = {"commit": True, "snapshot": snapshot}
+        else:
+            kw = {"commit": mode == "delta"}
         d = ensureDeferred(self._call(source, "volume.send", vid, host, port, token, target,
-                                      mode=mode, commit=(mode == "delta"),
-                                      options=CallOptions(on_progress=announced)))
+                                      mode=mode, options=CallOptions(on_progress=announced),
+                                      **kw))
         try:
             return await d
         finally:
@@ -1104,8 +1171,19 @@ class Drains(LiveSteps):
                     self.log.warn("stopping {id}: {e}", id=row["id"], e=e.message)
             await self._replicas.remove_machine(row)
         for vid in run.detail["volumes"]:
+            # The volume's snapshots first (its host refuses to delete a volume that has
+            # some): their copies on the target are theirs now.
+            await self._delete_snapshot_copies(source, vid)
             try:
                 await self._call(source, "volume.delete", vid)
+            except errors.NotFound:
+                pass
+
+    async def _delete_snapshot_copies(self, host, vid):
+        """Delete every snapshot of volume C{vid} that C{host} holds."""
+        for snap in await self._call(host, "volume.snapshots", vid):
+            try:
+                await self._call(host, "volume.snapshot_delete", vid, snap["id"])
             except errors.NotFound:
                 pass
 
@@ -1139,7 +1217,8 @@ class Drains(LiveSteps):
         if run.placement is not None:
             self._release(run)
         if target is not None and self._reachable(target):
-            for token in (run.detail.get("tokens") or {}).values():
+            for token in [*(run.detail.get("tokens") or {}).values(),
+                          *(run.detail.get("snapshot_tokens") or {}).values()]:
                 try:
                     await self._call(target, "volume.cancel_receive", token)
                 except errors.ZwrmError:
@@ -1212,8 +1291,8 @@ class Drains(LiveSteps):
 
     async def _clean_copy(self, host, vid):
         """
-        Delete the copy of volume C{vid} on C{host} unless it is the volume (recorded on
-        C{host}) or a migration under way is copying it there.
+        Delete the copy of volume C{vid} on C{host}, and copies of its snapshots, unless
+        it is the volume (recorded on C{host}) or a migration under way is copying it there.
 
         @return: C{True} if no such copy is left there, C{False} if C{host} could not say.
         """
@@ -1221,6 +1300,8 @@ class Drains(LiveSteps):
         if vrow is not None and vrow["host_id"] == host:
             return True
         try:
+            if await self._volumes.find_snapshots(volume_id=vid):
+                await self._delete_snapshot_copies(host, vid)
             if await self._target_has(host, vid):
                 await self._call(host, "volume.delete", vid)
                 self.log.info("deleted the copy of volume {v} left on {h}", v=vid, h=host)

@@ -359,9 +359,13 @@ class LiveSteps:
         elif run.placement is not None:
             self._placements.adopt(new_id, run.placement)
         run.placement = None  # the apps layer releases it with the machine from now on
+        sent = done = 0
+        for vid in run.detail["volumes"]:
+            await self._clean_copy(target, vid)  # a copy an earlier rollback left there
+            # Its snapshots first, streamed as a cold move's are (the mirror moves only
+            # the volume); a failure rolls the migration back.
+            sent, done = await self._copy_snapshots(run, vid, sent, done, poll)
         try:
-            for vid in run.detail["volumes"]:
-                await self._clean_copy(target, vid)  # a copy an earlier rollback left there
             described = await self._call(source, "live.describe", mid)
             spec = await self._live_spec(row, original)
             # The guest's health goes with it: a target that takes it starts its checks

@@ -31,6 +31,7 @@ import json
 
 from zwrm import errors
 from zwrm.control.resources import Resource, store_with_events, update_method
+from zwrm.control.resources.volumes import SNAPSHOTS_TABLE
 from zwrm.drain_phases import DRAIN_STATES, LIVE_PHASES, MIGRATION_PHASES
 
 TOPIC = "zwrm.event.drain"
@@ -256,6 +257,9 @@ class Drains(Resource):
                     raise errors.NotFound(f"no volume {vid!r}")
                 db["volumes"].update(vid, {"host_id": target})
                 moved[vid] = db["volumes"].get(vid)
+                # Its snapshots moved with it (copied before it: Drains._copy_snapshots).
+                db.execute(f"UPDATE {SNAPSHOTS_TABLE} SET host_id = ? WHERE volume_id = ?",
+                           [target, vid])
             db[MIGRATIONS_TABLE].update(row["id"], {"phase": "committing",
                                                     "updated_at": now})
             return moved
