@@ -4,10 +4,11 @@ Step: a volume snapshot undoes a mistake. The app deployed with a volume
 its data is then overwritten through the app, as a bad release or an operator's slip
 would. A plain restore is refused while the replica runs (one line); with C{--restart} its
 machine is stopped gracefully, the snapshot restored and the same machine started again,
-and it serves the data as it was through the ingress from the client host. What the volume held before the restore is kept
-as a snapshot; both are deleted at the end (a drain, the next steps', refuses a host that
-holds snapshots: they do not move). The snapshot files on the agent are private (0600 in
-0700 directories). Updates C{cluster.state["app"]["machine"]}.
+and it serves the data as it was through the ingress from the client host. What the volume
+held before the restore is kept as a snapshot, then deleted; the first is kept for the
+drain steps (test_30_drain.py, test_32_live_drain.py), which move it with the volume. The
+snapshot files on the agent are private (0600 in 0700 directories). Updates
+C{cluster.state["app"]["machine"]} and sets C{cluster.state["app"]["snapshot"]}.
 """
 
 import pytest
@@ -59,7 +60,23 @@ def test_a_snapshot_restores_the_data_a_mistake_overwrote(cluster):
     snaps = cluster.zwrm_json("volumes", "snapshots", vid)
     assert [s["name"] for s in snaps][0] == "good" and len(snaps) == 2, snaps
     assert snaps[1]["name"].startswith("before-restore-"), snaps
-    for s in snaps:
-        cluster.zwrm("volumes", "delete-snapshot", vid, s["name"])
-    assert cluster.zwrm_json("volumes", "snapshots") == []
-    assert cluster.sh(here, ["ls", "-A", f"{SNAPSHOTS}/{vid}"]).stdout == ""
+    cluster.zwrm("volumes", "delete-snapshot", vid, snaps[1]["name"])
+    assert cluster.zwrm_json("volumes", "snapshots") == [snaps[0]]
+    assert cluster.sh(here, ["ls", "-A", f"{SNAPSHOTS}/{vid}"]).stdout == f"{snap['id']}.img\n"
+    web["snapshot"] = snap
+
+
+def assert_snapshot_on(cluster, host_id):
+    """
+    The app's kept snapshot is recorded on C{host_id}, its file is there (0600) and on no
+    other host; its volume's snapshot directory on the others is gone.
+    """
+    web = cluster.state["app"]
+    vid, snap = web["volume"], web["snapshot"]
+    [row] = cluster.zwrm_json("volumes", "snapshots", vid)
+    assert (row["id"], row["host_id"], row["state"]) == (snap["id"], host_id, "ready"), row
+    for h in cluster.host_ids.values():
+        r = cluster.sh(cluster.host_of(h), ["stat", "-c", "%a", f"{SNAPSHOTS}/{vid}/{snap['id']}.img"],
+                       ok=(0, 1))
+        assert (r.stdout.split(), r.returncode) == ((["600"], 0) if h == host_id else ([], 1)), \
+            (h, r.stdout, r.stderr)

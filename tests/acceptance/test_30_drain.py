@@ -1,11 +1,13 @@
 """
-Step: C{zwrm host drain} moves the app and its volume to the other host; the data is
-there, and the ingress follows: the published port answers from the client host on both
+Step: C{zwrm host drain} moves the app and its volume to the other host, with the volume's
+snapshot (test_21_snapshots.py); the data is there, and the ingress follows: the published port answers from the client host on both
 agents' addresses before and after the replica moved.  C{zwrm host activate} makes the
 drained host ready again.
 """
 
 import pytest
+
+from tests.acceptance.test_21_snapshots import assert_snapshot_on
 
 pytestmark = pytest.mark.acceptance
 
@@ -26,10 +28,15 @@ def test_drain_moves_the_data(cluster):
     app = _app(cluster)
     src = app["machine"]["host_id"]
     [dst] = [h for h in cluster.host_ids.values() if h != src]
-    with cluster.phase("drain a host with the app and its volume"):
+    if "snapshot" in app:
+        plan = cluster.zwrm("host", "drain", src, "--dry-run")
+        assert "(1 volume(s), 1 snapshot(s))" in plan, plan
+    with cluster.phase("drain a host with the app, its volume and its snapshot"):
         status = cluster.zwrm_json("host", "drain", src, "--min-healthy", "3s",
                                    "--healthy-deadline", "300s", timeout=600)
     assert status["state"] == "completed", status
+    if "snapshot" in app:
+        assert_snapshot_on(cluster, dst)
     [machine] = cluster.zwrm_json("status", app["name"])["machines"]
     assert (machine["host_id"], machine["state"]) == (dst, "running"), machine
     after = cluster.app_everywhere("/cgi-bin/read?index.txt")

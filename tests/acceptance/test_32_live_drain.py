@@ -23,6 +23,7 @@ from itertools import pairwise
 import pytest
 
 from tests.acceptance.cluster import AGENTS, PUBLISHED, PUBLISHED_HTTP
+from tests.acceptance.test_21_snapshots import assert_snapshot_on
 
 pytestmark = pytest.mark.acceptance
 
@@ -102,6 +103,11 @@ def test_live_drain_moves_the_running_vm(cluster):
     assert {a: b.encode() for a, b in after.items()} == {a: app["data"] for a in after}
     hosts = {h["id"]: h for h in cluster.host_list()}
     assert (hosts[src]["state"], hosts[src]["machines"]) == ("drained", 0)
+    if "snapshot" in app:  # it moved with the volume (before the mirror); no longer needed
+        assert_snapshot_on(cluster, dst)
+        cluster.zwrm("volumes", "delete-snapshot", app["volume"], app["snapshot"]["name"])
+        assert cluster.zwrm_json("volumes", "snapshots") == []
+        del app["snapshot"]
     gaps = {}
     for port, answers in got.items():
         failed = [p for p in answers if p[3] is not True]
