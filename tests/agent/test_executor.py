@@ -39,6 +39,7 @@ EXPECTED = {
     # volume moves (host drains; tests/agent/test_executor_volumes.py)
     "volume.receive", "volume.send", "volume.progress", "volume.cancel_receive", "volume.digest",
     "volume.snapshot", "volume.restore", "volume.snapshot_delete", "volume.snapshots",
+    "volume.recover",  # a lost host's volume made from its replica here
     "network.update",  # the cluster network view (zwrm/agent/network/agent.py)
     "ingress.certs",  # the ingress TLS certificates (zwrm/agent/network/agent.py)
     "machine.console.attach", "machine.console.write",  # zwrm/agent/console.py

@@ -251,15 +251,38 @@ class VolumeSnapshotTests(TestCase):
         self.assertEqual(sorted(os.listdir(os.path.dirname(info["path"]))), ["s1.img"])
         self.assertEqual(sorted(os.listdir(self.root)), ["snapshots"])
 
-    async def test_an_incoming_blank_copy_goes_with_its_snapshot_copies(self):
-        await self.store.create("v1", 8)
-        await self.store.snapshot("v1", "s1")
-        self.assertRaises(Conflict, self.store.delete, "v1")
-        self.assertEqual(len(self.store.snapshots("v1")), 1)
-        await self.store.delete("v1", with_snapshots=True)
+    async def test_a_volume_is_recovered_from_its_replica_here(self):
+        """
+        A replica (a snapshot of a volume another host holds, streamed here) becomes the
+        volume once that host is lost: copied, verified, adopted; the replica stays.
+        """
+        other = VolumeStore(reactor, tempfile.mkdtemp(prefix="zwrm-vol-", dir=self.root))
+        await other.create("v1", 8)
+        with open(other.path("v1"), "r+b") as f:
+            f.seek(4 << 20)
+            f.write(b"data!")
+        await other.snapshot("v1", "s1")
+        slot = self.store.snapshot_slot("v1", "r1")
+        tmp = slot.temporary_path("v1")
+        shutil.copyfile(other.snapshot_info("v1", "s1")["path"], tmp)
+        await slot.adopt("v1", tmp)
+
+        info = await self.store.recover("v1", "r1")
+        self.assertEqual((info["id"], info["size_bytes"]), ("v1", 8 << 20))
+        self.assertEqual(self.read(self.store.path("v1")), b"data!")
+        self.assertEqual(os.stat(self.store.path("v1")).st_mode & 0o777, 0o600)
+        self.assertEqual([s["id"] for s in self.store.snapshots("v1")], ["r1"])
+        with self.assertRaises(Conflict):
+            await self.store.recover("v1", "r1")  # never over a volume
+        with self.assertRaises(NotFound):
+            await self.store.recover("v2", "r1")
+        self.assertEqual(sorted(os.listdir(self.root)), sorted(["snapshots", "v1.img",
+                                                                 os.path.basename(other.root)]))
+        # undone (its recovery not stored): the volume goes, the replica stays
+        self.assertRaises(InvalidArgument, self.store.delete, "v1", "sometimes")
+        await self.store.delete("v1", snapshots="keep")
         self.assertFalse(self.store.exists("v1"))
-        self.assertEqual(self.store.snapshots(), [])
-        self.assertEqual(os.listdir(self.store.snapshots_root), [])
+        self.assertEqual([s["id"] for s in self.store.snapshots("v1")], ["r1"])
 
     async def test_claims_and_snapshots_at_rest_exclude_each_other(self):
         await self.store.create("v1", 8)

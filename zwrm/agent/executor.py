@@ -528,21 +528,37 @@ class Executor:
         return maybeDeferred(self.volumes.create, volume_id, size_mb)
 
     @wamp.register("volume.delete")
-    def delete_volume(self, volume_id):
+    def delete_volume(self, volume_id, keep_snapshots=False):
         """
-        Delete a volume. @raise Conflict: a machine uses it. @raise NotFound: no such volume.
+        Delete a volume. @raise Conflict: a machine uses it, or it has snapshots here
+        (unless C{keep_snapshots}: they stay, as a recovery undone leaves them).
+        @raise NotFound: no such volume.
 
         @return: a Deferred of C{{"volume_id", "deleted": True}}, once the deletion is on
             disk.
         """
+        if not isinstance(keep_snapshots, bool):
+            raise InvalidArgument(f"keep_snapshots must be true or false, not "
+                                  f"{keep_snapshots!r}")
         for mid, rec in self._machines.items():
             if any(v["id"] == volume_id for v in rec.spec["volumes"]):
                 raise Conflict(
                     f"volume {volume_id!r} belongs to machine {mid!r} ({rec.state}); "
                     "destroy the machine first"
                 )
-        d = self.volumes.delete(volume_id)
+        d = self.volumes.delete(volume_id, "keep" if keep_snapshots else "refuse")
         return d.addCallback(lambda _: {"volume_id": volume_id, "deleted": True})
+
+    @wamp.register("volume.recover")
+    def recover_volume(self, volume_id, snapshot_id):
+        """
+        Make volume C{volume_id} here from its snapshot C{snapshot_id} here (a replica: its
+        host was lost). @return: a Deferred of the volume's info (L{VolumeStore.recover}).
+        @raise Conflict: the volume is here already. @raise NotFound: no such snapshot.
+        """
+        check_id(volume_id, "volume id")
+        check_id(snapshot_id, "snapshot id")
+        return self.volumes.recover(volume_id, snapshot_id)
 
     @wamp.register("volume.list")
     def list_volumes(self):

@@ -1118,7 +1118,7 @@ class LiveMigrations:
         for vid in inc.volume_ids:
             self.volumes.release(vid, inc.machine_id)
             try:
-                d = self.volumes.delete(vid, with_snapshots=True)
+                d = self.volumes.delete(vid, snapshots="keep")
             except Exception as e:
                 log.warn("volume {v}: the blank copy of an incoming migration could not be "
                          "deleted: {e}", v=vid, e=_message(e))
@@ -1517,7 +1517,7 @@ class LiveMigrations:
             for vid in record.get("volumes") or ():
                 self.volumes.release(vid, machine_id)
                 if self.volumes.exists(vid) and self.volumes.in_use(vid) is None:
-                    await self.volumes.delete(vid, with_snapshots=True)
+                    await self.volumes.delete(vid, snapshots="keep")
             if self.images is not None:
                 for dg in record.get("digests") or ():
                     self.images.unpin(dg)

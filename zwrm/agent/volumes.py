@@ -225,18 +225,22 @@ class VolumeStore:
         """
         return self._threads(self._fsync_dir)
 
-    def delete(self, volume_id, with_snapshots=False):
+    def delete(self, volume_id, snapshots="refuse"):
         """
         Delete a volume.
 
-        @param with_snapshots: delete its snapshots too (the blank copy of an incoming
-            live migration, whose snapshots a drain copied before it: none is the
-            volume's yet); else a volume that has snapshots is refused.
+        @param snapshots: what of the volume's snapshots here: C{"refuse"} the deletion
+            while there are some; C{"keep"} them (a copy that is not the volume: the blank
+            copy of an incoming live migration, a drain's copy rolled back, a recovery
+            undone; the snapshots there, replicas of it, or copies the drain deletes by
+            their ids, are not the copy's).
         @return: a Deferred that fires once the deletion is on disk (the directory
             fsynced); the volume is gone from the store at once.
-        @raise NotFound: no such volume. @raise Conflict: a machine has claimed it (both
-            at once, nothing changed).
+        @raise NotFound: no such volume. @raise Conflict: a machine has claimed it, or it
+            has snapshots (both at once, nothing changed).
         """
+        if snapshots not in ("refuse", "keep"):
+            raise InvalidArgument(f"snapshots must be refuse or keep, not {snapshots!r}")
         p = self.existing_path(volume_id)
         owner = self._claims.get(volume_id)
         if owner is not None:
@@ -245,12 +249,7 @@ class VolumeStore:
             )
         self._idle(volume_id)
         left = self.snapshots(volume_id)
-        if left and with_snapshots:
-            for snap in left:
-                os.unlink(snap["path"])
-            log.info("volume {id}: {n} snapshot copies deleted with it", id=volume_id,
-                     n=len(left))
-        elif left:
+        if left and snapshots == "refuse":
             raise Conflict(f"volume {volume_id!r} has {len(left)} snapshot(s) on this host; "
                            "delete them first")
         os.unlink(p)
@@ -502,6 +501,39 @@ class VolumeStore:
         check_id(volume_id, "volume id")
         check_id(snapshot_id, "snapshot id")
         return SnapshotSlot(self, volume_id, snapshot_id)
+
+    def recover(self, volume_id, snapshot_id):
+        """
+        Make volume C{volume_id}, which is not on this host, from its snapshot
+        C{snapshot_id} here (a copy another host's volume replicated here, its host lost):
+        the snapshot is copied, the copy verified against it, then adopted as the volume.
+        The snapshot stays.
+
+        @return: a Deferred of the volume's L{info}.
+        @raise Conflict: the volume is here already. @raise NotFound: no such snapshot.
+        @raise ResourceExhausted: no room for the copy.
+        """
+        return ensureDeferred(self._recover(volume_id, snapshot_id))
+
+    async def _recover(self, volume_id, snapshot_id):
+        snap = self.snapshot_info(volume_id, snapshot_id)["path"]
+        if self.exists(volume_id) or volume_id in self._creating:
+            raise Conflict(f"volume {volume_id!r} exists already on this host")
+        self._idle(volume_id)
+        self._room_for(volume_id, os.stat(snap).st_blocks * 512)
+        self._busy[volume_id] = "recovered"
+        tmp = self.temporary_path(volume_id)
+        try:
+            await self._copy(volume_id, snap, tmp)
+            await self._verify(volume_id, snap, tmp)
+            info = await self.adopt(volume_id, tmp)
+        finally:
+            self._busy.pop(volume_id, None)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        log.info("volume {id}: recovered from its snapshot {snap}", id=volume_id,
+                 snap=snapshot_id)
+        return info
 
     def delete_snapshot(self, volume_id, snapshot_id):
         """
