@@ -308,7 +308,8 @@ class LiveTests(TestCase):
         first_credential = agent.identity.credential
         self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
         out = io.StringIO()
-        args = Args(api_url=plane.url, json=False, host_id=host_id, forget_volumes=False)
+        args = Args(api_url=plane.url, json=False, host_id=host_id, forget_volumes=False,
+                    recover_volumes=False)
         with self.assertRaises(CliError) as e:
             await host_remove.host_remove(reactor, args, out)
         self.assertEqual(e.exception.code, client.EXIT_REMOTE)

@@ -79,3 +79,72 @@ class VolumeSnapshotCommandTests(TestCase):
         self.assertEqual(out, f"destroyed volume {vid}\n")
         _, out = await zwrm(plane.url, "volumes", "snapshots", "--json")
         self.assertEqual(json.loads(out), [])
+
+
+class VolumeReplicaCommandTests(TestCase):
+    timeout = 60
+
+    @d
+    async def test_replicate_list_delete(self):
+        plane, tmp = await start_plane(self)
+        agents = [await start_host_agent(self, plane, os.path.join(tmp, name))
+                  for name in ("a1", "a2")]
+        first, second = (a.identity.host_id for a in agents)
+        self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
+        for h in (first, second):
+            await poll(reactor, lambda h=h: plane.registry.executor_available(h), 10, 0.05,
+                       what="the agents' executors registered")
+        await zwrm(plane.url, "apps", "create", "db")
+        _, out = await zwrm(plane.url, "volumes", "create", "db", "data", "--size", "8",
+                            "--mount", "/data", "--host", first, "--json")
+        vid = json.loads(out)["id"]
+
+        # a scheduled snapshot that also keeps a copy on another host
+        _, out = await zwrm(plane.url, "volumes", "snapshot", vid, "--name", "nightly",
+                            "--replicate-to", second, "--keep", "3")
+        lines = out.splitlines()
+        self.assertTrue(lines[0].startswith("snapshot nightly (s-"), out)
+        self.assertRegex(lines[1], rf"^replica r-[0-9a-f]{{12}} of snapshot nightly of volume "
+                                   rf"{vid} on {second}: \d+\.\d MiB of data, verified$")
+        rid = lines[1].split()[1]
+
+        _, out = await zwrm(plane.url, "volumes", "replicas", vid)
+        lines = out.splitlines()
+        self.assertEqual(lines[0].split(), ["ID", "VOLUME", "HOST", "SNAPSHOT", "TAKEN",
+                                            "COPIED", "DATA(MiB)", "STATE"])
+        self.assertEqual([lines[1].split()[i] for i in (0, 1, 2, 3, -1)],
+                         [rid, vid, second, "nightly", "ready"])
+        _, out = await zwrm(plane.url, "volumes", "replicas", "--app", "db", "--json")
+        self.assertEqual([r["id"] for r in json.loads(out)], [rid])
+
+        # bad requests: one line each, nothing changed
+        for args, message in (
+                (("replicate", vid, "nightly", "--to", first),
+                 f"volume {vid} is on host {first}: a replica is kept on another host"),
+                (("replicate", vid, "nightly", "--to", second),
+                 f"host {second} has a replica of snapshot nightly of volume {vid} already"),
+                (("replicate", vid, "nope", "--to", second),
+                 f"volume {vid} has no snapshot 'nope'"),
+                (("delete-replica", vid, "r-nope"), f"volume {vid} has no replica 'r-nope'")):
+            with self.assertRaises(CliError) as e:
+                await zwrm(plane.url, "volumes", *args)
+            self.assertEqual((e.exception.code, e.exception.message), (EXIT_REMOTE, message))
+
+        _, out = await zwrm(plane.url, "volumes", "delete-replica", vid, rid)
+        self.assertEqual(out, f"deleted replica {rid} of volume {vid}\n")
+        _, out = await zwrm(plane.url, "volumes", "replicas", "--json")
+        self.assertEqual(json.loads(out), [])
+
+        # its host lost for good: removed, the volume made again from its replica
+        await zwrm(plane.url, "volumes", "replicate", vid, "nightly", "--to", second)
+        await agents[0].stopService()
+        await plane.registry.mark_offline(first)
+        with self.assertRaises(CliError) as e:
+            await zwrm(plane.url, "host", "remove", first)
+        self.assertIn("--recover-volumes", e.exception.message)
+        _, out = await zwrm(plane.url, "host", "remove", first, "--recover-volumes")
+        self.assertRegex(out, rf"^host {first} removed\n  volume {vid} recovered on {second} "
+                              r"from its replica of snapshot nightly \(taken \d{4}-\d\d-\d\d "
+                              r"\d\d:\d\d:\d\d UTC\)\n$")
+        _, out = await zwrm(plane.url, "volumes", "list", "--json")
+        self.assertEqual([(v["id"], v["host_id"]) for v in json.loads(out)], [(vid, second)])

@@ -1200,6 +1200,49 @@ class DrainRunTests(TestCase):
         c.drains.stop()
 
     @d
+    async def test_snapshot_copies_left_on_an_unreachable_target_go_when_it_returns(self):
+        """
+        As a volume's copy: the copies of its snapshots the rollback could not delete are
+        recorded with it and deleted when the target returns (only those: another file of
+        the volume's there, a replica, stays).
+        """
+        c = await DrainCluster(self).start()
+        m = await self.deploy(c)
+        src, vid = m["host_id"], m["volumes"][0]
+        dst = "h-b" if src == "h-a" else "h-a"
+        snap = await c.apps.snapshot_volume(vid, "one")
+        rep = await c.apps.replicate_volume(vid, "one", dst)
+        _, procs = c.executors[src]
+        send = procs["volume.send"]
+
+        def send_then_lose_target(*a, **kw):
+            result = send(*a, **kw)
+            if kw.get("mode") == "delta":
+                def lose(r):
+                    c.registry.entry(dst).executor = False
+                    return r
+                result.addCallback(lose)
+            return result
+
+        procs["volume.send"] = send_then_lose_target
+        _, status = await self.drain(c, src)
+        mg = status["migrations"][0]
+        self.assertEqual(mg["phase"], "rolled_back")
+        self.assertEqual(mg["leftovers"], [{"host": dst, "volume_id": vid,
+                                            "snapshots": [snap["id"]]}])
+        held = lambda: sorted(s["id"] for s in c.store_of(dst).snapshots(vid))  # noqa: E731
+        self.assertEqual(held(), sorted([snap["id"], rep["id"]]))
+        await self.back(c, dst)
+
+        async def cleaned():
+            return not c.store_of(dst).exists(vid)
+
+        await self.until(c, cleaned, "copy deleted")
+        self.assertEqual(held(), [rep["id"]])
+        self.assertEqual([r["id"] for r in await c.apps.list_replicas(vid)], [rep["id"]])
+        c.drains.stop()
+
+    @d
     async def test_errors(self):
         c = await DrainCluster(self).start()
         with self.assertRaises(errors.NotFound):

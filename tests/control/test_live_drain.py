@@ -1100,6 +1100,28 @@ class LiveDrainTests(TestCase):
         await self.assert_moved(c, m, src, dst, vid, before)
 
     @d
+    async def test_a_live_move_cancelled_after_a_restart_goes_cold_with_its_snapshots(self):
+        """
+        As above, the volume with a snapshot the drain copied to the target before its
+        blank copy: after the target's cancel, the cold move deletes that copy by its id
+        and copies it again, and the machine moves cold with its snapshot, held once.
+        """
+        c, m, src, dst, vid, before = await self.setup()
+        sid, data = await self.snapshot(c, vid)
+        self.policy(c, src, ready_timeout=0.2)
+        self.lost_answer(c, src)
+        await c.drains.drain(src, min_healthy=1, healthy_deadline=30)
+        await real_until(lambda: c.lives[src].finished.get(m["id"], {}).get("state")
+                         == "rolled_back", "the source rolled back by itself")
+        status = await self.restart(c, src)
+        self.assertEqual(c.verbs("live.cancel"), [(dst, "live.cancel")])
+        mg = status["migrations"][0]
+        self.assertEqual((status["state"], mg["mode"]), ("completed", "cold"), mg["error"])
+        await self.assert_moved(c, m, src, dst, vid, before)
+        self.assertEqual([(s["id"], sha(s["path"])) for s in c.store_of(dst).snapshots()],
+                         [(sid, data)])
+
+    @d
     async def test_restart_mid_switchover_follows_it_and_never_cancels(self):
         """
         The switchover was decided (switching_over stored) and the RAM migration runs when

@@ -191,7 +191,8 @@ class MachineResourceTests(TestCase):
                           "set_credential", "set_disk_full", "set_executor"])
         self.assertIn("set_spec", update_methods(data.apps))
         self.assertEqual(update_methods(data.volumes),
-                         ["add", "add_snapshot", "creation_failed", "delete", "delete_snapshot",
+                         ["add", "add_replica", "add_snapshot", "creation_failed", "delete",
+                          "delete_replica", "delete_snapshot", "replica_failed", "replica_made",
                           "restored", "set_state", "snapshot_failed", "snapshot_made"])
         self.assertEqual(update_methods(data.drains),
                          ["add", "commit_volumes", "save_migration", "set_state", "set_waiting"])

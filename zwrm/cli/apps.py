@@ -225,8 +225,31 @@ def register(subparsers):
     p.add_argument("--keep", type=int, metavar="N",
                    help="then delete the volume's oldest snapshots until N are left (not a "
                         "restore's before-restore-... ones): for scheduled snapshots")
+    p.add_argument("--replicate-to", metavar="HOST",
+                   help="then copy it to HOST as a replica (with --keep, the last N "
+                        "replicas there are kept)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=volumes_snapshot)
+    p = vsub.add_parser("replicate", help="copy a snapshot to another host, from which the "
+                                          "volume is recovered if its host is lost")
+    p.add_argument("volume_id")
+    p.add_argument("snapshot", help="the snapshot's name or id")
+    p.add_argument("--to", required=True, metavar="HOST", dest="host_id",
+                   help="the host to keep the replica (a ready host, not the volume's)")
+    p.add_argument("--keep", type=int, metavar="N",
+                   help="then delete the volume's oldest replicas on HOST until N are left")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=volumes_replicate)
+    p = vsub.add_parser("replicas", help="replicas, of one volume or of an app's volumes")
+    p.add_argument("volume_id", nargs="?")
+    p.add_argument("--app")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=volumes_replicas)
+    p = vsub.add_parser("delete-replica", help="delete a replica and its data on its host")
+    p.add_argument("volume_id")
+    p.add_argument("replica", help="the replica's id")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=volumes_delete_replica)
     p = vsub.add_parser("snapshots", help="snapshots, of one volume or of an app's volumes")
     p.add_argument("volume_id", nargs="?")
     p.add_argument("--app")
@@ -1065,14 +1088,61 @@ async def volumes_snapshot(reactor, args, out=None):
     out = out or sys.stdout
     s = await call_once(reactor, args.api_url, "zwrm.volume.snapshot", args.volume_id,
                         name=args.name, keep=args.keep)
+    if not args.json:
+        how = "while its machine ran" if s["live"] else "at rest"
+        out.write(f"snapshot {s['name']} ({s['id']}) of volume {s['volume_id']} on "
+                  f"{s['host_id']}: {_mib(s['allocated_bytes'])} MiB of data, taken {how}\n")
+        if s.get("pruned"):
+            out.write(f"deleted {len(s['pruned'])} older snapshot(s) to keep {args.keep}: "
+                      f"{', '.join(p['name'] for p in s['pruned'])}\n")
+        out.flush()
+    if args.replicate_to:
+        s["replica"] = await call_once(reactor, args.api_url, "zwrm.volume.replicate",
+                                       args.volume_id, s["id"], args.replicate_to,
+                                       keep=args.keep)
+        if not args.json:
+            _replica_lines(s["replica"], args.keep, out)
     if args.json:
-        return print_json(s, out)
-    how = "while its machine ran" if s["live"] else "at rest"
-    out.write(f"snapshot {s['name']} ({s['id']}) of volume {s['volume_id']} on {s['host_id']}:"
-              f" {_mib(s['allocated_bytes'])} MiB of data, taken {how}\n")
-    if s.get("pruned"):
-        out.write(f"deleted {len(s['pruned'])} older snapshot(s) to keep {args.keep}: "
-                  f"{', '.join(p['name'] for p in s['pruned'])}\n")
+        print_json(s, out)
+
+
+def _replica_lines(r, keep, out):
+    out.write(f"replica {r['id']} of snapshot {r['name']} of volume {r['volume_id']} on "
+              f"{r['host_id']}: {_mib(r['allocated_bytes'])} MiB of data, verified\n")
+    if r.get("pruned"):
+        out.write(f"deleted {len(r['pruned'])} older replica(s) on {r['host_id']} to keep "
+                  f"{keep}: {', '.join(p['id'] for p in r['pruned'])}\n")
+
+
+async def volumes_replicate(reactor, args, out=None):
+    out = out or sys.stdout
+    r = await call_once(reactor, args.api_url, "zwrm.volume.replicate", args.volume_id,
+                        args.snapshot, args.host_id, keep=args.keep)
+    print_json(r, out) if args.json else _replica_lines(r, args.keep, out)
+
+
+def format_replicas(replicas, out):
+    _table(["ID", "VOLUME", "HOST", "SNAPSHOT", "TAKEN", "COPIED", "DATA(MiB)", "STATE"],
+           [[r["id"], r["volume_id"], r["host_id"], r["name"],
+             time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["taken_at"])),
+             time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["created_at"])),
+             _mib(r["allocated_bytes"]), r["state"]] for r in replicas], out)
+
+
+async def volumes_replicas(reactor, args, out=None):
+    out = out or sys.stdout
+    reps = await call_once(reactor, args.api_url, "zwrm.volume.replicas",
+                           volume_id=args.volume_id, app=args.app)
+    print_json(reps, out) if args.json else format_replicas(reps, out)
+
+
+async def volumes_delete_replica(reactor, args, out=None):
+    out = out or sys.stdout
+    gone = await call_once(reactor, args.api_url, "zwrm.volume.delete_replica",
+                           args.volume_id, args.replica)
+    if args.json:
+        return print_json({"replica": gone}, out)
+    out.write(f"deleted replica {gone} of volume {args.volume_id}\n")
 
 
 async def volumes_snapshots(reactor, args, out=None):

@@ -1,13 +1,16 @@
 """
-C{zwrm host remove <host-id> [--forget-volumes]}: remove an offline host from the cluster
+C{zwrm host remove <host-id> [--recover-volumes] [--forget-volumes]}: remove an offline host
+from the cluster
 (C{zwrm.host.remove}; docs/operators.md, "Removing a host").
 
 Refused, with one line saying why and nothing changed, while the host is not offline, while
 a drain involves it, while a machine is recorded live on it, and while it holds volumes
-unless C{--forget-volumes} gives their data up.
+unless C{--recover-volumes} makes them again from their replicas on other hosts or
+C{--forget-volumes} gives their data up.
 """
 
 import sys
+import time
 
 from zwrm.cli.client import call_once, print_json
 
@@ -20,13 +23,19 @@ def register_remove(hsub):
                     " retire a working host: `zwrm host drain HOST`, stop its agent"
                     " (systemctl stop zwrm-agent), and once `zwrm host list` shows it"
                     " offline, `zwrm host remove HOST`. A host holding volumes is refused"
-                    " unless --forget-volumes gives up their data. Its agent, started again"
+                    " unless --recover-volumes makes them again from their replicas (zwrm"
+                    " volumes replicate) or --forget-volumes gives up their data. Its agent,"
+                    " started again"
                     " with a valid join token, joins as a new host (docs/operators.md,"
                     " \"Removing a host\").")
     rm.add_argument("host_id", help="the host's id (zwrm host list)")
     rm.add_argument("--forget-volumes", action="store_true",
                     help="also give up the volumes that live only on it (their replicas get"
                          " new, empty volumes elsewhere)")
+    rm.add_argument("--recover-volumes", action="store_true",
+                    help="make each of its volumes again on the host of its newest replica "
+                         "(the data of that replica's snapshot; what was written since is "
+                         "lost with the host)")
     rm.add_argument("--json", action="store_true", help="print JSON")
     rm.set_defaults(func=host_remove)
 
@@ -34,6 +43,10 @@ def register_remove(hsub):
 def format_removal(result, out):
     """Write what C{zwrm.host.remove} did, a line each."""
     out.write(f"host {result['host_id']} removed\n")
+    for v in result.get("volumes_recovered") or ():
+        out.write(f"  volume {v['volume_id']} recovered on {v['host_id']} from its replica of"
+                  f" snapshot {v['snapshot']} (taken "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(v['taken_at']))} UTC)\n")
     for v in result["volumes_forgotten"]:
         out.write(f"  volume {v} forgotten (its data was only on that host)\n")
     for r in result["rescheduled"]:
@@ -46,7 +59,8 @@ def format_removal(result, out):
 async def host_remove(reactor, args, out=None):
     out = out or sys.stdout
     result = await call_once(reactor, args.api_url, "zwrm.host.remove", args.host_id,
-                             forget_volumes=args.forget_volumes)
+                             forget_volumes=args.forget_volumes,
+                             recover_volumes=args.recover_volumes)
     if args.json:
         print_json(result, out)
     else:

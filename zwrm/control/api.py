@@ -24,7 +24,8 @@ Procedures (realm C{zwrm}):
    machines, or stores one machine event from the executor.
  - C{zwrm.host.list()}: every host, summarised.
  - C{zwrm.host.status(host_id)}: one host with its machines and recent events.
- - C{zwrm.host.remove(host_id, forget_volumes=False)} (operator): removes an offline host
+ - C{zwrm.host.remove(host_id, forget_volumes=False, recover_volumes=False)} (operator):
+   removes an offline host
    (L{zwrm.control.host_removal}).
 """
 
@@ -209,11 +210,12 @@ class HostAPI:
         return await self.registry.status(host_id)
 
     @wamp.register("zwrm.host.remove")
-    async def remove(self, host_id, forget_volumes=False):
+    async def remove(self, host_id, forget_volumes=False, recover_volumes=False):
         """(Operator.) Remove an offline host from the cluster (L{zwrm.control.host_removal})."""
         if self.removal is None:
             raise errors.Unavailable("this control plane does not remove hosts")
-        return await self.removal.remove(host_id, forget_volumes=forget_volumes)
+        return await self.removal.remove(host_id, forget_volumes=forget_volumes,
+                                         recover_volumes=recover_volumes)
 
 
 def guarded(uri, endpoint, options, log):

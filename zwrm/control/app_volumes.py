@@ -10,6 +10,11 @@ snapshot (C{before-restore-...}), so a restore loses nothing. Each is stored (C{
 before its host is asked, so a drain that starts meanwhile sees it and is refused until it
 is done; one snapshot operation at a time per volume. A drain moves a volume's snapshots
 with it (L{zwrm.control.drain.Drains}).
+
+Replicas: a snapshot copied to another host (streamed between the agents as a drain moves
+snapshots, verified), so that the volume survives the loss of its host: a host removed
+with C{recover_volumes} has each of its volumes made again on the host of its newest
+replica (L{zwrm.control.host_removal}). Replicas on a host go with its removal.
 """
 
 import time
@@ -17,6 +22,7 @@ import time
 from zwrm import errors
 from zwrm.control.appspec import check_name, error_text, new_id, whole_number
 from zwrm.control.resources.machines import LIVE, placement_request
+from zwrm.tokens import mint_token
 
 #: The names of the snapshots a restore keeps of what the volume held (never pruned).
 RESTORE_PREFIX = "before-restore-"
@@ -85,8 +91,11 @@ class AppVolumes:
         """
         await self._not_used(row)
         with self._operation(row, "destroyed"):
+            gone = f"volume {row['id']} was destroyed"
+            for rep in await self._data.volumes.find_replicas(volume_id=row["id"]):
+                await self._delete_replica(rep, gone, strict=False)
             for snap in reversed(await self._data.volumes.find_snapshots(volume_id=row["id"])):
-                await self._delete_snapshot(row, snap, f"volume {row['id']} was destroyed")
+                await self._delete_snapshot(row, snap, gone)
             try:
                 await self._replicas.call(row["host_id"], "volume.delete", row["id"])
             except errors.NotFound:
@@ -309,3 +318,146 @@ class AppVolumes:
         except errors.NotFound:
             pass
         await self._data.volumes.delete_snapshot(snapshot, reason)
+
+    # -- replicas -----------------------------------------------------------------------
+
+    async def replicate(self, volume, snapshot, host_id, keep=None):
+        """
+        Copy C{snapshot} (a ready row of C{volume}'s) to host C{host_id}, another ready
+        host, as a replica: the volume's host streams it to that host's agent (TLS between
+        them, every block hashed, the copy verified), which keeps it beside its own
+        volumes' snapshots.
+
+        @param keep: once it is made, delete the volume's oldest replicas on C{host_id}
+            until C{keep} are left.
+        @return: the replica's row, with C{pruned}: the rows deleted for C{keep}.
+        @raise zwrm.errors.Conflict: the host is the volume's, or not ready; it has a
+            replica of this snapshot already; the volume's host drains; or another
+            snapshot operation on the volume is under way.
+        """
+        if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool)
+                                 or not 1 <= keep <= MAX_KEEP):
+            raise errors.InvalidArgument(f"keep must be a whole number from 1 to {MAX_KEEP}, "
+                                         f"not {keep!r}", argument="keep")
+        if snapshot["volume_id"] != volume["id"]:
+            raise errors.InvalidArgument(f"snapshot {snapshot['id']} is not of volume "
+                                         f"{volume['id']}", argument="snapshot")
+        if not isinstance(host_id, str) or not host_id:
+            raise errors.InvalidArgument("a host to copy it to is needed", argument="host_id")
+        if host_id == volume["host_id"]:
+            raise errors.Conflict(f"volume {volume['id']} is on host {host_id}: a replica is "
+                                  "kept on another host", argument="host_id")
+        try:
+            state = self.host_state(host_id) if self.host_state is not None else "ready"
+        except errors.NotFound:
+            raise errors.NotFound(f"no host {host_id!r}", argument="host_id") from None
+        if state != "ready":
+            raise errors.Conflict(f"host {host_id} is {state}: replicas go to a ready host",
+                                  argument="host_id")
+        if snapshot["state"] != "ready":
+            raise errors.Conflict(f"snapshot {snapshot['name']} of volume {volume['id']} is "
+                                  f"{snapshot['state']}", argument="snapshot")
+        if await self._data.volumes.find_replicas(snapshot_id=snapshot["id"], host_id=host_id):
+            raise errors.Conflict(f"host {host_id} has a replica of snapshot "
+                                  f"{snapshot['name']} of volume {volume['id']} already",
+                                  argument="snapshot")
+        self._host_usable(volume)
+        with self._operation(volume, "replicated"):
+            row = {"id": new_id("r"), "volume_id": volume["id"], "app_id": volume["app_id"],
+                   "host_id": host_id, "snapshot_id": snapshot["id"], "name": snapshot["name"],
+                   "state": "creating", "size_bytes": snapshot["size_bytes"],
+                   "allocated_bytes": 0, "taken_at": snapshot["created_at"],
+                   "reason": f"a copy of snapshot {snapshot['name']} from "
+                             f"{volume['host_id']}",
+                   "created_at": self._clock.seconds()}
+            await self._data.volumes.add_replica(row)
+            token = mint_token()
+            try:
+                self._host_usable(volume)  # (a drain that began meanwhile: see snapshot)
+                where = await self._replicas.call(host_id, "volume.receive", token,
+                                                  volume["id"], snapshot["size_bytes"],
+                                                  source=volume["host_id"], snapshot=row["id"])
+                sent = await self._replicas.call(
+                    volume["host_id"], "volume.send", volume["id"], where["host"],
+                    where["port"], token, host_id, mode="bulk", commit=True,
+                    snapshot=snapshot["id"])
+                if not sent.get("committed"):
+                    raise errors.Corrupt(f"host {host_id} did not keep the copy")
+                info = await self._replica_info(row)
+            except Exception as e:
+                await self._data.volumes.replica_failed(row, error_text(e))
+                for verb, args in (("volume.cancel_receive", (token,)),
+                                   ("volume.snapshot_delete", (volume["id"], row["id"]))):
+                    try:  # a partial copy, or one made though the answer was lost
+                        await self._replicas.call(host_id, verb, *args)
+                    except Exception:
+                        pass
+                raise
+            row = await self._data.volumes.replica_made(row, info)
+            pruned = []
+            if keep is not None:
+                held = [r for r in await self._data.volumes.find_replicas(
+                    volume_id=volume["id"], host_id=host_id) if r["state"] == "ready"]
+                for old in held[:-keep]:
+                    await self._delete_replica(
+                        old, f"pruned: the last {keep} replica(s) on {host_id} are kept")
+                    pruned.append(old)
+            return dict(row, pruned=pruned)
+
+    async def _replica_info(self, row):
+        """The replica's file as its host lists it. @raise NotFound: it has none."""
+        for info in await self._replicas.call(row["host_id"], "volume.snapshots",
+                                              row["volume_id"]):
+            if info["id"] == row["id"]:
+                return info
+        raise errors.NotFound(f"host {row['host_id']} has no copy of replica {row['id']}")
+
+    async def settle_replicas(self, host_id):
+        """
+        Settle the replicas stored C{creating} on C{host_id} that no request of this
+        process is making (a control plane that stopped during the copy left them): made
+        if the host has the copy, else removed.
+        """
+        pending = [r for r in await self._data.volumes.find_replicas(host_id=host_id)
+                   if r["state"] == "creating" and r["volume_id"] not in self._busy]
+        if not pending:
+            return
+        held = {s["id"]: s for s in await self._replicas.call(host_id, "volume.snapshots")}
+        for rep in pending:
+            if rep["volume_id"] in self._busy:
+                continue
+            if rep["id"] in held:
+                await self._data.volumes.replica_made(rep, held[rep["id"]])
+            else:
+                await self._data.volumes.replica_failed(
+                    rep, "its host has no such copy: the control plane stopped while it was "
+                         "being made")
+
+    async def delete_replica(self, volume, replica):
+        """
+        Delete C{replica} (a row of C{volume}'s) and its data on its host.
+
+        @raise zwrm.errors.Conflict: the volume's host drains, or another snapshot
+            operation on the volume is under way.
+        @raise zwrm.errors.Unavailable: its host cannot be asked (nothing changed).
+        """
+        self._host_usable(volume)  # a drain of its host may make it a snapshot
+        with self._operation(volume, "changed"):
+            await self._delete_replica(replica, "deleted on request")
+
+    async def _delete_replica(self, replica, reason, strict=True):
+        """
+        Delete C{replica}'s copy on its host, then its row. Not C{strict} (the volume is
+        destroyed): a host that cannot be asked keeps the file, which nothing lists any
+        more, and the row goes all the same.
+        """
+        try:
+            await self._replicas.call(replica["host_id"], "volume.snapshot_delete",
+                                      replica["volume_id"], replica["id"])
+        except errors.NotFound:
+            pass
+        except errors.ZwrmError as e:
+            if strict:
+                raise
+            reason = f"{reason}; its copy is left on {replica['host_id']}: {e.message}"
+        await self._data.volumes.delete_replica(replica, reason)

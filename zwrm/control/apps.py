@@ -108,6 +108,7 @@ class Apps:
         self.volumes = AppVolumes(clock, data, self.placements, self.replicas,
                                   host_state=hosts.state)
         hosts.on_reconciled.append(self.volumes.settle_snapshots)
+        hosts.on_reconciled.append(self.volumes.settle_replicas)
         self.converger = Converger(data, self.placements, self.replicas, self.volumes)
         self.rollout = Rollout(data, self.placements, self.replicas, self.converger,
                                self._images)
@@ -669,6 +670,41 @@ class Apps:
                 f"volume {volume['id']} was restored, but machine {row['id']} did not start "
                 f"again on {row['host_id']}: {await self._last_reason(row['id'])}")
         return dict(done, machine=machine_wire(row))
+
+    @wamp.register("zwrm.volume.replicate")
+    async def replicate_volume(self, volume_id, snapshot, host_id, keep=None):
+        """
+        Copy one of a volume's snapshots to another host, as a replica from which the
+        volume is recovered if its host is lost (C{zwrm.host.remove} with
+        C{recover_volumes}); with C{keep}, then delete the volume's oldest replicas on that
+        host until C{keep} are left.
+        """
+        volume = await self._volume(volume_id)
+        snap = await self._snapshot(volume, snapshot)
+        return await self.volumes.replicate(volume, snap, host_id, keep=keep)
+
+    @wamp.register("zwrm.volume.replicas")
+    async def list_replicas(self, volume_id=None, app=None):
+        """Replicas, of one volume or of one app's volumes, or all; oldest data first."""
+        if volume_id is not None:
+            return await self.data.volumes.find_replicas(
+                volume_id=(await self._volume(volume_id))["id"])
+        if app is not None:
+            return await self.data.volumes.find_replicas(app_id=(await self._app(app))["id"])
+        return await self.data.volumes.find_replicas()
+
+    @wamp.register("zwrm.volume.delete_replica")
+    async def delete_replica(self, volume_id, replica):
+        """Delete one replica of a volume and its data on its host."""
+        volume = await self._volume(volume_id)
+        if not isinstance(replica, str) or not replica:
+            raise errors.InvalidArgument("a replica id is needed", argument="replica")
+        row = await self.data.volumes.get_replica(replica)
+        if row is None or row["volume_id"] != volume["id"]:
+            raise errors.NotFound(f"volume {volume['id']} has no replica {replica!r}",
+                                  argument="replica")
+        await self.volumes.delete_replica(volume, row)
+        return row["id"]
 
     @wamp.register("zwrm.volume.delete_snapshot")
     async def delete_snapshot(self, volume_id, snapshot):

@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from zwrm import errors
-from zwrm.control.live_drain import Divert, LiveSteps
+from zwrm.control.live_drain import Divert, LiveSteps, snapshot_ids
 from zwrm.control.migration import Drain, Migration, Runner
 from zwrm.control.resources.drains import TOPIC as DRAIN_TOPIC
 from zwrm.control.resources.machines import LIVE, placement_request, volumes_size
@@ -349,6 +349,13 @@ class Drains(LiveSteps):
                     f"a snapshot or restore of volume {s['volume_id']} on host {host_id} is "
                     "under way: drain once it is done (zwrm volumes snapshots)")
             snapshots.setdefault(s["volume_id"], []).append(s["id"])
+        copying = {r["volume_id"] for r in await self._volumes.find_replicas()
+                   if r["state"] != "ready"}
+        for vol in await self._volumes.find(host_id=host_id) if copying else ():
+            if vol["id"] in copying:
+                raise errors.Conflict(
+                    f"a replica of volume {vol['id']} on host {host_id} is being copied: "
+                    "drain once it is done (zwrm volumes replicas)")
         machines = await self._machines.find(host_id=host_id, states=LIVE,
                                              order_by="created_at")
         # Then the machines that are down (stopped, failed) and have volumes: their data
@@ -845,7 +852,8 @@ class Drains(LiveSteps):
         done_before = 0
         endpoints = {}
         for vid in run.detail["volumes"]:
-            await self._clean_copy(target, vid)  # a copy an earlier rollback left there
+            # copies an earlier rollback left there
+            await self._clean_copy(target, vid, snapshot_ids(run, vid))
             sent_before, done_before = await self._copy_snapshots(
                 run, vid, sent_before, done_before, drain.row["options"]["poll"])
             token = await self._fresh_token(run, "tokens", vid)
@@ -1152,7 +1160,13 @@ class Drains(LiveSteps):
     async def _step_committing(self, drain, run):
         # The volumes move to the target (and with them the pin) with the migration's
         # phase, in one transaction; then each move is announced (volume_moved).
-        await self._drains.commit_volumes(run.row, list(run.detail["volumes"]))
+        # Replicas of them on the target become snapshots there (never a replica on its
+        # volume's host).
+        target = run.row["target_host"]
+        replicas = [r for vid in run.detail["volumes"]
+                    for r in await self._volumes.find_replicas(volume_id=vid, host_id=target)]
+        await self._drains.commit_volumes(run.row, list(run.detail["volumes"]),
+                                          replicas=replicas)
 
     async def _step_cleaning(self, drain, run):
         source = run.row["source_host"]
@@ -1228,8 +1242,10 @@ class Drains(LiveSteps):
             vrow = await self._volumes.get(vid)
             if vrow is not None and vrow["host_id"] == target:
                 continue  # committed: that copy is the volume
-            if not await self._clean_copy(target, vid):
-                leftovers.append({"host": target, "volume_id": vid})
+            snaps = snapshot_ids(run, vid)
+            if not await self._clean_copy(target, vid, snaps):
+                leftovers.append({"host": target, "volume_id": vid,
+                                  **({"snapshots": snaps} if snaps else {})})
         old = [x for x in run.detail.get("leftovers") or [] if x not in leftovers]
         await self._save_detail(run, leftovers=old + leftovers)
         if leftovers:
@@ -1289,10 +1305,12 @@ class Drains(LiveSteps):
                 state="failed")
             await self._replicas.remove_machine(rep)
 
-    async def _clean_copy(self, host, vid):
+    async def _clean_copy(self, host, vid, snapshots=()):
         """
-        Delete the copy of volume C{vid} on C{host}, and copies of its snapshots, unless
-        it is the volume (recorded on C{host}) or a migration under way is copying it there.
+        Delete the copy of volume C{vid} on C{host}, and those of its snapshots
+        C{snapshots} (ids: a migration's), unless it is the volume (recorded on C{host}).
+        Other snapshot files of the volume there (replicas, L{zwrm.control.app_volumes})
+        are left alone.
 
         @return: C{True} if no such copy is left there, C{False} if C{host} could not say.
         """
@@ -1300,10 +1318,14 @@ class Drains(LiveSteps):
         if vrow is not None and vrow["host_id"] == host:
             return True
         try:
-            if await self._volumes.find_snapshots(volume_id=vid):
-                await self._delete_snapshot_copies(host, vid)
+            for sid in snapshots:
+                try:
+                    await self._call(host, "volume.snapshot_delete", vid, sid)
+                except errors.NotFound:
+                    pass
             if await self._target_has(host, vid):
-                await self._call(host, "volume.delete", vid)
+                # (a replica of the volume there stays: it is not the copy's)
+                await self._call(host, "volume.delete", vid, keep_snapshots=True)
                 self.log.info("deleted the copy of volume {v} left on {h}", v=vid, h=host)
             return True
         except errors.NotFound:
@@ -1360,7 +1382,7 @@ class Drains(LiveSteps):
                 if (x["host"], x["volume_id"]) in busy:
                     continue  # a migration under way there cleans (or needs) it itself
                 if not self._reachable(x["host"]) or not await self._clean_copy(
-                        x["host"], x["volume_id"]):
+                        x["host"], x["volume_id"], x.get("snapshots") or []):
                     keep.append(x)
                     hosts.add(x["host"])
             if keep != row["detail"]["leftovers"]:

@@ -1,5 +1,6 @@
 """
-Removing a host from the cluster: C{zwrm.host.remove(host_id, forget_volumes=False)}.
+Removing a host from the cluster: C{zwrm.host.remove(host_id, forget_volumes=False,
+recover_volumes=False)}.
 
 A host is removed once it is gone: retired (drained, then its agent stopped) or lost for
 good.  So only an C{offline} host can be removed; a host that still heartbeats would only
@@ -7,8 +8,17 @@ join again (as Kubernetes' kubelet re-creates a deleted node and Nomad's client 
 one).  What goes with it, stored in one transaction (a removal that cannot be stored, the
 control plane's disk full, changes nothing), then announced:
 
- - the volumes that live only on it and their snapshots, when the operator gives their
-   data up (C{forget_volumes}); without it, a host holding volumes is refused, and nothing changes;
+ - with C{recover_volumes}, each of its volumes that has a replica on a ready host
+   (L{zwrm.control.app_volumes}) is made again there from its newest replica (that host's
+   agent copies the replica into the volume and verifies it, before anything is stored;
+   a failure undoes the copies made and changes nothing): the volume's row moves there,
+   and its replicas there become its snapshots (C{volume_recovered}); the data written
+   since that replica's snapshot is lost with the host;
+ - the volumes that live only on it (none recovered) and their snapshots, when the
+   operator gives their data up (C{forget_volumes}); without it, a host holding such
+   volumes is refused, and nothing changes; the replicas of forgotten volumes on other
+   hosts go too;
+ - the replicas it kept of other hosts' volumes;
  - its row and credential (C{zwrm.event.host} C{removed}): its agent is refused from then
    on, and the scheduler, the cluster network's hosts list (the other hosts' overlay
    peers) and the partition guard's count of its datacenter drop it; a reset's permission
@@ -16,7 +26,8 @@ control plane's disk full, changes nothing), then announced:
  - its subnet and its machines' addresses (L{zwrm.control.network.ClusterNetwork.forgetting}).
 
 Then the replicas whose machines failed with it are placed again elsewhere, as the healer
-does after a host loss, also those whose volumes were given up (with new, empty volumes),
+does after a host loss (those whose volumes were recovered, on their volumes' new host),
+also those whose volumes were given up (with new, empty volumes),
 except those of an app being destroyed (whose destroy then goes on without the host);
 the rows of machines that stopped there stay, as history, until their app's next deploy.
 
@@ -30,7 +41,7 @@ from twisted.logger import Logger
 
 from zwrm import errors
 from zwrm.control.registry import MAY_RUN_STATES
-from zwrm.control.resources.volumes import SNAPSHOTS_TABLE
+from zwrm.control.resources.volumes import REPLICAS_TABLE, SNAPSHOTS_TABLE, replica_as_snapshot
 from zwrm.control.tokens import rejoin_forgetting
 
 
@@ -62,11 +73,14 @@ class HostRemoval:
         self._drop_session = drop_session
         self._removing = set()
 
-    async def remove(self, host_id, forget_volumes=False):
+    async def remove(self, host_id, forget_volumes=False, recover_volumes=False):
         """
         Remove the offline host C{host_id}.
 
-        @return: C{{"host_id", "volumes_forgotten": [volume ids], "rescheduled": [{app,
+        @param recover_volumes: make its volumes again from their newest replicas on other
+            hosts (those without one are refused, unless C{forget_volumes}).
+        @return: C{{"host_id", "volumes_forgotten": [volume ids], "volumes_recovered":
+            [{volume_id, host_id, replica_id, snapshot, taken_at}], "rescheduled": [{app,
             replicas}], "not_placed": [{app, replicas, error}]}}.
         @raise zwrm.errors.NotFound: no such host.
         @raise zwrm.errors.Conflict: it cannot go now (the message says why and what to do);
@@ -77,17 +91,35 @@ class HostRemoval:
             raise errors.Conflict(f"host {host_id} is being removed already")
         self._removing.add(host_id)
         try:
-            return await self._remove(host_id, entry, forget_volumes)
+            return await self._remove(host_id, entry, forget_volumes, recover_volumes)
         finally:
             self._removing.discard(host_id)
 
-    async def _remove(self, host_id, entry, forget_volumes):
-        volumes = await self._check(host_id, entry, forget_volumes)
+    async def _remove(self, host_id, entry, forget_volumes, recover_volumes):
+        volumes = await self._check(host_id, entry, forget_volumes, recover_volumes)
+        recovery = await self._recovery(host_id, volumes) if recover_volumes else {}
+        volumes = [v for v in volumes if v["id"] not in recovery]
+        try:
+            return await self._store_removal(host_id, volumes, recovery)
+        except BaseException:
+            await self._undo(recovery)  # nothing stored: the copies made go
+            raise
+
+    async def _store_removal(self, host_id, volumes, recovery):
         given_up = f"host {host_id} was removed and the volume's data given up with it"
         network = self._apps.network
-        snapshots = await self._data.volumes.find_snapshots(host_id=host_id)
+        vdata = self._data.volumes
+        snapshots = await vdata.find_snapshots(host_id=host_id)
+        forgotten = {v["id"] for v in volumes}
+        # The replicas it kept, and those of the volumes given up (kept elsewhere).
+        replicas = [r for r in await vdata.find_replicas()
+                    if r["host_id"] == host_id or r["volume_id"] in forgotten]
         changes = [self._data.store.deleting(SNAPSHOTS_TABLE, s["id"]) for s in snapshots]
+        changes += [self._data.store.deleting(REPLICAS_TABLE, r["id"]) for r in replicas]
         changes += [self._data.store.deleting("volumes", v["id"]) for v in volumes]
+        recovered = {}
+        for vol, rep, others in recovery.values():
+            changes.append(self._recovering(host_id, vol, rep, others, recovered))
         if self._pki is not None:
             changes.append(rejoin_forgetting(host_id))  # a reset's permission goes with it
         changes.append(network.forgetting(host_id))
@@ -98,24 +130,106 @@ class HostRemoval:
 
         await self._data.hosts.remove(
             host_id, "removed by an operator", along=along,
-            along_events=[(self._data.volumes, "volume_snapshot_destroyed", s["volume_id"],
-                           self._data.volumes.snapshot_payload(dict(s, state="destroyed"),
-                                                               given_up))
+            along_events=[(vdata, "volume_snapshot_destroyed", s["volume_id"],
+                           vdata.snapshot_payload(dict(s, state="destroyed"), given_up
+                                                  if s["volume_id"] not in recovery else
+                                                  f"host {host_id} was removed; the volume "
+                                                  "was recovered from its replica"))
                           for s in snapshots]
-            + [(self._data.volumes, "volume_destroyed", v["id"],
-                self._data.volumes.destroyed_payload(v, given_up))
-               for v in volumes])
+            + [(vdata, "volume_replica_destroyed", r["volume_id"],
+                vdata.replica_destroyed_payload(
+                    r, f"host {host_id} was removed" if r["host_id"] == host_id else given_up))
+               for r in replicas]
+            + [(vdata, "volume_destroyed", v["id"], vdata.destroyed_payload(v, given_up))
+               for v in volumes]
+            + [(vdata, "volume_recovered", vid,
+                lambda _, vid=vid, rep=rep: vdata.recovered_payload(
+                    recovered[vid], host_id, rep,
+                    f"host {host_id} was removed: made again on {rep['host_id']} from its "
+                    f"replica of snapshot {rep['name']}"))
+               for vid, (_, rep, _) in recovery.items()])
         network.forgot(host_id)
         if self._drop_session is not None:
             self._drop_session(host_id, "host removed from the cluster")
-        self.log.info("host {host_id} removed{v}", host_id=host_id,
-                      v=f" with volumes {_listed(v['id'] for v in volumes)}" if volumes else "")
+        self.log.info("host {host_id} removed{v}{r}", host_id=host_id,
+                      v=f" with volumes {_listed(v['id'] for v in volumes)}" if volumes else "",
+                      r=f"; volumes {_listed(recovery)} recovered from their replicas"
+                      if recovery else "")
         rescheduled, not_placed = await self._reschedule(host_id)
         return {"host_id": host_id, "volumes_forgotten": [v["id"] for v in volumes],
+                "volumes_recovered": [
+                    {"volume_id": vid, "host_id": rep["host_id"], "replica_id": rep["id"],
+                     "snapshot": rep["name"], "taken_at": rep["taken_at"]}
+                    for vid, (_, rep, _) in recovery.items()],
                 "rescheduled": rescheduled, "not_placed": not_placed}
 
-    async def _check(self, host_id, entry, forget_volumes):
-        """@return: the volumes on the host (to forget). @raise errors.Conflict: see L{remove}."""
+    async def _recovery(self, host_id, volumes):
+        """
+        Make each of C{volumes} again on the host of its newest ready replica (a ready
+        host), its agent copying the replica into the volume and verifying it. A failure
+        deletes the volumes made so far and is raised: nothing changed.
+
+        @return: C{{volume id: (volume row, replica row, the volume's other replicas on
+            that host)}}, the volumes made again (those with a replica).
+        """
+        out = {}
+        try:
+            for vol in volumes:
+                reps = [r for r in await self._data.volumes.find_replicas(volume_id=vol["id"])
+                        if r["state"] == "ready" and r["host_id"] != host_id
+                        and self._ready(r["host_id"])]
+                if not reps:
+                    continue
+                rep = reps[-1]  # the newest data
+                await self._apps.replicas.call(rep["host_id"], "volume.recover", vol["id"],
+                                               rep["id"])
+                others = [r for r in reps if r["host_id"] == rep["host_id"] and r is not rep]
+                out[vol["id"]] = (vol, rep, others)
+                self.log.info("volume {v} of lost host {h} recovered on {t} from its replica "
+                              "of snapshot {s}", v=vol["id"], h=host_id, t=rep["host_id"],
+                              s=rep["name"])
+        except BaseException:
+            await self._undo(out)
+            raise
+        return out
+
+    def _ready(self, host_id):
+        try:
+            return self._registry.state(host_id) == "ready"
+        except errors.NotFound:
+            return False
+
+    async def _undo(self, recovery):
+        """Delete the volumes L{_recovery} made (their replicas stay)."""
+        for vid, (_, rep, _) in recovery.items():
+            try:
+                await self._apps.replicas.call(rep["host_id"], "volume.delete", vid,
+                                               keep_snapshots=True)
+            except Exception as e:
+                self.log.warn("volume {v} made on {h} from its replica is left there (its "
+                              "recovery was not stored): {e}", v=vid, h=rep["host_id"],
+                              e=getattr(e, "message", e))
+
+    def _recovering(self, host_id, vol, rep, others, recovered):
+        """
+        The change that moves volume C{vol} to its replica C{rep}'s host, its replicas
+        there made its snapshots (C{recovered[volume id]}: its row, once done).
+        """
+        def change(db):
+            db["volumes"].update(vol["id"], {"host_id": rep["host_id"]})
+            for r in [*others, rep]:  # oldest data first, as they were listed
+                replica_as_snapshot(db, r, f"recovered: the replica of snapshot {r['name']} "
+                                           f"it was made from after host {host_id} was lost"
+                                    if r is rep else f"a replica of snapshot {r['name']} on "
+                                    f"{rep['host_id']}, where it was recovered")
+            recovered[vol["id"]] = db["volumes"].get(vol["id"])
+        return change
+
+    async def _check(self, host_id, entry, forget_volumes, recover_volumes=False):
+        """
+        @return: the volumes on the host (to recover or forget).
+        @raise errors.Conflict: see L{remove}.
+        """
         state = entry.machine.state
         if state != "offline":
             how = ("Cancel its drain (`zwrm host undrain`) or let it finish" if state == "draining"
@@ -141,10 +255,22 @@ class HostRemoval:
                 f"machines {named} are recorded on host {host_id}: wait until they are failed"
                 " or destroy them first")
         volumes = await self._data.volumes.find(host_id=host_id, order_by="id")
-        if volumes and not forget_volumes:
+        if recover_volumes and not forget_volumes:
+            alone = []
+            for v in volumes:
+                if not any(r["state"] == "ready" and self._ready(r["host_id"]) for r in
+                           await self._data.volumes.find_replicas(volume_id=v["id"])):
+                    alone.append(v["id"])
+            if alone:
+                raise errors.Conflict(
+                    f"volumes {_listed(alone)} of host {host_id} have no replica on a ready"
+                    " host: their data is only there. Bring the host back and drain it, or"
+                    " add forget_volumes (`--forget-volumes`) to give that data up")
+        elif volumes and not forget_volumes:
             raise errors.Conflict(
                 f"host {host_id} holds volumes {_listed(v['id'] for v in volumes)}: their data"
-                " is only there. Bring the host back and drain it to move them, or remove it"
+                " is only there. Bring the host back and drain it to move them, recover them"
+                " from their replicas (`zwrm host remove --recover-volumes`), or remove it"
                 " with forget_volumes (`zwrm host remove --forget-volumes`) to give that data"
                 " up")
         return volumes

@@ -140,6 +140,11 @@ def _source_done(st):
     return st.get("state") == "completed" or hv.get("runstate") == "postmigrate"
 
 
+def snapshot_ids(run, vid):
+    """The ids of the snapshots of volume C{vid} that migration C{run} moves."""
+    return list((run.detail.get("snapshots") or {}).get(vid) or ())
+
+
 class LiveSteps:
     """The live phases' steps and the choice of mode (a mixin of L{Drains})."""
 
@@ -361,7 +366,8 @@ class LiveSteps:
         run.placement = None  # the apps layer releases it with the machine from now on
         sent = done = 0
         for vid in run.detail["volumes"]:
-            await self._clean_copy(target, vid)  # a copy an earlier rollback left there
+            # copies an earlier rollback left there
+            await self._clean_copy(target, vid, snapshot_ids(run, vid))
             # Its snapshots first, streamed as a cold move's are (the mirror moves only
             # the volume); a failure rolls the migration back.
             sent, done = await self._copy_snapshots(run, vid, sent, done, poll)

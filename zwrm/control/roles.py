@@ -36,6 +36,7 @@ VIEWER_PROCEDURES = [
     "zwrm.machine.status",
     "zwrm.volume.list",
     "zwrm.volume.snapshots",
+    "zwrm.volume.replicas",
     "zwrm.image.list",
     "zwrm.cluster.info",
     "zwrm.cluster.partitions",

@@ -484,10 +484,16 @@ PROCEDURES = {p.uri: p for p in [
         " addresses; the replicas that failed with it are placed again elsewhere.",
         [_HOST, Arg("forget_volumes", Bool(), False,
                     "also delete the records of the volumes that live on it (their data is"
-                    " given up; their replicas get new, empty volumes)")],
-        "{host_id, volumes_forgotten, rescheduled: [{app, replicas}], not_placed: [{app,"
+                    " given up; their replicas get new, empty volumes)"),
+         Arg("recover_volumes", Bool(), False,
+             "make each of its volumes again on the host of its newest replica"
+             " (zwrm.volume.replicate), verified, before anything is stored; volumes without"
+             " one are refused unless forget_volumes")],
+        "{host_id, volumes_forgotten, volumes_recovered: [{volume_id, host_id, replica_id,"
+        " snapshot, taken_at}], rescheduled: [{app, replicas}], not_placed: [{app,"
         " replicas, error}]}",
-        ["invalid_argument", "not_found", "conflict"]),
+        ["invalid_argument", "not_found", "conflict", "unavailable (a recovery failed:"
+         " nothing changed)", "resource_exhausted (no room for a recovered volume)"]),
     Procedure(
         "zwrm.host.drain", OPERATOR,
         "Start draining a host: move each of its machines to a host the scheduler picks.",
@@ -670,6 +676,38 @@ PROCEDURES = {p.uri: p for p in [
                "resource_exhausted (no room on its host)",
                "unavailable (the copy differed: nothing changed; restart: the machine did not"
                " start again)"]),
+    Procedure("zwrm.volume.replicate", OPERATOR,
+              "Copy one of a volume's snapshots to another host, as a replica: if the"
+              " volume's host is lost, zwrm.host.remove with recover_volumes makes the volume"
+              " again there from its newest replica.",
+              [Arg("volume_id", ID, doc="the volume's id"),
+               Arg("snapshot", ID, doc="the snapshot's name or id"),
+               Arg("host_id", ID, doc="the host to keep the replica (a ready host, not the"
+                   " volume's)"),
+               Arg("keep", Nullable(Int(1, 1000)), None, "then delete the volume's oldest"
+                   " replicas on that host until this many are left")],
+              "the replica: {id, volume_id, app_id, host_id, snapshot_id, name, state,"
+              " size_bytes, allocated_bytes, taken_at, reason, created_at, pruned: [the"
+              " replicas deleted for keep]}",
+              ["invalid_argument", "not_found (volume_id, snapshot, host_id)",
+               "conflict (the host is the volume's or not ready, it has a replica of that"
+               " snapshot, the volume's host drains, or another snapshot operation on it is"
+               " under way)", "resource_exhausted (no room on that host)",
+               "unavailable (a host cannot be reached, or the copy failed its verification:"
+               " nothing kept)"]),
+    Procedure("zwrm.volume.replicas", READ,
+              "Replicas of one volume, of one app's volumes, or all; oldest data first.",
+              [Arg("volume_id", Nullable(ID), None, "only this volume's"),
+               Arg("app", Nullable(NAME), None, "only this app's")],
+              "a list of replicas", ["invalid_argument", "not_found"]),
+    Procedure("zwrm.volume.delete_replica", OPERATOR,
+              "Delete one replica of a volume and its data on its host.",
+              [Arg("volume_id", ID, doc="the volume's id"),
+               Arg("replica", ID, doc="the replica's id")],
+              "the replica's id",
+              ["invalid_argument", "not_found (volume_id, replica)",
+               "conflict (the volume's host drains, or another snapshot operation on it is"
+               " under way)", "unavailable (its host cannot be reached: nothing changed)"]),
     Procedure("zwrm.volume.delete_snapshot", OPERATOR, "Delete one snapshot and its data.",
               [Arg("volume_id", ID, doc="the volume's id"),
                Arg("snapshot", ID, doc="the snapshot's name or id")],

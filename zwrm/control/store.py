@@ -139,7 +139,12 @@ def _v12(db):
     volumes.schema_v12(db)
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12]
+def _v13(db):
+    """Schema version 13: the volumes' replicas on other hosts (L{volumes.schema_v13})."""
+    volumes.schema_v13(db)
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13]
 """Schema migrations, in order; append, never edit."""
 
 JSON_COLUMNS = {

@@ -31,7 +31,7 @@ import json
 
 from zwrm import errors
 from zwrm.control.resources import Resource, store_with_events, update_method
-from zwrm.control.resources.volumes import SNAPSHOTS_TABLE
+from zwrm.control.resources.volumes import SNAPSHOTS_TABLE, replica_as_snapshot
 from zwrm.drain_phases import DRAIN_STATES, LIVE_PHASES, MIGRATION_PHASES
 
 TOPIC = "zwrm.event.drain"
@@ -239,19 +239,26 @@ class Drains(Resource):
         return row
 
     @update_method
-    async def commit_volumes(self, row, volume_ids, reason="committed"):
+    async def commit_volumes(self, row, volume_ids, reason="committed", replicas=()):
         """
-        Move C{volume_ids} to the migration's target and store its phase C{committing},
-        in one transaction; then announce the phase (C{migration}) and each volume's move
-        (C{volume_moved}, by the volumes resource).
+        Move C{volume_ids} to the migration's target, with their snapshots, and store its
+        phase C{committing}, in one transaction; then announce the phase (C{migration})
+        and each volume's move (C{volume_moved}, by the volumes resource).
 
+        @param replicas: the rows of the volumes' replicas on the target: there they
+            become snapshots of their volumes (C{volume_snapshot}, L{replica_as_snapshot}).
         @raise zwrm.errors.NotFound: a volume has no row.
         """
         target, source = row["target_host"], row["source_host"]
         now = self._clock.seconds()
+        converted = {}
 
         def commit(db):
             moved = {}
+            for rep in replicas:
+                converted[rep["id"]] = replica_as_snapshot(
+                    db, rep, f"the replica of snapshot {rep['name']} on {target}, where the "
+                             "volume moved")
             for vid in volume_ids:
                 if db.execute("SELECT 1 FROM volumes WHERE id = ?", [vid]).fetchone() is None:
                     raise errors.NotFound(f"no volume {vid!r}")
@@ -274,6 +281,11 @@ class Drains(Resource):
                 (self._volumes, "volume_moved", vid,
                  lambda moved, vid=vid: self._volumes.moved_payload(moved[vid], source))
                 for vid in volume_ids)
+            events.extend(
+                (self._volumes, "volume_snapshot", rep["volume_id"],
+                 lambda _, rid=rep["id"]: self._volumes.snapshot_payload(
+                     converted[rid], converted[rid]["reason"]))
+                for rep in replicas)
         await store_with_events(self._store, commit, events)
         row.update(phase="committing", updated_at=now)
         return row

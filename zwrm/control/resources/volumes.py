@@ -21,6 +21,20 @@ row, C{snapshot_id}, C{volume_id} and C{reason}:
  - C{volume_snapshot_destroyed}: deleted with its data;
  - C{volume_restored} (subject and payload: the volume's, with C{snapshot_id} restored and
    C{kept}, the snapshot now holding what the volume held).
+
+Replicas (the C{volume_replicas} table, C{id, volume_id, app_id, host_id, snapshot_id,
+name, state, size_bytes, allocated_bytes, taken_at, reason, created_at}): copies of a
+volume's snapshots kept on other hosts (C{host_id}), each a snapshot file there
+(C{<volumes>/snapshots/<volume>/<replica id>.img}), from which the volume is recovered
+when its host is lost (L{zwrm.control.host_removal}); C{snapshot_id} and C{name} are the
+snapshot's it copies, C{taken_at} when that was taken. Their events, with the replica's
+row, C{replica_id}, C{volume_id} and C{reason}:
+
+ - C{volume_replica}: stored (C{creating}, before the copy) or ready;
+ - C{volume_replica_failed}: the copy failed and the row was removed;
+ - C{volume_replica_destroyed}: deleted with its data (or forgotten with its host);
+ - C{volume_recovered} (subject and payload: the volume's, with C{from}, the lost host,
+   and C{replica}, the row it was recovered from, now one of its snapshots).
 """
 
 from zwrm.control.resources import Resource, update_method
@@ -32,6 +46,7 @@ TABLE = "volumes"
 JSON_COLUMNS = ()
 """Columns stored as JSON text (none)."""
 SNAPSHOTS_TABLE = "volume_snapshots"
+REPLICAS_TABLE = "volume_replicas"
 
 
 def schema_v1(db):
@@ -79,6 +94,53 @@ def schema_v12(db):
     db[SNAPSHOTS_TABLE].create_index(["host_id"])
 
 
+def schema_v13(db):
+    """Schema version 13: the replicas of the volumes' snapshots on other hosts."""
+    db[REPLICAS_TABLE].create(
+        {
+            "id": str,
+            "volume_id": str,
+            "app_id": str,
+            "host_id": str,
+            "snapshot_id": str,
+            "name": str,
+            "state": str,
+            "size_bytes": int,
+            "allocated_bytes": int,
+            "taken_at": float,
+            "reason": str,
+            "created_at": float,
+        },
+        pk="id",
+    )
+    db[REPLICAS_TABLE].create_index(["volume_id"])
+    db[REPLICAS_TABLE].create_index(["host_id"])
+
+
+def replica_as_snapshot(db, replica, reason):
+    """
+    In a transaction on C{db}: make C{replica} (a row) a snapshot of its volume, which now
+    lives on the replica's host (a drain moved it there, or it was recovered there): its
+    file is one of the volume's snapshots there already. It keeps its id and the name of
+    the snapshot it copied (with C{-2}, C{-3}... if the volume has a snapshot of that name).
+
+    @return: the snapshot's row.
+    """
+    taken = {r[0] for r in db.execute(f"SELECT name FROM {SNAPSHOTS_TABLE} WHERE volume_id = ?",
+                                      [replica["volume_id"]])}
+    name, n = replica["name"], 1
+    while name in taken:
+        n += 1
+        name = f"{replica['name'][:58]}-{n}"
+    row = {"id": replica["id"], "volume_id": replica["volume_id"], "app_id": replica["app_id"],
+           "host_id": replica["host_id"], "name": name, "state": "ready", "live": False,
+           "size_bytes": replica["size_bytes"], "allocated_bytes": replica["allocated_bytes"],
+           "reason": reason, "created_at": replica["taken_at"]}
+    db[SNAPSHOTS_TABLE].insert(row)
+    db[REPLICAS_TABLE].delete(replica["id"])
+    return row
+
+
 def wire(row):
     """The wire form of a volume: its row."""
     return dict(row)
@@ -123,6 +185,21 @@ class Volumes(Resource):
         for r in rows:
             r["live"] = bool(r["live"])
         return rows
+
+    def get_replica(self, replica_id):
+        """The row of replica C{replica_id}, or L{None} (a Deferred)."""
+        return self._store.get(REPLICAS_TABLE, replica_id)
+
+    async def find_replicas(self, volume_id=None, app_id=None, host_id=None, snapshot_id=None):
+        """The replicas matching every criterion given, oldest data first."""
+        where, args = [], []
+        for col, value in (("volume_id", volume_id), ("app_id", app_id),
+                           ("host_id", host_id), ("snapshot_id", snapshot_id)):
+            if value is not None:
+                where.append(f"{col} = ?")
+                args.append(value)
+        return await self._store.select(REPLICAS_TABLE, " AND ".join(where) or None, args,
+                                        order_by="taken_at, created_at, rowid")
 
     # -- update methods ---------------------------------------------------------------
 
@@ -242,3 +319,56 @@ class Volumes(Resource):
                                     "volume_restored", volume["id"], payload)
         kept.update(fields)
         return kept
+
+    # -- replicas ---------------------------------------------------------------------
+
+    def replica_payload(self, row, reason):
+        """The payload of a replica's events: its row with C{replica_id} and C{reason}."""
+        return dict(row, replica_id=row["id"], reason=reason)
+
+    @update_method
+    async def add_replica(self, row):
+        """Store a new replica row (C{creating}) with its event C{volume_replica}."""
+        await self.store_with_event(self._store.inserting(REPLICAS_TABLE, row),
+                                    "volume_replica", row["volume_id"],
+                                    self.replica_payload(row, "creating"))
+        return row
+
+    @update_method
+    async def replica_made(self, row, info):
+        """
+        Store that the replica's host holds its verified copy (C{info}: its C{size_bytes},
+        C{allocated_bytes}; C{row} is updated in place); event C{volume_replica}.
+        """
+        fields = {"state": "ready", "size_bytes": info["size_bytes"],
+                  "allocated_bytes": info["allocated_bytes"]}
+        await self.store_with_event(self._store.updating(REPLICAS_TABLE, row["id"], fields),
+                                    "volume_replica", row["volume_id"],
+                                    self.replica_payload(dict(row, **fields), "ready"))
+        row.update(fields)
+        return row
+
+    @update_method
+    async def replica_failed(self, row, reason):
+        """Remove the row of a replica that was not made; event C{volume_replica_failed}."""
+        await self.store_with_event(self._store.deleting(REPLICAS_TABLE, row["id"]),
+                                    "volume_replica_failed", row["volume_id"],
+                                    self.replica_payload(dict(row, state="failed"), reason))
+
+    @update_method
+    async def delete_replica(self, row, reason="destroyed"):
+        """Delete the replica's row (its data is gone); event C{volume_replica_destroyed}."""
+        await self.store_with_event(self._store.deleting(REPLICAS_TABLE, row["id"]),
+                                    "volume_replica_destroyed", row["volume_id"],
+                                    self.replica_destroyed_payload(row, reason))
+
+    def replica_destroyed_payload(self, row, reason):
+        """The payload of event C{volume_replica_destroyed} (also a host removal's)."""
+        return self.replica_payload(dict(row, state="destroyed"), reason)
+
+    def recovered_payload(self, row, lost_host, replica, reason):
+        """
+        The payload of event C{volume_recovered}: the volume C{row} (its new host's) was
+        made from C{replica} after C{lost_host} was removed (L{zwrm.control.host_removal}).
+        """
+        return self._payload(row, reason, replica=dict(replica), **{"from": lost_host})

@@ -1,0 +1,282 @@
+"""
+Replicas of volume snapshots on other hosts (C{zwrm.volume.replicate|replicas|
+delete_replica}) and the recovery of a lost host's volumes from them (C{zwrm.host.remove}
+with C{recover_volumes}): the apps layer over a real store and the agents' real executors,
+volume stores and volume streams (TLS between them; fake hypervisors), as
+tests/control/test_drain.py builds them.
+"""
+
+import os
+
+from twisted.internet.defer import Deferred, ensureDeferred, fail
+from twisted.trial.unittest import TestCase
+
+from tests.control.test_apps import d
+from tests.control.test_drain import DrainCluster, MiB, drain_and_wait, sha, write_known
+from tests.control.test_healing import poll
+from zwrm import errors
+from zwrm.control.host_removal import HostRemoval
+
+VOLUMES = [{"name": "data", "size_mb": 32, "mount": "/data"}]
+
+
+class ReplicaTests(TestCase):
+    timeout = 120
+
+    async def cluster(self, volumes=VOLUMES, hosts=("h-a", "h-b")):
+        c = await DrainCluster(self).start(hosts=hosts)
+        self.addCleanup(c.drains.stop)
+        c.removal = HostRemoval(c.registry, c.apps, c.drains)
+        await c.apps.create_app("db")
+        others = [h for h in hosts if h != "h-a"]
+        for h in others:  # placed on h-a: the other hosts are drained meanwhile
+            await c.registry.transition(h, "drain_requested")
+            await c.registry.transition(h, "drain_finished")
+        (m,) = (await c.apps.deploy("db", c.spec(volumes=volumes)))["machines"]
+        for h in others:
+            await c.registry.transition(h, "activate_requested")
+        c.src, c.dst, c.vids = "h-a", "h-b", m["volumes"]
+        c.vid = c.vids[0]
+        await poll(lambda: self.running(c), what="db running")
+        return c
+
+    async def running(self, c, host="h-a"):
+        return [(m["state"], m["host_id"]) for m in await c.machines("db")] == [
+            ("running", host)]
+
+    def replica_file(self, c, host, replica):
+        return os.path.join(c.store_of(host).snapshots_root, replica["volume_id"],
+                            replica["id"] + ".img")
+
+    def events(self, c, kind):
+        return [e for t, e in c.published if t == "zwrm.event.machine" and e["kind"] == kind]
+
+    @d
+    async def test_a_snapshot_is_replicated_to_another_host_and_deleted_there(self):
+        c = await self.cluster()
+        write_known(c.store_of(c.src).path(c.vid), "first")
+        snap = await c.apps.snapshot_volume(c.vid, "one")
+        data = sha(c.store_of(c.src).snapshot_info(c.vid, snap["id"])["path"])
+
+        rep = await c.apps.replicate_volume(c.vid, "one", c.dst)
+        self.assertEqual((rep["volume_id"], rep["host_id"], rep["snapshot_id"], rep["name"],
+                          rep["state"], rep["taken_at"], rep["pruned"]),
+                         (c.vid, c.dst, snap["id"], "one", "ready", snap["created_at"], []))
+        path = self.replica_file(c, c.dst, rep)
+        self.assertEqual(sha(path), data)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.assertEqual(os.stat(os.path.dirname(path)).st_mode & 0o777, 0o700)
+        self.assertGreater(rep["allocated_bytes"], 0)
+        self.assertFalse(c.store_of(c.dst).exists(c.vid))  # a copy, not the volume
+        self.assertEqual([r["id"] for r in await c.apps.list_replicas(c.vid)], [rep["id"]])
+        self.assertEqual([r["id"] for r in await c.apps.list_replicas(app="db")], [rep["id"]])
+        self.assertEqual([e["payload"]["reason"] for e in self.events(c, "volume_replica")],
+                         ["creating", "ready"])
+
+        # kept: the last 2 on that host
+        for name in ("two", "three"):
+            await c.apps.snapshot_volume(c.vid, name)
+            last = await c.apps.replicate_volume(c.vid, name, c.dst, keep=2)
+        self.assertEqual([p["name"] for p in last["pruned"]], ["one"])
+        self.assertFalse(os.path.exists(path))
+        self.assertEqual([r["name"] for r in await c.apps.list_replicas(c.vid)],
+                         ["two", "three"])
+
+        gone = await c.apps.delete_replica(c.vid, last["id"])
+        self.assertEqual(gone, last["id"])
+        self.assertFalse(os.path.exists(self.replica_file(c, c.dst, last)))
+        self.assertEqual([r["name"] for r in await c.apps.list_replicas(c.vid)], ["two"])
+        # the volume destroyed: its replicas go with it, on their host too
+        await c.apps.scale("db", 0)
+        await c.apps.destroy_volume(c.vid)
+        self.assertEqual(await c.apps.list_replicas(), [])
+        self.assertEqual(c.store_of(c.dst).snapshots(), [])
+
+    @d
+    async def test_bad_requests_change_nothing(self):
+        c = await self.cluster()
+        await c.apps.snapshot_volume(c.vid, "one")
+        await c.apps.replicate_volume(c.vid, "one", c.dst)
+        for args, error, text in (
+                ((c.vid, "one", c.src), errors.Conflict, f"volume {c.vid} is on host h-a"),
+                ((c.vid, "one", c.dst), errors.Conflict, "has a replica of snapshot one"),
+                ((c.vid, "one", "h-x"), errors.NotFound, "no host 'h-x'"),
+                ((c.vid, "two", c.dst), errors.NotFound, "has no snapshot 'two'"),
+                (("v-nope", "one", c.dst), errors.NotFound, "no volume 'v-nope'"),
+                ((c.vid, "one", None), errors.InvalidArgument, "a host to copy it to")):
+            with self.assertRaises(error) as e:
+                await c.apps.replicate_volume(*args)
+            self.assertIn(text, e.exception.message)
+        with self.assertRaises(errors.InvalidArgument):
+            await c.apps.replicate_volume(c.vid, "one", c.dst, keep=0)
+        await c.registry.transition(c.dst, "drain_requested")
+        await c.apps.snapshot_volume(c.vid, "two")
+        with self.assertRaises(errors.Conflict) as e:
+            await c.apps.replicate_volume(c.vid, "two", c.dst)
+        self.assertIn("h-b is draining: replicas go to a ready host", e.exception.message)
+        with self.assertRaises(errors.NotFound):
+            await c.apps.delete_replica(c.vid, "r-nope")
+        self.assertEqual(len(await c.apps.list_replicas()), 1)
+        self.assertEqual(len(c.store_of(c.dst).snapshots()), 1)
+
+    @d
+    async def test_a_copy_that_fails_keeps_nothing(self):
+        c = await self.cluster()
+        await c.apps.snapshot_volume(c.vid, "one")
+        procs = c.executors[c.src][1]
+        send = procs["volume.send"]
+        procs["volume.send"] = lambda *a, **kw: fail(errors.Unavailable("cut off (test)"))
+        with self.assertRaises(errors.Unavailable):
+            await c.apps.replicate_volume(c.vid, "one", c.dst)
+        self.assertEqual(await c.apps.list_replicas(), [])
+        self.assertEqual(c.store_of(c.dst).snapshots(), [])
+        self.assertEqual(c.transfers[c.dst].receiver._transfers, {})  # its token cancelled
+        [failed] = self.events(c, "volume_replica_failed")
+        self.assertIn("cut off (test)", failed["payload"]["reason"])
+        procs["volume.send"] = send
+        await c.apps.replicate_volume(c.vid, "one", c.dst)  # again, once it can
+
+    @d
+    async def test_a_lost_host_s_volume_is_recovered_from_its_newest_replica(self):
+        c = await self.cluster()
+        vol = c.store_of(c.src).path(c.vid)
+        write_known(vol, "old")
+        await c.apps.snapshot_volume(c.vid, "one")
+        await c.apps.replicate_volume(c.vid, "one", c.dst)
+        newest = write_known(vol, "newest")
+        await c.apps.snapshot_volume(c.vid, "two")
+        rep = await c.apps.replicate_volume(c.vid, "two", c.dst)
+        write_known(vol, "lost with the host", offsets=(9 * MiB,))
+
+        await c.registry.mark_offline(c.src)
+        result = await c.removal.remove(c.src, recover_volumes=True)
+        self.assertEqual(result["volumes_forgotten"], [])
+        self.assertEqual(result["volumes_recovered"], [
+            {"volume_id": c.vid, "host_id": c.dst, "replica_id": rep["id"], "snapshot": "two",
+             "taken_at": rep["taken_at"]}])
+        self.assertEqual(result["rescheduled"], [{"app": "db", "replicas": [0]}])
+        # the volume is on h-b with the data of its newest replica
+        self.assertEqual((await c.store.get("volumes", c.vid))["host_id"], c.dst)
+        self.assertEqual(sha(c.store_of(c.dst).path(c.vid)), newest)
+        # its replicas there are its snapshots now; none is a replica any more
+        self.assertEqual(await c.apps.list_replicas(), [])
+        snaps = await c.apps.list_snapshots(c.vid)
+        self.assertEqual([(s["name"], s["host_id"], s["state"]) for s in snaps],
+                         [("one", c.dst, "ready"), ("two", c.dst, "ready")])
+        self.assertEqual(sorted(s["id"] for s in c.store_of(c.dst).snapshots(c.vid)),
+                         sorted(s["id"] for s in snaps))
+        [event] = self.events(c, "volume_recovered")
+        self.assertEqual((event["subject"], event["payload"]["from"],
+                          event["payload"]["replica"]["id"]), (c.vid, c.src, rep["id"]))
+        # the replica runs again, on h-b, with that volume
+        await poll(lambda: self.running(c, c.dst), what="db running on h-b")
+        [m] = await c.machines("db")
+        self.assertEqual(c.store_of(c.dst).in_use(c.vid), m["id"])
+        # and a snapshot restores there
+        await c.apps.scale("db", 0)
+        await c.apps.restore_volume(c.vid, "one")
+
+    @d
+    async def test_a_recovery_that_fails_changes_nothing(self):
+        c = await self.cluster(volumes=VOLUMES + [{"name": "logs", "size_mb": 8,
+                                                   "mount": "/logs"}])
+        for vid in c.vids:
+            await c.apps.snapshot_volume(vid, "one")
+            await c.apps.replicate_volume(vid, "one", c.dst)
+        procs = c.executors[c.dst][1]
+        recover = procs["volume.recover"]
+        asked = []
+
+        def second_fails(vid, rid):
+            asked.append(vid)
+            if len(asked) == 2:
+                return fail(errors.ResourceExhausted("no room (test)"))
+            return recover(vid, rid)
+
+        procs["volume.recover"] = second_fails
+        await c.registry.mark_offline(c.src)
+        with self.assertRaises(errors.ResourceExhausted):
+            await c.removal.remove(c.src, recover_volumes=True)
+        self.assertEqual(len(asked), 2)
+        # the first volume made there is deleted again; its replica stays
+        self.assertEqual(c.store_of(c.dst).list(), [])
+        self.assertEqual(len(c.store_of(c.dst).snapshots()), 2)
+        self.assertEqual(len(await c.apps.list_replicas()), 2)
+        self.assertEqual({v["host_id"] for v in await c.apps.list_volumes("db")}, {c.src})
+        self.assertIn(c.src, c.registry)
+        procs["volume.recover"] = recover
+        result = await c.removal.remove(c.src, recover_volumes=True)
+        self.assertEqual(sorted(v["volume_id"] for v in result["volumes_recovered"]),
+                         sorted(c.vids))
+
+    @d
+    async def test_a_volume_without_a_replica_is_refused_unless_given_up(self):
+        c = await self.cluster(volumes=VOLUMES + [{"name": "logs", "size_mb": 8,
+                                                   "mount": "/logs"}])
+        data, logs = c.vids
+        await c.apps.snapshot_volume(data, "one")
+        await c.apps.replicate_volume(data, "one", c.dst)
+        await c.registry.mark_offline(c.src)
+        with self.assertRaises(errors.Conflict) as e:
+            await c.removal.remove(c.src, recover_volumes=True)
+        self.assertIn(f"volumes {logs} of host h-a have no replica on a ready host",
+                      e.exception.message)
+        self.assertEqual(c.store_of(c.dst).list(), [])
+        result = await c.removal.remove(c.src, recover_volumes=True, forget_volumes=True)
+        self.assertEqual([v["volume_id"] for v in result["volumes_recovered"]], [data])
+        self.assertEqual(result["volumes_forgotten"], [logs])
+        self.assertIn(data, [v["id"] for v in c.store_of(c.dst).list()])
+
+    @d
+    async def test_a_removed_host_s_replicas_go_with_it(self):
+        c = await self.cluster()
+        await c.apps.snapshot_volume(c.vid, "one")
+        await c.apps.replicate_volume(c.vid, "one", c.dst)
+        await c.registry.mark_offline(c.dst)
+        await c.removal.remove(c.dst)
+        self.assertEqual(await c.apps.list_replicas(), [])
+        [gone] = self.events(c, "volume_replica_destroyed")
+        self.assertIn("h-b was removed", gone["payload"]["reason"])
+
+    @d
+    async def test_a_drain_onto_the_replica_s_host_makes_it_a_snapshot(self):
+        c = await self.cluster()
+        write_known(c.store_of(c.src).path(c.vid), "first")
+        one = await c.apps.snapshot_volume(c.vid, "one")
+        rep = await c.apps.replicate_volume(c.vid, "one", c.dst)
+        _, status = await drain_and_wait(c, c.src)
+        self.assertEqual(status["state"], "completed")
+        self.assertEqual(await c.apps.list_replicas(), [])
+        snaps = await c.apps.list_snapshots(c.vid)
+        self.assertEqual([(s["id"], s["name"], s["host_id"]) for s in snaps],
+                         [(one["id"], "one", c.dst), (rep["id"], "one-2", c.dst)])
+        self.assertEqual(sorted(s["id"] for s in c.store_of(c.dst).snapshots(c.vid)),
+                         sorted([one["id"], rep["id"]]))
+        self.assertEqual(c.store_of(c.src).snapshots(), [])
+
+    @d
+    async def test_a_drain_waits_for_a_replica_being_copied(self):
+        c = await self.cluster()
+        await c.apps.snapshot_volume(c.vid, "one")
+        procs = c.executors[c.src][1]
+        send = procs["volume.send"]
+        held = []
+
+        def hold(*a, **kw):
+            held.append((Deferred(), a, kw))
+            return held[-1][0]
+
+        procs["volume.send"] = hold
+        copying = ensureDeferred(c.apps.replicate_volume(c.vid, "one", c.dst))
+        async def under_way():
+            return bool(held)
+
+        await poll(under_way, what="the copy under way")
+        with self.assertRaises(errors.Conflict) as e:
+            await c.drains.drain(c.src, dry_run=True)
+        self.assertIn(f"a replica of volume {c.vid} on host h-a is being copied",
+                      e.exception.message)
+        d_, a, kw = held[0]
+        send(*a, **kw).chainDeferred(d_)
+        await copying
+        await c.drains.drain(c.src, dry_run=True)
