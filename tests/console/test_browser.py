@@ -536,6 +536,22 @@ class ConsoleBrowserTests(TestCase):
         state = {h["id"]: h["state"] for h in await host_list(reactor, cp)}
         self.assertEqual(state[drained], "ready")
 
+        # the volume's snapshot replicated there (the CLI): the event lists the replica with
+        # its volume; the host's removal below takes it away
+        self.assertNotEqual(snap["host_id"], drained)
+        await self.cli(cp, "volumes", "replicate", vid, "from-the-console", "--to", drained)
+        await b.js("location.hash = '#volumes'")
+        replicas = ("const r = document.querySelector(`#volumes-table tr[data-volume='${arguments[0]}']`);"
+                    " const t = r && r.querySelector('.volume-replicas').textContent;")
+        shown = await wait_js(b, replicas + " return t && t.startsWith('from-the-console on ') && t",
+                              30, "the replica listed with its volume", vid)
+        self.assertNotIn("(", shown)  # ready, not creating
+        # (its events are the replica's, not a volume's)
+        self.assertEqual(await b.js("return [...document.querySelectorAll("
+                                    "'#volumes-table tr[data-volume]')].map((r) => r.dataset.volume)"),
+                         [vid])
+        await b.js("location.hash = '#hosts'")
+
         # remove it, its agent stopped: offline, then Remove; started again, it joins anew
         [agent] = [a for a in agents if a.host_id == drained]
         await agent.stop()
@@ -548,6 +564,9 @@ class ConsoleBrowserTests(TestCase):
                       " return !r && !m.hidden && m.className === 'info'", 30,
                       "the host removed", drained)
         self.assertNotIn(drained, [h["id"] for h in await host_list(reactor, cp)])
+        await b.js("location.hash = '#volumes'")
+        await wait_js(b, replicas + " return t === '-'", 30, "the replica gone with its host", vid)
+        await b.js("location.hash = '#hosts'")
         await agent.start()
         await wait_js(b, TWO_READY_HOSTS, 60, "the host back, ready, after its agent started")
 

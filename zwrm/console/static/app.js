@@ -16,7 +16,8 @@ const PHASES = ["planned", "bulk_copying", "stopping_source", "delta_copying",
 const state = {
   session: null, connection: null, role: null, authid: null, view: "hosts",
   hosts: new Map(), hostStatus: new Map(), readAt: null, partitions: new Map(),
-  apps: new Map(), machines: new Map(), volumes: new Map(), snapshots: new Map(), drains: new Map(),
+  apps: new Map(), machines: new Map(), volumes: new Map(), snapshots: new Map(), replicas: new Map(),
+  drains: new Map(),
   events: [], lastEventId: 0, audit: null,
 };
 
@@ -177,6 +178,8 @@ async function loadApps() {
   state.volumes = new Map(volumes.map((v) => [v.id, v]));
   const snapshots = await state.session.call("zwrm.volume.snapshots");
   state.snapshots = new Map(snapshots.map((s) => [s.id, s]));
+  const replicas = await state.session.call("zwrm.volume.replicas");
+  state.replicas = new Map(replicas.map((r) => [r.id, r]));
   render();
 }
 
@@ -246,9 +249,19 @@ function onEvent(args, kwargs, details) {
       else if (e.kind === "destroyed") state.machines.delete(p.id || e.subject);
       else if (e.kind === "volume_destroyed") state.volumes.delete(p.id || e.subject);
       // a volume's snapshots: their rows (snapshot_id), kept apart from the volumes
-      else if (e.kind === "volume_snapshot") state.snapshots.set(p.snapshot_id, snapshotRow(p));
-      else if (e.kind.startsWith("volume_snapshot_")) state.snapshots.delete(p.snapshot_id);
+      else if (e.kind === "volume_snapshot") {
+        state.snapshots.set(p.snapshot_id, snapshotRow(p));
+        state.replicas.delete(p.snapshot_id); // a replica that became a snapshot keeps its id
+      } else if (e.kind.startsWith("volume_snapshot_")) state.snapshots.delete(p.snapshot_id);
       else if (e.kind === "volume_restored") state.snapshots.set(p.kept.id, snapshotRow(p.kept));
+      // its replicas on other hosts: their rows (replica_id), kept apart too
+      else if (e.kind === "volume_replica") state.replicas.set(p.replica_id, replicaRow(p));
+      else if (e.kind.startsWith("volume_replica_")) state.replicas.delete(p.replica_id);
+      else if (e.kind === "volume_recovered") {
+        const v = Object.assign({}, p);
+        delete v.reason; delete v.volume_id; delete v.from; delete v.replica;
+        state.volumes.set(v.id, Object.assign({}, state.volumes.get(v.id), v));
+      }
       else if (e.kind.startsWith("volume")) {
         const v = Object.assign({}, p);
         delete v.reason; delete v.volume_id;
@@ -597,6 +610,12 @@ function snapshotRow(p) {
   return s;
 }
 
+function replicaRow(p) {
+  const r = Object.assign({}, p);
+  delete r.reason; delete r.replica_id;
+  return r;
+}
+
 // A snapshot of a volume on its host, as `zwrm volumes snapshot` takes it (while its machine
 // runs: a point in time). Restores are the CLI's: `zwrm volumes restore --restart`.
 async function snapshot(volume) {
@@ -614,13 +633,16 @@ function drawVolumes() {
   const appName = (id) => ([...state.apps.values()].find((a) => a.id === id) || {}).name || id;
   const snaps = (id) => [...state.snapshots.values()].filter((s) => s.volume_id === id)
     .sort((a, b) => a.created_at - b.created_at);
+  const reps = (id) => [...state.replicas.values()].filter((r) => r.volume_id === id)
+    .sort((a, b) => a.taken_at - b.taken_at);
   const rows = vols.map((v) => h("tr", { dataset: { volume: v.id } },
     h("td", { class: "mono" }, v.id), h("td", {}, appName(v.app_id)), h("td", {}, v.name),
     h("td", { class: "num" }, v.replica), h("td", { class: "num" }, mib(v.size_mb)),
     h("td", { class: "mono" }, v.mount || "-"), h("td", {}, hostName(v.host_id)), h("td", {}, stateBadge(v.state)),
     h("td", { class: "snapshots" }, snaps(v.id).map((s) => `${s.name}${s.state === "ready" ? "" : ` (${s.state})`}`).join(", ") || "-"),
+    h("td", { class: "volume-replicas" }, reps(v.id).map((r) => `${r.name} on ${hostName(r.host_id)}${r.state === "ready" ? "" : ` (${r.state})`}`).join(", ") || "-"),
     h("td", {}, actionButton("Snapshot", "snapshot", { volume: v.id }, () => snapshot(v), v.state === "ready"))));
-  $("#volumes-table tbody").replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: 10, class: "empty" }, "No volumes."))]));
+  $("#volumes-table tbody").replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: 11, class: "empty" }, "No volumes."))]));
 }
 
 function phaseBar(phase) {
