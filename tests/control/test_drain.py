@@ -356,6 +356,23 @@ def corrupt_sends(c, host, which=lambda path: True):
     sender.send = corrupting
 
 
+def lose_target_after_the_delta(c, src, dst):
+    """Host C{dst} is lost (unreachable) once C{src}'s delta copy to it is done."""
+    _, procs = c.executors[src]
+    send = procs["volume.send"]
+
+    def send_then_lose_target(*a, **kw):
+        result = send(*a, **kw)
+        if kw.get("mode") == "delta":
+            def lose(r):
+                c.registry.entry(dst).executor = False
+                return r
+            result.addCallback(lose)
+        return result
+
+    procs["volume.send"] = send_then_lose_target
+
+
 def _facts():
     from tests.control.helpers import FACTS
     return dict(FACTS)
@@ -1159,19 +1176,7 @@ class DrainRunTests(TestCase):
         m = await self.deploy(c)
         src, vid = m["host_id"], m["volumes"][0]
         dst = "h-b" if src == "h-a" else "h-a"
-        _, procs = c.executors[src]
-        send = procs["volume.send"]
-
-        def send_then_lose_target(*a, **kw):
-            result = send(*a, **kw)
-            if kw.get("mode") == "delta":
-                def lose(r):
-                    c.registry.entry(dst).executor = False
-                    return r
-                result.addCallback(lose)
-            return result
-
-        procs["volume.send"] = send_then_lose_target
+        lose_target_after_the_delta(c, src, dst)
         _, status = await self.drain(c, src)
         mg = status["migrations"][0]
         self.assertEqual((status["state"], mg["phase"], mg["replacement"]),
@@ -1212,19 +1217,7 @@ class DrainRunTests(TestCase):
         dst = "h-b" if src == "h-a" else "h-a"
         snap = await c.apps.snapshot_volume(vid, "one")
         rep = await c.apps.replicate_volume(vid, "one", dst)
-        _, procs = c.executors[src]
-        send = procs["volume.send"]
-
-        def send_then_lose_target(*a, **kw):
-            result = send(*a, **kw)
-            if kw.get("mode") == "delta":
-                def lose(r):
-                    c.registry.entry(dst).executor = False
-                    return r
-                result.addCallback(lose)
-            return result
-
-        procs["volume.send"] = send_then_lose_target
+        lose_target_after_the_delta(c, src, dst)
         _, status = await self.drain(c, src)
         mg = status["migrations"][0]
         self.assertEqual(mg["phase"], "rolled_back")

@@ -1078,6 +1078,18 @@ class LiveDrainTests(TestCase):
         self.assertEqual((status["state"], mg["mode"]), ("completed", "live"), mg["error"])
         await self.assert_moved(c, m, src, dst, vid, before)
 
+    async def gave_up_then_restarted(self, c, m, src):
+        """
+        Drain C{src}: live_migrating stored, the control plane away, the source's agent
+        gives up by itself; a new control plane resumes. @return: the drain's status.
+        """
+        self.policy(c, src, ready_timeout=0.2)
+        self.lost_answer(c, src)
+        await c.drains.drain(src, min_healthy=1, healthy_deadline=30)
+        await real_until(lambda: c.lives[src].finished.get(m["id"], {}).get("state")
+                         == "rolled_back", "the source rolled back by itself")
+        return await self.restart(c, src)
+
     @d
     async def test_restart_after_the_source_gave_up_cancels_the_target_then_goes_cold(self):
         """
@@ -1086,12 +1098,7 @@ class LiveDrainTests(TestCase):
         control plane cancels the target's machine and moves the machine cold.
         """
         c, m, src, dst, vid, before = await self.setup()
-        self.policy(c, src, ready_timeout=0.2)
-        self.lost_answer(c, src)
-        await c.drains.drain(src, min_healthy=1, healthy_deadline=30)
-        await real_until(lambda: c.lives[src].finished.get(m["id"], {}).get("state")
-                         == "rolled_back", "the source rolled back by itself")
-        status = await self.restart(c, src)
+        status = await self.gave_up_then_restarted(c, m, src)
         self.assertEqual(c.verbs("live.cancel"), [(dst, "live.cancel")])
         self.assertEqual(c.verbs("live.switchover"), [])
         mg = status["migrations"][0]
@@ -1108,12 +1115,7 @@ class LiveDrainTests(TestCase):
         """
         c, m, src, dst, vid, before = await self.setup()
         sid, data = await self.snapshot(c, vid)
-        self.policy(c, src, ready_timeout=0.2)
-        self.lost_answer(c, src)
-        await c.drains.drain(src, min_healthy=1, healthy_deadline=30)
-        await real_until(lambda: c.lives[src].finished.get(m["id"], {}).get("state")
-                         == "rolled_back", "the source rolled back by itself")
-        status = await self.restart(c, src)
+        status = await self.gave_up_then_restarted(c, m, src)
         self.assertEqual(c.verbs("live.cancel"), [(dst, "live.cancel")])
         mg = status["migrations"][0]
         self.assertEqual((status["state"], mg["mode"]), ("completed", "cold"), mg["error"])

@@ -165,6 +165,10 @@ class ReplicaTests(TestCase):
                          [("one", c.dst, "ready"), ("two", c.dst, "ready")])
         self.assertEqual(sorted(s["id"] for s in c.store_of(c.dst).snapshots(c.vid)),
                          sorted(s["id"] for s in snaps))
+        made = [e for e in self.events(c, "volume_snapshot")
+                if e["payload"]["reason"].startswith(("recovered", "a replica of"))]
+        self.assertEqual([(e["payload"]["snapshot_id"], e["payload"]["host_id"]) for e in made],
+                         [(s["id"], c.dst) for s in snaps])
         [event] = self.events(c, "volume_recovered")
         self.assertEqual((event["subject"], event["payload"]["from"],
                           event["payload"]["replica"]["id"]), (c.vid, c.src, rep["id"]))
@@ -280,3 +284,27 @@ class ReplicaTests(TestCase):
         send(*a, **kw).chainDeferred(d_)
         await copying
         await c.drains.drain(c.src, dry_run=True)
+
+    @d
+    async def test_replicas_a_stopped_control_plane_left_creating_are_settled(self):
+        """
+        Rows stored C{creating} by a control plane that stopped during the copy: once the
+        replica's host is reconciled, a copy it has is made ready with its sizes, one it
+        does not have is removed.
+        """
+        c = await self.cluster()
+        snap = await c.apps.snapshot_volume(c.vid, "one")
+        done = await c.apps.replicate_volume(c.vid, "one", c.dst)
+        done.pop("pruned")
+        lost = dict(done, id="r-000000000001", state="creating", allocated_bytes=0)
+        await c.apps.data.volumes.add_replica(lost)
+        await c.apps.data.volumes.replica_failed(done, "(test)")  # its row, not its file
+        await c.apps.data.volumes.add_replica(dict(done, state="creating", allocated_bytes=0))
+        await c.registry._fetch_and_reconcile(c.dst, None)
+        [settled] = await c.apps.list_replicas(c.vid)
+        self.assertEqual((settled["id"], settled["state"], settled["snapshot_id"]),
+                         (done["id"], "ready", snap["id"]))
+        self.assertEqual(settled["allocated_bytes"], done["allocated_bytes"])
+        failed = self.events(c, "volume_replica_failed")
+        self.assertEqual(failed[-1]["payload"]["replica_id"], lost["id"])
+        self.assertIn("control plane stopped", failed[-1]["payload"]["reason"])

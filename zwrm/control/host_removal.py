@@ -117,9 +117,9 @@ class HostRemoval:
         changes = [self._data.store.deleting(SNAPSHOTS_TABLE, s["id"]) for s in snapshots]
         changes += [self._data.store.deleting(REPLICAS_TABLE, r["id"]) for r in replicas]
         changes += [self._data.store.deleting("volumes", v["id"]) for v in volumes]
-        recovered = {}
+        recovered, converted = {}, {}
         for vol, rep, others in recovery.values():
-            changes.append(self._recovering(host_id, vol, rep, others, recovered))
+            changes.append(self._recovering(host_id, vol, rep, others, recovered, converted))
         if self._pki is not None:
             changes.append(rejoin_forgetting(host_id))  # a reset's permission goes with it
         changes.append(network.forgetting(host_id))
@@ -147,7 +147,11 @@ class HostRemoval:
                     recovered[vid], host_id, rep,
                     f"host {host_id} was removed: made again on {rep['host_id']} from its "
                     f"replica of snapshot {rep['name']}"))
-               for vid, (_, rep, _) in recovery.items()])
+               for vid, (_, rep, _) in recovery.items()]
+            + [(vdata, "volume_snapshot", r["volume_id"],
+                lambda _, rid=r["id"]: vdata.snapshot_payload(converted[rid],
+                                                              converted[rid]["reason"]))
+               for _, rep, others in recovery.values() for r in [*others, rep]])
         network.forgot(host_id)
         if self._drop_session is not None:
             self._drop_session(host_id, "host removed from the cluster")
@@ -210,15 +214,16 @@ class HostRemoval:
                               "recovery was not stored): {e}", v=vid, h=rep["host_id"],
                               e=getattr(e, "message", e))
 
-    def _recovering(self, host_id, vol, rep, others, recovered):
+    def _recovering(self, host_id, vol, rep, others, recovered, converted):
         """
         The change that moves volume C{vol} to its replica C{rep}'s host, its replicas
-        there made its snapshots (C{recovered[volume id]}: its row, once done).
+        there made its snapshots (C{recovered[volume id]}: its row, once done;
+        C{converted[replica id]}: the snapshot rows).
         """
         def change(db):
             db["volumes"].update(vol["id"], {"host_id": rep["host_id"]})
             for r in [*others, rep]:  # oldest data first, as they were listed
-                replica_as_snapshot(db, r, f"recovered: the replica of snapshot {r['name']} "
+                converted[r["id"]] = replica_as_snapshot(db, r, f"recovered: the replica of snapshot {r['name']} "
                                            f"it was made from after host {host_id} was lost"
                                     if r is rep else f"a replica of snapshot {r['name']} on "
                                     f"{rep['host_id']}, where it was recovered")
