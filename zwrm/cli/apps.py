@@ -1129,11 +1129,16 @@ def format_replicas(replicas, out):
              _mib(r["allocated_bytes"]), r["state"]] for r in replicas], out)
 
 
+async def _volume_listing(reactor, args, procedure, fmt, out):
+    """C{procedure}'s rows (of C{args.volume_id}, or of C{args.app}'s volumes), printed."""
+    rows = await call_once(reactor, args.api_url, procedure, volume_id=args.volume_id,
+                           app=args.app)
+    print_json(rows, out) if args.json else fmt(rows, out)
+
+
 async def volumes_replicas(reactor, args, out=None):
-    out = out or sys.stdout
-    reps = await call_once(reactor, args.api_url, "zwrm.volume.replicas",
-                           volume_id=args.volume_id, app=args.app)
-    print_json(reps, out) if args.json else format_replicas(reps, out)
+    await _volume_listing(reactor, args, "zwrm.volume.replicas", format_replicas,
+                          out or sys.stdout)
 
 
 async def volumes_delete_replica(reactor, args, out=None):
@@ -1146,10 +1151,8 @@ async def volumes_delete_replica(reactor, args, out=None):
 
 
 async def volumes_snapshots(reactor, args, out=None):
-    out = out or sys.stdout
-    snaps = await call_once(reactor, args.api_url, "zwrm.volume.snapshots",
-                            volume_id=args.volume_id, app=args.app)
-    print_json(snaps, out) if args.json else format_snapshots(snaps, out)
+    await _volume_listing(reactor, args, "zwrm.volume.snapshots", format_snapshots,
+                          out or sys.stdout)
 
 
 async def volumes_restore(reactor, args, out=None):
