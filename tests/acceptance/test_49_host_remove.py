@@ -16,6 +16,15 @@ The worker that runs the earlier app's machine (with its volume):
    it joins as a new host with the same id, ready, holding nothing; its overlay and
    ingress are built again and the app answers through both workers.
 
+Step: a host lost for good, its app's volume recovered from a replica on the other worker
+(docs/operators.md, "Removing a host"): a snapshot of the volume replicated there
+(C{zwrm volumes snapshot --replicate-to}, the file 0600 there), data written after it
+through the ingress, the host's power cut until the control plane calls it offline;
+C{zwrm host remove} refused with one line naming C{--recover-volumes}; with it, the volume is
+made again on the other worker from the replica, the replica's machine placed there, and the
+app answers from the client with the data of the replica (the later write lost with the
+host); the host booted again joins as a new host and the app answers through both workers.
+
 No service logs a traceback or a critical line meanwhile.
 """
 
@@ -129,4 +138,71 @@ def test_a_host_retired_and_added_again(cluster, request):
             assert body.encode() == web["data"]
 
     web["machine"] = moved
+    cluster.check_logs_since(offsets)
+
+
+SNAPSHOTS = "/var/lib/zwrm/agent/volumes/snapshots"
+
+
+def test_a_lost_host_s_volume_recovered_from_its_replica(cluster):
+    if "app" not in cluster.state:
+        pytest.fail("needs the deploy step (test_20_deploy.py) to have passed")
+    web = cluster.state["app"]
+    vid = web["volume"]
+    [machine] = cluster.zwrm_json("status", web["name"])["machines"]
+    host_id = machine["host_id"]
+    host = cluster.host_of(host_id)
+    [other] = [a for a in AGENTS if a != host]
+    other_id = cluster.host_ids[other]
+    offsets = cluster.log_offsets()
+
+    with cluster.phase("a snapshot of the app's volume, replicated to the other worker"):
+        out = cluster.zwrm("volumes", "snapshot", vid, "--name", "replicated",
+                           "--replicate-to", other_id)
+        [rep] = cluster.zwrm_json("volumes", "replicas", vid)
+        assert (rep["host_id"], rep["name"], rep["state"]) == (other_id, "replicated",
+                                                               "ready"), rep
+        assert f"replica {rep['id']} of snapshot replicated of volume {vid} on {other_id}" \
+            in out, out
+        mode = cluster.sh(other, ["stat", "-c", "%a", f"{SNAPSHOTS}/{vid}/{rep['id']}.img"])
+        assert mode.stdout.split() == ["600"], mode.stdout
+    later = b"written after the replica, lost with the host\n"
+    assert cluster.app_request("/cgi-bin/write?index.txt", later, via=other).strip() == "ok"
+
+    with cluster.phase("the worker lost: its power cut until it is offline"):
+        units = cluster.power_cut(host)
+
+        def offline():
+            hosts = {h["id"]: h["state"] for h in cluster.host_list()}
+            [m] = cluster.zwrm_json("status", web["name"])["machines"]
+            return hosts[host_id] == "offline" and m["state"] == "failed" and m
+
+        poll(offline, 90, interval=2, what=f"{host} offline, its machine failed")
+    r = cluster.sh("client", ["zwrm", "host", "remove", host_id],
+                   env={"HOME": cluster.client_home}, ok=(1,))
+    assert len(r.stderr.splitlines()) == 1 and "--recover-volumes" in r.stderr, r.stderr
+
+    with cluster.phase("removed, its volume recovered from the replica, until the app answers"):
+        out = cluster.zwrm("host", "remove", host_id, "--recover-volumes")
+        assert out.startswith(f"host {host_id} removed\n  volume {vid} recovered on "
+                              f"{other_id} from its replica of snapshot replicated (taken "), out
+        body = cluster.app_request("/cgi-bin/read?index.txt", via=other, wait=300)
+    assert body.encode() == web["data"], body  # the replica's data: the later write is lost
+    [m] = cluster.zwrm_json("status", web["name"])["machines"]
+    assert (m["host_id"], m["state"]) == (other_id, "running"), m
+    [v] = cluster.zwrm_json("volumes", "list", "--app", web["name"])
+    assert (v["id"], v["host_id"]) == (vid, other_id), v
+    assert cluster.zwrm_json("volumes", "replicas") == []
+    [snap] = cluster.zwrm_json("volumes", "snapshots", vid)  # the replica, its snapshot now
+    assert (snap["id"], snap["name"], snap["host_id"]) == (rep["id"], "replicated",
+                                                           other_id), snap
+    cluster.zwrm("volumes", "delete-snapshot", vid, "replicated")
+    web["machine"] = m
+
+    with cluster.phase("the lost worker booted again: a new host"):
+        cluster.boot(host, units)
+        hosts = {h["id"]: h for h in cluster.wait_ready(f"{host} joined again")}
+        assert hosts[host_id]["state"] == "ready", hosts
+        for body in cluster.app_everywhere("/cgi-bin/read?index.txt", wait=60).values():
+            assert body.encode() == web["data"]
     cluster.check_logs_since(offsets)
