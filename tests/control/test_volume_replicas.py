@@ -7,6 +7,7 @@ tests/control/test_drain.py builds them.
 """
 
 import os
+import sqlite3
 
 from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.trial.unittest import TestCase
@@ -308,3 +309,36 @@ class ReplicaTests(TestCase):
         failed = self.events(c, "volume_replica_failed")
         self.assertEqual(failed[-1]["payload"]["replica_id"], lost["id"])
         self.assertIn("control plane stopped", failed[-1]["payload"]["reason"])
+
+    @d
+    async def test_a_recovery_that_cannot_be_stored_is_undone_and_one_stored_is_kept(self):
+        """
+        The volume was made on the replica's host, but the removal cannot be stored (the
+        control plane's disk full; here SQLite refuses the host row's deletion): the volume
+        made there is deleted (its replica stays) and nothing changed. Once stored, a
+        failure after it (placing the replica again) never undoes it.
+        """
+        c = await self.cluster()
+        await c.apps.snapshot_volume(c.vid, "one")
+        await c.apps.replicate_volume(c.vid, "one", c.dst)
+        await c.registry.mark_offline(c.src)
+        await c.store.run(lambda db: db.execute(
+            "CREATE TRIGGER refuse BEFORE DELETE ON hosts"
+            " BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+        with self.assertRaises(sqlite3.IntegrityError):
+            await c.removal.remove(c.src, recover_volumes=True)
+        self.assertFalse(c.store_of(c.dst).exists(c.vid))
+        self.assertEqual(len(c.store_of(c.dst).snapshots(c.vid)), 1)
+        self.assertEqual((await c.store.get("volumes", c.vid))["host_id"], c.src)
+        self.assertEqual(len(await c.apps.list_replicas()), 1)
+        self.assertIn(c.src, c.registry)
+        await c.store.run(lambda db: db.execute("DROP TRIGGER refuse"))
+
+        async def broken(host_id):
+            raise RuntimeError("placing failed (test)")
+
+        self.patch(c.removal, "_reschedule", broken)
+        with self.assertRaises(RuntimeError):
+            await c.removal.remove(c.src, recover_volumes=True)
+        self.assertTrue(c.store_of(c.dst).exists(c.vid))  # stored: it is the volume now
+        self.assertEqual((await c.store.get("volumes", c.vid))["host_id"], c.dst)

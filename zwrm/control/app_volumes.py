@@ -90,7 +90,7 @@ class AppVolumes:
         @raise zwrm.errors.Conflict: while a live machine uses it.
         """
         await self._not_used(row)
-        with self._operation(row, "destroyed"):
+        with self.operation(row, "destroyed"):
             gone = f"volume {row['id']} was destroyed"
             for rep in await self._data.volumes.find_replicas(volume_id=row["id"]):
                 await self._delete_replica(rep, gone, strict=False)
@@ -121,7 +121,7 @@ class AppVolumes:
 
     # -- snapshots ----------------------------------------------------------------------
 
-    def _operation(self, row, doing):
+    def operation(self, row, doing):
         """A context: the volume C{row} is being C{doing}; a second operation is refused."""
         busy = self._busy
         vid = row["id"]
@@ -198,7 +198,7 @@ class AppVolumes:
             raise errors.Conflict(f"volume {volume['id']} is {volume['state']}",
                                   argument="volume_id")
         self._host_usable(volume)
-        with self._operation(volume, "snapshotted"):
+        with self.operation(volume, "snapshotted"):
             name = name or await self._free_name(volume["id"], self._stamp())
             row = self._snapshot_row(volume, name, "taken on request")
             await self._data.volumes.add_snapshot(row)
@@ -243,7 +243,7 @@ class AppVolumes:
                                   f"{snapshot['state']}", argument="snapshot")
         await self._not_used(volume, "restored")
         self._host_usable(volume)
-        with self._operation(volume, "restored"):
+        with self.operation(volume, "restored"):
             name = await self._free_name(volume["id"], f"{RESTORE_PREFIX}{self._stamp()}")
             kept = self._snapshot_row(volume, name,
                                       f"what the volume held before {snapshot['name']} was "
@@ -308,7 +308,7 @@ class AppVolumes:
 
         @raise zwrm.errors.Conflict: another snapshot operation on the volume is under way.
         """
-        with self._operation(volume, "changed"):
+        with self.operation(volume, "changed"):
             await self._delete_snapshot(volume, snapshot, "deleted on request")
 
     async def _delete_snapshot(self, volume, snapshot, reason):
@@ -362,7 +362,7 @@ class AppVolumes:
                                   f"{snapshot['name']} of volume {volume['id']} already",
                                   argument="snapshot")
         self._host_usable(volume)
-        with self._operation(volume, "replicated"):
+        with self.operation(volume, "replicated"):
             row = {"id": new_id("r"), "volume_id": volume["id"], "app_id": volume["app_id"],
                    "host_id": host_id, "snapshot_id": snapshot["id"], "name": snapshot["name"],
                    "state": "creating", "size_bytes": snapshot["size_bytes"],
@@ -442,7 +442,7 @@ class AppVolumes:
         @raise zwrm.errors.Unavailable: its host cannot be asked (nothing changed).
         """
         self._host_usable(volume)  # a drain of its host may make it a snapshot
-        with self._operation(volume, "changed"):
+        with self.operation(volume, "changed"):
             await self._delete_replica(replica, "deleted on request")
 
     async def _delete_replica(self, replica, reason, strict=True):

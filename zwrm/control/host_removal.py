@@ -37,6 +37,9 @@ starting, running or stopping.  The id may join again afterwards, as a new host,
 join token.
 """
 
+from contextlib import ExitStack
+
+from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
 from zwrm import errors
@@ -97,13 +100,15 @@ class HostRemoval:
 
     async def _remove(self, host_id, entry, forget_volumes, recover_volumes):
         volumes = await self._check(host_id, entry, forget_volumes, recover_volumes)
-        recovery = await self._recovery(host_id, volumes) if recover_volumes else {}
-        volumes = [v for v in volumes if v["id"] not in recovery]
-        try:
+        with ExitStack() as busy:
+            if recover_volumes:
+                # No snapshot or replica operation on them meanwhile (a replica deleted
+                # between its copy and the store).
+                for v in volumes:
+                    busy.enter_context(self._apps.volumes.operation(v, "recovered"))
+            recovery = await self._recovery(host_id, volumes) if recover_volumes else {}
+            volumes = [v for v in volumes if v["id"] not in recovery]
             return await self._store_removal(host_id, volumes, recovery)
-        except BaseException:
-            await self._undo(recovery)  # nothing stored: the copies made go
-            raise
 
     async def _store_removal(self, host_id, volumes, recovery):
         given_up = f"host {host_id} was removed and the volume's data given up with it"
@@ -128,7 +133,34 @@ class HostRemoval:
             for change in changes:
                 change(db)
 
-        await self._data.hosts.remove(
+        try:
+            await self._store(host_id, along, recovery, snapshots, replicas, volumes,
+                              given_up, recovered, converted)
+        except CancelledError:
+            raise  # (the control plane stops) stored or not is not known: nothing undone
+        except BaseException:
+            await self._undo(recovery)  # not stored: the copies made go
+            raise
+        network.forgot(host_id)
+        if self._drop_session is not None:
+            self._drop_session(host_id, "host removed from the cluster")
+        self.log.info("host {host_id} removed{v}{r}", host_id=host_id,
+                      v=f" with volumes {_listed(v['id'] for v in volumes)}" if volumes else "",
+                      r=f"; volumes {_listed(recovery)} recovered from their replicas"
+                      if recovery else "")
+        rescheduled, not_placed = await self._reschedule(host_id)
+        return {"host_id": host_id, "volumes_forgotten": [v["id"] for v in volumes],
+                "volumes_recovered": [
+                    {"volume_id": vid, "host_id": rep["host_id"], "replica_id": rep["id"],
+                     "snapshot": rep["name"], "taken_at": rep["taken_at"]}
+                    for vid, (_, rep, _) in recovery.items()],
+                "rescheduled": rescheduled, "not_placed": not_placed}
+
+    def _store(self, host_id, along, recovery, snapshots, replicas, volumes, given_up,
+               recovered, converted):
+        """The removal's one transaction and its events (L{_store_removal})."""
+        vdata = self._data.volumes
+        return self._data.hosts.remove(
             host_id, "removed by an operator", along=along,
             along_events=[(vdata, "volume_snapshot_destroyed", s["volume_id"],
                            vdata.snapshot_payload(dict(s, state="destroyed"), given_up
@@ -152,20 +184,6 @@ class HostRemoval:
                 lambda _, rid=r["id"]: vdata.snapshot_payload(converted[rid],
                                                               converted[rid]["reason"]))
                for _, rep, others in recovery.values() for r in [*others, rep]])
-        network.forgot(host_id)
-        if self._drop_session is not None:
-            self._drop_session(host_id, "host removed from the cluster")
-        self.log.info("host {host_id} removed{v}{r}", host_id=host_id,
-                      v=f" with volumes {_listed(v['id'] for v in volumes)}" if volumes else "",
-                      r=f"; volumes {_listed(recovery)} recovered from their replicas"
-                      if recovery else "")
-        rescheduled, not_placed = await self._reschedule(host_id)
-        return {"host_id": host_id, "volumes_forgotten": [v["id"] for v in volumes],
-                "volumes_recovered": [
-                    {"volume_id": vid, "host_id": rep["host_id"], "replica_id": rep["id"],
-                     "snapshot": rep["name"], "taken_at": rep["taken_at"]}
-                    for vid, (_, rep, _) in recovery.items()],
-                "rescheduled": rescheduled, "not_placed": not_placed}
 
     async def _recovery(self, host_id, volumes):
         """
@@ -223,10 +241,11 @@ class HostRemoval:
         def change(db):
             db["volumes"].update(vol["id"], {"host_id": rep["host_id"]})
             for r in [*others, rep]:  # oldest data first, as they were listed
-                converted[r["id"]] = replica_as_snapshot(db, r, f"recovered: the replica of snapshot {r['name']} "
-                                           f"it was made from after host {host_id} was lost"
-                                    if r is rep else f"a replica of snapshot {r['name']} on "
-                                    f"{rep['host_id']}, where it was recovered")
+                why = (f"recovered: the replica of snapshot {r['name']} the volume was made "
+                       f"from after host {host_id} was lost" if r is rep else
+                       f"a replica of snapshot {r['name']} on {rep['host_id']}, where the "
+                       "volume was recovered")
+                converted[r["id"]] = replica_as_snapshot(db, r, why)
             recovered[vol["id"]] = db["volumes"].get(vol["id"])
         return change
 
