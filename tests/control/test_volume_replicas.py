@@ -245,19 +245,30 @@ class ReplicaTests(TestCase):
 
     @d
     async def test_a_drain_onto_the_replica_s_host_makes_it_a_snapshot(self):
+        """
+        A replica on the host a drain moves its volume to: one of a snapshot that moved
+        too goes (its data is there twice); one of a snapshot deleted since becomes a
+        snapshot of the volume there.
+        """
         c = await self.cluster()
         write_known(c.store_of(c.src).path(c.vid), "first")
         one = await c.apps.snapshot_volume(c.vid, "one")
-        rep = await c.apps.replicate_volume(c.vid, "one", c.dst)
+        twice = await c.apps.replicate_volume(c.vid, "one", c.dst)
+        await c.apps.snapshot_volume(c.vid, "two")
+        only = await c.apps.replicate_volume(c.vid, "two", c.dst)
+        await c.apps.delete_snapshot(c.vid, "two")
         _, status = await drain_and_wait(c, c.src)
         self.assertEqual(status["state"], "completed")
         self.assertEqual(await c.apps.list_replicas(), [])
         snaps = await c.apps.list_snapshots(c.vid)
         self.assertEqual([(s["id"], s["name"], s["host_id"]) for s in snaps],
-                         [(one["id"], "one", c.dst), (rep["id"], "one-2", c.dst)])
+                         [(one["id"], "one", c.dst), (only["id"], "two", c.dst)])
         self.assertEqual(sorted(s["id"] for s in c.store_of(c.dst).snapshots(c.vid)),
-                         sorted([one["id"], rep["id"]]))
+                         sorted([one["id"], only["id"]]))
+        self.assertFalse(os.path.exists(self.replica_file(c, c.dst, twice)))
         self.assertEqual(c.store_of(c.src).snapshots(), [])
+        [gone] = self.events(c, "volume_replica_destroyed")
+        self.assertEqual(gone["payload"]["replica_id"], twice["id"])
 
     @d
     async def test_a_drain_waits_for_a_replica_being_copied(self):

@@ -1161,12 +1161,20 @@ class Drains(LiveSteps):
         # The volumes move to the target (and with them the pin) with the migration's
         # phase, in one transaction; then each move is announced (volume_moved).
         # Replicas of them on the target become snapshots there (never a replica on its
-        # volume's host).
+        # volume's host), but for those of a snapshot that moved there too: those go (their
+        # files at the cleaning; stored first, so that a restart deletes them too).
         target = run.row["target_host"]
-        replicas = [r for vid in run.detail["volumes"]
-                    for r in await self._volumes.find_replicas(volume_id=vid, host_id=target)]
+        convert, redundant = [], []
+        for vid in run.detail["volumes"]:
+            moved = set(snapshot_ids(run, vid))
+            for r in await self._volumes.find_replicas(volume_id=vid, host_id=target):
+                (redundant if r["snapshot_id"] in moved else convert).append(r)
+        if redundant:
+            await self._save_detail(run, redundant_replicas=sorted(
+                {(r["volume_id"], r["id"]) for r in redundant}
+                | {tuple(x) for x in run.detail.get("redundant_replicas") or ()}))
         await self._drains.commit_volumes(run.row, list(run.detail["volumes"]),
-                                          replicas=replicas)
+                                          replicas=convert, redundant=redundant)
 
     async def _step_cleaning(self, drain, run):
         source = run.row["source_host"]
@@ -1190,6 +1198,12 @@ class Drains(LiveSteps):
             await self._delete_snapshot_copies(source, vid)
             try:
                 await self._call(source, "volume.delete", vid)
+            except errors.NotFound:
+                pass
+        # The target's replicas of snapshots that moved there (their rows went at the commit).
+        for vid, rid in run.detail.get("redundant_replicas") or ():
+            try:
+                await self._call(run.row["target_host"], "volume.snapshot_delete", vid, rid)
             except errors.NotFound:
                 pass
 

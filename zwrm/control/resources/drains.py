@@ -31,7 +31,7 @@ import json
 
 from zwrm import errors
 from zwrm.control.resources import Resource, store_with_events, update_method
-from zwrm.control.resources.volumes import SNAPSHOTS_TABLE, replica_as_snapshot
+from zwrm.control.resources.volumes import REPLICAS_TABLE, SNAPSHOTS_TABLE, replica_as_snapshot
 from zwrm.drain_phases import DRAIN_STATES, LIVE_PHASES, MIGRATION_PHASES
 
 TOPIC = "zwrm.event.drain"
@@ -239,7 +239,8 @@ class Drains(Resource):
         return row
 
     @update_method
-    async def commit_volumes(self, row, volume_ids, reason="committed", replicas=()):
+    async def commit_volumes(self, row, volume_ids, reason="committed", replicas=(),
+                             redundant=()):
         """
         Move C{volume_ids} to the migration's target, with their snapshots, and store its
         phase C{committing}, in one transaction; then announce the phase (C{migration})
@@ -247,6 +248,9 @@ class Drains(Resource):
 
         @param replicas: the rows of the volumes' replicas on the target: there they
             become snapshots of their volumes (C{volume_snapshot}, L{replica_as_snapshot}).
+        @param redundant: the rows of the volumes' replicas on the target whose snapshots
+            moved there too: they are deleted (C{volume_replica_destroyed}; the caller
+            deletes their files).
         @raise zwrm.errors.NotFound: a volume has no row.
         """
         target, source = row["target_host"], row["source_host"]
@@ -255,6 +259,8 @@ class Drains(Resource):
 
         def commit(db):
             moved = {}
+            for rep in redundant:
+                db.execute(f"DELETE FROM {REPLICAS_TABLE} WHERE id = ?", [rep["id"]])
             for rep in replicas:
                 converted[rep["id"]] = replica_as_snapshot(
                     db, rep, f"the replica of snapshot {rep['name']} on {target}, where the "
@@ -286,6 +292,11 @@ class Drains(Resource):
                  lambda _, rid=rep["id"]: self._volumes.snapshot_payload(
                      converted[rid], converted[rid]["reason"]))
                 for rep in replicas)
+            events.extend(
+                (self._volumes, "volume_replica_destroyed", rep["volume_id"],
+                 self._volumes.replica_destroyed_payload(
+                     rep, f"the volume and snapshot {rep['name']} moved to {target}"))
+                for rep in redundant)
         await store_with_events(self._store, commit, events)
         row.update(phase="committing", updated_at=now)
         return row
