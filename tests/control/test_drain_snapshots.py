@@ -152,3 +152,34 @@ class DrainSnapshotTests(TestCase):
                          "way: drain once it is done (zwrm volumes snapshots)")
         self.assertEqual(c.registry.entry(c.src).machine.state, "ready")
         self.assertEqual(await c.store.select("drains"), [])
+
+    @d
+    async def test_an_agent_of_the_version_before_refuses_a_drain_with_snapshots(self):
+        """
+        During an upgrade (the control plane first, docs/install.md), a drain that would
+        move snapshots to or from an agent that cannot stream them is refused at once,
+        with nothing changed; one with no snapshots goes on.
+        """
+        c = await self.cluster()
+        await c.apps.snapshot_volume(c.vid, "one")
+        procs = c.executors[c.dst][1]
+        facts = procs["host.facts"]
+
+        def before():
+            return {k: v for k, v in facts().items() if k != "snapshot_streams"}
+
+        procs["host.facts"] = before
+        used = c.apps.placements.scheduler.host(c.dst).used_vcpus
+        for dry_run in (True, False):
+            with self.assertRaises(errors.Conflict) as e:
+                await c.drains.drain(c.src, dry_run=dry_run)
+            self.assertEqual(e.exception.message,
+                             f"the agent of host {c.dst} is of a version that cannot move "
+                             "volume snapshots (a drain moves them with their volumes; or "
+                             "delete them): upgrade it first")
+        self.assertEqual(c.registry.entry(c.src).machine.state, "ready")
+        self.assertEqual(await c.store.select("drains"), [])
+        self.assertEqual(c.apps.placements.scheduler.host(c.dst).used_vcpus, used)
+        await c.apps.delete_snapshot(c.vid, "one")
+        plan = await c.drains.drain(c.src, dry_run=True)
+        self.assertEqual(plan["plan"][0]["target"], c.dst)

@@ -117,6 +117,16 @@ class ReplicaTests(TestCase):
         self.assertIn("h-b is draining: replicas go to a ready host", e.exception.message)
         with self.assertRaises(errors.NotFound):
             await c.apps.delete_replica(c.vid, "r-nope")
+        # an agent of the version before (during an upgrade) cannot take one
+        await c.registry.transition(c.dst, "undrain_requested")
+        procs = c.executors[c.dst][1]
+        facts = procs["host.facts"]
+        procs["host.facts"] = lambda: {k: v for k, v in facts().items()
+                                       if k != "snapshot_streams"}
+        with self.assertRaises(errors.Conflict) as e:
+            await c.apps.replicate_volume(c.vid, "two", c.dst)
+        self.assertEqual(e.exception.message, f"the agent of host {c.dst} is of a version that "
+                                              "cannot copy snapshots: upgrade it first")
         self.assertEqual(len(await c.apps.list_replicas()), 1)
         self.assertEqual(len(c.store_of(c.dst).snapshots()), 1)
 
@@ -353,3 +363,24 @@ class ReplicaTests(TestCase):
             await c.removal.remove(c.src, recover_volumes=True)
         self.assertTrue(c.store_of(c.dst).exists(c.vid))  # stored: it is the volume now
         self.assertEqual((await c.store.get("volumes", c.vid))["host_id"], c.dst)
+
+    @d
+    async def test_a_replica_on_an_agent_of_the_version_before_is_not_recovered_from(self):
+        c = await self.cluster()
+        await c.apps.snapshot_volume(c.vid, "one")
+        await c.apps.replicate_volume(c.vid, "one", c.dst)
+        procs = c.executors[c.dst][1]
+        facts = procs["host.facts"]
+        procs["host.facts"] = lambda: {k: v for k, v in facts().items()
+                                       if k != "snapshot_streams"}
+        await c.registry.mark_offline(c.src)
+        with self.assertRaises(errors.Conflict) as e:
+            await c.removal.remove(c.src, recover_volumes=True)
+        self.assertEqual(e.exception.message, f"the agent of host {c.dst} is of a version that "
+                                              "cannot recover a volume from its replica: "
+                                              "upgrade it first")
+        self.assertEqual(c.store_of(c.dst).list(), [])
+        self.assertIn(c.src, c.registry)
+        procs["host.facts"] = facts
+        await c.removal.remove(c.src, recover_volumes=True)
+        self.assertTrue(c.store_of(c.dst).exists(c.vid))

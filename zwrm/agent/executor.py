@@ -821,6 +821,10 @@ class Executor:
             pass
         facts = {
             "host_id": self.host_id,
+            # volume.receive/send stream snapshots (snapshot=), volume.recover makes a
+            # volume from one, volume.delete keeps them (keep_snapshots): what a drain that
+            # moves snapshots, a replica and a recovery need of both hosts' agents
+            "snapshot_streams": True,
             "cpus": os.cpu_count(),
             "memory_mb": memory_mb,
             "disk_free_mb": self.volumes.free_mb(),

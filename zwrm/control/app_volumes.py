@@ -321,6 +321,25 @@ class AppVolumes:
 
     # -- replicas -----------------------------------------------------------------------
 
+    async def need_snapshot_streams(self, host_ids, what):
+        """
+        @raise zwrm.errors.Conflict: the agent of one of C{host_ids} is of a version that
+            cannot stream snapshots (no C{snapshot_streams} in its C{host.facts}): the
+            message says C{what} it cannot do, and to upgrade it. A host that cannot be
+            asked passes (what follows fails on it).
+        """
+        old = []
+        for h in sorted(set(host_ids)):
+            try:
+                facts = await self._replicas.call(h, "host.facts")
+            except errors.ZwrmError:
+                continue
+            if not facts.get("snapshot_streams"):
+                old.append(h)
+        if old:
+            raise errors.Conflict(f"the agent of host {', '.join(old)} is of a version that "
+                                  f"cannot {what}: upgrade it first")
+
     async def replicate(self, volume, snapshot, host_id, keep=None):
         """
         Copy C{snapshot} (a ready row of C{volume}'s) to host C{host_id}, another ready
@@ -362,6 +381,7 @@ class AppVolumes:
                                   f"{snapshot['name']} of volume {volume['id']} already",
                                   argument="snapshot")
         self._host_usable(volume)
+        await self.need_snapshot_streams([volume["host_id"], host_id], "copy snapshots")
         with self.operation(volume, "replicated"):
             row = {"id": new_id("r"), "volume_id": volume["id"], "app_id": volume["app_id"],
                    "host_id": host_id, "snapshot_id": snapshot["id"], "name": snapshot["name"],

@@ -148,6 +148,7 @@ class Drains(LiveSteps):
         # way then refuses the drain, in _start_drain).
         apps.volumes.draining = lambda host_id: (host_id in self.active
                                                  or host_id in self._starting)
+        self._apps_volumes = apps.volumes
         self.active = {}
         self._starting = set()  # hosts whose drain is being planned (zwrm.host.drain)
         self._stopped = False
@@ -368,6 +369,13 @@ class Drains(LiveSteps):
         for p, _ in plan:
             p["snapshots"] = sum(len(snapshots.get(v, ())) for v in p["volumes"])
         try:
+            # Snapshots move only between agents that stream them (a version before does
+            # not): refused here, with nothing changed.
+            hosts = {p["target"] for p, _ in plan if p["snapshots"] and p["target"]}
+            if hosts:
+                await self._apps_volumes.need_snapshot_streams(
+                    hosts | {host_id}, "move volume snapshots (a drain moves them with their "
+                                       "volumes; or delete them)")
             # The mode of each machine (its agents asked); in live mode a machine that
             # cannot move live refuses the whole drain here, with nothing changed.
             await self._choose_modes(host_id, plan, mode)

@@ -203,6 +203,8 @@ class HostRemoval:
                 if not reps:
                     continue
                 rep = reps[-1]  # the newest data
+                await self._apps.volumes.need_snapshot_streams(
+                    [rep["host_id"]], "recover a volume from its replica")
                 await self._apps.replicas.call(rep["host_id"], "volume.recover", vol["id"],
                                                rep["id"])
                 others = [r for r in reps if r["host_id"] == rep["host_id"] and r is not rep]
