@@ -74,6 +74,27 @@ class ControlMetricsTests(TestCase):
                                        "updated_at": now})
 
         await plane.store.run(rows)
+
+        # two volumes of the app: one with two snapshots and a replica of the first, one
+        # with none
+        def volumes(db):
+            for vid in ("v-1", "v-2"):
+                db["volumes"].insert({"id": vid, "app_id": "a-web", "host_id": host,
+                                      "name": vid, "replica": 0, "size_mb": 8, "mount": "/d",
+                                      "state": "ready", "created_at": 1.0})
+            for sid, at in (("s-1", 100.0), ("s-2", 200.0)):
+                db["volume_snapshots"].insert({
+                    "id": sid, "volume_id": "v-1", "app_id": "a-web", "host_id": host,
+                    "name": sid, "state": "ready", "live": 0, "size_bytes": 1,
+                    "allocated_bytes": 1, "reason": "", "created_at": at})
+            for rid, state in (("r-1", "ready"), ("r-2", "creating")):
+                db["volume_replicas"].insert({
+                    "id": rid, "volume_id": "v-1", "app_id": "a-web", "host_id": "h-other",
+                    "snapshot_id": "s-1", "name": "s-1", "state": state, "size_bytes": 1,
+                    "allocated_bytes": 1, "taken_at": 100.0 if state == "ready" else 200.0,
+                    "reason": "", "created_at": 300.0})
+
+        await plane.store.run(volumes)
         # an operator's call, timed by the router
         session = await connect(reactor, {"url": plane.url, "token": plane.operator_token,
                                           "authid": "operator"})
@@ -118,6 +139,14 @@ class ControlMetricsTests(TestCase):
         self.assertEqual(
             {r: samples[("zwrm_network_view_full_list_reasons_total", (("reason", r),))]
              for r in network.FULL_LIST_REASONS}, view.full_list_reasons)
+        one, two = (("app", "web"), ("volume", "v-1")), (("app", "web"), ("volume", "v-2"))
+        self.assertEqual(samples[("zwrm_volume_snapshot_newest_timestamp_seconds", one)], 200)
+        self.assertEqual((samples[("zwrm_volume_replicas", one)],
+                          samples[("zwrm_volume_replicas", two)]), (1, 0))  # a ready one
+        self.assertEqual(samples[("zwrm_volume_replica_newest_timestamp_seconds", one)], 100)
+        for family in ("zwrm_volume_snapshot_newest_timestamp_seconds",
+                       "zwrm_volume_replica_newest_timestamp_seconds"):
+            self.assertNotIn((family, two), samples)  # none: no sample
         self.assertEqual(families["zwrm_partition_held_hosts"].samples, [])  # no partition
         self.assertEqual(samples[("zwrm_registry_bytes", ())], 0)  # nothing pushed
         store = plane.apps.images._store

@@ -7,6 +7,9 @@ TYPE lines (docs/operators.md, "Metrics").
    L{zwrm.control.registry.HostRegistry});
  - per app: desired replicas and machines by state and health (one query on the store's
    thread);
+ - per volume: when its newest snapshot was taken, how many replicas of its snapshots
+   other hosts keep, and when the snapshot its newest replica copies was taken (what a
+   recovery after losing its host gives back: alert on its age);
  - the embedded router: sessions, calls, and a histogram of call latency per procedure
    (the router's C{call_observer}: from CALL to its answer; an agent's procedures
    C{zwrm.agent.<host id>.<verb>} are labelled C{zwrm.agent.{host}.<verb>}, so the
@@ -202,6 +205,7 @@ class ControlMetrics:
     async def _other_families(self):
         plane = self.plane
         out = await self._apps()
+        out += await self._volumes()
         router = plane.router
         if router is not None:
             out.append(GaugeMetricFamily("zwrm_wamp_sessions", "WAMP sessions joined to the router.",
@@ -308,6 +312,48 @@ class ControlMetrics:
         for labels, n in sorted(held.items()):
             paused.add_metric(list(labels), n)
         return [replicas, machines, paused]
+
+
+    async def _volumes(self):
+        labels = ["app", "volume"]
+        snapshot = GaugeMetricFamily(
+            "zwrm_volume_snapshot_newest_timestamp_seconds",
+            "When the volume's newest snapshot was taken, POSIX time. No sample: none.",
+            labels=labels)
+        count = GaugeMetricFamily(
+            "zwrm_volume_replicas",
+            "Replicas of the volume's snapshots other hosts keep (zwrm volumes replicate);"
+            " 0: losing its host loses its data.", labels=labels)
+        replica = GaugeMetricFamily(
+            "zwrm_volume_replica_newest_timestamp_seconds",
+            "When the snapshot the volume's newest replica copies was taken, POSIX time:"
+            " what zwrm host remove --recover-volumes gives back. No sample: none.",
+            labels=labels)
+        store = self.plane.store
+        if store is None:
+            return [snapshot, count, replica]
+
+        def query(db):
+            tables = set(db.table_names())
+            if not {"volumes", "apps", "volume_snapshots", "volume_replicas"} <= tables:
+                return []
+            return db.execute(
+                "SELECT COALESCE(a.name, v.app_id), v.id,"
+                " (SELECT max(created_at) FROM volume_snapshots s"
+                "   WHERE s.volume_id = v.id AND s.state = 'ready'),"
+                " (SELECT count(*) FROM volume_replicas r"
+                "   WHERE r.volume_id = v.id AND r.state = 'ready'),"
+                " (SELECT max(taken_at) FROM volume_replicas r"
+                "   WHERE r.volume_id = v.id AND r.state = 'ready')"
+                " FROM volumes v LEFT JOIN apps a ON a.id = v.app_id ORDER BY 1, 2").fetchall()
+
+        for app, vid, newest, n, taken in await store.run(query):
+            if newest is not None:
+                snapshot.add_metric([app, vid], newest)
+            count.add_metric([app, vid], n)
+            if taken is not None:
+                replica.add_metric([app, vid], taken)
+        return [snapshot, count, replica]
 
 
 def _health(value):
