@@ -136,7 +136,8 @@ class VolumeReplicaCommandTests(TestCase):
         self.assertEqual(json.loads(out), [])
 
         # its host lost for good: removed, the volume made again from its replica
-        await zwrm(plane.url, "volumes", "replicate", vid, "nightly", "--to", second)
+        _, out = await zwrm(plane.url, "volumes", "replicate", vid, "nightly")  # (the other)
+        self.assertIn(f" of snapshot nightly of volume {vid} on {second}: ", out)
         await agents[0].stopService()
         await plane.registry.mark_offline(first)
         with self.assertRaises(CliError) as e:

@@ -384,3 +384,27 @@ class ReplicaTests(TestCase):
         procs["host.facts"] = facts
         await c.removal.remove(c.src, recover_volumes=True)
         self.assertTrue(c.store_of(c.dst).exists(c.vid))
+
+    @d
+    async def test_a_replica_with_no_host_named_follows_the_newest_or_the_scheduler(self):
+        c = await self.cluster(hosts=("h-a", "h-b", "h-c"))
+        await c.apps.snapshot_volume(c.vid, "one")
+        first = await c.apps.replicate_volume(c.vid, "one")
+        self.assertIn(first["host_id"], ("h-b", "h-c"))  # the scheduler's pick, not h-a
+        other = "h-c" if first["host_id"] == "h-b" else "h-b"
+        await c.apps.snapshot_volume(c.vid, "two")
+        await c.apps.replicate_volume(c.vid, "two", other)
+        await c.apps.snapshot_volume(c.vid, "three")
+        third = await c.apps.replicate_volume(c.vid, "three")
+        self.assertEqual(third["host_id"], other)  # with the newest, not the scheduler's
+        # that host not ready: the scheduler's pick again
+        await c.registry.transition(other, "drain_requested")
+        await c.apps.snapshot_volume(c.vid, "four")
+        fourth = await c.apps.replicate_volume(c.vid, "four")
+        self.assertEqual(fourth["host_id"], first["host_id"])
+        # and with no other host ready, none fits
+        await c.registry.transition(first["host_id"], "drain_requested")
+        await c.apps.snapshot_volume(c.vid, "five")
+        with self.assertRaises(errors.Unplaceable):
+            await c.apps.replicate_volume(c.vid, "five")
+        self.assertEqual(len(await c.apps.list_replicas()), 4)

@@ -228,14 +228,19 @@ def register(subparsers):
     p.add_argument("--replicate-to", metavar="HOST",
                    help="then copy it to HOST as a replica (with --keep, the last N "
                         "replicas there are kept)")
+    p.add_argument("--replicate", action="store_true",
+                   help="the same, to the host of its newest replica (else one the "
+                        "scheduler picks): a schedule that follows drains")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=volumes_snapshot)
     p = vsub.add_parser("replicate", help="copy a snapshot to another host, from which the "
                                           "volume is recovered if its host is lost")
     p.add_argument("volume_id")
     p.add_argument("snapshot", help="the snapshot's name or id")
-    p.add_argument("--to", required=True, metavar="HOST", dest="host_id",
-                   help="the host to keep the replica (a ready host, not the volume's)")
+    p.add_argument("--to", metavar="HOST", dest="host_id",
+                   help="the host to keep the replica (a ready host, not the volume's; "
+                        "default: the host of its newest replica, else one the scheduler "
+                        "picks)")
     p.add_argument("--keep", type=int, metavar="N",
                    help="then delete the volume's oldest replicas on HOST until N are left")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -1096,7 +1101,7 @@ async def volumes_snapshot(reactor, args, out=None):
             out.write(f"deleted {len(s['pruned'])} older snapshot(s) to keep {args.keep}: "
                       f"{', '.join(p['name'] for p in s['pruned'])}\n")
         out.flush()
-    if args.replicate_to:
+    if args.replicate_to or args.replicate:
         s["replica"] = await call_once(reactor, args.api_url, "zwrm.volume.replicate",
                                        args.volume_id, s["id"], args.replicate_to,
                                        keep=args.keep)

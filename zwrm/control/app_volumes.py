@@ -340,12 +340,34 @@ class AppVolumes:
             raise errors.Conflict(f"the agent of host {', '.join(old)} is of a version that "
                                   f"cannot {what}: upgrade it first")
 
+    async def replica_host(self, volume, snapshot):
+        """
+        The host for a new replica of C{volume}'s C{snapshot} when none is named: the one
+        that keeps its newest replica, if it is ready (a schedule's copies stay together);
+        else a ready host the scheduler picks for the snapshot's data (not the volume's).
+
+        @raise zwrm.errors.Unplaceable: no other host has the room.
+        """
+        for r in reversed(await self._data.volumes.find_replicas(volume_id=volume["id"])):
+            if r["state"] == "ready" and r["host_id"] != volume["host_id"]:
+                try:
+                    if self.host_state is None or self.host_state(r["host_id"]) == "ready":
+                        return r["host_id"]
+                except errors.NotFound:
+                    pass
+                break
+        request = placement_request({"vcpus": 1, "memory_mb": 1},
+                                    disk_mb=-(-snapshot["allocated_bytes"] // (1 << 20)))
+        placement = self._placements.place(request, exclude={volume["host_id"]})
+        self._placements.unplace(placement)
+        return placement.host_id
+
     async def replicate(self, volume, snapshot, host_id, keep=None):
         """
         Copy C{snapshot} (a ready row of C{volume}'s) to host C{host_id}, another ready
-        host, as a replica: the volume's host streams it to that host's agent (TLS between
-        them, every block hashed, the copy verified), which keeps it beside its own
-        volumes' snapshots.
+        host (L{None}: L{replica_host}), as a replica: the volume's host streams it to
+        that host's agent (TLS between them, every block hashed, the copy verified), which
+        keeps it beside its own volumes' snapshots.
 
         @param keep: once it is made, delete the volume's oldest replicas on C{host_id}
             until C{keep} are left.
@@ -361,6 +383,8 @@ class AppVolumes:
         if snapshot["volume_id"] != volume["id"]:
             raise errors.InvalidArgument(f"snapshot {snapshot['id']} is not of volume "
                                          f"{volume['id']}", argument="snapshot")
+        if host_id is None:
+            host_id = await self.replica_host(volume, snapshot)
         if not isinstance(host_id, str) or not host_id:
             raise errors.InvalidArgument("a host to copy it to is needed", argument="host_id")
         if host_id == volume["host_id"]:

@@ -672,12 +672,13 @@ class Apps:
         return dict(done, machine=machine_wire(row))
 
     @wamp.register("zwrm.volume.replicate")
-    async def replicate_volume(self, volume_id, snapshot, host_id, keep=None):
+    async def replicate_volume(self, volume_id, snapshot, host_id=None, keep=None):
         """
-        Copy one of a volume's snapshots to another host, as a replica from which the
-        volume is recovered if its host is lost (C{zwrm.host.remove} with
-        C{recover_volumes}); with C{keep}, then delete the volume's oldest replicas on that
-        host until C{keep} are left.
+        Copy one of a volume's snapshots to another host (L{None}: the host of its newest
+        replica, else one the scheduler picks), as a replica from which the volume is
+        recovered if its host is lost (C{zwrm.host.remove} with C{recover_volumes}); with
+        C{keep}, then delete the volume's oldest replicas on that host until C{keep} are
+        left.
         """
         volume = await self._volume(volume_id)
         snap = await self._snapshot(volume, snapshot)

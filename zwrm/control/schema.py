@@ -682,14 +682,16 @@ PROCEDURES = {p.uri: p for p in [
               " again there from its newest replica.",
               [Arg("volume_id", ID, doc="the volume's id"),
                Arg("snapshot", ID, doc="the snapshot's name or id"),
-               Arg("host_id", ID, doc="the host to keep the replica (a ready host, not the"
-                   " volume's)"),
+               Arg("host_id", Nullable(ID), None, "the host to keep the replica (a ready"
+                   " host, not the volume's); default: the one that keeps its newest replica"
+                   " if it is ready, else one the scheduler picks for the data"),
                Arg("keep", Nullable(Int(1, 1000)), None, "then delete the volume's oldest"
                    " replicas on that host until this many are left")],
               "the replica: {id, volume_id, app_id, host_id, snapshot_id, name, state,"
               " size_bytes, allocated_bytes, taken_at, reason, created_at, pruned: [the"
               " replicas deleted for keep]}",
               ["invalid_argument", "not_found (volume_id, snapshot, host_id)",
+               "unplaceable (no host_id given, and no other host has the room)",
                "conflict (the host is the volume's or not ready, it has a replica of that"
                " snapshot, the volume's host drains, or another snapshot operation on it is"
                " under way)", "resource_exhausted (no room on that host)",
