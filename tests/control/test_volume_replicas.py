@@ -243,6 +243,19 @@ class ReplicaTests(TestCase):
         self.assertIn(data, [v["id"] for v in c.store_of(c.dst).list()])
 
     @d
+    async def test_the_replicas_of_a_volume_given_up_go_with_it(self):
+        c = await self.cluster()
+        await c.apps.snapshot_volume(c.vid, "one")
+        rep = await c.apps.replicate_volume(c.vid, "one", c.dst)
+        await c.registry.mark_offline(c.src)
+        result = await c.removal.remove(c.src, forget_volumes=True)
+        self.assertEqual(result["volumes_forgotten"], [c.vid])
+        self.assertEqual(await c.apps.list_replicas(), [])
+        self.assertFalse(os.path.exists(self.replica_file(c, c.dst, rep)))
+        [gone] = self.events(c, "volume_replica_destroyed")
+        self.assertIn("given up", gone["payload"]["reason"])
+
+    @d
     async def test_a_removed_host_s_replicas_go_with_it(self):
         c = await self.cluster()
         await c.apps.snapshot_volume(c.vid, "one")

@@ -144,6 +144,16 @@ class HostRemoval:
         network.forgot(host_id)
         if self._drop_session is not None:
             self._drop_session(host_id, "host removed from the cluster")
+        for r in replicas:  # the files of those kept elsewhere, of volumes given up
+            if r["host_id"] != host_id:
+                try:
+                    await self._apps.replicas.call(r["host_id"], "volume.snapshot_delete",
+                                                   r["volume_id"], r["id"])
+                except errors.NotFound:
+                    pass
+                except errors.ZwrmError as e:
+                    self.log.warn("the replica {r} of volume {v} given up is left on {h}: {e}",
+                                  r=r["id"], v=r["volume_id"], h=r["host_id"], e=e.message)
         self.log.info("host {host_id} removed{v}{r}", host_id=host_id,
                       v=f" with volumes {_listed(v['id'] for v in volumes)}" if volumes else "",
                       r=f"; volumes {_listed(recovery)} recovered from their replicas"
