@@ -3,16 +3,17 @@ C{zwrm volumes snapshot|snapshots|restore|delete-snapshot} against a real contro
 a real agent (a real volume store) over real sockets.
 """
 
+import io
 import json
 import os
 
 from twisted.internet import reactor
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.agent.test_membership import start_host_agent, start_plane
 from tests.cli.test_cli import d
 from tests.cli.test_json_everywhere import zwrm
-from zwrm.cli import client
+from zwrm.cli import client, host_remove
 from zwrm.cli.client import EXIT_REMOTE, CliError
 from zwrm.testing.processes import poll
 
@@ -149,3 +150,24 @@ class VolumeReplicaCommandTests(TestCase):
                               r"\d\d:\d\d:\d\d UTC\)\n$")
         _, out = await zwrm(plane.url, "volumes", "list", "--json")
         self.assertEqual([(v["id"], v["host_id"]) for v in json.loads(out)], [(vid, second)])
+
+
+class RemovalLinesTests(SynchronousTestCase):
+    def test_what_a_removal_did_a_line_each(self):
+        out = io.StringIO()
+        host_remove.format_removal({
+            "host_id": "h-a", "volumes_forgotten": ["v-2"],
+            "replicas_forgotten": [{"replica_id": "r-1", "volume_id": "v-9", "host_id": "h-a"},
+                                   {"replica_id": "r-2", "volume_id": "v-8", "host_id": "h-a"},
+                                   {"replica_id": "r-3", "volume_id": "v-2", "host_id": "h-c"}],
+            "volumes_recovered": [{"volume_id": "v-1", "host_id": "h-b", "replica_id": "r-4",
+                                   "snapshot": "nightly", "taken_at": 0.0}],
+            "rescheduled": [{"app": "db", "replicas": [0, 1]}], "not_placed": []}, out)
+        self.assertEqual(out.getvalue().splitlines(), [
+            "host h-a removed",
+            "  volume v-1 recovered on h-b from its replica of snapshot nightly (taken"
+            " 1970-01-01 00:00:00 UTC)",
+            "  volume v-2 forgotten (its data was only on that host)",
+            "  2 replica(s) it kept of volumes v-8, v-9 gone with it (zwrm volumes replicas:"
+            " replicate them again elsewhere)",
+            "  db: replicas 0, 1 placed again"])

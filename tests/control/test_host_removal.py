@@ -80,7 +80,7 @@ class HostRemovalTests(TestCase):
         result = await c.removal.remove("h-a")
 
         self.assertEqual(result, {"host_id": "h-a", "volumes_forgotten": [],
-                                  "volumes_recovered": [],
+                                  "replicas_forgotten": [], "volumes_recovered": [],
                                   "rescheduled": [{"app": "web", "replicas": [0]}],
                                   "not_placed": []})
         self.assertEqual(await self.hosts_table(c), ["h-b"])

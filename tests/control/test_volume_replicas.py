@@ -259,9 +259,11 @@ class ReplicaTests(TestCase):
     async def test_a_removed_host_s_replicas_go_with_it(self):
         c = await self.cluster()
         await c.apps.snapshot_volume(c.vid, "one")
-        await c.apps.replicate_volume(c.vid, "one", c.dst)
+        rep = await c.apps.replicate_volume(c.vid, "one", c.dst)
         await c.registry.mark_offline(c.dst)
-        await c.removal.remove(c.dst)
+        result = await c.removal.remove(c.dst)
+        self.assertEqual(result["replicas_forgotten"], [
+            {"replica_id": rep["id"], "volume_id": c.vid, "host_id": c.dst}])
         self.assertEqual(await c.apps.list_replicas(), [])
         [gone] = self.events(c, "volume_replica_destroyed")
         self.assertIn("h-b was removed", gone["payload"]["reason"])

@@ -49,6 +49,11 @@ def format_removal(result, out):
                   f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(v['taken_at']))} UTC)\n")
     for v in result["volumes_forgotten"]:
         out.write(f"  volume {v} forgotten (its data was only on that host)\n")
+    kept = [r for r in result.get("replicas_forgotten") or () if r["host_id"] == result["host_id"]]
+    if kept:
+        volumes = sorted({r["volume_id"] for r in kept})
+        out.write(f"  {len(kept)} replica(s) it kept of volumes {', '.join(volumes)} gone with it"
+                  " (zwrm volumes replicas: replicate them again elsewhere)\n")
     for r in result["rescheduled"]:
         out.write(f"  {r['app']}: replicas {', '.join(map(str, r['replicas']))} placed again\n")
     for r in result["not_placed"]:

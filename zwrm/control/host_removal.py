@@ -82,9 +82,11 @@ class HostRemoval:
 
         @param recover_volumes: make its volumes again from their newest replicas on other
             hosts (those without one are refused, unless C{forget_volumes}).
-        @return: C{{"host_id", "volumes_forgotten": [volume ids], "volumes_recovered":
-            [{volume_id, host_id, replica_id, snapshot, taken_at}], "rescheduled": [{app,
-            replicas}], "not_placed": [{app, replicas, error}]}}.
+        @return: C{{"host_id", "volumes_forgotten": [volume ids], "replicas_forgotten":
+            [{replica_id, volume_id, host_id}] (those it kept, and those of the volumes
+            given up), "volumes_recovered": [{volume_id, host_id, replica_id, snapshot,
+            taken_at}], "rescheduled": [{app, replicas}], "not_placed": [{app, replicas,
+            error}]}}.
         @raise zwrm.errors.NotFound: no such host.
         @raise zwrm.errors.Conflict: it cannot go now (the message says why and what to do);
             nothing changed.
@@ -160,6 +162,8 @@ class HostRemoval:
                       if recovery else "")
         rescheduled, not_placed = await self._reschedule(host_id)
         return {"host_id": host_id, "volumes_forgotten": [v["id"] for v in volumes],
+                "replicas_forgotten": [{"replica_id": r["id"], "volume_id": r["volume_id"],
+                                        "host_id": r["host_id"]} for r in replicas],
                 "volumes_recovered": [
                     {"volume_id": vid, "host_id": rep["host_id"], "replica_id": rep["id"],
                      "snapshot": rep["name"], "taken_at": rep["taken_at"]}

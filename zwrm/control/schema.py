@@ -489,9 +489,9 @@ PROCEDURES = {p.uri: p for p in [
              "make each of its volumes again on the host of its newest replica"
              " (zwrm.volume.replicate), verified, before anything is stored; volumes without"
              " one are refused unless forget_volumes")],
-        "{host_id, volumes_forgotten, volumes_recovered: [{volume_id, host_id, replica_id,"
-        " snapshot, taken_at}], rescheduled: [{app, replicas}], not_placed: [{app,"
-        " replicas, error}]}",
+        "{host_id, volumes_forgotten, replicas_forgotten: [{replica_id, volume_id, host_id}],"
+        " volumes_recovered: [{volume_id, host_id, replica_id, snapshot, taken_at}],"
+        " rescheduled: [{app, replicas}], not_placed: [{app, replicas, error}]}",
         ["invalid_argument", "not_found", "conflict", "unavailable (a recovery failed:"
          " nothing changed)", "resource_exhausted (no room for a recovered volume)"]),
     Procedure(
