@@ -104,7 +104,8 @@ class ReplicaTests(TestCase):
                 ((c.vid, "one", "h-x"), errors.NotFound, "no host 'h-x'"),
                 ((c.vid, "two", c.dst), errors.NotFound, "has no snapshot 'two'"),
                 (("v-nope", "one", c.dst), errors.NotFound, "no volume 'v-nope'"),
-                ((c.vid, "one", None), errors.InvalidArgument, "a host to copy it to")):
+                ((c.vid, "one", None), errors.Conflict, "has a replica of snapshot one"),
+                ((c.vid, "one", ""), errors.InvalidArgument, "a host to copy it to")):
             with self.assertRaises(error) as e:
                 await c.apps.replicate_volume(*args)
             self.assertIn(text, e.exception.message)
