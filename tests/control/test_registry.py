@@ -149,6 +149,21 @@ class RegistryTests(TestCase):
         self.assertTrue(reg.executor_available("h1"))
 
     @d
+    async def test_a_session_that_ends_once_the_control_plane_stops_changes_nothing(self):
+        """Its store closes next: the end of an agent's session is not stored then."""
+        clock, store, reg, published = await make_registry(self)
+        await reg.join("h1", FACTS)
+        await reg.register("h1", {}, session_id=101)
+        del published[:]
+        reg.stop()
+        await store.stop()
+        reg.session_left(101)
+        clock.advance(0)
+        await reg.sessions_noted()
+        self.assertEqual(published, [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    @d
     async def test_a_session_that_ended_before_its_registration_was_in(self):
         clock, store, reg, published = await make_registry(self)
         await reg.join("h1", FACTS)

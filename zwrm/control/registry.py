@@ -156,6 +156,7 @@ class HostRegistry:
         self.machines = self.data.machines
         self._sessions = {}  # WAMP session id -> the host whose agent registered from it
         self._left = []  # hosts whose agents' sessions ended, to deregister (session_left)
+        self._stopped = False  # (stop)
         self._left_done = None  # fires once they are
         # WAMP session id -> clock time it ended, for ENDED_MEMORY s: a registration whose
         # session ended before (or while) it was stored is deregistered at once
@@ -433,10 +434,19 @@ class HostRegistry:
 
         d.addCallback(next_chunk)
 
+    def stop(self):
+        """
+        The control plane stops (its store closes next): the sessions that end from now
+        on change nothing stored (its next start knows no executor until agents register).
+        """
+        self._stopped = True
+
     async def _deregister(self, host_id):
         entry = self.hosts.get(host_id)
         if entry is None or entry.session_id is not None or not entry.executor:
             return  # removed, registered again meanwhile, or already deregistered
+        if self._stopped:
+            return
         try:
             await self.hosts.set_executor(host_id, False, "its agent's session ended")
         except Exception as e:

@@ -532,6 +532,9 @@ class ControlPlane(service.MultiService):
         if self.session is not None:
             if self.session.is_attached():
                 self.session.leave()
+        if self.registry is not None:
+            await self.registry.sessions_noted()  # (the ends of sessions so far stored)
+            self.registry.stop()
         if self.store is not None:
             await self.store.stop()
         self._unlock()
