@@ -166,6 +166,10 @@ def test_a_lost_host_s_volume_recovered_from_its_replica(cluster):
             in out, out
         mode = cluster.sh(other, ["stat", "-c", "%a", f"{SNAPSHOTS}/{vid}/{rep['id']}.img"])
         assert mode.stdout.split() == ["600"], mode.stdout
+        # a drain of its host would keep it there: the only other worker is the volume's
+        plan = cluster.zwrm("host", "drain", other_id, "--dry-run")
+        assert f"  replica {rep['id']}  replicated of {vid}  -> stays: no host may keep " \
+            in plan, plan
     later = b"written after the replica, lost with the host\n"
     assert cluster.app_request("/cgi-bin/write?index.txt", later, via=other).strip() == "ok"
 

@@ -151,6 +151,37 @@ class VolumeReplicaCommandTests(TestCase):
         _, out = await zwrm(plane.url, "volumes", "list", "--json")
         self.assertEqual([(v["id"], v["host_id"]) for v in json.loads(out)], [(vid, second)])
 
+    @d
+    async def test_a_drain_says_where_the_replicas_on_its_host_go(self):
+        plane, tmp = await start_plane(self)
+        agents = [await start_host_agent(self, plane, os.path.join(tmp, name))
+                  for name in ("a1", "a2", "a3")]
+        first, second, third = (a.identity.host_id for a in agents)
+        self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
+        for h in (first, second, third):
+            await poll(reactor, lambda h=h: plane.registry.executor_available(h), 10, 0.05,
+                       what="the agents' executors registered")
+        await zwrm(plane.url, "apps", "create", "db")
+        _, out = await zwrm(plane.url, "volumes", "create", "db", "data", "--size", "8",
+                            "--mount", "/data", "--host", first, "--json")
+        vid = json.loads(out)["id"]
+        _, out = await zwrm(plane.url, "volumes", "snapshot", vid, "--name", "nightly",
+                            "--replicate-to", second, "--json")
+        rid = json.loads(out)["replica"]["id"]
+
+        _, out = await zwrm(plane.url, "host", "drain", second, "--dry-run")
+        self.assertEqual(out.splitlines()[1:], [
+            "  no machines to move",
+            f"  replica {rid}  nightly of {vid}  -> {third}"])
+        _, out = await zwrm(plane.url, "host", "drain", second)
+        last = out.splitlines()[-2:]
+        self.assertTrue(last[0].endswith(": completed (host drained)"), out)
+        self.assertRegex(last[1], rf"^  replica r-[0-9a-f]{{12}}  nightly of {vid}  moved  -> "
+                                  rf"{third}$")
+        _, out = await zwrm(plane.url, "volumes", "replicas", vid, "--json")
+        self.assertEqual([(r["id"], r["host_id"]) for r in json.loads(out)],
+                         [(last[1].split()[1], third)])
+
 
 class RemovalLinesTests(SynchronousTestCase):
     def test_what_a_removal_did_a_line_each(self):

@@ -13,7 +13,14 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.trial.unittest import TestCase
 
 from tests.control.test_apps import d
-from tests.control.test_drain import DrainCluster, MiB, drain_and_wait, sha, write_known
+from tests.control.test_drain import (
+    DrainCluster,
+    MiB,
+    corrupt_sends,
+    drain_and_wait,
+    sha,
+    write_known,
+)
 from tests.control.test_healing import poll
 from zwrm import errors
 from zwrm.control.host_removal import HostRemoval
@@ -424,3 +431,142 @@ class ReplicaTests(TestCase):
         with self.assertRaises(errors.Unplaceable):
             await c.apps.replicate_volume(c.vid, "five")
         self.assertEqual(len(await c.apps.list_replicas()), 4)
+
+
+class DrainedReplicaTests(TestCase):
+    """A drain moves the replicas on its host (its machines first), or says why not."""
+
+    timeout = 120
+    cluster, running = ReplicaTests.cluster, ReplicaTests.running
+    replica_file, events = ReplicaTests.replica_file, ReplicaTests.events
+
+    @d
+    async def test_a_drain_moves_the_replicas_on_its_host(self):
+        c = await self.cluster(hosts=("h-a", "h-b", "h-c"))
+        write_known(c.store_of(c.src).path(c.vid), "first")
+        reps = []
+        for name in ("one", "two"):
+            await c.apps.snapshot_volume(c.vid, name)
+            reps.append(await c.apps.replicate_volume(c.vid, name, "h-b"))
+        data = [sha(self.replica_file(c, "h-b", r)) for r in reps]
+        # and two machines there, moved at once first (each move's end asks for the next)
+        for h in ("h-a", "h-c"):
+            await c.registry.transition(h, "drain_requested")
+        await c.apps.create_app("web")
+        await c.apps.deploy("web", c.spec(replicas=2))
+        for h in ("h-a", "h-c"):
+            await c.registry.transition(h, "undrain_requested")
+        self.assertEqual([m["host_id"] for m in await c.machines("web")], ["h-b", "h-b"])
+
+        plan = await c.drains.drain("h-b", dry_run=True)
+        self.assertEqual([(r["replica"], r["name"], r["target"], r["reason"])
+                          for r in plan["replicas"]],
+                         [(reps[0]["id"], "one", "h-c", None), (reps[1]["id"], "two", "h-c", None)])
+        self.assertEqual([r["host_id"] for r in await c.apps.list_replicas()], ["h-b", "h-b"])
+
+        result, status = await drain_and_wait(c, "h-b", max_parallel=2)
+        self.assertEqual(status["state"], "completed")
+        self.assertEqual([m["phase"] for m in status["migrations"]], ["done", "done"])
+        moved = await c.apps.list_replicas(c.vid)
+        self.assertEqual([(r["name"], r["host_id"], r["snapshot_id"], r["taken_at"], r["state"])
+                          for r in moved],
+                         [(r["name"], "h-c", r["snapshot_id"], r["taken_at"], "ready")
+                          for r in reps])
+        self.assertEqual([sha(self.replica_file(c, "h-c", r)) for r in moved], data)
+        for r in moved:
+            self.assertEqual(os.stat(self.replica_file(c, "h-c", r)).st_mode & 0o777, 0o600)
+        self.assertEqual(c.store_of("h-b").snapshots(), [])
+        self.assertEqual([(r["state"], r["target"], r["replica"]) for r in status["replicas"]],
+                         [("moved", "h-c", r["id"]) for r in moved])
+        gone = self.events(c, "volume_replica_destroyed")
+        self.assertEqual([e["payload"]["replica_id"] for e in gone], [r["id"] for r in reps])
+        self.assertIn(f"moved to h-c as {moved[0]['id']} (drain {result['drain_id']})",
+                      gone[0]["payload"]["reason"])
+        # the drained host's removal forgets none
+        await c.registry.mark_offline("h-b")
+        self.assertEqual((await c.removal.remove("h-b"))["replicas_forgotten"], [])
+
+    @d
+    async def test_a_replica_no_other_host_may_keep_stays_and_the_drain_completes(self):
+        c = await self.cluster()
+        await c.apps.snapshot_volume(c.vid, "one")
+        rep = await c.apps.replicate_volume(c.vid, "one", c.dst)
+        plan = await c.drains.drain(c.dst, dry_run=True)
+        [item] = plan["replicas"]
+        self.assertIsNone(item["target"])
+        self.assertIn(f"no host may keep replica {rep['id']} of volume {c.vid}", item["reason"])
+        _, status = await drain_and_wait(c, c.dst)
+        self.assertEqual(status["state"], "completed")
+        [item] = status["replicas"]
+        self.assertEqual((item["replica"], item["state"]), (rep["id"], "left"))
+        self.assertIn("no host may keep", item["reason"])
+        self.assertEqual([(r["id"], r["host_id"]) for r in await c.apps.list_replicas()],
+                         [(rep["id"], c.dst)])
+        self.assertTrue(os.path.exists(self.replica_file(c, c.dst, rep)))
+
+    @d
+    async def test_a_replica_whose_copy_fails_stays_where_it_was(self):
+        c = await self.cluster(hosts=("h-a", "h-b", "h-c"))
+        await c.apps.snapshot_volume(c.vid, "one")
+        rep = await c.apps.replicate_volume(c.vid, "one", "h-b")
+        before = sha(self.replica_file(c, "h-b", rep))
+        corrupt_sends(c, "h-b")
+        _, status = await drain_and_wait(c, "h-b")
+        self.assertEqual(status["state"], "completed")
+        [item] = status["replicas"]
+        self.assertEqual(item["state"], "left")
+        self.assertIn("failed verification", item["reason"])
+        self.assertEqual([(r["id"], r["host_id"], r["state"])
+                          for r in await c.apps.list_replicas()], [(rep["id"], "h-b", "ready")])
+        self.assertEqual(sha(self.replica_file(c, "h-b", rep)), before)
+        self.assertEqual(c.store_of("h-c").snapshots(), [])
+        # moved by the drain tried again, once the stream is sound
+        c.transfers["h-b"].sender.send = type(c.transfers["h-b"].sender).send.__get__(
+            c.transfers["h-b"].sender)
+        await c.drains.activate("h-b")
+        c.clock.advance(1)  # (drain-status reads the newest drain)
+        _, status = await drain_and_wait(c, "h-b")
+        [item] = status["replicas"]
+        self.assertEqual((item["state"], item["target"]), ("moved", "h-c"))
+
+    @d
+    async def test_a_move_whose_end_was_not_stored_only_deletes_the_old_copy(self):
+        c = await self.cluster(hosts=("h-a", "h-b", "h-c"))
+        await c.apps.snapshot_volume(c.vid, "one")
+        old = await c.apps.replicate_volume(c.vid, "one", "h-b")
+        there = await c.apps.replicate_volume(c.vid, "one", "h-c")
+        _, status = await drain_and_wait(c, "h-b")
+        [item] = status["replicas"]
+        self.assertEqual((item["state"], item["target"], item["replica"]),
+                         ("moved", "h-c", there["id"]))
+        self.assertEqual([r["id"] for r in await c.apps.list_replicas()], [there["id"]])
+        self.assertFalse(os.path.exists(self.replica_file(c, "h-b", old)))
+        self.assertEqual(len(self.events(c, "volume_replica")), 4)  # no new copy made
+
+    @d
+    async def test_a_drain_waits_for_a_replica_being_copied_to_its_host(self):
+        c = await self.cluster()
+        await c.apps.snapshot_volume(c.vid, "one")
+        procs = c.executors[c.src][1]
+        send = procs["volume.send"]
+        held = []
+
+        def hold(*a, **kw):
+            held.append((Deferred(), a, kw))
+            return held[-1][0]
+
+        procs["volume.send"] = hold
+        copying = ensureDeferred(c.apps.replicate_volume(c.vid, "one", c.dst))
+
+        async def under_way():
+            return bool(held)
+
+        await poll(under_way, what="the copy under way")
+        with self.assertRaises(errors.Conflict) as e:
+            await c.drains.drain(c.dst, dry_run=True)
+        self.assertIn(f"a replica of volume {c.vid} is being copied to host {c.dst}",
+                      e.exception.message)
+        d_, a, kw = held[0]
+        send(*a, **kw).chainDeferred(d_)
+        await copying
+        await c.drains.drain(c.dst, dry_run=True)

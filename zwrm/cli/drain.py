@@ -91,6 +91,9 @@ def format_plan(result, out):
         out.write(f"  {p['machine_id']}  {p['app'] or '-'}{vols}  -> {where}{how}\n")
     if not result["plan"]:
         out.write("  no machines to move\n")
+    for r in result.get("replicas") or ():
+        where = r["target"] or f"stays: {r['reason']}"
+        out.write(f"  replica {r['replica']}  {r['name']} of {r['volume_id']}  -> {where}\n")
 
 
 def _live_line(m):
@@ -138,6 +141,13 @@ def format_status(s, out):
             line += f"  (cold: {m['mode_reason']})"
         if m["error"]:
             line += f"  error: {m['error']}"
+        out.write(line + "\n")
+    for r in s.get("replicas") or ():
+        line = f"  replica {r['replica']}  {r['name']} of {r['volume_id']}  {r['state']}"
+        if r.get("target"):
+            line += f"  -> {r['target']}"
+        if r.get("reason"):
+            line += f"  ({r['reason']})"
         out.write(line + "\n")
 
 
@@ -187,7 +197,8 @@ async def _follow(reactor, session, host_id, out, as_json, interval=None, refres
             s = await call(session, "zwrm.host.drain_status", host_id)
             drain_id[0] = s["drain_id"]
             if not as_json:
-                key = [(m["phase"], m["error"]) for m in s["migrations"]] + [s["state"]]
+                key = [(m["phase"], m["error"]) for m in s["migrations"]] + [
+                    (r["replica"], r["state"]) for r in s.get("replicas") or ()] + [s["state"]]
                 if key != last:
                     format_status(s, out)
                     last = key

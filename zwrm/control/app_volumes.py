@@ -14,7 +14,8 @@ with it (L{zwrm.control.drain.Drains}).
 Replicas: a snapshot copied to another host (streamed between the agents as a drain moves
 snapshots, verified), so that the volume survives the loss of its host: a host removed
 with C{recover_volumes} has each of its volumes made again on the host of its newest
-replica (L{zwrm.control.host_removal}). Replicas on a host go with its removal.
+replica (L{zwrm.control.host_removal}). A drain of a host moves its replicas to other
+hosts (L{AppVolumes.move_replica}); those no other host may keep go with its removal.
 """
 
 import time
@@ -120,6 +121,10 @@ class AppVolumes:
                                   f"({m['state']}){how}", argument="volume_id")
 
     # -- snapshots ----------------------------------------------------------------------
+
+    def busy(self, volume_id):
+        """Whether a snapshot operation on volume C{volume_id} is under way (L{operation})."""
+        return volume_id in self._busy
 
     def operation(self, row, doing):
         """A context: the volume C{row} is being C{doing}; a second operation is refused."""
@@ -415,29 +420,9 @@ class AppVolumes:
                              f"{volume['host_id']}",
                    "created_at": self._clock.seconds()}
             await self._data.volumes.add_replica(row)
-            token = mint_token()
-            try:
-                self._host_usable(volume)  # (a drain that began meanwhile: see snapshot)
-                where = await self._replicas.call(host_id, "volume.receive", token,
-                                                  volume["id"], snapshot["size_bytes"],
-                                                  source=volume["host_id"], snapshot=row["id"])
-                sent = await self._replicas.call(
-                    volume["host_id"], "volume.send", volume["id"], where["host"],
-                    where["port"], token, host_id, mode="bulk", commit=True,
-                    snapshot=snapshot["id"])
-                if not sent.get("committed"):
-                    raise errors.Corrupt(f"host {host_id} did not keep the copy")
-                info = await self._replica_info(row)
-            except Exception as e:
-                await self._data.volumes.replica_failed(row, error_text(e))
-                for verb, args in (("volume.cancel_receive", (token,)),
-                                   ("volume.snapshot_delete", (volume["id"], row["id"]))):
-                    try:  # a partial copy, or one made though the answer was lost
-                        await self._replicas.call(host_id, verb, *args)
-                    except Exception:
-                        pass
-                raise
-            row = await self._data.volumes.replica_made(row, info)
+            row = await self._stream_replica(row, volume["host_id"], snapshot["id"],
+                                             snapshot["size_bytes"],
+                                             lambda: self._host_usable(volume))
             pruned = []
             if keep is not None:
                 held = [r for r in await self._data.volumes.find_replicas(
@@ -447,6 +432,115 @@ class AppVolumes:
                         old, f"pruned: the last {keep} replica(s) on {host_id} are kept")
                     pruned.append(old)
             return dict(row, pruned=pruned)
+
+    async def _stream_replica(self, row, source, file_id, size, check=None):
+        """
+        Make the replica C{row} (stored C{creating} on its host): host C{source} streams
+        its file C{file_id} of the volume (a snapshot there, or a replica) to the
+        replica's host (TLS between the agents, every block hashed, the copy verified),
+        then the row is made C{ready} with the sizes its host lists.  A failure removes
+        the row, cancels the transfer and deletes any copy, then raises.
+
+        @param check: L{None}, or a callable run before the copy (it may raise).
+        @return: the ready row.
+        """
+        host_id, vid = row["host_id"], row["volume_id"]
+        token = mint_token()
+        try:
+            if check is not None:
+                check()  # (a drain that began meanwhile: see snapshot)
+            where = await self._replicas.call(host_id, "volume.receive", token, vid, size,
+                                              source=source, snapshot=row["id"])
+            sent = await self._replicas.call(
+                source, "volume.send", vid, where["host"], where["port"], token, host_id,
+                mode="bulk", commit=True, snapshot=file_id)
+            if not sent.get("committed"):
+                raise errors.Corrupt(f"host {host_id} did not keep the copy")
+            info = await self._replica_info(row)
+        except Exception as e:
+            await self._data.volumes.replica_failed(row, error_text(e))
+            for verb, args in (("volume.cancel_receive", (token,)),
+                               ("volume.snapshot_delete", (vid, row["id"]))):
+                try:  # a partial copy, or one made though the answer was lost
+                    await self._replicas.call(host_id, verb, *args)
+                except Exception:
+                    pass
+            raise
+        return await self._data.volumes.replica_made(row, info)
+
+    async def move_replica(self, replica, exclude=(), why="moved"):
+        """
+        Move the ready replica C{replica} off its host: copied to another ready host
+        (L{move_target}) as a new replica of the same snapshot, verified, and only then
+        deleted where it was.  If another ready host that may keep it has a replica of
+        that snapshot already (a move whose end was not stored), it is only deleted.
+
+        @param exclude: hosts it must not go to (besides the volume's and its own).
+        @param why: what the events' reasons say of the move (e.g. the drain's id).
+        @return: the row that keeps its data now.
+        @raise zwrm.errors.Unplaceable: no host may keep it (nothing changed).
+        @raise zwrm.errors.Conflict: another snapshot operation on the volume is under way,
+            or the replica changed meanwhile (nothing changed).
+        """
+        volume = await self._data.volumes.get(replica["volume_id"])
+        if volume is None:
+            raise errors.NotFound(f"no volume {replica['volume_id']!r}")
+        with self.operation(volume, "replicated"):
+            fresh = await self._data.volumes.get_replica(replica["id"])
+            if fresh is None or fresh["state"] != "ready" or \
+                    fresh["host_id"] != replica["host_id"]:
+                raise errors.Conflict(f"replica {replica['id']} changed meanwhile")
+            source = fresh["host_id"]
+            exclude = set(exclude) | {source, volume["host_id"]}
+            for other in await self._data.volumes.find_replicas(snapshot_id=fresh["snapshot_id"]):
+                if other["state"] == "ready" and other["host_id"] not in exclude \
+                        and self._ready(other["host_id"]):
+                    await self._delete_replica(
+                        fresh, f"{why}: host {other['host_id']} has a copy ({other['id']})")
+                    return other
+            target = await self.move_target(volume, fresh, exclude)
+            await self.need_snapshot_streams([source, target], "move replicas")
+            row = dict(fresh, id=new_id("r"), host_id=target, state="creating",
+                       allocated_bytes=0, reason=f"moved from {source} ({why})",
+                       created_at=self._clock.seconds())
+            await self._data.volumes.add_replica(row)
+            row = await self._stream_replica(row, source, fresh["id"], fresh["size_bytes"])
+            await self._delete_replica(fresh, f"moved to {target} as {row['id']} ({why})")
+            return row
+
+    def _ready(self, host_id):
+        try:
+            return self.host_state is None or self.host_state(host_id) == "ready"
+        except errors.NotFound:
+            return False
+
+    async def move_target(self, volume, replica, exclude):
+        """
+        Where L{move_replica} puts C{replica} (a row of C{volume}'s): the host of the
+        volume's newest other ready replica, if it is ready, not in C{exclude} and has
+        none of this snapshot (a volume's copies stay together); else a ready host the
+        scheduler picks for its data, none of C{exclude}, the volume's host or those
+        with a replica of the snapshot.
+
+        @raise zwrm.errors.Unplaceable: no host has the room.
+        """
+        has = {r["host_id"] for r in await self._data.volumes.find_replicas(
+            snapshot_id=replica["snapshot_id"])}
+        exclude = set(exclude) | has | {volume["host_id"]}
+        for r in reversed(await self._data.volumes.find_replicas(volume_id=volume["id"])):
+            if r["state"] == "ready" and r["host_id"] not in exclude and self._ready(r["host_id"]):
+                return r["host_id"]
+        request = placement_request({"vcpus": 1, "memory_mb": 1},
+                                    disk_mb=-(-replica["allocated_bytes"] // (1 << 20)))
+        try:
+            placement = self._placements.place(request, exclude=exclude)
+        except errors.Unplaceable as e:
+            raise errors.Unplaceable(f"no host may keep replica {replica['id']} of volume "
+                                     f"{volume['id']} (not its volume's, {volume['host_id']};"
+                                     f" not one with a copy of its snapshot): {e.message}"
+                                     ) from None
+        self._placements.unplace(placement)
+        return placement.host_id
 
     async def _replica_info(self, row):
         """The replica's file as its host lists it. @raise NotFound: it has none."""

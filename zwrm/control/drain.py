@@ -11,7 +11,9 @@ idempotent, so after a control-plane restart L{Drains.resume} feeds C{restart} t
 migration in flight, which runs its stored phase's step again (or rolls back).
 
 The replacement is a new machine (a new machine id) with the same spec; the volumes keep
-their ids. Progress events go to C{zwrm.event.drain}.
+their ids. Progress events go to C{zwrm.event.drain}. Once the machines have moved, the
+replicas of other hosts' volumes kept on the host are moved too (L{Drains._move_replicas});
+one that cannot move stays, and the drain completes all the same.
 
 This is a service over the resource layer (L{zwrm.control.resources}): it reads and changes
 drains, migrations, machines and volumes only through their resources' reads and update
@@ -150,6 +152,9 @@ class Drains(LiveSteps):
                                                  or host_id in self._starting)
         self._apps_volumes = apps.volumes
         self.active = {}
+        #: host id -> (drain id, {replica id: what became of it}) of the replicas its
+        #: latest drain moved or tried to move (this process's; drain_status)
+        self.replica_moves = {}
         self._starting = set()  # hosts whose drain is being planned (zwrm.host.drain)
         self._stopped = False
         # Cleaning leftovers (copies a rollback could not delete on an unreachable target):
@@ -352,6 +357,11 @@ class Drains(LiveSteps):
             snapshots.setdefault(s["volume_id"], []).append(s["id"])
         copying = {r["volume_id"] for r in await self._volumes.find_replicas()
                    if r["state"] != "ready"}
+        for r in await self._volumes.find_replicas(host_id=host_id):
+            if r["state"] != "ready":  # (the drain moves the replicas there are)
+                raise errors.Conflict(
+                    f"a replica of volume {r['volume_id']} is being copied to host {host_id}:"
+                    " drain once it is done (zwrm volumes replicas)")
         for vol in await self._volumes.find(host_id=host_id) if copying else ():
             if vol["id"] in copying:
                 raise errors.Conflict(
@@ -369,6 +379,8 @@ class Drains(LiveSteps):
         for p, _ in plan:
             p["snapshots"] = sum(len(snapshots.get(v, ())) for v in p["volumes"])
         try:
+            # The replicas there move once the machines have (where each would go now).
+            replicas = await self._replica_plan(host_id)
             # Snapshots move only between agents that stream them (a version before does
             # not): refused here, with nothing changed.
             hosts = {p["target"] for p, _ in plan if p["snapshots"] and p["target"]}
@@ -381,7 +393,7 @@ class Drains(LiveSteps):
             await self._choose_modes(host_id, plan, mode)
             if dry_run:
                 return {"drain_id": None, "host_id": host_id, "state": "dry_run",
-                        "mode": mode, "plan": [p for p, _ in plan]}
+                        "mode": mode, "plan": [p for p, _ in plan], "replicas": replicas}
             if state == "ready":
                 await self._hosts.transition(host_id, "drain_requested")
             # else: draining already, after an incomplete drain: the operator's retry.
@@ -438,7 +450,27 @@ class Drains(LiveSteps):
         drain.machine.start()
         self._kick_drain(drain)
         return {"drain_id": row["id"], "host_id": host_id, "state": "running",
-                "mode": mode, "plan": [p for p, _ in plan]}
+                "mode": mode, "plan": [p for p, _ in plan], "replicas": replicas}
+
+    async def _replica_plan(self, host_id):
+        """
+        The replicas on C{host_id} a drain moves, each with the host it would go to now
+        (C{target}), or L{None} and why not (C{reason}): C{[{"replica", "volume_id",
+        "name", "target", "reason"}]}.
+        """
+        out = []
+        for r in await self._volumes.find_replicas(host_id=host_id):
+            item = {"replica": r["id"], "volume_id": r["volume_id"], "name": r["name"],
+                    "target": None, "reason": None}
+            volume = await self._volumes.get(r["volume_id"])
+            try:
+                if volume is None:
+                    raise errors.NotFound(f"no volume {r['volume_id']!r}")
+                item["target"] = await self._apps_volumes.move_target(volume, r, {host_id})
+            except errors.ZwrmError as e:
+                item["reason"] = e.message
+            out.append(item)
+        return out
 
     def _plan(self, host_id, machines, keep):
         """
@@ -540,7 +572,8 @@ class Drains(LiveSteps):
         return {"drain_id": d["id"], "host_id": host_id, "state": d["state"],
                 "host_state": self._hosts.entry(host_id).machine.state,
                 "options": d["options"], "created_at": d["created_at"],
-                "updated_at": d["updated_at"], "migrations": migrations}
+                "updated_at": d["updated_at"], "migrations": migrations,
+                "replicas": await self._replicas_status(host_id, d)}
 
     @wamp.register("zwrm.drain.list")
     async def list_drains(self, limit=100):
@@ -722,6 +755,9 @@ class Drains(LiveSteps):
                     return
             elif in_flight:
                 return
+            if state == "running" and drain.machine.state == "running":
+                # (not a launch queued before the one that ended it: that one moved them)
+                await self._move_replicas(drain)
             if all(r.machine.phase == "done" for r in runs):
                 drain.machine.all_moved()
             else:
@@ -754,6 +790,58 @@ class Drains(LiveSteps):
             if self.active.get(host_id) is drain:
                 del self.active[host_id]
             drain.done.callback(state)
+
+    async def _move_replicas(self, drain, busy_for=300.0):
+        """
+        Once the drain's machines have moved: move each ready replica on its host to
+        another host (L{zwrm.control.app_volumes.AppVolumes.move_replica}: copied,
+        verified, then deleted there), one at a time. One that cannot move (no other host
+        may keep it, a copy failed) stays, with why (C{drain_status}'s C{replicas}); its
+        host's removal then gives it up. A volume busy with another snapshot operation is
+        waited for, at most C{busy_for} seconds.
+        """
+        host_id, drain_id = drain.row["host_id"], drain.row["id"]
+        moves = {}
+        self.replica_moves[host_id] = (drain_id, moves)
+        for r in await self._volumes.find_replicas(host_id=host_id):
+            if r["state"] != "ready" or self._stopped:
+                continue
+            item = moves[r["id"]] = {"replica": r["id"], "volume_id": r["volume_id"],
+                                     "name": r["name"], "state": "moving", "target": None,
+                                     "reason": None}
+            waited = 0.0
+            while self._apps_volumes.busy(r["volume_id"]) and waited < busy_for \
+                    and not self._stopped:
+                await self._sleep(1.0)
+                waited += 1.0
+            try:
+                kept = await self._apps_volumes.move_replica(r, why=f"drain {drain_id}")
+            except Exception as e:
+                if not isinstance(e, errors.ZwrmError):
+                    errors.log_failure(self.log, Failure(), "drain {d}: moving replica {r}",
+                                       d=drain_id, r=r["id"])
+                item.update(state="left", reason=_text(e))
+                self.log.warn("drain {d}: replica {r} of volume {v} stays on {h}: {e}",
+                              d=drain_id, r=r["id"], v=r["volume_id"], h=host_id, e=_text(e))
+            else:
+                item.update(state="moved", target=kept["host_id"], replica=kept["id"])
+
+    async def _replicas_status(self, host_id, drain):
+        """
+        C{drain_status}'s C{replicas}: those this process's run of the drain C{drain}
+        (a row) moved or tried to, and the others still on the host (C{waiting} while
+        the drain runs, else C{left}).
+        """
+        drain_id, moves = self.replica_moves.get(host_id, (None, {}))
+        items = [dict(m) for m in moves.values()] if drain_id == drain["id"] else []
+        seen = {m["replica"] for m in items} | set(moves if drain_id == drain["id"] else ())
+        for r in await self._volumes.find_replicas(host_id=host_id):
+            if r["id"] not in seen:
+                items.append({"replica": r["id"], "volume_id": r["volume_id"],
+                              "name": r["name"], "target": None, "reason": None,
+                              "state": "waiting" if drain["state"] in ("running",)
+                              else "left"})
+        return items
 
     # -- each migration's outbox -------------------------------------------------------
 

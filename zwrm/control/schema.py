@@ -496,7 +496,8 @@ PROCEDURES = {p.uri: p for p in [
          " nothing changed)", "resource_exhausted (no room for a recovered volume)"]),
     Procedure(
         "zwrm.host.drain", OPERATOR,
-        "Start draining a host: move each of its machines to a host the scheduler picks.",
+        "Start draining a host: move each of its machines to a host the scheduler picks,"
+        " then the replicas it keeps.",
         [_HOST,
          Arg("deadline", Nullable(Number(1, 7 * 86400)), None,
              "seconds; migrations not started by then are not moved (3600)"),
@@ -520,11 +521,14 @@ PROCEDURES = {p.uri: p for p in [
              "seconds of RAM migration a live move may take before it gives up or, with "
              "postcopy, switches to post-copy (the agents' 120)"),
          Arg("postcopy", Bool(), False, "allow post-copy at the live deadline")],
-        "{drain_id, host_id, state, mode, plan: [{machine_id, app, volumes, target, reason, "
-        "mode, mode_reason, down, keep_down}]}",
+        "{drain_id, host_id, state, mode, plan: [{machine_id, app, volumes, snapshots, "
+        "target, reason, mode, mode_reason, down, keep_down}], replicas: [{replica, "
+        "volume_id, name, target, reason}]}",
         ["invalid_argument", "not_found", "conflict", "unplaceable"]),
     Procedure("zwrm.host.drain_status", READ, "The latest drain of a host.", [_HOST],
-              "{drain_id, host_id, state, machines: [...]}", ["invalid_argument", "not_found"]),
+              "{drain_id, host_id, state, host_state, options, migrations: [...], replicas:"
+              " [{replica, volume_id, name, state, target, reason}]}",
+              ["invalid_argument", "not_found"]),
     Procedure("zwrm.drain.list", READ,
               "Every drain, newest first (those under way and the recent ones), with its host"
               " and state, so a client need not call drain_status per host.",

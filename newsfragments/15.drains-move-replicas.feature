@@ -1,0 +1,1 @@
+A drain moves the replicas kept on its host to other hosts once its machines have moved (copied, verified, then deleted there); one no other host may keep stays, with why, in the plan and in drain-status.
