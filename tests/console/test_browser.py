@@ -550,6 +550,14 @@ class ConsoleBrowserTests(TestCase):
         self.assertEqual(await b.js("return [...document.querySelectorAll("
                                     "'#volumes-table tr[data-volume]')].map((r) => r.dataset.volume)"),
                          [vid])
+        # its drain (the CLI) cannot move the replica (the other host is the volume's): the
+        # Drains view says it stays, and why
+        await self.cli(cp, "host", "drain", drained)
+        await b.js("location.hash = '#drains'")
+        left = await wait_js(b, "const x = document.querySelector(`section[data-drain][data-state=completed]"
+                                " li[data-replica][data-state=left]`); return x && x.textContent", 30,
+                             "the replica the drain left, in the Drains view")
+        self.assertRegex(left, rf"^replica from-the-console of {vid}: left \(no host may keep ")
         await b.js("location.hash = '#hosts'")
 
         # remove it, its agent stopped: offline, then Remove; started again, it joins anew

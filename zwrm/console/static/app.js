@@ -325,8 +325,11 @@ async function drain(host) {
   }
   const moves = (plan.plan || []).map((m) => h("li", {},
     `${m.app || "-"} ${m.machine_id} -> ${m.target ? hostName(m.target) : "nowhere: " + (m.reason || "no host fits")}`));
+  const replicas = (plan.replicas || []).map((r) => h("li", {},
+    `replica ${r.name} of ${r.volume_id} -> ${r.target ? hostName(r.target) : "stays: " + r.reason}`));
   const minHealthy = h("input", { id: "drain-min-healthy", type: "number", min: "0", step: "1", placeholder: "10" });
   const extra = h("div", {}, moves.length ? h("ul", {}, moves) : h("p", {}, "No machines to move."),
+    replicas.length ? h("ul", {}, replicas) : null,
     h("label", {}, "Seconds a replacement must stay healthy: ", minHealthy));
   if (!(await ask(`Drain ${host.name || host.id}?`, extra))) return;
   const kwargs = {};
@@ -670,7 +673,11 @@ function drawDrains() {
         h("td", { class: "num" }, m.eta === null || m.eta === undefined ? "-" : seconds(m.eta)),
         h("td", { class: "num" }, m.downtime ? seconds(m.downtime) : "-"),
         h("td", { class: "small" }, m.error || (m.waiting_for ? `waiting for ${m.waiting_for}` : ""))))))
-      : h("p", { class: "empty" }, "Nothing to move.")));
+      : (d.replicas || []).length ? null : h("p", { class: "empty" }, "Nothing to move."),
+    (d.replicas || []).length ? h("ul", { class: "small drain-replicas" }, d.replicas.map((r) =>
+      h("li", { dataset: { replica: r.replica, state: r.state } },
+        `replica ${r.name} of ${r.volume_id}: ${r.state}${r.target ? " -> " + hostName(r.target) : ""}` +
+        (r.reason ? ` (${r.reason})` : "")))) : null));
   $("#drains-list").replaceChildren(...(cards.length ? cards : [h("p", { class: "empty" }, "No drains.")]));
 }
 
