@@ -225,6 +225,27 @@ class FormatTests(SynchronousTestCase):
                       out.getvalue())
 
 
+class WorkingLineTests(SynchronousTestCase):
+    """What a copy's progress shows on a terminal (and nowhere else)."""
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    def test_a_line_every_few_seconds_on_a_terminal(self):
+        err = self.Terminal()
+        show = client.working("replicating", err)
+        for p in ({"elapsed": 2.0}, {"elapsed": 5.0, "done": 3 << 20, "total": 8 << 20},
+                  {"elapsed": 7.0, "done": 4 << 20, "total": 8 << 20}, {"elapsed": 10.0}):
+            show(p)
+        self.assertEqual(err.getvalue(), "replicating: 5 s, 3 of 8 MiB\nreplicating: 10 s\n")
+
+    def test_nothing_in_a_log(self):
+        err = io.StringIO()
+        client.working("replicating", err)({"elapsed": 60.0})
+        self.assertEqual(err.getvalue(), "")
+
+
 class Args:
     def __init__(self, **kw):
         self.__dict__.update(kw)

@@ -8,14 +8,16 @@ import json
 import os
 
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.agent.test_membership import start_host_agent, start_plane
 from tests.cli.test_cli import d
 from tests.cli.test_json_everywhere import zwrm
 from zwrm.cli import client, host_remove
-from zwrm.cli.client import EXIT_REMOTE, CliError
+from zwrm.cli.client import EXIT_REMOTE, EXIT_TIMEOUT, CliError
 from zwrm.testing.processes import poll
+from zwrm.wamp import progress
 
 
 class VolumeSnapshotCommandTests(TestCase):
@@ -181,6 +183,54 @@ class VolumeReplicaCommandTests(TestCase):
         _, out = await zwrm(plane.url, "volumes", "replicas", vid, "--json")
         self.assertEqual([(r["id"], r["host_id"]) for r in json.loads(out)],
                          [(last[1].split()[1], third)])
+
+
+class LongCopyTests(TestCase):
+    timeout = 60
+
+    @d
+    async def test_a_copy_outlasting_the_timeout_goes_on_while_the_plane_says_it_works(self):
+        """
+        The CLI's timeout bounds how long the control plane stays silent about a copy
+        (progressive results every few seconds), not how long the copy takes.
+        """
+        plane, tmp = await start_plane(self)
+        agent = await start_host_agent(self, plane, os.path.join(tmp, "a1"))
+        host = agent.identity.host_id
+        env = {"ZWRM_TOKEN": plane.operator_token}
+        self.patch(client.os, "environ", env)
+        await poll(reactor, lambda: plane.registry.executor_available(host), 10, 0.05,
+                   what="the agent's executor registered")
+        await zwrm(plane.url, "apps", "create", "db")
+        _, out = await zwrm(plane.url, "volumes", "create", "db", "data", "--size", "8",
+                            "--mount", "/data", "--json")
+        vid = json.loads(out)["id"]
+        snapshot = plane.apps.volumes.snapshot
+
+        async def slow(*a, **kw):  # a volume with more data: 2 s of copying
+            await deferLater(reactor, 2.0, lambda: None)
+            return await snapshot(*a, **kw)
+
+        self.patch(plane.apps.volumes, "snapshot", slow)
+        env["ZWRM_TIMEOUT"] = "1"
+        self.patch(client, "_flags", {})  # (no --timeout, no deploy --wait of another test)
+        self.patch(progress, "INTERVAL", 0.25)
+        _, out = await zwrm(plane.url, "volumes", "snapshot", vid, "--name", "long")
+        self.assertTrue(out.startswith("snapshot long (s-"), out)
+
+        self.patch(progress, "INTERVAL", 60.0)  # silent: the CLI gives up, the copy goes on
+        with self.assertRaises(CliError) as e:
+            await zwrm(plane.url, "volumes", "snapshot", vid, "--name", "silent")
+        self.assertEqual((e.exception.code, e.exception.message), (
+            EXIT_TIMEOUT, "the control plane said nothing of zwrm.volume.snapshot within 1 s"))
+        del env["ZWRM_TIMEOUT"]
+
+        async def made():
+            _, out = await zwrm(plane.url, "volumes", "snapshots", vid, "--json")
+            return [s["name"] for s in json.loads(out) if s["state"] == "ready"] == [
+                "long", "silent"]
+
+        await poll(reactor, made, 10, 0.1, what="the silent one made all the same")
 
 
 class RemovalLinesTests(SynchronousTestCase):

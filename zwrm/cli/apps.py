@@ -25,6 +25,7 @@ from zwrm.cli.client import (
     connect,
     load_settings,
     print_json,
+    working,
 )
 from zwrm.cli.host import PAUSED, _table, _with_session
 from zwrm.cli.host import machine_state as _state
@@ -1092,7 +1093,7 @@ def format_snapshots(snapshots, out):
 async def volumes_snapshot(reactor, args, out=None):
     out = out or sys.stdout
     s = await call_once(reactor, args.api_url, "zwrm.volume.snapshot", args.volume_id,
-                        name=args.name, keep=args.keep)
+                        name=args.name, keep=args.keep, on_progress=working("snapshotting"))
     if not args.json:
         how = "while its machine ran" if s["live"] else "at rest"
         out.write(f"snapshot {s['name']} ({s['id']}) of volume {s['volume_id']} on "
@@ -1104,7 +1105,7 @@ async def volumes_snapshot(reactor, args, out=None):
     if args.replicate_to or args.replicate:
         s["replica"] = await call_once(reactor, args.api_url, "zwrm.volume.replicate",
                                        args.volume_id, s["id"], args.replicate_to,
-                                       keep=args.keep)
+                                       keep=args.keep, on_progress=working("replicating"))
         if not args.json:
             _replica_lines(s["replica"], args.keep, out)
     if args.json:
@@ -1122,7 +1123,8 @@ def _replica_lines(r, keep, out):
 async def volumes_replicate(reactor, args, out=None):
     out = out or sys.stdout
     r = await call_once(reactor, args.api_url, "zwrm.volume.replicate", args.volume_id,
-                        args.snapshot, args.host_id, keep=args.keep)
+                        args.snapshot, args.host_id, keep=args.keep,
+                        on_progress=working("replicating"))
     print_json(r, out) if args.json else _replica_lines(r, args.keep, out)
 
 
@@ -1163,7 +1165,7 @@ async def volumes_snapshots(reactor, args, out=None):
 async def volumes_restore(reactor, args, out=None):
     out = out or sys.stdout
     got = await call_once(reactor, args.api_url, "zwrm.volume.restore", args.volume_id,
-                          args.snapshot, restart=args.restart)
+                          args.snapshot, restart=args.restart, on_progress=working("restoring"))
     if args.json:
         return print_json(got, out)
     machine = got.get("machine")

@@ -27,6 +27,7 @@ flight at once (L{EXIT_UNREACHABLE}); every call is bounded by the timeout
 
 import json
 import os
+import sys
 import tomllib
 from urllib.parse import urlsplit, urlunsplit
 
@@ -34,7 +35,7 @@ from autobahn.twisted.wamp import ApplicationSession
 from autobahn.twisted.websocket import WampWebSocketClientFactory, WampWebSocketClientProtocol
 from autobahn.wamp.exception import ApplicationError, TransportLost
 from autobahn.wamp.serializer import JsonSerializer
-from autobahn.wamp.types import ComponentConfig
+from autobahn.wamp.types import CallOptions, ComponentConfig
 from autobahn.websocket.util import parse_url
 from twisted.internet import defer, error
 
@@ -493,12 +494,27 @@ async def connect(reactor, settings, timeout=None):
     return session
 
 
-async def call(session, procedure, *args, **kwargs):
+async def call(session, procedure, *args, on_progress=None, **kwargs):
     """
     Call C{procedure}; a WAMP error becomes a L{CliError} with its readable message; a lost
     connection one with L{EXIT_UNREACHABLE}; no answer within the session's timeout one with
     L{EXIT_TIMEOUT}.
+
+    @param on_progress: L{None}, or C{on_progress(dict)}: the call asks for progressive
+        results (L{zwrm.wamp.progress}: the control plane sends one at least every 10 s
+        while the work goes on) and each is given to it; the timeout then bounds how long
+        the control plane stays silent, not how long the work takes.
     """
+    timer = None
+    if on_progress is not None:
+        def heard(*a, **kw):
+            if timer is not None and timer.active():
+                timer.reset(timeout)
+            payload = a[0] if a else kw
+            if isinstance(payload, dict):
+                on_progress(payload)
+
+        kwargs["options"] = CallOptions(on_progress=heard)
     d = defer.maybeDeferred(session.call, procedure, *args, **kwargs)
     result = defer.Deferred()
     reactor = getattr(session, "reactor", None)
@@ -510,12 +526,13 @@ async def call(session, procedure, *args, **kwargs):
             result.callback(value)
 
     d.addBoth(done)
-    timer = None
     if reactor is not None and timeout:
         def expire():
             if not result.called:
+                what = ("said nothing of" if on_progress is not None
+                        else "did not answer")
                 result.errback(CliError(
-                    f"the control plane did not answer {procedure} within {timeout:g} s",
+                    f"the control plane {what} {procedure} within {timeout:g} s",
                     EXIT_TIMEOUT))
 
         timer = reactor.callLater(timeout, expire)
@@ -539,6 +556,31 @@ async def call(session, procedure, *args, **kwargs):
     finally:
         if timer is not None and timer.active():
             timer.cancel()
+
+
+def working(what, err=None, every=5.0):
+    """
+    An C{on_progress} for L{call} (a copy of a volume's data): on a terminal, a line on
+    standard error at most every C{every} seconds (C{what}, how long, and the bytes when
+    the control plane says them); elsewhere (a timer's log) nothing.
+    """
+    err = err or sys.stderr
+    shown = [0.0]
+
+    def show(p):
+        elapsed = p.get("elapsed")
+        if not isinstance(elapsed, int | float) or elapsed - shown[0] < every:
+            return
+        if not getattr(err, "isatty", lambda: False)():
+            return
+        shown[0] = elapsed
+        done, total = p.get("done"), p.get("total")
+        size = (f", {done / (1 << 20):.0f} of {total / (1 << 20):.0f} MiB"
+                if isinstance(done, int) and isinstance(total, int) and total else "")
+        err.write(f"{what}: {elapsed:.0f} s{size}\n")
+        err.flush()
+
+    return show
 
 
 async def call_once(reactor, api_url, procedure, *args, **kwargs):

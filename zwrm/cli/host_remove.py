@@ -12,7 +12,7 @@ C{--forget-volumes} gives their data up.
 import sys
 import time
 
-from zwrm.cli.client import call_once, print_json
+from zwrm.cli.client import call_once, print_json, working
 
 
 def register_remove(hsub):
@@ -65,7 +65,9 @@ async def host_remove(reactor, args, out=None):
     out = out or sys.stdout
     result = await call_once(reactor, args.api_url, "zwrm.host.remove", args.host_id,
                              forget_volumes=args.forget_volumes,
-                             recover_volumes=args.recover_volumes)
+                             recover_volumes=args.recover_volumes,
+                             on_progress=working("recovering volumes")
+                             if args.recover_volumes else None)
     if args.json:
         print_json(result, out)
     else:

@@ -50,6 +50,7 @@ from zwrm.wamp.procedures import (
     procedures_of,
     shield_unless_cancellable,
 )
+from zwrm.wamp.progress import CallerProgress
 
 DETAILS = RegisterOptions(details_arg="details")
 
@@ -209,13 +210,19 @@ class HostAPI:
             raise errors.InvalidArgument("zwrm.host.status needs a host id")
         return await self.registry.status(host_id)
 
-    @wamp.register("zwrm.host.remove")
-    async def remove(self, host_id, forget_volumes=False, recover_volumes=False):
-        """(Operator.) Remove an offline host from the cluster (L{zwrm.control.host_removal})."""
+    @wamp.register("zwrm.host.remove", options=DETAILS)
+    async def remove(self, host_id, forget_volumes=False, recover_volumes=False,
+                     details=None):
+        """
+        (Operator.) Remove an offline host from the cluster (L{zwrm.control.host_removal});
+        a caller that asks for progressive results gets one every few seconds while its
+        volumes are recovered (L{zwrm.wamp.progress}).
+        """
         if self.removal is None:
             raise errors.Unavailable("this control plane does not remove hosts")
-        return await self.removal.remove(host_id, forget_volumes=forget_volumes,
-                                         recover_volumes=recover_volumes)
+        with CallerProgress(self.registry.clock, details):
+            return await self.removal.remove(host_id, forget_volumes=forget_volumes,
+                                             recover_volumes=recover_volumes)
 
 
 def guarded(uri, endpoint, options, log):

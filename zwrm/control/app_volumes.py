@@ -20,6 +20,8 @@ hosts (L{AppVolumes.move_replica}); those no other host may keep go with its rem
 
 import time
 
+from autobahn.wamp.types import CallOptions
+
 from zwrm import errors
 from zwrm.control.appspec import check_name, error_text, new_id, whole_number
 from zwrm.control.resources.machines import LIVE, placement_request
@@ -367,7 +369,7 @@ class AppVolumes:
         self._placements.unplace(placement)
         return placement.host_id
 
-    async def replicate(self, volume, snapshot, host_id, keep=None):
+    async def replicate(self, volume, snapshot, host_id, keep=None, progress=None):
         """
         Copy C{snapshot} (a ready row of C{volume}'s) to host C{host_id}, another ready
         host (L{None}: L{replica_host}), as a replica: the volume's host streams it to
@@ -376,6 +378,8 @@ class AppVolumes:
 
         @param keep: once it is made, delete the volume's oldest replicas on C{host_id}
             until C{keep} are left.
+        @param progress: L{None}, or C{progress(sent=, done=, total=)} with each of the
+            sending agent's announcements (bytes).
         @return: the replica's row, with C{pruned}: the rows deleted for C{keep}.
         @raise zwrm.errors.Conflict: the host is the volume's, or not ready; it has a
             replica of this snapshot already; the volume's host drains; or another
@@ -422,7 +426,7 @@ class AppVolumes:
             await self._data.volumes.add_replica(row)
             row = await self._stream_replica(row, volume["host_id"], snapshot["id"],
                                              snapshot["size_bytes"],
-                                             lambda: self._host_usable(volume))
+                                             lambda: self._host_usable(volume), progress)
             pruned = []
             if keep is not None:
                 held = [r for r in await self._data.volumes.find_replicas(
@@ -433,7 +437,7 @@ class AppVolumes:
                     pruned.append(old)
             return dict(row, pruned=pruned)
 
-    async def _stream_replica(self, row, source, file_id, size, check=None):
+    async def _stream_replica(self, row, source, file_id, size, check=None, progress=None):
         """
         Make the replica C{row} (stored C{creating} on its host): host C{source} streams
         its file C{file_id} of the volume (a snapshot there, or a replica) to the
@@ -442,10 +446,18 @@ class AppVolumes:
         the row, cancels the transfer and deletes any copy, then raises.
 
         @param check: L{None}, or a callable run before the copy (it may raise).
+        @param progress: L{None}, or C{progress(sent=, done=, total=)} (L{replicate}).
         @return: the ready row.
         """
         host_id, vid = row["host_id"], row["volume_id"]
         token = mint_token()
+        options = {}
+        if progress is not None:
+            def announced(p=None, *args, **kwargs):
+                if isinstance(p, dict):
+                    progress(**{k: p.get(k) for k in ("sent", "done", "total")})
+
+            options["options"] = CallOptions(on_progress=announced)
         try:
             if check is not None:
                 check()  # (a drain that began meanwhile: see snapshot)
@@ -453,7 +465,7 @@ class AppVolumes:
                                               source=source, snapshot=row["id"])
             sent = await self._replicas.call(
                 source, "volume.send", vid, where["host"], where["port"], token, host_id,
-                mode="bulk", commit=True, snapshot=file_id)
+                mode="bulk", commit=True, snapshot=file_id, **options)
             if not sent.get("committed"):
                 raise errors.Corrupt(f"host {host_id} did not keep the copy")
             info = await self._replica_info(row)

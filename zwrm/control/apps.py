@@ -59,6 +59,7 @@ from zwrm.control.resources.machines import TOPIC as MACHINE_TOPIC
 from zwrm.control.resources.machines import wire as machine_wire
 from zwrm.control.rollout import Rollout
 from zwrm.drain_phases import MIGRATION_TERMINAL
+from zwrm.wamp.progress import DETAILS, CallerProgress
 
 __all__ = ["APP_TOPIC", "MACHINE_TOPIC", "LIVE", "MACHINE_STATES", "Apps", "validate_spec",
            "placement_request", "merge_spec", "same_version", "UPDATE_DEFAULTS"]
@@ -607,13 +608,17 @@ class Apps:
         raise errors.NotFound(f"volume {volume['id']} has no snapshot {snapshot!r}",
                               argument="snapshot")
 
-    @wamp.register("zwrm.volume.snapshot")
-    async def snapshot_volume(self, volume_id, name=None, keep=None):
+    @wamp.register("zwrm.volume.snapshot", options=DETAILS)
+    async def snapshot_volume(self, volume_id, name=None, keep=None, details=None):
         """
         Snapshot a volume on its host: while its machine runs (a point in time) or not;
-        with C{keep}, then delete its oldest snapshots until C{keep} are left.
+        with C{keep}, then delete its oldest snapshots until C{keep} are left. A caller
+        that asks for progressive results gets one every few seconds while it copies
+        (L{zwrm.wamp.progress}).
         """
-        return await self.volumes.snapshot(await self._volume(volume_id), name, keep=keep)
+        volume = await self._volume(volume_id)
+        with CallerProgress(self._clock, details):
+            return await self.volumes.snapshot(volume, name, keep=keep)
 
     @wamp.register("zwrm.volume.snapshots")
     async def list_snapshots(self, volume_id=None, app=None):
@@ -625,8 +630,8 @@ class Apps:
             return await self.data.volumes.find_snapshots(app_id=(await self._app(app))["id"])
         return await self.data.volumes.find_snapshots()
 
-    @wamp.register("zwrm.volume.restore")
-    async def restore_volume(self, volume_id, snapshot, restart=False):
+    @wamp.register("zwrm.volume.restore", options=DETAILS)
+    async def restore_volume(self, volume_id, snapshot, restart=False, details=None):
         """
         Put a snapshot's data back into its volume while no machine runs with it; what the
         volume held is kept as snapshot C{before-restore-<time>}.
@@ -637,8 +642,12 @@ class Apps:
             again). A restore that fails then leaves the volume as it was and the machine
             is started again all the same.
         @return: C{{volume, snapshot, kept}}, with C{machine} (its wire form after its
-            start) when it was restarted.
+            start) when it was restarted.  (Progressive results: as C{zwrm.volume.snapshot}.)
         """
+        with CallerProgress(self._clock, details):
+            return await self._restore_volume(volume_id, snapshot, restart)
+
+    async def _restore_volume(self, volume_id, snapshot, restart):
         if not isinstance(restart, bool):
             raise errors.InvalidArgument(f"restart must be true or false, not {restart!r}",
                                          argument="restart")
@@ -671,18 +680,23 @@ class Apps:
                 f"again on {row['host_id']}: {await self._last_reason(row['id'])}")
         return dict(done, machine=machine_wire(row))
 
-    @wamp.register("zwrm.volume.replicate")
-    async def replicate_volume(self, volume_id, snapshot, host_id=None, keep=None):
+    @wamp.register("zwrm.volume.replicate", options=DETAILS)
+    async def replicate_volume(self, volume_id, snapshot, host_id=None, keep=None,
+                               details=None):
         """
         Copy one of a volume's snapshots to another host (L{None}: the host of its newest
         replica, else one the scheduler picks), as a replica from which the volume is
         recovered if its host is lost (C{zwrm.host.remove} with C{recover_volumes}); with
         C{keep}, then delete the volume's oldest replicas on that host until C{keep} are
-        left.
+        left.  A caller that asks for progressive results gets the copy's (C{sent},
+        C{done}, C{total} bytes) as the sending agent announces it, and one every few
+        seconds in any case (L{zwrm.wamp.progress}).
         """
         volume = await self._volume(volume_id)
         snap = await self._snapshot(volume, snapshot)
-        return await self.volumes.replicate(volume, snap, host_id, keep=keep)
+        with CallerProgress(self._clock, details) as progress:
+            return await self.volumes.replicate(volume, snap, host_id, keep=keep,
+                                                progress=progress.report)
 
     @wamp.register("zwrm.volume.replicas")
     async def list_replicas(self, volume_id=None, app=None):

@@ -434,6 +434,11 @@ class HostRegistry:
 
         d.addCallback(next_chunk)
 
+    @property
+    def clock(self):
+        """The L{IReactorTime} it keeps time with."""
+        return self._clock
+
     def stop(self):
         """
         The control plane stops (its store closes next): the sessions that end from now

@@ -481,7 +481,8 @@ PROCEDURES = {p.uri: p for p in [
     Procedure(
         "zwrm.host.remove", OPERATOR,
         "Remove an offline host from the cluster: its row and credential, its subnet and"
-        " addresses; the replicas that failed with it are placed again elsewhere.",
+        " addresses; the replicas that failed with it are placed again elsewhere."
+        " Progressive results, if asked for: {elapsed} at least every 10 s.",
         [_HOST, Arg("forget_volumes", Bool(), False,
                     "also delete the records of the volumes that live on it (their data is"
                     " given up; their replicas get new, empty volumes)"),
@@ -643,7 +644,8 @@ PROCEDURES = {p.uri: p for p in [
                "unavailable"]),
     Procedure("zwrm.volume.snapshot", OPERATOR,
               "Snapshot a volume on its host: a whole copy, taken while its machine runs (a"
-              " point in time, crash-consistent) or while it is down.",
+              " point in time, crash-consistent) or while it is down. Progressive results, if"
+              " asked for: {elapsed} at least every 10 s while it copies.",
               [Arg("volume_id", ID, doc="the volume's id"),
                Arg("name", Nullable(NAME), None, "the snapshot's name (default: the time,"
                    " YYYYMMDD-HHMMSS UTC)"),
@@ -665,7 +667,8 @@ PROCEDURES = {p.uri: p for p in [
     Procedure("zwrm.volume.restore", OPERATOR,
               "Put a snapshot's data back into its volume, while no machine runs with it."
               " The copy is verified before it replaces the volume; what the volume held is"
-              " kept as a new snapshot, before-restore-<time>.",
+              " kept as a new snapshot, before-restore-<time>. Progressive results, if asked"
+              " for: {elapsed} at least every 10 s.",
               [Arg("volume_id", ID, doc="the volume's id"),
                Arg("snapshot", ID, doc="the snapshot's name or id"),
                Arg("restart", Bool(), False, "if its machine runs, restart it in place around"
@@ -683,7 +686,8 @@ PROCEDURES = {p.uri: p for p in [
     Procedure("zwrm.volume.replicate", OPERATOR,
               "Copy one of a volume's snapshots to another host, as a replica: if the"
               " volume's host is lost, zwrm.host.remove with recover_volumes makes the volume"
-              " again there from its newest replica.",
+              " again there from its newest replica. Progressive results, if asked for:"
+              " {elapsed, sent, done, total} (bytes) as the copy goes, at least every 10 s.",
               [Arg("volume_id", ID, doc="the volume's id"),
                Arg("snapshot", ID, doc="the snapshot's name or id"),
                Arg("host_id", Nullable(ID), None, "the host to keep the replica (a ready"
