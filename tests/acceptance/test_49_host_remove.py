@@ -142,6 +142,7 @@ def test_a_host_retired_and_added_again(cluster, request):
 
 
 SNAPSHOTS = "/var/lib/zwrm/agent/volumes/snapshots"
+VOLUMES = "/var/lib/zwrm/agent/volumes"
 
 
 def test_a_lost_host_s_volume_recovered_from_its_replica(cluster):
@@ -209,4 +210,23 @@ def test_a_lost_host_s_volume_recovered_from_its_replica(cluster):
         assert hosts[host_id]["state"] == "ready", hosts
         for body in cluster.app_everywhere("/cgi-bin/read?index.txt", wait=60).values():
             assert body.encode() == web["data"]
+
+    with cluster.phase("its stale copy of the volume listed, then deleted on request"):
+        # (the removal deleted nothing on the host: its copy, recovered elsewhere since,
+        # would refuse that volume's drain back onto it)
+        def listed():
+            out = cluster.zwrm("host", "status", host_id)
+            return "not recorded by the cluster" in out and out
+
+        out = poll(listed, 60, interval=2, what=f"{host}'s stale volume listed")
+        assert f"\n  volume {vid}  " in out, out
+        assert cluster.sh(host, ["test", "-e", f"{VOLUMES}/{vid}.img"], ok=(0, 1)).returncode == 0
+        out = cluster.zwrm("host", "clean", host_id, ok=(0, 1))
+        assert out.startswith(f"host {host_id}: deleted 1 volume(s) ({vid})"), out
+        assert cluster.sh(host, ["test", "-e", f"{VOLUMES}/{vid}.img"],
+                          ok=(0, 1)).returncode == 1, "the stale copy is still there"
+        assert "not recorded by the cluster" not in cluster.zwrm("host", "status", host_id)
+        [v] = cluster.zwrm_json("volumes", "list", "--app", web["name"])
+        assert (v["id"], v["host_id"], v["state"]) == (vid, other_id, "ready"), v
+        assert cluster.app_request("/cgi-bin/read?index.txt", via=other).encode() == web["data"]
     cluster.check_logs_since(offsets)

@@ -233,6 +233,50 @@ class LongCopyTests(TestCase):
         await poll(reactor, made, 10, 0.1, what="the silent one made all the same")
 
 
+class UnrecordedCommandTests(TestCase):
+    timeout = 60
+
+    @d
+    async def test_host_status_lists_them_and_host_clean_deletes_them(self):
+        plane, tmp = await start_plane(self)
+        agent = await start_host_agent(self, plane, os.path.join(tmp, "a1"))
+        host = agent.identity.host_id
+        self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
+        await poll(reactor, lambda: plane.registry.executor_available(host), 10, 0.05,
+                   what="the agent's executor registered")
+        await zwrm(plane.url, "apps", "create", "db")
+        _, out = await zwrm(plane.url, "volumes", "create", "db", "data", "--size", "8",
+                            "--mount", "/data", "--json")
+        kept = json.loads(out)["id"]
+        # a volume the cluster does not record (as a host removed and joined again keeps
+        # its old ones), seen when the agent comes back
+        await agent.runtime.volumes.create("v-0123456789ab", 8)
+        await agent.stopService()
+        agent.startService()
+        await agent.registered
+
+        async def listed():
+            _, out = await zwrm(plane.url, "host", "status", host)
+            return "not recorded by the cluster" in out and out
+
+        out = await poll(reactor, listed, 10, 0.1, what="the stale volume listed")
+        self.assertIn("kept there, not recorded by the cluster (zwrm host clean deletes them):\n"
+                      "  volume v-0123456789ab  ", out)
+        self.assertNotIn(kept, out.split("not recorded by the cluster")[1])
+        _, out = await zwrm(plane.url, "host", "clean", host)
+        self.assertEqual(out, f"host {host}: deleted 1 volume(s) (v-0123456789ab)\n")
+        self.assertFalse(agent.runtime.volumes.exists("v-0123456789ab"))
+        self.assertTrue(agent.runtime.volumes.exists(kept))
+        _, out = await zwrm(plane.url, "host", "status", host, "--json")
+        self.assertEqual(json.loads(out)["unrecorded"],
+                         {"volumes": [], "snapshots": [], "machines": []})
+        _, out = await zwrm(plane.url, "host", "clean", host)
+        self.assertEqual(out, f"host {host}: deleted nothing\n")
+        with self.assertRaises(CliError) as e:
+            await zwrm(plane.url, "host", "clean", "h_0000000000000000")
+        self.assertEqual(e.exception.code, EXIT_REMOTE)
+
+
 class RemovalLinesTests(SynchronousTestCase):
     def test_what_a_removal_did_a_line_each(self):
         out = io.StringIO()

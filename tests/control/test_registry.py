@@ -149,6 +149,16 @@ class RegistryTests(TestCase):
         self.assertTrue(reg.executor_available("h1"))
 
     @d
+    async def test_a_host_that_joins_with_no_record_is_said_to_join_anew(self):
+        """(What it keeps of a life before is listed: zwrm.control.unrecorded.)"""
+        clock, store, reg, published = await make_registry(self)
+        await reg.join("h1", FACTS)
+        self.assertEqual(reg.joined_anew, {"h1"})
+        reg.joined_anew.clear()
+        await reg.join("h1", FACTS)  # its agent lost its credential: it has a record
+        self.assertEqual(reg.joined_anew, set())
+
+    @d
     async def test_a_session_that_ends_once_the_control_plane_stops_changes_nothing(self):
         """Its store closes next: the end of an agent's session is not stored then."""
         clock, store, reg, published = await make_registry(self)

@@ -34,6 +34,11 @@ def register(subparsers):
     st.add_argument("--json", action="store_true", help="print JSON")
     st.add_argument("--events", type=int, default=20, help="how many recent events")
     st.set_defaults(func=host_status)
+    cl = hsub.add_parser("clean", help="delete what a host keeps that the cluster does not "
+                                       "record (zwrm host status lists it)")
+    cl.add_argument("host_id")
+    cl.add_argument("--json", action="store_true", help="print JSON")
+    cl.set_defaults(func=host_clean)
     register_host_commands(hsub)
     register_reset(hsub)
     register_remove(hsub)
@@ -154,6 +159,16 @@ def format_status(h, out, partition=None):
         for m in h["machine_list"]:
             if m.get("paused"):
                 out.write(f"  {m['id']}: paused: {PAUSED.get(m['paused'], m['paused'])}\n")
+    unrecorded = h.get("unrecorded") or {}
+    if any(unrecorded.values()):
+        out.write("\nkept there, not recorded by the cluster (zwrm host clean deletes them):\n")
+        for v in unrecorded.get("volumes") or ():
+            out.write(f"  volume {v['id']}  {_mib(v.get('allocated_bytes'))} of data\n")
+        for f in unrecorded.get("snapshots") or ():
+            out.write(f"  snapshot file {f['id']} of volume {f['volume_id']}  "
+                      f"{_mib(f.get('allocated_bytes'))} of data\n")
+        for m in unrecorded.get("machines") or ():
+            out.write(f"  machine record {m['id']}  {m.get('state') or '-'}\n")
     out.write(f"\nrecent events ({len(h['events'])}):\n")
     if h["events"]:
         rows = []
@@ -233,3 +248,19 @@ async def host_status(reactor, args, out=None):
         held = [p for p in partitions if host.get("id") in (p.get("held_hosts") or [])]
         format_status(host, out, held[0] if held else None)
     return 0
+
+
+async def host_clean(reactor, args, out=None):
+    out = out or sys.stdout
+    r = await call_once(reactor, args.api_url, "zwrm.host.clean", args.host_id)
+    if args.json:
+        print_json(r, out)
+        return 0
+    deleted = r["deleted"]
+    gone = [f"{len(deleted[k])} {name} ({', '.join(deleted[k])})"
+            for k, name in (("volumes", "volume(s)"), ("snapshots", "snapshot file(s)"),
+                            ("machines", "machine record(s)")) if deleted[k]]
+    out.write(f"host {r['host_id']}: deleted {'; '.join(gone) if gone else 'nothing'}\n")
+    for k in r["kept"]:
+        out.write(f"  kept {k['kind'].rstrip('s')} {k['id']}: {k['reason']}\n")
+    return 1 if r["kept"] else 0

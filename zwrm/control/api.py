@@ -192,13 +192,16 @@ class AgentAPI:
 class HostAPI:
     """The operator's C{zwrm.host.*} procedures (the parts of issue 3, and removal)."""
 
-    def __init__(self, registry, removal=None):
+    def __init__(self, registry, removal=None, unrecorded=None):
         """
         @param removal: the L{zwrm.control.host_removal.HostRemoval}, or L{None} (then
             C{zwrm.host.remove} is not offered).
+        @param unrecorded: the L{zwrm.control.unrecorded.Unrecorded}, or L{None} (then
+            C{zwrm.host.clean} is not offered).
         """
         self.registry = registry
         self.removal = removal
+        self.unrecorded = unrecorded
 
     @wamp.register("zwrm.host.list")
     async def list(self):
@@ -208,7 +211,22 @@ class HostAPI:
     async def status(self, host_id=None):
         if not isinstance(host_id, str) or not host_id:
             raise errors.InvalidArgument("zwrm.host.status needs a host id")
-        return await self.registry.status(host_id)
+        result = await self.registry.status(host_id)
+        if self.unrecorded is not None:  # (its agent asked now, if it can be)
+            result["unrecorded"] = (await self.unrecorded.look(host_id)
+                                    if self.registry.executor_available(host_id) else None)
+        return result
+
+    @wamp.register("zwrm.host.clean")
+    async def clean(self, host_id):
+        """
+        (Operator.) Delete what a host keeps that the cluster does not record
+        (L{zwrm.control.unrecorded}).
+        """
+        if self.unrecorded is None:
+            raise errors.Unavailable("this control plane does not clean hosts")
+        self.registry.entry(host_id)  # NotFound
+        return await self.unrecorded.clean(host_id)
 
     @wamp.register("zwrm.host.remove", options=DETAILS)
     async def remove(self, host_id, forget_volumes=False, recover_volumes=False,
@@ -221,8 +239,11 @@ class HostAPI:
         if self.removal is None:
             raise errors.Unavailable("this control plane does not remove hosts")
         with CallerProgress(self.registry.clock, details):
-            return await self.removal.remove(host_id, forget_volumes=forget_volumes,
-                                             recover_volumes=recover_volumes)
+            result = await self.removal.remove(host_id, forget_volumes=forget_volumes,
+                                               recover_volumes=recover_volumes)
+        if self.unrecorded is not None:
+            self.unrecorded.forget(host_id)
+        return result
 
 
 def guarded(uri, endpoint, options, log):

@@ -157,6 +157,9 @@ class HostRegistry:
         self._sessions = {}  # WAMP session id -> the host whose agent registered from it
         self._left = []  # hosts whose agents' sessions ended, to deregister (session_left)
         self._stopped = False  # (stop)
+        #: hosts that joined as new hosts (no record before) and were not reconciled since
+        #: (L{zwrm.control.unrecorded.Unrecorded} looks at what they kept of a life before)
+        self.joined_anew = set()
         self._left_done = None  # fires once they are
         # WAMP session id -> clock time it ended, for ENDED_MEMORY s: a registration whose
         # session ended before (or while) it was stored is deregistered at once
@@ -318,6 +321,7 @@ class HostRegistry:
                 "joined_at": now,
             }
             await self.hosts.add(record)
+            self.joined_anew.add(host_id)
             self.log.info("host {host_id} ({name}) joined", host_id=host_id, name=record["name"])
         else:
             await self.hosts.set_credential(host_id, hash_secret(credential))

@@ -470,8 +470,19 @@ PROCEDURES = {p.uri: p for p in [
     # -- hosts -------------------------------------------------------------------------
     Procedure("zwrm.host.list", READ, "Every host, summarised.", [], "a list of hosts"),
     Procedure("zwrm.host.status", READ, "One host with its machines and recent events.",
-              [_HOST], "the host with machine_list, events, stats and disk_full",
+              [_HOST], "the host with machine_list, events, stats, disk_full and unrecorded"
+              " ({volumes, snapshots, machines} its agent keeps that the cluster does not"
+              " record, its agent asked now; null when it cannot be asked)",
               ["invalid_argument", "not_found"]),
+    Procedure(
+        "zwrm.host.clean", OPERATOR,
+        "Delete what a host keeps that the cluster does not record (zwrm.host.status's"
+        " unrecorded, read again now): its machine records that are down, then snapshot"
+        " files, then volumes. Nothing under way is touched.",
+        [_HOST],
+        "{host_id, deleted: {volumes, snapshots, machines}, kept: [{id, kind, reason}]}",
+        ["invalid_argument", "not_found", "conflict (the host is not ready or drained)",
+         "unavailable (its agent cannot be reached)"]),
     Procedure(
         "zwrm.host.reset", OPERATOR,
         "Let a host whose agent lost its credential join again once (with a join token)"

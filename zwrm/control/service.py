@@ -47,6 +47,7 @@ from zwrm.control.resources.events import (
 from zwrm.control.roles import roles
 from zwrm.control.store import Store
 from zwrm.control.tokens import ControlPKI
+from zwrm.control.unrecorded import Unrecorded
 from zwrm.registry import TicketAuthorizer, make_registry_resource
 from zwrm.registry.guard import registry_request_factory
 from zwrm.scheduler import Scheduler, load_strategy
@@ -267,7 +268,8 @@ class ControlPlane(service.MultiService):
             AgentAPI(self.registry, machines=self.apps, pki=self.pki),
             HostAPI(self.registry, HostRemoval(self.registry, self.apps, self.drains,
                                                pki=self.pki,
-                                               drop_session=self._drop_host_session)),
+                                               drop_session=self._drop_host_session),
+                    unrecorded=Unrecorded(self.registry, self.apps)),
             self.apps,
             AccessTokenAPI(self.pki, self.store, self.reactor),
             self.drains,

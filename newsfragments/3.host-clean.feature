@@ -1,0 +1,1 @@
+`zwrm host status` lists what a host keeps that the cluster does not record (a removed host's old volumes, snapshot files and machine records once it joins again; files left by a destroy while the host was away), and `zwrm host clean` deletes them on request, so that a stale copy no longer refuses that volume's drain or recovery back onto the host.
