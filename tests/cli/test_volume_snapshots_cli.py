@@ -184,6 +184,46 @@ class VolumeReplicaCommandTests(TestCase):
         self.assertEqual([(r["id"], r["host_id"]) for r in json.loads(out)],
                          [(last[1].split()[1], third)])
 
+    @d
+    async def test_every_volume_of_an_app_snapshotted_and_replicated(self):
+        plane, tmp = await start_plane(self)
+        agents = [await start_host_agent(self, plane, os.path.join(tmp, name))
+                  for name in ("a1", "a2")]
+        first, second = (a.identity.host_id for a in agents)
+        self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
+        for h in (first, second):
+            await poll(reactor, lambda h=h: plane.registry.executor_available(h), 10, 0.05,
+                       what="the agents' executors registered")
+        await zwrm(plane.url, "apps", "create", "db")
+        vids = []
+        for name, host in (("data", first), ("logs", second)):
+            _, out = await zwrm(plane.url, "volumes", "create", "db", name, "--size", "8",
+                                "--mount", f"/{name}", "--host", host, "--json")
+            vids.append(json.loads(out)["id"])
+        code, out = await zwrm(plane.url, "volumes", "snapshot", "--app", "db", "--name",
+                               "nightly", "--replicate")
+        self.assertEqual(code, 0)
+        lines = out.splitlines()
+        self.assertEqual([line.split()[0] for line in lines], ["snapshot", "replica"] * 2)
+        self.assertEqual([line.split()[1] for line in lines[::2]], ["nightly"] * 2)
+        _, out = await zwrm(plane.url, "volumes", "replicas", "--app", "db", "--json")
+        self.assertEqual(sorted((r["volume_id"], r["host_id"]) for r in json.loads(out)),
+                         sorted([(vids[0], second), (vids[1], first)]))
+        # one replica refused (the volume is on that host): the other made, exit 1
+        code, out = await zwrm(plane.url, "volumes", "snapshot", "--app", "db", "--name",
+                               "second", "--replicate-to", second)
+        self.assertEqual(code, 1)
+        self.assertIn(f"volume {vids[1]} (logs, replica 0): snapshot second taken, not "
+                      f"replicated: volume {vids[1]} is on host {second}", out)
+        self.assertIn(f"of snapshot second of volume {vids[0]} on {second}: ", out)
+        for argv in (("snapshot",), ("snapshot", vids[0], "--app", "db")):
+            with self.assertRaises(CliError) as e:
+                await zwrm(plane.url, "volumes", *argv)
+            self.assertEqual(e.exception.message, "give a volume id or --app APP (not both)")
+        with self.assertRaises(CliError) as e:
+            await zwrm(plane.url, "volumes", "snapshot", "--app", "nope")
+        self.assertEqual(e.exception.code, EXIT_REMOTE)
+
 
 class LongCopyTests(TestCase):
     timeout = 60

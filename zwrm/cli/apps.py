@@ -221,7 +221,10 @@ def register(subparsers):
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=volumes_destroy)
     p = vsub.add_parser("snapshot", help="copy a volume on its host (its machine may run)")
-    p.add_argument("volume_id")
+    p.add_argument("volume_id", nargs="?", help="the volume (or --app)")
+    p.add_argument("--app", metavar="APP",
+                   help="every volume of APP instead, one after the other (a schedule for "
+                        "an app; exit 1 if one failed, the others taken all the same)")
     p.add_argument("--name", help="the snapshot's name (default: the time, YYYYMMDD-HHMMSS)")
     p.add_argument("--keep", type=int, metavar="N",
                    help="then delete the volume's oldest snapshots until N are left (not a "
@@ -1092,8 +1095,43 @@ def format_snapshots(snapshots, out):
 
 async def volumes_snapshot(reactor, args, out=None):
     out = out or sys.stdout
-    s = await call_once(reactor, args.api_url, "zwrm.volume.snapshot", args.volume_id,
-                        name=args.name, keep=args.keep, on_progress=working("snapshotting"))
+    if (args.volume_id is None) == (getattr(args, "app", None) is None):
+        raise CliError("give a volume id or --app APP (not both)", EXIT_USAGE)
+    if args.volume_id is not None:
+        await _snapshot_one(reactor, args, args.volume_id, out)
+        return 0
+    volumes = await call_once(reactor, args.api_url, "zwrm.volume.list", app=args.app)
+    if not volumes:
+        raise CliError(f"app {args.app!r} has no volumes", EXIT_REMOTE)
+    failed, results = [], []
+    for v in volumes:
+        try:
+            results.append(await _snapshot_one(reactor, args, v["id"], out, quiet_json=True))
+        except CliError as e:
+            failed.append(v["id"])
+            results.append({"volume_id": v["id"], "error": e.message})
+            if not args.json:
+                out.write(f"volume {v['id']} ({v['name']}, replica {v['replica']}): "
+                          f"{e.message}\n")
+                out.flush()
+    if args.json:
+        print_json(results, out)
+    if failed:
+        sys.stderr.write(f"zwrm: {len(failed)} of {len(volumes)} volume(s) of app "
+                         f"{args.app} not snapshotted: {', '.join(failed)}\n")
+        return 1
+    return 0
+
+
+async def _snapshot_one(reactor, args, volume_id, out, quiet_json=False):
+    """Snapshot (and replicate, as asked) one volume; its lines, or its JSON."""
+    try:
+        s = await call_once(reactor, args.api_url, "zwrm.volume.snapshot", volume_id,
+                            name=args.name, keep=args.keep, on_progress=working("snapshotting"))
+    except CliError as e:
+        if args.volume_id is not None:
+            raise
+        raise CliError(f"not snapshotted: {e.message}", e.code) from None
     if not args.json:
         how = "while its machine ran" if s["live"] else "at rest"
         out.write(f"snapshot {s['name']} ({s['id']}) of volume {s['volume_id']} on "
@@ -1103,13 +1141,20 @@ async def volumes_snapshot(reactor, args, out=None):
                       f"{', '.join(p['name'] for p in s['pruned'])}\n")
         out.flush()
     if args.replicate_to or args.replicate:
-        s["replica"] = await call_once(reactor, args.api_url, "zwrm.volume.replicate",
-                                       args.volume_id, s["id"], args.replicate_to,
-                                       keep=args.keep, on_progress=working("replicating"))
+        try:
+            s["replica"] = await call_once(reactor, args.api_url, "zwrm.volume.replicate",
+                                           volume_id, s["id"], args.replicate_to,
+                                           keep=args.keep, on_progress=working("replicating"))
+        except CliError as e:
+            if args.volume_id is not None:
+                raise
+            raise CliError(f"snapshot {s['name']} taken, not replicated: {e.message}",
+                           e.code) from None
         if not args.json:
             _replica_lines(s["replica"], args.keep, out)
-    if args.json:
+    if args.json and not quiet_json:
         print_json(s, out)
+    return s
 
 
 def _replica_lines(r, keep, out):

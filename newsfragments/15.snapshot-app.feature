@@ -1,0 +1,1 @@
+`zwrm volumes snapshot --app APP` snapshots (and with `--replicate`, replicates) every volume of the app, one after the other: one timer per app, a volume added by a scale-up included; a volume that fails is said on its line and the command exits 1.
