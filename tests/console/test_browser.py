@@ -567,11 +567,17 @@ class ConsoleBrowserTests(TestCase):
         await wait_js(b, row + " return r && r.dataset.state === 'offline'", 60,
                       "the stopped agent's host offline", drained)
         await self.click(b, f"button[data-action=remove][data-host='{drained}']")
+        await wait_js(b, "return document.getElementById('confirm').open", 60, "the dialog")
+        # (it holds no volume: asking to recover them changes nothing, but it is asked)
+        await b.js("document.getElementById('remove-recover-volumes').checked = true")
         await self.confirm(b)
         await wait_js(b, row + " const m = document.getElementById('message');"
                       " return !r && !m.hidden && m.className === 'info'", 30,
                       "the host removed", drained)
         self.assertNotIn(drained, [h["id"] for h in await host_list(reactor, cp)])
+        [removal] = json.loads(await self.cli(cp, "audit", "--procedure", "zwrm.host.remove",
+                                              "--json"))
+        self.assertEqual(removal["args"], {"host_id": drained, "recover_volumes": True})
         await b.js("location.hash = '#volumes'")
         await wait_js(b, replicas + " return t === '-'", 30, "the replica gone with its host", vid)
         await b.js("location.hash = '#hosts'")

@@ -348,13 +348,20 @@ async function hostAction(host, verb) {
 
 async function removeHost(host) {
   // Only an offline host (docs/operators.md, "Removing a host"); one holding volumes is
-  // refused (the CLI's --forget-volumes gives their data up), the refusal shown as any other.
+  // refused unless they are recovered from their replicas (the CLI's --recover-volumes);
+  // giving their data up is the CLI's alone (--forget-volumes). A refusal is shown as any other.
+  const recover = h("input", { id: "remove-recover-volumes", type: "checkbox" });
+  const extra = h("label", {}, recover,
+    " Recover its volumes from their newest replicas on other hosts (the writes since those snapshots are lost)");
   const ok = await ask(`Remove ${host.name || host.id} from the cluster? Its record and credential go;` +
-    " the replicas that failed with it are placed again elsewhere. Its agent, started again, joins as a new host.");
+    " the replicas that failed with it are placed again elsewhere. Its agent, started again, joins as a new host.", extra);
   if (!ok) return;
-  await call("zwrm.host.remove", [host.id]);
+  const r = await call("zwrm.host.remove", [host.id], recover.checked ? { recover_volumes: true } : {});
   state.hosts.delete(host.id);
-  showMessage(`${host.name || host.id} removed`, null, "info");
+  const recovered = (r && r.volumes_recovered) || [];
+  showMessage(`${host.name || host.id} removed` + (recovered.length ?
+    `; ${recovered.map((v) => `volume ${v.volume_id} recovered on ${hostName(v.host_id)}`).join(", ")}` : ""),
+  null, "info");
 }
 
 async function scale(app) {
