@@ -20,21 +20,40 @@ from zwrm.testing.processes import poll
 from zwrm.wamp import progress
 
 
+async def cluster(testcase, agents=1):
+    """
+    A real control plane and C{agents} real agents (their executors registered), the CLI
+    given the operator's token (in the returned environment), and an app C{db}.
+
+    @return: C{(plane, agents, their host ids, the CLI's environment)}.
+    """
+    plane, tmp = await start_plane(testcase)
+    started = [await start_host_agent(testcase, plane, os.path.join(tmp, f"a{i + 1}"))
+               for i in range(agents)]
+    hosts = [a.identity.host_id for a in started]
+    environ = {"ZWRM_TOKEN": plane.operator_token}
+    testcase.patch(client.os, "environ", environ)
+    for h in hosts:
+        await poll(reactor, lambda h=h: plane.registry.executor_available(h), 10, 0.05,
+                   what="the agents' executors registered")
+    await zwrm(plane.url, "apps", "create", "db")
+    return plane, started, hosts, environ
+
+
+async def new_volume(plane, name="data", host=None):
+    """C{zwrm volumes create db NAME} (8 MiB, on C{host} if given): its id."""
+    _, out = await zwrm(plane.url, "volumes", "create", "db", name, "--size", "8", "--mount",
+                        f"/{name}", *(("--host", host) if host else ()), "--json")
+    return json.loads(out)["id"]
+
+
 class VolumeSnapshotCommandTests(TestCase):
     timeout = 60
 
     @d
     async def test_snapshot_list_restore_delete(self):
-        plane, tmp = await start_plane(self)
-        agent = await start_host_agent(self, plane, os.path.join(tmp, "a1"))
-        host_id = agent.identity.host_id
-        self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
-        await poll(reactor, lambda: plane.registry.executor_available(host_id), 10, 0.05,
-                   what="the agent's executor registered")
-        await zwrm(plane.url, "apps", "create", "db")
-        _, out = await zwrm(plane.url, "volumes", "create", "db", "data", "--size", "8",
-                            "--mount", "/data", "--json")
-        vid = json.loads(out)["id"]
+        plane, _, [host_id], _ = await cluster(self)
+        vid = await new_volume(plane)
 
         _, out = await zwrm(plane.url, "volumes", "snapshot", vid, "--name", "before-upgrade")
         self.assertRegex(out, rf"^snapshot before-upgrade \(s-[0-9a-f]{{12}}\) of volume {vid} "
@@ -89,18 +108,8 @@ class VolumeReplicaCommandTests(TestCase):
 
     @d
     async def test_replicate_list_delete(self):
-        plane, tmp = await start_plane(self)
-        agents = [await start_host_agent(self, plane, os.path.join(tmp, name))
-                  for name in ("a1", "a2")]
-        first, second = (a.identity.host_id for a in agents)
-        self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
-        for h in (first, second):
-            await poll(reactor, lambda h=h: plane.registry.executor_available(h), 10, 0.05,
-                       what="the agents' executors registered")
-        await zwrm(plane.url, "apps", "create", "db")
-        _, out = await zwrm(plane.url, "volumes", "create", "db", "data", "--size", "8",
-                            "--mount", "/data", "--host", first, "--json")
-        vid = json.loads(out)["id"]
+        plane, agents, [first, second], _ = await cluster(self, 2)
+        vid = await new_volume(plane, host=first)
 
         # a scheduled snapshot that also keeps a copy on another host
         _, out = await zwrm(plane.url, "volumes", "snapshot", vid, "--name", "nightly",
@@ -155,18 +164,8 @@ class VolumeReplicaCommandTests(TestCase):
 
     @d
     async def test_a_drain_says_where_the_replicas_on_its_host_go(self):
-        plane, tmp = await start_plane(self)
-        agents = [await start_host_agent(self, plane, os.path.join(tmp, name))
-                  for name in ("a1", "a2", "a3")]
-        first, second, third = (a.identity.host_id for a in agents)
-        self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
-        for h in (first, second, third):
-            await poll(reactor, lambda h=h: plane.registry.executor_available(h), 10, 0.05,
-                       what="the agents' executors registered")
-        await zwrm(plane.url, "apps", "create", "db")
-        _, out = await zwrm(plane.url, "volumes", "create", "db", "data", "--size", "8",
-                            "--mount", "/data", "--host", first, "--json")
-        vid = json.loads(out)["id"]
+        plane, _, [first, second, third], _ = await cluster(self, 3)
+        vid = await new_volume(plane, host=first)
         _, out = await zwrm(plane.url, "volumes", "snapshot", vid, "--name", "nightly",
                             "--replicate-to", second, "--json")
         rid = json.loads(out)["replica"]["id"]
@@ -186,20 +185,8 @@ class VolumeReplicaCommandTests(TestCase):
 
     @d
     async def test_every_volume_of_an_app_snapshotted_and_replicated(self):
-        plane, tmp = await start_plane(self)
-        agents = [await start_host_agent(self, plane, os.path.join(tmp, name))
-                  for name in ("a1", "a2")]
-        first, second = (a.identity.host_id for a in agents)
-        self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
-        for h in (first, second):
-            await poll(reactor, lambda h=h: plane.registry.executor_available(h), 10, 0.05,
-                       what="the agents' executors registered")
-        await zwrm(plane.url, "apps", "create", "db")
-        vids = []
-        for name, host in (("data", first), ("logs", second)):
-            _, out = await zwrm(plane.url, "volumes", "create", "db", name, "--size", "8",
-                                "--mount", f"/{name}", "--host", host, "--json")
-            vids.append(json.loads(out)["id"])
+        plane, _, [first, second], _ = await cluster(self, 2)
+        vids = [await new_volume(plane, "data", first), await new_volume(plane, "logs", second)]
         code, out = await zwrm(plane.url, "volumes", "snapshot", "--app", "db", "--name",
                                "nightly", "--replicate")
         self.assertEqual(code, 0)
@@ -234,17 +221,8 @@ class LongCopyTests(TestCase):
         The CLI's timeout bounds how long the control plane stays silent about a copy
         (progressive results every few seconds), not how long the copy takes.
         """
-        plane, tmp = await start_plane(self)
-        agent = await start_host_agent(self, plane, os.path.join(tmp, "a1"))
-        host = agent.identity.host_id
-        env = {"ZWRM_TOKEN": plane.operator_token}
-        self.patch(client.os, "environ", env)
-        await poll(reactor, lambda: plane.registry.executor_available(host), 10, 0.05,
-                   what="the agent's executor registered")
-        await zwrm(plane.url, "apps", "create", "db")
-        _, out = await zwrm(plane.url, "volumes", "create", "db", "data", "--size", "8",
-                            "--mount", "/data", "--json")
-        vid = json.loads(out)["id"]
+        plane, _, _, env = await cluster(self)
+        vid = await new_volume(plane)
         snapshot = plane.apps.volumes.snapshot
 
         async def slow(*a, **kw):  # a volume with more data: 2 s of copying
@@ -278,16 +256,8 @@ class UnrecordedCommandTests(TestCase):
 
     @d
     async def test_host_status_lists_them_and_host_clean_deletes_them(self):
-        plane, tmp = await start_plane(self)
-        agent = await start_host_agent(self, plane, os.path.join(tmp, "a1"))
-        host = agent.identity.host_id
-        self.patch(client.os, "environ", {"ZWRM_TOKEN": plane.operator_token})
-        await poll(reactor, lambda: plane.registry.executor_available(host), 10, 0.05,
-                   what="the agent's executor registered")
-        await zwrm(plane.url, "apps", "create", "db")
-        _, out = await zwrm(plane.url, "volumes", "create", "db", "data", "--size", "8",
-                            "--mount", "/data", "--json")
-        kept = json.loads(out)["id"]
+        plane, [agent], [host], _ = await cluster(self)
+        kept = await new_volume(plane)
         # a volume the cluster does not record (as a host removed and joined again keeps
         # its old ones), seen when the agent comes back
         await agent.runtime.volumes.create("v-0123456789ab", 8)

@@ -317,6 +317,7 @@ class ReplicaTests(TestCase):
 
         procs["volume.send"] = hold
         copying = ensureDeferred(c.apps.replicate_volume(c.vid, "one", c.dst))
+
         async def under_way():
             return bool(held)
 
@@ -325,10 +326,15 @@ class ReplicaTests(TestCase):
             await c.drains.drain(c.src, dry_run=True)
         self.assertIn(f"a replica of volume {c.vid} on host h-a is being copied",
                       e.exception.message)
+        with self.assertRaises(errors.Conflict) as e:  # nor the host it is copied to
+            await c.drains.drain(c.dst, dry_run=True)
+        self.assertIn(f"a replica of volume {c.vid} is being copied to host {c.dst}",
+                      e.exception.message)
         d_, a, kw = held[0]
         send(*a, **kw).chainDeferred(d_)
         await copying
         await c.drains.drain(c.src, dry_run=True)
+        await c.drains.drain(c.dst, dry_run=True)
 
     @d
     async def test_replicas_a_stopped_control_plane_left_creating_are_settled(self):
@@ -542,31 +548,3 @@ class DrainedReplicaTests(TestCase):
         self.assertEqual([r["id"] for r in await c.apps.list_replicas()], [there["id"]])
         self.assertFalse(os.path.exists(self.replica_file(c, "h-b", old)))
         self.assertEqual(len(self.events(c, "volume_replica")), 4)  # no new copy made
-
-    @d
-    async def test_a_drain_waits_for_a_replica_being_copied_to_its_host(self):
-        c = await self.cluster()
-        await c.apps.snapshot_volume(c.vid, "one")
-        procs = c.executors[c.src][1]
-        send = procs["volume.send"]
-        held = []
-
-        def hold(*a, **kw):
-            held.append((Deferred(), a, kw))
-            return held[-1][0]
-
-        procs["volume.send"] = hold
-        copying = ensureDeferred(c.apps.replicate_volume(c.vid, "one", c.dst))
-
-        async def under_way():
-            return bool(held)
-
-        await poll(under_way, what="the copy under way")
-        with self.assertRaises(errors.Conflict) as e:
-            await c.drains.drain(c.dst, dry_run=True)
-        self.assertIn(f"a replica of volume {c.vid} is being copied to host {c.dst}",
-                      e.exception.message)
-        d_, a, kw = held[0]
-        send(*a, **kw).chainDeferred(d_)
-        await copying
-        await c.drains.drain(c.dst, dry_run=True)
