@@ -548,3 +548,42 @@ class DrainedReplicaTests(TestCase):
         self.assertEqual([r["id"] for r in await c.apps.list_replicas()], [there["id"]])
         self.assertFalse(os.path.exists(self.replica_file(c, "h-b", old)))
         self.assertEqual(len(self.events(c, "volume_replica")), 4)  # no new copy made
+
+    @d
+    async def test_a_host_without_the_room_its_agent_reports_is_not_given_a_replica(self):
+        c = await self.cluster(hosts=("h-a", "h-b", "h-c"))
+        write_known(c.store_of(c.src).path(c.vid), "first")
+        snap = await c.apps.snapshot_volume(c.vid, "one")
+        need = -(-snap["allocated_bytes"] // MiB)
+        floor = c.registry.min_free_disk_mb
+
+        def free(host, room):  # its agent's heartbeat: so much free on its data disk
+            c.registry.heartbeat(host, {"disk_free_mb": floor + room})
+
+        free("h-b", need - 1)
+        with self.assertRaises(errors.ResourceExhausted) as e:
+            await c.apps.replicate_volume(c.vid, "one", "h-b")
+        self.assertEqual(e.exception.message,
+                         f"host h-b has {need - 1} MiB to spare on its data disk (what it "
+                         f"reported free, less the room kept free); the copy needs {need} MiB")
+        self.assertEqual(await c.apps.list_replicas(), [])
+        self.assertEqual(c.store_of("h-b").snapshots(), [])
+        rep = await c.apps.replicate_volume(c.vid, "one")  # not there: the other one
+        self.assertEqual(rep["host_id"], "h-c")
+        # a drain of h-c: h-b has not the room for its replica, which stays
+        _, status = await drain_and_wait(c, "h-c")
+        [item] = status["replicas"]
+        self.assertEqual((item["state"], item["replica"]), ("left", rep["id"]))
+        self.assertIn("no host may keep", item["reason"])
+        free("h-b", -(-rep["allocated_bytes"] // MiB))  # room enough now: the next drain
+        # moves it (its copy there takes what it takes on h-c)
+        await c.drains.activate("h-c")
+        c.clock.advance(1)
+        _, status = await drain_and_wait(c, "h-c")
+        [item] = status["replicas"]
+        self.assertEqual((item["state"], item["target"]), ("moved", "h-b"))
+        # its newest replica's host short of room: not that one (and no other is ready)
+        await c.apps.snapshot_volume(c.vid, "two")
+        free("h-b", 0)
+        with self.assertRaises(errors.Unplaceable):
+            await c.apps.replicate_volume(c.vid, "two")

@@ -36,7 +36,7 @@ MAX_KEEP = 1000
 class AppVolumes:
     """Create, list and delete apps' volumes."""
 
-    def __init__(self, clock, data, placements, replicas, host_state=None):
+    def __init__(self, clock, data, placements, replicas, host_state=None, room_mb=None):
         """
         @param clock: an L{IReactorTime}.
         @param data: the control plane's resource layer.
@@ -44,6 +44,8 @@ class AppVolumes:
         @param replicas: the L{zwrm.control.replicas.Replicas} (executor calls).
         @param host_state: C{host_state(host_id)}: a host's state (snapshots are refused
             while it drains).
+        @param room_mb: C{room_mb(host_id)}: the MiB a copy may take on a host's data disk
+            (L{zwrm.control.registry.HostRegistry.room_mb}), or L{None}: not known.
         """
         self._clock = clock
         self._data = data
@@ -51,6 +53,7 @@ class AppVolumes:
         self._replicas = replicas
         #: C{host_state(host_id) -> str} (the host registry's), or L{None}
         self.host_state = host_state
+        self._room_mb = room_mb
         #: C{draining(host_id) -> bool}: whether a drain of the host is being planned or
         #: runs (set by L{zwrm.control.drain.Drains})
         self.draining = lambda host_id: False
@@ -347,6 +350,25 @@ class AppVolumes:
             raise errors.Conflict(f"the agent of host {', '.join(old)} is of a version that "
                                   f"cannot {what}: upgrade it first")
 
+    def _short_of_room(self, host_id, data_bytes):
+        """
+        Why C{host_id} cannot take a copy of C{data_bytes} of data, by what its agent last
+        reported free on its data disk (less the room kept free); L{None} if it can, or if
+        that is not known.
+        """
+        room = self._room_mb(host_id) if self._room_mb is not None else None
+        need = -(-data_bytes // (1 << 20))
+        if room is None or need <= room:
+            return None
+        return (f"host {host_id} has {max(room, 0)} MiB to spare on its data disk (what it "
+                f"reported free, less the room kept free); the copy needs {need} MiB")
+
+    def _hosts_short_of_room(self, data_bytes):
+        """The hosts the scheduler knows that have not the room for C{data_bytes} of data."""
+        if self._room_mb is None:
+            return set()
+        return {h for h in self._data.hosts.ids() if self._short_of_room(h, data_bytes)}
+
     async def replica_host(self, volume, snapshot):
         """
         The host for a new replica of C{volume}'s C{snapshot} when none is named: the one
@@ -355,17 +377,16 @@ class AppVolumes:
 
         @raise zwrm.errors.Unplaceable: no other host has the room.
         """
+        data = snapshot["allocated_bytes"]
         for r in reversed(await self._data.volumes.find_replicas(volume_id=volume["id"])):
             if r["state"] == "ready" and r["host_id"] != volume["host_id"]:
-                try:
-                    if self.host_state is None or self.host_state(r["host_id"]) == "ready":
-                        return r["host_id"]
-                except errors.NotFound:
-                    pass
+                if self._ready(r["host_id"]) and not self._short_of_room(r["host_id"], data):
+                    return r["host_id"]
                 break
         request = placement_request({"vcpus": 1, "memory_mb": 1},
-                                    disk_mb=-(-snapshot["allocated_bytes"] // (1 << 20)))
-        placement = self._placements.place(request, exclude={volume["host_id"]})
+                                    disk_mb=-(-data // (1 << 20)))
+        placement = self._placements.place(
+            request, exclude={volume["host_id"]} | self._hosts_short_of_room(data))
         self._placements.unplace(placement)
         return placement.host_id
 
@@ -406,6 +427,9 @@ class AppVolumes:
         if state != "ready":
             raise errors.Conflict(f"host {host_id} is {state}: replicas go to a ready host",
                                   argument="host_id")
+        short = self._short_of_room(host_id, snapshot["allocated_bytes"])
+        if short is not None:
+            raise errors.ResourceExhausted(short, argument="host_id")
         if snapshot["state"] != "ready":
             raise errors.Conflict(f"snapshot {snapshot['name']} of volume {volume['id']} is "
                                   f"{snapshot['state']}", argument="snapshot")
@@ -538,7 +562,8 @@ class AppVolumes:
         """
         has = {r["host_id"] for r in await self._data.volumes.find_replicas(
             snapshot_id=replica["snapshot_id"])}
-        exclude = set(exclude) | has | {volume["host_id"]}
+        exclude = (set(exclude) | has | {volume["host_id"]}
+                   | self._hosts_short_of_room(replica["allocated_bytes"]))
         for r in reversed(await self._data.volumes.find_replicas(volume_id=volume["id"])):
             if r["state"] == "ready" and r["host_id"] not in exclude and self._ready(r["host_id"]):
                 return r["host_id"]

@@ -107,7 +107,8 @@ class Apps:
         self.network_view = network.ViewPublisher(clock, self.network, data, self.replicas.call)
         self._images = ImageCheck()
         self.volumes = AppVolumes(clock, data, self.placements, self.replicas,
-                                  host_state=hosts.state)
+                                  host_state=hosts.state,
+                                  room_mb=getattr(hosts, "room_mb", None))
         hosts.on_reconciled.append(self.volumes.settle_snapshots)
         hosts.on_reconciled.append(self.volumes.settle_replicas)
         self.converger = Converger(data, self.placements, self.replicas, self.volumes)

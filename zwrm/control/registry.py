@@ -485,6 +485,18 @@ class HostRegistry:
             self._clock.callLater(0, self._reregister, host_id)
         return {"state": state, "heartbeat_interval": self.heartbeat_interval}
 
+    def room_mb(self, host_id):
+        """
+        The MiB a copy may take on C{host_id}'s data disk: what its last heartbeat reported
+        free, less the C{min_free_disk_mb} kept free; L{None} when it reported nothing.
+
+        @raise zwrm.errors.NotFound: no such host.
+        """
+        free = (self.entry(host_id).stats or {}).get("disk_free_mb")
+        if not isinstance(free, int) or isinstance(free, bool):
+            return None
+        return free - self.min_free_disk_mb
+
     def _disk_changed(self, host_id, full, free_mb):
         d = self._deferred(self.hosts.set_disk_full(host_id, full, free_mb,
                                                     self.min_free_disk_mb))
