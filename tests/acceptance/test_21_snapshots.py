@@ -13,6 +13,8 @@ C{cluster.state["app"]["machine"]} and sets C{cluster.state["app"]["snapshot"]}.
 
 import pytest
 
+from tests.acceptance.cluster import poll
+
 pytestmark = pytest.mark.acceptance
 
 MISTAKE = b"overwritten by mistake\n"
@@ -64,6 +66,43 @@ def test_a_snapshot_restores_the_data_a_mistake_overwrote(cluster):
     assert cluster.zwrm_json("volumes", "snapshots") == [snaps[0]]
     assert cluster.sh(here, ["ls", "-A", f"{SNAPSHOTS}/{vid}"]).stdout == f"{snap['id']}.img\n"
     web["snapshot"] = snap
+
+
+def test_a_schedule_kept_and_run_by_the_control_plane(cluster):
+    """
+    The app's volumes snapshotted and replicated on a schedule the control plane keeps:
+    the first run at once, its result listed; unscheduled, its snapshot and replica then
+    deleted (the drain steps count the one snapshot above).
+    """
+    if "snapshot" not in cluster.state.get("app", {}):
+        pytest.fail("needs the snapshot step above to have passed")
+    web = cluster.state["app"]
+    vid = web["volume"]
+    with cluster.phase("a schedule's first run: a snapshot and its replica"):
+        out = cluster.zwrm("volumes", "schedule", web["name"], "--every", "1h", "--keep", "2",
+                           "--replicate")
+        assert out.startswith(f"app {web['name']}: its volumes snapshotted every 1h"), out
+
+        def ran():
+            [row] = cluster.zwrm_json("volumes", "schedules")
+            return row["last_at"] is not None and row
+
+        row = poll(ran, 120, interval=1, what="the schedule's first run")
+    assert row["last_error"] is None, row
+    scheduled = [s for s in cluster.zwrm_json("volumes", "snapshots", vid)
+                 if s["name"].startswith("scheduled-")]
+    assert len(scheduled) == 1 and scheduled[0]["live"], scheduled
+    [rep] = cluster.zwrm_json("volumes", "replicas", vid)
+    assert (rep["name"], rep["state"]) == (scheduled[0]["name"], "ready"), rep
+    assert rep["host_id"] != web["machine"]["host_id"], rep
+    out = cluster.zwrm("volumes", "schedules")
+    assert out.splitlines()[1].endswith("  ok"), out
+    cluster.zwrm("volumes", "unschedule", web["name"])
+    assert cluster.zwrm_json("volumes", "schedules") == []
+    cluster.zwrm("volumes", "delete-replica", vid, rep["id"])
+    cluster.zwrm("volumes", "delete-snapshot", vid, scheduled[0]["name"])
+    assert [s["id"] for s in cluster.zwrm_json("volumes", "snapshots", vid)] == [
+        web["snapshot"]["id"]]
 
 
 def assert_snapshot_on(cluster, host_id):

@@ -6,6 +6,7 @@ a real agent (a real volume store) over real sockets.
 import io
 import json
 import os
+import sqlite3
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
@@ -16,6 +17,7 @@ from tests.cli.test_cli import d
 from tests.cli.test_json_everywhere import zwrm
 from zwrm.cli import client, host_remove
 from zwrm.cli.client import EXIT_REMOTE, EXIT_TIMEOUT, CliError
+from zwrm.control.service import ControlPlane
 from zwrm.testing.processes import poll
 from zwrm.wamp import progress
 
@@ -210,6 +212,70 @@ class VolumeReplicaCommandTests(TestCase):
         with self.assertRaises(CliError) as e:
             await zwrm(plane.url, "volumes", "snapshot", "--app", "nope")
         self.assertEqual(e.exception.code, EXIT_REMOTE)
+
+    @d
+    async def test_a_schedule_kept_and_run_by_the_control_plane(self):
+        plane, _, [first, second], _ = await cluster(self, 2)
+        vid = await new_volume(plane, host=first)
+        _, out = await zwrm(plane.url, "volumes", "schedule", "db", "--every", "1h",
+                            "--keep", "24", "--replicate")
+        self.assertEqual(out, "app db: its volumes snapshotted every 1h, the last 24 kept, "
+                              "replicated; the first run now (zwrm volumes schedules)\n")
+
+        async def ran():
+            _, out = await zwrm(plane.url, "volumes", "schedules", "--json")
+            return json.loads(out)[0]["last_at"] is not None
+
+        await poll(reactor, ran, 10, 0.1, what="the first run")
+        _, out = await zwrm(plane.url, "volumes", "schedules")
+        header, row = out.splitlines()
+        self.assertEqual(header.split(), ["APP", "SCHEDULE", "LAST", "RUN", "NEXT", "RUN",
+                                          "LAST", "RESULT"])
+        self.assertTrue(row.startswith("db   every 1h, the last 24 kept, replicated  "), row)
+        self.assertTrue(row.endswith("  ok"), row)
+        _, out = await zwrm(plane.url, "volumes", "snapshots", vid, "--json")
+        [snap] = json.loads(out)
+        self.assertTrue(snap["name"].startswith("scheduled-"), snap)
+        _, out = await zwrm(plane.url, "volumes", "replicas", vid, "--json")
+        self.assertEqual([(r["name"], r["host_id"]) for r in json.loads(out)],
+                         [(snap["name"], second)])
+        with self.assertRaises(CliError) as e:
+            await zwrm(plane.url, "volumes", "schedule", "db", "--every", "soon")
+        self.assertEqual(e.exception.message, "bad period 'soon': use e.g. 15m, 1h or 1d")
+        with self.assertRaises(CliError) as e:
+            await zwrm(plane.url, "volumes", "schedule", "db", "--every", "10s")
+        self.assertEqual(e.exception.message, "zwrm.volume.schedule: every must be a number "
+                                              "from 60 to 2592000, not 10.0")
+        _, out = await zwrm(plane.url, "volumes", "unschedule", "db")
+        self.assertEqual(out, "app db: no longer snapshotted on a schedule (its snapshots stay)\n")
+        _, out = await zwrm(plane.url, "volumes", "schedules", "--json")
+        self.assertEqual(json.loads(out), [])
+
+    @d
+    async def test_a_schedule_outlives_its_control_plane(self):
+        plane, _, _, _ = await cluster(self, 0)
+        await zwrm(plane.url, "volumes", "schedule", "db", "--every", "1h")
+
+        async def ran(url):
+            _, out = await zwrm(url, "volumes", "schedules", "--json")
+            rows = json.loads(out)
+            return rows and rows[0]["last_at"] is not None and rows[0]
+
+        row = await poll(reactor, lambda: ran(plane.url), 10, 0.1, what="the first run")
+        self.assertEqual(row["last_error"], "the app has no volumes")
+        await plane.stopService()
+        # stopped past its next run: the control plane started again runs it at once
+        db = sqlite3.connect(os.path.join(plane.config.data_dir, "zwrm.db"))
+        with db:
+            db.execute("UPDATE snapshot_schedules SET next_at = 0, last_at = NULL")
+        db.close()
+        again = ControlPlane(reactor, plane.config)
+        again.startService()
+        self.addCleanup(again.stopService)  # (its next run's timer, armed: cancelled)
+        await again.started
+        url = f"ws://127.0.0.1:{again.ports[0].getHost().port}/ws"
+        row = await poll(reactor, lambda: ran(url), 10, 0.1, what="the missed run")
+        self.assertGreater(row["next_at"], row["last_at"] + 3500)
 
 
 class LongCopyTests(TestCase):

@@ -192,8 +192,9 @@ class MachineResourceTests(TestCase):
         self.assertIn("set_spec", update_methods(data.apps))
         self.assertEqual(update_methods(data.volumes),
                          ["add", "add_replica", "add_snapshot", "creation_failed", "delete",
-                          "delete_replica", "delete_snapshot", "replica_failed", "replica_made",
-                          "restored", "set_state", "snapshot_failed", "snapshot_made"])
+                          "delete_replica", "delete_schedule", "delete_snapshot",
+                          "replica_failed", "replica_made", "restored", "schedule_ran",
+                          "set_schedule", "set_state", "snapshot_failed", "snapshot_made"])
         self.assertEqual(update_methods(data.drains),
                          ["add", "commit_volumes", "save_migration", "set_state", "set_waiting"])
 
@@ -250,6 +251,13 @@ class ChangeWithItsEventTests(TestCase):
         await once(store, published, lambda: data.volumes.add(vol))
         await once(store, published, lambda: data.volumes.set_state(vol, "ready"))
         self.assertEqual(vol["state"], "ready")
+        sched = {"id": "a1", "app_id": "a1", "every": 3600.0, "keep": None, "replicate": 0,
+                 "next_at": 0.0, "last_at": None, "last_error": None, "created_at": 0.0}
+        await once(store, published, lambda: data.volumes.set_schedule(sched, "every 3600s"))
+        await once(store, published, lambda: data.volumes.schedule_ran(
+            sched, {"last_at": 0.0, "last_error": None, "next_at": 3600.0}, "1 of 1"))
+        self.assertEqual(sched["next_at"], 3600.0)
+        await once(store, published, lambda: data.volumes.delete_schedule(sched, "unscheduled"))
 
         drain = {"id": "d1", "host_id": "h1", "state": "running", "options": {},
                  "created_at": 0.0, "updated_at": 0.0}

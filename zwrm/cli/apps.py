@@ -264,6 +264,26 @@ def register(subparsers):
     p.add_argument("--app")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=volumes_snapshots)
+    p = vsub.add_parser("schedule", help="snapshot every volume of an app on a schedule, "
+                                         "kept and run by the control plane")
+    p.add_argument("app")
+    p.add_argument("--every", required=True, metavar="PERIOD",
+                   help="time between two runs: 15m, 1h, 1d... (1m to 30d); the first at once")
+    p.add_argument("--keep", type=int, metavar="N",
+                   help="keep the last N scheduled snapshots of each volume (and replicas "
+                        "on each host); snapshots taken by hand are not counted")
+    p.add_argument("--replicate", action="store_true",
+                   help="copy each new snapshot to another host (the one with the volume's "
+                        "newest replica, else the scheduler's pick)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=volumes_schedule)
+    p = vsub.add_parser("schedules", help="the apps' snapshot schedules and their last runs")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=volumes_schedules)
+    p = vsub.add_parser("unschedule", help="stop an app's snapshot schedule (its snapshots stay)")
+    p.add_argument("app")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=volumes_unschedule)
     for name, func, text in (
             ("restore", volumes_restore, "put a snapshot's data back into its volume (what "
              "it held is kept as a snapshot)"),
@@ -1171,6 +1191,63 @@ async def volumes_replicate(reactor, args, out=None):
                         args.snapshot, args.host_id, keep=args.keep,
                         on_progress=working("replicating"))
     print_json(r, out) if args.json else _replica_lines(r, args.keep, out)
+
+
+def _period(text):
+    """C{90s}, C{15m}, C{1h}, C{1d} (or seconds) -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = str(text).strip().lower()
+    try:
+        if t and t[-1] in units:
+            return float(t[:-1]) * units[t[-1]]
+        return float(t)
+    except ValueError:
+        raise CliError(f"bad period {text!r}: use e.g. 15m, 1h or 1d", EXIT_USAGE) from None
+
+
+def _every(seconds):
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n and seconds % n == 0:
+            return f"{seconds / n:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _schedule_line(r):
+    what = f"every {_every(r['every'])}" + (f", the last {r['keep']} kept" if r["keep"] else "")
+    return what + (", replicated" if r["replicate"] else "")
+
+
+async def volumes_schedule(reactor, args, out=None):
+    out = out or sys.stdout
+    r = await call_once(reactor, args.api_url, "zwrm.volume.schedule", args.app,
+                        _period(args.every), keep=args.keep, replicate=args.replicate)
+    if args.json:
+        return print_json(r, out)
+    out.write(f"app {r['app']}: its volumes snapshotted {_schedule_line(r)}; the first run "
+              "now (zwrm volumes schedules)\n")
+
+
+async def volumes_schedules(reactor, args, out=None):
+    out = out or sys.stdout
+    rows = await call_once(reactor, args.api_url, "zwrm.volume.schedules")
+    if args.json:
+        return print_json(rows, out)
+
+    def utc(ts):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) if ts else "-"
+
+    _table(["APP", "SCHEDULE", "LAST RUN", "NEXT RUN", "LAST RESULT"],
+           [[r["app"] or r["app_id"], _schedule_line(r), utc(r["last_at"]), utc(r["next_at"]),
+             ("ok" if r["last_error"] is None else r["last_error"]) if r["last_at"] else "-"]
+            for r in rows], out)
+
+
+async def volumes_unschedule(reactor, args, out=None):
+    out = out or sys.stdout
+    r = await call_once(reactor, args.api_url, "zwrm.volume.unschedule", args.app)
+    if args.json:
+        return print_json(r, out)
+    out.write(f"app {args.app}: no longer snapshotted on a schedule (its snapshots stay)\n")
 
 
 def format_replicas(replicas, out):

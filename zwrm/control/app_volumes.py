@@ -182,15 +182,17 @@ class AppVolumes:
                 "size_bytes": 0, "allocated_bytes": 0, "reason": reason,
                 "created_at": self._clock.seconds()}
 
-    async def snapshot(self, volume, name=None, keep=None):
+    async def snapshot(self, volume, name=None, keep=None, prefix=None):
         """
         Make a snapshot of the volume row C{volume}, named C{name} (default: the time,
-        C{YYYYMMDD-HHMMSS} UTC).
+        C{YYYYMMDD-HHMMSS} UTC, after C{prefix} if given).
 
         @param keep: once it is made, delete the volume's oldest snapshots until C{keep}
             are left (a restore's C{before-restore-...} ones are neither deleted nor
             counted): what a scheduled snapshot (a systemd timer, cron) passes to keep
             the last C{keep}.
+        @param prefix: then only the snapshots whose names start with it are counted and
+            deleted for C{keep} (a schedule's: L{zwrm.control.schedules}).
         @return: the snapshot's row, with C{pruned}: the rows deleted for C{keep}.
         @raise zwrm.errors.Conflict: the name is taken, the volume is not ready, its host
             drains, or another snapshot operation on it is under way.
@@ -209,7 +211,7 @@ class AppVolumes:
                                   argument="volume_id")
         self._host_usable(volume)
         with self.operation(volume, "snapshotted"):
-            name = name or await self._free_name(volume["id"], self._stamp())
+            name = name or await self._free_name(volume["id"], (prefix or "") + self._stamp())
             row = self._snapshot_row(volume, name, "taken on request")
             await self._data.volumes.add_snapshot(row)
             try:
@@ -229,7 +231,8 @@ class AppVolumes:
             pruned = []
             if keep is not None:
                 kept = [s for s in await self._data.volumes.find_snapshots(volume_id=volume["id"])
-                        if s["state"] == "ready" and not s["name"].startswith(RESTORE_PREFIX)]
+                        if s["state"] == "ready" and not s["name"].startswith(RESTORE_PREFIX)
+                        and s["name"].startswith(prefix or "")]
                 for old in kept[:-keep]:
                     await self._delete_snapshot(volume, old,
                                                 f"pruned: the last {keep} snapshot(s) are kept")
@@ -390,7 +393,8 @@ class AppVolumes:
         self._placements.unplace(placement)
         return placement.host_id
 
-    async def replicate(self, volume, snapshot, host_id, keep=None, progress=None):
+    async def replicate(self, volume, snapshot, host_id, keep=None, progress=None,
+                        prefix=None):
         """
         Copy C{snapshot} (a ready row of C{volume}'s) to host C{host_id}, another ready
         host (L{None}: L{replica_host}), as a replica: the volume's host streams it to
@@ -401,6 +405,8 @@ class AppVolumes:
             until C{keep} are left.
         @param progress: L{None}, or C{progress(sent=, done=, total=)} with each of the
             sending agent's announcements (bytes).
+        @param prefix: then only the replicas whose names start with it are counted and
+            deleted for C{keep} (a schedule's).
         @return: the replica's row, with C{pruned}: the rows deleted for C{keep}.
         @raise zwrm.errors.Conflict: the host is the volume's, or not ready; it has a
             replica of this snapshot already; the volume's host drains; or another
@@ -454,7 +460,8 @@ class AppVolumes:
             pruned = []
             if keep is not None:
                 held = [r for r in await self._data.volumes.find_replicas(
-                    volume_id=volume["id"], host_id=host_id) if r["state"] == "ready"]
+                    volume_id=volume["id"], host_id=host_id) if r["state"] == "ready"
+                    and r["name"].startswith(prefix or "")]
                 for old in held[:-keep]:
                     await self._delete_replica(
                         old, f"pruned: the last {keep} replica(s) on {host_id} are kept")

@@ -37,6 +37,7 @@ VIEWER_PROCEDURES = [
     "zwrm.volume.list",
     "zwrm.volume.snapshots",
     "zwrm.volume.replicas",
+    "zwrm.volume.schedules",
     "zwrm.image.list",
     "zwrm.cluster.info",
     "zwrm.cluster.partitions",

@@ -114,7 +114,12 @@ class Number(Type):
             self._wrong(value, path, secret)
 
     def describe(self):
-        return f"a number from {self.low:g} to {self.high:g}"
+        return f"a number from {_number(self.low)} to {_number(self.high)}"
+
+
+def _number(n):
+    """C{60}, C{2592000}, C{0.05}: a bound as written (not C{2.592e+06})."""
+    return str(int(n)) if float(n).is_integer() else f"{n:g}"
 
 
 class Bool(Type):
@@ -716,6 +721,24 @@ PROCEDURES = {p.uri: p for p in [
                " under way)", "resource_exhausted (no room on that host)",
                "unavailable (a host cannot be reached, or the copy failed its verification:"
                " nothing kept)"]),
+    Procedure(
+        "zwrm.volume.schedule", OPERATOR,
+        "Snapshot every volume of an app every so many seconds, the first at once (kept and"
+        " run by the control plane): scheduled-<time> snapshots, the oldest of them pruned"
+        " to keep, each copied to another host with replicate. Replaces the app's schedule.",
+        [Arg("app", NAME, doc="the app's name"),
+         Arg("every", Number(60, 30 * 86400), doc="seconds between two runs"),
+         Arg("keep", Nullable(Int(1, 1000)), None,
+             "keep the last this many scheduled snapshots (and replicas on each host)"),
+         Arg("replicate", Bool(), False, "copy each new snapshot to another host")],
+        "{id, app_id, app, every, keep, replicate, next_at, last_at, last_error, created_at}",
+        ["invalid_argument", "not_found"]),
+    Procedure("zwrm.volume.schedules", READ, "Every app's snapshot schedule, the next due first.",
+              [], "a list of schedules, as zwrm.volume.schedule returns one", []),
+    Procedure("zwrm.volume.unschedule", OPERATOR,
+              "Stop snapshotting an app's volumes on a schedule (its snapshots stay).",
+              [Arg("app", NAME, doc="the app's name")], "the schedule that was",
+              ["invalid_argument", "not_found"]),
     Procedure("zwrm.volume.replicas", READ,
               "Replicas of one volume, of one app's volumes, or all; oldest data first.",
               [Arg("volume_id", Nullable(ID), None, "only this volume's"),

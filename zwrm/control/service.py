@@ -45,6 +45,7 @@ from zwrm.control.resources.events import (
     EventHistory,
 )
 from zwrm.control.roles import roles
+from zwrm.control.schedules import SnapshotSchedules
 from zwrm.control.store import Store
 from zwrm.control.tokens import ControlPKI
 from zwrm.control.unrecorded import Unrecorded
@@ -167,6 +168,7 @@ class ControlPlane(service.MultiService):
         self.scheduler = None
         self.apps = None
         self.drains = None
+        self.schedules = None
         self.pki = None
         self._server_tls = []  # the TLS options of the listeners with the CA's certificate
         self._cert_renewal = None
@@ -242,6 +244,7 @@ class ControlPlane(service.MultiService):
         await self.apps.network.configure(cfg.network_cidr)  # refused if changed under use
         restored = await self.apps.load()
         self.drains = Drains(self.reactor, self.store, self.registry, self.apps, self._publish)
+        self.schedules = SnapshotSchedules(self.reactor, self.apps)
         images = make_registry_resource(
             self.reactor, os.path.join(data_dir, "registry"), TicketAuthorizer(authenticator),
             upload_ttl=cfg.registry_upload_ttl)
@@ -273,6 +276,7 @@ class ControlPlane(service.MultiService):
             self.apps,
             AccessTokenAPI(self.pki, self.store, self.reactor),
             self.drains,
+            self.schedules,
             image_api,
             ConsoleAPI(self.apps, self.registry),
             ClusterAPI(cfg.registry_url, cfg.console_url, cfg.router_realm,
@@ -288,6 +292,7 @@ class ControlPlane(service.MultiService):
             await self.router.attach(self.session, authid="control", authrole="trusted")
             self._follow_sessions(self.session)
         await self.drains.resume()  # drains under way go on once their hosts are back
+        self.schedules.start()  # (a run a stop missed is due at once)
         self.monitor = HealthMonitor(
             self.reactor, self.registry, cfg.check_interval, cfg.offline_after, cfg.grace
         )
@@ -513,6 +518,8 @@ class ControlPlane(service.MultiService):
             self.cert_publisher.close()
         if self.drains is not None:
             self.drains.stop()
+        if self.schedules is not None:
+            self.schedules.stop()
         if getattr(self, "healer", None) is not None:
             self.healer.stop()
         if getattr(self, "apps", None) is not None:
@@ -526,6 +533,8 @@ class ControlPlane(service.MultiService):
             self._cert_renewal.stop()
         if self.registry is not None:
             await self._flush()
+        if self.schedules is not None:  # (a run under way ends with its volume's step)
+            await self._ended([self.schedules.idle()], STOP_GRACE)
         cancelled = list(self.under_way)  # any session's, this one's or an earlier one's
         for work in cancelled:
             work.cancel()

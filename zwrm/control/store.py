@@ -144,7 +144,12 @@ def _v13(db):
     volumes.schema_v13(db)
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13]
+def _v14(db):
+    """Schema version 14: the snapshot schedules of apps (L{volumes.schema_v14})."""
+    volumes.schema_v14(db)
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13, _v14]
 """Schema migrations, in order; append, never edit."""
 
 JSON_COLUMNS = {

@@ -35,6 +35,13 @@ row, C{replica_id}, C{volume_id} and C{reason}:
  - C{volume_replica_destroyed}: deleted with its data (or forgotten with its host);
  - C{volume_recovered} (subject and payload: the volume's, with C{from}, the lost host,
    and C{replica}, the row it was recovered from, now one of its snapshots).
+
+Snapshot schedules (the C{snapshot_schedules} table, C{id} (the app's id), C{app_id,
+every, keep, replicate, next_at, last_at, last_error, created_at}): every C{every} seconds
+each volume of the app is snapshotted (and replicated) by the control plane
+(L{zwrm.control.schedules}). Their events, subject the app's id, with the row and
+C{reason}: C{snapshot_schedule} (set), C{snapshot_schedule_run} (what a run did:
+C{last_error} is L{None} when every volume was taken), C{snapshot_schedule_destroyed}.
 """
 
 from zwrm.control.resources import Resource, update_method
@@ -47,6 +54,7 @@ JSON_COLUMNS = ()
 """Columns stored as JSON text (none)."""
 SNAPSHOTS_TABLE = "volume_snapshots"
 REPLICAS_TABLE = "volume_replicas"
+SCHEDULES_TABLE = "snapshot_schedules"
 
 
 def schema_v1(db):
@@ -115,6 +123,27 @@ def schema_v13(db):
     )
     db[REPLICAS_TABLE].create_index(["volume_id"])
     db[REPLICAS_TABLE].create_index(["host_id"])
+
+
+def schema_v14(db):
+    """
+    Schema version 14: the snapshot schedules of apps' volumes (one per app; its id is
+    the app's id).
+    """
+    db[SCHEDULES_TABLE].create(
+        {
+            "id": str,
+            "app_id": str,
+            "every": float,
+            "keep": int,
+            "replicate": int,
+            "next_at": float,
+            "last_at": float,
+            "last_error": str,
+            "created_at": float,
+        },
+        pk="id",
+    )
 
 
 def replica_as_snapshot(db, replica, reason):
@@ -200,6 +229,14 @@ class Volumes(Resource):
                 args.append(value)
         return await self._store.select(REPLICAS_TABLE, " AND ".join(where) or None, args,
                                         order_by="taken_at, created_at, rowid")
+
+    def get_schedule(self, app_id):
+        """The snapshot schedule of app C{app_id}, or L{None} (a Deferred)."""
+        return self._store.get(SCHEDULES_TABLE, app_id)
+
+    def find_schedules(self):
+        """Every snapshot schedule, the next due first (a Deferred)."""
+        return self._store.select(SCHEDULES_TABLE, order_by="next_at, id")
 
     # -- update methods ---------------------------------------------------------------
 
@@ -365,6 +402,35 @@ class Volumes(Resource):
     def replica_destroyed_payload(self, row, reason):
         """The payload of event C{volume_replica_destroyed} (also a host removal's)."""
         return self.replica_payload(dict(row, state="destroyed"), reason)
+
+    # -- snapshot schedules -------------------------------------------------------------
+
+    @update_method
+    async def set_schedule(self, row, reason):
+        """Store (or replace) an app's snapshot schedule; event C{snapshot_schedule}."""
+        await self.store_with_event(self._store.upserting(SCHEDULES_TABLE, row),
+                                    "snapshot_schedule", row["app_id"],
+                                    dict(row, reason=reason))
+        return row
+
+    @update_method
+    async def schedule_ran(self, row, fields, reason):
+        """
+        Store what a run of the schedule C{row} did (C{fields}: C{last_at}, C{last_error},
+        C{next_at}; C{row} is updated in place); event C{snapshot_schedule_run}.
+        """
+        await self.store_with_event(self._store.updating(SCHEDULES_TABLE, row["id"], fields),
+                                    "snapshot_schedule_run", row["app_id"],
+                                    dict(row, **fields, reason=reason))
+        row.update(fields)
+        return row
+
+    @update_method
+    async def delete_schedule(self, row, reason):
+        """Delete an app's snapshot schedule; event C{snapshot_schedule_destroyed}."""
+        await self.store_with_event(self._store.deleting(SCHEDULES_TABLE, row["id"]),
+                                    "snapshot_schedule_destroyed", row["app_id"],
+                                    dict(row, reason=reason))
 
     def recovered_payload(self, row, lost_host, replica, reason):
         """
