@@ -93,6 +93,11 @@ class ControlMetricsTests(TestCase):
                     "snapshot_id": "s-1", "name": "s-1", "state": state, "size_bytes": 1,
                     "allocated_bytes": 1, "taken_at": 100.0 if state == "ready" else 200.0,
                     "reason": "", "created_at": 300.0})
+            # its snapshot schedule, whose last run left a volume not taken
+            db["snapshot_schedules"].insert({
+                "id": "a-web", "app_id": "a-web", "every": 3600.0, "keep": None,
+                "replicate": 0, "next_at": 4100.0, "last_at": 500.0,
+                "last_error": "v-2: not snapshotted: its host drains", "created_at": 1.0})
 
         await plane.store.run(volumes)
         # an operator's call, timed by the router
@@ -147,6 +152,9 @@ class ControlMetricsTests(TestCase):
         for family in ("zwrm_volume_snapshot_newest_timestamp_seconds",
                        "zwrm_volume_replica_newest_timestamp_seconds"):
             self.assertNotIn((family, two), samples)  # none: no sample
+        self.assertEqual(
+            (samples[("zwrm_snapshot_schedule_last_run_timestamp_seconds", (("app", "web"),))],
+             samples[("zwrm_snapshot_schedule_last_run_failed", (("app", "web"),))]), (500, 1))
         self.assertEqual(families["zwrm_partition_held_hosts"].samples, [])  # no partition
         self.assertEqual(samples[("zwrm_registry_bytes", ())], 0)  # nothing pushed
         store = plane.apps.images._store

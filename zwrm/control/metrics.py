@@ -329,9 +329,18 @@ class ControlMetrics:
             "When the snapshot the volume's newest replica copies was taken, POSIX time:"
             " what zwrm host remove --recover-volumes gives back. No sample: none.",
             labels=labels)
+        ran = GaugeMetricFamily(
+            "zwrm_snapshot_schedule_last_run_timestamp_seconds",
+            "When the app's snapshot schedule (zwrm volumes schedule) last ran, POSIX time."
+            " No sample: it has not run yet.", labels=["app"])
+        failed = GaugeMetricFamily(
+            "zwrm_snapshot_schedule_last_run_failed",
+            "1 if the last run of the app's snapshot schedule left a volume not snapshotted"
+            " or not replicated (zwrm volumes schedules says which), else 0.", labels=["app"])
         store = self.plane.store
+        families = [snapshot, count, replica, ran, failed]
         if store is None:
-            return [snapshot, count, replica]
+            return families
 
         def query(db):
             tables = set(db.table_names())
@@ -347,13 +356,24 @@ class ControlMetrics:
                 "   WHERE r.volume_id = v.id AND r.state = 'ready')"
                 " FROM volumes v LEFT JOIN apps a ON a.id = v.app_id ORDER BY 1, 2").fetchall()
 
+        def schedules(db):
+            if not {"snapshot_schedules", "apps"} <= set(db.table_names()):
+                return []
+            return db.execute(
+                "SELECT COALESCE(a.name, s.app_id), s.last_at, s.last_error"
+                " FROM snapshot_schedules s LEFT JOIN apps a ON a.id = s.app_id"
+                " WHERE s.last_at IS NOT NULL ORDER BY 1").fetchall()
+
         for app, vid, newest, n, taken in await store.run(query):
             if newest is not None:
                 snapshot.add_metric([app, vid], newest)
             count.add_metric([app, vid], n)
             if taken is not None:
                 replica.add_metric([app, vid], taken)
-        return [snapshot, count, replica]
+        for app, last_at, error in await store.run(schedules):
+            ran.add_metric([app], last_at)
+            failed.add_metric([app], 0 if error is None else 1)
+        return families
 
 
 def _health(value):
