@@ -25,6 +25,7 @@ from zwrm.cli.client import (
     connect,
     load_settings,
     print_json,
+    seconds_of,
     working,
 )
 from zwrm.cli.host import PAUSED, _table, _with_session
@@ -1195,14 +1196,7 @@ async def volumes_replicate(reactor, args, out=None):
 
 def _period(text):
     """C{90s}, C{15m}, C{1h}, C{1d} (or seconds) -> seconds."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    t = str(text).strip().lower()
-    try:
-        if t and t[-1] in units:
-            return float(t[:-1]) * units[t[-1]]
-        return float(t)
-    except ValueError:
-        raise CliError(f"bad period {text!r}: use e.g. 15m, 1h or 1d", EXIT_USAGE) from None
+    return seconds_of(text, "period", "15m, 1h or 1d")
 
 
 def _every(seconds):

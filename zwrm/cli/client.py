@@ -558,6 +558,22 @@ async def call(session, procedure, *args, on_progress=None, **kwargs):
             timer.cancel()
 
 
+def seconds_of(text, what="duration", examples="90s, 15m or 1h"):
+    """
+    C{90}, C{90s}, C{15m}, C{2h}, C{1d} -> seconds.
+
+    @raise CliError: (usage) it is none of these: the line names C{what} and C{examples}.
+    """
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = str(text).strip().lower()
+    try:
+        if t and t[-1] in units:
+            return float(t[:-1]) * units[t[-1]]
+        return float(t)
+    except ValueError:
+        raise CliError(f"bad {what} {text!r}: use e.g. {examples}", EXIT_USAGE) from None
+
+
 def working(what, err=None, every=5.0):
     """
     An C{on_progress} for L{call} (a copy of a volume's data): on a terminal, a line on

@@ -6,21 +6,14 @@ import sys
 
 from twisted.internet import defer, task
 
-from zwrm.cli.client import EXIT_USAGE, CliError, call, close, connect, load_settings, print_json
+from zwrm.cli.client import call, close, connect, load_settings, print_json, seconds_of
 from zwrm.drain_phases import DRAIN_MODES
 from zwrm.drain_phases import DRAIN_TERMINAL as TERMINAL  # the states a drain ends in
 
 
 def _duration(text):
     """C{90}, C{90s}, C{15m}, C{2h} -> seconds."""
-    units = {"s": 1, "m": 60, "h": 3600}
-    t = str(text).strip().lower()
-    try:
-        if t and t[-1] in units:
-            return float(t[:-1]) * units[t[-1]]
-        return float(t)
-    except ValueError:
-        raise CliError(f"bad duration {text!r}: use e.g. 90s, 15m or 1h", EXIT_USAGE) from None
+    return seconds_of(text)
 
 
 def register_host_commands(hsub):
