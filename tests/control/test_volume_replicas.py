@@ -587,3 +587,30 @@ class DrainedReplicaTests(TestCase):
         free("h-b", 0)
         with self.assertRaises(errors.Unplaceable):
             await c.apps.replicate_volume(c.vid, "two")
+
+    @d
+    async def test_a_control_plane_stopping_during_a_move_ends_it_quietly(self):
+        """(Its store may close under the copy: the next start resumes the drain.)"""
+        c = await self.cluster(hosts=("h-a", "h-b", "h-c"))
+        await c.apps.snapshot_volume(c.vid, "one")
+        rep = await c.apps.replicate_volume(c.vid, "one", "h-b")
+        procs = c.executors["h-b"][1]
+        held = []
+
+        def hold(*a, **kw):
+            held.append(Deferred())
+            return held[-1]
+
+        procs["volume.send"] = hold
+        await c.drains.drain("h-b")
+
+        async def copying():
+            return bool(held)
+
+        await poll(copying, what="the replica's copy under way")
+        c.drains.stop()
+        held[0].errback(sqlite3.ProgrammingError("Cannot operate on a closed database."))
+        await c.quiet()
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual([r["id"] for r in await c.apps.list_replicas() if r["state"] == "ready"],
+                         [rep["id"]])

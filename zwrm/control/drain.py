@@ -817,6 +817,11 @@ class Drains(LiveSteps):
             try:
                 kept = await self._apps_volumes.move_replica(r, why=f"drain {drain_id}")
             except Exception as e:
+                if self._stopped:  # (its store may be closed: the drain resumes at the next
+                    # start, whose reconciliation settles a copy left creating)
+                    self.log.info("drain {d}: replica {r} not moved: the control plane "
+                                  "stopped", d=drain_id, r=r["id"])
+                    return
                 if not isinstance(e, errors.ZwrmError):
                     errors.log_failure(self.log, Failure(), "drain {d}: moving replica {r}",
                                        d=drain_id, r=r["id"])
