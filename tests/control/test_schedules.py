@@ -6,6 +6,8 @@ plane missed is one run at its start; over the agents' real executors and volume
 (tests/control/test_drain.py's cluster), time from its Clock.
 """
 
+import sqlite3
+
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
@@ -132,17 +134,21 @@ class ScheduleTests(TestCase):
         self.assertEqual(self.events(c, "snapshot_schedule"), [])
 
     @d
-    async def test_a_stop_during_a_run_arms_nothing_more(self):
+    async def test_a_stop_during_a_run_arms_nothing_and_stores_nothing(self):
+        """
+        The control plane stops (its store closes) during a run: nothing more is armed,
+        nothing of the run is stored or logged as a fault, and the next start runs it again.
+        """
         c = await self.cluster()
         s = await self.schedules(c)
-        snapshot, held, entered = c.apps.volumes.snapshot, Deferred(), Deferred()
+        held, entered = Deferred(), Deferred()
 
-        async def slow(*a, **kw):
+        async def closing(*a, **kw):
             entered.callback(None)
             await held
-            return await snapshot(*a, **kw)
+            raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
 
-        self.patch(c.apps.volumes, "snapshot", slow)
+        self.patch(c.apps.volumes, "snapshot", closing)
         await s.schedule("db", HOUR)
         await c.quiet()
         c.clock.advance(0)  # the run begins, and waits for its snapshot
@@ -151,6 +157,9 @@ class ScheduleTests(TestCase):
         held.callback(None)
         await s.idle()
         await c.quiet()
-        self.assertEqual((s.runs, s._timer), (1, None))
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual((s.runs, s._timer), (0, None))
+        [row] = await s.schedules()
+        self.assertEqual((row["last_at"], row["next_at"]), (None, 0.0))  # due at the start
         await self.due(c, s, 10 * HOUR)
-        self.assertEqual(s.runs, 1)
+        self.assertEqual(s.runs, 0)

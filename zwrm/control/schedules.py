@@ -192,9 +192,12 @@ class SnapshotSchedules:
         volumes = await self._data.volumes.find(app_id=row["app_id"], order_by="name, replica")
         for volume in volumes:
             if self._stopped:
-                failed.append(f"{volume['id']}: not taken: the control plane stopped")
-                continue
+                break
             failed += await self._volume(volume, row)
+        if self._stopped:  # (its store may be closed): the next start runs it again
+            self.log.info("snapshot schedule of app {app}: the control plane stopped during "
+                          "its run; it runs again at the next start", app=app["name"])
+            return
         self.runs += 1
         error = "; ".join(failed) or None
         if error is None and not volumes:
@@ -230,7 +233,8 @@ class SnapshotSchedules:
         """What failed (a L{errors.ZwrmError}'s message; anything else is a bug: logged)."""
         if isinstance(e, errors.ZwrmError):
             return e.message
-        errors.log_failure(self.log, Failure(e), "a scheduled snapshot")
+        if not self._stopped:  # (else its store closed under it: the run is not stored)
+            errors.log_failure(self.log, Failure(e), "a scheduled snapshot")
         return error_text(e)
 
     def idle(self):
