@@ -550,6 +550,15 @@ class ConsoleBrowserTests(TestCase):
         self.assertEqual(await b.js("return [...document.querySelectorAll("
                                     "'#volumes-table tr[data-volume]')].map((r) => r.dataset.volume)"),
                          [vid])
+        # a snapshot schedule (the CLI): its first run shown with the volume, live; then gone
+        await self.cli(cp, "volumes", "schedule", "web", "--every", "1h", "--keep", "3")
+        schedule = ("const r = document.querySelector(`#volumes-table tr[data-volume='${arguments[0]}']`);"
+                    " const t = r && r.querySelector('.volume-schedule').textContent;")
+        shown = await wait_js(b, schedule + " return t && t.includes('last run') && t", 60,
+                              "the schedule's first run, with the volume", vid)
+        self.assertRegex(shown, r"^every 1h, the last 3 kept; last run .+: ok$")
+        await self.cli(cp, "volumes", "unschedule", "web")
+        await wait_js(b, schedule + " return t === '-'", 30, "the schedule gone", vid)
         # its drain (the CLI) cannot move the replica (the other host is the volume's): the
         # Drains view says it stays, and why
         await self.cli(cp, "host", "drain", drained)

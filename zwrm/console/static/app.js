@@ -16,7 +16,7 @@ const PHASES = ["planned", "bulk_copying", "stopping_source", "delta_copying",
 const state = {
   session: null, connection: null, role: null, authid: null, view: "hosts",
   hosts: new Map(), hostStatus: new Map(), readAt: null, partitions: new Map(),
-  apps: new Map(), machines: new Map(), volumes: new Map(), snapshots: new Map(), replicas: new Map(),
+  apps: new Map(), machines: new Map(), volumes: new Map(), snapshots: new Map(), replicas: new Map(), schedules: new Map(),
   drains: new Map(),
   events: [], lastEventId: 0, audit: null,
 };
@@ -180,6 +180,9 @@ async function loadApps() {
   state.snapshots = new Map(snapshots.map((s) => [s.id, s]));
   const replicas = await state.session.call("zwrm.volume.replicas");
   state.replicas = new Map(replicas.map((r) => [r.id, r]));
+  // (a control plane from before snapshot schedules has none)
+  const schedules = (await quiet("zwrm.volume.schedules")) || [];
+  state.schedules = new Map(schedules.map((x) => [x.app_id, x]));
   render();
 }
 
@@ -257,6 +260,13 @@ function onEvent(args, kwargs, details) {
       // its replicas on other hosts: their rows (replica_id), kept apart too
       else if (e.kind === "volume_replica") state.replicas.set(p.replica_id, replicaRow(p));
       else if (e.kind.startsWith("volume_replica_")) state.replicas.delete(p.replica_id);
+      // an app's snapshot schedule (subject: the app's id): set, a run's end, or gone
+      else if (e.kind === "snapshot_schedule_destroyed") state.schedules.delete(p.app_id);
+      else if (e.kind.startsWith("snapshot_schedule")) {
+        const x = Object.assign({}, state.schedules.get(p.app_id), p);
+        delete x.reason;
+        state.schedules.set(p.app_id, x);
+      }
       else if (e.kind === "volume_recovered") {
         const v = Object.assign({}, p);
         delete v.reason; delete v.volume_id; delete v.from; delete v.replica;
@@ -651,8 +661,20 @@ function drawVolumes() {
     h("td", { class: "mono" }, v.mount || "-"), h("td", {}, hostName(v.host_id)), h("td", {}, stateBadge(v.state)),
     h("td", { class: "snapshots" }, snaps(v.id).map((s) => `${s.name}${s.state === "ready" ? "" : ` (${s.state})`}`).join(", ") || "-"),
     h("td", { class: "volume-replicas" }, reps(v.id).map((r) => `${r.name} on ${hostName(r.host_id)}${r.state === "ready" ? "" : ` (${r.state})`}`).join(", ") || "-"),
+    h("td", { class: "volume-schedule" }, scheduleText(state.schedules.get(v.app_id))),
     h("td", {}, actionButton("Snapshot", "snapshot", { volume: v.id }, () => snapshot(v), v.state === "ready"))));
-  $("#volumes-table tbody").replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: 11, class: "empty" }, "No volumes."))]));
+  $("#volumes-table tbody").replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: 12, class: "empty" }, "No volumes."))]));
+}
+
+// An app's snapshot schedule, as `zwrm volumes schedules` says it: its period, what it
+// keeps, and how its last run went (`ok`, or which volume was not taken and why).
+function scheduleText(x) {
+  if (!x) return "-";
+  const every = x.every % 86400 === 0 ? `${x.every / 86400}d` : x.every % 3600 === 0 ? `${x.every / 3600}h`
+    : x.every % 60 === 0 ? `${x.every / 60}m` : `${x.every}s`;
+  const what = `every ${every}` + (x.keep ? `, the last ${x.keep} kept` : "") + (x.replicate ? ", replicated" : "");
+  if (!x.last_at) return `${what}; not run yet`;
+  return `${what}; last run ${time(x.last_at)}: ${x.last_error === null || x.last_error === undefined ? "ok" : x.last_error}`;
 }
 
 function phaseBar(phase) {
