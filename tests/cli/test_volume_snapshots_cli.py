@@ -236,6 +236,10 @@ class VolumeReplicaCommandTests(TestCase):
         _, out = await zwrm(plane.url, "volumes", "snapshots", vid, "--json")
         [snap] = json.loads(out)
         self.assertTrue(snap["name"].startswith("scheduled-"), snap)
+        _, out = await zwrm(plane.url, "status", "db")  # the app's status says it too
+        self.assertRegex(out.splitlines()[-1], r"^snapshots: every 1h, the last 24 kept, "
+                                               r"replicated; last run \d{4}-\d\d-\d\d "
+                                               r"\d\d:\d\d:\d\d UTC: ok$")
         _, out = await zwrm(plane.url, "volumes", "replicas", vid, "--json")
         self.assertEqual([(r["name"], r["host_id"]) for r in json.loads(out)],
                          [(snap["name"], second)])

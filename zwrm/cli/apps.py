@@ -552,6 +552,9 @@ def format_app(app, out):
     out.write(f"\nvolumes ({len(app['volumes'])}):\n")
     if app["volumes"]:
         format_volumes(app["volumes"], out)
+    schedule = app.get("snapshot_schedule")
+    if schedule:
+        out.write(f"snapshots: {_schedule_line(schedule)}; {_last_run(schedule)}\n")
 
 
 def format_volumes(volumes, out):
@@ -1204,6 +1207,14 @@ def _every(seconds):
         if seconds >= n and seconds % n == 0:
             return f"{seconds / n:g}{unit}"
     return f"{seconds:g}s"
+
+
+def _last_run(r):
+    """How a schedule's last run went: C{last run 2026-12-07 10:00:04 UTC: ok}."""
+    if not r.get("last_at"):
+        return "not run yet"
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(r["last_at"]))
+    return f"last run {when}: {'ok' if r['last_error'] is None else r['last_error']}"
 
 
 def _schedule_line(r):

@@ -309,8 +309,10 @@ class Apps:
     @wamp.register("zwrm.app.status")
     async def app_status(self, name):
         """
-        An app's spec (and its C{spec_version}), machines and volumes, and its last rolling
-        update's C{rollout} (C{{state, version, replaced, total, reason, at}}, or L{None}).
+        An app's spec (and its C{spec_version}), machines and volumes, its last rolling
+        update's C{rollout} (C{{state, version, replaced, total, reason, at}}, or L{None}),
+        and its volumes' C{snapshot_schedule} (as C{zwrm.volume.schedules} lists it, or
+        L{None}).
         """
         app = await self._app(name)
         machines = await self.data.machines.find(app_id=app["id"], order_by="created_at")
@@ -318,11 +320,14 @@ class Apps:
         last = await self.data.apps.last_rollout(app)
         rollout = None if last is None else {
             k: last.get(k) for k in ("state", "version", "replaced", "total", "reason", "at")}
+        schedule = await self.data.volumes.get_schedule(app["id"])
+        if schedule is not None:
+            schedule = dict(schedule, app=app["name"], replicate=bool(schedule["replicate"]))
         return {"id": app["id"], "name": app["name"], "spec": public_spec(app["spec"]),
                 "spec_version": app.get("spec_version") or 0,
                 "destroying": app.get("destroying"),
                 "machines": [machine_wire(m) for m in machines],
-                "volumes": volumes, "rollout": rollout}
+                "volumes": volumes, "rollout": rollout, "snapshot_schedule": schedule}
 
     @wamp.register("zwrm.app.deploy")
     async def deploy(self, name, spec):

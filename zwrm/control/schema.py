@@ -562,9 +562,11 @@ PROCEDURES = {p.uri: p for p in [
     Procedure("zwrm.app.list", READ, "Every app with its replica and machine counts.", [],
               "[{id, name, image, replicas, machines, destroying}]"),
     Procedure("zwrm.app.status", READ, "An app's spec, machines and volumes.", [_APP],
-              "{id, name, spec, spec_version, destroying, machines, volumes, rollout}: rollout"
-              " is its last rolling update ({state, version, replaced, total, reason, at}) or"
-              " null; destroying is the destroy under way ({volumes, since}) or null",
+              "{id, name, spec, spec_version, destroying, machines, volumes, rollout,"
+              " snapshot_schedule}: rollout is its last rolling update ({state, version,"
+              " replaced, total, reason, at}) or null; destroying is the destroy under way"
+              " ({volumes, since}) or null; snapshot_schedule is its volumes' schedule (as"
+              " zwrm.volume.schedules lists it) or null",
               ["invalid_argument", "not_found"]),
     Procedure(
         "zwrm.app.deploy", OPERATOR,
