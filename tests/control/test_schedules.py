@@ -163,3 +163,16 @@ class ScheduleTests(TestCase):
         self.assertEqual((row["last_at"], row["next_at"]), (None, 0.0))  # due at the start
         await self.due(c, s, 10 * HOUR)
         self.assertEqual(s.runs, 0)
+
+    @d
+    async def test_an_app_destroyed_takes_its_schedule_one_keeping_its_volumes_does_not(self):
+        c = await self.cluster()
+        s = await self.schedules(c)
+        await s.schedule("db", HOUR)
+        await self.due(c, s)
+        await c.apps.destroy_app("db")  # its volume kept: still snapshotted
+        self.assertEqual([x["app"] for x in await s.schedules()], ["db"])
+        await c.apps.destroy_app("db", volumes=True)
+        self.assertEqual(await s.schedules(), [])
+        [gone] = self.events(c, "snapshot_schedule_destroyed")
+        self.assertEqual(gone["payload"]["reason"], "app db destroyed")
