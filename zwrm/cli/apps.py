@@ -267,7 +267,7 @@ def register(subparsers):
     p.set_defaults(func=volumes_snapshots)
     p = vsub.add_parser("schedule", help="snapshot every volume of an app on a schedule, "
                                          "kept and run by the control plane")
-    p.add_argument("app")
+    p.add_argument("app", help="the app whose volumes are snapshotted (replaces its schedule)")
     p.add_argument("--every", required=True, metavar="PERIOD",
                    help="time between two runs: 15m, 1h, 1d... (1m to 30d); the first at once")
     p.add_argument("--keep", type=int, metavar="N",
@@ -282,7 +282,7 @@ def register(subparsers):
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=volumes_schedules)
     p = vsub.add_parser("unschedule", help="stop an app's snapshot schedule (its snapshots stay)")
-    p.add_argument("app")
+    p.add_argument("app", help="the app whose schedule ends")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=volumes_unschedule)
     for name, func, text in (

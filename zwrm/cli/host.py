@@ -34,9 +34,15 @@ def register(subparsers):
     st.add_argument("--json", action="store_true", help="print JSON")
     st.add_argument("--events", type=int, default=20, help="how many recent events")
     st.set_defaults(func=host_status)
-    cl = hsub.add_parser("clean", help="delete what a host keeps that the cluster does not "
-                                       "record (zwrm host status lists it)")
-    cl.add_argument("host_id")
+    cl = hsub.add_parser(
+        "clean", help="delete what a host keeps that the cluster does not record (zwrm host "
+                      "status lists it)",
+        description="Delete, on a ready or drained host, the volumes, snapshot files and "
+                    "machine records (those down) its agent keeps that no record of the "
+                    "cluster names there: a removed host's old ones once it joined again, "
+                    "files a destroy left while the host was away. Nothing under way is "
+                    "touched; what the agent refuses is kept and said (exit 1).")
+    cl.add_argument("host_id", help="the host (zwrm host list)")
     cl.add_argument("--json", action="store_true", help="print JSON")
     cl.set_defaults(func=host_clean)
     register_host_commands(hsub)
