@@ -277,7 +277,17 @@ class ChangeWithItsEventTests(TestCase):
         await once(store, published, lambda: data.drains.set_state(drain, "completed"))
 
         await once(store, published, lambda: data.volumes.delete(vol))
-        await once(store, published, lambda: data.apps.delete(app))
+        app2 = {"id": "a2", "name": "db", "spec": None, "created_at": 0.0}
+        await once(store, published, lambda: data.apps.add(app2))
+        await once(store, published, lambda: data.apps.delete(app2))
+        # an app's destroy deletes its schedule with its row, in one transaction
+        await once(store, published, lambda: data.volumes.set_schedule(sched, "every 3600s"))
+        await once(store, published, lambda: data.apps.delete(app, sched, data.volumes),
+                   events=2)
+        self.assertEqual([(t, e["kind"]) for t, e in published[-2:]],
+                         [("zwrm.event.machine", "snapshot_schedule_destroyed"),
+                          ("zwrm.event.app", "destroyed")])
+        self.assertEqual(await store.select("snapshot_schedules"), [])
         await once(store, published, lambda: data.hosts.remove("h1", "retired"))
         self.assertNotIn("h1", data.hosts)
 

@@ -172,6 +172,14 @@ class ScheduleTests(TestCase):
         await self.due(c, s)
         await c.apps.destroy_app("db")  # its volume kept: still snapshotted
         self.assertEqual([x["app"] for x in await s.schedules()], ["db"])
+        store = c.apps.data.store
+        await store.run(lambda db: db.execute(  # its row's delete fails: the schedule stays
+            "CREATE TRIGGER refuse BEFORE DELETE ON apps BEGIN SELECT RAISE(ABORT, 'no'); END"))
+        with self.assertRaises(sqlite3.IntegrityError):
+            await c.apps.destroy_app("db", volumes=True)
+        self.assertEqual([x["app"] for x in await s.schedules()], ["db"])
+        self.assertEqual(self.events(c, "snapshot_schedule_destroyed"), [])
+        await store.run(lambda db: db.execute("DROP TRIGGER refuse"))
         await c.apps.destroy_app("db", volumes=True)
         self.assertEqual(await s.schedules(), [])
         [gone] = self.events(c, "snapshot_schedule_destroyed")

@@ -211,10 +211,9 @@ class Converger:
             # The app stays, without a spec, so its volumes keep an owner.
             await self._data.apps.set_spec(app, None, "destroyed", volumes_kept=True)
             return {"machines": gone, "volumes": [], "app_kept_for_volumes": True}
-        schedule = await self._data.volumes.get_schedule(app["id"])
-        if schedule is not None:  # (nothing of the app is left to snapshot)
-            await self._data.volumes.delete_schedule(schedule, f"app {app['name']} destroyed")
-        await self._data.apps.delete(app)
+        # its snapshot schedule with it (nothing of the app is left to snapshot)
+        await self._data.apps.delete(app, await self._data.volumes.get_schedule(app["id"]),
+                                     self._data.volumes)
         return {"machines": gone, "volumes": vols}
 
     async def reschedule(self, app_id, replicas, only_host=None):

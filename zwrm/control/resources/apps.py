@@ -27,7 +27,8 @@ import hashlib
 import json
 
 from zwrm import errors
-from zwrm.control.resources import Resource, update_method
+from zwrm.control.resources import Resource, store_with_events, update_method
+from zwrm.control.resources.volumes import SCHEDULES_TABLE
 
 TOPIC = "zwrm.event.app"
 
@@ -232,7 +233,25 @@ class Apps(Resource):
         return dict(rows[0]["payload"], at=rows[0]["ts"]) if rows else None
 
     @update_method
-    async def delete(self, row):
-        """Delete the app's row; event C{destroyed}."""
-        await self.store_with_event(self._store.deleting("apps", row["id"]), "destroyed",
-                                    row["id"], self._payload(row, "destroyed"))
+    async def delete(self, row, schedule=None, volumes=None):
+        """
+        Delete the app's row; event C{destroyed}.  With C{schedule} (its row of the
+        snapshot schedules, kept by C{volumes}, the L{Volumes} resource), that schedule
+        too, in the same transaction (event C{snapshot_schedule_destroyed} first): a
+        failure deletes neither.
+        """
+        if schedule is None:
+            await self.store_with_event(self._store.deleting("apps", row["id"]), "destroyed",
+                                        row["id"], self._payload(row, "destroyed"))
+            return
+        drop_schedule = self._store.deleting(SCHEDULES_TABLE, schedule["id"])
+        drop_app = self._store.deleting("apps", row["id"])
+
+        def change(db):
+            drop_schedule(db)
+            drop_app(db)
+
+        await store_with_events(self._store, change, [
+            (volumes, "snapshot_schedule_destroyed", row["id"],
+             volumes.schedule_destroyed_payload(schedule, f"app {row['name']} destroyed")),
+            (self, "destroyed", row["id"], self._payload(row, "destroyed"))])

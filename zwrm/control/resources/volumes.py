@@ -430,7 +430,12 @@ class Volumes(Resource):
         """Delete an app's snapshot schedule; event C{snapshot_schedule_destroyed}."""
         await self.store_with_event(self._store.deleting(SCHEDULES_TABLE, row["id"]),
                                     "snapshot_schedule_destroyed", row["app_id"],
-                                    dict(row, reason=reason))
+                                    self.schedule_destroyed_payload(row, reason))
+
+    @staticmethod
+    def schedule_destroyed_payload(row, reason):
+        """The payload of event C{snapshot_schedule_destroyed}: the schedule C{row}."""
+        return dict(row, reason=reason)
 
     def recovered_payload(self, row, lost_host, replica, reason):
         """
