@@ -305,6 +305,42 @@ class DestroyTests(TestCase):
         self.assertEqual([a["name"] for a in await c.apps.list_apps()], ["web"])
         self.assertEqual(len(self.running_on(c)), 1)
 
+    @d
+    async def test_a_change_queued_behind_a_destroy_leaves_an_app_made_since_alone(self):
+        """
+        A scale asked before the app's destroy began, queued behind it: when its turn
+        comes the app it was asked of is gone and another was made under its name; the
+        scale is refused (Conflict) and changes nothing of the new app.
+        """
+        c, ms = await self.two()
+
+        def waiting(n):
+            async def check():
+                return len(c.apps.converger._app_locks["web"].waiting) == n
+            return check
+
+        holds = [Deferred(), Deferred()]
+        first = ensureDeferred(c.apps.converger.in_app_order("web", lambda: holds[0]))
+        destroy = ensureDeferred(c.apps.destroy_app("web"))
+        await poll(waiting(1), what="the destroy queued")
+        second = ensureDeferred(c.apps.converger.in_app_order("web", lambda: holds[1]))
+        scale = ensureDeferred(c.apps.scale("web", 3))
+        await poll(waiting(3), what="the scale queued")
+        holds[0].callback(None)
+        await first
+        await self.ended(c, destroy)
+        made = await c.apps.create_app("web")
+        deploy = ensureDeferred(c.apps.deploy("web", c.spec(replicas=1)))  # (after the scale)
+        holds[1].callback(None)
+        await second
+        with self.assertRaises(errors.Conflict) as e:
+            await scale
+        self.assertIn("made again", e.exception.message)
+        await deploy
+        status = await c.apps.app_status("web")
+        self.assertEqual((status["id"], status["spec"]["replicas"], len(status["machines"])),
+                         (made["id"], 1, 1))
+
 async def _nothing():
     return None
 

@@ -263,7 +263,9 @@ class Apps:
         As L{_with_app}, for a change of its spec (a deploy, scale or rollback).
 
         @raise zwrm.errors.Conflict: the app is being destroyed (at once: it need not wait
-            for the destroy's turn, nor the destroy for its).
+            for the destroy's turn, nor the destroy for its); or it was destroyed, and
+            another made under its name, while the change waited its turn (the change was
+            asked of the app that was, not of the new one).
         """
         def refuse(app):
             if app.get("destroying"):
@@ -272,9 +274,14 @@ class Apps:
 
         async def run(app):
             refuse(app)  # (a destroy may have come first)
+            if app["id"] != asked["id"]:
+                raise errors.Conflict(
+                    f"app {name!r} was destroyed, and made again, while this change waited"
+                    " its turn: nothing was changed (ask again for the new app)")
             return await fn(app, *args)
 
-        refuse(await self._app(name))
+        asked = await self._app(name)
+        refuse(asked)
         return await self._with_app(name, run)
 
     # -- apps -------------------------------------------------------------------------
