@@ -589,6 +589,68 @@ class DrainedReplicaTests(TestCase):
             await c.apps.replicate_volume(c.vid, "two")
 
     @d
+    async def test_copies_under_way_to_a_host_count_against_its_room(self):
+        """
+        Two copies begun at once to a host with the room for one: the second is refused
+        while the first is under way (the free space its agent reported does not show
+        the first yet); what the first announces it wrote there is taken off (its agent's
+        next heartbeat counts it); once it ends, the second goes where there is room.
+        """
+        c = await self.cluster(VOLUMES + [{"name": "logs", "size_mb": 32, "mount": "/logs"}],
+                               hosts=("h-a", "h-b", "h-c"))
+        snaps = []
+        for vid in c.vids:
+            write_known(c.store_of(c.src).path(vid), vid)
+            snaps.append(await c.apps.snapshot_volume(vid, "one"))
+        need = [-(-s["allocated_bytes"] // MiB) for s in snaps]
+        floor = c.registry.min_free_disk_mb
+
+        def free(host, room):  # its agent's heartbeat: so much free on its data disk
+            c.registry.heartbeat(host, {"disk_free_mb": floor + room})
+
+        free("h-b", need[0] + need[1] - 1)
+        free("h-c", 0)
+        _, procs = c.executors[c.src]
+        send, held = procs["volume.send"], []
+
+        def hold(*a, details=None, **kw):
+            held.append((Deferred(), details))
+            return held[-1][0].addCallback(lambda _: send(*a, details=details, **kw))
+
+        procs["volume.send"] = hold
+        first = ensureDeferred(c.apps.replicate_volume(c.vids[0], "one", "h-b"))
+
+        async def copying():
+            return bool(held)
+
+        await poll(copying, what="the first copy under way")
+        procs["volume.send"] = send
+        with self.assertRaises(errors.ResourceExhausted) as e:
+            await c.apps.replicate_volume(c.vids[1], "one", "h-b")
+        self.assertEqual(e.exception.message,
+                         f"host h-b has {need[1] - 1} MiB to spare on its data disk (what it "
+                         f"reported free, less the room kept free, less {need[0]} MiB of "
+                         f"copies under way to it); the copy needs {need[1]} MiB")
+        with self.assertRaises(errors.Unplaceable):  # nor is h-b picked for it
+            await c.apps.replicate_volume(c.vids[1], "one")
+        # the first announces all of it written there, and h-b's heartbeat counts it
+        total = snaps[0]["allocated_bytes"]
+        held[0][1].progress({"sent": total, "done": total, "total": total})
+        free("h-b", need[1] - 1)
+        with self.assertRaises(errors.ResourceExhausted) as e:
+            await c.apps.replicate_volume(c.vids[1], "one", "h-b")
+        self.assertEqual(e.exception.message,
+                         f"host h-b has {need[1] - 1} MiB to spare on its data disk (what it "
+                         f"reported free, less the room kept free); the copy needs "
+                         f"{need[1]} MiB")
+        held[0][0].callback(None)
+        self.assertEqual((await first)["state"], "ready")
+        self.assertEqual(await c.apps.list_replicas(c.vids[1]), [])
+        free("h-b", need[1])
+        rep = await c.apps.replicate_volume(c.vids[1], "one")
+        self.assertEqual((rep["state"], rep["host_id"]), ("ready", "h-b"))
+
+    @d
     async def test_a_control_plane_stopping_during_a_move_ends_it_quietly(self):
         """(Its store may close under the copy: the next start resumes the drain.)"""
         c = await self.cluster(hosts=("h-a", "h-b", "h-c"))

@@ -58,6 +58,9 @@ class AppVolumes:
         #: runs (set by L{zwrm.control.drain.Drains})
         self.draining = lambda host_id: False
         self._busy = {}  # volume id -> the snapshot operation under way
+        #: host id -> {replica id: bytes of that copy still to land on the host}: what the
+        #: copies under way will take there beyond what its agent last reported free
+        self._incoming = {}
 
     async def create(self, app, name, size_mb, mount, replica=0, region=None,
                      datacenter=None, host_id=None):
@@ -356,15 +359,51 @@ class AppVolumes:
     def _short_of_room(self, host_id, data_bytes):
         """
         Why C{host_id} cannot take a copy of C{data_bytes} of data, by what its agent last
-        reported free on its data disk (less the room kept free); L{None} if it can, or if
+        reported free on its data disk (less the room kept free, less what the copies
+        under way to it have still to write there: L{_landing}); L{None} if it can, or if
         that is not known.
         """
         room = self._room_mb(host_id) if self._room_mb is not None else None
         need = -(-data_bytes // (1 << 20))
-        if room is None or need <= room:
+        coming = -(-sum(self._incoming.get(host_id, {}).values()) // (1 << 20))
+        if room is None or need <= room - coming:
             return None
-        return (f"host {host_id} has {max(room, 0)} MiB to spare on its data disk (what it "
-                f"reported free, less the room kept free); the copy needs {need} MiB")
+        under_way = f", less {coming} MiB of copies under way to it" if coming else ""
+        return (f"host {host_id} has {max(room - coming, 0)} MiB to spare on its data disk "
+                f"(what it reported free, less the room kept free{under_way}); the copy "
+                f"needs {need} MiB")
+
+    def _landing(self, host_id, key, data_bytes):
+        """
+        A context: a copy C{key} of C{data_bytes} of data to C{host_id} is under way; what
+        it has still to write there counts against the host's room (L{_short_of_room})
+        until it ends, so that two copies begun at once cannot both count on the same
+        free space.  Its value, C{landed(done)}, takes the C{done} bytes written there
+        off (its agent's next heartbeat reports them as used).
+
+        @raise zwrm.errors.ResourceExhausted: (on entry) the host has not the room.
+        """
+        incoming = self._incoming
+        short = self._short_of_room(host_id, data_bytes)
+        if short is not None:
+            raise errors.ResourceExhausted(short, argument="host_id")
+
+        def landed(done):
+            if key in incoming.get(host_id, {}) and isinstance(done, int):
+                incoming[host_id][key] = max(data_bytes - done, 0)
+
+        class Landing:
+            def __enter__(self):
+                incoming.setdefault(host_id, {})[key] = data_bytes
+                return landed
+
+            def __exit__(self, *exc):
+                copies = incoming.get(host_id, {})
+                copies.pop(key, None)
+                if not copies:
+                    incoming.pop(host_id, None)
+
+        return Landing()
 
     def _hosts_short_of_room(self, data_bytes):
         """The hosts the scheduler knows that have not the room for C{data_bytes} of data."""
@@ -445,8 +484,10 @@ class AppVolumes:
                                   argument="snapshot")
         self._host_usable(volume)
         await self.need_snapshot_streams([volume["host_id"], host_id], "copy snapshots")
-        with self.operation(volume, "replicated"):
-            row = {"id": new_id("r"), "volume_id": volume["id"], "app_id": volume["app_id"],
+        rid = new_id("r")
+        with self.operation(volume, "replicated"), \
+                self._landing(host_id, rid, snapshot["allocated_bytes"]) as landed:
+            row = {"id": rid, "volume_id": volume["id"], "app_id": volume["app_id"],
                    "host_id": host_id, "snapshot_id": snapshot["id"], "name": snapshot["name"],
                    "state": "creating", "size_bytes": snapshot["size_bytes"],
                    "allocated_bytes": 0, "taken_at": snapshot["created_at"],
@@ -456,7 +497,8 @@ class AppVolumes:
             await self._data.volumes.add_replica(row)
             row = await self._stream_replica(row, volume["host_id"], snapshot["id"],
                                              snapshot["size_bytes"],
-                                             lambda: self._host_usable(volume), progress)
+                                             lambda: self._host_usable(volume), progress,
+                                             landed)
             pruned = []
             if keep is not None:
                 held = [r for r in await self._data.volumes.find_replicas(
@@ -468,7 +510,8 @@ class AppVolumes:
                     pruned.append(old)
             return dict(row, pruned=pruned)
 
-    async def _stream_replica(self, row, source, file_id, size, check=None, progress=None):
+    async def _stream_replica(self, row, source, file_id, size, check=None, progress=None,
+                              landed=None):
         """
         Make the replica C{row} (stored C{creating} on its host): host C{source} streams
         its file C{file_id} of the volume (a snapshot there, or a replica) to the
@@ -478,14 +521,20 @@ class AppVolumes:
 
         @param check: L{None}, or a callable run before the copy (it may raise).
         @param progress: L{None}, or C{progress(sent=, done=, total=)} (L{replicate}).
+        @param landed: L{None}, or C{landed(done)} with the bytes written on the replica's
+            host so far, as announced (L{_landing}).
         @return: the ready row.
         """
         host_id, vid = row["host_id"], row["volume_id"]
         token = mint_token()
         options = {}
-        if progress is not None:
+        if progress is not None or landed is not None:
             def announced(p=None, *args, **kwargs):
-                if isinstance(p, dict):
+                if not isinstance(p, dict):
+                    return
+                if landed is not None:
+                    landed(p.get("done"))
+                if progress is not None:
                     progress(**{k: p.get(k) for k in ("sent", "done", "total")})
 
             options["options"] = CallOptions(on_progress=announced)
@@ -546,8 +595,10 @@ class AppVolumes:
             row = dict(fresh, id=new_id("r"), host_id=target, state="creating",
                        allocated_bytes=0, reason=f"moved from {source} ({why})",
                        created_at=self._clock.seconds())
-            await self._data.volumes.add_replica(row)
-            row = await self._stream_replica(row, source, fresh["id"], fresh["size_bytes"])
+            with self._landing(target, row["id"], fresh["allocated_bytes"]) as landed:
+                await self._data.volumes.add_replica(row)
+                row = await self._stream_replica(row, source, fresh["id"], fresh["size_bytes"],
+                                                 landed=landed)
             await self._delete_replica(fresh, f"moved to {target} as {row['id']} ({why})")
             return row
 
