@@ -536,11 +536,17 @@ class ConsoleBrowserTests(TestCase):
         state = {h["id"]: h["state"] for h in await host_list(reactor, cp)}
         self.assertEqual(state[drained], "ready")
 
-        # the volume's snapshot replicated there (the CLI): the event lists the replica with
-        # its volume; the host's removal below takes it away
+        # the volume's snapshot replicated there, from the volumes view: the answer says
+        # where, the event lists the replica with its volume; the host's removal below
+        # takes it away
         self.assertNotEqual(snap["host_id"], drained)
-        await self.cli(cp, "volumes", "replicate", vid, "from-the-console", "--to", drained)
         await b.js("location.hash = '#volumes'")
+        await self.click(b, f"button[data-action=replicate][data-volume='{vid}']")
+        await self.confirm(b, **{"replicate-snapshot": "from-the-console", "replicate-host": drained})
+        said = await wait_js(b, "const m = document.getElementById('message');"
+                                " const t = !m.hidden && m.className === 'info' && m.querySelector('.text').textContent;"
+                                " return t && t.startsWith('replica ') && t", 120, "the replica made")
+        self.assertRegex(said, rf"^replica from-the-console of {vid} kept on \S+ \(.+\)$")
         replicas = ("const r = document.querySelector(`#volumes-table tr[data-volume='${arguments[0]}']`);"
                     " const t = r && r.querySelector('.volume-replicas').textContent;")
         shown = await wait_js(b, replicas + " return t && t.startsWith('from-the-console on ') && t",
@@ -550,15 +556,24 @@ class ConsoleBrowserTests(TestCase):
         self.assertEqual(await b.js("return [...document.querySelectorAll("
                                     "'#volumes-table tr[data-volume]')].map((r) => r.dataset.volume)"),
                          [vid])
-        # a snapshot schedule (the CLI): its first run shown with the volume, live; then gone
-        await self.cli(cp, "volumes", "schedule", "web", "--every", "1h", "--keep", "3")
+        [made] = json.loads(await self.cli(cp, "volumes", "replicas", vid, "--json"))
+        self.assertEqual((made["host_id"], made["state"]), (drained, "ready"))
+        # a snapshot schedule, from the volumes view: its first run shown with the volume,
+        # live; then unscheduled there
+        await self.click(b, f"button[data-action=schedule][data-volume='{vid}']")
+        await self.confirm(b, **{"schedule-every": "1h", "schedule-keep": 3})
         schedule = ("const r = document.querySelector(`#volumes-table tr[data-volume='${arguments[0]}']`);"
                     " const t = r && r.querySelector('.volume-schedule').textContent;")
         shown = await wait_js(b, schedule + " return t && t.includes('last run') && t", 60,
                               "the schedule's first run, with the volume", vid)
         self.assertRegex(shown, r"^every 1h, the last 3 kept; last run .+: ok$")
-        await self.cli(cp, "volumes", "unschedule", "web")
+        [listed] = json.loads(await self.cli(cp, "volumes", "schedules", "--json"))
+        self.assertEqual((listed["app"], listed["every"], listed["keep"], listed["replicate"]),
+                         ("web", 3600, 3, False))
+        await self.click(b, f"button[data-action=unschedule][data-volume='{vid}']")
+        await self.confirm(b)
         await wait_js(b, schedule + " return t === '-'", 30, "the schedule gone", vid)
+        self.assertEqual(json.loads(await self.cli(cp, "volumes", "schedules", "--json")), [])
         # its drain (the CLI) cannot move the replica (the other host is the volume's): the
         # Drains view says it stays, and why
         await self.cli(cp, "host", "drain", drained)
@@ -592,13 +607,34 @@ class ConsoleBrowserTests(TestCase):
         await b.js("location.hash = '#hosts'")
         await agent.start()
         await wait_js(b, TWO_READY_HOSTS, 60, "the host back, ready, after its agent started")
+        # it joined anew, keeping the replica's file: the Hosts view says so; Clean deletes it
+        [back] = [h["id"] for h in await host_list(reactor, cp) if h["id"] not in
+                  (a.host_id for a in agents if a is not agent)]
+        row = "const r = document.querySelector(`#hosts-table tr[data-host='${arguments[0]}']`);"
+        said = await wait_js(b, row + " const u = r && r.querySelector('.unrecorded');"
+                                      " return u && u.textContent", 60,
+                             "what the host keeps unrecorded", back)
+        self.assertEqual(said, "keeps what the cluster does not record: 1 snapshot file(s)")
+        await self.click(b, f"button[data-action=clean][data-host='{back}']")
+        await wait_js(b, "return document.getElementById('confirm').open", 60, "the dialog")
+        self.assertIn(made["id"], await b.js(
+            "return document.getElementById('confirm-extra').textContent"))
+        await self.confirm(b)
+        await wait_js(b, "const m = document.getElementById('message');"
+                         " return !m.hidden && m.className === 'info' && m.querySelector('.text')"
+                         ".textContent.endsWith(': deleted 1 snapshot file(s)')", 60,
+                      "the host cleaned")
+        await wait_js(b, row + " return r && !r.querySelector('.unrecorded')"
+                               " && r.querySelector('button[data-action=clean]').disabled", 60,
+                      "nothing unrecorded on the host", back)
 
         # the audit trail shows what the console did, as the operator
         await b.js("location.hash = '#audit'")
         done = await wait_js(b, "return [...document.querySelectorAll('#audit-table tr[data-procedure]')]"
                                 ".map(r => r.dataset.procedure)", 30, "the audit trail")
         for procedure in ("zwrm.host.drain", "zwrm.machine.restart", "zwrm.app.scale",
-                          "zwrm.app.deploy",
+                          "zwrm.app.deploy", "zwrm.volume.snapshot", "zwrm.volume.replicate",
+                          "zwrm.volume.schedule", "zwrm.volume.unschedule", "zwrm.host.clean",
                           "zwrm.host.activate", "zwrm.host.undrain", "zwrm.host.remove"):
             self.assertIn(procedure, done)
         await b.shot("audit.png")

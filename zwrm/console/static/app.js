@@ -351,6 +351,31 @@ async function drain(host) {
   soon(`drain:${host.id}`, () => loadDrain(host.id), 100);
 }
 
+// What a host keeps that the cluster does not record (zwrm.host.status's unrecorded, its
+// agent asked then): a removed host's old volumes when it joins again, a replica deleted
+// while its host could not be asked. `zwrm host status` lists them, `zwrm host clean` deletes them.
+const UNRECORDED = [["volumes", "volume(s)"], ["snapshots", "snapshot file(s)"], ["machines", "machine record(s)"]];
+const unrecordedCount = (u) => (u ? UNRECORDED.reduce((n, [k]) => n + (u[k] || []).length, 0) : 0);
+const unrecordedText = (u) => UNRECORDED.filter(([k]) => (u[k] || []).length)
+  .map(([k, what]) => `${u[k].length} ${what}`).join(", ");
+
+async function cleanHost(host, unrecorded) {
+  const items = UNRECORDED.flatMap(([k, what]) => (unrecorded[k] || []).map((x) => h("li", { class: "mono" },
+    `${what.replace("(s)", "")} ${x.id}` + (x.volume_id ? ` of ${x.volume_id}` : "")
+    + (x.allocated_bytes !== undefined && x.allocated_bytes !== null ? ` (${bytes(x.allocated_bytes)} of data)` : "")
+    + (x.state ? ` (${x.state})` : ""))));
+  const ok = await ask(`Delete what ${host.name || host.id} keeps that the cluster does not record? (Read`
+    + " again before: what is under way, or recorded meanwhile, is left alone. Machine records still running"
+    + " stay.)", h("ul", {}, items));
+  if (!ok) return;
+  const r = await call("zwrm.host.clean", [host.id]);
+  const done = UNRECORDED.filter(([k]) => r.deleted[k].length).map(([k, what]) => `${r.deleted[k].length} ${what}`);
+  const kept = r.kept.map((x) => `${x.id}: ${x.reason}`);
+  showMessage(`${host.name || host.id}: deleted ${done.join(", ") || "nothing"}`
+    + (kept.length ? `; kept ${kept.join("; ")}` : ""), null, kept.length ? "error" : "info");
+  soon("hosts", loadHosts, 100);
+}
+
 async function hostAction(host, verb) {
   if (!(await ask(`${verb[0].toUpperCase() + verb.slice(1)} ${host.name || host.id}?`))) return;
   await call(`zwrm.host.${verb}`, [host.id]);
@@ -556,7 +581,12 @@ function drawHosts() {
         actionButton("Drain", "drain", { host: x.id }, () => drain(x), x.state === "ready"),
         actionButton("Undrain", "undrain", { host: x.id }, () => hostAction(x, "undrain"), x.state === "draining"),
         actionButton("Activate", "activate", { host: x.id }, () => hostAction(x, "activate"), x.state === "drained"),
-        actionButton("Remove", "remove", { host: x.id }, () => removeHost(x), x.state === "offline"))));
+        actionButton("Remove", "remove", { host: x.id }, () => removeHost(x), x.state === "offline"),
+        actionButton("Clean", "clean", { host: x.id }, () => cleanHost(x, st.unrecorded),
+          !!(st && unrecordedCount(st.unrecorded)) && (x.state === "ready" || x.state === "drained"))),
+      st && unrecordedCount(st.unrecorded) ? h("div", { class: "small unrecorded", title: "zwrm never deletes"
+        + " these on its own: they may be the only copy of something (Clean deletes them)" },
+      `keeps what the cluster does not record: ${unrecordedText(st.unrecorded)}`) : null));
   });
   $("#hosts-table tbody").replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: 10, class: "empty" }, "No hosts have joined yet."))]));
 }
@@ -647,32 +677,100 @@ async function snapshot(volume) {
     null, "info");
 }
 
+// A copy of one of a volume's snapshots on another host, as `zwrm volumes replicate` makes
+// it: the snapshot (the newest by default) and the host (default: the cluster chooses, by
+// where its other replicas are and who has the room). A big copy takes a while; the answer
+// comes once it is verified on that host.
+async function replicate(volume) {
+  const snaps = [...state.snapshots.values()].filter((s) => s.volume_id === volume.id && s.state === "ready")
+    .sort((a, b) => b.created_at - a.created_at);
+  const which = h("select", { id: "replicate-snapshot" }, snaps.map((s) => h("option", { value: s.name }, s.name)));
+  const hosts = [...state.hosts.values()].filter((x) => x.id !== volume.host_id && x.state === "ready")
+    .sort((a, b) => (a.name || a.id).localeCompare(b.name || b.id));
+  const to = h("select", { id: "replicate-host" }, h("option", { value: "" }, "chosen by the cluster"),
+    hosts.map((x) => h("option", { value: x.id }, x.name || x.id)));
+  const extra = h("div", {}, h("label", {}, "Snapshot: ", which), " ", h("label", {}, "To host: ", to));
+  if (!(await ask(`Copy a snapshot of volume ${volume.id} (${volume.name}) to another host, as a replica`
+    + " (a lost host's volumes are recovered from their newest replicas)?", extra))) return;
+  showMessage(`copying snapshot ${which.value} of ${volume.id}...`, null, "info");
+  const r = await call("zwrm.volume.replicate", [volume.id, which.value], to.value ? { host_id: to.value } : {});
+  showMessage(`replica ${r.name} of ${volume.id} kept on ${hostName(r.host_id)} (${bytes(r.allocated_bytes)})`,
+    null, "info");
+}
+
+// A period as `zwrm volumes schedule --every` takes it: 90s, 30m, 1h, 1d (seconds if bare).
+function period(text) {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$/.exec(text);
+  if (!m) throw new Error(`every: ${JSON.stringify(text)} is not a period (such as 30m, 1h or 1d)`);
+  return Number(m[1]) * { "": 1, s: 1, m: 60, h: 3600, d: 86400 }[m[2]];
+}
+
+// An app's snapshot schedule, kept and run by the control plane as `zwrm volumes schedule`
+// sets it: every volume of the app snapshotted every so often (the first at once), the
+// last so many of its snapshots kept, each copied to another host if asked.
+async function schedule(volume) {
+  const app = appOf(volume);
+  const old = state.schedules.get(volume.app_id);
+  const every = h("input", { id: "schedule-every", type: "text", size: "6", placeholder: "1h",
+    value: old ? periodText(old.every) : "1h" });
+  const keep = h("input", { id: "schedule-keep", type: "number", min: "1", max: "1000", step: "1",
+    placeholder: "all", value: old && old.keep ? String(old.keep) : null });
+  const copy = h("input", { id: "schedule-replicate", type: "checkbox", checked: !!(old && old.replicate) });
+  const extra = h("div", {}, h("label", {}, "Every: ", every), " ",
+    h("label", {}, "Keep the last: ", keep), " ", h("label", {}, copy, " Copy each to another host"));
+  if (!(await ask(`Snapshot every volume of app ${app} on a schedule (the first now)?`
+    + (old ? " It replaces the app's schedule." : ""), extra))) return;
+  let secs;
+  try { secs = period(every.value); } catch (err) { showMessage(err.message); return; }
+  const kwargs = { replicate: copy.checked };
+  if (keep.value !== "") kwargs.keep = Number(keep.value);
+  const x = await call("zwrm.volume.schedule", [app, secs], kwargs);
+  state.schedules.set(x.app_id, x);
+  showMessage(`app ${app}: ${scheduleText(x)}`, null, "info");
+}
+
+async function unschedule(volume) {
+  const app = appOf(volume);
+  if (!(await ask(`Stop snapshotting the volumes of app ${app} on a schedule? Its snapshots stay.`))) return;
+  await call("zwrm.volume.unschedule", [app]);
+  state.schedules.delete(volume.app_id);
+  showMessage(`app ${app}: no schedule`, null, "info");
+}
+
+const appOf = (volume) => ([...state.apps.values()].find((a) => a.id === volume.app_id) || {}).name || volume.app_id;
+
 function drawVolumes() {
   const vols = [...state.volumes.values()].sort((a, b) => a.id.localeCompare(b.id));
   $("#volumes-count").textContent = `(${vols.length})`;
-  const appName = (id) => ([...state.apps.values()].find((a) => a.id === id) || {}).name || id;
   const snaps = (id) => [...state.snapshots.values()].filter((s) => s.volume_id === id)
     .sort((a, b) => a.created_at - b.created_at);
   const reps = (id) => [...state.replicas.values()].filter((r) => r.volume_id === id)
     .sort((a, b) => a.taken_at - b.taken_at);
   const rows = vols.map((v) => h("tr", { dataset: { volume: v.id } },
-    h("td", { class: "mono" }, v.id), h("td", {}, appName(v.app_id)), h("td", {}, v.name),
+    h("td", { class: "mono" }, v.id), h("td", {}, appOf(v)), h("td", {}, v.name),
     h("td", { class: "num" }, v.replica), h("td", { class: "num" }, mib(v.size_mb)),
     h("td", { class: "mono" }, v.mount || "-"), h("td", {}, hostName(v.host_id)), h("td", {}, stateBadge(v.state)),
     h("td", { class: "snapshots" }, snaps(v.id).map((s) => `${s.name}${s.state === "ready" ? "" : ` (${s.state})`}`).join(", ") || "-"),
     h("td", { class: "volume-replicas" }, reps(v.id).map((r) => `${r.name} on ${hostName(r.host_id)}${r.state === "ready" ? "" : ` (${r.state})`}`).join(", ") || "-"),
     h("td", { class: "volume-schedule" }, scheduleText(state.schedules.get(v.app_id))),
-    h("td", {}, actionButton("Snapshot", "snapshot", { volume: v.id }, () => snapshot(v), v.state === "ready"))));
+    h("td", {}, h("div", { class: "actions" },
+      actionButton("Snapshot", "snapshot", { volume: v.id }, () => snapshot(v), v.state === "ready"),
+      actionButton("Replicate", "replicate", { volume: v.id }, () => replicate(v),
+        [...state.snapshots.values()].some((s) => s.volume_id === v.id && s.state === "ready")),
+      actionButton("Schedule", "schedule", { volume: v.id, app: appOf(v) }, () => schedule(v)),
+      actionButton("Unschedule", "unschedule", { volume: v.id, app: appOf(v) }, () => unschedule(v),
+        state.schedules.has(v.app_id))))));
   $("#volumes-table tbody").replaceChildren(...(rows.length ? rows : [h("tr", {}, h("td", { colspan: 12, class: "empty" }, "No volumes."))]));
 }
 
 // An app's snapshot schedule, as `zwrm volumes schedules` says it: its period, what it
 // keeps, and how its last run went (`ok`, or which volume was not taken and why).
+const periodText = (s) => (s % 86400 === 0 ? `${s / 86400}d` : s % 3600 === 0 ? `${s / 3600}h`
+  : s % 60 === 0 ? `${s / 60}m` : `${s}s`);
+
 function scheduleText(x) {
   if (!x) return "-";
-  const every = x.every % 86400 === 0 ? `${x.every / 86400}d` : x.every % 3600 === 0 ? `${x.every / 3600}h`
-    : x.every % 60 === 0 ? `${x.every / 60}m` : `${x.every}s`;
-  const what = `every ${every}` + (x.keep ? `, the last ${x.keep} kept` : "") + (x.replicate ? ", replicated" : "");
+  const what = `every ${periodText(x.every)}` + (x.keep ? `, the last ${x.keep} kept` : "") + (x.replicate ? ", replicated" : "");
   if (!x.last_at) return `${what}; not run yet`;
   return `${what}; last run ${time(x.last_at)}: ${x.last_error === null || x.last_error === undefined ? "ok" : x.last_error}`;
 }

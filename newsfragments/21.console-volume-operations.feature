@@ -1,0 +1,1 @@
+The web console replicates a volume's snapshot to another host, sets and ends an app's snapshot schedule (Volumes view), and shows what a host keeps that the cluster does not record, with a Clean button (Hosts view), as the CLI does.
