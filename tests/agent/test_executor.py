@@ -151,6 +151,25 @@ class ExecutorTests(TestCase):
         self.assertEqual(self.states("m1")[-1], "failed")
         self.assertEqual(self.executor.driver.list(), [])
 
+    async def test_fence_stops_the_machines_with_volumes(self):
+        """
+        (The agent heard nothing from the control plane for its fence_after.) A machine
+        with volumes is powered down and failed with the reason, kept for the control
+        plane; one without runs on; a second fence finds nothing to stop.
+        """
+        await self.executor.start_machine(self.spec())
+        await self.executor.start_machine(self.spec("m2", volumes=[]))
+        stopped = await self.executor.fence("fenced: test", 5)
+        self.assertEqual(stopped, ["m1"])
+        st = self.executor.machine_status("m1")
+        self.assertEqual((st["state"], st["reason"]), ("failed", "fenced: test"))
+        self.assertEqual(self.states("m1")[-3:], ["stopping", "stopped", "failed"])
+        self.assertEqual(self.executor.driver.status("m1")["state"], "stopped")
+        self.assertEqual(self.executor.machine_status("m2")["state"], "running")
+        self.assertEqual(await self.executor.fence("fenced: test", 5), [])
+        # its volume stays, claimed by it: it starts again here once the host is back
+        self.assertEqual(self.store.in_use("m1-data"), "m1")
+
     async def test_conflicts(self):
         await self.executor.start_machine(self.spec())
         with self.assertRaises(Conflict):

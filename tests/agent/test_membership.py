@@ -21,7 +21,7 @@ from twisted.trial.unittest import TestCase
 
 from zwrm import errors
 from zwrm.agent.runtime import HostRuntime
-from zwrm.agent.service import AgentService, _AgentSession
+from zwrm.agent.service import CONTACT_FILE, AgentService, _AgentSession
 from zwrm.agent.tap import AgentConfig
 from zwrm.cli.client import CliError, close, connect
 from zwrm.control.service import ControlPlane
@@ -90,6 +90,26 @@ def make_agent(testcase, plane, data_dir, token=None, name="a1"):
 
 class MembershipTests(TestCase):
     timeout = 60
+
+    @d
+    async def test_a_fencing_agent_says_so_and_keeps_its_last_answer(self):
+        """
+        An agent with fence_after reports it (the control plane stores it for the host:
+        zwrm.host.remove waits that long before it recovers its volumes); each answered
+        heartbeat moves its last contact on, kept in its data directory (tests/agent/
+        test_fencing.py has the fence itself).
+        """
+        plane, tmp = await start_plane(self)
+        data_dir = os.path.join(tmp, "a1")
+        agent = await start_host_agent(self, plane, data_dir, fence_after=30)
+        host_id = agent.identity.host_id
+        self.assertEqual((await plane.store.get("hosts", host_id))["fence_after"], 30.0)
+        self.assertEqual(plane.registry.hosts.wire(host_id)["fence_after"], 30.0)
+        first = agent.last_contact
+        await poll(reactor, lambda: agent.heartbeats_sent >= 2, 10, 0.05, what="heartbeats")
+        self.assertGreater(agent.last_contact, first)
+        with open(os.path.join(data_dir, CONTACT_FILE)) as f:
+            self.assertEqual(json.load(f)["at"], agent.last_contact)
 
     @d
     async def test_join_register_heartbeat_restart(self):

@@ -191,6 +191,12 @@ class FormatTests(SynchronousTestCase):
         self.assertIn("offline (heartbeat_lost)", text)
         self.assertIn("disk                  0 of 1000 MiB allocated\n", text)  # no figure yet
         self.assertIn("host certificate      -\n", text)  # no heartbeat said yet
+        self.assertIn("fence                 off (fence_after 0: power the host off before"
+                      " zwrm host remove --recover-volumes)\n", text)
+        out = io.StringIO()
+        host.format_status(dict(status, fence_after=60.0), out)
+        self.assertIn("fence                 its agent stops its machines with volumes 60 s"
+                      " after the control plane last answered (fence_after)\n", out.getvalue())
 
     def test_status_a_paused_machine(self):
         out = io.StringIO()

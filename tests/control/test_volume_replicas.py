@@ -200,6 +200,35 @@ class ReplicaTests(TestCase):
         await c.apps.restore_volume(c.vid, "one")
 
     @d
+    async def test_a_fencing_host_s_volumes_are_recovered_once_it_has_stopped_them(self):
+        """
+        Its agent stops its machines with volumes 60 s after it last heard from the
+        control plane (fence_after, reported at registration): its volumes are recovered
+        only once that and the margin have passed since its last heartbeat (counted from
+        the control plane's start at most); before, refused, nothing changed.
+        """
+        c = await self.cluster()
+        await c.apps.snapshot_volume(c.vid, "one")
+        await c.apps.replicate_volume(c.vid, "one", c.dst)
+        await c.registry.register(c.src, {"fence_after": 60})
+        self.assertEqual(c.registry.hosts.wire(c.src)["fence_after"], 60.0)
+        self.assertEqual((await c.store.get("hosts", c.src))["fence_after"], 60.0)
+        await c.registry.mark_offline(c.src)
+        c.clock.advance(30)
+        with self.assertRaises(errors.Conflict) as e:
+            await c.removal.remove(c.src, recover_volumes=True)
+        self.assertEqual(e.exception.message,
+                         f"host {c.src}'s agent stops its machines with volumes 60 s after it"
+                         " last heard from the control plane (fence_after), and its last"
+                         " heartbeat came 30 s ago: recover its volumes in 45 s, once they"
+                         " are stopped there for sure")
+        self.assertIn(c.src, c.registry.hosts)
+        self.assertEqual((await c.store.get("volumes", c.vid))["host_id"], c.src)
+        c.clock.advance(45)
+        result = await c.removal.remove(c.src, recover_volumes=True)
+        self.assertEqual([v["host_id"] for v in result["volumes_recovered"]], [c.dst])
+
+    @d
     async def test_a_recovery_that_fails_changes_nothing(self):
         c = await self.cluster(volumes=VOLUMES + [{"name": "logs", "size_mb": 8,
                                                    "mount": "/logs"}])

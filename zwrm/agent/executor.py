@@ -424,6 +424,41 @@ class Executor:
         d = self.driver.stop(machine_id, timeout)
         return d.addCallback(lambda _: self._status(rec))
 
+    def fence(self, reason, grace):
+        """
+        The agent has heard nothing from the control plane for its C{fence_after}
+        (L{zwrm.agent.service.AgentService}): stop every machine here that has volumes,
+        an ACPI power-down then a hard stop after C{grace} seconds, and mark it C{failed}
+        with C{reason} (reported once the agent registers again: its restart policy
+        starts it again here if its volumes are still its own). The control plane
+        recovers such a host's volumes elsewhere only after that
+        (L{zwrm.control.host_removal}), so no two copies of the machine run at once.
+        A machine held by a live migration is left to it (a drain under way refuses the
+        host's removal); one without volumes runs on (the cluster may run another copy,
+        and stops this one when the host returns).
+
+        @return: a Deferred firing with the ids of the machines stopped.
+        """
+        return ensureDeferred(self._fence(reason, grace))
+
+    async def _fence(self, reason, grace):
+        stopped = []
+        for mid, rec in sorted(self._machines.items()):
+            if not rec.spec["volumes"] or rec.held is not None \
+                    or rec.state not in ("running", "stopping"):
+                continue
+            if rec.state == "running":
+                self._change(rec, "stopping", reason)
+            try:
+                await self.driver.stop(mid, grace)
+            except Exception as e:
+                log.warn("machine {id} was not stopped ({reason}): {e}", id=mid,
+                         reason=reason, e=message_of(e))
+                continue
+            self._change(rec, "failed", reason)
+            stopped.append(mid)
+        return stopped
+
     @wamp.register("machine.destroy")
     def destroy_machine(self, machine_id):
         """

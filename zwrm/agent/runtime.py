@@ -54,6 +54,7 @@ class HostRuntime:
         self.cache = None
         self._pool = None
         self._session = None
+        self._making = defer.DeferredLock()  # one making of the executor at a time
         self._unsent = {}  # machine id -> (seq, the latest event that could not be sent)
         self._sent = {}  # machine id -> seq of the latest event the control plane got
         self._seq = itertools.count()
@@ -90,6 +91,21 @@ class HostRuntime:
                           " using {derived}", url=registry_url, derived=url)
         if self.cache is not None:
             self.cache.follow_registry(url)
+        await self._executor_ready(host_id, credential, url)
+        if self.transfers is None:
+            await self._start_transfers()
+        return self.executor
+
+    def _executor_ready(self, host_id, credential, url):
+        """
+        Make the executor, once (a session's L{attach}, or a L{fence} before any session:
+        the agent started while the control plane could not be reached), its machines
+        recovered; one at a time. @return: a Deferred that fires once it is made.
+        """
+        return self._making.run(
+            lambda: defer.Deferred.fromCoroutine(self._make_executor(host_id, credential, url)))
+
+    async def _make_executor(self, host_id, credential, url):
         if self.executor is None:
             client, self._pool = make_http_client(self.reactor, registry_ca_file(self.config))
             self.cache = ImageCache(
@@ -114,9 +130,19 @@ class HostRuntime:
             recovered = await self.executor.recover()
             self.log.info("executor ready for host {host_id}; recovered {n} machine(s)",
                           host_id=host_id, n=len(recovered or ()))
-        if self.transfers is None:
-            await self._start_transfers()
-        return self.executor
+
+    async def fence(self, host_id, credential, reason, grace):
+        """
+        The control plane has not answered for the agent's C{fence_after}: stop every
+        machine here with volumes (L{Executor.fence}), the executor made first if no
+        session made it yet (its machines are those the agent ran before it started).
+
+        @return: the ids of the machines stopped (none before the host ever joined).
+        """
+        if host_id is None or credential is None:
+            return []
+        await self._executor_ready(host_id, credential, derived_registry_url(self.config.url))
+        return await self.executor.fence(reason, grace)
 
     async def _learn_registry(self):
         """

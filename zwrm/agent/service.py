@@ -27,6 +27,7 @@ token at hand makes the next attempt join again.  Attempts, the backoff and stop
 machine, L{zwrm.agent.connection.ConnectionLife} (docs/state-machines/agent_connection.dot).
 """
 
+import json
 import os
 import random
 
@@ -47,6 +48,7 @@ from zwrm.agent.certificates import CertificateRenewal
 from zwrm.agent.connection import ConnectionLife
 from zwrm.agent.identity import Identity
 from zwrm.endpoints import client_endpoint, tcp_endpoint
+from zwrm.files import write_atomically
 from zwrm.wamp.procedures import QuietAnswers, register_agent_procedures
 from zwrm.wamp.transport import WampWebSocketClientFactory
 
@@ -222,6 +224,14 @@ class _Connection:
             transport.abortConnection()
 
 
+#: The file (in the data directory) that keeps when the control plane last answered.
+CONTACT_FILE = "contact.json"
+#: Seconds a fenced machine's guest has to power down before it is stopped hard.
+FENCE_GRACE = 10.0
+#: Seconds between two looks while the silence lasts, once fenced.
+FENCE_RECHECK = 10.0
+
+
 class AgentService(service.Service):
     """
     Keeps this host a member of the cluster.
@@ -259,6 +269,11 @@ class AgentService(service.Service):
         self.registered = defer.Deferred()
         self._hb_call = None
         self._hb_timeout = None
+        self._fence_call = None
+        #: when the control plane last answered a call (the time it was sent), with
+        #: C{fence_after}: persisted (L{CONTACT_FILE}), so an agent restarted while the
+        #: control plane cannot be reached fences no later than it would have
+        self.last_contact = None
         self._phase = "connecting"  # what the attempt in flight is doing: or "joining"
         self._connecting = None
         self._connections = set()
@@ -298,6 +313,7 @@ class AgentService(service.Service):
             "agent_version": zwrm.__version__,
         }
         facts.update(capacity.detect(c.data_dir, c.vcpus, c.memory_mb, c.disk_mb))
+        facts["fence_after"] = float(getattr(c, "fence_after", 0) or 0)
         if c.address:
             facts["address"] = c.address
         elif self.session is not None and self.session._transport is not None:
@@ -321,6 +337,7 @@ class AgentService(service.Service):
             host_id=self.identity.host_id,
             url=self.config.url,
         )
+        self._start_fencing()
         self.life.start()
         if getattr(self.config, "metrics_listen", None):
             self._listen_metrics(self.config.metrics_listen)
@@ -357,6 +374,9 @@ class AgentService(service.Service):
         """
         service.Service.stopService(self)
         self._stop_heartbeats()
+        if self._fence_call is not None and self._fence_call.active():
+            self._fence_call.cancel()
+        self._fence_call = None
         ended = self.life.stop()  # cancels the backoff, or aborts the attempt's connect
         connections = list(self._connections)
         for connection in connections:
@@ -651,6 +671,7 @@ class AgentService(service.Service):
             for executor in executors:
                 # each behind a guard: a full disk or a bug is a zwrm.error.* answer
                 await register_agent_procedures(session, executor, host_id, self.log)
+            asked_at = self.reactor.seconds()
             result = await session.call("zwrm.agent.register", self.facts())
         except Exception:
             if session.is_attached():
@@ -658,6 +679,7 @@ class AgentService(service.Service):
             self.session = None
             raise
         self.heartbeat_interval = float(result.get("heartbeat_interval") or 5.0)
+        self._contact(asked_at)
         self.life.registered()
         self.log.info(
             "registered as host {host_id} (state {state}); heartbeat every {i}s",
@@ -726,6 +748,7 @@ class AgentService(service.Service):
         def ok(result):
             self.heartbeats_sent += 1
             self.heartbeat_rtt = self.reactor.seconds() - sent_at
+            self._contact(sent_at)
             interval = result.get("heartbeat_interval") if isinstance(result, dict) else None
             if interval:
                 self.heartbeat_interval = float(interval)
@@ -747,6 +770,85 @@ class AgentService(service.Service):
 
         d.addCallbacks(ok, failed)
         d.addBoth(done)
+
+    # -- fencing ----------------------------------------------------------------------
+    #
+    # With fence_after, an agent that has heard nothing from the control plane for that
+    # long stops its machines with volumes (Executor.fence): a host cut off from the
+    # cluster, not dead, then runs no copy of a machine whose volumes the control plane
+    # may recover on another host, which it does only once that time (and a margin) has
+    # passed since the host's last heartbeat (zwrm.control.host_removal).  Counted from
+    # when the last answered call was sent (no later than the control plane received it).
+
+    def _fencing(self):
+        return bool(getattr(self.config, "fence_after", 0)) and self.runtime is not None
+
+    def _start_fencing(self):
+        if not self._fencing():
+            return
+        now = self.reactor.seconds()
+        last = None
+        try:
+            with open(os.path.join(self.config.data_dir, CONTACT_FILE)) as f:
+                last = float(json.load(f)["at"])
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.log.warn("{f} unreadable ({e}): the fence counts from now", f=CONTACT_FILE,
+                          e=e)
+        # (none yet: from now; a time ahead of the clock, which went back: from now)
+        self.last_contact = now if last is None else min(last, now)
+        self._arm_fence()
+
+    def _contact(self, sent_at):
+        """The control plane answered a call sent at C{sent_at}."""
+        if not self._fencing() or (self.last_contact is not None
+                                   and sent_at <= self.last_contact):
+            return
+        self.last_contact = sent_at
+        try:
+            write_atomically(os.path.join(self.config.data_dir, CONTACT_FILE),
+                             json.dumps({"at": sent_at}))
+        except OSError as e:  # (a full disk: a restart would count from an older time)
+            self.log.debug("{f} not written: {e}", f=CONTACT_FILE, e=e)
+        self._arm_fence()
+
+    def _arm_fence(self, delay=None):
+        if delay is None:
+            delay = max(self.last_contact + self.config.fence_after - self.reactor.seconds(),
+                        0)
+        if self._fence_call is not None and self._fence_call.active():
+            self._fence_call.reset(delay)
+        else:
+            self._fence_call = self.reactor.callLater(delay, self._fence)
+
+    def _fence(self):
+        self._fence_call = None
+        if not self._running:
+            return
+        silent = self.reactor.seconds() - self.last_contact
+        reason = (f"fenced: the control plane did not answer for {silent:.0f} s (fence_after"
+                  f" {self.config.fence_after:g} s): stopped so that its volumes may be"
+                  " recovered on another host")
+        d = defer.Deferred.fromCoroutine(self.runtime.fence(
+            self.identity.host_id, self.identity.credential, reason, FENCE_GRACE))
+
+        def done(stopped):
+            if stopped:
+                self.log.warn("the control plane did not answer for {s:.0f} s (fence_after "
+                              "{f:g} s): stopped the machines with volumes here: {ids}",
+                              s=silent, f=self.config.fence_after, ids=", ".join(stopped))
+
+        def failed(f):
+            errors.log_failure(self.log, f, "fencing")
+
+        def again(_):
+            # While the silence lasts, look again (a machine that was starting runs now);
+            # an answer puts the fence back to fence_after from it (_arm_fence).
+            if self._running and self._fence_call is None:
+                self._arm_fence(FENCE_RECHECK)
+
+        d.addCallbacks(done, failed).addBoth(again)
 
     def _heartbeat_timeout(self, session):
         self.log.warn("heartbeat unanswered; dropping the connection")

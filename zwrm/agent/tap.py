@@ -66,6 +66,11 @@ class AgentConfig:
     ingress_keepalive_timeout: float = 75.0
     #: Where C{/metrics} (Prometheus text) is served, an endpoint string; None: nowhere.
     metrics_listen: str | None = None
+    #: Seconds after which the agent stops its machines with volumes once it has heard
+    #: nothing from the control plane (0: never): a host cut off from the cluster then
+    #: runs no copy of a machine whose volumes the control plane may recover elsewhere
+    #: (L{zwrm.agent.service.AgentService}, "Fencing").
+    fence_after: float = 0.0
 
 
 def _is_loopback(host):
@@ -135,6 +140,10 @@ class Options(usage.Options):
         ["volume-endpoint", None, None,
          "Where other agents stream volumes to this host (TLS with host certificates), an "
          "endpoint string; default tcp:0:interface=127.0.0.1 (loopback only)."],
+        ["fence-after", None, None,
+         "Stop this host's machines with volumes once the control plane has not answered "
+         "for this many seconds (10-86400; default 0: never); the control plane recovers "
+         "their volumes elsewhere only after that."],
         ["metrics-listen", None, None,
          "Serve /metrics (Prometheus text format) on this endpoint, e.g. "
          "tcp:9464:interface=127.0.0.1; default: not served."],
@@ -167,7 +176,7 @@ class Options(usage.Options):
                     "data-dir", "name", "address", "vcpus", "memory-mb", "disk-mb", "ca-file",
                     "retry-initial", "retry-max", "driver", "accel", "image-cache-mb",
                     "volume-endpoint", "network", "dns-port", "metrics-listen", "cpu-model",
-                    "machine-type", "ingress-keepalive-timeout"):
+                    "machine-type", "ingress-keepalive-timeout", "fence-after"):
             if self[key] is not None:
                 values[key.replace("-", "_")] = self[key]
         if self["label"]:
@@ -227,6 +236,12 @@ class Options(usage.Options):
         except (ValueError, TypeError, AssertionError):
             raise usage.UsageError("dns_port must be a port number (1-65535)") from None
         try:
+            config.fence_after = float(config.fence_after)
+            assert config.fence_after == 0 or MIN_FENCE_AFTER <= config.fence_after <= 86400
+        except (ValueError, TypeError, AssertionError):
+            raise usage.UsageError(f"fence_after must be 0 (never) or seconds from "
+                                   f"{MIN_FENCE_AFTER:g} to 86400") from None
+        try:
             config.ingress_keepalive_timeout = float(config.ingress_keepalive_timeout)
             assert 0 < config.ingress_keepalive_timeout < float("inf")
         except (ValueError, TypeError, AssertionError):
@@ -234,6 +249,10 @@ class Options(usage.Options):
                                    "above 0") from None
         self.config = config
 
+
+#: The shortest C{fence_after}: a few heartbeats (a heartbeat late by a loaded control
+#: plane must not stop machines).
+MIN_FENCE_AFTER = 10.0
 
 JOIN_TOKEN_ENV = "ZWRM_JOIN_TOKEN"
 """The environment variable an agent reads its join token from (when no file is named)."""
@@ -311,7 +330,7 @@ KEYS = {"control_plane_url", "region", "datacenter", "join_token", "join_token_f
         "name", "address", "labels", "vcpus", "memory_mb", "disk_mb", "ca_file", "insecure",
         "retry_initial", "retry_max", "driver", "accel", "image_cache_mb", "plugin_dirs", "volume_endpoint",
         "network", "dns_port", "metrics_listen", "cpu_model", "machine_type",
-        "ingress_keepalive_timeout"}
+        "ingress_keepalive_timeout", "fence_after"}
 
 
 def _load(path):

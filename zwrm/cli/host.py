@@ -149,6 +149,10 @@ def format_status(h, out, partition=None):
         ("executor", "registered" if h.get("executor") else "not registered"),
         ("image cache", _cache(h.get("stats", {}).get("image_cache"))),
         ("host certificate", _certificate(h.get("stats", {}).get("host_certificate_expires_at"))),
+        ("fence", f"its agent stops its machines with volumes {h['fence_after']:g} s after the"
+                  " control plane last answered (fence_after)" if h.get("fence_after")
+         else "off (fence_after 0: power the host off before zwrm host remove"
+              " --recover-volumes)"),
     ]
     if partition is not None:
         fields.append(("partition", f"its replicas are held: datacenter {partition['datacenter']}"

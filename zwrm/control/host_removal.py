@@ -47,6 +47,11 @@ from zwrm.control.registry import MAY_RUN_STATES
 from zwrm.control.resources.volumes import REPLICAS_TABLE, SNAPSHOTS_TABLE, replica_as_snapshot
 from zwrm.control.tokens import rejoin_forgetting
 
+#: Seconds beyond a host's C{fence_after} before its volumes are recovered elsewhere:
+#: its agent's stop of them (an ACPI power-down, then a hard stop: L{zwrm.agent.service.
+#: FENCE_GRACE}) and a heartbeat's way.
+FENCE_MARGIN = 15.0
+
 
 def _listed(items, limit=5):
     items = list(items)
@@ -295,6 +300,8 @@ class HostRemoval:
                 f"machines {named} are recorded on host {host_id}: wait until they are failed"
                 " or destroy them first")
         volumes = await self._data.volumes.find(host_id=host_id, order_by="id")
+        if recover_volumes and volumes:
+            self._check_fenced(host_id, entry)
         if recover_volumes and not forget_volumes:
             alone = []
             for v in volumes:
@@ -314,6 +321,28 @@ class HostRemoval:
                 " with forget_volumes (`zwrm host remove --forget-volumes`) to give that data"
                 " up")
         return volumes
+
+    def _check_fenced(self, host_id, entry):
+        """
+        A host whose agent fences (C{fence_after}: it stops its machines with volumes once
+        it has heard nothing from the control plane for that long) has its volumes
+        recovered elsewhere only once that, and L{FENCE_MARGIN} more, has passed since
+        its last heartbeat: a host cut off from the control plane, not dead, has stopped
+        them by then, so no two copies of a machine with volumes run at once.
+
+        @raise errors.Conflict: not yet (the message says how long to wait).
+        """
+        fence_after = entry.record.get("fence_after") or 0
+        if not fence_after:
+            return  # it does not fence: removing it asserts that it is off (docs)
+        silent = self._registry.silent_for(host_id)
+        wait = fence_after + FENCE_MARGIN - silent
+        if wait > 0:
+            raise errors.Conflict(
+                f"host {host_id}'s agent stops its machines with volumes {fence_after:g} s"
+                f" after it last heard from the control plane (fence_after), and its last"
+                f" heartbeat came {max(silent, 0):.0f} s ago: recover its volumes in"
+                f" {wait:.0f} s, once they are stopped there for sure")
 
     async def _reschedule(self, host_id):
         """Place again the replicas whose machines failed on the removed host."""

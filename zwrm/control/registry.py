@@ -65,6 +65,8 @@ def valid_host_id(host_id):
 
 
 _HEX_DIGEST = re.compile(r"^[0-9a-f]{64}\Z")
+#: The longest C{fence_after} an agent may report (a day).
+MAX_FENCE_AFTER = 86400
 
 
 def _check_facts(facts):
@@ -76,6 +78,11 @@ def _check_facts(facts):
     for key in ("name", "region", "datacenter", "address", "agent_version"):
         if key in facts and not isinstance(facts[key], str):
             raise errors.InvalidArgument(f"host fact {key} must be a string")
+    if "fence_after" in facts and (not isinstance(facts["fence_after"], int | float)
+                                   or isinstance(facts["fence_after"], bool)
+                                   or not 0 <= facts["fence_after"] <= MAX_FENCE_AFTER):
+        raise errors.InvalidArgument(f"host fact fence_after must be seconds from 0 to "
+                                     f"{MAX_FENCE_AFTER}")
     if "labels" in facts and not isinstance(facts["labels"], dict):
         raise errors.InvalidArgument("host fact labels must be a mapping")
     if "machines" in facts and not isinstance(facts["machines"], list):
@@ -148,6 +155,8 @@ class HostRegistry:
         self._publish = publish
         self._call = call
         self._on_offline = on_offline
+        #: when this registry began: no heartbeat before it is known (L{silent_for})
+        self.started_at = clock.seconds()
         self.heartbeat_interval = heartbeat_interval
         self.min_free_disk_mb = min_free_disk_mb
         self.data = data if data is not None else Data(
@@ -358,6 +367,8 @@ class HostRegistry:
             update["labels"] = facts["labels"]
         if "agent_version" in facts:
             update["agent_version"] = facts["agent_version"]
+        if "fence_after" in facts:  # (an agent from before fencing sends none)
+            update["fence_after"] = float(facts["fence_after"])
         # The hosts list its agent holds (this session's first network view may say it is
         # current instead of sending it); kept in memory only, taken by that view.
         held = facts.get("network")
@@ -484,6 +495,17 @@ class HostRegistry:
             entry.reregistering = True
             self._clock.callLater(0, self._reregister, host_id)
         return {"state": state, "heartbeat_interval": self.heartbeat_interval}
+
+    def silent_for(self, host_id):
+        """
+        The seconds since this control plane last heard from C{host_id}'s agent (a
+        heartbeat or registration), counted at most from its own start (one stored before
+        a restart may be older than the agent's last message).
+
+        @raise zwrm.errors.NotFound: no such host.
+        """
+        last = self.entry(host_id).last_heartbeat or 0.0
+        return self._clock.seconds() - max(last, self.started_at)
 
     def room_mb(self, host_id):
         """

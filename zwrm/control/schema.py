@@ -336,13 +336,15 @@ FACTS = Record(
         "labels": Map(Str(255), 64, key=LABEL_KEY),
         "vcpus": Int(0, MAX_VCPUS), "memory_mb": Int(0, MAX_MEMORY_MB),
         "disk_mb": Int(0, MAX_DISK_MB), "agent_version": Str(64),
+        "fence_after": Number(0, 86400),
         "machines": List(MACHINE_REPORT, MAX_MACHINES_PER_HOST),
     },
     others=Json(max_depth=4, max_items=64, max_string=4096, max_total=256),
     max_items=32,
     what=("a mapping of host facts: name, region, datacenter, address, labels (at most 64),"
           f" vcpus (0-{MAX_VCPUS}), memory_mb (at most 64 TiB), disk_mb (at most 1 EiB),"
-          f" agent_version, machines (at most {MAX_MACHINES_PER_HOST})"))
+          f" agent_version, fence_after (seconds, 0-86400), machines (at most"
+          f" {MAX_MACHINES_PER_HOST})"))
 
 STATS = Json(max_depth=4, max_items=64, max_string=4096, max_total=1024,
              what="a mapping of heartbeat figures (at most 64 entries, nested at most 4 deep)")

@@ -149,7 +149,13 @@ def _v14(db):
     volumes.schema_v14(db)
 
 
-MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13, _v14]
+def _v15(db):
+    """Schema version 15: the hosts' C{fence_after} (L{hosts.schema_v15})."""
+    hosts.schema_v15(db)
+
+
+MIGRATIONS = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11, _v12, _v13, _v14,
+              _v15]
 """Schema migrations, in order; append, never edit."""
 
 JSON_COLUMNS = {

@@ -37,7 +37,7 @@ TOPIC = "zwrm.event.host"
 
 WIRE_FIELDS = ("name", "region", "datacenter", "address", "labels", "vcpus", "memory_mb",
                "disk_mb", "alloc_vcpus", "alloc_memory_mb", "alloc_disk_mb",
-               "agent_version", "joined_at")
+               "agent_version", "joined_at", "fence_after")
 
 
 #: Under this many MiB free on its data disk (its heartbeats' C{disk_free_mb}), a host
@@ -161,6 +161,16 @@ def wire(entry):
     out["executor"] = entry.executor
     out["disk_full"] = entry.disk_full
     return out
+
+
+def schema_v15(db):
+    """
+    Schema version 15: C{fence_after}, the seconds after which the host's agent stops its
+    machines with volumes once it hears nothing from the control plane (0: it does not),
+    as its agent reports it (L{zwrm.control.host_removal} waits that long before it
+    recovers their volumes elsewhere).
+    """
+    db[TABLE].add_column("fence_after", float, not_null_default=0)
 
 
 _QUOTED = re.compile(r'"([^"\\]*)"')
