@@ -49,6 +49,10 @@ Options:
                               on this host's 127.0.0.1) or bridge (the cluster network, the
                               overlay between hosts, published ports on --address; needs
                               --address; writes $SYSCTL_CONF)
+  --fence-after=SECONDS       agent: stop this host's machines with volumes once the control
+                              plane has not answered for this long (10-86400; default: never);
+                              a cut-off host then runs no copy of a machine whose volume is
+                              recovered elsewhere (docs/operators.md, "Fencing")
   --listen=ENDPOINT           control plane: a Twisted endpoint to listen on instead of the
                               one derived from --control-plane-url (repeatable)
   --deb=PATH                  install from this .deb file or directory of .deb files
@@ -81,6 +85,7 @@ token=""
 token_file=""
 address=""
 network=""
+fence_after=""
 apt_key=""
 listen=()
 debs=()
@@ -103,7 +108,7 @@ while [ $# -gt 0 ]; do
             [ -z "$role" ] || [ "$role" = "$r" ] || bad_usage "give either --agent or --control-plane, not both"
             role=$r
             ;;
-        --control-plane-url=* | --region=* | --datacenter=* | --join-token=* | --join-token-file=* | --address=* | --network=* | --listen=* | --deb=* | --apt-repo=* | --apt-key=*)
+        --control-plane-url=* | --region=* | --datacenter=* | --join-token=* | --join-token-file=* | --address=* | --network=* | --fence-after=* | --listen=* | --deb=* | --apt-repo=* | --apt-key=*)
             name=${arg%%=*}
             value=${arg#*=}
             need_value "$name" "$value"
@@ -115,13 +120,14 @@ while [ $# -gt 0 ]; do
                 --join-token-file) token_file=$value ;;
                 --address) address=$value ;;
                 --network) network=$value ;;
+                --fence-after) fence_after=$value ;;
                 --apt-key) apt_key=$value ;;
                 --listen) listen+=("$value") ;;
                 --deb) debs+=("$value") ;;
                 --apt-repo) apt_repo=$value ;;
             esac
             ;;
-        --control-plane-url | --region | --datacenter | --join-token | --join-token-file | --address | --network | --listen | --deb | --apt-repo | --apt-key)
+        --control-plane-url | --region | --datacenter | --join-token | --join-token-file | --address | --network | --fence-after | --listen | --deb | --apt-repo | --apt-key)
             [ $# -gt 0 ] && [ "${1#--}" = "$1" ] || bad_usage "$arg needs a value ($arg=VALUE)"
             set -- "$arg=$1" "${@:2}"
             ;;
@@ -190,6 +196,10 @@ if [ "$role" = agent ]; then
         bridge) [ -n "$address" ] || bad_usage "--network=bridge needs --address=IP (the overlay's source address, where published ports listen)" ;;
         *) bad_usage "--network: '$network' must be user or bridge" ;;
     esac
+    if [ -n "$fence_after" ]; then
+        [[ $fence_after =~ ^[0-9]{1,5}$ ]] && { [ "$fence_after" -eq 0 ] || { [ "$fence_after" -ge 10 ] && [ "$fence_after" -le 86400 ]; }; } \
+            || bad_usage "--fence-after: '$fence_after' must be 0 (never) or whole seconds from 10 to 86400"
+    fi
     [[ $token =~ $token_re ]] || bad_usage "--join-token: not a zwrm join token (expected zwrm1.<id>.<secret>.<ca-fingerprint>, as printed by 'zwrm tokens create')"
     # The agent speaks WebSocket: https -> wss, http -> ws, and /ws unless a path is given.
     case "$url_scheme" in
@@ -212,6 +222,7 @@ else
     [ -z "$token_file" ] || bad_usage "--join-token-file is only for --agent"
     [ -z "$address" ] || bad_usage "--address is only for --agent"
     [ -z "$network" ] || bad_usage "--network is only for --agent"
+    [ -z "$fence_after" ] || bad_usage "--fence-after is only for --agent"
     package=zwrm-control
     unit=zwrm-control.service
     config="$ZWRM_ETC/control.toml"
@@ -261,6 +272,7 @@ EOF
             echo "volume_endpoint = \"tcp:7443:interface=$address\""
         fi
         [ -z "$network" ] || echo "network = \"$network\""
+        [ -z "$fence_after" ] || echo "fence_after = $((10#$fence_after))"
         [ $allow_insecure -eq 0 ] || echo "insecure = true"
     else
         echo "# Written by install.sh; see docs/install.md."

@@ -112,6 +112,14 @@ class BadArgumentsTests(SynchronousTestCase):
         self.assertBadUsage(["--control-plane", "--address=10.0.0.1"],
                             "--address is only for --agent")
 
+    def test_bad_fence_after(self):
+        for bad in ("5", "-1", "1.5", "soon", "86401", "999999"):
+            self.assertBadUsage(AGENT + [f"--fence-after={bad}"],
+                                f"--fence-after: '{bad}' must be 0 (never) or whole seconds from"
+                                " 10 to 86400")
+        self.assertBadUsage(["--control-plane", "--fence-after=60"],
+                            "--fence-after is only for --agent")
+
     def test_bad_network(self):
         self.assertBadUsage(AGENT + ["--address=10.0.0.1", "--network=bridged"],
                             "--network: 'bridged' must be user or bridge")
@@ -181,6 +189,16 @@ class DryRunTests(SynchronousTestCase):
         self.assertIn('network = "user"', user.stdout)
         self.assertNotIn("sysctl", user.stdout)
         self.assertNotIn("network =", run(*AGENT, "--dry-run").stdout)  # the agent's default
+
+    def test_agent_fence_after(self):
+        fencing = run(*AGENT, "--fence-after=60", "--dry-run")
+        self.assertEqual(fencing.returncode, 0, fencing.stderr)
+        self.assertIn("\n    fence_after = 60\n", fencing.stdout)
+        self.assertNotIn("fence_after", run(*AGENT, "--dry-run").stdout)  # off: the default
+        self.assertIn("\n    fence_after = 0\n",
+                      run(*AGENT, "--fence-after", "0", "--dry-run").stdout)
+        self.assertIn("\n    fence_after = 90\n",
+                      run(*AGENT, "--fence-after=090", "--dry-run").stdout)
 
     def test_agent_url_forms(self):
         for given, used in [
