@@ -380,3 +380,27 @@ class LiveTests(TestCase):
             await main._run(reactor, Args(func=bug))
         self.assertEqual(e.exception.code, 70)
         self.assertNotIn("Traceback", err.getvalue())
+
+    @d
+    async def test_output_closed_early_is_silent(self):
+        """
+        Its reader gone (C{zwrm host list | head}): exit 141, as a command SIGPIPE ends, no
+        line; stdout then goes nowhere (so the interpreter's last flush cannot fail).
+        """
+        err = io.StringIO()
+        self.patch(main.sys, "stderr", err)
+        read, write = os.pipe()
+        os.close(read)
+        out = os.fdopen(write, "w")
+        self.addCleanup(out.close)
+        self.patch(main.sys, "stdout", out)
+
+        async def lister(reactor, args):
+            out.write("ID  NAME\n" * 10000)
+            out.flush()
+
+        with self.assertRaises(SystemExit) as e:
+            await main._run(reactor, Args(func=lister))
+        self.assertEqual((e.exception.code, err.getvalue()), (141, ""))
+        out.write("more\n")
+        out.flush()  # (onto /dev/null now)

@@ -1198,8 +1198,16 @@ async def volumes_replicate(reactor, args, out=None):
 
 
 def _period(text):
-    """C{90s}, C{15m}, C{1h}, C{1d} (or seconds) -> seconds."""
-    return seconds_of(text, "period", "15m, 1h or 1d")
+    """
+    C{90s}, C{15m}, C{1h}, C{1d} (or seconds) -> seconds: from a minute to 30 days.
+
+    @raise CliError: (usage) anything else, in the words of C{--every}.
+    """
+    seconds = seconds_of(text, "period", "15m, 1h or 1d")
+    if not 60 <= seconds <= 30 * 86400:
+        raise CliError(f"--every {text}: a schedule runs at most once a minute and at least "
+                       "once in 30 days (e.g. 15m, 1h or 1d)", EXIT_USAGE)
+    return seconds
 
 
 def _every(seconds):

@@ -68,6 +68,9 @@ EXIT_TIMEOUT = 8
 """The command did not finish within its timeout."""
 EXIT_INTERNAL = 70
 """A bug in zwrm (still one line, never a traceback)."""
+EXIT_PIPE = 141
+"""Its output was closed before it was all written (C{zwrm ... | head}): silent, as a
+command killed by SIGPIPE (128 + 13)."""
 
 EXIT_CODES = [
     (0, "success"),
@@ -80,6 +83,7 @@ EXIT_CODES = [
     (EXIT_TLS, "the control plane's certificate is not trusted"),
     (EXIT_TIMEOUT, "no answer within the timeout (--timeout)"),
     (EXIT_INTERNAL, "internal error (a bug: please report it)"),
+    (EXIT_PIPE, "its output was closed before it was all written (e.g. | head)"),
 ]
 
 _SCHEMES = {"https": "wss", "http": "ws", "wss": "wss", "ws": "ws"}

@@ -13,12 +13,20 @@ L{budget}).
 
 import argparse
 import importlib
+import os
 import sys
 
 from twisted.internet import defer
 
 from zwrm.cli import client
-from zwrm.cli.client import EXIT_CODES, EXIT_INTERNAL, EXIT_TIMEOUT, EXIT_USAGE, CliError
+from zwrm.cli.client import (
+    EXIT_CODES,
+    EXIT_INTERNAL,
+    EXIT_PIPE,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    CliError,
+)
 
 COMMAND_MODULES = [
     "zwrm.cli.host",
@@ -148,6 +156,8 @@ async def _run(reactor, args):
             raise
         sys.stderr.write(f"zwrm: no answer within {limit:g} s (--timeout)\n")
         code = EXIT_TIMEOUT
+    except BrokenPipeError:
+        code = _output_closed()
     except Exception as e:  # a bug: still one line, never a traceback
         sys.stderr.write(f"zwrm: internal error: {e.__class__.__name__}: {e}\n")
         code = EXIT_INTERNAL
@@ -163,6 +173,21 @@ async def _run(reactor, args):
 EPILOG = "configuration: /etc/zwrm/cli.toml, then ~/.zwrm/config.toml (or $ZWRM_CONFIG):\n" \
     "  url = \"https://HOST:PORT\", ca_file = \"PATH\", token_file = \"PATH\", timeout = SECONDS\n" \
     "\nexit codes:\n" + "".join(f"  {code:<3} {text}\n" for code, text in EXIT_CODES)
+
+
+def _output_closed():
+    """
+    Its reader closed stdout early (C{zwrm host list | head}): nothing is wrong but that;
+    no message, and nothing more written there (not even at the interpreter's exit).
+
+    @return: L{EXIT_PIPE}.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return EXIT_PIPE
 
 
 def main(argv=None):
