@@ -111,6 +111,17 @@ class FencingTests(SynchronousTestCase):
         clock.advance(0)
         self.assertEqual(len(third.runtime.fences), 1)
 
+    def test_a_damaged_record_fences_at_once(self):
+        clock = Clock()
+        clock.advance(1000)
+        data_dir = temp_dir(self)
+        with open(os.path.join(data_dir, CONTACT_FILE), "w") as f:
+            f.write("{")
+        agent = self.started(self.agent(clock, data_dir, fence_after=30))
+        clock.advance(0)
+        self.assertEqual(len(agent.runtime.fences), 1)
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
     def test_off_by_default(self):
         clock = Clock()
         agent = self.started(self.agent(clock))

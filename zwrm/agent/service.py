@@ -794,9 +794,13 @@ class AgentService(service.Service):
         except FileNotFoundError:
             pass
         except (OSError, ValueError, KeyError, TypeError) as e:
-            self.log.warn("{f} unreadable ({e}): the fence counts from now", f=CONTACT_FILE,
-                          e=e)
-        # (none yet: from now; a time ahead of the clock, which went back: from now)
+            # (written whole, it is unreadable only if damaged: the last answer may be
+            # long ago, so the fence is due at once)
+            self.log.warn("{f} unreadable ({e}): the machines with volumes are fenced now",
+                          f=CONTACT_FILE, e=e)
+            last = now - self.config.fence_after
+        # (none yet, the first start with fence_after: from now; a time ahead of the
+        # clock, which went back: from now)
         self.last_contact = now if last is None else min(last, now)
         self._arm_fence()
 
