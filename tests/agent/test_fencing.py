@@ -64,6 +64,7 @@ class FencingTests(SynchronousTestCase):
         self.assertEqual(reason, "fenced: the control plane did not answer for 30 s"
                                  " (fence_after 30 s): stopped so that its volumes may be"
                                  " recovered on another host")
+        self.assertEqual(agent.fenced, 1)  # (/metrics: zwrm_agent_fenced_machines_total)
         clock.advance(FENCE_RECHECK)
         self.assertEqual(len(agent.runtime.fences), 2)
         self.assertIn("did not answer for 40 s", agent.runtime.fences[1][1])

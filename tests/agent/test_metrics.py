@@ -84,7 +84,8 @@ class AgentMetricsTests(TestCase):
 
         plane, tmp = await start_plane(self)
         agent = await start_host_agent(self, plane, os.path.join(tmp, "a1"), image_cache_mb=7,
-                                       metrics_listen="tcp:0:interface=127.0.0.1")
+                                       metrics_listen="tcp:0:interface=127.0.0.1",
+                                       fence_after=30)
         await poll(reactor, lambda: agent.heartbeats_sent >= 1 and agent.metrics_port, 20, 0.05,
                    what="a heartbeat and the metrics port")
         await agent.runtime.volumes.create("v1", 16)
@@ -103,6 +104,8 @@ class AgentMetricsTests(TestCase):
         self.assertGreaterEqual(samples[("zwrm_agent_heartbeats_total", ())], 1)
         self.assertEqual(samples[("zwrm_agent_host_certificate_expiry_timestamp_seconds", ())],
                          pki.HostCredentials.load(agent.tls_dir).not_valid_after.timestamp())
+        self.assertEqual(samples[("zwrm_agent_fence_after_seconds", ())], 30)
+        self.assertEqual(samples[("zwrm_agent_fenced_machines_total", ())], 0)
         rtt = samples[("zwrm_agent_heartbeat_rtt_seconds", ())]
         self.assertTrue(0 < rtt < 10, rtt)
         self.assertEqual(samples[("zwrm_volume_size_bytes", (("volume", "v1"),))], 16 * MiB)

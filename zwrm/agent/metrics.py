@@ -94,6 +94,15 @@ class AgentMetrics:
         out.append(rtt)
         out.append(CounterMetricFamily("zwrm_agent_heartbeats", "Heartbeats answered by the control plane.",
                                        value=agent.heartbeats_sent))
+        out.append(GaugeMetricFamily(
+            "zwrm_agent_fence_after_seconds",
+            "Seconds without an answer from the control plane after which this agent stops its"
+            " machines with volumes (fence_after); 0: it does not.",
+            value=float(getattr(agent.config, "fence_after", 0) or 0)))
+        out.append(CounterMetricFamily(
+            "zwrm_agent_fenced_machines",
+            "Machines with volumes this agent stopped because the control plane did not answer"
+            " for fence_after.", value=getattr(agent, "fenced", 0)))
         expires = getattr(getattr(agent, "renewal", None), "expires_at", None)
         out.append(GaugeMetricFamily(
             "zwrm_agent_host_certificate_expiry_timestamp_seconds",

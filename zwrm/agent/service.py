@@ -274,6 +274,7 @@ class AgentService(service.Service):
         #: C{fence_after}: persisted (L{CONTACT_FILE}), so an agent restarted while the
         #: control plane cannot be reached fences no later than it would have
         self.last_contact = None
+        self.fenced = 0  # machines the fence stopped (/metrics)
         self._phase = "connecting"  # what the attempt in flight is doing: or "joining"
         self._connecting = None
         self._connections = set()
@@ -838,6 +839,7 @@ class AgentService(service.Service):
             self.identity.host_id, self.identity.credential, reason, FENCE_GRACE))
 
         def done(stopped):
+            self.fenced += len(stopped)
             if stopped:
                 self.log.warn("the control plane did not answer for {s:.0f} s (fence_after "
                               "{f:g} s): stopped the machines with volumes here: {ids}",
