@@ -187,6 +187,22 @@ class BlockmapTests(SynchronousTestCase):
         finally:
             os.close(fd)
 
+    def test_data_runs(self):
+        """The runs of pages a sparse write writes: those not all zeros, a short last page."""
+        page = receiving.PAGE
+        buf = mmap.mmap(-1, BLOCK_SIZE)
+        self.assertEqual(receiving._data_runs(buf, BLOCK_SIZE), [])
+        buf[0:1] = b"x"  # the first page
+        buf[5 * page + 9 : 5 * page + 10] = b"x"  # pages 5 and 6
+        buf[6 * page : 6 * page + 1] = b"x"
+        buf[BLOCK_SIZE - 1 :] = b"x"  # the last byte
+        self.assertEqual(receiving._data_runs(buf, BLOCK_SIZE),
+                         [(0, page), (5 * page, 7 * page), (BLOCK_SIZE - page, BLOCK_SIZE)])
+        self.assertEqual(receiving._data_runs(buf, 6 * page + 100),  # short: its last page
+                         [(0, page), (5 * page, 6 * page + 100)])
+        buf[:] = b"y" * BLOCK_SIZE
+        self.assertEqual(receiving._data_runs(buf, BLOCK_SIZE), [(0, BLOCK_SIZE)])
+
     def test_punch_hole(self):
         """
         A punched block reads as zeros and no longer takes space.
@@ -655,6 +671,8 @@ class StreamTests(TestCase):
         self.assertLess(result["sent"], 16 * MiB)
         path = self.store.path("vol-ext4")
         self.assertSameBytes(self.src, path)
+        # its holes kept: the pages of zeros in the blocks sent are not written
+        self.assertLessEqual(allocated(path), allocated(self.src))
         check = subprocess.run(["e2fsck", "-fn", path], capture_output=True, timeout=60)
         self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
         out = subprocess.run(

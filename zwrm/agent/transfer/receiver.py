@@ -168,25 +168,64 @@ def _write_parts(fd, parts, offset, length, direct=None, buffers=None, new=hashl
     return h.digest()
 
 
-def _write_block(fd, buf, offset, length, direct=None, new=hashlib.sha256):
+def _write_block(fd, buf, offset, length, direct=None, new=hashlib.sha256, sparse=False):
     """
     Hash the block in the first C{length} bytes of C{buf} (an aligned buffer of L{_Buffers})
     with C{new} (a constructor of L{blockmap.ALGORITHMS}) and write it at C{offset}: through
     C{direct} (the file opened with C{O_DIRECT}) when it is a whole number of sectors, else
     through C{fd} (the page cache).
 
+    @param sparse: the block lands in a hole of the file (a bulk copy writes each block of
+        a new sparse file once): its pages of zeros are not written, so the copy keeps the
+        holes of its source (an ext4 volume's sparse metadata) instead of taking whole
+        blocks of zeros.
     @return: the hash of the block.
     """
     with memoryview(buf) as whole:
         view = whole[:length]
         digest = new(view).digest()
-        aligned = direct is not None and not (offset | length) % DIRECT_ALIGN
-        written = _pwritev(direct if aligned else fd, [view], offset)
-        if written < length:
-            # The rest (unaligned now) through the page cache.
-            _write_rest(fd, view[written:], offset + written)
+        for start, end in _data_runs(buf, length) if sparse else ((0, length),):
+            run = view[start:end]
+            at = offset + start
+            aligned = direct is not None and not (at | (end - start)) % DIRECT_ALIGN
+            written = _pwritev(direct if aligned else fd, [run], at)
+            if written < end - start:
+                # The rest (unaligned now) through the page cache.
+                _write_rest(fd, run[written:], at + written)
+            run.release()
         view.release()
     return digest
+
+
+#: The unit in which a sparse write skips zeros (a page, a file system block).
+PAGE = 4096
+_ZERO_PAGE = bytes(PAGE)
+
+
+def _data_runs(buf, length):
+    """
+    The C{(start, end)} runs of pages of C{buf[:length]} (an mmap: its slices are bytes,
+    compared at C speed) that are not all zeros; the last page may be shorter.
+    """
+    runs = []
+    start = None
+    whole = length - length % PAGE
+    probe = _ZERO_PAGE[:16]
+    for i in range(0, whole, PAGE):
+        # (a page of data rarely starts with 16 zero bytes: most are told by those alone)
+        if buf[i:i + 16] == probe and buf[i:i + PAGE] == _ZERO_PAGE:
+            if start is not None:
+                runs.append((start, i))
+                start = None
+        elif start is None:
+            start = i
+    if whole < length and buf[whole:length] != bytes(length - whole):
+        if start is None:
+            start = whole
+        whole = length
+    if start is not None:
+        runs.append((start, whole))
+    return runs
 
 
 def _write_rest(fd, rest, offset):
@@ -615,10 +654,11 @@ class IncomingTransfer:
                 self._dirty = 0
 
         new = blockmap.algorithm(self.algorithm)
+        sparse = self.state == "bulk"  # (each block lands once in a new sparse file)
 
         def work(fd):
             if buf is not None:
-                digest = _write_block(fd, buf, offset, length, direct, new)
+                digest = _write_block(fd, buf, offset, length, direct, new, sparse)
             else:
                 digest = _write_parts(fd, parts, offset, length, direct, buffers, new)
             if kick:
