@@ -222,6 +222,9 @@ class _Record:
         self.migrated_to = None
         #: Its driver's C{paused} (C{"disk-full"}: held until its host's disk has room).
         self.paused = None
+        #: Set while the fence stops it (L{Executor.fence}): its driver's stop is not
+        #: reported, the fence reports it C{failed} once it is down.
+        self.fencing = False
 
     def to_json(self):
         return {"spec": self.spec, "host_port": self.host_port, "state": self.state,
@@ -442,19 +445,25 @@ class Executor:
         return ensureDeferred(self._fence(reason, grace))
 
     async def _fence(self, reason, grace):
+        # Reported as a failure, from running to failed, with no stopping nor stopped in
+        # between: the control plane's restart policy then starts it again here if the host
+        # returns without having been removed (a stop through stopping is one the control
+        # plane asked for, which the policy leaves alone).
         stopped = []
         for mid, rec in sorted(self._machines.items()):
             if not rec.spec["volumes"] or rec.held is not None \
                     or rec.state not in ("running", "stopping"):
                 continue
-            if rec.state == "running":
-                self._change(rec, "stopping", reason)
+            self._stop_check(rec)
+            rec.fencing = True
             try:
                 await self.driver.stop(mid, grace)
             except Exception as e:
                 log.warn("machine {id} was not stopped ({reason}): {e}", id=mid,
                          reason=reason, e=message_of(e))
                 continue
+            finally:
+                rec.fencing = False
             self._change(rec, "failed", reason)
             stopped.append(mid)
         return stopped
@@ -1210,7 +1219,7 @@ class Executor:
 
     def _driver_changed(self, status):
         rec = self._machines.get(status["id"])
-        if rec is None or rec.held is not None:
+        if rec is None or rec.held is not None or rec.fencing:
             # Held by a live migration: the migration watches it (and gives it back).
             return
         state = status["state"]
