@@ -154,6 +154,25 @@ class RestartTests(TestCase):
         return bool(ms) and all(m["state"] == "running" for m in ms)
 
     @d
+    async def test_a_fenced_machine_is_restarted_under_its_policy(self):
+        """
+        Its agent's fence stopped it (the control plane did not answer for fence_after) and
+        the host is back, not removed: a failure to the restart policy (on-failure here,
+        which leaves a machine alone that was stopped or powered off), not a stop.
+        """
+        c, h, m = await self.one(restart={"policy": "on-failure"},
+                                 volumes=[{"name": "data", "size_mb": 8, "mount": "/data"}])
+        self.assertEqual(await c.executors["h-a"][0].fence("fenced: test", 1), [m["id"]])
+        await settle(c, h)
+        (m1,) = await c.machines("web")
+        self.assertEqual((m1["state"], m1["next_restart_at"]), ("failed", c.clock.seconds() + 5))
+        c.clock.advance(5.1)
+        await settle(c, h)
+        await poll(lambda: self._running(c), what="the restart")
+        (m2,) = await c.machines("web")
+        self.assertEqual((m2["id"], m2["host_id"], m2["restarts"]), (m["id"], "h-a", 1))
+
+    @d
     async def test_an_exit_while_its_agents_session_was_gone_restarts_once_it_registers(self):
         """
         A power cut shorter than the time to offline: the agent's session ends (its host
