@@ -103,6 +103,9 @@ class MembershipTests(TestCase):
         data_dir = os.path.join(tmp, "a1")
         agent = await start_host_agent(self, plane, data_dir, fence_after=30)
         host_id = agent.identity.host_id
+        [joined] = [e for e in await plane.store.select("events", "subject = ?", [host_id])
+                    if e["kind"] == "joined"]
+        self.assertEqual(joined["payload"]["fence_after"], 30.0)  # (before it registered)
         self.assertEqual((await plane.store.get("hosts", host_id))["fence_after"], 30.0)
         self.assertEqual(plane.registry.hosts.wire(host_id)["fence_after"], 30.0)
         first = agent.last_contact

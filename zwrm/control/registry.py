@@ -326,6 +326,7 @@ class HostRegistry:
                 "state_before_offline": None,
                 "last_heartbeat": now,
                 "agent_version": facts.get("agent_version", ""),
+                "fence_after": float(facts.get("fence_after") or 0),
                 "credential_hash": hash_secret(credential),
                 "joined_at": now,
             }
