@@ -546,7 +546,7 @@ class ConsoleBrowserTests(TestCase):
         said = await wait_js(b, "const m = document.getElementById('message');"
                                 " const t = !m.hidden && m.className === 'info' && m.querySelector('.text').textContent;"
                                 " return t && t.startsWith('replica ') && t", 120, "the replica made")
-        self.assertRegex(said, rf"^replica from-the-console of {vid} kept on \S+ \(.+\)$")
+        self.assertRegex(said, rf"^replica from-the-console of {vid} kept on \S+ \(.+ of data\)$")
         replicas = ("const r = document.querySelector(`#volumes-table tr[data-volume='${arguments[0]}']`);"
                     " const t = r && r.querySelector('.volume-replicas').textContent;")
         shown = await wait_js(b, replicas + " return t && t.startsWith('from-the-console on ') && t",

@@ -694,7 +694,7 @@ async function replicate(volume) {
     + " (a lost host's volumes are recovered from their newest replicas)?", extra))) return;
   showMessage(`copying snapshot ${which.value} of ${volume.id}...`, null, "info");
   const r = await call("zwrm.volume.replicate", [volume.id, which.value], to.value ? { host_id: to.value } : {});
-  showMessage(`replica ${r.name} of ${volume.id} kept on ${hostName(r.host_id)} (${bytes(r.allocated_bytes)})`,
+  showMessage(`replica ${r.name} of ${volume.id} kept on ${hostName(r.host_id)} (${bytes(r.allocated_bytes)} of data)`,
     null, "info");
 }
 
