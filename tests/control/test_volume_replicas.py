@@ -513,6 +513,10 @@ class DrainedReplicaTests(TestCase):
         self.assertEqual(c.store_of("h-b").snapshots(), [])
         self.assertEqual([(r["state"], r["target"], r["replica"]) for r in status["replicas"]],
                          [("moved", "h-c", r["id"]) for r in moved])
+        # a control plane started since (what this one moved is not in its memory) says
+        # the same: the moves' replicas say which drain made them
+        c.drains.replica_moves.clear()
+        self.assertEqual((await c.drains.drain_status("h-b"))["replicas"], status["replicas"])
         gone = self.events(c, "volume_replica_destroyed")
         self.assertEqual([e["payload"]["replica_id"] for e in gone], [r["id"] for r in reps])
         self.assertIn(f"moved to h-c as {moved[0]['id']} (drain {result['drain_id']})",

@@ -834,11 +834,21 @@ class Drains(LiveSteps):
     async def _replicas_status(self, host_id, drain):
         """
         C{drain_status}'s C{replicas}: those this process's run of the drain C{drain}
-        (a row) moved or tried to, and the others still on the host (C{waiting} while
-        the drain runs, else C{left}).
+        (a row) moved or tried to (run by an earlier process: those its moves made, still
+        kept where they went), and the others still on the host (C{waiting} while the
+        drain runs, else C{left}).
         """
         drain_id, moves = self.replica_moves.get(host_id, (None, {}))
-        items = [dict(m) for m in moves.values()] if drain_id == drain["id"] else []
+        if drain_id == drain["id"]:
+            items = [dict(m) for m in moves.values()]
+        else:
+            # Another process ran it (a control plane started since): those it moved are
+            # the replicas made by its moves (their rows say so), where they still are.
+            made = f"moved from {host_id} (drain {drain['id']})"
+            items = [{"replica": r["id"], "volume_id": r["volume_id"], "name": r["name"],
+                      "state": "moved", "target": r["host_id"], "reason": None}
+                     for r in await self._volumes.find_replicas()
+                     if r.get("reason") == made and r["state"] == "ready"]
         seen = {m["replica"] for m in items} | set(moves if drain_id == drain["id"] else ())
         for r in await self._volumes.find_replicas(host_id=host_id):
             if r["id"] not in seen:
