@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zwrm.agent.runtime import HostRuntime
 from zwrm.agent.service import CONTACT_FILE, FENCE_GRACE, FENCE_RECHECK, AgentService
 from zwrm.agent.tap import AgentConfig, Options
+from zwrm.control.host_removal import FENCE_MARGIN
 from zwrm.drivers.fake import FakeDriver, FakeHost
 from zwrm.testing.image import kernel_bytes
 from zwrm.testing.processes import temp_dir
@@ -67,7 +68,9 @@ class FencingTests(SynchronousTestCase):
         self.assertEqual(agent.fenced, 1)  # (/metrics: zwrm_agent_fenced_machines_total)
         clock.advance(FENCE_RECHECK)
         self.assertEqual(len(agent.runtime.fences), 2)
-        self.assertIn("did not answer for 40 s", agent.runtime.fences[1][1])
+        self.assertIn(f"did not answer for {30 + FENCE_RECHECK:.0f} s", agent.runtime.fences[1][1])
+        # a machine starting at the first look is stopped within the control plane's margin
+        self.assertLess(FENCE_RECHECK + FENCE_GRACE, FENCE_MARGIN)
 
     def test_answers_put_it_back(self):
         clock = Clock()

@@ -228,8 +228,10 @@ class _Connection:
 CONTACT_FILE = "contact.json"
 #: Seconds a fenced machine's guest has to power down before it is stopped hard.
 FENCE_GRACE = 10.0
-#: Seconds between two looks while the silence lasts, once fenced.
-FENCE_RECHECK = 10.0
+#: Seconds between two looks while the silence lasts, once fenced (a machine that was
+#: starting at the first is stopped at the next: this and L{FENCE_GRACE} stay within the
+#: control plane's margin, L{zwrm.control.host_removal.FENCE_MARGIN}).
+FENCE_RECHECK = 2.0
 
 
 class AgentService(service.Service):
