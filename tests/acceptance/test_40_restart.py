@@ -93,11 +93,12 @@ def test_a_scale_down_cut_short_puts_its_machine_back(cluster, request):
     OOM killer or a crash): the machine is back in the routes, running, and the app as it
     was. Before, it stayed stopping (out of the routes, holding its capacity) for good.
     Then its destroy, killed in its delay: the next control plane carries it out (before,
-    the app was back, running, as if never destroyed).
+    the app was back, running, as if never destroyed), its machines kept out of the routes
+    meanwhile (before, they were put back, then waited the whole delay again).
     """
     cluster.step_app(request, "scaler")
-    with cluster.phase("deploy an app of two replicas with a 60 s shutdown_delay"):
-        app = cluster.deploy("scaler", "demo:1", "--shutdown-delay", "60", replicas=2)
+    with cluster.phase("deploy an app of two replicas with a 30 s shutdown_delay"):
+        app = cluster.deploy("scaler", "demo:1", "--shutdown-delay", "30", replicas=2)
     assert [m["state"] for m in app["machines"]] == ["running"] * 2, app["machines"]
     said = {"stop": "stop cancelled; back in the routes",
             "kill": "its planned stop was cut short by the control plane's stop: back in the"
@@ -122,6 +123,9 @@ def test_a_scale_down_cut_short_puts_its_machine_back(cluster, request):
         assert line.endswith("; a destroy that reached it goes on (`zwrm status scaler`"
                              " shows it)\n"), line
         cluster.wait_ready("both agents ready after the control plane's kill")
+        # out of the routes still (or gone already): not put back
+        machines = _machines(cluster, "scaler")
+        assert [m["state"] for m in machines] in ([], ["stopping"], ["stopping"] * 2), machines
         # stored before its first stop: the next control plane knows it is under way, and
         # will not let it be scaled (one line, exit 1) nor bring its machines back for good
         assert cluster.zwrm_json("status", "scaler")["destroying"]["volumes"] is False

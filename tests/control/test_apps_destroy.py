@@ -70,7 +70,8 @@ class DestroyTests(TestCase):
         kinds = [e["kind"] for topic, e in c.published if topic == "zwrm.event.app"]
         self.assertEqual(kinds[-1], "destroying")
         status = await c.apps.app_status("web")
-        self.assertEqual(status["destroying"], {"volumes": False, "since": c.clock.seconds()})
+        self.assertEqual(status["destroying"], {"volumes": False, "since": c.clock.seconds(),
+                                                "delay_ends": c.clock.seconds() + DELAY})
         (listed,) = await c.apps.list_apps()
         self.assertTrue(listed["destroying"])
         # a scale is refused at once, not after the destroy's delay (its turn)
@@ -94,14 +95,17 @@ class DestroyTests(TestCase):
     @d
     async def test_a_destroy_cut_short_by_a_stop_goes_on_after_the_start(self):
         """
-        The control plane is killed in the destroy's shutdown delay: its machines are
-        stored C{stopping}, their agents still run them.  The next one finds the app
-        C{destroying}; its agents' lists put the machines back running (they are), and
-        the destroy goes on: the app and its machines are gone, none was restarted.
+        The control plane is killed 10 s into the destroy's shutdown delay: its machines
+        are stored C{stopping}, their agents still run them.  The next one finds the app
+        C{destroying}; the machines stay out of the routes (their agents' lists and
+        reports do not put them back: they would take new connections only to be taken
+        out again), and the destroy goes on with what is left of the delay (20 s, not
+        all of it again): the app and its machines are gone, none was restarted.
         """
         c, ms = await self.two()
         work = ensureDeferred(c.apps.destroy_app("web"))
         await poll(lambda: self._stopping(c, 2), what="the machines taken out")
+        c.clock.advance(10)
         apps = c.apps
         restarted(c)
         work.addErrback(lambda f: None)
@@ -112,23 +116,52 @@ class DestroyTests(TestCase):
         self.assertEqual(await c.apps.resume_rollouts(wait=0), [])
         for host, (ex, _) in c.executors.items():
             await c.registry.reconcile(host, ex.list_machines())
+        # its agent reports it running (a health change, say): still out of the routes
+        await c.apps.replicas.machine_event(ms[0]["host_id"], {"machine_id": ms[0]["id"],
+                                                               "state": "running"})
         await settle(c, h)
-        self.assertEqual({m["state"] for m in await c.machines("web")}, {"running"})
+        self.assertEqual({m["state"] for m in await c.machines("web")}, {"stopping"})
         with self.assertRaises(errors.Conflict) as e:
             await c.apps.scale("web", 3)
         self.assertEqual(e.exception.message,
                          "app 'web' is being destroyed: once it is gone, create it again")
         going = ensureDeferred(c.apps.go_on_destroying())
-        self.assertEqual(await self.ended(c, going), ["web"])
+
+        async def waiting():
+            return c.clock.getDelayedCalls() and not going.called
+
+        await poll(waiting, what="the rest of the delay")
+        c.clock.advance(DELAY - 10 - 1)
+        await settle(c, h)
+        self.assertFalse(going.called)
+        self.assertEqual(len(self.running_on(c)), 2)
+        c.clock.advance(1)
+        await poll(lambda: _called(going), what="the destroy's end")
+        self.assertEqual(await going, ["web"])
         self.assertEqual(await c.apps.list_apps(), [])
         self.assertEqual(self.running_on(c), [])
+
+    @d
+    async def test_a_stop_in_its_delay_leaves_its_machines_out_of_the_routes(self):
+        """
+        A stop of the control plane (its work cancelled) in the destroy's delay does not
+        put the machines back in the routes, as it does a scale-down's: a destroy only goes
+        forward, and the next control plane goes on with it.
+        """
+        c, ms = await self.two()
+        work = ensureDeferred(c.apps.destroy_app("web"))
+        await poll(lambda: self._stopping(c, 2), what="the machines taken out")
+        work.cancel()
+        self.failureResultOf(work)
+        await poll(lambda: _called(work), what="the cancellation")
+        self.assertEqual({m["state"] for m in await c.machines("web")}, {"stopping"})
 
     @d
     async def test_a_machine_stopped_in_the_cut_short_destroy_is_not_restarted(self):
         """
         Killed after an agent stopped one machine and before its row went: the next
-        control plane finds it failed (its agent no longer runs it), and its restart
-        policy leaves it alone: the app is being destroyed.  The destroy goes on.
+        control plane leaves both out of the routes, and nothing restarts the one its
+        agent no longer runs: the app is being destroyed.  The destroy goes on.
         """
         c, ms = await self.two()
         work = ensureDeferred(c.apps.destroy_app("web"))
@@ -150,7 +183,7 @@ class DestroyTests(TestCase):
         c.clock.advance(600)
         await settle(c, h)
         states = {m["id"]: (m["state"], m["restarts"]) for m in await c.machines("web")}
-        self.assertEqual(states, {ms[0]["id"]: ("failed", 0), ms[1]["id"]: ("running", 0)})
+        self.assertEqual(states, {ms[0]["id"]: ("stopping", 0), ms[1]["id"]: ("stopping", 0)})
         self.assertEqual(self.running_on(c), [ms[1]["id"]])
         going = ensureDeferred(c.apps.go_on_destroying())
         self.assertEqual(await self.ended(c, going), ["web"])
@@ -340,6 +373,10 @@ class DestroyTests(TestCase):
         status = await c.apps.app_status("web")
         self.assertEqual((status["id"], status["spec"]["replicas"], len(status["machines"])),
                          (made["id"], 1, 1))
+
+async def _called(d):
+    return d.called
+
 
 async def _nothing():
     return None

@@ -160,9 +160,22 @@ class Apps:
         """
         After a control plane start: account in the scheduler for every live machine.
 
+        The machines of an app being destroyed that its destroy had taken out of the
+        routes (C{stopping}) stay out of them (a stop cut short of another kind puts them
+        back, L{zwrm.control.registry.HostRegistry.reconcile}): their destroy goes on
+        (L{go_on_destroying}), waiting what is left of their shutdown_delay, and their
+        agents' reports do not route them again meanwhile.
+
         @return: how many placements were restored.
         """
-        return await self.placements.load()
+        n = await self.placements.load()
+        destroying = {app["id"] for app in await self.data.apps.destroying()}
+        if destroying:
+            for row in await self.data.machines.find(states=("stopping",)):
+                if row["app_id"] in destroying:
+                    self.placements.cut_short.discard(row["id"])
+                    self.replicas.kept_out(row["id"])
+        return n
 
     async def resume_rollouts(self, wait=120.0, interval=1.0):
         """

@@ -23,6 +23,7 @@ report leaves that machine C{pending}; after a restart its capacity stays reserv
 (failed, destroyed, placed again) unless its agent has reported it since.
 """
 
+import math
 from contextlib import asynccontextmanager
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -138,7 +139,7 @@ class Converger:
         @raise zwrm.errors.Unavailable: a machine or volume is on a host that cannot be
             reached; what could be removed was, and the rest is removed once it can be.
         """
-        await self._data.apps.set_destroying(app, volumes)
+        await self._data.apps.set_destroying(app, volumes, shutdown_delay(app["spec"]))
         return await self._carry_out(app)
 
     async def go_on(self, name):
@@ -183,9 +184,12 @@ class Converger:
         volumes = app["destroying"]["volumes"]
         machines = await self._data.machines.find(app_id=app["id"])
         later = self.waiting(machines)
-        # A planned stop: out of the routes, the app's shutdown_delay, then removed.
+        # A planned stop: out of the routes, the app's shutdown_delay, then removed. Those
+        # still out of the routes from before a restart wait what is left of their delay
+        # (a record of a zwrm before delay_ends: all of it).
         gone = await self._replicas.retire([m for m in machines if m not in later],
-                                           shutdown_delay(app["spec"]))
+                                           shutdown_delay(app["spec"]),
+                                           ends=app["destroying"].get("delay_ends", math.inf))
         if later:
             hosts = sorted({m["host_id"] for m in later})
             raise errors.Unavailable(

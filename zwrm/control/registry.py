@@ -637,7 +637,9 @@ class HostRegistry:
            back). Reported running, it is put back in the routes (as a cancelled stop
            does); not reported, it is failed and its restart policy decides
            (L{on_cut_short}) (it stayed C{stopping}, out of the routes, holding its
-           capacity, for good);
+           capacity, for good); those of an app being destroyed are not in it: they
+           stay out of the routes until their destroy removes them
+           (L{zwrm.control.apps.Apps.load});
          - reported running but recorded elsewhere, or stopped/destroyed: a duplicate;
            the agent is told to stop it (nothing runs twice); recorded here as pending
            (its start is under way) or stopping, it is left alone;

@@ -247,7 +247,7 @@ class Replicas:
         spec = (app or {}).get("spec") or (row.get("spec") or {}).get("app_spec")
         return shutdown_delay(spec)
 
-    async def take_out(self, machines, delay):
+    async def take_out(self, machines, delay, ends=None):
         """
         The first half of a planned stop: each of C{machines} (rows, updated in place)
         that is running is stored as C{stopping}, so the next cluster-network view lists
@@ -256,11 +256,19 @@ class Replicas:
         stops or removes them (L{remove_machine}), or gives them back (L{put_back}).
         Nothing is done for a C{delay} of 0.
 
+        @param ends: for a destroy (it only goes forward), when the delay of those of
+            C{machines} already C{stopping} (taken out by the destroy before a restart of
+            the control plane) ends: they wait what is left of it, at most C{delay}.  A
+            destroy's machines stay out of the routes if the wait is cancelled (a stop of
+            the control plane): the next one goes on with the destroy.
         @return: the ids of the machines taken out.
         """
         ids = []
         if delay <= 0:
             return ids
+        wait = 0.0
+        if ends is not None and any(m["state"] == "stopping" for m in machines):
+            wait = min(delay, max(0.0, ends - self._clock.seconds()))
         for m in machines:
             if m["state"] != "running":
                 continue  # not routed to (starting, stopping, down)
@@ -279,12 +287,23 @@ class Replicas:
             else:
                 ids.append(m["id"])
         if ids:
+            wait = delay
+        if wait > 0:
             try:
-                await task.deferLater(self._clock, delay, lambda: None)
+                await task.deferLater(self._clock, wait, lambda: None)
             except BaseException:
-                await self.put_back(ids)
+                if ends is None:
+                    await self.put_back(ids)
                 raise
         return ids
+
+    def kept_out(self, machine_id):
+        """
+        Machine C{machine_id}, stored C{stopping} by a planned stop before a restart of
+        the control plane, stays out of the routes until it is removed: its agent's
+        reports do not route it again.
+        """
+        self._stopping.add(machine_id)
 
     async def put_back(self, ids):
         """
@@ -395,14 +414,14 @@ class Replicas:
         self._placements.adopt(row["id"], placement)
         return await self.start_machine(row)
 
-    async def retire(self, machines, delay):
+    async def retire(self, machines, delay, ends=None):
         """
-        A planned stop of C{machines} (rows): out of the routes (L{take_out}), C{delay}
-        seconds, then each removed (L{remove_machine}).
+        A planned stop of C{machines} (rows): out of the routes (L{take_out}, with
+        C{ends}), C{delay} seconds, then each removed (L{remove_machine}).
 
         @return: their ids.
         """
-        await self.take_out(machines, delay)
+        await self.take_out(machines, delay, ends)
         gone = []
         try:
             for m in machines:

@@ -567,7 +567,7 @@ PROCEDURES = {p.uri: p for p in [
               "{id, name, spec, spec_version, destroying, machines, volumes, rollout,"
               " snapshot_schedule}: rollout is its last rolling update ({state, version,"
               " replaced, total, reason, at}) or null; destroying is the destroy under way"
-              " ({volumes, since}) or null; snapshot_schedule is its volumes' schedule (as"
+              " ({volumes, since, delay_ends}) or null; snapshot_schedule is its volumes' schedule (as"
               " zwrm.volume.schedules lists it) or null",
               ["invalid_argument", "not_found"]),
     Procedure(

@@ -164,6 +164,7 @@ class ControlPlane(service.MultiService):
         #: per connection to an external router): its stop ends it before the store closes
         self.under_way = set()
         self._destroys = None  # the pass of _go_on_destroying under way
+        self._destroys_again = False  # asked for during it: another pass after it
         self.monitor = None
         self.scheduler = None
         self.apps = None
@@ -305,6 +306,7 @@ class ControlPlane(service.MultiService):
             eviction_interval=cfg.eviction_interval)
         self.monitor.after_check.append(self.healer.check_done)
         self.monitor.after_check.append(self._go_on_destroying)  # hosts back, or offline
+        self.registry.on_reconciled.append(self._reconciled)  # a host back: at once
         self.registry.on_cut_short.append(self.healer.decide_exit)
         await self.healer.resume()  # restarts that were due before a restart of ours
         self._resume_rollouts()  # updates a stop of ours interrupted, once agents are back
@@ -586,20 +588,35 @@ class ControlPlane(service.MultiService):
     def _go_on_destroying(self, marked=None):
         """
         Carry on with the app destroys that did not end (L{Apps.go_on_destroying}); one
-        pass at a time (a health check's hook, C{marked} unused).
+        pass at a time, and one more after it if asked for meanwhile (a health check's
+        hook, C{marked} unused; a host's reconciliation's).
         """
         if self._destroys is not None:
+            self._destroys_again = True
             return
+        self._destroys_again = False
         work = self._destroys = defer.Deferred.fromCoroutine(self.apps.go_on_destroying())
         self.under_way.add(work)  # a stop ends it (cancelled with the calls under way)
 
         def ended(outcome):
             self.under_way.discard(work)
             self._destroys = None
-            if isinstance(outcome, Failure) and not outcome.check(defer.CancelledError):
-                self.log.failure("carrying on with the destroys under way", outcome)
+            if isinstance(outcome, Failure):
+                if not outcome.check(defer.CancelledError):
+                    self.log.failure("carrying on with the destroys under way", outcome)
+                return
+            if self._destroys_again and self.running:
+                self._go_on_destroying()
 
         work.addBoth(ended)
+
+    async def _reconciled(self, host_id):
+        """
+        A host registered and was reconciled: the destroys that waited for it go on now,
+        not at the next health check (after a restart of ours, each destroy it cut short
+        goes on as soon as the hosts of its machines are back).
+        """
+        self._go_on_destroying()
 
     def _unlock(self):
         if self._lock is not None:

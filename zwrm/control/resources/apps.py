@@ -5,9 +5,11 @@ methods.
 
 C{spec} is the deployed spec (L{zwrm.control.apps.validate_spec}'s normal form), or
 L{None} for an app never deployed, or destroyed while its volumes are kept.
-C{destroying} is L{None}, or C{{"volumes": bool, "since": time}}: a destroy was asked and
-has not ended yet (it is stored before its first machine stops, and goes on after a
-restart of the control plane or once the hosts it waits for can be reached).
+C{destroying} is L{None}, or C{{"volumes": bool, "since": time, "delay_ends": time}}: a
+destroy was asked and has not ended yet (it is stored before its first machine stops, and
+goes on after a restart of the control plane or once the hosts it waits for can be
+reached); C{delay_ends} is when the shutdown_delay of the machines it takes out of the
+routes at once ends (a destroy that goes on after a restart waits only what is left of it).
 
 Events (C{zwrm.event.app}); the payload is always the app's wire form (L{wire}) with
 C{app_id}, C{app} (its name) and C{reason}:
@@ -201,12 +203,14 @@ class Apps(Resource):
         return row
 
     @update_method
-    async def set_destroying(self, row, volumes):
+    async def set_destroying(self, row, volumes, delay=0.0):
         """
         Store that the app is being destroyed, its volumes too if C{volumes} (C{row} is
-        updated in place); event C{destroying}.  A destroy asked again replaces it.
+        updated in place), its machines out of the routes for C{delay} seconds from now
+        (its C{delay_ends}); event C{destroying}.  A destroy asked again replaces it.
         """
-        destroying = {"volumes": bool(volumes), "since": self._clock.seconds()}
+        now = self._clock.seconds()
+        destroying = {"volumes": bool(volumes), "since": now, "delay_ends": now + delay}
         await self.store_with_event(self._store.updating("apps", row["id"],
                                                          {"destroying": destroying}),
                                     "destroying", row["id"],
