@@ -13,7 +13,7 @@ from tests.agent.test_membership import make_agent, start_plane
 from zwrm import pki
 from zwrm.cli import client, host, host_remove, main
 from zwrm.cli.client import CliError
-from zwrm.testing.processes import temp_dir
+from zwrm.testing.processes import poll, temp_dir
 
 
 def d(f):
@@ -309,6 +309,8 @@ class LiveTests(TestCase):
         for host_id in ids:
             await plane.registry.mark_offline(host_id)
         plane.healer.check_done(ids)
+        # (decided once its settle window, 1.5 heartbeat intervals, has passed)
+        await poll(reactor, lambda: plane.healer.partitioned, 10, 0.05, "the partition held")
         out = io.StringIO()
         await host.host_list(reactor, Args(api_url=plane.url, json=False), out)
         since = time.strftime("%Y-%m-%d %H:%M:%S UTC",

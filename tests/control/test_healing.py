@@ -803,6 +803,50 @@ class HostLossTests(TestCase):
         self.assertNotIn("h-b", {m["host_id"] for m in await c.machines("web")})
 
     @d
+    async def test_hosts_lost_seconds_apart_are_one_loss(self):
+        """
+        Two hosts of a datacenter cut off at the same moment are found offline at their
+        own deadlines, seconds apart (their last heartbeats were): within C{settle} of
+        the first, they are decided together, so the partition guard holds both (decided
+        one by one, neither was two lost at once, and both were rescheduled).
+        """
+        c, h = await self.cluster(settle=6)
+        await c.apps.create_app("web")
+        await c.apps.deploy("web", c.spec(replicas=3))
+        await self.lose(c, h, "h-a")
+        c.clock.advance(3)
+        await self.lose(c, h, "h-b")
+        c.clock.advance(2.9)
+        await settle(c, h)
+        self.assertEqual(h.partitioned, {})  # (not decided yet)
+        c.clock.advance(0.1)
+        await settle(c, h)
+        self.assertEqual(sorted(h.partitioned["dc1"]), ["h-a", "h-b"])
+        c.clock.advance(60)
+        await settle(c, h)
+        self.assertEqual(sorted(m["state"] for m in await c.machines("web")),
+                         ["failed", "failed", "running"])
+
+    @d
+    async def test_one_host_lost_is_rescheduled_once_settled(self):
+        """
+        One host lost: its replica is placed elsewhere once the settle window passed (no
+        other host of its datacenter was lost in it), C{reschedule_after} counted from the
+        loss.
+        """
+        c, h = await self.cluster(hosts=("h-a", "h-b"), settle=6, reschedule_after=10)
+        await c.apps.create_app("web")
+        await c.apps.deploy("web", c.spec(replicas=2))
+        await self.lose(c, h, "h-a")
+        c.clock.advance(9.9)
+        await settle(c, h)
+        self.assertIn("failed", [m["state"] for m in await c.machines("web")])
+        self.assertEqual(h.partitioned, {})
+        c.clock.advance(0.1)
+        await settle(c, h)
+        await poll(lambda: self._all_running(c, "web", 2), what="the rescheduled replica")
+
+    @d
     async def test_monitor_hook(self):
         """The health monitor tells the healer after each check."""
         c, h = await self.cluster(hosts=("h-a", "h-b"))

@@ -183,6 +183,8 @@ class ControlMetricsTests(TestCase):
         for host_id in ids:
             await plane.registry.mark_offline(host_id)
         plane.healer.check_done(ids)  # both hosts of dc1 lost in one check
+        # (decided once its settle window, 1.5 heartbeat intervals, has passed)
+        await poll(reactor, lambda: plane.healer.partitioned, 10, 0.05, "the partition held")
         port = plane.ports[0].getHost().port
         r = await treq.get(f"http://127.0.0.1:{port}/metrics", persistent=False)
         samples, families = parse(await r.text())

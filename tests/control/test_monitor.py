@@ -62,7 +62,7 @@ class MonitorSurvivesFailuresTests(TestCase):
         failures = []
 
         def flaky():
-            if clock.seconds() >= 15 and not failures:
+            if clock.seconds() >= 10 and not failures:
                 failures.append(True)
                 raise RuntimeError("the registry is busy")
             return host_ids()
@@ -70,10 +70,46 @@ class MonitorSurvivesFailuresTests(TestCase):
         reg.host_ids = flaky
         monitor.startService()
         self.addCleanup(monitor.stopService)
-        await self._tick(clock, monitor, 10)
-        await self._tick(clock, monitor, 5)  # stale; listing the hosts fails
+        await self._tick(clock, monitor, 10)  # listing the hosts fails (nothing armed)
         self.assertEqual((failures, reg.state("h1")), ([True], "ready"))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        await self._tick(clock, monitor, 5)
+        await self._tick(clock, monitor, 5)  # stale
         self.assertEqual(reg.state("h1"), "offline")
         self.assertTrue(monitor._loop.running)
+
+
+class DeadlineTests(TestCase):
+    """
+    A host is offline C{offline_after} seconds after its last heartbeat, not up to a
+    C{check_interval} later: the monitor arms one check for the first deadline to come
+    when it comes before its next tick; while heartbeats come, it adds none.
+    """
+
+    def test_offline_at_its_deadline(self):
+        return ensureDeferred(self._deadline())
+
+    async def _deadline(self):
+        clock, store, reg, published = await make_registry(self)
+        for hid in ("h1", "h2"):
+            await reg.join(hid, dict(FACTS, name=hid))
+            await reg.register(hid, {})
+        clock.advance(0)
+        monitor = HealthMonitor(clock, reg, check_interval=15, offline_after=30, grace=0)
+        checks = []
+        monitor.after_check.append(lambda marked: checks.append((clock.seconds(), marked)))
+        monitor.startService()
+        self.addCleanup(monitor.stopService)
+        for t in range(1, 47):
+            clock.advance(1)
+            reg.heartbeat("h2")
+            if t <= 17:
+                reg.heartbeat("h1")  # then silent: its deadline is 47
+            await MonitorSurvivesFailuresTests._tick(self, clock, monitor, 0)
+        self.assertEqual([t for t, _ in checks], [0, 15, 30, 45])  # the ticks only
+        await MonitorSurvivesFailuresTests._tick(self, clock, monitor, 1)
+        self.assertEqual((clock.seconds(), reg.state("h1")), (47, "ready"))
+        self.assertAlmostEqual(monitor._due.getTime(), 47.01)  # armed at the tick of 45
+        await MonitorSurvivesFailuresTests._tick(self, clock, monitor, 0.5)
+        self.assertEqual((reg.state("h1"), reg.state("h2")), ("offline", "ready"))
+        self.assertEqual([m for _, m in checks], [[], [], [], [], ["h1"]])  # (no tick yet)
+        self.assertIsNone(monitor.next_deadline() and monitor._due)  # h2's is 75: a tick's

@@ -37,7 +37,9 @@ no record any more: when their host returns, its reconciliation stops them
 replicas.
 
 Partition guard.  When more than C{partition_threshold} of the hosts of a datacenter are
-offline at the end of a check that lost at least two of them, nothing is rescheduled there:
+offline once at least two of them were lost together (found offline within C{settle}
+seconds of each other: hosts cut off at once are found offline at their own deadlines, as
+far apart as their last heartbeats), nothing is rescheduled there:
 the guard publishes a C{partition} event on C{zwrm.event.host} (subject C{dc:<name>}) and
 logs it.  Once hosts return and the share is at or below the threshold again, the held
 hosts are rescheduled one per C{eviction_interval} seconds (the Kubernetes node-lifecycle
@@ -152,8 +154,19 @@ class Healer:
     log = Logger()
 
     def __init__(self, clock, apps, reschedule_after=0.0, partition_threshold=0.55,
-                 eviction_interval=10.0):
+                 eviction_interval=10.0, settle=0.0):
+        """
+        @param settle: seconds the decision on a lost host waits for more hosts of its
+            datacenter to be lost (hosts cut off at the same moment are found offline at
+            their own deadlines, as far apart as their last heartbeats: up to a heartbeat
+            interval); those lost meanwhile are decided with it, as one loss.  Counted in
+            C{reschedule_after}.
+        """
         self._clock = clock
+        self.settle = settle
+        self._settling = {}  # datacenter -> [host ids lost, waiting for its decision]
+        self._settle_calls = {}  # datacenter -> DelayedCall of that decision
+        self._lost_at = {}  # host id -> when it was found lost (for reschedule_after)
         self._replicas = apps.replicas
         self._placements = apps.placements
         self._converger = apps.converger
@@ -231,7 +244,8 @@ class Healer:
         """Stop following events and cancel every timer."""
         for u in self._unsubscribe:
             u()
-        for calls in (self._timers, self._liveness, self._waiting, self._evicting):
+        for calls in (self._timers, self._liveness, self._waiting, self._evicting,
+                      self._settle_calls):
             for call in calls.values():
                 if call.active():
                     call.cancel()
@@ -530,6 +544,7 @@ class Healer:
             self._later(self._waiting, f"back:{host_id}", 1.0, self._host_back, host_id)
         if event["kind"] == "removed":
             self._uncalled.discard(host_id)
+            self._lost_at.pop(host_id, None)
         if event["kind"] != "state":
             return
         if p.get("state") == "offline" and p.get("old") != "offline":
@@ -537,6 +552,7 @@ class Healer:
         elif p.get("old") == "offline" and p.get("state") != "offline":
             self._cancel(self._waiting, host_id)
             self._retry.discard(host_id)
+            self._lost_at.pop(host_id, None)
             self._check_partitions()
             # machines that stayed down on it (their QEMU died with the host) restart
             self._later(self._waiting, f"back:{host_id}", 1.0, self._host_back, host_id)
@@ -565,22 +581,52 @@ class Healer:
         the lost hosts' replicas and holding them (a partition).
         """
         lost, self._lost = self._lost, []
-        for host_id in sorted(self._retry):
-            if host_id not in lost:
-                lost.append(host_id)
-        self._retry.clear()
+        now = self._clock.seconds()
         by_dc = {}
         for host_id in lost:
             if self._offline(host_id):
+                self._lost_at[host_id] = now
                 by_dc.setdefault(self._datacenter(host_id), []).append(host_id)
+        if self.settle > 0:
+            # decided together with the hosts of their datacenter lost in the next
+            # `settle` seconds (_settled)
+            for dc, hosts in sorted(by_dc.items()):
+                settling = self._settling.setdefault(dc, [])
+                settling.extend(h for h in hosts if h not in settling)
+                if dc not in self._settle_calls:
+                    self._settle_calls[dc] = self._clock.callLater(
+                        self.settle, self._settled, dc)
+            by_dc = {}
+        for host_id in sorted(self._retry):  # (lost before: their settling is over)
+            if host_id not in lost and self._offline(host_id):
+                hosts = by_dc.setdefault(self._datacenter(host_id), [])
+                if host_id not in hosts:
+                    hosts.append(host_id)
+        self._retry.clear()
         for dc, hosts in sorted(by_dc.items()):
-            share = self._share_offline(dc)
-            if dc in self.partitioned or (len(hosts) >= 2 and share > self.partition_threshold):
-                self._hold(dc, hosts, share)
-                continue
-            for host_id in hosts:
-                self._later(self._waiting, host_id, self.reschedule_after,
-                            self._reschedule_host, host_id)
+            self._decide(dc, hosts)
+
+    def _settled(self, dc):
+        """The settle window of the first host of C{dc} lost ended: decide on all of them."""
+        self._settle_calls.pop(dc, None)
+        hosts = [h for h in self._settling.pop(dc, []) if self._offline(h)]
+        if hosts:
+            self._decide(dc, hosts)
+
+    def _decide(self, dc, hosts):
+        """
+        Hosts C{hosts} of datacenter C{dc}, lost together: hold them (a partition), or
+        reschedule their replicas once C{reschedule_after} has passed since their loss.
+        """
+        share = self._share_offline(dc)
+        if dc in self.partitioned or (len(hosts) >= 2 and share > self.partition_threshold):
+            self._hold(dc, hosts, share)
+            return
+        now = self._clock.seconds()
+        for host_id in hosts:
+            waited = now - self._lost_at.get(host_id, now)
+            self._later(self._waiting, host_id, max(0.0, self.reschedule_after - waited),
+                        self._reschedule_host, host_id)
 
     def _hold(self, dc, hosts, share):
         new = dc not in self.partitioned

@@ -19,10 +19,19 @@ def _observe(d):
     return out
 
 
+#: How long after a host's deadline (its last heartbeat and C{offline_after}) the check
+#: it was armed for runs: a host is stale once its silence is I{more} than offline_after.
+DUE_MARGIN = 0.01
+
+
 class HealthMonitor(TimerService):
     """
     Every C{check_interval} seconds, marks offline each host whose last heartbeat is
-    older than C{offline_after} seconds.
+    older than C{offline_after} seconds; and one check more at the moment the first host
+    still counted alive will have been silent that long, when that comes before the next
+    tick (a host is offline C{offline_after} seconds after its last heartbeat, not up to
+    C{check_interval} later, as with per-node timers in Nomad).  While heartbeats come,
+    the first such moment is later than the next tick: no check is added.
 
     After the monitor starts (the control plane started or restarted) no host is marked
     offline for C{grace} seconds, and a host's heartbeat age is counted from the start
@@ -50,11 +59,63 @@ class HealthMonitor(TimerService):
         self.grace = offline_after if grace is None else grace
         self.started_at = None
         self._checking = None
+        self._due = None  # the DelayedCall of the check armed for the first deadline
         self.after_check = []  # callables given the hosts each check marked offline
 
     def startService(self):
         self.started_at = self.clock.seconds()
         TimerService.startService(self)
+
+    def stopService(self):
+        self._disarm()
+        return TimerService.stopService(self)
+
+    def _disarm(self):
+        if self._due is not None and self._due.active():
+            self._due.cancel()
+        self._due = None
+
+    def next_deadline(self):
+        """
+        The first clock time still to come at which a host that is not offline will have
+        been silent for more than C{offline_after} (the grace after the start counted),
+        or L{None}.
+        """
+        if self.started_at is None:
+            return None
+        now = self.clock.seconds()
+        first = None
+        for host_id in self.registry.host_ids():
+            if self.registry.state(host_id) == "offline":
+                continue
+            last = max(self.registry.last_heartbeat(host_id) or 0.0, self.started_at)
+            due = max(last + self.offline_after, self.started_at + self.grace)
+            if due >= now and (first is None or due < first):
+                first = due
+        return first
+
+    def _arm(self):
+        """
+        Arm one check for the first deadline to come, if it comes before the next tick.
+        (One already past, a host whose mark failed, waits for the next tick: no loop.)
+        """
+        self._disarm()
+        if not self.running:
+            return
+        try:
+            due = self.next_deadline()
+        except Exception:
+            self.log.failure("finding the next host's deadline (the next tick checks)")
+            return
+        if due is None:
+            return
+        delay = due - self.clock.seconds() + DUE_MARGIN
+        if delay < self.check_interval:
+            self._due = self.clock.callLater(delay, self._due_check)
+
+    def _due_check(self):
+        self._due = None
+        self.check()
 
     def stale_hosts(self):
         """The ids of hosts that are not offline and have missed heartbeats too long."""
@@ -119,4 +180,5 @@ class HealthMonitor(TimerService):
                 hook(marked)
             except Exception:
                 self.log.failure("after a check of hosts' heartbeats")
+        self._arm()
         return marked

@@ -303,7 +303,10 @@ class ControlPlane(service.MultiService):
             self.reactor, self.apps,
             reschedule_after=cfg.reschedule_after,
             partition_threshold=cfg.partition_threshold,
-            eviction_interval=cfg.eviction_interval)
+            eviction_interval=cfg.eviction_interval,
+            # hosts cut off at once are found offline as far apart as their last
+            # heartbeats (up to an interval, its jitter 10 %): decided as one loss
+            settle=1.5 * cfg.heartbeat_interval)
         self.monitor.after_check.append(self.healer.check_done)
         self.monitor.after_check.append(self._go_on_destroying)  # hosts back, or offline
         self.registry.on_reconciled.append(self._reconciled)  # a host back: at once

@@ -1,9 +1,15 @@
 """
+How the control plane wires its parts.
+
 When the control plane carries on with the app destroys that did not end
 (L{zwrm.control.service.ControlPlane._go_on_destroying}): at its start, after each health
 check, and as soon as a host is reconciled (a host back: the destroys that waited for it,
 or a restart's destroys cut short, go on at once rather than at the next check, up to 15 s
 later); one pass at a time, and one more after it when asked for during it.
+
+The partition guard's settle window (L{zwrm.control.healing.Healer}) is 1.5 heartbeat
+intervals: hosts cut off at one moment are found offline as far apart as their last
+heartbeats (an interval, its jitter 10 %).
 
 A real control plane on loopback, over a real store; its apps layer's pass is replaced by
 one the test ends when it likes.
@@ -19,12 +25,12 @@ from zwrm.control.tap import Config
 from zwrm.testing.processes import temp_dir
 
 
-class DestroysGoOnTests(TestCase):
+class ServiceHooksTests(TestCase):
     timeout = 60
 
-    async def plane(self):
+    async def plane(self, **kw):
         config = Config(listen=["tcp:0:interface=127.0.0.1"],
-                        data_dir=os.path.join(temp_dir(self), "cp"))
+                        data_dir=os.path.join(temp_dir(self), "cp"), **kw)
         plane = ControlPlane(reactor, config)
         plane.startService()
         self.addCleanup(plane.stopService)
@@ -60,3 +66,8 @@ class DestroysGoOnTests(TestCase):
         passes[1].callback([])
         self.assertEqual(len(passes), 2)
         self.assertIsNone(plane._destroys)
+
+
+    async def test_the_healer_settles_for_one_and_a_half_heartbeats(self):
+        plane, _ = await self.plane(heartbeat_interval=4.0)
+        self.assertEqual(plane.healer.settle, 6.0)
