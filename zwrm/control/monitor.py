@@ -81,33 +81,16 @@ class HealthMonitor(TimerService):
         been silent for more than C{offline_after} (the grace after the start counted),
         or L{None}.
         """
-        if self.started_at is None:
-            return None
-        now = self.clock.seconds()
-        first = None
-        for host_id in self.registry.host_ids():
-            if self.registry.state(host_id) == "offline":
-                continue
-            last = max(self.registry.last_heartbeat(host_id) or 0.0, self.started_at)
-            due = max(last + self.offline_after, self.started_at + self.grace)
-            if due >= now and (first is None or due < first):
-                first = due
-        return first
+        return self._scan()[1]
 
-    def _arm(self):
+    def _arm(self, due):
         """
-        Arm one check for the first deadline to come, if it comes before the next tick.
-        (One already past, a host whose mark failed, waits for the next tick: no loop.)
+        Arm one check for C{due}, the first deadline to come, if it comes before the next
+        tick.  (One already past, a host whose mark failed, waits for the next tick: no
+        loop.)
         """
         self._disarm()
-        if not self.running:
-            return
-        try:
-            due = self.next_deadline()
-        except Exception:
-            self.log.failure("finding the next host's deadline (the next tick checks)")
-            return
-        if due is None:
+        if due is None or not self.running:
             return
         delay = due - self.clock.seconds() + DUE_MARGIN
         if delay < self.check_interval:
@@ -119,10 +102,29 @@ class HealthMonitor(TimerService):
 
     def stale_hosts(self):
         """The ids of hosts that are not offline and have missed heartbeats too long."""
+        return self._scan()[0]
+
+    def _scan(self):
+        """
+        One walk over the hosts: those that are stale, and the first deadline to come of
+        the others (L{next_deadline}).
+        """
         now = self.clock.seconds()
-        if self.started_at is None or now - self.started_at < self.grace:
-            return []
-        return [host_id for host_id in self.registry.host_ids() if self._stale(host_id, now)]
+        if self.started_at is None:
+            return [], None
+        ended = now - self.started_at >= self.grace  # the grace after the start
+        stale, first = [], None
+        for host_id in self.registry.host_ids():
+            if self.registry.state(host_id) == "offline":
+                continue
+            last = max(self.registry.last_heartbeat(host_id) or 0.0, self.started_at)
+            if ended and now - last > self.offline_after:
+                stale.append(host_id)
+                continue
+            due = max(last + self.offline_after, self.started_at + self.grace)
+            if due >= now and (first is None or due < first):
+                first = due
+        return stale, first
 
     def _stale(self, host_id, now):
         if self.registry.state(host_id) == "offline":
@@ -161,7 +163,8 @@ class HealthMonitor(TimerService):
 
     async def _check(self):
         marked = []
-        for host_id in self.stale_hosts():
+        stale, due = self._scan()
+        for host_id in stale:
             try:
                 # marking one host offline waits on the store: a host later in the list may
                 # have heartbeated (or registered again, or gone) in the meantime
@@ -180,5 +183,5 @@ class HealthMonitor(TimerService):
                 hook(marked)
             except Exception:
                 self.log.failure("after a check of hosts' heartbeats")
-        self._arm()
+        self._arm(due)  # (a host marked meanwhile or heard from again: a check too many)
         return marked
