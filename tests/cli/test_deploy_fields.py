@@ -96,6 +96,17 @@ class DeployFieldsTests(SynchronousTestCase):
         out = io.StringIO()
         format_app(app, out)
         self.assertIn("(volumes kept)", out.getvalue())
+        # its machines out of the routes: until when (a destroy that went on after a
+        # restart of the control plane waits only what is left of the delay)
+        app["destroying"]["delay_ends"] = 1796576402.5
+        app["machines"] = [
+            {"id": f"m-{i}", "state": state, "host_id": "h_1", "replica": i, "health": None,
+             "host_port": None} for i, state in ((1, "stopping"), (2, "running"))]
+        out = io.StringIO()
+        format_app(app, out)
+        self.assertIn("destroy   under way since 2026-12-06 16:59:32 UTC (volumes kept); 1"
+                      " machine(s) out of the routes, removed after 17:00:02 UTC"
+                      " (shutdown_delay)\n", out.getvalue())
 
 
 class RollbackArgsTests(SynchronousTestCase):

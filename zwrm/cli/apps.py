@@ -526,7 +526,13 @@ def format_app(app, out):
     if destroying:
         since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(destroying["since"]))
         what = "volumes too" if destroying.get("volumes") else "volumes kept"
-        out.write(f"destroy   under way since {since} ({what})\n")
+        out.write(f"destroy   under way since {since} ({what})")
+        stopping = [m for m in app.get("machines") or () if m.get("state") == "stopping"]
+        if stopping and destroying.get("delay_ends"):
+            until = time.strftime("%H:%M:%S UTC", time.gmtime(destroying["delay_ends"]))
+            out.write(f"; {len(stopping)} machine(s) out of the routes, removed after"
+                      f" {until} (shutdown_delay)")
+        out.write("\n")
     rollout = app.get("rollout")
     if rollout:
         at = rollout.get("at")
