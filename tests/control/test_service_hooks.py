@@ -55,6 +55,12 @@ class ServiceHooksTests(TestCase):
         passes[0].callback([])
         self.assertIsNone(plane._destroys)
 
+    async def test_none_once_it_stops(self):
+        plane, passes = await self.plane()
+        await plane.stopService()
+        await plane._reconciled("h_1")  # (an agent's registration handled late)
+        self.assertEqual(passes, [])
+
     async def test_asked_during_a_pass_one_more_after_it(self):
         plane, passes = await self.plane()
         plane._go_on_destroying()

@@ -617,9 +617,11 @@ class ControlPlane(service.MultiService):
         """
         A host registered and was reconciled: the destroys that waited for it go on now,
         not at the next health check (after a restart of ours, each destroy it cut short
-        goes on as soon as the hosts of its machines are back).
+        goes on as soon as the hosts of its machines are back).  Not once it is stopping
+        (its stop cancels the work under way).
         """
-        self._go_on_destroying()
+        if self.running:
+            self._go_on_destroying()
 
     def _unlock(self):
         if self._lock is not None:
