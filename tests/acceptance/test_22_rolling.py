@@ -167,7 +167,8 @@ def test_rolling_deploy_of_a_stateless_app(cluster, request):
                 or "lost the connection" in err), err
             app = poll(lambda: _rolled_out(cluster, before), 300,
                        what="the update taken up again and completed")
-        assert halfway not in {m["id"] for m in app["machines"]}  # replaced again
+        # waited for again, not made again (its old one retired once it stayed healthy)
+        assert halfway in {m["id"] for m in app["machines"]}, (halfway, app["machines"])
         # (the users go on meanwhile: requests after the deploy returned count too)
         versions = _versions(cluster, PORT)
     finally:

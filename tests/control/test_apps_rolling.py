@@ -308,7 +308,8 @@ class InterruptedRollingTests(TestCase):
     """
     A rolling update the control plane's stop interrupted is taken up at its next start
     (L{Apps.resume_rollouts}): the machine of the batch under way that had not finished its
-    healthy wait is replaced again, the old ones left are replaced, and the update ends.
+    healthy wait is waited for again (its old one retired then), the old ones left are
+    replaced, and the update ends.
     """
 
     async def interrupted(self):
@@ -337,14 +338,19 @@ class InterruptedRollingTests(TestCase):
             return len([m for m in ms if m["id"] not in old | {halfway["id"]}
                         and m["state"] == "running"]) == n
 
-        await poll(lambda: fresh_running(1), what="replica 0's machine made again")
-        self.assertNotIn(halfway["id"], [m["id"] for m in await c.machines("web")])
+        # replica 0's new machine, halfway through its wait, is waited for again (not made
+        # again), its old one running meanwhile
         await healthy_wait(c)
+        ids = {m["id"] for m in await c.machines("web")}
+        self.assertEqual(ids, old | {halfway["id"]})
+        self.assertFalse(await fresh_running(1))
         c.clock.advance(10)
-        await batch_healthy(c, lambda: fresh_running(2), "replica 1's new machine")
+        await batch_healthy(c, lambda: fresh_running(1), "replica 1's new machine")
         self.assertEqual(await resumed, ["web"])
-        self.assertEqual([(m["state"], m["spec"]["memory_mb"]) for m in await self.rows(c)],
+        rows = await self.rows(c)
+        self.assertEqual([(m["state"], m["spec"]["memory_mb"]) for m in rows],
                          [("running", 300)] * 2)
+        self.assertIn(halfway["id"], [m["id"] for m in rows])
         self.assertEqual(self.rollouts(c)[-3:],
                          [("started", 0, 2), ("progress", 1, 2), ("completed", 2, 2)])
         started = [e for t, e in c.published if t == "zwrm.event.app"
@@ -435,6 +441,26 @@ class InterruptedRollingTests(TestCase):
                 ("running", 256)] * 2
 
         await poll(previous_version, what="the previous version again")
+
+    @d
+    async def test_a_machine_started_beside_its_old_one_never_healthy_reverts(self):
+        """
+        The new machine kept from the batch under way fails in its wait again: it is
+        removed and the update reverted; the old machines, never stopped, run on.
+        """
+        c, old, halfway = await self.interrupted()
+        resumed = ensureDeferred(c.apps.resume_rollouts())
+        await healthy_wait(c)
+        await c.apps.machine_event({"machine_id": halfway["id"], "state": "failed",
+                                    "reason": "qemu exited with status 1"},
+                                   details=caller(halfway["host_id"]))
+        await healthy_wait(c, RESTART_DECISION_GRACE)
+        c.clock.advance(RESTART_DECISION_GRACE)
+        self.assertEqual(await resumed, ["web"])
+        self.assertEqual(self.rollouts(c)[-1][0], "reverted")
+        rows = await self.rows(c)
+        self.assertEqual(sorted((m["id"], m["state"], m["spec"]["memory_mb"]) for m in rows),
+                         sorted((mid, "running", 256) for mid in old))
 
     @d
     async def test_nothing_to_take_up(self):

@@ -148,13 +148,16 @@ class Rollout:
         Take up the update of C{app} (a row; its lock held) that a control plane stop
         interrupted (C{last}: its last C{rollout} event's payload, L{interrupted}).
 
-        A new machine that runs beside an old one of its replica was in the batch under
-        way: it had not yet been healthy for C{min_healthy_time} (or its old one would be
-        gone), so it is retired (out of the routes for the spec's C{shutdown_delay}, then
-        removed) and its replica replaced again.  The old machines left
-        are then replaced as L{rolling} does (announced C{started} again, saying it
-        resumed), with the spec they run as the one a failure reverts to.  With none
-        left, the update is announced C{completed}.
+        A new machine that runs (or starts) beside an old one of its replica was in the
+        batch under way: it had not yet been healthy for C{min_healthy_time} (or its old
+        one would be gone), so it is waited for again, as one replaced in place is, and its
+        old one retired once it has been (out of the routes for the spec's
+        C{shutdown_delay}, then removed); it is not made again (Kubernetes' and Nomad's
+        updates keep theirs too).  One still C{pending} (its start may never have reached
+        its agent) is retired and its replica replaced again.  The old machines left are
+        then replaced as L{rolling} does (announced C{started} again, saying it resumed),
+        with the spec they run as the one a failure reverts to.  With none left, the
+        update is announced C{completed}.
 
         @return: whether there was anything to take up.
         @raise zwrm.errors.Unavailable: the update failed (as L{rolling}).
@@ -176,9 +179,15 @@ class Rollout:
         halfway = [m for m in machines if m["state"] in ("pending", "starting", "running")
                    and m["spec"]["replica"] in old_replicas
                    and same_version(m["spec"].get("app_spec"), spec)]
+        kept = [m for m in halfway if m["state"] in ("starting", "running")] \
+            if update["max_parallel"] else []
         # (a planned stop: one that runs may be in the routes already)
-        await self._replicas.retire(halfway, shutdown_delay(spec))
+        await self._replicas.retire([m for m in halfway if m not in kept],
+                                    shutdown_delay(spec))
         stale = [m for m in old if m["spec"]["replica"] < spec["replicas"]]
+        kept_replicas = {m["spec"]["replica"] for m in kept}
+        kept_old = [m for m in stale if m["spec"]["replica"] in kept_replicas]
+        stale = [m for m in stale if m["spec"]["replica"] not in kept_replicas]
         if not update["max_parallel"]:
             await self._converger.converge(app, spec, replace=True)
             total = last.get("total", 0)
@@ -187,17 +196,19 @@ class Rollout:
                 "(taken up after a control plane stop)", version=version, replaced=total,
                 total=total, update=update)
             return True
-        if stale:
-            old_spec = dict(stale[0]["spec"].get("app_spec") or spec)
+        if stale or kept_old:
+            old_spec = dict((stale or kept_old)[0]["spec"].get("app_spec") or spec)
         else:  # the spec a failure reverts to: the version before
             versions = {v["version"]: v["spec"]
                         for v in await self._data.apps.spec_versions(app["id"])}
             old_spec = dict(versions.get(version - 1) or spec)
         await self.rolling(app, old_spec, spec, stale, None, resumed=True,
-                           replaced=max(0, last.get("total", 0) - len(stale)))
+                           replaced=max(0, last.get("total", 0) - len(stale) - len(kept_old)),
+                           kept_old=kept_old)
         return True
 
-    async def rolling(self, app, old_spec, spec, stale, store_spec, resumed=False, replaced=0):
+    async def rolling(self, app, old_spec, spec, stale, store_spec, resumed=False, replaced=0,
+                      kept_old=()):
         """
         A rolling update (the spec's C{update}: C{max_parallel}, C{min_healthy_time},
         C{healthy_deadline}, C{auto_revert}): the new spec is stored, the replicas that do
@@ -210,7 +221,9 @@ class Rollout:
         is deployed again (the old machines not yet replaced never stopped).
 
         @param resumed: it is taken up after a control plane stop (L{resume}), which had
-            C{replaced} machines replaced (counted in what is announced).
+            C{replaced} machines replaced (counted in what is announced); C{kept_old}: the
+            old machines whose new one it had started (retired once their new ones have
+            been healthy for C{min_healthy_time}).
         @raise zwrm.errors.Unavailable: the update failed (saying whether it was reverted).
         @raise Superseded: a later deploy, rollback or destroy stopped it (L{supersede}).
         """
@@ -232,7 +245,7 @@ class Rollout:
             placements.lock.release()
         if store_spec is not None:
             await store_spec()
-        version, total = app["spec_version"], replaced + len(stale)
+        version, total = app["spec_version"], replaced + len(kept_old) + len(stale)
 
         def announce(state, reason, done):
             return self._data.apps.rollout(app, state, reason, version=version,
@@ -250,23 +263,24 @@ class Rollout:
         try:
             await announce("started", started, replaced)
             await self._roll(app, old_spec, spec, stale, update, announce, stop, resumed,
-                             replaced)
+                             replaced, kept_old)
         finally:
             if self._under_way.get(app["id"]) is stop:
                 del self._under_way[app["id"]]
 
     async def _roll(self, app, old_spec, spec, stale, update, announce, stop, resumed=False,
-                    before=0):
+                    before=0, kept_old=()):
         """
         L{rolling}'s batches, once announced C{started}; C{stop}: L{supersede}'s.  Taken up
         after a control plane stop (C{resumed}), the machines of the new version are waited
-        for first as a batch is: one replaced in place when the stop cut its wait short is
-        healthy before the update goes on (or ends).  C{before}: machines the update had
-        replaced before that stop.
+        for first as a batch is: one replaced in place, or started beside its old one
+        (C{kept_old}, retired then), when the stop cut its wait short is healthy before the
+        update goes on (or ends).  C{before}: machines the update had replaced before that
+        stop.
         """
         converge = self._converger.converge
-        version, total = app["spec_version"], before + len(stale)
-        old_replicas = {m["spec"]["replica"] for m in stale}
+        version, total = app["spec_version"], before + len(kept_old) + len(stale)
+        old_replicas = {m["spec"]["replica"] for m in list(stale) + list(kept_old)}
         rest = set(range(max(spec["replicas"], old_spec["replicas"]))) - old_replicas
         if rest:
             await converge(app, spec, replace=True, only=rest)
@@ -280,6 +294,12 @@ class Rollout:
                     raise Superseded(stop.result)
                 if batch is None:
                     await self._wait_new(await self._new_machines(app, spec), update, stop)
+                    if kept_old:
+                        await self._retire_fresh(kept_old, spec)
+                        before += len(kept_old)
+                        if before < total:
+                            await announce("progress", f"{before} of {total} machine(s)"
+                                                       " replaced", before)
                     continue
                 await self._replace_batch(app, spec, batch, update, stop)
             except Superseded as e:
@@ -346,13 +366,20 @@ class Rollout:
         if surge:
             await replicas.start_all(new_rows[:len(surge)])
         await self._wait_new(new_rows, update, stop)
+        await self._retire_fresh(surge, spec)
+
+    async def _retire_fresh(self, machines, spec):
+        """
+        The old C{machines} whose new ones are healthy, as they are stored now (those gone
+        meanwhile left out): a planned stop, out of the routes for the app's
+        C{shutdown_delay}, then removed.
+        """
         old = []
-        for m in surge:
+        for m in machines:
             fresh = await self._data.machines.get(m["id"])
             if fresh is not None:
                 old.append(fresh)
-        # A planned stop: out of the routes, the app's shutdown_delay, then removed.
-        await replicas.retire(old, shutdown_delay(spec))
+        await self._replicas.retire(old, shutdown_delay(spec))
 
     async def _new_machines(self, app, spec):
         """The machines of C{app} that run C{spec} or are starting it."""

@@ -1,0 +1,1 @@
+A rolling update taken up again after a stop of the control plane waits again for the new machine its batch had started beside the old one, and retires the old one once it is healthy, instead of removing it and making it again.
