@@ -178,6 +178,13 @@ class FormatTests(SynchronousTestCase):
                                             "MEMORY(MiB)", "MACHINES", "HEARTBEAT"])
         self.assertEqual(lines[1].split(), ["h-1", "w1", "eu", "dc1", "ready", "2/8", "512/16384",
                                             "1", "3s"])
+        # its agent stopped (or restarting, or cut off), the host not offline yet
+        out = io.StringIO()
+        host.format_hosts([dict(HOST, executor=False), dict(HOST, executor=False,
+                                                             state="offline")], out)
+        lines = out.getvalue().splitlines()
+        self.assertIn(" ready (agent not connected) ", lines[1])
+        self.assertEqual(lines[2].split()[4], "offline")
 
     def test_status(self):
         out = io.StringIO()

@@ -91,7 +91,7 @@ def format_hosts(hosts, out):
             h["name"],
             h["region"] or "-",
             h["datacenter"] or "-",
-            h["state"],
+            _state(h),
             f"{h['alloc_vcpus']}/{h['vcpus']}",
             f"{h['alloc_memory_mb']}/{h['memory_mb']}",
             h["machines"],
@@ -100,6 +100,16 @@ def format_hosts(hosts, out):
         for h in hosts
     ]
     _table(headers, rows, out)
+
+
+def _state(h):
+    """
+    A host's state, saying so when its agent is not connected (stopped, restarting, cut
+    off) though the host is not offline yet: nothing is placed or called there meanwhile.
+    """
+    if h.get("executor") is False and h["state"] not in ("offline", "removed"):
+        return f"{h['state']} (agent not connected)"
+    return h["state"]
 
 
 def _mib(n):
