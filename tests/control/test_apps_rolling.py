@@ -418,6 +418,21 @@ class InterruptedRollingTests(TestCase):
         self.assertEqual([(m["state"], m["spec"]["memory_mb"]) for m in await self.rows(c)],
                          [("running", 300)] * 2)
 
+    async def fails_once_resumed(self, c, machine):
+        """
+        The update taken up again, C{machine} (a new one it waits for again) fails: its
+        guest crashes (with no healer here, no restart is due), and the update is reverted.
+        """
+        resumed = ensureDeferred(c.apps.resume_rollouts())
+        await healthy_wait(c)
+        await c.apps.machine_event({"machine_id": machine["id"], "state": "failed",
+                                    "reason": "qemu exited with status 1"},
+                                   details=caller(machine["host_id"]))
+        await healthy_wait(c, RESTART_DECISION_GRACE)
+        c.clock.advance(RESTART_DECISION_GRACE)
+        self.assertEqual(await resumed, ["web"])
+        self.assertEqual(self.rollouts(c)[-1][0], "reverted")
+
     @d
     async def test_a_machine_replaced_in_place_never_healthy_reverts(self):
         """
@@ -425,16 +440,7 @@ class InterruptedRollingTests(TestCase):
         taken on to the next machine or announced completed with it failing.
         """
         c, old, replaced, new = await self.interrupted_in_place()
-        resumed = ensureDeferred(c.apps.resume_rollouts())
-        await healthy_wait(c)
-        # its guest crashes; with no healer here, no restart is due
-        await c.apps.machine_event({"machine_id": replaced["id"], "state": "failed",
-                                    "reason": "qemu exited with status 1"},
-                                   details=caller(replaced["host_id"]))
-        await healthy_wait(c, RESTART_DECISION_GRACE)
-        c.clock.advance(RESTART_DECISION_GRACE)
-        self.assertEqual(await resumed, ["web"])
-        self.assertEqual(self.rollouts(c)[-1][0], "reverted")
+        await self.fails_once_resumed(c, replaced)
 
         async def previous_version():
             return [(m["state"], m["spec"]["memory_mb"]) for m in await self.rows(c)] == [
@@ -449,15 +455,7 @@ class InterruptedRollingTests(TestCase):
         removed and the update reverted; the old machines, never stopped, run on.
         """
         c, old, halfway = await self.interrupted()
-        resumed = ensureDeferred(c.apps.resume_rollouts())
-        await healthy_wait(c)
-        await c.apps.machine_event({"machine_id": halfway["id"], "state": "failed",
-                                    "reason": "qemu exited with status 1"},
-                                   details=caller(halfway["host_id"]))
-        await healthy_wait(c, RESTART_DECISION_GRACE)
-        c.clock.advance(RESTART_DECISION_GRACE)
-        self.assertEqual(await resumed, ["web"])
-        self.assertEqual(self.rollouts(c)[-1][0], "reverted")
+        await self.fails_once_resumed(c, halfway)
         rows = await self.rows(c)
         self.assertEqual(sorted((m["id"], m["state"], m["spec"]["memory_mb"]) for m in rows),
                          sorted((mid, "running", 256) for mid in old))

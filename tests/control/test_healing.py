@@ -755,14 +755,19 @@ class HostLossTests(TestCase):
 
     @d
     async def test_reschedule_after(self):
-        c, h = await self.cluster(hosts=("h-a", "h-b"), reschedule_after=30)
+        await self.rescheduled_after(30, reschedule_after=30)
+
+    async def rescheduled_after(self, seconds, **kw):
+        """h-a lost: its replica of web is placed elsewhere C{seconds} later, not before."""
+        c, h = await self.cluster(hosts=("h-a", "h-b"), **kw)
         await c.apps.create_app("web")
         await c.apps.deploy("web", c.spec(replicas=2))
         await self.lose(c, h, "h-a")
-        c.clock.advance(29)
+        c.clock.advance(seconds - 0.1)
         await settle(c, h)
         self.assertIn("failed", [m["state"] for m in await c.machines("web")])
-        c.clock.advance(1)
+        self.assertEqual(h.partitioned, {})
+        c.clock.advance(0.1)
         await settle(c, h)
         await poll(lambda: self._all_running(c, "web", 2), what="the rescheduled replica")
 
@@ -834,17 +839,8 @@ class HostLossTests(TestCase):
         other host of its datacenter was lost in it), C{reschedule_after} counted from the
         loss.
         """
-        c, h = await self.cluster(hosts=("h-a", "h-b"), settle=6, reschedule_after=10)
-        await c.apps.create_app("web")
-        await c.apps.deploy("web", c.spec(replicas=2))
-        await self.lose(c, h, "h-a")
-        c.clock.advance(9.9)
-        await settle(c, h)
-        self.assertIn("failed", [m["state"] for m in await c.machines("web")])
-        self.assertEqual(h.partitioned, {})
-        c.clock.advance(0.1)
-        await settle(c, h)
-        await poll(lambda: self._all_running(c, "web", 2), what="the rescheduled replica")
+        await self.rescheduled_after(10, settle=6, reschedule_after=10)
+        await self.rescheduled_after(6, settle=6)  # (reschedule_after 0: the settle window)
 
     @d
     async def test_monitor_hook(self):

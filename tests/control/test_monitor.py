@@ -7,6 +7,16 @@ from tests.control.helpers import FACTS, make_registry
 from zwrm.control.monitor import HealthMonitor
 
 
+async def two_hosts(testcase):
+    """A registry (on a Clock) with hosts h1 and h2 joined and registered."""
+    clock, store, reg, published = await make_registry(testcase)
+    for hid in ("h1", "h2"):
+        await reg.join(hid, dict(FACTS, name=hid))
+        await reg.register(hid, {})
+    clock.advance(0)
+    return clock, reg
+
+
 class MonitorSurvivesFailuresTests(TestCase):
     def test_one_failing_mark_offline_does_not_stop_the_monitor(self):
         return ensureDeferred(self._failing_mark())
@@ -21,11 +31,7 @@ class MonitorSurvivesFailuresTests(TestCase):
             await done
 
     async def _failing_mark(self):
-        clock, store, reg, published = await make_registry(self)
-        for hid in ("h1", "h2"):
-            await reg.join(hid, dict(FACTS, name=hid))
-            await reg.register(hid, {})
-        clock.advance(0)
+        clock, reg = await two_hosts(self)
         monitor = HealthMonitor(clock, reg, check_interval=5, offline_after=10, grace=0)
         mark = reg.mark_offline
         failures = []
@@ -89,11 +95,7 @@ class DeadlineTests(TestCase):
         return ensureDeferred(self._deadline())
 
     async def _deadline(self):
-        clock, store, reg, published = await make_registry(self)
-        for hid in ("h1", "h2"):
-            await reg.join(hid, dict(FACTS, name=hid))
-            await reg.register(hid, {})
-        clock.advance(0)
+        clock, reg = await two_hosts(self)
         monitor = HealthMonitor(clock, reg, check_interval=15, offline_after=30, grace=0)
         checks = []
         monitor.after_check.append(lambda marked: checks.append((clock.seconds(), marked)))
