@@ -142,6 +142,38 @@ class DestroyTests(TestCase):
         self.assertEqual(self.running_on(c), [])
 
     @d
+    async def test_one_kept_out_on_a_host_found_offline_goes_with_the_destroy(self):
+        """
+        Killed in the delay; one machine's host never comes back and is found offline:
+        that machine, kept out of the routes, is failed and its row goes with the destroy,
+        which ends (it waited for the host for good); its host, back later, is told to
+        destroy it.
+        """
+        c, ms = await self.two()
+        work = ensureDeferred(c.apps.destroy_app("web"))
+        await poll(lambda: self._stopping(c, 2), what="the machines taken out")
+        apps = c.apps
+        restarted(c)
+        work.addErrback(lambda f: None)
+        apps.replicas.put_back = lambda ids: ensureDeferred(_nothing())
+        work.cancel()
+        await c.apps.load()
+        far, near = ms
+        c.registry.entry(far["host_id"]).executor = False  # its agent never came back
+        ex, _ = c.executors[near["host_id"]]
+        await c.registry.reconcile(near["host_id"], ex.list_machines())
+        await c.registry.mark_offline(far["host_id"])
+        going = ensureDeferred(c.apps.go_on_destroying())
+        self.assertEqual(await self.ended(c, going), ["web"])
+        self.assertEqual(await c.apps.list_apps(), [])
+        self.assertEqual(self.running_on(c), [far["id"]])  # (on its lost host)
+        await c.registry.register(far["host_id"], dict(FACTS, name=far["host_id"]))
+        ex, _ = c.executors[far["host_id"]]
+        result = await c.registry.reconcile(far["host_id"], ex.list_machines())
+        self.assertEqual(result["removed"], [far["id"]])
+        await poll(lambda: _empty(self.running_on(c)), what="its destroy on its host")
+
+    @d
     async def test_a_stop_in_its_delay_leaves_its_machines_out_of_the_routes(self):
         """
         A stop of the control plane (its work cancelled) in the destroy's delay does not
@@ -373,6 +405,10 @@ class DestroyTests(TestCase):
         status = await c.apps.app_status("web")
         self.assertEqual((status["id"], status["spec"]["replicas"], len(status["machines"])),
                          (made["id"], 1, 1))
+
+async def _empty(items):
+    return not items
+
 
 async def _called(d):
     return d.called

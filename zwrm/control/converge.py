@@ -183,6 +183,13 @@ class Converger:
     async def _carry_out(self, app):
         volumes = app["destroying"]["volumes"]
         machines = await self._data.machines.find(app_id=app["id"])
+        for m in machines:
+            if m["state"] == "stopping" and not self._replicas.executor_available(
+                    m["host_id"]) and self._replicas.host_offline(m["host_id"]):
+                # Out of the routes since before a restart of the control plane, on a host
+                # found offline since: failed, as its host's running machines were, so
+                # that only its row goes (its host, back, is told to destroy it).
+                await self._replicas.set_machine(m, "host offline", state="failed")
         later = self.waiting(machines)
         # A planned stop: out of the routes, the app's shutdown_delay, then removed. Those
         # still out of the routes from before a restart wait what is left of their delay

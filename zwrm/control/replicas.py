@@ -65,6 +65,13 @@ class Replicas:
         """Whether C{host_id}'s agent can be called now."""
         return self._hosts.executor_available(host_id)
 
+    def host_offline(self, host_id):
+        """Whether C{host_id} is offline (or gone)."""
+        try:
+            return self._hosts.state(host_id) == "offline"
+        except errors.NotFound:
+            return True
+
     # -- stored changes, then events --------------------------------------------------
 
     async def set_machine(self, row, reason, **fields):
