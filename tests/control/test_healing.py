@@ -712,14 +712,11 @@ class HostLossTests(TestCase):
         (m2,) = await c.machines("db")
         self.assertEqual((m2["id"], m2["state"]), (m["id"], "running"))
 
-    @d
-    async def test_found_running_on_its_host_back_it_keeps_its_health_and_capacity(self):
+    async def lost_with_capacity(self):
         """
-        The host of a machine with a volume is lost (the machine failed, its capacity given
-        back) and comes back with the machine still running: the machine is running again
-        with the health and port its agent reports (not "none" until the check changes),
-        and its capacity on the host is taken again (what placements and `zwrm host list`
-        count), not left free for another machine.
+        db (a volume, 2 vCPUs, 512 MiB) on a host that is lost: its machine failed, its
+        capacity given back.  C{(cluster, healer, machine, used(), await stored())}: the
+        host's capacity in use, as the scheduler and the store count it.
         """
         c, h = await self.cluster(hosts=("h-a", "h-b"))
         await c.apps.create_app("db")
@@ -739,6 +736,40 @@ class HostLossTests(TestCase):
         self.assertEqual((used(), await stored()), ((2, 512), (2, 512)))
         await self.lose(c, h, host)
         self.assertEqual((used(), await stored()), ((0, 0), (0, 0)))
+        return c, h, m, used, stored
+
+    @d
+    async def test_reported_running_by_its_restarted_agent_it_takes_its_capacity(self):
+        """
+        The agent of the lost host restarts while the host is offline and recovers the
+        machine, still running: its report (before any reconciliation) makes it running
+        again, and its capacity on the host is taken again too (it was left free for
+        another machine, the host listed with nothing allocated).
+        """
+        c, h, m, used, stored = await self.lost_with_capacity()
+        host = m["host_id"]
+        await c.registry.register(host, dict(FACTS, name=host))
+        await c.apps.machine_event({"machine_id": m["id"], "state": "running",
+                                    "reason": "recovered after an agent restart"},
+                                   details=caller(host))
+        await settle(c, h)
+        (m2,) = await c.machines("db")
+        self.assertEqual((m2["id"], m2["state"]), (m["id"], "running"))
+        self.assertEqual((used(), await stored()), ((2, 512), (2, 512)))
+        await c.registry.reconcile(host, [{"id": m["id"], "state": "running"}])
+        self.assertEqual(used(), (2, 512))  # (taken once)
+
+    @d
+    async def test_found_running_on_its_host_back_it_keeps_its_health_and_capacity(self):
+        """
+        The host of a machine with a volume is lost (the machine failed, its capacity given
+        back) and comes back with the machine still running: the machine is running again
+        with the health and port its agent reports (not "none" until the check changes),
+        and its capacity on the host is taken again (what placements and `zwrm host list`
+        count), not left free for another machine.
+        """
+        c, h, m, used, stored = await self.lost_with_capacity()
+        host = m["host_id"]
         await c.registry.register(host, dict(FACTS, name=host))
         result = await c.registry.reconcile(host, [
             {"id": m["id"], "state": "running", "health": "passing", "host_port": 41234}])

@@ -219,8 +219,14 @@ class Replicas:
                 state = row["state"]
         if state == row["state"] and health == row.get("health"):
             return row
-        return await self.set_machine(row, status.get("reason") or state,
-                                      state=state, health=health)
+        was = row["state"]
+        await self.set_machine(row, status.get("reason") or state, state=state, health=health)
+        if was in ("stopped", "failed") and state in ("starting", "running"):
+            # Found running again by its agent (recovered after the agent restarted while
+            # its host was offline, say), before any reconciliation: its capacity on its
+            # host is taken again, as a reconciliation's does (it was given back).
+            self._placements.restored(row)
+        return row
 
     # -- reports from agents ----------------------------------------------------------
 
