@@ -451,6 +451,29 @@ class MonitorTests(TestCase):
         self.assertEqual(reg.cut_short, set())
 
     @d
+    async def test_planned_stops_on_a_host_found_offline_fail_with_it(self):
+        """
+        A machine stored stopping at the start, on a ready host that never comes back:
+        found offline, the host fails it as its running machines, and the restart policy
+        decides on it (it stayed stopping, its replica placed nowhere, until the host
+        returned).  On a draining host it is left to its drain.
+        """
+        clock, store, reg, published = await make_registry(self)
+        await reg.join("h1", FACTS)
+        await reg.join("h2", dict(FACTS, name="w2"))
+        await reg.hosts.apply_input("h2", "drain_requested")
+        await add_machine(store, "m1", "h1", "stopping")
+        await add_machine(store, "m2", "h2", "stopping")
+        reg.cut_short.update({"m1", "m2"})
+        decided = []
+        reg.on_cut_short.append(lambda row: decided.append(row["id"]))
+        self.assertEqual(await reg.mark_offline("h1"), ["m1"])
+        self.assertEqual(await reg.mark_offline("h2"), [])
+        self.assertEqual([(await store.get("machines", m))["state"] for m in ("m1", "m2")],
+                         ["failed", "stopping"])
+        self.assertEqual((decided, reg.cut_short), (["m1"], {"m2"}))
+
+    @d
     async def test_planned_stops_on_a_draining_host_are_its_drains(self):
         """
         On a host that is not ready, a machine stopping since the start may be a live

@@ -560,6 +560,7 @@ class HostRegistry:
         """
         entry = self.entry(host_id)
         had_session = entry.executor
+        was_ready = self._ready(host_id)
         change = await self.hosts.apply_input(host_id, "heartbeat_lost", executor=False)
         if change is None:
             return []
@@ -567,6 +568,19 @@ class HostRegistry:
         for row in await self.machines.find(host_id=host_id, states=LIVE_MACHINE_STATES):
             await self.machines.set(row, "host offline", state="failed")
             failed.append(row["id"])
+        if self.cut_short and was_ready:
+            # A planned stop a killed control plane left (L{cut_short}), on a ready host
+            # that did not come back: failed as its running machines are, and handed to
+            # the restart policy (it stayed stopping, its replica placed nowhere, until the
+            # host returned).  (On a draining host it may be a live drain's original.)
+            for row in await self.machines.find(host_id=host_id, states=("stopping",)):
+                if row["id"] in self.cut_short:
+                    self.cut_short.discard(row["id"])
+                    await self.machines.set(row, "host offline (its planned stop was cut"
+                                            " short by the control plane's stop)",
+                                            state="failed")
+                    failed.append(row["id"])
+                    self._tell(self.on_cut_short, row, "after failing {mid} on {host_id}")
         if self._on_offline is not None and had_session:
             try:
                 self._on_offline(host_id)
