@@ -192,12 +192,17 @@ def test_a_lost_host_s_volume_recovered_from_its_replica(cluster):
     cluster.net.disconnect(host)
     try:
         with cluster.phase("the worker cut off: its agent stops the machine, then offline"):
-            poll(lambda: cluster.sh(host, ["pgrep", "-f", f"qemu.*{machine['id']}"],
-                                    ok=(0, 1)).returncode == 1,
-                 60, interval=1, what="the machine stopped by its fencing agent")
-            fenced = cluster.agents[host].log()
-            assert f"stopped the machines with volumes here: {machine['id']}" in fenced, \
-                fenced[-3000:]
+            said = f"stopped the machines with volumes here: {machine['id']}"
+
+            def fenced():
+                # (its agent says so once the stop has ended: a moment after QEMU exits)
+                return cluster.sh(host, ["pgrep", "-f", f"qemu.*{machine['id']}"],
+                                  ok=(0, 1)).returncode == 1 \
+                    and said in cluster.agents[host].log()
+
+            poll(fenced, 60, interval=1,
+                 what=lambda: f"the machine stopped by its fencing agent, which says so:"
+                              f" {cluster.agents[host].log()[-3000:]}")
 
             def offline():
                 hosts = {h["id"]: h["state"] for h in cluster.host_list()}
