@@ -89,6 +89,24 @@ class DestroyTests(TestCase):
         self.assertEqual(await c.apps.list_apps(), [])
         self.assertEqual(self.running_on(c), [])
 
+    async def killed_in_its_delay(self, c, advance=0.0, meanwhile=None):
+        """
+        web's destroy, its machines stored C{stopping}; C{advance} seconds into its delay
+        the control plane is killed (its work cancelled, nothing put back) and starts
+        again over the same store (loaded); C{meanwhile()} runs while it is down.
+        """
+        work = ensureDeferred(c.apps.destroy_app("web"))
+        await poll(lambda: self._stopping(c, 2), what="the machines taken out")
+        c.clock.advance(advance)
+        apps = c.apps
+        restarted(c)
+        work.addErrback(lambda f: None)
+        apps.replicas.put_back = lambda ids: ensureDeferred(_nothing())  # killed: no put-back
+        work.cancel()
+        if meanwhile is not None:
+            await meanwhile()
+        await c.apps.load()
+
     async def _stopping(self, c, n):
         return sum(m["state"] == "stopping" for m in await c.machines("web")) == n
 
@@ -103,15 +121,7 @@ class DestroyTests(TestCase):
         all of it again): the app and its machines are gone, none was restarted.
         """
         c, ms = await self.two()
-        work = ensureDeferred(c.apps.destroy_app("web"))
-        await poll(lambda: self._stopping(c, 2), what="the machines taken out")
-        c.clock.advance(10)
-        apps = c.apps
-        restarted(c)
-        work.addErrback(lambda f: None)
-        apps.replicas.put_back = lambda ids: ensureDeferred(_nothing())  # killed: no put-back
-        work.cancel()
-        await c.apps.load()
+        await self.killed_in_its_delay(c, advance=10)
         h = await healer_for(c)
         self.assertEqual(await c.apps.resume_rollouts(wait=0), [])
         for host, (ex, _) in c.executors.items():
@@ -150,14 +160,7 @@ class DestroyTests(TestCase):
         destroy it.
         """
         c, ms = await self.two()
-        work = ensureDeferred(c.apps.destroy_app("web"))
-        await poll(lambda: self._stopping(c, 2), what="the machines taken out")
-        apps = c.apps
-        restarted(c)
-        work.addErrback(lambda f: None)
-        apps.replicas.put_back = lambda ids: ensureDeferred(_nothing())
-        work.cancel()
-        await c.apps.load()
+        await self.killed_in_its_delay(c)
         far, near = ms
         c.registry.entry(far["host_id"]).executor = False  # its agent never came back
         ex, _ = c.executors[near["host_id"]]
@@ -196,16 +199,12 @@ class DestroyTests(TestCase):
         agent no longer runs: the app is being destroyed.  The destroy goes on.
         """
         c, ms = await self.two()
-        work = ensureDeferred(c.apps.destroy_app("web"))
-        await poll(lambda: self._stopping(c, 2), what="the machines taken out")
         c.report = lambda host_id, event: None  # killed: no report reaches it
-        apps = c.apps
-        restarted(c)
-        work.addErrback(lambda f: None)
-        apps.replicas.put_back = lambda ids: ensureDeferred(_nothing())
-        work.cancel()
-        await c.executors[ms[0]["host_id"]][0].stop_machine(ms[0]["id"])
-        await c.apps.load()
+
+        async def stopped_meanwhile():
+            await c.executors[ms[0]["host_id"]][0].stop_machine(ms[0]["id"])
+
+        await self.killed_in_its_delay(c, meanwhile=stopped_meanwhile)
         h = await healer_for(c)
         c.registry.on_cut_short.append(h.decide_exit)
         del c.report
@@ -301,14 +300,7 @@ class DestroyTests(TestCase):
         """
         c, ms = await self.two(volumes=[{"name": "data", "mount": "/data"}])
         vols = sorted(v["id"] for v in (await c.apps.app_status("web"))["volumes"])
-        work = ensureDeferred(c.apps.destroy_app("web"))
-        await poll(lambda: self._stopping(c, 2), what="the machines taken out")
-        apps = c.apps
-        restarted(c)
-        work.addErrback(lambda f: None)
-        apps.replicas.put_back = lambda ids: ensureDeferred(_nothing())
-        work.cancel()
-        await c.apps.load()
+        await self.killed_in_its_delay(c)
         for host, (ex, _) in c.executors.items():
             await c.registry.reconcile(host, ex.list_machines())
         going = ensureDeferred(c.apps.go_on_destroying())
