@@ -57,7 +57,9 @@ def test_killed_qemu_is_restarted_on_its_host(cluster):
             return m["restarts"] > before and m["state"] == "running" \
                 and m["health"] == "passing" and m
 
-        m = poll(healthy_again, 300, interval=1.0, what="the machine restarted and healthy")
+        m = poll(healthy_again, 300, interval=1.0, what=lambda: (
+            "the machine restarted and healthy; what zwrm says of it:\n"
+            + cluster.zwrm("machines", "status", machine["id"], ok=range(256))))
     assert (m["id"], m["host_id"]) == (machine["id"], machine["host_id"])
     assert "RESTARTS" in cluster.zwrm("status", app["name"])
     # What an operator reads next: the machine's own status, and the events of the last
@@ -106,7 +108,9 @@ def test_frozen_qemu_is_restarted(cluster):
                 return (m["restarts"] > machine["restarts"] and m["state"] == "running"
                         and m["health"] == "passing" and m)
 
-            m = poll(healthy_again, 300, interval=2, what="the frozen machine restarted")
+            m = poll(healthy_again, 300, interval=2, what=lambda: (
+                "the frozen machine restarted; what zwrm says of it:\n"
+                + cluster.zwrm("machines", "status", machine["id"], ok=range(256))))
     finally:
         try:
             os.kill(frozen, signal.SIGCONT)  # (if it is still there: the step failed)

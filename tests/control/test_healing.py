@@ -462,6 +462,103 @@ class RestartTests(TestCase):
         await poll(lambda: self._running(c), what="the restart")
         self.assertEqual((await c.machines("web"))[0]["restarts"], 1)
 
+    async def _failing(self, c, h, m):
+        await c.apps.machine_event({"machine_id": m["id"], "state": "running",
+                                    "health": "failing", "reason": "health failing"},
+                                   details=caller("h-a"))
+        await settle(c, h)
+
+    def _fail_once(self, c, verb):
+        """The next call of C{verb} on an agent fails (the agent's session ended, say)."""
+        replicas, real, failed = c.apps.replicas, c.apps.replicas.call, []
+
+        async def call(host_id, v, *args, **kwargs):
+            if v == verb and not failed:
+                failed.append(v)
+                raise errors.Unavailable(f"host {host_id} is not available")
+            return await real(host_id, v, *args, **kwargs)
+
+        replicas.call = call
+        self.addCleanup(setattr, replicas, "call", real)
+        return failed
+
+    @d
+    async def test_an_unhealthy_machine_whose_stop_failed_is_stopped_at_the_next_try(self):
+        """
+        The stop of a machine failing its checks fails (its agent could not be reached):
+        tried again after as long, while it is still running and failing; then restarted.
+        """
+        c, h, m = await self.one(service_port=80,
+                                 health={"type": "tcp", "interval": 2, "unhealthy_threshold": 3})
+        failed = self._fail_once(c, "machine.stop")
+        await self._failing(c, h, m)
+        lines = []
+        h.log = Logger(observer=lambda e: lines.append(formatEvent(e)))
+        c.clock.advance(6)
+        await settle(c, h)
+        self.assertEqual(failed, ["machine.stop"])
+        self.assertEqual((await c.machines("web"))[0]["state"], "running")
+        self.assertIn(f"machine {m['id']} of web on h-a: health check failing for 6s, but it "
+                      f"could not be stopped: host h-a is not available; trying again in 6s",
+                      lines)
+        c.clock.advance(6)
+        await settle(c, h)
+        await poll(lambda: self._state(c, "stopped"), what="the second try's stop")
+        await settle(c, h)
+        c.clock.advance(5)
+        await settle(c, h)
+        await poll(lambda: self._running(c), what="the restart")
+        self.assertEqual((await c.machines("web"))[0]["restarts"], 1)
+
+    @d
+    async def test_a_restart_whose_start_call_failed_is_tried_again(self):
+        """
+        A restart's start fails before its agent took it (the call failed): stored failed
+        from failed, which its agent never reports; its policy decides on it as on any
+        exit, and the next restart comes after the next backoff.
+        """
+        c, h, m = await self.one()
+        driver(c, "h-a").crash(m["id"])
+        await settle(c, h)
+        failed = self._fail_once(c, "machine.start")
+        c.clock.advance(5)
+        await settle(c, h)
+        self.assertEqual(failed, ["machine.start"])
+        (m1,) = await c.machines("web")
+        self.assertEqual(m1["state"], "failed")
+        self.assertIn("could not start: host h-a is not available", m1["restart_reason"])
+        self.assertEqual(m1["next_restart_at"], c.clock.seconds() + 10)
+        c.clock.advance(10)
+        await settle(c, h)
+        await poll(lambda: self._running(c), what="the second restart")
+        self.assertEqual((await c.machines("web"))[0]["restarts"], 2)
+
+    @d
+    async def test_a_machine_failing_when_the_control_plane_stopped_is_restarted(self):
+        """
+        A machine's check was failing when the control plane stopped: its agent reports no
+        change, and the next control plane's L{Healer.resume} watches it again.
+        """
+        c, h, m = await self.one(service_port=80,
+                                 health={"type": "tcp", "interval": 2, "unhealthy_threshold": 3})
+        await self._failing(c, h, m)
+        h.stop()  # before its liveness verdict
+        c.clock.advance(60)
+        self.assertEqual((await c.machines("web"))[0]["state"], "running")
+        h2 = await healer_for(c)
+        self.assertEqual(await h2.resume(), 1)
+        await settle(c, h2)
+        c.clock.advance(5.9)
+        await settle(c, h2)
+        self.assertEqual((await c.machines("web"))[0]["state"], "running")
+        c.clock.advance(0.2)
+        await settle(c, h2)
+        await poll(lambda: self._state(c, "stopped"), what="the liveness stop")
+        await settle(c, h2)
+        c.clock.advance(5)
+        await settle(c, h2)
+        await poll(lambda: self._running(c), what="the restart")
+
     @d
     async def test_a_rolling_update_s_new_machine_is_restarted_while_the_update_waits(self):
         """

@@ -199,9 +199,11 @@ class Healer:
         After a control plane start: set the timers of the restarts that were due (their
         C{next_at} is stored on the machine); one already late runs at once.  An exit that
         was stored but not decided (the control plane stopped in between: the machine's
-        newest event is still that exit) is decided now.
+        newest event is still that exit) is decided now.  A running machine stored with
+        its health check failing is watched again (restarted if it still fails after its
+        C{unhealthy_threshold} intervals).
 
-        @return: how many restarts were scheduled or exits decided.
+        @return: how many restarts were scheduled, exits decided or liveness watches set.
         """
         n = 0
         now = self._clock.seconds()
@@ -223,6 +225,12 @@ class Healer:
                     self._spawn(self._exited(mid, row["state"], reason),
                                 f"restart policy of {mid}")
                     n += 1
+        for row in await self._data.machines.find(states=("running",)):
+            # failing when the control plane stopped: watched again (no new report comes
+            # while its health stays as it is)
+            if (row.get("health") or {}).get("status") == "failing":
+                self._spawn(self._watch_liveness(row["id"]), f"liveness of {row['id']}")
+                n += 1
         return n
 
     async def _undecided_exit(self, row):
@@ -491,6 +499,15 @@ class Healer:
                       app=_app_of(row), host=row["host_id"], n=row["health"]["restart"]["count"])
         placements.adopt(mid, placement)
         await replicas.start_machine(row)
+        if (row["state"] == "failed" and mid not in self._timers
+                and mid not in self._deciding):
+            # Its start failed before its agent took it (the call, or the agent's refusal),
+            # stored as failed from stopped or failed: an exit like any other to its policy
+            # (a start its agent took and that failed is reported as an exit already).
+            last = await self._data.machines.last_event(mid)
+            reason = ((last or {}).get("payload") or {}).get("reason") or "could not start"
+            self._deciding.add(mid)
+            self._spawn(self._exited(mid, "failed", reason), f"restart policy of {mid}")
 
     async def _watch_liveness(self, mid):
         row = await self._data.machines.get(mid)
@@ -526,7 +543,12 @@ class Healer:
         try:
             await self._replicas.call(row["host_id"], "machine.stop", mid)
         except errors.ZwrmError as e:
-            self.log.warn("machine {id} unhealthy; could not stop it: {e}", id=mid, e=e)
+            # Tried again while it stays running and failing (its agent reports no change
+            # of health that would start another watch): never left failing for good.
+            self.log.warn("machine {id} of {app} on {host}: {reason}, but it could not be "
+                          "stopped: {e}; trying again in {after:g}s", id=mid, app=_app_of(row),
+                          host=row["host_id"], reason=reason, e=e.message, after=after)
+            self._later(self._liveness, mid, after, self._unhealthy, mid, after)
             return
         row = await self._data.machines.get(mid)
         if row is not None:
