@@ -451,7 +451,7 @@ class RestartTests(TestCase):
         await settle(c, h)
         self.assertEqual(lines[0], f"machine {m['id']} of web on h-a: health check failing"
                                    " for 6s: stopping it to restart it")
-        await poll(lambda: self._state(c, "stopped"), what="the liveness stop")
+        await poll(lambda: self._state(c, "failed"), what="the liveness stop")
         await settle(c, h)
         (m1,) = await c.machines("web")
         self.assertEqual(m1["health"], "none")  # never stale
@@ -503,7 +503,7 @@ class RestartTests(TestCase):
                       lines)
         c.clock.advance(6)
         await settle(c, h)
-        await poll(lambda: self._state(c, "stopped"), what="the second try's stop")
+        await poll(lambda: self._state(c, "failed"), what="the second try's stop")
         await settle(c, h)
         c.clock.advance(5)
         await settle(c, h)
@@ -553,7 +553,7 @@ class RestartTests(TestCase):
         self.assertEqual((await c.machines("web"))[0]["state"], "running")
         c.clock.advance(0.2)
         await settle(c, h2)
-        await poll(lambda: self._state(c, "stopped"), what="the liveness stop")
+        await poll(lambda: self._state(c, "failed"), what="the liveness stop")
         await settle(c, h2)
         c.clock.advance(5)
         await settle(c, h2)
@@ -586,7 +586,7 @@ class RestartTests(TestCase):
         await report(fresh["id"], "failing")
         c.clock.advance(6.1)
         await settle(c, h)
-        await poll(lambda: new("stopped"), what="the liveness stop")
+        await poll(lambda: new("failed"), what="the liveness stop")
         await settle(c, h)
         c.clock.advance(5)
         await settle(c, h)
@@ -744,7 +744,7 @@ class RestartTests(TestCase):
         c.clock.advance(6.1)
         await settle(c, h)
         self.assertTrue(any(x.endswith("stopping it to restart it") for x in lines), lines)
-        await poll(lambda: self._state(c, "stopped"), what="the liveness stop")
+        await poll(lambda: self._state(c, "failed"), what="the liveness stop")
 
 
 class HostLossTests(TestCase):

@@ -386,8 +386,15 @@ class Healer:
         _, policy = wanted
         await self._schedule(row, policy, state, reason)
 
-    async def _schedule(self, row, policy, state, reason):
-        """Decide on C{row}'s exit (in order with its reports) and set its restart timer."""
+    async def _schedule(self, row, policy, state, reason, failed=False):
+        """
+        Decide on C{row}'s exit (in order with its reports) and set its restart timer.
+
+        @param failed: the machine was stopped because it failed (its liveness): stored
+            C{failed}, not the C{stopped} its agent reports, so that what comes to failed
+            machines comes to it (rescheduled if its host is lost before its restart,
+            restarted when that host returns).
+        """
         mid = row["id"]
         since = self._last_healthy.pop(mid, None)
 
@@ -402,7 +409,8 @@ class Healer:
             health["restart"] = record
             note = (f"{reason}; restart in {delay:g}s" if delay is not None else
                     f"{reason}; {record['reason']}")
-            await self._replicas.set_machine(row, note, health=health)
+            fields = {"state": "failed"} if failed and row["state"] == "stopped" else {}
+            await self._replicas.set_machine(row, note, health=health, **fields)
             self.log.info("machine {id} of {app} on {host}: {note}", id=mid,
                           app=_app_of(row), host=row["host_id"], note=note)
             return delay
@@ -552,7 +560,7 @@ class Healer:
             return
         row = await self._data.machines.get(mid)
         if row is not None:
-            await self._schedule(row, policy, "failed", reason)
+            await self._schedule(row, policy, "failed", reason, failed=True)
 
     # -- host events: rescheduling and the partition guard ----------------------------
 
