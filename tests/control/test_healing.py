@@ -468,6 +468,15 @@ class RestartTests(TestCase):
                                    details=caller("h-a"))
         await settle(c, h)
 
+    async def _stopped_then_restarted(self, c, h):
+        """The liveness stop under way ends (stored failed); its restart 5 s later."""
+        await settle(c, h)
+        await poll(lambda: self._state(c, "failed"), what="the liveness stop")
+        await settle(c, h)
+        c.clock.advance(5)
+        await settle(c, h)
+        await poll(lambda: self._running(c), what="the restart")
+
     def _fail_once(self, c, verb):
         """The next call of C{verb} on an agent fails (the agent's session ended, say)."""
         replicas, real, failed = c.apps.replicas, c.apps.replicas.call, []
@@ -502,12 +511,7 @@ class RestartTests(TestCase):
                       f"could not be stopped: host h-a is not available; trying again in 6s",
                       lines)
         c.clock.advance(6)
-        await settle(c, h)
-        await poll(lambda: self._state(c, "failed"), what="the second try's stop")
-        await settle(c, h)
-        c.clock.advance(5)
-        await settle(c, h)
-        await poll(lambda: self._running(c), what="the restart")
+        await self._stopped_then_restarted(c, h)
         self.assertEqual((await c.machines("web"))[0]["restarts"], 1)
 
     @d
@@ -552,12 +556,7 @@ class RestartTests(TestCase):
         await settle(c, h2)
         self.assertEqual((await c.machines("web"))[0]["state"], "running")
         c.clock.advance(0.2)
-        await settle(c, h2)
-        await poll(lambda: self._state(c, "failed"), what="the liveness stop")
-        await settle(c, h2)
-        c.clock.advance(5)
-        await settle(c, h2)
-        await poll(lambda: self._running(c), what="the restart")
+        await self._stopped_then_restarted(c, h2)
 
     @d
     async def test_a_rolling_update_s_new_machine_is_restarted_while_the_update_waits(self):
