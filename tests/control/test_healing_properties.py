@@ -1,6 +1,6 @@
 """
 Property tests of self-healing (hypothesis): over random sequences of host losses and
-returns, machine crashes, failing health checks, scales, redeploys, control-plane restarts and clock ticks, an app never has more machines running
+returns, machine crashes, failing health checks, scales, redeploys, machine and control-plane restarts and clock ticks, an app never has more machines running
 on reachable hosts than its replica count, never more records than replicas, and once
 every host is back it converges to exactly its replica count, all running.
 
@@ -32,6 +32,7 @@ OPS = st.one_of(
     st.tuples(st.just("tick"), st.sampled_from([1, 5, 10, 60])),
     st.tuples(st.just("unhealthy"), st.integers(0, 3)),
     st.tuples(st.just("restart_control"), st.just(0)),
+    st.tuples(st.just("restart_machine"), st.integers(0, 3)),
 )
 
 HEALTH = {"service_port": 80, "health": {"type": "tcp", "interval": 2}}
@@ -107,6 +108,16 @@ class Model:
                     await c.apps.machine_event(
                         {"machine_id": m["id"], "state": "running", "health": "failing",
                          "reason": "health failing"}, details=caller(m["host_id"]))
+        elif kind == "restart_machine":
+            # an operator's zwrm machines restart (replica 3: db's machine); refused when
+            # its host is offline or it is being started or stopped
+            app = "db" if arg == 3 else "web"
+            for m in await c.machines(app):
+                if arg == 3 or m["replica"] == arg:
+                    try:
+                        await c.apps.restart_machine(m["id"])
+                    except errors.ZwrmError:
+                        pass
         elif kind == "restart_control":
             # the control plane stops (its healer's timers with it) and starts again over
             # the same store: its apps layer loaded, the reachable agents reconciled, then
