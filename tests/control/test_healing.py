@@ -515,6 +515,29 @@ class RestartTests(TestCase):
         self.assertEqual((await c.machines("web"))[0]["restarts"], 1)
 
     @d
+    async def test_an_unhealthy_machine_whose_agent_is_not_connected_is_stopped_once_it_is(self):
+        """
+        The liveness verdict comes while the agent's session is gone: no stop is tried
+        (nor logged as failed); it is looked at again as long later, and once the agent
+        registers again (its host never went offline), stopped and restarted.
+        """
+        c, h, m = await self.one(service_port=80,
+                                 health={"type": "tcp", "interval": 2, "unhealthy_threshold": 3})
+        await c.registry.register("h-a", dict(FACTS, name="h-a"), session_id=1)
+        await self._failing(c, h, m)
+        await self._session_ends(c, 1)
+        lines = []
+        h.log = Logger(observer=lambda e: lines.append(formatEvent(e)))
+        calls = len(c.calls)
+        c.clock.advance(6)
+        await settle(c, h)
+        self.assertEqual((c.calls[calls:], lines), ([], []))
+        self.assertEqual((await c.machines("web"))[0]["state"], "running")
+        await c.registry.register("h-a", dict(FACTS, name="h-a"), session_id=2)
+        c.clock.advance(6)
+        await self._stopped_then_restarted(c, h)
+
+    @d
     async def test_a_restart_whose_start_call_failed_is_tried_again(self):
         """
         A restart's start fails before its agent took it (the call failed): stored failed

@@ -546,6 +546,11 @@ class Healer:
                           host=row["host_id"], why=row["health"]["paused"])
             return
         reason = f"health check failing for {after:g}s"
+        if not self._replicas.executor_available(row["host_id"]):
+            # its agent is not connected (a control plane that just started, a session
+            # ended): looked at again as long later (its host, found offline, fails it)
+            self._later(self._liveness, mid, after, self._unhealthy, mid, after)
+            return
         self.log.info("machine {id} of {app} on {host}: {reason}: stopping it to restart it",
                       id=mid, app=_app_of(row), host=row["host_id"], reason=reason)
         try:
