@@ -1,8 +1,10 @@
 """
 Property tests of self-healing (hypothesis): over random sequences of host losses and
-returns, machine crashes, failing health checks, scales, redeploys, machine and control-plane restarts and clock ticks, an app never has more machines running
-on reachable hosts than its replica count, never more records than replicas, and once
-every host is back it converges to exactly its replica count, all running.
+returns, machine crashes, failing health checks, scales, redeploys, machine and
+control-plane restarts and clock ticks, an app never has more machines running on
+reachable hosts than its replica count, never more records than replicas, and once every
+host is back it converges to exactly its replica count, all running, each host's reserved
+capacity that of the machines there.
 
 The sequences are drawn by hypothesis (generation phase); each runs against the real apps
 layer and healer over a real store and real executors (fake hypervisor), with the control
@@ -172,47 +174,46 @@ class PropertyTests(TestCase):
             await self.play(ops)
 
     async def play(self, ops):
-        if True:
-            c = await Cluster(self).start(hosts=HOSTS)
-            h = await healer_for(c)
-            await c.apps.create_app("web")
-            await c.apps.deploy("web", c.spec(replicas=2, **HEALTH))
-            await c.apps.create_app("db")
-            await c.apps.deploy("db", c.spec(volumes=[{"name": "data", "mount": "/data"}]))
-            [db] = await c.machines("db")
-            model = Model(c, h)
-            model.db_id = db["id"]
-            trace = []
-            for op in ops:
-                trace.append(op)
-                await model.apply(op)
-                await model.check(trace)
-            # every host back, time passes: exactly the replica count runs
-            for host_id in HOSTS:
-                await model.apply(("back", host_id))
-            for _ in range(12):
-                await model.apply(("tick", 60))
-                ms = await c.machines("web")
-                dbs = await c.machines("db")
-                if (len(ms) == model.replicas and all(m["state"] == "running" for m in ms)
-                        and [m["state"] for m in dbs] == ["running"]
-                        and model.running_on_reachable() == model.replicas
-                        and model.running_on_reachable(db=True) == 1):
-                    break
+        c = await Cluster(self).start(hosts=HOSTS)
+        h = await healer_for(c)
+        await c.apps.create_app("web")
+        await c.apps.deploy("web", c.spec(replicas=2, **HEALTH))
+        await c.apps.create_app("db")
+        await c.apps.deploy("db", c.spec(volumes=[{"name": "data", "mount": "/data"}]))
+        [db] = await c.machines("db")
+        model = Model(c, h)
+        model.db_id = db["id"]
+        trace = []
+        for op in ops:
+            trace.append(op)
+            await model.apply(op)
+            await model.check(trace)
+        # every host back, time passes: exactly the replica count runs
+        for host_id in HOSTS:
+            await model.apply(("back", host_id))
+        for _ in range(12):
+            await model.apply(("tick", 60))
             ms = await c.machines("web")
             dbs = await c.machines("db")
-            self.assertEqual([(m["id"], m["host_id"], m["state"]) for m in dbs],
-                             [(db["id"], db["host_id"], "running")], trace)
-            self.assertEqual(([m["state"] for m in ms], model.running_on_reachable()),
-                             (["running"] * model.replicas, model.replicas), trace)
-            # and each host's reserved capacity is that of the machines running there: none
-            # leaked by a restart, a loss or a return, none missing
-            scheduler = c.apps.placements.scheduler
-            for host_id in HOSTS:
-                here = [(await c.apps.data.machines.get(m["id"]))["spec"]
-                        for m in ms + dbs if m["host_id"] == host_id]
-                host = scheduler.host(host_id)
-                self.assertEqual((host.machines, host.used_memory_mb),
-                                 (len(here), sum(spec["memory_mb"] for spec in here)),
-                                 (host_id, trace))
-            model.h.stop()
+            if (len(ms) == model.replicas and all(m["state"] == "running" for m in ms)
+                    and [m["state"] for m in dbs] == ["running"]
+                    and model.running_on_reachable() == model.replicas
+                    and model.running_on_reachable(db=True) == 1):
+                break
+        ms = await c.machines("web")
+        dbs = await c.machines("db")
+        self.assertEqual([(m["id"], m["host_id"], m["state"]) for m in dbs],
+                         [(db["id"], db["host_id"], "running")], trace)
+        self.assertEqual(([m["state"] for m in ms], model.running_on_reachable()),
+                         (["running"] * model.replicas, model.replicas), trace)
+        # and each host's reserved capacity is that of the machines running there: none
+        # leaked by a restart, a loss or a return, none missing
+        scheduler = c.apps.placements.scheduler
+        for host_id in HOSTS:
+            here = [(await c.apps.data.machines.get(m["id"]))["spec"]
+                    for m in ms + dbs if m["host_id"] == host_id]
+            host = scheduler.host(host_id)
+            self.assertEqual((host.machines, host.used_memory_mb),
+                             (len(here), sum(spec["memory_mb"] for spec in here)),
+                             (host_id, trace))
+        model.h.stop()
