@@ -104,8 +104,9 @@ class Model:
                 pass
         elif kind == "unhealthy":
             # its check fails from now on (until it is started again): liveness stops it
-            for m in await c.machines("web"):
-                if m["replica"] == arg and m["state"] == "running" \
+            # (replica 3: db's machine)
+            for m in await c.machines("db" if arg == 3 else "web"):
+                if (arg == 3 or m["replica"] == arg) and m["state"] == "running" \
                         and c.registry.state(m["host_id"]) != "offline":
                     await c.apps.machine_event(
                         {"machine_id": m["id"], "state": "running", "health": "failing",
@@ -179,7 +180,8 @@ class PropertyTests(TestCase):
         await c.apps.create_app("web")
         await c.apps.deploy("web", c.spec(replicas=2, **HEALTH))
         await c.apps.create_app("db")
-        await c.apps.deploy("db", c.spec(volumes=[{"name": "data", "mount": "/data"}]))
+        await c.apps.deploy("db", c.spec(volumes=[{"name": "data", "mount": "/data"}],
+                                         **HEALTH))
         [db] = await c.machines("db")
         model = Model(c, h)
         model.db_id = db["id"]
