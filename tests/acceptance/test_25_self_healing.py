@@ -23,6 +23,20 @@ from tests.acceptance.cluster import poll
 pytestmark = pytest.mark.acceptance
 
 
+def _what_is_known(cluster, machine_id, offsets):
+    """
+    For a step that timed out: what C{zwrm machines status} says of machine C{machine_id},
+    and the lines naming it that the services logged since C{offsets} (the last 40, in
+    time order).
+    """
+    logged = sorted(f"{line} [{key[0]}]"
+                    for key, text in cluster.check_logs_since(offsets, bad=()).items()
+                    for line in text.splitlines() if machine_id in line)
+    return ("what zwrm says of it:\n"
+            + cluster.zwrm("machines", "status", machine_id, ok=range(256))
+            + "\nwhat the services logged of it:\n" + "\n".join(logged[-40:]))
+
+
 def test_bad_redeploy_changes_nothing(cluster):
     if "app" not in cluster.state:
         pytest.fail("needs the deploy step (test_20_deploy.py) to have passed")
@@ -48,6 +62,7 @@ def test_killed_qemu_is_restarted_on_its_host(cluster):
     host = cluster.host_of(machine["host_id"])
     [pidfile] = glob.glob(os.path.join(cluster.host_dir(host), "**", machine["id"], "qemu.pid"),
                           recursive=True)
+    offsets = cluster.log_offsets()
     with open(pidfile) as f:
         os.kill(int(f.read().strip()), signal.SIGKILL)
 
@@ -58,8 +73,8 @@ def test_killed_qemu_is_restarted_on_its_host(cluster):
                 and m["health"] == "passing" and m
 
         m = poll(healthy_again, 300, interval=1.0, what=lambda: (
-            "the machine restarted and healthy; what zwrm says of it:\n"
-            + cluster.zwrm("machines", "status", machine["id"], ok=range(256))))
+            "the machine restarted and healthy; "
+            + _what_is_known(cluster, machine["id"], offsets)))
     assert (m["id"], m["host_id"]) == (machine["id"], machine["host_id"])
     assert "RESTARTS" in cluster.zwrm("status", app["name"])
     # What an operator reads next: the machine's own status, and the events of the last
@@ -109,8 +124,8 @@ def test_frozen_qemu_is_restarted(cluster):
                         and m["health"] == "passing" and m)
 
             m = poll(healthy_again, 300, interval=2, what=lambda: (
-                "the frozen machine restarted; what zwrm says of it:\n"
-                + cluster.zwrm("machines", "status", machine["id"], ok=range(256))))
+                "the frozen machine restarted; "
+                + _what_is_known(cluster, machine["id"], offsets)))
     finally:
         try:
             os.kill(frozen, signal.SIGCONT)  # (if it is still there: the step failed)
