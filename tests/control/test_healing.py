@@ -7,7 +7,7 @@ hypervisor driver on the real reactor (it boots at once), over a real store.
 """
 
 from twisted.internet import reactor, task
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import TestCase
 
@@ -510,6 +510,9 @@ class RestartTests(TestCase):
         self.assertIn(f"machine {m['id']} of web on h-a: health check failing for 6s, but it "
                       f"could not be stopped: host h-a is not available; trying again in 6s",
                       lines)
+        row = await c.apps.data.machines.get(m["id"])  # not taken for a liveness stop
+        self.assertIsNone(row["health"]["restart"]["liveness"])
+        self.assertIn("could not be stopped", row["health"]["restart"]["reason"])
         c.clock.advance(6)
         await self._stopped_then_restarted(c, h)
         self.assertEqual((await c.machines("web"))[0]["restarts"], 1)
@@ -580,6 +583,41 @@ class RestartTests(TestCase):
         self.assertEqual((await c.machines("web"))[0]["state"], "running")
         c.clock.advance(0.2)
         await self._stopped_then_restarted(c, h2)
+
+    @d
+    async def test_a_liveness_stop_whose_decision_a_killed_control_plane_lost_is_decided(self):
+        """
+        The control plane was killed after the agent stopped a machine failing its checks
+        (stored C{stopped}: stopped on request) and before the decision on it was stored:
+        the next control plane decides it as a failure (restarted under C{on-failure}),
+        from the mark stored before the stop.
+        """
+        c, h, m = await self.one(service_port=80, restart="on-failure",
+                                 health={"type": "tcp", "interval": 2, "unhealthy_threshold": 3})
+        replicas, real, stopped = c.apps.replicas, c.apps.replicas.call, []
+
+        async def call(host_id, verb, *args, **kwargs):
+            result = await real(host_id, verb, *args, **kwargs)
+            if verb == "machine.stop":
+                stopped.append(args[0])
+                h.stop()
+                await Deferred()  # killed with the answer in hand
+            return result
+
+        replicas.call = call
+        self.addCleanup(setattr, replicas, "call", real)
+        await self._failing(c, h, m)
+        c.clock.advance(6)  # (the killed healer's work never ends: not settled)
+        await poll(lambda: self._state(c, "stopped"), what="the liveness stop")
+        await poll(lambda: succeed(stopped == [m["id"]]), what="the stop's answer")
+        (m1,) = await c.machines("web")
+        self.assertEqual((m1["next_restart_at"], m1["restart_reason"]),
+                         (None, "health check failing for 6s: stopping it to restart it"))
+        replicas.call = real
+        h2 = await healer_for(c)
+        self.assertEqual(await h2.resume(), 1)
+        await self._stopped_then_restarted(c, h2)
+        self.assertEqual((await c.machines("web"))[0]["restarts"], 1)
 
     @d
     async def test_a_rolling_update_s_new_machine_is_restarted_while_the_update_waits(self):

@@ -240,6 +240,9 @@ class Healer:
         its own, never was. L{None} for a machine stopped on purpose (from C{stopping}) or
         whose exit was decided.
         """
+        liveness = ((row.get("health") or {}).get("restart") or {}).get("liveness")
+        if liveness:
+            return liveness  # stopped by its liveness check: decided as failed (L{_schedule})
         last = await self._data.machines.last_event(row["id"])
         if last is None or last["kind"] != "state":
             return None
@@ -403,13 +406,17 @@ class Healer:
                 return None
             now = self._clock.seconds()
             health = dict(row.get("health") or {})
-            delay, record = decide(policy, state, health.get("restart"), now, since)
+            before = health.get("restart") or {}
+            # stopped by its liveness check (L{_unhealthy}), decided here or after a restart
+            unhealthy = failed or bool(before.get("liveness"))
+            delay, record = decide(policy, "failed" if unhealthy else state, before, now, since)
+            record.pop("liveness", None)
             if delay is not None:
                 record["reason"] = reason
             health["restart"] = record
             note = (f"{reason}; restart in {delay:g}s" if delay is not None else
                     f"{reason}; {record['reason']}")
-            fields = {"state": "failed"} if failed and row["state"] == "stopped" else {}
+            fields = {"state": "failed"} if unhealthy and row["state"] == "stopped" else {}
             await self._replicas.set_machine(row, note, health=health, **fields)
             self.log.info("machine {id} of {app} on {host}: {note}", id=mid,
                           app=_app_of(row), host=row["host_id"], note=note)
@@ -494,6 +501,7 @@ class Healer:
             record["step"] = record.get("step", 0) + 1
             record["next_at"] = None
             record.pop("held", None)
+            record.pop("liveness", None)
             record["last_at"] = now
             health["restart"] = record
             return await replicas.set_machine(
@@ -553,14 +561,18 @@ class Healer:
             return
         self.log.info("machine {id} of {app} on {host}: {reason}: stopping it to restart it",
                       id=mid, app=_app_of(row), host=row["host_id"], reason=reason)
+        # Stored before the stop: a control plane stopped after its agent reported the stop
+        # and before the decision below finds it (L{_undecided_exit}) and decides then.
+        await self._note(mid, f"{reason}: stopping it to restart it", liveness=reason)
         try:
             await self._replicas.call(row["host_id"], "machine.stop", mid)
         except errors.ZwrmError as e:
             # Tried again while it stays running and failing (its agent reports no change
             # of health that would start another watch): never left failing for good.
-            self.log.warn("machine {id} of {app} on {host}: {reason}, but it could not be "
-                          "stopped: {e}; trying again in {after:g}s", id=mid, app=_app_of(row),
-                          host=row["host_id"], reason=reason, e=e.message, after=after)
+            note = f"{reason}, but it could not be stopped: {e.message}; trying again in {after:g}s"
+            self.log.warn("machine {id} of {app} on {host}: {note}", id=mid, app=_app_of(row),
+                          host=row["host_id"], note=note)
+            await self._note(mid, note, liveness=None)
             self._later(self._liveness, mid, after, self._unhealthy, mid, after)
             return
         row = await self._data.machines.get(mid)
