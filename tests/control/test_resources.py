@@ -196,7 +196,8 @@ class MachineResourceTests(TestCase):
                           "replica_failed", "replica_made", "restored", "schedule_ran",
                           "set_schedule", "set_state", "snapshot_failed", "snapshot_made"])
         self.assertEqual(update_methods(data.drains),
-                         ["add", "commit_volumes", "save_migration", "set_state", "set_waiting"])
+                         ["add", "commit_volumes", "replica_moved", "save_migration", "set_state",
+                          "set_waiting"])
 
 
 class ChangeWithItsEventTests(TestCase):

@@ -539,6 +539,14 @@ class DrainedReplicaTests(TestCase):
         [item] = status["replicas"]
         self.assertEqual((item["replica"], item["state"]), (rep["id"], "left"))
         self.assertIn("no host may keep", item["reason"])
+        # announced (stored first): a control plane started since says why it stayed too
+        [event] = [e for e in c.published if e[0] == "zwrm.event.drain"
+                   and e[1]["kind"] == "replica"]
+        self.assertEqual(event[1]["payload"]["replica"], dict(item, copy=None))
+        self.assertEqual(event[1]["payload"]["reason"],
+                         f"replica {rep['id']} stays: {item['reason']}")
+        c.drains.replica_moves.clear()
+        self.assertEqual((await c.drains.drain_status(c.dst))["replicas"], [item])
         self.assertEqual([(r["id"], r["host_id"]) for r in await c.apps.list_replicas()],
                          [(rep["id"], c.dst)])
         self.assertTrue(os.path.exists(self.replica_file(c, c.dst, rep)))

@@ -830,6 +830,9 @@ class Drains(LiveSteps):
                               d=drain_id, r=r["id"], v=r["volume_id"], h=host_id, e=_text(e))
             else:
                 item.update(state="moved", target=kept["host_id"], replica=kept["id"])
+            await self._drains.replica_moved(
+                drain.row, dict(item, replica=r["id"],
+                                copy=item["replica"] if item["state"] == "moved" else None))
 
     async def _replicas_status(self, host_id, drain):
         """
@@ -850,10 +853,14 @@ class Drains(LiveSteps):
                      for r in await self._volumes.find_replicas()
                      if r.get("reason") == made and r["state"] == "ready"]
         seen = {m["replica"] for m in items} | set(moves if drain_id == drain["id"] else ())
+        # why those an earlier process could not move stayed (its announcements)
+        ended = {} if drain_id == drain["id"] else await self._drains.replica_outcomes(
+            drain["id"])
         for r in await self._volumes.find_replicas(host_id=host_id):
             if r["id"] not in seen:
+                why = (ended.get(r["id"]) or {}).get("reason")
                 items.append({"replica": r["id"], "volume_id": r["volume_id"],
-                              "name": r["name"], "target": None, "reason": None,
+                              "name": r["name"], "target": None, "reason": why,
                               "state": "waiting" if drain["state"] in ("running",)
                               else "left"})
         return items

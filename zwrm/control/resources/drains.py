@@ -163,7 +163,30 @@ class Drains(Resource):
                                         ['%"leftovers": [{%'])
         return [r for r in map(_decoded, rows) if r["detail"].get("leftovers")]
 
+    async def replica_outcomes(self, drain_id):
+        """
+        How the drain C{drain_id}'s moves of the replicas on its host ended, as announced
+        (L{replica_moved}; those the event log still keeps): C{{replica id: item}}.
+        """
+        rows = await self._store.select("events", "subject = ? AND topic = ? AND kind = ?",
+                                        [drain_id, TOPIC, "replica"], order_by="id")
+        return {r["payload"]["replica"]["replica"]: r["payload"]["replica"] for r in rows}
+
     # -- update methods ---------------------------------------------------------------
+
+    @update_method
+    async def replica_moved(self, row, item):
+        """
+        Announce how the drain C{row}'s move of a replica on its host ended: C{item} is
+        C{{replica, volume_id, name, state ("moved" or "left"), target, copy (the
+        replica made on the target, or L{None}), reason}}; event
+        C{replica}, stored first (a later control plane's C{drain_status} reads why a
+        replica stayed from it).
+        """
+        why = (f"replica {item['replica']} moved to {item['target']}"
+               if item["state"] == "moved" else f"replica {item['replica']} stays: {item['reason']}")
+        payload = dict(wire(row), drain_id=row["id"], reason=why, replica=dict(item))
+        return await self.produce_event("replica", row["id"], payload)
 
     @update_method
     async def add(self, row, migrations, plan=()):
