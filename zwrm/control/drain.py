@@ -830,6 +830,8 @@ class Drains(LiveSteps):
                               d=drain_id, r=r["id"], v=r["volume_id"], h=host_id, e=_text(e))
             else:
                 item.update(state="moved", target=kept["host_id"], replica=kept["id"])
+            if self._stopped:
+                return  # (its store may be closed)
             await self._drains.replica_moved(
                 drain.row, dict(item, replica=r["id"],
                                 copy=item["replica"] if item["state"] == "moved" else None))
