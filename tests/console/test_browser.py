@@ -590,8 +590,13 @@ class ConsoleBrowserTests(TestCase):
         row = "const r = document.querySelector(`#hosts-table tr[data-host='${arguments[0]}']`);"
         await wait_js(b, row + " return r && r.dataset.state === 'offline'", 60,
                       "the stopped agent's host offline", drained)
+        self.assertEqual(await b.js(row + " return r.querySelector('.fence').textContent", drained),
+                         "no fencing")  # (the agents' default: fence_after 0)
         await self.click(b, f"button[data-action=remove][data-host='{drained}']")
         await wait_js(b, "return document.getElementById('confirm').open", 60, "the dialog")
+        self.assertIn("does not fence (fence_after 0): recover its volumes only once the host"
+                      " is powered off",
+                      await b.js("return document.getElementById('remove-fence').textContent"))
         # (it holds no volume: asking to recover them changes nothing, but it is asked)
         await b.js("document.getElementById('remove-recover-volumes').checked = true")
         await self.confirm(b)

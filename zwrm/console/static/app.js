@@ -381,13 +381,23 @@ async function hostAction(host, verb) {
   await call(`zwrm.host.${verb}`, [host.id]);
 }
 
+// What recovering a host's volumes elsewhere relies on (the CLI's "fence" line of zwrm host status).
+function fenceNote(host) {
+  return host.fence_after
+    ? `Its agent stops its machines with volumes ${host.fence_after} s after it last heard from the control plane` +
+      " (fence_after): their recovery is refused until then, and 15 s more."
+    : "Its agent does not fence (fence_after 0): recover its volumes only once the host is powered off," +
+      " or a machine with volumes may run twice.";
+}
+
 async function removeHost(host) {
   // Only an offline host (docs/operators.md, "Removing a host"); one holding volumes is
   // refused unless they are recovered from their replicas (the CLI's --recover-volumes);
   // giving their data up is the CLI's alone (--forget-volumes). A refusal is shown as any other.
   const recover = h("input", { id: "remove-recover-volumes", type: "checkbox" });
-  const extra = h("label", {}, recover,
-    " Recover its volumes from their newest replicas on other hosts (the writes since those snapshots are lost)");
+  const extra = h("div", {}, h("label", {}, recover,
+    " Recover its volumes from their newest replicas on other hosts (the writes since those snapshots are lost)"),
+  h("p", { class: "small", id: "remove-fence" }, fenceNote(host)));
   const ok = await ask(`Remove ${host.name || host.id} from the cluster? Its record and credential go;` +
     " the replicas that failed with it are placed again elsewhere. Its agent, started again, joins as a new host.", extra);
   if (!ok) return;
@@ -567,7 +577,8 @@ function drawHosts() {
     return h("tr", { dataset: { host: x.id, state: x.state, diskFull: x.disk_full ? "yes" : "" } },
       h("td", {}, x.name || "-", h("div", { class: "small" }, [x.region, x.datacenter].filter(Boolean).join(" / "))),
       h("td", { class: "mono" }, x.id),
-      h("td", {}, stateBadge(x.state), x.executor === false && x.state !== "offline" ? h("div", { class: "small" }, "agent not callable") : null),
+      h("td", {}, stateBadge(x.state), x.executor === false && x.state !== "offline" ? h("div", { class: "small" }, "agent not callable") : null,
+        h("div", { class: "small fence", title: fenceNote(x) }, x.fence_after ? `fences after ${x.fence_after} s` : "no fencing")),
       h("td", {}, usage(x.alloc_vcpus || 0, x.vcpus || 0)),
       h("td", {}, usage(x.alloc_memory_mb || 0, x.memory_mb || 0, mib)),
       h("td", {}, usage(x.alloc_disk_mb || 0, x.disk_mb || 0, mib),

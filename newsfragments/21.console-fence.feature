@@ -1,0 +1,1 @@
+The console's Hosts view shows whether each host's agent fences (`fences after N s` or `no fencing`), and its Remove dialog says what recovering the host's volumes relies on (the fence, or the host being powered off).
