@@ -620,6 +620,36 @@ class RestartTests(TestCase):
         self.assertEqual((await c.machines("web"))[0]["restarts"], 1)
 
     @d
+    async def test_a_machine_that_dies_as_its_liveness_verdict_comes_is_not_stopped(self):
+        """
+        The machine failing its checks dies just as its liveness verdict comes (after the
+        verdict read it running): that exit is decided, once; no stop is asked for.
+        """
+        c, h, m = await self.one(service_port=80,
+                                 health={"type": "tcp", "interval": 2, "unhealthy_threshold": 3})
+        await self._failing(c, h, m)
+        real = h._wanted
+
+        async def wanted(row):  # (called by the verdict once it read the row)
+            h._wanted = real
+            driver(c, "h-a").crash(m["id"])
+            await poll(lambda: self._state(c, "failed"), what="the crash stored")
+            return await real(row)
+
+        h._wanted = wanted
+        calls = len(c.calls)
+        c.clock.advance(6)
+        await settle(c, h)
+        self.assertNotIn(("h-a", "machine.stop"), c.calls[calls:])
+        (m1,) = await c.machines("web")
+        self.assertEqual((m1["state"], m1["next_restart_at"]), ("failed", c.clock.seconds() + 5))
+        self.assertIn("signal 9", m1["restart_reason"])
+        c.clock.advance(5)
+        await settle(c, h)
+        await poll(lambda: self._running(c), what="the restart")
+        self.assertEqual((await c.machines("web"))[0]["restarts"], 1)
+
+    @d
     async def test_a_rolling_update_s_new_machine_is_restarted_while_the_update_waits(self):
         """
         A new machine of a rolling update whose health check fails is restarted by its

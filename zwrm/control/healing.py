@@ -426,10 +426,15 @@ class Healer:
         if delay is not None:
             self._later(self._timers, mid, delay, self._restart, mid)
 
-    async def _note(self, mid, reason, **record):
-        """Store C{reason} (and C{record}'s keys) in C{mid}'s restart record, in order."""
+    async def _note(self, mid, reason, running=False, **record):
+        """
+        Store C{reason} (and C{record}'s keys) in C{mid}'s restart record, in order; only
+        if it is still C{running} if that is asked.
+
+        @return: the row, or L{None} (no such machine, or not running).
+        """
         async def store(row):
-            if row is None:
+            if row is None or (running and row["state"] != "running"):
                 return None
             health = dict(row.get("health") or {})
             rec = dict(health.get("restart") or {}, reason=reason, **record)
@@ -563,7 +568,9 @@ class Healer:
                       id=mid, app=_app_of(row), host=row["host_id"], reason=reason)
         # Stored before the stop: a control plane stopped after its agent reported the stop
         # and before the decision below finds it (L{_undecided_exit}) and decides then.
-        await self._note(mid, f"{reason}: stopping it to restart it", liveness=reason)
+        if await self._note(mid, f"{reason}: stopping it to restart it", running=True,
+                            liveness=reason) is None:
+            return  # it exited meanwhile: that exit is decided as such
         try:
             await self._replicas.call(row["host_id"], "machine.stop", mid)
         except errors.ZwrmError as e:
