@@ -591,6 +591,31 @@ class DrainedReplicaTests(TestCase):
         self.assertEqual(len(self.events(c, "volume_replica")), 4)  # no new copy made
 
     @d
+    async def test_a_replica_goes_to_a_host_whose_cpus_are_all_taken(self):
+        """
+        Every other host's vCPUs are taken by machines: a replica, data only, still goes
+        to one (the one with the most disk left to allocate), and so does a drain's move.
+        """
+        c = await self.cluster(hosts=("h-a", "h-b", "h-c"))
+        await c.apps.create_app("busy")  # 8 vCPUs each: not on h-a (db has 1 of its 8)
+        await c.apps.deploy("busy", c.spec(vcpus=8, replicas=2))
+        self.assertEqual(sorted(m["host_id"] for m in await c.machines("busy")),
+                         ["h-b", "h-c"])
+        await c.apps.snapshot_volume(c.vid, "one")
+        rep = await c.apps.replicate_volume(c.vid, "one")
+        self.assertEqual((rep["host_id"], rep["state"]), ("h-c", "ready"))
+        volume = await c.apps.data.volumes.get(c.vid)
+        self.assertEqual(await c.apps.volumes.move_target(volume, rep, exclude={"h-c"}),
+                         "h-b")
+        with self.assertRaises(errors.Unplaceable) as e:  # no disk: said so
+            await c.apps.volumes.move_target(volume, dict(rep, allocated_bytes=10 ** 12),
+                                             exclude={"h-c"})
+        self.assertIn(f"no host may keep replica {rep['id']} of volume {c.vid} (not its "
+                      f"volume's, h-a; not one with a copy of its snapshot): no host has "
+                      f"953675 MiB of disk left to allocate for it (the most: 100000 MiB, on"
+                      f" h-b)", e.exception.message)
+
+    @d
     async def test_a_host_without_the_room_its_agent_reports_is_not_given_a_replica(self):
         c = await self.cluster(hosts=("h-a", "h-b", "h-c"))
         write_known(c.store_of(c.src).path(c.vid), "first")

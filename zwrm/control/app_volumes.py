@@ -425,10 +425,34 @@ class AppVolumes:
                 if self._ready(r["host_id"]) and not self._short_of_room(r["host_id"], data):
                     return r["host_id"]
                 break
-        request = placement_request({"vcpus": 1, "memory_mb": 1},
-                                    disk_mb=-(-data // (1 << 20)))
-        placement = self._placements.place(
-            request, exclude={volume["host_id"]} | self._hosts_short_of_room(data))
+        return self._host_for_data(data, {volume["host_id"]} | self._hosts_short_of_room(data))
+
+    def _host_for_data(self, data_bytes, exclude):
+        """
+        A ready host, none of C{exclude}, for a replica of C{data_bytes} of data: the one
+        the scheduler picks for a small machine (a host with room for a machine, where a
+        volume recovered from it can start); when every such host is short of vCPUs or
+        memory, the ready host with the most disk left to allocate (a replica is data
+        only: it takes neither).
+
+        @raise zwrm.errors.Unplaceable: no host has the disk (the message says which has
+            the most), or none may be used (the scheduler's message says why).
+        """
+        need = -(-data_bytes // (1 << 20))
+        request = placement_request({"vcpus": 1, "memory_mb": 1}, disk_mb=need)
+        try:
+            placement = self._placements.place(request, exclude=exclude)
+        except errors.Unplaceable:
+            others = [h for h in self._placements.scheduler.hosts()
+                      if h.id not in exclude and h.state == "ready" and self._ready(h.id)]
+            if not others:
+                raise  # (none: the scheduler's message says why each was passed over)
+            best = max(others, key=lambda h: (h.free_disk_mb, h.id))
+            if best.free_disk_mb < need:
+                raise errors.Unplaceable(
+                    f"no host has {need} MiB of disk left to allocate for it (the most: "
+                    f"{best.free_disk_mb} MiB, on {best.id})") from None
+            return best.id
         self._placements.unplace(placement)
         return placement.host_id
 
@@ -625,17 +649,13 @@ class AppVolumes:
         for r in reversed(await self._data.volumes.find_replicas(volume_id=volume["id"])):
             if r["state"] == "ready" and r["host_id"] not in exclude and self._ready(r["host_id"]):
                 return r["host_id"]
-        request = placement_request({"vcpus": 1, "memory_mb": 1},
-                                    disk_mb=-(-replica["allocated_bytes"] // (1 << 20)))
         try:
-            placement = self._placements.place(request, exclude=exclude)
+            return self._host_for_data(replica["allocated_bytes"], exclude)
         except errors.Unplaceable as e:
             raise errors.Unplaceable(f"no host may keep replica {replica['id']} of volume "
                                      f"{volume['id']} (not its volume's, {volume['host_id']};"
                                      f" not one with a copy of its snapshot): {e.message}"
                                      ) from None
-        self._placements.unplace(placement)
-        return placement.host_id
 
     async def _replica_info(self, row):
         """The replica's file as its host lists it. @raise NotFound: it has none."""
