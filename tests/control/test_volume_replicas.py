@@ -8,6 +8,7 @@ tests/control/test_drain.py builds them.
 
 import os
 import sqlite3
+import time
 
 from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.trial.unittest import TestCase
@@ -168,6 +169,17 @@ class ReplicaTests(TestCase):
         write_known(vol, "lost with the host", offsets=(9 * MiB,))
 
         await c.registry.mark_offline(c.src)
+        # removed without a word on its volumes: refused, naming the replica recovery takes
+        with self.assertRaises(errors.Conflict) as e:
+            await c.removal.remove(c.src)
+        taken = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(rep["taken_at"]))
+        self.assertEqual(e.exception.message,
+                         f"host {c.src} holds volumes {c.vid}. Their newest replicas on ready"
+                         f" hosts: {c.vid} snapshot two of {taken} on {c.dst}. Bring the host"
+                         " back and drain it to move them whole; recover them from those"
+                         " replicas, losing what was written since (`zwrm host remove"
+                         " --recover-volumes`); or give their data up (`zwrm host remove"
+                         " --forget-volumes`)")
         result = await c.removal.remove(c.src, recover_volumes=True)
         self.assertEqual(result["volumes_forgotten"], [])
         self.assertEqual(result["volumes_recovered"], [

@@ -37,6 +37,7 @@ starting, running or stopping.  The id may join again afterwards, as a new host,
 join token.
 """
 
+import time
 from contextlib import ExitStack
 
 from twisted.internet.defer import CancelledError
@@ -314,12 +315,32 @@ class HostRemoval:
                     " host: their data is only there. Bring the host back and drain it, or"
                     " add forget_volumes (`--forget-volumes`) to give that data up")
         elif volumes and not forget_volumes:
+            newest, alone = [], []
+            for v in volumes:
+                reps = [r for r in await self._data.volumes.find_replicas(volume_id=v["id"])
+                        if r["state"] == "ready" and self._ready(r["host_id"])]
+                if reps:
+                    r = reps[-1]  # the newest data, as a recovery takes it (_recovery)
+                    taken = time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                          time.gmtime(r["taken_at"] or 0))
+                    newest.append(f"{v['id']} snapshot {r['name']} of {taken} on {r['host_id']}")
+                else:
+                    alone.append(v["id"])
+            held = f"host {host_id} holds volumes {_listed(v['id'] for v in volumes)}"
+            if not newest:
+                raise errors.Conflict(
+                    f"{held}: their data is only there (no replica on a ready host). Bring"
+                    " the host back and drain it to move them, or remove it with"
+                    " forget_volumes (`zwrm host remove --forget-volumes`) to give that"
+                    " data up")
+            only = f"; {_listed(alone)} none: its data is only there" if alone else ""
             raise errors.Conflict(
-                f"host {host_id} holds volumes {_listed(v['id'] for v in volumes)}: their data"
-                " is only there. Bring the host back and drain it to move them, recover them"
-                " from their replicas (`zwrm host remove --recover-volumes`), or remove it"
-                " with forget_volumes (`zwrm host remove --forget-volumes`) to give that data"
-                " up")
+                f"{held}. Their newest replicas on ready hosts: {'; '.join(newest)}{only}."
+                " Bring the host back and drain it to move them whole; recover them from"
+                " those replicas, losing what was written since (`zwrm host remove"
+                " --recover-volumes`" + (", with --forget-volumes to give up those without"
+                                         " one" if alone else "")
+                + "); or give their data up (`zwrm host remove --forget-volumes`)")
         return volumes
 
     def _check_fenced(self, host_id, entry):

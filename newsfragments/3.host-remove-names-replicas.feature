@@ -1,0 +1,1 @@
+`zwrm host remove` of a host that holds volumes names, in its refusal, each volume's newest replica on a ready host (snapshot, time, host) that `--recover-volumes` would recover it from, or says its data is only there.
