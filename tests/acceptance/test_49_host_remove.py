@@ -213,6 +213,9 @@ def test_a_lost_host_s_volume_recovered_from_its_replica(cluster):
         r = cluster.sh("client", ["zwrm", "host", "remove", host_id],
                        env={"HOME": cluster.client_home}, ok=(1,))
         assert len(r.stderr.splitlines()) == 1 and "--recover-volumes" in r.stderr, r.stderr
+        # (it names the replica a recovery takes)
+        assert (f"Their newest replicas on ready hosts: {vid} snapshot replicated of "
+                in r.stderr and f" on {other_id}. Bring the host back" in r.stderr), r.stderr
         # (fencing off again for the steps after this one: restarted while cut off)
         with open(config, "w") as f:
             f.write(plain)

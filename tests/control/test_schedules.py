@@ -184,3 +184,68 @@ class ScheduleTests(TestCase):
         self.assertEqual(await s.schedules(), [])
         [gone] = self.events(c, "snapshot_schedule_destroyed")
         self.assertEqual(gone["payload"]["reason"], "app db destroyed")
+
+    async def app_on(self, c, name, host):
+        """App C{name}, one machine with a volume, placed on C{host} (the others drained)."""
+        others = [h for h in ("h-a", "h-b", "h-c") if h != host]
+        for h in others:
+            await c.registry.transition(h, "drain_requested")
+            await c.registry.transition(h, "drain_finished")
+        await c.apps.create_app(name)
+        (m,) = (await c.apps.deploy(name, c.spec(volumes=test_volume_replicas.VOLUMES)))[
+            "machines"]
+        for h in others:
+            await c.registry.transition(h, "activate_requested")
+        self.assertEqual(m["host_id"], host)
+        return m["volumes"][0]
+
+    def held_snapshots(self, c):
+        """Each snapshot waits for its own Deferred (C{gates}); C{started}: their volumes."""
+        real, started, gates = c.apps.volumes.snapshot, [], []
+
+        async def snapshot(volume, *a, **kw):
+            started.append(volume["id"])
+            gate = Deferred()
+            gates.append(gate)
+            await gate
+            return await real(volume, *a, **kw)
+
+        self.patch(c.apps.volumes, "snapshot", snapshot)
+        return started, gates
+
+    @d
+    async def test_a_slow_run_holds_no_other_host_s_back_and_a_host_takes_one_at_a_time(self):
+        """
+        Schedules run at once: an app's snapshot on h-a, held, does not hold back app
+        other's on h-b; the volume of the third app, on h-a too, waits for it (one volume
+        at a time on a host).
+        """
+        c = await self.cluster(hosts=("h-a", "h-b", "h-c"))
+        other = await self.app_on(c, "other", "h-b")
+        third = await self.app_on(c, "third", "h-a")
+        s = await self.schedules(c)
+        started, gates = self.held_snapshots(c)
+        for app in ("db", "other", "third"):
+            await s.schedule(app, HOUR)
+        await c.quiet()
+        c.clock.advance(0)
+        await c.quiet()
+        # one of h-a's two (the next due first: their ids decide) and h-b's, not the other
+        [first] = [v for v in started if v != other]
+        [then] = {c.vid, third} - {first}
+        self.assertEqual(sorted(started), sorted([first, other]))
+        gates[started.index(other)].callback(None)
+        await c.quiet()
+        [ran] = self.events(c, "snapshot_schedule_run")  # other's, while h-a's is held
+        self.assertEqual(ran["payload"]["reason"], "1 of 1 volume(s) taken")
+        self.assertEqual(len(await c.apps.list_snapshots(other)), 1)
+        self.assertEqual(len(started), 2)
+        gates[started.index(first)].callback(None)
+        await c.quiet()
+        self.assertEqual(started[2:], [then])  # h-a free: the other one's now
+        gates[2].callback(None)
+        await s.idle()
+        await c.quiet()
+        self.assertEqual(s.runs, 3)
+        self.assertEqual([len(await c.apps.list_snapshots(v)) for v in (c.vid, other, third)],
+                         [1, 1, 1])

@@ -8,8 +8,11 @@ Proxmox VE's replication jobs).
 
 A schedule is one row per app (C{snapshot_schedules}, L{zwrm.control.resources.volumes}): its
 first run is at once, then one every C{every} seconds after the last began; runs a stopped
-control plane missed are one run at its next start (not one per period). A run goes through
-the volumes one after the other; a volume that cannot be snapshotted or replicated now (its
+control plane missed are one run at its next start (not one per period). Up to
+L{RUNS_AT_ONCE} schedules run at once (a slow copy of one app's volume holds no other app's
+back), but on each host one volume at a time (a snapshot and its copy load the host's disk and
+CPU, beside its machines; as Proxmox VE runs one replication job at a time per node). A run
+goes through its app's volumes one after the other; a volume that cannot be snapshotted or replicated now (its
 host drains or is away, another snapshot operation on it is under way) is said in the run's
 C{last_error} and the others are taken all the same; the next run tries again. Each run's
 end is stored, then announced (C{snapshot_schedule_run} on C{zwrm.event.machine}); the
@@ -18,7 +21,13 @@ the time of its newest snapshot and replica: the recovery point to alert on.
 """
 
 from autobahn import wamp
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    DeferredLock,
+    DeferredSemaphore,
+    ensureDeferred,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -33,6 +42,8 @@ MIN_EVERY = 60.0
 """The shortest period: a minute."""
 MAX_EVERY = 30 * 86400.0
 """The longest period: thirty days."""
+RUNS_AT_ONCE = 4
+"""Schedules run at once (each host still takes one volume at a time)."""
 
 
 class SnapshotSchedules:
@@ -57,6 +68,7 @@ class SnapshotSchedules:
         self._timer = None
         self._working = None  # the Deferred of the runs under way
         self._stopped = False
+        self._host_locks = {}  # host id -> DeferredLock: one volume's step at a time there
         self.runs = 0
 
     # -- the operator's procedures ------------------------------------------------------
@@ -169,14 +181,27 @@ class SnapshotSchedules:
         self._working.addBoth(done)
 
     async def run_due(self):
-        """Run every schedule that is due now, one after the other. @return: how many."""
-        n = 0
-        for row in await self._data.volumes.find_schedules():
-            if self._stopped or row["next_at"] > self._clock.seconds():
-                continue
-            await self.run(row)
-            n += 1
-        return n
+        """
+        Run every schedule that is due now, up to L{RUNS_AT_ONCE} at once, the next due
+        first. @return: how many.
+        """
+        now = self._clock.seconds()
+        due = [row for row in await self._data.volumes.find_schedules()
+               if row["next_at"] <= now]
+        at_once = DeferredSemaphore(RUNS_AT_ONCE)
+        started = []
+
+        def one(row):
+            if self._stopped:
+                return None
+            started.append(row["id"])
+            d = ensureDeferred(self.run(row))
+            d.addErrback(lambda f: errors.log_failure(
+                self.log, f, "snapshot schedule of app {app}", app=row["app_id"]))
+            return d
+
+        await DeferredList([at_once.run(one, row) for row in due])
+        return len(started)
 
     async def run(self, row):
         """
@@ -214,7 +239,22 @@ class SnapshotSchedules:
             self.log.warn("snapshot schedule of app {app}: {e}", app=app["name"], e=error)
 
     async def _volume(self, volume, row):
-        """Snapshot (and replicate) one volume. @return: what failed, as lines."""
+        """
+        Snapshot (and replicate) one volume, once no other schedule's step works on its
+        host. @return: what failed, as lines.
+        """
+        lock = self._host_locks.setdefault(volume["host_id"], DeferredLock())
+        await lock.acquire()
+        try:
+            if self._stopped:
+                return []
+            return await self._volume_now(volume, row)
+        finally:
+            lock.release()
+            if not lock.locked and not lock.waiting:
+                self._host_locks.pop(volume["host_id"], None)
+
+    async def _volume_now(self, volume, row):
         keep = row["keep"]
         try:
             snap = await self._volumes.snapshot(volume, None, keep=keep, prefix=PREFIX)
