@@ -564,13 +564,13 @@ class Healer:
             # ended): looked at again as long later (its host, found offline, fails it)
             self._later(self._liveness, mid, after, self._unhealthy, mid, after)
             return
-        self.log.info("machine {id} of {app} on {host}: {reason}: stopping it to restart it",
-                      id=mid, app=_app_of(row), host=row["host_id"], reason=reason)
         # Stored before the stop: a control plane stopped after its agent reported the stop
         # and before the decision below finds it (L{_undecided_exit}) and decides then.
         if await self._note(mid, f"{reason}: stopping it to restart it", running=True,
                             liveness=reason) is None:
             return  # it exited meanwhile: that exit is decided as such
+        self.log.info("machine {id} of {app} on {host}: {reason}: stopping it to restart it",
+                      id=mid, app=_app_of(row), host=row["host_id"], reason=reason)
         try:
             await self._replicas.call(row["host_id"], "machine.stop", mid)
         except errors.ZwrmError as e:
@@ -579,7 +579,7 @@ class Healer:
             note = f"{reason}, but it could not be stopped: {e.message}; trying again in {after:g}s"
             self.log.warn("machine {id} of {app} on {host}: {note}", id=mid, app=_app_of(row),
                           host=row["host_id"], note=note)
-            await self._note(mid, note, liveness=None)
+            await self._note(mid, note, running=True, liveness=None)  # (one that died: decided)
             self._later(self._liveness, mid, after, self._unhealthy, mid, after)
             return
         row = await self._data.machines.get(mid)

@@ -10,11 +10,12 @@ A schedule is one row per app (C{snapshot_schedules}, L{zwrm.control.resources.v
 first run is at once, then one every C{every} seconds after the last began; runs a stopped
 control plane missed are one run at its next start (not one per period). Up to
 L{RUNS_AT_ONCE} schedules run at once (a slow copy of one app's volume holds no other app's
-back), but on each host one volume at a time (a snapshot and its copy load the host's disk and
-CPU, beside its machines; as Proxmox VE runs one replication job at a time per node). A run
-goes through its app's volumes one after the other; a volume that cannot be snapshotted or replicated now (its
-host drains or is away, another snapshot operation on it is under way) is said in the run's
-C{last_error} and the others are taken all the same; the next run tries again. Each run's
+back), but on each host one volume at a time (a snapshot and its copy load the host's disk
+and CPU, beside its machines; as Proxmox VE runs one replication job at a time per node).
+A run goes through its app's volumes one after the other; a volume that cannot be
+snapshotted or replicated now (its host drains or is away, another snapshot operation on it
+is under way) is said in the run's C{last_error} and the others are taken all the same; the
+next run tries again. Each run's
 end is stored, then announced (C{snapshot_schedule_run} on C{zwrm.event.machine}); the
 volumes' own events say what each step did. The control plane's C{/metrics} give, per volume,
 the time of its newest snapshot and replica: the recovery point to alert on.
