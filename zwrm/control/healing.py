@@ -389,14 +389,15 @@ class Healer:
         _, policy = wanted
         await self._schedule(row, policy, state, reason)
 
-    async def _schedule(self, row, policy, state, reason, failed=False):
+    async def _schedule(self, row, policy, state, reason):
         """
         Decide on C{row}'s exit (in order with its reports) and set its restart timer.
 
-        @param failed: the machine was stopped because it failed (its liveness): stored
-            C{failed}, not the C{stopped} its agent reports, so that what comes to failed
-            machines comes to it (rescheduled if its host is lost before its restart,
-            restarted when that host returns).
+        A machine its liveness check stopped (its restart record carries the mark
+        L{_unhealthy} stored) is decided as failed and stored C{failed}, not the
+        C{stopped} its agent reports, so that what comes to failed machines comes to it
+        (rescheduled if its host is lost before its restart, restarted when that host
+        returns).
         """
         mid = row["id"]
         since = self._last_healthy.pop(mid, None)
@@ -408,7 +409,7 @@ class Healer:
             health = dict(row.get("health") or {})
             before = health.get("restart") or {}
             # stopped by its liveness check (L{_unhealthy}), decided here or after a restart
-            unhealthy = failed or bool(before.get("liveness"))
+            unhealthy = bool(before.get("liveness"))
             delay, record = decide(policy, "failed" if unhealthy else state, before, now, since)
             record.pop("liveness", None)
             if delay is not None:
@@ -584,7 +585,7 @@ class Healer:
             return
         row = await self._data.machines.get(mid)
         if row is not None:
-            await self._schedule(row, policy, "failed", reason, failed=True)
+            await self._schedule(row, policy, "failed", reason)
 
     # -- host events: rescheduling and the partition guard ----------------------------
 
