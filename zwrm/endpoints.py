@@ -1,13 +1,16 @@
 """
 Client endpoints for the control plane's WebSocket URL, shared by the agent, the control
 component behind an external router and the CLI (it imports nothing of theirs); and the one-line
-text of a TLS error (L{tls_error_text}), which the CLI and the agent's volume sender report.
+text of a TLS error (L{tls_error_text}), which the CLI and the agent's volume sender report,
+and of a failed connection (L{connect_error_text}), which the CLI and the agent report.
 """
 
+import os
 from ipaddress import ip_address
 
 from autobahn.websocket.util import parse_url
-from twisted.internet import endpoints
+from twisted.internet import endpoints, error
+from twisted.python.failure import Failure
 
 
 def tcp_endpoint(reactor, host, port, timeout):
@@ -59,3 +62,28 @@ def tls_error_text(err):
 
 
 __all__ = ["client_endpoint", "tcp_endpoint", "tls_error_text"]
+
+
+def connect_error_text(err):
+    """
+    @param err: why a connection failed or was lost: a Twisted connection error, an
+        C{OSError}, or a L{Failure} of one.
+    @return: why, in one line: the OS's words for an errno Twisted has no class for (e.g.
+        "No route to host" while this host is cut off the network), else Twisted's sentence
+        without its final stop. A connection closed while it was being set up (Twisted's
+        C{ConnectError} carrying the L{Failure} that closed it, whose text is a traceback's
+        repr) says so in words.
+    """
+    if isinstance(err, Failure):
+        err = err.value
+    if isinstance(err, error.ConnectError) and err.args and isinstance(err.args[0], Failure):
+        inner = err.args[0].value
+        if isinstance(inner, error.ConnectionDone):
+            return "the connection was closed before it was set up"
+        return connect_error_text(inner)
+    errno_ = getattr(err, "osError", None)
+    if isinstance(errno_, int):
+        return os.strerror(errno_)
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err).rstrip(".") or err.__class__.__name__

@@ -8,9 +8,10 @@ import os
 import signal
 import time
 
-from twisted.internet import endpoints, protocol, reactor, task
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet import endpoints, error, protocol, reactor, task
+from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from zwrm import pki
@@ -187,6 +188,32 @@ class DropTests(TestCase):
         self.assertLess(time.monotonic() - start, 10)
         self.assertEqual((code, len(err.strip().splitlines())), (client.EXIT_UNREACHABLE, 1), err)
         self.assertIn("closed the connection", err)
+
+
+class _ClosedWhileConnecting:
+    """
+    An endpoint whose connect fails as Twisted fails one whose socket closes before it is set
+    up (C{ConnectError} carrying the L{Failure} that closed it): not made to happen on
+    loopback, whose connects complete at once.
+    """
+
+    def connect(self, factory):
+        return fail(error.ConnectError(string=Failure(error.ConnectionDone())))
+
+
+class ConnectFailureTextTests(SynchronousTestCase):
+    def test_closed_while_connecting(self):
+        """
+        The CLI's line for a connection closed while it was being set up says so in words: it
+        was the repr of a Failure, with "Traceback" in it.
+        """
+        self.patch(client, "client_endpoint", lambda *a, **kw: _ClosedWhileConnecting())
+        d = ensureDeferred(connect(reactor, {"url": "ws://127.0.0.1:1/ws", "token": "t",
+                                             "authid": "operator", "timeout": 5}))
+        e = self.failureResultOf(d, CliError).value
+        self.assertEqual((e.code, e.message), (
+            client.EXIT_UNREACHABLE, "cannot reach the control plane at ws://127.0.0.1:1/ws:"
+                                     " the connection was closed before it was set up"))
 
 
 class Args:

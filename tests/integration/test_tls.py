@@ -17,6 +17,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from zwrm import errors, pki
@@ -336,6 +337,12 @@ class AgentCredentialTests(SynchronousTestCase):
             (error.TCPTimedOutError(), "TCP connection timed out"),
             (error.ConnectionLost(), "Connection to the other side was lost in a non-clean"
                                      " fashion"),
+            # (what Twisted fails a connect with when the socket closes before it is set up:
+            # its text was a Failure's repr, with "Traceback" in it)
+            (error.ConnectError(string=Failure(error.ConnectionDone())),
+             "the connection was closed before it was set up"),
+            (error.ConnectError(string=Failure(error.getConnectError((113, "No route to host")))),
+             "No route to host"),
         ]:
             self.assertEqual(self.agent._explain(outcome),
                              f"cannot reach the control plane at {url}: {why}")

@@ -23,6 +23,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.client import Agent, ResponseNeverReceived
 
+from zwrm.endpoints import connect_error_text
 from zwrm.healthspec import HEALTH_TYPES, validate  # the spec's check, shared
 
 log = Logger()
@@ -48,7 +49,7 @@ def tcp_probe(reactor, host, port, timeout, settle=0.3):
         except (TimeoutError, CancelledError):
             return f"TCP connect to port {port} timed out after {timeout} s"
         except Exception as e:
-            return f"TCP connect to port {port} failed: {e.__class__.__name__}"
+            return f"TCP connect to port {port} failed: {connect_error_text(e)}"
         waited = Deferred()
         call = reactor.callLater(settle, lambda: waited.called or waited.callback("open"))
         proto.closed.addCallback(lambda _: waited.called or waited.callback("closed"))

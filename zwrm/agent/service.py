@@ -47,7 +47,7 @@ from zwrm.agent import capacity
 from zwrm.agent.certificates import CertificateRenewal
 from zwrm.agent.connection import ConnectionLife
 from zwrm.agent.identity import Identity
-from zwrm.endpoints import client_endpoint, tcp_endpoint
+from zwrm.endpoints import client_endpoint, connect_error_text, tcp_endpoint
 from zwrm.files import write_atomically
 from zwrm.wamp.procedures import QuietAnswers, register_agent_procedures
 from zwrm.wamp.transport import WampWebSocketClientFactory
@@ -451,17 +451,13 @@ class AgentService(service.Service):
         if isinstance(outcome, error.TimeoutError | defer.TimeoutError):
             return f"cannot reach the control plane at {url}: timed out"
         if isinstance(outcome, error.ConnectError | error.ConnectionLost | error.ConnectionDone):
-            # Twisted's sentence, or the OS's for an errno it has no class for (e.g. "No
-            # route to host" while this host is cut off the network)
-            errno_ = getattr(outcome, "osError", None)
-            why = os.strerror(errno_) if isinstance(errno_, int) else str(outcome).rstrip(".")
-            return f"cannot reach the control plane at {url}: {why}"
+            return f"cannot reach the control plane at {url}: {connect_error_text(outcome)}"
         if isinstance(outcome, SessionClosed):
             return f"the control plane at {url} closed our session ({outcome})"
         if isinstance(outcome, ApplicationError):
             return f"the control plane at {url} refused: {outcome.error}: {outcome.args[0] if outcome.args else ''}"
         if isinstance(outcome, OSError):
-            return f"cannot reach the control plane at {url}: {outcome.strerror or outcome}"
+            return f"cannot reach the control plane at {url}: {connect_error_text(outcome)}"
         return f"connection to {url} failed: {outcome.__class__.__name__}: {outcome}"
 
     async def _connect(self, authid, ticket):

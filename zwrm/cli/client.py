@@ -39,7 +39,7 @@ from autobahn.wamp.types import CallOptions, ComponentConfig
 from autobahn.websocket.util import parse_url
 from twisted.internet import defer, error
 
-from zwrm.endpoints import client_endpoint, tls_error_text
+from zwrm.endpoints import client_endpoint, connect_error_text, tls_error_text
 
 DEFAULT_URL = "ws://127.0.0.1:8080/ws"
 DEFAULT_TIMEOUT = 120.0
@@ -478,7 +478,8 @@ async def connect(reactor, settings, timeout=None):
         raise CliError(f"cannot reach the control plane at {url}: no connection within"
                        f" {timeout:g} s", EXIT_TIMEOUT) from None
     except (error.ConnectError, OSError) as e:
-        raise CliError(f"cannot reach the control plane at {url}: {e}", EXIT_UNREACHABLE) from None
+        raise CliError(f"cannot reach the control plane at {url}: {connect_error_text(e)}",
+                       EXIT_UNREACHABLE) from None
 
     def expire():
         if not session.joined.called:

@@ -35,6 +35,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from zwrm.endpoints import connect_error_text
+
 log = Logger()
 
 MAX_HEAD = 16384
@@ -372,7 +374,7 @@ class _Client(protocol.Protocol):
 
         def failed(f):
             backend.conns.discard(self)
-            backend.refused(f.getErrorMessage(), self.listener.reactor.seconds())
+            backend.refused(connect_error_text(f), self.listener.reactor.seconds())
             self._choose(route, tuple(tried) + (backend.key,))
 
         d.addCallbacks(connected, failed)
@@ -949,7 +951,7 @@ class _HTTPClient(protocol.Protocol):
         b.conns.discard(self)
         if self.closed or self.backend is not b:
             return
-        b.refused(f.getErrorMessage(), self.listener.reactor.seconds())
+        b.refused(connect_error_text(f), self.listener.reactor.seconds())
         self.backend = None
         self.tried += (b.key,)
         self._dispatch()

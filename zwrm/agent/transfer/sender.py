@@ -39,7 +39,7 @@ from zwrm.agent.transfer.wire import (
     _Framed,
     tls_factory,
 )
-from zwrm.endpoints import tls_error_text
+from zwrm.endpoints import connect_error_text, tls_error_text
 
 log = Logger()
 
@@ -495,7 +495,7 @@ class _Send:
         if reason.check(SSL.Error) and self.cause is None:
             detail = tls_error_text(reason.value) or type(reason.value).__name__
             self.cause = f"the TLS connection broke: {detail}"
-        self.last_error = self.cause or reason.getErrorMessage()
+        self.last_error = self.cause or connect_error_text(reason)
         self.cause = None
         if self.attempts > self.sender.retries:
             plural = "s" if self.attempts != 1 else ""
