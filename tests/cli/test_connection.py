@@ -4,6 +4,7 @@ listening with TLS, and a control plane process that is frozen or killed while a
 waits on it (issue 12 item 2, issue 14 item 4: the CLI never hangs).
 """
 
+import argparse
 import os
 import signal
 import time
@@ -243,6 +244,43 @@ class ShuttingClock(task.Clock):
                 if (p, event) == (phase, "shutdown"):
                     del self.triggers[key]
                     f(*args, **kw)
+
+
+class SecondsTests(SynchronousTestCase):
+    def test_seconds_that_are_no_number_are_refused(self):
+        """
+        nan and inf (and what overflows to it) as --timeout, --wait or a configured timeout:
+        one line and exit 2 (a flag) or 5 (a setting). nan went on to the whole command's
+        timer, whose assertion printed a traceback.
+        """
+        parser = main.build_parser()
+        out = []
+        self.patch(argparse._sys, "stderr", Args(write=out.append, flush=lambda: None))
+        for argv, said in [
+            (["--timeout", "nan", "host", "list"], "zwrm: argument --timeout: 'nan': give a"
+                                                   " positive number of seconds"),
+            (["--timeout", "1e999", "host", "list"], "zwrm: argument --timeout: '1e999': give"),
+            (["deploy", "web", "--wait", "nan"], "zwrm: argument --wait: 'nan' is not seconds"),
+            (["deploy", "web", "--wait", "inf"], "zwrm: argument --wait: 'inf' is not seconds"),
+            (["deploy", "web", "--wait", "-5"], "zwrm: argument --wait: '-5' is not seconds"),
+        ]:
+            del out[:]
+            with self.assertRaises(SystemExit) as e:
+                main.parse_args(parser, argv)
+            self.assertEqual(e.exception.code, client.EXIT_USAGE)
+            self.assertTrue("".join(out).startswith(said), (argv, out))
+        self.assertEqual(main.parse_args(parser, ["deploy", "web", "--wait", "0"]).wait, 0)
+        self.patch(client, "_flags", {})
+        for value in ("nan", "inf", "-inf"):
+            with self.assertRaises(CliError) as e:
+                client.load_settings(None, {"ZWRM_TOKEN": "t", "ZWRM_TIMEOUT": value},
+                                     "/nonexistent")
+            self.assertEqual((e.exception.code, e.exception.message), (
+                client.EXIT_CONFIG, f"timeout {float(value)!r} (from $ZWRM_TIMEOUT) must be a"
+                                    " positive number of seconds"))
+            # (the whole command's limit meanwhile: the default, until the setting is read)
+            self.assertEqual(client.configured_timeout({"ZWRM_TIMEOUT": value}),
+                             client.DEFAULT_TIMEOUT)
 
 
 class OverallTimeoutTests(SynchronousTestCase):

@@ -64,6 +64,8 @@ class ValidationTests(TestCase):
         for spec, word in [
             ({"image": "demo:2"}, "not in the registry"),
             ({"image": "Demo::bad"}, "invalid image reference"),
+            # (longer than a file name in the registry's store: an internal error before)
+            ({"image": "x" * 300}, "its name is at most 255 characters, not 300"),
             ({"image": {"kernel": "relative/vmlinuz"}}, "absolute"),
             ({"image": {"initrd": "/x"}}, "kernel or a disk"),
             ({"service_port": 80, "health": {"type": "http", "interval": -1}}, "interval"),

@@ -78,6 +78,9 @@ class ImageAPITests(TestCase):
             (lambda: api.delete("nope:1"), errors.NotFound, "no image nope:1"),
             (lambda: api.delete("demo"), errors.InvalidArgument, "say which tag or digest"),
             (lambda: api.info("Bad Name"), errors.InvalidArgument, "invalid image reference"),
+            (lambda: api.info("a" * 256), errors.InvalidArgument, "at most 255 characters"),
+            (lambda: api.info("a/" * 128 + "a:1"), errors.InvalidArgument,
+             "at most 255 characters"),
         ]:
             with self.assertRaises(kind) as cm:
                 await call()

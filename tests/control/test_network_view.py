@@ -302,7 +302,9 @@ class ViewTests(ViewHelpers, TestCase):
 
     async def test_https_routes_by_domain(self):
         await self.start()
-        await self.add("m-w1", "web", "h-a", domain="shop.example.com",
+        # (with capitals, as a spec stored before domains were checked may have: the
+        # ingress compares a request's Host in lower case)
+        await self.add("m-w1", "web", "h-a", domain="Shop.Example.com",
                        publish=check_publish(["443:8080/https"], "shop.example.com"))
         await self.settle()
         route = self.sent()["h-b"][0]["published"]["443"]

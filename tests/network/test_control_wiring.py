@@ -11,7 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.control.test_apps import Cluster
 from zwrm import errors
-from zwrm.control.network import check_publish
+from zwrm.control.appspec import validate_spec
+from zwrm.control.network import check_domain, check_publish
 
 
 class PublishSpecTests(SynchronousTestCase):
@@ -27,8 +28,23 @@ class PublishSpecTests(SynchronousTestCase):
             with self.assertRaises(errors.InvalidArgument) as cm:
                 check_publish(bad)
             self.assertIn(words, cm.exception.message)
-        with self.assertRaises(errors.InvalidArgument):
-            check_publish(["80"], domain="a b")
+        for domain in ("a b", "", "-5", "a=b=c", "x" * 300, "nan.", "*.example.com",
+                       "shop..example.com", "shop_1.example.com", 7):
+            with self.assertRaises(errors.InvalidArgument) as cm:
+                check_publish(["80/http"], domain=domain)
+            self.assertEqual((cm.exception.message, cm.exception.kwargs), (
+                f"domain must be one DNS name such as shop.example.com (the Host its requests"
+                f" name), not {domain!r}", {"argument": "domain"}))
+
+    def test_a_domain_is_stored_in_lower_case(self):
+        """
+        The ingress compares a request's Host in lower case: a domain with capitals was
+        stored as given, and its requests found no route (404).
+        """
+        spec = validate_spec({"image": "demo:1", "publish": ["80:8080/http"],
+                              "domain": "Shop.Example.COM"})
+        self.assertEqual(spec["domain"], "shop.example.com")
+        self.assertEqual(check_domain("xn--bcher-kva.example"), "xn--bcher-kva.example")
 
 
 class WiringTests(TestCase):

@@ -25,6 +25,7 @@ from zwrm.cli.client import (
     connect,
     load_settings,
     print_json,
+    seconds_arg,
     seconds_of,
     working,
 )
@@ -144,7 +145,7 @@ def register(subparsers):
     p.add_argument("--plan", action="store_true",
                    help="only show what the deploy would change (the diff against the current "
                         "version; replicas created, replaced, moved, destroyed); change nothing")
-    p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+    p.add_argument("--wait", type=seconds_arg, default=0, metavar="SECONDS",
                    help="wait until every machine runs (and is healthy) or SECONDS pass,"
                         " counted from the command's start, a rolling update and an image"
                         " pull included (then it ends with exit 1; an update under way goes"

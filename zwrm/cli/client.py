@@ -25,7 +25,9 @@ flight at once (L{EXIT_UNREACHABLE}); every call is bounded by the timeout
 (L{EXIT_TIMEOUT}).
 """
 
+import argparse
 import json
+import math
 import os
 import sys
 import tomllib
@@ -114,6 +116,21 @@ def print_json(value, out):
     json.dump(value, out, indent=2, sort_keys=True)
     out.write("\n")
     return 0
+
+
+def seconds_arg(text):
+    """
+    An argparse type: seconds, 0 or more (at most ten years; not nan or inf).
+
+    @raise argparse.ArgumentTypeError: for anything else.
+    """
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not 0 <= v <= 10 * 365 * 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not seconds (0 or more)")
+    return v
 
 
 class CliError(Exception):
@@ -283,7 +300,7 @@ def load_settings(api_url=None, environ=None, path=None):
     timeout, origin = pick(_flags.get("timeout"), "ZWRM_TIMEOUT", "timeout", DEFAULT_TIMEOUT)
     try:
         timeout = float(timeout)
-        if timeout <= 0:
+        if not 0 < timeout < math.inf:  # (nan and inf too)
             raise ValueError(timeout)
     except ValueError:
         raise CliError(f"timeout {timeout!r} ({origin}) must be a positive number of seconds",
@@ -320,13 +337,15 @@ def configured_timeout(environ=None):
     environ = os.environ if environ is None else environ
     try:
         if _flags.get("timeout") is not None:
-            return float(_flags["timeout"])
-        if environ.get("ZWRM_TIMEOUT"):
-            return float(environ["ZWRM_TIMEOUT"])
-        files = _layered(config_paths(environ), required=False)
-        return float(files.get("timeout", (DEFAULT_TIMEOUT,))[0])
-    except (CliError, ValueError):
+            value = float(_flags["timeout"])
+        elif environ.get("ZWRM_TIMEOUT"):
+            value = float(environ["ZWRM_TIMEOUT"])
+        else:
+            files = _layered(config_paths(environ), required=False)
+            value = float(files.get("timeout", (DEFAULT_TIMEOUT,))[0])
+    except (CliError, ValueError, TypeError):
         return DEFAULT_TIMEOUT
+    return value if 0 < value < math.inf else DEFAULT_TIMEOUT
 
 
 def _describe_lost(url, ca_file, reason):

@@ -29,6 +29,7 @@ from zwrm.cli.client import (
     call_once,
     load_settings,
     print_json,
+    seconds_arg,
 )
 from zwrm.errors import (
     AuthenticationFailed,
@@ -246,16 +247,6 @@ async def _gc(reactor, args, out=None):
         out.write(f"{name}: changed by a push or a deploy meanwhile; left for the next run\n")
 
 
-def _seconds(text):
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1
-    if not 0 <= v <= 10 * 365 * 86400:
-        raise argparse.ArgumentTypeError(f"{text!r} is not seconds (0 or more)")
-    return v
-
-
 def _port(text):
     try:
         value = int(text)
@@ -305,7 +296,7 @@ def register(subparsers):
                     "content no repository links. Removing a tag (zwrm images rm) frees "
                     "nothing by itself: this does.")
     gc.add_argument("--dry-run", action="store_true", help="only say what it would remove")
-    gc.add_argument("--grace", type=_seconds, default=None, metavar="SECONDS",
+    gc.add_argument("--grace", type=seconds_arg, default=None, metavar="SECONDS",
                     help="leave what was stored less than this long ago (default 86400: "
                          "a push uploads its blobs before its manifest)")
     gc.add_argument("--json", action="store_true", help="print JSON")

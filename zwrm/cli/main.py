@@ -13,6 +13,7 @@ L{budget}).
 
 import argparse
 import importlib
+import math
 import os
 import sys
 
@@ -94,7 +95,7 @@ def _seconds(text):
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value <= 0:
+    if not 0 < value < math.inf:  # (nan and inf too)
         raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
     return value
 

@@ -77,7 +77,7 @@ def validate_spec(spec):
     }
     if spec.get("publish") or spec.get("domain"):  # the ingress (zwrm.control.network)
         out["publish"] = network.check_publish(spec.get("publish"), spec.get("domain"))
-        out["domain"] = spec.get("domain")
+        out["domain"] = network.check_domain(spec.get("domain"))
     for key in ("region", "datacenter"):
         if out[key] is not None and (not isinstance(out[key], str) or not out[key]):
             raise errors.InvalidArgument(f"{key} must be a name or null, not {out[key]!r}")

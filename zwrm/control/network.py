@@ -29,6 +29,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred
 
 from zwrm import errors
 from zwrm.agent.network.addressing import GUEST_MTU, hosts_digest
+from zwrm.control.resources.certs import DOMAIN_RE
 
 DEFAULT_CIDR = "10.80.0.0/16"
 DEFAULT_HOST_PREFIX = 24
@@ -446,10 +447,26 @@ def check_publish(publish, domain=None):
         if any(o["port"] == entry["port"] for o in out):
             raise errors.InvalidArgument(f"port {entry['port']} is published twice")
         out.append(entry)
-    if domain is not None and (not isinstance(domain, str) or not domain
-                               or any(c in domain for c in " /:\t\n")):
-        raise errors.InvalidArgument(f"domain must be a DNS name, not {domain!r}")
+    check_domain(domain)
     return out
+
+
+def check_domain(domain):
+    """
+    Check an app's domain (C{--domain}): one DNS name, which the ingress's http and https
+    ports route by (a request's C{Host}, compared in lower case; a wildcard names no host).
+
+    @return: C{domain} in lower case, or L{None} for none.
+    @raise errors.InvalidArgument: (argument C{domain}) for anything else.
+    """
+    if domain is None:
+        return None
+    if (not isinstance(domain, str) or len(domain) > 253 or domain.startswith("*.")
+            or not DOMAIN_RE.match(domain.lower())):
+        raise errors.InvalidArgument(
+            f"domain must be one DNS name such as shop.example.com (the Host its requests"
+            f" name), not {domain!r}", argument="domain")
+    return domain.lower()
 
 
 
@@ -900,7 +917,8 @@ class ViewPublisher:
             app = self._apps[name]
             for p in app.publish:
                 entry = published.setdefault(str(p["port"]), {"mode": p["mode"], "routes": {}})
-                domain = app.domain if p["mode"] in ("http", "https") else ""
+                # (lower case: a spec stored before domains were checked may have capitals)
+                domain = (app.domain or "").lower() if p["mode"] in ("http", "https") else ""
                 routes = entry["routes"].setdefault(domain, [])
                 for mem in app.list():
                     routes.append({"key": mem["machine_id"], "host": mem["address"],

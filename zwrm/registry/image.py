@@ -23,6 +23,8 @@ LAYER_ROLES = {KERNEL_TYPE: "kernel", INITRD_TYPE: "initrd", DISK_TYPE: "disk",
 ROLE_TYPES = {"kernel": KERNEL_TYPE, "initrd": INITRD_TYPE, "disk": DISK_TYPE}
 FIRMWARES = ("bios", "uefi")
 
+#: The longest repository name (as the distribution spec's registries bound it).
+NAME_MAX = 255
 _REF_RE = re.compile(
     r"^(?P<name>[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*)"
     r"(?::(?P<tag>[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}))?"
@@ -43,7 +45,13 @@ def parse_reference(ref):
             f"invalid image reference {ref!r}: expected NAME[:TAG][@sha256:DIGEST] "
             "(lower-case name)"
         )
-    return m.group("name"), m.group("digest") or m.group("tag") or "latest"
+    name = m.group("name")
+    if len(name) > NAME_MAX:
+        # (the distribution spec's bound, and more than a file name in the store can hold)
+        raise InvalidArgument(
+            f"invalid image reference: its name is at most {NAME_MAX} characters, not {len(name)}"
+        )
+    return name, m.group("digest") or m.group("tag") or "latest"
 
 
 def make_config(cmdline="", service_port=None, firmware=None):

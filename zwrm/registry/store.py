@@ -483,8 +483,9 @@ class RegistryStore:
         """
         @param reference: a tag or a digest.
         @return: C{(digest, media_type, path)} of the manifest.
-        @raise StoreError: C{MANIFEST_UNKNOWN}.
+        @raise StoreError: C{NAME_INVALID}, C{TAG_INVALID}, C{MANIFEST_UNKNOWN}.
         """
+        check_name(name)
         if DIGEST_RE.match(reference):
             digest = reference
         else:
@@ -508,7 +509,7 @@ class RegistryStore:
         Delete a tag (reference is a tag) or a manifest and every tag pointing at it
         (reference is a digest).
 
-        @raise StoreError: C{MANIFEST_UNKNOWN}.
+        @raise StoreError: C{NAME_INVALID}, C{TAG_INVALID}, C{MANIFEST_UNKNOWN}.
         """
         if not DIGEST_RE.match(reference):
             check_tag(reference)
