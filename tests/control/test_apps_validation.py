@@ -70,8 +70,15 @@ class ValidationTests(TestCase):
             ({"image": {"initrd": "/x"}}, "kernel or a disk"),
             ({"service_port": 80, "health": {"type": "http", "interval": -1}}, "interval"),
             ({"vcpus": 0}, "vcpus"),
+            # (no host could be in it: a host's region is at most 63 of these characters)
+            ({"region": "us east"}, "region must be a name (1-63 characters of A-Z a-z"),
+            ({"datacenter": "d" * 64}, "datacenter must be a name (1-63 characters"),
             ({"restart": {"policy": "sometimes"}}, "restart policy"),
             ({"volumes": [{"name": "d", "mount": "d"}]}, "mount"),
+            # (what the agent's driver refuses at each start: refused here at once)
+            ({"volumes": [{"name": "d", "mount": "/my data"}]}, "no blanks, commas or colons"),
+            ({"volumes": [{"name": "d", "mount": "/a,b"}]}, "no blanks, commas or colons"),
+            ({"volumes": [{"name": "d", "mount": "/d" * 128}]}, "at most 255 characters"),
         ]:
             with self.assertRaises(errors.InvalidArgument) as cm:
                 await c.apps.deploy("web", spec)
@@ -81,6 +88,17 @@ class ValidationTests(TestCase):
             await c.apps.deploy("web", {"memory_mb": 10 ** 6})
         await self.unchanged(c, before)
         self.assertEqual(len([v for _, v in c.calls if v == "machine.start"]), starts)
+
+    @d
+    async def test_a_volume_whose_mount_the_guest_cannot_take_is_refused(self):
+        c = await self.cluster()
+        for mount in ("/my data", "/a:b", "/x\n/etc", "relative", "/"):
+            with self.assertRaises(errors.InvalidArgument) as cm:
+                await c.apps.create_volume("web", "data", 8, mount)
+            self.assertEqual(cm.exception.message, (
+                f"volume 'data': mount must be an absolute path other than / (at most 255"
+                f" characters; no blanks, commas or colons), not {mount!r}"))
+        self.assertEqual(await c.store.select("volumes"), [])
 
     @d
     async def test_an_image_whose_kernel_is_not_one_is_refused(self):

@@ -178,6 +178,16 @@ class SeedTests(TestCase):
         cfg = cloud_config(docs["user-data"].decode())
         self.assertEqual(cfg["mounts"][0][:2], ["/dev/disk/by-id/virtio-data", "/data"])
 
+    def test_a_mount_no_fstab_line_can_hold_is_refused(self):
+        """The driver refuses it as the control plane's deploy does (one check for both)."""
+        for mount in ("/my data", "/a,b", "/a:b", "/x\n/etc", "/d" * 128, "/", "d"):
+            with self.assertRaises(InvalidArgument) as cm:
+                _spec.validate({"id": "m1", "disk": "/d", "disk_format": "raw", "vcpus": 1,
+                                "memory_mb": 64,
+                                "volumes": [{"id": "data", "path": "/v", "mount": mount}]})
+            self.assertEqual(cm.exception.message, (
+                f"volume data: mount must be an absolute path other than / (at most 255"
+                f" characters; no blanks, commas or colons), not {mount!r}"))
 
     async def seed_of_a_start(self, nic):
         """Start a disk machine through the QEMU driver (its QEMU a stand-in that exits at

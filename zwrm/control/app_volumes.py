@@ -25,6 +25,7 @@ from autobahn.wamp.types import CallOptions
 from zwrm import errors
 from zwrm.control.appspec import check_name, error_text, new_id, whole_number
 from zwrm.control.resources.machines import LIVE, placement_request
+from zwrm.drivers.cloudinit import check_mount
 from zwrm.tokens import mint_token
 
 #: The names of the snapshots a restore keeps of what the volume held (never pruned).
@@ -70,8 +71,7 @@ class AppVolumes:
         """
         check_name(name, "volume name")
         size_mb = whole_number({"size_mb": size_mb}, "size_mb", 2, 16 * 1024 * 1024, 64)
-        if not isinstance(mount, str) or not mount.startswith("/") or mount == "/":
-            raise errors.InvalidArgument(f"mount must be an absolute path other than /, not {mount!r}")
+        check_mount(mount, repr(name))
         if await self._data.volumes.find(app_id=app["id"], name=name, replica=replica):
             raise errors.Conflict(f"app {app['name']!r} has a volume {name!r} for replica {replica}")
         # only a host with the disk is wanted: machines reserve their vCPUs and memory later

@@ -31,6 +31,8 @@ SPEC_FIELDS = frozenset({
 """The fields of a deployment spec (docs/wamp-procedures.md)."""
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+#: A region or datacenter name, as a host's (L{zwrm.control.schema.PLACE}).
+PLACE_RE = re.compile(r"[A-Za-z0-9._-]{1,63}\Z")
 
 
 def check_name(name, what):
@@ -79,8 +81,12 @@ def validate_spec(spec):
         out["publish"] = network.check_publish(spec.get("publish"), spec.get("domain"))
         out["domain"] = network.check_domain(spec.get("domain"))
     for key in ("region", "datacenter"):
-        if out[key] is not None and (not isinstance(out[key], str) or not out[key]):
-            raise errors.InvalidArgument(f"{key} must be a name or null, not {out[key]!r}")
+        # (what a host's region and datacenter may be: anything else no host could match)
+        if out[key] is not None and (not isinstance(out[key], str)
+                                     or not PLACE_RE.match(out[key])):
+            raise errors.InvalidArgument(
+                f"{key} must be a name (1-63 characters of A-Z a-z 0-9 . _ -) or null,"
+                f" not {out[key]!r}")
     port = out["service_port"]
     if port is not None and (not isinstance(port, int) or isinstance(port, bool)
                              or not 1 <= port <= 65535):
@@ -111,10 +117,8 @@ def validate_spec(spec):
         if name in seen:
             raise errors.InvalidArgument(f"volume {name!r} is listed twice")
         seen.add(name)
-        mount = v.get("mount")
-        if not isinstance(mount, str) or not mount.startswith("/") or mount == "/":
-            raise errors.InvalidArgument(
-                f"volume {name!r}: mount must be an absolute path other than /, not {mount!r}")
+        # (what the agent's driver takes: refused here, not at each machine's start)
+        mount = cloudinit.check_mount(v.get("mount"), repr(name))
         out["volumes"].append({
             "name": name, "mount": mount, "size_mb": whole_number(v, "size_mb", 2, 16 * 1024 * 1024, 64),
         })

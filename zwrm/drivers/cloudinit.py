@@ -48,6 +48,24 @@ KEY_RE = re.compile(r"^(ssh-|ecdsa-|sk-)[A-Za-z0-9@.-]+ [A-Za-z0-9+/=]+( [^\n\r]
 HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
+def check_mount(mount, volume):
+    """
+    Check a volume's mount point in the guest (a line of its fstab, written by cloud-init).
+
+    @param volume: the volume's name or id, for the message.
+    @return: C{mount}.
+    @raise InvalidArgument: unless an absolute path other than C{/}, at most 255 characters,
+        without the blanks, commas or colons a fstab line or the CLI's C{--volume} would
+        read as separators.
+    """
+    if (not isinstance(mount, str) or not mount.startswith("/") or mount == "/"
+            or len(mount) > 255 or any(c in mount for c in " \t\n\r\0,:")):
+        raise InvalidArgument(
+            f"volume {volume}: mount must be an absolute path other than / (at most 255"
+            f" characters; no blanks, commas or colons), not {mount!r}")
+    return mount
+
+
 def hostname_for(machine_id):
     """A valid host name for a machine id: lower case, C{-} for other characters, <= 63."""
     h = re.sub(r"[^a-z0-9-]", "-", machine_id.lower()).strip("-")[:63].strip("-")

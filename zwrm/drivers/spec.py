@@ -99,11 +99,7 @@ def validate(spec):
         vol = {"id": vid, "path": v["path"], "serial": volume_serial(vid)}
         mount = v.get("mount")
         if mount is not None:
-            if (not isinstance(mount, str) or not mount.startswith("/") or mount == "/"
-                    or len(mount) > 255 or any(c in mount for c in " \t\n\0,:")):
-                raise InvalidArgument(f"volume {vid}: mount must be an absolute path other "
-                                      f"than /, not {mount!r}")
-            vol["mount"] = mount
+            vol["mount"] = _cloudinit.check_mount(mount, vid)
         out["volumes"].append(vol)
     serials = [v["serial"] for v in out["volumes"]]
     if len(set(serials)) != len(serials):
