@@ -79,6 +79,15 @@ class ValidationTests(TestCase):
             ({"volumes": [{"name": "d", "mount": "/my data"}]}, "no blanks, commas or colons"),
             ({"volumes": [{"name": "d", "mount": "/a,b"}]}, "no blanks, commas or colons"),
             ({"volumes": [{"name": "d", "mount": "/d" * 128}]}, "at most 255 characters"),
+            # (a misspelt field was dropped without a word, its default taken)
+            ({"volumes": [{"name": "d", "mount": "/d", "sise_mb": 8}]},
+             "volume 'd': unknown field(s) sise_mb (a volume has name, mount and size_mb)"),
+            ({"service_port": 80, "health": {"type": "http", "intervall": 10}},
+             "unknown health field(s): intervall (a check has grace, interval, path, timeout,"
+             " type, unhealthy_threshold)"),
+            ({"image": {"kernel": "/k", "cmdline": "console=ttyS0\0x"}},
+             "image cmdline must be one line of text"),
+            ({"image": {"kernel": "/k", "cmdline": "a\nb"}}, "image cmdline must be one line"),
         ]:
             with self.assertRaises(errors.InvalidArgument) as cm:
                 await c.apps.deploy("web", spec)

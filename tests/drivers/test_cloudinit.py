@@ -178,6 +178,15 @@ class SeedTests(TestCase):
         cfg = cloud_config(docs["user-data"].decode())
         self.assertEqual(cfg["mounts"][0][:2], ["/dev/disk/by-id/virtio-data", "/data"])
 
+    def test_a_cmdline_no_process_argument_can_hold_is_refused(self):
+        """QEMU takes it as one argument of its command, which cannot hold a NUL."""
+        for cmdline in ("console=ttyS0\0x", "a\nb", 7):
+            with self.assertRaises(InvalidArgument) as cm:
+                _spec.validate({"id": "m1", "kernel": "/k", "vcpus": 1, "memory_mb": 64,
+                                "cmdline": cmdline})
+            self.assertEqual(cm.exception.message,
+                             f"cmdline must be one line of text, not {cmdline!r}")
+
     def test_a_mount_no_fstab_line_can_hold_is_refused(self):
         """The driver refuses it as the control plane's deploy does (one check for both)."""
         for mount in ("/my data", "/a,b", "/a:b", "/x\n/etc", "/d" * 128, "/", "d"):

@@ -21,6 +21,7 @@ from zwrm import errors, healthspec
 from zwrm.control import fields, healing, network
 from zwrm.control.resources.apps import SECRET_FIELDS, secret_digest
 from zwrm.drivers import cloudinit
+from zwrm.drivers.spec import check_cmdline
 from zwrm.registry.image import parse_reference as parse_image_reference
 from zwrm.scheduler import PlacementRequest
 
@@ -114,6 +115,11 @@ def validate_spec(spec):
         if not isinstance(v, dict):
             raise errors.InvalidArgument(f"each volume must be {{name, size_mb, mount}}, not {v!r}")
         name = check_name(v.get("name"), "volume name")
+        unknown = sorted(set(v) - VOLUME_FIELDS)
+        if unknown:
+            raise errors.InvalidArgument(
+                f"volume {name!r}: unknown field(s) {', '.join(map(str, unknown))} (a volume"
+                f" has name, mount and size_mb)")
         if name in seen:
             raise errors.InvalidArgument(f"volume {name!r} is listed twice")
         seen.add(name)
@@ -149,8 +155,8 @@ def _check_image(image):
                                          f"not {v!r}")
     if not image.get("kernel") and not image.get("disk"):
         raise errors.InvalidArgument("image needs a kernel or a disk path")
-    if not isinstance(image.get("cmdline") or "", str):
-        raise errors.InvalidArgument(f"image cmdline must be text, not {image['cmdline']!r}")
+    # (what the agent's driver takes: refused here, not at each machine's start)
+    check_cmdline(image.get("cmdline") or "", "image cmdline")
     return _filled(image)
 
 
@@ -160,11 +166,20 @@ def _filled(image):
             **{k: v for k, v in image.items() if v is not None}, "cmdline": image.get("cmdline") or ""}
 
 
+HEALTH_FIELDS = frozenset({"type", "path", "interval", "timeout", "grace", "unhealthy_threshold"})
+VOLUME_FIELDS = frozenset({"name", "mount", "size_mb"})
+
+
 def _check_health(health):
     """
     The health check of a spec, checked as its agent will check it, plus the control
     plane's C{unhealthy_threshold} (checks failing in a row before a restart, default 3).
     """
+    unknown = sorted(set(health) - HEALTH_FIELDS) if isinstance(health, dict) else ()
+    if unknown:  # (a misspelt one was dropped, and its default taken without a word)
+        raise errors.InvalidArgument(
+            f"unknown health field(s): {', '.join(map(str, unknown))} (a check has"
+            f" {', '.join(sorted(HEALTH_FIELDS))})")
     threshold = health.get("unhealthy_threshold") if isinstance(health, dict) else None
     rest = {k: v for k, v in health.items() if k != "unhealthy_threshold"} \
         if isinstance(health, dict) else health

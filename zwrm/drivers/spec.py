@@ -56,6 +56,19 @@ def _port(v, what):
     return v
 
 
+def check_cmdline(cmdline, what="cmdline"):
+    """
+    Check a kernel command line (QEMU's C{-append}, one argument of its command).
+
+    @return: C{cmdline}.
+    @raise InvalidArgument: (naming C{what}) unless one line of text without NUL, which no
+        process argument can hold.
+    """
+    if not isinstance(cmdline, str) or any(c in cmdline for c in "\n\r\0"):
+        raise InvalidArgument(f"{what} must be one line of text, not {cmdline!r}")
+    return cmdline
+
+
 def validate(spec):
     """
     Check a machine spec and return a normalized copy.
@@ -82,10 +95,7 @@ def validate(spec):
     if firmware not in ("bios", "uefi"):
         raise InvalidArgument(f"firmware must be bios or uefi, not {firmware!r}")
     out["firmware"] = firmware
-    cmdline = spec.get("cmdline") or ""
-    if not isinstance(cmdline, str) or "\n" in cmdline:
-        raise InvalidArgument(f"cmdline must be one line of text, not {cmdline!r}")
-    out["cmdline"] = cmdline
+    out["cmdline"] = check_cmdline(spec.get("cmdline") or "")
     out["vcpus"] = _int(spec, "vcpus", 1, 256)
     out["memory_mb"] = _int(spec, "memory_mb", 32, 1024 * 1024)
     vols = spec.get("volumes") or []
