@@ -46,7 +46,7 @@ class LayerTests(unittest.TestCase):
 
     def test_shared_modules_load_no_part(self):
         loaded = _loaded("zwrm.tokens", "zwrm.endpoints", "zwrm.sparse", "zwrm.healthspec",
-                         "zwrm.sockets")
+                         "zwrm.hostfacts", "zwrm.sockets")
         self.assertEqual(_offending(loaded, ("zwrm.agent", "zwrm.control", "zwrm.cli",
                                              "zwrm.registry")), [])
 

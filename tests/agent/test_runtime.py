@@ -54,6 +54,36 @@ class VolumeEndpointTests(SynchronousTestCase):
             c = self.options("--config", path)
         self.assertEqual((c.cpu_model, c.machine_type), ("Haswell-noTSX", "pc-q35-7.2"))
 
+    def test_facts_the_control_plane_refuses_are_refused_at_the_start(self):
+        """
+        A region, datacenter, name or label the control plane's join refuses: a usage error
+        when the agent starts (the unit fails, saying why), not a warning at each attempt.
+        """
+        c = self.options("--region", "eu-central", "--datacenter", "dc.1", "--label",
+                         "disk=ssd", "--name", "web-1")
+        self.assertEqual((c.region, c.datacenter, c.labels), ("eu-central", "dc.1",
+                                                              {"disk": "ssd"}))
+        for flags, said in [
+            (("--region", "eu central"), "region must be at most 63 characters of A-Z a-z 0-9"
+                                         " . _ -, not 'eu central'"),
+            (("--datacenter", "d" * 64), "datacenter must be at most 63 characters"),
+            (("--label", "disk type=ssd"), "label key must be 1-63 characters of A-Z a-z 0-9"
+                                           " . _ / -, not 'disk type'"),
+            (("--label", "disk=" + "s" * 256), "label disk: its value must be text of at"
+                                                " most 255 characters"),
+            (("--name", "n" * 254), "name must be text of at most 253 characters"),
+        ]:
+            with self.assertRaises(usage.UsageError) as cm:
+                self.options(*flags)
+            self.assertTrue(str(cm.exception).startswith(said), (flags, str(cm.exception)))
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "agent.toml")
+            with open(path, "w") as f:
+                f.write('[agent]\nregion = "us/east"\n')
+            with self.assertRaises(usage.UsageError) as cm:
+                self.options("--config", path)
+            self.assertIn("region must be", str(cm.exception))
+
     def test_ingress_keepalive_timeout(self):
         self.assertEqual(self.options().ingress_keepalive_timeout, 75.0)
         c = self.options("--ingress-keepalive-timeout", "5.5")

@@ -71,8 +71,9 @@ class ValidationTests(TestCase):
             ({"service_port": 80, "health": {"type": "http", "interval": -1}}, "interval"),
             ({"vcpus": 0}, "vcpus"),
             # (no host could be in it: a host's region is at most 63 of these characters)
-            ({"region": "us east"}, "region must be a name (1-63 characters of A-Z a-z"),
-            ({"datacenter": "d" * 64}, "datacenter must be a name (1-63 characters"),
+            ({"region": "us east"}, "region must be a name (at most 63 characters of A-Z a-z"),
+            ({"region": ""}, "region must be a name (at most 63 characters"),
+            ({"datacenter": "d" * 64}, "datacenter must be a name (at most 63 characters"),
             ({"restart": {"policy": "sometimes"}}, "restart policy"),
             ({"volumes": [{"name": "d", "mount": "d"}]}, "mount"),
             # (what the agent's driver refuses at each start: refused here at once)

@@ -23,6 +23,8 @@ from ipaddress import ip_address
 from autobahn.websocket.util import parse_url
 from twisted.python import usage
 
+from zwrm import hostfacts
+
 
 @dataclass
 class AgentConfig:
@@ -216,6 +218,11 @@ class Options(usage.Options):
                     raise usage.UsageError(f"{key} must be a positive number") from None
         if not isinstance(values.get("labels", {}), dict):
             raise usage.UsageError("labels must be a table of strings")
+        # (what the control plane takes: refused now, not at each attempt to join)
+        wrong = hostfacts.problems(values.get("name"), values.get("region"),
+                                   values.get("datacenter"), values.get("labels"))
+        if wrong:
+            raise usage.UsageError(wrong[0])
         config = AgentConfig(url=url, **values)
         config.data_dir = os.path.abspath(os.path.expanduser(config.data_dir))
         if config.ca_file and not os.path.exists(config.ca_file):

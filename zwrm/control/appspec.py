@@ -17,7 +17,7 @@ A spec::
 import re
 import uuid
 
-from zwrm import errors, healthspec
+from zwrm import errors, healthspec, hostfacts
 from zwrm.control import fields, healing, network
 from zwrm.control.resources.apps import SECRET_FIELDS, secret_digest
 from zwrm.drivers import cloudinit
@@ -32,8 +32,6 @@ SPEC_FIELDS = frozenset({
 """The fields of a deployment spec (docs/wamp-procedures.md)."""
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-#: A region or datacenter name, as a host's (L{zwrm.control.schema.PLACE}).
-PLACE_RE = re.compile(r"[A-Za-z0-9._-]{1,63}\Z")
 
 
 def check_name(name, what):
@@ -83,11 +81,9 @@ def validate_spec(spec):
         out["domain"] = network.check_domain(spec.get("domain"))
     for key in ("region", "datacenter"):
         # (what a host's region and datacenter may be: anything else no host could match)
-        if out[key] is not None and (not isinstance(out[key], str)
-                                     or not PLACE_RE.match(out[key])):
+        if out[key] is not None and (out[key] == "" or hostfacts.problems(**{key: out[key]})):
             raise errors.InvalidArgument(
-                f"{key} must be a name (1-63 characters of A-Z a-z 0-9 . _ -) or null,"
-                f" not {out[key]!r}")
+                f"{key} must be a name ({hostfacts.PLACE_TEXT}) or null, not {out[key]!r}")
     port = out["service_port"]
     if port is not None and (not isinstance(port, int) or isinstance(port, bool)
                              or not 1 <= port <= 65535):

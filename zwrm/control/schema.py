@@ -23,7 +23,7 @@ are bounded; numbers are finite and within the stated range; an agent's capacity
 import math
 import re
 
-from zwrm import errors
+from zwrm import errors, hostfacts
 
 # -- types -------------------------------------------------------------------------------
 
@@ -297,10 +297,10 @@ ID = Str(128, ID_ALPHABET, "an id (1-128 characters of A-Z a-z 0-9 . _ : -, star
                            " letter or digit)")
 NAME = Str(63, r"[a-z0-9][a-z0-9-]{0,62}",
            "a name (1-63 lower-case letters, digits and -, starting with a letter or digit)")
-PLACE = Str(63, r"[A-Za-z0-9._-]{0,63}", "a region or datacenter name (at most 63 characters of"
-                                         " A-Z a-z 0-9 . _ -)")
-LABEL_KEY = Str(63, r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}", "a label key (1-63 characters of"
-                                                          " A-Z a-z 0-9 . _ / -)")
+PLACE = Str(63, hostfacts.PLACE_PATTERN,
+            f"a region or datacenter name ({hostfacts.PLACE_TEXT})")
+LABEL_KEY = Str(63, hostfacts.LABEL_KEY_PATTERN,
+                f"a label key ({hostfacts.LABEL_KEY_TEXT})")
 TEXT = Str(255)
 IMAGE_NAME = Str(255, r"[a-z0-9][a-z0-9._/-]{0,254}", "an image repository name (at most 255"
                                                        " characters of a-z 0-9 . _ / -)")
@@ -332,8 +332,9 @@ MACHINE_EVENT = Record(
 
 FACTS = Record(
     {
-        "name": Str(253), "region": PLACE, "datacenter": PLACE, "address": Str(255),
-        "labels": Map(Str(255), 64, key=LABEL_KEY),
+        "name": Str(hostfacts.NAME_MAX), "region": PLACE, "datacenter": PLACE,
+        "address": Str(255),
+        "labels": Map(Str(hostfacts.LABEL_VALUE_MAX), hostfacts.MAX_LABELS, key=LABEL_KEY),
         "vcpus": Int(0, MAX_VCPUS), "memory_mb": Int(0, MAX_MEMORY_MB),
         "disk_mb": Int(0, MAX_DISK_MB), "agent_version": Str(64),
         "fence_after": Number(0, 86400),
