@@ -74,6 +74,8 @@ class ValidationTests(TestCase):
             ({"region": "us east"}, "region must be a name (at most 63 characters of A-Z a-z"),
             ({"region": ""}, "region must be a name (at most 63 characters"),
             ({"datacenter": "d" * 64}, "datacenter must be a name (at most 63 characters"),
+            ({"constraints": {"disk type": "ssd"}}, "constraints: label key must be 1-63"),
+            ({"constraints": {"disk": "s" * 256}}, "constraints: label disk: its value must be"),
             ({"restart": {"policy": "sometimes"}}, "restart policy"),
             ({"volumes": [{"name": "d", "mount": "d"}]}, "mount"),
             # (what the agent's driver refuses at each start: refused here at once)

@@ -125,8 +125,12 @@ def validate_spec(spec):
             "name": name, "mount": mount, "size_mb": whole_number(v, "size_mb", 2, 16 * 1024 * 1024, 64),
         })
     # Placement-side checks (labels) are the scheduler's; fail now, not per replica.
-    PlacementRequest(vcpus=out["vcpus"], memory_mb=out["memory_mb"], region=out["region"],
-                     datacenter=out["datacenter"], constraints=out["constraints"])
+    request = PlacementRequest(vcpus=out["vcpus"], memory_mb=out["memory_mb"],
+                               region=out["region"], datacenter=out["datacenter"],
+                               constraints=out["constraints"])
+    wrong = hostfacts.problems(labels=request.constraints)  # (no host could have it)
+    if wrong:
+        raise errors.InvalidArgument(f"constraints: {wrong[0]}")
     return out
 
 
