@@ -39,7 +39,7 @@ TYPES = {
 }
 """The content type of each kind of file served; other files are never served."""
 
-_HOST = re.compile(rb"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
+_HOST = re.compile(rb"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?\Z|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?\Z")
 """A Host header that may be repeated in the policy's C{connect-src}."""
 
 

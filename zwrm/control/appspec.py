@@ -31,7 +31,7 @@ SPEC_FIELDS = frozenset({
     "shutdown_delay"})
 """The fields of a deployment spec (docs/wamp-procedures.md)."""
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
 
 
 def check_name(name, what):

@@ -46,7 +46,7 @@ from twisted.web import resource, server
 HOST_STATES = ("ready", "draining", "drained", "offline")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0, 300.0)
-_AGENT_PROCEDURE = re.compile(r"^zwrm\.agent\.[^.]+\.(.+)$")
+_AGENT_PROCEDURE = re.compile(r"^zwrm\.agent\.[^.]+\.(.+)\Z")
 _AGENT_GLOBAL = {"heartbeat", "report", "join", "register"}  # zwrm.agent.<these> are not per host
 
 #: Hosts whose samples one reactor turn writes: a scrape of 20,000 hosts takes 20 turns,

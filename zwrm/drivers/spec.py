@@ -131,8 +131,8 @@ def validate(spec):
     return out
 
 
-_TAP_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
-_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_TAP_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
 
 
 def _nic(nic):

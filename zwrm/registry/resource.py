@@ -60,7 +60,7 @@ MAX_RANGE_HEADER = 512
 _RANGE_RE = re.compile(r"^bytes=\s*(\d*-\d*)(\s*,\s*\d*-\d*)*\s*\Z")
 MEDIA_TYPE_RE = re.compile(
     r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
-    r"(\s*;.*)?$"
+    r"(\s*;.*)?\Z"
 )
 
 STATUS = {
@@ -84,13 +84,13 @@ STATUS = {
 
 _NAME = r"(?P<name>[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*)"
 ROUTES = [
-    ("base", re.compile(r"^$")),
-    ("catalog", re.compile(r"^_catalog$")),
-    ("tags", re.compile(rf"^{_NAME}/tags/list$")),
-    ("manifest", re.compile(rf"^{_NAME}/manifests/(?P<reference>[^/]+)$")),
-    ("uploads", re.compile(rf"^{_NAME}/blobs/uploads/?$")),
-    ("upload", re.compile(rf"^{_NAME}/blobs/uploads/(?P<uuid>[0-9a-f-]+)$")),
-    ("blob", re.compile(rf"^{_NAME}/blobs/(?P<digest>[^/]+)$")),
+    ("base", re.compile(r"^\Z")),
+    ("catalog", re.compile(r"^_catalog\Z")),
+    ("tags", re.compile(rf"^{_NAME}/tags/list\Z")),
+    ("manifest", re.compile(rf"^{_NAME}/manifests/(?P<reference>[^/]+)\Z")),
+    ("uploads", re.compile(rf"^{_NAME}/blobs/uploads/?\Z")),
+    ("upload", re.compile(rf"^{_NAME}/blobs/uploads/(?P<uuid>[0-9a-f-]+)\Z")),
+    ("blob", re.compile(rf"^{_NAME}/blobs/(?P<digest>[^/]+)\Z")),
 ]
 # (route, method) -> (action, handler method name)
 DISPATCH = {

@@ -58,8 +58,8 @@ from pathlib import Path
 
 PREFIX = "zwrmt-"
 DOMAIN = "zwrm.test"
-_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,19}$")
-_OURS = re.compile(r"^" + re.escape(PREFIX) + r"(\d+)-(\d+)-([a-z0-9-]+)$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,19}\Z")
+_OURS = re.compile(r"^" + re.escape(PREFIX) + r"(\d+)-(\d+)-([a-z0-9-]+)\Z")
 _LOCK = "/run/zwrm-testnet.lock"
 NETNS_ETC = Path("/etc/netns")
 

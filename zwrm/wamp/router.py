@@ -65,7 +65,7 @@ _CLIENT_REQUESTS = (
 )
 
 # loose URI rule (autobahn's, non-empty components), cached for URIs seen before
-_LOOSE_URI = re.compile(r"^([^\s\.#]+\.)*([^\s\.#]+)$")
+_LOOSE_URI = re.compile(r"^([^\s\.#]+\.)*([^\s\.#]+)\Z")
 _uri_ok_cache = {}
 
 

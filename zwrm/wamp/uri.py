@@ -10,9 +10,9 @@ the last one for a prefix (C{"zwrm.event."}), any one for a wildcard
 import re
 
 _STRICT = {
-    "exact": re.compile(r"^([0-9a-z_]+\.)*([0-9a-z_]+)$"),
-    "prefix": re.compile(r"^([0-9a-z_]+\.)*([0-9a-z_]*)$"),
-    "wildcard": re.compile(r"^(([0-9a-z_]+\.)|\.)*([0-9a-z_]+)?$"),
+    "exact": re.compile(r"^([0-9a-z_]+\.)*([0-9a-z_]+)\Z"),
+    "prefix": re.compile(r"^([0-9a-z_]+\.)*([0-9a-z_]*)\Z"),
+    "wildcard": re.compile(r"^(([0-9a-z_]+\.)|\.)*([0-9a-z_]+)?\Z"),
 }
 
 

@@ -25,7 +25,7 @@ from zwrm.agent.network.host import HostNetwork, check_network
 from zwrm.agent.network.proxy import KEEPALIVE_TIMEOUT, Ingress, forward_loopback
 from zwrm.errors import InvalidArgument, StaleView
 
-CERT_DOMAIN_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+CERT_DOMAIN_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\Z")
 
 
 def _is_int(value):

@@ -39,7 +39,7 @@ _OFFSET = struct.Struct(">Q")
 _ZERO = struct.Struct(">QQ")
 _MAX_CONTROL = 64 * 1024
 
-_VOLUME_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_VOLUME_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 
 
 class _OneProtocol(Factory):

@@ -38,7 +38,7 @@ TABLE = "certs"
 MAX_CERT = 64 * 1024
 MAX_KEY = 16 * 1024
 DOMAIN_RE = re.compile(
-    r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+    r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 
 #: What an agent's ingress procedure is called (under C{zwrm.agent.<host_id>.}).
 AGENT_VERB = "ingress.certs"
