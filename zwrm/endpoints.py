@@ -61,9 +61,6 @@ def tls_error_text(err):
     return "; ".join(e[-1] for e in queue if isinstance(e, tuple) and e and e[-1])
 
 
-__all__ = ["client_endpoint", "tcp_endpoint", "tls_error_text"]
-
-
 def connect_error_text(err):
     """
     @param err: why a connection failed or was lost: a Twisted connection error, an
@@ -87,3 +84,6 @@ def connect_error_text(err):
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
     return str(err).rstrip(".") or err.__class__.__name__
+
+
+__all__ = ["client_endpoint", "connect_error_text", "tcp_endpoint", "tls_error_text"]

@@ -469,7 +469,6 @@ def check_domain(domain):
     return domain.lower()
 
 
-
 # -- the cluster view, pushed to agents ---------------------------------------------
 
 EDGE_LABEL = "edge"
