@@ -319,6 +319,17 @@ class BoundsTests(unittest.TestCase):
                 f(arg)
         with self.assertRaises(InvalidArgument):
             image.parse_reference("app:v1\n")
+        # an image's kernel command line: what QEMU's -append can take, at the push and at
+        # the agent's pull (it failed only at each machine's start)
+        for cmdline in ("console=ttyS0\nx", "a\0b", "a\rb"):
+            with self.assertRaises(InvalidArgument):
+                image.make_config(cmdline)
+            with self.assertRaises(InvalidArgument) as cm:
+                image.parse_config(json.dumps({"cmdline": cmdline}).encode())
+            self.assertEqual(cm.exception.message, "zwrm image config: cmdline must be one line"
+                                                   f" of text, not {cmdline!r}")
+        self.assertEqual(image.parse_config(image.make_config("console=ttyS0"))["cmdline"],
+                         "console=ttyS0")
 
     @aio
     async def test_deep_manifest_is_a_clear_400(self):
