@@ -84,6 +84,13 @@ class VolumeEndpointTests(SynchronousTestCase):
                 self.options("--config", path)
             self.assertIn("region must be", str(cm.exception))
 
+    def test_retry_delays_are_finite(self):
+        self.assertEqual(self.options("--retry-max", "30").retry_max, 30.0)
+        for bad in ("nan", "inf", "0", "-1"):
+            with self.assertRaises(usage.UsageError) as cm:
+                self.options("--retry-max", bad)
+            self.assertEqual(str(cm.exception), "retry_max must be a positive number")
+
     def test_ingress_keepalive_timeout(self):
         self.assertEqual(self.options().ingress_keepalive_timeout, 75.0)
         c = self.options("--ingress-keepalive-timeout", "5.5")

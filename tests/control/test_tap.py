@@ -70,6 +70,11 @@ class ControlOptionsTests(SynchronousTestCase):
             (["--config", self.write("[health]\nofline_after = 3\n")], "unknown setting"),
             (["--config", self.write('[health]\noffline_after = "soon"\n')], "must be a number"),
             (["--check-interval", "-1"], "must be positive"),
+            # (TOML and float() take nan and inf: a monitor's timer took them)
+            (["--check-interval", "nan"], "--check-interval must be a number, not nan"),
+            (["--config", self.write("[health]\noffline_after = inf\n")],
+             "offline_after must be a number, not inf"),
+            (["--reschedule-after", "inf"], "must be a number, not inf"),
             (["--strategy", "nope"], "unknown placement strategy 'nope'; available: pack, spread"),
             (["--listen", "tcp:8080"], "not on loopback"),
             (["--listen", "udp:1"], "use tcp:, ssl: or unix:"),

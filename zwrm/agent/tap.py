@@ -213,7 +213,7 @@ class Options(usage.Options):
             if key in values:
                 try:
                     values[key] = float(values[key])
-                    assert values[key] > 0
+                    assert 0 < values[key] < float("inf")
                 except (ValueError, TypeError, AssertionError):
                     raise usage.UsageError(f"{key} must be a positive number") from None
         if not isinstance(values.get("labels", {}), dict):

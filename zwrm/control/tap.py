@@ -66,6 +66,7 @@ flag wins.  Example::
 A bad file or value is one readable line from twistd, not a traceback.
 """
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -197,6 +198,8 @@ def _coerce(name, kind, value):
             value = float(value)
         except ValueError:
             raise usage.UsageError(f"{name} must be a number, not {value!r}") from None
+        if not math.isfinite(value):  # (TOML has nan and inf; so has float())
+            raise usage.UsageError(f"{name} must be a number, not {value!r}")
         if value <= 0 and not name.endswith(_ZERO_ALLOWED):
             raise usage.UsageError(f"{name} must be positive, not {value}")
         if value < 0:
