@@ -7,6 +7,7 @@ import io
 import json
 
 from twisted.internet import defer, reactor, task
+from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.agent.test_membership import start_plane
@@ -246,6 +247,19 @@ class AuditCliTests(TestCase):
 
 
 class ParseTests(SynchronousTestCase):
+    def test_an_empty_since_is_refused(self):
+        """--since '' is no time: refused before anything is sent (it was taken as no filter)."""
+        settings = {"url": "ws://127.0.0.1:1/ws"}
+        for done in (ensureDeferred(cli_audit.audit(reactor, Args(since="", limit=100,
+                                                                procedure=None, authid=None,
+                                                                api_url=None))),
+                  ensureDeferred(cli_events.events(reactor, Args(
+                      since="", topic=None, json=False, after=None, follow=False, limit=20,
+                      api_url=None), settings=settings))):
+            e = self.failureResultOf(done, CliError).value
+            self.assertEqual(e.code, 2)
+            self.assertTrue(e.message.startswith("--since '': give a duration"), e.message)
+
     def test_since(self):
         self.assertEqual(cli_audit.parse_since("2h", now=10000.0), 2800.0)
         self.assertEqual(cli_audit.parse_since("1970-01-01T01:00:00"), 3600.0)

@@ -78,7 +78,7 @@ async def audit(reactor, args, out=None):
     if not 1 <= args.limit <= 10000:
         raise CliError(f"--limit {args.limit}: give 1 to 10000", EXIT_USAGE)
     kw = {"limit": args.limit}
-    if args.since:
+    if args.since is not None:  # ("" is no time: refused, not taken as no filter)
         kw["since"] = parse_since(args.since)
     if args.procedure:
         kw["uri"] = args.procedure

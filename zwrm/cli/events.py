@@ -272,7 +272,7 @@ async def events(reactor, args, out=None, err=None, settings=None):
     settings = settings or load_settings(args.api_url)
     topics = list(dict.fromkeys(args.topic or [])) or None
     printer = Printer(out, args.json, last=args.after)
-    since = parse_since(args.since) if getattr(args, "since", None) else None
+    since = parse_since(args.since) if getattr(args, "since", None) is not None else None
     if not args.follow:
         session = await connect(reactor, settings)
         try:
