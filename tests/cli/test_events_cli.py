@@ -250,12 +250,11 @@ class ParseTests(SynchronousTestCase):
     def test_an_empty_since_is_refused(self):
         """--since '' is no time: refused before anything is sent (it was taken as no filter)."""
         settings = {"url": "ws://127.0.0.1:1/ws"}
-        for done in (ensureDeferred(cli_audit.audit(reactor, Args(since="", limit=100,
-                                                                procedure=None, authid=None,
-                                                                api_url=None))),
-                  ensureDeferred(cli_events.events(reactor, Args(
-                      since="", topic=None, json=False, after=None, follow=False, limit=20,
-                      api_url=None), settings=settings))):
+        audit = Args(since="", limit=100, procedure=None, authid=None, api_url=None)
+        events = Args(since="", topic=None, json=False, after=None, follow=False, limit=20,
+                      api_url=None)
+        for done in (ensureDeferred(cli_audit.audit(reactor, audit)),
+                     ensureDeferred(cli_events.events(reactor, events, settings=settings))):
             e = self.failureResultOf(done, CliError).value
             self.assertEqual(e.code, 2)
             self.assertTrue(e.message.startswith("--since '': give a duration"), e.message)
