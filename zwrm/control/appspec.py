@@ -21,7 +21,7 @@ from zwrm import errors, healthspec, hostfacts
 from zwrm.control import fields, healing, network
 from zwrm.control.resources.apps import SECRET_FIELDS, secret_digest
 from zwrm.drivers import cloudinit
-from zwrm.drivers.spec import check_cmdline
+from zwrm.registry.image import check_cmdline
 from zwrm.registry.image import parse_reference as parse_image_reference
 from zwrm.scheduler import PlacementRequest
 

@@ -11,6 +11,7 @@ import re
 
 from zwrm.drivers import cloudinit as _cloudinit
 from zwrm.errors import InvalidArgument
+from zwrm.registry.image import check_cmdline
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
@@ -54,19 +55,6 @@ def _port(v, what):
     if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 65535:
         raise InvalidArgument(f"{what} must be a TCP port (1-65535), not {v!r}")
     return v
-
-
-def check_cmdline(cmdline, what="cmdline"):
-    """
-    Check a kernel command line (QEMU's C{-append}, one argument of its command).
-
-    @return: C{cmdline}.
-    @raise InvalidArgument: (naming C{what}) unless one line of text without NUL, which no
-        process argument can hold.
-    """
-    if not isinstance(cmdline, str) or any(c in cmdline for c in "\n\r\0"):
-        raise InvalidArgument(f"{what} must be one line of text, not {cmdline!r}")
-    return cmdline
 
 
 def validate(spec):

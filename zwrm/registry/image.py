@@ -59,7 +59,7 @@ def make_config(cmdline="", service_port=None, firmware=None):
     @param firmware: C{"bios"} (default) or C{"uefi"}: how a self-booting disk boots.
     @return: the config blob's bytes (canonical JSON).
     """
-    _check_cmdline(cmdline or "")
+    check_cmdline(cmdline or "")
     if service_port is not None and not (isinstance(service_port, int) and 0 < service_port < 65536):
         raise InvalidArgument(f"service port must be 1-65535, not {service_port!r}")
     if firmware is not None and firmware not in FIRMWARES:
@@ -162,14 +162,19 @@ def parse_config(body):
         raise InvalidArgument("malformed zwrm image config")
     if firmware not in FIRMWARES:
         raise InvalidArgument(f"zwrm image config: firmware must be bios or uefi, not {firmware!r}")
-    _check_cmdline(cmdline, "zwrm image config: ")
+    check_cmdline(cmdline, "zwrm image config: cmdline")
     return {"cmdline": cmdline, "service_port": port, "firmware": firmware}
 
 
-def _check_cmdline(cmdline, where=""):
+def check_cmdline(cmdline, what="cmdline"):
     """
-    @raise InvalidArgument: unless C{cmdline} is one line without NUL (the argument QEMU's
-        C{-append} takes, as L{zwrm.drivers.spec.check_cmdline} checks it on the agent).
+    Check a kernel command line (QEMU's C{-append}, one argument of its command): an image's,
+    an app spec's, a machine's (L{zwrm.drivers.spec}).
+
+    @return: C{cmdline}.
+    @raise InvalidArgument: (naming C{what}) unless one line of text without NUL, which no
+        process argument can hold.
     """
     if not isinstance(cmdline, str) or any(c in cmdline for c in "\n\r\0"):
-        raise InvalidArgument(f"{where}cmdline must be one line of text, not {cmdline!r}")
+        raise InvalidArgument(f"{what} must be one line of text, not {cmdline!r}")
+    return cmdline
