@@ -5,8 +5,12 @@ deploy, a cloud-init hostname C{"web\\n"} by a driver, a certificate's domain C{
 by C{zwrm certs add}).
 """
 
+import ast
+import os
+
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.wamp.test_uris import source_trees
 from zwrm import errors
 from zwrm.agent.network.agent import CERT_DOMAIN_RE
 from zwrm.agent.transfer.wire import _VOLUME_ID
@@ -61,22 +65,11 @@ class TrailingNewlineTests(SynchronousTestCase):
 class RuleTests(SynchronousTestCase):
     def test_no_pattern_ends_with_a_dollar(self):
         """Every pattern zwrm compiles ends with C{\\Z} where it means the end of the text."""
-        import ast
-        import os
-
-        root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zwrm")
         found = []
-        for d, _dirs, files in os.walk(root):
-            for name in files:
-                if not name.endswith(".py"):
-                    continue
-                path = os.path.join(d, name)
-                with open(path) as f:
-                    tree = ast.parse(f.read(), path)
-                for node in ast.walk(tree):
-                    if (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "compile"
-                            and getattr(node.func.value, "id", None) == "re" and node.args):
-                        text = ast.unparse(node.args[0])
-                        if text.rstrip("'\"").endswith("$"):
-                            found.append(f"{os.path.relpath(path, root)}:{node.lineno}")
+        for path, tree in source_trees():
+            for node in ast.walk(tree):
+                if (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "compile"
+                        and getattr(node.func.value, "id", None) == "re" and node.args):
+                    if ast.unparse(node.args[0]).rstrip("'\"").endswith("$"):
+                        found.append(f"{os.path.relpath(path)}:{node.lineno}")
         self.assertEqual(found, [])

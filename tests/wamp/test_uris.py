@@ -26,25 +26,29 @@ DOC_URI = re.compile(r"`((?:zwrm|wamp)\.[^`\s]*)`")
 MODULES = {"zwrm." + name.split(".")[0] for name in os.listdir(os.path.join(ROOT, "zwrm"))}
 
 
+def source_trees():
+    """C{(path, syntax tree)} of every Python file in zwrm/."""
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "zwrm")):
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                with open(path) as f:
+                    yield path, ast.parse(f.read(), path)
+
+
 def _source_uris():
     """(uri, where) for every string constant or f-string in zwrm/ that starts with zwrm. or wamp."""
-    for dirpath, _, files in os.walk(os.path.join(ROOT, "zwrm")):
-        for name in files:
-            if not name.endswith(".py"):
+    for path, tree in source_trees():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                text = node.value
+            elif isinstance(node, ast.JoinedStr):
+                text = "".join(v.value if isinstance(v, ast.Constant) else "{" + ast.unparse(v.value) + "}"
+                               for v in node.values)
+            else:
                 continue
-            path = os.path.join(dirpath, name)
-            with open(path) as f:
-                tree = ast.parse(f.read(), path)
-            for node in ast.walk(tree):
-                if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                    text = node.value
-                elif isinstance(node, ast.JoinedStr):
-                    text = "".join(v.value if isinstance(v, ast.Constant) else "{" + ast.unparse(v.value) + "}"
-                                   for v in node.values)
-                else:
-                    continue
-                if re.match(r"^(zwrm|wamp)\.", text) and " " not in text:
-                    yield text, f"{os.path.relpath(path, ROOT)}:{node.lineno}"
+            if re.match(r"^(zwrm|wamp)\.", text) and " " not in text:
+                yield text, f"{os.path.relpath(path, ROOT)}:{node.lineno}"
 
 
 def _doc_uris():
