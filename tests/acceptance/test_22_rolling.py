@@ -16,8 +16,8 @@ C{/www/version.txt}, which the guest's web server serves).
    superseded by its fix (deployed while the bad update waits for its first machine): the
    bad deploy exits 1 saying so, and the fix rolls out at once.  Then the app as a file
    (C{zwrm apps spec}, C{zwrm deploy --file}): applied again it is no new version and
-   replaces nothing; a typo in it (exit 2) and a bad value (exit 1) are one line each and
-   change nothing; an edit is the next version.  Its first image, untagged, is collected
+   replaces nothing; a typo in it (exit 2), a typo inside its [health] table and a bad
+   value (exit 1) are one line each and change nothing; an edit is the next version.  Its first image, untagged, is collected
    (C{zwrm images gc}): its manifest and the blobs no other image uses go, the rest stays.
  - The earlier app (one replica, pinned to its volume) is redeployed with
    C{demo:2-panic-once} (C{demo:2} whose guest panics at its first boot): its replacement
@@ -241,6 +241,13 @@ def test_rolling_deploy_of_a_stateless_app(cluster, request):
                          input=re.sub(r"(?m)^memory_mb = .*$", "memory_mb = 10", text))
         assert bad.stderr == "zwrm: memory_mb must be a whole number from 32 to 1048576, " \
             "not 10\n", bad.stderr
+        # a typo inside a table: the control plane's (it dropped the field, its default taken)
+        head, table, rest = text.partition("[health]\n")
+        nested = cluster.sh("client", ["zwrm", "deploy", "roll", "-f", "-"],
+                            env={"HOME": cluster.client_home}, ok=(1,),
+                            input=head + table + rest.replace("interval = ", "intervall = ", 1))
+        assert nested.stderr == "zwrm: unknown health field(s): intervall (a check has grace," \
+            " interval, path, timeout, type, unhealthy_threshold)\n", nested.stderr
         # an edit that replaces no machine (how updates roll is not versioned)
         edited = cluster.zwrm_json("deploy", "roll", "-f", "-", "--shutdown-delay", "2",
                                    input=text)
