@@ -140,6 +140,18 @@ class ParserTests(SynchronousTestCase):
         args = parser.parse_args(["host", "status", "h-1"])
         self.assertEqual((args.host_id, args.func), ("h-1", host.host_status))
 
+    def test_either_number(self):
+        """
+        A command naming a kind of object takes it singular or plural: the same subcommands.
+        """
+        parser = main.build_parser()
+        for one, other in (("host", "hosts"), ("apps", "app"), ("machines", "machine"),
+                           ("volumes", "volume"), ("tokens", "token"), ("images", "image"),
+                           ("certs", "cert")):
+            args = [vars(parser.parse_args([name, "list"])) for name in (one, other)]
+            self.assertEqual([a.pop("command") for a in args], [one, other])
+            self.assertEqual(args[0], args[1], other)
+
     def test_usage_error_is_one_line(self):
         err = io.StringIO()
         self.patch(main.sys, "stderr", err)

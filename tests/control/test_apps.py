@@ -180,6 +180,25 @@ class AppTests(TestCase):
             await c.apps.create_app("Bad Name")
 
     @d
+    async def test_machines_of_one_host(self):
+        """
+        Listing one host's machines: a host with none lists none; a host the cluster does not
+        know is not found, naming the argument (a typo is not an empty host).
+        """
+        c = await Cluster(self).start()
+        await c.apps.create_app("web")
+        await c.apps.deploy("web", c.spec(replicas=1))
+        [m] = await c.apps.list_machines(host_id=None)
+        other = "h-b" if m["host_id"] == "h-a" else "h-a"
+        self.assertEqual([x["id"] for x in await c.apps.list_machines(host_id=m["host_id"])],
+                         [m["id"]])
+        self.assertEqual(await c.apps.list_machines(host_id=other), [])
+        with self.assertRaises(errors.NotFound) as cm:
+            await c.apps.list_machines(host_id="h-typo")
+        self.assertEqual((cm.exception.kwargs, cm.exception.message),
+                         ({"argument": "host_id"}, "no host 'h-typo'"))
+
+    @d
     async def test_unplaceable_says_why_and_starts_nothing(self):
         c = await Cluster(self).start()
         await c.apps.create_app("big")

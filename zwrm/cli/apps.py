@@ -34,7 +34,7 @@ from zwrm.cli.host import machine_state as _state
 
 
 def register(subparsers):
-    apps = subparsers.add_parser("apps", help="apps of the cluster")
+    apps = subparsers.add_parser("apps", aliases=["app"], help="apps of the cluster")
     asub = apps.add_subparsers(dest="apps_command", metavar="SUBCOMMAND")
     asub.required = True
     p = asub.add_parser("create", help="create an app (then deploy it)")
@@ -174,7 +174,7 @@ def register(subparsers):
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=destroy)
 
-    machines = subparsers.add_parser("machines", help="machines of the cluster")
+    machines = subparsers.add_parser("machines", aliases=["machine"], help="machines of the cluster")
     msub = machines.add_subparsers(dest="machines_command", metavar="SUBCOMMAND")
     msub.required = True
     p = msub.add_parser("list", help="machines, optionally of one app or host")
@@ -200,7 +200,7 @@ def register(subparsers):
                    help="then follow the console as the guest writes (until Ctrl-C)")
     p.set_defaults(func=logs)
 
-    volumes = subparsers.add_parser("volumes", help="local volumes of apps")
+    volumes = subparsers.add_parser("volumes", aliases=["volume"], help="local volumes of apps")
     vsub = volumes.add_subparsers(dest="volumes_command", metavar="SUBCOMMAND")
     vsub.required = True
     p = vsub.add_parser("create", help="create a volume for an app's replica before deploying")

@@ -21,7 +21,7 @@ MAX_FILE = 64 * 1024
 
 
 def register(subparsers):
-    certs = subparsers.add_parser("certs", help="TLS certificates of the ingress (https ports)")
+    certs = subparsers.add_parser("certs", aliases=["cert"], help="TLS certificates of the ingress (https ports)")
     csub = certs.add_subparsers(dest="certs_command", metavar="SUBCOMMAND")
     csub.required = True
     add = csub.add_parser("add", help="store (or replace) the certificate of a domain")

@@ -23,7 +23,7 @@ from zwrm.cli.host_reset import register_reset
 
 
 def register(subparsers):
-    host = subparsers.add_parser("host", help="hosts of the cluster")
+    host = subparsers.add_parser("host", aliases=["hosts"], help="hosts of the cluster")
     hsub = host.add_subparsers(dest="host_command", metavar="SUBCOMMAND")
     hsub.required = True
     ls = hsub.add_parser("list", help="every host, as a table")

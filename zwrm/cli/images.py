@@ -259,7 +259,7 @@ def _port(text):
 
 def register(subparsers):
     """Add C{images} (push, list, rm) to the CLI's sub-commands."""
-    p = subparsers.add_parser("images", help="push, list and remove VM images")
+    p = subparsers.add_parser("images", aliases=["image"], help="push, list and remove VM images")
     sub = p.add_subparsers(dest="images_command", metavar="COMMAND")
     sub.required = True
 

@@ -37,7 +37,7 @@ def parse_ttl(text):
 
 def register(subparsers):
     tokens = subparsers.add_parser(
-        "tokens", help="join tokens for adding hosts; operator and viewer tokens")
+        "tokens", aliases=["token"], help="join tokens for adding hosts; operator and viewer tokens")
     tsub = tokens.add_subparsers(dest="tokens_command", metavar="SUBCOMMAND")
     tsub.required = True
     create = tsub.add_parser("create", help="create a token and print it (once)")

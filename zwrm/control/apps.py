@@ -467,6 +467,9 @@ class Apps:
         app_id = (await self._app(app))["id"] if app is not None else None
         rows = await self.data.machines.find(app_id=app_id, host_id=host_id,
                                              order_by="created_at")
+        if not rows and host_id is not None and self.data.hosts.get(host_id) is None:
+            # (a removed host's machines still listed are its own: a typo is not)
+            raise errors.NotFound(f"no host {host_id!r}", argument="host_id")
         return [machine_wire(m) for m in rows]
 
     @wamp.register("zwrm.machine.status")
