@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.agent.test_membership import make_agent, start_plane
 from zwrm import pki
-from zwrm.cli import client, host, host_remove, main
+from zwrm.cli import apps, client, host, host_remove, main
 from zwrm.cli.client import CliError
 from zwrm.testing.processes import poll, temp_dir
 
@@ -200,13 +200,14 @@ class FormatTests(SynchronousTestCase):
 
     def test_status(self):
         out = io.StringIO()
-        status = dict(HOST, machine_list=[{"id": "m1", "app_id": "a", "state": "running"}],
+        status = dict(HOST, machine_list=[{"id": "m1", "app_id": "a-1f", "app": "web",
+                                           "state": "running"}],
                       events=[{"ts": 0, "kind": "state", "payload": {"state": "offline",
                                                                       "reason": "heartbeat_lost"}}])
         host.format_status(status, out)
         text = out.getvalue()
         self.assertIn("labels                a=b", text)
-        self.assertIn("m1", text)
+        self.assertIn("\nm1  web  running\n", text)  # the app by its name
         self.assertIn("offline (heartbeat_lost)", text)
         self.assertIn("disk                  0 of 1000 MiB allocated\n", text)  # no figure yet
         self.assertIn("host certificate      -\n", text)  # no heartbeat said yet
@@ -216,6 +217,18 @@ class FormatTests(SynchronousTestCase):
         host.format_status(dict(status, fence_after=60.0), out)
         self.assertIn("fence                 its agent stops its machines with volumes 60 s"
                       " after the control plane last answered (fence_after)\n", out.getvalue())
+
+    def test_volumes_of_every_app_name_their_apps(self):
+        volume = {"id": "v-1", "app_id": "a-1f", "app": "db", "name": "data", "replica": 0,
+                  "host_id": "h-1", "size_mb": 64, "mount": "/data", "state": "ready"}
+        out = io.StringIO()
+        apps.format_volumes([volume], out, apps=True)
+        self.assertEqual([line.split() for line in out.getvalue().splitlines()],
+                         [["ID", "APP", "NAME", "REPLICA", "HOST", "SIZE(MiB)", "MOUNT", "STATE"],
+                          ["v-1", "db", "data", "0", "h-1", "64", "/data", "ready"]])
+        out = io.StringIO()  # one app's (zwrm status APP, volumes list --app): no APP column
+        apps.format_volumes([volume], out)
+        self.assertEqual(out.getvalue().split()[:3], ["ID", "NAME", "REPLICA"])
 
     def test_status_a_paused_machine(self):
         out = io.StringIO()
@@ -293,10 +306,18 @@ class LiveTests(TestCase):
         hosts = json.loads(out.getvalue())
         self.assertEqual([(h["name"], h["state"]) for h in hosts], [("a1", "ready")])
         out = io.StringIO()
-        await host.host_status(reactor, Args(api_url=plane.url, json=False, host_id=hosts[0]["id"]), out)
+        await host.host_status(reactor, Args(api_url=plane.url, json=False, host_id=hosts[0]["id"],
+                                             events=20), out)
         self.assertIn("joined", out.getvalue())
+        self.assertIn("\nrecent events (2):\n", out.getvalue())
+        out = io.StringIO()  # --events N: its newest N
+        await host.host_status(reactor, Args(api_url=plane.url, json=False, host_id=hosts[0]["id"],
+                                             events=1), out)
+        self.assertIn("\nrecent events (1):\n", out.getvalue())
+        self.assertNotIn("joined", out.getvalue())
         with self.assertRaises(CliError) as e:
-            await host.host_status(reactor, Args(api_url=plane.url, json=False, host_id="h-x"), out)
+            await host.host_status(reactor, Args(api_url=plane.url, json=False, host_id="h-x",
+                                                 events=20), out)
         self.assertEqual((e.exception.code, e.exception.message), (1, "no host 'h-x'"))
         env["ZWRM_TOKEN"] = "bad"
         with self.assertRaises(CliError) as e:
@@ -342,7 +363,8 @@ class LiveTests(TestCase):
         await host.host_list(reactor, Args(api_url=plane.url, json=True), out)
         self.assertEqual(len(json.loads(out.getvalue())), 2)  # the JSON is the hosts alone
         out = io.StringIO()
-        await host.host_status(reactor, Args(api_url=plane.url, json=False, host_id=ids[0]), out)
+        await host.host_status(reactor, Args(api_url=plane.url, json=False, host_id=ids[0],
+                                             events=20), out)
         self.assertIn(f"partition             its replicas are held: datacenter dc1 partitioned"
                       f" since {since} (zwrm host list)\n", out.getvalue())
 

@@ -241,6 +241,9 @@ class AppTests(TestCase):
         await c.apps.scale("db", 1)
         self.assertEqual(len(await c.machines("db")), 1)
         self.assertEqual(len(await c.apps.list_volumes("db")), 2)
+        # each with its app's name, of one app or of all
+        self.assertEqual([v["app"] for v in await c.apps.list_volumes("db")], ["db", "db"])
+        self.assertEqual([v["app"] for v in await c.apps.list_volumes()], ["db", "db"])
         # Fill replica 1's host for everything but a pinned placement: it must still go there.
         await c.apps.scale("db", 2)
         again = {m["replica"]: m["host_id"] for m in await c.machines("db")}

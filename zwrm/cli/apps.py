@@ -564,10 +564,13 @@ def format_app(app, out):
         out.write(f"snapshots: {_schedule_line(schedule)}; {_last_run(schedule)}\n")
 
 
-def format_volumes(volumes, out):
-    _table(["ID", "NAME", "REPLICA", "HOST", "SIZE(MiB)", "MOUNT", "STATE"],
-           [[v["id"], v["name"], v.get("replica", 0), v["host_id"], v["size_mb"], v["mount"],
-             v["state"]] for v in volumes], out)
+def format_volumes(volumes, out, apps=False):
+    """The volumes' table; C{apps}: with their apps' names (a list of several apps')."""
+    _table(["ID", *(["APP"] if apps else []), "NAME", "REPLICA", "HOST", "SIZE(MiB)", "MOUNT",
+            "STATE"],
+           [[v["id"], *([v.get("app") or v.get("app_id") or "-"] if apps else []), v["name"],
+             v.get("replica", 0), v["host_id"], v["size_mb"], v["mount"], v["state"]]
+            for v in volumes], out)
 
 
 async def apps_create(reactor, args, out=None):
@@ -1102,7 +1105,7 @@ async def volumes_list(reactor, args, out=None):
         vs = await call(session, "zwrm.volume.list", app=args.app)
     finally:
         await close(session)
-    print_json(vs, out) if args.json else format_volumes(vs, out)
+    print_json(vs, out) if args.json else format_volumes(vs, out, apps=args.app is None)
 
 
 async def volumes_destroy(reactor, args, out=None):

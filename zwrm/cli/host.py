@@ -3,6 +3,7 @@ C{zwrm host list} and C{zwrm host status <host-id>} (drain, reset and remove are
 modules of their own).
 """
 
+import argparse
 import sys
 import time
 
@@ -32,7 +33,8 @@ def register(subparsers):
     st = hsub.add_parser("status", help="everything known about one host")
     st.add_argument("host_id")
     st.add_argument("--json", action="store_true", help="print JSON")
-    st.add_argument("--events", type=int, default=20, help="how many recent events")
+    st.add_argument("--events", type=_event_count, default=20, metavar="N",
+                    help="how many of its newest events (0 to 1000; default 20)")
     st.set_defaults(func=host_status)
     cl = hsub.add_parser(
         "clean", help="delete what a host keeps that the cluster does not record (zwrm host "
@@ -174,7 +176,7 @@ def format_status(h, out, partition=None):
     out.write(f"\nmachines ({len(h['machine_list'])}):\n")
     if h["machine_list"]:
         _table(["ID", "APP", "STATE"],
-               [[m["id"], m.get("app_id") or "-", machine_state(m)] for m in h["machine_list"]],
+               [[m["id"], m.get("app") or m.get("app_id") or "-", machine_state(m)] for m in h["machine_list"]],
                out)
         for m in h["machine_list"]:
             if m.get("paused"):
@@ -235,14 +237,14 @@ async def _partitions(session):
         raise
 
 
-async def _with_partitions(reactor, args, procedure, *cargs):
+async def _with_partitions(reactor, args, procedure, *cargs, **kwargs):
     """
     C{procedure}'s answer and, for the text output (not C{--json}), the partitions held
     now, over one session.
     """
     session = await connect(reactor, load_settings(args.api_url))
     try:
-        answer = await call(session, procedure, *cargs)
+        answer = await call(session, procedure, *cargs, **kwargs)
         return answer, ([] if args.json else await _partitions(session))
     finally:
         await close(session)
@@ -259,9 +261,22 @@ async def host_list(reactor, args, out=None):
     return 0
 
 
+def _event_count(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of events") from None
+    if not 0 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0 to 1000")
+    return value
+
+
 async def host_status(reactor, args, out=None):
     out = out or sys.stdout
-    host, partitions = await _with_partitions(reactor, args, "zwrm.host.status", args.host_id)
+    # (the default not sent: a control plane from before --events still answers)
+    more = {"events": args.events} if args.events != 20 else {}
+    host, partitions = await _with_partitions(reactor, args, "zwrm.host.status", args.host_id,
+                                              **more)
     if args.json:
         print_json(host, out)
     else:

@@ -208,10 +208,10 @@ class HostAPI:
         return await self.registry.list()
 
     @wamp.register("zwrm.host.status")
-    async def status(self, host_id=None):
+    async def status(self, host_id=None, events=20):
         if not isinstance(host_id, str) or not host_id:
             raise errors.InvalidArgument("zwrm.host.status needs a host id")
-        result = await self.registry.status(host_id)
+        result = await self.registry.status(host_id, events)
         if self.unrecorded is not None:  # (its agent asked now, if it can be)
             result["unrecorded"] = (await self.unrecorded.look(host_id)
                                     if self.registry.executor_available(host_id) else None)

@@ -603,11 +603,14 @@ class Apps:
 
     @wamp.register("zwrm.volume.list")
     async def list_volumes(self, app=None):
-        """Volumes, optionally of one app."""
+        """Volumes, optionally of one app; each with its C{app}'s name."""
         if app is None:
-            return await self.data.volumes.find(order_by="created_at")
+            names = {a["id"]: a["name"] for a in await self.data.apps.all()}
+            rows = await self.data.volumes.find(order_by="created_at")
+            return [{**v, "app": names.get(v["app_id"])} for v in rows]
         a = await self._app(app)
-        return await self.data.volumes.find(app_id=a["id"], order_by="name")
+        return [{**v, "app": a["name"]}
+                for v in await self.data.volumes.find(app_id=a["id"], order_by="name")]
 
     @wamp.register("zwrm.volume.destroy")
     async def destroy_volume(self, volume_id):

@@ -478,7 +478,7 @@ PROCEDURES = {p.uri: p for p in [
     # -- hosts -------------------------------------------------------------------------
     Procedure("zwrm.host.list", READ, "Every host, summarised.", [], "a list of hosts"),
     Procedure("zwrm.host.status", READ, "One host with its machines and recent events.",
-              [_HOST], "the host with machine_list, events, stats, disk_full and unrecorded"
+              [_HOST, Arg("events", Int(0, 1000), 20, "how many of its newest events")], "the host with machine_list, events, stats, disk_full and unrecorded"
               " ({volumes, snapshots, machines} its agent keeps that the cluster does not"
               " record, its agent asked now; null when it cannot be asked)",
               ["invalid_argument", "not_found"]),
@@ -657,7 +657,8 @@ PROCEDURES = {p.uri: p for p in [
          Arg("host_id", Nullable(ID), None, "place it on this host")],
         "the volume", ["invalid_argument", "not_found", "conflict", "unplaceable", "unavailable"]),
     Procedure("zwrm.volume.list", READ, "Volumes, optionally of one app.",
-              [Arg("app", Nullable(NAME), None, "only this app's")], "a list of volumes",
+              [Arg("app", Nullable(NAME), None, "only this app's")],
+              "a list of volumes, each with its app's name (app)",
               ["invalid_argument", "not_found"]),
     Procedure("zwrm.volume.destroy", OPERATOR, "Delete a volume and its data.",
               [Arg("volume_id", ID, doc="the volume's id")], "the volume's id",
