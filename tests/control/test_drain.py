@@ -634,6 +634,10 @@ class DrainRunTests(TestCase):
         self.assertFalse(c.store_of(dst).exists(vid))
         self.assertEqual((await c.store.get("volumes", vid))["host_id"], src)
         self.assertEqual(c.registry.entry(src).machine.state, "draining")
+        # it holds its capacity on the source again (given back when it stopped there)
+        scheduler = c.apps.placements.scheduler
+        self.assertEqual([(scheduler.host(h).machines, scheduler.host(h).used_memory_mb)
+                          for h in (src, dst)], [(1, 256), (0, 0)])
         # the operator retries once the target is fixed
         del c.probes[dst]
         _, status = await self.drain(c, src)
@@ -1134,6 +1138,86 @@ class DrainRunTests(TestCase):
             return self.copies(c) == [(src, m["id"])]
 
         await self.until(c, one_copy, "the replacement stopped on its host's return")
+
+    @d
+    async def test_source_lost_mid_move_starts_again_where_it_was_once_back(self):
+        """
+        The source is lost after the machine with a volume was stopped there: the move
+        rolls back but cannot start it again (failed); the machine, stopped by the drain and
+        not by its operator, is recorded failed, so that its restart policy starts it on
+        its source, with its data, once the host is back and in service.
+        """
+        from tests.control.test_healing import healer_for
+
+        c = await DrainCluster(self).start()
+        healer = await healer_for(c)
+        m = await self.deploy(c)
+        src, vid = m["host_id"], m["volumes"][0]
+        dst = "h-b" if src == "h-a" else "h-a"
+        before = write_known(c.store_of(src).path(vid), "v1")
+        step = c.drains._step_delta_copying
+
+        async def lose_the_source_first(drain, run):
+            await c.registry.mark_offline(src)  # its agent is gone
+            return await step(drain, run)
+
+        c.drains._step_delta_copying = lose_the_source_first
+        _, status = await self.drain(c, src)
+        mg = status["migrations"][0]
+        self.assertEqual((status["state"], mg["phase"]), ("incomplete", "failed"))
+        row = await c.apps.data.machines.get(m["id"])
+        self.assertEqual((row["host_id"], row["state"]), (src, "failed"))
+        self.assertIn("its drain's rollback could not start it again", mg["error"] + str(
+            await c.apps.data.machines.recent_events(m["id"])))
+        self.assertFalse(c.store_of(dst).exists(vid))
+        self.assertEqual(self.copies(c), [])
+        await self.back(c, src)
+        await c.registry.reconcile(src, c.executors[src][0].list_machines())
+        # (held while its host is draining: the operator drains it again, which moves it at
+        # rest, or, here, undrains it)
+        await c.drains.undrain(src)
+
+        async def runs_again():
+            await healer.idle()
+            return self.copies(c) == [(src, m["id"])]
+
+        await self.until(c, runs_again, "the machine running again on its source")
+        self.assertEqual(sha(c.store_of(src).path(vid)), before)
+
+    @d
+    async def test_source_lost_at_the_cleaning_its_copy_goes_once_back(self):
+        """
+        The source is lost once the move committed, before its copy of the volume is
+        deleted: the move is done, the copy recorded as a leftover (drain-status says so)
+        and deleted when the source is back; the moved volume is untouched.
+        """
+        c = await DrainCluster(self).start()
+        m = await self.deploy(c)
+        src, vid = m["host_id"], m["volumes"][0]
+        dst = "h-b" if src == "h-a" else "h-a"
+        before = write_known(c.store_of(src).path(vid), "v1")
+        step = c.drains._step_cleaning
+
+        async def lose_the_source_first(drain, run):
+            await c.registry.mark_offline(src)
+            return await step(drain, run)
+
+        c.drains._step_cleaning = lose_the_source_first
+        _, status = await self.drain(c, src)
+        mg = status["migrations"][0]
+        self.assertEqual((status["state"], mg["phase"]), ("completed", "done"))
+        self.assertEqual(mg["leftovers"], [{"host": src, "volume_id": vid}])
+        self.assertIn(f"a copy of {vid} on {src}", mg["error"])
+        self.assertTrue(c.store_of(src).exists(vid))
+        await self.back(c, src)
+
+        async def swept():
+            return not c.store_of(src).exists(vid)
+
+        await self.until(c, swept, "the source's copy deleted")
+        self.assertEqual((await c.drains.drain_status(src))["migrations"][0]["leftovers"], [])
+        self.assertEqual(sha(c.store_of(dst).path(vid)), before)
+        self.assertEqual((await c.store.get("volumes", vid))["host_id"], dst)
 
     @d
     async def test_failed_says_where_the_machine_runs(self):

@@ -1312,14 +1312,27 @@ class Drains(LiveSteps):
                 except errors.ZwrmError as e:
                     self.log.warn("stopping {id}: {e}", id=row["id"], e=e.message)
             await self._replicas.remove_machine(row)
+        away = []
         for vid in run.detail["volumes"]:
             # The volume's snapshots first (its host refuses to delete a volume that has
             # some): their copies on the target are theirs now.
-            await self._delete_snapshot_copies(source, vid)
             try:
+                await self._delete_snapshot_copies(source, vid)
                 await self._call(source, "volume.delete", vid)
             except errors.NotFound:
                 pass
+            except errors.Unavailable:
+                # The source went away: its copy (the volume is the target's now) is
+                # deleted when it is back, as a rollback's leftovers are.
+                away.append({"host": source, "volume_id": vid,
+                             **({"snapshots": snapshot_ids(run, vid)}
+                                if snapshot_ids(run, vid) else {})})
+        if away:
+            old = [x for x in run.detail.get("leftovers") or [] if x not in away]
+            await self._save_detail(run, leftovers=old + away)
+            self.log.warn("cleaning: copies of {v} left on {s} (unreachable) are deleted when "
+                          "it is back", v=", ".join(x["volume_id"] for x in away), s=source)
+            self._sweep_soon()
         # The target's replicas of snapshots that moved there (their rows went at the commit).
         for vid, rid in run.detail.get("redundant_replicas") or ():
             try:
@@ -1394,7 +1407,19 @@ class Drains(LiveSteps):
             on_host = st["state"]
         except errors.NotFound:
             on_host = "stopped"
+        except errors.Unavailable as e:
+            # Its source went away: it cannot be started again now. Stopped by this drain,
+            # not by its operator, it is recorded failed, so that its restart policy starts
+            # it where its volumes are once the host is back (no replacement runs: above).
+            if original["state"] == "stopped":
+                await self._replicas.set_machine(
+                    original, f"its drain's rollback could not start it again: {e.message}",
+                    state="failed")
+            raise
         if on_host in ("stopped", "failed"):
+            # Its capacity on the source, given back when it stopped, is taken again before
+            # it starts (a start that fails gives it back).
+            self._placements.restored(original)
             await self._replicas.start_machine(original)
         await self._wait_healthy(original["id"], opts["healthy_deadline"], 0, opts["poll"])
 

@@ -224,8 +224,9 @@ class Placements:
     def restored(self, row):
         """
         The machine C{row} (just stored) runs again on its host, found there when the host
-        came back after it was marked failed: its capacity there is taken again (it was
-        given back when it failed).
+        came back after it was marked failed, or is started again there (a drain's
+        rollback): its capacity there is taken again (it was given back when it failed or
+        stopped). Nothing if it holds it already.
         """
         self.unconfirmed.discard(row["id"])
         if row["id"] in self._placements:

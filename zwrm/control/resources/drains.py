@@ -157,7 +157,8 @@ class Drains(Resource):
     async def with_leftovers(self):
         """
         The migrations whose C{detail} records C{leftovers} (copies of volumes a rollback
-        could not delete on an unreachable target), their C{detail} decoded.
+        could not delete on an unreachable target, or a cleaning on an unreachable source),
+        their C{detail} decoded.
         """
         rows = await self._store.select(MIGRATIONS_TABLE, "detail LIKE ?",
                                         ['%"leftovers": [{%'])
