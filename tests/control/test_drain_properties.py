@@ -1,9 +1,10 @@
 """
 Property tests of drains (hypothesis): over random sequences of drains of random hosts,
 each cut into right before a random phase's step by an undrain, a control-plane restart
-(before or after the step), a guest's write, a corrupted stream, targets whose machines
-never pass their health checks, or the loss of the target or the source (back some timers
-later), and of activations, writes and scales in between, on three hosts with a healer:
+(before or after the step), a guest's write, its machine's crash, a corrupted stream,
+targets whose machines never pass their health checks, or the loss of the target or the
+source (back some timers later), and of activations, writes and scales in between, on
+three hosts with a healer:
 
 - a machine with a volume never runs twice, not for one turn of the Clock (checked at
   every step of every drain);
@@ -45,7 +46,7 @@ HOSTS = ("h-a", "h-b", "h-c")
 PHASES = ("bulk_copying", "stopping_source", "delta_copying", "starting_replacement",
           "waiting_healthy", "committing", "cleaning", "rolling_back")
 CUTS = ("none", "undrain", "restart_before", "restart_after", "write", "corrupt",
-        "unhealthy_targets", "lose_target", "lose_source")
+        "unhealthy_targets", "lose_target", "lose_source", "crash")
 #: How many of the control plane's timers a lost host stays away (its agent gone, its
 #: hypervisor running on), mid-drain.
 AWAY = 30
@@ -114,6 +115,11 @@ class Model:
                 await drains.undrain(host)
             elif cut == "write":
                 await self.write(trace)
+            elif cut == "crash":
+                for h in self.running_db():  # its QEMU dies (killed, or the guest panicked)
+                    for m in c.executors[h][0].list_machines():
+                        if self.volume_id in [v["id"] for v in m["volumes"]]:
+                            c.executors[h][0].driver.crash(m["id"])
             elif cut.startswith("lose_"):
                 which = run.row["target_host"] if cut == "lose_target" else host
                 if which is not None:
