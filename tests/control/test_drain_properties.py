@@ -1,10 +1,10 @@
 """
 Property tests of drains (hypothesis): over random sequences of drains of random hosts,
 each cut into right before a random phase's step by an undrain, a control-plane restart
-(before or after the step), a guest's write, its machine's crash, a corrupted stream,
-targets whose machines never pass their health checks, or the loss of the target or the
-source (back some timers later), and of activations, writes and scales in between, on
-three hosts with a healer:
+(before or after the step), a guest's write, its machine's crash or restart, a scale, a
+corrupted stream, targets whose machines never pass their health checks, or the loss of
+the target or the source (back some timers later), and of activations, writes and scales
+in between, on three hosts with a healer:
 
 - a machine with a volume never runs twice, not for one turn of the Clock (checked at
   every step of every drain);
@@ -46,7 +46,8 @@ HOSTS = ("h-a", "h-b", "h-c")
 PHASES = ("bulk_copying", "stopping_source", "delta_copying", "starting_replacement",
           "waiting_healthy", "committing", "cleaning", "rolling_back")
 CUTS = ("none", "undrain", "restart_before", "restart_after", "write", "corrupt",
-        "unhealthy_targets", "lose_target", "lose_source", "crash")
+        "unhealthy_targets", "lose_target", "lose_source", "crash", "scale_down", "scale_up",
+        "restart_db")
 #: How many of the control plane's timers a lost host stays away (its agent gone, its
 #: hypervisor running on), mid-drain.
 AWAY = 30
@@ -115,6 +116,18 @@ class Model:
                 await drains.undrain(host)
             elif cut == "write":
                 await self.write(trace)
+            elif cut in ("scale_down", "scale_up"):
+                try:
+                    await c.apps.scale("web", 1 if cut == "scale_down" else 3)
+                except errors.ZwrmError:
+                    pass
+                self.replicas = (await c.apps.app_status("web"))["spec"]["replicas"]
+            elif cut == "restart_db":  # an operator's zwrm machines restart (often refused)
+                for m in await c.apps.list_machines(app="db"):
+                    try:
+                        await c.apps.restart_machine(m["id"])
+                    except errors.ZwrmError:
+                        pass
             elif cut == "crash":
                 for h in self.running_db():  # its QEMU dies (killed, or the guest panicked)
                     for m in c.executors[h][0].list_machines():
