@@ -4,7 +4,7 @@ each cut into right before a random phase's step by an undrain, a control-plane 
 (before or after the step), a guest's write, its machine's crash or restart, a scale, a
 corrupted stream, targets whose machines never pass their health checks, or the loss of
 the target or the source (back some timers later), and of activations, writes and scales
-in between, on three hosts with a healer:
+in between, on three hosts with a healer; cold moves, and live ones (L{LiveDrainPropertyTests}):
 
 - a machine with a volume never runs twice, not for one turn of the Clock (checked at
   every step of every drain);
@@ -37,14 +37,18 @@ from tests.control.test_apps_destroy import restarted
 from tests.control.test_drain import DrainCluster, corrupt_sends, sha, write_known
 from tests.control.test_healing import healer_for
 from tests.control.test_healing_properties import drawn
+from tests.control.test_live_drain import LiveDrainCluster
 from zwrm import errors
 from zwrm.control.drain import Drains
 from zwrm.drain_phases import DRAIN_TERMINAL
 
 HOSTS = ("h-a", "h-b", "h-c")
-#: The steps of a migration a drain is cut into (right before the step acts).
+#: The steps of a migration a drain is cut into (right before the step acts): cold moves,
+#: and live ones (L{LiveDrainPropertyTests}).
 PHASES = ("bulk_copying", "stopping_source", "delta_copying", "starting_replacement",
           "waiting_healthy", "committing", "cleaning", "rolling_back")
+LIVE_PHASES = ("live_preparing", "live_migrating", "switching_over", "switched_over",
+               "verifying", "committing", "cleaning", "rolling_back")
 CUTS = ("none", "undrain", "restart_before", "restart_after", "write", "corrupt",
         "unhealthy_targets", "lose_target", "lose_source", "crash", "scale_down", "scale_up",
         "restart_db")
@@ -53,13 +57,17 @@ CUTS = ("none", "undrain", "restart_before", "restart_after", "write", "corrupt"
 AWAY = 30
 #: Health checks polled by the agents (real time): a target's check failing fails the move.
 HEALTH = {"service_port": 8080, "health": {"type": "tcp", "interval": 0.5, "grace": 0}}
-OPS = st.one_of(
-    st.tuples(st.just("drain"), st.sampled_from(HOSTS), st.sampled_from(PHASES),
-              st.sampled_from(CUTS)),
-    st.tuples(st.just("activate"), st.sampled_from(HOSTS)),
-    st.tuples(st.just("write"), st.integers(0, 9)),
-    st.tuples(st.just("scale"), st.integers(0, 3)),
-)
+
+
+def operations(phases):
+    """What a sequence is made of: drains cut at one of C{phases}, and what comes between."""
+    return st.one_of(
+        st.tuples(st.just("drain"), st.sampled_from(HOSTS), st.sampled_from(phases),
+                  st.sampled_from(CUTS)),
+        st.tuples(st.just("activate"), st.sampled_from(HOSTS)),
+        st.tuples(st.just("write"), st.integers(0, 9)),
+        st.tuples(st.just("scale"), st.integers(0, 3)),
+    )
 
 
 class Model:
@@ -73,7 +81,7 @@ class Model:
         """The hosts whose hypervisor runs a machine with the volume (a drain moves it as a
         new machine: its replacement)."""
         return [h for h in HOSTS for m in self.c.executors[h][0].list_machines()
-                if m["state"] == "running"
+                if m["state"] == "running" and not m.get("migrated_to")  # (paused for good)
                 and self.volume_id in [v["id"] for v in m["volumes"]]]
 
     async def write(self, trace):
@@ -265,20 +273,26 @@ FOUND = [
 
 class DrainPropertyTests(TestCase):
     timeout = 600
+    cluster = DrainCluster
+    model = Model
+    phases = PHASES
+    found = FOUND
+    examples = 16
 
     @d
     async def test_one_copy_no_data_lost(self):
-        for ops in drawn(st.lists(OPS, min_size=1, max_size=6), 16):
+        for ops in drawn(st.lists(operations(self.phases), min_size=1, max_size=6),
+                         self.examples):
             await self.play(ops)
 
     @d
     async def test_found_before(self):
         """Sequences that failed once (drawn by hypothesis), played every time."""
-        for ops in FOUND:
+        for ops in self.found:
             await self.play(ops)
 
     async def play(self, ops):
-        c = await DrainCluster(self).start(hosts=HOSTS)
+        c = await self.cluster(self).start(hosts=HOSTS)
         await c.apps.create_app("db")
         spec = c.spec(**HEALTH)
         spec["volumes"] = [{"name": "data", "size_mb": 32, "mount": "/data"}]
@@ -287,7 +301,7 @@ class DrainPropertyTests(TestCase):
         await c.apps.deploy("web", c.spec(replicas=2, **HEALTH))
         [volume_id] = db["volumes"]
         expected = write_known(c.store_of(db["host_id"]).path(volume_id), "w0")
-        model = Model(c, await healer_for(c), volume_id, expected)
+        model = self.model(c, await healer_for(c), volume_id, expected)
         trace = []
         for op in ops:
             trace.append(op)
@@ -309,3 +323,37 @@ class DrainPropertyTests(TestCase):
         model.h.stop()
         for ex, _ in c.executors.values():
             ex.close()  # its health checks stop: the next sequence's cluster runs alone
+
+
+class LiveModel(Model):
+    """The guest writes through its (fake) hypervisor, whose dirty bitmap a live move reads."""
+
+    async def write(self, trace):
+        [host] = self.running_db() or [None]
+        if host is None:
+            return
+        ex = self.c.executors[host][0]
+        [m] = [m for m in ex.list_machines() if m["state"] == "running"
+               and not m.get("migrated_to") and self.volume_id in [v["id"] for v in m["volumes"]]]
+        self.writes += 1
+        try:
+            ex.driver.guest_write_file(m["id"], f"f{self.writes % 5}",
+                                       bytes([self.writes % 256]) * 4096)
+        except errors.Unavailable:
+            return  # paused by the move: it writes nothing
+        self.expected = sha(self.c.store_of(host).path(self.volume_id))
+
+
+class LiveDrainPropertyTests(DrainPropertyTests):
+    """The same, with agents that move machines live (the fake hypervisor's live migration)."""
+
+    cluster = LiveDrainCluster
+    model = LiveModel
+    phases = LIVE_PHASES
+    found = [
+        # the guest writes after the switch-over: to the target (the source is paused for
+        # good), which the verification accepts (its dirty bitmap has the block)
+        [("activate", "h-b"), ("write", 4), ("drain", "h-a", "switched_over", "write")],
+        [("drain", "h-a", "live_migrating", "lose_source"), ("write", 1)],
+    ]
+    examples = 10
