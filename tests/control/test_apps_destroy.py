@@ -33,6 +33,23 @@ def restarted(c):
     return c.apps
 
 
+async def restarted_and_loaded(c, hosts):
+    """
+    L{restarted}, then what a control plane's start does: the old apps layer's hooks gone,
+    the new one loaded, the reachable agents of C{hosts} reconciled.
+    """
+    old = c.apps
+    restarted(c)
+    for hooks in (c.registry.on_restored, c.registry.on_reconciled):
+        hooks[:] = [f for f in hooks
+                    if getattr(f, "__self__", None) not in (old.placements, old.volumes)]
+    await c.apps.load()
+    for host_id in hosts:
+        if c.registry.state(host_id) != "offline":
+            await c.registry.reconcile(host_id, c.executors[host_id][0].list_machines())
+    return c.apps
+
+
 class DestroyTests(TestCase):
 
     async def two(self, hosts=("h-a", "h-b"), **spec):

@@ -373,6 +373,17 @@ def lose_target_after_the_delta(c, src, dst):
     procs["volume.send"] = send_then_lose_target
 
 
+def lost_before(c, phase, host):
+    """Host C{host} is lost (its agent gone, its VMs running on) right before C{phase}'s step."""
+    step = getattr(c.drains, "_step_" + phase)
+
+    async def lose_first(drain, run):
+        await c.registry.mark_offline(host)
+        return await step(drain, run)
+
+    setattr(c.drains, "_step_" + phase, lose_first)
+
+
 def _facts():
     from tests.control.helpers import FACTS
     return dict(FACTS)
@@ -1155,13 +1166,7 @@ class DrainRunTests(TestCase):
         src, vid = m["host_id"], m["volumes"][0]
         dst = "h-b" if src == "h-a" else "h-a"
         before = write_known(c.store_of(src).path(vid), "v1")
-        step = c.drains._step_delta_copying
-
-        async def lose_the_source_first(drain, run):
-            await c.registry.mark_offline(src)  # its agent is gone
-            return await step(drain, run)
-
-        c.drains._step_delta_copying = lose_the_source_first
+        lost_before(c, "delta_copying", src)
         _, status = await self.drain(c, src)
         mg = status["migrations"][0]
         self.assertEqual((status["state"], mg["phase"]), ("incomplete", "failed"))
@@ -1196,13 +1201,7 @@ class DrainRunTests(TestCase):
         src, vid = m["host_id"], m["volumes"][0]
         dst = "h-b" if src == "h-a" else "h-a"
         before = write_known(c.store_of(src).path(vid), "v1")
-        step = c.drains._step_cleaning
-
-        async def lose_the_source_first(drain, run):
-            await c.registry.mark_offline(src)
-            return await step(drain, run)
-
-        c.drains._step_cleaning = lose_the_source_first
+        lost_before(c, "cleaning", src)
         _, status = await self.drain(c, src)
         mg = status["migrations"][0]
         self.assertEqual((status["state"], mg["phase"]), ("completed", "done"))

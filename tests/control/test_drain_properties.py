@@ -33,7 +33,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.control.helpers import FACTS
 from tests.control.test_apps import d
-from tests.control.test_apps_destroy import restarted
+from tests.control.test_apps_destroy import restarted_and_loaded
 from tests.control.test_drain import DrainCluster, corrupt_sends, sha, write_known
 from tests.control.test_healing import healer_for
 from tests.control.test_healing_properties import drawn
@@ -188,15 +188,7 @@ class Model:
         c = self.c
         c.drains.stop()
         self.h.stop()
-        old = c.apps
-        restarted(c)
-        for hooks in (c.registry.on_restored, c.registry.on_reconciled):
-            hooks[:] = [f for f in hooks
-                        if getattr(f, "__self__", None) not in (old.placements, old.volumes)]
-        await c.apps.load()
-        for h in HOSTS:
-            if c.registry.state(h) != "offline":
-                await c.registry.reconcile(h, c.executors[h][0].list_machines())
+        await restarted_and_loaded(c, HOSTS)
         c.drains = Drains(c.clock, c.store, c.registry, c.apps, c.publish)
         await c.drains.resume()
         self.h = await healer_for(c)

@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.control.helpers import FACTS
 from tests.control.test_apps import Cluster, caller, d
-from tests.control.test_apps_destroy import restarted
+from tests.control.test_apps_destroy import restarted_and_loaded
 from tests.control.test_healing import driver, healer_for, settle
 from zwrm import errors
 
@@ -126,15 +126,7 @@ class Model:
             # the same store: its apps layer loaded, the reachable agents reconciled, then
             # its healer resumes
             self.h.stop()
-            old = c.apps
-            restarted(c)
-            for hooks in (c.registry.on_restored, c.registry.on_reconciled):
-                hooks[:] = [f for f in hooks
-                            if getattr(f, "__self__", None) not in (old.placements, old.volumes)]
-            await c.apps.load()
-            for host_id in HOSTS:
-                if c.registry.state(host_id) != "offline":
-                    await c.registry.reconcile(host_id, c.executors[host_id][0].list_machines())
+            await restarted_and_loaded(c, HOSTS)
             self.h = h = await healer_for(c)
             await h.resume()
         elif kind == "tick":

@@ -133,6 +133,25 @@ def seconds_arg(text):
     return v
 
 
+def count_arg(noun, low, high):
+    """
+    An argparse type: a whole number of C{noun} from C{low} to C{high}.
+
+    @return: the function that checks one argument (and raises
+        L{argparse.ArgumentTypeError} with one readable line).
+    """
+    def count(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of {noun}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r}: give {low} to {high}")
+        return value
+
+    return count
+
+
 class CliError(Exception):
     """
     A failure to report as one line.

@@ -35,6 +35,7 @@ from zwrm.cli.client import (
     call,
     close,
     connect,
+    count_arg,
     load_settings,
 )
 
@@ -62,7 +63,7 @@ def register(subparsers):
                        help="the events after this id (default: the newest --limit)")
     since.add_argument("--since", metavar="WHEN",
                        help="every event since a duration ago (30m, 24h, 7d) or a time (UTC)")
-    p.add_argument("--limit", type=_limit, default=20, metavar="N",
+    p.add_argument("--limit", type=count_arg("events", 1, 10000), default=20, metavar="N",
                    help="without --after or --since, the newest N events (default 20)")
     p.add_argument("--follow", "-f", action="store_true",
                    help="keep printing events as they happen (until interrupted)")
@@ -79,18 +80,6 @@ def _event_id(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not an event id (an integer)") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: an event id is not negative")
-    return value
-
-
-def _limit(text):
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of events") from None
-    if not 1 <= value <= 10000:
-        raise argparse.ArgumentTypeError(f"{text!r}: give 1 to 10000")
     return value
 
 

@@ -3,7 +3,6 @@ C{zwrm host list} and C{zwrm host status <host-id>} (drain, reset and remove are
 modules of their own).
 """
 
-import argparse
 import sys
 import time
 
@@ -15,6 +14,7 @@ from zwrm.cli.client import (
     call_once,
     close,
     connect,
+    count_arg,
     load_settings,
     print_json,
 )
@@ -33,7 +33,7 @@ def register(subparsers):
     st = hsub.add_parser("status", help="everything known about one host")
     st.add_argument("host_id")
     st.add_argument("--json", action="store_true", help="print JSON")
-    st.add_argument("--events", type=_event_count, default=20, metavar="N",
+    st.add_argument("--events", type=count_arg("events", 0, 1000), default=20, metavar="N",
                     help="how many of its newest events (0 to 1000; default 20)")
     st.set_defaults(func=host_status)
     cl = hsub.add_parser(
@@ -259,16 +259,6 @@ async def host_list(reactor, args, out=None):
         format_hosts(hosts, out)
         format_partitions(partitions, out)
     return 0
-
-
-def _event_count(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of events") from None
-    if not 0 <= value <= 1000:
-        raise argparse.ArgumentTypeError(f"{text!r}: give 0 to 1000")
-    return value
 
 
 async def host_status(reactor, args, out=None):
