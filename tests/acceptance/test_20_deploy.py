@@ -57,6 +57,22 @@ def test_deploy_with_a_volume(cluster):
     assert cluster.app_request("/cgi-bin/write?index.txt", DATA, via=here).strip() == "ok"
     assert cluster.app_request("/cgi-bin/read?index.txt", via=here).encode() == DATA
     assert DATA.decode() in cluster.app_request("/", via=here)
+    with cluster.phase("the operator's views of it"):
+        # a kind of object in either number; the volume by its app's name
+        tables = [[line.split()[:5] for line in cluster.zwrm(kind, "list").splitlines()]
+                  for kind in ("host", "hosts")]  # (ID NAME REGION DATACENTER STATE)
+        assert tables[0] == tables[1] and len(tables[0]) == 1 + len(cluster.host_ids), tables
+        [row] = [line.split() for line in cluster.zwrm("volumes", "list").splitlines()[1:]]
+        assert row[:3] == [app["volumes"][0]["id"], "web", "data"], row
+        listed = cluster.zwrm("machines", "list", "--host", machine["host_id"])
+        assert f"\n{machine['id']}  web  " in listed, listed
+        # a host that is not the cluster's: one line, exit 1, not an empty table
+        r = cluster.sh("client", ["zwrm", "machines", "list", "--host", "h-typo"],
+                       env={"HOME": cluster.client_home}, ok=(1,))
+        assert (r.stdout, r.stderr) == ("", "zwrm: no host 'h-typo'\n"), r
+        status = cluster.zwrm("host", "status", machine["host_id"], "--events", "1")
+        assert "\nrecent events (1):\n" in status, status
+        assert f"\n{machine['id']}  web  running\n" in status, status
     cluster.state["app"] = {"name": "web", "data": DATA, "machine": machine,
                             "volume": app["volumes"][0]["id"]}
 
